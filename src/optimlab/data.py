@@ -1,0 +1,210 @@
+"""MNIST as tensors on the training device: checked files, seeded split, subset and label noise.
+
+The whole data set (60k x 784 floats, 188 MB) lives on the device, and batches are drawn by
+indexing with a seeded permutation: no DataLoader workers, no per-sample transforms.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+
+# (file name, IDX magic number, number of dimensions after the count)
+MNIST_FILES = {
+    "train-images-idx3-ubyte": (2051, 2),
+    "train-labels-idx1-ubyte": (2049, 0),
+    "t10k-images-idx3-ubyte": (2051, 2),
+    "t10k-labels-idx1-ubyte": (2049, 0),
+}
+
+
+class DataError(Exception):
+    """The data files are missing or malformed; the message says which and what to do."""
+
+
+def resolve_root(root: str | None) -> Path:
+    """``data.root`` if given, else ``$MNIST_ROOT``, else ``data/``."""
+    return Path(root or os.environ.get("MNIST_ROOT") or "data").expanduser()
+
+
+def raw_dir(root: Path) -> Path:
+    return root / "MNIST" / "raw"
+
+
+def check_idx(path: Path, magic: int, item_dims: int) -> int:
+    """Check an IDX file's header and size against each other; return its item count."""
+    size = path.stat().st_size
+    header = 4 * (2 + item_dims)
+    with path.open("rb") as f:
+        head = f.read(header)
+    if len(head) < header:
+        raise DataError(f"{path}: truncated IDX file ({size} bytes, shorter than its {header}-byte header)")
+    found_magic, count, *dims = struct.unpack(f">{2 + item_dims}I", head)
+    if found_magic != magic:
+        raise DataError(f"{path}: not an MNIST IDX file (magic number {found_magic}, expected {magic})")
+    if item_dims and dims != [28, 28]:
+        raise DataError(f"{path}: images are {dims[0]}x{dims[1]}, expected 28x28")
+    expected = header + count * (28 * 28 if item_dims else 1)
+    if size != expected:
+        raise DataError(f"{path}: corrupted or truncated IDX file ({size} bytes; its header promises "
+                        f"{count} items, {expected} bytes)")
+    return count
+
+
+def ensure_files(root: Path, download: bool) -> None:
+    """Make sure the four IDX files are in ``root/MNIST/raw`` (downloading them if allowed) and
+    well formed; raise :class:`DataError` naming the files and where they belong otherwise."""
+    folder = raw_dir(root)
+    missing = [name for name in MNIST_FILES if not (folder / name).is_file()]
+    if missing and download:
+        try:
+            from torchvision.datasets import MNIST
+
+            MNIST(str(root), train=True, download=True)
+        except Exception:  # offline or blocked: fall through to the message below
+            pass
+        missing = [name for name in MNIST_FILES if not (folder / name).is_file()]
+    if missing:
+        raise DataError(f"MNIST files missing from {folder}: {', '.join(missing)}. Put the four uncompressed "
+                        f"IDX files ({', '.join(MNIST_FILES)}) in that folder, or point data.root "
+                        f"(or $MNIST_ROOT) at a folder whose MNIST/raw/ holds them")
+    counts = {name: check_idx(folder / name, *spec) for name, spec in MNIST_FILES.items()}
+    for split in ("train", "t10k"):
+        n_img, n_lab = counts[f"{split}-images-idx3-ubyte"], counts[f"{split}-labels-idx1-ubyte"]
+        if n_img != n_lab:
+            raise DataError(f"{folder}: {split} has {n_img} images but {n_lab} labels")
+
+
+@functools.lru_cache(maxsize=4)
+def load_split(root: Path, train: bool) -> tuple[Tensor, Tensor]:
+    """One MNIST split as (images float32 (N, 1, 28, 28) in [0, 1], labels int64 (N,)), read by
+    torchvision from the checked IDX files. Cached: a sweep in one process reads the files once."""
+    from torchvision.datasets import MNIST
+
+    ds = MNIST(str(root), train=train, download=False)
+    images = ds.data.unsqueeze(1).float().div_(255.0)
+    labels = ds.targets.long()
+    if labels.numel() and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"{raw_dir(root)}: labels outside 0..9 in the {'train' if train else 'test'} split")
+    return images, labels
+
+
+class EpochShuffle:
+    """A seeded permutation per epoch: the order of epoch ``e`` depends only on (seed, e), so a run
+    resumed at epoch ``e`` sees the same batches as an uninterrupted one. Lightning calls
+    ``set_epoch`` before each epoch, as it does for a DataLoader's sampler."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def permutation(self) -> Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.n, generator=g)
+
+
+class TensorBatches:
+    """Batches ``(x[idx], y[idx])`` of in-memory tensors; shuffled per epoch when a sampler is given.
+    ``sampler`` and ``batch_sampler`` mirror a DataLoader's attributes, which Lightning inspects."""
+
+    batch_sampler = None
+
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int, sampler: EpochShuffle | None = None) -> None:
+        self.x, self.y, self.batch_size, self.sampler = x, y, batch_size, sampler
+
+    def __len__(self) -> int:
+        return -(-len(self.y) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if self.sampler is None:
+            for start in range(0, len(self.y), self.batch_size):
+                yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
+            return
+        order = self.sampler.permutation().to(self.y.device)
+        for idx in order.split(self.batch_size):
+            yield self.x[idx], self.y[idx]
+
+
+class MNISTDataModule(L.LightningDataModule):
+    """MNIST split into train / validation (seeded), plus the 10k test set.
+
+    Args:
+        root: folder holding ``MNIST/raw/`` (None: ``$MNIST_ROOT`` or ``data/``).
+        val_size: images held out of the 60k training set for validation (clean labels).
+        subset: use only this many training images (None: all that remain after the split).
+        label_noise: fraction of training images shuffled among themselves (each moved image gets
+            another image's label pairing, as the overfit notebook's 30k "outliers").
+        batch_size, eval_batch_size: training and evaluation batch sizes.
+        seed: seeds the split, subset, noise and the per-epoch shuffling.
+        download: let torchvision fetch missing files (needs internet).
+        test_every_epoch: also evaluate on the test set after each epoch (for curves).
+    """
+
+    def __init__(self, root: str | None = None, val_size: int = 5000, subset: int | None = None,
+                 label_noise: float = 0.0, batch_size: int = 128, eval_batch_size: int = 1000, seed: int = 0,
+                 download: bool = True, test_every_epoch: bool = True) -> None:
+        super().__init__()
+        self.root = resolve_root(root)
+        self.val_size, self.subset, self.label_noise = val_size, subset, label_noise
+        self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
+        self.download, self.test_every_epoch = download, test_every_epoch
+        self.noisy_count = 0
+        self._ready = False
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._ready:
+            return
+        ensure_files(self.root, self.download)
+        images, labels = load_split(self.root, train=True)
+        if not 0 < self.val_size < len(labels):
+            raise DataError(f"data.val_size: {self.val_size} must be in [1, {len(labels)})")
+        g = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(len(labels), generator=g)
+        val_idx, train_idx = order[:self.val_size], order[self.val_size:]
+        if self.subset is not None:
+            if not 0 < self.subset <= len(train_idx):
+                raise DataError(f"data.subset: {self.subset} must be in [1, {len(train_idx)}] "
+                                f"(training images left after the {self.val_size}-image validation split)")
+            train_idx = train_idx[:self.subset]
+        self.train_x, self.train_y = images[train_idx], labels[train_idx]
+        self.val_x, self.val_y = images[val_idx], labels[val_idx]
+        self.test_x, self.test_y = load_split(self.root, train=False)
+        self._shuffle_images(g)
+        self._ready = True
+
+    def _shuffle_images(self, g: torch.Generator) -> None:
+        """Move ``label_noise * N`` training images along a random cycle, so every chosen image
+        ends up paired with another image's label (the notebook's outliers, without fixed points)."""
+        k = round(self.label_noise * len(self.train_y))
+        if k < 2:
+            return
+        chosen = torch.randperm(len(self.train_y), generator=g)[:k]
+        self.train_x[chosen] = self.train_x[chosen.roll(1)]
+        self.noisy_count = k
+
+    def to(self, device: torch.device | str) -> MNISTDataModule:
+        """Move every split onto ``device`` once, so batches are gathered there."""
+        for name in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def train_dataloader(self) -> TensorBatches:
+        return TensorBatches(self.train_x, self.train_y, self.batch_size, EpochShuffle(len(self.train_y), self.seed))
+
+    def val_dataloader(self) -> list[TensorBatches]:
+        loaders = [TensorBatches(self.val_x, self.val_y, self.eval_batch_size)]
+        if self.test_every_epoch:
+            loaders.append(self.test_dataloader())
+        return loaders
+
+    def test_dataloader(self) -> TensorBatches:
+        return TensorBatches(self.test_x, self.test_y, self.eval_batch_size)

@@ -1,0 +1,48 @@
+"""A LeNet-style convolutional classifier: two conv + max-pool blocks, then fully connected layers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from optimlab.models.activations import activation as make_activation
+from optimlab.models.init import initialise
+
+
+class CNN(nn.Module):
+    """LeNet-style CNN, as in the JAX notebook: conv 5x5 (12) - pool - conv 5x5 (16) - pool -
+    fc 120 - fc 84 - 10, 'valid' convolutions and 2x2 max-pooling.
+
+    Args:
+        channels: output channels of each conv block. kernel_size: square kernel size.
+        fc: widths of the fully connected hidden layers. activation, init, init_std, dropout:
+        as for :class:`~optimlab.models.MLP` (dropout before each fully connected layer).
+    """
+
+    def __init__(self, channels: Sequence[int] = (12, 16), kernel_size: int = 5, fc: Sequence[int] = (120, 84),
+                 activation: str = "relu", init: str = "default", init_std: float = 0.1, dropout: float = 0.0,
+                 image_size: int = 28, in_channels: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        size, chans = image_size, in_channels
+        for out in channels:
+            layers += [nn.Conv2d(chans, out, kernel_size), make_activation(activation), nn.MaxPool2d(2)]
+            size, chans = (size - kernel_size + 1) // 2, out
+            if size < 1:
+                raise ValueError(f"model.channels: {len(channels)} conv blocks of kernel {kernel_size} "
+                                 f"shrink a {image_size}px image to nothing")
+        layers.append(nn.Flatten())
+        widths = [chans * size * size, *fc]
+        for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            layers += [nn.Linear(fan_in, fan_out), make_activation(activation)]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        layers.append(nn.Linear(widths[-1], num_classes))
+        self.net = nn.Sequential(*layers)
+        initialise(self, init, init_std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)

@@ -1,0 +1,38 @@
+"""A fully connected classifier: 784 -> hidden widths -> 10."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from optimlab.models.activations import activation as make_activation
+from optimlab.models.init import initialise
+
+
+class MLP(nn.Module):
+    """Multilayer perceptron on flattened images.
+
+    Args:
+        hidden: widths of the hidden layers, e.g. ``[1024, 128]`` (empty: softmax regression).
+        activation: ``tanh`` | ``relu`` | ``sigmoid`` after each hidden layer.
+        init: ``default`` (PyTorch's) or ``normal`` (N(0, ``init_std``^2) weights and biases).
+        dropout: dropout probability after each hidden activation (0 disables it).
+    """
+
+    def __init__(self, hidden: Sequence[int] = (1024, 128), activation: str = "tanh", init: str = "normal",
+                 init_std: float = 0.1, dropout: float = 0.0, in_features: int = 784,
+                 num_classes: int = 10) -> None:
+        super().__init__()
+        widths = [in_features, *hidden]
+        layers: list[nn.Module] = [nn.Flatten()]
+        for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(fan_in, fan_out), make_activation(activation)]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+        layers.append(nn.Linear(widths[-1], num_classes))
+        self.net = nn.Sequential(*layers)
+        initialise(self, init, init_std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)

@@ -1,0 +1,200 @@
+"""The LightningModule: one classifier, one optimizer, cross-entropy, metrics and divergence checks.
+
+Optimization is manual (one forward, backward and ``step`` per batch) so that a non-finite loss or
+gradient is caught *before* the optimizer writes it into the weights: the step is skipped, the
+run is marked diverged and the trainer stops at the end of that step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+STAGES = ("train", "val", "test")
+
+
+def total_norm(tensors: list[Tensor]) -> Tensor:
+    """The 2-norm of all tensors together, computed on their device without a host sync."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+
+
+class ClassifierModule(L.LightningModule):
+    """Trains ``model`` with the optimizer built by ``optimizer(params)``.
+
+    Args:
+        model: the classifier (logits out).
+        optimizer: a partial taking the parameters (Hydra ``_partial_``), e.g. ``optimlab.optim.SGD``.
+        scheduler: optional partial taking the optimizer; stepped once per epoch.
+        log_every_n_steps: cadence of per-step scalars (loss, lr, gradient and weight norms).
+        check_finite_every_n_steps: cadence of the host sync that looks for non-finite loss,
+            gradients or weights. At 1 (default) a bad step is never applied; larger values save
+            syncs on a GPU but may apply up to n-1 bad steps before stopping.
+        compile: ``torch.compile`` the model (its cost shows in ``first_step_s``).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Callable[[Iterable[Tensor]], torch.optim.Optimizer],
+                 scheduler: Callable[[torch.optim.Optimizer], Any] | None = None, log_every_n_steps: int = 50,
+                 check_finite_every_n_steps: int = 1, compile: bool = False, num_classes: int = 10) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.model = torch.compile(model) if compile else model
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.log_every_n_steps, self.check_every = log_every_n_steps, check_finite_every_n_steps
+        self.loss_metrics = nn.ModuleDict({f"{s}_": MeanMetric(nan_strategy="disable") for s in STAGES})
+        self.acc_metrics = nn.ModuleDict({
+            f"{s}_": MulticlassAccuracy(num_classes, average="micro", validate_args=False) for s in STAGES})
+        # ModuleDict keys get a "_" suffix: "train" is an nn.Module attribute name.
+        # What a run records: per-epoch rows, and where and why it diverged. Saved in checkpoints.
+        self.history: list[dict[str, float]] = []
+        self.diverged_at_step: int | None = None
+        self.divergence_reason: str | None = None
+        self.first_step_s: float | None = None
+        self._pending_bad: Tensor | None = None
+        self._eval_row: dict[str, float] = {}
+        self._epoch_start = 0.0
+        self._train_time = 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+
+    # ---- training ---------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        started = time.perf_counter() if self.first_step_s is None else 0.0
+        x, y = batch
+        opt = self.optimizers()
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        params = [p for p in self.parameters() if p.grad is not None]
+        grad_norm = total_norm([p.grad for p in params])
+        step = self.global_step  # optimizer steps applied so far
+        if self._found_nonfinite(~(torch.isfinite(loss) & torch.isfinite(grad_norm)), step,
+                                 "non-finite loss or gradient"):
+            return  # the bad update is never applied
+        opt.step()
+        weight_norm = total_norm(params)
+        if self._found_nonfinite(~torch.isfinite(weight_norm), step + 1, "non-finite weights after the update"):
+            return
+        self.loss_metrics["train_"].update(loss.detach(), len(y))
+        self.acc_metrics["train_"].update(logits.detach(), y)
+        if step % self.log_every_n_steps == 0:
+            self.log_dict({"train/loss_step": loss.detach(), "train/grad_norm": grad_norm,
+                           "train/weight_norm": weight_norm, "train/lr": opt.param_groups[0]["lr"]},
+                          on_step=True, on_epoch=False)
+        if self.first_step_s is None:
+            self.first_step_s = time.perf_counter() - started
+
+    def _found_nonfinite(self, bad: Tensor, step: int, reason: str) -> bool:
+        """Accumulate the flag on the device; sync on the cadence; on a hit, record and stop."""
+        self._pending_bad = bad if self._pending_bad is None else self._pending_bad | bad
+        if (step + 1) % self.check_every and not self._is_last_batch():
+            return False
+        hit = bool(self._pending_bad)
+        self._pending_bad = None
+        if hit:
+            self.diverged_at_step, self.divergence_reason = step, reason
+            self.trainer.should_stop = True
+        return hit
+
+    def _is_last_batch(self) -> bool:
+        loop = self.trainer.fit_loop.epoch_loop
+        return loop.batch_progress.current.ready >= self.trainer.num_training_batches
+
+    def on_train_epoch_end(self) -> None:
+        if self.trainer.is_global_zero and self.device.type == "cuda":
+            torch.cuda.synchronize()
+        row = {"epoch": self.current_epoch + 1, **self._compute("train"), **self._eval_row}
+        row["train_time_s"] = self._train_time or time.perf_counter() - self._epoch_start
+        self._eval_row, self._train_time = {}, 0.0
+        self.history.append(row)
+        self.log_dict({"train/loss": row["train_loss"], "train/acc": row["train_acc"]})
+        if self.scheduler_factory is not None and self.diverged_at_step is None:
+            self.lr_schedulers().step()
+
+    # ---- evaluation -------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        if self.trainer.training:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self._train_time = time.perf_counter() - self._epoch_start
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(("val", "test")[dataloader_idx], batch)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _eval_step(self, stage: str, batch: tuple[Tensor, Tensor]) -> None:
+        x, y = batch
+        logits = self(x)
+        self.loss_metrics[stage + "_"].update(F.cross_entropy(logits, y), len(y))
+        self.acc_metrics[stage + "_"].update(logits, y)
+
+    def on_validation_epoch_end(self) -> None:
+        for stage in ("val", "test"):
+            if self.loss_metrics[stage + "_"].update_called:
+                values = self._compute(stage)
+                self._eval_row.update(values)
+                self.log_dict({f"{stage}/loss": values[f"{stage}_loss"], f"{stage}/acc": values[f"{stage}_acc"]},
+                              add_dataloader_idx=False)
+
+    def on_test_epoch_end(self) -> None:
+        values = self._compute("test")
+        self.log_dict({"test/loss": values["test_loss"], "test/acc": values["test_acc"]})
+
+    def _compute(self, stage: str) -> dict[str, float]:
+        """Epoch loss and accuracy of ``stage`` as Python floats (NaN when nothing was seen)."""
+        loss_metric, acc_metric = self.loss_metrics[stage + "_"], self.acc_metrics[stage + "_"]
+        seen = loss_metric.update_called
+        values = {f"{stage}_loss": float(loss_metric.compute()) if seen else math.nan,
+                  f"{stage}_acc": float(acc_metric.compute()) if seen else math.nan}
+        loss_metric.reset()
+        acc_metric.reset()
+        return values
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Everything a resumed run needs to continue *exactly*: its record and every RNG state.
+        checkpoint["optimlab"] = {
+            "history": self.history, "diverged_at_step": self.diverged_at_step,
+            "divergence_reason": self.divergence_reason, "first_step_s": self.first_step_s,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("optimlab", {})
+        self.history = list(saved.get("history", []))
+        self.diverged_at_step = saved.get("diverged_at_step")
+        self.divergence_reason = saved.get("divergence_reason")
+        self.first_step_s = saved.get("first_step_s")
+        if "rng_cpu" in saved:
+            self._restored_rng = (saved["rng_cpu"], saved["rng_cuda"])
+
+    def on_train_start(self) -> None:
+        # Restore RNG states last, after Lightning's own start-up work may have drawn numbers.
+        restored = getattr(self, "_restored_rng", None)
+        if restored is not None:
+            torch.set_rng_state(restored[0])
+            if restored[1] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(restored[1])
+            self._restored_rng = None

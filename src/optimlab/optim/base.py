@@ -1,0 +1,113 @@
+"""What our optimizers share: argument checks, the step() protocol, grouping and gradient noise.
+
+Each optimizer subclasses :class:`Optimizer` and writes only its update rule, as multi-tensor
+``torch._foreach_*`` calls over one (device, dtype) bucket of parameters at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
+
+
+def check_range(name: str, value: Any, low: float, high: float = math.inf, *, high_open: bool = False) -> None:
+    """Raise ``ValueError`` unless ``low <= value <= high`` (``< high`` when ``high_open``); NaN fails."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value
+    ok = ok and (value < high if high_open else value <= high)
+    if not ok or (high == math.inf and not math.isfinite(value)):
+        bound = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
+        raise ValueError(f"Invalid {name}: {value!r} (must be a finite number in {bound})")
+
+
+class Optimizer(torch.optim.Optimizer):
+    """Base class: ``step(closure)`` calls the closure under grad mode, returns its loss, skips
+    parameters whose ``grad`` is None and hands each (device, dtype) bucket to :meth:`_update`.
+
+    Every subclass takes ``grad_noise_std`` (default 0, off): Gaussian noise of that standard
+    deviation is added to each gradient before the update (the Keras notebook's experiment). The
+    noise draws from torch's global generator, so a seeded run is reproducible.
+    """
+
+    def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+        check_range("lr", defaults["lr"], 0.0)
+        check_range("weight_decay", defaults.get("weight_decay", 0.0), 0.0)
+        check_range("grad_noise_std", defaults.get("grad_noise_std", 0.0), 0.0)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            if any(p.is_complex() for p in group["params"]):
+                raise ValueError("complex parameters are not supported by optimlab optimizers")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A state_dict saved by torch.optim lacks our extra keys (grad_noise_std): fill defaults.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                    buckets[(p.device, p.dtype)].append(p)
+            for params in buckets.values():
+                states = [self._state_for(p, group) for p in params]
+                self._update(group, params, self._prepared_grads(group, params), states)
+        return loss
+
+    def _prepared_grads(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
+        """The gradients the update rule sees: negated for ``maximize``, plus noise, plus L2 decay.
+
+        ``p.grad`` itself is never modified; any change works on a copy, as torch.optim does.
+        """
+        grads = [p.grad for p in params]
+        if group["maximize"]:
+            grads = torch._foreach_neg(grads)
+        if group["grad_noise_std"] > 0:
+            noise = [torch.randn_like(g) for g in grads]
+            grads = torch._foreach_add(grads, noise, alpha=group["grad_noise_std"])
+        if group["weight_decay"] != 0 and not group.get("decoupled_weight_decay", False):
+            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+        return grads
+
+    def _state_for(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            self._init_state(p, group, state)
+        return state
+
+    @staticmethod
+    def _advance_steps(states: list[dict[str, Any]]) -> list[float]:
+        """Increment each parameter's float32 ``step`` tensor (kept on the CPU, as torch.optim
+        keeps it) and return the new counts as Python floats for the scalar arithmetic."""
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1.0)
+        return [float(t) for t in steps]
+
+    def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        """Fill a parameter's state on its first update (torch.optim's keys and dtypes)."""
+        raise NotImplementedError
+
+    def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                states: list[dict[str, Any]]) -> None:
+        """Apply one update to ``params`` (one device and dtype) given prepared ``grads``."""
+        raise NotImplementedError
+
+
+def zeros_step() -> Tensor:
+    """A fresh ``step`` counter, as torch.optim stores it (float32 scalar on the CPU)."""
+    return torch.tensor(0.0, dtype=torch.float32)

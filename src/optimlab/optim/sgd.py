@@ -1,0 +1,67 @@
+"""Stochastic gradient descent with optional momentum, dampening, Nesterov and L2 decay."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from optimlab.optim.base import Optimizer, ParamsT, check_range
+
+
+class SGD(Optimizer):
+    r"""Stochastic gradient descent, numerically identical to ``torch.optim.SGD``.
+
+    With gradient :math:`g_t` (negated if ``maximize``), learning rate :math:`\gamma`, momentum
+    :math:`\mu`, dampening :math:`\tau` and weight decay :math:`\lambda`::
+
+        g_t <- g_t + lambda * theta_{t-1}                      (if lambda != 0)
+        b_t <- g_t                                             (first step, if mu != 0)
+        b_t <- mu * b_{t-1} + (1 - tau) * g_t                  (later steps)
+        g_t <- g_t + mu * b_t  (nesterov)   or   g_t <- b_t    (if mu != 0)
+        theta_t <- theta_{t-1} - gamma * g_t
+
+    State: ``momentum_buffer`` (only when momentum != 0). The TensorFlow notebook's hand-written
+    SGD and ``tf.train.GradientDescentOptimizer`` are the ``momentum=0`` case. Note the momentum
+    form: PyTorch (and this class) scales the *gradient* by the learning rate after accumulating,
+    whereas Sutskever et al. and TF's MomentumOptimizer with a changing lr accumulate ``lr * g``;
+    the two agree only while lr is constant.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate (>= 0). momentum: >= 0. dampening: for momentum. weight_decay: L2 (>= 0).
+        nesterov: Nesterov momentum (needs momentum > 0 and dampening = 0).
+        maximize: ascend instead of descend. grad_noise_std: Gaussian gradient noise (see base).
+    """
+
+    def __init__(self, params: ParamsT, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+                 grad_noise_std: float = 0.0) -> None:
+        check_range("momentum", momentum, 0.0)
+        check_range("dampening", dampening, 0.0)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize, grad_noise_std=grad_noise_std)
+        super().__init__(params, defaults)
+
+    def _state_for(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        return self.state[p]  # the momentum buffer is created from the first gradient in _update
+
+    def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                states: list[dict[str, Any]]) -> None:
+        momentum = group["momentum"]
+        if momentum != 0:
+            fresh = [s.get("momentum_buffer") is None for s in states]
+            old = [(s["momentum_buffer"], g) for s, g, f in zip(states, grads, fresh) if not f]
+            if old:
+                old_bufs, old_grads = (list(t) for t in zip(*old))
+                torch._foreach_mul_(old_bufs, momentum)
+                torch._foreach_add_(old_bufs, old_grads, alpha=1 - group["dampening"])
+            for s, g, f in zip(states, grads, fresh):
+                if f:  # the first buffer is the gradient itself (no dampening), as in torch.optim
+                    s["momentum_buffer"] = torch.clone(g).detach()
+            bufs = [s["momentum_buffer"] for s in states]
+            grads = torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
+        torch._foreach_add_(params, grads, alpha=-group["lr"])

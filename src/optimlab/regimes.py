@@ -1,0 +1,147 @@
+"""Diagnose a run's training regime from its per-epoch history.
+
+Labels: ``healthy``, ``slow``, ``oscillating``, ``diverging``, ``underfit``, ``overfit``.
+The rules are checked in this order; the first that fires names the regime:
+
+1. **diverging**: the run hit a non-finite loss, gradient or weight; or its final validation
+   accuracy is at chance level (``<= chance_acc``) while the training loss is no longer falling
+   (above its best epoch by ``> diverge_loss_rise`` relative, or improving by less than
+   ``slow_min_improvement`` per epoch).
+2. **overfit**: training keeps improving (final train loss below its value at the validation peak)
+   while validation gets worse: validation accuracy has fallen ``>= overfit_acc_drop`` below its
+   peak, or validation loss has risen ``>= overfit_loss_rise`` (relative) above its minimum.
+   Training must be smooth (no oscillation in the train loss), or it is rule 3's case.
+3. **oscillating**: the epoch curves jump: validation accuracy falls by ``>= osc_acc_drop`` between
+   consecutive epochs at least ``osc_min_drops`` times, or by ``>= osc_big_drop`` once, or the
+   epoch-mean training loss rises by ``>= osc_loss_rise`` (relative) between epochs.
+4. **slow** / **underfit**: final validation accuracy ``< fit_acc``. If the training loss is still
+   falling by ``>= slow_min_improvement`` (relative, per epoch, over the last ``window`` epochs) the
+   run is **slow** (more epochs or a larger learning rate would help); if it has plateaued it is
+   **underfit** (the model is too small or too constrained to fit the data).
+5. otherwise **healthy**.
+
+Every threshold is a field of :class:`Thresholds`, overridable from the config key ``regimes``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+LABELS = ("healthy", "slow", "oscillating", "diverging", "underfit", "overfit")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    chance_acc: float = 0.2             # accuracy at or below this is chance level (10 classes)
+    diverge_loss_rise: float = 0.02     # final train loss this much (relative) above its best: not converging
+    overfit_acc_drop: float = 0.01      # val accuracy this far below its peak ...
+    overfit_loss_rise: float = 0.2      # ... or val loss this much (relative) above its minimum
+    osc_acc_drop: float = 0.01          # an epoch-to-epoch val accuracy fall this big counts as a drop
+    osc_min_drops: int = 2              # this many drops: oscillating
+    osc_big_drop: float = 0.03          # one fall this big: oscillating
+    osc_loss_rise: float = 0.05         # epoch-mean train loss rising this much (relative): oscillating
+    fit_acc: float = 0.93               # final val accuracy below this: slow or underfit
+    slow_min_improvement: float = 0.02  # train loss still falling this much (relative) per epoch: slow
+    window: int = 3                     # epochs over which the recent improvement is measured
+
+    @classmethod
+    def from_overrides(cls, overrides: dict[str, Any] | None) -> Thresholds:
+        known = {f.name for f in fields(cls)}
+        unknown = set(overrides or {}) - known
+        if unknown:
+            raise ValueError(f"regimes: unknown threshold(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**(overrides or {}))
+
+
+@dataclass
+class Diagnosis:
+    regime: str
+    evidence: list[str]          # the rule that fired, with the numbers that crossed its thresholds
+    measures: dict[str, float]   # every quantity the rules look at
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _series(history: list[dict[str, float]], key: str) -> list[float]:
+    return [float(row[key]) for row in history if key in row and row[key] is not None and math.isfinite(row[key])]
+
+
+def measure(history: list[dict[str, float]], t: Thresholds) -> dict[str, float]:
+    """The quantities the rules compare with thresholds (NaN where the history is too short)."""
+    train_loss, val_acc, val_loss = (_series(history, k) for k in ("train_loss", "val_acc", "val_loss"))
+    nan = math.nan
+    m: dict[str, float] = {"epochs": len(history)}
+    m["final_val_acc"] = val_acc[-1] if val_acc else nan
+    m["best_val_acc"] = max(val_acc) if val_acc else nan
+    m["best_val_epoch"] = val_acc.index(max(val_acc)) + 1 if val_acc else nan
+    m["val_acc_drop_from_peak"] = max(val_acc) - val_acc[-1] if val_acc else nan
+    m["val_loss_rise_from_min"] = val_loss[-1] / min(val_loss) - 1 if val_loss and min(val_loss) > 0 else nan
+    drops = [a - b for a, b in zip(val_acc, val_acc[1:])]
+    m["val_acc_drops"] = sum(d >= t.osc_acc_drop for d in drops)
+    m["max_val_acc_drop"] = max(drops, default=0.0)
+    rises = [b / a - 1 for a, b in zip(train_loss, train_loss[1:]) if a > 0]
+    m["max_train_loss_rise"] = max(rises, default=0.0)
+    m["final_train_loss"] = train_loss[-1] if train_loss else nan
+    m["train_loss_above_best"] = train_loss[-1] / min(train_loss) - 1 if train_loss and min(train_loss) > 0 else nan
+    w = min(t.window, len(train_loss) - 1)
+    m["recent_improvement"] = ((train_loss[-1 - w] / train_loss[-1]) ** (1 / w) - 1
+                               if w >= 1 and train_loss[-1] > 0 else nan)
+    peak = int(m["best_val_epoch"]) - 1 if val_acc else -1
+    min_val_loss_epoch = val_loss.index(min(val_loss)) if val_loss else -1
+    ref = min(peak, min_val_loss_epoch) if peak >= 0 and min_val_loss_epoch >= 0 else max(peak, min_val_loss_epoch)
+    m["train_loss_change_since_val_peak"] = (train_loss[-1] / train_loss[ref] - 1
+                                             if 0 <= ref < len(train_loss) and train_loss[ref] > 0 else nan)
+    return m
+
+
+def diagnose(history: list[dict[str, float]], diverged: bool = False,
+             thresholds: Thresholds | None = None) -> Diagnosis:
+    """Label a run from its per-epoch rows (``train_loss``, ``val_acc``, ``val_loss``, ...)."""
+    t = thresholds or Thresholds()
+    m = measure(history, t)
+
+    def verdict(regime: str, *evidence: str) -> Diagnosis:
+        return Diagnosis(regime, list(evidence), m)
+
+    if diverged:
+        return verdict("diverging", "a non-finite loss, gradient or weight stopped the run")
+    if not history or math.isnan(m["final_val_acc"]):
+        return verdict("diverging" if m["epochs"] else "healthy", "no finished epoch to judge")
+    at_chance = m["final_val_acc"] <= t.chance_acc
+    stalled = (m["train_loss_above_best"] > t.diverge_loss_rise
+               or not m["recent_improvement"] >= t.slow_min_improvement)
+    if at_chance and stalled:
+        return verdict("diverging", f"final val_acc {m['final_val_acc']:.3f} <= chance_acc {t.chance_acc}",
+                       f"train loss not falling: {m['train_loss_above_best']:+.1%} vs its best epoch "
+                       f"(limit {t.diverge_loss_rise:.0%}), recent improvement {m['recent_improvement']:.1%}/epoch "
+                       f"(< {t.slow_min_improvement:.0%})")
+    train_smooth = m["max_train_loss_rise"] < t.osc_loss_rise
+    still_fitting = m["train_loss_change_since_val_peak"] < 0
+    val_worse_acc = m["val_acc_drop_from_peak"] >= t.overfit_acc_drop
+    val_worse_loss = m["val_loss_rise_from_min"] >= t.overfit_loss_rise
+    if train_smooth and still_fitting and (val_worse_acc or val_worse_loss):
+        return verdict("overfit",
+                       f"val_acc {m['val_acc_drop_from_peak']:.3f} below its peak at epoch {m['best_val_epoch']:.0f} "
+                       f"(limit {t.overfit_acc_drop}); val_loss {m['val_loss_rise_from_min']:+.1%} above its "
+                       f"minimum (limit {t.overfit_loss_rise:.0%})",
+                       f"train loss still falling: {m['train_loss_change_since_val_peak']:+.1%} since then")
+    if (m["val_acc_drops"] >= t.osc_min_drops or m["max_val_acc_drop"] >= t.osc_big_drop
+            or not train_smooth):
+        return verdict("oscillating",
+                       f"{m['val_acc_drops']:.0f} epoch-to-epoch val_acc drops >= {t.osc_acc_drop} "
+                       f"(limit {t.osc_min_drops}); largest drop {m['max_val_acc_drop']:.3f} "
+                       f"(limit {t.osc_big_drop})",
+                       f"largest epoch-to-epoch train loss rise {m['max_train_loss_rise']:+.1%} "
+                       f"(limit {t.osc_loss_rise:.0%})")
+    if m["final_val_acc"] < t.fit_acc:
+        low = f"final val_acc {m['final_val_acc']:.3f} < fit_acc {t.fit_acc}"
+        trend = (f"train loss fell {m['recent_improvement']:.1%}/epoch over the last "
+                 f"{min(t.window, int(m['epochs']) - 1)} epochs (threshold {t.slow_min_improvement:.0%})")
+        if m["recent_improvement"] >= t.slow_min_improvement or math.isnan(m["recent_improvement"]):
+            return verdict("slow", low, "still improving: " + trend)
+        return verdict("underfit", low, "plateaued: " + trend)
+    return verdict("healthy", f"final val_acc {m['final_val_acc']:.3f} >= fit_acc {t.fit_acc}",
+                   "no divergence, oscillation or overfitting rule fired")

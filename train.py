@@ -1,0 +1,34 @@
+"""optimlab entry point.
+
+    python train.py optimizer=adam lr=0.01             one run (outputs/runs/...)
+    python train.py experiment=overfit                  a regime from the reference notebooks
+    python train.py -m lr=0.01,0.1 optimizer=sgd,adam   a sweep (outputs/multirun/...)
+"""
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from optimlab.data import DataError
+from optimlab.train import Interrupted, run
+from optimlab.validate import ConfigError
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    hydra_cfg = HydraConfig.get()
+    try:
+        summary = run(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (Interrupted, KeyboardInterrupt):
+        sys.exit(130)
+    return summary.get("test_acc")
+
+
+if __name__ == "__main__":
+    main()
