@@ -7,19 +7,21 @@ into a clean stop with an ``interrupted`` summary, and rejects bad input before 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import platform
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -34,6 +36,7 @@ from optimlab.validate import ConfigError, validate_config
 
 # Lightning's start-up banners (GPU available, tips) drown the run's own lines.
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=r".*(LeafSpec|smaller than the logging interval).*")
 
 
 class Interrupted(Exception):
@@ -41,16 +44,18 @@ class Interrupted(Exception):
 
 
 def build_optimizer(cfg: DictConfig) -> Callable[..., torch.optim.Optimizer]:
-    """A partial taking the parameters. ``impl: torch`` swaps in torch.optim's class of the same
-    name with the same hyperparameters (for run-against-run comparisons)."""
-    cfg = OmegaConf.to_container(cfg, resolve=True)
-    impl = cfg.pop("impl", "custom")
+    """A partial taking the parameters (the config's ``_target_`` with ``_partial_``). ``impl: torch``
+    swaps in torch.optim's class of the same name with the same hyperparameters, for run-against-run
+    comparisons."""
+    kwargs = OmegaConf.to_container(cfg, resolve=True)
+    target, impl = kwargs.pop("_target_"), kwargs.pop("impl", "custom")
+    kwargs.pop("_partial_", None)
     if impl == "torch":
-        cfg["_target_"] = "torch.optim." + cfg["_target_"].rsplit(".", 1)[1]
-        cfg.pop("grad_noise_std", None)
-    if "betas" in cfg:
-        cfg["betas"] = tuple(cfg["betas"])
-    return instantiate(cfg)
+        target = "torch.optim." + target.rsplit(".", 1)[1]
+        kwargs.pop("grad_noise_std", None)
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    return functools.partial(get_class(target), **kwargs)
 
 
 def build_module(cfg: DictConfig) -> ClassifierModule:

@@ -1,0 +1,286 @@
+"""``optimlab-report <sweep dir>``: the runs' summary.json files -> tables and figures.
+
+Writes next to the runs: ``report.md`` and ``report.csv`` (one row per run, crashed and
+interrupted ones included), ``curves.png`` (per-run epoch curves titled with the diagnosed regime),
+``lr_sensitivity.png`` (for lr sweeps) and ``regime_map.png`` (for lr x width sweeps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from optimlab.regimes import LABELS
+from optimlab.summary import SUMMARY, read_summary
+
+REGIME_COLORS = {"healthy": "#2ca02c", "slow": "#1f77b4", "oscillating": "#ff7f0e", "diverging": "#d62728",
+                 "underfit": "#9467bd", "overfit": "#8c564b", "crashed": "#7f7f7f", "interrupted": "#bbbbbb",
+                 "running": "#bbbbbb"}
+COLUMNS = ["run", "name", "model", "optimizer", "lr", "widths", "seed", "params", "final_train_acc",
+           "best_train_acc", "final_test_acc", "best_test_acc", "epochs", "regime", "diverged", "status",
+           "wall_time_s", "steps_per_s"]
+MAX_CURVES = 48  # beyond this curves.png would be unreadable; the tables still list every run
+
+
+def find_runs(sweep_dir: Path) -> list[Path]:
+    """Every run directory under ``sweep_dir``: those with a summary.json, and Hydra job dirs
+    (holding ``.hydra/``) whose job died before writing one."""
+    dirs = {p.parent for p in sweep_dir.rglob(SUMMARY)} | {p.parent for p in sweep_dir.rglob(".hydra")}
+    return sorted(dirs, key=lambda d: (_job_number(d.name), str(d)))
+
+
+def _job_number(name: str) -> float:
+    head = name.split("_", 1)[0]
+    return int(head) if head.isdigit() else math.inf
+
+
+def _widths(config: dict[str, Any]) -> str:
+    model = config.get("model", {})
+    widths = model.get("hidden") if "hidden" in model else model.get("channels", [])
+    return "x".join(str(w) for w in widths or [])
+
+
+def _model_name(config: dict[str, Any]) -> str:
+    return str(config.get("model", {}).get("_target_", "?")).rsplit(".", 1)[-1].lower()
+
+
+def _optimizer_name(config: dict[str, Any]) -> str:
+    opt = config.get("optimizer", {})
+    name = str(opt.get("_target_", "?")).rsplit(".", 1)[-1].lower()
+    return name + (" (torch)" if opt.get("impl") == "torch" else "")
+
+
+def row_for(run_dir: Path, root: Path) -> dict[str, Any]:
+    s = read_summary(run_dir)
+    rel = str(run_dir.relative_to(root)) if run_dir != root else "."
+    if s is None:
+        return {"run": rel, "status": "crashed", "regime": "crashed", "epochs": 0, "history": []}
+    config, history = s.get("config", {}), s.get("epochs", [])
+
+    def best(key: str) -> float | None:
+        values = [r[key] for r in history if isinstance(r.get(key), (int, float))]
+        return max(values) if values else None
+
+    status = s.get("status", "running")
+    return {
+        "run": rel, "name": s.get("name"), "model": _model_name(config), "optimizer": _optimizer_name(config),
+        "lr": config.get("lr"), "widths": _widths(config), "seed": config.get("seed"), "params": s.get("params"),
+        "final_train_acc": history[-1].get("train_acc") if history else None, "best_train_acc": best("train_acc"),
+        "final_test_acc": s.get("test_acc"), "best_test_acc": best("test_acc"), "epochs": len(history),
+        "regime": s.get("regime") if status in ("complete", "diverged") else status,
+        "diverged": s.get("diverged"), "status": status, "wall_time_s": s.get("wall_time_s"),
+        "steps_per_s": s.get("steps_per_s"), "history": history,
+    }
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e-3 or abs(value) >= 1e4 else f"{value:.4f}".rstrip("0").rstrip(".")
+    return str(value)
+
+
+def write_tables(rows: list[dict[str, Any]], out: Path) -> None:
+    with (out / "report.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["# Sweep report", "", f"{len(rows)} runs. Regimes: " + ", ".join(
+        f"{label} {n}" for label, n in _count(r["regime"] for r in rows).items()), ""]
+    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    seeds = seed_table(rows)
+    if seeds:
+        lines += ["", "## Over seeds (mean +/- std)", "",
+                  "| name | model | optimizer | lr | widths | seeds | final test acc | regimes |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {g['name']} | {g['model']} | {g['optimizer']} | {_fmt(g['lr'])} | {g['widths']} | {g['n']} | "
+                  f"{g['mean']:.4f} +/- {g['std']:.4f} | {g['regimes']} |" for g in seeds]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _count(labels: Any) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for label in labels:
+        counts[label] += 1
+    return dict(counts)
+
+
+def seed_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs that differ only in their seed, aggregated: mean and (population) std of test accuracy."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r.get("final_test_acc") is not None:
+            groups[(r["name"], r["model"], r["optimizer"], r["lr"], r["widths"])].append(r)
+    table = []
+    for (name, model, optimizer, lr, widths), members in groups.items():
+        if len({m["seed"] for m in members}) < 2:
+            continue
+        accs = [m["final_test_acc"] for m in members]
+        table.append({"name": name, "model": model, "optimizer": optimizer, "lr": lr, "widths": widths,
+                      "n": len(accs), "mean": statistics.fmean(accs), "std": statistics.pstdev(accs),
+                      "regimes": ", ".join(f"{k} {v}" for k, v in _count(m["regime"] for m in members).items())})
+    return table
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
+    plt = _plt()
+    runs = [r for r in rows if r["history"]][:MAX_CURVES]
+    cols = min(4, len(runs))
+    nrows = math.ceil(len(runs) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    for ax, r in zip(axes.flat, runs):
+        epochs = [h["epoch"] for h in r["history"]]
+        for key, style in (("train_acc", "-"), ("val_acc", ":"), ("test_acc", "--")):
+            ax.plot(epochs, [h.get(key) for h in r["history"]], style, color="black", label=key.replace("_", " "))
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy")
+        loss_ax = ax.twinx()
+        for key, style in (("train_loss", "-"), ("test_loss", "--")):
+            loss_ax.plot(epochs, [h.get(key) for h in r["history"]], style, color="tab:red", alpha=0.7,
+                         label=key.replace("_", " "))
+        loss_ax.set_ylabel("loss", color="tab:red")
+        loss_ax.set_yscale("log")
+        color = REGIME_COLORS.get(r["regime"], "black")
+        ax.set_title(f"{r.get('name') or r['run']} (lr {_fmt(r.get('lr'))})\n{r['regime']}", color=color,
+                     fontsize=10, fontweight="bold")
+        for spine in ax.spines.values():
+            spine.set_edgecolor(color)
+            spine.set_linewidth(2)
+    for ax in list(axes.flat)[len(runs):]:
+        ax.axis("off")
+    handles = axes.flat[0].get_legend_handles_labels()
+    fig.legend(*handles, loc="lower center", ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_opt: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r.get("lr"):
+            by_opt[r["optimizer"]].append(r)
+    for optimizer, members in sorted(by_opt.items()):
+        points = defaultdict(list)
+        for m in members:
+            points[m["lr"]].append(m)
+        lrs = sorted(points)
+        means = [statistics.fmean([m["final_test_acc"] or 0.0 for m in points[lr]]) for lr in lrs]
+        ax.plot(lrs, means, "-", label=optimizer, alpha=0.6)
+        for lr, mean in zip(lrs, means):
+            regime = _count(m["regime"] for m in points[lr])
+            ax.scatter([lr], [mean], color=REGIME_COLORS.get(max(regime, key=regime.get), "black"), zorder=3, s=40)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("final test accuracy")
+    ax.set_ylim(0, 1)
+    for label in [*LABELS, "crashed"]:
+        ax.scatter([], [], color=REGIME_COLORS[label], label=label)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_regime_map(rows: list[dict[str, Any]], path: Path) -> None:
+    """One panel per optimizer: lr (x) by width (y), each cell coloured by its regime and
+    annotated with the final test accuracy (majority regime and mean accuracy over seeds)."""
+    plt = _plt()
+    from matplotlib.colors import ListedColormap
+
+    labels = [*LABELS, "crashed"]
+    optimizers = sorted({r["optimizer"] for r in rows if r.get("optimizer")})
+    lrs = sorted({r["lr"] for r in rows if r.get("lr")})
+    widths = sorted({r["widths"] for r in rows if r.get("widths")}, key=_width_key)
+    fig, axes = plt.subplots(1, len(optimizers), figsize=(3.2 + 0.45 * len(lrs) * len(optimizers), 0.5 * len(widths) + 2),
+                             squeeze=False)
+    cmap = ListedColormap([REGIME_COLORS[label] for label in labels])
+    for ax, optimizer in zip(axes.flat, optimizers):
+        grid = [[math.nan] * len(lrs) for _ in widths]
+        for i, w in enumerate(widths):
+            for j, lr in enumerate(lrs):
+                cell = [r for r in rows if r.get("optimizer") == optimizer and r["widths"] == w and r["lr"] == lr]
+                if not cell:
+                    continue
+                counts = _count(r["regime"] if r["regime"] in labels else "crashed" for r in cell)
+                grid[i][j] = labels.index(max(counts, key=counts.get))
+                accs = [r["final_test_acc"] for r in cell if r.get("final_test_acc") is not None]
+                if accs:
+                    ax.text(j, i, f"{100 * statistics.fmean(accs):.0f}", ha="center", va="center", fontsize=7, color="white")
+        ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=len(labels) - 0.5, aspect="auto", origin="lower")
+        ax.set_xticks(range(len(lrs)), [_fmt(lr) for lr in lrs], rotation=60, fontsize=7)
+        ax.set_yticks(range(len(widths)), widths, fontsize=7)
+        ax.set_xlabel("learning rate")
+        ax.set_title(optimizer)
+    axes.flat[0].set_ylabel("hidden width")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=REGIME_COLORS[label]) for label in labels]
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, fontsize=8)
+    fig.suptitle("Diagnosed regime (cell text: final test accuracy, %)")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _width_key(widths: str) -> tuple:
+    return tuple(int(w) for w in widths.split("x") if w.isdigit())
+
+
+def report(sweep_dir: Path) -> list[Path]:
+    """Write the tables and the figures that fit this sweep; return the files written."""
+    rows = [row_for(d, sweep_dir) for d in find_runs(sweep_dir)]
+    if not rows:
+        raise FileNotFoundError(f"no runs (no {SUMMARY} or .hydra/ folders) under {sweep_dir}")
+    write_tables(rows, sweep_dir)
+    written = [sweep_dir / "report.md", sweep_dir / "report.csv"]
+    if any(r["history"] for r in rows):
+        plot_curves(rows, sweep_dir / "curves.png")
+        written.append(sweep_dir / "curves.png")
+    if len({r["lr"] for r in rows if r.get("lr")}) > 1:
+        plot_lr_sensitivity(rows, sweep_dir / "lr_sensitivity.png")
+        written.append(sweep_dir / "lr_sensitivity.png")
+    if len({r["lr"] for r in rows if r.get("lr")}) > 1 and len({r["widths"] for r in rows if r.get("widths")}) > 1:
+        plot_regime_map(rows, sweep_dir / "regime_map.png")
+        written.append(sweep_dir / "regime_map.png")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="optimlab-report", description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path, help="a multirun directory (or any folder of runs)")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        print(f"error: {args.sweep_dir} is not a directory", file=sys.stderr)
+        return 2
+    try:
+        written = report(args.sweep_dir)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rows = list(csv.DictReader((args.sweep_dir / "report.csv").open()))
+    print(f"{len(rows)} runs: " + ", ".join(f"{k} {v}" for k, v in _count(r["regime"] for r in rows).items()))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The MNIST data module: real loading path on tiny IDX files, real MNIST split/noise, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from optimlab.data import DataError, EpochShuffle, MNISTDataModule, TensorBatches, load_split
+
+
+def module(root: Path, **kw) -> MNISTDataModule:
+    dm = MNISTDataModule(root=str(root), download=False, **kw)
+    dm.setup()
+    return dm
+
+
+def test_tiny_idx_files_load_through_torchvision(tiny_mnist: Path) -> None:
+    dm = module(tiny_mnist, val_size=16, batch_size=10)
+    assert dm.train_x.shape == (48, 1, 28, 28) and dm.val_x.shape == (16, 1, 28, 28)
+    assert dm.test_x.shape == (32, 1, 28, 28)
+    assert dm.train_x.dtype == torch.float32 and 0 <= dm.train_x.min() and dm.train_x.max() <= 1
+    batches = list(dm.train_dataloader())
+    assert [len(y) for _, y in batches] == [10, 10, 10, 10, 8]  # the leftover batch is kept
+    seen = torch.cat([x for x, _ in batches]).flatten(1)
+    assert torch.allclose(seen.sum(0), dm.train_x.flatten(1).sum(0))  # every image once per epoch
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch() -> None:
+    a, b = EpochShuffle(100, seed=3), EpochShuffle(100, seed=3)
+    a.set_epoch(4)
+    b.set_epoch(0)
+    b.permutation()
+    b.set_epoch(4)  # as after a resume at epoch 4
+    assert torch.equal(a.permutation(), b.permutation())
+    b.set_epoch(5)
+    assert not torch.equal(a.permutation(), b.permutation())
+    loader = TensorBatches(torch.arange(10.0), torch.arange(10), 4)
+    assert [y.tolist() for _, y in loader] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_missing_files_name_the_four_files_and_the_folder(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as err:
+        module(tmp_path / "nowhere")
+    message = str(err.value)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte", str(tmp_path / "nowhere" / "MNIST" / "raw"), "MNIST_ROOT"):
+        assert name in message
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header", "magic", "count"])
+def test_corrupted_idx_files_give_a_clear_error(tiny_mnist: Path, damage: str) -> None:
+    path = tiny_mnist / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) - 100]
+    elif damage == "header":
+        data = data[:10]
+    elif damage == "magic":
+        data[3] = 0x01
+    else:  # labels promise more items than the images have
+        lab = tiny_mnist / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+        lab.write_bytes(lab.read_bytes() + b"\x01")
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="train-(images|labels)"):
+        module(tiny_mnist)
+
+
+def test_subset_larger_than_the_data_is_refused(tiny_mnist: Path) -> None:
+    with pytest.raises(DataError, match="data.subset"):
+        module(tiny_mnist, val_size=16, subset=49)
+
+
+def test_real_mnist_split_subset_and_label_noise(mnist_root: Path) -> None:
+    dm = module(mnist_root)
+    assert (len(dm.train_y), len(dm.val_y), len(dm.test_y)) == (55_000, 5_000, 10_000)
+    assert torch.bincount(torch.cat([dm.train_y, dm.val_y])).tolist() == [
+        5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    again = module(mnist_root)
+    assert torch.equal(dm.val_y, again.val_y) and torch.equal(dm.train_x[:100], again.train_x[:100])
+    other_seed = module(mnist_root, seed=1)
+    assert not torch.equal(dm.val_y, other_seed.val_y)
+
+    noisy = module(mnist_root, label_noise=0.5)
+    moved = (noisy.train_x != dm.train_x).flatten(1).any(1)
+    assert noisy.noisy_count == 27_500 and moved.sum().item() == 27_500  # every chosen image moved
+    assert torch.equal(noisy.train_y, dm.train_y) and torch.equal(noisy.val_x, dm.val_x)  # val stays clean
+    assert torch.equal(noisy.train_x, module(mnist_root, label_noise=0.5).train_x)  # deterministic
+
+    small = module(mnist_root, subset=8000)
+    assert len(small.train_y) == 8000 and torch.equal(small.train_y, dm.train_y[:8000])
+    images, _ = load_split(Path(str(mnist_root)), train=True)
+    assert images.shape == (60_000, 1, 28, 28)

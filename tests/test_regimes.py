@@ -1,0 +1,73 @@
+"""The diagnosis on synthetic curves: every label, its evidence, and the threshold overrides."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from optimlab.regimes import LABELS, Thresholds, diagnose
+
+
+def history(train_loss: list[float], val_acc: list[float], val_loss: list[float] | None = None) -> list[dict]:
+    val_loss = val_loss or [-math.log(max(a, 1e-3)) for a in val_acc]
+    return [{"epoch": i + 1, "train_loss": tl, "train_acc": 1 - tl / 3, "val_acc": va, "val_loss": vl}
+            for i, (tl, va, vl) in enumerate(zip(train_loss, val_acc, val_loss))]
+
+
+CURVES = {
+    # the notebooks' shapes, epoch by epoch
+    "healthy": history([0.37, 0.19, 0.14, 0.11, 0.095, 0.08, 0.068, 0.058, 0.05, 0.043],
+                       [0.933, 0.946, 0.955, 0.957, 0.960, 0.964, 0.966, 0.968, 0.970, 0.972]),
+    "slow": history([1.9, 1.2, 0.95, 0.82, 0.73, 0.67, 0.62, 0.58, 0.55, 0.52],
+                    [0.58, 0.71, 0.77, 0.80, 0.82, 0.83, 0.846, 0.858, 0.865, 0.87]),
+    "underfit": history([0.95, 0.70, 0.62, 0.58, 0.565, 0.557, 0.552, 0.549, 0.547, 0.546],
+                        [0.68, 0.74, 0.79, 0.81, 0.819, 0.826, 0.830, 0.831, 0.837, 0.834]),
+    "diverging": history([3.1, 2.9, 3.4, 2.95, 3.3, 3.0, 3.2, 2.98, 3.1, 3.05],
+                         [0.089, 0.103, 0.096, 0.103, 0.103, 0.103, 0.098, 0.096, 0.098, 0.101]),
+    "oscillating": history([0.9, 0.45, 0.35, 0.41, 0.52, 0.30, 0.28, 0.27, 0.26, 0.22],
+                           [0.81, 0.90, 0.92, 0.894, 0.845, 0.928, 0.928, 0.933, 0.935, 0.948]),
+    "overfit": history([1.6, 1.45, 1.40, 1.36, 1.33, 1.30, 1.27, 1.24, 1.21, 1.17],
+                       [0.791, 0.834, 0.850, 0.855, 0.859, 0.857, 0.852, 0.845, 0.837, 0.829]),
+}
+
+
+@pytest.mark.parametrize("expected", list(CURVES))
+def test_each_regime_is_recognised(expected: str) -> None:
+    d = diagnose(CURVES[expected])
+    assert d.regime == expected, d.evidence
+    assert d.evidence and all(isinstance(e, str) for e in d.evidence)
+
+
+def test_labels_cover_every_regime() -> None:
+    assert set(CURVES) == set(LABELS)
+
+
+def test_non_finite_run_is_diverging_whatever_its_curve() -> None:
+    d = diagnose(CURVES["healthy"][:2], diverged=True)
+    assert d.regime == "diverging" and "non-finite" in d.evidence[0]
+
+
+def test_overfit_by_rising_validation_loss_with_flat_accuracy() -> None:
+    val_loss = [0.30, 0.22, 0.20, 0.21, 0.23, 0.25, 0.27, 0.29]
+    h = history([0.5, 0.3, 0.2, 0.12, 0.07, 0.04, 0.02, 0.01], [0.93, 0.945, 0.95, 0.951, 0.95, 0.951, 0.95, 0.951],
+                val_loss)
+    assert diagnose(h).regime == "overfit"
+
+
+def test_chance_accuracy_that_is_still_improving_is_slow_not_diverging() -> None:
+    h = history([2.30, 2.20, 2.10, 2.00], [0.11, 0.14, 0.17, 0.19])
+    assert diagnose(h).regime == "slow"
+
+
+def test_thresholds_can_be_overridden_and_unknown_ones_are_refused() -> None:
+    assert diagnose(CURVES["healthy"], thresholds=Thresholds(fit_acc=0.99)).regime in ("slow", "underfit")
+    assert Thresholds.from_overrides({"fit_acc": 0.5}).fit_acc == 0.5
+    with pytest.raises(ValueError, match="unknown threshold"):
+        Thresholds.from_overrides({"fit_accuracy": 0.5})
+
+
+def test_evidence_names_the_numbers_and_thresholds() -> None:
+    d = diagnose(CURVES["underfit"])
+    assert "fit_acc 0.93" in d.evidence[0] and "plateaued" in d.evidence[1]
+    assert d.measures["final_val_acc"] == pytest.approx(0.834)

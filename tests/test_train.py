@@ -1,0 +1,122 @@
+"""End to end: `python train.py` as a user runs it, and `run()` in-process for finer checks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, compose_config
+from optimlab.data import DataError
+from optimlab.train import run
+from optimlab.validate import ConfigError
+
+FAST = ["data.subset=512", "data.val_size=500", "epochs=2", "trainer.progress_bar=false"]
+EPOCH_KEYS = {"train_loss", "train_acc", "val_loss", "val_acc"}
+
+
+def train(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def check_run_dir(run_dir: Path) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "complete", summary.get("error")
+    for key in ("config", "params", "epochs", "test_loss", "test_acc", "diverged", "diverged_at_step",
+                "wall_time_s", "steps_per_s", "regime", "regime_evidence", "interrupted"):
+        assert key in summary
+    assert summary["epochs"] and all(EPOCH_KEYS <= set(row) for row in summary["epochs"])
+    assert 0.0 <= summary["test_acc"] <= 1.0 and summary["params"] > 0 and summary["steps_per_s"] > 0
+    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and any(b"hp/test_acc" in e.read_bytes() for e in events)  # HPARAMS with real metrics
+    assert any(b"train/loss" in e.read_bytes() for e in events)
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    return summary
+
+
+def test_multirun_trains_every_optimizer(tmp_path: Path) -> None:
+    result = train("-m", "optimizer=sgd,adagrad,adam,rmsprop", "lr=0.001", *FAST, f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    # job number, then the overrides: readable, and unique within the sweep
+    assert [p.name for p in runs] == [f"{i}_data.subset=512,data.val_size=500,epochs=2,lr=0.001,optimizer={o}"
+                                      for i, o in enumerate(["sgd", "adagrad", "adam", "rmsprop"])]
+    for run_dir, name in zip(runs, ["SGD", "Adagrad", "Adam", "RMSprop"]):
+        summary = check_run_dir(run_dir)
+        assert summary["config"]["optimizer"]["_target_"] == f"optimlab.optim.{name}"
+        losses = [row["train_loss"] for row in summary["epochs"]]
+        assert losses[1] < losses[0]  # learning
+
+
+def test_cnn_single_run(tmp_path: Path) -> None:
+    result = train("model=cnn", "lr=0.06", *FAST, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = check_run_dir(tmp_path)
+    assert summary["config"]["model"]["_target_"] == "optimlab.models.CNN"
+    assert "regime:" in result.stdout and "epoch   2/2" in result.stdout
+
+
+def test_forced_divergence_stops_cleanly_and_exits_zero(tmp_path: Path) -> None:
+    result = train("lr=1e30", *FAST, "epochs=3", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["diverged"] is True and summary["status"] == "diverged"
+    assert isinstance(summary["diverged_at_step"], int) and summary["regime"] == "diverging"
+    assert len(summary["epochs"]) == 1  # stopped in the first epoch
+    weights = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point()) or \
+        summary["divergence_reason"] == "non-finite weights after the update"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["optimizer=nope"], ["optimizer", "nope"]),
+    (["lr=-1"], ["lr", "-1"]),
+])
+def test_bad_values_fail_fast_with_one_clear_line(tmp_path: Path, args: list[str], words: list[str]) -> None:
+    result = train(*args, f"hydra.run.dir={tmp_path}")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert all(w in result.stderr for w in words), result.stderr
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_torch_impl_reproduces_our_run_exactly(tmp_path: Path) -> None:
+    ours = run(compose_config("optimizer=adam", "lr=0.001", *FAST), tmp_path / "ours")
+    theirs = run(compose_config("optimizer=adam", "lr=0.001", "optimizer.impl=torch", *FAST), tmp_path / "torch")
+    assert [r["train_loss"] for r in ours["epochs"]] == [r["train_loss"] for r in theirs["epochs"]]
+    assert ours["test_acc"] == theirs["test_acc"]
+
+
+def test_grad_noise_is_refused_with_torch_impl(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="grad_noise_std"):
+        run(compose_config("optimizer.impl=torch", "optimizer.grad_noise_std=1.0"), tmp_path)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("lr=-1", "lr"), ("lr=abc", "lr"), ("lr=0", "lr"), ("lr=nan", "lr"),
+    ("optimizer=adam optimizer.betas=[0.9,1.0]", "optimizer.betas"),
+    ("optimizer=adam optimizer.betas=[-0.1,0.9]", "optimizer.betas"),
+    ("optimizer.momentum=-0.5", "optimizer.momentum"),
+    ("optimizer.nesterov=true", "optimizer.nesterov"),
+    ("model.hidden=[]", "model.hidden"), ("model.hidden=[0,5]", "model.hidden"),
+    ("model.hidden=[-3]", "model.hidden"), ("model.activation=swish", "model.activation"),
+    ("model=cnn model.channels=[]", "model.channels"),
+    ("data.label_noise=1.5", "data.label_noise"), ("data.label_noise=-0.1", "data.label_noise"),
+    ("data.subset=0", "data.subset"), ("data.subset=1000000", "data.subset"),
+    ("batch_size=0", "batch_size"), ("epochs=-1", "epochs"), ("epochs=2.5", "epochs"),
+    ("trainer.precision=8", "trainer.precision"), ("trainer.accelerator=tpu9", "trainer.accelerator"),
+    ("+regimes.fit_accuracy=0.5", "regimes"), ("resume=/no/such/run", "resume"),
+    ("test_ckpt=first", "test_ckpt"),
+])
+def test_bad_config_values_name_the_key(tmp_path: Path, override: str, key: str) -> None:
+    cfg = compose_config(*override.split())
+    with pytest.raises((ConfigError, DataError)) as err:
+        run(cfg, tmp_path / "run")
+    assert key in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "run" / "summary.json").exists()
