@@ -248,9 +248,8 @@ def test_param_groups(name: str, foreach: bool) -> None:
     assert not torch.allclose(traj_single[-1][2], traj_ours[-1][2])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "torch.optim.Adagrad fills 'sum' with the constructor's initial_accumulator_value for every group, "
-    "ignoring a per-group value; optimlab uses the group's value (differs from step 0; max abs error 0.21 over 60 steps)"))
+# torch.optim.Adagrad fills 'sum' with the constructor's initial_accumulator_value for every
+# group, ignoring a per-group value; we follow it so trajectories stay identical.
 @pytest.mark.parametrize("foreach", [False, True])
 def test_adagrad_per_group_initial_accumulator_value(foreach: bool) -> None:
     grads, init = make_grads(), make_params()
@@ -415,19 +414,7 @@ def test_state_dict_interchange(name: str, kw: dict[str, Any], direction: str) -
         assert opt_dst.state[p_dst[0]]["step"].item() == 40
 
 
-# Known mismatch: our SGD with momentum=0 leaves an empty state entry per parameter (base
-# Optimizer.step's self.state[p] lookup on the defaultdict), so state_dict()["state"] is
-# {0: {}, 1: {}, 2: {}} where torch.optim.SGD's is {}. Numerically harmless.
-_SGD_EMPTY_STATE = pytest.mark.xfail(
-    strict=True, reason="optimlab SGD(momentum=0) creates empty per-param state entries; torch.optim creates none")
-KEY_CASES = [
-    pytest.param(*p.values, id=p.id, marks=[_SGD_EMPTY_STATE])
-    if p.values[0] == "SGD" and p.values[1]["momentum"] == 0 else p
-    for p in ALL_CASES
-]
-
-
-@pytest.mark.parametrize("name,kw", KEY_CASES)
+@pytest.mark.parametrize("name,kw", ALL_CASES)
 def test_state_dict_keys_match_torch(name: str, kw: dict[str, Any]) -> None:
     grads, init = make_grads(3), make_params()
     sds = []

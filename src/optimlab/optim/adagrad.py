@@ -20,7 +20,9 @@ class Adagrad(Optimizer):
         sum_t   <- sum_{t-1} + g_t^2                     (sum_0 = initial_accumulator_value)
         theta_t <- theta_{t-1} - gamma_t * g_t / (sqrt(sum_t) + eps)
 
-    State: ``step`` (float32 CPU tensor), ``sum``; created at construction, as torch.optim does.
+    State: ``step`` (float32 CPU tensor), ``sum``; created at construction, as torch.optim does,
+    and like torch.optim every group's ``sum`` starts at the *constructor's*
+    ``initial_accumulator_value`` (a per-group value is stored but does not change the start).
 
     Differences from the TensorFlow notebook's TF1 formulation (``tf.train.AdagradOptimizer``):
     TF starts the accumulator at ``initial_accumulator_value=0.1`` (PyTorch: 0) and divides by
@@ -44,7 +46,8 @@ class Adagrad(Optimizer):
 
     def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         state["step"] = zeros_step()
-        state["sum"] = torch.full_like(p, group["initial_accumulator_value"], memory_format=torch.preserve_format)
+        init = self.defaults["initial_accumulator_value"]  # torch.optim ignores a per-group value here
+        state["sum"] = torch.full_like(p, init, memory_format=torch.preserve_format)
 
     def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                 states: list[dict[str, Any]]) -> None:

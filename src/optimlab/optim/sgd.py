@@ -47,7 +47,9 @@ class SGD(Optimizer):
         super().__init__(params, defaults)
 
     def _state_for(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        return self.state[p]  # the momentum buffer is created from the first gradient in _update
+        # Plain SGD keeps no state (torch.optim's state_dict is empty then); the momentum buffer
+        # is created from the first gradient in _update.
+        return self.state[p] if group["momentum"] != 0 else {}
 
     def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                 states: list[dict[str, Any]]) -> None:
