@@ -1,0 +1,144 @@
+"""Steps/s of optimlab's Lightning training against a plain PyTorch loop on the same work.
+
+Ours: ``optimlab.train.run(cfg, run_dir)`` with a config composed from ``conf/`` (``epochs=1``,
+``trainer.limit_train_batches=<batches>``, no progress bar, no per-epoch test pass); its summary's
+``steps_per_s`` is steps / training time (validation excluded). Plain: the loop below over the
+same number of batches of the same data (MNIST train split, on the device), the same model and
+``optimlab.optim.SGD`` lr 0.1 at batch 128: permutation, ``x[idx]``, forward, cross-entropy,
+zero_grad, backward, step; only the batches are timed. After one untimed short run of each, the
+two alternate ``--repeats`` times; the table shows medians and the overhead factor plain / ours.
+
+    python benchmarks/train_loop.py                          # MLP, 300 batches, 3 repeats
+    python benchmarks/train_loop.py --model cnn --device cpu --batches 50 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+import _timing
+
+_timing.setup_env()
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+
+from optimlab.data import MNISTDataModule  # noqa: E402
+from optimlab.optim import SGD  # noqa: E402
+from optimlab.train import run  # noqa: E402
+
+BATCH_SIZE = 128
+LR = 0.1
+EPOCH_BATCHES = 430  # ceil(55,000 training images / 128)
+OVERHEAD_TARGET = {"cpu": 1.15, "cuda": 1.5}
+
+
+def compose_config(model: str, device: torch.device, batches: int, threads: int | None) -> DictConfig:
+    """The config ``python train.py`` would run for one short epoch of ``batches`` batches."""
+    overrides = [f"model={model}", "optimizer=sgd", f"lr={LR}", f"batch_size={BATCH_SIZE}", "epochs=1",
+                 "trainer.progress_bar=false", f"trainer.limit_train_batches={batches}",
+                 "data.test_every_epoch=false", f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}"]
+    if threads:
+        overrides.append(f"trainer.num_threads={threads}")
+    with initialize_config_dir(config_dir=str(_timing.CONF), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def ours_steps_per_s(cfg: DictConfig) -> float:
+    """One ``run()`` in a fresh temporary run directory; its printed lines are swallowed."""
+    output = io.StringIO()
+    with tempfile.TemporaryDirectory(prefix="optimlab-bench-") as run_dir:
+        try:
+            with contextlib.redirect_stdout(output):
+                summary = run(cfg, Path(run_dir))
+        except BaseException:
+            print(output.getvalue())
+            raise
+    return summary["steps_per_s"]
+
+
+def plain_steps_per_s(cfg: DictConfig, x: torch.Tensor, y: torch.Tensor, batches: int) -> float:
+    """The plain loop: a fresh model and optimizer, ``batches`` SGD steps; steps per second."""
+    device = x.device
+    torch.manual_seed(cfg.seed)
+    model = instantiate(cfg.model).to(device)
+    opt = SGD(model.parameters(), lr=LR)
+    batch_indices = torch.randperm(len(y), device=device).split(BATCH_SIZE)[:batches]
+    _timing.sync(device)
+    start = time.perf_counter()
+    for idx in batch_indices:
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    _timing.sync(device)
+    return len(batch_indices) / (time.perf_counter() - start)
+
+
+def measure(model: str, device: torch.device, batches: int, repeats: int, warmup: int,
+            threads: int | None) -> dict[str, float]:
+    """Median steps/s of the plain loop and of ours on ``device``, after one short warm-up of each."""
+    cfg = compose_config(model, device, batches, threads)
+    data: MNISTDataModule = instantiate(cfg.data)
+    data.setup()
+    data.to(device)
+    torch.set_flush_denormal(cfg.trainer.flush_denormal)  # as run() does, so both loops see the same
+    plain_steps_per_s(cfg, data.train_x, data.train_y, warmup)
+    ours_steps_per_s(compose_config(model, device, warmup, threads))
+    return _timing.interleaved({
+        "plain": lambda: plain_steps_per_s(cfg, data.train_x, data.train_y, batches),
+        "ours": lambda: ours_steps_per_s(cfg),
+    }, repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=int, default=300, help=f"timed batches per run (1..{EPOCH_BATCHES})")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each (median taken)")
+    parser.add_argument("--warmup", type=int, default=20, help="batches of the untimed first run of each")
+    parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: CUDA when available, else the CPU")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+    if not 1 <= args.batches <= EPOCH_BATCHES or not 1 <= args.warmup <= EPOCH_BATCHES:
+        parser.error(f"--batches and --warmup must be in 1..{EPOCH_BATCHES} (one epoch)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    devices = _timing.devices_to_measure(args.device)
+    _timing.print_header("training loop: optimlab (Lightning) vs a plain PyTorch loop")
+    print(f"model {args.model}, batch {BATCH_SIZE}, optimlab.optim.SGD lr {LR}; median of {args.repeats} "
+          f"alternating runs of {args.batches} batches (after one {args.warmup}-batch warm-up run of each)\n")
+    results = {device.type: measure(args.model, device, args.batches, args.repeats, args.warmup, args.threads)
+               for device in devices}
+    rows: list[list[object]] = []
+    for dev, sps in results.items():
+        overhead, target = sps["plain"] / sps["ours"], OVERHEAD_TARGET[dev]
+        rows.append([dev, args.model, sps["plain"], sps["ours"], overhead,
+                     f"{_timing.verdict(overhead, target)} (<= {target})",
+                     EPOCH_BATCHES / sps["plain"], EPOCH_BATCHES / sps["ours"]])
+    _timing.print_table(["device", "model", "plain steps/s", "ours steps/s", "plain/ours", "target",
+                         f"plain s/epoch ({EPOCH_BATCHES})", f"ours s/epoch ({EPOCH_BATCHES})"], rows)
+    if "cuda" not in results:
+        print(f"\ncuda: {'not requested (--device cpu)' if torch.cuda.is_available() else _timing.NO_GPU}")
+    if args.model == "mlp":
+        print("\nabsolute targets for the default MLP (ours; each meaningful only on the machine named):")
+        if "cuda" in results:
+            sps = results["cuda"]["ours"]
+            print(f"  cuda: {sps:.0f} steps/s; target >= 1500 on an H100: {'PASS' if sps >= 1500 else 'FAIL'}")
+        if "cpu" in results:
+            epoch = EPOCH_BATCHES / results["cpu"]["ours"]
+            print(f"  cpu:  {epoch:.2f} s per {EPOCH_BATCHES}-batch epoch; target < 5 s on the 2-core CPU: "
+                  f"{'PASS' if epoch < 5 else 'FAIL'}")
+
+if __name__ == "__main__":
+    main()

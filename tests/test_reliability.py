@@ -1,0 +1,117 @@
+"""Resume exactly, survive interruption, lose nothing: real subprocess runs killed and resumed."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from optimlab.checkpointing import AtomicCheckpointIO
+
+# Adam + gradient noise: resuming must restore the optimizer state *and* the RNG stream.
+RUN = ["data.subset=3000", "data.val_size=500", "epochs=4", "optimizer=adam", "lr=0.001",
+       "optimizer.grad_noise_std=0.01", "trainer.progress_bar=false", "trainer.deterministic=true"]
+
+
+def train(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True, timeout=600)
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_killed_run_resumed_equals_uninterrupted_run(tmp_path: Path) -> None:
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert train(*RUN, f"hydra.run.dir={whole}").returncode == 0
+    proc = start(*RUN, f"hydra.run.dir={killed}")
+    wait_for(killed / "checkpoints" / "last.ckpt", proc)  # epoch 1 is on disk
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up
+    proc.wait()
+    assert summary(killed)["status"] == "running"  # the record written after epoch 1 survived
+    resumed = train(f"resume={killed}", f"hydra.run.dir={tmp_path / 'resume_cmd'}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout
+    a, b = weights(whole), weights(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise on CPU
+    sa, sb = summary(whole), summary(killed)
+    assert sb["status"] == "complete" and len(sb["epochs"]) == 4
+    for ra, rb in zip(sa["epochs"], sb["epochs"]):
+        assert {k: v for k, v in ra.items() if k != "train_time_s"} == {k: v for k, v in rb.items() if k != "train_time_s"}
+    assert sa["test_acc"] == sb["test_acc"] and sa["regime"] == sb["regime"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_leaves_checkpoint_events_and_interrupted_summary(tmp_path: Path, sig: signal.Signals) -> None:
+    proc = start(*RUN, "epochs=50", f"hydra.run.dir={tmp_path}")
+    wait_for(tmp_path / "checkpoints" / "last.ckpt", proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "interrupted" in err
+    s = summary(tmp_path)
+    assert s["interrupted"] is True and s["status"] == "interrupted" and 1 <= len(s["epochs"]) < 50
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] >= 0
+
+
+def test_sweep_resume_runs_only_unfinished_jobs(tmp_path: Path) -> None:
+    sweep = ["-m", "lr=0.001,0.01,0.1", "data.subset=500", "data.val_size=500", "epochs=2",
+             "trainer.progress_bar=false", f"hydra.sweep.dir={tmp_path}"]
+    assert train(*sweep).returncode == 0
+    jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert len(jobs) == 3
+    done_mtime = (jobs[0] / "summary.json").stat().st_mtime_ns
+    # job 1 was interrupted after its last epoch's checkpoint; job 2 was killed before starting
+    s1 = summary(jobs[1])
+    s1["status"], s1["interrupted"] = "interrupted", True
+    (jobs[1] / "summary.json").write_text(json.dumps(s1))
+    for path in sorted(jobs[2].rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    again = train(*sweep, "resume=auto")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("already complete, skipped") == 1
+    assert (jobs[0] / "summary.json").stat().st_mtime_ns == done_mtime
+    assert summary(jobs[1])["status"] == "complete" and summary(jobs[2])["status"] == "complete"
+    assert f"resuming {jobs[1]}" in again.stdout
+
+
+def test_rerunning_a_sweep_without_resume_refuses_to_overwrite(tmp_path: Path) -> None:
+    args = ["data.subset=500", "data.val_size=500", "epochs=1", "trainer.progress_bar=false", f"hydra.run.dir={tmp_path}"]
+    assert train(*args).returncode == 0
+    again = train(*args)
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "resume=auto" in again.stderr
+
+
+def test_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+    with pytest.raises(Exception):
+        io.save_checkpoint({"epoch": 2, "w": torch.zeros(3), "bad": lambda: None}, path)  # dies mid-write
+    assert torch.load(path, weights_only=False)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no half-written temp file left
