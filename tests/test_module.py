@@ -1,0 +1,91 @@
+"""The LightningModule's divergence guard: a non-finite loss, gradient or weight ends the run."""
+
+from __future__ import annotations
+
+import functools
+
+import lightning as L
+import pytest
+import torch
+
+from optimlab.data import TensorBatches
+from optimlab.models import MLP
+from optimlab.module import ClassifierModule
+from optimlab.optim import SGD
+
+
+def fit(module: ClassifierModule, x: torch.Tensor, y: torch.Tensor, epochs: int = 2) -> L.Trainer:
+    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, train_dataloaders=TensorBatches(x, y, 8), val_dataloaders=TensorBatches(x, y, 8))
+    return trainer
+
+
+def small_module(lr: float = 0.1) -> ClassifierModule:
+    torch.manual_seed(0)
+    return ClassifierModule(MLP(hidden=[6], in_features=5), functools.partial(SGD, lr=lr))
+
+
+def data(n: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 5, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def test_healthy_run_records_one_row_per_epoch() -> None:
+    module = small_module()
+    trainer = fit(module, *data())
+    assert module.diverged_at_step is None and trainer.global_step == 10
+    assert [row["epoch"] for row in module.history] == [1, 2]
+    assert {"train_loss", "train_acc", "val_loss", "val_acc", "train_time_s"} <= set(module.history[0])
+
+
+def test_nan_loss_stops_before_the_update_is_applied() -> None:
+    x, y = data()
+    x[24] = float("nan")  # in the 4th batch
+    module = small_module()
+    before = {}
+
+    class Snapshot(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            before.update({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+    trainer = L.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Snapshot()])
+    trainer.fit(module, train_dataloaders=TensorBatches(x, y, 8))
+    assert module.diverged_at_step == 3 and trainer.global_step == 3  # steps 0-2 applied, step 3 refused
+    assert "loss or gradient" in module.divergence_reason
+    after = module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the bad step was never applied
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_non_finite_gradient_with_finite_loss_is_caught() -> None:
+    module = small_module()
+    weight = module.model.net[1].weight
+    calls = {"n": 0}
+
+    def poison(grad: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return grad * float("inf") if calls["n"] == 2 else grad
+
+    weight.register_hook(poison)
+    trainer = fit(module, *data())
+    assert module.diverged_at_step == 1 and trainer.global_step == 1
+    assert torch.isfinite(weight).all()
+
+
+def test_overflowing_weights_end_the_run() -> None:
+    module = small_module(lr=1e38)
+    fit(module, *data())
+    assert module.diverged_at_step is not None
+    assert module.divergence_reason in ("non-finite weights after the update", "non-finite loss or gradient")
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_check_cadence_still_records_the_divergence(every: int) -> None:
+    x, y = data()
+    x[24] = float("nan")
+    module = small_module()
+    module.check_every = every
+    fit(module, x, y)
+    assert module.diverged_at_step == 3  # cadence 4: steps 0-3 checked together at step 3
