@@ -71,3 +71,9 @@ def test_evidence_names_the_numbers_and_thresholds() -> None:
     d = diagnose(CURVES["underfit"])
     assert "fit_acc 0.93" in d.evidence[0] and "plateaued" in d.evidence[1]
     assert d.measures["final_val_acc"] == pytest.approx(0.834)
+
+
+def test_a_single_epoch_is_judged_against_chance_level_loss() -> None:
+    learning = diagnose(history([1.9], [0.14]))
+    assert learning.regime == "slow" and "ln(10)" in learning.evidence[1] and "nan" not in " ".join(learning.evidence)
+    assert diagnose(history([110.0], [0.10])).regime == "diverging"

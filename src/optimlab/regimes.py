@@ -15,7 +15,8 @@ The rules are checked in this order; the first that fires names the regime:
    consecutive epochs at least ``osc_min_drops`` times, or by ``>= osc_big_drop`` once, or the
    epoch-mean training loss rises by ``>= osc_loss_rise`` (relative) between epochs.
 4. **slow** / **underfit**: final validation accuracy ``< fit_acc``. If the training loss is still
-   falling by ``>= slow_min_improvement`` (relative, per epoch, over the last ``window`` epochs) the
+   falling by ``>= slow_min_improvement`` (relative, per epoch, over the last ``window`` epochs; after
+   a single epoch, relative to ln(10), the loss of uniform guessing) the
    run is **slow** (more epochs or a larger learning rate would help); if it has plateaued it is
    **underfit** (the model is too small or too constrained to fit the data).
 5. otherwise **healthy**.
@@ -86,9 +87,12 @@ def measure(history: list[dict[str, float]], t: Thresholds) -> dict[str, float]:
     m["max_train_loss_rise"] = max(rises, default=0.0)
     m["final_train_loss"] = train_loss[-1] if train_loss else nan
     m["train_loss_above_best"] = train_loss[-1] / min(train_loss) - 1 if train_loss and min(train_loss) > 0 else nan
+    # Relative fall of the train loss per epoch over the last `window` epochs; with a single epoch,
+    # against the loss of uniform guessing, ln(10).
     w = min(t.window, len(train_loss) - 1)
-    m["recent_improvement"] = ((train_loss[-1 - w] / train_loss[-1]) ** (1 / w) - 1
-                               if w >= 1 and train_loss[-1] > 0 else nan)
+    start = train_loss[-1 - w] if w >= 1 else math.log(10)
+    w = max(w, 1)
+    m["recent_improvement"] = (start / train_loss[-1]) ** (1 / w) - 1 if train_loss and train_loss[-1] > 0 else nan
     peak = int(m["best_val_epoch"]) - 1 if val_acc else -1
     min_val_loss_epoch = val_loss.index(min(val_loss)) if val_loss else -1
     ref = min(peak, min_val_loss_epoch) if peak >= 0 and min_val_loss_epoch >= 0 else max(peak, min_val_loss_epoch)
@@ -138,8 +142,10 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False,
                        f"(limit {t.osc_loss_rise:.0%})")
     if m["final_val_acc"] < t.fit_acc:
         low = f"final val_acc {m['final_val_acc']:.3f} < fit_acc {t.fit_acc}"
-        trend = (f"train loss fell {m['recent_improvement']:.1%}/epoch over the last "
-                 f"{min(t.window, int(m['epochs']) - 1)} epochs (threshold {t.slow_min_improvement:.0%})")
+        span = min(t.window, int(m["epochs"]) - 1)
+        trend = (f"train loss fell {m['recent_improvement']:.1%}/epoch "
+                 + (f"over the last {span} epochs" if span else "below the chance-level loss ln(10)")
+                 + f" (threshold {t.slow_min_improvement:.0%})")
         if m["recent_improvement"] >= t.slow_min_improvement or math.isnan(m["recent_improvement"]):
             return verdict("slow", low, "still improving: " + trend)
         return verdict("underfit", low, "plateaued: " + trend)

@@ -57,4 +57,4 @@ class Adagrad(Optimizer):
         torch._foreach_addcmul_(sums, grads, grads, value=1)
         std = torch._foreach_sqrt(sums)
         torch._foreach_add_(std, group["eps"])
-        torch._foreach_addcdiv_(params, torch._foreach_mul(grads, minus_clr), std)
+        torch._foreach_addcdiv_(params, grads, std, minus_clr)
