@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-STAGES = ("train", "val", "test")
+EVAL_STAGES = ("val", "test")
 
 
 def total_norm(tensors: list[Tensor]) -> Tensor:
@@ -34,10 +34,12 @@ class ClassifierModule(L.LightningModule):
         model: the classifier (logits out).
         optimizer: a partial taking the parameters (Hydra ``_partial_``), e.g. ``optimlab.optim.SGD``.
         scheduler: optional partial taking the optimizer; stepped once per epoch.
-        log_every_n_steps: cadence of per-step scalars (loss, lr, gradient and weight norms).
-        check_finite_every_n_steps: cadence of the host sync that looks for non-finite loss,
-            gradients or weights. At 1 (default) a bad step is never applied; larger values save
-            syncs on a GPU but may apply up to n-1 bad steps before stopping.
+        log_every_n_steps: cadence of per-step scalars (loss, lr, gradient and weight norms) and of
+            the check that the weights are finite.
+        check_finite_every_n_steps: cadence of the host sync that looks for a non-finite loss or
+            gradient. At 1 (default) such a step is never applied; larger values save syncs on a
+            GPU but may apply up to n-1 bad steps before stopping (``diverged_at_step`` is then the
+            step of the check).
         compile: ``torch.compile`` the model (its cost shows in ``first_step_s``).
     """
 
@@ -49,16 +51,19 @@ class ClassifierModule(L.LightningModule):
         self.model = torch.compile(model) if compile else model
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.log_every_n_steps, self.check_every = log_every_n_steps, check_finite_every_n_steps
-        self.loss_metrics = nn.ModuleDict({f"{s}_": MeanMetric(nan_strategy="disable") for s in STAGES})
+        self.loss_metrics = nn.ModuleDict({f"{s}_": MeanMetric(nan_strategy="disable") for s in EVAL_STAGES})
         self.acc_metrics = nn.ModuleDict({
-            f"{s}_": MulticlassAccuracy(num_classes, average="micro", validate_args=False) for s in STAGES})
-        # ModuleDict keys get a "_" suffix: "train" is an nn.Module attribute name.
+            f"{s}_": MulticlassAccuracy(num_classes, average="micro", validate_args=False) for s in EVAL_STAGES})
+        # ModuleDict keys get a "_" suffix: "train" is an nn.Module attribute name. Training loss
+        # and accuracy are running sums instead (see training_step): cheaper per step.
         # What a run records: per-epoch rows, and where and why it diverged. Saved in checkpoints.
         self.history: list[dict[str, float]] = []
         self.diverged_at_step: int | None = None
         self.divergence_reason: str | None = None
         self.first_step_s: float | None = None
         self._pending_bad: Tensor | None = None
+        self.register_buffer("_train_sums", torch.zeros(3, dtype=torch.float64), persistent=False)
+        self.register_buffer("_one", torch.ones((), dtype=torch.float64), persistent=False)
         self._eval_row: dict[str, float] = {}
         self._epoch_start = 0.0
         self._train_time = 0.0
@@ -91,12 +96,15 @@ class ClassifierModule(L.LightningModule):
                                  "non-finite loss or gradient"):
             return  # the bad update is never applied
         opt.step()
-        weight_norm = total_norm(params)
-        if self._found_nonfinite(~torch.isfinite(weight_norm), step + 1, "non-finite weights after the update"):
-            return
-        self.loss_metrics["train_"].update(loss.detach(), len(y))
-        self.acc_metrics["train_"].update(logits.detach(), y)
+        # Running sums on the device (no host sync per step); read once at the end of the epoch.
+        self._train_sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(), self._one * len(y)])
         if step % self.log_every_n_steps == 0:
+            # With finite gradients only an overflowing update makes weights non-finite; that shows
+            # in the next step's loss, and this check on the logging cadence catches the rest.
+            weight_norm = total_norm(params)
+            if not torch.isfinite(weight_norm):
+                self._diverge(step + 1, "non-finite weights after the update")
+                return
             self.log_dict({"train/loss_step": loss.detach(), "train/grad_norm": grad_norm,
                            "train/weight_norm": weight_norm, "train/lr": opt.param_groups[0]["lr"]},
                           on_step=True, on_epoch=False)
@@ -111,9 +119,12 @@ class ClassifierModule(L.LightningModule):
         hit = bool(self._pending_bad)
         self._pending_bad = None
         if hit:
-            self.diverged_at_step, self.divergence_reason = step, reason
-            self.trainer.should_stop = True
+            self._diverge(step, reason)
         return hit
+
+    def _diverge(self, step: int, reason: str) -> None:
+        self.diverged_at_step, self.divergence_reason = step, reason
+        self.trainer.should_stop = True
 
     def _is_last_batch(self) -> bool:
         loop = self.trainer.fit_loop.epoch_loop
@@ -122,7 +133,11 @@ class ClassifierModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         if self.trainer.is_global_zero and self.device.type == "cuda":
             torch.cuda.synchronize()
-        row = {"epoch": self.current_epoch + 1, **self._compute("train"), **self._eval_row}
+        loss_sum, correct, seen = self._train_sums.tolist()
+        self._train_sums.zero_()
+        train = {"train_loss": loss_sum / seen, "train_acc": correct / seen} if seen else {
+            "train_loss": math.nan, "train_acc": math.nan}
+        row = {"epoch": self.current_epoch + 1, **train, **self._eval_row}
         row["train_time_s"] = self._train_time or time.perf_counter() - self._epoch_start
         self._eval_row, self._train_time = {}, 0.0
         self.history.append(row)
