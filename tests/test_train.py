@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -51,6 +52,16 @@ def test_multirun_trains_every_optimizer(tmp_path: Path) -> None:
         assert summary["config"]["optimizer"]["_target_"] == f"optimlab.optim.{name}"
         losses = [row["train_loss"] for row in summary["epochs"]]
         assert losses[1] < losses[0]  # learning
+    # the report command over this sweep, plus a job that crashed before writing anything
+    (tmp_path / "4_crashed" / ".hydra").mkdir(parents=True)
+    report = subprocess.run([str(Path(sys.executable).with_name("optimlab-report")), str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr
+    rows = list(csv.DictReader((tmp_path / "report.csv").open()))
+    assert [r["optimizer"] for r in rows] == ["sgd", "adagrad", "adam", "rmsprop", ""]
+    assert rows[-1]["status"] == "crashed"
+    for name in ("report.md", "curves.png"):
+        assert (tmp_path / name).stat().st_size > 0
 
 
 def test_cnn_single_run(tmp_path: Path) -> None:

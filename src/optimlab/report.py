@@ -173,29 +173,32 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
+    """Final test accuracy against lr, one line per optimizer, points coloured by regime (majority
+    over seeds); one panel per model width when the sweep varies it."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    by_opt: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        if r.get("lr"):
-            by_opt[r["optimizer"]].append(r)
-    for optimizer, members in sorted(by_opt.items()):
-        points = defaultdict(list)
-        for m in members:
-            points[m["lr"]].append(m)
-        lrs = sorted(points)
-        means = [statistics.fmean([m["final_test_acc"] or 0.0 for m in points[lr]]) for lr in lrs]
-        ax.plot(lrs, means, "-", label=optimizer, alpha=0.6)
-        for lr, mean in zip(lrs, means):
-            regime = _count(m["regime"] for m in points[lr])
-            ax.scatter([lr], [mean], color=REGIME_COLORS.get(max(regime, key=regime.get), "black"), zorder=3, s=40)
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("final test accuracy")
-    ax.set_ylim(0, 1)
+    widths = sorted({r["widths"] for r in rows if r.get("lr")}, key=_width_key)
+    fig, axes = plt.subplots(1, len(widths), figsize=(4.5 * len(widths) + 1, 4.2), squeeze=False, sharey=True)
+    for ax, width in zip(axes.flat, widths):
+        by_opt: dict[str, dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+        for r in rows:
+            if r.get("lr") and r["widths"] == width:
+                by_opt[r["optimizer"]][r["lr"]].append(r)
+        for optimizer, points in sorted(by_opt.items()):
+            lrs = sorted(points)
+            means = [statistics.fmean([m["final_test_acc"] or 0.0 for m in points[lr]]) for lr in lrs]
+            ax.plot(lrs, means, "-", label=optimizer, alpha=0.6)
+            for lr, mean in zip(lrs, means):
+                regimes = _count(m["regime"] for m in points[lr])
+                ax.scatter([lr], [mean], color=REGIME_COLORS.get(max(regimes, key=regimes.get), "black"),
+                           zorder=3, s=40, edgecolor="black", linewidth=0.5)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"widths {width}" if len(widths) > 1 else "")
+    axes.flat[0].set_ylabel("final test accuracy")
     for label in [*LABELS, "crashed"]:
-        ax.scatter([], [], color=REGIME_COLORS[label], label=label)
-    ax.legend(fontsize=8, ncol=2)
+        axes.flat[-1].scatter([], [], color=REGIME_COLORS[label], label=label)
+    axes.flat[-1].legend(fontsize=8, ncol=2, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

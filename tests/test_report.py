@@ -1,0 +1,61 @@
+"""The report command: tables with one row per run (crashed ones too), figures, seed aggregation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+from optimlab.report import main, report
+
+
+def fake_run(root: Path, name: str, optimizer: str, lr: float, width: int, seed: int, acc: float,
+             regime: str = "healthy") -> None:
+    run_dir = root / name
+    (run_dir / ".hydra").mkdir(parents=True)
+    history = [{"epoch": e, "train_loss": 1.0 / e, "train_acc": acc, "val_loss": 1.1 / e, "val_acc": acc - 0.01,
+                "test_loss": 1.2 / e, "test_acc": acc - 0.02 + 0.005 * e} for e in (1, 2, 3)]
+    summary = {"status": "complete", "name": "map", "config": {
+        "lr": lr, "seed": seed, "model": {"_target_": "optimlab.models.MLP", "hidden": [width]},
+        "optimizer": {"_target_": f"optimlab.optim.{optimizer}", "impl": "custom"}},
+        "params": 1000 * width, "epochs": history, "test_acc": acc, "diverged": regime == "diverging",
+        "regime": regime, "wall_time_s": 1.5, "steps_per_s": 100.0}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def test_map_sweep_gets_every_table_and_figure(tmp_path: Path) -> None:
+    n = 0
+    for optimizer in ("SGD", "Adam"):
+        for lr in (0.001, 0.1, 2.0):
+            for width in (4, 128):
+                for seed in (0, 1):
+                    regime = "diverging" if lr == 2.0 else ("underfit" if width == 4 else "healthy")
+                    fake_run(tmp_path, f"{n}_job", optimizer, lr, width, seed, 0.9 + 0.01 * seed, regime)
+                    n += 1
+    (tmp_path / f"{n}_crashed" / ".hydra").mkdir(parents=True)  # a job that died before its summary
+    written = report(tmp_path)
+    assert {p.name for p in written} == {"report.md", "report.csv", "curves.png", "lr_sensitivity.png",
+                                         "regime_map.png"}
+    assert all(p.stat().st_size > 0 for p in written)
+    rows = list(csv.DictReader((tmp_path / "report.csv").open()))
+    assert len(rows) == n + 1
+    crashed = [r for r in rows if r["run"] == f"{n}_crashed"]
+    assert crashed and crashed[0]["status"] == "crashed" and crashed[0]["regime"] == "crashed"
+    first = next(r for r in rows if r["run"] == "0_job")
+    assert first["optimizer"] == "sgd" and first["widths"] == "4" and float(first["best_test_acc"]) == 0.895
+    md = (tmp_path / "report.md").read_text()
+    mean, std = statistics.fmean([0.9, 0.91]), statistics.pstdev([0.9, 0.91])
+    assert f"| map | mlp | adam | 0.1 | 128 | 2 | {mean:.4f} +/- {std:.4f} | healthy 2 |" in md
+
+
+def test_cli_reports_counts_and_rejects_an_empty_folder(tmp_path: Path, capsys) -> None:
+    fake_run(tmp_path, "0_a", "SGD", 0.1, 128, 0, 0.97)
+    fake_run(tmp_path, "1_b", "SGD", 2.0, 128, 0, 0.1, "diverging")
+    assert main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 runs: healthy 1, diverging 1" in out and "curves.png" in out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([str(empty)]) == 2
+    assert "no runs" in capsys.readouterr().err
