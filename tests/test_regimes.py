@@ -77,3 +77,8 @@ def test_a_single_epoch_is_judged_against_chance_level_loss() -> None:
     learning = diagnose(history([1.9], [0.14]))
     assert learning.regime == "slow" and "ln(10)" in learning.evidence[1] and "nan" not in " ".join(learning.evidence)
     assert diagnose(history([110.0], [0.10])).regime == "diverging"
+
+
+def test_a_steady_crawl_at_chance_is_slow_but_a_blow_up_is_diverging() -> None:
+    assert diagnose(history([2.55, 2.52, 2.49], [0.12, 0.14, 0.15])).regime == "slow"
+    assert diagnose(history([110.0, 109.0, 108.0], [0.10, 0.10, 0.10])).regime == "diverging"

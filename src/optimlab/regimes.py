@@ -4,9 +4,10 @@ Labels: ``healthy``, ``slow``, ``oscillating``, ``diverging``, ``underfit``, ``o
 The rules are checked in this order; the first that fires names the regime:
 
 1. **diverging**: the run hit a non-finite loss, gradient or weight; or its final validation
-   accuracy is at chance level (``<= chance_acc``) while the training loss is no longer falling
-   (above its best epoch by ``> diverge_loss_rise`` relative, or improving by less than
-   ``slow_min_improvement`` per epoch).
+   accuracy is at chance level (``<= chance_acc``) and the training loss has blown up (above
+   ``loss_blowup`` x ln(10), the loss of uniform guessing) or is no longer falling (above its best
+   epoch by ``> diverge_loss_rise`` relative, or rising between any two of the last ``window`` + 1
+   epochs). A run at chance whose loss still falls steadily is *slow*, not diverging.
 2. **overfit**: training keeps improving (final train loss below its value at the validation peak)
    while validation gets worse: validation accuracy has fallen ``>= overfit_acc_drop`` below its
    peak, or validation loss has risen ``>= overfit_loss_rise`` (relative) above its minimum.
@@ -15,10 +16,11 @@ The rules are checked in this order; the first that fires names the regime:
    consecutive epochs at least ``osc_min_drops`` times, or by ``>= osc_big_drop`` once, or the
    epoch-mean training loss rises by ``>= osc_loss_rise`` (relative) between epochs.
 4. **slow** / **underfit**: final validation accuracy ``< fit_acc``. If the training loss is still
-   falling by ``>= slow_min_improvement`` (relative, per epoch, over the last ``window`` epochs; after
-   a single epoch, relative to ln(10), the loss of uniform guessing) the
-   run is **slow** (more epochs or a larger learning rate would help); if it has plateaued it is
-   **underfit** (the model is too small or too constrained to fit the data).
+   falling by ``>= slow_min_loss_drop`` nats per epoch (averaged over the last ``window`` epochs;
+   after a single epoch, measured from ln(10), the loss of uniform guessing) the run is **slow**
+   (more epochs or a larger learning rate would help); if it has plateaued it is **underfit** (the
+   model is too small or too constrained to fit the data). The drop is absolute, not relative: a
+   run crawling down from chance-level loss is still slow, a run creeping along a plateau is not.
 5. otherwise **healthy**.
 
 Every threshold is a field of :class:`Thresholds`, overridable from the config key ``regimes``.
@@ -37,6 +39,7 @@ LABELS = ("healthy", "slow", "oscillating", "diverging", "underfit", "overfit")
 class Thresholds:
     chance_acc: float = 0.2             # accuracy at or below this is chance level (10 classes)
     diverge_loss_rise: float = 0.02     # final train loss this much (relative) above its best: not converging
+    loss_blowup: float = 2.0            # train loss above this many times ln(10): blown up
     overfit_acc_drop: float = 0.01      # val accuracy this far below its peak ...
     overfit_loss_rise: float = 0.2      # ... or val loss this much (relative) above its minimum
     osc_acc_drop: float = 0.01          # an epoch-to-epoch val accuracy fall this big counts as a drop
@@ -44,8 +47,8 @@ class Thresholds:
     osc_big_drop: float = 0.03          # one fall this big: oscillating
     osc_loss_rise: float = 0.05         # epoch-mean train loss rising this much (relative): oscillating
     fit_acc: float = 0.93               # final val accuracy below this: slow or underfit
-    slow_min_improvement: float = 0.02  # train loss still falling this much (relative) per epoch: slow
-    window: int = 3                     # epochs over which the recent improvement is measured
+    slow_min_loss_drop: float = 0.01    # train loss still falling this much (nats) per epoch: slow
+    window: int = 3                     # epochs over which recent loss changes are measured
 
     @classmethod
     def from_overrides(cls, overrides: dict[str, Any] | None) -> Thresholds:
@@ -86,13 +89,14 @@ def measure(history: list[dict[str, float]], t: Thresholds) -> dict[str, float]:
     rises = [b / a - 1 for a, b in zip(train_loss, train_loss[1:]) if a > 0]
     m["max_train_loss_rise"] = max(rises, default=0.0)
     m["final_train_loss"] = train_loss[-1] if train_loss else nan
+    recent = train_loss[-1 - t.window:]
+    m["recent_train_loss_rises"] = sum(b > a for a, b in zip(recent, recent[1:]))
     m["train_loss_above_best"] = train_loss[-1] / min(train_loss) - 1 if train_loss and min(train_loss) > 0 else nan
-    # Relative fall of the train loss per epoch over the last `window` epochs; with a single epoch,
-    # against the loss of uniform guessing, ln(10).
+    # Fall of the train loss per epoch over the last `window` epochs; with a single epoch, from the
+    # loss of uniform guessing, ln(10).
     w = min(t.window, len(train_loss) - 1)
     start = train_loss[-1 - w] if w >= 1 else math.log(10)
-    w = max(w, 1)
-    m["recent_improvement"] = (start / train_loss[-1]) ** (1 / w) - 1 if train_loss and train_loss[-1] > 0 else nan
+    m["recent_loss_drop"] = (start - train_loss[-1]) / max(w, 1) if train_loss else nan
     peak = int(m["best_val_epoch"]) - 1 if val_acc else -1
     min_val_loss_epoch = val_loss.index(min(val_loss)) if val_loss else -1
     ref = min(peak, min_val_loss_epoch) if peak >= 0 and min_val_loss_epoch >= 0 else max(peak, min_val_loss_epoch)
@@ -115,13 +119,14 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False,
     if not history or math.isnan(m["final_val_acc"]):
         return verdict("diverging" if m["epochs"] else "healthy", "no finished epoch to judge")
     at_chance = m["final_val_acc"] <= t.chance_acc
-    stalled = (m["train_loss_above_best"] > t.diverge_loss_rise
-               or not m["recent_improvement"] >= t.slow_min_improvement)
-    if at_chance and stalled:
+    blown_up = m["final_train_loss"] > t.loss_blowup * math.log(10)
+    not_falling = m["train_loss_above_best"] > t.diverge_loss_rise or m["recent_train_loss_rises"] > 0
+    if at_chance and (blown_up or not_falling):
         return verdict("diverging", f"final val_acc {m['final_val_acc']:.3f} <= chance_acc {t.chance_acc}",
-                       f"train loss not falling: {m['train_loss_above_best']:+.1%} vs its best epoch "
-                       f"(limit {t.diverge_loss_rise:.0%}), recent improvement {m['recent_improvement']:.1%}/epoch "
-                       f"(< {t.slow_min_improvement:.0%})")
+                       f"train loss {m['final_train_loss']:.3g} (blown up above {t.loss_blowup:g} x ln(10): "
+                       f"{blown_up}); {m['train_loss_above_best']:+.1%} vs its best epoch (limit "
+                       f"{t.diverge_loss_rise:.0%}); {m['recent_train_loss_rises']:.0f} rise(s) over the last "
+                       f"{t.window} epochs")
     train_smooth = m["max_train_loss_rise"] < t.osc_loss_rise
     still_fitting = m["train_loss_change_since_val_peak"] < 0
     val_worse_acc = m["val_acc_drop_from_peak"] >= t.overfit_acc_drop
@@ -143,10 +148,10 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False,
     if m["final_val_acc"] < t.fit_acc:
         low = f"final val_acc {m['final_val_acc']:.3f} < fit_acc {t.fit_acc}"
         span = min(t.window, int(m["epochs"]) - 1)
-        trend = (f"train loss fell {m['recent_improvement']:.1%}/epoch "
+        trend = (f"train loss fell {m['recent_loss_drop']:.4f} nats/epoch "
                  + (f"over the last {span} epochs" if span else "below the chance-level loss ln(10)")
-                 + f" (threshold {t.slow_min_improvement:.0%})")
-        if m["recent_improvement"] >= t.slow_min_improvement or math.isnan(m["recent_improvement"]):
+                 + f" (threshold {t.slow_min_loss_drop})")
+        if m["recent_loss_drop"] >= t.slow_min_loss_drop or math.isnan(m["recent_loss_drop"]):
             return verdict("slow", low, "still improving: " + trend)
         return verdict("underfit", low, "plateaued: " + trend)
     return verdict("healthy", f"final val_acc {m['final_val_acc']:.3f} >= fit_acc {t.fit_acc}",

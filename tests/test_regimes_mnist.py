@@ -1,0 +1,27 @@
+"""The diagnosis on real MNIST runs at a reduced budget: each regime appears where it should."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import compose_config
+from optimlab.train import run
+
+QUIET = ["trainer.progress_bar=false", "data.test_every_epoch=false"]
+
+CASES = {
+    "diverging": ["lr=2.0", "data.subset=5000", "epochs=3"],
+    "underfit": ["model.hidden=[4]", "epochs=8"],
+    "slow": ["lr=1e-4", "data.subset=5000", "epochs=3"],
+    "overfit": ["model.hidden=[1024,1024]", "data.subset=1000", "data.label_noise=0.5", "lr=0.1", "epochs=25",
+                "data.val_size=2000"],
+    "healthy": ["data.subset=20000", "epochs=4"],
+}
+
+
+@pytest.mark.parametrize("expected", list(CASES))
+def test_regime_appears_on_real_mnist(expected: str, tmp_path: Path, mnist_root: Path) -> None:
+    summary = run(compose_config(*CASES[expected], *QUIET), tmp_path)
+    assert summary["regime"] == expected, (summary["regime_evidence"], summary["epochs"])
