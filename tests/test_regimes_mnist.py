@@ -15,8 +15,9 @@ CASES = {
     "diverging": ["lr=2.0", "data.subset=5000", "epochs=3"],
     "underfit": ["model.hidden=[4]", "epochs=8"],
     "slow": ["lr=1e-4", "data.subset=5000", "epochs=3"],
-    "overfit": ["model.hidden=[1024,1024]", "data.subset=1000", "data.label_noise=0.5", "lr=0.1", "epochs=25",
-                "data.val_size=2000"],
+    # a big net memorising 1,000 images, half of them with shuffled labels
+    "overfit": ["model.hidden=[1024,1024]", "model.init=default", "optimizer=adam", "lr=0.001",
+                "data.subset=1000", "data.label_noise=0.5", "epochs=15", "data.val_size=2000"],
     "healthy": ["data.subset=20000", "epochs=4"],
 }
 
