@@ -31,7 +31,7 @@ from optimlab.data import MNISTDataModule
 from optimlab.module import ClassifierModule
 from optimlab.regimes import Thresholds, diagnose
 from optimlab.summary import SUMMARY, is_complete, read_summary, write_summary
-from optimlab.validate import ConfigError, validate_config
+from optimlab.validate import ConfigError, regime_overrides, validate_config
 
 
 # Lightning's start-up banners (GPU available, tips) drown the run's own lines.
@@ -96,10 +96,6 @@ class RunRecorder(Checkpoint):
         parts.append(f"{row['train_time_s']:.1f}s")
         print(" | ".join(parts), flush=True)
         self.write("running")
-
-
-def regime_overrides(cfg: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg.regimes) if cfg.get("regimes") else {}
 
 
 def _versions() -> dict[str, str]:
@@ -192,15 +188,16 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
         return summary
 
     trainer.callbacks.append(RunRecorder(record, cfg.epochs))
-    record("running")
-    if ckpt is not None:
+    if ckpt is None:
+        record("running")  # a resumed run keeps its summary until its next epoch ends
+    else:
         print(f"resuming {run_dir} from {ckpt}")
     old_handler = signal.signal(signal.SIGTERM, _stop_on_signal)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     except (SystemExit, KeyboardInterrupt):  # Lightning exits after its graceful shutdown
         trainer.logger.finalize("interrupted")
-        summary = record("interrupted")
+        record("interrupted")
         print(f"interrupted after {len(module.history)} finished epoch(s); {run_dir} holds the last "
               f"checkpoint and summary; continue with resume={run_dir}", file=sys.stderr)
         raise Interrupted from None

@@ -81,6 +81,11 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+def regime_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """The ``regimes`` config key as a plain dict of threshold overrides."""
+    return OmegaConf.to_container(cfg.regimes) if cfg.get("regimes") else {}
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first value that breaks a rule in :data:`RULES`, for a
     resume target that does not exist, and for option combinations that cannot work."""
@@ -101,7 +106,7 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.optimizer.get("nesterov") and (cfg.optimizer.momentum <= 0 or cfg.optimizer.dampening != 0):
         raise ConfigError("optimizer.nesterov: true needs optimizer.momentum > 0 and optimizer.dampening=0")
     try:
-        Thresholds.from_overrides(OmegaConf.to_container(cfg.regimes) if cfg.get("regimes") else {})
+        Thresholds.from_overrides(regime_overrides(cfg))
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
     resume = cfg.get("resume")
