@@ -67,15 +67,16 @@ def build_module(cfg: DictConfig) -> ClassifierModule:
 
 
 def check_buildable(cfg: DictConfig) -> None:
-    """Build the model and the optimizer once on the CPU, so their own argument checks run before
-    any data is read; their ValueErrors become one-line ConfigErrors."""
-    try:
-        build_optimizer(cfg.optimizer)([torch.zeros(1, requires_grad=True)])
-        instantiate(cfg.model)
-    except Exception as err:  # instantiate wraps the ValueError; report the innermost message
-        while err.__cause__ is not None:
-            err = err.__cause__
-        raise ConfigError(f"{'optimizer' if 'Invalid' in str(err) else 'model'}: {err}") from None
+    """Build the optimizer and the model once on the CPU, so their own argument checks run before
+    any data is read; their errors become one-line ConfigErrors."""
+    for key, build in (("optimizer", lambda: build_optimizer(cfg.optimizer)([torch.zeros(1, requires_grad=True)])),
+                       ("model", lambda: instantiate(cfg.model))):
+        try:
+            build()
+        except Exception as err:
+            while err.__cause__ is not None:  # hydra's instantiate wraps the real error
+                err = err.__cause__
+            raise ConfigError(f"{key}: {err}") from None
 
 
 class RunRecorder(Checkpoint):
