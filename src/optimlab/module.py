@@ -64,6 +64,7 @@ class ClassifierModule(L.LightningModule):
         self._pending_bad: Tensor | None = None
         self.register_buffer("_train_sums", torch.zeros(3, dtype=torch.float64), persistent=False)
         self.register_buffer("_one", torch.ones((), dtype=torch.float64), persistent=False)
+        self.register_buffer("_train_max", torch.zeros((), dtype=torch.float64), persistent=False)
         self._eval_row: dict[str, float] = {}
         self._epoch_start = 0.0
         self._train_time = 0.0
@@ -98,6 +99,7 @@ class ClassifierModule(L.LightningModule):
         opt.step()
         # Running sums on the device (no host sync per step); read once at the end of the epoch.
         self._train_sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(), self._one * len(y)])
+        torch.maximum(self._train_max, loss.detach(), out=self._train_max)  # spikes: see regimes.py
         if step % self.log_every_n_steps == 0:
             # With finite gradients only an overflowing update makes weights non-finite; that shows
             # in the next step's loss, and this check on the logging cadence catches the rest.
@@ -134,9 +136,10 @@ class ClassifierModule(L.LightningModule):
         if self.trainer.is_global_zero and self.device.type == "cuda":
             torch.cuda.synchronize()
         loss_sum, correct, seen = self._train_sums.tolist()
+        train = {"train_loss": loss_sum / seen, "train_acc": correct / seen, "train_loss_max": self._train_max.item()
+                 } if seen else {"train_loss": math.nan, "train_acc": math.nan}
         self._train_sums.zero_()
-        train = {"train_loss": loss_sum / seen, "train_acc": correct / seen} if seen else {
-            "train_loss": math.nan, "train_acc": math.nan}
+        self._train_max.zero_()
         row = {"epoch": self.current_epoch + 1, **train, **self._eval_row}
         row["train_time_s"] = self._train_time or time.perf_counter() - self._epoch_start
         self._eval_row, self._train_time = {}, 0.0

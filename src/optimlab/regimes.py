@@ -7,14 +7,21 @@ The rules are checked in this order; the first that fires names the regime:
    accuracy is at chance level (``<= chance_acc``) and the training loss has blown up (above
    ``loss_blowup`` x ln(10), the loss of uniform guessing) or is no longer falling (above its best
    epoch by ``> diverge_loss_rise`` relative, or rising between any two of the last ``window`` + 1
-   epochs). A run at chance whose loss still falls steadily is *slow*, not diverging.
-2. **overfit**: training keeps improving (final train loss below its value at the validation peak)
+   epochs); or a training step's loss blew up (above ``loss_blowup`` x ln(10)) and the run has not
+   recovered (final validation accuracy ``< fit_acc``). A run at chance whose loss still falls
+   steadily is *slow*, not diverging.
+   **oscillating** (converged after a blow-up): a step's loss blew up, yet the final validation
+   accuracy is ``>= fit_acc``. Such spikes are the oscillation at the edge of stability; epoch
+   means hide them, so each epoch records its largest step loss (``train_loss_max``).
+2. **oscillating**, converging: validation accuracy jumps (it falls by ``>= osc_acc_drop`` between
+   consecutive epochs at least ``osc_min_drops`` times, or by ``>= osc_big_drop`` once), climbs back
+   (a rise ``>= osc_acc_drop`` after the first fall) and ends within ``overfit_acc_drop`` of its best.
+3. **overfit**: training keeps improving (final train loss below its value at the validation peak)
    while validation gets worse: validation accuracy has fallen ``>= overfit_acc_drop`` below its
    peak, or validation loss has risen ``>= overfit_loss_rise`` (relative) above its minimum.
-   Training must be smooth (no oscillation in the train loss), or it is rule 3's case.
-3. **oscillating**: the epoch curves jump: validation accuracy falls by ``>= osc_acc_drop`` between
-   consecutive epochs at least ``osc_min_drops`` times, or by ``>= osc_big_drop`` once, or the
-   epoch-mean training loss rises by ``>= osc_loss_rise`` (relative) between epochs.
+   The training curve must be smooth (no epoch-mean train loss rise ``>= osc_loss_rise``).
+   **oscillating** again when rule 3 does not hold but validation accuracy jumps as in rule 2 or the
+   training loss rises ``>= osc_loss_rise`` between epochs (unstable, not converging).
 4. **slow** / **underfit**: final validation accuracy ``< fit_acc``. If the training loss is still
    falling by ``>= slow_min_loss_drop`` nats per epoch (averaged over the last ``window`` epochs;
    after a single epoch, measured from ln(10), the loss of uniform guessing) the run is **slow**
@@ -86,9 +93,12 @@ def measure(history: list[dict[str, float]], t: Thresholds) -> dict[str, float]:
     drops = [a - b for a, b in zip(val_acc, val_acc[1:])]
     m["val_acc_drops"] = sum(d >= t.osc_acc_drop for d in drops)
     m["max_val_acc_drop"] = max(drops, default=0.0)
+    first_drop = next((i for i, d in enumerate(drops) if d >= t.osc_acc_drop), len(drops))
+    m["val_acc_recoveries"] = sum(-d >= t.osc_acc_drop for d in drops[first_drop + 1:])
     rises = [b / a - 1 for a, b in zip(train_loss, train_loss[1:]) if a > 0]
     m["max_train_loss_rise"] = max(rises, default=0.0)
     m["final_train_loss"] = train_loss[-1] if train_loss else nan
+    m["max_step_loss"] = max(_series(history, "train_loss_max"), default=nan)
     recent = train_loss[-1 - t.window:]
     m["recent_train_loss_rises"] = sum(b > a for a, b in zip(recent, recent[1:]))
     m["train_loss_above_best"] = train_loss[-1] / min(train_loss) - 1 if train_loss and min(train_loss) > 0 else nan
@@ -119,17 +129,33 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False,
     if not history or math.isnan(m["final_val_acc"]):
         return verdict("diverging" if m["epochs"] else "healthy", "no finished epoch to judge")
     at_chance = m["final_val_acc"] <= t.chance_acc
-    blown_up = m["final_train_loss"] > t.loss_blowup * math.log(10)
+    blowup_loss = t.loss_blowup * math.log(10)
+    blown_up = m["final_train_loss"] > blowup_loss
     not_falling = m["train_loss_above_best"] > t.diverge_loss_rise or m["recent_train_loss_rises"] > 0
+    spiked = m["max_step_loss"] > blowup_loss  # a training step's loss blew up at some point
+    spike = f"a training step's loss reached {m['max_step_loss']:.3g} (blow-up: > {t.loss_blowup:g} x ln(10) = {blowup_loss:.2f})"
     if at_chance and (blown_up or not_falling):
         return verdict("diverging", f"final val_acc {m['final_val_acc']:.3f} <= chance_acc {t.chance_acc}",
-                       f"train loss {m['final_train_loss']:.3g} (blown up above {t.loss_blowup:g} x ln(10): "
+                       f"train loss {m['final_train_loss']:.3g} (blown up above {blowup_loss:.2f}: "
                        f"{blown_up}); {m['train_loss_above_best']:+.1%} vs its best epoch (limit "
                        f"{t.diverge_loss_rise:.0%}); {m['recent_train_loss_rises']:.0f} rise(s) over the last "
                        f"{t.window} epochs")
+    if spiked and m["final_val_acc"] < t.fit_acc:
+        return verdict("diverging", spike, f"and the run has not recovered: final val_acc "
+                       f"{m['final_val_acc']:.3f} < fit_acc {t.fit_acc}")
+    if spiked:
+        return verdict("oscillating", spike, f"then recovered and converged: final val_acc "
+                       f"{m['final_val_acc']:.3f} >= fit_acc {t.fit_acc}")
     train_smooth = m["max_train_loss_rise"] < t.osc_loss_rise
-    still_fitting = m["train_loss_change_since_val_peak"] < 0
+    val_jumps = m["val_acc_drops"] >= t.osc_min_drops or m["max_val_acc_drop"] >= t.osc_big_drop
     val_worse_acc = m["val_acc_drop_from_peak"] >= t.overfit_acc_drop
+    oscillation = (f"{m['val_acc_drops']:.0f} epoch-to-epoch val_acc drops >= {t.osc_acc_drop} (limit "
+                   f"{t.osc_min_drops}), largest {m['max_val_acc_drop']:.3f} (limit {t.osc_big_drop}), "
+                   f"{m['val_acc_recoveries']:.0f} recoveries")
+    if val_jumps and m["val_acc_recoveries"] >= 1 and not val_worse_acc:
+        return verdict("oscillating", oscillation,
+                       f"yet converging: final val_acc {m['final_val_acc']:.3f} within {t.overfit_acc_drop} of its best")
+    still_fitting = m["train_loss_change_since_val_peak"] < 0
     val_worse_loss = m["val_loss_rise_from_min"] >= t.overfit_loss_rise
     if train_smooth and still_fitting and (val_worse_acc or val_worse_loss):
         return verdict("overfit",
@@ -137,12 +163,8 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False,
                        f"(limit {t.overfit_acc_drop}); val_loss {m['val_loss_rise_from_min']:+.1%} above its "
                        f"minimum (limit {t.overfit_loss_rise:.0%})",
                        f"train loss still falling: {m['train_loss_change_since_val_peak']:+.1%} since then")
-    if (m["val_acc_drops"] >= t.osc_min_drops or m["max_val_acc_drop"] >= t.osc_big_drop
-            or not train_smooth):
-        return verdict("oscillating",
-                       f"{m['val_acc_drops']:.0f} epoch-to-epoch val_acc drops >= {t.osc_acc_drop} "
-                       f"(limit {t.osc_min_drops}); largest drop {m['max_val_acc_drop']:.3f} "
-                       f"(limit {t.osc_big_drop})",
+    if val_jumps or not train_smooth:
+        return verdict("oscillating", oscillation,
                        f"largest epoch-to-epoch train loss rise {m['max_train_loss_rise']:+.1%} "
                        f"(limit {t.osc_loss_rise:.0%})")
     if m["final_val_acc"] < t.fit_acc:
