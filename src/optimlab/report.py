@@ -152,9 +152,9 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy")
         loss_ax = ax.twinx()
-        for key, style in (("train_loss", "-"), ("test_loss", "--")):
+        for key, style in (("train_loss", "-"), ("test_loss", "--"), ("train_loss_max", ":")):
             loss_ax.plot(epochs, [h.get(key) for h in r["history"]], style, color="tab:red", alpha=0.7,
-                         label=key.replace("_", " "))
+                         label="largest step loss" if key == "train_loss_max" else key.replace("_", " "))
         loss_ax.set_ylabel("loss", color="tab:red")
         loss_ax.set_yscale("log")
         color = REGIME_COLORS.get(r["regime"], "black")
@@ -165,8 +165,9 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
             spine.set_linewidth(2)
     for ax in list(axes.flat)[len(runs):]:
         ax.axis("off")
-    handles = axes.flat[0].get_legend_handles_labels()
-    fig.legend(*handles, loc="lower center", ncol=3, frameon=False)
+    acc_handles, acc_labels = axes.flat[0].get_legend_handles_labels()
+    loss_handles, loss_labels = fig.axes[-1].get_legend_handles_labels() if runs else ([], [])
+    fig.legend(acc_handles + loss_handles, acc_labels + loss_labels, loc="lower center", ncol=6, frameon=False)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
