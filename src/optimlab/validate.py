@@ -75,7 +75,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.accelerator": one_of("auto", "cpu", "gpu", "cuda", "mps"), "trainer.devices": INT_POSITIVE,
     "trainer.precision": one_of("32-true", "64-true", "16-mixed", "bf16-mixed", "32", "64"),
     "trainer.deterministic": BOOL, "trainer.log_every_n_steps": INT_POSITIVE,
-    "trainer.check_finite_every_n_steps": INT_POSITIVE, "trainer.progress_bar": BOOL,
+    "trainer.check_finite_every_n_steps": optional(INT_POSITIVE), "trainer.progress_bar": BOOL,
     "trainer.num_threads": optional(INT_POSITIVE), "trainer.flush_denormal": BOOL, "trainer.compile": BOOL,
     "trainer.limit_train_batches": optional(INT_POSITIVE), "trainer.fast_dev_run": BOOL,
 }
