@@ -166,6 +166,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
         diverged = module.diverged_at_step is not None
         diagnosis = diagnose(history, diverged, thresholds)
         train_time = sum(row.get("train_time_s", 0.0) for row in history)
+        # Throughput leaves out the first step: warm-up, and compilation with trainer.compile=true
+        # (reported on its own as first_step_s).
+        steady_steps, steady_time = trainer.global_step - 1, train_time - (module.first_step_s or 0.0)
         summary = {
             "status": status, "interrupted": status == "interrupted", "name": cfg.name,
             "config": OmegaConf.to_container(cfg, resolve=True),
@@ -178,7 +181,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
             "regime": diagnosis.regime, "regime_evidence": diagnosis.evidence,
             "regime_measures": diagnosis.measures,
             "steps": trainer.global_step, "train_time_s": train_time,
-            "steps_per_s": trainer.global_step / train_time if train_time else None,
+            "steps_per_s": steady_steps / steady_time if steady_steps > 0 and steady_time > 0 else None,
             "first_step_s": module.first_step_s,
             "wall_time_s": wall_before + time.perf_counter() - started,
             "label_noise_images": datamodule.noisy_count, "train_size": len(datamodule.train_y),
@@ -247,7 +250,9 @@ def _log_result(logger: TensorBoardLogger, cfg: DictConfig, summary: dict[str, A
 def _result_line(s: dict[str, Any]) -> str:
     test = "n/a" if s["test_acc"] is None else f"{s['test_acc']:.4f}"
     diverged = f" (diverged at step {s['diverged_at_step']}: {s['divergence_reason']})" if s["diverged"] else ""
-    speed = f"{s['steps_per_s']:.0f} steps/s" if s["steps_per_s"] else "no steps"
+    speed = f"{s['steps_per_s']:.1f} steps/s" if s["steps_per_s"] else "no steps"
+    if s["config"]["trainer"]["compile"] and s["first_step_s"] is not None:
+        speed += f" (first step, with compilation: {s['first_step_s']:.1f}s)"
     return (f"test acc {test} | regime: {s['regime']}{diverged}\n  evidence: " + "; ".join(s["regime_evidence"])
             + f"\n  {s['epochs_completed']} epochs, {speed}, {s['wall_time_s']:.1f}s wall")
 
