@@ -82,6 +82,12 @@ class ClassifierModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.check_every is None:
             self.check_every = 1 if self.device.type == "cpu" else 10
+        self._params = [p for p in self.parameters() if p.requires_grad]  # not re-walked every step
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # The data module keeps every split on the training device already (see data.py); skip
+        # Lightning's per-batch walk over the batch structure.
+        return batch
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
@@ -94,7 +100,7 @@ class ClassifierModule(L.LightningModule):
         loss = F.cross_entropy(logits, y)
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        params = [p for p in self.parameters() if p.grad is not None]
+        params = [p for p in self._params if p.grad is not None]
         grad_norm = total_norm([p.grad for p in params])
         step = self.global_step  # optimizer steps applied so far
         if self._found_nonfinite(~(torch.isfinite(loss) & torch.isfinite(grad_norm)), step,
