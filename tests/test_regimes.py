@@ -96,3 +96,11 @@ def test_a_step_loss_blow_up_is_oscillating_if_recovered_and_diverging_if_not() 
     stuck = [dict(row, train_loss_max=40.0) for row in CURVES["slow"]]
     assert diagnose(stuck).regime == "diverging"
     assert math.isnan(diagnose(CURVES["healthy"]).measures["max_step_loss"])  # not recorded: rule skipped
+
+
+def test_a_high_starting_loss_is_not_a_blow_up() -> None:
+    wide = [dict(row, train_loss_max=6.0) for row in CURVES["slow"]]
+    wide[0]["train_loss_initial"] = 5.5  # a wide net's first step: big logits, big loss
+    assert diagnose(wide).regime == "slow"
+    wide[0]["train_loss_max"] = 30.0
+    assert diagnose(wide).regime == "diverging"

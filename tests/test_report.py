@@ -59,3 +59,11 @@ def test_cli_reports_counts_and_rejects_an_empty_folder(tmp_path: Path, capsys) 
     empty.mkdir()
     assert main([str(empty)]) == 2
     assert "no runs" in capsys.readouterr().err
+
+
+def test_rediagnose_relabels_with_the_current_rules(tmp_path: Path) -> None:
+    fake_run(tmp_path, "0_a", "SGD", 0.1, 128, 0, 0.97, regime="slow")  # a stale label
+    assert main([str(tmp_path)]) == 0
+    assert list(csv.DictReader((tmp_path / "report.csv").open()))[0]["regime"] == "slow"
+    assert main([str(tmp_path), "--rediagnose"]) == 0
+    assert list(csv.DictReader((tmp_path / "report.csv").open()))[0]["regime"] == "healthy"

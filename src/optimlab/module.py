@@ -62,6 +62,7 @@ class ClassifierModule(L.LightningModule):
         self.divergence_reason: str | None = None
         self.first_step_s: float | None = None
         self._pending_bad: Tensor | None = None
+        self._initial_loss: Tensor | None = None
         self.register_buffer("_train_sums", torch.zeros(3, dtype=torch.float64), persistent=False)
         self.register_buffer("_one", torch.ones((), dtype=torch.float64), persistent=False)
         self.register_buffer("_train_max", torch.zeros((), dtype=torch.float64), persistent=False)
@@ -107,6 +108,8 @@ class ClassifierModule(L.LightningModule):
                                  "non-finite loss or gradient"):
             return  # the bad update is never applied
         opt.step()
+        if step == 0:
+            self._initial_loss = loss.detach()  # the yardstick for loss spikes (regimes.py)
         # Running sums on the device (no host sync per step); read once at the end of the epoch.
         self._train_sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(), self._one * len(y)])
         torch.maximum(self._train_max, loss.detach(), out=self._train_max)  # spikes: see regimes.py
@@ -150,6 +153,9 @@ class ClassifierModule(L.LightningModule):
                  } if seen else {"train_loss": math.nan, "train_acc": math.nan}
         self._train_sums.zero_()
         self._train_max.zero_()
+        if self._initial_loss is not None:
+            train["train_loss_initial"] = self._initial_loss.item()
+            self._initial_loss = None
         row = {"epoch": self.current_epoch + 1, **train, **self._eval_row}
         row["train_time_s"] = self._train_time or time.perf_counter() - self._epoch_start
         self._eval_row, self._train_time = {}, 0.0

@@ -5,10 +5,10 @@ The rules are checked in this order; the first that fires names the regime:
 
 1. **diverging**: the run hit a non-finite loss, gradient or weight; or its final validation
    accuracy is at chance level (``<= chance_acc``) and the training loss has blown up (above
-   ``loss_blowup`` x ln(10), the loss of uniform guessing) or is no longer falling (above its best
-   epoch by ``> diverge_loss_rise`` relative, or rising between any two of the last ``window`` + 1
-   epochs); or a training step's loss blew up (above ``loss_blowup`` x ln(10)) and the run has not
-   recovered (final validation accuracy ``< fit_acc``). A run at chance whose loss still falls
+   ``loss_blowup`` x max(ln(10), the first step's loss); ln(10) is the loss of uniform guessing) or
+   is no longer falling (above its best epoch by ``> diverge_loss_rise`` relative, or rising between
+   any two of the last ``window`` + 1 epochs); or a training step's loss blew up (above that same
+   bound) and the run has not recovered (final validation accuracy ``< fit_acc``). A run at chance whose loss still falls
    steadily is *slow*, not diverging.
    **oscillating** (converged after a blow-up): a step's loss blew up, yet the final validation
    accuracy is ``>= fit_acc``. Such spikes are the oscillation at the edge of stability; epoch
@@ -46,7 +46,7 @@ LABELS = ("healthy", "slow", "oscillating", "diverging", "underfit", "overfit")
 class Thresholds:
     chance_acc: float = 0.2             # accuracy at or below this is chance level (10 classes)
     diverge_loss_rise: float = 0.02     # final train loss this much (relative) above its best: not converging
-    loss_blowup: float = 2.0            # train loss above this many times ln(10): blown up
+    loss_blowup: float = 2.0            # loss above this many times max(ln(10), first step loss): blown up
     overfit_acc_drop: float = 0.01      # val accuracy this far below its peak ...
     overfit_loss_rise: float = 0.2      # ... or val loss this much (relative) above its minimum
     osc_acc_drop: float = 0.01          # an epoch-to-epoch val accuracy fall this big counts as a drop
@@ -99,6 +99,8 @@ def measure(history: list[dict[str, float]], t: Thresholds) -> dict[str, float]:
     m["max_train_loss_rise"] = max(rises, default=0.0)
     m["final_train_loss"] = train_loss[-1] if train_loss else nan
     m["max_step_loss"] = max(_series(history, "train_loss_max"), default=nan)
+    initial = _series(history[:1], "train_loss_initial")
+    m["blowup_loss"] = t.loss_blowup * max([math.log(10), *initial])
     recent = train_loss[-1 - t.window:]
     m["recent_train_loss_rises"] = sum(b > a for a, b in zip(recent, recent[1:]))
     m["train_loss_above_best"] = train_loss[-1] / min(train_loss) - 1 if train_loss and min(train_loss) > 0 else nan
@@ -129,11 +131,12 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False,
     if not history or math.isnan(m["final_val_acc"]):
         return verdict("diverging" if m["epochs"] else "healthy", "no finished epoch to judge")
     at_chance = m["final_val_acc"] <= t.chance_acc
-    blowup_loss = t.loss_blowup * math.log(10)
+    blowup_loss = m["blowup_loss"]
     blown_up = m["final_train_loss"] > blowup_loss
     not_falling = m["train_loss_above_best"] > t.diverge_loss_rise or m["recent_train_loss_rises"] > 0
     spiked = m["max_step_loss"] > blowup_loss  # a training step's loss blew up at some point
-    spike = f"a training step's loss reached {m['max_step_loss']:.3g} (blow-up: > {t.loss_blowup:g} x ln(10) = {blowup_loss:.2f})"
+    spike = (f"a training step's loss reached {m['max_step_loss']:.3g} (blow-up: > {t.loss_blowup:g} x "
+             f"max(ln(10), first step's loss) = {blowup_loss:.2f})")
     if at_chance and (blown_up or not_falling):
         return verdict("diverging", f"final val_acc {m['final_val_acc']:.3f} <= chance_acc {t.chance_acc}",
                        f"train loss {m['final_train_loss']:.3g} (blown up above {blowup_loss:.2f}: "

@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from optimlab.regimes import LABELS
+from optimlab.regimes import LABELS, Thresholds, diagnose
 from optimlab.summary import SUMMARY, read_summary
 
 REGIME_COLORS = {"healthy": "#2ca02c", "slow": "#1f77b4", "oscillating": "#ff7f0e", "diverging": "#d62728",
@@ -56,7 +56,9 @@ def _optimizer_name(config: dict[str, Any]) -> str:
     return name + (" (torch)" if opt.get("impl") == "torch" else "")
 
 
-def row_for(run_dir: Path, root: Path) -> dict[str, Any]:
+def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, Any]:
+    """One report row. ``rediagnose``: label the run with the current rules (and the thresholds in
+    its config) instead of the label its summary recorded."""
     s = read_summary(run_dir)
     rel = str(run_dir.relative_to(root)) if run_dir != root else "."
     if s is None:
@@ -68,12 +70,15 @@ def row_for(run_dir: Path, root: Path) -> dict[str, Any]:
         return max(values) if values else None
 
     status = s.get("status", "running")
+    regime = s.get("regime")
+    if rediagnose:
+        regime = diagnose(history, bool(s.get("diverged")), Thresholds.from_overrides(config.get("regimes"))).regime
     return {
         "run": rel, "name": s.get("name"), "model": _model_name(config), "optimizer": _optimizer_name(config),
         "lr": config.get("lr"), "widths": _widths(config), "seed": config.get("seed"), "params": s.get("params"),
         "final_train_acc": history[-1].get("train_acc") if history else None, "best_train_acc": best("train_acc"),
         "final_test_acc": s.get("test_acc"), "best_test_acc": best("test_acc"), "epochs": len(history),
-        "regime": s.get("regime") if status in ("complete", "diverged") else status,
+        "regime": regime if status in ("complete", "diverged") else status,
         "diverged": s.get("diverged"), "status": status, "wall_time_s": s.get("wall_time_s"),
         "steps_per_s": s.get("steps_per_s"), "history": history,
     }
@@ -248,9 +253,9 @@ def _width_key(widths: str) -> tuple:
     return tuple(int(w) for w in widths.split("x") if w.isdigit())
 
 
-def report(sweep_dir: Path) -> list[Path]:
+def report(sweep_dir: Path, rediagnose: bool = False) -> list[Path]:
     """Write the tables and the figures that fit this sweep; return the files written."""
-    rows = [row_for(d, sweep_dir) for d in find_runs(sweep_dir)]
+    rows = [row_for(d, sweep_dir, rediagnose) for d in find_runs(sweep_dir)]
     if not rows:
         raise FileNotFoundError(f"no runs (no {SUMMARY} or .hydra/ folders) under {sweep_dir}")
     write_tables(rows, sweep_dir)
@@ -270,12 +275,14 @@ def report(sweep_dir: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="optimlab-report", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="a multirun directory (or any folder of runs)")
+    parser.add_argument("--rediagnose", action="store_true",
+                        help="label every run with the current diagnosis rules instead of its recorded regime")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         print(f"error: {args.sweep_dir} is not a directory", file=sys.stderr)
         return 2
     try:
-        written = report(args.sweep_dir)
+        written = report(args.sweep_dir, args.rediagnose)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
