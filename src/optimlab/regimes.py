@@ -18,16 +18,18 @@ The rules are checked in this order; the first that fires names the regime:
    (a rise ``>= osc_acc_drop`` after the first fall) and ends within ``overfit_acc_drop`` of its best.
 3. **overfit**: training keeps improving (final train loss below its value at the validation peak)
    while validation gets worse: validation accuracy has fallen ``>= overfit_acc_drop`` below its
-   peak, or validation loss has risen ``>= overfit_loss_rise`` (relative) above its minimum.
+   peak at least ``overfit_min_epochs_after_peak`` epochs before the end, or validation loss has
+   risen ``>= overfit_loss_rise`` (relative) above its minimum.
    The training curve must be smooth (no epoch-mean train loss rise ``>= osc_loss_rise``).
    **oscillating** again when rule 3 does not hold but validation accuracy jumps as in rule 2 or the
    training loss rises ``>= osc_loss_rise`` between epochs (unstable, not converging).
 4. **slow** / **underfit**: final validation accuracy ``< fit_acc``. If the training loss is still
    falling by ``>= slow_min_loss_drop`` nats per epoch (averaged over the last ``window`` epochs;
    after a single epoch, measured from ln(10), the loss of uniform guessing) the run is **slow**
-   (more epochs or a larger learning rate would help); if it has plateaued it is **underfit** (the
-   model is too small or too constrained to fit the data). The drop is absolute, not relative: a
-   run crawling down from chance-level loss is still slow, a run creeping along a plateau is not.
+   (more epochs or a larger learning rate would help); if it has plateaued after learning (final
+   train loss ``<= underfit_loss_ratio`` x its start, max(ln(10), first step's loss)) it is
+   **underfit** (the model is too small or too constrained to fit the data); a run that has barely
+   left its starting loss is still **slow**. The drop is absolute, not relative.
 5. otherwise **healthy**.
 
 Every threshold is a field of :class:`Thresholds`, overridable from the config key ``regimes``.
@@ -53,7 +55,9 @@ class Thresholds:
     osc_min_drops: int = 2              # this many drops: oscillating
     osc_big_drop: float = 0.03          # one fall this big: oscillating
     osc_loss_rise: float = 0.05         # epoch-mean train loss rising this much (relative): oscillating
+    overfit_min_epochs_after_peak: int = 2  # the val peak must lie this many epochs before the end
     fit_acc: float = 0.93               # final val accuracy below this: slow or underfit
+    underfit_loss_ratio: float = 0.5    # a plateau counts as underfit only below this x starting loss
     slow_min_loss_drop: float = 0.01    # train loss still falling this much (nats) per epoch: slow
     window: int = 3                     # epochs over which recent loss changes are measured
 
@@ -100,7 +104,8 @@ def measure(history: list[dict[str, float]], t: Thresholds) -> dict[str, float]:
     m["final_train_loss"] = train_loss[-1] if train_loss else nan
     m["max_step_loss"] = max(_series(history, "train_loss_max"), default=nan)
     initial = _series(history[:1], "train_loss_initial")
-    m["blowup_loss"] = t.loss_blowup * max([math.log(10), *initial])
+    m["start_loss"] = max([math.log(10), *initial])
+    m["blowup_loss"] = t.loss_blowup * m["start_loss"]
     recent = train_loss[-1 - t.window:]
     m["recent_train_loss_rises"] = sum(b > a for a, b in zip(recent, recent[1:]))
     m["train_loss_above_best"] = train_loss[-1] / min(train_loss) - 1 if train_loss and min(train_loss) > 0 else nan
@@ -159,8 +164,9 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False,
         return verdict("oscillating", oscillation,
                        f"yet converging: final val_acc {m['final_val_acc']:.3f} within {t.overfit_acc_drop} of its best")
     still_fitting = m["train_loss_change_since_val_peak"] < 0
+    peak_settled = m["epochs"] - m["best_val_epoch"] >= t.overfit_min_epochs_after_peak
     val_worse_loss = m["val_loss_rise_from_min"] >= t.overfit_loss_rise
-    if train_smooth and still_fitting and (val_worse_acc or val_worse_loss):
+    if train_smooth and still_fitting and ((val_worse_acc and peak_settled) or val_worse_loss):
         return verdict("overfit",
                        f"val_acc {m['val_acc_drop_from_peak']:.3f} below its peak at epoch {m['best_val_epoch']:.0f} "
                        f"(limit {t.overfit_acc_drop}); val_loss {m['val_loss_rise_from_min']:+.1%} above its "
@@ -178,6 +184,11 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False,
                  + f" (threshold {t.slow_min_loss_drop})")
         if m["recent_loss_drop"] >= t.slow_min_loss_drop or math.isnan(m["recent_loss_drop"]):
             return verdict("slow", low, "still improving: " + trend)
-        return verdict("underfit", low, "plateaued: " + trend)
+        learned = m["final_train_loss"] <= t.underfit_loss_ratio * m["start_loss"]
+        start = (f"train loss {m['final_train_loss']:.3g} vs {m['start_loss']:.3g} at the start "
+                 f"(underfit below {t.underfit_loss_ratio} x)")
+        if not learned:
+            return verdict("slow", low, "barely started: " + start, trend)
+        return verdict("underfit", low, "plateaued: " + trend, start)
     return verdict("healthy", f"final val_acc {m['final_val_acc']:.3f} >= fit_acc {t.fit_acc}",
                    "no divergence, oscillation or overfitting rule fired")
