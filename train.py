@@ -10,6 +10,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from optimlab.data import DataError
@@ -24,6 +25,8 @@ def main(cfg: DictConfig) -> float | None:
         summary = run(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise  # one job's bad value fails that job; Hydra runs the others and reports it at the end
         sys.exit(2)
     except (Interrupted, KeyboardInterrupt):
         sys.exit(130)

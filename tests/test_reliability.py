@@ -115,3 +115,12 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path: Path) -
         io.save_checkpoint({"epoch": 2, "w": torch.zeros(3), "bad": lambda: None}, path)  # dies mid-write
     assert torch.load(path, weights_only=False)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no half-written temp file left
+
+
+def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
+    result = train("-m", "data.label_noise=2.0,0.0", "data.subset=500", "data.val_size=500", "epochs=1",
+                   "trainer.progress_bar=false", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode != 0  # the sweep reports its failed job ...
+    assert "data.label_noise: 2.0 is not allowed" in result.stderr
+    good = tmp_path / "1_data.label_noise=0.0,data.subset=500,data.val_size=500,epochs=1"
+    assert summary(good)["status"] == "complete"  # ... after running the others
