@@ -124,3 +124,17 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
     assert "data.label_noise: 2.0 is not allowed" in result.stderr
     good = tmp_path / "1_data.label_noise=0.0,data.subset=500,data.val_size=500,epochs=1"
     assert summary(good)["status"] == "complete"  # ... after running the others
+
+
+def test_last_checkpoint_follows_every_epoch_even_when_validation_gets_worse(tmp_path: Path) -> None:
+    # Adam memorising a small noisy subset: validation loss rises after the first epochs
+    args = ["model.hidden=[256]", "model.init=default", "optimizer=adam", "lr=0.003", "data.subset=500",
+            "data.label_noise=0.5", "data.val_size=500", "epochs=5", "trainer.progress_bar=false",
+            "data.test_every_epoch=false", f"hydra.run.dir={tmp_path}"]
+    assert train(*args).returncode == 0
+    val_loss = [row["val_loss"] for row in summary(tmp_path)["epochs"]]
+    assert min(val_loss) < val_loss[-1]  # the last epoch was not the best ...
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=False)
+    assert last["epoch"] == 4 and len(last["optimlab"]["history"]) == 5  # ... and "last" still has it
+    assert best["epoch"] == val_loss.index(min(val_loss))

@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, ModelCheckpoi
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from optimlab.checkpointing import CHECKPOINT_DIR, AtomicCheckpointIO, last_checkpoint, resolve_resume
+from optimlab.checkpointing import CHECKPOINT_DIR, LAST, AtomicCheckpointIO, last_checkpoint, resolve_resume
 from optimlab.data import MNISTDataModule
 from optimlab.module import ClassifierModule
 from optimlab.regimes import Thresholds, diagnose
@@ -220,7 +220,7 @@ def _finite(value: Any) -> bool:
 def _finish(cfg: DictConfig, run_dir: Path, trainer: L.Trainer, module: ClassifierModule,
             datamodule: MNISTDataModule, record: Callable[..., dict[str, Any]]) -> dict[str, Any]:
     """Test the chosen weights, diagnose, log the result to TensorBoard and write the final summary."""
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    best = trainer.checkpoint_callback.best_model_path  # the first ModelCheckpoint: lowest val/loss
     use_best = cfg.test_ckpt == "best" and best
     results = trainer.test(module, datamodule=datamodule, ckpt_path=best if use_best else None, verbose=False)
     test = results[0] if results else {}
@@ -259,10 +259,13 @@ def _result_line(s: dict[str, Any]) -> str:
 
 def _trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     t = cfg.trainer
-    checkpoint = ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename="best", monitor="val/loss", mode="min",
-                                 save_top_k=1, save_last=True, save_on_train_epoch_end=True,
-                                 auto_insert_metric_name=False, enable_version_counter=False)
-    callbacks: list[Any] = [checkpoint]
+    # Two checkpoints: the lowest val/loss, and every finished epoch. (ModelCheckpoint's own
+    # save_last only writes when a monitored checkpoint improved, which would leave "last" behind.)
+    best, last = (ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename=name, monitor=monitor, mode="min",
+                                  save_top_k=1, save_on_train_epoch_end=True, auto_insert_metric_name=False,
+                                  enable_version_counter=False)
+                  for name, monitor in (("best", "val/loss"), (LAST.removesuffix(".ckpt"), None)))
+    callbacks: list[Any] = [best, last]
     if cfg.early_stopping.enabled:
         es = cfg.early_stopping
         callbacks.append(EarlyStopping(monitor=es.monitor, mode=es.mode, patience=es.patience, min_delta=es.min_delta))
