@@ -104,3 +104,15 @@ def test_a_high_starting_loss_is_not_a_blow_up() -> None:
     assert diagnose(wide).regime == "slow"
     wide[0]["train_loss_max"] = 30.0
     assert diagnose(wide).regime == "diverging"
+
+
+def test_memorising_the_training_set_with_a_wide_gap_is_overfit() -> None:
+    losses = [0.74, 0.2, 0.08, 0.03, 0.01, 0.006, 0.004, 0.003]
+    h = history(losses, [0.882, 0.905, 0.915, 0.917, 0.919, 0.921, 0.922, 0.923],
+                [0.41, 0.30, 0.275, 0.274, 0.270, 0.271, 0.272, 0.273])
+    for row in h:
+        row["train_acc"] = 1.0
+    d = diagnose(h)
+    assert d.regime == "overfit" and "memorised" in d.evidence[0]
+    h_ok = [dict(row, train_acc=0.99) for row in CURVES["healthy"]]  # gap 0.018: healthy
+    assert diagnose(h_ok).regime == "healthy"

@@ -20,7 +20,9 @@ The rules are checked in this order; the first that fires names the regime:
    while validation gets worse: validation accuracy has fallen ``>= overfit_acc_drop`` below its
    peak at least ``overfit_min_epochs_after_peak`` epochs before the end, or validation loss has
    risen ``>= overfit_loss_rise`` (relative) above its minimum.
-   The training curve must be smooth (no epoch-mean train loss rise ``>= osc_loss_rise``).
+   Or the training set is memorised (final train accuracy ``>= overfit_train_acc``) with validation
+   accuracy ``>= overfit_gap`` below it. The training curve must be smooth (no epoch-mean train
+   loss rise ``>= osc_loss_rise``).
    **oscillating** again when rule 3 does not hold but validation accuracy jumps as in rule 2 or the
    training loss rises ``>= osc_loss_rise`` between epochs (unstable, not converging).
 4. **slow** / **underfit**: final validation accuracy ``< fit_acc``. If the training loss is still
@@ -56,6 +58,8 @@ class Thresholds:
     osc_big_drop: float = 0.03          # one fall this big: oscillating
     osc_loss_rise: float = 0.05         # epoch-mean train loss rising this much (relative): oscillating
     overfit_min_epochs_after_peak: int = 2  # the val peak must lie this many epochs before the end
+    overfit_train_acc: float = 0.99     # training set memorised ...
+    overfit_gap: float = 0.05           # ... with val accuracy this far below train accuracy
     fit_acc: float = 0.93               # final val accuracy below this: slow or underfit
     underfit_loss_ratio: float = 0.5    # a plateau counts as underfit only below this x starting loss
     slow_min_loss_drop: float = 0.01    # train loss still falling this much (nats) per epoch: slow
@@ -90,6 +94,9 @@ def measure(history: list[dict[str, float]], t: Thresholds) -> dict[str, float]:
     nan = math.nan
     m: dict[str, float] = {"epochs": len(history)}
     m["final_val_acc"] = val_acc[-1] if val_acc else nan
+    train_acc = _series(history, "train_acc")
+    m["final_train_acc"] = train_acc[-1] if train_acc else nan
+    m["generalization_gap"] = m["final_train_acc"] - m["final_val_acc"]
     m["best_val_acc"] = max(val_acc) if val_acc else nan
     m["best_val_epoch"] = val_acc.index(max(val_acc)) + 1 if val_acc else nan
     m["val_acc_drop_from_peak"] = max(val_acc) - val_acc[-1] if val_acc else nan
@@ -166,6 +173,11 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False,
     still_fitting = m["train_loss_change_since_val_peak"] < 0
     peak_settled = m["epochs"] - m["best_val_epoch"] >= t.overfit_min_epochs_after_peak
     val_worse_loss = m["val_loss_rise_from_min"] >= t.overfit_loss_rise
+    memorised = m["final_train_acc"] >= t.overfit_train_acc and m["generalization_gap"] >= t.overfit_gap
+    if train_smooth and memorised:
+        return verdict("overfit", f"training set memorised: train_acc {m['final_train_acc']:.4f} "
+                       f">= {t.overfit_train_acc}", f"val_acc {m['final_val_acc']:.4f} trails it by "
+                       f"{m['generalization_gap']:.3f} (limit {t.overfit_gap})")
     if train_smooth and still_fitting and ((val_worse_acc and peak_settled) or val_worse_loss):
         return verdict("overfit",
                        f"val_acc {m['val_acc_drop_from_peak']:.3f} below its peak at epoch {m['best_val_epoch']:.0f} "
