@@ -220,7 +220,7 @@ def _finite(value: Any) -> bool:
 def _finish(cfg: DictConfig, run_dir: Path, trainer: L.Trainer, module: ClassifierModule,
             datamodule: MNISTDataModule, record: Callable[..., dict[str, Any]]) -> dict[str, Any]:
     """Test the chosen weights, diagnose, log the result to TensorBoard and write the final summary."""
-    best = trainer.checkpoint_callback.best_model_path  # the first ModelCheckpoint: lowest val/loss
+    best = trainer.checkpoint_callback.best_model_path  # the first ModelCheckpoint: best by early_stopping.monitor
     use_best = cfg.test_ckpt == "best" and best
     results = trainer.test(module, datamodule=datamodule, ckpt_path=best if use_best else None, verbose=False)
     test = results[0] if results else {}
@@ -259,15 +259,15 @@ def _result_line(s: dict[str, Any]) -> str:
 
 def _trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     t = cfg.trainer
-    # Two checkpoints: the lowest val/loss, and every finished epoch. (ModelCheckpoint's own
-    # save_last only writes when a monitored checkpoint improved, which would leave "last" behind.)
-    best, last = (ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename=name, monitor=monitor, mode="min",
+    # Two checkpoints: the best by early_stopping.monitor, and every finished epoch. (ModelCheckpoint's
+    # own save_last only writes when the monitored one improved, which would leave "last" behind.)
+    es = cfg.early_stopping
+    best, last = (ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename=name, monitor=monitor, mode=es.mode,
                                   save_top_k=1, save_on_train_epoch_end=True, auto_insert_metric_name=False,
                                   enable_version_counter=False)
-                  for name, monitor in (("best", "val/loss"), (LAST.removesuffix(".ckpt"), None)))
+                  for name, monitor in (("best", es.monitor), (LAST.removesuffix(".ckpt"), None)))
     callbacks: list[Any] = [best, last]
-    if cfg.early_stopping.enabled:
-        es = cfg.early_stopping
+    if es.enabled:
         callbacks.append(EarlyStopping(monitor=es.monitor, mode=es.mode, patience=es.patience, min_delta=es.min_delta))
     show_bar = t.progress_bar and sys.stderr.isatty()
     if show_bar:
