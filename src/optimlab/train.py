@@ -36,7 +36,7 @@ from optimlab.validate import ConfigError, regime_overrides, validate_config
 
 # Lightning's start-up banners (GPU available, tips) drown the run's own lines.
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-warnings.filterwarnings("ignore", message=r".*(LeafSpec|smaller than the logging interval).*")
+warnings.filterwarnings("ignore", message=r".*(LeafSpec|smaller than the logging interval|overridden `transfer_batch_to_device`).*")
 
 
 class Interrupted(Exception):
