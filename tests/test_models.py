@@ -44,6 +44,8 @@ def test_default_models_match_the_notebooks() -> None:
     assert sum(p.numel() for p in mlp.parameters()) == 784 * 1024 + 1024 + 1024 * 128 + 128 + 128 * 10 + 10
     cnn = CNN()
     assert cnn(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert cnn.net[7].in_features == 16 * 18 * 18  # stride-1 pooling, as the notebook's stax MaxPool
+    assert CNN(pool_stride=2).net[7].in_features == 16 * 4 * 4  # classic LeNet subsampling
     convs = [m for m in cnn.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [(c.out_channels, c.kernel_size) for c in convs] == [(12, (5, 5)), (16, (5, 5))]
     assert [m.out_features for m in cnn.modules() if isinstance(m, torch.nn.Linear)] == [120, 84, 10]
@@ -66,4 +68,4 @@ def test_bad_model_options_raise() -> None:
     with pytest.raises(ValueError, match="init"):
         MLP(init="xavier")
     with pytest.raises(ValueError, match="shrink"):
-        CNN(channels=[4, 4, 4, 4])
+        CNN(channels=[4, 4, 4, 4], pool_stride=2)

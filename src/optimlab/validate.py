@@ -67,7 +67,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optimizer.initial_accumulator_value": NON_NEGATIVE, "optimizer.grad_noise_std": NON_NEGATIVE,
     "optimizer.nesterov": BOOL, "optimizer.amsgrad": BOOL, "optimizer.centered": BOOL,
     "optimizer.maximize": BOOL, "optimizer.decoupled_weight_decay": BOOL,
-    "model.hidden": WIDTHS, "model.channels": WIDTHS, "model.fc": WIDTHS_OR_EMPTY, "model.kernel_size": INT_POSITIVE,
+    "model.hidden": WIDTHS, "model.channels": WIDTHS, "model.fc": WIDTHS_OR_EMPTY, "model.kernel_size": INT_POSITIVE, "model.pool_stride": INT_POSITIVE,
     "model.activation": one_of(*ACTIVATIONS), "model.init": one_of(*INITS), "model.init_std": POSITIVE,
     "model.dropout": UNIT_OPEN,
     "data.val_size": INT_POSITIVE, "data.subset": optional(INT_POSITIVE), "data.label_noise": UNIT_CLOSED,

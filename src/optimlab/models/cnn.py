@@ -14,21 +14,27 @@ class CNN(nn.Module):
     """LeNet-style CNN, as in the JAX notebook: conv 5x5 (12) - pool - conv 5x5 (16) - pool -
     fc 120 - fc 84 - 10, 'valid' convolutions and 2x2 max-pooling.
 
+    The notebook's stax ``MaxPool((2, 2))`` has stride 1 (stax's default), so the default here is
+    ``pool_stride=1`` too (a 16x18x18 feature map into the first fully connected layer); classic
+    LeNet subsampling is ``pool_stride=2``.
+
     Args:
         channels: output channels of each conv block. kernel_size: square kernel size.
+        pool_stride: stride of the 2x2 max-pooling.
         fc: widths of the fully connected hidden layers. activation, init, init_std, dropout:
         as for :class:`~optimlab.models.MLP` (dropout before each fully connected layer).
     """
 
     def __init__(self, channels: Sequence[int] = (12, 16), kernel_size: int = 5, fc: Sequence[int] = (120, 84),
+                 pool_stride: int = 1,
                  activation: str = "relu", init: str = "default", init_std: float = 0.1, dropout: float = 0.0,
                  image_size: int = 28, in_channels: int = 1, num_classes: int = 10) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         size, chans = image_size, in_channels
         for out in channels:
-            layers += [nn.Conv2d(chans, out, kernel_size), make_activation(activation), nn.MaxPool2d(2)]
-            size, chans = (size - kernel_size + 1) // 2, out
+            layers += [nn.Conv2d(chans, out, kernel_size), make_activation(activation), nn.MaxPool2d(2, pool_stride)]
+            size, chans = (size - kernel_size + 1 - 2) // pool_stride + 1, out
             if size < 1:
                 raise ValueError(f"model.channels: {len(channels)} conv blocks of kernel {kernel_size} "
                                  f"shrink a {image_size}px image to nothing")
