@@ -12,7 +12,7 @@ import csv
 import math
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +98,7 @@ def write_tables(rows: list[dict[str, Any]], out: Path) -> None:
         writer.writeheader()
         writer.writerows(rows)
     lines = ["# Sweep report", "", f"{len(rows)} runs. Regimes: " + ", ".join(
-        f"{label} {n}" for label, n in _count(r["regime"] for r in rows).items()), ""]
+        f"{label} {n}" for label, n in Counter(r["regime"] for r in rows).items()), ""]
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
     seeds = seed_table(rows)
@@ -108,13 +108,6 @@ def write_tables(rows: list[dict[str, Any]], out: Path) -> None:
         lines += [f"| {g['name']} | {g['model']} | {g['optimizer']} | {_fmt(g['lr'])} | {g['widths']} | {g['n']} | "
                   f"{g['mean']:.4f} +/- {g['std']:.4f} | {g['regimes']} |" for g in seeds]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-
-
-def _count(labels: Any) -> dict[str, int]:
-    counts: dict[str, int] = defaultdict(int)
-    for label in labels:
-        counts[label] += 1
-    return dict(counts)
 
 
 def seed_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -130,7 +123,7 @@ def seed_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         accs = [m["final_test_acc"] for m in members]
         table.append({"name": name, "model": model, "optimizer": optimizer, "lr": lr, "widths": widths,
                       "n": len(accs), "mean": statistics.fmean(accs), "std": statistics.pstdev(accs),
-                      "regimes": ", ".join(f"{k} {v}" for k, v in _count(m["regime"] for m in members).items())})
+                      "regimes": ", ".join(f"{k} {v}" for k, v in Counter(m["regime"] for m in members).items())})
     return table
 
 
@@ -194,7 +187,7 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
             means = [statistics.fmean([m["final_test_acc"] or 0.0 for m in points[lr]]) for lr in lrs]
             ax.plot(lrs, means, "-", label=optimizer, alpha=0.6)
             for lr, mean in zip(lrs, means):
-                regimes = _count(m["regime"] for m in points[lr])
+                regimes = Counter(m["regime"] for m in points[lr])
                 ax.scatter([lr], [mean], color=REGIME_COLORS.get(max(regimes, key=regimes.get), "black"),
                            zorder=3, s=40, edgecolor="black", linewidth=0.5)
         ax.set_xscale("log")
@@ -230,7 +223,7 @@ def plot_regime_map(rows: list[dict[str, Any]], path: Path) -> None:
                 cell = [r for r in rows if r.get("optimizer") == optimizer and r["widths"] == w and r["lr"] == lr]
                 if not cell:
                     continue
-                counts = _count(r["regime"] if r["regime"] in labels else "crashed" for r in cell)
+                counts = Counter(r["regime"] if r["regime"] in labels else "crashed" for r in cell)
                 grid[i][j] = labels.index(max(counts, key=counts.get))
                 accs = [r["final_test_acc"] for r in cell if r.get("final_test_acc") is not None]
                 if accs:
@@ -287,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     rows = list(csv.DictReader((args.sweep_dir / "report.csv").open()))
-    print(f"{len(rows)} runs: " + ", ".join(f"{k} {v}" for k, v in _count(r["regime"] for r in rows).items()))
+    print(f"{len(rows)} runs: " + ", ".join(f"{k} {v}" for k, v in Counter(r["regime"] for r in rows).items()))
     for path in written:
         print(f"wrote {path}")
     return 0
