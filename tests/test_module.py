@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 
 import lightning as L
 import pytest
@@ -89,3 +90,15 @@ def test_check_cadence_still_records_the_divergence(every: int) -> None:
     module.check_every = every
     fit(module, x, y)
     assert module.diverged_at_step == 3  # cadence 4: steps 0-3 checked together at step 3
+
+
+def test_train_time_leaves_out_validation() -> None:
+    class SlowValidation(ClassifierModule):
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
+            time.sleep(0.1)
+            super().validation_step(batch, batch_idx, dataloader_idx)
+
+    torch.manual_seed(0)
+    module = SlowValidation(MLP(hidden=[6], in_features=5), functools.partial(SGD, lr=0.1))
+    fit(module, *data(), epochs=1)  # 5 tiny training steps, then 5 validation batches of 0.1 s each
+    assert module.history[0]["train_time_s"] < 0.25

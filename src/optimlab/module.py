@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -25,6 +26,12 @@ EVAL_STAGES = ("val", "test")
 def total_norm(tensors: list[Tensor]) -> Tensor:
     """The 2-norm of all tensors together, computed on their device without a host sync."""
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+
+
+def total_sum(tensors: list[Tensor]) -> Tensor:
+    """The sum of all elements: non-finite if any element is (or if it overflows, which only
+    divergent gradients do). A cheaper per-step check than the norm, which squares every element."""
+    return torch.stack([t.sum() for t in tensors]).sum()
 
 
 class ClassifierModule(L.LightningModule):
@@ -55,20 +62,30 @@ class ClassifierModule(L.LightningModule):
         self.acc_metrics = nn.ModuleDict({
             f"{s}_": MulticlassAccuracy(num_classes, average="micro", validate_args=False) for s in EVAL_STAGES})
         # ModuleDict keys get a "_" suffix: "train" is an nn.Module attribute name. Training loss
-        # and accuracy are running sums instead (see training_step): cheaper per step.
+        # and accuracy are collected per step instead (see training_step): cheaper.
         # What a run records: per-epoch rows, and where and why it diverged. Saved in checkpoints.
         self.history: list[dict[str, float]] = []
         self.diverged_at_step: int | None = None
         self.divergence_reason: str | None = None
         self.first_step_s: float | None = None
-        self._pending_bad: Tensor | None = None
+        self._pending_check: Tensor | None = None
         self._initial_loss: Tensor | None = None
-        self.register_buffer("_train_sums", torch.zeros(3, dtype=torch.float64), persistent=False)
-        self.register_buffer("_one", torch.ones((), dtype=torch.float64), persistent=False)
-        self.register_buffer("_train_max", torch.zeros((), dtype=torch.float64), persistent=False)
+        # This epoch's per-step training loss and correct count (device scalars) and batch sizes.
+        self._step_losses: list[Tensor] = []
+        self._step_correct: list[Tensor] = []
+        self._step_sizes: list[int] = []
         self._eval_row: dict[str, float] = {}
         self._epoch_start = 0.0
         self._train_time = 0.0
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning rewrites plain attributes (``_current_fx_name`` and others) several times per
+        # step; nn.Module.__setattr__ checks each against parameters, buffers and submodules first.
+        # A name already in __dict__ is none of those, so for a non-tensor value the result is the same.
+        if name in self.__dict__ and not isinstance(value, (Tensor, nn.Module)):
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -102,37 +119,40 @@ class ClassifierModule(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         params = [p for p in self._params if p.grad is not None]
-        grad_norm = total_norm([p.grad for p in params])
+        grads = [p.grad for p in params]
         step = self.global_step  # optimizer steps applied so far
-        if self._found_nonfinite(~(torch.isfinite(loss) & torch.isfinite(grad_norm)), step,
-                                 "non-finite loss or gradient"):
+        loss = loss.detach()
+        # One value to check: the sum is non-finite when the loss or any gradient element is.
+        if self._found_nonfinite(loss + total_sum(grads), step, "non-finite loss or gradient"):
             return  # the bad update is never applied
         opt.step()
         if step == 0:
-            self._initial_loss = loss.detach()  # the yardstick for loss spikes (regimes.py)
-        # Running sums on the device (no host sync per step); read once at the end of the epoch.
-        self._train_sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(), self._one * len(y)])
-        torch.maximum(self._train_max, loss.detach(), out=self._train_max)  # spikes: see regimes.py
+            self._initial_loss = loss  # the yardstick for loss spikes (regimes.py)
+        # Kept on the device (no host sync per step); reduced once at the end of the epoch.
+        self._step_losses.append(loss)
+        self._step_correct.append((logits.argmax(1) == y).sum())
+        self._step_sizes.append(len(y))
         if step % self.log_every_n_steps == 0:
             # With finite gradients only an overflowing update makes weights non-finite; that shows
             # in the next step's loss, and this check on the logging cadence catches the rest.
-            weight_norm = total_norm(params)
+            weight_norm, grad_norm = total_norm(params), total_norm(grads)
             if not torch.isfinite(weight_norm):
                 self._diverge(step + 1, "non-finite weights after the update")
                 return
-            self.log_dict({"train/loss_step": loss.detach(), "train/grad_norm": grad_norm,
+            self.log_dict({"train/loss_step": loss, "train/grad_norm": grad_norm,
                            "train/weight_norm": weight_norm, "train/lr": opt.param_groups[0]["lr"]},
                           on_step=True, on_epoch=False)
         if self.first_step_s is None:
             self.first_step_s = time.perf_counter() - started
 
-    def _found_nonfinite(self, bad: Tensor, step: int, reason: str) -> bool:
-        """Accumulate the flag on the device; sync on the cadence; on a hit, record and stop."""
-        self._pending_bad = bad if self._pending_bad is None else self._pending_bad | bad
+    def _found_nonfinite(self, value: Tensor, step: int, reason: str) -> bool:
+        """Add ``value`` up on the device, where NaN and inf propagate; read the total on the
+        cadence; if it is not finite, record the divergence and stop."""
+        self._pending_check = value if self._pending_check is None else self._pending_check + value
         if (step + 1) % self.check_every and not self._is_last_batch():
             return False
-        hit = bool(self._pending_bad)
-        self._pending_bad = None
+        hit = not math.isfinite(self._pending_check.item())
+        self._pending_check = None
         if hit:
             self._diverge(step, reason)
         return hit
@@ -148,11 +168,7 @@ class ClassifierModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         if self.trainer.is_global_zero and self.device.type == "cuda":
             torch.cuda.synchronize()
-        loss_sum, correct, seen = self._train_sums.tolist()
-        train = {"train_loss": loss_sum / seen, "train_acc": correct / seen, "train_loss_max": self._train_max.item()
-                 } if seen else {"train_loss": math.nan, "train_acc": math.nan}
-        self._train_sums.zero_()
-        self._train_max.zero_()
+        train = self._train_epoch_metrics()
         if self._initial_loss is not None:
             train["train_loss_initial"] = self._initial_loss.item()
             self._initial_loss = None
@@ -164,9 +180,21 @@ class ClassifierModule(L.LightningModule):
         if self.scheduler_factory is not None and self.diverged_at_step is None:
             self.lr_schedulers().step()
 
+    def _train_epoch_metrics(self) -> dict[str, float]:
+        """This epoch's training loss and accuracy (over all its samples) and largest step loss."""
+        if not self._step_sizes:
+            return {"train_loss": math.nan, "train_acc": math.nan}
+        losses = torch.stack(self._step_losses).double()
+        sizes = torch.tensor(self._step_sizes, dtype=torch.float64, device=losses.device)
+        seen = sum(self._step_sizes)
+        loss_sum, correct, loss_max = torch.stack([losses @ sizes, torch.stack(self._step_correct).sum().double(),
+                                                   losses.max()]).tolist()
+        self._step_losses, self._step_correct, self._step_sizes = [], [], []
+        return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "train_loss_max": loss_max}
+
     # ---- evaluation -------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        if self.trainer.training:
+        if self.trainer.state.fn == TrainerFn.FITTING:  # validation inside fit: the epoch's training ends here
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             self._train_time = time.perf_counter() - self._epoch_start
