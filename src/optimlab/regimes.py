@@ -22,9 +22,11 @@ The rules are checked in this order; the first that fires names the regime:
    risen ``>= overfit_loss_rise`` (relative) above its minimum.
    Or the training set is memorised (final train accuracy ``>= overfit_train_acc``) with validation
    accuracy ``>= overfit_gap`` below it. The training curve must be smooth (no epoch-mean train
-   loss rise ``>= osc_loss_rise``).
+   loss rise ``>= osc_loss_rise`` relative; rises smaller than ``osc_min_loss_rise`` nats never count,
+   so that a well-fitted run's loss wobbling near zero, 0.006 to 0.009, is not taken for instability).
    **oscillating** again when rule 3 does not hold but validation accuracy jumps as in rule 2 or the
-   training loss rises ``>= osc_loss_rise`` between epochs (unstable, not converging).
+   training loss rises ``>= osc_loss_rise`` (and ``>= osc_min_loss_rise`` nats) between epochs
+   (unstable, not converging).
 4. **slow** / **underfit**: final validation accuracy ``< fit_acc``. If the training loss is still
    falling by ``>= slow_min_loss_drop`` nats per epoch (averaged over the last ``window`` epochs;
    after a single epoch, measured from ln(10), the loss of uniform guessing) the run is **slow**
@@ -56,7 +58,8 @@ class Thresholds:
     osc_acc_drop: float = 0.01          # an epoch-to-epoch val accuracy fall this big counts as a drop
     osc_min_drops: int = 2              # this many drops: oscillating
     osc_big_drop: float = 0.03          # one fall this big: oscillating
-    osc_loss_rise: float = 0.05         # epoch-mean train loss rising this much (relative): oscillating
+    osc_loss_rise: float = 0.05         # epoch-mean train loss rising this much (relative): oscillating ...
+    osc_min_loss_rise: float = 0.01     # ... and by at least this much (nats): noise on a near-zero loss is not
     overfit_min_epochs_after_peak: int = 2  # the val peak must lie this many epochs before the end
     overfit_train_acc: float = 0.99     # training set memorised ...
     overfit_gap: float = 0.05           # ... with val accuracy this far below train accuracy
@@ -106,7 +109,7 @@ def measure(history: list[dict[str, float]], t: Thresholds) -> dict[str, float]:
     m["max_val_acc_drop"] = max(drops, default=0.0)
     first_drop = next((i for i, d in enumerate(drops) if d >= t.osc_acc_drop), len(drops))
     m["val_acc_recoveries"] = sum(-d >= t.osc_acc_drop for d in drops[first_drop + 1:])
-    rises = [b / a - 1 for a, b in zip(train_loss, train_loss[1:]) if a > 0]
+    rises = [b / a - 1 for a, b in zip(train_loss, train_loss[1:]) if a > 0 and b - a >= t.osc_min_loss_rise]
     m["max_train_loss_rise"] = max(rises, default=0.0)
     m["final_train_loss"] = train_loss[-1] if train_loss else nan
     m["max_step_loss"] = max(_series(history, "train_loss_max"), default=nan)
@@ -187,7 +190,7 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False,
     if val_jumps or not train_smooth:
         return verdict("oscillating", oscillation,
                        f"largest epoch-to-epoch train loss rise {m['max_train_loss_rise']:+.1%} "
-                       f"(limit {t.osc_loss_rise:.0%})")
+                       f"(limit {t.osc_loss_rise:.0%}, rises under {t.osc_min_loss_rise} nats ignored)")
     if m["final_val_acc"] < t.fit_acc:
         low = f"final val_acc {m['final_val_acc']:.3f} < fit_acc {t.fit_acc}"
         span = min(t.window, int(m["epochs"]) - 1)
