@@ -131,3 +131,15 @@ def test_a_near_zero_training_loss_wobbling_is_not_oscillation() -> None:
     assert d.regime == "healthy", d.evidence
     assert d.measures["max_train_loss_rise"] == 0.0  # no rise reaches osc_min_loss_rise (0.01 nats)
     assert diagnose(runs, thresholds=Thresholds(osc_min_loss_rise=0.0)).regime == "oscillating"
+
+
+def test_validation_stalled_while_training_loss_falls_is_overfit() -> None:
+    # Our `overfit_early_stop` run (label noise 0.5): val accuracy peaks at epoch 5, early stopping
+    # ends it at epoch 8; below fit_acc, yet not slow: the train loss fell 10% after the peak.
+    stalled = history([2.0523, 1.8399, 1.7531, 1.6857, 1.6264, 1.5697, 1.5137, 1.4562],
+                      [0.767, 0.82, 0.8346, 0.8454, 0.8464, 0.844, 0.8458, 0.8428],
+                      [1.1489, 1.0442, 1.0017, 0.958, 0.9442, 0.9298, 0.9111, 0.9177])
+    d = diagnose(stalled)
+    assert d.regime == "overfit" and "not improved since epoch 5" in d.evidence[1], d.evidence
+    # with a stricter threshold the slow/underfit rules judge it: the train loss still falls, so slow
+    assert diagnose(stalled, thresholds=Thresholds(overfit_stall_loss_drop=0.2)).regime == "slow"

@@ -72,6 +72,18 @@ def test_cnn_single_run(tmp_path: Path) -> None:
     assert "regime:" in result.stdout and "epoch   2/2" in result.stdout
 
 
+def test_testing_the_best_checkpoint_keeps_the_whole_record(tmp_path: Path) -> None:
+    # Early stopping on the highest val/loss (perverse on purpose, to be deterministic): epoch 1 is
+    # the best, epoch 2 is worse, patience 1 stops the run there; the test uses epoch 1's weights.
+    cfg = compose_config(*FAST, "epochs=4", "lr=0.1", "early_stopping.enabled=true", "early_stopping.monitor=val/loss",
+                         "early_stopping.mode=max", "early_stopping.patience=1", "test_ckpt=best")
+    summary = run(cfg, tmp_path)
+    assert summary["tested_checkpoint"] == "best"
+    assert [row["epoch"] for row in summary["epochs"]] == [1, 2]  # not just the best epoch's record
+    assert summary["epochs"][1]["val_loss"] < summary["epochs"][0]["val_loss"]
+    assert summary["test_loss"] == pytest.approx(summary["epochs"][0]["test_loss"], rel=1e-5)  # epoch 1's weights
+
+
 def test_forced_divergence_stops_cleanly_and_exits_zero(tmp_path: Path) -> None:
     result = train("lr=1e30", *FAST, "epochs=3", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]

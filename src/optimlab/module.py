@@ -244,6 +244,10 @@ class ClassifierModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Only a resumed fit continues the saved record. Testing a checkpoint (test_ckpt=best) loads
+        # its weights but keeps this run's record: the epochs after the best one happened too.
+        if self._trainer is not None and self._trainer.state.fn != TrainerFn.FITTING:
+            return
         saved = checkpoint.get("optimlab", {})
         self.history = list(saved.get("history", []))
         self.diverged_at_step = saved.get("diverged_at_step")

@@ -27,8 +27,12 @@ The rules are checked in this order; the first that fires names the regime:
    **oscillating** again when rule 3 does not hold but validation accuracy jumps as in rule 2 or the
    training loss rises ``>= osc_loss_rise`` (and ``>= osc_min_loss_rise`` nats) between epochs
    (unstable, not converging).
-4. **slow** / **underfit**: final validation accuracy ``< fit_acc``. If the training loss is still
-   falling by ``>= slow_min_loss_drop`` nats per epoch (averaged over the last ``window`` epochs;
+4. **overfit** (stalled), **slow** or **underfit**: final validation accuracy ``< fit_acc``. If
+   validation accuracy peaked at least ``overfit_min_epochs_after_peak`` epochs before the end while
+   the training loss has fallen ``>= overfit_stall_loss_drop`` (relative) since, more epochs only fit
+   the training set: **overfit** (what early stopping detects; ``overfit_early_stop`` ends this way).
+   Otherwise, if the training loss is still falling by ``>= slow_min_loss_drop`` nats per epoch
+   (averaged over the last ``window`` epochs;
    after a single epoch, measured from ln(10), the loss of uniform guessing) the run is **slow**
    (more epochs or a larger learning rate would help); if it has plateaued after learning (final
    train loss ``<= underfit_loss_ratio`` x its start, max(ln(10), first step's loss)) it is
@@ -63,6 +67,7 @@ class Thresholds:
     overfit_min_epochs_after_peak: int = 2  # the val peak must lie this many epochs before the end
     overfit_train_acc: float = 0.99     # training set memorised ...
     overfit_gap: float = 0.05           # ... with val accuracy this far below train accuracy
+    overfit_stall_loss_drop: float = 0.05  # below fit_acc: val peak settled while train loss fell this much (relative)
     fit_acc: float = 0.93               # final val accuracy below this: slow or underfit
     underfit_loss_ratio: float = 0.5    # a plateau counts as underfit only below this x starting loss
     slow_min_loss_drop: float = 0.01    # train loss still falling this much (nats) per epoch: slow
@@ -193,6 +198,11 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False,
                        f"(limit {t.osc_loss_rise:.0%}, rises under {t.osc_min_loss_rise} nats ignored)")
     if m["final_val_acc"] < t.fit_acc:
         low = f"final val_acc {m['final_val_acc']:.3f} < fit_acc {t.fit_acc}"
+        if peak_settled and m["train_loss_change_since_val_peak"] <= -t.overfit_stall_loss_drop:
+            return verdict("overfit", low, f"val_acc has not improved since epoch {m['best_val_epoch']:.0f} "
+                           f"({m['best_val_acc']:.4f}; limit {t.overfit_min_epochs_after_peak} epochs) while the "
+                           f"train loss fell {m['train_loss_change_since_val_peak']:+.1%} (limit "
+                           f"-{t.overfit_stall_loss_drop:.0%}): more epochs fit the training set, not the task")
         span = min(t.window, int(m["epochs"]) - 1)
         trend = (f"train loss fell {m['recent_loss_drop']:.4f} nats/epoch "
                  + (f"over the last {span} epochs" if span else "below the chance-level loss ln(10)")
