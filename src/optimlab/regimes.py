@@ -201,8 +201,8 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False,
         if peak_settled and m["train_loss_change_since_val_peak"] <= -t.overfit_stall_loss_drop:
             return verdict("overfit", low, f"val_acc has not improved since epoch {m['best_val_epoch']:.0f} "
                            f"({m['best_val_acc']:.4f}; limit {t.overfit_min_epochs_after_peak} epochs) while the "
-                           f"train loss fell {m['train_loss_change_since_val_peak']:+.1%} (limit "
-                           f"-{t.overfit_stall_loss_drop:.0%}): more epochs fit the training set, not the task")
+                           f"train loss fell {-m['train_loss_change_since_val_peak']:.1%} (limit "
+                           f"{t.overfit_stall_loss_drop:.0%}): more epochs fit the training set, not the task")
         span = min(t.window, int(m["epochs"]) - 1)
         trend = (f"train loss fell {m['recent_loss_drop']:.4f} nats/epoch "
                  + (f"over the last {span} epochs" if span else "below the chance-level loss ln(10)")
