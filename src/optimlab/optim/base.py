@@ -1,8 +1,7 @@
 """What our optimizers share: argument checks, the step() protocol, grouping and gradient noise.
 
 Each optimizer subclasses :class:`Optimizer` and writes only its update rule, as multi-tensor
-``torch._foreach_*`` calls over one (device, dtype) bucket of parameters at a time (on the CPU,
-over cache-sized chunks of a bucket).
+``torch._foreach_*`` calls over one (device, dtype) bucket of parameters at a time.
 """
 
 from __future__ import annotations
@@ -65,10 +64,9 @@ class Optimizer(torch.optim.Optimizer):
                     if p.grad.is_sparse:
                         raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                     buckets[(p.device, p.dtype)].append(p)
-            for bucket in buckets.values():
-                for params in _chunks(bucket):
-                    states = [self._state_for(p, group) for p in params]
-                    self._update(group, params, self._prepared_grads(group, params), states)
+            for params in buckets.values():
+                states = [self._state_for(p, group) for p in params]
+                self._update(group, params, self._prepared_grads(group, params), states)
         return loss
 
     def _prepared_grads(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
@@ -108,27 +106,6 @@ class Optimizer(torch.optim.Optimizer):
                 states: list[dict[str, Any]]) -> None:
         """Apply one update to ``params`` (one device and dtype) given prepared ``grads``."""
         raise NotImplementedError
-
-
-# On the CPU an update is bound by memory traffic: running all of a rule's passes over a
-# cache-sized chunk of parameters before moving on beats one pass per op over every parameter.
-CPU_CHUNK_ELEMENTS = 1 << 17
-
-
-def _chunks(params: list[Tensor]) -> list[list[Tensor]]:
-    """One chunk per accelerator bucket (fewest kernel launches); on the CPU, runs of parameters
-    of at most CPU_CHUNK_ELEMENTS elements (a larger parameter is a chunk of its own)."""
-    if params[0].device.type != "cpu":
-        return [params]
-    chunks: list[list[Tensor]] = [[]]
-    size = 0
-    for p in params:
-        if chunks[-1] and size + p.numel() > CPU_CHUNK_ELEMENTS:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(p)
-        size += p.numel()
-    return chunks
 
 
 def zeros_step() -> Tensor:
