@@ -138,3 +138,14 @@ def test_last_checkpoint_follows_every_epoch_even_when_validation_gets_worse(tmp
     best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=False)
     assert last["epoch"] == 4 and len(last["optimlab"]["history"]) == 5  # ... and "last" still has it
     assert best["epoch"] == val_loss.index(min(val_loss))
+
+
+def test_a_signal_lost_in_a_finalizer_still_stops_the_run_at_the_next_batch() -> None:
+    from optimlab.train import StopOnSignal
+
+    stopper = StopOnSignal()
+    stopper._raise_if_requested()  # nothing requested: no-op
+    with pytest.raises(KeyboardInterrupt):
+        stopper.handle(signal.SIGTERM, None)  # the handler's own raise may be swallowed ...
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        stopper.on_train_batch_start(None, None, None, 0)  # ... the next batch raises it again

@@ -109,9 +109,23 @@ def _device_name(device: torch.device) -> str:
     return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def _stop_on_signal(signum: int, frame: Any) -> None:
-    # Lightning turns a KeyboardInterrupt into a graceful shutdown; make SIGTERM take that path too.
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+class StopOnSignal(L.Callback):
+    """SIGINT and SIGTERM raise KeyboardInterrupt, which Lightning turns into a graceful shutdown.
+    Python drops an exception raised while a finalizer (``__del__``) runs, so the request is also
+    remembered and raised again at the next batch."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+
+    def handle(self, signum: int, frame: Any) -> None:
+        self.requested = signal.Signals(signum).name
+        raise KeyboardInterrupt(self.requested)
+
+    def _raise_if_requested(self, *args: Any) -> None:
+        if self.requested is not None:
+            raise KeyboardInterrupt(self.requested)
+
+    on_train_batch_start = on_validation_batch_start = _raise_if_requested
 
 
 def _resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Path, Path | None]:
@@ -196,7 +210,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
         record("running")  # a resumed run keeps its summary until its next epoch ends
     else:
         print(f"resuming {run_dir} from {ckpt}")
-    old_handler = signal.signal(signal.SIGTERM, _stop_on_signal)
+    stopper = StopOnSignal()
+    trainer.callbacks.append(stopper)
+    old_handlers = {s: signal.signal(s, stopper.handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     except (SystemExit, KeyboardInterrupt):  # Lightning exits after its graceful shutdown
@@ -209,7 +225,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
         record("crashed", error=f"{type(err).__name__}: {err}")
         raise
     finally:
-        signal.signal(signal.SIGTERM, old_handler)
+        for s, handler in old_handlers.items():
+            signal.signal(s, handler)
     return _finish(cfg, run_dir, trainer, module, datamodule, record)
 
 
