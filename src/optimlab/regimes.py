@@ -8,8 +8,8 @@ The rules are checked in this order; the first that fires names the regime:
    ``loss_blowup`` x max(ln(10), the first step's loss); ln(10) is the loss of uniform guessing) or
    is no longer falling (above its best epoch by ``> diverge_loss_rise`` relative, or rising between
    any two of the last ``window`` + 1 epochs); or a training step's loss blew up (above that same
-   bound) and the run has not recovered (final validation accuracy ``< fit_acc``). A run at chance whose loss still falls
-   steadily is *slow*, not diverging.
+   bound) and the run has not recovered (final validation accuracy ``< fit_acc``). A run at chance
+   whose loss still falls steadily is *slow*, not diverging.
    **oscillating** (converged after a blow-up): a step's loss blew up, yet the final validation
    accuracy is ``>= fit_acc``. Such spikes are the oscillation at the edge of stability; epoch
    means hide them, so each epoch records its largest step loss (``train_loss_max``).
@@ -32,8 +32,8 @@ The rules are checked in this order; the first that fires names the regime:
    the training loss has fallen ``>= overfit_stall_loss_drop`` (relative) since, more epochs only fit
    the training set: **overfit** (what early stopping detects; ``overfit_early_stop`` ends this way).
    Otherwise, if the training loss is still falling by ``>= slow_min_loss_drop`` nats per epoch
-   (averaged over the last ``window`` epochs;
-   after a single epoch, measured from ln(10), the loss of uniform guessing) the run is **slow**
+   (averaged over the last ``window`` epochs; after a single epoch, measured from ln(10), the loss
+   of uniform guessing) the run is **slow**
    (more epochs or a larger learning rate would help); if it has plateaued after learning (final
    train loss ``<= underfit_loss_ratio`` x its start, max(ln(10), first step's loss)) it is
    **underfit** (the model is too small or too constrained to fit the data); a run that has barely

@@ -20,7 +20,9 @@ def initialise(module: nn.Module, init: str, std: float) -> None:
         if isinstance(layer, (nn.Linear, nn.Conv2d)):
             if init == "glorot":
                 torch.nn.init.xavier_normal_(layer.weight)
-                torch.nn.init.zeros_(layer.bias)
+                if layer.bias is not None:
+                    torch.nn.init.zeros_(layer.bias)
             else:
                 torch.nn.init.normal_(layer.weight, 0.0, std)
-                torch.nn.init.normal_(layer.bias, 0.0, std)
+                if layer.bias is not None:
+                    torch.nn.init.normal_(layer.bias, 0.0, std)
