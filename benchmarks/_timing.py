@@ -83,14 +83,27 @@ def time_block(fn: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(measures: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+def interleaved_runs(measures: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
     """Call each named measurement ``repeats`` times, round-robin (a, b, c, a, b, c, ...), so
-    machine noise hits every one alike; return each one's median. Warm-up is the caller's job."""
+    machine noise hits every one alike; return every value, in order. Warm-up is the caller's job."""
     values: dict[str, list[float]] = {name: [] for name in measures}
     for _ in range(repeats):
         for name, measure in measures.items():
             values[name].append(measure())
-    return {name: statistics.median(vs) for name, vs in values.items()}
+    return values
+
+
+def interleaved(measures: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """``interleaved_runs``, reduced to each measurement's median."""
+    return {name: statistics.median(vs) for name, vs in interleaved_runs(measures, repeats).items()}
+
+
+def paired_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> tuple[float, float, float]:
+    """Median, minimum and maximum of the ratios of values measured side by side (round ``i`` of
+    ``interleaved_runs``): a slow spell of the machine hits both members of a pair, so their ratio
+    is steadier than the ratio of the two medians."""
+    ratios = [a / b for a, b in zip(numerators, denominators, strict=True)]
+    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def verdict(value: float, target: float) -> str:

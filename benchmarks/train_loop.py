@@ -4,11 +4,13 @@ Ours: ``optimlab.train.run(cfg, run_dir)`` with a config composed from ``conf/``
 ``trainer.limit_train_batches=<batches>``, no progress bar, no per-epoch test pass); its summary's
 ``steps_per_s`` is steps / training time (validation excluded). Plain: the loop below over the
 same number of batches of the same data (MNIST train split, on the device), the same model and
-``optimlab.optim.SGD`` lr 0.1 at batch 128: permutation, ``x[idx]``, forward, cross-entropy,
-zero_grad, backward, step; only the batches are timed. After one untimed short run of each, the
-two alternate ``--repeats`` times; the table shows medians and the overhead factor plain / ours.
+``optimlab.optim.SGD`` lr 0.1 at batch 128: permutation, ``x.index_select(0, idx)`` (as the data
+module batches), forward, cross-entropy, zero_grad, backward, step; only the batches are timed. After one untimed short run of each, the
+two alternate ``--repeats`` times; the table shows the median steps/s of each and the overhead
+factor plain / ours as the median of the side-by-side pairs (the machine's speed drifts between
+runs; a pair shares its moment).
 
-    python benchmarks/train_loop.py                          # MLP, 300 batches, 3 repeats
+    python benchmarks/train_loop.py                          # MLP, 300 batches, 7 repeats
     python benchmarks/train_loop.py --model cnn --device cpu --batches 50 --repeats 1
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -75,7 +78,7 @@ def plain_steps_per_s(cfg: DictConfig, x: torch.Tensor, y: torch.Tensor, batches
     _timing.sync(device)
     start = time.perf_counter()
     for idx in batch_indices:
-        loss = F.cross_entropy(model(x[idx]), y[idx])
+        loss = F.cross_entropy(model(x.index_select(0, idx)), y.index_select(0, idx))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -84,8 +87,9 @@ def plain_steps_per_s(cfg: DictConfig, x: torch.Tensor, y: torch.Tensor, batches
 
 
 def measure(model: str, device: torch.device, batches: int, repeats: int, warmup: int,
-            threads: int | None) -> dict[str, float]:
-    """Median steps/s of the plain loop and of ours on ``device``, after one short warm-up of each."""
+            threads: int | None) -> dict[str, list[float]]:
+    """Steps/s of the plain loop and of ours on ``device``, ``repeats`` alternating runs of each
+    after one short warm-up run of each."""
     cfg = compose_config(model, device, batches, threads)
     data: MNISTDataModule = instantiate(cfg.data)
     data.setup()
@@ -93,7 +97,7 @@ def measure(model: str, device: torch.device, batches: int, repeats: int, warmup
     torch.set_flush_denormal(cfg.trainer.flush_denormal)  # as run() does, so both loops see the same
     plain_steps_per_s(cfg, data.train_x, data.train_y, warmup)
     ours_steps_per_s(compose_config(model, device, warmup, threads))
-    return _timing.interleaved({
+    return _timing.interleaved_runs({
         "plain": lambda: plain_steps_per_s(cfg, data.train_x, data.train_y, batches),
         "ours": lambda: ours_steps_per_s(cfg),
     }, repeats)
@@ -102,7 +106,7 @@ def measure(model: str, device: torch.device, batches: int, repeats: int, warmup
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=300, help=f"timed batches per run (1..{EPOCH_BATCHES})")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each (median taken)")
+    parser.add_argument("--repeats", type=int, default=7, help="alternating runs of each (medians taken)")
     parser.add_argument("--warmup", type=int, default=20, help="batches of the untimed first run of each")
     parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -116,27 +120,30 @@ def main() -> None:
 
     devices = _timing.devices_to_measure(args.device)
     _timing.print_header("training loop: optimlab (Lightning) vs a plain PyTorch loop")
-    print(f"model {args.model}, batch {BATCH_SIZE}, optimlab.optim.SGD lr {LR}; median of {args.repeats} "
-          f"alternating runs of {args.batches} batches (after one {args.warmup}-batch warm-up run of each)\n")
+    print(f"model {args.model}, batch {BATCH_SIZE}, optimlab.optim.SGD lr {LR}; {args.repeats} alternating runs "
+          f"of {args.batches} batches each (after one {args.warmup}-batch warm-up run of each); steps/s: medians; "
+          f"plain/ours: median (min-max) of the {args.repeats} side-by-side pairs\n")
     results = {device.type: measure(args.model, device, args.batches, args.repeats, args.warmup, args.threads)
                for device in devices}
     rows: list[list[object]] = []
-    for dev, sps in results.items():
-        overhead, target = sps["plain"] / sps["ours"], OVERHEAD_TARGET[dev]
-        rows.append([dev, args.model, sps["plain"], sps["ours"], overhead,
+    medians: dict[str, dict[str, float]] = {}
+    for dev, runs in results.items():
+        sps = medians[dev] = {name: statistics.median(values) for name, values in runs.items()}
+        (overhead, low, high), target = _timing.paired_ratio(runs["plain"], runs["ours"]), OVERHEAD_TARGET[dev]
+        rows.append([dev, args.model, sps["plain"], sps["ours"], overhead, f"{low:.3f}-{high:.3f}",
                      f"{_timing.verdict(overhead, target)} (<= {target})",
                      EPOCH_BATCHES / sps["plain"], EPOCH_BATCHES / sps["ours"]])
-    _timing.print_table(["device", "model", "plain steps/s", "ours steps/s", "plain/ours", "target",
+    _timing.print_table(["device", "model", "plain steps/s", "ours steps/s", "plain/ours", "range", "target",
                          f"plain s/epoch ({EPOCH_BATCHES})", f"ours s/epoch ({EPOCH_BATCHES})"], rows)
     if "cuda" not in results:
         print(f"\ncuda: {'not requested (--device cpu)' if torch.cuda.is_available() else _timing.NO_GPU}")
     if args.model == "mlp":
         print("\nabsolute targets for the default MLP (ours; each meaningful only on the machine named):")
         if "cuda" in results:
-            sps = results["cuda"]["ours"]
+            sps = medians["cuda"]["ours"]
             print(f"  cuda: {sps:.0f} steps/s; target >= 1500 on an H100: {'PASS' if sps >= 1500 else 'FAIL'}")
         if "cpu" in results:
-            epoch = EPOCH_BATCHES / results["cpu"]["ours"]
+            epoch = EPOCH_BATCHES / medians["cpu"]["ours"]
             print(f"  cpu:  {epoch:.2f} s per {EPOCH_BATCHES}-batch epoch; target < 5 s on the 2-core CPU: "
                   f"{'PASS' if epoch < 5 else 'FAIL'}")
 

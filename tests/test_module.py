@@ -102,3 +102,28 @@ def test_train_time_leaves_out_validation() -> None:
     module = SlowValidation(MLP(hidden=[6], in_features=5), functools.partial(SGD, lr=0.1))
     fit(module, *data(), epochs=1)  # 5 tiny training steps, then 5 validation batches of 0.1 s each
     assert module.history[0]["train_time_s"] < 0.25
+
+
+def test_epoch_training_metrics_cover_every_sample() -> None:
+    # lr 0: the weights never move, so the epoch's loss and accuracy are the model's on all 40
+    # samples (5 batches of 8), whatever order they came in.
+    x, y = data()
+    module = small_module(lr=0.0)
+    with torch.no_grad():
+        logits = module.model(x)
+    fit(module, x, y, epochs=1)
+    row = module.history[0]
+    assert row["train_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
+    assert row["train_acc"] == pytest.approx((logits.argmax(1) == y).double().mean().item())
+
+
+@pytest.mark.parametrize("precision, direct", [("32-true", True), ("64-true", True), ("bf16-mixed", False)])
+def test_backward_goes_through_lightning_only_when_the_precision_needs_it(precision: str, direct: bool) -> None:
+    module = small_module()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, precision=precision, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    called = []
+    module.manual_backward = lambda loss: (called.append(1), ClassifierModule.manual_backward(module, loss))
+    trainer.fit(module, train_dataloaders=TensorBatches(*data(), 8))
+    assert module._direct_backward is direct and bool(called) is not direct
+    assert trainer.global_step == 5 and module.diverged_at_step is None

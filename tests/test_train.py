@@ -84,6 +84,24 @@ def test_testing_the_best_checkpoint_keeps_the_whole_record(tmp_path: Path) -> N
     assert summary["test_loss"] == pytest.approx(summary["epochs"][0]["test_loss"], rel=1e-5)  # epoch 1's weights
 
 
+def test_tensorboard_holds_step_and_epoch_scalars(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # 512 images at batch 128: 4 steps an epoch, 8 in all; per-step scalars every 3rd step.
+    summary = run(compose_config(*FAST, "trainer.log_every_n_steps=3"), tmp_path)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    steps = {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    for tag in ("train/loss_step", "train/grad_norm", "train/weight_norm", "train/lr"):
+        assert steps[tag] == [0, 3, 6], tag
+    first = events.Scalars("train/loss_step")[0].value
+    assert first == pytest.approx(summary["epochs"][0]["train_loss_initial"], rel=1e-6)
+    assert [e.value for e in events.Scalars("train/lr")] == pytest.approx([0.1] * 3)
+    for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "test/acc"):
+        assert len(steps[tag]) >= 2, tag  # one per epoch (test/acc: per epoch and the final test)
+    assert events.Scalars("train/acc")[-1].value == pytest.approx(summary["epochs"][-1]["train_acc"], rel=1e-6)
+
+
 def test_forced_divergence_stops_cleanly_and_exits_zero(tmp_path: Path) -> None:
     result = train("lr=1e30", *FAST, "epochs=3", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]

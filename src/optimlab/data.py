@@ -131,7 +131,8 @@ class TensorBatches:
             return
         order = self.sampler.permutation().to(self.y.device)
         for idx in order.split(self.batch_size):
-            yield self.x[idx], self.y[idx]
+            # index_select: the same rows as x[idx]; on the CPU it takes a third of the time
+            yield self.x.index_select(0, idx), self.y.index_select(0, idx)
 
 
 class MNISTDataModule(L.LightningDataModule):
