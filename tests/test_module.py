@@ -127,3 +127,22 @@ def test_backward_goes_through_lightning_only_when_the_precision_needs_it(precis
     trainer.fit(module, train_dataloaders=TensorBatches(*data(), 8))
     assert module._direct_backward is direct and bool(called) is not direct
     assert trainer.global_step == 5 and module.diverged_at_step is None
+
+
+def test_loss_scaler_overflow_is_a_skipped_step_not_a_divergence() -> None:
+    # 16-mixed: a GradScaler multiplies the loss before backward; with too large a scale the
+    # gradients overflow, the scaler skips that step and halves the scale. That is normal AMP
+    # behaviour, not a diverging run. Here the first ~30 steps overflow (2**40 down to 2**10).
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
+    module = small_module()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    x, y = data(400)
+    trainer.fit(module, train_dataloaders=TensorBatches(x, y, 8))
+    assert module.diverged_at_step is None and trainer.global_step == 100
+    assert scaler.get_scale() < 2.0**20  # the overflows happened and were absorbed by the scaler
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert module.history[1]["train_loss"] < module.history[0]["train_loss"]
