@@ -5,10 +5,11 @@ Ours: ``optimlab.train.run(cfg, run_dir)`` with a config composed from ``conf/``
 ``steps_per_s`` is steps / training time (validation excluded). Plain: the loop below over the
 same number of batches of the same data (MNIST train split, on the device), the same model and
 ``optimlab.optim.SGD`` lr 0.1 at batch 128: permutation, ``x.index_select(0, idx)`` (as the data
-module batches), forward, cross-entropy, zero_grad, backward, step; only the batches are timed. After one untimed short run of each, the
-two alternate ``--repeats`` times; the table shows the median steps/s of each and the overhead
-factor plain / ours as the median of the side-by-side pairs (the machine's speed drifts between
-runs; a pair shares its moment).
+module batches), forward, cross-entropy, zero_grad, backward, step; only the batches are timed.
+After one untimed run of each (as long as a timed one unless ``--warmup`` says otherwise), the two
+alternate ``--repeats`` times; the table shows the median steps/s of each and the overhead factor
+plain / ours as the median of the side-by-side pairs (the machine's speed drifts between runs; a
+pair shares its moment).
 
     python benchmarks/train_loop.py                          # MLP, 300 batches, 7 repeats
     python benchmarks/train_loop.py --model cnn --device cpu --batches 50 --repeats 1
@@ -107,12 +108,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=300, help=f"timed batches per run (1..{EPOCH_BATCHES})")
     parser.add_argument("--repeats", type=int, default=7, help="alternating runs of each (medians taken)")
-    parser.add_argument("--warmup", type=int, default=20, help="batches of the untimed first run of each")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="batches of the untimed first run of each (default: --batches; a shorter first run "
+                             "of ours leaves its first timed run about 15%% slow)")
     parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: CUDA when available, else the CPU")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    args.warmup = args.warmup or args.batches
     if not 1 <= args.batches <= EPOCH_BATCHES or not 1 <= args.warmup <= EPOCH_BATCHES:
         parser.error(f"--batches and --warmup must be in 1..{EPOCH_BATCHES} (one epoch)")
     if args.threads:
