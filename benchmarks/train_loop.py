@@ -89,8 +89,8 @@ def plain_steps_per_s(cfg: DictConfig, x: torch.Tensor, y: torch.Tensor, batches
 
 def measure(model: str, device: torch.device, batches: int, repeats: int, warmup: int,
             threads: int | None) -> dict[str, list[float]]:
-    """Steps/s of the plain loop and of ours on ``device``, ``repeats`` alternating runs of each
-    after one short warm-up run of each."""
+    """Steps/s of the plain loop and of ours on ``device``: ``repeats`` alternating runs of each,
+    after one untimed ``warmup``-batch run of each."""
     cfg = compose_config(model, device, batches, threads)
     data: MNISTDataModule = instantiate(cfg.data)
     data.setup()
@@ -116,7 +116,8 @@ def main() -> None:
                         help="auto: CUDA when available, else the CPU")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
-    args.warmup = args.warmup or args.batches
+    if args.warmup is None:
+        args.warmup = args.batches
     if not 1 <= args.batches <= EPOCH_BATCHES or not 1 <= args.warmup <= EPOCH_BATCHES:
         parser.error(f"--batches and --warmup must be in 1..{EPOCH_BATCHES} (one epoch)")
     if args.threads:

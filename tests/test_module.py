@@ -15,9 +15,14 @@ from optimlab.module import ClassifierModule
 from optimlab.optim import SGD
 
 
+def quiet_trainer(**kwargs: object) -> L.Trainer:
+    """A CPU trainer without logger, checkpoints, progress bar or model summary."""
+    return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, **kwargs)
+
+
 def fit(module: ClassifierModule, x: torch.Tensor, y: torch.Tensor, epochs: int = 2) -> L.Trainer:
-    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = quiet_trainer(max_epochs=epochs, num_sanity_val_steps=0)
     trainer.fit(module, train_dataloaders=TensorBatches(x, y, 8), val_dataloaders=TensorBatches(x, y, 8))
     return trainer
 
@@ -50,8 +55,7 @@ def test_nan_loss_stops_before_the_update_is_applied() -> None:
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             before.update({k: v.clone() for k, v in pl_module.state_dict().items()})
 
-    trainer = L.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Snapshot()])
+    trainer = quiet_trainer(max_epochs=3, callbacks=[Snapshot()])
     trainer.fit(module, train_dataloaders=TensorBatches(x, y, 8))
     assert module.diverged_at_step == 3 and trainer.global_step == 3  # steps 0-2 applied, step 3 refused
     assert "loss or gradient" in module.divergence_reason
@@ -120,8 +124,7 @@ def test_epoch_training_metrics_cover_every_sample() -> None:
 @pytest.mark.parametrize("precision, direct", [("32-true", True), ("64-true", True), ("bf16-mixed", False)])
 def test_backward_goes_through_lightning_only_when_the_precision_needs_it(precision: str, direct: bool) -> None:
     module = small_module()
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, precision=precision, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer(max_epochs=1, precision=precision)
     called = []
     module.manual_backward = lambda loss: (called.append(1), ClassifierModule.manual_backward(module, loss))
     trainer.fit(module, train_dataloaders=TensorBatches(*data(), 8))
@@ -137,9 +140,7 @@ def test_loss_scaler_overflow_is_a_skipped_step_not_a_divergence() -> None:
 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
     module = small_module()
-    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    trainer = quiet_trainer(max_epochs=2, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
     x, y = data(400)
     trainer.fit(module, train_dataloaders=TensorBatches(x, y, 8))
     assert module.diverged_at_step is None and trainer.global_step == 100
