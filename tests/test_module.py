@@ -122,14 +122,19 @@ def test_epoch_training_metrics_cover_every_sample() -> None:
 
 
 @pytest.mark.parametrize("precision, direct", [("32-true", True), ("64-true", True), ("bf16-mixed", False)])
-def test_backward_goes_through_lightning_only_when_the_precision_needs_it(precision: str, direct: bool) -> None:
+def test_backward_and_step_go_through_lightning_only_when_the_precision_needs_it(precision: str, direct: bool) -> None:
     module = small_module()
     trainer = quiet_trainer(max_epochs=1, precision=precision)
-    called = []
-    module.manual_backward = lambda loss: (called.append(1), ClassifierModule.manual_backward(module, loss))
+    backward, step_hook = [], []
+    module.manual_backward = lambda loss: (backward.append(1), ClassifierModule.manual_backward(module, loss))
+    module.on_before_optimizer_step = lambda optimizer: step_hook.append(1)  # dispatched by Lightning's step
+    before = [p.detach().clone() for p in module.parameters()]
     trainer.fit(module, train_dataloaders=TensorBatches(*data(), 8))
-    assert module._direct_backward is direct and bool(called) is not direct
+    assert module._direct is direct
+    assert len(backward) == len(step_hook) == (0 if direct else 5)
+    # Either way every step is applied and counted.
     assert trainer.global_step == 5 and module.diverged_at_step is None
+    assert all(not torch.equal(b, p) for b, p in zip(before, module.parameters()))
 
 
 def test_loss_scaler_overflow_is_a_skipped_step_not_a_divergence() -> None:
