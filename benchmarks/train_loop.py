@@ -9,9 +9,10 @@ module batches), forward, cross-entropy, zero_grad, backward, step; only the bat
 After one untimed run of each (as long as a timed one unless ``--warmup`` says otherwise), the two
 alternate ``--repeats`` times; the table shows the median steps/s of each and the overhead factor
 plain / ours as the median of the side-by-side pairs (the machine's speed drifts between runs; a
-pair shares its moment).
+pair shares its moment). The defaults, a whole epoch and 11 pairs, make that median steadier from
+one invocation to the next on a noisy machine than shorter or fewer runs would.
 
-    python benchmarks/train_loop.py                          # MLP, 300 batches, 7 repeats
+    python benchmarks/train_loop.py                          # MLP, one 430-batch epoch, 11 repeats
     python benchmarks/train_loop.py --model cnn --device cpu --batches 50 --repeats 1
 """
 
@@ -106,8 +107,8 @@ def measure(model: str, device: torch.device, batches: int, repeats: int, warmup
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batches", type=int, default=300, help=f"timed batches per run (1..{EPOCH_BATCHES})")
-    parser.add_argument("--repeats", type=int, default=7, help="alternating runs of each (medians taken)")
+    parser.add_argument("--batches", type=int, default=EPOCH_BATCHES, help=f"timed batches per run (1..{EPOCH_BATCHES})")
+    parser.add_argument("--repeats", type=int, default=11, help="alternating runs of each (medians taken)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="batches of the untimed first run of each (default: --batches; a shorter first run "
                              "of ours leaves its first timed run about 15%% slow)")

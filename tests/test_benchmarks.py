@@ -1,0 +1,55 @@
+"""The benchmark scripts still run and print their tables (tiny settings; no timing is asserted:
+speed is measured by running the scripts by hand, see benchmarks/README.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(script: str, *args: str) -> str:
+    """Run ``benchmarks/<script>`` on the CPU as a user would; its output, or a failure showing it."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_optimizer_step_prints_a_row_per_optimizer_and_model() -> None:
+    out = bench("optimizer_step.py", "--repeats", "1", "--steps", "1", "--warmup", "1", "--device", "cpu",
+                "--optimizers", "SGD,Adam", "--models", "mlp,cnn")
+    rows = [line.split() for line in out.splitlines() if line.startswith("cpu ")]
+    assert sorted((r[1], r[2]) for r in rows) == [("cnn", "Adam"), ("cnn", "SGD"), ("mlp", "Adam"), ("mlp", "SGD")]
+    assert all(r[-1] in ("PASS", "FAIL") and float(r[-2]) > 0 for r in rows)
+
+
+def test_train_loop_prints_the_overhead_and_the_epoch_time() -> None:
+    out = bench("train_loop.py", "--batches", "3", "--repeats", "1", "--warmup", "2", "--device", "cpu")
+    row = next(line.split() for line in out.splitlines() if line.startswith("cpu "))
+    assert row[1] == "mlp" and float(row[2]) > 0 and float(row[3]) > 0 and float(row[4]) > 0
+    assert "s per 430-batch epoch" in out
+
+
+def test_train_loop_rejects_a_zero_warmup() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_loop.py"), "--warmup", "0"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "must be in 1..430" in result.stderr
+
+
+def test_denormals_compares_flushing_on_and_off() -> None:
+    out = bench("denormals.py", "--warm-steps", "5", "--steps", "2", "--repeats", "1")
+    assert "slowdown without flushing" in out
+
+
+def test_suite_runs_the_experiments_and_keeps_their_summaries(tmp_path: Path) -> None:
+    out_dir = tmp_path / "suite"
+    out = bench("suite.py", "--experiments", "baseline,diverging", "--extra", "epochs=1 data.subset=512", "--quiet",
+                "--out", str(out_dir))
+    summaries = [json.loads(p.read_text()) for p in sorted(out_dir.glob("*/summary.json"))]
+    assert [s["name"] for s in summaries] == ["baseline", "diverging"]
+    assert all(s["epochs_completed"] == 1 and s["regime"] for s in summaries)
+    assert "2/2 summaries" in out and (out_dir / "suite.log").is_file()
