@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from optimlab.optim import SGD, Adagrad, Adam, RMSprop
+from optimlab.optim.base import Optimizer
 
 SHAPES: list[tuple[int, ...]] = [(5, 3), (4,), (2, 3, 2)]
 N_STEPS = 60
@@ -180,8 +181,11 @@ def ours_and_torch(name: str, kw: dict[str, Any], lr: float | None = None, **tor
 # --------------------------------------------------------------------------- 1. every option combination
 
 
+@pytest.mark.parametrize("buffers", ["reused", "fresh"])
 @pytest.mark.parametrize("name,kw", ALL_CASES)
-def test_matches_torch_float64(name: str, kw: dict[str, Any]) -> None:
+def test_matches_torch_float64(name: str, kw: dict[str, Any], buffers: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if buffers == "fresh":  # what a GPU runs: temporaries straight from the multi-tensor ops
+        monkeypatch.setattr(Optimizer, "_scratch", lambda self, params, slot: None)
     grads = make_grads()
     init = make_params()
     p_ours = clone_params(init)
@@ -548,3 +552,24 @@ def test_grad_noise_distribution() -> None:
     noise = -p.detach()
     assert abs(noise.mean().item()) < 4 * std / math.sqrt(p.numel())
     assert noise.std().item() == pytest.approx(std, rel=0.03)
+
+
+# --------------------------------------------------------------------------- 9. no per-step temporaries on the CPU
+
+
+@pytest.mark.parametrize("name,kw", RICH_CASES)
+def test_cpu_steps_allocate_no_parameter_sized_temporaries(name: str, kw: dict[str, Any]) -> None:
+    # Fresh parameter-sized temporaries on every step page-fault on the CPU (Optimizer._scratch);
+    # after the first step (state and scratch buffers), a step allocates at most a few scalars.
+    from torch.profiler import ProfilerActivity, profile
+
+    params = [torch.randn(300, 200, requires_grad=True), torch.randn(200, requires_grad=True)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = OURS[name](params, lr=LR[name], **kw)
+    opt.step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(3):
+            opt.step()
+    largest = max((event.cpu_memory_usage for event in prof.events()), default=0)
+    assert largest < 200 * 4, f"a step allocated {largest} bytes"

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimlab.optim.base import Optimizer, ParamsT, check_range, zeros_step
+from optimlab.optim.base import Optimizer, ParamsT, check_range, foreach_into, zeros_step
 
 
 class Adagrad(Optimizer):
@@ -55,6 +55,6 @@ class Adagrad(Optimizer):
         sums = [s["sum"] for s in states]
         minus_clr = [-group["lr"] / (1 + (step - 1) * group["lr_decay"]) for step in steps]
         torch._foreach_addcmul_(sums, grads, grads, value=1)
-        std = torch._foreach_sqrt(sums)
+        std = foreach_into(self._scratch(params, "denom"), torch._foreach_sqrt, torch.sqrt, sums)
         torch._foreach_add_(std, group["eps"])
         torch._foreach_addcdiv_(params, grads, std, minus_clr)

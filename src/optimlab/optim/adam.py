@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimlab.optim.base import Optimizer, ParamsT, check_range, zeros_step
+from optimlab.optim.base import Optimizer, ParamsT, check_range, foreach_into, zeros_state, zeros_step
 
 
 class Adam(Optimizer):
@@ -68,13 +68,12 @@ class Adam(Optimizer):
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
         minus_step_size = [-(lr / (1 - beta1**t)) for t in steps]
         bias_correction2_sqrt = [(1 - beta2**t) ** 0.5 for t in steps]
+        second = exp_avg_sqs
         if group["amsgrad"]:
             # A state_dict from a run without amsgrad has no max_exp_avg_sq yet: start it at zero.
-            max_sqs = [s.setdefault("max_exp_avg_sq", torch.zeros_like(p)) for s, p in zip(states, params)]
-            torch._foreach_maximum_(max_sqs, exp_avg_sqs)
-            denom = torch._foreach_sqrt(max_sqs)
-        else:
-            denom = torch._foreach_sqrt(exp_avg_sqs)
+            second = zeros_state(states, "max_exp_avg_sq", params)
+            torch._foreach_maximum_(second, exp_avg_sqs)
+        denom = foreach_into(self._scratch(params, "denom"), torch._foreach_sqrt, torch.sqrt, second)
         torch._foreach_div_(denom, bias_correction2_sqrt)
         torch._foreach_add_(denom, group["eps"])
         torch._foreach_addcdiv_(params, exp_avgs, denom, minus_step_size)

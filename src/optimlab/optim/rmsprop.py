@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimlab.optim.base import Optimizer, ParamsT, check_range, zeros_step
+from optimlab.optim.base import Optimizer, ParamsT, check_range, foreach_into, zeros_state, zeros_step
 
 
 class RMSprop(Optimizer):
@@ -54,16 +54,17 @@ class RMSprop(Optimizer):
         square_avgs = [s["square_avg"] for s in states]
         torch._foreach_mul_(square_avgs, alpha)
         torch._foreach_addcmul_(square_avgs, grads, grads, value=1 - alpha)
+        out = self._scratch(params, "denom")
         if group["centered"]:
-            grad_avgs = [s.setdefault("grad_avg", torch.zeros_like(p)) for s, p in zip(states, params)]
+            grad_avgs = zeros_state(states, "grad_avg", params)
             torch._foreach_lerp_(grad_avgs, grads, 1 - alpha)
-            avg = torch._foreach_addcmul(square_avgs, grad_avgs, grad_avgs, value=-1)
+            avg = foreach_into(out, torch._foreach_addcmul, torch.addcmul, square_avgs, grad_avgs, grad_avgs, value=-1)
             torch._foreach_sqrt_(avg)
         else:
-            avg = torch._foreach_sqrt(square_avgs)
+            avg = foreach_into(out, torch._foreach_sqrt, torch.sqrt, square_avgs)
         torch._foreach_add_(avg, group["eps"])
         if group["momentum"] > 0:
-            bufs = [s.setdefault("momentum_buffer", torch.zeros_like(p)) for s, p in zip(states, params)]
+            bufs = zeros_state(states, "momentum_buffer", params)
             torch._foreach_mul_(bufs, group["momentum"])
             torch._foreach_addcdiv_(bufs, grads, avg)
             torch._foreach_add_(params, bufs, alpha=-lr)

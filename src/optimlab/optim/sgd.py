@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimlab.optim.base import Optimizer, ParamsT, check_range
+from optimlab.optim.base import Optimizer, ParamsT, check_range, foreach_into
 
 
 class SGD(Optimizer):
@@ -65,5 +65,9 @@ class SGD(Optimizer):
                 if f:  # the first buffer is the gradient itself (no dampening), as in torch.optim
                     s["momentum_buffer"] = torch.clone(g).detach()
             bufs = [s["momentum_buffer"] for s in states]
-            grads = torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
+            if group["nesterov"]:  # into the "grad" scratch, which the prepared gradients may be already
+                grads = foreach_into(self._scratch(params, "grad"), torch._foreach_add, torch.add, grads, bufs,
+                                     alpha=momentum)
+            else:
+                grads = bufs
         torch._foreach_add_(params, grads, alpha=-group["lr"])
