@@ -1,4 +1,5 @@
-"""What our optimizers share: argument checks, the step() protocol, grouping and gradient noise.
+"""What our optimizers share: argument checks, the step() protocol, grouping, gradient noise and
+the CPU's reusable scratch buffers.
 
 Each optimizer subclasses :class:`Optimizer` and writes only its update rule, as multi-tensor
 ``torch._foreach_*`` calls over one (device, dtype) bucket of parameters at a time.
