@@ -11,10 +11,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``benchmarks/<script>`` from the repository root, as a user would."""
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
 def bench(script: str, *args: str) -> str:
-    """Run ``benchmarks/<script>`` on the CPU as a user would; its output, or a failure showing it."""
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    """``run_script``'s output, or a failure showing it if the script did not exit 0."""
+    result = run_script(script, *args)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -35,8 +40,7 @@ def test_train_loop_prints_the_overhead_and_the_epoch_time() -> None:
 
 
 def test_train_loop_rejects_a_zero_warmup() -> None:
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_loop.py"), "--warmup", "0"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = run_script("train_loop.py", "--warmup", "0")
     assert result.returncode == 2 and "must be in 1..430" in result.stderr
 
 
