@@ -47,6 +47,8 @@ class Adagrad(Optimizer):
     def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         state["step"] = zeros_step()
         init = self.defaults["initial_accumulator_value"]  # torch.optim ignores a per-group value here
+        if p.is_complex():  # the accumulator of the real and of the imaginary part
+            init = complex(init, init)
         state["sum"] = torch.full_like(p, init, memory_format=torch.preserve_format)
 
     def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],

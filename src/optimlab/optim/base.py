@@ -31,6 +31,8 @@ class Optimizer(torch.optim.Optimizer):
     """Base class: ``step(closure)`` calls the closure under grad mode, returns its loss, skips
     parameters whose ``grad`` is None and hands each (device, dtype) bucket to :meth:`_update`.
 
+    Complex parameters are updated as pairs of reals with complex state, as torch.optim does.
+
     Every subclass takes ``grad_noise_std`` (default 0, off): Gaussian noise of that standard
     deviation is added to each gradient before the update (the Keras notebook's experiment). The
     noise draws from torch's global generator, so a seeded run is reproducible.
@@ -41,9 +43,6 @@ class Optimizer(torch.optim.Optimizer):
         check_range("weight_decay", defaults.get("weight_decay", 0.0), 0.0)
         check_range("grad_noise_std", defaults.get("grad_noise_std", 0.0), 0.0)
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            if any(p.is_complex() for p in group["params"]):
-                raise ValueError("complex parameters are not supported by optimlab optimizers")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # A state_dict saved by torch.optim lacks our extra keys (grad_noise_std): fill defaults.
@@ -65,17 +64,36 @@ class Optimizer(torch.optim.Optimizer):
                     if p.grad.is_sparse:
                         raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                     buckets[(p.device, p.dtype)].append(p)
-            for params in buckets.values():
+            for (_, dtype), params in buckets.items():
                 states = [self._state_for(p, group) for p in params]
-                self._update(group, params, self._prepared_grads(group, params), states)
+                grads = [p.grad for p in params]
+                if dtype.is_complex:
+                    self._update_as_real(group, params, grads, states)
+                else:
+                    self._update(group, params, self._prepared_grads(group, params, grads), states)
         return loss
 
-    def _prepared_grads(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
+    def _update_as_real(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                        states: list[dict[str, Any]]) -> None:
+        """Update complex parameters as torch.optim does: as pairs of reals (``view_as_real``), so
+        squares and square roots act on the real and imaginary parts separately. State stays
+        complex (torch.optim's dtypes); tensors the update creates are stored back as complex."""
+        views = [{k: torch.view_as_real(v) if isinstance(v, Tensor) and v.is_complex() else v
+                  for k, v in state.items()} for state in states]
+        before = [dict(view) for view in views]
+        real_params = [torch.view_as_real(p) for p in params]
+        grads = self._prepared_grads(group, real_params, [torch.view_as_real(g) for g in grads])
+        self._update(group, real_params, grads, views)
+        for state, view, old in zip(states, views, before):
+            for key, value in view.items():
+                if value is not old.get(key):
+                    state[key] = torch.view_as_complex(value) if isinstance(value, Tensor) else value
+
+    def _prepared_grads(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         """The gradients the update rule sees: negated for ``maximize``, plus noise, plus L2 decay.
 
         ``p.grad`` itself is never modified; any change works on a copy, as torch.optim does.
         """
-        grads = [p.grad for p in params]
         decay = group["weight_decay"] != 0 and not group.get("decoupled_weight_decay", False)
         if not (group["maximize"] or group["grad_noise_std"] > 0 or decay):
             return grads
@@ -94,16 +112,16 @@ class Optimizer(torch.optim.Optimizer):
         step to step on the CPU; None on other devices, whose caching allocators make fresh
         temporaries free. On the CPU, fresh multi-megabyte temporaries every step made steps up to
         1.6x slower at random: glibc may hand large freed blocks back to the OS, and every new one
-        then page-faults in again (measured: up to 140 faults a step). Not state: never saved."""
+        then page-faults in again (measured: up to 140 faults a step). Not state: never saved.
+        Keyed by the bucket's dtype and shapes, not by tensor (complex parameters arrive as fresh
+        real views each step); buckets are updated one after another, so they may share buffers."""
         if params[0].device.type != "cpu":
             return None
-        cache = self.__dict__.setdefault("_scratch_buffers", {}).setdefault(slot, {})
-        out = []
-        for p in params:
-            buf = cache.get(p)
-            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
-                buf = cache[p] = torch.empty_like(p, memory_format=torch.preserve_format)
-            out.append(buf)
+        key = (slot, params[0].dtype, tuple(p.shape for p in params))
+        cache = self.__dict__.setdefault("_scratch_buffers", {})
+        out = cache.get(key)
+        if out is None:
+            out = cache[key] = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
         return out
 
     def _state_for(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
