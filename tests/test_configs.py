@@ -41,3 +41,5 @@ def test_defaults_are_the_notebook_baseline() -> None:
     overfit = compose_config("experiment=overfit")
     assert list(overfit.model.hidden) == [2048, 1024, 512, 1024, 512, 128]
     assert (overfit.data.label_noise, overfit.lr, overfit.epochs) == (0.5, 0.01, 30)
+    cnn = compose_config("model=cnn")
+    assert (list(cnn.model.channels), list(cnn.model.fc), cnn.model.init) == ([12, 16], [120, 84], "stax")

@@ -69,3 +69,18 @@ def test_bad_model_options_raise() -> None:
         MLP(init="xavier")
     with pytest.raises(ValueError, match="shrink"):
         CNN(channels=[4, 4, 4, 4], pool_stride=2)
+
+
+def test_glorot_and_stax_inits_keep_the_glorot_variance() -> None:
+    torch.manual_seed(0)
+    for init in ("glorot", "stax"):
+        cnn = CNN(init=init)
+        conv, fc = cnn.net[0], cnn.net[7]
+        for layer, fans in ((conv, (1 + 12) * 25), (fc, 16 * 18 * 18 + 120)):
+            assert abs(layer.weight.std().item() / (2 / fans) ** 0.5 - 1) < 0.05
+        if init == "glorot":
+            assert conv.bias.abs().max() == 0 and fc.bias.abs().max() == 0
+    # stax: the weights truncated at two std of the underlying normal, its small random biases
+    bound = 2 * (2 / (16 * 18 * 18 + 120)) ** 0.5 / 0.87962566103423978
+    assert fc.weight.abs().max() <= bound and fc.weight.abs().max() > 0.95 * bound
+    assert 0 < conv.bias.abs().max() < 1e-5 and 0.005 < fc.bias.std().item() < 0.015

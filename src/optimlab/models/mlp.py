@@ -16,7 +16,8 @@ class MLP(nn.Module):
     Args:
         hidden: widths of the hidden layers, e.g. ``[1024, 128]`` (empty: softmax regression).
         activation: ``tanh`` | ``relu`` | ``sigmoid`` after each hidden layer.
-        init: ``default`` (PyTorch's) or ``normal`` (N(0, ``init_std``^2) weights and biases).
+        init: ``default`` (PyTorch's), ``normal`` (N(0, ``init_std``^2) weights and biases), ``glorot``
+            or ``stax`` (see :func:`~optimlab.models.init.initialise`).
         dropout: dropout probability after each hidden activation (0 disables it).
     """
 
