@@ -38,7 +38,7 @@ def initialise(module: nn.Module, init: str, std: float) -> None:
             if layer.bias is not None:
                 nn.init.normal_(layer.bias, 0.0, std)
         elif init == "glorot":
-            nn.init.normal_(layer.weight, 0.0, glorot_std(layer.weight))
+            nn.init.xavier_normal_(layer.weight)
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
         else:
