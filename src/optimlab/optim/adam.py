@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimlab.optim.base import Optimizer, ParamsT, check_range, foreach_into, zeros_state, zeros_step
+from optimlab.optim.base import (Optimizer, ParamsT, as_hyperparameter, check_hyperparameter, check_lr, foreach_into,
+                                 mul_scaled_, nonzero, scalar, zeros_state, zeros_step)
 
 
 class Adam(Optimizer):
@@ -24,27 +25,46 @@ class Adam(Optimizer):
         vmax_t  <- max(vmax_{t-1}, v_t)                     (amsgrad; used instead of v_t below)
         theta_t <- theta_{t-1} - lr / (1 - beta1^t) * m_t / (sqrt(v_t) / sqrt(1 - beta2^t) + eps)
 
-    State: ``step`` (float32 CPU tensor), ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad).
+    State: ``step`` (a CPU scalar tensor), ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad).
 
     Difference from the TF1 / Kingma–Ba "efficient" form used in the TensorFlow notebook
     (``lr_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t)``; ``theta -= lr_t * m / (sqrt(v) + eps_hat)``):
     there epsilon ("epsilon hat") is added to the *uncorrected* ``sqrt(v)``, here to the
     bias-corrected one. The two agree when ``eps = eps_hat / sqrt(1 - beta2^t)``, so TF's
     epsilon weighs up to ``1/sqrt(1 - beta2)`` (about 32x for beta2=0.999) more in early steps.
+
+    Args:
+        params: parameters or parameter groups (a group may be member-wise, see
+            :class:`~optimlab.optim.Optimizer`: then ``lr`` and ``weight_decay`` may hold one value per member).
+        lr: learning rate (>= 0; a number or a 1-element tensor). betas: (beta1, beta2), each in
+            [0, 1); both numbers or both 1-element tensors. eps: >= 0. weight_decay: >= 0 (a number
+            or a 1-element tensor). amsgrad: use the running maximum of the second moment.
+        foreach, capturable, differentiable, fused: torch.optim's implementation switches, accepted
+            for compatibility (see base); unlike torch.optim, a tensor ``lr`` also works with
+            ``foreach=True``. maximize: ascend instead of descend. decoupled_weight_decay: AdamW.
+        grad_noise_std: Gaussian gradient noise (see base).
     """
 
-    def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
-                 maximize: bool = False, decoupled_weight_decay: bool = False,
-                 grad_noise_std: float = 0.0) -> None:
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3,
+                 betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float | Tensor = 0.0, amsgrad: bool = False, *, foreach: bool | None = None,
+                 maximize: bool = False, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None, decoupled_weight_decay: bool = False, grad_noise_std: float = 0.0) -> None:
+        check_lr(lr)
+        check_hyperparameter("epsilon value", eps)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
-        check_range("beta1 (betas[0])", betas[0], 0.0, 1.0, high_open=True)
-        check_range("beta2 (betas[1])", betas[1], 0.0, 1.0, high_open=True)
-        check_range("eps", eps, 0.0)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
-                        grad_noise_std=grad_noise_std)
+        for i, beta in enumerate(betas):
+            check_hyperparameter(f"beta parameter at index {i}", beta, 0.0, 1.0, high_open=True,
+                                 tensor_name=f"betas[{i}]")
+        check_hyperparameter("weight_decay value", weight_decay, tensor_name="weight_decay")
+        if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+            raise ValueError("betas must be either both floats or both Tensors (got "
+                             f"{type(betas[0]).__name__} and {type(betas[1]).__name__})")
+        defaults = dict(lr=lr, betas=(as_hyperparameter(betas[0]), as_hyperparameter(betas[1])), eps=eps,
+                        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, foreach=foreach,
+                        capturable=capturable, differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay, grad_noise_std=grad_noise_std)
         super().__init__(params, defaults)
 
     def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
@@ -61,13 +81,15 @@ class Adam(Optimizer):
         steps = self._advance_steps(states)
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        if group["weight_decay"] != 0 and group["decoupled_weight_decay"]:
-            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+        if group["decoupled_weight_decay"] and nonzero(group["weight_decay"]):
+            mul_scaled_(params, 1 - lr * group["weight_decay"])
+        # torch.optim casts a tensor beta1 to the parameters' dtype before forming 1 - beta1.
+        beta1_like_params = beta1.to(params[0].dtype) if isinstance(beta1, Tensor) else beta1
+        torch._foreach_lerp_(exp_avgs, grads, scalar(1 - beta1_like_params))
+        torch._foreach_mul_(exp_avg_sqs, scalar(beta2))
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, scalar(1 - beta2))
         minus_step_size = [-(lr / (1 - beta1**t)) for t in steps]
-        bias_correction2_sqrt = [(1 - beta2**t) ** 0.5 for t in steps]
+        bias_correction2_sqrt = [scalar((1 - beta2**t) ** 0.5) for t in steps]
         second = exp_avg_sqs
         if group["amsgrad"]:
             # A state_dict from a run without amsgrad has no max_exp_avg_sq yet: start it at zero.
@@ -76,4 +98,4 @@ class Adam(Optimizer):
         denom = foreach_into(self._scratch(params, "denom"), torch._foreach_sqrt, torch.sqrt, second)
         torch._foreach_div_(denom, bias_correction2_sqrt)
         torch._foreach_add_(denom, group["eps"])
-        torch._foreach_addcdiv_(params, exp_avgs, denom, minus_step_size)
+        self._addcdiv_scaled_(params, exp_avgs, denom, minus_step_size)

@@ -1,151 +1,122 @@
-"""What our optimizers share: argument checks, the step() protocol, grouping, gradient noise and
-the CPU's reusable scratch buffers.
+"""What our optimizers share: argument checks, the step() protocol, grouping, hyperparameters given
+as tensors (torch.optim's tensor ``lr``, and one value per member in a member-wise group), gradient
+noise and the CPU's reusable scratch buffers.
 
-Each optimizer subclasses :class:`Optimizer` and writes only its update rule, as multi-tensor
-``torch._foreach_*`` calls over one (device, dtype) bucket of parameters at a time.
+Each optimizer subclasses :class:`Optimizer` and writes only its state initialisation and update
+rule, as multi-tensor ``torch._foreach_*`` calls over one (device, dtype) bucket of parameters at a
+time. Where a hyperparameter scales a tensor, the rule calls :func:`add_scaled_`,
+:func:`mul_scaled_` or :meth:`Optimizer._addcdiv_scaled_`, which take the coefficient in any of the
+forms described in :class:`Optimizer`.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
+# A coefficient of the update: a Python number; a 0-d tensor (a tensor lr: torch.optim does its
+# arithmetic in the tensor's dtype, then uses its value); or, in a member-wise group, a 1-D tensor
+# holding one value per member.
+Coef = float | Tensor
+
+# Implementation switches of torch.optim that we accept for drop-in compatibility. We have one
+# implementation (multi-tensor): foreach may be None, False or True; the others only off.
+UNSUPPORTED_WHEN_ON = ("fused", "capturable", "differentiable")
 
 
-def check_range(name: str, value: Any, low: float, high: float = math.inf, *, high_open: bool = False) -> None:
-    """Raise ``ValueError`` unless ``low <= value <= high`` (``< high`` when ``high_open``); NaN fails."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value
-    ok = ok and (value < high if high_open else value <= high)
-    if not ok or (high == math.inf and not math.isfinite(value)):
-        bound = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
-        raise ValueError(f"Invalid {name}: {value!r} (must be a finite number in {bound})")
+def scalar_dtype() -> torch.dtype:
+    """The dtype of a ``step`` counter, as torch.optim chooses it (float64 only under a float64 default)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-class Optimizer(torch.optim.Optimizer):
-    """Base class: ``step(closure)`` calls the closure under grad mode, returns its loss, skips
-    parameters whose ``grad`` is None and hands each (device, dtype) bucket to :meth:`_update`.
+def zeros_step() -> Tensor:
+    """A fresh ``step`` counter, as torch.optim stores it (a scalar on the CPU)."""
+    return torch.tensor(0.0, dtype=scalar_dtype())
 
-    Complex parameters are updated as pairs of reals with complex state, as torch.optim does.
 
-    Every subclass takes ``grad_noise_std`` (default 0, off): Gaussian noise of that standard
-    deviation is added to each gradient before the update (the Keras notebook's experiment). The
-    noise draws from torch's global generator, so a seeded run is reproducible.
+def check_hyperparameter(label: str, value: Any, low: float = 0.0, high: float = math.inf, *,
+                         high_open: bool = False, tensor_name: str | None = None) -> None:
+    """Raise ``ValueError("Invalid <label>: <value> (...)")`` unless ``low <= value <= high`` (``< high``
+    when ``high_open``); NaN and infinities fail. The message starts with torch.optim's words, so code
+    matching torch's errors matches ours; the parenthesis gives our rule.
+
+    With ``tensor_name`` the value may also be a 1-element tensor (torch.optim's tensor ``lr``, ``betas``,
+    ``weight_decay``); other tensors fail with torch's ``"Tensor <name> must be 1-element"``.
     """
+    if isinstance(value, Tensor) and tensor_name is not None:
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {tensor_name} must be 1-element (got shape {list(value.shape)}; one value per "
+                             "member needs a member-wise group, see optimlab.optim.Optimizer)")
+        number: Any = value.item()
+    else:
+        number = value
+    ok = isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number)
+    if not (ok and low <= number and (number < high if high_open else number <= high)):
+        bound = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
+        raise ValueError(f"Invalid {label}: {value} (must be a finite number in {bound})")
 
-    def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
-        check_range("lr", defaults["lr"], 0.0)
-        check_range("weight_decay", defaults.get("weight_decay", 0.0), 0.0)
-        check_range("grad_noise_std", defaults.get("grad_noise_std", 0.0), 0.0)
-        super().__init__(params, defaults)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # A state_dict saved by torch.optim lacks our extra keys (grad_noise_std): fill defaults.
-        super().__setstate__(state)
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+def check_lr(lr: Any) -> None:
+    """torch.optim's checks of ``lr`` (a number or a 1-element tensor, >= 0), in its words."""
+    check_hyperparameter("learning rate", lr, tensor_name="lr")
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
-            for p in group["params"]:
-                if p.grad is not None:
-                    if p.grad.is_sparse:
-                        raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                    buckets[(p.device, p.dtype)].append(p)
-            for (_, dtype), params in buckets.items():
-                states = [self._state_for(p, group) for p in params]
-                grads = [p.grad for p in params]
-                if dtype.is_complex:
-                    self._update_as_real(group, params, grads, states)
-                else:
-                    self._update(group, params, self._prepared_grads(group, params, grads), states)
-        return loss
 
-    def _update_as_real(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                        states: list[dict[str, Any]]) -> None:
-        """Update complex parameters as torch.optim does: as pairs of reals (``view_as_real``), so
-        squares and square roots act on the real and imaginary parts separately. State stays
-        complex (torch.optim's dtypes); tensors the update creates are stored back as complex."""
-        views = [{k: torch.view_as_real(v) if isinstance(v, Tensor) and v.is_complex() else v
-                  for k, v in state.items()} for state in states]
-        before = [dict(view) for view in views]
-        real_params = [torch.view_as_real(p) for p in params]
-        grads = self._prepared_grads(group, real_params, [torch.view_as_real(g) for g in grads])
-        self._update(group, real_params, grads, views)
-        for state, view, old in zip(states, views, before):
-            for key, value in view.items():
-                if value is not old.get(key):
-                    state[key] = torch.view_as_complex(value) if isinstance(value, Tensor) else value
+def as_hyperparameter(value: Any) -> Any:
+    """A 1-element tensor as a 0-d tensor (as torch.optim stores tensor betas); anything else as is."""
+    return value.reshape(()) if isinstance(value, Tensor) else value
 
-    def _prepared_grads(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-        """The gradients the update rule sees: negated for ``maximize``, plus noise, plus L2 decay.
 
-        ``p.grad`` itself is never modified; any change works on a copy, as torch.optim does.
-        """
-        decay = group["weight_decay"] != 0 and not group.get("decoupled_weight_decay", False)
-        if not (group["maximize"] or group["grad_noise_std"] > 0 or decay):
-            return grads
-        out = self._scratch(params, "grad")
-        if group["maximize"]:
-            grads = foreach_into(out, torch._foreach_neg, torch.neg, grads)
-        if group["grad_noise_std"] > 0:
-            noise = [torch.randn_like(g) for g in grads]
-            grads = foreach_into(out, torch._foreach_add, torch.add, grads, noise, alpha=group["grad_noise_std"])
-        if decay:
-            grads = foreach_into(out, torch._foreach_add, torch.add, grads, params, alpha=group["weight_decay"])
-        return grads
+def scalar(value: Coef) -> float:
+    """A coefficient as the multi-tensor ops take it: a Python number (a 0-d tensor gives its value)."""
+    return value.item() if isinstance(value, Tensor) else value
 
-    def _scratch(self, params: list[Tensor], slot: str) -> list[Tensor] | None:
-        """Buffers for an update's parameter-sized temporaries (one set per ``slot``), reused from
-        step to step on the CPU; None on other devices, whose caching allocators make fresh
-        temporaries free. On the CPU, fresh multi-megabyte temporaries every step made steps up to
-        1.6x slower at random: glibc may hand large freed blocks back to the OS, and every new one
-        then page-faults in again (measured: up to 140 faults a step). Not state: never saved.
-        Keyed by the bucket's dtype and shapes, not by tensor (complex parameters arrive as fresh
-        real views each step); buckets are updated one after another, so they may share buffers."""
-        if params[0].device.type != "cpu":
-            return None
-        key = (slot, params[0].dtype, tuple(p.shape for p in params))
-        cache = self.__dict__.setdefault("_scratch_buffers", {})
-        out = cache.get(key)
-        if out is None:
-            out = cache[key] = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
-        return out
 
-    def _state_for(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        state = self.state[p]
-        if not state:
-            self._init_state(p, group, state)
-        return state
+def nonzero(value: Coef) -> bool:
+    """Whether a coefficient is nonzero (for one value per member: for any member)."""
+    return bool((value != 0).any()) if isinstance(value, Tensor) else value != 0
 
-    @staticmethod
-    def _advance_steps(states: list[dict[str, Any]]) -> list[float]:
-        """Increment each parameter's float32 ``step`` tensor (kept on the CPU, as torch.optim
-        keeps it) and return the new counts as Python floats for the scalar arithmetic."""
-        steps = [s["step"] for s in states]
-        torch._foreach_add_(steps, 1.0)
-        return [float(t) for t in steps]
 
-    def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        """Fill a parameter's state on its first update (torch.optim's keys and dtypes)."""
-        raise NotImplementedError
+def per_member(value: Any) -> bool:
+    """Whether a coefficient holds one value per member (a 1-D tensor; see :class:`Optimizer`)."""
+    return isinstance(value, Tensor) and value.dim() == 1
 
-    def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                states: list[dict[str, Any]]) -> None:
-        """Apply one update to ``params`` (one device and dtype) given prepared ``grads``."""
-        raise NotImplementedError
+
+def member_views(value: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """One value per member, shaped ``[P, 1, ...]`` to broadcast over each tensor's dim 0, in the
+    dtype the tensor's ops compute in (float32 for 16-bit floats), as a scalar would be used."""
+    views = []
+    for t in like:
+        coef = value.to(dtype=torch.promote_types(t.dtype, torch.float32))
+        views.append(coef.view((-1,) + (1,) * (t.dim() - 1)))
+    return views
+
+
+def add_scaled_(targets: list[Tensor], tensors: list[Tensor], scale: Coef) -> None:
+    """``targets += scale * tensors``."""
+    if per_member(scale):
+        torch._foreach_addcmul_(targets, tensors, member_views(scale, targets))
+    else:
+        torch._foreach_add_(targets, tensors, alpha=scalar(scale))
+
+
+def add_scaled(out: list[Tensor] | None, xs: list[Tensor], ys: list[Tensor], scale: Coef) -> list[Tensor]:
+    """``xs + scale * ys``, into ``out`` when given (see :func:`foreach_into`)."""
+    if per_member(scale):
+        return foreach_into(out, torch._foreach_addcmul, torch.addcmul, xs, ys, member_views(scale, ys))
+    return foreach_into(out, torch._foreach_add, torch.add, xs, ys, alpha=scalar(scale))
+
+
+def mul_scaled_(targets: list[Tensor], scale: Coef) -> None:
+    """``targets *= scale``."""
+    torch._foreach_mul_(targets, member_views(scale, targets) if per_member(scale) else scalar(scale))
 
 
 def foreach_into(out: list[Tensor] | None, foreach_op: Callable[..., list[Tensor]], op: Callable[..., Tensor],
@@ -170,6 +141,243 @@ def zeros_state(states: list[dict[str, Any]], key: str, params: list[Tensor]) ->
     return [state[key] for state in states]
 
 
-def zeros_step() -> Tensor:
-    """A fresh ``step`` counter, as torch.optim stores it (float32 scalar on the CPU)."""
-    return torch.tensor(0.0, dtype=torch.float32)
+class Optimizer(torch.optim.Optimizer):
+    """Base class: ``step(closure)`` calls the closure under grad mode, returns its loss, skips
+    parameters whose ``grad`` is None and hands each (device, dtype) bucket to :meth:`_update`.
+
+    **Drop-in for torch.optim.** Argument checks raise torch's errors with torch's message first.
+    ``lr`` (and ``weight_decay``) may be a 1-element tensor, also set in a param group later (for
+    example by an LR scheduler): it is used as torch.optim's for-loop path uses it (its arithmetic
+    in the tensor's dtype, then its value), so trajectories match torch's. The implementation
+    switches ``foreach`` (None, False or True: ours is always multi-tensor), ``fused``,
+    ``capturable`` and ``differentiable`` (None or False only) are accepted and stored like torch's,
+    so state_dicts interchange with the same keys. Complex parameters are updated as pairs of reals
+    with complex state; sparse gradients work where torch.optim takes them (SGD, Adagrad).
+    ``load_state_dict`` fills keys an older state_dict lacks with the constructor's default (the
+    option off) and turns a ``step`` saved as a number into a tensor, as torch.optim does.
+
+    **Member-wise groups** (population training). A param group with the key ``members: P`` (an
+    int) holds parameters that stack P independent members along dim 0: every parameter has shape
+    ``[P, ...]``. Its ``lr`` and ``weight_decay`` may then be 1-D tensors of length P (a number or
+    1-element tensor applies to every member). One step equals P optimizers, member m's with
+    ``lr[m]`` and ``weight_decay[m]``, each stepping slice m; to float64 rounding (within 1e-12
+    relative: a product by a per-member coefficient rounds once more than torch's ``add`` with a
+    scalar ``alpha``). Slice m of every state tensor is member m's state; the ``step`` count is
+    shared (all members step together). Every operation is elementwise, so nothing crosses
+    members: a member that must stop (diverged) is frozen by setting its ``lr`` to 0 and zeroing
+    its gradient, and NaN or infinity in it never reaches the others. The tensors are used in
+    float64 on the parameters' device (copied there each step when they live elsewhere; P numbers).
+    Without ``members`` a tensor ``lr`` with more than one element is torch's error ("Tensor lr
+    must be 1-element"), and a group without the key behaves exactly as without this feature.
+    LR schedulers write one number into ``lr`` and so do not apply to member-wise groups; set
+    ``group["lr"]`` yourself. Sparse gradients are not supported in member-wise groups.
+
+    Every subclass takes ``grad_noise_std`` (default 0, off): Gaussian noise of that standard
+    deviation is added to each gradient before the update (the Keras notebook's experiment). The
+    noise draws from torch's global generator, so a seeded run is reproducible.
+    """
+
+    # Whether the update rule takes sparse gradients (torch.optim's SGD and Adagrad do).
+    supports_sparse_grads: ClassVar[bool] = False
+
+    def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+        check_hyperparameter("grad_noise_std value", defaults.get("grad_noise_std", 0.0))
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for flag in UNSUPPORTED_WHEN_ON:
+            if group.get(flag):
+                raise ValueError(f"{flag}=True is not supported: optimlab's {type(self).__name__} has one "
+                                 f"implementation (multi-tensor, not {flag}); leave {flag} unset or False")
+        members = group.get("members")
+        if members is not None:
+            if not isinstance(members, int) or isinstance(members, bool) or members < 1:
+                raise ValueError(f"Invalid members value: {members!r} (must be a positive int, the size of "
+                                 "dim 0 of every parameter in the group)")
+            for p in group["params"]:
+                if p.dim() == 0 or p.shape[0] != members:
+                    raise ValueError(f"members={members}: every parameter of the group must have shape "
+                                     f"[{members}, ...], got {list(p.shape)}")
+        for key in ("lr", "weight_decay"):
+            value = group.get(key)
+            if isinstance(value, Tensor):
+                member_tensor(key, value, members)
+                if not bool(torch.isfinite(value).all() and (value >= 0).all()):
+                    label = "learning rate" if key == "lr" else f"{key} value"
+                    raise ValueError(f"Invalid {label}: {value} (every value must be a finite number >= 0)")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # A key an older state_dict lacks (or torch.optim's lacks: grad_noise_std) means the option
+        # did not exist when it was saved: the option off, the constructor's default.
+        fill = self._constructor_defaults()
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, fill.get(key, value))
+            for p in group["params"]:  # older state_dicts store step as a number
+                p_state = self.state.get(p)
+                if p_state and "step" in p_state and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=scalar_dtype())
+
+    @classmethod
+    @functools.cache
+    def _constructor_defaults(cls) -> dict[str, Any]:
+        return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            buckets: dict[tuple[torch.device, torch.dtype, bool], list[Tensor]] = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is not None:
+                    buckets[(p.device, p.dtype, p.grad.is_sparse)].append(p)
+            for (device, dtype, sparse), params in buckets.items():
+                hyper = self._hyperparameters(group, device)
+                if sparse:
+                    self._check_sparse(hyper)
+                states = [self._state_for(p, hyper) for p in params]
+                grads = [p.grad for p in params]
+                if dtype.is_complex:
+                    self._update_as_real(hyper, params, grads, states)
+                else:
+                    self._update(hyper, params, self._prepared_grads(hyper, params, grads), states)
+        return loss
+
+    def _hyperparameters(self, group: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        """The group as the update rule reads it: the group itself when ``lr`` and ``weight_decay``
+        are numbers (the fast path); else a copy with 1-element tensors as 0-d tensors and
+        member-wise ones in float64 on ``device``. Checked here too: ``lr`` may be set at any time."""
+        lr, decay, members = group["lr"], group.get("weight_decay", 0.0), group.get("members")
+        if members is None and not isinstance(lr, Tensor) and not isinstance(decay, Tensor):
+            return group
+        hyper = dict(group)
+        for key in ("lr", "weight_decay"):
+            value = group.get(key)
+            if isinstance(value, Tensor):
+                value = member_tensor(key, value, members)
+                hyper[key] = value.to(device=device, dtype=torch.float64) if value.dim() else value
+        return hyper
+
+    def _check_sparse(self, group: dict[str, Any]) -> None:
+        if not self.supports_sparse_grads:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        if group.get("members") is not None:
+            raise RuntimeError("sparse gradients are not supported in a member-wise group")
+
+    def _update_as_real(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                        states: list[dict[str, Any]]) -> None:
+        """Update complex parameters as torch.optim does: as pairs of reals (``view_as_real``), so
+        squares and square roots act on the real and imaginary parts separately. State stays
+        complex (torch.optim's dtypes); tensors the update creates are stored back as complex."""
+        views = [{k: torch.view_as_real(v) if isinstance(v, Tensor) and v.is_complex() else v
+                  for k, v in state.items()} for state in states]
+        before = [dict(view) for view in views]
+        real_params = [torch.view_as_real(p) for p in params]
+        grads = self._prepared_grads(group, real_params, [torch.view_as_real(g) for g in grads])
+        self._update(group, real_params, grads, views)
+        for state, view, old in zip(states, views, before):
+            for key, value in view.items():
+                if value is not old.get(key):
+                    state[key] = torch.view_as_complex(value) if isinstance(value, Tensor) else value
+
+    def _prepared_grads(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        """The gradients the update rule sees: negated for ``maximize``, plus noise, plus L2 decay.
+
+        ``p.grad`` itself is never modified; any change works on a copy, as torch.optim does.
+        """
+        decay = group["weight_decay"]
+        l2 = not group.get("decoupled_weight_decay", False) and nonzero(decay)
+        noise = group["grad_noise_std"]
+        if not (group["maximize"] or noise > 0 or l2):
+            return grads
+        if grads[0].is_sparse and (noise > 0 or l2):
+            raise RuntimeError("weight_decay option is not compatible with sparse gradients"
+                               if l2 else "grad_noise_std is not supported with sparse gradients")
+        out = self._scratch(grads, "grad")
+        if group["maximize"]:
+            grads = foreach_into(out, torch._foreach_neg, torch.neg, grads)
+        if noise > 0:
+            noise_draws = [torch.randn_like(g) for g in grads]
+            grads = foreach_into(out, torch._foreach_add, torch.add, grads, noise_draws, alpha=noise)
+        if l2:
+            grads = add_scaled(out, grads, params, decay)
+        return grads
+
+    def _addcdiv_scaled_(self, targets: list[Tensor], tensor1: list[Tensor], tensor2: list[Tensor],
+                         scale: Coef | list[Coef]) -> None:
+        """``targets += scale * tensor1 / tensor2``; ``scale`` one coefficient or one per target."""
+        first = scale[0] if isinstance(scale, list) else scale
+        if per_member(first):
+            scales = scale if isinstance(scale, list) else [scale] * len(targets)
+            views = [member_views(s, [t])[0] for s, t in zip(scales, targets)]
+            # Scale first, then divide: the order of torch's addcdiv (value * tensor1 / tensor2).
+            scaled = foreach_into(self._scratch(targets, "scaled"), torch._foreach_mul, torch.mul, tensor1, views)
+            torch._foreach_addcdiv_(targets, scaled, tensor2)
+        elif isinstance(scale, list):
+            torch._foreach_addcdiv_(targets, tensor1, tensor2, [scalar(s) for s in scale]
+                                    if isinstance(first, Tensor) else scale)
+        else:
+            torch._foreach_addcdiv_(targets, tensor1, tensor2, value=scalar(scale))
+
+    def _scratch(self, like: list[Tensor], slot: str) -> list[Tensor] | None:
+        """Buffers for an update's temporaries shaped like ``like`` (one set per ``slot``), reused from
+        step to step on the CPU; None on other devices, whose caching allocators make fresh
+        temporaries free, and for sparse tensors. On the CPU, fresh multi-megabyte temporaries
+        every step made steps up to 1.6x slower at random: glibc may hand large freed blocks back
+        to the OS, and every new one then page-faults in again (measured: up to 140 faults a step).
+        Not state: never saved. Keyed by the bucket's dtype and shapes, not by tensor (complex
+        parameters arrive as fresh real views each step); buckets are updated one after another,
+        so they may share buffers."""
+        first = like[0]
+        if first.device.type != "cpu" or first.is_sparse:
+            return None
+        key = (slot, first.dtype, tuple(t.shape for t in like))
+        cache = self.__dict__.setdefault("_scratch_buffers", {})
+        out = cache.get(key)
+        if out is None:
+            out = cache[key] = [torch.empty_like(t, memory_format=torch.preserve_format) for t in like]
+        return out
+
+    def _state_for(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            self._init_state(p, group, state)
+        return state
+
+    @staticmethod
+    def _advance_steps(states: list[dict[str, Any]]) -> list[float]:
+        """Increment each parameter's ``step`` tensor (kept on the CPU, as torch.optim keeps it)
+        and return the new counts as Python floats for the scalar arithmetic."""
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1.0)
+        return [float(t) for t in steps]
+
+    def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        """Fill a parameter's state on its first update (torch.optim's keys and dtypes)."""
+        raise NotImplementedError
+
+    def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                states: list[dict[str, Any]]) -> None:
+        """Apply one update to ``params`` (one device and dtype) given prepared ``grads``."""
+        raise NotImplementedError
+
+
+def member_tensor(key: str, value: Tensor, members: int | None) -> Tensor:
+    """A tensor hyperparameter of a group checked for its shape: a 1-element tensor as a 0-d tensor
+    (any group), else it must hold one value per member (``[P]`` in a group with ``members: P``)."""
+    if value.numel() == 1:
+        return value.reshape(())
+    if members is None:
+        raise ValueError(f"Tensor {key} must be 1-element (got shape {list(value.shape)}; for one value per "
+                         "member, stack the members along dim 0 and give the group a 'members' key)")
+    if value.shape != (members,):
+        raise ValueError(f"Tensor {key} must be 1-element or hold one value per member: shape [{members}] "
+                         f"for members={members}, got {list(value.shape)}")
+    return value

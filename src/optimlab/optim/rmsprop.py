@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimlab.optim.base import Optimizer, ParamsT, check_range, foreach_into, zeros_state, zeros_step
+from optimlab.optim.base import (Optimizer, ParamsT, add_scaled_, check_hyperparameter, check_lr, foreach_into,
+                                 zeros_state, zeros_step)
 
 
 class RMSprop(Optimizer):
@@ -21,22 +22,36 @@ class RMSprop(Optimizer):
         b_t     <- momentum * b_{t-1} + g_t / d_t;  theta_t <- theta_{t-1} - lr * b_t   (momentum > 0)
         theta_t <- theta_{t-1} - lr * g_t / d_t                                          (otherwise)
 
-    State: ``step`` (float32 CPU tensor), ``square_avg``, ``momentum_buffer`` (momentum > 0),
+    State: ``step`` (a CPU scalar tensor), ``square_avg``, ``momentum_buffer`` (momentum > 0),
     ``grad_avg`` (centered).
 
     Differences from the notebooks: TensorFlow's ``RMSPropOptimizer`` and the numpy notebook put
     epsilon *inside* the square root (``sqrt(v + eps)``) and use ``alpha`` ("decay", "beta") 0.9;
     PyTorch adds eps outside and defaults to ``alpha=0.99``. TF1 also starts ``v`` at 1, not 0.
+
+    Args:
+        params: parameters or parameter groups (a group may be member-wise, see
+            :class:`~optimlab.optim.Optimizer`: then ``lr`` and ``weight_decay`` may hold one value per member).
+        lr: learning rate (>= 0; a number or a 1-element tensor). alpha: smoothing constant in [0, 1].
+        eps: >= 0. weight_decay: L2 (>= 0; a number or a 1-element tensor). momentum: >= 0.
+        centered: normalise by the estimated variance instead of the second moment.
+        capturable, foreach, differentiable: torch.optim's implementation switches, accepted for
+            compatibility (see base). maximize: ascend instead of descend. grad_noise_std:
+            Gaussian gradient noise (see base).
     """
 
-    def __init__(self, params: ParamsT, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
-                 weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False, *,
-                 maximize: bool = False, grad_noise_std: float = 0.0) -> None:
-        check_range("alpha", alpha, 0.0, 1.0)
-        check_range("eps", eps, 0.0)
-        check_range("momentum", momentum, 0.0)
-        defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
-                        centered=centered, maximize=maximize, grad_noise_std=grad_noise_std)
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float | Tensor = 0.0, momentum: float = 0.0, centered: bool = False,
+                 capturable: bool = False, foreach: bool | None = None, maximize: bool = False,
+                 differentiable: bool = False, *, grad_noise_std: float = 0.0) -> None:
+        check_lr(lr)
+        check_hyperparameter("epsilon value", eps)
+        check_hyperparameter("momentum value", momentum)
+        check_hyperparameter("weight_decay value", weight_decay, tensor_name="weight_decay")
+        check_hyperparameter("alpha value", alpha, 0.0, 1.0)
+        defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered, weight_decay=weight_decay,
+                        capturable=capturable, foreach=foreach, maximize=maximize, differentiable=differentiable,
+                        grad_noise_std=grad_noise_std)
         super().__init__(params, defaults)
 
     def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
@@ -67,6 +82,6 @@ class RMSprop(Optimizer):
             bufs = zeros_state(states, "momentum_buffer", params)
             torch._foreach_mul_(bufs, group["momentum"])
             torch._foreach_addcdiv_(bufs, grads, avg)
-            torch._foreach_add_(params, bufs, alpha=-lr)
+            add_scaled_(params, bufs, -lr)
         else:
-            torch._foreach_addcdiv_(params, grads, avg, value=-lr)
+            self._addcdiv_scaled_(params, grads, avg, -lr)

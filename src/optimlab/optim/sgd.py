@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimlab.optim.base import Optimizer, ParamsT, check_range, foreach_into
+from optimlab.optim.base import Optimizer, ParamsT, add_scaled_, check_hyperparameter, check_lr, foreach_into
 
 
 class SGD(Optimizer):
@@ -29,21 +29,34 @@ class SGD(Optimizer):
     the two agree only while lr is constant.
 
     Args:
-        params: parameters or parameter groups.
-        lr: learning rate (>= 0). momentum: >= 0. dampening: for momentum. weight_decay: L2 (>= 0).
+        params: parameters or parameter groups (a group may be member-wise, see
+            :class:`~optimlab.optim.Optimizer`: then ``lr`` and ``weight_decay`` may hold one value per member).
+        lr: learning rate (>= 0; a number or a 1-element tensor). momentum: >= 0.
+        dampening: for momentum (>= 0). weight_decay: L2 (>= 0; a number or a 1-element tensor).
         nesterov: Nesterov momentum (needs momentum > 0 and dampening = 0).
-        maximize: ascend instead of descend. grad_noise_std: Gaussian gradient noise (see base).
+        maximize: ascend instead of descend. foreach, differentiable, fused: torch.optim's
+            implementation switches, accepted for compatibility (see base). grad_noise_std:
+            Gaussian gradient noise (see base).
+
+    Sparse gradients are supported, as in torch.optim (not with ``weight_decay``).
     """
 
-    def __init__(self, params: ParamsT, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+    supports_sparse_grads = True
+
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float | Tensor = 0.0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
                  grad_noise_std: float = 0.0) -> None:
-        check_range("momentum", momentum, 0.0)
-        check_range("dampening", dampening, 0.0)
+        check_lr(lr)
+        check_hyperparameter("momentum value", momentum)
+        check_hyperparameter("dampening value", dampening)
+        check_hyperparameter("weight_decay value", weight_decay, tensor_name="weight_decay")
         if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening "
+                             f"(momentum > 0 and dampening = 0; got {momentum} and {dampening})")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, maximize=maximize, grad_noise_std=grad_noise_std)
+                        nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
+                        fused=fused, grad_noise_std=grad_noise_std)
         super().__init__(params, defaults)
 
     def _state_for(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
@@ -66,8 +79,8 @@ class SGD(Optimizer):
                     s["momentum_buffer"] = torch.clone(g).detach()
             bufs = [s["momentum_buffer"] for s in states]
             if group["nesterov"]:  # into the "grad" scratch, which the prepared gradients may be already
-                grads = foreach_into(self._scratch(params, "grad"), torch._foreach_add, torch.add, grads, bufs,
+                grads = foreach_into(self._scratch(grads, "grad"), torch._foreach_add, torch.add, grads, bufs,
                                      alpha=momentum)
             else:
                 grads = bufs
-        torch._foreach_add_(params, grads, alpha=-group["lr"])
+        add_scaled_(params, grads, -group["lr"])
