@@ -550,7 +550,9 @@ INVALID = [
 
 @pytest.mark.parametrize("cls,kw", [pytest.param(c, k, id=f"{c.__name__}-{k}") for c, k in INVALID])
 def test_invalid_hyperparameters(cls: type, kw: dict[str, Any]) -> None:
-    with pytest.raises(ValueError):
+    # torch.optim's words first ("Invalid momentum value: -0.5"), our rule after them.
+    with pytest.raises(ValueError, match=r"^(Invalid [a-z_ ]+\d?: \S+ \(must be |Nesterov momentum requires a momentum "
+                                         r"and zero dampening \()"):
         cls(make_params(), **kw)
 
 

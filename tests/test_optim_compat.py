@@ -1,0 +1,220 @@
+"""Drop-in details of optimlab.optim against torch.optim beyond the option grids of test_optim:
+sparse gradients, a tensor lr put into a param group later, Adam's tensor betas, torch's
+implementation switches, older state_dicts and copies of an optimizer. float64 and float32 CPU
+tensors; torch.optim's default CPU path is the reference, matched bitwise."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from typing import Any
+
+import pytest
+import torch
+
+from optimlab.optim import SGD, Adagrad, Adam, RMSprop
+from test_optim import (LR, OURS, RICH_CASES, TORCH, assert_state_close, assert_traj_close, clone_params, make_grads,
+                        make_params, run)
+
+EXACT = dict(rtol=0.0, atol=0.0)
+
+
+# --------------------------------------------------------------------------- sparse gradients
+
+
+def sparse_grads(n_steps: int = 40, seed: int = 2) -> list[list[torch.Tensor]]:
+    """Uncoalesced sparse gradients of a [6] and a [5, 3] parameter: each step touches a few rows,
+    some twice (the values of a repeated index add up)."""
+    g = torch.Generator().manual_seed(seed)
+    seq = []
+    for _ in range(n_steps):
+        step = []
+        for shape in ((6,), (5, 3)):
+            rows = torch.randint(0, shape[0], (4,), generator=g)
+            values = torch.randn((4, *shape[1:]), generator=g, dtype=torch.float64)
+            step.append(torch.sparse_coo_tensor(rows.unsqueeze(0), values, shape))
+        seq.append(step)
+    return seq
+
+
+SPARSE_CASES = [
+    ("SGD", {}), ("SGD", dict(momentum=0.9, dampening=0.2)), ("SGD", dict(momentum=0.9, nesterov=True)),
+    ("SGD", dict(maximize=True)), ("Adagrad", {}), ("Adagrad", dict(lr_decay=0.05, initial_accumulator_value=0.1)),
+    ("Adagrad", dict(maximize=True, eps=1e-3)),
+]
+
+
+@pytest.mark.parametrize("name,kw", SPARSE_CASES)
+def test_sparse_gradients_match_torch(name: str, kw: dict[str, Any]) -> None:
+    grads = sparse_grads()
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(6, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)]
+    results = []
+    for cls in (OURS[name], TORCH[name]):
+        ps = clone_params(init)
+        opt = cls(ps, lr=LR[name], **kw)
+        results.append((run(opt, ps, grads), opt, ps))
+    (traj, opt, ps), (traj_ref, opt_ref, ps_ref) = results
+    assert_traj_close(traj, traj_ref, EXACT)
+    assert_state_close(opt, opt_ref, ps, ps_ref, EXACT)
+    for p, g in zip(ps, grads[-1]):  # the last gradients, as set, untouched by the step
+        assert p.grad.is_sparse and torch.equal(p.grad.to_dense(), g.to_dense())
+    # SGD's update is linear in the gradient: given dense, the same gradients reach the same place
+    # (to rounding: repeated indices are summed in another order). Adagrad's dense rule differs.
+    if name == "SGD":
+        ps_dense = clone_params(init)
+        traj_dense = run(OURS[name](ps_dense, lr=LR[name], **kw), ps_dense, [[x.to_dense() for x in s] for s in grads])
+        assert_traj_close(traj, traj_dense, dict(rtol=1e-12, atol=1e-12))
+
+
+@pytest.mark.parametrize("cls", [Adam, RMSprop])
+def test_sparse_gradients_refused_like_torch(cls: type) -> None:
+    p = torch.zeros(4, requires_grad=True)
+    p.grad = torch.eye(4)[0].to_sparse()
+    with pytest.raises(RuntimeError, match=f"^{cls.__name__} does not support sparse gradients"):
+        cls([p]).step()
+
+
+@pytest.mark.parametrize("cls", [SGD, Adagrad])
+def test_sparse_gradients_with_weight_decay_refused(cls: type) -> None:
+    p = torch.zeros(4, requires_grad=True)
+    p.grad = torch.eye(4)[0].to_sparse()
+    with pytest.raises(RuntimeError, match="weight_decay option is not compatible with sparse gradients"):
+        cls([p], weight_decay=0.1).step()
+
+
+# --------------------------------------------------------------------------- tensor hyperparameters
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("name,kw", RICH_CASES)
+def test_tensor_lr_put_into_a_group_later(name: str, kw: dict[str, Any], dtype: torch.dtype) -> None:
+    """A float lr at construction, a 1-element float32 tensor from step 10 on, then a [1]-shaped
+    one from step 20 on (torch squeezes it): ours uses them as torch.optim does, bitwise."""
+    grads, init = make_grads(30, dtype=dtype), make_params(dtype)
+    results = []
+    for cls in (OURS[name], TORCH[name]):
+        ps = clone_params(init)
+        opt = cls(ps, lr=LR[name], **kw)
+
+        def switch(t: int, opt: torch.optim.Optimizer = opt) -> None:
+            if t == 9:
+                opt.param_groups[0]["lr"] = torch.tensor(LR[name] / 3)
+            if t == 19:
+                opt.param_groups[0]["lr"] = torch.tensor([LR[name] * 1.7])
+
+        results.append((run(opt, ps, grads, after_step=switch), opt, ps))
+    (traj, opt, ps), (traj_ref, opt_ref, ps_ref) = results
+    assert_traj_close(traj, traj_ref, EXACT)
+    assert_state_close(opt, opt_ref, ps, ps_ref, EXACT)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.3, 0.8)], ids=["betas=0.9/0.999", "betas=0.3/0.8"])
+@pytest.mark.parametrize("kw", [{}, dict(amsgrad=True, weight_decay=0.1, decoupled_weight_decay=True)],
+                         ids=["default", "amsgrad-adamw"])
+def test_adam_tensor_betas_and_lr(kw: dict[str, Any], betas: tuple[float, float], dtype: torch.dtype) -> None:
+    """float32 tensor betas and lr, as torch.optim uses them (its arithmetic in float32; 1 - beta1
+    in the parameters' dtype): bitwise equal also where 1 - beta1 is not exact in float32."""
+    grads, init = make_grads(30, dtype=dtype), make_params(dtype)
+    results = []
+    for cls in (Adam, torch.optim.Adam):
+        ps = clone_params(init)
+        opt = cls(ps, lr=torch.tensor(0.01), betas=(torch.tensor(betas[0]), torch.tensor([betas[1]])), **kw)
+        results.append((run(opt, ps, grads), opt, ps))
+    (traj, opt, ps), (traj_ref, opt_ref, ps_ref) = results
+    assert opt.defaults["betas"][1].shape == torch.Size([])
+    assert_traj_close(traj, traj_ref, EXACT)
+    assert_state_close(opt, opt_ref, ps, ps_ref, EXACT)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(betas=(0.9, torch.tensor(0.99))), "^betas must be either both floats or both Tensors"),
+    (dict(betas=(torch.tensor([0.9, 0.8]), torch.tensor(0.99))), r"^Tensor betas\[0\] must be 1-element"),
+    (dict(betas=(torch.tensor(1.0), torch.tensor(0.99))), "^Invalid beta parameter at index 0: 1.0 "),
+    (dict(lr=torch.tensor(-0.5)), "^Invalid learning rate: -0.5 "),
+])
+def test_adam_tensor_hyperparameter_errors(kw: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Adam(make_params(), **kw)
+
+
+# --------------------------------------------------------------------------- implementation switches
+
+
+SWITCHES = {"SGD": ("foreach", "differentiable", "fused"), "Adagrad": ("foreach", "differentiable", "fused"),
+            "Adam": ("foreach", "capturable", "differentiable", "fused"),
+            "RMSprop": ("capturable", "foreach", "differentiable")}
+
+
+@pytest.mark.parametrize("name", list(OURS))
+def test_implementation_switches_accepted_when_off(name: str) -> None:
+    """torch.optim's switches: stored as torch stores them; foreach may be True too (ours is always
+    multi-tensor); the others only off, else a clear error. None of them changes the numbers."""
+    grads, init = make_grads(10), make_params()
+    trajectories = []
+    for switches in ({}, {flag: False for flag in SWITCHES[name]}, {"foreach": True}):
+        ps = clone_params(init)
+        opt = OURS[name](ps, lr=LR[name], **switches)
+        for flag in SWITCHES[name]:
+            assert opt.param_groups[0][flag] == switches.get(flag, TORCH[name]([torch.zeros(1)]).defaults[flag])
+        trajectories.append(run(opt, ps, grads))
+    assert_traj_close(trajectories[0], trajectories[1], EXACT)
+    assert_traj_close(trajectories[0], trajectories[2], EXACT)
+    for flag in SWITCHES[name]:
+        if flag != "foreach":
+            with pytest.raises(ValueError, match=f"^{flag}=True is not supported"):
+                OURS[name](make_params(), **{flag: True})
+            with pytest.raises(ValueError, match=f"^{flag}=True is not supported"):
+                OURS[name]([{"params": make_params(), flag: True}])
+
+
+@pytest.mark.parametrize("name", list(OURS))
+def test_positional_arguments_follow_torch(name: str) -> None:
+    """The same positional order as torch.optim's constructors (Adagrad's foreach and RMSprop's
+    switches are positional there)."""
+    args = {"SGD": (0.1, 0.9, 0.0, 0.01, True), "Adagrad": (0.1, 0.01, 0.01, 0.1, 1e-8, True),
+            "Adam": (0.01, (0.8, 0.9), 1e-6, 0.01, True),
+            "RMSprop": (0.01, 0.9, 1e-6, 0.01, 0.5, True, False, True, True)}[name]
+    ours, theirs = OURS[name](make_params(), *args), TORCH[name](make_params(), *args)
+    for key, value in theirs.param_groups[0].items():
+        if key != "params":
+            assert ours.param_groups[0][key] == value, key
+
+
+# --------------------------------------------------------------------------- older state_dicts, copies
+
+
+@pytest.mark.parametrize("name,kw", RICH_CASES)
+def test_state_dict_without_newer_keys_means_options_off(name: str, kw: dict[str, Any]) -> None:
+    """A state_dict saved before an option existed lacks its key: loading it turns the option off
+    (the constructor's default), whatever this optimizer was built with, as torch.optim does."""
+    grads, init = make_grads(6), make_params()
+    ps = clone_params(init)
+    opt = OURS[name](ps, lr=LR[name], **{**kw, "maximize": True}, grad_noise_std=0.5)
+    run(opt, ps, grads[:3])
+    sd = opt.state_dict()
+    for group in sd["param_groups"]:
+        for key in ("maximize", "foreach", "differentiable", "grad_noise_std", "decoupled_weight_decay"):
+            group.pop(key, None)
+    opt.load_state_dict(sd)
+    group = opt.param_groups[0]
+    assert group["maximize"] is False and group["differentiable"] is False and group["grad_noise_std"] == 0.0
+    assert group["foreach"] is None and group.get("decoupled_weight_decay", False) is False
+    assert set(group) == set(OURS[name](make_params()).param_groups[0])
+    run(opt, ps, grads[3:])
+
+
+@pytest.mark.parametrize("name,kw", RICH_CASES)
+def test_copies_continue_like_the_original(name: str, kw: dict[str, Any]) -> None:
+    """deepcopy and pickle carry the state (and no scratch buffers, which are not state)."""
+    grads, init = make_grads(20), make_params()
+    ps = clone_params(init)
+    opt = OURS[name](ps, lr=LR[name], **kw)
+    run(opt, ps, grads[:10])
+    clones = [copy.deepcopy((opt, ps)), pickle.loads(pickle.dumps((opt, ps)))]
+    traj = run(opt, ps, grads[10:])
+    for opt_c, ps_c in clones:
+        assert "_scratch_buffers" not in opt_c.__dict__
+        assert {k for k in opt.__dict__ if not k.startswith("_")} == {k for k in opt_c.__dict__ if not k.startswith("_")}
+        assert_traj_close(run(opt_c, ps_c, grads[10:]), traj, EXACT)
