@@ -80,8 +80,11 @@ def scalar(value: Coef) -> float:
 
 
 def nonzero(value: Coef) -> bool:
-    """Whether a coefficient is nonzero (for one value per member: for any member)."""
-    return bool((value != 0).any()) if isinstance(value, Tensor) else value != 0
+    """Whether a coefficient is nonzero; one per member counts as nonzero unread (reading it would
+    synchronise a GPU each step; a member's zero then adds or multiplies exactly as nothing)."""
+    if isinstance(value, Tensor):
+        return per_member(value) or bool(value != 0)
+    return value != 0
 
 
 def per_member(value: Any) -> bool:
@@ -160,13 +163,14 @@ class Optimizer(torch.optim.Optimizer):
     int) holds parameters that stack P independent members along dim 0: every parameter has shape
     ``[P, ...]``. Its ``lr`` and ``weight_decay`` may then be 1-D tensors of length P (a number or
     1-element tensor applies to every member). One step equals P optimizers, member m's with
-    ``lr[m]`` and ``weight_decay[m]``, each stepping slice m; to float64 rounding (within 1e-12
-    relative: a product by a per-member coefficient rounds once more than torch's ``add`` with a
-    scalar ``alpha``). Slice m of every state tensor is member m's state; the ``step`` count is
+    ``lr[m]`` and ``weight_decay[m]``, each stepping slice m: bitwise on the CPUs measured, and
+    within 1e-12 relative in float64 wherever torch's ``add`` with a scalar ``alpha`` fuses its
+    multiply-add (a product by a per-member coefficient then rounds once more). Slice m of every state tensor is member m's state; the ``step`` count is
     shared (all members step together). Every operation is elementwise, so nothing crosses
     members: a member that must stop (diverged) is frozen by setting its ``lr`` to 0 and zeroing
     its gradient, and NaN or infinity in it never reaches the others. The tensors are used in
-    float64 on the parameters' device (copied there each step when they live elsewhere; P numbers).
+    float64 on the parameters' device: keep them there (a tensor elsewhere is copied each step,
+    P numbers, which on a GPU waits for its queue); per-member arithmetic never reads them back.
     Without ``members`` a tensor ``lr`` with more than one element is torch's error ("Tensor lr
     must be 1-element"), and a group without the key behaves exactly as without this feature.
     LR schedulers write one number into ``lr`` and so do not apply to member-wise groups; set
@@ -224,6 +228,7 @@ class Optimizer(torch.optim.Optimizer):
     @classmethod
     @functools.cache
     def _constructor_defaults(cls) -> dict[str, Any]:
+        """Each keyword argument's default in the subclass's signature."""
         return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
                 if p.default is not inspect.Parameter.empty}
 
