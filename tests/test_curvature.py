@@ -1,0 +1,608 @@
+"""optimlab.curvature: sharpness against the full Hessian, thresholds, preconditioners, tracking.
+
+The eigenvalue tests build tiny float64 networks (tanh and ReLU MLPs, a conv net with max-pooling)
+and compare against ``torch.linalg.eigvalsh`` of the full Hessian from
+``torch.autograd.functional.hessian``. The thresholds are checked by running each optimizer on a
+quadratic just below and just above them; the preconditioners against the update the optimizer
+actually made. The callback runs in tiny in-memory Lightning fits.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader, TensorDataset
+
+from optimlab import optim
+from optimlab.curvature import (
+    SharpnessCallback, SharpnessLog, SharpnessTracker, lanczos, preconditioner, sharpness, stability_threshold,
+    top_eigenpair,
+)
+
+F64 = torch.float64
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- tiny networks
+
+
+def fill(model: nn.Module, g: torch.Generator, scale: float) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=F64) * scale)
+
+
+def mlp(activation: type[nn.Module], seed: int, scale: float = 1.0, n: int = 8) -> tuple[nn.Module, Tensor, Tensor]:
+    """3 -> 4 -> 3 (31 parameters) and ``n`` random examples."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 4, dtype=F64), activation(), nn.Linear(4, 3, dtype=F64))
+    fill(model, g, scale)
+    return model, torch.randn(n, 3, generator=g, dtype=F64), torch.randint(0, 3, (n,), generator=g)
+
+
+def conv_net(seed: int) -> tuple[nn.Module, Tensor, Tensor]:
+    """conv 3x3 (1 -> 2) - tanh - 2x2 max-pool (stride 1) - linear to 3 classes (77 parameters), 6 images 6x6."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, dtype=F64), nn.Tanh(), nn.MaxPool2d(2, 1), nn.Flatten(),
+                          nn.Linear(2 * 3 * 3, 3, dtype=F64))
+    fill(model, g, 0.5)
+    return model, torch.randn(6, 1, 6, 6, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g)
+
+
+NETS: dict[str, Callable[[], tuple[nn.Module, Tensor, Tensor]]] = {
+    "tanh-mlp": lambda: mlp(nn.Tanh, 0),
+    "relu-mlp": lambda: mlp(nn.ReLU, 1),
+    "conv": lambda: conv_net(2),
+}
+
+
+def full_hessian(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """The Hessian of the mean cross-entropy over the flattened parameters, formed explicitly."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+
+    def loss(flat: Tensor) -> Tensor:
+        params = {n: t.view(s) for n, t, s in zip(names, flat.split(sizes), shapes)}
+        return F.cross_entropy(functional_call(model, params, (x,)), y)
+
+    return torch.autograd.functional.hessian(loss, torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+
+
+def flat(tensors: list[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def positive_like(model: nn.Module, seed: int) -> list[Tensor]:
+    """A preconditioner spread over two orders of magnitude, as Adam's are."""
+    g = torch.Generator().manual_seed(seed)
+    return [10 ** (2 * torch.rand(p.shape, generator=g, dtype=F64) - 1) for p in model.parameters()]
+
+
+# --------------------------------------------------------------------------- eigenvalues
+
+
+@pytest.mark.parametrize("name", NETS)
+@pytest.mark.parametrize("preconditioned", [False, True], ids=["plain", "preconditioned"])
+def test_sharpness_is_the_top_eigenvalue_of_the_full_hessian(name: str, preconditioned: bool) -> None:
+    model, x, y = NETS[name]()
+    h = full_hessian(model, x, y)
+    p = positive_like(model, 7) if preconditioned else None
+    if p is not None:
+        s = flat(p).rsqrt()
+        h = s[:, None] * h * s[None, :]
+    evals = torch.linalg.eigvalsh(h)
+    expected = float(evals[-1])
+    assert expected > 0 and float(evals[0]) < 0  # indefinite: the sign matters
+    pair = top_eigenpair(model, x, y, p, iters=h.shape[0], tol=1e-12)
+    assert abs(pair.value - expected) <= 1e-6 * abs(expected)
+    assert sharpness(model, x, y, p, iters=h.shape[0], tol=1e-12) == pytest.approx(expected, rel=1e-6)
+    v = flat(pair.vector)
+    assert float(v.norm()) == pytest.approx(1.0, rel=1e-12)
+    assert float((h @ v - expected * v).norm()) <= 1e-5 * abs(expected)
+
+
+def test_sharpness_is_the_algebraic_largest_not_the_largest_magnitude() -> None:
+    model, x, _ = mlp(nn.Tanh, 4, scale=2.0)
+    with torch.no_grad():
+        y = model(x).argmin(1)  # confidently wrong: the curvature is dominated by its indefinite part
+    evals = torch.linalg.eigvalsh(full_hessian(model, x, y))
+    lowest, highest = float(evals[0]), float(evals[-1])
+    assert -lowest > 1.5 * highest > 0  # power iteration would find the negative one
+    assert sharpness(model, x, y, iters=31, tol=1e-12) == pytest.approx(highest, rel=1e-6)
+
+
+def test_lanczos_on_an_explicit_matrix() -> None:
+    a = torch.diag(torch.tensor([-5.0, 1.0, 2.0, 3.0], dtype=F64))
+    value, vector, count = lanczos(lambda v: a @ v, torch.ones(4, dtype=F64), iters=50, tol=0.0)
+    assert value == pytest.approx(3.0, rel=1e-12)
+    assert count == 4  # capped at the dimension
+    assert torch.allclose(vector.abs(), torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=F64), atol=1e-10)
+    # Started on an eigenvector the Krylov space is invariant at once: one product, exact.
+    value, _, count = lanczos(lambda v: a @ v, torch.tensor([0.0, 0.0, 0.0, 2.0], dtype=F64))
+    assert (value, count) == (3.0, 1)
+    # A non-finite product stops the iteration and is reported as such.
+    assert math.isnan(lanczos(lambda v: v * math.nan, torch.ones(3))[0])
+    assert lanczos(lambda v: v * math.inf, torch.ones(3))[0] == math.inf
+
+
+def test_warm_start_converges_in_fewer_iterations() -> None:
+    model, x, y = mlp(nn.Tanh, 0)
+    cold = top_eigenpair(model, x, y, iters=31, tol=1e-8)
+    # The weights move by one small gradient step, as between two measurements in training.
+    loss = F.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    with torch.no_grad():
+        for p, g in zip(model.parameters(), grads):
+            p.sub_(0.05 * g)
+    moved_cold = top_eigenpair(model, x, y, iters=31, tol=1e-8)
+    moved_warm = top_eigenpair(model, x, y, iters=31, tol=1e-8, init=cold.vector)
+    assert moved_warm.value == pytest.approx(moved_cold.value, rel=1e-6)
+    assert moved_warm.iterations < moved_cold.iterations
+    # The tracker does the same by itself.
+    tracker = SharpnessTracker(iters=31, tol=1e-8)
+    model, x, y = mlp(nn.Tanh, 0)
+    first = tracker(model, x, y)
+    assert first == pytest.approx(cold.value, rel=1e-6) and tracker.iterations == cold.iterations
+    with torch.no_grad():
+        for p, g in zip(model.parameters(), grads):
+            p.sub_(0.05 * g)
+    assert tracker(model, x, y) == pytest.approx(moved_cold.value, rel=1e-6)
+    assert tracker.iterations == moved_warm.iterations
+
+
+def test_sharpness_leaves_modes_grads_and_the_global_generator_alone() -> None:
+    g = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 5, dtype=F64), nn.Tanh(), nn.Dropout(0.5), nn.Linear(5, 3, dtype=F64),
+                          nn.BatchNorm1d(3, dtype=F64))
+    fill(model, g, 1.0)
+    x, y = torch.randn(8, 3, generator=g, dtype=F64), torch.randint(0, 3, (8,), generator=g)
+    model.train()
+    model[4].eval()  # a mixed-mode model keeps each module's own mode
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.25)
+    grads = [p.grad for p in model.parameters()]
+    rng = torch.get_rng_state()
+    value = sharpness(model, x, y, iters=60, tol=1e-12)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [m.training for m in model.modules()] == [True, True, True, True, True, False]
+    assert all(p.grad is g and bool((g == 0.25).all()) for p, g in zip(model.parameters(), grads))
+    assert torch.equal(model[4].running_mean, torch.zeros(3, dtype=F64))  # no batch-norm update
+    model.eval()
+    assert value == pytest.approx(float(torch.linalg.eigvalsh(full_hessian(model, x, y))[-1]), rel=1e-6)
+
+
+def test_a_compiled_model_is_measured_eagerly() -> None:
+    model, x, y = mlp(nn.Tanh, 0)
+    expected = sharpness(model, x, y, iters=31, tol=1e-12)
+    assert sharpness(torch.compile(model, backend="aot_eager"), x, y, iters=31, tol=1e-12) == pytest.approx(
+        expected, rel=1e-10)
+
+
+def test_non_finite_weights_give_nan() -> None:
+    model, x, y = mlp(nn.Tanh, 0)
+    tracker = SharpnessTracker()
+    assert math.isfinite(tracker(model, x, y))
+    kept = tracker.vector
+    with torch.no_grad():
+        model[0].weight[0, 0] = math.nan
+    assert math.isnan(tracker(model, x, y))
+    assert tracker.vector is kept  # a NaN vector is not kept as the next start
+
+
+def test_argument_checks() -> None:
+    model, x, y = mlp(nn.Tanh, 0)
+    shapes_p = [torch.ones(p.shape, dtype=F64) for p in model.parameters()]
+    with pytest.raises(ValueError, match="iters"):
+        sharpness(model, x, y, iters=0)
+    with pytest.raises(ValueError, match="tol"):
+        sharpness(model, x, y, tol=-1.0)
+    with pytest.raises(ValueError, match="preconditioner"):
+        sharpness(model, x, y, preconditioner=shapes_p[:-1])
+    with pytest.raises(ValueError, match="preconditioner"):
+        sharpness(model, x, y, preconditioner=[t.T for t in shapes_p])
+    with pytest.raises(ValueError, match="must be positive"):
+        sharpness(model, x, y, preconditioner=[t * 0 for t in shapes_p])
+    with pytest.raises(ValueError, match="init"):
+        top_eigenpair(model, x, y, init=shapes_p[:2])
+    with pytest.raises(ValueError, match="same nonzero number"):
+        sharpness(model, x, y[:3])
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        sharpness(model.requires_grad_(False), x, y)
+    with pytest.raises(ValueError, match="nonzero"):
+        lanczos(lambda v: v, torch.zeros(3))
+    with pytest.raises(ValueError, match="iters"):
+        SharpnessTracker(iters=0)
+
+
+# --------------------------------------------------------------------------- thresholds
+
+
+def one_param(value: float = 1.0) -> nn.Parameter:
+    return nn.Parameter(torch.tensor([value], dtype=F64))
+
+
+THRESHOLDS: list[tuple[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer], float]] = [
+    ("sgd", lambda p: optim.SGD(p, lr=0.1), 20.0),
+    ("sgd-momentum", lambda p: optim.SGD(p, lr=0.1, momentum=0.9), 38.0),
+    ("sgd-dampening", lambda p: optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.5), 76.0),
+    ("sgd-nesterov", lambda p: optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True), 3.8 / 0.28),
+    ("adam", lambda p: optim.Adam(p, lr=1e-2, eps=1.0), 3800.0),
+    ("adam-beta1-0", lambda p: optim.Adam(p, lr=1e-2, betas=(0.0, 0.999), eps=1.0), 200.0),
+    ("adamw", lambda p: optim.Adam(p, lr=1e-2, eps=1.0, decoupled_weight_decay=True), 3800.0),
+    ("rmsprop", lambda p: optim.RMSprop(p, lr=1e-2, eps=1.0), 200.0),
+    ("rmsprop-momentum", lambda p: optim.RMSprop(p, lr=1e-2, eps=1.0, momentum=0.5), 300.0),
+    ("rmsprop-centered", lambda p: optim.RMSprop(p, lr=1e-2, eps=1.0, centered=True), 200.0),
+    ("adagrad", lambda p: optim.Adagrad(p, lr=0.1, eps=1.0), 20.0),
+    ("torch-sgd-momentum", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), 38.0),
+    ("torch-adam", lambda p: torch.optim.Adam(p, lr=1e-2, eps=1.0), 3800.0),
+    ("torch-adamw", lambda p: torch.optim.AdamW(p, lr=1e-2, eps=1.0, weight_decay=0.0), 3800.0),
+    ("torch-rmsprop", lambda p: torch.optim.RMSprop(p, lr=1e-2, eps=1.0), 200.0),
+    ("torch-adagrad", lambda p: torch.optim.Adagrad(p, lr=0.1, eps=1.0), 20.0),
+]
+
+
+@pytest.mark.parametrize("name,make,expected", THRESHOLDS, ids=[t[0] for t in THRESHOLDS])
+def test_threshold_values(name: str, make: Callable[..., torch.optim.Optimizer], expected: float) -> None:
+    assert stability_threshold(make([one_param()])) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("name,make,expected", THRESHOLDS, ids=[t[0] for t in THRESHOLDS])
+def test_threshold_is_the_edge_of_stability_on_a_quadratic(name: str, make: Callable[..., torch.optim.Optimizer],
+                                                           expected: float) -> None:
+    """L = lam/2 theta^2: from theta = 1e-12, |theta| stays below 10x that and decays at 0.9x the
+    threshold, and grows past 1e6x at 1.1x. First 200 steps at theta = 0 (zero gradients) let
+    Adam's bias corrections fade, as the threshold assumes. The adaptive optimizers get eps = 1,
+    far above sqrt(v) at these gradients, so P ~ 1 and the preconditioned sharpness is lam until
+    theta has grown ~1e8x (then P grows and the unstable run stabilises, the edge-of-stability
+    mechanism of the adaptive methods)."""
+    start = 1e-12
+    peak, final = {}, {}
+    for factor in (0.9, 1.1):
+        theta = one_param(0.0)
+        opt = make([theta])
+        lam = factor * stability_threshold(opt)
+        for _ in range(200):
+            theta.grad = torch.zeros_like(theta)
+            opt.step()
+        with torch.no_grad():
+            theta.fill_(start)
+        peak[factor] = 0.0
+        for _ in range(600):
+            theta.grad = lam * theta.detach().clone()
+            opt.step()
+            peak[factor] = max(peak[factor], abs(float(theta.detach())))
+        final[factor] = abs(float(theta.detach()))
+    assert peak[0.9] < 10 * start and final[0.9] < 1e-3 * start
+    assert peak[1.1] > 1e6 * start
+
+
+def test_threshold_follows_the_current_learning_rate() -> None:
+    opt = torch.optim.SGD([one_param()], lr=torch.tensor(0.1))  # torch.optim accepts a tensor lr
+    assert stability_threshold(opt) == pytest.approx(20.0)
+    opt.param_groups[0]["lr"] = 0.0
+    assert stability_threshold(opt) == math.inf
+    # Adagrad's next step size is lr / (1 + t * lr_decay) after t steps.
+    theta = one_param()
+    opt = optim.Adagrad([theta], lr=0.1, lr_decay=0.5)
+    for _ in range(2):
+        theta.grad = torch.ones_like(theta)
+        opt.step()
+    assert stability_threshold(opt) == pytest.approx(2 / (0.1 / (1 + 2 * 0.5)))
+    # Per param group.
+    opt = optim.SGD([{"params": [one_param()]}, {"params": [one_param()], "lr": 0.5}], lr=0.1)
+    assert (stability_threshold(opt), stability_threshold(opt, group=1)) == pytest.approx((20.0, 4.0))
+
+
+def test_threshold_argument_checks() -> None:
+    with pytest.raises(TypeError, match="NAdam"):
+        stability_threshold(torch.optim.NAdam([one_param()]))
+    with pytest.raises(ValueError, match="group"):
+        stability_threshold(optim.SGD([one_param()], lr=0.1), group=1)
+    with pytest.raises(ValueError, match="momentum"):
+        stability_threshold(optim.SGD([one_param()], lr=0.1, momentum=1.0))
+
+
+# --------------------------------------------------------------------------- preconditioners
+
+
+def run_steps(opt: torch.optim.Optimizer, params: list[Tensor], steps: int, seed: int) -> None:
+    """``steps`` updates with random gradients that shrink, so amsgrad's max differs from v."""
+    g = torch.Generator().manual_seed(seed)
+    for k in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g, dtype=F64) / (1 + 3 * k)
+        opt.step()
+
+
+PRECONDITIONED: dict[str, Callable[[type, list[Tensor]], torch.optim.Optimizer]] = {
+    "Adam": lambda cls, p: cls(p, lr=0.01, eps=1e-3),
+    "Adam-amsgrad": lambda cls, p: cls(p, lr=0.01, eps=1e-3, amsgrad=True),
+    "RMSprop": lambda cls, p: cls(p, lr=0.01, eps=1e-3),
+    "RMSprop-centered": lambda cls, p: cls(p, lr=0.01, eps=1e-3, centered=True),
+    "RMSprop-momentum": lambda cls, p: cls(p, lr=0.01, eps=1e-3, momentum=0.5),
+    "Adagrad": lambda cls, p: cls(p, lr=0.1, eps=1e-3),
+}
+
+
+@pytest.mark.parametrize("library", ["optimlab", "torch"])
+@pytest.mark.parametrize("config", PRECONDITIONED)
+def test_preconditioner_is_what_the_update_divides_by(library: str, config: str) -> None:
+    name = config.split("-")[0]
+    cls = getattr(optim if library == "optimlab" else torch.optim, name)
+    params = [nn.Parameter(torch.randn(4, 3, dtype=F64)), nn.Parameter(torch.randn(5, dtype=F64))]
+    opt = PRECONDITIONED[config](cls, params)
+    run_steps(opt, params, 3, seed=0)
+    before = [p.detach().clone() for p in params]
+    bufs = [opt.state[p].get("momentum_buffer", torch.zeros(())).clone() for p in params]
+    run_steps(opt, params, 1, seed=1)
+    grads = [p.grad for p in params]
+    group = opt.param_groups[0]
+    for p, old, buf, g, pc in zip(params, before, bufs, grads, preconditioner(opt)):
+        state, delta = opt.state[p], p.detach() - old
+        if name == "Adam":  # theta -= lr * m_hat / P
+            expected = -group["lr"] / (1 - group["betas"][0] ** 4) * state["exp_avg"] / pc
+        elif group.get("momentum", 0):  # b = m b + g / P; theta -= lr b
+            expected = -group["lr"] * (group["momentum"] * buf + g / pc)
+        else:  # theta -= lr * g / P
+            expected = -group["lr"] * g / pc
+        torch.testing.assert_close(delta, expected, rtol=1e-10, atol=1e-14)
+    if config == "Adam-amsgrad":
+        assert not torch.equal(opt.state[params[0]]["max_exp_avg_sq"], opt.state[params[0]]["exp_avg_sq"])
+
+
+def test_preconditioner_per_parameter_and_before_the_first_step() -> None:
+    a, b = nn.Parameter(torch.ones(2, dtype=F64)), nn.Parameter(torch.ones(3, dtype=F64))
+    assert preconditioner(optim.SGD([a, b], lr=0.1, momentum=0.9)) is None
+    opt = optim.Adam([a, b], lr=0.1)
+    with pytest.raises(ValueError, match="no state for parameter 0"):
+        preconditioner(opt)
+    a.grad, b.grad = torch.full_like(a, 2.0), torch.full_like(b, 3.0)
+    opt.step()
+    pb, pa = preconditioner(opt, [b, a])  # in the order asked for
+    # After one step v_hat = g^2, so P = |g| + eps.
+    assert torch.allclose(pa, torch.full_like(a, 2.0 + 1e-8)) and torch.allclose(pb, torch.full_like(b, 3.0 + 1e-8))
+    with pytest.raises(ValueError, match="not optimized"):
+        preconditioner(opt, [nn.Parameter(torch.ones(1))])
+    # Adagrad's state exists from construction: sqrt(initial_accumulator_value) + eps.
+    (p0,) = preconditioner(optim.Adagrad([a], initial_accumulator_value=0.25, eps=0.0))
+    assert torch.equal(p0, torch.full_like(a, 0.5))
+
+
+# --------------------------------------------------------------------------- the log
+
+
+def test_sharpness_log_records_epochs_and_crossings() -> None:
+    log = SharpnessLog()
+    log.start_epoch(0)
+    assert log.epoch_record() == {"epoch": 0, "measurements": 0, "sharpness_max": None, "sharpness_last": None,
+                                  "threshold_last": None, "first_crossing_step": None}
+    assert not log.add(10, 1.0, 2.0)
+    assert not log.add(20, math.nan, 2.0)  # NaN is recorded, never a crossing
+    record = log.epoch_record()
+    assert math.isnan(record.pop("sharpness_last"))
+    assert record == {"epoch": 0, "measurements": 2, "sharpness_max": 1.0, "threshold_last": 2.0,
+                      "first_crossing_step": None}
+    log.end_epoch()
+    log.start_epoch(1)
+    assert log.add(30, 3.0, 2.0)
+    assert log.add(40, math.inf, 2.5)
+    assert not log.add(50, 1.5, 2.5)
+    assert log.epoch_record() == {"epoch": 1, "measurements": 3, "sharpness_max": math.inf, "sharpness_last": 1.5,
+                                  "threshold_last": 2.5, "first_crossing_step": 30}
+    saved = log.state_dict()
+    log.start_epoch(1)  # the current epoch again (a mid-epoch resume): kept
+    assert log.epoch_record()["measurements"] == 3
+    log.start_epoch(2)  # epoch 1 was not ended (checkpoint saved before end_epoch): ended now
+    assert [r["epoch"] for r in log.history] == [0, 1]
+    log.start_epoch(3)
+    assert log.add(70, 5.0, 1.0)
+    assert log.epoch_record()["first_crossing_step"] == 70
+    assert log.run_record() == {"measurements": 6, "sharpness_max": math.inf, "first_crossing_step": 30}
+    restored = SharpnessLog()
+    restored.load_state_dict(saved)
+    assert restored.state_dict() == saved and restored.first_crossing_step == 30
+    all_nan = SharpnessLog()
+    all_nan.start_epoch(0)
+    all_nan.add(1, math.nan, 1.0)
+    assert math.isnan(all_nan.epoch_record()["sharpness_max"])
+
+
+# --------------------------------------------------------------------------- the callback
+
+
+class Recorder(Logger):
+    """Keeps every ``log_metrics`` call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recorder"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.rows.append((step, dict(metrics)))
+
+    def curvature(self) -> list[tuple[int, float, float]]:
+        return [(s, m["curvature/sharpness"], m["curvature/threshold"]) for s, m in self.rows
+                if "curvature/sharpness" in m]
+
+
+class Classifier(L.LightningModule):
+    """The minimum the callback needs: the classifier as ``.model`` and one optimizer."""
+
+    def __init__(self, model: nn.Module, make_optimizer: Callable[..., torch.optim.Optimizer],
+                 nan_at_batch: int | None = None) -> None:
+        super().__init__()
+        self.model, self.make_optimizer, self.nan_at_batch = model, make_optimizer, nan_at_batch
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self.model(x), y)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if batch_idx == self.nan_at_batch:
+            with torch.no_grad():
+                self.model[0].weight[0, 0] = math.nan
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.make_optimizer(self.parameters())
+
+
+class Data(L.LightningDataModule):
+    """32 random examples in 4 unshuffled batches, with ``train_x`` / ``train_y`` as MNISTDataModule has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.train_x = torch.randn(32, 3, generator=g, dtype=F64)
+        self.train_y = torch.randint(0, 3, (32,), generator=g)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.train_x, self.train_y), batch_size=8)
+
+
+def tiny_model(dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.Linear(3, 6), nn.Tanh()] + ([nn.Dropout(dropout)] if dropout else []) + [nn.Linear(6, 3)]
+    return nn.Sequential(*layers).double()
+
+
+def fit(module: L.LightningModule, callbacks: list[L.Callback], epochs: int = 2, logger: Logger | None = None,
+        ckpt_path: str | None = None, root: Path | None = None) -> L.Trainer:
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=logger or False,
+                        callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=root)
+    trainer.fit(module, datamodule=Data(), ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_callback_logs_and_records_every_n_steps() -> None:
+    probe = Data().train_x[:16], Data().train_y[:16]
+    cb = SharpnessCallback(every_n_steps=2, probe=probe, iters=60, tol=1e-12)
+    logger = Recorder()
+    module = Classifier(tiny_model(), lambda p: optim.SGD(p, lr=0.5))
+    fit(module, [cb], logger=logger)
+    logged = logger.curvature()
+    assert [s for s, _, _ in logged] == [2, 4, 6, 8]
+    assert all(t == pytest.approx(4.0) for _, _, t in logged)
+    values = [v for _, v, _ in logged]
+    assert [r["epoch"] for r in cb.history] == [0, 1]
+    for record, (a, b) in zip(cb.history, [values[:2], values[2:]]):
+        assert record["measurements"] == 2 and record["sharpness_max"] == max(a, b) and record["sharpness_last"] == b
+    assert cb.epoch_record() == cb.history[-1]
+    assert cb.run_record()["first_crossing_step"] is None and max(values) < 4.0
+    # The last measurement is the sharpness of the final weights on the probe.
+    assert values[-1] == pytest.approx(sharpness(module.model, *probe, iters=60, tol=1e-12), rel=1e-9)
+
+
+def test_callback_records_the_first_crossing() -> None:
+    probe = Data().train_x, Data().train_y
+    start = sharpness(tiny_model(), *probe, iters=60, tol=1e-12)
+    lr = 2 / (0.5 * start)  # the threshold starts at half the sharpness
+    cb = SharpnessCallback(every_n_steps=1, probe=probe, iters=60, tol=1e-12)
+    logger = Recorder()
+    fit(Classifier(tiny_model(), lambda p: optim.SGD(p, lr=lr)), [cb], logger=logger)
+    logged = logger.curvature()
+    crossings = [s for s, v, t in logged if v > t]
+    assert crossings and cb.run_record()["first_crossing_step"] == crossings[0]
+    for record in cb.history:
+        steps = [s for s in crossings if 4 * record["epoch"] < s <= 4 * record["epoch"] + 4]
+        assert record["first_crossing_step"] == (steps[0] if steps else None)
+
+
+def test_callback_does_not_change_the_trajectory() -> None:
+    def run(callbacks: list[L.Callback]) -> list[Tensor]:
+        module = Classifier(tiny_model(dropout=0.3), lambda p: optim.Adam(p, lr=0.05))
+        torch.manual_seed(1)  # dropout draws from the global generator
+        fit(module, callbacks)
+        return [p.detach().clone() for p in module.parameters()]
+
+    cb = SharpnessCallback(every_n_steps=1, probe_size=16)
+    with_tracking = run([cb])
+    assert cb.run_record()["measurements"] == 8 and all(math.isfinite(r["sharpness_max"]) for r in cb.history)
+    assert all(torch.equal(a, b) for a, b in zip(run([]), with_tracking))
+
+
+def test_callback_survives_non_finite_weights() -> None:
+    cb = SharpnessCallback(every_n_steps=1, probe_size=16)
+    logger = Recorder()
+    fit(Classifier(tiny_model(), lambda p: optim.Adam(p, lr=0.01), nan_at_batch=2), [cb], epochs=1, logger=logger)
+    values = [v for _, v, _ in logger.curvature()]
+    assert len(values) == 4 and all(math.isfinite(v) for v in values[:2]) and all(math.isnan(v) for v in values[2:])
+    record = cb.epoch_record()
+    assert math.isnan(record["sharpness_last"]) and record["sharpness_max"] == max(values[:2])
+
+
+def test_callback_resumes_from_a_checkpoint(tmp_path: Path) -> None:
+    def make() -> Classifier:
+        return Classifier(tiny_model(), lambda p: optim.Adam(p, lr=0.05))
+
+    straight = SharpnessCallback(every_n_steps=3, probe_size=16)
+    fit(make(), [straight], epochs=3)
+    first = SharpnessCallback(every_n_steps=3, probe_size=16)
+    trainer = fit(make(), [first], epochs=1)
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    resumed = SharpnessCallback(every_n_steps=3, probe_size=16)
+    fit(make(), [resumed], epochs=3, ckpt_path=str(tmp_path / "epoch1.ckpt"))
+    assert resumed.history == straight.history and resumed.run_record() == straight.run_record()
+    assert [r["measurements"] for r in straight.history] == [1, 1, 2]  # steps 3 | 6 | 9, 12
+
+
+def test_callback_draws_both_lines_on_one_tensorboard_chart(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb", version="")
+    fit(Classifier(tiny_model(), lambda p: optim.SGD(p, lr=0.1)), [SharpnessCallback(every_n_steps=4, probe_size=8)],
+        logger=logger, root=tmp_path)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert {"curvature/sharpness", "curvature/threshold"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("curvature/threshold")] == [4, 8]
+    assert "custom_scalars__config__" in events.Tags()["tensors"]  # the layout with both on one chart
+
+
+def test_callback_argument_checks() -> None:
+    with pytest.raises(ValueError, match="every_n_steps"):
+        SharpnessCallback(every_n_steps=0)
+    with pytest.raises(ValueError, match="probe_size"):
+        SharpnessCallback(every_n_steps=1, probe_size=0)
+    with pytest.raises(ValueError, match="probe"):
+        SharpnessCallback(every_n_steps=1, probe=(torch.zeros(2, 3), torch.zeros(3)))
+    with pytest.raises(TypeError, match="NAdam"):
+        fit(Classifier(tiny_model(), lambda p: torch.optim.NAdam(p)), [SharpnessCallback(every_n_steps=1)])
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+@pytest.mark.slow
+def test_benchmark_prints_the_overhead_table() -> None:
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "curvature.py"), "--variants", "8@5",
+                             "--steps", "10", "--repeats", "1", "--reference", "16"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    row = next(line.split() for line in result.stdout.splitlines() if line.startswith("probe 8 every 5 "))
+    assert row[7] in ("PASS", "FAIL") and float(row[5]) > 0 and 1 <= float(row[10]) <= 20
+    assert "against probe 16" in result.stdout
