@@ -31,7 +31,8 @@ def stacked_params(dtype: torch.dtype = torch.float64, seed: int = 0) -> list[to
     return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for s in SHAPES]
 
 
-def stacked_grads(n_steps: int = N_STEPS, dtype: torch.dtype = torch.float64, seed: int = 1) -> list[list[torch.Tensor]]:
+def stacked_grads(n_steps: int = N_STEPS, dtype: torch.dtype = torch.float64,
+                  seed: int = 1) -> list[list[torch.Tensor]]:
     """Gaussian gradients of varying scale with ~20% exact zeros, as in test_optim."""
     g = torch.Generator().manual_seed(seed)
     return [[(torch.randn(s, generator=g, dtype=torch.float64) * (0.1 + t % 5) *
@@ -66,7 +67,8 @@ class Separate:
                 p.grad = g[m].clone()
             self.optimizers[m].step()
 
-    def assert_member_equal(self, m: int, params: Sequence[torch.Tensor], opt: torch.optim.Optimizer, what: str) -> None:
+    def assert_member_equal(self, m: int, params: Sequence[torch.Tensor], opt: torch.optim.Optimizer,
+                            what: str) -> None:
         """Member m's slices of ``params`` and of their state equal the separate optimizer's."""
         ref_opt = self.optimizers[m]
         for i, (p, ref) in enumerate(zip(params, self.params[m])):

@@ -165,16 +165,17 @@ class Optimizer(torch.optim.Optimizer):
     1-element tensor applies to every member). One step equals P optimizers, member m's with
     ``lr[m]`` and ``weight_decay[m]``, each stepping slice m: bitwise on the CPUs measured, and
     within 1e-12 relative in float64 wherever torch's ``add`` with a scalar ``alpha`` fuses its
-    multiply-add (a product by a per-member coefficient then rounds once more). Slice m of every state tensor is member m's state; the ``step`` count is
-    shared (all members step together). Every operation is elementwise, so nothing crosses
-    members: a member that must stop (diverged) is frozen by setting its ``lr`` to 0 and zeroing
-    its gradient, and NaN or infinity in it never reaches the others. The tensors are used in
-    float64 on the parameters' device: keep them there (a tensor elsewhere is copied each step,
-    P numbers, which on a GPU waits for its queue); per-member arithmetic never reads them back.
-    Without ``members`` a tensor ``lr`` with more than one element is torch's error ("Tensor lr
-    must be 1-element"), and a group without the key behaves exactly as without this feature.
-    LR schedulers write one number into ``lr`` and so do not apply to member-wise groups; set
-    ``group["lr"]`` yourself. Sparse gradients are not supported in member-wise groups.
+    multiply-add (a product by a per-member coefficient then rounds once more). Slice m of every
+    state tensor is member m's state; the ``step`` count is shared (all members step together).
+    Every operation is elementwise, so nothing crosses members: a member that must stop (diverged)
+    is frozen by setting its ``lr`` to 0 and zeroing its gradient, and NaN or infinity in it never
+    reaches the others. The tensors are used in float64 on the parameters' device: keep them there
+    (a tensor elsewhere is copied each step, P numbers, which on a GPU waits for its queue);
+    per-member arithmetic never reads them back. Without ``members`` a tensor ``lr`` with more
+    than one element is torch's error ("Tensor lr must be 1-element"), and a group without the key
+    behaves exactly as without this feature. LR schedulers write one number into ``lr`` and so do
+    not apply to member-wise groups; set ``group["lr"]`` yourself. Sparse gradients are not
+    supported in member-wise groups.
 
     Every subclass takes ``grad_noise_std`` (default 0, off): Gaussian noise of that standard
     deviation is added to each gradient before the update (the Keras notebook's experiment). The
