@@ -17,7 +17,7 @@ path over the member-wise step.
 
     python benchmarks/optimizer_step.py                      # defaults: 7 repeats x 200 steps
     python benchmarks/optimizer_step.py --repeats 3 --steps 20 --optimizers SGD,Adam --models mlp
-    python benchmarks/optimizer_step.py --models members --members 64 --member-hidden 128
+    python benchmarks/optimizer_step.py --models members --members 64 --member-hidden 128  # bigger members
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--optimizers", default=",".join(HYPERPARAMS), help="comma-separated subset of %(default)s")
     parser.add_argument("--models", default=",".join([*MODELS, MEMBERS]), help="comma-separated subset of %(default)s")
     parser.add_argument("--members", type=int, default=64, help="population size of the members rows")
-    parser.add_argument("--member-hidden", type=int, default=128, help="hidden width of each member's MLP")
+    parser.add_argument("--member-hidden", type=int, default=32, help="hidden width of each member's MLP")
     parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all",
                         help="all: the CPU plus CUDA when available")
     parser.add_argument("--target", type=float, default=1.10, help="target for ours / fastest torch path")
