@@ -604,5 +604,5 @@ def test_benchmark_prints_the_overhead_table() -> None:
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     row = next(line.split() for line in result.stdout.splitlines() if line.startswith("probe 8 every 5 "))
-    assert row[7] in ("PASS", "FAIL") and float(row[5]) > 0 and 1 <= float(row[10]) <= 20
+    assert row[7] in ("PASS", "FAIL") and float(row[5]) > 0 and 1 <= float(row[10]) <= 20 and float(row[13]) > 1
     assert "against probe 16" in result.stdout
