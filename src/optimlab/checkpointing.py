@@ -8,24 +8,18 @@ from typing import Any
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from optimlab.files import atomic_write
+
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to a temporary file in the same folder, fsync, then rename over the old checkpoint:
-    a kill at any moment leaves either the previous checkpoint or the new one, never half of one."""
+    """Checkpoints written by :func:`~optimlab.files.atomic_write`: a kill at any moment leaves
+    either the previous checkpoint or the new one, never half of one."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(Path(path), lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp, storage_options))
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:

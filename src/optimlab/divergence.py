@@ -1,0 +1,85 @@
+"""The divergence guard: when a run has gone non-finite, at which step, and why.
+
+A diverging run is a result, not a crash: the guard notices the first non-finite loss, gradient
+or weight, the training step stops the run, and the record says where and why.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+LOSS_OR_GRADIENT = "non-finite loss or gradient"
+WEIGHTS = "non-finite weights after the update"
+
+
+def total_sum(tensors: list[Tensor]) -> Tensor:
+    """The sum of all elements: non-finite if any element is, or if the sum overflows, which only a
+    divergent gradient's does. One cheap value per step instead of a norm (which squares)."""
+    return torch.stack([t.sum() for t in tensors]).sum()
+
+
+def total_norm(tensors: list[Tensor]) -> Tensor:
+    """The 2-norm of all tensors together in float64, on their device (no host sync). float64: the
+    float32 norm of finite weights near 1e19 already overflows to inf."""
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors]))
+
+
+class DivergenceGuard:
+    """Collects one check value per step and reads them every ``every`` steps.
+
+    Reading a value from the device is a host sync; on a GPU that stalls the pipeline, so values
+    wait on the device (:meth:`check` appends) and are summed and read together on the cadence (NaN
+    and inf survive the sum). At ``every=1`` a bad step is caught before its update is applied;
+    at ``every=n`` up to n-1 bad updates may be applied first, and ``step`` is then the step of
+    the check. ``every=None``: chosen by :meth:`resolve` (1 on the CPU, 10 elsewhere).
+    """
+
+    def __init__(self, every: int | None = None) -> None:
+        if every is not None and (not isinstance(every, int) or every < 1):
+            raise ValueError(f"every: {every!r} is not allowed; expected null or an integer >= 1")
+        self.every = every
+        self.step: int | None = None
+        self.reason: str | None = None
+        self._pending: list[Tensor] = []
+
+    @property
+    def diverged(self) -> bool:
+        return self.step is not None
+
+    def resolve(self, device: torch.device) -> None:
+        """Pick the cadence for ``device`` when none was given."""
+        if self.every is None:
+            self.every = 1 if device.type == "cpu" else 10
+
+    def check(self, value: Tensor, step: int, reason: str = LOSS_OR_GRADIENT, *, now: bool = False) -> bool:
+        """Queue ``value`` (computed at optimizer step ``step``); on the cadence, or ``now``, read
+        everything queued. True when the run has diverged (recorded here)."""
+        self._pending.append(value)
+        if not now and (step + 1) % (self.every or 1):
+            return False
+        return self.flush(step, reason)
+
+    def flush(self, step: int, reason: str = LOSS_OR_GRADIENT) -> bool:
+        """Read every queued value now; True (and recorded) if any was non-finite."""
+        if not self._pending:
+            return self.diverged
+        pending, self._pending = self._pending, []
+        total = pending[0] if len(pending) == 1 else torch.stack(pending).sum()
+        if not math.isfinite(total.item()):
+            self.record(step, reason)
+        return self.diverged
+
+    def record(self, step: int, reason: str) -> None:
+        """Mark the run diverged at ``step``; the first divergence is the one kept."""
+        if self.step is None:
+            self.step, self.reason = step, reason
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "reason": self.reason}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.reason = state.get("step"), state.get("reason")

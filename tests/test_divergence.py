@@ -1,0 +1,72 @@
+"""The divergence guard on its own: cadence, pending checks, the first divergence kept, its state."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from optimlab.divergence import DivergenceGuard, total_norm, total_sum
+
+OK, BAD = torch.tensor(1.0), torch.tensor(math.nan)
+
+
+def test_every_step_catches_the_bad_step_itself() -> None:
+    guard = DivergenceGuard(1)
+    assert [guard.check(v, s) for s, v in enumerate([OK, OK, BAD, OK])] == [False, False, True, True]
+    assert (guard.step, guard.reason) == (2, "non-finite loss or gradient")
+
+
+def test_values_wait_for_the_cadence_and_are_read_together() -> None:
+    guard = DivergenceGuard(4)
+    assert not guard.check(BAD, 0) and not guard.check(OK, 1) and not guard.check(OK, 2)
+    assert not guard.diverged  # nothing read yet: no host sync on steps 0-2
+    assert guard.check(OK, 3) and guard.step == 3
+
+
+def test_now_reads_early_and_flush_reads_the_rest() -> None:
+    guard = DivergenceGuard(10)
+    assert not guard.check(OK, 0)
+    assert guard.check(torch.tensor(math.inf), 1, now=True) and guard.step == 1
+    other = DivergenceGuard(10)
+    other.check(BAD, 0)
+    assert other.flush(5, "why") and (other.step, other.reason) == (5, "why")
+
+
+def test_the_first_divergence_is_kept() -> None:
+    guard = DivergenceGuard(1)
+    guard.record(7, "first")
+    guard.record(9, "second")
+    assert (guard.step, guard.reason) == (7, "first")
+
+
+@pytest.mark.parametrize("device, every", [("cpu", 1), ("cuda", 10), ("mps", 10)])
+def test_default_cadence_depends_on_the_device(device: str, every: int) -> None:
+    guard = DivergenceGuard()
+    guard.resolve(torch.device(device))
+    assert guard.every == every
+    given = DivergenceGuard(3)
+    given.resolve(torch.device(device))
+    assert given.every == 3
+
+
+def test_state_round_trip() -> None:
+    guard = DivergenceGuard(1)
+    guard.check(BAD, 4)
+    fresh = DivergenceGuard(1)
+    fresh.load_state_dict(guard.state_dict())
+    assert (fresh.step, fresh.reason) == (4, guard.reason)
+
+
+@pytest.mark.parametrize("every", [0, -1, 2.5, "1"])
+def test_bad_cadence_is_refused(every: object) -> None:
+    with pytest.raises(ValueError, match="every"):
+        DivergenceGuard(every)  # type: ignore[arg-type]
+
+
+def test_sums_and_norms() -> None:
+    big = [torch.full((3,), 1e20), torch.ones(2)]
+    assert math.isfinite(total_norm(big).item())  # float32's squared norm would overflow
+    assert total_norm([torch.tensor([3.0]), torch.tensor([4.0])]).item() == 5.0
+    assert not math.isfinite(total_sum([torch.ones(2), torch.tensor([math.nan])]).item())
