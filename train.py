@@ -28,9 +28,11 @@ def main(cfg: DictConfig) -> float | None:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise  # one job's bad value fails that job; Hydra runs the others and reports it at the end
         sys.exit(2)
-    except (Interrupted, KeyboardInterrupt):
+    except Interrupted as stop:
+        sys.exit(143 if str(stop) == "SIGTERM" else 130)
+    except KeyboardInterrupt:
         sys.exit(130)
-    return summary.get("test_acc")
+    return summary.test_acc
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def ours_steps_per_s(cfg: DictConfig) -> float:
         except BaseException:
             print(output.getvalue())
             raise
-    return summary["steps_per_s"]
+    return summary.steps_per_s
 
 
 def plain_steps_per_s(cfg: DictConfig, x: torch.Tensor, y: torch.Tensor, batches: int) -> float:

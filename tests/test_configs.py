@@ -1,15 +1,33 @@
-"""Every experiment and sweep config composes, validates and builds."""
+"""Every experiment and every job of every sweep composes, validates and builds; unknown keys and
+bad values are refused with one line naming the key."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
 from conftest import CONF, compose_config
-from optimlab.train import build_module, check_buildable
-from optimlab.validate import validate_config
+from optimlab.build import build_parts
+from optimlab.validate import ConfigError, validate_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 SWEEPS = sorted(p.stem for p in (CONF / "sweep").glob("*.yaml"))
+
+
+def sweep_jobs(name: str) -> list[list[str]]:
+    """The override lists of the jobs ``python train.py -m sweep=<name>`` launches, expanded from the
+    sweep's ``hydra.sweeper.params`` by Hydra's own override parser."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"sweep={name}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert params, f"sweep {name} sets no hydra.sweeper.params"
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    axes = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in parsed]
+    return [[f"sweep={name}", *job] for job in itertools.product(*axes)]
 
 
 def test_the_regime_experiments_exist() -> None:
@@ -22,14 +40,29 @@ def test_experiment_composes_validates_and_builds(name: str) -> None:
     cfg = compose_config(f"experiment={name}")
     assert cfg.name == name
     validate_config(cfg)
-    check_buildable(cfg)
-    assert build_module(cfg).model is not None
+    parts = build_parts(cfg)
+    assert type(parts.module.model).__name__ == cfg.model._target_.rsplit(".", 1)[1]
+    assert parts.module.optimizer.param_groups[0]["lr"] == cfg.optimizer.lr
 
 
 @pytest.mark.parametrize("name", SWEEPS)
-def test_sweep_composes(name: str) -> None:
-    cfg = compose_config(f"sweep={name}")
-    validate_config(cfg)
+def test_every_job_of_every_sweep_composes_and_validates(name: str) -> None:
+    jobs = sweep_jobs(name)
+    for job in jobs:
+        cfg = compose_config(*job)
+        validate_config(cfg)
+        for override in job[1:]:  # each swept plain value reached the job's config
+            key, value = override.split("=", 1)
+            if key not in ("experiment", "optimizer", "model"):
+                assert str(OmegaConf.select(cfg, key)).replace(" ", "") == value, override
+    assert len(jobs) == len({tuple(j) for j in jobs}) > 1
+
+
+def test_regime_map_sweep_is_the_full_grid() -> None:
+    jobs = sweep_jobs("regime_map")
+    assert len(jobs) == 4 * 6 * 6
+    cfg = compose_config(*jobs[-1])
+    assert (cfg.optimizer._target_, cfg.lr, list(cfg.model.hidden)) == ("optimlab.optim.RMSprop", 4.0, [2048])
 
 
 def test_defaults_are_the_notebook_baseline() -> None:
@@ -43,3 +76,16 @@ def test_defaults_are_the_notebook_baseline() -> None:
     assert (overfit.data.label_noise, overfit.lr, overfit.epochs) == (0.5, 0.01, 30)
     cnn = compose_config("model=cnn")
     assert (list(cnn.model.channels), list(cnn.model.fc), cnn.model.init) == ([12, 16], [120, 84], "stax")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("+foo=1", "foo"), ("+trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val"),
+    ("+trainer.foo=1", "trainer.foo"), ("+optimizer.foo=1", "optimizer.foo"), ("+model.depth=3", "model.depth"),
+    ("+data.shuffle=false", "data.shuffle"), ("+early_stopping.foo=1", "early_stopping.foo"),
+    ("scheduler=step +scheduler.foo=1", "scheduler.foo"), ("optimizer=adam +optimizer.momentum=0.9", "optimizer.momentum"),
+])
+def test_unknown_keys_are_refused(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{key}: unknown config key"):
+        validate_config(compose_config(*override.split()))
+
+

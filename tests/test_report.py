@@ -11,14 +11,14 @@ from optimlab.report import main, report
 
 
 def fake_run(root: Path, name: str, optimizer: str, lr: float, width: int, seed: int, acc: float,
-             regime: str = "healthy") -> None:
+             regime: str = "healthy", decay: float = 0.0) -> None:
     run_dir = root / name
     (run_dir / ".hydra").mkdir(parents=True)
     history = [{"epoch": e, "train_loss": 1.0 / e, "train_acc": acc, "val_loss": 1.1 / e, "val_acc": acc - 0.01,
                 "test_loss": 1.2 / e, "test_acc": acc - 0.02 + 0.005 * e} for e in (1, 2, 3)]
-    summary = {"status": "complete", "name": "map", "config": {
-        "lr": lr, "seed": seed, "model": {"_target_": "optimlab.models.MLP", "hidden": [width]},
-        "optimizer": {"_target_": f"optimlab.optim.{optimizer}", "impl": "custom"}},
+    summary = {"status": "complete", "config": {
+        "name": "map", "lr": 0.1, "seed": seed, "model": {"_target_": "optimlab.models.MLP", "hidden": [width]},
+        "optimizer": {"_target_": f"optimlab.optim.{optimizer}", "impl": "custom", "lr": lr, "weight_decay": decay}},
         "params": 1000 * width, "epochs": history, "test_acc": acc, "diverged": regime == "diverging",
         "regime": regime, "wall_time_s": 1.5, "steps_per_s": 100.0}
     (run_dir / "summary.json").write_text(json.dumps(summary))
@@ -67,3 +67,21 @@ def test_rediagnose_relabels_with_the_current_rules(tmp_path: Path) -> None:
     assert list(csv.DictReader((tmp_path / "report.csv").open()))[0]["regime"] == "slow"
     assert main([str(tmp_path), "--rediagnose"]) == 0
     assert list(csv.DictReader((tmp_path / "report.csv").open()))[0]["regime"] == "healthy"
+
+
+def test_seeds_are_aggregated_only_over_otherwise_equal_configs(tmp_path: Path) -> None:
+    # Same optimizer, lr and width; two weight decays, two seeds each: two groups, never one of four.
+    for i, (decay, seed, acc) in enumerate([(0.0, 0, 0.90), (0.0, 1, 0.92), (1e-4, 0, 0.80), (1e-4, 1, 0.84)]):
+        fake_run(tmp_path, f"{i}_job", "SGD", 0.1, 128, seed, acc, decay=decay)
+    report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    for accs in ([0.90, 0.92], [0.80, 0.84]):
+        mean, std = statistics.fmean(accs), statistics.pstdev(accs)
+        assert f"| 2 | {mean:.4f} +/- {std:.4f} |" in md
+    assert "| 4 |" not in md
+
+
+def test_the_recorded_lr_is_the_optimizers(tmp_path: Path) -> None:
+    fake_run(tmp_path, "0_a", "SGD", 0.5, 128, 0, 0.97)  # the config's top-level lr is 0.1
+    report(tmp_path)
+    assert list(csv.DictReader((tmp_path / "report.csv").open()))[0]["lr"] == "0.5"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import statistics
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from optimlab.regimes import LABELS, Thresholds, diagnose
-from optimlab.summary import SUMMARY, read_summary
+from optimlab.summary import FINISHED, SUMMARY, read_summary
 
 REGIME_COLORS = {"healthy": "#2ca02c", "slow": "#1f77b4", "oscillating": "#ff7f0e", "diverging": "#d62728",
                  "underfit": "#9467bd", "overfit": "#8c564b", "crashed": "#7f7f7f", "interrupted": "#bbbbbb",
@@ -40,22 +41,6 @@ def _job_number(name: str) -> float:
     return int(head) if head.isdigit() else math.inf
 
 
-def _widths(config: dict[str, Any]) -> str:
-    model = config.get("model", {})
-    widths = model.get("hidden") if "hidden" in model else model.get("channels", [])
-    return "x".join(str(w) for w in widths or [])
-
-
-def _model_name(config: dict[str, Any]) -> str:
-    return str(config.get("model", {}).get("_target_", "?")).rsplit(".", 1)[-1].lower()
-
-
-def _optimizer_name(config: dict[str, Any]) -> str:
-    opt = config.get("optimizer", {})
-    name = str(opt.get("_target_", "?")).rsplit(".", 1)[-1].lower()
-    return name + (" (torch)" if opt.get("impl") == "torch" else "")
-
-
 def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, Any]:
     """One report row. ``rediagnose``: label the run with the current rules (and the thresholds in
     its config) instead of the label its summary recorded."""
@@ -63,25 +48,43 @@ def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, An
     rel = str(run_dir.relative_to(root)) if run_dir != root else "."
     if s is None:
         return {"run": rel, "status": "crashed", "regime": "crashed", "epochs": 0, "history": []}
-    config, history = s.get("config", {}), s.get("epochs", [])
+    history, run = s.epochs, s.run
 
     def best(key: str) -> float | None:
         values = [r[key] for r in history if isinstance(r.get(key), (int, float))]
         return max(values) if values else None
 
-    status = s.get("status", "running")
-    regime = s.get("regime")
+    regime = s.regime
     if rediagnose:
-        regime = diagnose(history, bool(s.get("diverged")), Thresholds.from_overrides(config.get("regimes"))).regime
+        regime = diagnose(history, s.diverged, Thresholds.from_overrides(s.config.get("regimes"))).regime
     return {
-        "run": rel, "name": s.get("name"), "model": _model_name(config), "optimizer": _optimizer_name(config),
-        "lr": config.get("lr"), "widths": _widths(config), "seed": config.get("seed"), "params": s.get("params"),
+        "run": rel, "name": run.name, "model": run.model, "optimizer": run.optimizer, "lr": run.lr,
+        "widths": run.widths, "seed": run.seed, "params": s.params,
         "final_train_acc": history[-1].get("train_acc") if history else None, "best_train_acc": best("train_acc"),
-        "final_test_acc": s.get("test_acc"), "best_test_acc": best("test_acc"), "epochs": len(history),
-        "regime": regime if status in ("complete", "diverged") else status,
-        "diverged": s.get("diverged"), "status": status, "wall_time_s": s.get("wall_time_s"),
-        "steps_per_s": s.get("steps_per_s"), "history": history,
+        "final_test_acc": s.test_acc, "best_test_acc": best("test_acc"), "epochs": len(history),
+        "regime": regime if s.status in FINISHED else s.status,
+        "diverged": s.diverged, "status": s.status, "wall_time_s": s.wall_time_s,
+        "steps_per_s": s.steps_per_s, "history": history, "same_but_seed": same_but_seed(s.config),
     }
+
+
+# Keys that may differ between runs that are otherwise the same experiment: the seed (and the data
+# module's copy of it) and where and how a run was launched.
+NOT_THE_EXPERIMENT = ("seed", "data.seed", "resume", "data.root", "trainer.progress_bar", "trainer.num_threads")
+
+
+def same_but_seed(config: dict[str, Any]) -> str:
+    """The run's whole config except :data:`NOT_THE_EXPERIMENT`, as a key: runs with equal keys
+    differ only in their seed."""
+    config = json.loads(json.dumps(config))
+    for dotted in NOT_THE_EXPERIMENT:
+        *path, last = dotted.split(".")
+        node = config
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return json.dumps(config, sort_keys=True)
 
 
 def _fmt(value: Any) -> str:
@@ -111,17 +114,18 @@ def write_tables(rows: list[dict[str, Any]], out: Path) -> None:
 
 
 def seed_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Runs that differ only in their seed, aggregated: mean and (population) std of test accuracy."""
-    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    """Runs whose whole config differs only in the seed (see :func:`same_but_seed`), aggregated: mean and (population) std of test accuracy."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         if r.get("final_test_acc") is not None:
-            groups[(r["name"], r["model"], r["optimizer"], r["lr"], r["widths"])].append(r)
+            groups[r["same_but_seed"]].append(r)
     table = []
-    for (name, model, optimizer, lr, widths), members in groups.items():
+    for members in groups.values():
         if len({m["seed"] for m in members}) < 2:
             continue
         accs = [m["final_test_acc"] for m in members]
-        table.append({"name": name, "model": model, "optimizer": optimizer, "lr": lr, "widths": widths,
+        first = members[0]
+        table.append({**{k: first[k] for k in ("name", "model", "optimizer", "lr", "widths")},
                       "n": len(accs), "mean": statistics.fmean(accs), "std": statistics.pstdev(accs),
                       "regimes": ", ".join(f"{k} {v}" for k, v in Counter(m["regime"] for m in members).items())})
     return table

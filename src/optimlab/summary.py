@@ -1,15 +1,104 @@
-"""A run's ``summary.json``: written atomically after every epoch and at the end, so an
-interrupted or killed run still leaves a readable record."""
+"""A run's record, ``summary.json``: its schema (declared once, here), the run's description, and
+reading and writing it.
+
+:class:`RunSummary` is what a run writes (after every epoch and at the end, atomically, so a
+killed run still leaves a readable record) and what ``optimlab-report`` reads.
+:func:`describe_run` names a run the same way for the console, TensorBoard and the report.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from optimlab.files import atomic_write
+
 SUMMARY = "summary.json"
+FINISHED = ("complete", "diverged")  # trained (all epochs, stopped early or diverged) and tested
+STATUSES = ("running", *FINISHED, "interrupted", "crashed")
+
+
+@dataclass(frozen=True)
+class RunDescription:
+    """What a run is, in the words every view uses: ``sgd lr 0.1 mlp 1024x128 seed 0``."""
+
+    name: str
+    model: str          # the model class, lower case: mlp | cnn
+    optimizer: str      # the optimizer class, lower case, "(torch)" for torch.optim's
+    lr: float | None    # the optimizer's own learning rate (optimizer.lr), not the top-level default
+    widths: str         # hidden widths (MLP) or conv channels (CNN), "x"-joined: 1024x128
+    seed: int | None
+
+    def __str__(self) -> str:
+        return f"{self.optimizer} lr {self.lr:g} {self.model} {self.widths or '-'} seed {self.seed}" \
+            if self.lr is not None else self.name
+
+
+def describe_run(config: Mapping[str, Any]) -> RunDescription:
+    """The description of the run a (resolved) config runs."""
+    model, optimizer = config.get("model") or {}, config.get("optimizer") or {}
+    widths = model.get("hidden") if "hidden" in model else model.get("channels")
+    impl = " (torch)" if optimizer.get("impl") == "torch" else ""
+    return RunDescription(
+        name=str(config.get("name", "")),
+        model=str(model.get("_target_", "?")).rsplit(".", 1)[-1].lower(),
+        optimizer=str(optimizer.get("_target_", "?")).rsplit(".", 1)[-1].lower() + impl,
+        lr=optimizer.get("lr"), widths="x".join(str(w) for w in widths or []), seed=config.get("seed"))
+
+
+@dataclass
+class RunSummary:
+    """The schema of ``summary.json``. ``epochs`` holds one row per finished epoch: ``epoch``,
+    ``train_loss``, ``train_acc``, ``train_loss_max`` (largest step loss), ``train_time_s``, the
+    evaluated ``val_*`` / ``test_*`` loss and accuracy, and ``train_loss_initial`` in the first row.
+    Non-finite numbers are written as null."""
+
+    status: str                                  # one of STATUSES
+    config: dict[str, Any]                       # the resolved config the run ran
+    description: dict[str, Any] = field(default_factory=dict)  # describe_run(config), as a dict
+    params: int | None = None
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    test_loss: float | None = None
+    test_acc: float | None = None
+    best_val_acc: float | None = None
+    tested_checkpoint: str | None = None         # last | best
+    diverged: bool = False                       # stopped on a non-finite loss, gradient or weight
+    diverged_at_step: int | None = None
+    divergence_reason: str | None = None
+    regime: str | None = None
+    regime_evidence: list[str] = field(default_factory=list)
+    regime_measures: dict[str, Any] = field(default_factory=dict)
+    steps: int = 0
+    train_time_s: float = 0.0
+    steps_per_s: float | None = None             # leaves out the first step (warm-up, compilation)
+    first_step_s: float | None = None
+    wall_time_s: float = 0.0                     # summed over resumed sessions
+    label_noise_images: int = 0
+    train_size: int | None = None
+    device: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    error: str | None = None                     # for status "crashed"
+
+    @property
+    def interrupted(self) -> bool:
+        return self.status == "interrupted"
+
+    @property
+    def run(self) -> RunDescription:
+        return describe_run(self.config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "interrupted": self.interrupted, "epochs_completed": len(self.epochs)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunSummary:
+        """Read a summary, ignoring keys this version does not know (older or newer files)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def _jsonable(value: Any) -> Any:
@@ -23,22 +112,22 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
+def write_summary(run_dir: Path, summary: RunSummary) -> Path:
     path = run_dir / SUMMARY
-    tmp = path.with_name(f".{SUMMARY}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(_jsonable(summary.to_dict()), indent=2) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
     return path
 
 
-def read_summary(run_dir: Path) -> dict[str, Any] | None:
+def read_summary(run_dir: Path) -> RunSummary | None:
+    """The run's summary, or None when there is none or it cannot be read."""
     try:
-        return json.loads((run_dir / SUMMARY).read_text())
-    except (OSError, ValueError):
+        data = json.loads((run_dir / SUMMARY).read_text())
+        return RunSummary.from_dict(data) if isinstance(data, dict) and "status" in data else None
+    except (OSError, ValueError, TypeError):
         return None
 
 
 def is_complete(run_dir: Path) -> bool:
-    """True when the run finished (trained all epochs, stopped early or diverged) and was tested."""
     summary = read_summary(run_dir)
-    return bool(summary and summary.get("status") in ("complete", "diverged"))
+    return summary is not None and summary.status in FINISHED

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from optimlab.models.activations import activation as make_activation
+from optimlab.models.checks import check_common, check_positive_int, check_widths
 from optimlab.models.init import initialise
 
 
@@ -29,6 +30,11 @@ class CNN(nn.Module):
                  pool_stride: int = 1,
                  activation: str = "relu", init: str = "default", init_std: float = 0.1, dropout: float = 0.0,
                  image_size: int = 28, in_channels: int = 1, num_classes: int = 10) -> None:
+        check_widths("channels", channels)
+        check_widths("fc", fc, empty=True)
+        check_positive_int("kernel_size", kernel_size)
+        check_positive_int("pool_stride", pool_stride)
+        check_common(activation, init, init_std, dropout)
         super().__init__()
         layers: list[nn.Module] = []
         size, chans = image_size, in_channels
@@ -36,8 +42,8 @@ class CNN(nn.Module):
             layers += [nn.Conv2d(chans, out, kernel_size), make_activation(activation), nn.MaxPool2d(2, pool_stride)]
             size, chans = (size - kernel_size + 1 - 2) // pool_stride + 1, out
             if size < 1:
-                raise ValueError(f"model.channels: {len(channels)} conv blocks of kernel {kernel_size} "
-                                 f"shrink a {image_size}px image to nothing")
+                raise ValueError(f"model.kernel_size: {kernel_size} is too large for {len(channels)} conv blocks "
+                                 f"(model.channels) on a {image_size}px image: the feature map shrinks to nothing")
         layers.append(nn.Flatten())
         widths = [chans * size * size, *fc]
         for fan_in, fan_out in zip(widths[:-1], widths[1:]):

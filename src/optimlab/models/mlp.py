@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from optimlab.models.activations import activation as make_activation
+from optimlab.models.checks import check_common, check_widths
 from optimlab.models.init import initialise
 
 
@@ -14,7 +15,7 @@ class MLP(nn.Module):
     """Multilayer perceptron on flattened images.
 
     Args:
-        hidden: widths of the hidden layers, e.g. ``[1024, 128]`` (empty: softmax regression).
+        hidden: widths of the hidden layers, e.g. ``[1024, 128]`` (at least one).
         activation: ``tanh`` | ``relu`` | ``sigmoid`` after each hidden layer.
         init: ``default`` (PyTorch's), ``normal`` (N(0, ``init_std``^2) weights and biases), ``glorot``
             or ``stax`` (see :func:`~optimlab.models.init.initialise`).
@@ -24,6 +25,8 @@ class MLP(nn.Module):
     def __init__(self, hidden: Sequence[int] = (1024, 128), activation: str = "tanh", init: str = "normal",
                  init_std: float = 0.1, dropout: float = 0.0, in_features: int = 784,
                  num_classes: int = 10) -> None:
+        check_widths("hidden", hidden)
+        check_common(activation, init, init_std, dropout)
         super().__init__()
         widths = [in_features, *hidden]
         layers: list[nn.Module] = [nn.Flatten()]

@@ -1,0 +1,222 @@
+"""The run record: one callback that owns everything a run writes about itself.
+
+:class:`RunRecord` keeps the per-epoch history, times the epochs, prints the epoch line, logs the
+epoch and per-step scalars, saves the RNG states and the divergence record in each checkpoint (its
+own ``state_dict``), and writes ``summary.json`` (schema: :class:`~optimlab.summary.RunSummary`)
+after every epoch and at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
+
+from optimlab.divergence import DivergenceGuard, total_norm
+from optimlab.module import EVAL_STAGES
+from optimlab.regimes import Thresholds, diagnose
+from optimlab.summary import RunSummary, describe_run, write_summary
+
+
+def versions() -> dict[str, str]:
+    return {"python": platform.python_version(), "torch": torch.__version__, "lightning": L.__version__}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class RunRecord(Checkpoint):
+    """Records one run into ``run_dir``.
+
+    A :class:`~lightning.pytorch.callbacks.Checkpoint` subclass only for its place in the hook
+    order: Lightning runs checkpoint callbacks after the LightningModule's epoch-end hook, in list
+    order, so placed before the ModelCheckpoints this callback's new epoch row is in the checkpoint
+    they save.
+
+    Args:
+        run_dir: where ``summary.json`` goes.
+        config: the resolved run config (a plain dict).
+        guard: the training module's divergence guard (its record is saved with the checkpoints).
+        thresholds: the diagnosis thresholds.
+        log_every_n_steps: cadence of the per-step scalars.
+        wall_time_before: wall time spent in earlier sessions of a resumed run.
+    """
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], guard: DivergenceGuard, thresholds: Thresholds,
+                 log_every_n_steps: int = 50, wall_time_before: float = 0.0) -> None:
+        self.run_dir, self.config, self.guard, self.thresholds = run_dir, config, guard, thresholds
+        self.description = describe_run(config)
+        self.log_every = log_every_n_steps
+        self.started, self.wall_time_before = time.perf_counter(), wall_time_before
+        self.history: list[dict[str, float]] = []
+        self.first_step_s: float | None = None
+        self.extra: dict[str, Any] = {}  # set by the caller: params, train_size, label_noise_images, device
+        self._restored: dict[str, Any] | None = None
+        self._steps: list[dict[str, Tensor]] = []  # this epoch's step outputs, reduced at its end
+        self._epoch_start = self._step_start = 0.0
+        self._train_time: float | None = None
+        self._initial_loss: float | None = None
+        self._global_step = 0
+
+    # ---- checkpoint state: the record so far and every RNG state ---------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "first_step_s": self.first_step_s, "guard": self.guard.state_dict(),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Applied when training starts: testing a checkpoint (test_ckpt=best) loads it too, and
+        # must keep this run's record (the epochs after the best one happened too).
+        self._restored = state_dict
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        saved, self._restored = self._restored, None
+        if saved is None:
+            return
+        self.history, self.first_step_s = list(saved["history"]), saved["first_step_s"]
+        self.guard.load_state_dict(saved["guard"])
+        # Last, after Lightning's own start-up work may have drawn random numbers.
+        torch.set_rng_state(saved["rng_cpu"])
+        if saved["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["rng_cuda"])
+
+    # ---- training ---------------------------------------------------------------------------
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_start, self._train_time, self._steps = time.perf_counter(), None, []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.first_step_s is None:
+            self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not outputs:  # the guard refused the step
+            return
+        self._steps.append(outputs)
+        step = trainer.global_step - 1  # the update just applied
+        if self.first_step_s is None:
+            _sync(pl_module.device)
+            self.first_step_s = time.perf_counter() - self._step_start
+        if step == 0:
+            self._initial_loss = float(outputs["loss"])  # the yardstick for loss spikes (regimes.py)
+        if step % self.log_every == 0 and trainer.logger is not None:
+            params = [p for p in pl_module.parameters() if p.grad is not None]
+            values = torch.stack([outputs["loss"].double(), total_norm([p.grad for p in params]),
+                                  total_norm(params)]).tolist()
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+            trainer.logger.log_metrics({"train/loss_step": values[0], "train/grad_norm": values[1],
+                                        "train/weight_norm": values[2], "train/lr": float(lr)}, step=step)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:  # validation inside fit: the epoch's training ends here
+            _sync(pl_module.device)
+            self._train_time = time.perf_counter() - self._epoch_start
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._train_time is None:
+            _sync(pl_module.device)
+            self._train_time = time.perf_counter() - self._epoch_start
+        row: dict[str, float] = {"epoch": trainer.current_epoch + 1, **self._train_metrics()}
+        if self._initial_loss is not None:
+            row["train_loss_initial"], self._initial_loss = self._initial_loss, None
+        metrics = trainer.callback_metrics
+        for stage in EVAL_STAGES:
+            for kind in ("loss", "acc"):
+                if f"{stage}/{kind}" in metrics:
+                    row[f"{stage}_{kind}"] = float(metrics[f"{stage}/{kind}"])
+        row["train_time_s"] = self._train_time
+        self.history.append(row)
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({"train/loss": row["train_loss"], "train/acc": row["train_acc"]},
+                                       step=trainer.global_step)
+        print(self.epoch_line(row, trainer.max_epochs), flush=True)
+        self.write("running", trainer)
+
+    def _train_metrics(self) -> dict[str, float]:
+        """This epoch's training loss and accuracy over all its samples, and its largest step loss."""
+        if not self._steps:
+            return {"train_loss": math.nan, "train_acc": math.nan}
+        losses = torch.stack([s["loss"] for s in self._steps]).double()
+        sizes = torch.tensor([len(s["target"]) for s in self._steps], dtype=torch.float64, device=losses.device)
+        correct = sum((s["logits"].argmax(1) == s["target"]).sum() for s in self._steps)
+        loss_sum, correct, loss_max = torch.stack([losses @ sizes, correct.double(), losses.max()]).tolist()
+        n = float(sizes.sum())
+        self._steps = []
+        return {"train_loss": loss_sum / n, "train_acc": correct / n, "train_loss_max": loss_max}
+
+    @staticmethod
+    def epoch_line(row: dict[str, float], epochs: int) -> str:
+        parts = [f"epoch {row['epoch']:>3}/{epochs}", f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"]
+        if "val_acc" in row:
+            parts.append(f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}")
+        if "test_acc" in row:
+            parts.append(f"test acc {row['test_acc']:.4f}")
+        parts.append(f"{row['train_time_s']:.1f}s")
+        return " | ".join(parts)
+
+    # ---- the summary --------------------------------------------------------------------------
+    def summary(self, status: str, trainer: L.Trainer | None = None, **final: Any) -> RunSummary:
+        """The run's summary as it stands, with ``status`` and the ``final`` fields given."""
+        if trainer is not None:
+            self._global_step = trainer.global_step
+        diagnosis = diagnose(self.history, self.guard.diverged, self.thresholds)
+        train_time = sum(row.get("train_time_s", 0.0) for row in self.history)
+        # Throughput leaves out the first step: warm-up, and compilation with trainer.compile=true.
+        steady_steps, steady_time = self._global_step - 1, train_time - (self.first_step_s or 0.0)
+        val_accs = [r["val_acc"] for r in self.history if math.isfinite(r.get("val_acc", math.nan))]
+        return RunSummary(
+            status=status, config=self.config, description=vars(self.description).copy(), epochs=self.history,
+            best_val_acc=max(val_accs, default=None), diverged=self.guard.diverged,
+            diverged_at_step=self.guard.step, divergence_reason=self.guard.reason, regime=diagnosis.regime,
+            regime_evidence=diagnosis.evidence, regime_measures=diagnosis.measures, steps=self._global_step,
+            train_time_s=train_time, first_step_s=self.first_step_s,
+            steps_per_s=steady_steps / steady_time if steady_steps > 0 and steady_time > 0 else None,
+            wall_time_s=self.wall_time_before + time.perf_counter() - self.started, versions=versions(),
+            **self.extra, **final)
+
+    def write(self, status: str, trainer: L.Trainer | None = None, **final: Any) -> RunSummary:
+        summary = self.summary(status, trainer, **final)
+        write_summary(self.run_dir, summary)
+        return summary
+
+
+def log_result(logger: Any, summary: RunSummary) -> None:
+    """TensorBoard's HPARAMS tab: the run's description and knobs against its final metrics; the
+    regime and its evidence as text."""
+    config, run = summary.config, summary.run
+    data = config.get("data") or {}
+    params = {"name": run.name, "model": run.model, "optimizer": run.optimizer, "lr": run.lr, "widths": run.widths,
+              "seed": run.seed, "batch_size": config.get("batch_size"), "epochs": config.get("epochs"),
+              "label_noise": data.get("label_noise"), "subset": data.get("subset") or 0, "regime": summary.regime}
+    metrics = {"hp/test_acc": summary.test_acc, "hp/test_loss": summary.test_loss,
+               "hp/best_val_acc": summary.best_val_acc, "hp/diverged": float(summary.diverged),
+               "hp/steps_per_s": summary.steps_per_s}
+    logger.log_hyperparams(params, {k: (math.nan if v is None else float(v)) for k, v in metrics.items()})
+    logger.experiment.add_text("regime", f"**{summary.regime}**\n\n" + "\n\n".join(summary.regime_evidence))
+
+
+def result_line(s: RunSummary) -> str:
+    """The end-of-run lines on the console."""
+    test = "n/a" if s.test_acc is None else f"{s.test_acc:.4f}"
+    diverged = f" (diverged at step {s.diverged_at_step}: {s.divergence_reason})" if s.diverged else ""
+    speed = f"{s.steps_per_s:.1f} steps/s" if s.steps_per_s else "no steps"
+    if (s.config.get("trainer") or {}).get("compile") and s.first_step_s is not None:
+        speed += f" (first step, with compilation: {s.first_step_s:.1f}s)"
+    return (f"{s.run}: test acc {test} | regime: {s.regime}{diverged}\n  evidence: " + "; ".join(s.regime_evidence)
+            + f"\n  {len(s.epochs)} epochs, {speed}, {s.wall_time_s:.1f}s wall")
