@@ -1,0 +1,138 @@
+"""Per-member data: each member sees exactly the batches its own run would see.
+
+A single run's :class:`~optimlab.data.MNISTDataModule` copies its split out of the 60k training
+images (seeded split, subset, label noise) and shuffles it per epoch with
+:class:`~optimlab.data.EpochShuffle`. Here the split is kept as *indices* into one shared copy of
+the images on the device (:func:`split_indices`, the same draws from the same generator), and each
+step gathers every member's batch with one ``index_select``: images ``[P, B, 1, 28, 28]`` and
+labels ``[P, B]``. The per-epoch orders are drawn on the CPU, as the single run draws them, and
+moved to the device once per epoch: no host transfer per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from optimlab.data import DataError, EpochShuffle, MNISTDataModule, ensure_files, load_split
+
+
+@dataclass(frozen=True)
+class MemberSplit:
+    """One member's training and validation sets as indices into the 60k MNIST training images.
+
+    ``train_images[i]`` is the image and ``train_labels[i]`` the label of training item i (they
+    differ where label noise moved an image); ``val`` holds the validation items (clean)."""
+
+    train_images: Tensor
+    train_labels: Tensor
+    val: Tensor
+    noisy_count: int
+
+
+def split_indices(n: int, val_size: int, subset: int | None, label_noise: float, seed: int) -> MemberSplit:
+    """The split :meth:`MNISTDataModule.setup` makes of ``n`` training images, as indices: the same
+    draws from ``torch.Generator().manual_seed(seed)`` in the same order (the split's permutation,
+    then the label-noise permutation), and the same errors."""
+    if not 0 < val_size < n:
+        raise DataError(f"data.val_size: {val_size} must be in [1, {n})")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=g)
+    val, train = order[:val_size], order[val_size:]
+    if subset is not None:
+        if not 0 < subset <= len(train):
+            raise DataError(f"data.subset: {subset} must be in [1, {len(train)}] "
+                            f"(training images left after the {val_size}-image validation split)")
+        train = train[:subset]
+    images = train.clone()
+    # MNISTDataModule moves round(label_noise * N) images along a random cycle (none when fewer than 2).
+    k = round(label_noise * len(train))
+    if k >= 2:
+        chosen = torch.randperm(len(train), generator=g)[:k]
+        images[chosen] = train[chosen.roll(1)]
+    return MemberSplit(images, train, val, k if k >= 2 else 0)
+
+
+class PopulationData:
+    """The members' data: one copy of MNIST on ``device``, each member's split as index tensors.
+
+    Args:
+        datamodules: one (not set up) :class:`~optimlab.data.MNISTDataModule` per member, as each
+            member's config instantiates it; only its settings are read. Members must share
+            ``root``, ``val_size``, ``batch_size`` and ``eval_batch_size``, and have training
+            sets of one size (the same ``subset``): every step then has one batch size for all.
+        device: where the images and the index tensors live.
+    """
+
+    def __init__(self, datamodules: Sequence[MNISTDataModule], device: torch.device | str = "cpu") -> None:
+        if not datamodules:
+            raise ValueError("a population needs at least one member")
+        first = datamodules[0]
+        for key in ("root", "val_size", "batch_size", "eval_batch_size"):
+            values = {getattr(dm, key) for dm in datamodules}
+            if len(values) > 1:
+                raise ValueError(f"data.{key} differs between members ({sorted(map(str, values))}); "
+                                 "a population shares it")
+        self.device = torch.device(device)
+        self.batch_size, self.eval_batch_size = first.batch_size, first.eval_batch_size
+        self.seeds = [dm.seed for dm in datamodules]
+        ensure_files(first.root, first.download)
+        images, labels = load_split(first.root, train=True)
+        splits = [split_indices(len(labels), dm.val_size, dm.subset, dm.label_noise, dm.seed) for dm in datamodules]
+        sizes = {len(s.train_labels) for s in splits}
+        if len(sizes) > 1:
+            raise ValueError(f"members' training sets differ in size ({sorted(sizes)}); a population shares data.subset")
+        self.train_size = sizes.pop()
+        self.noisy_counts = [s.noisy_count for s in splits]
+        self.images, self.labels = images.to(self.device), labels.to(self.device)
+        self.train_images = torch.stack([s.train_images for s in splits]).to(self.device)  # [P, N]
+        self.train_labels = torch.stack([s.train_labels for s in splits]).to(self.device)  # [P, N]
+        self.val = torch.stack([s.val for s in splits]).to(self.device)  # [P, V]
+        test_images, test_labels = load_split(first.root, train=False)
+        self.test_images, self.test_labels = test_images.to(self.device), test_labels.to(self.device)
+
+    @property
+    def members(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.train_size // self.batch_size)
+
+    def epoch_indices(self, epoch: int) -> tuple[Tensor, Tensor]:
+        """(image indices, label indices), each ``[P, N]`` on the device: every member's training
+        items in the order its own run visits them in ``epoch`` (0-based, as Lightning counts)."""
+        orders = []
+        for seed in self.seeds:
+            shuffle = EpochShuffle(self.train_size, seed)
+            shuffle.set_epoch(epoch)
+            orders.append(shuffle.permutation())
+        order = torch.stack(orders).to(self.device)
+        return self.train_images.gather(1, order), self.train_labels.gather(1, order)
+
+    def train_batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Every member's batches of ``epoch``: images ``[P, B, 1, 28, 28]`` and labels ``[P, B]``;
+        batch b of member m is batch b of member m's own run (the last one may be shorter)."""
+        image_idx, label_idx = self.epoch_indices(epoch)
+        for images, labels in zip(image_idx.split(self.batch_size, 1), label_idx.split(self.batch_size, 1)):
+            yield self.gather(images, labels)
+
+    def val_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """Every member's validation set in ``eval_batch_size`` chunks, in its own run's order."""
+        for idx in self.val.split(self.eval_batch_size, 1):
+            yield self.gather(idx, idx)
+
+    def test_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """The shared test set in ``eval_batch_size`` chunks: images ``[B, 1, 28, 28]``, labels ``[B]``."""
+        for start in range(0, len(self.test_labels), self.eval_batch_size):
+            end = start + self.eval_batch_size
+            yield self.test_images[start:end], self.test_labels[start:end]
+
+    def gather(self, image_idx: Tensor, label_idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Images ``[P, B, ...]`` and labels ``[P, B]`` at index tensors ``[P, B]`` (one gather each)."""
+        images = self.images.index_select(0, image_idx.reshape(-1))
+        labels = self.labels.index_select(0, label_idx.reshape(-1))
+        return images.view(*image_idx.shape, *self.images.shape[1:]), labels.view(label_idx.shape)

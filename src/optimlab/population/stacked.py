@@ -1,0 +1,179 @@
+"""Stacked models: P members of one architecture as one module with parameters stacked along dim 0.
+
+Member m of a :class:`StackedMLP` or :class:`StackedCNN` is the single :class:`~optimlab.models.MLP`
+or :class:`~optimlab.models.CNN` it was stacked from: the same layers, activations and pooling,
+with its weights in slice m of every parameter. Linear layers hold ``weight [P, in, out]`` and
+``bias [P, out]`` and run as one ``torch.baddbmm``; convolutions hold ``weight [P, out, in, k, k]``
+and run as one grouped convolution (``groups=P``), so every operation stays inside its member:
+nothing, not even a NaN, crosses from one member to another. Every parameter has shape ``[P, ...]``,
+as a member-wise optimizer group (``members: P``, see :class:`~optimlab.optim.Optimizer`) expects.
+
+Layouts inside the forward pass: images ``[P, B, C, H, W]`` (the input), convolution maps
+``[B, P*C, H, W]`` (member m's channels at ``m*C .. m*C+C-1``) and features ``[P, B, F]``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torch import Tensor, nn
+
+from optimlab.models import CNN, MLP
+from optimlab.models.activations import ACTIVATIONS
+
+# Layers that act elementwise or per channel: the same module serves every member's slice.
+SHARED_LAYERS: tuple[type[nn.Module], ...] = (*ACTIVATIONS.values(), nn.MaxPool2d)
+
+
+def build_member(config: Mapping[str, Any], seed: int) -> nn.Module:
+    """The single model ``config`` describes (a Hydra node with ``_target_``, as ``conf/model/``'s),
+    built as a run seeded ``seed`` builds it: ``optimlab.train.run`` seeds torch's global generator
+    (``seed_everything``) and instantiates the model first, so its init draws come first from
+    ``torch.manual_seed(seed)``. The caller's generator state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return instantiate(config)
+
+
+class StackedLinear(nn.Module):
+    """P linear layers: ``y[m] = x[m] @ weight[m] + bias[m]`` for features ``x [P, B, in]``."""
+
+    def __init__(self, layers: Sequence[nn.Linear]) -> None:
+        super().__init__()
+        # [P, in, out]: each member's weight transposed, so one baddbmm computes x @ W^T for all.
+        self.weight = nn.Parameter(torch.stack([layer.weight.detach().t() for layer in layers]).contiguous())
+        self.bias = nn.Parameter(torch.stack([layer.bias.detach() for layer in layers]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
+
+    def member_state(self, m: int) -> dict[str, Tensor]:
+        return {"weight": self.weight[m].t(), "bias": self.bias[m]}
+
+
+class StackedConv2d(nn.Module):
+    """P convolutions as one grouped convolution over the members' channels side by side."""
+
+    def __init__(self, layers: Sequence[nn.Conv2d]) -> None:
+        super().__init__()
+        first = layers[0]
+        if first.groups != 1 or first.padding_mode != "zeros":
+            raise ValueError("only ungrouped, zero-padded convolutions can be stacked")
+        self.stride, self.padding, self.dilation = first.stride, first.padding, first.dilation
+        self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]))  # [P, out, in, k, k]
+        self.bias = nn.Parameter(torch.stack([layer.bias.detach() for layer in layers]))  # [P, out]
+
+    def forward(self, x: Tensor) -> Tensor:
+        members = self.weight.shape[0]
+        if x.dim() == 5:  # images [P, B, C, H, W] -> one map [B, P*C, H, W]
+            x = x.transpose(0, 1).flatten(1, 2)
+        return F.conv2d(x, self.weight.flatten(0, 1), self.bias.flatten(), self.stride, self.padding,
+                        self.dilation, groups=members)
+
+    def member_state(self, m: int) -> dict[str, Tensor]:
+        return {"weight": self.weight[m], "bias": self.bias[m]}
+
+
+class MemberFlatten(nn.Module):
+    """``nn.Flatten`` per member: images ``[P, B, C, H, W]`` or maps ``[B, P*C, H, W]`` to
+    features ``[P, B, C*H*W]`` in the single model's (C, H, W) order."""
+
+    def __init__(self, members: int) -> None:
+        super().__init__()
+        self.members = members
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 5:
+            return x.flatten(2)
+        return x.reshape(x.shape[0], self.members, -1).transpose(0, 1)
+
+
+class StackedModel(nn.Module):
+    """P single models of one architecture (``net``: an ``nn.Sequential``) as one module.
+
+    Args:
+        models: the members, in order; the same layers with the same shapes (their weights and
+            init options may differ). Dropout is refused: its draws could not follow each
+            member's own generator.
+    """
+
+    single_type: type[nn.Module] = nn.Module
+
+    def __init__(self, models: Sequence[nn.Module]) -> None:
+        if not models:
+            raise ValueError("a population needs at least one member")
+        if not all(isinstance(model, self.single_type) for model in models):
+            raise TypeError(f"{type(self).__name__} stacks {self.single_type.__name__} models, got "
+                            f"{sorted({type(model).__name__ for model in models})}")
+        super().__init__()
+        self.members = len(models)
+        nets = [model.net for model in models]
+        # A layer's repr names its type and sizes (widths, kernel, stride, pooling).
+        architecture = [repr(layer) for layer in nets[0]]
+        for m, net in enumerate(nets[1:], 1):
+            if [repr(layer) for layer in net] != architecture:
+                raise ValueError(f"member {m} has another architecture than member 0; members must share layers "
+                                 "and widths (only weights and init options may differ)")
+        layers: list[nn.Module] = []
+        for group in zip(*nets):
+            layer = group[0]
+            if isinstance(layer, nn.Linear):
+                layers.append(StackedLinear(group))
+            elif isinstance(layer, nn.Conv2d):
+                layers.append(StackedConv2d(group))
+            elif isinstance(layer, nn.Flatten):
+                layers.append(MemberFlatten(self.members))
+            elif isinstance(layer, SHARED_LAYERS):
+                layers.append(copy.deepcopy(layer))
+            else:
+                raise ValueError(f"{type(layer).__name__} layers cannot be stacked (model.dropout must be 0)")
+        self.net = nn.Sequential(*layers)
+        # The single models' structure, for member_model(); in a list so that it is no submodule
+        # (its parameters stay out of parameters() and state_dict()).
+        self.template = [copy.deepcopy(models[0])]
+
+    @classmethod
+    def from_configs(cls, configs: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> StackedModel:
+        """Member m is the model ``configs[m]`` gives under ``seeds[m]`` (see :func:`build_member`):
+        the same weights, bitwise, as the single run of that config and seed starts from."""
+        if len(configs) != len(seeds):
+            raise ValueError(f"{len(configs)} model configs but {len(seeds)} seeds")
+        return cls([build_member(config, seed) for config, seed in zip(configs, seeds)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``[P, B, classes]`` of images ``x [P, B, C, H, W]`` (member m's batch in ``x[m]``)."""
+        if x.dim() != 5 or x.shape[0] != self.members:
+            raise ValueError(f"expected images [{self.members}, B, C, H, W], got {list(x.shape)}")
+        return self.net(x)
+
+    def member_state_dict(self, m: int) -> dict[str, Tensor]:
+        """Member m's weights under the single model's state_dict keys (copies)."""
+        state = {}
+        for i, layer in enumerate(self.net):
+            if isinstance(layer, (StackedLinear, StackedConv2d)):
+                for name, value in layer.member_state(m).items():
+                    state[f"net.{i}.{name}"] = value.detach().clone().contiguous()
+        return state
+
+    def member_model(self, m: int) -> nn.Module:
+        """Member m as a single model (a copy, in this module's dtype and device)."""
+        model = copy.deepcopy(self.template[0]).to(self.net[-1].weight)
+        model.load_state_dict(self.member_state_dict(m))
+        return model
+
+
+class StackedMLP(StackedModel):
+    """P :class:`~optimlab.models.MLP` members: every linear layer is one ``baddbmm``."""
+
+    single_type = MLP
+
+
+class StackedCNN(StackedModel):
+    """P :class:`~optimlab.models.CNN` members: every convolution is one grouped convolution."""
+
+    single_type = CNN

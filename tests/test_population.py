@@ -1,0 +1,146 @@
+"""Population training: stacked models equal their single members (init bitwise, forward to 1e-12
+in float64), each member's batches equal its own data module's, and the batched loop isolates a
+diverging member and reproduces the members' single runs. Small nets and subsets: seconds each,
+except the end-to-end comparison with train.run (slow)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from optimlab.data import MNISTDataModule
+from optimlab.population import StackedCNN, StackedMLP, build_member
+from optimlab.population.data import PopulationData, split_indices
+
+INITS = ["default", "normal", "glorot", "stax"]
+SEEDS = [0, 1, 7, 123]
+F64 = dict(rtol=1e-12, atol=1e-12)
+
+
+def mlp_config(**kw: Any) -> dict[str, Any]:
+    return {"_target_": "optimlab.models.MLP", "hidden": [16, 8], **kw}
+
+
+def cnn_config(**kw: Any) -> dict[str, Any]:
+    return {"_target_": "optimlab.models.CNN", "channels": [2, 3], "fc": [8], **kw}
+
+
+def images(members: int, batch: int = 5, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(members, batch, 1, 28, 28, generator=g, dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------- stacked models
+
+
+@pytest.mark.parametrize("stacked,config", [(StackedMLP, mlp_config), (StackedCNN, cnn_config)], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("init", INITS)
+def test_member_starts_from_its_single_runs_weights(stacked: type, config: Any, init: str) -> None:
+    """Member m's weights are bitwise the single model's built under m's seed as train.run builds it
+    (seed_everything, then the model first); the caller's generator state is untouched."""
+    configs = [config(init=init, init_std=0.05 * (m + 1)) for m in range(len(SEEDS))]
+    before = torch.get_rng_state()
+    model = stacked.from_configs(configs, SEEDS)
+    assert torch.equal(torch.get_rng_state(), before)
+    for m, (cfg, seed) in enumerate(zip(configs, SEEDS)):
+        with torch.random.fork_rng(devices=[]):
+            L.seed_everything(seed, verbose=False)  # train.run's seeding, then build_parts' instantiate
+            single = instantiate(cfg)
+        state = model.member_state_dict(m)
+        assert state.keys() == single.state_dict().keys()
+        for key, value in single.state_dict().items():
+            assert torch.equal(state[key], value), f"member {m} {key}"
+    assert all(p.shape[0] == len(SEEDS) for p in model.parameters())
+
+
+@pytest.mark.parametrize("stacked,config", [(StackedMLP, mlp_config), (StackedCNN, cnn_config)], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("activation", ["tanh", "relu", "sigmoid"])
+def test_member_forward_equals_single_forward(stacked: type, config: Any, activation: str) -> None:
+    configs = [config(activation=activation, init=init) for init in INITS]
+    model = stacked.from_configs(configs, SEEDS).double()
+    x = images(len(SEEDS))
+    logits = model(x)
+    assert logits.shape == (len(SEEDS), 5, 10)
+    for m, (cfg, seed) in enumerate(zip(configs, SEEDS)):
+        single = build_member(cfg, seed).double()
+        torch.testing.assert_close(logits[m], single(x[m]), **F64)
+        assert torch.equal(model.member_model(m)(x[m]), single(x[m]))
+
+
+def test_cnn_with_pool_stride_2_and_no_hidden_fc() -> None:
+    configs = [cnn_config(pool_stride=2, fc=[], kernel_size=3)] * 2
+    model = StackedCNN.from_configs(configs, [3, 4]).double()
+    x = images(2)
+    for m, seed in enumerate([3, 4]):
+        torch.testing.assert_close(model(x)[m], build_member(configs[m], seed).double()(x[m]), **F64)
+
+
+def test_members_must_share_an_architecture() -> None:
+    with pytest.raises(ValueError, match="member 1 has another architecture"):
+        StackedMLP.from_configs([mlp_config(), mlp_config(hidden=[16, 9])], [0, 0])
+    with pytest.raises(ValueError, match="member 1 has another architecture"):
+        StackedMLP.from_configs([mlp_config(), mlp_config(activation="relu")], [0, 0])
+    with pytest.raises(ValueError, match="dropout"):
+        StackedMLP.from_configs([mlp_config(dropout=0.5)], [0])
+    with pytest.raises(TypeError, match="stacks MLP"):
+        StackedMLP.from_configs([cnn_config()], [0])
+
+
+# --------------------------------------------------------------------------- per-member data
+
+
+def datamodule(root: Path, **kw: Any) -> MNISTDataModule:
+    return MNISTDataModule(root=str(root), download=False, **kw)
+
+
+def assert_batches_equal(pop: PopulationData, dms: list[MNISTDataModule], epochs: tuple[int, ...]) -> None:
+    """Member m's training batches (per epoch) and validation chunks are its data module's, bitwise."""
+    for m, dm in enumerate(dms):
+        dm.setup()
+        for epoch in epochs:
+            loader = dm.train_dataloader()
+            loader.sampler.set_epoch(epoch)
+            batches = list(pop.train_batches(epoch))
+            assert len(batches) == len(loader) == pop.steps_per_epoch
+            for (x, y), (px, py) in zip(loader, batches):
+                assert torch.equal(px[m], x) and torch.equal(py[m], y), f"member {m} epoch {epoch}"
+        vals = list(pop.val_batches())
+        assert len(vals) == len(dm.val_dataloader()[0])
+        for (x, y), (px, py) in zip(dm.val_dataloader()[0], vals):
+            assert torch.equal(px[m], x) and torch.equal(py[m], y)
+        assert pop.noisy_counts[m] == dm.noisy_count
+    test = list(pop.test_batches())
+    for (x, y), (px, py) in zip(dms[0].test_dataloader(), test):
+        assert torch.equal(px, x) and torch.equal(py, y)
+
+
+def test_member_batches_on_tiny_idx_files(tiny_mnist: Path) -> None:
+    dms = [datamodule(tiny_mnist, val_size=16, batch_size=10, eval_batch_size=7, seed=s, label_noise=noise)
+           for s, noise in ((0, 0.0), (1, 0.25), (2, 0.5))]
+    pop = PopulationData(dms)
+    x, y = next(pop.train_batches(0))
+    assert x.shape == (3, 10, 1, 28, 28) and y.shape == (3, 10)
+    assert_batches_equal(pop, dms, epochs=(0, 1, 4))
+
+
+@pytest.mark.parametrize("subset,noise", [(300, 0.0), (256, 0.3), (1000, 0.5)])
+def test_member_batches_on_real_mnist(mnist_root: Path, subset: int, noise: float) -> None:
+    dms = [datamodule(mnist_root, val_size=500, batch_size=64, subset=subset, label_noise=noise, seed=s)
+           for s in (0, 5, 11)]
+    assert_batches_equal(PopulationData(dms), dms, epochs=(0, 2))
+
+
+def test_split_indices_errors_and_shared_settings(tiny_mnist: Path) -> None:
+    with pytest.raises(Exception, match="data.val_size"):
+        split_indices(64, 64, None, 0.0, 0)
+    with pytest.raises(Exception, match="data.subset"):
+        split_indices(64, 16, 49, 0.0, 0)
+    with pytest.raises(ValueError, match="data.batch_size differs"):
+        PopulationData([datamodule(tiny_mnist, val_size=16, batch_size=b) for b in (8, 10)])
+    with pytest.raises(ValueError, match="training sets differ in size"):
+        PopulationData([datamodule(tiny_mnist, val_size=16, subset=s) for s in (20, 30)])
