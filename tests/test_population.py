@@ -11,11 +11,15 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from optimlab.data import MNISTDataModule
+from optimlab.divergence import WEIGHTS
+from optimlab.optim import SGD, Adagrad, Adam, RMSprop
 from optimlab.population import StackedCNN, StackedMLP, build_member
 from optimlab.population.data import PopulationData, split_indices
+from optimlab.population.loop import PopulationLoop, member_optimizer
 
 INITS = ["default", "normal", "glorot", "stax"]
 SEEDS = [0, 1, 7, 123]
@@ -144,3 +148,113 @@ def test_split_indices_errors_and_shared_settings(tiny_mnist: Path) -> None:
         PopulationData([datamodule(tiny_mnist, val_size=16, batch_size=b) for b in (8, 10)])
     with pytest.raises(ValueError, match="training sets differ in size"):
         PopulationData([datamodule(tiny_mnist, val_size=16, subset=s) for s in (20, 30)])
+
+
+# --------------------------------------------------------------------------- the training loop
+
+
+def population(root: Path, lrs: list[float], seeds: list[int], optimizer: type = SGD, dtype: torch.dtype = torch.float32,
+               stacked: type = StackedMLP, config: Any = None, weight_decay: Any = 0.0, **options: Any,
+               ) -> tuple[PopulationLoop, list[MNISTDataModule]]:
+    """A population on the tiny IDX files (48 training images, batches of 8: 6 steps an epoch)."""
+    config = config or mlp_config(activation="relu")
+    dms = [datamodule(root, val_size=16, batch_size=8, eval_batch_size=5, seed=s, label_noise=0.25) for s in seeds]
+    model = stacked.from_configs([config] * len(seeds), seeds).to(dtype)
+    opt = member_optimizer(optimizer, model, lrs, weight_decay, **options)
+    return PopulationLoop(model, opt, PopulationData(dms)), dms
+
+
+def trajectory(loop: PopulationLoop, epochs: int = 2) -> list[list[torch.Tensor]]:
+    """The members' weights after every step, and the loop's records."""
+    steps = []
+    for epoch in range(epochs):
+        for x, y in loop.data.train_batches(epoch):
+            loop.step(x, y)
+            steps.append([p.detach().clone() for p in loop.params])
+    return steps
+
+
+@pytest.mark.parametrize("wild_lr", [1e6, 1e20])
+@pytest.mark.parametrize("stacked,config", [(StackedMLP, mlp_config(activation="relu")),
+                                            (StackedCNN, cnn_config())], ids=["mlp", "cnn"])
+def test_a_wild_member_changes_no_other_member(tiny_mnist: Path, stacked: type, config: Any, wild_lr: float) -> None:
+    """Member 1 at a wild lr or at a healthy one: the other members' weights after every step are
+    bitwise the same. At 1e6 member 1's weights blow up (to ~1e17 here) but stay finite; at 1e20
+    it goes non-finite at once and is frozen at its last finite weights and recorded."""
+    seeds = [0, 1, 2]
+    runs = {}
+    for lr in (0.05, wild_lr):
+        loop, _ = population(tiny_mnist, [0.05, lr, 0.1], seeds, SGD, stacked=stacked, config=config)
+        runs[lr] = (trajectory(loop), loop)
+    healthy, (wild, loop) = runs[0.05][0], runs[wild_lr]
+    for step, (a, b) in enumerate(zip(healthy, wild)):
+        for p, q in zip(a, b):
+            for m in (0, 2):
+                assert torch.equal(p[m], q[m]), f"member {m} differs at step {step}"
+    assert loop.alive[0] and loop.alive[2] and (loop.diverged_at[[0, 2]] == -1).all()
+    if wild_lr < 1e20:
+        assert loop.alive[1] and max(p[1].abs().max() for p in wild[-1]) > 1e10
+        return
+    diverged_at = int(loop.diverged_at[1])
+    assert not loop.alive[1] and diverged_at >= 1
+    frozen = wild[diverged_at - 1]  # the weights after the last applied step
+    for step in wild[diverged_at:]:
+        for p, q in zip(step, frozen):
+            assert torch.equal(p[1], q[1]) and torch.isfinite(p[1]).all()
+
+
+def test_non_finite_weights_after_an_update_are_undone(tiny_mnist: Path) -> None:
+    """An lr that overflows float32 (finite gradients, infinite weights after the update): the
+    update is undone and recorded one step later, as the single run's guard records weights."""
+    loop, _ = population(tiny_mnist, [0.1, 1e300, 0.1], [0, 1, 2])
+    start = [p.detach().clone() for p in loop.params]
+    records = loop.fit(2)
+    assert records[1].diverged_at_step == 1 and records[1].divergence_reason == WEIGHTS
+    assert len(records[1].history) == 1 and len(records[0].history) == 2 and not records[0].diverged
+    for p, q in zip(loop.params, start):
+        assert torch.equal(p[1], q[1])
+
+
+def single_run(dm: MNISTDataModule, config: dict[str, Any], seed: int, optimizer: type, lr: float,
+               weight_decay: float, epochs: int, **options: Any) -> tuple[list[float], torch.nn.Module]:
+    """The member's own run with the same parts, in float64: per-epoch mean training loss and the model."""
+    model = build_member(config, seed).double()
+    opt = optimizer(model.parameters(), lr=lr, weight_decay=weight_decay, **options)
+    dm.setup()
+    loader, losses = dm.train_dataloader(), []
+    for epoch in range(epochs):
+        loader.sampler.set_epoch(epoch)
+        total = 0.0
+        for x, y in loader:
+            loss = F.cross_entropy(model(x.double()), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(y)
+        losses.append(total / dm.train_y.numel())
+    return losses, model
+
+
+@pytest.mark.parametrize("optimizer,options", [(SGD, dict(momentum=0.9, nesterov=True)), (Adam, dict(amsgrad=True)),
+                                               (RMSprop, dict(centered=True)), (Adagrad, {})],
+                         ids=["sgd", "adam", "rmsprop", "adagrad"])
+def test_each_member_follows_its_own_run(tiny_mnist: Path, optimizer: type, options: dict[str, Any]) -> None:
+    """Per-member lr, weight decay, seed and data order: each member's epoch losses and final
+    weights equal its own run's (float64, 1e-12 relative)."""
+    seeds, lrs, decays = [0, 1, 0], [0.05, 0.01, 0.02], [0.0, 1e-3, 1e-2]
+    loop, dms = population(tiny_mnist, lrs, seeds, optimizer, torch.float64, weight_decay=decays, **options)
+    records = loop.fit(2)
+    for m, dm in enumerate(dms):
+        losses, single = single_run(dm, mlp_config(activation="relu"), seeds[m], optimizer, lrs[m], decays[m], 2,
+                                    **options)
+        assert [row["train_loss"] for row in records[m].history] == pytest.approx(losses, rel=1e-12)
+        for key, value in single.state_dict().items():
+            torch.testing.assert_close(loop.model.member_state_dict(m)[key], value, **F64)
+
+
+def test_the_loop_refuses_what_it_cannot_reproduce(tiny_mnist: Path) -> None:
+    loop, _ = population(tiny_mnist, [0.1, 0.1], [0, 1])
+    with pytest.raises(ValueError, match="one member-wise group"):
+        PopulationLoop(loop.model, SGD(loop.model.parameters(), lr=0.1), loop.data)
+    with pytest.raises(ValueError, match="grad_noise_std"):
+        PopulationLoop(loop.model, member_optimizer(SGD, loop.model, [0.1, 0.1], grad_noise_std=0.1), loop.data)

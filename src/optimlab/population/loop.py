@@ -1,0 +1,224 @@
+"""The population training loop: P members stepped together by one member-wise optimizer.
+
+The loss is the sum over members of each member's mean cross-entropy, so member m's gradient is
+exactly the gradient its own run computes (the sum's derivative with respect to each member's loss
+is 1). One optimizer with a member-wise group (``members: P``, ``lr`` and ``weight_decay`` one per
+member) applies every member's own update.
+
+Isolation. A member whose loss or gradient is non-finite (the single run's check: the loss plus the
+sum of its gradients), or whose weights are non-finite after the update, is frozen at its last
+finite weights and recorded with the step and reason its own run would record (see
+:class:`~optimlab.divergence.DivergenceGuard`). Freezing is a ``torch.where`` against the weights
+before the step, so whatever the optimizer computed for that member (NaN state included) never
+reaches its weights, and since every operation is per member, never another member. The finite
+flags stay on the device; they are read once per epoch, never per step (no host sync per step).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from optimlab.divergence import LOSS_OR_GRADIENT, WEIGHTS
+from optimlab.optim import Optimizer
+from optimlab.population.data import PopulationData
+from optimlab.population.stacked import StackedModel
+
+REASONS = {1: LOSS_OR_GRADIENT, 2: WEIGHTS}  # device codes -> the single run's divergence reasons
+
+
+@dataclass
+class MemberRecord:
+    """One member's run as its own run would record it: per-epoch rows (``epoch``, ``train_loss``,
+    ``train_acc``, ``train_loss_max``, ``train_loss_initial`` in epoch 1, ``val_loss``, ``val_acc``,
+    ``test_loss``/``test_acc`` when tested, ``train_time_s`` of the whole population's epoch) and
+    where it diverged. Its history ends with the epoch in which it diverged, as a single run stops."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    diverged_at_step: int | None = None
+    divergence_reason: str | None = None
+
+    @property
+    def diverged(self) -> bool:
+        return self.diverged_at_step is not None
+
+
+def member_optimizer(cls: type[Optimizer], model: StackedModel, lr: Tensor | Sequence[float],
+                     weight_decay: Tensor | Sequence[float] | float = 0.0, **options: Any) -> Optimizer:
+    """``cls`` (one of optimlab.optim's) over ``model``'s parameters as one member-wise group:
+    member m with ``lr[m]`` and ``weight_decay[m]`` (float64 tensors on the model's device, where
+    the optimizer uses them without a copy) and the shared ``options``."""
+    device = next(model.parameters()).device
+
+    def per_member(value: Tensor | Sequence[float] | float) -> Tensor:
+        if not isinstance(value, (Tensor, Sequence)):
+            value = [value] * model.members
+        return torch.as_tensor(value, dtype=torch.float64).to(device)
+
+    group = {"params": list(model.parameters()), "members": model.members, "lr": per_member(lr),
+             "weight_decay": per_member(weight_decay)}
+    return cls([group], **options)
+
+
+class PopulationLoop:
+    """Trains ``model``'s members with ``optimizer`` on ``data``, one batched step at a time.
+
+    Args:
+        model: the stacked members (its dtype is the training dtype; images are cast per batch,
+            as Lightning's ``64-true`` precision casts a single run's batches).
+        optimizer: a member-wise optimizer over exactly ``model.parameters()`` (:func:`member_optimizer`).
+            ``grad_noise_std`` must be 0: one noise draw for all members cannot follow each
+            member's own generator.
+        data: the members' data, on the model's device.
+    """
+
+    def __init__(self, model: StackedModel, optimizer: Optimizer, data: PopulationData) -> None:
+        params = list(model.parameters())
+        groups = optimizer.param_groups
+        if len(groups) != 1 or groups[0].get("members") != model.members or \
+                {id(p) for p in groups[0]["params"]} != {id(p) for p in params}:
+            raise ValueError(f"the optimizer must have one member-wise group (members: {model.members}) holding "
+                             "exactly the model's parameters; build it with member_optimizer()")
+        if groups[0].get("grad_noise_std", 0.0):
+            raise ValueError("optimizer.grad_noise_std must be 0 in a population (noise draws are not per member)")
+        if data.members != model.members:
+            raise ValueError(f"{data.members} members' data for {model.members} model members")
+        self.model, self.optimizer, self.data, self.params = model, optimizer, data, params
+        self.dtype, device = params[0].dtype, params[0].device
+        members = model.members
+        self.last_finite = [p.detach().clone() for p in params]
+        self.alive = torch.ones(members, dtype=torch.bool, device=device)
+        self.diverged_at = torch.full((members,), -1, dtype=torch.long, device=device)
+        self.reason = torch.zeros(members, dtype=torch.long, device=device)
+        self.global_step = 0
+        self.records = [MemberRecord() for _ in range(members)]
+        self._metrics = torch.zeros(4, members, dtype=torch.float64, device=device)
+        self._initial_loss: Tensor | None = None
+
+    def member_views(self, flags: Tensor) -> Iterator[Tensor]:
+        """``flags [P]`` shaped to broadcast over each parameter."""
+        for p in self.params:
+            yield flags.view((-1,) + (1,) * (p.dim() - 1))
+
+    def step(self, x: Tensor, y: Tensor) -> Tensor:
+        """One training step on every member's batch (``x [P, B, ...]``, ``y [P, B]``); returns the
+        members' losses ``[P]``. Members frozen before or in this step keep their last finite weights."""
+        members, batch = y.shape
+        logits = self.model(x.to(self.dtype))
+        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(members, batch).mean(1)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        losses = losses.detach()
+        # The single run's check per member: non-finite when the loss or any gradient is (or their sum overflows).
+        check = losses + torch.stack([p.grad.flatten(1).sum(1) for p in self.params]).sum(0)
+        self.optimizer.step()
+        weights = torch.stack([p.detach().flatten(1).sum(1, dtype=torch.float64) for p in self.params]).sum(0)
+        grads_ok = torch.isfinite(check)
+        alive = self.alive & grads_ok & torch.isfinite(weights)
+        for p, last, keep in zip(self.params, self.last_finite, self.member_views(alive)):
+            torch.where(keep, p.detach(), last, out=last)
+            p.detach().copy_(last)
+        newly = self.alive & ~alive
+        # A refused step (loss or gradient) is recorded at its own step; non-finite weights after
+        # the update at the next one, as the single run's guard records them.
+        self.diverged_at = torch.where(newly, torch.where(grads_ok, self.global_step + 1, self.global_step),
+                                       self.diverged_at)
+        self.reason = torch.where(newly, torch.where(grads_ok, 2, 1), self.reason)
+        # The epoch's training metrics count the steps whose update was applied, as RunRecord does.
+        applied = (self.alive & grads_ok).double()
+        correct = (logits.detach().argmax(2) == y).sum(1).double()
+        self._metrics[0] += torch.where(applied.bool(), losses.double() * batch, 0.0)
+        self._metrics[1] += applied * correct
+        self._metrics[2] += applied * batch
+        self._metrics[3] = torch.where(applied.bool(), torch.maximum(self._metrics[3], losses.double()),
+                                       self._metrics[3])
+        if self.global_step == 0:  # a refused first step has no initial loss, as in RunRecord
+            self._initial_loss = torch.where(applied.bool(), losses.double(), math.nan)
+        self.alive = alive
+        self.global_step += 1
+        return losses
+
+    def train_epoch(self, epoch: int) -> Tensor:
+        """Every step of ``epoch`` (0-based); returns which members were alive when it started."""
+        started_alive = self.alive.clone()
+        self._metrics.zero_()
+        self._metrics[3] = -math.inf
+        for x, y in self.data.train_batches(epoch):
+            self.step(x, y)
+        return started_alive
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterator[tuple[Tensor, Tensor]], shared: bool = False) -> Tensor:
+        """``[2, P]``: each member's mean cross-entropy (batch means weighted by batch size, as the
+        single run's MeanMetric) and accuracy over ``batches``; ``shared``: one batch for all members."""
+        members = self.model.members
+        loss_sum = correct = count = 0
+        for x, y in batches:
+            if shared:
+                x, y = x.expand(members, *x.shape), y.expand(members, *y.shape)
+            logits = self.model(x.to(self.dtype))
+            batch = y.shape[1]
+            losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(members, batch)
+            loss_sum = loss_sum + losses.mean(1).double() * batch
+            correct = correct + (logits.argmax(2) == y).sum(1).double()
+            count += batch
+        return torch.stack([loss_sum / count, correct / count])
+
+    def fit(self, epochs: int, test_every_epoch: bool = False) -> list[MemberRecord]:
+        """Train ``epochs`` epochs; after each, evaluate every member still running at its start
+        on its validation set (and on the test set when asked) and add its row to its record."""
+        for epoch in range(epochs):
+            started = time.perf_counter()
+            started_alive = self.train_epoch(epoch)
+            if started_alive.device.type == "cuda":
+                torch.cuda.synchronize(started_alive.device)
+            train_time = time.perf_counter() - started
+            loss_sum, correct, count, loss_max = self._metrics
+            val_loss, val_acc = self.evaluate(self.data.val_batches())
+            columns = {"loss_sum": loss_sum, "correct": correct, "count": count, "loss_max": loss_max,
+                       "val_loss": val_loss, "val_acc": val_acc, "started_alive": started_alive.double(),
+                       "diverged_at": self.diverged_at.double(), "reason": self.reason.double()}
+            if test_every_epoch:
+                columns["test_loss"], columns["test_acc"] = self.evaluate(self.data.test_batches(), shared=True)
+            if epoch == 0:
+                columns["initial"] = self._initial_loss
+            # The one read of the epoch: every member's metrics and finite flags together.
+            values = dict(zip(columns, torch.stack(list(columns.values())).tolist()))
+            for m, record in enumerate(self.records):
+                if values["started_alive"][m]:
+                    record.history.append(self._row(epoch, values, m, train_time))
+                    if values["diverged_at"][m] >= 0:
+                        record.diverged_at_step = int(values["diverged_at"][m])
+                        record.divergence_reason = REASONS[int(values["reason"][m])]
+            if not any(values["started_alive"]):
+                break
+        return self.records
+
+    @staticmethod
+    def _row(epoch: int, values: dict[str, list[float]], m: int, train_time: float) -> dict[str, float]:
+        """Member m's history row, with RunRecord's keys."""
+        count = values["count"][m]
+        row = {"epoch": epoch + 1, "train_loss": math.nan, "train_acc": math.nan}
+        if count:
+            row.update(train_loss=values["loss_sum"][m] / count, train_acc=values["correct"][m] / count,
+                       train_loss_max=values["loss_max"][m])
+        if "initial" in values and math.isfinite(values["initial"][m]):
+            row["train_loss_initial"] = values["initial"][m]
+        for key in ("val_loss", "val_acc", "test_loss", "test_acc"):
+            if key in values:
+                row[key] = values[key][m]
+        row["train_time_s"] = train_time
+        return row
+
+
+def train_population(model: StackedModel, optimizer: Optimizer, data: PopulationData, epochs: int, *,
+                     test_every_epoch: bool = False) -> list[MemberRecord]:
+    """Train the population ``epochs`` epochs; one :class:`MemberRecord` per member."""
+    return PopulationLoop(model, optimizer, data).fit(epochs, test_every_epoch)
