@@ -14,12 +14,14 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
+from conftest import compose_config
 from optimlab.data import MNISTDataModule
 from optimlab.divergence import WEIGHTS
 from optimlab.optim import SGD, Adagrad, Adam, RMSprop
 from optimlab.population import StackedCNN, StackedMLP, build_member
 from optimlab.population.data import PopulationData, split_indices
-from optimlab.population.loop import PopulationLoop, member_optimizer
+from optimlab.population.loop import PopulationLoop, member_optimizer, train_population
+from optimlab.train import run
 
 INITS = ["default", "normal", "glorot", "stax"]
 SEEDS = [0, 1, 7, 123]
@@ -258,3 +260,36 @@ def test_the_loop_refuses_what_it_cannot_reproduce(tiny_mnist: Path) -> None:
         PopulationLoop(loop.model, SGD(loop.model.parameters(), lr=0.1), loop.data)
     with pytest.raises(ValueError, match="grad_noise_std"):
         PopulationLoop(loop.model, member_optimizer(SGD, loop.model, [0.1, 0.1], grad_noise_std=0.1), loop.data)
+
+
+# --------------------------------------------------------------------------- against train.run
+
+
+@pytest.mark.slow
+def test_population_reproduces_the_single_runs(mnist_root: Path, tmp_path: Path) -> None:
+    """Five members (two lrs x two seeds, plus one diverging at lr 1e150) trained as one population
+    give each member's own `train.run` record: training metrics to 1e-9 relative, the same
+    validation counts, and the same divergence step and reason. The single run's validation
+    metrics are torchmetrics' float32 (accuracy = count / 500 rounded to float32; the loss
+    accumulated in float32): compared to float32 rounding."""
+    common = ["model.hidden=[16]", "model.activation=relu", "trainer.precision=64-true", "trainer.accelerator=cpu",
+              "data.subset=256", "data.val_size=500", "batch_size=64", "epochs=2", "data.test_every_epoch=false",
+              "trainer.progress_bar=false", "data.download=false", f"data.root={mnist_root}"]
+    grid = [(0.1, 0), (0.5, 0), (0.1, 1), (0.5, 1), (1e150, 1)]
+    configs = [compose_config(*common, f"lr={lr}", f"seed={seed}") for lr, seed in grid]
+    model = StackedMLP.from_configs([c.model for c in configs], [c.seed for c in configs]).double()
+    data = PopulationData([instantiate(c.data) for c in configs])
+    records = train_population(model, member_optimizer(SGD, model, [c.lr for c in configs]), data, 2)
+    assert records[-1].diverged and not any(r.diverged for r in records[:-1])
+    for m, (cfg, record) in enumerate(zip(configs, records)):
+        single = run(cfg, tmp_path / str(m))
+        assert (record.diverged_at_step, record.divergence_reason) == (single.diverged_at_step, single.divergence_reason)
+        assert len(record.history) == len(single.epochs)
+        for row, ref in zip(record.history, single.epochs):
+            assert row.keys() == ref.keys()
+            for key in ("train_loss", "train_acc", "train_loss_max", "train_loss_initial"):
+                if key in ref:
+                    assert row[key] == pytest.approx(ref[key], rel=1e-9), f"member {m} epoch {ref['epoch']} {key}"
+            assert round(row["val_acc"] * 500) == round(ref["val_acc"] * 500)
+            assert row["val_acc"] == pytest.approx(ref["val_acc"], rel=1e-7)
+            assert row["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-6, nan_ok=True)
