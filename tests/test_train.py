@@ -103,7 +103,7 @@ def test_tensorboard_holds_step_and_epoch_scalars(tmp_path: Path) -> None:
 
 
 def test_forced_divergence_stops_cleanly_and_exits_zero(tmp_path: Path) -> None:
-    result = train("lr=1e30", *FAST, "epochs=3", f"hydra.run.dir={tmp_path}")
+    result = train("lr=1e38", *FAST, "epochs=3", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -113,6 +113,15 @@ def test_forced_divergence_stops_cleanly_and_exits_zero(tmp_path: Path) -> None:
     assert summary["divergence_reason"] == "non-finite loss or gradient"
     weights = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+
+
+def test_huge_but_finite_weights_are_not_called_non_finite(tmp_path: Path) -> None:
+    # lr 1e30 drives the weights to ~1e30: finite, though their float32 norm would overflow
+    result = train("lr=1e30", *FAST, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["diverged"] is False and summary["status"] == "complete" and len(summary["epochs"]) == 2
+    assert summary["regime"] == "diverging" and summary["epochs"][-1]["train_loss"] > 1e20
 
 
 @pytest.mark.parametrize("args, words", [

@@ -39,8 +39,8 @@ class Parts:
 
 @contextlib.contextmanager
 def config_errors(section: str, node: DictConfig | None = None) -> Iterator[None]:
-    """Turn a constructor's error into a ConfigError naming ``section.<key>`` (the first of the
-    section's keys the message mentions) and the value."""
+    """Turn a constructor's error into a ConfigError naming ``section.<key>`` (the section's key
+    the message mentions first) and the value."""
     try:
         yield
     except ConfigError:
@@ -51,9 +51,14 @@ def config_errors(section: str, node: DictConfig | None = None) -> Iterator[None
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         if message.startswith(f"{section}."):
             raise ConfigError(message) from None
-        keys = [k for k in (node or {}) if not str(k).startswith("_") and
-                re.search(rf"\b{re.escape(str(k).rstrip('s'))}s?\b", message, re.IGNORECASE)]
-        where = f"{section}.{keys[0]}: {OmegaConf.to_object(node)[keys[0]]!r}" if keys else section
+        # The message's subject comes first ("Nesterov momentum requires a momentum ..." is about nesterov).
+        found = {}
+        for key in (node or {}):
+            match = re.search(rf"\b{re.escape(str(key).rstrip('s'))}s?\b", message, re.IGNORECASE)
+            if match and not str(key).startswith("_"):
+                found[str(key)] = match.start()
+        key = min(found, key=found.get) if found else None
+        where = f"{section}.{key}: {OmegaConf.to_object(node)[key]!r}" if key else section
         raise ConfigError(f"{where}: {message}") from None
 
 
