@@ -24,6 +24,7 @@ def bench(script: str, *args: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_optimizer_step_prints_a_row_per_optimizer_and_model() -> None:
     out = bench("optimizer_step.py", "--repeats", "1", "--steps", "1", "--warmup", "1", "--device", "cpu",
                 "--optimizers", "SGD,Adam", "--models", "mlp,cnn")
@@ -32,6 +33,7 @@ def test_optimizer_step_prints_a_row_per_optimizer_and_model() -> None:
     assert all(r[-1] in ("PASS", "FAIL") and float(r[-2]) > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_train_loop_prints_the_overhead_and_the_epoch_time() -> None:
     out = bench("train_loop.py", "--batches", "3", "--repeats", "1", "--warmup", "2", "--device", "cpu")
     row = next(line.split() for line in out.splitlines() if line.startswith("cpu "))
@@ -44,11 +46,13 @@ def test_train_loop_rejects_a_zero_warmup() -> None:
     assert result.returncode == 2 and "must be in 1..430" in result.stderr
 
 
+@pytest.mark.slow
 def test_denormals_compares_flushing_on_and_off() -> None:
     out = bench("denormals.py", "--warm-steps", "5", "--steps", "2", "--repeats", "1")
     assert "slowdown without flushing" in out
 
 
+@pytest.mark.slow
 def test_suite_runs_the_experiments_and_keeps_their_summaries(tmp_path: Path) -> None:
     out_dir = tmp_path / "suite"
     out = bench("suite.py", "--experiments", "baseline,diverging", "--extra", "epochs=1 data.subset=512", "--quiet",

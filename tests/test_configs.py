@@ -45,6 +45,7 @@ def test_experiment_composes_validates_and_builds(name: str) -> None:
     assert parts.module.optimizer.param_groups[0]["lr"] == cfg.optimizer.lr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SWEEPS)
 def test_every_job_of_every_sweep_composes_and_validates(name: str) -> None:
     jobs = sweep_jobs(name)

@@ -22,6 +22,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("expected", list(CASES))
 def test_regime_appears_on_real_mnist(expected: str, tmp_path: Path, mnist_root: Path) -> None:
     summary = run(compose_config(*CASES[expected], *QUIET), tmp_path)

@@ -45,6 +45,7 @@ def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_killed_run_resumed_equals_uninterrupted_run(tmp_path: Path) -> None:
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert train(*RUN, f"hydra.run.dir={whole}").returncode == 0
@@ -65,6 +66,7 @@ def test_killed_run_resumed_equals_uninterrupted_run(tmp_path: Path) -> None:
     assert sa["test_acc"] == sb["test_acc"] and sa["regime"] == sb["regime"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_leaves_checkpoint_events_and_interrupted_summary(tmp_path: Path, sig: signal.Signals) -> None:
     proc = start(*RUN, "epochs=50", f"hydra.run.dir={tmp_path}")
@@ -79,6 +81,7 @@ def test_signal_leaves_checkpoint_events_and_interrupted_summary(tmp_path: Path,
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] >= 0
 
 
+@pytest.mark.slow
 def test_sweep_resume_runs_only_unfinished_jobs(tmp_path: Path) -> None:
     sweep = ["-m", "lr=0.001,0.01,0.1", "data.subset=500", "data.val_size=500", "epochs=2",
              "trainer.progress_bar=false", f"hydra.sweep.dir={tmp_path}"]
@@ -100,6 +103,7 @@ def test_sweep_resume_runs_only_unfinished_jobs(tmp_path: Path) -> None:
     assert f"resuming {jobs[1]}" in again.stdout
 
 
+@pytest.mark.slow
 def test_rerunning_a_sweep_without_resume_refuses_to_overwrite(tmp_path: Path) -> None:
     args = ["data.subset=500", "data.val_size=500", "epochs=1", "trainer.progress_bar=false", f"hydra.run.dir={tmp_path}"]
     assert train(*args).returncode == 0
@@ -117,6 +121,7 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path: Path) -
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no half-written temp file left
 
 
+@pytest.mark.slow
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
     result = train("-m", "data.label_noise=2.0,0.0", "data.subset=500", "data.val_size=500", "epochs=1",
                    "trainer.progress_bar=false", f"hydra.sweep.dir={tmp_path}")
@@ -126,6 +131,7 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
     assert summary(good)["status"] == "complete"  # ... after running the others
 
 
+@pytest.mark.slow
 def test_last_checkpoint_follows_every_epoch_even_when_validation_gets_worse(tmp_path: Path) -> None:
     # Adam memorising a small noisy subset: validation loss rises after the first epochs
     args = ["model.hidden=[256]", "model.init=default", "optimizer=adam", "lr=0.003", "data.subset=500",

@@ -40,6 +40,7 @@ def check_run_dir(run_dir: Path) -> dict:
     return summary
 
 
+@pytest.mark.slow
 def test_multirun_trains_every_optimizer(tmp_path: Path) -> None:
     result = train("-m", "optimizer=sgd,adagrad,adam,rmsprop", "lr=0.001", *FAST, f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -64,6 +65,7 @@ def test_multirun_trains_every_optimizer(tmp_path: Path) -> None:
         assert (tmp_path / name).stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_cnn_single_run(tmp_path: Path) -> None:
     result = train("model=cnn", "lr=0.06", *FAST, f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -72,6 +74,7 @@ def test_cnn_single_run(tmp_path: Path) -> None:
     assert "regime:" in result.stdout and "epoch   2/2" in result.stdout
 
 
+@pytest.mark.slow
 def test_testing_the_best_checkpoint_keeps_the_whole_record(tmp_path: Path) -> None:
     # Early stopping on the highest val/loss (perverse on purpose, to be deterministic): epoch 1 is
     # the best, epoch 2 is worse, patience 1 stops the run there; the test uses epoch 1's weights.
@@ -84,6 +87,7 @@ def test_testing_the_best_checkpoint_keeps_the_whole_record(tmp_path: Path) -> N
     assert summary.test_loss == pytest.approx(summary.epochs[0]["test_loss"], rel=1e-5)  # epoch 1's weights
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_step_and_epoch_scalars(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -102,6 +106,7 @@ def test_tensorboard_holds_step_and_epoch_scalars(tmp_path: Path) -> None:
     assert events.Scalars("train/acc")[-1].value == pytest.approx(summary.epochs[-1]["train_acc"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_forced_divergence_stops_cleanly_and_exits_zero(tmp_path: Path) -> None:
     result = train("lr=1e38", *FAST, "epochs=3", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -115,6 +120,7 @@ def test_forced_divergence_stops_cleanly_and_exits_zero(tmp_path: Path) -> None:
     assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
 
 
+@pytest.mark.slow
 def test_huge_but_finite_weights_are_not_called_non_finite(tmp_path: Path) -> None:
     # lr 1e30 drives the weights to ~1e30: finite, though their float32 norm would overflow
     result = train("lr=1e30", *FAST, f"hydra.run.dir={tmp_path}")
@@ -136,6 +142,7 @@ def test_bad_values_fail_fast_with_one_clear_line(tmp_path: Path, args: list[str
     assert not (tmp_path / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_torch_impl_reproduces_our_run_exactly(tmp_path: Path) -> None:
     ours = run(compose_config("optimizer=adam", "lr=0.001", *FAST), tmp_path / "ours")
     theirs = run(compose_config("optimizer=adam", "lr=0.001", "optimizer.impl=torch", *FAST), tmp_path / "torch")
@@ -176,6 +183,7 @@ def test_bad_config_values_name_the_key(tmp_path: Path, override: str, key: str)
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_the_optimizers_own_lr_is_the_one_recorded(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
