@@ -5,6 +5,8 @@ except the end-to-end comparison with train.run (slow)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -293,3 +295,14 @@ def test_population_reproduces_the_single_runs(mnist_root: Path, tmp_path: Path)
             assert round(row["val_acc"] * 500) == round(ref["val_acc"] * 500)
             assert row["val_acc"] == pytest.approx(ref["val_acc"], rel=1e-7)
             assert row["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-6, nan_ok=True)
+
+
+@pytest.mark.slow
+def test_benchmark_script_runs() -> None:
+    """benchmarks/population.py still runs and prints its row (tiny settings; no timing asserted)."""
+    result = subprocess.run([sys.executable, "benchmarks/population.py", "--members", "2", "--steps", "2",
+                             "--repeats", "1", "--device", "cpu"], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    row = next(line.split() for line in result.stdout.splitlines() if line.startswith("cpu "))
+    assert all(float(v) > 0 for v in row[1:5])
