@@ -157,9 +157,9 @@ def test_split_indices_errors_and_shared_settings(tiny_mnist: Path) -> None:
 # --------------------------------------------------------------------------- the training loop
 
 
-def population(root: Path, lrs: list[float], seeds: list[int], optimizer: type = SGD, dtype: torch.dtype = torch.float32,
-               stacked: type = StackedMLP, config: Any = None, weight_decay: Any = 0.0, **options: Any,
-               ) -> tuple[PopulationLoop, list[MNISTDataModule]]:
+def population(root: Path, lrs: list[float], seeds: list[int], optimizer: type = SGD,
+               dtype: torch.dtype = torch.float32, stacked: type = StackedMLP, config: Any = None,
+               weight_decay: Any = 0.0, **options: Any) -> tuple[PopulationLoop, list[MNISTDataModule]]:
     """A population on the tiny IDX files (48 training images, batches of 8: 6 steps an epoch)."""
     config = config or mlp_config(activation="relu")
     dms = [datamodule(root, val_size=16, batch_size=8, eval_batch_size=5, seed=s, label_noise=0.25) for s in seeds]
@@ -169,7 +169,7 @@ def population(root: Path, lrs: list[float], seeds: list[int], optimizer: type =
 
 
 def trajectory(loop: PopulationLoop, epochs: int = 2) -> list[list[torch.Tensor]]:
-    """The members' weights after every step, and the loop's records."""
+    """The members' weights after every step of ``epochs`` epochs."""
     steps = []
     for epoch in range(epochs):
         for x, y in loop.data.train_batches(epoch):
@@ -285,7 +285,8 @@ def test_population_reproduces_the_single_runs(mnist_root: Path, tmp_path: Path)
     assert records[-1].diverged and not any(r.diverged for r in records[:-1])
     for m, (cfg, record) in enumerate(zip(configs, records)):
         single = run(cfg, tmp_path / str(m))
-        assert (record.diverged_at_step, record.divergence_reason) == (single.diverged_at_step, single.divergence_reason)
+        assert record.diverged_at_step == single.diverged_at_step
+        assert record.divergence_reason == single.divergence_reason
         assert len(record.history) == len(single.epochs)
         for row, ref in zip(record.history, single.epochs):
             assert row.keys() == ref.keys()

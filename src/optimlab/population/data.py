@@ -84,7 +84,8 @@ class PopulationData:
         splits = [split_indices(len(labels), dm.val_size, dm.subset, dm.label_noise, dm.seed) for dm in datamodules]
         sizes = {len(s.train_labels) for s in splits}
         if len(sizes) > 1:
-            raise ValueError(f"members' training sets differ in size ({sorted(sizes)}); a population shares data.subset")
+            raise ValueError(f"members' training sets differ in size ({sorted(sizes)}); "
+                             "a population shares data.subset")
         self.train_size = sizes.pop()
         self.noisy_counts = [s.noisy_count for s in splits]
         self.images, self.labels = images.to(self.device), labels.to(self.device)
