@@ -80,6 +80,7 @@ class RunSummary:
     label_noise_images: int = 0
     train_size: int | None = None
     device: str | None = None
+    population: dict[str, Any] | None = None     # the population it trained in (hydra/launcher=population)
     versions: dict[str, str] = field(default_factory=dict)
     error: str | None = None                     # for status "crashed"
 

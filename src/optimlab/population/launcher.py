@@ -1,0 +1,491 @@
+"""The population launcher's work: a Hydra sweep's jobs grouped into populations and trained together.
+
+``python train.py -m hydra/launcher=population <sweep>`` (plugin:
+``hydra_plugins.optimlab_population``) calls :func:`launch`, which
+
+1. composes every job's config as Hydra's BasicLauncher does (``hydra.job.num``/``id``, its own
+   output dir from ``hydra.sweep.dir``/``subdir``);
+2. sorts the jobs: one whose config is invalid fails alone (its one-line ConfigError/DataError
+   message recorded in a ``crashed`` summary.json); one that a population cannot reproduce
+   (:func:`why_alone`), or whose folder already holds a run, runs through the sweep's task
+   function (``train.py``'s ``main``, hence :func:`optimlab.train.run`) as in a sequential sweep;
+   the others are grouped by everything but their member-wise settings (:data:`MEMBER_WISE`), and
+   groups larger than ``max_members`` are split evenly;
+3. prints the plan (populations, members, estimated memory) and stops there with ``dry_run``;
+4. trains each population (:mod:`optimlab.population`), writing every member's ``running``
+   summary after each epoch, then finishes each member as a Hydra job (``run_job``: ``.hydra/``
+   files, job logging, a JobReturn) whose task writes its final summary and TensorBoard events.
+
+JobReturns come back in job order, as BasicLauncher's do, so a failed job makes ``-m`` exit non-zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.types import HydraContext, TaskFunction
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from torch import Tensor
+
+from optimlab.build import build_parts, optimizer_class
+from optimlab.checkpointing import last_checkpoint
+from optimlab.data import DataError, ensure_files, load_split, resolve_root
+from optimlab.optim import Optimizer
+from optimlab.population.data import PopulationData, split_indices
+from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimizer
+from optimlab.population.records import PopulationRun, member_summary, write_member
+from optimlab.population.stacked import StackedCNN, StackedMLP, StackedModel, build_member
+from optimlab.record import device_name, result_line, versions
+from optimlab.summary import RunSummary, describe_run, is_complete, read_summary, write_summary
+from optimlab.validate import ConfigError, validate_config
+
+log = logging.getLogger(__name__)
+
+STACKED: dict[str, type[StackedModel]] = {"optimlab.models.MLP": StackedMLP, "optimlab.models.CNN": StackedCNN}
+DTYPES = {"32-true": torch.float32, "32": torch.float32, "64-true": torch.float64, "64": torch.float64}
+# Keys in which the members of one population may differ (each member applies its own), and keys
+# that do not change what a population computes (its reporting, or options it refuses anyway).
+MEMBER_WISE = ("name", "lr", "seed", "resume", "regimes", "optimizer.lr", "optimizer.weight_decay", "data.seed",
+               "data.label_noise", "model.init", "model.init_std", "trainer.progress_bar",
+               "trainer.log_every_n_steps", "trainer.check_finite_every_n_steps", "early_stopping", "curvature",
+               "test_ckpt")
+
+
+class PopulationCrashed(Exception):
+    """The population a job trained in stopped with an error; every member's job fails with it."""
+
+
+@dataclass
+class Job:
+    """One job of the sweep: its composed config (with its ``hydra`` node, as ``run_job`` takes it)
+    and where it runs; after :func:`classify`, how it runs."""
+
+    num: int
+    overrides: list[str]
+    sweep_config: DictConfig
+    run_dir: Path
+    error: Exception | None = None   # an invalid config: the job fails alone with this
+    alone: str | None = None         # why it runs through the task function (the single-run path)
+    key: str | None = None           # jobs with equal keys can share a population
+
+    @property
+    def config(self) -> DictConfig:
+        """The task's config, without the ``hydra`` node (what the task function receives)."""
+        config = copy.deepcopy(self.sweep_config)
+        with read_write(config), open_dict(config):
+            del config["hydra"]
+        return config
+
+
+@contextlib.contextmanager
+def hydra_config_of(sweep_config: DictConfig) -> Iterator[None]:
+    """``HydraConfig`` set to this job's (``${hydra:...}`` interpolations resolve), then restored."""
+    hydra_config = HydraConfig.instance()
+    previous = hydra_config.cfg
+    hydra_config.set_config(sweep_config)
+    try:
+        yield
+    finally:
+        hydra_config.cfg = previous
+
+
+def compose_jobs(hydra_context: HydraContext, config: DictConfig, job_overrides: Sequence[Sequence[str]],
+                 initial_job_idx: int) -> list[Job]:
+    """Every job's config and output dir, as BasicLauncher and ``run_job`` make them."""
+    jobs = []
+    for idx, overrides in enumerate(job_overrides, initial_job_idx):
+        sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+        with open_dict(sweep_config):
+            sweep_config.hydra.job.id = idx
+            sweep_config.hydra.job.num = idx
+        with hydra_config_of(sweep_config):
+            run_dir = Path(str(OmegaConf.select(sweep_config, "hydra.sweep.dir"))) / \
+                str(OmegaConf.select(sweep_config, "hydra.sweep.subdir"))
+        jobs.append(Job(idx, list(overrides), sweep_config, Path(os.path.abspath(run_dir))))
+    return jobs
+
+
+# ---- sorting the jobs ---------------------------------------------------------------------------
+
+def check(cfg: DictConfig) -> None:
+    """Raise the ConfigError or DataError :func:`optimlab.train.run` would raise before training:
+    the config's rules, the constructors' checks (the parts built as ``run`` builds them) and the
+    data split (the files and the sizes)."""
+    validate_config(cfg)
+    with torch.random.fork_rng(devices=[]):  # building draws init weights: leave the caller's generator alone
+        datamodule = build_parts(cfg).datamodule
+    ensure_files(datamodule.root, datamodule.download)
+    labels = load_split(datamodule.root, train=True)[1]
+    split_indices(len(labels), datamodule.val_size, datamodule.subset, datamodule.label_noise, datamodule.seed)
+
+
+def population_device(accelerator: str) -> torch.device | None:
+    """The device Lightning's ``accelerator`` gives a single run, or None where a population cannot follow (MPS)."""
+    if accelerator == "cpu":
+        return torch.device("cpu")
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    if accelerator == "mps" or torch.backends.mps.is_available():
+        return None
+    return torch.device("cpu")
+
+
+def why_alone(cfg: DictConfig) -> str | None:
+    """Why the population loop cannot reproduce this (valid) job's run, or None when it can."""
+    t, optimizer = cfg.trainer, cfg.optimizer
+    reasons = {
+        f"model {cfg.model.get('_target_')} cannot be stacked": cfg.model.get("_target_") not in STACKED,
+        "model.dropout > 0": (cfg.model.get("dropout") or 0) > 0,
+        "optimizer.impl=torch (member-wise groups are optimlab.optim's)": optimizer.get("impl") == "torch",
+        "optimizer.grad_noise_std > 0": (optimizer.get("grad_noise_std") or 0) > 0,
+        "a learning-rate scheduler": bool(cfg.get("scheduler")),
+        "early stopping": bool(cfg.early_stopping.enabled),
+        "test_ckpt=best": cfg.test_ckpt == "best",
+        "sharpness tracking (curvature.every_n_steps)": bool((cfg.get("curvature") or {}).get("every_n_steps")),
+        f"trainer.precision={t.precision}": str(t.precision) not in DTYPES,
+        "trainer.compile": bool(t.compile),
+        "trainer.limit_train_batches": t.limit_train_batches is not None,
+        "trainer.fast_dev_run": bool(t.fast_dev_run),
+        "an MPS device": population_device(t.accelerator) is None,
+        f"{Optimizer.__module__}.Optimizer subclasses only": not issubclass(optimizer_class(optimizer)[0], Optimizer),
+    }
+    found = [reason for reason, applies in reasons.items() if applies]
+    return ", ".join(found) or None
+
+
+def population_key(cfg: DictConfig) -> str:
+    """The resolved config without its :data:`MEMBER_WISE` keys: jobs with equal keys can share a population."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for dotted in MEMBER_WISE:
+        *parents, last = dotted.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def classify(job: Job) -> None:
+    """Decide how ``job`` runs: fails (``error``), alone (``alone``) or in a population (``key``)."""
+    cfg = job.config
+    resume = cfg.get("resume")
+    # What the single-run path already decides (skip, resume, refuse to overwrite) stays its decision.
+    if resume not in (None, "auto"):
+        job.alone = f"resume={resume}"
+    elif resume is None and read_summary(job.run_dir) is not None:
+        job.alone = "its folder already holds a run"
+    elif resume == "auto" and is_complete(job.run_dir):
+        job.alone = "complete (resume=auto skips it)"
+    elif resume == "auto" and last_checkpoint(job.run_dir) is not None:
+        job.alone = "resumes from its checkpoint"
+    if job.alone:
+        return
+    try:
+        with hydra_config_of(job.sweep_config):
+            check(cfg)
+    except (ConfigError, DataError) as err:
+        job.error = err
+        return
+    job.alone = why_alone(cfg)
+    if job.alone is None:
+        job.key = population_key(cfg)
+
+
+def group(jobs: Sequence[Job], max_members: int) -> list[list[Job]]:
+    """The populations: jobs with equal keys, in job order, split evenly into parts of at most
+    ``max_members``; a job left without a partner runs alone."""
+    groups: dict[str, list[Job]] = {}
+    for job in jobs:
+        if job.key is not None:
+            groups.setdefault(job.key, []).append(job)
+    populations = []
+    for members in groups.values():
+        parts = math.ceil(len(members) / max_members)
+        size = math.ceil(len(members) / parts)
+        for start in range(0, len(members), size):
+            chunk = members[start:start + size]
+            if len(chunk) == 1:
+                chunk[0].alone, chunk[0].key = "a population of one", None
+            else:
+                populations.append(chunk)
+    return populations
+
+
+# ---- the plan -----------------------------------------------------------------------------------
+
+def estimate_memory(cfg: DictConfig, members: int) -> int:
+    """Rough bytes a population of ``members`` copies of ``cfg``'s run needs on its device: MNIST
+    (float32), per member the weights, gradients, last finite weights and optimizer state, and the
+    larger of a training step's activations (kept for the backward pass, with their gradients) and
+    an evaluation chunk's."""
+    size = DTYPES[str(cfg.trainer.precision)].itemsize
+    with torch.random.fork_rng(devices=[]):
+        model = build_member(cfg.model, cfg.seed)
+    cls, options = optimizer_class(cfg.optimizer)
+    optimizer = cls(model.parameters(), **options)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # fills the optimizer's state, whose size we count
+    params = sum(p.numel() for p in model.parameters())
+    state = sum(v.numel() for s in optimizer.state.values() for v in s.values() if isinstance(v, Tensor) and v.dim())
+    activations = 0
+
+    def count(module: torch.nn.Module, inputs: Any, output: Tensor) -> None:
+        nonlocal activations
+        activations += output.numel()
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+    with torch.no_grad():
+        model(torch.zeros(1, 1, 28, 28))
+    for hook in hooks:
+        hook.remove()
+    image = 28 * 28 * (4 + size)  # the gathered float32 image and its cast copy
+    step = cfg.data.batch_size * (2 * activations * size + image)
+    evaluation = cfg.data.eval_batch_size * (activations * size + image)
+    n = len(load_split(resolve_root(cfg.data.root), train=True)[1])
+    mnist = (n + 10_000) * 28 * 28 * 4 + members * 3 * n * 8  # images, and index tensors at most this long
+    return mnist + members * ((3 * params + state) * size + max(step, evaluation))
+
+
+def describe_population(members: Sequence[Job]) -> str:
+    """One line: the shared architecture and training, the members' learning rates and seeds."""
+    cfg = members[0].config
+    run = describe_run(OmegaConf.to_container(cfg, resolve=True))
+    lrs = sorted({float(job.config.optimizer.lr) for job in members})
+    seeds = sorted({int(job.config.seed) for job in members})
+    device = population_device(cfg.trainer.accelerator)
+    return (f"{run.model} {run.widths or '-'}, {run.optimizer}, {cfg.epochs} epochs of batch {cfg.data.batch_size}, "
+            f"{str(DTYPES[str(cfg.trainer.precision)]).removeprefix('torch.')} on {device}; "
+            f"lr {', '.join(f'{lr:g}' for lr in lrs)}; seed {', '.join(map(str, seeds))}; "
+            f"~{estimate_memory(cfg, len(members)) / 2**20:,.0f} MiB")
+
+
+def plan_text(jobs: Sequence[Job], populations: Sequence[Sequence[Job]]) -> str:
+    """The launch plan, as printed before training."""
+    pooled = sum(len(p) for p in populations)
+    alone = [job for job in jobs if job.alone]
+    failed = [job for job in jobs if job.error]
+    lines = [f"population launcher: {len(jobs)} jobs -> {len(populations)} population(s) of {pooled} members, "
+             f"{len(alone)} alone, {len(failed)} invalid"]
+    for i, members in enumerate(populations, 1):
+        nums = ", ".join(f"#{job.num}" for job in members)
+        lines.append(f"  population {i}: {len(members)} members (jobs {nums}): {describe_population(members)}")
+    lines += [f"  job #{job.num} alone: {job.alone}" for job in alone]
+    lines += [f"  job #{job.num} invalid: {job.error}" for job in failed]
+    return "\n".join(lines)
+
+
+# ---- training a population ----------------------------------------------------------------------
+
+class ReportingLoop(PopulationLoop):
+    """The population loop, reporting each finished epoch to ``on_epoch(epochs_done)`` and timing the
+    population's first step (the warm-up a run's throughput leaves out)."""
+
+    def __init__(self, *args: Any, on_epoch: Callable[[int], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_epoch = on_epoch
+        self.first_step_s: float | None = None
+
+    def step(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.global_step:
+            return super().step(x, y)
+        sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+        sync()
+        started = time.perf_counter()
+        losses = super().step(x, y)
+        sync()
+        self.first_step_s = time.perf_counter() - started
+        return losses
+
+    def train_epoch(self, epoch: int) -> Tensor:
+        # fit() adds epoch e-1's rows to the records just before it starts epoch e: report them now.
+        if epoch:
+            self.on_epoch(epoch)
+        return super().train_epoch(epoch)
+
+
+@contextlib.contextmanager
+def stop_on_signal() -> Iterator[None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt (named after the signal) while a population trains."""
+    def handle(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
+    """Train ``members`` as one population; each member's final summary (``complete`` or
+    ``diverged``, tested on the test set with its last weights), or, if the population stops with
+    an error, each member's ``crashed`` summary with that error. A member's folder holds its
+    ``running`` summary from the start and after each epoch. Interrupted (SIGINT, SIGTERM): the
+    members' summaries say ``interrupted`` and the process exits 130 or 143, as a single run does."""
+    started = time.perf_counter()
+    configs = [job.config for job in members]
+    resolved = [OmegaConf.to_container(c, resolve=True) for c in configs]
+    first = configs[0]
+    records = [MemberRecord() for _ in members]
+    noisy = [0] * len(members)
+    population = PopulationRun(name, [job.num for job in members], device="?", dtype="?", steps_per_epoch=0,
+                               train_size=0, params=0)
+
+    def summaries(status: str | None, **final: Any) -> list[RunSummary]:
+        """Every member's summary with ``status`` (None: complete or diverged, as it ended)."""
+        population.wall_time_s = time.perf_counter() - started
+        return [member_summary(status or ("diverged" if r.diverged else "complete"), config, r, population, m,
+                               noisy[m], **final) for m, (config, r) in enumerate(zip(resolved, records))]
+
+    def write_all(status: str) -> None:
+        for job, summary in zip(members, summaries(status)):
+            write_summary(job.run_dir, summary)
+
+    def on_epoch(done: int) -> None:
+        rows = [r.history[-1] for r in records if r.history and r.history[-1]["epoch"] == done]
+        val = [row["val_acc"] for row in rows if math.isfinite(row.get("val_acc", math.nan))]
+        training = sum(not r.diverged for r in records)
+        print(f"{name}: epoch {done:>3}/{first.epochs} | {training}/{len(records)} members training | val acc "
+              f"{min(val, default=math.nan):.4f}-{max(val, default=math.nan):.4f} | "
+              f"{rows[0]['train_time_s'] if rows else 0.0:.1f}s", flush=True)
+        write_all("running")
+
+    try:
+        with stop_on_signal():
+            torch.set_flush_denormal(first.trainer.flush_denormal)
+            if first.trainer.num_threads:
+                torch.set_num_threads(first.trainer.num_threads)
+            device = population_device(first.trainer.accelerator)
+            dtype = DTYPES[str(first.trainer.precision)]
+            model = STACKED[first.model._target_].from_configs([c.model for c in configs], [c.seed for c in configs])
+            model = model.to(device=device, dtype=dtype)
+            data = PopulationData([instantiate(c.data) for c in configs], device)
+            cls, options = optimizer_class(first.optimizer)
+            for key in ("lr", "weight_decay"):
+                options.pop(key, None)
+            optimizer = member_optimizer(cls, model, [float(c.optimizer.lr) for c in configs],
+                                         [float(c.optimizer.get("weight_decay") or 0.0) for c in configs], **options)
+            population.device, population.dtype = device_name(device), str(dtype).removeprefix("torch.")
+            population.steps_per_epoch, population.train_size = data.steps_per_epoch, data.train_size
+            population.params = sum(p[0].numel() for p in model.parameters())
+            noisy[:] = data.noisy_counts
+            for job in members:
+                job.run_dir.mkdir(parents=True, exist_ok=True)
+            write_all("running")
+            loop = ReportingLoop(model, optimizer, data, on_epoch=on_epoch)
+            records = loop.records
+            loop.fit(first.epochs, test_every_epoch=first.data.test_every_epoch)
+            if loop.global_step:
+                on_epoch(len(max(records, key=lambda r: len(r.history)).history))
+            population.first_step_s = loop.first_step_s
+            test_loss, test_acc = loop.evaluate(data.test_batches(), shared=True).tolist()
+    except KeyboardInterrupt as stop:
+        signal_name = str(stop) or "SIGINT"
+        write_all("interrupted")
+        print(f"{name} interrupted ({signal_name}); its members' folders hold their summaries so far; "
+              "rerun the sweep with resume=auto to train them again", file=sys.stderr)
+        sys.exit(143 if signal_name == "SIGTERM" else 130)
+    except Exception as err:  # the whole population stops: every member's job fails with the error
+        log.exception(f"{name} crashed")
+        return summaries("crashed", error=f"{type(err).__name__}: {err}")
+    final = summaries(None, tested_checkpoint="last")
+    for summary, loss, acc in zip(final, test_loss, test_acc):
+        summary.test_loss, summary.test_acc = loss, acc
+    return final
+
+
+# ---- the jobs -----------------------------------------------------------------------------------
+
+def finish_member(job: Job, summary: RunSummary) -> TaskFunction:
+    """The task of a member's Hydra job: its summary and TensorBoard events written, its result
+    printed; returns its test accuracy as ``train.py``'s task does, or fails with the population's error."""
+    def task(cfg: DictConfig) -> float | None:
+        write_member(job.run_dir, summary)
+        if summary.status == "crashed":
+            raise PopulationCrashed(f"{summary.population['name']} crashed: {summary.error}")
+        print(result_line(summary))
+        return summary.test_acc
+
+    return task
+
+
+def fail_job(job: Job) -> TaskFunction:
+    """The task of an invalid job: a ``crashed`` summary with the one-line error, which it then raises
+    (train.py prints ``error: ...`` and raises, so Hydra marks the job failed)."""
+    def task(cfg: DictConfig) -> None:
+        assert job.error is not None
+        try:
+            config = OmegaConf.to_container(job.config, resolve=True)
+        except Exception:  # the error may be an interpolation that cannot resolve
+            config = OmegaConf.to_container(job.config, resolve=False)
+        write_summary(job.run_dir, RunSummary(status="crashed", config=config, description=vars(describe_run(config)),
+                                              versions=versions(), error=f"{type(job.error).__name__}: {job.error}"))
+        print(f"error: {job.error}", file=sys.stderr)
+        raise job.error
+
+    return task
+
+
+def dry_return(job: Job) -> JobReturn:
+    """What a dry run reports for a job it did not run: completed, no value."""
+    ret = JobReturn(overrides=job.overrides, cfg=job.config, hydra_cfg=job.sweep_config, working_dir=os.getcwd(),
+                    task_name=str(job.sweep_config.hydra.job.name), status=JobStatus.COMPLETED)
+    ret.return_value = None
+    return ret
+
+
+def launch(hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig,
+           job_overrides: Sequence[Sequence[str]], initial_job_idx: int, *, max_members: int = 64,
+           dry_run: bool = False) -> list[JobReturn]:
+    """Launch a batch of jobs (see the module docstring); one JobReturn per job, in job order."""
+    setup_globals()
+    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    log.info(f"Population launcher: {len(job_overrides)} jobs, sweep output dir: {sweep_dir}")
+    for idx, overrides in enumerate(job_overrides, initial_job_idx):
+        log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+    jobs = compose_jobs(hydra_context, config, job_overrides, initial_job_idx)
+    for job in jobs:
+        classify(job)
+    populations = group(jobs, max_members)
+    print(plan_text(jobs, populations), flush=True)
+    if dry_run:
+        return [dry_return(job) for job in jobs]
+
+    def run(job: Job, task: TaskFunction) -> JobReturn:
+        ret = run_job(hydra_context=hydra_context, task_function=task, config=job.sweep_config,
+                      job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+        configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+        return ret
+
+    returns: dict[int, JobReturn] = {}
+    for i, members in enumerate(populations, 1):
+        name = f"population {i}"
+        print(f"{name}: training {len(members)} members (jobs {', '.join(f'#{job.num}' for job in members)})",
+              flush=True)
+        for job, summary in zip(members, train_members(members, name)):
+            returns[job.num] = run(job, finish_member(job, summary))
+    for job in jobs:
+        if job.num not in returns:
+            returns[job.num] = run(job, fail_job(job) if job.error else task_function)
+    return [returns[job.num] for job in jobs]

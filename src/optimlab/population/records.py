@@ -1,0 +1,94 @@
+"""What a population member leaves in its job folder: what its own sequential job would write.
+
+``summary.json`` (the :class:`~optimlab.summary.RunSummary` schema, diagnosed by
+:func:`~optimlab.regimes.diagnose` on the member's own history, with ``population`` naming the
+population it trained in) and TensorBoard events (per-epoch train/val/test scalars, HPARAMS and
+the regime text via :func:`~optimlab.record.log_result`), so ``optimlab-report`` reads a
+population sweep as it reads a sequential one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from optimlab.population.loop import MemberRecord
+from optimlab.record import log_result, versions
+from optimlab.regimes import Thresholds, diagnose
+from optimlab.summary import FINISHED, RunSummary, describe_run, write_summary
+
+
+@dataclass
+class PopulationRun:
+    """What the members of one population share: its name and size, the steps per epoch, timing."""
+
+    name: str                    # "population 1 of the sweep"
+    jobs: list[int]              # the members' hydra.job.num, in member order
+    device: str
+    dtype: str
+    steps_per_epoch: int
+    train_size: int
+    params: int                  # per member
+    first_step_s: float | None = None   # the population's first step (all members at once)
+    wall_time_s: float = 0.0
+
+    def describe(self, member: int) -> dict[str, Any]:
+        """The ``population`` field of member ``member``'s summary."""
+        return {"name": self.name, "member": member, "members": len(self.jobs), "jobs": self.jobs,
+                "device": self.device, "dtype": self.dtype, "steps_per_epoch": self.steps_per_epoch}
+
+
+def member_steps(record: MemberRecord, steps_per_epoch: int) -> int:
+    """Optimizer steps the member's own run would count (Lightning's ``global_step``): a diverged run
+    stops at its divergence step (a refused step is not counted; an applied one whose weights
+    overflowed is, and the guard records the step after it)."""
+    if record.diverged_at_step is not None:
+        return record.diverged_at_step
+    return len(record.history) * steps_per_epoch
+
+
+def member_summary(status: str, config: dict[str, Any], record: MemberRecord, population: PopulationRun,
+                   member: int, noisy_images: int, **final: Any) -> RunSummary:
+    """Member ``member``'s summary as it stands, with ``status`` and the ``final`` fields given
+    (``test_loss``, ``test_acc``, ``tested_checkpoint``, ``error``), as
+    :meth:`~optimlab.record.RunRecord.summary` builds a single run's."""
+    thresholds = Thresholds.from_overrides(config.get("regimes") or {})
+    diagnosis = diagnose(record.history, record.diverged, thresholds, record.diverged_at_step)
+    steps = member_steps(record, population.steps_per_epoch)
+    train_time = sum(row.get("train_time_s", 0.0) for row in record.history)
+    steady_steps, steady_time = steps - 1, train_time - (population.first_step_s or 0.0)
+    val_accs = [r["val_acc"] for r in record.history if math.isfinite(r.get("val_acc", math.nan))]
+    return RunSummary(
+        status=status, config=config, description=vars(describe_run(config)).copy(), params=population.params,
+        epochs=record.history, best_val_acc=max(val_accs, default=None), diverged=record.diverged,
+        diverged_at_step=record.diverged_at_step, divergence_reason=record.divergence_reason,
+        regime=diagnosis.regime, regime_evidence=diagnosis.evidence, regime_measures=diagnosis.measures,
+        steps=steps, train_time_s=train_time, first_step_s=population.first_step_s,
+        steps_per_s=steady_steps / steady_time if steady_steps > 0 and steady_time > 0 else None,
+        wall_time_s=population.wall_time_s, label_noise_images=noisy_images, train_size=population.train_size,
+        device=population.device, population=population.describe(member), versions=versions(), **final)
+
+
+def write_tensorboard(run_dir: Path, summary: RunSummary) -> None:
+    """The member's TensorBoard events where its sequential job writes them (``run_dir/tensorboard``):
+    each epoch's scalars at the step the epoch ended, then HPARAMS and the regime text."""
+    steps_per_epoch = (summary.population or {}).get("steps_per_epoch", 0)
+    logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
+    for row in summary.epochs:
+        step = min(int(row["epoch"]) * steps_per_epoch, summary.steps)
+        scalars = {f"{stage}/{kind}": row[f"{stage}_{kind}"] for stage in ("train", "val", "test")
+                   for kind in ("loss", "acc") if f"{stage}_{kind}" in row}
+        logger.log_metrics(scalars, step=step)
+    log_result(logger, summary)
+    logger.finalize("success")
+
+
+def write_member(run_dir: Path, summary: RunSummary) -> None:
+    """``summary.json`` and, for a finished member, its TensorBoard events."""
+    write_summary(run_dir, summary)
+    if summary.status in FINISHED:
+        write_tensorboard(run_dir, summary)
