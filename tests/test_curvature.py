@@ -388,20 +388,22 @@ def test_sharpness_log_records_epochs_and_crossings() -> None:
     log = SharpnessLog()
     log.start_epoch(0)
     assert log.epoch_record() == {"epoch": 0, "measurements": 0, "sharpness_max": None, "sharpness_last": None,
-                                  "threshold_last": None, "first_crossing_step": None}
+                                  "threshold_last": None, "first_crossing_step": None, "crossing_sharpness": None,
+                                  "crossing_threshold": None}
     assert not log.add(10, 1.0, 2.0)
     assert not log.add(20, math.nan, 2.0)  # NaN is recorded, never a crossing
     record = log.epoch_record()
     assert math.isnan(record.pop("sharpness_last"))
     assert record == {"epoch": 0, "measurements": 2, "sharpness_max": 1.0, "threshold_last": 2.0,
-                      "first_crossing_step": None}
+                      "first_crossing_step": None, "crossing_sharpness": None, "crossing_threshold": None}
     log.end_epoch()
     log.start_epoch(1)
     assert log.add(30, 3.0, 2.0)
     assert log.add(40, math.inf, 2.5)
     assert not log.add(50, 1.5, 2.5)
     assert log.epoch_record() == {"epoch": 1, "measurements": 3, "sharpness_max": math.inf, "sharpness_last": 1.5,
-                                  "threshold_last": 2.5, "first_crossing_step": 30}
+                                  "threshold_last": 2.5, "first_crossing_step": 30, "crossing_sharpness": 3.0,
+                                  "crossing_threshold": 2.0}
     saved = log.state_dict()
     log.start_epoch(1)  # the current epoch again (a mid-epoch resume): kept
     assert log.epoch_record()["measurements"] == 3
@@ -410,7 +412,9 @@ def test_sharpness_log_records_epochs_and_crossings() -> None:
     log.start_epoch(3)
     assert log.add(70, 5.0, 1.0)
     assert log.epoch_record()["first_crossing_step"] == 70
-    assert log.run_record() == {"measurements": 6, "sharpness_max": math.inf, "first_crossing_step": 30}
+    assert log.epoch_record()["crossing_sharpness"] == 5.0
+    assert log.run_record() == {"measurements": 6, "sharpness_max": math.inf, "first_crossing_step": 30,
+                                "crossing_sharpness": 3.0, "crossing_threshold": 2.0}
     restored = SharpnessLog()
     restored.load_state_dict(saved)
     assert restored.state_dict() == saved and restored.first_crossing_step == 30

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -143,3 +144,59 @@ def test_validation_stalled_while_training_loss_falls_is_overfit() -> None:
     assert d.regime == "overfit" and "not improved since epoch 5" in d.evidence[1], d.evidence
     # with a stricter threshold the slow/underfit rules judge it: the train loss still falls, so slow
     assert diagnose(stalled, thresholds=Thresholds(overfit_stall_loss_drop=0.2)).regime == "slow"
+
+
+def test_one_recovered_spike_in_a_fitted_run_is_healthy_with_the_spike_in_the_evidence() -> None:
+    # experiment=cnn with an unseen seed: val_acc fell once from 0.9904 to 0.9276 and came straight back
+    val = [0.975, 0.982, 0.986, 0.988, 0.989, 0.990, 0.9904, 0.9276, 0.9905, 0.9910, 0.9912]
+    rows = history([0.2, 0.06, 0.04, 0.03, 0.025, 0.02, 0.017, 0.05, 0.016, 0.014, 0.013], val)
+    rows[7].update(train_loss_max=2.2, sharpness_max=41.5, threshold_last=33.3)
+    d = diagnose(rows)
+    assert d.regime == "healthy"
+    assert "one transient spike" in d.evidence[0] and "epoch 8" in d.evidence[0]
+    assert "2.2" in d.evidence[0] and "41.5" in d.evidence[0] and "33.3" in d.evidence[0]
+    # the same fall twice is instability that persists
+    val2 = val[:9] + [0.9350, 0.9911]
+    assert diagnose(history([r["train_loss"] for r in rows], val2)).regime == "oscillating"
+    # one fall that does not end fitted is not let off either
+    low = [v - 0.1 for v in val]
+    assert diagnose(history([r["train_loss"] for r in rows], low)).regime != "healthy"
+
+
+CROSSED = {"measurements": 12, "sharpness_max": 56.1, "first_crossing_step": 12, "crossing_sharpness": 31.2,
+           "crossing_threshold": 2.86, "threshold_formula": "2/lr", "preconditioned": False}
+
+
+def test_diverging_evidence_cites_the_sharpness_crossing_and_the_lead_before_the_blow_up() -> None:
+    d = diagnose(CURVES["diverging"][:1], diverged=True, diverged_at_step=40, curvature=CROSSED)
+    assert d.regime == "diverging"
+    assert d.evidence[-1] == ("sharpness 31.2 crossed 2/lr = 2.86 at step 12; first non-finite loss, gradient or "
+                              "weight at step 40")
+    assert d.measures["crossing_lead_steps"] == 28 and d.measures["crossing_sharpness"] == 31.2
+    adam = {**CROSSED, "threshold_formula": "38/lr", "preconditioned": True, "first_crossing_step": None,
+            "crossing_sharpness": None, "crossing_threshold": None}
+    d = diagnose(CURVES["oscillating"], curvature=adam)
+    assert d.regime == "oscillating"
+    assert d.evidence[-1] == "preconditioned sharpness stayed below 38/lr in all 12 measurements (largest 56.1)"
+    assert math.isnan(d.measures["sharpness_first_crossing_step"])
+
+
+def test_the_sharpness_never_changes_a_label_and_is_cited_only_for_instability() -> None:
+    for name, rows in CURVES.items():
+        plain, tracked = diagnose(rows), diagnose(rows, curvature=CROSSED)
+        assert tracked.regime == plain.regime, name
+        cites = any("crossed 2/lr" in e for e in tracked.evidence)
+        assert cites == (plain.regime in ("diverging", "oscillating")), name
+
+
+@pytest.mark.parametrize("override, words", [
+    ({"fit_acc": "abc"}, "regimes.fit_acc: 'abc' is not allowed; expected a number in [0, 1]"),
+    ({"fit_acc": -5}, "regimes.fit_acc: -5"),
+    ({"window": 0}, "regimes.window: 0 is not allowed; expected an integer >= 1"),
+    ({"window": 2.5}, "regimes.window: 2.5"),
+    ({"loss_blowup": float("nan")}, "regimes.loss_blowup: nan"),
+    ({"chance_acc": True}, "regimes.chance_acc: True"),
+])
+def test_bad_threshold_values_are_refused_with_one_line(override: dict, words: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(words)):
+        Thresholds.from_overrides(override)

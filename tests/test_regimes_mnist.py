@@ -26,4 +26,4 @@ CASES = {
 @pytest.mark.parametrize("expected", list(CASES))
 def test_regime_appears_on_real_mnist(expected: str, tmp_path: Path, mnist_root: Path) -> None:
     summary = run(compose_config(*CASES[expected], *QUIET), tmp_path)
-    assert summary["regime"] == expected, (summary["regime_evidence"], summary["epochs"])
+    assert summary.regime == expected, (summary.regime_evidence, summary.epochs)

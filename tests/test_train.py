@@ -174,6 +174,12 @@ def test_grad_noise_is_refused_with_torch_impl(tmp_path: Path) -> None:
     ("model=cnn model.kernel_size=100", "model.kernel_size"), ("trainer.precision=16-mixed", "trainer.precision"),
     ("trainer.accelerator=gpu", "trainer.accelerator"), ("optimizer=adagrad optimizer.lr_decay=-1", "optimizer.lr_decay"),
     ("scheduler=step +scheduler.foo=1", "scheduler.foo"),
+    ("+regimes.fit_acc=abc", "regimes.fit_acc"), ("+regimes.fit_acc=-5", "regimes.fit_acc"),
+    ("+regimes.window=0", "regimes.window"), ("curvature.every_n_steps=0", "curvature.every_n_steps"),
+    ("curvature.probe_size=-1", "curvature.probe_size"), ("curvature.tol=abc", "curvature.tol"),
+    ("scheduler=step scheduler.step_size=0", "scheduler.step_size"), ("scheduler=step scheduler.gamma=-1", "scheduler.gamma"),
+    ("scheduler=step scheduler.gamma=abc", "scheduler.gamma"), ("scheduler=cosine scheduler.T_max=0", "scheduler.T_max"),
+    ("scheduler=cosine scheduler.eta_min=-1", "scheduler.eta_min"),
 ])
 def test_bad_config_values_name_the_key(tmp_path: Path, override: str, key: str) -> None:
     cfg = compose_config(*override.split())
@@ -192,6 +198,30 @@ def test_the_optimizers_own_lr_is_the_one_recorded(tmp_path: Path) -> None:
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [e.value for e in events.Scalars("train/lr")] == [0.5]
+
+
+@pytest.mark.slow
+def test_sharpness_tracking_is_recorded_per_epoch_and_explains_divergence(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    summary = run(compose_config("lr=2.0", "data.subset=2000", "data.val_size=500", "epochs=2",
+                                 "curvature.every_n_steps=4", "curvature.probe_size=256",
+                                 "trainer.progress_bar=false"), tmp_path)
+    curvature = summary.curvature
+    assert curvature["measurements"] == 2 * 16 // 4 and curvature["threshold_formula"] == "2/lr"
+    assert curvature["first_crossing_step"] == 4 and curvature["crossing_threshold"] == pytest.approx(1.0)
+    for row in summary.epochs:
+        assert row["threshold_last"] == pytest.approx(1.0) and row["sharpness_max"] >= row["sharpness_last"]
+    assert summary.epochs[0]["sharpness_crossed_at_step"] == 4
+    assert summary.regime == "diverging"
+    assert f"sharpness {curvature['crossing_sharpness']:.3g} crossed 2/lr = 1 at step 4" in summary.regime_evidence
+    assert summary.regime_measures["sharpness_max"] == curvature["sharpness_max"]
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["curvature"] == curvature and saved["epochs"][1]["threshold_last"] == pytest.approx(1.0)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("curvature/sharpness")] == [4, 8, 12, 16, 20, 24, 28, 32]
+    assert len(events.Scalars("curvature/threshold")) == 8
 
 
 def test_compiled_and_plain_checkpoints_share_parameter_names() -> None:

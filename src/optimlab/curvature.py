@@ -459,19 +459,22 @@ class SharpnessLog:
     A measurement is a crossing when ``sharpness > threshold`` (a NaN sharpness never is; an
     infinite one is unless the threshold is infinite too). The record of an epoch (see
     :meth:`epoch_record`) holds ``epoch``, ``measurements``, ``sharpness_max`` (over the non-NaN
-    values; NaN if all were NaN), ``sharpness_last``, ``threshold_last`` and
-    ``first_crossing_step``; values are None when the epoch had no measurement or no crossing.
+    values; NaN if all were NaN), ``sharpness_last``, ``threshold_last``, ``first_crossing_step``
+    and the sharpness and threshold measured there (``crossing_sharpness``, ``crossing_threshold``);
+    values are None when the epoch had no measurement or no crossing.
     """
 
     def __init__(self) -> None:
         self.history: list[dict[str, Any]] = []
         self.first_crossing_step: int | None = None
+        self.first_crossing: tuple[float, float] | None = None  # (sharpness, threshold) there
         self.measurements = 0
         self.sharpness_max: float | None = None
         self._epoch: int | None = None
         self._values: list[float] = []
         self._last: tuple[float, float] | None = None
         self._crossing: int | None = None
+        self._crossing_values: tuple[float, float] | None = None
         self._ended = False
 
     def start_epoch(self, epoch: int) -> None:
@@ -482,7 +485,8 @@ class SharpnessLog:
             return
         if self._epoch is not None and not self._ended:
             self.end_epoch()
-        self._epoch, self._values, self._last, self._crossing, self._ended = epoch, [], None, None, False
+        self._epoch, self._values, self._last, self._ended = epoch, [], None, False
+        self._crossing, self._crossing_values = None, None
 
     def add(self, step: int, sharpness: float, threshold: float) -> bool:
         """Record one measurement at optimizer step ``step``; return whether it is a crossing."""
@@ -492,9 +496,9 @@ class SharpnessLog:
         self.measurements += 1
         self.sharpness_max = _nanmax([sharpness] + ([] if self.sharpness_max is None else [self.sharpness_max]))
         if crossed and self._crossing is None:
-            self._crossing = step
+            self._crossing, self._crossing_values = step, (sharpness, threshold)
         if crossed and self.first_crossing_step is None:
-            self.first_crossing_step = step
+            self.first_crossing_step, self.first_crossing = step, (sharpness, threshold)
         return crossed
 
     def epoch_record(self) -> dict[str, Any]:
@@ -502,7 +506,9 @@ class SharpnessLog:
         return {"epoch": self._epoch, "measurements": len(self._values), "sharpness_max": _nanmax(self._values),
                 "sharpness_last": None if self._last is None else self._last[0],
                 "threshold_last": None if self._last is None else self._last[1],
-                "first_crossing_step": self._crossing}
+                "first_crossing_step": self._crossing,
+                "crossing_sharpness": None if self._crossing_values is None else self._crossing_values[0],
+                "crossing_threshold": None if self._crossing_values is None else self._crossing_values[1]}
 
     def end_epoch(self) -> dict[str, Any]:
         """Append the current epoch's record to :attr:`history` (once) and return it."""
@@ -513,14 +519,18 @@ class SharpnessLog:
         return record
 
     def run_record(self) -> dict[str, Any]:
-        """``measurements``, ``sharpness_max`` and ``first_crossing_step`` over the whole run."""
+        """``measurements``, ``sharpness_max``, ``first_crossing_step`` and the sharpness and
+        threshold there (``crossing_sharpness``, ``crossing_threshold``) over the whole run."""
+        crossing = self.first_crossing or (None, None)
         return {"measurements": self.measurements, "sharpness_max": self.sharpness_max,
-                "first_crossing_step": self.first_crossing_step}
+                "first_crossing_step": self.first_crossing_step, "crossing_sharpness": crossing[0],
+                "crossing_threshold": crossing[1]}
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": [dict(r) for r in self.history], "first_crossing_step": self.first_crossing_step,
-                "measurements": self.measurements, "sharpness_max": self.sharpness_max, "epoch": self._epoch,
-                "values": list(self._values), "last": self._last, "crossing": self._crossing,
+                "first_crossing": self.first_crossing, "measurements": self.measurements,
+                "sharpness_max": self.sharpness_max, "epoch": self._epoch, "values": list(self._values),
+                "last": self._last, "crossing": self._crossing, "crossing_values": self._crossing_values,
                 "ended": self._ended}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -528,6 +538,7 @@ class SharpnessLog:
         self.first_crossing_step, self.measurements = state["first_crossing_step"], state["measurements"]
         self.sharpness_max, self._epoch = state["sharpness_max"], state["epoch"]
         self._values, self._last, self._crossing = list(state["values"]), state["last"], state["crossing"]
+        self.first_crossing, self._crossing_values = state["first_crossing"], state["crossing_values"]
         self._ended = state["ended"]
 
 
@@ -581,6 +592,8 @@ class SharpnessCallback(L.Callback):
         self.sharpness_log = SharpnessLog()
         self.probe: tuple[Tensor, Tensor] | None = None
         self.last_step = 0
+        self.threshold_formula: str | None = None
+        self.preconditioned = False
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -591,8 +604,10 @@ class SharpnessCallback(L.Callback):
         return self.sharpness_log.epoch_record()
 
     def run_record(self) -> dict[str, Any]:
-        """See :meth:`SharpnessLog.run_record`."""
-        return self.sharpness_log.run_record()
+        """:meth:`SharpnessLog.run_record`, with ``threshold_formula`` (the threshold in words at
+        the start of training, e.g. ``2/lr`` or ``38/lr``) and ``preconditioned`` (adaptive optimizers)."""
+        return {**self.sharpness_log.run_record(), "threshold_formula": self.threshold_formula,
+                "preconditioned": self.preconditioned}
 
     def draw_probe(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """``probe_size`` examples of ``(x, y)`` chosen by ``seed`` (all when there are fewer)."""
@@ -603,7 +618,10 @@ class SharpnessCallback(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not isinstance(getattr(pl_module, "model", None), nn.Module):
             raise ValueError("SharpnessCallback needs the LightningModule's classifier as its .model attribute")
-        stability_threshold(trainer.optimizers[0])  # an unsupported optimizer fails here, not mid-run
+        optimizer = trainer.optimizers[0]
+        threshold, lr = stability_threshold(optimizer), float(optimizer.param_groups[0]["lr"])  # fails here, not mid-run
+        self.threshold_formula = f"{threshold * lr:.3g}/lr" if 0 < threshold * lr < math.inf else None
+        self.preconditioned = _kind(optimizer) != "sgd"
         if self.given_probe is not None:
             x, y = self.given_probe
         else:

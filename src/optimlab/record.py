@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
+from optimlab.curvature import SharpnessCallback
 from optimlab.divergence import DivergenceGuard, total_norm
 from optimlab.module import EVAL_STAGES
 from optimlab.regimes import Thresholds, diagnose
@@ -56,11 +57,15 @@ class RunRecord(Checkpoint):
         thresholds: the diagnosis thresholds.
         log_every_n_steps: cadence of the per-step scalars.
         wall_time_before: wall time spent in earlier sessions of a resumed run.
+        sharpness: the sharpness tracker, when ``curvature.every_n_steps`` is set: its epoch
+            records go into the epoch rows, its run record into the summary and the diagnosis.
     """
 
     def __init__(self, run_dir: Path, config: dict[str, Any], guard: DivergenceGuard, thresholds: Thresholds,
-                 log_every_n_steps: int = 50, wall_time_before: float = 0.0) -> None:
+                 log_every_n_steps: int = 50, wall_time_before: float = 0.0,
+                 sharpness: SharpnessCallback | None = None) -> None:
         self.run_dir, self.config, self.guard, self.thresholds = run_dir, config, guard, thresholds
+        self.sharpness = sharpness
         self.description = describe_run(config)
         self.log_every = log_every_n_steps
         self.started, self.wall_time_before = time.perf_counter(), wall_time_before
@@ -141,6 +146,12 @@ class RunRecord(Checkpoint):
                 if f"{stage}/{kind}" in metrics:
                     row[f"{stage}_{kind}"] = float(metrics[f"{stage}/{kind}"])
         row["train_time_s"] = self._train_time
+        if self.sharpness is not None:  # its epoch has ended: normal callbacks run before checkpoint ones
+            epoch = self.sharpness.epoch_record()
+            if epoch["measurements"]:
+                row.update(sharpness_max=epoch["sharpness_max"], sharpness_last=epoch["sharpness_last"],
+                           threshold_last=epoch["threshold_last"],
+                           sharpness_crossed_at_step=epoch["first_crossing_step"])
         self.history.append(row)
         if trainer.logger is not None:
             trainer.logger.log_metrics({"train/loss": row["train_loss"], "train/acc": row["train_acc"]},
@@ -175,7 +186,8 @@ class RunRecord(Checkpoint):
         """The run's summary as it stands, with ``status`` and the ``final`` fields given."""
         if trainer is not None:
             self._global_step = trainer.global_step
-        diagnosis = diagnose(self.history, self.guard.diverged, self.thresholds)
+        curvature = self.sharpness.run_record() if self.sharpness is not None else None
+        diagnosis = diagnose(self.history, self.guard.diverged, self.thresholds, self.guard.step, curvature)
         train_time = sum(row.get("train_time_s", 0.0) for row in self.history)
         # Throughput leaves out the first step: warm-up, and compilation with trainer.compile=true.
         steady_steps, steady_time = self._global_step - 1, train_time - (self.first_step_s or 0.0)
@@ -184,7 +196,8 @@ class RunRecord(Checkpoint):
             status=status, config=self.config, description=vars(self.description).copy(), epochs=self.history,
             best_val_acc=max(val_accs, default=None), diverged=self.guard.diverged,
             diverged_at_step=self.guard.step, divergence_reason=self.guard.reason, regime=diagnosis.regime,
-            regime_evidence=diagnosis.evidence, regime_measures=diagnosis.measures, steps=self._global_step,
+            regime_evidence=diagnosis.evidence, regime_measures=diagnosis.measures, curvature=curvature,
+            steps=self._global_step,
             train_time_s=train_time, first_step_s=self.first_step_s,
             steps_per_s=steady_steps / steady_time if steady_steps > 0 and steady_time > 0 else None,
             wall_time_s=self.wall_time_before + time.perf_counter() - self.started, versions=versions(),

@@ -16,6 +16,8 @@ The rules are checked in this order; the first that fires names the regime:
 2. **oscillating**, converging: validation accuracy jumps (it falls by ``>= osc_acc_drop`` between
    consecutive epochs at least ``osc_min_drops`` times, or by ``>= osc_big_drop`` once), climbs back
    (a rise ``>= osc_acc_drop`` after the first fall) and ends within ``overfit_acc_drop`` of its best.
+   A single fall that recovers in a run that ends fitted (``>= fit_acc``) is a transient spike, not
+   a persisting instability: **healthy**, with the spike in the evidence.
 3. **overfit**: training keeps improving (final train loss below its value at the validation peak)
    while validation gets worse: validation accuracy has fallen ``>= overfit_acc_drop`` below its
    peak at least ``overfit_min_epochs_after_peak`` epochs before the end, or validation loss has
@@ -41,12 +43,16 @@ The rules are checked in this order; the first that fires names the regime:
 5. otherwise **healthy**.
 
 Every threshold is a field of :class:`Thresholds`, overridable from the config key ``regimes``.
+
+When the run tracked its sharpness (``curvature.every_n_steps``), the evidence of a diverging or
+oscillating run cites it against the optimizer's stability threshold (the edge of stability) and
+the measures keep the numbers; the sharpness explains a label, it never decides one.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 LABELS = ("healthy", "slow", "oscillating", "diverging", "underfit", "overfit")
@@ -73,6 +79,18 @@ class Thresholds:
     slow_min_loss_drop: float = 0.01    # train loss still falling this much (nats) per epoch: slow
     window: int = 3                     # epochs over which recent loss changes are measured
 
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int":
+                ok, allowed = isinstance(value, int) and not isinstance(value, bool) and value >= 1, "an integer >= 1"
+            elif f.name in FRACTIONS:
+                ok, allowed = _number(value) and 0 <= value <= 1, "a number in [0, 1]"
+            else:
+                ok, allowed = _number(value) and value >= 0, "a number >= 0"
+            if not ok:
+                raise ValueError(f"regimes.{f.name}: {value!r} is not allowed; expected {allowed}")
+
     @classmethod
     def from_overrides(cls, overrides: dict[str, Any] | None) -> Thresholds:
         known = {f.name for f in fields(cls)}
@@ -82,14 +100,20 @@ class Thresholds:
         return cls(**(overrides or {}))
 
 
+# Thresholds that are accuracies or fractions of one.
+FRACTIONS = {"chance_acc", "overfit_acc_drop", "osc_acc_drop", "osc_big_drop", "overfit_train_acc", "overfit_gap",
+             "fit_acc", "underfit_loss_ratio"}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 @dataclass
 class Diagnosis:
     regime: str
     evidence: list[str]          # the rule that fired, with the numbers that crossed its thresholds
     measures: dict[str, float]   # every quantity the rules look at
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _series(history: list[dict[str, float]], key: str) -> list[float]:
@@ -112,6 +136,7 @@ def measure(history: list[dict[str, float]], t: Thresholds) -> dict[str, float]:
     drops = [a - b for a, b in zip(val_acc, val_acc[1:])]
     m["val_acc_drops"] = sum(d >= t.osc_acc_drop for d in drops)
     m["max_val_acc_drop"] = max(drops, default=0.0)
+    m["max_val_acc_drop_epoch"] = drops.index(m["max_val_acc_drop"]) + 2 if drops else nan  # the epoch it fell in
     first_drop = next((i for i, d in enumerate(drops) if d >= t.osc_acc_drop), len(drops))
     m["val_acc_recoveries"] = sum(-d >= t.osc_acc_drop for d in drops[first_drop + 1:])
     rises = [b / a - 1 for a, b in zip(train_loss, train_loss[1:]) if a > 0 and b - a >= t.osc_min_loss_rise]
@@ -137,13 +162,58 @@ def measure(history: list[dict[str, float]], t: Thresholds) -> dict[str, float]:
     return m
 
 
-def diagnose(history: list[dict[str, float]], diverged: bool = False,
-             thresholds: Thresholds | None = None) -> Diagnosis:
-    """Label a run from its per-epoch rows (``train_loss``, ``val_acc``, ``val_loss``, ...)."""
+def _float(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def edge_of_stability(m: dict[str, float], curvature: dict[str, Any] | None, diverged_at_step: int | None) -> str | None:
+    """The tracked sharpness against the optimizer's stability threshold, in words (None when the
+    run did not track it); adds the numbers to the measures ``m``."""
+    if not curvature or not curvature.get("measurements"):
+        return None
+    what = "preconditioned sharpness" if curvature.get("preconditioned") else "sharpness"
+    threshold = curvature.get("threshold_formula") or "its stability threshold"
+    step = curvature.get("first_crossing_step")
+    m["sharpness_max"] = _float(curvature.get("sharpness_max"))
+    m["sharpness_first_crossing_step"] = _float(step)
+    m["crossing_sharpness"] = _float(curvature.get("crossing_sharpness"))
+    m["crossing_threshold"] = _float(curvature.get("crossing_threshold"))
+    if step is None:
+        text = (f"{what} stayed below {threshold} in all {curvature['measurements']} measurements "
+                f"(largest {m['sharpness_max']:.3g})")
+    else:
+        text = f"{what} {m['crossing_sharpness']:.3g} crossed {threshold} = {m['crossing_threshold']:.3g} at step {step}"
+    if diverged_at_step is not None:
+        text += f"; first non-finite loss, gradient or weight at step {diverged_at_step}"
+        m["crossing_lead_steps"] = diverged_at_step - step if step is not None else math.nan
+    return text
+
+
+def _spike(history: list[dict[str, float]], m: dict[str, float]) -> str:
+    """A single recovered fall of validation accuracy, with that epoch's largest step loss and sharpness."""
+    epoch = int(m["max_val_acc_drop_epoch"])
+    row = history[epoch - 1] if 0 < epoch <= len(history) else {}
+    text = (f"one transient spike: val_acc fell {m['max_val_acc_drop']:.3f} in epoch {epoch} and recovered "
+            f"(that epoch's largest step loss {_float(row.get('train_loss_max')):.3g}")
+    if row.get("sharpness_max") is not None:
+        text += f", sharpness up to {row['sharpness_max']:.3g} against {_float(row.get('threshold_last')):.3g}"
+    return text + ")"
+
+
+def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds: Thresholds | None = None,
+             diverged_at_step: int | None = None, curvature: dict[str, Any] | None = None) -> Diagnosis:
+    """Label a run from its per-epoch rows (``train_loss``, ``val_acc``, ``val_loss``, ...).
+
+    ``diverged_at_step`` and ``curvature`` (the run's sharpness record: ``measurements``,
+    ``sharpness_max``, ``first_crossing_step``, ``crossing_sharpness``, ``crossing_threshold``,
+    ``threshold_formula``, ``preconditioned``) only add evidence to a diverging or oscillating label."""
     t = thresholds or Thresholds()
     m = measure(history, t)
+    edge = edge_of_stability(m, curvature, diverged_at_step)
 
     def verdict(regime: str, *evidence: str) -> Diagnosis:
+        if edge and regime in ("diverging", "oscillating"):
+            evidence = (*evidence, edge)
         return Diagnosis(regime, list(evidence), m)
 
     if diverged:
@@ -176,6 +246,10 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False,
                    f"{t.osc_min_drops}), largest {m['max_val_acc_drop']:.3f} (limit {t.osc_big_drop}), "
                    f"{m['val_acc_recoveries']:.0f} recoveries")
     if val_jumps and m["val_acc_recoveries"] >= 1 and not val_worse_acc:
+        if m["val_acc_drops"] <= 1 and m["final_val_acc"] >= t.fit_acc:
+            return verdict("healthy", _spike(history, m), f"final val_acc {m['final_val_acc']:.3f} >= fit_acc "
+                           f"{t.fit_acc}; a single recovered fall is not a persisting oscillation "
+                           f"(that needs {t.osc_min_drops} falls >= {t.osc_acc_drop})")
         return verdict("oscillating", oscillation,
                        f"yet converging: final val_acc {m['final_val_acc']:.3f} within {t.overfit_acc_drop} of its best")
     still_fitting = m["train_loss_change_since_val_peak"] < 0

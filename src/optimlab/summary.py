@@ -54,7 +54,9 @@ def describe_run(config: Mapping[str, Any]) -> RunDescription:
 class RunSummary:
     """The schema of ``summary.json``. ``epochs`` holds one row per finished epoch: ``epoch``,
     ``train_loss``, ``train_acc``, ``train_loss_max`` (largest step loss), ``train_time_s``, the
-    evaluated ``val_*`` / ``test_*`` loss and accuracy, and ``train_loss_initial`` in the first row.
+    evaluated ``val_*`` / ``test_*`` loss and accuracy, and ``train_loss_initial`` in the first row;
+    with sharpness tracking also ``sharpness_max``, ``sharpness_last``, ``threshold_last`` and
+    ``sharpness_crossed_at_step`` (the epoch's first step with sharpness above the threshold).
     Non-finite numbers are written as null."""
 
     status: str                                  # one of STATUSES
@@ -72,6 +74,7 @@ class RunSummary:
     regime: str | None = None
     regime_evidence: list[str] = field(default_factory=list)
     regime_measures: dict[str, Any] = field(default_factory=dict)
+    curvature: dict[str, Any] | None = None      # the run's sharpness record when tracked (curvature.every_n_steps)
     steps: int = 0
     train_time_s: float = 0.0
     steps_per_s: float | None = None             # leaves out the first step (warm-up, compilation)

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from optimlab.build import build_parts, build_trainer
 from optimlab.checkpointing import last_checkpoint, resolve_resume
+from optimlab.curvature import SharpnessCallback
 from optimlab.record import RunRecord, device_name, log_result, result_line
 from optimlab.summary import SUMMARY, RunSummary, is_complete, read_summary
 from optimlab.validate import ConfigError, validate_config
@@ -94,9 +95,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
     datamodule, module = parts.datamodule, parts.module
     datamodule.setup()  # reads and checks the files: a DataError stops us before anything is written
     config = OmegaConf.to_container(cfg, resolve=True)
+    curvature = cfg.get("curvature")  # absent from the configs of runs recorded before it existed
+    sharpness = (SharpnessCallback(curvature.every_n_steps, curvature.probe_size, cfg.seed, iters=curvature.iters,
+                                   tol=curvature.tol) if curvature and curvature.every_n_steps else None)
     record = RunRecord(run_dir, config, module.guard, parts.thresholds, cfg.trainer.log_every_n_steps,
-                       wall_time_before=previous.wall_time_s if previous and ckpt else 0.0)
-    trainer = build_trainer(cfg, run_dir, [record, stopper := StopOnSignal()])
+                       wall_time_before=previous.wall_time_s if previous and ckpt else 0.0, sharpness=sharpness)
+    trainer = build_trainer(cfg, run_dir, [*filter(None, [sharpness]), record, stopper := StopOnSignal()])
     datamodule.to(trainer.strategy.root_device)
     record.extra = {"params": sum(p.numel() for p in module.model.parameters()), "train_size": len(datamodule.train_y),
                     "label_noise_images": datamodule.noisy_count, "device": device_name(trainer.strategy.root_device)}

@@ -3,8 +3,9 @@ no constructor checks. One line naming the key, the value and what is allowed.
 
 The keys of the instantiated groups (``model``, ``optimizer``, ``data``, ``scheduler``) are the
 parameters of their ``_target_``'s constructor; their values are checked by those constructors
-when :mod:`optimlab.build` builds them (the single source for those rules). Every other key is
-declared in :data:`RULES`.
+when :mod:`optimlab.build` builds them (the single source for those rules), except where a
+constructor checks nothing (torch's LR schedulers, the data module, which reads nothing before
+setup): those values have rules in :data:`RULES`, as has every key outside these groups.
 """
 
 from __future__ import annotations
@@ -74,11 +75,16 @@ RULES: dict[str, Rule] = {
     "data.batch_size": INT_POSITIVE, "data.eval_batch_size": INT_POSITIVE, "data.download": BOOL,
     "data.test_every_epoch": BOOL, "data.seed": SEED, "data.root": optional((lambda v: isinstance(v, str), "a folder")),
     "optimizer.impl": one_of("custom", "torch"),
+    # torch's LR schedulers do not check their arguments (StepLR(step_size=0) fails mid-run).
+    "scheduler.step_size": INT_POSITIVE, "scheduler.gamma": POSITIVE, "scheduler.T_max": INT_POSITIVE,
+    "scheduler.eta_min": NON_NEGATIVE,
+    "curvature.every_n_steps": optional(INT_POSITIVE), "curvature.probe_size": INT_POSITIVE,
+    "curvature.iters": INT_POSITIVE, "curvature.tol": POSITIVE,
 }
 # Why a value is refused although the rule's type fits: the message's second half.
 WHY = {"trainer.devices": "the in-memory batches are not sharded per rank; run jobs in parallel with a sweep instead"}
 BUILT = ("model", "optimizer", "data", "scheduler")   # groups instantiated from their _target_
-GROUPS = ("early_stopping", "trainer", "regimes", *BUILT)
+GROUPS = ("early_stopping", "trainer", "regimes", "curvature", *BUILT)
 EXTRA_KEYS = {"optimizer": {"impl"}}                  # ours, removed before the constructor is called
 
 
