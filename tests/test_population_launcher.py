@@ -1,0 +1,173 @@
+"""The population launcher (``python train.py -m hydra/launcher=population``): how jobs are sorted
+and grouped (fast, composed in-process), and end to end against the basic launcher (slow)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from conftest import compose_config
+from hydra_plugins.optimlab_population.population_launcher import PopulationLauncher
+from optimlab.population.launcher import Job, group, population_key, why_alone
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["data.subset=256", "data.val_size=500", "epochs=1", "model.hidden=[16]", "trainer.accelerator=cpu"]
+
+
+def train(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "train.py"), "-m", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def summaries(sweep_dir: Path) -> dict[str, dict]:
+    """Each job folder's summary.json by folder name."""
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/summary.json"))}
+
+
+# ---------------------------------------------------------------------------- sorting and grouping
+
+
+def test_the_plugin_is_registered_with_its_knobs() -> None:
+    node = ConfigStore.instance().load("hydra/launcher/population.yaml").node
+    assert node.max_members == 64 and node.dry_run is False
+    assert node._target_ == "hydra_plugins.optimlab_population.population_launcher.PopulationLauncher"
+    with pytest.raises(ValueError, match="max_members"):
+        PopulationLauncher(max_members=0)
+
+
+def test_members_may_differ_in_member_wise_settings_only() -> None:
+    key = population_key(compose_config())
+    for same in (["lr=0.5"], ["seed=3"], ["optimizer.weight_decay=0.01"], ["data.label_noise=0.2"],
+                 ["model.init=glorot"], ["name=other"], ["+regimes.fit_acc=0.5"], ["trainer.log_every_n_steps=7"]):
+        assert population_key(compose_config(*same)) == key, same
+    for other in (["batch_size=64"], ["epochs=3"], ["data.subset=1000"], ["model.hidden=[32]"],
+                  ["optimizer=adam"], ["optimizer.momentum=0.9"], ["trainer.precision=64-true"],
+                  ["data.test_every_epoch=false"]):
+        assert population_key(compose_config(*other)) != key, other
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    (["model.dropout=0.5"], "dropout"), (["scheduler=cosine"], "scheduler"),
+    (["optimizer.grad_noise_std=0.01"], "grad_noise_std"), (["early_stopping.enabled=true"], "early stopping"),
+    (["test_ckpt=best"], "test_ckpt=best"), (["optimizer.impl=torch"], "optimizer.impl=torch"),
+    (["trainer.precision=bf16-mixed"], "precision"), (["trainer.limit_train_batches=2"], "limit_train_batches"),
+])
+def test_what_a_population_cannot_reproduce_runs_alone(overrides: list[str], reason: str) -> None:
+    assert why_alone(compose_config()) is None
+    assert why_alone(compose_config("model=cnn", "optimizer=adam")) is None
+    assert reason in why_alone(compose_config(*overrides))
+
+
+def test_groups_are_split_evenly_and_a_job_without_partner_runs_alone() -> None:
+    def jobs(keys: list[str]) -> list[Job]:
+        return [Job(i, [], OmegaConf.create(), Path(str(i)), key=key) for i, key in enumerate(keys)]
+
+    populations = group(jobs(["a"] * 70 + ["b"] + ["c"] * 3), max_members=64)
+    assert [len(p) for p in populations] == [35, 35, 3]
+    assert [job.num for job in populations[0]] == list(range(35))
+    lone = jobs(["a", "b", "a"])
+    assert [[job.num for job in p] for p in group(lone, 64)] == [[0, 2]]
+    assert lone[1].alone == "a population of one" and lone[1].key is None
+    singles = jobs(["a"] * 3)
+    assert group(singles, max_members=1) == [] and all(job.alone for job in singles)
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_a_population_sweep_equals_the_sequential_sweep(mnist_root: Path, tmp_path: Path) -> None:
+    """Six jobs (three lrs x two seeds; lr 1e30 blows the loss up) as one population write what the
+    basic launcher's sequential jobs write: the same folders, summary.json keys, status, steps,
+    regime, divergence, float64 training metrics to 1e-9 relative, validation and test counts
+    (the sequential job's evaluation metrics are torchmetrics' float32: compared to its rounding);
+    each with TensorBoard events (epoch scalars and HPARAMS), and optimlab-report reads the sweep."""
+    grid = ["lr=0.01,0.1,1e30", "seed=0,1", "data.subset=500", "data.val_size=500", "epochs=2",
+            "trainer.precision=64-true", "model.hidden=[32]", "trainer.accelerator=cpu"]
+    population = train(*grid, "hydra/launcher=population", f"hydra.sweep.dir={tmp_path / 'population'}")
+    assert population.returncode == 0, population.stderr[-3000:]
+    assert "population 1: 6 members" in population.stdout
+    sequential = train(*grid, f"hydra.sweep.dir={tmp_path / 'sequential'}")
+    assert sequential.returncode == 0, sequential.stderr[-3000:]
+    pop, seq = summaries(tmp_path / "population"), summaries(tmp_path / "sequential")
+    assert len(seq) == 6 and pop.keys() == seq.keys()
+    for name, ref in seq.items():
+        got = pop[name]
+        assert got.keys() == ref.keys() and got["population"]["members"] == 6 and ref["population"] is None
+        for key in ("status", "steps", "regime", "diverged", "diverged_at_step", "divergence_reason", "params",
+                    "train_size", "tested_checkpoint", "config"):
+            assert got[key] == ref[key], (name, key)
+        assert round(got["test_acc"] * 10_000) == round(ref["test_acc"] * 10_000)
+        assert [row.keys() for row in got["epochs"]] == [row.keys() for row in ref["epochs"]]
+        for row, ref_row in zip(got["epochs"], ref["epochs"]):
+            for key in ("train_loss", "train_acc", "train_loss_max", "train_loss_initial"):
+                if key in ref_row:
+                    assert row[key] == pytest.approx(ref_row[key], rel=1e-9), (name, row["epoch"], key)
+            for key, count in (("val_acc", 500), ("test_acc", 10_000)):
+                assert round(row[key] * count) == round(ref_row[key] * count), (name, key)
+            for key in ("val_loss", "test_loss"):
+                assert row[key] == pytest.approx(ref_row[key], rel=1e-6), (name, key)
+        run_dir = tmp_path / "population" / name
+        events = b"".join(p.read_bytes() for p in (run_dir / "tensorboard").glob("events.out.tfevents.*"))
+        assert all(tag in events for tag in (b"train/loss", b"val/acc", b"test/acc", b"hp/test_acc", b"regime"))
+        assert (run_dir / ".hydra" / "overrides.yaml").is_file()
+    assert {s["regime"] for s in pop.values()} >= {"diverging"}
+    report = subprocess.run([str(Path(sys.executable).with_name("optimlab-report")), str(tmp_path / "population")],
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr
+    assert "6 runs" in (tmp_path / "population" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_an_invalid_job_fails_alone(mnist_root: Path, tmp_path: Path) -> None:
+    """lr=-1 fails its two jobs with the one-line ConfigError (recorded as crashed, exit code 1);
+    the two valid jobs still train, as one population."""
+    result = train("lr=0.1,-1", "seed=0,1", *SMALL, "hydra/launcher=population", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 1
+    assert "error: lr: -1 is not allowed; expected a positive number" in result.stderr
+    runs = summaries(tmp_path)
+    statuses = {name.split("_", 1)[0]: s["status"] for name, s in runs.items()}
+    assert statuses == {"0": "complete", "1": "complete", "2": "crashed", "3": "crashed"}
+    for name, s in runs.items():
+        if s["status"] == "crashed":
+            assert s["error"] == "ConfigError: lr: -1 is not allowed; expected a positive number"
+            assert s["population"] is None and (tmp_path / name / ".hydra" / "config.yaml").is_file()
+        else:
+            assert s["population"]["members"] == 2 and 0 <= s["test_acc"] <= 1
+
+
+@pytest.mark.slow
+def test_dry_run_prints_the_plan_and_writes_nothing(mnist_root: Path, tmp_path: Path) -> None:
+    result = train("lr=0.1,0.5", "seed=0,1,2", "scheduler=none,cosine", *SMALL, "hydra/launcher=population",
+                   "hydra.launcher.dry_run=true", "hydra.launcher.max_members=2", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "12 jobs -> 3 population(s) of 6 members, 6 alone, 0 invalid" in out
+    assert "population 1: 2 members" in out and "MiB" in out and "alone: a learning-rate scheduler" in out
+    assert not list(tmp_path.rglob("summary.json")) and not list(tmp_path.rglob(".hydra"))
+
+
+@pytest.mark.slow
+def test_resume_auto_skips_finished_jobs(mnist_root: Path, tmp_path: Path) -> None:
+    """A sweep rerun with resume=auto and two more seeds: the two finished jobs are skipped (their
+    summaries untouched), the two new ones train as a population."""
+    first = train("seed=0,1", *SMALL, "hydra/launcher=population", f"hydra.sweep.dir={tmp_path}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = {p.parent.name: p.read_text() for p in tmp_path.glob("*/summary.json")}
+    assert len(before) == 2
+    again = train("seed=0,1,2,3", *SMALL, "resume=auto", "hydra/launcher=population", f"hydra.sweep.dir={tmp_path}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already complete, skipped (resume=auto)" in again.stdout
+    assert "population 1: 2 members (jobs #2, #3)" in again.stdout
+    after = summaries(tmp_path)
+    assert len(after) == 4 and all(s["status"] == "complete" for s in after.values())
+    for name, text in before.items():
+        assert (tmp_path / name / "summary.json").read_text() == text
+    assert all(math.isfinite(s["test_acc"]) for s in after.values())
