@@ -10,12 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from conftest import compose_config
 from hydra_plugins.optimlab_population.population_launcher import PopulationLauncher
-from optimlab.population.launcher import Job, group, population_key, why_alone
+from optimlab.population.launcher import (Job, PopulationCrashed, finish_member, group, population_key, train_members,
+                                         why_alone)
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["data.subset=256", "data.val_size=500", "epochs=1", "model.hidden=[16]", "trainer.accelerator=cpu"]
@@ -171,3 +173,18 @@ def test_resume_auto_skips_finished_jobs(mnist_root: Path, tmp_path: Path) -> No
     for name, text in before.items():
         assert (tmp_path / name / "summary.json").read_text() == text
     assert all(math.isfinite(s["test_acc"]) for s in after.values())
+
+
+def test_a_crashed_population_fails_each_member(mnist_root: Path, tmp_path: Path) -> None:
+    """An error inside a population (here members the grouping would never put together: another
+    eval_batch_size) leaves each member a crashed summary with the error, and its job fails with it."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        configs = [compose("config", overrides=[*SMALL, f"data.eval_batch_size={size}"], return_hydra_config=True)
+                   for size in (100, 200)]
+    jobs = [Job(i, [], cfg, tmp_path / str(i)) for i, cfg in enumerate(configs)]
+    results = train_members(jobs, "population 1")
+    assert [s.status for s in results] == ["crashed", "crashed"]
+    assert all("ValueError: data.eval_batch_size differs between members" in s.error for s in results)
+    with pytest.raises(PopulationCrashed, match="population 1 crashed: ValueError"):
+        finish_member(jobs[0], results[0])(jobs[0].config)
+    assert json.loads((tmp_path / "0" / "summary.json").read_text())["status"] == "crashed"

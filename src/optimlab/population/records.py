@@ -89,6 +89,7 @@ def write_tensorboard(run_dir: Path, summary: RunSummary) -> None:
 
 def write_member(run_dir: Path, summary: RunSummary) -> None:
     """``summary.json`` and, for a finished member, its TensorBoard events."""
+    run_dir.mkdir(parents=True, exist_ok=True)
     write_summary(run_dir, summary)
     if summary.status in FINISHED:
         write_tensorboard(run_dir, summary)
