@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 
 from conftest import compose_config
 from hydra_plugins.optimlab_population.population_launcher import PopulationLauncher
-from optimlab.population.launcher import (Job, PopulationCrashed, finish_member, group, population_key, train_members,
-                                         why_alone)
+from optimlab.population.launcher import (Job, PopulationCrashed, finish_member, group, hydra_config_of,
+                                         population_key, train_members, why_alone)
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["data.subset=256", "data.val_size=500", "epochs=1", "model.hidden=[16]", "trainer.accelerator=cpu"]
@@ -185,6 +185,6 @@ def test_a_crashed_population_fails_each_member(mnist_root: Path, tmp_path: Path
     results = train_members(jobs, "population 1")
     assert [s.status for s in results] == ["crashed", "crashed"]
     assert all("ValueError: data.eval_batch_size differs between members" in s.error for s in results)
-    with pytest.raises(PopulationCrashed, match="population 1 crashed: ValueError"):
+    with hydra_config_of(jobs[0].sweep_config), pytest.raises(PopulationCrashed, match="population 1 crashed"):
         finish_member(jobs[0], results[0])(jobs[0].config)
     assert json.loads((tmp_path / "0" / "summary.json").read_text())["status"] == "crashed"

@@ -52,7 +52,7 @@ from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimi
 from optimlab.population.records import PopulationRun, member_summary, write_member
 from optimlab.population.stacked import StackedCNN, StackedMLP, StackedModel, build_member
 from optimlab.record import device_name, result_line, versions
-from optimlab.summary import RunSummary, describe_run, is_complete, read_summary, write_summary
+from optimlab.summary import SUMMARY, RunSummary, describe_run, is_complete, write_summary
 from optimlab.validate import ConfigError, validate_config
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ def classify(job: Job) -> None:
     # What the single-run path already decides (skip, resume, refuse to overwrite) stays its decision.
     if resume not in (None, "auto"):
         job.alone = f"resume={resume}"
-    elif resume is None and read_summary(job.run_dir) is not None:
+    elif resume is None and ((job.run_dir / SUMMARY).exists() or last_checkpoint(job.run_dir) is not None):
         job.alone = "its folder already holds a run"
     elif resume == "auto" and is_complete(job.run_dir):
         job.alone = "complete (resume=auto skips it)"
@@ -358,6 +358,7 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
 
     def write_all(status: str) -> None:
         for job, summary in zip(members, summaries(status)):
+            job.run_dir.mkdir(parents=True, exist_ok=True)
             write_summary(job.run_dir, summary)
 
     def on_epoch(done: int) -> None:
@@ -388,14 +389,12 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
             population.steps_per_epoch, population.train_size = data.steps_per_epoch, data.train_size
             population.params = sum(p[0].numel() for p in model.parameters())
             noisy[:] = data.noisy_counts
-            for job in members:
-                job.run_dir.mkdir(parents=True, exist_ok=True)
             write_all("running")
             loop = ReportingLoop(model, optimizer, data, on_epoch=on_epoch)
             records = loop.records
             loop.fit(first.epochs, test_every_epoch=first.data.test_every_epoch)
-            if loop.global_step:
-                on_epoch(len(max(records, key=lambda r: len(r.history)).history))
+            if loop.global_step:  # the last epoch's report (fit stops early when every member has diverged)
+                on_epoch(max(len(r.history) for r in records))
             population.first_step_s = loop.first_step_s
             test_loss, test_acc = loop.evaluate(data.test_batches(), shared=True).tolist()
     except KeyboardInterrupt as stop:
@@ -415,10 +414,25 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
 
 # ---- the jobs -----------------------------------------------------------------------------------
 
+def save_job_record(run_dir: Path, cfg: DictConfig) -> None:
+    """Hydra's record of the job (``.hydra/config.yaml``, ``hydra.yaml``, ``overrides.yaml``) where a
+    sequential job has it. Hydra's ``run_job`` writes it unless ``hydra.output_subdir`` is null; then
+    (this project's config) the run writes it once it owns its folder, so a member's task does too."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.output_subdir is not None:
+        return
+    folder = run_dir / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, folder / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), folder / "hydra.yaml")
+    OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), folder / "overrides.yaml")
+
+
 def finish_member(job: Job, summary: RunSummary) -> TaskFunction:
     """The task of a member's Hydra job: its summary and TensorBoard events written, its result
     printed; returns its test accuracy as ``train.py``'s task does, or fails with the population's error."""
     def task(cfg: DictConfig) -> float | None:
+        save_job_record(job.run_dir, cfg)
         write_member(job.run_dir, summary)
         if summary.status == "crashed":
             raise PopulationCrashed(f"{summary.population['name']} crashed: {summary.error}")
@@ -429,17 +443,21 @@ def finish_member(job: Job, summary: RunSummary) -> TaskFunction:
 
 
 def fail_job(job: Job) -> TaskFunction:
-    """The task of an invalid job: a ``crashed`` summary with the one-line error, which it then raises
-    (train.py prints ``error: ...`` and raises, so Hydra marks the job failed)."""
+    """The task of an invalid job: a ``crashed`` summary with the one-line error (unless its folder
+    holds a run already: that stays as it is), which it then raises (train.py prints ``error: ...``
+    and raises, so Hydra marks the job failed)."""
     def task(cfg: DictConfig) -> None:
         assert job.error is not None
+        print(f"error: {job.error}", file=sys.stderr)
+        if (job.run_dir / SUMMARY).exists():
+            raise job.error
+        save_job_record(job.run_dir, cfg)
         try:
             config = OmegaConf.to_container(job.config, resolve=True)
         except Exception:  # the error may be an interpolation that cannot resolve
             config = OmegaConf.to_container(job.config, resolve=False)
         write_summary(job.run_dir, RunSummary(status="crashed", config=config, description=vars(describe_run(config)),
                                               versions=versions(), error=f"{type(job.error).__name__}: {job.error}"))
-        print(f"error: {job.error}", file=sys.stderr)
         raise job.error
 
     return task
