@@ -16,7 +16,7 @@ def module(root: Path, **kw) -> MNISTDataModule:
     return dm
 
 
-def test_tiny_idx_files_load_through_torchvision(tiny_mnist: Path) -> None:
+def test_tiny_idx_files_load(tiny_mnist: Path) -> None:
     dm = module(tiny_mnist, val_size=16, batch_size=10)
     assert dm.train_x.shape == (48, 1, 28, 28) and dm.val_x.shape == (16, 1, 28, 28)
     assert dm.test_x.shape == (32, 1, 28, 28)
@@ -25,6 +25,23 @@ def test_tiny_idx_files_load_through_torchvision(tiny_mnist: Path) -> None:
     assert [len(y) for _, y in batches] == [10, 10, 10, 10, 8]  # the leftover batch is kept
     seen = torch.cat([x for x, _ in batches]).flatten(1)
     assert torch.allclose(seen.sum(0), dm.train_x.flatten(1).sum(0))  # every image once per epoch
+
+
+def test_the_raw_files_are_read_as_torchvision_reads_them_and_its_stale_cache_is_ignored(tiny_mnist: Path) -> None:
+    from torchvision.datasets import MNIST
+
+    for train in (True, False):
+        images, labels = load_split.__wrapped__(tiny_mnist, train)
+        reference = MNIST(str(tiny_mnist), train=train, download=False)
+        assert torch.equal(images, reference.data.unsqueeze(1).float().div(255.0))
+        assert torch.equal(labels, reference.targets.long())
+    # torchvision's processed/ cache: all-zero images with label 0, which torchvision would load instead
+    processed = tiny_mnist / "MNIST" / "processed"
+    processed.mkdir(parents=True)
+    for name, n in (("training.pt", 64), ("test.pt", 32)):
+        torch.save((torch.zeros(n, 28, 28, dtype=torch.uint8), torch.zeros(n, dtype=torch.int64)), processed / name)
+    dm = module(tiny_mnist, val_size=16, batch_size=10)
+    assert dm.train_x.abs().sum() > 0 and dm.test_x.abs().sum() > 0 and dm.test_y.unique().numel() > 1
 
 
 def test_epoch_order_depends_only_on_seed_and_epoch() -> None:

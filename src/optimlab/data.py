@@ -82,17 +82,27 @@ def ensure_files(root: Path, download: bool) -> None:
             raise DataError(f"{folder}: {split} has {n_img} images but {n_lab} labels")
 
 
+def read_idx(path: Path, item_dims: int) -> Tensor:
+    """An IDX file's items as a uint8 tensor ((N, 28, 28) images or (N,) labels); the file has
+    passed :func:`check_idx`."""
+    data = path.read_bytes()
+    header = 4 * (2 + item_dims)
+    count = struct.unpack(">I", data[4:8])[0]
+    items = torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8)
+    return items.view(count, 28, 28) if item_dims else items
+
+
 @functools.lru_cache(maxsize=4)
 def load_split(root: Path, train: bool) -> tuple[Tensor, Tensor]:
-    """One MNIST split as (images float32 (N, 1, 28, 28) in [0, 1], labels int64 (N,)), read by
-    torchvision from the checked IDX files. Cached: a sweep in one process reads the files once."""
-    from torchvision.datasets import MNIST
-
-    ds = MNIST(str(root), train=train, download=False)
-    images = ds.data.unsqueeze(1).float().div_(255.0)
-    labels = ds.targets.long()
-    if labels.numel() and (labels.min() < 0 or labels.max() > 9):
-        raise DataError(f"{raw_dir(root)}: labels outside 0..9 in the {'train' if train else 'test'} split")
+    """One MNIST split as (images float32 (N, 1, 28, 28) in [0, 1], labels int64 (N,)), read from
+    the checked IDX files themselves: never from torchvision's ``MNIST/processed`` cache, which it
+    prefers when present and which nothing checks. Cached: a sweep in one process reads the files once."""
+    prefix = "train" if train else "t10k"
+    folder = raw_dir(root)
+    images = read_idx(folder / f"{prefix}-images-idx3-ubyte", 2).unsqueeze(1).float().div_(255.0)
+    labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte", 0).long()
+    if labels.numel() and labels.max() > 9:
+        raise DataError(f"{folder}: labels outside 0..9 in the {'train' if train else 'test'} split")
     return images, labels
 
 
