@@ -5,8 +5,14 @@
     python train.py -m lr=0.01,0.1 optimizer=sgd,adam   a sweep (outputs/multirun/...)
 """
 
+import signal
 import sys
-from pathlib import Path
+
+# Ctrl-C before training starts (imports, composing the config) ends as quietly as during it;
+# the run installs its own handlers while it trains.
+signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+
+from pathlib import Path  # noqa: E402 (after the handler: the imports below take seconds)
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -28,6 +34,11 @@ def main(cfg: DictConfig) -> float | None:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise  # one job's bad value fails that job; Hydra runs the others and reports it at the end
         sys.exit(2)
+    except OSError as err:  # a full disk or a folder that became unwritable mid-run: one line, not a traceback
+        print(f"error: cannot write {err.filename or 'the run'}: {err.strerror or err}", file=sys.stderr)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise
+        sys.exit(1)
     except Interrupted as stop:
         sys.exit(143 if str(stop) == "SIGTERM" else 130)
     except KeyboardInterrupt:

@@ -107,8 +107,13 @@ def test_sweep_resume_runs_only_unfinished_jobs(tmp_path: Path) -> None:
 def test_rerunning_a_sweep_without_resume_refuses_to_overwrite(tmp_path: Path) -> None:
     args = ["data.subset=500", "data.val_size=500", "epochs=1", "trainer.progress_bar=false", f"hydra.run.dir={tmp_path}"]
     assert train(*args).returncode == 0
-    again = train(*args)
+    before = files_of(tmp_path)
+    assert "- epochs=1" in before[".hydra/overrides.yaml"].decode()
+    again = train(*args[:-1], "lr=0.5", args[-1])
     assert again.returncode == 2 and "already holds a run" in again.stderr and "resume=auto" in again.stderr
+    after = files_of(tmp_path)
+    after.pop("train.log", None), before.pop("train.log", None)  # Hydra's log of the refused job
+    assert after == before  # .hydra/ still records the run that is there, not the refused lr
 
 
 def test_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
@@ -155,3 +160,133 @@ def test_a_signal_lost_in_a_finalizer_still_stops_the_run_at_the_next_batch() ->
         stopper.handle(signal.SIGTERM, None)  # the handler's own raise may be swallowed ...
     with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
         stopper.on_train_batch_start(None, None, None, 0)  # ... the next batch raises it again
+
+
+# ---- what a bad resume, a re-run, a kill mid-write or a signal at start-up must not destroy --------
+
+TINY = ["data.subset=500", "data.val_size=500", "epochs=1", "trainer.progress_bar=false"]
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from conftest import compose_config
+    from optimlab.train import run
+
+    run_dir = tmp_path_factory.mktemp("finished")
+    run(compose_config(*TINY), run_dir)
+    return run_dir
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "summary_as_target", "another_model", "not_a_checkpoint"])
+def test_a_failed_resume_leaves_every_file_as_it_was(finished_run: Path, tmp_path: Path, damage: str) -> None:
+    from conftest import compose_config
+    from optimlab.train import run
+    from optimlab.validate import ConfigError
+
+    run_dir = copy_of(finished_run, tmp_path)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    target = run_dir
+    if damage == "truncated":
+        ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    elif damage == "empty":
+        ckpt.write_bytes(b"")
+    elif damage == "summary_as_target":
+        target = run_dir / "summary.json"
+    elif damage == "another_model":
+        torch.save({"state_dict": {"model.net.0.weight": torch.zeros(3, 3)}, "epoch": 0}, ckpt)
+    else:
+        torch.save([1, 2, 3], ckpt)
+    before = files_of(run_dir)
+    with pytest.raises(ConfigError, match=r"^resume: .*nothing was changed") as err:
+        run(compose_config(f"resume={target}", "epochs=2"), tmp_path / "cmd", [f"resume={target}", "epochs=2"])
+    assert "\n" not in str(err.value)
+    assert files_of(run_dir) == before
+
+
+def test_a_resume_refuses_overrides_it_would_ignore_and_a_diverged_run(finished_run: Path, tmp_path: Path) -> None:
+    from conftest import compose_config
+    from optimlab.train import run
+    from optimlab.validate import ConfigError
+
+    overrides = [f"resume={finished_run}", "lr=5", "model=cnn", "epochs=3"]
+    with pytest.raises(ConfigError, match=r"lr=5, model=cnn would be ignored"):
+        run(compose_config(*overrides), tmp_path / "cmd", overrides)
+    diverged = copy_of(finished_run, tmp_path)
+    summary = json.loads((diverged / "summary.json").read_text())
+    summary.update(status="diverged", diverged=True, diverged_at_step=7)
+    (diverged / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ConfigError, match="diverged at step 7"):
+        run(compose_config(f"resume={diverged}"), tmp_path / "cmd", [f"resume={diverged}"])
+
+
+def test_an_unreadable_summary_still_keeps_a_new_run_out(finished_run: Path, tmp_path: Path) -> None:
+    from conftest import compose_config
+    from optimlab.train import run
+    from optimlab.validate import ConfigError
+
+    run_dir = copy_of(finished_run, tmp_path)
+    (run_dir / "summary.json").write_text("{ not json")
+    before = files_of(run_dir)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run(compose_config(*TINY), run_dir)
+    assert files_of(run_dir) == before
+
+
+def test_temporaries_left_by_a_kill_mid_write_are_cleared_when_the_run_continues(finished_run: Path,
+                                                                                  tmp_path: Path) -> None:
+    from conftest import compose_config
+    from optimlab.train import run
+
+    run_dir = copy_of(finished_run, tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))  # killed after epoch 1
+    (run_dir / ".summary.json.tmp4242").write_text("{")
+    (run_dir / "checkpoints" / ".last.ckpt.tmp4243").write_bytes(b"half")
+    (run_dir / "checkpoints" / "keep.tmp1").write_bytes(b"not ours")
+    run(compose_config(*TINY, "epochs=2", "resume=auto"), run_dir)
+    assert not list(run_dir.rglob(".*.tmp*")) and (run_dir / "checkpoints" / "keep.tmp1").exists()
+    assert json.loads((run_dir / "summary.json").read_text())["epochs_completed"] == 2
+
+
+def test_a_checkpoint_never_holds_non_finite_weights(tmp_path: Path) -> None:
+    from conftest import compose_config
+    from optimlab.train import run
+
+    # the gradient noise is added inside the optimizer's step, after the finite check of the gradient
+    summary = run(compose_config(*TINY, "epochs=2", "optimizer.grad_noise_std=1e38"), tmp_path)
+    assert summary.status == "diverged" and summary.divergence_reason is not None
+    for ckpt in (tmp_path / "checkpoints").glob("*.ckpt"):
+        state = torch.load(ckpt, weights_only=False)["state_dict"]
+        assert all(torch.isfinite(w).all() for w in state.values() if w.is_floating_point())
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, tmp_path / "a.ckpt")
+    io.save_checkpoint({"state_dict": {"w": torch.tensor([1.0, float("nan")])}}, tmp_path / "a.ckpt")
+    assert torch.equal(torch.load(tmp_path / "a.ckpt")["state_dict"]["w"], torch.ones(2))  # the previous one kept
+
+
+def test_sigint_during_start_up_exits_130_without_a_traceback(tmp_path: Path) -> None:
+    proc = start(*TINY, f"hydra.run.dir={tmp_path / 'run'}")
+    time.sleep(0.5)  # still importing torch
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("key", ["hydra.run.dir", "hydra.sweep.dir"])
+def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path: Path, key: str) -> None:
+    (tmp_path / "file").write_text("")
+    args = (["-m", "lr=0.1,0.2"] if "sweep" in key else []) + [*TINY, f"{key}={tmp_path / 'file' / 'run'}"]
+    result = train(*args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"error: {key}: '{tmp_path / 'file' / 'run'}' cannot be written "
+                                     f"({tmp_path / 'file'} is a file, not a folder); choose another folder")

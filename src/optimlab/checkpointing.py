@@ -1,14 +1,19 @@
-"""Checkpoints that survive a kill mid-write, and finding the one to resume from."""
+"""Checkpoints that survive a kill mid-write and never hold non-finite weights; finding and
+checking the one to resume from."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import nn
 
 from optimlab.files import atomic_write
+from optimlab.validate import ConfigError
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
@@ -16,9 +21,15 @@ LAST = "last.ckpt"
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written by :func:`~optimlab.files.atomic_write`: a kill at any moment leaves
-    either the previous checkpoint or the new one, never half of one."""
+    either the previous checkpoint or the new one, never half of one. A checkpoint whose weights
+    are not all finite (the epoch a run diverged in) is not written: the previous one is kept, so
+    every checkpoint on disk can be resumed or tested."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        weights = [t for t in checkpoint.get("state_dict", {}).values() if torch.is_tensor(t) and t.is_floating_point()]
+        if not all(bool(torch.isfinite(t).all()) for t in weights):
+            print(f"{path}: not written, the weights are not finite (the previous checkpoint is kept)", file=sys.stderr)
+            return
         atomic_write(Path(path), lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp, storage_options))
 
 
@@ -36,3 +47,24 @@ def resolve_resume(target: str | os.PathLike) -> tuple[Path, Path | None]:
         run_dir = target.parent.parent if target.parent.name == CHECKPOINT_DIR else target.parent
         return run_dir, target
     return target, last_checkpoint(target)
+
+
+def check_checkpoint(path: Path, module: nn.Module) -> None:
+    """Refuse, before anything is written, a resume target that is not a readable checkpoint of
+    ``module`` (a truncated or empty file, another file, another model's checkpoint)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ConfigError(f"resume: {str(path)!r} cannot be read as a checkpoint ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else 'empty'}); nothing was changed") from None
+    saved = state.get("state_dict") if isinstance(state, dict) else None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"resume: {str(path)!r} is not a checkpoint of an optimlab run; nothing was changed")
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in saved.items() if torch.is_tensor(v)}
+    if found != expected:
+        key = next(iter(sorted(set(found) ^ set(expected)) or
+                        [k for k in sorted(expected) if found.get(k) != expected[k]]))
+        raise ConfigError(f"resume: {str(path)!r} holds another model's weights ({key}: "
+                          f"{found.get(key, 'missing')} in the checkpoint, {expected.get(key, 'not in this model')} "
+                          f"in the run's model); nothing was changed")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,3 +19,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete what :func:`atomic_write` leaves when a kill lands mid-write (``.<name>.tmp<pid>``);
+    called by a run that owns ``folder``, before it writes there."""
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if re.fullmatch(r"\..+\.tmp\d+", path.name) and path.is_file():
+                path.unlink(missing_ok=True)

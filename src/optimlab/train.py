@@ -8,6 +8,7 @@ into a clean stop with an ``interrupted`` summary, and rejects bad input before 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -18,11 +19,13 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from optimlab.build import build_parts, build_trainer
-from optimlab.checkpointing import last_checkpoint, resolve_resume
+from optimlab.checkpointing import CHECKPOINT_DIR, check_checkpoint, last_checkpoint, resolve_resume
 from optimlab.curvature import SharpnessCallback
+from optimlab.files import remove_stale_temporaries
 from optimlab.record import RunRecord, device_name, log_result, result_line
 from optimlab.summary import SUMMARY, RunSummary, is_complete, read_summary
 from optimlab.validate import ConfigError, validate_config
@@ -55,12 +58,21 @@ class StopOnSignal(L.Callback):
     on_train_batch_start = on_validation_batch_start = on_test_batch_start = _raise_if_requested
 
 
+# What a resumed run takes from the command line; everything else comes from its own saved config.
+RESUME_OVERRIDES = ("resume", "epochs", "trainer.progress_bar", "trainer.num_threads", "data.root")
+
+
 def _plan(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictConfig, Path, Path | None, RunSummary | None]:
     """(config to run, run dir, checkpoint to resume from, the run's summary so far) for a new run,
     ``resume=auto`` or ``resume=<run dir or ckpt>``; refuses to overwrite a run."""
     if cfg.resume == "auto":
         return cfg, run_dir, last_checkpoint(run_dir), read_summary(run_dir)
     if cfg.resume:
+        keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
+        ignored = [o for o, key in zip(overrides, keys) if key not in RESUME_OVERRIDES]
+        if ignored:
+            raise ConfigError(f"resume: a resumed run keeps its own config, so {', '.join(ignored)} would be ignored; "
+                              f"only {', '.join(RESUME_OVERRIDES[1:])} may be given with resume=")
         target = Path(str(cfg.resume))
         if not target.exists():
             raise ConfigError(f"resume: {cfg.resume!r} does not exist; give a run directory, a .ckpt file or 'auto'")
@@ -68,16 +80,42 @@ def _plan(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictCon
         saved = read_summary(run_dir)
         if saved is None:
             raise ConfigError(f"resume: {cfg.resume!r} holds no readable {SUMMARY} with the run's config")
+        if saved.diverged:
+            raise ConfigError(f"resume: {run_dir} diverged at step {saved.diverged_at_step}; a diverged run has "
+                              f"nothing to continue (start a new run with other settings)")
         resumed = OmegaConf.create(saved.config)
         with open_dict(resumed):
             resumed.resume = str(cfg.resume)
-            if any(o.startswith("epochs=") for o in overrides):  # a finished run may be extended
-                resumed.epochs = cfg.epochs
+            for key in set(keys) & set(RESUME_OVERRIDES[1:]):  # e.g. a finished run extended by epochs=N
+                OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), force_add=True)
         return resumed, run_dir, ckpt, saved
-    if read_summary(run_dir) is not None:
+    if (run_dir / SUMMARY).exists() or last_checkpoint(run_dir):  # also when the summary cannot be read
         raise ConfigError(f"{run_dir} already holds a run; pass resume=auto to skip or continue it, "
                           f"or choose another hydra.run.dir / hydra.sweep.dir")
     return cfg, run_dir, None, None
+
+
+def _claim(run_dir: Path, cfg: DictConfig, new: bool) -> None:
+    """Make ``run_dir`` ours, before anything is trained: check that it can be written, clear what a
+    killed write left, and (for a new run) write Hydra's record of the job into ``.hydra/``. Hydra
+    itself writes nothing there (``hydra.output_subdir: null``), so a refused run cannot overwrite
+    another run's record."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"hydra.run.dir: cannot write to {run_dir} ({err.strerror}); choose another folder") from None
+    for folder in (run_dir, run_dir / CHECKPOINT_DIR):
+        remove_stale_temporaries(folder)
+    if new and HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        folder = run_dir / ".hydra"
+        folder.mkdir(exist_ok=True)
+        OmegaConf.save(cfg, folder / "config.yaml")
+        OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), folder / "hydra.yaml")
+        OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), folder / "overrides.yaml")
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> RunSummary:
@@ -93,6 +131,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
     L.seed_everything(cfg.seed, verbose=False)
     parts = build_parts(cfg)
     datamodule, module = parts.datamodule, parts.module
+    if ckpt is not None:
+        check_checkpoint(ckpt, module)
     datamodule.setup()  # reads and checks the files: a DataError stops us before anything is written
     config = OmegaConf.to_container(cfg, resolve=True)
     curvature = cfg.get("curvature")  # absent from the configs of runs recorded before it existed
@@ -104,7 +144,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
     datamodule.to(trainer.strategy.root_device)
     record.extra = {"params": sum(p.numel() for p in module.model.parameters()), "train_size": len(datamodule.train_y),
                     "label_noise_images": datamodule.noisy_count, "device": device_name(trainer.strategy.root_device)}
-    run_dir.mkdir(parents=True, exist_ok=True)
+    _claim(run_dir, cfg, new=ckpt is None and previous is None)
     if ckpt is None:
         record.write("running")  # a resumed run keeps its summary until its next epoch ends
     else:
@@ -125,8 +165,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
         print(f"interrupted after {len(record.history)} finished epoch(s); {run_dir} holds the last "
               f"checkpoint and summary; continue with resume={run_dir}", file=sys.stderr)
         raise Interrupted(stopper.requested or "SIGINT") from None
-    except Exception as err:  # a crash is recorded, then reported as usual
-        record.write("crashed", trainer, error=f"{type(err).__name__}: {err}")
+    except Exception as err:  # a crash is recorded, then reported as usual ...
+        if ckpt is None or record.history:  # ... unless the resumed record was never loaded: keep the old one
+            record.write("crashed", trainer, error=f"{type(err).__name__}: {err}")
         raise
     finally:
         for s, handler in old_handlers.items():
