@@ -2,7 +2,8 @@
 
 Writes next to the runs: ``report.md`` and ``report.csv`` (one row per run, crashed and
 interrupted ones included), ``curves.png`` (per-run epoch curves titled with the diagnosed regime),
-``lr_sensitivity.png`` (for lr sweeps) and ``regime_map.png`` (for lr x width sweeps).
+``lr_sensitivity.png`` (for lr sweeps), ``regime_map.png`` (for lr x width sweeps) and
+``sharpness.png`` (for runs that tracked their sharpness, ``curvature.every_n_steps``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from optimlab.curvature import SHARPNESS_TAG, THRESHOLD_TAG
 from optimlab.regimes import LABELS, Thresholds, diagnose
 from optimlab.summary import FINISHED, SUMMARY, read_summary
 
@@ -25,7 +27,7 @@ REGIME_COLORS = {"healthy": "#2ca02c", "slow": "#1f77b4", "oscillating": "#ff7f0
                  "running": "#bbbbbb"}
 COLUMNS = ["run", "name", "model", "optimizer", "lr", "widths", "seed", "params", "final_train_acc",
            "best_train_acc", "final_test_acc", "best_test_acc", "epochs", "regime", "diverged", "status",
-           "wall_time_s", "steps_per_s"]
+           "wall_time_s", "steps_per_s", "sharpness_max", "sharpness_crossed_at_step"]
 MAX_CURVES = 48  # beyond this curves.png would be unreadable; the tables still list every run
 
 
@@ -56,7 +58,8 @@ def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, An
 
     regime = s.regime
     if rediagnose:
-        regime = diagnose(history, s.diverged, Thresholds.from_overrides(s.config.get("regimes"))).regime
+        regime = diagnose(history, s.diverged, Thresholds.from_overrides(s.config.get("regimes")),
+                          s.diverged_at_step, s.curvature).regime
     return {
         "run": rel, "name": run.name, "model": run.model, "optimizer": run.optimizer, "lr": run.lr,
         "widths": run.widths, "seed": run.seed, "params": s.params,
@@ -65,6 +68,9 @@ def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, An
         "regime": regime if s.status in FINISHED else s.status,
         "diverged": s.diverged, "status": s.status, "wall_time_s": s.wall_time_s,
         "steps_per_s": s.steps_per_s, "history": history, "same_but_seed": same_but_seed(s.config),
+        "curvature": s.curvature, "diverged_at_step": s.diverged_at_step,
+        "sharpness_max": (s.curvature or {}).get("sharpness_max"),
+        "sharpness_crossed_at_step": (s.curvature or {}).get("first_crossing_step"),
     }
 
 
@@ -246,6 +252,49 @@ def plot_regime_map(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def sharpness_series(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """The run's logged ``curvature/sharpness`` and ``curvature/threshold`` as (steps, values)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags().get("scalars", []))
+    return {tag: ([e.step for e in events.Scalars(tag)], [e.value for e in events.Scalars(tag)])
+            for tag in (SHARPNESS_TAG, THRESHOLD_TAG) if tag in tags}
+
+
+def plot_sharpness(rows: list[dict[str, Any]], root: Path, path: Path) -> None:
+    """Per tracked run: the (preconditioned) sharpness against the optimizer's stability threshold,
+    step by step (log scale), the first crossing and the first non-finite value marked."""
+    plt = _plt()
+    runs = [r for r in rows if r.get("curvature")][:MAX_CURVES]
+    cols = min(4, len(runs))
+    nrows = math.ceil(len(runs) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    for ax, r in zip(axes.flat, runs):
+        series, curvature = sharpness_series(root / r["run"]), r["curvature"]
+        color = REGIME_COLORS.get(r["regime"], "black")
+        what = "preconditioned sharpness" if curvature.get("preconditioned") else "sharpness"
+        if SHARPNESS_TAG in series:
+            ax.plot(*series[SHARPNESS_TAG], "-", color=color, label=what)
+        if THRESHOLD_TAG in series:
+            ax.plot(*series[THRESHOLD_TAG], "--", color="black", label=curvature.get("threshold_formula") or "threshold")
+        if curvature.get("first_crossing_step") is not None:
+            ax.axvline(curvature["first_crossing_step"], color=color, alpha=0.4, lw=1)
+        if r.get("diverged_at_step") is not None:
+            ax.axvline(r["diverged_at_step"], color="black", ls=":", lw=1, label="first non-finite value")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7, loc="best")
+        ax.set_title(f"{r.get('name') or r['run']}: {r['optimizer']} lr {_fmt(r.get('lr'))}\n{r['regime']}",
+                     color=color, fontsize=10, fontweight="bold")
+    for ax in list(axes.flat)[len(runs):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def _width_key(widths: str) -> tuple:
     return tuple(int(w) for w in widths.split("x") if w.isdigit())
 
@@ -263,6 +312,9 @@ def report(sweep_dir: Path, rediagnose: bool = False) -> list[Path]:
     if len({r["lr"] for r in rows if r.get("lr")}) > 1:
         plot_lr_sensitivity(rows, sweep_dir / "lr_sensitivity.png")
         written.append(sweep_dir / "lr_sensitivity.png")
+    if any(r.get("curvature") for r in rows):
+        plot_sharpness(rows, sweep_dir, sweep_dir / "sharpness.png")
+        written.append(sweep_dir / "sharpness.png")
     if len({r["lr"] for r in rows if r.get("lr")}) > 1 and len({r["widths"] for r in rows if r.get("widths")}) > 1:
         plot_regime_map(rows, sweep_dir / "regime_map.png")
         written.append(sweep_dir / "regime_map.png")
