@@ -587,6 +587,17 @@ def test_callback_draws_both_lines_on_one_tensorboard_chart(tmp_path: Path) -> N
     assert "custom_scalars__config__" in events.Tags()["tensors"]  # the layout with both on one chart
 
 
+def test_log_spaced_start_measures_the_initialisation_and_the_first_steps() -> None:
+    cb = SharpnessCallback(every_n_steps=10, probe_size=8, log_spaced_start=True)
+    assert [s for s in range(1, 31) if cb.due(s)] == [1, 2, 4, 8, 10, 20, 30]
+    assert [s for s in range(1, 31) if SharpnessCallback(every_n_steps=10).due(s)] == [10, 20, 30]
+    fit(Classifier(tiny_model(), lambda p: optim.SGD(p, lr=0.1)), [cb], epochs=3)  # 12 steps
+    assert cb.sharpness_log.measurements == 6 and cb.history[0]["measurements"] >= 1  # steps 0, 1, 2, 4, 8, 10
+    adam = SharpnessCallback(every_n_steps=10, probe_size=8, log_spaced_start=True)
+    fit(Classifier(tiny_model(), lambda p: optim.Adam(p, lr=0.01)), [adam], epochs=3)
+    assert adam.sharpness_log.measurements == 5  # no preconditioner before Adam's first step: step 0 skipped
+
+
 def test_callback_argument_checks() -> None:
     with pytest.raises(ValueError, match="every_n_steps"):
         SharpnessCallback(every_n_steps=0)

@@ -205,7 +205,7 @@ def test_sharpness_tracking_is_recorded_per_epoch_and_explains_divergence(tmp_pa
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     summary = run(compose_config("lr=2.0", "data.subset=2000", "data.val_size=500", "epochs=2",
-                                 "curvature.every_n_steps=4", "curvature.probe_size=256",
+                                 "curvature.every_n_steps=4", "curvature.probe_size=256", "curvature.log_spaced_start=false",
                                  "trainer.progress_bar=false"), tmp_path)
     curvature = summary.curvature
     assert curvature["measurements"] == 2 * 16 // 4 and curvature["threshold_formula"] == "2/lr"

@@ -547,7 +547,8 @@ class SharpnessCallback(L.Callback):
     steps against the stability threshold of ``trainer.optimizers[0]``.
 
     At each ``trainer.global_step`` that is a positive multiple of ``every_n_steps`` (after the
-    step) it computes the sharpness on a fixed probe batch, preconditioned by
+    step; with ``log_spaced_start`` also at steps 1, 2, 4, ... below ``every_n_steps`` and, for SGD,
+    at step 0, the initialisation) it computes the sharpness on a fixed probe batch, preconditioned by
     :func:`preconditioner` for the adaptive optimizers, with a :class:`SharpnessTracker`
     (warm-started), and :func:`stability_threshold` of param group 0. Both go to every logger as
     ``curvature/sharpness`` and ``curvature/threshold`` at that step; a TensorBoard logger also
@@ -570,6 +571,9 @@ class SharpnessCallback(L.Callback):
         probe: ``(x, y)`` to use instead of drawing from the data module.
         iters, tol: per measurement, see :func:`lanczos` (the tolerance is looser than
             :func:`sharpness`'s: a measurement costs ~1.5x less, see ``DEFAULT_TRACKING_TOL``).
+        log_spaced_start: also measure early, where a large lr's spike and the sharpness's first
+            rise happen (an adaptive optimizer has no preconditioner before its first step, so
+            step 0 is measured for SGD only).
 
     A measurement costs roughly ``1 + iterations`` Hessian-vector products on the probe, each about
     a training step on as many images: on the 2-core CPU, the default MLP and 1024 probe images,
@@ -579,7 +583,7 @@ class SharpnessCallback(L.Callback):
 
     def __init__(self, every_n_steps: int, probe_size: int = DEFAULT_PROBE_SIZE, seed: int = 0,
                  probe: tuple[Tensor, Tensor] | None = None, iters: int = 20,
-                 tol: float = DEFAULT_TRACKING_TOL) -> None:
+                 tol: float = DEFAULT_TRACKING_TOL, log_spaced_start: bool = False) -> None:
         if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
             raise ValueError(f"Invalid every_n_steps: {every_n_steps!r} (must be an integer >= 1)")
         if not isinstance(probe_size, int) or isinstance(probe_size, bool) or probe_size < 1:
@@ -587,6 +591,7 @@ class SharpnessCallback(L.Callback):
         if probe is not None and (len(probe) != 2 or len(probe[0]) != len(probe[1]) or len(probe[1]) == 0):
             raise ValueError("Invalid probe: must be a pair (x, y) of the same nonzero length")
         self.every_n_steps, self.probe_size, self.seed = every_n_steps, probe_size, seed
+        self.log_spaced_start = log_spaced_start
         self.given_probe = probe
         self.tracker = SharpnessTracker(iters, tol, seed)
         self.sharpness_log = SharpnessLog()
@@ -635,16 +640,29 @@ class SharpnessCallback(L.Callback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_custom_scalars(layout)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.log_spaced_start and trainer.global_step == 0 and not self.preconditioned:
+            self.sharpness_log.start_epoch(trainer.current_epoch)
+            self._record(trainer, pl_module, 0)
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.sharpness_log.start_epoch(trainer.current_epoch)
+
+    def due(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (>= 1) is measured."""
+        early = self.log_spaced_start and step < self.every_n_steps and step & (step - 1) == 0
+        return step % self.every_n_steps == 0 or early
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
         # The step counter stays put when a step is skipped (e.g. a non-finite loss): measure once.
-        if step == 0 or step % self.every_n_steps or step == self.last_step:
+        if step == 0 or not self.due(step) or step == self.last_step:
             return
         self.last_step = step
+        self._record(trainer, pl_module, step)
+
+    def _record(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         value, threshold = self.measure(pl_module.model, trainer.optimizers[0])
         self.sharpness_log.add(step, value, threshold)
         for logger in trainer.loggers:

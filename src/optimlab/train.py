@@ -137,7 +137,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
     config = OmegaConf.to_container(cfg, resolve=True)
     curvature = cfg.get("curvature")  # absent from the configs of runs recorded before it existed
     sharpness = (SharpnessCallback(curvature.every_n_steps, curvature.probe_size, cfg.seed, iters=curvature.iters,
-                                   tol=curvature.tol) if curvature and curvature.every_n_steps else None)
+                                   tol=curvature.tol, log_spaced_start=curvature.log_spaced_start)
+                 if curvature and curvature.every_n_steps else None)
     record = RunRecord(run_dir, config, module.guard, parts.thresholds, cfg.trainer.log_every_n_steps,
                        wall_time_before=previous.wall_time_s if previous and ckpt else 0.0, sharpness=sharpness)
     trainer = build_trainer(cfg, run_dir, [*filter(None, [sharpness]), record, stopper := StopOnSignal()])

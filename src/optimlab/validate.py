@@ -79,7 +79,7 @@ RULES: dict[str, Rule] = {
     "scheduler.step_size": INT_POSITIVE, "scheduler.gamma": POSITIVE, "scheduler.T_max": INT_POSITIVE,
     "scheduler.eta_min": NON_NEGATIVE,
     "curvature.every_n_steps": optional(INT_POSITIVE), "curvature.probe_size": INT_POSITIVE,
-    "curvature.iters": INT_POSITIVE, "curvature.tol": POSITIVE,
+    "curvature.iters": INT_POSITIVE, "curvature.tol": POSITIVE, "curvature.log_spaced_start": BOOL,
 }
 # Why a value is refused although the rule's type fits: the message's second half.
 WHY = {"trainer.devices": "the in-memory batches are not sharded per rank; run jobs in parallel with a sweep instead"}
