@@ -13,6 +13,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 from optimlab.files import atomic_write
+from optimlab.summary import SUMMARY
 from optimlab.validate import ConfigError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -37,6 +38,12 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     """The run's checkpoint of its last finished epoch, if it has one."""
     path = run_dir / CHECKPOINT_DIR / LAST
     return path if path.is_file() else None
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run a new one must not overwrite: a summary (readable or not) or a
+    checkpoint."""
+    return (run_dir / SUMMARY).exists() or last_checkpoint(run_dir) is not None
 
 
 def resolve_resume(target: str | os.PathLike) -> tuple[Path, Path | None]:

@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,13 +18,13 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from optimlab.build import build_parts, build_trainer
-from optimlab.checkpointing import CHECKPOINT_DIR, check_checkpoint, last_checkpoint, resolve_resume
+from optimlab.checkpointing import CHECKPOINT_DIR, check_checkpoint, holds_a_run, last_checkpoint, resolve_resume
 from optimlab.curvature import SharpnessCallback
 from optimlab.files import remove_stale_temporaries
+from optimlab.hydra_job import save_job_record
 from optimlab.record import RunRecord, device_name, log_result, result_line
 from optimlab.summary import SUMMARY, RunSummary, is_complete, read_summary
 from optimlab.validate import ConfigError, validate_config
@@ -89,7 +88,7 @@ def _plan(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictCon
             for key in set(keys) & set(RESUME_OVERRIDES[1:]):  # e.g. a finished run extended by epochs=N
                 OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), force_add=True)
         return resumed, run_dir, ckpt, saved
-    if (run_dir / SUMMARY).exists() or last_checkpoint(run_dir):  # also when the summary cannot be read
+    if holds_a_run(run_dir):
         raise ConfigError(f"{run_dir} already holds a run; pass resume=auto to skip or continue it, "
                           f"or choose another hydra.run.dir / hydra.sweep.dir")
     return cfg, run_dir, None, None
@@ -109,13 +108,8 @@ def _claim(run_dir: Path, cfg: DictConfig, new: bool) -> None:
         raise ConfigError(f"hydra.run.dir: cannot write to {run_dir} ({err.strerror}); choose another folder") from None
     for folder in (run_dir, run_dir / CHECKPOINT_DIR):
         remove_stale_temporaries(folder)
-    if new and HydraConfig.initialized():
-        hydra_cfg = HydraConfig.get()
-        folder = run_dir / ".hydra"
-        folder.mkdir(exist_ok=True)
-        OmegaConf.save(cfg, folder / "config.yaml")
-        OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), folder / "hydra.yaml")
-        OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), folder / "overrides.yaml")
+    if new:
+        save_job_record(run_dir, cfg)
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> RunSummary:

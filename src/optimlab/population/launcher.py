@@ -44,8 +44,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from torch import Tensor
 
 from optimlab.build import build_parts, optimizer_class
-from optimlab.checkpointing import last_checkpoint
+from optimlab.checkpointing import holds_a_run, last_checkpoint
 from optimlab.data import DataError, ensure_files, load_split, resolve_root
+from optimlab.hydra_job import save_job_record
 from optimlab.optim import Optimizer
 from optimlab.population.data import PopulationData, split_indices
 from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimizer
@@ -189,7 +190,7 @@ def classify(job: Job) -> None:
     # What the single-run path already decides (skip, resume, refuse to overwrite) stays its decision.
     if resume not in (None, "auto"):
         job.alone = f"resume={resume}"
-    elif resume is None and ((job.run_dir / SUMMARY).exists() or last_checkpoint(job.run_dir) is not None):
+    elif resume is None and holds_a_run(job.run_dir):
         job.alone = "its folder already holds a run"
     elif resume == "auto" and is_complete(job.run_dir):
         job.alone = "complete (resume=auto skips it)"
@@ -413,20 +414,6 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
 
 
 # ---- the jobs -----------------------------------------------------------------------------------
-
-def save_job_record(run_dir: Path, cfg: DictConfig) -> None:
-    """Hydra's record of the job (``.hydra/config.yaml``, ``hydra.yaml``, ``overrides.yaml``) where a
-    sequential job has it. Hydra's ``run_job`` writes it unless ``hydra.output_subdir`` is null; then
-    (this project's config) the run writes it once it owns its folder, so a member's task does too."""
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.output_subdir is not None:
-        return
-    folder = run_dir / ".hydra"
-    folder.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, folder / "config.yaml")
-    OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), folder / "hydra.yaml")
-    OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), folder / "overrides.yaml")
-
 
 def finish_member(job: Job, summary: RunSummary) -> TaskFunction:
     """The task of a member's Hydra job: its summary and TensorBoard events written, its result
