@@ -414,7 +414,8 @@ def test_sharpness_log_records_epochs_and_crossings() -> None:
     assert log.epoch_record()["first_crossing_step"] == 70
     assert log.epoch_record()["crossing_sharpness"] == 5.0
     assert log.run_record() == {"measurements": 6, "sharpness_max": math.inf, "first_crossing_step": 30,
-                                "crossing_sharpness": 3.0, "crossing_threshold": 2.0}
+                                "crossing_sharpness": 3.0, "crossing_threshold": 2.0, "initial_step": 10,
+                                "initial_sharpness": 1.0, "initial_threshold": 2.0}
     restored = SharpnessLog()
     restored.load_state_dict(saved)
     assert restored.state_dict() == saved and restored.first_crossing_step == 30

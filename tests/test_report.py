@@ -85,3 +85,26 @@ def test_the_recorded_lr_is_the_optimizers(tmp_path: Path) -> None:
     fake_run(tmp_path, "0_a", "SGD", 0.5, 128, 0, 0.97)  # the config's top-level lr is 0.1
     report(tmp_path)
     assert list(csv.DictReader((tmp_path / "report.csv").open()))[0]["lr"] == "0.5"
+
+
+def test_stability_compares_the_predicted_and_observed_largest_stable_lr(tmp_path: Path) -> None:
+    lrs = (0.001, 0.01, 0.1, 1.0)
+    for width, sharpness0, diverging_from in ((8, 20.0, 1.0), (32, 2000.0, 1.0)):
+        for lr in lrs:
+            for seed in (0, 1):
+                name = f"w{width}_lr{lr}_s{seed}"
+                fake_run(tmp_path, name, "SGD", lr, width, seed, 0.9, "diverging" if lr >= diverging_from else "healthy")
+                path = tmp_path / name / "summary.json"
+                summary = json.loads(path.read_text())
+                summary["curvature"] = {"measurements": 3, "initial_step": 0, "initial_sharpness": sharpness0 + seed,
+                                        "initial_threshold": 2 / lr, "first_crossing_step": None}
+                path.write_text(json.dumps(summary))
+    written = report(tmp_path)
+    assert tmp_path / "stability.csv" in written and tmp_path / "regime_map.png" in written
+    assert tmp_path / "sharpness.png" not in written  # no run logged its series to TensorBoard
+    table = list(csv.DictReader((tmp_path / "stability.csv").open()))
+    assert [(t["widths"], t["within_one_cell"]) for t in table] == [("8", "True"), ("32", "False")]
+    assert float(table[0]["sharpness0"]) == 20.5 and abs(float(table[0]["predicted_max_lr"]) - 2 / 20.5) < 1e-12
+    assert float(table[1]["observed_max_lr_without_divergence"]) == 0.1
+    assert "within one grid cell of the largest lr observed not to diverge in 1 of 2 columns" in \
+        (tmp_path / "report.md").read_text()

@@ -468,6 +468,7 @@ class SharpnessLog:
         self.history: list[dict[str, Any]] = []
         self.first_crossing_step: int | None = None
         self.first_crossing: tuple[float, float] | None = None  # (sharpness, threshold) there
+        self.initial: tuple[int, float, float] | None = None    # the first measurement: (step, sharpness, threshold)
         self.measurements = 0
         self.sharpness_max: float | None = None
         self._epoch: int | None = None
@@ -491,6 +492,8 @@ class SharpnessLog:
     def add(self, step: int, sharpness: float, threshold: float) -> bool:
         """Record one measurement at optimizer step ``step``; return whether it is a crossing."""
         crossed = sharpness > threshold
+        if self.initial is None:
+            self.initial = (step, sharpness, threshold)
         self._values.append(sharpness)
         self._last = (sharpness, threshold)
         self.measurements += 1
@@ -520,15 +523,17 @@ class SharpnessLog:
 
     def run_record(self) -> dict[str, Any]:
         """``measurements``, ``sharpness_max``, ``first_crossing_step`` and the sharpness and
-        threshold there (``crossing_sharpness``, ``crossing_threshold``) over the whole run."""
-        crossing = self.first_crossing or (None, None)
+        threshold there (``crossing_sharpness``, ``crossing_threshold``) over the whole run, and the
+        first measurement (``initial_step``, ``initial_sharpness``, ``initial_threshold``)."""
+        crossing, initial = self.first_crossing or (None, None), self.initial or (None, None, None)
         return {"measurements": self.measurements, "sharpness_max": self.sharpness_max,
                 "first_crossing_step": self.first_crossing_step, "crossing_sharpness": crossing[0],
-                "crossing_threshold": crossing[1]}
+                "crossing_threshold": crossing[1], "initial_step": initial[0], "initial_sharpness": initial[1],
+                "initial_threshold": initial[2]}
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": [dict(r) for r in self.history], "first_crossing_step": self.first_crossing_step,
-                "first_crossing": self.first_crossing, "measurements": self.measurements,
+                "first_crossing": self.first_crossing, "initial": self.initial, "measurements": self.measurements,
                 "sharpness_max": self.sharpness_max, "epoch": self._epoch, "values": list(self._values),
                 "last": self._last, "crossing": self._crossing, "crossing_values": self._crossing_values,
                 "ended": self._ended}
@@ -539,6 +544,7 @@ class SharpnessLog:
         self.sharpness_max, self._epoch = state["sharpness_max"], state["epoch"]
         self._values, self._last, self._crossing = list(state["values"]), state["last"], state["crossing"]
         self.first_crossing, self._crossing_values = state["first_crossing"], state["crossing_values"]
+        self.initial = state["initial"]
         self._ended = state["ended"]
 
 

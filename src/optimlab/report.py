@@ -3,7 +3,10 @@
 Writes next to the runs: ``report.md`` and ``report.csv`` (one row per run, crashed and
 interrupted ones included), ``curves.png`` (per-run epoch curves titled with the diagnosed regime),
 ``lr_sensitivity.png`` (for lr sweeps), ``regime_map.png`` (for lr x width sweeps) and
-``sharpness.png`` (for runs that tracked their sharpness, ``curvature.every_n_steps``).
+``sharpness.png`` (for runs that tracked their sharpness, ``curvature.every_n_steps``). For a map
+whose runs tracked their sharpness, ``stability.csv`` compares, per (optimizer, width) column, the
+largest stable lr the sharpness at the start predicts with the largest lr observed not to diverge;
+the map draws the prediction.
 """
 
 from __future__ import annotations
@@ -119,6 +122,63 @@ def write_tables(rows: list[dict[str, Any]], out: Path) -> None:
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
+STABILITY_COLUMNS = ["optimizer", "widths", "sharpness0", "predicted_max_lr", "observed_max_lr_without_divergence",
+                     "within_one_cell"]
+
+
+def _grid_position(lr: float, lrs: list[float]) -> float:
+    """Where ``lr`` falls on the map's lr axis, in cells (log-linear between grid points)."""
+    logs = [math.log(x) for x in lrs]
+    x = math.log(lr)
+    if x <= logs[0] or len(logs) == 1:
+        return (x - logs[0]) / ((logs[1] - logs[0]) if len(logs) > 1 else 1.0)
+    for i in range(1, len(logs)):
+        if x <= logs[i]:
+            return i - 1 + (x - logs[i - 1]) / (logs[i] - logs[i - 1])
+    return len(logs) - 1 + (x - logs[-1]) / (logs[-1] - logs[-2])
+
+
+def stability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (optimizer, widths) column of an lr sweep whose runs tracked their sharpness: ``sharpness0``
+    (median over the column of each run's first measurement: step 0 for SGD, step 1 for the adaptive
+    optimizers, which have no preconditioner before it), the largest stable lr it predicts (the lr at
+    which the threshold ``c/lr`` equals it: ``c / sharpness0``), the largest lr whose runs (most seeds)
+    did not diverge, and whether the two lie within one grid cell of each other."""
+    lrs = sorted({r["lr"] for r in rows if r.get("lr")})
+    columns: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r.get("lr") and (r.get("curvature") or {}).get("initial_sharpness"):
+            columns[(r["optimizer"], r["widths"])].append(r)
+    table = []
+    for (optimizer, widths), runs in sorted(columns.items(), key=lambda kv: (kv[0][0], _width_key(kv[0][1]))):
+        sharpness0 = statistics.median(r["curvature"]["initial_sharpness"] for r in runs)
+        factor = statistics.median(r["curvature"]["initial_threshold"] * r["lr"] for r in runs)  # c in c/lr
+        predicted = factor / sharpness0 if sharpness0 > 0 else math.inf
+        stable = [lr for lr in lrs if (cell := [r for r in runs if r["lr"] == lr]) and
+                  Counter(r["regime"] for r in cell).most_common(1)[0][0] != "diverging"]
+        observed = max(stable) if stable else None
+        within = (observed is not None and math.isfinite(predicted)
+                  and abs(_grid_position(predicted, lrs) - lrs.index(observed)) <= 1)
+        table.append({"optimizer": optimizer, "widths": widths, "sharpness0": sharpness0, "predicted_max_lr": predicted,
+                      "observed_max_lr_without_divergence": observed, "within_one_cell": within})
+    return table
+
+
+def write_stability(table: list[dict[str, Any]], out: Path) -> list[str]:
+    """``stability.csv``; the lines report.md gets."""
+    with (out / "stability.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, STABILITY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(table)
+    hits = sum(t["within_one_cell"] for t in table)
+    lines = ["", "## Stability: predicted vs observed largest lr", "",
+             f"The sharpness at the start predicts the largest stable lr within one grid cell of the largest lr "
+             f"observed not to diverge in {hits} of {len(table)} columns.", "",
+             "| " + " | ".join(STABILITY_COLUMNS) + " |", "|" + "---|" * len(STABILITY_COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(t[c]) for c in STABILITY_COLUMNS) + " |" for t in table]
+    return lines
+
+
 def seed_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Runs whose whole config differs only in the seed (see :func:`same_but_seed`), aggregated: mean and (population) std of test accuracy."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -213,9 +273,10 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_regime_map(rows: list[dict[str, Any]], path: Path) -> None:
+def plot_regime_map(rows: list[dict[str, Any]], path: Path, stability: list[dict[str, Any]] | None = None) -> None:
     """One panel per optimizer: lr (x) by width (y), each cell coloured by its regime and
-    annotated with the final test accuracy (majority regime and mean accuracy over seeds)."""
+    annotated with the final test accuracy (majority regime and mean accuracy over seeds); with
+    ``stability`` (:func:`stability_table`), a black bar at each width's predicted largest stable lr."""
     plt = _plt()
     from matplotlib.colors import ListedColormap
 
@@ -239,15 +300,24 @@ def plot_regime_map(rows: list[dict[str, Any]], path: Path) -> None:
                 if accs:
                     ax.text(j, i, f"{100 * statistics.fmean(accs):.0f}", ha="center", va="center", fontsize=7, color="white")
         ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=len(labels) - 0.5, aspect="auto", origin="lower")
+        for t in stability or []:
+            if t["optimizer"] == optimizer and t["widths"] in widths and math.isfinite(t["predicted_max_lr"]):
+                x, i = _grid_position(t["predicted_max_lr"], lrs), widths.index(t["widths"])
+                if -0.5 <= x <= len(lrs) - 0.5:
+                    ax.plot([x, x], [i - 0.45, i + 0.45], color="black", lw=2.5)
         ax.set_xticks(range(len(lrs)), [_fmt(lr) for lr in lrs], rotation=60, fontsize=7)
         ax.set_yticks(range(len(widths)), widths, fontsize=7)
         ax.set_xlabel("learning rate")
         ax.set_title(optimizer)
     axes.flat[0].set_ylabel("hidden width")
     handles = [plt.Rectangle((0, 0), 1, 1, color=REGIME_COLORS[label]) for label in labels]
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, fontsize=8)
+    if stability:
+        handles.append(plt.Line2D([], [], color="black", lw=2.5))
+        labels = [*labels, "predicted largest stable lr"]
+    # three entries a row: a row of eight is wider than a narrow map and would be cut at both edges
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), frameon=False, fontsize=8)
     fig.suptitle("Diagnosed regime (cell text: final test accuracy, %)")
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, 0.1 + 0.04 * math.ceil(len(labels) / 3), 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -256,6 +326,8 @@ def sharpness_series(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
     """The run's logged ``curvature/sharpness`` and ``curvature/threshold`` as (steps, values)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    if not (run_dir / "tensorboard").is_dir():
+        return {}
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
     tags = set(events.Tags().get("scalars", []))
@@ -267,12 +339,15 @@ def plot_sharpness(rows: list[dict[str, Any]], root: Path, path: Path) -> None:
     """Per tracked run: the (preconditioned) sharpness against the optimizer's stability threshold,
     step by step (log scale), the first crossing and the first non-finite value marked."""
     plt = _plt()
-    runs = [r for r in rows if r.get("curvature")][:MAX_CURVES]
+    tracked = [(r, series) for r in rows if r.get("curvature") and (series := sharpness_series(root / r["run"]))]
+    runs = tracked[:MAX_CURVES]
+    if not runs:
+        return
     cols = min(4, len(runs))
     nrows = math.ceil(len(runs) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
-    for ax, r in zip(axes.flat, runs):
-        series, curvature = sharpness_series(root / r["run"]), r["curvature"]
+    for ax, (r, series) in zip(axes.flat, runs):
+        curvature = r["curvature"]
         color = REGIME_COLORS.get(r["regime"], "black")
         what = "preconditioned sharpness" if curvature.get("preconditioned") else "sharpness"
         if SHARPNESS_TAG in series:
@@ -313,10 +388,17 @@ def report(sweep_dir: Path, rediagnose: bool = False) -> list[Path]:
         plot_lr_sensitivity(rows, sweep_dir / "lr_sensitivity.png")
         written.append(sweep_dir / "lr_sensitivity.png")
     if any(r.get("curvature") for r in rows):
+        (sweep_dir / "sharpness.png").unlink(missing_ok=True)  # drawn only when some run logged its series
         plot_sharpness(rows, sweep_dir, sweep_dir / "sharpness.png")
-        written.append(sweep_dir / "sharpness.png")
+        if (sweep_dir / "sharpness.png").exists():
+            written.append(sweep_dir / "sharpness.png")
+    stability = stability_table(rows) if len({r["lr"] for r in rows if r.get("lr")}) > 1 else []
+    if stability:
+        with (sweep_dir / "report.md").open("a") as f:
+            f.write("\n".join(write_stability(stability, sweep_dir)) + "\n")
+        written.append(sweep_dir / "stability.csv")
     if len({r["lr"] for r in rows if r.get("lr")}) > 1 and len({r["widths"] for r in rows if r.get("widths")}) > 1:
-        plot_regime_map(rows, sweep_dir / "regime_map.png")
+        plot_regime_map(rows, sweep_dir / "regime_map.png", stability)
         written.append(sweep_dir / "regime_map.png")
     return written
 
