@@ -5,6 +5,7 @@ except the end-to-end comparison with train.run (slow)."""
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from optimlab.divergence import WEIGHTS
 from optimlab.optim import SGD, Adagrad, Adam, RMSprop
 from optimlab.population import StackedCNN, StackedMLP, build_member
 from optimlab.population.data import PopulationData, split_indices
-from optimlab.population.loop import PopulationLoop, member_optimizer, train_population
+from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimizer, train_population
 from optimlab.train import run
 
 INITS = ["default", "normal", "glorot", "stax"]
@@ -254,6 +255,33 @@ def test_each_member_follows_its_own_run(tiny_mnist: Path, optimizer: type, opti
         assert [row["train_loss"] for row in records[m].history] == pytest.approx(losses, rel=1e-12)
         for key, value in single.state_dict().items():
             torch.testing.assert_close(loop.model.member_state_dict(m)[key], value, **F64)
+
+
+def test_a_loop_restored_from_its_state_continues_bitwise(tiny_mnist: Path) -> None:
+    """Adam (state), one member diverging in epoch 1: 3 epochs straight, or 1 epoch, the state
+    through torch.save/load into a fresh loop, then the rest: equal records and weights, bitwise."""
+    lrs, seeds = [0.01, 1e300, 0.003], [0, 1, 2]
+    straight, _ = population(tiny_mnist, lrs, seeds, Adam)
+    expected = straight.fit(3)
+    first, _ = population(tiny_mnist, lrs, seeds, Adam)
+    first.fit(1)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed, _ = population(tiny_mnist, lrs, seeds, Adam)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.epochs_done == 1 and resumed.records[1].diverged
+    got = resumed.fit(3)
+
+    def untimed(records: list[MemberRecord]) -> list[tuple]:
+        return [([{k: v for k, v in row.items() if k != "train_time_s"} for row in r.history], r.diverged_at_step,
+                 r.divergence_reason) for r in records]
+
+    assert untimed(got) == untimed(expected) and len(expected[0].history) == 3
+    for p, q in zip(resumed.params, straight.params):
+        assert torch.equal(p, q)
+    for a, b in zip(resumed.optimizer.state.values(), straight.optimizer.state.values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_the_loop_refuses_what_it_cannot_reproduce(tiny_mnist: Path) -> None:

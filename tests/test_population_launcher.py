@@ -188,3 +188,61 @@ def test_a_crashed_population_fails_each_member(mnist_root: Path, tmp_path: Path
     with hydra_config_of(jobs[0].sweep_config), pytest.raises(PopulationCrashed, match="population 1 crashed"):
         finish_member(jobs[0], results[0])(jobs[0].config)
     assert json.loads((tmp_path / "0" / "summary.json").read_text())["status"] == "crashed"
+
+
+# ---------------------------------------------------------------------------- checkpoints and resume
+
+# Runs train.py with the population's checkpoint save patched to send the process `signal` right
+# after the first checkpoint is written: a kill at a known moment (after epoch 1, before its summaries).
+SIGNAL_AFTER_FIRST_CHECKPOINT = """
+import os, runpy, signal, sys
+from optimlab.population.checkpoint import PopulationCheckpoint
+save = PopulationCheckpoint.save
+def save_then_signal(self, *args, **kwargs):
+    save(self, *args, **kwargs)
+    os.kill(os.getpid(), signal.{signal})
+PopulationCheckpoint.save = save_then_signal
+sys.argv = [sys.argv[1], "-m", *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+RESUMABLE = ["lr=0.05,0.1", "seed=0,1", "data.subset=512", "data.val_size=500", "epochs=3", "model.hidden=[16]",
+             "trainer.accelerator=cpu", "trainer.num_threads=1", "hydra/launcher=population"]
+
+
+def untimed(summary: dict) -> dict:
+    """What an interrupted-and-resumed member must share bitwise with an uninterrupted one."""
+    rows = [{k: v for k, v in row.items() if k != "train_time_s"} for row in summary["epochs"]]
+    return {"epochs": rows, **{k: summary[k] for k in ("status", "steps", "test_acc", "test_loss", "regime",
+                                                        "diverged_at_step", "best_val_acc")}}
+
+
+@pytest.mark.slow
+def test_a_killed_or_stopped_population_resumes_bitwise(mnist_root: Path, tmp_path: Path) -> None:
+    """Four members, three epochs (float32, CPU, one thread). SIGKILL right after epoch 1's
+    checkpoint, or SIGTERM there (summaries 'interrupted', exit 143); rerun with resume=auto: the
+    population continues from its checkpoint and every member's summary equals the uninterrupted
+    population's (epoch rows but their times, test accuracy and loss), bitwise; the checkpoint is
+    removed at the end."""
+    straight = train(*RESUMABLE, f"hydra.sweep.dir={tmp_path / 'straight'}")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    expected = {name: untimed(s) for name, s in summaries(tmp_path / "straight").items()}
+    assert len(expected) == 4 and all(len(s["epochs"]) == 3 for s in expected.values())
+    for sig, code in (("SIGKILL", -9), ("SIGTERM", 143)):
+        sweep = tmp_path / sig
+        killed = subprocess.run([sys.executable, "-c", SIGNAL_AFTER_FIRST_CHECKPOINT.format(signal=sig),
+                                 str(REPO / "train.py"), *RESUMABLE, f"hydra.sweep.dir={sweep}"],
+                                cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert killed.returncode == code, killed.stderr[-3000:]
+        [checkpoint] = (sweep / ".populations").glob("*.ckpt")
+        status = {s["status"] for s in summaries(sweep).values()}
+        assert status == ({"running"} if sig == "SIGKILL" else {"interrupted"})
+        assert all(s["population"]["checkpoint"] == str(checkpoint) for s in summaries(sweep).values())
+        if sig == "SIGTERM":
+            assert "rerun the sweep with resume=auto to continue from its checkpoint" in killed.stderr
+        resumed = train(*RESUMABLE, "resume=auto", f"hydra.sweep.dir={sweep}")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"population 1: resumed from {checkpoint} after epoch 1" in resumed.stdout
+        assert "epoch   1/3" not in resumed.stdout and "epoch   3/3" in resumed.stdout
+        got = summaries(sweep)
+        assert {name: untimed(s) for name, s in got.items()} == expected, sig
+        assert all(s["population"]["checkpoint"] is None for s in got.values()) and not checkpoint.exists()

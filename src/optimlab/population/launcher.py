@@ -48,12 +48,13 @@ from optimlab.checkpointing import holds_a_run, last_checkpoint
 from optimlab.data import DataError, ensure_files, load_split, resolve_root
 from optimlab.hydra_job import save_job_record
 from optimlab.optim import Optimizer
+from optimlab.population.checkpoint import PopulationCheckpoint
 from optimlab.population.data import PopulationData, split_indices
 from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimizer
 from optimlab.population.records import PopulationRun, member_summary, write_member
 from optimlab.population.stacked import StackedCNN, StackedMLP, StackedModel, build_member
 from optimlab.record import device_name, result_line, versions
-from optimlab.summary import SUMMARY, RunSummary, describe_run, is_complete, write_summary
+from optimlab.summary import FINISHED, SUMMARY, RunSummary, describe_run, is_complete, write_summary
 from optimlab.validate import ConfigError, validate_config
 
 log = logging.getLogger(__name__)
@@ -296,8 +297,9 @@ def plan_text(jobs: Sequence[Job], populations: Sequence[Sequence[Job]]) -> str:
 # ---- training a population ----------------------------------------------------------------------
 
 class ReportingLoop(PopulationLoop):
-    """The population loop, reporting each finished epoch to ``on_epoch(epochs_done)`` and timing the
-    population's first step (the warm-up a run's throughput leaves out)."""
+    """The population loop, reporting each finished epoch to ``on_epoch(epochs_done)`` (which saves the
+    checkpoint and writes the members' summaries) and timing the population's first step (the warm-up
+    a run's throughput leaves out)."""
 
     def __init__(self, *args: Any, on_epoch: Callable[[int], None], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -315,11 +317,8 @@ class ReportingLoop(PopulationLoop):
         self.first_step_s = time.perf_counter() - started
         return losses
 
-    def train_epoch(self, epoch: int) -> Tensor:
-        # fit() adds epoch e-1's rows to the records just before it starts epoch e: report them now.
-        if epoch:
-            self.on_epoch(epoch)
-        return super().train_epoch(epoch)
+    def end_epoch(self, epochs_done: int) -> None:
+        self.on_epoch(epochs_done)
 
 
 @contextlib.contextmanager
@@ -339,21 +338,28 @@ def stop_on_signal() -> Iterator[None]:
 def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
     """Train ``members`` as one population; each member's final summary (``complete`` or
     ``diverged``, tested on the test set with its last weights), or, if the population stops with
-    an error, each member's ``crashed`` summary with that error. A member's folder holds its
-    ``running`` summary from the start and after each epoch. Interrupted (SIGINT, SIGTERM): the
-    members' summaries say ``interrupted`` and the process exits 130 or 143, as a single run does."""
+    an error, each member's ``crashed`` summary with that error. After each epoch the population's
+    checkpoint (:class:`~optimlab.population.checkpoint.PopulationCheckpoint`) is saved, then each
+    member's ``running`` summary written; under ``resume=auto`` a population whose checkpoint exists
+    continues from it. Interrupted (SIGINT, SIGTERM): the members' summaries say ``interrupted`` and
+    the process exits 130 or 143, as a single run does."""
     started = time.perf_counter()
     configs = [job.config for job in members]
     resolved = [OmegaConf.to_container(c, resolve=True) for c in configs]
     first = configs[0]
     records = [MemberRecord() for _ in members]
     noisy = [0] * len(members)
+    checkpoint = PopulationCheckpoint([job.run_dir for job in members], resolved)
     population = PopulationRun(name, [job.num for job in members], device="?", dtype="?", steps_per_epoch=0,
-                               train_size=0, params=0)
+                               train_size=0, params=0, checkpoint=str(checkpoint.path))
+    earlier_wall_s = 0.0  # a resumed population's wall time before its interruption
+
+    def wall_time() -> float:
+        return earlier_wall_s + time.perf_counter() - started
 
     def summaries(status: str | None, **final: Any) -> list[RunSummary]:
         """Every member's summary with ``status`` (None: complete or diverged, as it ended)."""
-        population.wall_time_s = time.perf_counter() - started
+        population.wall_time_s = wall_time()
         return [member_summary(status or ("diverged" if r.diverged else "complete"), config, r, population, m,
                                noisy[m], **final) for m, (config, r) in enumerate(zip(resolved, records))]
 
@@ -369,6 +375,8 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
         print(f"{name}: epoch {done:>3}/{first.epochs} | {training}/{len(records)} members training | val acc "
               f"{min(val, default=math.nan):.4f}-{max(val, default=math.nan):.4f} | "
               f"{rows[0]['train_time_s'] if rows else 0.0:.1f}s", flush=True)
+        population.first_step_s = loop.first_step_s
+        checkpoint.save(loop.state_dict(), first_step_s=loop.first_step_s, wall_time_s=wall_time())
         write_all("running")
 
     try:
@@ -390,23 +398,31 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
             population.steps_per_epoch, population.train_size = data.steps_per_epoch, data.train_size
             population.params = sum(p[0].numel() for p in model.parameters())
             noisy[:] = data.noisy_counts
-            write_all("running")
             loop = ReportingLoop(model, optimizer, data, on_epoch=on_epoch)
             records = loop.records
+            if all(c.get("resume") == "auto" for c in configs):
+                saved, why_not = checkpoint.load(device)
+                if saved is None:
+                    print(f"{name}: starting from scratch ({why_not})", flush=True)
+                else:
+                    loop.load_state_dict(saved["loop"])
+                    loop.first_step_s, earlier_wall_s = saved["first_step_s"], saved["wall_time_s"]
+                    population.first_step_s = loop.first_step_s
+                    print(f"{name}: resumed from {checkpoint.path} after epoch {loop.epochs_done}", flush=True)
+            write_all("running")
             loop.fit(first.epochs, test_every_epoch=first.data.test_every_epoch)
-            if loop.global_step:  # the last epoch's report (fit stops early when every member has diverged)
-                on_epoch(max(len(r.history) for r in records))
-            population.first_step_s = loop.first_step_s
             test_loss, test_acc = loop.evaluate(data.test_batches(), shared=True).tolist()
     except KeyboardInterrupt as stop:
         signal_name = str(stop) or "SIGINT"
         write_all("interrupted")
+        where = "from its checkpoint" if checkpoint.path.is_file() else "from the start (no epoch had finished)"
         print(f"{name} interrupted ({signal_name}); its members' folders hold their summaries so far; "
-              "rerun the sweep with resume=auto to train them again", file=sys.stderr)
+              f"rerun the sweep with resume=auto to continue {where}", file=sys.stderr)
         sys.exit(143 if signal_name == "SIGTERM" else 130)
     except Exception as err:  # the whole population stops: every member's job fails with the error
         log.exception(f"{name} crashed")
         return summaries("crashed", error=f"{type(err).__name__}: {err}")
+    population.checkpoint = None  # removed once every member has finished (launch)
     final = summaries(None, tested_checkpoint="last")
     for summary, loss, acc in zip(final, test_loss, test_acc):
         summary.test_loss, summary.test_acc = loss, acc
@@ -488,8 +504,11 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
         name = f"population {i}"
         print(f"{name}: training {len(members)} members (jobs {', '.join(f'#{job.num}' for job in members)})",
               flush=True)
-        for job, summary in zip(members, train_members(members, name)):
+        results = train_members(members, name)
+        for job, summary in zip(members, results):
             returns[job.num] = run(job, finish_member(job, summary))
+        if all(summary.status in FINISHED for summary in results):
+            PopulationCheckpoint([job.run_dir for job in members], []).remove()
     for job in jobs:
         if job.num not in returns:
             returns[job.num] = run(job, fail_job(job) if job.error else task_function)

@@ -16,6 +16,7 @@ flags stay on the device; they are read once per epoch, never per step (no host 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -98,9 +99,35 @@ class PopulationLoop:
         self.diverged_at = torch.full((members,), -1, dtype=torch.long, device=device)
         self.reason = torch.zeros(members, dtype=torch.long, device=device)
         self.global_step = 0
+        self.epochs_done = 0
         self.records = [MemberRecord() for _ in range(members)]
         self._metrics = torch.zeros(4, members, dtype=torch.float64, device=device)
         self._initial_loss: Tensor | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next epoch depends on, after a finished epoch: weights, optimizer state, last
+        finite weights, the on-device flags, the step and epoch counts and the members' records.
+        No random state: after the start nothing is drawn at random (each member's epoch order comes
+        from its seed and the epoch number)."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "last_finite": self.last_finite, "alive": self.alive, "diverged_at": self.diverged_at,
+                "reason": self.reason, "global_step": self.global_step, "epochs_done": self.epochs_done,
+                "records": [dataclasses.asdict(record) for record in self.records]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s ``state`` (tensors on this loop's device): the next
+        :meth:`fit` starts with epoch ``epochs_done`` and computes what the uninterrupted loop would."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for last, saved in zip(self.last_finite, state["last_finite"], strict=True):
+            last.copy_(saved)
+        self.alive, self.diverged_at, self.reason = state["alive"], state["diverged_at"], state["reason"]
+        self.global_step, self.epochs_done = state["global_step"], state["epochs_done"]
+        # In place: callers may hold the list (the launcher's reports read it).
+        self.records[:] = [MemberRecord(**record) for record in state["records"]]
+
+    def end_epoch(self, epochs_done: int) -> None:
+        """Called by :meth:`fit` once an epoch's rows are in the records; subclasses save or report here."""
 
     def member_views(self, flags: Tensor) -> Iterator[Tensor]:
         """``flags [P]`` shaped to broadcast over each parameter."""
@@ -173,8 +200,9 @@ class PopulationLoop:
 
     def fit(self, epochs: int, test_every_epoch: bool = False) -> list[MemberRecord]:
         """Train ``epochs`` epochs; after each, evaluate every member still running at its start
-        on its validation set (and on the test set when asked) and add its row to its record."""
-        for epoch in range(epochs):
+        on its validation set (and on the test set when asked) and add its row to its record. A loop
+        restored by :meth:`load_state_dict` continues with epoch ``epochs_done``."""
+        for epoch in range(self.epochs_done, epochs):
             started = time.perf_counter()
             started_alive = self.train_epoch(epoch)
             if started_alive.device.type == "cuda":
@@ -199,6 +227,8 @@ class PopulationLoop:
                         record.divergence_reason = REASONS[int(values["reason"][m])]
             if not any(values["started_alive"]):
                 break
+            self.epochs_done = epoch + 1
+            self.end_epoch(self.epochs_done)
         return self.records
 
     @staticmethod

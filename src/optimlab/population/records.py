@@ -35,11 +35,13 @@ class PopulationRun:
     params: int                  # per member
     first_step_s: float | None = None   # the population's first step (all members at once)
     wall_time_s: float = 0.0
+    checkpoint: str | None = None       # its checkpoint file, while it has one
 
     def describe(self, member: int) -> dict[str, Any]:
         """The ``population`` field of member ``member``'s summary."""
         return {"name": self.name, "member": member, "members": len(self.jobs), "jobs": self.jobs,
-                "device": self.device, "dtype": self.dtype, "steps_per_epoch": self.steps_per_epoch}
+                "device": self.device, "dtype": self.dtype, "steps_per_epoch": self.steps_per_epoch,
+                "checkpoint": self.checkpoint}
 
 
 def member_steps(record: MemberRecord, steps_per_epoch: int) -> int:
