@@ -43,7 +43,7 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(143 if str(stop) == "SIGTERM" else 130)
     except KeyboardInterrupt:
         sys.exit(130)
-    return summary.test_acc
+    return summary.best_val_acc  # what a sweeper (Optuna, ...) optimises: the validation set, never the test set
 
 
 if __name__ == "__main__":

@@ -208,6 +208,8 @@ def _plt():
 
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     runs = [r for r in rows if r["history"]][:MAX_CURVES]
     cols = min(4, len(runs))
     nrows = math.ceil(len(runs) / cols)
@@ -218,6 +220,7 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
             ax.plot(epochs, [h.get(key) for h in r["history"]], style, color="black", label=key.replace("_", " "))
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_ylabel("accuracy")
         loss_ax = ax.twinx()
         for key, style in (("train_loss", "-"), ("test_loss", "--"), ("train_loss_max", ":")):
@@ -226,7 +229,7 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
         loss_ax.set_ylabel("loss", color="tab:red")
         loss_ax.set_yscale("log")
         color = REGIME_COLORS.get(r["regime"], "black")
-        ax.set_title(f"{r.get('name') or r['run']} (lr {_fmt(r.get('lr'))})\n{r['regime']}", color=color,
+        ax.set_title(f"{r.get('name') or r['run']}: {r.get('optimizer')} lr {_fmt(r.get('lr'))}\n{r['regime']}", color=color,
                      fontsize=10, fontweight="bold")
         for spine in ax.spines.values():
             spine.set_edgecolor(color)
@@ -246,7 +249,10 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
     over seeds); one panel per model width when the sweep varies it."""
     plt = _plt()
     widths = sorted({r["widths"] for r in rows if r.get("lr")}, key=_width_key)
-    fig, axes = plt.subplots(1, len(widths), figsize=(4.5 * len(widths) + 1, 4.2), squeeze=False, sharey=True)
+    optimizers = sorted({r["optimizer"] for r in rows if r.get("lr")})
+    # optimizers by line style and marker, never by colour: colour means the regime
+    styles = {o: (["-", "--", ":", "-."][i % 4], "osD^v<>"[i % 7]) for i, o in enumerate(optimizers)}
+    fig, axes = plt.subplots(1, len(widths), figsize=(4.0 * len(widths) + 2.2, 4.0), squeeze=False, sharey=True)
     for ax, width in zip(axes.flat, widths):
         by_opt: dict[str, dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
         for r in rows:
@@ -255,19 +261,22 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
         for optimizer, points in sorted(by_opt.items()):
             lrs = sorted(points)
             means = [statistics.fmean([m["final_test_acc"] or 0.0 for m in points[lr]]) for lr in lrs]
-            ax.plot(lrs, means, "-", label=optimizer, alpha=0.6)
+            line, marker = styles[optimizer]
+            ax.plot(lrs, means, line, color="0.35", zorder=2)
             for lr, mean in zip(lrs, means):
                 regimes = Counter(m["regime"] for m in points[lr])
                 ax.scatter([lr], [mean], color=REGIME_COLORS.get(max(regimes, key=regimes.get), "black"),
-                           zorder=3, s=40, edgecolor="black", linewidth=0.5)
+                           marker=marker, zorder=3, s=40, edgecolor="black", linewidth=0.5)
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylim(0, 1)
         ax.set_title(f"widths {width}" if len(widths) > 1 else "")
     axes.flat[0].set_ylabel("final test accuracy")
-    for label in [*LABELS, "crashed"]:
-        axes.flat[-1].scatter([], [], color=REGIME_COLORS[label], label=label)
-    axes.flat[-1].legend(fontsize=8, ncol=2, loc="lower left")
+    handles = [plt.Line2D([], [], color="0.35", ls=line, marker=marker, mfc="white", mec="black")
+               for line, marker in styles.values()]
+    handles += [plt.Line2D([], [], ls="", marker="o", color=REGIME_COLORS[label], mec="black") for label in [*LABELS, "crashed"]]
+    # outside the panels: a legend inside would hide points
+    axes.flat[-1].legend(handles, [*styles, *LABELS, "crashed"], fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -433,14 +433,14 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
 
 def finish_member(job: Job, summary: RunSummary) -> TaskFunction:
     """The task of a member's Hydra job: its summary and TensorBoard events written, its result
-    printed; returns its test accuracy as ``train.py``'s task does, or fails with the population's error."""
+    printed; returns its best validation accuracy as ``train.py``'s task does, or fails with the population's error."""
     def task(cfg: DictConfig) -> float | None:
         save_job_record(job.run_dir, cfg)
         write_member(job.run_dir, summary)
         if summary.status == "crashed":
             raise PopulationCrashed(f"{summary.population['name']} crashed: {summary.error}")
         print(result_line(summary))
-        return summary.test_acc
+        return summary.best_val_acc
 
     return task
 
