@@ -352,7 +352,7 @@ def plot_sharpness(rows: list[dict[str, Any]], root: Path, path: Path) -> None:
     runs = tracked[:MAX_CURVES]
     if not runs:
         return
-    cols = min(4, len(runs))
+    cols = 2 if len(runs) <= 4 else 4  # two a row for a few runs: readable at README width
     nrows = math.ceil(len(runs) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
     for ax, (r, series) in zip(axes.flat, runs):
