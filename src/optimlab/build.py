@@ -37,6 +37,10 @@ class Parts:
     thresholds: Thresholds
 
 
+# Keys torch's messages call by another name ("Invalid learning rate: ...", "Invalid epsilon value").
+MESSAGE_WORDS = {"lr": r"(?:lr|learning rate)", "eps": r"(?:eps|epsilon)"}
+
+
 @contextlib.contextmanager
 def config_errors(section: str, node: DictConfig | None = None) -> Iterator[None]:
     """Turn a constructor's error into a ConfigError naming ``section.<key>`` (the section's key
@@ -54,7 +58,8 @@ def config_errors(section: str, node: DictConfig | None = None) -> Iterator[None
         # The message's subject comes first ("Nesterov momentum requires a momentum ..." is about nesterov).
         found = {}
         for key in (node or {}):
-            match = re.search(rf"\b{re.escape(str(key).rstrip('s'))}s?\b", message, re.IGNORECASE)
+            word = MESSAGE_WORDS.get(str(key), re.escape(str(key).rstrip("s")))
+            match = re.search(rf"\b{word}s?\b", message, re.IGNORECASE)
             if match and not str(key).startswith("_"):
                 found[str(key)] = match.start()
         key = min(found, key=found.get) if found else None

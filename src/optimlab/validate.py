@@ -58,7 +58,7 @@ def optional(rule: Rule) -> Rule:
 
 # Every key outside the instantiated groups, with its rule; a key not listed is unknown.
 RULES: dict[str, Rule] = {
-    "name": TEXT, "lr": POSITIVE, "epochs": INT_NON_NEGATIVE, "batch_size": INT_POSITIVE, "seed": SEED,
+    "name": TEXT, "lr": POSITIVE, "epochs": INT_POSITIVE, "batch_size": INT_POSITIVE, "seed": SEED,
     "resume": optional((lambda v: isinstance(v, str), "a run directory, a .ckpt file or 'auto'")),
     "test_ckpt": one_of("last", "best"),
     "early_stopping.enabled": BOOL, "early_stopping.patience": INT_NON_NEGATIVE,
