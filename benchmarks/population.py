@@ -19,12 +19,33 @@ side-by-side pairs, with its range).
 
     python benchmarks/population.py                      # 16 members 784-32-10, 20 steps, 5 repeats
     python benchmarks/population.py --members 64 --hidden 128 --device cuda
+
+``--sweep GRID`` measures a whole sweep end to end instead (:func:`sweep_benchmark`): the same grid
+(``tiny``, ``narrow`` or ``reduced``, see :data:`GRIDS`) run by ``python train.py -m`` with Hydra's
+basic launcher (sequential jobs) and with ``hydra/launcher=population``, each as one subprocess (wall
+time from start to exit, runs per minute), and the floor: the bare batched math of the same grid (per
+population, its steps of stacked forward, loss, backward and member-wise step on batches gathered
+beforehand; no Hydra, evaluation, checks or files). Then, from CPU ``torch.profiler`` runs, the aten
+operators (dispatcher calls, each at least one kernel launch on a GPU) per training step of a single
+run (``optimlab.train.run``; two runs that differ only in their number of steps, so set-up and
+evaluation cancel) and of a population step (:meth:`PopulationLoop.step` with its batch gather).
+
+    python benchmarks/population.py --sweep narrow --threads 1     # 360 runs; minutes sequentially
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import itertools
+import json
 import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +53,14 @@ import torch.nn.functional as F
 import _timing
 
 _timing.setup_env()
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+
+from optimlab.build import optimizer_class  # noqa: E402
 from optimlab.data import MNISTDataModule  # noqa: E402
 from optimlab.optim import SGD  # noqa: E402
 from optimlab.population import PopulationData, PopulationLoop, StackedMLP, build_member, member_optimizer  # noqa: E402
+from optimlab.train import run  # noqa: E402
 
 BATCH_SIZE = 128
 
@@ -87,6 +113,161 @@ def floor(parts: dict) -> None:
         opt.step()
 
 
+# ---- the end-to-end sweep comparison ------------------------------------------------------------
+
+LRS_NARROW = "0.0001,0.0003,0.001,0.003,0.01,0.03,0.1,0.3,1.0,3.0"
+BUDGET = ["data.subset=5000", "data.val_size=1000", "data.test_every_epoch=false", "epochs=4"]
+GRIDS = {  # name -> (swept keys and values, the budget); every job one hidden layer, tanh, batch 128
+    "tiny": ({"optimizer": "sgd,adam", "lr": "0.01,0.1", "model.hidden": "[8]", "seed": "0,1"},
+             ["data.subset=512", "data.val_size=500", "data.test_every_epoch=false", "epochs=2"]),
+    "narrow": ({"optimizer": "sgd,adagrad,adam,rmsprop", "lr": LRS_NARROW, "model.hidden": "[2],[8],[32]",
+                "seed": "0,1,2"}, BUDGET),
+    "reduced": ({"optimizer": "sgd,adagrad,adam,rmsprop", "lr": "0.0001,0.001,0.01,0.1,1.0,4.0",
+                 "model.hidden": "[2],[8],[32],[128],[512],[2048]", "seed": "0"}, BUDGET),
+}
+
+
+def grid_jobs(grid: str) -> list[list[str]]:
+    """Every job's overrides (the budget included), as ``-m`` expands the grid."""
+    axes, budget = GRIDS[grid]
+    jobs: list[list[str]] = [[]]
+    for key, values in axes.items():
+        choices = values.split(",") if key != "model.hidden" else [f"[{v}]" for v in values.strip("[]").split("],[")]
+        jobs = [job + [f"{key}={value}"] for job in jobs for value in choices]
+    return [job + budget for job in jobs]
+
+
+def compose_job(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(_timing.CONF), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def run_sweep(grid: str, device: torch.device, threads: int, out: Path, population: bool) -> dict:
+    """``python train.py -m <grid>`` (population launcher or the basic one) into ``out``: wall time
+    and how many jobs finished (complete or diverged)."""
+    axes, budget = GRIDS[grid]
+    command = [sys.executable, str(_timing.REPO / "train.py"), "-m", *[f"{k}={v}" for k, v in axes.items()],
+               *budget, "trainer.progress_bar=false", f"trainer.num_threads={threads}",
+               f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}", f"hydra.sweep.dir={out}"]
+    if population:
+        command.append("hydra/launcher=population")
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=_timing.REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    (out / "benchmark.log").write_text(" ".join(command) + "\n" + result.stdout + result.stderr)
+    statuses = [json.loads(p.read_text())["status"] for p in out.glob("*/summary.json")]
+    if result.returncode:
+        print(f"warning: {' '.join(command[2:6])}... exited {result.returncode}; see {out / 'benchmark.log'}")
+    return {"wall": wall, "finished": sum(s in ("complete", "diverged") for s in statuses), "jobs": len(statuses)}
+
+
+def population_parts(jobs: list[list[str]], device: torch.device):
+    """A population of ``jobs`` (one optimizer and width) as the launcher builds it: model, optimizer, data, loop."""
+    configs = [compose_job(job) for job in jobs]
+    first = configs[0]
+    model = StackedMLP.from_configs([c.model for c in configs], [c.seed for c in configs]).to(device)
+    data = PopulationData([instantiate(c.data) for c in configs], device)
+    cls, options = optimizer_class(first.optimizer)
+    for key in ("lr", "weight_decay"):
+        options.pop(key, None)
+    optimizer = member_optimizer(cls, model, [float(c.optimizer.lr) for c in configs], **options)
+    return first, model, optimizer, data
+
+
+def populations_of(grid: str) -> list[list[list[str]]]:
+    """The grid's jobs grouped as the launcher groups them: one population per optimizer and width."""
+    groups: dict[tuple[str, str], list[list[str]]] = {}
+    for job in grid_jobs(grid):
+        groups.setdefault((job[0], job[2]), []).append(job)
+    return list(groups.values())
+
+
+def floor_seconds(grid: str, device: torch.device) -> float:
+    """The bare batched math of the whole grid: every population's steps (epochs x steps per epoch)
+    of stacked forward, loss, backward and member-wise step, cycling over a few batches gathered
+    beforehand (the math does not depend on which batch); set-up excluded."""
+    total = 0.0
+    for jobs in populations_of(grid):
+        cfg, model, optimizer, data = population_parts(jobs, device)
+        batches = [batch for batch, _ in zip(data.train_batches(0), range(4))]
+        steps = cfg.epochs * data.steps_per_epoch
+
+        def train() -> None:
+            for step in range(steps):
+                x, y = batches[step % len(batches)]
+                members, batch = y.shape
+                losses = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none")
+                optimizer.zero_grad(set_to_none=True)
+                losses.view(members, batch).mean(1).sum().backward()
+                optimizer.step()
+
+        total += _timing.time_block(train, device)
+    return total
+
+
+def count_aten(fn) -> int:
+    """aten operators (dispatcher calls, nested ones included) that ``fn()`` runs, by the CPU profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(event.name.startswith("aten::") for event in prof.events())
+
+
+def ops_per_step(grid: str) -> tuple[float, float, int]:
+    """(aten ops per training step of one single run, per population step, members of that population),
+    for the grid's first job and its population, on the CPU."""
+    jobs = populations_of(grid)[0]
+    single = [o for o in jobs[0] if not o.startswith(("data.subset", "epochs"))] + \
+        ["trainer.accelerator=cpu", "trainer.progress_bar=false", "epochs=1"]
+    counts = {}
+    for steps in (4, 12):  # two runs that differ only in their steps: set-up and validation cancel
+        cfg = compose_job(single + [f"data.subset={steps * 128}"])
+        with tempfile.TemporaryDirectory() as run_dir, contextlib.redirect_stdout(io.StringIO()):
+            counts[steps] = count_aten(lambda: run(cfg, Path(run_dir)))
+    _, model, optimizer, data = population_parts(jobs, torch.device("cpu"))
+    loop = PopulationLoop(model, optimizer, data)
+    batches = (batch for epoch in itertools.count() for batch in data.train_batches(epoch))
+    loop.step(*next(batches))  # warm-up: the optimizer's state is created on its first step
+
+    def five_steps() -> None:
+        for _ in range(5):
+            loop.step(*next(batches))
+
+    return (counts[12] - counts[4]) / 8, count_aten(five_steps) / 5, len(jobs)
+
+
+def sweep_benchmark(grid: str, device_choice: str, threads: int, keep: Path | None) -> None:
+    """The end-to-end table (see the module docstring)."""
+    jobs = len(grid_jobs(grid))
+    axes, budget = GRIDS[grid]
+    _timing.print_header(f"population sweep: grid {grid} ({jobs} runs: "
+                         f"{'; '.join(f'{k} {v}' for k, v in axes.items())}; {' '.join(budget)}), "
+                         f"trainer.num_threads={threads}")
+    print(f"load average at start: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+    torch.set_num_threads(threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = keep or Path(tmp)
+        for name in ("cpu", "cuda"):
+            device = torch.device(name)
+            if name == "cuda" and not torch.cuda.is_available() or device_choice not in ("all", name):
+                if name == "cuda" and device_choice in ("all", "cuda"):
+                    rows.append(["cuda", _timing.NO_GPU, "", "", "", "", "", ""])
+                continue
+            seq = run_sweep(grid, device, threads, root / f"{name}_sequential", population=False)
+            pop = run_sweep(grid, device, threads, root / f"{name}_population", population=True)
+            floor = floor_seconds(grid, device)
+            rows.append([name, seq["wall"], pop["wall"], floor, 60 * jobs / seq["wall"], 60 * jobs / pop["wall"],
+                         seq["wall"] / pop["wall"], f"{seq['finished']}/{pop['finished']} of {jobs}"])
+    print(f"load average at end: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+    print("wall s of the whole `python train.py -m` (start-up included); floor s: the batched math alone; "
+          "speed-up = sequential / population")
+    _timing.print_table(["device", "sequential s", "population s", "floor s", "seq runs/min", "pop runs/min",
+                         "speed-up", "finished seq/pop"], rows)
+    single, population, members = ops_per_step(grid)
+    print(f"\naten ops per training step (CPU profiler): single run {single:.0f}; population of {members} "
+          f"{population:.0f} ({population / members:.1f} per member-step)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--members", type=int, default=16)
@@ -94,8 +275,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps per member per measurement")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "all"])
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; "
+                        "--sweep: 1, given to both sweeps as trainer.num_threads)")
+    parser.add_argument("--sweep", choices=sorted(GRIDS), help="measure this grid end to end instead")
+    parser.add_argument("--keep", type=Path, help="--sweep: write the sweeps here (default: a temporary folder)")
     args = parser.parse_args()
+    if args.sweep:
+        sweep_benchmark(args.sweep, args.device, args.threads or 1, args.keep)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)

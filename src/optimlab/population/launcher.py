@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import math
@@ -86,9 +87,10 @@ class Job:
     alone: str | None = None         # why it runs through the task function (the single-run path)
     key: str | None = None           # jobs with equal keys can share a population
 
-    @property
+    @functools.cached_property
     def config(self) -> DictConfig:
-        """The task's config, without the ``hydra`` node (what the task function receives)."""
+        """The task's config, without the ``hydra`` node (what the task function receives); computed
+        once (a deep copy of a composed config costs tens of milliseconds, times every job)."""
         config = copy.deepcopy(self.sweep_config)
         with read_write(config), open_dict(config):
             del config["hydra"]
@@ -132,9 +134,16 @@ def check(cfg: DictConfig) -> None:
     validate_config(cfg)
     with torch.random.fork_rng(devices=[]):  # building draws init weights: leave the caller's generator alone
         datamodule = build_parts(cfg).datamodule
-    ensure_files(datamodule.root, datamodule.download)
-    labels = load_split(datamodule.root, train=True)[1]
-    split_indices(len(labels), datamodule.val_size, datamodule.subset, datamodule.label_noise, datamodule.seed)
+    n = training_images(Path(datamodule.root), datamodule.download)
+    split_indices(n, datamodule.val_size, datamodule.subset, datamodule.label_noise, datamodule.seed)
+
+
+@functools.lru_cache(maxsize=8)
+def training_images(root: Path, download: bool) -> int:
+    """How many training images the checked MNIST files under ``root`` hold (DataError if they are
+    missing or broken); read once per root and sweep, not once per job (the files are 47 MB)."""
+    ensure_files(root, download)
+    return len(load_split(root, train=True)[1])
 
 
 def population_device(accelerator: str) -> torch.device | None:
@@ -261,7 +270,7 @@ def estimate_memory(cfg: DictConfig, members: int) -> int:
     image = 28 * 28 * (4 + size)  # the gathered float32 image and its cast copy
     step = cfg.data.batch_size * (2 * activations * size + image)
     evaluation = cfg.data.eval_batch_size * (activations * size + image)
-    n = len(load_split(resolve_root(cfg.data.root), train=True)[1])
+    n = training_images(Path(resolve_root(cfg.data.root)), bool(cfg.data.download))
     mnist = (n + 10_000) * 28 * 28 * 4 + members * 3 * n * 8  # images, and index tensors at most this long
     return mnist + members * ((3 * params + state) * size + max(step, evaluation))
 

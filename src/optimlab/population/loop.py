@@ -146,9 +146,9 @@ class PopulationLoop:
         # The single run's check per member: non-finite when the loss or any gradient is (or their sum overflows).
         check = losses + torch.stack([p.grad.flatten(1).sum(1) for p in self.params]).sum(0)
         self.optimizer.step()
-        weights = torch.stack([p.detach().flatten(1).sum(1, dtype=torch.float64) for p in self.params]).sum(0)
+        weights_ok = torch.stack([p.detach().flatten(1).isfinite().all(1) for p in self.params]).all(0)
         grads_ok = torch.isfinite(check)
-        alive = self.alive & grads_ok & torch.isfinite(weights)
+        alive = self.alive & grads_ok & weights_ok
         for p, last, keep in zip(self.params, self.last_finite, self.member_views(alive)):
             torch.where(keep, p.detach(), last, out=last)
             p.detach().copy_(last)
