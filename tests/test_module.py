@@ -135,3 +135,22 @@ def test_loss_scaler_overflow_is_a_skipped_step_not_a_divergence(tmp_path: Path)
     assert scaler.get_scale() < 2.0**20  # the overflows happened and were absorbed by the scaler
     assert all(torch.isfinite(p).all() for p in module.parameters())
     assert record.history[1]["train_loss"] < record.history[0]["train_loss"]
+
+
+def test_console_lines_go_around_the_progress_bar() -> None:
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    from optimlab.console import BarSafeHandler
+
+    screen = io.StringIO()
+    handler = BarSafeHandler()
+    handler.setStream(screen)
+    record = logging.LogRecord("optimlab", logging.INFO, __file__, 1, "epoch   1/2 | train loss 0.5", None, None)
+    with tqdm(total=10, file=screen, ncols=60) as bar:
+        bar.update(3)
+        handler.emit(record)
+    # the bar's line is cleared before the epoch line is written, so the line starts a line of its own
+    assert "\nepoch   1/2 | train loss 0.5\n" in screen.getvalue().replace("\r", "\n")

@@ -72,6 +72,9 @@ def test_cnn_single_run(tmp_path: Path) -> None:
     summary = check_run_dir(tmp_path)
     assert summary["config"]["model"]["_target_"] == "optimlab.models.CNN"
     assert "regime:" in result.stdout and "epoch   2/2" in result.stdout
+    lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert lines == [line.split(" - ", 1)[1] for line in (tmp_path / "train.log").read_text().splitlines()
+                     if "][INFO] - epoch " in line]  # the console's epoch lines, timed, in train.log
 
 
 @pytest.mark.slow

@@ -18,11 +18,12 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import get_class, instantiate
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from optimlab.checkpointing import CHECKPOINT_DIR, LAST, AtomicCheckpointIO
+from optimlab.console import EpochBar
 from optimlab.data import MNISTDataModule
 from optimlab.divergence import DivergenceGuard
 from optimlab.module import ClassifierModule
@@ -116,7 +117,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback]) -
         callbacks.append(EarlyStopping(monitor=es.monitor, mode=es.mode, patience=es.patience, min_delta=es.min_delta))
     show_bar = t.progress_bar and sys.stderr.isatty()
     if show_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=20))
+        callbacks.append(EpochBar(refresh_rate=20))
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, precision=t.precision, deterministic=t.deterministic,
         max_epochs=cfg.epochs, log_every_n_steps=t.log_every_n_steps, fast_dev_run=t.fast_dev_run,

@@ -8,6 +8,7 @@ after every epoch and at the end.
 
 from __future__ import annotations
 
+import logging
 import math
 import platform
 import time
@@ -25,6 +26,9 @@ from optimlab.divergence import DivergenceGuard, total_norm
 from optimlab.module import EVAL_STAGES
 from optimlab.regimes import Thresholds, diagnose
 from optimlab.summary import RunSummary, describe_run, write_summary
+
+
+log = logging.getLogger(__name__)
 
 
 def versions() -> dict[str, str]:
@@ -156,7 +160,7 @@ class RunRecord(Checkpoint):
         if trainer.logger is not None:
             trainer.logger.log_metrics({"train/loss": row["train_loss"], "train/acc": row["train_acc"]},
                                        step=trainer.global_step)
-        print(self.epoch_line(row, trainer.max_epochs), flush=True)
+        log.info(self.epoch_line(row, trainer.max_epochs))
         self.write("running", trainer)
 
     def _train_metrics(self) -> dict[str, float]:

@@ -31,6 +31,7 @@ from optimlab.validate import ConfigError, validate_config
 
 # Lightning's start-up banners (GPU available, tips) drown the run's own lines.
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r".*(LeafSpec|smaller than the logging interval|overridden `transfer_batch_to_device`).*")
 
 
@@ -117,7 +118,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
     cfg, run_dir, ckpt, previous = _plan(cfg, run_dir, overrides or [])
     validate_config(cfg)
     if cfg.resume == "auto" and is_complete(run_dir):
-        print(f"{run_dir}: already complete, skipped (resume=auto)")
+        log.info(f"{run_dir}: already complete, skipped (resume=auto)")
         return previous  # type: ignore[return-value]
     torch.set_flush_denormal(cfg.trainer.flush_denormal)
     if cfg.trainer.num_threads:
@@ -143,7 +144,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
     if ckpt is None:
         record.write("running")  # a resumed run keeps its summary until its next epoch ends
     else:
-        print(f"resuming {run_dir} from {ckpt}")
+        log.info(f"resuming {run_dir} from {ckpt}")
     old_handlers = {s: signal.signal(s, stopper.handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
@@ -172,5 +173,5 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
                            tested_checkpoint="best" if use_best else "last")
     log_result(trainer.logger, summary)
     trainer.logger.finalize("success")
-    print(result_line(summary))
+    log.info(result_line(summary))
     return summary

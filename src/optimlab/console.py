@@ -1,0 +1,56 @@
+"""The console: the progress bar, and the handler that writes the run's lines around it, not into it.
+
+A run's lines (epoch lines, the result) go through :mod:`logging`; Hydra's job logging
+(``conf/hydra/job_logging/optimlab.yaml``) sends them to the console through
+:class:`BarSafeHandler` and, with their time, to ``<run dir>/train.log``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
+from tqdm import tqdm
+
+
+class BarSafeHandler(logging.StreamHandler):
+    """Writes each record with ``tqdm.write``: a progress bar on screen is cleared, the line written,
+    and the bar drawn again below it (a plain print lands inside the bar's line and wraps)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:
+            self.handleError(record)
+
+
+class EpochBar(TQDMProgressBar):
+    """Lightning's bar, counting epochs from 1 as the epoch lines do, with the latest step's loss
+    (read only when the bar refreshes: a host sync every ``refresh_rate`` steps, not every step)."""
+
+    def __init__(self, refresh_rate: int = 20) -> None:
+        super().__init__(refresh_rate=refresh_rate)
+        self.outputs: Any = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.outputs = outputs
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the logger's version: always empty here
+        if self.outputs:
+            metrics["loss"] = f"{float(self.outputs['loss']):.4f}"
+        return metrics
