@@ -222,7 +222,7 @@ def log_result(logger: Any, summary: RunSummary) -> None:
               "seed": run.seed, "batch_size": config.get("batch_size"), "epochs": config.get("epochs"),
               "label_noise": data.get("label_noise"), "subset": data.get("subset") or 0, "regime": summary.regime}
     metrics = {"hp/test_acc": summary.test_acc, "hp/test_loss": summary.test_loss,
-               "hp/best_val_acc": summary.best_val_acc, "hp/diverged": float(summary.diverged),
+               "hp/best_val_acc": summary.best_val_acc, "hp/stopped_non_finite": float(summary.diverged),
                "hp/steps_per_s": summary.steps_per_s}
     logger.log_hyperparams(params, {k: (math.nan if v is None else float(v)) for k, v in metrics.items()})
     logger.experiment.add_text("regime", f"**{summary.regime}**\n\n" + "\n\n".join(summary.regime_evidence))

@@ -29,7 +29,7 @@ REGIME_COLORS = {"healthy": "#2ca02c", "slow": "#1f77b4", "oscillating": "#ff7f0
                  "underfit": "#9467bd", "overfit": "#8c564b", "crashed": "#7f7f7f", "interrupted": "#bbbbbb",
                  "running": "#bbbbbb"}
 COLUMNS = ["run", "name", "model", "optimizer", "lr", "widths", "seed", "params", "final_train_acc",
-           "best_train_acc", "final_test_acc", "best_test_acc", "epochs", "regime", "diverged", "status",
+           "best_train_acc", "final_test_acc", "best_test_acc", "epochs", "regime", "stopped_non_finite", "status",
            "wall_time_s", "steps_per_s", "sharpness_max", "sharpness_crossed_at_step"]
 MAX_CURVES = 48  # beyond this curves.png would be unreadable; the tables still list every run
 
@@ -69,7 +69,7 @@ def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, An
         "final_train_acc": history[-1].get("train_acc") if history else None, "best_train_acc": best("train_acc"),
         "final_test_acc": s.test_acc, "best_test_acc": best("test_acc"), "epochs": len(history),
         "regime": regime if s.status in FINISHED else s.status,
-        "diverged": s.diverged, "status": s.status, "wall_time_s": s.wall_time_s,
+        "stopped_non_finite": s.diverged, "status": s.status, "wall_time_s": s.wall_time_s,
         "steps_per_s": s.steps_per_s, "history": history, "same_but_seed": same_but_seed(s.config),
         "curvature": s.curvature, "diverged_at_step": s.diverged_at_step,
         "sharpness_max": (s.curvature or {}).get("sharpness_max"),

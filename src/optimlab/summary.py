@@ -68,7 +68,8 @@ class RunSummary:
     test_acc: float | None = None
     best_val_acc: float | None = None
     tested_checkpoint: str | None = None         # last | best
-    diverged: bool = False                       # stopped on a non-finite loss, gradient or weight
+    diverged: bool = False                       # stopped on a non-finite loss, gradient or weight (the regime
+                                                 # label "diverging" also covers runs that blew up finitely)
     diverged_at_step: int | None = None
     divergence_reason: str | None = None
     regime: str | None = None
