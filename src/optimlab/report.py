@@ -29,7 +29,7 @@ REGIME_COLORS = {"healthy": "#2ca02c", "slow": "#1f77b4", "oscillating": "#ff7f0
                  "underfit": "#9467bd", "overfit": "#8c564b", "crashed": "#7f7f7f", "interrupted": "#bbbbbb",
                  "running": "#bbbbbb"}
 COLUMNS = ["run", "name", "model", "optimizer", "lr", "widths", "seed", "params", "final_train_acc",
-           "best_train_acc", "final_test_acc", "best_test_acc", "epochs", "regime", "stopped_non_finite", "status",
+           "best_train_acc", "final_val_acc", "best_val_acc", "final_test_acc", "best_test_acc", "epochs", "regime", "stopped_non_finite", "status",
            "wall_time_s", "steps_per_s", "sharpness_max", "sharpness_crossed_at_step"]
 MAX_CURVES = 48  # beyond this curves.png would be unreadable; the tables still list every run
 
@@ -67,6 +67,7 @@ def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, An
         "run": rel, "name": run.name, "model": run.model, "optimizer": run.optimizer, "lr": run.lr,
         "widths": run.widths, "seed": run.seed, "params": s.params,
         "final_train_acc": history[-1].get("train_acc") if history else None, "best_train_acc": best("train_acc"),
+        "final_val_acc": history[-1].get("val_acc") if history else None, "best_val_acc": best("val_acc"),
         "final_test_acc": s.test_acc, "best_test_acc": best("test_acc"), "epochs": len(history),
         "regime": regime if s.status in FINISHED else s.status,
         "stopped_non_finite": s.diverged, "status": s.status, "wall_time_s": s.wall_time_s,
@@ -111,6 +112,10 @@ def write_tables(rows: list[dict[str, Any]], out: Path) -> None:
         writer.writerows(rows)
     lines = ["# Sweep report", "", f"{len(rows)} runs. Regimes: " + ", ".join(
         f"{label} {n}" for label, n in Counter(r["regime"] for r in rows).items()), ""]
+    command = sweep_command(out)
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    lines += ["What this sweep shows: " + findings(rows), ""]
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
     seeds = seed_table(rows)
@@ -177,6 +182,33 @@ def write_stability(table: list[dict[str, Any]], out: Path) -> list[str]:
              "| " + " | ".join(STABILITY_COLUMNS) + " |", "|" + "---|" * len(STABILITY_COLUMNS)]
     lines += ["| " + " | ".join(_fmt(t[c]) for c in STABILITY_COLUMNS) + " |" for t in table]
     return lines
+
+
+def findings(rows: list[dict[str, Any]]) -> str:
+    """Where each regime appeared, in words: per label, per optimizer and width, its lr range."""
+    parts = []
+    for label in [*LABELS, "crashed", "interrupted", "running"]:
+        where: dict[tuple[str, str], list[float]] = defaultdict(list)
+        for r in rows:
+            if r["regime"] == label and r.get("lr"):
+                where[(r["optimizer"], r["widths"])].append(r["lr"])
+        if where:
+            cells = [f"{o} {w or '-'} at lr {_fmt(min(lrs))}" + (f" to {_fmt(max(lrs))}" if max(lrs) > min(lrs) else "")
+                     for (o, w), lrs in sorted(where.items(), key=lambda kv: (kv[0][0], _width_key(kv[0][1])))]
+            parts.append(f"**{label}** in {'; '.join(cells)}")
+    return ". ".join(parts) + "." if parts else "no finished runs."
+
+
+def sweep_command(sweep_dir: Path) -> str | None:
+    """The command that ran the sweep, from Hydra's ``multirun.yaml`` (None when there is none)."""
+    from omegaconf import OmegaConf
+
+    try:
+        overrides = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides
+    except Exception:  # missing or not Hydra's file: the report goes on without the command
+        return None
+    hydra = [o for o in overrides.get("hydra", []) if not o.startswith("hydra.mode=")]
+    return " ".join(["python train.py -m", *hydra, *overrides.get("task", [])])
 
 
 def seed_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -413,7 +445,7 @@ def report(sweep_dir: Path, rediagnose: bool = False) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="optimlab-report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="optimlab-report", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("sweep_dir", type=Path, help="a multirun directory (or any folder of runs)")
     parser.add_argument("--rediagnose", action="store_true",
                         help="label every run with the current diagnosis rules instead of its recorded regime")
