@@ -239,11 +239,11 @@ def sweep_benchmark(grid: str, device_choice: str, threads: int, keep: Path | No
     """The end-to-end table (see the module docstring)."""
     jobs = len(grid_jobs(grid))
     axes, budget = GRIDS[grid]
+    torch.set_num_threads(threads)
     _timing.print_header(f"population sweep: grid {grid} ({jobs} runs: "
                          f"{'; '.join(f'{k} {v}' for k, v in axes.items())}; {' '.join(budget)}), "
                          f"trainer.num_threads={threads}")
     print(f"load average at start: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
-    torch.set_num_threads(threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = keep or Path(tmp)
