@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import statistics
 import sys
@@ -23,7 +22,7 @@ from typing import Any
 
 from optimlab.curvature import SHARPNESS_TAG, THRESHOLD_TAG
 from optimlab.regimes import LABELS, Thresholds, diagnose
-from optimlab.summary import FINISHED, SUMMARY, read_summary
+from optimlab.summary import FINISHED, SUMMARY, config_key, read_summary
 
 REGIME_COLORS = {"healthy": "#2ca02c", "slow": "#1f77b4", "oscillating": "#ff7f0e", "diverging": "#d62728",
                  "underfit": "#9467bd", "overfit": "#8c564b", "crashed": "#7f7f7f", "interrupted": "#bbbbbb",
@@ -86,15 +85,7 @@ NOT_THE_EXPERIMENT = ("seed", "data.seed", "resume", "data.root", "trainer.progr
 def same_but_seed(config: dict[str, Any]) -> str:
     """The run's whole config except :data:`NOT_THE_EXPERIMENT`, as a key: runs with equal keys
     differ only in their seed."""
-    config = json.loads(json.dumps(config))
-    for dotted in NOT_THE_EXPERIMENT:
-        *path, last = dotted.split(".")
-        node = config
-        for part in path:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(last, None)
-    return json.dumps(config, sort_keys=True)
+    return config_key(config, NOT_THE_EXPERIMENT)
 
 
 def _fmt(value: Any) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,20 @@ def describe_run(config: Mapping[str, Any]) -> RunDescription:
         model=str(model.get("_target_", "?")).rsplit(".", 1)[-1].lower(),
         optimizer=str(optimizer.get("_target_", "?")).rsplit(".", 1)[-1].lower() + impl,
         lr=optimizer.get("lr"), widths="x".join(str(w) for w in widths or []), seed=config.get("seed"))
+
+
+def config_key(config: Mapping[str, Any], without: Iterable[str]) -> str:
+    """``config`` without the dotted keys ``without``, as a string: two configs that differ only
+    in those keys have the same key (seed aggregation, grouping jobs into populations)."""
+    config = json.loads(json.dumps(config, default=str))
+    for dotted in without:
+        *path, last = dotted.split(".")
+        node = config
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return json.dumps(config, sort_keys=True)
 
 
 @dataclass

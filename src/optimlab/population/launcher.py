@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import json
 import logging
 import math
 import os
@@ -55,7 +54,7 @@ from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimi
 from optimlab.population.records import PopulationRun, member_summary, write_member
 from optimlab.population.stacked import StackedCNN, StackedMLP, StackedModel, build_member
 from optimlab.record import device_name, result_line, versions
-from optimlab.summary import FINISHED, SUMMARY, RunSummary, describe_run, is_complete, write_summary
+from optimlab.summary import FINISHED, SUMMARY, RunSummary, config_key, describe_run, is_complete, write_summary
 from optimlab.validate import ConfigError, validate_config
 
 log = logging.getLogger(__name__)
@@ -182,15 +181,7 @@ def why_alone(cfg: DictConfig) -> str | None:
 
 def population_key(cfg: DictConfig) -> str:
     """The resolved config without its :data:`MEMBER_WISE` keys: jobs with equal keys can share a population."""
-    config = OmegaConf.to_container(cfg, resolve=True)
-    for dotted in MEMBER_WISE:
-        *parents, last = dotted.split(".")
-        node = config
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(last, None)
-    return json.dumps(config, sort_keys=True, default=str)
+    return config_key(OmegaConf.to_container(cfg, resolve=True), MEMBER_WISE)
 
 
 def classify(job: Job) -> None:
