@@ -84,7 +84,7 @@ def main() -> None:
     code, wall = run_suite(experiments, shlex.split(args.extra), out, args.quiet)
 
     jobs = read_jobs(out)
-    rows = [[j.get("name"), f"{j.get('epochs_completed')}/{(j.get('config') or {}).get('epochs')}",
+    rows = [[(j.get("description") or {}).get("name"), f"{j.get('epochs_completed')}/{(j.get('config') or {}).get('epochs')}",
              j.get("wall_time_s"), j.get("steps_per_s"), j.get("test_acc"), j.get("regime"), j.get("status")]
             for j in jobs]
     print()

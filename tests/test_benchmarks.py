@@ -60,6 +60,6 @@ def test_suite_runs_the_experiments_and_keeps_their_summaries(tmp_path: Path) ->
     out = bench("suite.py", "--experiments", "baseline,diverging", "--extra", "epochs=1 data.subset=512", "--quiet",
                 "--out", str(out_dir))
     summaries = [json.loads(p.read_text()) for p in sorted(out_dir.glob("*/summary.json"))]
-    assert [s["name"] for s in summaries] == ["baseline", "diverging"]
+    assert [s["description"]["name"] for s in summaries] == ["baseline", "diverging"]
     assert all(s["epochs_completed"] == 1 and s["regime"] for s in summaries)
     assert "2/2 summaries" in out and (out_dir / "suite.log").is_file()

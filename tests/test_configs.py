@@ -34,16 +34,16 @@ def sweep_jobs(name: str) -> list[list[str]]:
     return [[f"sweep={name}", *job] for job in itertools.product(*sweep_axes(name))]
 
 
-def covering_jobs(name: str, most: int = 200) -> list[list[str]]:
-    """Every job of a sweep of at most ``most`` jobs; of a larger one (the GPU-sized maps, thousands
-    of jobs that take ~0.5 s each to compose) a set in which every value of every axis appears, with
-    the first and the last job."""
+def covering_jobs(name: str, most: int = 50) -> list[list[str]]:
+    """Every job of a sweep of at most ``most`` jobs; of a larger one (the maps: hundreds to thousands
+    of jobs that take ~0.3-0.5 s each to compose) a set in which every value of every axis appears,
+    with the first and the last job."""
     jobs = sweep_jobs(name)
     if len(jobs) <= most:
         return jobs
     axes = sweep_axes(name)
     diagonal = [[f"sweep={name}", *(axis[i % len(axis)] for axis in axes)] for i in range(max(map(len, axes)))]
-    return [jobs[0], *diagonal, jobs[-1]]
+    return list(map(list, dict.fromkeys(map(tuple, [jobs[0], *diagonal, jobs[-1]]))))  # without repeats
 
 
 def test_the_regime_experiments_exist() -> None:

@@ -293,3 +293,22 @@ def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path: Path, key
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == (f"error: {key}: '{tmp_path / 'file' / 'run'}' cannot be written "
                                      f"({tmp_path / 'file'} is a file, not a folder); choose another folder")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_final_test_ends_interrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         sig: signal.Signals) -> None:
+    import os
+
+    from conftest import compose_config
+    from optimlab import train as train_module
+
+    class SignalInTest(train_module.StopOnSignal):
+        def on_test_start(self, *args: object) -> None:
+            os.kill(os.getpid(), sig)  # as a user's Ctrl-C or a scheduler's SIGTERM would arrive
+
+    monkeypatch.setattr(train_module, "StopOnSignal", SignalInTest)
+    with pytest.raises(train_module.Interrupted, match=sig.name):
+        train_module.run(compose_config(*TINY), tmp_path)
+    saved = summary(tmp_path)
+    assert saved["status"] == "interrupted" and saved["test_acc"] is None and len(saved["epochs"]) == 1
