@@ -85,9 +85,9 @@ class Thresholds:
             if f.type == "int":
                 ok, allowed = isinstance(value, int) and not isinstance(value, bool) and value >= 1, "an integer >= 1"
             elif f.name in FRACTIONS:
-                ok, allowed = _number(value) and 0 <= value <= 1, "a number in [0, 1]"
+                ok, allowed = finite_number(value) and 0 <= value <= 1, "a number in [0, 1]"
             else:
-                ok, allowed = _number(value) and value >= 0, "a number >= 0"
+                ok, allowed = finite_number(value) and value >= 0, "a number >= 0"
             if not ok:
                 raise ValueError(f"regimes.{f.name}: {value!r} is not allowed; expected {allowed}")
 
@@ -105,7 +105,8 @@ FRACTIONS = {"chance_acc", "overfit_acc_drop", "osc_acc_drop", "osc_big_drop", "
              "fit_acc", "underfit_loss_ratio"}
 
 
-def _number(v: Any) -> bool:
+def finite_number(v: Any) -> bool:
+    """An int or float (not a bool) that is finite: the type every numeric config value must have."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 

@@ -11,7 +11,6 @@ setup): those values have rules in :data:`RULES`, as has every key outside these
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from optimlab.regimes import Thresholds
+from optimlab.regimes import Thresholds, finite_number
 
 Rule = tuple[Callable[[Any], bool], str]
 
@@ -29,17 +28,13 @@ class ConfigError(Exception):
     """A config value is not allowed; the message is one line for the user."""
 
 
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _integer(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-POSITIVE: Rule = (lambda v: _number(v) and v > 0, "a positive number")
-NON_NEGATIVE: Rule = (lambda v: _number(v) and v >= 0, "a number >= 0")
-UNIT_CLOSED: Rule = (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]")
+POSITIVE: Rule = (lambda v: finite_number(v) and v > 0, "a positive number")
+NON_NEGATIVE: Rule = (lambda v: finite_number(v) and v >= 0, "a number >= 0")
+UNIT_CLOSED: Rule = (lambda v: finite_number(v) and 0 <= v <= 1, "a number in [0, 1]")
 INT_POSITIVE: Rule = (lambda v: _integer(v) and v >= 1, "an integer >= 1")
 INT_NON_NEGATIVE: Rule = (lambda v: _integer(v) and v >= 0, "an integer >= 0")
 SEED: Rule = (lambda v: _integer(v) and 0 <= v < 2**32, "an integer in [0, 2**32)")
