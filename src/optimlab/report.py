@@ -229,14 +229,25 @@ def _plt():
     return plt
 
 
+def _panel_grid(plt: Any, n: int, cols: int) -> tuple[Any, Any]:
+    """A figure of ``n`` run panels, ``cols`` a row; the unused cells of the last row hidden."""
+    nrows = math.ceil(n / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    return fig, axes
+
+
+def _run_title(r: dict[str, Any]) -> str:
+    return f"{r.get('name') or r['run']}: {r.get('optimizer')} lr {_fmt(r.get('lr'))}\n{r['regime']}"
+
+
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
     plt = _plt()
     from matplotlib.ticker import MaxNLocator
 
     runs = [r for r in rows if r["history"]][:MAX_CURVES]
-    cols = min(4, len(runs))
-    nrows = math.ceil(len(runs) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    fig, axes = _panel_grid(plt, len(runs), min(4, len(runs)))
     for ax, r in zip(axes.flat, runs):
         epochs = [h["epoch"] for h in r["history"]]
         for key, style in (("train_acc", "-"), ("val_acc", ":"), ("test_acc", "--")):
@@ -252,13 +263,11 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
         loss_ax.set_ylabel("loss", color="tab:red")
         loss_ax.set_yscale("log")
         color = REGIME_COLORS.get(r["regime"], "black")
-        ax.set_title(f"{r.get('name') or r['run']}: {r.get('optimizer')} lr {_fmt(r.get('lr'))}\n{r['regime']}", color=color,
+        ax.set_title(_run_title(r), color=color,
                      fontsize=10, fontweight="bold")
         for spine in ax.spines.values():
             spine.set_edgecolor(color)
             spine.set_linewidth(2)
-    for ax in list(axes.flat)[len(runs):]:
-        ax.axis("off")
     acc_handles, acc_labels = axes.flat[0].get_legend_handles_labels()
     loss_handles, loss_labels = fig.axes[-1].get_legend_handles_labels() if runs else ([], [])
     fig.legend(acc_handles + loss_handles, acc_labels + loss_labels, loc="lower center", ncol=6, frameon=False)
@@ -375,9 +384,7 @@ def plot_sharpness(rows: list[dict[str, Any]], root: Path, path: Path) -> None:
     runs = tracked[:MAX_CURVES]
     if not runs:
         return
-    cols = 2 if len(runs) <= 4 else 4  # two a row for a few runs: readable at README width
-    nrows = math.ceil(len(runs) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    fig, axes = _panel_grid(plt, len(runs), 2 if len(runs) <= 4 else 4)  # two a row for a few: README width
     for ax, (r, series) in zip(axes.flat, runs):
         curvature = r["curvature"]
         color = REGIME_COLORS.get(r["regime"], "black")
@@ -393,10 +400,7 @@ def plot_sharpness(rows: list[dict[str, Any]], root: Path, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.legend(fontsize=7, loc="best")
-        ax.set_title(f"{r.get('name') or r['run']}: {r['optimizer']} lr {_fmt(r.get('lr'))}\n{r['regime']}",
-                     color=color, fontsize=10, fontweight="bold")
-    for ax in list(axes.flat)[len(runs):]:
-        ax.axis("off")
+        ax.set_title(_run_title(r), color=color, fontsize=10, fontweight="bold")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
