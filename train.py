@@ -20,6 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from optimlab.data import DataError
+from optimlab.files import written_file
 from optimlab.train import Interrupted, run
 from optimlab.validate import ConfigError
 
@@ -35,7 +36,7 @@ def main(cfg: DictConfig) -> float | None:
             raise  # one job's bad value fails that job; Hydra runs the others and reports it at the end
         sys.exit(2)
     except OSError as err:  # a full disk or a folder that became unwritable mid-run: one line, not a traceback
-        print(f"error: cannot write {err.filename or 'the run'}: {err.strerror or err}", file=sys.stderr)
+        print(f"error: cannot write {written_file(err)}: {err.strerror or err}", file=sys.stderr)
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise
         sys.exit(1)

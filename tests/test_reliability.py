@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -312,3 +313,28 @@ def test_a_signal_during_the_final_test_ends_interrupted(tmp_path: Path, monkeyp
         train_module.run(compose_config(*TINY), tmp_path)
     saved = summary(tmp_path)
     assert saved["status"] == "interrupted" and saved["test_acc"] is None and len(saved["epochs"]) == 1
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 512 KiB file system: room for the run's small files, not for a checkpoint."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_the_record_says_why(full_disk: Path) -> None:
+    result = train(*TINY, "optimizer=adam", "lr=0.001", f"hydra.run.dir={full_disk / 'run'}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    # the file the run could not write, not the temporary file a library wrote first
+    assert result.stderr.strip() == (f"error: cannot write {full_disk / 'run' / 'checkpoints' / 'best.ckpt'}: "
+                                     f"No space left on device")
+    saved = summary(full_disk / "run")
+    assert saved["status"] == "crashed" and "No space left on device" in saved["error"]
+    assert not list((full_disk / "run" / "checkpoints").iterdir())  # no half-written checkpoint left behind

@@ -7,11 +7,13 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+TEMPORARY = re.compile(r"\.(.+)\.tmp\d+")  # atomic_write's temporary file for <name>
+
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` for a temporary file beside ``path``, fsync it, then rename it over
     ``path``. On any failure the temporary file is removed and ``path`` is left as it was."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # matches TEMPORARY
     try:
         write(tmp)
         with open(tmp, "rb") as f:
@@ -21,10 +23,18 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def written_file(err: OSError) -> str:
+    """The file a failed write was for: the destination of a failed move (a library may write to a
+    temporary file elsewhere first), without :func:`atomic_write`'s temporary name."""
+    name = str(err.filename2 or err.filename or "the run's files")
+    match = TEMPORARY.fullmatch(Path(name).name)
+    return str(Path(name).with_name(match.group(1))) if match else name
+
+
 def remove_stale_temporaries(folder: Path) -> None:
     """Delete what :func:`atomic_write` leaves when a kill lands mid-write (``.<name>.tmp<pid>``);
     called by a run that owns ``folder``, before it writes there."""
     if folder.is_dir():
         for path in folder.iterdir():
-            if re.fullmatch(r"\..+\.tmp\d+", path.name) and path.is_file():
+            if TEMPORARY.fullmatch(path.name) and path.is_file():
                 path.unlink(missing_ok=True)
