@@ -21,30 +21,56 @@ from omegaconf import DictConfig
 
 from optimlab.data import DataError
 from optimlab.files import written_file
+from optimlab.summary import OPTIMIZED_METRICS, optimized_value
 from optimlab.train import Interrupted, run
 from optimlab.validate import ConfigError
 
 
+def _search_direction_error(cfg: DictConfig, sweeper: DictConfig) -> str | None:
+    """Why a search's sweeper cannot optimise ``optimized_metric`` (unknown metric, or the sweeper's
+    direction is the metric's opposite), or None."""
+    metric, direction = cfg.get("optimized_metric"), sweeper.get("direction")
+    if metric not in OPTIMIZED_METRICS:
+        return f"optimized_metric: {metric!r} is not allowed; expected one of {', '.join(OPTIMIZED_METRICS)}"
+    if isinstance(direction, str) and direction != OPTIMIZED_METRICS[metric]:
+        return (f"hydra.sweeper.direction: {direction!r} contradicts optimized_metric={metric} "
+                f"(to {OPTIMIZED_METRICS[metric]}); set one of them to agree")
+    return None
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    """One run; returns its ``optimized_metric`` (a validation metric, never the test set) to a sweeper."""
     hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    # A search (Optuna, ...) ends at its first failed trial: there a failure scores the metric's worst value.
+    searching = multirun and not str(hydra_cfg.sweeper.get("_target_", "")).endswith("BasicSweeper")
+    if searching and (error := _search_direction_error(cfg, hydra_cfg.sweeper)):
+        raise ConfigError(error)  # the search's own settings: end it, every trial would be wrong
+    summary = None
     try:
         summary = run(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
-        if hydra_cfg.mode == RunMode.MULTIRUN:
+        if not multirun:
+            sys.exit(2)
+        if not searching:
             raise  # one job's bad value fails that job; Hydra runs the others and reports it at the end
-        sys.exit(2)
     except OSError as err:  # a full disk or a folder that became unwritable mid-run: one line, not a traceback
         print(f"error: cannot write {written_file(err)}: {err.strerror or err}", file=sys.stderr)
-        if hydra_cfg.mode == RunMode.MULTIRUN:
+        if not multirun:
+            sys.exit(1)
+        if not searching:
             raise
-        sys.exit(1)
     except Interrupted as stop:
         sys.exit(143 if str(stop) == "SIGTERM" else 130)
     except KeyboardInterrupt:
         sys.exit(130)
-    return summary.best_val_acc  # what a sweeper (Optuna, ...) optimises: the validation set, never the test set
+    except Exception as err:
+        if not searching:
+            raise
+        print(f"error: the trial crashed ({type(err).__name__}: {err}); it scores the worst value", file=sys.stderr)
+    return optimized_value(summary, cfg.get("optimized_metric", "val/acc_best"))
 
 
 if __name__ == "__main__":

@@ -97,9 +97,10 @@ def test_defaults_are_the_notebook_baseline() -> None:
 
 
 @pytest.mark.parametrize("override, key", [
-    ("+foo=1", "foo"), ("+trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val"),
+    ("+foo=1", "foo"), ("+trainer.gradient_clipping=1.0", "trainer.gradient_clipping"),
     ("+trainer.foo=1", "trainer.foo"), ("+optimizer.foo=1", "optimizer.foo"), ("+model.depth=3", "model.depth"),
-    ("+data.shuffle=false", "data.shuffle"), ("+early_stopping.foo=1", "early_stopping.foo"),
+    ("+data.shuffle=false", "data.shuffle"), ("callbacks=early_stopping +callbacks.early_stopping.foo=1", "callbacks.early_stopping.foo"),
+    ("+curvature.foo=1", "curvature.foo"), ("logger=csv +logger.csv.foo=1", "logger.csv.foo"),
     ("scheduler=step +scheduler.foo=1", "scheduler.foo"), ("optimizer=adam +optimizer.momentum=0.9", "optimizer.momentum"),
 ])
 def test_unknown_keys_are_refused(override: str, key: str) -> None:

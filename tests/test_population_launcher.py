@@ -57,7 +57,8 @@ def test_members_may_differ_in_member_wise_settings_only() -> None:
 
 @pytest.mark.parametrize("overrides, reason", [
     (["model.dropout=0.5"], "dropout"), (["scheduler=cosine"], "scheduler"),
-    (["optimizer.grad_noise_std=0.01"], "grad_noise_std"), (["early_stopping.enabled=true"], "early stopping"),
+    (["optimizer.grad_noise_std=0.01"], "grad_noise_std"), (["callbacks=early_stopping"], "early_stopping"),
+    (["logger=csv"], "logger"), (["trainer.gradient_clip_val=1.0"], "trainer.gradient_clip_val=1.0"),
     (["test_ckpt=best"], "test_ckpt=best"), (["optimizer.impl=torch"], "optimizer.impl=torch"),
     (["trainer.precision=bf16-mixed"], "precision"), (["trainer.limit_train_batches=2"], "limit_train_batches"),
 ])

@@ -81,8 +81,8 @@ def test_cnn_single_run(tmp_path: Path) -> None:
 def test_testing_the_best_checkpoint_keeps_the_whole_record(tmp_path: Path) -> None:
     # Early stopping on the highest val/loss (perverse on purpose, to be deterministic): epoch 1 is
     # the best, epoch 2 is worse, patience 1 stops the run there; the test uses epoch 1's weights.
-    cfg = compose_config(*FAST, "epochs=4", "lr=0.1", "early_stopping.enabled=true", "early_stopping.monitor=val/loss",
-                         "early_stopping.mode=max", "early_stopping.patience=1", "test_ckpt=best")
+    cfg = compose_config(*FAST, "epochs=4", "lr=0.1", "callbacks=early_stopping", "callbacks.model_checkpoint.monitor=val/loss",
+                         "callbacks.model_checkpoint.mode=max", "callbacks.early_stopping.patience=1", "test_ckpt=best")
     summary = run(cfg, tmp_path)
     assert summary.tested_checkpoint == "best"
     assert [row["epoch"] for row in summary.epochs] == [1, 2]  # not just the best epoch's record
@@ -173,7 +173,20 @@ def test_grad_noise_is_refused_with_torch_impl(tmp_path: Path) -> None:
     ("trainer.precision=8", "trainer.precision"), ("trainer.accelerator=tpu9", "trainer.accelerator"),
     ("+regimes.fit_accuracy=0.5", "regimes"), ("resume=/no/such/run", "resume"),
     ("test_ckpt=first", "test_ckpt"), ("seed=-1", "seed"), ("seed=4294967296", "seed"), ("+foo=1", "foo"),
-    ("+trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val"), ("trainer.devices=2", "trainer.devices"),
+    ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val"), ("trainer.devices=2", "trainer.devices"),
+    ("trainer.gradient_clip_algorithm=max", "trainer.gradient_clip_algorithm"),
+    ("+trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches"), ("+trainer.max_steps=5", "trainer.max_steps"),
+    ("+trainer.check_val_every_n_epoch=2", "trainer.check_val_every_n_epoch"), ("+trainer.logger=false", "trainer.logger"),
+    ("+trainer.callbacks=[]", "trainer.callbacks"), ("+trainer.enable_checkpointing=false", "trainer.enable_checkpointing"),
+    ("+trainer.default_root_dir=/tmp", "trainer.default_root_dir"), ("trainer.limit_val_batches=0", "trainer.limit_val_batches"),
+    ("trainer.overfit_batches=-1", "trainer.overfit_batches"), ("trainer.profiler=fancy", "trainer.profiler"),
+    ("trainer.max_epochs=0", "trainer.max_epochs"),
+    ("+trainer.foo=1", "trainer.foo"), ("callbacks.model_checkpoint.monitor=train/acc", "callbacks.model_checkpoint.monitor"),
+    ("callbacks=early_stopping callbacks.early_stopping.patience=-1", "callbacks.early_stopping.patience"),
+    ("+callbacks.model_checkpoint.every=2", "callbacks.model_checkpoint.every"), ("callbacks.lr_monitor=3", "callbacks.lr_monitor"),
+    ("callbacks.lr_monitor.logging_interval=hour", "callbacks.lr_monitor"),
+    ("logger=wandb", "logger.wandb"), ("logger=mlflow", "logger.mlflow"), ("optimized_metric=test/acc", "optimized_metric"),
+    ("callbacks=none test_ckpt=best", "test_ckpt"),
     ("model=cnn model.kernel_size=100", "model.kernel_size"), ("trainer.precision=16-mixed", "trainer.precision"),
     ("trainer.accelerator=gpu", "trainer.accelerator"), ("optimizer=adagrad optimizer.lr_decay=-1", "optimizer.lr_decay"),
     ("scheduler=step +scheduler.foo=1", "scheduler.foo"),
@@ -191,6 +204,15 @@ def test_bad_config_values_name_the_key(tmp_path: Path, override: str, key: str)
         run(cfg, tmp_path / "run")
     assert key in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_epochs_and_trainer_max_epochs_are_one_setting(tmp_path: Path) -> None:
+    cfg = compose_config(*FAST, "trainer.max_epochs=1")
+    summary = run(cfg, tmp_path / "given", ["trainer.max_epochs=1"])
+    assert len(summary.epochs) == 1 and summary.config["epochs"] == summary.config["trainer"]["max_epochs"] == 1
+    with pytest.raises(ConfigError, match=r"^trainer.max_epochs: 3 contradicts epochs: 2; they are one setting"):
+        run(compose_config("epochs=2", "trainer.max_epochs=3"), tmp_path / "both", ["epochs=2", "trainer.max_epochs=3"])
+    assert not (tmp_path / "both").exists()
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
 """Build a run's parts from its validated config, once: model, optimizer, scheduler, data module,
-divergence guard, diagnosis thresholds, and the Lightning Trainer.
+divergence guard, diagnosis thresholds, and the Lightning Trainer with its loggers and callbacks.
 
 The constructors check their own arguments; :func:`build_parts` turns their errors into one-line
 :class:`~optimlab.validate.ConfigError` messages naming the config key.
@@ -18,17 +18,18 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import get_class, instantiate
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from optimlab.checkpointing import CHECKPOINT_DIR, LAST, AtomicCheckpointIO
-from optimlab.console import EpochBar
 from optimlab.data import MNISTDataModule
 from optimlab.divergence import DivergenceGuard
 from optimlab.module import ClassifierModule
 from optimlab.regimes import Thresholds
-from optimlab.validate import ConfigError
+from optimlab.validate import OWN_TRAINER_KEYS, ConfigError
+
+CLIPPING = ("gradient_clip_val", "gradient_clip_algorithm")  # trainer keys the module applies (manual optimization)
 
 
 @dataclass
@@ -98,31 +99,56 @@ def build_parts(cfg: DictConfig) -> Parts:
     with config_errors("data", cfg.data):
         datamodule = instantiate(cfg.data)
     guard = DivergenceGuard(cfg.trainer.check_finite_every_n_steps)
-    module = ClassifierModule(model, optimizer, scheduler, guard, check_weights_every_n_steps=cfg.trainer.log_every_n_steps)
+    clipping = {key: cfg.trainer.get(key) for key in CLIPPING}
+    module = ClassifierModule(model, optimizer, scheduler, guard, check_weights_every_n_steps=cfg.trainer.log_every_n_steps,
+                              **clipping)
     thresholds = Thresholds.from_overrides(OmegaConf.to_container(cfg.regimes) if cfg.get("regimes") else {})
     return Parts(module, datamodule, thresholds)
 
 
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
+    """One logger per ``logger`` entry, each writing under ``<run dir>/<entry name>`` unless its
+    ``save_dir`` is set."""
+    loggers = []
+    for name, entry in (cfg.get("logger") or {}).items():
+        if entry:
+            with config_errors(f"logger.{name}", entry):
+                loggers.append(instantiate(entry, **({} if entry.get("save_dir") else {"save_dir": str(run_dir / name)})))
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path, loggers: list[Logger]) -> list[L.Callback]:
+    """The ``callbacks`` entries; a ModelCheckpoint writes into ``<run dir>/checkpoints`` unless its
+    ``dirpath`` is set. A progress bar is kept only on a terminal with ``trainer.progress_bar``, a
+    learning-rate monitor only with a logger (it has nowhere else to write)."""
+    show_bar = cfg.trainer.progress_bar and sys.stderr.isatty()
+    callbacks = []
+    for name, entry in (cfg.get("callbacks") or {}).items():
+        if not entry:
+            continue
+        with config_errors(f"callbacks.{name}", entry):
+            callback = instantiate(entry)
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+            callback.dirpath = str(run_dir / CHECKPOINT_DIR)
+        if (isinstance(callback, ProgressBar) and not show_bar) or (isinstance(callback, LearningRateMonitor)
+                                                                     and not loggers):
+            continue
+        callbacks.append(callback)
+    return callbacks
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
-    """The Lightning Trainer with ``callbacks`` first, then the two checkpoints: the best by
-    ``early_stopping.monitor`` and every finished epoch (ModelCheckpoint's own ``save_last`` only
-    writes when the monitored value improved, which would leave "last" behind)."""
-    t, es = cfg.trainer, cfg.early_stopping
-    checkpoints = [ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename=name, monitor=monitor, mode=es.mode,
-                                   save_top_k=1, save_on_train_epoch_end=True, auto_insert_metric_name=False,
-                                   enable_version_counter=False)
-                   for name, monitor in (("best", es.monitor), (LAST.removesuffix(".ckpt"), None))]
-    callbacks = [*callbacks, *checkpoints]
-    if es.enabled:
-        callbacks.append(EarlyStopping(monitor=es.monitor, mode=es.mode, patience=es.patience, min_delta=es.min_delta))
-    show_bar = t.progress_bar and sys.stderr.isatty()
-    if show_bar:
-        callbacks.append(EpochBar(refresh_rate=20))
-    return L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, precision=t.precision, deterministic=t.deterministic,
-        max_epochs=cfg.epochs, log_every_n_steps=t.log_every_n_steps, fast_dev_run=t.fast_dev_run,
-        limit_train_batches=t.limit_train_batches, num_sanity_val_steps=0, enable_model_summary=False,
-        enable_progress_bar=show_bar, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
-        logger=TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False),
-        default_root_dir=str(run_dir),
-    )
+    """``lightning.Trainer`` from ``cfg.trainer`` (less optimlab's own keys and gradient clipping,
+    which the module applies itself), with the run's ``callbacks`` first, then the configured ones,
+    then checkpoints/last.ckpt after every finished epoch (ModelCheckpoint's own ``save_last``
+    only writes when the monitored value improved, which would leave "last" behind)."""
+    args = {key: value for key, value in OmegaConf.to_container(cfg.trainer, resolve=True).items()
+            if key not in (*OWN_TRAINER_KEYS, *CLIPPING)}
+    loggers = build_loggers(cfg, run_dir)
+    last = ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename=LAST.removesuffix(".ckpt"), save_top_k=1,
+                           save_on_train_epoch_end=True, enable_version_counter=False)
+    callbacks = [*callbacks, *build_callbacks(cfg, run_dir, loggers), last]
+    with config_errors("trainer", cfg.trainer):
+        return instantiate(args, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
+                           enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
+                           num_sanity_val_steps=0, default_root_dir=str(run_dir))

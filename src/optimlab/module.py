@@ -33,16 +33,20 @@ class ClassifierModule(L.LightningModule):
         guard: the divergence guard (its cadence: see :class:`~optimlab.divergence.DivergenceGuard`).
         check_weights_every_n_steps: cadence of the check that the updated weights are finite (a
             host sync); a finite gradient can still overflow the weights.
+        gradient_clip_val, gradient_clip_algorithm: clip each step's gradients (Lightning's
+            ``clip_gradients``: by total norm, or ``"value"``), after the non-finite check.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None,
                  guard: DivergenceGuard | None = None, check_weights_every_n_steps: int = 50,
-                 num_classes: int = 10) -> None:
+                 num_classes: int = 10, gradient_clip_val: float | None = None,
+                 gradient_clip_algorithm: str | None = None) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.guard = guard or DivergenceGuard()
         self.check_weights_every = check_weights_every_n_steps
+        self.clip_val, self.clip_algorithm = gradient_clip_val, gradient_clip_algorithm
         # "_" suffix: ModuleDict keys may not shadow nn.Module attributes.
         self.eval_loss = nn.ModuleDict({f"{s}_": MeanMetric(nan_strategy="disable") for s in EVAL_STAGES})
         self.eval_acc = nn.ModuleDict({
@@ -80,6 +84,8 @@ class ClassifierModule(L.LightningModule):
         if self.guard.check(check, step, now=last):
             self.trainer.should_stop = True
             return None  # the bad update is never applied
+        if self.clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self.clip_val, gradient_clip_algorithm=self.clip_algorithm)
         optimizer.step()
         if (step % self.check_weights_every == 0 or last) and not torch.isfinite(total_norm(list(self.parameters()))):
             self.guard.record(step + 1, WEIGHTS)

@@ -18,6 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
@@ -124,13 +125,14 @@ class RunRecord(Checkpoint):
             self.first_step_s = time.perf_counter() - self._step_start
         if step == 0:
             self._initial_loss = float(outputs["loss"])  # the yardstick for loss spikes (regimes.py)
-        if step % self.log_every == 0 and trainer.logger is not None:
+        if step % self.log_every == 0 and trainer.loggers:
             params = [p for p in pl_module.parameters() if p.grad is not None]
             values = torch.stack([outputs["loss"].double(), total_norm([p.grad for p in params]),
                                   total_norm(params)]).tolist()
             lr = trainer.optimizers[0].param_groups[0]["lr"]
-            trainer.logger.log_metrics({"train/loss_step": values[0], "train/grad_norm": values[1],
-                                        "train/weight_norm": values[2], "train/lr": float(lr)}, step=step)
+            for logger in trainer.loggers:
+                logger.log_metrics({"train/loss_step": values[0], "train/grad_norm": values[1],
+                                    "train/weight_norm": values[2], "train/lr": float(lr)}, step=step)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING:  # validation inside fit: the epoch's training ends here
@@ -157,9 +159,8 @@ class RunRecord(Checkpoint):
                            threshold_last=epoch["threshold_last"],
                            sharpness_crossed_at_step=epoch["first_crossing_step"])
         self.history.append(row)
-        if trainer.logger is not None:
-            trainer.logger.log_metrics({"train/loss": row["train_loss"], "train/acc": row["train_acc"]},
-                                       step=trainer.global_step)
+        for logger in trainer.loggers:
+            logger.log_metrics({"train/loss": row["train_loss"], "train/acc": row["train_acc"]}, step=trainer.global_step)
         log.info(self.epoch_line(row, trainer.max_epochs))
         self.write("running", trainer)
 
@@ -213,9 +214,9 @@ class RunRecord(Checkpoint):
         return summary
 
 
-def log_result(logger: Any, summary: RunSummary) -> None:
-    """TensorBoard's HPARAMS tab: the run's description and knobs against its final metrics; the
-    regime and its evidence as text."""
+def log_result(loggers: list[Logger], summary: RunSummary) -> None:
+    """Each logger's hyperparameters (TensorBoard's HPARAMS tab): the run's description and knobs
+    against its final metrics; in TensorBoard also the regime and its evidence as text."""
     config, run = summary.config, summary.run
     data = config.get("data") or {}
     params = {"name": run.name, "model": run.model, "optimizer": run.optimizer, "lr": run.lr, "widths": run.widths,
@@ -224,8 +225,13 @@ def log_result(logger: Any, summary: RunSummary) -> None:
     metrics = {"hp/test_acc": summary.test_acc, "hp/test_loss": summary.test_loss,
                "hp/best_val_acc": summary.best_val_acc, "hp/stopped_non_finite": float(summary.diverged),
                "hp/steps_per_s": summary.steps_per_s}
-    logger.log_hyperparams(params, {k: (math.nan if v is None else float(v)) for k, v in metrics.items()})
-    logger.experiment.add_text("regime", f"**{summary.regime}**\n\n" + "\n\n".join(summary.regime_evidence))
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):  # the HPARAMS table needs a value in every column
+            logger.log_hyperparams(params, {k: (math.nan if v is None else float(v)) for k, v in metrics.items()})
+            logger.experiment.add_text("regime", f"**{summary.regime}**\n\n" + "\n\n".join(summary.regime_evidence))
+        else:
+            logger.log_hyperparams(params)
+            logger.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=summary.steps)
 
 
 def result_line(s: RunSummary) -> str:

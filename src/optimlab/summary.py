@@ -20,6 +20,10 @@ from optimlab.files import atomic_write
 SUMMARY = "summary.json"
 FINISHED = ("complete", "diverged")  # trained (all epochs, stopped early or diverged) and tested
 STATUSES = ("running", *FINISHED, "interrupted", "crashed")
+# What a run returns to a sweeper (``optimized_metric``): validation only, never the test set,
+# and whether larger is better.
+OPTIMIZED_METRICS = {"val/acc_best": "maximize", "val/acc": "maximize", "val/loss_best": "minimize",
+                     "val/loss": "minimize"}
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,24 @@ class RunSummary:
         """Read a summary, ignoring keys this version does not know (older or newer files)."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def optimized_value(summary: RunSummary | None, metric: str) -> float:
+    """``metric`` of a run (see :data:`OPTIMIZED_METRICS`): its best or last validation accuracy or
+    loss. A run diagnosed ``diverging`` (stopped on a non-finite value or blown up), a crashed run
+    and one without the value score the metric's worst value (0 for an accuracy, infinity for a
+    loss), so a search learns to avoid it instead of stopping."""
+    maximize = OPTIMIZED_METRICS[metric] == "maximize"
+    worst = 0.0 if maximize else math.inf
+    if summary is None or summary.status not in FINISHED or summary.diverged or summary.regime == "diverging":
+        return worst
+    kind = "val_acc" if metric.startswith("val/acc") else "val_loss"
+    values = [row[kind] for row in summary.epochs if math.isfinite(row.get(kind, math.nan))]
+    if not values:
+        return worst
+    if metric.endswith("_best"):
+        return max(values) if maximize else min(values)
+    return values[-1]
 
 
 def _jsonable(value: Any) -> Any:

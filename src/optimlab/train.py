@@ -27,7 +27,7 @@ from optimlab.files import remove_stale_temporaries
 from optimlab.hydra_job import save_job_record
 from optimlab.record import RunRecord, device_name, log_result, result_line
 from optimlab.summary import SUMMARY, RunSummary, is_complete, read_summary
-from optimlab.validate import ConfigError, validate_config
+from optimlab.validate import RULES, ConfigError, validate_config
 
 # Lightning's start-up banners (GPU available, tips) drown the run's own lines.
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -59,12 +59,31 @@ class StopOnSignal(L.Callback):
 
 
 # What a resumed run takes from the command line; everything else comes from its own saved config.
-RESUME_OVERRIDES = ("resume", "epochs", "trainer.progress_bar", "trainer.num_threads", "data.root")
+RESUME_OVERRIDES = ("resume", "epochs", "trainer.max_epochs", "trainer.progress_bar", "trainer.num_threads",
+                    "data.root")
+
+
+def _sync_epochs(cfg: DictConfig, keys: list[str]) -> None:
+    """``epochs`` and ``trainer.max_epochs`` are one setting: the one given on the command line sets
+    both (a config composed without overrides has them equal through the interpolation)."""
+    if "trainer" not in cfg:
+        return
+    given = {key: OmegaConf.select(cfg, key) for key in ("epochs", "trainer.max_epochs") if key in keys}
+    if len(set(given.values())) > 1:
+        raise ConfigError(f"trainer.max_epochs: {given['trainer.max_epochs']!r} contradicts epochs: "
+                          f"{given['epochs']!r}; they are one setting, give one of them")
+    epochs = given.get("trainer.max_epochs", cfg.epochs if "epochs" in given else cfg.trainer.get("max_epochs", cfg.epochs))
+    if not all(RULES[key][0](OmegaConf.select(cfg, key, default=1)) for key in ("epochs", "trainer.max_epochs")):
+        return  # validation names the bad key and value as given
+    with open_dict(cfg):
+        cfg.epochs = cfg.trainer.max_epochs = epochs
 
 
 def _plan(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictConfig, Path, Path | None, RunSummary | None]:
     """(config to run, run dir, checkpoint to resume from, the run's summary so far) for a new run,
     ``resume=auto`` or ``resume=<run dir or ckpt>``; refuses to overwrite a run."""
+    if not cfg.resume or cfg.resume == "auto":
+        _sync_epochs(cfg, [o.lstrip("+~").split("=", 1)[0] for o in overrides])
     if cfg.resume == "auto":
         return cfg, run_dir, last_checkpoint(run_dir), read_summary(run_dir)
     if cfg.resume:
@@ -88,6 +107,7 @@ def _plan(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictCon
             resumed.resume = str(cfg.resume)
             for key in set(keys) & set(RESUME_OVERRIDES[1:]):  # e.g. a finished run extended by epochs=N
                 OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), force_add=True)
+        _sync_epochs(resumed, keys)
         return resumed, run_dir, ckpt, saved
     if holds_a_run(run_dir):
         raise ConfigError(f"{run_dir} already holds a run; pass resume=auto to skip or continue it, "
@@ -149,14 +169,16 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
         status = "diverged" if module.guard.diverged else "complete"
-        # the first ModelCheckpoint keeps the best epoch by early_stopping.monitor
-        best = next(c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)).best_model_path
+        # callbacks.model_checkpoint keeps the best epoch by its monitor (last.ckpt has none)
+        best = next((c.best_model_path for c in trainer.checkpoint_callbacks
+                     if isinstance(c, ModelCheckpoint) and c.monitor), "")
         use_best = cfg.test_ckpt == "best" and bool(best)
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best if use_best else None, verbose=False)
         if stopper.requested:  # Lightning's graceful shutdown ends trainer.test without raising
             raise KeyboardInterrupt(stopper.requested)
     except (SystemExit, KeyboardInterrupt):  # Lightning exits after its graceful shutdown
-        trainer.logger.finalize("interrupted")
+        for logger in trainer.loggers:
+            logger.finalize("interrupted")
         record.write("interrupted", trainer)
         print(f"interrupted after {len(record.history)} finished epoch(s); {run_dir} holds the last "
               f"checkpoint and summary; continue with resume={run_dir}", file=sys.stderr)
@@ -171,7 +193,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
     test = results[0] if results else {}
     summary = record.write(status, trainer, test_loss=test.get("test/loss"), test_acc=test.get("test/acc"),
                            tested_checkpoint="best" if use_best else "last")
-    log_result(trainer.logger, summary)
-    trainer.logger.finalize("success")
+    log_result(trainer.loggers, summary)
+    for logger in trainer.loggers:
+        logger.finalize("success")
     log.info(result_line(summary))
     return summary

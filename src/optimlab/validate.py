@@ -1,8 +1,8 @@
 """Check a composed config once, before any work: unknown keys, and the values of the keys that
 no constructor checks. One line naming the key, the value and what is allowed.
 
-The keys of the instantiated groups (``model``, ``optimizer``, ``data``, ``scheduler``) are the
-parameters of their ``_target_``'s constructor; their values are checked by those constructors
+The keys of the instantiated groups (``model``, ``optimizer``, ``data``, ``scheduler``, ``trainer``,
+and each entry of ``callbacks`` and ``logger``) are the parameters of their ``_target_``'s constructor; their values are checked by those constructors
 when :mod:`optimlab.build` builds them (the single source for those rules), except where a
 constructor checks nothing (torch's LR schedulers, the data module, which reads nothing before
 setup): those values have rules in :data:`RULES`, as has every key outside these groups.
@@ -10,6 +10,7 @@ setup): those values have rules in :data:`RULES`, as has every key outside these
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from optimlab.regimes import Thresholds, finite_number
+from optimlab.summary import OPTIMIZED_METRICS
 
 Rule = tuple[Callable[[Any], bool], str]
 
@@ -51,20 +53,42 @@ def optional(rule: Rule) -> Rule:
     return (lambda v: v is None or rule[0](v), f"null or {rule[1]}")
 
 
+def limit(low: int) -> Rule:
+    """Lightning's batch limits: an integer count, or a fraction of the split."""
+    return (lambda v: v is None or (_integer(v) and v >= low) or (isinstance(v, float) and 0 <= v <= 1),
+            f"null, an integer >= {low} or a fraction in [0, 1]")
+
+
+MONITORED = one_of("val/loss", "val/acc")
+LOGGER_PACKAGES = {"WandbLogger": "wandb", "MLFlowLogger": "mlflow"}  # loggers whose package is optional
+ONE_DEVICE = "the in-memory batches are not sharded per rank; run jobs in parallel with a sweep instead"
+
 # Every key outside the instantiated groups, with its rule; a key not listed is unknown.
 RULES: dict[str, Rule] = {
     "name": TEXT, "lr": POSITIVE, "epochs": INT_POSITIVE, "batch_size": INT_POSITIVE, "seed": SEED,
     "resume": optional((lambda v: isinstance(v, str), "a run directory, a .ckpt file or 'auto'")),
-    "test_ckpt": one_of("last", "best"),
-    "early_stopping.enabled": BOOL, "early_stopping.patience": INT_NON_NEGATIVE,
-    "early_stopping.min_delta": NON_NEGATIVE, "early_stopping.mode": one_of("min", "max"),
-    "early_stopping.monitor": one_of("val/loss", "val/acc"),
+    "test_ckpt": one_of("last", "best"), "optimized_metric": one_of(*OPTIMIZED_METRICS),
+    # Lightning's Trainer checks most of its own arguments when it is built; these it checks late
+    # (mid-run) or not at all, or optimlab cannot honour other values.
     "trainer.accelerator": one_of("auto", "cpu", "gpu", "cuda", "mps"), "trainer.devices": one_of(1),
+    "trainer.num_nodes": one_of(1), "trainer.strategy": one_of("auto"),
     "trainer.precision": one_of("32-true", "64-true", "16-mixed", "bf16-mixed", "32", "64"),
-    "trainer.deterministic": BOOL, "trainer.log_every_n_steps": INT_POSITIVE,
+    "trainer.deterministic": BOOL, "trainer.log_every_n_steps": INT_POSITIVE, "trainer.max_epochs": INT_POSITIVE,
+    "trainer.gradient_clip_val": optional(NON_NEGATIVE), "trainer.gradient_clip_algorithm": optional(one_of("norm", "value")),
+    "trainer.accumulate_grad_batches": one_of(1), "trainer.check_val_every_n_epoch": one_of(1),
+    "trainer.val_check_interval": optional(one_of(1.0)), "trainer.barebones": one_of(False),
+    "trainer.max_steps": one_of(-1, None), "trainer.max_time": one_of(None),
+    "trainer.limit_train_batches": limit(1), "trainer.limit_val_batches": limit(1),
+    "trainer.limit_test_batches": limit(1), "trainer.overfit_batches": limit(0),
+    "trainer.fast_dev_run": BOOL, "trainer.profiler": optional(one_of("simple", "advanced", "pytorch")),
+    "trainer.detect_anomaly": BOOL,
+    # optimlab's own trainer keys (OWN_TRAINER_KEYS)
     "trainer.check_finite_every_n_steps": optional(INT_POSITIVE), "trainer.progress_bar": BOOL,
     "trainer.num_threads": optional(INT_POSITIVE), "trainer.flush_denormal": BOOL, "trainer.compile": BOOL,
-    "trainer.limit_train_batches": optional(INT_POSITIVE), "trainer.fast_dev_run": BOOL,
+    # Lightning checks these only when the first validation ends.
+    "callbacks.model_checkpoint.monitor": MONITORED, "callbacks.model_checkpoint.mode": one_of("min", "max"),
+    "callbacks.early_stopping.monitor": MONITORED, "callbacks.early_stopping.mode": one_of("min", "max"),
+    "callbacks.early_stopping.patience": INT_NON_NEGATIVE, "callbacks.early_stopping.min_delta": NON_NEGATIVE,
     # The data module's own arguments: it reads nothing until setup, so they are checked here.
     "data.val_size": INT_POSITIVE, "data.subset": optional(INT_POSITIVE), "data.label_noise": UNIT_CLOSED,
     "data.batch_size": INT_POSITIVE, "data.eval_batch_size": INT_POSITIVE, "data.download": BOOL,
@@ -77,10 +101,28 @@ RULES: dict[str, Rule] = {
     "curvature.iters": INT_POSITIVE, "curvature.tol": POSITIVE, "curvature.log_spaced_start": BOOL,
 }
 # Why a value is refused although the rule's type fits: the message's second half.
-WHY = {"trainer.devices": "the in-memory batches are not sharded per rank; run jobs in parallel with a sweep instead"}
+WHY = {"trainer.devices": ONE_DEVICE, "trainer.num_nodes": ONE_DEVICE, "trainer.strategy": ONE_DEVICE,
+       "trainer.accumulate_grad_batches": "optimlab steps once per batch, after its non-finite check; "
+                                          "raise batch_size instead",
+       "trainer.check_val_every_n_epoch": "the run record and the diagnosis need a validation point per epoch",
+       "trainer.val_check_interval": "the run record and the diagnosis need one validation point per epoch",
+       "trainer.barebones": "the run record is a callback",
+       "trainer.max_steps": "a run stops after whole epochs, which the diagnosis judges; "
+                            "use epochs or trainer.limit_train_batches",
+       "trainer.max_time": "a run stops after whole epochs, which the diagnosis judges; use epochs"}
+# Trainer arguments optimlab sets itself, and where a user sets what they control.
+TRAINER_SET_BY_OPTIMLAB = {
+    "logger": "choose logger=<name> (conf/logger/)", "callbacks": "choose callbacks=<name> (conf/callbacks/)",
+    "enable_checkpointing": "checkpoints/last.ckpt is always written (resume needs it); "
+                            "callbacks.model_checkpoint is best.ckpt",
+    "enable_progress_bar": "use trainer.progress_bar", "default_root_dir": "use hydra.run.dir",
+    "plugins": "optimlab writes checkpoints with its own atomic writer",
+    "num_sanity_val_steps": "optimlab validates after every epoch and never before training"}
+OWN_TRAINER_KEYS = ("check_finite_every_n_steps", "progress_bar", "num_threads", "flush_denormal", "compile")
 BUILT = ("model", "optimizer", "data", "scheduler")   # groups instantiated from their _target_
-GROUPS = ("early_stopping", "trainer", "regimes", "curvature", *BUILT)
-EXTRA_KEYS = {"optimizer": {"impl"}}                  # ours, removed before the constructor is called
+COLLECTIONS = ("callbacks", "logger")                 # groups of named entries, each instantiated
+GROUPS = ("trainer", "regimes", "curvature", *BUILT, *COLLECTIONS)
+EXTRA_KEYS = {"optimizer": {"impl"}, "trainer": set(OWN_TRAINER_KEYS)}  # ours, removed before the constructor
 
 
 def constructor_keys(section: str, target: str) -> set[str]:
@@ -97,23 +139,39 @@ def constructor_keys(section: str, target: str) -> set[str]:
         | EXTRA_KEYS.get(section, set())
 
 
+def _target_keys(section: str, node: DictConfig) -> list[str]:
+    """The keys of an instantiated ``section`` that its ``_target_`` does not take."""
+    if "_target_" not in node:
+        raise ConfigError(f"{section}._target_: missing; choose one of conf/{section.split('.')[0]}/")
+    allowed = constructor_keys(section, str(node._target_))
+    return [f"{section}.{key}" for key in node if key not in allowed]
+
+
 def unknown_keys(cfg: DictConfig) -> list[str]:
     """Keys of ``cfg`` that nothing reads (dotted)."""
     top = {key.split(".")[0] for key in RULES} | set(GROUPS)
     unknown = [str(key) for key in cfg if key not in top]
     for section in GROUPS:
         node = cfg.get(section)
-        if not isinstance(node, DictConfig) or section == "regimes":
-            continue
-        if section in BUILT:
-            if not node:  # an empty group: scheduler=none
-                continue
-            if "_target_" not in node:
-                raise ConfigError(f"{section}._target_: missing; choose one of conf/{section}/")
-            allowed = constructor_keys(section, str(node._target_))
+        if not isinstance(node, DictConfig) or section == "regimes" or (section in BUILT and not node):
+            continue  # an empty group (scheduler=none) has nothing to check
+        if section == "trainer":
+            for key in node:
+                if key in TRAINER_SET_BY_OPTIMLAB:
+                    raise ConfigError(f"trainer.{key}: set by optimlab; {TRAINER_SET_BY_OPTIMLAB[key]}")
+            unknown += _target_keys(section, node)
+        elif section in BUILT:
+            unknown += _target_keys(section, node)
+        elif section in COLLECTIONS:
+            for name, entry in node.items():
+                if entry is not None:  # callbacks.lr_monitor=null drops one entry
+                    if not isinstance(entry, DictConfig):
+                        raise ConfigError(f"{section}.{name}: {entry!r} is not allowed; expected an entry with a "
+                                          f"_target_ (see conf/{section}/) or null")
+                    unknown += _target_keys(f"{section}.{name}", entry)
         else:
             allowed = {key.split(".", 1)[1] for key in RULES if key.startswith(section + ".")}
-        unknown += [f"{section}.{key}" for key in node if key not in allowed]
+            unknown += [f"{section}.{key}" for key in node if key not in allowed]
     return unknown
 
 
@@ -147,6 +205,14 @@ def validate_config(cfg: DictConfig) -> None:
         Thresholds.from_overrides(OmegaConf.to_container(cfg.regimes) if cfg.get("regimes") else {})
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
+    if cfg.test_ckpt == "best" and not (cfg.get("callbacks") or {}).get("model_checkpoint"):
+        raise ConfigError("test_ckpt: 'best' needs callbacks.model_checkpoint, which chooses the best epoch; "
+                          "use test_ckpt=last or callbacks=default")
+    for name, entry in (cfg.get("logger") or {}).items():
+        package = LOGGER_PACKAGES.get(str(entry.get("_target_")).rsplit(".", 1)[-1]) if entry else None
+        if package and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"logger.{name}: needs the {package} package, which is not installed "
+                              f"(pip install {package}); or choose logger=tensorboard, csv, many or none")
     _check_hardware(cfg.trainer.accelerator, cfg.trainer.precision)
     resume = cfg.get("resume")
     if resume not in (None, "auto") and not Path(str(resume)).exists():

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import logging
 import math
 import os
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
@@ -54,7 +56,8 @@ from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimi
 from optimlab.population.records import PopulationRun, member_summary, write_member
 from optimlab.population.stacked import StackedCNN, StackedMLP, StackedModel, build_member
 from optimlab.record import device_name, result_line, versions
-from optimlab.summary import FINISHED, SUMMARY, RunSummary, config_key, describe_run, is_complete, write_summary
+from optimlab.summary import (FINISHED, SUMMARY, RunSummary, config_key, describe_run, is_complete, optimized_value,
+                              write_summary)
 from optimlab.validate import ConfigError, validate_config
 
 log = logging.getLogger(__name__)
@@ -65,8 +68,14 @@ DTYPES = {"32-true": torch.float32, "32": torch.float32, "64-true": torch.float6
 # that do not change what a population computes (its reporting, or options it refuses anyway).
 MEMBER_WISE = ("name", "lr", "seed", "resume", "regimes", "optimizer.lr", "optimizer.weight_decay", "data.seed",
                "data.label_noise", "model.init", "model.init_std", "trainer.progress_bar",
-               "trainer.log_every_n_steps", "trainer.check_finite_every_n_steps", "early_stopping", "curvature",
-               "test_ckpt")
+               "trainer.log_every_n_steps", "trainer.check_finite_every_n_steps", "curvature", "test_ckpt",
+               "optimized_metric", "callbacks.progress_bar")
+# What a population does itself, the way a single run's defaults do: its trainer keys, callbacks and logger.
+POPULATION_TRAINER = ("_target_", "accelerator", "devices", "precision", "deterministic", "max_epochs",
+                      "log_every_n_steps", "check_finite_every_n_steps", "progress_bar", "num_threads",
+                      "flush_denormal", "compile", "limit_train_batches", "fast_dev_run", "enable_model_summary")
+POPULATION_CALLBACKS = ("model_checkpoint", "lr_monitor", "progress_bar")
+TRAINER_DEFAULTS = {name: p.default for name, p in inspect.signature(L.Trainer).parameters.items()}
 
 
 class PopulationCrashed(Exception):
@@ -159,13 +168,20 @@ def population_device(accelerator: str) -> torch.device | None:
 def why_alone(cfg: DictConfig) -> str | None:
     """Why the population loop cannot reproduce this (valid) job's run, or None when it can."""
     t, optimizer = cfg.trainer, cfg.optimizer
+    extra_callbacks = {name for name, entry in (cfg.get("callbacks") or {}).items() if entry} - set(POPULATION_CALLBACKS)
+    loggers = {name for name, entry in (cfg.get("logger") or {}).items() if entry}
+    trainer_args = {f"trainer.{key}={value}" for key, value in t.items()
+                    if key not in POPULATION_TRAINER and value != TRAINER_DEFAULTS.get(key)}
     reasons = {
+        ", ".join(sorted(trainer_args)): bool(trainer_args),
         f"model {cfg.model.get('_target_')} cannot be stacked": cfg.model.get("_target_") not in STACKED,
         "model.dropout > 0": (cfg.model.get("dropout") or 0) > 0,
         "optimizer.impl=torch (member-wise groups are optimlab.optim's)": optimizer.get("impl") == "torch",
         "optimizer.grad_noise_std > 0": (optimizer.get("grad_noise_std") or 0) > 0,
         "a learning-rate scheduler": bool(cfg.get("scheduler")),
-        "early stopping": bool(cfg.early_stopping.enabled),
+        "callbacks other than the defaults (" + ", ".join(sorted(extra_callbacks)) + ")": bool(extra_callbacks),
+        "a logger other than TensorBoard": set(loggers) != {"tensorboard"},
+        "trainer.max_epochs given apart from epochs": t.get("max_epochs", cfg.epochs) != cfg.epochs,
         "test_ckpt=best": cfg.test_ckpt == "best",
         "sharpness tracking (curvature.every_n_steps)": bool((cfg.get("curvature") or {}).get("every_n_steps")),
         f"trainer.precision={t.precision}": str(t.precision) not in DTYPES,
@@ -433,14 +449,14 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
 
 def finish_member(job: Job, summary: RunSummary) -> TaskFunction:
     """The task of a member's Hydra job: its summary and TensorBoard events written, its result
-    printed; returns its best validation accuracy as ``train.py``'s task does, or fails with the population's error."""
+    printed; returns its ``optimized_metric`` as ``train.py``'s task does, or fails with the population's error."""
     def task(cfg: DictConfig) -> float | None:
         save_job_record(job.run_dir, cfg)
         write_member(job.run_dir, summary)
         if summary.status == "crashed":
             raise PopulationCrashed(f"{summary.population['name']} crashed: {summary.error}")
         print(result_line(summary))
-        return summary.best_val_acc
+        return optimized_value(summary, cfg.get("optimized_metric", "val/acc_best"))
 
     return task
 

@@ -85,7 +85,7 @@ def write_tensorboard(run_dir: Path, summary: RunSummary) -> None:
         scalars = {f"{stage}/{kind}": row[f"{stage}_{kind}"] for stage in ("train", "val", "test")
                    for kind in ("loss", "acc") if f"{stage}_{kind}" in row}
         logger.log_metrics(scalars, step=step)
-    log_result(logger, summary)
+    log_result([logger], summary)
     logger.finalize("success")
 
 

@@ -1,0 +1,109 @@
+"""The lightning-hydra-template's config groups, each choice run on a tiny budget: logger,
+callbacks, trainer arguments passed through to lightning.Trainer, debug, and the Optuna search."""
+
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, compose_config
+from optimlab.summary import optimized_value, read_summary
+from optimlab.train import run
+
+TINY = ["data.subset=256", "data.val_size=256", "epochs=2", "trainer.progress_bar=false"]
+
+
+def scalars(run_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    return set(EventAccumulator(str(run_dir / "tensorboard")).Reload().Tags()["scalars"])
+
+
+@pytest.mark.parametrize("logger, folders", [("tensorboard", {"tensorboard"}), ("csv", {"csv"}),
+                                             ("many", {"tensorboard", "csv"}), ("none", set())])
+def test_each_logger_writes_where_it_says(tmp_path: Path, logger: str, folders: set[str]) -> None:
+    run(compose_config(*TINY, f"logger={logger}"), tmp_path)
+    assert {p.name for p in tmp_path.iterdir() if p.is_dir()} - {".hydra", "checkpoints"} == folders
+    if "csv" in folders:
+        rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+        assert [float(r["val/acc"]) for r in rows if r.get("val/acc")] == pytest.approx(
+            [row["val_acc"] for row in read_summary(tmp_path).epochs])
+        assert yaml.safe_load((tmp_path / "csv" / "hparams.yaml").read_text())["optimizer"] == "sgd"
+    if "tensorboard" in folders:
+        assert {"val/acc", "train/loss", "lr-SGD"} <= scalars(tmp_path)  # lr-SGD: callbacks.lr_monitor
+
+
+def test_callbacks_none_keeps_only_what_resume_needs(tmp_path: Path) -> None:
+    summary = run(compose_config(*TINY, "callbacks=none"), tmp_path)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.ckpt"] and summary.status == "complete"
+    assert "lr-SGD" not in scalars(tmp_path)
+
+
+def test_trainer_arguments_pass_through_to_lightning(tmp_path: Path) -> None:
+    # gradient clipping by value bounds every update of plain SGD: |lr * g| <= lr * clip per weight
+    cfg = compose_config(*TINY, "epochs=1", "lr=1.0", "trainer.gradient_clip_val=0.001",
+                         "trainer.gradient_clip_algorithm=value", "trainer.limit_val_batches=1",
+                         "+trainer.min_epochs=1")
+    import torch
+
+    from optimlab.build import build_parts
+    torch.manual_seed(0)
+    parts = build_parts(cfg)
+    before = [p.detach().clone() for p in parts.module.parameters()]
+    summary = run(cfg, tmp_path)
+    after = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    steps = summary.steps
+    for old, new in zip(before, after.values()):
+        assert (new - old).abs().max() <= steps * 1.0 * 0.001 + 1e-6
+    assert summary.config["trainer"]["gradient_clip_val"] == 0.001
+
+
+@pytest.mark.parametrize("debug, epochs", [("fdr", 1), ("limit", 3), ("overfit", 20), ("profiler", 1)])
+def test_debug_configs_run(tmp_path: Path, debug: str, epochs: int) -> None:
+    cfg = compose_config("data.subset=512", "data.val_size=256", "trainer.progress_bar=false", f"debug={debug}")
+    assert cfg.name == "debug" and cfg.trainer.detect_anomaly and cfg.epochs == epochs
+    summary = run(cfg, tmp_path)
+    assert summary.status == "complete" and len(summary.epochs) == epochs
+    if debug == "overfit":  # 3 fixed batches learned by heart
+        assert summary.epochs[-1]["train_loss"] < 0.1 * summary.epochs[0]["train_loss"]
+
+
+def test_optimized_metric_is_validation_only_and_a_failure_scores_the_worst_value(tmp_path: Path) -> None:
+    summary = run(compose_config(*TINY), tmp_path)
+    accs, losses = [r["val_acc"] for r in summary.epochs], [r["val_loss"] for r in summary.epochs]
+    assert optimized_value(summary, "val/acc_best") == max(accs) == summary.best_val_acc
+    assert optimized_value(summary, "val/acc") == accs[-1] and optimized_value(summary, "val/loss") == losses[-1]
+    assert optimized_value(summary, "val/loss_best") == min(losses)
+    assert optimized_value(None, "val/acc_best") == 0.0 and optimized_value(None, "val/loss") == math.inf
+
+
+def sweep(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_an_optuna_search_survives_diverged_and_invalid_trials(tmp_path: Path) -> None:
+    result = sweep("hparams_search=optuna", *TINY, "epochs=1", f"hydra.sweep.dir={tmp_path}",
+                   "hydra.sweeper.n_trials=4", "hydra.sweeper.sampler.n_startup_trials=4",
+                   "hydra.sweeper.params.lr='choice(0.1, 1e6, -1)'", "hydra.sweeper.params.optimizer='choice(sgd)'")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {float(s.config["lr"]): s for s in map(read_summary, tmp_path.glob("*/")) if s is not None}
+    best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert best["best_params"]["lr"] == 0.1 and best["best_value"] == runs[0.1].best_val_acc
+    assert 1e6 not in runs or optimized_value(runs[1e6], "val/acc_best") == 0.0  # diverged: a result, scored 0
+    if "lr=-1" in result.stdout + result.stderr:
+        assert "error: lr: -1 is not allowed" in result.stderr  # an invalid trial is one line, scored 0
+
+
+@pytest.mark.slow
+def test_a_search_whose_direction_contradicts_its_metric_is_refused(tmp_path: Path) -> None:
+    result = sweep("hparams_search=optuna", *TINY, "optimized_metric=val/loss", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode != 0
+    assert "hydra.sweeper.direction: 'maximize' contradicts optimized_metric=val/loss" in result.stderr
+    assert not list(tmp_path.glob("*/summary.json"))
