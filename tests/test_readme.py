@@ -1,9 +1,12 @@
-"""Every `python train.py` and `optimlab-report` command in the README's code blocks, word for word,
-run at a tiny budget (appended overrides shrink the data and the epochs; sweeps of the big grids
-are planned with the population launcher's dry run instead of trained)."""
+"""Every `python train.py` and `optimlab-report` command of the README, word for word, at a tiny
+budget (appended overrides shrink the data and the epochs). Plain runs and the jobs of plain sweeps
+run in-process (a new process per command would cost seconds of imports each); the commands that
+need Hydra's plugins (joblib, Optuna) run as a user runs them; the big named grids have every job
+composed and validated by test_configs.py, and their first job here."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import shlex
 import subprocess
@@ -11,11 +14,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from conftest import REPO
+from conftest import REPO, compose_config
+from optimlab.report import main as report_main
+from optimlab.train import run
+from optimlab.validate import validate_config
+from test_configs import sweep_jobs
 
 TINY = ["data.subset=256", "data.val_size=256", "epochs=1", "trainer.progress_bar=false"]
-BIG_GRIDS = ("sweep=regime_map", "sweep=regimes")  # hundreds of jobs: checked by planning them
+PLUGINS = ("hydra/launcher=joblib", "hparams_search=optuna")  # run as a subprocess, as a user would
 
 
 def readme_commands() -> list[str]:
@@ -28,41 +36,54 @@ def readme_commands() -> list[str]:
     return list(dict.fromkeys(line for line in lines if line.startswith(("python train.py", "optimlab-report"))))
 
 
+def jobs_of(args: list[str]) -> list[list[str]]:
+    """The override lists of the jobs a command runs: one for a single run; for ``-m``, the product
+    of its comma lists, or a named sweep's first job."""
+    args = [a for a in args if a != "-m"]
+    named = [a for a in args if a.startswith("sweep=")]
+    if named:
+        return [[*sweep_jobs(named[0].split("=", 1)[1])[0], *(a for a in args if a not in named)]]
+    parsed = OverridesParser.create().parse_overrides(args)
+    axes = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+            else [o.input_line] for o in parsed]
+    return [list(job) for job in itertools.product(*axes)]
+
+
+TRAIN = [c for c in readme_commands() if c.startswith("python train.py")]
+
+
 def test_the_readme_shows_the_commands_a_newcomer_needs() -> None:
-    commands = readme_commands()
-    assert "python train.py" in commands and any(c.startswith("optimlab-report") for c in commands)
-    assert any("hparams_search=optuna" in c for c in commands) and any(" -m " in c for c in commands)
+    assert "python train.py" in TRAIN and any(c.startswith("optimlab-report") for c in readme_commands())
+    assert any("hparams_search=optuna" in c for c in TRAIN) and any(" -m " in c for c in TRAIN)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("command", [c for c in readme_commands() if c.startswith("python train.py")])
+@pytest.mark.parametrize("command", [c for c in TRAIN if not any(p in c for p in PLUGINS)])
 def test_readme_command_runs(tmp_path: Path, command: str) -> None:
-    args = shlex.split(command)[2:]
-    multirun = "-m" in args or "hparams_search=optuna" in args
-    extra = [*TINY, f"hydra.{'sweep' if multirun else 'run'}.dir={tmp_path / 'out'}"]
-    if "hparams_search=optuna" in args:
-        extra.append("hydra.sweeper.n_trials=2")
-    if any(grid in args for grid in BIG_GRIDS):
-        extra = ["hydra.launcher.dry_run=true"] + ([] if "hydra/launcher=population" in args
-                                                   else ["hydra/launcher=population"])
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), *args, *extra], capture_output=True,
-                            text=True, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
-    if extra[0] != "hydra.launcher.dry_run=true":
-        assert list((tmp_path / "out").rglob("summary.json"))
-    else:
-        assert not list(tmp_path.rglob("summary.json")) and "population" in result.stdout
+    jobs = jobs_of(shlex.split(command)[2:])
+    for job in jobs:  # every job composes and validates
+        validate_config(compose_config(*job))
+    job = [o for o in jobs[0] if not o.startswith("hydra/")] + TINY
+    summary = run(compose_config(*job), tmp_path, job)
+    assert summary.status in ("complete", "diverged") and (tmp_path / "summary.json").is_file()
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("command", [c for c in TRAIN if any(p in c for p in PLUGINS)])
+def test_readme_plugin_command_runs(tmp_path: Path, command: str) -> None:
+    extra = [*TINY, f"hydra.sweep.dir={tmp_path / 'out'}"]
+    if "hparams_search=optuna" in command:
+        extra.append("hydra.sweeper.n_trials=2")
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), *shlex.split(command)[2:], *extra],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert len(list((tmp_path / "out").glob("*/summary.json"))) == 2
+
+
 def test_readme_report_command_runs_on_a_readme_sweep(tmp_path: Path) -> None:
-    sweep = next(c for c in readme_commands() if c.startswith("python train.py -m lr="))
-    subprocess.run([sys.executable, str(REPO / "train.py"), *shlex.split(sweep)[2:], *TINY,
-                    f"hydra.sweep.dir={tmp_path}"], check=True, capture_output=True, timeout=600)
+    sweep = next(c for c in TRAIN if c.startswith("python train.py -m lr="))
+    for number, job in enumerate(jobs_of(shlex.split(sweep)[2:])[:2]):
+        run(compose_config(*job, *TINY), tmp_path / f"{number}_{','.join(job)}", [*job, *TINY])
     report = next(c for c in readme_commands() if c.startswith("optimlab-report outputs/multirun/<date_time>"))
     args = [str(tmp_path) if a == "outputs/multirun/<date_time>" else a for a in shlex.split(report)[1:]]
-    result = subprocess.run([sys.executable, "-m", "optimlab.report", *args], capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert report_main(args) == 0
     assert (tmp_path / "report.md").is_file() and (tmp_path / "curves.png").is_file()
