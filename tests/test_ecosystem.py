@@ -39,6 +39,28 @@ def test_each_logger_writes_where_it_says(tmp_path: Path, logger: str, folders: 
         assert {"val/acc", "train/loss", "lr-SGD"} <= scalars(tmp_path)  # lr-SGD: callbacks.lr_monitor
 
 
+def test_tensorboard_opens_on_the_curves_and_hparams_shows_the_run(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    summary = run(compose_config(*TINY), tmp_path)
+    files = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(files) == 1  # Lightning's finalize after fit and test no longer opens new files
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert "epoch" not in tags and not any(t.startswith("hp/") for t in tags)  # no dead single-point charts
+    content = events.PluginTagToContent("hparams")
+    experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
+    # the HPARAMS tab shows the first five hparams and metrics by default
+    assert [h.name for h in experiment.hparam_infos][:5] == ["regime", "optimizer", "lr", "model", "seed"]
+    metric_tags = [m.name.tag for m in experiment.metric_infos]
+    assert metric_tags[:2] == ["test/acc", "val/acc_best"] and set(metric_tags) <= tags  # the run's own curves
+    session = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    assert session.hparams["regime"].string_value == summary.regime
+    assert session.hparams["model"].string_value == "mlp 1024x128"
+    assert events.Scalars("val/acc_best")[-1].value == pytest.approx(summary.best_val_acc)
+
+
 def test_callbacks_none_keeps_only_what_resume_needs(tmp_path: Path) -> None:
     summary = run(compose_config(*TINY, "callbacks=none"), tmp_path)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.ckpt"] and summary.status == "complete"

@@ -119,7 +119,7 @@ def test_a_population_sweep_equals_the_sequential_sweep(mnist_root: Path, tmp_pa
                 assert row[key] == pytest.approx(ref_row[key], rel=1e-6), (name, key)
         run_dir = tmp_path / "population" / name
         events = b"".join(p.read_bytes() for p in (run_dir / "tensorboard").glob("events.out.tfevents.*"))
-        assert all(tag in events for tag in (b"train/loss", b"val/acc", b"test/acc", b"hp/test_acc", b"regime"))
+        assert all(tag in events for tag in (b"train/loss", b"val/acc", b"test/acc", b"_hparams_/experiment", b"regime"))
         assert (run_dir / ".hydra" / "overrides.yaml").is_file()
     assert {s["regime"] for s in pop.values()} >= {"diverging"}
     report = subprocess.run([str(Path(sys.executable).with_name("optimlab-report")), str(tmp_path / "population")],

@@ -215,23 +215,27 @@ class RunRecord(Checkpoint):
 
 
 def log_result(loggers: list[Logger], summary: RunSummary) -> None:
-    """Each logger's hyperparameters (TensorBoard's HPARAMS tab): the run's description and knobs
-    against its final metrics; in TensorBoard also the regime and its evidence as text."""
+    """Each logger's hyperparameters against the run's final metrics; in TensorBoard also the regime
+    and its evidence as text. TensorBoard's HPARAMS tab shows the first five hyperparameters and
+    metrics by default: regime, optimizer, lr, model (with its widths) and seed come first, and the
+    metrics are the run's own curves (their last value), so no extra chart group appears."""
     config, run = summary.config, summary.run
-    data = config.get("data") or {}
-    params = {"name": run.name, "model": run.model, "optimizer": run.optimizer, "lr": run.lr, "widths": run.widths,
-              "seed": run.seed, "batch_size": config.get("batch_size"), "epochs": config.get("epochs"),
-              "label_noise": data.get("label_noise"), "subset": data.get("subset") or 0, "regime": summary.regime}
-    metrics = {"hp/test_acc": summary.test_acc, "hp/test_loss": summary.test_loss,
-               "hp/best_val_acc": summary.best_val_acc, "hp/stopped_non_finite": float(summary.diverged),
-               "hp/steps_per_s": summary.steps_per_s}
+    data, last = config.get("data") or {}, (summary.epochs[-1] if summary.epochs else {})
+    params = {"regime": summary.regime, "optimizer": run.optimizer, "lr": run.lr,
+              "model": f"{run.model} {run.widths}".strip(), "seed": run.seed, "name": run.name,
+              "batch_size": config.get("batch_size"), "epochs": config.get("epochs"),
+              "label_noise": data.get("label_noise"), "subset": data.get("subset") or 0}
+    metrics = {"test/acc": summary.test_acc, "val/acc_best": summary.best_val_acc, "val/acc": last.get("val_acc"),
+               "train/loss": last.get("train_loss"), "test/loss": summary.test_loss}
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):  # the HPARAMS table needs a value in every column
-            logger.log_hyperparams(params, {k: (math.nan if v is None else float(v)) for k, v in metrics.items()})
+            logger.log_hyperparams(params, {k: (math.nan if v is None else float(v)) for k, v in metrics.items()},
+                                   step=summary.steps)
             logger.experiment.add_text("regime", f"**{summary.regime}**\n\n" + "\n\n".join(summary.regime_evidence))
-        else:
+        else:  # the other metrics are already among its curves
             logger.log_hyperparams(params)
-            logger.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=summary.steps)
+            if summary.best_val_acc is not None:
+                logger.log_metrics({"val/acc_best": summary.best_val_acc}, step=summary.steps)
 
 
 def result_line(s: RunSummary) -> str:

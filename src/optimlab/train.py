@@ -27,6 +27,7 @@ from optimlab.files import remove_stale_temporaries
 from optimlab.hydra_job import save_job_record
 from optimlab.record import RunRecord, device_name, log_result, result_line
 from optimlab.summary import SUMMARY, RunSummary, is_complete, read_summary
+from optimlab.tensorboard_logger import TensorBoardRunLogger
 from optimlab.validate import RULES, ConfigError, validate_config
 
 # Lightning's start-up banners (GPU available, tips) drown the run's own lines.
@@ -115,6 +116,16 @@ def _plan(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictCon
     return cfg, run_dir, None, None
 
 
+def _close_loggers(trainer: L.Trainer, status: str) -> None:
+    """End every logger once, after the run's last write (Lightning's own finalize at the end of
+    fit and test only flushes ours: one TensorBoard event file per run)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardRunLogger):
+            logger.close(status)
+        else:
+            logger.finalize(status)
+
+
 def _claim(run_dir: Path, cfg: DictConfig, new: bool) -> None:
     """Make ``run_dir`` ours, before anything is trained: check that it can be written, clear what a
     killed write left, and (for a new run) write Hydra's record of the job into ``.hydra/``. Hydra
@@ -177,8 +188,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
         if stopper.requested:  # Lightning's graceful shutdown ends trainer.test without raising
             raise KeyboardInterrupt(stopper.requested)
     except (SystemExit, KeyboardInterrupt):  # Lightning exits after its graceful shutdown
-        for logger in trainer.loggers:
-            logger.finalize("interrupted")
+        _close_loggers(trainer, "interrupted")
         record.write("interrupted", trainer)
         print(f"interrupted after {len(record.history)} finished epoch(s); {run_dir} holds the last "
               f"checkpoint and summary; continue with resume={run_dir}", file=sys.stderr)
@@ -194,7 +204,6 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
     summary = record.write(status, trainer, test_loss=test.get("test/loss"), test_acc=test.get("test/acc"),
                            tested_checkpoint="best" if use_best else "last")
     log_result(trainer.loggers, summary)
-    for logger in trainer.loggers:
-        logger.finalize("success")
+    _close_loggers(trainer, "success")
     log.info(result_line(summary))
     return summary
