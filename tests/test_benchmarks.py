@@ -4,24 +4,18 @@ speed is measured by running the scripts by hand, see benchmarks/README.md)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import run_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(script: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run ``benchmarks/<script>`` from the repository root, as a user would."""
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-
-
 def bench(script: str, *args: str) -> str:
-    """``run_script``'s output, or a failure showing it if the script did not exit 0."""
-    result = run_script(script, *args)
+    """The output of ``python benchmarks/<script> <args>``, or a failure showing it if the script did not exit 0."""
+    result = run_script(ROOT / "benchmarks" / script, *args)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -44,7 +38,7 @@ def test_train_loop_prints_the_overhead_and_the_epoch_time() -> None:
 
 
 def test_train_loop_rejects_a_zero_warmup() -> None:
-    result = run_script("train_loop.py", "--warmup", "0")
+    result = run_script(ROOT / "benchmarks" / "train_loop.py", "--warmup", "0")
     assert result.returncode == 2 and "must be in 1..430" in result.stderr
 
 

@@ -10,8 +10,6 @@ actually made. The callback runs in tiny in-memory Lightning fits.
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import run_script
 from optimlab import optim
 from optimlab.curvature import (
     SharpnessCallback, SharpnessLog, SharpnessTracker, lanczos, preconditioner, sharpness, stability_threshold,
@@ -615,9 +614,8 @@ def test_callback_argument_checks() -> None:
 
 @pytest.mark.slow
 def test_benchmark_prints_the_overhead_table() -> None:
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "curvature.py"), "--variants", "8@5",
-                             "--steps", "10", "--repeats", "1", "--reference", "16"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_script(REPO / "benchmarks" / "curvature.py", "--variants", "8@5", "--steps", "10", "--repeats", "1",
+                        "--reference", "16")
     assert result.returncode == 0, result.stdout + result.stderr
     row = next(line.split() for line in result.stdout.splitlines() if line.startswith("probe 8 every 5 "))
     assert row[7] in ("PASS", "FAIL") and float(row[5]) > 0 and 1 <= float(row[10]) <= 20 and float(row[13]) > 1

@@ -36,7 +36,7 @@ def test_each_logger_writes_where_it_says(tmp_path: Path, logger: str, folders: 
             [row["val_acc"] for row in read_summary(tmp_path).epochs])
         assert yaml.safe_load((tmp_path / "csv" / "hparams.yaml").read_text())["optimizer"] == "sgd"
     if "tensorboard" in folders:
-        assert {"val/acc", "train/loss", "lr-SGD"} <= scalars(tmp_path)  # lr-SGD: callbacks.lr_monitor
+        assert {"val/acc", "train/loss", "train/lr"} <= scalars(tmp_path)
 
 
 def test_tensorboard_opens_on_the_curves_and_hparams_shows_the_run(tmp_path: Path) -> None:
@@ -51,8 +51,8 @@ def test_tensorboard_opens_on_the_curves_and_hparams_shows_the_run(tmp_path: Pat
     assert "epoch" not in tags and not any(t.startswith("hp/") for t in tags)  # no dead single-point charts
     content = events.PluginTagToContent("hparams")
     experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
-    # the HPARAMS tab shows the first five hparams and metrics by default
-    assert [h.name for h in experiment.hparam_infos][:5] == ["regime", "optimizer", "lr", "model", "seed"]
+    # the HPARAMS tab shows five hparams by default, those marked as differing first
+    assert [h.name for h in experiment.hparam_infos if h.differs] == ["regime", "optimizer", "lr", "model", "seed"]
     metric_tags = [m.name.tag for m in experiment.metric_infos]
     assert metric_tags[:2] == ["test/acc", "val/acc_best"] and set(metric_tags) <= tags  # the run's own curves
     session = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
@@ -64,7 +64,13 @@ def test_tensorboard_opens_on_the_curves_and_hparams_shows_the_run(tmp_path: Pat
 def test_callbacks_none_keeps_only_what_resume_needs(tmp_path: Path) -> None:
     summary = run(compose_config(*TINY, "callbacks=none"), tmp_path)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.ckpt"] and summary.status == "complete"
-    assert "lr-SGD" not in scalars(tmp_path)
+
+
+@pytest.mark.parametrize("logger, logged", [("tensorboard", True), ("none", False)])
+def test_the_lr_monitor_logs_when_there_is_a_logger(tmp_path: Path, logger: str, logged: bool) -> None:
+    summary = run(compose_config(*TINY, "callbacks=lr_monitor", f"logger={logger}"), tmp_path)
+    assert summary.status == "complete" and (tmp_path / "checkpoints" / "best.ckpt").is_file()
+    assert ("lr-SGD" in scalars(tmp_path)) if logged else not (tmp_path / "tensorboard").exists()
 
 
 def test_trainer_arguments_pass_through_to_lightning(tmp_path: Path) -> None:

@@ -6,8 +6,6 @@ except the end-to-end comparison with train.run (slow)."""
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from conftest import compose_config
+from conftest import REPO, compose_config, run_script
 from optimlab.data import MNISTDataModule
 from optimlab.divergence import WEIGHTS
 from optimlab.optim import SGD, Adagrad, Adam, RMSprop
@@ -329,9 +327,8 @@ def test_population_reproduces_the_single_runs(mnist_root: Path, tmp_path: Path)
 @pytest.mark.slow
 def test_benchmark_script_runs() -> None:
     """benchmarks/population.py still runs and prints its row (tiny settings; no timing asserted)."""
-    result = subprocess.run([sys.executable, "benchmarks/population.py", "--members", "2", "--steps", "2",
-                             "--repeats", "1", "--device", "cpu"], cwd=Path(__file__).resolve().parents[1],
-                            capture_output=True, text=True, timeout=300)
+    result = run_script(REPO / "benchmarks" / "population.py", "--members", "2", "--steps", "2", "--repeats", "1",
+                        "--device", "cpu")
     assert result.returncode == 0, result.stdout + result.stderr
     row = next(line.split() for line in result.stdout.splitlines() if line.startswith("cpu "))
     assert all(float(v) > 0 for v in row[1:5])

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from conftest import compose_config
+from conftest import compose_config, run_script
 from hydra_plugins.optimlab_population.population_launcher import PopulationLauncher
 from optimlab.population.launcher import (Job, PopulationCrashed, finish_member, group, hydra_config_of,
                                          population_key, train_members, why_alone)
@@ -24,8 +24,7 @@ SMALL = ["data.subset=256", "data.val_size=500", "epochs=1", "model.hidden=[16]"
 
 
 def train(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "train.py"), "-m", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    return run_script(REPO / "train.py", "-m", *args)
 
 
 def summaries(sweep_dir: Path) -> dict[str, dict]:

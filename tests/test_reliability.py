@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, run_script
 from optimlab.checkpointing import AtomicCheckpointIO
 from optimlab.divergence import LOSS_OR_GRADIENT, WEIGHTS
 
@@ -23,7 +23,7 @@ RUN = ["data.subset=3000", "data.val_size=500", "epochs=4", "optimizer=adam", "l
 
 
 def train(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True, timeout=600)
+    return run_script(REPO / "train.py", *args)
 
 
 def start(*args: str) -> subprocess.Popen:

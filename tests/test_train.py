@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, compose_config
+from conftest import REPO, compose_config, run_script
 from optimlab.data import DataError
 from optimlab.train import run
 from optimlab.validate import ConfigError
@@ -21,8 +21,7 @@ EPOCH_KEYS = {"train_loss", "train_acc", "val_loss", "val_acc"}
 
 
 def train(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+    return run_script(REPO / "train.py", *args, cwd=cwd)
 
 
 def check_run_dir(run_dir: Path) -> dict:

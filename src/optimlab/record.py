@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
@@ -27,6 +27,7 @@ from optimlab.divergence import DivergenceGuard, total_norm
 from optimlab.module import EVAL_STAGES
 from optimlab.regimes import Thresholds, diagnose
 from optimlab.summary import RunSummary, describe_run, write_summary
+from optimlab.tensorboard_logger import TensorBoardRunLogger
 
 
 log = logging.getLogger(__name__)
@@ -216,9 +217,9 @@ class RunRecord(Checkpoint):
 
 def log_result(loggers: list[Logger], summary: RunSummary) -> None:
     """Each logger's hyperparameters against the run's final metrics; in TensorBoard also the regime
-    and its evidence as text. TensorBoard's HPARAMS tab shows the first five hyperparameters and
-    metrics by default: regime, optimizer, lr, model (with its widths) and seed come first, and the
-    metrics are the run's own curves (their last value), so no extra chart group appears."""
+    and its evidence as text. TensorBoard's HPARAMS tab shows five hyperparameters by default:
+    regime, optimizer, lr, model (with its widths) and seed; its metrics are the run's own curves
+    (their last value), so no extra chart group appears."""
     config, run = summary.config, summary.run
     data, last = config.get("data") or {}, (summary.epochs[-1] if summary.epochs else {})
     params = {"regime": summary.regime, "optimizer": run.optimizer, "lr": run.lr,
@@ -228,10 +229,11 @@ def log_result(loggers: list[Logger], summary: RunSummary) -> None:
     metrics = {"test/acc": summary.test_acc, "val/acc_best": summary.best_val_acc, "val/acc": last.get("val_acc"),
                "train/loss": last.get("train_loss"), "test/loss": summary.test_loss}
     for logger in loggers:
-        if isinstance(logger, TensorBoardLogger):  # the HPARAMS table needs a value in every column
+        if isinstance(logger, TensorBoardRunLogger):  # the HPARAMS table needs a value in every column
             logger.log_hyperparams(params, {k: (math.nan if v is None else float(v)) for k, v in metrics.items()},
-                                   step=summary.steps)
-            logger.experiment.add_text("regime", f"**{summary.regime}**\n\n" + "\n\n".join(summary.regime_evidence))
+                                   step=summary.steps, shown=("regime", "optimizer", "lr", "model", "seed"))
+            logger.experiment.add_text("regime", f"**{summary.regime}**\n\n" + "\n\n".join(summary.regime_evidence),
+                                       global_step=summary.steps)
         else:  # the other metrics are already among its curves
             logger.log_hyperparams(params)
             if summary.best_val_acc is not None:

@@ -5,14 +5,19 @@ Lightning finalizes its loggers at the end of ``fit`` and again of ``test``; its
 closes the writer there, and the next write opens a new event file (three per run). Here
 ``finalize`` only flushes, and the run closes the writer once, at its very end (:meth:`close`).
 Lightning also logs an ``epoch`` scalar with every metric; TensorBoard would open on its chart,
-so it is left out (the epoch is the x-axis of the epoch-level charts anyway).
+so it is left out (the epoch is the x-axis of the epoch-level charts anyway). And the HPARAMS tab
+shows five hyperparameters by default, those marked as differing across runs first, then by name:
+:meth:`log_hyperparams` marks the ones a reader needs (``shown``), so the tab opens on them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+from torch.utils.tensorboard.summary import hparams
 
 
 class TensorBoardRunLogger(TensorBoardLogger):
@@ -22,6 +27,22 @@ class TensorBoardRunLogger(TensorBoardLogger):
         metrics = {name: value for name, value in metrics.items() if name != "epoch"}
         if metrics:
             super().log_metrics(metrics, step)
+
+    def log_hyperparams(self, params: dict[str, Any], metrics: dict[str, float] | None = None,  # type: ignore[override]
+                        step: int | None = None, shown: Iterable[str] = ()) -> None:
+        """``params`` against ``metrics`` (tags of the run's own scalars, logged again at ``step``) in
+        the HPARAMS tab, with the ``shown`` ones (at most five) displayed by default."""
+        super().log_hyperparams(params)  # hparams.yaml; without metrics Lightning writes no summary
+        if not metrics:
+            return
+        self.log_metrics(metrics, step)
+        experiment, start, end = hparams({k: "None" if v is None else v for k, v in params.items()}, metrics)
+        data = HParamsPluginData.FromString(experiment.value[0].metadata.plugin_data.content)
+        for info in data.experiment.hparam_infos:
+            info.differs = info.name in shown
+        experiment.value[0].metadata.plugin_data.content = data.SerializeToString()
+        for summary in (experiment, start, end):
+            self.experiment.file_writer.add_summary(summary, step)
 
     def finalize(self, status: str) -> None:
         self.experiment.flush()  # the run goes on writing after fit and test

@@ -74,7 +74,7 @@ MEMBER_WISE = ("name", "lr", "seed", "resume", "regimes", "optimizer.lr", "optim
 POPULATION_TRAINER = ("_target_", "accelerator", "devices", "precision", "deterministic", "max_epochs",
                       "log_every_n_steps", "check_finite_every_n_steps", "progress_bar", "num_threads",
                       "flush_denormal", "compile", "limit_train_batches", "fast_dev_run", "enable_model_summary")
-POPULATION_CALLBACKS = ("model_checkpoint", "lr_monitor", "progress_bar")
+POPULATION_CALLBACKS = ("model_checkpoint", "progress_bar")
 TRAINER_DEFAULTS = {name: p.default for name, p in inspect.signature(L.Trainer).parameters.items()}
 
 

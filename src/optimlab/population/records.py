@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from optimlab.population.loop import MemberRecord
 from optimlab.record import log_result, versions
+from optimlab.tensorboard_logger import TensorBoardRunLogger
 from optimlab.regimes import Thresholds, diagnose
 from optimlab.summary import FINISHED, RunSummary, describe_run, write_summary
 
@@ -79,14 +79,14 @@ def write_tensorboard(run_dir: Path, summary: RunSummary) -> None:
     """The member's TensorBoard events where its sequential job writes them (``run_dir/tensorboard``):
     each epoch's scalars at the step the epoch ended, then HPARAMS and the regime text."""
     steps_per_epoch = (summary.population or {}).get("steps_per_epoch", 0)
-    logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
+    logger = TensorBoardRunLogger(save_dir=str(run_dir / "tensorboard"), name="", version="", default_hp_metric=False)
     for row in summary.epochs:
         step = min(int(row["epoch"]) * steps_per_epoch, summary.steps)
         scalars = {f"{stage}/{kind}": row[f"{stage}_{kind}"] for stage in ("train", "val", "test")
                    for kind in ("loss", "acc") if f"{stage}_{kind}" in row}
         logger.log_metrics(scalars, step=step)
     log_result([logger], summary)
-    logger.finalize("success")
+    logger.close("success")
 
 
 def write_member(run_dir: Path, summary: RunSummary) -> None:
