@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import math
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -135,3 +137,20 @@ def test_a_search_whose_direction_contradicts_its_metric_is_refused(tmp_path: Pa
     assert result.returncode != 0
     assert "hydra.sweeper.direction: 'maximize' contradicts optimized_metric=val/loss" in result.stderr
     assert not list(tmp_path.glob("*/summary.json"))
+
+
+@pytest.mark.slow
+def test_in_a_terminal_the_bar_and_the_epoch_lines_never_share_a_line(tmp_path: Path) -> None:
+    # `script` gives the run a pseudo-terminal, as a user's shell would: the progress bar is drawn
+    command = shlex.join([sys.executable, str(REPO / "train.py"), *TINY[:-1], "batch_size=16",
+                          f"hydra.run.dir={tmp_path / 'run'}"])
+    screen = subprocess.run(["script", "-qec", command, "/dev/null"], capture_output=True, text=True,
+                            timeout=600).stdout
+    lines = [line.strip() for line in re.split(r"[\r\n]+", re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", screen))]
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert [line.split("|")[0].strip() for line in epochs] == ["epoch   1/2", "epoch   2/2"]
+    assert all(re.fullmatch(r"epoch .*\| \d+\.\ds", line) for line in epochs), epochs  # whole, not wrapped
+    bars = [line for line in lines if line.startswith("Epoch ")]
+    assert {bar.split(":")[0] for bar in bars} == {"Epoch 1/2", "Epoch 2/2"} and any("loss=" in b for b in bars)
+    logged = (tmp_path / "run" / "train.log").read_text()
+    assert all(line in logged for line in epochs)  # the same lines, timed, in train.log

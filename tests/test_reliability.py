@@ -26,6 +26,12 @@ def train(*args: str) -> subprocess.CompletedProcess:
     return run_script(REPO / "train.py", *args)
 
 
+def train_process(*args: str) -> subprocess.CompletedProcess:
+    """train.py in a process of its own: what bitwise comparisons need (trainer.deterministic=true
+    sets torch's global flags, which torch's own tests in this process have locked)."""
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True, timeout=600)
+
+
 def start(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -50,13 +56,13 @@ def summary(run_dir: Path) -> dict:
 @pytest.mark.slow
 def test_killed_run_resumed_equals_uninterrupted_run(tmp_path: Path) -> None:
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert train(*RUN, f"hydra.run.dir={whole}").returncode == 0
+    assert train_process(*RUN, f"hydra.run.dir={whole}").returncode == 0
     proc = start(*RUN, f"hydra.run.dir={killed}")
     wait_for(killed / "checkpoints" / "last.ckpt", proc)  # epoch 1 is on disk
     proc.send_signal(signal.SIGKILL)  # no chance to clean up
     proc.wait()
     assert summary(killed)["status"] == "running"  # the record written after epoch 1 survived
-    resumed = train(f"resume={killed}", f"hydra.run.dir={tmp_path / 'resume_cmd'}")
+    resumed = train_process(f"resume={killed}", f"hydra.run.dir={tmp_path / 'resume_cmd'}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in resumed.stdout
     a, b = weights(whole), weights(killed)

@@ -284,7 +284,7 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
     optimizers = sorted({r["optimizer"] for r in rows if r.get("lr")})
     # optimizers by line style and marker, never by colour: colour means the regime
     styles = {o: (["-", "--", ":", "-."][i % 4], "osD^v<>"[i % 7]) for i, o in enumerate(optimizers)}
-    fig, axes = plt.subplots(1, len(widths), figsize=(4.0 * len(widths) + 2.2, 4.0), squeeze=False, sharey=True)
+    fig, axes = _panel_grid(plt, len(widths), min(3, len(widths)))  # rows of three: readable at README width
     for ax, width in zip(axes.flat, widths):
         by_opt: dict[str, dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
         for r in rows:
@@ -303,13 +303,13 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("learning rate")
         ax.set_ylim(0, 1)
         ax.set_title(f"widths {width}" if len(widths) > 1 else "")
-    axes.flat[0].set_ylabel("final test accuracy")
+        ax.set_ylabel("final test accuracy")
     handles = [plt.Line2D([], [], color="0.35", ls=line, marker=marker, mfc="white", mec="black")
                for line, marker in styles.values()]
     handles += [plt.Line2D([], [], ls="", marker="o", color=REGIME_COLORS[label], mec="black") for label in [*LABELS, "crashed"]]
-    # outside the panels: a legend inside would hide points
-    axes.flat[-1].legend(handles, [*styles, *LABELS, "crashed"], fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
-    fig.tight_layout()
+    # below the panels: a legend inside would hide points
+    fig.legend(handles, [*styles, *LABELS, "crashed"], fontsize=9, loc="lower center", ncol=6, frameon=False)
+    fig.tight_layout(rect=(0, 0.1 / math.ceil(len(widths) / 3), 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
