@@ -144,13 +144,13 @@ def test_in_a_terminal_the_bar_and_the_epoch_lines_never_share_a_line(tmp_path: 
     # `script` gives the run a pseudo-terminal, as a user's shell would: the progress bar is drawn
     command = shlex.join([sys.executable, str(REPO / "train.py"), *TINY[:-1], "batch_size=16",
                           f"hydra.run.dir={tmp_path / 'run'}"])
-    screen = subprocess.run(["script", "-qec", command, "/dev/null"], capture_output=True, text=True,
-                            timeout=600).stdout
+    screen = subprocess.run(["script", "-qec", f"stty cols 150 rows 40; {command}", "/dev/null"],  # a sized terminal
+                            capture_output=True, text=True, timeout=600).stdout
     lines = [line.strip() for line in re.split(r"[\r\n]+", re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", screen))]
     epochs = [line for line in lines if line.startswith("epoch ")]
     assert [line.split("|")[0].strip() for line in epochs] == ["epoch   1/2", "epoch   2/2"]
     assert all(re.fullmatch(r"epoch .*\| \d+\.\ds", line) for line in epochs), epochs  # whole, not wrapped
-    bars = [line for line in lines if line.startswith("Epoch ")]
+    bars = [line for line in lines if line.startswith("Epoch ")]  # every draw of the bar, numbered from 1
     assert {bar.split(":")[0] for bar in bars} == {"Epoch 1/2", "Epoch 2/2"} and any("loss=" in b for b in bars)
     logged = (tmp_path / "run" / "train.log").read_text()
     assert all(line in logged for line in epochs)  # the same lines, timed, in train.log

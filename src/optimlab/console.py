@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from tqdm import tqdm
 
 
@@ -40,8 +41,10 @@ class EpochBar(TQDMProgressBar):
         self.outputs: Any = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        super().on_train_epoch_start(trainer, *args)
-        self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+        # Lightning's own hook draws "Epoch <0-based>" first; this draws the bar once, numbered from 1.
+        bar = self.train_progress_bar
+        bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}", refresh=False)
+        bar.reset(total=convert_inf(self.total_train_batches))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
