@@ -154,3 +154,30 @@ def test_in_a_terminal_the_bar_and_the_epoch_lines_never_share_a_line(tmp_path: 
     assert {bar.split(":")[0] for bar in bars} == {"Epoch 1/2", "Epoch 2/2"} and any("loss=" in b for b in bars)
     logged = (tmp_path / "run" / "train.log").read_text()
     assert all(line in logged for line in epochs)  # the same lines, timed, in train.log
+
+
+@pytest.mark.parametrize("logger", ["wandb", "mlflow"])
+def test_an_optional_logger_without_its_package_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            logger: str) -> None:
+    import importlib.util
+
+    from optimlab.validate import ConfigError
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == logger else find_spec(name, *a))
+    with pytest.raises(ConfigError, match=rf"^logger.{logger}: needs the {logger} package, which is not installed "
+                                          rf"\(pip install {logger}\); or choose logger=tensorboard, csv, many or none$"):
+        run(compose_config(*TINY, f"logger={logger}"), tmp_path)
+    assert not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize("logger", ["wandb", "mlflow"])
+def test_optional_loggers_log_when_their_package_is_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              logger: str) -> None:
+    pytest.importorskip(logger)  # not a dependency: without it, the one-line refusal (test_train.py)
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no account, no network
+    store = tmp_path / "mlflow.db"
+    extra = {"wandb": ["logger.wandb.offline=true"], "mlflow": [f"logger.mlflow.tracking_uri=sqlite:///{store}"]}
+    summary = run(compose_config(*TINY, f"logger={logger}", *extra[logger]), tmp_path / "run")
+    assert summary.status == "complete"
+    assert any((tmp_path / "run" / "wandb").iterdir()) if logger == "wandb" else store.stat().st_size > 0
