@@ -9,8 +9,17 @@ import signal
 import sys
 
 # Ctrl-C before training starts (imports, composing the config) ends as quietly as during it;
-# the run installs its own handlers while it trains.
-signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+# the run installs its own handlers while it trains. The request is also remembered: an import that
+# catches every exception would swallow the exit, and main() then exits before any work.
+interrupted_at_start_up: list[int] = []
+
+
+def _stop_at_start_up(signum: int, frame: object) -> None:
+    interrupted_at_start_up.append(signum)
+    sys.exit(130)
+
+
+signal.signal(signal.SIGINT, _stop_at_start_up)
 
 from pathlib import Path  # noqa: E402 (after the handler: the imports below take seconds)
 
@@ -41,6 +50,8 @@ def _search_direction_error(cfg: DictConfig, sweeper: DictConfig) -> str | None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """One run; returns its ``optimized_metric`` (a validation metric, never the test set) to a sweeper."""
+    if interrupted_at_start_up:
+        sys.exit(130)
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     # A search (Optuna, ...) ends at its first failed trial: there a failure scores the metric's worst value.
