@@ -4,6 +4,8 @@ callbacks, trainer arguments passed through to lightning.Trainer, debug, and the
 from __future__ import annotations
 
 import csv
+import io
+import logging
 import math
 import re
 import shlex
@@ -98,8 +100,15 @@ def test_trainer_arguments_pass_through_to_lightning(tmp_path: Path) -> None:
 def test_debug_configs_run(tmp_path: Path, debug: str, epochs: int) -> None:
     cfg = compose_config("data.subset=512", "data.val_size=256", "trainer.progress_bar=false", f"debug={debug}")
     assert cfg.name == "debug" and cfg.trainer.detect_anomaly and cfg.epochs == epochs
-    summary = run(cfg, tmp_path)
+    report = io.StringIO()  # Lightning's loggers write through their own handler, not the root's
+    handler = logging.StreamHandler(report)
+    logging.getLogger("lightning.pytorch").addHandler(handler)
+    try:
+        summary = run(cfg, tmp_path)
+    finally:
+        logging.getLogger("lightning.pytorch").removeHandler(handler)
     assert summary.status == "complete" and len(summary.epochs) == epochs
+    assert ("FIT Profiler Report" in report.getvalue()) == (debug == "profiler")
     if debug == "overfit":  # 3 fixed batches learned by heart
         assert summary.epochs[-1]["train_loss"] < 0.1 * summary.epochs[0]["train_loss"]
 

@@ -32,6 +32,7 @@ from optimlab.validate import RULES, ConfigError, validate_config
 
 # Lightning's start-up banners (GPU available, tips) drown the run's own lines.
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+logging.getLogger("lightning.pytorch.profilers").setLevel(logging.INFO)  # trainer.profiler's report is wanted
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r".*(LeafSpec|smaller than the logging interval|overridden `transfer_batch_to_device`).*")
 
