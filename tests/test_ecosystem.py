@@ -9,6 +9,7 @@ import logging
 import math
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -151,6 +152,8 @@ def test_a_search_whose_direction_contradicts_its_metric_is_refused(tmp_path: Pa
 @pytest.mark.slow
 def test_in_a_terminal_the_bar_and_the_epoch_lines_never_share_a_line(tmp_path: Path) -> None:
     # `script` gives the run a pseudo-terminal, as a user's shell would: the progress bar is drawn
+    if shutil.which("script") is None:
+        pytest.skip("needs util-linux's script")
     command = shlex.join([sys.executable, str(REPO / "train.py"), *TINY[:-1], "batch_size=16",
                           f"hydra.run.dir={tmp_path / 'run'}"])
     screen = subprocess.run(["script", "-qec", f"stty cols 150 rows 40; {command}", "/dev/null"],  # a sized terminal
