@@ -24,6 +24,16 @@ def fake_run(root: Path, name: str, optimizer: str, lr: float, width: int, seed:
     (run_dir / "summary.json").write_text(json.dumps(summary))
 
 
+def test_no_regime_map_for_widths_of_different_models(tmp_path: Path) -> None:
+    for n, lr in enumerate((0.01, 0.1)):
+        fake_run(tmp_path, f"{2 * n}_mlp", "SGD", lr, 128, 0, 0.9)
+        fake_run(tmp_path, f"{2 * n + 1}_cnn", "SGD", lr, 16, 0, 0.9)
+        cnn = json.loads((tmp_path / f"{2 * n + 1}_cnn" / "summary.json").read_text())
+        cnn["config"]["model"] = {"_target_": "optimlab.models.CNN", "channels": [12, 16]}
+        (tmp_path / f"{2 * n + 1}_cnn" / "summary.json").write_text(json.dumps(cnn))
+    assert "regime_map.png" not in {p.name for p in report(tmp_path)}
+
+
 def test_map_sweep_gets_every_table_and_figure(tmp_path: Path) -> None:
     n = 0
     for optimizer in ("SGD", "Adam"):

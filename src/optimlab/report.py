@@ -433,7 +433,9 @@ def report(sweep_dir: Path, rediagnose: bool = False) -> list[Path]:
         with (sweep_dir / "report.md").open("a") as f:
             f.write("\n".join(write_stability(stability, sweep_dir)) + "\n")
         written.append(sweep_dir / "stability.csv")
-    if len({r["lr"] for r in rows if r.get("lr")}) > 1 and len({r["widths"] for r in rows if r.get("widths")}) > 1:
+    # an lr x width map: widths of one model kind (a CNN's channels are not an MLP's widths)
+    if len({r["lr"] for r in rows if r.get("lr")}) > 1 and len({r["widths"] for r in rows if r.get("widths")}) > 1 \
+            and len({r["model"] for r in rows if r.get("model")}) == 1:
         plot_regime_map(rows, sweep_dir / "regime_map.png", stability)
         written.append(sweep_dir / "regime_map.png")
     return written
