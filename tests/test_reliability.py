@@ -223,6 +223,25 @@ def test_a_failed_resume_leaves_every_file_as_it_was(finished_run: Path, tmp_pat
     assert files_of(run_dir) == before
 
 
+def test_a_run_recorded_before_the_trainer_came_from_config_still_resumes(finished_run: Path, tmp_path: Path) -> None:
+    run_dir = copy_of(finished_run, tmp_path)
+    saved = summary(run_dir)
+    config = saved["config"]
+    for key in ("callbacks", "logger", "optimized_metric"):
+        del config[key]
+    for key in ("_target_", "max_epochs", "gradient_clip_val", "gradient_clip_algorithm", "limit_val_batches",
+                "limit_test_batches", "overfit_batches", "profiler", "detect_anomaly", "enable_model_summary"):
+        del config["trainer"][key]
+    config["early_stopping"] = {"enabled": False, "monitor": "val/acc", "mode": "max", "patience": 3, "min_delta": 0.0}
+    (run_dir / "summary.json").write_text(json.dumps(saved))
+    result = train(f"resume={run_dir}", "epochs=2")  # the old record, one epoch longer
+    assert result.returncode == 0, result.stderr[-2000:]
+    resumed = summary(run_dir)
+    assert resumed["status"] == "complete" and len(resumed["epochs"]) == 2
+    assert resumed["config"]["trainer"]["max_epochs"] == 2
+    assert resumed["config"]["callbacks"]["model_checkpoint"]["monitor"] == "val/acc"  # best.ckpt as it was chosen
+
+
 def test_a_resume_refuses_overrides_it_would_ignore_and_a_diverged_run(finished_run: Path, tmp_path: Path) -> None:
     from conftest import compose_config
     from optimlab.train import run

@@ -81,6 +81,29 @@ def _sync_epochs(cfg: DictConfig, keys: list[str]) -> None:
         cfg.epochs = cfg.trainer.max_epochs = epochs
 
 
+def _recorded_config(config: dict[str, Any], current: DictConfig) -> DictConfig:
+    """A run's saved config, brought up to today's keys: a run recorded before the Trainer, callbacks
+    and logger came from config (2026-12-03) gets today's defaults for them, and its early-stopping
+    settings move to ``callbacks.early_stopping``."""
+    config = dict(config)
+    early = config.pop("early_stopping", None)
+    for key in ("callbacks", "logger", "optimized_metric"):
+        if key not in config and key in current:
+            value = current[key]
+            config[key] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    if "_target_" not in config.get("trainer", {}):
+        config["trainer"] = {**OmegaConf.to_container(current.trainer), **config.get("trainer", {}),
+                             "max_epochs": config.get("epochs")}
+    if early:  # its monitor and mode chose best.ckpt, enabled or not
+        best = {"monitor": early["monitor"], "mode": early["mode"]}
+        callbacks = config["callbacks"] = dict(config["callbacks"])
+        callbacks["model_checkpoint"] = {**callbacks["model_checkpoint"], **best}
+        if early.get("enabled"):
+            callbacks["early_stopping"] = {"_target_": "lightning.pytorch.callbacks.EarlyStopping", **best,
+                                           "patience": early["patience"], "min_delta": early["min_delta"]}
+    return OmegaConf.create(config)
+
+
 def _plan(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictConfig, Path, Path | None, RunSummary | None]:
     """(config to run, run dir, checkpoint to resume from, the run's summary so far) for a new run,
     ``resume=auto`` or ``resume=<run dir or ckpt>``; refuses to overwrite a run."""
@@ -104,7 +127,7 @@ def _plan(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictCon
         if saved.diverged:
             raise ConfigError(f"resume: {run_dir} diverged at step {saved.diverged_at_step}; a diverged run has "
                               f"nothing to continue (start a new run with other settings)")
-        resumed = OmegaConf.create(saved.config)
+        resumed = _recorded_config(saved.config, cfg)
         with open_dict(resumed):
             resumed.resume = str(cfg.resume)
             for key in set(keys) & set(RESUME_OVERRIDES[1:]):  # e.g. a finished run extended by epochs=N
