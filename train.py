@@ -32,15 +32,15 @@ from optimlab.data import DataError
 from optimlab.files import written_file
 from optimlab.summary import OPTIMIZED_METRICS, optimized_value
 from optimlab.train import Interrupted, run
-from optimlab.validate import ConfigError
+from optimlab.validate import ConfigError, rule_error
 
 
 def _search_direction_error(cfg: DictConfig, sweeper: DictConfig) -> str | None:
     """Why a search's sweeper cannot optimise ``optimized_metric`` (unknown metric, or the sweeper's
     direction is the metric's opposite), or None."""
     metric, direction = cfg.get("optimized_metric"), sweeper.get("direction")
-    if metric not in OPTIMIZED_METRICS:
-        return f"optimized_metric: {metric!r} is not allowed; expected one of {', '.join(OPTIMIZED_METRICS)}"
+    if error := rule_error("optimized_metric", metric):
+        return error
     if isinstance(direction, str) and direction != OPTIMIZED_METRICS[metric]:
         return (f"hydra.sweeper.direction: {direction!r} contradicts optimized_metric={metric} "
                 f"(to {OPTIMIZED_METRICS[metric]}); set one of them to agree")

@@ -28,7 +28,7 @@ from optimlab.hydra_job import save_job_record
 from optimlab.record import RunRecord, device_name, log_result, result_line
 from optimlab.summary import SUMMARY, RunSummary, is_complete, read_summary
 from optimlab.tensorboard_logger import TensorBoardRunLogger
-from optimlab.validate import RULES, ConfigError, validate_config
+from optimlab.validate import ConfigError, rule_error, validate_config
 
 # Lightning's start-up banners (GPU available, tips) drown the run's own lines.
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -68,17 +68,14 @@ RESUME_OVERRIDES = ("resume", "epochs", "trainer.max_epochs", "trainer.progress_
 def _sync_epochs(cfg: DictConfig, keys: list[str]) -> None:
     """``epochs`` and ``trainer.max_epochs`` are one setting: the one given on the command line sets
     both (a config composed without overrides has them equal through the interpolation)."""
-    if "trainer" not in cfg:
-        return
     given = {key: OmegaConf.select(cfg, key) for key in ("epochs", "trainer.max_epochs") if key in keys}
     if len(set(given.values())) > 1:
         raise ConfigError(f"trainer.max_epochs: {given['trainer.max_epochs']!r} contradicts epochs: "
                           f"{given['epochs']!r}; they are one setting, give one of them")
-    epochs = given.get("trainer.max_epochs", cfg.epochs if "epochs" in given else cfg.trainer.get("max_epochs", cfg.epochs))
-    if not all(RULES[key][0](OmegaConf.select(cfg, key, default=1)) for key in ("epochs", "trainer.max_epochs")):
+    if any(rule_error(key, OmegaConf.select(cfg, key)) for key in ("epochs", "trainer.max_epochs")):
         return  # validation names the bad key and value as given
     with open_dict(cfg):
-        cfg.epochs = cfg.trainer.max_epochs = epochs
+        cfg.epochs = cfg.trainer.max_epochs = next(iter(given.values()), cfg.trainer.max_epochs)
 
 
 def _recorded_config(config: dict[str, Any], current: DictConfig) -> DictConfig:

@@ -2,8 +2,8 @@
 no constructor checks. One line naming the key, the value and what is allowed.
 
 The keys of the instantiated groups (``model``, ``optimizer``, ``data``, ``scheduler``, ``trainer``,
-and each entry of ``callbacks`` and ``logger``) are the parameters of their ``_target_``'s constructor; their values are checked by those constructors
-when :mod:`optimlab.build` builds them (the single source for those rules), except where a
+and each entry of ``callbacks`` and ``logger``) are the parameters of their ``_target_``'s
+constructor; their values are checked by those constructors when :mod:`optimlab.build` builds them (the single source for those rules), except where a
 constructor checks nothing (torch's LR schedulers, the data module, which reads nothing before
 setup): those values have rules in :data:`RULES`, as has every key outside these groups.
 """
@@ -159,8 +159,7 @@ def unknown_keys(cfg: DictConfig) -> list[str]:
             for key in node:
                 if key in TRAINER_SET_BY_OPTIMLAB:
                     raise ConfigError(f"trainer.{key}: set by optimlab; {TRAINER_SET_BY_OPTIMLAB[key]}")
-            unknown += _target_keys(section, node)
-        elif section in BUILT:
+        if section in (*BUILT, "trainer"):
             unknown += _target_keys(section, node)
         elif section in COLLECTIONS:
             for name, entry in node.items():
@@ -173,6 +172,15 @@ def unknown_keys(cfg: DictConfig) -> list[str]:
             allowed = {key.split(".", 1)[1] for key in RULES if key.startswith(section + ".")}
             unknown += [f"{section}.{key}" for key in node if key not in allowed]
     return unknown
+
+
+def rule_error(key: str, value: Any) -> str | None:
+    """The one-line refusal of ``value`` for ``key`` by its rule in :data:`RULES`, or None if allowed."""
+    ok, allowed = RULES[key]
+    if ok(value):
+        return None
+    why = f" ({WHY[key]})" if key in WHY else ""
+    return f"{key}: {value!r} is not allowed; expected {allowed}{why}"
 
 
 def _value(cfg: DictConfig, key: str) -> Any:
@@ -190,11 +198,10 @@ def validate_config(cfg: DictConfig) -> None:
     if unknown:
         raise ConfigError(f"{', '.join(unknown)}: unknown config key{'s' if len(unknown) > 1 else ''} "
                           f"(nothing reads {'them' if len(unknown) > 1 else 'it'}); check the spelling, or see conf/")
-    for key, (ok, allowed) in RULES.items():
+    for key in RULES:
         value = _value(cfg, key)
-        if value is not inspect.Parameter.empty and not ok(value):
-            why = f" ({WHY[key]})" if key in WHY else ""
-            raise ConfigError(f"{key}: {value!r} is not allowed; expected {allowed}{why}")
+        if value is not inspect.Parameter.empty and (error := rule_error(key, value)):
+            raise ConfigError(error)
     for key in ("model", "optimizer", "data"):
         if not isinstance(cfg.get(key), DictConfig):
             raise ConfigError(f"{key}: missing; choose one of conf/{key}/")

@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from optimlab.population.loop import MemberRecord
 from optimlab.record import log_result, versions
-from optimlab.tensorboard_logger import TensorBoardRunLogger
 from optimlab.regimes import Thresholds, diagnose
 from optimlab.summary import FINISHED, RunSummary, describe_run, write_summary
+from optimlab.tensorboard_logger import TensorBoardRunLogger
 
 
 @dataclass
