@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from optimlab.divergence import DivergenceGuard, total_norm, total_sum
+from optimlab.divergence import DivergenceGuard, all_finite, total_norm, total_sum
 
 OK, BAD = torch.tensor(1.0), torch.tensor(math.nan)
 
@@ -70,3 +70,11 @@ def test_sums_and_norms() -> None:
     assert math.isfinite(total_norm(big).item())  # float32's squared norm would overflow
     assert total_norm([torch.tensor([3.0]), torch.tensor([4.0])]).item() == 5.0
     assert not math.isfinite(total_sum([torch.ones(2), torch.tensor([math.nan])]).item())
+
+
+def test_huge_finite_weights_are_finite() -> None:
+    """Weights near 1e307 are finite, though their norm (and float32's near 1e19) overflows."""
+    huge = [torch.full((4,), 1e307, dtype=torch.float64), torch.full((2,), 3e38)]
+    assert all_finite(huge) and not math.isfinite(torch.linalg.vector_norm(huge[0]).item())
+    for bad in (math.inf, -math.inf, math.nan):
+        assert not all_finite([torch.ones(3), torch.tensor([1.0, bad])])

@@ -6,6 +6,7 @@ except the end-to-end comparison with train.run (slow)."""
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from hydra.utils import instantiate
 
 from conftest import REPO, compose_config, run_script
 from optimlab.data import MNISTDataModule
-from optimlab.divergence import WEIGHTS
+from optimlab.divergence import LOSS_OR_GRADIENT, WEIGHTS
 from optimlab.optim import SGD, Adagrad, Adam, RMSprop
 from optimlab.population import StackedCNN, StackedMLP, build_member
 from optimlab.population.data import PopulationData, split_indices
@@ -216,6 +217,26 @@ def test_non_finite_weights_after_an_update_are_undone(tiny_mnist: Path) -> None
     assert len(records[1].history) == 1 and len(records[0].history) == 2 and not records[0].diverged
     for p, q in zip(loop.params, start):
         assert torch.equal(p[1], q[1])
+
+
+@pytest.mark.parametrize("broken_at,reason", [(1, LOSS_OR_GRADIENT), (2, WEIGHTS)])
+def test_weights_are_judged_where_the_single_run_looks(tiny_mnist: Path, broken_at: int, reason: str) -> None:
+    """With weights checked every 2 steps (as ``trainer.log_every_n_steps=2`` has the single run do),
+    weights made infinite by the update of step 1 are met as step 2's non-finite loss; by step 2's
+    update, as step 2's check of the weights. Both are recorded at the next step, and only member 1."""
+    loop, _ = population(tiny_mnist, [0.1, 0.1, 0.1], [0, 1, 2])
+    loop.weights_every.fill_(2)
+    update = loop.optimizer.step
+
+    def breaking_step() -> None:
+        update()
+        if loop.global_step == broken_at:
+            loop.params[0].data[1, 0, 0] = math.inf
+
+    loop.optimizer.step = breaking_step  # type: ignore[method-assign]
+    records = loop.fit(1)
+    assert (records[1].diverged_at_step, records[1].divergence_reason) == (broken_at + 1, reason)
+    assert not records[0].diverged and not records[2].diverged
 
 
 def single_run(dm: MNISTDataModule, config: dict[str, Any], seed: int, optimizer: type, lr: float,

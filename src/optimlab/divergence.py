@@ -22,6 +22,12 @@ def total_sum(tensors: list[Tensor]) -> Tensor:
     return torch.stack([t.sum() for t in tensors]).sum()
 
 
+def all_finite(tensors: list[Tensor]) -> Tensor:
+    """True (a 0-d bool tensor, on the tensors' device: no host sync) when every element is finite.
+    Element-wise, not a norm: the norm of finite float64 weights near 1e154 overflows to inf."""
+    return torch.stack([t.isfinite().all() for t in tensors]).all()
+
+
 def total_norm(tensors: list[Tensor]) -> Tensor:
     """The 2-norm of all tensors together in float64, on their device (no host sync). float64: the
     float32 norm of finite weights near 1e19 already overflows to inf."""

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from optimlab.divergence import WEIGHTS, DivergenceGuard, total_norm, total_sum
+from optimlab.divergence import WEIGHTS, DivergenceGuard, all_finite, total_sum
 
 EVAL_STAGES = ("val", "test")  # validation dataloader 0 is "val"; 1, when present, is "test"
 
@@ -87,7 +87,7 @@ class ClassifierModule(L.LightningModule):
         if self.clip_val:
             self.clip_gradients(optimizer, gradient_clip_val=self.clip_val, gradient_clip_algorithm=self.clip_algorithm)
         optimizer.step()
-        if (step % self.check_weights_every == 0 or last) and not torch.isfinite(total_norm(list(self.parameters()))):
+        if (step % self.check_weights_every == 0 or last) and not all_finite(list(self.parameters())):
             self.guard.record(step + 1, WEIGHTS)
             self.trainer.should_stop = True
         return {"loss": loss, "logits": logits.detach(), "target": y}

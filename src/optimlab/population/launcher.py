@@ -322,13 +322,13 @@ class ReportingLoop(PopulationLoop):
         self.on_epoch = on_epoch
         self.first_step_s: float | None = None
 
-    def step(self, x: Tensor, y: Tensor) -> Tensor:
+    def step(self, x: Tensor, y: Tensor, last: bool = False) -> Tensor:
         if self.global_step:
-            return super().step(x, y)
+            return super().step(x, y, last)
         sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
         sync()
         started = time.perf_counter()
-        losses = super().step(x, y)
+        losses = super().step(x, y, last)
         sync()
         self.first_step_s = time.perf_counter() - started
         return losses
@@ -414,7 +414,8 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
             population.steps_per_epoch, population.train_size = data.steps_per_epoch, data.train_size
             population.params = sum(p[0].numel() for p in model.parameters())
             noisy[:] = data.noisy_counts
-            loop = ReportingLoop(model, optimizer, data, on_epoch=on_epoch)
+            loop = ReportingLoop(model, optimizer, data, [c.trainer.log_every_n_steps for c in configs],
+                                 on_epoch=on_epoch)
             records = loop.records
             if all(c.get("resume") == "auto" for c in configs):
                 saved, why_not = checkpoint.load(device)

@@ -8,7 +8,9 @@ member) applies every member's own update.
 Isolation. A member whose loss or gradient is non-finite (the single run's check: the loss plus the
 sum of its gradients), or whose weights are non-finite after the update, is frozen at its last
 finite weights and recorded with the step and reason its own run would record (see
-:class:`~optimlab.divergence.DivergenceGuard`). Freezing is a ``torch.where`` against the weights
+:class:`~optimlab.divergence.DivergenceGuard`): the single run looks at its weights only every
+``weights_every`` steps and after an epoch's last step, and otherwise meets them as the next
+step's non-finite loss, at the same step number. Freezing is a ``torch.where`` against the weights
 before the step, so whatever the optimizer computed for that member (NaN state included) never
 reaches its weights, and since every operation is per member, never another member. The finite
 flags stay on the device; they are read once per epoch, never per step (no host sync per step).
@@ -78,9 +80,12 @@ class PopulationLoop:
             ``grad_noise_std`` must be 0: one noise draw for all members cannot follow each
             member's own generator.
         data: the members' data, on the model's device.
+        weights_every: each member's cadence of the single run's check of its updated weights
+            (``trainer.log_every_n_steps``); one number for all, or one per member.
     """
 
-    def __init__(self, model: StackedModel, optimizer: Optimizer, data: PopulationData) -> None:
+    def __init__(self, model: StackedModel, optimizer: Optimizer, data: PopulationData,
+                 weights_every: int | Sequence[int] = 50) -> None:
         params = list(model.parameters())
         groups = optimizer.param_groups
         if len(groups) != 1 or groups[0].get("members") != model.members or \
@@ -98,6 +103,10 @@ class PopulationLoop:
         self.alive = torch.ones(members, dtype=torch.bool, device=device)
         self.diverged_at = torch.full((members,), -1, dtype=torch.long, device=device)
         self.reason = torch.zeros(members, dtype=torch.long, device=device)
+        every = [weights_every] * members if isinstance(weights_every, int) else list(weights_every)
+        if len(every) != members or any(not isinstance(n, int) or n < 1 for n in every):
+            raise ValueError(f"weights_every: {weights_every!r}; expected an integer >= 1, or one per member")
+        self.weights_every = torch.tensor(every, device=device)
         self.global_step = 0
         self.epochs_done = 0
         self.records = [MemberRecord() for _ in range(members)]
@@ -134,9 +143,10 @@ class PopulationLoop:
         for p in self.params:
             yield flags.view((-1,) + (1,) * (p.dim() - 1))
 
-    def step(self, x: Tensor, y: Tensor) -> Tensor:
-        """One training step on every member's batch (``x [P, B, ...]``, ``y [P, B]``); returns the
-        members' losses ``[P]``. Members frozen before or in this step keep their last finite weights."""
+    def step(self, x: Tensor, y: Tensor, last: bool = False) -> Tensor:
+        """One training step on every member's batch (``x [P, B, ...]``, ``y [P, B]``; ``last``: the
+        epoch's last); returns the members' losses ``[P]``. Members frozen before or in this step
+        keep their last finite weights."""
         members, batch = y.shape
         logits = self.model(x.to(self.dtype))
         losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(members, batch).mean(1)
@@ -149,15 +159,17 @@ class PopulationLoop:
         weights_ok = torch.stack([p.detach().flatten(1).isfinite().all(1) for p in self.params]).all(0)
         grads_ok = torch.isfinite(check)
         alive = self.alive & grads_ok & weights_ok
-        for p, last, keep in zip(self.params, self.last_finite, self.member_views(alive)):
-            torch.where(keep, p.detach(), last, out=last)
-            p.detach().copy_(last)
+        for p, finite, keep in zip(self.params, self.last_finite, self.member_views(alive)):
+            torch.where(keep, p.detach(), finite, out=finite)
+            p.detach().copy_(finite)
         newly = self.alive & ~alive
         # A refused step (loss or gradient) is recorded at its own step; non-finite weights after
-        # the update at the next one, as the single run's guard records them.
+        # the update at the next one, as the single run's guard records them, and as weights only
+        # where the single run looks at them (else its next step's loss is what it sees).
         self.diverged_at = torch.where(newly, torch.where(grads_ok, self.global_step + 1, self.global_step),
                                        self.diverged_at)
-        self.reason = torch.where(newly, torch.where(grads_ok, 2, 1), self.reason)
+        weights_seen = (self.global_step % self.weights_every == 0) | last
+        self.reason = torch.where(newly, torch.where(grads_ok & weights_seen, 2, 1), self.reason)
         # The epoch's training metrics count the steps whose update was applied, as RunRecord does.
         applied = (self.alive & grads_ok).double()
         correct = (logits.detach().argmax(2) == y).sum(1).double()
@@ -177,8 +189,9 @@ class PopulationLoop:
         started_alive = self.alive.clone()
         self._metrics.zero_()
         self._metrics[3] = -math.inf
-        for x, y in self.data.train_batches(epoch):
-            self.step(x, y)
+        steps = self.data.steps_per_epoch
+        for i, (x, y) in enumerate(self.data.train_batches(epoch)):
+            self.step(x, y, last=i + 1 == steps)
         return started_alive
 
     @torch.no_grad()
