@@ -84,47 +84,80 @@ def test_groups_are_split_evenly_and_a_job_without_partner_runs_alone() -> None:
 # ---------------------------------------------------------------------------- end to end
 
 
-@pytest.mark.slow
-def test_a_population_sweep_equals_the_sequential_sweep(mnist_root: Path, tmp_path: Path) -> None:
-    """Six jobs (three lrs x two seeds; lr 1e30 blows the loss up) as one population write what the
-    basic launcher's sequential jobs write: the same folders, summary.json keys, status, steps,
-    regime, divergence, float64 training metrics to 1e-9 relative, validation and test counts
-    (the sequential job's evaluation metrics are torchmetrics' float32: compared to its rounding);
-    each with TensorBoard events (epoch scalars and HPARAMS), and optimlab-report reads the sweep."""
-    grid = ["lr=0.01,0.1,1e30", "seed=0,1", "data.subset=500", "data.val_size=500", "epochs=2",
-            "trainer.precision=64-true", "model.hidden=[32]", "trainer.accelerator=cpu"]
+EQUIVALENCE_BUDGET = ["data.subset=256", "data.val_size=256", "epochs=2", "trainer.accelerator=cpu"]
+
+
+def sweep_both_ways(tmp_path: Path, *grid: str) -> tuple[dict[str, dict], dict[str, dict], str]:
+    """``grid`` swept by the population launcher and by the basic (sequential) one; each job's
+    summary.json by folder, and the population launcher's output."""
     population = train(*grid, "hydra/launcher=population", f"hydra.sweep.dir={tmp_path / 'population'}")
     assert population.returncode == 0, population.stderr[-3000:]
-    assert "population 1: 6 members" in population.stdout
     sequential = train(*grid, f"hydra.sweep.dir={tmp_path / 'sequential'}")
     assert sequential.returncode == 0, sequential.stderr[-3000:]
     pop, seq = summaries(tmp_path / "population"), summaries(tmp_path / "sequential")
-    assert len(seq) == 6 and pop.keys() == seq.keys()
+    assert pop.keys() == seq.keys()
+    return pop, seq, population.stdout
+
+
+@pytest.mark.slow
+def test_a_population_sweep_equals_the_sequential_sweep(mnist_root: Path, tmp_path: Path) -> None:
+    """48 jobs in float64: the four optimizers x lr 0.001, 0.01 and 1e307 (whose members go
+    non-finite and are frozen while the others train on) x two seeds x widths 8 and 24, as eight
+    populations, write what the basic launcher's sequential jobs write: the same folders,
+    summary.json keys, status, steps, regime, divergence, training metrics to 1e-9 relative,
+    validation and test counts (the sequential job's evaluation metrics are torchmetrics' float32:
+    compared to its rounding); each with TensorBoard events (epoch scalars and HPARAMS), and
+    optimlab-report reads the sweep. (Adagrad's lr stays at 0.01 and below: at 0.03 its float64
+    rounding differences grow past 1e-9, see docs/population.md#limits.)"""
+    pop, seq, out = sweep_both_ways(tmp_path, "optimizer=sgd,adam,rmsprop,adagrad", "lr=0.001,0.01,1e307",
+                                    "seed=0,1", "model.hidden=[8],[24]", "trainer.precision=64-true",
+                                    *EQUIVALENCE_BUDGET)
+    assert "48 jobs -> 8 population(s) of 48 members" in out
+    assert len(seq) == 48
     for name, ref in seq.items():
         got = pop[name]
         assert got.keys() == ref.keys() and got["population"]["members"] == 6 and ref["population"] is None
         for key in ("status", "steps", "regime", "diverged", "diverged_at_step", "divergence_reason", "params",
                     "train_size", "tested_checkpoint", "config"):
             assert got[key] == ref[key], (name, key)
-        assert round(got["test_acc"] * 10_000) == round(ref["test_acc"] * 10_000)
         assert [row.keys() for row in got["epochs"]] == [row.keys() for row in ref["epochs"]]
         for row, ref_row in zip(got["epochs"], ref["epochs"]):
             for key in ("train_loss", "train_acc", "train_loss_max", "train_loss_initial"):
-                if key in ref_row:
-                    assert row[key] == pytest.approx(ref_row[key], rel=1e-9), (name, row["epoch"], key)
-            for key, count in (("val_acc", 500), ("test_acc", 10_000)):
-                assert round(row[key] * count) == round(ref_row[key] * count), (name, key)
-            for key in ("val_loss", "test_loss"):
-                assert row[key] == pytest.approx(ref_row[key], rel=1e-6), (name, key)
-        run_dir = tmp_path / "population" / name
-        events = b"".join(p.read_bytes() for p in (run_dir / "tensorboard").glob("events.out.tfevents.*"))
-        assert all(tag in events for tag in (b"train/loss", b"val/acc", b"test/acc", b"_hparams_/experiment", b"regime"))
-        assert (run_dir / ".hydra" / "overrides.yaml").is_file()
-    assert {s["regime"] for s in pop.values()} >= {"diverging"}
+                if key in ref_row:  # null (not finite) in both, or equal to 1e-9
+                    expected = ref_row[key] if ref_row[key] is None else pytest.approx(ref_row[key], rel=1e-9)
+                    assert row[key] == expected, (name, row["epoch"], key)
+            for stage, count in (("val", 256), ("test", 10_000)):
+                if ref_row[f"{stage}_loss"] is None:
+                    # Weights near 1e307 (lr 1e307): overflowing logits, whose winner rounding decides.
+                    assert row[f"{stage}_loss"] is None, (name, stage)
+                    continue
+                assert round(row[f"{stage}_acc"] * count) == round(ref_row[f"{stage}_acc"] * count), (name, stage)
+                assert row[f"{stage}_loss"] == pytest.approx(ref_row[f"{stage}_loss"], rel=1e-6), (name, stage)
+        if ref["epochs"][-1]["test_loss"] is not None:
+            assert round(got["test_acc"] * 10_000) == round(ref["test_acc"] * 10_000), name
+    diverging = [s for s in seq.values() if s["config"]["lr"] == 1e307]
+    assert len(diverging) == 16 and all(s["regime"] == "diverging" and s["diverged"] for s in diverging)
+    assert {s["regime"] for s in seq.values() if s["config"]["lr"] < 1} - {"diverging"}
+    first = next(iter(pop))
+    events = b"".join(p.read_bytes() for p in (tmp_path / "population" / first / "tensorboard").glob("events.*"))
+    assert all(tag in events for tag in (b"train/loss", b"val/acc", b"test/acc", b"_hparams_/experiment", b"regime"))
+    assert (tmp_path / "population" / first / ".hydra" / "overrides.yaml").is_file()
     report = subprocess.run([str(Path(sys.executable).with_name("optimlab-report")), str(tmp_path / "population")],
                             capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr
-    assert "6 runs" in (tmp_path / "population" / "report.md").read_text()
+    assert "48 runs" in (tmp_path / "population" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_float32_population_sweep_ends_where_the_sequential_one_does(mnist_root: Path, tmp_path: Path) -> None:
+    """16 jobs in float32 (the four optimizers x two lrs x two seeds): the same regimes, and final
+    test accuracies within 0.3 points (the issue's bar; here they agree to the image)."""
+    pop, seq, _ = sweep_both_ways(tmp_path, "optimizer=sgd,adam,rmsprop,adagrad", "lr=0.001,0.01", "seed=0,1",
+                                  "model.hidden=[24]", *EQUIVALENCE_BUDGET)
+    assert len(seq) == 16
+    for name, ref in seq.items():
+        assert pop[name]["regime"] == ref["regime"] and pop[name]["steps"] == ref["steps"], name
+        assert abs(pop[name]["test_acc"] - ref["test_acc"]) <= 0.003, name
 
 
 @pytest.mark.slow
