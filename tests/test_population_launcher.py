@@ -43,6 +43,21 @@ def test_the_plugin_is_registered_with_its_knobs() -> None:
         PopulationLauncher(max_members=0)
 
 
+@pytest.mark.parametrize("options,key", [({"executor": "nope"}, "hydra.launcher.executor"),
+                                         ({"max_parallel": 0}, "hydra.launcher.max_parallel"),
+                                         ({"executor": "submitit_local", "submitit": {"bogus": 1}},
+                                          "hydra.launcher.submitit"),
+                                         ({"executor": "submitit_local", "submitit": {"timeout_min": "soon"}},
+                                          "hydra.launcher.submitit"),
+                                         ({"executor": "submitit_slurm"}, "hydra.launcher.executor=submitit_slurm")])
+def test_bad_launcher_options_are_refused_before_anything_is_written(tmp_path: Path, options: dict,
+                                                                      key: str) -> None:
+    """(There is no SLURM here: submitit finds no srun.)"""
+    with pytest.raises(ValueError, match=key):
+        PopulationLauncher(submitit_folder=str(tmp_path / "submitit" / "%j"), **options)
+    assert not (tmp_path / "submitit").exists()
+
+
 def test_members_may_differ_in_member_wise_settings_only() -> None:
     key = population_key(compose_config())
     for same in (["lr=0.5"], ["seed=3"], ["optimizer.weight_decay=0.01"], ["data.label_noise=0.2"],
@@ -158,6 +173,33 @@ def test_a_float32_population_sweep_ends_where_the_sequential_one_does(mnist_roo
     for name, ref in seq.items():
         assert pop[name]["regime"] == ref["regime"] and pop[name]["steps"] == ref["steps"], name
         assert abs(pop[name]["test_acc"] - ref["test_acc"]) <= 0.003, name
+
+
+@pytest.mark.slow
+def test_populations_run_as_submitit_jobs(mnist_root: Path, tmp_path: Path) -> None:
+    """``hydra.launcher.executor=submitit_local``: each population (here two: widths 8 and 16) is
+    one submitit job, a process of its own, one at a time; every member's record is the one the
+    populations trained in this process write, and each job's folder is complete."""
+    grid = ["lr=0.05,0.1", "model.hidden=[8],[16]", "trainer.precision=64-true", *EQUIVALENCE_BUDGET]
+    inline = train(*grid, "hydra/launcher=population", f"hydra.sweep.dir={tmp_path / 'inline'}")
+    assert inline.returncode == 0, inline.stderr[-3000:]
+    submitted = train(*grid, "hydra/launcher=population", "hydra.launcher.executor=submitit_local",
+                      "hydra.launcher.max_parallel=1", f"hydra.sweep.dir={tmp_path / 'submitit'}")
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    assert submitted.stdout.count("submitted as submitit job") == 2
+    logs = sorted((tmp_path / "submitit" / ".submitit").glob("*/*_log.out"))
+    assert len(logs) == 2 and all("epoch   2/2" in log.read_text() for log in logs)
+    got, ref = summaries(tmp_path / "submitit"), summaries(tmp_path / "inline")
+    assert len(ref) == 4 and got.keys() == ref.keys()
+    for name, expected in ref.items():
+        assert got[name]["status"] == "complete" and got[name]["population"]["members"] == 2
+        for key in ("steps", "regime", "test_acc", "test_loss"):
+            assert got[name][key] == expected[key], (name, key)
+        for row, ref_row in zip(got[name]["epochs"], expected["epochs"], strict=True):
+            assert row["train_loss"] == pytest.approx(ref_row["train_loss"], rel=1e-12)
+            assert row["val_acc"] == ref_row["val_acc"]
+        assert (tmp_path / "submitit" / name / ".hydra" / "overrides.yaml").is_file()
+        assert list((tmp_path / "submitit" / name / "tensorboard").glob("events.out.tfevents.*"))
 
 
 @pytest.mark.slow

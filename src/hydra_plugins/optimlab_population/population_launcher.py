@@ -8,8 +8,8 @@ sweep is launched, as Hydra's joblib launcher keeps its work in ``_core``.
 # No `from __future__ import annotations`: Hydra's scanner runs this module before registering it in
 # sys.modules, where dataclasses would look string annotations up.
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn
@@ -25,7 +25,17 @@ class PopulationLauncherConf:
     _target_: str = "hydra_plugins.optimlab_population.population_launcher.PopulationLauncher"
     max_members: int = 64    # a larger group of compatible jobs is split into populations of at most this many
     dry_run: bool = False    # print the plan (populations, members, estimated memory) and stop
+    # inline: the populations train one by one in this process; submitit_local / submitit_slurm: each
+    # population is one submitit job (processes on this machine / SLURM jobs), see optimlab.population.cluster
+    executor: str = "inline"
+    max_parallel: Optional[int] = None  # submitit jobs running at once (None: all; SLURM queues them)
+    submitit_folder: str = "${hydra.sweep.dir}/.submitit/%j"  # submitit's logs and pickles (%j: job id)
+    # submitit.AutoExecutor.update_parameters: timeout_min, cpus_per_task, gpus_per_node, mem_gb,
+    # slurm_partition, ... (add one with +hydra.launcher.submitit.<name>=<value>)
+    submitit: Dict[str, Any] = field(default_factory=lambda: {"timeout_min": 60})
 
+
+EXECUTORS = ("inline", "submitit_local", "submitit_slurm")
 
 ConfigStore.instance().store(group="hydra/launcher", name="population", node=PopulationLauncherConf,
                              provider="optimlab")
@@ -36,10 +46,23 @@ class PopulationLauncher(Launcher):
     output dir, ``.hydra/`` files and JobReturn), but trains the jobs that can share a population
     together, with :mod:`optimlab.population`; the others run one by one through the task function."""
 
-    def __init__(self, max_members: int = 64, dry_run: bool = False) -> None:
-        if not isinstance(max_members, int) or isinstance(max_members, bool) or max_members < 1:
-            raise ValueError(f"hydra.launcher.max_members: {max_members!r} is not allowed; expected an integer >= 1")
-        self.max_members, self.dry_run = max_members, bool(dry_run)
+    def __init__(self, max_members: int = 64, dry_run: bool = False, executor: str = "inline",
+                 max_parallel: Optional[int] = None, submitit_folder: str = ".submitit/%j",
+                 submitit: Optional[Dict[str, Any]] = None) -> None:
+        for key, value, allow_none in (("max_members", max_members, False), ("max_parallel", max_parallel, True)):
+            if not (value is None and allow_none) and (not isinstance(value, int) or isinstance(value, bool)
+                                                       or value < 1):
+                allowed = "null or an integer >= 1" if allow_none else "an integer >= 1"
+                raise ValueError(f"hydra.launcher.{key}: {value!r} is not allowed; expected {allowed}")
+        if executor not in EXECUTORS:
+            raise ValueError(f"hydra.launcher.executor: {executor!r} is not allowed; expected one of "
+                             f"{', '.join(EXECUTORS)}")
+        self.max_members, self.dry_run, self.max_parallel = max_members, bool(dry_run), max_parallel
+        self.executor = None
+        if executor != "inline":  # checked here, before Hydra writes anything for the sweep
+            from optimlab.population.cluster import make_executor
+
+            self.executor = make_executor(executor, submitit_folder, submitit or {})
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
@@ -51,5 +74,6 @@ class PopulationLauncher(Launcher):
         from optimlab.population.launcher import launch  # torch and Lightning: only when a sweep runs
 
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
-        options: dict[str, Any] = {"max_members": self.max_members, "dry_run": self.dry_run}
+        options: dict[str, Any] = {"max_members": self.max_members, "dry_run": self.dry_run,
+                                   "executor": self.executor, "max_parallel": self.max_parallel}
         return launch(self.hydra_context, self.task_function, self.config, job_overrides, initial_job_idx, **options)

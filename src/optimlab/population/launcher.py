@@ -12,7 +12,8 @@
    the others are grouped by everything but their member-wise settings (:data:`MEMBER_WISE`), and
    groups larger than ``max_members`` are split evenly;
 3. prints the plan (populations, members, estimated memory) and stops there with ``dry_run``;
-4. trains each population (:mod:`optimlab.population`), writing every member's ``running``
+4. trains each population (:mod:`optimlab.population`) in this process, or as a submitit job
+   (``hydra.launcher.executor``, :mod:`optimlab.population.cluster`), writing every member's ``running``
    summary after each epoch, then finishes each member as a Hydra job (``run_job``: ``.hydra/``
    files, job logging, a JobReturn) whose task writes its final summary and TensorBoard events.
 
@@ -51,13 +52,14 @@ from optimlab.data import DataError, ensure_files, load_split, resolve_root
 from optimlab.hydra_job import save_job_record
 from optimlab.optim import Optimizer
 from optimlab.population.checkpoint import PopulationCheckpoint
+from optimlab.population.cluster import run_as_jobs
 from optimlab.population.data import PopulationData, split_indices
 from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimizer
 from optimlab.population.records import PopulationRun, member_summary, write_member
 from optimlab.population.stacked import StackedCNN, StackedMLP, StackedModel, build_member
 from optimlab.record import device_name, result_line, versions
 from optimlab.summary import (FINISHED, SUMMARY, RunSummary, config_key, describe_run, is_complete, optimized_value,
-                              write_summary)
+                              read_summary, write_summary)
 from optimlab.validate import ConfigError, validate_config
 
 log = logging.getLogger(__name__)
@@ -450,16 +452,42 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
 
 def finish_member(job: Job, summary: RunSummary) -> TaskFunction:
     """The task of a member's Hydra job: its summary and TensorBoard events written, its result
-    printed; returns its ``optimized_metric`` as ``train.py``'s task does, or fails with the population's error."""
+    printed; returns its ``optimized_metric`` as ``train.py``'s task does, or fails with the
+    population's error (crashed, or interrupted as a submitit job)."""
     def task(cfg: DictConfig) -> float | None:
         save_job_record(job.run_dir, cfg)
         write_member(job.run_dir, summary)
-        if summary.status == "crashed":
-            raise PopulationCrashed(f"{summary.population['name']} crashed: {summary.error}")
+        if summary.status in ("crashed", "interrupted"):
+            raise PopulationCrashed(f"{summary.population['name']} {summary.status}: {summary.error}")
         print(result_line(summary))
         return optimized_value(summary, cfg.get("optimized_metric", "val/acc_best"))
 
     return task
+
+
+def bare_summary(job: Job, error: str) -> RunSummary:
+    """A ``crashed`` summary of a job that recorded nothing itself, with its config and ``error``."""
+    try:
+        config = OmegaConf.to_container(job.config, resolve=True)
+    except Exception:  # the error may be an interpolation that cannot resolve
+        config = OmegaConf.to_container(job.config, resolve=False)
+    return RunSummary(status="crashed", config=config, description=vars(describe_run(config)), versions=versions(),
+                      error=error)
+
+
+def failed_members(members: Sequence[Job], name: str, error: str) -> list[RunSummary]:
+    """The summaries of a population whose submitit job failed: what each member's folder holds
+    (its epochs so far; ``crashed`` with ``error``, or ``interrupted`` where the job wrote so when
+    it was stopped), or a bare crashed summary where it holds nothing."""
+    summaries = []
+    for job in members:
+        summary = read_summary(job.run_dir) or bare_summary(job, error)
+        if summary.status != "interrupted":
+            summary.status = "crashed"
+        summary.error = error
+        summary.population = {**(summary.population or {}), "name": name}
+        summaries.append(summary)
+    return summaries
 
 
 def fail_job(job: Job) -> TaskFunction:
@@ -472,12 +500,7 @@ def fail_job(job: Job) -> TaskFunction:
         if (job.run_dir / SUMMARY).exists():
             raise job.error
         save_job_record(job.run_dir, cfg)
-        try:
-            config = OmegaConf.to_container(job.config, resolve=True)
-        except Exception:  # the error may be an interpolation that cannot resolve
-            config = OmegaConf.to_container(job.config, resolve=False)
-        write_summary(job.run_dir, RunSummary(status="crashed", config=config, description=vars(describe_run(config)),
-                                              versions=versions(), error=f"{type(job.error).__name__}: {job.error}"))
+        write_summary(job.run_dir, bare_summary(job, f"{type(job.error).__name__}: {job.error}"))
         raise job.error
 
     return task
@@ -493,8 +516,11 @@ def dry_return(job: Job) -> JobReturn:
 
 def launch(hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig,
            job_overrides: Sequence[Sequence[str]], initial_job_idx: int, *, max_members: int = 64,
-           dry_run: bool = False) -> list[JobReturn]:
-    """Launch a batch of jobs (see the module docstring); one JobReturn per job, in job order."""
+           dry_run: bool = False, executor: Any = None, max_parallel: int | None = None) -> list[JobReturn]:
+    """Launch a batch of jobs (see the module docstring); one JobReturn per job, in job order.
+    ``executor``: None trains the populations one by one in this process; a submitit executor
+    (:func:`~optimlab.population.cluster.make_executor`) runs each as a submitit job, at most
+    ``max_parallel`` at once."""
     setup_globals()
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -517,11 +543,17 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
         return ret
 
     returns: dict[int, JobReturn] = {}
-    for i, members in enumerate(populations, 1):
-        name = f"population {i}"
-        print(f"{name}: training {len(members)} members (jobs {', '.join(f'#{job.num}' for job in members)})",
-              flush=True)
-        results = train_members(members, name)
+    named = [(f"population {i}", members) for i, members in enumerate(populations, 1)]
+
+    def in_this_process() -> Iterator[tuple[list[Job], list[RunSummary]]]:
+        for name, members in named:
+            print(f"{name}: training {len(members)} members (jobs {', '.join(f'#{job.num}' for job in members)})",
+                  flush=True)
+            yield members, train_members(members, name)
+
+    trained = in_this_process() if executor is None else run_as_jobs(executor, named, train_members, max_parallel,
+                                                                     failed_members)
+    for members, results in trained:
         for job, summary in zip(members, results):
             returns[job.num] = run(job, finish_member(job, summary))
         if all(summary.status in FINISHED for summary in results):
