@@ -1,0 +1,110 @@
+"""Every member's sharpness with batched Hessian-vector products (optimlab.population.curvature),
+against each member's single model measured alone (optimlab.curvature.sharpness) in float64."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from optimlab.curvature import lanczos, sharpness
+from optimlab.population.curvature import lanczos_members, member_eigenpairs
+from optimlab.population.stacked import StackedCNN, StackedMLP
+from test_population import cnn_config, images, mlp_config
+
+TIGHT = {"iters": 120, "tol": 1e-12}
+
+
+def stacked(kind: str, seeds: list[int], **kw: Any) -> StackedMLP | StackedCNN:
+    cls, config = (StackedMLP, mlp_config(**kw)) if kind == "mlp" else (StackedCNN, cnn_config(**kw))
+    return cls.from_configs([config] * len(seeds), seeds).double()
+
+
+def probe(members: int, batch: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    y = torch.randint(0, 10, (members, batch), generator=torch.Generator().manual_seed(7))
+    return images(members, batch, seed=3), y
+
+
+def preconditioners(model: torch.nn.Module, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(p.shape, generator=g, dtype=p.dtype) * 4 + 0.1 for p in model.parameters()]
+
+
+def member_pieces(model: StackedMLP | StackedCNN, tensors: list[torch.Tensor], m: int) -> list[torch.Tensor]:
+    """Member m's slices of stacked tensors, in its single model's parameter order and shapes."""
+    single = model.member_model(m)
+    names = [name for name, _ in model.named_parameters()]
+    stacked_of = dict(zip(names, tensors))
+    out = []
+    for name, p in single.named_parameters():
+        piece = stacked_of[name][m]
+        out.append(piece.t() if piece.shape != p.shape else piece)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("preconditioned", [False, True])
+def test_every_member_gets_its_own_models_sharpness(kind: str, preconditioned: bool) -> None:
+    seeds = [0, 1, 2]
+    model = stacked(kind, seeds, activation="tanh")
+    x, y = probe(len(seeds))
+    pre = preconditioners(model, 5) if preconditioned else None
+    pairs = member_eigenpairs(model, x, y, pre, **TIGHT)
+    for m in range(len(seeds)):
+        single_pre = member_pieces(model, pre, m) if pre else None
+        expected = sharpness(model.member_model(m), x[m], y[m], single_pre, **TIGHT)
+        assert pairs.values[m].item() == pytest.approx(expected, rel=1e-9), m
+    assert pairs.values.dtype == torch.float64 and [v.shape for v in pairs.vectors] == [
+        p.shape for p in model.parameters()]
+
+
+def test_members_stop_on_their_own_tolerance_and_warm_starts_help() -> None:
+    model = stacked("mlp", [0, 1, 2, 3])
+    x, y = probe(4)
+    cold = member_eigenpairs(model, x, y, iters=50, tol=1e-6)
+    warm = member_eigenpairs(model, x, y, iters=50, tol=1e-6, init=cold.vectors)
+    assert (warm.iterations < cold.iterations).all() and warm.values == pytest.approx(cold.values.tolist(), rel=1e-5)
+    assert len(set(cold.iterations.tolist())) > 1  # each member stopped when it converged
+    for m in range(4):
+        norm = torch.linalg.vector_norm(torch.cat([v[m].flatten() for v in cold.vectors]))
+        assert norm.item() == pytest.approx(1.0, rel=1e-9)
+
+
+def test_a_non_finite_member_gives_nan_and_changes_no_other() -> None:
+    model = stacked("mlp", [0, 1, 2])
+    x, y = probe(3)
+    before = member_eigenpairs(model, x, y, **TIGHT).values
+    with torch.no_grad():
+        next(model.parameters())[1, 0, 0] = math.nan
+    after = member_eigenpairs(model, x, y, **TIGHT).values
+    assert math.isnan(after[1]) and torch.equal(after[[0, 2]], before[[0, 2]])
+
+
+def test_batched_lanczos_equals_lanczos_on_each_matrix() -> None:
+    g = torch.Generator().manual_seed(0)
+    mats = torch.randn(3, 30, 30, generator=g, dtype=torch.float64)
+    mats = mats + mats.transpose(1, 2)
+    v0 = torch.randn(3, 30, generator=g, dtype=torch.float64)
+    values, vectors, counts = lanczos_members(lambda v: torch.einsum("pij,pj->pi", mats, v), v0, iters=30, tol=0)
+    for m in range(3):
+        value, vector, count = lanczos(lambda v: mats[m] @ v, v0[m], iters=30, tol=0)
+        assert values[m].item() == pytest.approx(value, rel=1e-10) and abs(int(counts[m]) - count) <= 3
+        assert values[m].item() == pytest.approx(torch.linalg.eigvalsh(mats[m])[-1].item(), rel=1e-10)
+        assert abs(torch.dot(vectors[m], vector).item()) == pytest.approx(1.0, rel=1e-8)
+
+
+def test_argument_checks() -> None:
+    model = stacked("mlp", [0, 1])
+    x, y = probe(2)
+    with pytest.raises(ValueError, match="x must be"):
+        member_eigenpairs(model, x[:1], y[:1])
+    with pytest.raises(ValueError, match="preconditioner"):
+        member_eigenpairs(model, x, y, [torch.ones(3)])
+    with pytest.raises(ValueError, match="positive"):
+        member_eigenpairs(model, x, y, [torch.zeros_like(p) for p in model.parameters()])
+    with pytest.raises(ValueError, match="v0"):
+        lanczos_members(lambda v: v, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="iters"):
+        lanczos_members(lambda v: v, torch.ones(2, 3), iters=0)
