@@ -65,8 +65,9 @@ def test_members_may_differ_in_member_wise_settings_only() -> None:
         assert population_key(compose_config(*same)) == key, same
     for other in (["batch_size=64"], ["epochs=3"], ["data.subset=1000"], ["model.hidden=[32]"],
                   ["optimizer=adam"], ["optimizer.momentum=0.9"], ["trainer.precision=64-true"],
-                  ["data.test_every_epoch=false"]):
+                  ["data.test_every_epoch=false"], ["curvature.every_n_steps=10"]):
         assert population_key(compose_config(*other)) != key, other
+    assert why_alone(compose_config("curvature.every_n_steps=10")) is None  # tracked members share a population
 
 
 @pytest.mark.parametrize("overrides, reason", [
@@ -176,6 +177,44 @@ def test_a_float32_population_sweep_ends_where_the_sequential_one_does(mnist_roo
 
 
 @pytest.mark.slow
+def test_a_tracked_population_records_the_sharpness_its_runs_record(mnist_root: Path, tmp_path: Path) -> None:
+    """``curvature.every_n_steps`` in a population (two of four members each, SGD and Adam; float64):
+    every member's sharpness record (each measurement, its step, threshold and crossing; the epoch
+    rows' sharpness keys) is its sequential run's, the values to 1e-9 relative (one batched
+    Hessian-vector product per Lanczos step against each run's own); the diagnosis is the same, and
+    the member's TensorBoard events hold the series, which optimlab-report draws."""
+    pop, seq, out = sweep_both_ways(tmp_path, "optimizer=sgd,adam", "lr=0.05,0.5", "seed=0,1",
+                                    "model.hidden=[16]", "trainer.precision=64-true", "curvature.every_n_steps=2",
+                                    "curvature.log_spaced_start=true", "curvature.probe_size=64",
+                                    *EQUIVALENCE_BUDGET)
+    assert "8 jobs -> 2 population(s) of 8 members" in out
+    for name, ref in seq.items():
+        got, expected = pop[name]["curvature"], ref["curvature"]
+        assert expected["measurements"] >= 3 and got.keys() == expected.keys(), name
+        for key, value in expected.items():
+            if key == "series":
+                assert [row[0] for row in got[key]] == [row[0] for row in value], name
+                assert [row[1:] for row in got[key]] == [pytest.approx(row[1:], rel=1e-9) for row in value], name
+            elif isinstance(value, float):
+                assert got[key] == pytest.approx(value, rel=1e-9), (name, key)
+            else:
+                assert got[key] == value, (name, key)
+        for row, ref_row in zip(pop[name]["epochs"], ref["epochs"], strict=True):
+            assert row.keys() == ref_row.keys() and row["sharpness_crossed_at_step"] == ref_row["sharpness_crossed_at_step"]
+            assert row["sharpness_max"] == pytest.approx(ref_row["sharpness_max"], rel=1e-9)
+        assert pop[name]["regime"] == ref["regime"] and pop[name]["regime_evidence"] == ref["regime_evidence"]
+    assert {s["curvature"]["preconditioned"] for s in pop.values()} == {True, False}
+    assert any(s["curvature"]["first_crossing_step"] is not None for s in pop.values())
+    first = next(iter(pop))
+    events = b"".join(p.read_bytes() for p in (tmp_path / "population" / first / "tensorboard").glob("events.*"))
+    assert b"curvature/sharpness" in events and b"curvature/threshold" in events
+    report = subprocess.run([str(Path(sys.executable).with_name("optimlab-report")), str(tmp_path / "population")],
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr
+    assert (tmp_path / "population" / "sharpness.png").is_file()
+
+
+@pytest.mark.slow
 def test_populations_run_as_submitit_jobs(mnist_root: Path, tmp_path: Path) -> None:
     """``hydra.launcher.executor=submitit_local``: each population (here two: widths 8 and 16) is
     one submitit job, a process of its own, one at a time; every member's record is the one the
@@ -281,7 +320,8 @@ sys.argv = [sys.argv[1], "-m", *sys.argv[2:]]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 RESUMABLE = ["lr=0.05,0.1", "seed=0,1", "data.subset=512", "data.val_size=500", "epochs=3", "model.hidden=[16]",
-             "trainer.accelerator=cpu", "trainer.num_threads=1", "hydra/launcher=population"]
+             "trainer.accelerator=cpu", "trainer.num_threads=1", "hydra/launcher=population",
+             "curvature.every_n_steps=3", "curvature.probe_size=64"]  # tracking's state resumes too
 
 
 def untimed(summary: dict) -> dict:

@@ -41,7 +41,8 @@ from optimlab import optim
 
 __all__ = [
     "DEFAULT_PROBE_SIZE", "DEFAULT_TRACKING_TOL", "Eigenpair", "SharpnessCallback", "SharpnessLog",
-    "SharpnessTracker", "lanczos", "preconditioner", "sharpness", "stability_threshold", "top_eigenpair",
+    "SharpnessTracker", "lanczos", "measurement_due", "preconditioner", "probe_indices", "sharpness",
+    "stability_threshold", "top_eigenpair",
 ]
 
 # Probe images for tracking during training. A small probe's Hessian has a larger top eigenvalue
@@ -244,6 +245,8 @@ def top_eigenpair(model: nn.Module, x: Tensor, y: Tensor, preconditioner: Sequen
         v0 = torch.randn(sum(p.numel() for p in params), generator=generator, dtype=dtype).to(device)
     shapes, sizes = [p.shape for p in params], [p.numel() for p in params]
 
+    if x.is_floating_point():  # images in the model's dtype, as a 64-true trainer casts its batches
+        x = x.to(dtype)
     with evaluation(model):
         loss = F.cross_entropy(model(x), y)
         grads = torch.autograd.grad(loss, params, create_graph=True, materialize_grads=True)
@@ -446,6 +449,13 @@ def preconditioner(optimizer: torch.optim.Optimizer, params: Iterable[Tensor] | 
 
 
 # --------------------------------------------------------------------------- tracking
+
+
+def measurement_due(step: int, every_n_steps: int, log_spaced_start: bool) -> bool:
+    """Whether tracking measures after optimizer step ``step`` (>= 1): every ``every_n_steps``, and
+    with ``log_spaced_start`` also at steps 1, 2, 4, ... below it."""
+    early = log_spaced_start and step < every_n_steps and step & (step - 1) == 0
+    return step % every_n_steps == 0 or early
 
 
 def probe_indices(n: int, size: int, seed: int) -> Tensor:
@@ -668,8 +678,7 @@ class SharpnessCallback(L.Callback):
 
     def due(self, step: int) -> bool:
         """Whether optimizer step ``step`` (>= 1) is measured."""
-        early = self.log_spaced_start and step < self.every_n_steps and step & (step - 1) == 0
-        return step % self.every_n_steps == 0 or early
+        return measurement_due(step, self.every_n_steps, self.log_spaced_start)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

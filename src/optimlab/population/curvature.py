@@ -14,19 +14,25 @@ it reaches another member.
 :class:`~optimlab.population.stacked.StackedModel`: member m's value is the top eigenvalue of the
 Hessian of its mean cross-entropy on its own batch (plain or preconditioned), the value its single
 model gives (tested against :func:`~optimlab.curvature.sharpness` in float64).
+:class:`MemberSharpness` tracks every member during population training as
+:class:`~optimlab.curvature.SharpnessCallback` tracks a single run: the same probe, start vector,
+schedule, preconditioner, threshold and records, for every member at once.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from optimlab.curvature import evaluation, tridiagonal
+from optimlab.curvature import (DEFAULT_PROBE_SIZE, DEFAULT_TRACKING_TOL, SharpnessLog, evaluation, measurement_due,
+                                preconditioner, probe_indices, stability_threshold, tridiagonal)
+from optimlab.optim import SGD, Optimizer
+from optimlab.population.data import PopulationData
 from optimlab.population.stacked import StackedModel
 
 
@@ -183,3 +189,108 @@ def member_eigenpairs(model: StackedModel, x: Tensor, y: Tensor, preconditioner:
 
         values, vectors, iterations = lanczos_members(hessian_products, v0, iters, tol)
     return MemberEigenpairs(values, [v.detach() for v in unflat(vectors)], iterations)
+
+
+class MemberSharpness:
+    """Sharpness tracking for every member of a population, as
+    :class:`~optimlab.curvature.SharpnessCallback` tracks a single run (its arguments, per member).
+
+    Member m's probe is the ``probe_size`` training examples its run's callback draws with seed
+    ``seeds[m]``, its first start vector the standard normal draw its run's tracker makes from that
+    seed (in the single model's parameter order, stacked), and every later one its previous
+    eigenvector. Measured after the steps :func:`~optimlab.curvature.measurement_due` names (and at
+    step 0 for SGD with ``log_spaced_start``) with one :func:`member_eigenpairs` call, preconditioned
+    by the member-wise optimizer's state, against the threshold of each member's lr. Each member's
+    :class:`~optimlab.curvature.SharpnessLog` records what its run's callback records; a member
+    whose preconditioner is not positive, or whose weights had just become non-finite (its run
+    measures those before it stops), gets NaN and keeps its start vector.
+    """
+
+    def __init__(self, every_n_steps: int, seeds: Sequence[int], probe_size: int = DEFAULT_PROBE_SIZE,
+                 iters: int = 20, tol: float = DEFAULT_TRACKING_TOL, log_spaced_start: bool = False) -> None:
+        for key, value in (("every_n_steps", every_n_steps), ("probe_size", probe_size), ("iters", iters)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Invalid {key}: {value!r} (must be an integer >= 1)")
+        self.every_n_steps, self.probe_size, self.seeds = every_n_steps, probe_size, list(seeds)
+        self.iters, self.tol, self.log_spaced_start = iters, tol, log_spaced_start
+        self.logs = [SharpnessLog() for _ in self.seeds]
+        self.vectors: list[Tensor] | None = None
+        self.probe: tuple[Tensor, Tensor] | None = None
+        self.threshold_formulas: list[str | None] = []
+        self.preconditioned = False
+
+    def setup(self, model: StackedModel, optimizer: Optimizer, data: PopulationData) -> None:
+        """Draw the probes and first start vectors; read the thresholds' form (before training)."""
+        if model.members != len(self.seeds):
+            raise ValueError(f"{len(self.seeds)} seeds for {model.members} members")
+        picks = [probe_indices(data.train_size, self.probe_size, seed).to(data.device) for seed in self.seeds]
+        self.probe = data.gather(torch.stack([data.train_images[m, idx] for m, idx in enumerate(picks)]),
+                                 torch.stack([data.train_labels[m, idx] for m, idx in enumerate(picks)]))
+        params = list(model.parameters())
+        if self.vectors is None:  # not restored from a checkpoint
+            single = [p.shape for p in model.template[0].parameters()]
+            draws = [torch.randn(sum(math.prod(s) for s in single), generator=torch.Generator().manual_seed(seed),
+                                 dtype=params[0].dtype) for seed in self.seeds]
+            split = [[piece.view(s) for piece, s in zip(d.split([math.prod(s) for s in single]), single)]
+                     for d in draws]
+            self.vectors = [v.to(params[0].device) for v in model.stack_members(split)]
+        self.preconditioned = not isinstance(optimizer, SGD)
+        self.threshold_formulas = []
+        for lr in self.lrs(optimizer):
+            threshold = stability_threshold(optimizer, lr=lr)
+            self.threshold_formulas.append(f"{threshold * lr:.3g}/lr" if 0 < threshold * lr < math.inf else None)
+
+    @staticmethod
+    def lrs(optimizer: Optimizer) -> list[float]:
+        return optimizer.param_groups[0]["lr"].tolist()
+
+    def measures_at_start(self) -> bool:
+        """Whether step 0 (the initialisation) is measured: SGD with ``log_spaced_start``."""
+        return self.log_spaced_start and not self.preconditioned
+
+    def due(self, step: int) -> bool:
+        return measurement_due(step, self.every_n_steps, self.log_spaced_start)
+
+    def measure(self, step: int, model: StackedModel, optimizer: Optimizer, members: Sequence[int],
+                nan_members: Sequence[int] = ()) -> None:
+        """Measure every member and record the measurement of ``members`` (and NaN for ``nan_members``)."""
+        assert self.probe is not None and self.vectors is not None, "setup() first"
+        params = list(model.parameters())
+        precond = preconditioner(optimizer, params)
+        valid = torch.ones(model.members, dtype=torch.bool, device=params[0].device)
+        if precond is not None:
+            valid = torch.stack([(t > 0).flatten(1).all(1) for t in precond]).all(0)
+            # A member without a usable preconditioner is measured with P = I and recorded as NaN.
+            precond = [torch.where(valid.view(-1, *[1] * (t.dim() - 1)), t, 1.0) for t in precond]
+        pairs = member_eigenpairs(model, *self.probe, precond, self.iters, self.tol, init=self.vectors)
+        values = pairs.values.tolist()
+        keep = [ok and math.isfinite(v) and m not in nan_members for m, (ok, v) in enumerate(zip(valid.tolist(), values))]
+        keep_t = torch.tensor(keep, device=params[0].device)
+        self.vectors = [torch.where(keep_t.view(-1, *[1] * (new.dim() - 1)), new, old)
+                        for new, old in zip(pairs.vectors, self.vectors)]
+        lrs = self.lrs(optimizer)
+        usable = valid.tolist()
+        for m in [*members, *nan_members]:
+            value = values[m] if usable[m] and m not in nan_members else math.nan
+            self.logs[m].add(step, value, stability_threshold(optimizer, lr=lrs[m]))
+
+    def start_epoch(self, epoch: int, members: Sequence[int]) -> None:
+        for m in members:
+            self.logs[m].start_epoch(epoch)
+
+    def end_epoch(self, members: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """Each of ``members``' record of the epoch that ended (see SharpnessLog.epoch_record)."""
+        return {m: self.logs[m].end_epoch() for m in members}
+
+    def run_record(self, m: int) -> dict[str, Any]:
+        """Member m's run record, as :meth:`SharpnessCallback.run_record` gives its run's."""
+        return {**self.logs[m].run_record(), "threshold_formula": self.threshold_formulas[m],
+                "preconditioned": self.preconditioned}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"logs": [log.state_dict() for log in self.logs], "vectors": self.vectors}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for log, saved in zip(self.logs, state["logs"], strict=True):
+            log.load_state_dict(saved)
+        self.vectors = state["vectors"]

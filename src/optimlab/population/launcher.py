@@ -53,6 +53,7 @@ from optimlab.hydra_job import save_job_record
 from optimlab.optim import Optimizer
 from optimlab.population.checkpoint import PopulationCheckpoint
 from optimlab.population.cluster import run_as_jobs
+from optimlab.population.curvature import MemberSharpness
 from optimlab.population.data import PopulationData, split_indices
 from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimizer
 from optimlab.population.records import PopulationRun, member_summary, write_member
@@ -70,7 +71,7 @@ DTYPES = {"32-true": torch.float32, "32": torch.float32, "64-true": torch.float6
 # that do not change what a population computes (its reporting, or options it refuses anyway).
 MEMBER_WISE = ("name", "lr", "seed", "resume", "regimes", "optimizer.lr", "optimizer.weight_decay", "data.seed",
                "data.label_noise", "model.init", "model.init_std", "trainer.progress_bar",
-               "trainer.log_every_n_steps", "trainer.check_finite_every_n_steps", "curvature", "test_ckpt",
+               "trainer.log_every_n_steps", "trainer.check_finite_every_n_steps", "test_ckpt",
                "optimized_metric", "callbacks.progress_bar")
 # What a population does itself, the way a single run's defaults do: its trainer keys, callbacks and logger.
 POPULATION_TRAINER = ("_target_", "accelerator", "devices", "precision", "deterministic", "max_epochs",
@@ -185,7 +186,6 @@ def why_alone(cfg: DictConfig) -> str | None:
         "a logger other than TensorBoard": set(loggers) != {"tensorboard"},
         "trainer.max_epochs given apart from epochs": t.get("max_epochs", cfg.epochs) != cfg.epochs,
         "test_ckpt=best": cfg.test_ckpt == "best",
-        "sharpness tracking (curvature.every_n_steps)": bool((cfg.get("curvature") or {}).get("every_n_steps")),
         f"trainer.precision={t.precision}": str(t.precision) not in DTYPES,
         "trainer.compile": bool(t.compile),
         "trainer.limit_train_batches": t.limit_train_batches is not None,
@@ -416,7 +416,11 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
             population.steps_per_epoch, population.train_size = data.steps_per_epoch, data.train_size
             population.params = sum(p[0].numel() for p in model.parameters())
             noisy[:] = data.noisy_counts
-            loop = ReportingLoop(model, optimizer, data, [c.trainer.log_every_n_steps for c in configs],
+            tracking = first.get("curvature") or {}
+            sharpness = MemberSharpness(tracking.every_n_steps, [c.seed for c in configs], tracking.probe_size,
+                                        tracking.iters, tracking.tol, tracking.log_spaced_start) \
+                if tracking.get("every_n_steps") else None
+            loop = ReportingLoop(model, optimizer, data, [c.trainer.log_every_n_steps for c in configs], sharpness,
                                  on_epoch=on_epoch)
             records = loop.records
             if all(c.get("resume") == "auto" for c in configs):

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from optimlab.divergence import LOSS_OR_GRADIENT, WEIGHTS
 from optimlab.optim import Optimizer
+from optimlab.population.curvature import MemberSharpness
 from optimlab.population.data import PopulationData
 from optimlab.population.stacked import StackedModel
 
@@ -47,6 +48,7 @@ class MemberRecord:
     history: list[dict[str, float]] = field(default_factory=list)
     diverged_at_step: int | None = None
     divergence_reason: str | None = None
+    curvature: dict[str, Any] | None = None  # the sharpness record, when tracked (see MemberSharpness)
 
     @property
     def diverged(self) -> bool:
@@ -82,10 +84,11 @@ class PopulationLoop:
         data: the members' data, on the model's device.
         weights_every: each member's cadence of the single run's check of its updated weights
             (``trainer.log_every_n_steps``); one number for all, or one per member.
+        sharpness: tracks every member's sharpness (``curvature.every_n_steps``), or None.
     """
 
     def __init__(self, model: StackedModel, optimizer: Optimizer, data: PopulationData,
-                 weights_every: int | Sequence[int] = 50) -> None:
+                 weights_every: int | Sequence[int] = 50, sharpness: MemberSharpness | None = None) -> None:
         params = list(model.parameters())
         groups = optimizer.param_groups
         if len(groups) != 1 or groups[0].get("members") != model.members or \
@@ -107,6 +110,10 @@ class PopulationLoop:
         if len(every) != members or any(not isinstance(n, int) or n < 1 for n in every):
             raise ValueError(f"weights_every: {weights_every!r}; expected an integer >= 1, or one per member")
         self.weights_every = torch.tensor(every, device=device)
+        self.sharpness = sharpness
+        if sharpness is not None:
+            sharpness.setup(model, optimizer, data)
+        self._overflowed = torch.zeros(members, dtype=torch.bool, device=device)
         self.global_step = 0
         self.epochs_done = 0
         self.records = [MemberRecord() for _ in range(members)]
@@ -121,7 +128,8 @@ class PopulationLoop:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "last_finite": self.last_finite, "alive": self.alive, "diverged_at": self.diverged_at,
                 "reason": self.reason, "global_step": self.global_step, "epochs_done": self.epochs_done,
-                "records": [dataclasses.asdict(record) for record in self.records]}
+                "records": [dataclasses.asdict(record) for record in self.records],
+                "sharpness": None if self.sharpness is None else self.sharpness.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`'s ``state`` (tensors on this loop's device): the next
@@ -134,6 +142,8 @@ class PopulationLoop:
         self.global_step, self.epochs_done = state["global_step"], state["epochs_done"]
         # In place: callers may hold the list (the launcher's reports read it).
         self.records[:] = [MemberRecord(**record) for record in state["records"]]
+        if self.sharpness is not None:
+            self.sharpness.load_state_dict(state["sharpness"])
 
     def end_epoch(self, epochs_done: int) -> None:
         """Called by :meth:`fit` once an epoch's rows are in the records; subclasses save or report here."""
@@ -170,6 +180,7 @@ class PopulationLoop:
                                        self.diverged_at)
         weights_seen = (self.global_step % self.weights_every == 0) | last
         self.reason = torch.where(newly, torch.where(grads_ok & weights_seen, 2, 1), self.reason)
+        self._overflowed = newly & grads_ok  # updated into non-finite weights: its run still measures them
         # The epoch's training metrics count the steps whose update was applied, as RunRecord does.
         applied = (self.alive & grads_ok).double()
         correct = (logits.detach().argmax(2) == y).sum(1).double()
@@ -192,6 +203,9 @@ class PopulationLoop:
         steps = self.data.steps_per_epoch
         for i, (x, y) in enumerate(self.data.train_batches(epoch)):
             self.step(x, y, last=i + 1 == steps)
+            if self.sharpness is not None and self.sharpness.due(self.global_step):
+                self.sharpness.measure(self.global_step, self.model, self.optimizer, members(self.alive),
+                                       members(self._overflowed))
         return started_alive
 
     @torch.no_grad()
@@ -217,6 +231,10 @@ class PopulationLoop:
         restored by :meth:`load_state_dict` continues with epoch ``epochs_done``."""
         for epoch in range(self.epochs_done, epochs):
             started = time.perf_counter()
+            if self.sharpness is not None:
+                self.sharpness.start_epoch(epoch, members(self.alive))
+                if self.global_step == 0 and self.sharpness.measures_at_start():
+                    self.sharpness.measure(0, self.model, self.optimizer, members(self.alive))
             started_alive = self.train_epoch(epoch)
             if started_alive.device.type == "cuda":
                 torch.cuda.synchronize(started_alive.device)
@@ -232,9 +250,17 @@ class PopulationLoop:
                 columns["initial"] = self._initial_loss
             # The one read of the epoch: every member's metrics and finite flags together.
             values = dict(zip(columns, torch.stack(list(columns.values())).tolist()))
+            tracked = {} if self.sharpness is None else self.sharpness.end_epoch(members(started_alive))
             for m, record in enumerate(self.records):
                 if values["started_alive"][m]:
                     record.history.append(self._row(epoch, values, m, train_time))
+                    if m in tracked:
+                        record.curvature = self.sharpness.run_record(m)  # type: ignore[union-attr]
+                        if tracked[m]["measurements"]:  # the keys RunRecord adds to a tracked run's row
+                            record.history[-1].update(
+                                sharpness_max=tracked[m]["sharpness_max"], sharpness_last=tracked[m]["sharpness_last"],
+                                threshold_last=tracked[m]["threshold_last"],
+                                sharpness_crossed_at_step=tracked[m]["first_crossing_step"])
                     if values["diverged_at"][m] >= 0:
                         record.diverged_at_step = int(values["diverged_at"][m])
                         record.divergence_reason = REASONS[int(values["reason"][m])]
@@ -259,6 +285,11 @@ class PopulationLoop:
                 row[key] = values[key][m]
         row["train_time_s"] = train_time
         return row
+
+
+def members(flags: Tensor) -> list[int]:
+    """The members whose flag is set (a host read)."""
+    return [m for m, flag in enumerate(flags.tolist()) if flag]
 
 
 def train_population(model: StackedModel, optimizer: Optimizer, data: PopulationData, epochs: int, *,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from optimlab.curvature import SHARPNESS_TAG, TENSORBOARD_LAYOUT, THRESHOLD_TAG
 from optimlab.population.loop import MemberRecord
 from optimlab.record import log_result, versions
 from optimlab.regimes import Thresholds, diagnose
@@ -58,7 +59,7 @@ def member_summary(status: str, config: dict[str, Any], record: MemberRecord, po
     (``test_loss``, ``test_acc``, ``tested_checkpoint``, ``error``), as
     :meth:`~optimlab.record.RunRecord.summary` builds a single run's."""
     thresholds = Thresholds.from_overrides(config.get("regimes") or {})
-    diagnosis = diagnose(record.history, record.diverged, thresholds, record.diverged_at_step)
+    diagnosis = diagnose(record.history, record.diverged, thresholds, record.diverged_at_step, record.curvature)
     steps = member_steps(record, population.steps_per_epoch)
     train_time = sum(row.get("train_time_s", 0.0) for row in record.history)
     steady_steps, steady_time = steps - 1, train_time - (population.first_step_s or 0.0)
@@ -71,12 +72,14 @@ def member_summary(status: str, config: dict[str, Any], record: MemberRecord, po
         steps=steps, train_time_s=train_time, first_step_s=population.first_step_s,
         steps_per_s=steady_steps / steady_time if steady_steps > 0 and steady_time > 0 else None,
         wall_time_s=population.wall_time_s, label_noise_images=noisy_images, train_size=population.train_size,
-        device=population.device, population=population.describe(member), versions=versions(), **final)
+        device=population.device, population=population.describe(member), versions=versions(),
+        curvature=record.curvature, **final)
 
 
 def write_tensorboard(run_dir: Path, summary: RunSummary) -> None:
     """The member's TensorBoard events where its sequential job writes them (``run_dir/tensorboard``):
-    each epoch's scalars at the step the epoch ended, then HPARAMS and the regime text."""
+    each epoch's scalars at the step the epoch ended, the tracked sharpness and threshold at each
+    measured step (on one Custom Scalars chart), then HPARAMS and the regime text."""
     steps_per_epoch = (summary.population or {}).get("steps_per_epoch", 0)
     logger = TensorBoardRunLogger(save_dir=str(run_dir / "tensorboard"), name="", version="", default_hp_metric=False)
     for row in summary.epochs:
@@ -84,6 +87,10 @@ def write_tensorboard(run_dir: Path, summary: RunSummary) -> None:
         scalars = {f"{stage}/{kind}": row[f"{stage}_{kind}"] for stage in ("train", "val", "test")
                    for kind in ("loss", "acc") if f"{stage}_{kind}" in row}
         logger.log_metrics(scalars, step=step)
+    if summary.curvature:
+        logger.experiment.add_custom_scalars(TENSORBOARD_LAYOUT)
+        for step, value, threshold in summary.curvature.get("series", []):
+            logger.log_metrics({SHARPNESS_TAG: value, THRESHOLD_TAG: threshold}, step=int(step))
     log_result([logger], summary)
     logger.close("success")
 

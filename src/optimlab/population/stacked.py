@@ -160,6 +160,21 @@ class StackedModel(nn.Module):
                     state[f"net.{i}.{name}"] = value.detach().clone().contiguous()
         return state
 
+    def stack_members(self, members: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+        """Tensors given per member in its single model's parameter order and shapes (e.g. a
+        vector over its parameters), stacked as this model's parameters are (linear weights
+        transposed); the inverse of slicing as :meth:`member_state_dict` does."""
+        stacked, i = [], 0
+        for layer in self.net:
+            if isinstance(layer, (StackedLinear, StackedConv2d)):
+                for name in ("weight", "bias"):
+                    pieces = [tensors[i] for tensors in members]
+                    if isinstance(layer, StackedLinear) and name == "weight":
+                        pieces = [piece.t() for piece in pieces]
+                    stacked.append(torch.stack(pieces).contiguous())
+                    i += 1
+        return stacked
+
     def member_model(self, m: int) -> nn.Module:
         """Member m as a single model (a copy, in this module's dtype and device)."""
         model = copy.deepcopy(self.template[0]).to(self.net[-1].weight)
