@@ -13,7 +13,8 @@ finite weights and recorded with the step and reason its own run would record (s
 step's non-finite loss, at the same step number. Freezing is a ``torch.where`` against the weights
 before the step, so whatever the optimizer computed for that member (NaN state included) never
 reaches its weights, and since every operation is per member, never another member. The finite
-flags stay on the device; they are read once per epoch, never per step (no host sync per step).
+flags stay on the device; they are read once per epoch, never per step (no host sync per step;
+with sharpness tracking, also at each measurement).
 """
 
 from __future__ import annotations
