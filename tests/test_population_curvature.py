@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from optimlab.curvature import lanczos, sharpness
-from optimlab.population.curvature import lanczos_members, member_eigenpairs
+from optimlab.population.curvature import MemberSharpness, lanczos_members, member_eigenpairs
 from optimlab.population.stacked import StackedCNN, StackedMLP
 from test_population import cnn_config, images, mlp_config
 
@@ -108,3 +108,10 @@ def test_argument_checks() -> None:
         lanczos_members(lambda v: v, torch.zeros(2, 3))
     with pytest.raises(ValueError, match="iters"):
         lanczos_members(lambda v: v, torch.ones(2, 3), iters=0)
+
+
+@pytest.mark.parametrize("kwargs,key", [({"every_n_steps": 0}, "every_n_steps"), ({"probe_size": 0}, "probe_size"),
+                                        ({"iters": 0}, "iters"), ({"tol": -1.0}, "tol")])
+def test_tracking_argument_checks(kwargs: dict, key: str) -> None:
+    with pytest.raises(ValueError, match=key):
+        MemberSharpness(**{"every_n_steps": 10, "seeds": [0, 1], **kwargs})

@@ -41,7 +41,7 @@ from optimlab import optim
 
 __all__ = [
     "DEFAULT_PROBE_SIZE", "DEFAULT_TRACKING_TOL", "Eigenpair", "SharpnessCallback", "SharpnessLog",
-    "SharpnessTracker", "lanczos", "measurement_due", "preconditioner", "probe_indices", "sharpness",
+    "SharpnessTracker", "check_iteration", "lanczos", "measurement_due", "preconditioner", "probe_indices", "sharpness",
     "stability_threshold", "top_eigenpair",
 ]
 
@@ -71,6 +71,14 @@ class Eigenpair(NamedTuple):
     iterations: int
 
 
+def check_iteration(iters: object, tol: object) -> None:
+    """A ValueError naming ``iters`` or ``tol`` unless they are an integer >= 1 and a finite number >= 0."""
+    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
+        raise ValueError(f"Invalid iters: {iters!r} (must be an integer >= 1)")
+    if not (isinstance(tol, (int, float)) and 0 <= tol < math.inf):
+        raise ValueError(f"Invalid tol: {tol!r} (must be a finite number >= 0)")
+
+
 def lanczos(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int = 20,
             tol: float = 1e-3) -> tuple[float, Tensor, int]:
     r"""Largest algebraic eigenvalue of a symmetric operator by Lanczos iteration with full
@@ -96,10 +104,7 @@ def lanczos(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int = 20,
         ``(eigenvalue, unit Ritz vector, number of products)``. When a product holds a NaN or an
         inf the iteration stops and returns its Rayleigh quotient, NaN or inf as it is.
     """
-    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
-        raise ValueError(f"Invalid iters: {iters!r} (must be an integer >= 1)")
-    if not (isinstance(tol, (int, float)) and 0 <= tol < math.inf):
-        raise ValueError(f"Invalid tol: {tol!r} (must be a finite number >= 0)")
+    check_iteration(iters, tol)
     if v0.dim() != 1 or v0.numel() == 0:
         raise ValueError(f"Invalid v0: shape {tuple(v0.shape)} (must be a non-empty 1-D tensor)")
     norm = torch.linalg.vector_norm(v0)
@@ -292,10 +297,7 @@ class SharpnessTracker:
     """
 
     def __init__(self, iters: int = 20, tol: float = 1e-3, seed: int = 0) -> None:
-        if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
-            raise ValueError(f"Invalid iters: {iters!r} (must be an integer >= 1)")
-        if not (isinstance(tol, (int, float)) and 0 <= tol < math.inf):
-            raise ValueError(f"Invalid tol: {tol!r} (must be a finite number >= 0)")
+        check_iteration(iters, tol)
         self.iters, self.tol = iters, tol
         self.generator = torch.Generator().manual_seed(seed)
         self.vector: list[Tensor] | None = None

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from optimlab.curvature import (DEFAULT_PROBE_SIZE, DEFAULT_TRACKING_TOL, SharpnessLog, evaluation, measurement_due,
-                                preconditioner, probe_indices, stability_threshold, tridiagonal)
+from optimlab.curvature import (DEFAULT_PROBE_SIZE, DEFAULT_TRACKING_TOL, SharpnessLog, check_iteration, evaluation,
+                                measurement_due, preconditioner, probe_indices, stability_threshold, tridiagonal)
 from optimlab.optim import SGD, Optimizer
 from optimlab.population.data import PopulationData
 from optimlab.population.stacked import StackedModel
@@ -58,10 +58,7 @@ def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int =
         ``(values [P] float64, unit Ritz vectors [P, n], products [P])``; a member whose product
         holds a NaN or an inf gets that Rayleigh quotient (NaN or inf) and its last basis vector.
     """
-    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
-        raise ValueError(f"Invalid iters: {iters!r} (must be an integer >= 1)")
-    if not (isinstance(tol, (int, float)) and 0 <= tol < math.inf):
-        raise ValueError(f"Invalid tol: {tol!r} (must be a finite number >= 0)")
+    check_iteration(iters, tol)
     if v0.dim() != 2 or v0.numel() == 0:
         raise ValueError(f"Invalid v0: shape {tuple(v0.shape)} (must be a non-empty [members, n] tensor)")
     norms = torch.linalg.vector_norm(v0, dim=1)
@@ -208,9 +205,10 @@ class MemberSharpness:
 
     def __init__(self, every_n_steps: int, seeds: Sequence[int], probe_size: int = DEFAULT_PROBE_SIZE,
                  iters: int = 20, tol: float = DEFAULT_TRACKING_TOL, log_spaced_start: bool = False) -> None:
-        for key, value in (("every_n_steps", every_n_steps), ("probe_size", probe_size), ("iters", iters)):
+        for key, value in (("every_n_steps", every_n_steps), ("probe_size", probe_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Invalid {key}: {value!r} (must be an integer >= 1)")
+        check_iteration(iters, tol)
         self.every_n_steps, self.probe_size, self.seeds = every_n_steps, probe_size, list(seeds)
         self.iters, self.tol, self.log_spaced_start = iters, tol, log_spaced_start
         self.logs = [SharpnessLog() for _ in self.seeds]
