@@ -57,3 +57,12 @@ def test_suite_runs_the_experiments_and_keeps_their_summaries(tmp_path: Path) ->
     assert [s["description"]["name"] for s in summaries] == ["baseline", "diverging"]
     assert all(s["epochs_completed"] == 1 and s["regime"] for s in summaries)
     assert "2/2 summaries" in out and (out_dir / "suite.log").is_file()
+
+
+@pytest.mark.slow
+def test_population_curvature_compares_batched_and_one_by_one() -> None:
+    out = bench("population_curvature.py", "--widths", "8", "--members", "2", "--probe", "16", "--repeats", "1",
+                "--device", "cpu")
+    row = next(line.split() for line in out.splitlines() if line.startswith("cpu "))
+    assert row[1:5] == ["8", "2", "16", "5"] and float(row[5]) > 0 and float(row[6]) > 0
+    assert float(row[-1]) < 1e-4  # the same start vectors, the same products: the same values
