@@ -116,8 +116,29 @@ def test_stability_compares_the_predicted_and_observed_largest_stable_lr(tmp_pat
     assert [(t["widths"], t["within_one_cell"]) for t in table] == [("8", "True"), ("32", "False")]
     assert float(table[0]["sharpness0"]) == 20.5 and abs(float(table[0]["predicted_max_lr"]) - 2 / 20.5) < 1e-12
     assert float(table[1]["observed_max_lr_without_divergence"]) == 0.1
-    assert "within one grid cell of the largest lr observed not to diverge in 1 of 2 columns" in \
-        (tmp_path / "report.md").read_text()
+    text = (tmp_path / "report.md").read_text()
+    assert "within one grid cell of the largest lr observed not to diverge in 1 of 2 columns" in text
+    assert "0 of 16 tracked runs crossed it" in text and "4 diverging run(s) never crossed it" in text
+
+
+def test_report_counts_crossings_false_alarms_and_leads(tmp_path: Path) -> None:
+    """Crossed and diverged at step 7 (lead 5), crossed and oscillating, crossed and healthy (a false
+    alarm), diverging without a crossing (a miss), never crossed and healthy."""
+    for name, regime, crossing, stopped in (("a", "diverging", 2, 7), ("b", "oscillating", 3, None),
+                                            ("c", "healthy", 1, None), ("d", "diverging", None, None),
+                                            ("e", "healthy", None, None)):
+        fake_run(tmp_path, name, "SGD", 0.1, 8, 0, 0.9, regime)
+        path = tmp_path / name / "summary.json"
+        summary = json.loads(path.read_text())
+        summary["curvature"] = {"measurements": 4, "initial_sharpness": 3.0, "initial_threshold": 20.0,
+                                "first_crossing_step": crossing}
+        summary["diverged_at_step"] = stopped
+        path.write_text(json.dumps(summary))
+    report(tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert ("3 of 5 tracked runs crossed it: 1 were then labelled diverging, 1 oscillating and 1 something else "
+            "(false alarms, counting oscillating as none: 2). 1 diverging run(s) never crossed it.") in text
+    assert "1 crossing run(s) stopped on a non-finite value, the crossing 5 steps before it (median; 5 to 5)." in text
 
 
 def test_report_md_states_the_command_and_where_each_regime_appeared(tmp_path: Path) -> None:

@@ -175,6 +175,30 @@ def write_stability(table: list[dict[str, Any]], out: Path) -> list[str]:
     return lines
 
 
+def crossing_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """report.md's account of a tracked sweep: how many runs crossed the stability threshold, what
+    became of them (a crossing not followed by a ``diverging`` label is a false alarm; one followed
+    by ``oscillating`` is counted apart), how many diverging runs never crossed it (misses), and for
+    runs stopped on a non-finite value after a crossing, how many steps the crossing came first."""
+    tracked = [r for r in rows if (r.get("curvature") or {}).get("measurements")]
+    crossed = [r for r in tracked if r["curvature"].get("first_crossing_step") is not None]
+    outcome = Counter(r["regime"] for r in crossed)
+    misses = sum(r["regime"] == "diverging" for r in tracked if r not in crossed)
+    leads = sorted(r["diverged_at_step"] - r["curvature"]["first_crossing_step"] for r in crossed
+                   if r.get("diverged_at_step") is not None)
+    lines = ["", "## Crossings of the stability threshold", "",
+             f"{len(crossed)} of {len(tracked)} tracked runs crossed it: {outcome['diverging']} were then labelled "
+             f"diverging, {outcome['oscillating']} oscillating and {len(crossed) - outcome['diverging'] - outcome['oscillating']} "
+             f"something else (false alarms, counting oscillating as none: {len(crossed) - outcome['diverging']}). "
+             f"{misses} diverging run(s) never crossed it."]
+    if leads:
+        lines.append(f"{len(leads)} crossing run(s) stopped on a non-finite value, the crossing "
+                     f"{statistics.median(leads):g} steps before it (median; {leads[0]} to {leads[-1]}).")
+    else:
+        lines.append("No crossing run stopped on a non-finite value: no lead to measure.")
+    return lines
+
+
 def findings(rows: list[dict[str, Any]]) -> str:
     """Where each regime appeared, in words: per label, per optimizer and width, its lr range."""
     parts = []
@@ -428,6 +452,9 @@ def report(sweep_dir: Path, rediagnose: bool = False) -> list[Path]:
         plot_sharpness(rows, sweep_dir, sweep_dir / "sharpness.png")
         if (sweep_dir / "sharpness.png").exists():
             written.append(sweep_dir / "sharpness.png")
+    if any((r.get("curvature") or {}).get("measurements") for r in rows):
+        with (sweep_dir / "report.md").open("a") as f:
+            f.write("\n".join(crossing_lines(rows)) + "\n")
     stability = stability_table(rows) if len({r["lr"] for r in rows if r.get("lr")}) > 1 else []
     if stability:
         with (sweep_dir / "report.md").open("a") as f:
