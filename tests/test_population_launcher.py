@@ -117,22 +117,21 @@ def sweep_both_ways(tmp_path: Path, *grid: str) -> tuple[dict[str, dict], dict[s
 
 @pytest.mark.slow
 def test_a_population_sweep_equals_the_sequential_sweep(mnist_root: Path, tmp_path: Path) -> None:
-    """48 jobs in float64: the four optimizers x lr 0.001, 0.01 and 1e307 (whose members go
-    non-finite and are frozen while the others train on) x two seeds x widths 8 and 24, as eight
-    populations, write what the basic launcher's sequential jobs write: the same folders,
+    """32 jobs in float64: the four optimizers x lr 0.01 and 1e307 (whose members go non-finite and
+    are frozen while the others train on) x two seeds x widths 8 and 24, as eight populations, write what the basic launcher's sequential jobs write: the same folders,
     summary.json keys, status, steps, regime, divergence, training metrics to 1e-9 relative,
     validation and test counts (the sequential job's evaluation metrics are torchmetrics' float32:
     compared to its rounding); each with TensorBoard events (epoch scalars and HPARAMS), and
     optimlab-report reads the sweep. (Adagrad's lr stays at 0.01 and below: at 0.03 its float64
     rounding differences grow past 1e-9, see docs/population.md#limits.)"""
-    pop, seq, out = sweep_both_ways(tmp_path, "optimizer=sgd,adam,rmsprop,adagrad", "lr=0.001,0.01,1e307",
+    pop, seq, out = sweep_both_ways(tmp_path, "optimizer=sgd,adam,rmsprop,adagrad", "lr=0.01,1e307",
                                     "seed=0,1", "model.hidden=[8],[24]", "trainer.precision=64-true",
                                     *EQUIVALENCE_BUDGET)
-    assert "48 jobs -> 8 population(s) of 48 members" in out
-    assert len(seq) == 48
+    assert "32 jobs -> 8 population(s) of 32 members" in out
+    assert len(seq) == 32
     for name, ref in seq.items():
         got = pop[name]
-        assert got.keys() == ref.keys() and got["population"]["members"] == 6 and ref["population"] is None
+        assert got.keys() == ref.keys() and got["population"]["members"] == 4 and ref["population"] is None
         for key in ("status", "steps", "regime", "diverged", "diverged_at_step", "divergence_reason", "params",
                     "train_size", "tested_checkpoint", "config"):
             assert got[key] == ref[key], (name, key)
@@ -161,15 +160,15 @@ def test_a_population_sweep_equals_the_sequential_sweep(mnist_root: Path, tmp_pa
     report = subprocess.run([str(Path(sys.executable).with_name("optimlab-report")), str(tmp_path / "population")],
                             capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr
-    assert "48 runs" in (tmp_path / "population" / "report.md").read_text()
+    assert "32 runs" in (tmp_path / "population" / "report.md").read_text()
 
 
 @pytest.mark.slow
 def test_a_float32_population_sweep_ends_where_the_sequential_one_does(mnist_root: Path, tmp_path: Path) -> None:
-    """16 jobs in float32 (the four optimizers x two lrs x two seeds): the same regimes, and final
-    test accuracies within 0.3 points (the issue's bar; here they agree to the image)."""
-    pop, seq, _ = sweep_both_ways(tmp_path, "optimizer=sgd,adam,rmsprop,adagrad", "lr=0.001,0.01", "seed=0,1",
-                                  "model.hidden=[24]", *EQUIVALENCE_BUDGET)
+    """16 jobs in float32 (the four optimizers x lr 0.001 and 0.1 x widths 8 and 24): the same
+    regimes, and final test accuracies within 0.3 points (the issue's bar; here they agree to the image)."""
+    pop, seq, _ = sweep_both_ways(tmp_path, "optimizer=sgd,adam,rmsprop,adagrad", "lr=0.001,0.1",
+                                  "model.hidden=[8],[24]", *EQUIVALENCE_BUDGET)
     assert len(seq) == 16
     for name, ref in seq.items():
         assert pop[name]["regime"] == ref["regime"] and pop[name]["steps"] == ref["steps"], name
