@@ -41,7 +41,7 @@ from optimlab import optim
 
 __all__ = [
     "DEFAULT_PROBE_SIZE", "DEFAULT_TRACKING_TOL", "Eigenpair", "SharpnessCallback", "SharpnessLog",
-    "SharpnessTracker", "check_iteration", "lanczos", "lanczos_batched", "measurement_due", "preconditioner", "probe_indices", "sharpness",
+    "SharpnessTracker", "check_iteration", "check_tracking", "lanczos", "lanczos_batched", "measurement_due", "preconditioner", "probe_indices", "sharpness",
     "stability_threshold", "top_eigenpair",
 ]
 
@@ -503,6 +503,13 @@ def preconditioner(optimizer: torch.optim.Optimizer, params: Iterable[Tensor] | 
 # --------------------------------------------------------------------------- tracking
 
 
+def check_tracking(every_n_steps: object, probe_size: object) -> None:
+    """A ValueError naming ``every_n_steps`` or ``probe_size`` unless each is an integer >= 1."""
+    for key, value in (("every_n_steps", every_n_steps), ("probe_size", probe_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"Invalid {key}: {value!r} (must be an integer >= 1)")
+
+
 def measurement_due(step: int, every_n_steps: int, log_spaced_start: bool) -> bool:
     """Whether tracking measures after optimizer step ``step`` (>= 1): every ``every_n_steps``, and
     with ``log_spaced_start`` also at steps 1, 2, 4, ... below it."""
@@ -666,10 +673,7 @@ class SharpnessCallback(L.Callback):
     def __init__(self, every_n_steps: int, probe_size: int = DEFAULT_PROBE_SIZE, seed: int = 0,
                  probe: tuple[Tensor, Tensor] | None = None, iters: int = 20,
                  tol: float = DEFAULT_TRACKING_TOL, log_spaced_start: bool = False) -> None:
-        if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
-            raise ValueError(f"Invalid every_n_steps: {every_n_steps!r} (must be an integer >= 1)")
-        if not isinstance(probe_size, int) or isinstance(probe_size, bool) or probe_size < 1:
-            raise ValueError(f"Invalid probe_size: {probe_size!r} (must be an integer >= 1)")
+        check_tracking(every_n_steps, probe_size)
         if probe is not None and (len(probe) != 2 or len(probe[0]) != len(probe[1]) or len(probe[1]) == 0):
             raise ValueError("Invalid probe: must be a pair (x, y) of the same nonzero length")
         self.every_n_steps, self.probe_size, self.seed = every_n_steps, probe_size, seed

@@ -35,8 +35,6 @@ class PopulationLauncherConf:
     submitit: Dict[str, Any] = field(default_factory=lambda: {"timeout_min": 60})
 
 
-EXECUTORS = ("inline", "submitit_local", "submitit_slurm")
-
 ConfigStore.instance().store(group="hydra/launcher", name="population", node=PopulationLauncherConf,
                              provider="optimlab")
 
@@ -54,12 +52,9 @@ class PopulationLauncher(Launcher):
                                                        or value < 1):
                 allowed = "null or an integer >= 1" if allow_none else "an integer >= 1"
                 raise ValueError(f"hydra.launcher.{key}: {value!r} is not allowed; expected {allowed}")
-        if executor not in EXECUTORS:
-            raise ValueError(f"hydra.launcher.executor: {executor!r} is not allowed; expected one of "
-                             f"{', '.join(EXECUTORS)}")
         self.max_members, self.dry_run, self.max_parallel = max_members, bool(dry_run), max_parallel
         self.executor = None
-        if executor != "inline":  # checked here, before Hydra writes anything for the sweep
+        if executor != "inline":  # checked (and any other name refused) here, before Hydra writes anything
             from optimlab.population.cluster import make_executor
 
             self.executor = make_executor(executor, submitit_folder, submitit or {})

@@ -30,6 +30,9 @@ def make_executor(executor: str, folder: str, parameters: Mapping[str, Any]) -> 
     pickles under ``folder`` (``%j``: the job id), with ``parameters``. A ValueError with one line
     naming the key, before anything is written, when submitit is missing, the cluster is not there
     (no ``srun`` for SLURM) or a parameter is unknown to submitit."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"hydra.launcher.executor: {executor!r} is not allowed; expected one of inline, "
+                         f"{', '.join(EXECUTORS)}")
     try:
         import submitit
     except ImportError:

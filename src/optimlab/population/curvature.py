@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from optimlab.curvature import (DEFAULT_PROBE_SIZE, DEFAULT_TRACKING_TOL, SharpnessLog, check_iteration, evaluation,
-                                lanczos_batched, measurement_due, preconditioner, probe_indices,
+from optimlab.curvature import (DEFAULT_PROBE_SIZE, DEFAULT_TRACKING_TOL, SharpnessLog, check_iteration, check_tracking,
+                                evaluation, lanczos_batched, measurement_due, preconditioner, probe_indices,
                                 stability_threshold)
 from optimlab.optim import SGD, Optimizer
 from optimlab.population.data import PopulationData
@@ -127,9 +127,7 @@ class MemberSharpness:
 
     def __init__(self, every_n_steps: int, seeds: Sequence[int], probe_size: int = DEFAULT_PROBE_SIZE,
                  iters: int = 20, tol: float = DEFAULT_TRACKING_TOL, log_spaced_start: bool = False) -> None:
-        for key, value in (("every_n_steps", every_n_steps), ("probe_size", probe_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"Invalid {key}: {value!r} (must be an integer >= 1)")
+        check_tracking(every_n_steps, probe_size)
         check_iteration(iters, tol)
         self.every_n_steps, self.probe_size, self.seeds = every_n_steps, probe_size, list(seeds)
         self.iters, self.tol, self.log_spaced_start = iters, tol, log_spaced_start
