@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from optimlab.curvature import lanczos, lanczos_batched, sharpness
-from optimlab.population.curvature import MemberSharpness, member_eigenpairs
+from optimlab.curvature import lanczos, sharpness
+from optimlab.population.curvature import MemberSharpness, lanczos_members, member_eigenpairs
 from optimlab.population.stacked import StackedCNN, StackedMLP
 from test_population import cnn_config, images, mlp_config
 
@@ -87,7 +87,7 @@ def test_batched_lanczos_equals_lanczos_on_each_matrix() -> None:
     mats = torch.randn(3, 30, 30, generator=g, dtype=torch.float64)
     mats = mats + mats.transpose(1, 2)
     v0 = torch.randn(3, 30, generator=g, dtype=torch.float64)
-    values, vectors, counts = lanczos_batched(lambda v: torch.einsum("pij,pj->pi", mats, v), v0, iters=30, tol=0)
+    values, vectors, counts = lanczos_members(lambda v: torch.einsum("pij,pj->pi", mats, v), v0, iters=30, tol=0)
     for m in range(3):
         value, vector, count = lanczos(lambda v: mats[m] @ v, v0[m], iters=30, tol=0)
         assert values[m].item() == pytest.approx(value, rel=1e-10) and abs(int(counts[m]) - count) <= 3
@@ -105,9 +105,9 @@ def test_argument_checks() -> None:
     with pytest.raises(ValueError, match="positive"):
         member_eigenpairs(model, x, y, [torch.zeros_like(p) for p in model.parameters()])
     with pytest.raises(ValueError, match="v0"):
-        lanczos_batched(lambda v: v, torch.zeros(2, 3))
+        lanczos_members(lambda v: v, torch.zeros(2, 3))
     with pytest.raises(ValueError, match="iters"):
-        lanczos_batched(lambda v: v, torch.ones(2, 3), iters=0)
+        lanczos_members(lambda v: v, torch.ones(2, 3), iters=0)
 
 
 @pytest.mark.parametrize("kwargs,key", [({"every_n_steps": 0}, "every_n_steps"), ({"probe_size": 0}, "probe_size"),

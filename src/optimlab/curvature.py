@@ -41,8 +41,8 @@ from optimlab import optim
 
 __all__ = [
     "DEFAULT_PROBE_SIZE", "DEFAULT_TRACKING_TOL", "Eigenpair", "SharpnessCallback", "SharpnessLog",
-    "SharpnessTracker", "check_iteration", "check_tracking", "lanczos", "lanczos_batched", "measurement_due", "preconditioner", "probe_indices", "sharpness",
-    "stability_threshold", "top_eigenpair",
+    "SharpnessTracker", "check_iteration", "check_tracking", "lanczos", "measurement_due", "preconditioner",
+    "probe_indices", "sharpness", "stability_threshold", "top_eigenpair",
 ]
 
 # Probe images for tracking during training. A small probe's Hessian has a larger top eigenvalue
@@ -110,59 +110,25 @@ def lanczos(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int = 20,
     norm = torch.linalg.vector_norm(v0)
     if not (torch.isfinite(norm) and norm > 0):
         raise ValueError("Invalid v0: must be finite and nonzero")
-    values, vectors, products = lanczos_batched(lambda v: matvec(v[0]).unsqueeze(0), v0.unsqueeze(0), iters, tol)
-    return float(values[0]), vectors[0], int(products[0])
-
-
-def lanczos_batched(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int = 20,
-                    tol: float = 1e-3) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`lanczos` for P symmetric operators side by side (``lanczos`` is the case P = 1): one
-    batched product per step serves all of them (e.g. the diagonal blocks of a population's
-    Hessian); inner products, norms, reorthogonalisation and stopping are per operator.
-
-    Args:
-        matvec: ``V [P, n] -> [P, n]``, row m mapped by operator m (one batched product).
-        v0: ``[P, n]``, every row finite and nonzero.
-        iters, tol: per member, as in :func:`lanczos`.
-
-    Returns:
-        ``(values [P] float64, unit Ritz vectors [P, n], products [P])``; a member whose product
-        holds a NaN or an inf gets that Rayleigh quotient (NaN or inf) and its last basis vector.
-    """
-    check_iteration(iters, tol)
-    if v0.dim() != 2 or v0.numel() == 0:
-        raise ValueError(f"Invalid v0: shape {tuple(v0.shape)} (must be a non-empty [members, n] tensor)")
-    norms = torch.linalg.vector_norm(v0, dim=1)
-    if not bool((torch.isfinite(norms) & (norms > 0)).all()):
-        raise ValueError("Invalid v0: every row must be finite and nonzero")
-    members, n = v0.shape
-    iters = min(iters, n)
-    basis = v0.new_zeros((iters, members, n))
-    torch.div(v0, norms[:, None], out=basis[0])
-    alphas: list[list[float]] = [[] for _ in range(members)]
-    betas: list[list[float]] = [[] for _ in range(members)]
-    top = [math.nan] * members
-    ritz: list[Tensor | None] = [None] * members
-    stopped_at: list[int | None] = [None] * members  # the step whose basis vector a non-finite member returns
-    active = [True] * members
+    iters = min(iters, v0.numel())
+    basis = v0.new_empty((iters, v0.numel()))
+    torch.div(v0, norm, out=basis[0])
+    alphas: list[float] = []
+    betas: list[float] = []
+    top = math.nan
     for j in range(iters):
         w = matvec(basis[j])
         done = basis[:j + 1]
-        coeffs = torch.einsum("jpn,pn->jp", done, w)  # per member: w's components along its basis
-        alpha = coeffs[-1].tolist()  # alpha_j = q_j . w; a NaN or inf anywhere in w makes it NaN or inf
-        for m in range(members):
-            if not active[m]:
-                continue
-            if not math.isfinite(alpha[m]):
-                top[m], stopped_at[m], active[m] = alpha[m], j, False
-                continue
-            alphas[m].append(alpha[m])
-            previous = top[m]
-            evals, evecs = torch.linalg.eigh(tridiagonal(alphas[m], betas[m]))
-            top[m], ritz[m] = float(evals[-1]), evecs[:, -1]
-            if (j > 0 and abs(top[m] - previous) <= tol * abs(top[m])) or j + 1 == iters:
-                active[m] = False
-        if not any(active):
+        coeffs = done @ w  # w's components along the basis; the last is alpha_j = q_j . w
+        alpha = float(coeffs[-1])
+        # A NaN or inf anywhere in w makes every component NaN or inf (0 * inf is NaN).
+        if not math.isfinite(alpha):
+            return alpha, basis[j].clone(), j + 1
+        alphas.append(alpha)
+        previous = top
+        evals, evecs = torch.linalg.eigh(tridiagonal(alphas, betas))
+        top, ritz = float(evals[-1]), evecs[:, -1]
+        if (j > 0 and abs(top - previous) <= tol * abs(top)) or j + 1 == iters:
             break
         # Orthogonalising against the whole basis also removes the alpha_j q_j and beta_{j-1} q_{j-1}
         # terms of the three-term recurrence; without it the basis loses orthogonality as Ritz
@@ -170,33 +136,17 @@ def lanczos_batched(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int =
         # repeated when it removed more than half of w's squared norm (then rounding leaves the
         # remainder off orthogonal; Daniel, Gragg, Kaufman & Stewart, 1976). Before the pass
         # |w|^2 = |coeffs|^2 + beta^2, so the test needs no extra pass over w.
-        w = w - torch.einsum("jp,jpn->pn", coeffs, done)
-        beta = torch.linalg.vector_norm(w, dim=1)
-        again = beta < torch.linalg.vector_norm(coeffs, dim=0)
-        if bool(again.any()):
-            w = torch.where(again[:, None], w - torch.einsum("jp,jpn->pn", torch.einsum("jpn,pn->jp", done, w), done), w)
-            beta = torch.linalg.vector_norm(w, dim=1)
-        beta_list = beta.tolist()
-        for m in range(members):
-            if active[m]:
-                if beta_list[m] == 0.0:  # an invariant Krylov space: the Ritz value is exact
-                    active[m] = False
-                else:
-                    betas[m].append(beta_list[m])
-        if not any(active):
+        w = torch.addmv(w, done.T, coeffs, alpha=-1)
+        beta = float(torch.linalg.vector_norm(w))
+        if beta < float(torch.linalg.vector_norm(coeffs)):
+            w.addmv_(done.T, done @ w, alpha=-1)
+            beta = float(torch.linalg.vector_norm(w))
+        if beta == 0.0:
             break
-        keep = torch.tensor(active, device=w.device)[:, None]
-        # Stopped members get zero vectors: their products are zero and touch nothing.
-        basis[j + 1] = torch.where(keep, w / torch.where(beta > 0, beta, 1.0)[:, None], 0.0)
-    vectors = v0.new_empty((members, n))
-    for m in range(members):
-        if stopped_at[m] is not None:
-            vectors[m] = basis[stopped_at[m], m]
-        else:
-            k = len(alphas[m])
-            vectors[m] = basis[:k, m].T @ ritz[m].to(basis.dtype)  # type: ignore[union-attr]
-    iterations = [len(alphas[m]) + (stopped_at[m] is not None) for m in range(members)]
-    return torch.tensor(top, dtype=torch.float64), vectors, torch.tensor(iterations)
+        betas.append(beta)
+        torch.div(w, beta, out=basis[j + 1])
+    # Orthonormal basis, unit Ritz coefficients: a unit vector up to rounding.
+    return top, basis[:len(alphas)].T @ ritz.to(basis.dtype), len(alphas)
 
 
 def tridiagonal(alphas: Sequence[float], betas: Sequence[float]) -> Tensor:
