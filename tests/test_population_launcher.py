@@ -32,6 +32,71 @@ def summaries(sweep_dir: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/summary.json"))}
 
 
+# ---------------------------------------------------------------------------- composing the jobs
+
+SHAPES = [["optimizer=adam", "lr=0.001", "model.hidden=[8]", "seed=0"],
+          ["optimizer=adam", "lr=0.1", "model.hidden=[2,4]", "seed=2"],       # the shape's second job: checked
+          ["optimizer=adam", "lr=3", "model.hidden=[32]", "seed=1"],          # copied
+          ["optimizer=sgd", "lr=0.5", "model.hidden=[8]", "seed=0"],          # another group choice
+          ["optimizer=sgd", "lr=0.25", "model.hidden=[8]", "seed=7"],
+          ["optimizer=sgd", "lr=2e-3", "model.hidden=[8]", "seed=null"],
+          ["lr=0.5", "+trainer.gradient_clip_val=1.0", "epochs=2"],           # an addition belongs to the shape
+          ["lr=0.25", "+trainer.gradient_clip_val=1.0", "epochs=3"],
+          ["lr=0.125", "+trainer.gradient_clip_val=2.0", "epochs=3"],
+          ["model=cnn", "name='a=b'", "hydra.job.chdir=true"],                    # a hydra key belongs to it too
+          ["model=cnn", "name=c", "hydra.job.chdir=true"],
+          ["model=cnn", "name=d", "hydra.job.chdir=true"]]
+
+
+@pytest.fixture()
+def loaders():
+    """Hydra's own config loader, the master config of a multirun, and the shape-caching loader."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    from optimlab.population.compose import ShapeCachingLoader
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        hydra_loader = GlobalHydra.instance().config_loader()
+        master = hydra_loader.load_configuration("config", ["hydra/launcher=population"], RunMode.MULTIRUN)
+        yield hydra_loader, master, ShapeCachingLoader(hydra_loader)
+
+
+def test_jobs_composed_by_shape_equal_hydras_composition(loaders) -> None:
+    hydra_loader, master, caching = loaders
+    for overrides in SHAPES:
+        expected = OmegaConf.to_yaml(hydra_loader.load_sweep_config(master, overrides))
+        assert OmegaConf.to_yaml(caching.load_sweep_config(master, overrides)) == expected, overrides
+    # adam, sgd, each addition's value (a shape of its own: checked when a second job comes), cnn
+    assert [shape.copies_match for shape in caching.shapes.values()] == [True, True, True, None, True]
+
+
+def test_a_shape_whose_copies_differ_is_composed_in_full(loaders, monkeypatch: pytest.MonkeyPatch) -> None:
+    hydra_loader, master, caching = loaders
+    wrong = caching.copy_with
+
+    def copy_with(*args):
+        config = wrong(*args)
+        config.lr = -1.0
+        return config
+
+    monkeypatch.setattr(caching, "copy_with", copy_with)
+    for overrides in SHAPES[:3]:
+        expected = OmegaConf.to_yaml(hydra_loader.load_sweep_config(master, overrides))
+        assert OmegaConf.to_yaml(caching.load_sweep_config(master, overrides)) == expected, overrides
+    assert [shape.copies_match for shape in caching.shapes.values()] == [False]
+
+
+def test_a_bad_value_fails_as_hydra_says(loaders) -> None:
+    from hydra.errors import ConfigCompositionException
+
+    hydra_loader, master, caching = loaders
+    for overrides in SHAPES[:2]:
+        caching.load_sweep_config(master, overrides)
+    with pytest.raises(ConfigCompositionException, match="Could not override 'optimizer.nope'"):
+        caching.load_sweep_config(master, ["optimizer=adam", "optimizer.nope=1"])
+
+
 # ---------------------------------------------------------------------------- sorting and grouping
 
 

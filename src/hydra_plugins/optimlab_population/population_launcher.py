@@ -63,6 +63,12 @@ class PopulationLauncher(Launcher):
         self.hydra_context: HydraContext | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        from optimlab.population.compose import ShapeCachingLoader
+
+        # The jobs are composed once per shape, not once each. The sweeper that set this launcher up
+        # holds the same context, so its check of each batch before the launch is sped up too.
+        if not isinstance(hydra_context.config_loader, ShapeCachingLoader):
+            hydra_context.config_loader = ShapeCachingLoader(hydra_context.config_loader)
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:

@@ -1,0 +1,125 @@
+"""A sweep's job configs composed once per shape, not once per job.
+
+Hydra composes every job of a sweep from the config files (its defaults list, every file merged,
+then the overrides applied): about 0.2 s a job on the development CPU, paid twice with the basic
+sweeper (its check of each batch, then the launcher). The jobs of a grid mostly differ only in
+values (``lr=0.01``, ``seed=2``, ``model.hidden=[8]``). :class:`ShapeCachingLoader` composes the
+first job of each *shape* (the same config-group choices and the same overrides other than plain
+value changes) in full, and every later job of that shape as a copy of it with the job's values set
+the way Hydra sets them (``OmegaConf.update``), with ``hydra.overrides.task`` and
+``hydra.job.override_dirname`` made the job's own. The second job of each shape is composed both
+ways and compared; a shape whose copy differs from Hydra's own composition is composed in full,
+job by job, from then on.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.core.config_loader import ConfigLoader
+from hydra.core.config_search_path import ConfigSearchPath
+from hydra.core.object_type import ObjectType
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.plugins.config_source import ConfigSource
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+SCALARS = (bool, int, float, str, type(None))
+
+
+@dataclass
+class Shape:
+    """The first job of a shape, as Hydra composed it (kept unchanged, to copy), and whether
+    copies of it have been checked against Hydra's composition (None: not yet)."""
+
+    config: DictConfig
+    copies_match: bool | None = None
+
+
+class ShapeCachingLoader(ConfigLoader):
+    """A Hydra config loader that composes sweep jobs by shape (see the module docstring) and
+    leaves everything else to the loader it wraps."""
+
+    def __init__(self, loader: ConfigLoader) -> None:
+        self.loader = loader
+        self.parser = OverridesParser.create(config_loader=loader)
+        self.shapes: dict[tuple[Any, ...], Shape] = {}
+        self.groups: dict[str, bool] = {}
+
+    def is_plain(self, override: Override) -> bool:
+        """Whether ``override`` only sets a value (not a config group, an addition, a deletion, a
+        package or a ``hydra`` key), so applying it to another job's config is what Hydra does."""
+        if (override.is_hydra_override() or override.is_add() or override.is_force_add() or override.is_delete()
+                or override.package is not None):
+            return False
+        value = override.value()
+        if not (isinstance(value, SCALARS) or (isinstance(value, list) and all(isinstance(v, SCALARS) for v in value))):
+            return False
+        key = override.key_or_group
+        if key not in self.groups:
+            self.groups[key] = bool(self.loader.get_group_options(key))
+        return not self.groups[key]
+
+    def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        overrides = self.parser.parse_overrides(list(sweep_overrides))
+        plain = [self.is_plain(o) for o in overrides]
+        shape_key = (master_config.hydra.job.config_name, tuple(master_config.hydra.overrides.hydra),
+                     tuple(o.key_or_group if p else o.input_line for o, p in zip(overrides, plain)))
+        shape = self.shapes.get(shape_key)
+        if shape is None or shape.copies_match is False:
+            config = self.loader.load_sweep_config(master_config, list(sweep_overrides))
+            self.shapes.setdefault(shape_key, Shape(copy.deepcopy(config)))
+            return config
+        try:
+            config = self.copy_with(shape.config, master_config, overrides, plain)
+        except Exception:  # e.g. a value of the wrong type: Hydra's composition says so in its own words
+            return self.loader.load_sweep_config(master_config, list(sweep_overrides))
+        if shape.copies_match is None:
+            composed = self.loader.load_sweep_config(master_config, list(sweep_overrides))
+            shape.copies_match = OmegaConf.to_yaml(config) == OmegaConf.to_yaml(composed)
+            return composed
+        return config
+
+    @staticmethod
+    def copy_with(template: DictConfig, master_config: DictConfig, overrides: list[Override],
+                  plain: list[bool]) -> DictConfig:
+        """A copy of ``template`` (a job of the same shape) with the plain ``overrides``' values set
+        and the job's own override record, as Hydra composes them."""
+        config = copy.deepcopy(template)
+        for override, is_plain in zip(overrides, plain):
+            if is_plain:
+                OmegaConf.update(config, override.key_or_group, override.value(), merge=True)
+        task = [o for o in overrides if not o.is_hydra_override()]
+        config.hydra.overrides.task = [o.input_line for o in task]
+        names = config.hydra.job.config.override_dirname
+        lines = sorted(str(o.input_line) for o in task if o.key_or_group not in names.exclude_keys)
+        config.hydra.job.override_dirname = names.item_sep.join(lines).replace("=", names.kv_sep)
+        OmegaConf.copy_cache(from_config=master_config, to_config=config)
+        return config
+
+    # ---- everything else: the wrapped loader's --------------------------------------------------
+
+    def load_configuration(self, config_name: str | None, overrides: list[str], run_mode: RunMode,
+                           from_shell: bool = True, validate_sweep_overrides: bool = True) -> DictConfig:
+        return self.loader.load_configuration(config_name, overrides, run_mode, from_shell=from_shell,
+                                              validate_sweep_overrides=validate_sweep_overrides)
+
+    def get_search_path(self) -> ConfigSearchPath:
+        return self.loader.get_search_path()
+
+    def get_sources(self) -> list[ConfigSource]:
+        return self.loader.get_sources()
+
+    def list_groups(self, parent_name: str) -> list[str]:
+        return self.loader.list_groups(parent_name)
+
+    def get_group_options(self, group_name: str, results_filter: ObjectType | None = ObjectType.CONFIG,
+                          config_name: str | None = None, overrides: list[str] | None = None) -> list[str]:
+        return self.loader.get_group_options(group_name, results_filter, config_name, overrides)
+
+    def compute_defaults_list(self, config_name: str | None, overrides: list[str],
+                              run_mode: RunMode) -> Any:
+        return self.loader.compute_defaults_list(config_name, overrides, run_mode)
