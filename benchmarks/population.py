@@ -247,17 +247,15 @@ def sweep_benchmark(grid: str, device_choice: str, threads: int, keep: Path | No
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = keep or Path(tmp)
-        for name in ("cpu", "cuda"):
-            device = torch.device(name)
-            if name == "cuda" and not torch.cuda.is_available() or device_choice not in ("all", name):
-                if name == "cuda" and device_choice in ("all", "cuda"):
-                    rows.append(["cuda", _timing.NO_GPU, "", "", "", "", "", ""])
-                continue
+        for device in _timing.devices_to_measure(device_choice):
+            name = device.type
             seq = run_sweep(grid, device, threads, root / f"{name}_sequential", population=False)
             pop = run_sweep(grid, device, threads, root / f"{name}_population", population=True)
             floor = floor_seconds(grid, device)
             rows.append([name, seq["wall"], pop["wall"], floor, 60 * jobs / seq["wall"], 60 * jobs / pop["wall"],
                          seq["wall"] / pop["wall"], f"{seq['finished']}/{pop['finished']} of {jobs}"])
+    if not torch.cuda.is_available():
+        rows.append(["cuda", _timing.NO_GPU, "", "", "", "", "", ""])
     print(f"load average at end: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
     print("wall s of the whole `python train.py -m` (start-up included); floor s: the batched math alone; "
           "speed-up = sequential / population")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from optimlab.divergence import DivergenceGuard, all_finite, total_norm, total_sum
+from optimlab.divergence import DivergenceGuard, all_finite, finite_rows, total_norm, total_sum
 
 OK, BAD = torch.tensor(1.0), torch.tensor(math.nan)
 
@@ -78,3 +78,16 @@ def test_huge_finite_weights_are_finite() -> None:
     assert all_finite(huge) and not math.isfinite(torch.linalg.vector_norm(huge[0]).item())
     for bad in (math.inf, -math.inf, math.nan):
         assert not all_finite([torch.ones(3), torch.tensor([1.0, bad])])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64])
+@pytest.mark.parametrize("size", [1, 7, 1000, 100_003])
+def test_finite_rows_finds_any_non_finite_element(dtype: torch.dtype, size: int) -> None:
+    generator = torch.Generator().manual_seed(size)
+    for bad in (math.nan, math.inf, -math.inf):
+        for position in (0, size // 2, size - 1):
+            rows = torch.randn(3, size, generator=generator).to(dtype) * 1e30
+            rows[1, position] = bad
+            assert finite_rows(rows).tolist() == [True, False, True] == rows.isfinite().all(1).tolist()
+            assert finite_rows(rows.view(3, 1, size)).tolist() == [True, False, True]
+    assert finite_rows(torch.empty(2, 0)).tolist() == [True, True]

@@ -207,6 +207,20 @@ def test_a_wild_member_changes_no_other_member(tiny_mnist: Path, stacked: type, 
             assert torch.equal(p[1], q[1]) and torch.isfinite(p[1]).all()
 
 
+def test_freezing_by_copies_equals_freezing_by_where(tiny_mnist: Path) -> None:
+    """The CPU's way of keeping the last finite weights (copies of runs of members) and the GPU's
+    (a torch.where), on the CPU: the same weights after every step and the same records."""
+    runs = []
+    for on_host in (True, False):
+        loop, _ = population(tiny_mnist, [0.05, 1e20, 0.1, 1e300, 0.2], [0, 1, 2, 3, 4])
+        loop.flags_on_host = on_host
+        runs.append((trajectory(loop), loop.diverged_at.tolist(), loop.reason.tolist()))
+    (copies, *copies_record), (where, *where_record) = runs
+    assert copies_record == where_record and copies_record[0][0] == -1 and copies_record[0][1] > 0
+    for a, b in zip(copies, where, strict=True):
+        assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+
+
 def test_non_finite_weights_after_an_update_are_undone(tiny_mnist: Path) -> None:
     """An lr that overflows float32 (finite gradients, infinite weights after the update): the
     update is undone and recorded one step later, as the single run's guard records weights."""

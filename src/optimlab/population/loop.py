@@ -10,9 +10,9 @@ sum of its gradients), or whose weights are non-finite after the update, is froz
 finite weights and recorded with the step and reason its own run would record (see
 :class:`~optimlab.divergence.DivergenceGuard`): the single run looks at its weights only every
 ``weights_every`` steps and after an epoch's last step, and otherwise meets them as the next
-step's non-finite loss, at the same step number. Freezing is a ``torch.where`` against the weights
-before the step, so whatever the optimizer computed for that member (NaN state included) never
-reaches its weights, and since every operation is per member, never another member. The finite
+step's non-finite loss, at the same step number. Freezing sets the member's weights back to its last finite ones after every step
+(:meth:`PopulationLoop.keep_finite`), so whatever the optimizer computed for that member (NaN
+state included) never reaches its weights, and since every operation is per member, never another member. The finite
 flags stay on the device; they are read once per epoch, never per step (no host sync per step;
 with sharpness tracking, also at each measurement).
 """
@@ -20,6 +20,7 @@ with sharpness tracking, also at each measurement).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from optimlab.divergence import LOSS_OR_GRADIENT, WEIGHTS
+from optimlab.divergence import LOSS_OR_GRADIENT, WEIGHTS, finite_rows
 from optimlab.optim import Optimizer
 from optimlab.population.curvature import MemberSharpness
 from optimlab.population.data import PopulationData
@@ -111,6 +112,7 @@ class PopulationLoop:
         if len(every) != members or any(not isinstance(n, int) or n < 1 for n in every):
             raise ValueError(f"weights_every: {weights_every!r}; expected an integer >= 1, or one per member")
         self.weights_every = torch.tensor(every, device=device)
+        self.flags_on_host = device.type == "cpu"  # reading the flags costs nothing there (see keep_finite)
         self.sharpness = sharpness
         if sharpness is not None:
             sharpness.setup(model, optimizer, data)
@@ -154,6 +156,24 @@ class PopulationLoop:
         for p in self.params:
             yield flags.view((-1,) + (1,) * (p.dim() - 1))
 
+    def keep_finite(self, alive: Tensor) -> None:
+        """The ``alive`` members' weights become their last finite ones; the others' weights are set
+        back to theirs. On a GPU one ``torch.where`` per parameter (no host sync); on the CPU
+        (``flags_on_host``), copies of the runs of alive and of frozen members (at width 2048 the
+        where took 21 ms a step for six members, the copy 9 ms)."""
+        if not self.flags_on_host:
+            for p, finite, keep in zip(self.params, self.last_finite, self.member_views(alive)):
+                torch.where(keep, p.detach(), finite, out=finite)
+                p.detach().copy_(finite)
+            return
+        start = 0
+        for is_alive, run in itertools.groupby(alive.tolist()):
+            stop = start + len(list(run))
+            for p, finite in zip(self.params, self.last_finite):
+                source, target = (p.detach(), finite) if is_alive else (finite, p.detach())
+                target[start:stop].copy_(source[start:stop])
+            start = stop
+
     def step(self, x: Tensor, y: Tensor, last: bool = False) -> Tensor:
         """One training step on every member's batch (``x [P, B, ...]``, ``y [P, B]``; ``last``: the
         epoch's last); returns the members' losses ``[P]``. Members frozen before or in this step
@@ -167,12 +187,10 @@ class PopulationLoop:
         # The single run's check per member: non-finite when the loss or any gradient is (or their sum overflows).
         check = losses + torch.stack([p.grad.flatten(1).sum(1) for p in self.params]).sum(0)
         self.optimizer.step()
-        weights_ok = torch.stack([p.detach().flatten(1).isfinite().all(1) for p in self.params]).all(0)
+        weights_ok = torch.stack([finite_rows(p.detach()) for p in self.params]).all(0)
         grads_ok = torch.isfinite(check)
         alive = self.alive & grads_ok & weights_ok
-        for p, finite, keep in zip(self.params, self.last_finite, self.member_views(alive)):
-            torch.where(keep, p.detach(), finite, out=finite)
-            p.detach().copy_(finite)
+        self.keep_finite(alive)
         newly = self.alive & ~alive
         # A refused step (loss or gradient) is recorded at its own step; non-finite weights after
         # the update at the next one, as the single run's guard records them, and as weights only
