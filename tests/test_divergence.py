@@ -91,3 +91,4 @@ def test_finite_rows_finds_any_non_finite_element(dtype: torch.dtype, size: int)
             assert finite_rows(rows).tolist() == [True, False, True] == rows.isfinite().all(1).tolist()
             assert finite_rows(rows.view(3, 1, size)).tolist() == [True, False, True]
     assert finite_rows(torch.empty(2, 0)).tolist() == [True, True]
+    assert finite_rows(torch.ones(3, 2), torch.tensor([[1.0], [math.nan], [2.0]])).tolist() == [True, False, True]

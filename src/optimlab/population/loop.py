@@ -187,7 +187,7 @@ class PopulationLoop:
         # The single run's check per member: non-finite when the loss or any gradient is (or their sum overflows).
         check = losses + torch.stack([p.grad.flatten(1).sum(1) for p in self.params]).sum(0)
         self.optimizer.step()
-        weights_ok = torch.stack([finite_rows(p.detach()) for p in self.params]).all(0)
+        weights_ok = finite_rows(*(p.detach() for p in self.params))
         grads_ok = torch.isfinite(check)
         alive = self.alive & grads_ok & weights_ok
         self.keep_finite(alive)
