@@ -96,11 +96,16 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def write_tables(rows: list[dict[str, Any]], out: Path) -> None:
+def write_csv(rows: list[dict[str, Any]], out: Path) -> None:
+    """``report.csv``: one row per run."""
     with (out / "report.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def table_lines(rows: list[dict[str, Any]], out: Path) -> list[str]:
+    """report.md's head: counts, the command, the findings, the runs and the seed table."""
     lines = ["# Sweep report", "", f"{len(rows)} runs. Regimes: " + ", ".join(
         f"{label} {n}" for label, n in Counter(r["regime"] for r in rows).items()), ""]
     command = sweep_command(out)
@@ -115,7 +120,7 @@ def write_tables(rows: list[dict[str, Any]], out: Path) -> None:
                   "| name | model | optimizer | lr | widths | seeds | final test acc | regimes |", "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {g['name']} | {g['model']} | {g['optimizer']} | {_fmt(g['lr'])} | {g['widths']} | {g['n']} | "
                   f"{g['mean']:.4f} +/- {g['std']:.4f} | {g['regimes']} |" for g in seeds]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return lines
 
 
 STABILITY_COLUMNS = ["optimizer", "widths", "sharpness0", "predicted_max_lr", "observed_max_lr_without_divergence",
@@ -439,12 +444,14 @@ def report(sweep_dir: Path, rediagnose: bool = False) -> list[Path]:
     rows = [row_for(d, sweep_dir, rediagnose) for d in find_runs(sweep_dir)]
     if not rows:
         raise FileNotFoundError(f"no runs (no {SUMMARY} or .hydra/ folders) under {sweep_dir}")
-    write_tables(rows, sweep_dir)
+    write_csv(rows, sweep_dir)
+    lines = table_lines(rows, sweep_dir)
     written = [sweep_dir / "report.md", sweep_dir / "report.csv"]
+    several_lrs = len({r["lr"] for r in rows if r.get("lr")}) > 1
     if any(r["history"] for r in rows):
         plot_curves(rows, sweep_dir / "curves.png")
         written.append(sweep_dir / "curves.png")
-    if len({r["lr"] for r in rows if r.get("lr")}) > 1:
+    if several_lrs:
         plot_lr_sensitivity(rows, sweep_dir / "lr_sensitivity.png")
         written.append(sweep_dir / "lr_sensitivity.png")
     if any(r.get("curvature") for r in rows):
@@ -453,15 +460,14 @@ def report(sweep_dir: Path, rediagnose: bool = False) -> list[Path]:
         if (sweep_dir / "sharpness.png").exists():
             written.append(sweep_dir / "sharpness.png")
     if any((r.get("curvature") or {}).get("measurements") for r in rows):
-        with (sweep_dir / "report.md").open("a") as f:
-            f.write("\n".join(crossing_lines(rows)) + "\n")
-    stability = stability_table(rows) if len({r["lr"] for r in rows if r.get("lr")}) > 1 else []
+        lines += crossing_lines(rows)
+    stability = stability_table(rows) if several_lrs else []
     if stability:
-        with (sweep_dir / "report.md").open("a") as f:
-            f.write("\n".join(write_stability(stability, sweep_dir)) + "\n")
+        lines += write_stability(stability, sweep_dir)
         written.append(sweep_dir / "stability.csv")
+    (sweep_dir / "report.md").write_text("\n".join(lines) + "\n")
     # an lr x width map: widths of one model kind (a CNN's channels are not an MLP's widths)
-    if len({r["lr"] for r in rows if r.get("lr")}) > 1 and len({r["widths"] for r in rows if r.get("widths")}) > 1 \
+    if several_lrs and len({r["widths"] for r in rows if r.get("widths")}) > 1 \
             and len({r["model"] for r in rows if r.get("model")}) == 1:
         plot_regime_map(rows, sweep_dir / "regime_map.png", stability)
         written.append(sweep_dir / "regime_map.png")
