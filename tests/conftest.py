@@ -24,6 +24,11 @@ CONF = REPO / "conf"
 # CI and developers keep MNIST beside the repository; $MNIST_ROOT wins when set.
 MNIST_ROOT = Path(os.environ.get("MNIST_ROOT") or REPO.parent / "shared" / "data")
 os.environ.setdefault("MNIST_ROOT", str(MNIST_ROOT))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N: the workers share the cores, so one torch thread each (and in the scripts they
+    # start): two threads per worker on two cores wait for each other.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def compose_config(*overrides: str) -> DictConfig:
