@@ -10,11 +10,12 @@ sum of its gradients), or whose weights are non-finite after the update, is froz
 finite weights and recorded with the step and reason its own run would record (see
 :class:`~optimlab.divergence.DivergenceGuard`): the single run looks at its weights only every
 ``weights_every`` steps and after an epoch's last step, and otherwise meets them as the next
-step's non-finite loss, at the same step number. Freezing sets the member's weights back to its last finite ones after every step
-(:meth:`PopulationLoop.keep_finite`), so whatever the optimizer computed for that member (NaN
-state included) never reaches its weights, and since every operation is per member, never another member. The finite
-flags stay on the device; they are read once per epoch, never per step (no host sync per step;
-with sharpness tracking, also at each measurement).
+step's non-finite loss, at the same step number. Freezing sets the member's weights back to its
+last finite ones after every step (:meth:`PopulationLoop.keep_finite`), so whatever the optimizer
+computed for that member (NaN state included) never reaches its weights, and since every operation
+is per member, never another member. On a GPU the finite flags stay on the device; they are read
+once per epoch, never per step (no host sync per step; with sharpness tracking, also at each
+measurement). On the CPU, where a read costs nothing, the freezing reads them every step.
 """
 
 from __future__ import annotations
