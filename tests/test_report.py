@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -119,6 +120,12 @@ def test_stability_compares_the_predicted_and_observed_largest_stable_lr(tmp_pat
     text = (tmp_path / "report.md").read_text()
     assert "within one grid cell of the largest lr observed not to diverge in 1 of 2 columns" in text
     assert "0 of 16 tracked runs crossed it" in text and "4 diverging run(s) never crossed it" in text
+    for run in tmp_path.glob("w*"):  # one lr left: no stability table, no map; the old ones go
+        if "_lr0.001_" not in run.name:
+            shutil.rmtree(run)
+    written = report(tmp_path)
+    assert not any((tmp_path / name).exists() for name in ("stability.csv", "regime_map.png", "lr_sensitivity.png"))
+    assert all(path.exists() for path in written) and tmp_path / "report.md" in written
 
 
 def test_report_counts_crossings_false_alarms_and_leads(tmp_path: Path) -> None:

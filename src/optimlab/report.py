@@ -123,6 +123,8 @@ def table_lines(rows: list[dict[str, Any]], out: Path) -> list[str]:
     return lines
 
 
+OUTPUTS = ("report.md", "report.csv", "curves.png", "lr_sensitivity.png", "sharpness.png", "stability.csv",
+           "regime_map.png")  # everything report() may write
 STABILITY_COLUMNS = ["optimizer", "widths", "sharpness0", "predicted_max_lr", "observed_max_lr_without_divergence",
                      "within_one_cell"]
 
@@ -444,6 +446,8 @@ def report(sweep_dir: Path, rediagnose: bool = False) -> list[Path]:
     rows = [row_for(d, sweep_dir, rediagnose) for d in find_runs(sweep_dir)]
     if not rows:
         raise FileNotFoundError(f"no runs (no {SUMMARY} or .hydra/ folders) under {sweep_dir}")
+    for name in OUTPUTS:  # what an earlier report wrote and this one does not would pass for this one's
+        (sweep_dir / name).unlink(missing_ok=True)
     write_csv(rows, sweep_dir)
     lines = table_lines(rows, sweep_dir)
     written = [sweep_dir / "report.md", sweep_dir / "report.csv"]
@@ -455,7 +459,6 @@ def report(sweep_dir: Path, rediagnose: bool = False) -> list[Path]:
         plot_lr_sensitivity(rows, sweep_dir / "lr_sensitivity.png")
         written.append(sweep_dir / "lr_sensitivity.png")
     if any(r.get("curvature") for r in rows):
-        (sweep_dir / "sharpness.png").unlink(missing_ok=True)  # drawn only when some run logged its series
         plot_sharpness(rows, sweep_dir, sweep_dir / "sharpness.png")
         if (sweep_dir / "sharpness.png").exists():
             written.append(sweep_dir / "sharpness.png")
