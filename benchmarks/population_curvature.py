@@ -16,6 +16,7 @@ side-by-side ratios (min-max). The two values agree (printed: the largest relati
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 
@@ -76,7 +77,7 @@ def main() -> None:
                                             args.repeats)
             ratio = _timing.paired_ratio(runs["one by one"], runs["batched"])
             agree = max(abs(a - b) / abs(b) for a, b in zip(results["batched"], results["single"]))
-            med = {name: 1000 * sorted(vs)[len(vs) // 2] for name, vs in runs.items()}
+            med = {name: 1000 * statistics.median(vs) for name, vs in runs.items()}
             rows.append([device.type, width, args.members, args.probe, args.iters, f"{med['batched']:.1f}",
                          f"{med['one by one']:.1f}", f"{ratio[0]:.2f}", f"{ratio[1]:.2f}-{ratio[2]:.2f}", f"{agree:.1e}"])
     _timing.print_table(["device", "width", "members", "probe", "products", "batched ms", "one by one ms",

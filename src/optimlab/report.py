@@ -190,7 +190,7 @@ def crossing_lines(rows: list[dict[str, Any]]) -> list[str]:
     tracked = [r for r in rows if (r.get("curvature") or {}).get("measurements")]
     crossed = [r for r in tracked if r["curvature"].get("first_crossing_step") is not None]
     outcome = Counter(r["regime"] for r in crossed)
-    misses = sum(r["regime"] == "diverging" for r in tracked if r not in crossed)
+    misses = sum(r["regime"] == "diverging" and r["curvature"].get("first_crossing_step") is None for r in tracked)
     leads = sorted(r["diverged_at_step"] - r["curvature"]["first_crossing_step"] for r in crossed
                    if r.get("diverged_at_step") is not None)
     lines = ["", "## Crossings of the stability threshold", "",
