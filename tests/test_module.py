@@ -137,6 +137,27 @@ def test_loss_scaler_overflow_is_a_skipped_step_not_a_divergence(tmp_path: Path)
     assert record.history[1]["train_loss"] < record.history[0]["train_loss"]
 
 
+@pytest.mark.parametrize("hooked", [False, True])
+def test_backward_hooks_run_when_a_callback_has_them(hooked: bool, tmp_path: Path) -> None:
+    # Without backward hooks the module calls backward itself (cheaper); a callback that has one
+    # turns Lightning's manual_backward back on, and the training is the same either way.
+    calls = []
+
+    class GradientWatcher(L.Callback):
+        def on_after_backward(self, trainer, pl_module):
+            calls.append(sum(float(p.grad.abs().sum()) for p in pl_module.parameters()))
+
+    module = small_module()
+    fit(module, *data(), tmp_path, callbacks=[GradientWatcher()] if hooked else [])
+    assert module.hooked_backward is hooked
+    assert len(calls) == (10 if hooked else 0) and all(c > 0 for c in calls)
+    weights = [p.detach().clone() for p in module.parameters()]
+    other = small_module()
+    (tmp_path / "other").mkdir()
+    fit(other, *data(), tmp_path / "other", callbacks=[] if hooked else [GradientWatcher()])
+    assert all(torch.equal(a, b) for a, b in zip(weights, other.parameters()))
+
+
 def test_console_lines_go_around_the_progress_bar() -> None:
     import io
     import logging

@@ -20,6 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from optimlab.divergence import WEIGHTS, DivergenceGuard, all_finite, total_sum
 
 EVAL_STAGES = ("val", "test")  # validation dataloader 0 is "val"; 1, when present, is "test"
+BACKWARD_HOOKS = ("on_before_backward", "on_after_backward")
 
 
 class ClassifierModule(L.LightningModule):
@@ -65,6 +66,14 @@ class ClassifierModule(L.LightningModule):
         # With a loss scaler (16-mixed) overflowing gradients are routine: the scaler skips that
         # step and lowers its scale. Then only the (unscaled) loss tells a diverging run.
         self.scaled_grads = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        # manual_backward adds the loss scaling and the backward hooks of the module and callbacks.
+        # Without either, backward is called directly: the two hook sweeps cost about 0.1-0.2 ms a
+        # step, a few per cent of a CPU step (benchmarks/README.md).
+        self.hooked_backward = self.scaled_grads or any(
+            getattr(type(obj), hook) is not getattr(base, hook)
+            for obj, base in [(self, L.LightningModule), *((c, L.Callback) for c in self.trainer.callbacks)]
+            for hook in BACKWARD_HOOKS)
+        self.trained_params = list(self.model.parameters())  # a step does not walk the module tree
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         return batch  # the data module keeps every split on the training device already (data.py)
@@ -75,10 +84,13 @@ class ClassifierModule(L.LightningModule):
         logits = self.model(x)
         loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        if self.hooked_backward:
+            self.manual_backward(loss)
+        else:
+            loss.backward()
         loss, step = loss.detach(), self.global_step
         last = batch_idx + 1 == self.trainer.num_training_batches
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.trained_params if p.grad is not None]
         # One value for the whole check: the sum is non-finite when the loss or any gradient is.
         check = loss if self.scaled_grads else loss + total_sum(grads)
         if self.guard.check(check, step, now=last):
@@ -87,7 +99,7 @@ class ClassifierModule(L.LightningModule):
         if self.clip_val:
             self.clip_gradients(optimizer, gradient_clip_val=self.clip_val, gradient_clip_algorithm=self.clip_algorithm)
         optimizer.step()
-        if (step % self.check_weights_every == 0 or last) and not all_finite(list(self.parameters())):
+        if (step % self.check_weights_every == 0 or last) and not all_finite(self.trained_params):
             self.guard.record(step + 1, WEIGHTS)
             self.trainer.should_stop = True
         return {"loss": loss, "logits": logits.detach(), "target": y}
