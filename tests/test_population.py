@@ -159,13 +159,14 @@ def test_split_indices_errors_and_shared_settings(tiny_mnist: Path) -> None:
 
 def population(root: Path, lrs: list[float], seeds: list[int], optimizer: type = SGD,
                dtype: torch.dtype = torch.float32, stacked: type = StackedMLP, config: Any = None,
-               weight_decay: Any = 0.0, **options: Any) -> tuple[PopulationLoop, list[MNISTDataModule]]:
+               weight_decay: Any = 0.0, every: int | list[int] = 50,
+               **options: Any) -> tuple[PopulationLoop, list[MNISTDataModule]]:
     """A population on the tiny IDX files (48 training images, batches of 8: 6 steps an epoch)."""
     config = config or mlp_config(activation="relu")
     dms = [datamodule(root, val_size=16, batch_size=8, eval_batch_size=5, seed=s, label_noise=0.25) for s in seeds]
     model = stacked.from_configs([config] * len(seeds), seeds).to(dtype)
     opt = member_optimizer(optimizer, model, lrs, weight_decay, **options)
-    return PopulationLoop(model, opt, PopulationData(dms)), dms
+    return PopulationLoop(model, opt, PopulationData(dms), weights_every=every), dms
 
 
 def trajectory(loop: PopulationLoop, epochs: int = 2) -> list[list[torch.Tensor]]:
@@ -253,6 +254,37 @@ def test_weights_are_judged_where_the_single_run_looks(tiny_mnist: Path, broken_
     assert not records[0].diverged and not records[2].diverged
 
 
+def test_per_step_scalars_follow_each_members_cadence(tiny_mnist: Path) -> None:
+    """Each member's ``train_steps`` rows at its own ``log_every_n_steps``, for applied updates only:
+    the member whose first update overflows logs that step (its weights' norm not finite, as its run
+    logs them) and nothing after; each row's values are the member's own."""
+    loop, _ = population(tiny_mnist, [0.1, 1e300, 0.05], [0, 1, 2], every=[1, 2, 3])
+    grads = []
+    step = loop.step
+
+    def step_keeping_grads(x: torch.Tensor, y: torch.Tensor, last: bool = False) -> torch.Tensor:
+        losses = step(x, y, last)
+        grads.append([p.grad.double().flatten(1).norm(dim=1) for p in loop.params])
+        return losses
+
+    loop.step = step_keeping_grads  # type: ignore[method-assign]
+    records = loop.fit(2)
+    assert [row["step"] for row in records[0].train_steps] == list(range(12))
+    assert [row["step"] for row in records[1].train_steps] == [0] and records[1].diverged_at_step == 1
+    assert [row["step"] for row in records[2].train_steps] == [0, 3, 6, 9]
+    overflowed = records[1].train_steps[0]
+    assert not math.isfinite(overflowed["weight_norm"]) and math.isfinite(overflowed["loss"])
+    assert [row["lr"] for row in records[2].train_steps] == [0.05] * 4
+    for m in (0, 2):
+        first = records[m].train_steps[0]
+        assert first["loss"] == pytest.approx(records[m].history[0]["train_loss_initial"], rel=1e-12)
+        for row in records[m].train_steps:
+            expected = torch.stack([g[m] for g in grads[row["step"]]]).norm().item()
+            assert row["grad_norm"] == pytest.approx(expected, rel=1e-9)
+    weights = torch.stack([p[0].double().norm() for p in loop.params]).norm().item()  # after step 11, the last
+    assert records[0].train_steps[-1]["weight_norm"] == pytest.approx(weights, rel=1e-9)
+
+
 def single_run(dm: MNISTDataModule, config: dict[str, Any], seed: int, optimizer: type, lr: float,
                weight_decay: float, epochs: int, **options: Any) -> tuple[list[float], torch.nn.Module]:
     """The member's own run with the same parts, in float64: per-epoch mean training loss and the model."""
@@ -294,23 +326,25 @@ def test_a_loop_restored_from_its_state_continues_bitwise(tiny_mnist: Path) -> N
     """Adam (state), one member diverging in epoch 1: 3 epochs straight, or 1 epoch, the state
     through torch.save/load into a fresh loop, then the rest: equal records and weights, bitwise."""
     lrs, seeds = [0.01, 1e300, 0.003], [0, 1, 2]
-    straight, _ = population(tiny_mnist, lrs, seeds, Adam)
+    straight, _ = population(tiny_mnist, lrs, seeds, Adam, every=4)
     expected = straight.fit(3)
-    first, _ = population(tiny_mnist, lrs, seeds, Adam)
+    first, _ = population(tiny_mnist, lrs, seeds, Adam, every=4)
     first.fit(1)
     buffer = io.BytesIO()
     torch.save(first.state_dict(), buffer)
     buffer.seek(0)
-    resumed, _ = population(tiny_mnist, lrs, seeds, Adam)
+    resumed, _ = population(tiny_mnist, lrs, seeds, Adam, every=4)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     assert resumed.epochs_done == 1 and resumed.records[1].diverged
     got = resumed.fit(3)
 
     def untimed(records: list[MemberRecord]) -> list[tuple]:
         return [([{k: v for k, v in row.items() if k != "train_time_s"} for row in r.history], r.diverged_at_step,
-                 r.divergence_reason) for r in records]
+                 r.divergence_reason, r.train_steps) for r in records]
 
-    assert untimed(got) == untimed(expected) and len(expected[0].history) == 3
+    # repr: exact for floats, and NaN (the overflowed member's weight norm) equals NaN
+    assert repr(untimed(got)) == repr(untimed(expected)) and len(expected[0].history) == 3
+    assert [row["step"] for row in got[0].train_steps] == [0, 4, 8, 12, 16]
     for p, q in zip(resumed.params, straight.params):
         assert torch.equal(p, q)
     for a, b in zip(resumed.optimizer.state.values(), straight.optimizer.state.values()):

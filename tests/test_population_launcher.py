@@ -186,12 +186,13 @@ def test_a_population_sweep_equals_the_sequential_sweep(mnist_root: Path, tmp_pa
     are frozen while the others train on) x two seeds, as four populations, write what the basic launcher's sequential jobs write: the same folders,
     summary.json keys, status, steps, regime, divergence, training metrics to 1e-9 relative,
     validation and test counts (the sequential job's evaluation metrics are torchmetrics' float32:
-    compared to its rounding); each with TensorBoard events (epoch scalars and HPARAMS), and
+    compared to its rounding), per-step scalars to 1e-9; each with TensorBoard events (step and
+    epoch scalars, HPARAMS), and
     optimlab-report reads the sweep. (Adagrad's lr stays at 0.01 and below: at 0.03 its float64
     rounding differences grow past 1e-9, see docs/population.md#limits.)"""
     pop, seq, out = sweep_both_ways(tmp_path, "optimizer=sgd,adam,rmsprop,adagrad", "lr=0.01,1e307",
                                     "seed=0,1", "model.hidden=[8]", "trainer.precision=64-true",
-                                    *EQUIVALENCE_BUDGET)
+                                    "trainer.log_every_n_steps=3", *EQUIVALENCE_BUDGET)
     assert "16 jobs -> 4 population(s) of 16 members" in out
     assert len(seq) == 16
     for name, ref in seq.items():
@@ -215,12 +216,18 @@ def test_a_population_sweep_equals_the_sequential_sweep(mnist_root: Path, tmp_pa
                 assert row[f"{stage}_loss"] == pytest.approx(ref_row[f"{stage}_loss"], rel=1e-6), (name, stage)
         if ref["epochs"][-1]["test_loss"] is not None:
             assert round(got["test_acc"] * 10_000) == round(ref["test_acc"] * 10_000), name
+        assert [row["step"] for row in got["train_steps"]] == [row["step"] for row in ref["train_steps"]], name
+        for row, ref_row in zip(got["train_steps"], ref["train_steps"]):
+            assert row == {k: v if v is None else pytest.approx(v, rel=1e-9) for k, v in ref_row.items()}, name
+    healthy = next(s for s in seq.values() if not s["diverged"])
+    assert [row["step"] for row in healthy["train_steps"]] == [0, 3]  # 2 epochs of 2 steps
     diverging = [s for s in seq.values() if s["config"]["lr"] == 1e307]
     assert len(diverging) == 8 and all(s["regime"] == "diverging" and s["diverged"] for s in diverging)
     assert {s["regime"] for s in seq.values() if s["config"]["lr"] < 1} - {"diverging"}
     first = next(iter(pop))
     events = b"".join(p.read_bytes() for p in (tmp_path / "population" / first / "tensorboard").glob("events.*"))
-    assert all(tag in events for tag in (b"train/loss", b"val/acc", b"test/acc", b"_hparams_/experiment", b"regime"))
+    assert all(tag in events for tag in (b"train/loss", b"train/loss_step", b"train/grad_norm", b"train/weight_norm",
+                                         b"train/lr", b"val/acc", b"test/acc", b"_hparams_/experiment", b"regime"))
     assert (tmp_path / "population" / first / ".hydra" / "overrides.yaml").is_file()
     report = subprocess.run([str(Path(sys.executable).with_name("optimlab-report")), str(tmp_path / "population")],
                             capture_output=True, text=True, timeout=300)
@@ -385,14 +392,15 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 RESUMABLE = ["lr=0.05,0.1", "seed=0,1", "data.subset=512", "data.val_size=500", "epochs=3", "model.hidden=[16]",
              "trainer.accelerator=cpu", "trainer.num_threads=1", "hydra/launcher=population",
-             "curvature.every_n_steps=3", "curvature.probe_size=64"]  # tracking's state resumes too
+             "curvature.every_n_steps=3", "curvature.probe_size=64",  # tracking's state resumes too
+             "trainer.log_every_n_steps=5"]  # and per-step rows (steps 0, 5, 10)
 
 
 def untimed(summary: dict) -> dict:
     """What an interrupted-and-resumed member must share bitwise with an uninterrupted one."""
     rows = [{k: v for k, v in row.items() if k != "train_time_s"} for row in summary["epochs"]]
     return {"epochs": rows, **{k: summary[k] for k in ("status", "steps", "test_acc", "test_loss", "regime",
-                                                        "diverged_at_step", "best_val_acc")}}
+                                                        "diverged_at_step", "best_val_acc", "train_steps")}}
 
 
 @pytest.mark.slow
@@ -406,6 +414,7 @@ def test_a_killed_or_stopped_population_resumes_bitwise(mnist_root: Path, tmp_pa
     assert straight.returncode == 0, straight.stderr[-3000:]
     expected = {name: untimed(s) for name, s in summaries(tmp_path / "straight").items()}
     assert len(expected) == 4 and all(len(s["epochs"]) == 3 for s in expected.values())
+    assert all([row["step"] for row in s["train_steps"]] == [0, 5, 10] for s in expected.values())
     for sig, code in (("SIGKILL", -9), ("SIGTERM", 143)):
         sweep = tmp_path / sig
         killed = subprocess.run([sys.executable, "-c", SIGNAL_AFTER_FIRST_CHECKPOINT.format(signal=sig),

@@ -72,6 +72,7 @@ def test_killed_run_resumed_equals_uninterrupted_run(tmp_path: Path) -> None:
     for ra, rb in zip(sa["epochs"], sb["epochs"]):
         assert {k: v for k, v in ra.items() if k != "train_time_s"} == {k: v for k, v in rb.items() if k != "train_time_s"}
     assert sa["test_acc"] == sb["test_acc"] and sa["regime"] == sb["regime"]
+    assert sa["train_steps"] == sb["train_steps"] and [r["step"] for r in sb["train_steps"]] == [0, 50]
 
 
 @pytest.mark.slow

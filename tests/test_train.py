@@ -100,6 +100,9 @@ def test_tensorboard_holds_step_and_epoch_scalars(tmp_path: Path) -> None:
     steps = {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
     for tag in ("train/loss_step", "train/grad_norm", "train/weight_norm", "train/lr"):
         assert steps[tag] == [0, 3, 6], tag
+    assert [row["step"] for row in summary.train_steps] == [0, 3, 6]  # the record holds what was logged
+    for key, tag in (("loss", "train/loss_step"), ("grad_norm", "train/grad_norm"), ("weight_norm", "train/weight_norm")):
+        assert [e.value for e in events.Scalars(tag)] == pytest.approx([row[key] for row in summary.train_steps])
     first = events.Scalars("train/loss_step")[0].value
     assert first == pytest.approx(summary.epochs[0]["train_loss_initial"], rel=1e-6)
     assert [e.value for e in events.Scalars("train/lr")] == pytest.approx([0.1] * 3)

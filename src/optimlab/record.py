@@ -31,6 +31,9 @@ from optimlab.tensorboard_logger import TensorBoardRunLogger
 
 
 log = logging.getLogger(__name__)
+# RunSummary.train_steps columns -> their TensorBoard tags
+STEP_SCALARS = {"loss": "train/loss_step", "grad_norm": "train/grad_norm", "weight_norm": "train/weight_norm",
+                "lr": "train/lr"}
 
 
 def versions() -> dict[str, str]:
@@ -76,6 +79,7 @@ class RunRecord(Checkpoint):
         self.log_every = log_every_n_steps
         self.started, self.wall_time_before = time.perf_counter(), wall_time_before
         self.history: list[dict[str, float]] = []
+        self.train_steps: list[dict[str, float]] = []  # RunSummary.train_steps
         self.first_step_s: float | None = None
         self.extra: dict[str, Any] = {}  # set by the caller: params, train_size, label_noise_images, device
         self._restored: dict[str, Any] | None = None
@@ -87,7 +91,7 @@ class RunRecord(Checkpoint):
 
     # ---- checkpoint state: the record so far and every RNG state ---------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "first_step_s": self.first_step_s, "guard": self.guard.state_dict(),
+        return {"history": self.history, "train_steps": self.train_steps, "first_step_s": self.first_step_s, "guard": self.guard.state_dict(),
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
@@ -101,6 +105,7 @@ class RunRecord(Checkpoint):
         if saved is None:
             return
         self.history, self.first_step_s = list(saved["history"]), saved["first_step_s"]
+        self.train_steps = list(saved.get("train_steps", []))  # absent from checkpoints of older versions
         self.guard.load_state_dict(saved["guard"])
         # Last, after Lightning's own start-up work may have drawn random numbers.
         torch.set_rng_state(saved["rng_cpu"])
@@ -126,14 +131,14 @@ class RunRecord(Checkpoint):
             self.first_step_s = time.perf_counter() - self._step_start
         if step == 0:
             self._initial_loss = float(outputs["loss"])  # the yardstick for loss spikes (regimes.py)
-        if step % self.log_every == 0 and trainer.loggers:
+        if step % self.log_every == 0:
             params = [p for p in pl_module.parameters() if p.grad is not None]
-            values = torch.stack([outputs["loss"].double(), total_norm([p.grad for p in params]),
-                                  total_norm(params)]).tolist()
-            lr = trainer.optimizers[0].param_groups[0]["lr"]
-            for logger in trainer.loggers:
-                logger.log_metrics({"train/loss_step": values[0], "train/grad_norm": values[1],
-                                    "train/weight_norm": values[2], "train/lr": float(lr)}, step=step)
+            loss, grad_norm, weight_norm = torch.stack([outputs["loss"].double(), total_norm([p.grad for p in params]),
+                                                        total_norm(params)]).tolist()
+            row = {"step": step, "loss": loss, "grad_norm": grad_norm, "weight_norm": weight_norm,
+                   "lr": float(trainer.optimizers[0].param_groups[0]["lr"])}
+            self.train_steps.append(row)
+            log_train_step(trainer.loggers, row)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING:  # validation inside fit: the epoch's training ends here
@@ -200,6 +205,7 @@ class RunRecord(Checkpoint):
         val_accs = [r["val_acc"] for r in self.history if math.isfinite(r.get("val_acc", math.nan))]
         return RunSummary(
             status=status, config=self.config, description=vars(self.description).copy(), epochs=self.history,
+            train_steps=self.train_steps,
             best_val_acc=max(val_accs, default=None), diverged=self.guard.diverged,
             diverged_at_step=self.guard.step, divergence_reason=self.guard.reason, regime=diagnosis.regime,
             regime_evidence=diagnosis.evidence, regime_measures=diagnosis.measures, curvature=curvature,
@@ -213,6 +219,13 @@ class RunRecord(Checkpoint):
         summary = self.summary(status, trainer, **final)
         write_summary(self.run_dir, summary)
         return summary
+
+
+def log_train_step(loggers: list[Logger], row: dict[str, float]) -> None:
+    """One :attr:`~optimlab.summary.RunSummary.train_steps` row as each logger's per-step scalars."""
+    scalars = {tag: math.nan if row[key] is None else row[key] for key, tag in STEP_SCALARS.items()}
+    for logger in loggers:
+        logger.log_metrics(scalars, step=int(row["step"]))
 
 
 def log_result(loggers: list[Logger], summary: RunSummary) -> None:

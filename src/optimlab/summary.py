@@ -75,13 +75,17 @@ class RunSummary:
     evaluated ``val_*`` / ``test_*`` loss and accuracy, and ``train_loss_initial`` in the first row;
     with sharpness tracking also ``sharpness_max``, ``sharpness_last``, ``threshold_last`` and
     ``sharpness_crossed_at_step`` (the epoch's first step with sharpness above the threshold).
-    Non-finite numbers are written as null."""
+    ``train_steps`` holds one row per logged step (every ``trainer.log_every_n_steps`` updates):
+    ``step`` (the update's 0-based index), its batch's ``loss``, the ``grad_norm`` and the updated
+    ``weight_norm`` (2-norms over all parameters) and the ``lr``. Non-finite numbers are written
+    as null."""
 
     status: str                                  # one of STATUSES
     config: dict[str, Any]                       # the resolved config the run ran
     description: dict[str, Any] = field(default_factory=dict)  # describe_run(config), as a dict
     params: int | None = None
     epochs: list[dict[str, Any]] = field(default_factory=list)
+    train_steps: list[dict[str, Any]] = field(default_factory=list)
     test_loss: float | None = None
     test_acc: float | None = None
     best_val_acc: float | None = None

@@ -52,6 +52,7 @@ class MemberRecord:
     diverged_at_step: int | None = None
     divergence_reason: str | None = None
     curvature: dict[str, Any] | None = None  # the sharpness record, when tracked (see MemberSharpness)
+    train_steps: list[dict[str, float]] = field(default_factory=list)  # as RunSummary.train_steps
 
     @property
     def diverged(self) -> bool:
@@ -113,6 +114,8 @@ class PopulationLoop:
         if len(every) != members or any(not isinstance(n, int) or n < 1 for n in every):
             raise ValueError(f"weights_every: {weights_every!r}; expected an integer >= 1, or one per member")
         self.weights_every = torch.tensor(every, device=device)
+        self.log_every, self._cadences = every, sorted(set(every))  # the per-step scalars' cadence, as the run's
+        self._logged_steps: list[tuple[int, Tensor]] = []  # this epoch's, on the device until its end
         self.flags_on_host = device.type == "cpu"  # reading the flags costs nothing there (see keep_finite)
         self.sharpness = sharpness
         if sharpness is not None:
@@ -191,6 +194,8 @@ class PopulationLoop:
         weights_ok = finite_rows(*(p.detach() for p in self.params))
         grads_ok = torch.isfinite(check)
         alive = self.alive & grads_ok & weights_ok
+        if any(self.global_step % n == 0 for n in self._cadences):
+            self.log_step(losses, self.alive & grads_ok)
         self.keep_finite(alive)
         newly = self.alive & ~alive
         # A refused step (loss or gradient) is recorded at its own step; non-finite weights after
@@ -214,6 +219,31 @@ class PopulationLoop:
         self.alive = alive
         self.global_step += 1
         return losses
+
+    def log_step(self, losses: Tensor, applied: Tensor) -> None:
+        """Keep this step's per-step scalars of every member (the updated weights' norm taken before
+        any member is frozen, as its run logs them); :meth:`fit` reads them at the epoch's end."""
+        grads = torch.stack([torch.linalg.vector_norm(p.grad.flatten(1), dim=1, dtype=torch.float64)
+                             for p in self.params])
+        weights = torch.stack([torch.linalg.vector_norm(p.detach().flatten(1), dim=1, dtype=torch.float64)
+                               for p in self.params])
+        lr = self.optimizer.param_groups[0]["lr"]
+        self._logged_steps.append((self.global_step, torch.stack([
+            losses.double(), torch.linalg.vector_norm(grads, dim=0), torch.linalg.vector_norm(weights, dim=0),
+            lr.to(losses.device, torch.float64), applied.double()])))
+
+    def record_logged_steps(self) -> None:
+        """Each member's per-step rows of this epoch: at its own cadence, for the steps whose update
+        was applied (a run logs no refused step)."""
+        logged, self._logged_steps = self._logged_steps, []
+        if not logged:
+            return
+        values = torch.stack([v for _, v in logged]).tolist()
+        for (step, _), (loss, grad_norm, weight_norm, lr, applied) in zip(logged, values):
+            for m, record in enumerate(self.records):
+                if applied[m] and step % self.log_every[m] == 0:
+                    record.train_steps.append({"step": step, "loss": loss[m], "grad_norm": grad_norm[m],
+                                               "weight_norm": weight_norm[m], "lr": lr[m]})
 
     def train_epoch(self, epoch: int) -> Tensor:
         """Every step of ``epoch`` (0-based); returns which members were alive when it started."""
@@ -256,6 +286,7 @@ class PopulationLoop:
                 if self.global_step == 0 and self.sharpness.measures_at_start():
                     self.sharpness.measure(0, self.model, self.optimizer, members(self.alive))
             started_alive = self.train_epoch(epoch)
+            self.record_logged_steps()
             if started_alive.device.type == "cuda":
                 torch.cuda.synchronize(started_alive.device)
             train_time = time.perf_counter() - started

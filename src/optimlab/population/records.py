@@ -2,7 +2,7 @@
 
 ``summary.json`` (the :class:`~optimlab.summary.RunSummary` schema, diagnosed by
 :func:`~optimlab.regimes.diagnose` on the member's own history, with ``population`` naming the
-population it trained in) and TensorBoard events (per-epoch train/val/test scalars, HPARAMS and
+population it trained in) and TensorBoard events (per-step and per-epoch scalars, HPARAMS and
 the regime text via :func:`~optimlab.record.log_result`), so ``optimlab-report`` reads a
 population sweep as it reads a sequential one.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 from optimlab.curvature import SHARPNESS_TAG, TENSORBOARD_LAYOUT, THRESHOLD_TAG
 from optimlab.population.loop import MemberRecord
-from optimlab.record import log_result, versions
+from optimlab.record import log_result, log_train_step, versions
 from optimlab.regimes import Thresholds, diagnose
 from optimlab.summary import FINISHED, RunSummary, describe_run, write_summary
 from optimlab.tensorboard_logger import TensorBoardRunLogger
@@ -66,7 +66,7 @@ def member_summary(status: str, config: dict[str, Any], record: MemberRecord, po
     val_accs = [r["val_acc"] for r in record.history if math.isfinite(r.get("val_acc", math.nan))]
     return RunSummary(
         status=status, config=config, description=vars(describe_run(config)).copy(), params=population.params,
-        epochs=record.history, best_val_acc=max(val_accs, default=None), diverged=record.diverged,
+        epochs=record.history, train_steps=record.train_steps, best_val_acc=max(val_accs, default=None), diverged=record.diverged,
         diverged_at_step=record.diverged_at_step, divergence_reason=record.divergence_reason,
         regime=diagnosis.regime, regime_evidence=diagnosis.evidence, regime_measures=diagnosis.measures,
         steps=steps, train_time_s=train_time, first_step_s=population.first_step_s,
@@ -78,10 +78,13 @@ def member_summary(status: str, config: dict[str, Any], record: MemberRecord, po
 
 def write_tensorboard(run_dir: Path, summary: RunSummary) -> None:
     """The member's TensorBoard events where its sequential job writes them (``run_dir/tensorboard``):
-    each epoch's scalars at the step the epoch ended, the tracked sharpness and threshold at each
-    measured step (on one Custom Scalars chart), then HPARAMS and the regime text."""
+    the per-step scalars at their steps, each epoch's scalars at the step the epoch ended, the
+    tracked sharpness and threshold at each measured step (on one Custom Scalars chart), then
+    HPARAMS and the regime text."""
     steps_per_epoch = (summary.population or {}).get("steps_per_epoch", 0)
     logger = TensorBoardRunLogger(save_dir=str(run_dir / "tensorboard"), name="", version="", default_hp_metric=False)
+    for row in summary.train_steps:
+        log_train_step([logger], row)
     for row in summary.epochs:
         step = min(int(row["epoch"]) * steps_per_epoch, summary.steps)
         scalars = {f"{stage}/{kind}": row[f"{stage}_{kind}"] for stage in ("train", "val", "test")
