@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -88,10 +89,56 @@ def plain_steps_per_s(cfg: DictConfig, x: torch.Tensor, y: torch.Tensor, batches
     return len(batch_indices) / (time.perf_counter() - start)
 
 
+class BareModule(L.LightningModule):
+    """The plain loop's step inside Lightning's manual optimization, and nothing else."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.model = model
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return SGD(self.model.parameters(), lr=LR)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        optimizer = self.optimizers()
+        loss = F.cross_entropy(self.model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+class StepTimer(L.Callback):
+    """Steps/s from the first batch's start to the last batch's end."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object,
+                             batch_idx: int) -> None:
+        if batch_idx == 0:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object,
+                           batch_idx: int) -> None:
+        _timing.sync(pl_module.device)
+        self.steps_per_s = batch_idx / (time.perf_counter() - self.start)  # the first step left out, as ours does
+
+
+def bare_lightning_steps_per_s(cfg: DictConfig, data: MNISTDataModule, batches: int) -> float:
+    """The plain loop's work run by a Lightning Trainer with no callbacks, logger or checks, on the
+    data module's training batches: the cost of Lightning's own loop, which ours cannot go below."""
+    torch.manual_seed(cfg.seed)
+    timer = StepTimer()
+    trainer = L.Trainer(accelerator="gpu" if data.train_x.device.type == "cuda" else "cpu", devices=1,
+                        max_epochs=1, limit_train_batches=batches, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
+    trainer.fit(BareModule(instantiate(cfg.model)), train_dataloaders=data.train_dataloader())
+    return timer.steps_per_s
+
+
 def measure(model: str, device: torch.device, batches: int, repeats: int, warmup: int,
-            threads: int | None) -> dict[str, list[float]]:
-    """Steps/s of the plain loop and of ours on ``device``: ``repeats`` alternating runs of each,
-    after one untimed ``warmup``-batch run of each."""
+            threads: int | None, floor: bool = False) -> dict[str, list[float]]:
+    """Steps/s of the plain loop and of ours (and with ``floor``, of the bare Lightning loop) on
+    ``device``: ``repeats`` alternating runs of each, after one untimed ``warmup``-batch run of each."""
     cfg = compose_config(model, device, batches, threads)
     data: MNISTDataModule = instantiate(cfg.data)
     data.setup()
@@ -99,10 +146,12 @@ def measure(model: str, device: torch.device, batches: int, repeats: int, warmup
     torch.set_flush_denormal(cfg.trainer.flush_denormal)  # as run() does, so both loops see the same
     plain_steps_per_s(cfg, data.train_x, data.train_y, warmup)
     ours_steps_per_s(compose_config(model, device, warmup, threads))
-    return _timing.interleaved_runs({
-        "plain": lambda: plain_steps_per_s(cfg, data.train_x, data.train_y, batches),
-        "ours": lambda: ours_steps_per_s(cfg),
-    }, repeats)
+    runs = {"plain": lambda: plain_steps_per_s(cfg, data.train_x, data.train_y, batches),
+            "ours": lambda: ours_steps_per_s(cfg)}
+    if floor:
+        bare_lightning_steps_per_s(cfg, data, warmup)
+        runs["lightning"] = lambda: bare_lightning_steps_per_s(cfg, data, batches)
+    return _timing.interleaved_runs(runs, repeats)
 
 
 def main() -> None:
@@ -116,6 +165,9 @@ def main() -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: CUDA when available, else the CPU")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also time the plain loop's step inside a bare Lightning Trainer (no callbacks, logger "
+                             "or checks): Lightning's own share of the overhead")
     args = parser.parse_args()
     if args.warmup is None:
         args.warmup = args.batches
@@ -129,8 +181,8 @@ def main() -> None:
     print(f"model {args.model}, batch {BATCH_SIZE}, optimlab.optim.SGD lr {LR}; {args.repeats} alternating runs "
           f"of {args.batches} batches each (after one {args.warmup}-batch warm-up run of each); steps/s: medians; "
           f"plain/ours: median (min-max) of the {args.repeats} side-by-side pairs\n")
-    results = {device.type: measure(args.model, device, args.batches, args.repeats, args.warmup, args.threads)
-               for device in devices}
+    results = {device.type: measure(args.model, device, args.batches, args.repeats, args.warmup, args.threads,
+                                    args.floor) for device in devices}
     rows: list[list[object]] = []
     medians: dict[str, dict[str, float]] = {}
     for dev, runs in results.items():
@@ -141,6 +193,12 @@ def main() -> None:
                      EPOCH_BATCHES / sps["plain"], EPOCH_BATCHES / sps["ours"]])
     _timing.print_table(["device", "model", "plain steps/s", "ours steps/s", "plain/ours", "range", "target",
                          f"plain s/epoch ({EPOCH_BATCHES})", f"ours s/epoch ({EPOCH_BATCHES})"], rows)
+    if args.floor:
+        print("\nLightning's own loop (the plain step in a bare Trainer): plain / bare Lightning, median (min-max) "
+              "of the side-by-side runs")
+        for dev, runs in results.items():
+            ratio, low, high = _timing.paired_ratio(runs["plain"], runs["lightning"])
+            print(f"  {dev}: {statistics.median(runs['lightning']):.1f} steps/s, {ratio:.3f} ({low:.3f}-{high:.3f})")
     if "cuda" not in results:
         print(f"\ncuda: {'not requested (--device cpu)' if torch.cuda.is_available() else _timing.NO_GPU}")
     if args.model == "mlp":

@@ -31,10 +31,12 @@ def test_optimizer_step_prints_a_row_per_optimizer_and_model() -> None:
 
 @pytest.mark.slow
 def test_train_loop_prints_the_overhead_and_the_epoch_time() -> None:
-    out = bench("train_loop.py", "--batches", "3", "--repeats", "1", "--warmup", "2", "--device", "cpu")
+    out = bench("train_loop.py", "--batches", "3", "--repeats", "1", "--warmup", "2", "--device", "cpu", "--floor")
     row = next(line.split() for line in out.splitlines() if line.startswith("cpu "))
     assert row[1] == "mlp" and float(row[2]) > 0 and float(row[3]) > 0 and float(row[4]) > 0
     assert "s per 430-batch epoch" in out
+    floor = next(line.split() for line in out.splitlines() if line.startswith("  cpu: ") and "steps/s," in line)
+    assert float(floor[1]) > 0 and float(floor[3]) > 0  # bare Lightning's steps/s and plain / bare
 
 
 def test_train_loop_rejects_a_zero_warmup() -> None:
