@@ -13,6 +13,7 @@ import torch
 
 from conftest import REPO, compose_config, run_script
 from optimlab.data import DataError
+from optimlab.record import STEP_SCALARS
 from optimlab.train import run
 from optimlab.validate import ConfigError
 
@@ -101,7 +102,7 @@ def test_tensorboard_holds_step_and_epoch_scalars(tmp_path: Path) -> None:
     for tag in ("train/loss_step", "train/grad_norm", "train/weight_norm", "train/lr"):
         assert steps[tag] == [0, 3, 6], tag
     assert [row["step"] for row in summary.train_steps] == [0, 3, 6]  # the record holds what was logged
-    for key, tag in (("loss", "train/loss_step"), ("grad_norm", "train/grad_norm"), ("weight_norm", "train/weight_norm")):
+    for key, tag in STEP_SCALARS.items():
         assert [e.value for e in events.Scalars(tag)] == pytest.approx([row[key] for row in summary.train_steps])
     first = events.Scalars("train/loss_step")[0].value
     assert first == pytest.approx(summary.epochs[0]["train_loss_initial"], rel=1e-6)

@@ -91,8 +91,8 @@ class RunRecord(Checkpoint):
 
     # ---- checkpoint state: the record so far and every RNG state ---------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "train_steps": self.train_steps, "first_step_s": self.first_step_s, "guard": self.guard.state_dict(),
-                "rng_cpu": torch.get_rng_state(),
+        return {"history": self.history, "train_steps": self.train_steps, "first_step_s": self.first_step_s,
+                "guard": self.guard.state_dict(), "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -66,8 +66,8 @@ def member_summary(status: str, config: dict[str, Any], record: MemberRecord, po
     val_accs = [r["val_acc"] for r in record.history if math.isfinite(r.get("val_acc", math.nan))]
     return RunSummary(
         status=status, config=config, description=vars(describe_run(config)).copy(), params=population.params,
-        epochs=record.history, train_steps=record.train_steps, best_val_acc=max(val_accs, default=None), diverged=record.diverged,
-        diverged_at_step=record.diverged_at_step, divergence_reason=record.divergence_reason,
+        epochs=record.history, train_steps=record.train_steps, best_val_acc=max(val_accs, default=None),
+        diverged=record.diverged, diverged_at_step=record.diverged_at_step, divergence_reason=record.divergence_reason,
         regime=diagnosis.regime, regime_evidence=diagnosis.evidence, regime_measures=diagnosis.measures,
         steps=steps, train_time_s=train_time, first_step_s=population.first_step_s,
         steps_per_s=steady_steps / steady_time if steady_steps > 0 and steady_time > 0 else None,
