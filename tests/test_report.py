@@ -8,7 +8,7 @@ import shutil
 import statistics
 from pathlib import Path
 
-from optimlab.report import main, report
+from optimlab.report import MapCell, main, map_cells, report
 
 
 def fake_run(root: Path, name: str, optimizer: str, lr: float, width: int, seed: int, acc: float,
@@ -158,3 +158,34 @@ def test_report_md_states_the_command_and_where_each_regime_appeared(tmp_path: P
     assert "Command: `python train.py -m hydra.sweep.dir=x lr=0.01,0.1,1.0 model.hidden=[8]`" in text
     assert "What this sweep shows: **healthy** in sgd 8 at lr 0.01 to 0.1. **diverging** in sgd 8 at lr 1." in text
     assert "| final_train_acc | best_train_acc | final_val_acc | best_val_acc | final_test_acc |" in text
+
+
+def test_a_map_cell_shows_the_label_most_runs_got_and_marks_disagreement(tmp_path: Path) -> None:
+    row = {"optimizer": "sgd", "widths": "8", "lr": 0.1}
+    rows = [{**row, "regime": "healthy", "final_test_acc": 0.9}, {**row, "regime": "oscillating", "final_test_acc": 0.8},
+            {**row, "regime": "healthy", "final_test_acc": 0.94},
+            {**row, "lr": 1.0, "regime": "diverging", "final_test_acc": 0.1},
+            {**row, "lr": 1.0, "regime": "diverging", "final_test_acc": 0.3},
+            {**row, "lr": 3.0, "regime": "slow", "final_test_acc": None},  # a tie: the first label in LABELS' order
+            {**row, "lr": 3.0, "regime": "underfit", "final_test_acc": None},
+            {**row, "lr": 4.0, "regime": "crashed"}, {**row, "lr": 4.0, "regime": "interrupted"}]
+    cells = map_cells(rows)
+    assert cells[("sgd", "8", 0.1)] == MapCell("healthy", False, {"healthy": 2, "oscillating": 1}, 0.88)
+    assert cells[("sgd", "8", 1.0)] == MapCell("diverging", True, {"diverging": 2}, 0.2)
+    assert cells[("sgd", "8", 3.0)] == MapCell("slow", False, {"slow": 1, "underfit": 1}, None)
+    assert cells[("sgd", "8", 4.0)] == MapCell("crashed", True, {"crashed": 2}, None)  # no label: crashed
+
+
+def test_report_md_lists_the_map_cells_whose_seeds_disagree(tmp_path: Path) -> None:
+    n = 0
+    for lr in (0.01, 1.0):
+        for width in (4, 64):
+            for seed in (0, 1, 2):
+                regime = "diverging" if lr == 1.0 and (width == 4 or seed == 0) else "healthy"
+                fake_run(tmp_path, f"{n}_job", "SGD", lr, width, seed, 0.9, regime)
+                n += 1
+    report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "4 cells of several runs; in 1 of them the runs (seeds) disagree" in md
+    assert "| sgd | 64 | 1 | healthy | diverging 1, healthy 2 |" in md
+

@@ -17,6 +17,7 @@ import math
 import statistics
 import sys
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from optimlab.summary import FINISHED, SUMMARY, config_key, read_summary
 REGIME_COLORS = {"healthy": "#2ca02c", "slow": "#1f77b4", "oscillating": "#ff7f0e", "diverging": "#d62728",
                  "underfit": "#9467bd", "overfit": "#8c564b", "crashed": "#7f7f7f", "interrupted": "#bbbbbb",
                  "running": "#bbbbbb"}
+PLOT_LABELS = (*LABELS, "crashed")  # what a figure colours a run by: its regime, or crashed (no diagnosis)
 COLUMNS = ["run", "name", "model", "optimizer", "lr", "widths", "seed", "params", "final_train_acc",
            "best_train_acc", "final_val_acc", "best_val_acc", "final_test_acc", "best_test_acc", "epochs", "regime", "stopped_non_finite", "status",
            "wall_time_s", "steps_per_s", "sharpness_max", "sharpness_crossed_at_step"]
@@ -337,25 +339,70 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel("final test accuracy")
     handles = [plt.Line2D([], [], color="0.35", ls=line, marker=marker, mfc="white", mec="black")
                for line, marker in styles.values()]
-    handles += [plt.Line2D([], [], ls="", marker="o", color=REGIME_COLORS[label], mec="black") for label in [*LABELS, "crashed"]]
+    handles += [plt.Line2D([], [], ls="", marker="o", color=REGIME_COLORS[label], mec="black") for label in PLOT_LABELS]
     # below the panels: a legend inside would hide points
-    fig.legend(handles, [*styles, *LABELS, "crashed"], fontsize=9, loc="lower center", ncol=6, frameon=False)
+    fig.legend(handles, [*styles, *PLOT_LABELS], fontsize=9, loc="lower center", ncol=6, frameon=False)
     fig.tight_layout(rect=(0, 0.1 / math.ceil(len(widths) / 3), 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+@dataclass(frozen=True)
+class MapCell:
+    """The runs of one (optimizer, widths, lr) cell of a regime map: the label most of them got
+    (a tie goes to the label first in :data:`PLOT_LABELS`), whether all got it, and the mean final
+    test accuracy of those that have one (None if none has)."""
+
+    regime: str
+    agreed: bool
+    counts: dict[str, int]
+    mean_test_acc: float | None
+
+
+def map_cells(rows: list[dict[str, Any]]) -> dict[tuple[str, str, float], MapCell]:
+    """The regime map's cells, keyed ``(optimizer, widths, lr)``, from the report's rows."""
+    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r.get("optimizer") and r.get("widths") and r.get("lr"):
+            groups[(r["optimizer"], r["widths"], r["lr"])].append(r)
+    cells = {}
+    for key, runs in groups.items():
+        counts = Counter(r["regime"] if r["regime"] in PLOT_LABELS else "crashed" for r in runs)
+        regime = max(PLOT_LABELS, key=lambda label: (counts[label], -PLOT_LABELS.index(label)))
+        accs = [r["final_test_acc"] for r in runs if r.get("final_test_acc") is not None]
+        cells[key] = MapCell(regime, len(counts) == 1, dict(counts), statistics.fmean(accs) if accs else None)
+    return cells
+
+
+def disagreement_lines(cells: dict[tuple[str, str, float], MapCell]) -> list[str]:
+    """report.md's section on the map cells whose runs (seeds) got different labels."""
+    several = {key: c for key, c in cells.items() if sum(c.counts.values()) > 1}
+    if not several:
+        return []
+    split = sorted((key, c) for key, c in several.items() if not c.agreed)
+    lines = ["", "## Regime map", "", f"{len(several)} cells of several runs; in {len(split)} of them the runs "
+             "(seeds) disagree, marked * on the map, which shows the label most of them got:"]
+    if split:
+        lines += ["", "| optimizer | widths | lr | shown | regimes |", "|---|---|---|---|---|"]
+        lines += [f"| {opt} | {widths} | {_fmt(lr)} | {c.regime} | "
+                  + ", ".join(f"{label} {n}" for label, n in sorted(c.counts.items())) + " |"
+                  for (opt, widths, lr), c in split]
+    return lines
+
+
 def plot_regime_map(rows: list[dict[str, Any]], path: Path, stability: list[dict[str, Any]] | None = None) -> None:
-    """One panel per optimizer: lr (x) by width (y), each cell coloured by its regime and
-    annotated with the final test accuracy (majority regime and mean accuracy over seeds); with
-    ``stability`` (:func:`stability_table`), a black bar at each width's predicted largest stable lr."""
+    """One panel per optimizer: lr (x) by width (y), each cell (:func:`map_cells`) coloured by the
+    regime most of its runs got, marked * where they disagree, and annotated with their mean final
+    test accuracy; with ``stability`` (:func:`stability_table`), a black bar at each width's
+    predicted largest stable lr."""
     plt = _plt()
     from matplotlib.colors import ListedColormap
 
-    labels = [*LABELS, "crashed"]
-    optimizers = sorted({r["optimizer"] for r in rows if r.get("optimizer")})
-    lrs = sorted({r["lr"] for r in rows if r.get("lr")})
-    widths = sorted({r["widths"] for r in rows if r.get("widths")}, key=_width_key)
+    labels = list(PLOT_LABELS)
+    cells = map_cells(rows)
+    optimizers = sorted({key[0] for key in cells})
+    lrs = sorted({key[2] for key in cells})
+    widths = sorted({key[1] for key in cells}, key=_width_key)
     fig, axes = plt.subplots(1, len(optimizers), figsize=(3.2 + 0.45 * len(lrs) * len(optimizers), 0.5 * len(widths) + 2),
                              squeeze=False)
     cmap = ListedColormap([REGIME_COLORS[label] for label in labels])
@@ -363,14 +410,15 @@ def plot_regime_map(rows: list[dict[str, Any]], path: Path, stability: list[dict
         grid = [[math.nan] * len(lrs) for _ in widths]
         for i, w in enumerate(widths):
             for j, lr in enumerate(lrs):
-                cell = [r for r in rows if r.get("optimizer") == optimizer and r["widths"] == w and r["lr"] == lr]
-                if not cell:
+                cell = cells.get((optimizer, w, lr))
+                if cell is None:
                     continue
-                counts = Counter(r["regime"] if r["regime"] in labels else "crashed" for r in cell)
-                grid[i][j] = labels.index(max(counts, key=counts.get))
-                accs = [r["final_test_acc"] for r in cell if r.get("final_test_acc") is not None]
-                if accs:
-                    ax.text(j, i, f"{100 * statistics.fmean(accs):.0f}", ha="center", va="center", fontsize=7, color="white")
+                grid[i][j] = labels.index(cell.regime)
+                text = "" if cell.mean_test_acc is None else f"{100 * cell.mean_test_acc:.0f}"
+                if not cell.agreed:
+                    text += "*"
+                if text:
+                    ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white")
         ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=len(labels) - 0.5, aspect="auto", origin="lower")
         for t in stability or []:
             if t["optimizer"] == optimizer and t["widths"] in widths and math.isfinite(t["predicted_max_lr"]):
@@ -388,7 +436,7 @@ def plot_regime_map(rows: list[dict[str, Any]], path: Path, stability: list[dict
         labels = [*labels, "predicted largest stable lr"]
     # three entries a row: a row of eight is wider than a narrow map and would be cut at both edges
     fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), frameon=False, fontsize=8)
-    fig.suptitle("Diagnosed regime (cell text: final test accuracy, %)")
+    fig.suptitle("Diagnosed regime, most runs' label (cell text: mean final test accuracy, %; *: runs disagree)")
     fig.tight_layout(rect=(0, 0.1 + 0.04 * math.ceil(len(labels) / 3), 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -468,10 +516,13 @@ def report(sweep_dir: Path, rediagnose: bool = False) -> list[Path]:
     if stability:
         lines += write_stability(stability, sweep_dir)
         written.append(sweep_dir / "stability.csv")
-    (sweep_dir / "report.md").write_text("\n".join(lines) + "\n")
     # an lr x width map: widths of one model kind (a CNN's channels are not an MLP's widths)
-    if several_lrs and len({r["widths"] for r in rows if r.get("widths")}) > 1 \
-            and len({r["model"] for r in rows if r.get("model")}) == 1:
+    regime_map = several_lrs and len({r["widths"] for r in rows if r.get("widths")}) > 1 \
+        and len({r["model"] for r in rows if r.get("model")}) == 1
+    if regime_map:
+        lines += disagreement_lines(map_cells(rows))
+    (sweep_dir / "report.md").write_text("\n".join(lines) + "\n")
+    if regime_map:
         plot_regime_map(rows, sweep_dir / "regime_map.png", stability)
         written.append(sweep_dir / "regime_map.png")
     return written
