@@ -436,8 +436,10 @@ def plot_regime_map(rows: list[dict[str, Any]], path: Path, stability: list[dict
         labels = [*labels, "predicted largest stable lr"]
     # three entries a row: a row of eight is wider than a narrow map and would be cut at both edges
     fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), frameon=False, fontsize=8)
-    fig.suptitle("Diagnosed regime, most runs' label (cell text: mean final test accuracy, %; *: runs disagree)")
-    fig.tight_layout(rect=(0, 0.1 + 0.04 * math.ceil(len(labels) / 3), 1, 1))
+    fig.suptitle("Diagnosed regime: the label most runs got\n(cell text: mean final test accuracy, %; *: runs disagree)",
+                 fontsize=10)
+    legend_inches = 0.15 + 0.17 * math.ceil(len(labels) / 3)  # the legend's rows of 8-point text
+    fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
