@@ -128,6 +128,25 @@ def test_stability_compares_the_predicted_and_observed_largest_stable_lr(tmp_pat
     assert all(path.exists() for path in written) and tmp_path / "report.md" in written
 
 
+def test_stability_reads_each_cell_as_the_map_shows_it(tmp_path: Path) -> None:
+    # lr 1: one seed diverging (listed first), one healthy: a tie, which the map shows as healthy*
+    n = 0
+    for lr in (0.1, 1.0):
+        for seed, regime in ((0, "diverging" if lr == 1.0 else "healthy"), (1, "healthy")):
+            fake_run(tmp_path, f"{n}_job", "SGD", lr, 8, seed, 0.9, regime)
+            path = tmp_path / f"{n}_job" / "summary.json"
+            summary = json.loads(path.read_text())
+            summary["curvature"] = {"measurements": 1, "initial_step": 0, "initial_sharpness": 20.0,
+                                    "initial_threshold": 2 / lr, "first_crossing_step": None}
+            path.write_text(json.dumps(summary))
+            n += 1
+    fake_run(tmp_path, f"{n}_job", "SGD", 0.1, 64, 0, 0.9)  # a second width: a map is drawn
+    report(tmp_path)
+    table = list(csv.DictReader((tmp_path / "stability.csv").open()))
+    assert [(t["widths"], float(t["observed_max_lr_without_divergence"])) for t in table] == [("8", 1.0)]
+    assert "| sgd | 8 | 1 | healthy | diverging 1, healthy 1 |" in (tmp_path / "report.md").read_text()
+
+
 def test_report_counts_crossings_false_alarms_and_leads(tmp_path: Path) -> None:
     """Crossed and diverged at step 7 (lead 5), crossed and oscillating, crossed and healthy (a false
     alarm), diverging without a crossing (a miss), never crossed and healthy."""

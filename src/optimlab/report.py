@@ -143,12 +143,40 @@ def _grid_position(lr: float, lrs: list[float]) -> float:
     return len(logs) - 1 + (x - logs[-1]) / (logs[-1] - logs[-2])
 
 
+@dataclass(frozen=True)
+class MapCell:
+    """The runs of one (optimizer, widths, lr) cell of a regime map: the label most of them got
+    (a tie goes to the label first in :data:`PLOT_LABELS`), whether all got it, and the mean final
+    test accuracy of those that have one (None if none has)."""
+
+    regime: str
+    agreed: bool
+    counts: dict[str, int]
+    mean_test_acc: float | None
+
+
+def map_cells(rows: list[dict[str, Any]]) -> dict[tuple[str, str, float], MapCell]:
+    """The regime map's cells, keyed ``(optimizer, widths, lr)``, from the report's rows."""
+    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r.get("optimizer") and r.get("widths") and r.get("lr"):
+            groups[(r["optimizer"], r["widths"], r["lr"])].append(r)
+    cells = {}
+    for key, runs in groups.items():
+        counts = Counter(r["regime"] if r["regime"] in PLOT_LABELS else "crashed" for r in runs)
+        regime = max(PLOT_LABELS, key=lambda label: (counts[label], -PLOT_LABELS.index(label)))
+        accs = [r["final_test_acc"] for r in runs if r.get("final_test_acc") is not None]
+        cells[key] = MapCell(regime, len(counts) == 1, dict(counts), statistics.fmean(accs) if accs else None)
+    return cells
+
+
 def stability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (optimizer, widths) column of an lr sweep whose runs tracked their sharpness: ``sharpness0``
     (median over the column of each run's first measurement: step 0 for SGD, step 1 for the adaptive
     optimizers, which have no preconditioner before it), the largest stable lr it predicts (the lr at
-    which the threshold ``c/lr`` equals it: ``c / sharpness0``), the largest lr whose runs (most seeds)
-    did not diverge, and whether the two lie within one grid cell of each other."""
+    which the threshold ``c/lr`` equals it: ``c / sharpness0``), the largest lr whose runs (the label
+    most got, as on the map: :func:`map_cells`) did not diverge, and whether the two lie within one
+    grid cell of each other."""
     lrs = sorted({r["lr"] for r in rows if r.get("lr")})
     columns: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -159,8 +187,8 @@ def stability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         sharpness0 = statistics.median(r["curvature"]["initial_sharpness"] for r in runs)
         factor = statistics.median(r["curvature"]["initial_threshold"] * r["lr"] for r in runs)  # c in c/lr
         predicted = factor / sharpness0 if sharpness0 > 0 else math.inf
-        stable = [lr for lr in lrs if (cell := [r for r in runs if r["lr"] == lr]) and
-                  Counter(r["regime"] for r in cell).most_common(1)[0][0] != "diverging"]
+        cells = map_cells(runs)
+        stable = [lr for lr in lrs if (cell := cells.get((optimizer, widths, lr))) and cell.regime != "diverging"]
         observed = max(stable) if stable else None
         within = (observed is not None and math.isfinite(predicted)
                   and abs(_grid_position(predicted, lrs) - lrs.index(observed)) <= 1)
@@ -347,33 +375,6 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-@dataclass(frozen=True)
-class MapCell:
-    """The runs of one (optimizer, widths, lr) cell of a regime map: the label most of them got
-    (a tie goes to the label first in :data:`PLOT_LABELS`), whether all got it, and the mean final
-    test accuracy of those that have one (None if none has)."""
-
-    regime: str
-    agreed: bool
-    counts: dict[str, int]
-    mean_test_acc: float | None
-
-
-def map_cells(rows: list[dict[str, Any]]) -> dict[tuple[str, str, float], MapCell]:
-    """The regime map's cells, keyed ``(optimizer, widths, lr)``, from the report's rows."""
-    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        if r.get("optimizer") and r.get("widths") and r.get("lr"):
-            groups[(r["optimizer"], r["widths"], r["lr"])].append(r)
-    cells = {}
-    for key, runs in groups.items():
-        counts = Counter(r["regime"] if r["regime"] in PLOT_LABELS else "crashed" for r in runs)
-        regime = max(PLOT_LABELS, key=lambda label: (counts[label], -PLOT_LABELS.index(label)))
-        accs = [r["final_test_acc"] for r in runs if r.get("final_test_acc") is not None]
-        cells[key] = MapCell(regime, len(counts) == 1, dict(counts), statistics.fmean(accs) if accs else None)
-    return cells
-
-
 def disagreement_lines(cells: dict[tuple[str, str, float], MapCell]) -> list[str]:
     """report.md's section on the map cells whose runs (seeds) got different labels."""
     several = {key: c for key, c in cells.items() if sum(c.counts.values()) > 1}
@@ -390,7 +391,8 @@ def disagreement_lines(cells: dict[tuple[str, str, float], MapCell]) -> list[str
     return lines
 
 
-def plot_regime_map(rows: list[dict[str, Any]], path: Path, stability: list[dict[str, Any]] | None = None) -> None:
+def plot_regime_map(cells: dict[tuple[str, str, float], MapCell], path: Path,
+                    stability: list[dict[str, Any]] | None = None) -> None:
     """One panel per optimizer: lr (x) by width (y), each cell (:func:`map_cells`) coloured by the
     regime most of its runs got, marked * where they disagree, and annotated with their mean final
     test accuracy; with ``stability`` (:func:`stability_table`), a black bar at each width's
@@ -399,7 +401,6 @@ def plot_regime_map(rows: list[dict[str, Any]], path: Path, stability: list[dict
     from matplotlib.colors import ListedColormap
 
     labels = list(PLOT_LABELS)
-    cells = map_cells(rows)
     optimizers = sorted({key[0] for key in cells})
     lrs = sorted({key[2] for key in cells})
     widths = sorted({key[1] for key in cells}, key=_width_key)
@@ -521,11 +522,11 @@ def report(sweep_dir: Path, rediagnose: bool = False) -> list[Path]:
     # an lr x width map: widths of one model kind (a CNN's channels are not an MLP's widths)
     regime_map = several_lrs and len({r["widths"] for r in rows if r.get("widths")}) > 1 \
         and len({r["model"] for r in rows if r.get("model")}) == 1
-    if regime_map:
-        lines += disagreement_lines(map_cells(rows))
+    cells = map_cells(rows) if regime_map else {}
+    lines += disagreement_lines(cells)
     (sweep_dir / "report.md").write_text("\n".join(lines) + "\n")
     if regime_map:
-        plot_regime_map(rows, sweep_dir / "regime_map.png", stability)
+        plot_regime_map(cells, sweep_dir / "regime_map.png", stability)
         written.append(sweep_dir / "regime_map.png")
     return written
 
