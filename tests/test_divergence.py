@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from optimlab.divergence import DivergenceGuard, all_finite, finite_rows, total_norm, total_sum
+from optimlab.divergence import DivergenceGuard, all_finite, finite_rows, norm_rows, total_norm, total_sum
 
 OK, BAD = torch.tensor(1.0), torch.tensor(math.nan)
 
@@ -70,6 +70,17 @@ def test_sums_and_norms() -> None:
     assert math.isfinite(total_norm(big).item())  # float32's squared norm would overflow
     assert total_norm([torch.tensor([3.0]), torch.tensor([4.0])]).item() == 5.0
     assert not math.isfinite(total_sum([torch.ones(2), torch.tensor([math.nan])]).item())
+
+
+def test_row_norms_are_each_rows_total_norm() -> None:
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 4, generator=g), torch.randn(3, 2, 2, generator=g)
+    a[1] *= 1e20  # float32's squared norm would overflow
+    rows = norm_rows(a, b)
+    assert rows.dtype == torch.float64 and rows.shape == (3,)
+    for i in range(3):
+        assert rows[i].item() == pytest.approx(total_norm([a[i], b[i]]).item(), rel=1e-15)
+    assert norm_rows(torch.tensor([[3.0], [0.0]]), torch.tensor([[4.0], [1.0]])).tolist() == [5.0, 1.0]
 
 
 def test_huge_finite_weights_are_finite() -> None:

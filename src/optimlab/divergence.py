@@ -40,10 +40,17 @@ def all_finite(tensors: list[Tensor]) -> Tensor:
     return finite_rows(*(t.reshape(1, -1) for t in tensors)).all()
 
 
+def norm_rows(*tensors: Tensor) -> Tensor:
+    """``[R]`` float64 2-norms (on the tensors' device: no host sync) for tensors of R rows (their
+    first dimension): row i's norm over row i of every tensor together. float64: the float32 norm
+    of finite weights near 1e19 already overflows to inf."""
+    norms = [torch.linalg.vector_norm(t.reshape(len(t), -1), dim=1, dtype=torch.float64) for t in tensors]
+    return torch.linalg.vector_norm(torch.stack(norms), dim=0)
+
+
 def total_norm(tensors: list[Tensor]) -> Tensor:
-    """The 2-norm of all tensors together in float64, on their device (no host sync). float64: the
-    float32 norm of finite weights near 1e19 already overflows to inf."""
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors]))
+    """The 2-norm of all tensors together in float64, on their device (no host sync)."""
+    return norm_rows(*(t.reshape(1, -1) for t in tensors))[0]
 
 
 class DivergenceGuard:

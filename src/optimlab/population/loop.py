@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from optimlab.divergence import LOSS_OR_GRADIENT, WEIGHTS, finite_rows
+from optimlab.divergence import LOSS_OR_GRADIENT, WEIGHTS, finite_rows, norm_rows
 from optimlab.optim import Optimizer
 from optimlab.population.curvature import MemberSharpness
 from optimlab.population.data import PopulationData
@@ -223,13 +223,9 @@ class PopulationLoop:
     def log_step(self, losses: Tensor, applied: Tensor) -> None:
         """Keep this step's per-step scalars of every member (the updated weights' norm taken before
         any member is frozen, as its run logs them); :meth:`fit` reads them at the epoch's end."""
-        grads = torch.stack([torch.linalg.vector_norm(p.grad.flatten(1), dim=1, dtype=torch.float64)
-                             for p in self.params])
-        weights = torch.stack([torch.linalg.vector_norm(p.detach().flatten(1), dim=1, dtype=torch.float64)
-                               for p in self.params])
         lr = self.optimizer.param_groups[0]["lr"]
         self._logged_steps.append((self.global_step, torch.stack([
-            losses.double(), torch.linalg.vector_norm(grads, dim=0), torch.linalg.vector_norm(weights, dim=0),
+            losses.double(), norm_rows(*(p.grad for p in self.params)), norm_rows(*(p.detach() for p in self.params)),
             lr.to(losses.device, torch.float64), applied.double()])))
 
     def record_logged_steps(self) -> None:
