@@ -196,7 +196,58 @@ def test_the_sharpness_never_changes_a_label_and_is_cited_only_for_instability()
     ({"window": 2.5}, "regimes.window: 2.5"),
     ({"loss_blowup": float("nan")}, "regimes.loss_blowup: nan"),
     ({"chance_acc": True}, "regimes.chance_acc: True"),
+    ({"val_noise_z": -1}, "regimes.val_noise_z: -1 is not allowed; expected a number >= 0"),
 ])
 def test_bad_threshold_values_are_refused_with_one_line(override: dict, words: str) -> None:
     with pytest.raises(ValueError, match=re.escape(words)):
         Thresholds.from_overrides(override)
+
+
+# Measured: one hidden layer, 5,000 training images, 10 epochs at batch 32, 1,000 validation images.
+WIDTH_2_SGD = history([2.041, 1.611, 1.449, 1.383, 1.344, 1.318, 1.302, 1.29, 1.279, 1.278],  # lr 0.1
+                      [0.386, 0.419, 0.453, 0.431, 0.461, 0.446, 0.487, 0.469, 0.407, 0.455],
+                      [1.76, 1.512, 1.423, 1.407, 1.353, 1.4, 1.342, 1.341, 1.704, 1.321])
+WIDTH_2_SGD_WOBBLING = history([2.041, 1.611, 1.449, 1.383, 1.344, 1.318, 1.302, 1.29, 1.279, 1.278],
+                               [0.386, 0.419, 0.453, 0.431, 0.461, 0.446, 0.487, 0.469, 0.457, 0.455],
+                               [1.76, 1.512, 1.423, 1.407, 1.353, 1.4, 1.342, 1.341, 1.335, 1.321])
+WIDTH_4_ADAM = history([2.126, 1.769, 1.51, 1.328, 1.191, 1.082, 0.999, 0.931, 0.878, 0.834],  # lr 0.001
+                       [0.498, 0.627, 0.639, 0.697, 0.716, 0.726, 0.73, 0.742, 0.742, 0.741],
+                       [1.935, 1.628, 1.429, 1.283, 1.173, 1.094, 1.025, 0.974, 0.936, 0.903])
+
+
+def test_a_narrow_nets_chance_wobbles_are_not_overfitting_and_its_plateau_is_underfit() -> None:
+    # Without the validation set's size, a 0.032 fall from the peak reads as overfitting; on 1,000
+    # images at ~45% accuracy chance alone moves accuracy that much (2 standard errors: 0.044).
+    assert diagnose(WIDTH_2_SGD_WOBBLING).regime == "overfit"
+    d = diagnose(WIDTH_2_SGD_WOBBLING, val_size=1000)
+    assert d.regime == "underfit", d.evidence
+    assert d.measures["val_acc_noise"] == pytest.approx(2 * math.sqrt(2 * 0.4454 * (1 - 0.4454) / 1000), rel=1e-3)
+    assert "plateaued" in d.evidence[1] and "ln(10)" in d.evidence[2]
+    # on 100,000 images the same fall is no accident
+    assert diagnose(WIDTH_2_SGD_WOBBLING, val_size=100_000).regime == "overfit"
+
+
+def test_a_single_fall_beyond_chance_in_an_unfitted_run_is_a_transient_spike_cited_in_the_evidence() -> None:
+    d = diagnose(WIDTH_2_SGD, val_size=1000)  # one fall of 0.062 in epoch 9, then back
+    assert d.regime == "underfit", d.evidence
+    assert any("one transient spike" in line and "epoch 9" in line for line in d.evidence)
+    twice = [dict(row) for row in WIDTH_2_SGD]
+    twice[5].update(val_acc=0.40, val_loss=1.7)  # a second fall: instability that persists
+    assert diagnose(twice, val_size=1000).regime == "oscillating"
+
+
+def test_validation_accuracy_flat_while_its_loss_still_falls_is_slow_not_stalled() -> None:
+    # val_acc 0.742, 0.742, 0.741 over the last three epochs, but val_loss still falls: still learning
+    d = diagnose(WIDTH_4_ADAM, val_size=1000)
+    assert d.regime == "slow" and "still improving" in d.evidence[1], d.evidence
+    stalled = [dict(row) for row in WIDTH_4_ADAM]
+    stalled[-1]["val_loss"] = stalled[-3]["val_loss"] + 0.01  # the validation loss turned up
+    assert diagnose(stalled, val_size=1000).regime == "overfit"
+
+
+def test_coming_down_from_a_high_first_loss_to_uniform_guessing_is_not_learning() -> None:
+    # a wide net at lr 1e-4, one epoch: from 3.12 at its first step to 2.33 (ln(10) = 2.30)
+    rows = [{"epoch": 1, "train_loss": 2.33, "train_acc": 0.2, "val_acc": 0.328, "val_loss": 2.2,
+             "train_loss_initial": 3.12, "train_loss_max": 3.12}]
+    d = diagnose(rows, val_size=1000)
+    assert d.regime == "slow" and "barely started" in d.evidence[1], d.evidence

@@ -16,8 +16,9 @@ The rules are checked in this order; the first that fires names the regime:
 2. **oscillating**, converging: validation accuracy jumps (it falls by ``>= osc_acc_drop`` between
    consecutive epochs at least ``osc_min_drops`` times, or by ``>= osc_big_drop`` once), climbs back
    (a rise ``>= osc_acc_drop`` after the first fall) and ends within ``overfit_acc_drop`` of its best.
-   A single fall that recovers in a run that ends fitted (``>= fit_acc``) is a transient spike, not
-   a persisting instability: **healthy**, with the spike in the evidence.
+   A single fall after which the run ends within that limit of its best is a transient spike, not a
+   persisting instability: a run that ends fitted (``>= fit_acc``) is **healthy**; any other is
+   judged by the rules below as if the fall had not happened; either way the spike is in the evidence.
 3. **overfit**: training keeps improving (final train loss below its value at the validation peak)
    while validation gets worse: validation accuracy has fallen ``>= overfit_acc_drop`` below its
    peak at least ``overfit_min_epochs_after_peak`` epochs before the end, or validation loss has
@@ -30,17 +31,25 @@ The rules are checked in this order; the first that fires names the regime:
    training loss rises ``>= osc_loss_rise`` (and ``>= osc_min_loss_rise`` nats) between epochs
    (unstable, not converging).
 4. **overfit** (stalled), **slow** or **underfit**: final validation accuracy ``< fit_acc``. If
-   validation accuracy peaked at least ``overfit_min_epochs_after_peak`` epochs before the end while
-   the training loss has fallen ``>= overfit_stall_loss_drop`` (relative) since, more epochs only fit
-   the training set: **overfit** (what early stopping detects; ``overfit_early_stop`` ends this way).
+   validation accuracy peaked at least ``overfit_min_epochs_after_peak`` epochs before the end, the
+   validation loss ends above its minimum, and the training loss has fallen ``>= overfit_stall_loss_drop``
+   (relative) since, more epochs only fit the training set: **overfit** (what early stopping detects; ``overfit_early_stop`` ends this way).
    Otherwise, if the training loss is still falling by ``>= slow_min_loss_drop`` nats per epoch
    (averaged over the last ``window`` epochs; after a single epoch, measured from ln(10), the loss
    of uniform guessing) the run is **slow**
    (more epochs or a larger learning rate would help); if it has plateaued after learning (final
-   train loss ``<= underfit_loss_ratio`` x its start, max(ln(10), first step's loss)) it is
+   train loss ``<= underfit_loss_ratio`` x ln(10): well below uniform guessing, whatever the first
+   step's loss was; a wide net can start far above ln(10) and come down to it without learning) it is
    **underfit** (the model is too small or too constrained to fit the data); a run that has barely
    left its starting loss is still **slow**. The drop is absolute, not relative.
 5. otherwise **healthy**.
+
+Validation accuracy is measured on a finite set, so it moves by chance from epoch to epoch: on
+``n`` images at accuracy ``p`` the difference of two measurements has a standard error of about
+``sqrt(2 p (1 - p) / n)`` (0.022 at p = 0.45 on 1,000 images, 0.0028 at p = 0.98 on 5,000). When the
+validation set's size is known (``val_size``), a fall or rise of validation accuracy counts (rules 2
+and 3) only when it is also at least ``val_noise_z`` such standard errors (``p``: the run's mean
+validation accuracy); a narrow net's chance wobbles are then not read as oscillation or overfitting.
 
 Every threshold is a field of :class:`Thresholds`, overridable from the config key ``regimes``.
 
@@ -75,9 +84,10 @@ class Thresholds:
     overfit_gap: float = 0.05           # ... with val accuracy this far below train accuracy
     overfit_stall_loss_drop: float = 0.05  # below fit_acc: val peak settled while train loss fell this much (relative)
     fit_acc: float = 0.93               # final val accuracy below this: slow or underfit
-    underfit_loss_ratio: float = 0.5    # a plateau counts as underfit only below this x starting loss
+    underfit_loss_ratio: float = 0.75   # a plateau counts as underfit only below this x ln(10)
     slow_min_loss_drop: float = 0.01    # train loss still falling this much (nats) per epoch: slow
     window: int = 3                     # epochs over which recent loss changes are measured
+    val_noise_z: float = 2.0            # val accuracy changes within this many standard errors are chance
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -121,11 +131,25 @@ def _series(history: list[dict[str, float]], key: str) -> list[float]:
     return [float(row[key]) for row in history if key in row and row[key] is not None and math.isfinite(row[key])]
 
 
-def measure(history: list[dict[str, float]], t: Thresholds) -> dict[str, float]:
-    """The quantities the rules compare with thresholds (NaN where the history is too short)."""
+def val_acc_noise(val_acc: list[float], val_size: int | None, z: float) -> float:
+    """``z`` standard errors of the difference of two accuracies measured on ``val_size`` images at
+    the mean of ``val_acc``: the size of a change that chance alone rarely makes (0 when unknown)."""
+    if not val_size or not val_acc:
+        return 0.0
+    p = sum(val_acc) / len(val_acc)
+    return z * math.sqrt(2 * p * (1 - p) / val_size)
+
+
+def measure(history: list[dict[str, float]], t: Thresholds, val_size: int | None = None) -> dict[str, float]:
+    """The quantities the rules compare with thresholds (NaN where the history is too short), and
+    the effective limits on validation-accuracy changes (the thresholds, raised to the chance level
+    on ``val_size`` images)."""
     train_loss, val_acc, val_loss = (_series(history, k) for k in ("train_loss", "val_acc", "val_loss"))
     nan = math.nan
     m: dict[str, float] = {"epochs": len(history)}
+    m["val_acc_noise"] = noise = val_acc_noise(val_acc, val_size, t.val_noise_z)
+    m["osc_acc_drop"], m["osc_big_drop"] = max(t.osc_acc_drop, noise), max(t.osc_big_drop, noise)
+    m["overfit_acc_drop"] = max(t.overfit_acc_drop, noise)
     m["final_val_acc"] = val_acc[-1] if val_acc else nan
     train_acc = _series(history, "train_acc")
     m["final_train_acc"] = train_acc[-1] if train_acc else nan
@@ -135,11 +159,11 @@ def measure(history: list[dict[str, float]], t: Thresholds) -> dict[str, float]:
     m["val_acc_drop_from_peak"] = max(val_acc) - val_acc[-1] if val_acc else nan
     m["val_loss_rise_from_min"] = val_loss[-1] / min(val_loss) - 1 if val_loss and min(val_loss) > 0 else nan
     drops = [a - b for a, b in zip(val_acc, val_acc[1:])]
-    m["val_acc_drops"] = sum(d >= t.osc_acc_drop for d in drops)
+    m["val_acc_drops"] = sum(d >= m["osc_acc_drop"] for d in drops)
     m["max_val_acc_drop"] = max(drops, default=0.0)
     m["max_val_acc_drop_epoch"] = drops.index(m["max_val_acc_drop"]) + 2 if drops else nan  # the epoch it fell in
-    first_drop = next((i for i, d in enumerate(drops) if d >= t.osc_acc_drop), len(drops))
-    m["val_acc_recoveries"] = sum(-d >= t.osc_acc_drop for d in drops[first_drop + 1:])
+    first_drop = next((i for i, d in enumerate(drops) if d >= m["osc_acc_drop"]), len(drops))
+    m["val_acc_recoveries"] = sum(-d >= m["osc_acc_drop"] for d in drops[first_drop + 1:])
     rises = [b / a - 1 for a, b in zip(train_loss, train_loss[1:]) if a > 0 and b - a >= t.osc_min_loss_rise]
     m["max_train_loss_rise"] = max(rises, default=0.0)
     m["final_train_loss"] = train_loss[-1] if train_loss else nan
@@ -157,6 +181,7 @@ def measure(history: list[dict[str, float]], t: Thresholds) -> dict[str, float]:
     m["recent_loss_drop"] = (start - train_loss[-1]) / max(w, 1) if train_loss else nan
     peak = int(m["best_val_epoch"]) - 1 if val_acc else -1
     min_val_loss_epoch = val_loss.index(min(val_loss)) if val_loss else -1
+    m["best_val_loss_epoch"] = min_val_loss_epoch + 1 if val_loss else nan
     ref = min(peak, min_val_loss_epoch) if peak >= 0 and min_val_loss_epoch >= 0 else max(peak, min_val_loss_epoch)
     m["train_loss_change_since_val_peak"] = (train_loss[-1] / train_loss[ref] - 1
                                              if 0 <= ref < len(train_loss) and train_loss[ref] > 0 else nan)
@@ -201,21 +226,32 @@ def _spike(history: list[dict[str, float]], m: dict[str, float]) -> str:
     return text + ")"
 
 
+def _limit(m: dict[str, float], t: Thresholds, name: str) -> str:
+    """The effective limit ``name`` in words: the threshold, or the chance level where that is larger."""
+    if m[name] > getattr(t, name):
+        return f"{m[name]:.3g}: chance level on the validation set, above {name} {getattr(t, name)}"
+    return f"{m[name]:.3g}"
+
+
 def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds: Thresholds | None = None,
-             diverged_at_step: int | None = None, curvature: dict[str, Any] | None = None) -> Diagnosis:
+             diverged_at_step: int | None = None, curvature: dict[str, Any] | None = None,
+             val_size: int | None = None) -> Diagnosis:
     """Label a run from its per-epoch rows (``train_loss``, ``val_acc``, ``val_loss``, ...).
 
     ``diverged_at_step`` and ``curvature`` (the run's sharpness record: ``measurements``,
     ``sharpness_max``, ``first_crossing_step``, ``crossing_sharpness``, ``crossing_threshold``,
-    ``threshold_formula``, ``preconditioned``) only add evidence to a diverging or oscillating label."""
+    ``threshold_formula``, ``preconditioned``) only add evidence to a diverging or oscillating label.
+    ``val_size``: the number of validation images, which sets the chance level of accuracy changes
+    (None: unknown, the thresholds apply as they are)."""
     t = thresholds or Thresholds()
-    m = measure(history, t)
+    m = measure(history, t, val_size)
     edge = edge_of_stability(m, curvature, diverged_at_step)
+    notes: list[str] = []  # a transient spike, cited by whichever rule then names the regime
 
     def verdict(regime: str, *evidence: str) -> Diagnosis:
         if edge and regime in ("diverging", "oscillating"):
             evidence = (*evidence, edge)
-        return Diagnosis(regime, list(evidence), m)
+        return Diagnosis(regime, [*evidence, *notes], m)
 
     if diverged:
         return verdict("diverging", "a non-finite loss, gradient or weight stopped the run")
@@ -241,18 +277,22 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
         return verdict("oscillating", spike, f"then recovered and converged: final val_acc "
                        f"{m['final_val_acc']:.3f} >= fit_acc {t.fit_acc}")
     train_smooth = m["max_train_loss_rise"] < t.osc_loss_rise
-    val_jumps = m["val_acc_drops"] >= t.osc_min_drops or m["max_val_acc_drop"] >= t.osc_big_drop
-    val_worse_acc = m["val_acc_drop_from_peak"] >= t.overfit_acc_drop
-    oscillation = (f"{m['val_acc_drops']:.0f} epoch-to-epoch val_acc drops >= {t.osc_acc_drop} (limit "
-                   f"{t.osc_min_drops}), largest {m['max_val_acc_drop']:.3f} (limit {t.osc_big_drop}), "
+    val_jumps = m["val_acc_drops"] >= t.osc_min_drops or m["max_val_acc_drop"] >= m["osc_big_drop"]
+    val_worse_acc = m["val_acc_drop_from_peak"] >= m["overfit_acc_drop"]
+    oscillation = (f"{m['val_acc_drops']:.0f} epoch-to-epoch val_acc drops >= {_limit(m, t, 'osc_acc_drop')} (limit "
+                   f"{t.osc_min_drops}), largest {m['max_val_acc_drop']:.3f} (limit {_limit(m, t, 'osc_big_drop')}), "
                    f"{m['val_acc_recoveries']:.0f} recoveries")
-    if val_jumps and m["val_acc_recoveries"] >= 1 and not val_worse_acc:
-        if m["val_acc_drops"] <= 1 and m["final_val_acc"] >= t.fit_acc:
+    if val_jumps and m["val_acc_drops"] >= t.osc_min_drops and m["val_acc_recoveries"] >= 1 and not val_worse_acc:
+        return verdict("oscillating", oscillation, f"yet converging: final val_acc {m['final_val_acc']:.3f} "
+                       f"within {_limit(m, t, 'overfit_acc_drop')} of its best")
+    if val_jumps and m["val_acc_drops"] < t.osc_min_drops and not val_worse_acc:
+        transient = (f"a single recovered fall is not a persisting oscillation (that needs {t.osc_min_drops} falls "
+                     f">= {_limit(m, t, 'osc_acc_drop')})")
+        if m["final_val_acc"] >= t.fit_acc:
             return verdict("healthy", _spike(history, m), f"final val_acc {m['final_val_acc']:.3f} >= fit_acc "
-                           f"{t.fit_acc}; a single recovered fall is not a persisting oscillation "
-                           f"(that needs {t.osc_min_drops} falls >= {t.osc_acc_drop})")
-        return verdict("oscillating", oscillation,
-                       f"yet converging: final val_acc {m['final_val_acc']:.3f} within {t.overfit_acc_drop} of its best")
+                           f"{t.fit_acc}; {transient}")
+        notes.append(f"{_spike(history, m)}; {transient}")
+        val_jumps = False  # the rules below judge the run as if the fall had not happened
     still_fitting = m["train_loss_change_since_val_peak"] < 0
     peak_settled = m["epochs"] - m["best_val_epoch"] >= t.overfit_min_epochs_after_peak
     val_worse_loss = m["val_loss_rise_from_min"] >= t.overfit_loss_rise
@@ -264,7 +304,7 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
     if train_smooth and still_fitting and ((val_worse_acc and peak_settled) or val_worse_loss):
         return verdict("overfit",
                        f"val_acc {m['val_acc_drop_from_peak']:.3f} below its peak at epoch {m['best_val_epoch']:.0f} "
-                       f"(limit {t.overfit_acc_drop}); val_loss {m['val_loss_rise_from_min']:+.1%} above its "
+                       f"(limit {_limit(m, t, 'overfit_acc_drop')}); val_loss {m['val_loss_rise_from_min']:+.1%} above its "
                        f"minimum (limit {t.overfit_loss_rise:.0%})",
                        f"train loss still falling: {m['train_loss_change_since_val_peak']:+.1%} since then")
     if val_jumps or not train_smooth:
@@ -273,9 +313,13 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
                        f"(limit {t.osc_loss_rise:.0%}, rises under {t.osc_min_loss_rise} nats ignored)")
     if m["final_val_acc"] < t.fit_acc:
         low = f"final val_acc {m['final_val_acc']:.3f} < fit_acc {t.fit_acc}"
-        if peak_settled and m["train_loss_change_since_val_peak"] <= -t.overfit_stall_loss_drop:
+        # Stalled: validation accuracy and loss both stopped improving while the training loss still
+        # falls. (Accuracy alone can sit still within its chance level while the loss shows progress.)
+        if (peak_settled and m["val_loss_rise_from_min"] > 0
+                and m["train_loss_change_since_val_peak"] <= -t.overfit_stall_loss_drop):
             return verdict("overfit", low, f"val_acc has not improved since epoch {m['best_val_epoch']:.0f} "
-                           f"({m['best_val_acc']:.4f}; limit {t.overfit_min_epochs_after_peak} epochs) while the "
+                           f"({m['best_val_acc']:.4f}; limit {t.overfit_min_epochs_after_peak} epochs) nor val_loss "
+                           f"since epoch {m['best_val_loss_epoch']:.0f} ({m['val_loss_rise_from_min']:+.1%}) while the "
                            f"train loss fell {-m['train_loss_change_since_val_peak']:.1%} (limit "
                            f"{t.overfit_stall_loss_drop:.0%}): more epochs fit the training set, not the task")
         span = min(t.window, int(m["epochs"]) - 1)
@@ -284,8 +328,8 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
                  + f" (threshold {t.slow_min_loss_drop})")
         if m["recent_loss_drop"] >= t.slow_min_loss_drop or math.isnan(m["recent_loss_drop"]):
             return verdict("slow", low, "still improving: " + trend)
-        learned = m["final_train_loss"] <= t.underfit_loss_ratio * m["start_loss"]
-        start = (f"train loss {m['final_train_loss']:.3g} vs {m['start_loss']:.3g} at the start "
+        learned = m["final_train_loss"] <= t.underfit_loss_ratio * math.log(10)
+        start = (f"train loss {m['final_train_loss']:.3g} vs ln(10) = {math.log(10):.3g} for uniform guessing "
                  f"(underfit below {t.underfit_loss_ratio} x)")
         if not learned:
             return verdict("slow", low, "barely started: " + start, trend)

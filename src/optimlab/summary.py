@@ -54,6 +54,13 @@ def describe_run(config: Mapping[str, Any]) -> RunDescription:
         lr=optimizer.get("lr"), widths="x".join(str(w) for w in widths or []), seed=config.get("seed"))
 
 
+def validation_size(config: Mapping[str, Any]) -> int | None:
+    """How many images the run's validation set holds (``data.val_size``); None where the config
+    does not say. The diagnosis needs it for the chance level of accuracy changes."""
+    size = (config.get("data") or {}).get("val_size")
+    return size if isinstance(size, int) else None
+
+
 def config_key(config: Mapping[str, Any], without: Iterable[str]) -> str:
     """``config`` without the dotted keys ``without``, as a string: two configs that differ only
     in those keys have the same key (seed aggregation, grouping jobs into populations)."""
