@@ -21,7 +21,7 @@ from optimlab.data import MNISTDataModule
 from optimlab.divergence import LOSS_OR_GRADIENT, WEIGHTS
 from optimlab.optim import SGD, Adagrad, Adam, RMSprop
 from optimlab.population import StackedCNN, StackedMLP, build_member
-from optimlab.population.data import PopulationData, split_indices
+from optimlab.population.data import PopulationData, limited_batches, split_indices
 from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimizer, train_population
 from optimlab.train import run
 
@@ -141,6 +141,22 @@ def test_member_batches_on_real_mnist(mnist_root: Path, subset: int, noise: floa
     dms = [datamodule(mnist_root, val_size=500, batch_size=64, subset=subset, label_noise=noise, seed=s)
            for s in (0, 5, 11)]
     assert_batches_equal(PopulationData(dms), dms, epochs=(0, 2))
+
+
+def test_limited_epochs_train_the_first_batches_of_each_epochs_order(tiny_mnist: Path) -> None:
+    """``limit_train_batches`` as Lightning reads it: a count caps the batches, a fraction keeps
+    int(batches x fraction) of them, and a fraction that keeps none is an error."""
+    assert [limited_batches(8, limit) for limit in (None, 3, 20, 0.5, 1.0, 0.99)] == [8, 3, 8, 4, 8, 7]
+    with pytest.raises(ValueError, match="limit_train_batches=0.1 leaves no batch of 8"):
+        limited_batches(8, 0.1)
+    dms = [datamodule(tiny_mnist, val_size=16, batch_size=10, seed=s) for s in (0, 1)]
+    full, limited = PopulationData(dms), PopulationData(dms, limit_train_batches=2)
+    assert limited.steps_per_epoch == 2 and full.steps_per_epoch == 5
+    for epoch in (0, 3):
+        batches = list(limited.train_batches(epoch))
+        assert len(batches) == 2
+        for (x, y), (fx, fy) in zip(batches, full.train_batches(epoch)):
+            assert torch.equal(x, fx) and torch.equal(y, fy)
 
 
 def test_split_indices_errors_and_shared_settings(tiny_mnist: Path) -> None:

@@ -140,7 +140,7 @@ def test_members_may_differ_in_member_wise_settings_only() -> None:
     (["optimizer.grad_noise_std=0.01"], "grad_noise_std"), (["callbacks=early_stopping"], "early_stopping"),
     (["logger=csv"], "logger"), (["trainer.gradient_clip_val=1.0"], "trainer.gradient_clip_val=1.0"),
     (["test_ckpt=best"], "test_ckpt=best"), (["optimizer.impl=torch"], "optimizer.impl=torch"),
-    (["trainer.precision=bf16-mixed"], "precision"), (["trainer.limit_train_batches=2"], "limit_train_batches"),
+    (["trainer.precision=bf16-mixed"], "precision"), (["trainer.limit_train_batches=0"], "limit_train_batches=0"),
 ])
 def test_what_a_population_cannot_reproduce_runs_alone(overrides: list[str], reason: str) -> None:
     assert why_alone(compose_config()) is None
@@ -233,6 +233,25 @@ def test_a_population_sweep_equals_the_sequential_sweep(mnist_root: Path, tmp_pa
                             capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr
     assert "16 runs" in (tmp_path / "population" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_population_limits_its_epochs_as_lightning_limits_a_run(mnist_root: Path, tmp_path: Path) -> None:
+    """``trainer.limit_train_batches`` as a count (3 of 8 batches) and as a fraction (0.5: 4 of 8):
+    each member trains the first batches of its own run's order of each epoch, no more, as its
+    sequential run does (float64: training losses to 1e-9 relative)."""
+    pop, seq, out = sweep_both_ways(tmp_path, "lr=0.05,0.2", "seed=0,1", "trainer.limit_train_batches=3,0.5",
+                                    "batch_size=32", "model.hidden=[8]", "trainer.precision=64-true",
+                                    *EQUIVALENCE_BUDGET)
+    assert "8 jobs -> 2 population(s) of 8 members" in out
+    for name, ref in seq.items():
+        got = pop[name]
+        limit = ref["config"]["trainer"]["limit_train_batches"]
+        assert got["steps"] == ref["steps"] == 2 * (3 if limit == 3 else 4), name
+        assert got["regime"] == ref["regime"], name
+        for row, ref_row in zip(got["epochs"], ref["epochs"], strict=True):
+            assert row["train_loss"] == pytest.approx(ref_row["train_loss"], rel=1e-9), name
+            assert row["train_acc"] == pytest.approx(ref_row["train_acc"], rel=1e-9), name
 
 
 @pytest.mark.slow

@@ -56,6 +56,20 @@ def split_indices(n: int, val_size: int, subset: int | None, label_noise: float,
     return MemberSplit(images, train, val, k if k >= 2 else 0)
 
 
+def limited_batches(batches: int, limit: int | float | None) -> int:
+    """How many of an epoch's ``batches`` Lightning trains under ``limit_train_batches=limit``: all
+    (None), at most ``limit`` (an int), or ``int(batches * limit)`` (a float; none is an error there too)."""
+    if limit is None:
+        return batches
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        return min(batches, limit)
+    limited = int(batches * limit)
+    if limited == 0:
+        raise ValueError(f"trainer.limit_train_batches={limit} leaves no batch of {batches} per epoch; "
+                         f"use at least {1 / batches:.4g}")
+    return limited
+
+
 class PopulationData:
     """The members' data: one copy of MNIST on ``device``, each member's split as index tensors.
 
@@ -65,9 +79,12 @@ class PopulationData:
             ``root``, ``val_size``, ``batch_size`` and ``eval_batch_size``, and have training
             sets of one size (the same ``subset``): every step then has one batch size for all.
         device: where the images and the index tensors live.
+        limit_train_batches: ``trainer.limit_train_batches``: the first that many batches of each
+            epoch's order (an int), or that fraction of them (a float), as Lightning limits a run's.
     """
 
-    def __init__(self, datamodules: Sequence[MNISTDataModule], device: torch.device | str = "cpu") -> None:
+    def __init__(self, datamodules: Sequence[MNISTDataModule], device: torch.device | str = "cpu",
+                 limit_train_batches: int | float | None = None) -> None:
         if not datamodules:
             raise ValueError("a population needs at least one member")
         first = datamodules[0]
@@ -87,6 +104,7 @@ class PopulationData:
             raise ValueError(f"members' training sets differ in size ({sorted(sizes)}); "
                              "a population shares data.subset")
         self.train_size = sizes.pop()
+        self.steps_per_epoch = limited_batches(-(-self.train_size // self.batch_size), limit_train_batches)
         self.noisy_counts = [s.noisy_count for s in splits]
         self.images, self.labels = images.to(self.device), labels.to(self.device)
         self.train_images = torch.stack([s.train_images for s in splits]).to(self.device)  # [P, N]
@@ -98,10 +116,6 @@ class PopulationData:
     @property
     def members(self) -> int:
         return len(self.seeds)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return -(-self.train_size // self.batch_size)
 
     def epoch_indices(self, epoch: int) -> tuple[Tensor, Tensor]:
         """(image indices, label indices), each ``[P, N]`` on the device: every member's training
@@ -118,7 +132,8 @@ class PopulationData:
         """Every member's batches of ``epoch``: images ``[P, B, 1, 28, 28]`` and labels ``[P, B]``;
         batch b of member m is batch b of member m's own run (the last one may be shorter)."""
         image_idx, label_idx = self.epoch_indices(epoch)
-        for images, labels in zip(image_idx.split(self.batch_size, 1), label_idx.split(self.batch_size, 1)):
+        batches = zip(image_idx.split(self.batch_size, 1), label_idx.split(self.batch_size, 1))
+        for _, (images, labels) in zip(range(self.steps_per_epoch), batches):
             yield self.gather(images, labels)
 
     def val_batches(self) -> Iterator[tuple[Tensor, Tensor]]:

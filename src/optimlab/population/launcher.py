@@ -187,7 +187,7 @@ def why_alone(cfg: DictConfig) -> str | None:
         "test_ckpt=best": cfg.test_ckpt == "best",
         f"trainer.precision={t.precision}": str(t.precision) not in DTYPES,
         "trainer.compile": bool(t.compile),
-        "trainer.limit_train_batches": t.limit_train_batches is not None,
+        "trainer.limit_train_batches=0": t.limit_train_batches == 0,
         "trainer.fast_dev_run": bool(t.fast_dev_run),
         "an MPS device": population_device(t.accelerator) is None,
         f"{Optimizer.__module__}.Optimizer subclasses only": not issubclass(optimizer_class(optimizer)[0], Optimizer),
@@ -405,7 +405,7 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
             dtype = DTYPES[str(first.trainer.precision)]
             model = STACKED[first.model._target_].from_configs([c.model for c in configs], [c.seed for c in configs])
             model = model.to(device=device, dtype=dtype)
-            data = PopulationData([instantiate(c.data) for c in configs], device)
+            data = PopulationData([instantiate(c.data) for c in configs], device, first.trainer.limit_train_batches)
             cls, options = optimizer_class(first.optimizer)
             for key in ("lr", "weight_decay"):
                 options.pop(key, None)
