@@ -76,10 +76,20 @@ def test_every_job_of_every_sweep_composes_and_validates(name: str) -> None:
     assert all(any(value in job for job in jobs) for axis in sweep_axes(name) for value in axis)
 
 
-def test_regime_map_sweep_is_the_full_grid() -> None:
-    jobs = sweep_jobs("regime_map")
-    assert len(jobs) == 4 * 6 * 6
+def test_the_regime_maps_are_their_grids_at_their_budgets() -> None:
+    jobs = sweep_jobs("regime_map")  # half-decades x powers of 2 x 3 seeds, the default fit bar
+    assert len(jobs) == 4 * 10 * 9 * 3
     cfg = compose_config(*jobs[-1])
+    assert (cfg.optimizer._target_, cfg.lr, list(cfg.model.hidden), cfg.seed) == ("optimlab.optim.RMSprop", 3.16,
+                                                                                   [512], 2)
+    assert (cfg.data.subset, cfg.epochs, cfg.batch_size, cfg.trainer.limit_train_batches) == (None, 10, 32, 0.1)
+    assert "fit_acc" not in cfg.regimes
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        hydra = compose("config", overrides=["sweep=regime_map"], return_hydra_config=True).hydra
+    assert hydra.launcher._target_.endswith("PopulationLauncher")
+    reduced = sweep_jobs("regime_map_reduced")
+    assert len(reduced) == 4 * 6 * 6
+    cfg = compose_config(*reduced[-1])
     assert (cfg.optimizer._target_, cfg.lr, list(cfg.model.hidden)) == ("optimlab.optim.RMSprop", 4.0, [2048])
 
 

@@ -106,6 +106,20 @@ def load_split(root: Path, train: bool) -> tuple[Tensor, Tensor]:
     return images, labels
 
 
+def limited_batches(batches: int, limit: int | float | None) -> int:
+    """How many of an epoch's ``batches`` Lightning trains under ``limit_train_batches=limit``: all
+    (None), at most ``limit`` (an int), or ``int(batches * limit)`` (a float; a positive one that keeps none is an error, as there)."""
+    if limit is None:
+        return batches
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        return min(batches, limit)
+    limited = int(batches * limit)
+    if limited == 0 and limit > 0:
+        raise DataError(f"trainer.limit_train_batches: {limit} leaves none of the {batches} batches of an epoch; "
+                        f"expected a fraction >= {1 / batches:.4g}, an integer count or null")
+    return limited
+
+
 class EpochShuffle:
     """A seeded permutation per epoch: the order of epoch ``e`` depends only on (seed, e), so a run
     resumed at epoch ``e`` sees the same batches as an uninterrupted one. Lightning calls

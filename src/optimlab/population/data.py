@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from optimlab.data import DataError, EpochShuffle, MNISTDataModule, ensure_files, load_split
+from optimlab.data import DataError, EpochShuffle, MNISTDataModule, ensure_files, limited_batches, load_split
 
 
 @dataclass(frozen=True)
@@ -54,20 +54,6 @@ def split_indices(n: int, val_size: int, subset: int | None, label_noise: float,
         chosen = torch.randperm(len(train), generator=g)[:k]
         images[chosen] = train[chosen.roll(1)]
     return MemberSplit(images, train, val, k if k >= 2 else 0)
-
-
-def limited_batches(batches: int, limit: int | float | None) -> int:
-    """How many of an epoch's ``batches`` Lightning trains under ``limit_train_batches=limit``: all
-    (None), at most ``limit`` (an int), or ``int(batches * limit)`` (a float; none is an error there too)."""
-    if limit is None:
-        return batches
-    if isinstance(limit, int) and not isinstance(limit, bool):
-        return min(batches, limit)
-    limited = int(batches * limit)
-    if limited == 0:
-        raise ValueError(f"trainer.limit_train_batches={limit} leaves no batch of {batches} per epoch; "
-                         f"use at least {1 / batches:.4g}")
-    return limited
 
 
 class PopulationData:
