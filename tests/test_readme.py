@@ -22,7 +22,8 @@ from optimlab.train import run
 from optimlab.validate import validate_config
 from test_configs import sweep_jobs
 
-TINY = ["data.subset=256", "data.val_size=256", "epochs=1", "trainer.limit_train_batches=null", "trainer.progress_bar=false"]
+TINY = ["data.subset=256", "data.val_size=256", "epochs=1", "trainer.limit_train_batches=null",  # the maps' 0.1: no batch
+        "trainer.progress_bar=false"]
 PLUGINS = ("hydra/launcher=joblib", "hparams_search=optuna")  # run as a subprocess, as a user would
 
 

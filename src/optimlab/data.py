@@ -108,7 +108,8 @@ def load_split(root: Path, train: bool) -> tuple[Tensor, Tensor]:
 
 def limited_batches(batches: int, limit: int | float | None) -> int:
     """How many of an epoch's ``batches`` Lightning trains under ``limit_train_batches=limit``: all
-    (None), at most ``limit`` (an int), or ``int(batches * limit)`` (a float; a positive one that keeps none is an error, as there)."""
+    (None), at most ``limit`` (an int), or ``int(batches * limit)`` (a float; a positive one that
+    keeps none is an error, as it is there)."""
     if limit is None:
         return batches
     if isinstance(limit, int) and not isinstance(limit, bool):

@@ -6,8 +6,9 @@ The rules are checked in this order; the first that fires names the regime:
 1. **diverging**: the run hit a non-finite loss, gradient or weight; or its final validation
    accuracy is at chance level (``<= chance_acc``) and the training loss has blown up (above
    ``loss_blowup`` x max(ln(10), the first step's loss); ln(10) is the loss of uniform guessing) or
-   is no longer falling (above its best epoch by ``> diverge_loss_rise`` relative, or rising between
-   any two of the last ``window`` + 1 epochs); or a training step's loss blew up (above that same
+   is no longer falling (above its best epoch by ``> diverge_loss_rise`` relative, or rising by
+   ``>= osc_min_loss_rise`` nats between any two of the last ``window`` + 1 epochs: a run stuck at
+   ln(10) whose epoch means differ by thousandths is not climbing); or a training step's loss blew up (above that same
    bound) and the run has not recovered (final validation accuracy ``< fit_acc``). A run at chance
    whose loss still falls steadily is *slow*, not diverging.
    **oscillating** (converged after a blow-up): a step's loss blew up, yet the final validation
@@ -32,8 +33,9 @@ The rules are checked in this order; the first that fires names the regime:
    (unstable, not converging).
 4. **overfit** (stalled), **slow** or **underfit**: final validation accuracy ``< fit_acc``. If
    validation accuracy peaked at least ``overfit_min_epochs_after_peak`` epochs before the end, the
-   validation loss ends above its minimum, and the training loss has fallen ``>= overfit_stall_loss_drop``
-   (relative) since, more epochs only fit the training set: **overfit** (what early stopping detects; ``overfit_early_stop`` ends this way).
+   validation loss ends above its minimum, and the training loss has fallen
+   ``>= overfit_stall_loss_drop`` (relative) since, more epochs only fit the training set:
+   **overfit** (what early stopping detects; ``overfit_early_stop`` ends this way).
    Otherwise, if the training loss is still falling by ``>= slow_min_loss_drop`` nats per epoch
    (averaged over the last ``window`` epochs; after a single epoch, measured from ln(10), the loss
    of uniform guessing) the run is **slow**
@@ -172,7 +174,7 @@ def measure(history: list[dict[str, float]], t: Thresholds, val_size: int | None
     m["start_loss"] = max([math.log(10), *initial])
     m["blowup_loss"] = t.loss_blowup * m["start_loss"]
     recent = train_loss[-1 - t.window:]
-    m["recent_train_loss_rises"] = sum(b > a for a, b in zip(recent, recent[1:]))
+    m["recent_train_loss_rises"] = sum(b - a >= t.osc_min_loss_rise for a, b in zip(recent, recent[1:]))
     m["train_loss_above_best"] = train_loss[-1] / min(train_loss) - 1 if train_loss and min(train_loss) > 0 else nan
     # Fall of the train loss per epoch over the last `window` epochs; with a single epoch, from the
     # loss of uniform guessing, ln(10).
@@ -304,7 +306,8 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
     if train_smooth and still_fitting and ((val_worse_acc and peak_settled) or val_worse_loss):
         return verdict("overfit",
                        f"val_acc {m['val_acc_drop_from_peak']:.3f} below its peak at epoch {m['best_val_epoch']:.0f} "
-                       f"(limit {_limit(m, t, 'overfit_acc_drop')}); val_loss {m['val_loss_rise_from_min']:+.1%} above its "
+                       f"(limit {_limit(m, t, 'overfit_acc_drop')}); "
+                       f"val_loss {m['val_loss_rise_from_min']:+.1%} above its "
                        f"minimum (limit {t.overfit_loss_rise:.0%})",
                        f"train loss still falling: {m['train_loss_change_since_val_peak']:+.1%} since then")
     if val_jumps or not train_smooth:
