@@ -197,6 +197,25 @@ def trajectory(loop: PopulationLoop, epochs: int = 2) -> list[list[torch.Tensor]
     return steps
 
 
+@pytest.mark.parametrize("stacked,config", [(StackedMLP, mlp_config), (StackedCNN, cnn_config)], ids=["mlp", "cnn"])
+def test_members_that_share_their_data_train_on_one_expanded_batch_as_on_copies(
+        tiny_mnist: Path, stacked: type, config: Any) -> None:
+    """One seed and data options for all: each batch is member 0's, expanded (a view, no copies);
+    the trajectories and evaluations are bitwise those of the copied batches."""
+    config = config()
+    shared, _ = population(tiny_mnist, [0.05, 0.1, 0.5], [3, 3, 3], stacked=stacked, config=config)
+    copied, _ = population(tiny_mnist, [0.05, 0.1, 0.5], [3, 3, 3], stacked=stacked, config=config)
+    copied.data.shared = False
+    x, y = next(shared.data.train_batches(0))
+    assert shared.data.shared and x.stride(0) == 0 and y.stride(0) == 0
+    assert next(copied.data.train_batches(0))[0].stride(0) != 0
+    for a, b in zip(trajectory(shared), trajectory(copied), strict=True):
+        assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert torch.equal(shared.evaluate(shared.data.val_batches()), copied.evaluate(copied.data.val_batches()))
+    mixed, _ = population(tiny_mnist, [0.1, 0.1], [3, 4])
+    assert not mixed.data.shared
+
+
 @pytest.mark.parametrize("wild_lr", [1e6, 1e20])
 @pytest.mark.parametrize("stacked,config", [(StackedMLP, mlp_config(activation="relu")),
                                             (StackedCNN, cnn_config())], ids=["mlp", "cnn"])

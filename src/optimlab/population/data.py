@@ -82,6 +82,9 @@ class PopulationData:
         self.device = torch.device(device)
         self.batch_size, self.eval_batch_size = first.batch_size, first.eval_batch_size
         self.seeds = [dm.seed for dm in datamodules]
+        # Members that differ only in what they learn with (lr, weight decay, init) see the same
+        # batches: one member's are gathered and expanded, a view instead of P copies.
+        self.shared = len({(dm.seed, dm.val_size, dm.subset, dm.label_noise) for dm in datamodules}) == 1
         ensure_files(first.root, first.download)
         images, labels = load_split(first.root, train=True)
         splits = [split_indices(len(labels), dm.val_size, dm.subset, dm.label_noise, dm.seed) for dm in datamodules]
@@ -134,7 +137,11 @@ class PopulationData:
             yield self.test_images[start:end], self.test_labels[start:end]
 
     def gather(self, image_idx: Tensor, label_idx: Tensor) -> tuple[Tensor, Tensor]:
-        """Images ``[P, B, ...]`` and labels ``[P, B]`` at index tensors ``[P, B]`` (one gather each)."""
+        """Images ``[P, B, ...]`` and labels ``[P, B]`` at index tensors ``[P, B]`` (one gather each;
+        when the members share their data, member 0's rows, expanded: a read-only view)."""
+        if self.shared and image_idx.shape[0] > 1:
+            images, labels = self.gather(image_idx[:1], label_idx[:1])
+            return images.expand(image_idx.shape[0], *images.shape[1:]), labels.expand(label_idx.shape)
         images = self.images.index_select(0, image_idx.reshape(-1))
         labels = self.labels.index_select(0, label_idx.reshape(-1))
         return images.view(*image_idx.shape, *self.images.shape[1:]), labels.view(label_idx.shape)
