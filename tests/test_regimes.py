@@ -242,7 +242,12 @@ def test_validation_accuracy_flat_while_its_loss_still_falls_is_slow_not_stalled
     assert d.regime == "slow" and "still improving" in d.evidence[1], d.evidence
     stalled = [dict(row) for row in WIDTH_4_ADAM]
     stalled[-1]["val_loss"] = stalled[-3]["val_loss"] + 0.01  # the validation loss turned up
-    assert diagnose(stalled, val_size=1000).regime == "overfit"
+    # train and val accuracy still move together (the gap grew 0.033, within chance: 0.041): no overfitting
+    d = diagnose(stalled, val_size=1000)
+    assert d.regime == "slow" and d.measures["gap_growth_since_val_peak"] == pytest.approx(0.0333, abs=1e-3)
+    stalled[-1]["train_acc"] += 0.05  # the training set fit ever better while validation stood still
+    d = diagnose(stalled, val_size=1000)
+    assert d.regime == "overfit" and "train_acc - val_acc grew 0.083" in d.evidence[1], d.evidence
 
 
 def test_coming_down_from_a_high_first_loss_to_uniform_guessing_is_not_learning() -> None:

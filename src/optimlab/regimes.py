@@ -33,8 +33,9 @@ The rules are checked in this order; the first that fires names the regime:
    (unstable, not converging).
 4. **overfit** (stalled), **slow** or **underfit**: final validation accuracy ``< fit_acc``. If
    validation accuracy peaked at least ``overfit_min_epochs_after_peak`` epochs before the end, the
-   validation loss ends above its minimum, and the training loss has fallen
-   ``>= overfit_stall_loss_drop`` (relative) since, more epochs only fit the training set:
+   validation loss ends above its minimum, the training loss has fallen ``>= overfit_stall_loss_drop``
+   (relative) since, and the gap between train and validation accuracy has grown since by more than
+   the chance level below (more than 0 when unknown), more epochs only fit the training set:
    **overfit** (what early stopping detects; ``overfit_early_stop`` ends this way).
    Otherwise, if the training loss is still falling by ``>= slow_min_loss_drop`` nats per epoch
    (averaged over the last ``window`` epochs; after a single epoch, measured from ln(10), the loss
@@ -185,6 +186,11 @@ def measure(history: list[dict[str, float]], t: Thresholds, val_size: int | None
     min_val_loss_epoch = val_loss.index(min(val_loss)) if val_loss else -1
     m["best_val_loss_epoch"] = min_val_loss_epoch + 1 if val_loss else nan
     ref = min(peak, min_val_loss_epoch) if peak >= 0 and min_val_loss_epoch >= 0 else max(peak, min_val_loss_epoch)
+    # How much the generalisation gap (train accuracy - val accuracy) grew since the val accuracy peak.
+    gaps = [(float(r["val_acc"]), float(r["train_acc"]) - float(r["val_acc"])) for r in history
+            if finite_number(r.get("val_acc")) and finite_number(r.get("train_acc"))]
+    top = max(range(len(gaps)), key=lambda i: gaps[i][0]) if gaps else -1
+    m["gap_growth_since_val_peak"] = gaps[-1][1] - gaps[top][1] if gaps else nan
     m["train_loss_change_since_val_peak"] = (train_loss[-1] / train_loss[ref] - 1
                                              if 0 <= ref < len(train_loss) and train_loss[ref] > 0 else nan)
     return m
@@ -316,15 +322,20 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
                        f"(limit {t.osc_loss_rise:.0%}, rises under {t.osc_min_loss_rise} nats ignored)")
     if m["final_val_acc"] < t.fit_acc:
         low = f"final val_acc {m['final_val_acc']:.3f} < fit_acc {t.fit_acc}"
-        # Stalled: validation accuracy and loss both stopped improving while the training loss still
-        # falls. (Accuracy alone can sit still within its chance level while the loss shows progress.)
+        # Stalled: validation accuracy and loss both stopped improving while the training set is fit
+        # better and better: the training loss still falls and the gap between train and val accuracy
+        # grew by more than chance. (A narrow net's val accuracy also sits still within its chance
+        # level while both curves creep on together: that is no overfitting.)
         if (peak_settled and m["val_loss_rise_from_min"] > 0
-                and m["train_loss_change_since_val_peak"] <= -t.overfit_stall_loss_drop):
+                and m["train_loss_change_since_val_peak"] <= -t.overfit_stall_loss_drop
+                and m["gap_growth_since_val_peak"] > m["val_acc_noise"]):
             return verdict("overfit", low, f"val_acc has not improved since epoch {m['best_val_epoch']:.0f} "
                            f"({m['best_val_acc']:.4f}; limit {t.overfit_min_epochs_after_peak} epochs) nor val_loss "
                            f"since epoch {m['best_val_loss_epoch']:.0f} ({m['val_loss_rise_from_min']:+.1%}) while the "
                            f"train loss fell {-m['train_loss_change_since_val_peak']:.1%} (limit "
-                           f"{t.overfit_stall_loss_drop:.0%}): more epochs fit the training set, not the task")
+                           f"{t.overfit_stall_loss_drop:.0%}) and train_acc - val_acc grew "
+                           f"{m['gap_growth_since_val_peak']:.3f} (chance level {m['val_acc_noise']:.3g}): more "
+                           f"epochs fit the training set, not the task")
         span = min(t.window, int(m["epochs"]) - 1)
         trend = (f"train loss fell {m['recent_loss_drop']:.4f} nats/epoch "
                  + (f"over the last {span} epochs" if span else "below the chance-level loss ln(10)")
