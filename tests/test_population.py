@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from conftest import REPO, compose_config, run_script
-from optimlab.data import DataError, MNISTDataModule, limited_batches
+from optimlab.data import DataError, MNISTDataModule, epoch_batches
 from optimlab.divergence import LOSS_OR_GRADIENT, WEIGHTS
 from optimlab.optim import SGD, Adagrad, Adam, RMSprop
 from optimlab.population import StackedCNN, StackedMLP, build_member
@@ -146,11 +146,12 @@ def test_member_batches_on_real_mnist(mnist_root: Path, subset: int, noise: floa
 def test_limited_epochs_train_the_first_batches_of_each_epochs_order(tiny_mnist: Path) -> None:
     """``limit_train_batches`` as Lightning reads it: a count caps the batches, a fraction keeps
     int(batches x fraction) of them, and a fraction that keeps none is an error."""
-    assert [limited_batches(8, limit) for limit in (None, 3, 20, 0.5, 1.0, 0.99)] == [8, 3, 8, 4, 8, 7]
+    # 60 items in batches of 8: 8 batches, the last of 4
+    assert [epoch_batches(60, 8, limit) for limit in (None, 3, 20, 0.5, 1.0, 0.99)] == [8, 3, 8, 4, 8, 7]
     with pytest.raises(DataError, match=r"^trainer.limit_train_batches: 0.1 leaves none of the 8 batches of an "
                                         r"epoch; expected a fraction >= 0.125, an integer count or null$"):
-        limited_batches(8, 0.1)
-    assert limited_batches(8, 0) == limited_batches(8, 0.0) == 0  # Lightning's: no training
+        epoch_batches(60, 8, 0.1)
+    assert epoch_batches(60, 8, 0) == epoch_batches(60, 8, 0.0) == 0  # Lightning's: no training
     dms = [datamodule(tiny_mnist, val_size=16, batch_size=10, seed=s) for s in (0, 1)]
     full, limited = PopulationData(dms), PopulationData(dms, limit_train_batches=2)
     assert limited.steps_per_epoch == 2 and full.steps_per_epoch == 5

@@ -201,6 +201,7 @@ def test_grad_noise_is_refused_with_torch_impl(tmp_path: Path) -> None:
     ("scheduler=step scheduler.step_size=0", "scheduler.step_size"), ("scheduler=step scheduler.gamma=-1", "scheduler.gamma"),
     ("scheduler=step scheduler.gamma=abc", "scheduler.gamma"), ("scheduler=cosine scheduler.T_max=0", "scheduler.T_max"),
     ("scheduler=cosine scheduler.eta_min=-1", "scheduler.eta_min"),
+    ("data.subset=256 trainer.limit_train_batches=0.1", "trainer.limit_train_batches"),  # 2 batches x 0.1: none
 ])
 def test_bad_config_values_name_the_key(tmp_path: Path, override: str, key: str) -> None:
     cfg = compose_config(*override.split())

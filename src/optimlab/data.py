@@ -106,10 +106,12 @@ def load_split(root: Path, train: bool) -> tuple[Tensor, Tensor]:
     return images, labels
 
 
-def limited_batches(batches: int, limit: int | float | None) -> int:
-    """How many of an epoch's ``batches`` Lightning trains under ``limit_train_batches=limit``: all
-    (None), at most ``limit`` (an int), or ``int(batches * limit)`` (a float; a positive one that
-    keeps none is an error, as it is there)."""
+def epoch_batches(items: int, batch_size: int, limit: int | float | None) -> int:
+    """How many batches of ``batch_size`` Lightning trains in an epoch of ``items`` training items
+    under ``limit_train_batches=limit``: all of them (the last may be shorter) when None, at most
+    ``limit`` (an int), or ``int(batches * limit)`` (a float; a positive one that keeps none is an
+    error, as it is there)."""
+    batches = -(-items // batch_size)
     if limit is None:
         return batches
     if isinstance(limit, int) and not isinstance(limit, bool):

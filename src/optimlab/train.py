@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from optimlab.build import build_parts, build_trainer
 from optimlab.checkpointing import CHECKPOINT_DIR, check_checkpoint, holds_a_run, last_checkpoint, resolve_resume
 from optimlab.curvature import SharpnessCallback
-from optimlab.data import limited_batches
+from optimlab.data import epoch_batches
 from optimlab.files import remove_stale_temporaries
 from optimlab.hydra_job import save_job_record
 from optimlab.record import RunRecord, device_name, log_result, result_line
@@ -182,7 +182,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
     if ckpt is not None:
         check_checkpoint(ckpt, module)
     datamodule.setup()  # reads and checks the files: a DataError stops us before anything is written
-    limited_batches(len(datamodule.train_dataloader()), cfg.trainer.limit_train_batches)
+    epoch_batches(len(datamodule.train_y), datamodule.batch_size, cfg.trainer.limit_train_batches)
     config = OmegaConf.to_container(cfg, resolve=True)
     curvature = cfg.get("curvature")  # absent from the configs of runs recorded before it existed
     sharpness = (SharpnessCallback(curvature.every_n_steps, curvature.probe_size, cfg.seed, iters=curvature.iters,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from optimlab.data import DataError, EpochShuffle, MNISTDataModule, ensure_files, limited_batches, load_split
+from optimlab.data import DataError, EpochShuffle, MNISTDataModule, ensure_files, epoch_batches, load_split
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class PopulationData:
             raise ValueError(f"members' training sets differ in size ({sorted(sizes)}); "
                              "a population shares data.subset")
         self.train_size = sizes.pop()
-        self.steps_per_epoch = limited_batches(-(-self.train_size // self.batch_size), limit_train_batches)
+        self.steps_per_epoch = epoch_batches(self.train_size, self.batch_size, limit_train_batches)
         self.noisy_counts = [s.noisy_count for s in splits]
         self.images, self.labels = images.to(self.device), labels.to(self.device)
         self.train_images = torch.stack([s.train_images for s in splits]).to(self.device)  # [P, N]

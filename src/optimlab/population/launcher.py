@@ -47,7 +47,7 @@ from torch import Tensor
 
 from optimlab.build import build_parts, optimizer_class
 from optimlab.checkpointing import holds_a_run, last_checkpoint
-from optimlab.data import DataError, ensure_files, limited_batches, load_split, resolve_root
+from optimlab.data import DataError, ensure_files, epoch_batches, load_split, resolve_root
 from optimlab.hydra_job import save_job_record
 from optimlab.optim import Optimizer
 from optimlab.population.checkpoint import PopulationCheckpoint
@@ -146,7 +146,7 @@ def check(cfg: DictConfig) -> None:
         datamodule = build_parts(cfg).datamodule
     n = training_images(Path(datamodule.root), datamodule.download)
     split = split_indices(n, datamodule.val_size, datamodule.subset, datamodule.label_noise, datamodule.seed)
-    limited_batches(-(-len(split.train_labels) // datamodule.batch_size), cfg.trainer.limit_train_batches)
+    epoch_batches(len(split.train_labels), datamodule.batch_size, cfg.trainer.limit_train_batches)
 
 
 @functools.lru_cache(maxsize=8)
