@@ -8,8 +8,9 @@ The rules are checked in this order; the first that fires names the regime:
    ``loss_blowup`` x max(ln(10), the first step's loss); ln(10) is the loss of uniform guessing) or
    is no longer falling (above its best epoch by ``> diverge_loss_rise`` relative, or rising by
    ``>= osc_min_loss_rise`` nats between any two of the last ``window`` + 1 epochs: a run stuck at
-   ln(10) whose epoch means differ by thousandths is not climbing); or a training step's loss blew up (above that same
-   bound) and the run has not recovered (final validation accuracy ``< fit_acc``). A run at chance
+   ln(10) whose epoch means differ by thousandths is not climbing); or a training step's loss blew
+   up (above that same bound) and the run has not recovered (final validation accuracy
+   ``< fit_acc``). A run at chance
    whose loss still falls steadily is *slow*, not diverging.
    **oscillating** (converged after a blow-up): a step's loss blew up, yet the final validation
    accuracy is ``>= fit_acc``. Such spikes are the oscillation at the edge of stability; epoch
