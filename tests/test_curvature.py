@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from conftest import run_script
 from optimlab import optim
 from optimlab.curvature import (
-    SharpnessCallback, SharpnessLog, SharpnessTracker, lanczos, preconditioner, sharpness, stability_threshold,
-    top_eigenpair,
+    SharpnessCallback, SharpnessLog, SharpnessTracker, gradient_moments, initial_preconditioner, lanczos, minibatches,
+    preconditioner, sharpness, stability_threshold, top_eigenpair,
 )
 
 F64 = torch.float64
@@ -380,6 +380,69 @@ def test_preconditioner_per_parameter_and_before_the_first_step() -> None:
     assert torch.equal(p0, torch.full_like(a, 0.5))
 
 
+def test_minibatches_drop_a_partial_last_batch_unless_there_is_no_full_one() -> None:
+    assert minibatches(10, 4) == [slice(0, 4), slice(4, 8)]
+    assert minibatches(3, 4) == [slice(0, 3)] and minibatches(8, 8) == [slice(0, 8)]
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="batch_size"):
+            minibatches(8, bad)
+
+
+def test_gradient_moments_average_the_minibatch_gradients() -> None:
+    model, (x, y) = tiny_model(dropout=0.3), (Data().train_x[:11], Data().train_y[:11])
+    mean, square = gradient_moments(model, x, y, batch_size=4)  # batches 0:4 and 4:8; 8:11 dropped
+    grads = []
+    for b in (slice(0, 4), slice(4, 8)):
+        model.zero_grad()
+        model.eval()  # dropout off, as the moments are taken
+        F.cross_entropy(model(x[b]), y[b]).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    model.train()
+    for i, (m, s) in enumerate(zip(mean, square)):
+        torch.testing.assert_close(m, (grads[0][i] + grads[1][i]) / 2, rtol=1e-12, atol=0)
+        torch.testing.assert_close(s, (grads[0][i] ** 2 + grads[1][i] ** 2) / 2, rtol=1e-12, atol=0)
+    assert not torch.equal(square[0], mean[0] ** 2)  # two different batches: a variance
+
+
+@pytest.mark.parametrize("config", ["Adam", "Adam-amsgrad", "RMSprop-alpha0", "Adagrad"])
+def test_initial_preconditioner_is_the_state_after_a_step_on_one_batch(config: str) -> None:
+    """With one minibatch, E[g^2] = g^2: the P of the state after one step on it (RMSprop with
+    alpha 0, whose average is then the last g^2; Adagrad from its initial accumulator)."""
+    model, (x, y) = tiny_model(), (Data().train_x[:8], Data().train_y[:8])
+    make = {"Adam": lambda p: optim.Adam(p, lr=0.0, eps=1e-3),
+            "Adam-amsgrad": lambda p: optim.Adam(p, lr=0.0, eps=1e-3, amsgrad=True),
+            "RMSprop-alpha0": lambda p: optim.RMSprop(p, lr=0.0, alpha=0.0, eps=1e-3),
+            "Adagrad": lambda p: optim.Adagrad(p, lr=0.0, eps=1e-3, initial_accumulator_value=0.5)}[config]
+    opt = make(model.parameters())
+    expected = initial_preconditioner(opt, *gradient_moments(model, x, y, batch_size=8))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    for got, want in zip(preconditioner(opt), expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+    assert initial_preconditioner(optim.SGD(model.parameters(), lr=0.1), *gradient_moments(model, x, y, 8)) is None
+
+
+def test_initial_preconditioner_formulas() -> None:
+    a = nn.Parameter(torch.zeros(3, dtype=F64))
+    mean, square = [torch.tensor([1.0, -2.0, 0.0], dtype=F64)], [torch.tensor([4.0, 5.0, 0.0], dtype=F64)]
+    eps = 0.25
+    cases = {  # P = sqrt(v) + eps with v: E[g^2]; centered: E[g^2] - E[g]^2; Adagrad: a + E[g^2]
+        "adam": (optim.Adam([a], eps=eps), [2.0, 5 ** 0.5, 0.0]),
+        "rmsprop": (optim.RMSprop([a], eps=eps), [2.0, 5 ** 0.5, 0.0]),
+        "centered": (optim.RMSprop([a], eps=eps, centered=True), [3 ** 0.5, 1.0, 0.0]),
+        "adagrad": (optim.Adagrad([a], eps=eps, initial_accumulator_value=0.44), [4.44 ** 0.5, 5.44 ** 0.5, 0.44 ** 0.5]),
+    }
+    for name, (opt, roots) in cases.items():
+        (got,) = initial_preconditioner(opt, mean, square)
+        torch.testing.assert_close(got, torch.tensor(roots, dtype=F64) + eps, rtol=1e-12, atol=0, msg=name)
+    with pytest.raises(ValueError, match="one tensor per parameter"):
+        initial_preconditioner(optim.Adam([a]), mean, [])
+    with pytest.raises(ValueError, match="shaped"):
+        initial_preconditioner(optim.Adam([a]), [torch.zeros(2)], [torch.zeros(2)])
+    with pytest.raises(TypeError, match="NAdam"):
+        initial_preconditioner(torch.optim.NAdam([a]), mean, square)
+
+
 # --------------------------------------------------------------------------- the log
 
 
@@ -598,9 +661,15 @@ def test_log_spaced_start_measures_the_initialisation_and_the_first_steps() -> N
     assert [s for s in range(1, 31) if SharpnessCallback(every_n_steps=10).due(s)] == [10, 20, 30]
     fit(Classifier(tiny_model(), lambda p: optim.SGD(p, lr=0.1)), [cb], epochs=3)  # 12 steps
     assert cb.sharpness_log.measurements == 6 and cb.history[0]["measurements"] >= 1  # steps 0, 1, 2, 4, 8, 10
-    adam = SharpnessCallback(every_n_steps=10, probe_size=8, log_spaced_start=True)
+    # Adam is measured at step 0 too, preconditioned by the P its state settles to (probe minibatches of 4).
+    adam = SharpnessCallback(every_n_steps=10, probe_size=8, log_spaced_start=True, batch_size=4, iters=60, tol=1e-12)
     fit(Classifier(tiny_model(), lambda p: optim.Adam(p, lr=0.01)), [adam], epochs=3)
-    assert adam.sharpness_log.measurements == 5  # no preconditioner before Adam's first step: step 0 skipped
+    assert adam.sharpness_log.measurements == 6 and adam.sharpness_log.series[0][0] == 0
+    start, probe = tiny_model(), adam.probe
+    expected_p = initial_preconditioner(optim.Adam(start.parameters(), lr=0.01), *gradient_moments(start, *probe, 4))
+    expected = sharpness(start, *probe, preconditioner=expected_p, iters=60, tol=1e-12)
+    assert adam.sharpness_log.series[0][1:] == [pytest.approx(expected, rel=1e-9), pytest.approx(38 / 0.01)]
+    assert adam.run_record()["initial_step"] == 0
 
 
 def test_callback_argument_checks() -> None:

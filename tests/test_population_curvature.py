@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from optimlab.curvature import lanczos, sharpness
-from optimlab.population.curvature import MemberSharpness, lanczos_members, member_eigenpairs
+from optimlab.curvature import gradient_moments, lanczos, sharpness
+from optimlab.population.curvature import (MemberSharpness, lanczos_members, member_eigenpairs,
+                                           member_gradient_moments)
 from optimlab.population.stacked import StackedCNN, StackedMLP
 from test_population import cnn_config, images, mlp_config
 
@@ -58,6 +59,18 @@ def test_every_member_gets_its_own_models_sharpness(kind: str, preconditioned: b
         assert pairs.values[m].item() == pytest.approx(expected, rel=1e-9), m
     assert pairs.values.dtype == torch.float64 and [v.shape for v in pairs.vectors] == [
         p.shape for p in model.parameters()]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_every_member_gets_its_own_models_gradient_moments(kind: str) -> None:
+    seeds = [0, 1, 2]
+    model = stacked(kind, seeds, activation="tanh")
+    x, y = probe(len(seeds), batch=7)
+    mean, square = member_gradient_moments(model, x, y, batch_size=3)  # two batches of 3, one image dropped
+    for m in range(len(seeds)):
+        single_mean, single_square = gradient_moments(model.member_model(m), x[m], y[m], batch_size=3)
+        for got, want in zip(member_pieces(model, mean, m) + member_pieces(model, square, m), single_mean + single_square):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-15)
 
 
 def test_members_stop_on_their_own_tolerance_and_warm_starts_help() -> None:

@@ -18,7 +18,9 @@ This module computes
   the spectrum from below.
 * :func:`stability_threshold`: the sharpness at which an optimizer's update becomes unstable on a
   quadratic, from its current hyperparameters.
-* :func:`preconditioner`: the :math:`P` an adaptive optimizer's update divides by, read from its state.
+* :func:`preconditioner`: the :math:`P` an adaptive optimizer's update divides by, read from its state;
+  :func:`initial_preconditioner`: the :math:`P` its state settles to while the minibatch gradients
+  keep their distribution at initialisation (:func:`gradient_moments`), for the sharpness at step 0.
 * :class:`SharpnessTracker`, :class:`SharpnessLog` and the Lightning :class:`SharpnessCallback`:
   tracking during training, warm-started from the previous eigenvector, logged to the trainer's
   loggers and summarised per epoch.
@@ -41,8 +43,9 @@ from optimlab import optim
 
 __all__ = [
     "DEFAULT_PROBE_SIZE", "DEFAULT_TRACKING_TOL", "Eigenpair", "SharpnessCallback", "SharpnessLog",
-    "SharpnessTracker", "check_iteration", "check_tracking", "lanczos", "measurement_due", "preconditioner",
-    "probe_indices", "sharpness", "stability_threshold", "top_eigenpair",
+    "SharpnessTracker", "check_iteration", "check_tracking", "gradient_moments", "initial_preconditioner", "lanczos",
+    "measurement_due", "minibatches", "preconditioner", "probe_indices", "sharpness", "stability_threshold",
+    "top_eigenpair",
 ]
 
 # Probe images for tracking during training. A small probe's Hessian has a larger top eigenvalue
@@ -398,6 +401,23 @@ def stability_threshold(optimizer: torch.optim.Optimizer, group: int = 0, lr: fl
     return factor / step if step > 0 else math.inf
 
 
+def _with_groups(optimizer: torch.optim.Optimizer,
+                 params: Iterable[Tensor] | None) -> list[tuple[int, Tensor, dict[str, Any]]]:
+    """``(index, parameter, its param group)`` for ``params`` (None: every parameter, in group
+    order); a ValueError for a parameter the optimizer does not hold or a complex one."""
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    params = [p for g in optimizer.param_groups for p in g["params"]] if params is None else list(params)
+    out = []
+    for i, p in enumerate(params):
+        group = group_of.get(id(p))
+        if group is None:
+            raise ValueError(f"parameter {i} (shape {tuple(p.shape)}) is not optimized by {type(optimizer).__name__}")
+        if p.is_complex():
+            raise ValueError(f"parameter {i} is complex: no real diagonal preconditioner")
+        out.append((i, p, group))
+    return out
+
+
 def preconditioner(optimizer: torch.optim.Optimizer, params: Iterable[Tensor] | None = None) -> list[Tensor] | None:
     r"""The diagonal :math:`P` that ``optimizer``'s last update divided the (momentum) gradient
     by, read from its state; None for SGD (:math:`P = I`).
@@ -423,15 +443,8 @@ def preconditioner(optimizer: torch.optim.Optimizer, params: Iterable[Tensor] | 
     kind = _kind(optimizer)
     if kind == "sgd":
         return None
-    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    params = [p for g in optimizer.param_groups for p in g["params"]] if params is None else list(params)
     out = []
-    for i, p in enumerate(params):
-        group = group_of.get(id(p))
-        if group is None:
-            raise ValueError(f"parameter {i} (shape {tuple(p.shape)}) is not optimized by {type(optimizer).__name__}")
-        if p.is_complex():
-            raise ValueError(f"parameter {i} is complex: no real diagonal preconditioner")
+    for i, p, group in _with_groups(optimizer, params):
         state = optimizer.state.get(p, {})
         step = float(state["step"]) if "step" in state else 0.0
         if kind == "adam" and step >= 1:
@@ -447,6 +460,86 @@ def preconditioner(optimizer: torch.optim.Optimizer, params: Iterable[Tensor] | 
         else:
             raise ValueError(f"{type(optimizer).__name__} has no state for parameter {i} (shape {tuple(p.shape)}) "
                              "yet: its preconditioner exists after the first step that updates it")
+    return out
+
+
+def minibatches(n: int, batch_size: int) -> list[slice]:
+    """The consecutive minibatches of ``batch_size`` among ``n`` examples (a last partial one is
+    dropped, unless there is no full one: then all ``n`` are one batch)."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"Invalid batch_size: {batch_size!r} (must be an integer >= 1)")
+    if n < 1:
+        raise ValueError(f"Invalid n: {n!r} (need at least one example)")
+    full = n // batch_size
+    return [slice(k * batch_size, (k + 1) * batch_size) for k in range(full)] or [slice(0, n)]
+
+
+def gradient_moments(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> tuple[list[Tensor], list[Tensor]]:
+    r"""Mean :math:`E[g]` and mean square :math:`E[g^2]` (element-wise) of the minibatch gradients
+    :math:`g = \nabla_\theta` of the mean cross-entropy over each of :func:`minibatches` of
+    ``(x, y)``, shaped like the trainable parameters. In eval mode, as :func:`top_eigenpair` (no
+    draw from torch's generators, ``p.grad`` untouched). :math:`E[g^2]` is what an adaptive
+    optimizer's squared-gradient average estimates (it includes the minibatch noise, so it grows as
+    ``batch_size`` shrinks)."""
+    params = trainable(model)
+    if not params:
+        raise ValueError("model has no trainable parameters")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must hold the same number of examples, got {x.shape[0]} and {y.shape[0]}")
+    batches = minibatches(x.shape[0], batch_size)
+    if x.is_floating_point():
+        x = x.to(params[0].dtype)
+    mean = [torch.zeros_like(p) for p in params]
+    square = [torch.zeros_like(p) for p in params]
+    with evaluation(model):
+        for b in batches:
+            grads = torch.autograd.grad(F.cross_entropy(model(x[b]), y[b]), params, materialize_grads=True)
+            for m, s, g in zip(mean, square, grads):
+                m.add_(g)
+                s.addcmul_(g, g)
+    for t in (*mean, *square):
+        t.div_(len(batches))
+    return mean, square
+
+
+def initial_preconditioner(optimizer: torch.optim.Optimizer, mean: Sequence[Tensor], square: Sequence[Tensor],
+                           params: Iterable[Tensor] | None = None) -> list[Tensor] | None:
+    r"""The diagonal :math:`P` of :func:`preconditioner` that ``optimizer`` (its hyperparameters,
+    not its state) reaches while its minibatch gradients keep the distribution they have at
+    initialisation, with mean ``mean`` and mean square ``square`` (see :func:`gradient_moments`);
+    None for SGD. This gives the preconditioned sharpness at step 0, where the state holds no
+    :math:`P` yet, or only the first minibatch's, a noisy one (a coordinate that batch did not
+    touch gets :math:`P = \epsilon`).
+
+    * Adam (and amsgrad): :math:`\sqrt{E[g^2]} + \epsilon`, what the bias-corrected average
+      :math:`\hat v` estimates.
+    * RMSprop: :math:`\sqrt{E[g^2]} + \epsilon`, where its (not bias-corrected) average settles;
+      centered: :math:`\sqrt{E[g^2] - E[g]^2} + \epsilon`.
+    * Adagrad: :math:`\sqrt{a + E[g^2]} + \epsilon` with ``initial_accumulator_value`` :math:`a`,
+      the expected accumulator of its first update (it only grows after).
+
+    Weight decay is left out, as in :func:`stability_threshold`. ``mean`` and ``square`` are in the
+    order of ``params`` (None: every parameter, in group order).
+    """
+    kind = _kind(optimizer)
+    if kind == "sgd":
+        return None
+    entries = _with_groups(optimizer, params)
+    mean, square = list(mean), list(square)
+    if len(mean) != len(entries) or len(square) != len(entries):
+        raise ValueError(f"mean and square must hold one tensor per parameter ({len(entries)}), "
+                         f"got {len(mean)} and {len(square)}")
+    out = []
+    for (i, p, group), m, s in zip(entries, mean, square):
+        if m.shape != p.shape or s.shape != p.shape:
+            raise ValueError(f"mean and square of parameter {i} must be shaped {tuple(p.shape)}")
+        if kind == "rmsprop" and group["centered"]:
+            v = torch.addcmul(s, m, m, value=-1).clamp_(min=0)
+        elif kind == "adagrad":
+            v = s + group["initial_accumulator_value"]
+        else:
+            v = s
+        out.append(v.sqrt().add_(group["eps"]))
     return out
 
 
@@ -586,9 +679,10 @@ class SharpnessCallback(L.Callback):
     steps against the stability threshold of ``trainer.optimizers[0]``.
 
     At each ``trainer.global_step`` that is a positive multiple of ``every_n_steps`` (after the
-    step; with ``log_spaced_start`` also at steps 1, 2, 4, ... below ``every_n_steps`` and, for SGD,
-    at step 0, the initialisation) it computes the sharpness on a fixed probe batch, preconditioned by
-    :func:`preconditioner` for the adaptive optimizers, with a :class:`SharpnessTracker`
+    step; with ``log_spaced_start`` also at steps 1, 2, 4, ... below ``every_n_steps`` and at step 0,
+    the initialisation) it computes the sharpness on a fixed probe batch, preconditioned by
+    :func:`preconditioner` for the adaptive optimizers (at step 0 by :func:`initial_preconditioner`
+    of the probe's minibatches of the training batch size), with a :class:`SharpnessTracker`
     (warm-started), and :func:`stability_threshold` of param group 0. Both go to every logger as
     ``curvature/sharpness`` and ``curvature/threshold`` at that step; a TensorBoard logger also
     gets a custom-scalars layout that draws the two on one chart (the "Custom Scalars" tab; it
@@ -611,8 +705,11 @@ class SharpnessCallback(L.Callback):
         iters, tol: per measurement, see :func:`lanczos` (the tolerance is looser than
             :func:`sharpness`'s: a measurement costs ~1.5x less, see ``DEFAULT_TRACKING_TOL``).
         log_spaced_start: also measure early, where a large lr's spike and the sharpness's first
-            rise happen (an adaptive optimizer has no preconditioner before its first step, so
-            step 0 is measured for SGD only).
+            rise happen, and at the initialisation (the value the report's predicted largest stable
+            lr rests on).
+        batch_size: the training batch size, whose minibatch gradients the adaptive optimizers'
+            preconditioner at step 0 averages (None: the datamodule's ``batch_size``; without
+            one, the whole probe is one batch).
 
     A measurement costs roughly ``1 + iterations`` Hessian-vector products on the probe, each about
     a training step on as many images: on the 2-core CPU, the default MLP and 1024 probe images,
@@ -622,12 +719,15 @@ class SharpnessCallback(L.Callback):
 
     def __init__(self, every_n_steps: int, probe_size: int = DEFAULT_PROBE_SIZE, seed: int = 0,
                  probe: tuple[Tensor, Tensor] | None = None, iters: int = 20,
-                 tol: float = DEFAULT_TRACKING_TOL, log_spaced_start: bool = False) -> None:
+                 tol: float = DEFAULT_TRACKING_TOL, log_spaced_start: bool = False,
+                 batch_size: int | None = None) -> None:
         check_tracking(every_n_steps, probe_size)
+        if batch_size is not None:
+            minibatches(1, batch_size)  # the argument check
         if probe is not None and (len(probe) != 2 or len(probe[0]) != len(probe[1]) or len(probe[1]) == 0):
             raise ValueError("Invalid probe: must be a pair (x, y) of the same nonzero length")
         self.every_n_steps, self.probe_size, self.seed = every_n_steps, probe_size, seed
-        self.log_spaced_start = log_spaced_start
+        self.log_spaced_start, self.batch_size = log_spaced_start, batch_size
         self.given_probe = probe
         self.tracker = SharpnessTracker(iters, tol, seed)
         self.sharpness_log = SharpnessLog()
@@ -670,12 +770,14 @@ class SharpnessCallback(L.Callback):
                 raise ValueError("SharpnessCallback needs probe=(x, y) or a datamodule with train_x / train_y")
             x, y = self.draw_probe(data.train_x, data.train_y)
         self.probe = (x.to(pl_module.device), y.to(pl_module.device))
+        if self.batch_size is None:
+            self.batch_size = getattr(trainer.datamodule, "batch_size", None) or len(y)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_custom_scalars(TENSORBOARD_LAYOUT)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.log_spaced_start and trainer.global_step == 0 and not self.preconditioned:
+        if self.log_spaced_start and trainer.global_step == 0:
             self.sharpness_log.start_epoch(trainer.current_epoch)
             self._record(trainer, pl_module, 0)
 
@@ -696,16 +798,21 @@ class SharpnessCallback(L.Callback):
         self._record(trainer, pl_module, step)
 
     def _record(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
-        value, threshold = self.measure(pl_module.model, trainer.optimizers[0])
+        value, threshold = self.measure(pl_module.model, trainer.optimizers[0], initial=step == 0)
         self.sharpness_log.add(step, value, threshold)
         for logger in trainer.loggers:
             logger.log_metrics({SHARPNESS_TAG: value, THRESHOLD_TAG: threshold}, step=step)
 
-    def measure(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[float, float]:
-        """``(sharpness, threshold)`` of ``model`` on the probe, preconditioned by ``optimizer``'s state."""
+    def measure(self, model: nn.Module, optimizer: torch.optim.Optimizer, initial: bool = False) -> tuple[float, float]:
+        """``(sharpness, threshold)`` of ``model`` on the probe, preconditioned by ``optimizer``'s state
+        (``initial``: by its :func:`initial_preconditioner` on the probe, for step 0)."""
         if self.probe is None:
             raise RuntimeError("SharpnessCallback.measure() needs the probe that on_fit_start draws")
-        precond = preconditioner(optimizer, trainable(model))
+        params = trainable(model)
+        if initial and self.preconditioned:
+            precond = initial_preconditioner(optimizer, *gradient_moments(model, *self.probe, self.batch_size), params)
+        else:
+            precond = preconditioner(optimizer, params)
         if precond is not None and not valid_preconditioner(precond):
             return math.nan, stability_threshold(optimizer)
         return self.tracker(model, *self.probe, precond), stability_threshold(optimizer)

@@ -172,8 +172,9 @@ def map_cells(rows: list[dict[str, Any]]) -> dict[tuple[str, str, float], MapCel
 
 def stability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (optimizer, widths) column of an lr sweep whose runs tracked their sharpness: ``sharpness0``
-    (median over the column of each run's first measurement: step 0 for SGD, step 1 for the adaptive
-    optimizers, which have no preconditioner before it), the largest stable lr it predicts (the lr at
+    (median over the column of each run's first measurement: step 0 with ``curvature.log_spaced_start``,
+    for the adaptive optimizers preconditioned by :func:`~optimlab.curvature.initial_preconditioner`,
+    the P their state settles to from the gradients at initialisation), the largest stable lr it predicts (the lr at
     which the threshold ``c/lr`` equals it: ``c / sharpness0``), the largest lr whose runs (the label
     most got, as on the map: :func:`map_cells`) did not diverge, and whether the two lie within one
     grid cell of each other."""

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from optimlab.curvature import (DEFAULT_PROBE_SIZE, DEFAULT_TRACKING_TOL, SharpnessLog, check_iteration, check_tracking,
-                                evaluation, measurement_due, preconditioner, probe_indices, stability_threshold,
-                                tridiagonal)
+                                evaluation, initial_preconditioner, measurement_due, minibatches, preconditioner,
+                                probe_indices, stability_threshold, tridiagonal)
 from optimlab.optim import SGD, Optimizer
 from optimlab.population.data import PopulationData
 from optimlab.population.stacked import StackedModel
@@ -189,6 +189,29 @@ def member_eigenpairs(model: StackedModel, x: Tensor, y: Tensor, preconditioner:
     return MemberEigenpairs(values, [v.detach() for v in unflat(vectors)], iterations)
 
 
+def member_gradient_moments(model: StackedModel, x: Tensor, y: Tensor,
+                            batch_size: int) -> tuple[list[Tensor], list[Tensor]]:
+    """:func:`optimlab.curvature.gradient_moments` for every member at once (member m's probe in
+    ``x[m]``, ``y[m]``, as for :func:`member_eigenpairs`), stacked like the parameters: the summed
+    loss's gradient holds each member's own in its slice."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    batches = minibatches(x.shape[1], batch_size)
+    mean = [torch.zeros_like(p) for p in params]
+    square = [torch.zeros_like(p) for p in params]
+    with evaluation(model):
+        for b in batches:
+            xb, yb = x[:, b].to(params[0].dtype), y[:, b]
+            logits = model(xb)
+            losses = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(yb.shape).mean(1)
+            grads = torch.autograd.grad(losses.sum(), params, materialize_grads=True)
+            for m, s, g in zip(mean, square, grads):
+                m.add_(g)
+                s.addcmul_(g, g)
+    for t in (*mean, *square):
+        t.div_(len(batches))
+    return mean, square
+
+
 class MemberSharpness:
     """Sharpness tracking for every member of a population, as
     :class:`~optimlab.curvature.SharpnessCallback` tracks a single run (its arguments, per member).
@@ -197,8 +220,10 @@ class MemberSharpness:
     ``seeds[m]``, its first start vector the standard normal draw its run's tracker makes from that
     seed (in the single model's parameter order, stacked), and every later one its previous
     eigenvector. Measured after the steps :func:`~optimlab.curvature.measurement_due` names (and at
-    step 0 for SGD with ``log_spaced_start``) with one :func:`member_eigenpairs` call, preconditioned
-    by the member-wise optimizer's state, against the threshold of each member's lr. Each member's
+    step 0 with ``log_spaced_start``) with one :func:`member_eigenpairs` call, preconditioned by the
+    member-wise optimizer's state (at step 0 by its
+    :func:`~optimlab.curvature.initial_preconditioner` of each member's probe in minibatches of the
+    training batch size), against the threshold of each member's lr. Each member's
     :class:`~optimlab.curvature.SharpnessLog` records what its run's callback records; a member
     whose preconditioner is not positive, or whose weights had just become non-finite (its run
     measures those before it stops), gets NaN and keeps its start vector.
@@ -213,6 +238,7 @@ class MemberSharpness:
         self.logs = [SharpnessLog() for _ in self.seeds]
         self.vectors: list[Tensor] | None = None
         self.probe: tuple[Tensor, Tensor] | None = None
+        self.batch_size = probe_size  # the training batch size, set by setup()
         self.threshold_formulas: list[str | None] = []
         self.preconditioned = False
 
@@ -232,6 +258,7 @@ class MemberSharpness:
                      for d in draws]
             self.vectors = [v.to(params[0].device) for v in model.stack_members(split)]
         self.preconditioned = not isinstance(optimizer, SGD)
+        self.batch_size = data.batch_size
         self.threshold_formulas = []
         for lr in self.lrs(optimizer):
             threshold = stability_threshold(optimizer, lr=lr)
@@ -242,8 +269,8 @@ class MemberSharpness:
         return optimizer.param_groups[0]["lr"].tolist()
 
     def measures_at_start(self) -> bool:
-        """Whether step 0 (the initialisation) is measured: SGD with ``log_spaced_start``."""
-        return self.log_spaced_start and not self.preconditioned
+        """Whether step 0 (the initialisation) is measured: with ``log_spaced_start``."""
+        return self.log_spaced_start
 
     def due(self, step: int) -> bool:
         return measurement_due(step, self.every_n_steps, self.log_spaced_start)
@@ -253,7 +280,11 @@ class MemberSharpness:
         """Measure every member and record the measurement of ``members`` (and NaN for ``nan_members``)."""
         assert self.probe is not None and self.vectors is not None, "setup() first"
         params = list(model.parameters())
-        precond = preconditioner(optimizer, params)
+        if step == 0 and self.preconditioned:
+            moments = member_gradient_moments(model, *self.probe, self.batch_size)
+            precond = initial_preconditioner(optimizer, *moments, params)
+        else:
+            precond = preconditioner(optimizer, params)
         valid = torch.ones(model.members, dtype=torch.bool, device=params[0].device)
         if precond is not None:
             valid = torch.stack([(t > 0).flatten(1).all(1) for t in precond]).all(0)
