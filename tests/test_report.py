@@ -156,15 +156,24 @@ def test_report_counts_crossings_false_alarms_and_leads(tmp_path: Path) -> None:
         fake_run(tmp_path, name, "SGD", 0.1, 8, 0, 0.9, regime)
         path = tmp_path / name / "summary.json"
         summary = json.loads(path.read_text())
-        summary["curvature"] = {"measurements": 4, "initial_sharpness": 3.0, "initial_threshold": 20.0,
-                                "first_crossing_step": crossing}
+        summary["curvature"] = {"measurements": 4, "initial_step": 0, "first_crossing_step": crossing,
+                                "initial_sharpness": 30.0 if crossing == 1 else 3.0, "initial_threshold": 20.0}
         summary["diverged_at_step"] = stopped
         path.write_text(json.dumps(summary))
+    fake_run(tmp_path, "f", "Adam", 0.1, 8, 0, 0.9, "diverging")  # started above 38/lr at step 0, and diverged
+    path = tmp_path / "f" / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["curvature"] = {"measurements": 2, "initial_step": 0, "initial_sharpness": 500.0,
+                            "initial_threshold": 380.0, "first_crossing_step": 0}
+    path.write_text(json.dumps(summary))
     report(tmp_path)
     text = (tmp_path / "report.md").read_text()
-    assert ("3 of 5 tracked runs crossed it: 1 were then labelled diverging, 1 oscillating and 1 something else "
+    assert ("4 of 6 tracked runs crossed it: 2 were then labelled diverging, 1 oscillating and 1 something else "
             "(false alarms, counting oscillating as none: 2). 1 diverging run(s) never crossed it.") in text
     assert "1 crossing run(s) stopped on a non-finite value, the crossing 5 steps before it (median; 5 to 5)." in text
+    # SGD: c started above (a false alarm); d diverged from below. Adam: f started above and diverged.
+    assert "| adam | 1 | 1 | 1 | 0 | 0 | 0 | 1 | 1 | 0 |" in text
+    assert "| sgd | 5 | 3 | 1 | 1 | 1 | 1 | 1 | 0 | 2 |" in text
 
 
 def test_report_md_states_the_command_and_where_each_regime_appeared(tmp_path: Path) -> None:

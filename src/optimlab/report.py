@@ -213,27 +213,56 @@ def write_stability(table: list[dict[str, Any]], out: Path) -> list[str]:
     return lines
 
 
+CROSSING_COLUMNS = ["optimizer", "tracked", "crossed", "then diverging", "then oscillating", "false alarms",
+                    "misses", "started above", "started above: diverging", "started below: diverging"]
+
+
+def _crossing_counts(runs: list[dict[str, Any]]) -> dict[str, int]:
+    """The counts of :data:`CROSSING_COLUMNS` (but the optimizer) over ``runs``. A run "started above"
+    when its first measurement, at step 0 (``curvature.log_spaced_start``), is above the threshold."""
+    crossed = [r for r in runs if r["curvature"].get("first_crossing_step") is not None]
+    outcome = Counter(r["regime"] for r in crossed)
+    at_start = [r for r in runs if r["curvature"].get("initial_step") == 0]
+    above = [r for r in at_start if r["curvature"]["initial_sharpness"] is not None
+             and r["curvature"]["initial_sharpness"] > r["curvature"]["initial_threshold"]]
+    below = [r for r in at_start if r not in above]
+    return {"tracked": len(runs), "crossed": len(crossed), "then diverging": outcome["diverging"],
+            "then oscillating": outcome["oscillating"],
+            "false alarms": len(crossed) - outcome["diverging"] - outcome["oscillating"],
+            "misses": sum(r["regime"] == "diverging" and r["curvature"].get("first_crossing_step") is None for r in runs),
+            "started above": len(above), "started above: diverging": sum(r["regime"] == "diverging" for r in above),
+            "started below: diverging": sum(r["regime"] == "diverging" for r in below)}
+
+
 def crossing_lines(rows: list[dict[str, Any]]) -> list[str]:
     """report.md's account of a tracked sweep: how many runs crossed the stability threshold, what
     became of them (a crossing not followed by a ``diverging`` label is a false alarm; one followed
-    by ``oscillating`` is counted apart), how many diverging runs never crossed it (misses), and for
-    runs stopped on a non-finite value after a crossing, how many steps the crossing came first."""
+    by ``oscillating`` is counted apart), how many diverging runs never crossed it (misses), for
+    runs stopped on a non-finite value after a crossing how many steps the crossing came first, and
+    per optimizer the same counts beside those of the runs that started above the threshold."""
     tracked = [r for r in rows if (r.get("curvature") or {}).get("measurements")]
+    total = _crossing_counts(tracked)
     crossed = [r for r in tracked if r["curvature"].get("first_crossing_step") is not None]
-    outcome = Counter(r["regime"] for r in crossed)
-    misses = sum(r["regime"] == "diverging" and r["curvature"].get("first_crossing_step") is None for r in tracked)
     leads = sorted(r["diverged_at_step"] - r["curvature"]["first_crossing_step"] for r in crossed
                    if r.get("diverged_at_step") is not None)
     lines = ["", "## Crossings of the stability threshold", "",
-             f"{len(crossed)} of {len(tracked)} tracked runs crossed it: {outcome['diverging']} were then labelled "
-             f"diverging, {outcome['oscillating']} oscillating and {len(crossed) - outcome['diverging'] - outcome['oscillating']} "
-             f"something else (false alarms, counting oscillating as none: {len(crossed) - outcome['diverging']}). "
-             f"{misses} diverging run(s) never crossed it."]
+             f"{total['crossed']} of {total['tracked']} tracked runs crossed it: {total['then diverging']} were then "
+             f"labelled diverging, {total['then oscillating']} oscillating and {total['false alarms']} something else "
+             f"(false alarms, counting oscillating as none: {total['crossed'] - total['then diverging']}). "
+             f"{total['misses']} diverging run(s) never crossed it."]
     if leads:
         lines.append(f"{len(leads)} crossing run(s) stopped on a non-finite value, the crossing "
                      f"{statistics.median(leads):g} steps before it (median; {leads[0]} to {leads[-1]}).")
     else:
         lines.append("No crossing run stopped on a non-finite value: no lead to measure.")
+    by_optimizer: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in tracked:
+        by_optimizer[r["optimizer"]].append(r)
+    lines += ["", "Per optimizer (started above / below: the first measurement, at step 0, above or below the "
+              "threshold):", "", "| " + " | ".join(CROSSING_COLUMNS) + " |", "|" + "---|" * len(CROSSING_COLUMNS)]
+    for optimizer, runs in sorted(by_optimizer.items()):
+        counts = _crossing_counts(runs)
+        lines.append(f"| {optimizer} | " + " | ".join(str(counts[c]) for c in CROSSING_COLUMNS[1:]) + " |")
     return lines
 
 
