@@ -13,6 +13,7 @@ import torch
 
 from conftest import REPO, compose_config, run_script
 from optimlab.data import DataError
+from optimlab.hydra_job import job_dirname
 from optimlab.record import STEP_SCALARS
 from optimlab.train import run
 from optimlab.validate import ConfigError
@@ -63,6 +64,35 @@ def test_multirun_trains_every_optimizer(tmp_path: Path) -> None:
     assert rows[-1]["status"] == "crashed"
     for name in ("report.md", "curves.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_job_folder_names_fit_a_file_system() -> None:
+    short = "lr=0.1,optimizer=adam"
+    assert job_dirname(short) == short
+    long_a, long_b = "x" * 300 + ",seed=0", "x" * 300 + ",seed=1"
+    a, b = job_dirname(long_a), job_dirname(long_b)
+    assert len(a.encode()) == len(b.encode()) == 200 and a != b and a == job_dirname(long_a)
+    assert a.startswith("x" * 150) and a[-9] == "~"
+    wide = job_dirname("model.name=" + "\u00e9" * 200)  # two bytes each: never cut inside a character
+    assert len(wide.encode()) <= 200 and wide.startswith("model.name=\u00e9")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["basic", "population"])
+def test_a_sweep_with_many_overrides_gets_short_job_folders(tmp_path: Path, launcher: str) -> None:
+    """The job folders' names (number and overrides) would exceed 255 bytes: cut, hashed, and trained."""
+    many = ["optimizer=rmsprop", "optimizer.centered=true", "optimizer.momentum=0.5", "lr=0.001,0.002",
+            "model.hidden=[16]", "batch_size=64", "data.test_every_epoch=false", "trainer.log_every_n_steps=5",
+            "trainer.check_finite_every_n_steps=1", "optimizer.weight_decay=0.0001", "+regimes.fit_acc=0.5"]
+    result = train("-m", f"hydra/launcher={launcher}", *many, *FAST, f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith("."))  # .populations: their checkpoints
+    assert len(runs) == 2 and all(len(p.name.encode()) <= 210 and "~" in p.name for p in runs)
+    assert runs[0].name.startswith("0_+regimes.fit_acc=0.5,batch_size=64,data.subset=512,")
+    for run_dir in runs:  # (a population keeps one checkpoint for its members, in .populations/)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "complete" and len(summary["epochs"]) == 2
+        assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
 @pytest.mark.slow

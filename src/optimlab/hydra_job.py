@@ -1,9 +1,11 @@
-"""A run's dealings with Hydra's job folder: checking it can be written before Hydra creates it (a
-folder under a file, on a read-only disk, without permission: one line and exit status 2, not the
-traceback of Hydra's own ``mkdir``), and writing Hydra's record of the job once the run is accepted."""
+"""A run's dealings with Hydra's job folder: its name in a sweep (the overrides, shortened to what a
+file system takes), checking it can be written before Hydra creates it (a folder under a file, on a
+read-only disk, without permission: one line and exit status 2, not the traceback of Hydra's own
+``mkdir``), and writing Hydra's record of the job once the run is accepted."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -12,6 +14,27 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+
+# A sweep job's folder is ``<job number>_<overrides>``; most file systems take names of at most 255
+# bytes, and a sweep with many overrides exceeds that (Hydra's mkdir then fails with a traceback).
+DIRNAME_BYTES = 200
+
+
+def job_dirname(overrides: str, limit: int = DIRNAME_BYTES) -> str:
+    """``overrides`` (Hydra's ``hydra.job.override_dirname``) as it is when at most ``limit`` bytes in
+    UTF-8; else cut to fit and ended by ``~`` and 8 hex digits of its SHA-1, so that jobs whose
+    overrides differ only past the cut still get different, and stable, names."""
+    encoded = overrides.encode()
+    if len(encoded) <= limit:
+        return overrides
+    digest = hashlib.sha1(encoded).hexdigest()[:8]
+    head = encoded[:limit - len(digest) - 1].decode(errors="ignore")  # a cut inside a character drops it
+    return f"{head}~{digest}"
+
+
+# conf/config.yaml: hydra.sweep.subdir: ${hydra.job.num}_${optimlab.dirname:${hydra.job.override_dirname}}
+OmegaConf.register_new_resolver("optimlab.dirname", job_dirname, replace=True)
 
 
 def unwritable(folder: Path) -> str | None:
