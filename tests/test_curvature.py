@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from conftest import run_script
 from optimlab import optim
 from optimlab.curvature import (
-    SharpnessCallback, SharpnessLog, SharpnessTracker, gradient_moments, initial_preconditioner, lanczos, minibatches,
+    GradientMoments, SharpnessCallback, SharpnessLog, SharpnessTracker, gradient_moments, initial_preconditioner, lanczos, minibatches,
     preconditioner, sharpness, stability_threshold, top_eigenpair,
 )
 
@@ -390,7 +390,8 @@ def test_minibatches_drop_a_partial_last_batch_unless_there_is_no_full_one() -> 
 
 def test_gradient_moments_average_the_minibatch_gradients() -> None:
     model, (x, y) = tiny_model(dropout=0.3), (Data().train_x[:11], Data().train_y[:11])
-    mean, square = gradient_moments(model, x, y, batch_size=4)  # batches 0:4 and 4:8; 8:11 dropped
+    mean, square, batches = gradient_moments(model, x, y, batch_size=4)  # batches 0:4 and 4:8; 8:11 dropped
+    assert batches == 2
     grads = []
     for b in (slice(0, 4), slice(4, 8)):
         model.zero_grad()
@@ -414,33 +415,37 @@ def test_initial_preconditioner_is_the_state_after_a_step_on_one_batch(config: s
             "RMSprop-alpha0": lambda p: optim.RMSprop(p, lr=0.0, alpha=0.0, eps=1e-3),
             "Adagrad": lambda p: optim.Adagrad(p, lr=0.0, eps=1e-3, initial_accumulator_value=0.5)}[config]
     opt = make(model.parameters())
-    expected = initial_preconditioner(opt, *gradient_moments(model, x, y, batch_size=8))
+    expected = initial_preconditioner(opt, gradient_moments(model, x, y, batch_size=8))
     F.cross_entropy(model(x), y).backward()
     opt.step()
     for got, want in zip(preconditioner(opt), expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
-    assert initial_preconditioner(optim.SGD(model.parameters(), lr=0.1), *gradient_moments(model, x, y, 8)) is None
+    assert initial_preconditioner(optim.SGD(model.parameters(), lr=0.1), gradient_moments(model, x, y, 8)) is None
 
 
 def test_initial_preconditioner_formulas() -> None:
     a = nn.Parameter(torch.zeros(3, dtype=F64))
-    mean, square = [torch.tensor([1.0, -2.0, 0.0], dtype=F64)], [torch.tensor([4.0, 5.0, 0.0], dtype=F64)]
+    moments = GradientMoments([torch.tensor([1.0, -2.0, 0.0], dtype=F64)], [torch.tensor([4.0, 5.0, 0.0], dtype=F64)], 2)
     eps = 0.25
-    cases = {  # P = sqrt(v) + eps with v: E[g^2]; centered: E[g^2] - E[g]^2; Adagrad: a + E[g^2]
+    cases = {  # P = sqrt(v) + eps with v: E[g^2]; centered: the unbiased variance, 2/1 (E[g^2] - E[g]^2);
+        # Adagrad: a + E[g^2]
         "adam": (optim.Adam([a], eps=eps), [2.0, 5 ** 0.5, 0.0]),
         "rmsprop": (optim.RMSprop([a], eps=eps), [2.0, 5 ** 0.5, 0.0]),
-        "centered": (optim.RMSprop([a], eps=eps, centered=True), [3 ** 0.5, 1.0, 0.0]),
+        "centered": (optim.RMSprop([a], eps=eps, centered=True), [6 ** 0.5, 2 ** 0.5, 0.0]),
         "adagrad": (optim.Adagrad([a], eps=eps, initial_accumulator_value=0.44), [4.44 ** 0.5, 5.44 ** 0.5, 0.44 ** 0.5]),
     }
     for name, (opt, roots) in cases.items():
-        (got,) = initial_preconditioner(opt, mean, square)
+        (got,) = initial_preconditioner(opt, moments)
         torch.testing.assert_close(got, torch.tensor(roots, dtype=F64) + eps, rtol=1e-12, atol=0, msg=name)
+    # One minibatch tells no variance: centered RMSprop's P is NaN (the measurement is then NaN).
+    (one,) = initial_preconditioner(optim.RMSprop([a], centered=True), moments._replace(batches=1))
+    assert bool(one.isnan().all())
     with pytest.raises(ValueError, match="one tensor per parameter"):
-        initial_preconditioner(optim.Adam([a]), mean, [])
+        initial_preconditioner(optim.Adam([a]), moments._replace(square=[]))
     with pytest.raises(ValueError, match="shaped"):
-        initial_preconditioner(optim.Adam([a]), [torch.zeros(2)], [torch.zeros(2)])
+        initial_preconditioner(optim.Adam([a]), GradientMoments([torch.zeros(2)], [torch.zeros(2)], 1))
     with pytest.raises(TypeError, match="NAdam"):
-        initial_preconditioner(torch.optim.NAdam([a]), mean, square)
+        initial_preconditioner(torch.optim.NAdam([a]), moments)
 
 
 # --------------------------------------------------------------------------- the log
@@ -666,7 +671,7 @@ def test_log_spaced_start_measures_the_initialisation_and_the_first_steps() -> N
     fit(Classifier(tiny_model(), lambda p: optim.Adam(p, lr=0.01)), [adam], epochs=3)
     assert adam.sharpness_log.measurements == 6 and adam.sharpness_log.series[0][0] == 0
     start, probe = tiny_model(), adam.probe
-    expected_p = initial_preconditioner(optim.Adam(start.parameters(), lr=0.01), *gradient_moments(start, *probe, 4))
+    expected_p = initial_preconditioner(optim.Adam(start.parameters(), lr=0.01), gradient_moments(start, *probe, 4))
     expected = sharpness(start, *probe, preconditioner=expected_p, iters=60, tol=1e-12)
     assert adam.sharpness_log.series[0][1:] == [pytest.approx(expected, rel=1e-9), pytest.approx(38 / 0.01)]
     assert adam.run_record()["initial_step"] == 0

@@ -66,9 +66,10 @@ def test_every_member_gets_its_own_models_gradient_moments(kind: str) -> None:
     seeds = [0, 1, 2]
     model = stacked(kind, seeds, activation="tanh")
     x, y = probe(len(seeds), batch=7)
-    mean, square = member_gradient_moments(model, x, y, batch_size=3)  # two batches of 3, one image dropped
+    mean, square, batches = member_gradient_moments(model, x, y, batch_size=3)  # two batches of 3, one image dropped
+    assert batches == 2
     for m in range(len(seeds)):
-        single_mean, single_square = gradient_moments(model.member_model(m), x[m], y[m], batch_size=3)
+        single_mean, single_square, _ = gradient_moments(model.member_model(m), x[m], y[m], batch_size=3)
         for got, want in zip(member_pieces(model, mean, m) + member_pieces(model, square, m), single_mean + single_square):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-15)
 

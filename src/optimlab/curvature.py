@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from optimlab import optim
 
 __all__ = [
-    "DEFAULT_PROBE_SIZE", "DEFAULT_TRACKING_TOL", "Eigenpair", "SharpnessCallback", "SharpnessLog",
+    "DEFAULT_PROBE_SIZE", "DEFAULT_TRACKING_TOL", "Eigenpair", "GradientMoments", "SharpnessCallback", "SharpnessLog",
     "SharpnessTracker", "check_iteration", "check_tracking", "gradient_moments", "initial_preconditioner", "lanczos",
     "measurement_due", "minibatches", "preconditioner", "probe_indices", "sharpness", "stability_threshold",
     "top_eigenpair",
@@ -474,7 +474,16 @@ def minibatches(n: int, batch_size: int) -> list[slice]:
     return [slice(k * batch_size, (k + 1) * batch_size) for k in range(full)] or [slice(0, n)]
 
 
-def gradient_moments(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> tuple[list[Tensor], list[Tensor]]:
+class GradientMoments(NamedTuple):
+    """Element-wise mean and mean square of minibatch gradients, shaped like the parameters, and
+    the number of minibatches they average."""
+
+    mean: list[Tensor]
+    square: list[Tensor]
+    batches: int
+
+
+def gradient_moments(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> GradientMoments:
     r"""Mean :math:`E[g]` and mean square :math:`E[g^2]` (element-wise) of the minibatch gradients
     :math:`g = \nabla_\theta` of the mean cross-entropy over each of :func:`minibatches` of
     ``(x, y)``, shaped like the trainable parameters. In eval mode, as :func:`top_eigenpair` (no
@@ -499,33 +508,33 @@ def gradient_moments(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) ->
                 s.addcmul_(g, g)
     for t in (*mean, *square):
         t.div_(len(batches))
-    return mean, square
+    return GradientMoments(mean, square, len(batches))
 
 
-def initial_preconditioner(optimizer: torch.optim.Optimizer, mean: Sequence[Tensor], square: Sequence[Tensor],
+def initial_preconditioner(optimizer: torch.optim.Optimizer, moments: GradientMoments,
                            params: Iterable[Tensor] | None = None) -> list[Tensor] | None:
     r"""The diagonal :math:`P` of :func:`preconditioner` that ``optimizer`` (its hyperparameters,
     not its state) reaches while its minibatch gradients keep the distribution they have at
-    initialisation, with mean ``mean`` and mean square ``square`` (see :func:`gradient_moments`);
-    None for SGD. This gives the preconditioned sharpness at step 0, where the state holds no
+    initialisation, estimated by ``moments`` (see :func:`gradient_moments`); None for SGD. This gives the preconditioned sharpness at step 0, where the state holds no
     :math:`P` yet, or only the first minibatch's, a noisy one (a coordinate that batch did not
     touch gets :math:`P = \epsilon`).
 
     * Adam (and amsgrad): :math:`\sqrt{E[g^2]} + \epsilon`, what the bias-corrected average
       :math:`\hat v` estimates.
     * RMSprop: :math:`\sqrt{E[g^2]} + \epsilon`, where its (not bias-corrected) average settles;
-      centered: :math:`\sqrt{E[g^2] - E[g]^2} + \epsilon`.
+      centered: :math:`\sqrt{\mathrm{Var}[g]} + \epsilon`, the variance estimated without bias
+      from the :math:`K` minibatches, :math:`\frac{K}{K-1}(E[g^2] - E[g]^2)` (NaN when :math:`K = 1`).
     * Adagrad: :math:`\sqrt{a + E[g^2]} + \epsilon` with ``initial_accumulator_value`` :math:`a`,
       the expected accumulator of its first update (it only grows after).
 
-    Weight decay is left out, as in :func:`stability_threshold`. ``mean`` and ``square`` are in the
-    order of ``params`` (None: every parameter, in group order).
+    Weight decay is left out, as in :func:`stability_threshold`. The moments are in the order of
+    ``params`` (None: every parameter, in group order).
     """
     kind = _kind(optimizer)
     if kind == "sgd":
         return None
     entries = _with_groups(optimizer, params)
-    mean, square = list(mean), list(square)
+    mean, square, batches = list(moments.mean), list(moments.square), moments.batches
     if len(mean) != len(entries) or len(square) != len(entries):
         raise ValueError(f"mean and square must hold one tensor per parameter ({len(entries)}), "
                          f"got {len(mean)} and {len(square)}")
@@ -534,7 +543,7 @@ def initial_preconditioner(optimizer: torch.optim.Optimizer, mean: Sequence[Tens
         if m.shape != p.shape or s.shape != p.shape:
             raise ValueError(f"mean and square of parameter {i} must be shaped {tuple(p.shape)}")
         if kind == "rmsprop" and group["centered"]:
-            v = torch.addcmul(s, m, m, value=-1).clamp_(min=0)
+            v = torch.addcmul(s, m, m, value=-1).clamp_(min=0).mul_(batches / (batches - 1) if batches > 1 else math.nan)
         elif kind == "adagrad":
             v = s + group["initial_accumulator_value"]
         else:
@@ -810,7 +819,7 @@ class SharpnessCallback(L.Callback):
             raise RuntimeError("SharpnessCallback.measure() needs the probe that on_fit_start draws")
         params = trainable(model)
         if initial and self.preconditioned:
-            precond = initial_preconditioner(optimizer, *gradient_moments(model, *self.probe, self.batch_size), params)
+            precond = initial_preconditioner(optimizer, gradient_moments(model, *self.probe, self.batch_size), params)
         else:
             precond = preconditioner(optimizer, params)
         if precond is not None and not valid_preconditioner(precond):

@@ -61,6 +61,16 @@ class ClassifierModule(L.LightningModule):
             return self.optimizer
         return {"optimizer": self.optimizer, "lr_scheduler": self.scheduler}
 
+    def on_validation_start(self) -> None:
+        # torchmetrics evaluates in float32 whatever the module's dtype (and the trainer's precision
+        # setup resets what is set before it); a float64 run evaluates in float64 too, so that its
+        # records match a population's to 1e-9, not to float32 rounding.
+        if self.trainer.precision == "64-true":
+            for metric in [*self.eval_loss.values(), *self.eval_acc.values()]:
+                metric.set_dtype(torch.float64)
+
+    on_test_start = on_validation_start
+
     def on_fit_start(self) -> None:
         self.guard.resolve(self.device)
         # With a loss scaler (16-mixed) overflowing gradients are routine: the scaler skips that

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from optimlab.curvature import (DEFAULT_PROBE_SIZE, DEFAULT_TRACKING_TOL, SharpnessLog, check_iteration, check_tracking,
+from optimlab.curvature import (DEFAULT_PROBE_SIZE, DEFAULT_TRACKING_TOL, GradientMoments, SharpnessLog, check_iteration, check_tracking,
                                 evaluation, initial_preconditioner, measurement_due, minibatches, preconditioner,
                                 probe_indices, stability_threshold, tridiagonal)
 from optimlab.optim import SGD, Optimizer
@@ -189,8 +189,7 @@ def member_eigenpairs(model: StackedModel, x: Tensor, y: Tensor, preconditioner:
     return MemberEigenpairs(values, [v.detach() for v in unflat(vectors)], iterations)
 
 
-def member_gradient_moments(model: StackedModel, x: Tensor, y: Tensor,
-                            batch_size: int) -> tuple[list[Tensor], list[Tensor]]:
+def member_gradient_moments(model: StackedModel, x: Tensor, y: Tensor, batch_size: int) -> GradientMoments:
     """:func:`optimlab.curvature.gradient_moments` for every member at once (member m's probe in
     ``x[m]``, ``y[m]``, as for :func:`member_eigenpairs`), stacked like the parameters: the summed
     loss's gradient holds each member's own in its slice."""
@@ -209,7 +208,7 @@ def member_gradient_moments(model: StackedModel, x: Tensor, y: Tensor,
                 s.addcmul_(g, g)
     for t in (*mean, *square):
         t.div_(len(batches))
-    return mean, square
+    return GradientMoments(mean, square, len(batches))
 
 
 class MemberSharpness:
@@ -281,8 +280,8 @@ class MemberSharpness:
         assert self.probe is not None and self.vectors is not None, "setup() first"
         params = list(model.parameters())
         if step == 0 and self.preconditioned:
-            moments = member_gradient_moments(model, *self.probe, self.batch_size)
-            precond = initial_preconditioner(optimizer, *moments, params)
+            precond = initial_preconditioner(optimizer, member_gradient_moments(model, *self.probe, self.batch_size),
+                                             params)
         else:
             precond = preconditioner(optimizer, params)
         valid = torch.ones(model.members, dtype=torch.bool, device=params[0].device)
