@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from conftest import run_script
 from optimlab import optim
 from optimlab.curvature import (
-    GradientMoments, SharpnessCallback, SharpnessLog, SharpnessTracker, gradient_moments, initial_preconditioner, lanczos, minibatches,
-    preconditioner, sharpness, stability_threshold, top_eigenpair,
+    GradientMoments, SharpnessCallback, SharpnessLog, SharpnessTracker, gradient_moments, initial_preconditioner, lanczos,
+    moments_from_sums, preconditioner, probe_parts, sharpness, stability_threshold, top_eigenpair,
 )
 
 F64 = torch.float64
@@ -380,43 +380,59 @@ def test_preconditioner_per_parameter_and_before_the_first_step() -> None:
     assert torch.equal(p0, torch.full_like(a, 0.5))
 
 
-def test_minibatches_drop_a_partial_last_batch_unless_there_is_no_full_one() -> None:
-    assert minibatches(10, 4) == [slice(0, 4), slice(4, 8)]
-    assert minibatches(3, 4) == [slice(0, 3)] and minibatches(8, 8) == [slice(0, 8)]
+def test_probe_parts_one_per_minibatch_and_at_least_two() -> None:
+    assert [probe_parts(n, b) for n, b in ((1024, 128), (1000, 128), (100, 64), (3, 4), (1, 4), (4, 1))] == [
+        8, 8, 2, 2, 1, 4]
     for bad in (0, 2.0, True):
         with pytest.raises(ValueError, match="batch_size"):
-            minibatches(8, bad)
+            probe_parts(8, bad)
 
 
-def test_gradient_moments_average_the_minibatch_gradients() -> None:
+def test_gradient_moments_scale_the_parts_spread_to_the_minibatch() -> None:
+    """11 examples, minibatches of 4: three parts (4, 4 and 3 examples); per coordinate, the parts'
+    mean m and unbiased variance s^2 give Var[g_B] = s^2 (11/3) / 4 and E[g_B^2] = max(m^2 - s^2/3, 0) + Var."""
     model, (x, y) = tiny_model(dropout=0.3), (Data().train_x[:11], Data().train_y[:11])
-    mean, square, batches = gradient_moments(model, x, y, batch_size=4)  # batches 0:4 and 4:8; 8:11 dropped
-    assert batches == 2
+    square, variance, batch_size = gradient_moments(model, x, y, batch_size=4)
+    assert batch_size == 4
     grads = []
-    for b in (slice(0, 4), slice(4, 8)):
+    model.eval()  # dropout off, as the moments are taken
+    for b in (slice(0, 4), slice(4, 8), slice(8, 11)):
         model.zero_grad()
-        model.eval()  # dropout off, as the moments are taken
         F.cross_entropy(model(x[b]), y[b]).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     model.train()
-    for i, (m, s) in enumerate(zip(mean, square)):
-        torch.testing.assert_close(m, (grads[0][i] + grads[1][i]) / 2, rtol=1e-12, atol=0)
-        torch.testing.assert_close(s, (grads[0][i] ** 2 + grads[1][i] ** 2) / 2, rtol=1e-12, atol=0)
-    assert not torch.equal(square[0], mean[0] ** 2)  # two different batches: a variance
+    for i, (sq, var) in enumerate(zip(square, variance)):
+        parts = torch.stack([g[i] for g in grads])
+        m, s2 = parts.mean(0), parts.var(0)  # torch's var: unbiased
+        torch.testing.assert_close(var, s2 * (11 / 3) / 4, rtol=1e-10, atol=1e-18)
+        torch.testing.assert_close(sq, (m ** 2 - s2 / 3).clamp(min=0) + s2 * (11 / 3) / 4, rtol=1e-10, atol=1e-18)
+    assert all(bool((v > 0).any()) for v in variance)
+    # Of the same parts, a minibatch half as large has twice the variance, and its mean square grows by as much.
+    sums, squares = [sum(g[i] for g in grads) for i in range(4)], [sum(g[i] ** 2 for g in grads) for i in range(4)]
+    half = moments_from_sums(sums, squares, 3, 11, 2)
+    for sq, var, sq2, var2 in zip(square, variance, half.square, half.variance):
+        torch.testing.assert_close(var2, 2 * var, rtol=1e-10, atol=1e-18)
+        torch.testing.assert_close(sq2, sq + var, rtol=1e-10, atol=1e-18)
+
+
+def test_gradient_moments_of_one_example_have_no_variance() -> None:
+    square, variance, _ = moments_from_sums([torch.tensor([3.0])], [torch.tensor([9.0])], 1, 1, 4)
+    assert square[0].item() == 9.0 and math.isnan(variance[0].item())
 
 
 @pytest.mark.parametrize("config", ["Adam", "Adam-amsgrad", "RMSprop-alpha0", "Adagrad"])
-def test_initial_preconditioner_is_the_state_after_a_step_on_one_batch(config: str) -> None:
-    """With one minibatch, E[g^2] = g^2: the P of the state after one step on it (RMSprop with
-    alpha 0, whose average is then the last g^2; Adagrad from its initial accumulator)."""
+def test_initial_preconditioner_is_the_state_after_a_step_whose_gradient_it_is_given(config: str) -> None:
+    """Given E[g^2] = g^2 (and no variance) of one gradient g, the P of the state after one step on g
+    (RMSprop with alpha 0, whose average is then the last g^2; Adagrad from its initial accumulator)."""
     model, (x, y) = tiny_model(), (Data().train_x[:8], Data().train_y[:8])
     make = {"Adam": lambda p: optim.Adam(p, lr=0.0, eps=1e-3),
             "Adam-amsgrad": lambda p: optim.Adam(p, lr=0.0, eps=1e-3, amsgrad=True),
             "RMSprop-alpha0": lambda p: optim.RMSprop(p, lr=0.0, alpha=0.0, eps=1e-3),
             "Adagrad": lambda p: optim.Adagrad(p, lr=0.0, eps=1e-3, initial_accumulator_value=0.5)}[config]
     opt = make(model.parameters())
-    expected = initial_preconditioner(opt, gradient_moments(model, x, y, batch_size=8))
     F.cross_entropy(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    expected = initial_preconditioner(opt, GradientMoments([g * g for g in grads], [torch.zeros_like(g) for g in grads], 8))
     opt.step()
     for got, want in zip(preconditioner(opt), expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
@@ -425,21 +441,17 @@ def test_initial_preconditioner_is_the_state_after_a_step_on_one_batch(config: s
 
 def test_initial_preconditioner_formulas() -> None:
     a = nn.Parameter(torch.zeros(3, dtype=F64))
-    moments = GradientMoments([torch.tensor([1.0, -2.0, 0.0], dtype=F64)], [torch.tensor([4.0, 5.0, 0.0], dtype=F64)], 2)
+    moments = GradientMoments([torch.tensor([4.0, 5.0, 0.0], dtype=F64)], [torch.tensor([3.0, 1.0, 0.0], dtype=F64)], 8)
     eps = 0.25
-    cases = {  # P = sqrt(v) + eps with v: E[g^2]; centered: the unbiased variance, 2/1 (E[g^2] - E[g]^2);
-        # Adagrad: a + E[g^2]
+    cases = {  # P = sqrt(v) + eps with v: E[g^2]; centered: Var[g]; Adagrad: a + E[g^2]
         "adam": (optim.Adam([a], eps=eps), [2.0, 5 ** 0.5, 0.0]),
         "rmsprop": (optim.RMSprop([a], eps=eps), [2.0, 5 ** 0.5, 0.0]),
-        "centered": (optim.RMSprop([a], eps=eps, centered=True), [6 ** 0.5, 2 ** 0.5, 0.0]),
+        "centered": (optim.RMSprop([a], eps=eps, centered=True), [3 ** 0.5, 1.0, 0.0]),
         "adagrad": (optim.Adagrad([a], eps=eps, initial_accumulator_value=0.44), [4.44 ** 0.5, 5.44 ** 0.5, 0.44 ** 0.5]),
     }
     for name, (opt, roots) in cases.items():
         (got,) = initial_preconditioner(opt, moments)
         torch.testing.assert_close(got, torch.tensor(roots, dtype=F64) + eps, rtol=1e-12, atol=0, msg=name)
-    # One minibatch tells no variance: centered RMSprop's P is NaN (the measurement is then NaN).
-    (one,) = initial_preconditioner(optim.RMSprop([a], centered=True), moments._replace(batches=1))
-    assert bool(one.isnan().all())
     with pytest.raises(ValueError, match="one tensor per parameter"):
         initial_preconditioner(optim.Adam([a]), moments._replace(square=[]))
     with pytest.raises(ValueError, match="shaped"):

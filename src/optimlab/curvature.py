@@ -44,8 +44,8 @@ from optimlab import optim
 __all__ = [
     "DEFAULT_PROBE_SIZE", "DEFAULT_TRACKING_TOL", "Eigenpair", "GradientMoments", "SharpnessCallback", "SharpnessLog",
     "SharpnessTracker", "check_iteration", "check_tracking", "gradient_moments", "initial_preconditioner", "lanczos",
-    "measurement_due", "minibatches", "preconditioner", "probe_indices", "sharpness", "stability_threshold",
-    "top_eigenpair",
+    "measurement_due", "moments_from_sums", "preconditioner", "probe_indices", "probe_parts", "sharpness",
+    "stability_threshold", "top_eigenpair",
 ]
 
 # Probe images for tracking during training. A small probe's Hessian has a larger top eigenvalue
@@ -463,68 +463,91 @@ def preconditioner(optimizer: torch.optim.Optimizer, params: Iterable[Tensor] | 
     return out
 
 
-def minibatches(n: int, batch_size: int) -> list[slice]:
-    """The consecutive minibatches of ``batch_size`` among ``n`` examples (a last partial one is
-    dropped, unless there is no full one: then all ``n`` are one batch)."""
+def probe_parts(n: int, batch_size: int) -> int:
+    """Into how many parts of near-equal size :func:`gradient_moments` splits ``n`` probe examples:
+    one per ``batch_size`` (rounded up), and at least two (a variance needs two), at most ``n``."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"Invalid batch_size: {batch_size!r} (must be an integer >= 1)")
     if n < 1:
         raise ValueError(f"Invalid n: {n!r} (need at least one example)")
-    full = n // batch_size
-    return [slice(k * batch_size, (k + 1) * batch_size) for k in range(full)] or [slice(0, n)]
+    return min(n, max(2, -(-n // batch_size)))
 
 
 class GradientMoments(NamedTuple):
-    """Element-wise mean and mean square of minibatch gradients, shaped like the parameters, and
-    the number of minibatches they average."""
+    """Element-wise estimates, for the gradient :math:`g_B` of a minibatch of ``batch_size`` drawn
+    from a probe, of its mean square :math:`E[g_B^2]` and its variance :math:`\mathrm{Var}[g_B]`,
+    shaped like the parameters (see :func:`gradient_moments`)."""
 
-    mean: list[Tensor]
     square: list[Tensor]
-    batches: int
+    variance: list[Tensor]
+    batch_size: int
+
+
+def moments_from_sums(sums: Sequence[Tensor], squares: Sequence[Tensor], parts: int, examples: int,
+                      batch_size: int) -> GradientMoments:
+    r""":class:`GradientMoments` for minibatches of ``batch_size`` from the sums over ``parts``
+    near-equal parts of ``examples`` probe examples of each part's gradient (``sums``) and of its
+    square (``squares``). With part size :math:`b = n / K`, the parts' mean :math:`\bar g` and
+    unbiased variance :math:`s^2` (which estimates :math:`V / b`, :math:`V` the per-example
+    variance): :math:`\mathrm{Var}[g_B] = s^2 b / B` and :math:`E[g_B^2] = \max(\bar g^2 - s^2 / K, 0)
+    + s^2 b / B` (:math:`\bar g^2 - s^2/K` estimates the squared mean without bias). One part (one
+    example): no variance, NaN."""
+    size = examples / parts
+    square, variance = [], []
+    for total, total_sq in zip(sums, squares):
+        mean = total / parts
+        spread = ((total_sq / parts - mean * mean) * (parts / (parts - 1))).clamp_(min=0) if parts > 1 \
+            else torch.full_like(mean, math.nan)
+        noise = spread * (size / batch_size)
+        variance.append(noise)
+        square.append((mean * mean - spread / parts).clamp_(min=0).add_(noise) if parts > 1 else mean * mean)
+    return GradientMoments(square, variance, batch_size)
 
 
 def gradient_moments(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> GradientMoments:
-    r"""Mean :math:`E[g]` and mean square :math:`E[g^2]` (element-wise) of the minibatch gradients
-    :math:`g = \nabla_\theta` of the mean cross-entropy over each of :func:`minibatches` of
-    ``(x, y)``, shaped like the trainable parameters. In eval mode, as :func:`top_eigenpair` (no
-    draw from torch's generators, ``p.grad`` untouched). :math:`E[g^2]` is what an adaptive
-    optimizer's squared-gradient average estimates (it includes the minibatch noise, so it grows as
-    ``batch_size`` shrinks)."""
+    r"""What an adaptive optimizer's gradient averages estimate at ``model``'s current weights when
+    it trains on minibatches of ``batch_size`` drawn from ``(x, y)``: the element-wise mean square
+    :math:`E[g_B^2]` (it includes the minibatch noise, so it grows as ``batch_size`` shrinks) and
+    variance of the minibatch gradient :math:`g_B` of the mean cross-entropy, shaped like the
+    trainable parameters.
+
+    Every example counts: ``(x, y)`` is split into :func:`probe_parts` consecutive parts of
+    near-equal size, each part's gradient taken, and :func:`moments_from_sums` scales their spread
+    to ``batch_size`` (so a probe smaller than a minibatch works too). In eval mode, as
+    :func:`top_eigenpair` (no draw from torch's generators, ``p.grad`` untouched)."""
     params = trainable(model)
     if not params:
         raise ValueError("model has no trainable parameters")
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y must hold the same number of examples, got {x.shape[0]} and {y.shape[0]}")
-    batches = minibatches(x.shape[0], batch_size)
+    parts = probe_parts(x.shape[0], batch_size)
     if x.is_floating_point():
         x = x.to(params[0].dtype)
-    mean = [torch.zeros_like(p) for p in params]
-    square = [torch.zeros_like(p) for p in params]
+    sums = [torch.zeros_like(p) for p in params]
+    squares = [torch.zeros_like(p) for p in params]
     with evaluation(model):
-        for b in batches:
-            grads = torch.autograd.grad(F.cross_entropy(model(x[b]), y[b]), params, materialize_grads=True)
-            for m, s, g in zip(mean, square, grads):
-                m.add_(g)
-                s.addcmul_(g, g)
-    for t in (*mean, *square):
-        t.div_(len(batches))
-    return GradientMoments(mean, square, len(batches))
+        for xb, yb in zip(x.tensor_split(parts), y.tensor_split(parts)):
+            grads = torch.autograd.grad(F.cross_entropy(model(xb), yb), params, materialize_grads=True)
+            for total, total_sq, g in zip(sums, squares, grads):
+                total.add_(g)
+                total_sq.addcmul_(g, g)
+    return moments_from_sums(sums, squares, parts, x.shape[0], batch_size)
 
 
 def initial_preconditioner(optimizer: torch.optim.Optimizer, moments: GradientMoments,
                            params: Iterable[Tensor] | None = None) -> list[Tensor] | None:
     r"""The diagonal :math:`P` of :func:`preconditioner` that ``optimizer`` (its hyperparameters,
     not its state) reaches while its minibatch gradients keep the distribution they have at
-    initialisation, estimated by ``moments`` (see :func:`gradient_moments`); None for SGD. This gives the preconditioned sharpness at step 0, where the state holds no
-    :math:`P` yet, or only the first minibatch's, a noisy one (a coordinate that batch did not
-    touch gets :math:`P = \epsilon`).
+    initialisation, estimated by ``moments`` (see :func:`gradient_moments`); None for SGD. This
+    gives the preconditioned sharpness at step 0, where the state holds no :math:`P` yet, or only
+    the first minibatch's, a noisy one (a coordinate that minibatch did not touch gets
+    :math:`P = \epsilon` while the probe's Hessian curves along it).
 
-    * Adam (and amsgrad): :math:`\sqrt{E[g^2]} + \epsilon`, what the bias-corrected average
+    * Adam (and amsgrad): :math:`\sqrt{E[g_B^2]} + \epsilon`, what the bias-corrected average
       :math:`\hat v` estimates.
-    * RMSprop: :math:`\sqrt{E[g^2]} + \epsilon`, where its (not bias-corrected) average settles;
-      centered: :math:`\sqrt{\mathrm{Var}[g]} + \epsilon`, the variance estimated without bias
-      from the :math:`K` minibatches, :math:`\frac{K}{K-1}(E[g^2] - E[g]^2)` (NaN when :math:`K = 1`).
-    * Adagrad: :math:`\sqrt{a + E[g^2]} + \epsilon` with ``initial_accumulator_value`` :math:`a`,
+    * RMSprop: :math:`\sqrt{E[g_B^2]} + \epsilon`, where its (not bias-corrected) average settles;
+      centered: :math:`\sqrt{\mathrm{Var}[g_B]} + \epsilon`.
+    * Adagrad: :math:`\sqrt{a + E[g_B^2]} + \epsilon` with ``initial_accumulator_value`` :math:`a`,
       the expected accumulator of its first update (it only grows after).
 
     Weight decay is left out, as in :func:`stability_threshold`. The moments are in the order of
@@ -534,20 +557,20 @@ def initial_preconditioner(optimizer: torch.optim.Optimizer, moments: GradientMo
     if kind == "sgd":
         return None
     entries = _with_groups(optimizer, params)
-    mean, square, batches = list(moments.mean), list(moments.square), moments.batches
-    if len(mean) != len(entries) or len(square) != len(entries):
-        raise ValueError(f"mean and square must hold one tensor per parameter ({len(entries)}), "
-                         f"got {len(mean)} and {len(square)}")
+    square, variance = list(moments.square), list(moments.variance)
+    if len(square) != len(entries) or len(variance) != len(entries):
+        raise ValueError(f"the moments must hold one tensor per parameter ({len(entries)}), "
+                         f"got {len(square)} and {len(variance)}")
     out = []
-    for (i, p, group), m, s in zip(entries, mean, square):
-        if m.shape != p.shape or s.shape != p.shape:
-            raise ValueError(f"mean and square of parameter {i} must be shaped {tuple(p.shape)}")
+    for (i, p, group), sq, var in zip(entries, square, variance):
+        if sq.shape != p.shape or var.shape != p.shape:
+            raise ValueError(f"the moments of parameter {i} must be shaped {tuple(p.shape)}")
         if kind == "rmsprop" and group["centered"]:
-            v = torch.addcmul(s, m, m, value=-1).clamp_(min=0).mul_(batches / (batches - 1) if batches > 1 else math.nan)
+            v = var
         elif kind == "adagrad":
-            v = s + group["initial_accumulator_value"]
+            v = sq + group["initial_accumulator_value"]
         else:
-            v = s
+            v = sq
         out.append(v.sqrt().add_(group["eps"]))
     return out
 
@@ -732,7 +755,7 @@ class SharpnessCallback(L.Callback):
                  batch_size: int | None = None) -> None:
         check_tracking(every_n_steps, probe_size)
         if batch_size is not None:
-            minibatches(1, batch_size)  # the argument check
+            probe_parts(1, batch_size)  # the argument check
         if probe is not None and (len(probe) != 2 or len(probe[0]) != len(probe[1]) or len(probe[1]) == 0):
             raise ValueError("Invalid probe: must be a pair (x, y) of the same nonzero length")
         self.every_n_steps, self.probe_size, self.seed = every_n_steps, probe_size, seed

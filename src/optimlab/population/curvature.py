@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from optimlab.curvature import (DEFAULT_PROBE_SIZE, DEFAULT_TRACKING_TOL, GradientMoments, SharpnessLog, check_iteration, check_tracking,
-                                evaluation, initial_preconditioner, measurement_due, minibatches, preconditioner,
-                                probe_indices, stability_threshold, tridiagonal)
+from optimlab.curvature import (DEFAULT_PROBE_SIZE, DEFAULT_TRACKING_TOL, GradientMoments, SharpnessLog,
+                                check_iteration, check_tracking, evaluation, initial_preconditioner, measurement_due,
+                                moments_from_sums, preconditioner, probe_indices, probe_parts, stability_threshold,
+                                tridiagonal)
 from optimlab.optim import SGD, Optimizer
 from optimlab.population.data import PopulationData
 from optimlab.population.stacked import StackedModel
@@ -194,21 +195,18 @@ def member_gradient_moments(model: StackedModel, x: Tensor, y: Tensor, batch_siz
     ``x[m]``, ``y[m]``, as for :func:`member_eigenpairs`), stacked like the parameters: the summed
     loss's gradient holds each member's own in its slice."""
     params = [p for p in model.parameters() if p.requires_grad]
-    batches = minibatches(x.shape[1], batch_size)
-    mean = [torch.zeros_like(p) for p in params]
-    square = [torch.zeros_like(p) for p in params]
+    parts = probe_parts(x.shape[1], batch_size)
+    sums = [torch.zeros_like(p) for p in params]
+    squares = [torch.zeros_like(p) for p in params]
     with evaluation(model):
-        for b in batches:
-            xb, yb = x[:, b].to(params[0].dtype), y[:, b]
-            logits = model(xb)
+        for xb, yb in zip(x.tensor_split(parts, 1), y.tensor_split(parts, 1)):
+            logits = model(xb.to(params[0].dtype))
             losses = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(yb.shape).mean(1)
             grads = torch.autograd.grad(losses.sum(), params, materialize_grads=True)
-            for m, s, g in zip(mean, square, grads):
-                m.add_(g)
-                s.addcmul_(g, g)
-    for t in (*mean, *square):
-        t.div_(len(batches))
-    return GradientMoments(mean, square, len(batches))
+            for total, total_sq, g in zip(sums, squares, grads):
+                total.add_(g)
+                total_sq.addcmul_(g, g)
+    return moments_from_sums(sums, squares, parts, x.shape[1], batch_size)
 
 
 class MemberSharpness:
