@@ -474,7 +474,7 @@ def probe_parts(n: int, batch_size: int) -> int:
 
 
 class GradientMoments(NamedTuple):
-    """Element-wise estimates, for the gradient :math:`g_B` of a minibatch of ``batch_size`` drawn
+    r"""Element-wise estimates, for the gradient :math:`g_B` of a minibatch of ``batch_size`` drawn
     from a probe, of its mean square :math:`E[g_B^2]` and its variance :math:`\mathrm{Var}[g_B]`,
     shaped like the parameters (see :func:`gradient_moments`)."""
 
