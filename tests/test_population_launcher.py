@@ -318,6 +318,7 @@ def test_populations_run_as_submitit_jobs(mnist_root: Path, tmp_path: Path) -> N
     assert submitted.stdout.count("submitted as submitit job") == 2
     logs = sorted((tmp_path / "submitit" / ".submitit").glob("*/*_log.out"))
     assert len(logs) == 2 and all("epoch   2/2" in log.read_text() for log in logs)
+    assert not (tmp_path / "submitit" / ".submitit" / "%j").exists()  # submitit's local jobs make it; removed
     got, ref = summaries(tmp_path / "submitit"), summaries(tmp_path / "inline")
     assert len(ref) == 4 and got.keys() == ref.keys()
     for name, expected in ref.items():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,8 +26,23 @@ EXECUTORS = {"submitit_local": "local", "submitit_slurm": "slurm"}  # hydra.laun
 POLL_S = 1.0  # how often finished jobs are looked for
 
 
-def make_executor(executor: str, folder: str, parameters: Mapping[str, Any]) -> Any:
-    """A ``submitit.AutoExecutor`` for ``executor`` (a key of :data:`EXECUTORS`) writing its logs and
+@dataclass
+class Executor:
+    """A configured ``submitit.AutoExecutor`` and the folder its jobs write to (``%j``: the job id)."""
+
+    auto: Any
+    folder: str
+
+    def tidy(self) -> None:
+        """Remove the folder named like the template itself (``.submitit/%j``) when it is empty:
+        submitit's local jobs create it besides their own."""
+        template = Path(self.folder)
+        if "%" in str(template) and template.is_dir() and not any(template.iterdir()):
+            template.rmdir()
+
+
+def make_executor(executor: str, folder: str, parameters: Mapping[str, Any]) -> Executor:
+    """An :class:`Executor` for ``executor`` (a key of :data:`EXECUTORS`) writing its logs and
     pickles under ``folder`` (``%j``: the job id), with ``parameters``. A ValueError with one line
     naming the key, before anything is written, when submitit is missing, the cluster is not there
     (no ``srun`` for SLURM) or a parameter is unknown to submitit."""
@@ -51,24 +67,25 @@ def make_executor(executor: str, folder: str, parameters: Mapping[str, Any]) -> 
 
     with tempfile.TemporaryDirectory() as scratch:  # submitit creates its folder: check in a scratch one first
         configured(scratch)
-    return configured(folder)
+    return Executor(configured(folder), folder)
 
 
-def run_as_jobs(auto: Any, populations: Sequence[tuple[str, Members]],
+def run_as_jobs(executor: Executor, populations: Sequence[tuple[str, Members]],
                 train: Callable[[Members, str], Results], max_parallel: int | None,
                 on_failure: Callable[[Members, str, str], Results]) -> Iterator[tuple[Members, Results]]:
     """Submit ``train(members, name)`` for each population, at most ``max_parallel`` at once (None:
     all; a cluster's scheduler queues them), and yield ``(members, results)`` as each job ends. A
     job that fails (killed, timed out, its process crashed) yields ``on_failure(members, name,
     error)``. Interrupted here (Ctrl-C), the running jobs are cancelled (each writes its members'
-    summaries as interrupted) and waited for, then the interrupt goes on."""
+    summaries as interrupted) and waited for, then the interrupt goes on. Either way
+    :meth:`Executor.tidy` ends it."""
     pending = list(populations)
     running: list[tuple[Any, str, Members]] = []
     try:
         while pending or running:
             while pending and (max_parallel is None or len(running) < max_parallel):
                 name, members = pending.pop(0)
-                job = auto.submit(train, members, name)
+                job = executor.auto.submit(train, members, name)
                 print(f"{name}: submitted as submitit job {job.job_id} (log: {Path(job.paths.stdout)})", flush=True)
                 running.append((job, name, members))
             done = [entry for entry in running if entry[0].done()]
@@ -91,3 +108,5 @@ def run_as_jobs(auto: Any, populations: Sequence[tuple[str, Members]],
         for job, _, _ in running:
             job.wait()
         raise
+    finally:
+        executor.tidy()

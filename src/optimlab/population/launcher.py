@@ -51,7 +51,7 @@ from optimlab.data import DataError, ensure_files, epoch_batches, load_split, re
 from optimlab.hydra_job import save_job_record
 from optimlab.optim import Optimizer
 from optimlab.population.checkpoint import PopulationCheckpoint
-from optimlab.population.cluster import run_as_jobs
+from optimlab.population.cluster import Executor, run_as_jobs
 from optimlab.population.curvature import MemberSharpness
 from optimlab.population.data import PopulationData, split_indices
 from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimizer
@@ -520,7 +520,8 @@ def dry_return(job: Job) -> JobReturn:
 
 def launch(hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig,
            job_overrides: Sequence[Sequence[str]], initial_job_idx: int, *, max_members: int = 64,
-           dry_run: bool = False, executor: Any = None, max_parallel: int | None = None) -> list[JobReturn]:
+           dry_run: bool = False, executor: Executor | None = None,
+           max_parallel: int | None = None) -> list[JobReturn]:
     """Launch a batch of jobs (see the module docstring); one JobReturn per job, in job order.
     ``executor``: None trains the populations one by one in this process; a submitit executor
     (:func:`~optimlab.population.cluster.make_executor`) runs each as a submitit job, at most
