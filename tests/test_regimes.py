@@ -16,6 +16,9 @@ def history(train_loss: list[float], val_acc: list[float], val_loss: list[float]
             for i, (tl, va, vl) in enumerate(zip(train_loss, val_acc, val_loss))]
 
 
+# A run that learns little: 2.2 -> 1.98 nats, validation accuracy 0.20 -> 0.30.
+STUCK = history([2.2, 2.12, 2.06, 2.01, 1.98], [0.20, 0.25, 0.27, 0.28, 0.30])
+
 CURVES = {
     # the notebooks' shapes, epoch by epoch
     "healthy": history([0.37, 0.19, 0.14, 0.11, 0.095, 0.08, 0.068, 0.058, 0.05, 0.043],
@@ -94,16 +97,22 @@ def test_a_step_loss_blow_up_is_oscillating_if_recovered_and_diverging_if_not() 
     recovered[0]["train_loss_max"] = 25.0
     d = diagnose(recovered)
     assert d.regime == "oscillating" and "25" in d.evidence[0]
-    stuck = [dict(row, train_loss_max=40.0) for row in CURVES["slow"]]
-    assert diagnose(stuck).regime == "diverging"
+    # Blowing up in every epoch while learning (train loss 1.9 -> 0.52, below 0.75 x ln(10) = 1.73)
+    # but short of a fit: unstable, not diverging (as the issue's Adam at lr 0.1 with 81%).
+    unstable = [dict(row, train_loss_max=40.0) for row in CURVES["slow"]]
+    d = diagnose(unstable)
+    assert d.regime == "oscillating" and "recovered and learned" in d.evidence[1]
+    stuck = [dict(row, train_loss_max=40.0) for row in STUCK]  # never learned after it: train loss 1.98
+    d = diagnose(stuck)
+    assert d.regime == "diverging" and "not recovered: final train loss 1.98 > 0.75 x ln(10) = 1.73" in d.evidence[1]
     assert math.isnan(diagnose(CURVES["healthy"]).measures["max_step_loss"])  # not recorded: rule skipped
 
 
 def test_a_high_starting_loss_is_not_a_blow_up() -> None:
-    wide = [dict(row, train_loss_max=6.0) for row in CURVES["slow"]]
+    wide = [dict(row, train_loss_max=6.0) for row in STUCK]
     wide[0]["train_loss_initial"] = 5.5  # a wide net's first step: big logits, big loss
     assert diagnose(wide).regime == "slow"
-    wide[0]["train_loss_max"] = 30.0
+    wide[0]["train_loss_max"] = 30.0  # above 2 x 5.5
     assert diagnose(wide).regime == "diverging"
 
 

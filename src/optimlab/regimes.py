@@ -10,11 +10,13 @@ The rules are checked in this order; the first that fires names the regime:
    ``>= osc_min_loss_rise`` nats between any two of the last ``window`` + 1 epochs: a run stuck at
    ln(10) whose epoch means differ by thousandths is not climbing); or a training step's loss blew
    up (above that same bound) and the run has not recovered (final validation accuracy
-   ``< fit_acc``). A run at chance
-   whose loss still falls steadily is *slow*, not diverging.
-   **oscillating** (converged after a blow-up): a step's loss blew up, yet the final validation
-   accuracy is ``>= fit_acc``. Such spikes are the oscillation at the edge of stability; epoch
-   means hide them, so each epoch records its largest step loss (``train_loss_max``).
+   ``< fit_acc`` and final train loss above ``underfit_loss_ratio`` x ln(10): it has not learned
+   since). A run at chance whose loss still falls steadily is *slow*, not diverging.
+   **oscillating** (unstable, yet learning): a step's loss blew up, yet the final validation
+   accuracy is ``>= fit_acc`` (converged), or the run learned after it (final train loss
+   ``<= underfit_loss_ratio`` x ln(10)) without reaching ``fit_acc``: an Adam run at 83% after an
+   early blow-up is unstable, not diverging. Such spikes are the oscillation at the edge of
+   stability; epoch means hide them, so each epoch records its largest step loss (``train_loss_max``).
 2. **oscillating**, converging: validation accuracy jumps (it falls by ``>= osc_acc_drop`` between
    consecutive epochs at least ``osc_min_drops`` times, or by ``>= osc_big_drop`` once), climbs back
    (a rise ``>= osc_acc_drop`` after the first fall) and ends within ``overfit_acc_drop`` of its best.
@@ -279,9 +281,15 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
                        f"{blown_up}); {m['train_loss_above_best']:+.1%} vs its best epoch (limit "
                        f"{t.diverge_loss_rise:.0%}); {m['recent_train_loss_rises']:.0f} rise(s) over the last "
                        f"{t.window} epochs")
+    learned_bound = t.underfit_loss_ratio * math.log(10)
+    if spiked and m["final_val_acc"] < t.fit_acc and m["final_train_loss"] > learned_bound:
+        return verdict("diverging", spike, f"and the run has not recovered: final train loss "
+                       f"{m['final_train_loss']:.3g} > {t.underfit_loss_ratio} x ln(10) = {learned_bound:.2f}, "
+                       f"final val_acc {m['final_val_acc']:.3f} < fit_acc {t.fit_acc}")
     if spiked and m["final_val_acc"] < t.fit_acc:
-        return verdict("diverging", spike, f"and the run has not recovered: final val_acc "
-                       f"{m['final_val_acc']:.3f} < fit_acc {t.fit_acc}")
+        return verdict("oscillating", spike, f"then recovered and learned (final train loss "
+                       f"{m['final_train_loss']:.3g} <= {t.underfit_loss_ratio} x ln(10) = {learned_bound:.2f}) "
+                       f"but fell short of a fit: final val_acc {m['final_val_acc']:.3f} < fit_acc {t.fit_acc}")
     if spiked:
         return verdict("oscillating", spike, f"then recovered and converged: final val_acc "
                        f"{m['final_val_acc']:.3f} >= fit_acc {t.fit_acc}")
