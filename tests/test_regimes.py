@@ -128,6 +128,24 @@ def test_memorising_the_training_set_with_a_wide_gap_is_overfit() -> None:
     assert diagnose(h_ok).regime == "healthy"
 
 
+def test_no_overfit_without_a_second_look_at_the_training_images() -> None:
+    """At most one pass over the training images on average (the fine map's budget: ten random tenths
+    of an epoch) leaves nothing to memorise: the overfit patterns become a note, the other rules decide."""
+    memorised = history([0.74, 0.2, 0.08, 0.03, 0.01, 0.006, 0.004, 0.003],
+                        [0.882, 0.905, 0.915, 0.917, 0.919, 0.921, 0.922, 0.923],
+                        [0.41, 0.30, 0.275, 0.274, 0.270, 0.271, 0.272, 0.273])
+    for row in memorised:
+        row["train_acc"] = 1.0
+    drifting = history([0.9, 0.6, 0.45, 0.35, 0.28, 0.22, 0.18, 0.15], [0.86, 0.88, 0.89, 0.885, 0.88, 0.875, 0.87, 0.865],
+                       [0.45, 0.40, 0.38, 0.40, 0.43, 0.47, 0.50, 0.55])
+    for h in (memorised, drifting):
+        assert diagnose(h, passes=8.0).regime == "overfit" and diagnose(h).regime == "overfit"
+        d = diagnose(h, passes=0.998)
+        assert d.regime != "overfit" and d.measures["passes"] == 0.998
+        assert any("seen 1.00 times on average (overfit needs > 1): nothing to memorise" in e for e in d.evidence)
+    assert diagnose(drifting, thresholds=Thresholds(overfit_min_passes=0.5), passes=0.998).regime == "overfit"
+
+
 def test_a_near_zero_training_loss_wobbling_is_not_oscillation() -> None:
     # Our 20-epoch `cnn` run: the epoch-mean train loss goes 0.0064 -> 0.0089 (+39%, but 0.0025 nats)
     # while validation accuracy stays within 0.006 of 98.7%.

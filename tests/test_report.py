@@ -8,7 +8,10 @@ import shutil
 import statistics
 from pathlib import Path
 
+import pytest
+
 from optimlab.report import MapCell, main, map_cells, report
+from optimlab.summary import data_passes
 
 
 def fake_run(root: Path, name: str, optimizer: str, lr: float, width: int, seed: int, acc: float,
@@ -216,4 +219,14 @@ def test_report_md_lists_the_map_cells_whose_seeds_disagree(tmp_path: Path) -> N
     md = (tmp_path / "report.md").read_text()
     assert "4 cells of several runs; in 1 of them the runs (seeds) disagree" in md
     assert "| sgd | 64 | 1 | healthy | diverging 1, healthy 2 |" in md
+
+
+def test_data_passes_counts_how_often_the_training_images_were_seen() -> None:
+    config = {"data": {"batch_size": 32}}
+    # The fine map: 10 epochs of 184 batches of 32 over 59,000 images: one pass, just under.
+    assert data_passes(config, 1840, 10, 59_000) == pytest.approx(10 * 184 * 32 / 59_000)
+    # Whole epochs, the last batch partial (430 x 128 > 55,000): one pass each.
+    assert data_passes({"data": {"batch_size": 128}}, 4300, 10, 55_000) == 10.0
+    for steps, epochs, size, cfg in ((None, 1, 100, config), (10, 0, 100, config), (10, 1, None, config), (10, 1, 100, {})):
+        assert data_passes(cfg, steps, epochs, size) is None
 

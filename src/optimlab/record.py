@@ -26,7 +26,7 @@ from optimlab.curvature import SharpnessCallback
 from optimlab.divergence import DivergenceGuard, total_norm
 from optimlab.module import EVAL_STAGES
 from optimlab.regimes import Thresholds, diagnose
-from optimlab.summary import RunSummary, describe_run, validation_size, write_summary
+from optimlab.summary import RunSummary, data_passes, describe_run, validation_size, write_summary
 from optimlab.tensorboard_logger import TensorBoardRunLogger
 
 
@@ -199,7 +199,8 @@ class RunRecord(Checkpoint):
             self._global_step = trainer.global_step
         curvature = self.sharpness.run_record() if self.sharpness is not None else None
         diagnosis = diagnose(self.history, self.guard.diverged, self.thresholds, self.guard.step, curvature,
-                             validation_size(self.config))
+                             validation_size(self.config),
+                             data_passes(self.config, self._global_step, len(self.history), self.extra.get("train_size")))
         train_time = sum(row.get("train_time_s", 0.0) for row in self.history)
         # Throughput leaves out the first step: warm-up, and compilation with trainer.compile=true.
         steady_steps, steady_time = self._global_step - 1, train_time - (self.first_step_s or 0.0)

@@ -50,6 +50,12 @@ The rules are checked in this order; the first that fires names the regime:
    left its starting loss is still **slow**. The drop is absolute, not relative.
 5. otherwise **healthy**.
 
+No overfit rule applies to a run that has seen its training images at most ``overfit_min_passes``
+times on average (``passes``: one pass or less, as the fine regime map's budget): there is nothing to
+memorise, and a gap between the running training accuracy and the end-of-epoch validation accuracy
+comes from the measurement (an unstable net's weights at the epoch's end are not its average over
+the epoch); the pattern is then a note in the evidence and the run is judged by the other rules.
+
 Validation accuracy is measured on a finite set, so it moves by chance from epoch to epoch: on
 ``n`` images at accuracy ``p`` the difference of two measurements has a standard error of about
 ``sqrt(2 p (1 - p) / n)`` (0.022 at p = 0.45 on 1,000 images, 0.0028 at p = 0.98 on 5,000). When the
@@ -94,6 +100,7 @@ class Thresholds:
     slow_min_loss_drop: float = 0.01    # train loss still falling this much (nats) per epoch: slow
     window: int = 3                     # epochs over which recent loss changes are measured
     val_noise_z: float = 2.0            # val accuracy changes within this many standard errors are chance
+    overfit_min_passes: float = 1.0     # overfit needs the training images seen more than this many times on average
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -246,16 +253,23 @@ def _limit(m: dict[str, float], t: Thresholds, name: str) -> str:
 
 def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds: Thresholds | None = None,
              diverged_at_step: int | None = None, curvature: dict[str, Any] | None = None,
-             val_size: int | None = None) -> Diagnosis:
+             val_size: int | None = None, passes: float | None = None) -> Diagnosis:
     """Label a run from its per-epoch rows (``train_loss``, ``val_acc``, ``val_loss``, ...).
 
     ``diverged_at_step`` and ``curvature`` (the run's sharpness record: ``measurements``,
     ``sharpness_max``, ``first_crossing_step``, ``crossing_sharpness``, ``crossing_threshold``,
     ``threshold_formula``, ``preconditioned``) only add evidence to a diverging or oscillating label.
     ``val_size``: the number of validation images, which sets the chance level of accuracy changes
-    (None: unknown, the thresholds apply as they are)."""
+    (None: unknown, the thresholds apply as they are). ``passes``: how many times the run has seen
+    its training images on average (see :func:`optimlab.summary.data_passes`); at most
+    ``overfit_min_passes`` there is nothing to memorise and no overfit rule applies (None: unknown,
+    no limit)."""
     t = thresholds or Thresholds()
     m = measure(history, t, val_size)
+    m["passes"] = math.nan if passes is None else passes
+    can_memorise = passes is None or passes > t.overfit_min_passes
+    one_pass = (f"the overfit rule's pattern, but each training image was seen {m['passes']:.2f} times on average "
+                f"(overfit needs > {t.overfit_min_passes:g}): nothing to memorise, so the gap is the measurement's")
     edge = edge_of_stability(m, curvature, diverged_at_step)
     notes: list[str] = []  # a transient spike, cited by whichever rule then names the regime
 
@@ -314,11 +328,14 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
     peak_settled = m["epochs"] - m["best_val_epoch"] >= t.overfit_min_epochs_after_peak
     val_worse_loss = m["val_loss_rise_from_min"] >= t.overfit_loss_rise
     memorised = m["final_train_acc"] >= t.overfit_train_acc and m["generalization_gap"] >= t.overfit_gap
-    if train_smooth and memorised:
+    drifting = still_fitting and ((val_worse_acc and peak_settled) or val_worse_loss)
+    if train_smooth and (memorised or drifting) and not can_memorise:
+        notes.append(one_pass)
+    elif train_smooth and memorised:
         return verdict("overfit", f"training set memorised: train_acc {m['final_train_acc']:.4f} "
                        f">= {t.overfit_train_acc}", f"val_acc {m['final_val_acc']:.4f} trails it by "
                        f"{m['generalization_gap']:.3f} (limit {t.overfit_gap})")
-    if train_smooth and still_fitting and ((val_worse_acc and peak_settled) or val_worse_loss):
+    elif train_smooth and drifting:
         return verdict("overfit",
                        f"val_acc {m['val_acc_drop_from_peak']:.3f} below its peak at epoch {m['best_val_epoch']:.0f} "
                        f"(limit {_limit(m, t, 'overfit_acc_drop')}); "
@@ -335,9 +352,12 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
         # better and better: the training loss still falls and the gap between train and val accuracy
         # grew by more than chance. (A narrow net's val accuracy also sits still within its chance
         # level while both curves creep on together: that is no overfitting.)
-        if (peak_settled and m["val_loss_rise_from_min"] > 0
-                and m["train_loss_change_since_val_peak"] <= -t.overfit_stall_loss_drop
-                and m["gap_growth_since_val_peak"] > m["val_acc_noise"]):
+        stalled = (peak_settled and m["val_loss_rise_from_min"] > 0
+                   and m["train_loss_change_since_val_peak"] <= -t.overfit_stall_loss_drop
+                   and m["gap_growth_since_val_peak"] > m["val_acc_noise"])
+        if stalled and not can_memorise:
+            notes.append(one_pass)
+        elif stalled:
             return verdict("overfit", low, f"val_acc has not improved since epoch {m['best_val_epoch']:.0f} "
                            f"({m['best_val_acc']:.4f}; limit {t.overfit_min_epochs_after_peak} epochs) nor val_loss "
                            f"since epoch {m['best_val_loss_epoch']:.0f} ({m['val_loss_rise_from_min']:+.1%}) while the "

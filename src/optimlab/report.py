@@ -23,7 +23,7 @@ from typing import Any
 
 from optimlab.curvature import SHARPNESS_TAG, THRESHOLD_TAG
 from optimlab.regimes import LABELS, Thresholds, diagnose
-from optimlab.summary import FINISHED, SUMMARY, config_key, read_summary, validation_size
+from optimlab.summary import FINISHED, SUMMARY, config_key, data_passes, read_summary, validation_size
 
 REGIME_COLORS = {"healthy": "#2ca02c", "slow": "#1f77b4", "oscillating": "#ff7f0e", "diverging": "#d62728",
                  "underfit": "#9467bd", "overfit": "#8c564b", "crashed": "#7f7f7f", "interrupted": "#bbbbbb",
@@ -63,7 +63,8 @@ def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, An
     regime = s.regime
     if rediagnose:
         regime = diagnose(history, s.diverged, Thresholds.from_overrides(s.config.get("regimes")),
-                          s.diverged_at_step, s.curvature, validation_size(s.config)).regime
+                          s.diverged_at_step, s.curvature, validation_size(s.config),
+                          data_passes(s.config, s.steps, len(history), s.train_size)).regime
     return {
         "run": rel, "name": run.name, "model": run.model, "optimizer": run.optimizer, "lr": run.lr,
         "widths": run.widths, "seed": run.seed, "params": s.params,

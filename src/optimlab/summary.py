@@ -61,6 +61,17 @@ def validation_size(config: Mapping[str, Any]) -> int | None:
     return size if isinstance(size, int) else None
 
 
+def data_passes(config: Mapping[str, Any], steps: int | None, epochs: int, train_size: int | None) -> float | None:
+    """How many times, on average, a run has seen its training images: per epoch its steps times the
+    batch size (``data.batch_size``), at most all ``train_size`` images, over its ``epochs`` finished
+    epochs; None where the record does not say. Below one pass (``trainer.limit_train_batches``) the
+    diagnosis knows there was nothing to memorise."""
+    batch = (config.get("data") or {}).get("batch_size")
+    if not (isinstance(batch, int) and steps and epochs and train_size):
+        return None
+    return epochs * min(train_size, math.ceil(steps / epochs) * batch) / train_size
+
+
 def config_key(config: Mapping[str, Any], without: Iterable[str]) -> str:
     """``config`` without the dotted keys ``without``, as a string: two configs that differ only
     in those keys have the same key (seed aggregation, grouping jobs into populations)."""

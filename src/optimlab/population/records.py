@@ -18,7 +18,7 @@ from optimlab.curvature import SHARPNESS_TAG, TENSORBOARD_LAYOUT, THRESHOLD_TAG
 from optimlab.population.loop import MemberRecord
 from optimlab.record import log_result, log_train_step, versions
 from optimlab.regimes import Thresholds, diagnose
-from optimlab.summary import FINISHED, RunSummary, describe_run, validation_size, write_summary
+from optimlab.summary import FINISHED, RunSummary, data_passes, describe_run, validation_size, write_summary
 from optimlab.tensorboard_logger import TensorBoardRunLogger
 
 
@@ -59,9 +59,9 @@ def member_summary(status: str, config: dict[str, Any], record: MemberRecord, po
     (``test_loss``, ``test_acc``, ``tested_checkpoint``, ``error``), as
     :meth:`~optimlab.record.RunRecord.summary` builds a single run's."""
     thresholds = Thresholds.from_overrides(config.get("regimes") or {})
-    diagnosis = diagnose(record.history, record.diverged, thresholds, record.diverged_at_step, record.curvature,
-                         validation_size(config))
     steps = member_steps(record, population.steps_per_epoch)
+    diagnosis = diagnose(record.history, record.diverged, thresholds, record.diverged_at_step, record.curvature,
+                         validation_size(config), data_passes(config, steps, len(record.history), population.train_size))
     train_time = sum(row.get("train_time_s", 0.0) for row in record.history)
     steady_steps, steady_time = steps - 1, train_time - (population.first_step_s or 0.0)
     val_accs = [r["val_acc"] for r in record.history if math.isfinite(r.get("val_acc", math.nan))]
