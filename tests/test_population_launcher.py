@@ -304,6 +304,23 @@ def test_a_tracked_population_records_the_sharpness_its_runs_record(mnist_root: 
     assert (tmp_path / "population" / "sharpness.png").is_file()
 
 
+def test_executor_tidy_removes_only_an_empty_template_folder(tmp_path: Path) -> None:
+    from optimlab.population.cluster import Executor
+
+    template = tmp_path / ".submitit" / "%j"
+    template.mkdir(parents=True)
+    Executor(None, str(template)).tidy()
+    assert not template.exists() and template.parent.is_dir()
+    template.mkdir()
+    (template / "log").write_text("kept")
+    Executor(None, str(template)).tidy()
+    assert (template / "log").is_file()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    Executor(None, str(plain)).tidy()
+    assert plain.is_dir()
+
+
 @pytest.mark.slow
 def test_populations_run_as_submitit_jobs(mnist_root: Path, tmp_path: Path) -> None:
     """``hydra.launcher.executor=submitit_local``: each population (here two: widths 8 and 16) is

@@ -154,13 +154,13 @@ def test_report_counts_crossings_false_alarms_and_leads(tmp_path: Path) -> None:
     """Crossed and diverged at step 7 (lead 5), crossed and oscillating, crossed and healthy (a false
     alarm), diverging without a crossing (a miss), never crossed and healthy."""
     for name, regime, crossing, stopped in (("a", "diverging", 2, 7), ("b", "oscillating", 3, None),
-                                            ("c", "healthy", 1, None), ("d", "diverging", None, None),
+                                            ("c", "healthy", 0, None), ("d", "diverging", None, None),
                                             ("e", "healthy", None, None)):
         fake_run(tmp_path, name, "SGD", 0.1, 8, 0, 0.9, regime)
         path = tmp_path / name / "summary.json"
         summary = json.loads(path.read_text())
         summary["curvature"] = {"measurements": 4, "initial_step": 0, "first_crossing_step": crossing,
-                                "initial_sharpness": 30.0 if crossing == 1 else 3.0, "initial_threshold": 20.0}
+                                "initial_sharpness": 30.0 if crossing == 0 else 3.0, "initial_threshold": 20.0}
         summary["diverged_at_step"] = stopped
         path.write_text(json.dumps(summary))
     fake_run(tmp_path, "f", "Adam", 0.1, 8, 0, 0.9, "diverging")  # started above 38/lr at step 0, and diverged
@@ -169,13 +169,19 @@ def test_report_counts_crossings_false_alarms_and_leads(tmp_path: Path) -> None:
     summary["curvature"] = {"measurements": 2, "initial_step": 0, "initial_sharpness": 500.0,
                             "initial_threshold": 380.0, "first_crossing_step": 0}
     path.write_text(json.dumps(summary))
+    fake_run(tmp_path, "g", "Adam", 0.1, 8, 1, 0.9, "diverging")  # no usable step-0 value: on neither side
+    path = tmp_path / "g" / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["curvature"] = {"measurements": 2, "initial_step": 0, "initial_sharpness": None,
+                            "initial_threshold": 380.0, "first_crossing_step": None}
+    path.write_text(json.dumps(summary))
     report(tmp_path)
     text = (tmp_path / "report.md").read_text()
-    assert ("4 of 6 tracked runs crossed it: 2 were then labelled diverging, 1 oscillating and 1 something else "
-            "(false alarms, counting oscillating as none: 2). 1 diverging run(s) never crossed it.") in text
+    assert ("4 of 7 tracked runs crossed it: 2 were then labelled diverging, 1 oscillating and 1 something else "
+            "(false alarms, counting oscillating as none: 2). 2 diverging run(s) never crossed it.") in text
     assert "1 crossing run(s) stopped on a non-finite value, the crossing 5 steps before it (median; 5 to 5)." in text
     # SGD: c started above (a false alarm); d diverged from below. Adam: f started above and diverged.
-    assert "| adam | 1 | 1 | 1 | 0 | 0 | 0 | 1 | 1 | 0 |" in text
+    assert "| adam | 2 | 1 | 1 | 0 | 0 | 1 | 1 | 1 | 0 |" in text
     assert "| sgd | 5 | 3 | 1 | 1 | 1 | 1 | 1 | 0 | 2 |" in text
 
 
@@ -222,11 +228,14 @@ def test_report_md_lists_the_map_cells_whose_seeds_disagree(tmp_path: Path) -> N
 
 
 def test_data_passes_counts_how_often_the_training_images_were_seen() -> None:
-    config = {"data": {"batch_size": 32}}
+    fine_map = {"data": {"batch_size": 32}, "trainer": {"limit_train_batches": 0.1}}
     # The fine map: 10 epochs of 184 batches of 32 over 59,000 images: one pass, just under.
-    assert data_passes(config, 1840, 10, 59_000) == pytest.approx(10 * 184 * 32 / 59_000)
+    assert data_passes(fine_map, 10, 59_000) == pytest.approx(10 * 184 * 32 / 59_000)
+    assert data_passes(fine_map, 9, 59_000) == pytest.approx(9 * 184 * 32 / 59_000)  # killed in epoch 10
     # Whole epochs, the last batch partial (430 x 128 > 55,000): one pass each.
-    assert data_passes({"data": {"batch_size": 128}}, 4300, 10, 55_000) == 10.0
-    for steps, epochs, size, cfg in ((None, 1, 100, config), (10, 0, 100, config), (10, 1, None, config), (10, 1, 100, {})):
-        assert data_passes(cfg, steps, epochs, size) is None
-
+    assert data_passes({"data": {"batch_size": 128}, "trainer": {"limit_train_batches": None}}, 10, 55_000) == 10.0
+    assert data_passes({"data": {"batch_size": 128}, "trainer": {"limit_train_batches": 20}}, 3, 55_000) == (
+        pytest.approx(3 * 20 * 128 / 55_000))
+    for epochs, size, cfg in ((0, 100, fine_map), (1, None, fine_map), (1, 100, {}),
+                              (1, 100, {"data": {"batch_size": 32}, "trainer": {"limit_train_batches": 0.001}})):
+        assert data_passes(cfg, epochs, size) is None

@@ -200,7 +200,7 @@ class RunRecord(Checkpoint):
         curvature = self.sharpness.run_record() if self.sharpness is not None else None
         diagnosis = diagnose(self.history, self.guard.diverged, self.thresholds, self.guard.step, curvature,
                              validation_size(self.config),
-                             data_passes(self.config, self._global_step, len(self.history), self.extra.get("train_size")))
+                             data_passes(self.config, len(self.history), self.extra.get("train_size")))
         train_time = sum(row.get("train_time_s", 0.0) for row in self.history)
         # Throughput leaves out the first step: warm-up, and compilation with trainer.compile=true.
         steady_steps, steady_time = self._global_step - 1, train_time - (self.first_step_s or 0.0)

@@ -296,7 +296,7 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
                        f"{t.diverge_loss_rise:.0%}); {m['recent_train_loss_rises']:.0f} rise(s) over the last "
                        f"{t.window} epochs")
     learned_bound = t.underfit_loss_ratio * math.log(10)
-    if spiked and m["final_val_acc"] < t.fit_acc and m["final_train_loss"] > learned_bound:
+    if spiked and m["final_val_acc"] < t.fit_acc and not m["final_train_loss"] <= learned_bound:  # NaN: not learned
         return verdict("diverging", spike, f"and the run has not recovered: final train loss "
                        f"{m['final_train_loss']:.3g} > {t.underfit_loss_ratio} x ln(10) = {learned_bound:.2f}, "
                        f"final val_acc {m['final_val_acc']:.3f} < fit_acc {t.fit_acc}")
@@ -356,7 +356,7 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
                    and m["train_loss_change_since_val_peak"] <= -t.overfit_stall_loss_drop
                    and m["gap_growth_since_val_peak"] > m["val_acc_noise"])
         if stalled and not can_memorise:
-            notes.append(one_pass)
+            notes.extend([] if one_pass in notes else [one_pass])
         elif stalled:
             return verdict("overfit", low, f"val_acc has not improved since epoch {m['best_val_epoch']:.0f} "
                            f"({m['best_val_acc']:.4f}; limit {t.overfit_min_epochs_after_peak} epochs) nor val_loss "

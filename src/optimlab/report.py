@@ -64,7 +64,7 @@ def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, An
     if rediagnose:
         regime = diagnose(history, s.diverged, Thresholds.from_overrides(s.config.get("regimes")),
                           s.diverged_at_step, s.curvature, validation_size(s.config),
-                          data_passes(s.config, s.steps, len(history), s.train_size)).regime
+                          data_passes(s.config, len(history), s.train_size)).regime
     return {
         "run": rel, "name": run.name, "model": run.model, "optimizer": run.optimizer, "lr": run.lr,
         "widths": run.widths, "seed": run.seed, "params": s.params,
@@ -223,10 +223,12 @@ def _crossing_counts(runs: list[dict[str, Any]]) -> dict[str, int]:
     when its first measurement, at step 0 (``curvature.log_spaced_start``), is above the threshold."""
     crossed = [r for r in runs if r["curvature"].get("first_crossing_step") is not None]
     outcome = Counter(r["regime"] for r in crossed)
-    at_start = [r for r in runs if r["curvature"].get("initial_step") == 0]
-    above = [r for r in at_start if r["curvature"]["initial_sharpness"] is not None
-             and r["curvature"]["initial_sharpness"] > r["curvature"]["initial_threshold"]]
-    below = [r for r in at_start if r not in above]
+    # A step-0 value that is missing or NaN (an unusable preconditioner) counts on neither side.
+    at_start = [r for r in runs if r["curvature"].get("initial_step") == 0
+                and isinstance(r["curvature"].get("initial_sharpness"), (int, float))
+                and not math.isnan(r["curvature"]["initial_sharpness"])]
+    above = [r for r in at_start if r["curvature"]["initial_sharpness"] > r["curvature"]["initial_threshold"]]
+    below = [r for r in at_start if r["curvature"]["initial_sharpness"] <= r["curvature"]["initial_threshold"]]
     return {"tracked": len(runs), "crossed": len(crossed), "then diverging": outcome["diverging"],
             "then oscillating": outcome["oscillating"],
             "false alarms": len(crossed) - outcome["diverging"] - outcome["oscillating"],

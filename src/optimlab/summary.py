@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from optimlab.data import DataError, epoch_batches
 from optimlab.files import atomic_write
 
 SUMMARY = "summary.json"
@@ -61,15 +62,19 @@ def validation_size(config: Mapping[str, Any]) -> int | None:
     return size if isinstance(size, int) else None
 
 
-def data_passes(config: Mapping[str, Any], steps: int | None, epochs: int, train_size: int | None) -> float | None:
-    """How many times, on average, a run has seen its training images: per epoch its steps times the
-    batch size (``data.batch_size``), at most all ``train_size`` images, over its ``epochs`` finished
-    epochs; None where the record does not say. Below one pass (``trainer.limit_train_batches``) the
-    diagnosis knows there was nothing to memorise."""
+def data_passes(config: Mapping[str, Any], epochs: int, train_size: int | None) -> float | None:
+    """How many times, on average, a run has seen its training images in its ``epochs`` finished
+    epochs: each epoch's batches (:func:`~optimlab.data.epoch_batches` of ``data.batch_size`` under
+    ``trainer.limit_train_batches``) times the batch size, at most all ``train_size`` images; None
+    where the record does not say. At most one pass the diagnosis knows there was nothing to memorise."""
     batch = (config.get("data") or {}).get("batch_size")
-    if not (isinstance(batch, int) and steps and epochs and train_size):
+    if not (isinstance(batch, int) and batch > 0 and epochs and train_size):
         return None
-    return epochs * min(train_size, math.ceil(steps / epochs) * batch) / train_size
+    try:
+        batches = epoch_batches(train_size, batch, (config.get("trainer") or {}).get("limit_train_batches"))
+    except DataError:
+        return None
+    return epochs * min(train_size, batches * batch) / train_size
 
 
 def config_key(config: Mapping[str, Any], without: Iterable[str]) -> str:

@@ -276,7 +276,7 @@ class MemberSharpness:
                 nan_members: Sequence[int] = ()) -> None:
         """Measure every member and record the measurement of ``members`` (and NaN for ``nan_members``)."""
         assert self.probe is not None and self.vectors is not None, "setup() first"
-        params = list(model.parameters())
+        params = [p for p in model.parameters() if p.requires_grad]
         if step == 0 and self.preconditioned:
             precond = initial_preconditioner(optimizer, member_gradient_moments(model, *self.probe, self.batch_size),
                                              params)

@@ -61,7 +61,7 @@ def member_summary(status: str, config: dict[str, Any], record: MemberRecord, po
     thresholds = Thresholds.from_overrides(config.get("regimes") or {})
     steps = member_steps(record, population.steps_per_epoch)
     diagnosis = diagnose(record.history, record.diverged, thresholds, record.diverged_at_step, record.curvature,
-                         validation_size(config), data_passes(config, steps, len(record.history), population.train_size))
+                         validation_size(config), data_passes(config, len(record.history), population.train_size))
     train_time = sum(row.get("train_time_s", 0.0) for row in record.history)
     steady_steps, steady_time = steps - 1, train_time - (population.first_step_s or 0.0)
     val_accs = [r["val_acc"] for r in record.history if math.isfinite(r.get("val_acc", math.nan))]
