@@ -107,7 +107,8 @@ def test_stability_compares_the_predicted_and_observed_largest_stable_lr(tmp_pat
         for lr in lrs:
             for seed in (0, 1):
                 name = f"w{width}_lr{lr}_s{seed}"
-                fake_run(tmp_path, name, "SGD", lr, width, seed, 0.9, "diverging" if lr >= diverging_from else "healthy")
+                regime = "diverging" if lr >= diverging_from else "oscillating" if lr == 0.1 and width == 8 else "healthy"
+                fake_run(tmp_path, name, "SGD", lr, width, seed, 0.9, regime)
                 path = tmp_path / name / "summary.json"
                 summary = json.loads(path.read_text())
                 summary["curvature"] = {"measurements": 3, "initial_step": 0, "initial_sharpness": sharpness0 + seed,
@@ -120,8 +121,12 @@ def test_stability_compares_the_predicted_and_observed_largest_stable_lr(tmp_pat
     assert [(t["widths"], t["within_one_cell"]) for t in table] == [("8", "True"), ("32", "False")]
     assert float(table[0]["sharpness0"]) == 20.5 and abs(float(table[0]["predicted_max_lr"]) - 2 / 20.5) < 1e-12
     assert float(table[1]["observed_max_lr_without_divergence"]) == 0.1
+    # Width 8 oscillates from lr 0.1: the largest lr before instability is 0.01, within one cell of 2/20.5.
+    assert [float(t["observed_max_lr_before_instability"]) for t in table] == [0.01, 0.1]
+    assert [t["instability_within_one_cell"] for t in table] == ["True", "False"]
     text = (tmp_path / "report.md").read_text()
-    assert "within one grid cell of the largest lr observed not to diverge in 1 of 2 columns" in text
+    assert ("within one grid cell of the largest lr observed not to diverge in 1 of 2 columns, and of the largest lr "
+            "below the first oscillating or diverging one in 1 of 2.") in text
     assert "0 of 16 tracked runs crossed it" in text and "4 diverging run(s) never crossed it" in text
     for run in tmp_path.glob("w*"):  # one lr left: no stability table, no map; the old ones go
         if "_lr0.001_" not in run.name:

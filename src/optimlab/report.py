@@ -129,7 +129,8 @@ def table_lines(rows: list[dict[str, Any]], out: Path) -> list[str]:
 OUTPUTS = ("report.md", "report.csv", "curves.png", "lr_sensitivity.png", "sharpness.png", "stability.csv",
            "regime_map.png")  # everything report() may write
 STABILITY_COLUMNS = ["optimizer", "widths", "sharpness0", "predicted_max_lr", "observed_max_lr_without_divergence",
-                     "within_one_cell"]
+                     "within_one_cell", "observed_max_lr_before_instability", "instability_within_one_cell"]
+UNSTABLE = ("oscillating", "diverging")
 
 
 def _grid_position(lr: float, lrs: list[float]) -> float:
@@ -178,7 +179,9 @@ def stability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     the P their state settles to from the gradients at initialisation), the largest stable lr it predicts (the lr at
     which the threshold ``c/lr`` equals it: ``c / sharpness0``), the largest lr whose runs (the label
     most got, as on the map: :func:`map_cells`) did not diverge, and whether the two lie within one
-    grid cell of each other."""
+    grid cell of each other; and the same against the largest lr below the first oscillating or
+    diverging cell (a threshold crossed marks where instability starts; a run can oscillate and
+    still not diverge)."""
     lrs = sorted({r["lr"] for r in rows if r.get("lr")})
     columns: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -192,10 +195,16 @@ def stability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         cells = map_cells(runs)
         stable = [lr for lr in lrs if (cell := cells.get((optimizer, widths, lr))) and cell.regime != "diverging"]
         observed = max(stable) if stable else None
-        within = (observed is not None and math.isfinite(predicted)
-                  and abs(_grid_position(predicted, lrs) - lrs.index(observed)) <= 1)
+        column = [lr for lr in lrs if (optimizer, widths, lr) in cells]
+        first_unstable = next((lr for lr in column if cells[(optimizer, widths, lr)].regime in UNSTABLE), math.inf)
+        calm = max((lr for lr in column if lr < first_unstable), default=None)
+
+        def near(lr: float | None) -> bool:
+            return lr is not None and math.isfinite(predicted) and abs(_grid_position(predicted, lrs) - lrs.index(lr)) <= 1
+
         table.append({"optimizer": optimizer, "widths": widths, "sharpness0": sharpness0, "predicted_max_lr": predicted,
-                      "observed_max_lr_without_divergence": observed, "within_one_cell": within})
+                      "observed_max_lr_without_divergence": observed, "within_one_cell": near(observed),
+                      "observed_max_lr_before_instability": calm, "instability_within_one_cell": near(calm)})
     return table
 
 
@@ -206,9 +215,11 @@ def write_stability(table: list[dict[str, Any]], out: Path) -> list[str]:
         writer.writeheader()
         writer.writerows(table)
     hits = sum(t["within_one_cell"] for t in table)
+    calm_hits = sum(t["instability_within_one_cell"] for t in table)
     lines = ["", "## Stability: predicted vs observed largest lr", "",
              f"The sharpness at the start predicts the largest stable lr within one grid cell of the largest lr "
-             f"observed not to diverge in {hits} of {len(table)} columns.", "",
+             f"observed not to diverge in {hits} of {len(table)} columns, and of the largest lr below the first "
+             f"oscillating or diverging one in {calm_hits} of {len(table)}.", "",
              "| " + " | ".join(STABILITY_COLUMNS) + " |", "|" + "---|" * len(STABILITY_COLUMNS)]
     lines += ["| " + " | ".join(_fmt(t[c]) for c in STABILITY_COLUMNS) + " |" for t in table]
     return lines
