@@ -304,9 +304,22 @@ def test_a_checkpoint_never_holds_non_finite_weights(tmp_path: Path) -> None:
     assert torch.equal(torch.load(tmp_path / "a.ckpt")["state_dict"]["w"], torch.ones(2))  # the previous one kept
 
 
+def importing_torch(pid: int) -> bool:
+    """Whether process ``pid`` has mapped torch's libraries (Linux: /proc/<pid>/maps), i.e. got past
+    train.py's first lines, which install its SIGINT handler before any heavy import."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
 def test_sigint_during_start_up_exits_130_without_a_traceback(tmp_path: Path) -> None:
     proc = start(*TINY, f"hydra.run.dir={tmp_path / 'run'}")
-    time.sleep(0.5)  # still importing torch
+    # Not a fixed sleep: on a loaded machine Python may not yet have reached the handler, and its own
+    # KeyboardInterrupt would answer. Loading torch's libraries comes after it and seconds before training.
+    deadline = time.monotonic() + 60
+    while not importing_torch(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err
