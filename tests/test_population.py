@@ -360,6 +360,20 @@ def test_each_member_follows_its_own_run(tiny_mnist: Path, optimizer: type, opti
             torch.testing.assert_close(loop.model.member_state_dict(m)[key], value, **F64)
 
 
+def test_no_weight_decay_is_the_number_zero_and_steps_as_the_members_runs(tiny_mnist: Path) -> None:
+    """Without weight decay the member-wise group holds the number 0 (no per-member tensor whose zeros
+    would cost a pass over every parameter each step), and each member still follows its own run."""
+    loop, _ = population(tiny_mnist, [0.05, 0.02], [0, 1], SGD, torch.float64, weight_decay=[0.0, 0.0])
+    assert loop.optimizer.param_groups[0]["weight_decay"] == 0.0
+    assert isinstance(loop.optimizer.param_groups[0]["weight_decay"], float)
+    decayed, _ = population(tiny_mnist, [0.05, 0.02], [0, 1], SGD, torch.float64, weight_decay=[0.0, 1e-3])
+    assert decayed.optimizer.param_groups[0]["weight_decay"].tolist() == [0.0, 1e-3]
+    records, reference = loop.fit(2), decayed.fit(2)
+    # Member 0 has no decay in both populations: the same trajectory, to the last bit.
+    assert records[0].history[-1]["train_loss"] == reference[0].history[-1]["train_loss"]
+    torch.testing.assert_close(loop.model.member_state_dict(0), decayed.model.member_state_dict(0), rtol=0, atol=0)
+
+
 def test_a_loop_restored_from_its_state_continues_bitwise(tiny_mnist: Path) -> None:
     """Adam (state), one member diverging in epoch 1: 3 epochs straight, or 1 epoch, the state
     through torch.save/load into a fresh loop, then the rest: equal records and weights, bitwise."""

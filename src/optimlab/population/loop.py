@@ -63,7 +63,10 @@ def member_optimizer(cls: type[Optimizer], model: StackedModel, lr: Tensor | Seq
                      weight_decay: Tensor | Sequence[float] | float = 0.0, **options: Any) -> Optimizer:
     """``cls`` (one of optimlab.optim's) over ``model``'s parameters as one member-wise group:
     member m with ``lr[m]`` and ``weight_decay[m]`` (float64 tensors on the model's device, where
-    the optimizer uses them without a copy) and the shared ``options``."""
+    the optimizer uses them without a copy) and the shared ``options``. A weight decay that is 0 for
+    every member is the number 0, as in the members' own runs: a per-member tensor counts as nonzero
+    unread (reading it would synchronise a GPU), and its zeros would cost a pass over every
+    parameter each step (4 ms of a 12.5 ms SGD step at width 2048 with 6 members, measured)."""
     device = next(model.parameters()).device
 
     def per_member(value: Tensor | Sequence[float] | float) -> Tensor:
@@ -71,8 +74,10 @@ def member_optimizer(cls: type[Optimizer], model: StackedModel, lr: Tensor | Seq
             value = [value] * model.members
         return torch.as_tensor(value, dtype=torch.float64).to(device)
 
+    no_decay = not isinstance(weight_decay, Tensor) and all(
+        w == 0 for w in (weight_decay if isinstance(weight_decay, Sequence) else [weight_decay]))
     group = {"params": list(model.parameters()), "members": model.members, "lr": per_member(lr),
-             "weight_decay": per_member(weight_decay)}
+             "weight_decay": 0.0 if no_decay else per_member(weight_decay)}
     return cls([group], **options)
 
 
