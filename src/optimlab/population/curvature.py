@@ -26,7 +26,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from optimlab.curvature import (DEFAULT_PROBE_SIZE, DEFAULT_TRACKING_TOL, GradientMoments, SharpnessLog,
@@ -35,7 +34,7 @@ from optimlab.curvature import (DEFAULT_PROBE_SIZE, DEFAULT_TRACKING_TOL, Gradie
                                 tridiagonal)
 from optimlab.optim import SGD, Optimizer
 from optimlab.population.data import PopulationData
-from optimlab.population.stacked import StackedModel
+from optimlab.population.stacked import StackedModel, member_losses
 
 
 class MemberEigenpairs(NamedTuple):
@@ -172,7 +171,7 @@ def member_eigenpairs(model: StackedModel, x: Tensor, y: Tensor, preconditioner:
 
     with evaluation(model):
         logits = model(x.to(dtype))
-        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+        losses = member_losses(logits, y)
         grads = torch.autograd.grad(losses.sum(), params, create_graph=True, materialize_grads=True)
         live = [i for i, g in enumerate(grads) if g.requires_grad]
 
@@ -201,8 +200,7 @@ def member_gradient_moments(model: StackedModel, x: Tensor, y: Tensor, batch_siz
     with evaluation(model):
         for xb, yb in zip(x.tensor_split(parts, 1), y.tensor_split(parts, 1)):
             logits = model(xb.to(params[0].dtype))
-            losses = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(yb.shape).mean(1)
-            grads = torch.autograd.grad(losses.sum(), params, materialize_grads=True)
+            grads = torch.autograd.grad(member_losses(logits, yb).sum(), params, materialize_grads=True)
             for total, total_sq, g in zip(sums, squares, grads):
                 total.add_(g)
                 total_sq.addcmul_(g, g)

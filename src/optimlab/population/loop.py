@@ -29,14 +29,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from optimlab.divergence import LOSS_OR_GRADIENT, WEIGHTS, finite_rows, norm_rows
 from optimlab.optim import Optimizer
 from optimlab.population.curvature import MemberSharpness
 from optimlab.population.data import PopulationData
-from optimlab.population.stacked import StackedModel
+from optimlab.population.stacked import StackedModel, member_losses
 
 REASONS = {1: LOSS_OR_GRADIENT, 2: WEIGHTS}  # device codes -> the single run's divergence reasons
 
@@ -187,9 +186,9 @@ class PopulationLoop:
         """One training step on every member's batch (``x [P, B, ...]``, ``y [P, B]``; ``last``: the
         epoch's last); returns the members' losses ``[P]``. Members frozen before or in this step
         keep their last finite weights."""
-        members, batch = y.shape
+        batch = y.shape[1]
         logits = self.model(x.to(self.dtype))
-        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(members, batch).mean(1)
+        losses = member_losses(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
         losses = losses.detach()
@@ -270,8 +269,7 @@ class PopulationLoop:
                 x, y = x.expand(members, *x.shape), y.expand(members, *y.shape)
             logits = self.model(x.to(self.dtype))
             batch = y.shape[1]
-            losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(members, batch)
-            loss_sum = loss_sum + losses.mean(1).double() * batch
+            loss_sum = loss_sum + member_losses(logits, y).double() * batch
             correct = correct + (logits.argmax(2) == y).sum(1).double()
             count += batch
         return torch.stack([loss_sum / count, correct / count])

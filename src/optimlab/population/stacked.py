@@ -40,6 +40,12 @@ def build_member(config: Mapping[str, Any], seed: int) -> nn.Module:
         return instantiate(config)
 
 
+def member_losses(logits: Tensor, y: Tensor) -> Tensor:
+    """Each member's mean cross-entropy ``[P]`` of its logits ``[P, B, C]`` against its labels ``y [P, B]``:
+    the loss its own run computes on its batch."""
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+
+
 class StackedLinear(nn.Module):
     """P linear layers: ``y[m] = x[m] @ weight[m] + bias[m]`` for features ``x [P, B, in]``."""
 
