@@ -27,7 +27,7 @@ from conftest import run_script
 from optimlab import optim
 from optimlab.curvature import (
     GradientMoments, SharpnessCallback, SharpnessLog, SharpnessTracker, gradient_moments, initial_preconditioner, lanczos,
-    moments_from_sums, preconditioner, probe_parts, sharpness, stability_threshold, top_eigenpair,
+    moments_from_parts, preconditioner, probe_parts, sharpness, stability_threshold, top_eigenpair,
 )
 
 F64 = torch.float64
@@ -408,16 +408,17 @@ def test_gradient_moments_scale_the_parts_spread_to_the_minibatch() -> None:
         torch.testing.assert_close(sq, (m ** 2 - s2 / 3).clamp(min=0) + s2 * (11 / 3) / 4, rtol=1e-10, atol=1e-18)
     assert all(bool((v > 0).any()) for v in variance)
     # Of the same parts, a minibatch half as large has twice the variance, and its mean square grows by as much.
-    sums, squares = [sum(g[i] for g in grads) for i in range(4)], [sum(g[i] ** 2 for g in grads) for i in range(4)]
-    half = moments_from_sums(sums, squares, 3, 11, 2)
+    half = moments_from_parts(grads, 11, 2)
     for sq, var, sq2, var2 in zip(square, variance, half.square, half.variance):
         torch.testing.assert_close(var2, 2 * var, rtol=1e-10, atol=1e-18)
         torch.testing.assert_close(sq2, sq + var, rtol=1e-10, atol=1e-18)
 
 
 def test_gradient_moments_of_one_example_have_no_variance() -> None:
-    square, variance, _ = moments_from_sums([torch.tensor([3.0])], [torch.tensor([9.0])], 1, 1, 4)
+    square, variance, _ = moments_from_parts([[torch.tensor([3.0])]], 1, 4)
     assert square[0].item() == 9.0 and math.isnan(variance[0].item())
+    with pytest.raises(ValueError, match="at least one part"):
+        moments_from_parts([], 1, 4)
 
 
 @pytest.mark.parametrize("config", ["Adam", "Adam-amsgrad", "RMSprop-alpha0", "Adagrad"])

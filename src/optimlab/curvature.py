@@ -44,7 +44,7 @@ from optimlab import optim
 __all__ = [
     "DEFAULT_PROBE_SIZE", "DEFAULT_TRACKING_TOL", "Eigenpair", "GradientMoments", "SharpnessCallback", "SharpnessLog",
     "SharpnessTracker", "check_iteration", "check_tracking", "gradient_moments", "initial_preconditioner", "lanczos",
-    "measurement_due", "moments_from_sums", "preconditioner", "probe_indices", "probe_parts", "sharpness",
+    "measurement_due", "moments_from_parts", "preconditioner", "probe_indices", "probe_parts", "sharpness",
     "stability_threshold", "top_eigenpair",
 ]
 
@@ -483,15 +483,26 @@ class GradientMoments(NamedTuple):
     batch_size: int
 
 
-def moments_from_sums(sums: Sequence[Tensor], squares: Sequence[Tensor], parts: int, examples: int,
-                      batch_size: int) -> GradientMoments:
-    r""":class:`GradientMoments` for minibatches of ``batch_size`` from the sums over ``parts``
-    near-equal parts of ``examples`` probe examples of each part's gradient (``sums``) and of its
-    square (``squares``). With part size :math:`b = n / K`, the parts' mean :math:`\bar g` and
+def moments_from_parts(part_grads: Iterable[Sequence[Tensor]], examples: int, batch_size: int) -> GradientMoments:
+    r""":class:`GradientMoments` for minibatches of ``batch_size`` from the gradients of the K
+    near-equal parts that ``examples`` probe examples were split into (``part_grads``: one list of
+    tensors per part). With part size :math:`b = n / K`, the parts' mean :math:`\bar g` and
     unbiased variance :math:`s^2` (which estimates :math:`V / b`, :math:`V` the per-example
     variance): :math:`\mathrm{Var}[g_B] = s^2 b / B` and :math:`E[g_B^2] = \max(\bar g^2 - s^2 / K, 0)
     + s^2 b / B` (:math:`\bar g^2 - s^2/K` estimates the squared mean without bias). One part (one
     example): no variance, NaN."""
+    sums: list[Tensor] = []
+    squares: list[Tensor] = []
+    parts = 0
+    for grads in part_grads:
+        if not parts:
+            sums, squares = [torch.zeros_like(g) for g in grads], [torch.zeros_like(g) for g in grads]
+        parts += 1
+        for total, total_sq, g in zip(sums, squares, grads, strict=True):
+            total.add_(g)
+            total_sq.addcmul_(g, g)
+    if not parts:
+        raise ValueError("moments_from_parts needs the gradients of at least one part")
     size = examples / parts
     square, variance = [], []
     for total, total_sq in zip(sums, squares):
@@ -512,7 +523,7 @@ def gradient_moments(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) ->
     trainable parameters.
 
     Every example counts: ``(x, y)`` is split into :func:`probe_parts` consecutive parts of
-    near-equal size, each part's gradient taken, and :func:`moments_from_sums` scales their spread
+    near-equal size, each part's gradient taken, and :func:`moments_from_parts` scales their spread
     to ``batch_size`` (so a probe smaller than a minibatch works too). In eval mode, as
     :func:`top_eigenpair` (no draw from torch's generators, ``p.grad`` untouched)."""
     params = trainable(model)
@@ -523,15 +534,10 @@ def gradient_moments(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) ->
     parts = probe_parts(x.shape[0], batch_size)
     if x.is_floating_point():
         x = x.to(params[0].dtype)
-    sums = [torch.zeros_like(p) for p in params]
-    squares = [torch.zeros_like(p) for p in params]
     with evaluation(model):
-        for xb, yb in zip(x.tensor_split(parts), y.tensor_split(parts)):
-            grads = torch.autograd.grad(F.cross_entropy(model(xb), yb), params, materialize_grads=True)
-            for total, total_sq, g in zip(sums, squares, grads):
-                total.add_(g)
-                total_sq.addcmul_(g, g)
-    return moments_from_sums(sums, squares, parts, x.shape[0], batch_size)
+        grads = (torch.autograd.grad(F.cross_entropy(model(xb), yb), params, materialize_grads=True)
+                 for xb, yb in zip(x.tensor_split(parts), y.tensor_split(parts)))
+        return moments_from_parts(grads, x.shape[0], batch_size)
 
 
 def initial_preconditioner(optimizer: torch.optim.Optimizer, moments: GradientMoments,

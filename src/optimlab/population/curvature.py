@@ -30,7 +30,7 @@ from torch import Tensor
 
 from optimlab.curvature import (DEFAULT_PROBE_SIZE, DEFAULT_TRACKING_TOL, GradientMoments, SharpnessLog,
                                 check_iteration, check_tracking, evaluation, initial_preconditioner, measurement_due,
-                                moments_from_sums, preconditioner, probe_indices, probe_parts, stability_threshold,
+                                moments_from_parts, preconditioner, probe_indices, probe_parts, stability_threshold,
                                 tridiagonal)
 from optimlab.optim import SGD, Optimizer
 from optimlab.population.data import PopulationData
@@ -195,16 +195,11 @@ def member_gradient_moments(model: StackedModel, x: Tensor, y: Tensor, batch_siz
     loss's gradient holds each member's own in its slice."""
     params = [p for p in model.parameters() if p.requires_grad]
     parts = probe_parts(x.shape[1], batch_size)
-    sums = [torch.zeros_like(p) for p in params]
-    squares = [torch.zeros_like(p) for p in params]
     with evaluation(model):
-        for xb, yb in zip(x.tensor_split(parts, 1), y.tensor_split(parts, 1)):
-            logits = model(xb.to(params[0].dtype))
-            grads = torch.autograd.grad(member_losses(logits, yb).sum(), params, materialize_grads=True)
-            for total, total_sq, g in zip(sums, squares, grads):
-                total.add_(g)
-                total_sq.addcmul_(g, g)
-    return moments_from_sums(sums, squares, parts, x.shape[1], batch_size)
+        grads = (torch.autograd.grad(member_losses(model(xb.to(params[0].dtype)), yb).sum(), params,
+                                     materialize_grads=True)
+                 for xb, yb in zip(x.tensor_split(parts, 1), y.tensor_split(parts, 1)))
+        return moments_from_parts(grads, x.shape[1], batch_size)
 
 
 class MemberSharpness:
