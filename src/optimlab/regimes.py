@@ -356,7 +356,8 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
                    and m["train_loss_change_since_val_peak"] <= -t.overfit_stall_loss_drop
                    and m["gap_growth_since_val_peak"] > m["val_acc_noise"])
         if stalled and not can_memorise:
-            notes.extend([] if one_pass in notes else [one_pass])
+            if one_pass not in notes:  # rule 3's pattern may have noted it already
+                notes.append(one_pass)
         elif stalled:
             return verdict("overfit", low, f"val_acc has not improved since epoch {m['best_val_epoch']:.0f} "
                            f"({m['best_val_acc']:.4f}; limit {t.overfit_min_epochs_after_peak} epochs) nor val_loss "

@@ -228,7 +228,7 @@ class MemberSharpness:
         self.logs = [SharpnessLog() for _ in self.seeds]
         self.vectors: list[Tensor] | None = None
         self.probe: tuple[Tensor, Tensor] | None = None
-        self.batch_size = probe_size  # the training batch size, set by setup()
+        self.batch_size: int | None = None  # the training batch size, from setup()'s data
         self.threshold_formulas: list[str | None] = []
         self.preconditioned = False
 
@@ -268,7 +268,7 @@ class MemberSharpness:
     def measure(self, step: int, model: StackedModel, optimizer: Optimizer, members: Sequence[int],
                 nan_members: Sequence[int] = ()) -> None:
         """Measure every member and record the measurement of ``members`` (and NaN for ``nan_members``)."""
-        assert self.probe is not None and self.vectors is not None, "setup() first"
+        assert self.probe is not None and self.vectors is not None and self.batch_size, "setup() first"
         params = [p for p in model.parameters() if p.requires_grad]
         if step == 0 and self.preconditioned:
             precond = initial_preconditioner(optimizer, member_gradient_moments(model, *self.probe, self.batch_size),
