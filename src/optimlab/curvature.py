@@ -149,7 +149,7 @@ def lanczos(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int = 20,
         betas.append(beta)
         torch.div(w, beta, out=basis[j + 1])
     # Orthonormal basis, unit Ritz coefficients: a unit vector up to rounding.
-    return top, basis[:len(alphas)].T @ ritz.to(basis.dtype), len(alphas)
+    return top, basis[:len(alphas)].T @ ritz.to(device=basis.device, dtype=basis.dtype), len(alphas)
 
 
 def tridiagonal(alphas: Sequence[float], betas: Sequence[float]) -> Tensor:

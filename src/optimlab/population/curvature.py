@@ -120,7 +120,7 @@ def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int =
             vectors[m] = basis[stopped_at[m], m]
         else:
             k = len(alphas[m])
-            vectors[m] = basis[:k, m].T @ ritz[m].to(basis.dtype)  # type: ignore[union-attr]
+            vectors[m] = basis[:k, m].T @ ritz[m].to(device=basis.device, dtype=basis.dtype)  # type: ignore[union-attr]
     iterations = [len(alphas[m]) + (stopped_at[m] is not None) for m in range(members)]
     return torch.tensor(top, dtype=torch.float64), vectors, torch.tensor(iterations)
 
