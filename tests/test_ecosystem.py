@@ -90,7 +90,7 @@ def test_trainer_arguments_pass_through_to_lightning(tmp_path: Path) -> None:
     parts = build_parts(cfg)
     before = [p.detach().clone() for p in parts.module.parameters()]
     summary = run(cfg, tmp_path)
-    after = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    after = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     steps = summary.steps
     for old, new in zip(before, after.values()):
         assert (new - old).abs().max() <= steps * 1.0 * 0.001 + 1e-6

@@ -275,7 +275,8 @@ def test_members_on_cuda_with_lr_on_the_cpu(name: str, kw: dict[str, Any]) -> No
     init, grads = stacked_params(), stacked_grads(10)
     results = []
     for device in ("cpu", "cuda"):
-        params = [p.detach().to(device).requires_grad_() for p in init]
+        # A copy: .to("cpu") of a CPU tensor is the tensor itself, and the CPU run updates it in place.
+        params = [p.detach().clone().to(device).requires_grad_() for p in init]
         opt = member_optimizer(name, params, options, lrs, decays)
         for g in grads:
             step_members(opt, params, [x.to(device) for x in g])

@@ -454,9 +454,10 @@ def test_benchmark_script_runs() -> None:
 
 @pytest.mark.slow
 def test_benchmark_sweep_mode_runs_both_sweeps(tmp_path: Path) -> None:
-    """``--sweep tiny`` under the default ``--device auto``: both sweeps of the 8-run grid finish and
+    """``--sweep tiny --device cpu``: both sweeps of the 8-run grid finish and
     the CPU row reports them (no timing asserted)."""
-    result = run_script(REPO / "benchmarks" / "population.py", "--sweep", "tiny", "--keep", str(tmp_path))
+    result = run_script(REPO / "benchmarks" / "population.py", "--sweep", "tiny", "--device", "cpu",
+                        "--keep", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     row = next(line.split() for line in result.stdout.splitlines() if line.startswith("cpu "))
     assert row[-3:] == ["8/8", "of", "8"] and all(float(v) > 0 for v in row[1:7])
