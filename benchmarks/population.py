@@ -60,6 +60,7 @@ from optimlab.build import optimizer_class  # noqa: E402
 from optimlab.data import MNISTDataModule  # noqa: E402
 from optimlab.optim import SGD  # noqa: E402
 from optimlab.population import PopulationData, PopulationLoop, StackedMLP, build_member, member_optimizer  # noqa: E402
+from optimlab.population.stacked import member_losses  # noqa: E402
 from optimlab.train import run  # noqa: E402
 
 BATCH_SIZE = 128
@@ -82,8 +83,9 @@ def build(members: int, hidden: int, steps: int, device: torch.device) -> dict:
     floor_model = StackedMLP.from_configs(configs, seeds).to(device)
     floor_opt = member_optimizer(SGD, floor_model, lrs)
     batches = [data.gather(i, j) for i, j in zip(image_idx.split(BATCH_SIZE, 1), label_idx.split(BATCH_SIZE, 1))]
+    graph = capture_math(members, hidden, lrs, *batches[0]) if device.type == "cuda" else None
     return dict(data=data, singles=singles, single_opts=single_opts, image_idx=image_idx, label_idx=label_idx,
-                loop=loop, floor_model=floor_model, floor_opt=floor_opt, batches=batches)
+                loop=loop, floor_model=floor_model, floor_opt=floor_opt, batches=batches, graph=graph)
 
 
 def separate(parts: dict) -> None:
@@ -102,15 +104,44 @@ def population(parts: dict) -> None:
         parts["loop"].step(x, y)
 
 
+def math_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    """The stacked forward, loss, backward and member-wise step: the batched math alone."""
+    opt.zero_grad(set_to_none=True)
+    member_losses(model(x), y).sum().backward()
+    opt.step()
+
+
 def floor(parts: dict) -> None:
     model, opt = parts["floor_model"], parts["floor_opt"]
     for x, y in parts["batches"]:
-        logits = model(x)
-        members, batch = y.shape
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(members, batch).mean(1).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        math_step(model, opt, x, y)
+
+
+def capture_math(members: int, hidden: int, lrs: list[float], x: torch.Tensor, y: torch.Tensor):
+    """CUDA only: one :func:`math_step` on the batch ``(x, y)`` captured as a CUDA graph (on a model of
+    its own), so that a replay runs the step's kernels without launching them one by one from Python:
+    what the math costs on the GPU. (Warm-up on a side stream first, as capture requires; the
+    captured backward creates the gradients in the graph's memory, and each replay rewrites them.)"""
+    configs = [{"_target_": "optimlab.models.MLP", "hidden": [hidden], "activation": "tanh"}] * members
+    model = StackedMLP.from_configs(configs, list(range(members))).to(x.device)
+    opt = member_optimizer(SGD, model, lrs)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            math_step(model, opt, x, y)
+    torch.cuda.current_stream().wait_stream(side)
+    opt.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        member_losses(model(x), y).sum().backward()
         opt.step()
+    return graph
+
+
+def graphed(parts: dict) -> None:
+    for _ in parts["batches"]:
+        parts["graph"].replay()
 
 
 # ---- the end-to-end sweep comparison ------------------------------------------------------------
@@ -194,12 +225,7 @@ def floor_seconds(grid: str, device: torch.device) -> float:
 
         def train() -> None:
             for step in range(steps):
-                x, y = batches[step % len(batches)]
-                members, batch = y.shape
-                losses = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none")
-                optimizer.zero_grad(set_to_none=True)
-                losses.view(members, batch).mean(1).sum().backward()
-                optimizer.step()
+                math_step(model, optimizer, *batches[step % len(batches)])
 
         total += _timing.time_block(train, device)
     return total
@@ -290,6 +316,8 @@ def main() -> None:
     for device in _timing.devices_to_measure(args.device):
         parts = build(args.members, args.hidden, args.steps, device)
         fns = {"separate": separate, "population": population, "floor": floor}
+        if parts["graph"] is not None:
+            fns["graphed"] = graphed
         measures = {name: (lambda fn=fn: _timing.time_block(lambda: fn(parts), device)) for name, fn in fns.items()}
         for measure in measures.values():  # warm-up
             measure()
@@ -297,12 +325,12 @@ def main() -> None:
         ms = {name: 1e3 * statistics.median(vs) / args.steps for name, vs in values.items()}
         speedup, low, high = _timing.paired_ratio(values["separate"], values["population"])
         floor_share = statistics.median(f / p for f, p in zip(values["floor"], values["population"]))
-        rows.append([device.type, ms["separate"], ms["population"], ms["floor"], speedup, f"{low:.2f}-{high:.2f}",
-                     floor_share])
+        rows.append([device.type, ms["separate"], ms["population"], ms["floor"], ms.get("graphed", "n/a"), speedup,
+                     f"{low:.2f}-{high:.2f}", floor_share])
     print("ms per step of all members (median); speed-up = separate / population (median of pairs, range); "
-          "floor share = floor / population")
-    _timing.print_table(["device", "separate ms", "population ms", "floor ms", "speed-up", "range", "floor share"],
-                        rows)
+          "floor share = floor / population; graphed floor: the floor's step replayed as one CUDA graph")
+    _timing.print_table(["device", "separate ms", "population ms", "floor ms", "graphed floor ms", "speed-up", "range",
+                         "floor share"], rows)
 
 
 if __name__ == "__main__":

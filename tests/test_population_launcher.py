@@ -304,6 +304,17 @@ def test_a_tracked_population_records_the_sharpness_its_runs_record(mnist_root: 
     assert (tmp_path / "population" / "sharpness.png").is_file()
 
 
+def test_local_jobs_see_this_machines_gpus_unless_told() -> None:
+    """submitit's local executor hides the GPUs from a job that does not ask for them: ours ask for
+    all of this machine's, unless ``gpus_per_node`` is given; SLURM's parameters stay as given."""
+    from optimlab.population.cluster import executor_parameters
+
+    assert executor_parameters("submitit_local", {"timeout_min": 60}, 2) == {"timeout_min": 60, "gpus_per_node": 2}
+    assert executor_parameters("submitit_local", {"timeout_min": 60}, 0) == {"timeout_min": 60, "gpus_per_node": 0}
+    assert executor_parameters("submitit_local", {"gpus_per_node": 1}, 2) == {"gpus_per_node": 1}
+    assert executor_parameters("submitit_slurm", {"timeout_min": 60}, 2) == {"timeout_min": 60}
+
+
 def test_executor_tidy_removes_only_an_empty_template_folder(tmp_path: Path) -> None:
     from optimlab.population.cluster import Executor
 

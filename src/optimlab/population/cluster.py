@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+
 Members = TypeVar("Members")
 Results = TypeVar("Results")
 
@@ -41,14 +43,25 @@ class Executor:
             template.rmdir()
 
 
+def executor_parameters(executor: str, parameters: Mapping[str, Any], gpus: int) -> dict[str, Any]:
+    """``parameters`` as given, except that local jobs see this machine's ``gpus`` GPUs unless
+    ``gpus_per_node`` says otherwise: submitit's local executor hides every GPU from a job
+    (``CUDA_VISIBLE_DEVICES`` empty) unless told how many it gets, so a population planned for the
+    GPU would silently train on the CPU. Local jobs running at once share the GPUs."""
+    if executor == "submitit_local" and "gpus_per_node" not in parameters:
+        return {**parameters, "gpus_per_node": gpus}
+    return dict(parameters)
+
+
 def make_executor(executor: str, folder: str, parameters: Mapping[str, Any]) -> Executor:
     """An :class:`Executor` for ``executor`` (a key of :data:`EXECUTORS`) writing its logs and
-    pickles under ``folder`` (``%j``: the job id), with ``parameters``. A ValueError with one line
-    naming the key, before anything is written, when submitit is missing, the cluster is not there
-    (no ``srun`` for SLURM) or a parameter is unknown to submitit."""
+    pickles under ``folder`` (``%j``: the job id), with ``parameters`` (:func:`executor_parameters`).
+    A ValueError with one line naming the key, before anything is written, when submitit is missing,
+    the cluster is not there (no ``srun`` for SLURM) or a parameter is unknown to submitit."""
     if executor not in EXECUTORS:
         raise ValueError(f"hydra.launcher.executor: {executor!r} is not allowed; expected one of inline, "
                          f"{', '.join(EXECUTORS)}")
+    parameters = executor_parameters(executor, parameters, torch.cuda.device_count())
     try:
         import submitit
     except ImportError:
