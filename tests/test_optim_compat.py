@@ -219,3 +219,24 @@ def test_copies_continue_like_the_original(name: str, kw: dict[str, Any]) -> Non
         public = [{k for k in o.__dict__ if not k.startswith("_")} for o in (opt, opt_c)]
         assert public[0] == public[1]
         assert_traj_close(run(opt_c, ps_c, grads[10:]), traj, EXACT)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name,kw", RICH_CASES)
+def test_a_state_dict_loaded_onto_the_gpu_keeps_its_step_counts_on_the_cpu(name: str, kw: dict[str, Any]) -> None:
+    """``torch.load(..., map_location="cuda")`` puts the ``step`` counts on the GPU; loaded, they go
+    back to the CPU (where the update reads them without waiting for the device), and the run
+    continues as it would have."""
+    grads = [[g.cuda() for g in step] for step in make_grads(10)]
+    ps = [p.detach().cuda().requires_grad_() for p in make_params()]
+    opt = OURS[name](ps, lr=LR[name], **kw)
+    run(opt, ps, grads[:5])
+    saved = copy.deepcopy(opt.state_dict())
+    for state in saved["state"].values():
+        if "step" in state:
+            state["step"] = state["step"].cuda()
+    ps_c = clone_params(ps)
+    opt_c = OURS[name](ps_c, lr=LR[name], **kw)
+    opt_c.load_state_dict(saved)
+    assert all(s["step"].device.type == "cpu" for s in opt_c.state.values() if "step" in s)
+    assert_traj_close(run(opt_c, ps_c, grads[5:]), run(opt, ps, grads[5:]), EXACT)

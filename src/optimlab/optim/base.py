@@ -221,10 +221,17 @@ class Optimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, fill.get(key, value))
-            for p in group["params"]:  # older state_dicts store step as a number
+            for p in group["params"]:
                 p_state = self.state.get(p)
-                if p_state and "step" in p_state and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=scalar_dtype())
+                if not p_state or "step" not in p_state:
+                    continue
+                step = p_state["step"]
+                if not torch.is_tensor(step):  # older state_dicts store step as a number
+                    p_state["step"] = torch.tensor(float(step), dtype=scalar_dtype())
+                elif step.device.type != "cpu":
+                    # Loaded onto a GPU (torch.load's map_location): the update reads the count as a
+                    # number every step, which there would wait for the device each time.
+                    p_state["step"] = step.cpu()
 
     @classmethod
     @functools.cache
