@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -435,6 +436,21 @@ def test_a_crashed_population_fails_each_member(mnist_root: Path, tmp_path: Path
     with hydra_config_of(jobs[0].sweep_config), pytest.raises(PopulationCrashed, match="population 1 crashed"):
         finish_member(jobs[0], results[0])(jobs[0].config)
     assert json.loads((tmp_path / "0" / "summary.json").read_text())["status"] == "crashed"
+
+
+def test_a_population_applies_trainer_deterministic_as_lightning_does_for_a_run(
+        mnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``trainer.deterministic=true``: the population trains with torch's deterministic algorithms
+    (and the cuBLAS setting they need on a GPU), as Lightning sets them for each single run."""
+    calls: list[bool] = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode, **kw: calls.append(mode))
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # restored after the test, whatever it was
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        configs = [compose("config", overrides=[*SMALL, f"seed={seed}", "trainer.deterministic=true"],
+                           return_hydra_config=True) for seed in (0, 1)]
+    results = train_members([Job(i, [], cfg, tmp_path / str(i)) for i, cfg in enumerate(configs)], "population 1")
+    assert [s.status for s in results] == ["complete", "complete"]
+    assert calls == [True] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
 
 
 # ---------------------------------------------------------------------------- checkpoints and resume

@@ -353,6 +353,14 @@ def stop_on_signal() -> Iterator[None]:
             signal.signal(s, handler)
 
 
+def set_deterministic(deterministic: bool) -> None:
+    """``trainer.deterministic`` as Lightning applies it to a run: torch's deterministic algorithms,
+    and on a GPU the cuBLAS workspace setting they need."""
+    torch.use_deterministic_algorithms(deterministic)
+    if deterministic:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+
+
 def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
     """Train ``members`` as one population; each member's final summary (``complete`` or
     ``diverged``, tested on the test set with its last weights), or, if the population stops with
@@ -400,6 +408,7 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
     try:
         with stop_on_signal():
             torch.set_flush_denormal(first.trainer.flush_denormal)
+            set_deterministic(first.trainer.deterministic)
             if first.trainer.num_threads:
                 torch.set_num_threads(first.trainer.num_threads)
             device = population_device(first.trainer.accelerator)
