@@ -129,3 +129,26 @@ def test_argument_checks() -> None:
 def test_tracking_argument_checks(kwargs: dict, key: str) -> None:
     with pytest.raises(ValueError, match=key):
         MemberSharpness(**{"every_n_steps": 10, "seeds": [0, 1], **kwargs})
+
+
+@pytest.mark.parametrize("seeds", [[0, 1], [4, 4]])
+def test_each_member_probes_the_images_its_run_draws(mnist_root: Any, seeds: list[int]) -> None:
+    """Members that share their data (``data.seed`` pinned) but not their seed each probe the
+    images their own run draws by its seed; with the seed shared too, one expanded view serves all."""
+    from optimlab.curvature import probe_indices
+    from optimlab.data import MNISTDataModule
+    from optimlab.optim import SGD
+    from optimlab.population import PopulationData, member_optimizer
+
+    data = PopulationData([MNISTDataModule(val_size=500, subset=512, seed=9, download=False) for _ in seeds])
+    assert data.shared
+    model = stacked("mlp", seeds).float()
+    tracker = MemberSharpness(every_n_steps=10, seeds=seeds, probe_size=64)
+    tracker.setup(model, member_optimizer(SGD, model, [0.1] * len(seeds)), data)
+    assert tracker.probe is not None
+    x, y = tracker.probe
+    for m, seed in enumerate(seeds):
+        pick = probe_indices(data.train_size, 64, seed)
+        assert torch.equal(x[m], data.images[data.train_images[m, pick]])
+        assert torch.equal(y[m], data.labels[data.train_labels[m, pick]])
+    assert (x.stride(0) == 0) == (seeds[0] == seeds[1])

@@ -237,8 +237,11 @@ class MemberSharpness:
         if model.members != len(self.seeds):
             raise ValueError(f"{len(self.seeds)} seeds for {model.members} members")
         picks = [probe_indices(data.train_size, self.probe_size, seed).to(data.device) for seed in self.seeds]
-        self.probe = data.gather(torch.stack([data.train_images[m, idx] for m, idx in enumerate(picks)]),
-                                 torch.stack([data.train_labels[m, idx] for m, idx in enumerate(picks)]))
+        # Each run draws its probe by its own seed: members that share their data but not their seed
+        # probe different images (one expanded view only when the seeds agree too).
+        gather = data.gather if len(set(self.seeds)) == 1 else data.gather_rows
+        self.probe = gather(torch.stack([data.train_images[m, idx] for m, idx in enumerate(picks)]),
+                            torch.stack([data.train_labels[m, idx] for m, idx in enumerate(picks)]))
         params = list(model.parameters())
         if self.vectors is None:  # not restored from a checkpoint
             single = [p.shape for p in model.template[0].parameters()]

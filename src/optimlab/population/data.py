@@ -137,11 +137,16 @@ class PopulationData:
             yield self.test_images[start:end], self.test_labels[start:end]
 
     def gather(self, image_idx: Tensor, label_idx: Tensor) -> tuple[Tensor, Tensor]:
-        """Images ``[P, B, ...]`` and labels ``[P, B]`` at index tensors ``[P, B]`` (one gather each;
-        when the members share their data, member 0's rows, expanded: a read-only view)."""
+        """Images ``[P, B, ...]`` and labels ``[P, B]`` at index tensors ``[P, B]`` that follow the
+        members' data (when the members share it, every row is member 0's: its rows, expanded, a
+        read-only view)."""
         if self.shared and image_idx.shape[0] > 1:
-            images, labels = self.gather(image_idx[:1], label_idx[:1])
+            images, labels = self.gather_rows(image_idx[:1], label_idx[:1])
             return images.expand(image_idx.shape[0], *images.shape[1:]), labels.expand(label_idx.shape)
+        return self.gather_rows(image_idx, label_idx)
+
+    def gather_rows(self, image_idx: Tensor, label_idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Images and labels at index tensors ``[P, B]``, each row its own (one gather each)."""
         images = self.images.index_select(0, image_idx.reshape(-1))
         labels = self.labels.index_select(0, label_idx.reshape(-1))
         return images.view(*image_idx.shape, *self.images.shape[1:]), labels.view(label_idx.shape)
