@@ -93,7 +93,8 @@ class RunRecord(Checkpoint):
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history, "train_steps": self.train_steps, "first_step_s": self.first_step_s,
                 "guard": self.guard.state_dict(), "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+                # Only where this process uses CUDA: asking would start CUDA in a CPU run on a GPU machine.
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Applied when training starts: testing a checkpoint (test_ckpt=best) loads it too, and
@@ -109,8 +110,9 @@ class RunRecord(Checkpoint):
         self.guard.load_state_dict(saved["guard"])
         # Last, after Lightning's own start-up work may have drawn random numbers.
         torch.set_rng_state(saved["rng_cpu"])
-        if saved["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(saved["rng_cuda"])
+        if torch.cuda.is_available():  # the GPUs this machine has (it may have fewer than the saving one)
+            for device, state in enumerate(saved["rng_cuda"][:torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(state, device)
 
     # ---- training ---------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
