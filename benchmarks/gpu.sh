@@ -9,7 +9,8 @@
 #      then as four submitit_local jobs at once on the one GPU;
 #   4. benchmarks/train_loop.py and benchmarks/optimizer_step.py on CUDA;
 #   5. the full-budget map's Adam columns at widths 8 and 2048: 60 runs as populations, 2 sequentially.
-# Full logs in the log folder; the tables on stdout. Python is `python3` (PYTHON changes it).
+# Needs the project installed (`pip install -e ".[dev]"`: the tests call optimlab-report). Full logs in the
+# log folder; the tables on stdout. Python is `python3` (PYTHON changes it).
 set -u
 LOGS=${1:-outputs/gpu_check}
 PY=${PYTHON:-python3}
