@@ -382,6 +382,9 @@ def test_a_loop_restored_from_its_state_continues_bitwise(tiny_mnist: Path) -> N
     expected = straight.fit(3)
     first, _ = population(tiny_mnist, lrs, seeds, Adam, every=4)
     first.fit(1)
+    # After every step the last finite weights are the weights (a frozen member's set back): not saved.
+    assert all(torch.equal(p, last) for p, last in zip(first.params, first.last_finite))
+    assert "last_finite" not in first.state_dict()
     buffer = io.BytesIO()
     torch.save(first.state_dict(), buffer)
     buffer.seek(0)

@@ -132,12 +132,13 @@ class PopulationLoop:
         self._initial_loss: Tensor | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything the next epoch depends on, after a finished epoch: weights, optimizer state, last
-        finite weights, the on-device flags, the step and epoch counts and the members' records.
-        No random state: after the start nothing is drawn at random (each member's epoch order comes
-        from its seed and the epoch number)."""
+        """Everything the next epoch depends on, after a finished epoch: weights, optimizer state, the
+        on-device flags, the step and epoch counts and the members' records. Not the last finite
+        weights: after every step they are the weights (:meth:`keep_finite`). No random state: after
+        the start nothing is drawn at random (each member's epoch order comes from its seed and the
+        epoch number)."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "last_finite": self.last_finite, "alive": self.alive, "diverged_at": self.diverged_at,
+                "alive": self.alive, "diverged_at": self.diverged_at,
                 "reason": self.reason, "global_step": self.global_step, "epochs_done": self.epochs_done,
                 "records": [dataclasses.asdict(record) for record in self.records],
                 "sharpness": None if self.sharpness is None else self.sharpness.state_dict()}
@@ -147,8 +148,8 @@ class PopulationLoop:
         :meth:`fit` starts with epoch ``epochs_done`` and computes what the uninterrupted loop would."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        for last, saved in zip(self.last_finite, state["last_finite"], strict=True):
-            last.copy_(saved)
+        for last, p in zip(self.last_finite, self.params):
+            last.copy_(p.detach())
         self.alive, self.diverged_at, self.reason = state["alive"], state["diverged_at"], state["reason"]
         self.global_step, self.epochs_done = state["global_step"], state["epochs_done"]
         # In place: callers may hold the list (the launcher's reports read it).
