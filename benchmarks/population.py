@@ -120,8 +120,9 @@ def floor(parts: dict) -> None:
 def capture_math(members: int, hidden: int, lrs: list[float], x: torch.Tensor, y: torch.Tensor):
     """CUDA only: one :func:`math_step` on the batch ``(x, y)`` captured as a CUDA graph (on a model of
     its own), so that a replay runs the step's kernels without launching them one by one from Python:
-    what the math costs on the GPU. (Warm-up on a side stream first, as capture requires; the
-    captured backward creates the gradients in the graph's memory, and each replay rewrites them.)"""
+    what the math costs on the GPU. (Warm-up on a side stream first, as capture requires; inside the
+    capture ``zero_grad(set_to_none=True)`` only drops the warm-up's gradients, so the captured backward
+    creates them in the graph's memory, and each replay rewrites them.)"""
     configs = [{"_target_": "optimlab.models.MLP", "hidden": [hidden], "activation": "tanh"}] * members
     model = StackedMLP.from_configs(configs, list(range(members))).to(x.device)
     opt = member_optimizer(SGD, model, lrs)
@@ -131,11 +132,9 @@ def capture_math(members: int, hidden: int, lrs: list[float], x: torch.Tensor, y
         for _ in range(3):
             math_step(model, opt, x, y)
     torch.cuda.current_stream().wait_stream(side)
-    opt.zero_grad(set_to_none=True)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        member_losses(model(x), y).sum().backward()
-        opt.step()
+        math_step(model, opt, x, y)
     return graph
 
 
