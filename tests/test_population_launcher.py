@@ -167,12 +167,12 @@ def test_groups_are_split_evenly_and_a_job_without_partner_runs_alone() -> None:
 # ---------------------------------------------------------------------------- end to end
 
 
-EQUIVALENCE_BUDGET = ["data.subset=256", "data.val_size=256", "epochs=2", "trainer.accelerator=cpu"]
+TINY_DATA = ["data.subset=256", "data.val_size=256", "epochs=2"]
+EQUIVALENCE_BUDGET = [*TINY_DATA, "trainer.accelerator=cpu"]
 # The equivalence tests run on the CPU and, where there is one, on the GPU. There a single run checks
 # for non-finite values every 10 steps by default (no host sync per step); a population checks every
 # step, so the GPU runs are asked to check every step too.
-ON_GPU = ["data.subset=256", "data.val_size=256", "epochs=2", "trainer.accelerator=gpu",
-          "trainer.check_finite_every_n_steps=1"]
+ON_GPU = [*TINY_DATA, "trainer.accelerator=gpu", "trainer.check_finite_every_n_steps=1"]
 BUDGETS = [pytest.param(EQUIVALENCE_BUDGET, id="cpu"),
            pytest.param(ON_GPU, id="gpu", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
