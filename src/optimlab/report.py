@@ -193,9 +193,9 @@ def stability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         factor = statistics.median(r["curvature"]["initial_threshold"] * r["lr"] for r in runs)  # c in c/lr
         predicted = factor / sharpness0 if sharpness0 > 0 else math.inf
         cells = map_cells(runs)
-        stable = [lr for lr in lrs if (cell := cells.get((optimizer, widths, lr))) and cell.regime != "diverging"]
-        observed = max(stable) if stable else None
         column = [lr for lr in lrs if (optimizer, widths, lr) in cells]
+        stable = [lr for lr in column if cells[(optimizer, widths, lr)].regime != "diverging"]
+        observed = max(stable) if stable else None
         first_unstable = next((lr for lr in column if cells[(optimizer, widths, lr)].regime in UNSTABLE), math.inf)
         calm = max((lr for lr in column if lr < first_unstable), default=None)
 
