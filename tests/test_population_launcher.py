@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from omegaconf import OmegaConf
 
 from conftest import compose_config, run_script
 from hydra_plugins.optimlab_population.population_launcher import PopulationLauncher
+from optimlab.population import launcher
 from optimlab.population.launcher import (Job, PopulationCrashed, finish_member, group, hydra_config_of,
                                          population_key, train_members, why_alone)
 
@@ -451,6 +453,42 @@ def test_a_population_applies_trainer_deterministic_as_lightning_does_for_a_run(
     results = train_members([Job(i, [], cfg, tmp_path / str(i)) for i, cfg in enumerate(configs)], "population 1")
     assert [s.status for s in results] == ["complete", "complete"]
     assert calls == [True] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+# How many more blocks malloc has mapped (mmap) after a 64 MB tensor is allocated, in a fresh process
+# (the setting is process-wide), with glibc's defaults or after keep_freed_memory().
+MAPPED_BLOCKS = """
+import ctypes, sys, torch
+from optimlab.population.launcher import keep_freed_memory
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Mallinfo2
+applied = sys.argv[1] == "keep" and keep_freed_memory()
+before = libc.mallinfo2().hblks
+block = torch.empty(64 * 2**20, dtype=torch.uint8)
+print(applied, libc.mallinfo2().hblks - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt and mallinfo2 are glibc's")
+def test_a_cpu_population_keeps_freed_memory_for_reuse(mnist_root: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large tensor is mapped afresh by glibc's defaults (and faulted in page by page each step);
+    after ``keep_freed_memory()`` it comes from the heap that earlier steps freed. A population on the
+    CPU asks for it before it builds anything."""
+    def mapped(mode: str) -> str:
+        return subprocess.run([sys.executable, "-c", MAPPED_BLOCKS, mode], capture_output=True, text=True,
+                              check=True).stdout.split()
+
+    assert mapped("default") == ["False", "1"] and mapped("keep") == ["True", "0"]
+    calls: list[str] = []
+    monkeypatch.setattr(launcher, "keep_freed_memory", lambda: calls.append("asked"))
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        configs = [compose("config", overrides=[*SMALL, f"seed={seed}"], return_hydra_config=True) for seed in (0, 1)]
+    results = train_members([Job(i, [], cfg, tmp_path / str(i)) for i, cfg in enumerate(configs)], "population 1")
+    assert [s.status for s in results] == ["complete", "complete"] and calls == ["asked"]
 
 
 # ---------------------------------------------------------------------------- checkpoints and resume
