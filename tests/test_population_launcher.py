@@ -472,7 +472,11 @@ print(applied, libc.mallinfo2().hblks - before)
 """
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt and mallinfo2 are glibc's")
+LIBC, LIBC_VERSION = platform.libc_ver()
+
+
+@pytest.mark.skipif(LIBC != "glibc" or tuple(int(n) for n in LIBC_VERSION.split(".")[:2]) < (2, 33),
+                    reason="mallopt and mallinfo2 (glibc >= 2.33)")
 def test_a_cpu_population_keeps_freed_memory_for_reuse(mnist_root: Path, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A large tensor is mapped afresh by glibc's defaults (and faulted in page by page each step);
