@@ -40,6 +40,13 @@ def all_finite(tensors: list[Tensor]) -> Tensor:
     return finite_rows(*(t.reshape(1, -1) for t in tensors)).all()
 
 
+def sum_rows(*tensors: Tensor) -> Tensor:
+    """``[R]`` sums (on the tensors' device: no host sync) for tensors of R rows (their first
+    dimension): row i's sum over row i of every tensor together; non-finite when any of its elements
+    is, or when the sum overflows (the row-wise :func:`total_sum`)."""
+    return torch.stack([t.flatten(1).sum(1) for t in tensors]).sum(0)
+
+
 def norm_rows(*tensors: Tensor) -> Tensor:
     """``[R]`` float64 2-norms (on the tensors' device: no host sync) for tensors of R rows (their
     first dimension): row i's norm over row i of every tensor together. float64: the float32 norm

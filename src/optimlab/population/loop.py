@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimlab.divergence import LOSS_OR_GRADIENT, WEIGHTS, finite_rows, norm_rows
+from optimlab.divergence import LOSS_OR_GRADIENT, WEIGHTS, finite_rows, norm_rows, sum_rows
 from optimlab.optim import Optimizer
 from optimlab.population.curvature import MemberSharpness
 from optimlab.population.data import PopulationData
@@ -194,7 +194,7 @@ class PopulationLoop:
         losses.sum().backward()
         losses = losses.detach()
         # The single run's check per member: non-finite when the loss or any gradient is (or their sum overflows).
-        check = losses + torch.stack([p.grad.flatten(1).sum(1) for p in self.params]).sum(0)
+        check = losses + sum_rows(*(p.grad for p in self.params))
         self.optimizer.step()
         weights_ok = self.finite_weights()
         grads_ok = torch.isfinite(check)
@@ -234,7 +234,7 @@ class PopulationLoop:
         AMD EPYC: 1.6-1.7 ms against 3.3-4.0 ms a step)."""
         weights = [p.detach() for p in self.params]
         if self.flags_on_host:
-            sums = torch.stack([w.flatten(1).sum(1) for w in weights]).sum(0).isfinite()
+            sums = sum_rows(*weights).isfinite()
             if bool(sums.all()):
                 return sums
         return finite_rows(*weights)
