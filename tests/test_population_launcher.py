@@ -440,6 +440,16 @@ def test_a_crashed_population_fails_each_member(mnist_root: Path, tmp_path: Path
     assert json.loads((tmp_path / "0" / "summary.json").read_text())["status"] == "crashed"
 
 
+def train_two_members(tmp_path: Path, *overrides: str) -> list[str]:
+    """Seeds 0 and 1 of the SMALL config with ``overrides``, trained as one population in this
+    process (``train_members``); their summaries' statuses."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        configs = [compose("config", overrides=[*SMALL, f"seed={seed}", *overrides], return_hydra_config=True)
+                   for seed in (0, 1)]
+    results = train_members([Job(i, [], cfg, tmp_path / str(i)) for i, cfg in enumerate(configs)], "population 1")
+    return [summary.status for summary in results]
+
+
 def test_a_population_applies_trainer_deterministic_as_lightning_does_for_a_run(
         mnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``trainer.deterministic=true``: the population trains with torch's deterministic algorithms
@@ -447,11 +457,7 @@ def test_a_population_applies_trainer_deterministic_as_lightning_does_for_a_run(
     calls: list[bool] = []
     monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode, **kw: calls.append(mode))
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # restored after the test, whatever it was
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        configs = [compose("config", overrides=[*SMALL, f"seed={seed}", "trainer.deterministic=true"],
-                           return_hydra_config=True) for seed in (0, 1)]
-    results = train_members([Job(i, [], cfg, tmp_path / str(i)) for i, cfg in enumerate(configs)], "population 1")
-    assert [s.status for s in results] == ["complete", "complete"]
+    assert train_two_members(tmp_path, "trainer.deterministic=true") == ["complete", "complete"]
     assert calls == [True] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
 
 
@@ -489,10 +495,7 @@ def test_a_cpu_population_keeps_freed_memory_for_reuse(mnist_root: Path, tmp_pat
     assert mapped("default") == ["False", "1"] and mapped("keep") == ["True", "0"]
     calls: list[str] = []
     monkeypatch.setattr(launcher, "keep_freed_memory", lambda: calls.append("asked"))
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        configs = [compose("config", overrides=[*SMALL, f"seed={seed}"], return_hydra_config=True) for seed in (0, 1)]
-    results = train_members([Job(i, [], cfg, tmp_path / str(i)) for i, cfg in enumerate(configs)], "population 1")
-    assert [s.status for s in results] == ["complete", "complete"] and calls == ["asked"]
+    assert train_two_members(tmp_path) == ["complete", "complete"] and calls == ["asked"]
 
 
 # ---------------------------------------------------------------------------- checkpoints and resume
