@@ -81,12 +81,16 @@ def build(members: int, hidden: int, steps: int, device: torch.device) -> dict:
     singles = [build_member(c, s).to(device) for c, s in zip(configs, seeds)]
     single_opts = [SGD(model.parameters(), lr=lr) for model, lr in zip(singles, lrs)]
     image_idx, label_idx = data.epoch_indices(0)
-    model = StackedMLP.from_configs(configs, seeds).to(device)
-    loop = PopulationLoop(model, member_optimizer(SGD, model, lrs), data)
-    floor_model = StackedMLP.from_configs(configs, seeds).to(device)
-    floor_opt = member_optimizer(SGD, floor_model, lrs)
+
+    def stacked() -> tuple[StackedMLP, torch.optim.Optimizer]:
+        """A fresh stacked model of the members and its member-wise SGD."""
+        model = StackedMLP.from_configs(configs, seeds).to(device)
+        return model, member_optimizer(SGD, model, lrs)
+
+    loop = PopulationLoop(*stacked(), data)
+    floor_model, floor_opt = stacked()
     batches = [data.gather(i, j) for i, j in zip(image_idx.split(BATCH_SIZE, 1), label_idx.split(BATCH_SIZE, 1))]
-    graph = capture_math(members, hidden, lrs, *batches[0]) if device.type == "cuda" else None
+    graph = capture_math(*stacked(), *batches[0]) if device.type == "cuda" else None
     return dict(data=data, singles=singles, single_opts=single_opts, image_idx=image_idx, label_idx=label_idx,
                 loop=loop, floor_model=floor_model, floor_opt=floor_opt, batches=batches, graph=graph)
 
@@ -120,15 +124,13 @@ def floor(parts: dict) -> None:
         math_step(model, opt, x, y)
 
 
-def capture_math(members: int, hidden: int, lrs: list[float], x: torch.Tensor, y: torch.Tensor):
-    """CUDA only: one :func:`math_step` on the batch ``(x, y)`` captured as a CUDA graph (on a model of
-    its own), so that a replay runs the step's kernels without launching them one by one from Python:
-    what the math costs on the GPU. (Warm-up on a side stream first, as capture requires; inside the
-    capture ``zero_grad(set_to_none=True)`` only drops the warm-up's gradients, so the captured backward
-    creates them in the graph's memory, and each replay rewrites them.)"""
-    configs = [{"_target_": "optimlab.models.MLP", "hidden": [hidden], "activation": "tanh"}] * members
-    model = StackedMLP.from_configs(configs, list(range(members))).to(x.device)
-    opt = member_optimizer(SGD, model, lrs)
+def capture_math(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
+    """CUDA only: one :func:`math_step` of ``model`` and ``opt`` (a pair of its own: the replays train it)
+    on the batch ``(x, y)`` captured as a CUDA graph, so that a replay runs the step's kernels without
+    launching them one by one from Python: what the math costs on the GPU. (Warm-up on a side stream
+    first, as capture requires; inside the capture ``zero_grad(set_to_none=True)`` only drops the
+    warm-up's gradients, so the captured backward creates them in the graph's memory, and each replay
+    rewrites them.)"""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
