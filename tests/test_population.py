@@ -80,6 +80,26 @@ def test_member_forward_equals_single_forward(stacked: type, config: Any, activa
         assert torch.equal(model.member_model(m)(x[m]), single(x[m]))
 
 
+@pytest.mark.parametrize("hidden", [[2], [11], [12, 4], [64]])
+@pytest.mark.parametrize("shared", [False, True], ids=["own-batches", "one-expanded-batch"])
+def test_float32_members_equal_their_single_models_at_every_width(hidden: list[int], shared: bool) -> None:
+    """On the CPU in float32 a layer with fewer than NARROW_OUTPUT outputs takes the transposed
+    product: each member's logits and weight gradients still are its single model's (to float32
+    rounding), whether its batch is its own or one batch expanded to all members."""
+    configs = [mlp_config(hidden=hidden, activation="tanh", init=init) for init in INITS]
+    model = StackedMLP.from_configs(configs, SEEDS)
+    x = images(1 if shared else len(SEEDS), batch=33).float()
+    x = x.expand(len(SEEDS), *x.shape[1:]) if shared else x
+    model(x).log_softmax(2).sum(1)[:, 0].sum().backward()
+    first = next(model.parameters())
+    for m, (cfg, seed) in enumerate(zip(configs, SEEDS)):
+        single = build_member(cfg, seed)
+        logits = single(x[m])
+        torch.testing.assert_close(model(x)[m], logits, rtol=1e-5, atol=1e-5)
+        logits.log_softmax(1).sum(0)[0].backward()
+        torch.testing.assert_close(first.grad[m], single.net[1].weight.grad.t(), rtol=1e-4, atol=1e-5)
+
+
 def test_cnn_with_pool_stride_2_and_no_hidden_fc() -> None:
     configs = [cnn_config(pool_stride=2, fc=[], kernel_size=3)] * 2
     model = StackedCNN.from_configs(configs, [3, 4]).double()
