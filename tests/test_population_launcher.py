@@ -101,6 +101,70 @@ def test_a_bad_value_fails_as_hydra_says(loaders) -> None:
         caching.load_sweep_config(master, ["optimizer=adam", "optimizer.nope=1"])
 
 
+class RecordingCallbacks:
+    """Hydra callbacks that note what they were called with."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def on_job_start(self, config, task_function, **kwargs) -> None:
+        self.calls.append(("start", str(config.hydra.runtime.output_dir)))
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        self.calls.append(("end", job_return.status.name))
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["returns", "raises"])
+def test_a_composed_job_runs_as_hydras_run_job_runs_it(loaders, tmp_path: Path, fails: bool) -> None:
+    """run_composed_job (the population launcher's jobs) and Hydra's run_job, each given the same
+    composed job: the task sees the same config, HydraConfig, working folder (hydra.job.chdir) and
+    environment (hydra.job.env_set); the same .hydra/ files (hydra.output_subdir set), callbacks
+    and JobReturn; the working folder is restored after."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.utils import run_job
+    from hydra.types import HydraContext, RunMode
+
+    from optimlab.hydra_job import run_composed_job
+
+    hydra_loader = loaders[0]
+    seen: dict[str, tuple] = {}
+    cwd = os.getcwd()
+
+    def task(cfg) -> float:
+        seen[way] = (os.getcwd(), os.environ.get("OPTIMLAB_TEST_ENV"), HydraConfig.get().runtime.output_dir,
+                     OmegaConf.to_yaml(cfg, resolve=True))
+        if fails:
+            raise ValueError("the task failed")
+        return 0.5
+
+    results = {}
+    for way in ("hydra", "ours"):
+        master = hydra_loader.load_configuration(
+            "config", ["hydra/launcher=population", f"hydra.sweep.dir={tmp_path / way}", "hydra.job.chdir=true",
+                       "hydra.output_subdir=.hydra", "+hydra.job.env_set.OPTIMLAB_TEST_ENV=on"], RunMode.MULTIRUN)
+        callbacks = RecordingCallbacks()
+        context = HydraContext(config_loader=hydra_loader, callbacks=callbacks)
+        job, = launcher.compose_jobs(context, master, [["lr=0.5", "seed=3"]], 7)
+        if way == "hydra":
+            ret = run_job(task, job.sweep_config, "hydra.sweep.dir", "hydra.sweep.subdir", context)
+        else:
+            ret = run_composed_job(context, task, job.sweep_config, job.config, job.run_dir)
+        assert os.getcwd() == cwd and "OPTIMLAB_TEST_ENV" not in os.environ
+        files = {p.name: p.read_text() for p in (job.run_dir / ".hydra").iterdir()}
+        results[way] = [ret.status, ret.overrides, OmegaConf.to_yaml(ret.cfg), ret.task_name, ret.working_dir,
+                        callbacks.calls, seen[way], files]
+        assert ret.working_dir == str(job.run_dir) == seen[way][0] == seen[way][2]
+        if fails:
+            with pytest.raises(ValueError, match="the task failed"):
+                ret.return_value
+        else:
+            assert ret.return_value == 0.5
+    ours = json.loads(json.dumps(results["ours"], default=str).replace(str(tmp_path / "ours"), str(tmp_path / "hydra")))
+    assert json.loads(json.dumps(results["hydra"], default=str)) == ours
+    assert results["ours"][0].name == ("FAILED" if fails else "COMPLETED")
+    assert sorted(results["ours"][-1]) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+
+
 # ---------------------------------------------------------------------------- sorting and grouping
 
 

@@ -1,19 +1,23 @@
 """A run's dealings with Hydra's job folder: its name in a sweep (the overrides, shortened to what a
 file system takes), checking it can be written before Hydra creates it (a folder under a file, on a
 read-only disk, without permission: one line and exit status 2, not the traceback of Hydra's own
-``mkdir``), and writing Hydra's record of the job once the run is accepted."""
+``mkdir``), writing Hydra's record of the job once the run is accepted, and running a job whose
+config a launcher composed for it alone."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus, configure_log, env_override
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 
 # A sweep job's folder is ``<job number>_<overrides>``; most file systems take names of at most 255
@@ -73,9 +77,54 @@ def save_job_record(run_dir: Path, cfg: DictConfig) -> None:
     run cannot overwrite another run's record. A no-op outside a Hydra job or when Hydra wrote it."""
     if not HydraConfig.initialized() or HydraConfig.get().output_subdir is not None:
         return
-    hydra_cfg = HydraConfig.get()
-    folder = run_dir / ".hydra"
+    write_job_record(run_dir / ".hydra", cfg, HydraConfig.get())
+
+
+def write_job_record(folder: Path, cfg: DictConfig, hydra_cfg: DictConfig) -> None:
+    """The three files of Hydra's record of a job in ``folder``: the task's config, the ``hydra``
+    node and the job's overrides."""
     folder.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, folder / "config.yaml")
     OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), folder / "hydra.yaml")
     OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), folder / "overrides.yaml")
+
+
+def run_composed_job(hydra_context: HydraContext, task_function: TaskFunction, sweep_config: DictConfig,
+                     task_config: DictConfig, output_dir: Path) -> JobReturn:
+    """Run ``task_function`` as Hydra's ``run_job`` runs a sweep job (``HydraConfig`` set to the
+    job's, ``hydra.runtime.output_dir``, the folder made, the working directory under
+    ``hydra.job.chdir``, job logging, the ``.hydra/`` record where ``hydra.output_subdir`` is set,
+    ``hydra.job.env_set``, the callbacks, a JobReturn), for a job whose configs (``sweep_config``
+    with its ``hydra`` node, ``task_config`` without) the caller composed for this job alone: so
+    without ``run_job``'s four copies of the whole config, which cost 25 ms a job on a 2-core CPU,
+    9 s of a 360-job population sweep."""
+    hydra = sweep_config.hydra
+    with read_write(hydra.runtime), open_dict(hydra.runtime):
+        hydra.runtime.output_dir = str(output_dir)
+    ret = JobReturn(overrides=list(hydra.overrides.task), cfg=task_config, hydra_cfg=sweep_config,
+                    task_name=str(hydra.job.name))
+    hydra_config, previous_cfg, previous_cwd = HydraConfig.instance(), HydraConfig.instance().cfg, os.getcwd()
+    hydra_config.cfg = sweep_config  # assigned: ``set_config`` copies the whole config
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if hydra.job.chdir:
+            os.chdir(output_dir)
+        ret.working_dir = os.getcwd()
+        configure_log(hydra.job_logging, hydra.verbose)
+        if hydra.output_subdir is not None:
+            write_job_record(output_dir / str(hydra.output_subdir), task_config, hydra)
+        with env_override(hydra.job.env_set):
+            hydra_context.callbacks.on_job_start(config=sweep_config, task_function=task_function)
+            try:
+                ret.return_value = task_function(task_config)
+                ret.status = JobStatus.COMPLETED
+            except Exception as err:  # the job failed: its JobReturn says so, as run_job's does
+                ret.return_value = err
+                ret.status = JobStatus.FAILED
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        hydra_context.callbacks.on_job_end(config=sweep_config, job_return=ret)
+        return ret
+    finally:
+        hydra_config.cfg = previous_cfg
+        os.chdir(previous_cwd)

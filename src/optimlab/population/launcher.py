@@ -14,8 +14,9 @@
 3. prints the plan (populations, members, estimated memory) and stops there with ``dry_run``;
 4. trains each population (:mod:`optimlab.population`) in this process, or as a submitit job
    (``hydra.launcher.executor``, :mod:`optimlab.population.cluster`), writing every member's ``running``
-   summary after each epoch, then finishes each member as a Hydra job (``run_job``: ``.hydra/``
-   files, job logging, a JobReturn) whose task writes its final summary and TensorBoard events.
+   summary after each epoch, then finishes each member as a Hydra job (``.hydra/`` files, job
+   logging, callbacks, a JobReturn: :func:`~optimlab.hydra_job.run_composed_job`, ``run_job``'s
+   steps without its copies of the config) whose task writes its final summary and TensorBoard events.
 
 JobReturns come back in job order, as BasicLauncher's do, so a failed job makes ``-m`` exit non-zero.
 """
@@ -50,7 +51,7 @@ from torch import Tensor
 from optimlab.build import build_parts, optimizer_class
 from optimlab.checkpointing import holds_a_run, last_checkpoint
 from optimlab.data import DataError, ensure_files, epoch_batches, load_split, resolve_root
-from optimlab.hydra_job import save_job_record
+from optimlab.hydra_job import run_composed_job, save_job_record
 from optimlab.optim import Optimizer
 from optimlab.population.checkpoint import PopulationCheckpoint
 from optimlab.population.cluster import Executor, run_as_jobs
@@ -575,8 +576,12 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
         return [dry_return(job) for job in jobs]
 
     def run(job: Job, task: TaskFunction) -> JobReturn:
-        ret = run_job(hydra_context=hydra_context, task_function=task, config=job.sweep_config,
-                      job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+        """``task``, one of ours, as ``job``'s Hydra job; the sweep's task function as Hydra runs it."""
+        if task is task_function:
+            ret = run_job(hydra_context=hydra_context, task_function=task, config=job.sweep_config,
+                          job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+        else:
+            ret = run_composed_job(hydra_context, task, job.sweep_config, job.config, job.run_dir)
         configure_log(config.hydra.hydra_logging, config.hydra.verbose)
         return ret
 
