@@ -23,6 +23,7 @@ from optimlab.optim import SGD, Adagrad, Adam, RMSprop
 from optimlab.population import StackedCNN, StackedMLP, build_member
 from optimlab.population.data import PopulationData, split_indices
 from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimizer, train_population
+from optimlab.population.stacked import MemberLinear, member_losses
 from optimlab.train import run
 
 INITS = ["default", "normal", "glorot", "stax"]
@@ -80,24 +81,47 @@ def test_member_forward_equals_single_forward(stacked: type, config: Any, activa
         assert torch.equal(model.member_model(m)(x[m]), single(x[m]))
 
 
-@pytest.mark.parametrize("hidden", [[2], [11], [12, 4], [64]])
+@pytest.mark.parametrize("hidden,batch", [([2], 32), ([8], 128), ([16, 8], 100), ([64], 33)])
 @pytest.mark.parametrize("shared", [False, True], ids=["own-batches", "one-expanded-batch"])
-def test_float32_members_equal_their_single_models_at_every_width(hidden: list[int], shared: bool) -> None:
-    """On the CPU in float32 a layer with fewer than NARROW_OUTPUT outputs takes the transposed
-    product: each member's logits and weight gradients still are its single model's (to float32
-    rounding), whether its batch is its own or one batch expanded to all members."""
-    configs = [mlp_config(hidden=hidden, activation="tanh", init=init) for init in INITS]
-    model = StackedMLP.from_configs(configs, SEEDS)
-    x = images(1 if shared else len(SEEDS), batch=33).float()
-    x = x.expand(len(SEEDS), *x.shape[1:]) if shared else x
-    model(x).log_softmax(2).sum(1)[:, 0].sum().backward()
-    first = next(model.parameters())
-    for m, (cfg, seed) in enumerate(zip(configs, SEEDS)):
-        single = build_member(cfg, seed)
-        logits = single(x[m])
-        torch.testing.assert_close(model(x)[m], logits, rtol=1e-5, atol=1e-5)
-        logits.log_softmax(1).sum(0)[0].backward()
-        torch.testing.assert_close(first.grad[m], single.net[1].weight.grad.t(), rtol=1e-4, atol=1e-5)
+@pytest.mark.parametrize("optimizer,lrs", [(SGD, [0.05, 0.5, 2.0]), (Adam, [1e-3, 1e-2, 0.1]),
+                                           (Adagrad, [1e-2, 0.1, 1.0]), (RMSprop, [1e-3, 1e-2, 0.1])])
+def test_a_float32_mlp_population_trains_bitwise_as_its_members_single_runs(
+        hidden: list[int], batch: int, shared: bool, optimizer: type, lrs: list[float]) -> None:
+    """Each linear layer computes every member's slice as nn.Linear computes it (MemberLinear), so
+    in float32 on the CPU every member's weights after each of 30 steps equal, bit for bit, its
+    single model's trained on the same batches by the same optimizer with its own lr."""
+    configs = [mlp_config(hidden=hidden, activation="tanh", init=init) for init in INITS[:3]]
+    seeds = SEEDS[:3]
+    model = StackedMLP.from_configs(configs, seeds)
+    opt = member_optimizer(optimizer, model, lrs)
+    singles = [build_member(cfg, seed) for cfg, seed in zip(configs, seeds)]
+    single_opts = [optimizer(single.parameters(), lr=lr) for single, lr in zip(singles, lrs)]
+    g = torch.Generator().manual_seed(0)
+    for step in range(30):
+        x = torch.rand(1 if shared else 3, batch, 1, 28, 28, generator=g).expand(3, -1, -1, -1, -1)
+        y = torch.randint(0, 10, (1 if shared else 3, batch), generator=g).expand(3, -1)
+        opt.zero_grad()
+        member_losses(model(x), y).sum().backward()
+        opt.step()
+        for m, (single, single_opt) in enumerate(zip(singles, single_opts)):
+            single_opt.zero_grad()
+            F.cross_entropy(single(x[m]), y[m]).backward()
+            single_opt.step()
+            for key, value in single.state_dict().items():
+                assert torch.equal(model.member_state_dict(m)[key], value), f"member {m} {key} at step {step}"
+
+
+def test_member_linear_gradients_and_their_gradients_are_exact() -> None:
+    """MemberLinear's backward (and, for Hessian-vector products, the backward of its backward)
+    against finite differences, in float64, with members of different weights and inputs."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 2, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(MemberLinear.apply, (x, weight, bias))
+    assert torch.autograd.gradgradcheck(MemberLinear.apply, (x, weight, bias))
+    expected = torch.stack([F.linear(x[m], weight[m], bias[m]) for m in range(3)])
+    torch.testing.assert_close(MemberLinear.apply(x, weight, bias), expected, **F64)
 
 
 def test_cnn_with_pool_stride_2_and_no_hidden_fc() -> None:

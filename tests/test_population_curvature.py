@@ -38,11 +38,7 @@ def member_pieces(model: StackedMLP | StackedCNN, tensors: list[torch.Tensor], m
     single = model.member_model(m)
     names = [name for name, _ in model.named_parameters()]
     stacked_of = dict(zip(names, tensors))
-    out = []
-    for name, p in single.named_parameters():
-        piece = stacked_of[name][m]
-        out.append(piece.t() if piece.shape != p.shape else piece)
-    return out
+    return [stacked_of[name][m] for name, _ in single.named_parameters()]
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])

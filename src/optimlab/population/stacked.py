@@ -2,9 +2,10 @@
 
 Member m of a :class:`StackedMLP` or :class:`StackedCNN` is the single :class:`~optimlab.models.MLP`
 or :class:`~optimlab.models.CNN` it was stacked from: the same layers, activations and pooling,
-with its weights in slice m of every parameter. Linear layers hold ``weight [P, in, out]`` and
-``bias [P, out]`` and run as one ``torch.baddbmm``; convolutions hold ``weight [P, out, in, k, k]``
-and run as one grouped convolution (``groups=P``), so every operation stays inside its member:
+with its weights in slice m of every parameter. Linear layers hold ``weight [P, out, in]`` and
+``bias [P, out]`` (``nn.Linear``'s layout) and run as one batched product whose every member's
+slice is the arithmetic of its own ``nn.Linear`` (:class:`MemberLinear`); convolutions hold
+``weight [P, out, in, k, k]`` and run as one grouped convolution (``groups=P``), so every operation stays inside its member:
 nothing, not even a NaN, crosses from one member to another. Every parameter has shape ``[P, ...]``,
 as a member-wise optimizer group (``members: P``, see :class:`~optimlab.optim.Optimizer`) expects.
 
@@ -29,12 +30,6 @@ from optimlab.models.activations import ACTIVATIONS
 # Layers that act elementwise or per channel: the same module serves every member's slice.
 SHARED_LAYERS: tuple[type[nn.Module], ...] = (*ACTIVATIONS.values(), nn.MaxPool2d)
 
-# On the CPU, float32 batched products with fewer output columns than this run 1.5-4x slower than
-# the same product transposed (``W^T x^T``, whose output has a column per example): measured with
-# MKL on a 2-core AMD EPYC, 30 members, inputs 32-2048 wide, batches 32-1000, forward and backward.
-# From 12 columns up the plain product is the faster; float64 and GPUs were not measured faster.
-NARROW_OUTPUT = 12
-
 
 def build_member(config: Mapping[str, Any], seed: int) -> nn.Module:
     """The single model ``config`` describes (a Hydra node with ``_target_``, as ``conf/model/``'s),
@@ -52,22 +47,41 @@ def member_losses(logits: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
 
 
+class MemberLinear(torch.autograd.Function):
+    """``y[m] = x[m] @ weight[m]^T + bias[m]`` for features ``x [P, B, in]``, ``weight [P, out, in]``,
+    computed per member as ``nn.Linear`` computes it, forward and backward: the product with the
+    weight as a transposed operand (``addmm(b, x, W.t())``), and the gradients ``g @ W``, ``g^T @ x``
+    (the weight's in its own layout, as autograd's ``addmm`` backward gives it) and ``g.sum(0)``.
+    Autograd's own ``bmm`` backward computes the weight gradient as ``(x^T @ g)^T``, which rounds
+    differently where a layer has few outputs; with this one a float32 population on the CPU trains
+    bitwise as its members' single runs (tested). Its backward is built from differentiable
+    operations, so Hessian-vector products go through it."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
+        x, weight = ctx.saved_tensors
+        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        return grad_x, torch.bmm(grad.transpose(1, 2), x), grad.sum(1)
+
+
 class StackedLinear(nn.Module):
-    """P linear layers: ``y[m] = x[m] @ weight[m] + bias[m]`` for features ``x [P, B, in]``."""
+    """P linear layers as one :class:`MemberLinear` over features ``x [P, B, in]``."""
 
     def __init__(self, layers: Sequence[nn.Linear]) -> None:
         super().__init__()
-        # [P, in, out]: each member's weight transposed, so one baddbmm computes x @ W^T for all.
-        self.weight = nn.Parameter(torch.stack([layer.weight.detach().t() for layer in layers]).contiguous())
+        self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]))  # [P, out, in]
         self.bias = nn.Parameter(torch.stack([layer.bias.detach() for layer in layers]))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.weight.shape[2] < NARROW_OUTPUT and x.device.type == "cpu" and x.dtype == torch.float32:
-            return torch.baddbmm(self.bias.unsqueeze(2), self.weight.transpose(1, 2), x.transpose(1, 2)).transpose(1, 2)
-        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
+        return MemberLinear.apply(x, self.weight, self.bias)
 
     def member_state(self, m: int) -> dict[str, Tensor]:
-        return {"weight": self.weight[m].t(), "bias": self.bias[m]}
+        return {"weight": self.weight[m], "bias": self.bias[m]}
 
 
 class StackedConv2d(nn.Module):
@@ -176,18 +190,9 @@ class StackedModel(nn.Module):
 
     def stack_members(self, members: Sequence[Sequence[Tensor]]) -> list[Tensor]:
         """Tensors given per member in its single model's parameter order and shapes (e.g. a
-        vector over its parameters), stacked as this model's parameters are (linear weights
-        transposed); the inverse of slicing as :meth:`member_state_dict` does."""
-        stacked, i = [], 0
-        for layer in self.net:
-            if isinstance(layer, (StackedLinear, StackedConv2d)):
-                for name in ("weight", "bias"):
-                    pieces = [tensors[i] for tensors in members]
-                    if isinstance(layer, StackedLinear) and name == "weight":
-                        pieces = [piece.t() for piece in pieces]
-                    stacked.append(torch.stack(pieces).contiguous())
-                    i += 1
-        return stacked
+        vector over its parameters), stacked as this model's parameters are; the inverse of
+        slicing as :meth:`member_state_dict` does."""
+        return [torch.stack(pieces) for pieces in zip(*members)]
 
     def member_model(self, m: int) -> nn.Module:
         """Member m as a single model (a copy, in this module's dtype and device)."""
