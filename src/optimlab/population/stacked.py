@@ -5,9 +5,10 @@ or :class:`~optimlab.models.CNN` it was stacked from: the same layers, activatio
 with its weights in slice m of every parameter. Linear layers hold ``weight [P, out, in]`` and
 ``bias [P, out]`` (``nn.Linear``'s layout) and run as one batched product whose every member's
 slice is the arithmetic of its own ``nn.Linear`` (:class:`MemberLinear`); convolutions hold
-``weight [P, out, in, k, k]`` and run as one grouped convolution (``groups=P``), so every operation stays inside its member:
-nothing, not even a NaN, crosses from one member to another. Every parameter has shape ``[P, ...]``,
-as a member-wise optimizer group (``members: P``, see :class:`~optimlab.optim.Optimizer`) expects.
+``weight [P, out, in, k, k]`` and run as one grouped convolution (``groups=P``), so every
+operation stays inside its member: nothing, not even a NaN, crosses from one member to another.
+Every parameter has shape ``[P, ...]``, as a member-wise optimizer group (``members: P``, see
+:class:`~optimlab.optim.Optimizer`) expects.
 
 Layouts inside the forward pass: images ``[P, B, C, H, W]`` (the input), convolution maps
 ``[B, P*C, H, W]`` (member m's channels at ``m*C .. m*C+C-1``) and features ``[P, B, F]``.
@@ -53,9 +54,9 @@ class MemberLinear(torch.autograd.Function):
     weight as a transposed operand (``addmm(b, x, W.t())``), and the gradients ``g @ W``, ``g^T @ x``
     (the weight's in its own layout, as autograd's ``addmm`` backward gives it) and ``g.sum(0)``.
     Autograd's own ``bmm`` backward computes the weight gradient as ``(x^T @ g)^T``, which rounds
-    differently where a layer has few outputs; with this one a float32 population on the CPU trains
-    bitwise as its members' single runs (tested). Its backward is built from differentiable
-    operations, so Hessian-vector products go through it."""
+    differently where a layer has few outputs; with this one an MLP population on one CPU thread
+    trains bitwise as its members' single runs, in float32 and float64 (tested). Its backward is
+    built from differentiable operations, so Hessian-vector products go through it."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -202,7 +203,7 @@ class StackedModel(nn.Module):
 
 
 class StackedMLP(StackedModel):
-    """P :class:`~optimlab.models.MLP` members: every linear layer is one ``baddbmm``."""
+    """P :class:`~optimlab.models.MLP` members: every linear layer is one :class:`MemberLinear`."""
 
     single_type = MLP
 
