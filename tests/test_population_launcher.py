@@ -408,6 +408,27 @@ def test_local_jobs_see_this_machines_gpus_unless_told() -> None:
     assert executor_parameters("submitit_slurm", {"timeout_min": 60}, 2) == {"timeout_min": 60}
 
 
+def test_a_population_checkpoint_loads_only_for_its_jobs_configs_and_format(tmp_path: Path) -> None:
+    """resume=auto continues only from this population's file, in this version's format (an older
+    format holds its linear weights transposed), and says why it starts over otherwise."""
+    from optimlab.population.checkpoint import FORMAT, PopulationCheckpoint
+
+    dirs = [tmp_path / "0_lr=0.1", tmp_path / "1_lr=1"]
+    configs = [{"lr": 0.1, "resume": "auto"}, {"lr": 1.0, "resume": None}]
+    checkpoint = PopulationCheckpoint(dirs, configs)
+    assert checkpoint.load(torch.device("cpu")) == (None, "no checkpoint")
+    checkpoint.save({"weights": torch.ones(2)}, wall_time_s=3.0)
+    state, why = PopulationCheckpoint(dirs, [{"lr": 0.1}, {"lr": 1.0, "epochs": 9}]).load(torch.device("cpu"))
+    assert why == "" and state["wall_time_s"] == 3.0 and torch.equal(state["loop"]["weights"], torch.ones(2))
+    other_configs = PopulationCheckpoint(dirs, [{"lr": 0.1}, {"lr": 2.0}])
+    assert "other configs" in other_configs.load(torch.device("cpu"))[1]
+    torch.save({**torch.load(checkpoint.path), "format": FORMAT - 1}, checkpoint.path)
+    state, why = checkpoint.load(torch.device("cpu"))
+    assert state is None and f"has format {FORMAT - 1}; this version reads format {FORMAT}" in why
+    torch.save({**torch.load(checkpoint.path), "jobs": ["0_lr=0.1", "2_lr=3"]}, checkpoint.path)
+    assert "is not this population's checkpoint" in checkpoint.load(torch.device("cpu"))[1]
+
+
 def test_executor_tidy_removes_only_an_empty_template_folder(tmp_path: Path) -> None:
     from optimlab.population.cluster import Executor
 

@@ -24,7 +24,7 @@ import torch
 from optimlab.files import atomic_write, remove_stale_temporaries
 
 CHECKPOINTS = ".populations"
-FORMAT = 1
+FORMAT = 2  # 2: linear weights in nn.Linear's [P, out, in] layout (1: [P, in, out])
 # Keys a resumed run may change (optimlab.train.RESUME_OVERRIDES), left out of the configs compared.
 IGNORED = ("resume", "epochs", "trainer.progress_bar", "trainer.num_threads", "data.root")
 
@@ -70,8 +70,10 @@ class PopulationCheckpoint:
         except Exception as err:
             first_line = str(err).splitlines()[0] if str(err) else "empty"
             return None, f"{self.path} cannot be read ({type(err).__name__}: {first_line})"
-        if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("jobs") != self.jobs:
+        if not isinstance(state, dict) or state.get("jobs") != self.jobs:
             return None, f"{self.path} is not this population's checkpoint"
+        if state.get("format") != FORMAT:
+            return None, f"{self.path} has format {state.get('format')}; this version reads format {FORMAT}"
         if state.get("configs") != self.configs:
             return None, f"{self.path} was written for other configs of these jobs"
         return state, ""
