@@ -3,6 +3,7 @@ and grouped (fast, composed in-process), and end to end against the basic launch
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -89,6 +90,25 @@ def test_a_shape_whose_copies_differ_is_composed_in_full(loaders, monkeypatch: p
         expected = OmegaConf.to_yaml(hydra_loader.load_sweep_config(master, overrides))
         assert OmegaConf.to_yaml(caching.load_sweep_config(master, overrides)) == expected, overrides
     assert [shape.copies_match for shape in caching.shapes.values()] == [False]
+
+
+def test_the_launcher_gets_the_config_composed_for_the_sweepers_check(loaders, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each job composed once for the sweeper's check and handed to the launcher's request (the
+    same object, as Hydra composes it); a third request composes it again; another master config
+    starts afresh."""
+    hydra_loader, master, caching = loaders
+    composed: list[tuple[str, ...]] = []
+    compose = caching.compose
+    monkeypatch.setattr(caching, "compose", lambda m, o: composed.append(tuple(o)) or compose(m, o))
+    checked = [caching.load_sweep_config(master, overrides) for overrides in SHAPES[:4]]  # the sweeper's check
+    launched = [caching.load_sweep_config(master, overrides) for overrides in SHAPES[:4]]  # the launcher's
+    assert composed == [tuple(o) for o in SHAPES[:4]] and all(a is b for a, b in zip(checked, launched))
+    for overrides, config in zip(SHAPES[:4], launched):
+        assert OmegaConf.to_yaml(config) == OmegaConf.to_yaml(hydra_loader.load_sweep_config(master, overrides))
+    again = caching.load_sweep_config(master, SHAPES[0])
+    assert len(composed) == 5 and again is not launched[0]
+    other = copy.deepcopy(master)
+    assert caching.load_sweep_config(other, SHAPES[0]) is not again and len(composed) == 6
 
 
 def test_a_bad_value_fails_as_hydra_says(loaders) -> None:

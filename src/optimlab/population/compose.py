@@ -10,6 +10,12 @@ the way Hydra sets them (``OmegaConf.update``), with ``hydra.overrides.task`` an
 ``hydra.job.override_dirname`` made the job's own. The second job of each shape is composed both
 ways and compared; a shape whose copy differs from Hydra's own composition is composed in full,
 job by job, from then on.
+
+A sweeper asks for every job's config twice: once to check the batch before the launch (Hydra's
+``Sweeper.validate_batch_is_legal``, which drops the result), then the launcher, for the job. So a
+config composed for a job is kept, and the second request for the same job (the same overrides of the
+same master config) gets that object instead of a new composition; the request after that composes
+again.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ class ShapeCachingLoader(ConfigLoader):
         self.parser = OverridesParser.create(config_loader=loader)
         self.shapes: dict[tuple[Any, ...], Shape] = {}
         self.groups: dict[str, bool] = {}
+        self.kept: dict[tuple[str, ...], DictConfig] = {}  # composed once, not yet asked for again
+        self.kept_for: int | None = None                    # id() of the master config they belong to
 
     def is_plain(self, override: Override) -> bool:
         """Whether ``override`` only sets a value (not a config group, an addition, a deletion, a
@@ -64,6 +72,16 @@ class ShapeCachingLoader(ConfigLoader):
         return not self.groups[key]
 
     def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        if self.kept_for != id(master_config):
+            self.kept, self.kept_for = {}, id(master_config)
+        key = tuple(sweep_overrides)
+        if key in self.kept:
+            return self.kept.pop(key)
+        self.kept[key] = self.compose(master_config, sweep_overrides)
+        return self.kept[key]
+
+    def compose(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        """The job's config: Hydra's composition, or a copy of its shape's first job."""
         overrides = self.parser.parse_overrides(list(sweep_overrides))
         plain = [self.is_plain(o) for o in overrides]
         shape_key = (master_config.hydra.job.config_name, tuple(master_config.hydra.overrides.hydra),
