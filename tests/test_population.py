@@ -122,6 +122,8 @@ def test_member_linear_gradients_and_their_gradients_are_exact() -> None:
     assert torch.autograd.gradgradcheck(MemberLinear.apply, (x, weight, bias))
     expected = torch.stack([F.linear(x[m], weight[m], bias[m]) for m in range(3)])
     torch.testing.assert_close(MemberLinear.apply(x, weight, bias), expected, **F64)
+    frozen, = torch.autograd.grad(MemberLinear.apply(x, weight.detach(), bias.detach()).sum(), x)
+    torch.testing.assert_close(frozen, torch.autograd.grad(expected.sum(), x)[0], **F64)
 
 
 def test_cnn_with_pool_stride_2_and_no_hidden_fc() -> None:

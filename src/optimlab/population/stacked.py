@@ -64,10 +64,12 @@ class MemberLinear(torch.autograd.Function):
         return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         x, weight = ctx.saved_tensors
-        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
-        return grad_x, torch.bmm(grad.transpose(1, 2), x), grad.sum(1)
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad
+        return (torch.bmm(grad, weight) if needs_x else None,
+                torch.bmm(grad.transpose(1, 2), x) if needs_weight else None,
+                grad.sum(1) if needs_bias else None)
 
 
 class StackedLinear(nn.Module):
