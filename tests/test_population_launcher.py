@@ -494,6 +494,22 @@ def test_populations_run_as_submitit_jobs(mnist_root: Path, tmp_path: Path) -> N
         assert list((tmp_path / "submitit" / name / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_missing_mnist_files_are_looked_for_once_per_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every job of a sweep whose data root lacks the files fails with the data module's one-line
+    error, but the files are checked (and their download tried) once, not once per job."""
+    from optimlab.data import DataError, ensure_files
+
+    calls = []
+    monkeypatch.setattr(launcher, "ensure_files", lambda root, download: calls.append(root) or ensure_files(root, False))
+    jobs = [compose_config(f"lr={lr}", f"data.root={tmp_path}", "trainer.accelerator=cpu") for lr in (0.1, 0.2, 0.3)]
+    errors = []
+    for cfg in jobs:
+        with pytest.raises(DataError, match="MNIST files missing from") as err:
+            launcher.check(cfg)
+        errors.append(str(err.value))
+    assert calls == [tmp_path] and errors == errors[:1] * 3 and str(tmp_path) in errors[0]
+
+
 @pytest.mark.slow
 def test_an_invalid_job_fails_alone(mnist_root: Path, tmp_path: Path) -> None:
     """lr=-1 fails its two jobs with the one-line ConfigError (recorded as crashed, exit code 1);

@@ -152,11 +152,23 @@ def check(cfg: DictConfig) -> None:
     epoch_batches(len(split.train_labels), datamodule.batch_size, cfg.trainer.limit_train_batches)
 
 
-@functools.lru_cache(maxsize=8)
 def training_images(root: Path, download: bool) -> int:
     """How many training images the checked MNIST files under ``root`` hold (DataError if they are
-    missing or broken); read once per root and sweep, not once per job (the files are 47 MB)."""
-    ensure_files(root, download)
+    missing or broken); read once per root and sweep, not once per job (the files are 47 MB), and
+    found missing once too (each job would try the download again: 0.15 s a job offline)."""
+    found = checked_files(root, download)
+    if isinstance(found, DataError):
+        raise DataError(str(found))
+    return found
+
+
+@functools.lru_cache(maxsize=8)
+def checked_files(root: Path, download: bool) -> int | DataError:
+    """:func:`training_images`' answer, kept: the count, or the error."""
+    try:
+        ensure_files(root, download)
+    except DataError as err:
+        return err
     return len(load_split(root, train=True)[1])
 
 
