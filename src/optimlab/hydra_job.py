@@ -6,10 +6,12 @@ config a launcher composed for it alone."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +91,19 @@ def write_job_record(folder: Path, cfg: DictConfig, hydra_cfg: DictConfig) -> No
     OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), folder / "overrides.yaml")
 
 
+@contextlib.contextmanager
+def hydra_config_of(sweep_config: DictConfig) -> Iterator[None]:
+    """``HydraConfig`` set to this job's (``${hydra:...}`` interpolations resolve), then restored.
+    Assigned, not ``set_config``: that copies the ``hydra`` node, which costs more than what is read."""
+    hydra_config = HydraConfig.instance()
+    previous = hydra_config.cfg
+    hydra_config.cfg = sweep_config
+    try:
+        yield
+    finally:
+        hydra_config.cfg = previous
+
+
 def run_composed_job(hydra_context: HydraContext, task_function: TaskFunction, sweep_config: DictConfig,
                      task_config: DictConfig, output_dir: Path) -> JobReturn:
     """Run ``task_function`` as Hydra's ``run_job`` runs a sweep job (``HydraConfig`` set to the
@@ -103,28 +118,27 @@ def run_composed_job(hydra_context: HydraContext, task_function: TaskFunction, s
         hydra.runtime.output_dir = str(output_dir)
     ret = JobReturn(overrides=list(hydra.overrides.task), cfg=task_config, hydra_cfg=sweep_config,
                     task_name=str(hydra.job.name))
-    hydra_config, previous_cfg, previous_cwd = HydraConfig.instance(), HydraConfig.instance().cfg, os.getcwd()
-    hydra_config.cfg = sweep_config  # assigned: ``set_config`` copies the whole config
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if hydra.job.chdir:
-            os.chdir(output_dir)
-        ret.working_dir = os.getcwd()
-        configure_log(hydra.job_logging, hydra.verbose)
-        if hydra.output_subdir is not None:
-            write_job_record(output_dir / str(hydra.output_subdir), task_config, hydra)
-        with env_override(hydra.job.env_set):
-            hydra_context.callbacks.on_job_start(config=sweep_config, task_function=task_function)
-            try:
-                ret.return_value = task_function(task_config)
-                ret.status = JobStatus.COMPLETED
-            except Exception as err:  # the job failed: its JobReturn says so, as run_job's does
-                ret.return_value = err
-                ret.status = JobStatus.FAILED
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-        hydra_context.callbacks.on_job_end(config=sweep_config, job_return=ret)
-        return ret
-    finally:
-        hydra_config.cfg = previous_cfg
-        os.chdir(previous_cwd)
+    previous_cwd = os.getcwd()
+    with hydra_config_of(sweep_config):
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            if hydra.job.chdir:
+                os.chdir(output_dir)
+            ret.working_dir = os.getcwd()
+            configure_log(hydra.job_logging, hydra.verbose)
+            if hydra.output_subdir is not None:
+                write_job_record(output_dir / str(hydra.output_subdir), task_config, hydra)
+            with env_override(hydra.job.env_set):
+                hydra_context.callbacks.on_job_start(config=sweep_config, task_function=task_function)
+                try:
+                    ret.return_value = task_function(task_config)
+                    ret.status = JobStatus.COMPLETED
+                except Exception as err:  # the job failed: its JobReturn says so, as run_job's does
+                    ret.return_value = err
+                    ret.status = JobStatus.FAILED
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            hydra_context.callbacks.on_job_end(config=sweep_config, job_return=ret)
+            return ret
+        finally:
+            os.chdir(previous_cwd)

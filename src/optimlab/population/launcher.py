@@ -41,7 +41,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
@@ -51,7 +50,7 @@ from torch import Tensor
 from optimlab.build import build_parts, optimizer_class
 from optimlab.checkpointing import holds_a_run, last_checkpoint
 from optimlab.data import DataError, ensure_files, epoch_batches, load_split, resolve_root
-from optimlab.hydra_job import run_composed_job, save_job_record
+from optimlab.hydra_job import hydra_config_of, run_composed_job, save_job_record
 from optimlab.optim import Optimizer
 from optimlab.population.checkpoint import PopulationCheckpoint
 from optimlab.population.cluster import Executor, run_as_jobs
@@ -107,19 +106,6 @@ class Job:
         config = OmegaConf.masked_copy(self.sweep_config, [key for key in self.sweep_config if key != "hydra"])
         OmegaConf.set_struct(config, True)
         return config
-
-
-@contextlib.contextmanager
-def hydra_config_of(sweep_config: DictConfig) -> Iterator[None]:
-    """``HydraConfig`` set to this job's (``${hydra:...}`` interpolations resolve), then restored.
-    Assigned, not ``set_config``: that copies the ``hydra`` node, which costs more than what is read."""
-    hydra_config = HydraConfig.instance()
-    previous = hydra_config.cfg
-    hydra_config.cfg = sweep_config
-    try:
-        yield
-    finally:
-        hydra_config.cfg = previous
 
 
 def compose_jobs(hydra_context: HydraContext, config: DictConfig, job_overrides: Sequence[Sequence[str]],
