@@ -23,7 +23,7 @@ from optimlab.optim import SGD, Adagrad, Adam, RMSprop
 from optimlab.population import StackedCNN, StackedMLP, build_member
 from optimlab.population.data import PopulationData, split_indices
 from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimizer, train_population
-from optimlab.population.stacked import MemberLinear, member_losses
+from optimlab.population.stacked import MemberLinear, StackedConv2d, grouped_conv2d, member_losses
 from optimlab.train import run
 
 INITS = ["default", "normal", "glorot", "stax"]
@@ -81,18 +81,23 @@ def test_member_forward_equals_single_forward(stacked: type, config: Any, activa
         assert torch.equal(model.member_model(m)(x[m]), single(x[m]))
 
 
-@pytest.mark.parametrize("hidden,batch", [([2], 32), ([8], 128), ([16, 8], 100), ([64], 33)])
+@pytest.mark.parametrize("stacked,config,batch", [
+    (StackedMLP, mlp_config(hidden=[2]), 32), (StackedMLP, mlp_config(hidden=[8]), 128),
+    (StackedMLP, mlp_config(hidden=[16, 8]), 100), (StackedMLP, mlp_config(hidden=[64]), 33),
+    (StackedCNN, cnn_config(), 32), (StackedCNN, cnn_config(channels=[4], fc=[], pool_stride=2, kernel_size=3), 17),
+], ids=["mlp-2", "mlp-8", "mlp-16-8", "mlp-64", "cnn", "cnn-lenet-pooling"])
 @pytest.mark.parametrize("shared", [False, True], ids=["own-batches", "one-expanded-batch"])
 @pytest.mark.parametrize("optimizer,lrs", [(SGD, [0.05, 0.5, 2.0]), (Adam, [1e-3, 1e-2, 0.1]),
                                            (Adagrad, [1e-2, 0.1, 1.0]), (RMSprop, [1e-3, 1e-2, 0.1])])
-def test_a_float32_mlp_population_trains_bitwise_as_its_members_single_runs(
-        hidden: list[int], batch: int, shared: bool, optimizer: type, lrs: list[float]) -> None:
-    """Each linear layer computes every member's slice as nn.Linear computes it (MemberLinear), so
-    in float32 on the CPU every member's weights after each of 30 steps equal, bit for bit, its
-    single model's trained on the same batches by the same optimizer with its own lr."""
-    configs = [mlp_config(hidden=hidden, activation="tanh", init=init) for init in INITS[:3]]
+def test_a_float32_population_trains_bitwise_as_its_members_single_runs(
+        stacked: type, config: dict[str, Any], batch: int, shared: bool, optimizer: type, lrs: list[float]) -> None:
+    """Each linear layer computes every member's slice as nn.Linear computes it (MemberLinear), and
+    on the CPU each member's convolution is its single model's call, so in float32 every member's
+    weights after each of 30 steps equal, bit for bit, its single model's trained on the same
+    batches by the same optimizer with its own lr (one CPU thread, as the test workers run)."""
+    configs = [{**config, "activation": "tanh", "init": init} for init in INITS[:3]]
     seeds = SEEDS[:3]
-    model = StackedMLP.from_configs(configs, seeds)
+    model = stacked.from_configs(configs, seeds)
     opt = member_optimizer(optimizer, model, lrs)
     singles = [build_member(cfg, seed) for cfg, seed in zip(configs, seeds)]
     single_opts = [optimizer(single.parameters(), lr=lr) for single, lr in zip(singles, lrs)]
@@ -109,6 +114,28 @@ def test_a_float32_mlp_population_trains_bitwise_as_its_members_single_runs(
             single_opt.step()
             for key, value in single.state_dict().items():
                 assert torch.equal(model.member_state_dict(m)[key], value), f"member {m} {key} at step {step}"
+
+
+@pytest.mark.parametrize("kernel,in_channels", [(5, 1), (3, 4)])
+def test_member_convolutions_equal_one_grouped_convolution(kernel: int, in_channels: int) -> None:
+    """The CPU's member-by-member convolutions and the GPU's grouped one compute the same maps and
+    gradients (float64, on the CPU; images [P, B, C, H, W] and maps [P*B, C, H, W] alike)."""
+    g = torch.Generator().manual_seed(0)
+    layers = [torch.nn.Conv2d(in_channels, 3, kernel).double() for _ in range(4)]
+    conv = StackedConv2d(layers)
+    x = torch.randn(4, 5, in_channels, 12, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    params = [x, conv.weight, conv.bias]
+    for inputs in (x, x.flatten(0, 1)):
+        members = conv(inputs)
+        grouped = grouped_conv2d(inputs, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation)
+        assert members.shape == grouped.shape == (20, 3, 13 - kernel, 13 - kernel)
+        torch.testing.assert_close(members, grouped, **F64)
+        for m, layer in enumerate(layers):
+            assert torch.equal(members[5 * m:5 * m + 5], layer(x[m]))
+        cotangent = torch.randn(members.shape, generator=g, dtype=torch.float64)
+        for ours, theirs in zip(torch.autograd.grad(members, params, cotangent),
+                                torch.autograd.grad(grouped, params, cotangent)):
+            torch.testing.assert_close(ours, theirs, **F64)
 
 
 def test_member_linear_gradients_and_their_gradients_are_exact() -> None:
