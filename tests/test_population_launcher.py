@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from conftest import compose_config, run_script
+from conftest import CONF, compose_config, run_script
 from hydra_plugins.optimlab_population.population_launcher import PopulationLauncher
 from optimlab.population import launcher
 from optimlab.population.launcher import (Job, PopulationCrashed, finish_member, group, hydra_config_of,
@@ -190,10 +190,21 @@ def test_a_composed_job_runs_as_hydras_run_job_runs_it(loaders, tmp_path: Path, 
 
 def test_the_plugin_is_registered_with_its_knobs() -> None:
     node = ConfigStore.instance().load("hydra/launcher/population.yaml").node
-    assert node.max_members == 64 and node.dry_run is False
     assert node._target_ == "hydra_plugins.optimlab_population.population_launcher.PopulationLauncher"
-    with pytest.raises(ValueError, match="max_members"):
-        PopulationLauncher(max_members=0)
+    # The plan's knobs read the run config's population node (the population.max_members, ...).
+    for overrides, expected in (([], (64, False)), (["population.max_members=5", "population.dry_run=true"], (5, True)),
+                                (["hydra.launcher.max_members=7"], (7, False))):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose("config", overrides=["hydra/launcher=population", *overrides], return_hydra_config=True)
+        assert (cfg.hydra.launcher.max_members, cfg.hydra.launcher.dry_run) == expected, overrides
+    other_app = OmegaConf.create({"hydra": {"launcher": node}})  # a config without the node: the defaults
+    assert (other_app.hydra.launcher.max_members, other_app.hydra.launcher.dry_run) == (64, False)
+    for bad, message in (({"max_members": 0}, r"population.max_members \(hydra.launcher.max_members\): 0 is not allowed"),
+                         ({"max_members": "abc"}, "max_members.*'abc' is not allowed; expected an integer >= 1"),
+                         ({"dry_run": "maybe"}, r"population.dry_run \(hydra.launcher.dry_run\): 'maybe' is not allowed"),
+                         ({"dry_run": 1}, "dry_run.*1 is not allowed; expected true or false")):
+        with pytest.raises(ValueError, match=message):
+            PopulationLauncher(**bad)
 
 
 @pytest.mark.parametrize("options,key", [({"executor": "nope"}, "hydra.launcher.executor"),
@@ -289,7 +300,7 @@ def test_a_population_sweep_equals_the_sequential_sweep(mnist_root: Path, tmp_pa
     pop, seq, out = sweep_both_ways(tmp_path, "optimizer=sgd,adam,rmsprop,adagrad", "lr=0.01,1e307",
                                     "seed=0,1", "model.hidden=[8]", "trainer.precision=64-true",
                                     "trainer.log_every_n_steps=3", *budget)
-    assert "16 jobs -> 4 population(s) of 16 members" in out
+    assert "16 jobs -> 16 in 4 population(s)" in out
     assert len(seq) == 16
     for name, ref in seq.items():
         got = pop[name]
@@ -340,7 +351,7 @@ def test_a_population_limits_its_epochs_as_lightning_limits_a_run(mnist_root: Pa
     pop, seq, out = sweep_both_ways(tmp_path, "lr=0.05,0.2", "seed=0,1", "trainer.limit_train_batches=3,0.5",
                                     "batch_size=32", "model.hidden=[8]", "trainer.precision=64-true",
                                     *EQUIVALENCE_BUDGET)
-    assert "8 jobs -> 2 population(s) of 8 members" in out
+    assert "8 jobs -> 8 in 2 population(s)" in out
     for name, ref in seq.items():
         got = pop[name]
         limit = ref["config"]["trainer"]["limit_train_batches"]
@@ -390,7 +401,7 @@ def test_a_tracked_population_records_the_sharpness_its_runs_record(mnist_root: 
                                     "model.hidden=[16]", "trainer.precision=64-true", "curvature.every_n_steps=2",
                                     "curvature.log_spaced_start=true", "curvature.probe_size=64",
                                     *budget)
-    assert "4 jobs -> 2 population(s) of 4 members" in out
+    assert "4 jobs -> 4 in 2 population(s)" in out
     for name, ref in seq.items():
         got, expected = pop[name]["curvature"], ref["curvature"]
         assert expected["measurements"] >= 3 and got.keys() == expected.keys(), name
@@ -529,12 +540,13 @@ def test_an_invalid_job_fails_alone(mnist_root: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_dry_run_prints_the_plan_and_writes_nothing(mnist_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("knobs", ["population", "hydra.launcher"])
+def test_dry_run_prints_the_plan_and_writes_nothing(mnist_root: Path, tmp_path: Path, knobs: str) -> None:
     result = train("lr=0.1,0.5", "seed=0,1,2", "scheduler=none,cosine", *SMALL, "hydra/launcher=population",
-                   "hydra.launcher.dry_run=true", "hydra.launcher.max_members=2", f"hydra.sweep.dir={tmp_path}")
+                   f"{knobs}.dry_run=true", f"{knobs}.max_members=2", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    assert "12 jobs -> 3 population(s) of 6 members, 6 alone, 0 invalid" in out
+    assert "12 jobs -> 6 in 3 population(s), 6 alone, 0 invalid" in out
     assert "population 1: 2 members" in out and "MiB" in out and "alone: a learning-rate scheduler" in out
     assert not list(tmp_path.rglob("summary.json")) and not list(tmp_path.rglob(".hydra"))
 

@@ -99,6 +99,8 @@ RULES: dict[str, Rule] = {
     "scheduler.eta_min": NON_NEGATIVE,
     "curvature.every_n_steps": optional(INT_POSITIVE), "curvature.probe_size": INT_POSITIVE,
     "curvature.iters": INT_POSITIVE, "curvature.tol": POSITIVE, "curvature.log_spaced_start": BOOL,
+    # read by hydra/launcher=population (hydra.launcher.max_members / dry_run), which also checks them
+    "population.max_members": INT_POSITIVE, "population.dry_run": BOOL,
 }
 # Why a value is refused although the rule's type fits: the message's second half.
 WHY = {"trainer.devices": ONE_DEVICE, "trainer.num_nodes": ONE_DEVICE, "trainer.strategy": ONE_DEVICE,
@@ -121,7 +123,7 @@ TRAINER_SET_BY_OPTIMLAB = {
 OWN_TRAINER_KEYS = ("check_finite_every_n_steps", "progress_bar", "num_threads", "flush_denormal", "compile")
 BUILT = ("model", "optimizer", "data", "scheduler")   # groups instantiated from their _target_
 COLLECTIONS = ("callbacks", "logger")                 # groups of named entries, each instantiated
-GROUPS = ("trainer", "regimes", "curvature", *BUILT, *COLLECTIONS)
+GROUPS = ("trainer", "regimes", "curvature", "population", *BUILT, *COLLECTIONS)
 EXTRA_KEYS = {"optimizer": {"impl"}, "trainer": set(OWN_TRAINER_KEYS)}  # ours, removed before the constructor
 
 

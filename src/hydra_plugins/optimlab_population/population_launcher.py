@@ -20,11 +20,16 @@ from omegaconf import DictConfig
 
 @dataclass
 class PopulationLauncherConf:
-    """``hydra/launcher=population``'s knobs (``hydra.launcher.<knob>=...`` on the command line)."""
+    """``hydra/launcher=population``'s knobs (``hydra.launcher.<knob>=...`` on the command line). The
+    plan's two, ``max_members`` and ``dry_run``, read the run config's ``population`` node when it has
+    one (optimlab's ``conf/config.yaml``: ``population.max_members=8``, ``population.dry_run=true``)."""
 
     _target_: str = "hydra_plugins.optimlab_population.population_launcher.PopulationLauncher"
-    max_members: int = 64    # a larger group of compatible jobs is split into populations of at most this many
-    dry_run: bool = False    # print the plan (populations, members, estimated memory) and stop
+    # a larger group of compatible jobs is split into populations of at most this many
+    # (Any, not int and bool: a wrong value then gets the launcher's one-line error, not OmegaConf's traceback)
+    max_members: Any = "${oc.select:population.max_members,64}"
+    # print the plan (populations, members, estimated memory) and stop
+    dry_run: Any = "${oc.select:population.dry_run,false}"
     # inline: the populations train one by one in this process; submitit_local / submitit_slurm: each
     # population is one submitit job (processes on this machine / SLURM jobs), see optimlab.population.cluster
     executor: str = "inline"
@@ -51,8 +56,11 @@ class PopulationLauncher(Launcher):
             if not (value is None and allow_none) and (not isinstance(value, int) or isinstance(value, bool)
                                                        or value < 1):
                 allowed = "null or an integer >= 1" if allow_none else "an integer >= 1"
-                raise ValueError(f"hydra.launcher.{key}: {value!r} is not allowed; expected {allowed}")
-        self.max_members, self.dry_run, self.max_parallel = max_members, bool(dry_run), max_parallel
+                name = f"population.{key} (hydra.launcher.{key})" if key == "max_members" else f"hydra.launcher.{key}"
+                raise ValueError(f"{name}: {value!r} is not allowed; expected {allowed}")
+        if not isinstance(dry_run, bool):
+            raise ValueError(f"population.dry_run (hydra.launcher.dry_run): {dry_run!r} is not allowed; expected true or false")
+        self.max_members, self.dry_run, self.max_parallel = max_members, dry_run, max_parallel
         self.executor = None
         if executor != "inline":  # checked (and any other name refused) here, before Hydra writes anything
             from optimlab.population.cluster import make_executor

@@ -303,7 +303,7 @@ def plan_text(jobs: Sequence[Job], populations: Sequence[Sequence[Job]]) -> str:
     pooled = sum(len(p) for p in populations)
     alone = [job for job in jobs if job.alone]
     failed = [job for job in jobs if job.error]
-    lines = [f"population launcher: {len(jobs)} jobs -> {len(populations)} population(s) of {pooled} members, "
+    lines = [f"population launcher: {len(jobs)} jobs -> {pooled} in {len(populations)} population(s), "
              f"{len(alone)} alone, {len(failed)} invalid"]
     for i, members in enumerate(populations, 1):
         nums = ", ".join(f"#{job.num}" for job in members)
