@@ -449,7 +449,8 @@ def test_a_population_checkpoint_loads_only_for_its_jobs_configs_and_format(tmp_
     checkpoint = PopulationCheckpoint(dirs, configs)
     assert checkpoint.load(torch.device("cpu")) == (None, "no checkpoint")
     checkpoint.save({"weights": torch.ones(2)}, wall_time_s=3.0)
-    state, why = PopulationCheckpoint(dirs, [{"lr": 0.1}, {"lr": 1.0, "epochs": 9}]).load(torch.device("cpu"))
+    plan = {"population": {"max_members": 100, "dry_run": False}}  # another plan that formed the same population
+    state, why = PopulationCheckpoint(dirs, [{"lr": 0.1, **plan}, {"lr": 1.0, "epochs": 9}]).load(torch.device("cpu"))
     assert why == "" and state["wall_time_s"] == 3.0 and torch.equal(state["loop"]["weights"], torch.ones(2))
     other_configs = PopulationCheckpoint(dirs, [{"lr": 0.1}, {"lr": 2.0}])
     assert "other configs" in other_configs.load(torch.device("cpu"))[1]

@@ -25,8 +25,9 @@ from optimlab.files import atomic_write, remove_stale_temporaries
 
 CHECKPOINTS = ".populations"
 FORMAT = 2  # 2: linear weights in nn.Linear's [P, out, in] layout (1: [P, in, out])
-# Keys a resumed run may change (optimlab.train.RESUME_OVERRIDES), left out of the configs compared.
-IGNORED = ("resume", "epochs", "trainer.progress_bar", "trainer.num_threads", "data.root")
+# Keys a resumed run may change (optimlab.train.RESUME_OVERRIDES), and the launcher's plan (which jobs
+# form the population, already part of the file's identity), left out of the configs compared.
+IGNORED = ("resume", "epochs", "trainer.progress_bar", "trainer.num_threads", "data.root", "population")
 
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
