@@ -81,6 +81,18 @@ def test_evidence_names_the_numbers_and_thresholds() -> None:
     assert d.measures["final_val_acc"] == pytest.approx(0.834)
 
 
+def test_diverging_at_chance_evidence_says_in_words_what_it_weighed() -> None:
+    """The blow-up test reads as words (no Python bool) and the rises are counted among the changes there are."""
+    stuck_high = diagnose(history([2.3, 2.62], [0.15, 0.09]))
+    assert stuck_high.regime == "diverging"
+    assert "(not above the blow-up level 4.61)" in stuck_high.evidence[1]
+    assert "1 rise(s) in the last 1 epoch-to-epoch change(s)" in stuck_high.evidence[1]
+    assert "False" not in stuck_high.evidence[1] and "True" not in stuck_high.evidence[1]
+    blown = diagnose(CURVES["diverging"]).evidence[1]
+    assert "(above the blow-up level" in blown or "(not above the blow-up level" in blown
+    assert "in the last 3 epoch-to-epoch change(s)" in blown
+
+
 def test_a_single_epoch_is_judged_against_chance_level_loss() -> None:
     learning = diagnose(history([1.9], [0.14]))
     assert learning.regime == "slow" and "ln(10)" in learning.evidence[1] and "nan" not in " ".join(learning.evidence)

@@ -186,6 +186,7 @@ def measure(history: list[dict[str, float]], t: Thresholds, val_size: int | None
     m["blowup_loss"] = t.loss_blowup * m["start_loss"]
     recent = train_loss[-1 - t.window:]
     m["recent_train_loss_rises"] = sum(b - a >= t.osc_min_loss_rise for a, b in zip(recent, recent[1:]))
+    m["recent_train_loss_changes"] = max(len(recent) - 1, 0)  # the epoch-to-epoch changes those rises are among
     m["train_loss_above_best"] = train_loss[-1] / min(train_loss) - 1 if train_loss and min(train_loss) > 0 else nan
     # Fall of the train loss per epoch over the last `window` epochs; with a single epoch, from the
     # loss of uniform guessing, ln(10).
@@ -291,10 +292,10 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
              f"max(ln(10), first step's loss) = {blowup_loss:.2f})")
     if at_chance and (blown_up or not_falling):
         return verdict("diverging", f"final val_acc {m['final_val_acc']:.3f} <= chance_acc {t.chance_acc}",
-                       f"train loss {m['final_train_loss']:.3g} (blown up above {blowup_loss:.2f}: "
-                       f"{blown_up}); {m['train_loss_above_best']:+.1%} vs its best epoch (limit "
-                       f"{t.diverge_loss_rise:.0%}); {m['recent_train_loss_rises']:.0f} rise(s) over the last "
-                       f"{t.window} epochs")
+                       f"train loss {m['final_train_loss']:.3g} ({'above' if blown_up else 'not above'} the "
+                       f"blow-up level {blowup_loss:.2f}); {m['train_loss_above_best']:+.1%} vs its best epoch "
+                       f"(limit {t.diverge_loss_rise:.0%}); {m['recent_train_loss_rises']:.0f} rise(s) in the last "
+                       f"{m['recent_train_loss_changes']:.0f} epoch-to-epoch change(s)")
     learned_bound = t.underfit_loss_ratio * math.log(10)
     if spiked and m["final_val_acc"] < t.fit_acc and not m["final_train_loss"] <= learned_bound:  # NaN: not learned
         return verdict("diverging", spike, f"and the run has not recovered: final train loss "
