@@ -62,7 +62,7 @@ from optimlab.build import optimizer_class  # noqa: E402
 from optimlab.data import MNISTDataModule  # noqa: E402
 from optimlab.optim import SGD  # noqa: E402
 from optimlab.population import PopulationData, PopulationLoop, StackedMLP, build_member, member_optimizer  # noqa: E402
-from optimlab.population.launcher import keep_freed_memory  # noqa: E402
+from optimlab.population.launcher import data_order, keep_freed_memory  # noqa: E402
 from optimlab.population.stacked import member_losses  # noqa: E402
 from optimlab.train import run  # noqa: E402
 
@@ -111,17 +111,19 @@ def population(parts: dict) -> None:
         parts["loop"].step(x, y)
 
 
-def math_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
-    """The stacked forward, loss, backward and member-wise step: the batched math alone."""
+def math_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+              groups: list[int] | None = None) -> None:
+    """The stacked forward, loss, backward and member-wise step: the batched math alone (``groups``:
+    ``x`` holds one batch per run of members that share their data, as the population gathers them)."""
     opt.zero_grad(set_to_none=True)
-    member_losses(model(x), y).sum().backward()
+    member_losses(model(x, groups if x.shape[0] != y.shape[0] else None), y).sum().backward()
     opt.step()
 
 
 def floor(parts: dict) -> None:
     model, opt = parts["floor_model"], parts["floor_opt"]
     for x, y in parts["batches"]:
-        math_step(model, opt, x, y)
+        math_step(model, opt, x, y, parts["data"].input_groups)
 
 
 def capture_math(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
@@ -198,7 +200,7 @@ def run_sweep(grid: str, device: torch.device, threads: int, out: Path, populati
 
 def population_parts(jobs: list[list[str]], device: torch.device):
     """A population of ``jobs`` (one optimizer and width) as the launcher builds it: model, optimizer, data, loop."""
-    configs = [compose_job(job) for job in jobs]
+    configs = sorted((compose_job(job) for job in jobs), key=data_order)  # members sharing data side by side
     first = configs[0]
     model = StackedMLP.from_configs([c.model for c in configs], [c.seed for c in configs]).to(device)
     data = PopulationData([instantiate(c.data) for c in configs], device)
@@ -229,7 +231,7 @@ def floor_seconds(grid: str, device: torch.device) -> float:
 
         def train() -> None:
             for step in range(steps):
-                math_step(model, optimizer, *batches[step % len(batches)])
+                math_step(model, optimizer, *batches[step % len(batches)], data.input_groups)
 
         total += _timing.time_block(train, device)
     return total

@@ -272,22 +272,41 @@ def trajectory(loop: PopulationLoop, epochs: int = 2) -> list[list[torch.Tensor]
 
 
 @pytest.mark.parametrize("stacked,config", [(StackedMLP, mlp_config), (StackedCNN, cnn_config)], ids=["mlp", "cnn"])
-def test_members_that_share_their_data_train_on_one_expanded_batch_as_on_copies(
-        tiny_mnist: Path, stacked: type, config: Any) -> None:
-    """One seed and data options for all: each batch is member 0's, expanded (a view, no copies);
-    the trajectories and evaluations are bitwise those of the copied batches."""
+@pytest.mark.parametrize("seeds,groups", [([3, 3, 3], [3]), ([3, 3, 5, 5, 5], [2, 3]), ([5, 3, 3, 3, 4], [1, 3, 1])])
+def test_members_that_share_their_data_train_on_one_batch_per_run_as_on_copies(
+        tiny_mnist: Path, stacked: type, config: Any, seeds: list[int], groups: list[int]) -> None:
+    """Side-by-side members with one seed and data options get one gathered batch per run of them,
+    which the first layer reads for each (an expanded view, no copies); the trajectories and
+    evaluations are bitwise those of the copied batches."""
     config = config()
-    shared, _ = population(tiny_mnist, [0.05, 0.1, 0.5], [3, 3, 3], stacked=stacked, config=config)
-    copied, _ = population(tiny_mnist, [0.05, 0.1, 0.5], [3, 3, 3], stacked=stacked, config=config)
-    copied.data.shared = False
+    lrs = [0.05, 0.1, 0.5, 0.2, 1.0][:len(seeds)]
+    shared, _ = population(tiny_mnist, lrs, seeds, stacked=stacked, config=config)
+    copied, _ = population(tiny_mnist, lrs, seeds, stacked=stacked, config=config)
+    copied.data.input_groups = None
+    assert shared.data.input_groups == groups
     x, y = next(shared.data.train_batches(0))
-    assert shared.data.shared and x.stride(0) == 0 and y.stride(0) == 0
-    assert next(copied.data.train_batches(0))[0].stride(0) != 0
+    assert x.shape[0] == len(groups) and y.shape[0] == len(seeds)
+    assert (y.stride(0) == 0) == (len(groups) == 1)
+    copies, labels = next(copied.data.train_batches(0))
+    assert copies.shape[0] == len(seeds) and torch.equal(labels, y)
+    assert torch.equal(shared.data.per_member(x), copies)
     for a, b in zip(trajectory(shared), trajectory(copied), strict=True):
         assert all(torch.equal(p, q) for p, q in zip(a, b))
     assert torch.equal(shared.evaluate(shared.data.val_batches()), copied.evaluate(copied.data.val_batches()))
-    mixed, _ = population(tiny_mnist, [0.1, 0.1], [3, 4])
-    assert not mixed.data.shared
+
+
+def test_members_whose_data_is_interleaved_or_all_different_get_a_batch_each(tiny_mnist: Path) -> None:
+    for seeds in ([3, 4], [3, 4, 3]):
+        loop, _ = population(tiny_mnist, [0.1] * len(seeds), seeds)
+        assert loop.data.input_groups is None
+        assert next(loop.data.train_batches(0))[0].shape[0] == len(seeds)
+
+
+def test_one_batch_per_run_must_match_the_model_runs() -> None:
+    model = StackedMLP.from_configs([mlp_config()] * 3, [0, 1, 2])
+    with pytest.raises(ValueError, match=r"expected images \[2, B, C, H, W\] for 3 members in runs of \[1, 1\]"):
+        model(torch.zeros(2, 4, 1, 28, 28), [1, 1])
+    assert model(torch.zeros(2, 4, 1, 28, 28), [1, 2]).shape == (3, 4, 10)
 
 
 @pytest.mark.parametrize("on_host", [True, False], ids=["cpu-path", "gpu-path"])

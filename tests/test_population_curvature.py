@@ -137,7 +137,7 @@ def test_each_member_probes_the_images_its_run_draws(mnist_root: Any, seeds: lis
     from optimlab.population import PopulationData, member_optimizer
 
     data = PopulationData([MNISTDataModule(val_size=500, subset=512, seed=9, download=False) for _ in seeds])
-    assert data.shared
+    assert data.input_groups == [2]
     model = stacked("mlp", seeds).float()
     tracker = MemberSharpness(every_n_steps=10, seeds=seeds, probe_size=64)
     tracker.setup(model, member_optimizer(SGD, model, [0.1] * len(seeds)), data)

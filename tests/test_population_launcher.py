@@ -248,12 +248,17 @@ def test_what_a_population_cannot_reproduce_runs_alone(overrides: list[str], rea
 
 
 def test_groups_are_split_evenly_and_a_job_without_partner_runs_alone() -> None:
-    def jobs(keys: list[str]) -> list[Job]:
-        return [Job(i, [], OmegaConf.create(), Path(str(i)), key=key) for i, key in enumerate(keys)]
+    def jobs(keys: list[str], seeds: list[int] | None = None, noise: list[float] | None = None) -> list[Job]:
+        seeds, noise = seeds or [0] * len(keys), noise or [0.0] * len(keys)
+        return [Job(i, [], OmegaConf.create({"data": {"seed": seed, "label_noise": n}}), Path(str(i)), key=key)
+                for i, (key, seed, n) in enumerate(zip(keys, seeds, noise))]
 
     populations = group(jobs(["a"] * 70 + ["b"] + ["c"] * 3), max_members=64)
     assert [len(p) for p in populations] == [35, 35, 3]
     assert [job.num for job in populations[0]] == list(range(35))
+    # Members that share their data (seed and label noise) side by side, else in job order.
+    mixed = group(jobs(["a"] * 6, seeds=[0, 1, 0, 1, 2, 0], noise=[0, 0, 0.1, 0, 0, 0]), max_members=64)
+    assert [job.num for job in mixed[0]] == [0, 5, 2, 1, 3, 4]
     lone = jobs(["a", "b", "a"])
     assert [[job.num for job in p] for p in group(lone, 64)] == [[0, 2]]
     assert lone[1].alone == "a population of one" and lone[1].key is None

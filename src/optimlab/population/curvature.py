@@ -239,9 +239,13 @@ class MemberSharpness:
         picks = [probe_indices(data.train_size, self.probe_size, seed).to(data.device) for seed in self.seeds]
         # Each run draws its probe by its own seed: members that share their data but not their seed
         # probe different images (one expanded view only when the seeds agree too).
-        gather = data.gather if len(set(self.seeds)) == 1 else data.gather_rows
-        self.probe = gather(torch.stack([data.train_images[m, idx] for m, idx in enumerate(picks)]),
-                            torch.stack([data.train_labels[m, idx] for m, idx in enumerate(picks)]))
+        indices = (torch.stack([data.train_images[m, idx] for m, idx in enumerate(picks)]),
+                   torch.stack([data.train_labels[m, idx] for m, idx in enumerate(picks)]))
+        if len(set(self.seeds)) == 1:
+            images, labels = data.gather(*indices)
+            self.probe = data.per_member(images), labels
+        else:
+            self.probe = data.gather_rows(*indices)
         params = list(model.parameters())
         if self.vectors is None:  # not restored from a checkpoint
             single = [p.shape for p in model.template[0].parameters()]

@@ -5,12 +5,14 @@ images (seeded split, subset, label noise) and shuffles it per epoch with
 :class:`~optimlab.data.EpochShuffle`. Here the split is kept as *indices* into one shared copy of
 the images on the device (:func:`split_indices`, the same draws from the same generator), and each
 step gathers every member's batch with one ``index_select``: images ``[P, B, 1, 28, 28]`` and
-labels ``[P, B]``. The per-epoch orders are drawn on the CPU, as the single run draws them, and
+labels ``[P, B]``; members that share their data and sit side by side (the launcher orders them so)
+get one batch per run of them, images ``[G, B, 1, 28, 28]`` (see ``input_groups``). The per-epoch orders are drawn on the CPU, as the single run draws them, and
 moved to the device once per epoch: no host transfer per step.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -83,8 +85,12 @@ class PopulationData:
         self.batch_size, self.eval_batch_size = first.batch_size, first.eval_batch_size
         self.seeds = [dm.seed for dm in datamodules]
         # Members that differ only in what they learn with (lr, weight decay, init) see the same
-        # batches: one member's are gathered and expanded, a view instead of P copies.
-        self.shared = len({(dm.seed, dm.val_size, dm.subset, dm.label_noise) for dm in datamodules}) == 1
+        # batches. Where they sit side by side, each run of them gets one gathered batch, which the
+        # model's first layer reads for each of them (StackedModel.forward's groups): G batches
+        # instead of P copies. None: every member its own (or the members' data is interleaved).
+        keys = [(dm.seed, dm.subset, dm.label_noise) for dm in datamodules]
+        runs = [len(list(run)) for _, run in itertools.groupby(keys)]
+        self.input_groups: list[int] | None = runs if len(runs) == len(set(keys)) < len(keys) else None
         ensure_files(first.root, first.download)
         images, labels = load_split(first.root, train=True)
         splits = [split_indices(len(labels), dm.val_size, dm.subset, dm.label_noise, dm.seed) for dm in datamodules]
@@ -99,6 +105,11 @@ class PopulationData:
         self.train_images = torch.stack([s.train_images for s in splits]).to(self.device)  # [P, N]
         self.train_labels = torch.stack([s.train_labels for s in splits]).to(self.device)  # [P, N]
         self.val = torch.stack([s.val for s in splits]).to(self.device)  # [P, V]
+        if self.input_groups is not None:
+            starts = [0, *itertools.accumulate(self.input_groups)][:-1]
+            self.first_members = torch.tensor(starts, device=self.device)  # each run's first member
+            rows = torch.repeat_interleave(torch.arange(len(starts)), torch.tensor(self.input_groups))
+            self.row_of_member = rows.to(self.device)
         test_images, test_labels = load_split(first.root, train=False)
         self.test_images, self.test_labels = test_images.to(self.device), test_labels.to(self.device)
 
@@ -118,8 +129,9 @@ class PopulationData:
         return self.train_images.gather(1, order), self.train_labels.gather(1, order)
 
     def train_batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """Every member's batches of ``epoch``: images ``[P, B, 1, 28, 28]`` and labels ``[P, B]``;
-        batch b of member m is batch b of member m's own run (the last one may be shorter)."""
+        """Every member's batches of ``epoch``: images ``[P, B, 1, 28, 28]`` (or one per run of members
+        that share their data, see :meth:`gather`) and labels ``[P, B]``; batch b of member m is batch
+        b of member m's own run (the last one may be shorter)."""
         image_idx, label_idx = self.epoch_indices(epoch)
         batches = zip(image_idx.split(self.batch_size, 1), label_idx.split(self.batch_size, 1))
         for _, (images, labels) in zip(range(self.steps_per_epoch), batches):
@@ -137,13 +149,25 @@ class PopulationData:
             yield self.test_images[start:end], self.test_labels[start:end]
 
     def gather(self, image_idx: Tensor, label_idx: Tensor) -> tuple[Tensor, Tensor]:
-        """Images ``[P, B, ...]`` and labels ``[P, B]`` at index tensors ``[P, B]`` that follow the
-        members' data (when the members share it, every row is member 0's: its rows, expanded, a
-        read-only view)."""
-        if self.shared and image_idx.shape[0] > 1:
-            images, labels = self.gather_rows(image_idx[:1], label_idx[:1])
-            return images.expand(image_idx.shape[0], *images.shape[1:]), labels.expand(label_idx.shape)
-        return self.gather_rows(image_idx, label_idx)
+        """Images and labels ``[P, B]`` at index tensors ``[P, B]`` that follow the members' data.
+        The images are ``[P, B, ...]``, or, with ``input_groups``, one batch per run of members that
+        share their data, ``[G, B, ...]`` (pass ``input_groups`` to the model with them); the labels
+        of a run are its first member's (with one run, expanded: a read-only view)."""
+        if self.input_groups is None:
+            return self.gather_rows(image_idx, label_idx)
+        images, labels = self.gather_rows(image_idx.index_select(0, self.first_members),
+                                          label_idx.index_select(0, self.first_members))
+        if len(self.input_groups) == 1:
+            return images, labels.expand(label_idx.shape)
+        return images, labels.index_select(0, self.row_of_member)
+
+    def per_member(self, images: Tensor) -> Tensor:
+        """:meth:`gather`'s images as ``[P, B, ...]`` (an expanded view for one run, else copies)."""
+        if self.input_groups is None:
+            return images
+        if len(self.input_groups) == 1:
+            return images.expand(self.members, *images.shape[1:])
+        return images.index_select(0, self.row_of_member)
 
     def gather_rows(self, image_idx: Tensor, label_idx: Tensor) -> tuple[Tensor, Tensor]:
         """Images and labels at index tensors ``[P, B]``, each row its own (one gather each)."""

@@ -229,15 +229,24 @@ def classify(job: Job) -> None:
         job.key = population_key(cfg)
 
 
+def data_order(cfg: DictConfig) -> tuple[int, float]:
+    """Where a job goes among its population's members: by the data it sees (``data.seed``, ``data.label_noise``;
+    the other data options are the population's)."""
+    return int(cfg.data.seed), float(cfg.data.label_noise)
+
+
 def group(jobs: Sequence[Job], max_members: int) -> list[list[Job]]:
-    """The populations: jobs with equal keys, in job order, split evenly into parts of at most
-    ``max_members``; a job left without a partner runs alone."""
+    """The populations: jobs with equal keys, ordered by their data (seed, label noise; else in job
+    order), so that members which share their batches sit side by side (PopulationData gathers one
+    batch per run of them), split evenly into parts of at most ``max_members``; a job left without a
+    partner runs alone."""
     groups: dict[str, list[Job]] = {}
     for job in jobs:
         if job.key is not None:
             groups.setdefault(job.key, []).append(job)
     populations = []
     for members in groups.values():
+        members.sort(key=lambda job: data_order(job.config))
         parts = math.ceil(len(members) / max_members)
         size = math.ceil(len(members) / parts)
         for start in range(0, len(members), size):

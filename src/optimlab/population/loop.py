@@ -183,12 +183,17 @@ class PopulationLoop:
                 target[start:stop].copy_(source[start:stop])
             start = stop
 
+    def input_groups(self, images: Tensor) -> list[int] | None:
+        """The runs of members ``images`` holds one batch for (the data's ``input_groups``), or None
+        when it holds one per member."""
+        return None if images.shape[0] == self.model.members else self.data.input_groups
+
     def step(self, x: Tensor, y: Tensor, last: bool = False) -> Tensor:
-        """One training step on every member's batch (``x [P, B, ...]``, ``y [P, B]``; ``last``: the
-        epoch's last); returns the members' losses ``[P]``. Members frozen before or in this step
+        """One training step on every member's batch (``x [P, B, ...]``, or one per run of members that
+        share their data as the data gathers them; ``y [P, B]``; ``last``: the epoch's last); returns the members' losses ``[P]``. Members frozen before or in this step
         keep their last finite weights."""
         batch = y.shape[1]
-        logits = self.model(x.to(self.dtype))
+        logits = self.model(x.to(self.dtype), self.input_groups(x))
         losses = member_losses(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
@@ -282,7 +287,7 @@ class PopulationLoop:
         for x, y in batches:
             if shared:
                 x, y = x.expand(members, *x.shape), y.expand(members, *y.shape)
-            logits = self.model(x.to(self.dtype))
+            logits = self.model(x.to(self.dtype), self.input_groups(x))
             batch = y.shape[1]
             loss_sum = loss_sum + member_losses(logits, y).double() * batch
             correct = correct + (logits.argmax(2) == y).sum(1).double()

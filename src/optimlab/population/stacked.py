@@ -11,7 +11,8 @@ member: nothing, not even a NaN, crosses from one member to another.
 Every parameter has shape ``[P, ...]``, as a member-wise optimizer group (``members: P``, see
 :class:`~optimlab.optim.Optimizer`) expects.
 
-Layouts inside the forward pass: images ``[P, B, C, H, W]`` (the input), convolution maps
+Layouts inside the forward pass: images ``[P, B, C, H, W]`` (the input; or one batch per run of
+members that share their data, see :meth:`StackedModel.forward`), convolution maps
 ``[P*B, C, H, W]`` (member m's maps at rows ``m*B .. m*B+B-1``, so pooling and activations see
 ordinary 4-d batches) and features ``[P, B, F]``.
 """
@@ -82,8 +83,14 @@ class StackedLinear(nn.Module):
         self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]))  # [P, out, in]
         self.bias = nn.Parameter(torch.stack([layer.bias.detach() for layer in layers]))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return MemberLinear.apply(x, self.weight, self.bias)
+    def forward(self, x: Tensor, groups: Sequence[int] | None = None) -> Tensor:
+        """``x [P, B, in]``; or, with ``groups``, ``x [G, B, in]`` whose row g is the input of the next
+        ``groups[g]`` members, which read it as an expanded view (no copies)."""
+        if groups is None:
+            return MemberLinear.apply(x, self.weight, self.bias)
+        # split, not indexing: its backward is one cat, where slices would each build a zero-filled gradient
+        return torch.cat([MemberLinear.apply(row.expand(n, *row.shape), weight, bias) for row, weight, bias, n in
+                          zip(x.unbind(0), self.weight.split(list(groups)), self.bias.split(list(groups)), groups)])
 
     def member_state(self, m: int) -> dict[str, Tensor]:
         return {"weight": self.weight[m], "bias": self.bias[m]}
@@ -94,12 +101,18 @@ def member_maps(x: Tensor, members: int) -> Tensor:
     return x.view(members, -1, *x.shape[1:]) if x.dim() == 4 else x
 
 
-def member_conv2d(x: Tensor, weight: Tensor, bias: Tensor, *options: Any) -> Tensor:
+def member_rows(x: Tensor, groups: Sequence[int]) -> list[Tensor]:
+    """Each member's input from ``x``'s rows, row g serving the next ``groups[g]`` members (views)."""
+    return [row for row, n in zip(x.unbind(0), groups) for _ in range(n)]
+
+
+def member_conv2d(x: Tensor, weight: Tensor, bias: Tensor, *options: Any, groups: Sequence[int] | None = None) -> Tensor:
     """Member m's maps ``F.conv2d(x[m], weight[m], bias[m], *options)``, one call per member, as
-    ``[P*B, out, H', W']``. (``unbind`` and ``cat``: their backward passes are one ``stack`` and
-    views, where indexing would build P zero-filled copies of the input's gradient.)"""
-    x = member_maps(x, weight.shape[0])
-    return torch.cat([F.conv2d(xm, wm, bm, *options) for xm, wm, bm in zip(x.unbind(0), weight.unbind(0),
+    ``[P*B, out, H', W']`` (with ``groups``: images ``[G, B, C, H, W]``, see :func:`member_rows`).
+    (``unbind`` and ``cat``: their backward passes are one ``stack`` and views, where indexing would
+    build P zero-filled copies of the input's gradient.)"""
+    inputs = member_rows(x, groups) if groups is not None else member_maps(x, weight.shape[0]).unbind(0)
+    return torch.cat([F.conv2d(xm, wm, bm, *options) for xm, wm, bm in zip(inputs, weight.unbind(0),
                                                                           bias.unbind(0))])
 
 
@@ -132,9 +145,15 @@ class StackedConv2d(nn.Module):
         self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]))  # [P, out, in, k, k]
         self.bias = nn.Parameter(torch.stack([layer.bias.detach() for layer in layers]))  # [P, out]
 
-    def forward(self, x: Tensor) -> Tensor:
-        conv = member_conv2d if x.device.type == "cpu" else grouped_conv2d
-        return conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+    def forward(self, x: Tensor, groups: Sequence[int] | None = None) -> Tensor:
+        """Maps ``[P*B, C, H, W]`` or images ``[P, B, C, H, W]``; or, with ``groups``, images
+        ``[G, B, C, H, W]`` whose row g is the batch of the next ``groups[g]`` members."""
+        options = (self.stride, self.padding, self.dilation)
+        if x.device.type == "cpu":
+            return member_conv2d(x, self.weight, self.bias, *options, groups=groups)
+        if groups is not None:
+            x = torch.stack(member_rows(x, groups))
+        return grouped_conv2d(x, self.weight, self.bias, *options)
 
     def member_state(self, m: int) -> dict[str, Tensor]:
         return {"weight": self.weight[m], "bias": self.bias[m]}
@@ -206,11 +225,24 @@ class StackedModel(nn.Module):
             raise ValueError(f"{len(configs)} model configs but {len(seeds)} seeds")
         return cls([build_member(config, seed) for config, seed in zip(configs, seeds)])
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits ``[P, B, classes]`` of images ``x [P, B, C, H, W]`` (member m's batch in ``x[m]``)."""
-        if x.dim() != 5 or x.shape[0] != self.members:
-            raise ValueError(f"expected images [{self.members}, B, C, H, W], got {list(x.shape)}")
-        return self.net(x)
+    def forward(self, x: Tensor, groups: Sequence[int] | None = None) -> Tensor:
+        """Logits ``[P, B, classes]`` of images ``x [P, B, C, H, W]`` (member m's batch in ``x[m]``).
+
+        With ``groups`` (run lengths summing to P), ``x [G, B, C, H, W]`` holds one batch per run of
+        consecutive members that share their data: row g is the batch of the next ``groups[g]``
+        members. The first stacked layer reads each row for its members as an expanded view, so the
+        batch is gathered and read once per run instead of once per member; the members compute
+        what they compute on copies (bitwise)."""
+        rows = self.members if groups is None else len(groups)
+        if x.dim() != 5 or x.shape[0] != rows or (groups is not None and sum(groups) != self.members):
+            raise ValueError(f"expected images [{rows}, B, C, H, W] for {self.members} members"
+                             f"{'' if groups is None else f' in runs of {list(groups)}'}, got {list(x.shape)}")
+        for layer in self.net:
+            if groups is not None and isinstance(layer, (StackedLinear, StackedConv2d)):
+                x, groups = layer(x, groups), None
+            else:
+                x = layer(x)  # before the first stacked layer: per-image layers (the MLP's flatten)
+        return x
 
     def member_state_dict(self, m: int) -> dict[str, Tensor]:
         """Member m's weights under the single model's state_dict keys (copies)."""
