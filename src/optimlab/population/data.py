@@ -6,8 +6,9 @@ images (seeded split, subset, label noise) and shuffles it per epoch with
 the images on the device (:func:`split_indices`, the same draws from the same generator), and each
 step gathers every member's batch with one ``index_select``: images ``[P, B, 1, 28, 28]`` and
 labels ``[P, B]``; members that share their data and sit side by side (the launcher orders them so)
-get one batch per run of them, images ``[G, B, 1, 28, 28]`` (see ``input_groups``). The per-epoch orders are drawn on the CPU, as the single run draws them, and
-moved to the device once per epoch: no host transfer per step.
+get one batch per run of them, images ``[G, B, 1, 28, 28]`` (see ``input_groups``). The per-epoch
+orders are drawn on the CPU, as the single run draws them, and moved to the device once per epoch:
+no host transfer per step.
 """
 
 from __future__ import annotations

@@ -190,8 +190,8 @@ class PopulationLoop:
 
     def step(self, x: Tensor, y: Tensor, last: bool = False) -> Tensor:
         """One training step on every member's batch (``x [P, B, ...]``, or one per run of members that
-        share their data as the data gathers them; ``y [P, B]``; ``last``: the epoch's last); returns the members' losses ``[P]``. Members frozen before or in this step
-        keep their last finite weights."""
+        share their data as the data gathers them; ``y [P, B]``; ``last``: the epoch's last); returns
+        the members' losses ``[P]``. Members frozen before or in this step keep their last finite weights."""
         batch = y.shape[1]
         logits = self.model(x.to(self.dtype), self.input_groups(x))
         losses = member_losses(logits, y)
