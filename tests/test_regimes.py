@@ -272,7 +272,9 @@ def test_a_single_fall_beyond_chance_in_an_unfitted_run_is_a_transient_spike_cit
     assert any("one transient spike" in line and "epoch 9" in line for line in d.evidence)
     twice = [dict(row) for row in WIDTH_2_SGD]
     twice[5].update(val_acc=0.40, val_loss=1.7)  # a second fall: instability that persists
-    assert diagnose(twice, val_size=1000).regime == "oscillating"
+    oscillating = diagnose(twice, val_size=1000)
+    assert oscillating.regime == "oscillating"
+    assert "(val_acc's sampling noise on this validation set, larger than osc_acc_drop 0.01)" in oscillating.evidence[0]
 
 
 def test_validation_accuracy_flat_while_its_loss_still_falls_is_slow_not_stalled() -> None:

@@ -246,9 +246,9 @@ def _spike(history: list[dict[str, float]], m: dict[str, float]) -> str:
 
 
 def _limit(m: dict[str, float], t: Thresholds, name: str) -> str:
-    """The effective limit ``name`` in words: the threshold, or the chance level where that is larger."""
+    """The effective limit ``name`` in words: the threshold, or val_acc's sampling noise where that is larger."""
     if m[name] > getattr(t, name):
-        return f"{m[name]:.3g}: chance level on the validation set, above {name} {getattr(t, name)}"
+        return f"{m[name]:.3g} (val_acc's sampling noise on this validation set, larger than {name} {getattr(t, name)})"
     return f"{m[name]:.3g}"
 
 
@@ -365,7 +365,7 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
                            f"since epoch {m['best_val_loss_epoch']:.0f} ({m['val_loss_rise_from_min']:+.1%}) while the "
                            f"train loss fell {-m['train_loss_change_since_val_peak']:.1%} (limit "
                            f"{t.overfit_stall_loss_drop:.0%}) and train_acc - val_acc grew "
-                           f"{m['gap_growth_since_val_peak']:.3f} (chance level {m['val_acc_noise']:.3g}): more "
+                           f"{m['gap_growth_since_val_peak']:.3f} (val_acc's sampling noise {m['val_acc_noise']:.3g}): more "
                            f"epochs fit the training set, not the task")
         span = min(t.window, int(m["epochs"]) - 1)
         trend = (f"train loss fell {m['recent_loss_drop']:.4f} nats/epoch "
