@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from optimlab.report import MapCell, main, map_cells, report
+from optimlab.report import MapCell, main, map_cells, report, same_but_seed
 from optimlab.summary import data_passes
 
 
@@ -93,6 +93,11 @@ def test_seeds_are_aggregated_only_over_otherwise_equal_configs(tmp_path: Path) 
         mean, std = statistics.fmean(accs), statistics.pstdev(accs)
         assert f"| 2 | {mean:.4f} +/- {std:.4f} |" in md
     assert "| 4 |" not in md
+    # How a run was launched is not the experiment: the population launcher's plan, or none recorded.
+    base = {"seed": 0, "lr": 0.1, "population": {"max_members": 64, "dry_run": False}}
+    assert same_but_seed(base) == same_but_seed({**base, "seed": 1, "population": {"max_members": 8}}) \
+        == same_but_seed({"seed": 2, "lr": 0.1})
+    assert same_but_seed(base) != same_but_seed({**base, "lr": 0.2})
 
 
 def test_the_recorded_lr_is_the_optimizers(tmp_path: Path) -> None:

@@ -81,8 +81,9 @@ def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, An
 
 
 # Keys that may differ between runs that are otherwise the same experiment: the seed (and the data
-# module's copy of it) and where and how a run was launched.
-NOT_THE_EXPERIMENT = ("seed", "data.seed", "resume", "data.root", "trainer.progress_bar", "trainer.num_threads")
+# module's copy of it) and where and how a run was launched (the population launcher's plan included).
+NOT_THE_EXPERIMENT = ("seed", "data.seed", "resume", "data.root", "trainer.progress_bar", "trainer.num_threads",
+                      "population")
 
 
 def same_but_seed(config: dict[str, Any]) -> str:
