@@ -23,7 +23,7 @@ from optimlab.optim import SGD, Adagrad, Adam, RMSprop
 from optimlab.population import StackedCNN, StackedMLP, build_member
 from optimlab.population.data import PopulationData, split_indices
 from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimizer, train_population
-from optimlab.population.stacked import MemberLinear, StackedConv2d, grouped_conv2d, member_losses
+from optimlab.population.stacked import MemberLinear, StackedConv2d, grouped_conv2d, member_conv2d, member_losses
 from optimlab.train import run
 
 INITS = ["default", "normal", "glorot", "stax"]
@@ -136,6 +136,14 @@ def test_member_convolutions_equal_one_grouped_convolution(kernel: int, in_chann
         for ours, theirs in zip(torch.autograd.grad(members, params, cotangent),
                                 torch.autograd.grad(grouped, params, cotangent)):
             torch.testing.assert_close(ours, theirs, **F64)
+    # One batch per run of members that share it: rows 0 and 1 serve members 0 and 1-3.
+    rows = torch.randn(2, 5, in_channels, 12, 12, generator=g, dtype=torch.float64)
+    copies = rows[[0, 1, 1, 1]]
+    expected = conv(copies)
+    for form in (member_conv2d, grouped_conv2d):
+        maps = form(rows, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, groups=[1, 3])
+        torch.testing.assert_close(maps, expected, **F64)
+        assert torch.equal(conv(rows, [1, 3]), expected)  # the CPU's form computes what copies compute, bitwise
 
 
 def test_member_linear_gradients_and_their_gradients_are_exact() -> None:
@@ -272,7 +280,8 @@ def trajectory(loop: PopulationLoop, epochs: int = 2) -> list[list[torch.Tensor]
 
 
 @pytest.mark.parametrize("stacked,config", [(StackedMLP, mlp_config), (StackedCNN, cnn_config)], ids=["mlp", "cnn"])
-@pytest.mark.parametrize("seeds,groups", [([3, 3, 3], [3]), ([3, 3, 5, 5, 5], [2, 3]), ([5, 3, 3, 3, 4], [1, 3, 1])])
+@pytest.mark.parametrize("seeds,groups", [([3, 3, 3], [3]), ([3, 3, 5, 5, 5], [2, 3]), ([5, 3, 3, 3, 4], [1, 3, 1]),
+                                          ([3, 3, 4, 3, 3], [2, 1, 2])])
 def test_members_that_share_their_data_train_on_one_batch_per_run_as_on_copies(
         tiny_mnist: Path, stacked: type, config: Any, seeds: list[int], groups: list[int]) -> None:
     """Side-by-side members with one seed and data options get one gathered batch per run of them,
@@ -295,7 +304,7 @@ def test_members_that_share_their_data_train_on_one_batch_per_run_as_on_copies(
     assert torch.equal(shared.evaluate(shared.data.val_batches()), copied.evaluate(copied.data.val_batches()))
 
 
-def test_members_whose_data_is_interleaved_or_all_different_get_a_batch_each(tiny_mnist: Path) -> None:
+def test_members_without_a_neighbour_that_shares_their_data_get_a_batch_each(tiny_mnist: Path) -> None:
     for seeds in ([3, 4], [3, 4, 3]):
         loop, _ = population(tiny_mnist, [0.1] * len(seeds), seeds)
         assert loop.data.input_groups is None

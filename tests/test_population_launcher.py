@@ -21,8 +21,8 @@ from omegaconf import OmegaConf
 from conftest import CONF, compose_config, run_script
 from hydra_plugins.optimlab_population.population_launcher import PopulationLauncher
 from optimlab.population import launcher
-from optimlab.population.launcher import (Job, PopulationCrashed, finish_member, group, hydra_config_of,
-                                         population_key, train_members, why_alone)
+from optimlab.population.launcher import (Job, PlanError, PopulationCrashed, check_plan_is_the_sweeps, finish_member,
+                                         group, hydra_config_of, population_key, train_members, why_alone)
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["data.subset=256", "data.val_size=500", "epochs=1", "model.hidden=[16]", "trainer.accelerator=cpu"]
@@ -220,6 +220,21 @@ def test_bad_launcher_options_are_refused_before_anything_is_written(tmp_path: P
     with pytest.raises(ValueError, match=key):
         PopulationLauncher(submitit_folder=str(tmp_path / "submitit" / "%j"), **options)
     assert not (tmp_path / "submitit").exists()
+
+
+def test_a_swept_plan_is_refused_in_one_line_before_any_job_folder() -> None:
+    """population.* plans the whole sweep, read once: a per-job value would be ignored, so it is refused."""
+    master = OmegaConf.create({"population": {"max_members": 64, "dry_run": False}})
+
+    def job(num: int, max_members: int, overrides: list[str]) -> Job:
+        config = OmegaConf.create({"population": {"max_members": max_members, "dry_run": False}})
+        return Job(num, overrides, config, Path(str(num)))
+
+    check_plan_is_the_sweeps(master, [job(0, 64, ["lr=0.1"]), job(1, 64, ["lr=1"])])
+    swept = [job(0, 64, ["lr=0.1"]), job(1, 8, ["lr=0.1", "population.max_members=8"])]
+    with pytest.raises(PlanError, match=r"^population.max_members=8: the population launcher's plan is one for the "
+                                        r"whole sweep \(job #1 would differ\)"):
+        check_plan_is_the_sweeps(master, swept)
 
 
 def test_members_may_differ_in_member_wise_settings_only() -> None:

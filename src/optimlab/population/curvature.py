@@ -238,7 +238,8 @@ class MemberSharpness:
             raise ValueError(f"{len(self.seeds)} seeds for {model.members} members")
         picks = [probe_indices(data.train_size, self.probe_size, seed).to(data.device) for seed in self.seeds]
         # Each run draws its probe by its own seed: members that share their data but not their seed
-        # probe different images (one expanded view only when the seeds agree too).
+        # probe different images. The probe is [P, N, ...]: with one seed and one run of members that
+        # share their data an expanded view, else copies (the probe's products take no groups).
         indices = (torch.stack([data.train_images[m, idx] for m, idx in enumerate(picks)]),
                    torch.stack([data.train_labels[m, idx] for m, idx in enumerate(picks)]))
         if len(set(self.seeds)) == 1:

@@ -86,12 +86,15 @@ class PopulationData:
         self.batch_size, self.eval_batch_size = first.batch_size, first.eval_batch_size
         self.seeds = [dm.seed for dm in datamodules]
         # Members that differ only in what they learn with (lr, weight decay, init) see the same
-        # batches. Where they sit side by side, each run of them gets one gathered batch, which the
-        # model's first layer reads for each of them (StackedModel.forward's groups): G batches
-        # instead of P copies. None: every member its own (or the members' data is interleaved).
+        # batches. Each run of such members side by side gets one gathered batch, which the model's
+        # first layer reads for each of them (StackedModel.forward's groups): G batches instead of P
+        # copies. On a GPU only a single run (one product, as before); several would cost a product
+        # per run and layer, G kernel launches where copies cost one gather (not measured).
+        # None: every member its own batch.
         keys = [(dm.seed, dm.subset, dm.label_noise) for dm in datamodules]
         runs = [len(list(run)) for _, run in itertools.groupby(keys)]
-        self.input_groups: list[int] | None = runs if len(runs) == len(set(keys)) < len(keys) else None
+        groupable = len(runs) < len(keys) and (self.device.type == "cpu" or len(runs) == 1)
+        self.input_groups: list[int] | None = runs if groupable else None
         ensure_files(first.root, first.download)
         images, labels = load_split(first.root, train=True)
         splits = [split_indices(len(labels), dm.val_size, dm.subset, dm.label_noise, dm.seed) for dm in datamodules]
@@ -150,10 +153,10 @@ class PopulationData:
             yield self.test_images[start:end], self.test_labels[start:end]
 
     def gather(self, image_idx: Tensor, label_idx: Tensor) -> tuple[Tensor, Tensor]:
-        """Images and labels ``[P, B]`` at index tensors ``[P, B]`` that follow the members' data.
-        The images are ``[P, B, ...]``, or, with ``input_groups``, one batch per run of members that
-        share their data, ``[G, B, ...]`` (pass ``input_groups`` to the model with them); the labels
-        of a run are its first member's (with one run, expanded: a read-only view)."""
+        """Images and labels at index tensors ``[P, B]`` that follow the members' data: labels
+        ``[P, B]``; images ``[P, B, ...]``, or, with ``input_groups``, ``[G, B, ...]``, one batch per
+        run of members that share their data (pass ``input_groups`` to the model with them). A run's
+        labels are its first member's (with one run, expanded: a read-only view)."""
         if self.input_groups is None:
             return self.gather_rows(image_idx, label_idx)
         images, labels = self.gather_rows(image_idx.index_select(0, self.first_members),

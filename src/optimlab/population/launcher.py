@@ -42,6 +42,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.errors import CompactHydraException
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -80,6 +81,10 @@ POPULATION_TRAINER = ("_target_", "accelerator", "devices", "precision", "determ
                       "flush_denormal", "compile", "limit_train_batches", "fast_dev_run", "enable_model_summary")
 POPULATION_CALLBACKS = ("model_checkpoint", "progress_bar")
 TRAINER_DEFAULTS = {name: p.default for name, p in inspect.signature(L.Trainer).parameters.items()}
+
+
+class PlanError(CompactHydraException):
+    """A sweep the launcher cannot plan; Hydra prints its one line (a compact exception), not a traceback."""
 
 
 class PopulationCrashed(Exception):
@@ -559,6 +564,18 @@ def dry_return(job: Job) -> JobReturn:
     return ret
 
 
+def check_plan_is_the_sweeps(config: DictConfig, jobs: Sequence[Job]) -> None:
+    """``population.*`` is read once, from the sweep's config, to plan every job: a value swept per
+    job (``population.max_members=8,16``) would be ignored, so it is refused (:class:`PlanError`)."""
+    plan = OmegaConf.select(config, "population")
+    for job in jobs:
+        theirs = OmegaConf.select(job.sweep_config, "population")
+        if theirs != plan:
+            given = [o for o in job.overrides if o.lstrip("+~").startswith("population.")]
+            raise PlanError(f"{', '.join(given) or 'population'}: the population launcher's plan is one for the whole "
+                            f"sweep (job #{job.num} would differ); give population.* a single value, not a sweep")
+
+
 def launch(hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig,
            job_overrides: Sequence[Sequence[str]], initial_job_idx: int, *, max_members: int = 64,
            dry_run: bool = False, executor: Executor | None = None,
@@ -570,11 +587,12 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
     setup_globals()
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     sweep_dir = Path(str(config.hydra.sweep.dir))
-    sweep_dir.mkdir(parents=True, exist_ok=True)
     log.info(f"Population launcher: {len(job_overrides)} jobs, sweep output dir: {sweep_dir}")
     for idx, overrides in enumerate(job_overrides, initial_job_idx):
         log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
     jobs = compose_jobs(hydra_context, config, job_overrides, initial_job_idx)
+    check_plan_is_the_sweeps(config, jobs)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
     for job in jobs:
         classify(job)
     populations = group(jobs, max_members)

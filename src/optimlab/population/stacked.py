@@ -116,10 +116,13 @@ def member_conv2d(x: Tensor, weight: Tensor, bias: Tensor, *options: Any, groups
                                                                           bias.unbind(0))])
 
 
-def grouped_conv2d(x: Tensor, weight: Tensor, bias: Tensor, *options: Any) -> Tensor:
+def grouped_conv2d(x: Tensor, weight: Tensor, bias: Tensor, *options: Any, groups: Sequence[int] | None = None) -> Tensor:
     """The same maps as :func:`member_conv2d` from one grouped convolution (``groups=P``) over the
     members' channels side by side, ``[B, P*C, H, W]``; the maps move between the layouts as copies."""
     members = weight.shape[0]
+    if groups is not None:  # a run's batch for each of its members (one run: a view; the transpose copies)
+        rows = [row.expand(n, *row.shape) for row, n in zip(x.unbind(0), groups)]
+        x = rows[0] if len(rows) == 1 else torch.cat(rows)
     x = member_maps(x, members)
     batch = x.shape[1]
     out = F.conv2d(x.transpose(0, 1).flatten(1, 2), weight.flatten(0, 1), bias.flatten(), *options, groups=members)
@@ -148,12 +151,8 @@ class StackedConv2d(nn.Module):
     def forward(self, x: Tensor, groups: Sequence[int] | None = None) -> Tensor:
         """Maps ``[P*B, C, H, W]`` or images ``[P, B, C, H, W]``; or, with ``groups``, images
         ``[G, B, C, H, W]`` whose row g is the batch of the next ``groups[g]`` members."""
-        options = (self.stride, self.padding, self.dilation)
-        if x.device.type == "cpu":
-            return member_conv2d(x, self.weight, self.bias, *options, groups=groups)
-        if groups is not None:
-            x = torch.stack(member_rows(x, groups))
-        return grouped_conv2d(x, self.weight, self.bias, *options)
+        conv = member_conv2d if x.device.type == "cpu" else grouped_conv2d
+        return conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation, groups=groups)
 
     def member_state(self, m: int) -> dict[str, Tensor]:
         return {"weight": self.weight[m], "bias": self.bias[m]}
@@ -230,9 +229,10 @@ class StackedModel(nn.Module):
 
         With ``groups`` (run lengths summing to P), ``x [G, B, C, H, W]`` holds one batch per run of
         consecutive members that share their data: row g is the batch of the next ``groups[g]``
-        members. The first stacked layer reads each row for its members as an expanded view, so the
-        batch is gathered and read once per run instead of once per member; the members compute
-        what they compute on copies (bitwise)."""
+        members. The first stacked layer reads each row for its members (linear layers and the CPU's
+        convolutions as an expanded view, so the batch is gathered and read once per run instead of
+        once per member; the GPU's grouped convolution from a copy); the members compute what they
+        compute on copies (bitwise)."""
         rows = self.members if groups is None else len(groups)
         if x.dim() != 5 or x.shape[0] != rows or (groups is not None and sum(groups) != self.members):
             raise ValueError(f"expected images [{rows}, B, C, H, W] for {self.members} members"
