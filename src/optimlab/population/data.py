@@ -124,12 +124,13 @@ class PopulationData:
     def epoch_indices(self, epoch: int) -> tuple[Tensor, Tensor]:
         """(image indices, label indices), each ``[P, N]`` on the device: every member's training
         items in the order its own run visits them in ``epoch`` (0-based, as Lightning counts)."""
-        orders = []
+        orders: dict[int, Tensor] = {}  # the order depends on the seed alone: one draw per seed
         for seed in self.seeds:
-            shuffle = EpochShuffle(self.train_size, seed)
-            shuffle.set_epoch(epoch)
-            orders.append(shuffle.permutation())
-        order = torch.stack(orders).to(self.device)
+            if seed not in orders:
+                shuffle = EpochShuffle(self.train_size, seed)
+                shuffle.set_epoch(epoch)
+                orders[seed] = shuffle.permutation()
+        order = torch.stack([orders[seed] for seed in self.seeds]).to(self.device)
         return self.train_images.gather(1, order), self.train_labels.gather(1, order)
 
     def train_batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
