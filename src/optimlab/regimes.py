@@ -38,7 +38,7 @@ The rules are checked in this order; the first that fires names the regime:
    validation accuracy peaked at least ``overfit_min_epochs_after_peak`` epochs before the end, the
    validation loss ends above its minimum, the training loss has fallen ``>= overfit_stall_loss_drop``
    (relative) since, and the gap between train and validation accuracy has grown since by more than
-   the chance level below (more than 0 when unknown), more epochs only fit the training set:
+   the sampling noise below (more than 0 when unknown), more epochs only fit the training set:
    **overfit** (what early stopping detects; ``overfit_early_stop`` ends this way).
    Otherwise, if the training loss is still falling by ``>= slow_min_loss_drop`` nats per epoch
    (averaged over the last ``window`` epochs; after a single epoch, measured from ln(10), the loss
@@ -155,8 +155,8 @@ def val_acc_noise(val_acc: list[float], val_size: int | None, z: float) -> float
 
 def measure(history: list[dict[str, float]], t: Thresholds, val_size: int | None = None) -> dict[str, float]:
     """The quantities the rules compare with thresholds (NaN where the history is too short), and
-    the effective limits on validation-accuracy changes (the thresholds, raised to the chance level
-    on ``val_size`` images)."""
+    the effective limits on validation-accuracy changes (the thresholds, raised to the sampling noise
+    of accuracy on ``val_size`` images)."""
     train_loss, val_acc, val_loss = (_series(history, k) for k in ("train_loss", "val_acc", "val_loss"))
     nan = math.nan
     m: dict[str, float] = {"epochs": len(history)}
@@ -260,7 +260,7 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
     ``diverged_at_step`` and ``curvature`` (the run's sharpness record: ``measurements``,
     ``sharpness_max``, ``first_crossing_step``, ``crossing_sharpness``, ``crossing_threshold``,
     ``threshold_formula``, ``preconditioned``) only add evidence to a diverging or oscillating label.
-    ``val_size``: the number of validation images, which sets the chance level of accuracy changes
+    ``val_size``: the number of validation images, which sets the sampling noise of accuracy changes
     (None: unknown, the thresholds apply as they are). ``passes``: how many times the run has seen
     its training images on average (see :func:`optimlab.summary.data_passes`); at most
     ``overfit_min_passes`` there is nothing to memorise and no overfit rule applies (None: unknown,

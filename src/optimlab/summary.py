@@ -57,7 +57,7 @@ def describe_run(config: Mapping[str, Any]) -> RunDescription:
 
 def validation_size(config: Mapping[str, Any]) -> int | None:
     """How many images the run's validation set holds (``data.val_size``); None where the config
-    does not say. The diagnosis needs it for the chance level of accuracy changes."""
+    does not say. The diagnosis needs it for the sampling noise of accuracy changes."""
     size = (config.get("data") or {}).get("val_size")
     return size if isinstance(size, int) else None
 
