@@ -74,6 +74,14 @@ def test_jobs_composed_by_shape_equal_hydras_composition(loaders) -> None:
         assert OmegaConf.to_yaml(caching.load_sweep_config(master, overrides)) == expected, overrides
     # adam, sgd, each addition's value (a shape of its own: checked when a second job comes), cnn
     assert [shape.copies_match for shape in caching.shapes.values()] == [True, True, True, None, True]
+    # A copy is Hydra's config in its flags too, and its own: changing it leaves the shape's template alone.
+    overrides = ["optimizer=adam", "lr=0.02", "model.hidden=[4]", "seed=3"]
+    copied, composed = caching.compose(master, overrides), hydra_loader.load_sweep_config(master, overrides)
+    for node in (lambda c: c, lambda c: c.hydra, lambda c: c.model):
+        assert OmegaConf.is_struct(node(copied)) == OmegaConf.is_struct(node(composed))
+        assert OmegaConf.is_readonly(node(copied)) == OmegaConf.is_readonly(node(composed))
+    copied.lr = 9.0
+    assert caching.compose(master, overrides).lr == 0.02
 
 
 def test_a_shape_whose_copies_differ_is_composed_in_full(loaders, monkeypatch: pytest.MonkeyPatch) -> None:
