@@ -365,6 +365,16 @@ def test_a_population_sweep_equals_the_sequential_sweep(mnist_root: Path, tmp_pa
     assert all(tag in events for tag in (b"train/loss", b"train/loss_step", b"train/grad_norm", b"train/weight_norm",
                                          b"train/lr", b"val/acc", b"test/acc", b"_hparams_/experiment", b"regime"))
     assert (tmp_path / "population" / first / ".hydra" / "overrides.yaml").is_file()
+    # Each job's train.log: its epoch lines (a member's: logged when its job finishes) and its result line.
+    for name in seq:
+        logs = {way: (tmp_path / way / name / "train.log").read_text() for way in ("population", "sequential")}
+        epoch_lines = {way: [line.split("] - ", 1)[1].rsplit(" | ", 1)[0] for line in text.splitlines()
+                             if "] - epoch " in line] for way, text in logs.items()}
+        assert len(epoch_lines["population"]) == len(pop[name]["epochs"]) == len(epoch_lines["sequential"]), name
+        if not seq[name]["diverged"]:  # (a diverged member's overflowing logits: see above)
+            assert epoch_lines["population"] == epoch_lines["sequential"], name  # float64: the same to 4 decimals
+        assert epoch_lines["population"][0].startswith("epoch   1/2 | train loss "), name
+        assert f"{pop[name]['description']['optimizer']} lr" in logs["population"] and "| regime: " in logs["population"]
     report = subprocess.run([str(Path(sys.executable).with_name("optimlab-report")), str(tmp_path / "population")],
                             capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr
@@ -727,7 +737,7 @@ def test_a_killed_or_stopped_population_resumes_bitwise(mnist_root: Path, tmp_pa
         resumed = train(*RESUMABLE, "resume=auto", f"hydra.sweep.dir={sweep}")
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert f"population 1: resumed from {checkpoint} after epoch 1" in resumed.stdout
-        assert "epoch   1/3" not in resumed.stdout and "epoch   3/3" in resumed.stdout
+        assert "population 1: epoch   1/3" not in resumed.stdout and "population 1: epoch   3/3" in resumed.stdout
         got = summaries(sweep)
         assert {name: untimed(s) for name, s in got.items()} == expected, sig
         assert all(s["population"]["checkpoint"] is None for s in got.values()) and not checkpoint.exists()

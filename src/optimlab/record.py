@@ -257,6 +257,13 @@ def log_result(loggers: list[Logger], summary: RunSummary) -> None:
                 logger.log_metrics({"val/acc_best": summary.best_val_acc}, step=summary.steps)
 
 
+def log_epoch_lines(summary: RunSummary, epochs: int) -> None:
+    """The epoch lines of a run recorded elsewhere (a population member), as its own run logs them
+    epoch by epoch: into its job's log (``train.log``) and on the console."""
+    for row in summary.epochs:
+        log.info(RunRecord.epoch_line(row, epochs))
+
+
 def result_line(s: RunSummary) -> str:
     """The end-of-run lines on the console."""
     test = "n/a" if s.test_acc is None else f"{s.test_acc:.4f}"

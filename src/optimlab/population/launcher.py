@@ -60,7 +60,7 @@ from optimlab.population.data import PopulationData, split_indices
 from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimizer
 from optimlab.population.records import PopulationRun, member_summary, write_member
 from optimlab.population.stacked import StackedCNN, StackedMLP, StackedModel, build_member
-from optimlab.record import device_name, result_line, versions
+from optimlab.record import device_name, log_epoch_lines, result_line, versions
 from optimlab.summary import (FINISHED, SUMMARY, RunSummary, config_key, describe_run, is_complete, optimized_value,
                               read_summary, write_summary)
 from optimlab.validate import ConfigError, validate_config
@@ -501,15 +501,16 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
 # ---- the jobs -----------------------------------------------------------------------------------
 
 def finish_member(job: Job, summary: RunSummary) -> TaskFunction:
-    """The task of a member's Hydra job: its summary and TensorBoard events written, its result
-    printed; returns its ``optimized_metric`` as ``train.py``'s task does, or fails with the
+    """The task of a member's Hydra job: its summary and TensorBoard events written, its epoch lines
+    and result logged (the job's ``train.log`` and the console); returns its ``optimized_metric`` as ``train.py``'s task does, or fails with the
     population's error (crashed, or interrupted as a submitit job)."""
     def task(cfg: DictConfig) -> float | None:
         save_job_record(job.run_dir, cfg)
         write_member(job.run_dir, summary)
+        log_epoch_lines(summary, int(cfg.epochs))  # the job's train.log holds what its run's would
         if summary.status in ("crashed", "interrupted"):
             raise PopulationCrashed(f"{summary.population['name']} {summary.status}: {summary.error}")
-        print(result_line(summary))
+        log.info(result_line(summary))
         return optimized_value(summary, cfg.get("optimized_metric", "val/acc_best"))
 
     return task
