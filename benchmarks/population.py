@@ -116,7 +116,7 @@ def math_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tenso
     """The stacked forward, loss, backward and member-wise step: the batched math alone (``groups``:
     ``x`` holds one batch per run of members that share their data, as the population gathers them)."""
     opt.zero_grad(set_to_none=True)
-    member_losses(model(x, groups if x.shape[0] != y.shape[0] else None), y).sum().backward()
+    member_losses(model(x, groups), y).sum().backward()
     opt.step()
 
 

@@ -52,11 +52,11 @@ class PopulationLauncher(Launcher):
     def __init__(self, max_members: int = 64, dry_run: bool = False, executor: str = "inline",
                  max_parallel: Optional[int] = None, submitit_folder: str = ".submitit/%j",
                  submitit: Optional[Dict[str, Any]] = None) -> None:
-        for key, value, allow_none in (("max_members", max_members, False), ("max_parallel", max_parallel, True)):
+        for name, value, allow_none in (("population.max_members (hydra.launcher.max_members)", max_members, False),
+                                        ("hydra.launcher.max_parallel", max_parallel, True)):
             if not (value is None and allow_none) and (not isinstance(value, int) or isinstance(value, bool)
                                                        or value < 1):
                 allowed = "null or an integer >= 1" if allow_none else "an integer >= 1"
-                name = f"population.{key} (hydra.launcher.{key})" if key == "max_members" else f"hydra.launcher.{key}"
                 raise ValueError(f"{name}: {value!r} is not allowed; expected {allowed}")
         if not isinstance(dry_run, bool):
             raise ValueError(f"population.dry_run (hydra.launcher.dry_run): {dry_run!r} is not allowed; expected true or false")

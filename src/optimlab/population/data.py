@@ -162,17 +162,16 @@ class PopulationData:
             return self.gather_rows(image_idx, label_idx)
         images, labels = self.gather_rows(image_idx.index_select(0, self.first_members),
                                           label_idx.index_select(0, self.first_members))
-        if len(self.input_groups) == 1:
-            return images, labels.expand(label_idx.shape)
-        return images, labels.index_select(0, self.row_of_member)
+        return images, self.per_member(labels)
 
-    def per_member(self, images: Tensor) -> Tensor:
-        """:meth:`gather`'s images as ``[P, B, ...]`` (an expanded view for one run, else copies)."""
+    def per_member(self, rows: Tensor) -> Tensor:
+        """Rows as :meth:`gather` gathers them (one per run with ``input_groups``) as ``[P, ...]``, one
+        per member (an expanded view for one run, else copies)."""
         if self.input_groups is None:
-            return images
+            return rows
         if len(self.input_groups) == 1:
-            return images.expand(self.members, *images.shape[1:])
-        return images.index_select(0, self.row_of_member)
+            return rows.expand(self.members, *rows.shape[1:])
+        return rows.index_select(0, self.row_of_member)
 
     def gather_rows(self, image_idx: Tensor, label_idx: Tensor) -> tuple[Tensor, Tensor]:
         """Images and labels at index tensors ``[P, B]``, each row its own (one gather each)."""

@@ -502,8 +502,9 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
 
 def finish_member(job: Job, summary: RunSummary) -> TaskFunction:
     """The task of a member's Hydra job: its summary and TensorBoard events written, its epoch lines
-    and result logged (the job's ``train.log`` and the console); returns its ``optimized_metric`` as ``train.py``'s task does, or fails with the
-    population's error (crashed, or interrupted as a submitit job)."""
+    and result logged (the job's ``train.log`` and the console); returns its ``optimized_metric`` as
+    ``train.py``'s task does, or fails with the population's error (crashed, or interrupted as a
+    submitit job)."""
     def task(cfg: DictConfig) -> float | None:
         save_job_record(job.run_dir, cfg)
         write_member(job.run_dir, summary)

@@ -88,7 +88,7 @@ class StackedLinear(nn.Module):
         ``groups[g]`` members, which read it as an expanded view (no copies)."""
         if groups is None:
             return MemberLinear.apply(x, self.weight, self.bias)
-        if len(groups) == 1:
+        if len(groups) == 1:  # without split and cat, which would copy the output and the weight's gradient
             return MemberLinear.apply(x[0].expand(groups[0], *x.shape[1:]), self.weight, self.bias)
         # split, not indexing: its backward is one cat, where slices would each build a zero-filled gradient
         return torch.cat([MemberLinear.apply(row.expand(n, *row.shape), weight, bias) for row, weight, bias, n in
