@@ -200,17 +200,26 @@ def test_the_plugin_is_registered_with_its_knobs() -> None:
     node = ConfigStore.instance().load("hydra/launcher/population.yaml").node
     assert node._target_ == "hydra_plugins.optimlab_population.population_launcher.PopulationLauncher"
     # The plan's knobs read the run config's population node (the issue's population.max_members, ...).
-    for overrides, expected in (([], (64, False)), (["population.max_members=5", "population.dry_run=true"], (5, True)),
-                                (["hydra.launcher.max_members=7"], (7, False))):
+    for overrides, expected in (([], (64, None, False)),
+                                (["population.max_members=5", "population.max_memory_gib=1.5", "population.dry_run=true"],
+                                 (5, 1.5, True)),
+                                (["hydra.launcher.max_members=7", "hydra.launcher.max_memory_gib=2"], (7, 2, False))):
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             cfg = compose("config", overrides=["hydra/launcher=population", *overrides], return_hydra_config=True)
-        assert (cfg.hydra.launcher.max_members, cfg.hydra.launcher.dry_run) == expected, overrides
+        knobs = cfg.hydra.launcher
+        assert (knobs.max_members, knobs.max_memory_gib, knobs.dry_run) == expected, overrides
     other_app = OmegaConf.create({"hydra": {"launcher": node}})  # a config without the node: the defaults
-    assert (other_app.hydra.launcher.max_members, other_app.hydra.launcher.dry_run) == (64, False)
+    knobs = other_app.hydra.launcher
+    assert (knobs.max_members, knobs.max_memory_gib, knobs.dry_run) == (64, None, False)
     for bad, message in (({"max_members": 0}, r"population.max_members \(hydra.launcher.max_members\): 0 is not allowed"),
                          ({"max_members": "abc"}, "max_members.*'abc' is not allowed; expected an integer >= 1"),
                          ({"dry_run": "maybe"}, r"population.dry_run \(hydra.launcher.dry_run\): 'maybe' is not allowed"),
-                         ({"dry_run": 1}, "dry_run.*1 is not allowed; expected true or false")):
+                         ({"dry_run": 1}, "dry_run.*1 is not allowed; expected true or false"),
+                         ({"max_memory_gib": 0}, r"population.max_memory_gib \(hydra.launcher.max_memory_gib\): 0 is not "
+                                                 "allowed; expected null or a positive number of GiB"),
+                         ({"max_memory_gib": "lots"}, "max_memory_gib.*'lots' is not allowed"),
+                         ({"max_memory_gib": float("inf")}, "max_memory_gib.*inf is not allowed"),
+                         ({"max_memory_gib": True}, "max_memory_gib.*True is not allowed")):
         with pytest.raises(ValueError, match=message):
             PopulationLauncher(**bad)
 
@@ -287,6 +296,58 @@ def test_groups_are_split_evenly_and_a_job_without_partner_runs_alone() -> None:
     assert lone[1].alone == "a population of one" and lone[1].key is None
     singles = jobs(["a"] * 3)
     assert group(singles, max_members=1) == [] and all(job.alone for job in singles)
+
+
+def test_groups_are_split_to_fit_the_memory_budget() -> None:
+    """A group whose estimated memory exceeds the budget is split evenly into populations that fit;
+    one where not even two members fit runs alone, saying why."""
+    def jobs(*overrides: str) -> list[Job]:
+        cfg = compose_config(*SMALL, *overrides)
+        return [Job(i, [], cfg, Path(str(i)), key="k") for i in range(8)]
+
+    need = launcher.estimate_memory(compose_config(*SMALL))
+    assert need.total(3) < need.total(4) and need.members_within(need.total(3)) == 3
+    populations = group(jobs(), max_members=64, budget=lambda cfg: need.total(3))
+    assert [len(p) for p in populations] == [3, 3, 2]
+    assert [len(p) for p in group(jobs(), max_members=2, budget=lambda cfg: need.total(3))] == [2, 2, 2, 2]
+    assert [len(p) for p in group(jobs(), max_members=64, budget=lambda cfg: None)] == [8]
+    tight = jobs()
+    assert group(tight, max_members=64, budget=lambda cfg: need.total(2) - 1) == []
+    assert all(job.key is None and job.alone.startswith(f"two members would need ~{need.total(2) / 2**20:,.0f} MiB, "
+                                                        "more than a population's memory budget") for job in tight)
+
+
+def test_memory_estimate_counts_what_the_optimizer_holds() -> None:
+    """Per member: weights, gradients, last finite weights, an update temporary and the optimizer's
+    tensors; Adam holds two parameter-sized states more than plain SGD, and float64 doubles it all."""
+    sgd, adam = (launcher.estimate_memory(compose_config(*SMALL, f"optimizer={name}")) for name in ("sgd", "adam"))
+    params = (784 * 16 + 16) + (16 * 10 + 10)
+    assert sgd.per_member >= 4 * params * 4 and adam.per_member - sgd.per_member >= 2 * params * 4
+    wide = launcher.estimate_memory(compose_config(*SMALL, "optimizer=adam", "model.hidden=[512]"))
+    assert wide.per_member > adam.per_member + 6 * (512 - 16) * 794 * 4 and wide.shared == adam.shared
+    double = launcher.estimate_memory(compose_config(*SMALL, "optimizer=adam", "trainer.precision=64-true"))
+    assert double.per_member > 1.5 * adam.per_member
+
+
+def test_memory_budget_is_the_knob_or_a_share_of_the_device_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = compose_config(*SMALL)
+    monkeypatch.setattr(launcher, "available_memory", lambda device: 10 * 2**30)
+    assert launcher.MemoryBudget(1.5, 1)(cfg) == int(1.5 * 2**30)
+    here = launcher.MemoryBudget(None, 1)
+    assert here(cfg) == int(launcher.MEMORY_SHARE * 10 * 2**30)
+    assert here.plan_lines() == [f"  memory per population on cpu: at most ~{here(cfg) / 2**20:,.0f} MiB "
+                                 f"({launcher.MEMORY_SHARE:.0%} of the cpu's available 10.0 GiB)"]
+    assert launcher.MemoryBudget(None, 4)(cfg) == int(launcher.MEMORY_SHARE * 10 * 2**30 / 4)  # local jobs at once
+    elsewhere = launcher.MemoryBudget(None, None)  # SLURM: the memory of the machines the jobs land on is unknown
+    assert elsewhere(cfg) is None and "not bounded" in elsewhere.plan_lines()[0]
+    monkeypatch.setattr(launcher, "available_memory", lambda device: None)
+    assert launcher.MemoryBudget(None, 1)(cfg) is None
+
+
+def test_available_memory_is_read_from_the_system() -> None:
+    found = launcher.available_memory(torch.device("cpu"))
+    if Path("/proc/meminfo").is_file():
+        assert found is not None and 0 < found < 2**50
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -504,15 +565,15 @@ def test_executor_tidy_removes_only_an_empty_template_folder(tmp_path: Path) -> 
 
     template = tmp_path / ".submitit" / "%j"
     template.mkdir(parents=True)
-    Executor(None, str(template)).tidy()
+    Executor(None, str(template), "local").tidy()
     assert not template.exists() and template.parent.is_dir()
     template.mkdir()
     (template / "log").write_text("kept")
-    Executor(None, str(template)).tidy()
+    Executor(None, str(template), "local").tidy()
     assert (template / "log").is_file()
     plain = tmp_path / "plain"
     plain.mkdir()
-    Executor(None, str(plain)).tidy()
+    Executor(None, str(plain), "local").tidy()
     assert plain.is_dir()
 
 
@@ -587,7 +648,15 @@ def test_dry_run_prints_the_plan_and_writes_nothing(mnist_root: Path, tmp_path: 
     out = result.stdout
     assert "12 jobs -> 6 in 3 population(s), 6 alone, 0 invalid" in out
     assert "population 1: 2 members" in out and "MiB" in out and "alone: a learning-rate scheduler" in out
+    assert "memory per population on cpu: at most ~" in out
     assert not list(tmp_path.rglob("summary.json")) and not list(tmp_path.rglob(".hydra"))
+    # A budget too small for two members: the plan says so and runs each job alone.
+    small = train("lr=0.1,0.5", *SMALL, "hydra/launcher=population", f"{knobs}.dry_run=true",
+                  f"{knobs}.max_memory_gib=0.01", f"hydra.sweep.dir={tmp_path}")
+    assert small.returncode == 0, small.stderr[-3000:]
+    assert "2 jobs -> 0 in 0 population(s), 2 alone" in small.stdout
+    assert "memory per population on cpu: at most ~10 MiB (population.max_memory_gib)" in small.stdout
+    assert "job #0 alone: two members would need ~" in small.stdout
 
 
 @pytest.mark.slow

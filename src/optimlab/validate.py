@@ -99,8 +99,8 @@ RULES: dict[str, Rule] = {
     "scheduler.eta_min": NON_NEGATIVE,
     "curvature.every_n_steps": optional(INT_POSITIVE), "curvature.probe_size": INT_POSITIVE,
     "curvature.iters": INT_POSITIVE, "curvature.tol": POSITIVE, "curvature.log_spaced_start": BOOL,
-    # read by hydra/launcher=population (hydra.launcher.max_members / dry_run), which also checks them
-    "population.max_members": INT_POSITIVE, "population.dry_run": BOOL,
+    # read by hydra/launcher=population (hydra.launcher.max_members / ...), which also checks them
+    "population.max_members": INT_POSITIVE, "population.max_memory_gib": optional(POSITIVE), "population.dry_run": BOOL,
 }
 # Why a value is refused although the rule's type fits: the message's second half.
 WHY = {"trainer.devices": ONE_DEVICE, "trainer.num_nodes": ONE_DEVICE, "trainer.strategy": ONE_DEVICE,

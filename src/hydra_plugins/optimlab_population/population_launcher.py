@@ -21,13 +21,15 @@ from omegaconf import DictConfig
 @dataclass
 class PopulationLauncherConf:
     """``hydra/launcher=population``'s knobs (``hydra.launcher.<knob>=...`` on the command line). The
-    plan's two, ``max_members`` and ``dry_run``, read the run config's ``population`` node when it has
-    one (optimlab's ``conf/config.yaml``: ``population.max_members=8``, ``population.dry_run=true``)."""
+    plan's three, ``max_members``, ``max_memory_gib`` and ``dry_run``, read the run config's ``population``
+    node when it has one (optimlab's ``conf/config.yaml``: ``population.max_members=8``, ...)."""
 
     _target_: str = "hydra_plugins.optimlab_population.population_launcher.PopulationLauncher"
     # a larger group of compatible jobs is split into populations of at most this many
     # (Any, not int and bool: a wrong value then gets the launcher's one-line error, not OmegaConf's traceback)
     max_members: Any = "${oc.select:population.max_members,64}"
+    # the memory one population may use (GiB); null: a share of its device's available memory
+    max_memory_gib: Any = "${oc.select:population.max_memory_gib,null}"
     # print the plan (populations, members, estimated memory) and stop
     dry_run: Any = "${oc.select:population.dry_run,false}"
     # inline: the populations train one by one in this process; submitit_local / submitit_slurm: each
@@ -49,7 +51,8 @@ class PopulationLauncher(Launcher):
     output dir, ``.hydra/`` files and JobReturn), but trains the jobs that can share a population
     together, with :mod:`optimlab.population`; the others run one by one through the task function."""
 
-    def __init__(self, max_members: int = 64, dry_run: bool = False, executor: str = "inline",
+    def __init__(self, max_members: int = 64, max_memory_gib: Optional[float] = None, dry_run: bool = False,
+                 executor: str = "inline",
                  max_parallel: Optional[int] = None, submitit_folder: str = ".submitit/%j",
                  submitit: Optional[Dict[str, Any]] = None) -> None:
         for name, value, allow_none in (("population.max_members (hydra.launcher.max_members)", max_members, False),
@@ -58,9 +61,14 @@ class PopulationLauncher(Launcher):
                                                        or value < 1):
                 allowed = "null or an integer >= 1" if allow_none else "an integer >= 1"
                 raise ValueError(f"{name}: {value!r} is not allowed; expected {allowed}")
+        if max_memory_gib is not None and (not isinstance(max_memory_gib, (int, float)) or isinstance(max_memory_gib, bool)
+                                           or not 0 < max_memory_gib < float("inf")):
+            raise ValueError(f"population.max_memory_gib (hydra.launcher.max_memory_gib): {max_memory_gib!r} is not "
+                             "allowed; expected null or a positive number of GiB")
         if not isinstance(dry_run, bool):
             raise ValueError(f"population.dry_run (hydra.launcher.dry_run): {dry_run!r} is not allowed; expected true or false")
-        self.max_members, self.dry_run, self.max_parallel = max_members, dry_run, max_parallel
+        self.max_members, self.max_memory_gib, self.dry_run = max_members, max_memory_gib, dry_run
+        self.max_parallel = max_parallel
         self.executor = None
         if executor != "inline":  # checked (and any other name refused) here, before Hydra writes anything
             from optimlab.population.cluster import make_executor
@@ -83,6 +91,7 @@ class PopulationLauncher(Launcher):
         from optimlab.population.launcher import launch  # torch and Lightning: only when a sweep runs
 
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
-        options: dict[str, Any] = {"max_members": self.max_members, "dry_run": self.dry_run,
+        options: dict[str, Any] = {"max_members": self.max_members, "max_memory_gib": self.max_memory_gib,
+                                   "dry_run": self.dry_run,
                                    "executor": self.executor, "max_parallel": self.max_parallel}
         return launch(self.hydra_context, self.task_function, self.config, job_overrides, initial_job_idx, **options)

@@ -30,10 +30,12 @@ POLL_S = 1.0  # how often finished jobs are looked for
 
 @dataclass
 class Executor:
-    """A configured ``submitit.AutoExecutor`` and the folder its jobs write to (``%j``: the job id)."""
+    """A configured ``submitit.AutoExecutor``, the folder its jobs write to (``%j``: the job id) and
+    submitit's cluster (``local``: processes on this machine, ``slurm``)."""
 
     auto: Any
     folder: str
+    cluster: str
 
     def tidy(self) -> None:
         """Remove the folder named like the template itself (``.submitit/%j``) when it is empty:
@@ -80,7 +82,7 @@ def make_executor(executor: str, folder: str, parameters: Mapping[str, Any]) -> 
 
     with tempfile.TemporaryDirectory() as scratch:  # submitit creates its folder: check in a scratch one first
         configured(scratch)
-    return Executor(configured(folder), folder)
+    return Executor(configured(folder), folder, EXECUTORS[executor])
 
 
 def run_as_jobs(executor: Executor, populations: Sequence[tuple[str, Members]],

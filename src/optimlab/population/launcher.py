@@ -240,11 +240,13 @@ def data_order(cfg: DictConfig) -> tuple[int, float]:
     return int(cfg.data.seed), float(cfg.data.label_noise)
 
 
-def group(jobs: Sequence[Job], max_members: int) -> list[list[Job]]:
+def group(jobs: Sequence[Job], max_members: int,
+          budget: Callable[[DictConfig], int | None] = lambda cfg: None) -> list[list[Job]]:
     """The populations: jobs with equal keys, ordered by their data (seed, label noise; else in job
     order), so that members which share their batches sit side by side (PopulationData gathers one
-    batch per run of them), split evenly into parts of at most ``max_members``; a job left without a
-    partner runs alone."""
+    batch per run of them), split evenly into parts of at most ``max_members`` and of at most as
+    many as fit in ``budget(config)`` bytes (None: no bound) by :func:`estimate_memory`; a job left
+    without a partner, or whose group cannot fit two members, runs alone."""
     groups: dict[str, list[Job]] = {}
     for job in jobs:
         if job.key is not None:
@@ -252,7 +254,16 @@ def group(jobs: Sequence[Job], max_members: int) -> list[list[Job]]:
     populations = []
     for members in groups.values():
         members.sort(key=lambda job: data_order(job.config))
-        parts = math.ceil(len(members) / max_members)
+        limit, room = max_members, budget(members[0].config)
+        if room is not None:
+            need = estimate_memory(members[0].config)
+            limit = min(limit, need.members_within(room))
+            if limit < 2:
+                for job in members:
+                    job.alone, job.key = (f"two members would need ~{need.total(2) / 2**20:,.0f} MiB, more than a "
+                                          f"population's memory budget ({room / 2**20:,.0f} MiB)"), None
+                continue
+        parts = math.ceil(len(members) / limit)
         size = math.ceil(len(members) / parts)
         for start in range(0, len(members), size):
             chunk = members[start:start + size]
@@ -265,11 +276,39 @@ def group(jobs: Sequence[Job], max_members: int) -> list[list[Job]]:
 
 # ---- the plan -----------------------------------------------------------------------------------
 
-def estimate_memory(cfg: DictConfig, members: int) -> int:
-    """Rough bytes a population of ``members`` copies of ``cfg``'s run needs on its device: MNIST
-    (float32), per member the weights, gradients, last finite weights and optimizer state, and the
-    larger of a training step's activations (kept for the backward pass, with their gradients) and
-    an evaluation chunk's."""
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Rough bytes a population needs on its device: ``shared`` whatever its size, ``per_member`` for each member."""
+
+    shared: int
+    per_member: int
+
+    def total(self, members: int) -> int:
+        return self.shared + members * self.per_member
+
+    def members_within(self, budget: int) -> int:
+        """How many members fit in ``budget`` bytes (0 when not even one does)."""
+        return max(0, (budget - self.shared) // self.per_member)
+
+
+def tensor_elements(obj: Any, skip: set[int]) -> int:
+    """Elements of the tensors (not scalars) reachable from ``obj`` through dicts, lists and tuples
+    (dict values only), each counted once; tensors whose ``id`` is in ``skip`` are left out."""
+    if isinstance(obj, Tensor):
+        if id(obj) in skip or not obj.dim():
+            return 0
+        skip.add(id(obj))
+        return obj.numel()
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return sum(tensor_elements(item, skip) for item in items)
+
+
+def estimate_memory(cfg: DictConfig) -> MemoryEstimate:
+    """What a population of copies of ``cfg``'s run needs on its device, roughly. Shared: MNIST
+    (float32). Per member: its weights, gradients, last finite weights and one parameter-sized
+    temporary of the update; every tensor its optimizer holds after two steps (state and reused
+    buffers, counted on the single model); the larger of a training step's activations (kept for
+    the backward pass, with their gradients) and an evaluation chunk's; its index tensors."""
     size = DTYPES[str(cfg.trainer.precision)].itemsize
     with torch.random.fork_rng(devices=[]):
         model = build_member(cfg.model, cfg.seed)
@@ -277,9 +316,10 @@ def estimate_memory(cfg: DictConfig, members: int) -> int:
     optimizer = cls(model.parameters(), **options)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    optimizer.step()  # fills the optimizer's state, whose size we count
+    for _ in range(2):  # the first step creates the state; buffers may be made on either
+        optimizer.step()
     params = sum(p.numel() for p in model.parameters())
-    state = sum(v.numel() for s in optimizer.state.values() for v in s.values() if isinstance(v, Tensor) and v.dim())
+    held = tensor_elements(vars(optimizer), {id(p) for p in model.parameters()} | {id(p.grad) for p in model.parameters()})
     activations = 0
 
     def count(module: torch.nn.Module, inputs: Any, output: Tensor) -> None:
@@ -295,8 +335,67 @@ def estimate_memory(cfg: DictConfig, members: int) -> int:
     step = cfg.data.batch_size * (2 * activations * size + image)
     evaluation = cfg.data.eval_batch_size * (activations * size + image)
     n = training_images(Path(resolve_root(cfg.data.root)), bool(cfg.data.download))
-    mnist = (n + 10_000) * 28 * 28 * 4 + members * 3 * n * 8  # images, and index tensors at most this long
-    return mnist + members * ((3 * params + state) * size + max(step, evaluation))
+    indices = 3 * n * 8  # a member's index tensors are at most this long
+    return MemoryEstimate(shared=(n + 10_000) * 28 * 28 * 4,
+                          per_member=(4 * params + held) * size + max(step, evaluation) + indices)
+
+
+MEMORY_SHARE = 0.7  # of a device's available memory one population plans on: the estimate is rough
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes available on ``device`` now: the GPU's free memory, or the system's ``MemAvailable``
+    (Linux); None where that is unknown."""
+    if device.type == "cuda":
+        try:
+            return torch.cuda.mem_get_info(device)[0]
+        except (RuntimeError, AssertionError):  # no usable GPU here (a dry run planning for one)
+            return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class MemoryBudget:
+    """The bytes one population may use on its device, as :func:`group` asks for a job's config:
+    ``max_memory_gib`` when given; else :data:`MEMORY_SHARE` of the device's available memory,
+    shared by the ``jobs_at_once`` populations that train on this machine together; no bound (None)
+    where the populations train on other machines (``jobs_at_once`` None: SLURM) or the available
+    memory is unknown. Each device's figure is read once and kept, with where it came from, for the plan."""
+
+    def __init__(self, max_memory_gib: float | None, jobs_at_once: int | None) -> None:
+        self.max_memory_gib, self.jobs_at_once = max_memory_gib, jobs_at_once
+        self.found: dict[str, tuple[int | None, str]] = {}
+
+    def __call__(self, cfg: DictConfig) -> int | None:
+        device = population_device(cfg.trainer.accelerator) or torch.device("cpu")
+        if device.type not in self.found:
+            self.found[device.type] = self.measure(device)
+        return self.found[device.type][0]
+
+    def measure(self, device: torch.device) -> tuple[int | None, str]:
+        """(the budget on ``device``, or None; where it comes from)."""
+        if self.max_memory_gib is not None:
+            return int(self.max_memory_gib * 2**30), "population.max_memory_gib"
+        if self.jobs_at_once is None:
+            return None, "not bounded: the populations train on other machines (set population.max_memory_gib)"
+        free = available_memory(device)
+        if free is None:
+            return None, f"not bounded: the {device.type}'s available memory is unknown (set population.max_memory_gib)"
+        together = f", shared by {self.jobs_at_once} jobs at once" if self.jobs_at_once > 1 else ""
+        return (int(MEMORY_SHARE * free / self.jobs_at_once),
+                f"{MEMORY_SHARE:.0%} of the {device.type}'s available {free / 2**30:,.1f} GiB{together}")
+
+    def plan_lines(self) -> list[str]:
+        """One line per device that was asked about."""
+        return [f"  memory per population on {device}: " + (f"at most ~{room / 2**20:,.0f} MiB ({why})"
+                                                              if room is not None else why)
+                for device, (room, why) in self.found.items()]
 
 
 def describe_population(members: Sequence[Job]) -> str:
@@ -309,16 +408,16 @@ def describe_population(members: Sequence[Job]) -> str:
     return (f"{run.model} {run.widths or '-'}, {run.optimizer}, {cfg.epochs} epochs of batch {cfg.data.batch_size}, "
             f"{str(DTYPES[str(cfg.trainer.precision)]).removeprefix('torch.')} on {device}; "
             f"lr {', '.join(f'{lr:g}' for lr in lrs)}; seed {', '.join(map(str, seeds))}; "
-            f"~{estimate_memory(cfg, len(members)) / 2**20:,.0f} MiB")
+            f"~{estimate_memory(cfg).total(len(members)) / 2**20:,.0f} MiB")
 
 
-def plan_text(jobs: Sequence[Job], populations: Sequence[Sequence[Job]]) -> str:
+def plan_text(jobs: Sequence[Job], populations: Sequence[Sequence[Job]], budget: MemoryBudget) -> str:
     """The launch plan, as printed before training."""
     pooled = sum(len(p) for p in populations)
     alone = [job for job in jobs if job.alone]
     failed = [job for job in jobs if job.error]
     lines = [f"population launcher: {len(jobs)} jobs -> {pooled} in {len(populations)} population(s), "
-             f"{len(alone)} alone, {len(failed)} invalid"]
+             f"{len(alone)} alone, {len(failed)} invalid", *budget.plan_lines()]
     for i, members in enumerate(populations, 1):
         nums = ", ".join(f"#{job.num}" for job in members)
         lines.append(f"  population {i}: {len(members)} members (jobs {nums}): {describe_population(members)}")
@@ -580,12 +679,12 @@ def check_plan_is_the_sweeps(config: DictConfig, jobs: Sequence[Job]) -> None:
 
 def launch(hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig,
            job_overrides: Sequence[Sequence[str]], initial_job_idx: int, *, max_members: int = 64,
-           dry_run: bool = False, executor: Executor | None = None,
+           max_memory_gib: float | None = None, dry_run: bool = False, executor: Executor | None = None,
            max_parallel: int | None = None) -> list[JobReturn]:
     """Launch a batch of jobs (see the module docstring); one JobReturn per job, in job order.
     ``executor``: None trains the populations one by one in this process; a submitit executor
     (:func:`~optimlab.population.cluster.make_executor`) runs each as a submitit job, at most
-    ``max_parallel`` at once."""
+    ``max_parallel`` at once. ``max_memory_gib``: see :class:`MemoryBudget`."""
     setup_globals()
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -597,8 +696,10 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
     sweep_dir.mkdir(parents=True, exist_ok=True)
     for job in jobs:
         classify(job)
-    populations = group(jobs, max_members)
-    print(plan_text(jobs, populations), flush=True)
+    at_once = 1 if executor is None else None if executor.cluster == "slurm" else (max_parallel or 1)
+    budget = MemoryBudget(max_memory_gib, at_once)
+    populations = group(jobs, max_members, budget)
+    print(plan_text(jobs, populations, budget), flush=True)
     if dry_run:
         return [dry_return(job) for job in jobs]
 
