@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 
 from optimlab.data import DataError
 from optimlab.files import written_file
+from optimlab.hydra_job import JobFailed
 from optimlab.summary import OPTIMIZED_METRICS, optimized_value
 from optimlab.train import Interrupted, run
 from optimlab.validate import ConfigError, rule_error
@@ -65,14 +66,15 @@ def main(cfg: DictConfig) -> float | None:
         print(f"error: {err}", file=sys.stderr)
         if not multirun:
             sys.exit(2)
-        if not searching:
-            raise  # one job's bad value fails that job; Hydra runs the others and reports it at the end
+        if not searching:  # one job's bad value fails that job; Hydra runs the others and reports it at the end
+            raise JobFailed(str(err)) from err
     except OSError as err:  # a full disk or a folder that became unwritable mid-run: one line, not a traceback
-        print(f"error: cannot write {written_file(err)}: {err.strerror or err}", file=sys.stderr)
+        message = f"cannot write {written_file(err)}: {err.strerror or err}"
+        print(f"error: {message}", file=sys.stderr)
         if not multirun:
             sys.exit(1)
         if not searching:
-            raise
+            raise JobFailed(message) from err
     except Interrupted as stop:
         sys.exit(143 if str(stop) == "SIGTERM" else 130)
     except KeyboardInterrupt:

@@ -628,6 +628,7 @@ def test_an_invalid_job_fails_alone(mnist_root: Path, tmp_path: Path) -> None:
     result = train("lr=0.1,-1", "seed=0,1", *SMALL, "hydra/launcher=population", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 1
     assert "error: lr: -1 is not allowed; expected a positive number" in result.stderr
+    assert "Traceback" not in result.stderr and "\nlr: -1 is not allowed; expected a positive number\n" in result.stderr
     runs = summaries(tmp_path)
     statuses = {name.split("_", 1)[0]: s["status"] for name, s in runs.items()}
     assert statuses == {"0": "complete", "1": "complete", "2": "crashed", "3": "crashed"}

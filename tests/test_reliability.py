@@ -142,7 +142,10 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
     result = train("-m", "data.label_noise=2.0,0.0", "data.subset=500", "data.val_size=500", "epochs=1",
                    "trainer.progress_bar=false", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode != 0  # the sweep reports its failed job ...
-    assert "data.label_noise: 2.0 is not allowed" in result.stderr
+    assert "error: data.label_noise: 2.0 is not allowed" in result.stderr
+    # ... at its end in one line (Hydra's "Error executing job with overrides: ..." before it), not a traceback
+    assert "Traceback" not in result.stderr
+    assert "\ndata.label_noise: 2.0 is not allowed; expected a number in [0, 1]\n" in result.stderr
     good = tmp_path / "1_data.label_noise=0.0,data.subset=500,data.val_size=500,epochs=1"
     assert summary(good)["status"] == "complete"  # ... after running the others
 

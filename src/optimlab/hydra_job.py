@@ -17,9 +17,16 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, configure_log, env_override
+from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+
+class JobFailed(CompactHydraException):
+    """A sweep job's one-line failure (a value not allowed, missing data, a folder it cannot write),
+    which the job has printed already. Hydra's sweeper raises the first failed job's error once every
+    job has run; a compact exception, it ends the sweep as this line, not as a traceback."""
 
 
 # A sweep job's folder is ``<job number>_<overrides>``; most file systems take names of at most 255

@@ -51,7 +51,7 @@ from torch import Tensor
 from optimlab.build import build_parts, optimizer_class
 from optimlab.checkpointing import holds_a_run, last_checkpoint
 from optimlab.data import DataError, ensure_files, epoch_batches, load_split, resolve_root
-from optimlab.hydra_job import hydra_config_of, run_composed_job, save_job_record
+from optimlab.hydra_job import JobFailed, hydra_config_of, run_composed_job, save_job_record
 from optimlab.optim import Optimizer
 from optimlab.population.checkpoint import PopulationCheckpoint
 from optimlab.population.cluster import Executor, run_as_jobs
@@ -87,8 +87,9 @@ class PlanError(CompactHydraException):
     """A sweep the launcher cannot plan; Hydra prints its one line (a compact exception), not a traceback."""
 
 
-class PopulationCrashed(Exception):
-    """The population a job trained in stopped with an error; every member's job fails with it."""
+class PopulationCrashed(JobFailed):
+    """The population a job trained in stopped with an error (logged with its traceback when it
+    stopped); every member's job fails with it."""
 
 
 @dataclass
@@ -643,16 +644,15 @@ def failed_members(members: Sequence[Job], name: str, error: str) -> list[RunSum
 
 def fail_job(job: Job) -> TaskFunction:
     """The task of an invalid job: a ``crashed`` summary with the one-line error (unless its folder
-    holds a run already: that stays as it is), which it then raises (train.py prints ``error: ...``
-    and raises, so Hydra marks the job failed)."""
+    holds a run already: that stays as it is), which it then prints and raises as train.py's task does
+    (:class:`~optimlab.hydra_job.JobFailed`, so Hydra marks the job failed and ends the sweep with the line)."""
     def task(cfg: DictConfig) -> None:
         assert job.error is not None
         print(f"error: {job.error}", file=sys.stderr)
-        if (job.run_dir / SUMMARY).exists():
-            raise job.error
-        save_job_record(job.run_dir, cfg)
-        write_summary(job.run_dir, bare_summary(job, f"{type(job.error).__name__}: {job.error}"))
-        raise job.error
+        if not (job.run_dir / SUMMARY).exists():
+            save_job_record(job.run_dir, cfg)
+            write_summary(job.run_dir, bare_summary(job, f"{type(job.error).__name__}: {job.error}"))
+        raise JobFailed(str(job.error)) from job.error
 
     return task
 
