@@ -23,6 +23,7 @@ from optimlab.optim import SGD, Adagrad, Adam, RMSprop
 from optimlab.population import StackedCNN, StackedMLP, build_member
 from optimlab.population.data import PopulationData, split_indices
 from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimizer, train_population
+from optimlab.population.module import PopulationModule
 from optimlab.population.stacked import MemberLinear, StackedConv2d, grouped_conv2d, member_conv2d, member_losses
 from optimlab.train import run
 
@@ -375,6 +376,30 @@ def test_freezing_by_copies_equals_freezing_by_where(tiny_mnist: Path) -> None:
     assert copies_record == where_record and copies_record[0][0] == -1 and copies_record[0][1] > 0
     for a, b in zip(copies, where, strict=True):
         assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+
+
+def test_a_population_trains_as_one_lightning_fit(tiny_mnist: Path) -> None:
+    """Lightning's loop runs the epochs and steps (callbacks see every batch of the PopulationModule),
+    and the weights end where the loop's own steps take them."""
+    class Seen(L.Callback):
+        def __init__(self) -> None:
+            self.batches: list[tuple[int, int]] = []
+
+        def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                                 batch_idx: int) -> None:
+            assert isinstance(pl_module, PopulationModule) and not pl_module.automatic_optimization
+            self.batches.append((trainer.current_epoch, batch_idx))
+
+    fitted, _ = population(tiny_mnist, [0.1, 0.3], [0, 1])
+    stepped, _ = population(tiny_mnist, [0.1, 0.3], [0, 1])
+    seen = Seen()
+    records = fitted.fit(2, callbacks=[seen])
+    steps = fitted.data.steps_per_epoch
+    assert seen.batches == [(epoch, i) for epoch in range(2) for i in range(steps)]
+    assert [[row["epoch"] for row in r.history] for r in records] == [[1, 2], [1, 2]] and fitted.epochs_done == 2
+    trajectory(stepped, 2)
+    assert all(torch.equal(p, q) for p, q in zip(fitted.params, stepped.params, strict=True))
+    assert fitted.fit(2) == records and seen.batches[-1] == (1, steps - 1)  # nothing left to train
 
 
 def test_non_finite_weights_after_an_update_are_undone(tiny_mnist: Path) -> None:

@@ -63,6 +63,7 @@ from optimlab.population.stacked import StackedCNN, StackedMLP, StackedModel, bu
 from optimlab.record import device_name, log_epoch_lines, result_line, versions
 from optimlab.summary import (FINISHED, SUMMARY, RunSummary, config_key, describe_run, is_complete, optimized_value,
                               read_summary, write_summary)
+from optimlab.train import StopOnSignal
 from optimlab.validate import ConfigError, validate_config
 
 log = logging.getLogger(__name__)
@@ -455,12 +456,11 @@ class ReportingLoop(PopulationLoop):
 
 
 @contextlib.contextmanager
-def stop_on_signal() -> Iterator[None]:
-    """SIGINT and SIGTERM raise KeyboardInterrupt (named after the signal) while a population trains."""
-    def handle(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+def stop_on_signal(stopper: StopOnSignal) -> Iterator[None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt (named after the signal, and remembered by ``stopper``,
+    the single run's callback) while a population trains; inside the Lightning fit, Lightning turns it
+    into its graceful shutdown and a SystemExit."""
+    old = {s: signal.signal(s, stopper.handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
@@ -540,8 +540,9 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
         checkpoint.save(loop.state_dict(), first_step_s=loop.first_step_s, wall_time_s=wall_time())
         write_all("running")
 
+    stopper = StopOnSignal()
     try:
-        with stop_on_signal():
+        with stop_on_signal(stopper):
             torch.set_flush_denormal(first.trainer.flush_denormal)
             set_deterministic(first.trainer.deterministic)
             if first.trainer.num_threads:
@@ -579,10 +580,10 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
                     population.first_step_s = loop.first_step_s
                     print(f"{name}: resumed from {checkpoint.path} after epoch {loop.epochs_done}", flush=True)
             write_all("running")
-            loop.fit(first.epochs, test_every_epoch=first.data.test_every_epoch)
+            loop.fit(first.epochs, test_every_epoch=first.data.test_every_epoch, callbacks=[stopper])
             test_loss, test_acc = loop.evaluate(data.test_batches(), shared=True).tolist()
-    except KeyboardInterrupt as stop:
-        signal_name = str(stop) or "SIGINT"
+    except (KeyboardInterrupt, SystemExit):  # SystemExit: Lightning's exit after its graceful shutdown
+        signal_name = stopper.requested or "SIGINT"
         write_all("interrupted")
         where = "from its checkpoint" if checkpoint.path.is_file() else "from the start (no epoch had finished)"
         print(f"{name} interrupted ({signal_name}); its members' folders hold their summaries so far; "

@@ -28,6 +28,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import lightning as L
 import torch
 from torch import Tensor
 
@@ -35,6 +36,7 @@ from optimlab.divergence import LOSS_OR_GRADIENT, WEIGHTS, finite_rows, norm_row
 from optimlab.optim import Optimizer
 from optimlab.population.curvature import MemberSharpness
 from optimlab.population.data import PopulationData
+from optimlab.population.module import fit
 from optimlab.population.stacked import StackedModel, member_losses
 
 REASONS = {1: LOSS_OR_GRADIENT, 2: WEIGHTS}  # device codes -> the single run's divergence reasons
@@ -130,6 +132,8 @@ class PopulationLoop:
         self.records = [MemberRecord() for _ in range(members)]
         self._metrics = torch.zeros(4, members, dtype=torch.float64, device=device)
         self._initial_loss: Tensor | None = None
+        self._epoch_started = 0.0  # the open epoch's clock and who was training at its start (start_epoch)
+        self._started_alive = self.alive.clone()
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the next epoch depends on, after a finished epoch: weights, optimizer state, the
@@ -265,18 +269,24 @@ class PopulationLoop:
                     record.train_steps.append({"step": step, "loss": loss[m], "grad_norm": grad_norm[m],
                                                "weight_norm": weight_norm[m], "lr": lr[m]})
 
-    def train_epoch(self, epoch: int) -> Tensor:
-        """Every step of ``epoch`` (0-based); returns which members were alive when it started."""
-        started_alive = self.alive.clone()
+    def start_epoch(self) -> None:
+        """Open epoch ``epochs_done`` (0-based): its clock and metrics, and at the very start the
+        sharpness of the initialisation when tracked."""
+        self._epoch_started = time.perf_counter()
+        if self.sharpness is not None:
+            self.sharpness.start_epoch(self.epochs_done, members(self.alive))
+            if self.global_step == 0 and self.sharpness.measures_at_start():
+                self.sharpness.measure(0, self.model, self.optimizer, members(self.alive))
+        self._started_alive = self.alive.clone()
         self._metrics.zero_()
         self._metrics[3] = -math.inf
-        steps = self.data.steps_per_epoch
-        for i, (x, y) in enumerate(self.data.train_batches(epoch)):
-            self.step(x, y, last=i + 1 == steps)
-            if self.sharpness is not None and self.sharpness.due(self.global_step):
-                self.sharpness.measure(self.global_step, self.model, self.optimizer, members(self.alive),
-                                       members(self._overflowed))
-        return started_alive
+
+    def train_step(self, x: Tensor, y: Tensor, last: bool = False) -> None:
+        """:meth:`step`, then the members' sharpness when a measurement is due."""
+        self.step(x, y, last)
+        if self.sharpness is not None and self.sharpness.due(self.global_step):
+            self.sharpness.measure(self.global_step, self.model, self.optimizer, members(self.alive),
+                                   members(self._overflowed))
 
     @torch.no_grad()
     def evaluate(self, batches: Iterator[tuple[Tensor, Tensor]], shared: bool = False) -> Tensor:
@@ -294,51 +304,53 @@ class PopulationLoop:
             count += batch
         return torch.stack([loss_sum / count, correct / count])
 
-    def fit(self, epochs: int, test_every_epoch: bool = False) -> list[MemberRecord]:
-        """Train ``epochs`` epochs; after each, evaluate every member still running at its start
-        on its validation set (and on the test set when asked) and add its row to its record. A loop
+    def fit(self, epochs: int, test_every_epoch: bool = False, callbacks: Sequence[L.Callback] = ()) -> list[MemberRecord]:
+        """Train up to ``epochs`` epochs in a Lightning Trainer (:func:`optimlab.population.module.fit`,
+        with ``callbacks``); after each, evaluate every member still running at its start on its
+        validation set (and on the test set when asked) and add its row to its record. A loop
         restored by :meth:`load_state_dict` continues with epoch ``epochs_done``."""
-        for epoch in range(self.epochs_done, epochs):
-            started = time.perf_counter()
-            if self.sharpness is not None:
-                self.sharpness.start_epoch(epoch, members(self.alive))
-                if self.global_step == 0 and self.sharpness.measures_at_start():
-                    self.sharpness.measure(0, self.model, self.optimizer, members(self.alive))
-            started_alive = self.train_epoch(epoch)
-            self.record_logged_steps()
-            if started_alive.device.type == "cuda":
-                torch.cuda.synchronize(started_alive.device)
-            train_time = time.perf_counter() - started
-            loss_sum, correct, count, loss_max = self._metrics
-            val_loss, val_acc = self.evaluate(self.data.val_batches())
-            columns = {"loss_sum": loss_sum, "correct": correct, "count": count, "loss_max": loss_max,
-                       "val_loss": val_loss, "val_acc": val_acc, "started_alive": started_alive.double(),
-                       "diverged_at": self.diverged_at.double(), "reason": self.reason.double()}
-            if test_every_epoch:
-                columns["test_loss"], columns["test_acc"] = self.evaluate(self.data.test_batches(), shared=True)
-            if epoch == 0:
-                columns["initial"] = self._initial_loss
-            # The one read of the epoch: every member's metrics and finite flags together.
-            values = dict(zip(columns, torch.stack(list(columns.values())).tolist()))
-            tracked = {} if self.sharpness is None else self.sharpness.end_epoch(members(started_alive))
-            for m, record in enumerate(self.records):
-                if values["started_alive"][m]:
-                    record.history.append(self._row(epoch, values, m, train_time))
-                    if m in tracked:
-                        record.curvature = self.sharpness.run_record(m)  # type: ignore[union-attr]
-                        if tracked[m]["measurements"]:  # the keys RunRecord adds to a tracked run's row
-                            record.history[-1].update(
-                                sharpness_max=tracked[m]["sharpness_max"], sharpness_last=tracked[m]["sharpness_last"],
-                                threshold_last=tracked[m]["threshold_last"],
-                                sharpness_crossed_at_step=tracked[m]["first_crossing_step"])
-                    if values["diverged_at"][m] >= 0:
-                        record.diverged_at_step = int(values["diverged_at"][m])
-                        record.divergence_reason = REASONS[int(values["reason"][m])]
-            if not any(values["started_alive"]):
-                break
-            self.epochs_done = epoch + 1
-            self.end_epoch(self.epochs_done)
+        fit(self, epochs, test_every_epoch, callbacks)
         return self.records
+
+    def finish_epoch(self, test_every_epoch: bool = False) -> bool:
+        """Close the epoch after its last step: evaluate, add each member's row, then
+        :meth:`end_epoch`. False when no member was training at its start (nothing recorded, and
+        the fit stops)."""
+        epoch, started_alive = self.epochs_done, self._started_alive
+        self.record_logged_steps()
+        if started_alive.device.type == "cuda":
+            torch.cuda.synchronize(started_alive.device)
+        train_time = time.perf_counter() - self._epoch_started
+        loss_sum, correct, count, loss_max = self._metrics
+        val_loss, val_acc = self.evaluate(self.data.val_batches())
+        columns = {"loss_sum": loss_sum, "correct": correct, "count": count, "loss_max": loss_max,
+                   "val_loss": val_loss, "val_acc": val_acc, "started_alive": started_alive.double(),
+                   "diverged_at": self.diverged_at.double(), "reason": self.reason.double()}
+        if test_every_epoch:
+            columns["test_loss"], columns["test_acc"] = self.evaluate(self.data.test_batches(), shared=True)
+        if epoch == 0:
+            columns["initial"] = self._initial_loss
+        # The one read of the epoch: every member's metrics and finite flags together.
+        values = dict(zip(columns, torch.stack(list(columns.values())).tolist()))
+        tracked = {} if self.sharpness is None else self.sharpness.end_epoch(members(started_alive))
+        for m, record in enumerate(self.records):
+            if values["started_alive"][m]:
+                record.history.append(self._row(epoch, values, m, train_time))
+                if m in tracked:
+                    record.curvature = self.sharpness.run_record(m)  # type: ignore[union-attr]
+                    if tracked[m]["measurements"]:  # the keys RunRecord adds to a tracked run's row
+                        record.history[-1].update(
+                            sharpness_max=tracked[m]["sharpness_max"], sharpness_last=tracked[m]["sharpness_last"],
+                            threshold_last=tracked[m]["threshold_last"],
+                            sharpness_crossed_at_step=tracked[m]["first_crossing_step"])
+                if values["diverged_at"][m] >= 0:
+                    record.diverged_at_step = int(values["diverged_at"][m])
+                    record.divergence_reason = REASONS[int(values["reason"][m])]
+        if not any(values["started_alive"]):
+            return False
+        self.epochs_done = epoch + 1
+        self.end_epoch(self.epochs_done)
+        return True
 
     @staticmethod
     def _row(epoch: int, values: dict[str, list[float]], m: int, train_time: float) -> dict[str, float]:

@@ -1,0 +1,84 @@
+"""A population's training as one Lightning fit: Lightning's loop runs the epochs and steps (manual
+optimization), each step and each epoch's end is the population loop's.
+
+:class:`~optimlab.population.loop.PopulationLoop` holds the math and the members' records; this
+module only hands its steps to a ``lightning.Trainer``, as a single run's
+:class:`~optimlab.module.ClassifierModule` does, so that callbacks (the stop on SIGINT/SIGTERM) and
+Lightning's device handling apply to a population as to a run. The batches stay on the device the
+data put them on; validation is the loop's own (every member at once), run at the epoch's end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from optimlab.population.loop import PopulationLoop
+
+
+class EpochBatches:
+    """The loop's training batches of its next epoch (``epochs_done``), as a data loader: iterated once per epoch."""
+
+    def __init__(self, loop: PopulationLoop) -> None:
+        self.loop = loop
+
+    def __len__(self) -> int:
+        return self.loop.data.steps_per_epoch
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self.loop.data.train_batches(self.loop.epochs_done)
+
+
+class PopulationModule(L.LightningModule):
+    """``loop``'s epochs as a LightningModule: each training step is :meth:`PopulationLoop.train_step`,
+    each epoch opens with :meth:`PopulationLoop.start_epoch` and closes with
+    :meth:`PopulationLoop.finish_epoch` (which evaluates and records every member); the fit stops when
+    no member is left training."""
+
+    def __init__(self, loop: PopulationLoop, test_every_epoch: bool = False) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.loop, self.test_every_epoch = loop, test_every_epoch
+        self.model = loop.model  # registered, so that Lightning sees the parameters and their device
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.loop.optimizer
+
+    def train_dataloader(self) -> EpochBatches:
+        return EpochBatches(self.loop)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return batch  # gathered on the device already (PopulationData)
+
+    def on_train_epoch_start(self) -> None:
+        self.loop.start_epoch()
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.loop.train_step(x, y, last=batch_idx + 1 == self.trainer.num_training_batches)
+
+    def on_train_epoch_end(self) -> None:
+        if not self.loop.finish_epoch(self.test_every_epoch):
+            self.trainer.should_stop = True
+
+
+def fit(loop: PopulationLoop, epochs: int, test_every_epoch: bool = False,
+        callbacks: Sequence[L.Callback] = ()) -> None:
+    """Train ``loop`` up to ``epochs`` epochs in total (a restored loop goes on from ``epochs_done``)
+    in a ``lightning.Trainer`` on the loop's device, with ``callbacks``; no logger, checkpoints or
+    progress bar (the population's records and checkpoint are the loop's and its caller's)."""
+    remaining = epochs - loop.epochs_done
+    if remaining <= 0:
+        return
+    device = loop.params[0].device
+    index = device.index if device.index is not None else torch.cuda.current_device() if device.type == "cuda" else 0
+    trainer = L.Trainer(accelerator=device.type, devices=[index] if device.type == "cuda" else 1,
+                        max_epochs=remaining, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                        callbacks=list(callbacks))
+    trainer.fit(PopulationModule(loop, test_every_epoch))
