@@ -304,7 +304,8 @@ class PopulationLoop:
             count += batch
         return torch.stack([loss_sum / count, correct / count])
 
-    def fit(self, epochs: int, test_every_epoch: bool = False, callbacks: Sequence[L.Callback] = ()) -> list[MemberRecord]:
+    def fit(self, epochs: int, test_every_epoch: bool = False,
+            callbacks: Sequence[L.Callback] = ()) -> list[MemberRecord]:
         """Train up to ``epochs`` epochs in a Lightning Trainer (:func:`optimlab.population.module.fit`,
         with ``callbacks``); after each, evaluate every member still running at its start on its
         validation set (and on the test set when asked) and add its row to its record. A loop
