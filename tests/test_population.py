@@ -399,7 +399,12 @@ def test_a_population_trains_as_one_lightning_fit(tiny_mnist: Path) -> None:
     assert [[row["epoch"] for row in r.history] for r in records] == [[1, 2], [1, 2]] and fitted.epochs_done == 2
     trajectory(stepped, 2)
     assert all(torch.equal(p, q) for p, q in zip(fitted.params, stepped.params, strict=True))
-    assert fitted.fit(2) == records and seen.batches[-1] == (1, steps - 1)  # nothing left to train
+    assert fitted.fit(2, callbacks=[seen]) is records and len(seen.batches) == 2 * steps  # nothing left to train
+    assert [len(r.history) for r in records] == [2, 2]
+    # Lightning holds none of the loop's tensors: at a fit's end it moves a module's parameters and its
+    # optimizers' state to the CPU, and the loop's must stay on their device.
+    module = PopulationModule(fitted)
+    assert not list(module.parameters()) and module.configure_optimizers() is None
 
 
 def test_non_finite_weights_after_an_update_are_undone(tiny_mnist: Path) -> None:

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from conftest import CONF, compose_config, run_script
 from hydra_plugins.optimlab_population.population_launcher import PopulationLauncher
 from optimlab.population import launcher
+from optimlab.population.cluster import Executor
 from optimlab.population.launcher import (Job, PlanError, PopulationCrashed, check_plan_is_the_sweeps, finish_member,
                                          group, hydra_config_of, population_key, train_members, why_alone)
 
@@ -315,6 +316,9 @@ def test_groups_are_split_to_fit_the_memory_budget() -> None:
     assert group(tight, max_members=64, budget=lambda cfg: need.total(2) - 1) == []
     assert all(job.key is None and job.alone.startswith(f"two members would need ~{need.total(2) / 2**20:,.0f} MiB, "
                                                         "more than a population's memory budget") for job in tight)
+    hopeless = jobs()
+    assert group(hopeless, max_members=64, budget=lambda cfg: need.total(1) - 1) == []
+    assert all(job.alone.endswith("; even one may not fit") for job in hopeless)
 
 
 def test_memory_estimate_counts_what_the_optimizer_holds() -> None:
@@ -327,27 +331,33 @@ def test_memory_estimate_counts_what_the_optimizer_holds() -> None:
     assert wide.per_member > adam.per_member + 6 * (512 - 16) * 794 * 4 and wide.shared == adam.shared
     double = launcher.estimate_memory(compose_config(*SMALL, "optimizer=adam", "trainer.precision=64-true"))
     assert double.per_member > 1.5 * adam.per_member
+    tracked = launcher.estimate_memory(compose_config(*SMALL, "optimizer=adam", "curvature.every_n_steps=10",
+                                                      "curvature.iters=20"))
+    assert tracked.per_member >= adam.per_member + 20 * params * 4  # the Lanczos basis
 
 
 def test_memory_budget_is_the_knob_or_a_share_of_the_device_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = compose_config(*SMALL)
-    monkeypatch.setattr(launcher, "available_memory", lambda device: 10 * 2**30)
-    assert launcher.MemoryBudget(1.5, 1)(cfg) == int(1.5 * 2**30)
-    here = launcher.MemoryBudget(None, 1)
+    monkeypatch.setattr(launcher, "device_memory", lambda device: 10 * 2**30)
+    assert launcher.memory_budget(1.5, None, None)(cfg) == int(1.5 * 2**30)
+    here = launcher.memory_budget(None, None, None)  # populations one by one in this process
     assert here(cfg) == int(launcher.MEMORY_SHARE * 10 * 2**30)
     assert here.plan_lines() == [f"  memory per population on cpu: at most ~{here(cfg) / 2**20:,.0f} MiB "
-                                 f"({launcher.MEMORY_SHARE:.0%} of the cpu's available 10.0 GiB)"]
-    assert launcher.MemoryBudget(None, 4)(cfg) == int(launcher.MEMORY_SHARE * 10 * 2**30 / 4)  # local jobs at once
-    elsewhere = launcher.MemoryBudget(None, None)  # SLURM: the memory of the machines the jobs land on is unknown
-    assert elsewhere(cfg) is None and "not bounded" in elsewhere.plan_lines()[0]
-    monkeypatch.setattr(launcher, "available_memory", lambda device: None)
-    assert launcher.MemoryBudget(None, 1)(cfg) is None
+                                 f"({launcher.MEMORY_SHARE:.0%} of the cpu's 10.0 GiB)"]
+    local, slurm = (Executor(None, "folder", cluster) for cluster in ("local", "slurm"))
+    assert launcher.memory_budget(None, local, 4)(cfg) == int(launcher.MEMORY_SHARE * 10 * 2**30 / 4)  # 4 at once
+    for everywhere, why in ((launcher.memory_budget(None, local, None), "submitit_local trains every population at "
+                             "once"), (launcher.memory_budget(None, slurm, 2), "train on other machines")):
+        assert everywhere(cfg) is None and why in everywhere.plan_lines()[0] and "not bounded" in everywhere.plan_lines()[0]
+    assert launcher.memory_budget(2, slurm, None)(cfg) == 2 * 2**30
+    monkeypatch.setattr(launcher, "device_memory", lambda device: None)
+    assert launcher.memory_budget(None, None, None)(cfg) is None
 
 
-def test_available_memory_is_read_from_the_system() -> None:
-    found = launcher.available_memory(torch.device("cpu"))
-    if Path("/proc/meminfo").is_file():
-        assert found is not None and 0 < found < 2**50
+def test_device_memory_is_the_machines_total() -> None:
+    found = launcher.device_memory(torch.device("cpu"))
+    assert found is not None and 2**28 < found < 2**50
+    assert launcher.device_memory(torch.device("cpu")) == found  # the same figure on every read: a rerun regroups alike
 
 
 # ---------------------------------------------------------------------------- end to end

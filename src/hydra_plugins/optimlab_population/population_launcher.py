@@ -28,7 +28,7 @@ class PopulationLauncherConf:
     # a larger group of compatible jobs is split into populations of at most this many
     # (Any, not int and bool: a wrong value then gets the launcher's one-line error, not OmegaConf's traceback)
     max_members: Any = "${oc.select:population.max_members,64}"
-    # the memory one population may use (GiB); null: a share of its device's available memory
+    # the memory one population may use (GiB); null: a share of its device's memory
     max_memory_gib: Any = "${oc.select:population.max_memory_gib,null}"
     # print the plan (populations, members, estimated memory) and stop
     dry_run: Any = "${oc.select:population.dry_run,false}"

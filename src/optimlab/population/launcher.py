@@ -10,7 +10,8 @@
    (:func:`why_alone`), or whose folder already holds a run, runs through the sweep's task
    function (``train.py``'s ``main``, hence :func:`optimlab.train.run`) as in a sequential sweep;
    the others are grouped by everything but their member-wise settings (:data:`MEMBER_WISE`), and
-   groups larger than ``max_members`` are split evenly;
+   groups larger than ``max_members`` or than the memory a population may use (:class:`MemoryBudget`)
+   are split evenly;
 3. prints the plan (populations, members, estimated memory) and stops there with ``dry_run``;
 4. trains each population (:mod:`optimlab.population`) in this process, or as a submitit job
    (``hydra.launcher.executor``, :mod:`optimlab.population.cluster`), writing every member's ``running``
@@ -261,9 +262,12 @@ def group(jobs: Sequence[Job], max_members: int,
             need = estimate_memory(members[0].config)
             limit = min(limit, need.members_within(room))
             if limit < 2:
+                why = (f"two members would need ~{need.total(2) / 2**20:,.0f} MiB, more than a population's memory "
+                       f"budget ({room / 2**20:,.0f} MiB)")
+                if limit == 0:
+                    why += "; even one may not fit"
                 for job in members:
-                    job.alone, job.key = (f"two members would need ~{need.total(2) / 2**20:,.0f} MiB, more than a "
-                                          f"population's memory budget ({room / 2**20:,.0f} MiB)"), None
+                    job.alone, job.key = why, None
                 continue
         parts = math.ceil(len(members) / limit)
         size = math.ceil(len(members) / parts)
@@ -310,7 +314,8 @@ def estimate_memory(cfg: DictConfig) -> MemoryEstimate:
     (float32). Per member: its weights, gradients, last finite weights and one parameter-sized
     temporary of the update; every tensor its optimizer holds after two steps (state and reused
     buffers, counted on the single model); the larger of a training step's activations (kept for
-    the backward pass, with their gradients) and an evaluation chunk's; its index tensors."""
+    the backward pass, with their gradients) and an evaluation chunk's; its index tensors; with
+    sharpness tracking, its Lanczos basis and its probe's activations through a double backward."""
     size = DTYPES[str(cfg.trainer.precision)].itemsize
     with torch.random.fork_rng(devices=[]):
         model = build_member(cfg.model, cfg.seed)
@@ -338,40 +343,38 @@ def estimate_memory(cfg: DictConfig) -> MemoryEstimate:
     evaluation = cfg.data.eval_batch_size * (activations * size + image)
     n = training_images(Path(resolve_root(cfg.data.root)), bool(cfg.data.download))
     indices = 3 * n * 8  # a member's index tensors are at most this long
+    tracking = 0
+    if (cfg.get("curvature") or {}).get("every_n_steps"):  # its Lanczos basis, and its probe with a double backward
+        curvature = cfg.curvature
+        tracking = curvature.iters * params * size + curvature.probe_size * (28 * 28 * 4 + 4 * activations * size)
     return MemoryEstimate(shared=(n + 10_000) * 28 * 28 * 4,
-                          per_member=(4 * params + held) * size + max(step, evaluation) + indices)
+                          per_member=(4 * params + held) * size + max(step, evaluation) + indices + tracking)
 
 
-MEMORY_SHARE = 0.7  # of a device's available memory one population plans on: the estimate is rough
+MEMORY_SHARE = 0.7  # of a device's memory one population plans on: the estimate is rough
 
 
-def available_memory(device: torch.device) -> int | None:
-    """Bytes available on ``device`` now: the GPU's free memory, or the system's ``MemAvailable``
-    (Linux); None where that is unknown."""
-    if device.type == "cuda":
-        try:
-            return torch.cuda.mem_get_info(device)[0]
-        except (RuntimeError, AssertionError):  # no usable GPU here (a dry run planning for one)
-            return None
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory ``device`` has: the GPU's, or the machine's; None where that is unknown. The
+    total, not what is free now: a rerun with ``resume=auto`` must regroup its jobs as the first
+    run did to find their populations' checkpoints."""
     try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (RuntimeError, AssertionError, ValueError, OSError):  # no usable GPU here; no sysconf names
+        return None
 
 
 class MemoryBudget:
     """The bytes one population may use on its device, as :func:`group` asks for a job's config:
-    ``max_memory_gib`` when given; else :data:`MEMORY_SHARE` of the device's available memory,
-    shared by the ``jobs_at_once`` populations that train on this machine together; no bound (None)
-    where the populations train on other machines (``jobs_at_once`` None: SLURM) or the available
-    memory is unknown. Each device's figure is read once and kept, with where it came from, for the plan."""
+    ``max_memory_gib`` when given; else :data:`MEMORY_SHARE` of the device's memory, shared by the
+    ``jobs_at_once`` populations that train on this machine together; else (``jobs_at_once`` None,
+    or the memory unknown) no bound, for the reason ``unbounded``. Each device's figure is read once
+    and kept, with where it came from, for the plan."""
 
-    def __init__(self, max_memory_gib: float | None, jobs_at_once: int | None) -> None:
-        self.max_memory_gib, self.jobs_at_once = max_memory_gib, jobs_at_once
+    def __init__(self, max_memory_gib: float | None, jobs_at_once: int | None, unbounded: str = "") -> None:
+        self.max_memory_gib, self.jobs_at_once, self.unbounded = max_memory_gib, jobs_at_once, unbounded
         self.found: dict[str, tuple[int | None, str]] = {}
 
     def __call__(self, cfg: DictConfig) -> int | None:
@@ -385,19 +388,31 @@ class MemoryBudget:
         if self.max_memory_gib is not None:
             return int(self.max_memory_gib * 2**30), "population.max_memory_gib"
         if self.jobs_at_once is None:
-            return None, "not bounded: the populations train on other machines (set population.max_memory_gib)"
-        free = available_memory(device)
-        if free is None:
-            return None, f"not bounded: the {device.type}'s available memory is unknown (set population.max_memory_gib)"
+            return None, f"not bounded: {self.unbounded}"
+        total = device_memory(device)
+        if total is None:
+            return None, f"not bounded: the {device.type}'s memory is unknown (set population.max_memory_gib)"
         together = f", shared by {self.jobs_at_once} jobs at once" if self.jobs_at_once > 1 else ""
-        return (int(MEMORY_SHARE * free / self.jobs_at_once),
-                f"{MEMORY_SHARE:.0%} of the {device.type}'s available {free / 2**30:,.1f} GiB{together}")
+        return (int(MEMORY_SHARE * total / self.jobs_at_once),
+                f"{MEMORY_SHARE:.0%} of the {device.type}'s {total / 2**30:,.1f} GiB{together}")
 
     def plan_lines(self) -> list[str]:
         """One line per device that was asked about."""
         return [f"  memory per population on {device}: " + (f"at most ~{room / 2**20:,.0f} MiB ({why})"
                                                               if room is not None else why)
                 for device, (room, why) in self.found.items()]
+
+
+def memory_budget(max_memory_gib: float | None, executor: Executor | None, max_parallel: int | None) -> MemoryBudget:
+    """The budget for populations trained in this process (one at a time), as submitit_local jobs (on
+    this machine, ``max_parallel`` at once) or as SLURM jobs (on machines the plan cannot see)."""
+    if executor is None:
+        return MemoryBudget(max_memory_gib, 1)
+    if executor.cluster == "slurm":
+        return MemoryBudget(max_memory_gib, None, "the populations train on other machines "
+                                                  "(set population.max_memory_gib)")
+    return MemoryBudget(max_memory_gib, max_parallel, "submitit_local trains every population at once "
+                                                      "(set hydra.launcher.max_parallel or population.max_memory_gib)")
 
 
 def describe_population(members: Sequence[Job]) -> str:
@@ -697,8 +712,7 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
     sweep_dir.mkdir(parents=True, exist_ok=True)
     for job in jobs:
         classify(job)
-    at_once = 1 if executor is None else None if executor.cluster == "slurm" else (max_parallel or 1)
-    budget = MemoryBudget(max_memory_gib, at_once)
+    budget = memory_budget(max_memory_gib, executor, max_parallel)
     populations = group(jobs, max_members, budget)
     print(plan_text(jobs, populations, budget), flush=True)
     if dry_run:

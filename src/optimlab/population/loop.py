@@ -162,7 +162,7 @@ class PopulationLoop:
             self.sharpness.load_state_dict(state["sharpness"])
 
     def end_epoch(self, epochs_done: int) -> None:
-        """Called by :meth:`fit` once an epoch's rows are in the records; subclasses save or report here."""
+        """Called by :meth:`finish_epoch` once an epoch's rows are in the records; subclasses save or report here."""
 
     def member_views(self, flags: Tensor) -> Iterator[Tensor]:
         """``flags [P]`` shaped to broadcast over each parameter."""

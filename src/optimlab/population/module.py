@@ -3,13 +3,14 @@ optimization), each step and each epoch's end is the population loop's.
 
 :class:`~optimlab.population.loop.PopulationLoop` holds the math and the members' records; this
 module only hands its steps to a ``lightning.Trainer``, as a single run's
-:class:`~optimlab.module.ClassifierModule` does, so that callbacks (the stop on SIGINT/SIGTERM) and
-Lightning's device handling apply to a population as to a run. The batches stay on the device the
+:class:`~optimlab.module.ClassifierModule` does, so that Lightning's loop and callbacks (the stop on
+SIGINT/SIGTERM) drive a population as they drive a run. The batches stay on the device the
 data put them on; validation is the loop's own (every member at once), run at the epoch's end.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -38,16 +39,20 @@ class PopulationModule(L.LightningModule):
     """``loop``'s epochs as a LightningModule: each training step is :meth:`PopulationLoop.train_step`,
     each epoch opens with :meth:`PopulationLoop.start_epoch` and closes with
     :meth:`PopulationLoop.finish_epoch` (which evaluates and records every member); the fit stops when
-    no member is left training."""
+    no member is left training.
+
+    Lightning is handed neither the stacked model (the loop is a plain attribute, not a submodule) nor
+    its optimizer: at the end of a fit Lightning moves the module's parameters and its optimizers'
+    state to the CPU, and the loop's stay on its device (where the test evaluation and a resumed fit
+    use them), already placed and cast by the caller."""
 
     def __init__(self, loop: PopulationLoop, test_every_epoch: bool = False) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.loop, self.test_every_epoch = loop, test_every_epoch
-        self.model = loop.model  # registered, so that Lightning sees the parameters and their device
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.loop.optimizer
+    def configure_optimizers(self) -> None:
+        return None  # the loop steps its own optimizer (see the class docstring)
 
     def train_dataloader(self) -> EpochBatches:
         return EpochBatches(self.loop)
@@ -81,4 +86,6 @@ def fit(loop: PopulationLoop, epochs: int, test_every_epoch: bool = False,
                         max_epochs=remaining, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                         callbacks=list(callbacks))
-    trainer.fit(PopulationModule(loop, test_every_epoch))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*configure_optimizers.*returned `None`")
+        trainer.fit(PopulationModule(loop, test_every_epoch))
