@@ -354,10 +354,17 @@ def test_memory_budget_is_the_knob_or_a_share_of_the_device_memory(monkeypatch: 
     assert launcher.memory_budget(None, None, None)(cfg) is None
 
 
-def test_device_memory_is_the_machines_total() -> None:
+def test_device_memory_is_the_machines_total_within_its_containers_limit(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     found = launcher.device_memory(torch.device("cpu"))
     assert found is not None and 2**28 < found < 2**50
     assert launcher.device_memory(torch.device("cpu")) == found  # the same figure on every read: a rerun regroups alike
+    (tmp_path / "v2").write_text("max\n")  # cgroup v2 without a limit
+    (tmp_path / "v1").write_text(f"{2**27}\n")
+    monkeypatch.setattr(launcher, "CGROUP_MEMORY_LIMITS", (str(tmp_path / "v2"), str(tmp_path / "missing")))
+    assert launcher.device_memory(torch.device("cpu")) == found
+    monkeypatch.setattr(launcher, "CGROUP_MEMORY_LIMITS", (str(tmp_path / "v2"), str(tmp_path / "v1")))
+    assert launcher.device_memory(torch.device("cpu")) == 2**27
 
 
 # ---------------------------------------------------------------------------- end to end

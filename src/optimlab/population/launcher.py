@@ -354,16 +354,28 @@ def estimate_memory(cfg: DictConfig) -> MemoryEstimate:
 MEMORY_SHARE = 0.7  # of a device's memory one population plans on: the estimate is rough
 
 
+# Where Linux puts a container's (cgroup v2, v1) memory limit, which the machine's total does not show.
+CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 def device_memory(device: torch.device) -> int | None:
-    """Bytes of memory ``device`` has: the GPU's, or the machine's; None where that is unknown. The
-    total, not what is free now: a rerun with ``resume=auto`` must regroup its jobs as the first
-    run did to find their populations' checkpoints."""
+    """Bytes of memory ``device`` has: the GPU's, or the machine's (at most its container's limit);
+    None where that is unknown. The total, not what is free now: a rerun with ``resume=auto`` must
+    regroup its jobs as the first run did to find their populations' checkpoints."""
     try:
         if device.type == "cuda":
             return torch.cuda.get_device_properties(device).total_memory
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (RuntimeError, AssertionError, ValueError, OSError):  # no usable GPU here; no sysconf names
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (RuntimeError, AssertionError, ValueError, OSError, AttributeError):  # no GPU here; no sysconf (Windows)
         return None
+    for limit in CGROUP_MEMORY_LIMITS:
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max": no limit
+            total = min(total, int(text))
+    return total
 
 
 class MemoryBudget:

@@ -80,9 +80,8 @@ def fit(loop: PopulationLoop, epochs: int, test_every_epoch: bool = False,
     remaining = epochs - loop.epochs_done
     if remaining <= 0:
         return
-    device = loop.params[0].device
-    index = device.index if device.index is not None else torch.cuda.current_device() if device.type == "cuda" else 0
-    trainer = L.Trainer(accelerator=device.type, devices=[index] if device.type == "cuda" else 1,
+    device = loop.params[0].device  # a tensor's: on CUDA always with its index
+    trainer = L.Trainer(accelerator=device.type, devices=[device.index] if device.type == "cuda" else 1,
                         max_epochs=remaining, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                         callbacks=list(callbacks))
