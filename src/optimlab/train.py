@@ -7,11 +7,13 @@ into a clean stop with an ``interrupted`` summary, and rejects bad input before 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,16 @@ class StopOnSignal(L.Callback):
             raise KeyboardInterrupt(self.requested)
 
     on_train_batch_start = on_validation_batch_start = on_test_batch_start = _raise_if_requested
+
+    @contextlib.contextmanager
+    def handling(self) -> Iterator[None]:
+        """:meth:`handle` installed for SIGINT and SIGTERM inside the block; the previous handlers after it."""
+        old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
 
 
 # What a resumed run takes from the command line; everything else comes from its own saved config.
@@ -199,30 +211,27 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
         record.write("running")  # a resumed run keeps its summary until its next epoch ends
     else:
         log.info(f"resuming {run_dir} from {ckpt}")
-    old_handlers = {s: signal.signal(s, stopper.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
-        status = "diverged" if module.guard.diverged else "complete"
-        # callbacks.model_checkpoint keeps the best epoch by its monitor (last.ckpt has none)
-        best = next((c.best_model_path for c in trainer.checkpoint_callbacks
-                     if isinstance(c, ModelCheckpoint) and c.monitor), "")
-        use_best = cfg.test_ckpt == "best" and bool(best)
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=best if use_best else None, verbose=False)
-        if stopper.requested:  # Lightning's graceful shutdown ends trainer.test without raising
-            raise KeyboardInterrupt(stopper.requested)
-    except (SystemExit, KeyboardInterrupt):  # Lightning exits after its graceful shutdown
-        _close_loggers(trainer, "interrupted")
-        record.write("interrupted", trainer)
-        print(f"interrupted after {len(record.history)} finished epoch(s); {run_dir} holds the last "
-              f"checkpoint and summary; continue with resume={run_dir}", file=sys.stderr)
-        raise Interrupted(stopper.requested or "SIGINT") from None
-    except Exception as err:  # a crash is recorded, then reported as usual ...
-        if ckpt is None or record.history:  # ... unless the resumed record was never loaded: keep the old one
-            record.write("crashed", trainer, error=f"{type(err).__name__}: {err}")
-        raise
-    finally:
-        for s, handler in old_handlers.items():
-            signal.signal(s, handler)
+    with stopper.handling():
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+            status = "diverged" if module.guard.diverged else "complete"
+            # callbacks.model_checkpoint keeps the best epoch by its monitor (last.ckpt has none)
+            best = next((c.best_model_path for c in trainer.checkpoint_callbacks
+                         if isinstance(c, ModelCheckpoint) and c.monitor), "")
+            use_best = cfg.test_ckpt == "best" and bool(best)
+            results = trainer.test(module, datamodule=datamodule, ckpt_path=best if use_best else None, verbose=False)
+            if stopper.requested:  # Lightning's graceful shutdown ends trainer.test without raising
+                raise KeyboardInterrupt(stopper.requested)
+        except (SystemExit, KeyboardInterrupt):  # Lightning exits after its graceful shutdown
+            _close_loggers(trainer, "interrupted")
+            record.write("interrupted", trainer)
+            print(f"interrupted after {len(record.history)} finished epoch(s); {run_dir} holds the last "
+                  f"checkpoint and summary; continue with resume={run_dir}", file=sys.stderr)
+            raise Interrupted(stopper.requested or "SIGINT") from None
+        except Exception as err:  # a crash is recorded, then reported as usual ...
+            if ckpt is None or record.history:  # ... unless the resumed record was never loaded: keep the old one
+                record.write("crashed", trainer, error=f"{type(err).__name__}: {err}")
+            raise
     test = results[0] if results else {}
     summary = record.write(status, trainer, test_loss=test.get("test/loss"), test_acc=test.get("test/acc"),
                            tested_checkpoint="best" if use_best else "last")

@@ -24,7 +24,6 @@ JobReturns come back in job order, as BasicLauncher's do, so a failed job makes 
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -32,7 +31,6 @@ import inspect
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -326,7 +324,7 @@ def estimate_memory(cfg: DictConfig) -> MemoryEstimate:
     for _ in range(2):  # the first step creates the state; buffers may be made on either
         optimizer.step()
     params = sum(p.numel() for p in model.parameters())
-    held = tensor_elements(vars(optimizer), {id(p) for p in model.parameters()} | {id(p.grad) for p in model.parameters()})
+    held = tensor_elements(vars(optimizer), {id(t) for p in model.parameters() for t in (p, p.grad)})
     activations = 0
 
     def count(module: torch.nn.Module, inputs: Any, output: Tensor) -> None:
@@ -482,19 +480,6 @@ class ReportingLoop(PopulationLoop):
         self.on_epoch(epochs_done)
 
 
-@contextlib.contextmanager
-def stop_on_signal(stopper: StopOnSignal) -> Iterator[None]:
-    """SIGINT and SIGTERM raise KeyboardInterrupt (named after the signal, and remembered by ``stopper``,
-    the single run's callback) while a population trains; inside the Lightning fit, Lightning turns it
-    into its graceful shutdown and a SystemExit."""
-    old = {s: signal.signal(s, stopper.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-
-
 def set_deterministic(deterministic: bool) -> None:
     """``trainer.deterministic`` as Lightning applies it to a run: torch's deterministic algorithms,
     and on a GPU the cuBLAS workspace setting they need."""
@@ -567,9 +552,10 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
         checkpoint.save(loop.state_dict(), first_step_s=loop.first_step_s, wall_time_s=wall_time())
         write_all("running")
 
+    # SIGINT/SIGTERM raise KeyboardInterrupt; inside the fit, Lightning's graceful shutdown ends in SystemExit.
     stopper = StopOnSignal()
     try:
-        with stop_on_signal(stopper):
+        with stopper.handling():
             torch.set_flush_denormal(first.trainer.flush_denormal)
             set_deterministic(first.trainer.deterministic)
             if first.trainer.num_threads:
