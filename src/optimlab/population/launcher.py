@@ -113,6 +113,12 @@ class Job:
         OmegaConf.set_struct(config, True)
         return config
 
+    @functools.cached_property
+    def memory(self) -> MemoryEstimate:
+        """What a population of jobs like this one needs (:func:`estimate_memory`); computed once per
+        group of jobs that can share a population (:func:`group` hands it to the others)."""
+        return estimate_memory(self.config)
+
 
 def compose_jobs(hydra_context: HydraContext, config: DictConfig, job_overrides: Sequence[Sequence[str]],
                  initial_job_idx: int) -> list[Job]:
@@ -257,7 +263,9 @@ def group(jobs: Sequence[Job], max_members: int,
         members.sort(key=lambda job: data_order(job.config))
         limit, room = max_members, budget(members[0].config)
         if room is not None:
-            need = estimate_memory(members[0].config)
+            need = members[0].memory
+            for job in members:
+                job.memory = need  # the same model and data: one estimate serves the group's plan lines too
             limit = min(limit, need.members_within(room))
             if limit < 2:
                 why = (f"two members would need ~{need.total(2) / 2**20:,.0f} MiB, more than a population's memory "
@@ -435,7 +443,7 @@ def describe_population(members: Sequence[Job]) -> str:
     return (f"{run.model} {run.widths or '-'}, {run.optimizer}, {cfg.epochs} epochs of batch {cfg.data.batch_size}, "
             f"{str(DTYPES[str(cfg.trainer.precision)]).removeprefix('torch.')} on {device}; "
             f"lr {', '.join(f'{lr:g}' for lr in lrs)}; seed {', '.join(map(str, seeds))}; "
-            f"~{estimate_memory(cfg).total(len(members)) / 2**20:,.0f} MiB")
+            f"~{members[0].memory.total(len(members)) / 2**20:,.0f} MiB")
 
 
 def plan_text(jobs: Sequence[Job], populations: Sequence[Sequence[Job]], budget: MemoryBudget) -> str:
