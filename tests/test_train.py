@@ -13,7 +13,7 @@ import torch
 
 from conftest import REPO, compose_config, run_script
 from optimlab.data import DataError
-from optimlab.hydra_job import job_dirname
+from optimlab.hydra_job import config_yaml, job_dirname, write_job_record
 from optimlab.record import STEP_SCALARS
 from optimlab.train import run
 from optimlab.validate import ConfigError
@@ -77,6 +77,29 @@ def test_job_folder_names_fit_a_file_system() -> None:
     assert a.startswith("x" * 150) and a[-9] == "~"
     wide = job_dirname("model.name=" + "\u00e9" * 200)  # two bytes each: never cut inside a character
     assert len(wide.encode()) <= 200 and wide.startswith("model.name=\u00e9")
+
+
+# Strings a YAML writer must quote, escape, fold or keep (OmegaConf reads 1e5 as a float, YAML 1.1's
+# "Off" as a bool), and interpolations, which a job's record keeps unresolved.
+AWKWARD = ["1e5", "yes", "Off", "Y", "", " ", "null", "~", "${lr}", "1_000", "0x1F", ".inf", "nan", "-inf", "1.",
+           " 1", "+1", "1:20", "2001-12-14", "0o17", "\u00fc\u2192\u00f1", "*star", "&anchor", "!tag", "- dash",
+           "a: b", "# hash", "a #b", "\ttab", "it's", 'say "hi"', "word " * 30, "line1\nline2", "trail\n",
+           "\n lead", "{a}", "[1]", "a\\b", "\x07bell", "\u2028", "\ufeffbom", "@at", "%pct", "`tick"]
+
+
+def test_job_records_are_written_as_omegaconf_writes_them(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"lr": 0.1, "strings": AWKWARD, "nested": {"rows": [{"k": s} for s in AWKWARD],
+                            "none": None, "big": 1e300, "flag": True, "lr": "${lr}", "mixed": [1, "1", 1.0, "1.0", [], {}]},
+                            "empty": {}})
+    for node, under in [(cfg, None), (cfg, "hydra"), (cfg.strings, None)]:
+        assert config_yaml(node, under=under) == OmegaConf.to_yaml(OmegaConf.create({under: node}) if under else node)
+    hydra = OmegaConf.create({"overrides": {"task": ["lr=0.1", "model.name='1e5'"]}, "job": {"name": "${lr}"}})
+    write_job_record(tmp_path, cfg, hydra)
+    assert OmegaConf.load(tmp_path / "config.yaml") == cfg
+    assert OmegaConf.load(tmp_path / "hydra.yaml") == {"hydra": hydra}
+    assert OmegaConf.to_container(OmegaConf.load(tmp_path / "overrides.yaml")) == ["lr=0.1", "model.name='1e5'"]
 
 
 @pytest.mark.slow
