@@ -57,6 +57,7 @@ import _timing
 _timing.setup_env()
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 from optimlab.build import optimizer_class  # noqa: E402
 from optimlab.data import MNISTDataModule  # noqa: E402
@@ -64,9 +65,11 @@ from optimlab.optim import SGD  # noqa: E402
 from optimlab.population import PopulationData, PopulationLoop, StackedMLP, build_member, member_optimizer  # noqa: E402
 from optimlab.population.launcher import data_order, keep_freed_memory  # noqa: E402
 from optimlab.population.stacked import member_losses  # noqa: E402
+from optimlab.summary import describe_run  # noqa: E402
 from optimlab.train import run  # noqa: E402
 
 BATCH_SIZE = 128
+POPULATION_FLOOR_TARGET = 1.3  # the issue's "every population within 1.3x of its bare math"
 
 
 def build(members: int, hidden: int, steps: int, device: torch.device) -> dict:
@@ -219,11 +222,12 @@ def populations_of(grid: str) -> list[list[list[str]]]:
     return list(groups.values())
 
 
-def floor_seconds(grid: str, device: torch.device) -> float:
-    """The bare batched math of the whole grid: every population's steps (epochs x steps per epoch)
-    of stacked forward, loss, backward and member-wise step, cycling over a few batches gathered
-    beforehand (the math does not depend on which batch); set-up excluded."""
-    total = 0.0
+def floor_seconds(grid: str, device: torch.device) -> dict[tuple[str, str], tuple[float, int]]:
+    """The bare batched math of each population of the grid, keyed by (optimizer, widths) as the
+    runs' summaries describe them: (seconds, steps) of its steps (epochs x steps per epoch) of stacked
+    forward, loss, backward and member-wise step, cycling over a few batches gathered beforehand (the
+    math does not depend on which batch); set-up excluded."""
+    floors = {}
     for jobs in populations_of(grid):
         cfg, model, optimizer, data = population_parts(jobs, device)
         batches = [batch for batch, _ in zip(data.train_batches(0), range(4))]
@@ -233,8 +237,38 @@ def floor_seconds(grid: str, device: torch.device) -> float:
             for step in range(steps):
                 math_step(model, optimizer, *batches[step % len(batches)], data.input_groups)
 
-        total += _timing.time_block(train, device)
-    return total
+        described = describe_run(OmegaConf.to_container(cfg, resolve=True))
+        key = (described.optimizer, described.widths)
+        floors[key] = (_timing.time_block(train, device), steps)
+    return floors
+
+
+def population_training(sweep_dir: Path) -> dict[tuple[str, str], tuple[float, int]]:
+    """Each population's training in a population sweep's folder, keyed as :func:`floor_seconds`:
+    (seconds, steps) of its epochs (``train_time_s``: the steps, with their checks and records, without
+    the evaluation), read from the member that trained longest (a frozen member's record stops)."""
+    trained: dict[tuple[str, str], tuple[float, int]] = {}
+    for path in sweep_dir.glob("*/summary.json"):
+        summary = json.loads(path.read_text())
+        if not summary.get("population"):
+            continue  # a job that ran alone
+        run = summary["description"]
+        epochs = summary["epochs"]
+        seen = (sum(row.get("train_time_s", 0.0) for row in epochs), len(epochs) * summary["population"]["steps_per_epoch"])
+        key = (run["optimizer"], run["widths"])
+        trained[key] = max(trained.get(key, seen), seen)
+    return trained
+
+
+def training_against_floor(sweep_dir: Path, floors: dict[tuple[str, str], tuple[float, int]]) -> list[list]:
+    """Rows (optimizer, widths, training s, floor s, training / floor) of every population of a
+    population sweep, its floor scaled to the steps the population trained."""
+    rows = []
+    for key, (seconds, steps) in sorted(population_training(sweep_dir).items()):
+        floor, floor_steps = floors[key]
+        floor *= steps / floor_steps
+        rows.append([*key, seconds, floor, seconds / floor])
+    return rows
 
 
 def count_aten(fn) -> int:
@@ -276,16 +310,18 @@ def sweep_benchmark(grid: str, device_choice: str, threads: int, keep: Path | No
                          f"{'; '.join(f'{k} {v}' for k, v in axes.items())}; {' '.join(budget)}), "
                          f"trainer.num_threads={threads}")
     print(f"load average at start: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
-    rows = []
+    rows, per_population = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         root = keep or Path(tmp)
         for device in _timing.devices_to_measure(device_choice):
             name = device.type
             seq = run_sweep(grid, device, threads, root / f"{name}_sequential", population=False)
             pop = run_sweep(grid, device, threads, root / f"{name}_population", population=True)
-            floor = floor_seconds(grid, device)
+            floors = floor_seconds(grid, device)
+            floor = sum(seconds for seconds, _ in floors.values())
             rows.append([name, seq["wall"], pop["wall"], floor, 60 * jobs / seq["wall"], 60 * jobs / pop["wall"],
                          seq["wall"] / pop["wall"], f"{seq['finished']}/{pop['finished']} of {jobs}"])
+            per_population[name] = training_against_floor(root / f"{name}_population", floors)
     if not torch.cuda.is_available():
         rows.append(["cuda", _timing.NO_GPU, "", "", "", "", "", ""])
     print(f"load average at end: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
@@ -293,6 +329,12 @@ def sweep_benchmark(grid: str, device_choice: str, threads: int, keep: Path | No
           "speed-up = sequential / population")
     _timing.print_table(["device", "sequential s", "population s", "floor s", "seq runs/min", "pop runs/min",
                          "speed-up", "finished seq/pop"], rows)
+    for name, population_rows in per_population.items():
+        ratios = [row[-1] for row in population_rows]
+        print(f"\n{name}: each population's training (its epochs' train_time_s: steps, checks and records, no "
+              f"evaluation) against its bare math; largest ratio {max(ratios):.2f}, median "
+              f"{statistics.median(ratios):.2f} (target: every population <= {POPULATION_FLOOR_TARGET})")
+        _timing.print_table(["optimizer", "widths", "training s", "floor s", "training / floor"], population_rows)
     single, population, members = ops_per_step(grid)
     print(f"\naten ops per training step (CPU profiler): single run {single:.0f}; population of {members} "
           f"{population:.0f} ({population / members:.1f} per member-step)")

@@ -611,5 +611,9 @@ def test_benchmark_sweep_mode_runs_both_sweeps(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     row = next(line.split() for line in result.stdout.splitlines() if line.startswith("cpu "))
     assert row[-3:] == ["8/8", "of", "8"] and all(float(v) > 0 for v in row[1:7])
+    # Each population's training against its own floor: one row per (optimizer, width) of the grid.
+    per_population = [line.split() for line in result.stdout.splitlines() if line.startswith(("adam ", "sgd "))]
+    assert [r[:2] for r in per_population] == [["adam", "8"], ["sgd", "8"]]
+    assert all(float(r[4]) == pytest.approx(float(r[2]) / float(r[3]), rel=0.05) for r in per_population)  # 3 decimals shown
     for sweep in ("cpu_sequential", "cpu_population"):
         assert len(list((tmp_path / sweep).glob("*/summary.json"))) == 8, sweep
