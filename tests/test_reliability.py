@@ -262,6 +262,61 @@ def test_a_resume_refuses_overrides_it_would_ignore_and_a_diverged_run(finished_
         run(compose_config(f"resume={diverged}"), tmp_path / "cmd", [f"resume={diverged}"])
 
 
+def test_a_run_stopped_after_its_last_epoch_resumes_to_its_test_with_its_record(finished_run: Path,
+                                                                                 tmp_path: Path) -> None:
+    """Killed during the test after its last epoch, a run resumed has no epoch left to train: Lightning
+    skips training, and the summary must still hold every epoch (it once came back empty)."""
+    from conftest import compose_config
+    from optimlab.train import run
+
+    run_dir = copy_of(finished_run, tmp_path)
+    before = summary(run_dir)
+    (run_dir / "summary.json").write_text(json.dumps({**before, "status": "interrupted", "test_acc": None}))
+    after = run(compose_config(f"resume={run_dir}"), tmp_path / "cmd", [f"resume={run_dir}"])
+    assert after.status == "complete" and after.epochs == before["epochs"] and after.regime == before["regime"]
+    assert after.test_acc == pytest.approx(before["test_acc"], rel=1e-6)
+    assert summary(run_dir)["epochs"] == before["epochs"]
+
+
+@pytest.mark.parametrize("epochs", [1, 0])
+def test_a_finished_run_resumed_without_more_epochs_is_refused(finished_run: Path, tmp_path: Path, epochs: int) -> None:
+    from conftest import compose_config
+    from optimlab.train import run
+    from optimlab.validate import ConfigError
+
+    run_dir = copy_of(finished_run, tmp_path)
+    before = files_of(run_dir)
+    overrides = [f"resume={run_dir}", f"epochs={epochs}"]
+    with pytest.raises(ConfigError, match=r"^resume: .* has finished 1 epoch\(s\), so epochs=\d leaves nothing to train; "
+                                          r"give epochs=2 or more"):
+        run(compose_config(*overrides), tmp_path / "cmd", overrides)
+    assert files_of(run_dir) == before
+
+
+@pytest.mark.parametrize("member", [False, True])
+def test_a_run_without_its_checkpoint_is_not_resumed_from_scratch_over_its_record(finished_run: Path, tmp_path: Path,
+                                                                                    member: bool) -> None:
+    """Its checkpoint deleted, or a population's member (which keeps none): starting it over in place
+    would drop its finished epochs' record if stopped, so the resume is refused before any work."""
+    import shutil
+
+    from conftest import compose_config
+    from optimlab.train import run
+    from optimlab.validate import ConfigError
+
+    run_dir = copy_of(finished_run, tmp_path)
+    shutil.rmtree(run_dir / "checkpoints")
+    if member:
+        saved = summary(run_dir)
+        (run_dir / "summary.json").write_text(json.dumps({**saved, "population": {"name": "population 3", "member": 0}}))
+    before = files_of(run_dir)
+    overrides = [f"resume={run_dir}", "epochs=2"]
+    why = "a member of a population keeps none: population 3's" if member else "checkpoints holds no .ckpt"
+    with pytest.raises(ConfigError, match=rf"^resume: .* has 1 finished epoch\(s\) but no checkpoint .*{why}.*nothing was changed$"):
+        run(compose_config(*overrides), tmp_path / "cmd", overrides)
+    assert files_of(run_dir) == before
+
+
 def test_an_unreadable_summary_still_keeps_a_new_run_out(finished_run: Path, tmp_path: Path) -> None:
     from conftest import compose_config
     from optimlab.train import run

@@ -82,7 +82,8 @@ class RunRecord(Checkpoint):
         self.train_steps: list[dict[str, float]] = []  # RunSummary.train_steps
         self.first_step_s: float | None = None
         self.extra: dict[str, Any] = {}  # set by the caller: params, train_size, label_noise_images, device
-        self._restored: dict[str, Any] | None = None
+        self._pending_record: dict[str, Any] | None = None  # a resumed run's saved state, until applied
+        self._pending_rng: dict[str, Any] | None = None
         self._steps: list[dict[str, Tensor]] = []  # this epoch's step outputs, reduced at its end
         self._epoch_start = self._step_start = 0.0
         self._train_time: float | None = None
@@ -97,17 +98,33 @@ class RunRecord(Checkpoint):
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Applied when training starts: testing a checkpoint (test_ckpt=best) loads it too, and
-        # must keep this run's record (the epochs after the best one happened too).
-        self._restored = state_dict
+        # Applied in a fit only: testing a checkpoint (test_ckpt=best) loads it too, and must keep
+        # this run's record (the epochs after the best one happened too).
+        self._pending_record = self._pending_rng = state_dict
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        saved, self._restored = self._restored, None
+    def restore_record(self) -> None:
+        """The resumed run's record (history, per-step rows, guard) from its checkpoint, once."""
+        saved, self._pending_record = self._pending_record, None
         if saved is None:
             return
         self.history, self.first_step_s = list(saved["history"]), saved["first_step_s"]
         self.train_steps = list(saved.get("train_steps", []))  # absent from checkpoints of older versions
         self.guard.load_state_dict(saved["guard"])
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Here, not only when training starts: a resumed run with no epoch left to train never starts
+        # training, and its summary must still hold its epochs.
+        self.restore_record()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.restore_record()  # for a strategy that loads the checkpoint after on_fit_start
+        self._pending_rng = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.restore_record()
+        saved, self._pending_rng = self._pending_rng, None
+        if saved is None:
+            return
         # Last, after Lightning's own start-up work may have drawn random numbers.
         torch.set_rng_state(saved["rng_cpu"])
         if torch.cuda.is_available():  # the GPUs this machine has (it may have fewer than the saving one)

@@ -29,7 +29,7 @@ from optimlab.data import epoch_batches
 from optimlab.files import remove_stale_temporaries
 from optimlab.hydra_job import save_job_record
 from optimlab.record import RunRecord, device_name, log_result, result_line
-from optimlab.summary import SUMMARY, RunSummary, is_complete, read_summary
+from optimlab.summary import FINISHED, SUMMARY, RunSummary, is_complete, read_summary
 from optimlab.tensorboard_logger import TensorBoardRunLogger
 from optimlab.validate import ConfigError, rule_error, validate_config
 
@@ -143,6 +143,15 @@ def _plan(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictCon
             for key in set(keys) & set(RESUME_OVERRIDES[1:]):  # e.g. a finished run extended by epochs=N
                 OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), force_add=True)
         _sync_epochs(resumed, keys)
+        done = len(saved.epochs)
+        if ckpt is None and done:  # it would start over, and its record would be gone if stopped
+            why = (f"a member of a population keeps none: {saved.population['name']}'s is removed once it finishes"
+                   if saved.population else f"{run_dir / CHECKPOINT_DIR} holds no .ckpt")
+            raise ConfigError(f"resume: {run_dir} has {done} finished epoch(s) but no checkpoint to continue from ({why}); "
+                              f"train it anew into another hydra.run.dir; nothing was changed")
+        if resumed.epochs < done or (resumed.epochs == done and saved.status in FINISHED):
+            raise ConfigError(f"resume: {run_dir} has finished {done} epoch(s), so epochs={resumed.epochs} leaves "
+                              f"nothing to train; give epochs={done + 1} or more to extend it")
         return resumed, run_dir, ckpt, saved
     if holds_a_run(run_dir):
         raise ConfigError(f"{run_dir} already holds a run; pass resume=auto to skip or continue it, "
@@ -224,7 +233,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
                 raise KeyboardInterrupt(stopper.requested)
         except (SystemExit, KeyboardInterrupt):  # Lightning exits after its graceful shutdown
             _close_loggers(trainer, "interrupted")
-            record.write("interrupted", trainer)
+            if ckpt is None or record.history:  # a resumed run stopped before its record came back keeps the old one
+                record.write("interrupted", trainer)
             print(f"interrupted after {len(record.history)} finished epoch(s); {run_dir} holds the last "
                   f"checkpoint and summary; continue with resume={run_dir}", file=sys.stderr)
             raise Interrupted(stopper.requested or "SIGINT") from None
