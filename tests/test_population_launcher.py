@@ -711,6 +711,23 @@ def test_a_crashed_population_fails_each_member(mnist_root: Path, tmp_path: Path
     assert json.loads((tmp_path / "0" / "summary.json").read_text())["status"] == "crashed"
 
 
+def test_a_population_stopped_before_its_records_return_keeps_its_members_epochs(mnist_root: Path,
+                                                                               tmp_path: Path) -> None:
+    """A rerun whose population stops before its members' records are back (here it crashes at start-up)
+    leaves each member the epochs its folder held, not an empty record (so did an interrupt there)."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        good, bad = ([compose("config", overrides=[*SMALL, f"seed={seed}", *extra], return_hydra_config=True)
+                      for seed, extra in ((0, first), (1, second))]
+                     for first, second in (([], []), (["data.eval_batch_size=100"], ["data.eval_batch_size=200"])))
+    train_members([Job(i, [], cfg, tmp_path / str(i)) for i, cfg in enumerate(good)], "population 1")
+    before = [json.loads((tmp_path / str(i) / "summary.json").read_text())["epochs"] for i in range(2)]
+    assert [len(epochs) for epochs in before] == [1, 1]
+    results = train_members([Job(i, [], cfg, tmp_path / str(i)) for i, cfg in enumerate(bad)], "population 1")
+    assert [s.status for s in results] == ["crashed", "crashed"] and [s.epochs for s in results] == before
+    assert all("eval_batch_size differs between members" in s.error for s in results)
+    assert [json.loads((tmp_path / str(i) / "summary.json").read_text())["epochs"] for i in range(2)] == before
+
+
 def train_two_members(tmp_path: Path, *overrides: str) -> list[str]:
     """Seeds 0 and 1 of the SMALL config with ``overrides``, trained as one population in this
     process (``train_members``); their summaries' statuses."""

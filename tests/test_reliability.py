@@ -317,6 +317,62 @@ def test_a_run_without_its_checkpoint_is_not_resumed_from_scratch_over_its_recor
     assert files_of(run_dir) == before
 
 
+def test_resume_auto_refuses_a_run_of_another_config_or_without_its_checkpoint(finished_run: Path,
+                                                                              tmp_path: Path) -> None:
+    """resume=auto continues an unfinished run only with the config it recorded (else the run would mix
+    two: the optimizer's saved lr with the new one recorded), and only from a checkpoint."""
+    import shutil
+
+    from conftest import compose_config
+    from optimlab.train import run
+    from optimlab.validate import ConfigError
+
+    run_dir = copy_of(finished_run, tmp_path)
+    saved = summary(run_dir)
+    (run_dir / "summary.json").write_text(json.dumps({**saved, "status": "interrupted"}))
+    before = files_of(run_dir)
+    lr = saved["config"]["optimizer"]["lr"]
+    with pytest.raises(ConfigError, match=rf"^resume=auto: .* holds a run of another config \(optimizer.lr: {lr} there, "
+                                          r"0.5 here\); continuing it would mix the two"):
+        run(compose_config(*TINY, "resume=auto", "optimizer.lr=0.5"), run_dir)
+    assert files_of(run_dir) == before
+    shutil.rmtree(run_dir / "checkpoints")
+    before = files_of(run_dir)
+    with pytest.raises(ConfigError, match=r"^resume: .* has 1 finished epoch\(s\) but no checkpoint"):
+        run(compose_config(*TINY, "resume=auto"), run_dir)
+    assert files_of(run_dir) == before
+
+
+def test_a_run_stopped_early_is_not_trained_on_by_a_bare_resume(finished_run: Path, tmp_path: Path) -> None:
+    """Complete before its configured epochs (early stopping): resume=<dir> without epochs=N would train
+    on and replace its result, so it is refused; with epochs=N it continues."""
+    from conftest import compose_config
+    from optimlab.train import run
+    from optimlab.validate import ConfigError
+
+    run_dir = copy_of(finished_run, tmp_path)
+    saved = summary(run_dir)
+    saved["config"]["epochs"] = saved["config"]["trainer"]["max_epochs"] = 3  # as if it stopped after 1 of 3
+    (run_dir / "summary.json").write_text(json.dumps(saved))
+    before = files_of(run_dir)
+    with pytest.raises(ConfigError, match=r"^resume: .* is complete after 1 epoch\(s\) of 3; give epochs=N"):
+        run(compose_config(f"resume={run_dir}"), tmp_path / "cmd", [f"resume={run_dir}"])
+    assert files_of(run_dir) == before
+    after = run(compose_config(f"resume={run_dir}", "epochs=2"), tmp_path / "cmd", [f"resume={run_dir}", "epochs=2"])
+    assert after.status == "complete" and [e["epoch"] for e in after.epochs] == [1, 2]
+
+
+def test_a_relative_resume_path_is_the_run_folder_itself(finished_run: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoint callback compares its folder with the saved one as text and forgets the best
+    epoch when they differ; a relative resume=run must name the same folder as the absolute path."""
+    from optimlab.checkpointing import resolve_resume
+
+    run_dir = copy_of(finished_run, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_resume("run") == (run_dir, run_dir / "checkpoints" / "last.ckpt")
+
+
 def test_an_unreadable_summary_still_keeps_a_new_run_out(finished_run: Path, tmp_path: Path) -> None:
     from conftest import compose_config
     from optimlab.train import run

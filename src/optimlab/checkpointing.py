@@ -48,8 +48,9 @@ def holds_a_run(run_dir: Path) -> bool:
 
 def resolve_resume(target: str | os.PathLike) -> tuple[Path, Path | None]:
     """(run dir, checkpoint) for ``resume=<run dir or .ckpt>``; the checkpoint is None when the run
-    never finished an epoch (it then starts again from scratch in the same directory)."""
-    target = Path(target)
+    never finished an epoch (it then starts again from scratch in the same directory). Absolute: the
+    checkpoint callback compares its folder with the one saved, and forgets the best epoch when they differ."""
+    target = Path(os.path.abspath(target))
     if target.is_file():
         run_dir = target.parent.parent if target.parent.name == CHECKPOINT_DIR else target.parent
         return run_dir, target

@@ -76,6 +76,9 @@ class StopOnSignal(L.Callback):
 # What a resumed run takes from the command line; everything else comes from its own saved config.
 RESUME_OVERRIDES = ("resume", "epochs", "trainer.max_epochs", "trainer.progress_bar", "trainer.num_threads",
                     "data.root")
+# What a continued run's config may differ in from the one it recorded: those, and the population
+# launcher's plan (which jobs train together).
+MAY_DIFFER_ON_RESUME = (*RESUME_OVERRIDES, "population")
 
 
 def _sync_epochs(cfg: DictConfig, keys: list[str]) -> None:
@@ -117,12 +120,15 @@ def _recorded_config(config: dict[str, Any], current: DictConfig) -> DictConfig:
 def _plan(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictConfig, Path, Path | None, RunSummary | None]:
     """(config to run, run dir, checkpoint to resume from, the run's summary so far) for a new run,
     ``resume=auto`` or ``resume=<run dir or ckpt>``; refuses to overwrite a run."""
+    keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
     if not cfg.resume or cfg.resume == "auto":
-        _sync_epochs(cfg, [o.lstrip("+~").split("=", 1)[0] for o in overrides])
+        _sync_epochs(cfg, keys)
     if cfg.resume == "auto":
-        return cfg, run_dir, last_checkpoint(run_dir), read_summary(run_dir)
+        ckpt, saved = last_checkpoint(run_dir), read_summary(run_dir)
+        if saved is not None and saved.status not in FINISHED:  # a finished run is skipped
+            refuse_starting_over(run_dir, ckpt, saved)
+        return cfg, run_dir, ckpt, saved
     if cfg.resume:
-        keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
         ignored = [o for o, key in zip(overrides, keys) if key not in RESUME_OVERRIDES]
         if ignored:
             raise ConfigError(f"resume: a resumed run keeps its own config, so {', '.join(ignored)} would be ignored; "
@@ -143,20 +149,53 @@ def _plan(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictCon
             for key in set(keys) & set(RESUME_OVERRIDES[1:]):  # e.g. a finished run extended by epochs=N
                 OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), force_add=True)
         _sync_epochs(resumed, keys)
+        refuse_starting_over(run_dir, ckpt, saved)
         done = len(saved.epochs)
-        if ckpt is None and done:  # it would start over, and its record would be gone if stopped
-            why = (f"a member of a population keeps none: {saved.population['name']}'s is removed once it finishes"
-                   if saved.population else f"{run_dir / CHECKPOINT_DIR} holds no .ckpt")
-            raise ConfigError(f"resume: {run_dir} has {done} finished epoch(s) but no checkpoint to continue from ({why}); "
-                              f"train it anew into another hydra.run.dir; nothing was changed")
         if resumed.epochs < done or (resumed.epochs == done and saved.status in FINISHED):
             raise ConfigError(f"resume: {run_dir} has finished {done} epoch(s), so epochs={resumed.epochs} leaves "
                               f"nothing to train; give epochs={done + 1} or more to extend it")
+        if saved.status in FINISHED and not {"epochs", "trainer.max_epochs"} & set(keys):  # e.g. stopped early
+            raise ConfigError(f"resume: {run_dir} is {saved.status} after {done} epoch(s) of {resumed.epochs}; "
+                              f"give epochs=N to continue it (early stopping may stop it again)")
         return resumed, run_dir, ckpt, saved
     if holds_a_run(run_dir):
         raise ConfigError(f"{run_dir} already holds a run; pass resume=auto to skip or continue it, "
                           f"or choose another hydra.run.dir / hydra.sweep.dir")
     return cfg, run_dir, None, None
+
+
+def refuse_starting_over(run_dir: Path, ckpt: Path | None, saved: RunSummary) -> None:
+    """Raise ConfigError for a resume of a run that has finished epochs but no checkpoint: it would
+    start over in place, and its record would be gone if it were stopped."""
+    done = len(saved.epochs)
+    if ckpt is None and done:
+        why = (f"a member of a population keeps none: {saved.population.get('name')}'s is removed once it finishes"
+               if saved.population else f"{run_dir / CHECKPOINT_DIR} holds no .ckpt")
+        raise ConfigError(f"resume: {run_dir} has {done} finished epoch(s) but no checkpoint to continue from ({why}); "
+                          f"train it anew into another folder; nothing was changed")
+
+
+def refuse_changed_config(run_dir: Path, saved: RunSummary, cfg: DictConfig) -> None:
+    """Raise ConfigError where ``resume=auto`` would continue the run in ``run_dir`` with another
+    config than it recorded (other than :data:`MAY_DIFFER_ON_RESUME`): the run would mix two. A key
+    only one of them has (one added since the run was recorded) is not compared."""
+    def changed(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+        keys = []
+        for key in old.keys() & new.keys():
+            dotted = prefix + str(key)
+            if dotted in MAY_DIFFER_ON_RESUME:
+                continue
+            if isinstance(old[key], dict) and isinstance(new[key], dict):
+                keys += changed(old[key], new[key], dotted + ".")
+            elif old[key] != new[key]:
+                keys.append(f"{dotted}: {old[key]!r} there, {new[key]!r} here")
+        return keys
+
+    differences = sorted(changed(saved.config, OmegaConf.to_container(cfg, resolve=True)))
+    if differences:
+        raise ConfigError(f"resume=auto: {run_dir} holds a run of another config ({'; '.join(differences[:3])}"
+                          f"{'; ...' if len(differences) > 3 else ''}); continuing it would mix the two: rerun with "
+                          f"its values, or into another folder")
 
 
 def _close_loggers(trainer: L.Trainer, status: str) -> None:
@@ -191,6 +230,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
     """Train one configuration into ``run_dir``; return its summary."""
     cfg, run_dir, ckpt, previous = _plan(cfg, run_dir, overrides or [])
     validate_config(cfg)
+    if cfg.resume == "auto" and previous is not None and previous.status not in FINISHED:
+        refuse_changed_config(run_dir, previous, cfg)
     if cfg.resume == "auto" and is_complete(run_dir):
         log.info(f"{run_dir}: already complete, skipped (resume=auto)")
         return previous  # type: ignore[return-value]

@@ -22,12 +22,13 @@ from typing import Any
 import torch
 
 from optimlab.files import atomic_write, remove_stale_temporaries
+from optimlab.train import MAY_DIFFER_ON_RESUME
 
 CHECKPOINTS = ".populations"
 FORMAT = 2  # 2: linear weights in nn.Linear's [P, out, in] layout (1: [P, in, out])
-# Keys a resumed run may change (optimlab.train.RESUME_OVERRIDES), and the launcher's plan (which jobs
-# form the population, already part of the file's identity), left out of the configs compared.
-IGNORED = ("resume", "epochs", "trainer.progress_bar", "trainer.num_threads", "data.root", "population")
+# Keys a resumed run may change, and the launcher's plan (which jobs form the population, already part
+# of the file's identity), left out of the configs compared.
+IGNORED = MAY_DIFFER_ON_RESUME
 
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
@@ -75,7 +76,9 @@ class PopulationCheckpoint:
             return None, f"{self.path} is not this population's checkpoint"
         if state.get("format") != FORMAT:
             return None, f"{self.path} has format {state.get('format')}; this version reads format {FORMAT}"
-        if state.get("configs") != self.configs:
+        # Through today's comparable(): a file written when fewer keys were ignored still fits.
+        configs = [comparable(c) if isinstance(c, dict) else c for c in state.get("configs") or []]
+        if configs != self.configs:
             return None, f"{self.path} was written for other configs of these jobs"
         return state, ""
 

@@ -62,7 +62,7 @@ from optimlab.population.stacked import StackedCNN, StackedMLP, StackedModel, bu
 from optimlab.record import device_name, log_epoch_lines, result_line, versions
 from optimlab.summary import (FINISHED, SUMMARY, RunSummary, config_key, describe_run, is_complete, optimized_value,
                               read_summary, write_summary)
-from optimlab.train import StopOnSignal
+from optimlab.train import StopOnSignal, refuse_changed_config
 from optimlab.validate import ConfigError, validate_config
 
 log = logging.getLogger(__name__)
@@ -233,6 +233,8 @@ def classify(job: Job) -> None:
     try:
         with hydra_config_of(job.sweep_config):
             check(cfg)
+            if resume == "auto" and (saved := read_summary(job.run_dir)) is not None:
+                refuse_changed_config(job.run_dir, saved, cfg)
     except (ConfigError, DataError) as err:
         job.error = err
         return
@@ -531,6 +533,7 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
     records = [MemberRecord() for _ in members]
     noisy = [0] * len(members)
     checkpoint = PopulationCheckpoint([job.run_dir for job in members], resolved)
+    previous = [len(summary.epochs) if (summary := read_summary(job.run_dir)) else 0 for job in members]
     population = PopulationRun(name, [job.num for job in members], device="?", dtype="?", steps_per_epoch=0,
                                train_size=0, params=0, checkpoint=str(checkpoint.path))
     earlier_wall_s = 0.0  # a resumed population's wall time before its interruption
@@ -544,10 +547,16 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
         return [member_summary(status or ("diverged" if r.diverged else "complete"), config, r, population, m,
                                noisy[m], **final) for m, (config, r) in enumerate(zip(resolved, records))]
 
+    def keeps_old(m: int) -> bool:
+        """Whether member ``m``'s folder holds more epochs than its record (not yet restored from the
+        checkpoint, or a population starting over): its summary stays until the record catches up."""
+        return len(records[m].history) < previous[m]
+
     def write_all(status: str) -> None:
-        for job, summary in zip(members, summaries(status)):
-            job.run_dir.mkdir(parents=True, exist_ok=True)
-            write_summary(job.run_dir, summary)
+        for m, (job, summary) in enumerate(zip(members, summaries(status))):
+            if not keeps_old(m):
+                job.run_dir.mkdir(parents=True, exist_ok=True)
+                write_summary(job.run_dir, summary)
 
     def on_epoch(done: int) -> None:
         rows = [r.history[-1] for r in records if r.history and r.history[-1]["epoch"] == done]
@@ -612,7 +621,9 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
         sys.exit(143 if signal_name == "SIGTERM" else 130)
     except Exception as err:  # the whole population stops: every member's job fails with the error
         log.exception(f"{name} crashed")
-        return summaries("crashed", error=f"{type(err).__name__}: {err}")
+        error = f"{type(err).__name__}: {err}"
+        return [crashed_record(job, name, error) if keeps_old(m) else summary
+                for m, (job, summary) in enumerate(zip(members, summaries("crashed", error=error)))]
     population.checkpoint = None  # removed once every member has finished (launch)
     final = summaries(None, tested_checkpoint="last")
     for summary, loss, acc in zip(final, test_loss, test_acc):
@@ -649,19 +660,20 @@ def bare_summary(job: Job, error: str) -> RunSummary:
                       error=error)
 
 
+def crashed_record(job: Job, name: str, error: str) -> RunSummary:
+    """What ``job``'s folder holds (its epochs so far; ``crashed`` with ``error``, or ``interrupted``
+    where it was stopped), or a bare crashed summary where it holds nothing, as a member of ``name``."""
+    summary = read_summary(job.run_dir) or bare_summary(job, error)
+    if summary.status != "interrupted":
+        summary.status = "crashed"
+    summary.error = error
+    summary.population = {**(summary.population or {}), "name": name}
+    return summary
+
+
 def failed_members(members: Sequence[Job], name: str, error: str) -> list[RunSummary]:
-    """The summaries of a population whose submitit job failed: what each member's folder holds
-    (its epochs so far; ``crashed`` with ``error``, or ``interrupted`` where the job wrote so when
-    it was stopped), or a bare crashed summary where it holds nothing."""
-    summaries = []
-    for job in members:
-        summary = read_summary(job.run_dir) or bare_summary(job, error)
-        if summary.status != "interrupted":
-            summary.status = "crashed"
-        summary.error = error
-        summary.population = {**(summary.population or {}), "name": name}
-        summaries.append(summary)
-    return summaries
+    """The summaries of a population whose submitit job failed (:func:`crashed_record` of each member)."""
+    return [crashed_record(job, name, error) for job in members]
 
 
 def fail_job(job: Job) -> TaskFunction:
