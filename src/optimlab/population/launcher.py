@@ -559,15 +559,16 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
                 write_summary(job.run_dir, summary)
 
     def on_epoch(done: int) -> None:
+        population.first_step_s = loop.first_step_s
+        checkpoint.save(loop.state_dict(), first_step_s=loop.first_step_s, wall_time_s=wall_time())
+        write_all("running")
+        # Printed once saved: a Ctrl-C answering the line finds the epoch kept.
         rows = [r.history[-1] for r in records if r.history and r.history[-1]["epoch"] == done]
         val = [row["val_acc"] for row in rows if math.isfinite(row.get("val_acc", math.nan))]
         training = sum(not r.diverged for r in records)
         print(f"{name}: epoch {done:>3}/{first.epochs} | {training}/{len(records)} members training | val acc "
               f"{min(val, default=math.nan):.4f}-{max(val, default=math.nan):.4f} | "
               f"{rows[0]['train_time_s'] if rows else 0.0:.1f}s", flush=True)
-        population.first_step_s = loop.first_step_s
-        checkpoint.save(loop.state_dict(), first_step_s=loop.first_step_s, wall_time_s=wall_time())
-        write_all("running")
 
     # SIGINT/SIGTERM raise KeyboardInterrupt; inside the fit, Lightning's graceful shutdown ends in SystemExit.
     stopper = StopOnSignal()
