@@ -30,7 +30,8 @@ from omegaconf import DictConfig
 
 from optimlab.data import DataError
 from optimlab.files import written_file
-from optimlab.hydra_job import JobFailed
+from optimlab.hydra_job import JobFailed, remove_if_new_and_empty
+from optimlab.record import record_refusal
 from optimlab.summary import OPTIMIZED_METRICS, optimized_value
 from optimlab.train import Interrupted, run
 from optimlab.validate import ConfigError, rule_error
@@ -60,12 +61,15 @@ def main(cfg: DictConfig) -> float | None:
     if searching and (error := _search_direction_error(cfg, hydra_cfg.sweeper)):
         raise ConfigError(error)  # the search's own settings: end it, every trial would be wrong
     summary = None
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        summary = run(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
+        summary = run(cfg, run_dir, list(hydra_cfg.overrides.task))
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         if not multirun:
+            remove_if_new_and_empty(run_dir)  # Hydra made it before the run was refused
             sys.exit(2)
+        record_refusal(run_dir, cfg, f"{type(err).__name__}: {err}")  # the job's failure, for the report
         if not searching:  # one job's bad value fails that job; Hydra runs the others and reports it at the end
             raise JobFailed(str(err)) from err
     except OSError as err:  # a full disk or a folder that became unwritable mid-run: one line, not a traceback

@@ -63,8 +63,24 @@ def unwritable(folder: Path) -> str | None:
     return None
 
 
+# A run folder that did not exist when Hydra started the run -> it and its parents that did not either
+# (Hydra makes them all before the run can refuse).
+NEW_RUN_FOLDERS: dict[Path, list[Path]] = {}
+
+
+def remove_if_new_and_empty(folder: Path) -> None:
+    """Remove ``folder`` and the parents made with it if Hydra made them for this run
+    (:data:`NEW_RUN_FOLDERS`) and they are still empty: a refused run leaves nothing behind."""
+    for made in NEW_RUN_FOLDERS.get(folder.absolute(), []):
+        try:
+            made.rmdir()
+        except OSError:  # not empty (or gone): it and the folders above stay as they are
+            return
+
+
 class CheckOutputFolder(Callback):
-    """Refuse a run or sweep whose ``hydra.run.dir`` / ``hydra.sweep.dir`` cannot be written."""
+    """Refuse a run or sweep whose ``hydra.run.dir`` / ``hydra.sweep.dir`` cannot be written; note a
+    run folder that does not exist yet (:data:`NEW_RUN_FOLDERS`)."""
 
     @staticmethod
     def _check(key: str, folder: Any) -> None:
@@ -75,6 +91,10 @@ class CheckOutputFolder(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check("hydra.run.dir", config.hydra.run.dir)
+        folder = Path(str(config.hydra.run.dir)).absolute()
+        missing = [path for path in (folder, *folder.parents) if not path.exists()]
+        if missing:
+            NEW_RUN_FOLDERS[folder] = missing
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check("hydra.sweep.dir", config.hydra.sweep.dir)

@@ -20,10 +20,13 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.trainer.states import TrainerFn
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from optimlab.checkpointing import holds_a_run
 from optimlab.curvature import SharpnessCallback
 from optimlab.divergence import DivergenceGuard, total_norm
+from optimlab.hydra_job import save_job_record
 from optimlab.module import EVAL_STAGES
 from optimlab.regimes import Thresholds, diagnose
 from optimlab.summary import RunSummary, data_passes, describe_run, validation_size, write_summary
@@ -38,6 +41,26 @@ STEP_SCALARS = {"loss": "train/loss_step", "grad_norm": "train/grad_norm", "weig
 
 def versions() -> dict[str, str]:
     return {"python": platform.python_version(), "torch": torch.__version__, "lightning": L.__version__}
+
+
+def refused_summary(cfg: DictConfig, error: str) -> RunSummary:
+    """The ``crashed`` summary of a run that recorded nothing itself (refused before any work, or its
+    population failed first), with its config and ``error``."""
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # the error may be an interpolation that cannot resolve
+        config = OmegaConf.to_container(cfg, resolve=False)
+    return RunSummary(status="crashed", config=config, description=vars(describe_run(config)), versions=versions(),
+                      error=error)
+
+
+def record_refusal(run_dir: Path, cfg: DictConfig, error: str) -> None:
+    """A sweep job refused before any work: its folder gets Hydra's record of the job and a ``crashed``
+    summary with the one-line ``error`` (what the report lists), unless it holds a run already."""
+    if holds_a_run(run_dir):
+        return
+    save_job_record(run_dir, cfg)
+    write_summary(run_dir, refused_summary(cfg, error))
 
 
 def device_name(device: torch.device) -> str:

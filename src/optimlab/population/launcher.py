@@ -59,8 +59,8 @@ from optimlab.population.data import PopulationData, split_indices
 from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimizer
 from optimlab.population.records import PopulationRun, member_summary, write_member
 from optimlab.population.stacked import StackedCNN, StackedMLP, StackedModel, build_member
-from optimlab.record import device_name, log_epoch_lines, result_line, versions
-from optimlab.summary import (FINISHED, SUMMARY, RunSummary, config_key, describe_run, is_complete, optimized_value,
+from optimlab.record import device_name, log_epoch_lines, record_refusal, refused_summary, result_line
+from optimlab.summary import (FINISHED, RunSummary, config_key, describe_run, is_complete, optimized_value,
                               read_summary, write_summary)
 from optimlab.train import StopOnSignal, refuse_changed_config
 from optimlab.validate import ConfigError, validate_config
@@ -651,20 +651,10 @@ def finish_member(job: Job, summary: RunSummary) -> TaskFunction:
     return task
 
 
-def bare_summary(job: Job, error: str) -> RunSummary:
-    """A ``crashed`` summary of a job that recorded nothing itself, with its config and ``error``."""
-    try:
-        config = OmegaConf.to_container(job.config, resolve=True)
-    except Exception:  # the error may be an interpolation that cannot resolve
-        config = OmegaConf.to_container(job.config, resolve=False)
-    return RunSummary(status="crashed", config=config, description=vars(describe_run(config)), versions=versions(),
-                      error=error)
-
-
 def crashed_record(job: Job, name: str, error: str) -> RunSummary:
     """What ``job``'s folder holds (its epochs so far; ``crashed`` with ``error``, or ``interrupted``
     where it was stopped), or a bare crashed summary where it holds nothing, as a member of ``name``."""
-    summary = read_summary(job.run_dir) or bare_summary(job, error)
+    summary = read_summary(job.run_dir) or refused_summary(job.config, error)
     if summary.status != "interrupted":
         summary.status = "crashed"
     summary.error = error
@@ -684,9 +674,7 @@ def fail_job(job: Job) -> TaskFunction:
     def task(cfg: DictConfig) -> None:
         assert job.error is not None
         print(f"error: {job.error}", file=sys.stderr)
-        if not (job.run_dir / SUMMARY).exists():
-            save_job_record(job.run_dir, cfg)
-            write_summary(job.run_dir, bare_summary(job, f"{type(job.error).__name__}: {job.error}"))
+        record_refusal(job.run_dir, cfg, f"{type(job.error).__name__}: {job.error}")
         raise JobFailed(str(job.error)) from job.error
 
     return task
