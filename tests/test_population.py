@@ -614,6 +614,9 @@ def test_benchmark_sweep_mode_runs_both_sweeps(tmp_path: Path) -> None:
     # Each population's training against its own floor: one row per (optimizer, width) of the grid.
     per_population = [line.split() for line in result.stdout.splitlines() if line.startswith(("adam ", "sgd "))]
     assert [r[:2] for r in per_population] == [["adam", "8"], ["sgd", "8"]]
-    assert all(float(r[4]) == pytest.approx(float(r[2]) / float(r[3]), rel=0.05) for r in per_population)  # 3 decimals shown
+    ratios = [float(r[4]) for r in per_population]
+    largest = next(line for line in result.stdout.splitlines() if "largest ratio" in line)
+    assert all(r > 0 for r in ratios) and float(largest.split("largest ratio ")[1].split(",")[0]) == pytest.approx(
+        max(ratios), abs=0.006)  # the summary line's 2 decimals against the table's 3
     for sweep in ("cpu_sequential", "cpu_population"):
         assert len(list((tmp_path / sweep).glob("*/summary.json"))) == 8, sweep
