@@ -240,6 +240,8 @@ def test_a_run_recorded_before_the_trainer_came_from_config_still_resumes(finish
     (run_dir / "summary.json").write_text(json.dumps(saved))
     result = train(f"resume={run_dir}", "epochs=2")  # the old record, one epoch longer
     assert result.returncode == 0, result.stderr[-2000:]
+    log = (run_dir / "train.log").read_text()  # the session's lines, not only in its own Hydra folder
+    assert f"resuming {run_dir} from" in log and "epoch   2/2 |" in log
     resumed = summary(run_dir)
     assert resumed["status"] == "complete" and len(resumed["epochs"]) == 2
     assert resumed["config"]["trainer"]["max_epochs"] == 2

@@ -226,6 +226,27 @@ def _claim(run_dir: Path, cfg: DictConfig, new: bool) -> None:
         save_job_record(run_dir, cfg)
 
 
+@contextlib.contextmanager
+def logging_into(run_dir: Path) -> Iterator[None]:
+    """The log lines also in ``run_dir``'s log file (appended), as the job's own log file (Hydra's,
+    whose formatting it copies) writes them, when that file is elsewhere: a run resumed with
+    ``resume=<run dir>`` runs in a folder of its own, and the run's log would miss the session."""
+    root = logging.getLogger()
+    files = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
+    if not files or any(Path(h.baseFilename).parent == run_dir.absolute() for h in files):
+        yield
+        return
+    handler = logging.FileHandler(run_dir / Path(files[0].baseFilename).name, delay=True)
+    handler.setFormatter(files[0].formatter)
+    handler.setLevel(files[0].level)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> RunSummary:
     """Train one configuration into ``run_dir``; return its summary."""
     cfg, run_dir, ckpt, previous = _plan(cfg, run_dir, overrides or [])
@@ -257,11 +278,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
     record.extra = {"params": sum(p.numel() for p in module.model.parameters()), "train_size": len(datamodule.train_y),
                     "label_noise_images": datamodule.noisy_count, "device": device_name(trainer.strategy.root_device)}
     _claim(run_dir, cfg, new=ckpt is None and previous is None)
-    if ckpt is None:
-        record.write("running")  # a resumed run keeps its summary until its next epoch ends
-    else:
-        log.info(f"resuming {run_dir} from {ckpt}")
-    with stopper.handling():
+    with logging_into(run_dir), stopper.handling():
+        if ckpt is None:
+            record.write("running")  # a resumed run keeps its summary until its next epoch ends
+        else:
+            log.info(f"resuming {run_dir} from {ckpt}")
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
             status = "diverged" if module.guard.diverged else "complete"
@@ -283,10 +304,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
             if ckpt is None or record.history:  # ... unless the resumed record was never loaded: keep the old one
                 record.write("crashed", trainer, error=f"{type(err).__name__}: {err}")
             raise
-    test = results[0] if results else {}
-    summary = record.write(status, trainer, test_loss=test.get("test/loss"), test_acc=test.get("test/acc"),
-                           tested_checkpoint="best" if use_best else "last")
-    log_result(trainer.loggers, summary)
-    _close_loggers(trainer, "success")
-    log.info(result_line(summary))
+        test = results[0] if results else {}
+        summary = record.write(status, trainer, test_loss=test.get("test/loss"), test_acc=test.get("test/acc"),
+                               tested_checkpoint="best" if use_best else "last")
+        log_result(trainer.loggers, summary)
+        _close_loggers(trainer, "success")
+        log.info(result_line(summary))
     return summary
