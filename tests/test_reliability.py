@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -396,11 +397,17 @@ def test_temporaries_left_by_a_kill_mid_write_are_cleared_when_the_run_continues
     run_dir = copy_of(finished_run, tmp_path)
     summary = json.loads((run_dir / "summary.json").read_text())
     (run_dir / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))  # killed after epoch 1
-    (run_dir / ".summary.json.tmp4242").write_text("{")
-    (run_dir / "checkpoints" / ".last.ckpt.tmp4243").write_bytes(b"half")
+    child = subprocess.Popen(["true"])
+    child.wait()  # its id is now no process's
+    gone = child.pid
+    (run_dir / f".summary.json.tmp{gone}").write_text("{")
+    (run_dir / "checkpoints" / f".last.ckpt.tmp{gone}").write_bytes(b"half")
     (run_dir / "checkpoints" / "keep.tmp1").write_bytes(b"not ours")
+    # A live process's temporary file (here the test runner's parent) may be being written: it stays.
+    (run_dir / "checkpoints" / f".best.ckpt.tmp{os.getppid()}").write_bytes(b"being written")
     run(compose_config(*TINY, "epochs=2", "resume=auto"), run_dir)
-    assert not list(run_dir.rglob(".*.tmp*")) and (run_dir / "checkpoints" / "keep.tmp1").exists()
+    assert [p.name for p in run_dir.rglob(".*.tmp*")] == [f".best.ckpt.tmp{os.getppid()}"]
+    assert (run_dir / "checkpoints" / "keep.tmp1").exists()
     assert json.loads((run_dir / "summary.json").read_text())["epochs_completed"] == 2
 
 

@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-TEMPORARY = re.compile(r"\.(.+)\.tmp\d+")  # atomic_write's temporary file for <name>
+TEMPORARY = re.compile(r"\.(.+)\.tmp(\d+)")  # atomic_write's temporary file for <name>, by process <pid>
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -33,8 +33,24 @@ def written_file(err: OSError) -> str:
 
 def remove_stale_temporaries(folder: Path) -> None:
     """Delete what :func:`atomic_write` leaves when a kill lands mid-write (``.<name>.tmp<pid>``);
-    called by a run that owns ``folder``, before it writes there."""
+    called by a run that owns ``folder``, before it writes there. A file of a process of this machine
+    that is still running stays: it may be writing it now (a population beside another, a second
+    sweep in the same folder), and removing it would fail that process's rename."""
     if folder.is_dir():
         for path in folder.iterdir():
-            if TEMPORARY.fullmatch(path.name) and path.is_file():
+            match = TEMPORARY.fullmatch(path.name)
+            if match and path.is_file() and not running(int(match.group(2))):
                 path.unlink(missing_ok=True)
+
+
+def running(pid: int) -> bool:
+    """Whether another process with this id runs on this machine (this process writes nothing now)."""
+    if pid <= 0 or pid == os.getpid():  # kill(0) would ask about the process group
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only whether it exists
+    except (ProcessLookupError, OverflowError):  # none such; larger than any process id
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
