@@ -816,6 +816,41 @@ def untimed(summary: dict) -> dict:
                                                         "diverged_at_step", "best_val_acc", "train_steps")}}
 
 
+# Runs train.py with each member's record written, then, after the first, SIGINT sent to the process:
+# a stop while a trained population's members are being finished.
+SIGINT_WHILE_FINISHING = """
+import os, runpy, signal, sys
+from optimlab.population import launcher
+write = launcher.write_member
+sent = []
+def write_then_signal(*args, **kwargs):
+    write(*args, **kwargs)
+    if not sent:
+        sent.append(os.kill(os.getpid(), signal.SIGINT))
+launcher.write_member = write_then_signal
+sys.argv = [sys.argv[1], "-m", *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_stop_while_members_are_finished_waits_for_the_last(mnist_root: Path, tmp_path: Path) -> None:
+    """SIGINT once the first of four trained members is finished: every member is still finished
+    (summary with its test result, TensorBoard events, .hydra/), then the sweep exits 130 saying so;
+    before, the other three were left without their test results."""
+    stopped = subprocess.run([sys.executable, "-c", SIGINT_WHILE_FINISHING, str(REPO / "train.py"), "seed=0,1,2,3",
+                              *SMALL, "hydra/launcher=population", f"hydra.sweep.dir={tmp_path}"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "stopped (SIGINT) once population 1's members were finished" in stopped.stderr
+    runs = summaries(tmp_path)
+    assert len(runs) == 4 and all(s["status"] == "complete" and 0 <= s["test_acc"] <= 1 for s in runs.values())
+    for name in runs:
+        assert list((tmp_path / name / "tensorboard").rglob("events.out.tfevents.*"))
+        assert (tmp_path / name / ".hydra" / "config.yaml").is_file()
+    assert not list((tmp_path / ".populations").glob("*.ckpt"))
+
+
 @pytest.mark.slow
 def test_a_killed_or_stopped_population_resumes_bitwise(mnist_root: Path, tmp_path: Path) -> None:
     """Four members, three epochs (float32, CPU, one thread). SIGKILL right after epoch 1's

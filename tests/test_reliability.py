@@ -436,6 +436,18 @@ def importing_torch(pid: int) -> bool:
         return False
 
 
+def test_signals_deferred_notes_a_signal_and_restores_the_handlers() -> None:
+    from optimlab.train import signals_deferred
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with signals_deferred() as received:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # Python runs the handlers between bytecodes
+    assert received == ["SIGTERM", "SIGINT"]
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
 def test_sigint_during_start_up_exits_130_without_a_traceback(tmp_path: Path) -> None:
     proc = start(*TINY, f"hydra.run.dir={tmp_path / 'run'}")
     # Not a fixed sleep: on a loaded machine Python may not yet have reached the handler, and its own

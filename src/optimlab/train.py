@@ -73,6 +73,20 @@ class StopOnSignal(L.Callback):
                 signal.signal(s, handler)
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[list[str]]:
+    """SIGINT and SIGTERM only noted inside the block (their names, in the list it yields), the previous
+    handlers after it: for work that a stop must not cut in half, and that takes seconds."""
+    received: list[str] = []
+    old = {s: signal.signal(s, lambda signum, frame: received.append(signal.Signals(signum).name))
+           for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
 # What a resumed run takes from the command line; everything else comes from its own saved config.
 RESUME_OVERRIDES = ("resume", "epochs", "trainer.max_epochs", "trainer.progress_bar", "trainer.num_threads",
                     "data.root")

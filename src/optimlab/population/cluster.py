@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -87,7 +87,7 @@ def make_executor(executor: str, folder: str, parameters: Mapping[str, Any]) -> 
 
 def run_as_jobs(executor: Executor, populations: Sequence[tuple[str, Members]],
                 train: Callable[[Members, str], Results], max_parallel: int | None,
-                on_failure: Callable[[Members, str, str], Results]) -> Iterator[tuple[Members, Results]]:
+                on_failure: Callable[[Members, str, str], Results]) -> Generator[tuple[Members, Results], None, None]:
     """Submit ``train(members, name)`` for each population, at most ``max_parallel`` at once (None:
     all; a cluster's scheduler queues them), and yield ``(members, results)`` as each job ends. A
     job that fails (killed, timed out, its process crashed) yields ``on_failure(members, name,

@@ -24,6 +24,7 @@ JobReturns come back in job order, as BasicLauncher's do, so a failed job makes 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -33,7 +34,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ from optimlab.population.stacked import StackedCNN, StackedMLP, StackedModel, bu
 from optimlab.record import device_name, log_epoch_lines, record_refusal, refused_summary, result_line
 from optimlab.summary import (FINISHED, RunSummary, config_key, describe_run, is_complete, optimized_value,
                               read_summary, write_summary)
-from optimlab.train import StopOnSignal, refuse_changed_config
+from optimlab.train import StopOnSignal, refuse_changed_config, signals_deferred
 from optimlab.validate import ConfigError, validate_config
 
 log = logging.getLogger(__name__)
@@ -738,7 +739,7 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
     returns: dict[int, JobReturn] = {}
     named = [(f"population {i}", members) for i, members in enumerate(populations, 1)]
 
-    def in_this_process() -> Iterator[tuple[list[Job], list[RunSummary]]]:
+    def in_this_process() -> Generator[tuple[list[Job], list[RunSummary]], None, None]:
         for name, members in named:
             print(f"{name}: training {len(members)} members (jobs {', '.join(f'#{job.num}' for job in members)})",
                   flush=True)
@@ -746,11 +747,21 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
 
     trained = in_this_process() if executor is None else run_as_jobs(executor, named, train_members, max_parallel,
                                                                      failed_members)
+    names = {id(members): name for name, members in named}
     for members, results in trained:
-        for job, summary in zip(members, results):
-            returns[job.num] = run(job, finish_member(job, summary))
-        if all(summary.status in FINISHED for summary in results):
-            PopulationCheckpoint([job.run_dir for job in members], []).remove()
+        # A stop while the members' jobs are finished waits for the last one: else the trained members not
+        # yet finished would lose their test results, and one finished half would keep a partial record.
+        with signals_deferred() as received:
+            for job, summary in zip(members, results):
+                returns[job.num] = run(job, finish_member(job, summary))
+            if all(summary.status in FINISHED for summary in results):
+                PopulationCheckpoint([job.run_dir for job in members], []).remove()
+        if received:
+            print(f"stopped ({received[0]}) once {names[id(members)]}'s members were finished; rerun the sweep "
+                  f"with resume=auto to run the rest", file=sys.stderr)
+            with contextlib.suppress(KeyboardInterrupt):  # submitit: the running populations are cancelled
+                trained.throw(KeyboardInterrupt(received[0]))
+            sys.exit(143 if received[0] == "SIGTERM" else 130)
     for job in jobs:
         if job.num not in returns:
             returns[job.num] = run(job, fail_job(job) if job.error else task_function)
