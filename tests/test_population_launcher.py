@@ -698,6 +698,25 @@ def test_resume_auto_skips_finished_jobs(mnist_root: Path, tmp_path: Path) -> No
     assert all(math.isfinite(s["test_acc"]) for s in after.values())
 
 
+def test_resume_auto_refuses_a_job_whose_folder_holds_a_run_of_another_config(mnist_root: Path,
+                                                                              tmp_path: Path) -> None:
+    """A value fixed outside the job's folder name (a sweep file, an experiment) changed between a
+    stopped sweep and its rerun: the job fails alone with the single run's line, its folder untouched."""
+    from optimlab.summary import RunSummary, write_summary
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[*SMALL, "resume=auto", "+regimes.fit_acc=0.8"], return_hydra_config=True)
+    job = Job(0, [], cfg, tmp_path / "0")
+    recorded = OmegaConf.to_container(job.config, resolve=True)
+    recorded["regimes"] = {**recorded["regimes"], "fit_acc": 0.9}
+    job.run_dir.mkdir()
+    write_summary(job.run_dir, RunSummary(status="interrupted", config=recorded))
+    before = (job.run_dir / "summary.json").read_text()
+    launcher.classify(job)
+    assert job.key is None and "regimes.fit_acc: 0.9 there, 0.8 here" in str(job.error)
+    assert (job.run_dir / "summary.json").read_text() == before
+
+
 def test_a_crashed_population_fails_each_member(mnist_root: Path, tmp_path: Path) -> None:
     """An error inside a population (here members the grouping would never put together: another
     eval_batch_size) leaves each member a crashed summary with the error, and its job fails with it."""
