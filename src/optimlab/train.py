@@ -29,7 +29,7 @@ from optimlab.data import epoch_batches
 from optimlab.files import remove_stale_temporaries
 from optimlab.hydra_job import save_job_record
 from optimlab.record import RunRecord, device_name, log_result, result_line
-from optimlab.summary import FINISHED, SUMMARY, RunSummary, is_complete, read_summary
+from optimlab.summary import FINISHED, SUMMARY, RunSummary, is_complete, read_summary, write_summary
 from optimlab.tensorboard_logger import TensorBoardRunLogger
 from optimlab.validate import ConfigError, rule_error, validate_config
 
@@ -319,9 +319,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
                 record.write("crashed", trainer, error=f"{type(err).__name__}: {err}")
             raise
         test = results[0] if results else {}
-        summary = record.write(status, trainer, test_loss=test.get("test/loss"), test_acc=test.get("test/acc"),
-                               tested_checkpoint="best" if use_best else "last")
+        summary = record.summary(status, trainer, test_loss=test.get("test/loss"), test_acc=test.get("test/acc"),
+                                 tested_checkpoint="best" if use_best else "last")
         log_result(trainer.loggers, summary)
         _close_loggers(trainer, "success")
+        write_summary(run_dir, summary)  # last: a finished summary is what resume=auto skips
         log.info(result_line(summary))
     return summary

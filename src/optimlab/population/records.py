@@ -103,8 +103,9 @@ def write_tensorboard(run_dir: Path, summary: RunSummary) -> None:
 
 
 def write_member(run_dir: Path, summary: RunSummary) -> None:
-    """``summary.json`` and, for a finished member, its TensorBoard events."""
+    """For a finished member its TensorBoard events, then ``summary.json``: a finished summary is what
+    ``resume=auto`` skips, so it comes last (a kill between leaves the member to run again)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_summary(run_dir, summary)
     if summary.status in FINISHED:
         write_tensorboard(run_dir, summary)
+    write_summary(run_dir, summary)
