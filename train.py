@@ -5,6 +5,7 @@
     python train.py -m lr=0.01,0.1 optimizer=sgd,adam   a sweep (outputs/multirun/...)
 """
 
+import contextlib
 import signal
 import sys
 
@@ -69,7 +70,8 @@ def main(cfg: DictConfig) -> float | None:
         if not multirun:
             remove_if_new_and_empty(run_dir)  # Hydra made it before the run was refused
             sys.exit(2)
-        record_refusal(run_dir, cfg, f"{type(err).__name__}: {err}")  # the job's failure, for the report
+        with contextlib.suppress(OSError):  # e.g. the refusal was that its folder cannot be written
+            record_refusal(run_dir, cfg, f"{type(err).__name__}: {err}")  # the job's failure, for the report
         if not searching:  # one job's bad value fails that job; Hydra runs the others and reports it at the end
             raise JobFailed(str(err)) from err
     except OSError as err:  # a full disk or a folder that became unwritable mid-run: one line, not a traceback

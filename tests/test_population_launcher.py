@@ -710,7 +710,7 @@ def test_resume_auto_refuses_a_job_whose_folder_holds_a_run_of_another_config(mn
     recorded = OmegaConf.to_container(job.config, resolve=True)
     recorded["regimes"] = {**recorded["regimes"], "fit_acc": 0.9}
     job.run_dir.mkdir()
-    write_summary(job.run_dir, RunSummary(status="interrupted", config=recorded))
+    write_summary(job.run_dir, RunSummary(status="interrupted", config=recorded, epochs=[{"epoch": 1}]))
     before = (job.run_dir / "summary.json").read_text()
     launcher.classify(job)
     assert job.key is None and "regimes.fit_acc: 0.9 there, 0.8 here" in str(job.error)

@@ -281,7 +281,7 @@ def test_a_run_stopped_after_its_last_epoch_resumes_to_its_test_with_its_record(
     assert summary(run_dir)["epochs"] == before["epochs"]
 
 
-@pytest.mark.parametrize("epochs", [1, 0])
+@pytest.mark.parametrize("epochs", [1])
 def test_a_finished_run_resumed_without_more_epochs_is_refused(finished_run: Path, tmp_path: Path, epochs: int) -> None:
     from conftest import compose_config
     from optimlab.train import run
@@ -314,7 +314,8 @@ def test_a_run_without_its_checkpoint_is_not_resumed_from_scratch_over_its_recor
         (run_dir / "summary.json").write_text(json.dumps({**saved, "population": {"name": "population 3", "member": 0}}))
     before = files_of(run_dir)
     overrides = [f"resume={run_dir}", "epochs=2"]
-    why = "a member of a population keeps none: population 3's" if member else "checkpoints holds no .ckpt"
+    why = ("a member of a population keeps none, and population 3's was removed when it finished" if member
+           else "checkpoints holds no .ckpt")
     with pytest.raises(ConfigError, match=rf"^resume: .* has 1 finished epoch\(s\) but no checkpoint .*{why}.*nothing was changed$"):
         run(compose_config(*overrides), tmp_path / "cmd", overrides)
     assert files_of(run_dir) == before
@@ -344,6 +345,39 @@ def test_resume_auto_refuses_a_run_of_another_config_or_without_its_checkpoint(f
     with pytest.raises(ConfigError, match=r"^resume: .* has 1 finished epoch\(s\) but no checkpoint"):
         run(compose_config(*TINY, "resume=auto"), run_dir)
     assert files_of(run_dir) == before
+
+
+def test_resume_auto_compares_configs_only_where_there_is_something_to_continue(tmp_path: Path) -> None:
+    """Not refused: a job with no finished epoch (refused before any work, its config since fixed) and a
+    key derived from one a resume may change (the cosine schedule's length from ``epochs``)."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose_config
+    from optimlab.summary import RunSummary
+    from optimlab.train import refuse_changed_config
+    from optimlab.validate import ConfigError
+
+    def recorded(*overrides: str, epochs: int = 0) -> RunSummary:
+        config = OmegaConf.to_container(compose_config(*TINY, *overrides), resolve=True)
+        return RunSummary(status="interrupted", config=config, epochs=[{"epoch": e + 1} for e in range(epochs)])
+
+    refuse_changed_config(tmp_path, recorded("optimizer=sgd", "optimizer.momentum=0.5"),
+                          compose_config(*TINY, "optimizer=sgd", "optimizer.momentum=0.9"))
+    refuse_changed_config(tmp_path, recorded("scheduler=cosine", epochs=1),
+                          compose_config(*TINY, "scheduler=cosine", "epochs=3"))
+    with pytest.raises(ConfigError, match=r"optimizer.momentum: 0.5 there, 0.9 here"):
+        refuse_changed_config(tmp_path, recorded("optimizer=sgd", "optimizer.momentum=0.5"),
+                              compose_config(*TINY, "optimizer=sgd", "optimizer.momentum=0.9"), checkpointed=True)
+
+
+def test_a_resume_with_a_bad_epochs_value_is_one_line(finished_run: Path, tmp_path: Path) -> None:
+    from conftest import compose_config
+    from optimlab.train import run
+    from optimlab.validate import ConfigError
+
+    overrides = [f"resume={finished_run}", "epochs=ten"]
+    with pytest.raises(ConfigError, match=r"epochs: 'ten' is not allowed"):
+        run(compose_config(*overrides), tmp_path / "cmd", overrides)
 
 
 def test_a_run_stopped_early_is_not_trained_on_by_a_bare_resume(finished_run: Path, tmp_path: Path) -> None:

@@ -31,15 +31,16 @@ def written_file(err: OSError) -> str:
     return str(Path(name).with_name(match.group(1))) if match else name
 
 
-def remove_stale_temporaries(folder: Path) -> None:
-    """Delete what :func:`atomic_write` leaves when a kill lands mid-write (``.<name>.tmp<pid>``);
-    called by a run that owns ``folder``, before it writes there. A file of a process of this machine
-    that is still running stays: it may be writing it now (a population beside another, a second
-    sweep in the same folder), and removing it would fail that process's rename."""
+def remove_stale_temporaries(folder: Path, name: str | None = None) -> None:
+    """Delete what :func:`atomic_write` leaves when a kill lands mid-write (``.<name>.tmp<pid>``; only
+    ``name``'s when given); called by a run that owns ``folder``, before it writes there. A file of a
+    process of this machine that is still running stays: it may be writing it now (a second sweep in
+    the same folder), and removing it would fail that process's rename."""
     if folder.is_dir():
         for path in folder.iterdir():
             match = TEMPORARY.fullmatch(path.name)
-            if match and path.is_file() and not running(int(match.group(2))):
+            if match and (name is None or match.group(1) == name) and path.is_file() \
+                    and not running(int(match.group(2))):
                 path.unlink(missing_ok=True)
 
 

@@ -8,6 +8,7 @@ into a clean stop with an ``interrupted`` summary, and rejects bad input before 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import signal
@@ -19,6 +20,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.utils import to_absolute_path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -147,7 +149,7 @@ def _plan(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictCon
         if ignored:
             raise ConfigError(f"resume: a resumed run keeps its own config, so {', '.join(ignored)} would be ignored; "
                               f"only {', '.join(RESUME_OVERRIDES[1:])} may be given with resume=")
-        target = Path(str(cfg.resume))
+        target = Path(to_absolute_path(str(cfg.resume)))  # the launching folder's, also under hydra.job.chdir
         if not target.exists():
             raise ConfigError(f"resume: {cfg.resume!r} does not exist; give a run directory, a .ckpt file or 'auto'")
         run_dir, ckpt = resolve_resume(target)
@@ -165,6 +167,8 @@ def _plan(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictCon
         _sync_epochs(resumed, keys)
         refuse_starting_over(run_dir, ckpt, saved)
         done = len(saved.epochs)
+        if rule_error("epochs", resumed.epochs):
+            return resumed, run_dir, ckpt, saved  # validation names the bad value
         if resumed.epochs < done or (resumed.epochs == done and saved.status in FINISHED):
             raise ConfigError(f"resume: {run_dir} has finished {done} epoch(s), so epochs={resumed.epochs} leaves "
                               f"nothing to train; give epochs={done + 1} or more to extend it")
@@ -183,16 +187,33 @@ def refuse_starting_over(run_dir: Path, ckpt: Path | None, saved: RunSummary) ->
     start over in place, and its record would be gone if it were stopped."""
     done = len(saved.epochs)
     if ckpt is None and done:
-        why = (f"a member of a population keeps none: {saved.population.get('name')}'s is removed once it finishes"
-               if saved.population else f"{run_dir / CHECKPOINT_DIR} holds no .ckpt")
-        raise ConfigError(f"resume: {run_dir} has {done} finished epoch(s) but no checkpoint to continue from ({why}); "
-                          f"train it anew into another folder; nothing was changed")
+        if not saved.population:
+            why = f"{run_dir / CHECKPOINT_DIR} holds no .ckpt; train it anew into another folder"
+        elif saved.status in FINISHED:
+            why = (f"a member of a population keeps none, and {saved.population.get('name')}'s was removed when it "
+                   f"finished; train it anew into another folder")
+        else:
+            why = ("a member of a population keeps none: its population's is in the sweep folder's .populations/; "
+                   "rerun the sweep with hydra/launcher=population and the same grouping")
+        raise ConfigError(f"resume: {run_dir} has {done} finished epoch(s) but no checkpoint to continue from "
+                          f"({why}); nothing was changed")
 
 
-def refuse_changed_config(run_dir: Path, saved: RunSummary, cfg: DictConfig) -> None:
-    """Raise ConfigError where ``resume=auto`` would continue the run in ``run_dir`` with another
-    config than it recorded (other than :data:`MAY_DIFFER_ON_RESUME`): the run would mix two. A key
-    only one of them has (one added since the run was recorded) is not compared."""
+def refuse_changed_config(run_dir: Path, saved: RunSummary, cfg: DictConfig, checkpointed: bool = False) -> None:
+    """Raise ConfigError where ``resume=auto`` would continue the run in ``run_dir`` (one with finished
+    epochs, or ``checkpointed``) with another config than it recorded: the run would mix two. Not
+    compared: :data:`MAY_DIFFER_ON_RESUME` and what derives from them (``cfg`` is resolved with their
+    recorded values), and a key only one of them has (one added since the run was recorded)."""
+    if not (saved.epochs or checkpointed):
+        return  # nothing to continue (e.g. a job refused before any work, its config since fixed)
+    recorded = OmegaConf.create(saved.config)
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        for key in MAY_DIFFER_ON_RESUME:
+            value = OmegaConf.select(recorded, key, default=None)
+            if value is not None and OmegaConf.select(cfg, key, default=None) is not None:
+                OmegaConf.update(cfg, key, value, merge=False)
+
     def changed(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
         keys = []
         for key in old.keys() & new.keys():
@@ -266,7 +287,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
     cfg, run_dir, ckpt, previous = _plan(cfg, run_dir, overrides or [])
     validate_config(cfg)
     if cfg.resume == "auto" and previous is not None and previous.status not in FINISHED:
-        refuse_changed_config(run_dir, previous, cfg)
+        refuse_changed_config(run_dir, previous, cfg, checkpointed=ckpt is not None)
     if cfg.resume == "auto" and is_complete(run_dir):
         log.info(f"{run_dir}: already complete, skipped (resume=auto)")
         return previous  # type: ignore[return-value]

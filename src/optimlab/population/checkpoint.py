@@ -64,7 +64,7 @@ class PopulationCheckpoint:
     def load(self, device: torch.device) -> tuple[dict[str, Any] | None, str]:
         """(the saved state with its tensors on ``device``, or None; why not, if None): a missing,
         unreadable or foreign file (other jobs or configs) gives None, and the population starts over."""
-        remove_stale_temporaries(self.path.parent)
+        remove_stale_temporaries(self.path.parent, self.path.name)  # its own only: others' may be on other nodes
         if not self.path.is_file():
             return None, "no checkpoint"
         try:

@@ -652,11 +652,12 @@ def finish_member(job: Job, summary: RunSummary) -> TaskFunction:
     return task
 
 
-def crashed_record(job: Job, name: str, error: str) -> RunSummary:
-    """What ``job``'s folder holds (its epochs so far; ``crashed`` with ``error``, or ``interrupted``
-    where it was stopped), or a bare crashed summary where it holds nothing, as a member of ``name``."""
+def crashed_record(job: Job, name: str, error: str, stopped: bool = False) -> RunSummary:
+    """What ``job``'s folder holds (its epochs so far), ``crashed`` with ``error``, or ``interrupted``
+    where it says so and ``stopped`` (a cancelled submitit job wrote it); or a bare crashed summary
+    where it holds nothing; as a member of ``name``."""
     summary = read_summary(job.run_dir) or refused_summary(job.config, error)
-    if summary.status != "interrupted":
+    if not (stopped and summary.status == "interrupted"):
         summary.status = "crashed"
     summary.error = error
     summary.population = {**(summary.population or {}), "name": name}
@@ -665,7 +666,7 @@ def crashed_record(job: Job, name: str, error: str) -> RunSummary:
 
 def failed_members(members: Sequence[Job], name: str, error: str) -> list[RunSummary]:
     """The summaries of a population whose submitit job failed (:func:`crashed_record` of each member)."""
-    return [crashed_record(job, name, error) for job in members]
+    return [crashed_record(job, name, error, stopped=True) for job in members]
 
 
 def fail_job(job: Job) -> TaskFunction:
