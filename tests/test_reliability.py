@@ -408,6 +408,11 @@ def test_a_relative_resume_path_is_the_run_folder_itself(finished_run: Path, tmp
     run_dir = copy_of(finished_run, tmp_path)
     monkeypatch.chdir(tmp_path)
     assert resolve_resume("run") == (run_dir, run_dir / "checkpoints" / "last.ckpt")
+    # From the folder the command starts in, also where the job then works in a folder of its own.
+    result = run_script(REPO / "train.py", "resume=run", "epochs=2", "hydra.job.chdir=true",
+                        f"hydra.run.dir={tmp_path / 'session'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [row["epoch"] for row in summary(run_dir)["epochs"]] == [1, 2]
 
 
 def test_an_unreadable_summary_still_keeps_a_new_run_out(finished_run: Path, tmp_path: Path) -> None:

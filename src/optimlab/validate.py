@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import get_class
+from hydra.utils import get_class, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from optimlab.regimes import Thresholds, finite_number
@@ -224,7 +224,7 @@ def validate_config(cfg: DictConfig) -> None:
                               f"(pip install {package}); or choose logger=tensorboard, csv, many or none")
     _check_hardware(cfg.trainer.accelerator, cfg.trainer.precision)
     resume = cfg.get("resume")
-    if resume not in (None, "auto") and not Path(str(resume)).exists():
+    if resume not in (None, "auto") and not Path(to_absolute_path(str(resume))).exists():  # from the launching folder
         raise ConfigError(f"resume: {resume!r} does not exist; give a run directory, a .ckpt file or 'auto'")
 
 
