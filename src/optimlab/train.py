@@ -64,29 +64,29 @@ class StopOnSignal(L.Callback):
 
     on_train_batch_start = on_validation_batch_start = on_test_batch_start = _raise_if_requested
 
-    @contextlib.contextmanager
-    def handling(self) -> Iterator[None]:
-        """:meth:`handle` installed for SIGINT and SIGTERM inside the block; the previous handlers after it."""
-        old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, handler in old.items():
-                signal.signal(s, handler)
+    def handling(self) -> contextlib.AbstractContextManager[None]:
+        """:meth:`handle` installed for SIGINT and SIGTERM inside the block."""
+        return stop_signals_handled_by(self.handle)
+
+
+@contextlib.contextmanager
+def stop_signals_handled_by(handler: Any) -> Iterator[None]:
+    """``handler`` installed for SIGINT and SIGTERM inside the block; the previous handlers after it."""
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, previous in old.items():
+            signal.signal(s, previous)
 
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[list[str]]:
-    """SIGINT and SIGTERM only noted inside the block (their names, in the list it yields), the previous
-    handlers after it: for work that a stop must not cut in half, and that takes seconds."""
+    """SIGINT and SIGTERM only noted inside the block (their names, in the list it yields): for work
+    that a stop must not cut in half, and that takes seconds."""
     received: list[str] = []
-    old = {s: signal.signal(s, lambda signum, frame: received.append(signal.Signals(signum).name))
-           for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with stop_signals_handled_by(lambda signum, frame: received.append(signal.Signals(signum).name)):
         yield received
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
 
 
 # What a resumed run takes from the command line; everything else comes from its own saved config.
