@@ -97,6 +97,17 @@ RESUME_OVERRIDES = ("resume", "epochs", "trainer.max_epochs", "trainer.progress_
 MAY_DIFFER_ON_RESUME = (*RESUME_OVERRIDES, "population")
 
 
+def comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (resolved, as a plain dict) without the :data:`MAY_DIFFER_ON_RESUME` keys."""
+    config = {key: dict(value) if isinstance(value, dict) else value for key, value in config.items()}
+    for dotted in MAY_DIFFER_ON_RESUME:
+        *parents, last = dotted.split(".")
+        node = config.get(parents[0]) if parents else config
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return config
+
+
 def _sync_epochs(cfg: DictConfig, keys: list[str]) -> None:
     """``epochs`` and ``trainer.max_epochs`` are one setting: the one given on the command line sets
     both (a config composed without overrides has them equal through the interpolation)."""
@@ -218,15 +229,13 @@ def refuse_changed_config(run_dir: Path, saved: RunSummary, cfg: DictConfig, che
         keys = []
         for key in old.keys() & new.keys():
             dotted = prefix + str(key)
-            if dotted in MAY_DIFFER_ON_RESUME:
-                continue
             if isinstance(old[key], dict) and isinstance(new[key], dict):
                 keys += changed(old[key], new[key], dotted + ".")
             elif old[key] != new[key]:
                 keys.append(f"{dotted}: {old[key]!r} there, {new[key]!r} here")
         return keys
 
-    differences = sorted(changed(saved.config, OmegaConf.to_container(cfg, resolve=True)))
+    differences = sorted(changed(comparable(saved.config), comparable(OmegaConf.to_container(cfg, resolve=True))))
     if differences:
         raise ConfigError(f"resume=auto: {run_dir} holds a run of another config ({'; '.join(differences[:3])}"
                           f"{'; ...' if len(differences) > 3 else ''}); continuing it would mix the two: rerun with "

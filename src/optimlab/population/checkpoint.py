@@ -22,24 +22,10 @@ from typing import Any
 import torch
 
 from optimlab.files import atomic_write, remove_stale_temporaries
-from optimlab.train import MAY_DIFFER_ON_RESUME
+from optimlab.train import comparable  # the configs compared: without the keys a resume may change
 
 CHECKPOINTS = ".populations"
 FORMAT = 2  # 2: linear weights in nn.Linear's [P, out, in] layout (1: [P, in, out])
-# Keys a resumed run may change, and the launcher's plan (which jobs form the population, already part
-# of the file's identity), left out of the configs compared.
-IGNORED = MAY_DIFFER_ON_RESUME
-
-
-def comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` (resolved, as a plain dict) without the :data:`IGNORED` keys."""
-    config = {key: dict(value) if isinstance(value, dict) else value for key, value in config.items()}
-    for dotted in IGNORED:
-        *parents, last = dotted.split(".")
-        node = config.get(parents[0]) if parents else config
-        if isinstance(node, dict):
-            node.pop(last, None)
-    return config
 
 
 class PopulationCheckpoint:
