@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +142,10 @@ class RunSummary:
         return describe_run(self.config)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "interrupted": self.interrupted, "epochs_completed": len(self.epochs)}
+        """The summary as ``summary.json`` holds it, sharing this object's lists and dicts (not a deep
+        copy like ``dataclasses.asdict``: a population writes every member's summary after each epoch)."""
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "interrupted": self.interrupted,
+                "epochs_completed": len(self.epochs)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunSummary:
