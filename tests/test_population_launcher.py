@@ -901,3 +901,20 @@ def test_a_killed_or_stopped_population_resumes_bitwise(mnist_root: Path, tmp_pa
         got = summaries(sweep)
         assert {name: untimed(s) for name, s in got.items()} == expected, sig
         assert all(s["population"]["checkpoint"] is None for s in got.values()) and not checkpoint.exists()
+
+
+def test_a_member_whose_events_cannot_be_written_is_recorded_crashed(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from optimlab.population import records
+    from optimlab.summary import RunSummary
+
+    def failing(*args: object) -> None:
+        raise OSError("event file gone")
+
+    monkeypatch.setattr(records, "write_tensorboard", failing)
+    finished = RunSummary(status="complete", config={}, epochs=[{"epoch": 1, "train_loss": 0.5}], test_acc=0.9)
+    with pytest.raises(OSError, match="event file gone"):
+        records.write_member(tmp_path, finished)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["status"] == "crashed" and saved["error"] == "OSError: event file gone"
+    assert saved["epochs"] == finished.epochs and saved["test_acc"] == 0.9 and finished.status == "complete"

@@ -551,3 +551,17 @@ def test_a_full_disk_is_one_line_and_the_record_says_why(full_disk: Path) -> Non
     saved = summary(full_disk / "run")
     assert saved["status"] == "crashed" and "No space left on device" in saved["error"]
     assert not list((full_disk / "run" / "checkpoints").iterdir())  # no half-written checkpoint left behind
+
+
+def test_a_logger_failing_at_the_end_leaves_a_crashed_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import compose_config
+    from optimlab import train as train_module
+
+    def failing_log_result(*args: object) -> None:
+        raise OSError("event file gone")
+
+    monkeypatch.setattr(train_module, "log_result", failing_log_result)
+    with pytest.raises(OSError, match="event file gone"):
+        train_module.run(compose_config(*TINY), tmp_path)
+    saved = summary(tmp_path)  # trained and tested, but not every record written: not "running", not "complete"
+    assert saved["status"] == "crashed" and saved["error"] == "OSError: event file gone" and len(saved["epochs"]) == 1

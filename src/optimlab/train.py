@@ -337,6 +337,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
             results = trainer.test(module, datamodule=datamodule, ckpt_path=best if use_best else None, verbose=False)
             if stopper.requested:  # Lightning's graceful shutdown ends trainer.test without raising
                 raise KeyboardInterrupt(stopper.requested)
+            test = results[0] if results else {}
+            summary = record.summary(status, trainer, test_loss=test.get("test/loss"), test_acc=test.get("test/acc"),
+                                     tested_checkpoint="best" if use_best else "last")
+            # Inside the try: a logger that fails to write its last events leaves a crashed record, not a running one.
+            log_result(trainer.loggers, summary)
+            _close_loggers(trainer, "success")
         except (SystemExit, KeyboardInterrupt):  # Lightning exits after its graceful shutdown
             _close_loggers(trainer, "interrupted")
             if ckpt is None or record.history:  # a resumed run stopped before its record came back keeps the old one
@@ -348,11 +354,6 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
             if ckpt is None or record.history:  # ... unless the resumed record was never loaded: keep the old one
                 record.write("crashed", trainer, error=f"{type(err).__name__}: {err}")
             raise
-        test = results[0] if results else {}
-        summary = record.summary(status, trainer, test_loss=test.get("test/loss"), test_acc=test.get("test/acc"),
-                                 tested_checkpoint="best" if use_best else "last")
-        log_result(trainer.loggers, summary)
-        _close_loggers(trainer, "success")
         write_summary(run_dir, summary)  # last: a finished summary is what resume=auto skips
         log.info(result_line(summary))
     return summary

@@ -10,7 +10,7 @@ population sweep as it reads a sequential one.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -107,5 +107,9 @@ def write_member(run_dir: Path, summary: RunSummary) -> None:
     ``resume=auto`` skips, so it comes last (a kill between leaves the member to run again)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if summary.status in FINISHED:
-        write_tensorboard(run_dir, summary)
+        try:
+            write_tensorboard(run_dir, summary)
+        except Exception as err:  # the member's record says so (crashed, why), not "running"
+            write_summary(run_dir, replace(summary, status="crashed", error=f"{type(err).__name__}: {err}"))
+            raise
     write_summary(run_dir, summary)
