@@ -333,7 +333,7 @@ def test_memory_estimate_counts_what_the_optimizer_holds() -> None:
     assert double.per_member > 1.5 * adam.per_member
     tracked = launcher.estimate_memory(compose_config(*SMALL, "optimizer=adam", "curvature.every_n_steps=10",
                                                       "curvature.iters=20"))
-    assert tracked.per_member >= adam.per_member + 20 * params * 4  # the Lanczos basis
+    assert tracked.per_member >= adam.per_member + (20 + 16) * params * 4  # the Lanczos basis and a product's temporaries
 
 
 def test_memory_budget_is_the_knob_or_a_share_of_the_device_memory(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -324,7 +324,8 @@ def estimate_memory(cfg: DictConfig) -> MemoryEstimate:
     temporary of the update; every tensor its optimizer holds after two steps (state and reused
     buffers, counted on the single model); the larger of a training step's activations (kept for
     the backward pass, with their gradients) and an evaluation chunk's; its index tensors; with
-    sharpness tracking, its Lanczos basis and its probe's activations through a double backward."""
+    sharpness tracking, its Lanczos basis with the temporaries of a product and its probe's activations
+    through a double backward."""
     size = DTYPES[str(cfg.trainer.precision)].itemsize
     with torch.random.fork_rng(devices=[]):
         model = build_member(cfg.model, cfg.seed)
@@ -355,7 +356,9 @@ def estimate_memory(cfg: DictConfig) -> MemoryEstimate:
     tracking = 0
     if (cfg.get("curvature") or {}).get("every_n_steps"):  # its Lanczos basis, and its probe with a double backward
         curvature = cfg.curvature
-        tracking = curvature.iters * params * size + curvature.probe_size * (28 * 28 * 4 + 4 * activations * size)
+        # 16 parameter-sized vectors more than the basis: the gradient with its graph, the product and the
+        # reorthogonalisation's temporaries (measured against peak resident memory, docs/population.md).
+        tracking = (curvature.iters + 16) * params * size + curvature.probe_size * (28 * 28 * 4 + 4 * activations * size)
     return MemoryEstimate(shared=(n + 10_000) * 28 * 28 * 4,
                           per_member=(4 * params + held) * size + max(step, evaluation) + indices + tracking)
 
