@@ -63,7 +63,8 @@ from optimlab.build import optimizer_class  # noqa: E402
 from optimlab.data import MNISTDataModule  # noqa: E402
 from optimlab.optim import SGD  # noqa: E402
 from optimlab.population import PopulationData, PopulationLoop, StackedMLP, build_member, member_optimizer  # noqa: E402
-from optimlab.population.launcher import data_order, keep_freed_memory  # noqa: E402
+from optimlab.population.launcher import keep_freed_memory  # noqa: E402
+from optimlab.population.plan import data_order  # noqa: E402
 from optimlab.population.stacked import member_losses  # noqa: E402
 from optimlab.summary import describe_run  # noqa: E402
 from optimlab.train import run  # noqa: E402

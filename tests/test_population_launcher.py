@@ -20,10 +20,11 @@ from omegaconf import OmegaConf
 
 from conftest import CONF, compose_config, run_script
 from hydra_plugins.optimlab_population.population_launcher import PopulationLauncher
-from optimlab.population import launcher
+from optimlab.hydra_job import hydra_config_of
+from optimlab.population import launcher, plan
 from optimlab.population.cluster import Executor
-from optimlab.population.launcher import (Job, PlanError, PopulationCrashed, check_plan_is_the_sweeps, finish_member,
-                                         group, hydra_config_of, population_key, train_members, why_alone)
+from optimlab.population.launcher import PopulationCrashed, finish_member, train_members
+from optimlab.population.plan import Job, PlanError, check_plan_is_the_sweeps, group, population_key, why_alone
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["data.subset=256", "data.val_size=500", "epochs=1", "model.hidden=[16]", "trainer.accelerator=cpu"]
@@ -173,7 +174,7 @@ def test_a_composed_job_runs_as_hydras_run_job_runs_it(loaders, tmp_path: Path, 
                        "hydra.output_subdir=.hydra", "+hydra.job.env_set.OPTIMLAB_TEST_ENV=on"], RunMode.MULTIRUN)
         callbacks = RecordingCallbacks()
         context = HydraContext(config_loader=hydra_loader, callbacks=callbacks)
-        job, = launcher.compose_jobs(context, master, [["lr=0.5", "seed=3"]], 7)
+        job, = plan.compose_jobs(context, master, [["lr=0.5", "seed=3"]], 7)
         if way == "hydra":
             ret = run_job(task, job.sweep_config, "hydra.sweep.dir", "hydra.sweep.subdir", context)
         else:
@@ -306,7 +307,7 @@ def test_groups_are_split_to_fit_the_memory_budget() -> None:
         cfg = compose_config(*SMALL, *overrides)
         return [Job(i, [], cfg, Path(str(i)), key="k") for i in range(8)]
 
-    need = launcher.estimate_memory(compose_config(*SMALL))
+    need = plan.estimate_memory(compose_config(*SMALL))
     assert need.total(3) < need.total(4) and need.members_within(need.total(3)) == 3
     populations = group(jobs(), max_members=64, budget=lambda cfg: need.total(3))
     assert [len(p) for p in populations] == [3, 3, 2]
@@ -324,47 +325,47 @@ def test_groups_are_split_to_fit_the_memory_budget() -> None:
 def test_memory_estimate_counts_what_the_optimizer_holds() -> None:
     """Per member: weights, gradients, last finite weights, an update temporary and the optimizer's
     tensors; Adam holds two parameter-sized states more than plain SGD, and float64 doubles it all."""
-    sgd, adam = (launcher.estimate_memory(compose_config(*SMALL, f"optimizer={name}")) for name in ("sgd", "adam"))
+    sgd, adam = (plan.estimate_memory(compose_config(*SMALL, f"optimizer={name}")) for name in ("sgd", "adam"))
     params = (784 * 16 + 16) + (16 * 10 + 10)
     assert sgd.per_member >= 4 * params * 4 and adam.per_member - sgd.per_member >= 2 * params * 4
-    wide = launcher.estimate_memory(compose_config(*SMALL, "optimizer=adam", "model.hidden=[512]"))
+    wide = plan.estimate_memory(compose_config(*SMALL, "optimizer=adam", "model.hidden=[512]"))
     assert wide.per_member > adam.per_member + 6 * (512 - 16) * 794 * 4 and wide.shared == adam.shared
-    double = launcher.estimate_memory(compose_config(*SMALL, "optimizer=adam", "trainer.precision=64-true"))
+    double = plan.estimate_memory(compose_config(*SMALL, "optimizer=adam", "trainer.precision=64-true"))
     assert double.per_member > 1.5 * adam.per_member
-    tracked = launcher.estimate_memory(compose_config(*SMALL, "optimizer=adam", "curvature.every_n_steps=10",
+    tracked = plan.estimate_memory(compose_config(*SMALL, "optimizer=adam", "curvature.every_n_steps=10",
                                                       "curvature.iters=20"))
     assert tracked.per_member >= adam.per_member + (20 + 16) * params * 4  # the Lanczos basis and a product's temporaries
 
 
 def test_memory_budget_is_the_knob_or_a_share_of_the_device_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = compose_config(*SMALL)
-    monkeypatch.setattr(launcher, "device_memory", lambda device: 10 * 2**30)
-    assert launcher.memory_budget(1.5, None, None)(cfg) == int(1.5 * 2**30)
-    here = launcher.memory_budget(None, None, None)  # populations one by one in this process
-    assert here(cfg) == int(launcher.MEMORY_SHARE * 10 * 2**30)
+    monkeypatch.setattr(plan, "device_memory", lambda device: 10 * 2**30)
+    assert plan.memory_budget(1.5, None, None)(cfg) == int(1.5 * 2**30)
+    here = plan.memory_budget(None, None, None)  # populations one by one in this process
+    assert here(cfg) == int(plan.MEMORY_SHARE * 10 * 2**30)
     assert here.plan_lines() == [f"  memory per population on cpu: at most ~{here(cfg) / 2**20:,.0f} MiB "
-                                 f"({launcher.MEMORY_SHARE:.0%} of the cpu's 10.0 GiB)"]
+                                 f"({plan.MEMORY_SHARE:.0%} of the cpu's 10.0 GiB)"]
     local, slurm = (Executor(None, "folder", cluster) for cluster in ("local", "slurm"))
-    assert launcher.memory_budget(None, local, 4)(cfg) == int(launcher.MEMORY_SHARE * 10 * 2**30 / 4)  # 4 at once
-    for everywhere, why in ((launcher.memory_budget(None, local, None), "submitit_local trains every population at "
-                             "once"), (launcher.memory_budget(None, slurm, 2), "train on other machines")):
+    assert plan.memory_budget(None, local, 4)(cfg) == int(plan.MEMORY_SHARE * 10 * 2**30 / 4)  # 4 at once
+    for everywhere, why in ((plan.memory_budget(None, local, None), "submitit_local trains every population at "
+                             "once"), (plan.memory_budget(None, slurm, 2), "train on other machines")):
         assert everywhere(cfg) is None and why in everywhere.plan_lines()[0] and "not bounded" in everywhere.plan_lines()[0]
-    assert launcher.memory_budget(2, slurm, None)(cfg) == 2 * 2**30
-    monkeypatch.setattr(launcher, "device_memory", lambda device: None)
-    assert launcher.memory_budget(None, None, None)(cfg) is None
+    assert plan.memory_budget(2, slurm, None)(cfg) == 2 * 2**30
+    monkeypatch.setattr(plan, "device_memory", lambda device: None)
+    assert plan.memory_budget(None, None, None)(cfg) is None
 
 
 def test_device_memory_is_the_machines_total_within_its_containers_limit(tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    found = launcher.device_memory(torch.device("cpu"))
+    found = plan.device_memory(torch.device("cpu"))
     assert found is not None and 2**28 < found < 2**50
-    assert launcher.device_memory(torch.device("cpu")) == found  # the same figure on every read: a rerun regroups alike
+    assert plan.device_memory(torch.device("cpu")) == found  # the same figure on every read: a rerun regroups alike
     (tmp_path / "v2").write_text("max\n")  # cgroup v2 without a limit
     (tmp_path / "v1").write_text(f"{2**27}\n")
-    monkeypatch.setattr(launcher, "CGROUP_MEMORY_LIMITS", (str(tmp_path / "v2"), str(tmp_path / "missing")))
-    assert launcher.device_memory(torch.device("cpu")) == found
-    monkeypatch.setattr(launcher, "CGROUP_MEMORY_LIMITS", (str(tmp_path / "v2"), str(tmp_path / "v1")))
-    assert launcher.device_memory(torch.device("cpu")) == 2**27
+    monkeypatch.setattr(plan, "CGROUP_MEMORY_LIMITS", (str(tmp_path / "v2"), str(tmp_path / "missing")))
+    assert plan.device_memory(torch.device("cpu")) == found
+    monkeypatch.setattr(plan, "CGROUP_MEMORY_LIMITS", (str(tmp_path / "v2"), str(tmp_path / "v1")))
+    assert plan.device_memory(torch.device("cpu")) == 2**27
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -628,12 +629,12 @@ def test_missing_mnist_files_are_looked_for_once_per_sweep(tmp_path: Path, monke
     from optimlab.data import DataError, ensure_files
 
     calls = []
-    monkeypatch.setattr(launcher, "ensure_files", lambda root, download: calls.append(root) or ensure_files(root, False))
+    monkeypatch.setattr(plan, "ensure_files", lambda root, download: calls.append(root) or ensure_files(root, False))
     jobs = [compose_config(f"lr={lr}", f"data.root={tmp_path}", "trainer.accelerator=cpu") for lr in (0.1, 0.2, 0.3)]
     errors = []
     for cfg in jobs:
         with pytest.raises(DataError, match="MNIST files missing from") as err:
-            launcher.check(cfg)
+            plan.check(cfg)
         errors.append(str(err.value))
     assert calls == [tmp_path] and errors == errors[:1] * 3 and str(tmp_path) in errors[0]
 
@@ -712,7 +713,7 @@ def test_resume_auto_refuses_a_job_whose_folder_holds_a_run_of_another_config(mn
     job.run_dir.mkdir()
     write_summary(job.run_dir, RunSummary(status="interrupted", config=recorded, epochs=[{"epoch": 1}]))
     before = (job.run_dir / "summary.json").read_text()
-    launcher.classify(job)
+    plan.classify(job)
     assert job.key is None and "regimes.fit_acc: 0.9 there, 0.8 here" in str(job.error)
     assert (job.run_dir / "summary.json").read_text() == before
 

@@ -278,3 +278,7 @@ class StackedCNN(StackedModel):
     """P :class:`~optimlab.models.CNN` members: every convolution a :class:`StackedConv2d`."""
 
     single_type = CNN
+
+
+# The stacked form of each model a population can train, by the single model's ``_target_``.
+STACKED: dict[str, type[StackedModel]] = {"optimlab.models.MLP": StackedMLP, "optimlab.models.CNN": StackedCNN}
