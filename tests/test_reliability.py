@@ -315,7 +315,7 @@ def test_a_run_without_its_checkpoint_is_not_resumed_from_scratch_over_its_recor
     before = files_of(run_dir)
     overrides = [f"resume={run_dir}", "epochs=2"]
     why = ("a member of a population keeps none, and population 3's was removed when it finished" if member
-           else "checkpoints holds no .ckpt")
+           else "checkpoints holds no last.ckpt")
     with pytest.raises(ConfigError, match=rf"^resume: .* has 1 finished epoch\(s\) but no checkpoint .*{why}.*nothing was changed$"):
         run(compose_config(*overrides), tmp_path / "cmd", overrides)
     assert files_of(run_dir) == before
@@ -565,3 +565,53 @@ def test_a_logger_failing_at_the_end_leaves_a_crashed_record(tmp_path: Path, mon
         train_module.run(compose_config(*TINY), tmp_path)
     saved = summary(tmp_path)  # trained and tested, but not every record written: not "running", not "complete"
     assert saved["status"] == "crashed" and saved["error"] == "OSError: event file gone" and len(saved["epochs"]) == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_as_an_epoch_is_recorded_waits_for_its_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   sig: signal.Signals) -> None:
+    """The signal lands right after the epoch's row is recorded, before its checkpoint is saved: the
+    run stops at the next batch with the checkpoint of that epoch, so the resume continues from it
+    (before: an interrupted summary of one epoch and no last.ckpt, which no resume could continue)."""
+    import os
+
+    from conftest import compose_config
+    from optimlab import train as train_module
+    from optimlab.record import RunRecord
+
+    recorded = RunRecord.on_train_epoch_end
+
+    def recorded_then_signal(self: RunRecord, *args: object) -> None:
+        recorded(self, *args)
+        if len(self.history) == 1:
+            os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(RunRecord, "on_train_epoch_end", recorded_then_signal)
+    with pytest.raises(train_module.Interrupted, match=sig.name):
+        train_module.run(compose_config(*TINY, "epochs=2"), tmp_path)
+    saved = summary(tmp_path)
+    assert saved["status"] == "interrupted" and len(saved["epochs"]) == 1
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["epoch"] == 0  # Lightning's count of the epoch it saved (0-based)
+    monkeypatch.setattr(RunRecord, "on_train_epoch_end", recorded)
+    resumed = train_module.run(compose_config(f"resume={tmp_path}"), tmp_path / "cmd", [f"resume={tmp_path}"])
+    assert resumed.status == "complete" and [row["epoch"] for row in resumed.epochs] == [1, 2]
+
+
+def test_an_epochs_summary_is_written_after_its_last_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill between the two leaves the summary no further than last.ckpt, which a resume continues
+    from (a summary ahead of it, with no last.ckpt yet, could not be continued)."""
+    from conftest import compose_config
+    from optimlab.train import run
+
+    epochs_at_save: list[int] = []
+    save = AtomicCheckpointIO.save_checkpoint
+
+    def noting_save(self: AtomicCheckpointIO, checkpoint: dict, path: str, **options: object) -> None:
+        if Path(path).name == "last.ckpt":
+            epochs_at_save.append(len(summary(tmp_path)["epochs"]))
+        save(self, checkpoint, path, **options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", noting_save)
+    run(compose_config(*TINY, "epochs=2"), tmp_path)
+    assert epochs_at_save == [0, 1] and len(summary(tmp_path)["epochs"]) == 2

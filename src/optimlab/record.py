@@ -112,6 +112,7 @@ class RunRecord(Checkpoint):
         self._train_time: float | None = None
         self._initial_loss: float | None = None
         self._global_step = 0
+        self._unwritten = False  # the last epoch's line and summary are still to be written
 
     # ---- checkpoint state: the record so far and every RNG state ---------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -156,7 +157,20 @@ class RunRecord(Checkpoint):
 
     # ---- training ---------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.write_epoch(trainer)
         self._epoch_start, self._train_time, self._steps = time.perf_counter(), None, []
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.write_epoch(trainer)
+
+    def write_epoch(self, trainer: L.Trainer) -> None:
+        """The last finished epoch's line and ``running`` summary, once its checkpoint is saved (here,
+        the first hook after the checkpoint callbacks'): a kill between the two leaves a summary no
+        further than the checkpoint, which a resume continues from."""
+        if self._unwritten:
+            self._unwritten = False
+            log.info(self.epoch_line(self.history[-1], trainer.max_epochs))
+            self.write("running", trainer)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.first_step_s is None:
@@ -209,8 +223,7 @@ class RunRecord(Checkpoint):
         self.history.append(row)
         for logger in trainer.loggers:
             logger.log_metrics({"train/loss": row["train_loss"], "train/acc": row["train_acc"]}, step=trainer.global_step)
-        log.info(self.epoch_line(row, trainer.max_epochs))
-        self.write("running", trainer)
+        self._unwritten = True  # written after the epoch's checkpoint (write_epoch)
 
     def _train_metrics(self) -> dict[str, float]:
         """This epoch's training loss and accuracy over all its samples, and its largest step loss."""

@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from optimlab.build import build_parts, build_trainer
-from optimlab.checkpointing import CHECKPOINT_DIR, check_checkpoint, holds_a_run, last_checkpoint, resolve_resume
+from optimlab.checkpointing import CHECKPOINT_DIR, LAST, check_checkpoint, holds_a_run, last_checkpoint, resolve_resume
 from optimlab.curvature import SharpnessCallback
 from optimlab.data import epoch_batches
 from optimlab.files import remove_stale_temporaries
@@ -49,20 +49,33 @@ class Interrupted(Exception):
 class StopOnSignal(L.Callback):
     """SIGINT and SIGTERM raise KeyboardInterrupt, which Lightning turns into a graceful shutdown.
     Python drops an exception raised while a finalizer (``__del__``) runs, so the request is also
-    remembered and raised again at the next batch."""
+    remembered and raised again at the next batch. From the end of an epoch's training until its
+    checkpoint is saved (the checkpoint callbacks' epoch-end hooks run after every other's) a signal
+    is only remembered: a stop in between would leave the run's record holding an epoch that no
+    checkpoint holds. So this callback must come before the run's record among the callbacks."""
 
     def __init__(self) -> None:
         self.requested: str | None = None
+        self.deferring = False
 
     def handle(self, signum: int, frame: Any) -> None:
         self.requested = signal.Signals(signum).name
-        raise KeyboardInterrupt(self.requested)
+        if not self.deferring:
+            raise KeyboardInterrupt(self.requested)
 
     def _raise_if_requested(self, *args: Any) -> None:
         if self.requested is not None:
             raise KeyboardInterrupt(self.requested)
 
     on_train_batch_start = on_validation_batch_start = on_test_batch_start = _raise_if_requested
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.deferring = True
+
+    def _checkpoint_saved(self, *args: Any) -> None:
+        self.deferring = False  # a remembered request is raised at the next batch
+
+    on_train_epoch_start = on_train_end = _checkpoint_saved
 
     def handling(self) -> contextlib.AbstractContextManager[None]:
         """:meth:`handle` installed for SIGINT and SIGTERM inside the block."""
@@ -199,7 +212,7 @@ def refuse_starting_over(run_dir: Path, ckpt: Path | None, saved: RunSummary) ->
     done = len(saved.epochs)
     if ckpt is None and done:
         if not saved.population:
-            why = f"{run_dir / CHECKPOINT_DIR} holds no .ckpt; train it anew into another folder"
+            why = f"{run_dir / CHECKPOINT_DIR} holds no {LAST}; train it anew into another folder"
         elif saved.status in FINISHED:
             why = (f"a member of a population keeps none, and {saved.population.get('name')}'s was removed when it "
                    f"finished; train it anew into another folder")
@@ -317,7 +330,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
                  if curvature and curvature.every_n_steps else None)
     record = RunRecord(run_dir, config, module.guard, parts.thresholds, cfg.trainer.log_every_n_steps,
                        wall_time_before=previous.wall_time_s if previous and ckpt else 0.0, sharpness=sharpness)
-    trainer = build_trainer(cfg, run_dir, [*filter(None, [sharpness]), record, stopper := StopOnSignal()])
+    trainer = build_trainer(cfg, run_dir, [stopper := StopOnSignal(), *filter(None, [sharpness]), record])
     datamodule.to(trainer.strategy.root_device)
     record.extra = {"params": sum(p.numel() for p in module.model.parameters()), "train_size": len(datamodule.train_y),
                     "label_noise_images": datamodule.noisy_count, "device": device_name(trainer.strategy.root_device)}
