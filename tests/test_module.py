@@ -12,7 +12,7 @@ import torch
 from optimlab.data import TensorBatches
 from optimlab.divergence import DivergenceGuard
 from optimlab.models import MLP
-from optimlab.module import ClassifierModule
+from optimlab.module import ClassifierModule, SampleMean
 from optimlab.optim import SGD
 from optimlab.record import RunRecord
 from optimlab.regimes import Thresholds
@@ -175,3 +175,14 @@ def test_console_lines_go_around_the_progress_bar() -> None:
         handler.emit(record)
     # the bar's line is cleared before the epoch line is written, so the line starts a line of its own
     assert "\nepoch   1/2 | train loss 0.5\n" in screen.getvalue().replace("\r", "\n")
+
+
+def test_evaluation_loss_is_the_mean_over_samples_not_over_batches() -> None:
+    """Batch means weighted by their sizes: two full batches of loss 1 and a short one of loss 10
+    average to 1.6 over the 150 samples (4.0 over the three batches); a non-finite loss goes through."""
+    mean = SampleMean()
+    for loss, size in ((1.0, 70), (1.0, 70), (10.0, 10)):
+        mean.update(torch.tensor(loss), size)
+    assert mean.compute().item() == pytest.approx(1.6)
+    mean.update(torch.tensor(float("nan")), 5)
+    assert mean.compute().isnan()

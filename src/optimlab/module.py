@@ -14,13 +14,34 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from optimlab.divergence import WEIGHTS, DivergenceGuard, all_finite, total_sum
 
 EVAL_STAGES = ("val", "test")  # validation dataloader 0 is "val"; 1, when present, is "test"
 BACKWARD_HOOKS = ("on_before_backward", "on_after_backward")
+
+
+class SampleMean(Metric):
+    """The mean over every sample of values given as batch means with their batch sizes. NaN and
+    infinities go through: a diverged model's loss is recorded as it is. (torchmetrics' MeanMetric
+    drops the weights under ``nan_strategy="disable"``, torchmetrics 1.9: a short last batch then
+    counted as much as a full one.)"""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.zeros(()), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros(()), dist_reduce_fx="sum")
+
+    def update(self, batch_mean: Tensor, batch_size: int) -> None:
+        self.total += batch_mean * batch_size
+        self.count += batch_size
+
+    def compute(self) -> Tensor:
+        return self.total / self.count
 
 
 class ClassifierModule(L.LightningModule):
@@ -49,7 +70,7 @@ class ClassifierModule(L.LightningModule):
         self.check_weights_every = check_weights_every_n_steps
         self.clip_val, self.clip_algorithm = gradient_clip_val, gradient_clip_algorithm
         # "_" suffix: ModuleDict keys may not shadow nn.Module attributes.
-        self.eval_loss = nn.ModuleDict({f"{s}_": MeanMetric(nan_strategy="disable") for s in EVAL_STAGES})
+        self.eval_loss = nn.ModuleDict({f"{s}_": SampleMean() for s in EVAL_STAGES})
         self.eval_acc = nn.ModuleDict({
             f"{s}_": MulticlassAccuracy(num_classes, average="micro", validate_args=False) for s in EVAL_STAGES})
 

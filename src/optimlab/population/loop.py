@@ -291,7 +291,7 @@ class PopulationLoop:
     @torch.no_grad()
     def evaluate(self, batches: Iterator[tuple[Tensor, Tensor]], shared: bool = False) -> Tensor:
         """``[2, P]``: each member's mean cross-entropy (batch means weighted by batch size, as the
-        single run's MeanMetric) and accuracy over ``batches``; ``shared``: one batch for all members."""
+        single run's SampleMean) and accuracy over ``batches``; ``shared``: one batch for all members."""
         members = self.model.members
         loss_sum = correct = count = 0
         for x, y in batches:
