@@ -208,7 +208,7 @@ def test_report_md_states_the_command_and_where_each_regime_appeared(tmp_path: P
 
 
 def test_a_map_cell_shows_the_label_most_runs_got_and_marks_disagreement(tmp_path: Path) -> None:
-    row = {"optimizer": "sgd", "widths": "8", "lr": 0.1}
+    row = {"setting": "sgd", "widths": "8", "lr": 0.1}
     rows = [{**row, "regime": "healthy", "final_test_acc": 0.9}, {**row, "regime": "oscillating", "final_test_acc": 0.8},
             {**row, "regime": "healthy", "final_test_acc": 0.94},
             {**row, "lr": 1.0, "regime": "diverging", "final_test_acc": 0.1},
@@ -235,6 +235,25 @@ def test_report_md_lists_the_map_cells_whose_seeds_disagree(tmp_path: Path) -> N
     md = (tmp_path / "report.md").read_text()
     assert "4 cells of several runs; in 1 of them the runs (seeds) disagree" in md
     assert "| sgd | 64 | 1 | healthy | diverging 1, healthy 2 |" in md
+
+
+def test_runs_that_differ_in_more_than_lr_width_and_seed_are_not_one_cell(tmp_path: Path) -> None:
+    """A swept weight decay (one seed): its two values are two settings of sgd, each its own cells,
+    panel, stability column and seed-table rows, not two seeds of one cell."""
+    n = 0
+    for decay, regime in ((0.0, "slow"), (3.0, "diverging")):
+        for lr in (0.1, 1.0):
+            for width in (4, 8):
+                fake_run(tmp_path, f"{n}_job", "SGD", lr, width, 0, 0.9, regime, decay=decay)
+                n += 1
+    report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "cells of several runs" not in md  # every cell holds one run
+    assert ("**slow** in sgd (optimizer.weight_decay=0.0) 4 at lr 0.1 to 1; sgd (optimizer.weight_decay=0.0) 8 at "
+            "lr 0.1 to 1. **diverging** in sgd (optimizer.weight_decay=3.0) 4 at lr 0.1 to 1") in md
+    rows = list(csv.DictReader((tmp_path / "report.csv").open()))
+    assert {r["setting"] for r in rows} == {"sgd (optimizer.weight_decay=0.0)", "sgd (optimizer.weight_decay=3.0)"}
+    assert (tmp_path / "regime_map.png").is_file()
 
 
 def test_data_passes_counts_how_often_the_training_images_were_seen() -> None:

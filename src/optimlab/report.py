@@ -4,7 +4,8 @@ Writes next to the runs: ``report.md`` and ``report.csv`` (one row per run, cras
 interrupted ones included), ``curves.png`` (per-run epoch curves titled with the diagnosed regime),
 ``lr_sensitivity.png`` (for lr sweeps), ``regime_map.png`` (for lr x width sweeps) and
 ``sharpness.png`` (for runs that tracked their sharpness, ``curvature.every_n_steps``). For a map
-whose runs tracked their sharpness, ``stability.csv`` compares, per (optimizer, width) column, the
+whose runs tracked their sharpness, ``stability.csv`` compares, per (optimizer, width) column (an
+optimizer's *setting*, :func:`name_settings`, where the sweep varies more than lr, width and seed), the
 largest stable lr the sharpness at the start predicts with the largest lr observed not to diverge;
 the map draws the prediction.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import statistics
 import sys
@@ -31,7 +33,7 @@ REGIME_COLORS = {"healthy": "#2ca02c", "slow": "#1f77b4", "oscillating": "#ff7f0
 PLOT_LABELS = (*LABELS, "crashed")  # what a figure colours a run by: its regime, or crashed (no diagnosis)
 COLUMNS = ["run", "name", "model", "optimizer", "lr", "widths", "seed", "params", "final_train_acc",
            "best_train_acc", "final_val_acc", "best_val_acc", "final_test_acc", "best_test_acc", "epochs", "regime", "stopped_non_finite", "status",
-           "wall_time_s", "steps_per_s", "sharpness_max", "sharpness_crossed_at_step"]
+           "wall_time_s", "steps_per_s", "sharpness_max", "sharpness_crossed_at_step", "setting"]
 MAX_CURVES = 48  # beyond this curves.png would be unreadable; the tables still list every run
 
 
@@ -74,6 +76,7 @@ def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, An
         "regime": regime if s.status in FINISHED else s.status,
         "stopped_non_finite": s.diverged, "status": s.status, "wall_time_s": s.wall_time_s,
         "steps_per_s": s.steps_per_s, "history": history, "same_but_seed": same_but_seed(s.config),
+        "settings": flat_settings(s.config),
         "curvature": s.curvature, "diverged_at_step": s.diverged_at_step,
         "sharpness_max": (s.curvature or {}).get("sharpness_max"),
         "sharpness_crossed_at_step": (s.curvature or {}).get("first_crossing_step"),
@@ -90,6 +93,47 @@ def same_but_seed(config: dict[str, Any]) -> str:
     """The run's whole config except :data:`NOT_THE_EXPERIMENT`, as a key: runs with equal keys
     differ only in their seed."""
     return config_key(config, NOT_THE_EXPERIMENT)
+
+
+# What a map's axes vary: the learning rate and the widths (the optimizer class is its panels).
+MAP_AXES = ("lr", "optimizer.lr", "optimizer._target_", "optimizer.impl", "model.hidden", "model.channels")
+
+
+def flat_settings(config: dict[str, Any]) -> dict[str, str]:
+    """The run's config as dotted keys and their values (as text), without :data:`NOT_THE_EXPERIMENT`
+    and :data:`MAP_AXES`."""
+    skipped = (*NOT_THE_EXPERIMENT, *MAP_AXES)
+    flat: dict[str, str] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            dotted = prefix + str(key)
+            if dotted in skipped:
+                continue
+            if isinstance(value, dict):
+                walk(value, dotted + ".")
+            else:
+                flat[dotted] = value if isinstance(value, str) else json.dumps(value)
+
+    walk(config, "")
+    return flat
+
+
+def name_settings(rows: list[dict[str, Any]]) -> None:
+    """Give each run its ``setting``: its optimizer, and the settings in which it differs from the
+    sweep's other runs of that optimizer apart from the map's axes and the seed, e.g. ``sgd
+    (optimizer.weight_decay=3)``. Runs of one setting differ only in lr, widths and seed: the map's
+    cells, columns and lines are per setting, so that a swept weight decay is not taken for seeds."""
+    by_optimizer: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r.get("optimizer"):
+            by_optimizer[r["optimizer"]].append(r)
+    for optimizer, runs in by_optimizer.items():
+        keys = sorted({key for r in runs for key in r["settings"]})
+        varying = [key for key in keys if len({r["settings"].get(key) for r in runs}) > 1]
+        for r in runs:
+            apart = ", ".join(f"{key}={r['settings'].get(key, '-')}" for key in varying)
+            r["setting"] = f"{optimizer} ({apart})" if apart else optimizer
 
 
 def _fmt(value: Any) -> str:
@@ -159,11 +203,12 @@ class MapCell:
 
 
 def map_cells(rows: list[dict[str, Any]]) -> dict[tuple[str, str, float], MapCell]:
-    """The regime map's cells, keyed ``(optimizer, widths, lr)``, from the report's rows."""
+    """The regime map's cells, keyed ``(setting, widths, lr)`` (see :func:`name_settings`), from the
+    report's rows."""
     groups: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        if r.get("optimizer") and r.get("widths") and r.get("lr"):
-            groups[(r["optimizer"], r["widths"], r["lr"])].append(r)
+        if r.get("setting") and r.get("widths") and r.get("lr"):
+            groups[(r["setting"], r["widths"], r["lr"])].append(r)
     cells = {}
     for key, runs in groups.items():
         counts = Counter(r["regime"] if r["regime"] in PLOT_LABELS else "crashed" for r in runs)
@@ -174,7 +219,7 @@ def map_cells(rows: list[dict[str, Any]]) -> dict[tuple[str, str, float], MapCel
 
 
 def stability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (optimizer, widths) column of an lr sweep whose runs tracked their sharpness: ``sharpness0``
+    """Per (optimizer setting, widths) column of an lr sweep whose runs tracked their sharpness: ``sharpness0``
     (median over the column of each run's first measurement: step 0 with ``curvature.log_spaced_start``,
     for the adaptive optimizers preconditioned by :func:`~optimlab.curvature.initial_preconditioner`,
     the P their state settles to from the gradients at initialisation), the largest stable lr it predicts (the lr at
@@ -187,7 +232,7 @@ def stability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     columns: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         if r.get("lr") and (r.get("curvature") or {}).get("initial_sharpness"):
-            columns[(r["optimizer"], r["widths"])].append(r)
+            columns[(r["setting"], r["widths"])].append(r)
     table = []
     for (optimizer, widths), runs in sorted(columns.items(), key=lambda kv: (kv[0][0], _width_key(kv[0][1]))):
         sharpness0 = statistics.median(r["curvature"]["initial_sharpness"] for r in runs)
@@ -288,7 +333,7 @@ def findings(rows: list[dict[str, Any]]) -> str:
         where: dict[tuple[str, str], list[float]] = defaultdict(list)
         for r in rows:
             if r["regime"] == label and r.get("lr"):
-                where[(r["optimizer"], r["widths"])].append(r["lr"])
+                where[(r["setting"], r["widths"])].append(r["lr"])
         if where:
             cells = [f"{o} {w or '-'} at lr {_fmt(min(lrs))}" + (f" to {_fmt(max(lrs))}" if max(lrs) > min(lrs) else "")
                      for (o, w), lrs in sorted(where.items(), key=lambda kv: (kv[0][0], _width_key(kv[0][1])))]
@@ -320,7 +365,7 @@ def seed_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         accs = [m["final_test_acc"] for m in members]
         first = members[0]
-        table.append({**{k: first[k] for k in ("name", "model", "optimizer", "lr", "widths")},
+        table.append({**{k: first[k] for k in ("name", "model", "lr", "widths")}, "optimizer": first["setting"],
                       "n": len(accs), "mean": statistics.fmean(accs), "std": statistics.pstdev(accs),
                       "regimes": ", ".join(f"{k} {v}" for k, v in Counter(m["regime"] for m in members).items())})
     return table
@@ -387,7 +432,7 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
     over seeds); one panel per model width when the sweep varies it."""
     plt = _plt()
     widths = sorted({r["widths"] for r in rows if r.get("lr")}, key=_width_key)
-    optimizers = sorted({r["optimizer"] for r in rows if r.get("lr")})
+    optimizers = sorted({r["setting"] for r in rows if r.get("lr")})
     # optimizers by line style and marker, never by colour: colour means the regime
     styles = {o: (["-", "--", ":", "-."][i % 4], "osD^v<>"[i % 7]) for i, o in enumerate(optimizers)}
     fig, axes = _panel_grid(plt, len(widths), min(3, len(widths)))  # rows of three: readable at README width
@@ -395,7 +440,7 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
         by_opt: dict[str, dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
         for r in rows:
             if r.get("lr") and r["widths"] == width:
-                by_opt[r["optimizer"]][r["lr"]].append(r)
+                by_opt[r["setting"]][r["lr"]].append(r)
         for optimizer, points in sorted(by_opt.items()):
             lrs = sorted(points)
             means = [statistics.fmean([m["final_test_acc"] or 0.0 for m in points[lr]]) for lr in lrs]
@@ -438,7 +483,7 @@ def disagreement_lines(cells: dict[tuple[str, str, float], MapCell]) -> list[str
 
 def plot_regime_map(cells: dict[tuple[str, str, float], MapCell], path: Path,
                     stability: list[dict[str, Any]] | None = None) -> None:
-    """One panel per optimizer: lr (x) by width (y), each cell (:func:`map_cells`) coloured by the
+    """One panel per optimizer (setting, :func:`name_settings`): lr (x) by width (y), each cell (:func:`map_cells`) coloured by the
     regime most of its runs got, marked * where they disagree, and annotated with their mean final
     test accuracy; with ``stability`` (:func:`stability_table`), a black bar at each width's
     predicted largest stable lr."""
@@ -474,7 +519,7 @@ def plot_regime_map(cells: dict[tuple[str, str, float], MapCell], path: Path,
         ax.set_xticks(range(len(lrs)), [_fmt(lr) for lr in lrs], rotation=60, fontsize=7)
         ax.set_yticks(range(len(widths)), widths, fontsize=7)
         ax.set_xlabel("learning rate")
-        ax.set_title(optimizer)
+        ax.set_title(optimizer.replace(" (", "\n(", 1), fontsize=10)
     axes.flat[0].set_ylabel("hidden width")
     handles = [plt.Rectangle((0, 0), 1, 1, color=REGIME_COLORS[label]) for label in labels]
     if stability:
@@ -542,6 +587,7 @@ def report(sweep_dir: Path, rediagnose: bool = False) -> list[Path]:
     rows = [row_for(d, sweep_dir, rediagnose) for d in find_runs(sweep_dir)]
     if not rows:
         raise FileNotFoundError(f"no runs (no {SUMMARY} or .hydra/ folders) under {sweep_dir}")
+    name_settings(rows)
     for name in OUTPUTS:  # what an earlier report wrote and this one does not would pass for this one's
         (sweep_dir / name).unlink(missing_ok=True)
     write_csv(rows, sweep_dir)
