@@ -920,3 +920,16 @@ def test_a_member_whose_events_cannot_be_written_is_recorded_crashed(tmp_path: P
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["status"] == "crashed" and saved["error"] == "OSError: event file gone"
     assert saved["epochs"] == finished.epochs and saved["test_acc"] == 0.9 and finished.status == "complete"
+
+
+@pytest.mark.parametrize("override,line", [
+    ("population.max_members=0", "population.max_members (hydra.launcher.max_members): 0 is not allowed; "
+                                 "expected an integer >= 1"),
+    ("population.dry_run=maybe", "population.dry_run (hydra.launcher.dry_run): 'maybe' is not allowed; "
+                                 "expected true or false"),
+    ("hydra.launcher.executor=nope", "hydra.launcher.executor: 'nope' is not allowed; expected one of inline, "
+                                     "submitit_local, submitit_slurm")])
+def test_a_bad_launcher_knob_on_the_command_line_is_one_line(tmp_path: Path, override: str, line: str) -> None:
+    result = train("hydra/launcher=population", "lr=0.01,0.1", override, f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert result.returncode == 2 and result.stderr.strip() == f"error: {line}", result.stderr[-2000:]
+    assert not (tmp_path / "sweep").exists()

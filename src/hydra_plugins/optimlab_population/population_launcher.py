@@ -7,15 +7,17 @@ sweep is launched, as Hydra's joblib launcher keeps its work in ``_core``.
 
 # No `from __future__ import annotations`: Hydra's scanner runs this module before registering it in
 # sys.modules, where dataclasses would look string annotations up.
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn
+from hydra.experimental.callback import Callback
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 @dataclass
@@ -95,3 +97,21 @@ class PopulationLauncher(Launcher):
                                    "dry_run": self.dry_run,
                                    "executor": self.executor, "max_parallel": self.max_parallel}
         return launch(self.hydra_context, self.task_function, self.config, job_overrides, initial_job_idx, **options)
+
+
+class CheckPopulationOptions(Callback):
+    """A sweep with ``hydra/launcher=population`` whose knobs the launcher refuses (a ValueError of
+    its own, as :class:`PopulationLauncher` raises it): one line and exit 2, before anything is
+    written. (Hydra builds the launcher later and would wrap the same error in its multi-line
+    instantiation message.) Registered in ``conf/config.yaml``'s ``hydra.callbacks``."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        options = OmegaConf.to_container(config.hydra.launcher, resolve=True)
+        assert isinstance(options, dict)
+        if options.pop("_target_", None) != PopulationLauncherConf._target_:
+            return
+        try:
+            PopulationLauncher(**options)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
