@@ -34,6 +34,15 @@ def train(*args: str) -> subprocess.CompletedProcess:
     return run_script(REPO / "train.py", "-m", *args)
 
 
+def scalar_events(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar TensorBoard holds in ``folder``: (step, value) per tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 def summaries(sweep_dir: Path) -> dict[str, dict]:
     """Each job folder's summary.json by folder name."""
     return {p.parent.name: json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/summary.json"))}
@@ -445,6 +454,13 @@ def test_a_population_sweep_equals_the_sequential_sweep(mnist_root: Path, tmp_pa
     assert all(tag in events for tag in (b"train/loss", b"train/loss_step", b"train/grad_norm", b"train/weight_norm",
                                          b"train/lr", b"val/acc", b"test/acc", b"_hparams_/experiment", b"regime"))
     assert (tmp_path / "population" / first / ".hydra" / "overrides.yaml").is_file()
+    # The same scalars at the same steps (validation at the epoch's last step too, not Lightning's one before).
+    healthy_job = next(name for name, s in seq.items() if not s["diverged"])
+    scalars = {way: scalar_events(tmp_path / way / healthy_job / "tensorboard") for way in ("population", "sequential")}
+    assert scalars["population"].keys() == scalars["sequential"].keys()
+    for tag, events in scalars["sequential"].items():
+        assert [step for step, _ in scalars["population"][tag]] == [step for step, _ in events], tag
+        assert [value for _, value in scalars["population"][tag]] == pytest.approx([v for _, v in events], rel=1e-6), tag
     # Each job's train.log: its epoch lines (a member's: logged when its job finishes) and its result line.
     for name in seq:
         logs = {way: (tmp_path / way / name / "train.log").read_text() for way in ("population", "sequential")}

@@ -146,11 +146,14 @@ class ClassifierModule(L.LightningModule):
         self._evaluate("test", batch)
 
     def _evaluate(self, stage: str, batch: tuple[Tensor, Tensor]) -> None:
-        """Accumulate ``stage``'s loss and accuracy over the epoch; Lightning logs them at its end."""
+        """Accumulate ``stage``'s loss and accuracy over the epoch; Lightning computes them at its end, for
+        the callbacks (checkpoint and early-stopping monitors) and the run record, which logs each epoch's
+        row at the epoch's last step as a population's member does (Lightning's own logging would put
+        validation one step before training)."""
         x, y = batch
         logits = self(x)
         loss, acc = self.eval_loss[stage + "_"], self.eval_acc[stage + "_"]
         loss.update(F.cross_entropy(logits, y), len(y))
         acc.update(logits, y)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, add_dataloader_idx=False)
-        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, add_dataloader_idx=False)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, add_dataloader_idx=False, logger=False)
+        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, add_dataloader_idx=False, logger=False)

@@ -221,8 +221,7 @@ class RunRecord(Checkpoint):
                            threshold_last=epoch["threshold_last"],
                            sharpness_crossed_at_step=epoch["first_crossing_step"])
         self.history.append(row)
-        for logger in trainer.loggers:
-            logger.log_metrics({"train/loss": row["train_loss"], "train/acc": row["train_acc"]}, step=trainer.global_step)
+        log_epoch(trainer.loggers, row, trainer.global_step)
         self._unwritten = True  # written after the epoch's checkpoint (write_epoch)
 
     def _train_metrics(self) -> dict[str, float]:
@@ -283,6 +282,15 @@ def log_train_step(loggers: list[Logger], row: dict[str, float]) -> None:
     scalars = {tag: math.nan if row[key] is None else row[key] for key, tag in STEP_SCALARS.items()}
     for logger in loggers:
         logger.log_metrics(scalars, step=int(row["step"]))
+
+
+def log_epoch(loggers: list[Logger], row: dict[str, float], step: int) -> None:
+    """An epoch's row as scalars at ``step`` (the update count when it ended): its training,
+    validation and test loss and accuracy, those it has."""
+    scalars = {f"{stage}/{kind}": row[f"{stage}_{kind}"] for stage in ("train", *EVAL_STAGES)
+               for kind in ("loss", "acc") if f"{stage}_{kind}" in row}
+    for logger in loggers:
+        logger.log_metrics(scalars, step=step)
 
 
 def log_result(loggers: list[Logger], summary: RunSummary) -> None:

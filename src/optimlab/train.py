@@ -347,10 +347,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
             best = next((c.best_model_path for c in trainer.checkpoint_callbacks
                          if isinstance(c, ModelCheckpoint) and c.monitor), "")
             use_best = cfg.test_ckpt == "best" and bool(best)
-            results = trainer.test(module, datamodule=datamodule, ckpt_path=best if use_best else None, verbose=False)
+            trainer.test(module, datamodule=datamodule, ckpt_path=best if use_best else None, verbose=False)
             if stopper.requested:  # Lightning's graceful shutdown ends trainer.test without raising
                 raise KeyboardInterrupt(stopper.requested)
-            test = results[0] if results else {}
+            test = {key: float(value) for key, value in trainer.callback_metrics.items()}  # the test's, now
             summary = record.summary(status, trainer, test_loss=test.get("test/loss"), test_acc=test.get("test/acc"),
                                      tested_checkpoint="best" if use_best else "last")
             # Inside the try: a logger that fails to write its last events leaves a crashed record, not a running one.

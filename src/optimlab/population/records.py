@@ -16,7 +16,7 @@ from typing import Any
 
 from optimlab.curvature import SHARPNESS_TAG, TENSORBOARD_LAYOUT, THRESHOLD_TAG
 from optimlab.population.loop import MemberRecord
-from optimlab.record import log_result, log_train_step, versions
+from optimlab.record import log_epoch, log_result, log_train_step, versions
 from optimlab.regimes import Thresholds, diagnose
 from optimlab.summary import FINISHED, RunSummary, data_passes, describe_run, validation_size, write_summary
 from optimlab.tensorboard_logger import TensorBoardRunLogger
@@ -90,10 +90,7 @@ def write_tensorboard(run_dir: Path, summary: RunSummary) -> None:
     for row in summary.train_steps:
         log_train_step([logger], row)
     for row in summary.epochs:
-        step = min(int(row["epoch"]) * steps_per_epoch, summary.steps)
-        scalars = {f"{stage}/{kind}": row[f"{stage}_{kind}"] for stage in ("train", "val", "test")
-                   for kind in ("loss", "acc") if f"{stage}_{kind}" in row}
-        logger.log_metrics(scalars, step=step)
+        log_epoch([logger], row, min(int(row["epoch"]) * steps_per_epoch, summary.steps))
     if summary.curvature:
         logger.experiment.add_custom_scalars(TENSORBOARD_LAYOUT)
         for step, value, threshold in summary.curvature.get("series", []):
