@@ -240,3 +240,21 @@ def test_a_state_dict_loaded_onto_the_gpu_keeps_its_step_counts_on_the_cpu(name:
     opt_c.load_state_dict(saved)
     assert all(s["step"].device.type == "cpu" for s in opt_c.state.values() if "step" in s)
     assert_traj_close(run(opt_c, ps_c, grads[5:]), run(opt, ps, grads[5:]), EXACT)
+
+
+@pytest.mark.parametrize("name", list(OURS))
+def test_numpy_scalars_are_taken_as_torch_takes_them(name: str) -> None:
+    """A learning rate from np.logspace (np.float32), np.int64 or a bool: accepted, the same steps as
+    torch.optim's with the same values; a string or None: a TypeError, as torch's comparison raises."""
+    import numpy as np
+
+    grads, init = make_grads(5), make_params()
+    for lr in (np.float32(LR[name]), np.int64(1), True):
+        trajectories = []
+        for cls in (OURS[name], TORCH[name]):
+            ps = clone_params(init)
+            trajectories.append(run(cls(ps, lr=lr, weight_decay=np.float32(0.01)), ps, grads))
+        assert_traj_close(trajectories[0], trajectories[1], EXACT)
+    for bad in ("0.1", None):
+        with pytest.raises(TypeError, match="^Invalid learning rate"):
+            OURS[name](make_params(), lr=bad)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
@@ -58,7 +59,9 @@ def check_hyperparameter(label: str, value: Any, low: float = 0.0, high: float =
         number: Any = value.item()
     else:
         number = value
-    ok = isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number)
+    if not isinstance(number, numbers.Real):  # where torch.optim's comparison fails with a TypeError
+        raise TypeError(f"Invalid {label}: {value!r} (must be a real number)")
+    ok = math.isfinite(number)  # NumPy's scalars and bools too, as torch.optim takes them
     if not (ok and low <= number and (number < high if high_open else number <= high)):
         bound = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
         raise ValueError(f"Invalid {label}: {value} (must be a finite number in {bound})")
