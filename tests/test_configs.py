@@ -118,3 +118,32 @@ def test_unknown_keys_are_refused(override: str, key: str) -> None:
         validate_config(compose_config(*override.split()))
 
 
+
+
+@pytest.mark.parametrize("override, line", [
+    ("optimizer.maximize=maybe", "optimizer.maximize: 'maybe' is not allowed; expected true or false"),
+    ("optimizer=rmsprop optimizer.centered=no", "optimizer.centered: 'no' is not allowed; expected true or false"),
+    ("optimizer=adam optimizer.amsgrad=2", "optimizer.amsgrad: 2 is not allowed; expected true or false"),
+    ("+optimizer.foreach=maybe", "optimizer.foreach: 'maybe' is not allowed; expected null or true or false"),
+    ("optimizer.impl=torch optimizer.nesterov=1 optimizer.momentum=0.9",
+     "optimizer.nesterov: 1 is not allowed; expected true or false"),
+    ("curvature=5", "curvature: 5 is not allowed; expected its keys (curvature.<key>=...)"),
+    ("regimes=5", "regimes: 5 is not allowed; expected its keys (regimes.<key>=...)"),
+    ("population=5", "population: 5 is not allowed; expected its keys (population.<key>=...)"),
+    ("trainer.limit_train_batches=0.0", "trainer.limit_train_batches: 0.0 is not allowed; expected null, an integer "
+                                        ">= 1 or a fraction in (0, 1]"),
+    ("trainer.limit_val_batches=0.0", "trainer.limit_val_batches: 0.0 is not allowed; expected null, an integer "
+                                      ">= 1 or a fraction in (0, 1]"),
+])
+def test_values_no_constructor_checks_are_refused_in_one_line(override: str, line: str) -> None:
+    """Flags (torch.optim's constructors take any truthy value: 'no' switched centering on), a group
+    given a plain value, and a zero fraction of batches (no training or no validation at all)."""
+    with pytest.raises(ConfigError) as refused:
+        validate_config(compose_config(*override.split()))
+    assert str(refused.value) == line
+
+
+def test_flags_accept_booleans_and_null_where_null_is_the_default() -> None:
+    for override in ("optimizer.maximize=true", "optimizer=adam optimizer.amsgrad=false", "+optimizer.foreach=null",
+                     "+optimizer.foreach=true", "trainer.limit_train_batches=0.5", "trainer.overfit_batches=0.0"):
+        validate_config(compose_config(*override.split()))

@@ -5,7 +5,8 @@ The keys of the instantiated groups (``model``, ``optimizer``, ``data``, ``sched
 and each entry of ``callbacks`` and ``logger``) are the parameters of their ``_target_``'s
 constructor; their values are checked by those constructors when :mod:`optimlab.build` builds them (the single source for those rules), except where a
 constructor checks nothing (torch's LR schedulers, the data module, which reads nothing before
-setup): those values have rules in :data:`RULES`, as has every key outside these groups.
+setup): those values have rules in :data:`RULES`, as has every key outside these groups; and the
+constructors' flags, whose type they do not check (:func:`flag_rule`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import importlib.util
 import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from hydra.utils import get_class, to_absolute_path
@@ -54,9 +55,10 @@ def optional(rule: Rule) -> Rule:
 
 
 def limit(low: int) -> Rule:
-    """Lightning's batch limits: an integer count, or a fraction of the split."""
-    return (lambda v: v is None or (_integer(v) and v >= low) or (isinstance(v, float) and 0 <= v <= 1),
-            f"null, an integer >= {low} or a fraction in [0, 1]")
+    """Lightning's batch limits: an integer count, or a fraction of the split (above 0 where a count
+    must be at least 1: 0.0 is no batch too)."""
+    return (lambda v: v is None or (_integer(v) and v >= low) or (isinstance(v, float) and 0 <= v <= 1 and (v or not low)),
+            f"null, an integer >= {low} or a fraction in {'[0, 1]' if low == 0 else '(0, 1]'}")
 
 
 MONITORED = one_of("val/loss", "val/acc")
@@ -155,6 +157,8 @@ def unknown_keys(cfg: DictConfig) -> list[str]:
     unknown = [str(key) for key in cfg if key not in top]
     for section in GROUPS:
         node = cfg.get(section)
+        if node is not None and not isinstance(node, DictConfig):  # curvature=5: a group given a value
+            raise ConfigError(f"{section}: {node!r} is not allowed; expected its keys ({section}.<key>=...)")
         if not isinstance(node, DictConfig) or section == "regimes" or (section in BUILT and not node):
             continue  # an empty group (scheduler=none) has nothing to check
         if section == "trainer":
@@ -174,6 +178,25 @@ def unknown_keys(cfg: DictConfig) -> list[str]:
             allowed = {key.split(".", 1)[1] for key in RULES if key.startswith(section + ".")}
             unknown += [f"{section}.{key}" for key in node if key not in allowed]
     return unknown
+
+
+def flag_rule(param: inspect.Parameter) -> Rule | None:
+    """:data:`BOOL` for a constructor's flag (a bool default or annotation; null allowed where null is
+    its default), None for any other parameter. Constructors such as torch.optim's do not check a
+    flag's type, so ``optimizer.centered=no`` (a non-empty string) would switch it on."""
+    annotation = param.annotation
+    if isinstance(param.default, bool) or annotation in (bool, "bool"):
+        return BOOL
+    if param.default is None and annotation in (Optional[bool], "bool | None", "Optional[bool]"):
+        return optional(BOOL)
+    return None
+
+
+def flag_errors(section: str, node: DictConfig) -> list[str]:
+    """The refusals of the flags ``section`` (built from its ``_target_``) sets to a non-bool."""
+    params = inspect.signature(get_class(str(node._target_))).parameters
+    return [f"{section}.{key}: {node[key]!r} is not allowed; expected {rule[1]}" for key in node
+            if key in params and (rule := flag_rule(params[key])) and not rule[0](node[key])]
 
 
 def rule_error(key: str, value: Any) -> str | None:
@@ -207,6 +230,9 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("model", "optimizer", "data"):
         if not isinstance(cfg.get(key), DictConfig):
             raise ConfigError(f"{key}: missing; choose one of conf/{key}/")
+    for section in BUILT:
+        if cfg.get(section) and (errors := flag_errors(section, cfg[section])):
+            raise ConfigError(errors[0])
     if cfg.optimizer.get("impl") == "torch" and cfg.optimizer.get("grad_noise_std", 0) != 0:
         raise ConfigError("optimizer.grad_noise_std: gradient noise is an option of optimlab's optimizers "
                           "only; use optimizer.impl=custom")
