@@ -187,6 +187,9 @@ class Optimizer(torch.optim.Optimizer):
 
     # Whether the update rule takes sparse gradients (torch.optim's SGD and Adagrad do).
     supports_sparse_grads: ClassVar[bool] = False
+    # Whether complex parameters are updated as pairs of reals (torch.optim's rules with squares and
+    # roots), or as complex tensors (its SGD: a complex product rounds otherwise than two real ones).
+    complex_as_real: ClassVar[bool] = True
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         check_hyperparameter("grad_noise_std value", defaults.get("grad_noise_std", 0.0))
@@ -260,7 +263,7 @@ class Optimizer(torch.optim.Optimizer):
                     self._check_sparse(hyper)
                 states = [self._state_for(p, hyper) for p in params]
                 grads = [p.grad for p in params]
-                if dtype.is_complex:
+                if dtype.is_complex and self.complex_as_real:
                     self._update_as_real(hyper, params, grads, states)
                 else:
                     self._update(hyper, params, self._prepared_grads(hyper, params, grads), states)

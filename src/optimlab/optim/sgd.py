@@ -42,6 +42,7 @@ class SGD(Optimizer):
     """
 
     supports_sparse_grads = True
+    complex_as_real = False
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float | Tensor = 0.0, nesterov: bool = False, *, maximize: bool = False,
