@@ -14,7 +14,7 @@ import torch
 from conftest import REPO, compose_config, run_script
 from optimlab.data import DataError
 from optimlab.hydra_job import config_yaml, job_dirname, write_job_record
-from optimlab.record import STEP_SCALARS
+from optimlab.record import STEP_SCALARS, result_line
 from optimlab.train import run
 from optimlab.validate import ConfigError
 
@@ -320,3 +320,13 @@ def test_compiled_and_plain_checkpoints_share_parameter_names() -> None:
     compiled = build_parts(compose_config("trainer.compile=true")).module
     assert list(compiled.state_dict()) == list(plain)
     compiled.load_state_dict(plain)  # and the other way round: same keys, same shapes
+
+
+def test_the_result_line_counts_the_steps_a_run_too_short_to_time_took() -> None:
+    """The throughput leaves out the first step: a one-step run (debug=fdr) has none, but it did step."""
+    from optimlab.summary import RunSummary
+
+    one = RunSummary(status="complete", config={}, epochs=[{"epoch": 1}], steps=1, steps_per_s=None, regime="slow")
+    assert result_line(one).endswith("1 epochs, 1 step, 0.0s wall")
+    timed = RunSummary(status="complete", config={}, steps=40, steps_per_s=12.5, regime="slow")
+    assert result_line(timed).endswith("0 epochs, 12.5 steps/s, 0.0s wall")

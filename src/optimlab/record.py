@@ -329,7 +329,8 @@ def result_line(s: RunSummary) -> str:
     """The end-of-run lines on the console."""
     test = "n/a" if s.test_acc is None else f"{s.test_acc:.4f}"
     diverged = f" (diverged at step {s.diverged_at_step}: {s.divergence_reason})" if s.diverged else ""
-    speed = f"{s.steps_per_s:.1f} steps/s" if s.steps_per_s else "no steps"
+    # The throughput leaves out the first step (warm-up): a one-step run has none to show.
+    speed = f"{s.steps_per_s:.1f} steps/s" if s.steps_per_s else f"{s.steps} step{'s' * (s.steps != 1)}"
     if (s.config.get("trainer") or {}).get("compile") and s.first_step_s is not None:
         speed += f" (first step, with compilation: {s.first_step_s:.1f}s)"
     return (f"{s.run}: test acc {test} | regime: {s.regime}{diverged}\n  evidence: " + "; ".join(s.regime_evidence)
