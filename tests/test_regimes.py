@@ -236,6 +236,8 @@ def test_the_sharpness_never_changes_a_label_and_is_cited_only_for_instability()
     ({"loss_blowup": float("nan")}, "regimes.loss_blowup: nan"),
     ({"chance_acc": True}, "regimes.chance_acc: True"),
     ({"val_noise_z": -1}, "regimes.val_noise_z: -1 is not allowed; expected a number >= 0"),
+    ({"chance_acc": 0.99}, "regimes.chance_acc: 0.99 is not allowed; expected a number below regimes.fit_acc (0.93)"),
+    ({"fit_acc": 0.1}, "regimes.chance_acc: 0.2 is not allowed; expected a number below regimes.fit_acc (0.1)"),
 ])
 def test_bad_threshold_values_are_refused_with_one_line(override: dict, words: str) -> None:
     with pytest.raises(ValueError, match=re.escape(words)):

@@ -113,6 +113,9 @@ class Thresholds:
                 ok, allowed = finite_number(value) and value >= 0, "a number >= 0"
             if not ok:
                 raise ValueError(f"regimes.{f.name}: {value!r} is not allowed; expected {allowed}")
+        if self.chance_acc >= self.fit_acc:  # a fitted run would count as at chance
+            raise ValueError(f"regimes.chance_acc: {self.chance_acc!r} is not allowed; expected a number below "
+                             f"regimes.fit_acc ({self.fit_acc!r})")
 
     @classmethod
     def from_overrides(cls, overrides: dict[str, Any] | None) -> Thresholds:
