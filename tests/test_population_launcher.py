@@ -870,6 +870,35 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+# Runs train.py with SIGINT sent to the process while the population's last epoch is being recorded
+# (its evaluation, checkpoint and summaries), where a stop is held until the epoch is saved.
+SIGINT_IN_THE_LAST_EPOCHS_RECORD = """
+import os, runpy, signal, sys
+from optimlab.population.loop import PopulationLoop
+finish = PopulationLoop.finish_epoch
+def signal_then_finish(self, *args, **kwargs):
+    if self.epochs_done == 1:
+        os.kill(os.getpid(), signal.SIGINT)
+    return finish(self, *args, **kwargs)
+PopulationLoop.finish_epoch = signal_then_finish
+sys.argv = [sys.argv[1], "-m", *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_stop_held_while_the_last_epoch_is_recorded_still_stops(mnist_root: Path, tmp_path: Path) -> None:
+    """The signal is held until the epoch is saved, then raised: the population ends interrupted with
+    both epochs recorded (exit 130), not tested and complete as if no one had asked it to stop."""
+    stopped = subprocess.run([sys.executable, "-c", SIGINT_IN_THE_LAST_EPOCHS_RECORD, str(REPO / "train.py"),
+                              "seed=0,1", *SMALL, "epochs=2", "hydra/launcher=population",
+                              f"hydra.sweep.dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    runs = summaries(tmp_path)
+    assert len(runs) == 2 and all(s["status"] == "interrupted" and len(s["epochs"]) == 2 and s["test_acc"] is None
+                                  for s in runs.values())
+
+
 @pytest.mark.slow
 def test_a_stop_while_members_are_finished_waits_for_the_last(mnist_root: Path, tmp_path: Path) -> None:
     """SIGINT once the first of four trained members is finished: every member is still finished

@@ -212,6 +212,8 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
                     print(f"{name}: resumed from {checkpoint.path} after epoch {loop.epochs_done}", flush=True)
             write_all("running")
             loop.fit(first.epochs, test_every_epoch=first.data.test_every_epoch, callbacks=[stopper])
+            if stopper.requested:  # held while the last epoch was recorded: the fit ended without raising it
+                raise KeyboardInterrupt(stopper.requested)
             test_loss, test_acc = loop.evaluate(data.test_batches(), shared=True).tolist()
     except (KeyboardInterrupt, SystemExit):  # SystemExit: Lightning's exit after its graceful shutdown
         signal_name = stopper.requested or "SIGINT"
