@@ -33,13 +33,16 @@ def scalars(run_dir: Path) -> set[str]:
 @pytest.mark.parametrize("logger, folders", [("tensorboard", {"tensorboard"}), ("csv", {"csv"}),
                                              ("many", {"tensorboard", "csv"}), ("none", set())])
 def test_each_logger_writes_where_it_says(tmp_path: Path, logger: str, folders: set[str]) -> None:
-    run(compose_config(*TINY, f"logger={logger}"), tmp_path)
+    run(compose_config(*TINY, f"logger={logger}", "data.test_every_epoch=false"), tmp_path)
     assert {p.name for p in tmp_path.iterdir() if p.is_dir()} - {".hydra", "checkpoints"} == folders
     if "csv" in folders:
         rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
         assert [float(r["val/acc"]) for r in rows if r.get("val/acc")] == pytest.approx(
             [row["val_acc"] for row in read_summary(tmp_path).epochs])
         assert yaml.safe_load((tmp_path / "csv" / "hparams.yaml").read_text())["optimizer"] == "sgd"
+        final = read_summary(tmp_path)  # the final test, whichever checkpoint it tested, is a row of its own
+        assert [(float(r["test/acc"]), int(r["step"])) for r in rows if r.get("test/acc")][-1] == (
+            pytest.approx(final.test_acc), final.steps)
     if "tensorboard" in folders:
         assert {"val/acc", "train/loss", "train/lr"} <= scalars(tmp_path)
 

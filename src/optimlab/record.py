@@ -312,10 +312,11 @@ def log_result(loggers: list[Logger], summary: RunSummary) -> None:
                                    step=summary.steps, shown=("regime", "optimizer", "lr", "model", "seed"))
             logger.experiment.add_text("regime", f"**{summary.regime}**\n\n" + "\n\n".join(summary.regime_evidence),
                                        global_step=summary.steps)
-        else:  # the other metrics are already among its curves
+        else:  # the epochs' metrics are among its curves (log_epoch); the final test and the best epoch not yet
             logger.log_hyperparams(params)
-            if summary.best_val_acc is not None:
-                logger.log_metrics({"val/acc_best": summary.best_val_acc}, step=summary.steps)
+            final = {"test/acc": summary.test_acc, "test/loss": summary.test_loss, "val/acc_best": summary.best_val_acc}
+            if any(value is not None for value in final.values()):
+                logger.log_metrics({k: v for k, v in final.items() if v is not None}, step=summary.steps)
 
 
 def log_epoch_lines(summary: RunSummary, epochs: int) -> None:
