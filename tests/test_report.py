@@ -256,6 +256,21 @@ def test_runs_that_differ_in_more_than_lr_width_and_seed_are_not_one_cell(tmp_pa
     assert (tmp_path / "regime_map.png").is_file()
 
 
+def test_a_run_recorded_without_newer_keys_or_under_another_name_is_the_same_setting(tmp_path: Path) -> None:
+    """One run's config lacks a key newer versions record (a sweep continued after an upgrade) and
+    carries another name (an experiment differing in lr only): still one setting, sgd."""
+    for n, lr in enumerate((0.1, 1.0)):
+        for width in (4, 8):
+            fake_run(tmp_path, f"{n}{width}_job", "SGD", lr, width, 0, 0.9)
+    old = tmp_path / "04_job" / "summary.json"
+    saved = json.loads(old.read_text())
+    del saved["config"]["optimizer"]["weight_decay"]
+    saved["config"]["name"] = "baseline"
+    old.write_text(json.dumps(saved))
+    report(tmp_path)
+    assert {r["setting"] for r in csv.DictReader((tmp_path / "report.csv").open())} == {"sgd"}
+
+
 def test_data_passes_counts_how_often_the_training_images_were_seen() -> None:
     fine_map = {"data": {"batch_size": 32}, "trainer": {"limit_train_batches": 0.1}}
     # The fine map: 10 epochs of 184 batches of 32 over 59,000 images: one pass, just under.

@@ -95,8 +95,9 @@ def same_but_seed(config: dict[str, Any]) -> str:
     return config_key(config, NOT_THE_EXPERIMENT)
 
 
-# What a map's axes vary: the learning rate and the widths (the optimizer class is its panels).
-MAP_AXES = ("lr", "optimizer.lr", "optimizer._target_", "optimizer.impl", "model.hidden", "model.channels")
+# What a map's axes vary: the learning rate and the widths (the optimizer class is its panels); and the
+# run's name, a label (experiments differing in lr alone are one setting).
+MAP_AXES = ("name", "lr", "optimizer.lr", "optimizer._target_", "optimizer.impl", "model.hidden", "model.channels")
 
 
 def flat_settings(config: dict[str, Any]) -> dict[str, str]:
@@ -123,14 +124,16 @@ def name_settings(rows: list[dict[str, Any]]) -> None:
     """Give each run its ``setting``: its optimizer, and the settings in which it differs from the
     sweep's other runs of that optimizer apart from the map's axes and the seed, e.g. ``sgd
     (optimizer.weight_decay=3)``. Runs of one setting differ only in lr, widths and seed: the map's
-    cells, columns and lines are per setting, so that a swept weight decay is not taken for seeds."""
+    cells, columns and lines are per setting, so that a swept weight decay is not taken for seeds.
+    A key some runs lack (recorded by a version before it existed) differs only where the runs that
+    have it differ."""
     by_optimizer: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         if r.get("optimizer"):
             by_optimizer[r["optimizer"]].append(r)
     for optimizer, runs in by_optimizer.items():
         keys = sorted({key for r in runs for key in r["settings"]})
-        varying = [key for key in keys if len({r["settings"].get(key) for r in runs}) > 1]
+        varying = [key for key in keys if len({r["settings"][key] for r in runs if key in r["settings"]}) > 1]
         for r in runs:
             apart = ", ".join(f"{key}={r['settings'].get(key, '-')}" for key in varying)
             r["setting"] = f"{optimizer} ({apart})" if apart else optimizer
