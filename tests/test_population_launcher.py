@@ -978,3 +978,38 @@ def test_a_bad_launcher_knob_on_the_command_line_is_one_line(tmp_path: Path, ove
     result = train("hydra/launcher=population", "lr=0.01,0.1", override, f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert result.returncode == 2 and result.stderr.strip() == f"error: {line}", result.stderr[-2000:]
     assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt("SIGINT"), SystemExit(143)])
+def test_a_stop_while_submitit_jobs_run_cancels_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      stop: BaseException) -> None:
+    """Ctrl-C, or train.py's handler of a signal (SystemExit) while the launcher polls its jobs: each
+    running job is cancelled and waited for, then the stop goes on (before, SystemExit left the jobs
+    training on their own)."""
+    from optimlab.population import cluster
+
+    class FakeJob:
+        job_id, calls, paths = "1", [], type("Paths", (), {"stdout": "1_0_log.out"})
+
+        def done(self) -> bool:
+            return False
+
+        def cancel(self, check: bool) -> None:
+            self.calls.append("cancel")
+
+        def wait(self) -> None:
+            self.calls.append("wait")
+
+    class FakeAuto:
+        def submit(self, *args: object) -> FakeJob:
+            return FakeJob()
+
+    def stop_now(seconds: float) -> None:
+        raise stop
+
+    monkeypatch.setattr(cluster.time, "sleep", stop_now)
+    jobs = cluster.run_as_jobs(Executor(FakeAuto(), str(tmp_path / "%j"), "local"), [("population 1", [])],
+                               lambda members, name: [], None, lambda members, name, error: [])
+    with pytest.raises(type(stop)):
+        next(jobs)
+    assert FakeJob.calls == ["cancel", "wait"]

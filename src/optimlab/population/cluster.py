@@ -12,6 +12,7 @@ then finishes each member as a Hydra job here, as it does for a population train
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
@@ -113,11 +114,13 @@ def run_as_jobs(executor: Executor, populations: Sequence[tuple[str, Members]],
                 try:
                     results = job.result()
                 except Exception as err:  # submitit's FailedJobError / UncompletedJobError
-                    error = " ".join(str(err).split())[-600:]
+                    error = " ".join(str(err).split())[:600]  # its start says why; the log's tail follows
                     print(f"{name}: submitit job {job.job_id} failed: {error}", flush=True)
                     results = on_failure(members, name, f"submitit job {job.job_id} failed: {error}")
                 yield members, results
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # SystemExit: train.py's handler of a signal before any run starts
+        if running:
+            print(f"stopped: cancelling {len(running)} running submitit job(s)", file=sys.stderr, flush=True)
         for job, _, _ in running:
             job.cancel(check=False)
         for job, _, _ in running:
