@@ -271,6 +271,28 @@ def test_a_run_recorded_without_newer_keys_or_under_another_name_is_the_same_set
     assert {r["setting"] for r in csv.DictReader((tmp_path / "report.csv").open())} == {"sgd"}
 
 
+def test_a_refused_job_with_a_negative_lr_is_listed_but_not_placed_on_the_lr_axis(tmp_path: Path) -> None:
+    """A tracked map beside a job refused for lr=-1 (a crashed summary): the report lists it and still
+    writes the map and stability.csv (a log lr axis has no place for -1: it raised a math domain error)."""
+    for lr in (0.01, 0.1):
+        for width in (4, 8):
+            name = f"{width}_{lr}"
+            fake_run(tmp_path, name, "SGD", lr, width, 0, 0.9)
+            path = tmp_path / name / "summary.json"
+            summary = json.loads(path.read_text())
+            summary["curvature"] = {"measurements": 3, "initial_step": 0, "initial_sharpness": 5.0,
+                                    "initial_threshold": 2 / lr, "first_crossing_step": None}
+            path.write_text(json.dumps(summary))
+    fake_run(tmp_path, "refused", "SGD", -1.0, 8, 0, 0.9)
+    path = tmp_path / "refused" / "summary.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "status": "crashed", "epochs": [], "test_acc": None,
+                                "error": "ConfigError: lr: -1.0 is not allowed; expected a positive number"}))
+    written = report(tmp_path)
+    assert {tmp_path / "stability.csv", tmp_path / "regime_map.png", tmp_path / "report.md"} <= set(written)
+    assert "5 runs" in (tmp_path / "report.md").read_text()
+    assert [t["widths"] for t in csv.DictReader((tmp_path / "stability.csv").open())] == ["4", "8"]
+
+
 def test_data_passes_counts_how_often_the_training_images_were_seen() -> None:
     fine_map = {"data": {"batch_size": 32}, "trainer": {"limit_train_batches": 0.1}}
     # The fine map: 10 epochs of 184 batches of 32 over 59,000 images: one pass, just under.

@@ -181,6 +181,11 @@ STABILITY_COLUMNS = ["optimizer", "widths", "sharpness0", "predicted_max_lr", "o
 UNSTABLE = ("oscillating", "diverging")
 
 
+def on_lr_axis(r: dict[str, Any]) -> bool:
+    """Whether run ``r`` has an lr a log lr axis can place (a job refused for ``lr=-1`` has none)."""
+    return isinstance(r.get("lr"), (int, float)) and r["lr"] > 0
+
+
 def _grid_position(lr: float, lrs: list[float]) -> float:
     """Where ``lr`` falls on the map's lr axis, in cells (log-linear between grid points)."""
     logs = [math.log(x) for x in lrs]
@@ -210,7 +215,7 @@ def map_cells(rows: list[dict[str, Any]]) -> dict[tuple[str, str, float], MapCel
     report's rows."""
     groups: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        if r.get("setting") and r.get("widths") and r.get("lr"):
+        if r.get("setting") and r.get("widths") and on_lr_axis(r):
             groups[(r["setting"], r["widths"], r["lr"])].append(r)
     cells = {}
     for key, runs in groups.items():
@@ -231,10 +236,10 @@ def stability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     grid cell of each other; and the same against the largest lr below the first oscillating or
     diverging cell (a threshold crossed marks where instability starts; a run can oscillate and
     still not diverge)."""
-    lrs = sorted({r["lr"] for r in rows if r.get("lr")})
+    lrs = sorted({r["lr"] for r in rows if on_lr_axis(r)})
     columns: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        if r.get("lr") and (r.get("curvature") or {}).get("initial_sharpness"):
+        if on_lr_axis(r) and (r.get("curvature") or {}).get("initial_sharpness"):
             columns[(r["setting"], r["widths"])].append(r)
     table = []
     for (optimizer, widths), runs in sorted(columns.items(), key=lambda kv: (kv[0][0], _width_key(kv[0][1]))):
@@ -434,15 +439,15 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
     """Final test accuracy against lr, one line per optimizer, points coloured by regime (majority
     over seeds); one panel per model width when the sweep varies it."""
     plt = _plt()
-    widths = sorted({r["widths"] for r in rows if r.get("lr")}, key=_width_key)
-    optimizers = sorted({r["setting"] for r in rows if r.get("lr")})
+    widths = sorted({r["widths"] for r in rows if on_lr_axis(r)}, key=_width_key)
+    optimizers = sorted({r["setting"] for r in rows if on_lr_axis(r)})
     # optimizers by line style and marker, never by colour: colour means the regime
     styles = {o: (["-", "--", ":", "-."][i % 4], "osD^v<>"[i % 7]) for i, o in enumerate(optimizers)}
     fig, axes = _panel_grid(plt, len(widths), min(3, len(widths)))  # rows of three: readable at README width
     for ax, width in zip(axes.flat, widths):
         by_opt: dict[str, dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
         for r in rows:
-            if r.get("lr") and r["widths"] == width:
+            if on_lr_axis(r) and r["widths"] == width:
                 by_opt[r["setting"]][r["lr"]].append(r)
         for optimizer, points in sorted(by_opt.items()):
             lrs = sorted(points)
@@ -596,7 +601,7 @@ def report(sweep_dir: Path, rediagnose: bool = False) -> list[Path]:
     write_csv(rows, sweep_dir)
     lines = table_lines(rows, sweep_dir)
     written = [sweep_dir / "report.md", sweep_dir / "report.csv"]
-    several_lrs = len({r["lr"] for r in rows if r.get("lr")}) > 1
+    several_lrs = len({r["lr"] for r in rows if on_lr_axis(r)}) > 1
     if any(r["history"] for r in rows):
         plot_curves(rows, sweep_dir / "curves.png")
         written.append(sweep_dir / "curves.png")
