@@ -615,3 +615,16 @@ def test_an_epochs_summary_is_written_after_its_last_checkpoint(tmp_path: Path, 
     monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", noting_save)
     run(compose_config(*TINY, "epochs=2"), tmp_path)
     assert epochs_at_save == [0, 1] and len(summary(tmp_path)["epochs"]) == 2
+
+
+def test_a_relative_data_root_is_taken_from_the_launching_folder(tmp_path: Path) -> None:
+    """Under hydra.job.chdir=true a job works in its own folder; a relative data.root still names the
+    folder the command started in (the population launcher did so; the basic one looked in the job's)."""
+    import os
+
+    root = Path(os.environ["MNIST_ROOT"]).resolve()
+    relative = os.path.relpath(root, tmp_path)
+    result = run_script(REPO / "train.py", "-m", "lr=0.1", f"data.root={relative}", "hydra.job.chdir=true", *TINY,
+                        f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert summary(next((tmp_path / "sweep").glob("0_*")))["status"] == "complete"

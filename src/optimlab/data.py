@@ -14,6 +14,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.utils import to_absolute_path
 from torch import Tensor
 
 # (file name, IDX magic number, number of dimensions after the count)
@@ -30,8 +31,9 @@ class DataError(Exception):
 
 
 def resolve_root(root: str | None) -> Path:
-    """``data.root`` if given, else ``$MNIST_ROOT``, else ``data/``."""
-    return Path(root or os.environ.get("MNIST_ROOT") or "data").expanduser()
+    """``data.root`` if given, else ``$MNIST_ROOT``, else ``data/``; a relative one from the folder the
+    command started in (also where a Hydra job works in its own, ``hydra.job.chdir=true``)."""
+    return Path(to_absolute_path(str(Path(root or os.environ.get("MNIST_ROOT") or "data").expanduser())))
 
 
 def raw_dir(root: Path) -> Path:
