@@ -980,6 +980,15 @@ def test_a_bad_launcher_knob_on_the_command_line_is_one_line(tmp_path: Path, ove
     assert not (tmp_path / "sweep").exists()
 
 
+def test_a_dry_run_with_another_launcher_is_refused(tmp_path: Path) -> None:
+    """The basic launcher would train every job of a sweep asked only to be planned."""
+    result = train("hydra/launcher=basic", "lr=0.01,0.1", "population.dry_run=true", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    line = ("population.dry_run: true plans a sweep of hydra/launcher=population only; add hydra/launcher=population, "
+            "or leave dry_run out")
+    assert result.returncode == 2 and result.stderr.strip() == f"error: {line}", result.stderr[-2000:]
+    assert not (tmp_path / "sweep").exists()
+
+
 @pytest.mark.parametrize("stop", [KeyboardInterrupt("SIGINT"), SystemExit(143)])
 def test_a_stop_while_submitit_jobs_run_cancels_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       stop: BaseException) -> None:
