@@ -314,9 +314,10 @@ def log_result(loggers: list[Logger], summary: RunSummary) -> None:
                                        global_step=summary.steps)
         else:  # the epochs' metrics are among its curves (log_epoch); the final test and the best epoch not yet
             logger.log_hyperparams(params)
-            final = {"test/acc": summary.test_acc, "test/loss": summary.test_loss, "val/acc_best": summary.best_val_acc}
-            if any(value is not None for value in final.values()):
-                logger.log_metrics({k: v for k, v in final.items() if v is not None}, step=summary.steps)
+            final = {k: v for k, v in {"test/acc": summary.test_acc, "test/loss": summary.test_loss,
+                                       "val/acc_best": summary.best_val_acc}.items() if v is not None}
+            if final:
+                logger.log_metrics(final, step=summary.steps)
 
 
 def log_epoch_lines(summary: RunSummary, epochs: int) -> None:

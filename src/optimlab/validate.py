@@ -57,8 +57,8 @@ def optional(rule: Rule) -> Rule:
 def limit(low: int) -> Rule:
     """Lightning's batch limits: an integer count, or a fraction of the split (above 0 where a count
     must be at least 1: 0.0 is no batch too)."""
-    return (lambda v: v is None or (_integer(v) and v >= low) or (isinstance(v, float) and 0 <= v <= 1 and (v or not low)),
-            f"null, an integer >= {low} or a fraction in {'[0, 1]' if low == 0 else '(0, 1]'}")
+    return (lambda v: v is None or (_integer(v) and v >= low) or (isinstance(v, float) and (0 < v <= 1 if low else 0 <= v <= 1)),
+            f"null, an integer >= {low} or a fraction in {'(0, 1]' if low else '[0, 1]'}")
 
 
 MONITORED = one_of("val/loss", "val/acc")
@@ -129,9 +129,9 @@ GROUPS = ("trainer", "regimes", "curvature", "population", *BUILT, *COLLECTIONS)
 EXTRA_KEYS = {"optimizer": {"impl"}, "trainer": set(OWN_TRAINER_KEYS)}  # ours, removed before the constructor
 
 
-def constructor_keys(section: str, target: str) -> set[str]:
-    """The keys a ``_target_`` section may set: its constructor's parameters (minus the first,
-    positional one of optimizers and schedulers: the parameters and the optimizer)."""
+def constructor_parameters(section: str, target: str) -> dict[str, inspect.Parameter]:
+    """The parameters of a ``_target_`` section's constructor a config may set, by name (minus the
+    first, positional one of optimizers and schedulers: the parameters and the optimizer)."""
     try:
         cls = get_class(target)
     except Exception:
@@ -139,8 +139,12 @@ def constructor_keys(section: str, target: str) -> set[str]:
     params = list(inspect.signature(cls).parameters.values())
     if section in ("optimizer", "scheduler"):
         params = params[1:]
-    return {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} | {"_target_", "_partial_"} \
-        | EXTRA_KEYS.get(section, set())
+    return {p.name: p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def constructor_keys(section: str, target: str) -> set[str]:
+    """The keys a ``_target_`` section may set: its constructor's parameters and ours (:data:`EXTRA_KEYS`)."""
+    return set(constructor_parameters(section, target)) | {"_target_", "_partial_"} | EXTRA_KEYS.get(section, set())
 
 
 def _target_keys(section: str, node: DictConfig) -> list[str]:
@@ -158,7 +162,7 @@ def unknown_keys(cfg: DictConfig) -> list[str]:
     for section in GROUPS:
         node = cfg.get(section)
         if node is not None and not isinstance(node, DictConfig):  # curvature=5: a group given a value
-            raise ConfigError(f"{section}: {node!r} is not allowed; expected its keys ({section}.<key>=...)")
+            raise ConfigError(refusal(section, node, f"its keys ({section}.<key>=...)"))
         if not isinstance(node, DictConfig) or section == "regimes" or (section in BUILT and not node):
             continue  # an empty group (scheduler=none) has nothing to check
         if section == "trainer":
@@ -171,8 +175,8 @@ def unknown_keys(cfg: DictConfig) -> list[str]:
             for name, entry in node.items():
                 if entry is not None:  # callbacks.lr_monitor=null drops one entry
                     if not isinstance(entry, DictConfig):
-                        raise ConfigError(f"{section}.{name}: {entry!r} is not allowed; expected an entry with a "
-                                          f"_target_ (see conf/{section}/) or null")
+                        raise ConfigError(refusal(f"{section}.{name}", entry,
+                                                  f"an entry with a _target_ (see conf/{section}/) or null"))
                     unknown += _target_keys(f"{section}.{name}", entry)
         else:
             allowed = {key.split(".", 1)[1] for key in RULES if key.startswith(section + ".")}
@@ -194,8 +198,8 @@ def flag_rule(param: inspect.Parameter) -> Rule | None:
 
 def flag_errors(section: str, node: DictConfig) -> list[str]:
     """The refusals of the flags ``section`` (built from its ``_target_``) sets to a non-bool."""
-    params = inspect.signature(get_class(str(node._target_))).parameters
-    return [f"{section}.{key}: {node[key]!r} is not allowed; expected {rule[1]}" for key in node
+    params = constructor_parameters(section, str(node._target_))
+    return [refusal(f"{section}.{key}", node[key], rule[1]) for key in node
             if key in params and (rule := flag_rule(params[key])) and not rule[0](node[key])]
 
 
@@ -204,8 +208,12 @@ def rule_error(key: str, value: Any) -> str | None:
     ok, allowed = RULES[key]
     if ok(value):
         return None
-    why = f" ({WHY[key]})" if key in WHY else ""
-    return f"{key}: {value!r} is not allowed; expected {allowed}{why}"
+    return refusal(key, value, allowed + (f" ({WHY[key]})" if key in WHY else ""))
+
+
+def refusal(key: str, value: Any, allowed: str) -> str:
+    """The one line that refuses ``value`` for ``key``."""
+    return f"{key}: {value!r} is not allowed; expected {allowed}"
 
 
 def _value(cfg: DictConfig, key: str) -> Any:
