@@ -105,6 +105,20 @@ def test_batched_lanczos_equals_lanczos_on_each_matrix() -> None:
         assert abs(torch.dot(vectors[m], vector).item()) == pytest.approx(1.0, rel=1e-8)
 
 
+def test_batched_lanczos_stops_each_member_within_its_tolerance() -> None:
+    # Random symmetric matrices: top eigenvalues close together, where a stop on the Ritz value's
+    # change ends early; each member stops where its own lanczos does.
+    g = torch.Generator().manual_seed(1)
+    mats = torch.randn(8, 60, 60, generator=g, dtype=torch.float64)
+    mats = mats + mats.transpose(1, 2)
+    v0 = torch.randn(8, 60, generator=g, dtype=torch.float64)
+    values, _, counts = lanczos_members(lambda v: torch.einsum("pij,pj->pi", mats, v), v0, iters=60, tol=1e-3)
+    for m in range(8):
+        value, _, count = lanczos(lambda v: mats[m] @ v, v0[m], iters=60, tol=1e-3)
+        assert int(counts[m]) == count < 60 and values[m].item() == pytest.approx(value, rel=1e-9)
+        assert value == pytest.approx(torch.linalg.eigvalsh(mats[m])[-1].item(), rel=1e-3)
+
+
 def test_argument_checks() -> None:
     model = stacked("mlp", [0, 1])
     x, y = probe(2)

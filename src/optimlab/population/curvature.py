@@ -30,8 +30,8 @@ from torch import Tensor
 
 from optimlab.curvature import (DEFAULT_PROBE_SIZE, DEFAULT_TRACKING_TOL, GradientMoments, SharpnessLog,
                                 check_iteration, check_tracking, evaluation, initial_preconditioner, measurement_due,
-                                moments_from_parts, preconditioner, probe_indices, probe_parts, stability_threshold,
-                                tridiagonal)
+                                moments_from_parts, preconditioner, probe_indices, probe_parts, ritz_error_bound,
+                                stability_threshold, tridiagonal)
 from optimlab.optim import SGD, Optimizer
 from optimlab.population.data import PopulationData
 from optimlab.population.stacked import StackedModel, member_losses
@@ -87,11 +87,6 @@ def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int =
                 top[m], stopped_at[m], active[m] = alpha[m], j, False
                 continue
             alphas[m].append(alpha[m])
-            previous = top[m]
-            evals, evecs = torch.linalg.eigh(tridiagonal(alphas[m], betas[m]))
-            top[m], ritz[m] = float(evals[-1]), evecs[:, -1]
-            if (j > 0 and abs(top[m] - previous) <= tol * abs(top[m])) or j + 1 == iters:
-                active[m] = False
         if not any(active):
             break
         # Full reorthogonalisation per member (see lanczos), a second pass where the first removed
@@ -104,11 +99,16 @@ def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int =
             beta = torch.linalg.vector_norm(w, dim=1)
         beta_list = beta.tolist()
         for m in range(members):
-            if active[m]:
-                if beta_list[m] == 0.0:  # an invariant Krylov space: the Ritz value is exact
-                    active[m] = False
-                else:
-                    betas[m].append(beta_list[m])
+            if not active[m]:
+                continue
+            evals, evecs = torch.linalg.eigh(tridiagonal(alphas[m], betas[m]))
+            top[m], ritz[m] = float(evals[-1]), evecs[:, -1]
+            # beta 0: an invariant Krylov space, the Ritz value is exact
+            if (beta_list[m] == 0.0 or j + 1 == iters
+                    or ritz_error_bound(ritz[m], beta_list[m]) <= tol * abs(top[m])):
+                active[m] = False
+            else:
+                betas[m].append(beta_list[m])
         if not any(active):
             break
         keep = torch.tensor(active, device=w.device)[:, None]
