@@ -56,6 +56,8 @@ def test_map_sweep_gets_every_table_and_figure(tmp_path: Path) -> None:
     assert len(rows) == n + 1
     crashed = [r for r in rows if r["run"] == f"{n}_crashed"]
     assert crashed and crashed[0]["status"] == "crashed" and crashed[0]["regime"] == "crashed"
+    assert crashed[0]["error"] == "no summary.json (the job ended before writing one)"
+    assert all(r["error"] == "" for r in rows if r["run"] != f"{n}_crashed")
     first = next(r for r in rows if r["run"] == "0_job")
     assert first["optimizer"] == "sgd" and first["widths"] == "4" and float(first["best_test_acc"]) == 0.895
     md = (tmp_path / "report.md").read_text()
@@ -290,6 +292,12 @@ def test_a_refused_job_with_a_negative_lr_is_listed_but_not_placed_on_the_lr_axi
     written = report(tmp_path)
     assert {tmp_path / "stability.csv", tmp_path / "regime_map.png", tmp_path / "report.md"} <= set(written)
     assert "5 runs" in (tmp_path / "report.md").read_text()
+    why = {r["run"]: r["error"] for r in csv.DictReader((tmp_path / "report.csv").open())}
+    assert why["refused"] == "ConfigError: lr: -1.0 is not allowed; expected a positive number"
+    (tmp_path / "4_0.1" / "summary.json").write_text("{not json")
+    report(tmp_path)
+    assert {r["run"]: r["error"] for r in csv.DictReader((tmp_path / "report.csv").open())}["4_0.1"] == \
+        "summary.json unreadable"
     assert [t["widths"] for t in csv.DictReader((tmp_path / "stability.csv").open())] == ["4", "8"]
 
 

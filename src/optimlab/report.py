@@ -33,7 +33,8 @@ REGIME_COLORS = {"healthy": "#2ca02c", "slow": "#1f77b4", "oscillating": "#ff7f0
 PLOT_LABELS = (*LABELS, "crashed")  # what a figure colours a run by: its regime, or crashed (no diagnosis)
 COLUMNS = ["run", "name", "model", "optimizer", "lr", "widths", "seed", "params", "final_train_acc",
            "best_train_acc", "final_val_acc", "best_val_acc", "final_test_acc", "best_test_acc", "epochs", "regime", "stopped_non_finite", "status",
-           "wall_time_s", "steps_per_s", "sharpness_max", "sharpness_crossed_at_step", "setting"]
+           "wall_time_s", "steps_per_s", "sharpness_max", "sharpness_crossed_at_step", "setting", "error"]
+ERROR_CHARS = 160  # of a crashed run's error (its first line) in the tables; the whole one is in its summary.json
 MAX_CURVES = 48  # beyond this curves.png would be unreadable; the tables still list every run
 
 
@@ -55,7 +56,8 @@ def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, An
     s = read_summary(run_dir)
     rel = str(run_dir.relative_to(root)) if run_dir != root else "."
     if s is None:
-        return {"run": rel, "status": "crashed", "regime": "crashed", "epochs": 0, "history": []}
+        why = f"{SUMMARY} unreadable" if (run_dir / SUMMARY).exists() else f"no {SUMMARY} (the job ended before writing one)"
+        return {"run": rel, "status": "crashed", "regime": "crashed", "epochs": 0, "history": [], "error": why}
     history, run = s.epochs, s.run
 
     def best(key: str) -> float | None:
@@ -80,6 +82,7 @@ def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, An
         "curvature": s.curvature, "diverged_at_step": s.diverged_at_step,
         "sharpness_max": (s.curvature or {}).get("sharpness_max"),
         "sharpness_crossed_at_step": (s.curvature or {}).get("first_crossing_step"),
+        "error": s.error.strip().splitlines()[0][:ERROR_CHARS] if s.error and s.error.strip() else None,
     }
 
 
