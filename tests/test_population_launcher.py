@@ -695,6 +695,11 @@ def test_dry_run_prints_the_plan_and_writes_nothing(mnist_root: Path, tmp_path: 
     assert "2 jobs -> 0 in 0 population(s), 2 alone" in small.stdout
     assert "memory per population on cpu: at most ~10 MiB (population.max_memory_gib)" in small.stdout
     assert "job #0 alone: two members would need ~" in small.stdout
+    # An invalid job: planned as invalid, and the dry run exits as the sweep would (1), naming it.
+    invalid = train("lr=-1,0.1", *SMALL, "hydra/launcher=population", f"{knobs}.dry_run=true", f"hydra.sweep.dir={tmp_path}")
+    assert invalid.returncode == 1 and "job #0 invalid: lr: -1 is not allowed" in invalid.stdout
+    assert "lr: -1 is not allowed; expected a positive number" in invalid.stderr
+    assert not list(tmp_path.rglob("summary.json")) and not list(tmp_path.rglob(".hydra"))
 
 
 @pytest.mark.slow

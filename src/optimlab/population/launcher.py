@@ -284,10 +284,12 @@ def fail_job(job: Job) -> TaskFunction:
 
 
 def dry_return(job: Job) -> JobReturn:
-    """What a dry run reports for a job it did not run: completed, no value."""
+    """What a dry run reports for a job it did not run: completed, no value; an invalid job failed, as
+    the sweep would fail it (so the dry run of a sweep with invalid jobs exits as that sweep does)."""
     ret = JobReturn(overrides=job.overrides, cfg=job.config, hydra_cfg=job.sweep_config, working_dir=os.getcwd(),
-                    task_name=str(job.sweep_config.hydra.job.name), status=JobStatus.COMPLETED)
-    ret.return_value = None
+                    task_name=str(job.sweep_config.hydra.job.name),
+                    status=JobStatus.FAILED if job.error else JobStatus.COMPLETED)
+    ret.return_value = JobFailed(str(job.error)) if job.error else None
     return ret
 
 
