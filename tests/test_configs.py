@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
@@ -59,6 +60,24 @@ def test_experiment_composes_validates_and_builds(name: str) -> None:
     parts = build_parts(cfg)
     assert type(parts.module.model).__name__ == cfg.model._target_.rsplit(".", 1)[1]
     assert parts.module.optimizer.param_groups[0]["lr"] == cfg.optimizer.lr
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "adam", "rmsprop"])
+@pytest.mark.parametrize("impl", ["custom", "torch"])
+def test_the_optimizer_is_built_on_the_weights_the_trainer_trains(optimizer: str, impl: str) -> None:
+    """Under a "-true" precision Lightning casts the weights at fit start; the model is cast before the
+    optimizer is built, so state made at construction (Adagrad's sum) has the weights' dtype (it was
+    float32 under 64-true: that run's Adagrad accumulated in float32)."""
+    momentum = ["optimizer.momentum=0.9"] if optimizer in ("sgd", "rmsprop") else []
+    for precision, dtype in (("64-true", torch.float64), ("bf16-true", torch.bfloat16), ("32-true", torch.float32)):
+        cfg = compose_config(f"optimizer={optimizer}", f"optimizer.impl={impl}", f"trainer.precision={precision}",
+                             *momentum)
+        parts = build_parts(cfg)
+        assert {p.dtype for p in parts.module.model.parameters()} == {dtype}
+        state = [t for s in parts.module.optimizer.state.values() for t in s.values()
+                 if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0]
+        assert all(t.dtype == dtype for t in state), precision
+        assert bool(state) == (optimizer == "adagrad"), precision  # the one that creates state at construction
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -235,6 +236,46 @@ def test_argument_checks() -> None:
         lanczos(lambda v: v, torch.zeros(3))
     with pytest.raises(ValueError, match="iters"):
         SharpnessTracker(iters=0)
+
+
+def test_a_start_at_another_eigenvector_still_finds_the_top() -> None:
+    # The residual after one product is ~0 at any eigenvector: the test waits for the second.
+    model, x, y = mlp(nn.Tanh, 0)
+    evals, evecs = torch.linalg.eigh(full_hessian(model, x, y))
+    shapes, sizes = [p.shape for p in model.parameters()], [p.numel() for p in model.parameters()]
+    for k in (0, 15):
+        init = [piece.view(shape) for piece, shape in zip(evecs[:, k].split(sizes), shapes)]
+        pair = top_eigenpair(model, x, y, iters=60, tol=1e-12, init=init)
+        assert pair.value == pytest.approx(float(evals[-1]), rel=1e-9) and pair.iterations > 1, k
+
+
+def test_inputs_as_users_hand_them_over() -> None:
+    model, x, y = mlp(nn.Tanh, 0)
+    expected = sharpness(model, x, y, iters=31, tol=1e-12)
+    assert sharpness(model, x, y.int(), iters=31, tol=1e-12) == expected  # int32 labels
+    assert sharpness(model, x, y, iters=np.int64(31), tol=np.float64(1e-12)) == expected  # NumPy numbers
+    with torch.inference_mode():
+        assert sharpness(model, x.clone(), y.clone(), iters=31, tol=1e-12) == expected
+    # A preconditioner that requires grad (computed from the parameters) is used as numbers.
+    p = [q.detach().abs() + 0.5 for q in model.parameters()]
+    with_grad = [q.abs() + 0.5 for q in model.parameters()]
+    assert sharpness(model, x, y, with_grad, iters=31, tol=1e-12) == sharpness(model, x, y, p, iters=31, tol=1e-12)
+    # With a frozen parameter, a preconditioner over every parameter or over the trainable ones.
+    model[0].bias.requires_grad_(False)
+    trainable = [q for q, param in zip(p, model.parameters()) if param.requires_grad]
+    assert sharpness(model, x, y, p, iters=31, tol=1e-12) == sharpness(model, x, y, trainable, iters=31, tol=1e-12)
+    for bad, why in (({"w": p[0]}, "got dict"), (p[0], "got Tensor"), ([1.0, 2.0], "list of tensors, got")):
+        with pytest.raises(ValueError, match=f"Invalid preconditioner: must be a .*{why}"):
+            sharpness(model, x, y, bad)
+
+
+def test_lanczos_reserves_only_the_basis_it_uses() -> None:
+    # iters = n here would reserve n^2 floats (160 GB); the basis grows as the iteration goes on.
+    n = 200_000
+    diagonal = torch.ones(n)
+    diagonal[:3] = torch.tensor([4.0, 3.0, 2.0])
+    value, vector, count = lanczos(lambda v: diagonal * v, torch.ones(n), iters=n, tol=1e-4)
+    assert value == pytest.approx(4.0, rel=1e-4) and count <= 6 and vector.shape == (n,)
 
 
 # --------------------------------------------------------------------------- thresholds

@@ -119,9 +119,22 @@ def test_batched_lanczos_stops_each_member_within_its_tolerance() -> None:
         assert value == pytest.approx(torch.linalg.eigvalsh(mats[m])[-1].item(), rel=1e-3)
 
 
+def test_labels_of_any_integer_type_and_a_growing_basis() -> None:
+    model = stacked("mlp", [0, 1])
+    x, y = probe(2)
+    assert torch.equal(member_eigenpairs(model, x, y.int(), **TIGHT).values, member_eigenpairs(model, x, y, **TIGHT).values)
+    n = 100_000  # iters = n would reserve 2 n^2 floats; the basis grows as the iteration goes on
+    diagonal = torch.ones(2, n)
+    diagonal[:, :3] = torch.tensor([[4.0, 3.0, 2.0], [5.0, 1.5, 1.2]])
+    values, _, counts = lanczos_members(lambda v: diagonal * v, torch.ones(2, n), iters=n, tol=1e-4)
+    assert values.tolist() == pytest.approx([4.0, 5.0], rel=1e-4) and max(counts.tolist()) <= 6
+
+
 def test_argument_checks() -> None:
     model = stacked("mlp", [0, 1])
     x, y = probe(2)
+    with pytest.raises(ValueError, match=r"Invalid init: must be a list of \d+ tensors .* got \[\(2, 3\)\]"):
+        member_eigenpairs(model, x, y, init=[torch.ones(2, 3)])
     with pytest.raises(ValueError, match="x must be"):
         member_eigenpairs(model, x[:1], y[:1])
     with pytest.raises(ValueError, match="preconditioner"):
@@ -132,6 +145,8 @@ def test_argument_checks() -> None:
         lanczos_members(lambda v: v, torch.zeros(2, 3))
     with pytest.raises(ValueError, match="iters"):
         lanczos_members(lambda v: v, torch.ones(2, 3), iters=0)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        member_eigenpairs(model.requires_grad_(False), x, y)
 
 
 @pytest.mark.parametrize("kwargs,key", [({"every_n_steps": 0}, "every_n_steps"), ({"probe_size": 0}, "probe_size"),

@@ -30,6 +30,8 @@ from optimlab.regimes import Thresholds
 from optimlab.validate import OWN_TRAINER_KEYS, ConfigError
 
 CLIPPING = ("gradient_clip_val", "gradient_clip_algorithm")  # trainer keys the module applies (manual optimization)
+# The precisions under which Lightning casts the module's weights (its "-true" plugins), and to what.
+WEIGHT_DTYPES = {"64-true": torch.float64, "64": torch.float64, "16-true": torch.float16, "bf16-true": torch.bfloat16}
 
 
 @dataclass
@@ -87,6 +89,10 @@ def build_parts(cfg: DictConfig) -> Parts:
     """Everything the run trains, from a validated config. Seed first: the model's init draws."""
     with config_errors("model", cfg.model):
         model = instantiate(cfg.model)
+    if (dtype := WEIGHT_DTYPES.get(str(cfg.trainer.precision))) is not None:
+        # The cast Lightning makes at fit start, made first: an optimizer that creates its state at
+        # construction (Adagrad's sum) creates it in the weights' dtype, not float32.
+        model.to(dtype)
     if cfg.trainer.compile:
         model.compile()  # in place: checkpoints keep the plain module's parameter names
     with config_errors("optimizer", cfg.optimizer):

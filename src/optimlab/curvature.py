@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -76,10 +77,11 @@ class Eigenpair(NamedTuple):
 
 
 def check_iteration(iters: object, tol: object) -> None:
-    """A ValueError naming ``iters`` or ``tol`` unless they are an integer >= 1 and a finite number >= 0."""
-    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
+    """A ValueError naming ``iters`` or ``tol`` unless they are an integer >= 1 and a finite number >= 0
+    (NumPy's numbers too; not a bool)."""
+    if not isinstance(iters, numbers.Integral) or isinstance(iters, bool) or iters < 1:
         raise ValueError(f"Invalid iters: {iters!r} (must be an integer >= 1)")
-    if not (isinstance(tol, (int, float)) and 0 <= tol < math.inf):
+    if not (isinstance(tol, numbers.Real) and not isinstance(tol, bool) and 0 <= tol < math.inf):
         raise ValueError(f"Invalid tol: {tol!r} (must be a finite number >= 0)")
 
 
@@ -95,8 +97,14 @@ def lanczos(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int = 20,
     :math:`T_j = \mathrm{tridiag}(\beta, \alpha, \beta)` is :math:`Q_j^\top A Q_j`; its largest
     eigenvalue :math:`\theta_j` (the top Ritz value) increases towards :math:`\lambda_{max}(A)`.
     Iteration stops when the error bound of :math:`\theta_j` (:func:`ritz_error_bound`) is at most
-    :math:`tol \cdot |\theta_j|`, after ``iters`` products, when the basis spans the whole space,
-    or when :math:`\beta_j = 0` (the Krylov space is invariant and :math:`\theta_j` exact).
+    :math:`tol \cdot |\theta_j|` from the second product on (a start vector at or near an
+    eigenvector of any eigenvalue has a small residual after one), after ``iters`` products, when the
+    basis spans the whole space, or when :math:`\beta_j = 0` (the Krylov space is invariant:
+    :math:`\theta_j` is exact, the top of the part of the spectrum ``v0`` reaches).
+
+    A loose ``tol`` cannot tell apart top eigenvalues closer than about ``tol``: the residual only
+    says some eigenvalue is near. From a start vector close to the second eigenvector (a warm start
+    after the top two swapped) the iteration can stop on the second one, off by their gap.
 
     Args:
         matvec: :math:`v \mapsto A v` for a flat vector :math:`v` like ``v0``.
@@ -114,12 +122,14 @@ def lanczos(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int = 20,
     norm = torch.linalg.vector_norm(v0)
     if not (torch.isfinite(norm) and norm > 0):
         raise ValueError("Invalid v0: must be finite and nonzero")
-    iters = min(iters, v0.numel())
-    basis = v0.new_empty((iters, v0.numel()))
+    iters = min(int(iters), v0.numel())
+    basis = v0.new_empty((min(iters, BASIS_ROWS), v0.numel()))
     torch.div(v0, norm, out=basis[0])
     alphas: list[float] = []
     betas: list[float] = []
     for j in range(iters):
+        if j == len(basis):
+            basis = grown(basis, iters)
         w = matvec(basis[j])
         done = basis[:j + 1]
         coeffs = done @ w  # w's components along the basis; the last is alpha_j = q_j . w
@@ -141,12 +151,26 @@ def lanczos(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int = 20,
             beta = float(torch.linalg.vector_norm(w))
         evals, evecs = torch.linalg.eigh(tridiagonal(alphas, betas))
         top, ritz = float(evals[-1]), evecs[:, -1]
-        if beta == 0.0 or j + 1 == iters or ritz_error_bound(ritz, beta) <= tol * abs(top):
+        if beta == 0.0 or j + 1 == iters or (j > 0 and ritz_error_bound(ritz, beta) <= tol * abs(top)):
             break
         betas.append(beta)
+        if j + 1 == len(basis):
+            basis = grown(basis, iters)
         torch.div(w, beta, out=basis[j + 1])
     # Orthonormal basis, unit Ritz coefficients: a unit vector up to rounding.
     return top, basis[:len(alphas)].T @ ritz.to(device=basis.device, dtype=basis.dtype), len(alphas)
+
+
+# Lanczos vectors are stored in a basis that starts with this many rows and doubles as needed: a
+# large ``iters`` reserves nothing it does not use (most calls stop within 20 products).
+BASIS_ROWS = 32
+
+
+def grown(basis: Tensor, limit: int) -> Tensor:
+    """``basis`` (rows along dim 0) copied into one with twice the rows, at most ``limit``."""
+    bigger = basis.new_empty((min(2 * len(basis), limit), *basis.shape[1:]))
+    bigger[:len(basis)] = basis
+    return bigger
 
 
 def ritz_error_bound(ritz: Tensor, beta: float) -> float:
@@ -172,14 +196,15 @@ def tridiagonal(alphas: Sequence[float], betas: Sequence[float]) -> Tensor:
 
 @contextlib.contextmanager
 def evaluation(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout, batch norm on its running statistics) and grad mode for the block,
-    each module's own mode restored after. Compiled modules run eagerly inside, since
+    """Eval mode (no dropout, batch norm on its running statistics) and grad mode for the block (also
+    under ``torch.no_grad`` or ``torch.inference_mode``), each module's own mode restored after. Compiled modules run eagerly inside, since
     ``torch.compile`` does not support double backward."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
     try:
-        with torch.enable_grad(), (set_stance("force_eager") if set_stance else contextlib.nullcontext()):
+        with torch.inference_mode(False), torch.enable_grad(), \
+                (set_stance("force_eager") if set_stance else contextlib.nullcontext()):
             yield
     finally:
         for m, training in modes:
@@ -195,11 +220,36 @@ def _flat(tensors: Sequence[Tensor]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-def _check_like(name: str, tensors: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+def like_parameters(name: str, tensors: object, model: nn.Module) -> list[Tensor]:
+    """``tensors`` (a preconditioner or a start vector) checked against the model's trainable
+    parameters and detached: one tensor per parameter, shaped like it, in their order; a list over
+    all the parameters, frozen ones too, has the frozen ones' entries dropped."""
+    every = list(model.parameters())
+    params = [p for p in every if p.requires_grad]
+    if isinstance(tensors, (Tensor, dict, str)) or not isinstance(tensors, Iterable):
+        raise ValueError(f"Invalid {name}: must be a list of tensors shaped like the trainable parameters, "
+                         f"got {type(tensors).__name__}")
+    tensors = list(tensors)
+    if not all(isinstance(t, Tensor) for t in tensors):
+        raise ValueError(f"Invalid {name}: must be a list of tensors, got {[type(t).__name__ for t in tensors]}")
+    if len(tensors) == len(every) != len(params):
+        tensors = [t for t, p in zip(tensors, every) if p.requires_grad]
     if len(tensors) != len(params) or any(t.shape != p.shape for t, p in zip(tensors, params)):
         raise ValueError(f"Invalid {name}: must be a list of {len(params)} tensors shaped like the trainable "
                          f"parameters {[tuple(p.shape) for p in params]}, got "
                          f"{[tuple(t.shape) for t in tensors]}")
+    return [t.detach() for t in tensors]
+
+
+def probe_batch(x: Tensor, y: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The batch as the Hessian is taken on it: images in the parameters' dtype (as a 64-true
+    trainer casts its batches), integer labels as int64 (what cross-entropy takes), and tensors made
+    under ``torch.inference_mode`` copied (autograd cannot save them). Call it inside :func:`evaluation`."""
+    if x.is_floating_point():
+        x = x.to(dtype)
+    if not y.is_floating_point():
+        y = y.long()
+    return x.clone() if x.is_inference() else x, y.clone() if y.is_inference() else y
 
 
 def valid_preconditioner(tensors: Sequence[Tensor]) -> bool:
@@ -247,24 +297,19 @@ def top_eigenpair(model: nn.Module, x: Tensor, y: Tensor, preconditioner: Sequen
     dtype, device = params[0].dtype, params[0].device
     scale = None
     if preconditioner is not None:
-        preconditioner = list(preconditioner)
-        _check_like("preconditioner", preconditioner, params)
-        diagonal = _flat(preconditioner).to(device, dtype)
+        diagonal = _flat(like_parameters("preconditioner", preconditioner, model)).to(device, dtype)
         if not bool((diagonal > 0).all()):
             raise ValueError("Invalid preconditioner: every entry must be positive (NaN is not)")
         scale = diagonal.rsqrt_()
     if init is not None:
-        init = list(init)
-        _check_like("init", init, params)
-        v0 = _flat(init).to(device, dtype)
+        v0 = _flat(like_parameters("init", init, model)).to(device, dtype)
     else:
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
         v0 = torch.randn(sum(p.numel() for p in params), generator=generator, dtype=dtype).to(device)
     shapes, sizes = [p.shape for p in params], [p.numel() for p in params]
 
-    if x.is_floating_point():  # images in the model's dtype, as a 64-true trainer casts its batches
-        x = x.to(dtype)
     with evaluation(model):
+        x, y = probe_batch(x, y, dtype)
         loss = F.cross_entropy(model(x), y)
         grads = torch.autograd.grad(loss, params, create_graph=True, materialize_grads=True)
         # A gradient that does not depend on the parameters contributes a zero row of H.

@@ -28,10 +28,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from optimlab.curvature import (DEFAULT_PROBE_SIZE, DEFAULT_TRACKING_TOL, GradientMoments, SharpnessLog,
-                                check_iteration, check_tracking, evaluation, initial_preconditioner, measurement_due,
-                                moments_from_parts, preconditioner, probe_indices, probe_parts, ritz_error_bound,
-                                stability_threshold, tridiagonal)
+from optimlab.curvature import (BASIS_ROWS, DEFAULT_PROBE_SIZE, DEFAULT_TRACKING_TOL, GradientMoments,
+                                SharpnessLog, check_iteration, check_tracking, evaluation, grown, initial_preconditioner,
+                                like_parameters, measurement_due, moments_from_parts, preconditioner, probe_batch,
+                                probe_indices, probe_parts, ritz_error_bound, stability_threshold, tridiagonal)
 from optimlab.optim import SGD, Optimizer
 from optimlab.population.data import PopulationData
 from optimlab.population.stacked import StackedModel, member_losses
@@ -66,8 +66,8 @@ def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int =
     if not bool((torch.isfinite(norms) & (norms > 0)).all()):
         raise ValueError("Invalid v0: every row must be finite and nonzero")
     members, n = v0.shape
-    iters = min(iters, n)
-    basis = v0.new_zeros((iters, members, n))
+    iters = min(int(iters), n)
+    basis = v0.new_zeros((min(iters, BASIS_ROWS), members, n))
     torch.div(v0, norms[:, None], out=basis[0])
     alphas: list[list[float]] = [[] for _ in range(members)]
     betas: list[list[float]] = [[] for _ in range(members)]
@@ -76,6 +76,8 @@ def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int =
     stopped_at: list[int | None] = [None] * members  # the step whose basis vector a non-finite member returns
     active = [True] * members
     for j in range(iters):
+        if j == len(basis):
+            basis = grown(basis, iters)
         w = matvec(basis[j])
         done = basis[:j + 1]
         coeffs = torch.einsum("jpn,pn->jp", done, w)  # per member: w's components along its basis
@@ -105,12 +107,14 @@ def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int =
             top[m], ritz[m] = float(evals[-1]), evecs[:, -1]
             # beta 0: an invariant Krylov space, the Ritz value is exact
             if (beta_list[m] == 0.0 or j + 1 == iters
-                    or ritz_error_bound(ritz[m], beta_list[m]) <= tol * abs(top[m])):
+                    or (j > 0 and ritz_error_bound(ritz[m], beta_list[m]) <= tol * abs(top[m]))):
                 active[m] = False
             else:
                 betas[m].append(beta_list[m])
         if not any(active):
             break
+        if j + 1 == len(basis):
+            basis = grown(basis, iters)
         keep = torch.tensor(active, device=w.device)[:, None]
         # Stopped members get zero vectors: their products are zero and touch nothing.
         basis[j + 1] = torch.where(keep, w / torch.where(beta > 0, beta, 1.0)[:, None], 0.0)
@@ -140,6 +144,8 @@ def member_eigenpairs(model: StackedModel, x: Tensor, y: Tensor, preconditioner:
             None: a standard normal draw from ``generator`` (None: seeded with 0).
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters")
     members = model.members
     if x.dim() != 5 or x.shape[0] != members or y.shape != x.shape[:2] or x.shape[1] == 0:
         raise ValueError(f"x must be [{members}, N, C, H, W] and y [{members}, N] with N > 0, got "
@@ -148,11 +154,7 @@ def member_eigenpairs(model: StackedModel, x: Tensor, y: Tensor, preconditioner:
     sizes, shapes = [p[0].numel() for p in params], [p.shape for p in params]
 
     def stacked_flat(tensors: Sequence[Tensor], name: str) -> Tensor:
-        tensors = list(tensors)
-        if len(tensors) != len(params) or any(t.shape != p.shape for t, p in zip(tensors, params)):
-            raise ValueError(f"Invalid {name}: must be {len(params)} tensors shaped like the stacked parameters "
-                             f"{[tuple(s) for s in shapes]}")
-        return torch.cat([t.reshape(members, -1) for t in tensors], 1).to(device, dtype)
+        return torch.cat([t.reshape(members, -1) for t in like_parameters(name, tensors, model)], 1).to(device, dtype)
 
     scale = None
     if preconditioner is not None:
@@ -170,8 +172,8 @@ def member_eigenpairs(model: StackedModel, x: Tensor, y: Tensor, preconditioner:
         return [piece.reshape(shape) for piece, shape in zip(v.split(sizes, 1), shapes)]
 
     with evaluation(model):
-        logits = model(x.to(dtype))
-        losses = member_losses(logits, y)
+        x, y = probe_batch(x, y, dtype)
+        losses = member_losses(model(x), y)
         grads = torch.autograd.grad(losses.sum(), params, create_graph=True, materialize_grads=True)
         live = [i for i, g in enumerate(grads) if g.requires_grad]
 
