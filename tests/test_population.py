@@ -417,6 +417,14 @@ def test_non_finite_weights_after_an_update_are_undone(tiny_mnist: Path) -> None
     assert len(records[1].history) == 1 and len(records[0].history) == 2 and not records[0].diverged
     for p, q in zip(loop.params, start):
         assert torch.equal(p[1], q[1])
+    # The weights its run keeps (and evaluates): those the update made, kept apart for evaluation.
+    assert list(loop.run_weights) == [1] and not all(bool(w.isfinite().all()) for w in loop.run_weights[1])
+    before = [p.detach().clone() for p in loop.params]
+    with loop.weights_of_the_runs():
+        for p, q, w in zip(loop.params, before, loop.run_weights[1]):
+            torch.testing.assert_close(p[1], w, rtol=0, atol=0, equal_nan=True)
+            assert torch.equal(p[[0, 2]], q[[0, 2]])  # the others hold their own
+    assert all(torch.equal(p, q) for p, q in zip(loop.params, before))  # frozen again after the block
 
 
 @pytest.mark.parametrize("broken_at,reason", [(1, LOSS_OR_GRADIENT), (2, WEIGHTS)])
@@ -538,6 +546,9 @@ def test_a_loop_restored_from_its_state_continues_bitwise(tiny_mnist: Path) -> N
     resumed, _ = population(tiny_mnist, lrs, seeds, Adam, every=4)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     assert resumed.epochs_done == 1 and resumed.records[1].diverged
+    assert list(resumed.run_weights) == [1]
+    for a, b in zip(resumed.run_weights[1], first.run_weights[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
     got = resumed.fit(3)
 
     def untimed(records: list[MemberRecord]) -> list[tuple]:

@@ -478,6 +478,31 @@ def test_a_population_sweep_equals_the_sequential_sweep(mnist_root: Path, tmp_pa
 
 
 @pytest.mark.slow
+def test_a_member_updated_into_non_finite_weights_is_evaluated_as_its_run(mnist_root: Path, tmp_path: Path) -> None:
+    """lr 1e200 with weight decay: the second update overflows the weights while loss and gradients are
+    finite. Its run keeps (and validates, and tests) those weights; the member is frozen at its last
+    finite ones but evaluated on the run's: the diverged epoch's validation and the test were the last
+    finite weights' (val acc 0.02 against the run's 0.085 in a reviewer's float32 sweep). Each job's
+    .hydra/config.yaml is its run's too (a member's kept trainer.max_epochs: ${epochs})."""
+    pop, seq, _ = sweep_both_ways(tmp_path, "lr=0.1,1e200", "optimizer.weight_decay=0.1", "model.hidden=[8]",
+                                  "trainer.precision=64-true", *EQUIVALENCE_BUDGET)
+    overflowed = [name for name, s in seq.items() if s["divergence_reason"] == "non-finite weights after the update"]
+    assert len(overflowed) == 1
+    for name, ref in seq.items():
+        got = pop[name]
+        assert (got["status"], got["diverged_at_step"], got["divergence_reason"]) == \
+            (ref["status"], ref["diverged_at_step"], ref["divergence_reason"])
+        for key in ("test_acc", "test_loss"):
+            assert got[key] == (None if ref[key] is None else pytest.approx(ref[key], rel=1e-9)), (name, key)
+        for row, ref_row in zip(got["epochs"], ref["epochs"]):
+            for key in ("val_loss", "val_acc"):
+                assert row[key] == (None if ref_row[key] is None else pytest.approx(ref_row[key], rel=1e-9)), (name, key)
+        assert (tmp_path / "population" / name / ".hydra" / "config.yaml").read_text() == \
+            (tmp_path / "sequential" / name / ".hydra" / "config.yaml").read_text()
+    assert seq[overflowed[0]]["epochs"][-1]["val_loss"] is None  # NaN logits, as its run measured them
+
+
+@pytest.mark.slow
 def test_a_population_limits_its_epochs_as_lightning_limits_a_run(mnist_root: Path, tmp_path: Path) -> None:
     """``trainer.limit_train_batches`` as a count (3 of 8 batches) and as a fraction (0.5: 4 of 8):
     each member trains the first batches of its own run's order of each epoch, no more, as its

@@ -121,7 +121,12 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def _sync_epochs(cfg: DictConfig, keys: list[str]) -> None:
+def override_keys(overrides: list[str]) -> list[str]:
+    """The keys command-line ``overrides`` set (``+a.b=1`` and ``~a.b`` too)."""
+    return [o.lstrip("+~").split("=", 1)[0] for o in overrides]
+
+
+def sync_epochs(cfg: DictConfig, keys: list[str]) -> None:
     """``epochs`` and ``trainer.max_epochs`` are one setting: the one given on the command line sets
     both (a config composed without overrides has them equal through the interpolation)."""
     given = {key: OmegaConf.select(cfg, key) for key in ("epochs", "trainer.max_epochs") if key in keys}
@@ -160,9 +165,9 @@ def _recorded_config(config: dict[str, Any], current: DictConfig) -> DictConfig:
 def _plan(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictConfig, Path, Path | None, RunSummary | None]:
     """(config to run, run dir, checkpoint to resume from, the run's summary so far) for a new run,
     ``resume=auto`` or ``resume=<run dir or ckpt>``; refuses to overwrite a run."""
-    keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
+    keys = override_keys(overrides)
     if not cfg.resume or cfg.resume == "auto":
-        _sync_epochs(cfg, keys)
+        sync_epochs(cfg, keys)
     if cfg.resume == "auto":
         ckpt, saved = last_checkpoint(run_dir), read_summary(run_dir)
         if saved is not None and saved.status not in FINISHED:  # a finished run is skipped
@@ -188,7 +193,7 @@ def _plan(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictCon
             resumed.resume = str(cfg.resume)
             for key in set(keys) & set(RESUME_OVERRIDES[1:]):  # e.g. a finished run extended by epochs=N
                 OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), force_add=True)
-        _sync_epochs(resumed, keys)
+        sync_epochs(resumed, keys)
         refuse_starting_over(run_dir, ckpt, saved)
         done = len(saved.epochs)
         if rule_error("epochs", resumed.epochs):

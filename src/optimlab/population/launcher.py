@@ -53,7 +53,7 @@ from optimlab.population.records import PopulationRun, member_summary, write_mem
 from optimlab.population.stacked import STACKED
 from optimlab.record import device_name, log_epoch_lines, record_refusal, refused_summary, result_line
 from optimlab.summary import FINISHED, RunSummary, optimized_value, read_summary, write_summary
-from optimlab.train import StopOnSignal, signals_deferred
+from optimlab.train import StopOnSignal, override_keys, signals_deferred, sync_epochs
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +242,7 @@ def finish_member(job: Job, summary: RunSummary) -> TaskFunction:
     ``train.py``'s task does, or fails with the population's error (crashed, or interrupted as a
     submitit job)."""
     def task(cfg: DictConfig) -> float | None:
+        sync_epochs(cfg, override_keys(job.overrides))  # as its run records them
         save_job_record(job.run_dir, cfg)
         write_member(job.run_dir, summary)
         log_epoch_lines(summary, int(cfg.epochs))  # the job's train.log holds what its run's would

@@ -20,6 +20,7 @@ measurement). On the CPU, where a read costs nothing, the freezing reads them ev
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -127,6 +128,9 @@ class PopulationLoop:
         if sharpness is not None:
             sharpness.setup(model, optimizer, data)
         self._overflowed = torch.zeros(members, dtype=torch.bool, device=device)
+        # Members an update took to non-finite weights (on the CPU): those weights, which their runs
+        # keep and evaluate (NaN logits); the member itself stays frozen at its last finite ones.
+        self.run_weights: dict[int, list[Tensor]] = {}
         self.global_step = 0
         self.epochs_done = 0
         self.records = [MemberRecord() for _ in range(members)]
@@ -144,7 +148,7 @@ class PopulationLoop:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "alive": self.alive, "diverged_at": self.diverged_at,
                 "reason": self.reason, "global_step": self.global_step, "epochs_done": self.epochs_done,
-                "records": [dataclasses.asdict(record) for record in self.records],
+                "records": [dataclasses.asdict(record) for record in self.records], "run_weights": self.run_weights,
                 "sharpness": None if self.sharpness is None else self.sharpness.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -156,6 +160,7 @@ class PopulationLoop:
             last.copy_(p.detach())
         self.alive, self.diverged_at, self.reason = state["alive"], state["diverged_at"], state["reason"]
         self.global_step, self.epochs_done = state["global_step"], state["epochs_done"]
+        self.run_weights = dict(state.get("run_weights") or {})
         # In place: callers may hold the list (the launcher's reports read it).
         self.records[:] = [MemberRecord(**record) for record in state["records"]]
         if self.sharpness is not None:
@@ -210,6 +215,9 @@ class PopulationLoop:
         alive = self.alive & grads_ok & weights_ok
         if any(self.global_step % n == 0 for n in self._cadences):
             self.log_step(losses, self.alive & grads_ok)
+        overflowed = self.alive & grads_ok & ~weights_ok  # updated into non-finite weights: its run keeps them
+        if self.flags_on_host and bool(overflowed.any()):
+            self.run_weights.update({m: [p.detach()[m].clone() for p in self.params] for m in members(overflowed)})
         self.keep_finite(alive)
         newly = self.alive & ~alive
         # A refused step (loss or gradient) is recorded at its own step; non-finite weights after
@@ -219,7 +227,7 @@ class PopulationLoop:
                                        self.diverged_at)
         weights_seen = (self.global_step % self.weights_every == 0) | last
         self.reason = torch.where(newly, torch.where(grads_ok & weights_seen, 2, 1), self.reason)
-        self._overflowed = newly & grads_ok  # updated into non-finite weights: its run still measures them
+        self._overflowed = overflowed  # its run still measures them
         # The epoch's training metrics count the steps whose update was applied, as RunRecord does.
         applied = (self.alive & grads_ok).double()
         correct = (logits.detach().argmax(2) == y).sum(1).double()
@@ -288,10 +296,30 @@ class PopulationLoop:
             self.sharpness.measure(self.global_step, self.model, self.optimizer, members(self.alive),
                                    members(self._overflowed))
 
+    @contextlib.contextmanager
+    def weights_of_the_runs(self) -> Iterator[None]:
+        """For the block, each member holds the weights its run would: a member updated into non-finite
+        weights holds those (:attr:`run_weights`) instead of its last finite ones."""
+        kept = {m: [p.detach()[m].clone() for p in self.params] for m in self.run_weights}
+        try:
+            for m, weights in self.run_weights.items():
+                for p, w in zip(self.params, weights):
+                    p.detach()[m].copy_(w)
+            yield
+        finally:
+            for m, weights in kept.items():
+                for p, w in zip(self.params, weights):
+                    p.detach()[m].copy_(w)
+
     @torch.no_grad()
     def evaluate(self, batches: Iterator[tuple[Tensor, Tensor]], shared: bool = False) -> Tensor:
         """``[2, P]``: each member's mean cross-entropy (batch means weighted by batch size, as the
-        single run's SampleMean) and accuracy over ``batches``; ``shared``: one batch for all members."""
+        single run's SampleMean) and accuracy over ``batches``, with the weights its run evaluates
+        (:meth:`weights_of_the_runs`); ``shared``: one batch for all members."""
+        with self.weights_of_the_runs():
+            return self._evaluate(batches, shared)
+
+    def _evaluate(self, batches: Iterator[tuple[Tensor, Tensor]], shared: bool) -> Tensor:
         members = self.model.members
         loss_sum = correct = count = 0
         for x, y in batches:
