@@ -197,8 +197,8 @@ def tridiagonal(alphas: Sequence[float], betas: Sequence[float]) -> Tensor:
 @contextlib.contextmanager
 def evaluation(model: nn.Module) -> Iterator[None]:
     """Eval mode (no dropout, batch norm on its running statistics) and grad mode for the block (also
-    under ``torch.no_grad`` or ``torch.inference_mode``), each module's own mode restored after. Compiled modules run eagerly inside, since
-    ``torch.compile`` does not support double backward."""
+    under ``torch.no_grad`` or ``torch.inference_mode``), each module's own mode restored after.
+    Compiled modules run eagerly inside, since ``torch.compile`` does not support double backward."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
