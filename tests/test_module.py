@@ -8,11 +8,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 
 from optimlab.data import TensorBatches
 from optimlab.divergence import DivergenceGuard
 from optimlab.models import MLP
-from optimlab.module import ClassifierModule, SampleMean
+from optimlab.module import ClassifierModule, SampleAccuracy, SampleMean
 from optimlab.optim import SGD
 from optimlab.record import RunRecord
 from optimlab.regimes import Thresholds
@@ -186,3 +187,18 @@ def test_evaluation_loss_is_the_mean_over_samples_not_over_batches() -> None:
     assert mean.compute().item() == pytest.approx(1.6)
     mean.update(torch.tensor(float("nan")), 5)
     assert mean.compute().isnan()
+
+
+def test_evaluation_accuracy_is_the_exact_fraction_of_samples() -> None:
+    """19 of 200 right is 0.095 (float64), as a population member records it; torchmetrics' float32
+    accuracy gave 0.0949999988079071. NaN logits count as class 0, as argmax takes them."""
+    accuracy = SampleAccuracy()
+    target = torch.arange(200) % 10
+    logits = torch.zeros(200, 10)
+    logits[:19, :] = F.one_hot(target[:19], 10).float()
+    logits[19:, :] = F.one_hot((target[19:] + 1) % 10, 10).float()
+    accuracy.update(logits[:150], target[:150])
+    accuracy.update(logits[150:], target[150:])
+    assert accuracy.compute().item() == 0.095 and accuracy.compute().dtype == torch.float64
+    accuracy.update(torch.full((10, 10), float("nan")), torch.tensor([0] * 3 + [1] * 7))
+    assert accuracy.compute().item() == 22 / 210
