@@ -327,6 +327,6 @@ def test_the_result_line_counts_the_steps_a_run_too_short_to_time_took() -> None
     from optimlab.summary import RunSummary
 
     one = RunSummary(status="complete", config={}, epochs=[{"epoch": 1}], steps=1, steps_per_s=None, regime="slow")
-    assert result_line(one).endswith("1 epochs, 1 step, 0.0s wall")
+    assert result_line(one).endswith("1 epoch, 1 step, 0.0s wall")
     timed = RunSummary(status="complete", config={}, steps=40, steps_per_s=12.5, regime="slow")
     assert result_line(timed).endswith("0 epochs, 12.5 steps/s, 0.0s wall")

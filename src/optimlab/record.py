@@ -336,4 +336,4 @@ def result_line(s: RunSummary) -> str:
     if (s.config.get("trainer") or {}).get("compile") and s.first_step_s is not None:
         speed += f" (first step, with compilation: {s.first_step_s:.1f}s)"
     return (f"{s.run}: test acc {test} | regime: {s.regime}{diverged}\n  evidence: " + "; ".join(s.regime_evidence)
-            + f"\n  {len(s.epochs)} epochs, {speed}, {s.wall_time_s:.1f}s wall")
+            + f"\n  {len(s.epochs)} epoch{'s' * (len(s.epochs) != 1)}, {speed}, {s.wall_time_s:.1f}s wall")

@@ -294,16 +294,21 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
     spike = (f"a training step's loss reached {m['max_step_loss']:.3g} (blow-up: > {t.loss_blowup:g} x "
              f"max(ln(10), first step's loss) = {blowup_loss:.2f})")
     if at_chance and (blown_up or not_falling):
-        return verdict("diverging", f"final val_acc {m['final_val_acc']:.3f} <= chance_acc {t.chance_acc}",
-                       f"train loss {m['final_train_loss']:.3g} ({'above' if blown_up else 'not above'} the "
-                       f"blow-up level {blowup_loss:.2f}); {m['train_loss_above_best']:+.1%} vs its best epoch "
-                       f"(limit {t.diverge_loss_rise:.0%}); {m['recent_train_loss_rises']:.0f} rise(s) in the last "
-                       f"{m['recent_train_loss_changes']:.0f} epoch-to-epoch change(s)")
+        # What fired: the loss above the blow-up level, a loss that is not falling, or both.
+        loss = (f"train loss {m['final_train_loss']:.3g} {'above' if blown_up else 'not above'} the blow-up level "
+                f"{blowup_loss:.2f}")
+        if not_falling:
+            loss += (f"{', and' if blown_up else ', but'} not falling: {m['train_loss_above_best']:+.1%} vs its best "
+                     f"epoch (limit {t.diverge_loss_rise:.0%}), {m['recent_train_loss_rises']:.0f} rise(s) in the last "
+                     f"{m['recent_train_loss_changes']:.0f} epoch-to-epoch change(s)")
+        return verdict("diverging", f"final val_acc {m['final_val_acc']:.3f} <= chance_acc {t.chance_acc}", loss)
     learned_bound = t.underfit_loss_ratio * math.log(10)
     if spiked and m["final_val_acc"] < t.fit_acc and not m["final_train_loss"] <= learned_bound:  # NaN: not learned
+        partly = (f" (it learned in part: val_acc peaked at {m['best_val_acc']:.3f} in epoch {m['best_val_epoch']:.0f})"
+                  if m["best_val_acc"] > t.chance_acc else "")
         return verdict("diverging", spike, f"and the run has not recovered: final train loss "
                        f"{m['final_train_loss']:.3g} > {t.underfit_loss_ratio} x ln(10) = {learned_bound:.2f}, "
-                       f"final val_acc {m['final_val_acc']:.3f} < fit_acc {t.fit_acc}")
+                       f"final val_acc {m['final_val_acc']:.3f} < fit_acc {t.fit_acc}{partly}")
     if spiked and m["final_val_acc"] < t.fit_acc:
         return verdict("oscillating", spike, f"then recovered and learned (final train loss "
                        f"{m['final_train_loss']:.3g} <= {t.underfit_loss_ratio} x ln(10) = {learned_bound:.2f}) "
