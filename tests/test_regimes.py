@@ -81,6 +81,13 @@ def test_evidence_names_the_numbers_and_thresholds() -> None:
     assert d.measures["final_val_acc"] == pytest.approx(0.834)
 
 
+def test_a_validation_accuracy_that_never_fell_has_no_largest_fall() -> None:
+    rising = diagnose(history([0.5, 0.4, 0.35], [0.90, 0.91, 0.92])).measures
+    assert rising["max_val_acc_drop"] == 0.0 and math.isnan(rising["max_val_acc_drop_epoch"])  # was -0.01, epoch 2
+    fell = diagnose(history([0.5, 0.4, 0.35], [0.90, 0.88, 0.92])).measures
+    assert fell["max_val_acc_drop"] == pytest.approx(0.02) and fell["max_val_acc_drop_epoch"] == 2
+
+
 def test_diverging_at_chance_evidence_says_in_words_what_fired() -> None:
     """The blow-up test reads as words (no Python bool); the rises, counted among the changes there are,
     are quoted only where the not-falling test fired (a reviewer read "0 rise(s)" as a reason)."""

@@ -176,8 +176,9 @@ def measure(history: list[dict[str, float]], t: Thresholds, val_size: int | None
     m["val_loss_rise_from_min"] = val_loss[-1] / min(val_loss) - 1 if val_loss and min(val_loss) > 0 else nan
     drops = [a - b for a, b in zip(val_acc, val_acc[1:])]
     m["val_acc_drops"] = sum(d >= m["osc_acc_drop"] for d in drops)
-    m["max_val_acc_drop"] = max(drops, default=0.0)
-    m["max_val_acc_drop_epoch"] = drops.index(m["max_val_acc_drop"]) + 2 if drops else nan  # the epoch it fell in
+    m["max_val_acc_drop"] = max((d for d in drops if d > 0), default=0.0)  # 0: it never fell
+    m["max_val_acc_drop_epoch"] = (drops.index(m["max_val_acc_drop"]) + 2  # the epoch it fell in
+                                   if m["max_val_acc_drop"] > 0 else nan)
     first_drop = next((i for i, d in enumerate(drops) if d >= m["osc_acc_drop"]), len(drops))
     m["val_acc_recoveries"] = sum(-d >= m["osc_acc_drop"] for d in drops[first_drop + 1:])
     rises = [b / a - 1 for a, b in zip(train_loss, train_loss[1:]) if a > 0 and b - a >= t.osc_min_loss_rise]
