@@ -256,6 +256,10 @@ def test_inputs_as_users_hand_them_over() -> None:
     assert sharpness(model, x, y, iters=np.int64(31), tol=np.float64(1e-12)) == expected  # NumPy numbers
     with torch.inference_mode():
         assert sharpness(model, x.clone(), y.clone(), iters=31, tol=1e-12) == expected
+        made_here = gradient_moments(model, x.clone(), y.int(), 4)
+    moments = gradient_moments(model, x, y, 4)  # the adaptive optimizers' step-0 preconditioner reads these
+    for got in (gradient_moments(model, x, y.int(), 4), made_here):
+        assert all(torch.equal(a, b) for a, b in zip(got.square + got.variance, moments.square + moments.variance))
     # A preconditioner that requires grad (computed from the parameters) is used as numbers.
     p = [q.detach().abs() + 0.5 for q in model.parameters()]
     with_grad = [q.abs() + 0.5 for q in model.parameters()]

@@ -123,6 +123,8 @@ def test_labels_of_any_integer_type_and_a_growing_basis() -> None:
     model = stacked("mlp", [0, 1])
     x, y = probe(2)
     assert torch.equal(member_eigenpairs(model, x, y.int(), **TIGHT).values, member_eigenpairs(model, x, y, **TIGHT).values)
+    got, want = member_gradient_moments(model, x, y.int(), 3), member_gradient_moments(model, x, y, 3)
+    assert all(torch.equal(a, b) for a, b in zip(got.square + got.variance, want.square + want.variance))
     n = 100_000  # iters = n would reserve 2 n^2 floats; the basis grows as the iteration goes on
     diagonal = torch.ones(2, n)
     diagonal[:, :3] = torch.tensor([[4.0, 3.0, 2.0], [5.0, 1.5, 1.2]])

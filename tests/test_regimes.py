@@ -99,6 +99,15 @@ def test_diverging_at_chance_evidence_says_in_words_what_fired() -> None:
     assert blown.regime == "diverging" and blown.evidence[1] == "train loss 110 above the blow-up level 4.61"
     rising = diagnose(history([110.0, 112.0, 111.0, 115.0], [0.1, 0.1, 0.1, 0.1])).evidence[1]
     assert rising.startswith("train loss 115 above the blow-up level 4.61, and not falling: +4.5% vs its best")
+    # Above its best epoch but flat since: the rises (none) are not quoted.
+    flat = diagnose(history([2.3, 1.0, 3.0, 3.0, 3.0, 3.0], [0.1] * 6)).evidence[1]
+    assert flat == "train loss 3 not above the blow-up level 4.61, but not falling: +200.0% vs its best epoch (limit 2%)"
+
+
+def test_a_zero_fall_bar_does_not_count_a_rising_accuracy_as_a_fall() -> None:
+    # osc_big_drop=0 (allowed) with an accuracy that never fell: crashed on the fall's epoch (NaN).
+    d = diagnose(history([0.5, 0.3, 0.2, 0.15], [0.90, 0.92, 0.94, 0.96]), thresholds=Thresholds(osc_big_drop=0.0))
+    assert d.regime == "healthy"
 
 
 def test_a_diverging_run_that_learned_in_part_says_so() -> None:

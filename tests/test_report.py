@@ -294,6 +294,10 @@ def test_a_refused_job_with_a_negative_lr_is_listed_but_not_placed_on_the_lr_axi
     assert "5 runs" in (tmp_path / "report.md").read_text()
     why = {r["run"]: r["error"] for r in csv.DictReader((tmp_path / "report.csv").open())}
     assert why["refused"] == "ConfigError: lr: -1.0 is not allowed; expected a positive number"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "error": "ValueError: a | b"}))
+    report(tmp_path)
+    row = next(line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| refused |"))
+    assert row.endswith("| ValueError: a \\| b |")  # a | in a cell would split the markdown table
     (tmp_path / "4_0.1" / "summary.json").write_text("{not json")
     report(tmp_path)
     assert {r["run"]: r["error"] for r in csv.DictReader((tmp_path / "report.csv").open())}["4_0.1"] == \

@@ -586,9 +586,8 @@ def gradient_moments(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) ->
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y must hold the same number of examples, got {x.shape[0]} and {y.shape[0]}")
     parts = probe_parts(x.shape[0], batch_size)
-    if x.is_floating_point():
-        x = x.to(params[0].dtype)
     with evaluation(model):
+        x, y = probe_batch(x, y, params[0].dtype)
         grads = (torch.autograd.grad(F.cross_entropy(model(xb), yb), params, materialize_grads=True)
                  for xb, yb in zip(x.tensor_split(parts), y.tensor_split(parts)))
         return moments_from_parts(grads, x.shape[0], batch_size)

@@ -290,7 +290,9 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
     at_chance = m["final_val_acc"] <= t.chance_acc
     blowup_loss = m["blowup_loss"]
     blown_up = m["final_train_loss"] > blowup_loss
-    not_falling = m["train_loss_above_best"] > t.diverge_loss_rise or m["recent_train_loss_rises"] > 0
+    above_best = m["train_loss_above_best"] > t.diverge_loss_rise
+    rising = m["recent_train_loss_rises"] > 0
+    not_falling = above_best or rising
     spiked = m["max_step_loss"] > blowup_loss  # a training step's loss blew up at some point
     spike = (f"a training step's loss reached {m['max_step_loss']:.3g} (blow-up: > {t.loss_blowup:g} x "
              f"max(ln(10), first step's loss) = {blowup_loss:.2f})")
@@ -299,9 +301,10 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
         loss = (f"train loss {m['final_train_loss']:.3g} {'above' if blown_up else 'not above'} the blow-up level "
                 f"{blowup_loss:.2f}")
         if not_falling:
-            loss += (f"{', and' if blown_up else ', but'} not falling: {m['train_loss_above_best']:+.1%} vs its best "
-                     f"epoch (limit {t.diverge_loss_rise:.0%}), {m['recent_train_loss_rises']:.0f} rise(s) in the last "
-                     f"{m['recent_train_loss_changes']:.0f} epoch-to-epoch change(s)")
+            loss += f"{', and' if blown_up else ', but'} not falling: " + ", ".join(
+                [f"{m['train_loss_above_best']:+.1%} vs its best epoch (limit {t.diverge_loss_rise:.0%})"] * above_best
+                + [f"{m['recent_train_loss_rises']:.0f} rise(s) in the last {m['recent_train_loss_changes']:.0f} "
+                   "epoch-to-epoch change(s)"] * rising)
         return verdict("diverging", f"final val_acc {m['final_val_acc']:.3f} <= chance_acc {t.chance_acc}", loss)
     learned_bound = t.underfit_loss_ratio * math.log(10)
     if spiked and m["final_val_acc"] < t.fit_acc and not m["final_train_loss"] <= learned_bound:  # NaN: not learned
@@ -318,7 +321,7 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
         return verdict("oscillating", spike, f"then recovered and converged: final val_acc "
                        f"{m['final_val_acc']:.3f} >= fit_acc {t.fit_acc}")
     train_smooth = m["max_train_loss_rise"] < t.osc_loss_rise
-    val_jumps = m["val_acc_drops"] >= t.osc_min_drops or m["max_val_acc_drop"] >= m["osc_big_drop"]
+    val_jumps = m["val_acc_drops"] >= t.osc_min_drops or 0 < m["max_val_acc_drop"] >= m["osc_big_drop"]
     val_worse_acc = m["val_acc_drop_from_peak"] >= m["overfit_acc_drop"]
     oscillation = (f"{m['val_acc_drops']:.0f} epoch-to-epoch val_acc drops >= {_limit(m, t, 'osc_acc_drop')} (limit "
                    f"{t.osc_min_drops}), largest {m['max_val_acc_drop']:.3f} (limit {_limit(m, t, 'osc_big_drop')}), "

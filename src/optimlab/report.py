@@ -167,7 +167,7 @@ def table_lines(rows: list[dict[str, Any]], out: Path) -> list[str]:
         lines += [f"Command: `{command}`", ""]
     lines += ["What this sweep shows: " + findings(rows), ""]
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(_fmt(r.get(c)).replace("|", "\\|") for c in COLUMNS) + " |" for r in rows]
     seeds = seed_table(rows)
     if seeds:
         lines += ["", "## Over seeds (mean +/- std)", "",

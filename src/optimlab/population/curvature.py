@@ -198,7 +198,8 @@ def member_gradient_moments(model: StackedModel, x: Tensor, y: Tensor, batch_siz
     params = [p for p in model.parameters() if p.requires_grad]
     parts = probe_parts(x.shape[1], batch_size)
     with evaluation(model):
-        grads = (torch.autograd.grad(member_losses(model(xb.to(params[0].dtype)), yb).sum(), params,
+        x, y = probe_batch(x, y, params[0].dtype)
+        grads = (torch.autograd.grad(member_losses(model(xb), yb).sum(), params,
                                      materialize_grads=True)
                  for xb, yb in zip(x.tensor_split(parts, 1), y.tensor_split(parts, 1)))
         return moments_from_parts(grads, x.shape[1], batch_size)
