@@ -367,13 +367,18 @@ def test_a_wild_member_changes_no_other_member(tiny_mnist: Path, stacked: type, 
 def test_freezing_by_copies_equals_freezing_by_where(tiny_mnist: Path) -> None:
     """The CPU's way of keeping the last finite weights (copies of runs of members) and the GPU's
     (a torch.where), on the CPU: the same weights after every step and the same records."""
-    runs = []
+    runs, kept = [], []
     for on_host in (True, False):
         loop, _ = population(tiny_mnist, [0.05, 1e20, 0.1, 1e300, 0.2], [0, 1, 2, 3, 4])
         loop.flags_on_host = on_host
         runs.append((trajectory(loop), loop.diverged_at.tolist(), loop.reason.tolist()))
+        kept.append(loop.run_weights())
     (copies, *copies_record), (where, *where_record) = runs
     assert copies_record == where_record and copies_record[0][0] == -1 and copies_record[0][1] > 0
+    # And the same weights kept for evaluating the members updated into non-finite ones (1e300: member 3).
+    assert kept[0].keys() == kept[1].keys() == {3}
+    for a, b in zip(kept[0][3], kept[1][3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
     for a, b in zip(copies, where, strict=True):
         assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
 
@@ -407,10 +412,13 @@ def test_a_population_trains_as_one_lightning_fit(tiny_mnist: Path) -> None:
     assert not list(module.parameters()) and module.configure_optimizers() is None
 
 
-def test_non_finite_weights_after_an_update_are_undone(tiny_mnist: Path) -> None:
+@pytest.mark.parametrize("on_host", [True, False], ids=["cpu-copies", "gpu-where"])
+def test_non_finite_weights_after_an_update_are_undone(tiny_mnist: Path, on_host: bool) -> None:
     """An lr that overflows float32 (finite gradients, infinite weights after the update): the
-    update is undone and recorded one step later, as the single run's guard records weights."""
+    update is undone and recorded one step later, as the single run's guard records weights. Both
+    ways of keeping the weights its run holds (the CPU's copies, the GPU's where into a copy)."""
     loop, _ = population(tiny_mnist, [0.1, 1e300, 0.1], [0, 1, 2])
+    loop.flags_on_host = on_host
     start = [p.detach().clone() for p in loop.params]
     records = loop.fit(2)
     assert records[1].diverged_at_step == 1 and records[1].divergence_reason == WEIGHTS
@@ -418,10 +426,11 @@ def test_non_finite_weights_after_an_update_are_undone(tiny_mnist: Path) -> None
     for p, q in zip(loop.params, start):
         assert torch.equal(p[1], q[1])
     # The weights its run keeps (and evaluates): those the update made, kept apart for evaluation.
-    assert list(loop.run_weights) == [1] and not all(bool(w.isfinite().all()) for w in loop.run_weights[1])
+    run_weights = loop.run_weights()
+    assert list(run_weights) == [1] and not all(bool(w.isfinite().all()) for w in run_weights[1])
     before = [p.detach().clone() for p in loop.params]
     with loop.weights_of_the_runs():
-        for p, q, w in zip(loop.params, before, loop.run_weights[1]):
+        for p, q, w in zip(loop.params, before, run_weights[1]):
             torch.testing.assert_close(p[1], w, rtol=0, atol=0, equal_nan=True)
             assert torch.equal(p[[0, 2]], q[[0, 2]])  # the others hold their own
     assert all(torch.equal(p, q) for p, q in zip(loop.params, before))  # frozen again after the block
@@ -546,8 +555,8 @@ def test_a_loop_restored_from_its_state_continues_bitwise(tiny_mnist: Path) -> N
     resumed, _ = population(tiny_mnist, lrs, seeds, Adam, every=4)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     assert resumed.epochs_done == 1 and resumed.records[1].diverged
-    assert list(resumed.run_weights) == [1]
-    for a, b in zip(resumed.run_weights[1], first.run_weights[1]):
+    assert list(resumed.run_weights()) == [1]
+    for a, b in zip(resumed.run_weights()[1], first.run_weights()[1]):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
     got = resumed.fit(3)
 

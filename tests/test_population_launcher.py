@@ -344,6 +344,8 @@ def test_memory_estimate_counts_what_the_optimizer_holds() -> None:
     tracked = plan.estimate_memory(compose_config(*SMALL, "optimizer=adam", "curvature.every_n_steps=10",
                                                       "curvature.iters=20"))
     assert tracked.per_member >= adam.per_member + (20 + 16) * params * 4  # the Lanczos basis and a product's temporaries
+    on_gpu = plan.estimate_memory(compose_config(*SMALL, "trainer.accelerator=gpu"))
+    assert on_gpu.per_member - sgd.per_member == params * 4  # the weights a member overflowed into, kept by a where
 
 
 def test_memory_budget_is_the_knob_or_a_share_of_the_device_memory(monkeypatch: pytest.MonkeyPatch) -> None:

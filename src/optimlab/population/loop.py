@@ -128,9 +128,13 @@ class PopulationLoop:
         if sharpness is not None:
             sharpness.setup(model, optimizer, data)
         self._overflowed = torch.zeros(members, dtype=torch.bool, device=device)
-        # Members an update took to non-finite weights (on the CPU): those weights, which their runs
-        # keep and evaluate (NaN logits); the member itself stays frozen at its last finite ones.
-        self.run_weights: dict[int, list[Tensor]] = {}
+        # Members an update took to non-finite weights: those weights, which their runs keep and
+        # evaluate (NaN logits); the member itself stays frozen at its last finite ones. On the CPU
+        # copied when it happens; on a GPU (no host read per step) a torch.where into a copy of the
+        # weights each step, and who overflowed read with the epoch's flags (:meth:`run_weights`).
+        self._run_weights: dict[int, list[Tensor]] = {}
+        self._overflow_weights: list[Tensor] | None = None  # the GPU's copy, made at its first step
+        self._ever_overflowed = torch.zeros(members, dtype=torch.bool, device=device)
         self.global_step = 0
         self.epochs_done = 0
         self.records = [MemberRecord() for _ in range(members)]
@@ -148,7 +152,7 @@ class PopulationLoop:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "alive": self.alive, "diverged_at": self.diverged_at,
                 "reason": self.reason, "global_step": self.global_step, "epochs_done": self.epochs_done,
-                "records": [dataclasses.asdict(record) for record in self.records], "run_weights": self.run_weights,
+                "records": [dataclasses.asdict(record) for record in self.records], "run_weights": self.run_weights(),
                 "sharpness": None if self.sharpness is None else self.sharpness.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -160,7 +164,10 @@ class PopulationLoop:
             last.copy_(p.detach())
         self.alive, self.diverged_at, self.reason = state["alive"], state["diverged_at"], state["reason"]
         self.global_step, self.epochs_done = state["global_step"], state["epochs_done"]
-        self.run_weights = dict(state.get("run_weights") or {})
+        self._run_weights = {}
+        self._ever_overflowed.zero_()
+        for m, weights in (state.get("run_weights") or {}).items():  # absent from checkpoints before 2026-12-05
+            self.keep_run_weights(m, weights)
         # In place: callers may hold the list (the launcher's reports read it).
         self.records[:] = [MemberRecord(**record) for record in state["records"]]
         if self.sharpness is not None:
@@ -216,8 +223,13 @@ class PopulationLoop:
         if any(self.global_step % n == 0 for n in self._cadences):
             self.log_step(losses, self.alive & grads_ok)
         overflowed = self.alive & grads_ok & ~weights_ok  # updated into non-finite weights: its run keeps them
-        if self.flags_on_host and bool(overflowed.any()):
-            self.run_weights.update({m: [p.detach()[m].clone() for p in self.params] for m in members(overflowed)})
+        if not self.flags_on_host:
+            for p, kept, flag in zip(self.params, self.overflow_copy(), self.member_views(overflowed)):
+                torch.where(flag, p.detach(), kept, out=kept)
+            self._ever_overflowed |= overflowed
+        elif bool(overflowed.any()):
+            for m in members(overflowed):
+                self.keep_run_weights(m, [p.detach()[m] for p in self.params])
         self.keep_finite(alive)
         newly = self.alive & ~alive
         # A refused step (loss or gradient) is recorded at its own step; non-finite weights after
@@ -296,13 +308,35 @@ class PopulationLoop:
             self.sharpness.measure(self.global_step, self.model, self.optimizer, members(self.alive),
                                    members(self._overflowed))
 
+    def keep_run_weights(self, m: int, weights: Sequence[Tensor]) -> None:
+        """Keep ``weights`` (member m's slice of every parameter) as the weights member m's run holds."""
+        if self.flags_on_host:
+            self._run_weights[m] = [w.clone() for w in weights]
+        else:
+            for kept, w in zip(self.overflow_copy(), weights):
+                kept[m].copy_(w)
+            self._ever_overflowed[m] = True
+
+    def overflow_copy(self) -> list[Tensor]:
+        """The GPU's copy of the weights members were updated into (made at first use)."""
+        if self._overflow_weights is None:
+            self._overflow_weights = [torch.zeros_like(p.detach()) for p in self.params]
+        return self._overflow_weights
+
+    def run_weights(self) -> dict[int, list[Tensor]]:
+        """The members an update took to non-finite weights, with those weights (a host read on a GPU)."""
+        if self.flags_on_host:
+            return self._run_weights
+        return {m: [kept[m] for kept in self.overflow_copy()] for m in members(self._ever_overflowed)}
+
     @contextlib.contextmanager
     def weights_of_the_runs(self) -> Iterator[None]:
         """For the block, each member holds the weights its run would: a member updated into non-finite
-        weights holds those (:attr:`run_weights`) instead of its last finite ones."""
-        kept = {m: [p.detach()[m].clone() for p in self.params] for m in self.run_weights}
+        weights holds those (:meth:`run_weights`) instead of its last finite ones."""
+        run_weights = self.run_weights()
+        kept = {m: [p.detach()[m].clone() for p in self.params] for m in run_weights}
         try:
-            for m, weights in self.run_weights.items():
+            for m, weights in run_weights.items():
                 for p, w in zip(self.params, weights):
                     p.detach()[m].copy_(w)
             yield

@@ -282,7 +282,8 @@ def tensor_elements(obj: Any, skip: set[int]) -> int:
 def estimate_memory(cfg: DictConfig) -> MemoryEstimate:
     """What a population of copies of ``cfg``'s run needs on its device, roughly. Shared: MNIST
     (float32). Per member: its weights, gradients, last finite weights and one parameter-sized
-    temporary of the update; every tensor its optimizer holds after two steps (state and reused
+    temporary of the update (on a GPU one more: the weights a member is updated into when they
+    overflow, kept by a torch.where each step); every tensor its optimizer holds after two steps (state and reused
     buffers, counted on the single model); the larger of a training step's activations (kept for
     the backward pass, with their gradients) and an evaluation chunk's; its index tensors; with
     sharpness tracking, its Lanczos basis with the temporaries of a product and its probe's activations
@@ -320,8 +321,9 @@ def estimate_memory(cfg: DictConfig) -> MemoryEstimate:
         # 16 parameter-sized vectors more than the basis: the gradient with its graph, the product and the
         # reorthogonalisation's temporaries (measured against peak resident memory, docs/population.md).
         tracking = (curvature.iters + 16) * params * size + curvature.probe_size * (28 * 28 * 4 + 4 * activations * size)
+    copies = 5 if population_device(cfg.trainer.accelerator) == torch.device("cuda") else 4
     return MemoryEstimate(shared=(n + 10_000) * 28 * 28 * 4,
-                          per_member=(4 * params + held) * size + max(step, evaluation) + indices + tracking)
+                          per_member=(copies * params + held) * size + max(step, evaluation) + indices + tracking)
 
 
 MEMORY_SHARE = 0.7  # of a device's memory one population plans on: the estimate is rough
