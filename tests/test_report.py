@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import statistics
 from pathlib import Path
@@ -133,7 +134,7 @@ def test_stability_compares_the_predicted_and_observed_largest_stable_lr(tmp_pat
     assert [t["instability_within_one_cell"] for t in table] == ["True", "False"]
     text = (tmp_path / "report.md").read_text()
     assert ("within one grid cell of the largest lr observed not to diverge in 1 of 2 columns, and of the largest lr "
-            "below the first oscillating or diverging one in 1 of 2.") in text
+            "below the first oscillating or diverging one in 1 of 2 columns.") in text
     assert "0 of 16 tracked runs crossed it" in text and "4 diverging run(s) never crossed it" in text
     for run in tmp_path.glob("w*"):  # one lr left: no stability table, no map; the old ones go
         if "_lr0.001_" not in run.name:
@@ -141,6 +142,32 @@ def test_stability_compares_the_predicted_and_observed_largest_stable_lr(tmp_pat
     written = report(tmp_path)
     assert not any((tmp_path / name).exists() for name in ("stability.csv", "regime_map.png", "lr_sensitivity.png"))
     assert all(path.exists() for path in written) and tmp_path / "report.md" in written
+
+
+def test_stability_judges_each_column_on_its_own_lrs_and_leaves_open_ones_out(tmp_path: Path) -> None:
+    """A reviewer's cases: untracked runs of another optimizer at other lrs changed a column's verdict (the
+    cells were every lr in the folder), and a column in which nothing diverged counted its top lr as the
+    observed boundary, a hit, where the boundary lies above the grid."""
+    for width, diverging_from in ((8, 1.0), (16, math.inf)):
+        for lr in (0.01, 0.1, 1.0):
+            name = f"w{width}_lr{lr}"
+            fake_run(tmp_path, name, "SGD", lr, width, 0, 0.9, "diverging" if lr >= diverging_from else "healthy")
+            path = tmp_path / name / "summary.json"
+            summary = json.loads(path.read_text())
+            summary["curvature"] = {"measurements": 3, "initial_step": 0, "initial_sharpness": 4.0,
+                                    "initial_threshold": 2 / lr, "first_crossing_step": None}
+            path.write_text(json.dumps(summary))
+    report(tmp_path)
+    before = list(csv.DictReader((tmp_path / "stability.csv").open()))
+    # Width 8: predicted 2/4 = 0.5, observed 0.1: within one of its cells. Width 16 never diverged: open.
+    assert [(t["widths"], t["within_one_cell"], t["instability_within_one_cell"]) for t in before] == [
+        ("8", "True", "True"), ("16", "", "")]
+    text = (tmp_path / "report.md").read_text()
+    assert "not to diverge in 1 of 1 columns (and 1 with no such lr in its grid, the boundary above it)" in text
+    for lr in (1.2, 1.5, 2.0, 2.5):  # another optimizer, untracked, at lrs of its own
+        fake_run(tmp_path, f"adam_lr{lr}", "Adam", lr, 8, 0, 0.9)
+    report(tmp_path)
+    assert list(csv.DictReader((tmp_path / "stability.csv").open())) == before
 
 
 def test_stability_reads_each_cell_as_the_map_shows_it(tmp_path: Path) -> None:
@@ -195,6 +222,17 @@ def test_report_counts_crossings_false_alarms_and_leads(tmp_path: Path) -> None:
     # SGD: c started above (a false alarm); d diverged from below. Adam: f started above and diverged.
     assert "| adam | 2 | 1 | 1 | 0 | 0 | 1 | 1 | 1 | 0 |" in text
     assert "| sgd | 5 | 3 | 1 | 1 | 1 | 1 | 1 | 0 | 2 |" in text
+    # Per setting, as the map's panels: an SGD with weight decay is a row of its own (it was merged into sgd's).
+    fake_run(tmp_path, "h", "SGD", 0.1, 8, 0, 0.9, "healthy", decay=0.01)
+    path = tmp_path / "h" / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["curvature"] = {"measurements": 2, "initial_step": 0, "initial_sharpness": 1.0,
+                            "initial_threshold": 20.0, "first_crossing_step": None}
+    path.write_text(json.dumps(summary))
+    report(tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "| sgd (optimizer.weight_decay=0.0) | 5 | 3 | 1 | 1 | 1 | 1 | 1 | 0 | 2 |" in text
+    assert "| sgd (optimizer.weight_decay=0.01) | 1 | 0 | 0 | 0 | 0 | 0 | 0 | 0 | 0 |" in text
 
 
 def test_report_md_states_the_command_and_where_each_regime_appeared(tmp_path: Path) -> None:

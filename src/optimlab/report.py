@@ -238,8 +238,8 @@ def stability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     most got, as on the map: :func:`map_cells`) did not diverge, and whether the two lie within one
     grid cell of each other; and the same against the largest lr below the first oscillating or
     diverging cell (a threshold crossed marks where instability starts; a run can oscillate and
-    still not diverge)."""
-    lrs = sorted({r["lr"] for r in rows if on_lr_axis(r)})
+    still not diverge). The cells are the column's own lrs (not the other columns'); a column in which
+    no lr diverged (or none was unstable) has its boundary above its grid: its verdict is None, not a hit."""
     columns: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         if on_lr_axis(r) and (r.get("curvature") or {}).get("initial_sharpness"):
@@ -250,18 +250,24 @@ def stability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         factor = statistics.median(r["curvature"]["initial_threshold"] * r["lr"] for r in runs)  # c in c/lr
         predicted = factor / sharpness0 if sharpness0 > 0 else math.inf
         cells = map_cells(runs)
-        column = [lr for lr in lrs if (optimizer, widths, lr) in cells]
-        stable = [lr for lr in column if cells[(optimizer, widths, lr)].regime != "diverging"]
+        column = sorted(lr for (_, _, lr) in cells)
+        regimes = [cells[(optimizer, widths, lr)].regime for lr in column]
+        stable = [lr for lr, regime in zip(column, regimes) if regime != "diverging"]
         observed = max(stable) if stable else None
-        first_unstable = next((lr for lr in column if cells[(optimizer, widths, lr)].regime in UNSTABLE), math.inf)
+        first_unstable = next((lr for lr, regime in zip(column, regimes) if regime in UNSTABLE), math.inf)
         calm = max((lr for lr in column if lr < first_unstable), default=None)
 
-        def near(lr: float | None) -> bool:
-            return lr is not None and math.isfinite(predicted) and abs(_grid_position(predicted, lrs) - lrs.index(lr)) <= 1
+        def near(lr: float | None, bounded: bool) -> bool | None:
+            """Within one of the column's cells; None where the boundary lies above the grid."""
+            if not bounded:
+                return None
+            return lr is not None and math.isfinite(predicted) and abs(_grid_position(predicted, column) - column.index(lr)) <= 1
 
         table.append({"optimizer": optimizer, "widths": widths, "sharpness0": sharpness0, "predicted_max_lr": predicted,
-                      "observed_max_lr_without_divergence": observed, "within_one_cell": near(observed),
-                      "observed_max_lr_before_instability": calm, "instability_within_one_cell": near(calm)})
+                      "observed_max_lr_without_divergence": observed,
+                      "within_one_cell": near(observed, "diverging" in regimes),
+                      "observed_max_lr_before_instability": calm,
+                      "instability_within_one_cell": near(calm, math.isfinite(first_unstable))})
     return table
 
 
@@ -271,12 +277,16 @@ def write_stability(table: list[dict[str, Any]], out: Path) -> list[str]:
         writer = csv.DictWriter(f, STABILITY_COLUMNS)
         writer.writeheader()
         writer.writerows(table)
-    hits = sum(t["within_one_cell"] for t in table)
-    calm_hits = sum(t["instability_within_one_cell"] for t in table)
+    def count(key: str) -> str:
+        judged = [t[key] for t in table if t[key] is not None]
+        open_ended = len(table) - len(judged)
+        return f"{sum(judged)} of {len(judged)} columns" + (
+            f" (and {open_ended} with no such lr in its grid, the boundary above it)" if open_ended else "")
+
     lines = ["", "## Stability: predicted vs observed largest lr", "",
              f"The sharpness at the start predicts the largest stable lr within one grid cell of the largest lr "
-             f"observed not to diverge in {hits} of {len(table)} columns, and of the largest lr below the first "
-             f"oscillating or diverging one in {calm_hits} of {len(table)}.", "",
+             f"observed not to diverge in {count('within_one_cell')}, and of the largest lr below the first "
+             f"oscillating or diverging one in {count('instability_within_one_cell')}.", "",
              "| " + " | ".join(STABILITY_COLUMNS) + " |", "|" + "---|" * len(STABILITY_COLUMNS)]
     lines += ["| " + " | ".join(_fmt(t[c]) for c in STABILITY_COLUMNS) + " |" for t in table]
     return lines
@@ -328,8 +338,8 @@ def crossing_lines(rows: list[dict[str, Any]]) -> list[str]:
         lines.append("No crossing run stopped on a non-finite value: no lead to measure.")
     by_optimizer: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in tracked:
-        by_optimizer[r["optimizer"]].append(r)
-    lines += ["", "Per optimizer (started above / below: the first measurement, at step 0, above or below the "
+        by_optimizer[r.get("setting") or r["optimizer"]].append(r)  # per setting, as the map's panels
+    lines += ["", "Per optimizer setting (started above / below: the first measurement, at step 0, above or below the "
               "threshold):", "", "| " + " | ".join(CROSSING_COLUMNS) + " |", "|" + "---|" * len(CROSSING_COLUMNS)]
     for optimizer, runs in sorted(by_optimizer.items()):
         counts = _crossing_counts(runs)
@@ -401,7 +411,9 @@ def _panel_grid(plt: Any, n: int, cols: int) -> tuple[Any, Any]:
 
 
 def _run_title(r: dict[str, Any]) -> str:
-    return f"{r.get('name') or r['run']}: {r.get('optimizer')} lr {_fmt(r.get('lr'))}\n{r['regime']}"
+    """A panel's title: what tells the run apart in a sweep (setting, lr, widths, seed) and its label."""
+    return (f"{r.get('name') or r['run']}: {r.get('setting') or r.get('optimizer')} lr {_fmt(r.get('lr'))}\n"
+            f"{r.get('widths') or '-'}, seed {_fmt(r.get('seed'))}: {r['regime']}")
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
