@@ -355,3 +355,12 @@ def test_data_passes_counts_how_often_the_training_images_were_seen() -> None:
     for epochs, size, cfg in ((0, 100, fine_map), (1, None, fine_map), (1, 100, {}),
                               (1, 100, {"data": {"batch_size": 32}, "trainer": {"limit_train_batches": 0.001}})):
         assert data_passes(cfg, epochs, size) is None
+
+
+def test_panel_titles_tell_runs_apart_only_where_they_would_look_alike() -> None:
+    from optimlab.report import _run_titles
+
+    base = {"name": "default", "optimizer": "sgd", "setting": "sgd", "lr": 0.1, "regime": "slow", "run": "x"}
+    runs = [{**base, "widths": "8", "seed": 0}, {**base, "widths": "8x8", "seed": 1}, {**base, "lr": 1.0, "widths": "8", "seed": 0}]
+    assert _run_titles(runs) == ["default: sgd lr 0.1\n8, seed 0: slow", "default: sgd lr 0.1\n8x8, seed 1: slow",
+                                 "default: sgd lr 1\nslow"]

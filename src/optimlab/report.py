@@ -410,10 +410,14 @@ def _panel_grid(plt: Any, n: int, cols: int) -> tuple[Any, Any]:
     return fig, axes
 
 
-def _run_title(r: dict[str, Any]) -> str:
-    """A panel's title: what tells the run apart in a sweep (setting, lr, widths, seed) and its label."""
-    return (f"{r.get('name') or r['run']}: {r.get('setting') or r.get('optimizer')} lr {_fmt(r.get('lr'))}\n"
-            f"{r.get('widths') or '-'}, seed {_fmt(r.get('seed'))}: {r['regime']}")
+def _run_titles(runs: list[dict[str, Any]]) -> list[str]:
+    """Each panel's title: name, optimizer and lr, and below it the label; where two runs would share
+    a title, also their setting, widths and seed (a sweep over seeds or widths drew identical ones)."""
+    heads = [f"{r.get('name') or r['run']}: {r.get('optimizer')} lr {_fmt(r.get('lr'))}" for r in runs]
+    shared = {head for head, n in Counter(heads).items() if n > 1}
+    return [(f"{r.get('name') or r['run']}: {r.get('setting') or r.get('optimizer')} lr {_fmt(r.get('lr'))}\n"
+             f"{r.get('widths') or '-'}, seed {_fmt(r.get('seed'))}: {r['regime']}") if head in shared
+            else f"{head}\n{r['regime']}" for head, r in zip(heads, runs)]
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
@@ -422,7 +426,7 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
 
     runs = [r for r in rows if r["history"]][:MAX_CURVES]
     fig, axes = _panel_grid(plt, len(runs), min(4, len(runs)))
-    for ax, r in zip(axes.flat, runs):
+    for ax, r, title in zip(axes.flat, runs, _run_titles(runs)):
         epochs = [h["epoch"] for h in r["history"]]
         for key, style in (("train_acc", "-"), ("val_acc", ":"), ("test_acc", "--")):
             ax.plot(epochs, [h.get(key) for h in r["history"]], style, color="black", label=key.replace("_", " "))
@@ -437,8 +441,7 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
         loss_ax.set_ylabel("loss", color="tab:red")
         loss_ax.set_yscale("log")
         color = REGIME_COLORS.get(r["regime"], "black")
-        ax.set_title(_run_title(r), color=color,
-                     fontsize=10, fontweight="bold")
+        ax.set_title(title, color=color, fontsize=10, fontweight="bold")
         for spine in ax.spines.values():
             spine.set_edgecolor(color)
             spine.set_linewidth(2)
@@ -458,7 +461,8 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
     optimizers = sorted({r["setting"] for r in rows if on_lr_axis(r)})
     # optimizers by line style and marker, never by colour: colour means the regime
     styles = {o: (["-", "--", ":", "-."][i % 4], "osD^v<>"[i % 7]) for i, o in enumerate(optimizers)}
-    fig, axes = _panel_grid(plt, len(widths), min(3, len(widths)))  # rows of three: readable at README width
+    cols = min(3, len(widths))  # rows of three: readable at README width
+    fig, axes = _panel_grid(plt, len(widths), cols)
     for ax, width in zip(axes.flat, widths):
         by_opt: dict[str, dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
         for r in rows:
@@ -481,9 +485,13 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
     handles = [plt.Line2D([], [], color="0.35", ls=line, marker=marker, mfc="white", mec="black")
                for line, marker in styles.values()]
     handles += [plt.Line2D([], [], ls="", marker="o", color=REGIME_COLORS[label], mec="black") for label in PLOT_LABELS]
-    # below the panels: a legend inside would hide points
-    fig.legend(handles, [*styles, *PLOT_LABELS], fontsize=9, loc="lower center", ncol=6, frameon=False)
-    fig.tight_layout(rect=(0, 0.1 / math.ceil(len(widths) / 3), 1, 1))
+    # below the panels (a legend inside would hide points), two entries per panel's width in a row, on
+    # height added for it
+    ncol = 2 * cols
+    legend_height = 0.25 * math.ceil(len(handles) / ncol) + 0.1
+    fig.set_figheight(fig.get_figheight() + legend_height)
+    fig.legend(handles, [*styles, *PLOT_LABELS], fontsize=9, loc="lower center", ncol=ncol, frameon=False)
+    fig.tight_layout(rect=(0, legend_height / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -580,7 +588,7 @@ def plot_sharpness(rows: list[dict[str, Any]], root: Path, path: Path) -> None:
     if not runs:
         return
     fig, axes = _panel_grid(plt, len(runs), 2 if len(runs) <= 4 else 4)  # two a row for a few: README width
-    for ax, (r, series) in zip(axes.flat, runs):
+    for ax, (r, series), title in zip(axes.flat, runs, _run_titles([r for r, _ in runs])):
         curvature = r["curvature"]
         color = REGIME_COLORS.get(r["regime"], "black")
         what = "preconditioned sharpness" if curvature.get("preconditioned") else "sharpness"
@@ -595,7 +603,7 @@ def plot_sharpness(rows: list[dict[str, Any]], root: Path, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.legend(fontsize=7, loc="best")
-        ax.set_title(_run_title(r), color=color, fontsize=10, fontweight="bold")
+        ax.set_title(title, color=color, fontsize=10, fontweight="bold")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
