@@ -76,6 +76,11 @@ def test_cli_reports_counts_and_rejects_an_empty_folder(tmp_path: Path, capsys) 
     empty.mkdir()
     assert main([str(empty)]) == 2
     assert "no runs" in capsys.readouterr().err
+    assert main([str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nope'} does not exist"
+    (tmp_path / "file").write_text("")
+    assert main([str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'file'} is not a directory"
 
 
 def test_rediagnose_relabels_with_the_current_rules(tmp_path: Path) -> None:

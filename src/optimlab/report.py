@@ -660,7 +660,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="label every run with the current diagnosis rules instead of its recorded regime")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
-        print(f"error: {args.sweep_dir} is not a directory", file=sys.stderr)
+        what = "is not a directory" if args.sweep_dir.exists() else "does not exist"
+        print(f"error: {args.sweep_dir} {what}", file=sys.stderr)
         return 2
     try:
         written = report(args.sweep_dir, args.rediagnose)
