@@ -128,8 +128,6 @@ def lanczos(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int = 20,
     alphas: list[float] = []
     betas: list[float] = []
     for j in range(iters):
-        if j == len(basis):
-            basis = grown(basis, iters)
         w = matvec(basis[j])
         done = basis[:j + 1]
         coeffs = done @ w  # w's components along the basis; the last is alpha_j = q_j . w
@@ -149,9 +147,8 @@ def lanczos(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int = 20,
         if beta < float(torch.linalg.vector_norm(coeffs)):
             w.addmv_(done.T, done @ w, alpha=-1)
             beta = float(torch.linalg.vector_norm(w))
-        evals, evecs = torch.linalg.eigh(tridiagonal(alphas, betas))
-        top, ritz = float(evals[-1]), evecs[:, -1]
-        if beta == 0.0 or j + 1 == iters or (j > 0 and ritz_error_bound(ritz, beta) <= tol * abs(top)):
+        top, ritz, stop = top_ritz(alphas, betas, beta, j, iters, tol)
+        if stop:
             break
         betas.append(beta)
         if j + 1 == len(basis):
@@ -183,6 +180,18 @@ def ritz_error_bound(ritz: Tensor, beta: float) -> float:
     tol 1e-3 on a small ReLU network, ``tests/test_curvature.py``); a bound on the residual with
     Ritz values' gap in place of the unknown eigengap ended early too."""
     return beta * abs(float(ritz[-1]))
+
+
+def top_ritz(alphas: Sequence[float], betas: Sequence[float], beta: float, step: int, iters: int,
+             tol: float) -> tuple[float, Tensor, bool]:
+    """After Lanczos step ``step`` (0-based; ``alphas`` and ``betas`` so far, ``beta`` its new
+    off-diagonal): the top Ritz value, its vector's coefficients, and whether the iteration stops,
+    :func:`lanczos`' rule: ``beta`` 0 (an invariant Krylov space: the value is exact), the last of
+    ``iters`` products, or from the second product on :func:`ritz_error_bound` within ``tol``."""
+    evals, evecs = torch.linalg.eigh(tridiagonal(alphas, betas))
+    top, ritz = float(evals[-1]), evecs[:, -1]
+    stop = beta == 0.0 or step + 1 == iters or (step > 0 and ritz_error_bound(ritz, beta) <= tol * abs(top))
+    return top, ritz, stop
 
 
 def tridiagonal(alphas: Sequence[float], betas: Sequence[float]) -> Tensor:

@@ -277,6 +277,7 @@ def write_stability(table: list[dict[str, Any]], out: Path) -> list[str]:
         writer = csv.DictWriter(f, STABILITY_COLUMNS)
         writer.writeheader()
         writer.writerows(table)
+
     def count(key: str) -> str:
         judged = [t[key] for t in table if t[key] is not None]
         open_ended = len(table) - len(judged)
@@ -336,14 +337,14 @@ def crossing_lines(rows: list[dict[str, Any]]) -> list[str]:
                      f"{statistics.median(leads):g} steps before it (median; {leads[0]} to {leads[-1]}).")
     else:
         lines.append("No crossing run stopped on a non-finite value: no lead to measure.")
-    by_optimizer: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    by_setting: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in tracked:
-        by_optimizer[r.get("setting") or r["optimizer"]].append(r)  # per setting, as the map's panels
+        by_setting[r["setting"]].append(r)  # as the map's panels
     lines += ["", "Per optimizer setting (started above / below: the first measurement, at step 0, above or below the "
               "threshold):", "", "| " + " | ".join(CROSSING_COLUMNS) + " |", "|" + "---|" * len(CROSSING_COLUMNS)]
-    for optimizer, runs in sorted(by_optimizer.items()):
+    for setting, runs in sorted(by_setting.items()):
         counts = _crossing_counts(runs)
-        lines.append(f"| {optimizer} | " + " | ".join(str(counts[c]) for c in CROSSING_COLUMNS[1:]) + " |")
+        lines.append(f"| {setting} | " + " | ".join(str(counts[c]) for c in CROSSING_COLUMNS[1:]) + " |")
     return lines
 
 

@@ -31,7 +31,7 @@ from torch import Tensor
 from optimlab.curvature import (BASIS_ROWS, DEFAULT_PROBE_SIZE, DEFAULT_TRACKING_TOL, GradientMoments,
                                 SharpnessLog, check_iteration, check_tracking, evaluation, grown, initial_preconditioner,
                                 like_parameters, measurement_due, moments_from_parts, preconditioner, probe_batch,
-                                probe_indices, probe_parts, ritz_error_bound, stability_threshold, tridiagonal)
+                                probe_indices, probe_parts, stability_threshold, top_ritz)
 from optimlab.optim import SGD, Optimizer
 from optimlab.population.data import PopulationData
 from optimlab.population.stacked import StackedModel, member_losses
@@ -76,8 +76,6 @@ def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int =
     stopped_at: list[int | None] = [None] * members  # the step whose basis vector a non-finite member returns
     active = [True] * members
     for j in range(iters):
-        if j == len(basis):
-            basis = grown(basis, iters)
         w = matvec(basis[j])
         done = basis[:j + 1]
         coeffs = torch.einsum("jpn,pn->jp", done, w)  # per member: w's components along its basis
@@ -103,11 +101,8 @@ def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int =
         for m in range(members):
             if not active[m]:
                 continue
-            evals, evecs = torch.linalg.eigh(tridiagonal(alphas[m], betas[m]))
-            top[m], ritz[m] = float(evals[-1]), evecs[:, -1]
-            # beta 0: an invariant Krylov space, the Ritz value is exact
-            if (beta_list[m] == 0.0 or j + 1 == iters
-                    or (j > 0 and ritz_error_bound(ritz[m], beta_list[m]) <= tol * abs(top[m]))):
+            top[m], ritz[m], stop = top_ritz(alphas[m], betas[m], beta_list[m], j, iters, tol)
+            if stop:
                 active[m] = False
             else:
                 betas[m].append(beta_list[m])
