@@ -34,10 +34,13 @@ class PopulationLauncherConf:
     max_memory_gib: Any = "${oc.select:population.max_memory_gib,null}"
     # print the plan (populations, members, estimated memory) and stop
     dry_run: Any = "${oc.select:population.dry_run,false}"
-    # inline: the populations train one by one in this process; submitit_local / submitit_slurm: each
+    # inline: the populations train one by one in this process; processes: CPU populations train in
+    # processes forked from this one, max_parallel at once (GPU ones here); auto: processes where this
+    # process may use several CPU cores and can fork, else inline; submitit_local / submitit_slurm: each
     # population is one submitit job (processes on this machine / SLURM jobs), see optimlab.population.cluster
-    executor: str = "inline"
-    max_parallel: Optional[int] = None  # submitit jobs running at once (None: all; SLURM queues them)
+    executor: str = "auto"
+    # populations training at once (None: processes, one per usable CPU core; submitit, all: SLURM queues them)
+    max_parallel: Optional[int] = None
     submitit_folder: str = "${hydra.sweep.dir}/.submitit/%j"  # submitit's logs and pickles (%j: job id)
     # submitit.AutoExecutor.update_parameters: timeout_min, cpus_per_task, gpus_per_node, mem_gb,
     # slurm_partition, ... (add one with +hydra.launcher.submitit.<name>=<value>)
@@ -54,7 +57,7 @@ class PopulationLauncher(Launcher):
     together, with :mod:`optimlab.population`; the others run one by one through the task function."""
 
     def __init__(self, max_members: int = 64, max_memory_gib: Optional[float] = None, dry_run: bool = False,
-                 executor: str = "inline",
+                 executor: str = "auto",
                  max_parallel: Optional[int] = None, submitit_folder: str = ".submitit/%j",
                  submitit: Optional[Dict[str, Any]] = None) -> None:
         for name, value, allow_none in (("population.max_members (hydra.launcher.max_members)", max_members, False),
@@ -72,10 +75,16 @@ class PopulationLauncher(Launcher):
         self.max_members, self.max_memory_gib, self.dry_run = max_members, max_memory_gib, dry_run
         self.max_parallel = max_parallel
         self.executor = None
-        if executor != "inline":  # checked (and any other name refused) here, before Hydra writes anything
-            from optimlab.population.cluster import make_executor
+        if executor == "auto":
+            from optimlab.population.cluster import default_executor
 
-            self.executor = make_executor(executor, submitit_folder, submitit or {})
+            executor = default_executor()
+        if executor != "inline":  # checked (and any other name refused) here, before Hydra writes anything
+            from optimlab.population.cluster import make_executor, usable_cpus
+
+            if executor == "processes" and max_parallel is None:
+                self.max_parallel = usable_cpus()
+            self.executor = make_executor(executor, submitit_folder, submitit or {}, self.max_parallel)
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None

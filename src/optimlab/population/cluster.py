@@ -1,4 +1,13 @@
-"""Populations as submitit jobs: a sweep spread over a cluster as populations, not as tiny jobs.
+"""Populations trained outside the launcher's process: in forked processes on this machine's cores, or
+as submitit jobs (a sweep spread over a cluster as populations, not as tiny jobs).
+
+``hydra.launcher.executor=processes`` trains each CPU population in a child process forked from the
+launcher (no new interpreter, no imports: a fork takes milliseconds), ``hydra.launcher.max_parallel``
+at once (default: the CPU cores this process may use), each child with its share of the cores as torch
+threads unless ``trainer.num_threads`` says otherwise. Each child is its own process group, so a
+Ctrl-C reaches the launcher only, which passes it on once to each child (:meth:`ForkedJob.cancel`);
+a child whose launcher dies gets SIGTERM (Linux). Either way the child stops as an interrupted
+population does (its members' summaries say ``interrupted``).
 
 ``python train.py -m hydra/launcher=population hydra.launcher.executor=submitit_slurm <sweep>``
 submits each population as one job of `submitit <https://github.com/facebookincubator/submitit>`_
@@ -12,6 +21,12 @@ then finishes each member as a Hydra job here, as it does for a population train
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import multiprocessing
+import os
+import signal
 import sys
 import tempfile
 import time
@@ -22,21 +37,121 @@ from typing import Any, TypeVar
 
 import torch
 
+from optimlab.train import stop_signals_handled_by
+
 Members = TypeVar("Members")
 Results = TypeVar("Results")
 
-EXECUTORS = {"submitit_local": "local", "submitit_slurm": "slurm"}  # hydra.launcher.executor -> submitit's cluster
-POLL_S = 1.0  # how often finished jobs are looked for
+# hydra.launcher.executor -> where its jobs run: forked processes here, or submitit's cluster
+EXECUTORS = {"processes": "processes", "submitit_local": "local", "submitit_slurm": "slurm"}
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}  # a run's exit code when a stop signal ended it (train.py's)
+POLL_S = {"processes": 0.01, "local": 1.0, "slurm": 1.0}  # how often finished jobs are looked for
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def usable_cpus() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def can_fork() -> bool:
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+def default_executor() -> str:
+    """``hydra.launcher.executor=auto``: ``processes`` where this process may use several CPU cores
+    and can fork, else ``inline``."""
+    return "processes" if usable_cpus() > 1 and can_fork() else "inline"
+
+
+def stop_with_parent() -> None:
+    """Ask Linux to send this process SIGTERM when its parent dies (elsewhere: nothing)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG,
+                                                                                         signal.SIGTERM)
+
+
+def run_in_child(send: Any, parent: int, threads: int, train: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    """A forked child's work: ``train(*args)``, its result sent back through ``send``. A stop signal
+    ends it as ``train`` handles one (an interrupted population exits 130 or 143, sending nothing)."""
+    os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the launcher, which passes it on exactly once
+    stop_with_parent()
+    if os.getppid() != parent:  # it died before the request above
+        os.kill(os.getpid(), signal.SIGTERM)
+    torch.set_num_threads(threads)  # trainer.num_threads, when set, overrides this in train_members
+    send.send(train(*args))
+
+
+class ForkedJob:
+    """``train(*args)`` in a child process forked from this one, with the part of submitit's Job
+    interface that :func:`run_as_jobs` uses."""
+
+    def __init__(self, train: Callable[..., Any], args: tuple[Any, ...], threads: int) -> None:
+        context = multiprocessing.get_context("fork")
+        self.receive, send = context.Pipe(duplex=False)
+        self.process = context.Process(target=run_in_child, args=(send, os.getpid(), threads, train, args))
+        self.process.start()
+        send.close()
+        self.job_id = str(self.process.pid)
+
+    def done(self) -> bool:
+        return self.receive.poll() or not self.process.is_alive()
+
+    def result(self) -> Any:
+        try:
+            result = self.receive.recv()
+        except EOFError:  # it ended without sending: stopped, killed, or it crashed (its traceback is on stderr)
+            self.process.join()
+            raise RuntimeError(f"process {self.job_id} ended with exit code {self.process.exitcode}") from None
+        self.process.join()
+        return result
+
+    def cancel(self, check: bool = False, signum: int = signal.SIGTERM) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.process.pid, signum)
+
+    def wait(self) -> None:
+        self.process.join()
+
+    def stopped_by(self) -> str | None:
+        """The stop signal that ended the (finished) process, from its exit code (:data:`EXIT_CODES`)."""
+        return next((name for name, code in EXIT_CODES.items() if self.process.exitcode == code), None)
+
+
+class ForkingSubmitter:
+    """Starts each submitted ``train(*args)`` as a :class:`ForkedJob` whose torch uses ``threads`` threads."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+
+    def submit(self, train: Callable[..., Any], *args: Any) -> ForkedJob:
+        return ForkedJob(train, args, self.threads)
 
 
 @dataclass
 class Executor:
-    """A configured ``submitit.AutoExecutor``, the folder its jobs write to (``%j``: the job id) and
-    submitit's cluster (``local``: processes on this machine, ``slurm``)."""
+    """Where populations train outside the launcher's process: ``submitter`` (a configured
+    ``submitit.AutoExecutor``, or a :class:`ForkingSubmitter`), the folder submitit's jobs write to
+    (``%j``: the job id; empty for processes) and the cluster (``processes``: forked processes here;
+    submitit's ``local``: new processes on this machine; ``slurm``)."""
 
-    auto: Any
+    submitter: Any
     folder: str
     cluster: str
+
+    @property
+    def kind(self) -> str:
+        """What one of its jobs is called on the console."""
+        return "process" if self.cluster == "processes" else "submitit job"
+
+    def where(self, job: Any) -> str:
+        """Where ``job`` (one that was submitted) runs, for the console."""
+        if self.cluster == "processes":
+            return f"in process {job.job_id}"
+        return f"submitted as submitit job {job.job_id} (log: {Path(job.paths.stdout)})"
 
     def tidy(self) -> None:
         """Remove the folder named like the template itself (``.submitit/%j``) when it is empty:
@@ -56,14 +171,20 @@ def executor_parameters(executor: str, parameters: Mapping[str, Any], gpus: int)
     return dict(parameters)
 
 
-def make_executor(executor: str, folder: str, parameters: Mapping[str, Any]) -> Executor:
-    """An :class:`Executor` for ``executor`` (a key of :data:`EXECUTORS`) writing its logs and
-    pickles under ``folder`` (``%j``: the job id), with ``parameters`` (:func:`executor_parameters`).
-    A ValueError with one line naming the key, before anything is written, when submitit is missing,
-    the cluster is not there (no ``srun`` for SLURM) or a parameter is unknown to submitit."""
+def make_executor(executor: str, folder: str, parameters: Mapping[str, Any], max_parallel: int | None) -> Executor:
+    """An :class:`Executor` for ``executor`` (a key of :data:`EXECUTORS`). ``processes``: children
+    forked here, each with ``usable_cpus() // max_parallel`` torch threads (at least 1). submitit's:
+    writing its logs and pickles under ``folder`` (``%j``: the job id), with ``parameters``
+    (:func:`executor_parameters`). A ValueError with one line naming the key, before anything is
+    written, when the platform cannot fork, submitit is missing, the cluster is not there (no
+    ``srun`` for SLURM) or a parameter is unknown to submitit."""
     if executor not in EXECUTORS:
-        raise ValueError(f"hydra.launcher.executor: {executor!r} is not allowed; expected one of inline, "
+        raise ValueError(f"hydra.launcher.executor: {executor!r} is not allowed; expected one of auto, inline, "
                          f"{', '.join(EXECUTORS)}")
+    if executor == "processes":
+        if not can_fork():
+            raise ValueError("hydra.launcher.executor=processes needs fork (Linux, macOS); use inline")
+        return Executor(ForkingSubmitter(max(1, usable_cpus() // (max_parallel or usable_cpus()))), "", "processes")
     parameters = executor_parameters(executor, parameters, torch.cuda.device_count())
     try:
         import submitit
@@ -86,43 +207,69 @@ def make_executor(executor: str, folder: str, parameters: Mapping[str, Any]) -> 
     return Executor(configured(folder), folder, EXECUTORS[executor])
 
 
+def interrupt(signum: int, frame: Any) -> None:
+    """SIGINT or SIGTERM as a KeyboardInterrupt naming it."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def signal_of(stop: BaseException) -> int:
+    """The stop signal behind ``stop``: a KeyboardInterrupt naming it, or train.py's exit (143: SIGTERM)."""
+    if isinstance(stop, SystemExit):
+        return signal.SIGTERM if stop.code == EXIT_CODES["SIGTERM"] else signal.SIGINT
+    return signal.SIGTERM if stop.args and stop.args[0] == "SIGTERM" else signal.SIGINT
+
+
 def run_as_jobs(executor: Executor, populations: Sequence[tuple[str, Members]],
                 train: Callable[[Members, str], Results], max_parallel: int | None,
-                on_failure: Callable[[Members, str, str], Results]) -> Generator[tuple[Members, Results], None, None]:
+                on_failure: Callable[[Members, str, str], Results],
+                describe: Callable[[Members], str]) -> Generator[tuple[Members, Results], None, None]:
     """Submit ``train(members, name)`` for each population, at most ``max_parallel`` at once (None:
-    all; a cluster's scheduler queues them), and yield ``(members, results)`` as each job ends. A
+    all; a cluster's scheduler queues them), saying so with ``describe(members)``, and yield
+    ``(members, results)`` as each job ends; the next population starts before the yield. A
     job that fails (killed, timed out, its process crashed) yields ``on_failure(members, name,
     error)``. Interrupted here (Ctrl-C), the running jobs are cancelled (each writes its members'
     summaries as interrupted) and waited for, then the interrupt goes on. Either way
     :meth:`Executor.tidy` ends it."""
     pending = list(populations)
     running: list[tuple[Any, str, Members]] = []
+
+    def start_pending() -> None:
+        while pending and (max_parallel is None or len(running) < max_parallel):
+            name, members = pending.pop(0)
+            job = executor.submitter.submit(train, members, name)
+            print(f"{name}: training {describe(members)} {executor.where(job)}", flush=True)
+            running.append((job, name, members))
+
     try:
-        while pending or running:
-            while pending and (max_parallel is None or len(running) < max_parallel):
-                name, members = pending.pop(0)
-                job = executor.auto.submit(train, members, name)
-                print(f"{name}: submitted as submitit job {job.job_id} (log: {Path(job.paths.stdout)})", flush=True)
-                running.append((job, name, members))
-            done = [entry for entry in running if entry[0].done()]
-            if not done:
-                time.sleep(POLL_S)
-                continue
+        start_pending()
+        while running:
+            with stop_signals_handled_by(interrupt):  # not SIGTERM's default, which would leave the jobs running
+                done = [entry for entry in running if entry[0].done()]
+                if not done:
+                    time.sleep(POLL_S[executor.cluster])
+                    continue
             for entry in done:
                 running.remove(entry)
                 job, name, members = entry
                 try:
                     results = job.result()
-                except Exception as err:  # submitit's FailedJobError / UncompletedJobError
-                    error = " ".join(str(err).split())[:600]  # its start says why; the log's tail follows
-                    print(f"{name}: submitit job {job.job_id} failed: {error}", flush=True)
-                    results = on_failure(members, name, f"submitit job {job.job_id} failed: {error}")
+                except Exception as err:  # its process ended without a result; submitit's FailedJobError / UncompletedJobError
+                    if executor.cluster == "processes" and (stop := job.stopped_by()):
+                        # Stopped by a signal sent to it: its members' folders say interrupted; the sweep stops too.
+                        raise SystemExit(EXIT_CODES[stop]) from None
+                    error = " ".join(str(err).split())[:600]  # its start says why; a submitit log's tail follows
+                    print(f"{name}: {executor.kind} {job.job_id} failed: {error}", flush=True)
+                    results = on_failure(members, name, f"{executor.kind} {job.job_id} failed: {error}")
+                start_pending()  # the next population trains while the caller finishes this one's members
                 yield members, results
-    except (KeyboardInterrupt, SystemExit):  # SystemExit: train.py's handler of a signal before any run starts
+    except (KeyboardInterrupt, SystemExit) as stop:  # SystemExit: train.py's handler of a signal before any run starts
         if running:
-            print(f"stopped: cancelling {len(running)} running submitit job(s)", file=sys.stderr, flush=True)
+            print(f"stopped: cancelling {len(running)} running {executor.kind}(es)", file=sys.stderr, flush=True)
         for job, _, _ in running:
-            job.cancel(check=False)
+            if executor.cluster == "processes":
+                job.cancel(signum=signal_of(stop))
+            else:
+                job.cancel(check=False)
         for job, _, _ in running:
             job.wait()
         raise

@@ -41,9 +41,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from optimlab.build import optimizer_class
-from optimlab.hydra_job import JobFailed, run_composed_job, save_job_record
+from optimlab.hydra_job import JobFailed, hydra_config_of, run_composed_job, save_job_record, set_output_dir
 from optimlab.population.checkpoint import PopulationCheckpoint
-from optimlab.population.cluster import Executor, run_as_jobs
+from optimlab.population.cluster import EXIT_CODES, Executor, run_as_jobs
 from optimlab.population.curvature import MemberSharpness
 from optimlab.population.data import PopulationData
 from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimizer
@@ -221,7 +221,7 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
         where = "from its checkpoint" if checkpoint.path.is_file() else "from the start (no epoch had finished)"
         print(f"{name} interrupted ({signal_name}); its members' folders hold their summaries so far; "
               f"rerun the sweep with resume=auto to continue {where}", file=sys.stderr)
-        sys.exit(143 if signal_name == "SIGTERM" else 130)
+        sys.exit(EXIT_CODES.get(signal_name, EXIT_CODES["SIGINT"]))
     except Exception as err:  # the whole population stops: every member's job fails with the error
         log.exception(f"{name} crashed")
         error = f"{type(err).__name__}: {err}"
@@ -236,15 +236,58 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
 
 # ---- the jobs -----------------------------------------------------------------------------------
 
-def finish_member(job: Job, summary: RunSummary) -> TaskFunction:
-    """The task of a member's Hydra job: its summary and TensorBoard events written, its epoch lines
-    and result logged (the job's ``train.log`` and the console); returns its ``optimized_metric`` as
-    ``train.py``'s task does, or fails with the population's error (crashed, or interrupted as a
-    submitit job)."""
+def stopped_line(signal_name: str, name: str) -> str:
+    """What the sweep says when a stop held while ``name``'s members were finished ends it."""
+    return f"stopped ({signal_name}) once {name}'s members were finished; rerun the sweep with resume=auto to run the rest"
+
+
+def describe_members(members: Sequence[Job]) -> str:
+    """``30 members (jobs #0, #3, ...)``."""
+    return f"{len(members)} members (jobs {', '.join(f'#{job.num}' for job in members)})"
+
+
+def record_member(job: Job, summary: RunSummary) -> None:
+    """The files a member's Hydra job writes: its ``.hydra/`` record (with its run's epochs) and its
+    summary and TensorBoard events (:func:`~optimlab.population.records.write_member`)."""
+    sync_epochs(job.config, override_keys(job.overrides))  # as its run records them
+    set_output_dir(job.sweep_config, job.run_dir)
+    with hydra_config_of(job.sweep_config):
+        save_job_record(job.run_dir, job.config)
+    write_member(job.run_dir, summary)
+
+
+def train_and_record(members: Sequence[Job], name: str) -> tuple[list[RunSummary], str | None]:
+    """:func:`train_members`, then each member's files written (:func:`record_member`): a forked
+    process's work, so that the launcher, which finishes every member's Hydra job, need not write
+    them. A stop signal while they are written is held until the last (else trained members would
+    lose their test results) and returned with the summaries: the launcher stops the sweep once it
+    has finished them."""
+    results = train_members(members, name)
+    with signals_deferred() as received:
+        for job, summary in zip(members, results):
+            record_member(job, summary)
+    return results, (received[0] if received else None)
+
+
+def failed_and_recorded(members: Sequence[Job], name: str, error: str) -> tuple[list[RunSummary], None]:
+    """:func:`failed_members`, each member's files written (:func:`record_member`), as
+    :func:`train_and_record` would have."""
+    results = failed_members(members, name, error)
+    for job, summary in zip(members, results):
+        record_member(job, summary)
+    return results, None
+
+
+def finish_member(job: Job, summary: RunSummary, recorded: bool = False) -> TaskFunction:
+    """The task of a member's Hydra job: its files written (:func:`record_member`; ``recorded``: they
+    were, where it trained), its epoch lines and result logged (the job's ``train.log`` and the
+    console); returns its ``optimized_metric`` as ``train.py``'s task does, or fails with the
+    population's error (crashed, or interrupted as a job elsewhere)."""
     def task(cfg: DictConfig) -> float | None:
-        sync_epochs(cfg, override_keys(job.overrides))  # as its run records them
-        save_job_record(job.run_dir, cfg)
-        write_member(job.run_dir, summary)
+        if recorded:
+            sync_epochs(cfg, override_keys(job.overrides))
+        else:
+            record_member(job, summary)
         log_epoch_lines(summary, int(cfg.epochs))  # the job's train.log holds what its run's would
         if summary.status in ("crashed", "interrupted"):
             raise PopulationCrashed(f"{summary.population['name']} {summary.status}: {summary.error}")
@@ -332,29 +375,50 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
     returns: dict[int, JobReturn] = {}
     named = [(f"population {i}", members) for i, members in enumerate(populations, 1)]
 
-    def in_this_process() -> Generator[tuple[list[Job], list[RunSummary]], None, None]:
+    def in_this_process(named: list[tuple[str, list[Job]]]) -> Generator[tuple[list[Job], list[RunSummary]], None, None]:
         for name, members in named:
-            print(f"{name}: training {len(members)} members (jobs {', '.join(f'#{job.num}' for job in members)})",
-                  flush=True)
+            print(f"{name}: training {describe_members(members)}", flush=True)
             yield members, train_members(members, name)
 
-    trained = in_this_process() if executor is None else run_as_jobs(executor, named, train_members, max_parallel,
-                                                                     failed_members)
+    forked = executor is not None and executor.cluster == "processes"  # a forked child writes its members' files
+    # A forked child cannot use the GPU this process has used: GPU populations train here.
+    here = named if executor is None else [(name, members) for name, members in named if forked and
+                                           population_device(members[0].config.trainer.accelerator).type != "cpu"]
+    elsewhere = [entry for entry in named if entry not in here]
+
+    def all_trained() -> Generator[tuple[list[Job], list[RunSummary]], None, None]:
+        yield from in_this_process(here)
+        if executor is None or not elsewhere:
+            return
+        if not forked:
+            yield from run_as_jobs(executor, elsewhere, train_members, max_parallel, failed_members, describe_members)
+            return
+        jobs = run_as_jobs(executor, elsewhere, train_and_record, max_parallel, failed_and_recorded, describe_members)
+        for members, (results, held) in jobs:
+            yield members, results
+            if held:  # a stop held while the child wrote the members' files: the sweep stops once they are finished
+                print(stopped_line(held, names[id(members)]), file=sys.stderr)
+                with contextlib.suppress(SystemExit):  # the other populations are stopped
+                    jobs.throw(SystemExit(EXIT_CODES[held]))
+                sys.exit(EXIT_CODES[held])
+
+    trained = all_trained()
+    recorded_elsewhere = {id(members) for _, members in elsewhere} if forked else set()
     names = {id(members): name for name, members in named}
     for members, results in trained:
+        recorded = id(members) in recorded_elsewhere
         # A stop while the members' jobs are finished waits for the last one: else the trained members not
         # yet finished would lose their test results, and one finished half would keep a partial record.
         with signals_deferred() as received:
             for job, summary in zip(members, results):
-                returns[job.num] = run(job, finish_member(job, summary))
+                returns[job.num] = run(job, finish_member(job, summary, recorded))
             if all(summary.status in FINISHED for summary in results):
                 PopulationCheckpoint([job.run_dir for job in members], []).remove()
         if received:
-            print(f"stopped ({received[0]}) once {names[id(members)]}'s members were finished; rerun the sweep "
-                  f"with resume=auto to run the rest", file=sys.stderr)
-            with contextlib.suppress(KeyboardInterrupt):  # submitit: the running populations are cancelled
+            print(stopped_line(received[0], names[id(members)]), file=sys.stderr)
+            with contextlib.suppress(KeyboardInterrupt):  # elsewhere: the running populations are cancelled
                 trained.throw(KeyboardInterrupt(received[0]))
-            sys.exit(143 if received[0] == "SIGTERM" else 130)
+            sys.exit(EXIT_CODES[received[0]])
     for job in jobs:
         if job.num not in returns:
             returns[job.num] = run(job, fail_job(job) if job.error else task_function)
