@@ -10,6 +10,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -919,12 +920,16 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 @pytest.mark.slow
-def test_a_stop_held_while_the_last_epoch_is_recorded_still_stops(mnist_root: Path, tmp_path: Path) -> None:
-    """The signal is held until the epoch is saved, then raised: the population ends interrupted with
-    both epochs recorded (exit 130), not tested and complete as if no one had asked it to stop."""
+@pytest.mark.parametrize("executor", ["inline", "processes"])
+def test_a_stop_held_while_the_last_epoch_is_recorded_still_stops(mnist_root: Path, tmp_path: Path,
+                                                                   executor: str) -> None:
+    """The signal (to the process that trains) is held until the epoch is saved, then raised: the
+    population ends interrupted with both epochs recorded (exit 130), not tested and complete as if
+    no one had asked it to stop."""
     stopped = subprocess.run([sys.executable, "-c", SIGINT_IN_THE_LAST_EPOCHS_RECORD, str(REPO / "train.py"),
                               "seed=0,1", *SMALL, "epochs=2", "hydra/launcher=population",
-                              f"hydra.sweep.dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                              f"hydra.launcher.executor={executor}", f"hydra.sweep.dir={tmp_path}"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     runs = summaries(tmp_path)
     assert len(runs) == 2 and all(s["status"] == "interrupted" and len(s["epochs"]) == 2 and s["test_acc"] is None
@@ -932,13 +937,15 @@ def test_a_stop_held_while_the_last_epoch_is_recorded_still_stops(mnist_root: Pa
 
 
 @pytest.mark.slow
-def test_a_stop_while_members_are_finished_waits_for_the_last(mnist_root: Path, tmp_path: Path) -> None:
-    """SIGINT once the first of four trained members is finished: every member is still finished
-    (summary with its test result, TensorBoard events, .hydra/), then the sweep exits 130 saying so;
-    before, the other three were left without their test results."""
+@pytest.mark.parametrize("executor", ["inline", "processes"])
+def test_a_stop_while_members_are_finished_waits_for_the_last(mnist_root: Path, tmp_path: Path, executor: str) -> None:
+    """SIGINT (to the process that writes the members' files) once the first of four trained members
+    is written: every member is still finished (summary with its test result, TensorBoard events,
+    .hydra/), then the sweep exits 130 saying so; before, the other three were left without their
+    test results."""
     stopped = subprocess.run([sys.executable, "-c", SIGINT_WHILE_FINISHING, str(REPO / "train.py"), "seed=0,1,2,3",
-                              *SMALL, "hydra/launcher=population", f"hydra.sweep.dir={tmp_path}"],
-                             cwd=REPO, capture_output=True, text=True, timeout=300)
+                              *SMALL, "hydra/launcher=population", f"hydra.launcher.executor={executor}",
+                              f"hydra.sweep.dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     assert "stopped (SIGINT) once population 1's members were finished" in stopped.stderr
     runs = summaries(tmp_path)
@@ -988,6 +995,72 @@ def test_a_killed_or_stopped_population_resumes_bitwise(mnist_root: Path, tmp_pa
         got = summaries(sweep)
         assert {name: untimed(s) for name, s in got.items()} == expected, sig
         assert all(s["population"]["checkpoint"] is None for s in got.values()) and not checkpoint.exists()
+
+
+@pytest.mark.slow
+def test_populations_in_forked_processes_record_what_inline_ones_do(mnist_root: Path, tmp_path: Path) -> None:
+    """Two populations (SGD, Adam) trained in two forked processes at once: every job's summary,
+    TensorBoard scalars and ``.hydra/`` record are those of the same sweep trained in this process
+    (bitwise on the CPU at one thread; times aside), ``hydra.runtime.output_dir`` included."""
+    grid = ["optimizer=sgd,adam", "lr=0.05,0.1", "seed=0,1", *SMALL, "epochs=2", "trainer.num_threads=1",
+            "hydra/launcher=population"]
+    for executor in ("inline", "processes"):
+        result = train(*grid, f"hydra.launcher.executor={executor}", "hydra.launcher.max_parallel=2",
+                       f"hydra.sweep.dir={tmp_path / executor}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    inline, forked = summaries(tmp_path / "inline"), summaries(tmp_path / "processes")
+    assert len(inline) == 8 and {name: untimed(s) for name, s in forked.items()} == \
+        {name: untimed(s) for name, s in inline.items()}
+    assert {s["population"]["name"] for s in forked.values()} == {"population 1", "population 2"}
+    for name in inline:
+        assert scalar_events(tmp_path / "processes" / name / "tensorboard") == \
+            scalar_events(tmp_path / "inline" / name / "tensorboard")
+        for record in ("config.yaml", "overrides.yaml"):
+            assert (tmp_path / "processes" / name / ".hydra" / record).read_text() == \
+                (tmp_path / "inline" / name / ".hydra" / record).read_text()
+        hydra_record = OmegaConf.load(tmp_path / "processes" / name / ".hydra" / "hydra.yaml")
+        assert hydra_record.hydra.runtime.output_dir == str(tmp_path / "processes" / name)
+
+
+# Runs train.py; once the population's child process has saved epoch 1's checkpoint, it sends
+# {signal} to the launcher (its parent).
+SIGNAL_TO_THE_LAUNCHER = """
+import os, runpy, signal, sys
+from optimlab.population.checkpoint import PopulationCheckpoint
+save = PopulationCheckpoint.save
+launcher = os.getpid()
+def save_then_signal(self, *args, **kwargs):
+    save(self, *args, **kwargs)
+    if os.getpid() != launcher:
+        os.kill(launcher, signal.{signal})
+PopulationCheckpoint.save = save_then_signal
+sys.argv = [sys.argv[1], "-m", *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.system() != "Linux", reason="a child learns of its parent's death on Linux only")
+@pytest.mark.parametrize("sig,code", [("SIGINT", 130), ("SIGTERM", 143), ("SIGKILL", -9)])
+def test_a_stopped_or_killed_launcher_stops_its_populations(mnist_root: Path, tmp_path: Path, sig: str,
+                                                            code: int) -> None:
+    """SIGINT or SIGTERM to the launcher while a forked population trains: it passes the signal on,
+    waits for the population to stop (members 'interrupted' after their first epoch) and exits as a
+    run does; SIGKILL: the orphaned population gets SIGTERM and stops the same way, instead of
+    training on (and writing into the folders a rerun would use)."""
+    stopped = subprocess.run([sys.executable, "-c", SIGNAL_TO_THE_LAUNCHER.format(signal=sig), str(REPO / "train.py"),
+                              *RESUMABLE, "hydra.launcher.executor=processes", f"hydra.sweep.dir={tmp_path}"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == code, stopped.stderr[-3000:]
+    for _ in range(600):  # after a SIGKILL the child stops on its own: wait for its last summary
+        runs = summaries(tmp_path)
+        if {s["status"] for s in runs.values()} == {"interrupted"}:
+            break
+        time.sleep(0.1)
+    assert len(runs) == 4 and all(s["status"] == "interrupted" and len(s["epochs"]) == 1 for s in runs.values())
+    if sig != "SIGKILL":
+        assert "stopped: cancelling 1 running process\n" in stopped.stderr
+        assert f"population 1 interrupted ({sig})" in stopped.stderr
 
 
 def test_a_member_whose_events_cannot_be_written_is_recorded_crashed(tmp_path: Path,

@@ -264,7 +264,9 @@ def run_as_jobs(executor: Executor, populations: Sequence[tuple[str, Members]],
                 yield members, results
     except (KeyboardInterrupt, SystemExit) as stop:  # SystemExit: train.py's handler of a signal before any run starts
         if running:
-            print(f"stopped: cancelling {len(running)} running {executor.kind}(es)", file=sys.stderr, flush=True)
+            plural = "es" if executor.cluster == "processes" else "s"
+            print(f"stopped: cancelling {len(running)} running {executor.kind}{plural if len(running) > 1 else ''}",
+                  file=sys.stderr, flush=True)
         for job, _, _ in running:
             if executor.cluster == "processes":
                 job.cancel(signum=signal_of(stop))

@@ -405,20 +405,23 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
     trained = all_trained()
     recorded_elsewhere = {id(members) for _, members in elsewhere} if forked else set()
     names = {id(members): name for name, members in named}
-    for members, results in trained:
-        recorded = id(members) in recorded_elsewhere
-        # A stop while the members' jobs are finished waits for the last one: else the trained members not
-        # yet finished would lose their test results, and one finished half would keep a partial record.
-        with signals_deferred() as received:
-            for job, summary in zip(members, results):
-                returns[job.num] = run(job, finish_member(job, summary, recorded))
-            if all(summary.status in FINISHED for summary in results):
-                PopulationCheckpoint([job.run_dir for job in members], []).remove()
-        if received:
-            print(stopped_line(received[0], names[id(members)]), file=sys.stderr)
-            with contextlib.suppress(KeyboardInterrupt):  # elsewhere: the running populations are cancelled
-                trained.throw(KeyboardInterrupt(received[0]))
-            sys.exit(EXIT_CODES[received[0]])
+    try:
+        for members, results in trained:
+            recorded = id(members) in recorded_elsewhere
+            # A stop while the members' jobs are finished waits for the last one: else the trained members not
+            # yet finished would lose their test results, and one finished half would keep a partial record.
+            with signals_deferred() as received:
+                for job, summary in zip(members, results):
+                    returns[job.num] = run(job, finish_member(job, summary, recorded))
+                if all(summary.status in FINISHED for summary in results):
+                    PopulationCheckpoint([job.run_dir for job in members], []).remove()
+            if received:
+                print(stopped_line(received[0], names[id(members)]), file=sys.stderr)
+                with contextlib.suppress(KeyboardInterrupt):  # elsewhere: the running populations are cancelled
+                    trained.throw(KeyboardInterrupt(received[0]))
+                sys.exit(EXIT_CODES[received[0]])
+    except KeyboardInterrupt as stop:  # while populations trained elsewhere: they were stopped, and so is the sweep
+        sys.exit(EXIT_CODES.get(stop.args[0] if stop.args else "SIGINT", EXIT_CODES["SIGINT"]))
     for job in jobs:
         if job.num not in returns:
             returns[job.num] = run(job, fail_job(job) if job.error else task_function)
