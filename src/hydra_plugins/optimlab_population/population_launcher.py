@@ -35,7 +35,8 @@ class PopulationLauncherConf:
     # print the plan (populations, members, estimated memory) and stop
     dry_run: Any = "${oc.select:population.dry_run,false}"
     # inline: the populations train one by one in this process; processes: CPU populations train in
-    # processes forked from this one, max_parallel at once (GPU ones here); auto: processes where this
+    # processes forked from this one, max_parallel at once, one torch thread each (GPU ones, and those
+    # with trainer.num_threads > 1, here); auto: processes where this
     # process may use several CPU cores and can fork, else inline; submitit_local / submitit_slurm: each
     # population is one submitit job (processes on this machine / SLURM jobs), see optimlab.population.cluster
     executor: str = "auto"
@@ -84,7 +85,7 @@ class PopulationLauncher(Launcher):
 
             if executor == "processes" and max_parallel is None:
                 self.max_parallel = usable_cpus()
-            self.executor = make_executor(executor, submitit_folder, submitit or {}, self.max_parallel)
+            self.executor = make_executor(executor, submitit_folder, submitit or {})
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None

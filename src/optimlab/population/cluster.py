@@ -3,8 +3,9 @@ as submitit jobs (a sweep spread over a cluster as populations, not as tiny jobs
 
 ``hydra.launcher.executor=processes`` trains each CPU population in a child process forked from the
 launcher (no new interpreter, no imports: a fork takes milliseconds), ``hydra.launcher.max_parallel``
-at once (default: the CPU cores this process may use), each child with its share of the cores as torch
-threads unless ``trainer.num_threads`` says otherwise. Each child is its own process group, so a
+at once (default: the CPU cores this process may use), each child with one torch thread: GNU OpenMP
+(torch's CPU threads) hangs in a child forked after its parent used threads, at its first parallel
+region with more than one. Each child is its own process group, so a
 Ctrl-C reaches the launcher only, which passes it on once to each child (:meth:`ForkedJob.cancel`);
 a child whose launcher dies gets SIGTERM (Linux). Either way the child stops as an interrupted
 population does (its members' summaries say ``interrupted``).
@@ -74,14 +75,20 @@ def stop_with_parent() -> None:
                                                                                          signal.SIGTERM)
 
 
-def run_in_child(send: Any, parent: int, threads: int, train: Callable[..., Any], args: tuple[Any, ...]) -> None:
+def single_threaded_child() -> None:
+    """What a child forked from a process that may have used torch's CPU threads must do first: one
+    thread (GNU OpenMP hangs at a parallel region with more; see the module docstring)."""
+    torch.set_num_threads(1)
+
+
+def run_in_child(send: Any, parent: int, train: Callable[..., Any], args: tuple[Any, ...]) -> None:
     """A forked child's work: ``train(*args)``, its result sent back through ``send``. A stop signal
     ends it as ``train`` handles one (an interrupted population exits 130 or 143, sending nothing)."""
+    single_threaded_child()
     os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the launcher, which passes it on exactly once
     stop_with_parent()
     if os.getppid() != parent:  # it died before the request above
         os.kill(os.getpid(), signal.SIGTERM)
-    torch.set_num_threads(threads)  # trainer.num_threads, when set, overrides this in train_members
     send.send(train(*args))
 
 
@@ -89,10 +96,10 @@ class ForkedJob:
     """``train(*args)`` in a child process forked from this one, with the part of submitit's Job
     interface that :func:`run_as_jobs` uses."""
 
-    def __init__(self, train: Callable[..., Any], args: tuple[Any, ...], threads: int) -> None:
+    def __init__(self, train: Callable[..., Any], args: tuple[Any, ...]) -> None:
         context = multiprocessing.get_context("fork")
         self.receive, send = context.Pipe(duplex=False)
-        self.process = context.Process(target=run_in_child, args=(send, os.getpid(), threads, train, args))
+        self.process = context.Process(target=run_in_child, args=(send, os.getpid(), train, args))
         self.process.start()
         send.close()
         self.job_id = str(self.process.pid)
@@ -122,13 +129,10 @@ class ForkedJob:
 
 
 class ForkingSubmitter:
-    """Starts each submitted ``train(*args)`` as a :class:`ForkedJob` whose torch uses ``threads`` threads."""
-
-    def __init__(self, threads: int) -> None:
-        self.threads = threads
+    """Starts each submitted ``train(*args)`` as a :class:`ForkedJob`."""
 
     def submit(self, train: Callable[..., Any], *args: Any) -> ForkedJob:
-        return ForkedJob(train, args, self.threads)
+        return ForkedJob(train, args)
 
 
 @dataclass
@@ -171,10 +175,9 @@ def executor_parameters(executor: str, parameters: Mapping[str, Any], gpus: int)
     return dict(parameters)
 
 
-def make_executor(executor: str, folder: str, parameters: Mapping[str, Any], max_parallel: int | None) -> Executor:
+def make_executor(executor: str, folder: str, parameters: Mapping[str, Any]) -> Executor:
     """An :class:`Executor` for ``executor`` (a key of :data:`EXECUTORS`). ``processes``: children
-    forked here, each with ``usable_cpus() // max_parallel`` torch threads (at least 1). submitit's:
-    writing its logs and pickles under ``folder`` (``%j``: the job id), with ``parameters``
+    forked here. submitit's: writing its logs and pickles under ``folder`` (``%j``: the job id), with ``parameters``
     (:func:`executor_parameters`). A ValueError with one line naming the key, before anything is
     written, when the platform cannot fork, submitit is missing, the cluster is not there (no
     ``srun`` for SLURM) or a parameter is unknown to submitit."""
@@ -184,7 +187,7 @@ def make_executor(executor: str, folder: str, parameters: Mapping[str, Any], max
     if executor == "processes":
         if not can_fork():
             raise ValueError("hydra.launcher.executor=processes needs fork (Linux, macOS); use inline")
-        return Executor(ForkingSubmitter(max(1, usable_cpus() // (max_parallel or usable_cpus()))), "", "processes")
+        return Executor(ForkingSubmitter(), "", "processes")
     parameters = executor_parameters(executor, parameters, torch.cuda.device_count())
     try:
         import submitit

@@ -47,7 +47,7 @@ from optimlab.population.cluster import EXIT_CODES, Executor, run_as_jobs
 from optimlab.population.curvature import MemberSharpness
 from optimlab.population.data import PopulationData
 from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimizer
-from optimlab.population.plan import (DTYPES, Job, check_plan_is_the_sweeps, classify, compose_jobs, group,
+from optimlab.population.plan import (DTYPES, Job, check_plan_is_the_sweeps, classify_all, compose_jobs, group,
                                       memory_budget, plan_text, population_device)
 from optimlab.population.records import PopulationRun, member_summary, write_member
 from optimlab.population.stacked import STACKED
@@ -236,6 +236,13 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
 
 # ---- the jobs -----------------------------------------------------------------------------------
 
+def forkable(members: Sequence[Job]) -> bool:
+    """Whether a population can train in a forked child: on the CPU, with one torch thread (or torch's
+    default, which a child sets to one; see :mod:`optimlab.population.cluster`)."""
+    trainer = members[0].config.trainer
+    return population_device(trainer.accelerator).type == "cpu" and (trainer.num_threads or 1) == 1
+
+
 def stopped_line(signal_name: str, name: str) -> str:
     """What the sweep says when a stop held while ``name``'s members were finished ends it."""
     return f"stopped ({signal_name}) once {name}'s members were finished; rerun the sweep with resume=auto to run the rest"
@@ -354,11 +361,18 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
     jobs = compose_jobs(hydra_context, config, job_overrides, initial_job_idx)
     check_plan_is_the_sweeps(config, jobs)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    for job in jobs:
-        classify(job)
+    forked = executor is not None and executor.cluster == "processes"  # a forked child writes its members' files
+    classify_all(jobs, (max_parallel or 1) if forked else 1)
     budget = memory_budget(max_memory_gib, executor, max_parallel)
     populations = group(jobs, max_members, budget)
+    named = [(f"population {i}", members) for i, members in enumerate(populations, 1)]
+    # A forked child can use neither a GPU this process has used nor more than one CPU thread: such populations train here.
+    here = named if executor is None else [(name, members) for name, members in named if forked and not forkable(members)]
+    elsewhere = [entry for entry in named if entry not in here]
     print(plan_text(jobs, populations, budget), flush=True)
+    if forked and elsewhere:
+        print(f"  training in forked processes, {max_parallel} at once, one torch thread each"
+              + (f"; {len(here)} population(s) here (on a GPU, or trainer.num_threads > 1)" if here else ""), flush=True)
     if dry_run:
         return [dry_return(job) for job in jobs]
 
@@ -373,18 +387,12 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
         return ret
 
     returns: dict[int, JobReturn] = {}
-    named = [(f"population {i}", members) for i, members in enumerate(populations, 1)]
 
     def in_this_process(named: list[tuple[str, list[Job]]]) -> Generator[tuple[list[Job], list[RunSummary]], None, None]:
         for name, members in named:
             print(f"{name}: training {describe_members(members)}", flush=True)
             yield members, train_members(members, name)
 
-    forked = executor is not None and executor.cluster == "processes"  # a forked child writes its members' files
-    # A forked child cannot use the GPU this process has used: GPU populations train here.
-    here = named if executor is None else [(name, members) for name, members in named if forked and
-                                           population_device(members[0].config.trainer.accelerator).type != "cpu"]
-    elsewhere = [entry for entry in named if entry not in here]
 
     def all_trained() -> Generator[tuple[list[Job], list[RunSummary]], None, None]:
         yield from in_this_process(here)
