@@ -24,7 +24,8 @@ side-by-side pairs, with its range).
 
 ``--sweep GRID`` measures a whole sweep end to end instead (:func:`sweep_benchmark`): the same grid
 (``tiny``, ``narrow`` or ``reduced``, see :data:`GRIDS`) run by ``python train.py -m`` with Hydra's
-basic launcher (sequential jobs) and with ``hydra/launcher=population``, each as one subprocess (wall
+basic launcher (sequential jobs) and with ``hydra/launcher=population`` (``--executor``: its
+``hydra.launcher.executor``, default ``auto``: forked processes on a multi-core CPU), each as one subprocess (wall
 time from start to exit, runs per minute), and the floor: the bare batched math of the same grid (per
 population, its steps of stacked forward, loss, backward and member-wise step on batches gathered
 beforehand; no Hydra, evaluation, checks or files). Then, from CPU ``torch.profiler`` runs, the aten
@@ -183,15 +184,15 @@ def compose_job(overrides: list[str]):
         return compose("config", overrides=overrides)
 
 
-def run_sweep(grid: str, device: torch.device, threads: int, out: Path, population: bool) -> dict:
-    """``python train.py -m <grid>`` (population launcher or the basic one) into ``out``: wall time
-    and how many jobs finished (complete or diverged)."""
+def run_sweep(grid: str, device: torch.device, threads: int, out: Path, executor: str | None) -> dict:
+    """``python train.py -m <grid>`` (the population launcher with ``hydra.launcher.executor=executor``,
+    or, None, the basic one) into ``out``: wall time and how many jobs finished (complete or diverged)."""
     axes, budget = GRIDS[grid]
     command = [sys.executable, str(_timing.REPO / "train.py"), "-m", *[f"{k}={v}" for k, v in axes.items()],
                *budget, "trainer.progress_bar=false", f"trainer.num_threads={threads}",
                f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}", f"hydra.sweep.dir={out}"]
-    if population:
-        command.append("hydra/launcher=population")
+    if executor is not None:
+        command += ["hydra/launcher=population", f"hydra.launcher.executor={executor}"]
     started = time.perf_counter()
     result = subprocess.run(command, cwd=_timing.REPO, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -302,22 +303,22 @@ def ops_per_step(grid: str) -> tuple[float, float, int]:
     return (counts[12] - counts[4]) / 8, count_aten(five_steps) / 5, len(jobs)
 
 
-def sweep_benchmark(grid: str, device_choice: str, threads: int, keep: Path | None) -> None:
+def sweep_benchmark(grid: str, device_choice: str, threads: int, keep: Path | None, executor: str) -> None:
     """The end-to-end table (see the module docstring)."""
     jobs = len(grid_jobs(grid))
     axes, budget = GRIDS[grid]
     torch.set_num_threads(threads)
     _timing.print_header(f"population sweep: grid {grid} ({jobs} runs: "
                          f"{'; '.join(f'{k} {v}' for k, v in axes.items())}; {' '.join(budget)}), "
-                         f"trainer.num_threads={threads}")
+                         f"trainer.num_threads={threads}, population hydra.launcher.executor={executor}")
     print(f"load average at start: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
     rows, per_population = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         root = keep or Path(tmp)
         for device in _timing.devices_to_measure(device_choice):
             name = device.type
-            seq = run_sweep(grid, device, threads, root / f"{name}_sequential", population=False)
-            pop = run_sweep(grid, device, threads, root / f"{name}_population", population=True)
+            seq = run_sweep(grid, device, threads, root / f"{name}_sequential", executor=None)
+            pop = run_sweep(grid, device, threads, root / f"{name}_population", executor=executor)
             floors = floor_seconds(grid, device)
             floor = sum(seconds for seconds, _ in floors.values())
             rows.append([name, seq["wall"], pop["wall"], floor, 60 * jobs / seq["wall"], 60 * jobs / pop["wall"],
@@ -354,12 +355,14 @@ def main() -> None:
                         "--sweep: 1, given to both sweeps as trainer.num_threads)")
     parser.add_argument("--sweep", choices=sorted(GRIDS), help="measure this grid end to end instead")
     parser.add_argument("--keep", type=Path, help="--sweep: write the sweeps here (default: a temporary folder)")
+    parser.add_argument("--executor", default="auto", choices=["auto", "inline", "processes"],
+                        help="--sweep: where the population launcher trains (hydra.launcher.executor)")
     args = parser.parse_args()
     # The malloc setting a population on the CPU runs with (the launcher's), for the floor and for every
     # contender of the step comparison: it is process-wide (the separate runs gain nothing from it, measured).
     keep_freed_memory()
     if args.sweep:
-        sweep_benchmark(args.sweep, args.device, args.threads or 1, args.keep)
+        sweep_benchmark(args.sweep, args.device, args.threads or 1, args.keep, args.executor)
         return
     if args.threads:
         torch.set_num_threads(args.threads)
