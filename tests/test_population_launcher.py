@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -613,6 +614,28 @@ def test_a_tracked_population_records_the_sharpness_its_runs_record(mnist_root: 
     assert (tmp_path / "population" / "sharpness.png").is_file()
 
 
+def test_auto_forks_where_several_cores_are_usable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from optimlab.population import cluster
+
+    for cores, forks, expected in ((2, True, "processes"), (1, True, "inline"), (8, False, "inline")):
+        monkeypatch.setattr(cluster, "usable_cpus", lambda: cores)
+        monkeypatch.setattr(cluster, "can_fork", lambda: forks)
+        assert cluster.default_executor() == expected, (cores, forks)
+
+
+def test_a_population_wanting_threads_or_a_gpu_trains_in_the_launching_process() -> None:
+    """A forked child trains with one thread on the CPU: a population set to more threads, or on a
+    GPU, is not forked."""
+    def members(*overrides: str) -> list[SimpleNamespace]:
+        return [SimpleNamespace(config=compose_config(*overrides))]  # what forkable reads of a Job
+
+    assert launcher.forkable(members("trainer.accelerator=cpu"))
+    assert launcher.forkable(members("trainer.accelerator=cpu", "trainer.num_threads=1"))
+    assert not launcher.forkable(members("trainer.accelerator=cpu", "trainer.num_threads=2"))
+    if torch.cuda.is_available():
+        assert not launcher.forkable(members("trainer.accelerator=gpu"))
+
+
 def test_local_jobs_see_this_machines_gpus_unless_told() -> None:
     """submitit's local executor hides the GPUs from a job that does not ask for them: ours ask for
     all of this machine's, unless ``gpus_per_node`` is given; SLURM's parameters stay as given."""
@@ -1043,6 +1066,19 @@ def test_populations_in_forked_processes_record_what_inline_ones_do(mnist_root: 
                 (tmp_path / "inline" / name / ".hydra" / record).read_text()
         hydra_record = OmegaConf.load(tmp_path / "processes" / name / ".hydra" / "hydra.yaml")
         assert hydra_record.hydra.runtime.output_dir == str(tmp_path / "processes" / name)
+
+
+@pytest.mark.slow
+def test_forked_populations_start_largest_first(mnist_root: Path, tmp_path: Path) -> None:
+    """One process at a time: the width-64 population starts first, then width 16, then 8 (in the plan
+    they are 1, 2, 3), so that the largest does not train alone at the end."""
+    result = train("lr=0.01,0.1", "model.hidden=[8],[16],[64]", *SMALL[:3], "trainer.accelerator=cpu",
+                   "hydra/launcher=population", "hydra.launcher.executor=processes", "hydra.launcher.max_parallel=1",
+                   f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    starts = [line.split(":")[0] for line in result.stdout.splitlines() if " members (jobs " in line and " in process " in line]
+    assert starts == ["population 3", "population 2", "population 1"], result.stdout[-3000:]
+    assert "mlp 8, sgd, 1 epoch of batch 128" in result.stdout
 
 
 # Runs train.py; once the population's child process has saved epoch 1's checkpoint, it sends

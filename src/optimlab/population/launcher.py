@@ -243,6 +243,11 @@ def forkable(members: Sequence[Job]) -> bool:
     return population_device(trainer.accelerator).type == "cpu" and (trainer.num_threads or 1) == 1
 
 
+def work(members: Sequence[Job]) -> int:
+    """A population's work, roughly: members x the memory a member needs x epochs."""
+    return len(members) * members[0].memory.per_member * int(members[0].config.epochs)
+
+
 def stopped_line(signal_name: str, name: str) -> str:
     """What the sweep says when a stop held while ``name``'s members were finished ends it."""
     return f"stopped ({signal_name}) once {name}'s members were finished; rerun the sweep with resume=auto to run the rest"
@@ -368,7 +373,9 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
     named = [(f"population {i}", members) for i, members in enumerate(populations, 1)]
     # A forked child can use neither a GPU this process has used nor more than one CPU thread: such populations train here.
     here = named if executor is None else [(name, members) for name, members in named if forked and not forkable(members)]
-    elsewhere = [entry for entry in named if entry not in here]
+    # The largest first (members x bytes a member x epochs, roughly its work): processes running side by side then
+    # end together, not with the largest alone at the end (the regime map's width-512 populations: minutes).
+    elsewhere = sorted((entry for entry in named if entry not in here), key=lambda entry: -work(entry[1]))
     print(plan_text(jobs, populations, budget), flush=True)
     if forked and elsewhere:
         print(f"  training in forked processes, {max_parallel} at once, one torch thread each"

@@ -459,7 +459,7 @@ def describe_population(members: Sequence[Job]) -> str:
     lrs = sorted({float(job.config.optimizer.lr) for job in members})
     seeds = sorted({int(job.config.seed) for job in members})
     device = population_device(cfg.trainer.accelerator)
-    return (f"{run.model} {run.widths or '-'}, {run.optimizer}, {cfg.epochs} epochs of batch {cfg.data.batch_size}, "
+    return (f"{run.model} {run.widths or '-'}, {run.optimizer}, {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''} of batch {cfg.data.batch_size}, "
             f"{str(DTYPES[str(cfg.trainer.precision)]).removeprefix('torch.')} on {device}; "
             f"lr {', '.join(f'{lr:g}' for lr in lrs)}; seed {', '.join(map(str, seeds))}; "
             f"~{members[0].memory.total(len(members)) / 2**20:,.0f} MiB")
