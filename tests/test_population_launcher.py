@@ -387,8 +387,34 @@ def test_memory_budget_is_the_knob_or_a_share_of_the_device_memory(monkeypatch: 
                              "once"), (plan.memory_budget(None, slurm, 2), "train on other machines")):
         assert everywhere(cfg) is None and why in everywhere.plan_lines()[0] and "not bounded" in everywhere.plan_lines()[0]
     assert plan.memory_budget(2, slurm, None)(cfg) == 2 * 2**30
+    # Forked processes: grouped as in this process (a rerun regroups alike whatever the cores); how many
+    # train at once is fits_beside's.
+    assert plan.memory_budget(None, Executor(None, "", "processes"), 8)(cfg) == here(cfg)
     monkeypatch.setattr(plan, "device_memory", lambda device: None)
     assert plan.memory_budget(None, None, None)(cfg) is None
+
+
+def test_forked_populations_start_only_while_they_fit_beside_the_running_ones() -> None:
+    def population(members: int, per_member: int) -> list[SimpleNamespace]:
+        return [SimpleNamespace(memory=plan.MemoryEstimate(shared=100, per_member=per_member))] * members
+
+    small, large = population(2, 10), population(4, 50)  # 120 and 300 bytes
+    assert plan.fits_beside([small], large, 420) and not plan.fits_beside([small], large, 419)
+    assert plan.fits_beside([small, small], small, 360) and not plan.fits_beside([small, small, small], small, 479)
+    assert plan.fits_beside([large, large], large, None)  # memory unknown: no bound
+
+
+def test_usable_cpus_are_the_affinity_within_the_containers_quota(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from optimlab.population import cluster
+
+    monkeypatch.setattr(cluster.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    limit = tmp_path / "cpu.max"
+    monkeypatch.setattr(cluster, "CGROUP_CPU_LIMIT", str(limit))
+    assert cluster.usable_cpus() == 8  # no such file
+    for text, cores in (("max 100000", 8), ("150000 100000", 2), ("50000 100000", 1), ("2000000 100000", 8)):
+        limit.write_text(text + "\n")
+        assert cluster.usable_cpus() == cores, text
 
 
 def test_device_memory_is_the_machines_total_within_its_containers_limit(tmp_path: Path,
@@ -1079,6 +1105,45 @@ def test_forked_populations_start_largest_first(mnist_root: Path, tmp_path: Path
     starts = [line.split(":")[0] for line in result.stdout.splitlines() if " members (jobs " in line and " in process " in line]
     assert starts == ["population 3", "population 2", "population 1"], result.stdout[-3000:]
     assert "mlp 8, sgd, 1 epoch of batch 128" in result.stdout
+
+
+# Runs train.py with launcher.{name} doing {action} first: in the launcher, while it finishes the members
+# of a population that trained in a child.
+WHILE_THE_LAUNCHER_FINISHES = """
+import os, runpy, signal, sys
+from optimlab.population import launcher
+real = launcher.{name}
+def hooked(*args, **kwargs):
+    {action}
+    return real(*args, **kwargs)
+launcher.{name} = hooked
+sys.argv = [sys.argv[1], "-m", *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,action,code", [("run_composed_job", "raise RuntimeError('finishing failed')", 1),
+                                              ("log_epoch_lines", "os.kill(os.getpid(), signal.SIGINT)", 130)])
+def test_a_launcher_that_stops_while_finishing_stops_the_populations_still_training(
+        mnist_root: Path, tmp_path: Path, name: str, action: str, code: int) -> None:
+    """Two populations at once: 300 epochs and 1 epoch. While the launcher finishes the short one's
+    members, an error escapes it, or SIGINT reaches it: the long one is stopped (its members
+    'interrupted'), and the launcher exits (1, 130) instead of waiting for it to train on."""
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", WHILE_THE_LAUNCHER_FINISHES.format(name=name, action=action),
+                             str(REPO / "train.py"), "lr=0.01,0.1", "epochs=1,300", *SMALL[:2], "model.hidden=[8]",
+                             "trainer.accelerator=cpu", "hydra/launcher=population", "hydra.launcher.executor=processes",
+                             "hydra.launcher.max_parallel=2", f"hydra.sweep.dir={tmp_path}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == code, result.stderr[-3000:]
+    runs = summaries(tmp_path)
+    statuses = sorted((s["config"]["epochs"], s["status"]) for s in runs.values())
+    assert statuses == [(1, "complete"), (1, "complete"), (300, "interrupted"), (300, "interrupted")], statuses
+    assert all(len(s["epochs"]) < 300 for s in runs.values() if s["config"]["epochs"] == 300)
+    if code == 130:
+        assert "stopped (SIGINT) once population" in result.stderr
+    assert time.perf_counter() - started < 150
 
 
 # Runs train.py; once the population's child process has saved epoch 1's checkpoint, it sends

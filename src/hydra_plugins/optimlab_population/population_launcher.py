@@ -36,8 +36,8 @@ class PopulationLauncherConf:
     dry_run: Any = "${oc.select:population.dry_run,false}"
     # inline: the populations train one by one in this process; processes: CPU populations train in
     # processes forked from this one, max_parallel at once, one torch thread each (GPU ones, and those
-    # with trainer.num_threads > 1, here); auto: processes where this
-    # process may use several CPU cores and can fork, else inline; submitit_local / submitit_slurm: each
+    # with trainer.num_threads > 1, here); auto: processes where this process may use several CPU cores,
+    # can fork and two or more populations can, else inline; submitit_local / submitit_slurm: each
     # population is one submitit job (processes on this machine / SLURM jobs), see optimlab.population.cluster
     executor: str = "auto"
     # populations training at once (None: processes, one per usable CPU core; submitit, all: SLURM queues them)
@@ -76,15 +76,14 @@ class PopulationLauncher(Launcher):
         self.max_members, self.max_memory_gib, self.dry_run = max_members, max_memory_gib, dry_run
         self.max_parallel = max_parallel
         self.executor = None
-        if executor == "auto":
+        self.auto = executor == "auto"
+        if self.auto:
             from optimlab.population.cluster import default_executor
 
             executor = default_executor()
         if executor != "inline":  # checked (and any other name refused) here, before Hydra writes anything
-            from optimlab.population.cluster import make_executor, usable_cpus
+            from optimlab.population.cluster import make_executor
 
-            if executor == "processes" and max_parallel is None:
-                self.max_parallel = usable_cpus()
             self.executor = make_executor(executor, submitit_folder, submitit or {})
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
@@ -105,7 +104,7 @@ class PopulationLauncher(Launcher):
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
         options: dict[str, Any] = {"max_members": self.max_members, "max_memory_gib": self.max_memory_gib,
                                    "dry_run": self.dry_run,
-                                   "executor": self.executor, "max_parallel": self.max_parallel}
+                                   "executor": self.executor, "max_parallel": self.max_parallel, "auto": self.auto}
         return launch(self.hydra_context, self.task_function, self.config, job_overrides, initial_job_idx, **options)
 
 

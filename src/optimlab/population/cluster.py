@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import gc
 import multiprocessing
 import os
 import signal
@@ -50,12 +51,23 @@ POLL_S = {"processes": 0.01, "local": 1.0, "slurm": 1.0}  # how often finished j
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
+CGROUP_CPU_LIMIT = "/sys/fs/cgroup/cpu.max"  # cgroup v2: "<quota> <period>" in microseconds, or "max <period>"
+
+
 def usable_cpus() -> int:
-    """The CPU cores this process may run on."""
+    """The CPU cores this process may run on, within its container's CPU quota (a container limited to
+    2 CPUs on a 64-core machine still sees 64 cores)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path(CGROUP_CPU_LIMIT).read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def can_fork() -> bool:
@@ -85,11 +97,16 @@ def run_in_child(send: Any, parent: int, train: Callable[..., Any], args: tuple[
     """A forked child's work: ``train(*args)``, its result sent back through ``send``. A stop signal
     ends it as ``train`` handles one (an interrupted population exits 130 or 143, sending nothing)."""
     single_threaded_child()
+    for stop in (signal.SIGINT, signal.SIGTERM):  # until the population's own handling: an interrupt, not death
+        signal.signal(stop, interrupt)
     os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the launcher, which passes it on exactly once
     stop_with_parent()
-    if os.getppid() != parent:  # it died before the request above
-        os.kill(os.getpid(), signal.SIGTERM)
-    send.send(train(*args))
+    try:
+        if os.getppid() != parent:  # it died before the request above
+            os.kill(os.getpid(), signal.SIGTERM)
+        send.send(train(*args))
+    except KeyboardInterrupt as stop:  # outside the population's own handling, which exits so itself
+        sys.exit(EXIT_CODES.get(stop.args[0] if stop.args else "SIGINT", EXIT_CODES["SIGINT"]))
 
 
 class ForkedJob:
@@ -99,8 +116,14 @@ class ForkedJob:
     def __init__(self, train: Callable[..., Any], args: tuple[Any, ...]) -> None:
         context = multiprocessing.get_context("fork")
         self.receive, send = context.Pipe(duplex=False)
-        self.process = context.Process(target=run_in_child, args=(send, os.getpid(), train, args))
-        self.process.start()
+        # Daemonic: should this process end without cancelling it, Python's exit stops it (SIGTERM) instead of
+        # waiting for its training (it starts no processes of its own).
+        self.process = context.Process(target=run_in_child, args=(send, os.getpid(), train, args), daemon=True)
+        gc.freeze()  # the child's garbage collector then leaves this process's objects (and their pages) alone
+        try:
+            self.process.start()
+        finally:
+            gc.unfreeze()
         send.close()
         self.job_id = str(self.process.pid)
 
@@ -116,7 +139,8 @@ class ForkedJob:
         self.process.join()
         return result
 
-    def cancel(self, check: bool = False, signum: int = signal.SIGTERM) -> None:
+    def cancel(self, signum: int = signal.SIGTERM) -> None:
+        """Send ``signum`` (a stop signal) to the child, once."""
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.process.pid, signum)
 
@@ -124,8 +148,10 @@ class ForkedJob:
         self.process.join()
 
     def stopped_by(self) -> str | None:
-        """The stop signal that ended the (finished) process, from its exit code (:data:`EXIT_CODES`)."""
-        return next((name for name, code in EXIT_CODES.items() if self.process.exitcode == code), None)
+        """The stop signal that ended the (finished) process: its exit code (:data:`EXIT_CODES`), or
+        the signal's default action (exit code minus the signal's number)."""
+        return next((name for name, code in EXIT_CODES.items()
+                     if self.process.exitcode in (code, -getattr(signal, name))), None)
 
 
 class ForkingSubmitter:
@@ -216,28 +242,36 @@ def interrupt(signum: int, frame: Any) -> None:
 
 
 def signal_of(stop: BaseException) -> int:
-    """The stop signal behind ``stop``: a KeyboardInterrupt naming it, or train.py's exit (143: SIGTERM)."""
+    """The stop signal behind ``stop``: a KeyboardInterrupt naming it, train.py's exit (143: SIGTERM),
+    SIGTERM for anything else (an error, the generator closed)."""
     if isinstance(stop, SystemExit):
         return signal.SIGTERM if stop.code == EXIT_CODES["SIGTERM"] else signal.SIGINT
-    return signal.SIGTERM if stop.args and stop.args[0] == "SIGTERM" else signal.SIGINT
+    if isinstance(stop, KeyboardInterrupt):
+        return signal.SIGTERM if stop.args and stop.args[0] == "SIGTERM" else signal.SIGINT
+    return signal.SIGTERM
 
 
 def run_as_jobs(executor: Executor, populations: Sequence[tuple[str, Members]],
                 train: Callable[[Members, str], Results], max_parallel: int | None,
-                on_failure: Callable[[Members, str, str], Results],
-                describe: Callable[[Members], str]) -> Generator[tuple[Members, Results], None, None]:
-    """Submit ``train(members, name)`` for each population, at most ``max_parallel`` at once (None:
-    all; a cluster's scheduler queues them), saying so with ``describe(members)``, and yield
+                on_failure: Callable[[Members, str, str], Results], describe: Callable[[Members], str],
+                admit: Callable[[list[Members], Members], bool] = lambda running, members: True,
+                ) -> Generator[tuple[Members, Results], None, None]:
+    """Submit ``train(members, name)`` for each population, in order, at most ``max_parallel`` at
+    once (None: all; a cluster's scheduler queues them) and only while ``admit(the running ones'
+    members, its members)`` (the first always starts), saying so with ``describe(members)``, and yield
     ``(members, results)`` as each job ends; the next population starts before the yield. A
     job that fails (killed, timed out, its process crashed) yields ``on_failure(members, name,
-    error)``. Interrupted here (Ctrl-C), the running jobs are cancelled (each writes its members'
-    summaries as interrupted) and waited for, then the interrupt goes on. Either way
-    :meth:`Executor.tidy` ends it."""
+    error)``, except a forked process ended by a stop signal (exit 130 or 143): that stops the sweep
+    as an interrupt here does. Interrupted here (Ctrl-C, or SIGTERM), or ended by an error thrown in
+    or by the caller closing it, the running jobs are cancelled (forked processes get the same signal,
+    SIGTERM for an error; each job writes its members' summaries as interrupted) and waited for, then
+    the stop goes on. Either way :meth:`Executor.tidy` ends it."""
     pending = list(populations)
     running: list[tuple[Any, str, Members]] = []
 
     def start_pending() -> None:
-        while pending and (max_parallel is None or len(running) < max_parallel):
+        while pending and (max_parallel is None or len(running) < max_parallel) and \
+                (not running or admit([entry[2] for entry in running], pending[0][1])):
             name, members = pending.pop(0)
             job = executor.submitter.submit(train, members, name)
             print(f"{name}: training {describe(members)} {executor.where(job)}", flush=True)
@@ -251,6 +285,8 @@ def run_as_jobs(executor: Executor, populations: Sequence[tuple[str, Members]],
                 if not done:
                     time.sleep(POLL_S[executor.cluster])
                     continue
+            # A process stopped by a signal stops the sweep: the others that ended give their results first.
+            done.sort(key=lambda entry: executor.cluster == "processes" and entry[0].stopped_by() is not None)
             for entry in done:
                 running.remove(entry)
                 job, name, members = entry
@@ -265,7 +301,7 @@ def run_as_jobs(executor: Executor, populations: Sequence[tuple[str, Members]],
                     results = on_failure(members, name, f"{executor.kind} {job.job_id} failed: {error}")
                 start_pending()  # the next population trains while the caller finishes this one's members
                 yield members, results
-    except (KeyboardInterrupt, SystemExit) as stop:  # SystemExit: train.py's handler of a signal before any run starts
+    except BaseException as stop:  # also SystemExit (train.py's handler of a signal before any run starts), GeneratorExit
         if running:
             plural = "es" if executor.cluster == "processes" else "s"
             print(f"stopped: cancelling {len(running)} running {executor.kind}{plural if len(running) > 1 else ''}",

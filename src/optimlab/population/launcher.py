@@ -43,12 +43,12 @@ from torch import Tensor
 from optimlab.build import optimizer_class
 from optimlab.hydra_job import JobFailed, hydra_config_of, run_composed_job, save_job_record, set_output_dir
 from optimlab.population.checkpoint import PopulationCheckpoint
-from optimlab.population.cluster import EXIT_CODES, Executor, run_as_jobs
+from optimlab.population.cluster import EXIT_CODES, Executor, run_as_jobs, usable_cpus
 from optimlab.population.curvature import MemberSharpness
 from optimlab.population.data import PopulationData
 from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimizer
-from optimlab.population.plan import (DTYPES, Job, check_plan_is_the_sweeps, classify_all, compose_jobs, group,
-                                      memory_budget, plan_text, population_device)
+from optimlab.population.plan import (DTYPES, Job, check_plan_is_the_sweeps, classify_all, compose_jobs, fits_beside,
+                                      group, machine_memory_share, memory_budget, plan_text, population_device)
 from optimlab.population.records import PopulationRun, member_summary, write_member
 from optimlab.population.stacked import STACKED
 from optimlab.record import device_name, log_epoch_lines, record_refusal, refused_summary, result_line
@@ -217,7 +217,8 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
             test_loss, test_acc = loop.evaluate(data.test_batches(), shared=True).tolist()
     except (KeyboardInterrupt, SystemExit):  # SystemExit: Lightning's exit after its graceful shutdown
         signal_name = stopper.requested or "SIGINT"
-        write_all("interrupted")
+        with signals_deferred():  # a second stop (a launcher passing the first on) must not cut the records short
+            write_all("interrupted")
         where = "from its checkpoint" if checkpoint.path.is_file() else "from the start (no epoch had finished)"
         print(f"{name} interrupted ({signal_name}); its members' folders hold their summaries so far; "
               f"rerun the sweep with resume=auto to continue {where}", file=sys.stderr)
@@ -352,11 +353,14 @@ def dry_return(job: Job) -> JobReturn:
 def launch(hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig,
            job_overrides: Sequence[Sequence[str]], initial_job_idx: int, *, max_members: int = 64,
            max_memory_gib: float | None = None, dry_run: bool = False, executor: Executor | None = None,
-           max_parallel: int | None = None) -> list[JobReturn]:
+           max_parallel: int | None = None, auto: bool = False) -> list[JobReturn]:
     """Launch a batch of jobs (see the module docstring); one JobReturn per job, in job order.
-    ``executor``: None trains the populations one by one in this process; a submitit executor
-    (:func:`~optimlab.population.cluster.make_executor`) runs each as a submitit job, at most
-    ``max_parallel`` at once. ``max_memory_gib``: see :class:`MemoryBudget`."""
+    ``executor``: None trains the populations one by one in this process; a ``processes`` executor
+    (:func:`~optimlab.population.cluster.make_executor`) trains the CPU ones in forked processes, at
+    most ``max_parallel`` at once (None: one per usable core), largest first; a submitit executor runs
+    each as a submitit job, at most ``max_parallel`` at once. ``auto`` (``processes`` chosen by
+    ``hydra.launcher.executor=auto``): in this process unless two or more populations can fork (one
+    population trains faster inline, with all of torch's threads). ``max_memory_gib``: see :class:`MemoryBudget`."""
     setup_globals()
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -367,7 +371,9 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
     check_plan_is_the_sweeps(config, jobs)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     forked = executor is not None and executor.cluster == "processes"  # a forked child writes its members' files
-    classify_all(jobs, (max_parallel or 1) if forked else 1)
+    if forked and max_parallel is None:
+        max_parallel = usable_cpus()
+    classify_all(jobs, max_parallel if forked else 1)
     budget = memory_budget(max_memory_gib, executor, max_parallel)
     populations = group(jobs, max_members, budget)
     named = [(f"population {i}", members) for i, members in enumerate(populations, 1)]
@@ -376,6 +382,8 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
     # The largest first (members x bytes a member x epochs, roughly its work): processes running side by side then
     # end together, not with the largest alone at the end (the regime map's width-512 populations: minutes).
     elsewhere = sorted((entry for entry in named if entry not in here), key=lambda entry: -work(entry[1]))
+    if auto and forked and len(elsewhere) < 2:
+        executor, forked, here, elsewhere = None, False, named, []
     print(plan_text(jobs, populations, budget), flush=True)
     if forked and elsewhere:
         print(f"  training in forked processes, {max_parallel} at once, one torch thread each"
@@ -408,33 +416,40 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
         if not forked:
             yield from run_as_jobs(executor, elsewhere, train_members, max_parallel, failed_members, describe_members)
             return
-        jobs = run_as_jobs(executor, elsewhere, train_and_record, max_parallel, failed_and_recorded, describe_members)
-        for members, (results, held) in jobs:
-            yield members, results
+        room = machine_memory_share()
+        children = run_as_jobs(executor, elsewhere, train_and_record, max_parallel, failed_and_recorded, describe_members,
+                               admit=lambda running, members: fits_beside(running, members, room))
+        for members, (results, held) in children:
+            try:
+                yield members, results
+            except BaseException as stop:  # thrown in (a stop while finishing) or closed: the children stop too
+                children.throw(stop)
+                raise
             if held:  # a stop held while the child wrote the members' files: the sweep stops once they are finished
                 print(stopped_line(held, names[id(members)]), file=sys.stderr)
                 with contextlib.suppress(SystemExit):  # the other populations are stopped
-                    jobs.throw(SystemExit(EXIT_CODES[held]))
+                    children.throw(SystemExit(EXIT_CODES[held]))
                 sys.exit(EXIT_CODES[held])
 
     trained = all_trained()
     recorded_elsewhere = {id(members) for _, members in elsewhere} if forked else set()
     names = {id(members): name for name, members in named}
     try:
-        for members, results in trained:
-            recorded = id(members) in recorded_elsewhere
-            # A stop while the members' jobs are finished waits for the last one: else the trained members not
-            # yet finished would lose their test results, and one finished half would keep a partial record.
-            with signals_deferred() as received:
-                for job, summary in zip(members, results):
-                    returns[job.num] = run(job, finish_member(job, summary, recorded))
-                if all(summary.status in FINISHED for summary in results):
-                    PopulationCheckpoint([job.run_dir for job in members], []).remove()
-            if received:
-                print(stopped_line(received[0], names[id(members)]), file=sys.stderr)
-                with contextlib.suppress(KeyboardInterrupt):  # elsewhere: the running populations are cancelled
-                    trained.throw(KeyboardInterrupt(received[0]))
-                sys.exit(EXIT_CODES[received[0]])
+        with contextlib.closing(trained):  # an error here stops the populations still training elsewhere
+            for members, results in trained:
+                recorded = id(members) in recorded_elsewhere
+                # A stop while the members' jobs are finished waits for the last one: else the trained members not
+                # yet finished would lose their test results, and one finished half would keep a partial record.
+                with signals_deferred() as received:
+                    for job, summary in zip(members, results):
+                        returns[job.num] = run(job, finish_member(job, summary, recorded))
+                    if all(summary.status in FINISHED for summary in results):
+                        PopulationCheckpoint([job.run_dir for job in members], []).remove()
+                if received:
+                    print(stopped_line(received[0], names[id(members)]), file=sys.stderr)
+                    with contextlib.suppress(KeyboardInterrupt):  # elsewhere: the running populations are cancelled
+                        trained.throw(KeyboardInterrupt(received[0]))
+                    sys.exit(EXIT_CODES[received[0]])
     except KeyboardInterrupt as stop:  # while populations trained elsewhere: they were stopped, and so is the sweep
         sys.exit(EXIT_CODES.get(stop.args[0] if stop.args else "SIGINT", EXIT_CODES["SIGINT"]))
     for job in jobs:

@@ -404,10 +404,8 @@ class MemoryBudget:
     or the memory unknown) no bound, for the reason ``unbounded``. Each device's figure is read once
     and kept, with where it came from, for the plan."""
 
-    def __init__(self, max_memory_gib: float | None, jobs_at_once: int | None, unbounded: str = "",
-                 cpu_only: bool = False) -> None:
+    def __init__(self, max_memory_gib: float | None, jobs_at_once: int | None, unbounded: str = "") -> None:
         self.max_memory_gib, self.jobs_at_once, self.unbounded = max_memory_gib, jobs_at_once, unbounded
-        self.cpu_only = cpu_only  # only the CPU's memory is shared by jobs_at_once; a GPU's by one
         self.found: dict[str, tuple[int | None, str]] = {}
 
     def __call__(self, cfg: DictConfig) -> int | None:
@@ -425,9 +423,8 @@ class MemoryBudget:
         total = device_memory(device)
         if total is None:
             return None, f"not bounded: the {device.type}'s memory is unknown (set population.max_memory_gib)"
-        at_once = 1 if self.cpu_only and device.type != "cpu" else self.jobs_at_once
-        together = f", shared by {at_once} jobs at once" if at_once > 1 else ""
-        return (int(MEMORY_SHARE * total / at_once),
+        together = f", shared by {self.jobs_at_once} jobs at once" if self.jobs_at_once > 1 else ""
+        return (int(MEMORY_SHARE * total / self.jobs_at_once),
                 f"{MEMORY_SHARE:.0%} of the {device.type}'s {total / 2**30:,.1f} GiB{together}")
 
     def plan_lines(self) -> list[str]:
@@ -437,14 +434,30 @@ class MemoryBudget:
                 for device, (room, why) in self.found.items()]
 
 
+def machine_memory_share() -> int | None:
+    """:data:`MEMORY_SHARE` of this machine's memory (within its container's limit), or None where it
+    is unknown: what populations training side by side in forked processes may use together."""
+    total = device_memory(torch.device("cpu"))
+    return None if total is None else int(MEMORY_SHARE * total)
+
+
+def fits_beside(running: Sequence[Sequence[Job]], members: Sequence[Job], room: int | None) -> bool:
+    """Whether a population of ``members`` fits in ``room`` bytes (None: no bound) beside the
+    ``running`` ones, by their estimates (:func:`estimate_memory`)."""
+    def need(population: Sequence[Job]) -> int:
+        return population[0].memory.total(len(population))
+
+    return room is None or sum(need(population) for population in running) + need(members) <= room
+
+
 def memory_budget(max_memory_gib: float | None, executor: Executor | None, max_parallel: int | None) -> MemoryBudget:
     """The budget for populations trained in this process (one at a time), in forked processes or as
     submitit_local jobs (on this machine, ``max_parallel`` at once) or as SLURM jobs (on machines the
     plan cannot see)."""
     if executor is None:
         return MemoryBudget(max_memory_gib, 1)
-    if executor.cluster == "processes":  # GPU populations train in this process, one at a time
-        return MemoryBudget(max_memory_gib, max_parallel, cpu_only=True)
+    if executor.cluster == "processes":  # grouped as in this process; how many train at once: fits_beside
+        return MemoryBudget(max_memory_gib, 1)
     if executor.cluster == "slurm":
         return MemoryBudget(max_memory_gib, None, "the populations train on other machines "
                                                   "(set population.max_memory_gib)")
