@@ -1105,6 +1105,25 @@ def test_forked_populations_start_largest_first(mnist_root: Path, tmp_path: Path
     starts = [line.split(":")[0] for line in result.stdout.splitlines() if " members (jobs " in line and " in process " in line]
     assert starts == ["population 3", "population 2", "population 1"], result.stdout[-3000:]
     assert "mlp 8, sgd, 1 epoch of batch 128" in result.stdout
+    assert "  where: 3 population(s) in forked processes, 1 at once, one torch thread each\n" in result.stdout
+
+
+def test_a_line_is_one_write() -> None:
+    """Lines of forked populations sharing a console: each written whole (print writes the newline
+    apart, and two processes' lines ran into each other)."""
+    from optimlab.console import say
+
+    class Stream:
+        writes: list[str] = []
+
+        def write(self, text: str) -> None:
+            self.writes.append(text)
+
+        def flush(self) -> None:
+            self.writes.append("<flush>")
+
+    say("population 1: epoch   1/2", Stream())
+    assert Stream.writes == ["population 1: epoch   1/2\n", "<flush>"]
 
 
 # Runs train.py with launcher.{name} doing {action} first: in the launcher, while it finishes the members

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from tqdm import tqdm
+
+
+def say(line: str, file: TextIO | None = None) -> None:
+    """``line`` and its newline in one write, flushed (``print`` writes the newline apart, so the lines
+    of processes sharing a console, forked populations, ran into each other)."""
+    stream = file or sys.stdout
+    stream.write(line + "\n")
+    stream.flush()
 
 
 class BarSafeHandler(logging.StreamHandler):

@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from optimlab.console import say
 from optimlab.train import stop_signals_handled_by
 
 Members = TypeVar("Members")
@@ -135,7 +136,9 @@ class ForkedJob:
             result = self.receive.recv()
         except EOFError:  # it ended without sending: stopped, killed, or it crashed (its traceback is on stderr)
             self.process.join()
-            raise RuntimeError(f"process {self.job_id} ended with exit code {self.process.exitcode}") from None
+            code = self.process.exitcode
+            how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+            raise RuntimeError(f"ended without a result ({how})") from None
         self.process.join()
         return result
 
@@ -274,7 +277,7 @@ def run_as_jobs(executor: Executor, populations: Sequence[tuple[str, Members]],
                 (not running or admit([entry[2] for entry in running], pending[0][1])):
             name, members = pending.pop(0)
             job = executor.submitter.submit(train, members, name)
-            print(f"{name}: training {describe(members)} {executor.where(job)}", flush=True)
+            say(f"{name}: training {describe(members)} {executor.where(job)}")
             running.append((job, name, members))
 
     try:
@@ -297,7 +300,7 @@ def run_as_jobs(executor: Executor, populations: Sequence[tuple[str, Members]],
                         # Stopped by a signal sent to it: its members' folders say interrupted; the sweep stops too.
                         raise SystemExit(EXIT_CODES[stop]) from None
                     error = " ".join(str(err).split())[:600]  # its start says why; a submitit log's tail follows
-                    print(f"{name}: {executor.kind} {job.job_id} failed: {error}", flush=True)
+                    say(f"{name}: {executor.kind} {job.job_id} failed: {error}")
                     results = on_failure(members, name, f"{executor.kind} {job.job_id} failed: {error}")
                 start_pending()  # the next population trains while the caller finishes this one's members
                 yield members, results

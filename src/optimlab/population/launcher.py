@@ -41,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from optimlab.build import optimizer_class
+from optimlab.console import say
 from optimlab.hydra_job import JobFailed, hydra_config_of, run_composed_job, save_job_record, set_output_dir
 from optimlab.population.checkpoint import PopulationCheckpoint
 from optimlab.population.cluster import EXIT_CODES, Executor, run_as_jobs, usable_cpus
@@ -166,9 +167,9 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
         rows = [r.history[-1] for r in records if r.history and r.history[-1]["epoch"] == done]
         val = [row["val_acc"] for row in rows if math.isfinite(row.get("val_acc", math.nan))]
         training = sum(not r.diverged for r in records)
-        print(f"{name}: epoch {done:>3}/{first.epochs} | {training}/{len(records)} members training | val acc "
-              f"{min(val, default=math.nan):.4f}-{max(val, default=math.nan):.4f} | "
-              f"{rows[0]['train_time_s'] if rows else 0.0:.1f}s", flush=True)
+        say(f"{name}: epoch {done:>3}/{first.epochs} | {training}/{len(records)} members training | val acc "
+            f"{min(val, default=math.nan):.4f}-{max(val, default=math.nan):.4f} | "
+            f"{rows[0]['train_time_s'] if rows else 0.0:.1f}s")
 
     # SIGINT/SIGTERM raise KeyboardInterrupt; inside the fit, Lightning's graceful shutdown ends in SystemExit.
     stopper = StopOnSignal()
@@ -204,12 +205,12 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
             if all(c.get("resume") == "auto" for c in configs):
                 saved, why_not = checkpoint.load(device)
                 if saved is None:
-                    print(f"{name}: starting from scratch ({why_not})", flush=True)
+                    say(f"{name}: starting from scratch ({why_not})")
                 else:
                     loop.load_state_dict(saved["loop"])
                     loop.first_step_s, earlier_wall_s = saved["first_step_s"], saved["wall_time_s"]
                     population.first_step_s = loop.first_step_s
-                    print(f"{name}: resumed from {checkpoint.path} after epoch {loop.epochs_done}", flush=True)
+                    say(f"{name}: resumed from {checkpoint.path} after epoch {loop.epochs_done}")
             write_all("running")
             loop.fit(first.epochs, test_every_epoch=first.data.test_every_epoch, callbacks=[stopper])
             if stopper.requested:  # held while the last epoch was recorded: the fit ended without raising it
@@ -220,8 +221,8 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
         with signals_deferred():  # a second stop (a launcher passing the first on) must not cut the records short
             write_all("interrupted")
         where = "from its checkpoint" if checkpoint.path.is_file() else "from the start (no epoch had finished)"
-        print(f"{name} interrupted ({signal_name}); its members' folders hold their summaries so far; "
-              f"rerun the sweep with resume=auto to continue {where}", file=sys.stderr)
+        say(f"{name} interrupted ({signal_name}); its members' folders hold their summaries so far; "
+            f"rerun the sweep with resume=auto to continue {where}", sys.stderr)
         sys.exit(EXIT_CODES.get(signal_name, EXIT_CODES["SIGINT"]))
     except Exception as err:  # the whole population stops: every member's job fails with the error
         log.exception(f"{name} crashed")
@@ -385,9 +386,11 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
     if auto and forked and len(elsewhere) < 2:
         executor, forked, here, elsewhere = None, False, named, []
     print(plan_text(jobs, populations, budget), flush=True)
-    if forked and elsewhere:
-        print(f"  training in forked processes, {max_parallel} at once, one torch thread each"
-              + (f"; {len(here)} population(s) here (on a GPU, or trainer.num_threads > 1)" if here else ""), flush=True)
+    if forked and named:
+        where = [f"{len(elsewhere)} population(s) in forked processes, {min(max_parallel, len(elsewhere))} at once, "
+                 "one torch thread each"] if elsewhere else []
+        where += [f"{len(here)} in this process (on a GPU, or trainer.num_threads > 1)"] if here else []
+        print("  where: " + "; ".join(where), flush=True)
     if dry_run:
         return [dry_return(job) for job in jobs]
 
