@@ -107,7 +107,7 @@ def run_in_child(send: Any, parent: int, train: Callable[..., Any], args: tuple[
             os.kill(os.getpid(), signal.SIGTERM)
         send.send(train(*args))
     except KeyboardInterrupt as stop:  # outside the population's own handling, which exits so itself
-        sys.exit(EXIT_CODES.get(stop.args[0] if stop.args else "SIGINT", EXIT_CODES["SIGINT"]))
+        sys.exit(exit_code(stop))
 
 
 class ForkedJob:
@@ -237,6 +237,11 @@ def make_executor(executor: str, folder: str, parameters: Mapping[str, Any]) -> 
     with tempfile.TemporaryDirectory() as scratch:  # submitit creates its folder: check in a scratch one first
         configured(scratch)
     return Executor(configured(folder), folder, EXECUTORS[executor])
+
+
+def exit_code(stop: KeyboardInterrupt) -> int:
+    """A run's exit code for ``stop``, a KeyboardInterrupt naming its signal (:data:`EXIT_CODES`; SIGINT's when unnamed)."""
+    return EXIT_CODES.get(stop.args[0] if stop.args else "SIGINT", EXIT_CODES["SIGINT"])
 
 
 def interrupt(signum: int, frame: Any) -> None:

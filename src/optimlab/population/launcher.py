@@ -44,7 +44,7 @@ from optimlab.build import optimizer_class
 from optimlab.console import say
 from optimlab.hydra_job import JobFailed, hydra_config_of, run_composed_job, save_job_record, set_output_dir
 from optimlab.population.checkpoint import PopulationCheckpoint
-from optimlab.population.cluster import EXIT_CODES, Executor, run_as_jobs, usable_cpus
+from optimlab.population.cluster import EXIT_CODES, Executor, exit_code, run_as_jobs, usable_cpus
 from optimlab.population.curvature import MemberSharpness
 from optimlab.population.data import PopulationData
 from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimizer
@@ -454,7 +454,7 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
                         trained.throw(KeyboardInterrupt(received[0]))
                     sys.exit(EXIT_CODES[received[0]])
     except KeyboardInterrupt as stop:  # while populations trained elsewhere: they were stopped, and so is the sweep
-        sys.exit(EXIT_CODES.get(stop.args[0] if stop.args else "SIGINT", EXIT_CODES["SIGINT"]))
+        sys.exit(exit_code(stop))
     for job in jobs:
         if job.num not in returns:
             returns[job.num] = run(job, fail_job(job) if job.error else task_function)

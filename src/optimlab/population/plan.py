@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import multiprocessing
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from optimlab.checkpointing import holds_a_run, last_checkpoint
 from optimlab.data import DataError, ensure_files, epoch_batches, load_split, resolve_root
 from optimlab.hydra_job import hydra_config_of
 from optimlab.optim import Optimizer
-from optimlab.population.cluster import Executor, can_fork, single_threaded_child
+from optimlab.population.cluster import Executor, ForkedJob, can_fork
 from optimlab.population.data import split_indices
 from optimlab.population.stacked import STACKED, build_member
 from optimlab.summary import config_key, describe_run, is_complete, read_summary
@@ -208,45 +207,36 @@ def classify(job: Job) -> None:
 
 def classify_all(jobs: Sequence[Job], processes: int = 1) -> None:
     """:func:`classify` every job; with ``processes`` > 1 (where this platform can fork) the jobs are
-    shared with ``processes - 1`` forked children, each process taking every ``processes``-th job (the
-    check of the narrow benchmark grid's 360 jobs took 5 s of one core, 2026-12-05, AMD EPYC). The
-    first job is classified here first, so the children inherit what it read once (the MNIST files'
-    check). A child that fails leaves its share to this process, which then raises what it raised."""
+    shared with ``processes - 1`` forked children (:class:`~optimlab.population.cluster.ForkedJob`),
+    each process taking every ``processes``-th job (the check of the narrow benchmark grid's 360 jobs
+    took 5 s of one core, 2026-12-05, AMD EPYC). The first job is classified here first, so the
+    children inherit what it read once (the MNIST files' check). A child that fails leaves its share
+    to this process, which then raises what it raised."""
     if not jobs:
         return
     classify(jobs[0])
     rest = list(jobs[1:])
     processes = min(processes, len(rest)) if can_fork() else 1
-    context = multiprocessing.get_context("fork") if processes > 1 else None
-    children = []
-    for k in range(1, processes):
-        receive, send = context.Pipe(duplex=False)
-        child = context.Process(target=classify_share, args=(send, rest[k::processes]))
-        child.start()
-        send.close()
-        children.append((receive, child, rest[k::processes]))
+    children = [(ForkedJob(verdicts_of, (share,)), share) for share in (rest[k::processes] for k in range(1, processes))]
     for job in rest[::processes]:
         classify(job)
-    for receive, child, share in children:
+    for child, share in children:
         try:
-            verdicts = receive.recv()
-        except EOFError:  # the child ended without its verdicts
-            verdicts = None
-        child.join()
-        if verdicts is None:
-            for job in share:
+            verdicts = child.result()
+        except RuntimeError:  # the child ended without its verdicts
+            verdicts = [None] * len(share)
+        for job, verdict in zip(share, verdicts):
+            if verdict is None:
                 classify(job)
-        else:
-            for job, (error, alone, key) in zip(share, verdicts):
-                job.error, job.alone, job.key = error, alone, key
+            else:
+                job.error, job.alone, job.key = verdict
 
 
-def classify_share(send: Any, jobs: Sequence[Job]) -> None:
-    """A forked child's part of :func:`classify_all`: each job's verdict (error, alone, key) sent back."""
-    single_threaded_child()
+def verdicts_of(jobs: Sequence[Job]) -> list[tuple[Exception | None, str | None, str | None]]:
+    """A forked child's part of :func:`classify_all`: each job's verdict (error, alone, key)."""
     for job in jobs:
         classify(job)
-    send.send([(job.error, job.alone, job.key) for job in jobs])
+    return [(job.error, job.alone, job.key) for job in jobs]
 
 
 def data_order(cfg: DictConfig) -> tuple[int, float]:
