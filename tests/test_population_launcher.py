@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import os
+import pickle
 import platform
 import subprocess
 import sys
@@ -111,6 +112,35 @@ def test_a_shape_whose_copies_differ_is_composed_in_full(loaders, monkeypatch: p
         expected = OmegaConf.to_yaml(hydra_loader.load_sweep_config(master, overrides))
         assert OmegaConf.to_yaml(caching.load_sweep_config(master, overrides)) == expected, overrides
     assert [shape.copies_match for shape in caching.shapes.values()] == [False]
+
+
+def test_task_configs_equal_the_copy_out_of_hydras_composition(loaders) -> None:
+    """The task's config the loader makes for a job (a copy of its shape's task part) is what Hydra's
+    composition gives without its hydra node, flags included; a shape whose task copies differ gets
+    the copy out of the job's config from then on."""
+    from optimlab.population.compose import task_part
+
+    hydra_loader, master, caching = loaders
+    for overrides in SHAPES + SHAPES:  # the second time round every shape has been checked
+        task = caching.task_config(master, overrides, caching.compose(master, overrides))
+        expected = task_part(hydra_loader.load_sweep_config(master, overrides))
+        assert OmegaConf.to_yaml(task) == OmegaConf.to_yaml(expected), overrides
+        for node in (lambda c: c, lambda c: c.model, lambda c: c.trainer):
+            assert OmegaConf.is_struct(node(task)) == OmegaConf.is_struct(node(expected))
+    assert [shape.task_copies_match for shape in caching.shapes.values()] == [True] * 5
+    task.lr = 9.0  # a job's own
+    assert caching.task_config(master, SHAPES[-1], caching.compose(master, SHAPES[-1])).lr != 9.0
+
+    fresh = type(caching)(hydra_loader)
+    fresh.compose(master, SHAPES[0])
+    (shape,) = fresh.shapes.values()
+    wrong = task_part(shape.config)
+    wrong.epochs = 99
+    shape.task_pickled = pickle.dumps(wrong)
+    for overrides in SHAPES[1:3]:
+        task = fresh.task_config(master, overrides, fresh.compose(master, overrides))
+        assert OmegaConf.to_yaml(task) == OmegaConf.to_yaml(task_part(hydra_loader.load_sweep_config(master, overrides)))
+    assert shape.task_copies_match is False
 
 
 def test_the_launcher_gets_the_config_composed_for_the_sweepers_check(loaders, monkeypatch: pytest.MonkeyPatch) -> None:
