@@ -66,7 +66,8 @@ def record_refusal(run_dir: Path, cfg: DictConfig, error: str) -> None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    # platform.machine(), not processor(): that runs `uname -p` in a subprocess (on Linux "unknown" or the machine)
+    return f"{device.type} ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def _sync(device: torch.device) -> None:
