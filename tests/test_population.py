@@ -48,6 +48,28 @@ def images(members: int, batch: int = 5, seed: int = 0) -> torch.Tensor:
 # --------------------------------------------------------------------------- stacked models
 
 
+def test_members_with_one_config_and_seed_are_built_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A grid's members that differ only in what they learn with share their start: built once each
+    (an interpolated config compared by its values), and each member is still its single run's model."""
+    from omegaconf import OmegaConf
+
+    from optimlab.population import stacked
+
+    built: list[int] = []
+    build = stacked.build_member
+    monkeypatch.setattr(stacked, "build_member", lambda config, seed: built.append(seed) or build(config, seed))
+    tree = OmegaConf.create({"std": 0.1, "a": mlp_config(init="normal", init_std="${std}"),
+                             "b": mlp_config(init="normal", init_std=0.1), "c": mlp_config(init="normal", init_std=0.2)})
+    configs, seeds = [tree.a, tree.b, tree.a, tree.c, tree.b], [0, 0, 1, 0, 0]
+    model = StackedMLP.from_configs(configs, seeds)
+    assert sorted(built) == [0, 0, 1]  # (0.1, 0), (0.1, 1), (0.2, 0)
+    for m, (cfg, seed) in enumerate(zip(configs, seeds)):
+        single = build(cfg, seed)
+        for key, value in single.state_dict().items():
+            assert torch.equal(model.member_state_dict(m)[key], value), f"member {m} {key}"
+    assert not torch.equal(model.member_state_dict(0)["net.1.weight"], model.member_state_dict(3)["net.1.weight"])
+
+
 @pytest.mark.parametrize("stacked,config", [(StackedMLP, mlp_config), (StackedCNN, cnn_config)], ids=["mlp", "cnn"])
 @pytest.mark.parametrize("init", INITS)
 def test_member_starts_from_its_single_runs_weights(stacked: type, config: Any, init: str) -> None:

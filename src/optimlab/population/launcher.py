@@ -53,7 +53,7 @@ from optimlab.population.plan import (DTYPES, Job, check_plan_is_the_sweeps, cla
 from optimlab.population.records import PopulationRun, member_summary, write_member
 from optimlab.population.stacked import STACKED
 from optimlab.record import device_name, log_epoch_lines, record_refusal, refused_summary, result_line
-from optimlab.summary import FINISHED, RunSummary, optimized_value, read_summary, write_summary
+from optimlab.summary import FINISHED, RunSummary, config_key, optimized_value, read_summary, write_summary
 from optimlab.train import StopOnSignal, override_keys, signals_deferred, sync_epochs
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,10 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
             dtype = DTYPES[str(first.trainer.precision)]
             model = STACKED[first.model._target_].from_configs([c.model for c in configs], [c.seed for c in configs])
             model = model.to(device=device, dtype=dtype)
-            data = PopulationData([instantiate(c.data) for c in configs], device, first.trainer.limit_train_batches)
+            # one data module per distinct data config (only its settings are read)
+            data_keys = [config_key(r["data"], ()) for r in resolved]
+            built = {key: instantiate(c.data) for key, c in dict(zip(data_keys, configs)).items()}
+            data = PopulationData([built[key] for key in data_keys], device, first.trainer.limit_train_batches)
             cls, options = optimizer_class(first.optimizer)
             for key in ("lr", "weight_decay"):
                 options.pop(key, None)

@@ -26,10 +26,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from optimlab.models import CNN, MLP
 from optimlab.models.activations import ACTIVATIONS
+from optimlab.summary import config_key
 
 # Layers that act elementwise or per channel: the same module serves every member's slice.
 SHARED_LAYERS: tuple[type[nn.Module], ...] = (*ACTIVATIONS.values(), nn.MaxPool2d)
@@ -43,6 +45,11 @@ def build_member(config: Mapping[str, Any], seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return instantiate(config)
+
+
+def resolved(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``config``'s values, interpolations resolved (a Hydra node), or ``config`` itself (a dict)."""
+    return OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else config  # type: ignore[return-value]
 
 
 def member_losses(logits: Tensor, y: Tensor) -> Tensor:
@@ -224,7 +231,10 @@ class StackedModel(nn.Module):
         the same weights, bitwise, as the single run of that config and seed starts from."""
         if len(configs) != len(seeds):
             raise ValueError(f"{len(configs)} model configs but {len(seeds)} seeds")
-        return cls([build_member(config, seed) for config, seed in zip(configs, seeds)])
+        # Members with the same config and seed (a grid's lrs) start from the same weights: built once.
+        keys = [(config_key(resolved(config), ()), seed) for config, seed in zip(configs, seeds)]
+        built = {key: build_member(config, key[1]) for key, config in dict(zip(keys, configs)).items()}
+        return cls([built[key] for key in keys])
 
     def forward(self, x: Tensor, groups: Sequence[int] | None = None) -> Tensor:
         """Logits ``[P, B, classes]`` of images ``x [P, B, C, H, W]`` (member m's batch in ``x[m]``).
