@@ -132,7 +132,10 @@ class ShapeCachingLoader(ConfigLoader):
         if shape is None or not shape.copies_match or shape.task_copies_match is False:
             return task_part(sweep_config)
         task = pickle.loads(shape.task_pickled)
-        self.set_values(task, overrides, plain)
+        try:
+            self.set_values(task, overrides, plain)
+        except Exception:  # as in compose: where a copy cannot take a value, Hydra's composition decided
+            return task_part(sweep_config)
         if shape.task_copies_match is None:
             expected = task_part(sweep_config)
             shape.task_copies_match = (OmegaConf.to_yaml(task) == OmegaConf.to_yaml(expected)
