@@ -320,6 +320,35 @@ def test_jobs_classified_in_forked_processes_get_the_verdicts_of_this_one(loader
     assert [j.alone is not None for j in here] == [False, False, True, False, False, False, False]
 
 
+def test_a_job_that_differs_from_a_checked_one_only_in_its_seeds_is_not_checked_again(
+        loaders, mnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """classify with the keys of the jobs that passed: a job that differs from one of them only in
+    seed / data.seed (valid seeds) gets its verdict without a check of its own, every other job (another
+    value, an invalid seed, a new config) is checked, and the verdicts are those of a check of each."""
+    hydra_loader, master, _ = loaders
+    grids = [["lr=0.1", "seed=0"], ["lr=0.1", "seed=5"], ["lr=0.1", "data.seed=9"], ["lr=0.2", "seed=5"],
+             ["lr=0.1", "seed=-1"], ["lr=0.1", "data.seed=-3"], ["lr=-1", "seed=1"], ["lr=-1", "seed=2"]]
+
+    def jobs() -> list[Job]:
+        return [Job(i, overrides, hydra_loader.load_sweep_config(master, [*overrides, f"hydra.sweep.dir={tmp_path}"]),
+                    tmp_path / str(i)) for i, overrides in enumerate(grids)]
+
+    each = jobs()
+    for job in each:
+        plan.classify(job)
+    checked: list[int] = []
+    check = plan.check
+    monkeypatch.setattr(plan, "check", lambda cfg: checked.append(int(cfg.seed)) or check(cfg))
+    passed: set[str] = set()
+    remembered = jobs()
+    for job in remembered:
+        plan.classify(job, passed)
+    assert checked == [0, 5, -1, 0, 1, 2]  # not job 1 (seed 5) nor job 2 (data.seed 9): job 0 passed; failures not kept
+    assert [[(type(j.error), str(j.error)), j.alone, j.key] for j in remembered] == \
+        [[(type(j.error), str(j.error)), j.alone, j.key] for j in each]
+    assert [j.error is not None for j in each] == [False, False, False, False, True, True, True, True]
+
+
 def test_members_may_differ_in_member_wise_settings_only() -> None:
     key = population_key(compose_config())
     for same in (["lr=0.5"], ["seed=3"], ["optimizer.weight_decay=0.01"], ["data.label_noise=0.2"],

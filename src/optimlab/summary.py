@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from optimlab.data import DataError, epoch_batches
 from optimlab.files import atomic_write
 
@@ -78,8 +80,11 @@ def data_passes(config: Mapping[str, Any], epochs: int, train_size: int | None) 
 
 
 def config_key(config: Mapping[str, Any], without: Iterable[str]) -> str:
-    """``config`` without the dotted keys ``without``, as a string: two configs that differ only
-    in those keys have the same key (seed aggregation, grouping jobs into populations)."""
+    """``config`` (values, or a Hydra node: its values, interpolations resolved) without the dotted
+    keys ``without``, as a string: two configs that differ only in those keys have the same key
+    (seed aggregation, grouping jobs into populations)."""
+    if OmegaConf.is_config(config):
+        config = OmegaConf.to_container(config, resolve=True)  # type: ignore[assignment]
     config = json.loads(json.dumps(config, default=str))
     for dotted in without:
         *path, last = dotted.split(".")

@@ -34,7 +34,7 @@ from optimlab.population.data import split_indices
 from optimlab.population.stacked import STACKED, build_member
 from optimlab.summary import config_key, describe_run, is_complete, read_summary
 from optimlab.train import refuse_changed_config
-from optimlab.validate import ConfigError, validate_config
+from optimlab.validate import ConfigError, rule_error, validate_config
 
 DTYPES = {"32-true": torch.float32, "32": torch.float32, "64-true": torch.float64, "64": torch.float64}
 # Keys in which the members of one population may differ (each member applies its own), and keys
@@ -49,6 +49,11 @@ POPULATION_TRAINER = ("_target_", "accelerator", "devices", "precision", "determ
                       "flush_denormal", "compile", "limit_train_batches", "fast_dev_run", "enable_model_summary")
 POPULATION_CALLBACKS = ("model_checkpoint", "progress_bar")
 TRAINER_DEFAULTS = {name: p.default for name, p in inspect.signature(L.Trainer).parameters.items()}
+# Keys whose values only seed random generators (the run's seed_everything, the data split's
+# generator): a job whose resolved config differs from one that passed its check only in them passes
+# too where they pass their rules, so a grid's seeds are checked once (the narrow benchmark grid:
+# 120 checks, not 360).
+SEED_KEYS = ("seed", "data.seed")
 
 
 class PlanError(CompactHydraException):
@@ -187,13 +192,35 @@ def why_alone(cfg: DictConfig) -> str | None:
     return ", ".join(found) or None
 
 
-def population_key(cfg: DictConfig) -> str:
-    """The resolved config without its :data:`MEMBER_WISE` keys: jobs with equal keys can share a population."""
-    return config_key(OmegaConf.to_container(cfg, resolve=True), MEMBER_WISE)
+def population_key(cfg: DictConfig | dict[str, Any]) -> str:
+    """The resolved config (or its values) without its :data:`MEMBER_WISE` keys: jobs with equal keys
+    can share a population."""
+    return config_key(cfg, MEMBER_WISE)
 
 
-def classify(job: Job) -> None:
-    """Decide how ``job`` runs: fails (``error``), alone (``alone``) or in a population (``key``)."""
+def resolved_values(cfg: DictConfig) -> dict[str, Any] | None:
+    """``cfg``'s values, interpolations resolved, or None where one cannot be (the check says why)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except Exception:
+        return None
+
+
+def seeds_pass(values: dict[str, Any]) -> bool:
+    """Whether each of the :data:`SEED_KEYS` in ``values`` holds a value its rule allows."""
+    for key in SEED_KEYS:
+        node: Any = values
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if rule_error(key, node) is not None:
+            return False
+    return True
+
+
+def classify(job: Job, passed: set[str] | None = None) -> None:
+    """Decide how ``job`` runs: fails (``error``), alone (``alone``) or in a population (``key``).
+    ``passed``: the keys (the config without :data:`SEED_KEYS`) of the jobs that passed their check
+    so far, added to; a job with one of them and valid seeds passes without its own check."""
     cfg = job.config
     resume = cfg.get("resume")
     # What the single-run path already decides (skip, resume, refuse to overwrite) stays its decision.
@@ -209,7 +236,12 @@ def classify(job: Job) -> None:
         return
     try:
         with hydra_config_of(job.sweep_config):
-            check(cfg)
+            values = resolved_values(cfg)
+            checked = config_key(values, SEED_KEYS) if values is not None else None
+            if passed is None or checked not in passed or not seeds_pass(values):  # type: ignore[arg-type]
+                check(cfg)
+                if passed is not None and checked is not None:
+                    passed.add(checked)
             if resume == "auto" and (saved := read_summary(job.run_dir)) is not None:
                 refuse_changed_config(job.run_dir, saved, cfg)
     except (ConfigError, DataError) as err:
@@ -217,7 +249,7 @@ def classify(job: Job) -> None:
         return
     job.alone = why_alone(cfg)
     if job.alone is None:
-        job.key = population_key(cfg)
+        job.key = population_key(values if values is not None else cfg)
 
 
 def classify_all(jobs: Sequence[Job], processes: int = 1) -> None:
@@ -229,12 +261,13 @@ def classify_all(jobs: Sequence[Job], processes: int = 1) -> None:
     to this process, which then raises what it raised."""
     if not jobs:
         return
-    classify(jobs[0])
+    passed: set[str] = set()
+    classify(jobs[0], passed)
     rest = list(jobs[1:])
     processes = min(processes, len(rest)) if can_fork() else 1
     children = [(ForkedJob(verdicts_of, (share,)), share) for share in (rest[k::processes] for k in range(1, processes))]
     for job in rest[::processes]:
-        classify(job)
+        classify(job, passed)
     for child, share in children:
         try:
             verdicts = child.result()
@@ -242,15 +275,16 @@ def classify_all(jobs: Sequence[Job], processes: int = 1) -> None:
             verdicts = [None] * len(share)
         for job, verdict in zip(share, verdicts):
             if verdict is None:
-                classify(job)
+                classify(job, passed)
             else:
                 job.error, job.alone, job.key = verdict
 
 
 def verdicts_of(jobs: Sequence[Job]) -> list[tuple[Exception | None, str | None, str | None]]:
     """A forked child's part of :func:`classify_all`: each job's verdict (error, alone, key)."""
+    passed: set[str] = set()
     for job in jobs:
-        classify(job)
+        classify(job, passed)
     return [(job.error, job.alone, job.key) for job in jobs]
 
 

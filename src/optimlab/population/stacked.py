@@ -26,7 +26,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from optimlab.models import CNN, MLP
@@ -45,11 +44,6 @@ def build_member(config: Mapping[str, Any], seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return instantiate(config)
-
-
-def resolved(config: Mapping[str, Any]) -> Mapping[str, Any]:
-    """``config``'s values, interpolations resolved (a Hydra node), or ``config`` itself (a dict)."""
-    return OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else config  # type: ignore[return-value]
 
 
 def member_losses(logits: Tensor, y: Tensor) -> Tensor:
@@ -232,7 +226,7 @@ class StackedModel(nn.Module):
         if len(configs) != len(seeds):
             raise ValueError(f"{len(configs)} model configs but {len(seeds)} seeds")
         # Members with the same config and seed (a grid's lrs) start from the same weights: built once.
-        keys = [(config_key(resolved(config), ()), seed) for config, seed in zip(configs, seeds)]
+        keys = [(config_key(config, ()), seed) for config, seed in zip(configs, seeds)]
         built = {key: build_member(config, key[1]) for key, config in dict(zip(keys, configs)).items()}
         return cls([built[key] for key in keys])
 
