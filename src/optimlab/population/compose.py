@@ -19,8 +19,9 @@ again.
 
 The launcher also needs each job's task config (the job's config without its ``hydra`` node, what the
 task function receives). :meth:`ShapeCachingLoader.task_config` makes it for a job of a shape whose
-copies match as a copy of the shape's task part with the job's values set, checked against the copy
-out of the job's own config for the first job of each shape, as the copies are.
+copies match as a copy of the shape's task part with the job's values set; for the first two jobs of
+each shape (the second: composed by Hydra for the check of the copies) it is compared with the copy
+out of the job's own config, and a shape whose task copies differ gets that copy from then on.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class Shape:
 
     config: DictConfig
     copies_match: bool | None = None
-    task_copies_match: bool | None = None
+    task_copies_match: bool = True
+    task_copies_checked: int = 0
 
     @functools.cached_property
     def pickled(self) -> bytes:
@@ -129,17 +131,17 @@ class ShapeCachingLoader(ConfigLoader):
         3.7 ms for the copy out of the job's config, 2026-12-05, AMD EPYC)."""
         overrides, plain, shape_key = self.shape_of(master_config, sweep_overrides)
         shape = self.shapes.get(shape_key)
-        if shape is None or not shape.copies_match or shape.task_copies_match is False:
+        if shape is None or not shape.copies_match or not shape.task_copies_match:
             return task_part(sweep_config)
         task = pickle.loads(shape.task_pickled)
         try:
             self.set_values(task, overrides, plain)
         except Exception:  # as in compose: where a copy cannot take a value, Hydra's composition decided
             return task_part(sweep_config)
-        if shape.task_copies_match is None:
+        if shape.task_copies_checked < 2:
             expected = task_part(sweep_config)
-            shape.task_copies_match = (OmegaConf.to_yaml(task) == OmegaConf.to_yaml(expected)
-                                       and OmegaConf.is_struct(task) == OmegaConf.is_struct(expected))
+            shape.task_copies_match = OmegaConf.to_yaml(task) == OmegaConf.to_yaml(expected)
+            shape.task_copies_checked += 1
             return expected
         return task
 

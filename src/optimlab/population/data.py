@@ -64,9 +64,10 @@ class PopulationData:
 
     Args:
         datamodules: one (not set up) :class:`~optimlab.data.MNISTDataModule` per member, as each
-            member's config instantiates it; only its settings are read. Members must share
-            ``root``, ``val_size``, ``batch_size`` and ``eval_batch_size``, and have training
-            sets of one size (the same ``subset``): every step then has one batch size for all.
+            member's config instantiates it (members with one data config may share one); only its
+            settings are read. Members must share ``root``, ``val_size``, ``batch_size`` and
+            ``eval_batch_size``, and have training sets of one size (the same ``subset``): every step
+            then has one batch size for all.
         device: where the images and the index tensors live.
         limit_train_batches: ``trainer.limit_train_batches``: the first that many batches of each
             epoch's order (an int), or that fraction of them (a float), as Lightning limits a run's.

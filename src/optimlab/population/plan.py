@@ -117,8 +117,8 @@ def check(cfg: DictConfig) -> None:
         datamodule = build_parts(cfg).datamodule
     n = training_images(Path(datamodule.root), datamodule.download)
     items = training_items(n, datamodule.val_size, datamodule.subset, datamodule.label_noise, datamodule.seed)
-    if isinstance(items, DataError):
-        raise DataError(str(items))
+    if isinstance(items, str):
+        raise DataError(items)
     epoch_batches(items, datamodule.batch_size, cfg.trainer.limit_train_batches)
 
 
@@ -143,13 +143,13 @@ def checked_files(root: Path, download: bool) -> int | DataError:
 
 
 @functools.lru_cache(maxsize=64)
-def training_items(n: int, val_size: int, subset: int | None, label_noise: float, seed: int) -> int | DataError:
-    """How many training items the data split of ``n`` images leaves, or its error: kept, as a sweep's
-    jobs repeat a few splits (the split draws a permutation of all ``n``: 2.7 ms a job)."""
+def training_items(n: int, val_size: int, subset: int | None, label_noise: float, seed: int) -> int | str:
+    """How many training items the data split of ``n`` images leaves, or its DataError's message: kept,
+    as a sweep's jobs repeat a few splits (the split draws a permutation of all ``n``: 2.7 ms a job)."""
     try:
         return len(split_indices(n, val_size, subset, label_noise, seed).train_labels)
     except DataError as err:
-        return err
+        return str(err)
 
 
 def population_device(accelerator: str) -> torch.device | None:
@@ -192,9 +192,8 @@ def why_alone(cfg: DictConfig) -> str | None:
     return ", ".join(found) or None
 
 
-def population_key(cfg: DictConfig | dict[str, Any]) -> str:
-    """The resolved config (or its values) without its :data:`MEMBER_WISE` keys: jobs with equal keys
-    can share a population."""
+def population_key(cfg: DictConfig) -> str:
+    """The resolved config without its :data:`MEMBER_WISE` keys: jobs with equal keys can share a population."""
     return config_key(cfg, MEMBER_WISE)
 
 
@@ -236,12 +235,12 @@ def classify(job: Job, passed: set[str] | None = None) -> None:
         return
     try:
         with hydra_config_of(job.sweep_config):
-            values = resolved_values(cfg)
-            checked = config_key(values, SEED_KEYS) if values is not None else None
-            if passed is None or checked not in passed or not seeds_pass(values):  # type: ignore[arg-type]
+            values = resolved_values(cfg) if passed is not None else None
+            shared = config_key(values, SEED_KEYS) if values is not None else None
+            if passed is None or shared is None or shared not in passed or not seeds_pass(values or {}):
                 check(cfg)
-                if passed is not None and checked is not None:
-                    passed.add(checked)
+                if passed is not None and shared is not None:
+                    passed.add(shared)
             if resume == "auto" and (saved := read_summary(job.run_dir)) is not None:
                 refuse_changed_config(job.run_dir, saved, cfg)
     except (ConfigError, DataError) as err:
@@ -249,7 +248,7 @@ def classify(job: Job, passed: set[str] | None = None) -> None:
         return
     job.alone = why_alone(cfg)
     if job.alone is None:
-        job.key = population_key(values if values is not None else cfg)
+        job.key = population_key(cfg)
 
 
 def classify_all(jobs: Sequence[Job], processes: int = 1) -> None:
