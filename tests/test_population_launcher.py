@@ -58,7 +58,7 @@ SHAPES = [["optimizer=adam", "lr=0.001", "model.hidden=[8]", "seed=0"],
           ["optimizer=adam", "lr=3", "model.hidden=[32]", "seed=1"],          # copied
           ["optimizer=sgd", "lr=0.5", "model.hidden=[8]", "seed=0"],          # another group choice
           ["optimizer=sgd", "lr=0.25", "model.hidden=[8]", "seed=7"],
-          ["optimizer=sgd", "lr=2e-3", "model.hidden=[8]", "seed=null"],
+          ["optimizer=sgd", "lr=2e-3", "model.hidden=[8]", "seed=null"],      # a null value: a shape of its own
           ["lr=0.5", "+trainer.gradient_clip_val=1.0", "epochs=2"],           # an addition belongs to the shape
           ["lr=0.25", "+trainer.gradient_clip_val=1.0", "epochs=3"],
           ["lr=0.125", "+trainer.gradient_clip_val=2.0", "epochs=3"],
@@ -86,8 +86,9 @@ def test_jobs_composed_by_shape_equal_hydras_composition(loaders) -> None:
     for overrides in SHAPES:
         expected = OmegaConf.to_yaml(hydra_loader.load_sweep_config(master, overrides))
         assert OmegaConf.to_yaml(caching.load_sweep_config(master, overrides)) == expected, overrides
-    # adam, sgd, each addition's value (a shape of its own: checked when a second job comes), cnn
-    assert [shape.copies_match for shape in caching.shapes.values()] == [True, True, True, None, True]
+    # adam, sgd, sgd with seed null, each addition's value (a shape of its own: checked when a second job
+    # comes), cnn
+    assert [shape.copies_match for shape in caching.shapes.values()] == [True, True, None, True, None, True]
     # A copy is Hydra's config in its flags too, and its own: changing it leaves the shape's template alone.
     overrides = ["optimizer=adam", "lr=0.02", "model.hidden=[4]", "seed=3"]
     copied, composed = caching.compose(master, overrides), hydra_loader.load_sweep_config(master, overrides)
@@ -127,7 +128,7 @@ def test_task_configs_equal_the_copy_out_of_hydras_composition(loaders) -> None:
         assert OmegaConf.to_yaml(task) == OmegaConf.to_yaml(expected), overrides
         for node in (lambda c: c, lambda c: c.model, lambda c: c.trainer):
             assert OmegaConf.is_struct(node(task)) == OmegaConf.is_struct(node(expected))
-    assert [shape.task_copies_match for shape in caching.shapes.values()] == [True] * 5
+    assert [shape.task_copies_match for shape in caching.shapes.values()] == [True] * 6
     task.lr = 9.0  # a job's own
     assert caching.task_config(master, SHAPES[-1], caching.compose(master, SHAPES[-1])).lr != 9.0
 
@@ -170,6 +171,12 @@ def test_a_bad_value_fails_as_hydra_says(loaders) -> None:
         caching.load_sweep_config(master, overrides)
     with pytest.raises(ConfigCompositionException, match="Could not override 'optimizer.nope'"):
         caching.load_sweep_config(master, ["optimizer=adam", "optimizer.nope=1"])
+    # A null replaces the curvature node; a copy of that job could take a list or a number where Hydra refuses them.
+    for seed in (0, 1, 2):
+        caching.load_sweep_config(master, ["curvature=null", f"seed={seed}"])
+    with pytest.raises(ConfigCompositionException, match=r"Error merging override curvature=\[1\]"):
+        caching.load_sweep_config(master, ["curvature=[1]", "seed=0"])
+    assert caching.load_sweep_config(master, ["curvature=5", "seed=0"]).curvature == 5  # as Hydra takes it
 
 
 class RecordingCallbacks:

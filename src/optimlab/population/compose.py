@@ -51,6 +51,11 @@ def task_part(config: DictConfig) -> DictConfig:
     return task
 
 
+def value_kind(value: Any) -> str:
+    """``null``, ``list`` or ``scalar``: what a plain override's value replaces a node with."""
+    return "null" if value is None else "list" if isinstance(value, list) else "scalar"
+
+
 @dataclass
 class Shape:
     """The first job of a shape, as Hydra composed it (kept unchanged, to copy, and pickled once),
@@ -149,8 +154,11 @@ class ShapeCachingLoader(ConfigLoader):
         """The job's parsed overrides, which of them are plain, and its shape's key."""
         overrides = self.parse(sweep_overrides)
         plain = [self.is_plain(o) for o in overrides]
+        # A plain value's kind belongs to the shape: a null or a list can stand where Hydra would refuse
+        # another kind (curvature=null replaces the curvature node; a copy of it would then take [1]).
         shape_key = (master_config.hydra.job.config_name, tuple(master_config.hydra.overrides.hydra),
-                     tuple(o.key_or_group if p else o.input_line for o, p in zip(overrides, plain)))
+                     tuple((o.key_or_group, value_kind(o.value())) if p else o.input_line
+                           for o, p in zip(overrides, plain)))
         return overrides, plain, shape_key
 
     def parse(self, lines: list[str]) -> list[Override]:
