@@ -58,9 +58,9 @@ def value_kind(value: Any) -> str:
 
 @dataclass
 class Shape:
-    """The first job of a shape, as Hydra composed it (kept unchanged, to copy, and pickled once),
-    and whether copies of it (of the whole config; of its task part) have been checked against
-    Hydra's composition (None: not yet)."""
+    """The first job of a shape, as Hydra composed it (kept unchanged, to copy, and pickled once);
+    whether copies of it match Hydra's composition (None: not checked yet); whether copies of its
+    task part matched the copy out of a job's config, and how many were compared."""
 
     config: DictConfig
     copies_match: bool | None = None
