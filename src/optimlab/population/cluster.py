@@ -312,8 +312,8 @@ def run_as_jobs(executor: Executor, populations: Sequence[tuple[str, Members]],
     except BaseException as stop:  # also SystemExit (train.py's handler of a signal before any run starts), GeneratorExit
         if running:
             plural = "es" if executor.cluster == "processes" else "s"
-            print(f"stopped: cancelling {len(running)} running {executor.kind}{plural if len(running) > 1 else ''}",
-                  file=sys.stderr, flush=True)
+            say(f"stopped: cancelling {len(running)} running {executor.kind}{plural if len(running) > 1 else ''}",
+                sys.stderr)
         for job, _, _ in running:
             if executor.cluster == "processes":
                 job.cancel(signum=signal_of(stop))

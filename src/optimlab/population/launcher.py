@@ -337,7 +337,7 @@ def fail_job(job: Job) -> TaskFunction:
     (:class:`~optimlab.hydra_job.JobFailed`, so Hydra marks the job failed and ends the sweep with the line)."""
     def task(cfg: DictConfig) -> None:
         assert job.error is not None
-        print(f"error: {job.error}", file=sys.stderr)
+        say(f"error: {job.error}", sys.stderr)
         record_refusal(job.run_dir, cfg, f"{type(job.error).__name__}: {job.error}")
         raise JobFailed(str(job.error)) from job.error
 
@@ -432,7 +432,7 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
                 children.throw(stop)
                 raise
             if held:  # a stop held while the child wrote the members' files: the sweep stops once they are finished
-                print(stopped_line(held, names[id(members)]), file=sys.stderr)
+                say(stopped_line(held, names[id(members)]), sys.stderr)
                 with contextlib.suppress(SystemExit):  # the other populations are stopped
                     children.throw(SystemExit(EXIT_CODES[held]))
                 sys.exit(EXIT_CODES[held])
@@ -452,7 +452,7 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
                     if all(summary.status in FINISHED for summary in results):
                         PopulationCheckpoint([job.run_dir for job in members], []).remove()
                 if received:
-                    print(stopped_line(received[0], names[id(members)]), file=sys.stderr)
+                    say(stopped_line(received[0], names[id(members)]), sys.stderr)
                     with contextlib.suppress(KeyboardInterrupt):  # elsewhere: the running populations are cancelled
                         trained.throw(KeyboardInterrupt(received[0]))
                     sys.exit(EXIT_CODES[received[0]])

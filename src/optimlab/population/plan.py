@@ -247,7 +247,7 @@ def classify(job: Job, passed: set[str] | None = None) -> None:
         job.error = err
         return
     job.alone = why_alone(cfg)
-    if job.alone is None:
+    if job.alone is None:  # resolved here, not in the job's Hydra context, as grouping always has been
         job.key = population_key(cfg)
 
 
@@ -479,22 +479,22 @@ def machine_memory_share() -> int | None:
     return None if total is None else int(MEMORY_SHARE * total)
 
 
+def population_memory(members: Sequence[Job]) -> int:
+    """A population's estimated memory in bytes (:func:`estimate_memory`)."""
+    return members[0].memory.total(len(members))
+
+
 def fits_beside(running: Sequence[Sequence[Job]], members: Sequence[Job], room: int | None) -> bool:
     """Whether a population of ``members`` fits in ``room`` bytes (None: no bound) beside the
-    ``running`` ones, by their estimates (:func:`estimate_memory`)."""
-    def need(population: Sequence[Job]) -> int:
-        return population[0].memory.total(len(population))
-
-    return room is None or sum(need(population) for population in running) + need(members) <= room
+    ``running`` ones, by their estimates."""
+    return room is None or sum(map(population_memory, running)) + population_memory(members) <= room
 
 
 def memory_budget(max_memory_gib: float | None, executor: Executor | None, max_parallel: int | None) -> MemoryBudget:
     """The budget for populations trained in this process (one at a time), in forked processes or as
     submitit_local jobs (on this machine, ``max_parallel`` at once) or as SLURM jobs (on machines the
     plan cannot see)."""
-    if executor is None:
-        return MemoryBudget(max_memory_gib, 1)
-    if executor.cluster == "processes":  # grouped as in this process; how many train at once: fits_beside
+    if executor is None or executor.cluster == "processes":  # forked: grouped as here; how many at once: fits_beside
         return MemoryBudget(max_memory_gib, 1)
     if executor.cluster == "slurm":
         return MemoryBudget(max_memory_gib, None, "the populations train on other machines "
@@ -513,7 +513,7 @@ def describe_population(members: Sequence[Job]) -> str:
     return (f"{run.model} {run.widths or '-'}, {run.optimizer}, {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''} of batch {cfg.data.batch_size}, "
             f"{str(DTYPES[str(cfg.trainer.precision)]).removeprefix('torch.')} on {device}; "
             f"lr {', '.join(f'{lr:g}' for lr in lrs)}; seed {', '.join(map(str, seeds))}; "
-            f"~{members[0].memory.total(len(members)) / 2**20:,.0f} MiB")
+            f"~{population_memory(members) / 2**20:,.0f} MiB")
 
 
 def plan_text(jobs: Sequence[Job], populations: Sequence[Sequence[Job]], budget: MemoryBudget) -> str:
