@@ -327,6 +327,25 @@ def test_jobs_classified_in_forked_processes_get_the_verdicts_of_this_one(loader
     assert [j.alone is not None for j in here] == [False, False, True, False, False, False, False]
 
 
+def test_the_forked_checks_get_whole_seed_groups_in_shares_of_about_as_many_jobs() -> None:
+    """shares_of: the jobs that differ only in seed / data.seed go to one process (so they share a check),
+    the shares hold about as many jobs each, in job order, every job once; a group larger than a share
+    (a sweep of seeds alone) is cut, so every process still gets work."""
+    grid = [[f"optimizer={o}", f"lr={lr}", f"seed={s}"] for o in ("sgd", "adam") for lr in (0.1, 1, 3)
+            for s in range(3)] + [["lr=0.1", "data.seed=4"], ["lr=0.1", "+data.seed=5"]]
+    jobs = [Job(i, overrides, OmegaConf.create({}), Path(str(i))) for i, overrides in enumerate(grid)]
+    shares = plan.shares_of(jobs, 2)
+    assert sorted(job.num for share in shares for job in share) == list(range(len(jobs)))
+    assert all([job.num for job in share] == sorted(job.num for job in share) for share in shares)
+    assert sorted(map(len, shares)) == [9, 11]
+    where = {job.num: k for k, share in enumerate(shares) for job in share}
+    for group in plan.seed_groups(jobs):
+        assert len({where[job.num] for job in group}) == 1
+    assert [len(group) for group in plan.seed_groups(jobs)] == [3] * 6 + [2]
+    seeds_alone = [Job(i, [f"seed={i}"], OmegaConf.create({}), Path(str(i))) for i in range(7)]
+    assert [[job.num for job in share] for share in plan.shares_of(seeds_alone, 3)] == [[0, 1, 2], [3, 4, 5], [6]]
+
+
 def test_a_job_that_differs_from_a_checked_one_only_in_its_seeds_is_not_checked_again(
         loaders, mnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """classify with the keys of the jobs that passed: a job that differs from one of them only in
@@ -820,6 +839,23 @@ def test_missing_mnist_files_are_looked_for_once_per_sweep(tmp_path: Path, monke
             plan.check(cfg)
         errors.append(str(err.value))
     assert calls == [tmp_path] and errors == errors[:1] * 3 and str(tmp_path) in errors[0]
+
+
+def test_a_broken_test_split_fails_the_check_as_the_runs_data_setup_does(tmp_path: Path) -> None:
+    """The check loads the test split too (once per root, so that forked populations share it): a test
+    label file with a label outside 0..9 fails each job with the data module's own error, before training."""
+    from conftest import write_idx
+    from optimlab.data import DataError, MNISTDataModule
+
+    root = write_idx(tmp_path / "broken")
+    labels = root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:-1] + b"\x0c")
+    with pytest.raises(DataError) as expected:
+        MNISTDataModule(root=str(root), val_size=16, download=False).setup()
+    for lr in (0.1, 0.2):
+        with pytest.raises(DataError) as err:
+            plan.check(compose_config(f"lr={lr}", f"data.root={root}", "data.val_size=16", "trainer.accelerator=cpu"))
+        assert str(err.value) == str(expected.value) and "test split" in str(err.value)
 
 
 @pytest.mark.slow

@@ -111,7 +111,7 @@ def compose_jobs(hydra_context: HydraContext, config: DictConfig, job_overrides:
 def check(cfg: DictConfig) -> None:
     """Raise the ConfigError or DataError :func:`optimlab.train.run` would raise before training:
     the config's rules, the constructors' checks (the parts built as ``run`` builds them) and the
-    data split (the files and the sizes)."""
+    data (the files, the split's sizes, the test split)."""
     validate_config(cfg)
     with torch.random.fork_rng(devices=[]):  # building draws init weights: leave the caller's generator alone
         datamodule = build_parts(cfg).datamodule
@@ -120,6 +120,8 @@ def check(cfg: DictConfig) -> None:
     if isinstance(items, str):
         raise DataError(items)
     epoch_batches(items, datamodule.batch_size, cfg.trainer.limit_train_batches)
+    if (error := test_split_error(Path(datamodule.root))) is not None:
+        raise DataError(error)
 
 
 def training_images(root: Path, download: bool) -> int:
@@ -140,6 +142,18 @@ def checked_files(root: Path, download: bool) -> int | DataError:
     except DataError as err:
         return err
     return len(load_split(root, train=True)[1])
+
+
+@functools.lru_cache(maxsize=8)
+def test_split_error(root: Path) -> str | None:
+    """The DataError message the test split's files under ``root`` give (a run's data setup reads them
+    before training), or None; read once per root, here, so that populations in forked processes share
+    the loaded test set instead of each reading and converting it (55 MB a population)."""
+    try:
+        load_split(root, train=False)
+    except DataError as err:
+        return str(err)
+    return None
 
 
 @functools.lru_cache(maxsize=64)
@@ -254,18 +268,19 @@ def classify(job: Job, passed: set[str] | None = None) -> None:
 def classify_all(jobs: Sequence[Job], processes: int = 1) -> None:
     """:func:`classify` every job; with ``processes`` > 1 (where this platform can fork) the jobs are
     shared with ``processes - 1`` forked children (:class:`~optimlab.population.cluster.ForkedJob`),
-    each process taking every ``processes``-th job (the check of the narrow benchmark grid's 360 jobs
-    took 5 s of one core, 2026-12-05, AMD EPYC). The first job is classified here first, so the
-    children inherit what it read once (the MNIST files' check). A child that fails leaves its share
-    to this process, which then raises what it raised."""
+    each process taking whole :func:`seed_groups` (so that a grid's seeds share one check in the process
+    that has them; the narrow benchmark grid's 360 jobs took 5 s of one core, 2026-12-05, AMD EPYC).
+    The first job is classified here first, so the children inherit what it read once (the MNIST files'
+    check). A child that fails leaves its share to this process, which then raises what it raised."""
     if not jobs:
         return
     passed: set[str] = set()
     classify(jobs[0], passed)
     rest = list(jobs[1:])
     processes = min(processes, len(rest)) if can_fork() else 1
-    children = [(ForkedJob(verdicts_of, (share,)), share) for share in (rest[k::processes] for k in range(1, processes))]
-    for job in rest[::processes]:
+    here, *shares = shares_of(rest, processes)
+    children = [(ForkedJob(verdicts_of, (share,)), share) for share in shares if share]
+    for job in here:
         classify(job, passed)
     for child, share in children:
         try:
@@ -277,6 +292,30 @@ def classify_all(jobs: Sequence[Job], processes: int = 1) -> None:
                 classify(job, passed)
             else:
                 job.error, job.alone, job.key = verdict
+
+
+def seed_groups(jobs: Sequence[Job]) -> list[list[Job]]:
+    """``jobs`` grouped by their overrides other than those of :data:`SEED_KEYS` (in job order): the jobs
+    that can share a check (:func:`classify`) are in one group (a guess from the overrides alone, which
+    only decides where each job is classified, not its verdict)."""
+    groups: dict[tuple[str, ...], list[Job]] = {}
+    for job in jobs:
+        key = tuple(o for o in job.overrides if o.split("=", 1)[0].lstrip("+~") not in SEED_KEYS)
+        groups.setdefault(key, []).append(job)
+    return list(groups.values())
+
+
+def shares_of(jobs: Sequence[Job], processes: int) -> list[list[Job]]:
+    """``jobs`` split into ``processes`` shares of about as many jobs each, each in job order: whole
+    :func:`seed_groups` (each to the share with the fewest jobs so far), a group larger than a share cut
+    in pieces (a sweep of seeds alone is still classified by every process)."""
+    processes = max(processes, 1)
+    size = -(-len(jobs) // processes)
+    shares: list[list[Job]] = [[] for _ in range(processes)]
+    for members in seed_groups(jobs):
+        for start in range(0, len(members), size):
+            min(shares, key=len).extend(members[start:start + size])
+    return [sorted(share, key=lambda job: job.num) for share in shares]
 
 
 def verdicts_of(jobs: Sequence[Job]) -> list[tuple[Exception | None, str | None, str | None]]:
