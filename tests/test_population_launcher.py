@@ -339,8 +339,8 @@ def test_the_forked_checks_get_whole_seed_groups_in_shares_of_about_as_many_jobs
     assert all([job.num for job in share] == sorted(job.num for job in share) for share in shares)
     assert sorted(map(len, shares)) == [9, 11]
     where = {job.num: k for k, share in enumerate(shares) for job in share}
-    for group in plan.seed_groups(jobs):
-        assert len({where[job.num] for job in group}) == 1
+    for members in plan.seed_groups(jobs):
+        assert len({where[job.num] for job in members}) == 1
     assert [len(group) for group in plan.seed_groups(jobs)] == [3] * 6 + [2]
     seeds_alone = [Job(i, [f"seed={i}"], OmegaConf.create({}), Path(str(i))) for i in range(7)]
     assert [[job.num for job in share] for share in plan.shares_of(seeds_alone, 3)] == [[0, 1, 2], [3, 4, 5], [6]]
