@@ -64,7 +64,10 @@ SHAPES = [["optimizer=adam", "lr=0.001", "model.hidden=[8]", "seed=0"],
           ["lr=0.125", "+trainer.gradient_clip_val=2.0", "epochs=3"],
           ["model=cnn", "name='a=b'", "hydra.job.chdir=true"],                    # a hydra key belongs to it too
           ["model=cnn", "name=c", "hydra.job.chdir=true"],
-          ["model=cnn", "name=d", "hydra.job.chdir=true"]]
+          ["model=cnn", "name=d", "hydra.job.chdir=true"],
+          ["lr=0.1", "model.hidden=[8]", "model.hidden.0=4", "epochs=2"],     # an element of a swept list
+          ["lr=0.1", "model.hidden=[16,16]", "model.hidden.0=4", "epochs=2"],
+          ["lr=0.2", "model.hidden=[32]", "model.hidden.0=4", "epochs=2"]]    # its same line set again after
 
 
 @pytest.fixture()
@@ -88,7 +91,7 @@ def test_jobs_composed_by_shape_equal_hydras_composition(loaders) -> None:
         assert OmegaConf.to_yaml(caching.load_sweep_config(master, overrides)) == expected, overrides
     # adam, sgd, sgd with seed null, each addition's value (a shape of its own: checked when a second job
     # comes), cnn
-    assert [shape.copies_match for shape in caching.shapes.values()] == [True, True, None, True, None, True]
+    assert [shape.copies_match for shape in caching.shapes.values()] == [True, True, None, True, None, True, True]
     # A copy is Hydra's config in its flags too, and its own: changing it leaves the shape's template alone.
     overrides = ["optimizer=adam", "lr=0.02", "model.hidden=[4]", "seed=3"]
     copied, composed = caching.compose(master, overrides), hydra_loader.load_sweep_config(master, overrides)
@@ -97,6 +100,22 @@ def test_jobs_composed_by_shape_equal_hydras_composition(loaders) -> None:
         assert OmegaConf.is_readonly(node(copied)) == OmegaConf.is_readonly(node(composed))
     copied.lr = 9.0
     assert caching.compose(master, overrides).lr == 0.02
+
+
+def test_a_copy_sets_the_values_that_changed_and_those_on_keys_they_touch(loaders) -> None:
+    """changed: of a job's plain overrides, a copy of its shape's first job sets those whose line differs
+    and those on a key one of them holds or is held by (Hydra sets them in order); the others it has."""
+    from optimlab.population.compose import changed, overlap
+
+    _, _, caching = loaders
+    first = ("optimizer=sgd", "lr=0.1", "model.hidden=[8]", "model.hidden.0=4", "model.activation=tanh", "epochs=2")
+    job = caching.parse(["optimizer=sgd", "lr=0.2", "model.hidden=[16]", "model.hidden.0=4", "model.activation=tanh",
+                         "epochs=2"])
+    plain = [caching.is_plain(o) for o in job]
+    assert plain == [False, True, True, True, True, True]
+    assert changed(job, plain, first) == [False, True, True, True, False, False]
+    assert overlap("model.hidden", "model.hidden.0") and overlap("a[0]", "a") and overlap("a", "a")
+    assert not overlap("model.hidden", "model.hiddens") and not overlap("lr", "optimizer.lr")
 
 
 def test_a_shape_whose_copies_differ_is_composed_in_full(loaders, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,7 +147,7 @@ def test_task_configs_equal_the_copy_out_of_hydras_composition(loaders) -> None:
         assert OmegaConf.to_yaml(task) == OmegaConf.to_yaml(expected), overrides
         for node in (lambda c: c, lambda c: c.model, lambda c: c.trainer):
             assert OmegaConf.is_struct(node(task)) == OmegaConf.is_struct(node(expected))
-    assert [shape.task_copies_match for shape in caching.shapes.values()] == [True] * 6
+    assert [shape.task_copies_match for shape in caching.shapes.values()] == [True] * 7
     task.lr = 9.0  # a job's own
     assert caching.task_config(master, SHAPES[-1], caching.compose(master, SHAPES[-1])).lr != 9.0
 
