@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,24 @@ def test_job_records_are_written_as_omegaconf_writes_them(tmp_path: Path) -> Non
     assert OmegaConf.load(tmp_path / "config.yaml") == cfg
     assert OmegaConf.load(tmp_path / "hydra.yaml") == {"hydra": hydra}
     assert OmegaConf.to_container(OmegaConf.load(tmp_path / "overrides.yaml")) == ["lr=0.1", "model.name='1e5'"]
+
+
+def test_the_tensorboard_loggers_hparams_yaml_is_the_one_lightning_writes(tmp_path: Path) -> None:
+    """hparams.yaml of plain values, written by the run's TensorBoard logger itself, is the text
+    Lightning's save_hparams_to_yaml writes for them; other values are left to Lightning."""
+    from lightning.pytorch.core.saving import save_hparams_to_yaml
+
+    from optimlab.tensorboard_logger import TensorBoardRunLogger
+
+    plain = {**{f"s{i}": text for i, text in enumerate(AWKWARD)}, "lr": 0.1, "tiny": 1e-300, "nan": math.nan,
+             "inf": -math.inf, "seed": 3, "flag": False, "none": None}
+    for name, params in [("plain", plain), ("nested", {"lr": 0.1, "model": {"hidden": [8, 8]}})]:
+        logger = TensorBoardRunLogger(save_dir=str(tmp_path / name), name="", version="", default_hp_metric=False)
+        logger.log_hyperparams(params)
+        logger.log_metrics({"train/loss": 1.0}, step=0)
+        logger.close("success")
+        save_hparams_to_yaml(tmp_path / f"{name}.yaml", params)
+        assert (tmp_path / name / "hparams.yaml").read_text() == (tmp_path / f"{name}.yaml").read_text(), name
 
 
 @pytest.mark.slow

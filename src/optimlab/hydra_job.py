@@ -146,13 +146,17 @@ RecordDumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
 
 def config_yaml(cfg: DictConfig | ListConfig, under: str | None = None) -> str:
     """``OmegaConf.to_yaml(cfg)`` (interpolations kept), or of ``{under: cfg}``, without copying ``cfg``
-    into a new config first, at about a quarter of the cost: the same text for this project's and
-    Hydra's configs and awkward strings (tested); libyaml escapes characters beyond U+FFFF and may fold
-    long multi-line strings otherwise, which read back as the same values."""
+    into a new config first, at about a quarter of the cost (:func:`values_yaml`)."""
     container = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
-    if under is not None:
-        container = {under: container}
-    return yaml.dump(container, Dumper=RecordDumper, default_flow_style=False, allow_unicode=True, sort_keys=False)
+    return values_yaml(container if under is None else {under: container})
+
+
+def values_yaml(values: dict[str, Any] | list[Any]) -> str:
+    """What ``OmegaConf.to_yaml`` writes for plain ``values`` (dicts, lists, strings, numbers, bools,
+    None): the same text for this project's and Hydra's configs and awkward strings (tested); libyaml
+    escapes characters beyond U+FFFF and may fold long multi-line strings otherwise, which read back as
+    the same values."""
+    return yaml.dump(values, Dumper=RecordDumper, default_flow_style=False, allow_unicode=True, sort_keys=False)
 
 
 @contextlib.contextmanager
