@@ -398,14 +398,16 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
         return [dry_return(job) for job in jobs]
 
     def run(job: Job, task: TaskFunction) -> JobReturn:
-        """``task``, one of ours, as ``job``'s Hydra job; the sweep's task function as Hydra runs it."""
+        """``task``, one of ours, as ``job``'s Hydra job; the sweep's task function as Hydra runs it. The
+        job's logging stays set up: the caller sets the launcher's up again (:func:`launcher_logging`), as
+        BasicLauncher does after each job, and once after a population's members (each sets its own up)."""
         if task is task_function:
-            ret = run_job(hydra_context=hydra_context, task_function=task, config=job.sweep_config,
-                          job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
-        else:
-            ret = run_composed_job(hydra_context, task, job.sweep_config, job.config, job.run_dir)
+            return run_job(hydra_context=hydra_context, task_function=task, config=job.sweep_config,
+                           job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+        return run_composed_job(hydra_context, task, job.sweep_config, job.config, job.run_dir)
+
+    def launcher_logging() -> None:
         configure_log(config.hydra.hydra_logging, config.hydra.verbose)
-        return ret
 
     returns: dict[int, JobReturn] = {}
 
@@ -447,8 +449,11 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
                 # A stop while the members' jobs are finished waits for the last one: else the trained members not
                 # yet finished would lose their test results, and one finished half would keep a partial record.
                 with signals_deferred() as received:
-                    for job, summary in zip(members, results):
-                        returns[job.num] = run(job, finish_member(job, summary, recorded))
+                    try:
+                        for job, summary in zip(members, results):
+                            returns[job.num] = run(job, finish_member(job, summary, recorded))
+                    finally:
+                        launcher_logging()
                     if all(summary.status in FINISHED for summary in results):
                         PopulationCheckpoint([job.run_dir for job in members], []).remove()
                 if received:
@@ -461,4 +466,5 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
     for job in jobs:
         if job.num not in returns:
             returns[job.num] = run(job, fail_job(job) if job.error else task_function)
+            launcher_logging()
     return [returns[job.num] for job in jobs]
