@@ -346,33 +346,40 @@ def test_jobs_classified_in_forked_processes_get_the_verdicts_of_this_one(loader
     assert [j.alone is not None for j in here] == [False, False, True, False, False, False, False]
 
 
-def test_the_forked_checks_get_whole_seed_groups_in_shares_of_about_as_many_jobs() -> None:
-    """shares_of: the jobs that differ only in seed / data.seed go to one process (so they share a check),
-    the shares hold about as many jobs each, in job order, every job once; a group larger than a share
-    (a sweep of seeds alone) is cut, so every process still gets work."""
-    grid = [[f"optimizer={o}", f"lr={lr}", f"seed={s}"] for o in ("sgd", "adam") for lr in (0.1, 1, 3)
-            for s in range(3)] + [["lr=0.1", "data.seed=4"], ["lr=0.1", "+data.seed=5"]]
+def test_the_forked_checks_get_whole_check_groups_in_shares_of_about_as_many_jobs() -> None:
+    """shares_of: the jobs that differ only in seed / data.seed / lr / optimizer.lr / optimizer.weight_decay
+    go to one process (so they share a check), the shares hold about as many jobs each, in job order, every
+    job once; a group larger than a share (a sweep of learning rates alone) is cut, so every process still
+    gets work."""
+    grid = [[f"optimizer={o}", f"model.hidden=[{w}]", f"lr={lr}", f"seed={s}"] for o in ("sgd", "adam")
+            for w in (2, 8) for lr in (0.1, 1) for s in range(3)]
+    grid += [["optimizer.lr=0.1", "data.seed=4"], ["optimizer.weight_decay=0.1", "+data.seed=5"]]
     jobs = [Job(i, overrides, OmegaConf.create({}), Path(str(i))) for i, overrides in enumerate(grid)]
+    assert [len(group) for group in plan.check_groups(jobs)] == [6, 6, 6, 6, 2]
     shares = plan.shares_of(jobs, 2)
     assert sorted(job.num for share in shares for job in share) == list(range(len(jobs)))
     assert all([job.num for job in share] == sorted(job.num for job in share) for share in shares)
-    assert sorted(map(len, shares)) == [9, 11]
+    assert sorted(map(len, shares)) == [12, 14]
     where = {job.num: k for k, share in enumerate(shares) for job in share}
-    for members in plan.seed_groups(jobs):
+    for members in plan.check_groups(jobs):
         assert len({where[job.num] for job in members}) == 1
-    assert [len(group) for group in plan.seed_groups(jobs)] == [3] * 6 + [2]
-    seeds_alone = [Job(i, [f"seed={i}"], OmegaConf.create({}), Path(str(i))) for i in range(7)]
-    assert [[job.num for job in share] for share in plan.shares_of(seeds_alone, 3)] == [[0, 1, 2], [3, 4, 5], [6]]
+    lrs_alone = [Job(i, [f"lr={i + 1}"], OmegaConf.create({}), Path(str(i))) for i in range(7)]
+    assert [[job.num for job in share] for share in plan.shares_of(lrs_alone, 3)] == [[0, 1, 2], [3, 4, 5], [6]]
 
 
-def test_a_job_that_differs_from_a_checked_one_only_in_its_seeds_is_not_checked_again(
+def test_a_job_that_differs_from_a_checked_one_only_in_its_seeds_or_step_sizes_is_not_checked_again(
         loaders, mnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """classify with the keys of the jobs that passed: a job that differs from one of them only in
-    seed / data.seed (valid seeds) gets its verdict without a check of its own, every other job (another
-    value, an invalid seed, a new config) is checked, and the verdicts are those of a check of each."""
+    """classify with the keys of the jobs that passed: a job that differs from one of them only in seed,
+    data.seed, lr, optimizer.lr or optimizer.weight_decay (values that pass their rules and that its
+    optimizer takes) gets its verdict without a check of its own; every other job (another value, an
+    invalid one, a new config) is checked, and the verdicts are those of a check of each."""
     hydra_loader, master, _ = loaders
     grids = [["lr=0.1", "seed=0"], ["lr=0.1", "seed=5"], ["lr=0.1", "data.seed=9"], ["lr=0.2", "seed=5"],
-             ["lr=0.1", "seed=-1"], ["lr=0.1", "data.seed=-3"], ["lr=-1", "seed=1"], ["lr=-1", "seed=2"]]
+             ["lr=0.1", "seed=-1"], ["lr=0.1", "data.seed=-3"], ["lr=-1", "seed=1"], ["lr=-1", "seed=2"],
+             ["lr=0.1", "optimizer.weight_decay=0.01", "seed=6"], ["lr=0.1", "optimizer.weight_decay=-1", "seed=7"],
+             ["optimizer.lr=0.3", "seed=8"], ["optimizer.lr=-0.3", "seed=9"], ["lr=0.1", "epochs=2", "seed=10"],
+             ["optimizer=adam", "lr=0.1", "seed=11"], ["optimizer=adam", "lr=0.5", "seed=12"],
+             ["optimizer=adam", "lr=0.1", "optimizer.betas=[0.9,2.0]", "seed=13"]]
 
     def jobs() -> list[Job]:
         return [Job(i, overrides, hydra_loader.load_sweep_config(master, [*overrides, f"hydra.sweep.dir={tmp_path}"]),
@@ -388,10 +395,13 @@ def test_a_job_that_differs_from_a_checked_one_only_in_its_seeds_is_not_checked_
     remembered = jobs()
     for job in remembered:
         plan.classify(job, passed)
-    assert checked == [0, 5, -1, 0, 1, 2]  # not job 1 (seed 5) nor job 2 (data.seed 9): job 0 passed; failures not kept
+    # not seeds 5, 9 (data.seed), 5 (lr 0.2), 6 (weight decay), 8 (optimizer.lr), 12 (adam, lr 0.5): each like
+    # a job that passed; failures are not kept, nor are their values taken unchecked
+    assert checked == [0, -1, 0, 1, 2, 7, 9, 10, 11, 13]
     assert [[(type(j.error), str(j.error)), j.alone, j.key] for j in remembered] == \
         [[(type(j.error), str(j.error)), j.alone, j.key] for j in each]
-    assert [j.error is not None for j in each] == [False, False, False, False, True, True, True, True]
+    assert [j.error is not None for j in each] == [False, False, False, False, True, True, True, True,
+                                                   False, True, False, True, False, False, False, True]
 
 
 def test_members_may_differ_in_member_wise_settings_only() -> None:

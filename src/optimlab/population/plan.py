@@ -34,7 +34,7 @@ from optimlab.population.data import split_indices
 from optimlab.population.stacked import STACKED, build_member
 from optimlab.summary import config_key, describe_run, is_complete, read_summary
 from optimlab.train import refuse_changed_config
-from optimlab.validate import ConfigError, rule_error, validate_config
+from optimlab.validate import RULES, ConfigError, rule_error, validate_config
 
 DTYPES = {"32-true": torch.float32, "32": torch.float32, "64-true": torch.float64, "64": torch.float64}
 # Keys in which the members of one population may differ (each member applies its own), and keys
@@ -50,10 +50,11 @@ POPULATION_TRAINER = ("_target_", "accelerator", "devices", "precision", "determ
 POPULATION_CALLBACKS = ("model_checkpoint", "progress_bar")
 TRAINER_DEFAULTS = {name: p.default for name, p in inspect.signature(L.Trainer).parameters.items()}
 # Keys whose values only seed random generators (the run's seed_everything, the data split's
-# generator): a job whose resolved config differs from one that passed its check only in them passes
-# too where they pass their rules, so a grid's seeds are checked once (the narrow benchmark grid:
-# 120 checks, not 360).
-SEED_KEYS = ("seed", "data.seed")
+# generator) or set the optimizer's step size and weight decay: a job whose resolved config differs
+# from one that passed its check only in them passes too where they pass their rules and its optimizer
+# takes them (its constructor's checks), so a grid's seeds and learning rates are checked once (the
+# narrow benchmark grid: 12 checks, not 360).
+SHARED_CHECK_KEYS = ("seed", "data.seed", "lr", "optimizer.lr", "optimizer.weight_decay")
 
 
 class PlanError(CompactHydraException):
@@ -219,21 +220,29 @@ def resolved_values(cfg: DictConfig) -> dict[str, Any] | None:
         return None
 
 
-def seeds_pass(values: dict[str, Any]) -> bool:
-    """Whether each of the :data:`SEED_KEYS` in ``values`` holds a value its rule allows."""
-    for key in SEED_KEYS:
+def shared_keys_pass(values: dict[str, Any], cfg: DictConfig) -> bool:
+    """Whether each of the :data:`SHARED_CHECK_KEYS` in ``values`` (``cfg`` resolved) holds a value its
+    rule allows (those with a rule in :data:`~optimlab.validate.RULES`), and ``cfg``'s optimizer is built
+    with them (a stand-in parameter: the constructor's checks of its arguments)."""
+    for key in SHARED_CHECK_KEYS:
         node: Any = values
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
-        if rule_error(key, node) is not None:
+        if key in RULES and rule_error(key, node) is not None:
             return False
+    try:
+        cls, options = optimizer_class(cfg.optimizer)
+        cls([torch.zeros(1, requires_grad=True)], **options)
+    except Exception:  # the check says why, in the words a run uses
+        return False
     return True
 
 
 def classify(job: Job, passed: set[str] | None = None) -> None:
     """Decide how ``job`` runs: fails (``error``), alone (``alone``) or in a population (``key``).
-    ``passed``: the keys (the config without :data:`SEED_KEYS`) of the jobs that passed their check
-    so far, added to; a job with one of them and valid seeds passes without its own check."""
+    ``passed``: the keys (the config without :data:`SHARED_CHECK_KEYS`) of the jobs that passed their
+    check so far, added to; a job with one of them whose values of those keys pass
+    (:func:`shared_keys_pass`) passes without its own check."""
     cfg = job.config
     resume = cfg.get("resume")
     # What the single-run path already decides (skip, resume, refuse to overwrite) stays its decision.
@@ -250,8 +259,8 @@ def classify(job: Job, passed: set[str] | None = None) -> None:
     try:
         with hydra_config_of(job.sweep_config):
             values = resolved_values(cfg) if passed is not None else None
-            shared = config_key(values, SEED_KEYS) if values is not None else None
-            if passed is None or shared is None or shared not in passed or not seeds_pass(values or {}):
+            shared = config_key(values, SHARED_CHECK_KEYS) if values is not None else None
+            if passed is None or shared is None or shared not in passed or not shared_keys_pass(values or {}, cfg):
                 check(cfg)
                 if passed is not None and shared is not None:
                     passed.add(shared)
@@ -268,8 +277,8 @@ def classify(job: Job, passed: set[str] | None = None) -> None:
 def classify_all(jobs: Sequence[Job], processes: int = 1) -> None:
     """:func:`classify` every job; with ``processes`` > 1 (where this platform can fork) the jobs are
     shared with ``processes - 1`` forked children (:class:`~optimlab.population.cluster.ForkedJob`),
-    each process taking whole :func:`seed_groups` (so that a grid's seeds share one check in the process
-    that has them; the narrow benchmark grid's 360 jobs took 5 s of one core, 2026-12-05, AMD EPYC).
+    each process taking whole :func:`check_groups` (so that the jobs that can share a check meet in one
+    process; the narrow benchmark grid's 360 jobs took 5 s of one core, 2026-12-05, AMD EPYC).
     The first job is classified here first, so the children inherit what it read once (the MNIST files'
     check). A child that fails leaves its share to this process, which then raises what it raised."""
     if not jobs:
@@ -294,25 +303,25 @@ def classify_all(jobs: Sequence[Job], processes: int = 1) -> None:
                 job.error, job.alone, job.key = verdict
 
 
-def seed_groups(jobs: Sequence[Job]) -> list[list[Job]]:
-    """``jobs`` grouped by their overrides other than those of :data:`SEED_KEYS` (in job order): the jobs
+def check_groups(jobs: Sequence[Job]) -> list[list[Job]]:
+    """``jobs`` grouped by their overrides other than those of :data:`SHARED_CHECK_KEYS` (in job order): the jobs
     that can share a check (:func:`classify`) are in one group (a guess from the overrides alone, which
     only decides where each job is classified, not its verdict)."""
     groups: dict[tuple[str, ...], list[Job]] = {}
     for job in jobs:
-        key = tuple(o for o in job.overrides if o.split("=", 1)[0].lstrip("+~") not in SEED_KEYS)
+        key = tuple(o for o in job.overrides if o.split("=", 1)[0].lstrip("+~") not in SHARED_CHECK_KEYS)
         groups.setdefault(key, []).append(job)
     return list(groups.values())
 
 
 def shares_of(jobs: Sequence[Job], processes: int) -> list[list[Job]]:
     """``jobs`` split into ``processes`` shares of about as many jobs each, each in job order: whole
-    :func:`seed_groups` (each to the share with the fewest jobs so far), a group larger than a share cut
-    in pieces (a sweep of seeds alone is still classified by every process)."""
+    :func:`check_groups` (each to the share with the fewest jobs so far), a group larger than a share cut
+    in pieces (a sweep of learning rates alone is still classified by every process)."""
     processes = max(processes, 1)
     size = -(-len(jobs) // processes)
     shares: list[list[Job]] = [[] for _ in range(processes)]
-    for members in seed_groups(jobs):
+    for members in check_groups(jobs):
         for start in range(0, len(members), size):
             min(shares, key=len).extend(members[start:start + size])
     return [sorted(share, key=lambda job: job.num) for share in shares]
