@@ -767,7 +767,7 @@ def test_a_population_wanting_threads_or_a_gpu_trains_in_the_launching_process()
     """A forked child trains with one thread on the CPU: a population set to more threads, or on a
     GPU, is not forked."""
     def members(*overrides: str) -> list[SimpleNamespace]:
-        return [SimpleNamespace(config=compose_config(*overrides))]  # what forkable reads of a Job
+        return [SimpleNamespace(plain=compose_config(*overrides))]  # what forkable reads of a Job
 
     assert launcher.forkable(members("trainer.accelerator=cpu"))
     assert launcher.forkable(members("trainer.accelerator=cpu", "trainer.num_threads=1"))
@@ -906,6 +906,27 @@ def test_an_invalid_job_fails_alone(mnist_root: Path, tmp_path: Path, launcher_n
         else:
             assert 0 <= s["test_acc"] <= 1
             assert (s["population"] or {}).get("members") == (2 if launcher_name == "population" else None)
+
+
+@pytest.mark.slow
+def test_values_that_interpolate_the_jobs_hydra_config_are_each_jobs_own(mnist_root: Path, tmp_path: Path) -> None:
+    """name and seed interpolating ${hydra:job.num} resolve in each job's Hydra context, as the basic
+    launcher resolves them (before, the launcher resolved them outside any job and stopped with a
+    traceback): the jobs share one population, each with its own seed and name, and each record is the
+    sequential job's."""
+    swept = ["lr=0.1,0.2", "name=job${hydra:job.num}", "seed=${hydra:job.num}", *SMALL]
+    for launcher_name in ("population", "basic"):
+        result = train(*swept, f"hydra/launcher={launcher_name}", f"hydra.sweep.dir={tmp_path / launcher_name}",
+                       "trainer.num_threads=1")
+        assert result.returncode == 0, result.stderr[-2000:]
+    population, basic = summaries(tmp_path / "population"), summaries(tmp_path / "basic")
+    assert sorted(population) == sorted(basic)
+    for name, s in population.items():
+        num = int(name.split("_", 1)[0])
+        assert (s["config"]["name"], s["config"]["seed"], s["population"]["members"]) == (f"job{num}", num, 2)
+        assert s["config"] == basic[name]["config"]
+        assert [row["val_acc"] for row in s["epochs"]] == [row["val_acc"] for row in basic[name]["epochs"]]
+        assert s["test_acc"] == basic[name]["test_acc"]
 
 
 @pytest.mark.slow

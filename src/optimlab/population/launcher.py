@@ -37,7 +37,7 @@ import torch
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 
 from optimlab.build import optimizer_class
@@ -128,9 +128,9 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
     continues from it. Interrupted (SIGINT, SIGTERM): the members' summaries say ``interrupted`` and
     the process exits 130 or 143, as a single run does."""
     started = time.perf_counter()
-    configs = [job.config for job in members]
-    resolved = [OmegaConf.to_container(c, resolve=True) for c in configs]
-    first = configs[0]
+    # Read from the members' resolved values: a ${hydra:...} interpolation resolves only in its job's context.
+    resolved = [job.resolved() for job in members]
+    first = members[0].plain
     records = [MemberRecord() for _ in members]
     noisy = [0] * len(members)
     checkpoint = PopulationCheckpoint([job.run_dir for job in members], resolved)
@@ -183,29 +183,30 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
             if device.type == "cpu":
                 keep_freed_memory()
             dtype = DTYPES[str(first.trainer.precision)]
-            model = STACKED[first.model._target_].from_configs([c.model for c in configs], [c.seed for c in configs])
+            seeds = [int(r["seed"]) for r in resolved]
+            model = STACKED[first.model._target_].from_configs([r["model"] for r in resolved], seeds)
             model = model.to(device=device, dtype=dtype)
             # one data module per distinct data config (only its settings are read)
             data_keys = [config_key(r["data"], ()) for r in resolved]
-            built = {key: instantiate(c.data) for key, c in dict(zip(data_keys, configs)).items()}
+            built = {key: instantiate(r["data"]) for key, r in dict(zip(data_keys, resolved)).items()}
             data = PopulationData([built[key] for key in data_keys], device, first.trainer.limit_train_batches)
             cls, options = optimizer_class(first.optimizer)
             for key in ("lr", "weight_decay"):
                 options.pop(key, None)
-            optimizer = member_optimizer(cls, model, [float(c.optimizer.lr) for c in configs],
-                                         [float(c.optimizer.get("weight_decay") or 0.0) for c in configs], **options)
+            optimizer = member_optimizer(cls, model, [float(r["optimizer"]["lr"]) for r in resolved],
+                                         [float(r["optimizer"].get("weight_decay") or 0.0) for r in resolved], **options)
             population.device, population.dtype = device_name(device), str(dtype).removeprefix("torch.")
             population.steps_per_epoch, population.train_size = data.steps_per_epoch, data.train_size
             population.params = sum(p[0].numel() for p in model.parameters())
             noisy[:] = data.noisy_counts
             tracking = first.get("curvature") or {}
-            sharpness = MemberSharpness(tracking.every_n_steps, [c.seed for c in configs], tracking.probe_size,
+            sharpness = MemberSharpness(tracking.every_n_steps, seeds, tracking.probe_size,
                                         tracking.iters, tracking.tol, tracking.log_spaced_start) \
                 if tracking.get("every_n_steps") else None
-            loop = ReportingLoop(model, optimizer, data, [c.trainer.log_every_n_steps for c in configs], sharpness,
+            loop = ReportingLoop(model, optimizer, data, [r["trainer"]["log_every_n_steps"] for r in resolved], sharpness,
                                  on_epoch=on_epoch)
             records = loop.records
-            if all(c.get("resume") == "auto" for c in configs):
+            if all(r.get("resume") == "auto" for r in resolved):
                 saved, why_not = checkpoint.load(device)
                 if saved is None:
                     say(f"{name}: starting from scratch ({why_not})")
@@ -244,13 +245,13 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
 def forkable(members: Sequence[Job]) -> bool:
     """Whether a population can train in a forked child: on the CPU, with one torch thread (or torch's
     default, which a child sets to one; see :mod:`optimlab.population.cluster`)."""
-    trainer = members[0].config.trainer
+    trainer = members[0].plain.trainer
     return population_device(trainer.accelerator).type == "cpu" and (trainer.num_threads or 1) == 1
 
 
 def work(members: Sequence[Job]) -> int:
     """A population's work, roughly: members x the memory a member needs x epochs."""
-    return len(members) * members[0].memory.per_member * int(members[0].config.epochs)
+    return len(members) * members[0].memory.per_member * int(members[0].plain.epochs)
 
 
 def stopped_line(signal_name: str, name: str) -> str:

@@ -11,7 +11,7 @@ import functools
 import inspect
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,7 @@ class Job:
     alone: str | None = None         # why it runs through the task function (the single-run path)
     key: str | None = None           # jobs with equal keys can share a population
     task_config: DictConfig | None = field(default=None, repr=False)  # the task's config, when composed with it
+    values: dict[str, Any] | None = field(default=None, repr=False)   # resolved_values(config), once resolved
 
     @functools.cached_property
     def config(self) -> DictConfig:
@@ -81,11 +82,25 @@ class Job:
         composed with the job, else copied out of ``sweep_config`` once."""
         return self.task_config if self.task_config is not None else task_part(self.sweep_config)
 
+    def resolved(self) -> dict[str, Any]:
+        """The task config's values, interpolations resolved in the job's Hydra context (as its run
+        resolves them for its record): :func:`classify`'s, else resolved here once."""
+        if self.values is None:
+            with hydra_config_of(self.sweep_config):
+                self.values = OmegaConf.to_container(self.config, resolve=True)  # type: ignore[assignment]
+        return self.values  # type: ignore[return-value]
+
+    @functools.cached_property
+    def plain(self) -> DictConfig:
+        """:meth:`resolved` as a config, to read anywhere: a ``${hydra:...}`` interpolation resolves only in
+        the job's Hydra context (a population's member's settings are read outside it)."""
+        return OmegaConf.create(self.resolved())
+
     @functools.cached_property
     def memory(self) -> MemoryEstimate:
         """What a population of jobs like this one needs (:func:`estimate_memory`); computed once per
         group of jobs that can share a population (:func:`group` hands it to the others)."""
-        return estimate_memory(self.config)
+        return estimate_memory(self.plain)
 
 
 def compose_jobs(hydra_context: HydraContext, config: DictConfig, job_overrides: Sequence[Sequence[str]],
@@ -207,8 +222,9 @@ def why_alone(cfg: DictConfig) -> str | None:
     return ", ".join(found) or None
 
 
-def population_key(cfg: DictConfig) -> str:
-    """The resolved config without its :data:`MEMBER_WISE` keys: jobs with equal keys can share a population."""
+def population_key(cfg: DictConfig | Mapping[str, Any]) -> str:
+    """The resolved config (or its values) without its :data:`MEMBER_WISE` keys: jobs with equal keys can
+    share a population."""
     return config_key(cfg, MEMBER_WISE)
 
 
@@ -258,7 +274,7 @@ def classify(job: Job, passed: set[str] | None = None) -> None:
         return
     try:
         with hydra_config_of(job.sweep_config):
-            values = resolved_values(cfg) if passed is not None else None
+            values = job.values = resolved_values(cfg)
             shared = config_key(values, SHARED_CHECK_KEYS) if values is not None else None
             if passed is None or shared is None or shared not in passed or not shared_keys_pass(values or {}, cfg):
                 check(cfg)
@@ -266,12 +282,11 @@ def classify(job: Job, passed: set[str] | None = None) -> None:
                     passed.add(shared)
             if resume == "auto" and (saved := read_summary(job.run_dir)) is not None:
                 refuse_changed_config(job.run_dir, saved, cfg)
+            job.alone = why_alone(cfg)
+            if job.alone is None:
+                job.key = population_key(values if values is not None else cfg)
     except (ConfigError, DataError) as err:
         job.error = err
-        return
-    job.alone = why_alone(cfg)
-    if job.alone is None:  # resolved here, not in the job's Hydra context, as grouping always has been
-        job.key = population_key(cfg)
 
 
 def classify_all(jobs: Sequence[Job], processes: int = 1) -> None:
@@ -300,7 +315,7 @@ def classify_all(jobs: Sequence[Job], processes: int = 1) -> None:
             if verdict is None:
                 classify(job, passed)
             else:
-                job.error, job.alone, job.key = verdict
+                job.error, job.alone, job.key, job.values = verdict
 
 
 def check_groups(jobs: Sequence[Job]) -> list[list[Job]]:
@@ -327,18 +342,19 @@ def shares_of(jobs: Sequence[Job], processes: int) -> list[list[Job]]:
     return [sorted(share, key=lambda job: job.num) for share in shares]
 
 
-def verdicts_of(jobs: Sequence[Job]) -> list[tuple[Exception | None, str | None, str | None]]:
-    """A forked child's part of :func:`classify_all`: each job's verdict (error, alone, key)."""
+def verdicts_of(jobs: Sequence[Job]) -> list[tuple[Exception | None, str | None, str | None, dict[str, Any] | None]]:
+    """A forked child's part of :func:`classify_all`: each job's verdict (error, alone, key) and, for a
+    population's member, its resolved values (:meth:`Job.resolved`)."""
     passed: set[str] = set()
     for job in jobs:
         classify(job, passed)
-    return [(job.error, job.alone, job.key) for job in jobs]
+    return [(job.error, job.alone, job.key, job.values if job.key else None) for job in jobs]
 
 
-def data_order(cfg: DictConfig) -> tuple[int, float]:
-    """Where a job goes among its population's members: by the data it sees (``data.seed``, ``data.label_noise``;
-    the other data options are the population's)."""
-    return int(cfg.data.seed), float(cfg.data.label_noise)
+def data_order(cfg: Mapping[str, Any]) -> tuple[int, float]:
+    """Where a job goes among its population's members (its config's values): by the data it sees
+    (``data.seed``, ``data.label_noise``; the other data options are the population's)."""
+    return int(cfg["data"]["seed"]), float(cfg["data"]["label_noise"])
 
 
 def group(jobs: Sequence[Job], max_members: int,
@@ -354,8 +370,8 @@ def group(jobs: Sequence[Job], max_members: int,
             groups.setdefault(job.key, []).append(job)
     populations = []
     for members in groups.values():
-        members.sort(key=lambda job: data_order(job.config))
-        limit, room = max_members, budget(members[0].config)
+        members.sort(key=lambda job: data_order(job.resolved()))
+        limit, room = max_members, budget(members[0].plain)
         if room is not None:
             need = members[0].memory
             for job in members:
@@ -553,10 +569,10 @@ def memory_budget(max_memory_gib: float | None, executor: Executor | None, max_p
 
 def describe_population(members: Sequence[Job]) -> str:
     """One line: the shared architecture and training, the members' learning rates and seeds."""
-    cfg = members[0].config
-    run = describe_run(OmegaConf.to_container(cfg, resolve=True))
-    lrs = sorted({float(job.config.optimizer.lr) for job in members})
-    seeds = sorted({int(job.config.seed) for job in members})
+    cfg = members[0].plain
+    run = describe_run(members[0].resolved())
+    lrs = sorted({float(job.resolved()["optimizer"]["lr"]) for job in members})
+    seeds = sorted({int(job.resolved()["seed"]) for job in members})
     device = population_device(cfg.trainer.accelerator)
     return (f"{run.model} {run.widths or '-'}, {run.optimizer}, {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''} of batch {cfg.data.batch_size}, "
             f"{str(DTYPES[str(cfg.trainer.precision)]).removeprefix('torch.')} on {device}; "
