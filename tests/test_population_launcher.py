@@ -67,7 +67,10 @@ SHAPES = [["optimizer=adam", "lr=0.001", "model.hidden=[8]", "seed=0"],
           ["model=cnn", "name=d", "hydra.job.chdir=true"],
           ["lr=0.1", "model.hidden=[8]", "model.hidden.0=4", "epochs=2"],     # an element of a swept list
           ["lr=0.1", "model.hidden=[16,16]", "model.hidden.0=4", "epochs=2"],
-          ["lr=0.2", "model.hidden=[32]", "model.hidden.0=4", "epochs=2"]]    # its same line set again after
+          ["lr=0.2", "model.hidden=[32]", "model.hidden.0=4", "epochs=2"],    # its same line set again after
+          ["model.hidden=[8,8]", "model.hidden.0=7", "model.hidden.1=3", "seed=0"],
+          ["model.hidden=[8,8]", "model.hidden.0=7", "model.hidden.1=3", "seed=1"],
+          ["model.hidden=[8,8]", "model.hidden.0=7", "model.hidden.1=4", "seed=0"]]  # hidden, then hidden.0 again
 
 
 @pytest.fixture()
@@ -91,7 +94,7 @@ def test_jobs_composed_by_shape_equal_hydras_composition(loaders) -> None:
         assert OmegaConf.to_yaml(caching.load_sweep_config(master, overrides)) == expected, overrides
     # adam, sgd, sgd with seed null, each addition's value (a shape of its own: checked when a second job
     # comes), cnn
-    assert [shape.copies_match for shape in caching.shapes.values()] == [True, True, None, True, None, True, True]
+    assert [shape.copies_match for shape in caching.shapes.values()] == [True, True, None, True, None, True, True, True]
     # A copy is Hydra's config in its flags too, and its own: changing it leaves the shape's template alone.
     overrides = ["optimizer=adam", "lr=0.02", "model.hidden=[4]", "seed=3"]
     copied, composed = caching.compose(master, overrides), hydra_loader.load_sweep_config(master, overrides)
@@ -114,6 +117,10 @@ def test_a_copy_sets_the_values_that_changed_and_those_on_keys_they_touch(loader
     plain = [caching.is_plain(o) for o in job]
     assert plain == [False, True, True, True, True, True]
     assert changed(job, plain, first) == [False, True, True, True, False, False]
+    # set again in turn: hidden.1 changed, so hidden (which holds it) is set, so hidden.0 (which it holds) is too
+    first = ("model.hidden=[8,8]", "model.hidden.0=7", "model.hidden.1=3", "seed=0")
+    job = caching.parse(["model.hidden=[8,8]", "model.hidden.0=7", "model.hidden.1=4", "seed=0"])
+    assert changed(job, [True] * 4, first) == [True, True, True, False]
     assert overlap("model.hidden", "model.hidden.0") and overlap("a[0]", "a") and overlap("a", "a")
     assert not overlap("model.hidden", "model.hiddens") and not overlap("lr", "optimizer.lr")
 
@@ -147,7 +154,7 @@ def test_task_configs_equal_the_copy_out_of_hydras_composition(loaders) -> None:
         assert OmegaConf.to_yaml(task) == OmegaConf.to_yaml(expected), overrides
         for node in (lambda c: c, lambda c: c.model, lambda c: c.trainer):
             assert OmegaConf.is_struct(node(task)) == OmegaConf.is_struct(node(expected))
-    assert [shape.task_copies_match for shape in caching.shapes.values()] == [True] * 7
+    assert [shape.task_copies_match for shape in caching.shapes.values()] == [True] * 8
     task.lr = 9.0  # a job's own
     assert caching.task_config(master, SHAPES[-1], caching.compose(master, SHAPES[-1])).lr != 9.0
 

@@ -58,13 +58,19 @@ def value_kind(value: Any) -> str:
 
 def changed(overrides: list[Override], plain: list[bool], shape_lines: tuple[str, ...]) -> list[bool]:
     """Which plain ``overrides`` a copy of its shape's first job (composed from ``shape_lines``, the same
-    overrides but for the plain values) must set: those whose line differs, and those on a key that
-    one of them also sets (``a`` and ``a.b``, ``a[0]``): set again after it, as Hydra sets them in order.
-    The others are set in the copy already, with the same value (about 70 us each; a grid's jobs share most
+    overrides but for the plain values) must set: those whose line differs, and, in turn, those on a key
+    that one set holds or is held by (``a`` and ``a.b``, ``a[0]``): set again in Hydra's order. The
+    others are set in the copy already, with the same value (about 70 us each; a grid's jobs share most
     of their overrides: its budget, the device)."""
-    differing = [o.key_or_group for o, p, line in zip(overrides, plain, shape_lines) if p and o.input_line != line]
-    return [p and (o.input_line != line or any(overlap(o.key_or_group, key) for key in differing))
-            for o, p, line in zip(overrides, plain, shape_lines)]
+    chosen = [p and o.input_line != line for o, p, line in zip(overrides, plain, shape_lines)]
+    keys = [o.key_or_group for o in overrides]
+    grew = True
+    while grew:
+        grew = False
+        for i, (is_plain, is_chosen) in enumerate(zip(plain, chosen)):
+            if is_plain and not is_chosen and any(c and overlap(keys[i], keys[j]) for j, c in enumerate(chosen)):
+                chosen[i] = grew = True
+    return chosen
 
 
 def overlap(a: str, b: str) -> bool:
