@@ -917,11 +917,11 @@ def test_an_invalid_job_fails_alone(mnist_root: Path, tmp_path: Path, launcher_n
 
 @pytest.mark.slow
 def test_values_that_interpolate_the_jobs_hydra_config_are_each_jobs_own(mnist_root: Path, tmp_path: Path) -> None:
-    """name and seed interpolating ${hydra:job.num} resolve in each job's Hydra context, as the basic
-    launcher resolves them (before, the launcher resolved them outside any job and stopped with a
-    traceback): the jobs share one population, each with its own seed and name, and each record is the
-    sequential job's."""
-    swept = ["lr=0.1,0.2", "name=job${hydra:job.num}", "seed=${hydra:job.num}", *SMALL]
+    """name and seed interpolating ${hydra:runtime.output_dir} and ${hydra:job.num} resolve in each job's
+    Hydra context, as the basic launcher resolves them (before, the launcher resolved them outside any job
+    and stopped with a traceback): the jobs share one population, each with its own seed and name, and
+    each record is the sequential job's."""
+    swept = ["lr=0.1,0.2", "name=${hydra:runtime.output_dir}", "seed=${hydra:job.num}", *SMALL]
     for launcher_name in ("population", "basic"):
         result = train(*swept, f"hydra/launcher={launcher_name}", f"hydra.sweep.dir={tmp_path / launcher_name}",
                        "trainer.num_threads=1")
@@ -930,8 +930,10 @@ def test_values_that_interpolate_the_jobs_hydra_config_are_each_jobs_own(mnist_r
     assert sorted(population) == sorted(basic)
     for name, s in population.items():
         num = int(name.split("_", 1)[0])
-        assert (s["config"]["name"], s["config"]["seed"], s["population"]["members"]) == (f"job{num}", num, 2)
-        assert s["config"] == basic[name]["config"]
+        assert (s["config"]["name"], basic[name]["config"]["name"]) == (str(tmp_path / "population" / name),
+                                                                         str(tmp_path / "basic" / name))
+        assert (s["config"]["seed"], s["population"]["members"]) == (num, 2)
+        assert {**s["config"], "name": None} == {**basic[name]["config"], "name": None}
         assert [row["val_acc"] for row in s["epochs"]] == [row["val_acc"] for row in basic[name]["epochs"]]
         assert s["test_acc"] == basic[name]["test_acc"]
 

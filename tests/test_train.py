@@ -103,12 +103,20 @@ def test_job_records_are_written_as_omegaconf_writes_them(tmp_path: Path) -> Non
     assert OmegaConf.to_container(OmegaConf.load(tmp_path / "overrides.yaml")) == ["lr=0.1", "model.name='1e5'"]
 
 
-def test_the_tensorboard_loggers_hparams_yaml_is_the_one_lightning_writes(tmp_path: Path) -> None:
-    """hparams.yaml of plain values, written by the run's TensorBoard logger itself, is the text
-    Lightning's save_hparams_to_yaml writes for them; other values are left to Lightning."""
+def test_the_tensorboard_loggers_hparams_yaml_is_the_one_lightning_writes(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """hparams.yaml of plain values, written by the run's TensorBoard logger itself (Lightning's writer is
+    not called), is the text Lightning's save_hparams_to_yaml writes for them; other values are left to Lightning."""
+    import lightning.pytorch.loggers.tensorboard as lightning_tensorboard
     from lightning.pytorch.core.saving import save_hparams_to_yaml
 
     from optimlab.tensorboard_logger import TensorBoardRunLogger
+
+    def only_nested(path, params, *args, **kwargs):
+        assert "model" in params, "plain hyperparameters are written by the logger itself"
+        return save_hparams_to_yaml(path, params, *args, **kwargs)
+
+    monkeypatch.setattr(lightning_tensorboard, "save_hparams_to_yaml", only_nested)
 
     plain = {**{f"s{i}": text for i, text in enumerate(AWKWARD)}, "lr": 0.1, "tiny": 1e-300, "nan": math.nan,
              "inf": -math.inf, "seed": 3, "flag": False, "none": None}

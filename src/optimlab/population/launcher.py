@@ -267,9 +267,9 @@ def describe_members(members: Sequence[Job]) -> str:
 def record_member(job: Job, summary: RunSummary) -> None:
     """The files a member's Hydra job writes: its ``.hydra/`` record (with its run's epochs) and its
     summary and TensorBoard events (:func:`~optimlab.population.records.write_member`)."""
-    sync_epochs(job.config, override_keys(job.overrides))  # as its run records them
     set_output_dir(job.sweep_config, job.run_dir)
     with hydra_config_of(job.sweep_config):
+        sync_epochs(job.config, override_keys(job.overrides))  # as its run records them
         save_job_record(job.run_dir, job.config)
     write_member(job.run_dir, summary)
 
@@ -319,7 +319,8 @@ def crashed_record(job: Job, name: str, error: str, stopped: bool = False) -> Ru
     """What ``job``'s folder holds (its epochs so far), ``crashed`` with ``error``, or ``interrupted``
     where it says so and ``stopped`` (a cancelled submitit job wrote it); or a bare crashed summary
     where it holds nothing; as a member of ``name``."""
-    summary = read_summary(job.run_dir) or refused_summary(job.config, error)
+    with hydra_config_of(job.sweep_config):  # its values resolved as its run resolves them
+        summary = read_summary(job.run_dir) or refused_summary(job.config, error)
     if not (stopped and summary.status == "interrupted"):
         summary.status = "crashed"
     summary.error = error

@@ -26,7 +26,7 @@ from torch import Tensor
 from optimlab.build import build_parts, optimizer_class
 from optimlab.checkpointing import holds_a_run, last_checkpoint
 from optimlab.data import DataError, ensure_files, epoch_batches, load_split, resolve_root
-from optimlab.hydra_job import hydra_config_of
+from optimlab.hydra_job import hydra_config_of, set_output_dir
 from optimlab.optim import Optimizer
 from optimlab.population.cluster import Executor, ForkedJob, can_fork
 from optimlab.population.compose import ShapeCachingLoader, task_part
@@ -116,9 +116,10 @@ def compose_jobs(hydra_context: HydraContext, config: DictConfig, job_overrides:
             sweep_config.hydra.job.id = idx
             sweep_config.hydra.job.num = idx
         with hydra_config_of(sweep_config):
-            run_dir = Path(str(OmegaConf.select(sweep_config, "hydra.sweep.dir"))) / \
-                str(OmegaConf.select(sweep_config, "hydra.sweep.subdir"))
-        jobs.append(Job(idx, list(overrides), sweep_config, Path(os.path.abspath(run_dir)), task_config=task))
+            run_dir = Path(os.path.abspath(Path(str(OmegaConf.select(sweep_config, "hydra.sweep.dir"))) /
+                                           str(OmegaConf.select(sweep_config, "hydra.sweep.subdir"))))
+        set_output_dir(sweep_config, run_dir)  # as run_job sets it when the job starts: ${hydra:runtime.output_dir} resolves
+        jobs.append(Job(idx, list(overrides), sweep_config, run_dir, task_config=task))
     return jobs
 
 
@@ -163,8 +164,9 @@ def checked_files(root: Path, download: bool) -> int | DataError:
 @functools.lru_cache(maxsize=8)
 def test_split_error(root: Path) -> str | None:
     """The DataError message the test split's files under ``root`` give (a run's data setup reads them
-    before training), or None; read once per root, here, so that populations in forked processes share
-    the loaded test set instead of each reading and converting it (55 MB a population)."""
+    before training), or None; read once per root and process, here, so that populations in forked
+    processes share the loaded test set instead of each reading and converting it (55 MB a population;
+    a dry run reads it too)."""
     try:
         load_split(root, train=False)
     except DataError as err:
