@@ -42,7 +42,7 @@ from torch import Tensor
 
 from optimlab.build import optimizer_class
 from optimlab.console import say
-from optimlab.hydra_job import JobFailed, hydra_config_of, run_composed_job, save_job_record, set_output_dir
+from optimlab.hydra_job import JobFailed, hydra_config_of, run_composed_job, save_job_record
 from optimlab.population.checkpoint import PopulationCheckpoint
 from optimlab.population.cluster import EXIT_CODES, Executor, exit_code, run_as_jobs, usable_cpus
 from optimlab.population.curvature import MemberSharpness
@@ -267,8 +267,7 @@ def describe_members(members: Sequence[Job]) -> str:
 def record_member(job: Job, summary: RunSummary) -> None:
     """The files a member's Hydra job writes: its ``.hydra/`` record (with its run's epochs) and its
     summary and TensorBoard events (:func:`~optimlab.population.records.write_member`)."""
-    set_output_dir(job.sweep_config, job.run_dir)
-    with hydra_config_of(job.sweep_config):
+    with hydra_config_of(job.sweep_config):  # its hydra.runtime.output_dir set when it was composed
         sync_epochs(job.config, override_keys(job.overrides))  # as its run records them
         save_job_record(job.run_dir, job.config)
     write_member(job.run_dir, summary)
