@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from conftest import REPO, compose_config, run_script
 from optimlab.data import DataError, MNISTDataModule, epoch_batches
@@ -24,6 +25,7 @@ from optimlab.population import StackedCNN, StackedMLP, build_member
 from optimlab.population.data import PopulationData, split_indices
 from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimizer, train_population
 from optimlab.population.module import PopulationModule
+from optimlab.population.schedule import MemberSchedules
 from optimlab.population.stacked import MemberLinear, StackedConv2d, grouped_conv2d, member_conv2d, member_losses
 from optimlab.train import run
 
@@ -282,14 +284,19 @@ def test_split_indices_errors_and_shared_settings(tiny_mnist: Path) -> None:
 
 def population(root: Path, lrs: list[float], seeds: list[int], optimizer: type = SGD,
                dtype: torch.dtype = torch.float32, stacked: type = StackedMLP, config: Any = None,
-               weight_decay: Any = 0.0, every: int | list[int] = 50,
+               weight_decay: Any = 0.0, every: int | list[int] = 50, scheduler: dict[str, Any] | None = None,
                **options: Any) -> tuple[PopulationLoop, list[MNISTDataModule]]:
-    """A population on the tiny IDX files (48 training images, batches of 8: 6 steps an epoch)."""
+    """A population on the tiny IDX files (48 training images, batches of 8: 6 steps an epoch);
+    ``scheduler``: every member's scheduler config."""
     config = config or mlp_config(activation="relu")
     dms = [datamodule(root, val_size=16, batch_size=8, eval_batch_size=5, seed=s, label_noise=0.25) for s in seeds]
     model = stacked.from_configs([config] * len(seeds), seeds).to(dtype)
     opt = member_optimizer(optimizer, model, lrs, weight_decay, **options)
-    return PopulationLoop(model, opt, PopulationData(dms), weights_every=every), dms
+    decays = weight_decay if isinstance(weight_decay, list) else [weight_decay] * len(lrs)
+    schedules = MemberSchedules([OmegaConf.create({
+        "optimizer": {"_target_": f"{optimizer.__module__}.{optimizer.__name__}", "lr": lr, "weight_decay": decay, **options},
+        "scheduler": scheduler}) for lr, decay in zip(lrs, decays)]) if scheduler else None
+    return PopulationLoop(model, opt, PopulationData(dms), weights_every=every, schedules=schedules), dms
 
 
 def trajectory(loop: PopulationLoop, epochs: int = 2) -> list[list[torch.Tensor]]:
@@ -510,10 +517,13 @@ def test_per_step_scalars_follow_each_members_cadence(tiny_mnist: Path) -> None:
 
 
 def single_run(dm: MNISTDataModule, config: dict[str, Any], seed: int, optimizer: type, lr: float,
-               weight_decay: float, epochs: int, **options: Any) -> tuple[list[float], torch.nn.Module]:
-    """The member's own run with the same parts, in float64: per-epoch mean training loss and the model."""
+               weight_decay: float, epochs: int, scheduler: dict[str, Any] | None = None,
+               **options: Any) -> tuple[list[float], torch.nn.Module]:
+    """The member's own run with the same parts, in float64: per-epoch mean training loss and the model
+    (``scheduler``: stepped after each epoch, as ClassifierModule steps a run's)."""
     model = build_member(config, seed).double()
     opt = optimizer(model.parameters(), lr=lr, weight_decay=weight_decay, **options)
+    schedule = instantiate(scheduler)(opt) if scheduler else None
     dm.setup()
     loader, losses = dm.train_dataloader(), []
     for epoch in range(epochs):
@@ -526,6 +536,8 @@ def single_run(dm: MNISTDataModule, config: dict[str, Any], seed: int, optimizer
             opt.step()
             total += loss.item() * len(y)
         losses.append(total / dm.train_y.numel())
+        if schedule is not None:
+            schedule.step()
     return losses, model
 
 
@@ -546,6 +558,42 @@ def test_each_member_follows_its_own_run(tiny_mnist: Path, optimizer: type, opti
             torch.testing.assert_close(loop.model.member_state_dict(m)[key], value, **F64)
 
 
+SCHEDULERS = {
+    "step": {"_target_": "torch.optim.lr_scheduler.StepLR", "_partial_": True, "step_size": 1, "gamma": 0.5},
+    "warm-up": {"_target_": "torch.optim.lr_scheduler.LinearLR", "_partial_": True, "start_factor": 0.25,
+                "total_iters": 2},  # sets the lr when it is built
+    "cosine": {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "_partial_": True, "T_max": 3},
+}
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS.values(), ids=SCHEDULERS.keys())
+@pytest.mark.parametrize("optimizer,options", [(SGD, dict(momentum=0.9)), (Adam, {})], ids=["sgd", "adam"])
+def test_each_member_follows_its_own_runs_schedule(tiny_mnist: Path, scheduler: dict[str, Any], optimizer: type,
+                                                    options: dict[str, Any]) -> None:
+    """Each member's lr follows its own run's scheduler (built on a stand-in of its optimizer, stepped
+    after each epoch): epoch losses and final weights equal its run's (float64, 1e-12), its lr after the
+    last epoch exactly the run's, and the lrs of its logged steps are those its run stepped with."""
+    seeds, lrs, decays = [0, 1, 0], [0.05, 0.01, 0.2], [0.0, 1e-3, 0.0]
+    loop, dms = population(tiny_mnist, lrs, seeds, optimizer, torch.float64, weight_decay=decays, every=6,
+                           scheduler=scheduler, **options)
+    records = loop.fit(3)
+    for m, dm in enumerate(dms):
+        losses, single = single_run(dm, mlp_config(activation="relu"), seeds[m], optimizer, lrs[m], decays[m], 3,
+                                    scheduler, **options)
+        assert [row["train_loss"] for row in records[m].history] == pytest.approx(losses, rel=1e-12)
+        for key, value in single.state_dict().items():
+            torch.testing.assert_close(loop.model.member_state_dict(m)[key], value, **F64)
+        run_schedule = instantiate(scheduler)(torch.optim.SGD([torch.zeros(1)], lr=lrs[m]))
+        expected = [run_schedule.get_last_lr()[0]]
+        for _ in range(3):
+            run_schedule.optimizer.step()
+            run_schedule.step()
+            expected.append(run_schedule.get_last_lr()[0])
+        assert [row["lr"] for row in records[m].train_steps] == expected[:3]  # steps 0, 6, 12: one an epoch
+        assert loop.optimizer.param_groups[0]["lr"][m].item() == expected[3]
+    assert len({row["lr"] for row in records[0].train_steps}) > 1
+
+
 def test_no_weight_decay_is_the_number_zero_and_steps_as_the_members_runs(tiny_mnist: Path) -> None:
     """Without weight decay the member-wise group holds the number 0 (no per-member tensor whose zeros
     would cost a pass over every parameter each step), and each member still follows its own run."""
@@ -560,13 +608,15 @@ def test_no_weight_decay_is_the_number_zero_and_steps_as_the_members_runs(tiny_m
     torch.testing.assert_close(loop.model.member_state_dict(0), decayed.model.member_state_dict(0), rtol=0, atol=0)
 
 
-def test_a_loop_restored_from_its_state_continues_bitwise(tiny_mnist: Path) -> None:
+@pytest.mark.parametrize("scheduler", [None, SCHEDULERS["step"]], ids=["constant-lr", "step-lr"])
+def test_a_loop_restored_from_its_state_continues_bitwise(tiny_mnist: Path, scheduler: dict[str, Any] | None) -> None:
     """Adam (state), one member diverging in epoch 1: 3 epochs straight, or 1 epoch, the state
-    through torch.save/load into a fresh loop, then the rest: equal records and weights, bitwise."""
+    through torch.save/load into a fresh loop, then the rest: equal records and weights, bitwise
+    (with a learning-rate schedule, its schedulers' states too)."""
     lrs, seeds = [0.01, 1e300, 0.003], [0, 1, 2]
-    straight, _ = population(tiny_mnist, lrs, seeds, Adam, every=4)
+    straight, _ = population(tiny_mnist, lrs, seeds, Adam, every=4, scheduler=scheduler)
     expected = straight.fit(3)
-    first, _ = population(tiny_mnist, lrs, seeds, Adam, every=4)
+    first, _ = population(tiny_mnist, lrs, seeds, Adam, every=4, scheduler=scheduler)
     first.fit(1)
     # After every step the last finite weights are the weights (a frozen member's set back): not saved.
     assert all(torch.equal(p, last) for p, last in zip(first.params, first.last_finite))
@@ -574,7 +624,7 @@ def test_a_loop_restored_from_its_state_continues_bitwise(tiny_mnist: Path) -> N
     buffer = io.BytesIO()
     torch.save(first.state_dict(), buffer)
     buffer.seek(0)
-    resumed, _ = population(tiny_mnist, lrs, seeds, Adam, every=4)
+    resumed, _ = population(tiny_mnist, lrs, seeds, Adam, every=4, scheduler=scheduler)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     assert resumed.epochs_done == 1 and resumed.records[1].diverged
     assert list(resumed.run_weights()) == [1]
@@ -593,6 +643,10 @@ def test_a_loop_restored_from_its_state_continues_bitwise(tiny_mnist: Path) -> N
         assert torch.equal(p, q)
     for a, b in zip(resumed.optimizer.state.values(), straight.optimizer.state.values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(resumed.optimizer.param_groups[0]["lr"], straight.optimizer.param_groups[0]["lr"])
+    if scheduler:
+        assert resumed.schedules.state_dict() == straight.schedules.state_dict()
+        assert straight.optimizer.param_groups[0]["lr"].tolist() == [lr / 8 for lr in lrs]
 
 
 def test_the_loop_refuses_what_it_cannot_reproduce(tiny_mnist: Path) -> None:

@@ -418,13 +418,26 @@ def test_members_may_differ_in_member_wise_settings_only() -> None:
         assert population_key(compose_config(*same)) == key, same
     for other in (["batch_size=64"], ["epochs=3"], ["data.subset=1000"], ["model.hidden=[32]"],
                   ["optimizer=adam"], ["optimizer.momentum=0.9"], ["trainer.precision=64-true"],
-                  ["data.test_every_epoch=false"], ["curvature.every_n_steps=10"]):
+                  ["data.test_every_epoch=false"], ["curvature.every_n_steps=10"], ["scheduler=cosine"]):
         assert population_key(compose_config(*other)) != key, other
     assert why_alone(compose_config("curvature.every_n_steps=10")) is None  # tracked members share a population
+    for schedule in (["scheduler=cosine"], ["scheduler=step", "optimizer=adam"]):  # each member its own scheduler
+        assert why_alone(compose_config(*schedule)) is None, schedule
+
+
+# A scheduler of torch's in place of conf/scheduler/step.yaml's StepLR.
+def scheduler(target: str, *options: str) -> list[str]:
+    return ["scheduler=step", f"scheduler._target_=torch.optim.lr_scheduler.{target}", "~scheduler.step_size",
+            "~scheduler.gamma", *options]
 
 
 @pytest.mark.parametrize("overrides, reason", [
-    (["model.dropout=0.5"], "dropout"), (["scheduler=cosine"], "scheduler"),
+    (["model.dropout=0.5"], "dropout"),
+    # Each member steps its own scheduler on a stand-in of its optimizer: one that changes more than the lr
+    # (a cyclic momentum) cannot be followed member by member, one whose step fails fails the run too.
+    ([*scheduler("CyclicLR", "+scheduler.base_lr=0.01", "+scheduler.max_lr=0.1"), "optimizer.momentum=0.9"],
+     "a learning-rate scheduler that changes momentum"),
+    (scheduler("ReduceLROnPlateau"), "a learning-rate scheduler whose step failed (TypeError: "),
     (["optimizer.grad_noise_std=0.01"], "grad_noise_std"), (["callbacks=early_stopping"], "early_stopping"),
     (["logger=csv"], "logger"), (["trainer.gradient_clip_val=1.0"], "trainer.gradient_clip_val=1.0"),
     (["test_ckpt=best"], "test_ckpt=best"), (["optimizer.impl=torch"], "optimizer.impl=torch"),
@@ -649,6 +662,25 @@ def test_a_population_sweep_equals_the_sequential_sweep(mnist_root: Path, tmp_pa
                             capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr
     assert "16 runs" in (tmp_path / "population" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_scheduled_sweep_as_populations_equals_the_sequential_sweep(mnist_root: Path, tmp_path: Path) -> None:
+    """scheduler=step halving the lr after every epoch, SGD and Adam at two lrs, float64: two populations
+    whose members each step their own scheduler write the sequential jobs' records (metrics to 1e-9, the
+    lr of every logged step exactly the run's)."""
+    pop, seq, out = sweep_both_ways(tmp_path, "optimizer=sgd,adam", "lr=0.05,0.5", "model.hidden=[8]",
+                                    "trainer.precision=64-true", "scheduler=step", "scheduler.step_size=1",
+                                    "trainer.log_every_n_steps=1", *EQUIVALENCE_BUDGET)
+    assert "4 jobs -> 4 in 2 population(s), 0 alone" in out and "adam (StepLR), 2 epochs" in out
+    for name, ref in seq.items():
+        got, lr = pop[name], ref["config"]["lr"]
+        assert [row["lr"] for row in got["train_steps"]] == [row["lr"] for row in ref["train_steps"]] == \
+            [lr, lr, lr / 2, lr / 2], name  # 2 epochs of 2 steps
+        assert (got["status"], got["regime"]) == (ref["status"], ref["regime"]), name
+        for row, ref_row in zip(got["epochs"], ref["epochs"], strict=True):
+            for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"):
+                assert row[key] == pytest.approx(ref_row[key], rel=1e-9), (name, row["epoch"], key)
 
 
 @pytest.mark.slow

@@ -51,6 +51,7 @@ from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimi
 from optimlab.population.plan import (DTYPES, Job, check_plan_is_the_sweeps, classify_all, compose_jobs, fits_beside,
                                       group, machine_memory_share, memory_budget, plan_text, population_device)
 from optimlab.population.records import PopulationRun, member_summary, write_member
+from optimlab.population.schedule import MemberSchedules
 from optimlab.population.stacked import STACKED
 from optimlab.record import device_name, log_epoch_lines, record_refusal, refused_summary, result_line
 from optimlab.summary import FINISHED, RunSummary, config_key, optimized_value, read_summary, write_summary
@@ -203,8 +204,9 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
             sharpness = MemberSharpness(tracking.every_n_steps, seeds, tracking.probe_size,
                                         tracking.iters, tracking.tol, tracking.log_spaced_start) \
                 if tracking.get("every_n_steps") else None
+            schedules = MemberSchedules([job.plain for job in members]) if first.get("scheduler") else None
             loop = ReportingLoop(model, optimizer, data, [r["trainer"]["log_every_n_steps"] for r in resolved], sharpness,
-                                 on_epoch=on_epoch)
+                                 schedules, on_epoch=on_epoch)
             records = loop.records
             if all(r.get("resume") == "auto" for r in resolved):
                 saved, why_not = checkpoint.load(device)

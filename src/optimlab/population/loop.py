@@ -37,6 +37,7 @@ from optimlab.divergence import LOSS_OR_GRADIENT, WEIGHTS, finite_rows, norm_row
 from optimlab.optim import Optimizer
 from optimlab.population.curvature import MemberSharpness
 from optimlab.population.data import PopulationData
+from optimlab.population.schedule import MemberSchedules
 from optimlab.population.module import fit
 from optimlab.population.stacked import StackedModel, member_losses
 
@@ -96,10 +97,12 @@ class PopulationLoop:
         weights_every: each member's cadence of the single run's check of its updated weights
             (``trainer.log_every_n_steps``); one number for all, or one per member.
         sharpness: tracks every member's sharpness (``curvature.every_n_steps``), or None.
+        schedules: the members' learning-rate schedulers (``scheduler``), stepped after every epoch, or None.
     """
 
     def __init__(self, model: StackedModel, optimizer: Optimizer, data: PopulationData,
-                 weights_every: int | Sequence[int] = 50, sharpness: MemberSharpness | None = None) -> None:
+                 weights_every: int | Sequence[int] = 50, sharpness: MemberSharpness | None = None,
+                 schedules: MemberSchedules | None = None) -> None:
         params = list(model.parameters())
         groups = optimizer.param_groups
         if len(groups) != 1 or groups[0].get("members") != model.members or \
@@ -124,6 +127,9 @@ class PopulationLoop:
         self.log_every, self._cadences = every, sorted(set(every))  # the per-step scalars' cadence, as the run's
         self._logged_steps: list[tuple[int, Tensor]] = []  # this epoch's, on the device until its end
         self.flags_on_host = device.type == "cpu"  # reading the flags costs nothing there (see keep_finite)
+        self.schedules = schedules
+        if schedules is not None:  # the lr each scheduler set when it was built (a warm-up's first)
+            schedules.set(groups[0]["lr"])
         self.sharpness = sharpness
         if sharpness is not None:
             sharpness.setup(model, optimizer, data)
@@ -145,7 +151,7 @@ class PopulationLoop:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the next epoch depends on, after a finished epoch: weights, optimizer state, the
-        on-device flags, the step and epoch counts and the members' records. Not the last finite
+        on-device flags, the step and epoch counts, the members' records and schedulers. Not the last finite
         weights: after every step they are the weights (:meth:`keep_finite`). No random state: after
         the start nothing is drawn at random (each member's epoch order comes from its seed and the
         epoch number)."""
@@ -153,7 +159,8 @@ class PopulationLoop:
                 "alive": self.alive, "diverged_at": self.diverged_at,
                 "reason": self.reason, "global_step": self.global_step, "epochs_done": self.epochs_done,
                 "records": [dataclasses.asdict(record) for record in self.records], "run_weights": self.run_weights(),
-                "sharpness": None if self.sharpness is None else self.sharpness.state_dict()}
+                "sharpness": None if self.sharpness is None else self.sharpness.state_dict(),
+                "schedules": None if self.schedules is None else self.schedules.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`'s ``state`` (tensors on this loop's device): the next
@@ -172,6 +179,8 @@ class PopulationLoop:
         self.records[:] = [MemberRecord(**record) for record in state["records"]]
         if self.sharpness is not None:
             self.sharpness.load_state_dict(state["sharpness"])
+        if self.schedules is not None:
+            self.schedules.load_state_dict(state["schedules"], self.optimizer.param_groups[0]["lr"])
 
     def end_epoch(self, epochs_done: int) -> None:
         """Called by :meth:`finish_epoch` once an epoch's rows are in the records; subclasses save or report here."""
@@ -411,6 +420,8 @@ class PopulationLoop:
                     record.divergence_reason = REASONS[int(values["reason"][m])]
         if not any(values["started_alive"]):
             return False
+        if self.schedules is not None:  # after the epoch, as the runs step theirs
+            self.schedules.step(self.optimizer.param_groups[0]["lr"])
         self.epochs_done = epoch + 1
         self.end_epoch(self.epochs_done)
         return True
