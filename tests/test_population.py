@@ -23,7 +23,8 @@ from optimlab.divergence import LOSS_OR_GRADIENT, WEIGHTS
 from optimlab.optim import SGD, Adagrad, Adam, RMSprop
 from optimlab.population import StackedCNN, StackedMLP, build_member
 from optimlab.population.data import PopulationData, split_indices
-from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimizer, train_population
+from optimlab.population.loop import (MemberRecord, PopulationLoop, clip_member_gradients, member_optimizer,
+                                      train_population)
 from optimlab.population.module import PopulationModule
 from optimlab.population.schedule import MemberSchedules
 from optimlab.population.stacked import MemberLinear, StackedConv2d, grouped_conv2d, member_conv2d, member_losses
@@ -592,6 +593,33 @@ def test_each_member_follows_its_own_runs_schedule(tiny_mnist: Path, scheduler: 
         assert [row["lr"] for row in records[m].train_steps] == expected[:3]  # steps 0, 6, 12: one an epoch
         assert loop.optimizer.param_groups[0]["lr"][m].item() == expected[3]
     assert len({row["lr"] for row in records[0].train_steps}) > 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("algorithm,value", [("norm", 0.7), ("norm", 1e9), ("value", 0.01)])
+def test_member_gradients_are_clipped_as_torch_clips_each_runs(algorithm: str, value: float, dtype: torch.dtype) -> None:
+    """Each member's gradients clipped exactly (bitwise) as clip_grad_norm_ / clip_grad_value_ clip its
+    own run's, MLP and CNN shapes; a member with a non-finite gradient leaves the others as they would be."""
+    torch.manual_seed(0)
+    shapes = [(16, 784), (16,), (10, 16), (10,), (12, 1, 5, 5), (12,)]
+    scales = torch.logspace(-3, 2, 64, dtype=dtype)  # 64 members' gradients, 1e-3 to 1e2: every rounding case
+    grads = [torch.randn(64, *shape, dtype=dtype) * scales.view(-1, *[1] * len(shape)) for shape in shapes]
+    grads[0][2, 3, 4] = math.inf  # member 2 diverged
+    expected = []
+    for m in range(64):
+        params = [torch.nn.Parameter(torch.zeros(shape, dtype=dtype)) for shape in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g[m].clone()
+        clip = torch.nn.utils.clip_grad_value_ if algorithm == "value" else torch.nn.utils.clip_grad_norm_
+        clip(params, value)
+        expected.append([p.grad for p in params])
+    before = [g.clone() for g in grads]
+    clip_member_gradients(grads, value, algorithm)
+    for m in set(range(64)) - {2}:
+        for got, want in zip(grads, expected[m]):
+            assert torch.equal(got[m], want), m
+    # Clipped where it should be: the largest gradients, not at a bound far above every norm (1e9).
+    assert torch.equal(grads[0][-1], before[0][-1]) == (value == 1e9)
 
 
 def test_no_weight_decay_is_the_number_zero_and_steps_as_the_members_runs(tiny_mnist: Path) -> None:

@@ -439,7 +439,7 @@ def scheduler(target: str, *options: str) -> list[str]:
      "a learning-rate scheduler that changes momentum"),
     (scheduler("ReduceLROnPlateau"), "a learning-rate scheduler whose step failed (TypeError: "),
     (["optimizer.grad_noise_std=0.01"], "grad_noise_std"), (["callbacks=early_stopping"], "early_stopping"),
-    (["logger=csv"], "logger"), (["trainer.gradient_clip_val=1.0"], "trainer.gradient_clip_val=1.0"),
+    (["logger=csv"], "logger"), (["trainer.detect_anomaly=true"], "trainer.detect_anomaly=True"),
     (["test_ckpt=best"], "test_ckpt=best"), (["optimizer.impl=torch"], "optimizer.impl=torch"),
     (["trainer.precision=bf16-mixed"], "precision"), (["trainer.limit_train_batches=0"], "limit_train_batches=0"),
 ])
@@ -665,19 +665,25 @@ def test_a_population_sweep_equals_the_sequential_sweep(mnist_root: Path, tmp_pa
 
 
 @pytest.mark.slow
-def test_a_scheduled_sweep_as_populations_equals_the_sequential_sweep(mnist_root: Path, tmp_path: Path) -> None:
-    """scheduler=step halving the lr after every epoch, SGD and Adam at two lrs, float64: two populations
-    whose members each step their own scheduler write the sequential jobs' records (metrics to 1e-9, the
-    lr of every logged step exactly the run's)."""
+def test_a_scheduled_and_clipped_sweep_as_populations_equals_the_sequential_sweep(mnist_root: Path,
+                                                                                 tmp_path: Path) -> None:
+    """scheduler=step halving the lr after every epoch and gradients clipped to norm 0.05, SGD and Adam at
+    two lrs, float64: two populations whose members each step their own scheduler and clip their own
+    gradients write the sequential jobs' records (metrics and the logged gradient norms to 1e-9, the lr of
+    every logged step exactly the run's)."""
     pop, seq, out = sweep_both_ways(tmp_path, "optimizer=sgd,adam", "lr=0.05,0.5", "model.hidden=[8]",
                                     "trainer.precision=64-true", "scheduler=step", "scheduler.step_size=1",
-                                    "trainer.log_every_n_steps=1", *EQUIVALENCE_BUDGET)
+                                    "trainer.gradient_clip_val=0.05", "trainer.log_every_n_steps=1",
+                                    *EQUIVALENCE_BUDGET)
     assert "4 jobs -> 4 in 2 population(s), 0 alone" in out and "adam (StepLR), 2 epochs" in out
     for name, ref in seq.items():
         got, lr = pop[name], ref["config"]["lr"]
         assert [row["lr"] for row in got["train_steps"]] == [row["lr"] for row in ref["train_steps"]] == \
             [lr, lr, lr / 2, lr / 2], name  # 2 epochs of 2 steps
         assert (got["status"], got["regime"]) == (ref["status"], ref["regime"]), name
+        norms = [row["grad_norm"] for row in ref["train_steps"]]
+        assert [row["grad_norm"] for row in got["train_steps"]] == pytest.approx(norms, rel=1e-9), name
+        assert max(norms) <= 0.05, name  # clipped
         for row, ref_row in zip(got["epochs"], ref["epochs"], strict=True):
             for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"):
                 assert row[key] == pytest.approx(ref_row[key], rel=1e-9), (name, row["epoch"], key)

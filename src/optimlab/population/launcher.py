@@ -205,8 +205,10 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
                                         tracking.iters, tracking.tol, tracking.log_spaced_start) \
                 if tracking.get("every_n_steps") else None
             schedules = MemberSchedules([job.plain for job in members]) if first.get("scheduler") else None
+            clip = first.trainer.gradient_clip_val
             loop = ReportingLoop(model, optimizer, data, [r["trainer"]["log_every_n_steps"] for r in resolved], sharpness,
-                                 schedules, on_epoch=on_epoch)
+                                 schedules, (float(clip), first.trainer.gradient_clip_algorithm or "norm") if clip else None,
+                                 on_epoch=on_epoch)
             records = loop.records
             if all(r.get("resume") == "auto" for r in resolved):
                 saved, why_not = checkpoint.load(device)

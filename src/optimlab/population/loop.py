@@ -98,11 +98,13 @@ class PopulationLoop:
             (``trainer.log_every_n_steps``); one number for all, or one per member.
         sharpness: tracks every member's sharpness (``curvature.every_n_steps``), or None.
         schedules: the members' learning-rate schedulers (``scheduler``), stepped after every epoch, or None.
+        clip: ``(trainer.gradient_clip_val, trainer.gradient_clip_algorithm)``: each member's gradients
+            clipped as Lightning clips its run's (:func:`clip_member_gradients`), or None.
     """
 
     def __init__(self, model: StackedModel, optimizer: Optimizer, data: PopulationData,
                  weights_every: int | Sequence[int] = 50, sharpness: MemberSharpness | None = None,
-                 schedules: MemberSchedules | None = None) -> None:
+                 schedules: MemberSchedules | None = None, clip: tuple[float, str] | None = None) -> None:
         params = list(model.parameters())
         groups = optimizer.param_groups
         if len(groups) != 1 or groups[0].get("members") != model.members or \
@@ -127,6 +129,7 @@ class PopulationLoop:
         self.log_every, self._cadences = every, sorted(set(every))  # the per-step scalars' cadence, as the run's
         self._logged_steps: list[tuple[int, Tensor]] = []  # this epoch's, on the device until its end
         self.flags_on_host = device.type == "cpu"  # reading the flags costs nothing there (see keep_finite)
+        self.clip = clip
         self.schedules = schedules
         if schedules is not None:  # the lr each scheduler set when it was built (a warm-up's first)
             schedules.set(groups[0]["lr"])
@@ -225,6 +228,8 @@ class PopulationLoop:
         losses = losses.detach()
         # The single run's check per member: non-finite when the loss or any gradient is (or their sum overflows).
         check = losses + sum_rows(*(p.grad for p in self.params))
+        if self.clip is not None:  # after the check, as the runs clip
+            clip_member_gradients([p.grad for p in self.params], *self.clip)
         self.optimizer.step()
         weights_ok = self.finite_weights()
         grads_ok = torch.isfinite(check)
@@ -441,6 +446,24 @@ class PopulationLoop:
                 row[key] = values[key][m]
         row["train_time_s"] = train_time
         return row
+
+
+def clip_member_gradients(grads: Sequence[Tensor], value: float, algorithm: str) -> None:
+    """Clip each member's gradients (``grads``: one ``[P, ...]`` per parameter) in place as Lightning
+    clips a run's (``trainer.gradient_clip_val`` and ``gradient_clip_algorithm``, by
+    ``torch.nn.utils.clip_grad_value_`` or ``clip_grad_norm_``): ``value``: every element into
+    [-value, value]; ``norm``: scaled by min(1, value / (norm + 1e-6)), the member's norm taken as
+    ``clip_grad_norm_`` takes it (each gradient's norm, then the norm of those, in the parameters' order;
+    row-wise the same bits on the CPU, tested). Nothing crosses members."""
+    if algorithm == "value":
+        for g in grads:
+            g.clamp_(min=-value, max=value)
+        return
+    norms = torch.stack([torch.linalg.vector_norm(g.reshape(len(g), -1), dim=1) for g in grads])  # [parameters, P]
+    total = torch.linalg.vector_norm(norms.t().contiguous(), dim=1)
+    scale = torch.clamp(value / (total + 1e-6), max=1.0)  # clip_grad_norm_'s expression, member-wise
+    for g in grads:
+        g.mul_(scale.view((-1,) + (1,) * (g.dim() - 1)))
 
 
 def members(flags: Tensor) -> list[int]:
