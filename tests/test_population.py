@@ -741,6 +741,6 @@ def test_benchmark_sweep_mode_runs_both_sweeps(tmp_path: Path) -> None:
     ratios = [float(r[4]) for r in per_population]
     largest = next(line for line in result.stdout.splitlines() if "largest ratio" in line)
     assert all(r > 0 for r in ratios) and float(largest.split("largest ratio ")[1].split(",")[0]) == pytest.approx(
-        max(ratios), abs=0.006)  # the summary line's 2 decimals against the table's 3
+        max(ratios), rel=0.005, abs=0.006)  # the summary line's 2 decimals against the table's 3 digits
     for sweep in ("cpu_sequential", "cpu_population"):
         assert len(list((tmp_path / sweep).glob("*/summary.json"))) == 8, sweep
