@@ -37,8 +37,8 @@ from optimlab.divergence import LOSS_OR_GRADIENT, WEIGHTS, finite_rows, norm_row
 from optimlab.optim import Optimizer
 from optimlab.population.curvature import MemberSharpness
 from optimlab.population.data import PopulationData
-from optimlab.population.schedule import MemberSchedules
 from optimlab.population.module import fit
+from optimlab.population.schedule import MemberSchedules
 from optimlab.population.stacked import StackedModel, member_losses
 
 REASONS = {1: LOSS_OR_GRADIENT, 2: WEIGHTS}  # device codes -> the single run's divergence reasons

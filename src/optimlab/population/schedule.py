@@ -24,7 +24,7 @@ from torch import Tensor
 
 from optimlab.build import optimizer_class
 
-# A stand-in optimizer never steps; its scheduler's step is still the run's.
+# torch's warning for a scheduler stepped before its optimizer ever stepped: a stand-in never steps.
 STEP_ORDER = r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`"
 
 
