@@ -423,6 +423,8 @@ def test_members_may_differ_in_member_wise_settings_only() -> None:
     assert why_alone(compose_config("curvature.every_n_steps=10")) is None  # tracked members share a population
     for schedule in (["scheduler=cosine"], ["scheduler=step", "optimizer=adam"]):  # each member its own scheduler
         assert why_alone(compose_config(*schedule)) is None, schedule
+    for clip in (["trainer.gradient_clip_val=1.0"], ["trainer.gradient_clip_val=0.1", "trainer.gradient_clip_algorithm=value"]):
+        assert why_alone(compose_config(*clip)) is None, clip  # each member clipped by its own norm
 
 
 # A scheduler of torch's in place of conf/scheduler/step.yaml's StepLR.
@@ -437,7 +439,10 @@ def scheduler(target: str, *options: str) -> list[str]:
     # (a cyclic momentum) cannot be followed member by member, one whose step fails fails the run too.
     ([*scheduler("CyclicLR", "+scheduler.base_lr=0.01", "+scheduler.max_lr=0.1"), "optimizer.momentum=0.9"],
      "a learning-rate scheduler that changes momentum"),
-    (scheduler("ReduceLROnPlateau"), "a learning-rate scheduler whose step failed (TypeError: "),
+    ([*scheduler("CyclicLR", "+scheduler.base_lr=0.01", "+scheduler.max_lr=0.1", "+scheduler.base_momentum=0.5",
+                 "+scheduler.max_momentum=0.5"), "optimizer.momentum=0.9"],  # set once, when it is built
+     "a learning-rate scheduler that changes momentum"),
+    (scheduler("ReduceLROnPlateau"), "a learning-rate scheduler that fails on a stand-in optimizer (TypeError: "),
     (["optimizer.grad_noise_std=0.01"], "grad_noise_std"), (["callbacks=early_stopping"], "early_stopping"),
     (["logger=csv"], "logger"), (["trainer.detect_anomaly=true"], "trainer.detect_anomaly=True"),
     (["test_ckpt=best"], "test_ckpt=best"), (["optimizer.impl=torch"], "optimizer.impl=torch"),

@@ -183,6 +183,8 @@ class PopulationLoop:
         if self.sharpness is not None:
             self.sharpness.load_state_dict(state["sharpness"])
         if self.schedules is not None:
+            if not state.get("schedules"):
+                raise ValueError("the state holds no learning-rate schedulers for this loop's")
             self.schedules.load_state_dict(state["schedules"], self.optimizer.param_groups[0]["lr"])
 
     def end_epoch(self, epochs_done: int) -> None:

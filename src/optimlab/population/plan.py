@@ -31,7 +31,7 @@ from optimlab.optim import Optimizer
 from optimlab.population.cluster import Executor, ForkedJob, can_fork
 from optimlab.population.compose import ShapeCachingLoader, task_part
 from optimlab.population.data import split_indices
-from optimlab.population.schedule import options_it_changes
+from optimlab.population.schedule import why_not_followed
 from optimlab.population.stacked import STACKED, build_member
 from optimlab.summary import config_key, describe_run, is_complete, read_summary
 from optimlab.train import refuse_changed_config
@@ -210,7 +210,7 @@ def why_alone(cfg: DictConfig) -> str | None:
         "model.dropout > 0": (cfg.model.get("dropout") or 0) > 0,
         "optimizer.impl=torch (member-wise groups are optimlab.optim's)": optimizer.get("impl") == "torch",
         "optimizer.grad_noise_std > 0": (optimizer.get("grad_noise_std") or 0) > 0,
-        (scheduler := scheduler_alone(cfg)) or "a learning-rate scheduler": scheduler is not None,
+        (scheduler := why_not_followed(cfg) if cfg.get("scheduler") else None) or "": scheduler is not None,
         "callbacks other than the defaults (" + ", ".join(sorted(extra_callbacks)) + ")": bool(extra_callbacks),
         "a logger other than TensorBoard": set(loggers) != {"tensorboard"},
         "trainer.max_epochs given apart from epochs": t.get("max_epochs", cfg.epochs) != cfg.epochs,
@@ -224,18 +224,6 @@ def why_alone(cfg: DictConfig) -> str | None:
     }
     found = [reason for reason, applies in reasons.items() if applies]
     return ", ".join(found) or None
-
-
-def scheduler_alone(cfg: DictConfig) -> str | None:
-    """Why a population cannot step ``cfg.scheduler`` member by member (:mod:`optimlab.population.schedule`),
-    or None (also when there is none)."""
-    if not cfg.get("scheduler"):
-        return None
-    try:
-        changed = options_it_changes(cfg)
-    except Exception as err:  # e.g. a step that wants a metric: the job's own run meets the same error
-        return f"a learning-rate scheduler whose step failed ({type(err).__name__}: {err})"
-    return f"a learning-rate scheduler that changes {', '.join(changed)}" if changed else None
 
 
 def population_key(cfg: DictConfig | Mapping[str, Any]) -> str:

@@ -7,12 +7,14 @@ a stand-in optimizer (the member's optimizer class and options over one stand-in
 lr is the member's). The lr each scheduler sets, at construction (a warm-up's first factor) and after
 every epoch, becomes the member's entry of the population's lr: the floats the member's run computes,
 by torch's own scheduler code on the same values. A scheduler that also changes other options of the
-optimizer (a cyclic momentum) cannot be followed member by member: :func:`options_it_changes` tells
+optimizer (a cyclic momentum) cannot be followed member by member: :func:`why_not_followed` tells
 the plan, which runs such a job alone.
 """
 
 from __future__ import annotations
 
+import copy
+import io
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -28,22 +30,44 @@ from optimlab.build import optimizer_class
 STEP_ORDER = r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`"
 
 
-def stand_in_scheduler(cfg: DictConfig) -> Any:
-    """``cfg.scheduler`` built on a stand-in of ``cfg.optimizer`` (see the module docstring)."""
+def stand_in(cfg: DictConfig) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` over one stand-in parameter."""
     cls, options = optimizer_class(cfg.optimizer)
-    return instantiate(cfg.scheduler)(cls([torch.zeros(1)], **options))
+    return cls([torch.zeros(1)], **options)
 
 
-def options_it_changes(cfg: DictConfig) -> list[str]:
-    """The optimizer options other than lr that ``cfg.scheduler`` changes over the run's epochs."""
-    scheduler = stand_in_scheduler(cfg)
-    group = scheduler.optimizer.param_groups[0]
-    before = {key: value for key, value in group.items() if key not in ("params", "lr", "initial_lr")}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=STEP_ORDER)
-        for _ in range(int(cfg.epochs)):
-            scheduler.step()
-    return sorted(key for key, value in before.items() if group[key] != value)
+def stand_in_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer | None = None) -> Any:
+    """``cfg.scheduler`` built on ``optimizer`` (default: a :func:`stand_in` of ``cfg.optimizer``)."""
+    return instantiate(cfg.scheduler)(optimizer or stand_in(cfg))
+
+
+def why_not_followed(cfg: DictConfig) -> str | None:
+    """Why a population cannot follow ``cfg.scheduler`` member by member, from a stand-in's run of the job's
+    epochs, or None: it changes optimizer options other than lr (when built or when stepped: a population
+    shares them), or it fails, or its state does not pass through the population checkpoint's save and
+    load (``torch.load(weights_only=True)``)."""
+    optimizer = stand_in(cfg)
+    before = copy.deepcopy({key: value for key, value in optimizer.param_groups[0].items() if key != "params"})
+    try:
+        scheduler = stand_in_scheduler(cfg, optimizer)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=STEP_ORDER)
+            for _ in range(int(cfg.epochs)):
+                scheduler.step()
+    except Exception as err:  # e.g. a step that wants a metric: the job's own run meets the same error
+        return f"a learning-rate scheduler that fails on a stand-in optimizer ({type(err).__name__}: {err})"
+    group = optimizer.param_groups[0]
+    changed = sorted(key for key, value in before.items() if key != "lr" and group.get(key) != value)
+    if changed:
+        return f"a learning-rate scheduler that changes {', '.join(changed)}"
+    buffer = io.BytesIO()
+    try:
+        torch.save(scheduler.state_dict(), buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=True)
+    except Exception as err:
+        return f"a learning-rate scheduler whose state a checkpoint cannot hold ({type(err).__name__}: {err})"
+    return None
 
 
 class MemberSchedules:
