@@ -204,13 +204,14 @@ def why_alone(cfg: DictConfig) -> str | None:
     loggers = {name for name, entry in (cfg.get("logger") or {}).items() if entry}
     trainer_args = {f"trainer.{key}={value}" for key, value in t.items()
                     if key not in POPULATION_TRAINER and value != TRAINER_DEFAULTS.get(key)}
+    scheduler = why_not_followed(cfg) if cfg.get("scheduler") else None
     reasons = {
         ", ".join(sorted(trainer_args)): bool(trainer_args),
         f"model {cfg.model.get('_target_')} cannot be stacked": cfg.model.get("_target_") not in STACKED,
         "model.dropout > 0": (cfg.model.get("dropout") or 0) > 0,
         "optimizer.impl=torch (member-wise groups are optimlab.optim's)": optimizer.get("impl") == "torch",
         "optimizer.grad_noise_std > 0": (optimizer.get("grad_noise_std") or 0) > 0,
-        (scheduler := why_not_followed(cfg) if cfg.get("scheduler") else None) or "": scheduler is not None,
+        scheduler or "a learning-rate scheduler": scheduler is not None,
         "callbacks other than the defaults (" + ", ".join(sorted(extra_callbacks)) + ")": bool(extra_callbacks),
         "a logger other than TensorBoard": set(loggers) != {"tensorboard"},
         "trainer.max_epochs given apart from epochs": t.get("max_epochs", cfg.epochs) != cfg.epochs,
