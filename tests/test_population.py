@@ -27,6 +27,7 @@ from optimlab.population.loop import (MemberRecord, PopulationLoop, clip_member_
                                       train_population)
 from optimlab.population.module import PopulationModule
 from optimlab.population.schedule import MemberSchedules
+from optimlab.population.stopping import MemberEarlyStopping
 from optimlab.population.stacked import MemberLinear, StackedConv2d, grouped_conv2d, member_conv2d, member_losses
 from optimlab.train import run
 
@@ -286,7 +287,8 @@ def test_split_indices_errors_and_shared_settings(tiny_mnist: Path) -> None:
 def population(root: Path, lrs: list[float], seeds: list[int], optimizer: type = SGD,
                dtype: torch.dtype = torch.float32, stacked: type = StackedMLP, config: Any = None,
                weight_decay: Any = 0.0, every: int | list[int] = 50, scheduler: dict[str, Any] | None = None,
-               clip: tuple[float, str] | None = None, **options: Any) -> tuple[PopulationLoop, list[MNISTDataModule]]:
+               clip: tuple[float, str] | None = None, stopping: MemberEarlyStopping | None = None,
+               **options: Any) -> tuple[PopulationLoop, list[MNISTDataModule]]:
     """A population on the tiny IDX files (48 training images, batches of 8: 6 steps an epoch);
     ``scheduler``: every member's scheduler config; ``clip``: (gradient_clip_val, algorithm)."""
     config = config or mlp_config(activation="relu")
@@ -297,7 +299,8 @@ def population(root: Path, lrs: list[float], seeds: list[int], optimizer: type =
     schedules = MemberSchedules([OmegaConf.create({
         "optimizer": {"_target_": f"{optimizer.__module__}.{optimizer.__name__}", "lr": lr, "weight_decay": decay, **options},
         "scheduler": scheduler}) for lr, decay in zip(lrs, decays)]) if scheduler else None
-    return PopulationLoop(model, opt, PopulationData(dms), weights_every=every, schedules=schedules, clip=clip), dms
+    return PopulationLoop(model, opt, PopulationData(dms), weights_every=every, schedules=schedules, clip=clip,
+                          stopping=stopping), dms
 
 
 def trajectory(loop: PopulationLoop, epochs: int = 2) -> list[list[torch.Tensor]]:
@@ -645,6 +648,79 @@ def test_each_member_is_clipped_as_its_own_run(tiny_mnist: Path, clip: tuple[flo
     assert unclipped.fit(2)[0].history != records[0].history  # the bounds bite
 
 
+class GivenValidation(L.LightningModule):
+    """A run whose epoch e validates to ``values[e]`` (as val/loss and val/acc); counts its epochs."""
+
+    def __init__(self, values: list[float]) -> None:
+        super().__init__()
+        self.values, self.epochs = values, 0
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.weight.sum() * 0
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        value = torch.tensor(self.values[self.current_epoch])
+        self.log("val/loss", value)
+        self.log("val/acc", value)
+
+    def on_validation_epoch_end(self) -> None:
+        self.epochs += 1
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> list[torch.Tensor]:
+        return [torch.zeros(1)]
+
+    def val_dataloader(self) -> list[torch.Tensor]:
+        return [torch.zeros(1)]
+
+
+@pytest.mark.parametrize("monitor,mode,patience,min_delta,values", [
+    ("val/loss", "min", 0, 0.0, [1.0, 0.5, 0.5, 0.25]),            # a tie is no improvement
+    ("val/loss", "min", 2, 0.0, [1.0, 1.5, 0.75, 2.0, 2.0, 0.5, 0.5]),
+    ("val/loss", "min", 1, 0.25, [1.0, 0.75, 0.5, 0.375, 0.25, 0.0]),  # improvements of exactly min_delta
+    ("val/acc", "max", 1, 0.25, [0.25, 0.5, 0.625, 1.0, 1.0]),
+    ("val/acc", "max", 3, 0.0, [0.5, math.nan, 0.75]),              # not finite: stops at once
+    ("val/acc", "max", 0, 0.0, [0.5, 0.75, 1.0, 1.0, 1.0]),
+    ("val/loss", "min", 5, 0.0, [1.0, 0.5, 0.25]),                  # never stops
+])
+def test_a_member_stops_early_where_lightnings_early_stopping_stops_its_run(
+        monitor: str, mode: str, patience: int, min_delta: float, values: list[float]) -> None:
+    """MemberEarlyStopping's decisions against Lightning's EarlyStopping in a fit whose validation
+    values are given (exact in float32, as a run logs them): the same number of epochs."""
+    run = GivenValidation(values)
+    trainer = L.Trainer(max_epochs=len(values), logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu",
+                        callbacks=[L.pytorch.callbacks.EarlyStopping(monitor, min_delta, patience, mode=mode)])
+    trainer.fit(run)
+    stopping = MemberEarlyStopping(2, monitor, mode, patience, min_delta)
+    key = "val_loss" if monitor == "val/loss" else "val_acc"
+    epochs = next((e + 1 for e, value in enumerate(values) if stopping.stops(1, {key: value})), len(values))
+    assert epochs == run.epochs
+    assert stopping.best[0] in (math.inf, -math.inf) and stopping.wait[0] == 0  # member 0 untouched
+
+
+def test_members_stop_early_one_by_one_and_the_fit_ends_with_the_last(tiny_mnist: Path) -> None:
+    """Early stopping (val/loss, patience 0): each member's record ends at its first epoch without an
+    improvement, it is not diverged, its weights stay those of its last epoch (the same as a member
+    trained that many epochs without early stopping), and the fit ends when the last one stops."""
+    lrs, seeds = [0.05, 0.5, 2.0], [0, 1, 2]
+    loop, _ = population(tiny_mnist, lrs, seeds, SGD, torch.float64, stopping=MemberEarlyStopping(3, "val/loss", "min", 0))
+    records = loop.fit(20)
+    lengths = [len(r.history) for r in records]
+    assert not any(r.diverged for r in records) and len(set(lengths)) > 1 and max(lengths) < 20
+    assert loop.epochs_done == max(lengths) and not loop.alive.any()
+    for m, record in enumerate(records):
+        losses = [row["val_loss"] for row in record.history]
+        assert all(b < a for a, b in zip(losses, losses[1:-1])) and losses[-1] >= min(losses[:-1]), m
+        plain, _ = population(tiny_mnist, lrs, seeds, SGD, torch.float64)
+        plain.fit(lengths[m])
+        for key, value in plain.model.member_state_dict(m).items():
+            assert torch.equal(loop.model.member_state_dict(m)[key], value), (m, key)
+
+
 def test_no_weight_decay_is_the_number_zero_and_steps_as_the_members_runs(tiny_mnist: Path) -> None:
     """Without weight decay the member-wise group holds the number 0 (no per-member tensor whose zeros
     would cost a pass over every parameter each step), and each member still follows its own run."""
@@ -659,16 +735,21 @@ def test_no_weight_decay_is_the_number_zero_and_steps_as_the_members_runs(tiny_m
     torch.testing.assert_close(loop.model.member_state_dict(0), decayed.model.member_state_dict(0), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("scheduler", [None, SCHEDULERS["step"], SCHEDULERS["warm-up"]],
-                         ids=["constant-lr", "step-lr", "warm-up"])
-def test_a_loop_restored_from_its_state_continues_bitwise(tiny_mnist: Path, scheduler: dict[str, Any] | None) -> None:
+@pytest.mark.parametrize("scheduler,patience", [(None, None), (SCHEDULERS["step"], None), (SCHEDULERS["warm-up"], None),
+                                               (None, 1)], ids=["constant-lr", "step-lr", "warm-up", "early-stopping"])
+def test_a_loop_restored_from_its_state_continues_bitwise(tiny_mnist: Path, scheduler: dict[str, Any] | None,
+                                                         patience: int | None) -> None:
     """Adam (state), one member diverging in epoch 1: 3 epochs straight, or 1 epoch, the state
     through torch.save/load into a fresh loop, then the rest: equal records and weights, bitwise
-    (with a learning-rate schedule, its schedulers' states too)."""
+    (with a learning-rate schedule, its schedulers' states too; with early stopping, its counts)."""
     lrs, seeds = [0.01, 1e300, 0.003], [0, 1, 2]
-    straight, _ = population(tiny_mnist, lrs, seeds, Adam, every=4, scheduler=scheduler)
+
+    def stopping() -> MemberEarlyStopping | None:
+        return None if patience is None else MemberEarlyStopping(3, "val/acc", "max", patience)
+
+    straight, _ = population(tiny_mnist, lrs, seeds, Adam, every=4, scheduler=scheduler, stopping=stopping())
     expected = straight.fit(3)
-    first, _ = population(tiny_mnist, lrs, seeds, Adam, every=4, scheduler=scheduler)
+    first, _ = population(tiny_mnist, lrs, seeds, Adam, every=4, scheduler=scheduler, stopping=stopping())
     first.fit(1)
     # After every step the last finite weights are the weights (a frozen member's set back): not saved.
     assert all(torch.equal(p, last) for p, last in zip(first.params, first.last_finite))
@@ -676,7 +757,7 @@ def test_a_loop_restored_from_its_state_continues_bitwise(tiny_mnist: Path, sche
     buffer = io.BytesIO()
     torch.save(first.state_dict(), buffer)
     buffer.seek(0)
-    resumed, _ = population(tiny_mnist, lrs, seeds, Adam, every=4, scheduler=scheduler)
+    resumed, _ = population(tiny_mnist, lrs, seeds, Adam, every=4, scheduler=scheduler, stopping=stopping())
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     assert resumed.epochs_done == 1 and resumed.records[1].diverged
     assert list(resumed.run_weights()) == [1]
@@ -689,8 +770,11 @@ def test_a_loop_restored_from_its_state_continues_bitwise(tiny_mnist: Path, sche
                  r.divergence_reason, r.train_steps) for r in records]
 
     # repr: exact for floats, and NaN (the overflowed member's weight norm) equals NaN
-    assert repr(untimed(got)) == repr(untimed(expected)) and len(expected[0].history) == 3
-    assert [row["step"] for row in got[0].train_steps] == [0, 4, 8, 12, 16]
+    assert repr(untimed(got)) == repr(untimed(expected))
+    if patience is None:
+        assert len(expected[0].history) == 3 and [row["step"] for row in got[0].train_steps] == [0, 4, 8, 12, 16]
+    else:  # a member stopped after the restored epoch
+        assert len(expected[0].history) == 2 and not expected[0].diverged
     for p, q in zip(resumed.params, straight.params):
         assert torch.equal(p, q)
     for a, b in zip(resumed.optimizer.state.values(), straight.optimizer.state.values()):

@@ -425,6 +425,7 @@ def test_members_may_differ_in_member_wise_settings_only() -> None:
         assert why_alone(compose_config(*schedule)) is None, schedule
     for clip in (["trainer.gradient_clip_val=1.0"], ["trainer.gradient_clip_val=0.1", "trainer.gradient_clip_algorithm=value"]):
         assert why_alone(compose_config(*clip)) is None, clip  # each member clipped by its own norm
+    assert why_alone(compose_config("callbacks=early_stopping")) is None  # each member stops where its run stops
 
 
 # A scheduler of torch's in place of conf/scheduler/step.yaml's StepLR.
@@ -443,7 +444,8 @@ def scheduler(target: str, *options: str) -> list[str]:
                  "+scheduler.max_momentum=0.5"), "optimizer.momentum=0.9"],  # set once, when it is built
      "a learning-rate scheduler that changes momentum"),
     (scheduler("ReduceLROnPlateau"), "a learning-rate scheduler that fails on a stand-in optimizer (TypeError: "),
-    (["optimizer.grad_noise_std=0.01"], "grad_noise_std"), (["callbacks=early_stopping"], "early_stopping"),
+    (["optimizer.grad_noise_std=0.01"], "grad_noise_std"), (["callbacks=lr_monitor"], "lr_monitor"),
+    (["callbacks=early_stopping", "+callbacks.early_stopping.stopping_threshold=0.1"], "early_stopping"),
     (["logger=csv"], "logger"), (["trainer.detect_anomaly=true"], "trainer.detect_anomaly=True"),
     (["test_ckpt=best"], "test_ckpt=best"), (["optimizer.impl=torch"], "optimizer.impl=torch"),
     (["trainer.precision=bf16-mixed"], "precision"), (["trainer.limit_train_batches=0"], "limit_train_batches=0"),
@@ -692,6 +694,25 @@ def test_a_scheduled_and_clipped_sweep_as_populations_equals_the_sequential_swee
         for row, ref_row in zip(got["epochs"], ref["epochs"], strict=True):
             for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"):
                 assert row[key] == pytest.approx(ref_row[key], rel=1e-9), (name, row["epoch"], key)
+
+
+@pytest.mark.slow
+def test_an_early_stopping_sweep_as_populations_equals_the_sequential_sweep(mnist_root: Path, tmp_path: Path) -> None:
+    """callbacks=early_stopping (val/loss, patience 0) over 5 epochs, SGD and Adam at three lrs, float64: each
+    member stops where its run stops (the same epochs, some fewer than 5), with its run's records (1e-9)."""
+    pop, seq, out = sweep_both_ways(tmp_path, "optimizer=sgd,adam", "lr=0.01,0.3,3", "model.hidden=[8]",
+                                    "trainer.precision=64-true", "callbacks=early_stopping",
+                                    "callbacks.early_stopping.patience=0", "data.subset=256", "data.val_size=256",
+                                    "epochs=5", "trainer.accelerator=cpu")
+    assert "6 jobs -> 6 in 2 population(s), 0 alone" in out
+    assert {len(s["epochs"]) for s in seq.values()} - {5}  # some stopped early
+    for name, ref in seq.items():
+        got = pop[name]
+        assert (got["status"], got["regime"], len(got["epochs"])) == (ref["status"], ref["regime"], len(ref["epochs"])), name
+        for row, ref_row in zip(got["epochs"], ref["epochs"], strict=True):
+            for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"):
+                assert row[key] == pytest.approx(ref_row[key], rel=1e-9), (name, row["epoch"], key)
+        assert got["test_acc"] == pytest.approx(ref["test_acc"], rel=1e-9), name
 
 
 @pytest.mark.slow
@@ -984,12 +1005,12 @@ def test_values_that_interpolate_the_jobs_hydra_config_are_each_jobs_own(mnist_r
 @pytest.mark.slow
 @pytest.mark.parametrize("knobs", ["population", "hydra.launcher"])
 def test_dry_run_prints_the_plan_and_writes_nothing(mnist_root: Path, tmp_path: Path, knobs: str) -> None:
-    result = train("lr=0.1,0.5", "seed=0,1,2", "callbacks=default,early_stopping", *SMALL, "hydra/launcher=population",
+    result = train("lr=0.1,0.5", "seed=0,1,2", "callbacks=default,lr_monitor", *SMALL, "hydra/launcher=population",
                    f"{knobs}.dry_run=true", f"{knobs}.max_members=2", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "12 jobs -> 6 in 3 population(s), 6 alone, 0 invalid" in out
-    assert "population 1: 2 members" in out and "MiB" in out and "alone: callbacks other than the defaults (early_stopping)" in out
+    assert "population 1: 2 members" in out and "MiB" in out and "alone: callbacks other than the defaults (lr_monitor)" in out
     assert "memory per population on cpu: at most ~" in out
     assert not list(tmp_path.rglob("summary.json")) and not list(tmp_path.rglob(".hydra"))
     # A budget too small for two members: the plan says so and runs each job alone.

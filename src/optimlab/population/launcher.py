@@ -52,6 +52,7 @@ from optimlab.population.plan import (DTYPES, Job, check_plan_is_the_sweeps, cla
                                       group, machine_memory_share, memory_budget, plan_text, population_device)
 from optimlab.population.records import PopulationRun, member_summary, write_member
 from optimlab.population.schedule import MemberSchedules
+from optimlab.population.stopping import MemberEarlyStopping
 from optimlab.population.stacked import STACKED
 from optimlab.record import device_name, log_epoch_lines, record_refusal, refused_summary, result_line
 from optimlab.summary import FINISHED, RunSummary, config_key, optimized_value, read_summary, write_summary
@@ -167,7 +168,7 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
         # Printed once saved: a Ctrl-C answering the line finds the epoch kept.
         rows = [r.history[-1] for r in records if r.history and r.history[-1]["epoch"] == done]
         val = [row["val_acc"] for row in rows if math.isfinite(row.get("val_acc", math.nan))]
-        training = sum(not r.diverged for r in records)
+        training = int(loop.alive.sum())  # neither diverged nor stopped early
         say(f"{name}: epoch {done:>3}/{first.epochs} | {training}/{len(records)} members training | val acc "
             f"{min(val, default=math.nan):.4f}-{max(val, default=math.nan):.4f} | "
             f"{rows[0]['train_time_s'] if rows else 0.0:.1f}s")
@@ -206,9 +207,13 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
                 if tracking.get("every_n_steps") else None
             schedules = MemberSchedules([job.plain for job in members]) if first.get("scheduler") else None
             clip = first.trainer.gradient_clip_val
+            early = (first.get("callbacks") or {}).get("early_stopping")
+            stopping = MemberEarlyStopping(len(members), early.monitor, early.get("mode", "min"),  # Lightning's defaults
+                                           int(early.get("patience", 3)), float(early.get("min_delta", 0.0))) \
+                if early else None
             loop = ReportingLoop(model, optimizer, data, [r["trainer"]["log_every_n_steps"] for r in resolved], sharpness,
                                  schedules, (float(clip), first.trainer.gradient_clip_algorithm or "norm") if clip else None,
-                                 on_epoch=on_epoch)
+                                 stopping, on_epoch=on_epoch)
             records = loop.records
             if all(r.get("resume") == "auto" for r in resolved):
                 saved, why_not = checkpoint.load(device)

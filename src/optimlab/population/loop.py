@@ -39,6 +39,7 @@ from optimlab.population.curvature import MemberSharpness
 from optimlab.population.data import PopulationData
 from optimlab.population.module import fit
 from optimlab.population.schedule import MemberSchedules
+from optimlab.population.stopping import MemberEarlyStopping
 from optimlab.population.stacked import StackedModel, member_losses
 
 REASONS = {1: LOSS_OR_GRADIENT, 2: WEIGHTS}  # device codes -> the single run's divergence reasons
@@ -100,11 +101,13 @@ class PopulationLoop:
         schedules: the members' learning-rate schedulers (``scheduler``), stepped after every epoch, or None.
         clip: ``(trainer.gradient_clip_val, trainer.gradient_clip_algorithm)``: each member's gradients
             clipped as Lightning clips its run's (:func:`clip_member_gradients`), or None.
+        stopping: every member's early stopping (``callbacks=early_stopping``), checked after every epoch, or None.
     """
 
     def __init__(self, model: StackedModel, optimizer: Optimizer, data: PopulationData,
                  weights_every: int | Sequence[int] = 50, sharpness: MemberSharpness | None = None,
-                 schedules: MemberSchedules | None = None, clip: tuple[float, str] | None = None) -> None:
+                 schedules: MemberSchedules | None = None, clip: tuple[float, str] | None = None,
+                 stopping: MemberEarlyStopping | None = None) -> None:
         params = list(model.parameters())
         groups = optimizer.param_groups
         if len(groups) != 1 or groups[0].get("members") != model.members or \
@@ -129,7 +132,7 @@ class PopulationLoop:
         self.log_every, self._cadences = every, sorted(set(every))  # the per-step scalars' cadence, as the run's
         self._logged_steps: list[tuple[int, Tensor]] = []  # this epoch's, on the device until its end
         self.flags_on_host = device.type == "cpu"  # reading the flags costs nothing there (see keep_finite)
-        self.clip = clip
+        self.clip, self.stopping = clip, stopping
         self.schedules = schedules
         if schedules is not None:  # the lr each scheduler set when it was built (a warm-up's first)
             schedules.set(groups[0]["lr"])
@@ -163,7 +166,8 @@ class PopulationLoop:
                 "reason": self.reason, "global_step": self.global_step, "epochs_done": self.epochs_done,
                 "records": [dataclasses.asdict(record) for record in self.records], "run_weights": self.run_weights(),
                 "sharpness": None if self.sharpness is None else self.sharpness.state_dict(),
-                "schedules": None if self.schedules is None else self.schedules.state_dict()}
+                "schedules": None if self.schedules is None else self.schedules.state_dict(),
+                "stopping": None if self.stopping is None else self.stopping.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`'s ``state`` (tensors on this loop's device): the next
@@ -186,6 +190,10 @@ class PopulationLoop:
             if not state.get("schedules"):
                 raise ValueError("the state holds no learning-rate schedulers for this loop's")
             self.schedules.load_state_dict(state["schedules"], self.optimizer.param_groups[0]["lr"])
+        if self.stopping is not None:
+            if not state.get("stopping"):
+                raise ValueError("the state holds no early-stopping state for this loop's")
+            self.stopping.load_state_dict(state["stopping"])
 
     def end_epoch(self, epochs_done: int) -> None:
         """Called by :meth:`finish_epoch` once an epoch's rows are in the records; subclasses save or report here."""
@@ -393,8 +401,8 @@ class PopulationLoop:
 
     def finish_epoch(self, test_every_epoch: bool = False) -> bool:
         """Close the epoch after its last step: evaluate, add each member's row, then
-        :meth:`end_epoch`. False when no member was training at its start (nothing recorded, and
-        the fit stops)."""
+        :meth:`end_epoch`. False when no member was training at its start (nothing recorded) or none is
+        left training (all diverged or stopped early): the fit stops."""
         epoch, started_alive = self.epochs_done, self._started_alive
         self.record_logged_steps()
         if started_alive.device.type == "cuda":
@@ -412,6 +420,7 @@ class PopulationLoop:
         # The one read of the epoch: every member's metrics and finite flags together.
         values = dict(zip(columns, torch.stack(list(columns.values())).tolist()))
         tracked = {} if self.sharpness is None else self.sharpness.end_epoch(members(started_alive))
+        stopped = []  # members whose early stopping ends their training here, as it ends their runs
         for m, record in enumerate(self.records):
             if values["started_alive"][m]:
                 record.history.append(self._row(epoch, values, m, train_time))
@@ -425,13 +434,17 @@ class PopulationLoop:
                 if values["diverged_at"][m] >= 0:
                     record.diverged_at_step = int(values["diverged_at"][m])
                     record.divergence_reason = REASONS[int(values["reason"][m])]
+                elif self.stopping is not None and self.stopping.stops(m, record.history[-1]):
+                    stopped.append(m)
         if not any(values["started_alive"]):
             return False
+        if stopped:
+            self.alive[stopped] = False
         if self.schedules is not None:  # after the epoch, as the runs step theirs
             self.schedules.step(self.optimizer.param_groups[0]["lr"])
         self.epochs_done = epoch + 1
         self.end_epoch(self.epochs_done)
-        return True
+        return bool(self.alive.any())
 
     @staticmethod
     def _row(epoch: int, values: dict[str, list[float]], m: int, train_time: float) -> dict[str, float]:

@@ -33,6 +33,7 @@ from optimlab.population.compose import ShapeCachingLoader, task_part
 from optimlab.population.data import split_indices
 from optimlab.population.schedule import why_not_followed
 from optimlab.population.stacked import STACKED, build_member
+from optimlab.population.stopping import followed
 from optimlab.summary import config_key, describe_run, is_complete, read_summary
 from optimlab.train import refuse_changed_config
 from optimlab.validate import RULES, ConfigError, rule_error, validate_config
@@ -200,7 +201,8 @@ def population_device(accelerator: str) -> torch.device | None:
 def why_alone(cfg: DictConfig) -> str | None:
     """Why the population loop cannot reproduce this (valid) job's run, or None when it can."""
     t, optimizer = cfg.trainer, cfg.optimizer
-    extra_callbacks = {name for name, entry in (cfg.get("callbacks") or {}).items() if entry} - set(POPULATION_CALLBACKS)
+    extra_callbacks = {name for name, entry in (cfg.get("callbacks") or {}).items()
+                       if entry and not (name == "early_stopping" and followed(entry))} - set(POPULATION_CALLBACKS)
     loggers = {name for name, entry in (cfg.get("logger") or {}).items() if entry}
     trainer_args = {f"trainer.{key}={value}" for key, value in t.items()
                     if key not in POPULATION_TRAINER and value != TRAINER_DEFAULTS.get(key)}

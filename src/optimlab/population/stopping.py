@@ -1,0 +1,55 @@
+"""Early stopping in a population: each member stops where Lightning's EarlyStopping stops its run.
+
+A run with ``callbacks=early_stopping`` gets ``lightning.pytorch.callbacks.EarlyStopping(monitor, mode,
+patience, min_delta)``, which, after each epoch's validation, compares the monitored value (``val/loss``
+or ``val/acc``) with the best so far: an improvement (by more than ``min_delta``) resets its count of
+epochs without one, and the run stops once that count reaches ``patience``, or at once when the value is
+not finite. :class:`MemberEarlyStopping` keeps that state for every member and makes the same decision
+from the member's own validation value; a member that stops is frozen (its training ends, its weights
+stay), and its record is a complete run of fewer epochs, as its run's is. Only those four settings are
+followed: an ``early_stopping`` entry with other keys runs its job alone (:func:`followed`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+EARLY_STOPPING = "lightning.pytorch.callbacks.EarlyStopping"
+SETTINGS = ("monitor", "mode", "patience", "min_delta")
+MONITORED = {"val/loss": "val_loss", "val/acc": "val_acc"}  # the monitor -> the member's history key
+
+
+def followed(entry: Mapping[str, Any]) -> bool:
+    """Whether a population can follow this ``callbacks.early_stopping`` entry member by member."""
+    return entry.get("_target_") == EARLY_STOPPING and set(entry) <= {"_target_", *SETTINGS} \
+        and entry.get("monitor") in MONITORED
+
+
+class MemberEarlyStopping:
+    """Every member's early-stopping state (the best monitored value and the epochs since it improved)."""
+
+    def __init__(self, members: int, monitor: str, mode: str, patience: int, min_delta: float = 0.0) -> None:
+        self.key, self.mode, self.patience = MONITORED[monitor], mode, patience
+        self.min_delta = min_delta if mode == "max" else -min_delta  # signed as Lightning signs it
+        self.best = [-math.inf if mode == "max" else math.inf] * members
+        self.wait = [0] * members
+
+    def stops(self, m: int, row: Mapping[str, float]) -> bool:
+        """Member m's decision after the epoch whose history row is ``row``: True when it stops there."""
+        current = row.get(self.key, math.nan)
+        if not math.isfinite(current):
+            return True
+        shifted = current - self.min_delta
+        if shifted > self.best[m] if self.mode == "max" else shifted < self.best[m]:
+            self.best[m], self.wait[m] = current, 0
+            return False
+        self.wait[m] += 1
+        return self.wait[m] >= self.patience
+
+    def state_dict(self) -> dict[str, list]:
+        return {"best": list(self.best), "wait": list(self.wait)}
+
+    def load_state_dict(self, state: Mapping[str, list]) -> None:
+        self.best, self.wait = list(state["best"]), list(state["wait"])
