@@ -649,7 +649,8 @@ def test_each_member_is_clipped_as_its_own_run(tiny_mnist: Path, clip: tuple[flo
 
 
 class GivenValidation(L.LightningModule):
-    """A run whose epoch e validates to ``values[e]`` (as val/loss and val/acc); counts its epochs."""
+    """A run whose epoch e validates to ``values[e]`` (as val/loss in float32 and val/acc in float64, as a
+    float32 run logs them); counts its epochs."""
 
     def __init__(self, values: list[float]) -> None:
         super().__init__()
@@ -660,9 +661,9 @@ class GivenValidation(L.LightningModule):
         return self.weight.sum() * 0
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        value = torch.tensor(self.values[self.current_epoch])
-        self.log("val/loss", value)
-        self.log("val/acc", value)
+        value = self.values[self.current_epoch]
+        self.log("val/loss", torch.tensor(value, dtype=torch.float32))
+        self.log("val/acc", torch.tensor(value, dtype=torch.float64))
 
     def on_validation_epoch_end(self) -> None:
         self.epochs += 1
@@ -685,19 +686,22 @@ class GivenValidation(L.LightningModule):
     ("val/acc", "max", 3, 0.0, [0.5, math.nan, 0.75]),              # not finite: stops at once
     ("val/acc", "max", 0, 0.0, [0.5, 0.75, 1.0, 1.0, 1.0]),
     ("val/loss", "min", 5, 0.0, [1.0, 0.5, 0.25]),                  # never stops
+    # float32 rounding decides: 1.1 - 0.1 is 1.0 in float32 (no improvement on 1.0), 0.99999999 in float64
+    ("val/loss", "min", 0, 0.1, [1.0, 0.9, 0.8, 0.7000000000001]),
+    ("val/loss", "max", 0, 0.1, [1.0, 1.1, 1.2]),
 ])
 def test_a_member_stops_early_where_lightnings_early_stopping_stops_its_run(
         monitor: str, mode: str, patience: int, min_delta: float, values: list[float]) -> None:
     """MemberEarlyStopping's decisions against Lightning's EarlyStopping in a fit whose validation
-    values are given (exact in float32, as a run logs them): the same number of epochs."""
+    values are given: the same number of epochs, also where float32 rounding decides."""
     run = GivenValidation(values)
     trainer = L.Trainer(max_epochs=len(values), logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu",
                         callbacks=[L.pytorch.callbacks.EarlyStopping(monitor, min_delta, patience, mode=mode)])
     trainer.fit(run)
-    stopping = MemberEarlyStopping(2, monitor, mode, patience, min_delta)
-    key = "val_loss" if monitor == "val/loss" else "val_acc"
-    epochs = next((e + 1 for e, value in enumerate(values) if stopping.stops(1, {key: value})), len(values))
+    stopping = MemberEarlyStopping(2, monitor, mode, patience, min_delta, torch.float32)
+    rounded = [float(torch.tensor(v, dtype=torch.float32)) if monitor == "val/loss" else v for v in values]
+    epochs = next((e + 1 for e, value in enumerate(rounded) if stopping.stops(1, value)), len(values))
     assert epochs == run.epochs
     assert stopping.best[0] in (math.inf, -math.inf) and stopping.wait[0] == 0  # member 0 untouched
 
@@ -712,6 +716,7 @@ def test_members_stop_early_one_by_one_and_the_fit_ends_with_the_last(tiny_mnist
     lengths = [len(r.history) for r in records]
     assert not any(r.diverged for r in records) and len(set(lengths)) > 1 and max(lengths) < 20
     assert loop.epochs_done == max(lengths) and not loop.alive.any()
+    assert loop.global_step == max(lengths) * 6  # no epoch trained after the last member stopped
     for m, record in enumerate(records):
         losses = [row["val_loss"] for row in record.history]
         assert all(b < a for a, b in zip(losses, losses[1:-1])) and losses[-1] >= min(losses[:-1]), m

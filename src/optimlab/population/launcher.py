@@ -209,7 +209,7 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
             clip = first.trainer.gradient_clip_val
             early = (first.get("callbacks") or {}).get("early_stopping")
             stopping = MemberEarlyStopping(len(members), early.monitor, early.get("mode", "min"),  # Lightning's defaults
-                                           int(early.get("patience", 3)), float(early.get("min_delta", 0.0))) \
+                                           int(early.get("patience", 3)), float(early.get("min_delta", 0.0)), dtype) \
                 if early else None
             loop = ReportingLoop(model, optimizer, data, [r["trainer"]["log_every_n_steps"] for r in resolved], sharpness,
                                  schedules, (float(clip), first.trainer.gradient_clip_algorithm or "norm") if clip else None,
@@ -228,7 +228,7 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
             loop.fit(first.epochs, test_every_epoch=first.data.test_every_epoch, callbacks=[stopper])
             if stopper.requested:  # held while the last epoch was recorded: the fit ended without raising it
                 raise KeyboardInterrupt(stopper.requested)
-            test_loss, test_acc = loop.evaluate(data.test_batches(), shared=True).tolist()
+            test_loss, test_acc, _ = loop.evaluate(data.test_batches(), shared=True).tolist()
     except (KeyboardInterrupt, SystemExit):  # SystemExit: Lightning's exit after its graceful shutdown
         signal_name = stopper.requested or "SIGINT"
         with signals_deferred():  # a second stop (a launcher passing the first on) must not cut the records short

@@ -371,24 +371,28 @@ class PopulationLoop:
 
     @torch.no_grad()
     def evaluate(self, batches: Iterator[tuple[Tensor, Tensor]], shared: bool = False) -> Tensor:
-        """``[2, P]``: each member's mean cross-entropy (batch means weighted by batch size, as the
-        single run's SampleMean) and accuracy over ``batches``, with the weights its run evaluates
-        (:meth:`weights_of_the_runs`); ``shared``: one batch for all members."""
+        """``[3, P]``: each member's mean cross-entropy (batch means weighted by batch size, as the
+        single run's SampleMean, summed in float64), accuracy, and the mean cross-entropy summed in the
+        training dtype, as a run's SampleMean sums it (what its early stopping compares), over
+        ``batches``, with the weights its run evaluates (:meth:`weights_of_the_runs`); ``shared``: one
+        batch for all members."""
         with self.weights_of_the_runs():
             return self._evaluate(batches, shared)
 
     def _evaluate(self, batches: Iterator[tuple[Tensor, Tensor]], shared: bool) -> Tensor:
         members = self.model.members
-        loss_sum = correct = count = 0
+        loss_sum = correct = count = run_sum = 0
         for x, y in batches:
             if shared:
                 x, y = x.expand(members, *x.shape), y.expand(members, *y.shape)
             logits = self.model(x.to(self.dtype), self.input_groups(x))
             batch = y.shape[1]
-            loss_sum = loss_sum + member_losses(logits, y).double() * batch
+            losses = member_losses(logits, y)
+            loss_sum = loss_sum + losses.double() * batch
+            run_sum = run_sum + losses * batch
             correct = correct + (logits.argmax(2) == y).sum(1).double()
             count += batch
-        return torch.stack([loss_sum / count, correct / count])
+        return torch.stack([loss_sum / count, correct / count, (run_sum / count).double()])
 
     def fit(self, epochs: int, test_every_epoch: bool = False,
             callbacks: Sequence[L.Callback] = ()) -> list[MemberRecord]:
@@ -409,12 +413,13 @@ class PopulationLoop:
             torch.cuda.synchronize(started_alive.device)
         train_time = time.perf_counter() - self._epoch_started
         loss_sum, correct, count, loss_max = self._metrics
-        val_loss, val_acc = self.evaluate(self.data.val_batches())
+        val_loss, val_acc, val_loss_run = self.evaluate(self.data.val_batches())
         columns = {"loss_sum": loss_sum, "correct": correct, "count": count, "loss_max": loss_max,
-                   "val_loss": val_loss, "val_acc": val_acc, "started_alive": started_alive.double(),
+                   "val_loss": val_loss, "val_acc": val_acc, "val_loss_run": val_loss_run,
+                   "started_alive": started_alive.double(),
                    "diverged_at": self.diverged_at.double(), "reason": self.reason.double()}
         if test_every_epoch:
-            columns["test_loss"], columns["test_acc"] = self.evaluate(self.data.test_batches(), shared=True)
+            columns["test_loss"], columns["test_acc"], _ = self.evaluate(self.data.test_batches(), shared=True)
         if epoch == 0:
             columns["initial"] = self._initial_loss
         # The one read of the epoch: every member's metrics and finite flags together.
@@ -434,7 +439,7 @@ class PopulationLoop:
                 if values["diverged_at"][m] >= 0:
                     record.diverged_at_step = int(values["diverged_at"][m])
                     record.divergence_reason = REASONS[int(values["reason"][m])]
-                elif self.stopping is not None and self.stopping.stops(m, record.history[-1]):
+                elif self.stopping is not None and self.stopping.stops(m, values[self.stopping.key][m]):
                     stopped.append(m)
         if not any(values["started_alive"]):
             return False

@@ -78,7 +78,7 @@ def fit(loop: PopulationLoop, epochs: int, test_every_epoch: bool = False,
     in a ``lightning.Trainer`` on the loop's device, with ``callbacks``; no logger, checkpoints or
     progress bar (the population's records and checkpoint are the loop's and its caller's)."""
     remaining = epochs - loop.epochs_done
-    if remaining <= 0:
+    if remaining <= 0 or not bool(loop.alive.any()):  # (restored after every member diverged or stopped)
         return
     device = loop.params[0].device  # a tensor's: on CUDA always with its index
     trainer = L.Trainer(accelerator=device.type, devices=[device.index] if device.type == "cuda" else 1,

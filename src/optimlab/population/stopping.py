@@ -5,9 +5,11 @@ patience, min_delta)``, which, after each epoch's validation, compares the monit
 or ``val/acc``) with the best so far: an improvement (by more than ``min_delta``) resets its count of
 epochs without one, and the run stops once that count reaches ``patience``, or at once when the value is
 not finite. :class:`MemberEarlyStopping` keeps that state for every member and makes the same decision
-from the member's own validation value; a member that stops is frozen (its training ends, its weights
-stay), and its record is a complete run of fewer epochs, as its run's is. Only those four settings are
-followed: an ``early_stopping`` entry with other keys runs its job alone (:func:`followed`).
+from the member's own validation value, in the dtype the run compares it in (``val/acc``: float64;
+``val/loss``: the training dtype, summed as the run's SampleMean sums it); a member that stops is frozen
+(its training ends, its weights stay), and its record is a complete run of fewer epochs, as its run's is.
+Only those four settings are followed: an ``early_stopping`` entry with other keys runs its job alone
+(:func:`followed`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 EARLY_STOPPING = "lightning.pytorch.callbacks.EarlyStopping"
 SETTINGS = ("monitor", "mode", "patience", "min_delta")
-MONITORED = {"val/loss": "val_loss", "val/acc": "val_acc"}  # the monitor -> the member's history key
+# the monitor -> the loop's epoch value it is (PopulationLoop.finish_epoch)
+MONITORED = {"val/loss": "val_loss_run", "val/acc": "val_acc"}
 
 
 def followed(entry: Mapping[str, Any]) -> bool:
@@ -30,19 +35,22 @@ def followed(entry: Mapping[str, Any]) -> bool:
 class MemberEarlyStopping:
     """Every member's early-stopping state (the best monitored value and the epochs since it improved)."""
 
-    def __init__(self, members: int, monitor: str, mode: str, patience: int, min_delta: float = 0.0) -> None:
+    def __init__(self, members: int, monitor: str, mode: str, patience: int, min_delta: float = 0.0,
+                 dtype: torch.dtype = torch.float32) -> None:
+        """``dtype``: the training dtype (a run's ``val/loss`` is in it; its ``val/acc`` in float64)."""
         self.key, self.mode, self.patience = MONITORED[monitor], mode, patience
+        self.dtype = dtype if monitor == "val/loss" else torch.float64
         self.min_delta = min_delta if mode == "max" else -min_delta  # signed as Lightning signs it
         self.best = [-math.inf if mode == "max" else math.inf] * members
         self.wait = [0] * members
 
-    def stops(self, m: int, row: Mapping[str, float]) -> bool:
-        """Member m's decision after the epoch whose history row is ``row``: True when it stops there."""
-        current = row.get(self.key, math.nan)
-        if not math.isfinite(current):
+    def stops(self, m: int, current: float) -> bool:
+        """Member m's decision after an epoch whose monitored value is ``current``: True when it stops there."""
+        value = torch.tensor(current, dtype=self.dtype)
+        if not torch.isfinite(value):
             return True
-        shifted = current - self.min_delta
-        if shifted > self.best[m] if self.mode == "max" else shifted < self.best[m]:
+        shifted, best = value - self.min_delta, torch.tensor(self.best[m], dtype=self.dtype)
+        if shifted > best if self.mode == "max" else shifted < best:
             self.best[m], self.wait[m] = current, 0
             return False
         self.wait[m] += 1
