@@ -178,6 +178,40 @@ def test_console_lines_go_around_the_progress_bar() -> None:
     assert "\nepoch   1/2 | train loss 0.5\n" in screen.getvalue().replace("\r", "\n")
 
 
+@pytest.mark.skipif(not hasattr(__import__("signal"), "pthread_sigmask"), reason="signals cannot be held here")
+def test_a_stop_signal_during_a_console_line_is_raised_once_the_line_is_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGINT that arrives while the handler writes (inside tqdm.write, between its lock's acquire and
+    release) raises its KeyboardInterrupt after the line is out: no half-written line, no logging error."""
+    import io
+    import logging
+    import os
+    import signal
+
+    from tqdm import tqdm
+
+    from optimlab.console import BarSafeHandler
+    from optimlab.train import stop_signals_handled_by
+
+    screen, written = io.StringIO(), []
+
+    def write_interrupted(text: str, file: io.StringIO) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # delivered now, unless held
+        file.write(text + "\n")
+        written.append(text)
+
+    monkeypatch.setattr(tqdm, "write", write_interrupted)
+    handler = BarSafeHandler()
+    handler.setStream(screen)
+    record = logging.LogRecord("optimlab", logging.INFO, __file__, 1, "epoch   3/9 | train loss 0.5", None, None)
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    with stop_signals_handled_by(stop), pytest.raises(KeyboardInterrupt, match="SIGINT"):
+        handler.emit(record)
+    assert written == ["epoch   3/9 | train loss 0.5"] and screen.getvalue() == "epoch   3/9 | train loss 0.5\n"
+
+
 def test_evaluation_loss_is_the_mean_over_samples_not_over_batches() -> None:
     """Batch means weighted by their sizes: two full batches of loss 1 and a short one of loss 10
     average to 1.6 over the 150 samples (4.0 over the three batches); a non-finite loss goes through."""
