@@ -178,38 +178,38 @@ def test_console_lines_go_around_the_progress_bar() -> None:
     assert "\nepoch   1/2 | train loss 0.5\n" in screen.getvalue().replace("\r", "\n")
 
 
-@pytest.mark.skipif(not hasattr(__import__("signal"), "pthread_sigmask"), reason="signals cannot be held here")
-def test_a_stop_signal_during_a_console_line_is_raised_once_the_line_is_written(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A SIGINT that arrives while the handler writes (inside tqdm.write, between its lock's acquire and
-    release) raises its KeyboardInterrupt after the line is out: no half-written line, no logging error."""
+def test_a_stop_signal_during_a_console_line_is_raised_at_the_next_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop signal whose handler runs while the console handler writes a line (inside tqdm.write, whose
+    lock a KeyboardInterrupt there left half-released) only remembers the stop: the line is written whole,
+    without a logging error, and the stop is raised at the next batch."""
     import io
     import logging
-    import os
     import signal
 
     from tqdm import tqdm
 
     from optimlab.console import BarSafeHandler
-    from optimlab.train import stop_signals_handled_by
+    from optimlab.train import StopOnSignal
 
-    screen, written = io.StringIO(), []
+    screen, stopper = io.StringIO(), StopOnSignal()
 
     def write_interrupted(text: str, file: io.StringIO) -> None:
-        os.kill(os.getpid(), signal.SIGINT)  # delivered now, unless held
+        stopper.handle(signal.SIGINT, None)  # the signal's handler, run mid-write
         file.write(text + "\n")
-        written.append(text)
 
     monkeypatch.setattr(tqdm, "write", write_interrupted)
     handler = BarSafeHandler()
     handler.setStream(screen)
-    record = logging.LogRecord("optimlab", logging.INFO, __file__, 1, "epoch   3/9 | train loss 0.5", None, None)
-
-    def stop(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    with stop_signals_handled_by(stop), pytest.raises(KeyboardInterrupt, match="SIGINT"):
-        handler.emit(record)
-    assert written == ["epoch   3/9 | train loss 0.5"] and screen.getvalue() == "epoch   3/9 | train loss 0.5\n"
+    try:
+        handler.emit(logging.LogRecord("optimlab", logging.INFO, __file__, 1, "epoch   3/9 | train loss 0.5", None, None))
+    except KeyboardInterrupt:
+        pytest.fail("the stop was raised inside the console line")
+    assert screen.getvalue() == "epoch   3/9 | train loss 0.5\n" and stopper.requested == "SIGINT"
+    assert not BarSafeHandler.writing
+    with pytest.raises(KeyboardInterrupt, match="SIGINT"):
+        stopper.on_train_batch_start()
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):  # outside a line: at once
+        stopper.handle(signal.SIGTERM, None)
 
 
 def test_evaluation_loss_is_the_mean_over_samples_not_over_batches() -> None:

@@ -7,11 +7,8 @@ A run's lines (epoch lines, the result) go through :mod:`logging`; Hydra's job l
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
 import sys
-from collections.abc import Iterator
 from typing import Any, TextIO
 
 import lightning as L
@@ -28,37 +25,28 @@ def say(line: str, file: TextIO | None = None) -> None:
     stream.flush()
 
 
-@contextlib.contextmanager
-def stop_signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM held back (blocked, where the platform can) inside the block, delivered at its
-    end: the KeyboardInterrupt a run's stop raises then comes after the block, not inside it."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
 class BarSafeHandler(logging.StreamHandler):
     """Writes each record with ``tqdm.write``: a progress bar on screen is cleared, the line written,
-    and the bar drawn again below it (a plain print lands inside the bar's line and wraps). A stop
-    signal waits for the line to be written: its KeyboardInterrupt raised between ``tqdm.write``'s
-    lock acquire and release made the release fail, and logging printed "--- Logging error ---" with a
-    traceback (a Ctrl-C test failed so, once, in the suite of 2026-12-06)."""
+    and the bar drawn again below it (a plain print lands inside the bar's line and wraps).
+    ``writing`` is set while a line is written: a run's stop on a signal waits for it
+    (:class:`~optimlab.train.StopOnSignal`), as a KeyboardInterrupt raised between ``tqdm.write``'s lock
+    acquire and release made the release fail, and logging printed "--- Logging error ---" with a
+    traceback (once, in a Ctrl-C test of 2026-12-06)."""
+
+    writing = False
 
     def __init__(self) -> None:
         super().__init__(sys.stdout)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            with stop_signals_held():
-                tqdm.write(self.format(record), file=self.stream)
-                self.flush()
+            BarSafeHandler.writing = True
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
         except Exception:
             self.handleError(record)
+        finally:
+            BarSafeHandler.writing = False
 
 
 class EpochBar(TQDMProgressBar):

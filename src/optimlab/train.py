@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from optimlab.build import build_parts, build_trainer
 from optimlab.checkpointing import CHECKPOINT_DIR, LAST, check_checkpoint, holds_a_run, last_checkpoint, resolve_resume
+from optimlab.console import BarSafeHandler
 from optimlab.curvature import SharpnessCallback
 from optimlab.data import epoch_batches
 from optimlab.files import remove_stale_temporaries
@@ -52,7 +53,8 @@ class StopOnSignal(L.Callback):
     remembered and raised again at the next batch. From the end of an epoch's training until its
     checkpoint is saved (the checkpoint callbacks' epoch-end hooks run after every other's) a signal
     is only remembered: a stop in between would leave the run's record holding an epoch that no
-    checkpoint holds. So this callback must come before the run's record among the callbacks."""
+    checkpoint holds. So this callback must come before the run's record among the callbacks. So is a
+    signal that arrives while a console line is being written (``BarSafeHandler.writing``)."""
 
     def __init__(self) -> None:
         self.requested: str | None = None
@@ -60,7 +62,7 @@ class StopOnSignal(L.Callback):
 
     def handle(self, signum: int, frame: Any) -> None:
         self.requested = signal.Signals(signum).name
-        if not self.deferring:
+        if not self.deferring and not BarSafeHandler.writing:  # else raised at the next batch
             raise KeyboardInterrupt(self.requested)
 
     def _raise_if_requested(self, *args: Any) -> None:
