@@ -52,8 +52,8 @@ from optimlab.population.plan import (DTYPES, Job, check_plan_is_the_sweeps, cla
                                       group, machine_memory_share, memory_budget, plan_text, population_device)
 from optimlab.population.records import PopulationRun, member_summary, write_member
 from optimlab.population.schedule import MemberSchedules
-from optimlab.population.stopping import MemberEarlyStopping
 from optimlab.population.stacked import STACKED
+from optimlab.population.stopping import MemberEarlyStopping
 from optimlab.record import device_name, log_epoch_lines, record_refusal, refused_summary, result_line
 from optimlab.summary import FINISHED, RunSummary, config_key, optimized_value, read_summary, write_summary
 from optimlab.train import StopOnSignal, override_keys, signals_deferred, sync_epochs
@@ -208,9 +208,7 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
             schedules = MemberSchedules([job.plain for job in members]) if first.get("scheduler") else None
             clip = first.trainer.gradient_clip_val
             early = (first.get("callbacks") or {}).get("early_stopping")
-            stopping = MemberEarlyStopping(len(members), early.monitor, early.get("mode", "min"),  # Lightning's defaults
-                                           int(early.get("patience", 3)), float(early.get("min_delta", 0.0)), dtype) \
-                if early else None
+            stopping = MemberEarlyStopping.from_entry(early, len(members), dtype) if early else None
             loop = ReportingLoop(model, optimizer, data, [r["trainer"]["log_every_n_steps"] for r in resolved], sharpness,
                                  schedules, (float(clip), first.trainer.gradient_clip_algorithm or "norm") if clip else None,
                                  stopping, on_epoch=on_epoch)

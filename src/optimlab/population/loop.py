@@ -187,13 +187,9 @@ class PopulationLoop:
         if self.sharpness is not None:
             self.sharpness.load_state_dict(state["sharpness"])
         if self.schedules is not None:
-            if not state.get("schedules"):
-                raise ValueError("the state holds no learning-rate schedulers for this loop's")
-            self.schedules.load_state_dict(state["schedules"], self.optimizer.param_groups[0]["lr"])
+            self.schedules.load_state_dict(saved_part(state, "schedules"), self.optimizer.param_groups[0]["lr"])
         if self.stopping is not None:
-            if not state.get("stopping"):
-                raise ValueError("the state holds no early-stopping state for this loop's")
-            self.stopping.load_state_dict(state["stopping"])
+            self.stopping.load_state_dict(saved_part(state, "stopping"))
 
     def end_epoch(self, epochs_done: int) -> None:
         """Called by :meth:`finish_epoch` once an epoch's rows are in the records; subclasses save or report here."""
@@ -466,6 +462,13 @@ class PopulationLoop:
                 row[key] = values[key][m]
         row["train_time_s"] = train_time
         return row
+
+
+def saved_part(state: dict[str, Any], name: str) -> Any:
+    """``state[name]``, which a loop with that part needs (a ``state_dict`` of a loop without it holds None)."""
+    if not state.get(name):
+        raise ValueError(f"the state holds no {name} for this loop's")
+    return state[name]
 
 
 def clip_member_gradients(grads: Sequence[Tensor], value: float, algorithm: str) -> None:

@@ -56,6 +56,13 @@ class MemberEarlyStopping:
         self.wait[m] += 1
         return self.wait[m] >= self.patience
 
+    @classmethod
+    def from_entry(cls, entry: Mapping[str, Any], members: int, dtype: torch.dtype) -> MemberEarlyStopping:
+        """For a ``callbacks.early_stopping`` entry that :func:`followed` accepts; the settings it leaves
+        out take EarlyStopping's defaults (mode min, patience 3, min_delta 0)."""
+        return cls(members, entry["monitor"], entry.get("mode", "min"), int(entry.get("patience", 3)),
+                   float(entry.get("min_delta", 0.0)), dtype)
+
     def state_dict(self) -> dict[str, list]:
         return {"best": list(self.best), "wait": list(self.wait)}
 
