@@ -22,6 +22,7 @@ from optimlab.data import DataError, MNISTDataModule, epoch_batches
 from optimlab.divergence import LOSS_OR_GRADIENT, WEIGHTS
 from optimlab.optim import SGD, Adagrad, Adam, RMSprop
 from optimlab.population import StackedCNN, StackedMLP, build_member
+from optimlab.population.stacked import StackedDropout, built_member
 from optimlab.population.data import PopulationData, split_indices
 from optimlab.population.loop import (MemberRecord, PopulationLoop, clip_member_gradients, member_optimizer,
                                       train_population)
@@ -60,15 +61,16 @@ def test_members_with_one_config_and_seed_are_built_once(monkeypatch: pytest.Mon
     from optimlab.population import stacked
 
     built: list[int] = []
-    build = stacked.build_member
-    monkeypatch.setattr(stacked, "build_member", lambda config, seed: built.append(seed) or build(config, seed))
+    build = stacked.built_member
+    monkeypatch.setattr(stacked, "built_member", lambda config, seed: built.append(seed) or build(config, seed))
     tree = OmegaConf.create({"std": 0.1, "a": mlp_config(init="normal", init_std="${std}"),
                              "b": mlp_config(init="normal", init_std=0.1), "c": mlp_config(init="normal", init_std=0.2)})
     configs, seeds = [tree.a, tree.b, tree.a, tree.c, tree.b], [0, 0, 1, 0, 0]
     model = StackedMLP.from_configs(configs, seeds)
     assert sorted(built) == [0, 0, 1]  # (0.1, 0), (0.1, 1), (0.2, 0)
     for m, (cfg, seed) in enumerate(zip(configs, seeds)):
-        single = build(cfg, seed)
+        single, rng_state = build(cfg, seed)
+        assert torch.equal(model.generators[m].get_state(), rng_state)
         for key, value in single.state_dict().items():
             assert torch.equal(model.member_state_dict(m)[key], value), f"member {m} {key}"
     assert not torch.equal(model.member_state_dict(0)["net.1.weight"], model.member_state_dict(3)["net.1.weight"])
@@ -201,8 +203,14 @@ def test_members_must_share_an_architecture() -> None:
         StackedMLP.from_configs([mlp_config(), mlp_config(hidden=[16, 9])], [0, 0])
     with pytest.raises(ValueError, match="member 1 has another architecture"):
         StackedMLP.from_configs([mlp_config(), mlp_config(activation="relu")], [0, 0])
-    with pytest.raises(ValueError, match="dropout"):
-        StackedMLP.from_configs([mlp_config(dropout=0.5)], [0])
+    with pytest.raises(ValueError, match="member 1 has another architecture"):
+        StackedMLP.from_configs([mlp_config(dropout=0.5), mlp_config(dropout=0.2)], [0, 0])
+    normalised = build_member(mlp_config(), 0)
+    normalised.net.insert(1, torch.nn.LayerNorm(16))
+    with pytest.raises(ValueError, match="LayerNorm layers cannot be stacked"):
+        StackedMLP([normalised])
+    with pytest.raises(ValueError, match=r"dropout probability 1.0: expected a number in \[0, 1\)"):
+        StackedDropout(1.0, [])
     with pytest.raises(TypeError, match="stacks MLP"):
         StackedMLP.from_configs([cnn_config()], [0])
 
@@ -288,7 +296,7 @@ def population(root: Path, lrs: list[float], seeds: list[int], optimizer: type =
                dtype: torch.dtype = torch.float32, stacked: type = StackedMLP, config: Any = None,
                weight_decay: Any = 0.0, every: int | list[int] = 50, scheduler: dict[str, Any] | None = None,
                clip: tuple[float, str] | None = None, stopping: MemberEarlyStopping | None = None,
-               **options: Any) -> tuple[PopulationLoop, list[MNISTDataModule]]:
+               grad_noise_std: float = 0.0, **options: Any) -> tuple[PopulationLoop, list[MNISTDataModule]]:
     """A population on the tiny IDX files (48 training images, batches of 8: 6 steps an epoch);
     ``scheduler``: every member's scheduler config; ``clip``: (gradient_clip_val, algorithm)."""
     config = config or mlp_config(activation="relu")
@@ -300,7 +308,7 @@ def population(root: Path, lrs: list[float], seeds: list[int], optimizer: type =
         "optimizer": {"_target_": f"{optimizer.__module__}.{optimizer.__name__}", "lr": lr, "weight_decay": decay, **options},
         "scheduler": scheduler}) for lr, decay in zip(lrs, decays)]) if scheduler else None
     return PopulationLoop(model, opt, PopulationData(dms), weights_every=every, schedules=schedules, clip=clip,
-                          stopping=stopping), dms
+                          stopping=stopping, grad_noise_std=grad_noise_std), dms
 
 
 def trajectory(loop: PopulationLoop, epochs: int = 2) -> list[list[torch.Tensor]]:
@@ -525,28 +533,32 @@ def single_run(dm: MNISTDataModule, config: dict[str, Any], seed: int, optimizer
                clip: tuple[float, str] | None = None, **options: Any) -> tuple[list[float], torch.nn.Module]:
     """The member's own run with the same parts, in float64: per-epoch mean training loss and the model
     (``scheduler``: stepped after each epoch, as ClassifierModule steps a run's; ``clip``: its gradients
-    clipped before each step as Lightning clips them)."""
-    model = build_member(config, seed).double()
-    opt = optimizer(model.parameters(), lr=lr, weight_decay=weight_decay, **options)
-    schedule = instantiate(scheduler)(opt) if scheduler else None
-    dm.setup()
-    loader, losses = dm.train_dataloader(), []
-    for epoch in range(epochs):
-        loader.sampler.set_epoch(epoch)
-        total = 0.0
-        for x, y in loader:
-            loss = F.cross_entropy(model(x.double()), y)
-            opt.zero_grad()
-            loss.backward()
-            if clip and clip[1] == "norm":
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip[0])
-            elif clip:
-                torch.nn.utils.clip_grad_value_(model.parameters(), clip[0])
-            opt.step()
-            total += loss.item() * len(y)
-        losses.append(total / dm.train_y.numel())
-        if schedule is not None:
-            schedule.step()
+    clipped before each step as Lightning clips them). Its dropout and gradient noise draw from torch's
+    global generator, in the state a run's training starts from (the caller's state is restored)."""
+    model, rng_state = built_member(config, seed)
+    model = model.double()
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(rng_state)
+        opt = optimizer(model.parameters(), lr=lr, weight_decay=weight_decay, **options)
+        schedule = instantiate(scheduler)(opt) if scheduler else None
+        dm.setup()
+        loader, losses = dm.train_dataloader(), []
+        for epoch in range(epochs):
+            loader.sampler.set_epoch(epoch)
+            total = 0.0
+            for x, y in loader:
+                loss = F.cross_entropy(model(x.double()), y)
+                opt.zero_grad()
+                loss.backward()
+                if clip and clip[1] == "norm":
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip[0])
+                elif clip:
+                    torch.nn.utils.clip_grad_value_(model.parameters(), clip[0])
+                opt.step()
+                total += loss.item() * len(y)
+            losses.append(total / dm.train_y.numel())
+            if schedule is not None:
+                schedule.step()
     return losses, model
 
 
@@ -565,6 +577,35 @@ def test_each_member_follows_its_own_run(tiny_mnist: Path, optimizer: type, opti
         assert [row["train_loss"] for row in records[m].history] == pytest.approx(losses, rel=1e-12)
         for key, value in single.state_dict().items():
             torch.testing.assert_close(loop.model.member_state_dict(m)[key], value, **F64)
+
+
+@pytest.mark.parametrize("stacked,config,optimizer,options,noise", [
+    (StackedMLP, mlp_config(activation="relu", dropout=0.3), SGD, dict(momentum=0.9), 0.0),
+    (StackedCNN, cnn_config(dropout=0.5), Adam, {}, 0.0),
+    (StackedMLP, mlp_config(), SGD, {}, 0.05),
+    (StackedMLP, mlp_config(dropout=0.2), RMSprop, dict(maximize=True), 0.02),
+], ids=["mlp-dropout", "cnn-dropout", "noise", "dropout-noise-maximize"])
+def test_each_member_draws_its_own_runs_dropout_masks_and_gradient_noise(
+        tiny_mnist: Path, stacked: type, config: dict[str, Any], optimizer: type, options: dict[str, Any],
+        noise: float) -> None:
+    """Member m's dropout masks and gradient noise come from its own generator, in the state its run's
+    training starts from: its losses and weights equal its run's (float64, 1e-12), members that share a
+    seed and config draw alike, and members with other seeds differently."""
+    seeds, lrs = [0, 1, 0], [0.05, 0.01, 0.02]
+    loop, dms = population(tiny_mnist, lrs, seeds, optimizer, torch.float64, stacked=stacked, config=config,
+                           grad_noise_std=noise, **options)
+    records = loop.fit(2)
+    runs = [single_run(dm, config, seed, optimizer, lr, 0.0, 2, grad_noise_std=noise, **options)
+            for dm, seed, lr in zip(dms, seeds, lrs)]
+    for m, (losses, single) in enumerate(runs):
+        assert [row["train_loss"] for row in records[m].history] == pytest.approx(losses, rel=1e-12)
+        for key, value in single.state_dict().items():
+            torch.testing.assert_close(loop.model.member_state_dict(m)[key], value, **F64)
+    # Without the draws (each member's run without dropout and noise) the losses differ: the draws mattered.
+    plain = single_run(dms[0], {**config, "dropout": 0.0}, seeds[0], optimizer, lrs[0], 0.0, 2, **options)[0]
+    assert plain != pytest.approx(runs[0][0], rel=1e-6)
+    assert torch.equal(loop.model.generators[0].get_state(), loop.model.generators[2].get_state())
+    assert not torch.equal(loop.model.generators[0].get_state(), loop.model.generators[1].get_state())
 
 
 SCHEDULERS = {
@@ -740,21 +781,24 @@ def test_no_weight_decay_is_the_number_zero_and_steps_as_the_members_runs(tiny_m
     torch.testing.assert_close(loop.model.member_state_dict(0), decayed.model.member_state_dict(0), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("scheduler,patience", [(None, None), (SCHEDULERS["step"], None), (SCHEDULERS["warm-up"], None),
-                                               (None, 1)], ids=["constant-lr", "step-lr", "warm-up", "early-stopping"])
+@pytest.mark.parametrize("scheduler,patience,draws", [
+    (None, None, False), (SCHEDULERS["step"], None, False), (SCHEDULERS["warm-up"], None, False), (None, 1, False),
+    (None, None, True)], ids=["constant-lr", "step-lr", "warm-up", "early-stopping", "dropout-noise"])
 def test_a_loop_restored_from_its_state_continues_bitwise(tiny_mnist: Path, scheduler: dict[str, Any] | None,
-                                                         patience: int | None) -> None:
+                                                         patience: int | None, draws: bool) -> None:
     """Adam (state), one member diverging in epoch 1: 3 epochs straight, or 1 epoch, the state
     through torch.save/load into a fresh loop, then the rest: equal records and weights, bitwise
-    (with a learning-rate schedule, its schedulers' states too; with early stopping, its counts)."""
+    (with a learning-rate schedule, its schedulers' states too; with early stopping, its counts; with
+    dropout and gradient noise, the members' generators)."""
     lrs, seeds = [0.01, 1e300, 0.003], [0, 1, 2]
+    drawing = dict(config=mlp_config(activation="relu", dropout=0.3), grad_noise_std=0.01) if draws else {}
 
     def stopping() -> MemberEarlyStopping | None:
         return None if patience is None else MemberEarlyStopping(3, "val/acc", "max", patience)
 
-    straight, _ = population(tiny_mnist, lrs, seeds, Adam, every=4, scheduler=scheduler, stopping=stopping())
+    straight, _ = population(tiny_mnist, lrs, seeds, Adam, every=4, scheduler=scheduler, stopping=stopping(), **drawing)
     expected = straight.fit(3)
-    first, _ = population(tiny_mnist, lrs, seeds, Adam, every=4, scheduler=scheduler, stopping=stopping())
+    first, _ = population(tiny_mnist, lrs, seeds, Adam, every=4, scheduler=scheduler, stopping=stopping(), **drawing)
     first.fit(1)
     # After every step the last finite weights are the weights (a frozen member's set back): not saved.
     assert all(torch.equal(p, last) for p, last in zip(first.params, first.last_finite))
@@ -762,7 +806,7 @@ def test_a_loop_restored_from_its_state_continues_bitwise(tiny_mnist: Path, sche
     buffer = io.BytesIO()
     torch.save(first.state_dict(), buffer)
     buffer.seek(0)
-    resumed, _ = population(tiny_mnist, lrs, seeds, Adam, every=4, scheduler=scheduler, stopping=stopping())
+    resumed, _ = population(tiny_mnist, lrs, seeds, Adam, every=4, scheduler=scheduler, stopping=stopping(), **drawing)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     assert resumed.epochs_done == 1 and resumed.records[1].diverged
     assert list(resumed.run_weights()) == [1]
@@ -788,13 +832,17 @@ def test_a_loop_restored_from_its_state_continues_bitwise(tiny_mnist: Path, sche
     if scheduler:
         assert resumed.schedules.state_dict() == straight.schedules.state_dict()
         assert len({row["lr"] for row in expected[0].train_steps}) > 1  # the schedule moved the lr
+    if draws:
+        missing = {k: v for k, v in first.state_dict().items() if k != "generators"}
+        with pytest.raises(ValueError, match="no generators"):
+            population(tiny_mnist, lrs, seeds, Adam, **drawing)[0].load_state_dict(missing)
 
 
 def test_the_loop_refuses_what_it_cannot_reproduce(tiny_mnist: Path) -> None:
     loop, _ = population(tiny_mnist, [0.1, 0.1], [0, 1])
     with pytest.raises(ValueError, match="one member-wise group"):
         PopulationLoop(loop.model, SGD(loop.model.parameters(), lr=0.1), loop.data)
-    with pytest.raises(ValueError, match="grad_noise_std"):
+    with pytest.raises(ValueError, match="grad_noise_std must be 0 in a population"):
         PopulationLoop(loop.model, member_optimizer(SGD, loop.model, [0.1, 0.1], grad_noise_std=0.1), loop.data)
 
 

@@ -336,7 +336,7 @@ def test_jobs_classified_in_forked_processes_get_the_verdicts_of_this_one(loader
     """classify_all with three processes: every job's error, reason to run alone and population key
     are those classify gives it here (an invalid job's error with its message)."""
     hydra_loader, master, _ = loaders
-    grids = [["lr=0.1"], ["lr=-1"], ["lr=0.2", "model.dropout=0.5"], ["lr=0.3", "seed=2"], ["optimizer=adam"],
+    grids = [["lr=0.1"], ["lr=-1"], ["lr=0.2", "test_ckpt=best"], ["lr=0.3", "seed=2"], ["optimizer=adam"],
              ["data.val_size=70000"], ["lr=0.4"]]
 
     def jobs() -> list[Job]:
@@ -426,6 +426,9 @@ def test_members_may_differ_in_member_wise_settings_only() -> None:
     for clip in (["trainer.gradient_clip_val=1.0"], ["trainer.gradient_clip_val=0.1", "trainer.gradient_clip_algorithm=value"]):
         assert why_alone(compose_config(*clip)) is None, clip  # each member clipped by its own norm
     assert why_alone(compose_config("callbacks=early_stopping")) is None  # each member stops where its run stops
+    # each member's dropout masks and gradient noise drawn from its own generator (on the CPU)
+    assert why_alone(compose_config("model.dropout=0.5", "optimizer.grad_noise_std=0.1", "trainer.accelerator=cpu")) is None
+    assert why_alone(compose_config("experiment=grad_noise", "trainer.accelerator=cpu")) is None
 
 
 # A scheduler of torch's in place of conf/scheduler/step.yaml's StepLR.
@@ -435,7 +438,7 @@ def scheduler(target: str, *options: str) -> list[str]:
 
 
 @pytest.mark.parametrize("overrides, reason", [
-    (["model.dropout=0.5"], "dropout"),
+    (["model.dropout=0.5", "trainer.accelerator=gpu"], "model.dropout > 0 on a GPU"),
     # Each member steps its own scheduler on a stand-in of its optimizer: one that changes more than the lr
     # (a cyclic momentum) cannot be followed member by member, one whose step fails fails the run too.
     ([*scheduler("CyclicLR", "+scheduler.base_lr=0.01", "+scheduler.max_lr=0.1"), "optimizer.momentum=0.9"],
@@ -444,7 +447,8 @@ def scheduler(target: str, *options: str) -> list[str]:
                  "+scheduler.max_momentum=0.5"), "optimizer.momentum=0.9"],  # set once, when it is built
      "a learning-rate scheduler that changes momentum"),
     (scheduler("ReduceLROnPlateau"), "a learning-rate scheduler that fails on a stand-in optimizer (TypeError: "),
-    (["optimizer.grad_noise_std=0.01"], "grad_noise_std"), (["callbacks=lr_monitor"], "lr_monitor"),
+    (["optimizer.grad_noise_std=0.01", "trainer.accelerator=gpu"], "optimizer.grad_noise_std > 0 on a GPU"),
+    (["callbacks=lr_monitor"], "lr_monitor"),
     (["callbacks=early_stopping", "+callbacks.early_stopping.stopping_threshold=0.1"], "early_stopping"),
     (["logger=csv"], "logger"), (["trainer.detect_anomaly=true"], "trainer.detect_anomaly=True"),
     (["test_ckpt=best"], "test_ckpt=best"), (["optimizer.impl=torch"], "optimizer.impl=torch"),
@@ -691,6 +695,28 @@ def test_a_scheduled_and_clipped_sweep_as_populations_equals_the_sequential_swee
         norms = [row["grad_norm"] for row in ref["train_steps"]]
         assert [row["grad_norm"] for row in got["train_steps"]] == pytest.approx(norms, rel=1e-9), name
         assert max(norms) <= 0.05, name  # clipped
+        for row, ref_row in zip(got["epochs"], ref["epochs"], strict=True):
+            for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"):
+                assert row[key] == pytest.approx(ref_row[key], rel=1e-9), (name, row["epoch"], key)
+
+
+@pytest.mark.slow
+def test_a_dropout_and_gradient_noise_sweep_as_populations_equals_the_sequential_sweep(mnist_root: Path,
+                                                                                     tmp_path: Path) -> None:
+    """model.dropout=0.3 and optimizer.grad_noise_std=0.05, SGD and Adam at two lrs and two seeds, float64: each
+    member draws its masks and noise from its own generator, in the state its run's training starts from, and
+    evaluates without dropout: the sequential jobs' records (every step's loss and gradient norm, the epochs'
+    metrics to 1e-9)."""
+    pop, seq, out = sweep_both_ways(tmp_path, "optimizer=sgd,adam", "lr=0.05,0.5", "seed=0,1", "model.hidden=[16]",
+                                    "model.dropout=0.3", "optimizer.grad_noise_std=0.05", "trainer.precision=64-true",
+                                    "trainer.log_every_n_steps=1", *EQUIVALENCE_BUDGET)
+    assert "8 jobs -> 8 in 2 population(s), 0 alone" in out
+    for name, ref in seq.items():
+        got = pop[name]
+        assert (got["status"], got["regime"], got["steps"]) == (ref["status"], ref["regime"], ref["steps"]), name
+        for key in ("loss", "grad_norm", "weight_norm"):
+            expected = [row[key] for row in ref["train_steps"]]
+            assert [row[key] for row in got["train_steps"]] == pytest.approx(expected, rel=1e-9), (name, key)
         for row, ref_row in zip(got["epochs"], ref["epochs"], strict=True):
             for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"):
                 assert row[key] == pytest.approx(ref_row[key], rel=1e-9), (name, row["epoch"], key)

@@ -195,6 +195,7 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
             cls, options = optimizer_class(first.optimizer)
             for key in ("lr", "weight_decay"):
                 options.pop(key, None)
+            grad_noise_std = float(options.pop("grad_noise_std", 0.0))  # drawn per member by the loop
             optimizer = member_optimizer(cls, model, [float(r["optimizer"]["lr"]) for r in resolved],
                                          [float(r["optimizer"].get("weight_decay") or 0.0) for r in resolved], **options)
             population.device, population.dtype = device_name(device), str(dtype).removeprefix("torch.")
@@ -211,7 +212,7 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
             stopping = MemberEarlyStopping.from_entry(early, len(members), dtype) if early else None
             loop = ReportingLoop(model, optimizer, data, [r["trainer"]["log_every_n_steps"] for r in resolved], sharpness,
                                  schedules, (float(clip), first.trainer.gradient_clip_algorithm or "norm") if clip else None,
-                                 stopping, on_epoch=on_epoch)
+                                 stopping, grad_noise_std, on_epoch=on_epoch)
             records = loop.records
             if all(r.get("resume") == "auto" for r in resolved):
                 saved, why_not = checkpoint.load(device)

@@ -40,7 +40,7 @@ from optimlab.population.data import PopulationData
 from optimlab.population.module import fit
 from optimlab.population.schedule import MemberSchedules
 from optimlab.population.stopping import MemberEarlyStopping
-from optimlab.population.stacked import StackedModel, member_losses
+from optimlab.population.stacked import StackedDropout, StackedModel, member_losses
 
 REASONS = {1: LOSS_OR_GRADIENT, 2: WEIGHTS}  # device codes -> the single run's divergence reasons
 
@@ -92,8 +92,8 @@ class PopulationLoop:
         model: the stacked members (its dtype is the training dtype; images are cast per batch,
             as Lightning's ``64-true`` precision casts a single run's batches).
         optimizer: a member-wise optimizer over exactly ``model.parameters()`` (:func:`member_optimizer`).
-            ``grad_noise_std`` must be 0: one noise draw for all members cannot follow each
-            member's own generator.
+            Its ``grad_noise_std`` must be 0: its draws would come from torch's global generator,
+            not each member's (pass the noise as ``grad_noise_std`` here).
         data: the members' data, on the model's device.
         weights_every: each member's cadence of the single run's check of its updated weights
             (``trainer.log_every_n_steps``); one number for all, or one per member.
@@ -102,12 +102,15 @@ class PopulationLoop:
         clip: ``(trainer.gradient_clip_val, trainer.gradient_clip_algorithm)``: each member's gradients
             clipped as Lightning clips its run's (:func:`clip_member_gradients`), or None.
         stopping: every member's early stopping (``callbacks=early_stopping``), checked after every epoch, or None.
+        grad_noise_std: the optimizer's ``grad_noise_std``: Gaussian noise of that standard deviation
+            added to each gradient before the update, member m's drawn from ``model.generators[m]``
+            as its run's optimizer draws it (:func:`add_member_noise`); CPU only.
     """
 
     def __init__(self, model: StackedModel, optimizer: Optimizer, data: PopulationData,
                  weights_every: int | Sequence[int] = 50, sharpness: MemberSharpness | None = None,
                  schedules: MemberSchedules | None = None, clip: tuple[float, str] | None = None,
-                 stopping: MemberEarlyStopping | None = None) -> None:
+                 stopping: MemberEarlyStopping | None = None, grad_noise_std: float = 0.0) -> None:
         params = list(model.parameters())
         groups = optimizer.param_groups
         if len(groups) != 1 or groups[0].get("members") != model.members or \
@@ -115,11 +118,16 @@ class PopulationLoop:
             raise ValueError(f"the optimizer must have one member-wise group (members: {model.members}) holding "
                              "exactly the model's parameters; build it with member_optimizer()")
         if groups[0].get("grad_noise_std", 0.0):
-            raise ValueError("optimizer.grad_noise_std must be 0 in a population (noise draws are not per member)")
+            raise ValueError("the optimizer's grad_noise_std must be 0 in a population (its draws are not per "
+                             "member); pass it to the loop as grad_noise_std")
         if data.members != model.members:
             raise ValueError(f"{data.members} members' data for {model.members} model members")
         self.model, self.optimizer, self.data, self.params = model, optimizer, data, params
         self.dtype, device = params[0].dtype, params[0].device
+        if grad_noise_std and device.type != "cpu":
+            raise ValueError("gradient noise in a population runs on the CPU only (each member's draws follow its "
+                             "CPU generator, as its run's draws on the CPU do)")
+        self.grad_noise_std = grad_noise_std
         members = model.members
         self.last_finite = [p.detach().clone() for p in params]
         self.alive = torch.ones(members, dtype=torch.bool, device=device)
@@ -158,8 +166,8 @@ class PopulationLoop:
     def state_dict(self) -> dict[str, Any]:
         """Everything the next epoch depends on, after a finished epoch: weights, optimizer state, the
         on-device flags, the step and epoch counts, the members' records and schedulers. Not the last finite
-        weights: after every step they are the weights (:meth:`keep_finite`). No random state: after
-        the start nothing is drawn at random (each member's epoch order comes from its seed and the
+        weights: after every step they are the weights (:meth:`keep_finite`). Each member's generator
+        state (its dropout masks and gradient noise; its epoch order comes from its seed and the
         epoch number)."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "alive": self.alive, "diverged_at": self.diverged_at,
@@ -167,7 +175,8 @@ class PopulationLoop:
                 "records": [dataclasses.asdict(record) for record in self.records], "run_weights": self.run_weights(),
                 "sharpness": None if self.sharpness is None else self.sharpness.state_dict(),
                 "schedules": None if self.schedules is None else self.schedules.state_dict(),
-                "stopping": None if self.stopping is None else self.stopping.state_dict()}
+                "stopping": None if self.stopping is None else self.stopping.state_dict(),
+                "generators": [generator.get_state() for generator in self.model.generators]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`'s ``state`` (tensors on this loop's device): the next
@@ -190,6 +199,15 @@ class PopulationLoop:
             self.schedules.load_state_dict(saved_part(state, "schedules"), self.optimizer.param_groups[0]["lr"])
         if self.stopping is not None:
             self.stopping.load_state_dict(saved_part(state, "stopping"))
+        if self.draws:
+            for generator, saved in zip(self.model.generators, saved_part(state, "generators"), strict=True):
+                generator.set_state(saved)
+
+    @property
+    def draws(self) -> bool:
+        """Whether training draws at random (dropout, gradient noise): the members' generators then matter."""
+        return bool(self.grad_noise_std) or any(isinstance(layer, StackedDropout) and layer.p > 0
+                                                for layer in self.model.modules())
 
     def end_epoch(self, epochs_done: int) -> None:
         """Called by :meth:`finish_epoch` once an epoch's rows are in the records; subclasses save or report here."""
@@ -232,16 +250,22 @@ class PopulationLoop:
         self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
         losses = losses.detach()
+        grads = [p.grad for p in self.params]
         # The single run's check per member: non-finite when the loss or any gradient is (or their sum overflows).
-        check = losses + sum_rows(*(p.grad for p in self.params))
+        check = losses + sum_rows(*grads)
         if self.clip is not None:  # after the check, as the runs clip
-            clip_member_gradients([p.grad for p in self.params], *self.clip)
+            clip_member_gradients(grads, *self.clip)
+        logged = any(self.global_step % n == 0 for n in self._cadences)
+        grad_norms = norm_rows(*grads) if logged else None  # before the noise: a run logs its gradient's norm
+        if self.grad_noise_std:
+            add_member_noise(grads, self.model.generators, self.grad_noise_std,
+                             self.optimizer.param_groups[0].get("maximize", False))
         self.optimizer.step()
         weights_ok = self.finite_weights()
         grads_ok = torch.isfinite(check)
         alive = self.alive & grads_ok & weights_ok
-        if any(self.global_step % n == 0 for n in self._cadences):
-            self.log_step(losses, self.alive & grads_ok)
+        if grad_norms is not None:
+            self.log_step(losses, grad_norms, self.alive & grads_ok)
         overflowed = self.alive & grads_ok & ~weights_ok  # updated into non-finite weights: its run keeps them
         if not self.flags_on_host:
             for p, kept, flag in zip(self.params, self.overflow_copy(), self.member_views(overflowed)):
@@ -288,12 +312,12 @@ class PopulationLoop:
                 return sums
         return finite_rows(*weights)
 
-    def log_step(self, losses: Tensor, applied: Tensor) -> None:
+    def log_step(self, losses: Tensor, grad_norms: Tensor, applied: Tensor) -> None:
         """Keep this step's per-step scalars of every member (the updated weights' norm taken before
         any member is frozen, as its run logs them); :meth:`fit` reads them at the epoch's end."""
         lr = self.optimizer.param_groups[0]["lr"]
         self._logged_steps.append((self.global_step, torch.stack([
-            losses.double(), norm_rows(*(p.grad for p in self.params)), norm_rows(*(p.detach() for p in self.params)),
+            losses.double(), grad_norms, norm_rows(*(p.detach() for p in self.params)),
             lr.to(losses.device, torch.float64), applied.double()])))
 
     def record_logged_steps(self) -> None:
@@ -372,8 +396,12 @@ class PopulationLoop:
         training dtype, as a run's SampleMean sums it (what its early stopping compares), over
         ``batches``, with the weights its run evaluates (:meth:`weights_of_the_runs`); ``shared``: one
         batch for all members."""
-        with self.weights_of_the_runs():
-            return self._evaluate(batches, shared)
+        self.model.eval()  # no dropout, as Lightning evaluates a run
+        try:
+            with self.weights_of_the_runs():
+                return self._evaluate(batches, shared)
+        finally:
+            self.model.train()
 
     def _evaluate(self, batches: Iterator[tuple[Tensor, Tensor]], shared: bool) -> Tensor:
         members = self.model.members
@@ -487,6 +515,21 @@ def clip_member_gradients(grads: Sequence[Tensor], value: float, algorithm: str)
     scale = torch.clamp(value / (total + 1e-6), max=1.0)  # clip_grad_norm_'s expression, member-wise
     for g in grads:
         g.mul_(scale.view((-1,) + (1,) * (g.dim() - 1)))
+
+
+def add_member_noise(grads: Sequence[Tensor], generators: Sequence[torch.Generator], std: float,
+                     maximize: bool = False) -> None:
+    """Add Gaussian noise of standard deviation ``std`` to each member's gradients in place (``grads``:
+    one ``[P, ...]`` per parameter, in the parameters' order), member m's drawn from ``generators[m]``
+    as its run's optimizer draws it from torch's global generator (a standard normal draw shaped like
+    each gradient, in order) and added as it adds it (``grad + std * draw``, one rounding). With
+    ``maximize`` the noise is subtracted: the optimizer then negates the sum, where a run negates its
+    gradient before adding the noise, and ``-(g - s*n)`` rounds as ``-g + s*n`` does."""
+    noise = [torch.empty_like(g) for g in grads]
+    for m, generator in enumerate(generators):
+        for draw in noise:
+            draw[m].normal_(generator=generator)
+    torch._foreach_add_(list(grads), noise, alpha=-std if maximize else std)
 
 
 def members(flags: Tensor) -> list[int]:

@@ -207,12 +207,14 @@ def why_alone(cfg: DictConfig) -> str | None:
     trainer_args = {f"trainer.{key}={value}" for key, value in t.items()
                     if key not in POPULATION_TRAINER and value != TRAINER_DEFAULTS.get(key)}
     scheduler = why_not_followed(cfg) if cfg.get("scheduler") else None
+    device = population_device(t.accelerator)
+    on_gpu = device is not None and device.type != "cpu"  # draws there come from the device's generator
     reasons = {
         ", ".join(sorted(trainer_args)): bool(trainer_args),
         f"model {cfg.model.get('_target_')} cannot be stacked": cfg.model.get("_target_") not in STACKED,
-        "model.dropout > 0": (cfg.model.get("dropout") or 0) > 0,
+        "model.dropout > 0 on a GPU": on_gpu and (cfg.model.get("dropout") or 0) > 0,
         "optimizer.impl=torch (member-wise groups are optimlab.optim's)": optimizer.get("impl") == "torch",
-        "optimizer.grad_noise_std > 0": (optimizer.get("grad_noise_std") or 0) > 0,
+        "optimizer.grad_noise_std > 0 on a GPU": on_gpu and (optimizer.get("grad_noise_std") or 0) > 0,
         scheduler or "a learning-rate scheduler": scheduler is not None,
         "callbacks other than the defaults (" + ", ".join(sorted(extra_callbacks)) + ")": bool(extra_callbacks),
         "a logger other than TensorBoard": set(loggers) != {"tensorboard"},
@@ -222,7 +224,7 @@ def why_alone(cfg: DictConfig) -> str | None:
         "trainer.compile": bool(t.compile),
         "trainer.limit_train_batches=0": t.limit_train_batches == 0,
         "trainer.fast_dev_run": bool(t.fast_dev_run),
-        "an MPS device": population_device(t.accelerator) is None,
+        "an MPS device": device is None,
         f"{Optimizer.__module__}.Optimizer subclasses only": not issubclass(optimizer_class(optimizer)[0], Optimizer),
     }
     found = [reason for reason, applies in reasons.items() if applies]

@@ -41,9 +41,16 @@ def build_member(config: Mapping[str, Any], seed: int) -> nn.Module:
     built as a run seeded ``seed`` builds it: ``optimlab.train.run`` seeds torch's global generator
     (``seed_everything``) and instantiates the model first, so its init draws come first from
     ``torch.manual_seed(seed)``. The caller's generator state is left as it was."""
+    return built_member(config, seed)[0]
+
+
+def built_member(config: Mapping[str, Any], seed: int) -> tuple[nn.Module, Tensor]:
+    """:func:`build_member`'s model and the state of torch's global generator after it was built:
+    the state the run's training starts from (nothing else it builds draws), which its dropout
+    masks and gradient noise then draw from."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return instantiate(config)
+        return instantiate(config), torch.get_rng_state()
 
 
 def member_losses(logits: Tensor, y: Tensor) -> Tensor:
@@ -175,18 +182,49 @@ class MemberFlatten(nn.Module):
         return x.reshape(self.members, x.shape[0] // self.members, -1)
 
 
+class StackedDropout(nn.Module):
+    """``nn.Dropout(p)`` per member: in training mode member m's mask is drawn from ``generators[m]``
+    as its run's dropout draws it from torch's global generator on the CPU (a Bernoulli(1 - p) draw
+    of its features' shape, divided by 1 - p, multiplied in), so its features are bitwise its
+    run's; in eval mode the identity. Features ``[P, B, F]``; CPU only (a GPU run draws its masks
+    from the device's generator, which no per-member generator follows)."""
+
+    def __init__(self, p: float, generators: Sequence[torch.Generator]) -> None:
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout probability {p!r}: expected a number in [0, 1)")
+        self.p, self.generators = p, generators
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            raise RuntimeError("a population's dropout runs on the CPU only (its masks follow each member's CPU "
+                               "generator, as its run's draws on the CPU do)")
+        noise = torch.empty_like(x)
+        for mask, generator in zip(noise, self.generators, strict=True):
+            mask.bernoulli_(1 - self.p, generator=generator)
+        return x * noise.div_(1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, members={len(self.generators)}"
+
+
 class StackedModel(nn.Module):
     """P single models of one architecture (``net``: an ``nn.Sequential``) as one module.
 
     Args:
         models: the members, in order; the same layers with the same shapes (their weights and
-            init options may differ). Dropout is refused: its draws could not follow each
-            member's own generator.
+            init options may differ).
+        rng_states: for each member, the state of torch's global generator its run trains from
+            (:func:`built_member`'s); None: the global generator's current state for all. Member m's
+            random draws (dropout masks, the loop's gradient noise) come from ``generators[m]``, a
+            CPU generator in that state, in the order its run draws them.
     """
 
     single_type: type[nn.Module] = nn.Module
 
-    def __init__(self, models: Sequence[nn.Module]) -> None:
+    def __init__(self, models: Sequence[nn.Module], rng_states: Sequence[Tensor] | None = None) -> None:
         if not models:
             raise ValueError("a population needs at least one member")
         if not all(isinstance(model, self.single_type) for model in models):
@@ -194,6 +232,13 @@ class StackedModel(nn.Module):
                             f"{sorted({type(model).__name__ for model in models})}")
         super().__init__()
         self.members = len(models)
+        states = [torch.get_rng_state()] * self.members if rng_states is None else list(rng_states)
+        if len(states) != self.members:
+            raise ValueError(f"{len(states)} generator states for {self.members} members")
+        # A plain list, not module state: the loop's state_dict saves the generators' states.
+        self.generators = [torch.Generator() for _ in states]
+        for generator, state in zip(self.generators, states):
+            generator.set_state(state)
         nets = [model.net for model in models]
         # A layer's repr names its type and sizes (widths, kernel, stride, pooling).
         architecture = [repr(layer) for layer in nets[0]]
@@ -210,10 +255,12 @@ class StackedModel(nn.Module):
                 layers.append(StackedConv2d(group))
             elif isinstance(layer, nn.Flatten):
                 layers.append(MemberFlatten(self.members))
+            elif isinstance(layer, nn.Dropout):
+                layers.append(StackedDropout(layer.p, self.generators))
             elif isinstance(layer, SHARED_LAYERS):
                 layers.append(copy.deepcopy(layer))
             else:
-                raise ValueError(f"{type(layer).__name__} layers cannot be stacked (model.dropout must be 0)")
+                raise ValueError(f"{type(layer).__name__} layers cannot be stacked")
         self.net = nn.Sequential(*layers)
         # The single models' structure, for member_model(); in a list so that it is no submodule
         # (its parameters stay out of parameters() and state_dict()).
@@ -222,13 +269,14 @@ class StackedModel(nn.Module):
     @classmethod
     def from_configs(cls, configs: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> StackedModel:
         """Member m is the model ``configs[m]`` gives under ``seeds[m]`` (see :func:`build_member`):
-        the same weights, bitwise, as the single run of that config and seed starts from."""
+        the same weights, bitwise, as the single run of that config and seed starts from, and the
+        generator state its training draws from."""
         if len(configs) != len(seeds):
             raise ValueError(f"{len(configs)} model configs but {len(seeds)} seeds")
         # Members with the same config and seed (a grid's lrs) start from the same weights: built once.
         keys = [(config_key(config, ()), seed) for config, seed in zip(configs, seeds)]
-        built = {key: build_member(config, key[1]) for key, config in dict(zip(keys, configs)).items()}
-        return cls([built[key] for key in keys])
+        built = {key: built_member(config, key[1]) for key, config in dict(zip(keys, configs)).items()}
+        return cls([built[key][0] for key in keys], [built[key][1] for key in keys])
 
     def forward(self, x: Tensor, groups: Sequence[int] | None = None) -> Tensor:
         """Logits ``[P, B, classes]`` of images ``x [P, B, C, H, W]`` (member m's batch in ``x[m]``).
