@@ -173,6 +173,18 @@ def test_testing_the_best_checkpoint_keeps_the_whole_record(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
+def test_a_run_whose_best_checkpoint_was_never_written_tests_its_last_weights(tmp_path: Path) -> None:
+    # lr 1e300 with weight decay (float64): an update overflows the weights in epoch 1, whose checkpoint (the
+    # first best) is then not written; the run is tested with its last weights instead of failing to find it.
+    cfg = compose_config(*FAST, "epochs=2", "lr=1e300", "optimizer.weight_decay=0.1", "trainer.precision=64-true",
+                         "test_ckpt=best")
+    summary = run(cfg, tmp_path)
+    assert (summary.status, summary.tested_checkpoint) == ("diverged", "last")
+    assert not (tmp_path / "checkpoints" / "best.ckpt").exists()
+    assert summary.test_acc == summary.epochs[-1]["test_acc"]
+
+
+@pytest.mark.slow
 def test_tensorboard_holds_step_and_epoch_scalars(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

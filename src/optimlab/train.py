@@ -350,10 +350,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
             status = "diverged" if module.guard.diverged else "complete"
-            # callbacks.model_checkpoint keeps the best epoch by its monitor (last.ckpt has none)
+            # callbacks.model_checkpoint keeps the best epoch by its monitor (last.ckpt has none). Its file
+            # is missing when every save was refused (non-finite weights, AtomicCheckpointIO): the last weights.
             best = next((c.best_model_path for c in trainer.checkpoint_callbacks
                          if isinstance(c, ModelCheckpoint) and c.monitor), "")
-            use_best = cfg.test_ckpt == "best" and bool(best)
+            use_best = cfg.test_ckpt == "best" and bool(best) and Path(best).is_file()
             trainer.test(module, datamodule=datamodule, ckpt_path=best if use_best else None, verbose=False)
             if stopper.requested:  # Lightning's graceful shutdown ends trainer.test without raising
                 raise KeyboardInterrupt(stopper.requested)
