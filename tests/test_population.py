@@ -23,6 +23,8 @@ from optimlab.divergence import LOSS_OR_GRADIENT, WEIGHTS
 from optimlab.optim import SGD, Adagrad, Adam, RMSprop
 from optimlab.population import StackedCNN, StackedMLP, build_member
 from optimlab.population.stacked import StackedDropout, built_member
+from optimlab.population.best import MODEL_CHECKPOINT, MemberBest
+from optimlab.population.best import followed as best_followed
 from optimlab.population.data import PopulationData, split_indices
 from optimlab.population.loop import (MemberRecord, PopulationLoop, clip_member_gradients, member_optimizer,
                                       train_population)
@@ -296,7 +298,8 @@ def population(root: Path, lrs: list[float], seeds: list[int], optimizer: type =
                dtype: torch.dtype = torch.float32, stacked: type = StackedMLP, config: Any = None,
                weight_decay: Any = 0.0, every: int | list[int] = 50, scheduler: dict[str, Any] | None = None,
                clip: tuple[float, str] | None = None, stopping: MemberEarlyStopping | None = None,
-               grad_noise_std: float = 0.0, **options: Any) -> tuple[PopulationLoop, list[MNISTDataModule]]:
+               grad_noise_std: float = 0.0, best: MemberBest | None = None,
+               **options: Any) -> tuple[PopulationLoop, list[MNISTDataModule]]:
     """A population on the tiny IDX files (48 training images, batches of 8: 6 steps an epoch);
     ``scheduler``: every member's scheduler config; ``clip``: (gradient_clip_val, algorithm)."""
     config = config or mlp_config(activation="relu")
@@ -308,7 +311,7 @@ def population(root: Path, lrs: list[float], seeds: list[int], optimizer: type =
         "optimizer": {"_target_": f"{optimizer.__module__}.{optimizer.__name__}", "lr": lr, "weight_decay": decay, **options},
         "scheduler": scheduler}) for lr, decay in zip(lrs, decays)]) if scheduler else None
     return PopulationLoop(model, opt, PopulationData(dms), weights_every=every, schedules=schedules, clip=clip,
-                          stopping=stopping, grad_noise_std=grad_noise_std), dms
+                          stopping=stopping, grad_noise_std=grad_noise_std, best=best), dms
 
 
 def trajectory(loop: PopulationLoop, epochs: int = 2) -> list[list[torch.Tensor]]:
@@ -747,6 +750,66 @@ def test_a_member_stops_early_where_lightnings_early_stopping_stops_its_run(
     assert stopping.best[0] in (math.inf, -math.inf) and stopping.wait[0] == 0  # member 0 untouched
 
 
+@pytest.mark.parametrize("monitor,mode,values", [
+    ("val/loss", "min", [1.0, 0.5, 0.5, 0.75, 0.25]),                # a tie is no improvement
+    ("val/acc", "max", [0.5, 0.75, 0.75, 0.25]),
+    ("val/acc", "max", [math.nan, 0.1, math.nan, 0.05]),             # a NaN is saved as the worst value
+    ("val/loss", "min", [math.nan, math.nan, 3.0]),
+    ("val/loss", "min", [2.0, math.inf, 1.0]),
+    ("val/loss", "min", [1.0, 0.99999999, 1.5]),                     # float32 rounding decides: a tie there
+])
+def test_a_members_best_epoch_is_the_one_lightnings_model_checkpoint_keeps_for_its_run(
+        tmp_path: Path, monitor: str, mode: str, values: list[float]) -> None:
+    """MemberBest's choice against Lightning's ModelCheckpoint (save_top_k 1) in a fit whose validation
+    values are given: the same best epoch, also where float32 rounding decides."""
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(tmp_path, "{epoch}", monitor, save_top_k=1, mode=mode,
+                                                     save_on_train_epoch_end=True)
+    trainer = L.Trainer(max_epochs=len(values), logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, accelerator="cpu", callbacks=[checkpoint])
+    trainer.fit(GivenValidation(values))
+    kept = int(Path(checkpoint.best_model_path).stem.removeprefix("epoch="))
+    best = MemberBest(2, monitor, mode)
+    rounded = [float(torch.tensor(v, dtype=torch.float32)) if monitor == "val/loss" else v for v in values]
+    for epoch, value in enumerate(rounded):
+        best.update(1, value, 1, lambda: [torch.tensor([float(epoch)])])
+    assert best.weights[1][0].item() == kept
+    assert 0 not in best.weights and best.saved[0] is None  # member 0 untouched
+
+
+def test_a_members_best_needs_a_step_since_its_last_save_and_keeps_only_finite_weights() -> None:
+    """As a run's ModelCheckpoint: nothing is saved after an epoch without a step (Lightning compares
+    global steps); a save of non-finite weights counts (its value) but its file keeps the earlier
+    weights (AtomicCheckpointIO writes none), and with no earlier ones the run has no best to test."""
+    best = MemberBest(3, "val/loss", "min")
+    best.update(0, 1.0, 0, lambda: [torch.zeros(2)])  # diverged at its first step: no step, no save
+    assert best.saved[0] is None and 0 not in best.weights
+    best.update(1, math.nan, 4, lambda: [torch.full((2,), math.nan)])  # updated into non-finite weights
+    assert best.saved[1] == math.inf and 1 not in best.weights
+    best.update(2, 2.0, 4, lambda: [torch.ones(2)])
+    best.update(2, 1.0, 4, lambda: [torch.tensor([1.0, math.inf])])  # better, but not written
+    best.update(2, 0.5, 0, lambda: [torch.full((2,), 4.0)])  # better, but no step since that save
+    best.update(2, 1.5, 4, lambda: [torch.full((2,), 3.0)])  # worse than the value counted as saved
+    assert best.saved[2] == 1.0 and torch.equal(best.weights[2][0], torch.ones(2))
+    best.update(2, 0.75, 0, lambda: [torch.full((2,), 5.0)])  # better, with steps since the last save
+    assert best.saved[2] == 0.75 and torch.equal(best.weights[2][0], torch.full((2,), 5.0))
+    restored = MemberBest(3, "val/loss", "min")
+    restored.load_state_dict(best.state_dict())
+    assert restored.saved == best.saved and restored.unsaved_steps == best.unsaved_steps
+    assert torch.equal(restored.weights[2][0], best.weights[2][0])
+
+
+def test_which_model_checkpoint_entries_a_population_follows() -> None:
+    entry = {"_target_": MODEL_CHECKPOINT, "filename": "best", "monitor": "val/acc", "mode": "max", "save_top_k": 1,
+             "save_on_train_epoch_end": True, "auto_insert_metric_name": False, "enable_version_counter": False}
+    assert best_followed(entry) and best_followed({**entry, "monitor": None})
+    for other in ({"save_top_k": 3}, {"save_top_k": -1}, {"every_n_epochs": 2}, {"every_n_train_steps": 10},
+                  {"monitor": "train/loss"}, {"train_time_interval": "00:00:10:00"}):
+        assert not best_followed({**entry, **other}), other
+    assert MemberBest.from_entry({**entry, "monitor": None}, 2) is None
+    with pytest.raises(ValueError, match="cannot follow"):
+        MemberBest.from_entry({**entry, "save_top_k": 3}, 2)
+
+
 def test_members_stop_early_one_by_one_and_the_fit_ends_with_the_last(tiny_mnist: Path) -> None:
     """Early stopping (val/loss, patience 0): each member's record ends at its first epoch without an
     improvement, it is not diverged, its weights stay those of its last epoch (the same as a member
@@ -783,22 +846,27 @@ def test_no_weight_decay_is_the_number_zero_and_steps_as_the_members_runs(tiny_m
 
 @pytest.mark.parametrize("scheduler,patience,draws", [
     (None, None, False), (SCHEDULERS["step"], None, False), (SCHEDULERS["warm-up"], None, False), (None, 1, False),
-    (None, None, True)], ids=["constant-lr", "step-lr", "warm-up", "early-stopping", "dropout-noise"])
+    (None, None, True)], ids=["constant-lr", "step-lr", "warm-up", "early-stopping-best", "dropout-noise"])
 def test_a_loop_restored_from_its_state_continues_bitwise(tiny_mnist: Path, scheduler: dict[str, Any] | None,
                                                          patience: int | None, draws: bool) -> None:
     """Adam (state), one member diverging in epoch 1: 3 epochs straight, or 1 epoch, the state
     through torch.save/load into a fresh loop, then the rest: equal records and weights, bitwise
     (with a learning-rate schedule, its schedulers' states too; with early stopping, its counts; with
-    dropout and gradient noise, the members' generators)."""
+    dropout and gradient noise, the members' generators; with early stopping, the best epochs too)."""
     lrs, seeds = [0.01, 1e300, 0.003], [0, 1, 2]
     drawing = dict(config=mlp_config(activation="relu", dropout=0.3), grad_noise_std=0.01) if draws else {}
 
     def stopping() -> MemberEarlyStopping | None:
         return None if patience is None else MemberEarlyStopping(3, "val/acc", "max", patience)
 
-    straight, _ = population(tiny_mnist, lrs, seeds, Adam, every=4, scheduler=scheduler, stopping=stopping(), **drawing)
+    def best() -> MemberBest | None:
+        return None if patience is None else MemberBest(3, "val/loss")
+
+    straight, _ = population(tiny_mnist, lrs, seeds, Adam, every=4, scheduler=scheduler, stopping=stopping(),
+                             best=best(), **drawing)
     expected = straight.fit(3)
-    first, _ = population(tiny_mnist, lrs, seeds, Adam, every=4, scheduler=scheduler, stopping=stopping(), **drawing)
+    first, _ = population(tiny_mnist, lrs, seeds, Adam, every=4, scheduler=scheduler, stopping=stopping(),
+                             best=best(), **drawing)
     first.fit(1)
     # After every step the last finite weights are the weights (a frozen member's set back): not saved.
     assert all(torch.equal(p, last) for p, last in zip(first.params, first.last_finite))
@@ -806,7 +874,8 @@ def test_a_loop_restored_from_its_state_continues_bitwise(tiny_mnist: Path, sche
     buffer = io.BytesIO()
     torch.save(first.state_dict(), buffer)
     buffer.seek(0)
-    resumed, _ = population(tiny_mnist, lrs, seeds, Adam, every=4, scheduler=scheduler, stopping=stopping(), **drawing)
+    resumed, _ = population(tiny_mnist, lrs, seeds, Adam, every=4, scheduler=scheduler, stopping=stopping(),
+                             best=best(), **drawing)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     assert resumed.epochs_done == 1 and resumed.records[1].diverged
     assert list(resumed.run_weights()) == [1]
@@ -832,6 +901,10 @@ def test_a_loop_restored_from_its_state_continues_bitwise(tiny_mnist: Path, sche
     if scheduler:
         assert resumed.schedules.state_dict() == straight.schedules.state_dict()
         assert len({row["lr"] for row in expected[0].train_steps}) > 1  # the schedule moved the lr
+    if patience is not None:
+        assert resumed.best.state_dict()["saved"] == straight.best.state_dict()["saved"]
+        for m, weights in straight.best.weights.items():
+            assert all(torch.equal(a, b) for a, b in zip(resumed.best.weights[m], weights))
     if draws:
         missing = {k: v for k, v in first.state_dict().items() if k != "generators"}
         with pytest.raises(ValueError, match="no generators"):

@@ -336,7 +336,7 @@ def test_jobs_classified_in_forked_processes_get_the_verdicts_of_this_one(loader
     """classify_all with three processes: every job's error, reason to run alone and population key
     are those classify gives it here (an invalid job's error with its message)."""
     hydra_loader, master, _ = loaders
-    grids = [["lr=0.1"], ["lr=-1"], ["lr=0.2", "test_ckpt=best"], ["lr=0.3", "seed=2"], ["optimizer=adam"],
+    grids = [["lr=0.1"], ["lr=-1"], ["lr=0.2", "logger=csv"], ["lr=0.3", "seed=2"], ["optimizer=adam"],
              ["data.val_size=70000"], ["lr=0.4"]]
 
     def jobs() -> list[Job]:
@@ -426,6 +426,9 @@ def test_members_may_differ_in_member_wise_settings_only() -> None:
     for clip in (["trainer.gradient_clip_val=1.0"], ["trainer.gradient_clip_val=0.1", "trainer.gradient_clip_algorithm=value"]):
         assert why_alone(compose_config(*clip)) is None, clip  # each member clipped by its own norm
     assert why_alone(compose_config("callbacks=early_stopping")) is None  # each member stops where its run stops
+    # each member tested from the epoch its run's ModelCheckpoint keeps
+    assert why_alone(compose_config("test_ckpt=best")) is None
+    assert why_alone(compose_config("experiment=overfit_early_stop", "trainer.accelerator=cpu")) is None
     # each member's dropout masks and gradient noise drawn from its own generator (on the CPU)
     assert why_alone(compose_config("model.dropout=0.5", "optimizer.grad_noise_std=0.1", "trainer.accelerator=cpu")) is None
     assert why_alone(compose_config("experiment=grad_noise", "trainer.accelerator=cpu")) is None
@@ -451,7 +454,8 @@ def scheduler(target: str, *options: str) -> list[str]:
     (["callbacks=lr_monitor"], "lr_monitor"),
     (["callbacks=early_stopping", "+callbacks.early_stopping.stopping_threshold=0.1"], "early_stopping"),
     (["logger=csv"], "logger"), (["trainer.detect_anomaly=true"], "trainer.detect_anomaly=True"),
-    (["test_ckpt=best"], "test_ckpt=best"), (["optimizer.impl=torch"], "optimizer.impl=torch"),
+    (["test_ckpt=best", "callbacks.model_checkpoint.save_top_k=2"], "test_ckpt=best with callbacks.model_checkpoint"),
+    (["optimizer.impl=torch"], "optimizer.impl=torch"),
     (["trainer.precision=bf16-mixed"], "precision"), (["trainer.limit_train_batches=0"], "limit_train_batches=0"),
 ])
 def test_what_a_population_cannot_reproduce_runs_alone(overrides: list[str], reason: str) -> None:
@@ -720,6 +724,26 @@ def test_a_dropout_and_gradient_noise_sweep_as_populations_equals_the_sequential
         for row, ref_row in zip(got["epochs"], ref["epochs"], strict=True):
             for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"):
                 assert row[key] == pytest.approx(ref_row[key], rel=1e-9), (name, row["epoch"], key)
+
+
+@pytest.mark.slow
+def test_a_best_checkpoint_sweep_as_populations_equals_the_sequential_sweep(mnist_root: Path, tmp_path: Path) -> None:
+    """test_ckpt=best (the default model_checkpoint: val/loss, min), SGD with weight decay at three lrs and two
+    seeds, float64: each member is tested with the weights of the epoch its run's ModelCheckpoint kept (a best
+    epoch before the last at lr 3), or with its last weights where its run's every save was refused for
+    non-finite weights (lr 1e300): the sequential jobs' tested checkpoints and test metrics (1e-9)."""
+    pop, seq, out = sweep_both_ways(tmp_path, "optimizer=sgd", "lr=0.3,3,1e300", "seed=0,1", "model.hidden=[16]",
+                                    "optimizer.weight_decay=0.1", "test_ckpt=best", "trainer.precision=64-true",
+                                    "data.subset=256", "data.val_size=256", "epochs=3", "trainer.accelerator=cpu")
+    assert "6 jobs -> 6 in 1 population(s), 0 alone" in out
+    for name, ref in seq.items():
+        got = pop[name]
+        assert (got["status"], got["tested_checkpoint"]) == (ref["status"], ref["tested_checkpoint"]), name
+        for key in ("test_loss", "test_acc"):  # null: NaN (a diverged member's)
+            assert got[key] == (ref[key] if ref[key] is None else pytest.approx(ref[key], rel=1e-9)), (name, key)
+    tested = {(s["config"]["lr"], s["tested_checkpoint"], s["test_acc"] == s["epochs"][-1]["test_acc"])
+              for s in seq.values()}
+    assert (3, "best", False) in tested and (1e300, "last", True) in tested  # an earlier epoch's; a refused save's
 
 
 @pytest.mark.slow

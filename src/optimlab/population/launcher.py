@@ -43,6 +43,7 @@ from torch import Tensor
 from optimlab.build import optimizer_class
 from optimlab.console import say
 from optimlab.hydra_job import JobFailed, hydra_config_of, run_composed_job, save_job_record
+from optimlab.population.best import MemberBest
 from optimlab.population.checkpoint import PopulationCheckpoint
 from optimlab.population.cluster import EXIT_CODES, Executor, exit_code, run_as_jobs, usable_cpus
 from optimlab.population.curvature import MemberSharpness
@@ -210,9 +211,12 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
             clip = first.trainer.gradient_clip_val
             early = (first.get("callbacks") or {}).get("early_stopping")
             stopping = MemberEarlyStopping.from_entry(early, len(members), dtype) if early else None
+            # test_ckpt is each member's own: the best epochs are chosen when any member tests its best
+            tests_best = [r.get("test_ckpt") == "best" for r in resolved]
+            best = MemberBest.from_entry(first.callbacks.model_checkpoint, len(members)) if any(tests_best) else None
             loop = ReportingLoop(model, optimizer, data, [r["trainer"]["log_every_n_steps"] for r in resolved], sharpness,
                                  schedules, (float(clip), first.trainer.gradient_clip_algorithm or "norm") if clip else None,
-                                 stopping, grad_noise_std, on_epoch=on_epoch)
+                                 stopping, grad_noise_std, best, on_epoch=on_epoch)
             records = loop.records
             if all(r.get("resume") == "auto" for r in resolved):
                 saved, why_not = checkpoint.load(device)
@@ -227,7 +231,9 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
             loop.fit(first.epochs, test_every_epoch=first.data.test_every_epoch, callbacks=[stopper])
             if stopper.requested:  # held while the last epoch was recorded: the fit ended without raising it
                 raise KeyboardInterrupt(stopper.requested)
-            test_loss, test_acc, _ = loop.evaluate(data.test_batches(), shared=True).tolist()
+            # As a run's test: its best checkpoint's weights where it asks for them and has one, else its last.
+            best_weights = {m: w for m, w in best.weights.items() if tests_best[m]} if best is not None else {}
+            test_loss, test_acc, _ = loop.evaluate(data.test_batches(), shared=True, instead=best_weights).tolist()
     except (KeyboardInterrupt, SystemExit):  # SystemExit: Lightning's exit after its graceful shutdown
         signal_name = stopper.requested or "SIGINT"
         with signals_deferred():  # a second stop (a launcher passing the first on) must not cut the records short
@@ -242,9 +248,10 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
         return [crashed_record(job, name, error) if keeps_old(m) else summary
                 for m, (job, summary) in enumerate(zip(members, summaries("crashed", error=error)))]
     population.checkpoint = None  # removed once every member has finished (launch)
-    final = summaries(None, tested_checkpoint="last")
-    for summary, loss, acc in zip(final, test_loss, test_acc):
+    final = summaries(None)
+    for m, (summary, loss, acc) in enumerate(zip(final, test_loss, test_acc)):
         summary.test_loss, summary.test_acc = loss, acc
+        summary.tested_checkpoint = "best" if m in best_weights else "last"
     return final
 
 

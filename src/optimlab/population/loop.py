@@ -25,7 +25,7 @@ import dataclasses
 import itertools
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ from torch import Tensor
 
 from optimlab.divergence import LOSS_OR_GRADIENT, WEIGHTS, finite_rows, norm_rows, sum_rows
 from optimlab.optim import Optimizer
+from optimlab.population.best import MemberBest
 from optimlab.population.curvature import MemberSharpness
 from optimlab.population.data import PopulationData
 from optimlab.population.module import fit
@@ -105,12 +106,15 @@ class PopulationLoop:
         grad_noise_std: the optimizer's ``grad_noise_std``: Gaussian noise of that standard deviation
             added to each gradient before the update, member m's drawn from ``model.generators[m]``
             as its run's optimizer draws it (:func:`add_member_noise`); CPU only.
+        best: every member's best checkpoint (``callbacks.model_checkpoint``), chosen after every epoch's
+            validation, for a test of the best epoch's weights (``test_ckpt=best``), or None.
     """
 
     def __init__(self, model: StackedModel, optimizer: Optimizer, data: PopulationData,
                  weights_every: int | Sequence[int] = 50, sharpness: MemberSharpness | None = None,
                  schedules: MemberSchedules | None = None, clip: tuple[float, str] | None = None,
-                 stopping: MemberEarlyStopping | None = None, grad_noise_std: float = 0.0) -> None:
+                 stopping: MemberEarlyStopping | None = None, grad_noise_std: float = 0.0,
+                 best: MemberBest | None = None) -> None:
         params = list(model.parameters())
         groups = optimizer.param_groups
         if len(groups) != 1 or groups[0].get("members") != model.members or \
@@ -140,7 +144,7 @@ class PopulationLoop:
         self.log_every, self._cadences = every, sorted(set(every))  # the per-step scalars' cadence, as the run's
         self._logged_steps: list[tuple[int, Tensor]] = []  # this epoch's, on the device until its end
         self.flags_on_host = device.type == "cpu"  # reading the flags costs nothing there (see keep_finite)
-        self.clip, self.stopping = clip, stopping
+        self.clip, self.stopping, self.best = clip, stopping, best
         self.schedules = schedules
         if schedules is not None:  # the lr each scheduler set when it was built (a warm-up's first)
             schedules.set(groups[0]["lr"])
@@ -158,7 +162,7 @@ class PopulationLoop:
         self.global_step = 0
         self.epochs_done = 0
         self.records = [MemberRecord() for _ in range(members)]
-        self._metrics = torch.zeros(4, members, dtype=torch.float64, device=device)
+        self._metrics = torch.zeros(5, members, dtype=torch.float64, device=device)
         self._initial_loss: Tensor | None = None
         self._epoch_started = 0.0  # the open epoch's clock and who was training at its start (start_epoch)
         self._started_alive = self.alive.clone()
@@ -176,6 +180,7 @@ class PopulationLoop:
                 "sharpness": None if self.sharpness is None else self.sharpness.state_dict(),
                 "schedules": None if self.schedules is None else self.schedules.state_dict(),
                 "stopping": None if self.stopping is None else self.stopping.state_dict(),
+                "best": None if self.best is None else self.best.state_dict(),
                 "generators": [generator.get_state() for generator in self.model.generators]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -199,6 +204,8 @@ class PopulationLoop:
             self.schedules.load_state_dict(saved_part(state, "schedules"), self.optimizer.param_groups[0]["lr"])
         if self.stopping is not None:
             self.stopping.load_state_dict(saved_part(state, "stopping"))
+        if self.best is not None:
+            self.best.load_state_dict(saved_part(state, "best"))
         if self.draws:
             for generator, saved in zip(self.model.generators, saved_part(state, "generators"), strict=True):
                 generator.set_state(saved)
@@ -292,6 +299,7 @@ class PopulationLoop:
         self._metrics[2] += applied * batch
         self._metrics[3] = torch.where(applied.bool(), torch.maximum(self._metrics[3], losses.double()),
                                        self._metrics[3])
+        self._metrics[4] += applied
         if self.global_step == 0:  # a refused first step has no initial loss, as in RunRecord
             self._initial_loss = torch.where(applied.bool(), losses.double(), math.nan)
         self.alive = alive
@@ -374,10 +382,11 @@ class PopulationLoop:
         return {m: [kept[m] for kept in self.overflow_copy()] for m in members(self._ever_overflowed)}
 
     @contextlib.contextmanager
-    def weights_of_the_runs(self) -> Iterator[None]:
+    def weights_of_the_runs(self, instead: Mapping[int, Sequence[Tensor]] | None = None) -> Iterator[None]:
         """For the block, each member holds the weights its run would: a member updated into non-finite
-        weights holds those (:meth:`run_weights`) instead of its last finite ones."""
-        run_weights = self.run_weights()
+        weights holds those (:meth:`run_weights`) instead of its last finite ones; a member in ``instead``
+        the weights given there."""
+        run_weights = {**self.run_weights(), **(instead or {})}
         kept = {m: [p.detach()[m].clone() for p in self.params] for m in run_weights}
         try:
             for m, weights in run_weights.items():
@@ -390,15 +399,16 @@ class PopulationLoop:
                     p.detach()[m].copy_(w)
 
     @torch.no_grad()
-    def evaluate(self, batches: Iterator[tuple[Tensor, Tensor]], shared: bool = False) -> Tensor:
+    def evaluate(self, batches: Iterator[tuple[Tensor, Tensor]], shared: bool = False,
+                 instead: Mapping[int, Sequence[Tensor]] | None = None) -> Tensor:
         """``[3, P]``: each member's mean cross-entropy (batch means weighted by batch size, as the
         single run's SampleMean, summed in float64), accuracy, and the mean cross-entropy summed in the
         training dtype, as a run's SampleMean sums it (what its early stopping compares), over
-        ``batches``, with the weights its run evaluates (:meth:`weights_of_the_runs`); ``shared``: one
-        batch for all members."""
+        ``batches``, with the weights its run evaluates (:meth:`weights_of_the_runs`; a member in
+        ``instead``: the weights given there, e.g. its best checkpoint's); ``shared``: one batch for all members."""
         self.model.eval()  # no dropout, as Lightning evaluates a run
         try:
-            with self.weights_of_the_runs():
+            with self.weights_of_the_runs(instead):
                 return self._evaluate(batches, shared)
         finally:
             self.model.train()
@@ -436,9 +446,9 @@ class PopulationLoop:
         if started_alive.device.type == "cuda":
             torch.cuda.synchronize(started_alive.device)
         train_time = time.perf_counter() - self._epoch_started
-        loss_sum, correct, count, loss_max = self._metrics
+        loss_sum, correct, count, loss_max, steps = self._metrics
         val_loss, val_acc, val_loss_run = self.evaluate(self.data.val_batches())
-        columns = {"loss_sum": loss_sum, "correct": correct, "count": count, "loss_max": loss_max,
+        columns = {"loss_sum": loss_sum, "correct": correct, "count": count, "loss_max": loss_max, "steps": steps,
                    "val_loss": val_loss, "val_acc": val_acc, "val_loss_run": val_loss_run,
                    "started_alive": started_alive.double(),
                    "diverged_at": self.diverged_at.double(), "reason": self.reason.double()}
@@ -450,9 +460,13 @@ class PopulationLoop:
         values = dict(zip(columns, torch.stack(list(columns.values())).tolist()))
         tracked = {} if self.sharpness is None else self.sharpness.end_epoch(members(started_alive))
         stopped = []  # members whose early stopping ends their training here, as it ends their runs
+        run_weights = self.run_weights()
         for m, record in enumerate(self.records):
             if values["started_alive"][m]:
                 record.history.append(self._row(epoch, values, m, train_time))
+                if self.best is not None:
+                    self.best.update(m, values[self.best.key][m], int(values["steps"][m]),
+                                     lambda: run_weights.get(m) or [p.detach()[m] for p in self.params])
                 if m in tracked:
                     record.curvature = self.sharpness.run_record(m)  # type: ignore[union-attr]
                     if tracked[m]["measurements"]:  # the keys RunRecord adds to a tracked run's row

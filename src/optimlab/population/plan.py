@@ -33,6 +33,7 @@ from optimlab.population.compose import ShapeCachingLoader, task_part
 from optimlab.population.data import split_indices
 from optimlab.population.schedule import why_not_followed
 from optimlab.population.stacked import STACKED, build_member
+from optimlab.population.best import followed as best_followed
 from optimlab.population.stopping import followed
 from optimlab.summary import config_key, describe_run, is_complete, read_summary
 from optimlab.train import refuse_changed_config
@@ -219,7 +220,8 @@ def why_alone(cfg: DictConfig) -> str | None:
         "callbacks other than the defaults (" + ", ".join(sorted(extra_callbacks)) + ")": bool(extra_callbacks),
         "a logger other than TensorBoard": set(loggers) != {"tensorboard"},
         "trainer.max_epochs given apart from epochs": t.get("max_epochs", cfg.epochs) != cfg.epochs,
-        "test_ckpt=best": cfg.test_ckpt == "best",
+        "test_ckpt=best with callbacks.model_checkpoint settings beyond one best checkpoint by val/loss or val/acc":
+            cfg.test_ckpt == "best" and not best_followed((cfg.get("callbacks") or {}).get("model_checkpoint") or {}),
         f"trainer.precision={t.precision}": str(t.precision) not in DTYPES,
         "trainer.compile": bool(t.compile),
         "trainer.limit_train_batches=0": t.limit_train_batches == 0,
@@ -438,7 +440,8 @@ def estimate_memory(cfg: DictConfig) -> MemoryEstimate:
     """What a population of copies of ``cfg``'s run needs on its device, roughly. Shared: MNIST
     (float32). Per member: its weights, gradients, last finite weights and one parameter-sized
     temporary of the update (on a GPU one more: the weights a member is updated into when they
-    overflow, kept by a torch.where each step); every tensor its optimizer holds after two steps (state and reused
+    overflow, kept by a torch.where each step; with ``test_ckpt=best`` one more: its best epoch's weights); every
+    tensor its optimizer holds after two steps (state and reused
     buffers, counted on the single model); the larger of a training step's activations (kept for
     the backward pass, with their gradients) and an evaluation chunk's; its index tensors; with
     sharpness tracking, its Lanczos basis with the temporaries of a product and its probe's activations
@@ -477,6 +480,7 @@ def estimate_memory(cfg: DictConfig) -> MemoryEstimate:
         # reorthogonalisation's temporaries (measured against peak resident memory, docs/population.md).
         tracking = (curvature.iters + 16) * params * size + curvature.probe_size * (28 * 28 * 4 + 4 * activations * size)
     copies = 5 if population_device(cfg.trainer.accelerator) == torch.device("cuda") else 4
+    copies += cfg.test_ckpt == "best"  # the weights of its best checkpoint
     return MemoryEstimate(shared=(n + 10_000) * 28 * 28 * 4,
                           per_member=(copies * params + held) * size + max(step, evaluation) + indices + tracking)
 
