@@ -22,16 +22,16 @@ from optimlab.data import DataError, MNISTDataModule, epoch_batches
 from optimlab.divergence import LOSS_OR_GRADIENT, WEIGHTS
 from optimlab.optim import SGD, Adagrad, Adam, RMSprop
 from optimlab.population import StackedCNN, StackedMLP, build_member
-from optimlab.population.stacked import StackedDropout, built_member
 from optimlab.population.best import MODEL_CHECKPOINT, MemberBest
 from optimlab.population.best import followed as best_followed
 from optimlab.population.data import PopulationData, split_indices
-from optimlab.population.loop import (MemberRecord, PopulationLoop, clip_member_gradients, member_optimizer,
-                                      train_population)
+from optimlab.population.loop import (MemberRecord, PopulationLoop, add_member_noise, clip_member_gradients,
+                                      member_optimizer, train_population)
 from optimlab.population.module import PopulationModule
 from optimlab.population.schedule import MemberSchedules
 from optimlab.population.stopping import MemberEarlyStopping
-from optimlab.population.stacked import MemberLinear, StackedConv2d, grouped_conv2d, member_conv2d, member_losses
+from optimlab.population.stacked import (MemberLinear, StackedConv2d, StackedDropout, built_member, grouped_conv2d,
+                                         member_conv2d, member_losses)
 from optimlab.train import run
 
 INITS = ["default", "normal", "glorot", "stax"]
@@ -143,6 +143,42 @@ def test_a_float32_population_trains_bitwise_as_its_members_single_runs(
             single_opt.zero_grad()
             F.cross_entropy(single(x[m]), y[m]).backward()
             single_opt.step()
+            for key, value in single.state_dict().items():
+                assert torch.equal(model.member_state_dict(m)[key], value), f"member {m} {key} at step {step}"
+
+
+@pytest.mark.parametrize("stacked,config,optimizer,options", [
+    (StackedMLP, mlp_config(hidden=[33, 17], dropout=0.3), SGD, dict(momentum=0.9, grad_noise_std=0.05)),
+    (StackedCNN, cnn_config(dropout=0.4), Adam, dict(grad_noise_std=0.1, maximize=True)),
+], ids=["mlp-sgd", "cnn-adam-maximize"])
+def test_float32_members_draw_their_runs_dropout_masks_and_gradient_noise_bitwise(
+        stacked: type, config: dict[str, Any], optimizer: type, options: dict[str, Any]) -> None:
+    """Each member's dropout masks (its model's forward) and gradient noise (add_member_noise) come from its
+    own generator as its run's come from torch's global one: in float32 every member's weights after each
+    of 20 steps equal, bit for bit, its single model's trained with our optimizer and the same batches,
+    from the generator state its run's training starts from (one CPU thread, as the test workers run)."""
+    seeds, lrs = [0, 3, 0], [0.05, 0.02, 0.01]
+    noise = options.pop("grad_noise_std")
+    model = stacked.from_configs([config] * 3, seeds)
+    opt = member_optimizer(optimizer, model, lrs, **options)
+    built = [built_member(config, seed) for seed in seeds]
+    singles = [optimizer(single.parameters(), lr=lr, grad_noise_std=noise, **options)
+               for (single, _), lr in zip(built, lrs)]
+    states = [state for _, state in built]
+    g = torch.Generator().manual_seed(0)
+    for step in range(20):
+        x, y = torch.rand(3, 8, 1, 28, 28, generator=g), torch.randint(0, 10, (3, 8), generator=g)
+        opt.zero_grad()
+        member_losses(model(x), y).sum().backward()
+        add_member_noise([p.grad for p in model.parameters()], model.generators, noise, options.get("maximize", False))
+        opt.step()
+        for m, ((single, _), single_opt) in enumerate(zip(built, singles)):
+            with torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(states[m])
+                single_opt.zero_grad()
+                F.cross_entropy(single(x[m]), y[m]).backward()
+                single_opt.step()
+                states[m] = torch.get_rng_state()
             for key, value in single.state_dict().items():
                 assert torch.equal(model.member_state_dict(m)[key], value), f"member {m} {key} at step {step}"
 
@@ -771,7 +807,7 @@ def test_a_members_best_epoch_is_the_one_lightnings_model_checkpoint_keeps_for_i
     best = MemberBest(2, monitor, mode)
     rounded = [float(torch.tensor(v, dtype=torch.float32)) if monitor == "val/loss" else v for v in values]
     for epoch, value in enumerate(rounded):
-        best.update(1, value, 1, lambda: [torch.tensor([float(epoch)])])
+        best.update(1, value, 1, [torch.tensor([float(epoch)])])
     assert best.weights[1][0].item() == kept
     assert 0 not in best.weights and best.saved[0] is None  # member 0 untouched
 
@@ -781,16 +817,16 @@ def test_a_members_best_needs_a_step_since_its_last_save_and_keeps_only_finite_w
     global steps); a save of non-finite weights counts (its value) but its file keeps the earlier
     weights (AtomicCheckpointIO writes none), and with no earlier ones the run has no best to test."""
     best = MemberBest(3, "val/loss", "min")
-    best.update(0, 1.0, 0, lambda: [torch.zeros(2)])  # diverged at its first step: no step, no save
+    best.update(0, 1.0, 0, [torch.zeros(2)])  # diverged at its first step: no step, no save
     assert best.saved[0] is None and 0 not in best.weights
-    best.update(1, math.nan, 4, lambda: [torch.full((2,), math.nan)])  # updated into non-finite weights
+    best.update(1, math.nan, 4, [torch.full((2,), math.nan)])  # updated into non-finite weights
     assert best.saved[1] == math.inf and 1 not in best.weights
-    best.update(2, 2.0, 4, lambda: [torch.ones(2)])
-    best.update(2, 1.0, 4, lambda: [torch.tensor([1.0, math.inf])])  # better, but not written
-    best.update(2, 0.5, 0, lambda: [torch.full((2,), 4.0)])  # better, but no step since that save
-    best.update(2, 1.5, 4, lambda: [torch.full((2,), 3.0)])  # worse than the value counted as saved
+    best.update(2, 2.0, 4, [torch.ones(2)])
+    best.update(2, 1.0, 4, [torch.tensor([1.0, math.inf])])  # better, but not written
+    best.update(2, 0.5, 0, [torch.full((2,), 4.0)])  # better, but no step since that save
+    best.update(2, 1.5, 4, [torch.full((2,), 3.0)])  # worse than the value counted as saved
     assert best.saved[2] == 1.0 and torch.equal(best.weights[2][0], torch.ones(2))
-    best.update(2, 0.75, 0, lambda: [torch.full((2,), 5.0)])  # better, with steps since the last save
+    best.update(2, 0.75, 0, [torch.full((2,), 5.0)])  # better, with steps since the last save
     assert best.saved[2] == 0.75 and torch.equal(best.weights[2][0], torch.full((2,), 5.0))
     restored = MemberBest(3, "val/loss", "min")
     restored.load_state_dict(best.state_dict())
@@ -803,7 +839,8 @@ def test_which_model_checkpoint_entries_a_population_follows() -> None:
              "save_on_train_epoch_end": True, "auto_insert_metric_name": False, "enable_version_counter": False}
     assert best_followed(entry) and best_followed({**entry, "monitor": None})
     for other in ({"save_top_k": 3}, {"save_top_k": -1}, {"every_n_epochs": 2}, {"every_n_train_steps": 10},
-                  {"monitor": "train/loss"}, {"train_time_interval": "00:00:10:00"}):
+                  {"monitor": "train/loss"}, {"train_time_interval": "00:00:10:00"}, {"filename": "{epoch}"},
+                  {"filename": None}, {"dirpath": "/tmp/shared"}):
         assert not best_followed({**entry, **other}), other
     assert MemberBest.from_entry({**entry, "monitor": None}, 2) is None
     with pytest.raises(ValueError, match="cannot follow"):

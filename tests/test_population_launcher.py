@@ -418,7 +418,8 @@ def test_members_may_differ_in_member_wise_settings_only() -> None:
         assert population_key(compose_config(*same)) == key, same
     for other in (["batch_size=64"], ["epochs=3"], ["data.subset=1000"], ["model.hidden=[32]"],
                   ["optimizer=adam"], ["optimizer.momentum=0.9"], ["trainer.precision=64-true"],
-                  ["data.test_every_epoch=false"], ["curvature.every_n_steps=10"], ["scheduler=cosine"]):
+                  ["data.test_every_epoch=false"], ["curvature.every_n_steps=10"], ["scheduler=cosine"],
+                  ["test_ckpt=best"]):
         assert population_key(compose_config(*other)) != key, other
     assert why_alone(compose_config("curvature.every_n_steps=10")) is None  # tracked members share a population
     for schedule in (["scheduler=cosine"], ["scheduler=step", "optimizer=adam"]):  # each member its own scheduler
@@ -432,6 +433,10 @@ def test_members_may_differ_in_member_wise_settings_only() -> None:
     # each member's dropout masks and gradient noise drawn from its own generator (on the CPU)
     assert why_alone(compose_config("model.dropout=0.5", "optimizer.grad_noise_std=0.1", "trainer.accelerator=cpu")) is None
     assert why_alone(compose_config("experiment=grad_noise", "trainer.accelerator=cpu")) is None
+    # populations on machines the plan cannot see (SLURM): accelerator=auto may be a GPU there
+    assert why_alone(compose_config("model.dropout=0.5", "trainer.accelerator=auto"), elsewhere=True) == \
+        "model.dropout > 0 off the CPU"
+    assert why_alone(compose_config("model.dropout=0.5", "trainer.accelerator=cpu"), elsewhere=True) is None
 
 
 # A scheduler of torch's in place of conf/scheduler/step.yaml's StepLR.
@@ -441,7 +446,7 @@ def scheduler(target: str, *options: str) -> list[str]:
 
 
 @pytest.mark.parametrize("overrides, reason", [
-    (["model.dropout=0.5", "trainer.accelerator=gpu"], "model.dropout > 0 on a GPU"),
+    (["model.dropout=0.5", "trainer.accelerator=gpu"], "model.dropout > 0 off the CPU"),
     # Each member steps its own scheduler on a stand-in of its optimizer: one that changes more than the lr
     # (a cyclic momentum) cannot be followed member by member, one whose step fails fails the run too.
     ([*scheduler("CyclicLR", "+scheduler.base_lr=0.01", "+scheduler.max_lr=0.1"), "optimizer.momentum=0.9"],
@@ -450,7 +455,7 @@ def scheduler(target: str, *options: str) -> list[str]:
                  "+scheduler.max_momentum=0.5"), "optimizer.momentum=0.9"],  # set once, when it is built
      "a learning-rate scheduler that changes momentum"),
     (scheduler("ReduceLROnPlateau"), "a learning-rate scheduler that fails on a stand-in optimizer (TypeError: "),
-    (["optimizer.grad_noise_std=0.01", "trainer.accelerator=gpu"], "optimizer.grad_noise_std > 0 on a GPU"),
+    (["optimizer.grad_noise_std=0.01", "trainer.accelerator=gpu"], "optimizer.grad_noise_std > 0 off the CPU"),
     (["callbacks=lr_monitor"], "lr_monitor"),
     (["callbacks=early_stopping", "+callbacks.early_stopping.stopping_threshold=0.1"], "early_stopping"),
     (["logger=csv"], "logger"), (["trainer.detect_anomaly=true"], "trainer.detect_anomaly=True"),

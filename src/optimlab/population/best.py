@@ -17,7 +17,7 @@ settings leave the choice as described are followed (:func:`followed`); a job wi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -28,7 +28,9 @@ from optimlab.population.stopping import MONITORED
 MODEL_CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
 # Settings that leave which epoch the best checkpoint holds as described (where and how it is written,
 # a last.ckpt beside it, when in the epoch it is saved: after the validation either way).
-NEUTRAL = {"_target_", "dirpath", "filename", "monitor", "mode", "save_top_k", "save_last", "save_on_train_epoch_end",
+# Not ``dirpath`` (a folder shared by runs), and only a ``filename`` without placeholders: a templated one
+# gives each save a file of its own, and the earlier best's is deleted even when the new one is refused.
+NEUTRAL = {"_target_", "filename", "monitor", "mode", "save_top_k", "save_last", "save_on_train_epoch_end",
            "auto_insert_metric_name", "enable_version_counter", "verbose", "save_weights_only", "every_n_epochs"}
 
 
@@ -38,7 +40,8 @@ def followed(entry: Mapping[str, Any]) -> bool:
     then no best: the runs are tested with their last weights)."""
     return entry.get("_target_") == MODEL_CHECKPOINT and set(entry) <= NEUTRAL \
         and entry.get("monitor") in (None, *MONITORED) and entry.get("save_top_k", 1) == 1 \
-        and entry.get("every_n_epochs") in (None, 1)
+        and entry.get("every_n_epochs") in (None, 1) and isinstance(entry.get("filename"), str) \
+        and "{" not in entry["filename"]
 
 
 class MemberBest:
@@ -52,9 +55,9 @@ class MemberBest:
         self.unsaved_steps = [0] * members  # the steps each member took since its last save
         self.weights: dict[int, list[Tensor]] = {}  # member -> the weights of its best checkpoint
 
-    def update(self, m: int, current: float, steps: int, weights: Callable[[], Sequence[Tensor]]) -> None:
-        """After an epoch in which member m took ``steps`` steps and validated to ``current``: save
-        ``weights()`` (member m's, as its run holds them) as its best when its run would (the value
+    def update(self, m: int, current: float, steps: int, weights: Sequence[Tensor]) -> None:
+        """After an epoch in which member m took ``steps`` steps and validated to ``current``: save a
+        copy of ``weights`` (member m's, as its run holds them) as its best when its run would (the value
         alone where they are not all finite)."""
         self.unsaved_steps[m] += steps
         if not self.unsaved_steps[m]:
@@ -64,14 +67,15 @@ class MemberBest:
             return
         self.saved[m] = (math.inf if self.mode == "min" else -math.inf) if math.isnan(current) else current
         self.unsaved_steps[m] = 0
-        held = weights()
-        if all(bool(torch.isfinite(w).all()) for w in held):
-            self.weights[m] = [w.detach().clone() for w in held]
+        if all(bool(torch.isfinite(w).all()) for w in weights):
+            self.weights[m] = [w.detach().clone() for w in weights]
 
     def state_dict(self) -> dict[str, Any]:
+        """The values, step counts and weights of every member's best checkpoint (for the population's)."""
         return {"saved": list(self.saved), "unsaved_steps": list(self.unsaved_steps), "weights": self.weights}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s ``state``."""
         self.saved, self.unsaved_steps = list(state["saved"]), list(state["unsaved_steps"])
         self.weights = {int(m): list(w) for m, w in state["weights"].items()}
 

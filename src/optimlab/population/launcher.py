@@ -211,9 +211,8 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
             clip = first.trainer.gradient_clip_val
             early = (first.get("callbacks") or {}).get("early_stopping")
             stopping = MemberEarlyStopping.from_entry(early, len(members), dtype) if early else None
-            # test_ckpt is each member's own: the best epochs are chosen when any member tests its best
-            tests_best = [r.get("test_ckpt") == "best" for r in resolved]
-            best = MemberBest.from_entry(first.callbacks.model_checkpoint, len(members)) if any(tests_best) else None
+            best = MemberBest.from_entry(first.callbacks.model_checkpoint, len(members)) \
+                if first.test_ckpt == "best" else None
             loop = ReportingLoop(model, optimizer, data, [r["trainer"]["log_every_n_steps"] for r in resolved], sharpness,
                                  schedules, (float(clip), first.trainer.gradient_clip_algorithm or "norm") if clip else None,
                                  stopping, grad_noise_std, best, on_epoch=on_epoch)
@@ -231,8 +230,8 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
             loop.fit(first.epochs, test_every_epoch=first.data.test_every_epoch, callbacks=[stopper])
             if stopper.requested:  # held while the last epoch was recorded: the fit ended without raising it
                 raise KeyboardInterrupt(stopper.requested)
-            # As a run's test: its best checkpoint's weights where it asks for them and has one, else its last.
-            best_weights = {m: w for m, w in best.weights.items() if tests_best[m]} if best is not None else {}
+            # As a run's test: its best checkpoint's weights where it has one, else its last.
+            best_weights = best.weights if best is not None else {}
             test_loss, test_acc, _ = loop.evaluate(data.test_batches(), shared=True, instead=best_weights).tolist()
     except (KeyboardInterrupt, SystemExit):  # SystemExit: Lightning's exit after its graceful shutdown
         signal_name = stopper.requested or "SIGINT"
@@ -393,7 +392,7 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
     forked = executor is not None and executor.cluster == "processes"  # a forked child writes its members' files
     if forked and max_parallel is None:
         max_parallel = usable_cpus()
-    classify_all(jobs, max_parallel if forked else 1)
+    classify_all(jobs, max_parallel if forked else 1, elsewhere=executor is not None and executor.cluster == "slurm")
     budget = memory_budget(max_memory_gib, executor, max_parallel)
     populations = group(jobs, max_members, budget)
     named = [(f"population {i}", members) for i, members in enumerate(populations, 1)]

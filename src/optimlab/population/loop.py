@@ -132,6 +132,7 @@ class PopulationLoop:
             raise ValueError("gradient noise in a population runs on the CPU only (each member's draws follow its "
                              "CPU generator, as its run's draws on the CPU do)")
         self.grad_noise_std = grad_noise_std
+        self._noise: list[Tensor] | None = None  # add_member_noise's buffers, made at the first step
         members = model.members
         self.last_finite = [p.detach().clone() for p in params]
         self.alive = torch.ones(members, dtype=torch.bool, device=device)
@@ -265,8 +266,10 @@ class PopulationLoop:
         logged = any(self.global_step % n == 0 for n in self._cadences)
         grad_norms = norm_rows(*grads) if logged else None  # before the noise: a run logs its gradient's norm
         if self.grad_noise_std:
+            if self._noise is None:  # reused: fresh parameter-sized buffers each step page-fault in (see optim's _scratch)
+                self._noise = [torch.empty_like(g) for g in grads]
             add_member_noise(grads, self.model.generators, self.grad_noise_std,
-                             self.optimizer.param_groups[0].get("maximize", False))
+                             self.optimizer.param_groups[0].get("maximize", False), self._noise)
         self.optimizer.step()
         weights_ok = self.finite_weights()
         grads_ok = torch.isfinite(check)
@@ -406,12 +409,13 @@ class PopulationLoop:
         training dtype, as a run's SampleMean sums it (what its early stopping compares), over
         ``batches``, with the weights its run evaluates (:meth:`weights_of_the_runs`; a member in
         ``instead``: the weights given there, e.g. its best checkpoint's); ``shared``: one batch for all members."""
+        training = self.model.training
         self.model.eval()  # no dropout, as Lightning evaluates a run
         try:
             with self.weights_of_the_runs(instead):
                 return self._evaluate(batches, shared)
         finally:
-            self.model.train()
+            self.model.train(training)
 
     def _evaluate(self, batches: Iterator[tuple[Tensor, Tensor]], shared: bool) -> Tensor:
         members = self.model.members
@@ -460,13 +464,13 @@ class PopulationLoop:
         values = dict(zip(columns, torch.stack(list(columns.values())).tolist()))
         tracked = {} if self.sharpness is None else self.sharpness.end_epoch(members(started_alive))
         stopped = []  # members whose early stopping ends their training here, as it ends their runs
-        run_weights = self.run_weights()
+        run_weights = self.run_weights() if self.best is not None else {}
         for m, record in enumerate(self.records):
             if values["started_alive"][m]:
                 record.history.append(self._row(epoch, values, m, train_time))
                 if self.best is not None:
                     self.best.update(m, values[self.best.key][m], int(values["steps"][m]),
-                                     lambda: run_weights.get(m) or [p.detach()[m] for p in self.params])
+                                     run_weights.get(m) or [p.detach()[m] for p in self.params])
                 if m in tracked:
                     record.curvature = self.sharpness.run_record(m)  # type: ignore[union-attr]
                     if tracked[m]["measurements"]:  # the keys RunRecord adds to a tracked run's row
@@ -532,18 +536,19 @@ def clip_member_gradients(grads: Sequence[Tensor], value: float, algorithm: str)
 
 
 def add_member_noise(grads: Sequence[Tensor], generators: Sequence[torch.Generator], std: float,
-                     maximize: bool = False) -> None:
+                     maximize: bool = False, noise: Sequence[Tensor] | None = None) -> None:
     """Add Gaussian noise of standard deviation ``std`` to each member's gradients in place (``grads``:
     one ``[P, ...]`` per parameter, in the parameters' order), member m's drawn from ``generators[m]``
     as its run's optimizer draws it from torch's global generator (a standard normal draw shaped like
     each gradient, in order) and added as it adds it (``grad + std * draw``, one rounding). With
     ``maximize`` the noise is subtracted: the optimizer then negates the sum, where a run negates its
-    gradient before adding the noise, and ``-(g - s*n)`` rounds as ``-g + s*n`` does."""
-    noise = [torch.empty_like(g) for g in grads]
+    gradient before adding the noise, and ``-(g - s*n)`` rounds as ``-g + s*n`` does. ``noise``: buffers
+    shaped like ``grads`` for the draws (None: fresh ones)."""
+    noise = noise if noise is not None else [torch.empty_like(g) for g in grads]
     for m, generator in enumerate(generators):
         for draw in noise:
             draw[m].normal_(generator=generator)
-    torch._foreach_add_(list(grads), noise, alpha=-std if maximize else std)
+    torch._foreach_add_(list(grads), list(noise), alpha=-std if maximize else std)
 
 
 def members(flags: Tensor) -> list[int]:

@@ -28,12 +28,12 @@ from optimlab.checkpointing import holds_a_run, last_checkpoint
 from optimlab.data import DataError, ensure_files, epoch_batches, load_split, resolve_root
 from optimlab.hydra_job import hydra_config_of, set_output_dir
 from optimlab.optim import Optimizer
+from optimlab.population.best import followed as best_followed
 from optimlab.population.cluster import Executor, ForkedJob, can_fork
 from optimlab.population.compose import ShapeCachingLoader, task_part
 from optimlab.population.data import split_indices
 from optimlab.population.schedule import why_not_followed
 from optimlab.population.stacked import STACKED, build_member
-from optimlab.population.best import followed as best_followed
 from optimlab.population.stopping import followed
 from optimlab.summary import config_key, describe_run, is_complete, read_summary
 from optimlab.train import refuse_changed_config
@@ -44,8 +44,8 @@ DTYPES = {"32-true": torch.float32, "32": torch.float32, "64-true": torch.float6
 # that do not change what a population computes (its reporting, or options it refuses anyway).
 MEMBER_WISE = ("name", "lr", "seed", "resume", "regimes", "optimizer.lr", "optimizer.weight_decay", "data.seed",
                "data.label_noise", "model.init", "model.init_std", "trainer.progress_bar",
-               "trainer.log_every_n_steps", "trainer.check_finite_every_n_steps", "test_ckpt",
-               "optimized_metric", "callbacks.progress_bar")
+               "trainer.log_every_n_steps", "trainer.check_finite_every_n_steps", "optimized_metric",
+               "callbacks.progress_bar")
 # What a population does itself, the way a single run's defaults do: its trainer keys, callbacks and logger.
 POPULATION_TRAINER = ("_target_", "accelerator", "devices", "precision", "deterministic", "max_epochs",
                       "log_every_n_steps", "check_finite_every_n_steps", "progress_bar", "num_threads",
@@ -199,8 +199,10 @@ def population_device(accelerator: str) -> torch.device | None:
     return torch.device("cpu")
 
 
-def why_alone(cfg: DictConfig) -> str | None:
-    """Why the population loop cannot reproduce this (valid) job's run, or None when it can."""
+def why_alone(cfg: DictConfig, elsewhere: bool = False) -> str | None:
+    """Why the population loop cannot reproduce this (valid) job's run, or None when it can.
+    ``elsewhere``: the populations train on machines the plan cannot see (SLURM), whose device it
+    cannot tell from ``trainer.accelerator=auto``."""
     t, optimizer = cfg.trainer, cfg.optimizer
     extra_callbacks = {name for name, entry in (cfg.get("callbacks") or {}).items()
                        if entry and not (name == "early_stopping" and followed(entry))} - set(POPULATION_CALLBACKS)
@@ -209,13 +211,14 @@ def why_alone(cfg: DictConfig) -> str | None:
                     if key not in POPULATION_TRAINER and value != TRAINER_DEFAULTS.get(key)}
     scheduler = why_not_followed(cfg) if cfg.get("scheduler") else None
     device = population_device(t.accelerator)
-    on_gpu = device is not None and device.type != "cpu"  # draws there come from the device's generator
+    # draws there come from the device's generator, which no member's CPU generator follows
+    on_gpu = (device is not None and device.type != "cpu") or (elsewhere and t.accelerator != "cpu")
     reasons = {
         ", ".join(sorted(trainer_args)): bool(trainer_args),
         f"model {cfg.model.get('_target_')} cannot be stacked": cfg.model.get("_target_") not in STACKED,
-        "model.dropout > 0 on a GPU": on_gpu and (cfg.model.get("dropout") or 0) > 0,
+        "model.dropout > 0 off the CPU": on_gpu and (cfg.model.get("dropout") or 0) > 0,
         "optimizer.impl=torch (member-wise groups are optimlab.optim's)": optimizer.get("impl") == "torch",
-        "optimizer.grad_noise_std > 0 on a GPU": on_gpu and (optimizer.get("grad_noise_std") or 0) > 0,
+        "optimizer.grad_noise_std > 0 off the CPU": on_gpu and (optimizer.get("grad_noise_std") or 0) > 0,
         scheduler or "a learning-rate scheduler": scheduler is not None,
         "callbacks other than the defaults (" + ", ".join(sorted(extra_callbacks)) + ")": bool(extra_callbacks),
         "a logger other than TensorBoard": set(loggers) != {"tensorboard"},
@@ -265,11 +268,11 @@ def shared_keys_pass(values: dict[str, Any], cfg: DictConfig) -> bool:
     return True
 
 
-def classify(job: Job, passed: set[str] | None = None) -> None:
+def classify(job: Job, passed: set[str] | None = None, elsewhere: bool = False) -> None:
     """Decide how ``job`` runs: fails (``error``), alone (``alone``) or in a population (``key``).
     ``passed``: the keys (the config without :data:`SHARED_CHECK_KEYS`) of the jobs that passed their
     check so far, added to; a job with one of them whose values of those keys pass
-    (:func:`shared_keys_pass`) passes without its own check."""
+    (:func:`shared_keys_pass`) passes without its own check. ``elsewhere``: as for :func:`why_alone`."""
     cfg = job.config
     resume = cfg.get("resume")
     # What the single-run path already decides (skip, resume, refuse to overwrite) stays its decision.
@@ -293,30 +296,31 @@ def classify(job: Job, passed: set[str] | None = None) -> None:
                     passed.add(shared)
             if resume == "auto" and (saved := read_summary(job.run_dir)) is not None:
                 refuse_changed_config(job.run_dir, saved, cfg)
-            job.alone = why_alone(cfg)
+            job.alone = why_alone(cfg, elsewhere)
             if job.alone is None:
                 job.key = population_key(values if values is not None else cfg)
     except (ConfigError, DataError) as err:
         job.error = err
 
 
-def classify_all(jobs: Sequence[Job], processes: int = 1) -> None:
+def classify_all(jobs: Sequence[Job], processes: int = 1, elsewhere: bool = False) -> None:
     """:func:`classify` every job; with ``processes`` > 1 (where this platform can fork) the jobs are
     shared with ``processes - 1`` forked children (:class:`~optimlab.population.cluster.ForkedJob`),
     each process taking whole :func:`check_groups` (so that the jobs that can share a check meet in one
     process; the narrow benchmark grid's 360 jobs took 5 s of one core, 2026-12-05, AMD EPYC).
     The first job is classified here first, so the children inherit what it read once (the MNIST files'
-    check). A child that fails leaves its share to this process, which then raises what it raised."""
+    check). A child that fails leaves its share to this process, which then raises what it raised.
+    ``elsewhere``: as for :func:`why_alone`."""
     if not jobs:
         return
     passed: set[str] = set()
-    classify(jobs[0], passed)
+    classify(jobs[0], passed, elsewhere)
     rest = list(jobs[1:])
     processes = min(processes, len(rest)) if can_fork() else 1
     here, *shares = shares_of(rest, processes)
-    children = [(ForkedJob(verdicts_of, (share,)), share) for share in shares if share]
+    children = [(ForkedJob(verdicts_of, (share, elsewhere)), share) for share in shares if share]
     for job in here:
-        classify(job, passed)
+        classify(job, passed, elsewhere)
     for child, share in children:
         try:
             verdicts = child.result()
@@ -324,7 +328,7 @@ def classify_all(jobs: Sequence[Job], processes: int = 1) -> None:
             verdicts = [None] * len(share)
         for job, verdict in zip(share, verdicts):
             if verdict is None:
-                classify(job, passed)
+                classify(job, passed, elsewhere)
             else:
                 job.error, job.alone, job.key, job.values = verdict
 
@@ -353,12 +357,13 @@ def shares_of(jobs: Sequence[Job], processes: int) -> list[list[Job]]:
     return [sorted(share, key=lambda job: job.num) for share in shares]
 
 
-def verdicts_of(jobs: Sequence[Job]) -> list[tuple[Exception | None, str | None, str | None, dict[str, Any] | None]]:
+def verdicts_of(jobs: Sequence[Job], elsewhere: bool = False
+                ) -> list[tuple[Exception | None, str | None, str | None, dict[str, Any] | None]]:
     """A forked child's part of :func:`classify_all`: each job's verdict (error, alone, key) and, for a
     population's member, its resolved values (:meth:`Job.resolved`)."""
     passed: set[str] = set()
     for job in jobs:
-        classify(job, passed)
+        classify(job, passed, elsewhere)
     return [(job.error, job.alone, job.key, job.values if job.key else None) for job in jobs]
 
 
@@ -440,16 +445,17 @@ def estimate_memory(cfg: DictConfig) -> MemoryEstimate:
     """What a population of copies of ``cfg``'s run needs on its device, roughly. Shared: MNIST
     (float32). Per member: its weights, gradients, last finite weights and one parameter-sized
     temporary of the update (on a GPU one more: the weights a member is updated into when they
-    overflow, kept by a torch.where each step; with ``test_ckpt=best`` one more: its best epoch's weights); every
+    overflow, kept by a torch.where each step; with ``test_ckpt=best`` one more: its best epoch's weights; with
+    gradient noise one more: its draws); every
     tensor its optimizer holds after two steps (state and reused
     buffers, counted on the single model); the larger of a training step's activations (kept for
     the backward pass, with their gradients) and an evaluation chunk's; its index tensors; with
     sharpness tracking, its Lanczos basis with the temporaries of a product and its probe's activations
     through a double backward."""
     size = DTYPES[str(cfg.trainer.precision)].itemsize
-    with torch.random.fork_rng(devices=[]):
-        model = build_member(cfg.model, cfg.seed)
+    model = build_member(cfg.model, cfg.seed).eval()  # eval: the forward below draws no dropout masks
     cls, options = optimizer_class(cfg.optimizer)
+    noise = options.pop("grad_noise_std", 0.0)  # drawn by the loop into buffers of its own (below), not here
     optimizer = cls(model.parameters(), **options)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -480,7 +486,7 @@ def estimate_memory(cfg: DictConfig) -> MemoryEstimate:
         # reorthogonalisation's temporaries (measured against peak resident memory, docs/population.md).
         tracking = (curvature.iters + 16) * params * size + curvature.probe_size * (28 * 28 * 4 + 4 * activations * size)
     copies = 5 if population_device(cfg.trainer.accelerator) == torch.device("cuda") else 4
-    copies += cfg.test_ckpt == "best"  # the weights of its best checkpoint
+    copies += (cfg.test_ckpt == "best") + (noise > 0)  # its best checkpoint's weights; its gradient noise
     return MemoryEstimate(shared=(n + 10_000) * 28 * 28 * 4,
                           per_member=(copies * params + held) * size + max(step, evaluation) + indices + tracking)
 
