@@ -163,11 +163,16 @@ def test_cnn_single_run(tmp_path: Path) -> None:
 def test_testing_the_best_checkpoint_keeps_the_whole_record(tmp_path: Path) -> None:
     # Early stopping on the highest val/loss (perverse on purpose, to be deterministic): epoch 1 is
     # the best, epoch 2 is worse, patience 1 stops the run there; the test uses epoch 1's weights.
+    # Tracked sharpness (every 2 steps after a log-spaced start, 4 steps an epoch): those after the best epoch stay.
     cfg = compose_config(*FAST, "epochs=4", "lr=0.1", "callbacks=early_stopping", "callbacks.model_checkpoint.monitor=val/loss",
-                         "callbacks.model_checkpoint.mode=max", "callbacks.early_stopping.patience=1", "test_ckpt=best")
+                         "callbacks.model_checkpoint.mode=max", "callbacks.early_stopping.patience=1", "test_ckpt=best",
+                         "curvature.every_n_steps=2", "curvature.probe_size=32")
     summary = run(cfg, tmp_path)
     assert summary.tested_checkpoint == "best"
     assert [row["epoch"] for row in summary.epochs] == [1, 2]  # not just the best epoch's record
+    series = summary.curvature["series"]
+    assert [row[0] for row in series] == [0, 1, 2, 4, 6, 8] and summary.curvature["measurements"] == 6
+    assert summary.epochs[1]["sharpness_last"] == series[-1][1]
     assert summary.epochs[1]["val_loss"] < summary.epochs[0]["val_loss"]
     assert summary.test_loss == pytest.approx(summary.epochs[0]["test_loss"], rel=1e-5)  # epoch 1's weights
 

@@ -833,6 +833,7 @@ class SharpnessCallback(L.Callback):
         self.sharpness_log = SharpnessLog()
         self.probe: tuple[Tensor, Tensor] | None = None
         self.last_step = 0
+        self._pending: dict[str, Any] | None = None  # a resumed run's saved state, until its fit applies it
         self.threshold_formula: str | None = None
         self.preconditioned = False
 
@@ -856,6 +857,7 @@ class SharpnessCallback(L.Callback):
         return x[idx], y[idx]
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.restore()
         if not isinstance(getattr(pl_module, "model", None), nn.Module):
             raise ValueError("SharpnessCallback needs the LightningModule's classifier as its .model attribute")
         optimizer = trainer.optimizers[0]
@@ -877,6 +879,7 @@ class SharpnessCallback(L.Callback):
                 logger.experiment.add_custom_scalars(TENSORBOARD_LAYOUT)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.restore()  # for a strategy that loads the checkpoint after on_fit_start
         if self.log_spaced_start and trainer.global_step == 0:
             self.sharpness_log.start_epoch(trainer.current_epoch)
             self._record(trainer, pl_module, 0)
@@ -925,6 +928,15 @@ class SharpnessCallback(L.Callback):
                 "last_step": self.last_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.sharpness_log.load_state_dict(state_dict["log"])
-        self.tracker.load_state_dict(state_dict["tracker"])
-        self.last_step = state_dict["last_step"]
+        # Applied in a fit only (restore): testing a checkpoint (test_ckpt=best) loads it too, and must
+        # keep this run's measurements (those after the best epoch happened too).
+        self._pending = state_dict
+
+    def restore(self) -> None:
+        """A resumed run's records and warm start from its checkpoint, once."""
+        saved, self._pending = self._pending, None
+        if saved is None:
+            return
+        self.sharpness_log.load_state_dict(saved["log"])
+        self.tracker.load_state_dict(saved["tracker"])
+        self.last_step = saved["last_step"]
