@@ -128,10 +128,10 @@ class PopulationLoop:
             raise ValueError(f"{data.members} members' data for {model.members} model members")
         self.model, self.optimizer, self.data, self.params = model, optimizer, data, params
         self.dtype, device = params[0].dtype, params[0].device
-        if grad_noise_std and device.type != "cpu":
-            raise ValueError("gradient noise in a population runs on the CPU only (each member's draws follow its "
-                             "CPU generator, as its run's draws on the CPU do)")
         self.grad_noise_std = grad_noise_std
+        if self.draws and device.type != "cpu":
+            raise ValueError("dropout and gradient noise in a population run on the CPU only (each member's draws "
+                             "follow its CPU generator, as its run's draws on the CPU do)")
         self._noise: list[Tensor] | None = None  # add_member_noise's buffers, made at the first step
         members = model.members
         self.last_finite = [p.detach().clone() for p in params]
