@@ -429,6 +429,7 @@ def test_members_may_differ_in_member_wise_settings_only() -> None:
     assert why_alone(compose_config("callbacks=early_stopping")) is None  # each member stops where its run stops
     # each member tested from the epoch its run's ModelCheckpoint keeps
     assert why_alone(compose_config("test_ckpt=best")) is None
+    assert why_alone(compose_config("callbacks=lr_monitor")) is None  # each member's epoch-start lrs logged as its run's
     assert why_alone(compose_config("experiment=overfit_early_stop", "trainer.accelerator=cpu")) is None
     # each member's dropout masks and gradient noise drawn from its own generator (on the CPU)
     assert why_alone(compose_config("model.dropout=0.5", "optimizer.grad_noise_std=0.1", "trainer.accelerator=cpu")) is None
@@ -456,7 +457,8 @@ def scheduler(target: str, *options: str) -> list[str]:
      "a learning-rate scheduler that changes momentum"),
     (scheduler("ReduceLROnPlateau"), "a learning-rate scheduler that fails on a stand-in optimizer (TypeError: "),
     (["optimizer.grad_noise_std=0.01", "trainer.accelerator=gpu"], "optimizer.grad_noise_std > 0 off the CPU"),
-    (["callbacks=lr_monitor"], "lr_monitor"),
+    (["callbacks=lr_monitor", "callbacks.lr_monitor.logging_interval=step"], "lr_monitor"),
+    (["callbacks=lr_monitor", "+callbacks.lr_monitor.log_momentum=true"], "lr_monitor"),
     (["callbacks=early_stopping", "+callbacks.early_stopping.stopping_threshold=0.1"], "early_stopping"),
     (["logger=csv"], "logger"), (["trainer.detect_anomaly=true"], "trainer.detect_anomaly=True"),
     (["test_ckpt=best", "callbacks.model_checkpoint.save_top_k=2"], "test_ckpt=best with callbacks.model_checkpoint"),
@@ -690,11 +692,11 @@ def test_a_scheduled_and_clipped_sweep_as_populations_equals_the_sequential_swee
     """scheduler=step halving the lr after every epoch and gradients clipped to norm 0.05, SGD and Adam at
     two lrs, float64: two populations whose members each step their own scheduler and clip their own
     gradients write the sequential jobs' records (metrics and the logged gradient norms to 1e-9, the lr of
-    every logged step exactly the run's)."""
+    every logged step exactly the run's); with callbacks=lr_monitor, its TensorBoard lr at each epoch's start."""
     pop, seq, out = sweep_both_ways(tmp_path, "optimizer=sgd,adam", "lr=0.05,0.5", "model.hidden=[8]",
                                     "trainer.precision=64-true", "scheduler=step", "scheduler.step_size=1",
                                     "trainer.gradient_clip_val=0.05", "trainer.log_every_n_steps=1",
-                                    *EQUIVALENCE_BUDGET)
+                                    "callbacks=lr_monitor", *EQUIVALENCE_BUDGET)
     assert "4 jobs -> 4 in 2 population(s), 0 alone" in out and "adam (StepLR), 2 epochs" in out
     for name, ref in seq.items():
         got, lr = pop[name], ref["config"]["lr"]
@@ -707,6 +709,10 @@ def test_a_scheduled_and_clipped_sweep_as_populations_equals_the_sequential_swee
         for row, ref_row in zip(got["epochs"], ref["epochs"], strict=True):
             for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"):
                 assert row[key] == pytest.approx(ref_row[key], rel=1e-9), (name, row["epoch"], key)
+        # callbacks=lr_monitor: the lr at each epoch's start, under the run's tag, as its LearningRateMonitor logs it
+        tag = f"lr-{'SGD' if 'SGD' in ref['config']['optimizer']['_target_'] else 'Adam'}"
+        lrs = {way: scalar_events(tmp_path / way / name / "tensorboard")[tag] for way in ("population", "sequential")}
+        assert lrs["population"] == lrs["sequential"] == [(0, pytest.approx(lr)), (2, pytest.approx(lr / 2))], name
 
 
 @pytest.mark.slow
@@ -1060,12 +1066,12 @@ def test_values_that_interpolate_the_jobs_hydra_config_are_each_jobs_own(mnist_r
 @pytest.mark.slow
 @pytest.mark.parametrize("knobs", ["population", "hydra.launcher"])
 def test_dry_run_prints_the_plan_and_writes_nothing(mnist_root: Path, tmp_path: Path, knobs: str) -> None:
-    result = train("lr=0.1,0.5", "seed=0,1,2", "callbacks=default,lr_monitor", *SMALL, "hydra/launcher=population",
+    result = train("lr=0.1,0.5", "seed=0,1,2", "logger=tensorboard,csv", *SMALL, "hydra/launcher=population",
                    f"{knobs}.dry_run=true", f"{knobs}.max_members=2", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "12 jobs -> 6 in 3 population(s), 6 alone, 0 invalid" in out
-    assert "population 1: 2 members" in out and "MiB" in out and "alone: callbacks other than the defaults (lr_monitor)" in out
+    assert "population 1: 2 members" in out and "MiB" in out and "alone: a logger other than TensorBoard" in out
     assert "memory per population on cpu: at most ~" in out
     assert not list(tmp_path.rglob("summary.json")) and not list(tmp_path.rglob(".hydra"))
     # A budget too small for two members: the plan says so and runs each job alone.

@@ -32,7 +32,7 @@ from optimlab.population.best import followed as best_followed
 from optimlab.population.cluster import Executor, ForkedJob, can_fork
 from optimlab.population.compose import ShapeCachingLoader, task_part
 from optimlab.population.data import split_indices
-from optimlab.population.schedule import why_not_followed
+from optimlab.population.schedule import lr_monitor_followed, why_not_followed
 from optimlab.population.stacked import STACKED, build_member
 from optimlab.population.stopping import followed
 from optimlab.summary import config_key, describe_run, is_complete, read_summary
@@ -204,8 +204,10 @@ def why_alone(cfg: DictConfig, elsewhere: bool = False) -> str | None:
     ``elsewhere``: the populations train on machines the plan cannot see (SLURM), whose device it
     cannot tell from ``trainer.accelerator=auto``."""
     t, optimizer = cfg.trainer, cfg.optimizer
+    followed_entries = {"early_stopping": followed, "lr_monitor": lr_monitor_followed}
     extra_callbacks = {name for name, entry in (cfg.get("callbacks") or {}).items()
-                       if entry and not (name == "early_stopping" and followed(entry))} - set(POPULATION_CALLBACKS)
+                       if entry and not (name in followed_entries and followed_entries[name](entry))} \
+        - set(POPULATION_CALLBACKS)
     loggers = {name for name, entry in (cfg.get("logger") or {}).items() if entry}
     trainer_args = {f"trainer.{key}={value}" for key, value in t.items()
                     if key not in POPULATION_TRAINER and value != TRAINER_DEFAULTS.get(key)}

@@ -14,8 +14,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from optimlab.curvature import SHARPNESS_TAG, TENSORBOARD_LAYOUT, THRESHOLD_TAG
 from optimlab.population.loop import MemberRecord
+from optimlab.population.schedule import epoch_start_lrs
 from optimlab.record import log_epoch, log_result, log_train_step, versions
 from optimlab.regimes import Thresholds, diagnose
 from optimlab.summary import FINISHED, RunSummary, data_passes, describe_run, validation_size, write_summary
@@ -80,8 +83,8 @@ def member_summary(status: str, config: dict[str, Any], record: MemberRecord, po
 def write_tensorboard(run_dir: Path, summary: RunSummary) -> None:
     """The member's TensorBoard events where its sequential job writes them (``run_dir/tensorboard``):
     the per-step scalars at their steps, each epoch's scalars at the step the epoch ended, the
-    tracked sharpness and threshold at each measured step (on one Custom Scalars chart), then
-    HPARAMS and the regime text."""
+    tracked sharpness and threshold at each measured step (on one Custom Scalars chart), with
+    ``callbacks.lr_monitor`` the lr at the step each epoch started, then HPARAMS and the regime text."""
     steps_per_epoch = (summary.population or {}).get("steps_per_epoch", 0)
     # All of a member's events are written here at once: a queue that holds them spares the writer
     # thread's hand-offs (5.0 -> 3.2 ms a member of the narrow grid; the file is complete at close either way).
@@ -91,6 +94,10 @@ def write_tensorboard(run_dir: Path, summary: RunSummary) -> None:
         log_train_step([logger], row)
     for row in summary.epochs:
         log_epoch([logger], row, min(int(row["epoch"]) * steps_per_epoch, summary.steps))
+    if (summary.config.get("callbacks") or {}).get("lr_monitor"):  # as its LearningRateMonitor logs them
+        tag, lrs = epoch_start_lrs(OmegaConf.create(summary.config), len(summary.epochs))
+        for epoch, lr in enumerate(lrs):
+            logger.log_metrics({tag: lr}, step=epoch * steps_per_epoch)
     if summary.curvature:
         logger.experiment.add_custom_scalars(TENSORBOARD_LAYOUT)
         for step, value, threshold in summary.curvature.get("series", []):

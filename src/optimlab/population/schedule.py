@@ -70,6 +70,34 @@ def why_not_followed(cfg: DictConfig) -> str | None:
     return None
 
 
+LR_MONITOR = "lightning.pytorch.callbacks.LearningRateMonitor"
+
+
+def lr_monitor_followed(entry: Any) -> bool:
+    """Whether a population's member can log what this ``callbacks.lr_monitor`` entry logs for its run:
+    the optimizer's lr at the start of every epoch (``logging_interval: epoch``; not per step, nor
+    momentum or weight decay), which :func:`epoch_start_lrs` gives from the member's config."""
+    return entry.get("_target_") == LR_MONITOR and set(entry) <= {"_target_", "logging_interval"} \
+        and entry.get("logging_interval") == "epoch"
+
+
+def epoch_start_lrs(cfg: DictConfig, epochs: int) -> tuple[str, list[float]]:
+    """The tag a run's ``LearningRateMonitor`` logs under (``lr-`` and its optimizer's class name) and
+    the lr its optimizer has at the start of each of its first ``epochs`` epochs: set by its scheduler,
+    stepped after every epoch as a run steps it (the same computation on a stand-in as the population's),
+    else the configured lr."""
+    optimizer = stand_in(cfg)
+    scheduler = stand_in_scheduler(cfg, optimizer) if cfg.get("scheduler") else None
+    lrs = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=STEP_ORDER)
+        for _ in range(epochs):
+            lrs.append(float(optimizer.param_groups[0]["lr"]))
+            if scheduler is not None:
+                scheduler.step()
+    return f"lr-{type(optimizer).__name__}", lrs
+
+
 class MemberSchedules:
     """One scheduler per member, from the members' configs (each with ``optimizer`` and ``scheduler``),
     setting the population's member-wise lr tensor."""
