@@ -314,6 +314,16 @@ def test_limited_epochs_train_the_first_batches_of_each_epochs_order(tiny_mnist:
         assert len(batches) == 2
         for (x, y), (fx, fy) in zip(batches, full.train_batches(epoch)):
             assert torch.equal(x, fx) and torch.equal(y, fy)
+    # Validation and test chunks likewise: the first of them (an epoch's test counts as validation, as a
+    # run's second validation loader). The tiny files: 16 validation images and 32 test images, in 5s.
+    dms = [datamodule(tiny_mnist, val_size=16, batch_size=10, eval_batch_size=5, seed=s) for s in (0, 1)]
+    full, limited = PopulationData(dms), PopulationData(dms, limit_val_batches=3, limit_test_batches=0.3)
+    assert [len(list(d.val_batches())) for d in (full, limited)] == [4, 3]
+    assert [len(list(limited.test_batches(every_epoch=e))) for e in (True, False)] == [3, 2]
+    for (x, y), (fx, fy) in zip(limited.test_batches(), full.test_batches()):
+        assert torch.equal(x, fx) and torch.equal(y, fy)
+    with pytest.raises(DataError, match=r"^trainer.limit_test_batches: 0.1 leaves none of the 7 batches"):
+        PopulationData(dms, limit_test_batches=0.1)
 
 
 def test_split_indices_errors_and_shared_settings(tiny_mnist: Path) -> None:

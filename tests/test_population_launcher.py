@@ -805,10 +805,13 @@ def test_a_member_updated_into_non_finite_weights_is_evaluated_as_its_run(mnist_
 def test_a_population_limits_its_epochs_as_lightning_limits_a_run(mnist_root: Path, tmp_path: Path) -> None:
     """``trainer.limit_train_batches`` as a count (3 of 8 batches) and as a fraction (0.5: 4 of 8):
     each member trains the first batches of its own run's order of each epoch, no more, as its
-    sequential run does (float64: training losses to 1e-9 relative)."""
+    sequential run does (float64: training losses to 1e-9 relative). ``limit_val_batches=2`` (of 3
+    validation chunks of 100, and of an epoch's test) and ``limit_test_batches=0.3`` (30 of 100 test
+    chunks): its validation and test metrics on those, as its run's."""
     pop, seq, out = sweep_both_ways(tmp_path, "lr=0.05,0.2", "seed=0,1", "trainer.limit_train_batches=3,0.5",
                                     "batch_size=32", "model.hidden=[8]", "trainer.precision=64-true",
-                                    *EQUIVALENCE_BUDGET)
+                                    "trainer.limit_val_batches=2", "trainer.limit_test_batches=0.3",
+                                    "data.eval_batch_size=100", *EQUIVALENCE_BUDGET)
     assert "8 jobs -> 8 in 2 population(s)" in out
     for name, ref in seq.items():
         got = pop[name]
@@ -816,8 +819,11 @@ def test_a_population_limits_its_epochs_as_lightning_limits_a_run(mnist_root: Pa
         assert got["steps"] == ref["steps"] == 2 * (3 if limit == 3 else 4), name
         assert got["regime"] == ref["regime"], name
         for row, ref_row in zip(got["epochs"], ref["epochs"], strict=True):
-            assert row["train_loss"] == pytest.approx(ref_row["train_loss"], rel=1e-9), name
-            assert row["train_acc"] == pytest.approx(ref_row["train_acc"], rel=1e-9), name
+            for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"):
+                assert row[key] == pytest.approx(ref_row[key], rel=1e-9), (name, key)
+            assert ref_row["val_acc"] * 200 == pytest.approx(round(ref_row["val_acc"] * 200)), name  # on 200 images
+        assert got["test_acc"] == pytest.approx(ref["test_acc"], rel=1e-9), name
+        assert ref["test_acc"] * 3000 == pytest.approx(round(ref["test_acc"] * 3000)), name  # on 3,000 images
 
 
 @pytest.mark.slow

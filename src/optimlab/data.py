@@ -108,11 +108,12 @@ def load_split(root: Path, train: bool) -> tuple[Tensor, Tensor]:
     return images, labels
 
 
-def epoch_batches(items: int, batch_size: int, limit: int | float | None) -> int:
-    """How many batches of ``batch_size`` Lightning trains in an epoch of ``items`` training items
-    under ``limit_train_batches=limit``: all of them (the last may be shorter) when None, at most
-    ``limit`` (an int), or ``int(batches * limit)`` (a float; a positive one that keeps none is an
-    error, as it is there)."""
+def epoch_batches(items: int, batch_size: int, limit: int | float | None,
+                  key: str = "trainer.limit_train_batches") -> int:
+    """How many batches of ``batch_size`` Lightning runs in an epoch of ``items`` items under the
+    limit ``key=limit`` (training's by default; validation's and test's are counted alike): all of
+    them (the last may be shorter) when None, at most ``limit`` (an int), or ``int(batches * limit)``
+    (a float; a positive one that keeps none is an error, as it is there)."""
     batches = -(-items // batch_size)
     if limit is None:
         return batches
@@ -120,7 +121,7 @@ def epoch_batches(items: int, batch_size: int, limit: int | float | None) -> int
         return min(batches, limit)
     limited = int(batches * limit)
     if limited == 0 and limit > 0:
-        raise DataError(f"trainer.limit_train_batches: {limit} leaves none of the {batches} batches of an epoch; "
+        raise DataError(f"{key}: {limit} leaves none of the {batches} batches of an epoch; "
                         f"expected a fraction >= {1 / batches:.4g}, an integer count or null")
     return limited
 

@@ -71,10 +71,14 @@ class PopulationData:
         device: where the images and the index tensors live.
         limit_train_batches: ``trainer.limit_train_batches``: the first that many batches of each
             epoch's order (an int), or that fraction of them (a float), as Lightning limits a run's.
+        limit_val_batches, limit_test_batches: ``trainer.limit_val_batches`` (the validation set's
+            chunks, and the test set's in an epoch's test, which a run runs as its second validation
+            loader) and ``trainer.limit_test_batches`` (the final test's), likewise.
     """
 
     def __init__(self, datamodules: Sequence[MNISTDataModule], device: torch.device | str = "cpu",
-                 limit_train_batches: int | float | None = None) -> None:
+                 limit_train_batches: int | float | None = None, limit_val_batches: int | float | None = None,
+                 limit_test_batches: int | float | None = None) -> None:
         if not datamodules:
             raise ValueError("a population needs at least one member")
         first = datamodules[0]
@@ -119,6 +123,10 @@ class PopulationData:
             self.row_of_member = rows.to(self.device)
         test_images, test_labels = load_split(first.root, train=False)
         self.test_images, self.test_labels = test_images.to(self.device), test_labels.to(self.device)
+        val, test, chunk = self.val.shape[1], len(test_labels), self.eval_batch_size
+        self.val_chunks = epoch_batches(val, chunk, limit_val_batches, "trainer.limit_val_batches")
+        self.test_chunks = {True: epoch_batches(test, chunk, limit_val_batches, "trainer.limit_val_batches"),
+                            False: epoch_batches(test, chunk, limit_test_batches, "trainer.limit_test_batches")}
 
     @property
     def members(self) -> int:
@@ -146,13 +154,15 @@ class PopulationData:
             yield self.gather(images, labels)
 
     def val_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        """Every member's validation set in ``eval_batch_size`` chunks, in its own run's order."""
-        for idx in self.val.split(self.eval_batch_size, 1):
+        """Every member's validation set in ``eval_batch_size`` chunks, in its own run's order (the
+        first ``limit_val_batches`` of them)."""
+        for idx in self.val.split(self.eval_batch_size, 1)[:self.val_chunks]:
             yield self.gather(idx, idx)
 
-    def test_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        """The shared test set in ``eval_batch_size`` chunks: images ``[B, 1, 28, 28]``, labels ``[B]``."""
-        for start in range(0, len(self.test_labels), self.eval_batch_size):
+    def test_batches(self, every_epoch: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+        """The shared test set in ``eval_batch_size`` chunks: images ``[B, 1, 28, 28]``, labels ``[B]``;
+        the first ``limit_test_batches`` of them, or ``limit_val_batches`` for an epoch's test."""
+        for start in range(0, self.test_chunks[every_epoch] * self.eval_batch_size, self.eval_batch_size):
             end = start + self.eval_batch_size
             yield self.test_images[start:end], self.test_labels[start:end]
 

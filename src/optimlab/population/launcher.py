@@ -192,7 +192,8 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
             # one data module per distinct data config (only its settings are read)
             data_keys = [config_key(r["data"], ()) for r in resolved]
             built = {key: instantiate(r["data"]) for key, r in dict(zip(data_keys, resolved)).items()}
-            data = PopulationData([built[key] for key in data_keys], device, first.trainer.limit_train_batches)
+            data = PopulationData([built[key] for key in data_keys], device, first.trainer.limit_train_batches,
+                                  first.trainer.limit_val_batches, first.trainer.limit_test_batches)
             cls, options = optimizer_class(first.optimizer)
             for key in ("lr", "weight_decay"):
                 options.pop(key, None)

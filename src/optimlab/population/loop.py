@@ -457,7 +457,8 @@ class PopulationLoop:
                    "started_alive": started_alive.double(),
                    "diverged_at": self.diverged_at.double(), "reason": self.reason.double()}
         if test_every_epoch:
-            columns["test_loss"], columns["test_acc"], _ = self.evaluate(self.data.test_batches(), shared=True)
+            columns["test_loss"], columns["test_acc"], _ = self.evaluate(self.data.test_batches(every_epoch=True),
+                                                                         shared=True)
         if epoch == 0:
             columns["initial"] = self._initial_loss
         # The one read of the epoch: every member's metrics and finite flags together.

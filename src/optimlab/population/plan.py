@@ -50,7 +50,7 @@ MEMBER_WISE = ("name", "lr", "seed", "resume", "regimes", "optimizer.lr", "optim
 POPULATION_TRAINER = ("_target_", "accelerator", "devices", "precision", "deterministic", "max_epochs",
                       "log_every_n_steps", "check_finite_every_n_steps", "progress_bar", "num_threads",
                       "flush_denormal", "compile", "limit_train_batches", "fast_dev_run", "enable_model_summary",
-                      "gradient_clip_val", "gradient_clip_algorithm")
+                      "gradient_clip_val", "gradient_clip_algorithm", "limit_val_batches", "limit_test_batches")
 POPULATION_CALLBACKS = ("model_checkpoint", "progress_bar")
 TRAINER_DEFAULTS = {name: p.default for name, p in inspect.signature(L.Trainer).parameters.items()}
 # Keys whose values only seed random generators (the run's seed_everything, the data split's
