@@ -158,6 +158,7 @@ def test_float32_members_draw_their_runs_dropout_masks_and_gradient_noise_bitwis
     of 20 steps equal, bit for bit, its single model's trained with our optimizer and the same batches,
     from the generator state its run's training starts from (one CPU thread, as the test workers run)."""
     seeds, lrs = [0, 3, 0], [0.05, 0.02, 0.01]
+    options = dict(options)  # (the parameters' dict is shared by reruns)
     noise = options.pop("grad_noise_std")
     model = stacked.from_configs([config] * 3, seeds)
     opt = member_optimizer(optimizer, model, lrs, **options)
@@ -847,7 +848,7 @@ def test_a_members_best_needs_a_step_since_its_last_save_and_keeps_only_finite_w
 def test_which_model_checkpoint_entries_a_population_follows() -> None:
     entry = {"_target_": MODEL_CHECKPOINT, "filename": "best", "monitor": "val/acc", "mode": "max", "save_top_k": 1,
              "save_on_train_epoch_end": True, "auto_insert_metric_name": False, "enable_version_counter": False}
-    assert best_followed(entry) and best_followed({**entry, "monitor": None})
+    assert best_followed(entry) and best_followed({**entry, "monitor": None}) and best_followed({**entry, "dirpath": None})
     for other in ({"save_top_k": 3}, {"save_top_k": -1}, {"every_n_epochs": 2}, {"every_n_train_steps": 10},
                   {"monitor": "train/loss"}, {"train_time_interval": "00:00:10:00"}, {"filename": "{epoch}"},
                   {"filename": None}, {"dirpath": "/tmp/shared"}):

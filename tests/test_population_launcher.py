@@ -430,6 +430,7 @@ def test_members_may_differ_in_member_wise_settings_only() -> None:
     # each member tested from the epoch its run's ModelCheckpoint keeps
     assert why_alone(compose_config("test_ckpt=best")) is None
     assert why_alone(compose_config("callbacks=lr_monitor")) is None  # each member's epoch-start lrs logged as its run's
+    assert why_alone(compose_config("callbacks=lr_monitor", "+callbacks.lr_monitor.log_momentum=false")) is None
     assert why_alone(compose_config("experiment=overfit_early_stop", "trainer.accelerator=cpu")) is None
     # each member's dropout masks and gradient noise drawn from its own generator (on the CPU)
     assert why_alone(compose_config("model.dropout=0.5", "optimizer.grad_noise_std=0.1", "trainer.accelerator=cpu")) is None
@@ -745,13 +746,18 @@ def test_a_best_checkpoint_sweep_as_populations_equals_the_sequential_sweep(mnis
     non-finite weights (lr 1e300): the sequential jobs' tested checkpoints and test metrics (1e-9)."""
     pop, seq, out = sweep_both_ways(tmp_path, "optimizer=sgd", "lr=0.3,3,1e300", "seed=0,1", "model.hidden=[16]",
                                     "optimizer.weight_decay=0.1", "test_ckpt=best", "trainer.precision=64-true",
-                                    "data.subset=256", "data.val_size=256", "epochs=3", "trainer.accelerator=cpu")
+                                    "data.subset=256", "data.val_size=256", "epochs=3", "trainer.accelerator=cpu",
+                                    "callbacks=lr_monitor")
     assert "6 jobs -> 6 in 1 population(s), 0 alone" in out
     for name, ref in seq.items():
         got = pop[name]
         assert (got["status"], got["tested_checkpoint"]) == (ref["status"], ref["tested_checkpoint"]), name
         for key in ("test_loss", "test_acc"):  # null: NaN (a diverged member's)
             assert got[key] == (ref[key] if ref[key] is None else pytest.approx(ref[key], rel=1e-9)), (name, key)
+        # callbacks=lr_monitor without a scheduler: the lr at each epoch's start (one epoch for a diverged run)
+        lrs = {way: scalar_events(tmp_path / way / name / "tensorboard")["lr-SGD"] for way in ("population", "sequential")}
+        lr = float(torch.tensor(ref["config"]["lr"], dtype=torch.float32))  # as TensorBoard keeps it (1e300: inf)
+        assert lrs["population"] == lrs["sequential"] == [(2 * e, lr) for e in range(len(ref["epochs"]))], name
     tested = {(s["config"]["lr"], s["tested_checkpoint"], s["test_acc"] == s["epochs"][-1]["test_acc"])
               for s in seq.values()}
     assert (3, "best", False) in tested and (1e300, "last", True) in tested  # an earlier epoch's; a refused save's

@@ -878,6 +878,9 @@ class SharpnessCallback(L.Callback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_custom_scalars(TENSORBOARD_LAYOUT)
 
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.restore()  # a resumed run with no epoch left to train never starts training
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.restore()  # for a strategy that loads the checkpoint after on_fit_start
         if self.log_spaced_start and trainer.global_step == 0:

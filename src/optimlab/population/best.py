@@ -38,6 +38,7 @@ def followed(entry: Mapping[str, Any]) -> bool:
     """Whether a population can choose its members' best epochs as this ``callbacks.model_checkpoint``
     entry chooses its runs' (one best checkpoint, considered after every epoch; or no ``monitor``, and
     then no best: the runs are tested with their last weights)."""
+    entry = {key: value for key, value in entry.items() if not (key == "dirpath" and value is None)}
     return entry.get("_target_") == MODEL_CHECKPOINT and set(entry) <= NEUTRAL \
         and entry.get("monitor") in (None, *MONITORED) and entry.get("save_top_k", 1) == 1 \
         and entry.get("every_n_epochs") in (None, 1) and isinstance(entry.get("filename"), str) \

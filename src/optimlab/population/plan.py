@@ -214,13 +214,13 @@ def why_alone(cfg: DictConfig, elsewhere: bool = False) -> str | None:
     scheduler = why_not_followed(cfg) if cfg.get("scheduler") else None
     device = population_device(t.accelerator)
     # draws there come from the device's generator, which no member's CPU generator follows
-    on_gpu = (device is not None and device.type != "cpu") or (elsewhere and t.accelerator != "cpu")
+    off_cpu = (device is not None and device.type != "cpu") or (elsewhere and t.accelerator != "cpu")
     reasons = {
         ", ".join(sorted(trainer_args)): bool(trainer_args),
         f"model {cfg.model.get('_target_')} cannot be stacked": cfg.model.get("_target_") not in STACKED,
-        "model.dropout > 0 off the CPU": on_gpu and (cfg.model.get("dropout") or 0) > 0,
+        "model.dropout > 0 off the CPU": off_cpu and (cfg.model.get("dropout") or 0) > 0,
         "optimizer.impl=torch (member-wise groups are optimlab.optim's)": optimizer.get("impl") == "torch",
-        "optimizer.grad_noise_std > 0 off the CPU": on_gpu and (optimizer.get("grad_noise_std") or 0) > 0,
+        "optimizer.grad_noise_std > 0 off the CPU": off_cpu and (optimizer.get("grad_noise_std") or 0) > 0,
         scheduler or "a learning-rate scheduler": scheduler is not None,
         "callbacks other than the defaults (" + ", ".join(sorted(extra_callbacks)) + ")": bool(extra_callbacks),
         "a logger other than TensorBoard": set(loggers) != {"tensorboard"},
@@ -447,10 +447,9 @@ def estimate_memory(cfg: DictConfig) -> MemoryEstimate:
     """What a population of copies of ``cfg``'s run needs on its device, roughly. Shared: MNIST
     (float32). Per member: its weights, gradients, last finite weights and one parameter-sized
     temporary of the update (on a GPU one more: the weights a member is updated into when they
-    overflow, kept by a torch.where each step; with ``test_ckpt=best`` one more: its best epoch's weights; with
-    gradient noise one more: its draws); every
-    tensor its optimizer holds after two steps (state and reused
-    buffers, counted on the single model); the larger of a training step's activations (kept for
+    overflow, kept by a torch.where each step; with ``test_ckpt=best`` one more: its best epoch's
+    weights; with gradient noise one more: its draws); every tensor its optimizer holds after two
+    steps (state and reused buffers, counted on the single model); the larger of a training step's activations (kept for
     the backward pass, with their gradients) and an evaluation chunk's; its index tensors; with
     sharpness tracking, its Lanczos basis with the temporaries of a product and its probe's activations
     through a double backward."""

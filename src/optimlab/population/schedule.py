@@ -8,7 +8,8 @@ lr is the member's). The lr each scheduler sets, at construction (a warm-up's fi
 every epoch, becomes the member's entry of the population's lr: the floats the member's run computes,
 by torch's own scheduler code on the same values. A scheduler that also changes other options of the
 optimizer (a cyclic momentum) cannot be followed member by member: :func:`why_not_followed` tells
-the plan, which runs such a job alone.
+the plan, which runs such a job alone. A run's ``callbacks.lr_monitor`` logs the lr each epoch starts
+with; :func:`epoch_start_lrs` gives a member's from its config, the same way.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import copy
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from optimlab.build import optimizer_class
 
 # torch's warning for a scheduler stepped before its optimizer ever stepped: a stand-in never steps.
 STEP_ORDER = r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`"
+LR_MONITOR = "lightning.pytorch.callbacks.LearningRateMonitor"
 
 
 def stand_in(cfg: DictConfig) -> torch.optim.Optimizer:
@@ -70,15 +72,13 @@ def why_not_followed(cfg: DictConfig) -> str | None:
     return None
 
 
-LR_MONITOR = "lightning.pytorch.callbacks.LearningRateMonitor"
-
-
-def lr_monitor_followed(entry: Any) -> bool:
+def lr_monitor_followed(entry: Mapping[str, Any]) -> bool:
     """Whether a population's member can log what this ``callbacks.lr_monitor`` entry logs for its run:
     the optimizer's lr at the start of every epoch (``logging_interval: epoch``; not per step, nor
     momentum or weight decay), which :func:`epoch_start_lrs` gives from the member's config."""
-    return entry.get("_target_") == LR_MONITOR and set(entry) <= {"_target_", "logging_interval"} \
-        and entry.get("logging_interval") == "epoch"
+    logs_more = any(entry.get(key) for key in ("log_momentum", "log_weight_decay"))
+    return entry.get("_target_") == LR_MONITOR and not logs_more and entry.get("logging_interval") == "epoch" \
+        and set(entry) <= {"_target_", "logging_interval", "log_momentum", "log_weight_decay"}
 
 
 def epoch_start_lrs(cfg: DictConfig, epochs: int) -> tuple[str, list[float]]:
