@@ -28,7 +28,7 @@ from optimlab.population.stopping import MONITORED
 MODEL_CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
 # Settings that leave which epoch the best checkpoint holds as described (where and how it is written,
 # a last.ckpt beside it, when in the epoch it is saved: after the validation either way).
-# Not ``dirpath`` (a folder shared by runs), and only a ``filename`` without placeholders: a templated one
+# Not a set ``dirpath`` (a folder runs may share), and only a ``filename`` without placeholders: a templated one
 # gives each save a file of its own, and the earlier best's is deleted even when the new one is refused.
 NEUTRAL = {"_target_", "filename", "monitor", "mode", "save_top_k", "save_last", "save_on_train_epoch_end",
            "auto_insert_metric_name", "enable_version_counter", "verbose", "save_weights_only", "every_n_epochs"}
