@@ -125,8 +125,8 @@ class PopulationData:
         self.test_images, self.test_labels = test_images.to(self.device), test_labels.to(self.device)
         val, test, chunk = self.val.shape[1], len(test_labels), self.eval_batch_size
         self.val_chunks = epoch_batches(val, chunk, limit_val_batches, "trainer.limit_val_batches")
-        self.test_chunks = {True: epoch_batches(test, chunk, limit_val_batches, "trainer.limit_val_batches"),
-                            False: epoch_batches(test, chunk, limit_test_batches, "trainer.limit_test_batches")}
+        self.test_chunks = epoch_batches(test, chunk, limit_test_batches, "trainer.limit_test_batches")
+        self.epoch_test_chunks = epoch_batches(test, chunk, limit_val_batches, "trainer.limit_val_batches")
 
     @property
     def members(self) -> int:
@@ -162,7 +162,8 @@ class PopulationData:
     def test_batches(self, every_epoch: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
         """The shared test set in ``eval_batch_size`` chunks: images ``[B, 1, 28, 28]``, labels ``[B]``;
         the first ``limit_test_batches`` of them, or ``limit_val_batches`` for an epoch's test."""
-        for start in range(0, self.test_chunks[every_epoch] * self.eval_batch_size, self.eval_batch_size):
+        chunks = self.epoch_test_chunks if every_epoch else self.test_chunks
+        for start in range(0, chunks * self.eval_batch_size, self.eval_batch_size):
             end = start + self.eval_batch_size
             yield self.test_images[start:end], self.test_labels[start:end]
 

@@ -132,7 +132,8 @@ class PopulationLoop:
         if self.draws and device.type != "cpu":
             raise ValueError("dropout and gradient noise in a population run on the CPU only (each member's draws "
                              "follow its CPU generator, as its run's draws on the CPU do)")
-        self._noise: list[Tensor] | None = None  # add_member_noise's buffers, made at the first step
+        # add_member_noise's buffers, reused: fresh parameter-sized ones each step page-fault in (see optim's _scratch)
+        self._noise = [torch.empty_like(p) for p in params] if grad_noise_std else None
         members = model.members
         self.last_finite = [p.detach().clone() for p in params]
         self.alive = torch.ones(members, dtype=torch.bool, device=device)
@@ -265,9 +266,7 @@ class PopulationLoop:
             clip_member_gradients(grads, *self.clip)
         logged = any(self.global_step % n == 0 for n in self._cadences)
         grad_norms = norm_rows(*grads) if logged else None  # before the noise: a run logs its gradient's norm
-        if self.grad_noise_std:
-            if self._noise is None:  # reused: fresh parameter-sized buffers each step page-fault in (see optim's _scratch)
-                self._noise = [torch.empty_like(g) for g in grads]
+        if self._noise is not None:
             add_member_noise(grads, self.model.generators, self.grad_noise_std,
                              self.optimizer.param_groups[0].get("maximize", False), self._noise)
         self.optimizer.step()

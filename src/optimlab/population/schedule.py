@@ -14,10 +14,11 @@ with; :func:`epoch_start_lrs` gives a member's from its config, the same way.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -43,6 +44,14 @@ def stand_in_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer | None 
     return instantiate(cfg.scheduler)(optimizer or stand_in(cfg))
 
 
+@contextlib.contextmanager
+def stepping_stand_ins() -> Iterator[None]:
+    """A block that steps stand-ins' schedulers, without torch's warning that their optimizers never stepped."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=STEP_ORDER)
+        yield
+
+
 def why_not_followed(cfg: DictConfig) -> str | None:
     """Why a population cannot follow ``cfg.scheduler`` member by member, from a stand-in's run of the job's
     epochs, or None: it changes optimizer options other than lr (when built or when stepped: a population
@@ -52,8 +61,7 @@ def why_not_followed(cfg: DictConfig) -> str | None:
     before = copy.deepcopy({key: value for key, value in optimizer.param_groups[0].items() if key != "params"})
     try:
         scheduler = stand_in_scheduler(cfg, optimizer)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=STEP_ORDER)
+        with stepping_stand_ins():
             for _ in range(int(cfg.epochs)):
                 scheduler.step()
     except Exception as err:  # e.g. a step that wants a metric: the job's own run meets the same error
@@ -89,8 +97,7 @@ def epoch_start_lrs(cfg: DictConfig, epochs: int) -> tuple[str, list[float]]:
     optimizer = stand_in(cfg)
     scheduler = stand_in_scheduler(cfg, optimizer) if cfg.get("scheduler") else None
     lrs = []
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=STEP_ORDER)
+    with stepping_stand_ins():
         for _ in range(epochs):
             lrs.append(float(optimizer.param_groups[0]["lr"]))
             if scheduler is not None:
@@ -115,8 +122,7 @@ class MemberSchedules:
 
     def step(self, lr: Tensor) -> None:
         """Step every member's scheduler, as its run does after each epoch, then :meth:`set` ``lr``."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=STEP_ORDER)
+        with stepping_stand_ins():
             for scheduler in self.schedulers:
                 scheduler.step()
         self.set(lr)
