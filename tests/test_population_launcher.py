@@ -4,6 +4,7 @@ and grouped (fast, composed in-process), and end to end against the basic launch
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import math
 import os
@@ -336,7 +337,7 @@ def test_jobs_classified_in_forked_processes_get_the_verdicts_of_this_one(loader
     """classify_all with three processes: every job's error, reason to run alone and population key
     are those classify gives it here (an invalid job's error with its message)."""
     hydra_loader, master, _ = loaders
-    grids = [["lr=0.1"], ["lr=-1"], ["lr=0.2", "logger=csv"], ["lr=0.3", "seed=2"], ["optimizer=adam"],
+    grids = [["lr=0.1"], ["lr=-1"], ["lr=0.2", "trainer.detect_anomaly=true"], ["lr=0.3", "seed=2"], ["optimizer=adam"],
              ["data.val_size=70000"], ["lr=0.4"]]
 
     def jobs() -> list[Job]:
@@ -431,6 +432,8 @@ def test_members_may_differ_in_member_wise_settings_only() -> None:
     assert why_alone(compose_config("test_ckpt=best")) is None
     assert why_alone(compose_config("callbacks=lr_monitor")) is None  # each member's epoch-start lrs logged as its run's
     assert why_alone(compose_config("callbacks=lr_monitor", "+callbacks.lr_monitor.log_momentum=false")) is None
+    for logger in ("csv", "many", "none"):  # each member's record replayed into its run's loggers
+        assert why_alone(compose_config(f"logger={logger}")) is None, logger
     assert why_alone(compose_config("experiment=overfit_early_stop", "trainer.accelerator=cpu")) is None
     # each member's dropout masks and gradient noise drawn from its own generator (on the CPU)
     assert why_alone(compose_config("model.dropout=0.5", "optimizer.grad_noise_std=0.1", "trainer.accelerator=cpu")) is None
@@ -461,7 +464,8 @@ def scheduler(target: str, *options: str) -> list[str]:
     (["callbacks=lr_monitor", "callbacks.lr_monitor.logging_interval=step"], "lr_monitor"),
     (["callbacks=lr_monitor", "+callbacks.lr_monitor.log_momentum=true"], "lr_monitor"),
     (["callbacks=early_stopping", "+callbacks.early_stopping.stopping_threshold=0.1"], "early_stopping"),
-    (["logger=csv"], "logger"), (["trainer.detect_anomaly=true"], "trainer.detect_anomaly=True"),
+    (["logger=mlflow"], "a logger other than TensorBoard or CSV (mlflow)"),
+    (["trainer.detect_anomaly=true"], "trainer.detect_anomaly=True"),
     (["test_ckpt=best", "callbacks.model_checkpoint.save_top_k=2"], "test_ckpt=best with callbacks.model_checkpoint"),
     (["optimizer.impl=torch"], "optimizer.impl=torch"),
     (["trainer.precision=bf16-mixed"], "precision"), (["trainer.limit_train_batches=0"], "limit_train_batches=0"),
@@ -600,6 +604,12 @@ BUDGETS = [pytest.param(EQUIVALENCE_BUDGET, id="cpu"),
            pytest.param(ON_GPU, id="gpu", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
+def csv_rows(path: Path) -> tuple[list[str], list[list[float | None]]]:
+    """A CSV logger's ``metrics.csv``: its header, and its rows with empty cells as None."""
+    header, *rows = list(csv.reader(path.open(newline="")))
+    return header, [[float(cell) if cell else None for cell in row] for row in rows]
+
+
 def sweep_both_ways(tmp_path: Path, *grid: str) -> tuple[dict[str, dict], dict[str, dict], str]:
     """``grid`` swept by the population launcher and by the basic (sequential) one; each job's
     summary.json by folder, and the population launcher's output."""
@@ -693,11 +703,14 @@ def test_a_scheduled_and_clipped_sweep_as_populations_equals_the_sequential_swee
     """scheduler=step halving the lr after every epoch and gradients clipped to norm 0.05, SGD and Adam at
     two lrs, float64: two populations whose members each step their own scheduler and clip their own
     gradients write the sequential jobs' records (metrics and the logged gradient norms to 1e-9, the lr of
-    every logged step exactly the run's); with callbacks=lr_monitor, its TensorBoard lr at each epoch's start."""
+    every logged step exactly the run's); with callbacks=lr_monitor, its TensorBoard lr at each epoch's start.
+    With logger=many and the sharpness tracked every step, each member's CSV logger writes its run's file: the
+    same columns and rows in the same order (values to 1e-9) and the same hparams.yaml."""
     pop, seq, out = sweep_both_ways(tmp_path, "optimizer=sgd,adam", "lr=0.05,0.5", "model.hidden=[8]",
                                     "trainer.precision=64-true", "scheduler=step", "scheduler.step_size=1",
                                     "trainer.gradient_clip_val=0.05", "trainer.log_every_n_steps=1",
-                                    "callbacks=lr_monitor", *EQUIVALENCE_BUDGET)
+                                    "callbacks=lr_monitor", "logger=many", "curvature.every_n_steps=1",
+                                    "curvature.probe_size=64", "curvature.tol=1e-10", *EQUIVALENCE_BUDGET)
     assert "4 jobs -> 4 in 2 population(s), 0 alone" in out and "adam (StepLR), 2 epochs" in out
     for name, ref in seq.items():
         got, lr = pop[name], ref["config"]["lr"]
@@ -714,6 +727,27 @@ def test_a_scheduled_and_clipped_sweep_as_populations_equals_the_sequential_swee
         tag = f"lr-{'SGD' if 'SGD' in ref['config']['optimizer']['_target_'] else 'Adam'}"
         lrs = {way: scalar_events(tmp_path / way / name / "tensorboard")[tag] for way in ("population", "sequential")}
         assert lrs["population"] == lrs["sequential"] == [(0, pytest.approx(lr)), (2, pytest.approx(lr / 2))], name
+        csv_dirs = {way: tmp_path / way / name / "csv" for way in ("population", "sequential")}
+        header, rows = csv_rows(csv_dirs["sequential"] / "metrics.csv")
+        got_header, got_rows = csv_rows(csv_dirs["population"] / "metrics.csv")
+        assert got_header == header and "curvature/sharpness" in header and tag in header, name
+        assert len(got_rows) == len(rows), name
+        for got_row, row in zip(got_rows, rows):
+            assert [v is None for v in got_row] == [v is None for v in row], (name, row)
+            values = [v for v in row if v is not None]
+            assert [v for v in got_row if v is not None] == pytest.approx(values, rel=1e-9, nan_ok=True), (name, row)
+        assert (csv_dirs["population"] / "hparams.yaml").read_text() == (csv_dirs["sequential"] / "hparams.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_a_sweep_without_a_logger_trains_as_a_population_and_writes_no_logs(mnist_root: Path, tmp_path: Path) -> None:
+    result = train("lr=0.05,0.5", "model.hidden=[8]", "logger=none", *EQUIVALENCE_BUDGET, "hydra/launcher=population",
+                   f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 jobs -> 2 in 1 population(s), 0 alone" in result.stdout
+    for job in (tmp_path / name for name in summaries(tmp_path)):
+        assert json.loads((job / "summary.json").read_text())["status"] == "complete"
+        assert sorted(p.name for p in job.iterdir()) == [".hydra", "summary.json", "train.log"], job
 
 
 @pytest.mark.slow
@@ -1078,12 +1112,13 @@ def test_values_that_interpolate_the_jobs_hydra_config_are_each_jobs_own(mnist_r
 @pytest.mark.slow
 @pytest.mark.parametrize("knobs", ["population", "hydra.launcher"])
 def test_dry_run_prints_the_plan_and_writes_nothing(mnist_root: Path, tmp_path: Path, knobs: str) -> None:
-    result = train("lr=0.1,0.5", "seed=0,1,2", "logger=tensorboard,csv", *SMALL, "hydra/launcher=population",
+    result = train("lr=0.1,0.5", "seed=0,1,2", "trainer.detect_anomaly=false,true", *SMALL,
+                   "hydra/launcher=population",
                    f"{knobs}.dry_run=true", f"{knobs}.max_members=2", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "12 jobs -> 6 in 3 population(s), 6 alone, 0 invalid" in out
-    assert "population 1: 2 members" in out and "MiB" in out and "alone: a logger other than TensorBoard" in out
+    assert "population 1: 2 members" in out and "MiB" in out and "alone: trainer.detect_anomaly=True" in out
     assert "memory per population on cpu: at most ~" in out
     assert not list(tmp_path.rglob("summary.json")) and not list(tmp_path.rglob(".hydra"))
     # A budget too small for two members: the plan says so and runs each job alone.
@@ -1514,7 +1549,7 @@ def test_a_member_whose_events_cannot_be_written_is_recorded_crashed(tmp_path: P
     def failing(*args: object) -> None:
         raise OSError("event file gone")
 
-    monkeypatch.setattr(records, "write_tensorboard", failing)
+    monkeypatch.setattr(records, "write_logs", failing)
     finished = RunSummary(status="complete", config={}, epochs=[{"epoch": 1, "train_loss": 0.5}], test_acc=0.9)
     with pytest.raises(OSError, match="event file gone"):
         records.write_member(tmp_path, finished)

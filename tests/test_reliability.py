@@ -56,9 +56,12 @@ def summary(run_dir: Path) -> dict:
 
 @pytest.mark.slow
 def test_killed_run_resumed_equals_uninterrupted_run(tmp_path: Path) -> None:
+    """Also with a CSV logger, the lr monitor and the sharpness tracked: a resumed run's CSVLogger deletes the
+    metrics.csv it finds, and the rows from before the kill come back from the checkpoint's record."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert train_process(*RUN, f"hydra.run.dir={whole}").returncode == 0
-    proc = start(*RUN, f"hydra.run.dir={killed}")
+    run = [*RUN, "logger=many", "callbacks=lr_monitor", "curvature.every_n_steps=20", "curvature.probe_size=64"]
+    assert train_process(*run, f"hydra.run.dir={whole}").returncode == 0
+    proc = start(*run, f"hydra.run.dir={killed}")
     wait_for(killed / "checkpoints" / "last.ckpt", proc)  # epoch 1 is on disk
     proc.send_signal(signal.SIGKILL)  # no chance to clean up
     proc.wait()
@@ -74,6 +77,11 @@ def test_killed_run_resumed_equals_uninterrupted_run(tmp_path: Path) -> None:
         assert {k: v for k, v in ra.items() if k != "train_time_s"} == {k: v for k, v in rb.items() if k != "train_time_s"}
     assert sa["test_acc"] == sb["test_acc"] and sa["regime"] == sb["regime"]
     assert sa["train_steps"] == sb["train_steps"] and [r["step"] for r in sb["train_steps"]] == [0, 50]
+    for name in ("metrics.csv", "hparams.yaml"):
+        assert (killed / "csv" / name).read_text() == (whole / "csv" / name).read_text(), name
+    metrics = (whole / "csv" / "metrics.csv").read_text()
+    assert metrics.count("\n") == 1 + 2 + 4 + 4 + 1 + len(sa["curvature"]["series"]), metrics  # header, steps,
+    # epochs, lrs, result, sharpness
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from optimlab.checkpointing import CHECKPOINT_DIR, LAST, AtomicCheckpointIO
@@ -112,14 +112,18 @@ def build_parts(cfg: DictConfig) -> Parts:
     return Parts(module, datamodule, thresholds)
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
+def build_loggers(cfg: DictConfig, run_dir: Path, tensorboard_queue: int | None = None) -> list[Logger]:
     """One logger per ``logger`` entry, each writing under ``<run dir>/<entry name>`` unless its
-    ``save_dir`` is set."""
+    ``save_dir`` is set. ``tensorboard_queue``: events a TensorBoard logger's writer holds before it
+    writes them (when all of a run's events are written at once)."""
     loggers = []
     for name, entry in (cfg.get("logger") or {}).items():
         if entry:
+            options = {} if entry.get("save_dir") else {"save_dir": str(run_dir / name)}
             with config_errors(f"logger.{name}", entry):
-                loggers.append(instantiate(entry, **({} if entry.get("save_dir") else {"save_dir": str(run_dir / name)})))
+                if tensorboard_queue and issubclass(get_class(entry._target_), TensorBoardLogger):
+                    options["max_queue"] = tensorboard_queue
+                loggers.append(instantiate(entry, **options))
     return loggers
 
 

@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch import Tensor, nn
 
 from optimlab import optim
@@ -526,10 +526,15 @@ def preconditioner(optimizer: torch.optim.Optimizer, params: Iterable[Tensor] | 
     return out
 
 
+def is_count(value: object) -> bool:
+    """Whether ``value`` is an integer >= 1 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def probe_parts(n: int, batch_size: int) -> int:
     """Into how many parts of near-equal size :func:`gradient_moments` splits ``n`` probe examples:
     one per ``batch_size`` (rounded up), and at least two (a variance needs two), at most ``n``."""
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    if not is_count(batch_size):
         raise ValueError(f"Invalid batch_size: {batch_size!r} (must be an integer >= 1)")
     if n < 1:
         raise ValueError(f"Invalid n: {n!r} (need at least one example)")
@@ -646,10 +651,11 @@ def initial_preconditioner(optimizer: torch.optim.Optimizer, moments: GradientMo
 # --------------------------------------------------------------------------- tracking
 
 
-def check_tracking(every_n_steps: object, probe_size: object) -> None:
-    """A ValueError naming ``every_n_steps`` or ``probe_size`` unless each is an integer >= 1."""
-    for key, value in (("every_n_steps", every_n_steps), ("probe_size", probe_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+def check_tracking(every_n_steps: object, probe_size: object, batch_size: object = None) -> None:
+    """A ValueError naming ``every_n_steps``, ``probe_size`` or ``batch_size`` (None: not given) unless
+    each is an integer >= 1."""
+    for key, value in (("every_n_steps", every_n_steps), ("probe_size", probe_size), ("batch_size", batch_size)):
+        if (key != "batch_size" or value is not None) and not is_count(value):
             raise ValueError(f"Invalid {key}: {value!r} (must be an integer >= 1)")
 
 
@@ -774,6 +780,13 @@ class SharpnessLog:
         self._ended = state["ended"]
 
 
+def show_sharpness_chart(loggers: Iterable[Logger]) -> None:
+    """Put the sharpness and its threshold on one chart in each TensorBoard logger of ``loggers``."""
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_custom_scalars(TENSORBOARD_LAYOUT)
+
+
 class SharpnessCallback(L.Callback):
     """Track the (preconditioned) sharpness of ``pl_module.model`` every ``every_n_steps`` optimizer
     steps against the stability threshold of ``trainer.optimizers[0]``.
@@ -821,9 +834,7 @@ class SharpnessCallback(L.Callback):
                  probe: tuple[Tensor, Tensor] | None = None, iters: int = 20,
                  tol: float = DEFAULT_TRACKING_TOL, log_spaced_start: bool = False,
                  batch_size: int | None = None) -> None:
-        check_tracking(every_n_steps, probe_size)
-        if batch_size is not None:
-            probe_parts(1, batch_size)  # the argument check
+        check_tracking(every_n_steps, probe_size, batch_size)
         if probe is not None and (len(probe) != 2 or len(probe[0]) != len(probe[1]) or len(probe[1]) == 0):
             raise ValueError("Invalid probe: must be a pair (x, y) of the same nonzero length")
         self.every_n_steps, self.probe_size, self.seed = every_n_steps, probe_size, seed
@@ -874,9 +885,7 @@ class SharpnessCallback(L.Callback):
         self.probe = (x.to(pl_module.device), y.to(pl_module.device))
         if self.batch_size is None:
             self.batch_size = getattr(trainer.datamodule, "batch_size", None) or len(y)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_custom_scalars(TENSORBOARD_LAYOUT)
+        show_sharpness_chart(trainer.loggers)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.restore()  # a resumed run with no epoch left to train never starts training

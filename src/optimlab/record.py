@@ -18,15 +18,16 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from optimlab.checkpointing import holds_a_run
-from optimlab.curvature import SharpnessCallback
+from optimlab.curvature import SHARPNESS_TAG, THRESHOLD_TAG, SharpnessCallback
 from optimlab.divergence import DivergenceGuard, total_norm
 from optimlab.hydra_job import save_job_record
+from optimlab.lr_schedule import epoch_start_lrs, lr_monitor_followed
 from optimlab.module import EVAL_STAGES
 from optimlab.regimes import Thresholds, diagnose
 from optimlab.summary import RunSummary, data_passes, describe_run, validation_size, write_summary
@@ -108,6 +109,7 @@ class RunRecord(Checkpoint):
         self.extra: dict[str, Any] = {}  # set by the caller: params, train_size, label_noise_images, device
         self._pending_record: dict[str, Any] | None = None  # a resumed run's saved state, until applied
         self._pending_rng: dict[str, Any] | None = None
+        self._csv_to_rewrite = False  # a resumed run's CSV rows from before the resume, until written back
         self._steps: list[dict[str, Tensor]] = []  # this epoch's step outputs, reduced at its end
         self._epoch_start = self._step_start = 0.0
         self._train_time: float | None = None
@@ -135,6 +137,23 @@ class RunRecord(Checkpoint):
         self.history, self.first_step_s = list(saved["history"]), saved["first_step_s"]
         self.train_steps = list(saved.get("train_steps", []))  # absent from checkpoints of older versions
         self.guard.load_state_dict(saved["guard"])
+        self._csv_to_rewrite = True
+
+    def rewrite_csv(self, trainer: L.Trainer) -> None:
+        """A resumed run's CSV rows from before the resume, once: a new ``CSVLogger`` deletes the
+        ``metrics.csv`` it finds, so the rows its checkpoint's record holds are logged again (and saved at
+        once), as the run logged them (:func:`logged_in_fit`). TensorBoard keeps its earlier event files."""
+        csv_loggers = [logger for logger in trainer.loggers if isinstance(logger, CSVLogger)]
+        if not self._csv_to_rewrite or not csv_loggers:
+            return
+        self._csv_to_rewrite = False
+        if self.sharpness is not None:
+            self.sharpness.restore()
+        curvature = self.sharpness.run_record() if self.sharpness is not None else None
+        replay(csv_loggers, logged_in_fit(self.config, self.history, self.train_steps, curvature,
+                                          int(trainer.num_training_batches), trainer.global_step))
+        for logger in csv_loggers:
+            logger.save()
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Here, not only when training starts: a resumed run with no epoch left to train never starts
@@ -143,10 +162,12 @@ class RunRecord(Checkpoint):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.restore_record()  # for a strategy that loads the checkpoint after on_fit_start
+        self.rewrite_csv(trainer)  # a resumed run with no epoch left to train never starts training
         self._pending_rng = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.restore_record()
+        self.rewrite_csv(trainer)  # here, when the epochs' batches are counted and before anything new is logged
         saved, self._pending_rng = self._pending_rng, None
         if saved is None:
             return
@@ -278,20 +299,67 @@ class RunRecord(Checkpoint):
         return summary
 
 
+def step_scalars(row: dict[str, float]) -> dict[str, float]:
+    """One :attr:`~optimlab.summary.RunSummary.train_steps` row as the run's per-step scalars."""
+    return {tag: math.nan if row[key] is None else row[key] for key, tag in STEP_SCALARS.items()}
+
+
+def epoch_scalars(row: dict[str, float]) -> dict[str, float]:
+    """An epoch's row as scalars: its training, validation and test loss and accuracy, those it has."""
+    return {f"{stage}/{kind}": row[f"{stage}_{kind}"] for stage in ("train", *EVAL_STAGES)
+            for kind in ("loss", "acc") if f"{stage}_{kind}" in row}
+
+
 def log_train_step(loggers: list[Logger], row: dict[str, float]) -> None:
-    """One :attr:`~optimlab.summary.RunSummary.train_steps` row as each logger's per-step scalars."""
-    scalars = {tag: math.nan if row[key] is None else row[key] for key, tag in STEP_SCALARS.items()}
     for logger in loggers:
-        logger.log_metrics(scalars, step=int(row["step"]))
+        logger.log_metrics(step_scalars(row), step=int(row["step"]))
 
 
 def log_epoch(loggers: list[Logger], row: dict[str, float], step: int) -> None:
-    """An epoch's row as scalars at ``step`` (the update count when it ended): its training,
-    validation and test loss and accuracy, those it has."""
-    scalars = {f"{stage}/{kind}": row[f"{stage}_{kind}"] for stage in ("train", *EVAL_STAGES)
-               for kind in ("loss", "acc") if f"{stage}_{kind}" in row}
+    """An epoch's scalars at ``step`` (the update count when it ended)."""
     for logger in loggers:
-        logger.log_metrics(scalars, step=step)
+        logger.log_metrics(epoch_scalars(row), step=step)
+
+
+def logged_in_fit(config: dict[str, Any], epochs: list[dict[str, Any]], train_steps: list[dict[str, float]],
+                  curvature: dict[str, Any] | None, steps_per_epoch: int, steps: int) -> list[tuple[int, dict[str, float]]]:
+    """What a run's loggers received during its fit, as ``(step, scalars)`` in the order received, from
+    its record (``steps``: the updates it applied): at step 0 the first sharpness measurement; after
+    update s, the sharpness measured at s (:class:`~optimlab.curvature.SharpnessCallback` comes before
+    :class:`RunRecord` in the callbacks), then the per-step row of step s - 1; at an epoch's end its
+    row; at an epoch's start its lr, as a ``callbacks.lr_monitor`` that logs once an epoch logs it (one that logs
+    more, per step or momentum, is left out: its values are not in the record)."""
+    events: list[tuple[int, int, int, dict[str, float]]] = []  # (updates applied when logged, order, step, scalars)
+    for step, value, threshold in (curvature or {}).get("series", []):
+        events.append((int(step), 0, int(step), {SHARPNESS_TAG: math.nan if value is None else value,
+                                                 THRESHOLD_TAG: math.nan if threshold is None else threshold}))
+    for row in train_steps:
+        events.append((int(row["step"]) + 1, 1, int(row["step"]), step_scalars(row)))
+    for row in epochs:
+        step = min(int(row["epoch"]) * steps_per_epoch, steps)
+        events.append((step, 2, step, epoch_scalars(row)))
+    if lr_monitor_followed((config.get("callbacks") or {}).get("lr_monitor") or {}):
+        tag, lrs = epoch_start_lrs(OmegaConf.create(config), len(epochs))
+        events += [(epoch * steps_per_epoch, 3, epoch * steps_per_epoch, {tag: lr}) for epoch, lr in enumerate(lrs)]
+    events.sort(key=lambda event: event[:2])
+    return [(step, scalars) for _, _, step, scalars in events]
+
+
+def replay(loggers: list[Logger], logged: list[tuple[int, dict[str, float]]]) -> None:
+    """Log ``logged`` (:func:`logged_in_fit`) again, in its order, into each of ``loggers``."""
+    for logger in loggers:
+        for step, scalars in logged:
+            logger.log_metrics(scalars, step=step)
+
+
+def close_loggers(loggers: list[Logger], status: str) -> None:
+    """End every logger once, after the run's last write (Lightning's own finalize at the end of
+    fit and test only flushes ours: one TensorBoard event file per run)."""
+    for logger in loggers:
+        if isinstance(logger, TensorBoardRunLogger):
+            logger.close(status)
+        else:
+            logger.finalize(status)
 
 
 def log_result(loggers: list[Logger], summary: RunSummary) -> None:

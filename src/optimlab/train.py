@@ -31,9 +31,8 @@ from optimlab.curvature import SharpnessCallback
 from optimlab.data import epoch_batches
 from optimlab.files import remove_stale_temporaries
 from optimlab.hydra_job import save_job_record
-from optimlab.record import RunRecord, device_name, log_result, result_line
+from optimlab.record import RunRecord, close_loggers, device_name, log_result, result_line
 from optimlab.summary import FINISHED, SUMMARY, RunSummary, is_complete, read_summary, write_summary
-from optimlab.tensorboard_logger import TensorBoardRunLogger
 from optimlab.validate import ConfigError, rule_error, validate_config
 
 # Lightning's start-up banners (GPU available, tips) drown the run's own lines.
@@ -41,6 +40,8 @@ logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 logging.getLogger("lightning.pytorch.profilers").setLevel(logging.INFO)  # trainer.profiler's report is wanted
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r".*(LeafSpec|smaller than the logging interval|overridden `transfer_batch_to_device`).*")
+# A resumed run's CSVLogger warns that it deletes the metrics.csv it finds: RunRecord.rewrite_csv writes its rows back.
+warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
 
 class Interrupted(Exception):
@@ -262,16 +263,6 @@ def refuse_changed_config(run_dir: Path, saved: RunSummary, cfg: DictConfig, che
                           f"its values, or into another folder")
 
 
-def _close_loggers(trainer: L.Trainer, status: str) -> None:
-    """End every logger once, after the run's last write (Lightning's own finalize at the end of
-    fit and test only flushes ours: one TensorBoard event file per run)."""
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardRunLogger):
-            logger.close(status)
-        else:
-            logger.finalize(status)
-
-
 def _claim(run_dir: Path, cfg: DictConfig, new: bool) -> None:
     """Make ``run_dir`` ours, before anything is trained: check that it can be written, clear what a
     killed write left, and (for a new run) write Hydra's record of the job into ``.hydra/``. Hydra
@@ -363,9 +354,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
                                      tested_checkpoint="best" if use_best else "last")
             # Inside the try: a logger that fails to write its last events leaves a crashed record, not a running one.
             log_result(trainer.loggers, summary)
-            _close_loggers(trainer, "success")
+            close_loggers(trainer.loggers, "success")
         except (SystemExit, KeyboardInterrupt):  # Lightning exits after its graceful shutdown
-            _close_loggers(trainer, "interrupted")
+            close_loggers(trainer.loggers, "interrupted")
             if ckpt is None or record.history:  # a resumed run stopped before its record came back keeps the old one
                 record.write("interrupted", trainer)
             print(f"interrupted after {len(record.history)} finished epoch(s); {run_dir} holds the last "

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 import torch
 from hydra.errors import CompactHydraException
 from hydra.types import HydraContext
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor
 
@@ -27,12 +29,13 @@ from optimlab.build import build_parts, optimizer_class
 from optimlab.checkpointing import holds_a_run, last_checkpoint
 from optimlab.data import DataError, ensure_files, epoch_batches, load_split, resolve_root
 from optimlab.hydra_job import hydra_config_of, set_output_dir
+from optimlab.lr_schedule import lr_monitor_followed
 from optimlab.optim import Optimizer
 from optimlab.population.best import followed as best_followed
 from optimlab.population.cluster import Executor, ForkedJob, can_fork
 from optimlab.population.compose import ShapeCachingLoader, task_part
 from optimlab.population.data import split_indices
-from optimlab.population.schedule import lr_monitor_followed, why_not_followed
+from optimlab.population.schedule import why_not_followed
 from optimlab.population.stacked import STACKED, build_member
 from optimlab.population.stopping import followed
 from optimlab.summary import config_key, describe_run, is_complete, read_summary
@@ -52,6 +55,7 @@ POPULATION_TRAINER = ("_target_", "accelerator", "devices", "precision", "determ
                       "flush_denormal", "compile", "limit_train_batches", "fast_dev_run", "enable_model_summary",
                       "gradient_clip_val", "gradient_clip_algorithm", "limit_val_batches", "limit_test_batches")
 POPULATION_CALLBACKS = ("model_checkpoint", "progress_bar")
+FOLLOWED_LOGGERS = (TensorBoardLogger, CSVLogger)  # whose files a member's record is replayed into (records.py)
 TRAINER_DEFAULTS = {name: p.default for name, p in inspect.signature(L.Trainer).parameters.items()}
 # Keys whose values only seed random generators (the run's seed_everything, the data split's
 # generator) or set the optimizer's step size and weight decay: a job whose resolved config differs
@@ -199,6 +203,14 @@ def population_device(accelerator: str) -> torch.device | None:
     return torch.device("cpu")
 
 
+def logger_followed(entry: Mapping[str, Any]) -> bool:
+    """Whether a population member's record can be replayed into the logger of this ``logger`` entry."""
+    try:
+        return issubclass(get_class(entry["_target_"]), FOLLOWED_LOGGERS)
+    except Exception:  # not a class: the run's own build says what is wrong
+        return False
+
+
 def why_alone(cfg: DictConfig, elsewhere: bool = False) -> str | None:
     """Why the population loop cannot reproduce this (valid) job's run, or None when it can.
     ``elsewhere``: the populations train on machines the plan cannot see (SLURM), whose device it
@@ -208,7 +220,7 @@ def why_alone(cfg: DictConfig, elsewhere: bool = False) -> str | None:
     extra_callbacks = {name for name, entry in (cfg.get("callbacks") or {}).items()
                        if entry and not (name in followed_entries and followed_entries[name](entry))} \
         - set(POPULATION_CALLBACKS)
-    loggers = {name for name, entry in (cfg.get("logger") or {}).items() if entry}
+    loggers = {name for name, entry in (cfg.get("logger") or {}).items() if entry and not logger_followed(entry)}
     trainer_args = {f"trainer.{key}={value}" for key, value in t.items()
                     if key not in POPULATION_TRAINER and value != TRAINER_DEFAULTS.get(key)}
     scheduler = why_not_followed(cfg) if cfg.get("scheduler") else None
@@ -223,7 +235,7 @@ def why_alone(cfg: DictConfig, elsewhere: bool = False) -> str | None:
         "optimizer.grad_noise_std > 0 off the CPU": off_cpu and (optimizer.get("grad_noise_std") or 0) > 0,
         scheduler or "a learning-rate scheduler": scheduler is not None,
         "callbacks other than the defaults (" + ", ".join(sorted(extra_callbacks)) + ")": bool(extra_callbacks),
-        "a logger other than TensorBoard": set(loggers) != {"tensorboard"},
+        "a logger other than TensorBoard or CSV (" + ", ".join(sorted(loggers)) + ")": bool(loggers),
         "trainer.max_epochs given apart from epochs": t.get("max_epochs", cfg.epochs) != cfg.epochs,
         "test_ckpt=best with callbacks.model_checkpoint settings beyond one best checkpoint by val/loss or val/acc":
             cfg.test_ckpt == "best" and not best_followed((cfg.get("callbacks") or {}).get("model_checkpoint") or {}),

@@ -2,9 +2,9 @@
 
 ``summary.json`` (the :class:`~optimlab.summary.RunSummary` schema, diagnosed by
 :func:`~optimlab.regimes.diagnose` on the member's own history, with ``population`` naming the
-population it trained in) and TensorBoard events (per-step and per-epoch scalars, HPARAMS and
-the regime text via :func:`~optimlab.record.log_result`), so ``optimlab-report`` reads a
-population sweep as it reads a sequential one.
+population it trained in) and its loggers' files (TensorBoard events: per-step and per-epoch scalars,
+HPARAMS and the regime text; a CSV logger's ``metrics.csv`` and ``hparams.yaml``), so ``optimlab-report``
+and ``tensorboard`` read a population sweep as they read a sequential one.
 """
 
 from __future__ import annotations
@@ -16,13 +16,12 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from optimlab.curvature import SHARPNESS_TAG, TENSORBOARD_LAYOUT, THRESHOLD_TAG
+from optimlab.build import build_loggers
+from optimlab.curvature import show_sharpness_chart
 from optimlab.population.loop import MemberRecord
-from optimlab.population.schedule import epoch_start_lrs
-from optimlab.record import log_epoch, log_result, log_train_step, versions
+from optimlab.record import close_loggers, log_result, logged_in_fit, replay, versions
 from optimlab.regimes import Thresholds, diagnose
 from optimlab.summary import FINISHED, RunSummary, data_passes, describe_run, validation_size, write_summary
-from optimlab.tensorboard_logger import TensorBoardRunLogger
 
 
 @dataclass
@@ -80,39 +79,34 @@ def member_summary(status: str, config: dict[str, Any], record: MemberRecord, po
         curvature=record.curvature, **final)
 
 
-def write_tensorboard(run_dir: Path, summary: RunSummary) -> None:
-    """The member's TensorBoard events where its sequential job writes them (``run_dir/tensorboard``):
-    the per-step scalars at their steps, each epoch's scalars at the step the epoch ended, the
-    tracked sharpness and threshold at each measured step (on one Custom Scalars chart), with
-    ``callbacks.lr_monitor`` the lr at the step each epoch started, then HPARAMS and the regime text."""
-    steps_per_epoch = (summary.population or {}).get("steps_per_epoch", 0)
+def write_logs(run_dir: Path, summary: RunSummary) -> None:
+    """What the member's own run logs, where it logs it: its loggers (``logger``, as the run builds them)
+    get, in the run's order, what they got during its fit (:func:`~optimlab.record.logged_in_fit`:
+    per-step rows, tracked sharpness and threshold, epochs, ``callbacks.lr_monitor``'s lrs), are
+    finalized as Lightning finalizes them after the fit, then get the run's result (HPARAMS and the
+    regime text, :func:`~optimlab.record.log_result`) and are closed."""
+    config = OmegaConf.create(summary.config)
     # All of a member's events are written here at once: a queue that holds them spares the writer
     # thread's hand-offs (5.0 -> 3.2 ms a member of the narrow grid; the file is complete at close either way).
-    logger = TensorBoardRunLogger(save_dir=str(run_dir / "tensorboard"), name="", version="", default_hp_metric=False,
-                                  max_queue=1000)
-    for row in summary.train_steps:
-        log_train_step([logger], row)
-    for row in summary.epochs:
-        log_epoch([logger], row, min(int(row["epoch"]) * steps_per_epoch, summary.steps))
-    if (summary.config.get("callbacks") or {}).get("lr_monitor"):  # as its LearningRateMonitor logs them
-        tag, lrs = epoch_start_lrs(OmegaConf.create(summary.config), len(summary.epochs))
-        for epoch, lr in enumerate(lrs):
-            logger.log_metrics({tag: lr}, step=epoch * steps_per_epoch)
+    loggers = build_loggers(config, run_dir, tensorboard_queue=1000)
     if summary.curvature:
-        logger.experiment.add_custom_scalars(TENSORBOARD_LAYOUT)
-        for step, value, threshold in summary.curvature.get("series", []):
-            logger.log_metrics({SHARPNESS_TAG: value, THRESHOLD_TAG: threshold}, step=int(step))
-    log_result([logger], summary)
-    logger.close("success")
+        show_sharpness_chart(loggers)
+    steps_per_epoch = (summary.population or {}).get("steps_per_epoch", 0)
+    replay(loggers, logged_in_fit(summary.config, summary.epochs, summary.train_steps, summary.curvature,
+                                  steps_per_epoch, summary.steps))
+    for logger in loggers:
+        logger.finalize("success")
+    log_result(loggers, summary)
+    close_loggers(loggers, "success")
 
 
 def write_member(run_dir: Path, summary: RunSummary) -> None:
-    """For a finished member its TensorBoard events, then ``summary.json``: a finished summary is what
+    """For a finished member its loggers' files, then ``summary.json``: a finished summary is what
     ``resume=auto`` skips, so it comes last (a kill between leaves the member to run again)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if summary.status in FINISHED:
         try:
-            write_tensorboard(run_dir, summary)
+            write_logs(run_dir, summary)
         except Exception as err:  # the member's record says so (crashed, why), not "running"
             write_summary(run_dir, replace(summary, status="crashed", error=f"{type(err).__name__}: {err}"))
             raise

@@ -2,55 +2,26 @@
 
 A single run steps its scheduler (``instantiate(cfg.scheduler)(optimizer)``) after each training
 epoch (:class:`~optimlab.module.ClassifierModule`). A population's optimizer holds one lr per member,
-which torch's schedulers cannot step. So each member gets its own scheduler, built from its config on
-a stand-in optimizer (the member's optimizer class and options over one stand-in parameter: its group
-lr is the member's). The lr each scheduler sets, at construction (a warm-up's first factor) and after
-every epoch, becomes the member's entry of the population's lr: the floats the member's run computes,
-by torch's own scheduler code on the same values. A scheduler that also changes other options of the
-optimizer (a cyclic momentum) cannot be followed member by member: :func:`why_not_followed` tells
-the plan, which runs such a job alone. A run's ``callbacks.lr_monitor`` logs the lr each epoch starts
-with; :func:`epoch_start_lrs` gives a member's from its config, the same way.
+which torch's schedulers cannot step. So each member gets its own scheduler, built on a stand-in of
+its optimizer (:mod:`optimlab.lr_schedule`). The lr each scheduler sets, at construction (a warm-up's
+first factor) and after every epoch, becomes the member's entry of the population's lr: the floats the
+member's run computes, by torch's own scheduler code on the same values. A scheduler that also changes
+other options of the optimizer (a cyclic momentum) cannot be followed member by member:
+:func:`why_not_followed` tells the plan, which runs such a job alone.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor
 
-from optimlab.build import optimizer_class
-
-# torch's warning for a scheduler stepped before its optimizer ever stepped: a stand-in never steps.
-STEP_ORDER = r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`"
-LR_MONITOR = "lightning.pytorch.callbacks.LearningRateMonitor"
-
-
-def stand_in(cfg: DictConfig) -> torch.optim.Optimizer:
-    """``cfg.optimizer`` over one stand-in parameter."""
-    cls, options = optimizer_class(cfg.optimizer)
-    return cls([torch.zeros(1)], **options)
-
-
-def stand_in_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer | None = None) -> Any:
-    """``cfg.scheduler`` built on ``optimizer`` (default: a :func:`stand_in` of ``cfg.optimizer``)."""
-    return instantiate(cfg.scheduler)(optimizer or stand_in(cfg))
-
-
-@contextlib.contextmanager
-def stepping_stand_ins() -> Iterator[None]:
-    """A block that steps stand-ins' schedulers, without torch's warning that their optimizers never stepped."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=STEP_ORDER)
-        yield
-
+from optimlab.lr_schedule import stand_in, stand_in_scheduler, stepping_stand_ins
 
 def why_not_followed(cfg: DictConfig) -> str | None:
     """Why a population cannot follow ``cfg.scheduler`` member by member, from a stand-in's run of the job's
@@ -78,31 +49,6 @@ def why_not_followed(cfg: DictConfig) -> str | None:
     except Exception as err:
         return f"a learning-rate scheduler whose state a checkpoint cannot hold ({type(err).__name__}: {err})"
     return None
-
-
-def lr_monitor_followed(entry: Mapping[str, Any]) -> bool:
-    """Whether a population's member can log what this ``callbacks.lr_monitor`` entry logs for its run:
-    the optimizer's lr at the start of every epoch (``logging_interval: epoch``; not per step, nor
-    momentum or weight decay), which :func:`epoch_start_lrs` gives from the member's config."""
-    logs_more = any(entry.get(key) for key in ("log_momentum", "log_weight_decay"))
-    return entry.get("_target_") == LR_MONITOR and not logs_more and entry.get("logging_interval") == "epoch" \
-        and set(entry) <= {"_target_", "logging_interval", "log_momentum", "log_weight_decay"}
-
-
-def epoch_start_lrs(cfg: DictConfig, epochs: int) -> tuple[str, list[float]]:
-    """The tag a run's ``LearningRateMonitor`` logs under (``lr-`` and its optimizer's class name) and
-    the lr its optimizer has at the start of each of its first ``epochs`` epochs: set by its scheduler,
-    stepped after every epoch as a run steps it (the same computation on a stand-in as the population's),
-    else the configured lr."""
-    optimizer = stand_in(cfg)
-    scheduler = stand_in_scheduler(cfg, optimizer) if cfg.get("scheduler") else None
-    lrs = []
-    with stepping_stand_ins():
-        for _ in range(epochs):
-            lrs.append(float(optimizer.param_groups[0]["lr"]))
-            if scheduler is not None:
-                scheduler.step()
-    return f"lr-{type(optimizer).__name__}", lrs
 
 
 class MemberSchedules:
