@@ -8,12 +8,12 @@ A run's lines (epoch lines, the result) go through :mod:`logging`; Hydra's job l
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from typing import Any, TextIO
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from tqdm import tqdm
 
 
@@ -61,7 +61,8 @@ class EpochBar(TQDMProgressBar):
         # Lightning's own hook draws "Epoch <0-based>" first; this draws the bar once, numbered from 1.
         bar = self.train_progress_bar
         bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}", refresh=False)
-        bar.reset(total=convert_inf(self.total_train_batches))
+        total = self.total_train_batches  # inf for an iterable of unknown length: tqdm wants None
+        bar.reset(total=total if total is not None and math.isfinite(total) else None)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

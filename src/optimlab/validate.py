@@ -43,7 +43,6 @@ INT_NON_NEGATIVE: Rule = (lambda v: _integer(v) and v >= 0, "an integer >= 0")
 SEED: Rule = (lambda v: _integer(v) and 0 <= v < 2**32, "an integer in [0, 2**32)")
 BOOL: Rule = (lambda v: isinstance(v, bool), "true or false")
 TEXT: Rule = (lambda v: isinstance(v, str) and v != "", "a non-empty string")
-ANY: Rule = (lambda v: True, "anything")
 
 
 def one_of(*choices: Any) -> Rule:
