@@ -28,11 +28,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from optimlab.curvature import (BASIS_ROWS, DEFAULT_PROBE_SIZE, DEFAULT_TRACKING_TOL, GradientMoments,
-                                SharpnessLog, check_iteration, check_tracking, evaluation, grown, initial_preconditioner,
-                                like_parameters, measurement_due, moments_from_parts, preconditioner, probe_batch,
-                                probe_indices, probe_parts, stability_threshold, top_ritz)
-from optimlab.optim import SGD, Optimizer
+from optimlab.curvature.hessian import evaluation, like_parameters, probe_batch
+from optimlab.curvature.lanczos import BASIS_ROWS, check_iteration, grown, top_ritz
+from optimlab.curvature.stability import (GradientMoments, initial_preconditioner, moments_from_parts, preconditioner,
+                                          probe_parts, stability_threshold, threshold_formula,
+                                          uses_preconditioner)
+from optimlab.curvature.tracking import (DEFAULT_PROBE_SIZE, DEFAULT_TRACKING_TOL, SharpnessLog, check_tracking,
+                                         measurement_due, probe_indices)
+from optimlab.optim import Optimizer
 from optimlab.population.data import PopulationData
 from optimlab.population.stacked import StackedModel, member_losses
 
@@ -253,12 +256,9 @@ class MemberSharpness:
             split = [[piece.view(s) for piece, s in zip(d.split([math.prod(s) for s in single]), single)]
                      for d in draws]
             self.vectors = [v.to(params[0].device) for v in model.stack_members(split)]
-        self.preconditioned = not isinstance(optimizer, SGD)
+        self.preconditioned = uses_preconditioner(optimizer)
         self.batch_size = data.batch_size
-        self.threshold_formulas = []
-        for lr in self.lrs(optimizer):
-            threshold = stability_threshold(optimizer, lr=lr)
-            self.threshold_formulas.append(f"{threshold * lr:.3g}/lr" if 0 < threshold * lr < math.inf else None)
+        self.threshold_formulas = [threshold_formula(optimizer, lr) for lr in self.lrs(optimizer)]
 
     @staticmethod
     def lrs(optimizer: Optimizer) -> list[float]:

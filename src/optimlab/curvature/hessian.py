@@ -1,0 +1,169 @@
+r"""The sharpness of a model on a batch: the largest algebraic eigenvalue of the Hessian of its mean
+cross-entropy, or of :math:`P^{-1/2} H P^{-1/2}` for a diagonal preconditioner :math:`P`, by Lanczos on
+Hessian-vector products (double backpropagation; the Hessian is never formed)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from optimlab.curvature.lanczos import lanczos
+
+
+class Eigenpair(NamedTuple):
+    """The top eigenvalue, a unit eigenvector shaped like the parameters (in the preconditioned
+    coordinates when a preconditioner was given) and the number of Hessian-vector products used."""
+
+    value: float
+    vector: list[Tensor]
+    iterations: int
+
+
+
+@contextlib.contextmanager
+def evaluation(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout, batch norm on its running statistics) and grad mode for the block (also
+    under ``torch.no_grad`` or ``torch.inference_mode``), each module's own mode restored after.
+    Compiled modules run eagerly inside, since ``torch.compile`` does not support double backward."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), \
+                (set_stance("force_eager") if set_stance else contextlib.nullcontext()):
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def trainable(model: nn.Module) -> list[Tensor]:
+    """The parameters the Hessian is taken over: those with ``requires_grad``, in module order."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _flat(tensors: Sequence[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def like_parameters(name: str, tensors: object, model: nn.Module) -> list[Tensor]:
+    """``tensors`` (a preconditioner or a start vector) checked against the model's trainable
+    parameters and detached: one tensor per parameter, shaped like it, in their order; a list over
+    all the parameters, frozen ones too, has the frozen ones' entries dropped."""
+    every = list(model.parameters())
+    params = [p for p in every if p.requires_grad]
+    if isinstance(tensors, (Tensor, dict, str)) or not isinstance(tensors, Iterable):
+        raise ValueError(f"Invalid {name}: must be a list of tensors shaped like the trainable parameters, "
+                         f"got {type(tensors).__name__}")
+    tensors = list(tensors)
+    if not all(isinstance(t, Tensor) for t in tensors):
+        raise ValueError(f"Invalid {name}: must be a list of tensors, got {[type(t).__name__ for t in tensors]}")
+    if len(tensors) == len(every) != len(params):
+        tensors = [t for t, p in zip(tensors, every) if p.requires_grad]
+    if len(tensors) != len(params) or any(t.shape != p.shape for t, p in zip(tensors, params)):
+        raise ValueError(f"Invalid {name}: must be a list of {len(params)} tensors shaped like the trainable "
+                         f"parameters {[tuple(p.shape) for p in params]}, got "
+                         f"{[tuple(t.shape) for t in tensors]}")
+    return [t.detach() for t in tensors]
+
+
+def probe_batch(x: Tensor, y: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The batch as the Hessian is taken on it: images in the parameters' dtype (as a 64-true
+    trainer casts its batches), integer labels as int64 (what cross-entropy takes), and tensors made
+    under ``torch.inference_mode`` copied (autograd cannot save them). Call it inside :func:`evaluation`."""
+    if x.is_floating_point():
+        x = x.to(dtype)
+    if not y.is_floating_point():
+        y = y.long()
+    return x.clone() if x.is_inference() else x, y.clone() if y.is_inference() else y
+
+
+def valid_preconditioner(tensors: Sequence[Tensor]) -> bool:
+    """True when every entry is positive (NaN is not; +inf is, and freezes its coordinate as it
+    does in the update), so :math:`P^{-1/2}` exists."""
+    return all(bool((t > 0).all()) for t in tensors)
+
+
+def top_eigenpair(model: nn.Module, x: Tensor, y: Tensor, preconditioner: Sequence[Tensor] | None = None,
+                  iters: int = 20, tol: float = 1e-3, init: Sequence[Tensor] | None = None,
+                  generator: torch.Generator | None = None) -> Eigenpair:
+    r"""Top algebraic eigenvalue and eigenvector of the Hessian :math:`H` of
+    ``F.cross_entropy(model(x), y)`` (the batch mean) over the model's trainable parameters, or of
+    :math:`P^{-1/2} H P^{-1/2}` with :math:`P = \mathrm{diag}(\text{preconditioner})`.
+
+    Lanczos (:func:`lanczos`) on Hessian-vector products :math:`Hv = \nabla_\theta (\nabla_\theta
+    L \cdot v)`: the gradient is built once with ``create_graph=True`` and each product is one more
+    backward pass through it. The model is evaluated in eval mode (dropout off, batch norm on its
+    running statistics), so the result is the curvature of the deterministic network and nothing
+    draws from torch's global generator; each module's mode is restored afterwards. ``p.grad``
+    is never touched (``torch.autograd.grad``, not ``backward``).
+
+    Args:
+        model: a classifier returning logits. Its trainable parameters must share one dtype and
+            device and be real.
+        x, y: the batch (inputs and class indices).
+        preconditioner: positive tensors shaped like the trainable parameters, or None
+            (:math:`P = I`).
+        iters, tol: see :func:`lanczos`.
+        init: start vector shaped like the parameters (e.g. the previous call's ``vector``, a warm
+            start); None: a standard normal draw from ``generator``.
+        generator: a CPU generator for that draw; None: one seeded with 0 (a fixed start).
+
+    Returns:
+        An :class:`Eigenpair`; its vector is the eigenvector of :math:`P^{-1/2} H P^{-1/2}`.
+    """
+    params = trainable(model)
+    if not params:
+        raise ValueError("model has no trainable parameters")
+    if len({(p.dtype, p.device) for p in params}) > 1 or params[0].is_complex():
+        raise ValueError("the trainable parameters must be real and share one dtype and device, got "
+                         f"{sorted({f'{p.dtype} on {p.device}' for p in params})}")
+    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(f"x and y must hold the same nonzero number of examples, got {x.shape[0]} and {y.shape[0]}")
+    dtype, device = params[0].dtype, params[0].device
+    scale = None
+    if preconditioner is not None:
+        diagonal = _flat(like_parameters("preconditioner", preconditioner, model)).to(device, dtype)
+        if not bool((diagonal > 0).all()):
+            raise ValueError("Invalid preconditioner: every entry must be positive (NaN is not)")
+        scale = diagonal.rsqrt_()
+    if init is not None:
+        v0 = _flat(like_parameters("init", init, model)).to(device, dtype)
+    else:
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        v0 = torch.randn(sum(p.numel() for p in params), generator=generator, dtype=dtype).to(device)
+    shapes, sizes = [p.shape for p in params], [p.numel() for p in params]
+
+    with evaluation(model):
+        x, y = probe_batch(x, y, dtype)
+        loss = F.cross_entropy(model(x), y)
+        grads = torch.autograd.grad(loss, params, create_graph=True, materialize_grads=True)
+        # A gradient that does not depend on the parameters contributes a zero row of H.
+        live = [i for i, g in enumerate(grads) if g.requires_grad]
+
+        def hessian_product(v: Tensor) -> Tensor:
+            u = v if scale is None else v * scale
+            if not live:
+                return torch.zeros_like(v)
+            pieces = [piece.view(shape) for piece, shape in zip(u.split(sizes), shapes)]
+            hv = torch.autograd.grad([grads[i] for i in live], params, grad_outputs=[pieces[i] for i in live],
+                                     retain_graph=True, materialize_grads=True)
+            out = _flat(hv)
+            return out if scale is None else out * scale
+
+        value, vector, count = lanczos(hessian_product, v0, iters, tol)
+    return Eigenpair(value, [piece.view(shape) for piece, shape in zip(vector.detach().split(sizes), shapes)], count)
+
+
+def sharpness(model: nn.Module, x: Tensor, y: Tensor, preconditioner: Sequence[Tensor] | None = None,
+              iters: int = 20, tol: float = 1e-3) -> float:
+    r"""The largest algebraic eigenvalue of the Hessian of the mean cross-entropy of ``model`` on
+    ``(x, y)``, or of :math:`P^{-1/2} H P^{-1/2}` when ``preconditioner`` (tensors shaped like the
+    trainable parameters, :math:`P` the diagonal matrix of them) is given. A fixed start vector;
+    see :func:`top_eigenpair` for the method and :class:`SharpnessTracker` for warm starts."""
+    return top_eigenpair(model, x, y, preconditioner, iters, tol).value

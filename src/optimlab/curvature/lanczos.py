@@ -1,0 +1,139 @@
+"""The largest algebraic eigenvalue of a symmetric operator given only as a matrix-vector product:
+Lanczos iteration with full reorthogonalization and a residual stopping rule (plain linear algebra,
+no model)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+# Lanczos vectors are stored in a basis that starts with this many rows and doubles as needed: a
+# large ``iters`` reserves nothing it does not use (most calls stop within 20 products).
+BASIS_ROWS = 32
+
+
+def check_iteration(iters: object, tol: object) -> None:
+    """A ValueError naming ``iters`` or ``tol`` unless they are an integer >= 1 and a finite number >= 0
+    (NumPy's numbers too; not a bool)."""
+    if not isinstance(iters, numbers.Integral) or isinstance(iters, bool) or iters < 1:
+        raise ValueError(f"Invalid iters: {iters!r} (must be an integer >= 1)")
+    if not (isinstance(tol, numbers.Real) and not isinstance(tol, bool) and 0 <= tol < math.inf):
+        raise ValueError(f"Invalid tol: {tol!r} (must be a finite number >= 0)")
+
+
+def lanczos(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int = 20,
+            tol: float = 1e-3) -> tuple[float, Tensor, int]:
+    r"""Largest algebraic eigenvalue of a symmetric operator by Lanczos iteration with full
+    reorthogonalisation.
+
+    Starting from :math:`q_1 = v_0 / \|v_0\|`, step :math:`j` computes :math:`w = A q_j`,
+    :math:`\alpha_j = q_j^\top w`, orthogonalises :math:`w` against every :math:`q` so far (full
+    reorthogonalisation, which keeps the basis orthonormal to working precision) and sets
+    :math:`\beta_j = \|w\|`, :math:`q_{j+1} = w / \beta_j`. The tridiagonal
+    :math:`T_j = \mathrm{tridiag}(\beta, \alpha, \beta)` is :math:`Q_j^\top A Q_j`; its largest
+    eigenvalue :math:`\theta_j` (the top Ritz value) increases towards :math:`\lambda_{max}(A)`.
+    Iteration stops when the error bound of :math:`\theta_j` (:func:`ritz_error_bound`) is at most
+    :math:`tol \cdot |\theta_j|` from the second product on (a start vector at or near an
+    eigenvector of any eigenvalue has a small residual after one), after ``iters`` products, when the
+    basis spans the whole space, or when :math:`\beta_j = 0` (the Krylov space is invariant:
+    :math:`\theta_j` is exact, the top of the part of the spectrum ``v0`` reaches).
+
+    A loose ``tol`` cannot tell apart top eigenvalues closer than about ``tol``: the residual only
+    says some eigenvalue is near. From a start vector close to the second eigenvector (a warm start
+    after the top two swapped) the iteration can stop on the second one, off by their gap.
+
+    Args:
+        matvec: :math:`v \mapsto A v` for a flat vector :math:`v` like ``v0``.
+        v0: nonzero start vector (1-D); a good guess of the top eigenvector shortens the iteration.
+        iters: at most this many products (capped at ``v0.numel()``).
+        tol: relative error bound of the top Ritz value at which to stop (0: run all ``iters``).
+
+    Returns:
+        ``(eigenvalue, unit Ritz vector, number of products)``. When a product holds a NaN or an
+        inf the iteration stops and returns its Rayleigh quotient, NaN or inf as it is.
+    """
+    check_iteration(iters, tol)
+    if v0.dim() != 1 or v0.numel() == 0:
+        raise ValueError(f"Invalid v0: shape {tuple(v0.shape)} (must be a non-empty 1-D tensor)")
+    norm = torch.linalg.vector_norm(v0)
+    if not (torch.isfinite(norm) and norm > 0):
+        raise ValueError("Invalid v0: must be finite and nonzero")
+    iters = min(int(iters), v0.numel())
+    basis = v0.new_empty((min(iters, BASIS_ROWS), v0.numel()))
+    torch.div(v0, norm, out=basis[0])
+    alphas: list[float] = []
+    betas: list[float] = []
+    for j in range(iters):
+        w = matvec(basis[j])
+        done = basis[:j + 1]
+        coeffs = done @ w  # w's components along the basis; the last is alpha_j = q_j . w
+        alpha = float(coeffs[-1])
+        # A NaN or inf anywhere in w makes every component NaN or inf (0 * inf is NaN).
+        if not math.isfinite(alpha):
+            return alpha, basis[j].clone(), j + 1
+        alphas.append(alpha)
+        # Orthogonalising against the whole basis also removes the alpha_j q_j and beta_{j-1} q_{j-1}
+        # terms of the three-term recurrence; without it the basis loses orthogonality as Ritz
+        # values converge and copies of the top eigenvalue appear. One classical Gram-Schmidt pass,
+        # repeated when it removed more than half of w's squared norm (then rounding leaves the
+        # remainder off orthogonal; Daniel, Gragg, Kaufman & Stewart, 1976). Before the pass
+        # |w|^2 = |coeffs|^2 + beta^2, so the test needs no extra pass over w.
+        w = torch.addmv(w, done.T, coeffs, alpha=-1)
+        beta = float(torch.linalg.vector_norm(w))
+        if beta < float(torch.linalg.vector_norm(coeffs)):
+            w.addmv_(done.T, done @ w, alpha=-1)
+            beta = float(torch.linalg.vector_norm(w))
+        top, ritz, stop = top_ritz(alphas, betas, beta, j, iters, tol)
+        if stop:
+            break
+        betas.append(beta)
+        if j + 1 == len(basis):
+            basis = grown(basis, iters)
+        torch.div(w, beta, out=basis[j + 1])
+    # Orthonormal basis, unit Ritz coefficients: a unit vector up to rounding.
+    return top, basis[:len(alphas)].T @ ritz.to(device=basis.device, dtype=basis.dtype), len(alphas)
+
+
+def grown(basis: Tensor, limit: int) -> Tensor:
+    """``basis`` (rows along dim 0) copied into one with twice the rows, at most ``limit``."""
+    bigger = basis.new_empty((min(2 * len(basis), limit), *basis.shape[1:]))
+    bigger[:len(basis)] = basis
+    return bigger
+
+
+def ritz_error_bound(ritz: Tensor, beta: float) -> float:
+    r"""How far the top Ritz value :math:`\theta` of a Lanczos step can be from an eigenvalue: the
+    residual :math:`\|A y - \theta y\| = \beta_j |s_j|` of its Ritz vector :math:`y` (``beta`` the
+    step's new off-diagonal, :math:`s_j` the last entry of the top eigenvector ``ritz`` of
+    :math:`T_j`); an eigenvalue of :math:`A` lies within it (Parlett, *The Symmetric Eigenvalue
+    Problem*, 11.4), and where the top one is separated the error is nearer its square over the gap.
+    A stop on the Ritz value's change instead ended early where the iteration stalled (1.8% low at
+    tol 1e-3 on a small ReLU network, ``tests/test_curvature.py``); a bound on the residual with
+    Ritz values' gap in place of the unknown eigengap ended early too."""
+    return beta * abs(float(ritz[-1]))
+
+
+def top_ritz(alphas: Sequence[float], betas: Sequence[float], beta: float, step: int, iters: int,
+             tol: float) -> tuple[float, Tensor, bool]:
+    """After Lanczos step ``step`` (0-based; ``alphas`` and ``betas`` so far, ``beta`` its new
+    off-diagonal): the top Ritz value, its vector's coefficients, and whether the iteration stops,
+    :func:`lanczos`' rule: ``beta`` 0 (an invariant Krylov space: the value is exact), the last of
+    ``iters`` products, or from the second product on :func:`ritz_error_bound` within ``tol``."""
+    evals, evecs = torch.linalg.eigh(tridiagonal(alphas, betas))
+    top, ritz = float(evals[-1]), evecs[:, -1]
+    stop = beta == 0.0 or step + 1 == iters or (step > 0 and ritz_error_bound(ritz, beta) <= tol * abs(top))
+    return top, ritz, stop
+
+
+def tridiagonal(alphas: Sequence[float], betas: Sequence[float]) -> Tensor:
+    """The symmetric tridiagonal matrix (float64) with diagonal ``alphas`` and off-diagonal ``betas``."""
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if betas:
+        off = torch.tensor(betas[:len(alphas) - 1], dtype=torch.float64)
+        t += torch.diag(off, 1) + torch.diag(off, -1)
+    return t
+
