@@ -76,6 +76,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def diagnosed_summary(status: str, config: dict[str, Any], history: list[dict[str, Any]],
+                      train_steps: list[dict[str, float]], thresholds: Thresholds, **fields: Any) -> RunSummary:
+    """A run's summary from its record (``fields``: the :class:`~optimlab.summary.RunSummary` fields it
+    gives, among them ``steps``, ``diverged``, ``diverged_at_step``, ``curvature``, ``first_step_s``,
+    ``train_size``) with what follows from it: the diagnosis of its history, its best validation accuracy,
+    its training time and throughput (without the first step: warm-up, and compilation with
+    ``trainer.compile=true``)."""
+    diagnosis = diagnose(history, fields.get("diverged", False), thresholds, fields.get("diverged_at_step"),
+                         fields.get("curvature"), validation_size(config),
+                         data_passes(config, len(history), fields.get("train_size")))
+    train_time = sum(row.get("train_time_s", 0.0) for row in history)
+    steady_steps, steady_time = fields.get("steps", 0) - 1, train_time - (fields.get("first_step_s") or 0.0)
+    val_accs = [r["val_acc"] for r in history if math.isfinite(r.get("val_acc", math.nan))]
+    return RunSummary(
+        status=status, config=config, description=vars(describe_run(config)).copy(), epochs=history,
+        train_steps=train_steps, best_val_acc=max(val_accs, default=None), regime=diagnosis.regime,
+        regime_evidence=diagnosis.evidence, regime_measures=diagnosis.measures, train_time_s=train_time,
+        steps_per_s=steady_steps / steady_time if steady_steps > 0 and steady_time > 0 else None,
+        versions=versions(), **fields)
+
+
 class RunRecord(Checkpoint):
     """Records one run into ``run_dir``.
 
@@ -100,7 +121,6 @@ class RunRecord(Checkpoint):
                  sharpness: SharpnessCallback | None = None) -> None:
         self.run_dir, self.config, self.guard, self.thresholds = run_dir, config, guard, thresholds
         self.sharpness = sharpness
-        self.description = describe_run(config)
         self.log_every = log_every_n_steps
         self.started, self.wall_time_before = time.perf_counter(), wall_time_before
         self.history: list[dict[str, float]] = []
@@ -273,24 +293,11 @@ class RunRecord(Checkpoint):
         """The run's summary as it stands, with ``status`` and the ``final`` fields given."""
         if trainer is not None:
             self._global_step = trainer.global_step
-        curvature = self.sharpness.run_record() if self.sharpness is not None else None
-        diagnosis = diagnose(self.history, self.guard.diverged, self.thresholds, self.guard.step, curvature,
-                             validation_size(self.config),
-                             data_passes(self.config, len(self.history), self.extra.get("train_size")))
-        train_time = sum(row.get("train_time_s", 0.0) for row in self.history)
-        # Throughput leaves out the first step: warm-up, and compilation with trainer.compile=true.
-        steady_steps, steady_time = self._global_step - 1, train_time - (self.first_step_s or 0.0)
-        val_accs = [r["val_acc"] for r in self.history if math.isfinite(r.get("val_acc", math.nan))]
-        return RunSummary(
-            status=status, config=self.config, description=vars(self.description).copy(), epochs=self.history,
-            train_steps=self.train_steps,
-            best_val_acc=max(val_accs, default=None), diverged=self.guard.diverged,
-            diverged_at_step=self.guard.step, divergence_reason=self.guard.reason, regime=diagnosis.regime,
-            regime_evidence=diagnosis.evidence, regime_measures=diagnosis.measures, curvature=curvature,
-            steps=self._global_step,
-            train_time_s=train_time, first_step_s=self.first_step_s,
-            steps_per_s=steady_steps / steady_time if steady_steps > 0 and steady_time > 0 else None,
-            wall_time_s=self.wall_time_before + time.perf_counter() - self.started, versions=versions(),
+        return diagnosed_summary(
+            status, self.config, self.history, self.train_steps, self.thresholds, diverged=self.guard.diverged,
+            diverged_at_step=self.guard.step, divergence_reason=self.guard.reason,
+            curvature=self.sharpness.run_record() if self.sharpness is not None else None, steps=self._global_step,
+            first_step_s=self.first_step_s, wall_time_s=self.wall_time_before + time.perf_counter() - self.started,
             **self.extra, **final)
 
     def write(self, status: str, trainer: L.Trainer | None = None, **final: Any) -> RunSummary:

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-
 from optimlab.build import build_loggers, logger_constructors
 from optimlab.curvature import show_sharpness_chart
 from optimlab.population.loop import MemberRecord
-from optimlab.record import close_loggers, log_result, logged_in_fit, replay, versions
-from optimlab.regimes import Thresholds, diagnose
-from optimlab.summary import FINISHED, RunSummary, data_passes, describe_run, validation_size, write_summary
+from optimlab.record import close_loggers, diagnosed_summary, log_result, logged_in_fit, replay
+from optimlab.regimes import Thresholds
+from optimlab.summary import FINISHED, RunSummary, write_summary
 
 
 @dataclass
@@ -61,23 +59,13 @@ def member_summary(status: str, config: dict[str, Any], record: MemberRecord, po
     """Member ``member``'s summary as it stands, with ``status`` and the ``final`` fields given
     (``test_loss``, ``test_acc``, ``tested_checkpoint``, ``error``), as
     :meth:`~optimlab.record.RunRecord.summary` builds a single run's."""
-    thresholds = Thresholds.from_overrides(config.get("regimes") or {})
-    steps = member_steps(record, population.steps_per_epoch)
-    diagnosis = diagnose(record.history, record.diverged, thresholds, record.diverged_at_step, record.curvature,
-                         validation_size(config), data_passes(config, len(record.history), population.train_size))
-    train_time = sum(row.get("train_time_s", 0.0) for row in record.history)
-    steady_steps, steady_time = steps - 1, train_time - (population.first_step_s or 0.0)
-    val_accs = [r["val_acc"] for r in record.history if math.isfinite(r.get("val_acc", math.nan))]
-    return RunSummary(
-        status=status, config=config, description=vars(describe_run(config)).copy(), params=population.params,
-        epochs=record.history, train_steps=record.train_steps, best_val_acc=max(val_accs, default=None),
+    return diagnosed_summary(
+        status, config, record.history, record.train_steps, Thresholds.from_overrides(config.get("regimes") or {}),
         diverged=record.diverged, diverged_at_step=record.diverged_at_step, divergence_reason=record.divergence_reason,
-        regime=diagnosis.regime, regime_evidence=diagnosis.evidence, regime_measures=diagnosis.measures,
-        steps=steps, train_time_s=train_time, first_step_s=population.first_step_s,
-        steps_per_s=steady_steps / steady_time if steady_steps > 0 and steady_time > 0 else None,
-        wall_time_s=population.wall_time_s, label_noise_images=noisy_images, train_size=population.train_size,
-        device=population.device, population=population.describe(member), versions=versions(),
-        curvature=record.curvature, **final)
+        curvature=record.curvature, steps=member_steps(record, population.steps_per_epoch),
+        first_step_s=population.first_step_s, wall_time_s=population.wall_time_s, params=population.params,
+        label_noise_images=noisy_images, train_size=population.train_size, device=population.device,
+        population=population.describe(member), **final)
 
 
 @functools.lru_cache(maxsize=4)
