@@ -17,6 +17,8 @@ import torch
 from hydra.utils import to_absolute_path
 from torch import Tensor
 
+from optimlab.checks import is_integer
+
 # (file name, IDX magic number, number of dimensions after the count)
 MNIST_FILES = {
     "train-images-idx3-ubyte": (2051, 2),
@@ -117,7 +119,7 @@ def epoch_batches(items: int, batch_size: int, limit: int | float | None,
     batches = -(-items // batch_size)
     if limit is None:
         return batches
-    if isinstance(limit, int) and not isinstance(limit, bool):
+    if is_integer(limit):
         return min(batches, limit)
     limited = int(batches * limit)
     if limited == 0 and limit > 0:

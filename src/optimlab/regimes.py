@@ -76,6 +76,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+from optimlab.checks import finite_number, is_count
+
 LABELS = ("healthy", "slow", "oscillating", "diverging", "underfit", "overfit")
 
 
@@ -106,7 +108,7 @@ class Thresholds:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.type == "int":
-                ok, allowed = isinstance(value, int) and not isinstance(value, bool) and value >= 1, "an integer >= 1"
+                ok, allowed = is_count(value), "an integer >= 1"
             elif f.name in FRACTIONS:
                 ok, allowed = finite_number(value) and 0 <= value <= 1, "a number in [0, 1]"
             else:
@@ -129,11 +131,6 @@ class Thresholds:
 # Thresholds that are accuracies or fractions of one.
 FRACTIONS = {"chance_acc", "overfit_acc_drop", "osc_acc_drop", "osc_big_drop", "overfit_train_acc", "overfit_gap",
              "fit_acc", "underfit_loss_ratio"}
-
-
-def finite_number(v: Any) -> bool:
-    """An int or float (not a bool) that is finite: the type every numeric config value must have."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass

@@ -21,7 +21,8 @@ import torch
 from hydra.utils import get_class, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from optimlab.regimes import Thresholds, finite_number
+from optimlab.checks import finite_number, is_integer
+from optimlab.regimes import Thresholds
 from optimlab.summary import OPTIMIZED_METRICS
 
 Rule = tuple[Callable[[Any], bool], str]
@@ -31,16 +32,12 @@ class ConfigError(Exception):
     """A config value is not allowed; the message is one line for the user."""
 
 
-def _integer(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 POSITIVE: Rule = (lambda v: finite_number(v) and v > 0, "a positive number")
 NON_NEGATIVE: Rule = (lambda v: finite_number(v) and v >= 0, "a number >= 0")
 UNIT_CLOSED: Rule = (lambda v: finite_number(v) and 0 <= v <= 1, "a number in [0, 1]")
-INT_POSITIVE: Rule = (lambda v: _integer(v) and v >= 1, "an integer >= 1")
-INT_NON_NEGATIVE: Rule = (lambda v: _integer(v) and v >= 0, "an integer >= 0")
-SEED: Rule = (lambda v: _integer(v) and 0 <= v < 2**32, "an integer in [0, 2**32)")
+INT_POSITIVE: Rule = (lambda v: is_integer(v) and v >= 1, "an integer >= 1")
+INT_NON_NEGATIVE: Rule = (lambda v: is_integer(v) and v >= 0, "an integer >= 0")
+SEED: Rule = (lambda v: is_integer(v) and 0 <= v < 2**32, "an integer in [0, 2**32)")
 BOOL: Rule = (lambda v: isinstance(v, bool), "true or false")
 TEXT: Rule = (lambda v: isinstance(v, str) and v != "", "a non-empty string")
 
@@ -56,7 +53,7 @@ def optional(rule: Rule) -> Rule:
 def limit(low: int) -> Rule:
     """Lightning's batch limits: an integer count, or a fraction of the split (above 0 where a count
     must be at least 1: 0.0 is no batch too)."""
-    return (lambda v: v is None or (_integer(v) and v >= low) or (isinstance(v, float) and (0 < v <= 1 if low else 0 <= v <= 1)),
+    return (lambda v: v is None or (is_integer(v) and v >= low) or (isinstance(v, float) and (0 < v <= 1 if low else 0 <= v <= 1)),
             f"null, an integer >= {low} or a fraction in {'(0, 1]' if low else '[0, 1]'}")
 
 

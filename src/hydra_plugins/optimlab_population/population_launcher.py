@@ -19,6 +19,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+from optimlab.checks import finite_number, is_count
+
 
 @dataclass
 class PopulationLauncherConf:
@@ -63,12 +65,10 @@ class PopulationLauncher(Launcher):
                  submitit: Optional[Dict[str, Any]] = None) -> None:
         for name, value, allow_none in (("population.max_members (hydra.launcher.max_members)", max_members, False),
                                         ("hydra.launcher.max_parallel", max_parallel, True)):
-            if not (value is None and allow_none) and (not isinstance(value, int) or isinstance(value, bool)
-                                                       or value < 1):
+            if not (value is None and allow_none) and not is_count(value):
                 allowed = "null or an integer >= 1" if allow_none else "an integer >= 1"
                 raise ValueError(f"{name}: {value!r} is not allowed; expected {allowed}")
-        if max_memory_gib is not None and (not isinstance(max_memory_gib, (int, float)) or isinstance(max_memory_gib, bool)
-                                           or not 0 < max_memory_gib < float("inf")):
+        if max_memory_gib is not None and not (finite_number(max_memory_gib) and max_memory_gib > 0):
             raise ValueError(f"population.max_memory_gib (hydra.launcher.max_memory_gib): {max_memory_gib!r} is not "
                              "allowed; expected null or a positive number of GiB")
         if not isinstance(dry_run, bool):

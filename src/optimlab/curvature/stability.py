@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from optimlab import optim
+from optimlab.checks import is_count
 from optimlab.curvature.hessian import evaluation, probe_batch, trainable
 
 
@@ -164,11 +165,6 @@ def preconditioner(optimizer: torch.optim.Optimizer, params: Iterable[Tensor] | 
             raise ValueError(f"{type(optimizer).__name__} has no state for parameter {i} (shape {tuple(p.shape)}) "
                              "yet: its preconditioner exists after the first step that updates it")
     return out
-
-
-def is_count(value: object) -> bool:
-    """Whether ``value`` is an integer >= 1 (not a bool)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def probe_parts(n: int, batch_size: int) -> int:

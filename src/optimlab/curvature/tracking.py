@@ -13,9 +13,10 @@ import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch import Tensor, nn
 
+from optimlab.checks import is_count
 from optimlab.curvature.hessian import top_eigenpair, trainable, valid_preconditioner
 from optimlab.curvature.lanczos import check_iteration
-from optimlab.curvature.stability import (gradient_moments, initial_preconditioner, is_count, preconditioner,
+from optimlab.curvature.stability import (gradient_moments, initial_preconditioner, preconditioner,
                                           stability_threshold, threshold_formula, uses_preconditioner)
 
 # Probe images for tracking during training. A small probe's Hessian has a larger top eigenvalue

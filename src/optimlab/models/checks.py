@@ -6,16 +6,13 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from optimlab.checks import is_integer
 from optimlab.models.activations import ACTIVATIONS
 from optimlab.models.init import INITS
 
 
-def _int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _widths(v: Any, empty: bool) -> bool:
-    return isinstance(v, Sequence) and not isinstance(v, str) and (empty or len(v) > 0) and all(_int(w) and w >= 1 for w in v)
+    return isinstance(v, Sequence) and not isinstance(v, str) and (empty or len(v) > 0) and all(is_integer(w) and w >= 1 for w in v)
 
 
 def require(key: str, value: Any, ok: Callable[[Any], bool], allowed: str) -> None:
@@ -38,4 +35,4 @@ def check_widths(key: str, value: Any, *, empty: bool = False) -> None:
 
 
 def check_positive_int(key: str, value: Any) -> None:
-    require(key, value, lambda v: _int(v) and v >= 1, "an integer >= 1")
+    require(key, value, lambda v: is_integer(v) and v >= 1, "an integer >= 1")

@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from optimlab.checks import is_count
+
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 # A coefficient of the update: a Python number; a 0-d tensor (a tensor lr: torch.optim does its
 # arithmetic in the tensor's dtype, then uses its value); or, in a member-wise group, a 1-D tensor
@@ -204,7 +206,7 @@ class Optimizer(torch.optim.Optimizer):
                                  f"implementation (multi-tensor, not {flag}); leave {flag} unset or False")
         members = group.get("members")
         if members is not None:
-            if not isinstance(members, int) or isinstance(members, bool) or members < 1:
+            if not is_count(members):
                 raise ValueError(f"Invalid members value: {members!r} (must be a positive int, the size of "
                                  "dim 0 of every parameter in the group)")
             for p in group["params"]:
