@@ -19,6 +19,7 @@ import math
 import statistics
 import sys
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,12 +151,24 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def write_csv(rows: list[dict[str, Any]], out: Path) -> None:
-    """``report.csv``: one row per run."""
-    with (out / "report.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+def write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    """``rows`` as a CSV file of ``columns`` (other keys left out)."""
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def markdown_table(columns: list[str], rows: Iterable[Iterable[Any]]) -> list[str]:
+    """The lines of a markdown table: ``columns``, then each row's cells (:func:`_fmt`, ``|`` escaped)."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(_fmt(cell).replace("|", "\\|") for cell in row) + " |" for row in rows)]
+
+
+def by_setting_and_width(item: tuple[tuple[str, str], Any]) -> tuple:
+    """Sort key of ``((setting, widths), ...)`` items: by setting, then by width (numerically)."""
+    (setting, widths), _ = item
+    return setting, _width_key(widths)
 
 
 def table_lines(rows: list[dict[str, Any]], out: Path) -> list[str]:
@@ -166,14 +179,13 @@ def table_lines(rows: list[dict[str, Any]], out: Path) -> list[str]:
     if command:
         lines += [f"Command: `{command}`", ""]
     lines += ["What this sweep shows: " + findings(rows), ""]
-    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)).replace("|", "\\|") for c in COLUMNS) + " |" for r in rows]
+    lines += markdown_table(COLUMNS, ([r.get(c) for c in COLUMNS] for r in rows))
     seeds = seed_table(rows)
     if seeds:
-        lines += ["", "## Over seeds (mean +/- std)", "",
-                  "| name | model | optimizer | lr | widths | seeds | final test acc | regimes |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {g['name']} | {g['model']} | {g['optimizer']} | {_fmt(g['lr'])} | {g['widths']} | {g['n']} | "
-                  f"{g['mean']:.4f} +/- {g['std']:.4f} | {g['regimes']} |" for g in seeds]
+        lines += ["", "## Over seeds (mean +/- std)", ""]
+        lines += markdown_table(["name", "model", "optimizer", "lr", "widths", "seeds", "final test acc", "regimes"],
+                                ([g["name"], g["model"], g["optimizer"], g["lr"], g["widths"], g["n"],
+                                  f"{g['mean']:.4f} +/- {g['std']:.4f}", g["regimes"]] for g in seeds))
     return lines
 
 
@@ -245,7 +257,7 @@ def stability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if on_lr_axis(r) and (r.get("curvature") or {}).get("initial_sharpness"):
             columns[(r["setting"], r["widths"])].append(r)
     table = []
-    for (optimizer, widths), runs in sorted(columns.items(), key=lambda kv: (kv[0][0], _width_key(kv[0][1]))):
+    for (optimizer, widths), runs in sorted(columns.items(), key=by_setting_and_width):
         sharpness0 = statistics.median(r["curvature"]["initial_sharpness"] for r in runs)
         factor = statistics.median(r["curvature"]["initial_threshold"] * r["lr"] for r in runs)  # c in c/lr
         predicted = factor / sharpness0 if sharpness0 > 0 else math.inf
@@ -273,10 +285,7 @@ def stability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_stability(table: list[dict[str, Any]], out: Path) -> list[str]:
     """``stability.csv``; the lines report.md gets."""
-    with (out / "stability.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, STABILITY_COLUMNS)
-        writer.writeheader()
-        writer.writerows(table)
+    write_csv(out / "stability.csv", STABILITY_COLUMNS, table)
 
     def count(key: str) -> str:
         judged = [t[key] for t in table if t[key] is not None]
@@ -287,10 +296,8 @@ def write_stability(table: list[dict[str, Any]], out: Path) -> list[str]:
     lines = ["", "## Stability: predicted vs observed largest lr", "",
              f"The sharpness at the start predicts the largest stable lr within one grid cell of the largest lr "
              f"observed not to diverge in {count('within_one_cell')}, and of the largest lr below the first "
-             f"oscillating or diverging one in {count('instability_within_one_cell')}.", "",
-             "| " + " | ".join(STABILITY_COLUMNS) + " |", "|" + "---|" * len(STABILITY_COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(t[c]) for c in STABILITY_COLUMNS) + " |" for t in table]
-    return lines
+             f"oscillating or diverging one in {count('instability_within_one_cell')}.", ""]
+    return lines + markdown_table(STABILITY_COLUMNS, ([t[c] for c in STABILITY_COLUMNS] for t in table))
 
 
 CROSSING_COLUMNS = ["optimizer", "tracked", "crossed", "then diverging", "then oscillating", "false alarms",
@@ -341,11 +348,12 @@ def crossing_lines(rows: list[dict[str, Any]]) -> list[str]:
     for r in tracked:
         by_setting[r["setting"]].append(r)  # as the map's panels
     lines += ["", "Per optimizer setting (started above / below: the first measurement, at step 0, above or below the "
-              "threshold):", "", "| " + " | ".join(CROSSING_COLUMNS) + " |", "|" + "---|" * len(CROSSING_COLUMNS)]
+              "threshold):", ""]
+    table = []
     for setting, runs in sorted(by_setting.items()):
         counts = _crossing_counts(runs)
-        lines.append(f"| {setting} | " + " | ".join(str(counts[c]) for c in CROSSING_COLUMNS[1:]) + " |")
-    return lines
+        table.append([setting, *(counts[c] for c in CROSSING_COLUMNS[1:])])
+    return lines + markdown_table(CROSSING_COLUMNS, table)
 
 
 def findings(rows: list[dict[str, Any]]) -> str:
@@ -358,7 +366,7 @@ def findings(rows: list[dict[str, Any]]) -> str:
                 where[(r["setting"], r["widths"])].append(r["lr"])
         if where:
             cells = [f"{o} {w or '-'} at lr {_fmt(min(lrs))}" + (f" to {_fmt(max(lrs))}" if max(lrs) > min(lrs) else "")
-                     for (o, w), lrs in sorted(where.items(), key=lambda kv: (kv[0][0], _width_key(kv[0][1])))]
+                     for (o, w), lrs in sorted(where.items(), key=by_setting_and_width)]
             parts.append(f"**{label}** in {'; '.join(cells)}")
     return ". ".join(parts) + "." if parts else "no finished runs."
 
@@ -622,7 +630,7 @@ def report(sweep_dir: Path, rediagnose: bool = False) -> list[Path]:
     name_settings(rows)
     for name in OUTPUTS:  # what an earlier report wrote and this one does not would pass for this one's
         (sweep_dir / name).unlink(missing_ok=True)
-    write_csv(rows, sweep_dir)
+    write_csv(sweep_dir / "report.csv", COLUMNS, rows)
     lines = table_lines(rows, sweep_dir)
     written = [sweep_dir / "report.md", sweep_dir / "report.csv"]
     several_lrs = len({r["lr"] for r in rows if on_lr_axis(r)}) > 1
