@@ -610,6 +610,19 @@ def csv_rows(path: Path) -> tuple[list[str], list[list[float | None]]]:
     return header, [[float(cell) if cell else None for cell in row] for row in rows]
 
 
+def assert_same_csv_logs(got: Path, expected: Path) -> list[str]:
+    """Two CSV loggers' folders hold the same hparams.yaml and metrics.csv: the same columns, the same rows in
+    the same order, each with values in the same cells, equal to 1e-9 relative; the columns."""
+    (header, rows), (got_header, got_rows) = csv_rows(expected / "metrics.csv"), csv_rows(got / "metrics.csv")
+    assert got_header == header and len(got_rows) == len(rows), (got, got_header, header)
+    for got_row, row in zip(got_rows, rows):
+        assert [v is None for v in got_row] == [v is None for v in row], (got, row)
+        values = [v for v in row if v is not None]
+        assert [v for v in got_row if v is not None] == pytest.approx(values, rel=1e-9, nan_ok=True), (got, row)
+    assert (got / "hparams.yaml").read_text() == (expected / "hparams.yaml").read_text(), got
+    return header
+
+
 def sweep_both_ways(tmp_path: Path, *grid: str) -> tuple[dict[str, dict], dict[str, dict], str]:
     """``grid`` swept by the population launcher and by the basic (sequential) one; each job's
     summary.json by folder, and the population launcher's output."""
@@ -727,16 +740,25 @@ def test_a_scheduled_and_clipped_sweep_as_populations_equals_the_sequential_swee
         tag = f"lr-{'SGD' if 'SGD' in ref['config']['optimizer']['_target_'] else 'Adam'}"
         lrs = {way: scalar_events(tmp_path / way / name / "tensorboard")[tag] for way in ("population", "sequential")}
         assert lrs["population"] == lrs["sequential"] == [(0, pytest.approx(lr)), (2, pytest.approx(lr / 2))], name
-        csv_dirs = {way: tmp_path / way / name / "csv" for way in ("population", "sequential")}
-        header, rows = csv_rows(csv_dirs["sequential"] / "metrics.csv")
-        got_header, got_rows = csv_rows(csv_dirs["population"] / "metrics.csv")
-        assert got_header == header and "curvature/sharpness" in header and tag in header, name
-        assert len(got_rows) == len(rows), name
-        for got_row, row in zip(got_rows, rows):
-            assert [v is None for v in got_row] == [v is None for v in row], (name, row)
-            values = [v for v in row if v is not None]
-            assert [v for v in got_row if v is not None] == pytest.approx(values, rel=1e-9, nan_ok=True), (name, row)
-        assert (csv_dirs["population"] / "hparams.yaml").read_text() == (csv_dirs["sequential"] / "hparams.yaml").read_text()
+        header = assert_same_csv_logs(tmp_path / "population" / name / "csv", tmp_path / "sequential" / name / "csv")
+        assert "curvature/sharpness" in header and tag in header, name
+
+
+@pytest.mark.slow
+def test_a_member_that_diverges_at_an_epochs_first_step_logs_as_its_run(mnist_root: Path, tmp_path: Path) -> None:
+    """One batch an epoch, float64: at lr 1e307 the first update leaves huge weights and the second epoch's first
+    loss is not finite, so that epoch ends at the update count the first ended at, after its lr was logged. The
+    member's metrics.csv keeps its run's order (epoch 1, the lr of epoch 2, epoch 2)."""
+    pop, seq, out = sweep_both_ways(tmp_path, "lr=0.1,1e307", "model.hidden=[8]", "data.subset=128", "epochs=3", "trainer.precision=64-true", "trainer.accelerator=cpu", "logger=csv",
+                                    "callbacks=lr_monitor", "trainer.log_every_n_steps=1")
+    assert "2 jobs -> 2 in 1 population(s), 0 alone" in out
+    diverged = [name for name, s in seq.items() if s["diverged_at_step"] == 1 and len(s["epochs"]) == 2]
+    assert len(diverged) == 1, {name: (s["diverged_at_step"], len(s["epochs"])) for name, s in seq.items()}
+    for name in seq:
+        assert_same_csv_logs(tmp_path / "population" / name / "csv", tmp_path / "sequential" / name / "csv")
+    header, rows = csv_rows(tmp_path / "sequential" / diverged[0] / "csv" / "metrics.csv")
+    kinds = [[header[i] for i, v in enumerate(row) if v is not None and header[i] != "step"][0] for row in rows]
+    assert kinds == ["lr-SGD", "train/grad_norm", "test/acc", "lr-SGD", "test/acc", "test/acc"], kinds
 
 
 @pytest.mark.slow

@@ -355,6 +355,28 @@ def test_resume_auto_refuses_a_run_of_another_config_or_without_its_checkpoint(f
     assert files_of(run_dir) == before
 
 
+def test_a_run_resumed_with_more_epochs_keeps_the_lrs_its_csv_logged(tmp_path: Path) -> None:
+    """resume=auto epochs=3 of a 2-epoch cosine run (T_max: ${epochs}) killed during its test: the CSV logger's rows
+    of its first two epochs come back as it logged them (T_max 2), not as the resumed config would schedule them
+    (T_max 3)."""
+    import csv
+
+    from conftest import compose_config
+    from optimlab.train import run
+
+    def logged_lrs() -> list[tuple[str, str]]:
+        rows = csv.DictReader((tmp_path / "csv" / "metrics.csv").open(newline=""))
+        return [(row["step"], row["lr-SGD"]) for row in rows if row["lr-SGD"]]
+
+    base = [*TINY, "scheduler=cosine", "callbacks=lr_monitor", "logger=csv"]
+    run(compose_config(*base, "epochs=2"), tmp_path)
+    first = logged_lrs()
+    assert len(first) == 2 and first[1][1] == "0.05"  # the cosine's midpoint at T_max 2
+    (tmp_path / "summary.json").write_text(json.dumps({**summary(tmp_path), "status": "interrupted"}))
+    run(compose_config(*base, "resume=auto", "epochs=3"), tmp_path, ["resume=auto", "epochs=3"])
+    assert logged_lrs()[:2] == first and len(logged_lrs()) == 3
+
+
 def test_resume_auto_compares_configs_only_where_there_is_something_to_continue(tmp_path: Path) -> None:
     """Not refused: a job with no finished epoch (refused before any work, its config since fixed) and a
     key derived from one a resume may change (the cosine schedule's length from ``epochs``)."""

@@ -43,10 +43,14 @@ def stepping_stand_ins() -> Iterator[None]:
         yield
 
 
-def epoch_start_lrs(cfg: DictConfig, epochs: int) -> tuple[str, list[float]]:
-    """The tag a run's ``LearningRateMonitor`` logs under (``lr-`` and its optimizer's class name) and
-    the lr its optimizer has at the start of each of its first ``epochs`` epochs: set by its scheduler,
-    stepped after every epoch as a run steps it, else the configured lr."""
+def lr_monitor_tag(cfg: DictConfig) -> str:
+    """The tag a run's ``LearningRateMonitor`` logs its lr under: ``lr-`` and its optimizer's class name."""
+    return f"lr-{optimizer_class(cfg.optimizer)[0].__name__}"
+
+
+def epoch_start_lrs(cfg: DictConfig, epochs: int) -> list[float]:
+    """The lr a run's optimizer has at the start of each of its first ``epochs`` epochs: set by its
+    scheduler, stepped after every epoch as a run steps it, else the configured lr."""
     optimizer = stand_in(cfg)
     scheduler = stand_in_scheduler(cfg, optimizer) if cfg.get("scheduler") else None
     lrs = []
@@ -55,7 +59,7 @@ def epoch_start_lrs(cfg: DictConfig, epochs: int) -> tuple[str, list[float]]:
             lrs.append(float(optimizer.param_groups[0]["lr"]))
             if scheduler is not None:
                 scheduler.step()
-    return f"lr-{type(optimizer).__name__}", lrs
+    return lrs
 
 
 def lr_monitor_followed(entry: Mapping[str, Any]) -> bool:

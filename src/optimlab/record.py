@@ -27,7 +27,7 @@ from optimlab.checkpointing import holds_a_run
 from optimlab.curvature import SHARPNESS_TAG, THRESHOLD_TAG, SharpnessCallback
 from optimlab.divergence import DivergenceGuard, total_norm
 from optimlab.hydra_job import save_job_record
-from optimlab.lr_schedule import epoch_start_lrs, lr_monitor_followed
+from optimlab.lr_schedule import epoch_start_lrs, lr_monitor_followed, lr_monitor_tag
 from optimlab.module import EVAL_STAGES
 from optimlab.regimes import Thresholds, diagnose
 from optimlab.summary import RunSummary, data_passes, describe_run, validation_size, write_summary
@@ -125,6 +125,9 @@ class RunRecord(Checkpoint):
         self.started, self.wall_time_before = time.perf_counter(), wall_time_before
         self.history: list[dict[str, float]] = []
         self.train_steps: list[dict[str, float]] = []  # RunSummary.train_steps
+        # The lr each epoch started with (what a callbacks.lr_monitor logs), for a resumed run's CSV: the
+        # config of a run resumed with more epochs may schedule other lrs (a cosine's T_max: ${epochs}).
+        self.epoch_lrs: list[float] = []
         self.first_step_s: float | None = None
         self.extra: dict[str, Any] = {}  # set by the caller: params, train_size, label_noise_images, device
         self._pending_record: dict[str, Any] | None = None  # a resumed run's saved state, until applied
@@ -139,7 +142,8 @@ class RunRecord(Checkpoint):
 
     # ---- checkpoint state: the record so far and every RNG state ---------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "train_steps": self.train_steps, "first_step_s": self.first_step_s,
+        return {"history": self.history, "train_steps": self.train_steps, "epoch_lrs": self.epoch_lrs,
+                "first_step_s": self.first_step_s,
                 "guard": self.guard.state_dict(), "rng_cpu": torch.get_rng_state(),
                 # Only where this process uses CUDA: asking would start CUDA in a CPU run on a GPU machine.
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
@@ -156,6 +160,7 @@ class RunRecord(Checkpoint):
             return
         self.history, self.first_step_s = list(saved["history"]), saved["first_step_s"]
         self.train_steps = list(saved.get("train_steps", []))  # absent from checkpoints of older versions
+        self.epoch_lrs = list(saved.get("epoch_lrs", []))
         self.guard.load_state_dict(saved["guard"])
         self._csv_to_rewrite = True
 
@@ -171,7 +176,8 @@ class RunRecord(Checkpoint):
             self.sharpness.restore()
         curvature = self.sharpness.run_record() if self.sharpness is not None else None
         replay(csv_loggers, logged_in_fit(self.config, self.history, self.train_steps, curvature,
-                                          int(trainer.num_training_batches), trainer.global_step))
+                                          int(trainer.num_training_batches), trainer.global_step,
+                                          self.epoch_lrs if len(self.epoch_lrs) >= len(self.history) else None))
         for logger in csv_loggers:
             logger.save()
 
@@ -200,6 +206,7 @@ class RunRecord(Checkpoint):
     # ---- training ---------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.write_epoch(trainer)
+        self.epoch_lrs.append(float(trainer.optimizers[0].param_groups[0]["lr"]))
         self._epoch_start, self._train_time, self._steps = time.perf_counter(), None, []
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -329,27 +336,36 @@ def log_epoch(loggers: list[Logger], row: dict[str, float], step: int) -> None:
 
 
 def logged_in_fit(config: dict[str, Any], epochs: list[dict[str, Any]], train_steps: list[dict[str, float]],
-                  curvature: dict[str, Any] | None, steps_per_epoch: int, steps: int) -> list[tuple[int, dict[str, float]]]:
+                  curvature: dict[str, Any] | None, steps_per_epoch: int, steps: int,
+                  epoch_lrs: list[float] | None = None) -> list[tuple[int, dict[str, float]]]:
     """What a run's loggers received during its fit, as ``(step, scalars)`` in the order received, from
-    its record (``steps``: the updates it applied): at step 0 the first sharpness measurement; after
-    update s, the sharpness measured at s (:class:`~optimlab.curvature.SharpnessCallback` comes before
-    :class:`RunRecord` in the callbacks), then the per-step row of step s - 1; at an epoch's end its
-    row; at an epoch's start its lr, as a ``callbacks.lr_monitor`` that logs once an epoch logs it (one that logs
-    more, per step or momentum, is left out: its values are not in the record)."""
-    events: list[tuple[int, int, int, dict[str, float]]] = []  # (updates applied when logged, order, step, scalars)
+    its record (``steps``: the updates it applied). Before the first epoch, the sharpness at step 0. At
+    each epoch's start its lr, as a ``callbacks.lr_monitor`` that logs once an epoch logs it (``epoch_lrs``
+    as the run recorded them, else from a stand-in of its config; one that logs more, per step or
+    momentum, is left out: its values are not in the record). After update s, the sharpness measured at
+    s (:class:`~optimlab.curvature.SharpnessCallback` comes before :class:`RunRecord` in the callbacks),
+    then the per-step row of step s - 1. At an epoch's end its row (an epoch whose first step diverged
+    ends at the update count the one before it ended at: events are ordered by epoch first)."""
+    per_epoch = max(steps_per_epoch, 1)
+    # (epoch, phase: 0 before it, 1 its start, 2 its updates, 3 its end; updates applied, order), step, scalars
+    events: list[tuple[tuple[int, int, int, int], int, dict[str, float]]] = []
     for step, value, threshold in (curvature or {}).get("series", []):
-        events.append((int(step), 0, int(step), {SHARPNESS_TAG: math.nan if value is None else value,
-                                                 THRESHOLD_TAG: math.nan if threshold is None else threshold}))
+        step = int(step)
+        when = (0, 0, 0, 0) if step == 0 else ((step - 1) // per_epoch, 2, step, 0)
+        events.append((when, step, {SHARPNESS_TAG: math.nan if value is None else value,
+                                    THRESHOLD_TAG: math.nan if threshold is None else threshold}))
     for row in train_steps:
-        events.append((int(row["step"]) + 1, 1, int(row["step"]), step_scalars(row)))
+        step = int(row["step"])
+        events.append(((step // per_epoch, 2, step + 1, 1), step, step_scalars(row)))
     for row in epochs:
-        step = min(int(row["epoch"]) * steps_per_epoch, steps)
-        events.append((step, 2, step, epoch_scalars(row)))
+        epoch = int(row["epoch"])
+        events.append(((epoch - 1, 3, 0, 0), min(epoch * steps_per_epoch, steps), epoch_scalars(row)))
     if lr_monitor_followed((config.get("callbacks") or {}).get("lr_monitor") or {}):
-        tag, lrs = epoch_start_lrs(OmegaConf.create(config), len(epochs))
-        events += [(epoch * steps_per_epoch, 3, epoch * steps_per_epoch, {tag: lr}) for epoch, lr in enumerate(lrs)]
-    events.sort(key=lambda event: event[:2])
-    return [(step, scalars) for _, _, step, scalars in events]
+        cfg = OmegaConf.create(config)
+        lrs = epoch_start_lrs(cfg, len(epochs)) if epoch_lrs is None else epoch_lrs[:len(epochs)]
+        events += [((epoch, 1, 0, 0), epoch * steps_per_epoch, {lr_monitor_tag(cfg): lr}) for epoch, lr in enumerate(lrs)]
+    events.sort(key=lambda event: event[0])
+    return [(step, scalars) for _, step, scalars in events]
 
 
 def replay(loggers: list[Logger], logged: list[tuple[int, dict[str, float]]]) -> None:
