@@ -377,6 +377,32 @@ def test_a_run_resumed_with_more_epochs_keeps_the_lrs_its_csv_logged(tmp_path: P
     assert logged_lrs()[:2] == first and len(logged_lrs()) == 3
 
 
+def test_a_resumed_run_stopped_before_it_trains_keeps_its_csv_rows(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C after the resumed record came back but before training started (here: while Lightning loads the
+    training batches): the CSV logger, which deleted metrics.csv when the fit started, gets its rows back."""
+    import csv
+
+    from conftest import compose_config
+    from optimlab.data import MNISTDataModule
+    from optimlab.train import Interrupted, run
+
+    def logged() -> list[dict[str, str]]:
+        return [{k: v for k, v in row.items() if v} for row in csv.DictReader((tmp_path / "csv" / "metrics.csv").open())]
+
+    run(compose_config(*TINY, "logger=csv"), tmp_path)
+    finished = logged()
+
+    def interrupted(self: MNISTDataModule) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MNISTDataModule, "train_dataloader", interrupted)
+    with pytest.raises(Interrupted):
+        run(compose_config(f"resume={tmp_path}", "epochs=2"), tmp_path / "cmd", [f"resume={tmp_path}", "epochs=2"])
+    # the fit's rows; the last row was the finished run's result (test/acc, val/acc_best), logged after its fit
+    assert logged() == finished[:-1] and "val/acc_best" in finished[-1]
+
+
 def test_resume_auto_compares_configs_only_where_there_is_something_to_continue(tmp_path: Path) -> None:
     """Not refused: a job with no finished epoch (refused before any work, its config since fixed) and a
     key derived from one a resume may change (the cosine schedule's length from ``epochs``)."""

@@ -114,12 +114,14 @@ class RunRecord(Checkpoint):
         wall_time_before: wall time spent in earlier sessions of a resumed run.
         sharpness: the sharpness tracker, when ``curvature.every_n_steps`` is set: its epoch
             records go into the epoch rows, its run record into the summary and the diagnosis.
+        steps_per_epoch: the updates of a full epoch (for a resumed run's CSV rows, :meth:`rewrite_csv`).
     """
 
     def __init__(self, run_dir: Path, config: dict[str, Any], guard: DivergenceGuard, thresholds: Thresholds,
                  log_every_n_steps: int = 50, wall_time_before: float = 0.0,
-                 sharpness: SharpnessCallback | None = None) -> None:
+                 sharpness: SharpnessCallback | None = None, steps_per_epoch: int = 0) -> None:
         self.run_dir, self.config, self.guard, self.thresholds = run_dir, config, guard, thresholds
+        self.steps_per_epoch = steps_per_epoch
         self.sharpness = sharpness
         self.log_every = log_every_n_steps
         self.started, self.wall_time_before = time.perf_counter(), wall_time_before
@@ -164,19 +166,20 @@ class RunRecord(Checkpoint):
         self.guard.load_state_dict(saved["guard"])
         self._csv_to_rewrite = True
 
-    def rewrite_csv(self, trainer: L.Trainer) -> None:
+    def rewrite_csv(self, loggers: list[Logger]) -> None:
         """A resumed run's CSV rows from before the resume, once: a new ``CSVLogger`` deletes the
         ``metrics.csv`` it finds, so the rows its checkpoint's record holds are logged again (and saved at
-        once), as the run logged them (:func:`logged_in_fit`). TensorBoard keeps its earlier event files."""
-        csv_loggers = [logger for logger in trainer.loggers if isinstance(logger, CSVLogger)]
+        once), as the run logged them (:func:`logged_in_fit`; a resumed run never diverged, so each of its
+        epochs took ``steps_per_epoch`` updates). TensorBoard keeps its earlier event files."""
+        csv_loggers = [logger for logger in loggers if isinstance(logger, CSVLogger)]
         if not self._csv_to_rewrite or not csv_loggers:
             return
         self._csv_to_rewrite = False
         if self.sharpness is not None:
             self.sharpness.restore()
         curvature = self.sharpness.run_record() if self.sharpness is not None else None
-        replay(csv_loggers, logged_in_fit(self.config, self.history, self.train_steps, curvature,
-                                          int(trainer.num_training_batches), trainer.global_step,
+        replay(csv_loggers, logged_in_fit(self.config, self.history, self.train_steps, curvature, self.steps_per_epoch,
+                                          len(self.history) * self.steps_per_epoch,
                                           self.epoch_lrs if len(self.epoch_lrs) >= len(self.history) else None))
         for logger in csv_loggers:
             logger.save()
@@ -188,12 +191,12 @@ class RunRecord(Checkpoint):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.restore_record()  # for a strategy that loads the checkpoint after on_fit_start
-        self.rewrite_csv(trainer)  # a resumed run with no epoch left to train never starts training
+        self.rewrite_csv(trainer.loggers)  # a resumed run with no epoch left to train never starts training
         self._pending_rng = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.restore_record()
-        self.rewrite_csv(trainer)  # here, when the epochs' batches are counted and before anything new is logged
+        self.rewrite_csv(trainer.loggers)  # before anything new is logged
         saved, self._pending_rng = self._pending_rng, None
         if saved is None:
             return

@@ -320,14 +320,15 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
     if ckpt is not None:
         check_checkpoint(ckpt, module)
     datamodule.setup()  # reads and checks the files: a DataError stops us before anything is written
-    epoch_batches(len(datamodule.train_y), datamodule.batch_size, cfg.trainer.limit_train_batches)
+    steps_per_epoch = epoch_batches(len(datamodule.train_y), datamodule.batch_size, cfg.trainer.limit_train_batches)
     config = OmegaConf.to_container(cfg, resolve=True)
     curvature = cfg.get("curvature")  # absent from the configs of runs recorded before it existed
     sharpness = (SharpnessCallback(curvature.every_n_steps, curvature.probe_size, cfg.seed, iters=curvature.iters,
                                    tol=curvature.tol, log_spaced_start=curvature.log_spaced_start)
                  if curvature and curvature.every_n_steps else None)
     record = RunRecord(run_dir, config, module.guard, parts.thresholds, cfg.trainer.log_every_n_steps,
-                       wall_time_before=previous.wall_time_s if previous and ckpt else 0.0, sharpness=sharpness)
+                       wall_time_before=previous.wall_time_s if previous and ckpt else 0.0, sharpness=sharpness,
+                       steps_per_epoch=steps_per_epoch)
     trainer = build_trainer(cfg, run_dir, [stopper := StopOnSignal(), *filter(None, [sharpness]), record])
     datamodule.to(trainer.strategy.root_device)
     record.extra = {"params": sum(p.numel() for p in module.model.parameters()), "train_size": len(datamodule.train_y),
@@ -356,6 +357,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
             log_result(trainer.loggers, summary)
             close_loggers(trainer.loggers, "success")
         except (SystemExit, KeyboardInterrupt):  # Lightning exits after its graceful shutdown
+            record.rewrite_csv(trainer.loggers)  # stopped after its record came back, before training started
             close_loggers(trainer.loggers, "interrupted")
             if ckpt is None or record.history:  # a resumed run stopped before its record came back keeps the old one
                 record.write("interrupted", trainer)
@@ -363,6 +365,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
                   f"checkpoint and summary; continue with resume={run_dir}", file=sys.stderr)
             raise Interrupted(stopper.requested or "SIGINT") from None
         except Exception as err:  # a crash is recorded, then reported as usual ...
+            with contextlib.suppress(Exception):  # the crash may be a logger's own: its error is the one reported
+                record.rewrite_csv(trainer.loggers)
             if ckpt is None or record.history:  # ... unless the resumed record was never loaded: keep the old one
                 record.write("crashed", trainer, error=f"{type(err).__name__}: {err}")
             raise
