@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from optimlab.report import MapCell, main, map_cells, report, same_but_seed
+from optimlab.report import main, report
+from optimlab.report.aggregate import MapCell, map_cells
+from optimlab.report.rows import same_but_seed
 from optimlab.summary import data_passes
 
 
@@ -363,7 +365,7 @@ def test_data_passes_counts_how_often_the_training_images_were_seen() -> None:
 
 
 def test_panel_titles_tell_runs_apart_only_where_they_would_look_alike() -> None:
-    from optimlab.report import _run_titles
+    from optimlab.report.figures import _run_titles
 
     base = {"name": "default", "optimizer": "sgd", "setting": "sgd", "lr": 0.1, "regime": "slow", "run": "x"}
     runs = [{**base, "widths": "8", "seed": 0}, {**base, "widths": "8x8", "seed": 1}, {**base, "lr": 1.0, "widths": "8", "seed": 0}]

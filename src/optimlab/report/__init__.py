@@ -1,0 +1,95 @@
+"""``optimlab-report <sweep dir>``: the runs' summary.json files -> tables and figures.
+
+Writes next to the runs: ``report.md`` and ``report.csv`` (one row per run, crashed and
+interrupted ones included), ``curves.png`` (per-run epoch curves titled with the diagnosed regime),
+``lr_sensitivity.png`` (for lr sweeps), ``regime_map.png`` (for lr x width sweeps) and
+``sharpness.png`` (for runs that tracked their sharpness, ``curvature.every_n_steps``). For a map
+whose runs tracked their sharpness, ``stability.csv`` compares, per (optimizer, width) column (an
+optimizer's *setting*, :func:`~optimlab.report.rows.name_settings`, where the sweep varies more than lr, width and seed), the
+largest stable lr the sharpness at the start predicts with the largest lr observed not to diverge;
+the map draws the prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections import Counter
+from pathlib import Path
+
+from optimlab.report.aggregate import map_cells, stability_table
+from optimlab.report.figures import plot_curves, plot_lr_sensitivity, plot_regime_map, plot_sharpness
+from optimlab.report.rows import find_runs, name_settings, on_lr_axis, row_for
+from optimlab.report.tables import COLUMNS, crossing_lines, disagreement_lines, table_lines, write_csv, write_stability
+from optimlab.summary import SUMMARY
+
+
+OUTPUTS = ("report.md", "report.csv", "curves.png", "lr_sensitivity.png", "sharpness.png", "stability.csv",
+           "regime_map.png")  # everything report() may write
+
+
+def report(sweep_dir: Path, rediagnose: bool = False) -> list[Path]:
+    """Write the tables and the figures that fit this sweep; return the files written."""
+    rows = [row_for(d, sweep_dir, rediagnose) for d in find_runs(sweep_dir)]
+    if not rows:
+        raise FileNotFoundError(f"no runs (no {SUMMARY} or .hydra/ folders) under {sweep_dir}")
+    name_settings(rows)
+    for name in OUTPUTS:  # what an earlier report wrote and this one does not would pass for this one's
+        (sweep_dir / name).unlink(missing_ok=True)
+    write_csv(sweep_dir / "report.csv", COLUMNS, rows)
+    lines = table_lines(rows, sweep_dir)
+    written = [sweep_dir / "report.md", sweep_dir / "report.csv"]
+    several_lrs = len({r["lr"] for r in rows if on_lr_axis(r)}) > 1
+    if any(r["history"] for r in rows):
+        plot_curves(rows, sweep_dir / "curves.png")
+        written.append(sweep_dir / "curves.png")
+    if several_lrs:
+        plot_lr_sensitivity(rows, sweep_dir / "lr_sensitivity.png")
+        written.append(sweep_dir / "lr_sensitivity.png")
+    if any(r.get("curvature") for r in rows):
+        plot_sharpness(rows, sweep_dir, sweep_dir / "sharpness.png")
+        if (sweep_dir / "sharpness.png").exists():
+            written.append(sweep_dir / "sharpness.png")
+    if any((r.get("curvature") or {}).get("measurements") for r in rows):
+        lines += crossing_lines(rows)
+    stability = stability_table(rows) if several_lrs else []
+    if stability:
+        lines += write_stability(stability, sweep_dir)
+        written.append(sweep_dir / "stability.csv")
+    # an lr x width map: widths of one model kind (a CNN's channels are not an MLP's widths)
+    regime_map = several_lrs and len({r["widths"] for r in rows if r.get("widths")}) > 1 \
+        and len({r["model"] for r in rows if r.get("model")}) == 1
+    cells = map_cells(rows) if regime_map else {}
+    lines += disagreement_lines(cells)
+    (sweep_dir / "report.md").write_text("\n".join(lines) + "\n")
+    if regime_map:
+        plot_regime_map(cells, sweep_dir / "regime_map.png", stability)
+        written.append(sweep_dir / "regime_map.png")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="optimlab-report", description=__doc__.splitlines()[0].replace("``", ""))
+    parser.add_argument("sweep_dir", type=Path, help="a multirun directory (or any folder of runs)")
+    parser.add_argument("--rediagnose", action="store_true",
+                        help="label every run with the current diagnosis rules instead of its recorded regime")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        what = "is not a directory" if args.sweep_dir.exists() else "does not exist"
+        print(f"error: {args.sweep_dir} {what}", file=sys.stderr)
+        return 2
+    try:
+        written = report(args.sweep_dir, args.rediagnose)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rows = list(csv.DictReader((args.sweep_dir / "report.csv").open()))
+    print(f"{len(rows)} runs: " + ", ".join(f"{k} {v}" for k, v in Counter(r["regime"] for r in rows).items()))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The runs' rows aggregated: the regime map's cells (the label most seeds got), the stability table
+(per optimizer and width, the largest stable lr the sharpness at the start predicts against the one
+observed) and the seed table (mean and spread over seeds)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from optimlab.regimes import LABELS
+from optimlab.report.rows import by_setting_and_width, on_lr_axis
+
+
+PLOT_LABELS = (*LABELS, "crashed")  # what a figure colours a run by: its regime, or crashed (no diagnosis)
+
+
+UNSTABLE = ("oscillating", "diverging")
+
+
+def grid_position(lr: float, lrs: list[float]) -> float:
+    """Where ``lr`` falls on the map's lr axis, in cells (log-linear between grid points)."""
+    logs = [math.log(x) for x in lrs]
+    x = math.log(lr)
+    if x <= logs[0] or len(logs) == 1:
+        return (x - logs[0]) / ((logs[1] - logs[0]) if len(logs) > 1 else 1.0)
+    for i in range(1, len(logs)):
+        if x <= logs[i]:
+            return i - 1 + (x - logs[i - 1]) / (logs[i] - logs[i - 1])
+    return len(logs) - 1 + (x - logs[-1]) / (logs[-1] - logs[-2])
+
+
+@dataclass(frozen=True)
+class MapCell:
+    """The runs of one (optimizer, widths, lr) cell of a regime map: the label most of them got
+    (a tie goes to the label first in :data:`PLOT_LABELS`), whether all got it, and the mean final
+    test accuracy of those that have one (None if none has)."""
+
+    regime: str
+    agreed: bool
+    counts: dict[str, int]
+    mean_test_acc: float | None
+
+
+def map_cells(rows: list[dict[str, Any]]) -> dict[tuple[str, str, float], MapCell]:
+    """The regime map's cells, keyed ``(setting, widths, lr)`` (see :func:`~optimlab.report.rows.name_settings`), from the
+    report's rows."""
+    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r.get("setting") and r.get("widths") and on_lr_axis(r):
+            groups[(r["setting"], r["widths"], r["lr"])].append(r)
+    cells = {}
+    for key, runs in groups.items():
+        counts = Counter(r["regime"] if r["regime"] in PLOT_LABELS else "crashed" for r in runs)
+        regime = max(PLOT_LABELS, key=lambda label: (counts[label], -PLOT_LABELS.index(label)))
+        accs = [r["final_test_acc"] for r in runs if r.get("final_test_acc") is not None]
+        cells[key] = MapCell(regime, len(counts) == 1, dict(counts), statistics.fmean(accs) if accs else None)
+    return cells
+
+
+def stability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (optimizer setting, widths) column of an lr sweep whose runs tracked their sharpness: ``sharpness0``
+    (median over the column of each run's first measurement: step 0 with ``curvature.log_spaced_start``,
+    for the adaptive optimizers preconditioned by :func:`~optimlab.curvature.initial_preconditioner`,
+    the P their state settles to from the gradients at initialisation), the largest stable lr it predicts (the lr at
+    which the threshold ``c/lr`` equals it: ``c / sharpness0``), the largest lr whose runs (the label
+    most got, as on the map: :func:`map_cells`) did not diverge, and whether the two lie within one
+    grid cell of each other; and the same against the largest lr below the first oscillating or
+    diverging cell (a threshold crossed marks where instability starts; a run can oscillate and
+    still not diverge). The cells are the column's own lrs (not the other columns'); a column in which
+    no lr diverged (or none was unstable) has its boundary above its grid: its verdict is None, not a hit."""
+    columns: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if on_lr_axis(r) and (r.get("curvature") or {}).get("initial_sharpness"):
+            columns[(r["setting"], r["widths"])].append(r)
+    table = []
+    for (optimizer, widths), runs in sorted(columns.items(), key=by_setting_and_width):
+        sharpness0 = statistics.median(r["curvature"]["initial_sharpness"] for r in runs)
+        factor = statistics.median(r["curvature"]["initial_threshold"] * r["lr"] for r in runs)  # c in c/lr
+        predicted = factor / sharpness0 if sharpness0 > 0 else math.inf
+        cells = map_cells(runs)
+        column = sorted(lr for (_, _, lr) in cells)
+        regimes = [cells[(optimizer, widths, lr)].regime for lr in column]
+        stable = [lr for lr, regime in zip(column, regimes) if regime != "diverging"]
+        observed = max(stable) if stable else None
+        first_unstable = next((lr for lr, regime in zip(column, regimes) if regime in UNSTABLE), math.inf)
+        calm = max((lr for lr in column if lr < first_unstable), default=None)
+
+        def near(lr: float | None, bounded: bool) -> bool | None:
+            """Within one of the column's cells; None where the boundary lies above the grid."""
+            if not bounded:
+                return None
+            return lr is not None and math.isfinite(predicted) and abs(grid_position(predicted, column) - column.index(lr)) <= 1
+
+        table.append({"optimizer": optimizer, "widths": widths, "sharpness0": sharpness0, "predicted_max_lr": predicted,
+                      "observed_max_lr_without_divergence": observed,
+                      "within_one_cell": near(observed, "diverging" in regimes),
+                      "observed_max_lr_before_instability": calm,
+                      "instability_within_one_cell": near(calm, math.isfinite(first_unstable))})
+    return table
+
+
+def seed_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs whose whole config differs only in the seed (see :func:`~optimlab.report.rows.same_but_seed`), aggregated: mean and (population) std of test accuracy."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r.get("final_test_acc") is not None:
+            groups[r["same_but_seed"]].append(r)
+    table = []
+    for members in groups.values():
+        if len({m["seed"] for m in members}) < 2:
+            continue
+        accs = [m["final_test_acc"] for m in members]
+        first = members[0]
+        table.append({**{k: first[k] for k in ("name", "model", "lr", "widths")}, "optimizer": first["setting"],
+                      "n": len(accs), "mean": statistics.fmean(accs), "std": statistics.pstdev(accs),
+                      "regimes": ", ".join(f"{k} {v}" for k, v in Counter(m["regime"] for m in members).items())})
+    return table

@@ -1,0 +1,224 @@
+"""The report's figures: ``curves.png``, ``lr_sensitivity.png``, ``regime_map.png`` and ``sharpness.png``
+(matplotlib, imported only when a figure is drawn)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from optimlab.curvature import SHARPNESS_TAG, THRESHOLD_TAG
+from optimlab.report.aggregate import PLOT_LABELS, MapCell, grid_position
+from optimlab.report.rows import on_lr_axis, width_key
+from optimlab.report.tables import fmt
+
+
+REGIME_COLORS = {"healthy": "#2ca02c", "slow": "#1f77b4", "oscillating": "#ff7f0e", "diverging": "#d62728",
+                 "underfit": "#9467bd", "overfit": "#8c564b", "crashed": "#7f7f7f", "interrupted": "#bbbbbb",
+                 "running": "#bbbbbb"}
+
+
+MAX_CURVES = 48  # beyond this curves.png would be unreadable; the tables still list every run
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _panel_grid(plt: Any, n: int, cols: int) -> tuple[Any, Any]:
+    """A figure of ``n`` run panels, ``cols`` a row; the unused cells of the last row hidden."""
+    nrows = math.ceil(n / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    return fig, axes
+
+
+def _run_titles(runs: list[dict[str, Any]]) -> list[str]:
+    """Each panel's title: name, optimizer and lr, and below it the label; where two runs would share
+    a title, also their setting, widths and seed (a sweep over seeds or widths drew identical ones)."""
+    heads = [f"{r.get('name') or r['run']}: {r.get('optimizer')} lr {fmt(r.get('lr'))}" for r in runs]
+    shared = {head for head, n in Counter(heads).items() if n > 1}
+    return [(f"{r.get('name') or r['run']}: {r.get('setting') or r.get('optimizer')} lr {fmt(r.get('lr'))}\n"
+             f"{r.get('widths') or '-'}, seed {fmt(r.get('seed'))}: {r['regime']}") if head in shared
+            else f"{head}\n{r['regime']}" for head, r in zip(heads, runs)]
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
+    plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
+    runs = [r for r in rows if r["history"]][:MAX_CURVES]
+    fig, axes = _panel_grid(plt, len(runs), min(4, len(runs)))
+    for ax, r, title in zip(axes.flat, runs, _run_titles(runs)):
+        epochs = [h["epoch"] for h in r["history"]]
+        for key, style in (("train_acc", "-"), ("val_acc", ":"), ("test_acc", "--")):
+            ax.plot(epochs, [h.get(key) for h in r["history"]], style, color="black", label=key.replace("_", " "))
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        ax.set_ylabel("accuracy")
+        loss_ax = ax.twinx()
+        for key, style in (("train_loss", "-"), ("test_loss", "--"), ("train_loss_max", ":")):
+            loss_ax.plot(epochs, [h.get(key) for h in r["history"]], style, color="tab:red", alpha=0.7,
+                         label="largest step loss" if key == "train_loss_max" else key.replace("_", " "))
+        loss_ax.set_ylabel("loss", color="tab:red")
+        loss_ax.set_yscale("log")
+        color = REGIME_COLORS.get(r["regime"], "black")
+        ax.set_title(title, color=color, fontsize=10, fontweight="bold")
+        for spine in ax.spines.values():
+            spine.set_edgecolor(color)
+            spine.set_linewidth(2)
+    acc_handles, acc_labels = axes.flat[0].get_legend_handles_labels()
+    loss_handles, loss_labels = fig.axes[-1].get_legend_handles_labels() if runs else ([], [])
+    fig.legend(acc_handles + loss_handles, acc_labels + loss_labels, loc="lower center", ncol=6, frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
+    """Final test accuracy against lr, one line per optimizer, points coloured by regime (majority
+    over seeds); one panel per model width when the sweep varies it."""
+    plt = _plt()
+    widths = sorted({r["widths"] for r in rows if on_lr_axis(r)}, key=width_key)
+    optimizers = sorted({r["setting"] for r in rows if on_lr_axis(r)})
+    # optimizers by line style and marker, never by colour: colour means the regime
+    styles = {o: (["-", "--", ":", "-."][i % 4], "osD^v<>"[i % 7]) for i, o in enumerate(optimizers)}
+    cols = min(3, len(widths))  # rows of three: readable at README width
+    fig, axes = _panel_grid(plt, len(widths), cols)
+    for ax, width in zip(axes.flat, widths):
+        by_opt: dict[str, dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+        for r in rows:
+            if on_lr_axis(r) and r["widths"] == width:
+                by_opt[r["setting"]][r["lr"]].append(r)
+        for optimizer, points in sorted(by_opt.items()):
+            lrs = sorted(points)
+            means = [statistics.fmean([m["final_test_acc"] or 0.0 for m in points[lr]]) for lr in lrs]
+            line, marker = styles[optimizer]
+            ax.plot(lrs, means, line, color="0.35", zorder=2)
+            for lr, mean in zip(lrs, means):
+                regimes = Counter(m["regime"] for m in points[lr])
+                ax.scatter([lr], [mean], color=REGIME_COLORS.get(max(regimes, key=regimes.get), "black"),
+                           marker=marker, zorder=3, s=40, edgecolor="black", linewidth=0.5)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"widths {width}" if len(widths) > 1 else "")
+        ax.set_ylabel("final test accuracy")
+    handles = [plt.Line2D([], [], color="0.35", ls=line, marker=marker, mfc="white", mec="black")
+               for line, marker in styles.values()]
+    handles += [plt.Line2D([], [], ls="", marker="o", color=REGIME_COLORS[label], mec="black") for label in PLOT_LABELS]
+    # below the panels (a legend inside would hide points), two entries per panel's width in a row, on
+    # height added for it
+    ncol = 2 * cols
+    legend_height = 0.25 * math.ceil(len(handles) / ncol) + 0.1
+    fig.set_figheight(fig.get_figheight() + legend_height)
+    fig.legend(handles, [*styles, *PLOT_LABELS], fontsize=9, loc="lower center", ncol=ncol, frameon=False)
+    fig.tight_layout(rect=(0, legend_height / fig.get_figheight(), 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_regime_map(cells: dict[tuple[str, str, float], MapCell], path: Path,
+                    stability: list[dict[str, Any]] | None = None) -> None:
+    """One panel per optimizer (setting, :func:`~optimlab.report.rows.name_settings`): lr (x) by width (y), each cell (:func:`~optimlab.report.aggregate.map_cells`) coloured by the
+    regime most of its runs got, marked * where they disagree, and annotated with their mean final
+    test accuracy; with ``stability`` (:func:`~optimlab.report.aggregate.stability_table`), a black bar at each width's
+    predicted largest stable lr."""
+    plt = _plt()
+    from matplotlib.colors import ListedColormap
+
+    labels = list(PLOT_LABELS)
+    optimizers = sorted({key[0] for key in cells})
+    lrs = sorted({key[2] for key in cells})
+    widths = sorted({key[1] for key in cells}, key=width_key)
+    fig, axes = plt.subplots(1, len(optimizers), figsize=(3.2 + 0.45 * len(lrs) * len(optimizers), 0.5 * len(widths) + 2),
+                             squeeze=False)
+    cmap = ListedColormap([REGIME_COLORS[label] for label in labels])
+    for ax, optimizer in zip(axes.flat, optimizers):
+        grid = [[math.nan] * len(lrs) for _ in widths]
+        for i, w in enumerate(widths):
+            for j, lr in enumerate(lrs):
+                cell = cells.get((optimizer, w, lr))
+                if cell is None:
+                    continue
+                grid[i][j] = labels.index(cell.regime)
+                text = "" if cell.mean_test_acc is None else f"{100 * cell.mean_test_acc:.0f}"
+                if not cell.agreed:
+                    text += "*"
+                if text:
+                    ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white")
+        ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=len(labels) - 0.5, aspect="auto", origin="lower")
+        for t in stability or []:
+            if t["optimizer"] == optimizer and t["widths"] in widths and math.isfinite(t["predicted_max_lr"]):
+                x, i = grid_position(t["predicted_max_lr"], lrs), widths.index(t["widths"])
+                if -0.5 <= x <= len(lrs) - 0.5:
+                    ax.plot([x, x], [i - 0.45, i + 0.45], color="black", lw=2.5)
+        ax.set_xticks(range(len(lrs)), [fmt(lr) for lr in lrs], rotation=60, fontsize=7)
+        ax.set_yticks(range(len(widths)), widths, fontsize=7)
+        ax.set_xlabel("learning rate")
+        ax.set_title(optimizer.replace(" (", "\n(", 1), fontsize=10)
+    axes.flat[0].set_ylabel("hidden width")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=REGIME_COLORS[label]) for label in labels]
+    if stability:
+        handles.append(plt.Line2D([], [], color="black", lw=2.5))
+        labels = [*labels, "predicted largest stable lr"]
+    # three entries a row: a row of eight is wider than a narrow map and would be cut at both edges
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), frameon=False, fontsize=8)
+    fig.suptitle("Diagnosed regime: the label most runs got\n(cell text: mean final test accuracy, %; *: runs disagree)",
+                 fontsize=10)
+    legend_inches = 0.15 + 0.17 * math.ceil(len(labels) / 3)  # the legend's rows of 8-point text
+    fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def sharpness_series(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """The run's logged ``curvature/sharpness`` and ``curvature/threshold`` as (steps, values)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not (run_dir / "tensorboard").is_dir():
+        return {}
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags().get("scalars", []))
+    return {tag: ([e.step for e in events.Scalars(tag)], [e.value for e in events.Scalars(tag)])
+            for tag in (SHARPNESS_TAG, THRESHOLD_TAG) if tag in tags}
+
+
+def plot_sharpness(rows: list[dict[str, Any]], root: Path, path: Path) -> None:
+    """Per tracked run: the (preconditioned) sharpness against the optimizer's stability threshold,
+    step by step (log scale), the first crossing and the first non-finite value marked."""
+    plt = _plt()
+    tracked = [(r, series) for r in rows if r.get("curvature") and (series := sharpness_series(root / r["run"]))]
+    runs = tracked[:MAX_CURVES]
+    if not runs:
+        return
+    fig, axes = _panel_grid(plt, len(runs), 2 if len(runs) <= 4 else 4)  # two a row for a few: README width
+    for ax, (r, series), title in zip(axes.flat, runs, _run_titles([r for r, _ in runs])):
+        curvature = r["curvature"]
+        color = REGIME_COLORS.get(r["regime"], "black")
+        what = "preconditioned sharpness" if curvature.get("preconditioned") else "sharpness"
+        if SHARPNESS_TAG in series:
+            ax.plot(*series[SHARPNESS_TAG], "-", color=color, label=what)
+        if THRESHOLD_TAG in series:
+            ax.plot(*series[THRESHOLD_TAG], "--", color="black", label=curvature.get("threshold_formula") or "threshold")
+        if curvature.get("first_crossing_step") is not None:
+            ax.axvline(curvature["first_crossing_step"], color=color, alpha=0.4, lw=1)
+        if r.get("diverged_at_step") is not None:
+            ax.axvline(r["diverged_at_step"], color="black", ls=":", lw=1, label="first non-finite value")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7, loc="best")
+        ax.set_title(title, color=color, fontsize=10, fontweight="bold")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

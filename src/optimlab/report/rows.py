@@ -1,0 +1,135 @@
+"""A run as the report sees it: its row (from its summary.json, optionally rediagnosed), and the
+settings that name it (its optimizer *setting*, what differs from runs of the same experiment)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from optimlab.regimes import Thresholds, diagnose
+from optimlab.summary import FINISHED, SUMMARY, config_key, data_passes, read_summary, validation_size
+
+
+ERROR_CHARS = 160  # of a crashed run's error (its first line) in the tables; the whole one is in its summary.json
+
+
+def find_runs(sweep_dir: Path) -> list[Path]:
+    """Every run directory under ``sweep_dir``: those with a summary.json, and Hydra job dirs
+    (holding ``.hydra/``) whose job died before writing one."""
+    dirs = {p.parent for p in sweep_dir.rglob(SUMMARY)} | {p.parent for p in sweep_dir.rglob(".hydra")}
+    return sorted(dirs, key=lambda d: (_job_number(d.name), str(d)))
+
+
+def _job_number(name: str) -> float:
+    head = name.split("_", 1)[0]
+    return int(head) if head.isdigit() else math.inf
+
+
+def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, Any]:
+    """One report row. ``rediagnose``: label the run with the current rules (and the thresholds in
+    its config) instead of the label its summary recorded."""
+    s = read_summary(run_dir)
+    rel = str(run_dir.relative_to(root)) if run_dir != root else "."
+    if s is None:
+        why = f"{SUMMARY} unreadable" if (run_dir / SUMMARY).exists() else f"no {SUMMARY} (the job ended before writing one)"
+        return {"run": rel, "status": "crashed", "regime": "crashed", "epochs": 0, "history": [], "error": why}
+    history, run = s.epochs, s.run
+
+    def best(key: str) -> float | None:
+        values = [r[key] for r in history if isinstance(r.get(key), (int, float))]
+        return max(values) if values else None
+
+    regime = s.regime
+    if rediagnose:
+        regime = diagnose(history, s.diverged, Thresholds.from_overrides(s.config.get("regimes")),
+                          s.diverged_at_step, s.curvature, validation_size(s.config),
+                          data_passes(s.config, len(history), s.train_size)).regime
+    return {
+        "run": rel, "name": run.name, "model": run.model, "optimizer": run.optimizer, "lr": run.lr,
+        "widths": run.widths, "seed": run.seed, "params": s.params,
+        "final_train_acc": history[-1].get("train_acc") if history else None, "best_train_acc": best("train_acc"),
+        "final_val_acc": history[-1].get("val_acc") if history else None, "best_val_acc": best("val_acc"),
+        "final_test_acc": s.test_acc, "best_test_acc": best("test_acc"), "epochs": len(history),
+        "regime": regime if s.status in FINISHED else s.status,
+        "stopped_non_finite": s.diverged, "status": s.status, "wall_time_s": s.wall_time_s,
+        "steps_per_s": s.steps_per_s, "history": history, "same_but_seed": same_but_seed(s.config),
+        "settings": flat_settings(s.config),
+        "curvature": s.curvature, "diverged_at_step": s.diverged_at_step,
+        "sharpness_max": (s.curvature or {}).get("sharpness_max"),
+        "sharpness_crossed_at_step": (s.curvature or {}).get("first_crossing_step"),
+        "error": s.error.strip().splitlines()[0][:ERROR_CHARS] if s.error and s.error.strip() else None,
+    }
+
+
+# Keys that may differ between runs that are otherwise the same experiment: the seed (and the data
+# module's copy of it) and where and how a run was launched (the population launcher's plan included).
+NOT_THE_EXPERIMENT = ("seed", "data.seed", "resume", "data.root", "trainer.progress_bar", "trainer.num_threads",
+                      "population")
+
+
+def same_but_seed(config: dict[str, Any]) -> str:
+    """The run's whole config except :data:`NOT_THE_EXPERIMENT`, as a key: runs with equal keys
+    differ only in their seed."""
+    return config_key(config, NOT_THE_EXPERIMENT)
+
+
+# What a map's axes vary: the learning rate and the widths (the optimizer class is its panels); and the
+# run's name, a label (experiments differing in lr alone are one setting).
+MAP_AXES = ("name", "lr", "optimizer.lr", "optimizer._target_", "optimizer.impl", "model.hidden", "model.channels")
+
+
+def flat_settings(config: dict[str, Any]) -> dict[str, str]:
+    """The run's config as dotted keys and their values (as text), without :data:`NOT_THE_EXPERIMENT`
+    and :data:`MAP_AXES`."""
+    skipped = (*NOT_THE_EXPERIMENT, *MAP_AXES)
+    flat: dict[str, str] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            dotted = prefix + str(key)
+            if dotted in skipped:
+                continue
+            if isinstance(value, dict):
+                walk(value, dotted + ".")
+            else:
+                flat[dotted] = value if isinstance(value, str) else json.dumps(value)
+
+    walk(config, "")
+    return flat
+
+
+def name_settings(rows: list[dict[str, Any]]) -> None:
+    """Give each run its ``setting``: its optimizer, and the settings in which it differs from the
+    sweep's other runs of that optimizer apart from the map's axes and the seed, e.g. ``sgd
+    (optimizer.weight_decay=3)``. Runs of one setting differ only in lr, widths and seed: the map's
+    cells, columns and lines are per setting, so that a swept weight decay is not taken for seeds.
+    A key some runs lack (recorded by a version before it existed) differs only where the runs that
+    have it differ."""
+    by_optimizer: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r.get("optimizer"):
+            by_optimizer[r["optimizer"]].append(r)
+    for optimizer, runs in by_optimizer.items():
+        keys = sorted({key for r in runs for key in r["settings"]})
+        varying = [key for key in keys if len({r["settings"][key] for r in runs if key in r["settings"]}) > 1]
+        for r in runs:
+            apart = ", ".join(f"{key}={r['settings'].get(key, '-')}" for key in varying)
+            r["setting"] = f"{optimizer} ({apart})" if apart else optimizer
+
+
+def on_lr_axis(r: dict[str, Any]) -> bool:
+    """Whether run ``r`` has an lr a log lr axis can place (a job refused for ``lr=-1`` has none)."""
+    return isinstance(r.get("lr"), (int, float)) and r["lr"] > 0
+
+
+def width_key(widths: str) -> tuple:
+    return tuple(int(w) for w in widths.split("x") if w.isdigit())
+
+
+def by_setting_and_width(item: tuple[tuple[str, str], Any]) -> tuple:
+    """Sort key of ``((setting, widths), ...)`` items: by setting, then by width (numerically)."""
+    (setting, widths), _ = item
+    return setting, width_key(widths)

@@ -1,0 +1,182 @@
+"""The report's tables: ``report.csv``, ``stability.csv`` and the markdown of ``report.md`` (the runs,
+what the sweep shows, the seeds, the stability and the sharpness crossings)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from optimlab.regimes import LABELS
+from optimlab.report.aggregate import MapCell, seed_table
+from optimlab.report.rows import by_setting_and_width
+
+
+COLUMNS = ["run", "name", "model", "optimizer", "lr", "widths", "seed", "params", "final_train_acc",
+           "best_train_acc", "final_val_acc", "best_val_acc", "final_test_acc", "best_test_acc", "epochs", "regime", "stopped_non_finite", "status",
+           "wall_time_s", "steps_per_s", "sharpness_max", "sharpness_crossed_at_step", "setting", "error"]
+
+
+def fmt(value: Any) -> str:
+    """A table cell: empty for None, a float to four significant digits."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e-3 or abs(value) >= 1e4 else f"{value:.4f}".rstrip("0").rstrip(".")
+    return str(value)
+
+
+def write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    """``rows`` as a CSV file of ``columns`` (other keys left out)."""
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown_table(columns: list[str], rows: Iterable[Iterable[Any]]) -> list[str]:
+    """The lines of a markdown table: ``columns``, then each row's cells (:func:`fmt`, ``|`` escaped)."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(fmt(cell).replace("|", "\\|") for cell in row) + " |" for row in rows)]
+
+
+def sweep_command(sweep_dir: Path) -> str | None:
+    """The command that ran the sweep, from Hydra's ``multirun.yaml`` (None when there is none)."""
+    from omegaconf import OmegaConf
+
+    try:
+        overrides = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides
+    except Exception:  # missing or not Hydra's file: the report goes on without the command
+        return None
+    hydra = [o for o in overrides.get("hydra", []) if not o.startswith("hydra.mode=")]
+    return " ".join(["python train.py -m", *hydra, *overrides.get("task", [])])
+
+
+def findings(rows: list[dict[str, Any]]) -> str:
+    """Where each regime appeared, in words: per label, per optimizer and width, its lr range."""
+    parts = []
+    for label in [*LABELS, "crashed", "interrupted", "running"]:
+        where: dict[tuple[str, str], list[float]] = defaultdict(list)
+        for r in rows:
+            if r["regime"] == label and r.get("lr"):
+                where[(r["setting"], r["widths"])].append(r["lr"])
+        if where:
+            cells = [f"{o} {w or '-'} at lr {fmt(min(lrs))}" + (f" to {fmt(max(lrs))}" if max(lrs) > min(lrs) else "")
+                     for (o, w), lrs in sorted(where.items(), key=by_setting_and_width)]
+            parts.append(f"**{label}** in {'; '.join(cells)}")
+    return ". ".join(parts) + "." if parts else "no finished runs."
+
+
+def table_lines(rows: list[dict[str, Any]], out: Path) -> list[str]:
+    """report.md's head: counts, the command, the findings, the runs and the seed table."""
+    lines = ["# Sweep report", "", f"{len(rows)} runs. Regimes: " + ", ".join(
+        f"{label} {n}" for label, n in Counter(r["regime"] for r in rows).items()), ""]
+    command = sweep_command(out)
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    lines += ["What this sweep shows: " + findings(rows), ""]
+    lines += markdown_table(COLUMNS, ([r.get(c) for c in COLUMNS] for r in rows))
+    seeds = seed_table(rows)
+    if seeds:
+        lines += ["", "## Over seeds (mean +/- std)", ""]
+        lines += markdown_table(["name", "model", "optimizer", "lr", "widths", "seeds", "final test acc", "regimes"],
+                                ([g["name"], g["model"], g["optimizer"], g["lr"], g["widths"], g["n"],
+                                  f"{g['mean']:.4f} +/- {g['std']:.4f}", g["regimes"]] for g in seeds))
+    return lines
+
+
+STABILITY_COLUMNS = ["optimizer", "widths", "sharpness0", "predicted_max_lr", "observed_max_lr_without_divergence",
+                     "within_one_cell", "observed_max_lr_before_instability", "instability_within_one_cell"]
+
+
+def write_stability(table: list[dict[str, Any]], out: Path) -> list[str]:
+    """``stability.csv``; the lines report.md gets."""
+    write_csv(out / "stability.csv", STABILITY_COLUMNS, table)
+
+    def count(key: str) -> str:
+        judged = [t[key] for t in table if t[key] is not None]
+        open_ended = len(table) - len(judged)
+        return f"{sum(judged)} of {len(judged)} columns" + (
+            f" (and {open_ended} with no such lr in its grid, the boundary above it)" if open_ended else "")
+
+    lines = ["", "## Stability: predicted vs observed largest lr", "",
+             f"The sharpness at the start predicts the largest stable lr within one grid cell of the largest lr "
+             f"observed not to diverge in {count('within_one_cell')}, and of the largest lr below the first "
+             f"oscillating or diverging one in {count('instability_within_one_cell')}.", ""]
+    return lines + markdown_table(STABILITY_COLUMNS, ([t[c] for c in STABILITY_COLUMNS] for t in table))
+
+
+CROSSING_COLUMNS = ["optimizer", "tracked", "crossed", "then diverging", "then oscillating", "false alarms",
+                    "misses", "started above", "started above: diverging", "started below: diverging"]
+
+
+def _crossing_counts(runs: list[dict[str, Any]]) -> dict[str, int]:
+    """The counts of :data:`CROSSING_COLUMNS` (but the optimizer) over ``runs``. A run "started above"
+    when its first measurement, at step 0 (``curvature.log_spaced_start``), is above the threshold."""
+    crossed = [r for r in runs if r["curvature"].get("first_crossing_step") is not None]
+    outcome = Counter(r["regime"] for r in crossed)
+    # A step-0 value that is missing or NaN (an unusable preconditioner) counts on neither side.
+    at_start = [r for r in runs if r["curvature"].get("initial_step") == 0
+                and isinstance(r["curvature"].get("initial_sharpness"), (int, float))
+                and not math.isnan(r["curvature"]["initial_sharpness"])]
+    above = [r for r in at_start if r["curvature"]["initial_sharpness"] > r["curvature"]["initial_threshold"]]
+    below = [r for r in at_start if r["curvature"]["initial_sharpness"] <= r["curvature"]["initial_threshold"]]
+    return {"tracked": len(runs), "crossed": len(crossed), "then diverging": outcome["diverging"],
+            "then oscillating": outcome["oscillating"],
+            "false alarms": len(crossed) - outcome["diverging"] - outcome["oscillating"],
+            "misses": sum(r["regime"] == "diverging" and r["curvature"].get("first_crossing_step") is None for r in runs),
+            "started above": len(above), "started above: diverging": sum(r["regime"] == "diverging" for r in above),
+            "started below: diverging": sum(r["regime"] == "diverging" for r in below)}
+
+
+def crossing_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """report.md's account of a tracked sweep: how many runs crossed the stability threshold, what
+    became of them (a crossing not followed by a ``diverging`` label is a false alarm; one followed
+    by ``oscillating`` is counted apart), how many diverging runs never crossed it (misses), for
+    runs stopped on a non-finite value after a crossing how many steps the crossing came first, and
+    per optimizer the same counts beside those of the runs that started above the threshold."""
+    tracked = [r for r in rows if (r.get("curvature") or {}).get("measurements")]
+    total = _crossing_counts(tracked)
+    crossed = [r for r in tracked if r["curvature"].get("first_crossing_step") is not None]
+    leads = sorted(r["diverged_at_step"] - r["curvature"]["first_crossing_step"] for r in crossed
+                   if r.get("diverged_at_step") is not None)
+    lines = ["", "## Crossings of the stability threshold", "",
+             f"{total['crossed']} of {total['tracked']} tracked runs crossed it: {total['then diverging']} were then "
+             f"labelled diverging, {total['then oscillating']} oscillating and {total['false alarms']} something else "
+             f"(false alarms, counting oscillating as none: {total['crossed'] - total['then diverging']}). "
+             f"{total['misses']} diverging run(s) never crossed it."]
+    if leads:
+        lines.append(f"{len(leads)} crossing run(s) stopped on a non-finite value, the crossing "
+                     f"{statistics.median(leads):g} steps before it (median; {leads[0]} to {leads[-1]}).")
+    else:
+        lines.append("No crossing run stopped on a non-finite value: no lead to measure.")
+    by_setting: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in tracked:
+        by_setting[r["setting"]].append(r)  # as the map's panels
+    lines += ["", "Per optimizer setting (started above / below: the first measurement, at step 0, above or below the "
+              "threshold):", ""]
+    table = []
+    for setting, runs in sorted(by_setting.items()):
+        counts = _crossing_counts(runs)
+        table.append([setting, *(counts[c] for c in CROSSING_COLUMNS[1:])])
+    return lines + markdown_table(CROSSING_COLUMNS, table)
+
+
+def disagreement_lines(cells: dict[tuple[str, str, float], MapCell]) -> list[str]:
+    """report.md's section on the map cells whose runs (seeds) got different labels."""
+    several = {key: c for key, c in cells.items() if sum(c.counts.values()) > 1}
+    if not several:
+        return []
+    split = sorted((key, c) for key, c in several.items() if not c.agreed)
+    lines = ["", "## Regime map", "", f"{len(several)} cells of several runs; in {len(split)} of them the runs "
+             "(seeds) disagree, marked * on the map, which shows the label most of them got:"]
+    if split:
+        lines += ["", "| optimizer | widths | lr | shown | regimes |", "|---|---|---|---|---|"]
+        lines += [f"| {opt} | {widths} | {fmt(lr)} | {c.regime} | "
+                  + ", ".join(f"{label} {n}" for label, n in sorted(c.counts.items())) + " |"
+                  for (opt, widths, lr), c in split]
+    return lines
