@@ -358,7 +358,7 @@ def test_resume_auto_refuses_a_run_of_another_config_or_without_its_checkpoint(f
 def test_a_run_resumed_with_more_epochs_keeps_the_lrs_its_csv_logged(tmp_path: Path) -> None:
     """resume=auto epochs=3 of a 2-epoch cosine run (T_max: ${epochs}) killed during its test: the CSV logger's rows
     of its first two epochs come back as it logged them (T_max 2), not as the resumed config would schedule them
-    (T_max 3)."""
+    (T_max 3), and the summary records the T_max its scheduler, restored from the checkpoint, ran with."""
     import csv
 
     from conftest import compose_config
@@ -373,8 +373,11 @@ def test_a_run_resumed_with_more_epochs_keeps_the_lrs_its_csv_logged(tmp_path: P
     first = logged_lrs()
     assert len(first) == 2 and first[1][1] == "0.05"  # the cosine's midpoint at T_max 2
     (tmp_path / "summary.json").write_text(json.dumps({**summary(tmp_path), "status": "interrupted"}))
-    run(compose_config(*base, "resume=auto", "epochs=3"), tmp_path, ["resume=auto", "epochs=3"])
+    resumed = run(compose_config(*base, "resume=auto", "epochs=3"), tmp_path, ["resume=auto", "epochs=3"])
     assert logged_lrs()[:2] == first and len(logged_lrs()) == 3
+    # its record says what it ran with: 3 epochs, the scheduler (from the checkpoint) with T_max 2
+    assert (resumed.config["epochs"], resumed.config["scheduler"]["T_max"]) == (3, 2)
+    assert summary(tmp_path)["config"]["scheduler"]["T_max"] == 2
 
 
 def test_a_resumed_run_stopped_before_it_trains_keeps_its_csv_rows(tmp_path: Path,

@@ -231,6 +231,26 @@ def refuse_starting_over(run_dir: Path, ckpt: Path | None, saved: RunSummary) ->
                           f"({why}); nothing was changed")
 
 
+def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` for each leaf key both configs have with different values."""
+    for key in old.keys() & new.keys():
+        if isinstance(old[key], dict) and isinstance(new[key], dict):
+            yield from differences(old[key], new[key], f"{prefix}{key}.")
+        elif old[key] != new[key]:
+            yield f"{prefix}{key}", old[key], new[key]
+
+
+def keep_derived_values(cfg: DictConfig, recorded: dict[str, Any]) -> None:
+    """Set in ``cfg`` (a ``resume=auto`` run's, :func:`refuse_changed_config` passed) the ``recorded``
+    value of every key that differs from it only because it derives from a key a resume may change: the
+    continued run uses the recorded one (a cosine's ``T_max: ${epochs}`` is in its scheduler's state, which
+    comes from the checkpoint), and its summary must say so."""
+    now = comparable(OmegaConf.to_container(cfg, resolve=True))
+    with open_dict(cfg):
+        for key, value, _ in list(differences(comparable(recorded), now)):
+            OmegaConf.update(cfg, key, value, merge=False)
+
+
 def refuse_changed_config(run_dir: Path, saved: RunSummary, cfg: DictConfig, checkpointed: bool = False) -> None:
     """Raise ConfigError where ``resume=auto`` would continue the run in ``run_dir`` (one with finished
     epochs, or ``checkpointed``) with another config than it recorded: the run would mix two. Not
@@ -246,20 +266,11 @@ def refuse_changed_config(run_dir: Path, saved: RunSummary, cfg: DictConfig, che
             if value is not None and OmegaConf.select(cfg, key, default=None) is not None:
                 OmegaConf.update(cfg, key, value, merge=False)
 
-    def changed(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-        keys = []
-        for key in old.keys() & new.keys():
-            dotted = prefix + str(key)
-            if isinstance(old[key], dict) and isinstance(new[key], dict):
-                keys += changed(old[key], new[key], dotted + ".")
-            elif old[key] != new[key]:
-                keys.append(f"{dotted}: {old[key]!r} there, {new[key]!r} here")
-        return keys
-
-    differences = sorted(changed(comparable(saved.config), comparable(OmegaConf.to_container(cfg, resolve=True))))
-    if differences:
-        raise ConfigError(f"resume=auto: {run_dir} holds a run of another config ({'; '.join(differences[:3])}"
-                          f"{'; ...' if len(differences) > 3 else ''}); continuing it would mix the two: rerun with "
+    changed = sorted(f"{key}: {old!r} there, {new!r} here" for key, old, new in
+                     differences(comparable(saved.config), comparable(OmegaConf.to_container(cfg, resolve=True))))
+    if changed:
+        raise ConfigError(f"resume=auto: {run_dir} holds a run of another config ({'; '.join(changed[:3])}"
+                          f"{'; ...' if len(changed) > 3 else ''}); continuing it would mix the two: rerun with "
                           f"its values, or into another folder")
 
 
@@ -308,6 +319,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
     validate_config(cfg)
     if cfg.resume == "auto" and previous is not None and previous.status not in FINISHED:
         refuse_changed_config(run_dir, previous, cfg, checkpointed=ckpt is not None)
+        if ckpt is not None:
+            keep_derived_values(cfg, previous.config)
     if cfg.resume == "auto" and is_complete(run_dir):
         log.info(f"{run_dir}: already complete, skipped (resume=auto)")
         return previous  # type: ignore[return-value]
