@@ -375,9 +375,15 @@ def test_a_run_resumed_with_more_epochs_keeps_the_lrs_its_csv_logged(tmp_path: P
     (tmp_path / "summary.json").write_text(json.dumps({**summary(tmp_path), "status": "interrupted"}))
     resumed = run(compose_config(*base, "resume=auto", "epochs=3"), tmp_path, ["resume=auto", "epochs=3"])
     assert logged_lrs()[:2] == first and len(logged_lrs()) == 3
+    logged_lrs_before = logged_lrs()
     # its record says what it ran with: 3 epochs, the scheduler (from the checkpoint) with T_max 2
     assert (resumed.config["epochs"], resumed.config["scheduler"]["T_max"]) == (3, 2)
     assert summary(tmp_path)["config"]["scheduler"]["T_max"] == 2
+    # and it can be continued again: T_max 2 recorded beside epochs 3 is not a changed config
+    (tmp_path / "summary.json").write_text(json.dumps({**summary(tmp_path), "status": "interrupted"}))
+    again = run(compose_config(*base, "resume=auto", "epochs=4"), tmp_path, ["resume=auto", "epochs=4"])
+    assert (again.status, len(again.epochs), again.config["scheduler"]["T_max"]) == ("complete", 4, 2)
+    assert logged_lrs()[:3] == logged_lrs_before and len(logged_lrs()) == 4
 
 
 def test_a_resumed_run_stopped_before_it_trains_keeps_its_csv_rows(tmp_path: Path,
@@ -404,6 +410,26 @@ def test_a_resumed_run_stopped_before_it_trains_keeps_its_csv_rows(tmp_path: Pat
         run(compose_config(f"resume={tmp_path}", "epochs=2"), tmp_path / "cmd", [f"resume={tmp_path}", "epochs=2"])
     # the fit's rows; the last row was the finished run's result (test/acc, val/acc_best), logged after its fit
     assert logged() == finished[:-1] and "val/acc_best" in finished[-1]
+
+
+def test_a_resumed_overfit_batches_run_keeps_its_csv_rows(tmp_path: Path) -> None:
+    """trainer.overfit_batches=2 (Lightning's epoch: 2 batches, whatever limit_train_batches says): a run continued
+    with resume=auto gets back the CSV rows of its first epochs at their steps (2, 4)."""
+    import csv
+
+    from conftest import compose_config
+    from optimlab.train import run
+
+    def logged() -> list[dict[str, str]]:
+        return [{k: v for k, v in row.items() if v} for row in csv.DictReader((tmp_path / "csv" / "metrics.csv").open())]
+
+    base = [*TINY, "logger=csv", "trainer.overfit_batches=2", "trainer.log_every_n_steps=1"]
+    run(compose_config(*base, "epochs=2"), tmp_path)
+    first = logged()
+    assert [row["step"] for row in first if "train/acc" in row] == ["2", "4"]
+    (tmp_path / "summary.json").write_text(json.dumps({**summary(tmp_path), "status": "interrupted"}))
+    run(compose_config(*base, "resume=auto", "epochs=3"), tmp_path, ["resume=auto", "epochs=3"])
+    assert logged()[:len(first) - 1] == first[:-1]  # the first run's rows but its result, logged after its fit
 
 
 def test_resume_auto_compares_configs_only_where_there_is_something_to_continue(tmp_path: Path) -> None:

@@ -169,8 +169,9 @@ class RunRecord(Checkpoint):
     def rewrite_csv(self, loggers: list[Logger]) -> None:
         """A resumed run's CSV rows from before the resume, once: a new ``CSVLogger`` deletes the
         ``metrics.csv`` it finds, so the rows its checkpoint's record holds are logged again (and saved at
-        once), as the run logged them (:func:`logged_in_fit`; a resumed run never diverged, so each of its
-        epochs took ``steps_per_epoch`` updates). TensorBoard keeps its earlier event files."""
+        once), as the run logged them (:func:`logged_in_fit`: each epoch took ``steps_per_epoch`` updates,
+        unless the run diverged, stopped by its test and continued with ``resume=auto``). TensorBoard keeps
+        its earlier event files."""
         csv_loggers = [logger for logger in loggers if isinstance(logger, CSVLogger)]
         if not self._csv_to_rewrite or not csv_loggers:
             return
@@ -178,8 +179,9 @@ class RunRecord(Checkpoint):
         if self.sharpness is not None:
             self.sharpness.restore()
         curvature = self.sharpness.run_record() if self.sharpness is not None else None
+        steps = self.guard.step if self.guard.diverged else len(self.history) * self.steps_per_epoch
         replay(csv_loggers, logged_in_fit(self.config, self.history, self.train_steps, curvature, self.steps_per_epoch,
-                                          len(self.history) * self.steps_per_epoch,
+                                          steps,
                                           self.epoch_lrs if len(self.epoch_lrs) >= len(self.history) else None))
         for logger in csv_loggers:
             logger.save()

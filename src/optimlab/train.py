@@ -11,6 +11,7 @@ import contextlib
 import copy
 import logging
 import os
+import re
 import signal
 import sys
 import warnings
@@ -240,6 +241,16 @@ def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> I
             yield f"{prefix}{key}", old[key], new[key]
 
 
+def interpolates_resume_keys(raw: dict[str, Any], dotted: str) -> bool:
+    """Whether the unresolved config ``raw`` has at ``dotted`` an interpolation of a
+    :data:`MAY_DIFFER_ON_RESUME` key (``${epochs}``)."""
+    value: Any = raw
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return isinstance(value, str) and any(re.search(r"\$\{[^}]*(?<![\w.])" + re.escape(key) + r"(?!\w)", value)
+                                          for key in MAY_DIFFER_ON_RESUME)
+
+
 def keep_derived_values(cfg: DictConfig, recorded: dict[str, Any]) -> None:
     """Set in ``cfg`` (a ``resume=auto`` run's, :func:`refuse_changed_config` passed) the ``recorded``
     value of every key that differs from it only because it derives from a key a resume may change: the
@@ -266,8 +277,12 @@ def refuse_changed_config(run_dir: Path, saved: RunSummary, cfg: DictConfig, che
             if value is not None and OmegaConf.select(cfg, key, default=None) is not None:
                 OmegaConf.update(cfg, key, value, merge=False)
 
+    # A value that interpolates a key a resume may change is the recorded one where a run was continued
+    # (keep_derived_values): T_max 2 recorded beside epochs 3, which ${epochs} would make 3.
+    raw = OmegaConf.to_container(cfg, resolve=False)
     changed = sorted(f"{key}: {old!r} there, {new!r} here" for key, old, new in
-                     differences(comparable(saved.config), comparable(OmegaConf.to_container(cfg, resolve=True))))
+                     differences(comparable(saved.config), comparable(OmegaConf.to_container(cfg, resolve=True)))
+                     if not interpolates_resume_keys(raw, key))
     if changed:
         raise ConfigError(f"resume=auto: {run_dir} holds a run of another config ({'; '.join(changed[:3])}"
                           f"{'; ...' if len(changed) > 3 else ''}); continuing it would mix the two: rerun with "
@@ -333,7 +348,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
     if ckpt is not None:
         check_checkpoint(ckpt, module)
     datamodule.setup()  # reads and checks the files: a DataError stops us before anything is written
-    steps_per_epoch = epoch_batches(len(datamodule.train_y), datamodule.batch_size, cfg.trainer.limit_train_batches)
+    # Lightning trains on trainer.overfit_batches batches instead, where that is above 0.
+    limit_key = "trainer.overfit_batches" if cfg.trainer.overfit_batches else "trainer.limit_train_batches"
+    steps_per_epoch = epoch_batches(len(datamodule.train_y), datamodule.batch_size, OmegaConf.select(cfg, limit_key),
+                                    limit_key)
     config = OmegaConf.to_container(cfg, resolve=True)
     curvature = cfg.get("curvature")  # absent from the configs of runs recorded before it existed
     sharpness = (SharpnessCallback(curvature.every_n_steps, curvature.probe_size, cfg.seed, iters=curvature.iters,
@@ -370,7 +388,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
             log_result(trainer.loggers, summary)
             close_loggers(trainer.loggers, "success")
         except (SystemExit, KeyboardInterrupt):  # Lightning exits after its graceful shutdown
-            record.rewrite_csv(trainer.loggers)  # stopped after its record came back, before training started
+            with contextlib.suppress(Exception):  # stopped after its record came back, before training started
+                record.rewrite_csv(trainer.loggers)
             close_loggers(trainer.loggers, "interrupted")
             if ckpt is None or record.history:  # a resumed run stopped before its record came back keeps the old one
                 record.write("interrupted", trainer)
