@@ -79,6 +79,14 @@ def data_passes(config: Mapping[str, Any], epochs: int, train_size: int | None) 
     return epochs * min(train_size, batches * batch) / train_size
 
 
+def dotted_value(config: Mapping[str, Any], dotted: str) -> Any:
+    """The value at the dotted key ``dotted`` of the plain nested dict ``config``, or None where it has none."""
+    node: Any = config
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
 def config_key(config: Mapping[str, Any], without: Iterable[str]) -> str:
     """``config`` (values, or a Hydra node: its values, interpolations resolved) without the dotted
     keys ``without``, as a string: two configs that differ only in those keys have the same key
@@ -87,10 +95,8 @@ def config_key(config: Mapping[str, Any], without: Iterable[str]) -> str:
         config = OmegaConf.to_container(config, resolve=True)  # type: ignore[assignment]
     config = json.loads(json.dumps(config, default=str))
     for dotted in without:
-        *path, last = dotted.split(".")
-        node = config
-        for part in path:
-            node = node.get(part) if isinstance(node, dict) else None
+        parent, _, last = dotted.rpartition(".")
+        node = dotted_value(config, parent) if parent else config
         if isinstance(node, dict):
             node.pop(last, None)
     return json.dumps(config, sort_keys=True)

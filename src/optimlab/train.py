@@ -33,7 +33,7 @@ from optimlab.data import epoch_batches
 from optimlab.files import remove_stale_temporaries
 from optimlab.hydra_job import save_job_record
 from optimlab.record import RunRecord, close_loggers, device_name, log_result, result_line
-from optimlab.summary import FINISHED, SUMMARY, RunSummary, is_complete, read_summary, write_summary
+from optimlab.summary import FINISHED, SUMMARY, RunSummary, dotted_value, is_complete, read_summary, write_summary
 from optimlab.validate import ConfigError, rule_error, validate_config
 
 # Lightning's start-up banners (GPU available, tips) drown the run's own lines.
@@ -244,9 +244,7 @@ def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> I
 def interpolates_resume_keys(raw: dict[str, Any], dotted: str) -> bool:
     """Whether the unresolved config ``raw`` has at ``dotted`` an interpolation of a
     :data:`MAY_DIFFER_ON_RESUME` key (``${epochs}``)."""
-    value: Any = raw
-    for part in dotted.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
+    value = dotted_value(raw, dotted)
     return isinstance(value, str) and any(re.search(r"\$\{[^}]*(?<![\w.])" + re.escape(key) + r"(?!\w)", value)
                                           for key in MAY_DIFFER_ON_RESUME)
 

@@ -296,7 +296,7 @@ class SharpnessCallback(L.Callback):
         if not isinstance(getattr(pl_module, "model", None), nn.Module):
             raise ValueError("SharpnessCallback needs the LightningModule's classifier as its .model attribute")
         optimizer = trainer.optimizers[0]
-        # fails here, not mid-run
+        # an optimizer with no known threshold fails here, not mid-run
         self.threshold_formula = threshold_formula(optimizer, float(optimizer.param_groups[0]["lr"]))
         self.preconditioned = uses_preconditioner(optimizer)
         if self.given_probe is not None:

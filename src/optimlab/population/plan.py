@@ -38,7 +38,7 @@ from optimlab.population.data import split_indices
 from optimlab.population.schedule import why_not_followed
 from optimlab.population.stacked import STACKED, build_member
 from optimlab.population.stopping import followed
-from optimlab.summary import config_key, describe_run, is_complete, read_summary
+from optimlab.summary import config_key, describe_run, dotted_value, is_complete, read_summary
 from optimlab.train import refuse_changed_config
 from optimlab.validate import RULES, ConfigError, rule_error, validate_config
 
@@ -269,10 +269,7 @@ def shared_keys_pass(values: dict[str, Any], cfg: DictConfig) -> bool:
     rule allows (those with a rule in :data:`~optimlab.validate.RULES`), and ``cfg``'s optimizer is built
     with them (a stand-in parameter: the constructor's checks of its arguments)."""
     for key in SHARED_CHECK_KEYS:
-        node: Any = values
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if key in RULES and rule_error(key, node) is not None:
+        if key in RULES and rule_error(key, dotted_value(values, key)) is not None:
             return False
     try:
         cls, options = optimizer_class(cfg.optimizer)

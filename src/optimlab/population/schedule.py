@@ -23,6 +23,7 @@ from torch import Tensor
 
 from optimlab.lr_schedule import stand_in, stand_in_scheduler, stepping_stand_ins
 
+
 def why_not_followed(cfg: DictConfig) -> str | None:
     """Why a population cannot follow ``cfg.scheduler`` member by member, from a stand-in's run of the job's
     epochs, or None: it changes optimizer options other than lr (when built or when stepped: a population
