@@ -29,6 +29,7 @@ from optimlab.population import launcher, plan
 from optimlab.population.cluster import Executor
 from optimlab.population.launcher import PopulationCrashed, finish_member, train_members
 from optimlab.population.plan import Job, PlanError, check_plan_is_the_sweeps, group, population_key, why_alone
+from optimlab.report import main as report_main
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["data.subset=256", "data.val_size=500", "epochs=1", "model.hidden=[16]", "trainer.accelerator=cpu"]
@@ -149,9 +150,9 @@ def test_task_configs_equal_the_copy_out_of_hydras_composition(loaders) -> None:
     from optimlab.population.compose import task_part
 
     hydra_loader, master, caching = loaders
-    for overrides in SHAPES + SHAPES:  # the second time round every shape has been checked
+    hydras = [task_part(hydra_loader.load_sweep_config(master, overrides)) for overrides in SHAPES]
+    for overrides, expected in zip(SHAPES + SHAPES, hydras + hydras):  # the second time round every shape has been checked
         task = caching.task_config(master, overrides, caching.compose(master, overrides))
-        expected = task_part(hydra_loader.load_sweep_config(master, overrides))
         assert OmegaConf.to_yaml(task) == OmegaConf.to_yaml(expected), overrides
         for node in (lambda c: c, lambda c: c.model, lambda c: c.trainer):
             assert OmegaConf.is_struct(node(task)) == OmegaConf.is_struct(node(expected))
@@ -644,12 +645,12 @@ def test_a_population_sweep_equals_the_sequential_sweep(mnist_root: Path, tmp_pa
     summary.json keys, status, steps, regime, divergence, training, validation and test metrics to
     1e-9 relative (a float64 run also evaluates in float64), per-step scalars to 1e-9; each with TensorBoard events (step and
     epoch scalars, HPARAMS), and
-    optimlab-report reads the sweep. Evaluation batches of 100 leave a short last one (256 images), whose
-    loss must count by its size. (Adagrad at lr 0.1 differed by up to 6e-8 while a 64-true run built its
+    optimlab-report reads the sweep. Evaluation batches of 3,000 leave the test set a short last one
+    (1,000 images), whose loss must count by its size. (Adagrad at lr 0.1 differed by up to 6e-8 while a 64-true run built its
     optimizer before Lightning cast the weights: its accumulator was float32.)"""
     pop, seq, out = sweep_both_ways(tmp_path, "optimizer=sgd,adam,rmsprop,adagrad", "lr=0.1,1e307",
                                     "seed=0,1", "model.hidden=[8]", "trainer.precision=64-true",
-                                    "trainer.log_every_n_steps=3", "data.eval_batch_size=100", *budget)
+                                    "trainer.log_every_n_steps=3", "data.eval_batch_size=3000", *budget)
     assert "16 jobs -> 16 in 4 population(s)" in out
     assert len(seq) == 16
     for name, ref in seq.items():
@@ -704,9 +705,7 @@ def test_a_population_sweep_equals_the_sequential_sweep(mnist_root: Path, tmp_pa
             assert epoch_lines["population"] == epoch_lines["sequential"], name  # float64: the same to 4 decimals
         assert epoch_lines["population"][0].startswith("epoch   1/2 | train loss "), name
         assert f"{pop[name]['description']['optimizer']} lr" in logs["population"] and "| regime: " in logs["population"]
-    report = subprocess.run([str(Path(sys.executable).with_name("optimlab-report")), str(tmp_path / "population")],
-                            capture_output=True, text=True, timeout=300)
-    assert report.returncode == 0, report.stderr
+    assert report_main([str(tmp_path / "population")]) == 0
     assert "16 runs" in (tmp_path / "population" / "report.md").read_text()
 
 
@@ -948,9 +947,7 @@ def test_a_tracked_population_records_the_sharpness_its_runs_record(mnist_root: 
     first = next(iter(pop))
     events = b"".join(p.read_bytes() for p in (tmp_path / "population" / first / "tensorboard").glob("events.*"))
     assert b"curvature/sharpness" in events and b"curvature/threshold" in events
-    report = subprocess.run([str(Path(sys.executable).with_name("optimlab-report")), str(tmp_path / "population")],
-                            capture_output=True, text=True, timeout=300)
-    assert report.returncode == 0, report.stderr
+    assert report_main([str(tmp_path / "population")]) == 0
     assert (tmp_path / "population" / "sharpness.png").is_file()
 
 
@@ -1248,20 +1245,21 @@ def test_a_population_applies_trainer_deterministic_as_lightning_does_for_a_run(
     assert calls == [True] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
 
 
-# How many more blocks malloc has mapped (mmap) after a 64 MB tensor is allocated, in a fresh process
-# (the setting is process-wide), with glibc's defaults or after keep_freed_memory().
+# How many more blocks malloc maps (mmap) for a 64 MB tensor in a fresh process (the setting is
+# process-wide): with glibc's defaults, then, once that tensor is freed, after keep_freed_memory().
 MAPPED_BLOCKS = """
-import ctypes, sys, torch
+import ctypes, torch
 from optimlab.population.launcher import keep_freed_memory
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Mallinfo2
-applied = sys.argv[1] == "keep" and keep_freed_memory()
-before = libc.mallinfo2().hblks
-block = torch.empty(64 * 2**20, dtype=torch.uint8)
-print(applied, libc.mallinfo2().hblks - before)
+def mapped_for_a_block():
+    before = libc.mallinfo2().hblks
+    block = torch.empty(64 * 2**20, dtype=torch.uint8)
+    return libc.mallinfo2().hblks - before
+print(mapped_for_a_block(), keep_freed_memory(), mapped_for_a_block())
 """
 
 
@@ -1275,11 +1273,8 @@ def test_a_cpu_population_keeps_freed_memory_for_reuse(mnist_root: Path, tmp_pat
     """A large tensor is mapped afresh by glibc's defaults (and faulted in page by page each step);
     after ``keep_freed_memory()`` it comes from the heap that earlier steps freed. A population on the
     CPU asks for it before it builds anything."""
-    def mapped(mode: str) -> str:
-        return subprocess.run([sys.executable, "-c", MAPPED_BLOCKS, mode], capture_output=True, text=True,
-                              check=True).stdout.split()
-
-    assert mapped("default") == ["False", "1"] and mapped("keep") == ["True", "0"]
+    mapped = subprocess.run([sys.executable, "-c", MAPPED_BLOCKS], capture_output=True, text=True, check=True)
+    assert mapped.stdout.split() == ["1", "True", "0"]
     calls: list[str] = []
     monkeypatch.setattr(launcher, "keep_freed_memory", lambda: calls.append("asked"))
     assert train_two_members(tmp_path) == ["complete", "complete"] and calls == ["asked"]
@@ -1383,45 +1378,54 @@ def test_a_stop_while_members_are_finished_waits_for_the_last(mnist_root: Path, 
     assert not list((tmp_path / ".populations").glob("*.ckpt"))
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_population(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """The RESUMABLE sweep trained straight through (inline; forked populations record the same, tested
+    below): each member's :func:`untimed` summary by job folder."""
+    sweep = tmp_path_factory.mktemp("straight")
+    straight = train(*RESUMABLE, f"hydra.sweep.dir={sweep}")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    expected = {name: untimed(s) for name, s in summaries(sweep).items()}
+    assert len(expected) == 4 and all(len(s["epochs"]) == 3 for s in expected.values())
+    assert all([row["step"] for row in s["train_steps"]] == [0, 5, 10] for s in expected.values())
+    return expected
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("executor,outcomes", [
-    ("inline", {"SIGKILL": (-9, "running"), "SIGTERM": (143, "interrupted")}),
+@pytest.mark.parametrize("executor,sig,code,status", [
+    ("inline", "SIGKILL", -9, "running"),
     # The process that trains the population is a child of the launcher: killed, its members are recorded
     # crashed (the sweep goes on and exits 1); stopped, the sweep stops as it did.
-    ("processes", {"SIGKILL": (1, "crashed"), "SIGTERM": (143, "interrupted")})])
-def test_a_killed_or_stopped_population_resumes_bitwise(mnist_root: Path, tmp_path: Path, executor: str,
-                                                        outcomes: dict[str, tuple[int, str]]) -> None:
+    ("processes", "SIGKILL", 1, "crashed"),
+    ("processes", "SIGTERM", 143, "interrupted")])
+def test_a_killed_or_stopped_population_resumes_bitwise(mnist_root: Path, tmp_path: Path, executor: str, sig: str,
+                                                        code: int, status: str,
+                                                        uninterrupted_population: dict[str, dict]) -> None:
     """Four members, three epochs (float32, CPU, one thread). SIGKILL to the process that trains
     them right after epoch 1's checkpoint, or SIGTERM there (summaries 'interrupted', exit 143);
     rerun with resume=auto: the population continues from its checkpoint and every member's summary
     equals the uninterrupted population's (epoch rows but their times, test accuracy and loss),
     bitwise; the checkpoint is removed at the end."""
-    resumable = [*RESUMABLE, f"hydra.launcher.executor={executor}"]
-    straight = train(*resumable, f"hydra.sweep.dir={tmp_path / 'straight'}")
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    expected = {name: untimed(s) for name, s in summaries(tmp_path / "straight").items()}
-    assert len(expected) == 4 and all(len(s["epochs"]) == 3 for s in expected.values())
-    assert all([row["step"] for row in s["train_steps"]] == [0, 5, 10] for s in expected.values())
-    for sig, (code, status) in outcomes.items():
-        sweep = tmp_path / sig
-        killed = subprocess.run([sys.executable, "-c", SIGNAL_AFTER_FIRST_CHECKPOINT.format(signal=sig),
-                                 str(REPO / "train.py"), *resumable, f"hydra.sweep.dir={sweep}"],
-                                cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert killed.returncode == code, killed.stderr[-3000:]
-        [checkpoint] = (sweep / ".populations").glob("*.ckpt")
-        assert {s["status"] for s in summaries(sweep).values()} == {status}
-        assert all(s["population"]["checkpoint"] == str(checkpoint) for s in summaries(sweep).values())
-        if sig == "SIGTERM":
-            assert "rerun the sweep with resume=auto to continue from its checkpoint" in killed.stderr
-        # In a process of its own: a forked child's lines reach the real stdout, not the test's capture.
-        resumed = subprocess.run([sys.executable, str(REPO / "train.py"), "-m", *resumable, "resume=auto",
-                                  f"hydra.sweep.dir={sweep}"], cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
-        assert f"population 1: resumed from {checkpoint} after epoch 1" in resumed.stdout
-        assert "population 1: epoch   1/3" not in resumed.stdout and "population 1: epoch   3/3" in resumed.stdout
-        got = summaries(sweep)
-        assert {name: untimed(s) for name, s in got.items()} == expected, sig
-        assert all(s["population"]["checkpoint"] is None for s in got.values()) and not checkpoint.exists()
+    resumable = [*RESUMABLE, f"hydra.launcher.executor={executor}", f"hydra.sweep.dir={tmp_path}"]
+    killed = subprocess.run([sys.executable, "-c", SIGNAL_AFTER_FIRST_CHECKPOINT.format(signal=sig),
+                             str(REPO / "train.py"), *resumable], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == code, killed.stderr[-3000:]
+    [checkpoint] = (tmp_path / ".populations").glob("*.ckpt")
+    assert {s["status"] for s in summaries(tmp_path).values()} == {status}
+    assert all(s["population"]["checkpoint"] == str(checkpoint) for s in summaries(tmp_path).values())
+    if sig == "SIGTERM":
+        assert "rerun the sweep with resume=auto to continue from its checkpoint" in killed.stderr
+    if executor == "inline":
+        resumed = train(*resumable, "resume=auto")
+    else:  # in a process of its own: a forked child's lines reach the real stdout, not the test's capture
+        resumed = subprocess.run([sys.executable, str(REPO / "train.py"), "-m", *resumable, "resume=auto"],
+                                 cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"population 1: resumed from {checkpoint} after epoch 1" in resumed.stdout
+    assert "population 1: epoch   1/3" not in resumed.stdout and "population 1: epoch   3/3" in resumed.stdout
+    got = summaries(tmp_path)
+    assert {name: untimed(s) for name, s in got.items()} == uninterrupted_population
+    assert all(s["population"]["checkpoint"] is None for s in got.values()) and not checkpoint.exists()
 
 
 @pytest.mark.slow

@@ -1,22 +1,21 @@
 """Every `python train.py` and `optimlab-report` command of the README, word for word, at a tiny
 budget (appended overrides shrink the data and the epochs). Plain runs and the jobs of plain sweeps
 run in-process (a new process per command would cost seconds of imports each); the commands that
-need Hydra's plugins (joblib, Optuna) run as a user runs them; the big named grids have every job
-composed and validated by test_configs.py, and their first job here."""
+need Hydra's plugins (joblib, Optuna) run whole through train.py's command line (in this process:
+joblib's workers are processes of their own); the big named grids have every job composed and
+validated by test_configs.py, and their first job here."""
 
 from __future__ import annotations
 
 import itertools
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from conftest import REPO, compose_config
+from conftest import REPO, compose_config, run_script
 from optimlab.report import main as report_main
 from optimlab.train import run
 from optimlab.validate import validate_config
@@ -24,7 +23,7 @@ from test_configs import sweep_jobs
 
 TINY = ["data.subset=256", "data.val_size=256", "epochs=1", "trainer.limit_train_batches=null",  # the maps' 0.1: no batch
         "trainer.progress_bar=false"]
-PLUGINS = ("hydra/launcher=joblib", "hparams_search=optuna")  # run as a subprocess, as a user would
+PLUGINS = ("hydra/launcher=joblib", "hparams_search=optuna")  # run whole, through the command line
 
 
 def readme_commands() -> list[str]:
@@ -74,8 +73,7 @@ def test_readme_plugin_command_runs(tmp_path: Path, command: str) -> None:
     extra = [*TINY, f"hydra.sweep.dir={tmp_path / 'out'}"]
     if "hparams_search=optuna" in command:
         extra.append("hydra.sweeper.n_trials=2")
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), *shlex.split(command)[2:], *extra],
-                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    result = run_script(REPO / "train.py", *shlex.split(command)[2:], *extra, cwd=tmp_path)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert len(list((tmp_path / "out").glob("*/summary.json"))) == 2
 
