@@ -87,7 +87,7 @@ def test_killed_run_resumed_equals_uninterrupted_run(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_leaves_checkpoint_events_and_interrupted_summary(tmp_path: Path, sig: signal.Signals) -> None:
-    proc = start(*RUN, "epochs=50", f"hydra.run.dir={tmp_path}")
+    proc = start(*RUN, "epochs=50", "data.test_every_epoch=false", f"hydra.run.dir={tmp_path}")
     wait_for(tmp_path / "checkpoints" / "last.ckpt", proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)

@@ -149,7 +149,7 @@ def test_a_sweep_with_many_overrides_gets_short_job_folders(tmp_path: Path, laun
 
 @pytest.mark.slow
 def test_cnn_single_run(tmp_path: Path) -> None:
-    result = train("model=cnn", "lr=0.06", *FAST, f"hydra.run.dir={tmp_path}")
+    result = train("model=cnn", "lr=0.06", *FAST, "data.test_every_epoch=false", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = check_run_dir(tmp_path)
     assert summary["config"]["model"]["_target_"] == "optimlab.models.CNN"
