@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import statistics
+import warnings
 from pathlib import Path
 
 import pytest
@@ -371,3 +372,24 @@ def test_panel_titles_tell_runs_apart_only_where_they_would_look_alike() -> None
     runs = [{**base, "widths": "8", "seed": 0}, {**base, "widths": "8x8", "seed": 1}, {**base, "lr": 1.0, "widths": "8", "seed": 0}]
     assert _run_titles(runs) == ["default: sgd lr 0.1\n8, seed 0: slow", "default: sgd lr 0.1\n8x8, seed 1: slow",
                                  "default: sgd lr 1\nslow"]
+
+
+def test_the_lr_axis_places_lrs_up_to_the_largest_floats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep of lr 0.1 and 1e307 (a float64 run driven to overflow): both points lie on the lr axis, and
+    drawing it warns of nothing (matplotlib's log axis overflowed there and showed lr 1 to 10, no point on it)."""
+    from matplotlib.figure import Figure
+
+    fake_run(tmp_path, "0_lr=0.1", "SGD", 0.1, 8, 0, 0.9)
+    fake_run(tmp_path, "1_lr=1e307", "SGD", 1e307, 8, 0, 0.1, regime="diverging")
+    drawn: dict[str, Figure] = {}
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kwargs: drawn.setdefault(Path(path).name, fig))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report(tmp_path)
+    figure = drawn["lr_sensitivity.png"]
+    figure.canvas.draw()
+    ax = figure.axes[0]
+    low, high = ax.get_xlim()
+    placed = [x for line in ax.lines for x in line.get_xdata()]  # at log10(lr)
+    assert sorted(placed) == pytest.approx([-1, 307]) and low < -1 and high > 307
+    assert "$10^{0}$" in [label.get_text() for label in ax.get_xticklabels()]

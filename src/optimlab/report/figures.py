@@ -88,6 +88,8 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
     """Final test accuracy against lr, one line per optimizer, points coloured by regime (majority
     over seeds); one panel per model width when the sweep varies it."""
     plt = _plt()
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
     widths = sorted({r["widths"] for r in rows if on_lr_axis(r)}, key=width_key)
     optimizers = sorted({r["setting"] for r in rows if on_lr_axis(r)})
     # optimizers by line style and marker, never by colour: colour means the regime
@@ -103,12 +105,15 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
             lrs = sorted(points)
             means = [statistics.fmean([m["final_test_acc"] or 0.0 for m in points[lr]]) for lr in lrs]
             line, marker = styles[optimizer]
-            ax.plot(lrs, means, line, color="0.35", zorder=2)
+            # Drawn at log10(lr) on a linear axis: matplotlib's log axis overflows past ~1e290 (a sweep's
+            # lr 1e307 left it showing 1 to 10, every point off it).
+            ax.plot([math.log10(lr) for lr in lrs], means, line, color="0.35", zorder=2)
             for lr, mean in zip(lrs, means):
                 regimes = Counter(m["regime"] for m in points[lr])
-                ax.scatter([lr], [mean], color=REGIME_COLORS.get(max(regimes, key=regimes.get), "black"),
+                ax.scatter([math.log10(lr)], [mean], color=REGIME_COLORS.get(max(regimes, key=regimes.get), "black"),
                            marker=marker, zorder=3, s=40, edgecolor="black", linewidth=0.5)
-        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda exponent, _: f"$10^{{{exponent:g}}}$"))
         ax.set_xlabel("learning rate")
         ax.set_ylim(0, 1)
         ax.set_title(f"widths {width}" if len(widths) > 1 else "")
