@@ -127,6 +127,13 @@ def test_a_single_epoch_is_judged_against_chance_level_loss() -> None:
     assert diagnose(history([110.0], [0.10])).regime == "diverging"
 
 
+def test_a_loss_that_rose_is_said_to_have_risen() -> None:
+    above_chance = diagnose(history([3.07], [0.10]))
+    assert "train loss rose 0.7674 nats/epoch above the chance-level loss ln(10)" in " ".join(above_chance.evidence)
+    rising = diagnose(history([2.0, 2.08, 2.16], [0.20, 0.21, 0.22]))  # 4% an epoch: under oscillating's 5%
+    assert "train loss rose 0.0800 nats/epoch over the last 2 epochs" in " ".join(rising.evidence), rising.evidence
+
+
 def test_a_steady_crawl_at_chance_is_slow_but_a_blow_up_is_diverging() -> None:
     assert diagnose(history([2.55, 2.52, 2.49], [0.12, 0.14, 0.15])).regime == "slow"
     assert diagnose(history([110.0, 109.0, 108.0], [0.10, 0.10, 0.10])).regime == "diverging"

@@ -377,9 +377,11 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
                            f"{m['gap_growth_since_val_peak']:.3f} (val_acc's sampling noise {m['val_acc_noise']:.3g}): more "
                            f"epochs fit the training set, not the task")
         span = min(t.window, int(m["epochs"]) - 1)
-        trend = (f"train loss fell {m['recent_loss_drop']:.4f} nats/epoch "
-                 + (f"over the last {span} epochs" if span else "below the chance-level loss ln(10)")
-                 + f" (threshold {t.slow_min_loss_drop})")
+        rose = m["recent_loss_drop"] < 0  # a negative drop is said as a rise
+        trend = (f"train loss {'rose' if rose else 'fell'} {abs(m['recent_loss_drop']):.4f} nats/epoch "
+                 + (f"over the last {span} epochs" if span else
+                    f"{'above' if rose else 'below'} the chance-level loss ln(10)")
+                 + f" (threshold: a fall of {t.slow_min_loss_drop})")
         if m["recent_loss_drop"] >= t.slow_min_loss_drop or math.isnan(m["recent_loss_drop"]):
             return verdict("slow", low, "still improving: " + trend)
         learned = m["final_train_loss"] <= t.underfit_loss_ratio * math.log(10)
