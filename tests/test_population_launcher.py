@@ -1383,7 +1383,7 @@ def uninterrupted_population(mnist_root: Path, tmp_path_factory: pytest.TempPath
     """The RESUMABLE sweep trained straight through (inline; forked populations record the same, tested
     below): each member's :func:`untimed` summary by job folder."""
     sweep = tmp_path_factory.mktemp("straight")
-    straight = train(*RESUMABLE, f"hydra.sweep.dir={sweep}")
+    straight = train(*RESUMABLE, "hydra.launcher.executor=inline", f"hydra.sweep.dir={sweep}")
     assert straight.returncode == 0, straight.stderr[-3000:]
     expected = {name: untimed(s) for name, s in summaries(sweep).items()}
     assert len(expected) == 4 and all(len(s["epochs"]) == 3 for s in expected.values())
@@ -1394,6 +1394,7 @@ def uninterrupted_population(mnist_root: Path, tmp_path_factory: pytest.TempPath
 @pytest.mark.slow
 @pytest.mark.parametrize("executor,sig,code,status", [
     ("inline", "SIGKILL", -9, "running"),
+    ("inline", "SIGTERM", 143, "interrupted"),
     # The process that trains the population is a child of the launcher: killed, its members are recorded
     # crashed (the sweep goes on and exits 1); stopped, the sweep stops as it did.
     ("processes", "SIGKILL", 1, "crashed"),

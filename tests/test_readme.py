@@ -69,12 +69,14 @@ def test_readme_command_runs(tmp_path: Path, command: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", [c for c in TRAIN if any(p in c for p in PLUGINS)])
-def test_readme_plugin_command_runs(tmp_path: Path, command: str) -> None:
+def test_readme_plugin_command_runs(tmp_path: Path, command: str, capfd: pytest.CaptureFixture[str]) -> None:
     extra = [*TINY, f"hydra.sweep.dir={tmp_path / 'out'}"]
     if "hparams_search=optuna" in command:
         extra.append("hydra.sweeper.n_trials=2")
     result = run_script(REPO / "train.py", *shlex.split(command)[2:], *extra, cwd=tmp_path)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    workers = capfd.readouterr().err  # joblib's worker processes write to the real stderr
+    assert "Traceback" not in workers, workers[-3000:]
     assert len(list((tmp_path / "out").glob("*/summary.json"))) == 2
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 import statistics
 import warnings
@@ -374,13 +375,13 @@ def test_panel_titles_tell_runs_apart_only_where_they_would_look_alike() -> None
                                  "default: sgd lr 1\nslow"]
 
 
-def test_the_lr_axis_places_lrs_up_to_the_largest_floats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A sweep of lr 0.1 and 1e307 (a float64 run driven to overflow): both points lie on the lr axis, and
-    drawing it warns of nothing (matplotlib's log axis overflowed there and showed lr 1 to 10, no point on it)."""
+def lr_axis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lrs: tuple[float, ...]):
+    """The first panel of lr_sensitivity.png drawn for one SGD run per lr in ``lrs`` (the last diverging),
+    with any warning an error."""
     from matplotlib.figure import Figure
 
-    fake_run(tmp_path, "0_lr=0.1", "SGD", 0.1, 8, 0, 0.9)
-    fake_run(tmp_path, "1_lr=1e307", "SGD", 1e307, 8, 0, 0.1, regime="diverging")
+    for n, lr in enumerate(lrs):
+        fake_run(tmp_path, f"{n}_lr={lr}", "SGD", lr, 8, 0, 0.9 - 0.1 * n, regime="diverging" if n == len(lrs) - 1 else "healthy")
     drawn: dict[str, Figure] = {}
     monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kwargs: drawn.setdefault(Path(path).name, fig))
     with warnings.catch_warnings():
@@ -388,8 +389,23 @@ def test_the_lr_axis_places_lrs_up_to_the_largest_floats(tmp_path: Path, monkeyp
         report(tmp_path)
     figure = drawn["lr_sensitivity.png"]
     figure.canvas.draw()
-    ax = figure.axes[0]
+    return figure.axes[0]
+
+
+def test_the_lr_axis_places_lrs_up_to_the_largest_floats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep of lr 0.1 and 1e307 (a float64 run driven to overflow): both points lie on the lr axis, and
+    drawing it warns of nothing (matplotlib's log axis overflowed there and showed lr 1 to 10, no point on it)."""
+    ax = lr_axis(tmp_path, monkeypatch, (0.1, 1e307))
     low, high = ax.get_xlim()
     placed = [x for line in ax.lines for x in line.get_xdata()]  # at log10(lr)
     assert sorted(placed) == pytest.approx([-1, 307]) and low < -1 and high > 307
     assert "$10^{0}$" in [label.get_text() for label in ax.get_xticklabels()]
+
+
+@pytest.mark.parametrize("lrs", [(0.05, 0.1), (3.16e-4, 5e-4)])
+def test_the_lr_axis_is_labelled_in_powers_of_ten_however_narrow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 lrs: tuple[float, ...]) -> None:
+    """Within one decade the ticks are still whole powers of ten, never 10^-1.28."""
+    ax = lr_axis(tmp_path, monkeypatch, lrs)
+    labels = [label.get_text() for label in ax.get_xticklabels()]
+    assert labels and all(re.fullmatch(r"\$10\^\{-?\d+\}\$", label) for label in labels), labels
