@@ -87,6 +87,15 @@ def dotted_value(config: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
+def drop_keys(config: dict[str, Any], dotted_keys: Iterable[str]) -> None:
+    """Remove from the plain nested dict ``config``, in place, each of the dotted keys it has."""
+    for dotted in dotted_keys:
+        parent, _, last = dotted.rpartition(".")
+        node = dotted_value(config, parent) if parent else config
+        if isinstance(node, dict):
+            node.pop(last, None)
+
+
 def config_key(config: Mapping[str, Any], without: Iterable[str]) -> str:
     """``config`` (values, or a Hydra node: its values, interpolations resolved) without the dotted
     keys ``without``, as a string: two configs that differ only in those keys have the same key
@@ -94,11 +103,7 @@ def config_key(config: Mapping[str, Any], without: Iterable[str]) -> str:
     if OmegaConf.is_config(config):
         config = OmegaConf.to_container(config, resolve=True)  # type: ignore[assignment]
     config = json.loads(json.dumps(config, default=str))
-    for dotted in without:
-        parent, _, last = dotted.rpartition(".")
-        node = dotted_value(config, parent) if parent else config
-        if isinstance(node, dict):
-            node.pop(last, None)
+    drop_keys(config, without)
     return json.dumps(config, sort_keys=True)
 
 

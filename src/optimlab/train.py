@@ -33,7 +33,8 @@ from optimlab.data import epoch_batches
 from optimlab.files import remove_stale_temporaries
 from optimlab.hydra_job import save_job_record
 from optimlab.record import RunRecord, close_loggers, device_name, log_result, result_line
-from optimlab.summary import FINISHED, SUMMARY, RunSummary, dotted_value, is_complete, read_summary, write_summary
+from optimlab.summary import (FINISHED, SUMMARY, RunSummary, dotted_value, drop_keys, is_complete, read_summary,
+                              write_summary)
 from optimlab.validate import ConfigError, rule_error, validate_config
 
 # Lightning's start-up banners (GPU available, tips) drown the run's own lines.
@@ -116,12 +117,8 @@ MAY_DIFFER_ON_RESUME = (*RESUME_OVERRIDES, "population")
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
     """``config`` (resolved, as a plain dict) without the :data:`MAY_DIFFER_ON_RESUME` keys."""
-    config = {key: dict(value) if isinstance(value, dict) else value for key, value in config.items()}
-    for dotted in MAY_DIFFER_ON_RESUME:
-        *parents, last = dotted.split(".")
-        node = config.get(parents[0]) if parents else config
-        if isinstance(node, dict):
-            node.pop(last, None)
+    config = copy.deepcopy(config)
+    drop_keys(config, MAY_DIFFER_ON_RESUME)
     return config
 
 
