@@ -368,7 +368,8 @@ def logged_in_fit(config: dict[str, Any], epochs: list[dict[str, Any]], train_st
         events.append(((epoch - 1, 3, 0, 0), min(epoch * steps_per_epoch, steps), epoch_scalars(row)))
     if lr_monitor_followed((config.get("callbacks") or {}).get("lr_monitor") or {}):
         cfg = OmegaConf.create(config)
-        lrs, tag = epoch_start_lrs(cfg, len(epochs)) if epoch_lrs is None else epoch_lrs[:len(epochs)], lr_monitor_tag(cfg)
+        lrs = epoch_start_lrs(cfg, len(epochs)) if epoch_lrs is None else epoch_lrs[:len(epochs)]
+        tag = lr_monitor_tag(cfg)
         events += [((epoch, 1, 0, 0), epoch * steps_per_epoch, {tag: lr}) for epoch, lr in enumerate(lrs)]
     events.sort(key=lambda event: event[0])
     return [(step, scalars) for _, step, scalars in events]

@@ -113,7 +113,7 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
                 ax.scatter([math.log10(lr)], [mean], color=REGIME_COLORS.get(max(regimes, key=regimes.get), "black"),
                            marker=marker, zorder=3, s=40, edgecolor="black", linewidth=0.5)
         # Whole decades in view, so that the ticks are powers of ten however narrow the panel's lrs.
-        exponents = [math.log10(r["lr"]) for r in rows if on_lr_axis(r) and r["widths"] == width]
+        exponents = [math.log10(lr) for points in by_opt.values() for lr in points]
         ax.set_xlim(math.floor(min(exponents)) - 0.1, math.ceil(max(exponents)) + 0.1)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda exponent, _: f"$10^{{{exponent:g}}}$"))
