@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, compose_config
+from conftest import REPO, compose_config, run_script
 from optimlab.summary import optimized_value, read_summary
 from optimlab.train import run
 
@@ -127,7 +127,7 @@ def test_optimized_metric_is_validation_only_and_a_failure_scores_the_worst_valu
 
 
 def sweep(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True, timeout=600)
+    return run_script(REPO / "train.py", *args)
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+import processes
 from conftest import CONF, compose_config, run_script
 from hydra_plugins.optimlab_population.population_launcher import PopulationLauncher
 from optimlab.hydra_job import hydra_config_of
@@ -1348,10 +1349,9 @@ def test_a_stop_held_while_the_last_epoch_is_recorded_still_stops(mnist_root: Pa
     """The signal (to the process that trains) is held until the epoch is saved, then raised: the
     population ends interrupted with both epochs recorded (exit 130), not tested and complete as if
     no one had asked it to stop."""
-    stopped = subprocess.run([sys.executable, "-c", SIGINT_IN_THE_LAST_EPOCHS_RECORD, str(REPO / "train.py"),
-                              "seed=0,1", *SMALL, "epochs=2", "hydra/launcher=population",
-                              f"hydra.launcher.executor={executor}", f"hydra.sweep.dir={tmp_path}"],
-                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    stopped = processes.run("-c", SIGINT_IN_THE_LAST_EPOCHS_RECORD, str(REPO / "train.py"), "seed=0,1", *SMALL,
+                            "epochs=2", "hydra/launcher=population", f"hydra.launcher.executor={executor}",
+                            f"hydra.sweep.dir={tmp_path}", cwd=REPO, timeout=300)
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     runs = summaries(tmp_path)
     assert len(runs) == 2 and all(s["status"] == "interrupted" and len(s["epochs"]) == 2 and s["test_acc"] is None
@@ -1365,9 +1365,9 @@ def test_a_stop_while_members_are_finished_waits_for_the_last(mnist_root: Path, 
     is written: every member is still finished (summary with its test result, TensorBoard events,
     .hydra/), then the sweep exits 130 saying so; before, the other three were left without their
     test results."""
-    stopped = subprocess.run([sys.executable, "-c", SIGINT_WHILE_FINISHING, str(REPO / "train.py"), "seed=0,1,2,3",
-                              *SMALL, "hydra/launcher=population", f"hydra.launcher.executor={executor}",
-                              f"hydra.sweep.dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    stopped = processes.run("-c", SIGINT_WHILE_FINISHING, str(REPO / "train.py"), "seed=0,1,2,3", *SMALL,
+                            "hydra/launcher=population", f"hydra.launcher.executor={executor}",
+                            f"hydra.sweep.dir={tmp_path}", cwd=REPO, timeout=300)
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     assert "stopped (SIGINT) once population 1's members were finished" in stopped.stderr
     runs = summaries(tmp_path)
@@ -1408,8 +1408,8 @@ def test_a_killed_or_stopped_population_resumes_bitwise(mnist_root: Path, tmp_pa
     equals the uninterrupted population's (epoch rows but their times, test accuracy and loss),
     bitwise; the checkpoint is removed at the end."""
     resumable = [*RESUMABLE, f"hydra.launcher.executor={executor}", f"hydra.sweep.dir={tmp_path}"]
-    killed = subprocess.run([sys.executable, "-c", SIGNAL_AFTER_FIRST_CHECKPOINT.format(signal=sig),
-                             str(REPO / "train.py"), *resumable], cwd=REPO, capture_output=True, text=True, timeout=300)
+    killed = processes.run("-c", SIGNAL_AFTER_FIRST_CHECKPOINT.format(signal=sig), str(REPO / "train.py"), *resumable,
+                           cwd=REPO, timeout=300)
     assert killed.returncode == code, killed.stderr[-3000:]
     [checkpoint] = (tmp_path / ".populations").glob("*.ckpt")
     assert {s["status"] for s in summaries(tmp_path).values()} == {status}
@@ -1419,8 +1419,7 @@ def test_a_killed_or_stopped_population_resumes_bitwise(mnist_root: Path, tmp_pa
     if executor == "inline":
         resumed = train(*resumable, "resume=auto")
     else:  # in a process of its own: a forked child's lines reach the real stdout, not the test's capture
-        resumed = subprocess.run([sys.executable, str(REPO / "train.py"), "-m", *resumable, "resume=auto"],
-                                 cwd=REPO, capture_output=True, text=True, timeout=300)
+        resumed = processes.run(str(REPO / "train.py"), "-m", *resumable, "resume=auto", cwd=REPO, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"population 1: resumed from {checkpoint} after epoch 1" in resumed.stdout
     assert "population 1: epoch   1/3" not in resumed.stdout and "population 1: epoch   3/3" in resumed.stdout
@@ -1510,11 +1509,10 @@ def test_a_launcher_that_stops_while_finishing_stops_the_populations_still_train
     members, an error escapes it, or SIGINT reaches it: the long one is stopped (its members
     'interrupted'), and the launcher exits (1, 130) instead of waiting for it to train on."""
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", WHILE_THE_LAUNCHER_FINISHES.format(name=name, action=action),
-                             str(REPO / "train.py"), "lr=0.01,0.1", "epochs=1,300", *SMALL[:2], "model.hidden=[8]",
-                             "trainer.accelerator=cpu", "hydra/launcher=population", "hydra.launcher.executor=processes",
-                             "hydra.launcher.max_parallel=2", f"hydra.sweep.dir={tmp_path}"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = processes.run("-c", WHILE_THE_LAUNCHER_FINISHES.format(name=name, action=action),
+                           str(REPO / "train.py"), "lr=0.01,0.1", "epochs=1,300", *SMALL[:2], "model.hidden=[8]",
+                           "trainer.accelerator=cpu", "hydra/launcher=population", "hydra.launcher.executor=processes",
+                           "hydra.launcher.max_parallel=2", f"hydra.sweep.dir={tmp_path}", cwd=REPO, timeout=300)
     assert result.returncode == code, result.stderr[-3000:]
     runs = summaries(tmp_path)
     statuses = sorted((s["config"]["epochs"], s["status"]) for s in runs.values())
@@ -1552,9 +1550,9 @@ def test_a_stopped_or_killed_launcher_stops_its_populations(mnist_root: Path, tm
     take that long to arrive on a busy machine) and exits as a run does; SIGKILL: the orphaned
     population gets SIGTERM and stops the same way, instead of training on (and writing into the
     folders a rerun would use)."""
-    stopped = subprocess.run([sys.executable, "-c", SIGNAL_TO_THE_LAUNCHER.format(signal=sig), str(REPO / "train.py"),
-                              *RESUMABLE, "epochs=30", "hydra.launcher.executor=processes", f"hydra.sweep.dir={tmp_path}"],
-                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    stopped = processes.run("-c", SIGNAL_TO_THE_LAUNCHER.format(signal=sig), str(REPO / "train.py"), *RESUMABLE,
+                            "epochs=30", "hydra.launcher.executor=processes", f"hydra.sweep.dir={tmp_path}",
+                            cwd=REPO, timeout=300)
     assert stopped.returncode == code, stopped.stderr[-3000:]
     for _ in range(600):  # after a SIGKILL the child stops on its own: wait for its last summary
         runs = summaries(tmp_path)

@@ -1,4 +1,4 @@
-"""Resume exactly, survive interruption, lose nothing: real subprocess runs killed and resumed."""
+"""Resume exactly, survive interruption, lose nothing: runs in processes of their own, killed and resumed."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import processes
 from conftest import REPO, run_script
 from optimlab.checkpointing import AtomicCheckpointIO
 from optimlab.divergence import LOSS_OR_GRADIENT, WEIGHTS
@@ -30,15 +31,14 @@ def train(*args: str) -> subprocess.CompletedProcess:
 def train_process(*args: str) -> subprocess.CompletedProcess:
     """train.py in a process of its own: what bitwise comparisons need (trainer.deterministic=true
     sets torch's global flags, which torch's own tests in this process have locked)."""
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True, timeout=600)
+    return processes.run(str(REPO / "train.py"), *args)
 
 
-def start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def start(*args: str) -> processes.Process:
+    return processes.Process(str(REPO / "train.py"), *args)
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+def wait_for(path: Path, proc: processes.Process, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert proc.poll() is None, proc.communicate()[1][-2000:]
@@ -574,7 +574,9 @@ def test_signals_deferred_notes_a_signal_and_restores_the_handlers() -> None:
 
 
 def test_sigint_during_start_up_exits_130_without_a_traceback(tmp_path: Path) -> None:
-    proc = start(*TINY, f"hydra.run.dir={tmp_path / 'run'}")
+    # A new interpreter: its start-up (the imports) is what is interrupted.
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *TINY, f"hydra.run.dir={tmp_path / 'run'}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Not a fixed sleep: on a loaded machine Python may not yet have reached the handler, and its own
     # KeyboardInterrupt would answer. Loading torch's libraries comes after it and seconds before training.
     deadline = time.monotonic() + 60
