@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from optimlab.data import DataError, EpochShuffle, MNISTDataModule, TensorBatches, load_split
+from optimlab.data import EpochShuffle, MNISTDataModule, TensorBatches, load_split
+from optimlab.mnist_files import DataError
 
 
 def module(root: Path, **kw) -> MNISTDataModule:

@@ -18,7 +18,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import REPO, compose_config, run_script
-from optimlab.data import DataError, MNISTDataModule, epoch_batches
+from optimlab.data import MNISTDataModule
+from optimlab.mnist_files import DataError, epoch_batches
 from optimlab.divergence import LOSS_OR_GRADIENT, WEIGHTS
 from optimlab.optim import SGD, Adagrad, Adam, RMSprop
 from optimlab.population import StackedCNN, StackedMLP, build_member

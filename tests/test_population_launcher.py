@@ -1055,7 +1055,7 @@ def test_populations_run_as_submitit_jobs(mnist_root: Path, tmp_path: Path) -> N
 def test_missing_mnist_files_are_looked_for_once_per_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every job of a sweep whose data root lacks the files fails with the data module's one-line
     error, but the files are checked (and their download tried) once, not once per job."""
-    from optimlab.data import DataError, ensure_files
+    from optimlab.mnist_files import DataError, ensure_files
 
     calls = []
     monkeypatch.setattr(plan, "ensure_files", lambda root, download: calls.append(root) or ensure_files(root, False))
@@ -1072,7 +1072,8 @@ def test_a_broken_test_split_fails_the_check_as_the_runs_data_setup_does(tmp_pat
     """The check loads the test split too (once per root, so that forked populations share it): a test
     label file with a label outside 0..9 fails each job with the data module's own error, before training."""
     from conftest import write_idx
-    from optimlab.data import DataError, MNISTDataModule
+    from optimlab.data import MNISTDataModule
+    from optimlab.mnist_files import DataError
 
     root = write_idx(tmp_path / "broken")
     labels = root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO, compose_config, run_script
-from optimlab.data import DataError
+from optimlab.mnist_files import DataError
 from optimlab.hydra_job import config_yaml, job_dirname, write_job_record
 from optimlab.record import STEP_SCALARS, result_line
 from optimlab.train import run

@@ -17,8 +17,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from optimlab.data import DataError, epoch_batches
 from optimlab.files import atomic_write
+from optimlab.mnist_files import DataError, epoch_batches
 
 SUMMARY = "summary.json"
 FINISHED = ("complete", "diverged")  # trained (all epochs, stopped early or diverged) and tested
@@ -66,7 +66,7 @@ def validation_size(config: Mapping[str, Any]) -> int | None:
 
 def data_passes(config: Mapping[str, Any], epochs: int, train_size: int | None) -> float | None:
     """How many times, on average, a run has seen its training images in its ``epochs`` finished
-    epochs: each epoch's batches (:func:`~optimlab.data.epoch_batches` of ``data.batch_size`` under
+    epochs: each epoch's batches (:func:`~optimlab.mnist_files.epoch_batches` of ``data.batch_size`` under
     ``trainer.limit_train_batches``) times the batch size, at most all ``train_size`` images; None
     where the record does not say. At most one pass the diagnosis knows there was nothing to memorise."""
     batch = (config.get("data") or {}).get("batch_size")

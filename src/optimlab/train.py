@@ -29,7 +29,7 @@ from optimlab.build import build_parts, build_trainer
 from optimlab.checkpointing import CHECKPOINT_DIR, LAST, check_checkpoint, holds_a_run, last_checkpoint, resolve_resume
 from optimlab.console import BarSafeHandler
 from optimlab.curvature import SharpnessCallback
-from optimlab.data import epoch_batches
+from optimlab.mnist_files import epoch_batches
 from optimlab.files import remove_stale_temporaries
 from optimlab.hydra_job import save_job_record
 from optimlab.record import RunRecord, close_loggers, device_name, log_result, result_line

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from optimlab.data import DataError, EpochShuffle, MNISTDataModule, ensure_files, epoch_batches, load_split
+from optimlab.data import EpochShuffle, MNISTDataModule, load_split
+from optimlab.mnist_files import DataError, ensure_files, epoch_batches
 
 
 @dataclass(frozen=True)

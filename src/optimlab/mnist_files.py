@@ -1,0 +1,99 @@
+"""The MNIST files, and what is known of the data before any tensor is made: where the files are
+(``data.root``, ``$MNIST_ROOT``), their IDX headers checked, and how many batches an epoch of
+N items makes under Lightning's limits. No torch here: ``optimlab-report`` counts a run's passes
+over its data without importing it."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+from hydra.utils import to_absolute_path
+
+from optimlab.checks import is_integer
+
+# (file name, IDX magic number, number of dimensions after the count)
+MNIST_FILES = {
+    "train-images-idx3-ubyte": (2051, 2),
+    "train-labels-idx1-ubyte": (2049, 0),
+    "t10k-images-idx3-ubyte": (2051, 2),
+    "t10k-labels-idx1-ubyte": (2049, 0),
+}
+
+
+class DataError(Exception):
+    """The data cannot be had as configured (files missing or malformed, or a split or a batch limit
+    that leaves nothing); the message says which and what to do."""
+
+
+def resolve_root(root: str | None) -> Path:
+    """``data.root`` if given, else ``$MNIST_ROOT``, else ``data/``; a relative one from the folder the
+    command started in (also where a Hydra job works in its own, ``hydra.job.chdir=true``)."""
+    return Path(to_absolute_path(str(Path(root or os.environ.get("MNIST_ROOT") or "data").expanduser())))
+
+
+def raw_dir(root: Path) -> Path:
+    return root / "MNIST" / "raw"
+
+
+def check_idx(path: Path, magic: int, item_dims: int) -> int:
+    """Check an IDX file's header and size against each other; return its item count."""
+    size = path.stat().st_size
+    header = 4 * (2 + item_dims)
+    with path.open("rb") as f:
+        head = f.read(header)
+    if len(head) < header:
+        raise DataError(f"{path}: truncated IDX file ({size} bytes, shorter than its {header}-byte header)")
+    found_magic, count, *dims = struct.unpack(f">{2 + item_dims}I", head)
+    if found_magic != magic:
+        raise DataError(f"{path}: not an MNIST IDX file (magic number {found_magic}, expected {magic})")
+    if item_dims and dims != [28, 28]:
+        raise DataError(f"{path}: images are {dims[0]}x{dims[1]}, expected 28x28")
+    expected = header + count * (28 * 28 if item_dims else 1)
+    if size != expected:
+        raise DataError(f"{path}: corrupted or truncated IDX file ({size} bytes; its header promises "
+                        f"{count} items, {expected} bytes)")
+    return count
+
+
+def ensure_files(root: Path, download: bool) -> None:
+    """Make sure the four IDX files are in ``root/MNIST/raw`` (downloading them if allowed) and
+    well formed; raise :class:`DataError` naming the files and where they belong otherwise."""
+    folder = raw_dir(root)
+    missing = [name for name in MNIST_FILES if not (folder / name).is_file()]
+    if missing and download:
+        try:
+            from torchvision.datasets import MNIST
+
+            MNIST(str(root), train=True, download=True)
+        except Exception:  # offline or blocked: fall through to the message below
+            pass
+        missing = [name for name in MNIST_FILES if not (folder / name).is_file()]
+    if missing:
+        raise DataError(f"MNIST files missing from {folder}: {', '.join(missing)}. Put the four uncompressed "
+                        f"IDX files ({', '.join(MNIST_FILES)}) in that folder, or point data.root "
+                        f"(or $MNIST_ROOT) at a folder whose MNIST/raw/ holds them")
+    counts = {name: check_idx(folder / name, *spec) for name, spec in MNIST_FILES.items()}
+    for split in ("train", "t10k"):
+        n_img, n_lab = counts[f"{split}-images-idx3-ubyte"], counts[f"{split}-labels-idx1-ubyte"]
+        if n_img != n_lab:
+            raise DataError(f"{folder}: {split} has {n_img} images but {n_lab} labels")
+
+
+def epoch_batches(items: int, batch_size: int, limit: int | float | None,
+                  key: str = "trainer.limit_train_batches") -> int:
+    """How many batches of ``batch_size`` Lightning runs in an epoch of ``items`` items under the
+    limit ``key=limit`` (training's by default; validation's and test's are counted alike): all of
+    them (the last may be shorter) when None, at most ``limit`` (an int), or ``int(batches * limit)``
+    (a float; a positive one that keeps none is an error, as it is there)."""
+    batches = -(-items // batch_size)
+    if limit is None:
+        return batches
+    if is_integer(limit):
+        return min(batches, limit)
+    limited = int(batches * limit)
+    if limited == 0 and limit > 0:
+        raise DataError(f"{key}: {limit} leaves none of the {batches} batches of an epoch; "
+                        f"expected a fraction >= {1 / batches:.4g}, an integer count or null")
+    return limited
