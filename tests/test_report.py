@@ -8,6 +8,8 @@ import math
 import re
 import shutil
 import statistics
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -118,6 +120,39 @@ def test_the_recorded_lr_is_the_optimizers(tmp_path: Path) -> None:
     assert list(csv.DictReader((tmp_path / "report.csv").open()))[0]["lr"] == "0.5"
 
 
+def test_sharpness_is_drawn_from_each_records_series(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sharpness.png: every measurement a record holds (no TensorBoard events needed), an unmeasured
+    value a gap; a run that tracked nothing gets no panel."""
+    from matplotlib.axes import Axes
+
+    series = {"0_tracked": [[0, 20.0, 40.0], [5, 30.0, 40.0], [10, None, 40.0]], "1_untracked": []}
+    for seed, (name, rows) in enumerate(series.items()):
+        fake_run(tmp_path, name, "SGD", 0.05, 8, seed, 0.9)
+        path = tmp_path / name / "summary.json"
+        summary = json.loads(path.read_text())
+        summary["curvature"] = {"measurements": len(rows), "first_crossing_step": None, "series": rows,
+                                "threshold_formula": "2/lr"}
+        path.write_text(json.dumps(summary))
+    drawn: list[tuple[list[float], list[float]]] = []
+    plot = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda ax, x, y, *args, **kwargs: drawn.append((list(x), list(y)))
+                        or plot(ax, x, y, *args, **kwargs))
+    assert tmp_path / "sharpness.png" in report(tmp_path)
+    sharpness = next(ys for xs, ys in drawn if xs == [0, 5, 10] and ys[0] == 20.0)
+    assert sharpness[1] == 30.0 and math.isnan(sharpness[2])
+    assert ([0, 5, 10], [40.0, 40.0, 40.0]) in drawn
+    assert not any(xs == [] for xs, _ in drawn)
+
+
+def test_the_report_and_the_diagnosis_import_no_torch() -> None:
+    """optimlab-report reads records: it starts in a fraction of a second, not after torch's and
+    Lightning's imports (about 6 s on the 2-core CPU)."""
+    code = ("import sys, optimlab.report, optimlab.regimes; "
+            "print([m for m in ('torch', 'lightning', 'tensorboard') if m in sys.modules])")
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "[]"
+
+
 def test_stability_compares_the_predicted_and_observed_largest_stable_lr(tmp_path: Path) -> None:
     lrs = (0.001, 0.01, 0.1, 1.0)
     for width, sharpness0, diverging_from in ((8, 20.0, 1.0), (32, 2000.0, 1.0)):
@@ -133,7 +168,7 @@ def test_stability_compares_the_predicted_and_observed_largest_stable_lr(tmp_pat
                 path.write_text(json.dumps(summary))
     written = report(tmp_path)
     assert tmp_path / "stability.csv" in written and tmp_path / "regime_map.png" in written
-    assert tmp_path / "sharpness.png" not in written  # no run logged its series to TensorBoard
+    assert tmp_path / "sharpness.png" not in written  # no record holds a series of measurements
     table = list(csv.DictReader((tmp_path / "stability.csv").open()))
     assert [(t["widths"], t["within_one_cell"]) for t in table] == [("8", "True"), ("32", "False")]
     assert float(table[0]["sharpness0"]) == 20.5 and abs(float(table[0]["predicted_max_lr"]) - 2 / 20.5) < 1e-12

@@ -48,7 +48,7 @@ def report(sweep_dir: Path, rediagnose: bool = False) -> list[Path]:
         plot_lr_sensitivity(rows, sweep_dir / "lr_sensitivity.png")
         written.append(sweep_dir / "lr_sensitivity.png")
     if any(r.get("curvature") for r in rows):
-        plot_sharpness(rows, sweep_dir, sweep_dir / "sharpness.png")
+        plot_sharpness(rows, sweep_dir / "sharpness.png")
         if (sweep_dir / "sharpness.png").exists():
             written.append(sweep_dir / "sharpness.png")
     if any((r.get("curvature") or {}).get("measurements") for r in rows):

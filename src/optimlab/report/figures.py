@@ -9,7 +9,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from optimlab.curvature import SHARPNESS_TAG, THRESHOLD_TAG
 from optimlab.report.aggregate import PLOT_LABELS, MapCell, grid_position
 from optimlab.report.rows import on_lr_axis, width_key
 from optimlab.report.tables import fmt
@@ -189,36 +188,25 @@ def plot_regime_map(cells: dict[tuple[str, str, float], MapCell], path: Path,
     plt.close(fig)
 
 
-def sharpness_series(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
-    """The run's logged ``curvature/sharpness`` and ``curvature/threshold`` as (steps, values)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    if not (run_dir / "tensorboard").is_dir():
-        return {}
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
-    events.Reload()
-    tags = set(events.Tags().get("scalars", []))
-    return {tag: ([e.step for e in events.Scalars(tag)], [e.value for e in events.Scalars(tag)])
-            for tag in (SHARPNESS_TAG, THRESHOLD_TAG) if tag in tags}
-
-
-def plot_sharpness(rows: list[dict[str, Any]], root: Path, path: Path) -> None:
-    """Per tracked run: the (preconditioned) sharpness against the optimizer's stability threshold,
-    step by step (log scale), the first crossing and the first non-finite value marked."""
+def plot_sharpness(rows: list[dict[str, Any]], path: Path) -> None:
+    """Per tracked run: the (preconditioned) sharpness against the optimizer's stability threshold at
+    every measurement its record holds (``curvature.series``; log scale), the first crossing and the
+    first non-finite value marked."""
     plt = _plt()
-    tracked = [(r, series) for r in rows if r.get("curvature") and (series := sharpness_series(root / r["run"]))]
-    runs = tracked[:MAX_CURVES]
+    runs = [r for r in rows if (r.get("curvature") or {}).get("series")][:MAX_CURVES]
     if not runs:
         return
     fig, axes = _panel_grid(plt, len(runs), 2 if len(runs) <= 4 else 4)  # two a row for a few: README width
-    for ax, (r, series), title in zip(axes.flat, runs, _run_titles([r for r, _ in runs])):
+    for ax, r, title in zip(axes.flat, runs, _run_titles(runs)):
         curvature = r["curvature"]
         color = REGIME_COLORS.get(r["regime"], "black")
         what = "preconditioned sharpness" if curvature.get("preconditioned") else "sharpness"
-        if SHARPNESS_TAG in series:
-            ax.plot(*series[SHARPNESS_TAG], "-", color=color, label=what)
-        if THRESHOLD_TAG in series:
-            ax.plot(*series[THRESHOLD_TAG], "--", color="black", label=curvature.get("threshold_formula") or "threshold")
+        steps, sharpness, threshold = zip(*[(step, math.nan if value is None else value,
+                                             math.nan if bound is None else bound)  # unmeasured: a gap
+                                            for step, value, bound in curvature["series"]])
+        ax.plot(steps, sharpness, "-", color=color, label=what)
+        if not all(math.isnan(bound) for bound in threshold):
+            ax.plot(steps, threshold, "--", color="black", label=curvature.get("threshold_formula") or "threshold")
         if curvature.get("first_crossing_step") is not None:
             ax.axvline(curvature["first_crossing_step"], color=color, alpha=0.4, lw=1)
         if r.get("diverged_at_step") is not None:
