@@ -21,7 +21,8 @@ from conftest import REPO, compose_config, run_script
 from optimlab.summary import optimized_value, read_summary
 from optimlab.train import run
 
-TINY = ["data.subset=256", "data.val_size=256", "epochs=2", "trainer.progress_bar=false"]
+TINY = ["data.subset=256", "data.val_size=256", "epochs=2", "trainer.progress_bar=false",
+        "data.test_every_epoch=false"]  # the test set once, at the end (10,000 images through the default MLP)
 
 
 def scalars(run_dir: Path) -> set[str]:
@@ -33,7 +34,7 @@ def scalars(run_dir: Path) -> set[str]:
 @pytest.mark.parametrize("logger, folders", [("tensorboard", {"tensorboard"}), ("csv", {"csv"}),
                                              ("many", {"tensorboard", "csv"}), ("none", set())])
 def test_each_logger_writes_where_it_says(tmp_path: Path, logger: str, folders: set[str]) -> None:
-    run(compose_config(*TINY, f"logger={logger}", "data.test_every_epoch=false"), tmp_path)
+    run(compose_config(*TINY, f"logger={logger}"), tmp_path)
     assert {p.name for p in tmp_path.iterdir() if p.is_dir()} - {".hydra", "checkpoints"} == folders
     if "csv" in folders:
         rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
@@ -157,7 +158,7 @@ def test_in_a_terminal_the_bar_and_the_epoch_lines_never_share_a_line(tmp_path: 
     # `script` gives the run a pseudo-terminal, as a user's shell would: the progress bar is drawn
     if shutil.which("script") is None:
         pytest.skip("needs util-linux's script")
-    command = shlex.join([sys.executable, str(REPO / "train.py"), *TINY[:-1], "batch_size=16",
+    command = shlex.join([sys.executable, str(REPO / "train.py"), *TINY, "trainer.progress_bar=true", "batch_size=16",
                           f"hydra.run.dir={tmp_path / 'run'}"])
     screen = subprocess.run(["script", "-qec", f"stty cols 150 rows 40; {command}", "/dev/null"],  # a sized terminal
                             capture_output=True, text=True, timeout=600).stdout

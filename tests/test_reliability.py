@@ -188,7 +188,8 @@ def test_a_signal_lost_in_a_finalizer_still_stops_the_run_at_the_next_batch() ->
 
 # ---- what a bad resume, a re-run, a kill mid-write or a signal at start-up must not destroy --------
 
-TINY = ["data.subset=500", "data.val_size=500", "epochs=1", "trainer.progress_bar=false"]
+TINY = ["data.subset=500", "data.val_size=500", "epochs=1", "trainer.progress_bar=false",
+        "data.test_every_epoch=false"]  # the test set once, at the end (10,000 images through the default MLP)
 
 
 def files_of(folder: Path) -> dict[str, bytes]:

@@ -19,7 +19,8 @@ from optimlab.record import STEP_SCALARS, result_line
 from optimlab.train import run
 from optimlab.validate import ConfigError
 
-FAST = ["data.subset=512", "data.val_size=500", "epochs=2", "trainer.progress_bar=false"]
+FAST = ["data.subset=512", "data.val_size=500", "epochs=2", "trainer.progress_bar=false",
+        "data.test_every_epoch=false"]  # the test set once, at the end (10,000 images through the default MLP)
 EPOCH_KEYS = {"train_loss", "train_acc", "val_loss", "val_acc"}
 # Refused on a CPU-only machine, valid where a GPU is.
 NEEDS_NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="valid on this machine: it has a GPU")
@@ -50,8 +51,9 @@ def test_multirun_trains_every_optimizer(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
     # job number, then the overrides: readable, and unique within the sweep
-    assert [p.name for p in runs] == [f"{i}_data.subset=512,data.val_size=500,epochs=2,lr=0.001,optimizer={o}"
-                                      for i, o in enumerate(["sgd", "adagrad", "adam", "rmsprop"])]
+    assert [p.name for p in runs] == [
+        f"{i}_data.subset=512,data.test_every_epoch=False,data.val_size=500,epochs=2,lr=0.001,optimizer={o}"
+        for i, o in enumerate(["sgd", "adagrad", "adam", "rmsprop"])]
     for run_dir, name in zip(runs, ["SGD", "Adagrad", "Adam", "RMSprop"]):
         summary = check_run_dir(run_dir)
         assert summary["config"]["optimizer"]["_target_"] == f"optimlab.optim.{name}"
@@ -164,9 +166,10 @@ def test_testing_the_best_checkpoint_keeps_the_whole_record(tmp_path: Path) -> N
     # Early stopping on the highest val/loss (perverse on purpose, to be deterministic): epoch 1 is
     # the best, epoch 2 is worse, patience 1 stops the run there; the test uses epoch 1's weights.
     # Tracked sharpness (every 2 steps after a log-spaced start, 4 steps an epoch): those after the best epoch stay.
-    cfg = compose_config(*FAST, "epochs=4", "lr=0.1", "callbacks=early_stopping", "callbacks.model_checkpoint.monitor=val/loss",
-                         "callbacks.model_checkpoint.mode=max", "callbacks.early_stopping.patience=1", "test_ckpt=best",
-                         "curvature.every_n_steps=2", "curvature.probe_size=32")
+    cfg = compose_config(*FAST, "data.test_every_epoch=true", "epochs=4", "lr=0.1", "callbacks=early_stopping",
+                         "callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=max",
+                         "callbacks.early_stopping.patience=1", "test_ckpt=best", "curvature.every_n_steps=2",
+                         "curvature.probe_size=32")
     summary = run(cfg, tmp_path)
     assert summary.tested_checkpoint == "best"
     assert [row["epoch"] for row in summary.epochs] == [1, 2]  # not just the best epoch's record
@@ -181,8 +184,8 @@ def test_testing_the_best_checkpoint_keeps_the_whole_record(tmp_path: Path) -> N
 def test_a_run_whose_best_checkpoint_was_never_written_tests_its_last_weights(tmp_path: Path) -> None:
     # lr 1e300 with weight decay (float64): an update overflows the weights in epoch 1, whose checkpoint (the
     # first best) is then not written; the run is tested with its last weights instead of failing to find it.
-    cfg = compose_config(*FAST, "epochs=2", "lr=1e300", "optimizer.weight_decay=0.1", "trainer.precision=64-true",
-                         "test_ckpt=best")
+    cfg = compose_config(*FAST, "data.test_every_epoch=true", "epochs=2", "lr=1e300", "optimizer.weight_decay=0.1",
+                         "trainer.precision=64-true", "test_ckpt=best")
     summary = run(cfg, tmp_path)
     assert (summary.status, summary.tested_checkpoint) == ("diverged", "last")
     assert not (tmp_path / "checkpoints" / "best.ckpt").exists()
@@ -194,7 +197,7 @@ def test_tensorboard_holds_step_and_epoch_scalars(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     # 512 images at batch 128: 4 steps an epoch, 8 in all; per-step scalars every 3rd step.
-    summary = run(compose_config(*FAST, "trainer.log_every_n_steps=3"), tmp_path)
+    summary = run(compose_config(*FAST, "data.test_every_epoch=true", "trainer.log_every_n_steps=3"), tmp_path)
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     steps = {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
