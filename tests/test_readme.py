@@ -22,7 +22,8 @@ from optimlab.validate import validate_config
 from test_configs import sweep_jobs
 
 TINY = ["data.subset=256", "data.val_size=256", "epochs=1", "trainer.limit_train_batches=null",  # the maps' 0.1: no batch
-        "trainer.progress_bar=false", "data.test_every_epoch=false"]  # the test set once, at the end
+        "trainer.progress_bar=false", "data.test_every_epoch=false",  # the test set once, at the end
+        "curvature.probe_size=64"]  # where a command tracks sharpness (experiment=overfit: 5M weights)
 PLUGINS = ("hydra/launcher=joblib", "hparams_search=optuna")  # run whole, through the command line
 
 
