@@ -921,7 +921,7 @@ def test_a_tracked_population_records_the_sharpness_its_runs_record(mnist_root: 
     every member's sharpness record (each measurement, its step, threshold and crossing; the epoch
     rows' sharpness keys) is its sequential run's, the values to 1e-9 relative (one batched
     Hessian-vector product per Lanczos step against each run's own); the diagnosis is the same, and
-    the member's TensorBoard events hold the series, which optimlab-report draws."""
+    the member's TensorBoard events hold the series, and optimlab-report draws it from the record."""
     pop, seq, out = sweep_both_ways(tmp_path, "optimizer=sgd,adam", "lr=0.5", "seed=0,1",
                                     "model.hidden=[16]", "trainer.precision=64-true", "curvature.every_n_steps=2",
                                     "curvature.log_spaced_start=true", "curvature.probe_size=64",
