@@ -158,7 +158,8 @@ def test_in_a_terminal_the_bar_and_the_epoch_lines_never_share_a_line(tmp_path: 
     # `script` gives the run a pseudo-terminal, as a user's shell would: the progress bar is drawn
     if shutil.which("script") is None:
         pytest.skip("needs util-linux's script")
-    command = shlex.join([sys.executable, str(REPO / "train.py"), *TINY, "trainer.progress_bar=true", "batch_size=16",
+    command = shlex.join([sys.executable, str(REPO / "train.py"), *TINY, "trainer.progress_bar=true",
+                          "data.test_every_epoch=true", "batch_size=16",  # each epoch's test loader too
                           f"hydra.run.dir={tmp_path / 'run'}"])
     screen = subprocess.run(["script", "-qec", f"stty cols 150 rows 40; {command}", "/dev/null"],  # a sized terminal
                             capture_output=True, text=True, timeout=600).stdout

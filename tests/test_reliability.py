@@ -34,15 +34,22 @@ def train_process(*args: str) -> subprocess.CompletedProcess:
     return processes.run(str(REPO / "train.py"), *args)
 
 
-def start(*args: str) -> processes.Process:
+def start(*args: str, new_interpreter: bool = False) -> processes.Process | subprocess.Popen:
+    """train.py in a process of its own: forked, or (``new_interpreter``) a new interpreter, as a user's
+    command starts, with its own string hashes and the interpreter's exit handlers."""
+    if new_interpreter:
+        return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
     return processes.Process(str(REPO / "train.py"), *args)
 
 
-def wait_for(path: Path, proc: processes.Process, timeout: float = 300) -> None:
+def wait_for(path: Path, proc: processes.Process | subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.monotonic() < deadline, f"{path} never appeared"
+        if time.monotonic() > deadline:
+            proc.kill()  # not left training after the test
+            raise AssertionError(f"{path} never appeared")
         time.sleep(0.05)
 
 
@@ -67,7 +74,9 @@ def test_killed_run_resumed_equals_uninterrupted_run(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGKILL)  # no chance to clean up
     proc.wait()
     assert summary(killed)["status"] == "running"  # the record written after epoch 1 survived
-    resumed = train_process(f"resume={killed}", f"hydra.run.dir={tmp_path / 'resume_cmd'}")
+    # The rerun in a new interpreter, as a user's is (its own string hashes, the interpreter's exit).
+    resumed = subprocess.run([sys.executable, str(REPO / "train.py"), f"resume={killed}",
+                              f"hydra.run.dir={tmp_path / 'resume_cmd'}"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in resumed.stdout
     a, b = weights(whole), weights(killed)
@@ -88,7 +97,9 @@ def test_killed_run_resumed_equals_uninterrupted_run(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_leaves_checkpoint_events_and_interrupted_summary(tmp_path: Path, sig: signal.Signals) -> None:
-    proc = start(*RUN, "epochs=50", "data.test_every_epoch=false", f"hydra.run.dir={tmp_path}")
+    # SIGTERM to a new interpreter: a stopped run's exit through the interpreter's own (its exit handlers).
+    proc = start(*RUN, "epochs=50", "data.test_every_epoch=false", f"hydra.run.dir={tmp_path}",
+                 new_interpreter=sig == signal.SIGTERM)
     wait_for(tmp_path / "checkpoints" / "last.ckpt", proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
@@ -401,7 +412,7 @@ def test_a_resumed_run_stopped_before_it_trains_keeps_its_csv_rows(tmp_path: Pat
     def logged() -> list[dict[str, str]]:
         return [{k: v for k, v in row.items() if v} for row in csv.DictReader((tmp_path / "csv" / "metrics.csv").open())]
 
-    run(compose_config(*TINY, "logger=csv"), tmp_path)
+    run(compose_config(*TINY, "logger=csv", "data.test_every_epoch=true"), tmp_path)  # each epoch's test rows too
     finished = logged()
 
     def interrupted(self: MNISTDataModule) -> None:

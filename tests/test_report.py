@@ -121,11 +121,12 @@ def test_the_recorded_lr_is_the_optimizers(tmp_path: Path) -> None:
 
 
 def test_sharpness_is_drawn_from_each_records_series(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """sharpness.png: every measurement a record holds (no TensorBoard events needed), an unmeasured
-    value a gap; a run that tracked nothing gets no panel."""
+    """sharpness.png: every measurement a record holds (no TensorBoard events needed), a non-finite
+    one (null in the record) a gap; a run that tracked nothing gets no panel."""
     from matplotlib.axes import Axes
 
-    series = {"0_tracked": [[0, 20.0, 40.0], [5, 30.0, 40.0], [10, None, 40.0]], "1_untracked": []}
+    series = {"0_tracked": [[0, 20.0, 40.0], [5, 30.0, 40.0], [10, None, 40.0]], "1_untracked": [],
+              "2_once": [[4, 7.0, None]]}  # one measurement, no threshold (an optimizer without one)
     for seed, (name, rows) in enumerate(series.items()):
         fake_run(tmp_path, name, "SGD", 0.05, 8, seed, 0.9)
         path = tmp_path / name / "summary.json"
@@ -142,6 +143,7 @@ def test_sharpness_is_drawn_from_each_records_series(tmp_path: Path, monkeypatch
     assert sharpness[1] == 30.0 and math.isnan(sharpness[2])
     assert ([0, 5, 10], [40.0, 40.0, 40.0]) in drawn
     assert not any(xs == [] for xs, _ in drawn)
+    assert [ys for xs, ys in drawn if xs == [4]] == [[7.0]]  # its point, and no threshold line
 
 
 def test_the_report_and_the_diagnosis_import_no_torch() -> None:

@@ -1,8 +1,8 @@
-"""MNIST as tensors on the training device: read from the checked files (:mod:`optimlab.mnist_files`),
-seeded split, subset and label noise.
+"""MNIST as tensors on the training device: seeded split, subset and label noise.
 
-The whole data set (60k x 784 floats, 188 MB) lives on the device, and batches are drawn by
-indexing with a seeded permutation: no DataLoader workers, no per-sample transforms.
+The whole data set (60k x 784 floats, 188 MB, read from the IDX files :mod:`optimlab.mnist_files`
+checked) lives on the device, and batches are drawn by indexing with a seeded permutation: no
+DataLoader workers, no per-sample transforms.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The MNIST files, and what is known of the data before any tensor is made: where the files are
 (``data.root``, ``$MNIST_ROOT``), their IDX headers checked, and how many batches an epoch of
-N items makes under Lightning's limits. No torch here: ``optimlab-report`` counts a run's passes
-over its data without importing it."""
+N items makes under Lightning's limits. No torch import (torchvision only to download): the record
+and ``optimlab-report`` count a run's passes over its data without importing it."""
 
 from __future__ import annotations
 

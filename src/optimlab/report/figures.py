@@ -205,6 +205,8 @@ def plot_sharpness(rows: list[dict[str, Any]], path: Path) -> None:
     every measurement its record holds (``curvature.series``; log scale), the first crossing and the
     first non-finite value marked."""
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     runs = [r for r in rows if (r.get("curvature") or {}).get("series")][:MAX_CURVES]
     if not runs:
         return
@@ -213,18 +215,24 @@ def plot_sharpness(rows: list[dict[str, Any]], path: Path) -> None:
         curvature = r["curvature"]
         color = REGIME_COLORS.get(r["regime"], "black")
         what = "preconditioned sharpness" if curvature.get("preconditioned") else "sharpness"
+        # null in the record: a measurement that was not finite (JSON has no NaN), drawn as a gap
         steps, sharpness, threshold = zip(*[(step, math.nan if value is None else value,
-                                             math.nan if bound is None else bound)  # unmeasured: a gap
+                                             math.nan if bound is None else bound)
                                             for step, value, bound in curvature["series"]])
-        ax.plot(steps, sharpness, "-", color=color, label=what)
+        point = "o" if len(steps) == 1 else ""  # a lone measurement is no line
+        margin = max(1.0, 0.03 * (max(steps) - min(steps)))  # the steps in view also where no value is finite
+        ax.set_xlim(min(steps) - margin, max(steps) + margin)
+        ax.plot(steps, sharpness, "-", marker=point, color=color, label=what)
         if not all(math.isnan(bound) for bound in threshold):
-            ax.plot(steps, threshold, "--", color="black", label=curvature.get("threshold_formula") or "threshold")
+            ax.plot(steps, threshold, "--", marker=point, color="black",
+                    label=curvature.get("threshold_formula") or "threshold")
         if curvature.get("first_crossing_step") is not None:
             ax.axvline(curvature["first_crossing_step"], color=color, alpha=0.4, lw=1)
         if r.get("diverged_at_step") is not None:
             ax.axvline(r["diverged_at_step"], color="black", ls=":", lw=1, label="first non-finite value")
         ax.set_yscale("log")
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.legend(fontsize=7, loc="best")
         ax.set_title(title, color=color, fontsize=10, fontweight="bold")
     fig.savefig(path, dpi=90)
