@@ -122,11 +122,13 @@ def test_the_recorded_lr_is_the_optimizers(tmp_path: Path) -> None:
 
 def test_sharpness_is_drawn_from_each_records_series(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """sharpness.png: every measurement a record holds (no TensorBoard events needed), a non-finite
-    one (null in the record) a gap; a run that tracked nothing gets no panel."""
+    one (null in the record) a gap; a run that tracked nothing, or whose measurements were never
+    finite (a log axis without a value crashed the report), gets no panel."""
     from matplotlib.axes import Axes
 
     series = {"0_tracked": [[0, 20.0, 40.0], [5, 30.0, 40.0], [10, None, 40.0]], "1_untracked": [],
-              "2_once": [[4, 7.0, None]]}  # one measurement, no threshold (an optimizer without one)
+              "2_once": [[4, 7.0, None]],  # one measurement, no threshold (an optimizer without one)
+              "3_never_finite": [[0, None, None], [3, None, None]]}  # nothing a log axis can show
     for seed, (name, rows) in enumerate(series.items()):
         fake_run(tmp_path, name, "SGD", 0.05, 8, seed, 0.9)
         path = tmp_path / name / "summary.json"
@@ -144,6 +146,7 @@ def test_sharpness_is_drawn_from_each_records_series(tmp_path: Path, monkeypatch
     assert ([0, 5, 10], [40.0, 40.0, 40.0]) in drawn
     assert not any(xs == [] for xs, _ in drawn)
     assert [ys for xs, ys in drawn if xs == [4]] == [[7.0]]  # its point, and no threshold line
+    assert not any(xs == [0, 3] for xs, _ in drawn)
 
 
 def test_the_report_and_the_diagnosis_import_no_torch() -> None:

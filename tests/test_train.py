@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 
 from conftest import REPO, compose_config, run_script
 from optimlab.mnist_files import DataError
-from optimlab.hydra_job import config_yaml, job_dirname, write_job_record
+from optimlab.hydra_job import command_line_override, config_yaml, job_dirname, write_job_record
 from optimlab.record import STEP_SCALARS, result_line
 from optimlab.train import run
 from optimlab.validate import ConfigError
@@ -69,6 +70,18 @@ def test_multirun_trains_every_optimizer(tmp_path: Path) -> None:
     assert rows[-1]["status"] == "crashed"
     for name in ("report.md", "curves.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("folder", ["outputs/runs/2026-12-06_15-09-41-123_default", "/tmp/sweep/2_lr=0.2,model.hidden=[16]",
+                                    "/tmp/a b/x", 'odd"quote=1', "it's,here", "123"])
+def test_a_printed_resume_override_is_read_back_as_the_folder(folder: str) -> None:
+    """The suggestion an interrupted run prints, pasted into a shell: Hydra gets the folder itself (a
+    sweep job's folder name, with its = and ,, broke Hydra's grammar unquoted)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    [word] = shlex.split(command_line_override("resume", folder))
+    override = OverridesParser.create().parse_override(word)
+    assert (override.key_or_group, override.value()) == ("resume", folder)
 
 
 def test_job_folder_names_fit_a_file_system() -> None:

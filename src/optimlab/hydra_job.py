@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +18,9 @@ from typing import Any
 
 import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus, configure_log, env_override
-from hydra.errors import CompactHydraException
+from hydra.errors import CompactHydraException, HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
@@ -49,6 +51,19 @@ def job_dirname(overrides: str, limit: int = DIRNAME_BYTES) -> str:
 
 # conf/config.yaml: hydra.sweep.subdir: ${hydra.job.num}_${optimlab.dirname:${hydra.job.override_dirname}}
 OmegaConf.register_new_resolver("optimlab.dirname", job_dirname, replace=True)
+
+
+def command_line_override(key: str, value: str) -> str:
+    """``key=value`` as a shell takes it and Hydra reads ``value`` back: quoted for Hydra where its
+    grammar reads the value otherwise (a sweep job's folder name holds ``=`` and ``,``), then for the shell."""
+    text = f"{key}={value}"
+    try:
+        plain = OverridesParser.create().parse_override(text).value() == value
+    except HydraException:  # the value breaks the grammar (an = or a , in it)
+        plain = False
+    if not plain:
+        text = f'{key}="{value}"' if '"' not in value else f"{key}='{value}'"
+    return shlex.quote(text)
 
 
 def unwritable(folder: Path) -> str | None:

@@ -29,9 +29,9 @@ from optimlab.build import build_parts, build_trainer
 from optimlab.checkpointing import CHECKPOINT_DIR, LAST, check_checkpoint, holds_a_run, last_checkpoint, resolve_resume
 from optimlab.console import BarSafeHandler
 from optimlab.curvature import SharpnessCallback
-from optimlab.mnist_files import epoch_batches
 from optimlab.files import remove_stale_temporaries
-from optimlab.hydra_job import save_job_record
+from optimlab.hydra_job import command_line_override, save_job_record
+from optimlab.mnist_files import epoch_batches
 from optimlab.record import RunRecord, close_loggers, device_name, log_result, result_line
 from optimlab.summary import (FINISHED, SUMMARY, RunSummary, dotted_value, drop_keys, is_complete, read_summary,
                               write_summary)
@@ -389,7 +389,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
             if ckpt is None or record.history:  # a resumed run stopped before its record came back keeps the old one
                 record.write("interrupted", trainer)
             print(f"interrupted after {len(record.history)} finished epoch(s); {run_dir} holds the last "
-                  f"checkpoint and summary; continue with resume={run_dir}", file=sys.stderr)
+                  f"checkpoint and summary; continue with {command_line_override('resume', str(run_dir))}",
+                  file=sys.stderr)
             raise Interrupted(stopper.requested or "SIGINT") from None
         except Exception as err:  # a crash is recorded, then reported as usual ...
             with contextlib.suppress(Exception):  # the crash may be a logger's own: its error is the one reported

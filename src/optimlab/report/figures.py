@@ -203,11 +203,13 @@ def plot_regime_map(cells: dict[tuple[str, str, float], MapCell], path: Path,
 def plot_sharpness(rows: list[dict[str, Any]], path: Path) -> None:
     """Per tracked run: the (preconditioned) sharpness against the optimizer's stability threshold at
     every measurement its record holds (``curvature.series``; log scale), the first crossing and the
-    first non-finite value marked."""
+    first non-finite value marked. A run with no positive value to draw (every measurement non-finite)
+    gets no panel: a log axis has nothing to show."""
     plt = _plt()
     from matplotlib.ticker import MaxNLocator
 
-    runs = [r for r in rows if (r.get("curvature") or {}).get("series")][:MAX_CURVES]
+    runs = [r for r in rows if any(value is not None and value > 0 for row in (r.get("curvature") or {}).get("series")
+                                   or [] for value in row[1:])][:MAX_CURVES]
     if not runs:
         return
     fig, axes = _panel_grid(plt, len(runs), 2 if len(runs) <= 4 else 4)  # two a row for a few: README width
