@@ -80,7 +80,6 @@ def main(cfg: DictConfig) -> float | None:
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         if not multirun:
-            remove_if_new_and_empty(run_dir)  # Hydra made it before the run was refused
             sys.exit(2)
         with contextlib.suppress(OSError):  # e.g. the refusal was that its folder cannot be written
             record_refusal(run_dir, cfg, f"{type(err).__name__}: {err}")  # the job's failure, for the report
@@ -101,6 +100,9 @@ def main(cfg: DictConfig) -> float | None:
         if not searching:
             raise
         print(f"error: the trial crashed ({type(err).__name__}: {err}); it scores the worst value", file=sys.stderr)
+    finally:
+        if not multirun:  # the folder Hydra made for a refused run, or for one resumed in its own folder: empty
+            remove_if_new_and_empty(run_dir)
     return optimized_value(summary, cfg.get("optimized_metric", "val/acc_best"))
 
 

@@ -399,6 +399,17 @@ def test_a_run_resumed_with_more_epochs_keeps_the_lrs_its_csv_logged(tmp_path: P
     assert logged_lrs()[:3] == logged_lrs_before and len(logged_lrs()) == 4
 
 
+def test_a_run_resumed_by_its_folder_leaves_no_folder_for_the_command(tmp_path: Path) -> None:
+    """``python train.py resume=<run dir>``: the session's lines go to the run's own train.log, and the
+    folder Hydra made for the command (which held only a copy of them) is removed."""
+    assert train(*TINY, f"hydra.run.dir={tmp_path / 'run'}").returncode == 0
+    resumed = train(f"resume={tmp_path / 'run'}", "epochs=2", f"hydra.run.dir={tmp_path / 'command' / 'run'}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not (tmp_path / "command").exists()
+    logged = (tmp_path / "run" / "train.log").read_text()
+    assert "epoch   1/1 |" in logged and "epoch   2/2 |" in logged and f"resuming {tmp_path / 'run'}" in logged
+
+
 def test_a_resumed_run_stopped_before_it_trains_keeps_its_csv_rows(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C after the resumed record came back but before training started (here: while Lightning loads the

@@ -304,9 +304,10 @@ def _claim(run_dir: Path, cfg: DictConfig, new: bool) -> None:
 
 @contextlib.contextmanager
 def logging_into(run_dir: Path) -> Iterator[None]:
-    """The log lines also in ``run_dir``'s log file (appended), as the job's own log file (Hydra's,
-    whose formatting it copies) writes them, when that file is elsewhere: a run resumed with
-    ``resume=<run dir>`` runs in a folder of its own, and the run's log would miss the session."""
+    """The log lines in ``run_dir``'s log file (appended) instead of the job's own (Hydra's, whose
+    formatting it copies) when that file is elsewhere: a run resumed with ``resume=<run dir>`` runs
+    in that folder, its log gets the session, and the folder Hydra made for the command stays empty
+    (removed at the end, :func:`~optimlab.hydra_job.remove_if_new_and_empty`)."""
     root = logging.getLogger()
     files = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
     if not files or any(Path(h.baseFilename).parent == run_dir.absolute() for h in files):
@@ -315,12 +316,16 @@ def logging_into(run_dir: Path) -> Iterator[None]:
     handler = logging.FileHandler(run_dir / Path(files[0].baseFilename).name, delay=True)
     handler.setFormatter(files[0].formatter)
     handler.setLevel(files[0].level)
+    for job_file in files:
+        root.removeHandler(job_file)
     root.addHandler(handler)
     try:
         yield
     finally:
         root.removeHandler(handler)
         handler.close()
+        for job_file in files:
+            root.addHandler(job_file)
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> RunSummary:
