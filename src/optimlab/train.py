@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r".*(LeafSpec|smaller than the logging interval|overridden `transfer_batch_to_device`).*")
 # A resumed run's CSVLogger warns that it deletes the metrics.csv it finds: RunRecord.rewrite_csv writes its rows back.
 warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+# And its ModelCheckpoint that its folder holds checkpoints: the run's own (a new run is refused a folder holding one).
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 class Interrupted(Exception):
