@@ -114,6 +114,17 @@ def test_seeds_are_aggregated_only_over_otherwise_equal_configs(tmp_path: Path) 
     assert same_but_seed(base) != same_but_seed({**base, "lr": 0.2})
 
 
+def test_a_finished_run_recorded_without_its_label_is_diagnosed_from_its_history(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for seed in (0, 1):
+        fake_run(tmp_path, f"{seed}_run", "SGD", 0.1, 8, seed, 0.97)
+    path = tmp_path / "1_run" / "summary.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "regime": None}))
+    assert main([str(tmp_path)]) == 0
+    assert [row["regime"] for row in csv.DictReader((tmp_path / "report.csv").open())] == ["healthy", "healthy"]
+    assert capsys.readouterr().out.startswith("2 runs: healthy 2\n")
+
+
 def test_the_recorded_lr_is_the_optimizers(tmp_path: Path) -> None:
     fake_run(tmp_path, "0_a", "SGD", 0.5, 128, 0, 0.97)  # the config's top-level lr is 0.1
     report(tmp_path)

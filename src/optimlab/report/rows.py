@@ -30,7 +30,8 @@ def _job_number(name: str) -> float:
 
 def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, Any]:
     """One report row. ``rediagnose``: label the run with the current rules (and the thresholds in
-    its config) instead of the label its summary recorded."""
+    its config) instead of the label its summary recorded; a finished run whose summary has no label
+    gets one so too."""
     s = read_summary(run_dir)
     rel = str(run_dir.relative_to(root)) if run_dir != root else "."
     if s is None:
@@ -43,7 +44,7 @@ def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, An
         return max(values) if values else None
 
     regime = s.regime
-    if rediagnose:
+    if rediagnose or (regime is None and s.status in FINISHED):
         regime = diagnose(history, s.diverged, Thresholds.from_overrides(s.config.get("regimes")),
                           s.diverged_at_step, s.curvature, validation_size(s.config),
                           data_passes(s.config, len(history), s.train_size)).regime
