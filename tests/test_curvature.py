@@ -688,7 +688,14 @@ def test_callback_does_not_change_the_trajectory() -> None:
     cb = SharpnessCallback(every_n_steps=1, probe_size=16)
     with_tracking = run([cb])
     assert cb.run_record()["measurements"] == 8 and all(math.isfinite(r["sharpness_max"]) for r in cb.history)
+    assert cb.run_record()["probe_images"] == 16
     assert all(torch.equal(a, b) for a, b in zip(run([]), with_tracking))
+
+
+def test_a_probe_larger_than_the_training_set_is_the_training_set_and_recorded_so() -> None:
+    cb = SharpnessCallback(every_n_steps=4, probe_size=1000)
+    fit(Classifier(tiny_model(), lambda p: optim.SGD(p, lr=0.1)), [cb], epochs=1)
+    assert cb.run_record()["probe_images"] == 32  # Data's 32 examples
 
 
 def test_callback_survives_non_finite_weights() -> None:
