@@ -1,8 +1,8 @@
 """A run's dealings with Hydra's job folder: its name in a sweep (the overrides, shortened to what a
 file system takes), checking it can be written before Hydra creates it (a folder under a file, on a
 read-only disk, without permission: one line and exit status 2, not the traceback of Hydra's own
-``mkdir``), writing Hydra's record of the job once the run is accepted, and running a job whose
-config a launcher composed for it alone."""
+``mkdir``), writing Hydra's record of the job once the run is accepted, running a job whose
+config a launcher composed for it alone, and a folder given back as an override to paste."""
 
 from __future__ import annotations
 
