@@ -1061,7 +1061,7 @@ def test_missing_mnist_files_are_looked_for_once_per_sweep(tmp_path: Path, monke
     jobs = [compose_config(f"lr={lr}", f"data.root={tmp_path}", "trainer.accelerator=cpu") for lr in (0.1, 0.2, 0.3)]
     errors = []
     for cfg in jobs:
-        with pytest.raises(DataError, match="MNIST files missing from") as err:
+        with pytest.raises(DataError, match="^data.root: MNIST files missing from") as err:
             plan.check(cfg)
         errors.append(str(err.value))
     assert calls == [tmp_path] and errors == errors[:1] * 3 and str(tmp_path) in errors[0]

@@ -71,8 +71,8 @@ def ensure_files(root: Path, download: bool) -> None:
             pass
         missing = [name for name in MNIST_FILES if not (folder / name).is_file()]
     if missing:
-        raise DataError(f"MNIST files missing from {folder}: {', '.join(missing)}. Put the four uncompressed "
-                        f"IDX files ({', '.join(MNIST_FILES)}) in that folder, or point data.root "
+        raise DataError(f"data.root: MNIST files missing from {folder}: {', '.join(missing)}. Put the four "
+                        f"uncompressed IDX files ({', '.join(MNIST_FILES)}) in that folder, or point data.root "
                         f"(or $MNIST_ROOT) at a folder whose MNIST/raw/ holds them")
     counts = {name: check_idx(folder / name, *spec) for name, spec in MNIST_FILES.items()}
     for split in ("train", "t10k"):
