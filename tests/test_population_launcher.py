@@ -516,6 +516,10 @@ def test_groups_are_split_to_fit_the_memory_budget() -> None:
     hopeless = jobs()
     assert group(hopeless, max_members=64, budget=lambda cfg: need.total(1) - 1) == []
     assert all(job.alone.endswith("; even one may not fit") for job in hopeless)
+    # With room for many, population.max_members=1 is the reason a job runs alone, not the memory.
+    one_each = jobs()
+    assert group(one_each, max_members=1, budget=lambda cfg: need.total(3)) == []
+    assert all(job.key is None and job.alone == "population.max_members=1" for job in one_each)
 
 
 def test_memory_estimate_counts_what_the_optimizer_holds() -> None:

@@ -404,15 +404,20 @@ def group(jobs: Sequence[Job], max_members: int,
             need = members[0].memory
             for job in members:
                 job.memory = need  # the same model and data: one estimate serves the group's plan lines too
-            limit = min(limit, need.members_within(room))
-            if limit < 2:
+            fits = need.members_within(room)
+            if fits < 2 <= max_members:
                 why = (f"two members would need ~{need.total(2) / 2**20:,.0f} MiB, more than a population's memory "
                        f"budget ({room / 2**20:,.0f} MiB)")
-                if limit == 0:
+                if fits == 0:
                     why += "; even one may not fit"
                 for job in members:
                     job.alone, job.key = why, None
                 continue
+            limit = min(limit, fits)
+        if limit < 2:  # population.max_members=1: no population at all
+            for job in members:
+                job.alone, job.key = f"population.max_members={max_members}", None
+            continue
         parts = math.ceil(len(members) / limit)
         size = math.ceil(len(members) / parts)
         for start in range(0, len(members), size):
