@@ -1111,6 +1111,19 @@ def test_an_invalid_job_fails_alone(mnist_root: Path, tmp_path: Path, launcher_n
 
 
 @pytest.mark.slow
+def test_jobs_that_share_a_folder_do_not_share_a_record(mnist_root: Path, tmp_path: Path) -> None:
+    """A hydra.sweep.subdir that does not tell the jobs apart: the second job fails in one line and the
+    folder keeps the first job's record (both members trained into it before, the second's record kept)."""
+    result = train("lr=0.1,0.2", *SMALL, "hydra/launcher=population", "hydra.launcher.executor=inline",
+                   "hydra.sweep.subdir=same", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 1
+    assert f"error: {tmp_path / 'same'} is also job #0's folder; give each job its own (hydra.sweep.subdir)" \
+        in result.stderr
+    saved = json.loads((tmp_path / "same" / "summary.json").read_text())
+    assert saved["status"] == "complete" and saved["config"]["lr"] == 0.1
+
+
+@pytest.mark.slow
 def test_values_that_interpolate_the_jobs_hydra_config_are_each_jobs_own(mnist_root: Path, tmp_path: Path) -> None:
     """name and seed interpolating ${hydra:runtime.output_dir} and ${hydra:job.num} resolve in each job's
     Hydra context, as the basic launcher resolves them (before, the launcher resolved them outside any job

@@ -343,6 +343,20 @@ def classify_all(jobs: Sequence[Job], processes: int = 1, elsewhere: bool = Fals
                 classify(job, passed, elsewhere)
             else:
                 job.error, job.alone, job.key, job.values = verdict
+    refuse_shared_folders(jobs)
+
+
+def refuse_shared_folders(jobs: Sequence[Job]) -> None:
+    """Fail each job whose folder an earlier job of the sweep has too (a ``hydra.sweep.subdir`` that
+    does not tell them apart): two members would write one record, the first's lost. The basic
+    launcher's second job finds the first's run there and is refused alike."""
+    first: dict[Path, Job] = {}
+    for job in jobs:
+        earlier = first.setdefault(Path(os.path.abspath(job.run_dir)), job)
+        if earlier is not job:
+            job.error = ConfigError(f"{job.run_dir} is also job #{earlier.num}'s folder; give each job its own "
+                                    f"(hydra.sweep.subdir)")
+            job.alone, job.key = None, None
 
 
 def check_groups(jobs: Sequence[Job]) -> list[list[Job]]:
