@@ -41,9 +41,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from optimlab.mnist_files import DataError
 from optimlab.files import written_file
 from optimlab.hydra_job import JobFailed, remove_if_new_and_empty
+from optimlab.mnist_files import DataError
 from optimlab.record import record_refusal
 from optimlab.summary import OPTIMIZED_METRICS, optimized_value
 from optimlab.train import Interrupted, run

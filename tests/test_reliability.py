@@ -28,12 +28,6 @@ def train(*args: str) -> subprocess.CompletedProcess:
     return run_script(REPO / "train.py", *args)
 
 
-def train_process(*args: str) -> subprocess.CompletedProcess:
-    """train.py in a process of its own: what bitwise comparisons need (trainer.deterministic=true
-    sets torch's global flags, which torch's own tests in this process have locked)."""
-    return processes.run(str(REPO / "train.py"), *args)
-
-
 def start(*args: str, new_interpreter: bool = False) -> processes.Process | subprocess.Popen:
     """train.py in a process of its own: forked, or (``new_interpreter``) a new interpreter, as a user's
     command starts, with its own string hashes and the interpreter's exit handlers."""
@@ -41,6 +35,14 @@ def start(*args: str, new_interpreter: bool = False) -> processes.Process | subp
         return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     return processes.Process(str(REPO / "train.py"), *args)
+
+
+def train_process(*args: str, new_interpreter: bool = False) -> subprocess.CompletedProcess:
+    """train.py run to its end in a process of its own (see :func:`start`): what bitwise comparisons need
+    (trainer.deterministic=true sets torch's global flags, which torch's own tests in this process have locked)."""
+    proc = start(*args, new_interpreter=new_interpreter)
+    out, err = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def wait_for(path: Path, proc: processes.Process | subprocess.Popen, timeout: float = 300) -> None:
@@ -75,8 +77,7 @@ def test_killed_run_resumed_equals_uninterrupted_run(tmp_path: Path) -> None:
     proc.wait()
     assert summary(killed)["status"] == "running"  # the record written after epoch 1 survived
     # The rerun in a new interpreter, as a user's is (its own string hashes, the interpreter's exit).
-    resumed = subprocess.run([sys.executable, str(REPO / "train.py"), f"resume={killed}",
-                              f"hydra.run.dir={tmp_path / 'resume_cmd'}"], capture_output=True, text=True, timeout=600)
+    resumed = train_process(f"resume={killed}", f"hydra.run.dir={tmp_path / 'resume_cmd'}", new_interpreter=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in resumed.stdout
     a, b = weights(whole), weights(killed)
@@ -598,8 +599,7 @@ def test_signals_deferred_notes_a_signal_and_restores_the_handlers() -> None:
 
 def test_sigint_during_start_up_exits_130_without_a_traceback(tmp_path: Path) -> None:
     # A new interpreter: its start-up (the imports) is what is interrupted.
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *TINY, f"hydra.run.dir={tmp_path / 'run'}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start(*TINY, f"hydra.run.dir={tmp_path / 'run'}", new_interpreter=True)
     # Not a fixed sleep: on a loaded machine Python may not yet have reached the handler, and its own
     # KeyboardInterrupt would answer. Loading torch's libraries comes after it and seconds before training.
     deadline = time.monotonic() + 60

@@ -28,9 +28,9 @@ from torch import Tensor
 from optimlab.build import build_parts, optimizer_class
 from optimlab.checkpointing import holds_a_run, last_checkpoint
 from optimlab.data import load_split
-from optimlab.mnist_files import DataError, ensure_files, epoch_batches, resolve_root
 from optimlab.hydra_job import hydra_config_of, set_output_dir
 from optimlab.lr_schedule import lr_monitor_followed
+from optimlab.mnist_files import DataError, ensure_files, epoch_batches, resolve_root
 from optimlab.optim import Optimizer
 from optimlab.population.best import followed as best_followed
 from optimlab.population.cluster import Executor, ForkedJob, can_fork

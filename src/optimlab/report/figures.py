@@ -208,8 +208,9 @@ def plot_sharpness(rows: list[dict[str, Any]], path: Path) -> None:
     plt = _plt()
     from matplotlib.ticker import MaxNLocator
 
-    runs = [r for r in rows if any(value is not None and value > 0 for row in (r.get("curvature") or {}).get("series")
-                                   or [] for value in row[1:])][:MAX_CURVES]
+    tracked = [r for r in rows if (r.get("curvature") or {}).get("series")]
+    runs = [r for r in tracked if any(value is not None and value > 0
+                                      for row in r["curvature"]["series"] for value in row[1:])][:MAX_CURVES]
     if not runs:
         return
     fig, axes = _panel_grid(plt, len(runs), 2 if len(runs) <= 4 else 4)  # two a row for a few: README width
