@@ -1546,11 +1546,11 @@ SIGNAL_TO_THE_LAUNCHER = """
 import os, runpy, signal, sys
 from optimlab.population.checkpoint import PopulationCheckpoint
 save = PopulationCheckpoint.save
-launcher = os.getpid()
+launcher, sent = os.getpid(), []
 def save_then_signal(self, *args, **kwargs):
     save(self, *args, **kwargs)
-    if os.getpid() != launcher:
-        os.kill(launcher, signal.{signal})
+    if os.getpid() != launcher and not sent:  # once: a killed launcher is gone by the next checkpoint
+        sent.append(os.kill(launcher, signal.{signal}))
 PopulationCheckpoint.save = save_then_signal
 sys.argv = [sys.argv[1], "-m", *sys.argv[2:]]
 runpy.run_path(sys.argv[0], run_name="__main__")
