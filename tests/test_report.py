@@ -186,7 +186,7 @@ def test_stability_compares_the_predicted_and_observed_largest_stable_lr(tmp_pat
     assert tmp_path / "stability.csv" in written and tmp_path / "regime_map.png" in written
     assert tmp_path / "sharpness.png" not in written  # no record holds a series of measurements
     table = list(csv.DictReader((tmp_path / "stability.csv").open()))
-    assert [(t["widths"], t["within_one_cell"]) for t in table] == [("8", "True"), ("32", "False")]
+    assert [(t["width"], t["within_one_cell"]) for t in table] == [("8", "True"), ("32", "False")]
     assert float(table[0]["sharpness0"]) == 20.5 and abs(float(table[0]["predicted_max_lr"]) - 2 / 20.5) < 1e-12
     assert float(table[1]["observed_max_lr_without_divergence"]) == 0.1
     # Width 8 oscillates from lr 0.1: the largest lr before instability is 0.01, within one cell of 2/20.5.
@@ -220,14 +220,45 @@ def test_stability_judges_each_column_on_its_own_lrs_and_leaves_open_ones_out(tm
     report(tmp_path)
     before = list(csv.DictReader((tmp_path / "stability.csv").open()))
     # Width 8: predicted 2/4 = 0.5, observed 0.1: within one of its cells. Width 16 never diverged: open.
-    assert [(t["widths"], t["within_one_cell"], t["instability_within_one_cell"]) for t in before] == [
+    assert [(t["width"], t["within_one_cell"], t["instability_within_one_cell"]) for t in before] == [
         ("8", "True", "True"), ("16", "", "")]
     text = (tmp_path / "report.md").read_text()
-    assert "not to diverge in 1 of 1 columns (and 1 with no such lr in its grid, the boundary above it)" in text
+    assert "not to diverge in 1 of 1 columns (and 1 whose boundary lies outside its lrs: none crossed it, or the " \
+           "smallest did)" in text
     for lr in (1.2, 1.5, 2.0, 2.5):  # another optimizer, untracked, at lrs of its own
         fake_run(tmp_path, f"adam_lr{lr}", "Adam", lr, 8, 0, 0.9)
     report(tmp_path)
     assert list(csv.DictReader((tmp_path / "stability.csv").open())) == before
+
+
+def tracked_column(root: Path, width: int, regimes: dict[float, str], sharpness0: float = 10.0,
+                   initial_step: int = 0) -> None:
+    """One SGD run per lr of ``regimes`` at ``width``, its first measurement ``sharpness0`` at ``initial_step``."""
+    for lr, regime in regimes.items():
+        fake_run(root, f"w{width}_lr{lr}", "SGD", lr, width, 0, 0.9, regime)
+        path = root / f"w{width}_lr{lr}" / "summary.json"
+        summary = json.loads(path.read_text())
+        summary["curvature"] = {"measurements": 3, "initial_step": initial_step, "initial_sharpness": sharpness0,
+                                "initial_threshold": 2 / lr, "first_crossing_step": None}
+        path.write_text(json.dumps(summary))
+
+
+def test_stability_leaves_a_boundary_below_the_grid_open_and_reads_a_column_from_its_smallest_lr(tmp_path: Path) -> None:
+    """A probe's cases: a column diverging at every lr (predicted 2/10 = 0.2, below its lrs 30 and 100) was
+    counted a miss, though its boundary lies below the grid, as a never-diverging column's lies above it;
+    a column slow, diverging, slow, slow from lr 0.01 up gave 10, above the diverging 0.1, as its largest
+    lr without divergence (predicted 2/100: within one cell of 0.01); and a column first measured at step 5 is
+    not the sharpness at initialisation."""
+    tracked_column(tmp_path, 8, {30.0: "diverging", 100.0: "diverging"})
+    tracked_column(tmp_path, 16, {0.01: "slow", 0.1: "diverging", 1.0: "slow", 10.0: "slow"}, sharpness0=100.0)
+    tracked_column(tmp_path, 32, {0.01: "healthy", 0.1: "healthy"}, initial_step=5)
+    report(tmp_path)
+    table = list(csv.DictReader((tmp_path / "stability.csv").open()))
+    assert [(t["width"], t["observed_max_lr_without_divergence"], t["within_one_cell"],
+             t["observed_max_lr_before_instability"], t["instability_within_one_cell"]) for t in table] == [
+        ("8", "", "", "", ""), ("16", "0.01", "True", "0.01", "True")]
+    assert "not to diverge in 1 of 1 columns (and 1 whose boundary lies outside its lrs" in \
+        (tmp_path / "report.md").read_text()
 
 
 def test_stability_reads_each_cell_as_the_map_shows_it(tmp_path: Path) -> None:
@@ -245,7 +276,7 @@ def test_stability_reads_each_cell_as_the_map_shows_it(tmp_path: Path) -> None:
     fake_run(tmp_path, f"{n}_job", "SGD", 0.1, 64, 0, 0.9)  # a second width: a map is drawn
     report(tmp_path)
     table = list(csv.DictReader((tmp_path / "stability.csv").open()))
-    assert [(t["widths"], float(t["observed_max_lr_without_divergence"])) for t in table] == [("8", 1.0)]
+    assert [(t["width"], float(t["observed_max_lr_without_divergence"])) for t in table] == [("8", 1.0)]
     assert "| sgd | 8 | 1 | healthy | diverging 1, healthy 1 |" in (tmp_path / "report.md").read_text()
 
 
@@ -400,7 +431,7 @@ def test_a_refused_job_with_a_negative_lr_is_listed_but_not_placed_on_the_lr_axi
     report(tmp_path)
     assert {r["run"]: r["error"] for r in csv.DictReader((tmp_path / "report.csv").open())}["4_0.1"] == \
         "summary.json unreadable"
-    assert [t["widths"] for t in csv.DictReader((tmp_path / "stability.csv").open())] == ["4", "8"]
+    assert [t["width"] for t in csv.DictReader((tmp_path / "stability.csv").open())] == ["4", "8"]
 
 
 def test_data_passes_counts_how_often_the_training_images_were_seen() -> None:

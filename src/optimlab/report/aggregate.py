@@ -69,11 +69,16 @@ def stability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     most got, as on the map: :func:`map_cells`) did not diverge, and whether the two lie within one
     grid cell of each other; and the same against the largest lr below the first oscillating or
     diverging cell (a threshold crossed marks where instability starts; a run can oscillate and
-    still not diverge). The cells are the column's own lrs (not the other columns'); a column in which
-    no lr diverged (or none was unstable) has its boundary above its grid: its verdict is None, not a hit."""
+    still not diverge). The observed lrs are those below the column's first diverging (unstable) cell, as
+    its smallest lrs count up: a column whose cells are not monotone in lr gets no boundary from a stable cell
+    above an unstable one. The cells are the column's own lrs (not the other columns'); a column whose
+    boundary lies outside its grid (no lr diverged, or its smallest already did; the same for instability)
+    has the verdict None, neither a hit nor a miss. Only runs measured at step 0 count: a first measurement
+    after training started (``curvature.log_spaced_start=false``) is not the sharpness at initialisation."""
     columns: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        if on_lr_axis(r) and (r.get("curvature") or {}).get("initial_sharpness"):
+        curvature = r.get("curvature") or {}
+        if on_lr_axis(r) and curvature.get("initial_step") == 0 and curvature.get("initial_sharpness"):
             columns[(r["setting"], r["widths"])].append(r)
     table = []
     for (optimizer, widths), runs in sorted(columns.items(), key=by_setting_and_width):
@@ -83,22 +88,22 @@ def stability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         cells = map_cells(runs)
         column = sorted(lr for (_, _, lr) in cells)
         regimes = [cells[(optimizer, widths, lr)].regime for lr in column]
-        stable = [lr for lr, regime in zip(column, regimes) if regime != "diverging"]
-        observed = max(stable) if stable else None
+        first_diverging = next((lr for lr, regime in zip(column, regimes) if regime == "diverging"), math.inf)
         first_unstable = next((lr for lr, regime in zip(column, regimes) if regime in UNSTABLE), math.inf)
+        observed = max((lr for lr in column if lr < first_diverging), default=None)
         calm = max((lr for lr in column if lr < first_unstable), default=None)
 
-        def near(lr: float | None, bounded: bool) -> bool | None:
-            """Within one of the column's cells; None where the boundary lies above the grid."""
-            if not bounded:
+        def near(lr: float | None, boundary: float) -> bool | None:
+            """Within one of the column's cells; None where the boundary lies outside the grid."""
+            if lr is None or not math.isfinite(boundary):
                 return None
-            return lr is not None and math.isfinite(predicted) and abs(grid_position(predicted, column) - column.index(lr)) <= 1
+            return math.isfinite(predicted) and abs(grid_position(predicted, column) - column.index(lr)) <= 1
 
-        table.append({"optimizer": optimizer, "widths": widths, "sharpness0": sharpness0, "predicted_max_lr": predicted,
+        table.append({"optimizer": optimizer, "width": widths, "sharpness0": sharpness0, "predicted_max_lr": predicted,
                       "observed_max_lr_without_divergence": observed,
-                      "within_one_cell": near(observed, "diverging" in regimes),
+                      "within_one_cell": near(observed, first_diverging),
                       "observed_max_lr_before_instability": calm,
-                      "instability_within_one_cell": near(calm, math.isfinite(first_unstable))})
+                      "instability_within_one_cell": near(calm, first_unstable)})
     return table
 
 

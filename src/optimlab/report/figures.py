@@ -177,8 +177,8 @@ def plot_regime_map(cells: dict[tuple[str, str, float], MapCell], path: Path,
                     ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white")
         ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=len(labels) - 0.5, aspect="auto", origin="lower")
         for t in stability or []:
-            if t["optimizer"] == optimizer and t["widths"] in widths and math.isfinite(t["predicted_max_lr"]):
-                x, i = grid_position(t["predicted_max_lr"], lrs), widths.index(t["widths"])
+            if t["optimizer"] == optimizer and t["width"] in widths and math.isfinite(t["predicted_max_lr"]):
+                x, i = grid_position(t["predicted_max_lr"], lrs), widths.index(t["width"])
                 if -0.5 <= x <= len(lrs) - 0.5:
                     ax.plot([x, x], [i - 0.45, i + 0.45], color="black", lw=2.5)
         ax.set_xticks(range(len(lrs)), [fmt(lr) for lr in lrs], rotation=60, fontsize=7)

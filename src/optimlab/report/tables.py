@@ -89,7 +89,7 @@ def table_lines(rows: list[dict[str, Any]], out: Path) -> list[str]:
     return lines
 
 
-STABILITY_COLUMNS = ["optimizer", "widths", "sharpness0", "predicted_max_lr", "observed_max_lr_without_divergence",
+STABILITY_COLUMNS = ["optimizer", "width", "sharpness0", "predicted_max_lr", "observed_max_lr_without_divergence",
                      "within_one_cell", "observed_max_lr_before_instability", "instability_within_one_cell"]
 
 
@@ -101,7 +101,8 @@ def write_stability(table: list[dict[str, Any]], out: Path) -> list[str]:
         judged = [t[key] for t in table if t[key] is not None]
         open_ended = len(table) - len(judged)
         return f"{sum(judged)} of {len(judged)} columns" + (
-            f" (and {open_ended} with no such lr in its grid, the boundary above it)" if open_ended else "")
+            f" (and {open_ended} whose boundary lies outside its lrs: none crossed it, or the smallest did)"
+            if open_ended else "")
 
     lines = ["", "## Stability: predicted vs observed largest lr", "",
              f"The sharpness at the start predicts the largest stable lr within one grid cell of the largest lr "
