@@ -213,6 +213,16 @@ def test_non_finite_weights_give_nan() -> None:
     assert tracker.vector is kept  # a NaN vector is not kept as the next start
 
 
+def test_a_loss_of_no_example_gives_nan() -> None:
+    """Every label ignored (cross-entropy's -100): the mean loss is 0/0, whose gradient autograd gives as
+    zeros; the sharpness is NaN, not the 0 of that zero Hessian. Class probabilities are targets too."""
+    model, x, y = mlp(nn.Tanh, 0)
+    assert math.isnan(sharpness(model, x, torch.full_like(y, -100)))
+    soft = F.one_hot(y, 3).to(F64)
+    assert sharpness(model, x, soft, tol=1e-10, iters=100) == pytest.approx(sharpness(model, x, y, tol=1e-10, iters=100),
+                                                                           rel=1e-9)
+
+
 def test_argument_checks() -> None:
     model, x, y = mlp(nn.Tanh, 0)
     shapes_p = [torch.ones(p.shape, dtype=F64) for p in model.parameters()]
@@ -230,6 +240,15 @@ def test_argument_checks() -> None:
         top_eigenpair(model, x, y, init=shapes_p[:2])
     with pytest.raises(ValueError, match="same nonzero number"):
         sharpness(model, x, y[:3])
+    with pytest.raises(ValueError, match="must be real"):
+        sharpness(model, x, y, preconditioner=[t.to(torch.complex128) for t in shapes_p])
+    # A probe's cases: torch's own errors (AttributeError, IndexError, RuntimeError) came out of the forward pass.
+    with pytest.raises(ValueError, match="x and y must be tensors, got Tensor and list"):
+        sharpness(model, x, y.tolist())
+    with pytest.raises(ValueError, match=r"class indices must lie in \[0, 3\).*got 3"):
+        sharpness(model, x, torch.full_like(y, 3))
+    with pytest.raises(ValueError, match="class probabilities shaped like the logits"):
+        sharpness(model, x, y.to(F64))
     with pytest.raises(ValueError, match="no trainable parameters"):
         sharpness(model.requires_grad_(False), x, y)
     with pytest.raises(ValueError, match="nonzero"):

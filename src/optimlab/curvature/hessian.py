@@ -5,6 +5,7 @@ Hessian-vector products (double backpropagation; the Hessian is never formed).""
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
@@ -63,6 +64,8 @@ def like_parameters(name: str, tensors: object, model: nn.Module) -> list[Tensor
     tensors = list(tensors)
     if not all(isinstance(t, Tensor) for t in tensors):
         raise ValueError(f"Invalid {name}: must be a list of tensors, got {[type(t).__name__ for t in tensors]}")
+    if any(t.is_complex() for t in tensors):
+        raise ValueError(f"Invalid {name}: must be real, got {sorted({str(t.dtype) for t in tensors})}")
     if len(tensors) == len(every) != len(params):
         tensors = [t for t, p in zip(tensors, every) if p.requires_grad]
     if len(tensors) != len(params) or any(t.shape != p.shape for t, p in zip(tensors, params)):
@@ -81,6 +84,21 @@ def probe_batch(x: Tensor, y: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tenso
     if not y.is_floating_point():
         y = y.long()
     return x.clone() if x.is_inference() else x, y.clone() if y.is_inference() else y
+
+
+def check_targets(logits: Tensor, y: Tensor) -> None:
+    """A ValueError unless ``y`` is what the mean cross-entropy of ``logits`` takes: class indices in
+    ``[0, classes)`` (or cross-entropy's ignored index -100), or class probabilities shaped like the logits."""
+    if y.is_floating_point():
+        if y.shape != logits.shape:
+            raise ValueError(f"Invalid y: floating-point targets are class probabilities shaped like the logits "
+                             f"{tuple(logits.shape)}, got {tuple(y.shape)} (class indices must be integers)")
+        return
+    classes = logits.shape[1] if logits.dim() > 1 else 0
+    outside = (y < 0) & (y != -100) | (y >= classes)
+    if bool(outside.any()):
+        raise ValueError(f"Invalid y: class indices must lie in [0, {classes}) (or be -100, ignored), "
+                         f"got {y[outside][0].item()}")
 
 
 def valid_preconditioner(tensors: Sequence[Tensor]) -> bool:
@@ -123,8 +141,11 @@ def top_eigenpair(model: nn.Module, x: Tensor, y: Tensor, preconditioner: Sequen
     if len({(p.dtype, p.device) for p in params}) > 1 or params[0].is_complex():
         raise ValueError("the trainable parameters must be real and share one dtype and device, got "
                          f"{sorted({f'{p.dtype} on {p.device}' for p in params})}")
-    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
-        raise ValueError(f"x and y must hold the same nonzero number of examples, got {x.shape[0]} and {y.shape[0]}")
+    if not (isinstance(x, Tensor) and isinstance(y, Tensor)):
+        raise ValueError(f"x and y must be tensors, got {type(x).__name__} and {type(y).__name__}")
+    if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(f"x and y must hold the same nonzero number of examples, got shapes {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
     dtype, device = params[0].dtype, params[0].device
     scale = None
     if preconditioner is not None:
@@ -139,9 +160,16 @@ def top_eigenpair(model: nn.Module, x: Tensor, y: Tensor, preconditioner: Sequen
         v0 = torch.randn(sum(p.numel() for p in params), generator=generator, dtype=dtype).to(device)
     shapes, sizes = [p.shape for p in params], [p.numel() for p in params]
 
+    def unflat(vector: Tensor) -> list[Tensor]:
+        return [piece.view(shape) for piece, shape in zip(vector.detach().split(sizes), shapes)]
+
     with evaluation(model):
         x, y = probe_batch(x, y, dtype)
-        loss = F.cross_entropy(model(x), y)
+        logits = model(x)
+        check_targets(logits, y)
+        loss = F.cross_entropy(logits, y)
+        if not bool(torch.isfinite(loss)):  # its Hessian is not defined (every label ignored: 0/0)
+            return Eigenpair(math.nan, unflat(v0), 0)
         grads = torch.autograd.grad(loss, params, create_graph=True, materialize_grads=True)
         # A gradient that does not depend on the parameters contributes a zero row of H.
         live = [i for i, g in enumerate(grads) if g.requires_grad]
@@ -157,7 +185,7 @@ def top_eigenpair(model: nn.Module, x: Tensor, y: Tensor, preconditioner: Sequen
             return out if scale is None else out * scale
 
         value, vector, count = lanczos(hessian_product, v0, iters, tol)
-    return Eigenpair(value, [piece.view(shape) for piece, shape in zip(vector.detach().split(sizes), shapes)], count)
+    return Eigenpair(value, unflat(vector), count)
 
 
 def sharpness(model: nn.Module, x: Tensor, y: Tensor, preconditioner: Sequence[Tensor] | None = None,
