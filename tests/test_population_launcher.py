@@ -465,6 +465,11 @@ def scheduler(target: str, *options: str) -> list[str]:
     (["callbacks=lr_monitor", "callbacks.lr_monitor.logging_interval=step"], "lr_monitor"),
     (["callbacks=lr_monitor", "+callbacks.lr_monitor.log_momentum=true"], "lr_monitor"),
     (["callbacks=early_stopping", "+callbacks.early_stopping.stopping_threshold=0.1"], "early_stopping"),
+    # the setting is named, not the callback, which a population follows (a probe found the reason misleading)
+    (["callbacks=early_stopping", "+callbacks.early_stopping.check_finite=false"],
+     "callback settings a population does not follow (callbacks.early_stopping.check_finite=False)"),
+    # its run applies non-finite updates until the check (a probe's lr 1e300 member recorded step 2, its run 4)
+    (["trainer.check_finite_every_n_steps=5"], "trainer.check_finite_every_n_steps=5 (a population checks every step)"),
     (["logger=mlflow"], "a logger other than TensorBoard or CSV (mlflow)"),
     (["trainer.detect_anomaly=true"], "trainer.detect_anomaly=True"),
     (["test_ckpt=best", "callbacks.model_checkpoint.save_top_k=2"], "test_ckpt=best with callbacks.model_checkpoint"),

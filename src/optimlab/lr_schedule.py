@@ -62,10 +62,17 @@ def epoch_start_lrs(cfg: DictConfig, epochs: int) -> list[float]:
     return lrs
 
 
+def lr_monitor_unfollowed(entry: Mapping[str, Any]) -> list[str]:
+    """The settings (``key=value``) of this ``callbacks.lr_monitor`` entry that make it log more or other than
+    what :func:`epoch_start_lrs` tells from a config, the optimizer's lr at the start of every epoch
+    (``logging_interval: epoch``; not per step, nor momentum or weight decay); none: it logs just that."""
+    known = ("_target_", "logging_interval", "log_momentum", "log_weight_decay")
+    out = [f"_target_={entry.get('_target_')}"] * (entry.get("_target_") != LR_MONITOR)
+    out += [f"logging_interval={entry.get('logging_interval')}"] * (entry.get("logging_interval") != "epoch")
+    out += [f"{key}={entry[key]}" for key in ("log_momentum", "log_weight_decay") if entry.get(key)]
+    return out + [f"{key}={entry[key]}" for key in entry if key not in known]
+
+
 def lr_monitor_followed(entry: Mapping[str, Any]) -> bool:
-    """Whether this ``callbacks.lr_monitor`` entry logs what :func:`epoch_start_lrs` tells from a config:
-    the optimizer's lr at the start of every epoch (``logging_interval: epoch``; not per step, nor
-    momentum or weight decay)."""
-    logs_more = any(entry.get(key) for key in ("log_momentum", "log_weight_decay"))
-    return entry.get("_target_") == LR_MONITOR and not logs_more and entry.get("logging_interval") == "epoch" \
-        and set(entry) <= {"_target_", "logging_interval", "log_momentum", "log_weight_decay"}
+    """Whether this ``callbacks.lr_monitor`` entry logs what :func:`epoch_start_lrs` tells (:func:`lr_monitor_unfollowed`)."""
+    return not lr_monitor_unfollowed(entry)

@@ -29,7 +29,7 @@ from optimlab.build import build_parts, optimizer_class
 from optimlab.checkpointing import holds_a_run, last_checkpoint
 from optimlab.data import load_split
 from optimlab.hydra_job import hydra_config_of, set_output_dir
-from optimlab.lr_schedule import lr_monitor_followed
+from optimlab.lr_schedule import lr_monitor_unfollowed
 from optimlab.mnist_files import DataError, ensure_files, epoch_batches, resolve_root
 from optimlab.optim import Optimizer
 from optimlab.population.best import followed as best_followed
@@ -38,7 +38,7 @@ from optimlab.population.compose import ShapeCachingLoader, task_part
 from optimlab.population.data import split_indices
 from optimlab.population.schedule import why_not_followed
 from optimlab.population.stacked import STACKED, build_member
-from optimlab.population.stopping import followed
+from optimlab.population.stopping import unfollowed
 from optimlab.summary import config_key, describe_run, dotted_value, is_complete, read_summary
 from optimlab.train import refuse_changed_config
 from optimlab.validate import RULES, ConfigError, rule_error, validate_config
@@ -217,10 +217,12 @@ def why_alone(cfg: DictConfig, elsewhere: bool = False) -> str | None:
     ``elsewhere``: the populations train on machines the plan cannot see (SLURM), whose device it
     cannot tell from ``trainer.accelerator=auto``."""
     t, optimizer = cfg.trainer, cfg.optimizer
-    followed_entries = {"early_stopping": followed, "lr_monitor": lr_monitor_followed}
-    extra_callbacks = {name for name, entry in (cfg.get("callbacks") or {}).items()
-                       if entry and not (name in followed_entries and followed_entries[name](entry))} \
-        - set(POPULATION_CALLBACKS)
+    unfollowed_settings = {"early_stopping": unfollowed, "lr_monitor": lr_monitor_unfollowed}
+    callbacks = {name: entry for name, entry in (cfg.get("callbacks") or {}).items() if entry}
+    extra_callbacks = set(callbacks) - set(unfollowed_settings) - set(POPULATION_CALLBACKS)
+    callback_settings = [f"callbacks.{name}.{setting}" for name, entry in callbacks.items() if name in unfollowed_settings
+                         for setting in unfollowed_settings[name](entry)]
+    finite_every = t.get("check_finite_every_n_steps") or 1
     loggers = {name for name, entry in (cfg.get("logger") or {}).items() if entry and not logger_followed(entry)}
     trainer_args = {f"trainer.{key}={value}" for key, value in t.items()
                     if key not in POPULATION_TRAINER and value != TRAINER_DEFAULTS.get(key)}
@@ -236,6 +238,11 @@ def why_alone(cfg: DictConfig, elsewhere: bool = False) -> str | None:
         "optimizer.grad_noise_std > 0 off the CPU": off_cpu and (optimizer.get("grad_noise_std") or 0) > 0,
         scheduler or "a learning-rate scheduler": scheduler is not None,
         "callbacks other than the defaults (" + ", ".join(sorted(extra_callbacks)) + ")": bool(extra_callbacks),
+        "callback settings a population does not follow (" + ", ".join(callback_settings) + ")": bool(callback_settings),
+        # Its run applies the updates of up to n - 1 non-finite steps before it notices them, and records the
+        # step of the check; a population checks every member at every step (null: 1 on the CPU, where the
+        # records agree; on a GPU a run's 10 against the population's 1 is the one difference left, documented).
+        f"trainer.check_finite_every_n_steps={finite_every} (a population checks every step)": finite_every > 1,
         "a logger other than TensorBoard or CSV (" + ", ".join(sorted(loggers)) + ")": bool(loggers),
         "trainer.max_epochs given apart from epochs": t.get("max_epochs", cfg.epochs) != cfg.epochs,
         "test_ckpt=best with callbacks.model_checkpoint settings beyond one best checkpoint by val/loss or val/acc":

@@ -26,10 +26,17 @@ SETTINGS = ("monitor", "mode", "patience", "min_delta")
 MONITORED = {"val/loss": "val_loss_run", "val/acc": "val_acc"}
 
 
+def unfollowed(entry: Mapping[str, Any]) -> list[str]:
+    """The settings (``key=value``) of this ``callbacks.early_stopping`` entry a population cannot follow
+    member by member; none: it can."""
+    out = [f"_target_={entry.get('_target_')}"] * (entry.get("_target_") != EARLY_STOPPING)
+    out += [f"monitor={entry.get('monitor')}"] * (entry.get("monitor") not in MONITORED)
+    return out + [f"{key}={entry[key]}" for key in entry if key not in ("_target_", *SETTINGS)]
+
+
 def followed(entry: Mapping[str, Any]) -> bool:
-    """Whether a population can follow this ``callbacks.early_stopping`` entry member by member."""
-    return entry.get("_target_") == EARLY_STOPPING and set(entry) <= {"_target_", *SETTINGS} \
-        and entry.get("monitor") in MONITORED
+    """Whether a population can follow this ``callbacks.early_stopping`` entry member by member (:func:`unfollowed`)."""
+    return not unfollowed(entry)
 
 
 class MemberEarlyStopping:
