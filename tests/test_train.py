@@ -93,6 +93,9 @@ def test_job_folder_names_fit_a_file_system() -> None:
     assert a.startswith("x" * 150) and a[-9] == "~"
     wide = job_dirname("model.name=" + "\u00e9" * 200)  # two bytes each: never cut inside a character
     assert len(wide.encode()) <= 200 and wide.startswith("model.name=\u00e9")
+    # one folder, not a folder "...monitor=val" holding "acc,..." (a probe's sweep)
+    assert job_dirname("callbacks.model_checkpoint.monitor=val/acc,lr=0.1") == \
+        "callbacks.model_checkpoint.monitor=val%2Facc,lr=0.1"
 
 
 # Strings a YAML writer must quote, escape, fold or keep (OmegaConf reads 1e5 as a float, YAML 1.1's
