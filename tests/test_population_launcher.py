@@ -1331,16 +1331,16 @@ def untimed(summary: dict) -> dict:
                                                         "diverged_at_step", "best_val_acc", "train_steps")}}
 
 
-# Runs train.py with each member's record written, then, after the first, SIGINT sent to the process:
-# a stop while a trained population's members are being finished.
+# Runs train.py with each member's record written, then, after the first finished one, SIGINT sent to the
+# process: a stop while a trained population's members are being finished.
 SIGINT_WHILE_FINISHING = """
 import os, runpy, signal, sys
 from optimlab.population import launcher
 write = launcher.write_member
 sent = []
-def write_then_signal(*args, **kwargs):
-    write(*args, **kwargs)
-    if not sent:
+def write_then_signal(run_dir, summary):
+    write(run_dir, summary)
+    if not sent and summary.status == "complete":
         sent.append(os.kill(os.getpid(), signal.SIGINT))
 launcher.write_member = write_then_signal
 sys.argv = [sys.argv[1], "-m", *sys.argv[2:]]
@@ -1401,16 +1401,17 @@ def test_a_stop_while_members_are_finished_waits_for_the_last(mnist_root: Path, 
 
 
 @pytest.fixture(scope="module")
-def uninterrupted_population(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+def uninterrupted_population(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory
+                             ) -> tuple[dict[str, dict], dict[str, dict]]:
     """The RESUMABLE sweep trained straight through (inline; forked populations record the same, tested
-    below): each member's :func:`untimed` summary by job folder."""
+    below): each member's :func:`untimed` summary and its TensorBoard scalars, by job folder."""
     sweep = tmp_path_factory.mktemp("straight")
     straight = train(*RESUMABLE, "hydra.launcher.executor=inline", f"hydra.sweep.dir={sweep}")
     assert straight.returncode == 0, straight.stderr[-3000:]
     expected = {name: untimed(s) for name, s in summaries(sweep).items()}
     assert len(expected) == 4 and all(len(s["epochs"]) == 3 for s in expected.values())
     assert all([row["step"] for row in s["train_steps"]] == [0, 5, 10] for s in expected.values())
-    return expected
+    return expected, {name: scalar_events(sweep / name / "tensorboard") for name in expected}
 
 
 @pytest.mark.slow
@@ -1423,18 +1424,26 @@ def uninterrupted_population(mnist_root: Path, tmp_path_factory: pytest.TempPath
     ("processes", "SIGTERM", 143, "interrupted")])
 def test_a_killed_or_stopped_population_resumes_bitwise(mnist_root: Path, tmp_path: Path, executor: str, sig: str,
                                                         code: int, status: str,
-                                                        uninterrupted_population: dict[str, dict]) -> None:
+                                                        uninterrupted_population: tuple[dict, dict]) -> None:
     """Four members, three epochs (float32, CPU, one thread). SIGKILL to the process that trains
     them right after epoch 1's checkpoint, or SIGTERM there (summaries 'interrupted', exit 143);
     rerun with resume=auto: the population continues from its checkpoint and every member's summary
     equals the uninterrupted population's (epoch rows but their times, test accuracy and loss),
-    bitwise; the checkpoint is removed at the end."""
+    bitwise; the checkpoint is removed at the end. A stopped or crashed member's folder holds its
+    TensorBoard scalars so far, as its run's would; resumed, one event file with all of them."""
+    straight, straight_events = uninterrupted_population
     resumable = [*RESUMABLE, f"hydra.launcher.executor={executor}", f"hydra.sweep.dir={tmp_path}"]
     killed = processes.run("-c", SIGNAL_AFTER_FIRST_CHECKPOINT.format(signal=sig), str(REPO / "train.py"), *resumable,
                            cwd=REPO, timeout=300)
     assert killed.returncode == code, killed.stderr[-3000:]
     [checkpoint] = (tmp_path / ".populations").glob("*.ckpt")
     assert {s["status"] for s in summaries(tmp_path).values()} == {status}
+    for name, summary in summaries(tmp_path).items():  # its loggers hold the epochs its summary holds, if not running
+        done = 0 if status == "running" else len(summary["epochs"])
+        assert done >= 1 or sig == "SIGKILL"  # a stopped population records its first epoch (a killed one may not)
+        folder = tmp_path / name / "tensorboard"
+        stopped = scalar_events(folder) if folder.is_dir() else {}
+        assert stopped.get("val/acc", []) == straight_events[name]["val/acc"][:done]
     assert all(s["population"]["checkpoint"] == str(checkpoint) for s in summaries(tmp_path).values())
     if sig == "SIGTERM":
         assert "rerun the sweep with resume=auto to continue from its checkpoint" in killed.stderr
@@ -1446,7 +1455,10 @@ def test_a_killed_or_stopped_population_resumes_bitwise(mnist_root: Path, tmp_pa
     assert f"population 1: resumed from {checkpoint} after epoch 1" in resumed.stdout
     assert "population 1: epoch   1/3" not in resumed.stdout and "population 1: epoch   3/3" in resumed.stdout
     got = summaries(tmp_path)
-    assert {name: untimed(s) for name, s in got.items()} == uninterrupted_population
+    assert {name: untimed(s) for name, s in got.items()} == straight
+    for name in straight:
+        assert len(list((tmp_path / name / "tensorboard").glob("events.out.tfevents.*"))) == 1
+        assert scalar_events(tmp_path / name / "tensorboard") == straight_events[name]
     assert all(s["population"]["checkpoint"] is None for s in got.values()) and not checkpoint.exists()
 
 

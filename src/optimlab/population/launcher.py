@@ -56,7 +56,7 @@ from optimlab.population.schedule import MemberSchedules
 from optimlab.population.stacked import STACKED
 from optimlab.population.stopping import MemberEarlyStopping
 from optimlab.record import device_name, log_epoch_lines, record_refusal, refused_summary, result_line
-from optimlab.summary import FINISHED, RunSummary, config_key, optimized_value, read_summary, write_summary
+from optimlab.summary import FINISHED, RunSummary, config_key, optimized_value, read_summary
 from optimlab.train import StopOnSignal, override_keys, signals_deferred, sync_epochs
 
 log = logging.getLogger(__name__)
@@ -159,8 +159,7 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
     def write_all(status: str) -> None:
         for m, (job, summary) in enumerate(zip(members, summaries(status))):
             if not keeps_old(m):
-                job.run_dir.mkdir(parents=True, exist_ok=True)
-                write_summary(job.run_dir, summary)
+                write_member(job.run_dir, summary)
 
     def on_epoch(done: int) -> None:
         population.first_step_s = loop.first_step_s

@@ -15,6 +15,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.loggers import TensorBoardLogger
+
 from optimlab.build import build_loggers, logger_constructors
 from optimlab.curvature import show_sharpness_chart
 from optimlab.population.loop import MemberRecord
@@ -78,29 +80,38 @@ def constructors_of(logger_config: str) -> dict[str, functools.partial]:
 def write_logs(run_dir: Path, summary: RunSummary) -> None:
     """What the member's own run logs, where it logs it: its loggers (``logger``, as the run builds them)
     get, in the run's order, what they got during its fit (:func:`~optimlab.record.logged_in_fit`:
-    per-step rows, tracked sharpness and threshold, epochs, ``callbacks.lr_monitor``'s lrs), then the
-    run's result (HPARAMS and the regime text, :func:`~optimlab.record.log_result`), and are closed. (A run's
-    loggers are also finalized after its fit: for TensorBoard a flush, for a CSV logger a save, whose file
-    holds the same rows under the same sorted header either way.)"""
+    per-step rows, tracked sharpness and threshold, epochs, ``callbacks.lr_monitor``'s lrs), then, for a
+    finished member, the run's result (HPARAMS and the regime text, :func:`~optimlab.record.log_result`),
+    and are closed. (A run's loggers are also finalized after its fit: for TensorBoard a flush, for a CSV
+    logger a save, whose file holds the same rows under the same sorted header either way.) The event files
+    an earlier write left (the member interrupted, then resumed) are removed once the new one, which holds
+    all they held, is closed; a new CSV logger replaces its ``metrics.csv`` itself."""
     logger_config = summary.config.get("logger") or {}
     # All of a member's events are written here at once: a queue that holds them spares the writer
     # thread's hand-offs (5.0 -> 3.2 ms a member of the narrow grid; the file is complete at close either way).
     loggers = build_loggers(logger_config, run_dir, tensorboard_queue=1000,
                             constructors=constructors_of(json.dumps(logger_config, sort_keys=True)))
+    earlier = [path for logger in loggers if isinstance(logger, TensorBoardLogger)
+               for path in Path(logger.log_dir).glob("events.out.tfevents.*")]
     if summary.curvature:
         show_sharpness_chart(loggers)
     steps_per_epoch = (summary.population or {}).get("steps_per_epoch", 0)
     replay(loggers, logged_in_fit(summary.config, summary.epochs, summary.train_steps, summary.curvature,
                                   steps_per_epoch, summary.steps))
-    log_result(loggers, summary)
-    close_loggers(loggers, "success")
+    finished = summary.status in FINISHED
+    if finished:
+        log_result(loggers, summary)
+    close_loggers(loggers, "success" if finished else "failed")
+    for path in earlier:
+        path.unlink(missing_ok=True)
 
 
 def write_member(run_dir: Path, summary: RunSummary) -> None:
-    """For a finished member its loggers' files, then ``summary.json``: a finished summary is what
-    ``resume=auto`` skips, so it comes last (a kill between leaves the member to run again)."""
+    """``summary.json``, after the loggers' files of a member that is not running: a finished one's, or an
+    interrupted or crashed one's epochs so far (as its run's loggers hold them when it stops). A finished
+    summary is what ``resume=auto`` skips, so it comes last (a kill between leaves the member to run again)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    if summary.status in FINISHED:
+    if summary.status in FINISHED or (summary.status != "running" and summary.epochs):
         try:
             write_logs(run_dir, summary)
         except Exception as err:  # the member's record says so (crashed, why), not "running"
