@@ -249,6 +249,8 @@ def test_argument_checks() -> None:
         sharpness(model, x, torch.full_like(y, 3))
     with pytest.raises(ValueError, match="class probabilities shaped like the logits"):
         sharpness(model, x, y.to(F64))
+    with pytest.raises(ValueError, match=r"class indices for logits \(8, 3\) are shaped \(8,\), got \(8, 1\)"):
+        sharpness(model, x, y[:, None])
     with pytest.raises(ValueError, match="no trainable parameters"):
         sharpness(model.requires_grad_(False), x, y)
     with pytest.raises(ValueError, match="nonzero"):

@@ -30,6 +30,7 @@ from optimlab.population.cluster import Executor
 from optimlab.population.launcher import PopulationCrashed, finish_member, train_members
 from optimlab.population.plan import Job, PlanError, check_plan_is_the_sweeps, group, population_key, why_alone
 from optimlab.report import main as report_main
+from optimlab.summary import read_summary
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["data.subset=256", "data.val_size=500", "epochs=1", "model.hidden=[16]", "trainer.accelerator=cpu"]
@@ -1321,7 +1322,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 RESUMABLE = ["lr=0.05,0.1", "seed=0,1", "data.subset=512", "data.val_size=500", "epochs=3", "model.hidden=[16]",
              "trainer.accelerator=cpu", "trainer.num_threads=1", "hydra/launcher=population",
              "curvature.every_n_steps=3", "curvature.probe_size=64",  # tracking's state resumes too
-             "trainer.log_every_n_steps=5"]  # and per-step rows (steps 0, 5, 10)
+             "trainer.log_every_n_steps=5",  # and per-step rows (steps 0, 5, 10)
+             "logger=many"]  # TensorBoard and CSV
 
 
 def untimed(summary: dict) -> dict:
@@ -1380,6 +1382,33 @@ def test_a_stop_held_while_the_last_epoch_is_recorded_still_stops(mnist_root: Pa
                                   for s in runs.values())
 
 
+# SIGINT_IN_THE_LAST_EPOCHS_RECORD with every member's logs failing to be written.
+SIGINT_WITH_LOGS_FAILING = SIGINT_IN_THE_LAST_EPOCHS_RECORD.replace("""PopulationLoop.finish_epoch = signal_then_finish
+""", """PopulationLoop.finish_epoch = signal_then_finish
+from optimlab.population import launcher
+def fail(run_dir, summary):
+    raise OSError("no space left on device")
+launcher.write_logs = fail
+""")
+
+
+@pytest.mark.slow
+def test_a_stop_whose_logs_cannot_be_written_still_records_and_stops(mnist_root: Path, tmp_path: Path) -> None:
+    """A stopped population writes its members' summaries first, then their logs of the epochs so far: a
+    logger that fails (a full disk) leaves the summaries interrupted and the stop goes on (exit 130),
+    saying which member's logs are missing, instead of a traceback and members left 'running'."""
+    assert "launcher.write_logs = fail" in SIGINT_WITH_LOGS_FAILING
+    stopped = processes.run("-c", SIGINT_WITH_LOGS_FAILING, str(REPO / "train.py"), "seed=0,1", *SMALL, "epochs=2",
+                            "hydra/launcher=population", "hydra.launcher.executor=inline", f"hydra.sweep.dir={tmp_path}",
+                            cwd=REPO, timeout=300)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    runs = summaries(tmp_path)
+    assert len(runs) == 2 and all(s["status"] == "interrupted" and len(s["epochs"]) == 2 for s in runs.values())
+    said = stopped.stdout + stopped.stderr
+    assert said.count("its logs of the epochs so far were not written") == 2, said[-3000:]
+    assert "OSError: no space left on device" in said
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("executor", ["inline", "processes"])
 def test_a_stop_while_members_are_finished_waits_for_the_last(mnist_root: Path, tmp_path: Path, executor: str) -> None:
@@ -1401,17 +1430,19 @@ def test_a_stop_while_members_are_finished_waits_for_the_last(mnist_root: Path, 
 
 
 @pytest.fixture(scope="module")
-def uninterrupted_population(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory
-                             ) -> tuple[dict[str, dict], dict[str, dict]]:
+def uninterrupted_population(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """The RESUMABLE sweep trained straight through (inline; forked populations record the same, tested
-    below): each member's :func:`untimed` summary and its TensorBoard scalars, by job folder."""
+    below): its ``folder``, and by job folder each member's :func:`untimed` ``summaries``, TensorBoard
+    scalars (``events``) and CSV rows (``csv``)."""
     sweep = tmp_path_factory.mktemp("straight")
     straight = train(*RESUMABLE, "hydra.launcher.executor=inline", f"hydra.sweep.dir={sweep}")
     assert straight.returncode == 0, straight.stderr[-3000:]
     expected = {name: untimed(s) for name, s in summaries(sweep).items()}
     assert len(expected) == 4 and all(len(s["epochs"]) == 3 for s in expected.values())
     assert all([row["step"] for row in s["train_steps"]] == [0, 5, 10] for s in expected.values())
-    return expected, {name: scalar_events(sweep / name / "tensorboard") for name in expected}
+    return SimpleNamespace(folder=sweep, summaries=expected,
+                           events={name: scalar_events(sweep / name / "tensorboard") for name in expected},
+                           csv={name: csv_rows(sweep / name / "csv" / "metrics.csv") for name in expected})
 
 
 @pytest.mark.slow
@@ -1424,14 +1455,15 @@ def uninterrupted_population(mnist_root: Path, tmp_path_factory: pytest.TempPath
     ("processes", "SIGTERM", 143, "interrupted")])
 def test_a_killed_or_stopped_population_resumes_bitwise(mnist_root: Path, tmp_path: Path, executor: str, sig: str,
                                                         code: int, status: str,
-                                                        uninterrupted_population: tuple[dict, dict]) -> None:
+                                                        uninterrupted_population: SimpleNamespace) -> None:
     """Four members, three epochs (float32, CPU, one thread). SIGKILL to the process that trains
     them right after epoch 1's checkpoint, or SIGTERM there (summaries 'interrupted', exit 143);
     rerun with resume=auto: the population continues from its checkpoint and every member's summary
     equals the uninterrupted population's (epoch rows but their times, test accuracy and loss),
     bitwise; the checkpoint is removed at the end. A stopped or crashed member's folder holds its
-    TensorBoard scalars so far, as its run's would; resumed, one event file with all of them."""
-    straight, straight_events = uninterrupted_population
+    TensorBoard scalars and CSV rows so far, as its run's would; resumed, one event file with all of them
+    and the CSV rows of the uninterrupted member (replaced, not appended to)."""
+    straight, straight_events = uninterrupted_population.summaries, uninterrupted_population.events
     resumable = [*RESUMABLE, f"hydra.launcher.executor={executor}", f"hydra.sweep.dir={tmp_path}"]
     killed = processes.run("-c", SIGNAL_AFTER_FIRST_CHECKPOINT.format(signal=sig), str(REPO / "train.py"), *resumable,
                            cwd=REPO, timeout=300)
@@ -1444,6 +1476,12 @@ def test_a_killed_or_stopped_population_resumes_bitwise(mnist_root: Path, tmp_pa
         folder = tmp_path / name / "tensorboard"
         stopped = scalar_events(folder) if folder.is_dir() else {}
         assert stopped.get("val/acc", []) == straight_events[name]["val/acc"][:done]
+        if done:
+            header, rows = csv_rows(tmp_path / name / "csv" / "metrics.csv")
+            expected_header, expected_rows = uninterrupted_population.csv[name]
+            column, expected_column = header.index("val/acc"), expected_header.index("val/acc")
+            assert [row[column] for row in rows if row[column] is not None] == \
+                [row[expected_column] for row in expected_rows if row[expected_column] is not None][:done]
     assert all(s["population"]["checkpoint"] == str(checkpoint) for s in summaries(tmp_path).values())
     if sig == "SIGTERM":
         assert "rerun the sweep with resume=auto to continue from its checkpoint" in killed.stderr
@@ -1459,7 +1497,23 @@ def test_a_killed_or_stopped_population_resumes_bitwise(mnist_root: Path, tmp_pa
     for name in straight:
         assert len(list((tmp_path / name / "tensorboard").glob("events.out.tfevents.*"))) == 1
         assert scalar_events(tmp_path / name / "tensorboard") == straight_events[name]
+        assert csv_rows(tmp_path / name / "csv" / "metrics.csv") == uninterrupted_population.csv[name]
     assert all(s["population"]["checkpoint"] is None for s in got.values()) and not checkpoint.exists()
+
+
+def test_a_members_logs_leave_a_shared_tensorboard_folders_other_files(uninterrupted_population: SimpleNamespace,
+                                                                        tmp_path: Path) -> None:
+    """A member's write removes the event files an earlier write of its own left in its folder, never those
+    in a folder outside it (``logger.tensorboard.save_dir``), which other members write into too."""
+    from optimlab.population.records import write_member
+
+    name = next(iter(uninterrupted_population.summaries))
+    summary = read_summary(uninterrupted_population.folder / name)
+    summary.config["logger"] = {"tensorboard": {**summary.config["logger"]["tensorboard"],
+                                                "save_dir": str(tmp_path / "shared")}}
+    for member in ("a", "b"):
+        write_member(tmp_path / member, summary)
+    assert len(list((tmp_path / "shared").glob("events.out.tfevents.*"))) == 2
 
 
 @pytest.mark.slow

@@ -193,7 +193,7 @@ def test_stability_compares_the_predicted_and_observed_largest_stable_lr(tmp_pat
     assert [float(t["observed_max_lr_before_instability"]) for t in table] == [0.01, 0.1]
     assert [t["instability_within_one_cell"] for t in table] == ["True", "False"]
     text = (tmp_path / "report.md").read_text()
-    assert ("within one grid cell of the largest lr observed not to diverge in 1 of 2 columns, and of the largest lr "
+    assert ("within one grid cell of the largest lr below the first diverging one in 1 of 2 columns, and of the largest lr "
             "below the first oscillating or diverging one in 1 of 2 columns.") in text
     assert "0 of 16 tracked runs crossed it" in text and "4 diverging run(s) never crossed it" in text
     for run in tmp_path.glob("w*"):  # one lr left: no stability table, no map; the old ones go
@@ -223,8 +223,8 @@ def test_stability_judges_each_column_on_its_own_lrs_and_leaves_open_ones_out(tm
     assert [(t["width"], t["within_one_cell"], t["instability_within_one_cell"]) for t in before] == [
         ("8", "True", "True"), ("16", "", "")]
     text = (tmp_path / "report.md").read_text()
-    assert "not to diverge in 1 of 1 columns (and 1 whose boundary lies outside its lrs: none crossed it, or the " \
-           "smallest did)" in text
+    assert "below the first diverging one in 1 of 1 columns (and 1 whose boundary lies outside its lrs: none " \
+           "crossed it, or the smallest did)" in text
     for lr in (1.2, 1.5, 2.0, 2.5):  # another optimizer, untracked, at lrs of its own
         fake_run(tmp_path, f"adam_lr{lr}", "Adam", lr, 8, 0, 0.9)
     report(tmp_path)
@@ -257,7 +257,7 @@ def test_stability_leaves_a_boundary_below_the_grid_open_and_reads_a_column_from
     assert [(t["width"], t["observed_max_lr_without_divergence"], t["within_one_cell"],
              t["observed_max_lr_before_instability"], t["instability_within_one_cell"]) for t in table] == [
         ("8", "", "", "", ""), ("16", "0.01", "True", "0.01", "True")]
-    assert "not to diverge in 1 of 1 columns (and 1 whose boundary lies outside its lrs" in \
+    assert "below the first diverging one in 1 of 1 columns (and 1 whose boundary lies outside its lrs" in \
         (tmp_path / "report.md").read_text()
 
 

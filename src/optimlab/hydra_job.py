@@ -38,7 +38,7 @@ DIRNAME_BYTES = 200
 
 
 def job_dirname(overrides: str, limit: int = DIRNAME_BYTES) -> str:
-    """``overrides`` (Hydra's ``hydra.job.override_dirname``) as one folder name: a ``/`` in a value
+    """``overrides`` (Hydra's ``hydra.job.override_dirname``) as one folder name: a ``/`` in them
     (``callbacks.model_checkpoint.monitor=val/acc``) written ``%2F`` (else the job's folder is two, one
     inside the other); as it is when at most ``limit`` bytes in UTF-8, else cut to fit and ended by ``~``
     and 8 hex digits of its SHA-1, so that jobs whose overrides differ only past the cut still get

@@ -66,11 +66,14 @@ def lr_monitor_unfollowed(entry: Mapping[str, Any]) -> list[str]:
     """The settings (``key=value``) of this ``callbacks.lr_monitor`` entry that make it log more or other than
     what :func:`epoch_start_lrs` tells from a config, the optimizer's lr at the start of every epoch
     (``logging_interval: epoch``; not per step, nor momentum or weight decay); none: it logs just that."""
-    known = ("_target_", "logging_interval", "log_momentum", "log_weight_decay")
-    out = [f"_target_={entry.get('_target_')}"] * (entry.get("_target_") != LR_MONITOR)
-    out += [f"logging_interval={entry.get('logging_interval')}"] * (entry.get("logging_interval") != "epoch")
-    out += [f"{key}={entry[key]}" for key in ("log_momentum", "log_weight_decay") if entry.get(key)]
-    return out + [f"{key}={entry[key]}" for key in entry if key not in known]
+    out = [f"{key}={entry[key]}" for key in entry if key not in ("_target_", "logging_interval", "log_momentum",
+                                                               "log_weight_decay")]
+    out = [f"{key}={entry[key]}" for key in ("log_momentum", "log_weight_decay") if entry.get(key)] + out
+    if entry.get("logging_interval") != "epoch":
+        out.insert(0, f"logging_interval={entry.get('logging_interval')}")
+    if entry.get("_target_") != LR_MONITOR:
+        out.insert(0, f"_target_={entry.get('_target_')}")
+    return out
 
 
 def lr_monitor_followed(entry: Mapping[str, Any]) -> bool:

@@ -87,14 +87,22 @@ def probe_batch(x: Tensor, y: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tenso
 
 
 def check_targets(logits: Tensor, y: Tensor) -> None:
-    """A ValueError unless ``y`` is what the mean cross-entropy of ``logits`` takes: class indices in
-    ``[0, classes)`` (or cross-entropy's ignored index -100), or class probabilities shaped like the logits."""
+    """A ValueError unless ``y`` is what the mean cross-entropy of ``logits`` (``[N, C, ...]``) takes, on
+    their device: class indices shaped ``[N, ...]`` in ``[0, C)`` (or cross-entropy's ignored index -100),
+    or floating-point class probabilities shaped like the logits."""
+    if logits.dim() < 2:
+        raise ValueError(f"the model's output must be logits shaped [N, classes, ...], got {tuple(logits.shape)}")
+    if y.device != logits.device:
+        raise ValueError(f"Invalid y: on {y.device}, the model's output on {logits.device}")
     if y.is_floating_point():
         if y.shape != logits.shape:
             raise ValueError(f"Invalid y: floating-point targets are class probabilities shaped like the logits "
                              f"{tuple(logits.shape)}, got {tuple(y.shape)} (class indices must be integers)")
         return
-    classes = logits.shape[1] if logits.dim() > 1 else 0
+    if y.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(f"Invalid y: class indices for logits {tuple(logits.shape)} are shaped "
+                         f"{tuple(logits.shape[:1] + logits.shape[2:])}, got {tuple(y.shape)}")
+    classes = logits.shape[1]
     outside = (y < 0) & (y != -100) | (y >= classes)
     if bool(outside.any()):
         raise ValueError(f"Invalid y: class indices must lie in [0, {classes}) (or be -100, ignored), "
@@ -133,7 +141,8 @@ def top_eigenpair(model: nn.Module, x: Tensor, y: Tensor, preconditioner: Sequen
         generator: a CPU generator for that draw; None: one seeded with 0 (a fixed start).
 
     Returns:
-        An :class:`Eigenpair`; its vector is the eigenvector of :math:`P^{-1/2} H P^{-1/2}`.
+        An :class:`Eigenpair`; its vector is the eigenvector of :math:`P^{-1/2} H P^{-1/2}`. A
+        non-finite loss gives NaN (and the start vector, no product).
     """
     params = trainable(model)
     if not params:

@@ -51,12 +51,12 @@ from optimlab.population.data import PopulationData
 from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimizer
 from optimlab.population.plan import (DTYPES, Job, check_plan_is_the_sweeps, classify_all, compose_jobs, fits_beside,
                                       group, machine_memory_share, memory_budget, plan_text, population_device)
-from optimlab.population.records import PopulationRun, member_summary, write_member
+from optimlab.population.records import PopulationRun, member_summary, write_logs, write_member
 from optimlab.population.schedule import MemberSchedules
 from optimlab.population.stacked import STACKED
 from optimlab.population.stopping import MemberEarlyStopping
 from optimlab.record import device_name, log_epoch_lines, record_refusal, refused_summary, result_line
-from optimlab.summary import FINISHED, RunSummary, config_key, optimized_value, read_summary
+from optimlab.summary import FINISHED, RunSummary, config_key, optimized_value, read_summary, write_summary
 from optimlab.train import StopOnSignal, override_keys, signals_deferred, sync_epochs
 
 log = logging.getLogger(__name__)
@@ -157,9 +157,17 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
         return len(records[m].history) < previous[m]
 
     def write_all(status: str) -> None:
-        for m, (job, summary) in enumerate(zip(members, summaries(status))):
-            if not keeps_old(m):
-                write_member(job.run_dir, summary)
+        written = [(job, summary) for m, (job, summary) in enumerate(zip(members, summaries(status))) if not keeps_old(m)]
+        for job, summary in written:
+            job.run_dir.mkdir(parents=True, exist_ok=True)
+            write_summary(job.run_dir, summary)
+        if status == "interrupted":  # then their loggers' files of the epochs so far, as a stopped run's
+            for job, summary in written:
+                try:
+                    if summary.epochs:
+                        write_logs(job.run_dir, summary)
+                except Exception:  # the record is whole, and a resumed member writes them all; the stop goes on
+                    log.exception(f"{job.run_dir}: its logs of the epochs so far were not written")
 
     def on_epoch(done: int) -> None:
         population.first_step_s = loop.first_step_s

@@ -84,14 +84,16 @@ def write_logs(run_dir: Path, summary: RunSummary) -> None:
     finished member, the run's result (HPARAMS and the regime text, :func:`~optimlab.record.log_result`),
     and are closed. (A run's loggers are also finalized after its fit: for TensorBoard a flush, for a CSV
     logger a save, whose file holds the same rows under the same sorted header either way.) The event files
-    an earlier write left (the member interrupted, then resumed) are removed once the new one, which holds
-    all they held, is closed; a new CSV logger replaces its ``metrics.csv`` itself."""
+    an earlier write left in the member's own folder (the member stopped, then resumed) are removed once
+    the new one, which holds all they held, is closed (a folder outside it, ``logger.tensorboard.save_dir``,
+    may hold other runs' files: nothing is removed there); a new CSV logger replaces its ``metrics.csv`` itself."""
     logger_config = summary.config.get("logger") or {}
     # All of a member's events are written here at once: a queue that holds them spares the writer
     # thread's hand-offs (5.0 -> 3.2 ms a member of the narrow grid; the file is complete at close either way).
     loggers = build_loggers(logger_config, run_dir, tensorboard_queue=1000,
                             constructors=constructors_of(json.dumps(logger_config, sort_keys=True)))
     earlier = [path for logger in loggers if isinstance(logger, TensorBoardLogger)
+               and Path(logger.log_dir).resolve().is_relative_to(run_dir.resolve())
                for path in Path(logger.log_dir).glob("events.out.tfevents.*")]
     if summary.curvature:
         show_sharpness_chart(loggers)
@@ -101,15 +103,16 @@ def write_logs(run_dir: Path, summary: RunSummary) -> None:
     finished = summary.status in FINISHED
     if finished:
         log_result(loggers, summary)
-    close_loggers(loggers, "success" if finished else "failed")
+    close_loggers(loggers, "success" if finished else summary.status)
     for path in earlier:
         path.unlink(missing_ok=True)
 
 
 def write_member(run_dir: Path, summary: RunSummary) -> None:
     """``summary.json``, after the loggers' files of a member that is not running: a finished one's, or an
-    interrupted or crashed one's epochs so far (as its run's loggers hold them when it stops). A finished
-    summary is what ``resume=auto`` skips, so it comes last (a kill between leaves the member to run again)."""
+    interrupted or crashed one's epochs so far (as its run's loggers hold them when it stops; the launcher
+    writes a stopped population's members' summaries first, then their logs). A finished summary is what
+    ``resume=auto`` skips, so it comes last (a kill between leaves the member to run again)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if summary.status in FINISHED or (summary.status != "running" and summary.epochs):
         try:

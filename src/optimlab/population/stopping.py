@@ -9,7 +9,7 @@ from the member's own validation value, in the dtype the run compares it in (``v
 ``val/loss``: the training dtype, summed as the run's SampleMean sums it); a member that stops is frozen
 (its training ends, its weights stay), and its record is a complete run of fewer epochs, as its run's is.
 Only those four settings are followed: an ``early_stopping`` entry with other keys runs its job alone
-(:func:`followed`).
+(:func:`unfollowed`).
 """
 
 from __future__ import annotations
@@ -29,14 +29,12 @@ MONITORED = {"val/loss": "val_loss_run", "val/acc": "val_acc"}
 def unfollowed(entry: Mapping[str, Any]) -> list[str]:
     """The settings (``key=value``) of this ``callbacks.early_stopping`` entry a population cannot follow
     member by member; none: it can."""
-    out = [f"_target_={entry.get('_target_')}"] * (entry.get("_target_") != EARLY_STOPPING)
-    out += [f"monitor={entry.get('monitor')}"] * (entry.get("monitor") not in MONITORED)
-    return out + [f"{key}={entry[key]}" for key in entry if key not in ("_target_", *SETTINGS)]
-
-
-def followed(entry: Mapping[str, Any]) -> bool:
-    """Whether a population can follow this ``callbacks.early_stopping`` entry member by member (:func:`unfollowed`)."""
-    return not unfollowed(entry)
+    out = [f"{key}={entry[key]}" for key in entry if key not in ("_target_", *SETTINGS)]
+    if entry.get("monitor") not in MONITORED:
+        out.insert(0, f"monitor={entry.get('monitor')}")
+    if entry.get("_target_") != EARLY_STOPPING:
+        out.insert(0, f"_target_={entry.get('_target_')}")
+    return out
 
 
 class MemberEarlyStopping:
@@ -65,7 +63,7 @@ class MemberEarlyStopping:
 
     @classmethod
     def from_entry(cls, entry: Mapping[str, Any], members: int, dtype: torch.dtype) -> MemberEarlyStopping:
-        """For a ``callbacks.early_stopping`` entry that :func:`followed` accepts; the settings it leaves
+        """For a ``callbacks.early_stopping`` entry with no :func:`unfollowed` setting; the settings it leaves
         out take EarlyStopping's defaults (mode min, patience 3, min_delta 0)."""
         return cls(members, entry["monitor"], entry.get("mode", "min"), int(entry.get("patience", 3)),
                    float(entry.get("min_delta", 0.0)), dtype)

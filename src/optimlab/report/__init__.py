@@ -6,7 +6,7 @@ interrupted ones included), ``curves.png`` (per-run epoch curves titled with the
 ``sharpness.png`` (for runs that tracked their sharpness, ``curvature.every_n_steps``). For a map
 whose runs tracked their sharpness, ``stability.csv`` compares, per (optimizer, width) column (an
 optimizer's *setting*, :func:`~optimlab.report.rows.name_settings`, where the sweep varies more than lr, width and seed), the
-largest stable lr the sharpness at the start predicts with the largest lr observed not to diverge;
+largest stable lr the sharpness at the start predicts with the largest lr below the first diverging one;
 the map draws the prediction.
 """
 

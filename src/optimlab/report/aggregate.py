@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from optimlab.regimes import LABELS
-from optimlab.report.rows import by_setting_and_width, on_lr_axis
+from optimlab.report.rows import by_setting_and_width, measured_at_start, on_lr_axis
 
 
 PLOT_LABELS = (*LABELS, "crashed")  # what a figure colours a run by: its regime, or crashed (no diagnosis)
@@ -65,8 +65,8 @@ def stability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     (median over the column of each run's first measurement: step 0 with ``curvature.log_spaced_start``,
     for the adaptive optimizers preconditioned by :func:`~optimlab.curvature.initial_preconditioner`,
     the P their state settles to from the gradients at initialisation), the largest stable lr it predicts (the lr at
-    which the threshold ``c/lr`` equals it: ``c / sharpness0``), the largest lr whose runs (the label
-    most got, as on the map: :func:`map_cells`) did not diverge, and whether the two lie within one
+    which the threshold ``c/lr`` equals it: ``c / sharpness0``), the largest lr below the first whose runs (the
+    label most got, as on the map: :func:`map_cells`) diverged, and whether the two lie within one
     grid cell of each other; and the same against the largest lr below the first oscillating or
     diverging cell (a threshold crossed marks where instability starts; a run can oscillate and
     still not diverge). The observed lrs are those below the column's first diverging (unstable) cell, as
@@ -77,8 +77,7 @@ def stability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     after training started (``curvature.log_spaced_start=false``) is not the sharpness at initialisation."""
     columns: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        curvature = r.get("curvature") or {}
-        if on_lr_axis(r) and curvature.get("initial_step") == 0 and curvature.get("initial_sharpness"):
+        if on_lr_axis(r) and measured_at_start(r):
             columns[(r["setting"], r["widths"])].append(r)
     table = []
     for (optimizer, widths), runs in sorted(columns.items(), key=by_setting_and_width):

@@ -126,6 +126,14 @@ def on_lr_axis(r: dict[str, Any]) -> bool:
     return isinstance(r.get("lr"), (int, float)) and r["lr"] > 0
 
 
+def measured_at_start(r: dict[str, Any]) -> bool:
+    """Whether the run's first sharpness measurement is at step 0 (``curvature.log_spaced_start``) and a
+    number (not NaN: an unusable preconditioner), the sharpness at initialisation."""
+    curvature = r.get("curvature") or {}
+    value = curvature.get("initial_sharpness")
+    return curvature.get("initial_step") == 0 and isinstance(value, (int, float)) and not math.isnan(value)
+
+
 def width_key(widths: str) -> tuple:
     return tuple(int(w) for w in widths.split("x") if w.isdigit())
 

@@ -4,7 +4,6 @@ what the sweep shows, the seeds, the stability and the sharpness crossings)."""
 from __future__ import annotations
 
 import csv
-import math
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -13,7 +12,7 @@ from typing import Any
 
 from optimlab.regimes import LABELS
 from optimlab.report.aggregate import MapCell, seed_table
-from optimlab.report.rows import by_setting_and_width
+from optimlab.report.rows import by_setting_and_width, measured_at_start
 
 
 COLUMNS = ["run", "name", "model", "optimizer", "lr", "widths", "seed", "params", "final_train_acc",
@@ -106,7 +105,7 @@ def write_stability(table: list[dict[str, Any]], out: Path) -> list[str]:
 
     lines = ["", "## Stability: predicted vs observed largest lr", "",
              f"The sharpness at the start predicts the largest stable lr within one grid cell of the largest lr "
-             f"observed not to diverge in {count('within_one_cell')}, and of the largest lr below the first "
+             f"below the first diverging one in {count('within_one_cell')}, and of the largest lr below the first "
              f"oscillating or diverging one in {count('instability_within_one_cell')}.", ""]
     return lines + markdown_table(STABILITY_COLUMNS, ([t[c] for c in STABILITY_COLUMNS] for t in table))
 
@@ -121,9 +120,7 @@ def _crossing_counts(runs: list[dict[str, Any]]) -> dict[str, int]:
     crossed = [r for r in runs if r["curvature"].get("first_crossing_step") is not None]
     outcome = Counter(r["regime"] for r in crossed)
     # A step-0 value that is missing or NaN (an unusable preconditioner) counts on neither side.
-    at_start = [r for r in runs if r["curvature"].get("initial_step") == 0
-                and isinstance(r["curvature"].get("initial_sharpness"), (int, float))
-                and not math.isnan(r["curvature"]["initial_sharpness"])]
+    at_start = [r for r in runs if measured_at_start(r)]
     above = [r for r in at_start if r["curvature"]["initial_sharpness"] > r["curvature"]["initial_threshold"]]
     below = [r for r in at_start if r["curvature"]["initial_sharpness"] <= r["curvature"]["initial_threshold"]]
     return {"tracked": len(runs), "crossed": len(crossed), "then diverging": outcome["diverging"],
