@@ -235,7 +235,7 @@ def plot_sharpness(rows: list[dict[str, Any]], path: Path) -> None:
             ax.axvline(r["diverged_at_step"], color="black", ls=":", lw=1, label="first non-finite value")
         ax.set_yscale("log")
         ax.set_xlabel("step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+        ax.xaxis.set_major_locator(MaxNLocator(nbins="auto", integer=True))  # whole numbers, as many as fit
         ax.legend(fontsize=7, loc="best")
         ax.set_title(title, color=color, fontsize=10, fontweight="bold")
     fig.savefig(path, dpi=90)
