@@ -465,6 +465,8 @@ def scheduler(target: str, *options: str) -> list[str]:
     (["optimizer.grad_noise_std=0.01", "trainer.accelerator=gpu"], "optimizer.grad_noise_std > 0 off the CPU"),
     (["callbacks=lr_monitor", "callbacks.lr_monitor.logging_interval=step"], "lr_monitor"),
     (["callbacks=lr_monitor", "+callbacks.lr_monitor.log_momentum=true"], "lr_monitor"),
+    # Lightning's default interval (None) logs every step too
+    (["callbacks=lr_monitor", "~callbacks.lr_monitor.logging_interval"], "callbacks.lr_monitor.logging_interval=None"),
     (["callbacks=early_stopping", "+callbacks.early_stopping.stopping_threshold=0.1"], "early_stopping"),
     # the setting is named, not the callback, which a population follows (a probe found the reason misleading)
     (["callbacks=early_stopping", "+callbacks.early_stopping.check_finite=false"],

@@ -4,6 +4,7 @@ Hydra start-up, uses them too). A bool is an int in Python, but never a count or
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 
@@ -20,3 +21,13 @@ def is_count(v: Any) -> bool:
 def finite_number(v: Any) -> bool:
     """An int or float (not a bool) that is finite: the type every numeric config value must have."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def settings_outside(entry: Mapping[str, Any], target: str, takes: Mapping[str, Callable[[Any], bool]],
+                     free: Iterable[str] = ()) -> list[str]:
+    """``key=value`` for each setting of a config entry (a callback's) that what follows it cannot take: a
+    ``_target_`` other than ``target``, a key of ``takes`` whose value (None where absent) its test refuses,
+    a key in neither ``takes`` nor ``free``; none: it takes them all."""
+    out = [] if entry.get("_target_") == target else [f"_target_={entry.get('_target_')}"]
+    out += [f"{key}={entry.get(key)}" for key, test in takes.items() if not test(entry.get(key))]
+    return out + [f"{key}={entry[key]}" for key in entry if key not in ("_target_", *takes, *free)]

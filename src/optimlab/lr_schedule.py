@@ -9,6 +9,7 @@ per member, a population's member-wise lrs (:mod:`optimlab.population.schedule`)
 from __future__ import annotations
 
 import contextlib
+import operator
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -18,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from optimlab.build import optimizer_class
+from optimlab.checks import settings_outside
 
 # torch's warning for a scheduler stepped before its optimizer ever stepped: a stand-in never steps.
 STEP_ORDER = r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`"
@@ -66,14 +68,8 @@ def lr_monitor_unfollowed(entry: Mapping[str, Any]) -> list[str]:
     """The settings (``key=value``) of this ``callbacks.lr_monitor`` entry that make it log more or other than
     what :func:`epoch_start_lrs` tells from a config, the optimizer's lr at the start of every epoch
     (``logging_interval: epoch``; not per step, nor momentum or weight decay); none: it logs just that."""
-    out = [f"{key}={entry[key]}" for key in entry if key not in ("_target_", "logging_interval", "log_momentum",
-                                                               "log_weight_decay")]
-    out = [f"{key}={entry[key]}" for key in ("log_momentum", "log_weight_decay") if entry.get(key)] + out
-    if entry.get("logging_interval") != "epoch":
-        out.insert(0, f"logging_interval={entry.get('logging_interval')}")
-    if entry.get("_target_") != LR_MONITOR:
-        out.insert(0, f"_target_={entry.get('_target_')}")
-    return out
+    return settings_outside(entry, LR_MONITOR, {"logging_interval": lambda v: v == "epoch", "log_momentum": operator.not_,
+                                                "log_weight_decay": operator.not_})
 
 
 def lr_monitor_followed(entry: Mapping[str, Any]) -> bool:

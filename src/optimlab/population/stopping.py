@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from optimlab.checks import settings_outside
+
 EARLY_STOPPING = "lightning.pytorch.callbacks.EarlyStopping"
 SETTINGS = ("monitor", "mode", "patience", "min_delta")
 # the monitor -> the loop's epoch value it is (PopulationLoop.finish_epoch)
@@ -29,12 +31,7 @@ MONITORED = {"val/loss": "val_loss_run", "val/acc": "val_acc"}
 def unfollowed(entry: Mapping[str, Any]) -> list[str]:
     """The settings (``key=value``) of this ``callbacks.early_stopping`` entry a population cannot follow
     member by member; none: it can."""
-    out = [f"{key}={entry[key]}" for key in entry if key not in ("_target_", *SETTINGS)]
-    if entry.get("monitor") not in MONITORED:
-        out.insert(0, f"monitor={entry.get('monitor')}")
-    if entry.get("_target_") != EARLY_STOPPING:
-        out.insert(0, f"_target_={entry.get('_target_')}")
-    return out
+    return settings_outside(entry, EARLY_STOPPING, {"monitor": MONITORED.__contains__}, SETTINGS)
 
 
 class MemberEarlyStopping:
