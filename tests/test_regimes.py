@@ -237,6 +237,60 @@ def test_one_recovered_spike_in_a_fitted_run_is_healthy_with_the_spike_in_the_ev
     assert diagnose(history([r["train_loss"] for r in rows], low)).regime != "healthy"
 
 
+# experiment=cnn (SGD lr 0.06, 20 epochs) with unseen seeds, measured (5,000 validation images)
+CNN_SEED_7 = history([0.3215, 0.0688, 0.0482, 0.0379, 0.0294, 0.0248, 0.0195, 0.0166, 0.0147, 0.0122, 0.0099, 0.0084,
+                      0.0065, 0.0055, 0.0051, 0.0039, 0.0027, 0.0039, 0.0015, 0.0014],
+                     [0.9646, 0.9742, 0.9832, 0.9814, 0.9822, 0.9842, 0.9858, 0.9884, 0.9856, 0.9894, 0.9880, 0.9866,
+                      0.9868, 0.9890, 0.9878, 0.9860, 0.9882, 0.9890, 0.9880, 0.9870],
+                     [0.1143, 0.0822, 0.0495, 0.0599, 0.0542, 0.0527, 0.0403, 0.0369, 0.0447, 0.0341, 0.0396, 0.0435,
+                      0.0459, 0.0423, 0.0420, 0.0490, 0.0440, 0.0393, 0.0443, 0.0450])
+CNN_SEED_8 = history([0.3080, 0.0737, 0.0510, 0.0396, 0.0327, 0.0261, 0.0217, 0.0202, 0.0157, 0.0134, 0.0128, 0.0143,
+                      0.0092, 0.0082, 0.0062, 0.0059, 0.0042, 0.0037, 0.0045, 0.0031],
+                     [0.9742, 0.9828, 0.9840, 0.9702, 0.9874, 0.9872, 0.9888, 0.9880, 0.9868, 0.9638, 0.9876, 0.9908,
+                      0.9904, 0.9890, 0.9910, 0.9906, 0.9908, 0.9892, 0.9904, 0.9906],
+                     [0.0858, 0.0587, 0.0496, 0.0935, 0.0456, 0.0452, 0.0419, 0.0423, 0.0452, 0.1546, 0.0449, 0.0391,
+                      0.0393, 0.0404, 0.0399, 0.0377, 0.0434, 0.0461, 0.0416, 0.0410])
+
+
+def test_two_recovered_spikes_far_apart_are_healthy_and_close_together_oscillating() -> None:
+    d = diagnose(CNN_SEED_8, val_size=5000)
+    assert d.regime == "healthy", d.evidence
+    assert d.evidence[0].startswith("2 transient spikes: val_acc fell 0.014 in epoch 4")
+    assert "0.023 in epoch 10" in d.evidence[0] and d.measures["val_acc_drops_together"] == 1
+    # the second fall three epochs after the first: instability that persists
+    close = [dict(row) for row in CNN_SEED_8]
+    close[6].update(val_acc=0.9650)
+    d = diagnose(close, val_size=5000)
+    assert d.regime == "oscillating" and "2 of them within 3 epochs" in d.evidence[1], d.evidence
+    # four epochs apart (epochs 4 and 8, none in 10) is apart at window 3, together at window 4
+    close[6].update(val_acc=0.9888)
+    close[7].update(val_acc=0.9650)
+    close[9].update(val_acc=0.9870)
+    assert diagnose(close, val_size=5000).regime == "healthy"
+    assert diagnose(close, val_size=5000, thresholds=Thresholds(window=4)).regime == "oscillating"
+
+
+def test_a_fitted_nets_small_wobbling_validation_loss_is_not_overfitting() -> None:
+    # val_loss 0.0341 at epoch 10 (its lowest), 0.0450 at the end: +32% on one low epoch, +0.011 nats;
+    # averaged over 3 epochs +11% (0.0386 -> 0.0429), 0.004 nats
+    d = diagnose(CNN_SEED_7, val_size=5000)
+    assert d.regime == "healthy", d.evidence
+    assert d.measures["val_loss_rise_averaged"] == pytest.approx(0.0429 / 0.03857 - 1, abs=2e-3)
+    # the averaging is what tells: without it (window 1) the one low epoch makes it overfit
+    d = diagnose(CNN_SEED_7, val_size=5000, thresholds=Thresholds(window=1))
+    assert d.regime == "overfit" and "val_loss +32.0% (+0.0109 nats) above its minimum (limit" in d.evidence[0]
+    assert diagnose(CNN_SEED_7, val_size=5000, thresholds=Thresholds(overfit_min_loss_rise=0)).regime == "healthy"
+    # a rise far above 20% of a loss near zero, yet thousandths of a nat, is not overfitting either
+    tiny = history([0.05, 0.03, 0.02, 0.015, 0.012, 0.01, 0.008, 0.007, 0.006], [0.99] * 9,
+                   [0.02, 0.01, 0.008, 0.008, 0.008, 0.009, 0.011, 0.012, 0.012])
+    assert diagnose(tiny).regime == "healthy"
+    assert diagnose(tiny, thresholds=Thresholds(overfit_min_loss_rise=0.003)).regime == "overfit"
+    # the same curve with its changes stretched fourfold (averaged +32%, 0.017 nats) is overfitting
+    stretched = history([r["train_loss"] for r in CNN_SEED_7], [r["val_acc"] for r in CNN_SEED_7],
+                        [4 * r["val_loss"] - 0.1 for r in CNN_SEED_7])
+    assert diagnose(stretched, val_size=5000).regime == "overfit"
+
+
 CROSSED = {"measurements": 12, "sharpness_max": 56.1, "first_crossing_step": 12, "crossing_sharpness": 31.2,
            "crossing_threshold": 2.86, "threshold_formula": "2/lr", "preconditioned": False}
 

@@ -18,15 +18,21 @@ The rules are checked in this order; the first that fires names the regime:
    early blow-up is unstable, not diverging. Such spikes are the oscillation at the edge of
    stability; epoch means hide them, so each epoch records its largest step loss (``train_loss_max``).
 2. **oscillating**, converging: validation accuracy jumps (it falls by ``>= osc_acc_drop`` between
-   consecutive epochs at least ``osc_min_drops`` times, or by ``>= osc_big_drop`` once), climbs back
-   (a rise ``>= osc_acc_drop`` after the first fall) and ends within ``overfit_acc_drop`` of its best.
-   A single fall after which the run ends within that limit of its best is a transient spike, not a
+   consecutive epochs at least ``osc_min_drops`` times within ``window`` epochs of each other),
+   climbs back (a rise ``>= osc_acc_drop`` after the first fall) and ends within ``overfit_acc_drop``
+   of its best. Falls (one, or one ``>= osc_big_drop``, or several more than ``window`` epochs
+   apart) after which the run ends within that limit of its best are transient spikes, not a
    persisting instability: a run that ends fitted (``>= fit_acc``) is **healthy**; any other is
-   judged by the rules below as if the fall had not happened; either way the spike is in the evidence.
+   judged by the rules below as if the falls had not happened; either way the spikes are in the
+   evidence. (A fitted CNN at lr 0.06 fell 0.014 in epoch 4 and 0.023 in epoch 10, each time back
+   the next epoch: two catapults, not an oscillation.)
 3. **overfit**: training keeps improving (final train loss below its value at the validation peak)
    while validation gets worse: validation accuracy has fallen ``>= overfit_acc_drop`` below its
    peak at least ``overfit_min_epochs_after_peak`` epochs before the end, or validation loss has
-   risen ``>= overfit_loss_rise`` (relative) above its minimum.
+   risen ``>= overfit_loss_rise`` (relative) and ``>= overfit_min_loss_rise`` nats above its minimum,
+   both averaged over ``window`` epochs (fewer in a run shorter than twice that): a fitted net's
+   validation loss near zero moves by a few thousandths from epoch to epoch, and one low epoch as
+   the minimum made such wobbles read as a rise.
    Or the training set is memorised (final train accuracy ``>= overfit_train_acc``) with validation
    accuracy ``>= overfit_gap`` below it. The training curve must be smooth (no epoch-mean train
    loss rise ``>= osc_loss_rise`` relative; rises smaller than ``osc_min_loss_rise`` nats never count,
@@ -87,7 +93,8 @@ class Thresholds:
     diverge_loss_rise: float = 0.02     # final train loss this much (relative) above its best: not converging
     loss_blowup: float = 2.0            # loss above this many times max(ln(10), first step loss): blown up
     overfit_acc_drop: float = 0.01      # val accuracy this far below its peak ...
-    overfit_loss_rise: float = 0.2      # ... or val loss this much (relative) above its minimum
+    overfit_loss_rise: float = 0.2      # ... or val loss this much (relative) above its minimum (averaged) ...
+    overfit_min_loss_rise: float = 0.01  # ... and by at least this much (nats)
     osc_acc_drop: float = 0.01          # an epoch-to-epoch val accuracy fall this big counts as a drop
     osc_min_drops: int = 2              # this many drops: oscillating
     osc_big_drop: float = 0.03          # one fall this big: oscillating
@@ -171,8 +178,17 @@ def measure(history: list[dict[str, float]], t: Thresholds, val_size: int | None
     m["best_val_epoch"] = val_acc.index(max(val_acc)) + 1 if val_acc else nan
     m["val_acc_drop_from_peak"] = max(val_acc) - val_acc[-1] if val_acc else nan
     m["val_loss_rise_from_min"] = val_loss[-1] / min(val_loss) - 1 if val_loss and min(val_loss) > 0 else nan
+    # Averaged over `window` epochs (fewer in a run shorter than twice that), so that one low epoch
+    # does not set the minimum that the end is compared with.
+    span = max(1, min(t.window, len(val_loss) // 2))
+    means = [sum(val_loss[i:i + span]) / span for i in range(len(val_loss) - span + 1)]
+    m["val_loss_span"] = span
+    m["val_loss_rise_averaged"] = means[-1] / min(means) - 1 if means and min(means) > 0 else nan
+    m["val_loss_rise_averaged_nats"] = means[-1] - min(means) if means else nan
     drops = [a - b for a, b in zip(val_acc, val_acc[1:])]
     m["val_acc_drops"] = sum(d >= m["osc_acc_drop"] for d in drops)
+    fell = falls(val_acc, m["osc_acc_drop"])
+    m["val_acc_drops_together"] = max((sum(e <= g <= e + t.window for g in fell) for e in fell), default=0)
     m["max_val_acc_drop"] = max((d for d in drops if d > 0), default=0.0)  # 0: it never fell
     m["max_val_acc_drop_epoch"] = (drops.index(m["max_val_acc_drop"]) + 2  # the epoch it fell in
                                    if m["max_val_acc_drop"] > 0 else nan)
@@ -208,6 +224,11 @@ def measure(history: list[dict[str, float]], t: Thresholds, val_size: int | None
     return m
 
 
+def falls(val_acc: list[float], limit: float) -> list[int]:
+    """The epochs (1-based) in which validation accuracy fell by at least ``limit`` from the epoch before."""
+    return [i + 2 for i, (a, b) in enumerate(zip(val_acc, val_acc[1:])) if a - b >= limit]
+
+
 def _float(value: Any) -> float:
     return math.nan if value is None else float(value)
 
@@ -235,15 +256,21 @@ def edge_of_stability(m: dict[str, float], curvature: dict[str, Any] | None, div
     return text
 
 
-def _spike(history: list[dict[str, float]], m: dict[str, float]) -> str:
-    """A single recovered fall of validation accuracy, with that epoch's largest step loss and sharpness."""
-    epoch = int(m["max_val_acc_drop_epoch"])
-    row = history[epoch - 1] if 0 < epoch <= len(history) else {}
-    text = (f"one transient spike: val_acc fell {m['max_val_acc_drop']:.3f} in epoch {epoch} and recovered "
-            f"(that epoch's largest step loss {_float(row.get('train_loss_max')):.3g}")
-    if row.get("sharpness_max") is not None:
-        text += f", sharpness up to {row['sharpness_max']:.3g} against {_float(row.get('threshold_last')):.3g}"
-    return text + ")"
+def _spikes(history: list[dict[str, float]], m: dict[str, float]) -> str:
+    """Recovered falls of validation accuracy (the largest when none reaches ``osc_acc_drop``), each
+    with its epoch's largest step loss and sharpness."""
+    val_acc = [_float(row.get("val_acc")) for row in history]
+    epochs = falls(val_acc, m["osc_acc_drop"]) or [int(m["max_val_acc_drop_epoch"])]
+    said = []
+    for epoch in epochs:
+        row = history[epoch - 1]
+        text = (f"val_acc fell {val_acc[epoch - 2] - val_acc[epoch - 1]:.3f} in epoch {epoch} (that epoch's largest "
+                f"step loss {_float(row.get('train_loss_max')):.3g}")
+        if row.get("sharpness_max") is not None:
+            text += f", sharpness up to {row['sharpness_max']:.3g} against {_float(row.get('threshold_last')):.3g}"
+        said.append(text + ")")
+    what = "one transient spike" if len(said) == 1 else f"{len(said)} transient spikes"
+    return f"{what}: " + "; ".join(said) + (" and recovered" if len(said) == 1 else ", each time recovered")
 
 
 def _limit(m: dict[str, float], t: Thresholds, name: str) -> str:
@@ -323,20 +350,23 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
     oscillation = (f"{m['val_acc_drops']:.0f} epoch-to-epoch val_acc drops >= {_limit(m, t, 'osc_acc_drop')} (limit "
                    f"{t.osc_min_drops}), largest {m['max_val_acc_drop']:.3f} (limit {_limit(m, t, 'osc_big_drop')}), "
                    f"{m['val_acc_recoveries']:.0f} recoveries")
-    if val_jumps and m["val_acc_drops"] >= t.osc_min_drops and m["val_acc_recoveries"] >= 1 and not val_worse_acc:
-        return verdict("oscillating", oscillation, f"yet converging: final val_acc {m['final_val_acc']:.3f} "
+    persisting = m["val_acc_drops_together"] >= t.osc_min_drops
+    if val_jumps and persisting and m["val_acc_recoveries"] >= 1 and not val_worse_acc:
+        return verdict("oscillating", oscillation, f"{m['val_acc_drops_together']:.0f} of them within {t.window} "
+                       f"epochs, yet converging: final val_acc {m['final_val_acc']:.3f} "
                        f"within {_limit(m, t, 'overfit_acc_drop')} of its best")
-    if val_jumps and m["val_acc_drops"] < t.osc_min_drops and not val_worse_acc:
-        transient = (f"a single recovered fall is not a persisting oscillation (that needs {t.osc_min_drops} falls "
-                     f">= {_limit(m, t, 'osc_acc_drop')})")
+    if val_jumps and not persisting and not val_worse_acc:
+        transient = (f"a fall more than {t.window} epochs from any other is no persisting oscillation (that needs "
+                     f"{t.osc_min_drops} falls >= {_limit(m, t, 'osc_acc_drop')} within {t.window} epochs)")
         if m["final_val_acc"] >= t.fit_acc:
-            return verdict("healthy", _spike(history, m), f"final val_acc {m['final_val_acc']:.3f} >= fit_acc "
+            return verdict("healthy", _spikes(history, m), f"final val_acc {m['final_val_acc']:.3f} >= fit_acc "
                            f"{t.fit_acc}; {transient}")
-        notes.append(f"{_spike(history, m)}; {transient}")
+        notes.append(f"{_spikes(history, m)}; {transient}")
         val_jumps = False  # the rules below judge the run as if the fall had not happened
     still_fitting = m["train_loss_change_since_val_peak"] < 0
     peak_settled = m["epochs"] - m["best_val_epoch"] >= t.overfit_min_epochs_after_peak
-    val_worse_loss = m["val_loss_rise_from_min"] >= t.overfit_loss_rise
+    val_worse_loss = (m["val_loss_rise_averaged"] >= t.overfit_loss_rise
+                      and m["val_loss_rise_averaged_nats"] >= t.overfit_min_loss_rise)
     memorised = m["final_train_acc"] >= t.overfit_train_acc and m["generalization_gap"] >= t.overfit_gap
     drifting = still_fitting and ((val_worse_acc and peak_settled) or val_worse_loss)
     if train_smooth and (memorised or drifting) and not can_memorise:
@@ -346,11 +376,13 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
                        f">= {t.overfit_train_acc}", f"val_acc {m['final_val_acc']:.4f} trails it by "
                        f"{m['generalization_gap']:.3f} (limit {t.overfit_gap})")
     elif train_smooth and drifting:
+        averaged = f", averaged over {m['val_loss_span']:.0f} epochs" if m["val_loss_span"] > 1 else ""
         return verdict("overfit",
                        f"val_acc {m['val_acc_drop_from_peak']:.3f} below its peak at epoch {m['best_val_epoch']:.0f} "
                        f"(limit {_limit(m, t, 'overfit_acc_drop')}); "
-                       f"val_loss {m['val_loss_rise_from_min']:+.1%} above its "
-                       f"minimum (limit {t.overfit_loss_rise:.0%})",
+                       f"val_loss {m['val_loss_rise_averaged']:+.1%} ({m['val_loss_rise_averaged_nats']:+.3g} nats) "
+                       f"above its minimum{averaged} (limit {t.overfit_loss_rise:.0%} and "
+                       f"{t.overfit_min_loss_rise} nats)",
                        f"train loss still falling: {m['train_loss_change_since_val_peak']:+.1%} since then")
     if val_jumps or not train_smooth:
         return verdict("oscillating", oscillation,
