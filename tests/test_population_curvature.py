@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from optimlab.curvature import gradient_moments, lanczos, sharpness
-from optimlab.population.curvature import (MemberSharpness, lanczos_members, member_eigenpairs,
+from optimlab.curvature.lanczos import lanczos_members
+from optimlab.population.curvature import (MemberSharpness, member_eigenpairs,
                                            member_gradient_moments)
 from optimlab.population.stacked import StackedCNN, StackedMLP
 from test_population import cnn_config, images, mlp_config

@@ -1,6 +1,7 @@
 """The largest algebraic eigenvalue of a symmetric operator given only as a matrix-vector product:
 Lanczos iteration with full reorthogonalization and a residual stopping rule (plain linear algebra,
-no model)."""
+no model), for one operator (:func:`lanczos`) or P side by side with one batched product per step
+(:func:`lanczos_members`, which the single case runs with P = 1)."""
 
 from __future__ import annotations
 
@@ -62,46 +63,105 @@ def lanczos(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int = 20,
     norm = torch.linalg.vector_norm(v0)
     if not (torch.isfinite(norm) and norm > 0):
         raise ValueError("Invalid v0: must be finite and nonzero")
-    iters = min(int(iters), v0.numel())
-    basis = v0.new_empty((min(iters, BASIS_ROWS), v0.numel()))
-    torch.div(v0, norm, out=basis[0])
-    alphas: list[float] = []
-    betas: list[float] = []
+    values, vectors, products = lanczos_members(lambda v: matvec(v[0])[None], v0[None], iters, tol)
+    return float(values[0]), vectors[0], int(products[0])
+
+
+def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int = 20,
+                    tol: float = 1e-3) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`lanczos` for P symmetric operators at once: inner products, norms and the
+    reorthogonalisation per member, a tridiagonal matrix and a stop (its own ``tol``) per member; the
+    iteration ends when every member has stopped.
+
+    Args:
+        matvec: ``V [P, n] -> [P, n]``, row m mapped by operator m (one batched product).
+        v0: ``[P, n]``, every row finite and nonzero.
+        iters, tol: per member, as in :func:`~optimlab.curvature.lanczos`.
+
+    Returns:
+        ``(values [P] float64, unit Ritz vectors [P, n], products [P])``; a member whose product
+        holds a NaN or an inf gets that Rayleigh quotient (NaN or inf) and its last basis vector.
+    """
+    check_iteration(iters, tol)
+    if v0.dim() != 2 or v0.numel() == 0:
+        raise ValueError(f"Invalid v0: shape {tuple(v0.shape)} (must be a non-empty [members, n] tensor)")
+    norms = torch.linalg.vector_norm(v0, dim=1)
+    if not bool((torch.isfinite(norms) & (norms > 0)).all()):
+        raise ValueError("Invalid v0: every row must be finite and nonzero")
+    members, n = v0.shape
+    iters = min(int(iters), n)
+    # Member m's basis vectors are the rows of basis[m]: the products with them are batched matrix
+    # products, one matrix-vector product each for a single operator.
+    basis = v0.new_empty((members, min(iters, BASIS_ROWS), n))
+    torch.div(v0, norms[:, None], out=basis[:, 0])
+    alphas: list[list[float]] = [[] for _ in range(members)]
+    betas: list[list[float]] = [[] for _ in range(members)]
+    top = [math.nan] * members
+    ritz: list[Tensor | None] = [None] * members
+    stopped_at: list[int | None] = [None] * members  # the step whose basis vector a non-finite member returns
+    active = [True] * members
     for j in range(iters):
-        w = matvec(basis[j])
-        done = basis[:j + 1]
-        coeffs = done @ w  # w's components along the basis; the last is alpha_j = q_j . w
-        alpha = float(coeffs[-1])
-        # A NaN or inf anywhere in w makes every component NaN or inf (0 * inf is NaN).
-        if not math.isfinite(alpha):
-            return alpha, basis[j].clone(), j + 1
-        alphas.append(alpha)
+        w = matvec(basis[:, j])
+        done = basis[:, :j + 1]
+        coeffs = torch.bmm(done, w[:, :, None])  # [P, j + 1, 1]: w's components along each member's basis
+        alpha = coeffs[:, -1, 0].tolist()
+        for m in range(members):
+            if not active[m]:
+                continue
+            if not math.isfinite(alpha[m]):
+                top[m], stopped_at[m], active[m] = alpha[m], j, False
+                continue
+            alphas[m].append(alpha[m])
+        if not any(active):
+            break
         # Orthogonalising against the whole basis also removes the alpha_j q_j and beta_{j-1} q_{j-1}
         # terms of the three-term recurrence; without it the basis loses orthogonality as Ritz
-        # values converge and copies of the top eigenvalue appear. One classical Gram-Schmidt pass,
-        # repeated when it removed more than half of w's squared norm (then rounding leaves the
-        # remainder off orthogonal; Daniel, Gragg, Kaufman & Stewart, 1976). Before the pass
-        # |w|^2 = |coeffs|^2 + beta^2, so the test needs no extra pass over w.
-        w = torch.addmv(w, done.T, coeffs, alpha=-1)
-        beta = float(torch.linalg.vector_norm(w))
-        if beta < float(torch.linalg.vector_norm(coeffs)):
-            w.addmv_(done.T, done @ w, alpha=-1)
-            beta = float(torch.linalg.vector_norm(w))
-        top, ritz, stop = top_ritz(alphas, betas, beta, j, iters, tol)
-        if stop:
+        # values converge and copies of the top eigenvalue appear. One classical Gram-Schmidt pass
+        # per member, repeated where it removed more than half of w's squared norm (then rounding
+        # leaves the remainder off orthogonal; Daniel, Gragg, Kaufman & Stewart, 1976). Before the
+        # pass |w|^2 = |coeffs|^2 + beta^2, so the test needs no extra pass over w.
+        # A new tensor: matvec's output may be its input.
+        w = torch.baddbmm(w[:, :, None], done.transpose(1, 2), coeffs, alpha=-1)[:, :, 0]
+        beta = torch.linalg.vector_norm(w, dim=1)
+        again = beta < torch.linalg.vector_norm(coeffs, dim=(1, 2))
+        if bool(again.any()):  # in place; the members without a second pass get a zero correction
+            w[:, :, None].baddbmm_(done.transpose(1, 2), torch.bmm(done, w[:, :, None]) * again[:, None, None], alpha=-1)
+            beta = torch.linalg.vector_norm(w, dim=1)
+        beta_list = beta.tolist()
+        for m in range(members):
+            if not active[m]:
+                continue
+            top[m], ritz[m], stop = top_ritz(alphas[m], betas[m], beta_list[m], j, iters, tol)
+            if stop:
+                active[m] = False
+            else:
+                betas[m].append(beta_list[m])
+        if not any(active):
             break
-        betas.append(beta)
-        if j + 1 == len(basis):
+        if j + 1 == basis.shape[1]:
             basis = grown(basis, iters)
-        torch.div(w, beta, out=basis[j + 1])
-    # Orthonormal basis, unit Ritz coefficients: a unit vector up to rounding.
-    return top, basis[:len(alphas)].T @ ritz.to(device=basis.device, dtype=basis.dtype), len(alphas)
+        # Divided into the basis in place: a where over the whole row cost 40x the division (one operator).
+        torch.div(w, torch.where(beta > 0, beta, 1.0)[:, None], out=basis[:, j + 1])
+        # Stopped members get zero vectors: their products are zero and touch nothing.
+        stopped = [m for m in range(members) if not active[m]]
+        if stopped:
+            basis[stopped, j + 1] = 0.0
+    vectors = v0.new_empty((members, n))
+    for m in range(members):
+        if stopped_at[m] is not None:
+            vectors[m] = basis[m, stopped_at[m]]
+        else:
+            k = len(alphas[m])
+            vectors[m] = basis[m, :k].T @ ritz[m].to(device=basis.device, dtype=basis.dtype)  # type: ignore[union-attr]
+    iterations = [len(alphas[m]) + (stopped_at[m] is not None) for m in range(members)]
+    return torch.tensor(top, dtype=torch.float64), vectors, torch.tensor(iterations)
 
 
 def grown(basis: Tensor, limit: int) -> Tensor:
-    """``basis`` (rows along dim 0) copied into one with twice the rows, at most ``limit``."""
-    bigger = basis.new_empty((min(2 * len(basis), limit), *basis.shape[1:]))
-    bigger[:len(basis)] = basis
+    """``basis`` (``[members, rows, n]``) copied into one with twice the rows, at most ``limit``."""
+    members, rows, n = basis.shape
+    bigger = basis.new_empty((members, min(2 * rows, limit), n))
+    bigger[:, :rows] = basis
     return bigger
 
 

@@ -4,7 +4,7 @@ The loss of a population is the sum of its members' losses and no operation mixe
 Hessian over the stacked parameters is block-diagonal, one block per member. One Hessian-vector
 product of the summed loss with a stacked vector ``v`` (member m's piece in slice m of every
 parameter) is therefore every member's own product at once: :math:`(Hv)_m = H_m v_m`. Lanczos
-runs side by side on the P blocks (:func:`lanczos_members`): inner products, norms and the
+runs side by side on the P blocks (:func:`optimlab.curvature.lanczos.lanczos_members`): inner products, norms and the
 reorthogonalisation are per member, each member has its own tridiagonal matrix and stops on its
 own tolerance, and the iteration ends when every member has stopped. A member whose product is
 non-finite stops there with NaN or inf, as :func:`optimlab.curvature.lanczos` does, and nothing of
@@ -22,14 +22,14 @@ schedule, preconditioner, threshold and records, for every member at once.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from optimlab.curvature.hessian import evaluation, like_parameters, probe_batch
-from optimlab.curvature.lanczos import BASIS_ROWS, check_iteration, grown, top_ritz
+from optimlab.curvature.lanczos import check_iteration, lanczos_members
 from optimlab.curvature.stability import (GradientMoments, initial_preconditioner, moments_from_parts, preconditioner,
                                           probe_parts, stability_threshold, threshold_formula,
                                           uses_preconditioner)
@@ -47,87 +47,6 @@ class MemberEigenpairs(NamedTuple):
     values: Tensor
     vectors: list[Tensor]
     iterations: Tensor
-
-
-def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int = 20,
-                    tol: float = 1e-3) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`optimlab.curvature.lanczos` for P symmetric operators at once.
-
-    Args:
-        matvec: ``V [P, n] -> [P, n]``, row m mapped by operator m (one batched product).
-        v0: ``[P, n]``, every row finite and nonzero.
-        iters, tol: per member, as in :func:`~optimlab.curvature.lanczos`.
-
-    Returns:
-        ``(values [P] float64, unit Ritz vectors [P, n], products [P])``; a member whose product
-        holds a NaN or an inf gets that Rayleigh quotient (NaN or inf) and its last basis vector.
-    """
-    check_iteration(iters, tol)
-    if v0.dim() != 2 or v0.numel() == 0:
-        raise ValueError(f"Invalid v0: shape {tuple(v0.shape)} (must be a non-empty [members, n] tensor)")
-    norms = torch.linalg.vector_norm(v0, dim=1)
-    if not bool((torch.isfinite(norms) & (norms > 0)).all()):
-        raise ValueError("Invalid v0: every row must be finite and nonzero")
-    members, n = v0.shape
-    iters = min(int(iters), n)
-    basis = v0.new_empty((min(iters, BASIS_ROWS), members, n))
-    torch.div(v0, norms[:, None], out=basis[0])
-    alphas: list[list[float]] = [[] for _ in range(members)]
-    betas: list[list[float]] = [[] for _ in range(members)]
-    top = [math.nan] * members
-    ritz: list[Tensor | None] = [None] * members
-    stopped_at: list[int | None] = [None] * members  # the step whose basis vector a non-finite member returns
-    active = [True] * members
-    for j in range(iters):
-        w = matvec(basis[j])
-        done = basis[:j + 1]
-        coeffs = torch.einsum("jpn,pn->jp", done, w)  # per member: w's components along its basis
-        alpha = coeffs[-1].tolist()
-        for m in range(members):
-            if not active[m]:
-                continue
-            if not math.isfinite(alpha[m]):
-                top[m], stopped_at[m], active[m] = alpha[m], j, False
-                continue
-            alphas[m].append(alpha[m])
-        if not any(active):
-            break
-        # Full reorthogonalisation per member (see lanczos), a second pass where the first removed
-        # more than half of w's squared norm.
-        w = w - torch.einsum("jp,jpn->pn", coeffs, done)  # a new tensor: matvec's output may be its input
-        beta = torch.linalg.vector_norm(w, dim=1)
-        again = beta < torch.linalg.vector_norm(coeffs, dim=0)
-        if bool(again.any()):  # in place; the members without a second pass get a zero correction
-            w -= torch.einsum("jp,jpn->pn", torch.einsum("jpn,pn->jp", done, w) * again, done)
-            beta = torch.linalg.vector_norm(w, dim=1)
-        beta_list = beta.tolist()
-        for m in range(members):
-            if not active[m]:
-                continue
-            top[m], ritz[m], stop = top_ritz(alphas[m], betas[m], beta_list[m], j, iters, tol)
-            if stop:
-                active[m] = False
-            else:
-                betas[m].append(beta_list[m])
-        if not any(active):
-            break
-        if j + 1 == len(basis):
-            basis = grown(basis, iters)
-        # Divided into the basis in place: a where over the whole row cost 40x the division (one operator).
-        torch.div(w, torch.where(beta > 0, beta, 1.0)[:, None], out=basis[j + 1])
-        # Stopped members get zero vectors: their products are zero and touch nothing.
-        stopped = [m for m in range(members) if not active[m]]
-        if stopped:
-            basis[j + 1, stopped] = 0.0
-    vectors = v0.new_empty((members, n))
-    for m in range(members):
-        if stopped_at[m] is not None:
-            vectors[m] = basis[stopped_at[m], m]
-        else:
-            k = len(alphas[m])
-            vectors[m] = basis[:k, m].T @ ritz[m].to(device=basis.device, dtype=basis.dtype)  # type: ignore[union-attr]
-    iterations = [len(alphas[m]) + (stopped_at[m] is not None) for m in range(members)]
-    return torch.tensor(top, dtype=torch.float64), vectors, torch.tensor(iterations)
 
 
 def member_eigenpairs(model: StackedModel, x: Tensor, y: Tensor, preconditioner: Sequence[Tensor] | None = None,
