@@ -1408,7 +1408,7 @@ def test_a_stop_whose_logs_cannot_be_written_still_records_and_stops(mnist_root:
     runs = summaries(tmp_path)
     assert len(runs) == 2 and all(s["status"] == "interrupted" and len(s["epochs"]) == 2 for s in runs.values())
     said = stopped.stdout + stopped.stderr
-    assert said.count("its logs of the epochs so far were not written") == 2, said[-3000:]
+    assert said.count("its job record or logs of the epochs so far were not written") == 2, said[-3000:]
     assert "OSError: no space left on device" in said
 
 
@@ -1476,6 +1476,10 @@ def test_a_killed_or_stopped_population_resumes_bitwise(mnist_root: Path, tmp_pa
     for name, summary in summaries(tmp_path).items():  # its loggers hold the epochs its summary holds, if not running
         done = 0 if status == "running" else len(summary["epochs"])
         assert done >= 1 or sig == "SIGKILL"  # a stopped population records its first epoch (a killed one may not)
+        job_record = tmp_path / name / ".hydra" / "config.yaml"  # Hydra's record of the job, as a stopped run's
+        assert job_record.is_file() == (status != "running"), name
+        if status != "running":
+            assert job_record.read_text() == (uninterrupted_population.folder / name / ".hydra" / "config.yaml").read_text()
         folder = tmp_path / name / "tensorboard"
         stopped = scalar_events(folder) if folder.is_dir() else {}
         assert stopped.get("val/acc", []) == straight_events[name]["val/acc"][:done]

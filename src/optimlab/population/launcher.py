@@ -161,13 +161,14 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
         for job, summary in written:
             job.run_dir.mkdir(parents=True, exist_ok=True)
             write_summary(job.run_dir, summary)
-        if status == "interrupted":  # then their loggers' files of the epochs so far, as a stopped run's
+        if status == "interrupted":  # then what else a stopped run's folder holds: its job record, its logs so far
             for job, summary in written:
                 try:
+                    save_member_job_record(job)
                     if summary.epochs:
                         write_logs(job.run_dir, summary)
                 except Exception:  # the record is whole, and a resumed member writes them all; the stop goes on
-                    log.exception(f"{job.run_dir}: its logs of the epochs so far were not written")
+                    log.exception(f"{job.run_dir}: its job record or logs of the epochs so far were not written")
 
     def on_epoch(done: int) -> None:
         population.first_step_s = loop.first_step_s
@@ -286,12 +287,17 @@ def describe_members(members: Sequence[Job]) -> str:
     return f"{len(members)} members (jobs {', '.join(f'#{job.num}' for job in members)})"
 
 
-def record_member(job: Job, summary: RunSummary) -> None:
-    """The files a member's Hydra job writes: its ``.hydra/`` record (with its run's epochs) and its
-    summary and TensorBoard events (:func:`~optimlab.population.records.write_member`)."""
+def save_member_job_record(job: Job) -> None:
+    """A member's ``.hydra/`` record, as its single run writes it (with its run's epochs)."""
     with hydra_config_of(job.sweep_config):  # its hydra.runtime.output_dir set when it was composed
         sync_epochs(job.config, override_keys(job.overrides))  # as its run records them
         save_job_record(job.run_dir, job.config)
+
+
+def record_member(job: Job, summary: RunSummary) -> None:
+    """The files a member's Hydra job writes: its ``.hydra/`` record and its summary and TensorBoard
+    events (:func:`~optimlab.population.records.write_member`)."""
+    save_member_job_record(job)
     write_member(job.run_dir, summary)
 
 
