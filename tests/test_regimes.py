@@ -227,8 +227,9 @@ def test_one_recovered_spike_in_a_fitted_run_is_healthy_with_the_spike_in_the_ev
     rows[7].update(train_loss_max=2.2, sharpness_max=41.5, threshold_last=33.3)
     d = diagnose(rows)
     assert d.regime == "healthy"
-    assert "one transient spike" in d.evidence[0] and "epoch 8" in d.evidence[0]
-    assert "2.2" in d.evidence[0] and "41.5" in d.evidence[0] and "33.3" in d.evidence[0]
+    assert d.evidence[0].startswith("final val_acc 0.991 >= fit_acc")
+    assert "one transient spike" in d.evidence[-1] and "epoch 8" in d.evidence[-1]
+    assert "2.2" in d.evidence[-1] and "41.5" in d.evidence[-1] and "33.3" in d.evidence[-1]
     # the same fall twice is instability that persists
     val2 = val[:9] + [0.9350, 0.9911]
     assert diagnose(history([r["train_loss"] for r in rows], val2)).regime == "oscillating"
@@ -255,8 +256,9 @@ CNN_SEED_8 = history([0.3080, 0.0737, 0.0510, 0.0396, 0.0327, 0.0261, 0.0217, 0.
 def test_two_recovered_spikes_far_apart_are_healthy_and_close_together_oscillating() -> None:
     d = diagnose(CNN_SEED_8, val_size=5000)
     assert d.regime == "healthy", d.evidence
-    assert d.evidence[0].startswith("2 transient spikes: val_acc fell 0.014 in epoch 4")
-    assert "0.023 in epoch 10" in d.evidence[0] and d.measures["val_acc_drops_together"] == 1
+    assert d.evidence[-1].startswith("2 transient spikes: val_acc fell 0.014 in epoch 4")
+    assert "0.023 in epoch 10" in d.evidence[-1] and d.measures["val_acc_drops_together"] == 1
+    assert d.evidence[-1].endswith("fewer than 2 falls >= 0.01 within 3 epochs of each other: no persisting oscillation")
     # the second fall three epochs after the first: instability that persists
     close = [dict(row) for row in CNN_SEED_8]
     close[6].update(val_acc=0.9650)
@@ -289,6 +291,28 @@ def test_a_fitted_nets_small_wobbling_validation_loss_is_not_overfitting() -> No
     stretched = history([r["train_loss"] for r in CNN_SEED_7], [r["val_acc"] for r in CNN_SEED_7],
                         [4 * r["val_loss"] - 0.1 for r in CNN_SEED_7])
     assert diagnose(stretched, val_size=5000).regime == "overfit"
+
+
+def test_transient_spikes_do_not_hide_overfitting_and_must_recover() -> None:
+    # A fitted run whose validation loss more than doubles, with two recovered falls far apart: overfit.
+    rows = history([0.5 * 0.6 ** i for i in range(12)],
+                   [0.93, 0.95, 0.96, 0.965, 0.95, 0.965, 0.965, 0.966, 0.966, 0.95, 0.966, 0.966],
+                   [0.20, 0.15, 0.12, 0.11, 0.13, 0.12, 0.14, 0.17, 0.20, 0.24, 0.28, 0.33])
+    d = diagnose(rows)
+    assert d.regime == "overfit", d.evidence
+    assert d.evidence[-1].startswith("2 transient spikes: val_acc fell 0.015 in epoch 5")
+    # A fall in the last epoch has not recovered (allowed near the best by a loose overfit_acc_drop): no spike.
+    last = history([0.5 * 0.7 ** i for i in range(9)], [0.90, 0.95, 0.94, 0.96, 0.965, 0.97, 0.97, 0.97, 0.95])
+    d = diagnose(last, thresholds=Thresholds(overfit_acc_drop=0.05))
+    assert d.measures["val_acc_unrecovered_falls"] == 1 and not any("spike" in e for e in d.evidence), d.evidence
+    assert d.regime == "oscillating"
+
+
+def test_spikes_are_counted_on_the_epochs_that_were_validated() -> None:
+    rows = history([0.3, 0.2, 0.15, 0.12, 0.1], [0.95, 0.95, 0.90, 0.96, 0.965])
+    rows[1]["val_acc"] = math.nan  # an epoch without a finite validation accuracy is skipped, not a fall
+    d = diagnose(rows)
+    assert d.regime == "healthy" and "val_acc fell 0.050 in epoch 3" in d.evidence[-1], d.evidence
 
 
 CROSSED = {"measurements": 12, "sharpness_max": 56.1, "first_crossing_step": 12, "crossing_sharpness": 31.2,

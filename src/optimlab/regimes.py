@@ -20,12 +20,13 @@ The rules are checked in this order; the first that fires names the regime:
 2. **oscillating**, converging: validation accuracy jumps (it falls by ``>= osc_acc_drop`` between
    consecutive epochs at least ``osc_min_drops`` times within ``window`` epochs of each other),
    climbs back (a rise ``>= osc_acc_drop`` after the first fall) and ends within ``overfit_acc_drop``
-   of its best. Falls (one, or one ``>= osc_big_drop``, or several more than ``window`` epochs
-   apart) after which the run ends within that limit of its best are transient spikes, not a
-   persisting instability: a run that ends fitted (``>= fit_acc``) is **healthy**; any other is
-   judged by the rules below as if the falls had not happened; either way the spikes are in the
-   evidence. (A fitted CNN at lr 0.06 fell 0.014 in epoch 4 and 0.023 in epoch 10, each time back
-   the next epoch: two catapults, not an oscillation.)
+   of its best. Falls that do not come so close together (one, or one ``>= osc_big_drop``, or
+   several more than ``window`` epochs apart), each followed by a climb back to within
+   ``osc_acc_drop`` of where it fell from, in a run that ends within that limit of its best, are
+   transient spikes, not a persisting instability: the rules below judge the run as if they had not
+   happened (a fitted run is then **healthy** unless it overfits), and its evidence lists them. (A
+   fitted CNN at lr 0.06 fell 0.014 in epoch 4 and 0.023 in epoch 10, each time back the next
+   epoch: two catapults, not an oscillation.)
 3. **overfit**: training keeps improving (final train loss below its value at the validation peak)
    while validation gets worse: validation accuracy has fallen ``>= overfit_acc_drop`` below its
    peak at least ``overfit_min_epochs_after_peak`` epochs before the end, or validation loss has
@@ -189,13 +190,14 @@ def measure(history: list[dict[str, float]], t: Thresholds, val_size: int | None
     m["val_acc_drops"] = sum(d >= m["osc_acc_drop"] for d in drops)
     fell = falls(val_acc, m["osc_acc_drop"])
     m["val_acc_drops_together"] = max((sum(e <= g <= e + t.window for g in fell) for e in fell), default=0)
+    m["val_acc_unrecovered_falls"] = sum(not any(v >= val_acc[e - 2] - m["osc_acc_drop"] for v in val_acc[e:])
+                                         for e in fell)
     m["max_val_acc_drop"] = max((d for d in drops if d > 0), default=0.0)  # 0: it never fell
     m["max_val_acc_drop_epoch"] = (drops.index(m["max_val_acc_drop"]) + 2  # the epoch it fell in
                                    if m["max_val_acc_drop"] > 0 else nan)
     first_drop = next((i for i, d in enumerate(drops) if d >= m["osc_acc_drop"]), len(drops))
     m["val_acc_recoveries"] = sum(-d >= m["osc_acc_drop"] for d in drops[first_drop + 1:])
-    rises = [b / a - 1 for a, b in zip(train_loss, train_loss[1:]) if a > 0 and b - a >= t.osc_min_loss_rise]
-    m["max_train_loss_rise"] = max(rises, default=0.0)
+    m["max_train_loss_rise"] = max(train_loss_rises(history, t).values(), default=0.0)
     m["final_train_loss"] = train_loss[-1] if train_loss else nan
     m["max_step_loss"] = max(_series(history, "train_loss_max"), default=nan)
     initial = _series(history[:1], "train_loss_initial")
@@ -224,8 +226,22 @@ def measure(history: list[dict[str, float]], t: Thresholds, val_size: int | None
     return m
 
 
+def train_loss_rises(history: list[dict[str, float]], t: Thresholds) -> dict[int, float]:
+    """The epoch-to-epoch rises of the training loss that count (``>= osc_min_loss_rise`` nats), relative,
+    by the epoch they rose into."""
+    rows = [(int(row.get("epoch", i + 1)), _float(row.get("train_loss"))) for i, row in enumerate(history)]
+    rows = [(epoch, loss) for epoch, loss in rows if math.isfinite(loss)]
+    return {epoch: b / a - 1 for (_, a), (epoch, b) in zip(rows, rows[1:]) if a > 0 and b - a >= t.osc_min_loss_rise}
+
+
+def validated(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The rows with a finite validation accuracy, those :func:`measure` compares."""
+    return [row for row in history if math.isfinite(_float(row.get("val_acc")))]
+
+
 def falls(val_acc: list[float], limit: float) -> list[int]:
-    """The epochs (1-based) in which validation accuracy fell by at least ``limit`` from the epoch before."""
+    """The epochs (1-based positions in ``val_acc``) in which validation accuracy fell by at least
+    ``limit`` from the epoch before."""
     return [i + 2 for i, (a, b) in enumerate(zip(val_acc, val_acc[1:])) if a - b >= limit]
 
 
@@ -256,16 +272,22 @@ def edge_of_stability(m: dict[str, float], curvature: dict[str, Any] | None, div
     return text
 
 
+def spikes(history: list[dict[str, float]], m: dict[str, float]) -> list[tuple[int, float, dict[str, float]]]:
+    """The falls of validation accuracy ``>= osc_acc_drop`` (the largest fall when none is): each one's
+    epoch, size and row."""
+    rows = validated(history)
+    val_acc = [float(row["val_acc"]) for row in rows]
+    return [(int(rows[i - 1].get("epoch", i)), val_acc[i - 2] - val_acc[i - 1], rows[i - 1])
+            for i in falls(val_acc, m["osc_acc_drop"]) or [int(m["max_val_acc_drop_epoch"])]]
+
+
 def _spikes(history: list[dict[str, float]], m: dict[str, float]) -> str:
-    """Recovered falls of validation accuracy (the largest when none reaches ``osc_acc_drop``), each
-    with its epoch's largest step loss and sharpness."""
-    val_acc = [_float(row.get("val_acc")) for row in history]
-    epochs = falls(val_acc, m["osc_acc_drop"]) or [int(m["max_val_acc_drop_epoch"])]
+    """Recovered falls of validation accuracy (:func:`spikes`), each with its epoch's largest step
+    loss and sharpness."""
     said = []
-    for epoch in epochs:
-        row = history[epoch - 1]
-        text = (f"val_acc fell {val_acc[epoch - 2] - val_acc[epoch - 1]:.3f} in epoch {epoch} (that epoch's largest "
-                f"step loss {_float(row.get('train_loss_max')):.3g}")
+    for epoch, size, row in spikes(history, m):
+        text = (f"val_acc fell {size:.3f} in epoch {epoch} (that "
+                f"epoch's largest step loss {_float(row.get('train_loss_max')):.3g}")
         if row.get("sharpness_max") is not None:
             text += f", sharpness up to {row['sharpness_max']:.3g} against {_float(row.get('threshold_last')):.3g}"
         said.append(text + ")")
@@ -344,7 +366,7 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
     if spiked:
         return verdict("oscillating", spike, f"then recovered and converged: final val_acc "
                        f"{m['final_val_acc']:.3f} >= fit_acc {t.fit_acc}")
-    train_smooth = m["max_train_loss_rise"] < t.osc_loss_rise
+    train_rise = m["max_train_loss_rise"]
     val_jumps = m["val_acc_drops"] >= t.osc_min_drops or 0 < m["max_val_acc_drop"] >= m["osc_big_drop"]
     val_worse_acc = m["val_acc_drop_from_peak"] >= m["overfit_acc_drop"]
     oscillation = (f"{m['val_acc_drops']:.0f} epoch-to-epoch val_acc drops >= {_limit(m, t, 'osc_acc_drop')} (limit "
@@ -353,16 +375,17 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
     persisting = m["val_acc_drops_together"] >= t.osc_min_drops
     if val_jumps and persisting and m["val_acc_recoveries"] >= 1 and not val_worse_acc:
         return verdict("oscillating", oscillation, f"{m['val_acc_drops_together']:.0f} of them within {t.window} "
-                       f"epochs, yet converging: final val_acc {m['final_val_acc']:.3f} "
+                       f"epochs of each other (limit {t.osc_min_drops}), yet converging: final val_acc {m['final_val_acc']:.3f} "
                        f"within {_limit(m, t, 'overfit_acc_drop')} of its best")
-    if val_jumps and not persisting and not val_worse_acc:
-        transient = (f"a fall more than {t.window} epochs from any other is no persisting oscillation (that needs "
-                     f"{t.osc_min_drops} falls >= {_limit(m, t, 'osc_acc_drop')} within {t.window} epochs)")
-        if m["final_val_acc"] >= t.fit_acc:
-            return verdict("healthy", _spikes(history, m), f"final val_acc {m['final_val_acc']:.3f} >= fit_acc "
-                           f"{t.fit_acc}; {transient}")
-        notes.append(f"{_spikes(history, m)}; {transient}")
-        val_jumps = False  # the rules below judge the run as if the fall had not happened
+    if val_jumps and not persisting and not val_worse_acc and m["val_acc_unrecovered_falls"] == 0:
+        notes.append(f"{_spikes(history, m)}; fewer than {t.osc_min_drops} falls >= {_limit(m, t, 'osc_acc_drop')} "
+                     f"within {t.window} epochs of each other: no persisting oscillation")
+        # The rules below judge the run as if the falls had not happened, nor the training loss's
+        # rise in the epochs they came in (the same spike, seen in the epoch's mean loss).
+        val_jumps = False
+        spiked_epochs = {epoch for epoch, _, _ in spikes(history, m)}
+        train_rise = max((r for e, r in train_loss_rises(history, t).items() if e not in spiked_epochs), default=0.0)
+    train_smooth = train_rise < t.osc_loss_rise
     still_fitting = m["train_loss_change_since_val_peak"] < 0
     peak_settled = m["epochs"] - m["best_val_epoch"] >= t.overfit_min_epochs_after_peak
     val_worse_loss = (m["val_loss_rise_averaged"] >= t.overfit_loss_rise
@@ -386,7 +409,7 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
                        f"train loss still falling: {m['train_loss_change_since_val_peak']:+.1%} since then")
     if val_jumps or not train_smooth:
         return verdict("oscillating", oscillation,
-                       f"largest epoch-to-epoch train loss rise {m['max_train_loss_rise']:+.1%} "
+                       f"largest epoch-to-epoch train loss rise {train_rise:+.1%} "
                        f"(limit {t.osc_loss_rise:.0%}, rises under {t.osc_min_loss_rise} nats ignored)")
     if m["final_val_acc"] < t.fit_acc:
         low = f"final val_acc {m['final_val_acc']:.3f} < fit_acc {t.fit_acc}"
