@@ -17,16 +17,19 @@ The rules are checked in this order; the first that fires names the regime:
    ``<= underfit_loss_ratio`` x ln(10)) without reaching ``fit_acc``: an Adam run at 83% after an
    early blow-up is unstable, not diverging. Such spikes are the oscillation at the edge of
    stability; epoch means hide them, so each epoch records its largest step loss (``train_loss_max``).
-2. **oscillating**, converging: validation accuracy jumps (it falls by ``>= osc_acc_drop`` between
-   consecutive epochs at least ``osc_min_drops`` times within ``window`` epochs of each other),
-   climbs back (a rise ``>= osc_acc_drop`` after the first fall) and ends within ``overfit_acc_drop``
-   of its best. Falls that do not come so close together (one, or one ``>= osc_big_drop``, or
-   several more than ``window`` epochs apart), each followed by a climb back to within
-   ``osc_acc_drop`` of where it fell from, in a run that ends within that limit of its best, are
-   transient spikes, not a persisting instability: the rules below judge the run as if they had not
-   happened (a fitted run is then **healthy** unless it overfits), and its evidence lists them. (A
-   fitted CNN at lr 0.06 fell 0.014 in epoch 4 and 0.023 in epoch 10, each time back the next
-   epoch: two catapults, not an oscillation.)
+2. **oscillating**, converging: validation accuracy jumps and the instability persists. An
+   *instability* is an epoch in which validation accuracy fell by ``>= osc_acc_drop`` or the
+   training loss rose by ``>= osc_loss_rise`` (and ``>= osc_min_loss_rise`` nats); it persists when
+   ``osc_min_drops`` of them come within ``window`` epochs of each other. Validation accuracy falls
+   that way at least once (``>= osc_acc_drop`` at least ``osc_min_drops`` times, or ``>= osc_big_drop``
+   once), climbs back (a rise ``>= osc_acc_drop`` after the first fall) and ends within
+   ``overfit_acc_drop`` of its best. Instabilities that do not persist, each followed by a climb back
+   (accuracy to within ``osc_acc_drop`` of where it fell from, the loss to where it rose from), in a
+   run that ends within that limit of its best, are transient spikes: the rules below judge the run
+   as if they had not happened (a fitted run is then **healthy** unless it overfits), and its evidence
+   lists them. (A fitted CNN at lr 0.06 fell 0.014 in epoch 4 and 0.023 in epoch 10, each time back
+   the next epoch; another's training loss rose from 0.0088 to 0.0237 in epoch 13 and fell back to
+   0.0082: catapults, not an oscillation.)
 3. **overfit**: training keeps improving (final train loss below its value at the validation peak)
    while validation gets worse: validation accuracy has fallen ``>= overfit_acc_drop`` below its
    peak at least ``overfit_min_epochs_after_peak`` epochs before the end, or validation loss has
@@ -39,8 +42,8 @@ The rules are checked in this order; the first that fires names the regime:
    loss rise ``>= osc_loss_rise`` relative; rises smaller than ``osc_min_loss_rise`` nats never count,
    so that a well-fitted run's loss wobbling near zero, 0.006 to 0.009, is not taken for instability).
    **oscillating** again when rule 3 does not hold but validation accuracy jumps as in rule 2 or the
-   training loss rises ``>= osc_loss_rise`` (and ``>= osc_min_loss_rise`` nats) between epochs
-   (unstable, not converging).
+   training loss rises ``>= osc_loss_rise`` (and ``>= osc_min_loss_rise`` nats) between epochs, other
+   than in transient spikes (unstable, not converging).
 4. **overfit** (stalled), **slow** or **underfit**: final validation accuracy ``< fit_acc``. If
    validation accuracy peaked at least ``overfit_min_epochs_after_peak`` epochs before the end, the
    validation loss ends above its minimum, the training loss has fallen ``>= overfit_stall_loss_drop``
@@ -188,16 +191,17 @@ def measure(history: list[dict[str, float]], t: Thresholds, val_size: int | None
     m["val_loss_rise_averaged_nats"] = means[-1] - min(means) if means else nan
     drops = [a - b for a, b in zip(val_acc, val_acc[1:])]
     m["val_acc_drops"] = sum(d >= m["osc_acc_drop"] for d in drops)
-    fell = falls(val_acc, m["osc_acc_drop"])
-    m["val_acc_drops_together"] = max((sum(e <= g <= e + t.window for g in fell) for e in fell), default=0)
-    m["val_acc_unrecovered_falls"] = sum(not any(v >= val_acc[e - 2] - m["osc_acc_drop"] for v in val_acc[e:])
-                                         for e in fell)
     m["max_val_acc_drop"] = max((d for d in drops if d > 0), default=0.0)  # 0: it never fell
     m["max_val_acc_drop_epoch"] = (drops.index(m["max_val_acc_drop"]) + 2  # the epoch it fell in
                                    if m["max_val_acc_drop"] > 0 else nan)
     first_drop = next((i for i, d in enumerate(drops) if d >= m["osc_acc_drop"]), len(drops))
     m["val_acc_recoveries"] = sum(-d >= m["osc_acc_drop"] for d in drops[first_drop + 1:])
     m["max_train_loss_rise"] = max(train_loss_rises(history, t).values(), default=0.0)
+    events = instabilities(history, t, m)
+    unstable = [event.epoch for event in events]
+    m["instabilities"] = len(events)
+    m["instabilities_together"] = max((sum(e <= g <= e + t.window for g in unstable) for e in unstable), default=0)
+    m["unrecovered_instabilities"] = sum(not event.recovered for event in events)
     m["final_train_loss"] = train_loss[-1] if train_loss else nan
     m["max_step_loss"] = max(_series(history, "train_loss_max"), default=nan)
     initial = _series(history[:1], "train_loss_initial")
@@ -226,23 +230,51 @@ def measure(history: list[dict[str, float]], t: Thresholds, val_size: int | None
     return m
 
 
+def finite_series(history: list[dict[str, float]], key: str) -> list[tuple[int, float]]:
+    """``(epoch, value)`` of the rows whose ``key`` is finite (the epoch: the row's, else its place)."""
+    rows = [(int(row.get("epoch", i + 1)), _float(row.get(key))) for i, row in enumerate(history)]
+    return [(epoch, value) for epoch, value in rows if math.isfinite(value)]
+
+
 def train_loss_rises(history: list[dict[str, float]], t: Thresholds) -> dict[int, float]:
     """The epoch-to-epoch rises of the training loss that count (``>= osc_min_loss_rise`` nats), relative,
     by the epoch they rose into."""
-    rows = [(int(row.get("epoch", i + 1)), _float(row.get("train_loss"))) for i, row in enumerate(history)]
-    rows = [(epoch, loss) for epoch, loss in rows if math.isfinite(loss)]
+    rows = finite_series(history, "train_loss")
     return {epoch: b / a - 1 for (_, a), (epoch, b) in zip(rows, rows[1:]) if a > 0 and b - a >= t.osc_min_loss_rise}
 
 
-def validated(history: list[dict[str, float]]) -> list[dict[str, float]]:
-    """The rows with a finite validation accuracy, those :func:`measure` compares."""
-    return [row for row in history if math.isfinite(_float(row.get("val_acc")))]
+@dataclass
+class Instability:
+    """An epoch in which validation accuracy fell by ``>= osc_acc_drop`` (``fall``) or the training
+    loss rose by ``>= osc_loss_rise`` and ``>= osc_min_loss_rise`` nats (``rise``, relative), or both;
+    ``recovered``: a later epoch climbed back (accuracy within ``osc_acc_drop`` of where it fell from,
+    the loss to where it rose from)."""
+
+    epoch: int
+    fall: float | None
+    rise: float | None
+    recovered: bool
 
 
-def falls(val_acc: list[float], limit: float) -> list[int]:
-    """The epochs (1-based positions in ``val_acc``) in which validation accuracy fell by at least
-    ``limit`` from the epoch before."""
-    return [i + 2 for i, (a, b) in enumerate(zip(val_acc, val_acc[1:])) if a - b >= limit]
+def instabilities(history: list[dict[str, float]], t: Thresholds, m: dict[str, float]) -> list[Instability]:
+    """The run's :class:`Instability` epochs, in order (``m``: the effective accuracy limits of :func:`measure`)."""
+    limit = min(m["osc_acc_drop"], m["osc_big_drop"])
+    events: dict[int, Instability] = {}
+    val = finite_series(history, "val_acc")
+    for i in range(1, len(val)):
+        (_, before), (epoch, after) = val[i - 1], val[i]
+        if before - after >= limit:
+            back = any(v >= before - m["osc_acc_drop"] for _, v in val[i + 1:])
+            events[epoch] = Instability(epoch, before - after, None, back)
+    loss = finite_series(history, "train_loss")
+    for i in range(1, len(loss)):
+        (_, before), (epoch, after) = loss[i - 1], loss[i]
+        if before > 0 and after - before >= t.osc_min_loss_rise and after / before - 1 >= t.osc_loss_rise:
+            back = any(v <= before for _, v in loss[i + 1:])
+            fell = events.get(epoch)
+            events[epoch] = Instability(epoch, fell.fall if fell else None, after / before - 1,
+                                        back and (fell.recovered if fell else True))
+    return [events[epoch] for epoch in sorted(events)]
 
 
 def _float(value: Any) -> float:
@@ -272,21 +304,15 @@ def edge_of_stability(m: dict[str, float], curvature: dict[str, Any] | None, div
     return text
 
 
-def spikes(history: list[dict[str, float]], m: dict[str, float]) -> list[tuple[int, float, dict[str, float]]]:
-    """The falls of validation accuracy ``>= osc_acc_drop`` (the largest fall when none is): each one's
-    epoch, size and row."""
-    rows = validated(history)
-    val_acc = [float(row["val_acc"]) for row in rows]
-    return [(int(rows[i - 1].get("epoch", i)), val_acc[i - 2] - val_acc[i - 1], rows[i - 1])
-            for i in falls(val_acc, m["osc_acc_drop"]) or [int(m["max_val_acc_drop_epoch"])]]
-
-
-def _spikes(history: list[dict[str, float]], m: dict[str, float]) -> str:
-    """Recovered falls of validation accuracy (:func:`spikes`), each with its epoch's largest step
-    loss and sharpness."""
+def _spikes(history: list[dict[str, float]], events: list[Instability]) -> str:
+    """Recovered instabilities in words, each with its epoch's largest step loss and sharpness."""
+    rows = {int(row.get("epoch", i + 1)): row for i, row in enumerate(history)}
     said = []
-    for epoch, size, row in spikes(history, m):
-        text = (f"val_acc fell {size:.3f} in epoch {epoch} (that "
+    for event in events:
+        row = rows[event.epoch]
+        what = ([] if event.fall is None else [f"val_acc fell {event.fall:.3f}"]) + \
+            ([] if event.rise is None else [f"train loss rose {event.rise:+.1%}"])
+        text = (f"{' and '.join(what)} in epoch {event.epoch} (that "
                 f"epoch's largest step loss {_float(row.get('train_loss_max')):.3g}")
         if row.get("sharpness_max") is not None:
             text += f", sharpness up to {row['sharpness_max']:.3g} against {_float(row.get('threshold_last')):.3g}"
@@ -372,19 +398,18 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
     oscillation = (f"{m['val_acc_drops']:.0f} epoch-to-epoch val_acc drops >= {_limit(m, t, 'osc_acc_drop')} (limit "
                    f"{t.osc_min_drops}), largest {m['max_val_acc_drop']:.3f} (limit {_limit(m, t, 'osc_big_drop')}), "
                    f"{m['val_acc_recoveries']:.0f} recoveries")
-    persisting = m["val_acc_drops_together"] >= t.osc_min_drops
+    together = (f"falls of val_acc or rises of the train loss: {m['instabilities_together']:.0f} within {t.window} "
+                f"epochs of each other (limit {t.osc_min_drops})")
+    persisting = m["instabilities_together"] >= t.osc_min_drops
     if val_jumps and persisting and m["val_acc_recoveries"] >= 1 and not val_worse_acc:
-        return verdict("oscillating", oscillation, f"{m['val_acc_drops_together']:.0f} of them within {t.window} "
-                       f"epochs of each other (limit {t.osc_min_drops}), yet converging: final val_acc {m['final_val_acc']:.3f} "
+        return verdict("oscillating", oscillation, f"{together}, yet converging: final val_acc {m['final_val_acc']:.3f} "
                        f"within {_limit(m, t, 'overfit_acc_drop')} of its best")
-    if val_jumps and not persisting and not val_worse_acc and m["val_acc_unrecovered_falls"] == 0:
-        notes.append(f"{_spikes(history, m)}; fewer than {t.osc_min_drops} falls >= {_limit(m, t, 'osc_acc_drop')} "
-                     f"within {t.window} epochs of each other: no persisting oscillation")
-        # The rules below judge the run as if the falls had not happened, nor the training loss's
-        # rise in the epochs they came in (the same spike, seen in the epoch's mean loss).
-        val_jumps = False
-        spiked_epochs = {epoch for epoch, _, _ in spikes(history, m)}
-        train_rise = max((r for e, r in train_loss_rises(history, t).items() if e not in spiked_epochs), default=0.0)
+    unstable = val_jumps or train_rise >= t.osc_loss_rise
+    if unstable and m["instabilities"] and not persisting and not val_worse_acc and not m["unrecovered_instabilities"]:
+        notes.append(f"{_spikes(history, instabilities(history, t, m))}; {together}: no persisting oscillation")
+        # The rules below judge the run as if the spikes had not happened: each is one event, seen in the
+        # validation accuracy at the epoch's end, in the epoch's mean training loss, or both.
+        val_jumps, train_rise = False, 0.0
     train_smooth = train_rise < t.osc_loss_rise
     still_fitting = m["train_loss_change_since_val_peak"] < 0
     peak_settled = m["epochs"] - m["best_val_epoch"] >= t.overfit_min_epochs_after_peak
