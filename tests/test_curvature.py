@@ -147,6 +147,8 @@ def test_lanczos_on_an_explicit_matrix() -> None:
     # A non-finite product stops the iteration and is reported as such.
     assert math.isnan(lanczos(lambda v: v * math.nan, torch.ones(3))[0])
     assert lanczos(lambda v: v * math.inf, torch.ones(3))[0] == math.inf
+    # A start vector that requires grad (a parameter's copy) is only a start.
+    assert lanczos(lambda v: a @ v, torch.ones(4, dtype=F64, requires_grad=True))[0] == pytest.approx(3.0, rel=1e-3)
 
 
 def test_warm_start_converges_in_fewer_iterations() -> None:

@@ -4,6 +4,7 @@ against each member's single model measured alone (optimlab.curvature.sharpness)
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import pytest
@@ -144,6 +145,12 @@ def test_argument_checks() -> None:
         member_eigenpairs(model, x, y, [torch.ones(3)])
     with pytest.raises(ValueError, match="positive"):
         member_eigenpairs(model, x, y, [torch.zeros_like(p) for p in model.parameters()])
+    # a member's loss averages over all its probe images: labels a mean cross-entropy would skip or refuse are refused
+    for bad, said in ((-100, "got -100"), (10, "got 10"), (None, "got floating-point targets")):
+        labels = y.float() if bad is None else y.clone().index_put_((torch.tensor([1]), torch.tensor([0])),
+                                                                    torch.tensor(bad))
+        with pytest.raises(ValueError, match=re.escape(f"Invalid y: class indices in [0, 10) required, {said}")):
+            member_eigenpairs(model, x, labels)
     with pytest.raises(ValueError, match="v0"):
         lanczos_members(lambda v: v, torch.zeros(2, 3))
     with pytest.raises(ValueError, match="iters"):

@@ -97,6 +97,22 @@ def test_rediagnose_relabels_with_the_current_rules(tmp_path: Path) -> None:
     assert list(csv.DictReader((tmp_path / "report.csv").open()))[0]["regime"] == "healthy"
 
 
+def test_rediagnosing_a_run_whose_recorded_thresholds_are_not_allowed_is_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_run(tmp_path, "0_a", "SGD", 0.1, 128, 0, 0.97)
+    assert main([str(tmp_path)]) == 0
+    before = (tmp_path / "report.csv").read_text()
+    path = tmp_path / "0_a" / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["config"]["regimes"] = {"window": 0}  # edited by hand: no run accepts it
+    path.write_text(json.dumps(summary))
+    capsys.readouterr()
+    assert main([str(tmp_path), "--rediagnose"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {path}: regimes.window: 0 is not allowed; expected an "
+                                               "integer >= 1")
+    assert (tmp_path / "report.csv").read_text() == before  # nothing written or removed
+
+
 def test_seeds_are_aggregated_only_over_otherwise_equal_configs(tmp_path: Path) -> None:
     # Same optimizer, lr and width; two weight decays, two seeds each: two groups, never one of four.
     for i, (decay, seed, acc) in enumerate([(0.0, 0, 0.90), (0.0, 1, 0.92), (1e-4, 0, 0.80), (1e-4, 1, 0.84)]):

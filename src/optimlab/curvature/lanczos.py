@@ -83,6 +83,7 @@ def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int =
         holds a NaN or an inf gets that Rayleigh quotient (NaN or inf) and its last basis vector.
     """
     check_iteration(iters, tol)
+    v0 = v0.detach()  # a start vector, not a leaf of anything the iteration differentiates
     if v0.dim() != 2 or v0.numel() == 0:
         raise ValueError(f"Invalid v0: shape {tuple(v0.shape)} (must be a non-empty [members, n] tensor)")
     norms = torch.linalg.vector_norm(v0, dim=1)

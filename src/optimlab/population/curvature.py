@@ -93,7 +93,15 @@ def member_eigenpairs(model: StackedModel, x: Tensor, y: Tensor, preconditioner:
 
     with evaluation(model):
         x, y = probe_batch(x, y, dtype)
-        losses = member_losses(model(x), y)
+        logits = model(x)
+        # A member's loss is the mean over all N of its probe images: no ignored index (-100) or class probabilities.
+        classes = logits.shape[-1]
+        if y.is_floating_point():
+            raise ValueError(f"Invalid y: class indices in [0, {classes}) required, got floating-point targets")
+        outside = (y < 0) | (y >= classes)
+        if bool(outside.any()):
+            raise ValueError(f"Invalid y: class indices in [0, {classes}) required, got {y[outside][0].item()}")
+        losses = member_losses(logits, y)
         grads = torch.autograd.grad(losses.sum(), params, create_graph=True, materialize_grads=True)
         live = [i for i, g in enumerate(grads) if g.requires_grad]
 

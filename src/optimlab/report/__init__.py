@@ -20,7 +20,7 @@ from pathlib import Path
 
 from optimlab.report.aggregate import map_cells, stability_table
 from optimlab.report.figures import plot_curves, plot_lr_sensitivity, plot_regime_map, plot_sharpness
-from optimlab.report.rows import find_runs, name_settings, on_lr_axis, row_for
+from optimlab.report.rows import UnreadableRecord, find_runs, name_settings, on_lr_axis, row_for
 from optimlab.report.tables import COLUMNS, crossing_lines, disagreement_lines, table_lines, write_csv, write_stability
 from optimlab.summary import SUMMARY
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         written = report(args.sweep_dir, args.rediagnose)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, UnreadableRecord) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     rows = list(csv.DictReader((args.sweep_dir / "report.csv").open()))

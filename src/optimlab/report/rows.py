@@ -28,6 +28,10 @@ def _job_number(name: str) -> float:
     return int(head) if head.isdigit() else math.inf
 
 
+class UnreadableRecord(ValueError):
+    """A run's record that the report cannot read as a run's (its one line names the file and why)."""
+
+
 def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, Any]:
     """One report row. ``rediagnose``: label the run with the current rules (and the thresholds in
     its config) instead of the label its summary recorded; a finished run whose summary has no label
@@ -45,7 +49,11 @@ def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, An
 
     regime = s.regime
     if rediagnose or (regime is None and s.status in FINISHED):
-        regime = diagnose(history, s.diverged, Thresholds.from_overrides(s.config.get("regimes")),
+        try:
+            thresholds = Thresholds.from_overrides(s.config.get("regimes"))
+        except (TypeError, ValueError) as err:  # a summary edited by hand, or of another version
+            raise UnreadableRecord(f"{run_dir / SUMMARY}: {err}") from None
+        regime = diagnose(history, s.diverged, thresholds,
                           s.diverged_at_step, s.curvature, validation_size(s.config),
                           data_passes(s.config, len(history), s.train_size)).regime
     return {
