@@ -17,17 +17,16 @@ The rules are checked in this order; the first that fires names the regime:
    ``<= underfit_loss_ratio`` x ln(10)) without reaching ``fit_acc``: an Adam run at 83% after an
    early blow-up is unstable, not diverging. Such spikes are the oscillation at the edge of
    stability; epoch means hide them, so each epoch records its largest step loss (``train_loss_max``).
-2. **oscillating**, converging: validation accuracy jumps and the instability persists. An
-   *instability* is an epoch in which validation accuracy fell by ``>= osc_acc_drop`` or the
-   training loss rose by ``>= osc_loss_rise`` (and ``>= osc_min_loss_rise`` nats); it persists when
-   ``osc_min_drops`` of them come within ``window`` epochs of each other. Validation accuracy falls
-   that way at least once (``>= osc_acc_drop`` at least ``osc_min_drops`` times, or ``>= osc_big_drop``
-   once), climbs back (a rise ``>= osc_acc_drop`` after the first fall) and ends within
-   ``overfit_acc_drop`` of its best. Instabilities that do not persist, each followed by a climb back
-   (accuracy to within ``osc_acc_drop`` of where it fell from, the loss to where it rose from), in a
-   run that ends within that limit of its best, are transient spikes: the rules below judge the run
-   as if they had not happened (a fitted run is then **healthy** unless it overfits), and its evidence
-   lists them. (A fitted CNN at lr 0.06 fell 0.014 in epoch 4 and 0.023 in epoch 10, each time back
+2. **oscillating**, converging: validation accuracy jumps (it falls by ``>= osc_acc_drop`` between
+   consecutive epochs at least ``osc_min_drops`` times, or by ``>= osc_big_drop`` once), climbs back
+   (a rise ``>= osc_acc_drop`` after the first fall) and ends within ``overfit_acc_drop`` of its best,
+   and the instability persists. An *instability* is an epoch in which validation accuracy fell by
+   ``>= osc_acc_drop`` or the training loss rose by ``>= osc_loss_rise`` (and ``>= osc_min_loss_rise``
+   nats); it persists when ``osc_min_drops`` of them come within ``window`` epochs of each other.
+   Instabilities that do not persist, each followed by a climb back (accuracy to within
+   ``osc_acc_drop`` of where it fell from, the loss to where it rose from), in a run that ends within
+   that limit of its best, are transient spikes: the rules below judge the run as if they had not
+   happened (a fitted run is then **healthy** unless it overfits), and its evidence lists them. (A fitted CNN at lr 0.06 fell 0.014 in epoch 4 and 0.023 in epoch 10, each time back
    the next epoch; another's training loss rose from 0.0088 to 0.0237 in epoch 13 and fell back to
    0.0082: catapults, not an oscillation.)
 3. **overfit**: training keeps improving (final train loss below its value at the validation peak)
@@ -100,7 +99,7 @@ class Thresholds:
     overfit_loss_rise: float = 0.2      # ... or val loss this much (relative) above its minimum (averaged) ...
     overfit_min_loss_rise: float = 0.01  # ... and by at least this much (nats)
     osc_acc_drop: float = 0.01          # an epoch-to-epoch val accuracy fall this big counts as a drop
-    osc_min_drops: int = 2              # this many drops: oscillating
+    osc_min_drops: int = 2              # this many drops, as many instabilities within `window` epochs: oscillating
     osc_big_drop: float = 0.03          # one fall this big: oscillating
     osc_loss_rise: float = 0.05         # epoch-mean train loss rising this much (relative): oscillating ...
     osc_min_loss_rise: float = 0.01     # ... and by at least this much (nats): noise on a near-zero loss is not

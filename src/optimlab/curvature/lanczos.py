@@ -121,8 +121,7 @@ def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int =
         # per member, repeated where it removed more than half of w's squared norm (then rounding
         # leaves the remainder off orthogonal; Daniel, Gragg, Kaufman & Stewart, 1976). Before the
         # pass |w|^2 = |coeffs|^2 + beta^2, so the test needs no extra pass over w.
-        # A new tensor: matvec's output may be its input.
-        w = torch.baddbmm(w[:, :, None], done.transpose(1, 2), coeffs, alpha=-1)[:, :, 0]
+        w = torch.baddbmm(w[:, :, None], done.transpose(1, 2), coeffs, alpha=-1)[:, :, 0]  # new: matvec may return its input
         beta = torch.linalg.vector_norm(w, dim=1)
         again = beta < torch.linalg.vector_norm(coeffs, dim=(1, 2))
         if bool(again.any()):  # in place; the members without a second pass get a zero correction
