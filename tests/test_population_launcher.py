@@ -1389,26 +1389,33 @@ def test_a_stop_held_while_the_last_epoch_is_recorded_still_stops(mnist_root: Pa
 SIGINT_WITH_LOGS_FAILING = SIGINT_IN_THE_LAST_EPOCHS_RECORD.replace("""PopulationLoop.finish_epoch = signal_then_finish
 """, """PopulationLoop.finish_epoch = signal_then_finish
 from optimlab.population import launcher
-def fail(run_dir, summary):
+def fail(*args):
     raise OSError("no space left on device")
 launcher.write_logs = fail
 """)
 
 
 @pytest.mark.slow
-def test_a_stop_whose_logs_cannot_be_written_still_records_and_stops(mnist_root: Path, tmp_path: Path) -> None:
-    """A stopped population writes its members' summaries first, then their logs of the epochs so far: a
-    logger that fails (a full disk) leaves the summaries interrupted and the stop goes on (exit 130),
-    saying which member's logs are missing, instead of a traceback and members left 'running'."""
-    assert "launcher.write_logs = fail" in SIGINT_WITH_LOGS_FAILING
-    stopped = processes.run("-c", SIGINT_WITH_LOGS_FAILING, str(REPO / "train.py"), "seed=0,1", *SMALL, "epochs=2",
+@pytest.mark.parametrize("failing,said_line,written", [
+    ("write_logs", "its logs of the epochs so far were not written", ".hydra/config.yaml"),
+    ("save_member_job_record", "its job record was not written", "tensorboard")])
+def test_a_stop_whose_logs_cannot_be_written_still_records_and_stops(mnist_root: Path, tmp_path: Path, failing: str,
+                                                                     said_line: str, written: str) -> None:
+    """A stopped population writes its members' summaries first, then their job records and logs of the
+    epochs so far: one that fails (a full disk) leaves the summaries interrupted, the other still written,
+    and the stop goes on (exit 130), saying which member's files are missing, instead of a traceback and
+    members left 'running'."""
+    script = SIGINT_WITH_LOGS_FAILING.replace("launcher.write_logs = fail", f"launcher.{failing} = fail")
+    assert f"launcher.{failing} = fail" in script
+    stopped = processes.run("-c", script, str(REPO / "train.py"), "seed=0,1", *SMALL, "epochs=2",
                             "hydra/launcher=population", "hydra.launcher.executor=inline", f"hydra.sweep.dir={tmp_path}",
                             cwd=REPO, timeout=300)
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     runs = summaries(tmp_path)
     assert len(runs) == 2 and all(s["status"] == "interrupted" and len(s["epochs"]) == 2 for s in runs.values())
+    assert all((tmp_path / name / written).exists() for name in runs)
     said = stopped.stdout + stopped.stderr
-    assert said.count("its job record or logs of the epochs so far were not written") == 2, said[-3000:]
+    assert said.count(said_line) == 2, said[-3000:]
     assert "OSError: no space left on device" in said
 
 

@@ -108,8 +108,9 @@ def test_diverging_at_chance_evidence_says_in_words_what_fired() -> None:
 
 
 def test_a_zero_fall_bar_does_not_count_a_rising_accuracy_as_a_fall() -> None:
-    # osc_big_drop=0 (allowed) with an accuracy that never fell: crashed on the fall's epoch (NaN).
-    d = diagnose(history([0.5, 0.3, 0.2, 0.15], [0.90, 0.92, 0.94, 0.96]), thresholds=Thresholds(osc_big_drop=0.0))
+    # fall bars of 0 (allowed) with an accuracy that never fell: crashed on the fall's epoch (NaN).
+    d = diagnose(history([0.5, 0.3, 0.2, 0.15], [0.90, 0.92, 0.94, 0.96]),
+                 thresholds=Thresholds(osc_acc_drop=0.0, osc_big_drop=0.0))
     assert d.regime == "healthy"
 
 
@@ -241,8 +242,6 @@ def test_one_recovered_spike_in_a_fitted_run_is_healthy_with_the_spike_in_the_ev
     assert diagnose(history([r["train_loss"] for r in rows], low)).regime != "healthy"
 
 
-
-
 # experiment=cnn with seeds the reference runs did not use, measured: every epoch's row
 UNSEEN_CNN = json.loads((Path(__file__).parent / "data" / "experiment_cnn_unseen_seeds.json").read_text())
 CNN_SEED_3, CNN_SEED_7, CNN_SEED_8 = (UNSEEN_CNN["seeds"][seed]["epochs"] for seed in ("3", "7", "8"))
@@ -250,12 +249,11 @@ CNN_SEED_3, CNN_SEED_7, CNN_SEED_8 = (UNSEEN_CNN["seeds"][seed]["epochs"] for se
 
 @pytest.mark.parametrize("seed", sorted(UNSEEN_CNN["seeds"]))
 def test_the_cnn_experiment_with_unseen_seeds_is_healthy(seed: str) -> None:
-    # Each ended at 99.0-99.1% test accuracy; the rules of 2026-12-06's morning called seeds 3, 5 and 8
+    # Each ended at 98.96-99.14% test accuracy; the rules of 2026-12-06's morning called seeds 3, 5 and 8
     # oscillating (catapults: one rise of the training loss, two falls far apart) and 4 and 7 overfit (a
     # near-zero validation loss wobbling up from one low epoch).
     d = diagnose(UNSEEN_CNN["seeds"][seed]["epochs"], val_size=UNSEEN_CNN["val_size"], passes=UNSEEN_CNN["passes"])
     assert d.regime == "healthy", d.evidence
-    assert UNSEEN_CNN["seeds"][seed]["test_acc"] >= 0.989
 
 
 def test_two_recovered_spikes_far_apart_are_healthy_and_close_together_oscillating() -> None:
@@ -263,13 +261,14 @@ def test_two_recovered_spikes_far_apart_are_healthy_and_close_together_oscillati
     assert d.regime == "healthy", d.evidence
     assert d.evidence[-1].startswith("2 transient spikes: val_acc fell 0.014 in epoch 4")
     assert "0.023 in epoch 10" in d.evidence[-1] and d.measures["instabilities_together"] == 1
-    assert d.evidence[-1].endswith("falls of val_acc or rises of the train loss: 1 within 3 epochs of each other "
-                                   "(limit 2): no persisting oscillation")
+    assert d.evidence[-1].endswith("falls of val_acc or rises of the train loss: 2 in 20 epochs, at most 1 within 3 "
+                                   "epochs of each other (persisting: 2 within 3 epochs, or 2 or more at over one per "
+                                   "8 epochs): no persisting oscillation")
     # the second fall three epochs after the first: instability that persists
     close = [dict(row) for row in CNN_SEED_8]
     close[6].update(val_acc=0.9650)
     d = diagnose(close, val_size=5000)
-    assert d.regime == "oscillating" and "rises of the train loss: 2 within 3 epochs" in d.evidence[1]
+    assert d.regime == "oscillating" and "at most 2 within 3 epochs of each other" in d.evidence[1]
     # four epochs apart (epochs 4 and 8, none in 10) is apart at window 3, together at window 4
     close[6].update(val_acc=0.9888)
     close[7].update(val_acc=0.9650)
@@ -278,15 +277,13 @@ def test_two_recovered_spikes_far_apart_are_healthy_and_close_together_oscillati
     assert diagnose(close, val_size=5000, thresholds=Thresholds(window=4)).regime == "oscillating"
 
 
-
-
 def test_one_recovered_rise_of_the_training_loss_in_a_fitted_run_is_a_transient_spike() -> None:
     # experiment=cnn seed 3: a step loss of 1.59 in epoch 13 lifted the epoch's mean loss from 0.0088 to
     # 0.0237 (+171%); the next epoch's was 0.0082, and validation accuracy did not fall
     d = diagnose(CNN_SEED_3, val_size=5000)
     assert d.regime == "healthy", d.evidence
-    assert d.evidence[-1].startswith("one transient spike: train loss rose +170.8% in epoch 13 (that epoch's largest "
-                                     "step loss 1.59, sharpness up to 14.3 against 33.3) and recovered"), d.evidence
+    assert d.evidence[-1].startswith("one transient spike: train loss rose +170.8% in epoch 13 (largest step loss 1.59, "
+                                     "sharpness up to 14.3 against 33.3) and recovered"), d.evidence
     # the same rise twice, three epochs apart, persists: oscillating
     twice = [dict(row) for row in CNN_SEED_3]
     twice[15].update(train_loss=0.02)
@@ -320,18 +317,48 @@ def test_a_fitted_nets_small_wobbling_validation_loss_is_not_overfitting() -> No
 
 
 def test_transient_spikes_do_not_hide_overfitting_and_must_recover() -> None:
-    # A fitted run whose validation loss more than doubles, with two recovered falls far apart: overfit.
-    rows = history([0.5 * 0.6 ** i for i in range(12)],
-                   [0.93, 0.95, 0.96, 0.965, 0.95, 0.965, 0.965, 0.966, 0.966, 0.95, 0.966, 0.966],
-                   [0.20, 0.15, 0.12, 0.11, 0.13, 0.12, 0.14, 0.17, 0.20, 0.24, 0.28, 0.33])
+    # A fitted run whose validation loss triples, with two recovered falls far apart: overfit.
+    rows = history([0.5 * 0.7 ** i for i in range(16)],
+                   [0.93, 0.95, 0.96, 0.965, 0.95, 0.965, 0.965, 0.966, 0.966, 0.966, 0.966, 0.95, 0.966, 0.966,
+                    0.966, 0.966],
+                   [0.20, 0.15, 0.12, 0.11, 0.13, 0.12, 0.14, 0.17, 0.20, 0.22, 0.24, 0.26, 0.28, 0.30, 0.32, 0.33])
     d = diagnose(rows)
     assert d.regime == "overfit", d.evidence
     assert d.evidence[-1].startswith("2 transient spikes: val_acc fell 0.015 in epoch 5")
+    # The same two falls in 15 epochs come more often than one per 8: they recur
+    d = diagnose(rows[:15])
+    assert d.regime == "oscillating" and "2 in 15 epochs, at most 1 within 3" in d.evidence[1], d.evidence
     # A fall in the last epoch has not recovered (allowed near the best by a loose overfit_acc_drop): no spike.
     last = history([0.5 * 0.7 ** i for i in range(9)], [0.90, 0.95, 0.94, 0.96, 0.965, 0.97, 0.97, 0.97, 0.95])
     d = diagnose(last, thresholds=Thresholds(overfit_acc_drop=0.05))
     assert d.measures["unrecovered_instabilities"] == 1 and not any("spike" in e for e in d.evidence), d.evidence
     assert d.regime == "oscillating"
+
+
+def test_spikes_that_keep_coming_back_persist_and_one_spike_over_two_epochs_is_one() -> None:
+    fitted = history([0.3 * 0.85 ** i for i in range(20)], [0.97 + 0.001 * i for i in range(20)])
+    # five recovered falls, four epochs apart: far apart, but more than one per 8 epochs: they recur
+    recurring = [dict(row) for row in fitted]
+    for i in (3, 7, 11, 15, 19):
+        recurring[i - 1].update(val_acc=0.95)
+    recurring.append(dict(fitted[-1], epoch=21))
+    d = diagnose(recurring)
+    assert d.measures["instabilities_together"] == 1 and d.regime == "oscillating", d.evidence
+    # a spike at the end of epoch 8 lowers its validation accuracy and raises epoch 9's mean loss: one spike
+    straddling = [dict(row) for row in fitted]
+    straddling[7].update(val_acc=0.95, train_loss_max=2.0)
+    straddling[8].update(train_loss=0.2, train_loss_max=0.4)
+    d = diagnose(straddling)
+    assert d.measures["instabilities"] == 1 and d.regime == "healthy", d.evidence
+    assert d.evidence[-1].startswith("one transient spike: val_acc fell 0.026 in epoch 8 (largest step loss 2) and "
+                                     "train loss rose +")
+    assert "in epoch 9 (largest step loss 0.4) and recovered" in d.evidence[-1]
+    # a rise climbs back when the loss returns to within osc_loss_rise of where it rose from
+    late = [dict(row) for row in fitted[:12]]
+    late[10].update(train_loss=late[9]["train_loss"] * 1.5)
+    late[11].update(train_loss=late[9]["train_loss"] * 1.001)
+    d = diagnose(late)
+    assert d.measures["unrecovered_instabilities"] == 0 and d.regime == "healthy", d.evidence
 
 
 def test_spikes_are_counted_on_the_epochs_that_were_validated() -> None:
@@ -377,6 +404,9 @@ def test_the_sharpness_never_changes_a_label_and_is_cited_only_for_instability()
     ({"val_noise_z": -1}, "regimes.val_noise_z: -1 is not allowed; expected a number >= 0"),
     ({"chance_acc": 0.99}, "regimes.chance_acc: 0.99 is not allowed; expected a number below regimes.fit_acc (0.93)"),
     ({"fit_acc": 0.1}, "regimes.chance_acc: 0.2 is not allowed; expected a number below regimes.fit_acc (0.1)"),
+    ({"osc_big_drop": 0.005}, "regimes.osc_big_drop: 0.005 is not allowed; expected a number >= regimes.osc_acc_drop (0.01)"),
+    ({"osc_min_drops": 5}, "regimes.osc_min_drops: 5 is not allowed; expected at most regimes.window + 1 (4)"),
+    ({"osc_spike_epochs": 0}, "regimes.osc_spike_epochs: 0 is not allowed; expected an integer >= 1"),
 ])
 def test_bad_threshold_values_are_refused_with_one_line(override: dict, words: str) -> None:
     with pytest.raises(ValueError, match=re.escape(words)):

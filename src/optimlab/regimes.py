@@ -22,13 +22,16 @@ The rules are checked in this order; the first that fires names the regime:
    (a rise ``>= osc_acc_drop`` after the first fall) and ends within ``overfit_acc_drop`` of its best,
    and the instability persists. An *instability* is an epoch in which validation accuracy fell by
    ``>= osc_acc_drop`` or the training loss rose by ``>= osc_loss_rise`` (and ``>= osc_min_loss_rise``
-   nats); it persists when ``osc_min_drops`` of them come within ``window`` epochs of each other.
-   Instabilities that do not persist, each followed by a climb back (accuracy to within
-   ``osc_acc_drop`` of where it fell from, the loss to where it rose from), in a run that ends within
-   that limit of its best, are transient spikes: the rules below judge the run as if they had not
-   happened (a fitted run is then **healthy** unless it overfits), and its evidence lists them. (A fitted CNN at lr 0.06 fell 0.014 in epoch 4 and 0.023 in epoch 10, each time back
-   the next epoch; another's training loss rose from 0.0088 to 0.0237 in epoch 13 and fell back to
-   0.0082: catapults, not an oscillation.)
+   nats); a fall and the rise of the next epoch's mean loss are one (a spike at the epoch's end).
+   Instabilities persist when ``osc_min_drops`` of them come within ``window`` epochs of each other,
+   or when ``osc_min_drops`` or more come at over one per ``osc_spike_epochs`` epochs (two far apart in
+   a 10-epoch run recur; in a 20-epoch run they may be catapults). Ones that do not persist, each followed
+   by a climb back (accuracy to within ``osc_acc_drop`` of where it fell from, the loss to within
+   ``osc_loss_rise`` of where it rose from), in a run that ends within ``overfit_acc_drop`` of its
+   best, are transient spikes: the rules below judge the run as if they had not happened (a fitted run
+   is then **healthy** unless it overfits), and its evidence lists them. (A fitted CNN at lr 0.06 fell
+   0.014 in epoch 4 and 0.023 in epoch 10, each time back the next epoch; another's training loss
+   rose from 0.0088 to 0.0237 in epoch 13 and fell back to 0.0082: catapults, not an oscillation.)
 3. **overfit**: training keeps improving (final train loss below its value at the validation peak)
    while validation gets worse: validation accuracy has fallen ``>= overfit_acc_drop`` below its
    peak at least ``overfit_min_epochs_after_peak`` epochs before the end, or validation loss has
@@ -99,8 +102,9 @@ class Thresholds:
     overfit_loss_rise: float = 0.2      # ... or val loss this much (relative) above its minimum (averaged) ...
     overfit_min_loss_rise: float = 0.01  # ... and by at least this much (nats)
     osc_acc_drop: float = 0.01          # an epoch-to-epoch val accuracy fall this big counts as a drop
-    osc_min_drops: int = 2              # this many drops, as many instabilities within `window` epochs: oscillating
-    osc_big_drop: float = 0.03          # one fall this big: oscillating
+    osc_min_drops: int = 2              # this many drops, or as many instabilities within `window` epochs: oscillating
+    osc_spike_epochs: int = 8           # osc_min_drops instabilities or more, over one per this many epochs: they recur
+    osc_big_drop: float = 0.03          # one fall this big makes validation accuracy jump (oscillating if it persists)
     osc_loss_rise: float = 0.05         # epoch-mean train loss rising this much (relative): oscillating ...
     osc_min_loss_rise: float = 0.01     # ... and by at least this much (nats): noise on a near-zero loss is not
     overfit_min_epochs_after_peak: int = 2  # the val peak must lie this many epochs before the end
@@ -110,7 +114,7 @@ class Thresholds:
     fit_acc: float = 0.93               # final val accuracy below this: slow or underfit
     underfit_loss_ratio: float = 0.75   # a plateau counts as underfit only below this x ln(10)
     slow_min_loss_drop: float = 0.01    # train loss still falling this much (nats) per epoch: slow
-    window: int = 3                     # epochs over which recent loss changes are measured
+    window: int = 3                     # epochs of recent loss changes, of the averaged val loss, of close instabilities
     val_noise_z: float = 2.0            # val accuracy changes within this many standard errors are chance
     overfit_min_passes: float = 1.0     # overfit needs the training images seen more than this many times on average
 
@@ -128,6 +132,12 @@ class Thresholds:
         if self.chance_acc >= self.fit_acc:  # a fitted run would count as at chance
             raise ValueError(f"regimes.chance_acc: {self.chance_acc!r} is not allowed; expected a number below "
                              f"regimes.fit_acc ({self.fit_acc!r})")
+        if self.osc_big_drop < self.osc_acc_drop:  # a big fall that is no fall at all
+            raise ValueError(f"regimes.osc_big_drop: {self.osc_big_drop!r} is not allowed; expected a number >= "
+                             f"regimes.osc_acc_drop ({self.osc_acc_drop!r})")
+        if self.osc_min_drops > self.window + 1:  # never that many instabilities within `window` epochs
+            raise ValueError(f"regimes.osc_min_drops: {self.osc_min_drops!r} is not allowed; expected at most "
+                             f"regimes.window + 1 ({self.window + 1!r})")
 
     @classmethod
     def from_overrides(cls, overrides: dict[str, Any] | None) -> Thresholds:
@@ -201,6 +211,8 @@ def measure(history: list[dict[str, float]], t: Thresholds, val_size: int | None
     m["instabilities"] = len(events)
     m["instabilities_together"] = max((sum(e <= g <= e + t.window for g in unstable) for e in unstable), default=0)
     m["unrecovered_instabilities"] = sum(not event.recovered for event in events)
+    m["instabilities_persist"] = float(m["instabilities_together"] >= t.osc_min_drops or (
+        m["instabilities"] >= t.osc_min_drops and m["instabilities"] * t.osc_spike_epochs > m["epochs"]))
     m["final_train_loss"] = train_loss[-1] if train_loss else nan
     m["max_step_loss"] = max(_series(history, "train_loss_max"), default=nan)
     initial = _series(history[:1], "train_loss_initial")
@@ -245,34 +257,40 @@ def train_loss_rises(history: list[dict[str, float]], t: Thresholds) -> dict[int
 @dataclass
 class Instability:
     """An epoch in which validation accuracy fell by ``>= osc_acc_drop`` (``fall``) or the training
-    loss rose by ``>= osc_loss_rise`` and ``>= osc_min_loss_rise`` nats (``rise``, relative), or both;
-    ``recovered``: a later epoch climbed back (accuracy within ``osc_acc_drop`` of where it fell from,
-    the loss to where it rose from)."""
+    loss rose by ``>= osc_loss_rise`` and ``>= osc_min_loss_rise`` nats (``rise``, relative, in epoch
+    ``rise_epoch``: the same one, or the next when a spike at an epoch's end lowered its validation
+    accuracy and raised the next epoch's mean loss), or both; ``recovered``: a later epoch climbed
+    back (accuracy to within ``osc_acc_drop`` of where it fell from, the loss to within
+    ``osc_loss_rise`` of where it rose from)."""
 
     epoch: int
     fall: float | None
     rise: float | None
+    rise_epoch: int | None
     recovered: bool
 
 
 def instabilities(history: list[dict[str, float]], t: Thresholds, m: dict[str, float]) -> list[Instability]:
     """The run's :class:`Instability` epochs, in order (``m``: the effective accuracy limits of :func:`measure`)."""
-    limit = min(m["osc_acc_drop"], m["osc_big_drop"])
+    limit = m["osc_acc_drop"]
     events: dict[int, Instability] = {}
     val = finite_series(history, "val_acc")
     for i in range(1, len(val)):
         (_, before), (epoch, after) = val[i - 1], val[i]
         if before - after >= limit:
-            back = any(v >= before - m["osc_acc_drop"] for _, v in val[i + 1:])
-            events[epoch] = Instability(epoch, before - after, None, back)
+            back = any(v >= before - limit for _, v in val[i + 1:])
+            events[epoch] = Instability(epoch, before - after, None, None, back)
     loss = finite_series(history, "train_loss")
     for i in range(1, len(loss)):
         (_, before), (epoch, after) = loss[i - 1], loss[i]
         if before > 0 and after - before >= t.osc_min_loss_rise and after / before - 1 >= t.osc_loss_rise:
-            back = any(v <= before for _, v in loss[i + 1:])
+            back = any(v <= before * (1 + t.osc_loss_rise) for _, v in loss[i + 1:])
             fell = events.get(epoch)
-            events[epoch] = Instability(epoch, fell.fall if fell else None, after / before - 1,
-                                        back and (fell.recovered if fell else True))
+            if fell is None and (previous := events.get(epoch - 1)) is not None and previous.rise is None:
+                fell = previous  # the same spike: it ended epoch - 1 and raised this epoch's mean loss
+            at = fell.epoch if fell else epoch
+            events[at] = Instability(at, fell.fall if fell else None, after / before - 1, epoch,
+                                     back and (fell.recovered if fell else True))
     return [events[epoch] for epoch in sorted(events)]
 
 
@@ -306,16 +324,22 @@ def edge_of_stability(m: dict[str, float], curvature: dict[str, Any] | None, div
 def _spikes(history: list[dict[str, float]], events: list[Instability]) -> str:
     """Recovered instabilities in words, each with its epoch's largest step loss and sharpness."""
     rows = {int(row.get("epoch", i + 1)): row for i, row in enumerate(history)}
+
+    def facts(epoch: int) -> str:
+        row = rows.get(epoch, {})
+        said = [f"largest step loss {row['train_loss_max']:.3g}"] if row.get("train_loss_max") is not None else []
+        if row.get("sharpness_max") is not None:
+            said.append(f"sharpness up to {row['sharpness_max']:.3g} against {_float(row.get('threshold_last')):.3g}")
+        return f"in epoch {epoch}" + (f" ({', '.join(said)})" if said else "")
+
     said = []
     for event in events:
-        row = rows[event.epoch]
-        what = ([] if event.fall is None else [f"val_acc fell {event.fall:.3f}"]) + \
-            ([] if event.rise is None else [f"train loss rose {event.rise:+.1%}"])
-        text = (f"{' and '.join(what)} in epoch {event.epoch} (that "
-                f"epoch's largest step loss {_float(row.get('train_loss_max')):.3g}")
-        if row.get("sharpness_max") is not None:
-            text += f", sharpness up to {row['sharpness_max']:.3g} against {_float(row.get('threshold_last')):.3g}"
-        said.append(text + ")")
+        fell = f"val_acc fell {event.fall:.3f}" if event.fall is not None else ""
+        rose = f"train loss rose {event.rise:+.1%}" if event.rise is not None else ""
+        if fell and rose and event.rise_epoch != event.epoch:
+            said.append(f"{fell} {facts(event.epoch)} and {rose} {facts(int(event.rise_epoch))}")
+        else:
+            said.append(f"{' and '.join(filter(None, (fell, rose)))} {facts(event.epoch)}")
     what = "one transient spike" if len(said) == 1 else f"{len(said)} transient spikes"
     return f"{what}: " + "; ".join(said) + (" and recovered" if len(said) == 1 else ", each time recovered")
 
@@ -397,14 +421,16 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
     oscillation = (f"{m['val_acc_drops']:.0f} epoch-to-epoch val_acc drops >= {_limit(m, t, 'osc_acc_drop')} (limit "
                    f"{t.osc_min_drops}), largest {m['max_val_acc_drop']:.3f} (limit {_limit(m, t, 'osc_big_drop')}), "
                    f"{m['val_acc_recoveries']:.0f} recoveries")
-    together = (f"falls of val_acc or rises of the train loss: {m['instabilities_together']:.0f} within {t.window} "
-                f"epochs of each other (limit {t.osc_min_drops})")
-    persisting = m["instabilities_together"] >= t.osc_min_drops
+    together = (f"falls of val_acc or rises of the train loss: {m['instabilities']:.0f} in {m['epochs']:.0f} epochs, "
+                f"at most {m['instabilities_together']:.0f} within {t.window} epochs of each other (persisting: "
+                f"{t.osc_min_drops} within {t.window} epochs, or {t.osc_min_drops} or more at over one per "
+                f"{t.osc_spike_epochs} epochs)")
+    persisting = bool(m["instabilities_persist"])
     if val_jumps and persisting and m["val_acc_recoveries"] >= 1 and not val_worse_acc:
         return verdict("oscillating", oscillation, f"{together}, yet converging: final val_acc {m['final_val_acc']:.3f} "
                        f"within {_limit(m, t, 'overfit_acc_drop')} of its best")
     unstable = val_jumps or train_rise >= t.osc_loss_rise
-    if unstable and m["instabilities"] and not persisting and not val_worse_acc and not m["unrecovered_instabilities"]:
+    if unstable and not persisting and not val_worse_acc and not m["unrecovered_instabilities"]:
         notes.append(f"{_spikes(history, instabilities(history, t, m))}; {together}: no persisting oscillation")
         # The rules below judge the run as if the spikes had not happened: each is one event, seen in the
         # validation accuracy at the epoch's end, in the epoch's mean training loss, or both.
@@ -434,7 +460,7 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
     if val_jumps or not train_smooth:
         return verdict("oscillating", oscillation,
                        f"largest epoch-to-epoch train loss rise {train_rise:+.1%} "
-                       f"(limit {t.osc_loss_rise:.0%}, rises under {t.osc_min_loss_rise} nats ignored)")
+                       f"(limit {t.osc_loss_rise:.0%}, rises under {t.osc_min_loss_rise} nats ignored)", together)
     if m["final_val_acc"] < t.fit_acc:
         low = f"final val_acc {m['final_val_acc']:.3f} < fit_acc {t.fit_acc}"
         # Stalled: validation accuracy and loss both stopped improving while the training set is fit

@@ -162,13 +162,17 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
             job.run_dir.mkdir(parents=True, exist_ok=True)
             write_summary(job.run_dir, summary)
         if status == "interrupted":  # then what else a stopped run's folder holds: its job record, its logs so far
+            # Each apart: the summary is whole, and a resumed member writes the rest; the stop goes on.
             for job, summary in written:
                 try:
                     save_member_job_record(job)
+                except Exception:
+                    log.exception(f"{job.run_dir}: its job record was not written")
+                try:
                     if summary.epochs:
                         write_logs(job.run_dir, summary)
-                except Exception:  # the record is whole, and a resumed member writes them all; the stop goes on
-                    log.exception(f"{job.run_dir}: its job record or logs of the epochs so far were not written")
+                except Exception:
+                    log.exception(f"{job.run_dir}: its logs of the epochs so far were not written")
 
     def on_epoch(done: int) -> None:
         population.first_step_s = loop.first_step_s
