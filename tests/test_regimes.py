@@ -242,17 +242,17 @@ def test_one_recovered_spike_in_a_fitted_run_is_healthy_with_the_spike_in_the_ev
     assert diagnose(history([r["train_loss"] for r in rows], low)).regime != "healthy"
 
 
-# experiment=cnn with seeds the reference runs did not use, measured: every epoch's row
-UNSEEN_CNN = json.loads((Path(__file__).parent / "data" / "experiment_cnn_unseen_seeds.json").read_text())
-CNN_SEED_3, CNN_SEED_7, CNN_SEED_8 = (UNSEEN_CNN["seeds"][seed]["epochs"] for seed in ("3", "7", "8"))
+# experiment=cnn with its default seed 0 and seeds the reference runs did not use, measured: every epoch's row
+CNN = json.loads((Path(__file__).parent / "data" / "experiment_cnn_seeds.json").read_text())
+CNN_SEED_3, CNN_SEED_7, CNN_SEED_8 = (CNN["seeds"][seed]["epochs"] for seed in ("3", "7", "8"))
 
 
-@pytest.mark.parametrize("seed", sorted(UNSEEN_CNN["seeds"]))
-def test_the_cnn_experiment_with_unseen_seeds_is_healthy(seed: str) -> None:
-    # Each ended at 98.96-99.14% test accuracy; the rules of 2026-12-06's morning called seeds 3, 5 and 8
+@pytest.mark.parametrize("seed", sorted(CNN["seeds"]))
+def test_the_cnn_experiment_is_healthy_whatever_its_seed(seed: str) -> None:
+    # Each ended at 98.96-99.15% test accuracy; the rules of 2026-12-06's morning called seeds 3, 5 and 8
     # oscillating (catapults: one rise of the training loss, two falls far apart) and 4 and 7 overfit (a
     # near-zero validation loss wobbling up from one low epoch).
-    d = diagnose(UNSEEN_CNN["seeds"][seed]["epochs"], val_size=UNSEEN_CNN["val_size"], passes=UNSEEN_CNN["passes"])
+    d = diagnose(CNN["seeds"][seed]["epochs"], val_size=CNN["val_size"], passes=CNN["passes"])
     assert d.regime == "healthy", d.evidence
 
 
