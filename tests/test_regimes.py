@@ -361,6 +361,14 @@ def test_spikes_that_keep_coming_back_persist_and_one_spike_over_two_epochs_is_o
     assert d.measures["unrecovered_instabilities"] == 0 and d.regime == "healthy", d.evidence
 
 
+def test_rows_without_a_usable_epoch_number_are_counted_by_their_place() -> None:
+    rows = history([0.3, 0.2, 0.15, 0.12, 0.1, 0.09], [0.95, 0.96, 0.90, 0.965, 0.97, 0.972])
+    for row, epoch in zip(rows, (None, float("nan"), "3", 4.5, 5, 6)):
+        row["epoch"] = epoch
+    d = diagnose(rows)
+    assert d.regime == "healthy" and "val_acc fell 0.060 in epoch 3" in d.evidence[-1], d.evidence
+
+
 def test_spikes_are_counted_on_the_epochs_that_were_validated() -> None:
     rows = history([0.3, 0.2, 0.15, 0.12, 0.1], [0.95, 0.95, 0.90, 0.96, 0.965])
     rows[1]["val_acc"] = math.nan  # an epoch without a finite validation accuracy is skipped, not a fall

@@ -241,9 +241,15 @@ def measure(history: list[dict[str, float]], t: Thresholds, val_size: int | None
     return m
 
 
+def epoch_of(row: dict[str, float], place: int) -> int:
+    """The row's ``epoch`` when it is a whole number, else its place in the history (from 1)."""
+    epoch = row.get("epoch")
+    return int(epoch) if finite_number(epoch) and float(epoch).is_integer() else place + 1
+
+
 def finite_series(history: list[dict[str, float]], key: str) -> list[tuple[int, float]]:
-    """``(epoch, value)`` of the rows whose ``key`` is finite (the epoch: the row's, else its place)."""
-    rows = [(int(row.get("epoch", i + 1)), _float(row.get(key))) for i, row in enumerate(history)]
+    """``(epoch, value)`` of the rows whose ``key`` is finite (:func:`epoch_of`)."""
+    rows = [(epoch_of(row, i), _float(row.get(key))) for i, row in enumerate(history)]
     return [(epoch, value) for epoch, value in rows if math.isfinite(value)]
 
 
@@ -323,7 +329,7 @@ def edge_of_stability(m: dict[str, float], curvature: dict[str, Any] | None, div
 
 def _spikes(history: list[dict[str, float]], events: list[Instability]) -> str:
     """Recovered instabilities in words, each with its epoch's largest step loss and sharpness."""
-    rows = {int(row.get("epoch", i + 1)): row for i, row in enumerate(history)}
+    rows = {epoch_of(row, i): row for i, row in enumerate(history)}
 
     def facts(epoch: int) -> str:
         row = rows.get(epoch, {})
