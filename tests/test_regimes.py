@@ -369,6 +369,27 @@ def test_rows_without_a_usable_epoch_number_are_counted_by_their_place() -> None
     assert d.regime == "healthy" and "val_acc fell 0.060 in epoch 3" in d.evidence[-1], d.evidence
 
 
+def test_a_transient_spike_moves_no_later_rule() -> None:
+    # experiment=cnn seed 5 cut at 10 epochs: the catapult of epoch 8 lifts its validation loss to 0.088; in
+    # the last three epochs' average it would read as overfitting
+    d = diagnose(CNN["seeds"]["5"]["epochs"][:10], val_size=5000, passes=10)
+    assert d.regime == "healthy" and d.evidence[-1].startswith("one transient spike: val_acc fell 0.015 in epoch 8")
+    # an overfitting run (val accuracy 0.016 below its epoch-11 peak) with one early catapult is still overfit
+    val = [min(0.977, 0.90 + 0.008 * i) if i < 12 else 0.977 - 0.002 * (i - 11) for i in range(20)]
+    val_loss = [0.3 - 0.02 * i if i < 11 else 0.10 + 0.01 * (i - 10) for i in range(20)]
+    train = [0.5 * 0.8 ** i for i in range(20)]
+    assert diagnose(history(train, val, val_loss)).regime == "overfit"
+    train[4], val[3] = train[3] * 1.3, val[3] - 0.04
+    d = diagnose(history(train, val, val_loss))
+    assert d.regime == "overfit" and "one transient spike" in d.evidence[-1], d.evidence
+    # a plateau with one recovered rise of its loss is still a plateau, not progress
+    plateau = [1.2, 0.8, 0.6, 0.52, 0.505, 0.503, 0.501, 0.499, 0.497, 0.495]
+    val = [0.70, 0.78, 0.82, 0.84, 0.845, 0.846, 0.847, 0.848, 0.849, 0.85]
+    assert diagnose(history(plateau, val)).regime == "underfit"
+    plateau[6] = 0.60
+    assert diagnose(history(plateau, val)).regime == "underfit"
+
+
 def test_spikes_are_counted_on_the_epochs_that_were_validated() -> None:
     rows = history([0.3, 0.2, 0.15, 0.12, 0.1], [0.95, 0.95, 0.90, 0.96, 0.965])
     rows[1]["val_acc"] = math.nan  # an epoch without a finite validation accuracy is skipped, not a fall

@@ -27,9 +27,10 @@ The rules are checked in this order; the first that fires names the regime:
    or when ``osc_min_drops`` or more come at over one per ``osc_spike_epochs`` epochs (two far apart in
    a 10-epoch run recur; in a 20-epoch run they may be catapults). Ones that do not persist, each followed
    by a climb back (accuracy to within ``osc_acc_drop`` of where it fell from, the loss to within
-   ``osc_loss_rise`` of where it rose from), in a run that ends within ``overfit_acc_drop`` of its
-   best, are transient spikes: the rules below judge the run as if they had not happened (a fitted run
-   is then **healthy** unless it overfits), and its evidence lists them. (A fitted CNN at lr 0.06 fell
+   ``osc_loss_rise`` of where it rose from), are transient spikes: the rules below judge the run as if
+   they had not happened, on its curves with a fallen epoch's validation results and a risen epoch's
+   training loss held at the epoch before's (a fitted run is then **healthy** unless it overfits), and
+   its evidence lists them. (A fitted CNN at lr 0.06 fell
    0.014 in epoch 4 and 0.023 in epoch 10, each time back the next epoch; another's training loss
    rose from 0.0088 to 0.0237 in epoch 13 and fell back to 0.0082: catapults, not an oscillation.)
 3. **overfit**: training keeps improving (final train loss below its value at the validation peak)
@@ -247,6 +248,13 @@ def epoch_of(row: dict[str, float], place: int) -> int:
     return int(epoch) if finite_number(epoch) and float(epoch).is_integer() else place + 1
 
 
+# Measures of the falls, rises and instabilities: the run's, kept when the later rules read the measures
+# of the run without its transient spikes.
+SPIKE_MEASURES = ("val_acc_drops", "max_val_acc_drop", "max_val_acc_drop_epoch", "val_acc_recoveries",
+                  "max_train_loss_rise", "instabilities", "instabilities_together", "unrecovered_instabilities",
+                  "instabilities_persist")
+
+
 def finite_series(history: list[dict[str, float]], key: str) -> list[tuple[int, float]]:
     """``(epoch, value)`` of the rows whose ``key`` is finite (:func:`epoch_of`)."""
     rows = [(epoch_of(row, i), _float(row.get(key))) for i, row in enumerate(history)]
@@ -435,11 +443,21 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
     if val_jumps and persisting and m["val_acc_recoveries"] >= 1 and not val_worse_acc:
         return verdict("oscillating", oscillation, f"{together}, yet converging: final val_acc {m['final_val_acc']:.3f} "
                        f"within {_limit(m, t, 'overfit_acc_drop')} of its best")
-    unstable = val_jumps or train_rise >= t.osc_loss_rise
-    if unstable and not persisting and not val_worse_acc and not m["unrecovered_instabilities"]:
-        notes.append(f"{_spikes(history, instabilities(history, t, m))}; {together}: no persisting oscillation")
-        # The rules below judge the run as if the spikes had not happened: each is one event, seen in the
-        # validation accuracy at the epoch's end, in the epoch's mean training loss, or both.
+    if m["instabilities"] and not persisting and not m["unrecovered_instabilities"]:
+        events = instabilities(history, t, m)
+        notes.append(f"{_spikes(history, events)}; {together}: no persisting oscillation")
+        # The rules below judge the run as if the spikes had not happened: on its measures with the
+        # validation results of an epoch that fell, and the training loss of one that rose, held at the
+        # epoch before's (a spike's validation loss would pass for overfitting, its training loss for progress).
+        fell = {e.epoch for e in events if e.fall is not None}
+        rose = {e.rise_epoch for e in events if e.rise_epoch is not None}
+        calm = [dict(row) for row in history]
+        for i in range(1, len(calm)):
+            epoch = epoch_of(calm[i], i)
+            held = ("val_acc", "val_loss") * (epoch in fell) + ("train_loss",) * (epoch in rose)
+            calm[i].update({key: calm[i - 1].get(key) for key in held})
+        m.update({k: v for k, v in measure(calm, t, val_size).items() if k not in SPIKE_MEASURES})
+        val_worse_acc = m["val_acc_drop_from_peak"] >= m["overfit_acc_drop"]
         val_jumps, train_rise = False, 0.0
     train_smooth = train_rise < t.osc_loss_rise
     still_fitting = m["train_loss_change_since_val_peak"] < 0
