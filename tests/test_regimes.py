@@ -114,6 +114,13 @@ def test_a_zero_fall_bar_does_not_count_a_rising_accuracy_as_a_fall() -> None:
     assert d.regime == "healthy"
 
 
+def test_zero_thresholds_do_not_make_a_flat_curve_fall_or_rise() -> None:
+    flat = history([0.5, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2], [0.90, 0.93, 0.95, 0.96, 0.96, 0.96, 0.96, 0.96])
+    zero = Thresholds(osc_acc_drop=0.0, osc_big_drop=0.0, osc_loss_rise=0.0, osc_min_loss_rise=0.0)
+    d = diagnose(flat, thresholds=zero)
+    assert d.regime == "healthy" and d.measures["instabilities"] == 0 and d.measures["val_acc_drops"] == 0, d.evidence
+
+
 def test_a_diverging_run_that_learned_in_part_says_so() -> None:
     """Seed 4 of experiment=diverging: the loss blew up, and the run reached 57% before ending at 49%
     with its loss far above chance level: still diverging, and the evidence quotes the peak."""
@@ -436,6 +443,7 @@ def test_the_sharpness_never_changes_a_label_and_is_cited_only_for_instability()
     ({"osc_big_drop": 0.005}, "regimes.osc_big_drop: 0.005 is not allowed; expected a number >= regimes.osc_acc_drop (0.01)"),
     ({"osc_min_drops": 5}, "regimes.osc_min_drops: 5 is not allowed; expected at most regimes.window + 1 (4)"),
     ({"osc_spike_epochs": 0}, "regimes.osc_spike_epochs: 0 is not allowed; expected an integer >= 1"),
+    ({"loss_blowup": 0.5}, "regimes.loss_blowup: 0.5 is not allowed; expected a number > 1"),
 ])
 def test_bad_threshold_values_are_refused_with_one_line(override: dict, words: str) -> None:
     with pytest.raises(ValueError, match=re.escape(words)):

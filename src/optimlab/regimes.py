@@ -133,6 +133,8 @@ class Thresholds:
         if self.chance_acc >= self.fit_acc:  # a fitted run would count as at chance
             raise ValueError(f"regimes.chance_acc: {self.chance_acc!r} is not allowed; expected a number below "
                              f"regimes.fit_acc ({self.fit_acc!r})")
+        if self.loss_blowup <= 1:  # the first step's own loss would count as blown up
+            raise ValueError(f"regimes.loss_blowup: {self.loss_blowup!r} is not allowed; expected a number > 1")
         if self.osc_big_drop < self.osc_acc_drop:  # a big fall that is no fall at all
             raise ValueError(f"regimes.osc_big_drop: {self.osc_big_drop!r} is not allowed; expected a number >= "
                              f"regimes.osc_acc_drop ({self.osc_acc_drop!r})")
@@ -200,12 +202,12 @@ def measure(history: list[dict[str, float]], t: Thresholds, val_size: int | None
     m["val_loss_rise_averaged"] = means[-1] / min(means) - 1 if means and min(means) > 0 else nan
     m["val_loss_rise_averaged_nats"] = means[-1] - min(means) if means else nan
     drops = [a - b for a, b in zip(val_acc, val_acc[1:])]
-    m["val_acc_drops"] = sum(d >= m["osc_acc_drop"] for d in drops)
+    m["val_acc_drops"] = sum(d >= m["osc_acc_drop"] and d > 0 for d in drops)  # > 0: a flat curve never falls
     m["max_val_acc_drop"] = max((d for d in drops if d > 0), default=0.0)  # 0: it never fell
     m["max_val_acc_drop_epoch"] = (drops.index(m["max_val_acc_drop"]) + 2  # the epoch it fell in
                                    if m["max_val_acc_drop"] > 0 else nan)
-    first_drop = next((i for i, d in enumerate(drops) if d >= m["osc_acc_drop"]), len(drops))
-    m["val_acc_recoveries"] = sum(-d >= m["osc_acc_drop"] for d in drops[first_drop + 1:])
+    first_drop = next((i for i, d in enumerate(drops) if d >= m["osc_acc_drop"] and d > 0), len(drops))
+    m["val_acc_recoveries"] = sum(-d >= m["osc_acc_drop"] and d < 0 for d in drops[first_drop + 1:])
     m["max_train_loss_rise"] = max(train_loss_rises(history, t).values(), default=0.0)
     events = instabilities(history, t, m)
     unstable = [event.epoch for event in events]
@@ -220,7 +222,7 @@ def measure(history: list[dict[str, float]], t: Thresholds, val_size: int | None
     m["start_loss"] = max([math.log(10), *initial])
     m["blowup_loss"] = t.loss_blowup * m["start_loss"]
     recent = train_loss[-1 - t.window:]
-    m["recent_train_loss_rises"] = sum(b - a >= t.osc_min_loss_rise for a, b in zip(recent, recent[1:]))
+    m["recent_train_loss_rises"] = sum(b - a >= t.osc_min_loss_rise and b > a for a, b in zip(recent, recent[1:]))
     m["recent_train_loss_changes"] = max(len(recent) - 1, 0)  # the epoch-to-epoch changes those rises are among
     m["train_loss_above_best"] = train_loss[-1] / min(train_loss) - 1 if train_loss and min(train_loss) > 0 else nan
     # Fall of the train loss per epoch over the last `window` epochs; with a single epoch, from the
@@ -265,7 +267,8 @@ def train_loss_rises(history: list[dict[str, float]], t: Thresholds) -> dict[int
     """The epoch-to-epoch rises of the training loss that count (``>= osc_min_loss_rise`` nats), relative,
     by the epoch they rose into."""
     rows = finite_series(history, "train_loss")
-    return {epoch: b / a - 1 for (_, a), (epoch, b) in zip(rows, rows[1:]) if a > 0 and b - a >= t.osc_min_loss_rise}
+    return {epoch: b / a - 1 for (_, a), (epoch, b) in zip(rows, rows[1:])
+            if 0 < a < b and b - a >= t.osc_min_loss_rise}
 
 
 @dataclass
@@ -291,13 +294,13 @@ def instabilities(history: list[dict[str, float]], t: Thresholds, m: dict[str, f
     val = finite_series(history, "val_acc")
     for i in range(1, len(val)):
         (_, before), (epoch, after) = val[i - 1], val[i]
-        if before - after >= limit:
+        if before - after >= limit and before > after:
             back = any(v >= before - limit for _, v in val[i + 1:])
             events[epoch] = Instability(epoch, before - after, None, None, back)
     loss = finite_series(history, "train_loss")
     for i in range(1, len(loss)):
         (_, before), (epoch, after) = loss[i - 1], loss[i]
-        if before > 0 and after - before >= t.osc_min_loss_rise and after / before - 1 >= t.osc_loss_rise:
+        if 0 < before < after and after - before >= t.osc_min_loss_rise and after / before - 1 >= t.osc_loss_rise:
             back = any(v <= before * (1 + t.osc_loss_rise) for _, v in loss[i + 1:])
             fell = events.get(epoch)
             if fell is None and (previous := events.get(epoch - 1)) is not None and previous.rise is None:
@@ -459,7 +462,7 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
         m.update({k: v for k, v in measure(calm, t, val_size).items() if k not in SPIKE_MEASURES})
         val_worse_acc = m["val_acc_drop_from_peak"] >= m["overfit_acc_drop"]
         val_jumps, train_rise = False, 0.0
-    train_smooth = train_rise < t.osc_loss_rise
+    train_smooth = not 0 < train_rise >= t.osc_loss_rise  # no rise at all is smooth, whatever the limit
     still_fitting = m["train_loss_change_since_val_peak"] < 0
     peak_settled = m["epochs"] - m["best_val_epoch"] >= t.overfit_min_epochs_after_peak
     val_worse_loss = (m["val_loss_rise_averaged"] >= t.overfit_loss_rise
