@@ -263,12 +263,16 @@ def finite_series(history: list[dict[str, float]], key: str) -> list[tuple[int, 
     return [(epoch, value) for epoch, value in rows if math.isfinite(value)]
 
 
+def counted_rise(before: float, after: float, t: Thresholds) -> bool:
+    """Whether the training loss going from ``before`` to ``after`` is a rise that counts (``>= osc_min_loss_rise`` nats)."""
+    return 0 < before < after and after - before >= t.osc_min_loss_rise
+
+
 def train_loss_rises(history: list[dict[str, float]], t: Thresholds) -> dict[int, float]:
-    """The epoch-to-epoch rises of the training loss that count (``>= osc_min_loss_rise`` nats), relative,
-    by the epoch they rose into."""
+    """The epoch-to-epoch rises of the training loss that count (:func:`counted_rise`), relative, by the
+    epoch they rose into."""
     rows = finite_series(history, "train_loss")
-    return {epoch: b / a - 1 for (_, a), (epoch, b) in zip(rows, rows[1:])
-            if 0 < a < b and b - a >= t.osc_min_loss_rise}
+    return {epoch: b / a - 1 for (_, a), (epoch, b) in zip(rows, rows[1:]) if counted_rise(a, b, t)}
 
 
 @dataclass
@@ -300,7 +304,7 @@ def instabilities(history: list[dict[str, float]], t: Thresholds, m: dict[str, f
     loss = finite_series(history, "train_loss")
     for i in range(1, len(loss)):
         (_, before), (epoch, after) = loss[i - 1], loss[i]
-        if 0 < before < after and after - before >= t.osc_min_loss_rise and after / before - 1 >= t.osc_loss_rise:
+        if counted_rise(before, after, t) and after / before - 1 >= t.osc_loss_rise:
             back = any(v <= before * (1 + t.osc_loss_rise) for _, v in loss[i + 1:])
             fell = events.get(epoch)
             if fell is None and (previous := events.get(epoch - 1)) is not None and previous.rise is None:

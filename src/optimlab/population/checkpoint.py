@@ -4,7 +4,8 @@ A population's checkpoint lives beside its members' job folders, in the sweep di
 ``<sweep dir>/.populations/<id>.ckpt``, where ``<id>`` is a digest of the members' folder names (in
 member order), so the same sweep rerun with ``resume=auto`` regroups the same jobs into the same
 population and finds it. Each member's ``summary.json`` names the file (``population.checkpoint``)
-from the population's start (it exists once an epoch has finished) until every member has finished. It holds the loop's state (:meth:`~optimlab.population.loop.PopulationLoop.state_dict`:
+from the population's start (it exists once an epoch has finished) until every member has finished.
+It holds the loop's state (:meth:`~optimlab.population.loop.PopulationLoop.state_dict`:
 stacked weights, optimizer state, finite flags, divergence steps and reasons, step and epoch counts,
 every member's records), the members' configs (to refuse another sweep's file), the
 population's first-step and wall time. It is written with :func:`~optimlab.files.atomic_write` (a kill
