@@ -261,6 +261,19 @@ def test_argument_checks() -> None:
         SharpnessTracker(iters=0)
 
 
+def test_tracking_needs_two_products_a_measurement() -> None:
+    # One product is the Rayleigh quotient of the start vector, which Lanczos returns unchanged:
+    # a one-product tracker would measure its random first start forever.
+    model, x, y = mlp(nn.Tanh, 0)
+    value, vector, count = lanczos(lambda v: v * torch.arange(1.0, 4.0), torch.ones(3), iters=1)
+    assert count == 1 and torch.equal(vector, torch.ones(3) / 3 ** 0.5) and value == pytest.approx(2.0)
+    with pytest.raises(ValueError, match=r"Invalid iters: 1 \(must be >= 2 when tracking"):
+        SharpnessTracker(iters=1)
+    tracker = SharpnessTracker(iters=2, tol=0.0)
+    first = tracker(model, x, y)
+    assert tracker(model, x, y) > first  # the warm start moved towards the top eigenvector
+
+
 def test_a_start_at_another_eigenvector_still_finds_the_top() -> None:
     # The residual after one product is ~0 at any eigenvector: the test waits for the second.
     model, x, y = mlp(nn.Tanh, 0)

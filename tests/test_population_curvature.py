@@ -160,7 +160,7 @@ def test_argument_checks() -> None:
 
 
 @pytest.mark.parametrize("kwargs,key", [({"every_n_steps": 0}, "every_n_steps"), ({"probe_size": 0}, "probe_size"),
-                                        ({"iters": 0}, "iters"), ({"tol": -1.0}, "tol")])
+                                        ({"iters": 0}, "iters"), ({"iters": 1}, "iters"), ({"tol": -1.0}, "tol")])
 def test_tracking_argument_checks(kwargs: dict, key: str) -> None:
     with pytest.raises(ValueError, match=key):
         MemberSharpness(**{"every_n_steps": 10, "seeds": [0, 1], **kwargs})

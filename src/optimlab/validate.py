@@ -96,7 +96,7 @@ RULES: dict[str, Rule] = {
     "scheduler.step_size": INT_POSITIVE, "scheduler.gamma": POSITIVE, "scheduler.T_max": INT_POSITIVE,
     "scheduler.eta_min": NON_NEGATIVE,
     "curvature.every_n_steps": optional(INT_POSITIVE), "curvature.probe_size": INT_POSITIVE,
-    "curvature.iters": INT_POSITIVE, "curvature.tol": POSITIVE, "curvature.log_spaced_start": BOOL,
+    "curvature.iters": (lambda v: is_integer(v) and v >= 2, "an integer >= 2"), "curvature.tol": POSITIVE, "curvature.log_spaced_start": BOOL,
     # read by hydra/launcher=population (hydra.launcher.max_members / ...), which also checks them
     "population.max_members": INT_POSITIVE, "population.max_memory_gib": optional(POSITIVE), "population.dry_run": BOOL,
 }
@@ -107,6 +107,7 @@ WHY = {"trainer.devices": ONE_DEVICE, "trainer.num_nodes": ONE_DEVICE, "trainer.
        "trainer.check_val_every_n_epoch": "the run record and the diagnosis need a validation point per epoch",
        "trainer.val_check_interval": "the run record and the diagnosis need one validation point per epoch",
        "trainer.barebones": "the run record is a callback",
+       "curvature.iters": "one product only measures the warm start vector, which then never improves",
        "trainer.max_steps": "a run stops after whole epochs, which the diagnosis judges; "
                             "use epochs or trainer.limit_train_batches",
        "trainer.max_time": "a run stops after whole epochs, which the diagnosis judges; use epochs"}

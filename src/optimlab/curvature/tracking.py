@@ -50,7 +50,7 @@ class SharpnessTracker:
     """
 
     def __init__(self, iters: int = 20, tol: float = 1e-3, seed: int = 0) -> None:
-        check_iteration(iters, tol)
+        check_tracking_iteration(iters, tol)
         self.iters, self.tol = iters, tol
         self.generator = torch.Generator().manual_seed(seed)
         self.vector: list[Tensor] | None = None
@@ -73,6 +73,16 @@ class SharpnessTracker:
         self.generator.set_state(state["generator"])
         self.iterations = state["iterations"]
 
+
+
+def check_tracking_iteration(iters: object, tol: object) -> None:
+    """:func:`check_iteration`, and ``iters`` at least 2: a one-product Lanczos measures the start vector's
+    Rayleigh quotient and returns that same vector, so a warm-started tracker would never move off its
+    random first start."""
+    check_iteration(iters, tol)
+    if iters < 2:  # type: ignore[operator]
+        raise ValueError(f"Invalid iters: {iters!r} (must be >= 2 when tracking: one product only measures the "
+                         "start vector, which then never improves)")
 
 
 def check_tracking(every_n_steps: object, probe_size: object, batch_size: object = None) -> None:

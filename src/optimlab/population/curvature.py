@@ -29,12 +29,12 @@ import torch
 from torch import Tensor
 
 from optimlab.curvature.hessian import evaluation, like_parameters, probe_batch
-from optimlab.curvature.lanczos import check_iteration, lanczos_members
+from optimlab.curvature.lanczos import lanczos_members
 from optimlab.curvature.stability import (GradientMoments, initial_preconditioner, moments_from_parts, preconditioner,
                                           probe_parts, stability_threshold, threshold_formula,
                                           uses_preconditioner)
 from optimlab.curvature.tracking import (DEFAULT_PROBE_SIZE, DEFAULT_TRACKING_TOL, SharpnessLog, check_tracking,
-                                         measurement_due, probe_indices)
+                                         check_tracking_iteration, measurement_due, probe_indices)
 from optimlab.optim import Optimizer
 from optimlab.population.data import PopulationData
 from optimlab.population.stacked import StackedModel, member_losses
@@ -153,7 +153,7 @@ class MemberSharpness:
     def __init__(self, every_n_steps: int, seeds: Sequence[int], probe_size: int = DEFAULT_PROBE_SIZE,
                  iters: int = 20, tol: float = DEFAULT_TRACKING_TOL, log_spaced_start: bool = False) -> None:
         check_tracking(every_n_steps, probe_size)
-        check_iteration(iters, tol)
+        check_tracking_iteration(iters, tol)
         self.every_n_steps, self.probe_size, self.seeds = every_n_steps, probe_size, list(seeds)
         self.iters, self.tol, self.log_spaced_start = iters, tol, log_spaced_start
         self.logs = [SharpnessLog() for _ in self.seeds]
