@@ -2,20 +2,22 @@
 
 A plain PyTorch loop, not Lightning (the callback adds only the measurement itself): the model of
 ``conf/model/<model>.yaml`` (default MLP 784-1024-128-10) trained on the MNIST training split at
-batch 128 with ``optimlab.optim.SGD`` lr 0.1 (``--optimizer adam``: ``optimlab.optim.Adam`` lr
-1e-3, whose measurements are preconditioned), denormals flushed as ``trainer.flush_denormal``
-does by default. One variant trains without tracking; each ``--variants`` entry ``N@K`` trains the
-same way and after every K-th step calls ``optimlab.curvature.SharpnessTracker`` (iters 20,
-``--tol``, by default the callback's 1e-2, warm-started) on a fixed probe of N training images with the preconditioner read from
-the optimizer, as ``SharpnessCallback`` does. Every variant owns an identical copy of the model
-and sees the same batches, so all follow the same trajectory. After one untimed warm-up block
-each (which also holds each tracker's cold first measurement), blocks of ``--steps`` steps run
-round-robin ``--repeats`` times. The table shows the median ms per training step (measurements
-included), the overhead tracked / untracked as the median (min-max) of the side-by-side pairs
-against 1.20, the mean Hessian-vector products and median ms per measurement, that cost in
-untracked training steps (median of single measurements over median of single steps, which
-intermittent load on a shared machine disturbs less than whole blocks), the overhead that
-implies at the variant's cadence, and the cadence at which it would be 20% of the training time.
+batch 128 with ``optimlab.optim.SGD`` lr 0.1 (``--optimizer adam``: ``optimlab.optim.Adam`` lr 1e-3,
+whose measurements are preconditioned), denormals flushed as ``trainer.flush_denormal`` does by
+default. One variant trains without tracking; each ``--variants`` entry ``N@K`` trains the same way
+and after every K-th step calls ``optimlab.curvature.SharpnessTracker`` (``--iters``, ``--tol``, by
+default the callback's 20 and 2e-2, warm-started) on a fixed probe of N training images with the
+preconditioner read from the optimizer, as ``SharpnessCallback`` does. Every variant owns an
+identical copy of the model and sees the same batches, so all follow the same trajectory. After one
+untimed warm-up block each (which also holds each tracker's cold first measurement), blocks of
+``--steps`` steps run round-robin ``--repeats`` times. The table shows the median ms per training
+step (measurements included), the overhead tracked / untracked as the median (min-max) of the
+side-by-side pairs against 1.20, the mean Hessian-vector products and median ms per measurement,
+that cost in untracked training steps (median of single measurements over median of single steps,
+which intermittent load on a shared machine disturbs less than whole blocks), the overhead that
+implies at the variant's cadence, the cadence at which it would be 20% of the training time, and the
+least any measurement on the probe costs (its gradient graph and one Hessian-vector product) with
+the overhead that floor alone implies at the variant's cadence.
 
 Then, on the final weights: each variant's last tracked value against a tight recomputation
 (iters 100, tol 1e-6) on its probe, and the tight sharpness on probes of several sizes against
@@ -61,11 +63,11 @@ class Variant:
     """A model, its optimizer and (when ``probe`` is given) a tracker measuring every ``every`` steps."""
 
     def __init__(self, model: nn.Module, optimizer: str, probe: tuple[Tensor, Tensor] | None, every: int,
-                 tol: float) -> None:
+                 iters: int, tol: float) -> None:
         cls, lr = OPTIMIZERS[optimizer]
         self.model, self.probe, self.every, self.step = model, probe, every, 0
         self.opt = cls(model.parameters(), lr=lr)
-        self.tracker = SharpnessTracker(iters=20, tol=tol, seed=0)
+        self.tracker = SharpnessTracker(iters=iters, tol=tol, seed=0)
         self.iterations: list[int] = []
         self.measure_s: list[float] = []
         self.step_s: list[float] = []
@@ -91,6 +93,19 @@ class Variant:
         return (time.perf_counter() - start) / len(batches)
 
 
+def least_measurement_s(model: nn.Module, probe: tuple[Tensor, Tensor], repeats: int = 9) -> float:
+    """Median seconds of the least any measurement of the probe's Hessian costs: the gradient graph
+    and one Hessian-vector product (a tracker needs at least two)."""
+    params = trainable(model)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        grads = torch.autograd.grad(F.cross_entropy(model(probe[0]), probe[1]), params, create_graph=True)
+        torch.autograd.grad(grads, params, grad_outputs=[torch.ones_like(p) for p in params])
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def parse_variants(text: str) -> list[tuple[int, int]]:
     """``"64@10,1024@100"`` -> ``[(64, 10), (1024, 100)]`` (probe size, cadence)."""
     out = []
@@ -110,6 +125,7 @@ def main() -> None:
                         help="comma-separated PROBE@EVERY: probe images, measurement every EVERY steps")
     parser.add_argument("--steps", type=int, default=100, help="training steps per timed block")
     parser.add_argument("--repeats", type=int, default=9, help="round-robin blocks of each variant")
+    parser.add_argument("--iters", type=int, default=20, help="the tracker's most products per measurement")
     parser.add_argument("--tol", type=float, default=DEFAULT_TRACKING_TOL,
                         help="the tracker's tolerance (default: the callback's)")
     parser.add_argument("--reference", type=int, default=4096, help="probe size of the bias table's reference")
@@ -134,10 +150,10 @@ def main() -> None:
     def probe(n: int) -> tuple[Tensor, Tensor]:
         return x[probe_idx[:n]], y[probe_idx[:n]]
 
-    variants = {"untracked": Variant(copy.deepcopy(base), args.optimizer, None, 1, args.tol)}
+    variants = {"untracked": Variant(copy.deepcopy(base), args.optimizer, None, 1, args.iters, args.tol)}
     for size, every in specs:
         variants[f"probe {size} every {every}"] = Variant(copy.deepcopy(base), args.optimizer, probe(size), every,
-                                                          args.tol)
+                                                          args.iters, args.tol)
 
     def batches(block: int) -> list[Tensor]:
         start = block * args.steps * BATCH_SIZE
@@ -155,7 +171,7 @@ def main() -> None:
 
     opt_name = type(variants["untracked"].opt).__name__
     print(f"model {args.model}, batch {BATCH_SIZE}, {opt_name} lr {OPTIMIZERS[args.optimizer][1]}; "
-          f"SharpnessTracker iters 20, tol {args.tol:g}, warm-started; {args.repeats} round-robin blocks of "
+          f"SharpnessTracker iters {args.iters}, tol {args.tol:g}, warm-started; {args.repeats} round-robin blocks of "
           f"{args.steps} steps after one warm-up block each; ms/step: medians; overhead: median (min-max) of the "
           f"side-by-side pairs\n")
     step_s = statistics.median(runs["untracked"])
@@ -163,21 +179,26 @@ def main() -> None:
     rows: list[list[object]] = []
     for name, v in variants.items():
         if v.probe is None:
-            rows.append([name, step_s * 1e3, 1.0, "-", "-", None, None, None, None, None])
+            rows.append([name, step_s * 1e3, 1.0, "-", "-", None, None, None, None, None, None, None])
             continue
         ratio, low, high = _timing.paired_ratio(runs[name], runs["untracked"])
         measure_s = statistics.median(v.measure_s)
         cost = measure_s / one_step_s
+        least = least_measurement_s(v.model, v.probe) / one_step_s
         rows.append([name, statistics.median(runs[name]) * 1e3, ratio, f"{low:.3f}-{high:.3f}",
                      f"{_timing.verdict(ratio, OVERHEAD_TARGET)} (<= {OVERHEAD_TARGET})",
                      statistics.mean(v.iterations), measure_s * 1e3, cost, 1 + cost / v.every,
-                     math.ceil(cost / (OVERHEAD_TARGET - 1))])
+                     math.ceil(cost / (OVERHEAD_TARGET - 1)), least, 1 + least / v.every])
     _timing.print_table(["variant", "ms/step", "overhead", "range", "target", "HVPs/measurement",
-                         "ms/measurement", "in steps", "overhead est.", f"every for {OVERHEAD_TARGET}"], rows)
+                         "ms/measurement", "in steps", "overhead est.", f"every for {OVERHEAD_TARGET}",
+                         "least in steps", "least overhead"], rows)
     print(f"\nin steps: median ms of one measurement / median ms of one untracked step "
           f"({one_step_s * 1e3:.2f} ms; medians over single events shrug off the machine's slow spells that "
           f"blocks catch); overhead est.: 1 + in steps / every; every for {OVERHEAD_TARGET}: the cadence at which "
-          f"one measurement costs {OVERHEAD_TARGET - 1:.0%} of the training time (the last two derived, not timed)")
+          f"one measurement costs {OVERHEAD_TARGET - 1:.0%} of the training time (derived, not timed); least in "
+          f"steps: the gradient graph and one Hessian-vector product on the probe (the least any measurement "
+          f"costs; median of 9, in untracked steps), least overhead: 1 + that / every, the lowest overhead any "
+          f"tracker of this probe's Hessian can have at this cadence")
 
     model, opt = variants["untracked"].model, variants["untracked"].opt  # every copy holds the same weights
     print(f"\nfinal weights (step {variants['untracked'].step}): each variant's last tracked value vs a tight "

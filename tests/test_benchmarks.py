@@ -68,3 +68,15 @@ def test_population_curvature_compares_batched_and_one_by_one() -> None:
     row = next(line.split() for line in out.splitlines() if line.startswith("cpu "))
     assert row[1:5] == ["8", "2", "16", "5"] and float(row[5]) > 0 and float(row[6]) > 0
     assert float(row[-1]) < 1e-4  # the same start vectors, the same products: the same values
+
+
+@pytest.mark.slow
+def test_curvature_times_tracking_and_the_least_a_measurement_costs() -> None:
+    out = bench("curvature.py", "--variants", "16@2", "--steps", "4", "--repeats", "1", "--reference", "32",
+                "--iters", "2", "--threads", "1")
+    row = next(line for line in out.splitlines() if line.startswith("probe 16 every 2 "))
+    cells = row.split()
+    assert cells[10] == "2"  # HVPs per measurement: --iters caps them
+    least_steps, least_overhead = float(cells[-2]), float(cells[-1])
+    assert least_steps > 0 and least_overhead == pytest.approx(1 + least_steps / 2, abs=2e-3)
+    assert "SharpnessTracker iters 2, tol 0.02" in out
