@@ -450,6 +450,16 @@ def test_bad_threshold_values_are_refused_with_one_line(override: dict, words: s
         Thresholds.from_overrides(override)
 
 
+@pytest.mark.parametrize("kwargs,words", [
+    ({"val_size": -5}, "Invalid val_size: -5 (must be an integer >= 1"), ({"val_size": 0}, "Invalid val_size: 0"),
+    ({"val_size": 2.5}, "Invalid val_size: 2.5"), ({"val_size": True}, "Invalid val_size: True"),
+    ({"passes": -1.0}, "Invalid passes: -1.0 (must be a finite number >= 0"), ({"passes": math.nan}, "Invalid passes: nan"),
+])
+def test_bad_diagnosis_arguments_are_refused(kwargs: dict, words: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(words)):
+        diagnose(history([1.0, 0.5], [0.9, 0.95]), **kwargs)
+
+
 # Measured: one hidden layer, 5,000 training images, 10 epochs at batch 32, 1,000 validation images.
 WIDTH_2_SGD = history([2.041, 1.611, 1.449, 1.383, 1.344, 1.318, 1.302, 1.29, 1.279, 1.278],  # lr 0.1
                       [0.386, 0.419, 0.453, 0.431, 0.461, 0.446, 0.487, 0.469, 0.407, 0.455],

@@ -18,7 +18,7 @@ import pytest
 from optimlab.report import main, report
 from optimlab.report.aggregate import MapCell, map_cells
 from optimlab.report.rows import same_but_seed
-from optimlab.summary import data_passes
+from optimlab.summary import data_passes, validation_size
 
 
 def fake_run(root: Path, name: str, optimizer: str, lr: float, width: int, seed: int, acc: float,
@@ -460,8 +460,16 @@ def test_data_passes_counts_how_often_the_training_images_were_seen() -> None:
     assert data_passes({"data": {"batch_size": 128}, "trainer": {"limit_train_batches": 20}}, 3, 55_000) == (
         pytest.approx(3 * 20 * 128 / 55_000))
     for epochs, size, cfg in ((0, 100, fine_map), (1, None, fine_map), (1, 100, {}),
-                              (1, 100, {"data": {"batch_size": 32}, "trainer": {"limit_train_batches": 0.001}})):
+                              (1, 100, {"data": {"batch_size": 32}, "trainer": {"limit_train_batches": 0.001}}),
+                              (1, 100, {"data": {"batch_size": True}})):  # a hand-edited record
         assert data_passes(cfg, epochs, size) is None
+
+
+def test_validation_size_is_read_only_where_it_is_a_count() -> None:
+    assert validation_size({"data": {"val_size": 5000}}) == 5000
+    for edited in ({}, {"data": {"val_size": -5}}, {"data": {"val_size": 0}}, {"data": {"val_size": True}},
+                   {"data": {"val_size": 5000.0}}):
+        assert validation_size(edited) is None
 
 
 def test_panel_titles_tell_runs_apart_only_where_they_would_look_alike() -> None:

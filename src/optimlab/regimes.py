@@ -385,6 +385,10 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
     its training images on average (see :func:`optimlab.summary.data_passes`); at most
     ``overfit_min_passes`` there is nothing to memorise and no overfit rule applies (None: unknown,
     no limit)."""
+    if val_size is not None and not is_count(val_size):
+        raise ValueError(f"Invalid val_size: {val_size!r} (must be an integer >= 1, or None: unknown)")
+    if passes is not None and not (finite_number(passes) and passes >= 0):
+        raise ValueError(f"Invalid passes: {passes!r} (must be a finite number >= 0, or None: unknown)")
     t = thresholds or Thresholds()
     m = measure(history, t, val_size)
     m["passes"] = math.nan if passes is None else passes

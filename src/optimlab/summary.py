@@ -17,6 +17,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from optimlab.checks import is_count
 from optimlab.files import atomic_write
 from optimlab.mnist_files import DataError, epoch_batches
 
@@ -61,7 +62,7 @@ def validation_size(config: Mapping[str, Any]) -> int | None:
     """How many images the run's validation set holds (``data.val_size``); None where the config
     does not say. The diagnosis needs it for the sampling noise of accuracy changes."""
     size = (config.get("data") or {}).get("val_size")
-    return size if isinstance(size, int) else None
+    return size if is_count(size) else None
 
 
 def data_passes(config: Mapping[str, Any], epochs: int, train_size: int | None) -> float | None:
@@ -70,7 +71,7 @@ def data_passes(config: Mapping[str, Any], epochs: int, train_size: int | None) 
     ``trainer.limit_train_batches``) times the batch size, at most all ``train_size`` images; None
     where the record does not say. At most one pass the diagnosis knows there was nothing to memorise."""
     batch = (config.get("data") or {}).get("batch_size")
-    if not (isinstance(batch, int) and batch > 0 and epochs and train_size):
+    if not (is_count(batch) and epochs and train_size):
         return None
     try:
         batches = epoch_batches(train_size, batch, (config.get("trainer") or {}).get("limit_train_batches"))
