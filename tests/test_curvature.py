@@ -257,6 +257,8 @@ def test_argument_checks() -> None:
         sharpness(model.requires_grad_(False), x, y)
     with pytest.raises(ValueError, match="nonzero"):
         lanczos(lambda v: v, torch.zeros(3))
+    with pytest.raises(ValueError, match="Invalid v0: must be finite"):
+        lanczos(lambda v: v, torch.tensor([1.0, math.inf]))
     with pytest.raises(ValueError, match="iters"):
         SharpnessTracker(iters=0)
 

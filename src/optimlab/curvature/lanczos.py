@@ -57,12 +57,8 @@ def lanczos(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int = 20,
         ``(eigenvalue, unit Ritz vector, number of products)``. When a product holds a NaN or an
         inf the iteration stops and returns its Rayleigh quotient, NaN or inf as it is.
     """
-    check_iteration(iters, tol)
     if v0.dim() != 1 or v0.numel() == 0:
         raise ValueError(f"Invalid v0: shape {tuple(v0.shape)} (must be a non-empty 1-D tensor)")
-    norm = torch.linalg.vector_norm(v0)
-    if not (torch.isfinite(norm) and norm > 0):
-        raise ValueError("Invalid v0: must be finite and nonzero")
     values, vectors, products = lanczos_members(lambda v: matvec(v[0])[None], v0[None], iters, tol)
     return float(values[0]), vectors[0], int(products[0])
 
@@ -88,7 +84,7 @@ def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int =
         raise ValueError(f"Invalid v0: shape {tuple(v0.shape)} (must be a non-empty [members, n] tensor)")
     norms = torch.linalg.vector_norm(v0, dim=1)
     if not bool((torch.isfinite(norms) & (norms > 0)).all()):
-        raise ValueError("Invalid v0: every row must be finite and nonzero")
+        raise ValueError("Invalid v0: must be finite and nonzero (each row)")
     members, n = v0.shape
     iters = min(int(iters), n)
     # Member m's basis vectors are the rows of basis[m]: the products with them are batched matrix
