@@ -11,13 +11,15 @@ import gc
 import signal
 import sys
 
-# Ctrl-C before training starts (imports, composing the config) ends as quietly as during it;
-# the run installs its own handlers while it trains. The request is also remembered: an import that
+# Ctrl-C before training starts (imports, composing the config) ends with one line and exit 130, no
+# traceback; the run installs its own handlers while it trains. The request is also remembered: an import that
 # catches every exception would swallow the exit, and main() then exits before any work.
 interrupted_at_start_up: list[int] = []
 
 
 def _stop_at_start_up(signum: int, frame: object) -> None:
+    if not interrupted_at_start_up:
+        print("interrupted (SIGINT) while no run was training", file=sys.stderr)
     interrupted_at_start_up.append(signum)
     sys.exit(130)
 

@@ -597,7 +597,7 @@ def test_signals_deferred_notes_a_signal_and_restores_the_handlers() -> None:
     assert {s: signal.getsignal(s) for s in before} == before
 
 
-def test_sigint_during_start_up_exits_130_without_a_traceback(tmp_path: Path) -> None:
+def test_sigint_during_start_up_exits_130_with_one_line(tmp_path: Path) -> None:
     # A new interpreter: its start-up (the imports) is what is interrupted.
     proc = start(*TINY, f"hydra.run.dir={tmp_path / 'run'}", new_interpreter=True)
     # Not a fixed sleep: on a loaded machine Python may not yet have reached the handler, and its own
@@ -608,6 +608,8 @@ def test_sigint_during_start_up_exits_130_without_a_traceback(tmp_path: Path) ->
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err
+    assert err.strip() == "interrupted (SIGINT) while no run was training"
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("key", ["hydra.run.dir", "hydra.sweep.dir"])
