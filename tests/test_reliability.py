@@ -63,6 +63,29 @@ def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
+def tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the run's TensorBoard folder as TensorBoard shows it (its event files read as one
+    run, earlier sessions' events purged where a later one says so): tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    shown = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    return {tag: points for tag, points in shown.items() if points}  # a tag all of whose points were purged
+
+
+def log_stale_events(run_dir: Path, step: int) -> None:
+    """An event file such as a session killed after its checkpoint leaves: scalars at ``step`` (the
+    checkpoint's: the next epoch's first) and later, which the resumed session logs again (here with
+    values no run has)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(run_dir / "tensorboard")) as writer:
+        for tag in ("curvature/sharpness", "train/loss_step", "val/acc"):
+            writer.add_scalar(tag, -1.0, step)
+            writer.add_scalar(tag, -2.0, step + 7)
+    time.sleep(1.1)  # event files are read in the order of their names, which start with the second they were made
+
+
 @pytest.mark.slow
 def test_killed_run_resumed_equals_uninterrupted_run(tmp_path: Path) -> None:
     """Also with a CSV logger, the lr monitor and the sharpness tracked: a resumed run's CSVLogger deletes the
@@ -76,6 +99,8 @@ def test_killed_run_resumed_equals_uninterrupted_run(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGKILL)  # no chance to clean up
     proc.wait()
     assert summary(killed)["status"] == "running"  # the record written after epoch 1 survived
+    # What the killed session logged after its checkpoint depends on when the kill landed: add such events.
+    log_stale_events(killed, torch.load(killed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"])
     # The rerun in a new interpreter, as a user's is (its own string hashes, the interpreter's exit).
     resumed = train_process(f"resume={killed}", f"hydra.run.dir={tmp_path / 'resume_cmd'}", new_interpreter=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -93,6 +118,7 @@ def test_killed_run_resumed_equals_uninterrupted_run(tmp_path: Path) -> None:
     metrics = (whole / "csv" / "metrics.csv").read_text()
     assert metrics.count("\n") == 1 + 2 + 4 + 4 + 1 + len(sa["curvature"]["series"]), metrics  # header, steps,
     # epochs, lrs, result, sharpness
+    assert tensorboard_scalars(killed) == tensorboard_scalars(whole)  # no point twice, none stale
 
 
 @pytest.mark.slow
@@ -341,6 +367,23 @@ def test_a_run_without_its_checkpoint_is_not_resumed_from_scratch_over_its_recor
     with pytest.raises(ConfigError, match=rf"^resume: .* has 1 finished epoch\(s\) but no checkpoint .*{why}.*nothing was changed$"):
         run(compose_config(*overrides), tmp_path / "cmd", overrides)
     assert files_of(run_dir) == before
+
+
+def test_a_run_started_over_shows_only_its_own_events_in_tensorboard(finished_run: Path, tmp_path: Path) -> None:
+    """resume=auto on a run killed before its first epoch finished (no checkpoint) starts it over in its
+    folder: TensorBoard shows the new session's events, not the killed one's as well."""
+    import shutil
+
+    from conftest import compose_config
+    from optimlab.train import run
+
+    run_dir = copy_of(finished_run, tmp_path)
+    shutil.rmtree(run_dir / "checkpoints")
+    (run_dir / "summary.json").write_text(json.dumps({**summary(run_dir), "status": "running", "epochs": []}))
+    log_stale_events(run_dir, 0)
+    after = run(compose_config(*TINY, "resume=auto"), run_dir)
+    assert after.status == "complete" and len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 3
+    assert tensorboard_scalars(run_dir) == tensorboard_scalars(finished_run)
 
 
 def test_resume_auto_refuses_a_run_of_another_config_or_without_its_checkpoint(finished_run: Path,

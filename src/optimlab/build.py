@@ -28,6 +28,7 @@ from optimlab.data import MNISTDataModule
 from optimlab.divergence import DivergenceGuard
 from optimlab.module import ClassifierModule
 from optimlab.regimes import Thresholds
+from optimlab.tensorboard_logger import Restart
 from optimlab.validate import OWN_TRAINER_KEYS, ConfigError
 
 CLIPPING = ("gradient_clip_val", "gradient_clip_algorithm")  # trainer keys the module applies (manual optimization)
@@ -123,19 +124,25 @@ def logger_constructors(logger_config: Mapping[str, Any]) -> dict[str, functools
 
 
 def build_loggers(logger_config: Mapping[str, Any], run_dir: Path, tensorboard_queue: int | None = None,
-                  constructors: dict[str, functools.partial] | None = None) -> list[Logger]:
+                  constructors: dict[str, functools.partial] | None = None,
+                  restart: Restart | None = None) -> list[Logger]:
     """One logger per entry of the ``logger`` config (``constructors``: its :func:`logger_constructors`,
     made beforehand), each writing under ``<run dir>/<entry name>`` unless its ``save_dir`` is set.
     ``tensorboard_queue``: events a TensorBoard logger's writer holds before it writes them (when all of a
-    run's events are written at once)."""
+    run's events are written at once). ``restart``: where a TensorBoard logger's events start again after
+    an earlier session's (its ``purge_step``; the run then opens it with
+    :func:`~optimlab.tensorboard_logger.open_after`)."""
     loggers = []
     for name, entry in logger_config.items():
         if entry:
             with config_errors(f"logger.{name}", entry):
                 make = constructors[name] if constructors else instantiate(entry, _partial_=True)
                 options = {} if make.keywords.get("save_dir") else {"save_dir": str(run_dir / name)}
-                if tensorboard_queue and issubclass(make.func, TensorBoardLogger):
-                    options["max_queue"] = tensorboard_queue
+                if issubclass(make.func, TensorBoardLogger):
+                    if tensorboard_queue:
+                        options["max_queue"] = tensorboard_queue
+                    if restart is not None:
+                        options["purge_step"] = restart.step
                 loggers.append(make(**options))
     return loggers
 
@@ -160,14 +167,16 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, loggers: list[Logger]) -> li
     return callbacks
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback],
+                  restart: Restart | None = None) -> L.Trainer:
     """``lightning.Trainer`` from ``cfg.trainer`` (less optimlab's own keys and gradient clipping,
     which the module applies itself), with the run's ``callbacks`` first, then the configured ones,
     then checkpoints/last.ckpt after every finished epoch (ModelCheckpoint's own ``save_last``
-    only writes when the monitored value improved, which would leave "last" behind)."""
+    only writes when the monitored value improved, which would leave "last" behind); ``restart``:
+    see :func:`build_loggers`."""
     args = {key: value for key, value in OmegaConf.to_container(cfg.trainer, resolve=True).items()
             if key not in (*OWN_TRAINER_KEYS, *CLIPPING)}
-    loggers = build_loggers(cfg.get("logger") or {}, run_dir)
+    loggers = build_loggers(cfg.get("logger") or {}, run_dir, restart=restart)
     last = ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename=LAST.removesuffix(".ckpt"), save_top_k=1,
                            save_on_train_epoch_end=True, enable_version_counter=False)
     callbacks = [*callbacks, *build_callbacks(cfg, run_dir, loggers), last]

@@ -8,15 +8,25 @@ Lightning also logs an ``epoch`` scalar with every metric; TensorBoard would ope
 so it is left out (the epoch is the x-axis of the epoch-level charts anyway). And the HPARAMS tab
 shows five hyperparameters by default, those marked as differing across runs first, then by name:
 :meth:`log_hyperparams` marks the ones a reader needs (``shown``), so the tab opens on them.
+
+A run resumed or started over in its folder (:class:`Restart`) writes a new event file beside the
+earlier sessions'; TensorBoard reads them as one run. What a killed session logged after its
+checkpoint the new one logs again, so the new file opens with TensorBoard's mark that hides the
+earlier events from the checkpoint's step on (``SummaryWriter``'s ``purge_step``), then the earlier
+events at that step logged before the checkpoint (the finished epoch's scalars, its last sharpness),
+which the run does not log again: each point shows once.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch.utils.tensorboard.summary import hparams
 
@@ -62,3 +72,37 @@ class TensorBoardRunLogger(TensorBoardLogger):
             if path.parent.is_dir() and not path.exists():
                 path.write_text(values_yaml(params), encoding="utf-8")
         super().finalize(status)
+
+
+class Restart(NamedTuple):
+    """Where a run's events start again in a folder that holds earlier sessions': from ``step`` on the
+    earlier events are stale, except those at ``step`` logged before ``checkpoint_time`` (a time as
+    :func:`time.time` gives; -inf: none, a run started over)."""
+
+    step: int
+    checkpoint_time: float = -math.inf
+
+
+def shown_events(log_dir: str | Path, step: int, before: float) -> list[Event]:
+    """The summary events at ``step`` logged before ``before`` that TensorBoard shows from the event
+    files in ``log_dir``: read in order, each file's mark hiding the earlier files' events at its step and later."""
+    shown: list[Event] = []
+    for path in sorted(Path(log_dir).glob("events.out.tfevents.*")):
+        # As written (EventFileLoader would convert scalars into tensors, which are then not scalars)
+        for event in map(Event.FromString, RawEventFileLoader(str(path)).Load()):
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                shown = [e for e in shown if e.step < event.step]
+            elif event.step == step and event.HasField("summary") and event.wall_time < before:
+                shown.append(event)
+    return shown
+
+
+def open_after(loggers: Iterable[Logger], restart: Restart) -> None:
+    """Open the TensorBoard loggers' writers (made with ``purge_step=restart.step``: each new file starts
+    with the mark) and write again the earlier events at that step from before the checkpoint."""
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            kept = shown_events(logger.log_dir, *restart)  # before the writer makes its file
+            writer = logger.experiment.file_writer
+            for event in kept:
+                writer.add_event(event, walltime=event.wall_time)

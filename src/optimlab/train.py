@@ -35,6 +35,7 @@ from optimlab.mnist_files import epoch_batches
 from optimlab.record import RunRecord, close_loggers, device_name, log_result, result_line
 from optimlab.summary import (FINISHED, SUMMARY, RunSummary, dotted_value, drop_keys, is_complete, read_summary,
                               write_summary)
+from optimlab.tensorboard_logger import Restart, open_after
 from optimlab.validate import ConfigError, rule_error, validate_config
 
 # Lightning's start-up banners (GPU available, tips) drown the run's own lines.
@@ -347,8 +348,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
     L.seed_everything(cfg.seed, verbose=False)
     parts = build_parts(cfg)
     datamodule, module = parts.datamodule, parts.module
-    if ckpt is not None:
-        check_checkpoint(ckpt, module)
+    # Where this session's events take over from earlier ones in the folder (none: it starts over).
+    restart = Restart(check_checkpoint(ckpt, module), ckpt.stat().st_mtime) if ckpt is not None else Restart(0)
     datamodule.setup()  # reads and checks the files: a DataError stops us before anything is written
     # Lightning trains on trainer.overfit_batches batches instead, where that is above 0.
     limit_key = "trainer.overfit_batches" if cfg.trainer.overfit_batches else "trainer.limit_train_batches"
@@ -362,11 +363,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
     record = RunRecord(run_dir, config, module.guard, parts.thresholds, cfg.trainer.log_every_n_steps,
                        wall_time_before=previous.wall_time_s if previous and ckpt else 0.0, sharpness=sharpness,
                        steps_per_epoch=steps_per_epoch)
-    trainer = build_trainer(cfg, run_dir, [stopper := StopOnSignal(), *filter(None, [sharpness]), record])
+    trainer = build_trainer(cfg, run_dir, [stopper := StopOnSignal(), *filter(None, [sharpness]), record], restart)
     datamodule.to(trainer.strategy.root_device)
     record.extra = {"params": sum(p.numel() for p in module.model.parameters()), "train_size": len(datamodule.train_y),
                     "label_noise_images": datamodule.noisy_count, "device": device_name(trainer.strategy.root_device)}
     _claim(run_dir, cfg, new=ckpt is None and previous is None)
+    open_after(trainer.loggers, restart)
     with logging_into(run_dir), stopper.handling():
         if ckpt is None:
             record.write("running")  # a resumed run keeps its summary until its next epoch ends
