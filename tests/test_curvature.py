@@ -266,14 +266,22 @@ def test_argument_checks() -> None:
 def test_tracking_needs_two_products_a_measurement() -> None:
     # One product is the Rayleigh quotient of the start vector, which Lanczos returns unchanged:
     # a one-product tracker would measure its random first start forever.
-    model, x, y = mlp(nn.Tanh, 0)
     value, vector, count = lanczos(lambda v: v * torch.arange(1.0, 4.0), torch.ones(3), iters=1)
     assert count == 1 and torch.equal(vector, torch.ones(3) / 3 ** 0.5) and value == pytest.approx(2.0)
     with pytest.raises(ValueError, match=r"Invalid iters: 1 \(must be >= 2 when tracking"):
         SharpnessTracker(iters=1)
-    tracker = SharpnessTracker(iters=2, tol=0.0)
-    first = tracker(model, x, y)
-    assert tracker(model, x, y) > first  # the warm start moved towards the top eigenvector
+
+
+def test_a_trackers_cold_start_takes_more_products_than_its_iters() -> None:
+    # At iters 2 a random start's value is far off: the first call runs as a cold measurement needs.
+    from optimlab.curvature.tracking import COLD_START_ITERS
+
+    model, x, y = mlp(nn.Tanh, 0)
+    tracker = SharpnessTracker(iters=2, tol=1e-12)
+    assert tracker(model, x, y) == sharpness(model, x, y, iters=COLD_START_ITERS, tol=1e-12)
+    assert tracker.iterations > 2
+    tracker(model, x, y)
+    assert tracker.iterations == 2  # warm
 
 
 def test_a_start_at_another_eigenvector_still_finds_the_top() -> None:

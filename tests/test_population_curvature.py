@@ -121,6 +121,50 @@ def test_batched_lanczos_stops_each_member_within_its_tolerance() -> None:
         assert value == pytest.approx(torch.linalg.eigvalsh(mats[m])[-1].item(), rel=1e-3)
 
 
+def test_batched_lanczos_takes_an_iteration_cap_per_member() -> None:
+    g = torch.Generator().manual_seed(2)
+    mats = torch.randn(3, 40, 40, generator=g, dtype=torch.float64)
+    mats = mats + mats.transpose(1, 2)
+    v0 = torch.randn(3, 40, generator=g, dtype=torch.float64)
+    values, _, counts = lanczos_members(lambda v: torch.einsum("pij,pj->pi", mats, v), v0, iters=[2, 40, 5], tol=0)
+    assert counts.tolist() == [2, 40, 5]
+    for m, cap in enumerate([2, 40, 5]):
+        assert values[m].item() == pytest.approx(lanczos(lambda v: mats[m] @ v, v0[m], iters=cap, tol=0)[0], rel=1e-10)
+    with pytest.raises(ValueError, match="Invalid iters: 2 values for 3 members"):
+        lanczos_members(lambda v: v, v0, iters=[2, 3])
+    with pytest.raises(ValueError, match="iters"):
+        lanczos_members(lambda v: v, v0, iters=[2, 0, 3])
+
+
+def test_a_cold_member_measurement_takes_the_cold_start_products_as_its_run_does(mnist_root: Any) -> None:
+    """At iters 2 a member's first measurement (a random start) runs as far as its run's tracker's
+    first call, not 2 products (which left the value at initialisation far too low); later ones warm."""
+    from optimlab.curvature import SharpnessTracker
+    from optimlab.curvature.tracking import COLD_START_ITERS
+    from optimlab.data import MNISTDataModule
+    from optimlab.optim import SGD
+    from optimlab.population import PopulationData, member_optimizer
+
+    seeds = [0, 1]
+    data = PopulationData([MNISTDataModule(val_size=500, subset=512, seed=s, download=False) for s in seeds])
+    model = stacked("mlp", seeds).double()
+    optimizer = member_optimizer(SGD, model, [0.1] * len(seeds))
+    tracker = MemberSharpness(every_n_steps=10, seeds=seeds, probe_size=64, iters=2, tol=1e-12)
+    tracker.setup(model, optimizer, data)
+    tracker.start_epoch(0, [0, 1])
+    tracker.measure(0, model, optimizer, [0, 1])
+    tracker.measure(1, model, optimizer, [0, 1])
+    x, y = tracker.probe
+    for m, seed in enumerate(seeds):
+        run = SharpnessTracker(iters=2, tol=1e-12, seed=seed)
+        single = model.member_model(m)
+        first = run(single, x[m], y[m])
+        assert run.iterations == COLD_START_ITERS
+        assert tracker.logs[m].series[0][1] == pytest.approx(first, rel=1e-9)
+        assert first == pytest.approx(sharpness(single, x[m], y[m], iters=100, tol=1e-12), rel=1e-6)
+        assert tracker.logs[m].series[1][1] == pytest.approx(run(single, x[m], y[m]), rel=1e-9) and run.iterations == 2
+
+
 def test_labels_of_any_integer_type_and_a_growing_basis() -> None:
     model = stacked("mlp", [0, 1])
     x, y = probe(2)

@@ -63,7 +63,7 @@ def lanczos(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int = 20,
     return float(values[0]), vectors[0], int(products[0])
 
 
-def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int = 20,
+def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int | Sequence[int] = 20,
                     tol: float = 1e-3) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`lanczos` for P symmetric operators at once: inner products, norms and the
     reorthogonalisation per member, a tridiagonal matrix and a stop (its own ``tol``) per member; the
@@ -72,13 +72,15 @@ def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int =
     Args:
         matvec: ``V [P, n] -> [P, n]``, row m mapped by operator m (one batched product).
         v0: ``[P, n]``, every row finite and nonzero.
-        iters, tol: per member, as in :func:`~optimlab.curvature.lanczos`.
+        iters, tol: per member, as in :func:`~optimlab.curvature.lanczos`; ``iters`` also one per member.
 
     Returns:
         ``(values [P] float64, unit Ritz vectors [P, n], products [P])``; a member whose product
         holds a NaN or an inf gets that Rayleigh quotient (NaN or inf) and its last basis vector.
     """
-    check_iteration(iters, tol)
+    caps = list(iters) if isinstance(iters, Sequence) else [iters]
+    for cap in caps:
+        check_iteration(cap, tol)
     v0 = v0.detach()  # a start vector, not a leaf of anything the iteration differentiates
     if v0.dim() != 2 or v0.numel() == 0:
         raise ValueError(f"Invalid v0: shape {tuple(v0.shape)} (must be a non-empty [members, n] tensor)")
@@ -86,7 +88,10 @@ def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int =
     if not bool((torch.isfinite(norms) & (norms > 0)).all()):
         raise ValueError("Invalid v0: must be finite and nonzero (each row)")
     members, n = v0.shape
-    iters = min(int(iters), n)
+    if len(caps) not in (1, members):
+        raise ValueError(f"Invalid iters: {len(caps)} values for {members} members")
+    caps = [min(int(cap), n) for cap in (caps * members if len(caps) == 1 else caps)]
+    iters = max(caps)
     # Member m's basis vectors are the rows of basis[m]: the products with them are batched matrix
     # products, one matrix-vector product each for a single operator.
     basis = v0.new_empty((members, min(iters, BASIS_ROWS), n))
@@ -127,7 +132,7 @@ def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int =
         for m in range(members):
             if not active[m]:
                 continue
-            top[m], ritz[m], stop = top_ritz(alphas[m], betas[m], beta_list[m], j, iters, tol)
+            top[m], ritz[m], stop = top_ritz(alphas[m], betas[m], beta_list[m], j, caps[m], tol)
             if stop:
                 active[m] = False
             else:

@@ -27,6 +27,10 @@ DEFAULT_PROBE_SIZE = 1024
 # steps, warm-started) 2e-2 took 3 Hessian-vector products per measurement (10 cold) with values within
 # 7e-4 of a tight recomputation; 1e-2 took 3-4 (within 1.7e-4); sharpness's 1e-3 takes about 6.
 DEFAULT_TRACKING_TOL = 2e-2
+# Products a tracker's cold measurement (a random start: its first, or after only non-finite ones) may
+# take whatever its ``iters``: a random start took 10 at probe 512 (above); at iters 2 a width-16 MLP's
+# value at initialisation, the map's predicted boundary, came out 19x low (a black-box probe, 2026-12-06).
+COLD_START_ITERS = 20
 
 SHARPNESS_TAG = "curvature/sharpness"
 THRESHOLD_TAG = "curvature/threshold"
@@ -40,7 +44,8 @@ class SharpnessTracker:
     Hessian-vector products.
 
     Args:
-        iters, tol: see :func:`lanczos`.
+        iters, tol: see :func:`lanczos`; a cold call (none finite yet: a random start) takes up to
+            ``max(iters, COLD_START_ITERS)`` products.
         seed: seeds the first call's random start vector (a private generator; torch's global
             one is never drawn from).
 
@@ -57,7 +62,8 @@ class SharpnessTracker:
         self.iterations = 0
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, preconditioner: Sequence[Tensor] | None = None) -> float:
-        pair = top_eigenpair(model, x, y, preconditioner, self.iters, self.tol, init=self.vector,
+        iters = self.iters if self.vector is not None else max(self.iters, COLD_START_ITERS)
+        pair = top_eigenpair(model, x, y, preconditioner, iters, self.tol, init=self.vector,
                              generator=self.generator)
         self.iterations = pair.iterations
         if math.isfinite(pair.value):  # a NaN vector would poison every later start

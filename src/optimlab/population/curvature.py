@@ -33,8 +33,8 @@ from optimlab.curvature.lanczos import lanczos_members
 from optimlab.curvature.stability import (GradientMoments, initial_preconditioner, moments_from_parts, preconditioner,
                                           probe_parts, stability_threshold, threshold_formula,
                                           uses_preconditioner)
-from optimlab.curvature.tracking import (DEFAULT_PROBE_SIZE, DEFAULT_TRACKING_TOL, SharpnessLog, check_tracking,
-                                         check_tracking_iteration, measurement_due, probe_indices)
+from optimlab.curvature.tracking import (COLD_START_ITERS, DEFAULT_PROBE_SIZE, DEFAULT_TRACKING_TOL, SharpnessLog,
+                                         check_tracking, check_tracking_iteration, measurement_due, probe_indices)
 from optimlab.optim import Optimizer
 from optimlab.population.data import PopulationData
 from optimlab.population.stacked import StackedModel, member_losses
@@ -50,7 +50,7 @@ class MemberEigenpairs(NamedTuple):
 
 
 def member_eigenpairs(model: StackedModel, x: Tensor, y: Tensor, preconditioner: Sequence[Tensor] | None = None,
-                      iters: int = 20, tol: float = 1e-3, init: Sequence[Tensor] | None = None,
+                      iters: int | Sequence[int] = 20, tol: float = 1e-3, init: Sequence[Tensor] | None = None,
                       generator: torch.Generator | None = None) -> MemberEigenpairs:
     r"""Every member's :func:`~optimlab.curvature.top_eigenpair` with batched products.
 
@@ -59,7 +59,7 @@ def member_eigenpairs(model: StackedModel, x: Tensor, y: Tensor, preconditioner:
         x, y: member m's probe in ``x[m]`` (``[P, N, C, H, W]``) and ``y[m]`` (``[P, N]``).
         preconditioner: positive tensors shaped like the stacked parameters (member m's
             :math:`P` in slice m, e.g. a member-wise optimizer's state), or None (:math:`P = I`).
-        iters, tol: per member, see :func:`optimlab.curvature.lanczos`.
+        iters, tol: per member, see :func:`optimlab.curvature.lanczos`; ``iters`` also one per member.
         init: start vectors stacked like the parameters (e.g. the previous call's, a warm start);
             None: a standard normal draw from ``generator`` (None: seeded with 0).
     """
@@ -216,7 +216,10 @@ class MemberSharpness:
             valid = torch.stack([(t > 0).flatten(1).all(1) for t in precond]).all(0)
             # A member without a usable preconditioner is measured with P = I and recorded as NaN.
             precond = [torch.where(valid.view(-1, *[1] * (t.dim() - 1)), t, 1.0) for t in precond]
-        pairs = member_eigenpairs(model, *self.probe, precond, self.iters, self.tol, init=self.vectors)
+        # As each run's tracker: a cold start (no finite measurement yet) may take COLD_START_ITERS products.
+        iters = [self.iters if any(math.isfinite(row[1]) for row in log.series) else max(self.iters, COLD_START_ITERS)
+                 for log in self.logs]
+        pairs = member_eigenpairs(model, *self.probe, precond, iters, self.tol, init=self.vectors)
         values = pairs.values.tolist()
         keep = [ok and math.isfinite(v) and m not in nan_members for m, (ok, v) in enumerate(zip(valid.tolist(), values))]
         keep_t = torch.tensor(keep, device=params[0].device)
