@@ -498,6 +498,25 @@ def lr_axis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lrs: tuple[float, .
     return figure.axes[0]
 
 
+def test_runs_without_a_test_accuracy_are_not_drawn_at_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crashed job (a config error) has no accuracy: lr_sensitivity.png leaves it out, not at 0%."""
+    from matplotlib.figure import Figure
+
+    for n, lr in enumerate((0.01, 0.1, 1.0)):
+        fake_run(tmp_path, f"{n}", "SGD", lr, 8, 0, 0.9)
+    path = tmp_path / "2" / "summary.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "status": "crashed", "epochs": [], "test_acc": None,
+                                "regime": None, "error": "ConfigError: curvature.iters: 1 is not allowed"}))
+    drawn: dict[str, Figure] = {}
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kwargs: drawn.setdefault(Path(path).name, fig))
+    report(tmp_path)
+    points = [tuple(xy) for c in drawn["lr_sensitivity.png"].axes[0].collections for xy in c.get_offsets()]
+    assert sorted(points) == [(-2.0, 0.9), (-1.0, 0.9)]
+    path = tmp_path / "1" / "summary.json"  # one lr left with a test accuracy: no lr axis to draw
+    path.write_text(json.dumps({**json.loads(path.read_text()), "status": "interrupted", "test_acc": None}))
+    assert tmp_path / "lr_sensitivity.png" not in report(tmp_path)
+
+
 def test_the_lr_axis_places_lrs_up_to_the_largest_floats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A sweep of lr 0.1 and 1e307 (a float64 run driven to overflow): both points lie on the lr axis, and
     drawing it warns of nothing (matplotlib's log axis overflowed there and showed lr 1 to 10, no point on it)."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from optimlab.report.aggregate import map_cells, stability_table
 from optimlab.report.figures import plot_curves, plot_lr_sensitivity, plot_regime_map, plot_sharpness
-from optimlab.report.rows import UnreadableRecord, find_runs, name_settings, on_lr_axis, row_for
+from optimlab.report.rows import UnreadableRecord, find_runs, name_settings, on_lr_axis, row_for, tested_at_lr
 from optimlab.report.tables import COLUMNS, crossing_lines, disagreement_lines, table_lines, write_csv, write_stability
 from optimlab.summary import SUMMARY
 
@@ -44,7 +44,7 @@ def report(sweep_dir: Path, rediagnose: bool = False) -> list[Path]:
     if any(r["history"] for r in rows):
         plot_curves(rows, sweep_dir / "curves.png")
         written.append(sweep_dir / "curves.png")
-    if several_lrs:
+    if len({r["lr"] for r in tested_at_lr(rows)}) > 1:
         plot_lr_sensitivity(rows, sweep_dir / "lr_sensitivity.png")
         written.append(sweep_dir / "lr_sensitivity.png")
     if any(r.get("curvature") for r in rows):

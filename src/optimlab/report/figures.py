@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from optimlab.report.aggregate import PLOT_LABELS, MapCell, grid_position
-from optimlab.report.rows import on_lr_axis, width_key
+from optimlab.report.rows import tested_at_lr, width_key
 from optimlab.report.tables import fmt
 
 
@@ -100,12 +100,14 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
 
 def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
     """Final test accuracy against lr, one line per optimizer, points coloured by regime (majority
-    over seeds); one panel per model width when the sweep varies it."""
+    over seeds, of the runs with a test accuracy: :func:`~optimlab.report.rows.tested_at_lr`); one panel
+    per model width when the sweep varies it."""
     plt = _plt()
     from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    widths = sorted({r["widths"] for r in rows if on_lr_axis(r)}, key=width_key)
-    optimizers = sorted({r["setting"] for r in rows if on_lr_axis(r)})
+    rows = tested_at_lr(rows)
+    widths = sorted({r["widths"] for r in rows}, key=width_key)
+    optimizers = sorted({r["setting"] for r in rows})
     # optimizers by line style and marker, never by colour: colour means the regime
     styles = {o: (["-", "--", ":", "-."][i % 4], "osD^v<>"[i % 7]) for i, o in enumerate(optimizers)}
     cols = min(3, len(widths))  # rows of three: readable at README width
@@ -116,11 +118,11 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
     for ax, width in zip(axes.flat, widths):
         by_opt: dict[str, dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
         for r in rows:
-            if on_lr_axis(r) and r["widths"] == width:
+            if r["widths"] == width:
                 by_opt[r["setting"]][r["lr"]].append(r)
         for optimizer, points in sorted(by_opt.items()):
             lrs = sorted(points)
-            means = [statistics.fmean([m["final_test_acc"] or 0.0 for m in points[lr]]) for lr in lrs]
+            means = [statistics.fmean([m["final_test_acc"] for m in points[lr]]) for lr in lrs]
             line, marker = styles[optimizer]
             # Drawn at log10(lr) on a linear axis: matplotlib's log axis overflows past ~1e290 (a sweep's
             # lr 1e307 left it showing 1 to 10, every point off it).

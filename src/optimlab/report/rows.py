@@ -134,6 +134,13 @@ def on_lr_axis(r: dict[str, Any]) -> bool:
     return isinstance(r.get("lr"), (int, float)) and r["lr"] > 0
 
 
+def tested_at_lr(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs an lr-accuracy figure can draw: an lr on the axis and a final test accuracy (a crashed,
+    interrupted or unfinished run has none: not 0)."""
+    return [r for r in rows if on_lr_axis(r) and isinstance(r.get("final_test_acc"), (int, float))
+            and math.isfinite(r["final_test_acc"])]
+
+
 def measured_at_start(r: dict[str, Any]) -> bool:
     """Whether the run's first sharpness measurement is at step 0 (``curvature.log_spaced_start``) and a
     number (not NaN: an unusable preconditioner), the sharpness at initialisation."""
