@@ -1167,6 +1167,13 @@ def test_dry_run_prints_the_plan_and_writes_nothing(mnist_root: Path, tmp_path: 
     assert "population 1: 2 members" in out and "MiB" in out and "alone: trainer.detect_anomaly=True" in out
     assert "memory per population on cpu: at most ~" in out
     assert not list(tmp_path.rglob("summary.json")) and not list(tmp_path.rglob(".hydra"))
+    # Populations alike but for a setting: each line names its own.
+    twins = train("lr=0.1,0.5", "curvature.every_n_steps=5", "curvature.probe_size=32,64", *SMALL,
+                  "hydra/launcher=population", f"{knobs}.dry_run=true", f"hydra.sweep.dir={tmp_path}")
+    assert twins.returncode == 0, twins.stderr[-3000:]
+    lines = [line for line in twins.stdout.splitlines() if " members (jobs " in line]
+    assert [line.split("seed 0; ")[1].split(";")[0] for line in lines] == ["curvature.probe_size=32",
+                                                                          "curvature.probe_size=64"]
     # A budget too small for two members: the plan says so and runs each job alone.
     small = train("lr=0.1,0.5", *SMALL, "hydra/launcher=population", f"{knobs}.dry_run=true",
                   f"{knobs}.max_memory_gib=0.01", f"hydra.sweep.dir={tmp_path}")

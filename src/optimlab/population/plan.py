@@ -624,7 +624,7 @@ def memory_budget(max_memory_gib: float | None, executor: Executor | None, max_p
 
 
 def describe_population(members: Sequence[Job]) -> str:
-    """One line: the shared architecture and training, the members' learning rates and seeds."""
+    """One line: the shared architecture and training, the members' learning rates and seeds (not the memory)."""
     cfg = members[0].plain
     run = describe_run(members[0].resolved())
     lrs = sorted({float(job.resolved()["optimizer"]["lr"]) for job in members})
@@ -633,8 +633,13 @@ def describe_population(members: Sequence[Job]) -> str:
     schedule = f" ({str(cfg.scheduler._target_).rsplit('.', 1)[-1]})" if cfg.get("scheduler") else ""
     return (f"{run.model} {run.widths or '-'}, {run.optimizer}{schedule}, {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''} of batch {cfg.data.batch_size}, "
             f"{str(DTYPES[str(cfg.trainer.precision)]).removeprefix('torch.')} on {device}; "
-            f"lr {', '.join(f'{lr:g}' for lr in lrs)}; seed {', '.join(map(str, seeds))}; "
-            f"~{population_memory(members) / 2**20:,.0f} MiB")
+            f"lr {', '.join(f'{lr:g}' for lr in lrs)}; seed {', '.join(map(str, seeds))}")
+
+
+def shared_overrides(members: Sequence[Job]) -> list[str]:
+    """The command-line overrides every member of a population has, less the member-wise ones."""
+    common = [o for o in members[0].overrides if all(o in job.overrides for job in members[1:])]
+    return [o for o in common if o.split("=", 1)[0].lstrip("+~") not in MEMBER_WISE]
 
 
 def plan_text(jobs: Sequence[Job], populations: Sequence[Sequence[Job]], budget: MemoryBudget) -> str:
@@ -644,9 +649,15 @@ def plan_text(jobs: Sequence[Job], populations: Sequence[Sequence[Job]], budget:
     failed = [job for job in jobs if job.error]
     lines = [f"population launcher: {len(jobs)} jobs -> {pooled} in {len(populations)} population(s), "
              f"{len(alone)} alone, {len(failed)} invalid", *budget.plan_lines()]
-    for i, members in enumerate(populations, 1):
+    texts = [describe_population(members) for members in populations]
+    for i, (members, text) in enumerate(zip(populations, texts, strict=True), 1):
         nums = ", ".join(f"#{job.num}" for job in members)
-        lines.append(f"  population {i}: {len(members)} members (jobs {nums}): {describe_population(members)}")
+        twins = [p for p, t in zip(populations, texts) if t == text]
+        if len(twins) > 1:  # what tells them apart: their jobs' own settings (none where one was split)
+            own = [shared_overrides(p) for p in twins]
+            text += "".join(f"; {o}" for o in own[twins.index(members)] if not all(o in other for other in own))
+        lines.append(f"  population {i}: {len(members)} members (jobs {nums}): {text}; "
+                     f"~{population_memory(members) / 2**20:,.0f} MiB")
     lines += [f"  job #{job.num} alone: {job.alone}" for job in alone]
     lines += [f"  job #{job.num} invalid: {job.error}" for job in failed]
     return "\n".join(lines)
