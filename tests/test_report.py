@@ -87,6 +87,9 @@ def test_cli_reports_counts_and_rejects_an_empty_folder(tmp_path: Path, capsys) 
     (tmp_path / "file").write_text("")
     assert main([str(tmp_path / "file")]) == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'file'} is not a directory"
+    as_module = subprocess.run([sys.executable, "-m", "optimlab.report", str(tmp_path / "nope")], capture_output=True,
+                               text=True)
+    assert as_module.returncode == 2 and as_module.stderr.strip() == f"error: {tmp_path / 'nope'} does not exist"
 
 
 def test_rediagnose_relabels_with_the_current_rules(tmp_path: Path) -> None:

@@ -1,0 +1,7 @@
+"""``python -m optimlab.report <sweep dir>``: ``optimlab-report`` without the installed script."""
+
+import sys
+
+from optimlab.report import main
+
+sys.exit(main())
