@@ -349,10 +349,10 @@ def test_report_md_states_the_command_and_where_each_regime_appeared(tmp_path: P
     for lr, regime in ((0.01, "healthy"), (0.1, "healthy"), (1.0, "diverging")):
         fake_run(tmp_path, f"lr{lr}", "SGD", lr, 8, 0, 0.9, regime)
     (tmp_path / "multirun.yaml").write_text("hydra:\n  overrides:\n    hydra: [hydra.mode=MULTIRUN, hydra.sweep.dir=x]\n"
-                                            "    task: ['lr=0.01,0.1,1.0', 'model.hidden=[8]']\n")
+                                            "    task: ['lr=0.01,0.1,1.0', 'model.hidden=[8]', 'seed=${hydra:job.num}']\n")
     report(tmp_path)
     text = (tmp_path / "report.md").read_text()
-    assert "Command: `python train.py -m hydra.sweep.dir=x lr=0.01,0.1,1.0 model.hidden=[8]`" in text
+    assert "Command: `python train.py -m hydra.sweep.dir=x lr=0.01,0.1,1.0 model.hidden=[8] seed=${hydra:job.num}`" in text
     assert "What this sweep shows: **healthy** in sgd 8 at lr 0.01 to 0.1. **diverging** in sgd 8 at lr 1." in text
     assert "| final_train_acc | best_train_acc | final_val_acc | best_val_acc | final_test_acc |" in text
 

@@ -48,11 +48,12 @@ def sweep_command(sweep_dir: Path) -> str | None:
     from omegaconf import OmegaConf
 
     try:
-        overrides = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides
+        # Unresolved: an override is text, and one like seed=${hydra:job.num} resolves only inside Hydra.
+        overrides = OmegaConf.to_container(OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides, resolve=False)
     except Exception:  # missing or not Hydra's file: the report goes on without the command
         return None
-    hydra = [o for o in overrides.get("hydra", []) if not o.startswith("hydra.mode=")]
-    return " ".join(["python train.py -m", *hydra, *overrides.get("task", [])])
+    hydra = [o for o in overrides.get("hydra") or [] if not o.startswith("hydra.mode=")]
+    return " ".join(["python train.py -m", *hydra, *(overrides.get("task") or [])])
 
 
 def findings(rows: list[dict[str, Any]]) -> str:
