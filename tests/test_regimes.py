@@ -450,6 +450,12 @@ def test_bad_threshold_values_are_refused_with_one_line(override: dict, words: s
         Thresholds.from_overrides(override)
 
 
+def test_a_run_without_a_finished_epoch_gets_no_label_unless_it_diverged() -> None:
+    # A run that crashed or was stopped in its first epoch had been labelled healthy.
+    assert diagnose([]).regime is None and diagnose([]).evidence == ["no finished epoch to judge"]
+    assert diagnose([], diverged=True).regime == "diverging"
+
+
 @pytest.mark.parametrize("kwargs,words", [
     ({"val_size": -5}, "Invalid val_size: -5 (must be an integer >= 1"), ({"val_size": 0}, "Invalid val_size: 0"),
     ({"val_size": 2.5}, "Invalid val_size: 2.5"), ({"val_size": True}, "Invalid val_size: True"),

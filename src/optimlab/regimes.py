@@ -158,7 +158,7 @@ FRACTIONS = {"chance_acc", "overfit_acc_drop", "osc_acc_drop", "osc_big_drop", "
 
 @dataclass
 class Diagnosis:
-    regime: str
+    regime: str | None           # None: no finished epoch to judge (and no divergence)
     evidence: list[str]          # the rule that fired, with the numbers that crossed its thresholds
     measures: dict[str, float]   # every quantity the rules look at
 
@@ -375,7 +375,8 @@ def _limit(m: dict[str, float], t: Thresholds, name: str) -> str:
 def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds: Thresholds | None = None,
              diverged_at_step: int | None = None, curvature: dict[str, Any] | None = None,
              val_size: int | None = None, passes: float | None = None) -> Diagnosis:
-    """Label a run from its per-epoch rows (``train_loss``, ``val_acc``, ``val_loss``, ...).
+    """Label a run from its per-epoch rows (``train_loss``, ``val_acc``, ``val_loss``, ...); no label (None)
+    for a run that neither diverged nor finished an epoch.
 
     ``diverged_at_step`` and ``curvature`` (the run's sharpness record: ``measurements``,
     ``sharpness_max``, ``first_crossing_step``, ``crossing_sharpness``, ``crossing_threshold``,
@@ -406,7 +407,9 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
     if diverged:
         return verdict("diverging", "a non-finite loss, gradient or weight stopped the run")
     if not history or math.isnan(m["final_val_acc"]):
-        return verdict("diverging" if m["epochs"] else "healthy", "no finished epoch to judge")
+        if not m["epochs"]:  # a run stopped (or crashed) before its first epoch ended: nothing to label
+            return Diagnosis(None, ["no finished epoch to judge"], m)
+        return verdict("diverging", "no finished epoch to judge")
     at_chance = m["final_val_acc"] <= t.chance_acc
     blowup_loss = m["blowup_loss"]
     blown_up = m["final_train_loss"] > blowup_loss
