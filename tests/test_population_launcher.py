@@ -876,6 +876,22 @@ def test_a_member_updated_into_non_finite_weights_is_evaluated_as_its_run(mnist_
 
 
 @pytest.mark.slow
+def test_an_update_coefficient_beyond_float32_diverges_a_run_and_a_member_alike(mnist_root: Path,
+                                                                               tmp_path: Path) -> None:
+    """Adam at lr 3e38 in float32: lr / (1 - beta1) does not fit float32. Its run crashed (torch refuses
+    the conversion) where its member diverged; first in the grid, the plan's memory estimate crashed the
+    sweep. Now both diverge at step 1 on non-finite weights, and the other job trains."""
+    pop, seq, _ = sweep_both_ways(tmp_path, "optimizer=adam", "lr=3e38,0.01", *SMALL)
+    for name, ref in seq.items():
+        got = pop[name]
+        fields = ("status", "regime", "diverged_at_step", "divergence_reason", "test_acc")
+        assert [got[k] for k in fields] == [ref[k] for k in fields], name
+        assert [row["val_acc"] for row in got["epochs"]] == [row["val_acc"] for row in ref["epochs"]]
+    assert sorted(s["status"] for s in seq.values()) == ["complete", "diverged"]
+    assert next(s for s in seq.values() if s["status"] == "diverged")["diverged_at_step"] == 1
+
+
+@pytest.mark.slow
 def test_a_population_limits_its_epochs_as_lightning_limits_a_run(mnist_root: Path, tmp_path: Path) -> None:
     """``trainer.limit_train_batches`` as a count (3 of 8 batches) and as a fraction (0.5: 4 of 8):
     each member trains the first batches of its own run's order of each epoch, no more, as its

@@ -147,7 +147,17 @@ class ClassifierModule(L.LightningModule):
             return None  # the bad update is never applied
         if self.clip_val:
             self.clip_gradients(optimizer, gradient_clip_val=self.clip_val, gradient_clip_algorithm=self.clip_algorithm)
-        optimizer.step()
+        try:
+            optimizer.step()
+        except RuntimeError as err:
+            if "without overflow" not in str(err):
+                raise
+            # A coefficient of the update beyond the weights' dtype (float32 Adam at lr 3e38: lr / (1 - beta1)):
+            # torch refuses to convert it, where the update has no finite value. The weights are left
+            # non-finite, as a population's member's are (its coefficients are tensors, which hold inf).
+            with torch.no_grad():
+                for p in self.trained_params:
+                    p.fill_(float("nan"))
         if (step % self.check_weights_every == 0 or last) and not all_finite(self.trained_params):
             self.guard.record(step + 1, WEIGHTS)
             self.trainer.should_stop = True

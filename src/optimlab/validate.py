@@ -235,6 +235,7 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("model", "optimizer", "data"):
         if not isinstance(cfg.get(key), DictConfig):
             raise ConfigError(f"{key}: missing; choose one of conf/{key}/")
+    _check_range(cfg)
     for section in BUILT:
         if cfg.get(section) and (errors := flag_errors(section, cfg[section])):
             raise ConfigError(errors[0])
@@ -257,6 +258,19 @@ def validate_config(cfg: DictConfig) -> None:
     resume = cfg.get("resume")
     if resume not in (None, "auto") and not Path(to_absolute_path(str(resume))).exists():  # from the launching folder
         raise ConfigError(f"resume: {resume!r} does not exist; give a run directory, a .ckpt file or 'auto'")
+
+
+def _check_range(cfg: DictConfig) -> None:
+    """The step size and weight decay must be numbers the weights' dtype can hold: an update by a
+    larger one cannot be computed (torch refuses to convert it), where a population's member-wise
+    tensor would hold inf; the run would crash, the population's member diverge."""
+    dtype = torch.float64 if str(cfg.trainer.precision) in ("64-true", "64") else torch.float32
+    largest = torch.finfo(dtype).max
+    for key in ("lr", "optimizer.lr", "optimizer.weight_decay"):  # lr first: optimizer.lr is ${lr} by default
+        value = _value(cfg, key)
+        if finite_number(value) and abs(value) > largest:
+            raise ConfigError(refusal(key, value, f"at most {largest:.4g}, the largest {str(dtype).removeprefix('torch.')} "
+                                                  f"(trainer.precision={cfg.trainer.precision})"))
 
 
 def _check_hardware(accelerator: str, precision: str) -> None:

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from optimlab.build import build_parts, optimizer_class
 from optimlab.checkpointing import holds_a_run, last_checkpoint
+from optimlab.curvature.tracking import COLD_START_ITERS
 from optimlab.data import load_split
 from optimlab.hydra_job import hydra_config_of, set_output_dir
 from optimlab.lr_schedule import lr_monitor_unfollowed
@@ -493,6 +494,9 @@ def estimate_memory(cfg: DictConfig) -> MemoryEstimate:
     model = build_member(cfg.model, cfg.seed).eval()  # eval: the forward below draws no dropout masks
     cls, options = optimizer_class(cfg.optimizer)
     noise = options.pop("grad_noise_std", 0.0)  # drawn by the loop into buffers of its own (below), not here
+    for key in ("lr", "weight_decay"):  # what the state holds does not depend on them: values no update overflows
+        if options.get(key):
+            options[key] = 1e-3
     optimizer = cls(model.parameters(), **options)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -521,7 +525,8 @@ def estimate_memory(cfg: DictConfig) -> MemoryEstimate:
         curvature = cfg.curvature
         # 16 parameter-sized vectors more than the basis: the gradient with its graph, the product and the
         # reorthogonalisation's temporaries (measured against peak resident memory, docs/population.md).
-        tracking = (curvature.iters + 16) * params * size + curvature.probe_size * (28 * 28 * 4 + 4 * activations * size)
+        rows = max(curvature.iters, COLD_START_ITERS)  # a cold measurement's basis
+        tracking = (rows + 16) * params * size + curvature.probe_size * (28 * 28 * 4 + 4 * activations * size)
     copies = 5 if population_device(cfg.trainer.accelerator) == torch.device("cuda") else 4
     copies += (cfg.test_ckpt == "best") + (noise > 0)  # its best checkpoint's weights; its gradient noise
     return MemoryEstimate(shared=(n + 10_000) * 28 * 28 * 4,
