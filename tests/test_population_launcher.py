@@ -876,6 +876,25 @@ def test_a_member_updated_into_non_finite_weights_is_evaluated_as_its_run(mnist_
 
 
 @pytest.mark.slow
+def test_trainer_max_epochs_sets_a_populations_epochs_as_it_sets_a_runs(mnist_root: Path, tmp_path: Path) -> None:
+    """trainer.max_epochs=2 without epochs= is one setting with epochs (its runs train 2): its jobs share a
+    population (they had run alone), with the records and .hydra/ configs of the sequential sweep."""
+    grid = ["lr=0.1,0.5", "trainer.max_epochs=2", "data.subset=256", "data.val_size=500", "model.hidden=[16]",
+            "trainer.accelerator=cpu", "trainer.num_threads=1"]
+    pop, seq, out = sweep_both_ways(tmp_path, *grid)
+    assert "2 jobs -> 2 in 1 population(s), 0 alone" in out
+    for name, ref in seq.items():
+        assert len(ref["epochs"]) == 2 and ref["config"]["epochs"] == 2
+        assert pop[name]["config"] == ref["config"] and len(pop[name]["epochs"]) == 2
+        for got, row in zip(pop[name]["epochs"], ref["epochs"]):  # float32: the metrics' accumulation differs
+            assert {**got, "train_time_s": 0} == pytest.approx({**row, "train_time_s": 0}, rel=1e-6)
+        assert (tmp_path / "population" / name / ".hydra" / "config.yaml").read_text() == \
+            (tmp_path / "sequential" / name / ".hydra" / "config.yaml").read_text()
+    contradicting = train(*grid, "epochs=3", "hydra/launcher=population", f"hydra.sweep.dir={tmp_path / 'both'}")
+    assert contradicting.returncode == 1 and "trainer.max_epochs: 2 contradicts epochs: 3" in contradicting.stderr
+
+
+@pytest.mark.slow
 def test_an_update_coefficient_beyond_float32_diverges_a_run_and_a_member_alike(mnist_root: Path,
                                                                                tmp_path: Path) -> None:
     """Adam at lr 3e38 in float32: lr / (1 - beta1) does not fit float32. Its run crashed (torch refuses

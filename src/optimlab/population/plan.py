@@ -41,7 +41,7 @@ from optimlab.population.schedule import why_not_followed
 from optimlab.population.stacked import STACKED, build_member
 from optimlab.population.stopping import unfollowed
 from optimlab.summary import config_key, describe_run, dotted_value, is_complete, read_summary
-from optimlab.train import refuse_changed_config
+from optimlab.train import override_keys, refuse_changed_config, sync_epochs
 from optimlab.validate import RULES, ConfigError, rule_error, validate_config
 
 DTYPES = {"32-true": torch.float32, "32": torch.float32, "64-true": torch.float64, "64": torch.float64}
@@ -245,7 +245,7 @@ def why_alone(cfg: DictConfig, elsewhere: bool = False) -> str | None:
         # records agree; on a GPU a run's 10 against the population's 1 is the one difference left, documented).
         f"trainer.check_finite_every_n_steps={finite_every} (a population checks every step)": finite_every > 1,
         "a logger other than TensorBoard or CSV (" + ", ".join(sorted(loggers)) + ")": bool(loggers),
-        "trainer.max_epochs given apart from epochs": t.get("max_epochs", cfg.epochs) != cfg.epochs,
+        "trainer.max_epochs apart from epochs": t.get("max_epochs", cfg.epochs) != cfg.epochs,
         "test_ckpt=best with callbacks.model_checkpoint settings beyond one best checkpoint by val/loss or val/acc":
             cfg.test_ckpt == "best" and not best_followed((cfg.get("callbacks") or {}).get("model_checkpoint") or {}),
         f"trainer.precision={t.precision}": str(t.precision) not in DTYPES,
@@ -308,6 +308,10 @@ def classify(job: Job, passed: set[str] | None = None, elsewhere: bool = False) 
         return
     try:
         with hydra_config_of(job.sweep_config):
+            keys = override_keys(job.overrides)
+            if "trainer.max_epochs" in keys:  # it sets epochs too, as in its run (a copy: the job's own config is
+                cfg = cfg.copy()              # what its .hydra/ record writes)
+                sync_epochs(cfg, keys)
             values = job.values = resolved_values(cfg)
             shared = config_key(values, SHARED_CHECK_KEYS) if values is not None else None
             if passed is None or shared is None or shared not in passed or not shared_keys_pass(values or {}, cfg):
