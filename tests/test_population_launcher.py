@@ -908,6 +908,10 @@ def test_an_update_coefficient_beyond_float32_diverges_a_run_and_a_member_alike(
         assert [row["val_acc"] for row in got["epochs"]] == [row["val_acc"] for row in ref["epochs"]]
     assert sorted(s["status"] for s in seq.values()) == ["complete", "diverged"]
     assert next(s for s in seq.values() if s["status"] == "diverged")["diverged_at_step"] == 1
+    # An lr float32 cannot hold is refused, also in a job whose check another job's stands for.
+    beyond = train("lr=0.1,1e39", *SMALL, "hydra/launcher=population", "population.dry_run=true",
+                   f"hydra.sweep.dir={tmp_path / 'beyond'}")
+    assert beyond.returncode == 1 and "job #1 invalid: lr: 1e+39 is not allowed" in beyond.stdout
 
 
 @pytest.mark.slow

@@ -320,7 +320,7 @@ def test_grad_noise_is_refused_with_torch_impl(tmp_path: Path) -> None:
     ("+regimes.window=0", "regimes.window"), ("curvature.every_n_steps=0", "curvature.every_n_steps"),
     ("curvature.probe_size=-1", "curvature.probe_size"), ("curvature.tol=abc", "curvature.tol"),
     ("curvature.iters=1", "curvature.iters"),  # a warm start that one product never improves
-    ("lr=1e39", "lr: 1e+39 is not allowed; expected at most 3.403e+38, the largest float32"),  # beyond the weights' dtype
+    ("lr=1e39", "lr: 1e+39 is not allowed; expected at most 3.402823e+38, the largest float32"),  # beyond the weights' dtype
     ("optimizer.weight_decay=1e39", "optimizer.weight_decay"),
     ("scheduler=step scheduler.step_size=0", "scheduler.step_size"), ("scheduler=step scheduler.gamma=-1", "scheduler.gamma"),
     ("scheduler=step scheduler.gamma=abc", "scheduler.gamma"), ("scheduler=cosine scheduler.T_max=0", "scheduler.T_max"),

@@ -235,7 +235,7 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("model", "optimizer", "data"):
         if not isinstance(cfg.get(key), DictConfig):
             raise ConfigError(f"{key}: missing; choose one of conf/{key}/")
-    _check_range(cfg)
+    check_range(cfg)
     for section in BUILT:
         if cfg.get(section) and (errors := flag_errors(section, cfg[section])):
             raise ConfigError(errors[0])
@@ -260,7 +260,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"resume: {resume!r} does not exist; give a run directory, a .ckpt file or 'auto'")
 
 
-def _check_range(cfg: DictConfig) -> None:
+def check_range(cfg: DictConfig) -> None:
     """The step size and weight decay must be numbers the weights' dtype can hold: an update by a
     larger one cannot be computed (torch refuses to convert it), where a population's member-wise
     tensor would hold inf; the run would crash, the population's member diverge."""
@@ -269,7 +269,7 @@ def _check_range(cfg: DictConfig) -> None:
     for key in ("lr", "optimizer.lr", "optimizer.weight_decay"):  # lr first: optimizer.lr is ${lr} by default
         value = _value(cfg, key)
         if finite_number(value) and abs(value) > largest:
-            raise ConfigError(refusal(key, value, f"at most {largest:.4g}, the largest {str(dtype).removeprefix('torch.')} "
+            raise ConfigError(refusal(key, value, f"at most {largest:.7g}, the largest {str(dtype).removeprefix('torch.')} "
                                                   f"(trainer.precision={cfg.trainer.precision})"))
 
 

@@ -42,7 +42,7 @@ from optimlab.population.stacked import STACKED, build_member
 from optimlab.population.stopping import unfollowed
 from optimlab.summary import config_key, describe_run, dotted_value, is_complete, read_summary
 from optimlab.train import override_keys, refuse_changed_config, sync_epochs
-from optimlab.validate import RULES, ConfigError, rule_error, validate_config
+from optimlab.validate import RULES, ConfigError, check_range, rule_error, validate_config
 
 DTYPES = {"32-true": torch.float32, "32": torch.float32, "64-true": torch.float64, "64": torch.float64}
 # Keys in which the members of one population may differ (each member applies its own), and keys
@@ -275,12 +275,14 @@ def resolved_values(cfg: DictConfig) -> dict[str, Any] | None:
 
 def shared_keys_pass(values: dict[str, Any], cfg: DictConfig) -> bool:
     """Whether each of the :data:`SHARED_CHECK_KEYS` in ``values`` (``cfg`` resolved) holds a value its
-    rule allows (those with a rule in :data:`~optimlab.validate.RULES`), and ``cfg``'s optimizer is built
-    with them (a stand-in parameter: the constructor's checks of its arguments)."""
+    rule allows (those with a rule in :data:`~optimlab.validate.RULES`, and the weights' dtype holds
+    the step size and weight decay: :func:`~optimlab.validate.check_range`), and ``cfg``'s optimizer is
+    built with them (a stand-in parameter: the constructor's checks of its arguments)."""
     for key in SHARED_CHECK_KEYS:
         if key in RULES and rule_error(key, dotted_value(values, key)) is not None:
             return False
     try:
+        check_range(cfg)
         cls, options = optimizer_class(cfg.optimizer)
         cls([torch.zeros(1, requires_grad=True)], **options)
     except Exception:  # the check says why, in the words a run uses
