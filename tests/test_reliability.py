@@ -101,6 +101,8 @@ def test_killed_run_resumed_equals_uninterrupted_run(tmp_path: Path) -> None:
     assert summary(killed)["status"] == "running"  # the record written after epoch 1 survived
     # What the killed session logged after its checkpoint depends on when the kill landed: add such events.
     log_stale_events(killed, torch.load(killed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"])
+    later = time.time() + 60  # the checkpoint copied or touched: its file's time is not when it was saved
+    os.utime(killed / "checkpoints" / "last.ckpt", (later, later))
     # The rerun in a new interpreter, as a user's is (its own string hashes, the interpreter's exit).
     resumed = train_process(f"resume={killed}", f"hydra.run.dir={tmp_path / 'resume_cmd'}", new_interpreter=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -384,6 +386,22 @@ def test_a_run_started_over_shows_only_its_own_events_in_tensorboard(finished_ru
     after = run(compose_config(*TINY, "resume=auto"), run_dir)
     assert after.status == "complete" and len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 3
     assert tensorboard_scalars(run_dir) == tensorboard_scalars(finished_run)
+
+
+def test_a_tensorboard_folder_shared_by_runs_keeps_the_other_runs_events(tmp_path: Path) -> None:
+    from conftest import compose_config
+    from optimlab.train import run
+
+    shared = tmp_path / "shared_tb"
+    shared.mkdir()
+    (tmp_path / "other").mkdir()
+    log_stale_events(tmp_path / "other", 0)  # another run's events in <other>/tensorboard
+    (tmp_path / "other" / "tensorboard").rename(shared / "tensorboard")
+    before = tensorboard_scalars(shared)
+    run(compose_config(*TINY, f"+logger.tensorboard.save_dir={shared / 'tensorboard'}"), tmp_path / "run")
+    after = tensorboard_scalars(shared)
+    assert "val/acc" in before and len(after["val/acc"]) > len(before["val/acc"])  # this run's too
+    assert all(after[tag][:len(points)] == points for tag, points in before.items())
 
 
 def test_resume_auto_refuses_a_run_of_another_config_or_without_its_checkpoint(finished_run: Path,

@@ -129,8 +129,8 @@ def build_loggers(logger_config: Mapping[str, Any], run_dir: Path, tensorboard_q
     """One logger per entry of the ``logger`` config (``constructors``: its :func:`logger_constructors`,
     made beforehand), each writing under ``<run dir>/<entry name>`` unless its ``save_dir`` is set.
     ``tensorboard_queue``: events a TensorBoard logger's writer holds before it writes them (when all of a
-    run's events are written at once). ``restart``: where a TensorBoard logger's events start again after
-    an earlier session's (its ``purge_step``; the run then opens it with
+    run's events are written at once). ``restart``: where a TensorBoard logger writing in the run's folder
+    takes its events over from an earlier session's (its ``purge_step``; the run then opens it with
     :func:`~optimlab.tensorboard_logger.open_after`)."""
     loggers = []
     for name, entry in logger_config.items():
@@ -141,8 +141,9 @@ def build_loggers(logger_config: Mapping[str, Any], run_dir: Path, tensorboard_q
                 if issubclass(make.func, TensorBoardLogger):
                     if tensorboard_queue:
                         options["max_queue"] = tensorboard_queue
-                    if restart is not None:
-                        options["purge_step"] = restart.step
+                    save_dir = Path(options.get("save_dir") or make.keywords["save_dir"])
+                    if restart is not None and save_dir.resolve().is_relative_to(run_dir.resolve()):
+                        options["purge_step"] = restart.step  # in the run's folder only: not in one runs share
                 loggers.append(make(**options))
     return loggers
 

@@ -57,10 +57,10 @@ def resolve_resume(target: str | os.PathLike) -> tuple[Path, Path | None]:
     return target, last_checkpoint(target)
 
 
-def check_checkpoint(path: Path, module: nn.Module) -> int:
-    """Refuse, before anything is written, a resume target that is not a readable checkpoint of
-    ``module`` (a truncated or empty file, another file, another model's checkpoint); return the
-    optimizer steps it was saved after (Lightning's ``global_step``; 0 where it does not say)."""
+def read_checkpoint(path: Path, module: nn.Module) -> dict[str, Any]:
+    """The checkpoint to resume from (what Lightning saved: ``global_step``, each callback's state, ...);
+    before anything is written, a ConfigError where ``path`` is not a readable checkpoint of ``module``
+    (a truncated or empty file, another file, another model's checkpoint)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
@@ -77,5 +77,4 @@ def check_checkpoint(path: Path, module: nn.Module) -> int:
         raise ConfigError(f"resume: {str(path)!r} holds another model's weights ({key}: "
                           f"{found.get(key, 'missing')} in the checkpoint, {expected.get(key, 'not in this model')} "
                           f"in the run's model); nothing was changed")
-    step = state.get("global_step")
-    return step if isinstance(step, int) and step >= 0 else 0
+    return state

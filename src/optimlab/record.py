@@ -31,7 +31,7 @@ from optimlab.lr_schedule import epoch_start_lrs, lr_monitor_followed, lr_monito
 from optimlab.module import EVAL_STAGES
 from optimlab.regimes import Thresholds, diagnose
 from optimlab.summary import RunSummary, data_passes, describe_run, validation_size, write_summary
-from optimlab.tensorboard_logger import TensorBoardRunLogger
+from optimlab.tensorboard_logger import Restart, TensorBoardRunLogger
 
 
 log = logging.getLogger(__name__)
@@ -144,11 +144,19 @@ class RunRecord(Checkpoint):
 
     # ---- checkpoint state: the record so far and every RNG state ---------------------------------
     def state_dict(self) -> dict[str, Any]:
+        # saved_at: what a resumed run's TensorBoard logged before this checkpoint (tensorboard_logger.Restart)
         return {"history": self.history, "train_steps": self.train_steps, "epoch_lrs": self.epoch_lrs,
-                "first_step_s": self.first_step_s,
+                "first_step_s": self.first_step_s, "saved_at": time.time(),
                 "guard": self.guard.state_dict(), "rng_cpu": torch.get_rng_state(),
                 # Only where this process uses CUDA: asking would start CUDA in a CPU run on a GPU machine.
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
+
+    def restart_of(self, checkpoint: dict[str, Any], path: Path) -> Restart:
+        """Where a run resumed from ``checkpoint`` (read from ``path``) takes its TensorBoard events over:
+        at the checkpoint's step, keeping the earlier events logged before this record was saved into it
+        (for a checkpoint of an earlier version, before the file's time)."""
+        saved = checkpoint.get("callbacks", {}).get(self.state_key, {}).get("saved_at")
+        return Restart(int(checkpoint.get("global_step", 0)), path.stat().st_mtime if saved is None else saved)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Applied in a fit only: testing a checkpoint (test_ckpt=best) loads it too, and must keep

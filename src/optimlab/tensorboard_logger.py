@@ -13,8 +13,9 @@ A run resumed or started over in its folder (:class:`Restart`) writes a new even
 earlier sessions'; TensorBoard reads them as one run. What a killed session logged after its
 checkpoint the new one logs again, so the new file opens with TensorBoard's mark that hides the
 earlier events from the checkpoint's step on (``SummaryWriter``'s ``purge_step``), then the earlier
-events at that step logged before the checkpoint (the finished epoch's scalars, its last sharpness),
-which the run does not log again: each point shows once.
+events at that step logged before the checkpoint was saved (the finished epoch's scalars, its last
+sharpness; the time is the run record's, saved in the checkpoint), which the run does not log again:
+each point shows once.
 """
 
 from __future__ import annotations
@@ -97,12 +98,15 @@ def shown_events(log_dir: str | Path, step: int, before: float) -> list[Event]:
     return shown
 
 
-def open_after(loggers: Iterable[Logger], restart: Restart) -> None:
-    """Open the TensorBoard loggers' writers (made with ``purge_step=restart.step``: each new file starts
-    with the mark) and write again the earlier events at that step from before the checkpoint."""
+def open_after(loggers: Iterable[Logger], restart: Restart, run_dir: Path) -> None:
+    """Open the writers of the TensorBoard loggers that write in ``run_dir`` (made with
+    ``purge_step=restart.step``: each new file starts with the mark) and write again the earlier events
+    at that step from before the checkpoint. A logger writing elsewhere (a ``save_dir`` shared by runs) is
+    left as it is."""
     for logger in loggers:
-        if isinstance(logger, TensorBoardLogger):
-            kept = shown_events(logger.log_dir, *restart)  # before the writer makes its file
+        if isinstance(logger, TensorBoardLogger) and Path(logger.log_dir).resolve().is_relative_to(run_dir.resolve()):
+            # read before the writer makes its file
+            kept = shown_events(logger.log_dir, *restart) if restart.checkpoint_time > -math.inf else []
             writer = logger.experiment.file_writer
             for event in kept:
                 writer.add_event(event, walltime=event.wall_time)

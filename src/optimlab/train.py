@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from optimlab.build import build_parts, build_trainer
-from optimlab.checkpointing import CHECKPOINT_DIR, LAST, check_checkpoint, holds_a_run, last_checkpoint, resolve_resume
+from optimlab.checkpointing import CHECKPOINT_DIR, LAST, holds_a_run, last_checkpoint, read_checkpoint, resolve_resume
 from optimlab.console import BarSafeHandler
 from optimlab.curvature import SharpnessCallback
 from optimlab.files import remove_stale_temporaries
@@ -348,8 +348,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
     L.seed_everything(cfg.seed, verbose=False)
     parts = build_parts(cfg)
     datamodule, module = parts.datamodule, parts.module
-    # Where this session's events take over from earlier ones in the folder (none: it starts over).
-    restart = Restart(check_checkpoint(ckpt, module), ckpt.stat().st_mtime) if ckpt is not None else Restart(0)
+    checkpoint = read_checkpoint(ckpt, module) if ckpt is not None else None
     datamodule.setup()  # reads and checks the files: a DataError stops us before anything is written
     # Lightning trains on trainer.overfit_batches batches instead, where that is above 0.
     limit_key = "trainer.overfit_batches" if cfg.trainer.overfit_batches else "trainer.limit_train_batches"
@@ -363,12 +362,14 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
     record = RunRecord(run_dir, config, module.guard, parts.thresholds, cfg.trainer.log_every_n_steps,
                        wall_time_before=previous.wall_time_s if previous and ckpt else 0.0, sharpness=sharpness,
                        steps_per_epoch=steps_per_epoch)
+    # Where this session's events take over from earlier ones in the folder (none: it starts over).
+    restart = record.restart_of(checkpoint, ckpt) if ckpt is not None and checkpoint is not None else Restart(0)
     trainer = build_trainer(cfg, run_dir, [stopper := StopOnSignal(), *filter(None, [sharpness]), record], restart)
     datamodule.to(trainer.strategy.root_device)
     record.extra = {"params": sum(p.numel() for p in module.model.parameters()), "train_size": len(datamodule.train_y),
                     "label_noise_images": datamodule.noisy_count, "device": device_name(trainer.strategy.root_device)}
     _claim(run_dir, cfg, new=ckpt is None and previous is None)
-    open_after(trainer.loggers, restart)
+    open_after(trainer.loggers, restart, run_dir)
     with logging_into(run_dir), stopper.handling():
         if ckpt is None:
             record.write("running")  # a resumed run keeps its summary until its next epoch ends
