@@ -8,6 +8,7 @@
 import atexit
 import contextlib
 import gc
+import os
 import signal
 import sys
 
@@ -18,8 +19,8 @@ interrupted_at_start_up: list[int] = []
 
 
 def _stop_at_start_up(signum: int, frame: object) -> None:
-    if not interrupted_at_start_up:
-        print("interrupted (SIGINT) while no run was training", file=sys.stderr)
+    if not interrupted_at_start_up:  # os.write: print() inside a write to stderr would raise a reentrant call
+        os.write(2, b"interrupted (SIGINT) while no run was training\n")
     interrupted_at_start_up.append(signum)
     sys.exit(130)
 

@@ -7,6 +7,7 @@ import math
 import re
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -130,10 +131,16 @@ def test_batched_lanczos_takes_an_iteration_cap_per_member() -> None:
     assert counts.tolist() == [2, 40, 5]
     for m, cap in enumerate([2, 40, 5]):
         assert values[m].item() == pytest.approx(lanczos(lambda v: mats[m] @ v, v0[m], iters=cap, tol=0)[0], rel=1e-10)
-    with pytest.raises(ValueError, match="Invalid iters: 2 values for 3 members"):
+    matvec = lambda v: torch.einsum("pij,pj->pi", mats, v)  # noqa: E731
+    for caps in (np.array([2, 40, 5]), torch.tensor([2, 40, 5]), (2, 40, 5)):
+        assert lanczos_members(matvec, v0, iters=caps, tol=0)[2].tolist() == [2, 40, 5]
+    assert lanczos_members(matvec, v0, iters=np.int64(3), tol=0)[2].tolist() == [3, 3, 3]
+    with pytest.raises(ValueError, match=r"Invalid iters: 2 values for 3 members \(must be one, or one per member\)"):
         lanczos_members(lambda v: v, v0, iters=[2, 3])
-    with pytest.raises(ValueError, match="iters"):
+    with pytest.raises(ValueError, match="Invalid iters: 0"):
         lanczos_members(lambda v: v, v0, iters=[2, 0, 3])
+    with pytest.raises(ValueError, match="Invalid iters: '34'"):
+        lanczos_members(lambda v: v, v0, iters="34")
 
 
 def test_a_cold_member_measurement_takes_the_cold_start_products_as_its_run_does(mnist_root: Any) -> None:
@@ -163,6 +170,10 @@ def test_a_cold_member_measurement_takes_the_cold_start_products_as_its_run_does
         assert tracker.logs[m].series[0][1] == pytest.approx(first, rel=1e-9)
         assert first == pytest.approx(sharpness(single, x[m], y[m], iters=100, tol=1e-12), rel=1e-6)
         assert tracker.logs[m].series[1][1] == pytest.approx(run(single, x[m], y[m]), rel=1e-9) and run.iterations == 2
+    resumed = MemberSharpness(every_n_steps=10, seeds=seeds, probe_size=64, iters=2, tol=1e-12)
+    assert resumed.warm == [False, False]
+    resumed.load_state_dict(tracker.state_dict())
+    assert resumed.warm == [True, True]  # a resumed member measures warm, as its run's restored tracker
 
 
 def test_labels_of_any_integer_type_and_a_growing_basis() -> None:

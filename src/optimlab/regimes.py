@@ -1,6 +1,7 @@
 """Diagnose a run's training regime from its per-epoch history.
 
-Labels: ``healthy``, ``slow``, ``oscillating``, ``diverging``, ``underfit``, ``overfit``.
+Labels: ``healthy``, ``slow``, ``oscillating``, ``diverging``, ``underfit``, ``overfit``; none (None) for a run
+that neither diverged nor finished an epoch.
 The rules are checked in this order; the first that fires names the regime:
 
 1. **diverging**: the run hit a non-finite loss, gradient or weight; or its final validation

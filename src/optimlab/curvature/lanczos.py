@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -78,7 +78,8 @@ def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int |
         ``(values [P] float64, unit Ritz vectors [P, n], products [P])``; a member whose product
         holds a NaN or an inf gets that Rayleigh quotient (NaN or inf) and its last basis vector.
     """
-    caps = list(iters) if isinstance(iters, Sequence) else [iters]
+    caps = iters.tolist() if hasattr(iters, "tolist") else iters  # NumPy numbers and arrays, tensors
+    caps = list(caps) if isinstance(caps, Iterable) and not isinstance(caps, (str, bytes)) else [caps]
     for cap in caps:
         check_iteration(cap, tol)
     v0 = v0.detach()  # a start vector, not a leaf of anything the iteration differentiates
@@ -89,7 +90,7 @@ def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int |
         raise ValueError("Invalid v0: must be finite and nonzero (each row)")
     members, n = v0.shape
     if len(caps) not in (1, members):
-        raise ValueError(f"Invalid iters: {len(caps)} values for {members} members")
+        raise ValueError(f"Invalid iters: {len(caps)} values for {members} members (must be one, or one per member)")
     caps = [min(int(cap), n) for cap in (caps * members if len(caps) == 1 else caps)]
     iters = max(caps)
     # Member m's basis vectors are the rows of basis[m]: the products with them are batched matrix

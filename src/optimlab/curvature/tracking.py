@@ -62,8 +62,8 @@ class SharpnessTracker:
         self.iterations = 0
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, preconditioner: Sequence[Tensor] | None = None) -> float:
-        iters = self.iters if self.vector is not None else max(self.iters, COLD_START_ITERS)
-        pair = top_eigenpair(model, x, y, preconditioner, iters, self.tol, init=self.vector,
+        pair = top_eigenpair(model, x, y, preconditioner, measurement_iters(self.iters, self.vector is not None),
+                             self.tol, init=self.vector,
                              generator=self.generator)
         self.iterations = pair.iterations
         if math.isfinite(pair.value):  # a NaN vector would poison every later start
@@ -79,6 +79,12 @@ class SharpnessTracker:
         self.generator.set_state(state["generator"])
         self.iterations = state["iterations"]
 
+
+
+def measurement_iters(iters: int, warm: bool) -> int:
+    """The products a tracker's measurement may take: ``iters`` from a warm start, at least
+    :data:`COLD_START_ITERS` from a random one."""
+    return iters if warm else max(iters, COLD_START_ITERS)
 
 
 def check_tracking_iteration(iters: object, tol: object) -> None:

@@ -33,8 +33,8 @@ from optimlab.curvature.lanczos import lanczos_members
 from optimlab.curvature.stability import (GradientMoments, initial_preconditioner, moments_from_parts, preconditioner,
                                           probe_parts, stability_threshold, threshold_formula,
                                           uses_preconditioner)
-from optimlab.curvature.tracking import (COLD_START_ITERS, DEFAULT_PROBE_SIZE, DEFAULT_TRACKING_TOL, SharpnessLog,
-                                         check_tracking, check_tracking_iteration, measurement_due, probe_indices)
+from optimlab.curvature.tracking import (DEFAULT_PROBE_SIZE, DEFAULT_TRACKING_TOL, SharpnessLog, check_tracking,
+                                         check_tracking_iteration, measurement_due, measurement_iters, probe_indices)
 from optimlab.optim import Optimizer
 from optimlab.population.data import PopulationData
 from optimlab.population.stacked import StackedModel, member_losses
@@ -158,6 +158,7 @@ class MemberSharpness:
         self.iters, self.tol, self.log_spaced_start = iters, tol, log_spaced_start
         self.logs = [SharpnessLog() for _ in self.seeds]
         self.vectors: list[Tensor] | None = None
+        self.warm = [False] * len(self.seeds)  # whose start vector is a measured eigenvector (a run's tracker.vector set)
         self.probe: tuple[Tensor, Tensor] | None = None
         self.batch_size: int | None = None  # the training batch size, from setup()'s data
         self.threshold_formulas: list[str | None] = []
@@ -216,15 +217,14 @@ class MemberSharpness:
             valid = torch.stack([(t > 0).flatten(1).all(1) for t in precond]).all(0)
             # A member without a usable preconditioner is measured with P = I and recorded as NaN.
             precond = [torch.where(valid.view(-1, *[1] * (t.dim() - 1)), t, 1.0) for t in precond]
-        # As each run's tracker: a cold start (no finite measurement yet) may take COLD_START_ITERS products.
-        iters = [self.iters if any(math.isfinite(row[1]) for row in log.series) else max(self.iters, COLD_START_ITERS)
-                 for log in self.logs]
+        iters = [measurement_iters(self.iters, warm) for warm in self.warm]  # as each run's tracker
         pairs = member_eigenpairs(model, *self.probe, precond, iters, self.tol, init=self.vectors)
         values = pairs.values.tolist()
         keep = [ok and math.isfinite(v) and m not in nan_members for m, (ok, v) in enumerate(zip(valid.tolist(), values))]
         keep_t = torch.tensor(keep, device=params[0].device)
         self.vectors = [torch.where(keep_t.view(-1, *[1] * (new.dim() - 1)), new, old)
                         for new, old in zip(pairs.vectors, self.vectors)]
+        self.warm = [warm or kept for warm, kept in zip(self.warm, keep)]
         lrs = self.lrs(optimizer)
         usable = valid.tolist()
         for m in [*members, *nan_members]:
@@ -252,3 +252,5 @@ class MemberSharpness:
         for log, saved in zip(self.logs, state["logs"], strict=True):
             log.load_state_dict(saved)
         self.vectors = state["vectors"]
+        # a start vector becomes an eigenvector with the first finite measurement, which the log holds
+        self.warm = [any(math.isfinite(row[1]) for row in log.series) for log in self.logs]

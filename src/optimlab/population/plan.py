@@ -27,7 +27,7 @@ from torch import Tensor
 
 from optimlab.build import build_parts, optimizer_class
 from optimlab.checkpointing import holds_a_run, last_checkpoint
-from optimlab.curvature.tracking import COLD_START_ITERS
+from optimlab.curvature.tracking import measurement_iters
 from optimlab.data import load_split
 from optimlab.hydra_job import hydra_config_of, set_output_dir
 from optimlab.lr_schedule import lr_monitor_unfollowed
@@ -531,7 +531,7 @@ def estimate_memory(cfg: DictConfig) -> MemoryEstimate:
         curvature = cfg.curvature
         # 16 parameter-sized vectors more than the basis: the gradient with its graph, the product and the
         # reorthogonalisation's temporaries (measured against peak resident memory, docs/population.md).
-        rows = max(curvature.iters, COLD_START_ITERS)  # a cold measurement's basis
+        rows = measurement_iters(curvature.iters, warm=False)  # a cold measurement's basis
         tracking = (rows + 16) * params * size + curvature.probe_size * (28 * 28 * 4 + 4 * activations * size)
     copies = 5 if population_device(cfg.trainer.accelerator) == torch.device("cuda") else 4
     copies += (cfg.test_ckpt == "best") + (noise > 0)  # its best checkpoint's weights; its gradient noise

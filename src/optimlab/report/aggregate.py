@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from optimlab.regimes import LABELS
-from optimlab.report.rows import by_setting_and_width, measured_at_start, on_lr_axis
+from optimlab.report.rows import by_setting_and_width, has_test_acc, measured_at_start, on_lr_axis
 
 
 PLOT_LABELS = (*LABELS, "crashed")  # what a figure colours a run by: its regime, or crashed (no diagnosis)
@@ -55,7 +55,7 @@ def map_cells(rows: list[dict[str, Any]]) -> dict[tuple[str, str, float], MapCel
     for key, runs in groups.items():
         counts = Counter(r["regime"] if r["regime"] in PLOT_LABELS else "crashed" for r in runs)
         regime = max(PLOT_LABELS, key=lambda label: (counts[label], -PLOT_LABELS.index(label)))
-        accs = [r["final_test_acc"] for r in runs if r.get("final_test_acc") is not None]
+        accs = [r["final_test_acc"] for r in runs if has_test_acc(r)]
         cells[key] = MapCell(regime, len(counts) == 1, dict(counts), statistics.fmean(accs) if accs else None)
     return cells
 
@@ -110,7 +110,7 @@ def seed_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Runs whose whole config differs only in the seed (see :func:`~optimlab.report.rows.same_but_seed`), aggregated: mean and (population) std of test accuracy."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        if r.get("final_test_acc") is not None:
+        if has_test_acc(r):
             groups[r["same_but_seed"]].append(r)
     table = []
     for members in groups.values():

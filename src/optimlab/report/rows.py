@@ -134,11 +134,14 @@ def on_lr_axis(r: dict[str, Any]) -> bool:
     return isinstance(r.get("lr"), (int, float)) and r["lr"] > 0
 
 
+def has_test_acc(r: dict[str, Any]) -> bool:
+    """Whether run ``r`` has a final test accuracy (a crashed, interrupted or unfinished run has none: not 0)."""
+    return isinstance(r.get("final_test_acc"), (int, float)) and math.isfinite(r["final_test_acc"])
+
+
 def tested_at_lr(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The runs an lr-accuracy figure can draw: an lr on the axis and a final test accuracy (a crashed,
-    interrupted or unfinished run has none: not 0)."""
-    return [r for r in rows if on_lr_axis(r) and isinstance(r.get("final_test_acc"), (int, float))
-            and math.isfinite(r["final_test_acc"])]
+    """The runs an lr-accuracy figure can draw: an lr on the axis and a final test accuracy."""
+    return [r for r in rows if on_lr_axis(r) and has_test_acc(r)]
 
 
 def measured_at_start(r: dict[str, Any]) -> bool:
