@@ -89,8 +89,11 @@ def shown_events(log_dir: str | Path, step: int, before: float) -> list[Event]:
     files in ``log_dir``: read in order, each file's mark hiding the earlier files' events at its step and later."""
     shown: list[Event] = []
     for path in sorted(Path(log_dir).glob("events.out.tfevents.*")):
-        # As written (EventFileLoader would convert scalars into tensors, which are then not scalars)
-        for event in map(Event.FromString, RawEventFileLoader(str(path)).Load()):
+        try:  # as written (EventFileLoader would convert scalars into tensors, which are then not scalars)
+            events = [Event.FromString(record) for record in RawEventFileLoader(str(path)).Load()]
+        except OSError:  # unreadable: TensorBoard shows nothing of it either
+            continue
+        for event in events:
             if event.HasField("session_log") and event.session_log.status == SessionLog.START:
                 shown = [e for e in shown if e.step < event.step]
             elif event.step == step and event.HasField("summary") and event.wall_time < before:
