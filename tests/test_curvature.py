@@ -255,6 +255,35 @@ def test_argument_checks() -> None:
         sharpness(model, x, y[:, None])
     with pytest.raises(ValueError, match="no trainable parameters"):
         sharpness(model.requires_grad_(False), x, y)
+    model.requires_grad_(True)
+    # Types a conversion would silently turn into other classes or drop a part of: refused (a probe).
+    for labels in (y.bool(), y.to(torch.complex128)):
+        with pytest.raises(ValueError, match=f"Invalid y: .* got {labels.dtype}"):
+            sharpness(model, x, labels)
+    with pytest.raises(ValueError, match="Invalid x: must be real"):
+        sharpness(model, x.to(torch.complex128), y)
+    with pytest.raises(ValueError, match=r"Invalid preconditioner: must be real numbers, got \['torch.bool'\]"):
+        sharpness(model, x, y, [torch.ones_like(p, dtype=torch.bool) for p in model.parameters()])
+    with pytest.raises(ValueError, match="the model's output must be logits shaped .*, got tuple"):
+        sharpness(Returns(model), x, y)
+
+
+class Returns(nn.Module):
+    """``model``'s logits in a tuple, or (``constant``) the first columns of its input, which no parameter reaches."""
+
+    def __init__(self, model: nn.Module, constant: bool = False) -> None:
+        super().__init__()
+        self.model, self.constant = model, constant
+
+    def forward(self, x: torch.Tensor) -> object:
+        return x[:, :3] * 1.0 if self.constant else (self.model(x),)
+
+
+def test_a_loss_no_trainable_parameter_reaches_has_zero_sharpness() -> None:
+    model, x, y = mlp(nn.Tanh, 0)  # its logits have 3 classes, x at least 3 columns
+    pair = top_eigenpair(Returns(model, constant=True), x, y)
+    assert pair.value == 0.0 and pair.iterations == 0
+    assert sum(float(v.square().sum()) for v in pair.vector) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="nonzero"):
         lanczos(lambda v: v, torch.zeros(3))
     with pytest.raises(ValueError, match="Invalid v0: must be finite"):

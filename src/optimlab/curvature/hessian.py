@@ -64,8 +64,8 @@ def like_parameters(name: str, tensors: object, model: nn.Module) -> list[Tensor
     tensors = list(tensors)
     if not all(isinstance(t, Tensor) for t in tensors):
         raise ValueError(f"Invalid {name}: must be a list of tensors, got {[type(t).__name__ for t in tensors]}")
-    if any(t.is_complex() for t in tensors):
-        raise ValueError(f"Invalid {name}: must be real, got {sorted({str(t.dtype) for t in tensors})}")
+    if any(t.is_complex() or t.dtype == torch.bool for t in tensors):
+        raise ValueError(f"Invalid {name}: must be real numbers, got {sorted({str(t.dtype) for t in tensors})}")
     if len(tensors) == len(every) != len(params):
         tensors = [t for t, p in zip(tensors, every) if p.requires_grad]
     if len(tensors) != len(params) or any(t.shape != p.shape for t, p in zip(tensors, params)):
@@ -78,7 +78,14 @@ def like_parameters(name: str, tensors: object, model: nn.Module) -> list[Tensor
 def probe_batch(x: Tensor, y: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """The batch as the Hessian is taken on it: images in the parameters' dtype (as a 64-true
     trainer casts its batches), integer labels as int64 (what cross-entropy takes), and tensors made
-    under ``torch.inference_mode`` copied (autograd cannot save them). Call it inside :func:`evaluation`."""
+    under ``torch.inference_mode`` copied (autograd cannot save them); a ValueError for complex images or
+    complex or boolean labels (which a conversion would silently turn into other classes). Call it inside
+    :func:`evaluation`."""
+    if x.is_complex():
+        raise ValueError(f"Invalid x: must be real, got {x.dtype}")
+    if y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"Invalid y: class indices (integers) or class probabilities (floating point) required, "
+                         f"got {y.dtype}")
     if x.is_floating_point():
         x = x.to(dtype)
     if not y.is_floating_point():
@@ -90,8 +97,9 @@ def check_targets(logits: Tensor, y: Tensor) -> None:
     """A ValueError unless ``y`` is what the mean cross-entropy of ``logits`` (``[N, C, ...]``) takes, on
     their device: class indices shaped ``[N, ...]`` in ``[0, C)`` (or cross-entropy's ignored index -100),
     or floating-point class probabilities shaped like the logits."""
-    if logits.dim() < 2:
-        raise ValueError(f"the model's output must be logits shaped [N, classes, ...], got {tuple(logits.shape)}")
+    if not isinstance(logits, Tensor) or logits.dim() < 2:
+        got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"the model's output must be logits shaped [N, classes, ...], got {got}")
     if y.device != logits.device:
         raise ValueError(f"Invalid y: on {y.device}, the model's output on {logits.device}")
     if y.is_floating_point():
@@ -179,6 +187,8 @@ def top_eigenpair(model: nn.Module, x: Tensor, y: Tensor, preconditioner: Sequen
         loss = F.cross_entropy(logits, y)
         if not bool(torch.isfinite(loss)):  # its Hessian is not defined (every label ignored: 0/0)
             return Eigenpair(math.nan, unflat(v0), 0)
+        if not loss.requires_grad:  # no trainable parameter reaches the loss: its Hessian is zero
+            return Eigenpair(0.0, unflat(v0 / torch.linalg.vector_norm(v0)), 0)
         grads = torch.autograd.grad(loss, params, create_graph=True, materialize_grads=True)
         # A gradient that does not depend on the parameters contributes a zero row of H.
         live = [i for i, g in enumerate(grads) if g.requires_grad]

@@ -50,7 +50,8 @@ def lanczos(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int = 20,
     Args:
         matvec: :math:`v \mapsto A v` for a flat vector :math:`v` like ``v0``.
         v0: nonzero start vector (1-D); a good guess of the top eigenvector shortens the iteration.
-        iters: at most this many products (capped at ``v0.numel()``).
+        iters: at most this many products (capped at ``v0.numel()``); an iteration they end before the
+            error bound meets ``tol`` (then the returned count equals ``iters``) may be further off.
         tol: relative error bound of the top Ritz value at which to stop (0: run all ``iters``).
 
     Returns:
