@@ -420,6 +420,14 @@ def test_diverging_evidence_cites_the_sharpness_crossing_and_the_lead_before_the
     assert d.regime == "oscillating"
     assert d.evidence[-1] == "preconditioned sharpness stayed below 38/lr in all 12 measurements (largest 56.1)"
     assert math.isnan(d.measures["sharpness_first_crossing_step"])
+    # Measured from step 200 on (log_spaced_start off), at one threshold: both said, as a blow-up may come first.
+    late = {**adam, "initial_step": 200, "series": [[200 * k, 50.0, 380.0] for k in range(1, 13)]}
+    assert diagnose(CURVES["oscillating"], curvature=late).evidence[-1] == (
+        "preconditioned sharpness stayed below 38/lr = 380 in all 12 measurements from step 200 (largest 56.1)")
+    late = {**CROSSED, "initial_step": 200, "first_crossing_step": 600}
+    assert diagnose(CURVES["diverging"][:1], diverged=True, diverged_at_step=900, curvature=late).evidence[-1] == (
+        "sharpness 31.2 crossed 2/lr = 2.86 at step 600 (measured from step 200); first non-finite loss, gradient or "
+        "weight at step 900")
 
 
 def test_the_sharpness_never_changes_a_label_and_is_cited_only_for_instability() -> None:

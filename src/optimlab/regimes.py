@@ -332,11 +332,17 @@ def edge_of_stability(m: dict[str, float], curvature: dict[str, Any] | None, div
     m["sharpness_first_crossing_step"] = _float(step)
     m["crossing_sharpness"] = _float(curvature.get("crossing_sharpness"))
     m["crossing_threshold"] = _float(curvature.get("crossing_threshold"))
+    # Where tracking began after step 0 (log_spaced_start off) a blow-up may predate every measurement.
+    start = curvature.get("initial_step")
+    since = f"from step {start}" if isinstance(start, (int, float)) and start > 0 else ""
     if step is None:
-        text = (f"{what} stayed below {threshold} in all {curvature['measurements']} measurements "
-                f"(largest {m['sharpness_max']:.3g})")
+        levels = {row[2] for row in curvature.get("series") or []}
+        level = f" = {_float(levels.pop()):.3g}" if len(levels) == 1 else ""  # one threshold throughout
+        text = (f"{what} stayed below {threshold}{level} in all {curvature['measurements']} measurements"
+                f"{' ' + since if since else ''} (largest {m['sharpness_max']:.3g})")
     else:
-        text = f"{what} {m['crossing_sharpness']:.3g} crossed {threshold} = {m['crossing_threshold']:.3g} at step {step}"
+        text = (f"{what} {m['crossing_sharpness']:.3g} crossed {threshold} = {m['crossing_threshold']:.3g} at step {step}"
+                + (f" (measured {since})" if since else ""))
     if diverged_at_step is not None:
         text += f"; first non-finite loss, gradient or weight at step {diverged_at_step}"
         m["crossing_lead_steps"] = diverged_at_step - step if step is not None else math.nan
