@@ -29,11 +29,9 @@ from optimlab.divergence import DivergenceGuard
 from optimlab.module import ClassifierModule
 from optimlab.regimes import Thresholds
 from optimlab.tensorboard_logger import Restart
-from optimlab.validate import OWN_TRAINER_KEYS, ConfigError
+from optimlab.validate import OWN_TRAINER_KEYS, WEIGHT_DTYPES, ConfigError
 
 CLIPPING = ("gradient_clip_val", "gradient_clip_algorithm")  # trainer keys the module applies (manual optimization)
-# The precisions under which Lightning casts the module's weights (its "-true" plugins), and to what.
-WEIGHT_DTYPES = {"64-true": torch.float64, "64": torch.float64, "16-true": torch.float16, "bf16-true": torch.bfloat16}
 
 
 @dataclass

@@ -119,6 +119,9 @@ TRAINER_SET_BY_OPTIMLAB = {
     "enable_progress_bar": "use trainer.progress_bar", "default_root_dir": "use hydra.run.dir",
     "plugins": "optimlab writes checkpoints with its own atomic writer",
     "num_sanity_val_steps": "optimlab validates after every epoch and never before training"}
+# The precisions under which Lightning casts the module's weights (its "-true" plugins), and to what;
+# under the others they stay float32.
+WEIGHT_DTYPES = {"64-true": torch.float64, "64": torch.float64, "16-true": torch.float16, "bf16-true": torch.bfloat16}
 OWN_TRAINER_KEYS = ("check_finite_every_n_steps", "progress_bar", "num_threads", "flush_denormal", "compile")
 BUILT = ("model", "optimizer", "data", "scheduler")   # groups instantiated from their _target_
 COLLECTIONS = ("callbacks", "logger")                 # groups of named entries, each instantiated
@@ -264,7 +267,7 @@ def check_range(cfg: DictConfig) -> None:
     """The step size and weight decay must be numbers the weights' dtype can hold: an update by a
     larger one cannot be computed (torch refuses to convert it), where a population's member-wise
     tensor would hold inf; the run would crash, the population's member diverge."""
-    dtype = torch.float64 if str(cfg.trainer.precision) in ("64-true", "64") else torch.float32
+    dtype = WEIGHT_DTYPES.get(str(cfg.trainer.precision), torch.float32)
     largest = torch.finfo(dtype).max
     for key in ("lr", "optimizer.lr", "optimizer.weight_decay"):  # lr first: optimizer.lr is ${lr} by default
         value = _value(cfg, key)
