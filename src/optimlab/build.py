@@ -28,7 +28,7 @@ from optimlab.data import MNISTDataModule
 from optimlab.divergence import DivergenceGuard
 from optimlab.module import ClassifierModule
 from optimlab.regimes import Thresholds
-from optimlab.tensorboard_logger import Restart
+from optimlab.tensorboard_logger import Restart, in_run_folder
 from optimlab.validate import OWN_TRAINER_KEYS, WEIGHT_DTYPES, ConfigError
 
 CLIPPING = ("gradient_clip_val", "gradient_clip_algorithm")  # trainer keys the module applies (manual optimization)
@@ -139,9 +139,9 @@ def build_loggers(logger_config: Mapping[str, Any], run_dir: Path, tensorboard_q
                 if issubclass(make.func, TensorBoardLogger):
                     if tensorboard_queue:
                         options["max_queue"] = tensorboard_queue
-                    save_dir = Path(options.get("save_dir") or make.keywords["save_dir"])
-                    if restart is not None and save_dir.resolve().is_relative_to(run_dir.resolve()):
-                        options["purge_step"] = restart.step  # in the run's folder only: not in one runs share
+                    save_dir = options.get("save_dir") or make.keywords["save_dir"]
+                    if restart is not None and in_run_folder(save_dir, run_dir):
+                        options["purge_step"] = restart.step
                 loggers.append(make(**options))
     return loggers
 

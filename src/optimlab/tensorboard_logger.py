@@ -84,6 +84,12 @@ class Restart(NamedTuple):
     checkpoint_time: float = -math.inf
 
 
+def in_run_folder(path: str | Path, run_dir: Path) -> bool:
+    """Whether ``path`` lies in ``run_dir``: event files there are the run's own, while a folder outside it
+    (``logger.tensorboard.save_dir``) may hold other runs' files."""
+    return Path(path).resolve().is_relative_to(run_dir.resolve())
+
+
 def shown_events(log_dir: str | Path, step: int, before: float) -> list[Event]:
     """The summary events at ``step`` logged before ``before`` that TensorBoard shows from the event
     files in ``log_dir``: read in order, each file's mark hiding the earlier files' events at its step and later."""
@@ -107,7 +113,7 @@ def open_after(loggers: Iterable[Logger], restart: Restart, run_dir: Path) -> No
     at that step from before the checkpoint. A logger writing elsewhere (a ``save_dir`` shared by runs) is
     left as it is."""
     for logger in loggers:
-        if isinstance(logger, TensorBoardLogger) and Path(logger.log_dir).resolve().is_relative_to(run_dir.resolve()):
+        if isinstance(logger, TensorBoardLogger) and in_run_folder(logger.log_dir, run_dir):
             # read before the writer makes its file
             kept = shown_events(logger.log_dir, *restart) if restart.checkpoint_time > -math.inf else []
             writer = logger.experiment.file_writer

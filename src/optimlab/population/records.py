@@ -23,6 +23,7 @@ from optimlab.population.loop import MemberRecord
 from optimlab.record import close_loggers, diagnosed_summary, log_result, logged_in_fit, replay
 from optimlab.regimes import Thresholds
 from optimlab.summary import FINISHED, RunSummary, write_summary
+from optimlab.tensorboard_logger import in_run_folder
 
 
 @dataclass
@@ -92,8 +93,8 @@ def write_logs(run_dir: Path, summary: RunSummary) -> None:
     # thread's hand-offs (5.0 -> 3.2 ms a member of the narrow grid; the file is complete at close either way).
     loggers = build_loggers(logger_config, run_dir, tensorboard_queue=1000,
                             constructors=constructors_of(json.dumps(logger_config, sort_keys=True)))
-    earlier = [path for logger in loggers if isinstance(logger, TensorBoardLogger)
-               and Path(logger.log_dir).resolve().is_relative_to(run_dir.resolve())
+    earlier = [path for logger in loggers
+               if isinstance(logger, TensorBoardLogger) and in_run_folder(logger.log_dir, run_dir)
                for path in Path(logger.log_dir).glob("events.out.tfevents.*")]
     if summary.curvature:
         show_sharpness_chart(loggers)
