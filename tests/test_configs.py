@@ -137,8 +137,6 @@ def test_unknown_keys_are_refused(override: str, key: str) -> None:
         validate_config(compose_config(*override.split()))
 
 
-
-
 @pytest.mark.parametrize("override, line", [
     ("optimizer.maximize=maybe", "optimizer.maximize: 'maybe' is not allowed; expected true or false"),
     ("optimizer=rmsprop optimizer.centered=no", "optimizer.centered: 'no' is not allowed; expected true or false"),

@@ -721,7 +721,7 @@ def fit(module: L.LightningModule, callbacks: list[L.Callback], epochs: int = 2,
 
 def test_callback_logs_and_records_every_n_steps() -> None:
     probe = Data().train_x[:16], Data().train_y[:16]
-    cb = SharpnessCallback(every_n_steps=2, probe=probe, iters=60, tol=1e-12)
+    cb = SharpnessCallback(every_n_steps=2, log_spaced_start=False, probe=probe, iters=60, tol=1e-12)
     logger = Recorder()
     module = Classifier(tiny_model(), lambda p: optim.SGD(p, lr=0.5))
     fit(module, [cb], logger=logger)
@@ -742,7 +742,7 @@ def test_callback_records_the_first_crossing() -> None:
     probe = Data().train_x, Data().train_y
     start = sharpness(tiny_model(), *probe, iters=60, tol=1e-12)
     lr = 2 / (0.5 * start)  # the threshold starts at half the sharpness
-    cb = SharpnessCallback(every_n_steps=1, probe=probe, iters=60, tol=1e-12)
+    cb = SharpnessCallback(every_n_steps=1, log_spaced_start=False, probe=probe, iters=60, tol=1e-12)
     logger = Recorder()
     fit(Classifier(tiny_model(), lambda p: optim.SGD(p, lr=lr)), [cb], logger=logger)
     logged = logger.curvature()
@@ -760,7 +760,7 @@ def test_callback_does_not_change_the_trajectory() -> None:
         fit(module, callbacks)
         return [p.detach().clone() for p in module.parameters()]
 
-    cb = SharpnessCallback(every_n_steps=1, probe_size=16)
+    cb = SharpnessCallback(every_n_steps=1, log_spaced_start=False, probe_size=16)
     with_tracking = run([cb])
     assert cb.run_record()["measurements"] == 8 and all(math.isfinite(r["sharpness_max"]) for r in cb.history)
     assert cb.run_record()["probe_images"] == 16
@@ -768,13 +768,13 @@ def test_callback_does_not_change_the_trajectory() -> None:
 
 
 def test_a_probe_larger_than_the_training_set_is_the_training_set_and_recorded_so() -> None:
-    cb = SharpnessCallback(every_n_steps=4, probe_size=1000)
+    cb = SharpnessCallback(every_n_steps=4, log_spaced_start=False, probe_size=1000)
     fit(Classifier(tiny_model(), lambda p: optim.SGD(p, lr=0.1)), [cb], epochs=1)
     assert cb.run_record()["probe_images"] == 32  # Data's 32 examples
 
 
 def test_callback_survives_non_finite_weights() -> None:
-    cb = SharpnessCallback(every_n_steps=1, probe_size=16)
+    cb = SharpnessCallback(every_n_steps=1, log_spaced_start=False, probe_size=16)
     logger = Recorder()
     fit(Classifier(tiny_model(), lambda p: optim.Adam(p, lr=0.01), nan_at_batch=2), [cb], epochs=1, logger=logger)
     values = [v for _, v, _ in logger.curvature()]
@@ -787,12 +787,12 @@ def test_callback_resumes_from_a_checkpoint(tmp_path: Path) -> None:
     def make() -> Classifier:
         return Classifier(tiny_model(), lambda p: optim.Adam(p, lr=0.05))
 
-    straight = SharpnessCallback(every_n_steps=3, probe_size=16)
+    straight = SharpnessCallback(every_n_steps=3, log_spaced_start=False, probe_size=16)
     fit(make(), [straight], epochs=3)
-    first = SharpnessCallback(every_n_steps=3, probe_size=16)
+    first = SharpnessCallback(every_n_steps=3, log_spaced_start=False, probe_size=16)
     trainer = fit(make(), [first], epochs=1)
     trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
-    resumed = SharpnessCallback(every_n_steps=3, probe_size=16)
+    resumed = SharpnessCallback(every_n_steps=3, log_spaced_start=False, probe_size=16)
     fit(make(), [resumed], epochs=3, ckpt_path=str(tmp_path / "epoch1.ckpt"))
     assert resumed.history == straight.history and resumed.run_record() == straight.run_record()
     assert [r["measurements"] for r in straight.history] == [1, 1, 2]  # steps 3 | 6 | 9, 12
@@ -802,7 +802,7 @@ def test_callback_draws_both_lines_on_one_tensorboard_chart(tmp_path: Path) -> N
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logger = TensorBoardLogger(tmp_path, name="tb", version="")
-    fit(Classifier(tiny_model(), lambda p: optim.SGD(p, lr=0.1)), [SharpnessCallback(every_n_steps=4, probe_size=8)],
+    fit(Classifier(tiny_model(), lambda p: optim.SGD(p, lr=0.1)), [SharpnessCallback(every_n_steps=4, log_spaced_start=False, probe_size=8)],
         logger=logger, root=tmp_path)
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
@@ -812,9 +812,10 @@ def test_callback_draws_both_lines_on_one_tensorboard_chart(tmp_path: Path) -> N
 
 
 def test_log_spaced_start_measures_the_initialisation_and_the_first_steps() -> None:
-    cb = SharpnessCallback(every_n_steps=10, probe_size=8, log_spaced_start=True)
+    cb = SharpnessCallback(every_n_steps=10, probe_size=8)  # log_spaced_start by default, as in the config
     assert [s for s in range(1, 31) if cb.due(s)] == [1, 2, 4, 8, 10, 20, 30]
-    assert [s for s in range(1, 31) if SharpnessCallback(every_n_steps=10).due(s)] == [10, 20, 30]
+    off = SharpnessCallback(every_n_steps=10, log_spaced_start=False)
+    assert [s for s in range(1, 31) if off.due(s)] == [10, 20, 30]
     fit(Classifier(tiny_model(), lambda p: optim.SGD(p, lr=0.1)), [cb], epochs=3)  # 12 steps
     assert cb.sharpness_log.measurements == 6 and cb.history[0]["measurements"] >= 1  # steps 0, 1, 2, 4, 8, 10
     # Adam is measured at step 0 too, preconditioned by the P its state settles to (probe minibatches of 4).

@@ -25,7 +25,6 @@ class Eigenpair(NamedTuple):
     iterations: int
 
 
-
 @contextlib.contextmanager
 def evaluation(model: nn.Module) -> Iterator[None]:
     """Eval mode (no dropout, batch norm on its running statistics) and grad mode for the block (also

@@ -80,7 +80,6 @@ class SharpnessTracker:
         self.iterations = state["iterations"]
 
 
-
 def measurement_iters(iters: int, warm: bool) -> int:
     """The products a tracker's measurement may take: ``iters`` from a warm start, at least
     :data:`COLD_START_ITERS` from a random one."""
@@ -278,7 +277,7 @@ class SharpnessCallback(L.Callback):
 
     def __init__(self, every_n_steps: int, probe_size: int = DEFAULT_PROBE_SIZE, seed: int = 0,
                  probe: tuple[Tensor, Tensor] | None = None, iters: int = 20,
-                 tol: float = DEFAULT_TRACKING_TOL, log_spaced_start: bool = False,
+                 tol: float = DEFAULT_TRACKING_TOL, log_spaced_start: bool = True,
                  batch_size: int | None = None) -> None:
         check_tracking(every_n_steps, probe_size, batch_size)
         if probe is not None and (len(probe) != 2 or len(probe[0]) != len(probe[1]) or len(probe[1]) == 0):

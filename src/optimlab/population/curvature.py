@@ -151,7 +151,7 @@ class MemberSharpness:
     """
 
     def __init__(self, every_n_steps: int, seeds: Sequence[int], probe_size: int = DEFAULT_PROBE_SIZE,
-                 iters: int = 20, tol: float = DEFAULT_TRACKING_TOL, log_spaced_start: bool = False) -> None:
+                 iters: int = 20, tol: float = DEFAULT_TRACKING_TOL, log_spaced_start: bool = True) -> None:
         check_tracking(every_n_steps, probe_size)
         check_tracking_iteration(iters, tol)
         self.every_n_steps, self.probe_size, self.seeds = every_n_steps, probe_size, list(seeds)
