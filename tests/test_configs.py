@@ -3,8 +3,10 @@ bad values are refused with one line naming the key."""
 
 from __future__ import annotations
 
+import inspect
 import itertools
 
+import hydra
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -12,7 +14,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from conftest import CONF, compose_config
+from hydra_plugins.optimlab_population.population_launcher import (SUBMITIT_PARAMETERS, PopulationLauncher,
+                                                                   PopulationLauncherConf)
 from optimlab.build import build_parts
+from optimlab.curvature import SharpnessCallback, SharpnessTracker
+from optimlab.population.curvature import MemberSharpness
 from optimlab.validate import ConfigError, validate_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -164,3 +170,33 @@ def test_flags_accept_booleans_and_null_where_null_is_the_default() -> None:
     for override in ("optimizer.maximize=true", "optimizer=adam optimizer.amsgrad=false", "+optimizer.foreach=null",
                      "+optimizer.foreach=true", "trainer.limit_train_batches=0.5", "trainer.overfit_batches=0.0"):
         validate_config(compose_config(*override.split()))
+
+
+def python_defaults(cls: type) -> dict:
+    return {name: p.default for name, p in inspect.signature(cls).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+@pytest.mark.parametrize("group", ["model=mlp", "model=cnn", "data=mnist"])
+def test_a_groups_python_defaults_are_its_config_file(group: str) -> None:
+    """A class built from a group file, made in Python without its arguments, is the config's default
+    (keys both name; tuples as the file's lists)."""
+    node = OmegaConf.to_container(compose_config(group)[group.split("=")[0]], resolve=True)
+    cls = hydra.utils.get_class(node.pop("_target_"))
+    defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in python_defaults(cls).items()}
+    shared = node.keys() & defaults.keys()
+    assert len(shared) >= 5 and {k: node[k] for k in shared} == {k: defaults[k] for k in shared}
+
+
+def test_tracking_and_the_population_launchers_python_defaults_are_the_configs() -> None:
+    curvature = compose_config().curvature
+    for cls in (SharpnessCallback, MemberSharpness):
+        defaults = python_defaults(cls)
+        assert {k: curvature[k] for k in ("probe_size", "iters", "tol", "log_spaced_start")} == \
+            {k: defaults[k] for k in ("probe_size", "iters", "tol", "log_spaced_start")}
+    assert python_defaults(SharpnessTracker)["tol"] == curvature.tol
+    launcher, conf = python_defaults(PopulationLauncher), OmegaConf.structured(PopulationLauncherConf)
+    population = compose_config().population
+    assert [launcher[k] for k in population] == list(population.values())
+    assert (launcher["executor"], launcher["max_parallel"]) == (conf.executor, conf.max_parallel)
+    assert launcher["submitit"] is None and SUBMITIT_PARAMETERS == OmegaConf.to_container(conf.submitit)

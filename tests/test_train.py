@@ -311,6 +311,8 @@ def test_grad_noise_is_refused_with_torch_impl(tmp_path: Path) -> None:
     ("optimized_metric=test/acc", "optimized_metric"),
     ("callbacks=none test_ckpt=best", "test_ckpt"),
     ("model=cnn model.kernel_size=100", "model.kernel_size"),
+    ("model.init_std=true", "model.init_std: True is not allowed"), ("model.dropout=false", "model.dropout"),  # bools
+    ("model.hidden=[true]", "model.hidden"), ("model=cnn model.pool_stride=true", "model.pool_stride"),
     pytest.param("trainer.precision=16-mixed", "trainer.precision", marks=NEEDS_NO_GPU),
     pytest.param("trainer.accelerator=gpu", "trainer.accelerator", marks=NEEDS_NO_GPU),
     ("optimizer=adagrad optimizer.lr_decay=-1", "optimizer.lr_decay"),

@@ -21,6 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from optimlab.checks import finite_number, is_count
 
+SUBMITIT_PARAMETERS = {"timeout_min": 60}  # a submitit population job's limits unless hydra.launcher.submitit sets them
+
 
 @dataclass
 class PopulationLauncherConf:
@@ -47,7 +49,7 @@ class PopulationLauncherConf:
     submitit_folder: str = "${hydra.sweep.dir}/.submitit/%j"  # submitit's logs and pickles (%j: job id)
     # submitit.AutoExecutor.update_parameters: timeout_min, cpus_per_task, gpus_per_node, mem_gb,
     # slurm_partition, ... (add one with +hydra.launcher.submitit.<name>=<value>)
-    submitit: Dict[str, Any] = field(default_factory=lambda: {"timeout_min": 60})
+    submitit: Dict[str, Any] = field(default_factory=lambda: dict(SUBMITIT_PARAMETERS))
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="population", node=PopulationLauncherConf,
@@ -57,7 +59,9 @@ ConfigStore.instance().store(group="hydra/launcher", name="population", node=Pop
 class PopulationLauncher(Launcher):
     """Launches a sweep's jobs as Hydra's BasicLauncher does (each job composed, with its own
     output dir, ``.hydra/`` files and JobReturn), but trains the jobs that can share a population
-    together, with :mod:`optimlab.population`; the others run one by one through the task function."""
+    together, with :mod:`optimlab.population`; the others run one by one through the task function.
+    Its arguments are :class:`PopulationLauncherConf`'s knobs with its defaults, but for ``submitit_folder``,
+    which the config puts in the sweep's folder and which, built here without Hydra, is relative to the working one."""
 
     def __init__(self, max_members: int = 64, max_memory_gib: Optional[float] = None, dry_run: bool = False,
                  executor: str = "auto",
@@ -84,7 +88,7 @@ class PopulationLauncher(Launcher):
         if executor != "inline":  # checked (and any other name refused) here, before Hydra writes anything
             from optimlab.population.cluster import make_executor
 
-            self.executor = make_executor(executor, submitit_folder, submitit or {})
+            self.executor = make_executor(executor, submitit_folder, SUBMITIT_PARAMETERS if submitit is None else submitit)
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None

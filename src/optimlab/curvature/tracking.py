@@ -54,7 +54,7 @@ class SharpnessTracker:
             number of Hessian-vector products.
     """
 
-    def __init__(self, iters: int = 20, tol: float = 1e-3, seed: int = 0) -> None:
+    def __init__(self, iters: int = 20, tol: float = DEFAULT_TRACKING_TOL, seed: int = 0) -> None:
         check_tracking_iteration(iters, tol)
         self.iters, self.tol = iters, tol
         self.generator = torch.Generator().manual_seed(seed)

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from optimlab.checks import is_integer
+from optimlab.checks import finite_number, is_count
 from optimlab.models.activations import ACTIVATIONS
 from optimlab.models.init import INITS
 
 
 def _widths(v: Any, empty: bool) -> bool:
-    return isinstance(v, Sequence) and not isinstance(v, str) and (empty or len(v) > 0) and all(is_integer(w) and w >= 1 for w in v)
+    return isinstance(v, Sequence) and not isinstance(v, str) and (empty or len(v) > 0) and all(map(is_count, v))
 
 
 def require(key: str, value: Any, ok: Callable[[Any], bool], allowed: str) -> None:
@@ -24,9 +23,8 @@ def check_common(activation: str, init: str, init_std: float, dropout: float) ->
     """The arguments both models take."""
     require("activation", activation, lambda v: v in ACTIVATIONS, "one of " + ", ".join(ACTIVATIONS))
     require("init", init, lambda v: v in INITS, "one of " + ", ".join(INITS))
-    number = (int, float)
-    require("init_std", init_std, lambda v: isinstance(v, number) and math.isfinite(v) and v > 0, "a positive number")
-    require("dropout", dropout, lambda v: isinstance(v, number) and 0 <= v < 1, "a number in [0, 1)")
+    require("init_std", init_std, lambda v: finite_number(v) and v > 0, "a positive number")
+    require("dropout", dropout, lambda v: finite_number(v) and 0 <= v < 1, "a number in [0, 1)")
 
 
 def check_widths(key: str, value: Any, *, empty: bool = False) -> None:
@@ -35,4 +33,4 @@ def check_widths(key: str, value: Any, *, empty: bool = False) -> None:
 
 
 def check_positive_int(key: str, value: Any) -> None:
-    require(key, value, lambda v: is_integer(v) and v >= 1, "an integer >= 1")
+    require(key, value, is_count, "an integer >= 1")

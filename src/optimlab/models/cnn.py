@@ -28,7 +28,7 @@ class CNN(nn.Module):
 
     def __init__(self, channels: Sequence[int] = (12, 16), kernel_size: int = 5, fc: Sequence[int] = (120, 84),
                  pool_stride: int = 1,
-                 activation: str = "relu", init: str = "default", init_std: float = 0.1, dropout: float = 0.0,
+                 activation: str = "relu", init: str = "stax", init_std: float = 0.1, dropout: float = 0.0,
                  image_size: int = 28, in_channels: int = 1, num_classes: int = 10) -> None:
         check_widths("channels", channels)
         check_widths("fc", fc, empty=True)
