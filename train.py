@@ -49,7 +49,8 @@ from optimlab.hydra_job import JobFailed, remove_if_new_and_empty
 from optimlab.mnist_files import DataError
 from optimlab.record import record_refusal
 from optimlab.summary import OPTIMIZED_METRICS, optimized_value
-from optimlab.train import Interrupted, run
+from optimlab.signals import Interrupted, exit_code
+from optimlab.train import run
 from optimlab.validate import ConfigError, rule_error
 
 
@@ -96,7 +97,7 @@ def main(cfg: DictConfig) -> float | None:
         if not searching:
             raise JobFailed(message) from err
     except Interrupted as stop:
-        sys.exit(143 if str(stop) == "SIGTERM" else 130)
+        sys.exit(exit_code(stop))
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as err:

@@ -189,7 +189,7 @@ def test_a_stop_signal_during_a_console_line_is_raised_at_the_next_batch(monkeyp
     from tqdm import tqdm
 
     from optimlab.console import BarSafeHandler
-    from optimlab.train import StopOnSignal
+    from optimlab.signals import StopOnSignal
 
     screen, stopper = io.StringIO(), StopOnSignal()
 

@@ -216,7 +216,7 @@ def test_last_checkpoint_follows_every_epoch_even_when_validation_gets_worse(tmp
 
 
 def test_a_signal_lost_in_a_finalizer_still_stops_the_run_at_the_next_batch() -> None:
-    from optimlab.train import StopOnSignal
+    from optimlab.signals import StopOnSignal
 
     stopper = StopOnSignal()
     stopper._raise_if_requested()  # nothing requested: no-op
@@ -480,7 +480,8 @@ def test_a_resumed_run_stopped_before_it_trains_keeps_its_csv_rows(tmp_path: Pat
 
     from conftest import compose_config
     from optimlab.data import MNISTDataModule
-    from optimlab.train import Interrupted, run
+    from optimlab.signals import Interrupted
+    from optimlab.train import run
 
     def logged() -> list[dict[str, str]]:
         return [{k: v for k, v in row.items() if v} for row in csv.DictReader((tmp_path / "csv" / "metrics.csv").open())]
@@ -525,7 +526,7 @@ def test_resume_auto_compares_configs_only_where_there_is_something_to_continue(
 
     from conftest import compose_config
     from optimlab.summary import RunSummary
-    from optimlab.train import refuse_changed_config
+    from optimlab.resume import refuse_changed_config
     from optimlab.validate import ConfigError
 
     def recorded(*overrides: str, epochs: int = 0) -> RunSummary:
@@ -647,7 +648,7 @@ def importing_torch(pid: int) -> bool:
 
 
 def test_signals_deferred_notes_a_signal_and_restores_the_handlers() -> None:
-    from optimlab.train import signals_deferred
+    from optimlab.signals import signals_deferred
 
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with signals_deferred() as received:

@@ -29,7 +29,7 @@ from optimlab.divergence import DivergenceGuard
 from optimlab.module import ClassifierModule
 from optimlab.regimes import Thresholds
 from optimlab.tensorboard_logger import Restart, in_run_folder
-from optimlab.validate import OWN_TRAINER_KEYS, WEIGHT_DTYPES, ConfigError
+from optimlab.validate import OWN_TRAINER_KEYS, ConfigError, weight_dtype
 
 CLIPPING = ("gradient_clip_val", "gradient_clip_algorithm")  # trainer keys the module applies (manual optimization)
 
@@ -87,11 +87,18 @@ def optimizer_class(cfg: DictConfig) -> tuple[type[torch.optim.Optimizer], dict[
     return get_class(target), kwargs
 
 
+def set_torch_options(trainer: DictConfig) -> None:
+    """The process-wide torch settings of ``trainer.flush_denormal`` and ``trainer.num_threads``."""
+    torch.set_flush_denormal(trainer.flush_denormal)
+    if trainer.num_threads:
+        torch.set_num_threads(trainer.num_threads)
+
+
 def build_parts(cfg: DictConfig) -> Parts:
     """Everything the run trains, from a validated config. Seed first: the model's init draws."""
     with config_errors("model", cfg.model):
         model = instantiate(cfg.model)
-    if (dtype := WEIGHT_DTYPES.get(str(cfg.trainer.precision))) is not None:
+    if (dtype := weight_dtype(cfg.trainer.precision)) != torch.float32:
         # The cast Lightning makes at fit start, made first: an optimizer that creates its state at
         # construction (Adagrad's sum) creates it in the weights' dtype, not float32.
         model.to(dtype)

@@ -29,7 +29,7 @@ class BarSafeHandler(logging.StreamHandler):
     """Writes each record with ``tqdm.write``: a progress bar on screen is cleared, the line written,
     and the bar drawn again below it (a plain print lands inside the bar's line and wraps).
     ``writing`` is set while a line is written: a run's stop on a signal waits for it
-    (:class:`~optimlab.train.StopOnSignal`), as a KeyboardInterrupt raised between ``tqdm.write``'s lock
+    (:class:`~optimlab.signals.StopOnSignal`), as a KeyboardInterrupt raised between ``tqdm.write``'s lock
     acquire and release made the release fail, and logging printed "--- Logging error ---" with a
     traceback (once, in a Ctrl-C test of 2026-12-06)."""
 

@@ -70,7 +70,7 @@ RULES: dict[str, Rule] = {
     # (mid-run) or not at all, or optimlab cannot honour other values.
     "trainer.accelerator": one_of("auto", "cpu", "gpu", "cuda", "mps"), "trainer.devices": one_of(1),
     "trainer.num_nodes": one_of(1), "trainer.strategy": one_of("auto"),
-    "trainer.precision": one_of("32-true", "64-true", "16-mixed", "bf16-mixed", "32", "64"),
+    "trainer.precision": one_of("32-true", "64-true", "16-mixed", "bf16-mixed", "32", "64"),  # see weight_dtype
     "trainer.deterministic": BOOL, "trainer.log_every_n_steps": INT_POSITIVE, "trainer.max_epochs": INT_POSITIVE,
     "trainer.gradient_clip_val": optional(NON_NEGATIVE), "trainer.gradient_clip_algorithm": optional(one_of("norm", "value")),
     "trainer.accumulate_grad_batches": one_of(1), "trainer.check_val_every_n_epoch": one_of(1),
@@ -119,9 +119,9 @@ TRAINER_SET_BY_OPTIMLAB = {
     "enable_progress_bar": "use trainer.progress_bar", "default_root_dir": "use hydra.run.dir",
     "plugins": "optimlab writes checkpoints with its own atomic writer",
     "num_sanity_val_steps": "optimlab validates after every epoch and never before training"}
-# The precisions under which Lightning casts the module's weights (its "-true" plugins), and to what;
-# under the others they stay float32.
-WEIGHT_DTYPES = {"64-true": torch.float64, "64": torch.float64, "16-true": torch.float16, "bf16-true": torch.bfloat16}
+# The precisions (of those allowed) under which Lightning casts the module's weights, and to what; under
+# the others (32-true and the mixed ones) they stay float32.
+WEIGHT_DTYPES = {"64-true": torch.float64, "64": torch.float64}
 OWN_TRAINER_KEYS = ("check_finite_every_n_steps", "progress_bar", "num_threads", "flush_denormal", "compile")
 BUILT = ("model", "optimizer", "data", "scheduler")   # groups instantiated from their _target_
 COLLECTIONS = ("callbacks", "logger")                 # groups of named entries, each instantiated
@@ -263,11 +263,16 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"resume: {resume!r} does not exist; give a run directory, a .ckpt file or 'auto'")
 
 
+def weight_dtype(precision: str) -> torch.dtype:
+    """The dtype a run's weights train in under ``trainer.precision``."""
+    return WEIGHT_DTYPES.get(str(precision), torch.float32)
+
+
 def check_range(cfg: DictConfig) -> None:
     """The step size and weight decay must be numbers the weights' dtype can hold: an update by a
     larger one cannot be computed (torch refuses to convert it), where a population's member-wise
     tensor would hold inf; the run would crash, the population's member diverge."""
-    dtype = WEIGHT_DTYPES.get(str(cfg.trainer.precision), torch.float32)
+    dtype = weight_dtype(cfg.trainer.precision)
     largest = torch.finfo(dtype).max
     for key in ("lr", "optimizer.lr", "optimizer.weight_decay"):  # lr first: optimizer.lr is ${lr} by default
         value = _value(cfg, key)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from optimlab.files import atomic_write, remove_stale_temporaries
-from optimlab.train import comparable  # the configs compared: without the keys a resume may change
+from optimlab.resume import comparable  # the configs compared: without the keys a resume may change
 
 CHECKPOINTS = ".populations"
 FORMAT = 2  # 2: linear weights in nn.Linear's [P, out, in] layout (1: [P, in, out])

@@ -40,14 +40,13 @@ from typing import Any, TypeVar
 import torch
 
 from optimlab.console import say
-from optimlab.train import stop_signals_handled_by
+from optimlab.signals import EXIT_CODES, exit_code, interrupt, signal_of, stop_signals_handled_by
 
 Members = TypeVar("Members")
 Results = TypeVar("Results")
 
 # hydra.launcher.executor -> where its jobs run: forked processes here, or submitit's cluster
 EXECUTORS = {"processes": "processes", "submitit_local": "local", "submitit_slurm": "slurm"}
-EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}  # a run's exit code when a stop signal ended it (train.py's)
 POLL_S = {"processes": 0.01, "local": 1.0, "slurm": 1.0}  # how often finished jobs are looked for
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -237,26 +236,6 @@ def make_executor(executor: str, folder: str, parameters: Mapping[str, Any]) -> 
     with tempfile.TemporaryDirectory() as scratch:  # submitit creates its folder: check in a scratch one first
         configured(scratch)
     return Executor(configured(folder), folder, EXECUTORS[executor])
-
-
-def exit_code(stop: KeyboardInterrupt) -> int:
-    """A run's exit code for ``stop``, a KeyboardInterrupt naming its signal (:data:`EXIT_CODES`; SIGINT's when unnamed)."""
-    return EXIT_CODES.get(stop.args[0] if stop.args else "SIGINT", EXIT_CODES["SIGINT"])
-
-
-def interrupt(signum: int, frame: Any) -> None:
-    """SIGINT or SIGTERM as a KeyboardInterrupt naming it."""
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-def signal_of(stop: BaseException) -> int:
-    """The stop signal behind ``stop``: a KeyboardInterrupt naming it, train.py's exit (143: SIGTERM),
-    SIGTERM for anything else (an error, the generator closed)."""
-    if isinstance(stop, SystemExit):
-        return signal.SIGTERM if stop.code == EXIT_CODES["SIGTERM"] else signal.SIGINT
-    if isinstance(stop, KeyboardInterrupt):
-        return signal.SIGTERM if stop.args and stop.args[0] == "SIGTERM" else signal.SIGINT
-    return signal.SIGTERM
 
 
 def run_as_jobs(executor: Executor, populations: Sequence[tuple[str, Members]],

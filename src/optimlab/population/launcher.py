@@ -40,16 +40,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor
 
-from optimlab.build import optimizer_class
+from optimlab.build import optimizer_class, set_torch_options
 from optimlab.console import say
 from optimlab.hydra_job import JobFailed, hydra_config_of, run_composed_job, save_job_record
 from optimlab.population.best import MemberBest
 from optimlab.population.checkpoint import PopulationCheckpoint
-from optimlab.population.cluster import EXIT_CODES, Executor, exit_code, run_as_jobs, usable_cpus
+from optimlab.population.cluster import Executor, run_as_jobs, usable_cpus
 from optimlab.population.curvature import MemberSharpness
 from optimlab.population.data import PopulationData
 from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimizer
-from optimlab.population.plan import (DTYPES, Job, check_plan_is_the_sweeps, classify_all, compose_jobs, fits_beside,
+from optimlab.population.plan import (Job, check_plan_is_the_sweeps, classify_all, compose_jobs, fits_beside,
                                       group, machine_memory_share, memory_budget, plan_text, population_device)
 from optimlab.population.records import PopulationRun, member_summary, write_logs, write_member
 from optimlab.population.schedule import MemberSchedules
@@ -57,7 +57,9 @@ from optimlab.population.stacked import STACKED
 from optimlab.population.stopping import MemberEarlyStopping
 from optimlab.record import device_name, log_epoch_lines, record_refusal, refused_summary, result_line
 from optimlab.summary import FINISHED, RunSummary, config_key, optimized_value, read_summary, write_summary
-from optimlab.train import StopOnSignal, override_keys, signals_deferred, sync_epochs
+from optimlab.resume import override_keys, sync_epochs
+from optimlab.signals import EXIT_CODES, StopOnSignal, exit_code, signals_deferred
+from optimlab.validate import weight_dtype
 
 log = logging.getLogger(__name__)
 
@@ -190,14 +192,12 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
     stopper = StopOnSignal()
     try:
         with stopper.handling():
-            torch.set_flush_denormal(first.trainer.flush_denormal)
+            set_torch_options(first.trainer)
             set_deterministic(first.trainer.deterministic)
-            if first.trainer.num_threads:
-                torch.set_num_threads(first.trainer.num_threads)
             device = population_device(first.trainer.accelerator)
             if device.type == "cpu":
                 keep_freed_memory()
-            dtype = DTYPES[str(first.trainer.precision)]
+            dtype = weight_dtype(first.trainer.precision)
             seeds = [int(r["seed"]) for r in resolved]
             model = STACKED[first.model._target_].from_configs([r["model"] for r in resolved], seeds)
             model = model.to(device=device, dtype=dtype)

@@ -40,11 +40,11 @@ from optimlab.population.data import split_indices
 from optimlab.population.schedule import why_not_followed
 from optimlab.population.stacked import STACKED, build_member
 from optimlab.population.stopping import unfollowed
+from optimlab.resume import override_keys, refuse_changed_config, sync_epochs
 from optimlab.summary import config_key, describe_run, dotted_value, is_complete, read_summary
-from optimlab.train import override_keys, refuse_changed_config, sync_epochs
-from optimlab.validate import RULES, ConfigError, check_range, rule_error, validate_config
+from optimlab.validate import RULES, ConfigError, check_range, rule_error, validate_config, weight_dtype
 
-DTYPES = {"32-true": torch.float32, "32": torch.float32, "64-true": torch.float64, "64": torch.float64}
+PRECISIONS = ("32-true", "32", "64-true", "64")  # a population trains in its weights' dtype, without mixed precision
 # Keys in which the members of one population may differ (each member applies its own), and keys
 # that do not change what a population computes (its reporting, or options it refuses anyway).
 MEMBER_WISE = ("name", "lr", "seed", "resume", "regimes", "optimizer.lr", "optimizer.weight_decay", "data.seed",
@@ -248,7 +248,7 @@ def why_alone(cfg: DictConfig, elsewhere: bool = False) -> str | None:
         "trainer.max_epochs apart from epochs": t.get("max_epochs", cfg.epochs) != cfg.epochs,
         "test_ckpt=best with callbacks.model_checkpoint settings beyond one best checkpoint by val/loss or val/acc":
             cfg.test_ckpt == "best" and not best_followed((cfg.get("callbacks") or {}).get("model_checkpoint") or {}),
-        f"trainer.precision={t.precision}": str(t.precision) not in DTYPES,
+        f"trainer.precision={t.precision}": str(t.precision) not in PRECISIONS,
         "trainer.compile": bool(t.compile),
         "trainer.limit_train_batches=0": t.limit_train_batches == 0,
         "trainer.fast_dev_run": bool(t.fast_dev_run),
@@ -496,7 +496,7 @@ def estimate_memory(cfg: DictConfig) -> MemoryEstimate:
     the backward pass, with their gradients) and an evaluation chunk's; its index tensors; with
     sharpness tracking, its Lanczos basis with the temporaries of a product and its probe's activations
     through a double backward."""
-    size = DTYPES[str(cfg.trainer.precision)].itemsize
+    size = weight_dtype(cfg.trainer.precision).itemsize
     model = build_member(cfg.model, cfg.seed).eval()  # eval: the forward below draws no dropout masks
     cls, options = optimizer_class(cfg.optimizer)
     noise = options.pop("grad_noise_std", 0.0)  # drawn by the loop into buffers of its own (below), not here
@@ -643,7 +643,7 @@ def describe_population(members: Sequence[Job]) -> str:
     device = population_device(cfg.trainer.accelerator)
     schedule = f" ({str(cfg.scheduler._target_).rsplit('.', 1)[-1]})" if cfg.get("scheduler") else ""
     return (f"{run.model} {run.widths or '-'}, {run.optimizer}{schedule}, {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''} of batch {cfg.data.batch_size}, "
-            f"{str(DTYPES[str(cfg.trainer.precision)]).removeprefix('torch.')} on {device}; "
+            f"{str(weight_dtype(cfg.trainer.precision)).removeprefix('torch.')} on {device}; "
             f"lr {', '.join(f'{lr:g}' for lr in lrs)}; seed {', '.join(map(str, seeds))}")
 
 
