@@ -25,7 +25,8 @@ from optimlab.optim import SGD, Adagrad, Adam, RMSprop
 from optimlab.population import StackedCNN, StackedMLP, build_member
 from optimlab.population.best import MODEL_CHECKPOINT, MemberBest
 from optimlab.population.best import followed as best_followed
-from optimlab.population.data import PopulationData, split_indices
+from optimlab.data import split_indices
+from optimlab.population.data import PopulationData
 from optimlab.population.loop import (MemberRecord, PopulationLoop, add_member_noise, clip_member_gradients,
                                       member_optimizer, train_population)
 from optimlab.population.module import PopulationModule

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -41,6 +42,42 @@ def load_split(root: Path, train: bool) -> tuple[Tensor, Tensor]:
     if labels.numel() and labels.max() > 9:
         raise DataError(f"{folder}: labels outside 0..9 in the {'train' if train else 'test'} split")
     return images, labels
+
+
+@dataclass(frozen=True)
+class Split:
+    """A run's training and validation sets as indices into the 60k MNIST training images.
+
+    ``train_images[i]`` is the image and ``train_labels[i]`` the label of training item i (they
+    differ where label noise moved an image); ``val`` holds the validation items (clean)."""
+
+    train_images: Tensor
+    train_labels: Tensor
+    val: Tensor
+    noisy_count: int
+
+
+def split_indices(n: int, val_size: int, subset: int | None, label_noise: float, seed: int) -> Split:
+    """A run's split of ``n`` training images, as indices: drawn from ``torch.Generator().manual_seed(seed)``,
+    the split's permutation (validation first, then training, cut to ``subset``), then the label-noise one;
+    ``round(label_noise * N)`` images move along a random cycle, so each chosen image is paired with another
+    image's label (the notebook's outliers, without fixed points; none when fewer than 2)."""
+    if not 0 < val_size < n:
+        raise DataError(f"data.val_size: {val_size} must be in [1, {n})")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=g)
+    val, train = order[:val_size], order[val_size:]
+    if subset is not None:
+        if not 0 < subset <= len(train):
+            raise DataError(f"data.subset: {subset} must be in [1, {len(train)}] "
+                            f"(training images left after the {val_size}-image validation split)")
+        train = train[:subset]
+    images = train.clone()
+    k = round(label_noise * len(train))
+    if k >= 2:
+        chosen = torch.randperm(len(train), generator=g)[:k]
+        images[chosen] = train[chosen.roll(1)]
+    return Split(images, train, val, k if k >= 2 else 0)
 
 
 class EpochShuffle:
@@ -113,31 +150,12 @@ class MNISTDataModule(L.LightningDataModule):
             return
         ensure_files(self.root, self.download)
         images, labels = load_split(self.root, train=True)
-        if not 0 < self.val_size < len(labels):
-            raise DataError(f"data.val_size: {self.val_size} must be in [1, {len(labels)})")
-        g = torch.Generator().manual_seed(self.seed)
-        order = torch.randperm(len(labels), generator=g)
-        val_idx, train_idx = order[:self.val_size], order[self.val_size:]
-        if self.subset is not None:
-            if not 0 < self.subset <= len(train_idx):
-                raise DataError(f"data.subset: {self.subset} must be in [1, {len(train_idx)}] "
-                                f"(training images left after the {self.val_size}-image validation split)")
-            train_idx = train_idx[:self.subset]
-        self.train_x, self.train_y = images[train_idx], labels[train_idx]
-        self.val_x, self.val_y = images[val_idx], labels[val_idx]
+        split = split_indices(len(labels), self.val_size, self.subset, self.label_noise, self.seed)
+        self.train_x, self.train_y = images[split.train_images], labels[split.train_labels]
+        self.val_x, self.val_y = images[split.val], labels[split.val]
         self.test_x, self.test_y = load_split(self.root, train=False)
-        self._shuffle_images(g)
+        self.noisy_count = split.noisy_count
         self._ready = True
-
-    def _shuffle_images(self, g: torch.Generator) -> None:
-        """Move ``label_noise * N`` training images along a random cycle, so every chosen image
-        ends up paired with another image's label (the notebook's outliers, without fixed points)."""
-        k = round(self.label_noise * len(self.train_y))
-        if k < 2:
-            return
-        chosen = torch.randperm(len(self.train_y), generator=g)[:k]
-        self.train_x[chosen] = self.train_x[chosen.roll(1)]
-        self.noisy_count = k
 
     def to(self, device: torch.device | str) -> MNISTDataModule:
         """Move every split onto ``device`` once, so batches are gathered there."""

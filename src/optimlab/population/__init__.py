@@ -7,9 +7,9 @@ member-wise optimizer steps them all (:mod:`~optimlab.population.loop`), a diver
 at its last finite weights. See docs/population.md.
 """
 
-from optimlab.population.data import PopulationData, split_indices
+from optimlab.population.data import PopulationData
 from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimizer, train_population
 from optimlab.population.stacked import StackedCNN, StackedMLP, StackedModel, build_member
 
-__all__ = ["StackedCNN", "StackedMLP", "StackedModel", "build_member", "PopulationData", "split_indices",
+__all__ = ["StackedCNN", "StackedMLP", "StackedModel", "build_member", "PopulationData",
            "MemberRecord", "PopulationLoop", "member_optimizer", "train_population"]

@@ -3,7 +3,7 @@
 A single run's :class:`~optimlab.data.MNISTDataModule` copies its split out of the 60k training
 images (seeded split, subset, label noise) and shuffles it per epoch with
 :class:`~optimlab.data.EpochShuffle`. Here the split is kept as *indices* into one shared copy of
-the images on the device (:func:`split_indices`, the same draws from the same generator), and each
+the images on the device (:func:`~optimlab.data.split_indices`, the split the run makes), and each
 step gathers every member's batch with one ``index_select``: images ``[P, B, 1, 28, 28]`` and
 labels ``[P, B]``; members that share their data and sit side by side (the launcher orders them so)
 get one batch per run of them, images ``[G, B, 1, 28, 28]`` (see ``input_groups``). The per-epoch
@@ -15,49 +15,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from optimlab.data import EpochShuffle, MNISTDataModule, load_split
-from optimlab.mnist_files import DataError, ensure_files, epoch_batches
-
-
-@dataclass(frozen=True)
-class MemberSplit:
-    """One member's training and validation sets as indices into the 60k MNIST training images.
-
-    ``train_images[i]`` is the image and ``train_labels[i]`` the label of training item i (they
-    differ where label noise moved an image); ``val`` holds the validation items (clean)."""
-
-    train_images: Tensor
-    train_labels: Tensor
-    val: Tensor
-    noisy_count: int
-
-
-def split_indices(n: int, val_size: int, subset: int | None, label_noise: float, seed: int) -> MemberSplit:
-    """The split :meth:`MNISTDataModule.setup` makes of ``n`` training images, as indices: the same
-    draws from ``torch.Generator().manual_seed(seed)`` in the same order (the split's permutation,
-    then the label-noise permutation), and the same errors."""
-    if not 0 < val_size < n:
-        raise DataError(f"data.val_size: {val_size} must be in [1, {n})")
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=g)
-    val, train = order[:val_size], order[val_size:]
-    if subset is not None:
-        if not 0 < subset <= len(train):
-            raise DataError(f"data.subset: {subset} must be in [1, {len(train)}] "
-                            f"(training images left after the {val_size}-image validation split)")
-        train = train[:subset]
-    images = train.clone()
-    # MNISTDataModule moves round(label_noise * N) images along a random cycle (none when fewer than 2).
-    k = round(label_noise * len(train))
-    if k >= 2:
-        chosen = torch.randperm(len(train), generator=g)[:k]
-        images[chosen] = train[chosen.roll(1)]
-    return MemberSplit(images, train, val, k if k >= 2 else 0)
+from optimlab.data import EpochShuffle, MNISTDataModule, load_split, split_indices
+from optimlab.mnist_files import ensure_files, epoch_batches
 
 
 class PopulationData:

@@ -28,7 +28,7 @@ from torch import Tensor
 from optimlab.build import build_parts, optimizer_class
 from optimlab.checkpointing import holds_a_run, last_checkpoint
 from optimlab.curvature.tracking import measurement_iters
-from optimlab.data import load_split
+from optimlab.data import load_split, split_indices
 from optimlab.hydra_job import hydra_config_of, set_output_dir
 from optimlab.lr_schedule import lr_monitor_unfollowed
 from optimlab.mnist_files import DataError, ensure_files, epoch_batches, resolve_root
@@ -36,7 +36,6 @@ from optimlab.optim import Optimizer
 from optimlab.population.best import followed as best_followed
 from optimlab.population.cluster import Executor, ForkedJob, can_fork
 from optimlab.population.compose import ShapeCachingLoader, task_part
-from optimlab.population.data import split_indices
 from optimlab.population.schedule import why_not_followed
 from optimlab.population.stacked import STACKED, build_member
 from optimlab.population.stopping import unfollowed
