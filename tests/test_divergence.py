@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from optimlab.divergence import DivergenceGuard, all_finite, finite_rows, norm_rows, total_norm, total_sum
+from optimlab.divergence import LOSS_OR_GRADIENT, DivergenceGuard, all_finite, finite_rows, norm_rows, total_norm, total_sum
 
 OK, BAD = torch.tensor(1.0), torch.tensor(math.nan)
 
@@ -31,7 +31,7 @@ def test_now_reads_early_and_flush_reads_the_rest() -> None:
     assert guard.check(torch.tensor(math.inf), 1, now=True) and guard.step == 1
     other = DivergenceGuard(10)
     other.check(BAD, 0)
-    assert other.flush(5, "why") and (other.step, other.reason) == (5, "why")
+    assert other.flush(5) and (other.step, other.reason) == (5, LOSS_OR_GRADIENT)
 
 
 def test_the_first_divergence_is_kept() -> None:

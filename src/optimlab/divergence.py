@@ -87,22 +87,22 @@ class DivergenceGuard:
         if self.every is None:
             self.every = 1 if device.type == "cpu" else 10
 
-    def check(self, value: Tensor, step: int, reason: str = LOSS_OR_GRADIENT, *, now: bool = False) -> bool:
+    def check(self, value: Tensor, step: int, *, now: bool = False) -> bool:
         """Queue ``value`` (computed at optimizer step ``step``); on the cadence, or ``now``, read
         everything queued. True when the run has diverged (recorded here)."""
         self._pending.append(value)
         if not now and (step + 1) % (self.every or 1):
             return False
-        return self.flush(step, reason)
+        return self.flush(step)
 
-    def flush(self, step: int, reason: str = LOSS_OR_GRADIENT) -> bool:
-        """Read every queued value now; True (and recorded) if any was non-finite."""
+    def flush(self, step: int) -> bool:
+        """Read every queued value now; True (and recorded: a non-finite loss or gradient) if any was non-finite."""
         if not self._pending:
             return self.diverged
         pending, self._pending = self._pending, []
         total = pending[0] if len(pending) == 1 else torch.stack(pending).sum()
         if not math.isfinite(total.item()):
-            self.record(step, reason)
+            self.record(step, LOSS_OR_GRADIENT)
         return self.diverged
 
     def record(self, step: int, reason: str) -> None:

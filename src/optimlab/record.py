@@ -29,8 +29,8 @@ from optimlab.divergence import DivergenceGuard, total_norm
 from optimlab.hydra_job import save_job_record
 from optimlab.lr_schedule import epoch_start_lrs, lr_monitor_followed, lr_monitor_tag
 from optimlab.module import EVAL_STAGES
-from optimlab.regimes import Thresholds, diagnose
-from optimlab.summary import RunSummary, data_passes, describe_run, validation_size, write_summary
+from optimlab.regimes import Thresholds
+from optimlab.summary import RunSummary, describe_run, diagnose_run, write_summary
 from optimlab.tensorboard_logger import Restart, TensorBoardRunLogger
 
 
@@ -83,9 +83,8 @@ def diagnosed_summary(status: str, config: dict[str, Any], history: list[dict[st
     ``train_size``) with what follows from it: the diagnosis of its history, its best validation accuracy,
     its training time and throughput (without the first step: warm-up, and compilation with
     ``trainer.compile=true``)."""
-    diagnosis = diagnose(history, fields.get("diverged", False), thresholds, fields.get("diverged_at_step"),
-                         fields.get("curvature"), validation_size(config),
-                         data_passes(config, len(history), fields.get("train_size")))
+    diagnosis = diagnose_run(config, history, fields.get("diverged", False), fields.get("diverged_at_step"),
+                             fields.get("curvature"), fields.get("train_size"), thresholds)
     train_time = sum(row.get("train_time_s", 0.0) for row in history)
     steady_steps, steady_time = fields.get("steps", 0) - 1, train_time - (fields.get("first_step_s") or 0.0)
     val_accs = [r["val_acc"] for r in history if math.isfinite(r.get("val_acc", math.nan))]

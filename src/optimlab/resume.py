@@ -10,12 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from optimlab.checkpointing import CHECKPOINT_DIR, LAST, holds_a_run, last_checkpoint, resolve_resume
 from optimlab.summary import FINISHED, SUMMARY, RunSummary, dotted_value, drop_keys, read_summary
-from optimlab.validate import ConfigError, rule_error
+from optimlab.validate import ConfigError, resume_target, rule_error
 
 # What a resumed run takes from the command line; everything else comes from its own saved config.
 RESUME_OVERRIDES = ("resume", "epochs", "trainer.max_epochs", "trainer.progress_bar", "trainer.num_threads",
@@ -89,10 +88,7 @@ def plan_run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[Dict
         if ignored:
             raise ConfigError(f"resume: a resumed run keeps its own config, so {', '.join(ignored)} would be ignored; "
                               f"only {', '.join(RESUME_OVERRIDES[1:])} may be given with resume=")
-        target = Path(to_absolute_path(str(cfg.resume)))  # the launching folder's, also under hydra.job.chdir
-        if not target.exists():
-            raise ConfigError(f"resume: {cfg.resume!r} does not exist; give a run directory, a .ckpt file or 'auto'")
-        run_dir, ckpt = resolve_resume(target)
+        run_dir, ckpt = resolve_resume(resume_target(cfg.resume))
         saved = read_summary(run_dir)
         if saved is None:
             raise ConfigError(f"resume: {cfg.resume!r} holds no readable {SUMMARY} with the run's config")

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from optimlab.checks import is_count
 from optimlab.files import atomic_write
 from optimlab.mnist_files import DataError, epoch_batches
+from optimlab.regimes import Diagnosis, Thresholds, diagnose
 
 SUMMARY = "summary.json"
 FINISHED = ("complete", "diverged")  # trained (all epochs, stopped early or diverged) and tested
@@ -78,6 +79,15 @@ def data_passes(config: Mapping[str, Any], epochs: int, train_size: int | None) 
     except DataError:
         return None
     return epochs * min(train_size, batches * batch) / train_size
+
+
+def diagnose_run(config: Mapping[str, Any], history: list[dict[str, float]], diverged: bool,
+                 diverged_at_step: int | None, curvature: dict[str, Any] | None, train_size: int | None,
+                 thresholds: Thresholds) -> Diagnosis:
+    """:func:`~optimlab.regimes.diagnose` of a run's record: its rows and outcome, with the validation set's
+    size and the passes over its training images that its ``config`` implies."""
+    return diagnose(history, diverged, thresholds, diverged_at_step, curvature, validation_size(config),
+                    data_passes(config, len(history), train_size))
 
 
 def dotted_value(config: Mapping[str, Any], dotted: str) -> Any:

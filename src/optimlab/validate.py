@@ -258,9 +258,17 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"logger.{name}: needs the {package} package, which is not installed "
                               f"(pip install {package}); or choose logger=tensorboard, csv, many or none")
     _check_hardware(cfg.trainer.accelerator, cfg.trainer.precision)
-    resume = cfg.get("resume")
-    if resume not in (None, "auto") and not Path(to_absolute_path(str(resume))).exists():  # from the launching folder
+    if cfg.get("resume") not in (None, "auto"):
+        resume_target(cfg.resume)
+
+
+def resume_target(resume: str) -> Path:
+    """The run folder or checkpoint ``resume`` names, from the launching folder (also under
+    ``hydra.job.chdir``); a ConfigError where there is none."""
+    target = Path(to_absolute_path(str(resume)))
+    if not target.exists():
         raise ConfigError(f"resume: {resume!r} does not exist; give a run directory, a .ckpt file or 'auto'")
+    return target
 
 
 def weight_dtype(precision: str) -> torch.dtype:

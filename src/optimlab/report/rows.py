@@ -9,8 +9,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from optimlab.regimes import Thresholds, diagnose
-from optimlab.summary import FINISHED, SUMMARY, config_key, data_passes, read_summary, validation_size
+from optimlab.regimes import Thresholds
+from optimlab.summary import FINISHED, SUMMARY, config_key, diagnose_run, read_summary
 
 
 ERROR_CHARS = 160  # of a crashed run's error (its first line) in the tables; the whole one is in its summary.json
@@ -53,9 +53,8 @@ def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, An
             thresholds = Thresholds.from_overrides(s.config.get("regimes"))
         except (TypeError, ValueError) as err:  # a summary edited by hand, or of another version
             raise UnreadableRecord(f"{run_dir / SUMMARY}: {err}") from None
-        regime = diagnose(history, s.diverged, thresholds,
-                          s.diverged_at_step, s.curvature, validation_size(s.config),
-                          data_passes(s.config, len(history), s.train_size)).regime
+        regime = diagnose_run(s.config, history, s.diverged, s.diverged_at_step, s.curvature, s.train_size,
+                              thresholds).regime
     return {
         "run": rel, "name": run.name, "model": run.model, "optimizer": run.optimizer, "lr": run.lr,
         "widths": run.widths, "seed": run.seed, "params": s.params,
