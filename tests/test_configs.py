@@ -3,6 +3,7 @@ bad values are refused with one line naming the key."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
 
@@ -19,6 +20,7 @@ from hydra_plugins.optimlab_population.population_launcher import (SUBMITIT_PARA
 from optimlab.build import build_parts
 from optimlab.curvature import SharpnessCallback, SharpnessTracker
 from optimlab.population.curvature import MemberSharpness
+from optimlab.regimes import Thresholds
 from optimlab.validate import ConfigError, validate_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -200,3 +202,8 @@ def test_tracking_and_the_population_launchers_python_defaults_are_the_configs()
     assert [launcher[k] for k in population] == list(population.values())
     assert (launcher["executor"], launcher["max_parallel"]) == (conf.executor, conf.max_parallel)
     assert launcher["submitit"] is None and SUBMITIT_PARAMETERS == OmegaConf.to_container(conf.submitit)
+
+
+def test_the_configs_diagnosis_thresholds_are_the_python_defaults() -> None:
+    """Every threshold is a key under ``regimes`` (``regimes.fit_acc=0.95`` without ``+``) with Thresholds' default."""
+    assert OmegaConf.to_container(compose_config().regimes) == dataclasses.asdict(Thresholds())

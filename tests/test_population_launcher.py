@@ -417,7 +417,7 @@ def test_a_job_that_differs_from_a_checked_one_only_in_its_seeds_or_step_sizes_i
 def test_members_may_differ_in_member_wise_settings_only() -> None:
     key = population_key(compose_config())
     for same in (["lr=0.5"], ["seed=3"], ["optimizer.weight_decay=0.01"], ["data.label_noise=0.2"],
-                 ["model.init=glorot"], ["name=other"], ["+regimes.fit_acc=0.5"], ["trainer.log_every_n_steps=7"]):
+                 ["model.init=glorot"], ["name=other"], ["regimes.fit_acc=0.5"], ["trainer.log_every_n_steps=7"]):
         assert population_key(compose_config(*same)) == key, same
     for other in (["batch_size=64"], ["epochs=3"], ["data.subset=1000"], ["model.hidden=[32]"],
                   ["optimizer=adam"], ["optimizer.momentum=0.9"], ["trainer.precision=64-true"],
@@ -1253,7 +1253,7 @@ def test_resume_auto_refuses_a_job_whose_folder_holds_a_run_of_another_config(mn
     from optimlab.summary import RunSummary, write_summary
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[*SMALL, "resume=auto", "+regimes.fit_acc=0.8"], return_hydra_config=True)
+        cfg = compose("config", overrides=[*SMALL, "resume=auto", "regimes.fit_acc=0.8"], return_hydra_config=True)
     job = Job(0, [], cfg, tmp_path / "0")
     recorded = OmegaConf.to_container(job.config, resolve=True)
     recorded["regimes"] = {**recorded["regimes"], "fit_acc": 0.9}

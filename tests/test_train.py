@@ -153,12 +153,12 @@ def test_a_sweep_with_many_overrides_gets_short_job_folders(tmp_path: Path, laun
     """The job folders' names (number and overrides) would exceed 255 bytes: cut, hashed, and trained."""
     many = ["optimizer=rmsprop", "optimizer.centered=true", "optimizer.momentum=0.5", "lr=0.001,0.002",
             "model.hidden=[16]", "batch_size=64", "data.test_every_epoch=false", "trainer.log_every_n_steps=5",
-            "trainer.check_finite_every_n_steps=1", "optimizer.weight_decay=0.0001", "+regimes.fit_acc=0.5"]
+            "trainer.check_finite_every_n_steps=1", "optimizer.weight_decay=0.0001", "regimes.fit_acc=0.5"]
     result = train("-m", f"hydra/launcher={launcher}", *many, *FAST, f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith("."))  # .populations: their checkpoints
     assert len(runs) == 2 and all(len(p.name.encode()) <= 210 and "~" in p.name for p in runs)
-    assert runs[0].name.startswith("0_+regimes.fit_acc=0.5,batch_size=64,data.subset=512,")
+    assert runs[0].name.startswith("0_batch_size=64,data.subset=512,data.test_every_epoch=False,")
     for run_dir in runs:  # (a population keeps one checkpoint for its members, in .populations/)
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["status"] == "complete" and len(summary["epochs"]) == 2
@@ -318,8 +318,8 @@ def test_grad_noise_is_refused_with_torch_impl(tmp_path: Path) -> None:
     ("optimizer=adagrad optimizer.lr_decay=-1", "optimizer.lr_decay"),
     ("scheduler=step +scheduler.foo=1", "scheduler.foo"),
     ("optimizer=adam optimizer.eps=-1", "optimizer.eps"), ("optimizer.lr=abc", "optimizer.lr"),
-    ("epochs=0", "epochs"), ("+regimes.fit_acc=abc", "regimes.fit_acc"), ("+regimes.fit_acc=-5", "regimes.fit_acc"),
-    ("+regimes.window=0", "regimes.window"), ("curvature.every_n_steps=0", "curvature.every_n_steps"),
+    ("epochs=0", "epochs"), ("regimes.fit_acc=abc", "regimes.fit_acc"), ("regimes.fit_acc=-5", "regimes.fit_acc"),
+    ("regimes.window=0", "regimes.window"), ("curvature.every_n_steps=0", "curvature.every_n_steps"),
     ("curvature.probe_size=-1", "curvature.probe_size"), ("curvature.tol=abc", "curvature.tol"),
     ("curvature.iters=1", "curvature.iters"),  # a warm start that one product never improves
     ("lr=1e39", "lr: 1e+39 is not allowed; expected at most 3.402823e+38, the largest float32"),  # beyond the weights' dtype
