@@ -3,10 +3,11 @@ no constructor checks. One line naming the key, the value and what is allowed.
 
 The keys of the instantiated groups (``model``, ``optimizer``, ``data``, ``scheduler``, ``trainer``,
 and each entry of ``callbacks`` and ``logger``) are the parameters of their ``_target_``'s
-constructor; their values are checked by those constructors when :mod:`optimlab.build` builds them (the single source for those rules), except where a
-constructor checks nothing (torch's LR schedulers, the data module, which reads nothing before
-setup): those values have rules in :data:`RULES`, as has every key outside these groups; and the
-constructors' flags, whose type they do not check (:func:`flag_rule`).
+constructor; their values are checked by those constructors when :mod:`optimlab.build` builds them
+(the single source for those rules), except where a constructor checks nothing (torch's LR schedulers,
+the data module, which reads nothing before setup): those values have rules in :data:`RULES`, as has
+every key outside these groups; and the constructors' flags, whose type they do not check
+(:func:`flag_rule`).
 """
 
 from __future__ import annotations

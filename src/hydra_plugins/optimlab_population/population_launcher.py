@@ -115,8 +115,9 @@ class PopulationLauncher(Launcher):
 class CheckPopulationOptions(Callback):
     """A sweep with ``hydra/launcher=population`` whose knobs the launcher refuses (a ValueError of
     its own, as :class:`PopulationLauncher` raises it), or ``population.dry_run=true`` with another
-    launcher (which would train every job): one line and exit 2, before anything is written. (Hydra builds the launcher later and would wrap the same error in its multi-line
-    instantiation message.) Registered in ``conf/config.yaml``'s ``hydra.callbacks``."""
+    launcher (which would train every job): one line and exit 2, before anything is written. (Hydra
+    builds the launcher later and would wrap the same error in its multi-line instantiation message.)
+    Registered in ``conf/config.yaml``'s ``hydra.callbacks``."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         options = OmegaConf.to_container(config.hydra.launcher, resolve=True)

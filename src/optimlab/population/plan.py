@@ -641,7 +641,8 @@ def describe_population(members: Sequence[Job]) -> str:
     seeds = sorted({int(job.resolved()["seed"]) for job in members})
     device = population_device(cfg.trainer.accelerator)
     schedule = f" ({str(cfg.scheduler._target_).rsplit('.', 1)[-1]})" if cfg.get("scheduler") else ""
-    return (f"{run.model} {run.widths or '-'}, {run.optimizer}{schedule}, {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''} of batch {cfg.data.batch_size}, "
+    epochs = f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}"
+    return (f"{run.model} {run.widths or '-'}, {run.optimizer}{schedule}, {epochs} of batch {cfg.data.batch_size}, "
             f"{str(weight_dtype(cfg.trainer.precision)).removeprefix('torch.')} on {device}; "
             f"lr {', '.join(f'{lr:g}' for lr in lrs)}; seed {', '.join(map(str, seeds))}")
 

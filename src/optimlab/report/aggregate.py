@@ -107,7 +107,8 @@ def stability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def seed_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Runs whose whole config differs only in the seed (see :func:`~optimlab.report.rows.same_but_seed`), aggregated: mean and (population) std of test accuracy."""
+    """Runs whose whole config differs only in the seed (see :func:`~optimlab.report.rows.same_but_seed`),
+    aggregated: mean and (population) std of test accuracy."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         if has_test_acc(r):

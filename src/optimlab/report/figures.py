@@ -150,9 +150,10 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
 
 def plot_regime_map(cells: dict[tuple[str, str, float], MapCell], path: Path,
                     stability: list[dict[str, Any]] | None = None) -> None:
-    """One panel per optimizer (setting, :func:`~optimlab.report.rows.name_settings`): lr (x) by width (y), each cell (:func:`~optimlab.report.aggregate.map_cells`) coloured by the
-    regime most of its runs got, marked * where they disagree, and annotated with their mean final
-    test accuracy; with ``stability`` (:func:`~optimlab.report.aggregate.stability_table`), a black bar at each width's
+    """One panel per optimizer (setting, :func:`~optimlab.report.rows.name_settings`): lr (x) by width
+    (y), each cell (:func:`~optimlab.report.aggregate.map_cells`) coloured by the regime most of its runs
+    got, marked * where they disagree, and annotated with their mean final test accuracy; with
+    ``stability`` (:func:`~optimlab.report.aggregate.stability_table`), a black bar at each width's
     predicted largest stable lr."""
     plt = _plt()
     from matplotlib.colors import ListedColormap

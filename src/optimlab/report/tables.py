@@ -16,7 +16,8 @@ from optimlab.report.rows import by_setting_and_width, measured_at_start
 
 
 COLUMNS = ["run", "name", "model", "optimizer", "lr", "widths", "seed", "params", "final_train_acc",
-           "best_train_acc", "final_val_acc", "best_val_acc", "final_test_acc", "best_test_acc", "epochs", "regime", "stopped_non_finite", "status",
+           "best_train_acc", "final_val_acc", "best_val_acc", "final_test_acc", "best_test_acc", "epochs", "regime",
+           "stopped_non_finite", "status",
            "wall_time_s", "steps_per_s", "sharpness_max", "sharpness_crossed_at_step", "setting", "error"]
 
 
