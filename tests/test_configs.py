@@ -110,7 +110,7 @@ def test_the_regime_maps_are_their_grids_at_their_budgets() -> None:
     assert (cfg.optimizer._target_, cfg.lr, list(cfg.model.hidden), cfg.seed) == ("optimlab.optim.RMSprop", 3.16,
                                                                                    [512], 2)
     assert (cfg.data.subset, cfg.epochs, cfg.batch_size, cfg.trainer.limit_train_batches) == (None, 10, 32, 0.1)
-    assert "fit_acc" not in cfg.regimes
+    assert cfg.regimes.fit_acc == Thresholds().fit_acc  # the default bar
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         hydra = compose("config", overrides=["sweep=regime_map"], return_hydra_config=True).hydra
     assert hydra.launcher._target_.endswith("PopulationLauncher")
