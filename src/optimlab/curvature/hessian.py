@@ -55,8 +55,7 @@ def like_parameters(name: str, tensors: object, model: nn.Module) -> list[Tensor
     """``tensors`` (a preconditioner or a start vector) checked against the model's trainable
     parameters and detached: one tensor per parameter, shaped like it, in their order; a list over
     all the parameters, frozen ones too, has the frozen ones' entries dropped."""
-    every = list(model.parameters())
-    params = [p for p in every if p.requires_grad]
+    every, params = list(model.parameters()), trainable(model)
     if isinstance(tensors, (Tensor, dict, str)) or not isinstance(tensors, Iterable):
         raise ValueError(f"Invalid {name}: must be a list of tensors shaped like the trainable parameters, "
                          f"got {type(tensors).__name__}")

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from optimlab.curvature.hessian import evaluation, like_parameters, probe_batch
+from optimlab.curvature.hessian import evaluation, like_parameters, probe_batch, trainable
 from optimlab.curvature.lanczos import lanczos_members
 from optimlab.curvature.stability import (GradientMoments, initial_preconditioner, moments_from_parts, preconditioner,
                                           probe_parts, stability_threshold, threshold_formula,
@@ -63,7 +63,7 @@ def member_eigenpairs(model: StackedModel, x: Tensor, y: Tensor, preconditioner:
         init: start vectors stacked like the parameters (e.g. the previous call's, a warm start);
             None: a standard normal draw from ``generator`` (None: seeded with 0).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable(model)
     if not params:
         raise ValueError("model has no trainable parameters")
     members = model.members
@@ -123,7 +123,7 @@ def member_gradient_moments(model: StackedModel, x: Tensor, y: Tensor, batch_siz
     """:func:`optimlab.curvature.gradient_moments` for every member at once (member m's probe in
     ``x[m]``, ``y[m]``, as for :func:`member_eigenpairs`), stacked like the parameters: the summed
     loss's gradient holds each member's own in its slice."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable(model)
     parts = probe_parts(x.shape[1], batch_size)
     with evaluation(model):
         x, y = probe_batch(x, y, params[0].dtype)
@@ -206,7 +206,7 @@ class MemberSharpness:
                 nan_members: Sequence[int] = ()) -> None:
         """Measure every member and record the measurement of ``members`` (and NaN for ``nan_members``)."""
         assert self.probe is not None and self.vectors is not None and self.batch_size, "setup() first"
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = trainable(model)
         if step == 0 and self.preconditioned:
             precond = initial_preconditioner(optimizer, member_gradient_moments(model, *self.probe, self.batch_size),
                                              params)
