@@ -1744,13 +1744,15 @@ def test_a_bad_launcher_knob_on_the_command_line_is_one_line(tmp_path: Path, ove
     assert not (tmp_path / "sweep").exists()
 
 
-def test_a_dry_run_with_another_launcher_is_refused(tmp_path: Path) -> None:
-    """The basic launcher would train every job of a sweep asked only to be planned."""
-    result = train("hydra/launcher=basic", "lr=0.01,0.1", "population.dry_run=true", f"hydra.sweep.dir={tmp_path / 'sweep'}")
-    line = ("population.dry_run: true plans a sweep of hydra/launcher=population only; add hydra/launcher=population, "
-            "or leave dry_run out")
+@pytest.mark.parametrize("how, add", [(["-m", "hydra/launcher=basic", "lr=0.01,0.1"], "hydra/launcher=population"),
+                                      ([], "-m hydra/launcher=population")])
+def test_a_dry_run_with_another_launcher_or_in_a_single_run_is_refused(tmp_path: Path, how: list[str], add: str) -> None:
+    """The basic launcher would train every job of a sweep asked only to be planned; a single run, itself."""
+    result = run_script(REPO / "train.py", *how, "population.dry_run=true", f"hydra.sweep.dir={tmp_path / 'out'}",
+                        f"hydra.run.dir={tmp_path / 'out'}")
+    line = f"population.dry_run: true plans a sweep of hydra/launcher=population only; add {add}, or leave dry_run out"
     assert result.returncode == 2 and result.stderr.strip() == f"error: {line}", result.stderr[-2000:]
-    assert not (tmp_path / "sweep").exists()
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("stop", [KeyboardInterrupt("SIGINT"), SystemExit(143)])

@@ -313,6 +313,18 @@ def test_grad_noise_is_refused_with_torch_impl(tmp_path: Path) -> None:
     ("model=cnn model.kernel_size=100", "model.kernel_size"),
     ("model.init_std=true", "model.init_std: True is not allowed"), ("model.dropout=false", "model.dropout"),  # bools
     ("model.hidden=[true]", "model.hidden"), ("model=cnn model.pool_stride=true", "model.pool_stride"),
+    ("name=a/b", "name"), ("name=" + "x" * 101, "name"),  # the run folder's name ends with it
+    ("callbacks=early_stopping callbacks.early_stopping.monitor=val/acc", "callbacks.early_stopping.mode"),
+    ("callbacks.model_checkpoint.monitor=val/acc", "callbacks.model_checkpoint.mode"),  # mode min: the worst epoch
+    ("callbacks.model_checkpoint.filename=last", "callbacks.model_checkpoint.filename"),  # the resume point
+    ("test_ckpt=best callbacks.model_checkpoint.save_top_k=3", "callbacks.model_checkpoint.save_top_k"),
+    ("test_ckpt=best callbacks.model_checkpoint.save_top_k=0", "callbacks.model_checkpoint.save_top_k"),
+    ("trainer.enable_model_summary=abc", "trainer.enable_model_summary"), ("+trainer.inference_mode=abc", "trainer.inference_mode"),
+    ("callbacks.model_checkpoint.save_on_train_epoch_end=abc", "callbacks.model_checkpoint.save_on_train_epoch_end"),
+    ("+logger.tensorboard.log_graph=abc", "logger.tensorboard.log_graph"),  # flags of the Trainer, callbacks, loggers
+    ("data.subset=256 data.val_size=128 trainer.limit_val_batches=0.1", "trainer.limit_val_batches"),  # one batch x 0.1
+    ("data.subset=256 trainer.limit_test_batches=0.05", "trainer.limit_test_batches"),  # found after training, before
+    ("data.subset=256 trainer.overfit_batches=0.01", "trainer.overfit_batches"),  # its 5 validation batches: none
     pytest.param("trainer.precision=16-mixed", "trainer.precision", marks=NEEDS_NO_GPU),
     pytest.param("trainer.accelerator=gpu", "trainer.accelerator", marks=NEEDS_NO_GPU),
     ("optimizer=adagrad optimizer.lr_decay=-1", "optimizer.lr_decay"),

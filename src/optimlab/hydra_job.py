@@ -108,6 +108,11 @@ class CheckOutputFolder(Callback):
             sys.exit(2)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from optimlab.validate import rule_error  # torch's import: only where a run starts
+
+        if (error := rule_error("name", config.get("name"))) is not None:  # the run folder's name ends with it
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
         self._check("hydra.run.dir", config.hydra.run.dir)
         folder = Path(os.path.abspath(str(config.hydra.run.dir)))  # as Hydra makes runtime.output_dir
         missing = [path for path in (folder, *folder.parents) if not path.exists()]

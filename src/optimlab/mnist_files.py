@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from hydra.utils import to_absolute_path
 
@@ -97,3 +99,18 @@ def epoch_batches(items: int, batch_size: int, limit: int | float | None,
         raise DataError(f"{key}: {limit} leaves none of the {batches} batches of an epoch; "
                         f"expected a fraction >= {1 / batches:.4g}, an integer count or null")
     return limited
+
+
+def check_batch_limits(trainer: Mapping[str, Any], sizes: tuple[int, int, int], batch_size: int,
+                       eval_batch_size: int) -> int:
+    """A DataError where a batch limit of ``trainer`` (``limit_{train,val,test}_batches``, or
+    ``overfit_batches``, which stands for the first two) keeps no batch of its split (training,
+    validation, test ``sizes``), as Lightning would find only when it reaches that split; else the
+    training batches of an epoch."""
+    overfit = trainer.get("overfit_batches") or None
+    limits = [overfit or trainer.get("limit_train_batches"), overfit or trainer.get("limit_val_batches"),
+              trainer.get("limit_test_batches")]
+    keys = ["trainer.overfit_batches" if overfit else f"trainer.limit_{split}_batches" for split in ("train", "val")]
+    batches = [epoch_batches(size, batch, limit, key) for size, batch, limit, key in
+               zip(sizes, (batch_size, eval_batch_size, eval_batch_size), limits, [*keys, "trainer.limit_test_batches"])]
+    return batches[0]

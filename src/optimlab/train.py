@@ -24,7 +24,7 @@ from optimlab.checkpointing import CHECKPOINT_DIR, read_checkpoint
 from optimlab.curvature import SharpnessCallback
 from optimlab.files import remove_stale_temporaries
 from optimlab.hydra_job import command_line_override, save_job_record
-from optimlab.mnist_files import epoch_batches
+from optimlab.mnist_files import check_batch_limits
 from optimlab.record import RunRecord, close_loggers, device_name, log_result, result_line
 from optimlab.resume import keep_derived_values, plan_run, refuse_changed_config
 from optimlab.signals import Interrupted, StopOnSignal
@@ -104,10 +104,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
     datamodule, module = parts.datamodule, parts.module
     checkpoint = read_checkpoint(ckpt, module) if ckpt is not None else None
     datamodule.setup()  # reads and checks the files: a DataError stops us before anything is written
-    # Lightning trains on trainer.overfit_batches batches instead, where that is above 0.
-    limit_key = "trainer.overfit_batches" if cfg.trainer.overfit_batches else "trainer.limit_train_batches"
-    steps_per_epoch = epoch_batches(len(datamodule.train_y), datamodule.batch_size, OmegaConf.select(cfg, limit_key),
-                                    limit_key)
+    steps_per_epoch = check_batch_limits(cfg.trainer, (len(datamodule.train_y), len(datamodule.val_y),
+                                                       len(datamodule.test_y)), datamodule.batch_size,
+                                         datamodule.eval_batch_size)
     config = OmegaConf.to_container(cfg, resolve=True)
     curvature = cfg.get("curvature")  # absent from the configs of runs recorded before it existed
     sharpness = (SharpnessCallback(curvature.every_n_steps, curvature.probe_size, cfg.seed, iters=curvature.iters,

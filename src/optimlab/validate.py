@@ -59,12 +59,15 @@ def limit(low: int) -> Rule:
 
 
 MONITORED = one_of("val/loss", "val/acc")
+BETTER = {"val/loss": "min", "val/acc": "max"}  # the mode each monitored metric improves in
 LOGGER_PACKAGES = {"WandbLogger": "wandb", "MLFlowLogger": "mlflow"}  # loggers whose package is optional
 ONE_DEVICE = "the in-memory batches are not sharded per rank; run jobs in parallel with a sweep instead"
 
 # Every key outside the instantiated groups, with its rule; a key not listed is unknown.
 RULES: dict[str, Rule] = {
-    "name": TEXT, "lr": POSITIVE, "epochs": INT_POSITIVE, "batch_size": INT_POSITIVE, "seed": SEED,
+    "name": (lambda v: isinstance(v, str) and 0 < len(v.encode()) <= 100 and "/" not in v,
+             "a non-empty string of at most 100 bytes without '/' (it ends the run folder's name)"),
+    "lr": POSITIVE, "epochs": INT_POSITIVE, "batch_size": INT_POSITIVE, "seed": SEED,
     "resume": optional((lambda v: isinstance(v, str), "a run directory, a .ckpt file or 'auto'")),
     "test_ckpt": one_of("last", "best"), "optimized_metric": one_of(*OPTIMIZED_METRICS),
     # Lightning's Trainer checks most of its own arguments when it is built; these it checks late
@@ -240,8 +243,10 @@ def validate_config(cfg: DictConfig) -> None:
         if not isinstance(cfg.get(key), DictConfig):
             raise ConfigError(f"{key}: missing; choose one of conf/{key}/")
     check_range(cfg)
-    for section in BUILT:
-        if cfg.get(section) and (errors := flag_errors(section, cfg[section])):
+    built = [(section, cfg.get(section)) for section in (*BUILT, "trainer")]
+    built += [(f"{section}.{name}", entry) for section in COLLECTIONS for name, entry in (cfg.get(section) or {}).items()]
+    for section, node in built:
+        if node and (errors := flag_errors(section, node)):
             raise ConfigError(errors[0])
     if cfg.optimizer.get("impl") == "torch" and cfg.optimizer.get("grad_noise_std", 0) != 0:
         raise ConfigError("optimizer.grad_noise_std: gradient noise is an option of optimlab's optimizers "
@@ -250,9 +255,7 @@ def validate_config(cfg: DictConfig) -> None:
         Thresholds.from_overrides(OmegaConf.to_container(cfg.regimes) if cfg.get("regimes") else {})
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
-    if cfg.test_ckpt == "best" and not (cfg.get("callbacks") or {}).get("model_checkpoint"):
-        raise ConfigError("test_ckpt: 'best' needs callbacks.model_checkpoint, which chooses the best epoch; "
-                          "use test_ckpt=last or callbacks=default")
+    check_checkpoint_callbacks(cfg)
     for name, entry in (cfg.get("logger") or {}).items():
         package = LOGGER_PACKAGES.get(str(entry.get("_target_")).rsplit(".", 1)[-1]) if entry else None
         if package and importlib.util.find_spec(package) is None:
@@ -270,6 +273,31 @@ def resume_target(resume: str) -> Path:
     if not target.exists():
         raise ConfigError(f"resume: {resume!r} does not exist; give a run directory, a .ckpt file or 'auto'")
     return target
+
+
+def check_checkpoint_callbacks(cfg: DictConfig) -> None:
+    """The best epoch is chosen by a monitor in the direction it improves in, kept in a file of its own
+    (``last.ckpt`` is the run's resume point), and, for ``test_ckpt=best``, once: one file to test."""
+    from optimlab.checkpointing import LAST  # which imports this module's ConfigError
+
+    callbacks = cfg.get("callbacks") or {}
+    for name in ("model_checkpoint", "early_stopping"):
+        entry = callbacks.get(name) or {}
+        monitor, mode = entry.get("monitor"), entry.get("mode")
+        if monitor in BETTER and mode in ("min", "max") and mode != BETTER[monitor]:
+            raise ConfigError(f"callbacks.{name}.mode: {mode!r} contradicts callbacks.{name}.monitor={monitor} "
+                              f"(better when {'lower' if BETTER[monitor] == 'min' else 'higher'}); "
+                              f"set callbacks.{name}.mode={BETTER[monitor]}")
+    best = callbacks.get("model_checkpoint")
+    if best and f"{best.get('filename')}.ckpt" == LAST:
+        raise ConfigError(f"callbacks.model_checkpoint.filename: {best.get('filename')!r} is not allowed; expected "
+                          f"another name than the run's own {LAST}, which resume continues from")
+    if cfg.test_ckpt == "best" and not best:
+        raise ConfigError("test_ckpt: 'best' needs callbacks.model_checkpoint, which chooses the best epoch; "
+                          "use test_ckpt=last or callbacks=default")
+    if cfg.test_ckpt == "best" and best.get("save_top_k", 1) != 1:
+        raise ConfigError(f"callbacks.model_checkpoint.save_top_k: {best.get('save_top_k')!r} is not allowed with "
+                          f"test_ckpt=best; expected 1 (one best checkpoint to test), or use test_ckpt=last")
 
 
 def weight_dtype(precision: str) -> torch.dtype:

@@ -115,18 +115,25 @@ class PopulationLauncher(Launcher):
 class CheckPopulationOptions(Callback):
     """A sweep with ``hydra/launcher=population`` whose knobs the launcher refuses (a ValueError of
     its own, as :class:`PopulationLauncher` raises it), or ``population.dry_run=true`` with another
-    launcher (which would train every job): one line and exit 2, before anything is written. (Hydra
+    launcher or in a single run (which would train): one line and exit 2, before anything is written. (Hydra
     builds the launcher later and would wrap the same error in its multi-line instantiation message.)
     Registered in ``conf/config.yaml``'s ``hydra.callbacks``."""
+
+    @staticmethod
+    def _refuse_dry_run(config: DictConfig, add: str) -> None:
+        if OmegaConf.select(config, "population.dry_run") is True:
+            print(f"error: population.dry_run: true plans a sweep of hydra/launcher=population only; add {add}, "
+                  "or leave dry_run out", file=sys.stderr)
+            sys.exit(2)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._refuse_dry_run(config, "-m hydra/launcher=population")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         options = OmegaConf.to_container(config.hydra.launcher, resolve=True)
         assert isinstance(options, dict)
         if options.pop("_target_", None) != PopulationLauncherConf._target_:
-            if OmegaConf.select(config, "population.dry_run") is True:  # another launcher would train every job
-                print("error: population.dry_run: true plans a sweep of hydra/launcher=population only; add "
-                      "hydra/launcher=population, or leave dry_run out", file=sys.stderr)
-                sys.exit(2)
+            self._refuse_dry_run(config, "hydra/launcher=population")  # another launcher would train every job
             return
         try:
             PopulationLauncher(**options)

@@ -31,7 +31,7 @@ from optimlab.curvature.tracking import measurement_iters
 from optimlab.data import load_split, split_indices
 from optimlab.hydra_job import hydra_config_of, set_output_dir
 from optimlab.lr_schedule import lr_monitor_unfollowed
-from optimlab.mnist_files import DataError, ensure_files, epoch_batches, resolve_root
+from optimlab.mnist_files import DataError, check_batch_limits, ensure_files, resolve_root
 from optimlab.optim import Optimizer
 from optimlab.population.best import followed as best_followed
 from optimlab.population.cluster import Executor, ForkedJob, can_fork
@@ -145,9 +145,11 @@ def check(cfg: DictConfig) -> None:
     items = training_items(n, datamodule.val_size, datamodule.subset, datamodule.label_noise, datamodule.seed)
     if isinstance(items, str):
         raise DataError(items)
-    epoch_batches(items, datamodule.batch_size, cfg.trainer.limit_train_batches)
     if (error := test_split_error(Path(datamodule.root))) is not None:
         raise DataError(error)
+    test_items = len(load_split(Path(datamodule.root), train=False)[1])
+    check_batch_limits(cfg.trainer, (items, datamodule.val_size, test_items), datamodule.batch_size,
+                       datamodule.eval_batch_size)
 
 
 def training_images(root: Path, download: bool) -> int:
