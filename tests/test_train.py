@@ -310,7 +310,8 @@ def test_grad_noise_is_refused_with_torch_impl(tmp_path: Path) -> None:
     ("+callbacks.mine._target_=no.such.Callback", "callbacks.mine._target_"), ("logger=csv +logger.csv.flush_every=3", "logger.csv.flush_every"),
     ("optimized_metric=test/acc", "optimized_metric"),
     ("callbacks=none test_ckpt=best", "test_ckpt"),
-    ("model=cnn model.kernel_size=100", "model.kernel_size"),
+    ("model=cnn model.kernel_size=100", "model.kernel_size"), ("model=cnn model.pool_stride=30", "model.pool_stride"),
+    ("optimizer=adam optimizer.betas=0.9", "optimizer.betas: 0.9 is not allowed; expected a pair"),
     ("model.init_std=true", "model.init_std: True is not allowed"), ("model.dropout=false", "model.dropout"),  # bools
     ("model.hidden=[true]", "model.hidden"), ("model=cnn model.pool_stride=true", "model.pool_stride"),
     ("name=a/b", "name"), ("name=" + "x" * 101, "name"),  # the run folder's name ends with it

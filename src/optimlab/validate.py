@@ -96,6 +96,9 @@ RULES: dict[str, Rule] = {
     "data.batch_size": INT_POSITIVE, "data.eval_batch_size": INT_POSITIVE, "data.download": BOOL,
     "data.test_every_epoch": BOOL, "data.seed": SEED, "data.root": optional((lambda v: isinstance(v, str), "a folder")),
     "optimizer.impl": one_of("custom", "torch"),
+    # the constructors unpack it first: a number failed as "'float' object is not iterable"
+    "optimizer.betas": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(map(finite_number, v)),
+                        "a pair of numbers [beta1, beta2]"),
     # torch's LR schedulers do not check their arguments (StepLR(step_size=0) fails mid-run).
     "scheduler.step_size": INT_POSITIVE, "scheduler.gamma": POSITIVE, "scheduler.T_max": INT_POSITIVE,
     "scheduler.eta_min": NON_NEGATIVE,

@@ -11,6 +11,17 @@ from optimlab.models.checks import check_common, check_positive_int, check_width
 from optimlab.models.init import initialise
 
 
+def feature_size(image_size: int, blocks: int, kernel_size: int, pool_stride: int) -> int:
+    """The side of the feature map after ``blocks`` conv blocks (a valid convolution, then 2x2 max-pooling
+    at ``pool_stride``); below 1 where it shrinks to nothing."""
+    size = image_size
+    for _ in range(blocks):
+        size = (size - kernel_size + 1 - 2) // pool_stride + 1
+        if size < 1:
+            return size
+    return size
+
+
 class CNN(nn.Module):
     """LeNet-style CNN, as in the JAX notebook: conv 5x5 (12) - pool - conv 5x5 (16) - pool -
     fc 120 - fc 84 - 10, 'valid' convolutions and 2x2 max-pooling.
@@ -38,12 +49,16 @@ class CNN(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         size, chans = image_size, in_channels
+        size = feature_size(image_size, len(channels), kernel_size, pool_stride)
+        if size < 1:  # the key to blame: the stride where the blocks would fit without it
+            key, value = (("pool_stride", pool_stride) if feature_size(image_size, len(channels), kernel_size, 1) >= 1
+                          else ("kernel_size", kernel_size))
+            raise ValueError(f"model.{key}: {value} is too large for {len(channels)} conv blocks (model.channels) of "
+                             f"kernel {kernel_size} and pooling stride {pool_stride} on a {image_size}px image: the "
+                             f"feature map shrinks to nothing")
         for out in channels:
             layers += [nn.Conv2d(chans, out, kernel_size), make_activation(activation), nn.MaxPool2d(2, pool_stride)]
-            size, chans = (size - kernel_size + 1 - 2) // pool_stride + 1, out
-            if size < 1:
-                raise ValueError(f"model.kernel_size: {kernel_size} is too large for {len(channels)} conv blocks "
-                                 f"(model.channels) on a {image_size}px image: the feature map shrinks to nothing")
+            chans = out
         layers.append(nn.Flatten())
         widths = [chans * size * size, *fc]
         for fan_in, fan_out in zip(widths[:-1], widths[1:]):
