@@ -12,14 +12,17 @@ every key outside these groups; and the constructors' flags, whose type they do 
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
+import lightning as L
 import torch
-from hydra.utils import get_class, to_absolute_path
+from hydra.utils import to_absolute_path
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from optimlab.checks import finite_number, is_integer
@@ -132,18 +135,25 @@ WEIGHT_DTYPES = {"64-true": torch.float64, "64": torch.float64}
 OWN_TRAINER_KEYS = ("check_finite_every_n_steps", "progress_bar", "num_threads", "flush_denormal", "compile")
 BUILT = ("model", "optimizer", "data", "scheduler")   # groups instantiated from their _target_
 COLLECTIONS = ("callbacks", "logger")                 # groups of named entries, each instantiated
+COLLECTION_CLASSES = {"callbacks": L.Callback, "logger": Logger}  # what each entry must build
 GROUPS = ("trainer", "regimes", "curvature", "population", *BUILT, *COLLECTIONS)
 EXTRA_KEYS = {"optimizer": {"impl"}, "trainer": set(OWN_TRAINER_KEYS)}  # ours, removed before the constructor
+
+
+def import_target(section: str, target: str) -> Any:
+    """The object ``target`` names (a module's attribute, ``package.module.Class``); a ConfigError where
+    there is none. Hydra's ``get_class`` would log its own lines about the failure first."""
+    module, _, name = target.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError, TypeError):
+        raise ConfigError(f"{section}._target_: cannot import {target!r}") from None
 
 
 def constructor_parameters(section: str, target: str) -> dict[str, inspect.Parameter]:
     """The parameters of a ``_target_`` section's constructor a config may set, by name (minus the
     first, positional one of optimizers and schedulers: the parameters and the optimizer)."""
-    try:
-        cls = get_class(target)
-    except Exception:
-        raise ConfigError(f"{section}._target_: cannot import {target!r}") from None
-    params = list(inspect.signature(cls).parameters.values())
+    params = list(inspect.signature(import_target(section, target)).parameters.values())
     if section in ("optimizer", "scheduler"):
         params = params[1:]
     return {p.name: p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
@@ -158,6 +168,11 @@ def _target_keys(section: str, node: DictConfig) -> list[str]:
     """The keys of an instantiated ``section`` that its ``_target_`` does not take."""
     if "_target_" not in node:
         raise ConfigError(f"{section}._target_: missing; choose one of conf/{section.split('.')[0]}/")
+    kind = COLLECTION_CLASSES.get(section.split(".")[0])
+    target = import_target(section, str(node._target_))
+    if kind is not None and not (isinstance(target, type) and issubclass(target, kind)):
+        raise ConfigError(refusal(f"{section}._target_", str(node._target_), f"a {kind.__module__.split('.')[0]} "
+                                  f"{kind.__name__} class (see conf/{section.split('.')[0]}/)"))
     allowed = constructor_keys(section, str(node._target_))
     return [f"{section}.{key}" for key in node if key not in allowed]
 
