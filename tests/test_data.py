@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from optimlab.data import EpochShuffle, MNISTDataModule, TensorBatches, load_split
+from optimlab.data import EpochShuffle, MNISTDataModule, TensorBatches, load_split, split_indices
 from optimlab.mnist_files import DataError
 
 
@@ -110,3 +110,14 @@ def test_real_mnist_split_subset_and_label_noise(mnist_root: Path) -> None:
     assert len(small.train_y) == 8000 and torch.equal(small.train_y, dm.train_y[:8000])
     images, _ = load_split(Path(str(mnist_root)), train=True)
     assert images.shape == (60_000, 1, 28, 28)
+
+
+def test_the_split_draws_are_pinned() -> None:
+    """Every run's data rests on these draws (the single run's and each population member's): the split's
+    permutation, then the label-noise cycle, from one generator seeded by the run's seed."""
+    split = split_indices(60_000, 5000, 1000, 0.5, 3)
+    assert split.val[:4].tolist() == [38986, 46111, 53123, 54054]
+    assert split.train_labels[:4].tolist() == [39466, 19824, 52356, 34159]
+    assert split.train_images[:6].tolist() == [52681, 24621, 52356, 34159, 39968, 51919]  # moved along a cycle
+    assert split.noisy_count == 500 == int((split.train_images != split.train_labels).sum())
+    assert sorted(split.train_images.tolist()) == sorted(split.train_labels.tolist())  # images moved, none lost

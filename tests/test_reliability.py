@@ -806,15 +806,17 @@ def test_a_relative_data_root_is_taken_from_the_launching_folder(tmp_path: Path)
 
 
 @pytest.mark.parametrize("override, line", [
-    ("model._target_=no_such_module.Net", "model._target_: cannot import 'no_such_module.Net'"),
+    ("model._target_=no_such_module.Net", "model._target_: cannot import 'no_such_module.Net' (expected a class or function)"),
     ("+callbacks.mine._target_=os.getcwd",
      "callbacks.mine._target_: 'os.getcwd' is not allowed; expected a lightning Callback class (see conf/callbacks/)"),
-    ("name=a/b", "name: 'a/b' is not allowed; expected a non-empty string of at most 100 bytes without '/' "
-                 "(it ends the run folder's name)"),
+    ("name=a/b", "name: 'a/b' is not allowed; expected at most 228 bytes without '/' (it ends the run folder's name)"),
+    ("name=" + "x" * 229, f"name: '{'x' * 229}' is not allowed; expected at most 228 bytes without '/' (it ends the run "
+                          f"folder's name)"),  # 229 bytes after the date and time: over 255
 ])
 def test_a_bad_target_or_name_is_one_line_and_leaves_no_folder(tmp_path: Path, override: str, line: str) -> None:
     """Hydra's get_class logged lines of its own (into the run folder's train.log, left behind); a name
     with '/' made nested folders."""
-    result = train(*TINY, override, f"hydra.run.dir={tmp_path / 'run'}")
+    folder = [f"hydra.run.dir={tmp_path}/" + "${now:%Y-%m-%d_%H-%M-%S-%f}_${name}"]  # the default's name
+    result = train(*TINY, override, *(folder if override.startswith("name") else [f"hydra.run.dir={tmp_path / 'run'}"]))
     assert result.returncode == 2 and result.stderr.strip() == f"error: {line}", result.stderr[-2000:]
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists() and not list(tmp_path.iterdir())

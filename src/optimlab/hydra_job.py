@@ -35,6 +35,7 @@ class JobFailed(CompactHydraException):
 # A sweep job's folder is ``<job number>_<overrides>``; most file systems take names of at most 255
 # bytes, and a sweep with many overrides exceeds that (Hydra's mkdir then fails with a traceback).
 DIRNAME_BYTES = 200
+FOLDER_NAME_BYTES = 255
 
 
 def job_dirname(overrides: str, limit: int = DIRNAME_BYTES) -> str:
@@ -108,11 +109,13 @@ class CheckOutputFolder(Callback):
             sys.exit(2)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from optimlab.validate import rule_error  # torch's import: only where a run starts
-
-        if (error := rule_error("name", config.get("name"))) is not None:  # the run folder's name ends with it
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
+        name, folder = config.get("name"), str(config.hydra.run.dir)
+        if isinstance(name, str) and name and folder.endswith(name):  # the default run folder's name ends with it
+            room = FOLDER_NAME_BYTES - len(folder[:-len(name)].rsplit("/", 1)[-1].encode())
+            if "/" in name or len(name.encode()) > room:
+                print(f"error: name: {name!r} is not allowed; expected at most {room} bytes without '/' (it ends "
+                      f"the run folder's name)", file=sys.stderr)
+                sys.exit(2)
         self._check("hydra.run.dir", config.hydra.run.dir)
         folder = Path(os.path.abspath(str(config.hydra.run.dir)))  # as Hydra makes runtime.output_dir
         missing = [path for path in (folder, *folder.parents) if not path.exists()]

@@ -106,7 +106,9 @@ def check_batch_limits(trainer: Mapping[str, Any], sizes: tuple[int, int, int], 
     """A DataError where a batch limit of ``trainer`` (``limit_{train,val,test}_batches``, or
     ``overfit_batches``, which stands for the first two) keeps no batch of its split (training,
     validation, test ``sizes``), as Lightning would find only when it reaches that split; else the
-    training batches of an epoch."""
+    training batches of an epoch. Under ``fast_dev_run`` Lightning runs its own few batches instead."""
+    if trainer.get("fast_dev_run"):
+        return epoch_batches(sizes[0], batch_size, int(trainer["fast_dev_run"]))
     overfit = trainer.get("overfit_batches") or None
     limits = [overfit or trainer.get("limit_train_batches"), overfit or trainer.get("limit_val_batches"),
               trainer.get("limit_test_batches")]

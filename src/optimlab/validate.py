@@ -43,7 +43,6 @@ INT_POSITIVE: Rule = (lambda v: is_integer(v) and v >= 1, "an integer >= 1")
 INT_NON_NEGATIVE: Rule = (lambda v: is_integer(v) and v >= 0, "an integer >= 0")
 SEED: Rule = (lambda v: is_integer(v) and 0 <= v < 2**32, "an integer in [0, 2**32)")
 BOOL: Rule = (lambda v: isinstance(v, bool), "true or false")
-TEXT: Rule = (lambda v: isinstance(v, str) and v != "", "a non-empty string")
 
 
 def one_of(*choices: Any) -> Rule:
@@ -68,8 +67,7 @@ ONE_DEVICE = "the in-memory batches are not sharded per rank; run jobs in parall
 
 # Every key outside the instantiated groups, with its rule; a key not listed is unknown.
 RULES: dict[str, Rule] = {
-    "name": (lambda v: isinstance(v, str) and 0 < len(v.encode()) <= 100 and "/" not in v,
-             "a non-empty string of at most 100 bytes without '/' (it ends the run folder's name)"),
+    "name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
     "lr": POSITIVE, "epochs": INT_POSITIVE, "batch_size": INT_POSITIVE, "seed": SEED,
     "resume": optional((lambda v: isinstance(v, str), "a run directory, a .ckpt file or 'auto'")),
     "test_ckpt": one_of("last", "best"), "optimized_metric": one_of(*OPTIMIZED_METRICS),
@@ -143,11 +141,21 @@ EXTRA_KEYS = {"optimizer": {"impl"}, "trainer": set(OWN_TRAINER_KEYS)}  # ours, 
 def import_target(section: str, target: str) -> Any:
     """The object ``target`` names (a module's attribute, ``package.module.Class``); a ConfigError where
     there is none. Hydra's ``get_class`` would log its own lines about the failure first."""
-    module, _, name = target.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError, TypeError):
-        raise ConfigError(f"{section}._target_: cannot import {target!r}") from None
+    parts = target.split(".")
+    for split in range(len(parts) - 1, 0, -1):  # the longest module prefix, then attributes (Outer.Inner)
+        try:
+            found = importlib.import_module(".".join(parts[:split]))
+        except Exception:  # not a module (or one that fails to import): a shorter prefix may be
+            continue
+        try:
+            for name in parts[split:]:
+                found = getattr(found, name)
+        except AttributeError:
+            break
+        if callable(found):
+            return found
+        break
+    raise ConfigError(f"{section}._target_: cannot import {target!r} (expected a class or function)")
 
 
 def constructor_parameters(section: str, target: str) -> dict[str, inspect.Parameter]:
@@ -210,8 +218,8 @@ def flag_rule(param: inspect.Parameter) -> Rule | None:
     """:data:`BOOL` for a constructor's flag (a bool default or annotation; null allowed where null is
     its default), None for any other parameter. Constructors such as torch.optim's do not check a
     flag's type, so ``optimizer.centered=no`` (a non-empty string) would switch it on."""
-    annotation = param.annotation
-    if isinstance(param.default, bool) or annotation in (bool, "bool"):
+    annotation = param.annotation  # a bool default under a wider type (wandb's log_model: 'all' too) is no flag
+    if annotation in (bool, "bool") or (annotation is inspect.Parameter.empty and isinstance(param.default, bool)):
         return BOOL
     if param.default is None and annotation in (Optional[bool], "bool | None", "Optional[bool]"):
         return optional(BOOL)
@@ -298,10 +306,14 @@ def check_checkpoint_callbacks(cfg: DictConfig) -> None:
     (``last.ckpt`` is the run's resume point), and, for ``test_ckpt=best``, once: one file to test."""
     from optimlab.checkpointing import LAST  # which imports this module's ConfigError
 
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
     callbacks = cfg.get("callbacks") or {}
-    for name in ("model_checkpoint", "early_stopping"):
-        entry = callbacks.get(name) or {}
-        monitor, mode = entry.get("monitor"), entry.get("mode")
+    for name, entry in callbacks.items():
+        target = import_target(f"callbacks.{name}", str(entry._target_)) if entry else None
+        if not (isinstance(target, type) and issubclass(target, (ModelCheckpoint, EarlyStopping))):
+            continue
+        monitor, mode = entry.get("monitor"), entry.get("mode", "min")  # Lightning's default mode
         if monitor in BETTER and mode in ("min", "max") and mode != BETTER[monitor]:
             raise ConfigError(f"callbacks.{name}.mode: {mode!r} contradicts callbacks.{name}.monitor={monitor} "
                               f"(better when {'lower' if BETTER[monitor] == 'min' else 'higher'}); "

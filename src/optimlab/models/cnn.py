@@ -48,7 +48,7 @@ class CNN(nn.Module):
         check_common(activation, init, init_std, dropout)
         super().__init__()
         layers: list[nn.Module] = []
-        size, chans = image_size, in_channels
+        chans = in_channels
         size = feature_size(image_size, len(channels), kernel_size, pool_stride)
         if size < 1:  # the key to blame: the stride where the blocks would fit without it
             key, value = (("pool_stride", pool_stride) if feature_size(image_size, len(channels), kernel_size, 1) >= 1

@@ -29,6 +29,15 @@ CHECKPOINTS = ".populations"
 FORMAT = 2  # 2: linear weights in nn.Linear's [P, out, in] layout (1: [P, in, out])
 
 
+def trained(config: dict[str, Any]) -> dict[str, Any]:
+    """What of a member's config its training depends on: :func:`~optimlab.resume.comparable`, without the
+    diagnosis thresholds (``regimes``), which judge the record only (a checkpoint written when they were
+    not yet config keys still fits)."""
+    config = comparable(config)
+    config.pop("regimes", None)
+    return config
+
+
 class PopulationCheckpoint:
     """The checkpoint file of the population whose members run in ``run_dirs`` (in member order),
     with their resolved ``configs``."""
@@ -40,7 +49,7 @@ class PopulationCheckpoint:
         self.jobs = [os.path.relpath(d, sweep_dir) for d in run_dirs]
         digest = hashlib.sha256("\n".join(self.jobs).encode()).hexdigest()[:16]
         self.path = sweep_dir / CHECKPOINTS / f"{digest}.ckpt"
-        self.configs = [comparable(c) for c in configs]
+        self.configs = [trained(c) for c in configs]
 
     def save(self, loop_state: dict[str, Any], **extra: Any) -> None:
         """Write the checkpoint of a finished epoch: the loop's state and ``extra`` (plain values)."""
@@ -64,7 +73,7 @@ class PopulationCheckpoint:
         if state.get("format") != FORMAT:
             return None, f"{self.path} has format {state.get('format')}; this version reads format {FORMAT}"
         # Through today's comparable(): a file written when fewer keys were ignored still fits.
-        configs = [comparable(c) if isinstance(c, dict) else c for c in state.get("configs") or []]
+        configs = [trained(c) if isinstance(c, dict) else c for c in state.get("configs") or []]
         if configs != self.configs:
             return None, f"{self.path} was written for other configs of these jobs"
         return state, ""
