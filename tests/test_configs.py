@@ -21,7 +21,7 @@ from optimlab.build import build_parts
 from optimlab.curvature import SharpnessCallback, SharpnessTracker
 from optimlab.population.curvature import MemberSharpness
 from optimlab.regimes import Thresholds
-from optimlab.validate import ConfigError, validate_config
+from optimlab.validate import ConfigError, flag_errors, validate_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 SWEEPS = sorted(p.stem for p in (CONF / "sweep").glob("*.yaml"))
@@ -207,3 +207,12 @@ def test_tracking_and_the_population_launchers_python_defaults_are_the_configs()
 def test_the_configs_diagnosis_thresholds_are_the_python_defaults() -> None:
     """Every threshold is a key under ``regimes`` (``regimes.fit_acc=0.95`` without ``+``) with Thresholds' default."""
     assert OmegaConf.to_container(compose_config().regimes) == dataclasses.asdict(Thresholds())
+
+
+def test_a_parameter_wider_than_a_bool_is_no_flag() -> None:
+    """A bool default under a wider annotation (log_model: 'all' too) takes its other values; a bool parameter does not."""
+    wandb = OmegaConf.create({"_target_": "lightning.pytorch.loggers.WandbLogger", "log_model": "all"})
+    assert flag_errors("logger.wandb", wandb) == []
+    tensorboard = OmegaConf.create({"_target_": "lightning.pytorch.loggers.TensorBoardLogger", "log_graph": "all"})
+    assert flag_errors("logger.tensorboard", tensorboard) == [
+        "logger.tensorboard.log_graph: 'all' is not allowed; expected true or false"]
