@@ -22,7 +22,7 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from hydra.utils import to_absolute_path
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import DictConfig, OmegaConf
 
 from optimlab.checks import finite_number, is_integer
@@ -134,6 +134,8 @@ OWN_TRAINER_KEYS = ("check_finite_every_n_steps", "progress_bar", "num_threads",
 BUILT = ("model", "optimizer", "data", "scheduler")   # groups instantiated from their _target_
 COLLECTIONS = ("callbacks", "logger")                 # groups of named entries, each instantiated
 COLLECTION_CLASSES = {"callbacks": L.Callback, "logger": Logger}  # what each entry must build
+# Arguments a class takes without checking them (CSVLogger divides by its flush cadence mid-run).
+CLASS_RULES: dict[type, dict[str, Rule]] = {CSVLogger: {"flush_logs_every_n_steps": INT_POSITIVE}}
 GROUPS = ("trainer", "regimes", "curvature", "population", *BUILT, *COLLECTIONS)
 EXTRA_KEYS = {"optimizer": {"impl"}, "trainer": set(OWN_TRAINER_KEYS)}  # ours, removed before the constructor
 
@@ -233,6 +235,15 @@ def flag_errors(section: str, node: DictConfig) -> list[str]:
             if key in params and (rule := flag_rule(params[key])) and not rule[0](node[key])]
 
 
+def unchecked_errors(section: str, node: DictConfig) -> list[str]:
+    """The refusals of the values of ``section``'s arguments that its class takes unchecked
+    (:data:`CLASS_RULES`)."""
+    target = import_target(section, str(node._target_))
+    return [refusal(f"{section}.{key}", node[key], allowed) for cls, rules in CLASS_RULES.items()
+            if isinstance(target, type) and issubclass(target, cls)
+            for key, (ok, allowed) in rules.items() if key in node and not ok(node[key])]
+
+
 def rule_error(key: str, value: Any) -> str | None:
     """The one-line refusal of ``value`` for ``key`` by its rule in :data:`RULES`, or None if allowed."""
     ok, allowed = RULES[key]
@@ -272,7 +283,7 @@ def validate_config(cfg: DictConfig) -> None:
     built = [(section, cfg.get(section)) for section in (*BUILT, "trainer")]
     built += [(f"{section}.{name}", entry) for section in COLLECTIONS for name, entry in (cfg.get(section) or {}).items()]
     for section, node in built:
-        if node and (errors := flag_errors(section, node)):
+        if node and (errors := flag_errors(section, node) + unchecked_errors(section, node)):
             raise ConfigError(errors[0])
     if cfg.optimizer.get("impl") == "torch" and cfg.optimizer.get("grad_noise_std", 0) != 0:
         raise ConfigError("optimizer.grad_noise_std: gradient noise is an option of optimlab's optimizers "
