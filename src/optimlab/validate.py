@@ -22,6 +22,7 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from hydra.utils import to_absolute_path
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import DictConfig, OmegaConf
 
@@ -316,8 +317,6 @@ def check_checkpoint_callbacks(cfg: DictConfig) -> None:
     """The best epoch is chosen by a monitor in the direction it improves in, kept in a file of its own
     (``last.ckpt`` is the run's resume point), and, for ``test_ckpt=best``, once: one file to test."""
     from optimlab.checkpointing import LAST  # which imports this module's ConfigError
-
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     callbacks = cfg.get("callbacks") or {}
     for name, entry in callbacks.items():

@@ -652,7 +652,7 @@ def describe_population(members: Sequence[Job]) -> str:
 def shared_overrides(members: Sequence[Job]) -> list[str]:
     """The command-line overrides every member of a population has, less the member-wise ones."""
     common = [o for o in members[0].overrides if all(o in job.overrides for job in members[1:])]
-    return [o for o in common if o.split("=", 1)[0].lstrip("+~") not in MEMBER_WISE]
+    return [o for o, key in zip(common, override_keys(common)) if key not in MEMBER_WISE]
 
 
 def plan_text(jobs: Sequence[Job], populations: Sequence[Sequence[Job]], budget: MemoryBudget) -> str:
