@@ -328,6 +328,9 @@ def test_grad_noise_is_refused_with_torch_impl(tmp_path: Path) -> None:
     ("+logger.tensorboard.log_graph=abc", "logger.tensorboard.log_graph"),  # flags of the Trainer, callbacks, loggers
     ("logger=csv +logger.csv.flush_logs_every_n_steps=0", "logger.csv.flush_logs_every_n_steps: 0 is not allowed"),
     ("logger=many +logger.csv.flush_logs_every_n_steps=abc", "logger.csv.flush_logs_every_n_steps"),  # a mid-run crash
+    ("logger=csv logger.csv.name=../../elsewhere", "logger.csv.name"),  # logs outside the run's folder
+    ("logger.tensorboard.version=/tmp/elsewhere", "logger.tensorboard.version"),
+    ("+logger.tensorboard.save_dir=/dev/null/tb", "logger.tensorboard.save_dir"),  # found after the folder was made
     ("data.subset=256 data.val_size=128 trainer.limit_val_batches=0.1", "trainer.limit_val_batches"),  # one batch x 0.1
     ("data.subset=256 trainer.limit_test_batches=0.05", "trainer.limit_test_batches"),  # found after training, before
     ("data.subset=256 trainer.overfit_batches=0.01", "trainer.overfit_batches"),  # its 5 validation batches: none

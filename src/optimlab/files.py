@@ -1,4 +1,5 @@
-"""Writing a file so that a kill at any moment leaves the old version or the new one, never half."""
+"""Files: writing one so that a kill at any moment leaves the old version or the new one, never half;
+whether a folder can be written."""
 
 from __future__ import annotations
 
@@ -55,3 +56,15 @@ def running(pid: int) -> bool:
     except PermissionError:  # another user's
         return True
     return True
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why ``folder`` cannot be created or written, or None when it can."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None

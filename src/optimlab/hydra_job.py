@@ -25,6 +25,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
+from optimlab.files import unwritable
+
 
 class JobFailed(CompactHydraException):
     """A sweep job's one-line failure (a value not allowed, missing data, a folder it cannot write),
@@ -68,18 +70,6 @@ def command_line_override(key: str, value: str) -> str:
     if not plain:
         text = f'{key}="{value}"' if '"' not in value else f"{key}='{value}'"
     return shlex.quote(text)
-
-
-def unwritable(folder: Path) -> str | None:
-    """Why ``folder`` cannot be created or written, or None when it can."""
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"{existing} is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing} is not writable"
-    return None
 
 
 # A run folder that did not exist when Hydra started the run -> it and its parents that did not either

@@ -23,10 +23,11 @@ import lightning as L
 import torch
 from hydra.utils import to_absolute_path
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from optimlab.checks import finite_number, is_integer
+from optimlab.files import unwritable
 from optimlab.regimes import Thresholds
 from optimlab.summary import OPTIMIZED_METRICS
 
@@ -294,11 +295,7 @@ def validate_config(cfg: DictConfig) -> None:
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
     check_checkpoint_callbacks(cfg)
-    for name, entry in (cfg.get("logger") or {}).items():
-        package = LOGGER_PACKAGES.get(str(entry.get("_target_")).rsplit(".", 1)[-1]) if entry else None
-        if package and importlib.util.find_spec(package) is None:
-            raise ConfigError(f"logger.{name}: needs the {package} package, which is not installed "
-                              f"(pip install {package}); or choose logger=tensorboard, csv, many or none")
+    check_loggers(cfg)
     _check_hardware(cfg.trainer.accelerator, cfg.trainer.precision)
     if cfg.get("resume") not in (None, "auto"):
         resume_target(cfg.resume)
@@ -338,6 +335,29 @@ def check_checkpoint_callbacks(cfg: DictConfig) -> None:
     if cfg.test_ckpt == "best" and best.get("save_top_k", 1) != 1:
         raise ConfigError(f"callbacks.model_checkpoint.save_top_k: {best.get('save_top_k')!r} is not allowed with "
                           f"test_ckpt=best; expected 1 (one best checkpoint to test), or use test_ckpt=last")
+
+
+def check_loggers(cfg: DictConfig) -> None:
+    """Each logger's package is installed, and it can write where it would: a ``save_dir`` that can be
+    made and written, and (CSV, TensorBoard: into ``save_dir/name/version``) a ``name`` and ``version``
+    that stay inside it (a ``..`` or an absolute path would put the run's logs outside its folder)."""
+    for name, entry in (cfg.get("logger") or {}).items():
+        if not entry:
+            continue
+        package = LOGGER_PACKAGES.get(str(entry.get("_target_")).rsplit(".", 1)[-1])
+        if package and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"logger.{name}: needs the {package} package, which is not installed "
+                              f"(pip install {package}); or choose logger=tensorboard, csv, many or none")
+        folders = issubclass(import_target(f"logger.{name}", str(entry._target_)), (CSVLogger, TensorBoardLogger))
+        for key in ("name", "version") if folders else ():  # W&B's and MLflow's name a run, not a folder
+            value = entry.get(key)
+            if isinstance(value, str) and (Path(value).is_absolute() or ".." in Path(value).parts):
+                raise ConfigError(refusal(f"logger.{name}.{key}", value,
+                                          "a folder name inside the logger's save_dir (no '..', not absolute)"))
+        save_dir = entry.get("save_dir")
+        if save_dir and (reason := unwritable(Path(str(save_dir)).absolute())):
+            raise ConfigError(f"logger.{name}.save_dir: {str(save_dir)!r} cannot be written ({reason}); "
+                              f"choose another folder")
 
 
 def weight_dtype(precision: str) -> torch.dtype:
