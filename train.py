@@ -48,22 +48,11 @@ from optimlab.files import written_file
 from optimlab.hydra_job import JobFailed, remove_if_new_and_empty
 from optimlab.mnist_files import DataError
 from optimlab.record import record_refusal
-from optimlab.summary import OPTIMIZED_METRICS, optimized_value
+from optimlab.search import is_search, search_error
+from optimlab.summary import optimized_value
 from optimlab.signals import Interrupted, exit_code
 from optimlab.train import run
-from optimlab.validate import ConfigError, rule_error
-
-
-def _search_direction_error(cfg: DictConfig, sweeper: DictConfig) -> str | None:
-    """Why a search's sweeper cannot optimise ``optimized_metric`` (unknown metric, or the sweeper's
-    direction is the metric's opposite), or None."""
-    metric, direction = cfg.get("optimized_metric"), sweeper.get("direction")
-    if error := rule_error("optimized_metric", metric):
-        return error
-    if isinstance(direction, str) and direction != OPTIMIZED_METRICS[metric]:
-        return (f"hydra.sweeper.direction: {direction!r} contradicts optimized_metric={metric} "
-                f"(to {OPTIMIZED_METRICS[metric]}); set one of them to agree")
-    return None
+from optimlab.validate import ConfigError
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -74,8 +63,8 @@ def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     # A search (Optuna, ...) ends at its first failed trial: there a failure scores the metric's worst value.
-    searching = multirun and not str(hydra_cfg.sweeper.get("_target_", "")).endswith("BasicSweeper")
-    if searching and (error := _search_direction_error(cfg, hydra_cfg.sweeper)):
+    searching = multirun and is_search(hydra_cfg.sweeper)
+    if searching and (error := search_error(cfg, hydra_cfg.sweeper)):  # also a trial's own optimized_metric
         raise ConfigError(error)  # the search's own settings: end it, every trial would be wrong
     summary = None
     run_dir = Path(hydra_cfg.runtime.output_dir)

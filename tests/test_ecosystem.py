@@ -146,11 +146,17 @@ def test_an_optuna_search_survives_diverged_and_invalid_trials(tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_a_search_whose_direction_contradicts_its_metric_is_refused(tmp_path: Path) -> None:
-    result = sweep("hparams_search=optuna", *TINY, "optimized_metric=val/loss", f"hydra.sweep.dir={tmp_path}")
-    assert result.returncode != 0
-    assert "hydra.sweeper.direction: 'maximize' contradicts optimized_metric=val/loss" in result.stderr
-    assert not list(tmp_path.glob("*/summary.json"))
+@pytest.mark.parametrize("override, error", [
+    ("optimized_metric=val/loss", "hydra.sweeper.direction: 'maximize' contradicts optimized_metric=val/loss"),
+    ("hydra.sweeper.direction=sideways", "hydra.sweeper.direction: 'sideways' is not allowed"),  # Optuna's KeyError
+    ("hydra.sweeper.n_trials=0", "hydra.sweeper.n_trials: 0 is not allowed"),  # Optuna's 'no trials' traceback
+    ("hydra.sweeper.n_jobs=0", "hydra.sweeper.n_jobs: 0 is not allowed"),  # the sweeper looped for ever
+])
+def test_a_search_that_cannot_work_is_refused_before_its_first_trial(tmp_path: Path, override: str, error: str) -> None:
+    result = sweep("hparams_search=optuna", *TINY, override, f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {error}") and result.stderr.count("\n") == 1  # one line, no Optuna log
+    assert not (tmp_path / "sweep").exists()
 
 
 @pytest.mark.slow
