@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -820,3 +821,15 @@ def test_a_bad_target_or_name_is_one_line_and_leaves_no_folder(tmp_path: Path, o
     result = train(*TINY, override, *(folder if override.startswith("name") else [f"hydra.run.dir={tmp_path / 'run'}"]))
     assert result.returncode == 2 and result.stderr.strip() == f"error: {line}", result.stderr[-2000:]
     assert not (tmp_path / "run").exists() and not list(tmp_path.iterdir())
+
+
+def test_resume_auto_in_a_folder_without_a_run_says_it_starts_a_new_one(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """A single run's default folder is new (timestamped): resume=auto has nothing there to continue."""
+    from conftest import compose_config
+    from optimlab.train import run
+
+    with caplog.at_level(logging.INFO, logger="optimlab.train"):
+        summary = run(compose_config(*TINY, "resume=auto"), tmp_path / "new", ["resume=auto"])
+    assert summary.status == "complete"
+    assert f"resume=auto: {tmp_path / 'new'} holds no run yet; starting a new one" in caplog.text

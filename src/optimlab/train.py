@@ -98,6 +98,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
     if cfg.resume == "auto" and is_complete(run_dir):
         log.info(f"{run_dir}: already complete, skipped (resume=auto)")
         return previous  # type: ignore[return-value]
+    if cfg.resume == "auto" and previous is None:  # e.g. a single run's new, timestamped folder
+        log.info(f"resume=auto: {run_dir} holds no run yet; starting a new one (resume=<run dir> continues a given run)")
     set_torch_options(cfg.trainer)
     L.seed_everything(cfg.seed, verbose=False)
     parts = build_parts(cfg)
