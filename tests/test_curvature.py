@@ -124,6 +124,25 @@ def test_sharpness_is_the_algebraic_largest_not_the_largest_magnitude() -> None:
     assert sharpness(model, x, y, iters=31, tol=1e-12) == pytest.approx(highest, rel=1e-6)
 
 
+@pytest.mark.parametrize("dtype, entry", [(torch.float32, 1e-20), (torch.float32, 1e-30), (F64, 1e-300),
+                                          (F64, 1e300), (torch.float32, 1e30)])
+def test_preconditioners_of_extreme_scale(dtype: torch.dtype, entry: float) -> None:
+    """P = c I gives H / c: eigenvalues whose squares are not numbers of the dtype (a probe: NaN at 1e-20
+    in float32, an early stop 0.998 low at 1e300 in float64, the vector norms squaring their entries)."""
+    model, x, y = mlp(nn.Tanh, 0)
+    expected = float(torch.linalg.eigvalsh(full_hessian(model, x, y))[-1]) / entry
+    model = model.to(dtype)
+    value = sharpness(model, x, y, [torch.full_like(p, entry, dtype=F64) for p in model.parameters()], iters=31,
+                      tol=1e-10)
+    assert value == pytest.approx(expected, rel=1e-5 if dtype == torch.float32 else 1e-9)
+
+
+def test_tol_zero_runs_every_product() -> None:
+    """Its error bound can underflow to 0 before ``iters`` (a probe: 64 products of 1000 on 749 parameters)."""
+    model, x, y = mlp(nn.Tanh, 0)
+    assert top_eigenpair(model, x, y, iters=31, tol=0.0).iterations == 31
+
+
 @pytest.mark.parametrize("activation", [nn.Tanh, nn.ReLU, nn.GELU], ids=lambda a: a.__name__)
 def test_sharpness_at_its_default_tolerance_is_within_it(activation: type[nn.Module]) -> None:
     # A stop on the Ritz value's change ended early where the iteration stalled (1.8% low on the
@@ -266,6 +285,13 @@ def test_argument_checks() -> None:
         sharpness(model, x, y, [torch.ones_like(p, dtype=torch.bool) for p in model.parameters()])
     with pytest.raises(ValueError, match="the model's output must be logits shaped .*, got tuple"):
         sharpness(Returns(model), x, y)
+    with pytest.raises(ValueError, match="Invalid model: must be a torch.nn.Module, got function"):
+        sharpness(lambda t: model(t), x, y)
+    with pytest.raises(ValueError, match="entries as small as 1e-50 round to 0 in the parameters' float32"):
+        sharpness(model.float(), x, y, [torch.full_like(t, 1e-50) for t in shapes_p])  # positive in float64
+    model.double()[0].bias.requires_grad_(False)
+    with pytest.raises(ValueError, match="a list over all the parameters must be shaped like them"):
+        sharpness(model, x, y, [*shapes_p[:1], torch.ones(5, dtype=F64), *shapes_p[2:]])  # the frozen bias's entry
 
 
 class Returns(nn.Module):

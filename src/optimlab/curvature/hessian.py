@@ -65,6 +65,9 @@ def like_parameters(name: str, tensors: object, model: nn.Module) -> list[Tensor
     if any(t.is_complex() or t.dtype == torch.bool for t in tensors):
         raise ValueError(f"Invalid {name}: must be real numbers, got {sorted({str(t.dtype) for t in tensors})}")
     if len(tensors) == len(every) != len(params):
+        if any(t.shape != p.shape for t, p in zip(tensors, every)):
+            raise ValueError(f"Invalid {name}: a list over all the parameters must be shaped like them "
+                             f"{[tuple(p.shape) for p in every]}, got {[tuple(t.shape) for t in tensors]}")
         tensors = [t for t, p in zip(tensors, every) if p.requires_grad]
     if len(tensors) != len(params) or any(t.shape != p.shape for t, p in zip(tensors, params)):
         raise ValueError(f"Invalid {name}: must be a list of {len(params)} tensors shaped like the trainable "
@@ -150,6 +153,8 @@ def top_eigenpair(model: nn.Module, x: Tensor, y: Tensor, preconditioner: Sequen
         An :class:`Eigenpair`; its vector is the eigenvector of :math:`P^{-1/2} H P^{-1/2}`. A
         non-finite loss gives NaN (and the start vector, no product).
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"Invalid model: must be a torch.nn.Module, got {type(model).__name__}")
     params = trainable(model)
     if not params:
         raise ValueError("model has no trainable parameters")
@@ -164,9 +169,13 @@ def top_eigenpair(model: nn.Module, x: Tensor, y: Tensor, preconditioner: Sequen
     dtype, device = params[0].dtype, params[0].device
     scale = None
     if preconditioner is not None:
-        diagonal = _flat(like_parameters("preconditioner", preconditioner, model)).to(device, dtype)
-        if not bool((diagonal > 0).all()):
+        given = like_parameters("preconditioner", preconditioner, model)
+        if not valid_preconditioner(given):
             raise ValueError("Invalid preconditioner: every entry must be positive (NaN is not)")
+        diagonal = _flat(given).to(device, dtype)
+        if not bool((diagonal > 0).all()):
+            raise ValueError(f"Invalid preconditioner: entries as small as {min(float(t.min()) for t in given):.3g} "
+                             f"round to 0 in the parameters' {str(dtype).removeprefix('torch.')}")
         scale = diagonal.rsqrt_()
     if init is not None:
         v0 = _flat(like_parameters("init", init, model)).to(device, dtype)

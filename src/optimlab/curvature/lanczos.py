@@ -41,7 +41,9 @@ def lanczos(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int = 20,
     :math:`tol \cdot |\theta_j|` from the second product on (a start vector at or near an
     eigenvector of any eigenvalue has a small residual after one), after ``iters`` products, when the
     basis spans the whole space, or when :math:`\beta_j = 0` (the Krylov space is invariant:
-    :math:`\theta_j` is exact, the top of the part of the spectrum ``v0`` reaches).
+    :math:`\theta_j` is exact, the top of the part of the spectrum ``v0`` reaches). Where the products'
+    squared norms would overflow or underflow, they are divided by a power of two
+    (:func:`power_of_two_scale`) and the eigenvalue multiplied back.
 
     A loose ``tol`` cannot tell apart top eigenvalues closer than about ``tol``: the residual only
     says some eigenvalue is near. From a start vector close to the second eigenvector (a warm start
@@ -104,8 +106,13 @@ def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int |
     ritz: list[Tensor | None] = [None] * members
     stopped_at: list[int | None] = [None] * members  # the step whose basis vector a non-finite member returns
     active = [True] * members
+    scale: Tensor | None = None
     for j in range(iters):
         w = matvec(basis[:, j])
+        if j == 0:
+            scale = power_of_two_scale(w)
+        if scale is not None:  # out of place: matvec may return its input
+            w = w / scale[:, None]
         done = basis[:, :j + 1]
         coeffs = torch.bmm(done, w[:, :, None])  # [P, j + 1, 1]: w's components along each member's basis
         alpha = coeffs[:, -1, 0].tolist()
@@ -158,7 +165,22 @@ def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int |
             # coefficients @ rows: a transposed basis times the coefficients (addmv) took 4x as long (1M parameters)
             vectors[m] = ritz[m].to(device=basis.device, dtype=basis.dtype) @ basis[m, :k]  # type: ignore[union-attr]
     iterations = [len(alphas[m]) + (stopped_at[m] is not None) for m in range(members)]
-    return torch.tensor(top, dtype=torch.float64), vectors, torch.tensor(iterations)
+    values = torch.tensor(top, dtype=torch.float64)
+    return values if scale is None else values * scale.to("cpu", torch.float64), vectors, torch.tensor(iterations)
+
+
+def power_of_two_scale(w: Tensor) -> Tensor | None:
+    """Per row of a first product ``w`` (``[members, n]``), a power of two to divide every product by so
+    that their squared norms neither overflow nor underflow ``w``'s dtype (a preconditioner of 1e-20 in
+    float32: eigenvalues near 1e20, whose squares are not float32 numbers), 1 for a row that is safe; None
+    when every row is. Division by a power of two is exact, so nothing else about the iteration changes."""
+    info, n = torch.finfo(w.dtype), w.shape[1]
+    largest = w.detach().abs().amax(dim=1).double()
+    low, high = math.sqrt(info.tiny) * 2.0**20, math.sqrt(info.max / n) / 2.0**20  # room for later products
+    unsafe = (largest > 0) & torch.isfinite(largest) & ((largest < low) | (largest > high))
+    if not bool(unsafe.any()):
+        return None
+    return torch.where(unsafe, torch.exp2(torch.round(torch.log2(largest))), 1.0).to(w.dtype)
 
 
 def grown(basis: Tensor, limit: int) -> Tensor:
@@ -189,7 +211,8 @@ def top_ritz(alphas: Sequence[float], betas: Sequence[float], beta: float, step:
     ``iters`` products, or from the second product on :func:`ritz_error_bound` within ``tol``."""
     evals, evecs = torch.linalg.eigh(tridiagonal(alphas, betas))
     top, ritz = float(evals[-1]), evecs[:, -1]
-    stop = beta == 0.0 or step + 1 == iters or (step > 0 and ritz_error_bound(ritz, beta) <= tol * abs(top))
+    converged = step > 0 and tol > 0 and ritz_error_bound(ritz, beta) <= tol * abs(top)  # a bound may underflow to 0
+    stop = beta == 0.0 or step + 1 == iters or converged
     return top, ritz, stop
 
 
