@@ -17,6 +17,7 @@ from conftest import REPO, compose_config, run_script
 from optimlab.mnist_files import DataError
 from optimlab.hydra_job import command_line_override, config_yaml, job_dirname, write_job_record
 from optimlab.record import STEP_SCALARS, result_line
+from optimlab.summary import RunSummary
 from optimlab.train import run
 from optimlab.validate import ConfigError
 
@@ -207,6 +208,16 @@ def test_a_run_whose_best_checkpoint_was_never_written_tests_its_last_weights(tm
     assert (summary.status, summary.tested_checkpoint) == ("diverged", "last")
     assert not (tmp_path / "checkpoints" / "best.ckpt").exists()
     assert summary.test_acc == summary.epochs[-1]["test_acc"]
+
+
+def test_a_precision_given_as_a_number_is_that_precision(tmp_path: Path) -> None:
+    """``trainer.precision=64``, which Hydra reads as an integer, trains as ``64-true`` (a probe: it was refused,
+    its message listing 64 as allowed)."""
+    given, named = (run(compose_config(*FAST, "epochs=1", f"trainer.precision={p}"), tmp_path / p) for p in ("64", "64-true"))
+    def results(summary: RunSummary) -> list[dict]:
+        return [{key: value for key, value in row.items() if not key.endswith("_s")} for row in summary.epochs]
+
+    assert given.config["trainer"]["precision"] == 64 and results(given) == results(named)
 
 
 @pytest.mark.slow
@@ -415,7 +426,6 @@ def test_compiled_and_plain_checkpoints_share_parameter_names() -> None:
 
 def test_the_result_line_counts_the_steps_a_run_too_short_to_time_took() -> None:
     """The throughput leaves out the first step: a one-step run (debug=fdr) has none, but it did step."""
-    from optimlab.summary import RunSummary
 
     one = RunSummary(status="complete", config={}, epochs=[{"epoch": 1}], steps=1, steps_per_s=None, regime="slow")
     assert result_line(one).endswith("1 epoch, 1 step, 0.0s wall")

@@ -47,6 +47,9 @@ SEED: Rule = (lambda v: is_integer(v) and 0 <= v < 2**32, "an integer in [0, 2**
 BOOL: Rule = (lambda v: isinstance(v, bool), "true or false")
 
 
+PRECISIONS = ("32-true", "64-true", "16-mixed", "bf16-mixed", "32", "64")  # trainer.precision's values
+
+
 def one_of(*choices: Any) -> Rule:
     return (lambda v: v in choices, "one of " + ", ".join(map(str, choices)))
 
@@ -77,7 +80,8 @@ RULES: dict[str, Rule] = {
     # (mid-run) or not at all, or optimlab cannot honour other values.
     "trainer.accelerator": one_of("auto", "cpu", "gpu", "cuda", "mps"), "trainer.devices": one_of(1),
     "trainer.num_nodes": one_of(1), "trainer.strategy": one_of("auto"),
-    "trainer.precision": one_of("32-true", "64-true", "16-mixed", "bf16-mixed", "32", "64"),  # see weight_dtype
+    "trainer.precision": (lambda v: isinstance(v, (str, int)) and not isinstance(v, bool) and str(v) in PRECISIONS,
+                          "one of " + ", ".join(PRECISIONS)),  # 64 as Hydra reads it too, an integer; see weight_dtype
     "trainer.deterministic": BOOL, "trainer.log_every_n_steps": INT_POSITIVE, "trainer.max_epochs": INT_POSITIVE,
     "trainer.gradient_clip_val": optional(NON_NEGATIVE), "trainer.gradient_clip_algorithm": optional(one_of("norm", "value")),
     "trainer.accumulate_grad_batches": one_of(1), "trainer.check_val_every_n_epoch": one_of(1),
