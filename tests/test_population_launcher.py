@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -1152,7 +1153,9 @@ def test_an_invalid_job_fails_alone(mnist_root: Path, tmp_path: Path, launcher_n
     for name, s in runs.items():
         if s["status"] == "crashed":
             assert s["error"] == "ConfigError: lr: -1 is not allowed; expected a positive number"
-            assert s["population"] is None and (tmp_path / name / ".hydra" / "config.yaml").is_file()
+            assert s["population"] is None
+            recorded = yaml.safe_load((tmp_path / name / ".hydra" / "config.yaml").read_text())
+            assert recorded["trainer"]["max_epochs"] == recorded["epochs"]  # as a run records it (not ${epochs})
         else:
             assert 0 <= s["test_acc"] <= 1
             assert (s["population"] or {}).get("members") == (2 if launcher_name == "population" else None)

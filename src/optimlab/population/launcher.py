@@ -59,7 +59,7 @@ from optimlab.record import device_name, log_epoch_lines, record_refusal, refuse
 from optimlab.summary import FINISHED, RunSummary, config_key, optimized_value, read_summary, write_summary
 from optimlab.resume import override_keys, sync_epochs
 from optimlab.signals import EXIT_CODES, StopOnSignal, exit_code, signals_deferred
-from optimlab.validate import weight_dtype
+from optimlab.validate import ConfigError, weight_dtype
 
 log = logging.getLogger(__name__)
 
@@ -371,6 +371,8 @@ def fail_job(job: Job) -> TaskFunction:
     def task(cfg: DictConfig) -> None:
         assert job.error is not None
         say(f"error: {job.error}", sys.stderr)
+        with contextlib.suppress(ConfigError):  # the config recorded as the run's would be: epochs given once
+            sync_epochs(cfg, override_keys(job.overrides))
         record_refusal(job.run_dir, cfg, f"{type(job.error).__name__}: {job.error}")
         raise JobFailed(str(job.error)) from job.error
 
