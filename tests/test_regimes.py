@@ -438,6 +438,19 @@ def test_the_sharpness_never_changes_a_label_and_is_cited_only_for_instability()
         assert cites == (plain.regime in ("diverging", "oscillating")), name
 
 
+def test_a_step_loss_rise_short_of_a_blow_up_is_said_with_the_sharpness() -> None:
+    """As ``experiment=oscillating seed=12`` ran: its step loss rose from 2.67 to 5.01, under the blow-up level
+    5.34, while the sharpness was above 2/lr; healthy, and the evidence says how near it came."""
+    rows = [dict(row, train_loss_max=row["train_loss"] * 1.5) for row in CURVES["healthy"]]
+    rows[0].update(train_loss_initial=2.67, train_loss_max=5.01)
+    d = diagnose(rows, curvature=CROSSED)
+    assert d.regime == "healthy"
+    assert d.evidence[-1] == ("a training step's loss rose to 5.01, 88% above max(ln(10), first step's loss) = 2.67, "
+                              "short of the blow-up level 5.34; sharpness 31.2 crossed 2/lr = 2.86 at step 12")
+    rows[0]["train_loss_max"] = 2.75  # under 5% above the start: no note
+    assert not any("rose to" in e for e in diagnose(rows, curvature=CROSSED).evidence)
+
+
 @pytest.mark.parametrize("override, words", [
     ({"fit_acc": "abc"}, "regimes.fit_acc: 'abc' is not allowed; expected a number in [0, 1]"),
     ({"fit_acc": -5}, "regimes.fit_acc: -5"),

@@ -407,8 +407,14 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
     notes: list[str] = []  # a transient spike, cited by whichever rule then names the regime
 
     def verdict(regime: str, *evidence: str) -> Diagnosis:
-        if edge and regime in ("diverging", "oscillating"):
+        unstable = regime in ("diverging", "oscillating")
+        if edge and unstable:
             evidence = (*evidence, edge)
+        elif not unstable and m["max_step_loss"] >= (1 + t.osc_loss_rise) * m["start_loss"]:  # said why not unstable
+            rose = (f"a training step's loss rose to {m['max_step_loss']:.3g}, {m['max_step_loss'] / m['start_loss'] - 1:.0%} "
+                    f"above max(ln(10), first step's loss) = {m['start_loss']:.3g}, short of the blow-up level "
+                    f"{m['blowup_loss']:.3g}")
+            evidence = (*evidence, rose + (f"; {edge}" if edge else ""))
         return Diagnosis(regime, [*evidence, *notes], m)
 
     if diverged:
