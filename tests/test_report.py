@@ -421,6 +421,29 @@ def test_a_run_recorded_without_newer_keys_or_under_another_name_is_the_same_set
     assert {r["setting"] for r in csv.DictReader((tmp_path / "report.csv").open())} == {"sgd"}
 
 
+def test_a_group_chosen_by_some_runs_only_is_a_setting(tmp_path: Path) -> None:
+    """A probe's sweep of scheduler=none,cosine (and callbacks=default,early_stopping): the keys under the
+    chosen group are only some runs', which the report had taken for keys an older version did not record,
+    so both runs of a cell passed for seeds of one setting. A key that varies as another does is named once."""
+    for n, lr in enumerate((0.1, 1.0)):
+        for chosen in (False, True):
+            name = f"{n}{int(chosen)}_job"
+            fake_run(tmp_path, name, "SGD", lr, 8, 0, 0.9)
+            path = tmp_path / name / "summary.json"
+            saved = json.loads(path.read_text())
+            saved["config"].update(
+                scheduler={"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "T_max": 3} if chosen else None,
+                callbacks={"model_checkpoint": {"_target_": "lightning.pytorch.callbacks.ModelCheckpoint"}}
+                | ({"early_stopping": {"_target_": "lightning.pytorch.callbacks.EarlyStopping", "patience": 3}}
+                   if chosen else {}),
+                batch_size=32 if chosen else 64, data={"batch_size": 32 if chosen else 64})
+            path.write_text(json.dumps(saved))
+    report(tmp_path)
+    assert {r["setting"] for r in csv.DictReader((tmp_path / "report.csv").open())} == {
+        "sgd (batch_size=64, callbacks=model_checkpoint, scheduler=null)",
+        "sgd (batch_size=32, callbacks=early_stopping+model_checkpoint, scheduler=CosineAnnealingLR)"}
+
+
 def test_a_refused_job_with_a_negative_lr_is_listed_but_not_placed_on_the_lr_axis(tmp_path: Path) -> None:
     """A tracked map beside a job refused for lr=-1 (a crashed summary): the report lists it and still
     writes the map and stability.csv (a log lr axis has no place for -1: it raised a math domain error)."""

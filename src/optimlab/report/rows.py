@@ -89,18 +89,29 @@ def same_but_seed(config: dict[str, Any]) -> str:
 MAP_AXES = ("name", "lr", "optimizer.lr", "optimizer._target_", "optimizer.impl", "model.hidden", "model.channels")
 
 
+# Groups of named entries (validate.COLLECTIONS; not imported here: that module loads Lightning).
+COLLECTIONS = ("callbacks", "logger")
+
+
 def flat_settings(config: dict[str, Any]) -> dict[str, str]:
     """The run's config as dotted keys and their values (as text), without :data:`NOT_THE_EXPERIMENT`
-    and :data:`MAP_AXES`."""
+    and :data:`MAP_AXES`. A node built from a ``_target_`` is also its class's name (``scheduler=CosineAnnealingLR``
+    against another run's ``scheduler=null``), and ``callbacks`` and ``logger`` are also the names of their
+    entries (``callbacks=early_stopping+model_checkpoint``): a group's choice is a setting even where the
+    keys under it are only some runs'."""
     skipped = (*NOT_THE_EXPERIMENT, *MAP_AXES)
     flat: dict[str, str] = {}
 
     def walk(node: dict[str, Any], prefix: str) -> None:
         for key, value in node.items():
             dotted = prefix + str(key)
-            if dotted in skipped:
+            if dotted in skipped or key == "_target_":
                 continue
             if isinstance(value, dict):
+                if dotted in COLLECTIONS:
+                    flat[dotted] = "+".join(sorted(name for name, entry in value.items() if entry)) or "none"
+                elif "_target_" in value:
+                    flat[dotted] = str(value["_target_"]).rsplit(".", 1)[-1]
                 walk(value, dotted + ".")
             else:
                 flat[dotted] = value if isinstance(value, str) else json.dumps(value)
@@ -121,8 +132,14 @@ def name_settings(rows: list[dict[str, Any]]) -> None:
         if r.get("optimizer"):
             by_optimizer[r["optimizer"]].append(r)
     for optimizer, runs in by_optimizer.items():
-        keys = sorted({key for r in runs for key in r["settings"]})
-        varying = [key for key in keys if len({r["settings"][key] for r in runs if key in r["settings"]}) > 1]
+        keys = sorted({key for r in runs for key in r["settings"]}, key=lambda k: (k.count("."), k))
+        varying: list[str] = []
+        for key in keys:
+            values = [r["settings"].get(key) for r in runs]
+            # A key that varies as one named already does says nothing more (batch_size and its data.batch_size).
+            if len({v for v in values if v is not None}) > 1 and \
+                    all(values != [r["settings"].get(kept) for r in runs] for kept in varying):
+                varying.append(key)
         for r in runs:
             apart = ", ".join(f"{key}={r['settings'].get(key, '-')}" for key in varying)
             r["setting"] = f"{optimizer} ({apart})" if apart else optimizer
