@@ -133,6 +133,45 @@ def test_seeds_are_aggregated_only_over_otherwise_equal_configs(tmp_path: Path) 
     assert same_but_seed(base) != same_but_seed({**base, "lr": 0.2})
 
 
+def test_a_report_that_cannot_be_written_is_one_line_and_keeps_the_earlier_one(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A probe's full disk: the figure's write failed with a traceback after the earlier report.md had been
+    deleted. Now the files are made apart and moved in together, or not at all."""
+    import errno
+
+    import optimlab.report
+
+    for n, lr in enumerate((0.1, 1.0)):
+        fake_run(tmp_path, f"{n}_run", "SGD", lr, 8, 0, 0.97)
+    assert main([str(tmp_path)]) == 0
+    earlier = {name: (tmp_path / name).read_bytes() for name in ("report.md", "report.csv", "curves.png")}
+
+    def full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(optimlab.report, "plot_curves", full)
+    (tmp_path / "1_run" / "summary.json").write_text("{}")  # this report would differ
+    capsys.readouterr()
+    assert main([str(tmp_path)]) == 1
+    assert capsys.readouterr().err == f"error: cannot write the report in {tmp_path}: No space left on device\n"
+    assert {name: (tmp_path / name).read_bytes() for name in earlier} == earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["0_run", "1_run", *earlier, "lr_sensitivity.png"])
+
+
+@pytest.mark.parametrize("edit", [{"epochs": "oops"}, {"epochs": [1, 2]}, {"config": []}, {"train_steps": [{"a": "b"}]},
+                                  {"curvature": {"measurements": "x", "series": 5}}, {"curvature": [1]},
+                                  {"epochs": [{"epoch": 1, "val_acc": "high"}]}])
+def test_a_summary_of_another_shape_is_unreadable_not_a_traceback(tmp_path: Path, edit: dict) -> None:
+    """Valid JSON whose fields are not the schema's (a probe: AttributeError, TypeError from the figures)."""
+    for n, lr in enumerate((0.1, 1.0)):
+        fake_run(tmp_path, f"{n}_run", "SGD", lr, 8, 0, 0.97)
+    path = tmp_path / "1_run" / "summary.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    assert main([str(tmp_path)]) == 0
+    rows = {r["run"]: r for r in csv.DictReader((tmp_path / "report.csv").open())}
+    assert rows["1_run"]["error"] == "summary.json unreadable" and rows["0_run"]["regime"] == "healthy"
+
+
 def test_a_finished_run_recorded_without_its_label_is_diagnosed_from_its_history(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for seed in (0, 1):

@@ -218,12 +218,29 @@ def write_summary(run_dir: Path, summary: RunSummary) -> Path:
 
 
 def read_summary(run_dir: Path) -> RunSummary | None:
-    """The run's summary, or None when there is none or it cannot be read."""
+    """The run's summary, or None when there is none or it cannot be read as one (not JSON, or not
+    shaped as :class:`RunSummary`: a file edited by hand or written by another program)."""
     try:
         data = json.loads((run_dir / SUMMARY).read_text())
-        return RunSummary.from_dict(data) if isinstance(data, dict) and "status" in data else None
+        summary = RunSummary.from_dict(data) if isinstance(data, dict) and "status" in data else None
     except (OSError, ValueError, TypeError):
         return None
+    return summary if summary is not None and well_formed(summary) else None
+
+
+def well_formed(summary: RunSummary) -> bool:
+    """Whether the fields a reader computes with have the schema's shapes: the config a mapping, each epoch
+    and logged step a row of numbers (or nulls), the sharpness record's series rows of three."""
+    def rows(value: Any) -> bool:
+        return isinstance(value, list) and all(
+            isinstance(row, dict) and all(v is None or isinstance(v, (int, float)) for v in row.values()) for row in value)
+
+    curvature = summary.curvature
+    series = curvature.get("series", []) if isinstance(curvature, dict) else []
+    return (isinstance(summary.status, str) and isinstance(summary.config, dict) and rows(summary.epochs)
+            and rows(summary.train_steps) and (curvature is None or isinstance(curvature, dict))
+            and isinstance(series, list) and all(isinstance(row, list) and len(row) == 3 for row in series)
+            and (curvature is None or isinstance(curvature.get("measurements", 0), int)))
 
 
 def is_complete(run_dir: Path) -> bool:

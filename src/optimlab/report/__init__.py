@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
+import shutil
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from optimlab.report.aggregate import map_cells, stability_table
 from optimlab.report.figures import plot_curves, plot_lr_sensitivity, plot_regime_map, plot_sharpness
@@ -30,43 +34,51 @@ OUTPUTS = ("report.md", "report.csv", "curves.png", "lr_sensitivity.png", "sharp
 
 
 def report(sweep_dir: Path, rediagnose: bool = False) -> list[Path]:
-    """Write the tables and the figures that fit this sweep; return the files written."""
+    """Write the tables and the figures that fit this sweep; return the files written. They are made in a
+    folder of their own first and moved into ``sweep_dir`` together once all are written: a report that
+    fails (a full disk, a folder it may not write) leaves the earlier one as it was."""
     rows = [row_for(d, sweep_dir, rediagnose) for d in find_runs(sweep_dir)]
     if not rows:
         raise FileNotFoundError(f"no runs (no {SUMMARY} or .hydra/ folders) under {sweep_dir}")
     name_settings(rows)
-    for name in OUTPUTS:  # what an earlier report wrote and this one does not would pass for this one's
-        (sweep_dir / name).unlink(missing_ok=True)
-    write_csv(sweep_dir / "report.csv", COLUMNS, rows)
+    staging = Path(tempfile.mkdtemp(prefix=".report-", dir=sweep_dir))
+    try:
+        write_report(rows, sweep_dir, staging)
+        made = [name for name in OUTPUTS if (staging / name).exists()]
+        for name in OUTPUTS:  # what an earlier report wrote and this one does not would pass for this one's
+            if name not in made:
+                (sweep_dir / name).unlink(missing_ok=True)
+        for name in made:
+            os.replace(staging / name, sweep_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [sweep_dir / name for name in made]
+
+
+def write_report(rows: list[dict[str, Any]], sweep_dir: Path, out: Path) -> None:
+    """The report of ``rows`` (the runs of ``sweep_dir``) as files in ``out``."""
+    write_csv(out / "report.csv", COLUMNS, rows)
     lines = table_lines(rows, sweep_dir)
-    written = [sweep_dir / "report.md", sweep_dir / "report.csv"]
     several_lrs = len({r["lr"] for r in rows if on_lr_axis(r)}) > 1
     if any(r["history"] for r in rows):
-        plot_curves(rows, sweep_dir / "curves.png")
-        written.append(sweep_dir / "curves.png")
+        plot_curves(rows, out / "curves.png")
     if len({r["lr"] for r in tested_at_lr(rows)}) > 1:
-        plot_lr_sensitivity(rows, sweep_dir / "lr_sensitivity.png")
-        written.append(sweep_dir / "lr_sensitivity.png")
+        plot_lr_sensitivity(rows, out / "lr_sensitivity.png")
     if any(r.get("curvature") for r in rows):
-        plot_sharpness(rows, sweep_dir / "sharpness.png")
-        if (sweep_dir / "sharpness.png").exists():
-            written.append(sweep_dir / "sharpness.png")
+        plot_sharpness(rows, out / "sharpness.png")
     if any((r.get("curvature") or {}).get("measurements") for r in rows):
         lines += crossing_lines(rows)
     stability = stability_table(rows) if several_lrs else []
     if stability:
-        lines += write_stability(stability, sweep_dir)
-        written.append(sweep_dir / "stability.csv")
+        lines += write_stability(stability, out)
     # an lr x width map: widths of one model kind (a CNN's channels are not an MLP's widths)
     regime_map = several_lrs and len({r["widths"] for r in rows if r.get("widths")}) > 1 \
         and len({r["model"] for r in rows if r.get("model")}) == 1
     cells = map_cells(rows) if regime_map else {}
     lines += disagreement_lines(cells)
-    (sweep_dir / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
     if regime_map:
-        plot_regime_map(cells, sweep_dir / "regime_map.png", stability)
-        written.append(sweep_dir / "regime_map.png")
-    return written
+        plot_regime_map(cells, out / "regime_map.png", stability)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,8 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, UnreadableRecord) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a folder it may not write: the earlier report stays
+        print(f"error: cannot write the report in {args.sweep_dir}: {err.strerror or err}", file=sys.stderr)
+        return 1
     rows = list(csv.DictReader((args.sweep_dir / "report.csv").open()))
-    print(f"{len(rows)} runs: " + ", ".join(f"{k} {v}" for k, v in Counter(r["regime"] for r in rows).items()))
+    print(f"{len(rows)} run{'s' * (len(rows) != 1)}: " + ", ".join(f"{k} {v}" for k, v in Counter(r["regime"] for r in rows).items()))
     for path in written:
         print(f"wrote {path}")
     return 0
