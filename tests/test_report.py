@@ -158,6 +158,18 @@ def test_a_report_that_cannot_be_written_is_one_line_and_keeps_the_earlier_one(
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["0_run", "1_run", *earlier, "lr_sensitivity.png"])
 
 
+def test_a_job_folder_linked_into_the_sweep_is_reported_once(tmp_path: Path) -> None:
+    """A probe's sweep with one job's folder moved away and linked back: it was left out without a word."""
+    sweep = tmp_path / "sweep"
+    for n, lr in enumerate((0.1, 1.0)):
+        fake_run(sweep, f"{n}_run", "SGD", lr, 8, 0, 0.97)
+    (sweep / "1_run").rename(tmp_path / "elsewhere")
+    (sweep / "1_run").symlink_to(tmp_path / "elsewhere")
+    (sweep / "loop").symlink_to(sweep)  # a link back up: walked once
+    report(sweep)
+    assert [r["run"] for r in csv.DictReader((sweep / "report.csv").open())] == ["0_run", "1_run"]
+
+
 @pytest.mark.parametrize("edit", [{"epochs": "oops"}, {"epochs": [1, 2]}, {"config": []}, {"train_steps": [{"a": "b"}]},
                                   {"curvature": {"measurements": "x", "series": 5}}, {"curvature": [1]},
                                   {"epochs": [{"epoch": 1, "val_acc": "high"}]}])

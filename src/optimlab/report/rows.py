@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,17 @@ ERROR_CHARS = 160  # of a crashed run's error (its first line) in the tables; th
 
 
 def find_runs(sweep_dir: Path) -> list[Path]:
-    """Every run directory under ``sweep_dir``: those with a summary.json, and Hydra job dirs
-    (holding ``.hydra/``) whose job died before writing one."""
-    dirs = {p.parent for p in sweep_dir.rglob(SUMMARY)} | {p.parent for p in sweep_dir.rglob(".hydra")}
+    """Every run directory under ``sweep_dir``, symbolic links to folders followed (each folder once): those
+    with a summary.json, and Hydra job dirs (holding ``.hydra/``) whose job died before writing one."""
+    dirs, seen = set(), set()
+    for folder, subfolders, files in os.walk(sweep_dir, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up, or a second link to one folder
+            subfolders.clear()
+            continue
+        seen.add(real)
+        if SUMMARY in files or ".hydra" in subfolders:
+            dirs.add(Path(folder))
     return sorted(dirs, key=lambda d: (_job_number(d.name), str(d)))
 
 
