@@ -56,6 +56,14 @@ def _panel_grid(plt: Any, n: int, cols: int, legend_inches: float = 0.0,
     return fig, axes
 
 
+def _legend_layout(labels: list[str], cols: int, most: int) -> tuple[int, float]:
+    """(columns, inches) of a legend of ``labels`` below ``cols`` panels: as many columns as fit the figure's
+    width (about 0.08 inch a character and 0.6 for the marker), at most ``most``; long settings get fewer."""
+    entry = 0.08 * max((len(label) for label in labels), default=1) + 0.6
+    ncol = max(1, min(most, int(PANEL_INCHES[0] * cols // entry)))
+    return ncol, 0.25 * math.ceil(len(labels) / ncol) + 0.1
+
+
 def _run_titles(runs: list[dict[str, Any]]) -> list[str]:
     """Each panel's title: name, optimizer and lr, and below it the label; where two runs would share
     a title, also their setting, widths and seed (a sweep over seeds or widths drew identical ones)."""
@@ -66,24 +74,35 @@ def _run_titles(runs: list[dict[str, Any]]) -> list[str]:
             else f"{head}\n{r['regime']}" for head, r in zip(heads, runs)]
 
 
+ACCURACY_LINES = (("train_acc", "-"), ("val_acc", ":"), ("test_acc", "--"))  # each run's panel: (key, style)
+LOSS_LINES = (("train_loss", "-"), ("test_loss", "--"), ("train_loss_max", ":"))  # on its log axis
+
+
+def _line_label(key: str) -> str:
+    return "largest step loss" if key == "train_loss_max" else key.replace("_", " ")
+
+
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
     plt = _plt()
     from matplotlib.ticker import MaxNLocator
 
     runs = [r for r in rows if r["history"]][:MAX_CURVES]
-    fig, axes = _panel_grid(plt, len(runs), min(4, len(runs)), legend_inches=0.35, twin_axis=True)
+    cols = min(4, len(runs))
+    labels = [_line_label(key) for key, _ in (*ACCURACY_LINES, *LOSS_LINES)]
+    ncol, legend_inches = _legend_layout(labels, cols, len(labels))
+    fig, axes = _panel_grid(plt, len(runs), cols, legend_inches=legend_inches, twin_axis=True)
     for ax, r, title in zip(axes.flat, runs, _run_titles(runs)):
         epochs = [h["epoch"] for h in r["history"]]
-        for key, style in (("train_acc", "-"), ("val_acc", ":"), ("test_acc", "--")):
-            ax.plot(epochs, [h.get(key) for h in r["history"]], style, color="black", label=key.replace("_", " "))
+        for key, style in ACCURACY_LINES:
+            ax.plot(epochs, [h.get(key) for h in r["history"]], style, color="black", label=_line_label(key))
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_ylabel("accuracy")
         loss_ax = ax.twinx()
-        for key, style in (("train_loss", "-"), ("test_loss", "--"), ("train_loss_max", ":")):
+        for key, style in LOSS_LINES:
             loss_ax.plot(epochs, [h.get(key) for h in r["history"]], style, color="tab:red", alpha=0.7,
-                         label="largest step loss" if key == "train_loss_max" else key.replace("_", " "))
+                         label=_line_label(key))
         loss_ax.set_ylabel("loss", color="tab:red")
         loss_ax.set_yscale("log")
         color = REGIME_COLORS.get(r["regime"], "black")
@@ -93,7 +112,7 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
             spine.set_linewidth(2)
     acc_handles, acc_labels = axes.flat[0].get_legend_handles_labels()
     loss_handles, loss_labels = fig.axes[-1].get_legend_handles_labels() if runs else ([], [])
-    fig.legend(acc_handles + loss_handles, acc_labels + loss_labels, loc="lower center", ncol=6, frameon=False)
+    fig.legend(acc_handles + loss_handles, acc_labels + loss_labels, loc="lower center", ncol=ncol, frameon=False)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -111,10 +130,9 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
     # optimizers by line style and marker, never by colour: colour means the regime
     styles = {o: (["-", "--", ":", "-."][i % 4], "osD^v<>"[i % 7]) for i, o in enumerate(optimizers)}
     cols = min(3, len(widths))  # rows of three: readable at README width
-    # The legend below the panels (inside one it would hide points): two entries per panel's width in a row.
-    ncol = 2 * cols
-    fig, axes = _panel_grid(plt, len(widths), cols,
-                            legend_inches=0.25 * math.ceil((len(styles) + len(PLOT_LABELS)) / ncol) + 0.1)
+    # The legend below the panels (inside one it would hide points): up to two entries per panel's width in a row.
+    ncol, legend_inches = _legend_layout([*styles, *PLOT_LABELS], cols, 2 * cols)
+    fig, axes = _panel_grid(plt, len(widths), cols, legend_inches=legend_inches)
     for ax, width in zip(axes.flat, widths):
         by_opt: dict[str, dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
         for r in rows:
