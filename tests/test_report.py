@@ -43,6 +43,12 @@ def test_no_regime_map_for_widths_of_different_models(tmp_path: Path) -> None:
         cnn["config"]["model"] = {"_target_": "optimlab.models.CNN", "channels": [12, 16]}
         (tmp_path / f"{2 * n + 1}_cnn" / "summary.json").write_text(json.dumps(cnn))
     assert "regime_map.png" not in {p.name for p in report(tmp_path)}
+    assert "No regime map" not in (tmp_path / "report.md").read_text()  # neither model has a map of its own
+    for n, lr in enumerate((0.01, 0.1)):
+        fake_run(tmp_path, f"{4 + n}_mlp", "SGD", lr, 8, 0, 0.9)  # the MLP's widths 8 and 128: a map apart
+    assert "regime_map.png" not in {p.name for p in report(tmp_path)}
+    assert ("No regime map: the runs are of 2 models (cnn, mlp), whose widths share no axis"
+            in (tmp_path / "report.md").read_text())  # not left out without a word (a probe)
 
 
 def test_map_sweep_gets_every_table_and_figure(tmp_path: Path) -> None:

@@ -72,8 +72,12 @@ def write_report(rows: list[dict[str, Any]], sweep_dir: Path, out: Path) -> None
     if stability:
         lines += write_stability(stability, out)
     # an lr x width map: widths of one model kind (a CNN's channels are not an MLP's widths)
-    regime_map = several_lrs and len({r["widths"] for r in rows if r.get("widths")}) > 1 \
-        and len({r["model"] for r in rows if r.get("model")}) == 1
+    models = sorted({r["model"] for r in rows if r.get("model")})
+    regime_map = several_lrs and len({r["widths"] for r in rows if r.get("widths")}) > 1 and len(models) == 1
+    if several_lrs and len(models) > 1 and any(len({r.get("widths") for r in rows if r.get("model") == m}) > 1
+                                               for m in models):
+        lines += ["", f"No regime map: the runs are of {len(models)} models ({', '.join(models)}), whose widths share "
+                      "no axis; report each model's runs from a folder of their own for its map."]
     cells = map_cells(rows) if regime_map else {}
     lines += disagreement_lines(cells)
     (out / "report.md").write_text("\n".join(lines) + "\n")
