@@ -173,14 +173,16 @@ def power_of_two_scale(w: Tensor) -> Tensor | None:
     """Per row of a first product ``w`` (``[members, n]``), a power of two to divide every product by so
     that their squared norms neither overflow nor underflow ``w``'s dtype (a preconditioner of 1e-20 in
     float32: eigenvalues near 1e20, whose squares are not float32 numbers), 1 for a row that is safe; None
-    when every row is. Division by a power of two is exact, so nothing else about the iteration changes."""
+    when every row is. Division by a power of two is exact (but where a quotient falls below the dtype's
+    normal range), so nothing else about the iteration changes; the power is at most the row's largest
+    entry, so it stays finite at the top of the dtype's range."""
     info, n = torch.finfo(w.dtype), w.shape[1]
     largest = w.detach().abs().amax(dim=1).double()
     low, high = math.sqrt(info.tiny) * 2.0**20, math.sqrt(info.max / n) / 2.0**20  # room for later products
     unsafe = (largest > 0) & torch.isfinite(largest) & ((largest < low) | (largest > high))
     if not bool(unsafe.any()):
         return None
-    return torch.where(unsafe, torch.exp2(torch.round(torch.log2(largest))), 1.0).to(w.dtype)
+    return torch.where(unsafe, torch.exp2(torch.floor(torch.log2(largest))), 1.0).to(w.dtype)
 
 
 def grown(basis: Tensor, limit: int) -> Tensor:
