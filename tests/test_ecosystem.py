@@ -159,6 +159,25 @@ def test_a_search_that_cannot_work_is_refused_before_its_first_trial(tmp_path: P
     assert not (tmp_path / "sweep").exists()
 
 
+def test_a_search_direction_is_read_as_optunas_sweeper_reads_it() -> None:
+    """Its own enum (the sweeper's default, minimize) and a one-item list are one direction (a review: both
+    were refused, and before that the enum escaped the check, so val/acc_best was minimised)."""
+    from hydra_plugins.hydra_optuna_sweeper.config import Direction
+    from omegaconf import OmegaConf
+
+    from optimlab.search import search_error
+
+    def error(direction: object, metric: str = "val/loss") -> str | None:
+        return search_error(OmegaConf.create({"optimized_metric": metric}), OmegaConf.create({"direction": direction}))
+
+    assert error(Direction.minimize) is None and error(["minimize"]) is None and error("minimize") is None
+    assert error(Direction.minimize, "val/acc_best") == ("hydra.sweeper.direction: 'minimize' contradicts "
+                                                         "optimized_metric=val/acc_best (to maximize); set one of them to agree")
+    assert error(["maximize"]) == error(Direction.maximize) == error("maximize") is not None
+    assert error(["minimize", "maximize"]) == ("hydra.sweeper.direction: ['minimize', 'maximize'] is not allowed; "
+                                               "expected one of minimize, maximize (a run returns one metric)")
+
+
 @pytest.mark.slow
 def test_in_a_terminal_the_bar_and_the_epoch_lines_never_share_a_line(tmp_path: Path) -> None:
     # `script` gives the run a pseudo-terminal, as a user's shell would: the progress bar is drawn

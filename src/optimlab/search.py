@@ -5,6 +5,8 @@ traceback after its log lines, or loop for ever at ``n_jobs=0``)."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
+from enum import Enum
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -22,15 +24,25 @@ def is_search(sweeper: DictConfig) -> bool:
     return not str(sweeper.get("_target_", "")).endswith("BasicSweeper")
 
 
+def one_direction(direction: Any) -> Any:
+    """The direction Optuna's sweeper reads from ``direction``: its own enum's name, a list's one item (one
+    objective); anything else as it is."""
+    if isinstance(direction, Sequence) and not isinstance(direction, str) and len(direction) == 1:
+        direction = direction[0]
+    return direction.name if isinstance(direction, Enum) else direction
+
+
 def search_error(cfg: DictConfig, sweeper: DictConfig) -> str | None:
     """Why a search cannot optimise ``optimized_metric`` with ``sweeper``'s settings (an unknown metric,
     a direction other than one of :data:`DIRECTIONS` or the metric's opposite, a count of trials or
     of parallel jobs below 1), or None."""
-    metric, direction = cfg.get("optimized_metric"), sweeper.get("direction")
+    metric, given = cfg.get("optimized_metric"), sweeper.get("direction")
+    direction = one_direction(given)
     if error := rule_error("optimized_metric", metric):
         return error
     if "direction" in sweeper and direction not in DIRECTIONS:  # a run returns one metric: one direction
-        return refusal("hydra.sweeper.direction", direction, f"one of {', '.join(DIRECTIONS)}")
+        shown = list(given) if isinstance(given, Sequence) and not isinstance(given, str) else given
+        return refusal("hydra.sweeper.direction", shown, f"one of {', '.join(DIRECTIONS)} (a run returns one metric)")
     if direction is not None and direction != OPTIMIZED_METRICS[metric]:
         return (f"hydra.sweeper.direction: {direction!r} contradicts optimized_metric={metric} "
                 f"(to {OPTIMIZED_METRICS[metric]}); set one of them to agree")
