@@ -171,7 +171,8 @@ def test_a_job_folder_linked_into_the_sweep_is_reported_once(tmp_path: Path) -> 
         fake_run(sweep, f"{n}_run", "SGD", lr, 8, 0, 0.97)
     (sweep / "1_run").rename(tmp_path / "elsewhere")
     (sweep / "1_run").symlink_to(tmp_path / "elsewhere")
-    (sweep / "loop").symlink_to(sweep)  # a link back up: walked once
+    (sweep / "loop").symlink_to(sweep)  # links to folders that are not runs: not followed (they may hold other sweeps)
+    (sweep / "up").symlink_to(tmp_path)
     report(sweep)
     assert [r["run"] for r in csv.DictReader((sweep / "report.csv").open())] == ["0_run", "1_run"]
 
@@ -493,7 +494,11 @@ def test_a_group_chosen_by_some_runs_only_is_a_setting(tmp_path: Path) -> None:
                 callbacks={"model_checkpoint": {"_target_": "lightning.pytorch.callbacks.ModelCheckpoint"}}
                 | ({"early_stopping": {"_target_": "lightning.pytorch.callbacks.EarlyStopping", "patience": 3}}
                    if chosen else {}),
-                batch_size=32 if chosen else 64, data={"batch_size": 32 if chosen else 64})
+                batch_size=32 if chosen else 64, data={"batch_size": 32 if chosen else 64},
+                # what a run logs and shows is no setting (a review: csv and tensorboard runs were two)
+                logger={"csv": {"_target_": "CSVLogger"}} if lr == 0.1 else {"tensorboard": {"_target_": "TB"}})
+            if lr == 0.1:
+                saved["config"]["callbacks"]["lr_monitor"] = {"_target_": "LearningRateMonitor"}
             path.write_text(json.dumps(saved))
     report(tmp_path)
     assert {r["setting"] for r in csv.DictReader((tmp_path / "report.csv").open())} == {

@@ -18,18 +18,20 @@ ERROR_CHARS = 160  # of a crashed run's error (its first line) in the tables; th
 
 
 def find_runs(sweep_dir: Path) -> list[Path]:
-    """Every run directory under ``sweep_dir``, symbolic links to folders followed (each folder once): those
-    with a summary.json, and Hydra job dirs (holding ``.hydra/``) whose job died before writing one."""
-    dirs, seen = set(), set()
-    for folder, subfolders, files in os.walk(sweep_dir, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:  # a link back up, or a second link to one folder
-            subfolders.clear()
-            continue
-        seen.add(real)
+    """Every run directory under ``sweep_dir``: those with a summary.json, and Hydra job dirs (holding
+    ``.hydra/``) whose job died before writing one; a symbolic link to such a folder counts as one (a job's
+    folder kept elsewhere), a link to any other folder is not followed (it may lead to other sweeps)."""
+    dirs = set()
+    for folder, subfolders, files in os.walk(sweep_dir):
         if SUMMARY in files or ".hydra" in subfolders:
             dirs.add(Path(folder))
+        dirs.update(Path(folder, name) for name in subfolders
+                    if os.path.islink(os.path.join(folder, name)) and is_run_folder(Path(folder, name)))
     return sorted(dirs, key=lambda d: (_job_number(d.name), str(d)))
+
+
+def is_run_folder(folder: Path) -> bool:
+    return (folder / SUMMARY).is_file() or (folder / ".hydra").is_dir()
 
 
 def _job_number(name: str) -> float:
@@ -84,7 +86,7 @@ def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, An
 # Keys that may differ between runs that are otherwise the same experiment: the seed (and the data
 # module's copy of it) and where and how a run was launched (the population launcher's plan included).
 NOT_THE_EXPERIMENT = ("seed", "data.seed", "resume", "data.root", "trainer.progress_bar", "trainer.num_threads",
-                      "population")
+                      "population", "logger", "callbacks.progress_bar", "callbacks.lr_monitor")  # (what it logs, shows)
 
 
 def same_but_seed(config: dict[str, Any]) -> str:
@@ -118,10 +120,13 @@ def flat_settings(config: dict[str, Any]) -> dict[str, str]:
                 continue
             if isinstance(value, dict):
                 if dotted in COLLECTIONS:
-                    flat[dotted] = "+".join(sorted(name for name, entry in value.items() if entry)) or "none"
+                    flat[dotted] = "+".join(sorted(name for name, entry in value.items()
+                                                   if entry and f"{dotted}.{name}" not in skipped)) or "none"
                 elif "_target_" in value:
                     flat[dotted] = str(value["_target_"]).rsplit(".", 1)[-1]
                 walk(value, dotted + ".")
+            elif dotted in COLLECTIONS:  # null: none, as {}
+                flat[dotted] = "none"
             else:
                 flat[dotted] = value if isinstance(value, str) else json.dumps(value)
 
