@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -26,7 +27,15 @@ from optimlab.report.aggregate import map_cells, stability_table
 from optimlab.report.figures import plot_curves, plot_lr_sensitivity, plot_regime_map, plot_sharpness
 from optimlab.report.rows import UnreadableRecord, find_runs, name_settings, on_lr_axis, row_for, tested_at_lr
 from optimlab.report.tables import COLUMNS, crossing_lines, disagreement_lines, table_lines, write_csv, write_stability
+from optimlab.files import running
 from optimlab.summary import SUMMARY
+
+
+STAGING = re.compile(r"\.report-(\d+)-.+")  # where report() makes its files, by process
+
+
+class NoRuns(ValueError):
+    """The folder holds no run to report."""
 
 
 OUTPUTS = ("report.md", "report.csv", "curves.png", "lr_sensitivity.png", "sharpness.png", "stability.csv",
@@ -39,9 +48,13 @@ def report(sweep_dir: Path, rediagnose: bool = False) -> list[Path]:
     fails (a full disk, a folder it may not write) leaves the earlier one as it was."""
     rows = [row_for(d, sweep_dir, rediagnose) for d in find_runs(sweep_dir)]
     if not rows:
-        raise FileNotFoundError(f"no runs (no {SUMMARY} or .hydra/ folders) under {sweep_dir}")
+        raise NoRuns(f"no runs (no {SUMMARY} or .hydra/ folders) under {sweep_dir}")
     name_settings(rows)
-    staging = Path(tempfile.mkdtemp(prefix=".report-", dir=sweep_dir))
+    for stale in sweep_dir.glob(".report-*"):  # a report killed mid-way left it
+        match = STAGING.fullmatch(stale.name)
+        if match and stale.is_dir() and not running(int(match.group(1))):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".report-{os.getpid()}-", dir=sweep_dir))
     try:
         write_report(rows, sweep_dir, staging)
         made = [name for name in OUTPUTS if (staging / name).exists()]
@@ -97,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         written = report(args.sweep_dir, args.rediagnose)
-    except (FileNotFoundError, UnreadableRecord) as err:
+    except (NoRuns, UnreadableRecord) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk, a folder it may not write: the earlier report stays
