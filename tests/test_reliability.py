@@ -832,4 +832,10 @@ def test_resume_auto_in_a_folder_without_a_run_says_it_starts_a_new_one(tmp_path
     with caplog.at_level(logging.INFO, logger="optimlab.train"):
         summary = run(compose_config(*TINY, "resume=auto"), tmp_path / "new", ["resume=auto"])
     assert summary.status == "complete"
-    assert f"resume=auto: {tmp_path / 'new'} holds no run yet; starting a new one" in caplog.text
+    assert f"resume=auto: {tmp_path / 'new'} holds no run to continue; starting a new one" in caplog.text
+    # Killed between its checkpoint and its summary: the checkpoint is continued, and not said to be missing.
+    (tmp_path / "new" / "summary.json").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="optimlab.train"):
+        run(compose_config(*TINY, "resume=auto", "epochs=2"), tmp_path / "new", ["resume=auto", "epochs=2"])
+    assert "resuming" in caplog.text and "holds no run" not in caplog.text

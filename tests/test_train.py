@@ -210,6 +210,15 @@ def test_a_run_whose_best_checkpoint_was_never_written_tests_its_last_weights(tm
     assert summary.test_acc == summary.epochs[-1]["test_acc"]
 
 
+def test_a_loggers_name_may_hold_dots_that_stay_inside_its_folder(tmp_path: Path) -> None:
+    """``logger.csv.name=a/../b`` is ``b``, inside the logger's folder: allowed (a review); ``../x`` is refused."""
+    from optimlab.validate import validate_config
+
+    validate_config(compose_config(*FAST, "logger=csv", "logger.csv.name=a/../b"))
+    with pytest.raises(ConfigError, match=r"logger.csv.name: 'a/../../b' is not allowed"):
+        validate_config(compose_config(*FAST, "logger=csv", "logger.csv.name=a/../../b"))
+
+
 def test_a_precision_given_as_a_number_is_that_precision(tmp_path: Path) -> None:
     """``trainer.precision=64``, which Hydra reads as an integer, trains as ``64-true`` (a probe: it was refused,
     its message listing 64 as allowed)."""

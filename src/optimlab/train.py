@@ -98,8 +98,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
     if cfg.resume == "auto" and is_complete(run_dir):
         log.info(f"{run_dir}: already complete, skipped (resume=auto)")
         return previous  # type: ignore[return-value]
-    if cfg.resume == "auto" and previous is None:  # e.g. a single run's new, timestamped folder
-        log.info(f"resume=auto: {run_dir} holds no run yet; starting a new one (resume=<run dir> continues a given run)")
+    if cfg.resume == "auto" and previous is None and ckpt is None:  # e.g. a single run's new, timestamped folder
+        log.info(f"resume=auto: {run_dir} holds no run to continue; starting a new one (resume=<run dir> continues "
+                 f"a given run)")
     set_torch_options(cfg.trainer)
     L.seed_everything(cfg.seed, verbose=False)
     parts = build_parts(cfg)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
@@ -355,7 +356,7 @@ def check_loggers(cfg: DictConfig) -> None:
         folders = issubclass(import_target(f"logger.{name}", str(entry._target_)), (CSVLogger, TensorBoardLogger))
         for key in ("name", "version") if folders else ():  # W&B's and MLflow's name a run, not a folder
             value = entry.get(key)
-            if isinstance(value, str) and (Path(value).is_absolute() or ".." in Path(value).parts):
+            if isinstance(value, str) and (Path(value).is_absolute() or os.path.normpath(value).split(os.sep)[0] == ".."):
                 raise ConfigError(refusal(f"logger.{name}.{key}", value,
                                           "a folder name inside the logger's save_dir (no '..', not absolute)"))
         save_dir = entry.get("save_dir")
