@@ -430,7 +430,7 @@ def test_diverging_evidence_cites_the_sharpness_crossing_and_the_lead_before_the
         "weight at step 900")
 
 
-def test_the_sharpness_never_changes_a_label_and_is_cited_only_for_instability() -> None:
+def test_the_sharpness_never_changes_a_label_and_is_cited_for_instability() -> None:
     for name, rows in CURVES.items():
         plain, tracked = diagnose(rows), diagnose(rows, curvature=CROSSED)
         assert tracked.regime == plain.regime, name

@@ -64,6 +64,10 @@ The rules are checked in this order; the first that fires names the regime:
    left its starting loss is still **slow**. The drop is absolute, not relative.
 5. otherwise **healthy**.
 
+A run of rules 3 to 5 whose largest step loss rose ``>= osc_loss_rise`` above its start (max(ln(10), the
+first step's loss)), short of the blow-up level, gets that rise in its evidence (with the sharpness
+crossing where tracked): evidence only, the label stays.
+
 No overfit rule applies to a run that has seen its training images at most ``overfit_min_passes``
 times on average (``passes``: one pass or less, as the fine regime map's budget): there is nothing to
 memorise, and a gap between the running training accuracy and the end-of-epoch validation accuracy
@@ -387,7 +391,8 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
 
     ``diverged_at_step`` and ``curvature`` (the run's sharpness record: ``measurements``,
     ``sharpness_max``, ``first_crossing_step``, ``crossing_sharpness``, ``crossing_threshold``,
-    ``threshold_formula``, ``preconditioned``) only add evidence to a diverging or oscillating label.
+    ``threshold_formula``, ``preconditioned``) only add evidence: to a diverging or oscillating label, and to
+    another whose step loss rose short of a blow-up.
     ``val_size``: the number of validation images, which sets the sampling noise of accuracy changes
     (None: unknown, the thresholds apply as they are). ``passes``: how many times the run has seen
     its training images on average (see :func:`optimlab.summary.data_passes`); at most
