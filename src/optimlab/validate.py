@@ -365,7 +365,7 @@ def check_loggers(cfg: DictConfig) -> None:
                               f"choose another folder")
 
 
-def weight_dtype(precision: str) -> torch.dtype:
+def weight_dtype(precision: str | int) -> torch.dtype:
     """The dtype a run's weights train in under ``trainer.precision``."""
     return WEIGHT_DTYPES.get(str(precision), torch.float32)
 

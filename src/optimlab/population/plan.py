@@ -43,7 +43,7 @@ from optimlab.resume import override_keys, refuse_changed_config, sync_epochs
 from optimlab.summary import config_key, describe_run, dotted_value, is_complete, read_summary
 from optimlab.validate import RULES, ConfigError, check_range, rule_error, validate_config, weight_dtype
 
-PRECISIONS = ("32-true", "32", "64-true", "64")  # a population trains in its weights' dtype, without mixed precision
+POPULATION_PRECISIONS = ("32-true", "32", "64-true", "64")  # a population trains in its weights' dtype, without mixed precision
 # Keys in which the members of one population may differ (each member applies its own), and keys
 # that do not change what a population computes (its reporting, or options it refuses anyway).
 MEMBER_WISE = ("name", "lr", "seed", "resume", "regimes", "optimizer.lr", "optimizer.weight_decay", "data.seed",
@@ -249,7 +249,7 @@ def why_alone(cfg: DictConfig, elsewhere: bool = False) -> str | None:
         "trainer.max_epochs apart from epochs": t.get("max_epochs", cfg.epochs) != cfg.epochs,
         "test_ckpt=best with callbacks.model_checkpoint settings beyond one best checkpoint by val/loss or val/acc":
             cfg.test_ckpt == "best" and not best_followed((cfg.get("callbacks") or {}).get("model_checkpoint") or {}),
-        f"trainer.precision={t.precision}": str(t.precision) not in PRECISIONS,
+        f"trainer.precision={t.precision}": str(t.precision) not in POPULATION_PRECISIONS,
         "trainer.compile": bool(t.compile),
         "trainer.limit_train_batches=0": t.limit_train_batches == 0,
         "trainer.fast_dev_run": bool(t.fast_dev_run),
