@@ -623,3 +623,17 @@ def test_cpu_steps_allocate_no_parameter_sized_temporaries(name: str, kw: dict[s
             opt.step()
     largest = max((event.cpu_memory_usage for event in prof.events()), default=0)
     assert largest < 200 * 4, f"a step allocated {largest} bytes"
+
+
+@pytest.mark.parametrize("options", [{}, {"weight_decay": 100.0, "decoupled_weight_decay": True}])
+def test_a_coefficient_beyond_the_weights_dtype_leaves_them_non_finite(options: dict) -> None:
+    """float32 Adam at lr 1e38: lr / (1 - beta1) (and 1 - lr * weight_decay) do not fit float32; torch.optim
+    refuses the conversion (a RuntimeError mid-run), ours apply it as inf: a diverging run's result."""
+    from optimlab.optim import Adam
+
+    weights = torch.nn.Parameter(torch.ones(3))
+    weights.grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match="without overflow"):
+        torch.optim.Adam([weights], lr=1e38, **options).step()
+    Adam([weights], lr=1e38, **options).step()
+    assert not torch.isfinite(weights).any()

@@ -900,13 +900,15 @@ def test_an_update_coefficient_beyond_float32_diverges_a_run_and_a_member_alike(
                                                                                tmp_path: Path) -> None:
     """Adam at lr 3e38 in float32: lr / (1 - beta1) does not fit float32. Its run crashed (torch refuses
     the conversion) where its member diverged; first in the grid, the plan's memory estimate crashed the
-    sweep. Now both diverge at step 1 on non-finite weights, and the other job trains."""
+    sweep. Now both diverge at step 1 on non-finite weights, and the other job trains; the diverging step
+    counts, and its logged row, in both (the run's optimizer had refused it: 0 steps, no row; a probe)."""
     pop, seq, _ = sweep_both_ways(tmp_path, "optimizer=adam", "lr=3e38,0.01", *SMALL)
     for name, ref in seq.items():
         got = pop[name]
-        fields = ("status", "regime", "diverged_at_step", "divergence_reason", "test_acc")
+        fields = ("status", "regime", "diverged_at_step", "divergence_reason", "test_acc", "steps")
         assert [got[k] for k in fields] == [ref[k] for k in fields], name
         assert [row["val_acc"] for row in got["epochs"]] == [row["val_acc"] for row in ref["epochs"]]
+        assert [row["step"] for row in got["train_steps"]] == [row["step"] for row in ref["train_steps"]], name
     assert sorted(s["status"] for s in seq.values()) == ["complete", "diverged"]
     assert next(s for s in seq.values() if s["status"] == "diverged")["diverged_at_step"] == 1
     # An lr float32 cannot hold is refused, also in a job whose check another job's stands for.

@@ -152,9 +152,10 @@ class ClassifierModule(L.LightningModule):
         except RuntimeError as err:
             if "without overflow" not in str(err):
                 raise
-            # A coefficient of the update beyond the weights' dtype (float32 Adam at lr 3e38: lr / (1 - beta1)):
-            # torch refuses to convert it, where the update has no finite value. The weights are left
-            # non-finite, as a population's member's are (its coefficients are tensors, which hold inf).
+            # torch.optim's own optimizers (optimizer.impl=torch) with a coefficient beyond the weights' dtype
+            # (float32 Adam at lr 3.4e37: lr / (1 - beta1)): torch refuses to convert it, where the update has no
+            # finite value. The weights are left non-finite, as ours leave them (optim.base.beyond_dtype); the
+            # step, refused, is not counted (ours count it, as a population's member does).
             with torch.no_grad():
                 for p in self.trained_params:
                     p.fill_(float("nan"))

@@ -122,8 +122,23 @@ def add_scaled(out: list[Tensor] | None, xs: list[Tensor], ys: list[Tensor], sca
     return foreach_into(out, torch._foreach_add, torch.add, xs, ys, alpha=scalar(scale))
 
 
+def beyond_dtype(scale: Coef | list[Coef], like: Tensor) -> bool:
+    """Whether a Python coefficient (or one of a list) lies beyond ``like``'s dtype: torch refuses to
+    convert it ("without overflow"; float32 Adam at lr 3.4e37: lr / (1 - beta1)), where the update has
+    no finite value. The callers then apply it as a tensor, which holds inf: the weights go non-finite,
+    a diverging run's result (as a population member's, whose coefficients are tensors), not a crash."""
+    if not like.is_floating_point():
+        return False
+    largest = torch.finfo(like.dtype).max
+    return any(not isinstance(s, Tensor) and abs(s) > largest for s in (scale if isinstance(scale, list) else [scale]))
+
+
 def mul_scaled_(targets: list[Tensor], scale: Coef) -> None:
     """``targets *= scale``."""
+    if beyond_dtype(scale, targets[0]):
+        for t in targets:
+            t.mul_(torch.tensor(scale, dtype=t.dtype, device=t.device))
+        return
     torch._foreach_mul_(targets, member_views(scale, targets) if per_member(scale) else scalar(scale))
 
 
@@ -335,7 +350,10 @@ class Optimizer(torch.optim.Optimizer):
                          scale: Coef | list[Coef]) -> None:
         """``targets += scale * tensor1 / tensor2``; ``scale`` one coefficient or one per target."""
         first = scale[0] if isinstance(scale, list) else scale
-        if per_member(first):
+        if beyond_dtype(scale, targets[0]):
+            for t, a, b, s in zip(targets, tensor1, tensor2, scale if isinstance(scale, list) else [scale] * len(targets)):
+                t.addcdiv_(a * torch.tensor(scalar(s), dtype=t.dtype, device=t.device), b)
+        elif per_member(first):
             scales = scale if isinstance(scale, list) else [scale] * len(targets)
             views = [member_views(s, [t])[0] for s, t in zip(scales, targets)]
             # Scale first, then divide: the order of torch's addcdiv (value * tensor1 / tensor2).
