@@ -438,6 +438,15 @@ def test_the_sharpness_never_changes_a_label_and_is_cited_for_instability() -> N
         assert cites == (plain.regime in ("diverging", "oscillating")), name
 
 
+def test_a_run_that_diverged_before_its_first_measurement_says_so() -> None:
+    """Tracking on from step 5 (``log_spaced_start=false``), non-finite at step 3 (a probe: nothing was said)."""
+    unmeasured = {**CROSSED, "measurements": 0, "sharpness_max": None, "first_crossing_step": None, "series": []}
+    d = diagnose(CURVES["diverging"][:1], diverged=True, diverged_at_step=3, curvature=unmeasured)
+    assert d.evidence[-1] == ("sharpness not measured: the first non-finite loss, gradient or weight came at step 3, "
+                              "before the first measurement")
+    assert len(diagnose(CURVES["healthy"], curvature=unmeasured).evidence) == 2  # nothing to say of a calm run
+
+
 def test_a_step_loss_rise_short_of_a_blow_up_is_said_with_the_sharpness() -> None:
     """As ``experiment=oscillating seed=12`` ran: its step loss rose from 2.67 to 5.01, under the blow-up level
     5.34, while the sharpness was above 2/lr; healthy, and the evidence says how near it came."""

@@ -327,9 +327,13 @@ def _float(value: Any) -> float:
 def edge_of_stability(m: dict[str, float], curvature: dict[str, Any] | None, diverged_at_step: int | None) -> str | None:
     """The tracked sharpness against the optimizer's stability threshold, in words (None when the
     run did not track it); adds the numbers to the measures ``m``."""
-    if not curvature or not curvature.get("measurements"):
+    if not curvature:
         return None
     what = "preconditioned sharpness" if curvature.get("preconditioned") else "sharpness"
+    if not curvature.get("measurements"):  # tracked, but the run ended before its first measurement
+        return None if diverged_at_step is None else (
+            f"{what} not measured: the first non-finite loss, gradient or weight came at step {diverged_at_step}, "
+            f"before the first measurement")
     threshold = curvature.get("threshold_formula") or "its stability threshold"
     step = curvature.get("first_crossing_step")
     m["sharpness_max"] = _float(curvature.get("sharpness_max"))
