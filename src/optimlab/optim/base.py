@@ -351,7 +351,8 @@ class Optimizer(torch.optim.Optimizer):
         """``targets += scale * tensor1 / tensor2``; ``scale`` one coefficient or one per target."""
         first = scale[0] if isinstance(scale, list) else scale
         if beyond_dtype(scale, targets[0]):
-            for t, a, b, s in zip(targets, tensor1, tensor2, scale if isinstance(scale, list) else [scale] * len(targets)):
+            scales = scale if isinstance(scale, list) else [scale] * len(targets)
+            for t, a, b, s in zip(targets, tensor1, tensor2, scales):
                 t.addcdiv_(a * torch.tensor(scalar(s), dtype=t.dtype, device=t.device), b)
         elif per_member(first):
             scales = scale if isinstance(scale, list) else [scale] * len(targets)

@@ -23,11 +23,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from optimlab.files import running
 from optimlab.report.aggregate import map_cells, stability_table
 from optimlab.report.figures import plot_curves, plot_lr_sensitivity, plot_regime_map, plot_sharpness
 from optimlab.report.rows import UnreadableRecord, find_runs, name_settings, on_lr_axis, row_for, tested_at_lr
 from optimlab.report.tables import COLUMNS, crossing_lines, disagreement_lines, table_lines, write_csv, write_stability
-from optimlab.files import running
 from optimlab.summary import SUMMARY
 
 
