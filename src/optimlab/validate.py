@@ -353,7 +353,8 @@ def check_loggers(cfg: DictConfig) -> None:
         if package and importlib.util.find_spec(package) is None:
             raise ConfigError(f"logger.{name}: needs the {package} package, which is not installed "
                               f"(pip install {package}); or choose logger=tensorboard, csv, many or none")
-        folders = issubclass(import_target(f"logger.{name}", str(entry._target_)), (CSVLogger, TensorBoardLogger))
+        target = import_target(f"logger.{name}", str(entry._target_))
+        folders = isinstance(target, type) and issubclass(target, (CSVLogger, TensorBoardLogger))
         for key in ("name", "version") if folders else ():  # W&B's and MLflow's name a run, not a folder
             value = entry.get(key)
             if isinstance(value, str) and (Path(value).is_absolute() or os.path.normpath(value).split(os.sep)[0] == ".."):
