@@ -137,6 +137,8 @@ def test_signal_leaves_checkpoint_events_and_interrupted_summary(tmp_path: Path,
     assert "Traceback" not in err and "interrupted" in err
     s = summary(tmp_path)
     assert s["interrupted"] is True and s["status"] == "interrupted" and 1 <= len(s["epochs"]) < 50
+    notice = f"interrupted after {len(s['epochs'])} finished epoch(s); {tmp_path} holds the last checkpoint"
+    assert notice in err and notice in (tmp_path / "train.log").read_text()  # the console's lines (a probe)
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["epoch"] == len(s["epochs"]) - 1  # the last finished epoch, as the summary records it

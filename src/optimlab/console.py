@@ -25,6 +25,17 @@ def say(line: str, file: TextIO | None = None) -> None:
     stream.flush()
 
 
+def warn(line: str) -> None:
+    """``line`` on stderr (a stopped run's notice, apart from its results on stdout), and with its time in
+    the run's log file (``train.log`` holds the console's lines)."""
+    say(line, sys.stderr)
+    record = logging.getLogger("optimlab.train").makeRecord("optimlab.train", logging.WARNING, __file__, 0, line,
+                                                             None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 class BarSafeHandler(logging.StreamHandler):
     """Writes each record with ``tqdm.write``: a progress bar on screen is cleared, the line written,
     and the bar drawn again below it (a plain print lands inside the bar's line and wraps).

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from optimlab.build import build_parts, build_trainer, set_torch_options
 from optimlab.checkpointing import CHECKPOINT_DIR, read_checkpoint
+from optimlab.console import warn
 from optimlab.curvature import SharpnessCallback
 from optimlab.files import remove_stale_temporaries
 from optimlab.hydra_job import command_line_override, save_job_record
@@ -154,9 +154,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
             close_loggers(trainer.loggers, "interrupted")
             if ckpt is None or record.history:  # a resumed run stopped before its record came back keeps the old one
                 record.write("interrupted", trainer)
-            print(f"interrupted after {len(record.history)} finished epoch(s); {run_dir} holds the last "
-                  f"checkpoint and summary; continue with {command_line_override('resume', str(run_dir))}",
-                  file=sys.stderr)
+            warn(f"interrupted after {len(record.history)} finished epoch(s); {run_dir} holds the last "
+                 f"checkpoint and summary; continue with {command_line_override('resume', str(run_dir))}")
             raise Interrupted(stopper.requested or "SIGINT") from None
         except Exception as err:  # a crash is recorded, then reported as usual ...
             with contextlib.suppress(Exception):  # the crash may be a logger's own: its error is the one reported
