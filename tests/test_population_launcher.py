@@ -1251,6 +1251,22 @@ def test_resume_auto_skips_finished_jobs(mnist_root: Path, tmp_path: Path) -> No
     assert all(math.isfinite(s["test_acc"]) for s in after.values())
 
 
+@pytest.mark.slow
+def test_a_members_half_written_summary_is_removed_when_it_trains_again(mnist_root: Path, tmp_path: Path) -> None:
+    """A kill mid-write leaves .summary.json.tmp<pid> in a member's folder; the resumed population removes it,
+    as a single run does (a probe: it stayed after the sweep finished)."""
+    first = train("seed=0,1", *SMALL, "hydra/launcher=population", f"hydra.sweep.dir={tmp_path}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    for folder in tmp_path.glob("[01]_*"):  # both killed before their first epoch ended: one population again
+        saved = json.loads((folder / "summary.json").read_text())
+        (folder / "summary.json").write_text(json.dumps({**saved, "status": "running", "epochs": []}))
+    member = next(tmp_path.glob("1_*"))
+    (member / ".summary.json.tmp999999999").write_text("{half")
+    again = train("seed=0,1", *SMALL, "resume=auto", "hydra/launcher=population", f"hydra.sweep.dir={tmp_path}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not list(member.glob(".summary.json.tmp*")) and summaries(tmp_path)[member.name]["status"] == "complete"
+
+
 def test_resume_auto_refuses_a_job_whose_folder_holds_a_run_of_another_config(mnist_root: Path,
                                                                               tmp_path: Path) -> None:
     """A value fixed outside the job's folder name (a sweep file, an experiment) changed between a

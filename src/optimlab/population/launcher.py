@@ -42,6 +42,7 @@ from torch import Tensor
 
 from optimlab.build import optimizer_class, set_torch_options
 from optimlab.console import say
+from optimlab.files import remove_stale_temporaries
 from optimlab.hydra_job import JobFailed, hydra_config_of, run_composed_job, save_job_record
 from optimlab.population.best import MemberBest
 from optimlab.population.checkpoint import PopulationCheckpoint
@@ -139,6 +140,8 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
     records = [MemberRecord() for _ in members]
     noisy = [0] * len(members)
     checkpoint = PopulationCheckpoint([job.run_dir for job in members], resolved)
+    for job in members:  # what a kill mid-write left in a member's folder (a single run's _claim does the same)
+        remove_stale_temporaries(job.run_dir)
     previous = [len(summary.epochs) if (summary := read_summary(job.run_dir)) else 0 for job in members]
     population = PopulationRun(name, [job.num for job in members], device="?", dtype="?", steps_per_epoch=0,
                                train_size=0, params=0, checkpoint=str(checkpoint.path))
