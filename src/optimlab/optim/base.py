@@ -130,7 +130,8 @@ def beyond_dtype(scale: Coef | list[Coef], like: Tensor) -> bool:
     if not like.is_floating_point():
         return False
     largest = torch.finfo(like.dtype).max
-    return any(not isinstance(s, Tensor) and abs(s) > largest for s in (scale if isinstance(scale, list) else [scale]))
+    scales = scale if isinstance(scale, list) else [scale]
+    return any(not isinstance(s, Tensor) and abs(float(s)) > largest for s in scales)  # NumPy scalars compared as floats
 
 
 def mul_scaled_(targets: list[Tensor], scale: Coef) -> None:
