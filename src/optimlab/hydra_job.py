@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ValueType
 from hydra.core.utils import JobReturn, JobStatus, configure_log, env_override
 from hydra.errors import CompactHydraException, HydraException
 from hydra.experimental.callback import Callback
@@ -70,6 +71,38 @@ def command_line_override(key: str, value: str) -> str:
     if not plain:
         text = f'{key}="{value}"' if '"' not in value else f"{key}='{value}'"
     return shlex.quote(text)
+
+
+# Command-line flags that point Hydra at other config folders or files, where conf/'s groups are not all there is.
+OTHER_CONFIGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "hydra.searchpath")
+
+
+def unknown_group_option(args: list[str], conf_dir: Path) -> str | None:
+    """The one-line refusal of the first command-line override that chooses an option a config group of
+    ``conf_dir`` does not have (``model=resnet``, or one of a sweep's ``optimizer=sgd,nope``), or None.
+    Hydra's own error for it is several lines ending in a pointer to HYDRA_FULL_ERROR, and in a sweep it
+    comes before any job. Hydra's own groups (``hydra/...``), overrides it cannot read and commands that add
+    config folders (:data:`OTHER_CONFIGS`) are left to Hydra."""
+    if any(arg.lstrip("+").startswith(OTHER_CONFIGS) for arg in args):
+        return None
+    parser = OverridesParser.create()
+    for arg in args:
+        try:
+            override = parser.parse_override(arg)
+        except HydraException:  # a flag, or a value of one (--cfg job)
+            continue
+        group = override.key_or_group
+        folder = conf_dir / group
+        if override.is_delete() or group.startswith("hydra") or not folder.is_dir():
+            continue
+        sweep = override.value_type in (ValueType.CHOICE_SWEEP, ValueType.SIMPLE_CHOICE_SWEEP)
+        for value in override.sweep_string_iterator() if sweep else [override.value()]:
+            if value is None:  # Hydra: a ValueError traceback
+                return f"{group}: null is not an option; to choose none, leave {group} out or delete it (~{group})"
+            if isinstance(value, str) and not (folder / f"{value}.yaml").is_file():
+                options = ", ".join(sorted(path.stem for path in folder.glob("*.yaml")))
+                return f"{group}: {value!r} is not an option; expected one of {options} (conf/{group}/)"
+    return None
 
 
 # A run folder that did not exist when Hydra started the run -> it and its parents that did not either
