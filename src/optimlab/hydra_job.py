@@ -14,7 +14,7 @@ import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 from hydra.core.hydra_config import HydraConfig
@@ -73,6 +73,12 @@ def command_line_override(key: str, value: str) -> str:
     return shlex.quote(text)
 
 
+def refuse(error: str) -> NoReturn:
+    """End the command before any work: ``error`` as one line on stderr, exit status 2 (a bad value's)."""
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
 # Command-line flags that point Hydra at other config folders or files, where conf/'s groups are not all there is.
 OTHER_CONFIGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "hydra.searchpath")
 
@@ -128,17 +134,15 @@ class CheckOutputFolder(Callback):
     def _check(key: str, folder: Any) -> None:
         reason = unwritable(Path(str(folder)).absolute())
         if reason:
-            print(f"error: {key}: {str(folder)!r} cannot be written ({reason}); choose another folder", file=sys.stderr)
-            sys.exit(2)
+            refuse(f"{key}: {str(folder)!r} cannot be written ({reason}); choose another folder")
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         name, folder = config.get("name"), str(config.hydra.run.dir)
         if isinstance(name, str) and name and folder.endswith(name):  # the default run folder's name ends with it
             room = FOLDER_NAME_BYTES - len(folder[:-len(name)].rsplit("/", 1)[-1].encode())
             if "/" in name or len(name.encode()) > room:
-                print(f"error: name: {name!r} is not allowed; expected at most {room} bytes without '/' (it ends "
-                      f"the run folder's name)", file=sys.stderr)
-                sys.exit(2)
+                refuse(f"name: {name!r} is not allowed; expected at most {room} bytes without '/' (it ends the run "
+                       f"folder's name)")
         self._check("hydra.run.dir", config.hydra.run.dir)
         folder = Path(os.path.abspath(str(config.hydra.run.dir)))  # as Hydra makes runtime.output_dir
         missing = [path for path in (folder, *folder.parents) if not path.exists()]

@@ -4,7 +4,6 @@ traceback after its log lines, or loop for ever at ``n_jobs=0``)."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from enum import Enum
 from typing import Any
@@ -13,6 +12,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from optimlab.checks import is_integer
+from optimlab.hydra_job import refuse
 from optimlab.summary import OPTIMIZED_METRICS
 from optimlab.validate import refusal, rule_error
 
@@ -58,5 +58,4 @@ class CheckSearch(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if is_search(config.hydra.sweeper) and (error := search_error(config, config.hydra.sweeper)):
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
+            refuse(error)

@@ -7,7 +7,6 @@ sweep is launched, as Hydra's joblib launcher keeps its work in ``_core``.
 
 # No `from __future__ import annotations`: Hydra's scanner runs this module before registering it in
 # sys.modules, where dataclasses would look string annotations up.
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
@@ -20,6 +19,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 from optimlab.checks import finite_number, is_count
+from optimlab.hydra_job import refuse
 
 SUBMITIT_PARAMETERS = {"timeout_min": 60}  # a submitit population job's limits unless hydra.launcher.submitit sets them
 
@@ -122,9 +122,8 @@ class CheckPopulationOptions(Callback):
     @staticmethod
     def _refuse_dry_run(config: DictConfig, add: str) -> None:
         if OmegaConf.select(config, "population.dry_run") is True:
-            print(f"error: population.dry_run: true plans a sweep of hydra/launcher=population only; add {add}, "
-                  "or leave dry_run out", file=sys.stderr)
-            sys.exit(2)
+            refuse(f"population.dry_run: true plans a sweep of hydra/launcher=population only; add {add}, "
+                   "or leave dry_run out")
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._refuse_dry_run(config, "-m hydra/launcher=population")
@@ -138,5 +137,4 @@ class CheckPopulationOptions(Callback):
         try:
             PopulationLauncher(**options)
         except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+            refuse(str(err))
