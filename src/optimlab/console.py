@@ -29,8 +29,7 @@ def warn(line: str) -> None:
     """``line`` on stderr (a stopped run's notice, apart from its results on stdout), and with its time in
     the run's log file (``train.log`` holds the console's lines)."""
     say(line, sys.stderr)
-    record = logging.getLogger("optimlab.train").makeRecord("optimlab.train", logging.WARNING, __file__, 0, line,
-                                                             None, None)
+    record = logging.LogRecord("optimlab.train", logging.WARNING, __file__, 0, line, None, None)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)

@@ -232,21 +232,20 @@ def well_formed(summary: RunSummary) -> bool:
     """Whether the fields a reader computes with have the schema's shapes: the config a mapping, each epoch
     and logged step a row of numbers (or nulls), the label and error texts, the sharpness record's series
     rows of three numbers (or nulls)."""
-    def rows(value: Any) -> bool:
-        return isinstance(value, list) and all(
-            isinstance(row, dict) and all(v is None or isinstance(v, (int, float)) for v in row.values()) for row in value)
-
     def number(value: Any) -> bool:
         return value is None or isinstance(value, (int, float))
 
-    curvature = summary.curvature
-    series = curvature.get("series", []) if isinstance(curvature, dict) else []
+    def rows(value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(row, dict) and all(map(number, row.values())) for row in value)
+
+    curvature = {} if summary.curvature is None else summary.curvature
+    series = curvature.get("series", []) if isinstance(curvature, dict) else None
     return (isinstance(summary.status, str) and isinstance(summary.config, dict) and rows(summary.epochs)
             and rows(summary.train_steps) and all(isinstance(text, (str, type(None))) for text in
                                                  (summary.regime, summary.error, summary.divergence_reason))
-            and (curvature is None or isinstance(curvature, dict)) and isinstance(series, list)
+            and isinstance(series, list)  # not a list where the record is not a mapping
             and all(isinstance(row, list) and len(row) == 3 and all(map(number, row)) for row in series)
-            and (curvature is None or isinstance(curvature.get("measurements", 0), int)))
+            and isinstance(curvature.get("measurements", 0), int))
 
 
 def is_complete(run_dir: Path) -> bool:

@@ -22,16 +22,10 @@ def find_runs(sweep_dir: Path) -> list[Path]:
     ``.hydra/``) whose job died before writing one; a symbolic link to such a folder counts as one (a job's
     folder kept elsewhere), a link to any other folder is not followed (it may lead to other sweeps)."""
     dirs = set()
-    for folder, subfolders, files in os.walk(sweep_dir):
-        if SUMMARY in files or ".hydra" in subfolders:
-            dirs.add(Path(folder))
-        dirs.update(Path(folder, name) for name in subfolders
-                    if os.path.islink(os.path.join(folder, name)) and is_run_folder(Path(folder, name)))
+    for folder, subfolders, _ in os.walk(sweep_dir):  # (os.walk lists a linked folder, and does not enter it)
+        linked = [Path(folder, name) for name in subfolders if os.path.islink(os.path.join(folder, name))]
+        dirs.update(d for d in (Path(folder), *linked) if (d / SUMMARY).is_file() or (d / ".hydra").is_dir())
     return sorted(dirs, key=lambda d: (_job_number(d.name), str(d)))
-
-
-def is_run_folder(folder: Path) -> bool:
-    return (folder / SUMMARY).is_file() or (folder / ".hydra").is_dir()
 
 
 def _job_number(name: str) -> float:
