@@ -179,17 +179,17 @@ def test_a_job_folder_linked_into_the_sweep_is_reported_once(tmp_path: Path) -> 
 
 
 def test_what_a_killed_report_left_is_removed_by_the_next(tmp_path: Path) -> None:
-    """Its files are made in .report-<pid>-*: a folder of a process that is gone is removed (a review), one of a
+    """Its files are made in .report.tmp<pid>: a folder of a process that is gone is removed (a review), one of a
     running process (another report writing now) stays."""
     for n, lr in enumerate((0.1, 1.0)):
         fake_run(tmp_path, f"{n}_run", "SGD", lr, 8, 0, 0.97)
-    gone, alive = tmp_path / ".report-999999999-abc", tmp_path / f".report-{os.getppid()}-abc"
+    gone, alive = tmp_path / ".report.tmp999999999", tmp_path / f".report.tmp{os.getppid()}"
     for folder in (gone, alive):
         folder.mkdir()
         (folder / "report.md").write_text("half")
     report(tmp_path)
     assert not gone.exists() and alive.is_dir()
-    assert sorted(p.name for p in tmp_path.glob(".report-*")) == [alive.name]
+    assert sorted(p.name for p in tmp_path.glob(".report.tmp*")) == [alive.name]
 
 
 @pytest.mark.parametrize("edit", [{"epochs": "oops"}, {"epochs": [1, 2]}, {"config": []}, {"train_steps": [{"a": "b"}]},

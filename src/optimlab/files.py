@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,15 +35,18 @@ def written_file(err: OSError) -> str:
 
 def remove_stale_temporaries(folder: Path, name: str | None = None) -> None:
     """Delete what :func:`atomic_write` leaves when a kill lands mid-write (``.<name>.tmp<pid>``; only
-    ``name``'s when given); called by a run that owns ``folder``, before it writes there. A file of a
-    process of this machine that is still running stays: it may be writing it now (a second sweep in
-    the same folder), and removing it would fail that process's rename."""
+    ``name``'s when given), and a folder so named (files made apart to be moved in together: the report's);
+    called by a run that owns ``folder``, before it writes there. What a process of this machine that is
+    still running made stays: it may be writing it now (a second sweep in the same folder), and removing it
+    would fail that process's rename."""
     if folder.is_dir():
         for path in folder.iterdir():
             match = TEMPORARY.fullmatch(path.name)
-            if match and (name is None or match.group(1) == name) and path.is_file() \
-                    and not running(int(match.group(2))):
-                path.unlink(missing_ok=True)
+            if match and (name is None or match.group(1) == name) and not running(int(match.group(2))):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
 
 
 def running(pid: int) -> bool:

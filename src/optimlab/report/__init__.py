@@ -15,23 +15,18 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import re
 import shutil
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from optimlab.files import running
+from optimlab.files import remove_stale_temporaries
 from optimlab.report.aggregate import map_cells, stability_table
 from optimlab.report.figures import plot_curves, plot_lr_sensitivity, plot_regime_map, plot_sharpness
 from optimlab.report.rows import UnreadableRecord, find_runs, name_settings, on_lr_axis, row_for, tested_at_lr
 from optimlab.report.tables import COLUMNS, crossing_lines, disagreement_lines, table_lines, write_csv, write_stability
 from optimlab.summary import SUMMARY
-
-
-STAGING = re.compile(r"\.report-(\d+)-.+")  # where report() makes its files, by process
 
 
 class NoRuns(ValueError):
@@ -50,11 +45,9 @@ def report(sweep_dir: Path, rediagnose: bool = False) -> list[Path]:
     if not rows:
         raise NoRuns(f"no runs (no {SUMMARY} or .hydra/ folders) under {sweep_dir}")
     name_settings(rows)
-    for stale in sweep_dir.glob(".report-*"):  # a report killed mid-way left it
-        match = STAGING.fullmatch(stale.name)
-        if match and stale.is_dir() and not running(int(match.group(1))):
-            shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".report-{os.getpid()}-", dir=sweep_dir))
+    remove_stale_temporaries(sweep_dir, "report")  # what a report killed mid-way left
+    staging = sweep_dir / f".report.tmp{os.getpid()}"  # files.TEMPORARY's name for it
+    staging.mkdir()
     try:
         write_report(rows, sweep_dir, staging)
         made = [name for name in OUTPUTS if (staging / name).exists()]
