@@ -351,12 +351,11 @@ class Optimizer(torch.optim.Optimizer):
                          scale: Coef | list[Coef]) -> None:
         """``targets += scale * tensor1 / tensor2``; ``scale`` one coefficient or one per target."""
         first = scale[0] if isinstance(scale, list) else scale
-        if beyond_dtype(scale, targets[0]):
-            scales = scale if isinstance(scale, list) else [scale] * len(targets)
+        scales = scale if isinstance(scale, list) else [scale] * len(targets)
+        if beyond_dtype(scales, targets[0]):
             for t, a, b, s in zip(targets, tensor1, tensor2, scales):
                 t.addcdiv_(a * torch.tensor(scalar(s), dtype=t.dtype, device=t.device), b)
         elif per_member(first):
-            scales = scale if isinstance(scale, list) else [scale] * len(targets)
             views = [member_views(s, [t])[0] for s, t in zip(scales, targets)]
             # Scale first, then divide: the order of torch's addcdiv (value * tensor1 / tensor2).
             scaled = foreach_into(self._scratch(targets, "scaled"), torch._foreach_mul, torch.mul, tensor1, views)
