@@ -229,7 +229,7 @@ def read_summary(run_dir: Path) -> RunSummary | None:
 
 
 def well_formed(summary: RunSummary) -> bool:
-    """Whether the fields a reader computes with have the schema's shapes: the config a mapping, each epoch
+    """Whether the fields a reader computes with have the schema's shapes: a known status, the config a mapping, each epoch
     and logged step a row of numbers (or nulls), the label and error texts, the sharpness record's series
     rows of three numbers (or nulls)."""
     def number(value: Any) -> bool:
@@ -240,7 +240,7 @@ def well_formed(summary: RunSummary) -> bool:
 
     curvature = {} if summary.curvature is None else summary.curvature
     series = curvature.get("series", []) if isinstance(curvature, dict) else None
-    return (isinstance(summary.status, str) and isinstance(summary.config, dict) and rows(summary.epochs)
+    return (summary.status in STATUSES and isinstance(summary.config, dict) and rows(summary.epochs)
             and rows(summary.train_steps) and all(isinstance(text, (str, type(None))) for text in
                                                  (summary.regime, summary.error, summary.divergence_reason))
             and isinstance(series, list)  # not a list where the record is not a mapping
