@@ -44,7 +44,6 @@ HYPERPARAMS: dict[str, dict[str, float]] = {
 }
 MODELS: dict[str, Callable[[], torch.nn.Module]] = {"mlp": MLP, "cnn": CNN}
 MEMBERS = "members"  # the population row set, see the module docstring
-IMPLS = ("ours", "torch-loop", "torch-foreach")
 GRAD_SCALE = 1e-2  # small fixed gradients keep thousands of steps far from overflow
 
 

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from optimlab.checkpointing import holds_a_run
-from optimlab.curvature import SHARPNESS_TAG, THRESHOLD_TAG, SharpnessCallback
+from optimlab.curvature import SHARPNESS_TAG, THRESHOLD_TAG, SharpnessCallback, epoch_columns
 from optimlab.divergence import DivergenceGuard, total_norm
 from optimlab.hydra_job import save_job_record
 from optimlab.lr_schedule import epoch_start_lrs, lr_monitor_followed, lr_monitor_tag
@@ -276,11 +276,7 @@ class RunRecord(Checkpoint):
                     row[f"{stage}_{kind}"] = float(metrics[f"{stage}/{kind}"])
         row["train_time_s"] = self._train_time
         if self.sharpness is not None:  # its epoch has ended: normal callbacks run before checkpoint ones
-            epoch = self.sharpness.epoch_record()
-            if epoch["measurements"]:
-                row.update(sharpness_max=epoch["sharpness_max"], sharpness_last=epoch["sharpness_last"],
-                           threshold_last=epoch["threshold_last"],
-                           sharpness_crossed_at_step=epoch["first_crossing_step"])
+            row.update(epoch_columns(self.sharpness.epoch_record()))
         self.history.append(row)
         log_epoch(trainer.loggers, row, trainer.global_step)
         self._unwritten = True  # written after the epoch's checkpoint (write_epoch)

@@ -38,6 +38,15 @@ THRESHOLD_TAG = "curvature/threshold"
 TENSORBOARD_LAYOUT = {"curvature": {"sharpness vs threshold": ["Multiline", [f"^{SHARPNESS_TAG}$", f"^{THRESHOLD_TAG}$"]]}}
 
 
+def epoch_columns(epoch: dict[str, Any]) -> dict[str, Any]:
+    """The columns a tracked run's epoch row gets from its epoch record (:meth:`SharpnessLog.epoch_record`):
+    none for an epoch without a measurement."""
+    if not epoch["measurements"]:
+        return {}
+    return {"sharpness_max": epoch["sharpness_max"], "sharpness_last": epoch["sharpness_last"],
+            "threshold_last": epoch["threshold_last"], "sharpness_crossed_at_step": epoch["first_crossing_step"]}
+
+
 class SharpnessTracker:
     """:func:`sharpness` warm-started from the previous call's eigenvector, for tracking a model
     during training: once the eigenvector moves little between calls, a call needs only a few

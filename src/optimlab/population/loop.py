@@ -33,6 +33,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from optimlab.curvature import epoch_columns
 from optimlab.divergence import LOSS_OR_GRADIENT, WEIGHTS, finite_rows, norm_rows, sum_rows
 from optimlab.optim import Optimizer
 from optimlab.population.best import MemberBest
@@ -473,11 +474,7 @@ class PopulationLoop:
                                      run_weights.get(m) or [p.detach()[m] for p in self.params])
                 if m in tracked:
                     record.curvature = self.sharpness.run_record(m)  # type: ignore[union-attr]
-                    if tracked[m]["measurements"]:  # the keys RunRecord adds to a tracked run's row
-                        record.history[-1].update(
-                            sharpness_max=tracked[m]["sharpness_max"], sharpness_last=tracked[m]["sharpness_last"],
-                            threshold_last=tracked[m]["threshold_last"],
-                            sharpness_crossed_at_step=tracked[m]["first_crossing_step"])
+                    record.history[-1].update(epoch_columns(tracked[m]))
                 if values["diverged_at"][m] >= 0:
                     record.diverged_at_step = int(values["diverged_at"][m])
                     record.divergence_reason = REASONS[int(values["reason"][m])]
