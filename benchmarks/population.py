@@ -60,11 +60,10 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from optimlab.build import optimizer_class  # noqa: E402
 from optimlab.data import MNISTDataModule  # noqa: E402
 from optimlab.optim import SGD  # noqa: E402
 from optimlab.population import PopulationData, PopulationLoop, StackedMLP, build_member, member_optimizer  # noqa: E402
-from optimlab.population.launcher import keep_freed_memory  # noqa: E402
+from optimlab.population.launcher import keep_freed_memory, population_optimizer  # noqa: E402
 from optimlab.population.plan import data_order  # noqa: E402
 from optimlab.population.stacked import member_losses  # noqa: E402
 from optimlab.summary import describe_run  # noqa: E402
@@ -209,10 +208,7 @@ def population_parts(jobs: list[list[str]], device: torch.device):
     first = configs[0]
     model = StackedMLP.from_configs([c.model for c in configs], [c.seed for c in configs]).to(device)
     data = PopulationData([instantiate(c.data) for c in configs], device)
-    cls, options = optimizer_class(first.optimizer)
-    for key in ("lr", "weight_decay"):
-        options.pop(key, None)
-    optimizer = member_optimizer(cls, model, [float(c.optimizer.lr) for c in configs], **options)
+    optimizer, _ = population_optimizer(model, [OmegaConf.to_container(c.optimizer, resolve=True) for c in configs])  # the grids draw no gradient noise
     return first, model, optimizer, data
 
 

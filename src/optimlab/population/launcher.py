@@ -29,7 +29,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ import torch
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from optimlab.build import optimizer_class, set_torch_options
@@ -49,6 +49,7 @@ from optimlab.population.checkpoint import PopulationCheckpoint
 from optimlab.population.cluster import Executor, run_as_jobs, usable_cpus
 from optimlab.population.curvature import MemberSharpness
 from optimlab.population.data import PopulationData
+from optimlab.optim import Optimizer
 from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimizer
 from optimlab.population.plan import (Job, check_plan_is_the_sweeps, classify_all, compose_jobs, fits_beside,
                                       group, machine_memory_share, memory_budget, plan_text, population_device)
@@ -123,6 +124,19 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def population_optimizer(model: torch.nn.Module, optimizers: Sequence[Mapping[str, Any]]) -> tuple[Optimizer, float]:
+    """The members' optimizer (:func:`member_optimizer`) from their resolved optimizer configs, which share
+    their class and options and differ in ``lr`` and ``weight_decay``; and the shared ``grad_noise_std``,
+    which the loop draws per member."""
+    cls, options = optimizer_class(OmegaConf.create(optimizers[0]))
+    for key in ("lr", "weight_decay"):
+        options.pop(key, None)
+    grad_noise_std = float(options.pop("grad_noise_std", 0.0))
+    optimizer = member_optimizer(cls, model, [float(o["lr"]) for o in optimizers],
+                                 [float(o.get("weight_decay") or 0.0) for o in optimizers], **options)
+    return optimizer, grad_noise_std
 
 
 def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
@@ -209,12 +223,7 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
             built = {key: instantiate(r["data"]) for key, r in dict(zip(data_keys, resolved)).items()}
             data = PopulationData([built[key] for key in data_keys], device, first.trainer.limit_train_batches,
                                   first.trainer.limit_val_batches, first.trainer.limit_test_batches)
-            cls, options = optimizer_class(first.optimizer)
-            for key in ("lr", "weight_decay"):
-                options.pop(key, None)
-            grad_noise_std = float(options.pop("grad_noise_std", 0.0))  # drawn per member by the loop
-            optimizer = member_optimizer(cls, model, [float(r["optimizer"]["lr"]) for r in resolved],
-                                         [float(r["optimizer"].get("weight_decay") or 0.0) for r in resolved], **options)
+            optimizer, grad_noise_std = population_optimizer(model, [r["optimizer"] for r in resolved])
             population.device, population.dtype = device_name(device), str(dtype).removeprefix("torch.")
             population.steps_per_epoch, population.train_size = data.steps_per_epoch, data.train_size
             population.params = sum(p[0].numel() for p in model.parameters())
