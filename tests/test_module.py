@@ -138,6 +138,25 @@ def test_loss_scaler_overflow_is_a_skipped_step_not_a_divergence(tmp_path: Path)
     assert record.history[1]["train_loss"] < record.history[0]["train_loss"]
 
 
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_gradient_clipping_acts_on_unscaled_gradients_under_a_loss_scaler(algorithm: str, tmp_path: Path) -> None:
+    """16-mixed multiplies the loss by the scaler's 2**16; clipping before the scaler unscaled the gradients
+    cut them to clip / 2**16 (a review: the weights barely moved). The clipped run moves as its float32 twin."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    x, y = data(8)
+    moved = []
+    for plugins in ([], [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16))]):
+        module = small_module(lr=1.0)
+        module.clip_val, module.clip_algorithm = 0.05, algorithm
+        start = torch.cat([p.detach().flatten().clone() for p in module.parameters()])
+        (tmp_path / str(len(moved))).mkdir()
+        fit(module, x, y, tmp_path / str(len(moved)), epochs=1, plugins=plugins)
+        moved.append(torch.cat([p.detach().flatten() for p in module.parameters()]) - start)
+    assert moved[0].norm() > 0.01  # the clip bounds a step, it does not stop it
+    assert torch.allclose(moved[1], moved[0], rtol=0.05, atol=1e-3)
+
+
 @pytest.mark.parametrize("hooked", [False, True])
 def test_backward_hooks_run_when_a_callback_has_them(hooked: bool, tmp_path: Path) -> None:
     # Without backward hooks the module calls backward itself (cheaper); a callback that has one

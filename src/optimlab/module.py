@@ -145,8 +145,6 @@ class ClassifierModule(L.LightningModule):
         if self.guard.check(check, step, now=last):
             self.trainer.should_stop = True
             return None  # the bad update is never applied
-        if self.clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val=self.clip_val, gradient_clip_algorithm=self.clip_algorithm)
         try:
             optimizer.step()
         except RuntimeError as err:
@@ -163,6 +161,12 @@ class ClassifierModule(L.LightningModule):
             self.guard.record(step + 1, WEIGHTS)
             self.trainer.should_stop = True
         return {"loss": loss, "logits": logits.detach(), "target": y}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Here, inside optimizer.step(): under 16-mixed the loss scaler has unscaled the gradients by now,
+        # so the clip acts on the true gradients (in training_step it clipped the scaled ones).
+        if self.clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self.clip_val, gradient_clip_algorithm=self.clip_algorithm)
 
     def on_train_epoch_end(self) -> None:
         if self.scheduler is not None and not self.guard.diverged:
