@@ -144,6 +144,34 @@ def test_member_group_with_one_lr_is_a_plain_group(name: str, kw: dict[str, Any]
             assert torch.equal(p, ref)
 
 
+@pytest.mark.parametrize("name,kw", RICH_CASES)
+def test_a_population_of_one_keeps_its_lr_per_member(name: str, kw: dict[str, Any],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``members: 1`` with lr ``[1]``: the lr stays a per-member tensor, never read on the host (as a 0-d one
+    its value was taken each step, a GPU sync; a review), and the steps equal torch.optim's on the slices."""
+    init, grads = stacked_params(), stacked_grads()
+    options, lrs, decays = member_hyperparameters(name, kw)
+    params = [p[:1].detach().clone().requires_grad_() for p in init]
+    opt = OURS[name]([{"params": params, "members": 1, "lr": lrs[:1].clone(), "weight_decay": decays[:1].clone()}],
+                     **options)
+    reads = []
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(t) or item(t))
+    reference = [p[0].detach().clone().requires_grad_() for p in init]
+    torch_opt = TORCH[name](reference, lr=float(lrs[0]), weight_decay=float(decays[0]), **options)
+    for g in grads:
+        for p, grad in zip(params, g):
+            p.grad = grad[:1].clone()
+        for p, grad in zip(reference, g):
+            p.grad = grad[0].clone()
+        opt.step()
+        assert not reads
+        torch_opt.step()
+        reads.clear()  # torch.optim's own reads
+    for p, ref in zip(params, reference):
+        torch.testing.assert_close(p[0], ref, **F64)
+
+
 # --------------------------------------------------------------------------- state_dict round trip
 
 

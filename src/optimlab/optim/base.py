@@ -410,8 +410,11 @@ class Optimizer(torch.optim.Optimizer):
 
 
 def member_tensor(key: str, value: Tensor, members: int | None) -> Tensor:
-    """A tensor hyperparameter of a group checked for its shape: a 1-element tensor as a 0-d tensor
-    (any group), else it must hold one value per member (``[P]`` in a group with ``members: P``)."""
+    """A tensor hyperparameter of a group checked for its shape: one value per member (``[P]`` in a group
+    with ``members: P``, also for P = 1: a 0-d value would be read on the host each step), else a
+    1-element tensor as a 0-d tensor (any group)."""
+    if members is not None and value.shape == (members,):
+        return value
     if value.numel() == 1:
         return value.reshape(())
     if members is None:
