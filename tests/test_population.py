@@ -521,6 +521,8 @@ def test_non_finite_weights_after_an_update_are_undone(tiny_mnist: Path, on_host
     # The weights its run keeps (and evaluates): those the update made, kept apart for evaluation.
     run_weights = loop.run_weights()
     assert list(run_weights) == [1] and not all(bool(w.isfinite().all()) for w in run_weights[1])
+    saved = loop.state_dict()["run_weights"][1]  # the member's weights alone, not every member's (a review)
+    assert all(w.untyped_storage().nbytes() == w.numel() * w.element_size() for w in saved)
     before = [p.detach().clone() for p in loop.params]
     with loop.weights_of_the_runs():
         for p, q, w in zip(loop.params, before, run_weights[1]):

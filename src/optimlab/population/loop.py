@@ -179,7 +179,9 @@ class PopulationLoop:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "alive": self.alive, "diverged_at": self.diverged_at,
                 "reason": self.reason, "global_step": self.global_step, "epochs_done": self.epochs_done,
-                "records": [dataclasses.asdict(record) for record in self.records], "run_weights": self.run_weights(),
+                "records": [dataclasses.asdict(record) for record in self.records],
+                # copies: on a GPU the run weights are views of a copy of every member's weights, all saved
+                "run_weights": {m: [w.clone() for w in weights] for m, weights in self.run_weights().items()},
                 "sharpness": None if self.sharpness is None else self.sharpness.state_dict(),
                 "schedules": None if self.schedules is None else self.schedules.state_dict(),
                 "stopping": None if self.stopping is None else self.stopping.state_dict(),
