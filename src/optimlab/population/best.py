@@ -20,9 +20,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
+from optimlab.divergence import all_finite
 from optimlab.population.stopping import MONITORED
 
 MODEL_CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
@@ -68,7 +68,7 @@ class MemberBest:
             return
         self.saved[m] = (math.inf if self.mode == "min" else -math.inf) if math.isnan(current) else current
         self.unsaved_steps[m] = 0
-        if all(bool(torch.isfinite(w).all()) for w in weights):
+        if all_finite(list(weights)):  # one host read
             self.weights[m] = [w.detach().clone() for w in weights]
 
     def state_dict(self) -> dict[str, Any]:
