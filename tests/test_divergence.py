@@ -59,7 +59,7 @@ def test_state_round_trip() -> None:
     assert (fresh.step, fresh.reason) == (4, guard.reason)
 
 
-@pytest.mark.parametrize("every", [0, -1, 2.5, "1"])
+@pytest.mark.parametrize("every", [0, -1, 2.5, "1", True])
 def test_bad_cadence_is_refused(every: object) -> None:
     with pytest.raises(ValueError, match="every"):
         DivergenceGuard(every)  # type: ignore[arg-type]

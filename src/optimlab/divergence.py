@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from optimlab.checks import is_count
+
 LOSS_OR_GRADIENT = "non-finite loss or gradient"
 WEIGHTS = "non-finite weights after the update"
 
@@ -71,7 +73,7 @@ class DivergenceGuard:
     """
 
     def __init__(self, every: int | None = None) -> None:
-        if every is not None and (not isinstance(every, int) or every < 1):
+        if every is not None and not is_count(every):
             raise ValueError(f"every: {every!r} is not allowed; expected null or an integer >= 1")
         self.every = every
         self.step: int | None = None

@@ -33,6 +33,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from optimlab.checks import is_count
 from optimlab.curvature import epoch_columns
 from optimlab.divergence import LOSS_OR_GRADIENT, WEIGHTS, finite_rows, norm_rows, sum_rows
 from optimlab.optim import Optimizer
@@ -141,7 +142,7 @@ class PopulationLoop:
         self.diverged_at = torch.full((members,), -1, dtype=torch.long, device=device)
         self.reason = torch.zeros(members, dtype=torch.long, device=device)
         every = [weights_every] * members if isinstance(weights_every, int) else list(weights_every)
-        if len(every) != members or any(not isinstance(n, int) or n < 1 for n in every):
+        if len(every) != members or not all(map(is_count, every)):
             raise ValueError(f"weights_every: {weights_every!r}; expected an integer >= 1, or one per member")
         self.weights_every = torch.tensor(every, device=device)
         self.log_every, self._cadences = every, sorted(set(every))  # the per-step scalars' cadence, as the run's
