@@ -1,5 +1,6 @@
-"""The value tests every argument check uses (torch-free: the Hydra launcher plugin, loaded at every
-Hydra start-up, uses them too). A bool is an int in Python, but never a count or a number here."""
+"""The value tests every argument check uses, and the config rules built on them (a test and what it
+allows, in words), torch-free: the Hydra launcher plugin, loaded at every Hydra start-up, uses them too.
+A bool is an int in Python, but never a count or a number here."""
 
 from __future__ import annotations
 
@@ -31,3 +32,27 @@ def settings_outside(entry: Mapping[str, Any], target: str, takes: Mapping[str, 
     out = [] if entry.get("_target_") == target else [f"_target_={entry.get('_target_')}"]
     out += [f"{key}={entry.get(key)}" for key, test in takes.items() if not test(entry.get(key))]
     return out + [f"{key}={entry[key]}" for key in entry if key not in ("_target_", *takes, *free)]
+
+
+Rule = tuple[Callable[[Any], bool], str]  # a config value's test, and the values it allows in words
+
+POSITIVE: Rule = (lambda v: finite_number(v) and v > 0, "a positive number")
+NON_NEGATIVE: Rule = (lambda v: finite_number(v) and v >= 0, "a number >= 0")
+UNIT_CLOSED: Rule = (lambda v: finite_number(v) and 0 <= v <= 1, "a number in [0, 1]")
+INT_POSITIVE: Rule = (is_count, "an integer >= 1")
+INT_NON_NEGATIVE: Rule = (lambda v: is_integer(v) and v >= 0, "an integer >= 0")
+SEED: Rule = (lambda v: is_integer(v) and 0 <= v < 2**32, "an integer in [0, 2**32)")
+BOOL: Rule = (lambda v: isinstance(v, bool), "true or false")
+
+
+def one_of(*choices: Any) -> Rule:
+    return (lambda v: v in choices, "one of " + ", ".join(map(str, choices)))
+
+
+def optional(rule: Rule) -> Rule:
+    return (lambda v: v is None or rule[0](v), f"null or {rule[1]}")
+
+
+def refusal(key: str, value: Any, allowed: str) -> str:
+    """The one line that refuses ``value`` for ``key``."""
+    return f"{key}: {value!r} is not allowed; expected {allowed}"

@@ -11,10 +11,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from optimlab.checks import is_integer
+from optimlab.checks import is_integer, refusal
 from optimlab.hydra_job import refuse
 from optimlab.summary import OPTIMIZED_METRICS
-from optimlab.validate import refusal, rule_error
+from optimlab.validate import rule_error
 
 DIRECTIONS = ("minimize", "maximize")
 

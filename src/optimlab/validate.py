@@ -16,7 +16,6 @@ import importlib
 import importlib.util
 import inspect
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,36 +26,17 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from optimlab.checks import finite_number, is_integer
+from optimlab.checks import (BOOL, INT_NON_NEGATIVE, INT_POSITIVE, NON_NEGATIVE, POSITIVE, SEED, UNIT_CLOSED, Rule,
+                             finite_number, is_integer, one_of, optional, refusal)
 from optimlab.files import unwritable
 from optimlab.regimes import Thresholds
 from optimlab.summary import OPTIMIZED_METRICS
-
-Rule = tuple[Callable[[Any], bool], str]
-
 
 class ConfigError(Exception):
     """A config value is not allowed; the message is one line for the user."""
 
 
-POSITIVE: Rule = (lambda v: finite_number(v) and v > 0, "a positive number")
-NON_NEGATIVE: Rule = (lambda v: finite_number(v) and v >= 0, "a number >= 0")
-UNIT_CLOSED: Rule = (lambda v: finite_number(v) and 0 <= v <= 1, "a number in [0, 1]")
-INT_POSITIVE: Rule = (lambda v: is_integer(v) and v >= 1, "an integer >= 1")
-INT_NON_NEGATIVE: Rule = (lambda v: is_integer(v) and v >= 0, "an integer >= 0")
-SEED: Rule = (lambda v: is_integer(v) and 0 <= v < 2**32, "an integer in [0, 2**32)")
-BOOL: Rule = (lambda v: isinstance(v, bool), "true or false")
-
-
 PRECISIONS = ("32-true", "64-true", "16-mixed", "bf16-mixed", "32", "64")  # trainer.precision's values
-
-
-def one_of(*choices: Any) -> Rule:
-    return (lambda v: v in choices, "one of " + ", ".join(map(str, choices)))
-
-
-def optional(rule: Rule) -> Rule:
-    return (lambda v: v is None or rule[0](v), f"null or {rule[1]}")
 
 
 def limit(low: int) -> Rule:
@@ -257,11 +237,6 @@ def rule_error(key: str, value: Any) -> str | None:
     if ok(value):
         return None
     return refusal(key, value, allowed + (f" ({WHY[key]})" if key in WHY else ""))
-
-
-def refusal(key: str, value: Any, allowed: str) -> str:
-    """The one line that refuses ``value`` for ``key``."""
-    return f"{key}: {value!r} is not allowed; expected {allowed}"
 
 
 def _value(cfg: DictConfig, key: str) -> Any:

@@ -18,7 +18,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from optimlab.checks import finite_number, is_count
+from optimlab.checks import BOOL, INT_POSITIVE, POSITIVE, optional, refusal
 from optimlab.hydra_job import refuse
 
 SUBMITIT_PARAMETERS = {"timeout_min": 60}  # a submitit population job's limits unless hydra.launcher.submitit sets them
@@ -67,16 +67,13 @@ class PopulationLauncher(Launcher):
                  executor: str = "auto",
                  max_parallel: Optional[int] = None, submitit_folder: str = ".submitit/%j",
                  submitit: Optional[Dict[str, Any]] = None) -> None:
-        for name, value, allow_none in (("population.max_members (hydra.launcher.max_members)", max_members, False),
-                                        ("hydra.launcher.max_parallel", max_parallel, True)):
-            if not (value is None and allow_none) and not is_count(value):
-                allowed = "null or an integer >= 1" if allow_none else "an integer >= 1"
-                raise ValueError(f"{name}: {value!r} is not allowed; expected {allowed}")
-        if max_memory_gib is not None and not (finite_number(max_memory_gib) and max_memory_gib > 0):
-            raise ValueError(f"population.max_memory_gib (hydra.launcher.max_memory_gib): {max_memory_gib!r} is not "
-                             "allowed; expected null or a positive number of GiB")
-        if not isinstance(dry_run, bool):
-            raise ValueError(f"population.dry_run (hydra.launcher.dry_run): {dry_run!r} is not allowed; expected true or false")
+        for key, value, (test, allowed) in (
+                ("population.max_members (hydra.launcher.max_members)", max_members, INT_POSITIVE),
+                ("population.max_memory_gib (hydra.launcher.max_memory_gib)", max_memory_gib, optional(POSITIVE)),
+                ("population.dry_run (hydra.launcher.dry_run)", dry_run, BOOL),
+                ("hydra.launcher.max_parallel", max_parallel, optional(INT_POSITIVE))):
+            if not test(value):
+                raise ValueError(refusal(key, value, allowed))
         self.max_members, self.max_memory_gib, self.dry_run = max_members, max_memory_gib, dry_run
         self.max_parallel = max_parallel
         self.executor = None
