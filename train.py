@@ -85,10 +85,8 @@ def main(cfg: DictConfig) -> float | None:
             sys.exit(1)
         if not searching:
             raise JobFailed(message) from err
-    except Interrupted as stop:
+    except (Interrupted, KeyboardInterrupt) as stop:  # a KeyboardInterrupt names its signal (signals.StopOnSignal)
         sys.exit(exit_code(stop))
-    except KeyboardInterrupt:
-        sys.exit(130)
     except Exception as err:
         if not searching:
             raise

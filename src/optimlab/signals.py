@@ -25,7 +25,7 @@ class StopOnSignal(L.Callback):
     remembered and raised again at the next batch. From the end of an epoch's training until its
     checkpoint is saved (the checkpoint callbacks' epoch-end hooks run after every other's) a signal
     is only remembered: a stop in between would leave the run's record holding an epoch that no
-    checkpoint holds. So this callback must come before the run's record among the callbacks. So is a
+    checkpoint holds (so this callback must come before the run's record among the callbacks). So is a
     signal that arrives while a console line is being written (``BarSafeHandler.writing``)."""
 
     def __init__(self) -> None:

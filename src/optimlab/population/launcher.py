@@ -265,7 +265,7 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
         where = "from its checkpoint" if checkpoint.path.is_file() else "from the start (no epoch had finished)"
         say(f"{name} interrupted ({signal_name}); its members' folders hold their records and logs so far; "
             f"rerun the sweep with resume=auto to continue {where}", sys.stderr)
-        sys.exit(EXIT_CODES.get(signal_name, EXIT_CODES["SIGINT"]))
+        sys.exit(EXIT_CODES[signal_name])
     except Exception as err:  # the whole population stops: every member's job fails with the error
         log.exception(f"{name} crashed")
         error = f"{type(err).__name__}: {err}"
