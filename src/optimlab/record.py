@@ -71,7 +71,8 @@ def device_name(device: torch.device) -> str:
     return f"{device.type} ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a clock read next times finished work (CPU: nothing)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -244,7 +245,7 @@ class RunRecord(Checkpoint):
         self._steps.append(outputs)
         step = trainer.global_step - 1  # the update just applied
         if self.first_step_s is None:
-            _sync(pl_module.device)
+            synchronize(pl_module.device)
             self.first_step_s = time.perf_counter() - self._step_start
         if step == 0:
             self._initial_loss = float(outputs["loss"])  # the yardstick for loss spikes (regimes.py)
@@ -259,12 +260,12 @@ class RunRecord(Checkpoint):
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING:  # validation inside fit: the epoch's training ends here
-            _sync(pl_module.device)
+            synchronize(pl_module.device)
             self._train_time = time.perf_counter() - self._epoch_start
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._train_time is None:
-            _sync(pl_module.device)
+            synchronize(pl_module.device)
             self._train_time = time.perf_counter() - self._epoch_start
         row: dict[str, float] = {"epoch": trainer.current_epoch + 1, **self._train_metrics()}
         if self._initial_loss is not None:

@@ -57,7 +57,7 @@ from optimlab.population.records import PopulationRun, member_summary, write_log
 from optimlab.population.schedule import MemberSchedules
 from optimlab.population.stacked import STACKED
 from optimlab.population.stopping import MemberEarlyStopping
-from optimlab.record import device_name, log_epoch_lines, record_refusal, refused_summary, result_line
+from optimlab.record import device_name, log_epoch_lines, record_refusal, refused_summary, result_line, synchronize
 from optimlab.summary import FINISHED, RunSummary, config_key, optimized_value, read_summary, write_summary
 from optimlab.resume import override_keys, sync_epochs
 from optimlab.signals import EXIT_CODES, StopOnSignal, exit_code, signals_deferred
@@ -86,11 +86,10 @@ class ReportingLoop(PopulationLoop):
     def step(self, x: Tensor, y: Tensor, last: bool = False) -> Tensor:
         if self.global_step:
             return super().step(x, y, last)
-        sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-        sync()
+        synchronize(x.device)
         started = time.perf_counter()
         losses = super().step(x, y, last)
-        sync()
+        synchronize(x.device)
         self.first_step_s = time.perf_counter() - started
         return losses
 

@@ -44,6 +44,7 @@ from optimlab.population.module import fit
 from optimlab.population.schedule import MemberSchedules
 from optimlab.population.stopping import MemberEarlyStopping
 from optimlab.population.stacked import StackedDropout, StackedModel, member_losses
+from optimlab.record import synchronize
 
 REASONS = {1: LOSS_OR_GRADIENT, 2: WEIGHTS}  # device codes -> the single run's divergence reasons
 
@@ -450,8 +451,7 @@ class PopulationLoop:
         left training (all diverged or stopped early): the fit stops."""
         epoch, started_alive = self.epochs_done, self._started_alive
         self.record_logged_steps()
-        if started_alive.device.type == "cuda":
-            torch.cuda.synchronize(started_alive.device)
+        synchronize(started_alive.device)
         train_time = time.perf_counter() - self._epoch_started
         loss_sum, correct, count, loss_max, steps = self._metrics
         val_loss, val_acc, val_loss_run = self.evaluate(self.data.val_batches())
