@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
-from optimlab.files import atomic_write
+from optimlab.files import atomic_write, read_error
 from optimlab.summary import SUMMARY
 from optimlab.validate import ConfigError
 
@@ -64,8 +64,8 @@ def read_checkpoint(path: Path, module: nn.Module) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise ConfigError(f"resume: {str(path)!r} cannot be read as a checkpoint ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else 'empty'}); nothing was changed") from None
+        raise ConfigError(f"resume: {str(path)!r} cannot be read as a checkpoint ({read_error(err)}); "
+                          "nothing was changed") from None
     saved = state.get("state_dict") if isinstance(state, dict) else None
     if not isinstance(saved, dict):
         raise ConfigError(f"resume: {str(path)!r} is not a checkpoint of an optimlab run; nothing was changed")

@@ -1,5 +1,5 @@
 """Files: writing one so that a kill at any moment leaves the old version or the new one, never half;
-whether a folder can be written."""
+whether a folder can be written; why one could not be read."""
 
 from __future__ import annotations
 
@@ -23,6 +23,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def read_error(err: BaseException) -> str:
+    """Why reading a file (a checkpoint) failed, in one line: the error's type and its message's first line."""
+    message = str(err)
+    return f"{type(err).__name__}: {message.splitlines()[0] if message else 'empty'}"
 
 
 def written_file(err: OSError) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from optimlab.files import atomic_write, remove_stale_temporaries
+from optimlab.files import atomic_write, read_error, remove_stale_temporaries
 from optimlab.resume import comparable  # the configs compared: without the keys a resume may change
 
 CHECKPOINTS = ".populations"
@@ -66,8 +66,7 @@ class PopulationCheckpoint:
         try:
             state = torch.load(self.path, map_location=device, weights_only=True)
         except Exception as err:
-            first_line = str(err).splitlines()[0] if str(err) else "empty"
-            return None, f"{self.path} cannot be read ({type(err).__name__}: {first_line})"
+            return None, f"{self.path} cannot be read ({read_error(err)})"
         if not isinstance(state, dict) or state.get("jobs") != self.jobs:
             return None, f"{self.path} is not this population's checkpoint"
         if state.get("format") != FORMAT:
