@@ -23,7 +23,7 @@ from typing import Any
 from torch import Tensor
 
 from optimlab.divergence import all_finite
-from optimlab.population.stopping import MONITORED
+from optimlab.population.stopping import MONITOR_COLUMNS
 
 MODEL_CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
 # Settings that leave which epoch the best checkpoint holds as described (where and how it is written,
@@ -40,7 +40,7 @@ def followed(entry: Mapping[str, Any]) -> bool:
     then no best: the runs are tested with their last weights)."""
     entry = {key: value for key, value in entry.items() if not (key == "dirpath" and value is None)}
     return entry.get("_target_") == MODEL_CHECKPOINT and set(entry) <= NEUTRAL \
-        and entry.get("monitor") in (None, *MONITORED) and entry.get("save_top_k", 1) == 1 \
+        and entry.get("monitor") in (None, *MONITOR_COLUMNS) and entry.get("save_top_k", 1) == 1 \
         and entry.get("every_n_epochs") in (None, 1) and isinstance(entry.get("filename"), str) \
         and "{" not in entry["filename"]
 
@@ -51,7 +51,7 @@ class MemberBest:
     def __init__(self, members: int, monitor: str, mode: str = "min") -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"callbacks.model_checkpoint.mode: {mode!r}; expected min or max")
-        self.key, self.mode = MONITORED[monitor], mode
+        self.key, self.mode = MONITOR_COLUMNS[monitor], mode
         self.saved: list[float | None] = [None] * members  # the value of each member's best checkpoint
         self.unsaved_steps = [0] * members  # the steps each member took since its last save
         self.weights: dict[int, list[Tensor]] = {}  # member -> the weights of its best checkpoint

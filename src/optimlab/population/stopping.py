@@ -25,13 +25,13 @@ from optimlab.checks import settings_outside
 EARLY_STOPPING = "lightning.pytorch.callbacks.EarlyStopping"
 SETTINGS = ("monitor", "mode", "patience", "min_delta")
 # the monitor -> the loop's epoch value it is (PopulationLoop.finish_epoch)
-MONITORED = {"val/loss": "val_loss_run", "val/acc": "val_acc"}
+MONITOR_COLUMNS = {"val/loss": "val_loss_run", "val/acc": "val_acc"}
 
 
 def unfollowed(entry: Mapping[str, Any]) -> list[str]:
     """The settings (``key=value``) of this ``callbacks.early_stopping`` entry a population cannot follow
     member by member; none: it can."""
-    return settings_outside(entry, EARLY_STOPPING, {"monitor": MONITORED.__contains__}, SETTINGS)
+    return settings_outside(entry, EARLY_STOPPING, {"monitor": MONITOR_COLUMNS.__contains__}, SETTINGS)
 
 
 class MemberEarlyStopping:
@@ -40,7 +40,7 @@ class MemberEarlyStopping:
     def __init__(self, members: int, monitor: str, mode: str, patience: int, min_delta: float = 0.0,
                  dtype: torch.dtype = torch.float32) -> None:
         """``dtype``: the training dtype (a run's ``val/loss`` is in it; its ``val/acc`` in float64)."""
-        self.key, self.mode, self.patience = MONITORED[monitor], mode, patience
+        self.key, self.mode, self.patience = MONITOR_COLUMNS[monitor], mode, patience
         self.dtype = dtype if monitor == "val/loss" else torch.float64
         self.min_delta = min_delta if mode == "max" else -min_delta  # signed as Lightning signs it
         self.best = [-math.inf if mode == "max" else math.inf] * members
