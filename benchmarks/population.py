@@ -48,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,7 +59,7 @@ import _timing
 _timing.setup_env()
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from optimlab.data import MNISTDataModule  # noqa: E402
 from optimlab.optim import SGD  # noqa: E402
@@ -130,7 +131,8 @@ def floor(parts: dict) -> None:
         math_step(model, opt, x, y, parts["data"].input_groups)
 
 
-def capture_math(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
+def capture_math(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+                 y: torch.Tensor) -> torch.cuda.CUDAGraph:
     """CUDA only: one :func:`math_step` of ``model`` and ``opt`` (a pair of its own: the replays train it)
     on the batch ``(x, y)`` captured as a CUDA graph, so that a replay runs the step's kernels without
     launching them one by one from Python: what the math costs on the GPU. (Warm-up on a side stream
@@ -178,7 +180,7 @@ def grid_jobs(grid: str) -> list[list[str]]:
     return [job + budget for job in jobs]
 
 
-def compose_job(overrides: list[str]):
+def compose_job(overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=str(_timing.CONF), version_base="1.3"):
         return compose("config", overrides=overrides)
 
@@ -202,13 +204,16 @@ def run_sweep(grid: str, device: torch.device, threads: int, out: Path, executor
     return {"wall": wall, "finished": sum(s in ("complete", "diverged") for s in statuses), "jobs": len(statuses)}
 
 
-def population_parts(jobs: list[list[str]], device: torch.device):
-    """A population of ``jobs`` (one optimizer and width) as the launcher builds it: model, optimizer, data, loop."""
+def population_parts(jobs: list[list[str]],
+                     device: torch.device) -> tuple[DictConfig, StackedMLP, torch.optim.Optimizer, PopulationData]:
+    """A population of ``jobs`` (one optimizer and width) as the launcher builds it: the first job's config,
+    model, optimizer, data."""
     configs = sorted((compose_job(job) for job in jobs), key=data_order)  # members sharing data side by side
     first = configs[0]
     model = StackedMLP.from_configs([c.model for c in configs], [c.seed for c in configs]).to(device)
     data = PopulationData([instantiate(c.data) for c in configs], device)
-    optimizer, _ = population_optimizer(model, [OmegaConf.to_container(c.optimizer, resolve=True) for c in configs])  # the grids draw no gradient noise
+    # the grids draw no gradient noise
+    optimizer, _ = population_optimizer(model, [OmegaConf.to_container(c.optimizer, resolve=True) for c in configs])
     return first, model, optimizer, data
 
 
@@ -269,7 +274,7 @@ def training_against_floor(sweep_dir: Path, floors: dict[tuple[str, str], tuple[
     return rows
 
 
-def count_aten(fn) -> int:
+def count_aten(fn: Callable[[], object]) -> int:
     """aten operators (dispatcher calls, nested ones included) that ``fn()`` runs, by the CPU profiler."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
