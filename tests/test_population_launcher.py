@@ -1204,8 +1204,9 @@ def test_values_that_interpolate_the_jobs_hydra_config_are_each_jobs_own(mnist_r
 def test_dry_run_prints_the_plan_and_writes_nothing(mnist_root: Path, tmp_path: Path, knobs: str) -> None:
     result = train("lr=0.1,0.5", "seed=0,1,2", "trainer.detect_anomaly=false,true", *SMALL,
                    "hydra/launcher=population",
-                   f"{knobs}.dry_run=true", f"{knobs}.max_members=2", f"hydra.sweep.dir={tmp_path}")
+                   f"{knobs}.dry_run=true", f"{knobs}.max_members=2", f"hydra.sweep.dir={tmp_path / 'new' / 'sweep'}")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "new").exists()  # the folders it made, with Hydra's multirun.yaml, are gone again
     out = result.stdout
     assert "12 jobs -> 6 in 3 population(s), 6 alone, 0 invalid" in out
     assert "population 1: 2 members" in out and "MiB" in out and "alone: trainer.detect_anomaly=True" in out

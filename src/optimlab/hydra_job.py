@@ -111,8 +111,8 @@ def unknown_group_option(args: list[str], conf_dir: Path) -> str | None:
     return None
 
 
-# A run folder that did not exist when Hydra started the run -> it and its parents that did not either
-# (Hydra makes them all before the run can refuse).
+# A run (or sweep) folder that did not exist when Hydra started the run -> it and its parents that did not
+# either (Hydra makes them all before the run can refuse, or a dry run end).
 NEW_RUN_FOLDERS: dict[Path, list[Path]] = {}
 
 
@@ -144,13 +144,28 @@ class CheckOutputFolder(Callback):
                 refuse(f"name: {name!r} is not allowed; expected at most {room} bytes without '/' (it ends the run "
                        f"folder's name)")
         self._check("hydra.run.dir", config.hydra.run.dir)
-        folder = Path(os.path.abspath(str(config.hydra.run.dir)))  # as Hydra makes runtime.output_dir
-        missing = [path for path in (folder, *folder.parents) if not path.exists()]
-        if missing:
-            NEW_RUN_FOLDERS[folder] = missing
+        note_new_folder(Path(str(config.hydra.run.dir)))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check("hydra.sweep.dir", config.hydra.sweep.dir)
+        note_new_folder(Path(str(config.hydra.sweep.dir)))
+
+
+def note_new_folder(folder: Path) -> None:
+    """Note ``folder`` in :data:`NEW_RUN_FOLDERS` with its parents that do not exist yet, if it does not."""
+    folder = Path(os.path.abspath(folder))  # as Hydra makes runtime.output_dir
+    missing = [path for path in (folder, *folder.parents) if not path.exists()]
+    if missing:
+        NEW_RUN_FOLDERS[folder] = missing
+
+
+def remove_dry_sweep_folder(sweep_dir: Path) -> None:
+    """A dry run writes nothing: the sweep folder this command made, holding only Hydra's ``multirun.yaml``,
+    is removed with the parents made with it."""
+    folder = Path(os.path.abspath(sweep_dir))
+    if folder in NEW_RUN_FOLDERS and {p.name for p in folder.iterdir()} <= {"multirun.yaml"}:
+        (folder / "multirun.yaml").unlink(missing_ok=True)
+        remove_if_new_and_empty(folder)
 
 
 def save_job_record(run_dir: Path, cfg: DictConfig) -> None:

@@ -43,7 +43,7 @@ from torch import Tensor
 from optimlab.build import optimizer_class, set_torch_options
 from optimlab.console import say
 from optimlab.files import remove_stale_temporaries
-from optimlab.hydra_job import JobFailed, hydra_config_of, run_composed_job, save_job_record
+from optimlab.hydra_job import JobFailed, hydra_config_of, remove_dry_sweep_folder, run_composed_job, save_job_record
 from optimlab.population.best import MemberBest
 from optimlab.population.checkpoint import PopulationCheckpoint
 from optimlab.population.cluster import Executor, run_as_jobs, usable_cpus
@@ -441,7 +441,9 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
         where += [f"{len(here)} in this process (on a GPU, or trainer.num_threads > 1)"] if here else []
         print("  where: " + "; ".join(where), flush=True)
     if dry_run:
-        return [dry_return(job) for job in jobs]
+        returns = [dry_return(job) for job in jobs]
+        remove_dry_sweep_folder(sweep_dir)
+        return returns
 
     def run(job: Job, task: TaskFunction) -> JobReturn:
         """``task``, one of ours, as ``job``'s Hydra job; the sweep's task function as Hydra runs it. The
