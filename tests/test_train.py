@@ -464,3 +464,16 @@ def test_the_result_line_counts_the_steps_a_run_too_short_to_time_took() -> None
     assert result_line(one).endswith("1 epoch, 1 step, 0.0s wall")
     timed = RunSummary(status="complete", config={}, steps=40, steps_per_s=12.5, regime="slow")
     assert result_line(timed).endswith("0 epochs, 12.5 steps/s, 0.0s wall")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_device_names_the_cpu_threads_a_run_had(threads: int) -> None:
+    """A forked population's members ran with one thread each: "1 thread" (a probe read "1 threads")."""
+    from optimlab.record import device_name
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert device_name(torch.device("cpu")).endswith(f", {threads} thread{'s' if threads > 1 else ''})")
+    finally:
+        torch.set_num_threads(before)

@@ -68,7 +68,8 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     # platform.machine(), not processor(): that runs `uname -p` in a subprocess (on Linux "unknown" or the machine)
-    return f"{device.type} ({platform.machine()}, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"{device.type} ({platform.machine()}, {threads} thread{'s' if threads > 1 else ''})"
 
 
 def synchronize(device: torch.device) -> None:
