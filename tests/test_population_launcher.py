@@ -418,7 +418,8 @@ def test_a_job_that_differs_from_a_checked_one_only_in_its_seeds_or_step_sizes_i
 def test_members_may_differ_in_member_wise_settings_only() -> None:
     key = population_key(compose_config())
     for same in (["lr=0.5"], ["seed=3"], ["optimizer.weight_decay=0.01"], ["data.label_noise=0.2"],
-                 ["model.init=glorot"], ["name=other"], ["regimes.fit_acc=0.5"], ["trainer.log_every_n_steps=7"]):
+                 ["model.init=glorot"], ["name=other"], ["regimes.fit_acc=0.5"], ["trainer.log_every_n_steps=7"],
+                 ["logger=csv"], ["logger=none"], ["callbacks=lr_monitor"]):
         assert population_key(compose_config(*same)) == key, same
     for other in (["batch_size=64"], ["epochs=3"], ["data.subset=1000"], ["model.hidden=[32]"],
                   ["optimizer=adam"], ["optimizer.momentum=0.9"], ["trainer.precision=64-true"],
@@ -772,6 +773,22 @@ def test_a_member_that_diverges_at_an_epochs_first_step_logs_as_its_run(mnist_ro
     header, rows = csv_rows(tmp_path / "sequential" / diverged[0] / "csv" / "metrics.csv")
     kinds = [[header[i] for i, v in enumerate(row) if v is not None and header[i] != "step"][0] for row in rows]
     assert kinds == ["lr-SGD", "train/grad_norm", "test/acc", "lr-SGD", "test/acc", "test/acc"], kinds
+
+
+@pytest.mark.slow
+def test_members_that_log_differently_share_a_population_and_log_as_their_runs(mnist_root: Path,
+                                                                              tmp_path: Path) -> None:
+    """Jobs that differ only in their loggers and learning-rate monitor train as one population (a probe: they
+    were split, one population each), and each member's logs are its own run's."""
+    pop, seq, out = sweep_both_ways(tmp_path, "logger=csv,many", "callbacks=default,lr_monitor", "model.hidden=[8]",
+                                    "trainer.precision=64-true", "trainer.log_every_n_steps=1", *EQUIVALENCE_BUDGET)
+    assert "4 jobs -> 4 in 1 population(s), 0 alone" in out
+    for name, s in seq.items():
+        header = assert_same_csv_logs(tmp_path / "population" / name / "csv", tmp_path / "sequential" / name / "csv")
+        assert ("lr-SGD" in header) == ("lr_monitor" in s["config"]["callbacks"]), name
+        assert (tmp_path / "population" / name / "tensorboard").is_dir() == ("tensorboard" in s["config"]["logger"])
+        for got, row in zip(pop[name]["epochs"], seq[name]["epochs"], strict=True):
+            assert {**got, "train_time_s": 0} == pytest.approx({**row, "train_time_s": 0}, rel=1e-9), name
 
 
 @pytest.mark.slow
