@@ -363,6 +363,13 @@ def population(root: Path, lrs: list[float], seeds: list[int], optimizer: type =
                           stopping=stopping, grad_noise_std=grad_noise_std, best=best), dms
 
 
+@pytest.mark.parametrize("every", [0, True, 2.0, [1, 2, 3], [1, 0]])
+def test_a_bad_weight_check_cadence_is_refused(tiny_mnist: Path, every: Any) -> None:
+    """An integer >= 1, or one per member (two here); a bool is no count (it was taken as 1)."""
+    with pytest.raises(ValueError, match="weights_every"):
+        population(tiny_mnist, [0.1, 0.2], [0, 1], every=every)
+
+
 def trajectory(loop: PopulationLoop, epochs: int = 2) -> list[list[torch.Tensor]]:
     """The members' weights after every step of ``epochs`` epochs."""
     steps = []

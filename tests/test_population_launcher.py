@@ -1233,6 +1233,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(mnist_root: Path, tmp_path: 
     twins = train("lr=0.1,0.5", "curvature.every_n_steps=5", "curvature.probe_size=32,64", *SMALL,
                   "hydra/launcher=population", f"{knobs}.dry_run=true", f"hydra.sweep.dir={tmp_path}")
     assert twins.returncode == 0, twins.stderr[-3000:]
+    assert (tmp_path / "multirun.yaml").is_file()  # a folder that was there: only a new one is removed again
     lines = [line for line in twins.stdout.splitlines() if " members (jobs " in line]
     assert [line.split("seed 0; ")[1].split(";")[0] for line in lines] == ["curvature.probe_size=32",
                                                                           "curvature.probe_size=64"]

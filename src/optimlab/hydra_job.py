@@ -128,7 +128,7 @@ def remove_if_new_and_empty(folder: Path) -> None:
 
 class CheckOutputFolder(Callback):
     """Refuse a run or sweep whose ``hydra.run.dir`` / ``hydra.sweep.dir`` cannot be written; note a
-    run folder that does not exist yet (:data:`NEW_RUN_FOLDERS`)."""
+    run or sweep folder that does not exist yet (:data:`NEW_RUN_FOLDERS`)."""
 
     @staticmethod
     def _check(key: str, folder: Any) -> None:

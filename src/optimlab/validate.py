@@ -32,6 +32,7 @@ from optimlab.files import unwritable
 from optimlab.regimes import Thresholds
 from optimlab.summary import OPTIMIZED_METRICS
 
+
 class ConfigError(Exception):
     """A config value is not allowed; the message is one line for the user."""
 

@@ -420,7 +420,5 @@ def member_tensor(key: str, value: Tensor, members: int | None) -> Tensor:
     if members is None:
         raise ValueError(f"Tensor {key} must be 1-element (got shape {list(value.shape)}; for one value per "
                          "member, stack the members along dim 0 and give the group a 'members' key)")
-    if value.shape != (members,):
-        raise ValueError(f"Tensor {key} must be 1-element or hold one value per member: shape [{members}] "
-                         f"for members={members}, got {list(value.shape)}")
-    return value
+    raise ValueError(f"Tensor {key} must be 1-element or hold one value per member: shape [{members}] "
+                     f"for members={members}, got {list(value.shape)}")

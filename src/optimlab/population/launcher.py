@@ -44,18 +44,18 @@ from optimlab.build import optimizer_class, set_torch_options
 from optimlab.console import say
 from optimlab.files import remove_stale_temporaries
 from optimlab.hydra_job import JobFailed, hydra_config_of, remove_dry_sweep_folder, run_composed_job, save_job_record
+from optimlab.optim import Optimizer
 from optimlab.population.best import MemberBest
 from optimlab.population.checkpoint import PopulationCheckpoint
 from optimlab.population.cluster import Executor, run_as_jobs, usable_cpus
 from optimlab.population.curvature import MemberSharpness
 from optimlab.population.data import PopulationData
-from optimlab.optim import Optimizer
 from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimizer
 from optimlab.population.plan import (Job, check_plan_is_the_sweeps, classify_all, compose_jobs, fits_beside,
                                       group, machine_memory_share, memory_budget, plan_text, population_device)
 from optimlab.population.records import PopulationRun, member_summary, write_logs, write_member
 from optimlab.population.schedule import MemberSchedules
-from optimlab.population.stacked import STACKED
+from optimlab.population.stacked import STACKED, StackedModel
 from optimlab.population.stopping import MemberEarlyStopping
 from optimlab.record import device_name, log_epoch_lines, record_refusal, refused_summary, result_line, synchronize
 from optimlab.summary import FINISHED, RunSummary, config_key, optimized_value, read_summary, write_summary
@@ -125,7 +125,7 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-def population_optimizer(model: torch.nn.Module, optimizers: Sequence[Mapping[str, Any]]) -> tuple[Optimizer, float]:
+def population_optimizer(model: StackedModel, optimizers: Sequence[Mapping[str, Any]]) -> tuple[Optimizer, float]:
     """The members' optimizer (:func:`member_optimizer`) from their resolved optimizer configs, which share
     their class and options and differ in ``lr`` and ``weight_decay``; and the shared ``grad_noise_std``,
     which the loop draws per member."""

@@ -142,7 +142,7 @@ class PopulationLoop:
         self.alive = torch.ones(members, dtype=torch.bool, device=device)
         self.diverged_at = torch.full((members,), -1, dtype=torch.long, device=device)
         self.reason = torch.zeros(members, dtype=torch.long, device=device)
-        every = [weights_every] * members if isinstance(weights_every, int) else list(weights_every)
+        every = list(weights_every) if isinstance(weights_every, Sequence) else [weights_every] * members
         if len(every) != members or not all(map(is_count, every)):
             raise ValueError(f"weights_every: {weights_every!r}; expected an integer >= 1, or one per member")
         self.weights_every = torch.tensor(every, device=device)

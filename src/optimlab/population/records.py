@@ -73,8 +73,8 @@ def member_summary(status: str, config: dict[str, Any], record: MemberRecord, po
 
 @functools.lru_cache(maxsize=4)
 def constructors_of(logger_config: str) -> dict[str, functools.partial]:
-    """:func:`~optimlab.build.logger_constructors` of a ``logger`` config given as JSON: made once for the
-    members of a population, which share it."""
+    """:func:`~optimlab.build.logger_constructors` of a ``logger`` config given as JSON: made once for each
+    distinct ``logger`` config among a population's members."""
     return logger_constructors(json.loads(logger_config))
 
 
