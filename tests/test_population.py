@@ -31,7 +31,7 @@ from optimlab.population.loop import (MemberRecord, PopulationLoop, add_member_n
                                       member_optimizer, train_population)
 from optimlab.population.module import PopulationModule
 from optimlab.population.schedule import MemberSchedules
-from optimlab.population.stopping import MemberEarlyStopping
+from optimlab.population.stopping import MemberEarlyStopping, StopRule
 from optimlab.population.stacked import (MemberLinear, StackedConv2d, StackedDropout, built_member, grouped_conv2d,
                                          member_conv2d, member_losses)
 from optimlab.train import run
@@ -801,11 +801,21 @@ def test_a_member_stops_early_where_lightnings_early_stopping_stops_its_run(
                         enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu",
                         callbacks=[L.pytorch.callbacks.EarlyStopping(monitor, min_delta, patience, mode=mode)])
     trainer.fit(run)
-    stopping = MemberEarlyStopping(2, monitor, mode, patience, min_delta, torch.float32)
+    stopping = MemberEarlyStopping.alike(2, monitor, mode, patience, min_delta, torch.float32)
     rounded = [float(torch.tensor(v, dtype=torch.float32)) if monitor == "val/loss" else v for v in values]
-    epochs = next((e + 1 for e, value in enumerate(rounded) if stopping.stops(1, value)), len(values))
+    column = stopping.rules[1].key
+    epochs = next((e + 1 for e, value in enumerate(rounded) if stopping.stops(1, {column: [math.nan, value]})),
+                  len(values))
     assert epochs == run.epochs
     assert stopping.best[0] in (math.inf, -math.inf) and stopping.wait[0] == 0  # member 0 untouched
+
+
+def test_members_stop_early_by_rules_of_their_own() -> None:
+    """A member without early stopping never stops; one with patience 2 stops a bad epoch later than one with 1."""
+    stopping = MemberEarlyStopping([StopRule.of("val/acc", "max", 1), None, StopRule.of("val/acc", "max", 2)])
+    epochs = [{"val_acc": [0.5, 0.5, 0.5]}, {"val_acc": [0.4, math.nan, 0.4]}, {"val_acc": [0.3, 0.3, 0.3]}]
+    stopped_at = [next((e + 1 for e, epoch in enumerate(epochs) if stopping.stops(m, epoch)), None) for m in range(3)]
+    assert stopped_at == [2, None, 3]
 
 
 @pytest.mark.parametrize("monitor,mode,values", [
@@ -874,7 +884,7 @@ def test_members_stop_early_one_by_one_and_the_fit_ends_with_the_last(tiny_mnist
     improvement, it is not diverged, its weights stay those of its last epoch (the same as a member
     trained that many epochs without early stopping), and the fit ends when the last one stops."""
     lrs, seeds = [0.05, 0.5, 2.0], [0, 1, 2]
-    loop, _ = population(tiny_mnist, lrs, seeds, SGD, torch.float64, stopping=MemberEarlyStopping(3, "val/loss", "min", 0))
+    loop, _ = population(tiny_mnist, lrs, seeds, SGD, torch.float64, stopping=MemberEarlyStopping.alike(3, "val/loss", "min", 0))
     records = loop.fit(20)
     lengths = [len(r.history) for r in records]
     assert not any(r.diverged for r in records) and len(set(lengths)) > 1 and max(lengths) < 20
@@ -916,7 +926,7 @@ def test_a_loop_restored_from_its_state_continues_bitwise(tiny_mnist: Path, sche
     drawing = dict(config=mlp_config(activation="relu", dropout=0.3), grad_noise_std=0.01) if draws else {}
 
     def stopping() -> MemberEarlyStopping | None:
-        return None if patience is None else MemberEarlyStopping(3, "val/acc", "max", patience)
+        return None if patience is None else MemberEarlyStopping.alike(3, "val/acc", "max", patience)
 
     def best() -> MemberBest | None:
         return None if patience is None else MemberBest(3, "val/loss")

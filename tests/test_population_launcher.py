@@ -419,7 +419,7 @@ def test_members_may_differ_in_member_wise_settings_only() -> None:
     key = population_key(compose_config())
     for same in (["lr=0.5"], ["seed=3"], ["optimizer.weight_decay=0.01"], ["data.label_noise=0.2"],
                  ["model.init=glorot"], ["name=other"], ["regimes.fit_acc=0.5"], ["trainer.log_every_n_steps=7"],
-                 ["logger=csv"], ["logger=none"], ["callbacks=lr_monitor"]):
+                 ["logger=csv"], ["logger=none"], ["callbacks=lr_monitor"], ["callbacks=early_stopping"]):
         assert population_key(compose_config(*same)) == key, same
     for other in (["batch_size=64"], ["epochs=3"], ["data.subset=1000"], ["model.hidden=[32]"],
                   ["optimizer=adam"], ["optimizer.momentum=0.9"], ["trainer.precision=64-true"],
@@ -851,13 +851,14 @@ def test_a_best_checkpoint_sweep_as_populations_equals_the_sequential_sweep(mnis
 
 @pytest.mark.slow
 def test_an_early_stopping_sweep_as_populations_equals_the_sequential_sweep(mnist_root: Path, tmp_path: Path) -> None:
-    """callbacks=early_stopping (val/loss, patience 0) over 5 epochs, SGD and Adam at three lrs, float64: each
-    member stops where its run stops (the same epochs, some fewer than 5), with its run's records (1e-9)."""
-    pop, seq, out = sweep_both_ways(tmp_path, "optimizer=sgd,adam", "lr=0.01,0.3,3", "model.hidden=[8]",
+    """callbacks=early_stopping (val/loss, patience 0 and 2: members of one population with rules of their own)
+    over 5 epochs, SGD and Adam at two lrs, float64: each member stops where its run stops (the same epochs, some
+    fewer than 5), with its run's records (1e-9)."""
+    pop, seq, out = sweep_both_ways(tmp_path, "optimizer=sgd,adam", "lr=0.3,3", "model.hidden=[8]",
                                     "trainer.precision=64-true", "callbacks=early_stopping",
-                                    "callbacks.early_stopping.patience=0", "data.subset=256", "data.val_size=256",
+                                    "callbacks.early_stopping.patience=0,2", "data.subset=256", "data.val_size=256",
                                     "epochs=5", "trainer.accelerator=cpu")
-    assert "6 jobs -> 6 in 2 population(s), 0 alone" in out
+    assert "8 jobs -> 8 in 2 population(s), 0 alone" in out
     assert {len(s["epochs"]) for s in seq.values()} - {5}  # some stopped early
     for name, ref in seq.items():
         got = pop[name]

@@ -233,8 +233,8 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
                 if tracking.get("every_n_steps") else None
             schedules = MemberSchedules([job.plain for job in members]) if first.get("scheduler") else None
             clip = first.trainer.gradient_clip_val
-            early = (first.get("callbacks") or {}).get("early_stopping")
-            stopping = MemberEarlyStopping.from_entry(early, len(members), dtype) if early else None
+            stopping = MemberEarlyStopping.from_entries(
+                [(r.get("callbacks") or {}).get("early_stopping") for r in resolved], dtype)
             best = MemberBest.from_entry(first.callbacks.model_checkpoint, len(members)) \
                 if first.test_ckpt == "best" else None
             loop = ReportingLoop(model, optimizer, data, [r["trainer"]["log_every_n_steps"] for r in resolved], sharpness,

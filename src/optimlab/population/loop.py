@@ -481,7 +481,7 @@ class PopulationLoop:
                 if values["diverged_at"][m] >= 0:
                     record.diverged_at_step = int(values["diverged_at"][m])
                     record.divergence_reason = REASONS[int(values["reason"][m])]
-                elif self.stopping is not None and self.stopping.stops(m, values[self.stopping.key][m]):
+                elif self.stopping is not None and self.stopping.stops(m, values):
                     stopped.append(m)
         if not any(values["started_alive"]):
             return False

@@ -9,14 +9,14 @@ from the member's own validation value, in the dtype the run compares it in (``v
 ``val/loss``: the training dtype, summed as the run's SampleMean sums it); a member that stops is frozen
 (its training ends, its weights stay), and its record is a complete run of fewer epochs, as its run's is.
 Only those four settings are followed: an ``early_stopping`` entry with other keys runs its job alone
-(:func:`unfollowed`).
+(:func:`unfollowed`). Members may differ in them, and in whether they stop early at all.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
@@ -34,36 +34,68 @@ def unfollowed(entry: Mapping[str, Any]) -> list[str]:
     return settings_outside(entry, EARLY_STOPPING, {"monitor": MONITOR_COLUMNS.__contains__}, SETTINGS)
 
 
+class StopRule(NamedTuple):
+    """One member's early-stopping settings, as its run's EarlyStopping applies them."""
+
+    key: str  # the loop's epoch value it monitors (MONITOR_COLUMNS)
+    mode: str
+    patience: int
+    min_delta: float  # signed as Lightning signs it
+    dtype: torch.dtype  # the dtype the run compares in (val/loss: the training dtype; val/acc: float64)
+
+    @classmethod
+    def of(cls, monitor: str, mode: str, patience: int, min_delta: float = 0.0,
+           dtype: torch.dtype = torch.float32) -> StopRule:
+        """``dtype``: the training dtype."""
+        return cls(MONITOR_COLUMNS[monitor], mode, patience, min_delta if mode == "max" else -min_delta,
+                   dtype if monitor == "val/loss" else torch.float64)
+
+    @classmethod
+    def from_entry(cls, entry: Mapping[str, Any], dtype: torch.dtype) -> StopRule:
+        """For a ``callbacks.early_stopping`` entry with no :func:`unfollowed` setting; the settings it leaves
+        out take EarlyStopping's defaults (mode min, patience 3, min_delta 0)."""
+        return cls.of(entry["monitor"], entry.get("mode", "min"), int(entry.get("patience", 3)),
+                      float(entry.get("min_delta", 0.0)), dtype)
+
+
 class MemberEarlyStopping:
-    """Every member's early-stopping state (the best monitored value and the epochs since it improved)."""
+    """Every member's early stopping: its rule (None: its run has none) and its state (the best monitored
+    value and the epochs since it improved)."""
 
-    def __init__(self, members: int, monitor: str, mode: str, patience: int, min_delta: float = 0.0,
-                 dtype: torch.dtype = torch.float32) -> None:
-        """``dtype``: the training dtype (a run's ``val/loss`` is in it; its ``val/acc`` in float64)."""
-        self.key, self.mode, self.patience = MONITOR_COLUMNS[monitor], mode, patience
-        self.dtype = dtype if monitor == "val/loss" else torch.float64
-        self.min_delta = min_delta if mode == "max" else -min_delta  # signed as Lightning signs it
-        self.best = [-math.inf if mode == "max" else math.inf] * members
-        self.wait = [0] * members
+    def __init__(self, rules: Sequence[StopRule | None]) -> None:
+        self.rules = list(rules)
+        self.best = [-math.inf if rule is not None and rule.mode == "max" else math.inf for rule in self.rules]
+        self.wait = [0] * len(self.rules)
 
-    def stops(self, m: int, current: float) -> bool:
-        """Member m's decision after an epoch whose monitored value is ``current``: True when it stops there."""
-        value = torch.tensor(current, dtype=self.dtype)
+    @classmethod
+    def alike(cls, members: int, monitor: str, mode: str, patience: int, min_delta: float = 0.0,
+              dtype: torch.dtype = torch.float32) -> MemberEarlyStopping:
+        """Every member with the same settings."""
+        return cls([StopRule.of(monitor, mode, patience, min_delta, dtype)] * members)
+
+    @classmethod
+    def from_entries(cls, entries: Sequence[Mapping[str, Any] | None], dtype: torch.dtype) -> MemberEarlyStopping | None:
+        """From the members' ``callbacks.early_stopping`` entries (None or empty: none); None when no member has one."""
+        if not any(entries):
+            return None
+        return cls([StopRule.from_entry(entry, dtype) if entry else None for entry in entries])
+
+    def stops(self, m: int, epoch: Mapping[str, Sequence[float]]) -> bool:
+        """Member m's decision after an epoch whose values (the loop's, per member, by column) are ``epoch``:
+        True when it stops there; never for a member without early stopping."""
+        rule = self.rules[m]
+        if rule is None:
+            return False
+        current = epoch[rule.key][m]
+        value = torch.tensor(current, dtype=rule.dtype)
         if not torch.isfinite(value):
             return True
-        shifted, best = value - self.min_delta, torch.tensor(self.best[m], dtype=self.dtype)
-        if shifted > best if self.mode == "max" else shifted < best:
+        shifted, best = value - rule.min_delta, torch.tensor(self.best[m], dtype=rule.dtype)
+        if shifted > best if rule.mode == "max" else shifted < best:
             self.best[m], self.wait[m] = current, 0
             return False
         self.wait[m] += 1
-        return self.wait[m] >= self.patience
-
-    @classmethod
-    def from_entry(cls, entry: Mapping[str, Any], members: int, dtype: torch.dtype) -> MemberEarlyStopping:
-        """For a ``callbacks.early_stopping`` entry with no :func:`unfollowed` setting; the settings it leaves
-        out take EarlyStopping's defaults (mode min, patience 3, min_delta 0)."""
-        return cls(members, entry["monitor"], entry.get("mode", "min"), int(entry.get("patience", 3)),
-                   float(entry.get("min_delta", 0.0)), dtype)
+        return self.wait[m] >= rule.patience
 
     def state_dict(self) -> dict[str, list]:
         return {"best": list(self.best), "wait": list(self.wait)}
