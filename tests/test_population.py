@@ -801,7 +801,7 @@ def test_a_member_stops_early_where_lightnings_early_stopping_stops_its_run(
                         enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu",
                         callbacks=[L.pytorch.callbacks.EarlyStopping(monitor, min_delta, patience, mode=mode)])
     trainer.fit(run)
-    stopping = MemberEarlyStopping.alike(2, monitor, mode, patience, min_delta, torch.float32)
+    stopping = MemberEarlyStopping([StopRule.of(monitor, mode, patience, min_delta, torch.float32)] * 2)
     rounded = [float(torch.tensor(v, dtype=torch.float32)) if monitor == "val/loss" else v for v in values]
     column = stopping.rules[1].key
     epochs = next((e + 1 for e, value in enumerate(rounded) if stopping.stops(1, {column: [math.nan, value]})),
@@ -884,7 +884,8 @@ def test_members_stop_early_one_by_one_and_the_fit_ends_with_the_last(tiny_mnist
     improvement, it is not diverged, its weights stay those of its last epoch (the same as a member
     trained that many epochs without early stopping), and the fit ends when the last one stops."""
     lrs, seeds = [0.05, 0.5, 2.0], [0, 1, 2]
-    loop, _ = population(tiny_mnist, lrs, seeds, SGD, torch.float64, stopping=MemberEarlyStopping.alike(3, "val/loss", "min", 0))
+    loop, _ = population(tiny_mnist, lrs, seeds, SGD, torch.float64,
+                         stopping=MemberEarlyStopping([StopRule.of("val/loss", "min", 0)] * 3))
     records = loop.fit(20)
     lengths = [len(r.history) for r in records]
     assert not any(r.diverged for r in records) and len(set(lengths)) > 1 and max(lengths) < 20
@@ -926,7 +927,7 @@ def test_a_loop_restored_from_its_state_continues_bitwise(tiny_mnist: Path, sche
     drawing = dict(config=mlp_config(activation="relu", dropout=0.3), grad_noise_std=0.01) if draws else {}
 
     def stopping() -> MemberEarlyStopping | None:
-        return None if patience is None else MemberEarlyStopping.alike(3, "val/acc", "max", patience)
+        return None if patience is None else MemberEarlyStopping([StopRule.of("val/acc", "max", patience)] * 3)
 
     def best() -> MemberBest | None:
         return None if patience is None else MemberBest(3, "val/loss")

@@ -229,9 +229,9 @@ def read_summary(run_dir: Path) -> RunSummary | None:
 
 
 def well_formed(summary: RunSummary) -> bool:
-    """Whether the fields a reader computes with have the schema's shapes: a known status, the config a mapping, each epoch
-    and logged step a row of numbers (or nulls), the label and error texts, the sharpness record's series
-    rows of three numbers (or nulls)."""
+    """Whether the fields a reader computes with have the schema's shapes: a known status, the config a
+    mapping, each epoch and logged step a row of numbers (or nulls), the label and error texts, the sharpness
+    record's series rows of three numbers (or nulls)."""
     def number(value: Any) -> bool:
         return value is None or isinstance(value, (int, float))
 

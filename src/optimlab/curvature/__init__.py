@@ -33,11 +33,13 @@ from optimlab.curvature.stability import (GradientMoments, gradient_moments, ini
                                           uses_preconditioner)
 from optimlab.curvature.tracking import (DEFAULT_PROBE_SIZE, DEFAULT_TRACKING_TOL, SHARPNESS_TAG, TENSORBOARD_LAYOUT,
                                          THRESHOLD_TAG, SharpnessCallback, SharpnessLog, SharpnessTracker,
-                                         check_tracking, epoch_columns, measurement_due, probe_indices, show_sharpness_chart)
+                                         check_tracking, epoch_columns, measurement_due, probe_indices,
+                                         show_sharpness_chart)
 
 __all__ = [
     "DEFAULT_PROBE_SIZE", "DEFAULT_TRACKING_TOL", "Eigenpair", "GradientMoments", "SHARPNESS_TAG", "SharpnessCallback",
-    "SharpnessLog", "SharpnessTracker", "TENSORBOARD_LAYOUT", "THRESHOLD_TAG", "check_tracking", "epoch_columns", "gradient_moments",
+    "SharpnessLog", "SharpnessTracker", "TENSORBOARD_LAYOUT", "THRESHOLD_TAG", "check_tracking", "epoch_columns",
+    "gradient_moments",
     "initial_preconditioner", "lanczos", "measurement_due", "moments_from_parts", "preconditioner", "probe_indices",
     "probe_parts", "sharpness", "show_sharpness_chart", "stability_threshold", "top_eigenpair", "trainable",
     "uses_preconditioner",

@@ -190,7 +190,8 @@ class Optimizer(torch.optim.Optimizer):
     state tensor is member m's state; the ``step`` count is shared (all members step together).
     Every operation is elementwise, so nothing crosses members: a caller can freeze a member that must
     stop (diverged) by setting its ``lr`` to 0 and zeroing its gradient (the population loop restores its
-    last finite weights instead), and NaN or infinity in it never reaches the others. The tensors are used in float64 on the parameters' device: keep them there
+    last finite weights instead), and NaN or infinity in it never reaches the others. The tensors are
+    used in float64 on the parameters' device: keep them there
     (a tensor elsewhere is copied each step, P numbers, which on a GPU waits for its queue);
     per-member arithmetic never reads them back. Without ``members`` a tensor ``lr`` with more
     than one element is torch's error ("Tensor lr must be 1-element"), and a group without the key

@@ -49,7 +49,8 @@ POPULATION_PRECISIONS = ("32-true", "32", "64-true", "64")  # a population train
 MEMBER_WISE = ("name", "lr", "seed", "resume", "regimes", "optimizer.lr", "optimizer.weight_decay", "data.seed",
                "data.label_noise", "model.init", "model.init_std", "trainer.progress_bar",
                "trainer.log_every_n_steps", "trainer.check_finite_every_n_steps", "optimized_metric",
-               "callbacks.progress_bar", "callbacks.lr_monitor", "logger",  # each member's logs are its own (records.py)
+               "callbacks.progress_bar",
+               "callbacks.lr_monitor", "logger",  # each member's logs are its own (records.py)
                "callbacks.early_stopping")  # each member's own rule (stopping.py)
 # What a population does itself, the way a single run's defaults do: its trainer keys, callbacks and logger.
 POPULATION_TRAINER = ("_target_", "accelerator", "devices", "precision", "deterministic", "max_epochs",

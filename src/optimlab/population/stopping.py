@@ -68,14 +68,10 @@ class MemberEarlyStopping:
         self.wait = [0] * len(self.rules)
 
     @classmethod
-    def alike(cls, members: int, monitor: str, mode: str, patience: int, min_delta: float = 0.0,
-              dtype: torch.dtype = torch.float32) -> MemberEarlyStopping:
-        """Every member with the same settings."""
-        return cls([StopRule.of(monitor, mode, patience, min_delta, dtype)] * members)
-
-    @classmethod
-    def from_entries(cls, entries: Sequence[Mapping[str, Any] | None], dtype: torch.dtype) -> MemberEarlyStopping | None:
-        """From the members' ``callbacks.early_stopping`` entries (None or empty: none); None when no member has one."""
+    def from_entries(cls, entries: Sequence[Mapping[str, Any] | None],
+                     dtype: torch.dtype) -> MemberEarlyStopping | None:
+        """From the members' ``callbacks.early_stopping`` entries (None or empty: none); None when no member
+        has one."""
         if not any(entries):
             return None
         return cls([StopRule.from_entry(entry, dtype) if entry else None for entry in entries])
