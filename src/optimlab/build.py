@@ -115,8 +115,8 @@ def build_parts(cfg: DictConfig) -> Parts:
         datamodule = instantiate(cfg.data)
     guard = DivergenceGuard(cfg.trainer.check_finite_every_n_steps)
     clipping = {key: cfg.trainer.get(key) for key in CLIPPING}
-    module = ClassifierModule(model, optimizer, scheduler, guard, check_weights_every_n_steps=cfg.trainer.log_every_n_steps,
-                              **clipping)
+    module = ClassifierModule(model, optimizer, scheduler, guard,
+                              check_weights_every_n_steps=cfg.trainer.log_every_n_steps, **clipping)
     thresholds = Thresholds.from_overrides(OmegaConf.to_container(cfg.regimes) if cfg.get("regimes") else {})
     return Parts(module, datamodule, thresholds)
 

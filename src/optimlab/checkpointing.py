@@ -31,7 +31,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not all(bool(torch.isfinite(t).all()) for t in weights):
             print(f"{path}: not written, the weights are not finite (the previous checkpoint is kept)", file=sys.stderr)
             return
-        atomic_write(Path(path), lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp, storage_options))
+        save = super().save_checkpoint
+        atomic_write(Path(path), lambda tmp: save(checkpoint, tmp, storage_options))
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:

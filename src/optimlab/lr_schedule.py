@@ -68,10 +68,12 @@ def lr_monitor_unfollowed(entry: Mapping[str, Any]) -> list[str]:
     """The settings (``key=value``) of this ``callbacks.lr_monitor`` entry that make it log more or other than
     what :func:`epoch_start_lrs` tells from a config, the optimizer's lr at the start of every epoch
     (``logging_interval: epoch``; not per step, nor momentum or weight decay); none: it logs just that."""
-    return settings_outside(entry, LR_MONITOR, {"logging_interval": lambda v: v == "epoch", "log_momentum": operator.not_,
-                                                "log_weight_decay": operator.not_})
+    followed = {"logging_interval": lambda v: v == "epoch", "log_momentum": operator.not_,
+                "log_weight_decay": operator.not_}
+    return settings_outside(entry, LR_MONITOR, followed)
 
 
 def lr_monitor_followed(entry: Mapping[str, Any]) -> bool:
-    """Whether this ``callbacks.lr_monitor`` entry logs what :func:`epoch_start_lrs` tells (:func:`lr_monitor_unfollowed`)."""
+    """Whether this ``callbacks.lr_monitor`` entry logs what :func:`epoch_start_lrs` tells
+    (:func:`lr_monitor_unfollowed`)."""
     return not lr_monitor_unfollowed(entry)

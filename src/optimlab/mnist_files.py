@@ -113,6 +113,7 @@ def check_batch_limits(trainer: Mapping[str, Any], sizes: tuple[int, int, int], 
     limits = [overfit or trainer.get("limit_train_batches"), overfit or trainer.get("limit_val_batches"),
               trainer.get("limit_test_batches")]
     keys = ["trainer.overfit_batches" if overfit else f"trainer.limit_{split}_batches" for split in ("train", "val")]
+    split_batches = (batch_size, eval_batch_size, eval_batch_size)
     batches = [epoch_batches(size, batch, limit, key) for size, batch, limit, key in
-               zip(sizes, (batch_size, eval_batch_size, eval_batch_size), limits, [*keys, "trainer.limit_test_batches"])]
+               zip(sizes, split_batches, limits, [*keys, "trainer.limit_test_batches"])]
     return batches[0]

@@ -235,7 +235,9 @@ class RunRecord(Checkpoint):
             log.info(self.epoch_line(self.history[-1], trainer.max_epochs))
             self.write("running", trainer)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.first_step_s is None:
             self._step_start = time.perf_counter()
 

@@ -120,7 +120,7 @@ class Thresholds:
     fit_acc: float = 0.93               # final val accuracy below this: slow or underfit
     underfit_loss_ratio: float = 0.75   # a plateau counts as underfit only below this x ln(10)
     slow_min_loss_drop: float = 0.01    # train loss still falling this much (nats) per epoch: slow
-    window: int = 3                     # epochs of recent loss changes, of the averaged val loss, of close instabilities
+    window: int = 3                     # epochs of recent loss changes, averaged val loss, close instabilities
     val_noise_z: float = 2.0            # val accuracy changes within this many standard errors are chance
     overfit_min_passes: float = 1.0     # overfit needs the training images seen more than this many times on average
 
@@ -269,7 +269,8 @@ def finite_series(history: list[dict[str, float]], key: str) -> list[tuple[int, 
 
 
 def counted_rise(before: float, after: float, t: Thresholds) -> bool:
-    """Whether the training loss going from ``before`` to ``after`` is a rise that counts (``>= osc_min_loss_rise`` nats)."""
+    """Whether the training loss going from ``before`` to ``after`` is a rise that counts
+    (``>= osc_min_loss_rise`` nats)."""
     return 0 < before < after and after - before >= t.osc_min_loss_rise
 
 
@@ -324,7 +325,9 @@ def _float(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
-def edge_of_stability(m: dict[str, float], curvature: dict[str, Any] | None, diverged_at_step: int | None) -> str | None:
+def edge_of_stability(
+    m: dict[str, float], curvature: dict[str, Any] | None, diverged_at_step: int | None
+) -> str | None:
     """The tracked sharpness against the optimizer's stability threshold, in words (None when the
     run did not track it); adds the numbers to the measures ``m``."""
     if not curvature:
@@ -349,8 +352,8 @@ def edge_of_stability(m: dict[str, float], curvature: dict[str, Any] | None, div
         text = (f"{what} stayed below {threshold}{level} in all {curvature['measurements']} measurements"
                 f"{' ' + since if since else ''} (largest {m['sharpness_max']:.3g})")
     else:
-        text = (f"{what} {m['crossing_sharpness']:.3g} crossed {threshold} = {m['crossing_threshold']:.3g} at step {step}"
-                + (f" (measured {since})" if since else ""))
+        text = (f"{what} {m['crossing_sharpness']:.3g} crossed {threshold} = {m['crossing_threshold']:.3g} "
+                f"at step {step}" + (f" (measured {since})" if since else ""))
     if diverged_at_step is not None:
         text += f"; first non-finite loss, gradient or weight at step {diverged_at_step}"
         m["crossing_lead_steps"] = diverged_at_step - step if step is not None else math.nan
@@ -420,7 +423,8 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
         if edge and unstable:
             evidence = (*evidence, edge)
         elif not unstable and m["max_step_loss"] >= (1 + t.osc_loss_rise) * m["start_loss"]:  # said why not unstable
-            rose = (f"a training step's loss rose to {m['max_step_loss']:.3g}, {m['max_step_loss'] / m['start_loss'] - 1:.0%} "
+            rose = (f"a training step's loss rose to {m['max_step_loss']:.3g}, "
+                    f"{m['max_step_loss'] / m['start_loss'] - 1:.0%} "
                     f"above max(ln(10), first step's loss) = {m['start_loss']:.3g}, short of the blow-up level "
                     f"{m['blowup_loss']:.3g}")
             evidence = (*evidence, rose + (f"; {edge}" if edge else ""))
@@ -477,8 +481,8 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
                 f"{t.osc_spike_epochs} epochs)")
     persisting = bool(m["instabilities_persist"])
     if val_jumps and persisting and m["val_acc_recoveries"] >= 1 and not val_worse_acc:
-        return verdict("oscillating", oscillation, f"{together}, yet converging: final val_acc {m['final_val_acc']:.3f} "
-                       f"within {_limit(m, t, 'overfit_acc_drop')} of its best")
+        return verdict("oscillating", oscillation, f"{together}, yet converging: final val_acc "
+                       f"{m['final_val_acc']:.3f} within {_limit(m, t, 'overfit_acc_drop')} of its best")
     if m["instabilities"] and not persisting and not m["unrecovered_instabilities"]:
         events = instabilities(history, t, m)
         notes.append(f"{_spikes(history, events)}; {together}: no persisting oscillation")
@@ -539,8 +543,8 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
                            f"since epoch {m['best_val_loss_epoch']:.0f} ({m['val_loss_rise_from_min']:+.1%}) while the "
                            f"train loss fell {-m['train_loss_change_since_val_peak']:.1%} (limit "
                            f"{t.overfit_stall_loss_drop:.0%}) and train_acc - val_acc grew "
-                           f"{m['gap_growth_since_val_peak']:.3f} (val_acc's sampling noise {m['val_acc_noise']:.3g}): more "
-                           f"epochs fit the training set, not the task")
+                           f"{m['gap_growth_since_val_peak']:.3f} (val_acc's sampling noise "
+                           f"{m['val_acc_noise']:.3g}): more epochs fit the training set, not the task")
         span = min(t.window, int(m["epochs"]) - 1)
         rose = m["recent_loss_drop"] < 0  # a negative drop is said as a rise
         trend = (f"train loss {'rose' if rose else 'fell'} {abs(m['recent_loss_drop']):.4f} nats/epoch "

@@ -72,7 +72,9 @@ def recorded_config(config: dict[str, Any], current: DictConfig) -> DictConfig:
     return OmegaConf.create(config)
 
 
-def plan_run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictConfig, Path, Path | None, RunSummary | None]:
+def plan_run(
+    cfg: DictConfig, run_dir: Path, overrides: list[str]
+) -> tuple[DictConfig, Path, Path | None, RunSummary | None]:
     """(config to run, run dir, checkpoint to resume from, the run's summary so far) for a new run,
     ``resume=auto`` or ``resume=<run dir or ckpt>``; refuses to overwrite a run."""
     keys = override_keys(overrides)

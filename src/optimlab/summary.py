@@ -236,7 +236,8 @@ def well_formed(summary: RunSummary) -> bool:
         return value is None or isinstance(value, (int, float))
 
     def rows(value: Any) -> bool:
-        return isinstance(value, list) and all(isinstance(row, dict) and all(map(number, row.values())) for row in value)
+        return isinstance(value, list) and all(isinstance(row, dict) and all(map(number, row.values()))
+                                               for row in value)
 
     curvature = {} if summary.curvature is None else summary.curvature
     series = curvature.get("series", []) if isinstance(curvature, dict) else None

@@ -36,7 +36,8 @@ from optimlab.validate import ConfigError, validate_config
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 logging.getLogger("lightning.pytorch.profilers").setLevel(logging.INFO)  # trainer.profiler's report is wanted
 log = logging.getLogger(__name__)
-warnings.filterwarnings("ignore", message=r".*(LeafSpec|smaller than the logging interval|overridden `transfer_batch_to_device`).*")
+warnings.filterwarnings(
+    "ignore", message=r".*(LeafSpec|smaller than the logging interval|overridden `transfer_batch_to_device`).*")
 # A resumed run's CSVLogger warns that it deletes the metrics.csv it finds: RunRecord.rewrite_csv writes its rows back.
 warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 # And its ModelCheckpoint that its folder holds checkpoints: the run's own (a new run is refused a folder holding one).

@@ -43,8 +43,11 @@ PRECISIONS = ("32-true", "64-true", "16-mixed", "bf16-mixed", "32", "64")  # tra
 def limit(low: int) -> Rule:
     """Lightning's batch limits: an integer count, or a fraction of the split (above 0 where a count
     must be at least 1: 0.0 is no batch too)."""
-    return (lambda v: v is None or (is_integer(v) and v >= low) or (isinstance(v, float) and (0 < v <= 1 if low else 0 <= v <= 1)),
-            f"null, an integer >= {low} or a fraction in {'(0, 1]' if low else '[0, 1]'}")
+    def allowed(v: Any) -> bool:
+        fraction = isinstance(v, float) and (0 < v <= 1 if low else 0 <= v <= 1)
+        return v is None or (is_integer(v) and v >= low) or fraction
+
+    return allowed, f"null, an integer >= {low} or a fraction in {'(0, 1]' if low else '[0, 1]'}"
 
 
 MONITORED = one_of("val/loss", "val/acc")
@@ -65,7 +68,8 @@ RULES: dict[str, Rule] = {
     "trainer.precision": (lambda v: isinstance(v, (str, int)) and not isinstance(v, bool) and str(v) in PRECISIONS,
                           "one of " + ", ".join(PRECISIONS)),  # 64 as Hydra reads it too, an integer; see weight_dtype
     "trainer.deterministic": BOOL, "trainer.log_every_n_steps": INT_POSITIVE, "trainer.max_epochs": INT_POSITIVE,
-    "trainer.gradient_clip_val": optional(NON_NEGATIVE), "trainer.gradient_clip_algorithm": optional(one_of("norm", "value")),
+    "trainer.gradient_clip_val": optional(NON_NEGATIVE),
+    "trainer.gradient_clip_algorithm": optional(one_of("norm", "value")),
     "trainer.accumulate_grad_batches": one_of(1), "trainer.check_val_every_n_epoch": one_of(1),
     "trainer.val_check_interval": optional(one_of(1.0)), "trainer.barebones": one_of(False),
     "trainer.max_steps": one_of(-1, None), "trainer.max_time": one_of(None),
@@ -92,7 +96,8 @@ RULES: dict[str, Rule] = {
     "scheduler.step_size": INT_POSITIVE, "scheduler.gamma": POSITIVE, "scheduler.T_max": INT_POSITIVE,
     "scheduler.eta_min": NON_NEGATIVE,
     "curvature.every_n_steps": optional(INT_POSITIVE), "curvature.probe_size": INT_POSITIVE,
-    "curvature.iters": (lambda v: is_integer(v) and v >= 2, "an integer >= 2"), "curvature.tol": POSITIVE, "curvature.log_spaced_start": BOOL,
+    "curvature.iters": (lambda v: is_integer(v) and v >= 2, "an integer >= 2"), "curvature.tol": POSITIVE,
+    "curvature.log_spaced_start": BOOL,
     # read by hydra/launcher=population (hydra.launcher.max_members / ...), which also checks them
     "population.max_members": INT_POSITIVE, "population.max_memory_gib": optional(POSITIVE), "population.dry_run": BOOL,
 }
@@ -264,7 +269,8 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}: missing; choose one of conf/{key}/")
     check_range(cfg)
     built = [(section, cfg.get(section)) for section in (*BUILT, "trainer")]
-    built += [(f"{section}.{name}", entry) for section in COLLECTIONS for name, entry in (cfg.get(section) or {}).items()]
+    built += [(f"{section}.{name}", entry) for section in COLLECTIONS
+              for name, entry in (cfg.get(section) or {}).items()]
     for section, node in built:
         if node and (errors := flag_errors(section, node) + unchecked_errors(section, node)):
             raise ConfigError(errors[0])
@@ -333,7 +339,9 @@ def check_loggers(cfg: DictConfig) -> None:
         folders = isinstance(target, type) and issubclass(target, (CSVLogger, TensorBoardLogger))
         for key in ("name", "version") if folders else ():  # W&B's and MLflow's name a run, not a folder
             value = entry.get(key)
-            if isinstance(value, str) and (Path(value).is_absolute() or os.path.normpath(value).split(os.sep)[0] == ".."):
+            outside = isinstance(value, str) and (Path(value).is_absolute()
+                                                  or os.path.normpath(value).split(os.sep)[0] == "..")
+            if outside:
                 raise ConfigError(refusal(f"logger.{name}.{key}", value,
                                           "a folder name inside the logger's save_dir (no '..', not absolute)"))
         save_dir = entry.get("save_dir")
@@ -356,8 +364,8 @@ def check_range(cfg: DictConfig) -> None:
     for key in ("lr", "optimizer.lr", "optimizer.weight_decay"):  # lr first: optimizer.lr is ${lr} by default
         value = _value(cfg, key)
         if finite_number(value) and abs(value) > largest:
-            raise ConfigError(refusal(key, value, f"at most {largest:.7g}, the largest {str(dtype).removeprefix('torch.')} "
-                                                  f"(trainer.precision={cfg.trainer.precision})"))
+            what = f"the largest {str(dtype).removeprefix('torch.')} (trainer.precision={cfg.trainer.precision})"
+            raise ConfigError(refusal(key, value, f"at most {largest:.7g}, {what}"))
 
 
 def _check_hardware(accelerator: str, precision: str) -> None:

@@ -85,7 +85,8 @@ class PopulationLauncher(Launcher):
         if executor != "inline":  # checked (and any other name refused) here, before Hydra writes anything
             from optimlab.population.cluster import make_executor
 
-            self.executor = make_executor(executor, submitit_folder, SUBMITIT_PARAMETERS if submitit is None else submitit)
+            parameters = SUBMITIT_PARAMETERS if submitit is None else submitit
+            self.executor = make_executor(executor, submitit_folder, parameters)
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None

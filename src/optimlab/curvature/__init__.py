@@ -12,18 +12,18 @@ The package computes
 
 * :func:`sharpness` / :func:`top_eigenpair` (:mod:`~optimlab.curvature.hessian`): the largest *algebraic*
   eigenvalue of the Hessian of the mean cross-entropy of a model on a batch, or of :math:`P^{-1/2} H P^{-1/2}`,
-  by Lanczos iteration (:func:`lanczos`, :mod:`~optimlab.curvature.lanczos`) on Hessian-vector products (double backpropagation; the Hessian is
-  never formed). A network's Hessian is indefinite, so the largest-magnitude eigenvalue that plain
-  power iteration finds may be a negative one; Lanczos' top Ritz value converges to the top of
-  the spectrum from below.
+  by Lanczos iteration (:func:`lanczos`, :mod:`~optimlab.curvature.lanczos`) on Hessian-vector products
+  (double backpropagation; the Hessian is never formed). A network's Hessian is indefinite, so the
+  largest-magnitude eigenvalue that plain power iteration finds may be a negative one; Lanczos' top
+  Ritz value converges to the top of the spectrum from below.
 * :func:`stability_threshold` (:mod:`~optimlab.curvature.stability`): the sharpness at which an optimizer's
   update becomes unstable on a quadratic, from its current hyperparameters.
 * :func:`preconditioner`: the :math:`P` an adaptive optimizer's update divides by, read from its state;
   :func:`initial_preconditioner`: the :math:`P` its state settles to while the minibatch gradients
   keep their distribution at initialisation (:func:`gradient_moments`), for the sharpness at step 0.
 * :class:`SharpnessTracker`, :class:`SharpnessLog` and the Lightning :class:`SharpnessCallback`
-  (:mod:`~optimlab.curvature.tracking`): tracking during training, warm-started from the previous eigenvector, logged to the trainer's
-  loggers and summarised per epoch.
+  (:mod:`~optimlab.curvature.tracking`): tracking during training, warm-started from the previous
+  eigenvector, logged to the trainer's loggers and summarised per epoch.
 """
 
 from optimlab.curvature.hessian import Eigenpair, sharpness, top_eigenpair, trainable

@@ -35,7 +35,8 @@ COLD_START_ITERS = 20
 SHARPNESS_TAG = "curvature/sharpness"
 THRESHOLD_TAG = "curvature/threshold"
 # TensorBoard's Custom Scalars layout that draws the two on one chart.
-TENSORBOARD_LAYOUT = {"curvature": {"sharpness vs threshold": ["Multiline", [f"^{SHARPNESS_TAG}$", f"^{THRESHOLD_TAG}$"]]}}
+TENSORBOARD_LAYOUT = {
+    "curvature": {"sharpness vs threshold": ["Multiline", [f"^{SHARPNESS_TAG}$", f"^{THRESHOLD_TAG}$"]]}}
 
 
 def epoch_columns(epoch: dict[str, Any]) -> dict[str, Any]:

@@ -131,7 +131,8 @@ def beyond_dtype(scale: Coef | list[Coef], like: Tensor) -> bool:
         return False
     largest = torch.finfo(like.dtype).max
     scales = scale if isinstance(scale, list) else [scale]
-    return any(not isinstance(s, Tensor) and abs(float(s)) > largest for s in scales)  # NumPy scalars compared as floats
+    # NumPy scalars compared as floats
+    return any(not isinstance(s, Tensor) and abs(float(s)) > largest for s in scales)
 
 
 def mul_scaled_(targets: list[Tensor], scale: Coef) -> None:

@@ -279,7 +279,8 @@ def run_as_jobs(executor: Executor, populations: Sequence[tuple[str, Members]],
                 job, name, members = entry
                 try:
                     results = job.result()
-                except Exception as err:  # its process ended without a result; submitit's FailedJobError / UncompletedJobError
+                # its process ended without a result; submitit's FailedJobError / UncompletedJobError
+                except Exception as err:
                     if executor.cluster == "processes" and (stop := job.stopped_by()):
                         # Stopped by a signal sent to it: its members' folders say interrupted; the sweep stops too.
                         raise SystemExit(EXIT_CODES[stop]) from None
@@ -288,7 +289,8 @@ def run_as_jobs(executor: Executor, populations: Sequence[tuple[str, Members]],
                     results = on_failure(members, name, f"{executor.kind} {job.job_id} failed: {error}")
                 start_pending()  # the next population trains while the caller finishes this one's members
                 yield members, results
-    except BaseException as stop:  # also SystemExit (train.py's handler of a signal before any run starts), GeneratorExit
+    # also SystemExit (train.py's handler of a signal before any run starts), GeneratorExit
+    except BaseException as stop:
         if running:
             plural = "es" if executor.cluster == "processes" else "s"
             say(f"stopped: cancelling {len(running)} running {executor.kind}{plural if len(running) > 1 else ''}",

@@ -154,7 +154,9 @@ class ShapeCachingLoader(ConfigLoader):
             return composed
         return config
 
-    def task_config(self, master_config: DictConfig, sweep_overrides: list[str], sweep_config: DictConfig) -> DictConfig:
+    def task_config(
+        self, master_config: DictConfig, sweep_overrides: list[str], sweep_config: DictConfig
+    ) -> DictConfig:
         """:func:`task_part` of ``sweep_config``, this loader's config for ``sweep_overrides``: for a shape
         whose copies match, a copy of the shape's task part with the job's values set (0.4 ms against
         3.7 ms for the copy out of the job's config, 2026-12-05, AMD EPYC)."""
@@ -174,7 +176,9 @@ class ShapeCachingLoader(ConfigLoader):
             return expected
         return task
 
-    def shape_of(self, master_config: DictConfig, sweep_overrides: list[str]) -> tuple[list[Override], list[bool], tuple[Any, ...]]:
+    def shape_of(
+        self, master_config: DictConfig, sweep_overrides: list[str]
+    ) -> tuple[list[Override], list[bool], tuple[Any, ...]]:
         """The job's parsed overrides, which of them are plain, and its shape's key."""
         overrides = self.parse(sweep_overrides)
         plain = [self.is_plain(o) for o in overrides]

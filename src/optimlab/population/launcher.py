@@ -175,7 +175,8 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
         return len(records[m].history) < previous[m]
 
     def write_all(status: str) -> None:
-        written = [(job, summary) for m, (job, summary) in enumerate(zip(members, summaries(status))) if not keeps_old(m)]
+        written = [(job, summary) for m, (job, summary) in enumerate(zip(members, summaries(status)))
+                   if not keeps_old(m)]
         for job, summary in written:
             job.run_dir.mkdir(parents=True, exist_ok=True)
             write_summary(job.run_dir, summary)
@@ -237,9 +238,10 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
                 [(r.get("callbacks") or {}).get("early_stopping") for r in resolved], dtype)
             best = MemberBest.from_entry(first.callbacks.model_checkpoint, len(members)) \
                 if first.test_ckpt == "best" else None
-            loop = ReportingLoop(model, optimizer, data, [r["trainer"]["log_every_n_steps"] for r in resolved], sharpness,
-                                 schedules, (float(clip), first.trainer.gradient_clip_algorithm or "norm") if clip else None,
-                                 stopping, grad_noise_std, best, on_epoch=on_epoch)
+            log_every = [r["trainer"]["log_every_n_steps"] for r in resolved]
+            clipping = (float(clip), first.trainer.gradient_clip_algorithm or "norm") if clip else None
+            loop = ReportingLoop(model, optimizer, data, log_every, sharpness, schedules, clipping, stopping,
+                                 grad_noise_std, best, on_epoch=on_epoch)
             records = loop.records
             if all(r.get("resume") == "auto" for r in resolved):
                 saved, why_not = checkpoint.load(device)
@@ -294,7 +296,8 @@ def work(members: Sequence[Job]) -> int:
 
 def stopped_line(signal_name: str, name: str) -> str:
     """What the sweep says when a stop held while ``name``'s members were finished ends it."""
-    return f"stopped ({signal_name}) once {name}'s members were finished; rerun the sweep with resume=auto to run the rest"
+    return (f"stopped ({signal_name}) once {name}'s members were finished; "
+            "rerun the sweep with resume=auto to run the rest")
 
 
 def describe_members(members: Sequence[Job]) -> str:
@@ -427,8 +430,10 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
     budget = memory_budget(max_memory_gib, executor, max_parallel)
     populations = group(jobs, max_members, budget)
     named = [(f"population {i}", members) for i, members in enumerate(populations, 1)]
-    # A forked child can use neither a GPU this process has used nor more than one CPU thread: such populations train here.
-    here = named if executor is None else [(name, members) for name, members in named if forked and not forkable(members)]
+    # A forked child can use neither a GPU this process has used nor more than one CPU thread: such populations
+    # train here.
+    here = named if executor is None else [(name, members) for name, members in named
+                                           if forked and not forkable(members)]
     # The largest first (members x bytes a member x epochs, roughly its work): processes running side by side then
     # end together, not with the largest alone at the end (the regime map's width-512 populations: minutes).
     elsewhere = sorted((entry for entry in named if entry not in here), key=lambda entry: -work(entry[1]))
@@ -459,13 +464,15 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
 
     returns: dict[int, JobReturn] = {}
 
-    def in_this_process(named: list[tuple[str, list[Job]]]) -> Generator[tuple[list[Job], list[RunSummary]], None, None]:
+    Trained = Generator[tuple[list[Job], list[RunSummary]], None, None]
+
+    def in_this_process(named: list[tuple[str, list[Job]]]) -> Trained:
         for name, members in named:
             print(f"{name}: training {describe_members(members)}", flush=True)
             yield members, train_members(members, name)
 
 
-    def all_trained() -> Generator[tuple[list[Job], list[RunSummary]], None, None]:
+    def all_trained() -> Trained:
         yield from in_this_process(here)
         if executor is None or not elsewhere:
             return
@@ -473,8 +480,8 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
             yield from run_as_jobs(executor, elsewhere, train_members, max_parallel, failed_members, describe_members)
             return
         room = machine_memory_share()
-        children = run_as_jobs(executor, elsewhere, train_and_record, max_parallel, failed_and_recorded, describe_members,
-                               admit=lambda running, members: fits_beside(running, members, room))
+        children = run_as_jobs(executor, elsewhere, train_and_record, max_parallel, failed_and_recorded,
+                               describe_members, admit=lambda running, members: fits_beside(running, members, room))
         for members, (results, held) in children:
             try:
                 yield members, results

@@ -43,7 +43,8 @@ from optimlab.resume import override_keys, refuse_changed_config, sync_epochs
 from optimlab.summary import config_key, describe_run, dotted_value, is_complete, read_summary
 from optimlab.validate import RULES, ConfigError, check_range, rule_error, validate_config, weight_dtype
 
-POPULATION_PRECISIONS = ("32-true", "32", "64-true", "64")  # a population trains in its weights' dtype, without mixed precision
+# a population trains in its weights' dtype, without mixed precision
+POPULATION_PRECISIONS = ("32-true", "32", "64-true", "64")
 # Keys in which the members of one population may differ (each member applies its own), and keys
 # that do not change what a population computes (its reporting, or options it refuses anyway).
 MEMBER_WISE = ("name", "lr", "seed", "resume", "regimes", "optimizer.lr", "optimizer.weight_decay", "data.seed",
@@ -122,14 +123,16 @@ def compose_jobs(hydra_context: HydraContext, config: DictConfig, job_overrides:
     for idx, overrides in enumerate(job_overrides, initial_job_idx):
         sweep_config = loader.load_sweep_config(config, list(overrides))
         # the task's config too, where the loader can make it faster than a copy out of sweep_config
-        task = loader.task_config(config, list(overrides), sweep_config) if isinstance(loader, ShapeCachingLoader) else None
+        task = (loader.task_config(config, list(overrides), sweep_config)
+                if isinstance(loader, ShapeCachingLoader) else None)
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = idx
             sweep_config.hydra.job.num = idx
         with hydra_config_of(sweep_config):
             run_dir = Path(os.path.abspath(Path(str(OmegaConf.select(sweep_config, "hydra.sweep.dir"))) /
                                            str(OmegaConf.select(sweep_config, "hydra.sweep.subdir"))))
-        set_output_dir(sweep_config, run_dir)  # as run_job sets it when the job starts: ${hydra:runtime.output_dir} resolves
+        # as run_job sets it when the job starts: ${hydra:runtime.output_dir} resolves
+        set_output_dir(sweep_config, run_dir)
         jobs.append(Job(idx, list(overrides), sweep_config, run_dir, task_config=task))
     return jobs
 
@@ -224,8 +227,8 @@ def why_alone(cfg: DictConfig, elsewhere: bool = False) -> str | None:
     unfollowed_settings = {"early_stopping": unfollowed, "lr_monitor": lr_monitor_unfollowed}
     callbacks = {name: entry for name, entry in (cfg.get("callbacks") or {}).items() if entry}
     extra_callbacks = set(callbacks) - set(unfollowed_settings) - set(POPULATION_CALLBACKS)
-    callback_settings = [f"callbacks.{name}.{setting}" for name, entry in callbacks.items() if name in unfollowed_settings
-                         for setting in unfollowed_settings[name](entry)]
+    callback_settings = [f"callbacks.{name}.{setting}" for name, entry in callbacks.items()
+                         if name in unfollowed_settings for setting in unfollowed_settings[name](entry)]
     finite_every = t.get("check_finite_every_n_steps") or 1
     loggers = {name for name, entry in (cfg.get("logger") or {}).items() if entry and not logger_followed(entry)}
     trainer_args = {f"trainer.{key}={value}" for key, value in t.items()
@@ -242,7 +245,7 @@ def why_alone(cfg: DictConfig, elsewhere: bool = False) -> str | None:
         "optimizer.grad_noise_std > 0 off the CPU": off_cpu and (optimizer.get("grad_noise_std") or 0) > 0,
         scheduler or "a learning-rate scheduler": scheduler is not None,
         "callbacks other than the defaults (" + ", ".join(sorted(extra_callbacks)) + ")": bool(extra_callbacks),
-        "callback settings a population does not follow (" + ", ".join(callback_settings) + ")": bool(callback_settings),
+        f"callback settings a population does not follow ({', '.join(callback_settings)})": bool(callback_settings),
         # Its run applies the updates of up to n - 1 non-finite steps before it notices them, and records the
         # step of the check; a population checks every member at every step (null: 1 on the CPU, where the
         # records agree; on a GPU a run's 10 against the population's 1 is the one difference left, documented).

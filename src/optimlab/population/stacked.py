@@ -116,7 +116,9 @@ def member_rows(x: Tensor, groups: Sequence[int]) -> list[Tensor]:
     return [row for row, n in zip(x.unbind(0), groups) for _ in range(n)]
 
 
-def member_conv2d(x: Tensor, weight: Tensor, bias: Tensor, *options: Any, groups: Sequence[int] | None = None) -> Tensor:
+def member_conv2d(
+    x: Tensor, weight: Tensor, bias: Tensor, *options: Any, groups: Sequence[int] | None = None
+) -> Tensor:
     """Member m's maps ``F.conv2d(x[m], weight[m], bias[m], *options)``, one call per member, as
     ``[P*B, out, H', W']`` (with ``groups``: images ``[G, B, C, H, W]``, see :func:`member_rows`).
     (``unbind`` and ``cat``: their backward passes are one ``stack`` and views, where indexing would
@@ -126,7 +128,9 @@ def member_conv2d(x: Tensor, weight: Tensor, bias: Tensor, *options: Any, groups
                                                                           bias.unbind(0))])
 
 
-def grouped_conv2d(x: Tensor, weight: Tensor, bias: Tensor, *options: Any, groups: Sequence[int] | None = None) -> Tensor:
+def grouped_conv2d(
+    x: Tensor, weight: Tensor, bias: Tensor, *options: Any, groups: Sequence[int] | None = None
+) -> Tensor:
     """The same maps as :func:`member_conv2d` from one grouped convolution (``groups=P``) over the
     members' channels side by side, ``[B, P*C, H, W]``; the maps move between the layouts as copies."""
     members = weight.shape[0]

@@ -5,9 +5,9 @@ interrupted ones included), ``curves.png`` (per-run epoch curves titled with the
 ``lr_sensitivity.png`` (for lr sweeps), ``regime_map.png`` (for lr x width sweeps) and
 ``sharpness.png`` (for runs that tracked their sharpness, ``curvature.every_n_steps``). For a map
 whose runs tracked their sharpness, ``stability.csv`` compares, per (optimizer, width) column (an
-optimizer's *setting*, :func:`~optimlab.report.rows.name_settings`, where the sweep varies more than lr, width and seed), the
-largest stable lr the sharpness at the start predicts with the largest lr below the first diverging one;
-the map draws the prediction.
+optimizer's *setting*, :func:`~optimlab.report.rows.name_settings`, where the sweep varies more than
+lr, width and seed), the largest stable lr the sharpness at the start predicts with the largest lr
+below the first diverging one; the map draws the prediction.
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot write the report in {args.sweep_dir}: {err.strerror or err}", file=sys.stderr)
         return 1
     rows = list(csv.DictReader((args.sweep_dir / "report.csv").open()))
-    print(f"{len(rows)} run{'s' * (len(rows) != 1)}: " + ", ".join(f"{k} {v}" for k, v in Counter(r["regime"] for r in rows).items()))
+    counts = Counter(r["regime"] for r in rows)
+    print(f"{len(rows)} run{'s' * (len(rows) != 1)}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     for path in written:
         print(f"wrote {path}")
     return 0

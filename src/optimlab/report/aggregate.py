@@ -45,8 +45,8 @@ class MapCell:
 
 
 def map_cells(rows: list[dict[str, Any]]) -> dict[tuple[str, str, float], MapCell]:
-    """The regime map's cells, keyed ``(setting, widths, lr)`` (see :func:`~optimlab.report.rows.name_settings`), from the
-    report's rows."""
+    """The regime map's cells, keyed ``(setting, widths, lr)`` (see
+    :func:`~optimlab.report.rows.name_settings`), from the report's rows."""
     groups: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         if r.get("setting") and r.get("widths") and on_lr_axis(r):

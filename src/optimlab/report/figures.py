@@ -180,8 +180,8 @@ def plot_regime_map(cells: dict[tuple[str, str, float], MapCell], path: Path,
     optimizers = sorted({key[0] for key in cells})
     lrs = sorted({key[2] for key in cells})
     widths = sorted({key[1] for key in cells}, key=width_key)
-    fig, axes = plt.subplots(1, len(optimizers), figsize=(3.2 + 0.45 * len(lrs) * len(optimizers), 0.5 * len(widths) + 2),
-                             squeeze=False)
+    size = (3.2 + 0.45 * len(lrs) * len(optimizers), 0.5 * len(widths) + 2)
+    fig, axes = plt.subplots(1, len(optimizers), figsize=size, squeeze=False)
     cmap = ListedColormap([REGIME_COLORS[label] for label in labels])
     for ax, optimizer in zip(axes.flat, optimizers):
         grid = [[math.nan] * len(lrs) for _ in widths]
@@ -213,8 +213,8 @@ def plot_regime_map(cells: dict[tuple[str, str, float], MapCell], path: Path,
         labels = [*labels, "predicted largest stable lr"]
     # three entries a row: a row of eight is wider than a narrow map and would be cut at both edges
     fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), frameon=False, fontsize=8)
-    fig.suptitle("Diagnosed regime: the label most runs got\n(cell text: mean final test accuracy, %; *: runs disagree)",
-                 fontsize=10)
+    fig.suptitle("Diagnosed regime: the label most runs got\n"
+                 "(cell text: mean final test accuracy, %; *: runs disagree)", fontsize=10)
     legend_inches = 0.15 + 0.17 * math.ceil(len(labels) / 3)  # the legend's rows of 8-point text
     fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=100)

@@ -44,7 +44,8 @@ def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, An
     s = read_summary(run_dir)
     rel = str(run_dir.relative_to(root)) if run_dir != root else "."
     if s is None:
-        why = f"{SUMMARY} unreadable" if (run_dir / SUMMARY).exists() else f"no {SUMMARY} (the job ended before writing one)"
+        unwritten = f"no {SUMMARY} (the job ended before writing one)"
+        why = f"{SUMMARY} unreadable" if (run_dir / SUMMARY).exists() else unwritten
         return {"run": rel, "status": "crashed", "regime": "crashed", "epochs": 0, "history": [], "error": why}
     history, run = s.epochs, s.run
 

@@ -128,7 +128,8 @@ def _crossing_counts(runs: list[dict[str, Any]]) -> dict[str, int]:
     return {"tracked": len(runs), "crossed": len(crossed), "then diverging": outcome["diverging"],
             "then oscillating": outcome["oscillating"],
             "false alarms": len(crossed) - outcome["diverging"] - outcome["oscillating"],
-            "misses": sum(r["regime"] == "diverging" and r["curvature"].get("first_crossing_step") is None for r in runs),
+            "misses": sum(r["regime"] == "diverging" and r["curvature"].get("first_crossing_step") is None
+                          for r in runs),
             "started above": len(above), "started above: diverging": sum(r["regime"] == "diverging" for r in above),
             "started below: diverging": sum(r["regime"] == "diverging" for r in below)}
 
