@@ -10,6 +10,7 @@ actually made. The callback runs in tiny in-memory Lightning fits.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,7 @@ def test_lanczos_at_the_ends_of_the_dtypes_range(dtype: torch.dtype, top: float)
     rounded up to 2^128 made every product 0 and the value NaN at 3e38 in float32)."""
     diagonal = torch.tensor([top, top / 2, top / 4, top / 8], dtype=dtype)
     start = torch.tensor([1.0, 1e-3, 1e-3, 1e-3], dtype=dtype)  # near the top eigenvector: a first product near top
-    value, _, _ = lanczos(lambda v: diagonal * v, start, iters=4, tol=1e-12)
+    value, _, _, _ = lanczos(lambda v: diagonal * v, start, iters=4, tol=1e-12)
     assert value == pytest.approx(float(diagonal[0]), rel=1e-5)
 
 
@@ -168,14 +169,42 @@ def test_sharpness_at_its_default_tolerance_is_within_it(activation: type[nn.Mod
             assert sharpness(model, x, y) == pytest.approx(expected, rel=1e-3), (seed, n)
 
 
+def test_sharpness_warns_when_iters_end_it_before_tol() -> None:
+    # A probe's net whose top two eigenvalues lie 0.5% apart: 20 products stop 0.4% low, beyond tol 1e-3.
+    torch.manual_seed(127)
+    model = nn.Sequential(nn.Linear(20, 15, dtype=F64), nn.GELU(), nn.Linear(15, 10, dtype=F64))
+    x, y = torch.randn(8, 20, dtype=F64), torch.randint(0, 10, (8,))
+    expected = float(torch.linalg.eigvalsh(full_hessian(model, x, y))[-1])
+    with pytest.warns(RuntimeWarning, match=r"sharpness: 20 Hessian-vector products ended the iteration before"):
+        capped = sharpness(model, x, y)
+    assert not top_eigenpair(model, x, y).converged and capped < expected * (1 - 1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sharpness(model, x, y, iters=60) == pytest.approx(expected, rel=1e-3)
+        sharpness(model, x, y, tol=0)  # asked for exactly 20 products: nothing to warn of
+    assert top_eigenpair(model, x, y, iters=60).converged
+
+
+def test_iteration_arguments_are_checked_before_the_forward_pass() -> None:
+    model, x, y = mlp(nn.Tanh, 0)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    for kwargs in ({"iters": 0}, {"tol": -1.0}, {"tol": math.nan}):
+        for inputs in (x, x * math.nan):  # a NaN loss returned NaN before iters and tol were looked at
+            with pytest.raises(ValueError, match="Invalid (iters|tol)"):
+                sharpness(model, inputs, y, **kwargs)
+    assert not calls
+
+
 def test_lanczos_on_an_explicit_matrix() -> None:
     a = torch.diag(torch.tensor([-5.0, 1.0, 2.0, 3.0], dtype=F64))
-    value, vector, count = lanczos(lambda v: a @ v, torch.ones(4, dtype=F64), iters=50, tol=0.0)
+    value, vector, count, converged = lanczos(lambda v: a @ v, torch.ones(4, dtype=F64), iters=50, tol=0.0)
     assert value == pytest.approx(3.0, rel=1e-12)
-    assert count == 4  # capped at the dimension
+    assert count == 4 and converged  # capped at the dimension: the basis spans the space, the value is exact
+    assert not lanczos(lambda v: a @ v, torch.ones(4, dtype=F64), iters=2, tol=1e-12)[3]
     assert torch.allclose(vector.abs(), torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=F64), atol=1e-10)
     # Started on an eigenvector the Krylov space is invariant at once: one product, exact.
-    value, _, count = lanczos(lambda v: a @ v, torch.tensor([0.0, 0.0, 0.0, 2.0], dtype=F64))
+    value, _, count, _ = lanczos(lambda v: a @ v, torch.tensor([0.0, 0.0, 0.0, 2.0], dtype=F64))
     assert (value, count) == (3.0, 1)
     # A non-finite product stops the iteration and is reported as such.
     assert math.isnan(lanczos(lambda v: v * math.nan, torch.ones(3))[0])
@@ -301,8 +330,11 @@ def test_argument_checks() -> None:
         sharpness(Returns(model), x, y)
     with pytest.raises(ValueError, match="Invalid model: must be a torch.nn.Module, got function"):
         sharpness(lambda t: model(t), x, y)
-    with pytest.raises(ValueError, match="entries as small as 1e-50 round to 0 in the parameters' float32"):
+    with pytest.raises(ValueError, match=r"as small as 1e-50 lie below the smallest normal float32 \(1.18e-38\)"):
         sharpness(model.float(), x, y, [torch.full_like(t, 1e-50) for t in shapes_p])  # positive in float64
+    # Subnormal entries: P^-1/2 H P^-1/2 overflowed, and the iteration returned NaN (a probe).
+    with pytest.raises(ValueError, match=r"entries as small as 1e-310 lie below the smallest normal float64"):
+        sharpness(model.double(), x, y, [torch.full_like(t, 1e-310) for t in shapes_p])
     model.double()[0].bias.requires_grad_(False)
     with pytest.raises(ValueError, match="a list over all the parameters must be shaped like them"):
         sharpness(model, x, y, [*shapes_p[:1], torch.ones(5, dtype=F64), *shapes_p[2:]])  # the frozen bias's entry
@@ -335,7 +367,7 @@ def test_a_loss_no_trainable_parameter_reaches_has_zero_sharpness() -> None:
 def test_tracking_needs_two_products_a_measurement() -> None:
     # One product is the Rayleigh quotient of the start vector, which Lanczos returns unchanged:
     # a one-product tracker would measure its random first start forever.
-    value, vector, count = lanczos(lambda v: v * torch.arange(1.0, 4.0), torch.ones(3), iters=1)
+    value, vector, count, _ = lanczos(lambda v: v * torch.arange(1.0, 4.0), torch.ones(3), iters=1)
     assert count == 1 and torch.equal(vector, torch.ones(3) / 3 ** 0.5) and value == pytest.approx(2.0)
     with pytest.raises(ValueError, match=r"Invalid iters: 1 \(must be >= 2 when tracking"):
         SharpnessTracker(iters=1)
@@ -393,7 +425,7 @@ def test_lanczos_reserves_only_the_basis_it_uses() -> None:
     n = 200_000
     diagonal = torch.ones(n)
     diagonal[:3] = torch.tensor([4.0, 3.0, 2.0])
-    value, vector, count = lanczos(lambda v: diagonal * v, torch.ones(n), iters=n, tol=1e-4)
+    value, vector, count, _ = lanczos(lambda v: diagonal * v, torch.ones(n), iters=n, tol=1e-4)
     assert value == pytest.approx(4.0, rel=1e-4) and count <= 6 and vector.shape == (n,)
 
 

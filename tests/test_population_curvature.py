@@ -100,9 +100,9 @@ def test_batched_lanczos_equals_lanczos_on_each_matrix() -> None:
     mats = torch.randn(3, 30, 30, generator=g, dtype=torch.float64)
     mats = mats + mats.transpose(1, 2)
     v0 = torch.randn(3, 30, generator=g, dtype=torch.float64)
-    values, vectors, counts = lanczos_members(lambda v: torch.einsum("pij,pj->pi", mats, v), v0, iters=30, tol=0)
+    values, vectors, counts, _ = lanczos_members(lambda v: torch.einsum("pij,pj->pi", mats, v), v0, iters=30, tol=0)
     for m in range(3):
-        value, vector, count = lanczos(lambda v: mats[m] @ v, v0[m], iters=30, tol=0)
+        value, vector, count, _ = lanczos(lambda v: mats[m] @ v, v0[m], iters=30, tol=0)
         assert values[m].item() == pytest.approx(value, rel=1e-10) and abs(int(counts[m]) - count) <= 3
         assert values[m].item() == pytest.approx(torch.linalg.eigvalsh(mats[m])[-1].item(), rel=1e-10)
         assert abs(torch.dot(vectors[m], vector).item()) == pytest.approx(1.0, rel=1e-8)
@@ -115,9 +115,9 @@ def test_batched_lanczos_stops_each_member_within_its_tolerance() -> None:
     mats = torch.randn(8, 60, 60, generator=g, dtype=torch.float64)
     mats = mats + mats.transpose(1, 2)
     v0 = torch.randn(8, 60, generator=g, dtype=torch.float64)
-    values, _, counts = lanczos_members(lambda v: torch.einsum("pij,pj->pi", mats, v), v0, iters=60, tol=1e-3)
+    values, _, counts, _ = lanczos_members(lambda v: torch.einsum("pij,pj->pi", mats, v), v0, iters=60, tol=1e-3)
     for m in range(8):
-        value, _, count = lanczos(lambda v: mats[m] @ v, v0[m], iters=60, tol=1e-3)
+        value, _, count, _ = lanczos(lambda v: mats[m] @ v, v0[m], iters=60, tol=1e-3)
         assert int(counts[m]) == count < 60 and values[m].item() == pytest.approx(value, rel=1e-9)
         assert value == pytest.approx(torch.linalg.eigvalsh(mats[m])[-1].item(), rel=1e-3)
 
@@ -127,7 +127,7 @@ def test_batched_lanczos_takes_an_iteration_cap_per_member() -> None:
     mats = torch.randn(3, 40, 40, generator=g, dtype=torch.float64)
     mats = mats + mats.transpose(1, 2)
     v0 = torch.randn(3, 40, generator=g, dtype=torch.float64)
-    values, _, counts = lanczos_members(lambda v: torch.einsum("pij,pj->pi", mats, v), v0, iters=[2, 40, 5], tol=0)
+    values, _, counts, _ = lanczos_members(lambda v: torch.einsum("pij,pj->pi", mats, v), v0, iters=[2, 40, 5], tol=0)
     assert counts.tolist() == [2, 40, 5]
     for m, cap in enumerate([2, 40, 5]):
         assert values[m].item() == pytest.approx(lanczos(lambda v: mats[m] @ v, v0[m], iters=cap, tol=0)[0], rel=1e-10)
@@ -185,7 +185,7 @@ def test_labels_of_any_integer_type_and_a_growing_basis() -> None:
     n = 100_000  # iters = n would reserve 2 n^2 floats; the basis grows as the iteration goes on
     diagonal = torch.ones(2, n)
     diagonal[:, :3] = torch.tensor([[4.0, 3.0, 2.0], [5.0, 1.5, 1.2]])
-    values, _, counts = lanczos_members(lambda v: diagonal * v, torch.ones(2, n), iters=n, tol=1e-4)
+    values, _, counts, _ = lanczos_members(lambda v: diagonal * v, torch.ones(2, n), iters=n, tol=1e-4)
     assert values.tolist() == pytest.approx([4.0, 5.0], rel=1e-4) and max(counts.tolist()) <= 6
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
@@ -13,16 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from optimlab.curvature.lanczos import lanczos
+from optimlab.curvature.lanczos import check_iteration, lanczos
 
 
 class Eigenpair(NamedTuple):
     """The top eigenvalue, a unit eigenvector shaped like the parameters (in the preconditioned
-    coordinates when a preconditioner was given) and the number of Hessian-vector products used."""
+    coordinates when a preconditioner was given), the number of Hessian-vector products used, and
+    whether the iteration converged (False where ``iters`` ended it first; see :func:`lanczos`)."""
 
     value: float
     vector: list[Tensor]
     iterations: int
+    converged: bool
 
 
 @contextlib.contextmanager
@@ -155,6 +158,7 @@ def top_eigenpair(model: nn.Module, x: Tensor, y: Tensor, preconditioner: Sequen
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"Invalid model: must be a torch.nn.Module, got {type(model).__name__}")
+    check_iteration(iters, tol)
     params = trainable(model)
     if not params:
         raise ValueError("model has no trainable parameters")
@@ -173,9 +177,10 @@ def top_eigenpair(model: nn.Module, x: Tensor, y: Tensor, preconditioner: Sequen
         if not valid_preconditioner(given):
             raise ValueError("Invalid preconditioner: every entry must be positive (NaN is not)")
         diagonal = _flat(given).to(device, dtype)
-        if not bool((diagonal > 0).all()):
+        smallest = torch.finfo(dtype).tiny  # below it P^-1/2 H P^-1/2 overflows where H does not
+        if not bool((diagonal >= smallest).all()):
             raise ValueError(f"Invalid preconditioner: entries as small as {min(float(t.min()) for t in given):.3g} "
-                             f"round to 0 in the parameters' {str(dtype).removeprefix('torch.')}")
+                             f"lie below the smallest normal {str(dtype).removeprefix('torch.')} ({smallest:.3g})")
         scale = diagonal.rsqrt_()
     if init is not None:
         v0 = _flat(like_parameters("init", init, model)).to(device, dtype)
@@ -193,9 +198,9 @@ def top_eigenpair(model: nn.Module, x: Tensor, y: Tensor, preconditioner: Sequen
         check_targets(logits, y)
         loss = F.cross_entropy(logits, y)
         if not bool(torch.isfinite(loss)):  # its Hessian is not defined (every label ignored: 0/0)
-            return Eigenpair(math.nan, unflat(v0), 0)
+            return Eigenpair(math.nan, unflat(v0), 0, False)
         if not loss.requires_grad:  # no trainable parameter reaches the loss: its Hessian is zero
-            return Eigenpair(0.0, unflat(v0 / torch.linalg.vector_norm(v0)), 0)
+            return Eigenpair(0.0, unflat(v0 / torch.linalg.vector_norm(v0)), 0, True)
         grads = torch.autograd.grad(loss, params, create_graph=True, materialize_grads=True)
         # A gradient that does not depend on the parameters contributes a zero row of H.
         live = [i for i, g in enumerate(grads) if g.requires_grad]
@@ -210,8 +215,8 @@ def top_eigenpair(model: nn.Module, x: Tensor, y: Tensor, preconditioner: Sequen
             out = _flat(hv)
             return out if scale is None else out * scale
 
-        value, vector, count = lanczos(hessian_product, v0, iters, tol)
-    return Eigenpair(value, unflat(vector), count)
+        value, vector, count, converged = lanczos(hessian_product, v0, iters, tol)
+    return Eigenpair(value, unflat(vector), count, converged)
 
 
 def sharpness(model: nn.Module, x: Tensor, y: Tensor, preconditioner: Sequence[Tensor] | None = None,
@@ -219,5 +224,11 @@ def sharpness(model: nn.Module, x: Tensor, y: Tensor, preconditioner: Sequence[T
     r"""The largest algebraic eigenvalue of the Hessian of the mean cross-entropy of ``model`` on
     ``(x, y)``, or of :math:`P^{-1/2} H P^{-1/2}` when ``preconditioner`` (tensors shaped like the
     trainable parameters, :math:`P` the diagonal matrix of them) is given. A fixed start vector;
-    see :func:`top_eigenpair` for the method and :class:`SharpnessTracker` for warm starts."""
-    return top_eigenpair(model, x, y, preconditioner, iters, tol).value
+    see :func:`top_eigenpair` for the method and :class:`SharpnessTracker` for warm starts. A
+    RuntimeWarning says when ``iters`` products ended the iteration before its error bound met
+    ``tol`` (the value may then be further below the top eigenvalue: raise ``iters``)."""
+    pair = top_eigenpair(model, x, y, preconditioner, iters, tol)
+    if not pair.converged and tol > 0 and math.isfinite(pair.value):
+        warnings.warn(f"sharpness: {iters} Hessian-vector products ended the iteration before its error bound met "
+                      f"tol={tol}; the value {pair.value:.6g} may be low (raise iters)", RuntimeWarning, stacklevel=2)
+    return pair.value

@@ -27,7 +27,7 @@ def check_iteration(iters: object, tol: object) -> None:
 
 
 def lanczos(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int = 20,
-            tol: float = 1e-3) -> tuple[float, Tensor, int]:
+            tol: float = 1e-3) -> tuple[float, Tensor, int, bool]:
     r"""Largest algebraic eigenvalue of a symmetric operator by Lanczos iteration with full
     reorthogonalisation.
 
@@ -45,9 +45,11 @@ def lanczos(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int = 20,
     squared norms would overflow or underflow, they are divided by a power of two
     (:func:`power_of_two_scale`) and the eigenvalue multiplied back.
 
-    A loose ``tol`` cannot tell apart top eigenvalues closer than about ``tol``: the residual only
-    says some eigenvalue is near. From a start vector close to the second eigenvector (a warm start
-    after the top two swapped) the iteration can stop on the second one, off by their gap.
+    The residual only says that *some* eigenvalue lies within ``tol * |theta|``, usually the top one
+    (then the error is nearer the residual's square over the gap). Where the top eigenvalues are
+    closer than about ``tol``, or the start vector barely reaches the top eigenvector (a warm start
+    after the top two swapped, an unlucky random one), the iteration can stop on a lower one, off by
+    their gap; a smaller ``tol`` makes that rarer.
 
     Args:
         matvec: :math:`v \mapsto A v` for a flat vector :math:`v` like ``v0``.
@@ -57,17 +59,19 @@ def lanczos(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int = 20,
         tol: relative error bound of the top Ritz value at which to stop (0: run all ``iters``).
 
     Returns:
-        ``(eigenvalue, unit Ritz vector, number of products)``. When a product holds a NaN or an
-        inf the iteration stops and returns its Rayleigh quotient, NaN or inf as it is.
+        ``(eigenvalue, unit Ritz vector, number of products, converged)``; ``converged`` is False
+        where ``iters`` ended the iteration before the error bound met ``tol`` (or a product was not
+        finite). When a product holds a NaN or an inf the iteration stops and returns its Rayleigh
+        quotient, NaN or inf as it is.
     """
     if v0.dim() != 1 or v0.numel() == 0:
         raise ValueError(f"Invalid v0: shape {tuple(v0.shape)} (must be a non-empty 1-D tensor)")
-    values, vectors, products = lanczos_members(lambda v: matvec(v[0])[None], v0[None], iters, tol)
-    return float(values[0]), vectors[0], int(products[0])
+    values, vectors, products, converged = lanczos_members(lambda v: matvec(v[0])[None], v0[None], iters, tol)
+    return float(values[0]), vectors[0], int(products[0]), bool(converged[0])
 
 
 def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int | Sequence[int] = 20,
-                    tol: float = 1e-3) -> tuple[Tensor, Tensor, Tensor]:
+                    tol: float = 1e-3) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`lanczos` for P symmetric operators at once: inner products, norms and the
     reorthogonalisation per member, a tridiagonal matrix and a stop (its own ``tol``) per member; the
     iteration ends when every member has stopped.
@@ -78,8 +82,9 @@ def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int |
         iters, tol: per member, as in :func:`~optimlab.curvature.lanczos`; ``iters`` also one per member.
 
     Returns:
-        ``(values [P] float64, unit Ritz vectors [P, n], products [P])``; a member whose product
-        holds a NaN or an inf gets that Rayleigh quotient (NaN or inf) and its last basis vector.
+        ``(values [P] float64, unit Ritz vectors [P, n], products [P], converged [P] bool)``; a member
+        whose product holds a NaN or an inf gets that Rayleigh quotient (NaN or inf) and its last
+        basis vector (not converged).
     """
     caps = iters.tolist() if hasattr(iters, "tolist") else iters  # NumPy numbers and arrays, tensors
     caps = list(caps) if isinstance(caps, Iterable) and not isinstance(caps, (str, bytes)) else [caps]
@@ -106,6 +111,7 @@ def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int |
     ritz: list[Tensor | None] = [None] * members
     stopped_at: list[int | None] = [None] * members  # the step whose basis vector a non-finite member returns
     active = [True] * members
+    converged = [False] * members
     scale: Tensor | None = None
     for j in range(iters):
         w = matvec(basis[:, j])
@@ -131,18 +137,20 @@ def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int |
         # per member, repeated where it removed more than half of w's squared norm (then rounding
         # leaves the remainder off orthogonal; Daniel, Gragg, Kaufman & Stewart, 1976). Before the
         # pass |w|^2 = |coeffs|^2 + beta^2, so the test needs no extra pass over w.
-        w = torch.baddbmm(w[:, :, None], done.transpose(1, 2), coeffs, alpha=-1)[:, :, 0]  # new: matvec may return its input
+        # a new tensor: matvec may return its input
+        w = torch.baddbmm(w[:, :, None], done.transpose(1, 2), coeffs, alpha=-1)[:, :, 0]
         beta = torch.linalg.vector_norm(w, dim=1)
         again = beta < torch.linalg.vector_norm(coeffs, dim=(1, 2))
         if bool(again.any()):  # in place; the members without a second pass get a zero correction
-            w[:, :, None].baddbmm_(done.transpose(1, 2), torch.bmm(done, w[:, :, None]) * again[:, None, None], alpha=-1)
+            correction = torch.bmm(done, w[:, :, None]) * again[:, None, None]
+            w[:, :, None].baddbmm_(done.transpose(1, 2), correction, alpha=-1)
             beta = torch.linalg.vector_norm(w, dim=1)
         beta_list = beta.tolist()
         for m in range(members):
             if not active[m]:
                 continue
-            top[m], ritz[m], stop = top_ritz(alphas[m], betas[m], beta_list[m], j, caps[m], tol)
-            if stop:
+            top[m], ritz[m], converged[m] = top_ritz(alphas[m], betas[m], beta_list[m], j, n, tol)
+            if converged[m] or j + 1 == caps[m]:
                 active[m] = False
             else:
                 betas[m].append(beta_list[m])
@@ -166,7 +174,8 @@ def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int |
             vectors[m] = ritz[m].to(device=basis.device, dtype=basis.dtype) @ basis[m, :k]  # type: ignore[union-attr]
     iterations = [len(alphas[m]) + (stopped_at[m] is not None) for m in range(members)]
     values = torch.tensor(top, dtype=torch.float64)
-    return values if scale is None else values * scale.to("cpu", torch.float64), vectors, torch.tensor(iterations)
+    values = values if scale is None else values * scale.to("cpu", torch.float64)
+    return values, vectors, torch.tensor(iterations), torch.tensor(converged)
 
 
 def power_of_two_scale(w: Tensor) -> Tensor | None:
@@ -205,17 +214,17 @@ def ritz_error_bound(ritz: Tensor, beta: float) -> float:
     return beta * abs(float(ritz[-1]))
 
 
-def top_ritz(alphas: Sequence[float], betas: Sequence[float], beta: float, step: int, iters: int,
+def top_ritz(alphas: Sequence[float], betas: Sequence[float], beta: float, step: int, n: int,
              tol: float) -> tuple[float, Tensor, bool]:
     """After Lanczos step ``step`` (0-based; ``alphas`` and ``betas`` so far, ``beta`` its new
-    off-diagonal): the top Ritz value, its vector's coefficients, and whether the iteration stops,
-    :func:`lanczos`' rule: ``beta`` 0 (an invariant Krylov space: the value is exact), the last of
-    ``iters`` products, or from the second product on :func:`ritz_error_bound` within ``tol``."""
+    off-diagonal) on an ``n``-dimensional space: the top Ritz value, its vector's coefficients, and
+    whether it has converged, :func:`lanczos`' rule: ``beta`` 0 (an invariant Krylov space: the value
+    is exact), a basis of the whole space, or from the second product on :func:`ritz_error_bound`
+    within ``tol``."""
     evals, evecs = torch.linalg.eigh(tridiagonal(alphas, betas))
     top, ritz = float(evals[-1]), evecs[:, -1]
-    converged = step > 0 and tol > 0 and ritz_error_bound(ritz, beta) <= tol * abs(top)  # a bound may underflow to 0
-    stop = beta == 0.0 or step + 1 == iters or converged
-    return top, ritz, stop
+    bounded = step > 0 and tol > 0 and ritz_error_bound(ritz, beta) <= tol * abs(top)  # a bound may underflow to 0
+    return top, ritz, beta == 0.0 or step + 1 == n or bounded
 
 
 def tridiagonal(alphas: Sequence[float], betas: Sequence[float]) -> Tensor:

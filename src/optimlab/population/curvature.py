@@ -115,7 +115,7 @@ def member_eigenpairs(model: StackedModel, x: Tensor, y: Tensor, preconditioner:
             out = torch.cat([h.reshape(members, -1) for h in hv], 1)
             return out if scale is None else out * scale
 
-        values, vectors, iterations = lanczos_members(hessian_products, v0, iters, tol)
+        values, vectors, iterations, _ = lanczos_members(hessian_products, v0, iters, tol)
     return MemberEigenpairs(values, [v.detach() for v in unflat(vectors)], iterations)
 
 
@@ -158,7 +158,8 @@ class MemberSharpness:
         self.iters, self.tol, self.log_spaced_start = iters, tol, log_spaced_start
         self.logs = [SharpnessLog() for _ in self.seeds]
         self.vectors: list[Tensor] | None = None
-        self.warm = [False] * len(self.seeds)  # whose start vector is a measured eigenvector (a run's tracker.vector set)
+        # whose start vector is a measured eigenvector (a run's tracker.vector set)
+        self.warm = [False] * len(self.seeds)
         self.probe: tuple[Tensor, Tensor] | None = None
         self.batch_size: int | None = None  # the training batch size, from setup()'s data
         self.threshold_formulas: list[str | None] = []
@@ -220,7 +221,8 @@ class MemberSharpness:
         iters = [measurement_iters(self.iters, warm) for warm in self.warm]  # as each run's tracker
         pairs = member_eigenpairs(model, *self.probe, precond, iters, self.tol, init=self.vectors)
         values = pairs.values.tolist()
-        keep = [ok and math.isfinite(v) and m not in nan_members for m, (ok, v) in enumerate(zip(valid.tolist(), values))]
+        keep = [ok and math.isfinite(v) and m not in nan_members
+                for m, (ok, v) in enumerate(zip(valid.tolist(), values))]
         keep_t = torch.tensor(keep, device=params[0].device)
         self.vectors = [torch.where(keep_t.view(-1, *[1] * (new.dim() - 1)), new, old)
                         for new, old in zip(pairs.vectors, self.vectors)]
