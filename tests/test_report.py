@@ -539,9 +539,16 @@ def test_a_refused_job_with_a_negative_lr_is_listed_but_not_placed_on_the_lr_axi
     path = tmp_path / "refused" / "summary.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "status": "crashed", "epochs": [], "test_acc": None,
                                 "error": "ConfigError: lr: -1.0 is not allowed; expected a positive number"}))
+    # and one refused for lr=abc beside it (the findings took min() over -1.0 and 'abc': a TypeError; a probe)
+    shutil.copytree(tmp_path / "refused", tmp_path / "refused_text")
+    path_text = tmp_path / "refused_text" / "summary.json"
+    summary = json.loads(path_text.read_text())
+    summary["config"]["optimizer"]["lr"] = "abc"
+    path_text.write_text(json.dumps(summary))
     written = report(tmp_path)
     assert {tmp_path / "stability.csv", tmp_path / "regime_map.png", tmp_path / "report.md"} <= set(written)
-    assert "5 runs" in (tmp_path / "report.md").read_text()
+    assert "6 runs" in (tmp_path / "report.md").read_text()
+    assert "**crashed** in sgd 8 at lr -1, abc." in (tmp_path / "report.md").read_text()
     why = {r["run"]: r["error"] for r in csv.DictReader((tmp_path / "report.csv").open())}
     assert why["refused"] == "ConfigError: lr: -1.0 is not allowed; expected a positive number"
     path.write_text(json.dumps({**json.loads(path.read_text()), "error": "ValueError: a | b"}))

@@ -57,6 +57,16 @@ def sweep_command(sweep_dir: Path) -> str | None:
     return " ".join(["python train.py -m", *hydra, *(overrides.get("task") or [])])
 
 
+def lr_range(lrs: list[Any]) -> str:
+    """``lo to hi`` of the numbers, then any other values as given (a refused job's ``lr=abc``)."""
+    def is_number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    numbers = [v for v in lrs if is_number(v)]
+    spans = [fmt(min(numbers)) + (f" to {fmt(max(numbers))}" if max(numbers) > min(numbers) else "")] if numbers else []
+    return ", ".join(spans + sorted({str(v) for v in lrs if not is_number(v)}))
+
+
 def findings(rows: list[dict[str, Any]]) -> str:
     """Where each regime appeared, in words: per label, per optimizer and width, its lr range."""
     parts = []
@@ -66,7 +76,7 @@ def findings(rows: list[dict[str, Any]]) -> str:
             if r["regime"] == label and r.get("lr"):
                 where[(r["setting"], r["widths"])].append(r["lr"])
         if where:
-            cells = [f"{o} {w or '-'} at lr {fmt(min(lrs))}" + (f" to {fmt(max(lrs))}" if max(lrs) > min(lrs) else "")
+            cells = [f"{o} {w or '-'} at lr {lr_range(lrs)}"
                      for (o, w), lrs in sorted(where.items(), key=by_setting_and_width)]
             parts.append(f"**{label}** in {'; '.join(cells)}")
     return ". ".join(parts) + "." if parts else "no finished runs."
