@@ -21,7 +21,7 @@ from optimlab.build import build_parts
 from optimlab.curvature import SharpnessCallback, SharpnessTracker
 from optimlab.population.curvature import MemberSharpness
 from optimlab.regimes import Thresholds
-from optimlab.validate import ConfigError, flag_errors, validate_config
+from optimlab.validate import ConfigError, parameter_errors, validate_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 SWEEPS = sorted(p.stem for p in (CONF / "sweep").glob("*.yaml"))
@@ -159,10 +159,22 @@ def test_unknown_keys_are_refused(override: str, key: str) -> None:
                                         ">= 1 or a fraction in (0, 1]"),
     ("trainer.limit_val_batches=0.0", "trainer.limit_val_batches: 0.0 is not allowed; expected null, an integer "
                                       ">= 1 or a fraction in (0, 1]"),
+    # numbers given a bool, text or NaN: true trained with 1.0 (alpha: a blow-up), or crashed mid-run (a probe)
+    ("optimizer.weight_decay=true", "optimizer.weight_decay: True is not allowed; expected a number"),
+    ("optimizer.momentum=true", "optimizer.momentum: True is not allowed; expected a number"),
+    ("optimizer.dampening=abc", "optimizer.dampening: 'abc' is not allowed; expected a number"),
+    ("optimizer.grad_noise_std=true", "optimizer.grad_noise_std: True is not allowed; expected a number"),
+    ("optimizer=adam optimizer.eps=true", "optimizer.eps: True is not allowed; expected a number"),
+    ("optimizer=rmsprop optimizer.alpha=nan", "optimizer.alpha: nan is not allowed; expected a number"),
+    ("optimizer=adagrad optimizer.initial_accumulator_value=true",
+     "optimizer.initial_accumulator_value: True is not allowed; expected a number"),
+    ("optimizer=adagrad optimizer.lr_decay=false", "optimizer.lr_decay: False is not allowed; expected a number"),
+    ("model.init_std=[1]", "model.init_std: [1] is not allowed; expected a number"),
 ])
 def test_values_no_constructor_checks_are_refused_in_one_line(override: str, line: str) -> None:
-    """Flags (torch.optim's constructors take any truthy value: 'no' switched centering on), a group
-    given a plain value, and a zero fraction of batches (no training or no validation at all)."""
+    """Flags (torch.optim's constructors take any truthy value: 'no' switched centering on), numbers (a
+    bool is one to Python), a group given a plain value, and a zero fraction of batches (no training or no
+    validation at all)."""
     with pytest.raises(ConfigError) as refused:
         validate_config(compose_config(*override.split()))
     assert str(refused.value) == line
@@ -170,7 +182,8 @@ def test_values_no_constructor_checks_are_refused_in_one_line(override: str, lin
 
 def test_flags_accept_booleans_and_null_where_null_is_the_default() -> None:
     for override in ("optimizer.maximize=true", "optimizer=adam optimizer.amsgrad=false", "+optimizer.foreach=null",
-                     "+optimizer.foreach=true", "trainer.limit_train_batches=0.5", "trainer.overfit_batches=0.0"):
+                     "+optimizer.foreach=true", "trainer.limit_train_batches=0.5", "trainer.overfit_batches=0.0",
+                     "optimizer.momentum=1", "optimizer=adam optimizer.eps=0", "trainer.overfit_batches=2"):
         validate_config(compose_config(*override.split()))
 
 
@@ -212,7 +225,7 @@ def test_the_configs_diagnosis_thresholds_are_the_python_defaults() -> None:
 def test_a_parameter_wider_than_a_bool_is_no_flag() -> None:
     """A bool default under a wider annotation (log_model: 'all' too) takes its other values; a bool parameter does not."""
     wandb = OmegaConf.create({"_target_": "lightning.pytorch.loggers.WandbLogger", "log_model": "all"})
-    assert flag_errors("logger.wandb", wandb) == []
+    assert parameter_errors("logger.wandb", wandb) == []
     tensorboard = OmegaConf.create({"_target_": "lightning.pytorch.loggers.TensorBoardLogger", "log_graph": "all"})
-    assert flag_errors("logger.tensorboard", tensorboard) == [
+    assert parameter_errors("logger.tensorboard", tensorboard) == [
         "logger.tensorboard.log_graph: 'all' is not allowed; expected true or false"]

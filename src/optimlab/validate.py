@@ -6,8 +6,8 @@ and each entry of ``callbacks`` and ``logger``) are the parameters of their ``_t
 constructor; their values are checked by those constructors when :mod:`optimlab.build` builds them
 (the single source for those rules), except where a constructor checks nothing (torch's LR schedulers,
 the data module, which reads nothing before setup): those values have rules in :data:`RULES`, as has
-every key outside these groups; and the constructors' flags, whose type they do not check
-(:func:`flag_rule`).
+every key outside these groups; and the types of the constructors' flags and numbers, which they
+do not check (:func:`parameter_rule`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from optimlab.checks import (BOOL, INT_NON_NEGATIVE, INT_POSITIVE, NON_NEGATIVE, POSITIVE, SEED, UNIT_CLOSED, Rule,
-                             finite_number, is_integer, one_of, optional, refusal)
+from optimlab.checks import (BOOL, INT_NON_NEGATIVE, INT_POSITIVE, NON_NEGATIVE, NUMBER, POSITIVE, SEED, UNIT_CLOSED,
+                             Rule, finite_number, is_integer, one_of, optional, refusal)
 from optimlab.files import unwritable
 from optimlab.regimes import Thresholds
 from optimlab.summary import OPTIMIZED_METRICS
@@ -209,23 +209,28 @@ def unknown_keys(cfg: DictConfig) -> list[str]:
     return unknown
 
 
-def flag_rule(param: inspect.Parameter) -> Rule | None:
-    """:data:`BOOL` for a constructor's flag (a bool default or annotation; null allowed where null is
-    its default), None for any other parameter. Constructors such as torch.optim's do not check a
-    flag's type, so ``optimizer.centered=no`` (a non-empty string) would switch it on."""
+def parameter_rule(param: inspect.Parameter) -> Rule | None:
+    """The type a constructor's parameter takes where the constructor does not check it: :data:`BOOL`
+    for a flag (a bool default or annotation; null allowed where null is its default), :data:`NUMBER`
+    for a parameter with a number as its default (null where its annotation allows it; none where it
+    allows text), None for any other. torch.optim's constructors take ``optimizer.centered=no`` (a
+    non-empty string) as on, and ``optimizer.momentum=true`` as 1.0."""
     annotation = param.annotation  # a bool default under a wider type (wandb's log_model: 'all' too) is no flag
     if annotation in (bool, "bool") or (annotation is inspect.Parameter.empty and isinstance(param.default, bool)):
         return BOOL
     if param.default is None and annotation in (Optional[bool], "bool | None", "Optional[bool]"):
         return optional(BOOL)
+    if isinstance(param.default, (int, float)) and not isinstance(param.default, bool) and "str" not in str(annotation):
+        return optional(NUMBER) if "None" in str(annotation) or "Optional" in str(annotation) else NUMBER
     return None
 
 
-def flag_errors(section: str, node: DictConfig) -> list[str]:
-    """The refusals of the flags ``section`` (built from its ``_target_``) sets to a non-bool."""
+def parameter_errors(section: str, node: DictConfig) -> list[str]:
+    """The refusals of the values ``section`` (built from its ``_target_``) gives its flags and numbers
+    that are of another type (:func:`parameter_rule`)."""
     params = constructor_parameters(section, str(node._target_))
     return [refusal(f"{section}.{key}", node[key], rule[1]) for key in node
-            if key in params and (rule := flag_rule(params[key])) and not rule[0](node[key])]
+            if key in params and (rule := parameter_rule(params[key])) and not rule[0](node[key])]
 
 
 def unchecked_errors(section: str, node: DictConfig) -> list[str]:
@@ -272,7 +277,7 @@ def validate_config(cfg: DictConfig) -> None:
     built += [(f"{section}.{name}", entry) for section in COLLECTIONS
               for name, entry in (cfg.get(section) or {}).items()]
     for section, node in built:
-        if node and (errors := flag_errors(section, node) + unchecked_errors(section, node)):
+        if node and (errors := parameter_errors(section, node) + unchecked_errors(section, node)):
             raise ConfigError(errors[0])
     if cfg.optimizer.get("impl") == "torch" and cfg.optimizer.get("grad_noise_std", 0) != 0:
         raise ConfigError("optimizer.grad_noise_std: gradient noise is an option of optimlab's optimizers "
