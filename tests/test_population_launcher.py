@@ -546,6 +546,10 @@ def test_memory_estimate_counts_what_the_optimizer_holds() -> None:
     tracked = plan.estimate_memory(compose_config(*SMALL, "optimizer=adam", "curvature.every_n_steps=10",
                                                       "curvature.iters=20"))
     assert tracked.per_member >= adam.per_member + (20 + 16) * params * 4  # the Lanczos basis and a product's temporaries
+    # A probe is at most the training set (256 images): a larger probe_size had split populations for nothing.
+    whole = [plan.estimate_memory(compose_config(*SMALL, "optimizer=adam", "curvature.every_n_steps=10",
+                                                 "curvature.iters=20", f"curvature.probe_size={size}")) for size in (256, 10**5)]
+    assert whole[0] == whole[1] and whole[0].per_member > adam.per_member
     on_gpu = plan.estimate_memory(compose_config(*SMALL, "trainer.accelerator=gpu"))
     assert on_gpu.per_member - sgd.per_member == params * 4  # the weights a member overflowed into, kept by a where
 

@@ -538,7 +538,8 @@ def estimate_memory(cfg: DictConfig) -> MemoryEstimate:
         # 16 parameter-sized vectors more than the basis: the gradient with its graph, the product and the
         # reorthogonalisation's temporaries (measured against peak resident memory, docs/population.md).
         rows = measurement_iters(curvature.iters, warm=False)  # a cold measurement's basis
-        tracking = (rows + 16) * params * size + curvature.probe_size * (28 * 28 * 4 + 4 * activations * size)
+        probe = min(curvature.probe_size, cfg.data.subset or n - cfg.data.val_size)  # at most the training set
+        tracking = (rows + 16) * params * size + probe * (28 * 28 * 4 + 4 * activations * size)
     copies = 5 if population_device(cfg.trainer.accelerator) == torch.device("cuda") else 4
     copies += (cfg.test_ckpt == "best") + (noise > 0)  # its best checkpoint's weights; its gradient noise
     return MemoryEstimate(shared=(n + 10_000) * 28 * 28 * 4,
