@@ -46,6 +46,9 @@ def test_each_logger_writes_where_it_says(tmp_path: Path, logger: str, folders: 
             pytest.approx(final.test_acc), final.steps)
     if "tensorboard" in folders:
         assert {"val/acc", "train/loss", "train/lr"} <= scalars(tmp_path)
+        # as a population member's: the run's hyperparameters, not the {} Lightning saved at the fit's start
+        hparams = yaml.safe_load((tmp_path / "tensorboard" / "hparams.yaml").read_text())
+        assert (hparams["optimizer"], hparams["regime"]) == ("sgd", read_summary(tmp_path).regime)
 
 
 def test_tensorboard_opens_on_the_curves_and_hparams_shows_the_run(tmp_path: Path) -> None:

@@ -760,6 +760,9 @@ def test_a_scheduled_and_clipped_sweep_as_populations_equals_the_sequential_swee
         assert lrs["population"] == lrs["sequential"] == [(0, pytest.approx(lr)), (2, pytest.approx(lr / 2))], name
         header = assert_same_csv_logs(tmp_path / "population" / name / "csv", tmp_path / "sequential" / name / "csv")
         assert "curvature/sharpness" in header and tag in header, name
+        hparams = [(tmp_path / way / name / "tensorboard" / "hparams.yaml").read_text()
+                   for way in ("population", "sequential")]
+        assert hparams[0] == hparams[1] and "regime: " in hparams[0], name  # a single run's had been {} (a probe)
 
 
 @pytest.mark.slow
