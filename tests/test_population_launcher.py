@@ -1607,6 +1607,7 @@ def test_a_killed_or_stopped_population_resumes_bitwise(mnist_root: Path, tmp_pa
         assert scalar_events(tmp_path / name / "tensorboard") == straight_events[name]
         assert csv_rows(tmp_path / name / "csv" / "metrics.csv") == uninterrupted_population.csv[name]
     assert all(s["population"]["checkpoint"] is None for s in got.values()) and not checkpoint.exists()
+    assert not checkpoint.parent.exists()  # the sweep's .populations/, empty, is removed too
 
 
 def test_a_members_logs_leave_a_shared_tensorboard_folders_other_files(uninterrupted_population: SimpleNamespace,

@@ -518,6 +518,9 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
                     sys.exit(EXIT_CODES[received[0]])
     except KeyboardInterrupt as stop:  # while populations trained elsewhere: they were stopped, and so is the sweep
         sys.exit(exit_code(stop))
+    for folder in {PopulationCheckpoint([job.run_dir for job in members], []).path.parent for members in populations}:
+        with contextlib.suppress(OSError):  # one that still holds an unfinished population's checkpoint stays
+            folder.rmdir()
     for job in jobs:
         if job.num not in returns:
             returns[job.num] = run(job, fail_job(job) if job.error else task_function)
