@@ -45,7 +45,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from optimlab.files import written_file
-from optimlab.hydra_job import JobFailed, refuse, remove_if_new_and_empty, unknown_group_option
+from optimlab.hydra_job import JobFailed, command_line_error, refuse, remove_if_new_and_empty
 from optimlab.mnist_files import DataError
 from optimlab.record import record_refusal
 from optimlab.search import is_search, search_error
@@ -98,6 +98,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    if error := unknown_group_option(sys.argv[1:], Path(__file__).parent / "conf"):
+    if error := command_line_error(sys.argv[1:], Path(__file__).parent / "conf"):
         refuse(error)
     main()

@@ -215,8 +215,11 @@ def test_a_run_whose_best_checkpoint_was_never_written_tests_its_last_weights(tm
     (["-m", "optimizer=sgd,nope"], "optimizer: 'nope' is not an option; expected one of adagrad, adam, rmsprop, sgd"),
     (["+experiment=nope"], "experiment: 'nope' is not an option"),
     (["experiment=null"], "experiment: null is not an option; to choose none, leave experiment out or delete it"),
+    # Hydra launched no job and exited 0, leaving the sweep folder's multirun.yaml (a probe)
+    (["-m", "lr=range(0,0)"], "lr: range(0,0) sweeps no value; a sweep needs at least one"),
+    (["-m", "seed=0,1", "+x=shuffle(range(3,1))", "--config-dir", "."], "x: shuffle(range(3,1)) sweeps no value"),
 ])
-def test_an_option_a_config_group_lacks_is_one_line(tmp_path: Path, args: list[str], error: str) -> None:
+def test_an_option_a_config_group_lacks_or_an_empty_sweep_is_one_line(tmp_path: Path, args: list[str], error: str) -> None:
     """Hydra's error was several lines and a pointer to HYDRA_FULL_ERROR (``experiment=null``: a traceback)."""
     result = train(*args, f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert result.returncode == 2 and result.stderr.startswith(f"error: {error}") and result.stderr.count("\n") == 1
@@ -225,13 +228,14 @@ def test_an_option_a_config_group_lacks_is_one_line(tmp_path: Path, args: list[s
 
 def test_options_of_groups_in_other_config_folders_are_left_to_hydra(tmp_path: Path) -> None:
     """A command that adds a config folder may choose options conf/ does not have; and Hydra's own groups."""
-    from optimlab.hydra_job import unknown_group_option
+    from optimlab.hydra_job import command_line_error
 
     conf = REPO / "conf"
-    assert unknown_group_option(["--config-dir", str(tmp_path), "model=resnet"], conf) is None
-    assert unknown_group_option(["hydra.searchpath=[file://x]", "model=resnet"], conf) is None
-    assert unknown_group_option(["hydra/launcher=nope", "model.hidden=[8]", "--cfg", "job", "lr=1"], conf) is None
-    assert unknown_group_option(["model=cnn", "optimizer=glob(*)", "~debug", "model@foo=mlp"], conf) is None
+    assert command_line_error(["--config-dir", str(tmp_path), "model=resnet"], conf) is None
+    assert command_line_error(["hydra.searchpath=[file://x]", "model=resnet"], conf) is None
+    assert command_line_error(["hydra/launcher=nope", "model.hidden=[8]", "--cfg", "job", "lr=1"], conf) is None
+    assert command_line_error(["model=cnn", "optimizer=glob(*)", "~debug", "model@foo=mlp", "seed=range(2)"],
+                              conf) is None
 
 
 def test_a_loggers_name_may_hold_dots_that_stay_inside_its_folder(tmp_path: Path) -> None:

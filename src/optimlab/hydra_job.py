@@ -83,14 +83,14 @@ def refuse(error: str) -> NoReturn:
 OTHER_CONFIGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "hydra.searchpath")
 
 
-def unknown_group_option(args: list[str], conf_dir: Path) -> str | None:
-    """The one-line refusal of the first command-line override that chooses an option a config group of
-    ``conf_dir`` does not have (``model=resnet``, or one of a sweep's ``optimizer=sgd,nope``), or None.
-    Hydra's own error for it is several lines ending in a pointer to HYDRA_FULL_ERROR, and in a sweep it
-    comes before any job. Hydra's own groups (``hydra/...``), overrides it cannot read and commands that add
+def command_line_error(args: list[str], conf_dir: Path) -> str | None:
+    """The one-line refusal of the first command-line override that sweeps no value (``lr=range(0,0)``:
+    Hydra launched no job and exited 0) or chooses an option a config group of ``conf_dir`` does not have
+    (``model=resnet``, or one of a sweep's ``optimizer=sgd,nope``), or None. Hydra's own error for the
+    latter is several lines ending in a pointer to HYDRA_FULL_ERROR, and in a sweep it comes before any
+    job. Hydra's own groups (``hydra/...``), overrides it cannot read and the options of commands that add
     config folders (:data:`OTHER_CONFIGS`) are left to Hydra."""
-    if any(arg.lstrip("+").startswith(OTHER_CONFIGS) for arg in args):
-        return None
+    other_configs = any(arg.lstrip("+").startswith(OTHER_CONFIGS) for arg in args)
     parser = OverridesParser.create()
     for arg in args:
         try:
@@ -98,8 +98,11 @@ def unknown_group_option(args: list[str], conf_dir: Path) -> str | None:
         except HydraException:  # a flag, or a value of one (--cfg job)
             continue
         group = override.key_or_group
+        if override.value_type == ValueType.RANGE_SWEEP and not list(override.sweep_iterator()):  # choice(): Hydra's
+            return (f"{group}: {override.input_line.split('=', 1)[1]} sweeps no value; a sweep needs at least one "
+                    "(range(start, stop[, step]) stops before stop)")
         folder = conf_dir / group
-        if override.is_delete() or group.startswith("hydra") or not folder.is_dir():
+        if other_configs or override.is_delete() or group.startswith("hydra") or not folder.is_dir():
             continue
         sweep = override.value_type in (ValueType.CHOICE_SWEEP, ValueType.SIMPLE_CHOICE_SWEEP)
         for value in override.sweep_string_iterator() if sweep else [override.value()]:
