@@ -337,7 +337,8 @@ def test_grad_noise_is_refused_with_torch_impl(tmp_path: Path) -> None:
     ("optimizer.nesterov=true", "optimizer.nesterov"),
     ("model.hidden=[]", "model.hidden"), ("model.hidden=[0,5]", "model.hidden"),
     ("model.hidden=[-3]", "model.hidden"), ("model.activation=swish", "model.activation"),
-    ("model=cnn model.channels=[]", "model.channels"),
+    ("model=cnn model.channels=[]", "model.channels: [] is not allowed; expected a list of positive integers, e.g. "
+                                    "[12,16]"),  # the CNN's example, not the MLP's [1024,128] (a probe)
     ("data.label_noise=1.5", "data.label_noise"), ("data.label_noise=-0.1", "data.label_noise"),
     ("data.subset=0", "data.subset"), ("data.subset=1000000", "data.subset"),
     ("batch_size=0", "batch_size"), ("epochs=-1", "epochs"), ("epochs=2.5", "epochs"),

@@ -27,8 +27,8 @@ def check_common(activation: str, init: str, init_std: float, dropout: float) ->
     require("dropout", dropout, lambda v: finite_number(v) and 0 <= v < 1, "a number in [0, 1)")
 
 
-def check_widths(key: str, value: Any, *, empty: bool = False) -> None:
-    allowed = "a list of positive integers" + (" (may be empty)" if empty else ", e.g. [1024,128]")
+def check_widths(key: str, value: Any, example: str, *, empty: bool = False) -> None:
+    allowed = f"a list of positive integers{' (may be empty)' if empty else ''}, e.g. {example}"
     require(key, value, lambda v: _widths(v, empty), allowed)
 
 

@@ -41,8 +41,8 @@ class CNN(nn.Module):
                  pool_stride: int = 1,
                  activation: str = "relu", init: str = "stax", init_std: float = 0.1, dropout: float = 0.0,
                  image_size: int = 28, in_channels: int = 1, num_classes: int = 10) -> None:
-        check_widths("channels", channels)
-        check_widths("fc", fc, empty=True)
+        check_widths("channels", channels, "[12,16]")
+        check_widths("fc", fc, "[120,84]", empty=True)
         check_positive_int("kernel_size", kernel_size)
         check_positive_int("pool_stride", pool_stride)
         check_common(activation, init, init_std, dropout)

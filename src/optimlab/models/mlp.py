@@ -25,7 +25,7 @@ class MLP(nn.Module):
     def __init__(self, hidden: Sequence[int] = (1024, 128), activation: str = "tanh", init: str = "normal",
                  init_std: float = 0.1, dropout: float = 0.0, in_features: int = 784,
                  num_classes: int = 10) -> None:
-        check_widths("hidden", hidden)
+        check_widths("hidden", hidden, "[1024,128]")
         check_common(activation, init, init_std, dropout)
         super().__init__()
         widths = [in_features, *hidden]
