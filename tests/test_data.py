@@ -121,3 +121,31 @@ def test_the_split_draws_are_pinned() -> None:
     assert split.train_images[:6].tolist() == [52681, 24621, 52356, 34159, 39968, 51919]  # moved along a cycle
     assert split.noisy_count == 500 == int((split.train_images != split.train_labels).sum())
     assert sorted(split.train_images.tolist()) == sorted(split.train_labels.tolist())  # images moved, none lost
+
+
+def test_a_failed_download_leaves_no_folders_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline, ``data.root=<new folder>`` made that folder and its MNIST/raw/ before the download failed,
+    and they stayed (a probe); folders that existed stay, as does one the download wrote a file into."""
+    import torchvision.datasets
+
+    from optimlab.mnist_files import ensure_files
+
+    def offline(root: str, **kwargs: object) -> None:
+        (Path(root) / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    for root in (tmp_path / "new" / "mnist", tmp_path):
+        with pytest.raises(DataError, match="MNIST files missing"):
+            ensure_files(root, download=True)
+    assert list(tmp_path.iterdir()) == []
+
+    def partial(root: str, **kwargs: object) -> None:
+        (Path(root) / "MNIST" / "raw").mkdir(parents=True)
+        (Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").write_bytes(b"")
+        raise RuntimeError("Error downloading train-labels-idx1-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", partial)
+    with pytest.raises(DataError):
+        ensure_files(tmp_path / "new", download=True)
+    assert [p.name for p in (tmp_path / "new" / "MNIST" / "raw").iterdir()] == ["train-images-idx3-ubyte.gz"]

@@ -5,6 +5,7 @@ and ``optimlab-report`` count a run's passes over its data without importing it.
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 from collections.abc import Mapping
@@ -65,6 +66,7 @@ def ensure_files(root: Path, download: bool) -> None:
     folder = raw_dir(root)
     missing = [name for name in MNIST_FILES if not (folder / name).is_file()]
     if missing and download:
+        new = list(itertools.takewhile(lambda p: not p.exists(), [folder, *folder.parents]))  # deepest first
         try:
             from torchvision.datasets import MNIST
 
@@ -72,6 +74,11 @@ def ensure_files(root: Path, download: bool) -> None:
         except Exception:  # offline or blocked: fall through to the message below
             pass
         missing = [name for name in MNIST_FILES if not (folder / name).is_file()]
+        for made in new if missing else []:  # a failed download leaves no empty folders behind
+            try:
+                made.rmdir()
+            except OSError:  # not empty: it and the folders above stay
+                break
     if missing:
         raise DataError(f"data.root: MNIST files missing from {folder}: {', '.join(missing)}. Put the four "
                         f"uncompressed IDX files ({', '.join(MNIST_FILES)}) in that folder, or point data.root "
