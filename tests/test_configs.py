@@ -169,6 +169,8 @@ def test_unknown_keys_are_refused(override: str, key: str) -> None:
     ("optimizer=adagrad optimizer.initial_accumulator_value=true",
      "optimizer.initial_accumulator_value: True is not allowed; expected a number"),
     ("optimizer=adagrad optimizer.lr_decay=false", "optimizer.lr_decay: False is not allowed; expected a number"),
+    ("trainer.fast_dev_run=-1",
+     "trainer.fast_dev_run: -1 is not allowed; expected true, false or a number of batches >= 0"),
     ("model.init_std=[1]", "model.init_std: [1] is not allowed; expected a number"),
 ])
 def test_values_no_constructor_checks_are_refused_in_one_line(override: str, line: str) -> None:
@@ -183,7 +185,8 @@ def test_values_no_constructor_checks_are_refused_in_one_line(override: str, lin
 def test_flags_accept_booleans_and_null_where_null_is_the_default() -> None:
     for override in ("optimizer.maximize=true", "optimizer=adam optimizer.amsgrad=false", "+optimizer.foreach=null",
                      "+optimizer.foreach=true", "trainer.limit_train_batches=0.5", "trainer.overfit_batches=0.0",
-                     "optimizer.momentum=1", "optimizer=adam optimizer.eps=0", "trainer.overfit_batches=2"):
+                     "optimizer.momentum=1", "optimizer=adam optimizer.eps=0", "trainer.overfit_batches=2",
+                     "trainer.fast_dev_run=2"):  # Lightning's n batches (it had been refused as not a bool; a probe)
         validate_config(compose_config(*override.split()))
 
 

@@ -75,7 +75,8 @@ RULES: dict[str, Rule] = {
     "trainer.max_steps": one_of(-1, None), "trainer.max_time": one_of(None),
     "trainer.limit_train_batches": limit(1), "trainer.limit_val_batches": limit(1),
     "trainer.limit_test_batches": limit(1), "trainer.overfit_batches": limit(0),
-    "trainer.fast_dev_run": BOOL, "trainer.profiler": optional(one_of("simple", "advanced", "pytorch")),
+    "trainer.fast_dev_run": (lambda v: isinstance(v, bool) or (is_integer(v) and v >= 0),
+                             "true, false or a number of batches >= 0"), "trainer.profiler": optional(one_of("simple", "advanced", "pytorch")),
     "trainer.detect_anomaly": BOOL,
     # optimlab's own trainer keys (OWN_TRAINER_KEYS)
     "trainer.check_finite_every_n_steps": optional(INT_POSITIVE), "trainer.progress_bar": BOOL,
