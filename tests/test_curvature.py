@@ -332,9 +332,10 @@ def test_argument_checks() -> None:
         sharpness(lambda t: model(t), x, y)
     with pytest.raises(ValueError, match=r"as small as 1e-50 lie below the smallest normal float32 \(1.18e-38\)"):
         sharpness(model.float(), x, y, [torch.full_like(t, 1e-50) for t in shapes_p])  # positive in float64
-    # Subnormal entries: P^-1/2 H P^-1/2 overflowed, and the iteration returned NaN (a probe).
-    with pytest.raises(ValueError, match=r"entries as small as 1e-310 lie below the smallest normal float64"):
-        sharpness(model.double(), x, y, [torch.full_like(t, 1e-310) for t in shapes_p])
+    # Subnormal in the parameters' dtype (normal in the given float64, so flush-denormal mode cannot zero it
+    # first): P^-1/2 H P^-1/2 overflowed, and the iteration returned NaN (a probe).
+    with pytest.raises(ValueError, match=r"entries as small as 1e-40 lie below the smallest normal float32"):
+        sharpness(model.float(), x, y, [torch.full_like(t, 1e-40) for t in shapes_p])
     model.double()[0].bias.requires_grad_(False)
     with pytest.raises(ValueError, match="a list over all the parameters must be shaped like them"):
         sharpness(model, x, y, [*shapes_p[:1], torch.ones(5, dtype=F64), *shapes_p[2:]])  # the frozen bias's entry
