@@ -67,20 +67,55 @@ def test_sparse_gradients_match_torch(name: str, kw: dict[str, Any]) -> None:
         assert_traj_close(traj, traj_dense, dict(rtol=1e-12, atol=1e-12))
 
 
+def refused_sparse_step(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> str:
+    """The message of ``opt``'s refusal of a sparse gradient of ``params[1]`` beside dense ones, after
+    checking that the refused step changed no parameter (ours updated the dense ones first; a probe)."""
+    before = [p.detach().clone() for p in params]
+    for i, p in enumerate(params):
+        p.grad = torch.eye(4)[0].to_sparse() if i == 1 else torch.ones(4)
+    with pytest.raises(RuntimeError) as refused:
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    return str(refused.value)
+
+
 @pytest.mark.parametrize("cls", [Adam, RMSprop])
 def test_sparse_gradients_refused_like_torch(cls: type) -> None:
-    p = torch.zeros(4, requires_grad=True)
-    p.grad = torch.eye(4)[0].to_sparse()
-    with pytest.raises(RuntimeError, match=f"^{cls.__name__} does not support sparse gradients"):
-        cls([p]).step()
+    messages = []
+    for make in (cls, TORCH[cls.__name__]):
+        params = [torch.zeros(4, requires_grad=True) for _ in range(3)]
+        messages.append(refused_sparse_step(make(params), params))
+    assert messages[0] == messages[1]  # Adam's: ", please consider SparseAdam instead"
+    assert messages[0].startswith(f"{cls.__name__} does not support sparse gradients")
 
 
 @pytest.mark.parametrize("cls", [SGD, Adagrad])
 def test_sparse_gradients_with_weight_decay_refused(cls: type) -> None:
-    p = torch.zeros(4, requires_grad=True)
-    p.grad = torch.eye(4)[0].to_sparse()
-    with pytest.raises(RuntimeError, match="weight_decay option is not compatible with sparse gradients"):
-        cls([p], weight_decay=0.1).step()
+    params = [torch.zeros(4, requires_grad=True) for _ in range(3)]
+    assert refused_sparse_step(cls(params, weight_decay=0.1), params) == \
+        "weight_decay option is not compatible with sparse gradients"
+
+
+@pytest.mark.parametrize("name,kw", [("Adagrad", {}), ("SGD", dict(maximize=True)), ("SGD", dict(weight_decay=0.1))])
+def test_a_step_under_inference_mode_leaves_later_steps_working(name: str, kw: dict[str, Any]) -> None:
+    """Temporaries made in a step under ``torch.inference_mode`` were inference tensors, which the next
+    step outside it could not write ("Inplace update to inference tensor"; a probe); torch.optim goes on."""
+    trajectories = []
+    for cls in (OURS[name], TORCH[name]):
+        p = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 5))
+        opt = cls([p], lr=0.1, **kw)
+        for step in range(3):
+            p.grad = torch.linspace(0.5, -0.5, 5) * (step + 1)
+            with torch.inference_mode(step == 0):
+                opt.step()
+        trajectories.append(p.detach().clone())
+    assert torch.equal(trajectories[0], trajectories[1])
+
+
+def test_adagrad_shares_its_accumulators_as_torchs_does() -> None:
+    opt = Adagrad([torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)])
+    opt.share_memory()  # torch.optim.Adagrad's method, for Hogwild training
+    assert all(state["sum"].is_shared() for state in opt.state.values())
 
 
 # --------------------------------------------------------------------------- tensor hyperparameters

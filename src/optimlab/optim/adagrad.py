@@ -61,6 +61,12 @@ class Adagrad(Optimizer):
             for p in group["params"]:
                 self._state_for(p, group)
 
+    def share_memory(self) -> None:
+        """Move the accumulators into shared memory (torch.optim.Adagrad's, for Hogwild training)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["sum"].share_memory_()
+
     def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         state["step"] = zeros_step()
         init = self.defaults["initial_accumulator_value"]  # torch.optim ignores a per-group value here

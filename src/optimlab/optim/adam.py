@@ -45,6 +45,8 @@ class Adam(Optimizer):
         grad_noise_std: Gaussian gradient noise (see base).
     """
 
+    sparse_advice = ", please consider SparseAdam instead"
+
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3,
                  betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float | Tensor = 0.0, amsgrad: bool = False, *, foreach: bool | None = None,

@@ -205,8 +205,10 @@ class Optimizer(torch.optim.Optimizer):
     noise draws from torch's global generator, so a seeded run is reproducible.
     """
 
-    # Whether the update rule takes sparse gradients (torch.optim's SGD and Adagrad do).
+    # Whether the update rule takes sparse gradients (torch.optim's SGD and Adagrad do), and what
+    # torch.optim's refusal adds after "<name> does not support sparse gradients".
     supports_sparse_grads: ClassVar[bool] = False
+    sparse_advice: ClassVar[str] = ""
     # Whether complex parameters are updated as pairs of reals (torch.optim's rules with squares and
     # roots), or as complex tensors (its SGD: a complex product rounds otherwise than two real ones).
     complex_as_real: ClassVar[bool] = True
@@ -277,10 +279,12 @@ class Optimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     buckets[(p.device, p.dtype, p.grad.is_sparse)].append(p)
-            for (device, dtype, sparse), params in buckets.items():
-                hyper = self._hyperparameters(group, device)
+            hypers = {device: self._hyperparameters(group, device) for device, _, _ in buckets}
+            for device, _, sparse in buckets:  # before any update, as torch.optim refuses: the group stays as it was
                 if sparse:
-                    self._check_sparse(hyper)
+                    self._check_sparse(hypers[device])
+            for (device, dtype, sparse), params in buckets.items():
+                hyper = hypers[device]
                 states = [self._state_for(p, hyper) for p in params]
                 grads = [p.grad for p in params]
                 if dtype.is_complex and self.complex_as_real:
@@ -305,10 +309,15 @@ class Optimizer(torch.optim.Optimizer):
         return hyper
 
     def _check_sparse(self, group: dict[str, Any]) -> None:
+        """A RuntimeError where the group cannot take a sparse gradient (torch.optim's words where it has them)."""
         if not self.supports_sparse_grads:
-            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients{self.sparse_advice}")
         if group.get("members") is not None:
             raise RuntimeError("sparse gradients are not supported in a member-wise group")
+        if not group.get("decoupled_weight_decay", False) and nonzero(group["weight_decay"]):
+            raise RuntimeError("weight_decay option is not compatible with sparse gradients")
+        if group["grad_noise_std"] > 0:
+            raise RuntimeError("grad_noise_std is not supported with sparse gradients")
 
     def _update_as_real(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                         states: list[dict[str, Any]]) -> None:
@@ -336,9 +345,6 @@ class Optimizer(torch.optim.Optimizer):
         noise = group["grad_noise_std"]
         if not (group["maximize"] or noise > 0 or l2):
             return grads
-        if grads[0].is_sparse and (noise > 0 or l2):
-            raise RuntimeError("weight_decay option is not compatible with sparse gradients"
-                               if l2 else "grad_noise_std is not supported with sparse gradients")
         out = self._scratch(grads, "grad")
         if group["maximize"]:
             grads = foreach_into(out, torch._foreach_neg, torch.neg, grads)
@@ -376,7 +382,8 @@ class Optimizer(torch.optim.Optimizer):
         to the OS, and every new one then page-faults in again (measured: up to 140 faults a step).
         Not state: never saved. Keyed by the bucket's dtype and shapes, not by tensor (complex
         parameters arrive as fresh real views each step); buckets are updated one after another,
-        so they may share buffers."""
+        so they may share buffers. Made as normal tensors also in a step under ``torch.inference_mode``
+        (an inference tensor could not be written by a later step outside it)."""
         first = like[0]
         if first.device.type != "cpu" or first.is_sparse:
             return None
@@ -384,7 +391,8 @@ class Optimizer(torch.optim.Optimizer):
         cache = self.__dict__.setdefault("_scratch_buffers", {})
         out = cache.get(key)
         if out is None:
-            out = cache[key] = [torch.empty_like(t, memory_format=torch.preserve_format) for t in like]
+            with torch.inference_mode(False):
+                out = cache[key] = [torch.empty_like(t, memory_format=torch.preserve_format) for t in like]
         return out
 
     def _state_for(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
