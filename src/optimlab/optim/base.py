@@ -322,14 +322,15 @@ class Optimizer(torch.optim.Optimizer):
     def _update_as_real(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                         states: list[dict[str, Any]]) -> None:
         """Update complex parameters as torch.optim does: as pairs of reals (``view_as_real``), so
-        squares and square roots act on the real and imaginary parts separately. State stays
-        complex (torch.optim's dtypes); tensors the update creates are stored back as complex."""
+        squares and square roots act on the real and imaginary parts separately, from a gradient
+        prepared in complex arithmetic (torch.optim adds the L2 decay before the real view; on the real
+        views it rounded otherwise). State stays complex (torch.optim's dtypes); tensors the update
+        creates are stored back as complex."""
         views = [{k: torch.view_as_real(v) if isinstance(v, Tensor) and v.is_complex() else v
                   for k, v in state.items()} for state in states]
         before = [dict(view) for view in views]
-        real_params = [torch.view_as_real(p) for p in params]
-        grads = self._prepared_grads(group, real_params, [torch.view_as_real(g) for g in grads])
-        self._update(group, real_params, grads, views)
+        grads = [torch.view_as_real(g) for g in self._prepared_grads(group, params, grads)]
+        self._update(group, [torch.view_as_real(p) for p in params], grads, views)
         for state, view, old in zip(states, views, before):
             for key, value in view.items():
                 if value is not old.get(key):
@@ -349,7 +350,9 @@ class Optimizer(torch.optim.Optimizer):
         if group["maximize"]:
             grads = foreach_into(out, torch._foreach_neg, torch.neg, grads)
         if noise > 0:
-            noise_draws = [torch.randn_like(g) for g in grads]
+            # a standard normal draw per real number (a complex randn would give each part variance 1/2)
+            noise_draws = [torch.view_as_complex(torch.randn_like(torch.view_as_real(g))) if g.is_complex()
+                           else torch.randn_like(g) for g in grads]
             grads = foreach_into(out, torch._foreach_add, torch.add, grads, noise_draws, alpha=noise)
         if l2:
             grads = add_scaled(out, grads, params, decay)
