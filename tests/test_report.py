@@ -355,8 +355,9 @@ def test_stability_leaves_a_boundary_below_the_grid_open_and_reads_a_column_from
         (tmp_path / "report.md").read_text()
 
 
-def test_stability_reads_each_cell_as_the_map_shows_it(tmp_path: Path) -> None:
-    # lr 1: one seed diverging (listed first), one healthy: a tie, which the map shows as healthy*
+def test_stability_counts_a_tie_of_two_seeds_as_diverging(tmp_path: Path) -> None:
+    # lr 1: one seed diverging (listed first), one healthy: a tie, which the map shows as healthy*; half the
+    # seeds diverged there, so the largest lr without divergence is 0.1 (it was 1, read off the map; a probe)
     n = 0
     for lr in (0.1, 1.0):
         for seed, regime in ((0, "diverging" if lr == 1.0 else "healthy"), (1, "healthy")):
@@ -370,8 +371,30 @@ def test_stability_reads_each_cell_as_the_map_shows_it(tmp_path: Path) -> None:
     fake_run(tmp_path, f"{n}_job", "SGD", 0.1, 64, 0, 0.9)  # a second width: a map is drawn
     report(tmp_path)
     table = list(csv.DictReader((tmp_path / "stability.csv").open()))
-    assert [(t["width"], float(t["observed_max_lr_without_divergence"])) for t in table] == [("8", 1.0)]
+    assert [(t["width"], float(t["observed_max_lr_without_divergence"]), t["within_one_cell"]) for t in table] == \
+        [("8", 0.1, "True")]  # predicted 2 / 20 = 0.1
     assert "| sgd | 8 | 1 | healthy | diverging 1, healthy 1 |" in (tmp_path / "report.md").read_text()
+
+
+def test_the_report_says_why_a_tracked_sweep_has_no_stability_table_or_boundary(tmp_path: Path) -> None:
+    """A tracked sweep of one lr, or of runs first measured after step 0, gets no stability table, and one of
+    one width no regime map to draw the prediction on: report.md says so (it said nothing; a probe); without a
+    measurement at step 0 the started-above/below counts are empty, not 0."""
+    tracked_column(tmp_path / "one_lr", 8, {0.1: "healthy"})
+    tracked_column(tmp_path / "one_lr", 16, {0.1: "healthy"})
+    report(tmp_path / "one_lr")
+    assert "No stability table (the largest stable lr the sharpness at the start predicts): it needs runs at " \
+           "several lrs." in (tmp_path / "one_lr" / "report.md").read_text()
+    tracked_column(tmp_path / "later", 8, {0.1: "healthy", 1.0: "diverging"}, initial_step=5)
+    report(tmp_path / "later")
+    text = (tmp_path / "later" / "report.md").read_text()
+    assert "no run was measured at step 0 (curvature.log_spaced_start=false)." in text
+    assert "| sgd | 2 | 0 | 0 | 0 | 0 | 1 |  |  |  |" in text  # tracked, crossed, ..., misses; started: empty
+    tracked_column(tmp_path / "one_width", 8, {0.1: "healthy", 1.0: "diverging"})
+    written = report(tmp_path / "one_width")
+    assert tmp_path / "one_width" / "stability.csv" in written and tmp_path / "one_width" / "regime_map.png" not in written
+    assert "The predicted boundary is drawn on the regime map, which needs runs of several widths of one model." in \
+        (tmp_path / "one_width" / "report.md").read_text()
 
 
 def test_report_counts_crossings_false_alarms_and_leads(tmp_path: Path) -> None:

@@ -72,14 +72,22 @@ def write_report(rows: list[dict[str, Any]], sweep_dir: Path, out: Path) -> None
         plot_lr_sensitivity(rows, out / "lr_sensitivity.png")
     if any(r.get("curvature") for r in rows):
         plot_sharpness(rows, out / "sharpness.png")
-    if any((r.get("curvature") or {}).get("measurements") for r in rows):
+    tracked = any((r.get("curvature") or {}).get("measurements") for r in rows)
+    if tracked:
         lines += crossing_lines(rows)
     stability = stability_table(rows) if several_lrs else []
-    if stability:
-        lines += write_stability(stability, out)
     # an lr x width map: widths of one model kind (a CNN's channels are not an MLP's widths)
     models = sorted({r["model"] for r in rows if r.get("model")})
     regime_map = several_lrs and len({r["widths"] for r in rows if r.get("widths")}) > 1 and len(models) == 1
+    if stability:
+        lines += write_stability(stability, out)
+        if not regime_map:
+            lines += ["", "The predicted boundary is drawn on the regime map, which needs runs of several widths "
+                          "of one model."]
+    elif tracked:
+        why = ("it needs runs at several lrs" if not several_lrs else
+               "no run was measured at step 0 (curvature.log_spaced_start=false)")
+        lines += ["", f"No stability table (the largest stable lr the sharpness at the start predicts): {why}."]
     if several_lrs and len(models) > 1 and any(len({r.get("widths") for r in rows if r.get("model") == m}) > 1
                                                for m in models):
         lines += ["", f"No regime map: the runs are of {len(models)} models ({', '.join(models)}), whose widths share "

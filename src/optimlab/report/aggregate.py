@@ -65,11 +65,13 @@ def stability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     (median over the column of each run's first measurement: step 0 with ``curvature.log_spaced_start``,
     for the adaptive optimizers preconditioned by :func:`~optimlab.curvature.initial_preconditioner`,
     the P their state settles to from the gradients at initialisation), the largest stable lr it predicts (the lr at
-    which the threshold ``c/lr`` equals it: ``c / sharpness0``), the largest lr below the first whose runs (the
-    label most got, as on the map: :func:`map_cells`) diverged, and whether the two lie within one
-    grid cell of each other; and the same against the largest lr below the first oscillating or
-    diverging cell (a threshold crossed marks where instability starts; a run can oscillate and
-    still not diverge). The observed lrs are those below the column's first diverging (unstable) cell, as
+    which the threshold ``c/lr`` equals it: ``c / sharpness0``), the largest lr below the first at which at
+    least half the runs (seeds) diverged (a median, as ``sharpness0`` is; a tie of two seeds counts, which the
+    map, :func:`map_cells`, shows as the label first in its order, marked *), and whether the two lie within
+    one grid cell of each other; and the same against the largest lr below the first at which at least half
+    oscillated or diverged, together (a threshold crossed marks where instability starts; a run can oscillate
+    and still not diverge). Where no lr of the column diverged, the observed value is its largest lr (a lower
+    bound of the boundary). The observed lrs are those below the column's first diverging (unstable) cell, as
     its smallest lrs count up: a column whose cells are not monotone in lr gets no boundary from a stable cell
     above an unstable one. The cells are the column's own lrs (not the other columns'); a column whose
     boundary lies outside its grid (no lr diverged, or its smallest already did; the same for instability)
@@ -84,11 +86,16 @@ def stability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         sharpness0 = statistics.median(r["curvature"]["initial_sharpness"] for r in runs)
         factor = statistics.median(r["curvature"]["initial_threshold"] * r["lr"] for r in runs)  # c in c/lr
         predicted = factor / sharpness0 if sharpness0 > 0 else math.inf
-        cells = map_cells(runs)
-        column = sorted(lr for (_, _, lr) in cells)
-        regimes = [cells[(optimizer, widths, lr)].regime for lr in column]
-        first_diverging = next((lr for lr, regime in zip(column, regimes) if regime == "diverging"), math.inf)
-        first_unstable = next((lr for lr, regime in zip(column, regimes) if regime in UNSTABLE), math.inf)
+        regimes_at: dict[float, list[str]] = defaultdict(list)
+        for r in runs:
+            regimes_at[r["lr"]].append(r["regime"])
+        column = sorted(regimes_at)
+
+        def first_at_least_half(labels: tuple[str, ...]) -> float:
+            return next((lr for lr in column if 2 * sum(regime in labels for regime in regimes_at[lr])
+                         >= len(regimes_at[lr])), math.inf)
+
+        first_diverging, first_unstable = first_at_least_half(("diverging",)), first_at_least_half(UNSTABLE)
         observed = max((lr for lr in column if lr < first_diverging), default=None)
         calm = max((lr for lr in column if lr < first_unstable), default=None)
 

@@ -131,17 +131,19 @@ def _crossing_counts(runs: list[dict[str, Any]]) -> dict[str, int]:
     when its first measurement, at step 0 (``curvature.log_spaced_start``), is above the threshold."""
     crossed = [r for r in runs if r["curvature"].get("first_crossing_step") is not None]
     outcome = Counter(r["regime"] for r in crossed)
-    # A step-0 value that is missing or NaN (an unusable preconditioner) counts on neither side.
+    # A step-0 value that is missing or NaN (an unusable preconditioner) counts on neither side; where no run
+    # was measured at step 0 (curvature.log_spaced_start=false) the three counts are empty, not 0.
     at_start = [r for r in runs if measured_at_start(r)]
     above = [r for r in at_start if r["curvature"]["initial_sharpness"] > r["curvature"]["initial_threshold"]]
     below = [r for r in at_start if r["curvature"]["initial_sharpness"] <= r["curvature"]["initial_threshold"]]
+    started = {"started above": len(above), "started above: diverging": sum(r["regime"] == "diverging" for r in above),
+               "started below: diverging": sum(r["regime"] == "diverging" for r in below)}
     return {"tracked": len(runs), "crossed": len(crossed), "then diverging": outcome["diverging"],
             "then oscillating": outcome["oscillating"],
             "false alarms": len(crossed) - outcome["diverging"] - outcome["oscillating"],
             "misses": sum(r["regime"] == "diverging" and r["curvature"].get("first_crossing_step") is None
                           for r in runs),
-            "started above": len(above), "started above: diverging": sum(r["regime"] == "diverging" for r in above),
-            "started below: diverging": sum(r["regime"] == "diverging" for r in below)}
+            **{key: value if at_start else None for key, value in started.items()}}
 
 
 def crossing_lines(rows: list[dict[str, Any]]) -> list[str]:
