@@ -11,6 +11,7 @@ import signal
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # start): two threads per worker on two cores wait for each other.
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def flush_denormal_off_after() -> Iterator[None]:
+    """A run turns flush-denormal mode on for its process (``trainer.flush_denormal``), which the next test in
+    the worker would inherit (a preconditioner of 1e-310 read as 0); torch has no getter to restore it."""
+    yield
+    torch.set_flush_denormal(False)
 
 
 def compose_config(*overrides: str) -> DictConfig:

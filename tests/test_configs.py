@@ -155,10 +155,16 @@ def test_unknown_keys_are_refused(override: str, key: str) -> None:
     ("curvature=5", "curvature: 5 is not allowed; expected its keys (curvature.<key>=...)"),
     ("regimes=5", "regimes: 5 is not allowed; expected its keys (regimes.<key>=...)"),
     ("population=5", "population: 5 is not allowed; expected its keys (population.<key>=...)"),
-    ("trainer.limit_train_batches=0.0", "trainer.limit_train_batches: 0.0 is not allowed; expected null, an integer "
+    ("trainer.limit_train_batches=0.0", "trainer.limit_train_batches: 0.0 is not allowed; expected null or an integer "
                                         ">= 1 or a fraction in (0, 1]"),
-    ("trainer.limit_val_batches=0.0", "trainer.limit_val_batches: 0.0 is not allowed; expected null, an integer "
+    ("trainer.limit_val_batches=0.0", "trainer.limit_val_batches: 0.0 is not allowed; expected null or an integer "
                                       ">= 1 or a fraction in (0, 1]"),
+    # null, which these rules had allowed and the number rule refused in other words (a review): Lightning's
+    # Trainer fails on max_steps=None and would take overfit_batches=None as 100%
+    ("trainer.overfit_batches=null", "trainer.overfit_batches: None is not allowed; expected an integer >= 0 or a "
+                                     "fraction in [0, 1]"),
+    ("+trainer.max_steps=null", "trainer.max_steps: None is not allowed; expected one of -1 (a run stops after whole "
+                                "epochs, which the diagnosis judges; use epochs or trainer.limit_train_batches)"),
     # numbers given a bool, text or NaN: true trained with 1.0 (alpha: a blow-up), or crashed mid-run (a probe)
     ("optimizer.weight_decay=true", "optimizer.weight_decay: True is not allowed; expected a number"),
     ("optimizer.momentum=true", "optimizer.momentum: True is not allowed; expected a number"),
@@ -223,6 +229,16 @@ def test_tracking_and_the_population_launchers_python_defaults_are_the_configs()
 def test_the_configs_diagnosis_thresholds_are_the_python_defaults() -> None:
     """Every threshold is a key under ``regimes`` (``regimes.fit_acc=0.95`` without ``+``) with Thresholds' default."""
     assert OmegaConf.to_container(compose_config().regimes) == dataclasses.asdict(Thresholds())
+
+
+def test_a_number_parameter_that_also_takes_a_list_or_text_is_left_to_its_class() -> None:
+    from torch.optim.lr_scheduler import OneCycleLR, ReduceLROnPlateau
+
+    from optimlab.validate import parameter_rule
+
+    for cls, name in ((OneCycleLR, "max_momentum"), (OneCycleLR, "base_momentum"), (ReduceLROnPlateau, "min_lr")):
+        assert parameter_rule(inspect.signature(cls).parameters[name]) is None, name  # float | list[float]
+    assert parameter_rule(inspect.signature(OneCycleLR).parameters["div_factor"]) is not None
 
 
 def test_a_parameter_wider_than_a_bool_is_no_flag() -> None:

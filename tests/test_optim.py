@@ -592,17 +592,21 @@ def test_grad_noise_deterministic_and_effective(name: str, kw: dict[str, Any]) -
     assert_traj_close(clean, run(TORCH[name](p_ref, lr=LR[name], **kw), p_ref, grads), F64)
 
 
-def test_grad_noise_distribution() -> None:
-    # Zero gradient, lr 1, plain SGD: the update is exactly minus the noise, N(0, std^2).
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128], ids=["float64", "complex128"])
+def test_grad_noise_distribution(dtype: torch.dtype) -> None:
+    # Zero gradient, lr 1, plain SGD: the update is exactly minus the noise, N(0, std^2) in every real
+    # number (a complex gradient drew std/sqrt(2) per part until 2026-12-07, when complex gradients were
+    # first prepared in complex arithmetic; the classes that update complex parameters as pairs of reals had
+    # drawn std per part).
     std = 0.5
-    p = torch.zeros(20000, dtype=torch.float64, requires_grad=True)
+    p = torch.zeros(20000, dtype=dtype, requires_grad=True)
     p.grad = torch.zeros_like(p)
     torch.manual_seed(0)
     SGD([p], lr=1.0, grad_noise_std=std).step()
     assert torch.equal(p.grad, torch.zeros_like(p))
-    noise = -p.detach()
-    assert abs(noise.mean().item()) < 4 * std / math.sqrt(p.numel())
-    assert noise.std().item() == pytest.approx(std, rel=0.03)
+    for noise in (torch.view_as_real(-p.detach()).unbind(-1) if dtype.is_complex else [-p.detach()]):
+        assert abs(noise.mean().item()) < 4 * std / math.sqrt(p.numel())
+        assert noise.std().item() == pytest.approx(std, rel=0.03)
 
 
 # --------------------------------------------------------------------------- 9. no per-step temporaries on the CPU

@@ -388,7 +388,8 @@ def test_the_report_says_why_a_tracked_sweep_has_no_stability_table_or_boundary(
     tracked_column(tmp_path / "later", 8, {0.1: "healthy", 1.0: "diverging"}, initial_step=5)
     report(tmp_path / "later")
     text = (tmp_path / "later" / "report.md").read_text()
-    assert "no run was measured at step 0 (curvature.log_spaced_start=false)." in text
+    assert "no run has a finite measurement at step 0 (curvature.log_spaced_start=false, or an unusable " \
+           "preconditioner)." in text
     assert "| sgd | 2 | 0 | 0 | 0 | 0 | 1 |  |  |  |" in text  # tracked, crossed, ..., misses; started: empty
     tracked_column(tmp_path / "one_width", 8, {0.1: "healthy", 1.0: "diverging"})
     written = report(tmp_path / "one_width")

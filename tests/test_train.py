@@ -148,6 +148,19 @@ def test_the_tensorboard_loggers_hparams_yaml_is_the_one_lightning_writes(tmp_pa
         assert (tmp_path / name / "hparams.yaml").read_text() == (tmp_path / f"{name}.yaml").read_text(), name
 
 
+def test_a_runs_hparams_yaml_replaces_lightnings_empty_one_but_not_another_runs(tmp_path: Path) -> None:
+    """The ``{}`` Lightning saves at a fit's start gives way to the run's hyperparameters; a folder that runs
+    share (``logger.tensorboard.save_dir``, name and version empty) keeps the first run's (a review)."""
+    from optimlab.tensorboard_logger import TensorBoardRunLogger
+
+    (tmp_path / "hparams.yaml").write_text("{}\n")
+    for lr in (0.1, 0.2):
+        logger = TensorBoardRunLogger(save_dir=str(tmp_path), name="", version="", default_hp_metric=False)
+        logger.log_hyperparams({"lr": lr, "regime": "healthy"})
+        logger.close("success")
+    assert (tmp_path / "hparams.yaml").read_text() == "lr: 0.1\nregime: healthy\n"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["basic", "population"])
 def test_a_sweep_with_many_overrides_gets_short_job_folders(tmp_path: Path, launcher: str) -> None:

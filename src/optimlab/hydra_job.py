@@ -98,7 +98,8 @@ def command_line_error(args: list[str], conf_dir: Path) -> str | None:
         except HydraException:  # a flag, or a value of one (--cfg job)
             continue
         group = override.key_or_group
-        if override.value_type == ValueType.RANGE_SWEEP and not list(override.sweep_iterator()):  # choice(): Hydra's
+        # (an empty choice() Hydra refuses itself; a range is not listed: range(0, 10**9) is a valid sweep)
+        if override.value_type == ValueType.RANGE_SWEEP and next(iter(override.sweep_iterator()), None) is None:
             return (f"{group}: {override.input_line.split('=', 1)[1]} sweeps no value; a sweep needs at least one "
                     "(range(start, stop[, step]) stops before stop)")
         folder = conf_dir / group

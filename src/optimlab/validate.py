@@ -45,9 +45,9 @@ def limit(low: int) -> Rule:
     must be at least 1: 0.0 is no batch too)."""
     def allowed(v: Any) -> bool:
         fraction = isinstance(v, float) and (0 < v <= 1 if low else 0 <= v <= 1)
-        return v is None or (is_integer(v) and v >= low) or fraction
+        return (is_integer(v) and v >= low) or fraction
 
-    return allowed, f"null, an integer >= {low} or a fraction in {'(0, 1]' if low else '[0, 1]'}"
+    return allowed, f"an integer >= {low} or a fraction in {'(0, 1]' if low else '[0, 1]'}"
 
 
 MONITORED = one_of("val/loss", "val/acc")
@@ -72,9 +72,10 @@ RULES: dict[str, Rule] = {
     "trainer.gradient_clip_algorithm": optional(one_of("norm", "value")),
     "trainer.accumulate_grad_batches": one_of(1), "trainer.check_val_every_n_epoch": one_of(1),
     "trainer.val_check_interval": optional(one_of(1.0)), "trainer.barebones": one_of(False),
-    "trainer.max_steps": one_of(-1, None), "trainer.max_time": one_of(None),
-    "trainer.limit_train_batches": limit(1), "trainer.limit_val_batches": limit(1),
-    "trainer.limit_test_batches": limit(1), "trainer.overfit_batches": limit(0),
+    "trainer.max_steps": one_of(-1), "trainer.max_time": one_of(None),
+    "trainer.limit_train_batches": optional(limit(1)), "trainer.limit_val_batches": optional(limit(1)),
+    "trainer.limit_test_batches": optional(limit(1)),
+    "trainer.overfit_batches": limit(0),  # Lightning would take null as 100%
     "trainer.fast_dev_run": (lambda v: isinstance(v, bool) or (is_integer(v) and v >= 0),
                              "true, false or a number of batches >= 0"), "trainer.profiler": optional(one_of("simple", "advanced", "pytorch")),
     "trainer.detect_anomaly": BOOL,
@@ -214,14 +215,16 @@ def parameter_rule(param: inspect.Parameter) -> Rule | None:
     """The type a constructor's parameter takes where the constructor does not check it: :data:`BOOL`
     for a flag (a bool default or annotation; null allowed where null is its default), :data:`NUMBER`
     for a parameter with a number as its default (null where its annotation allows it; none where it
-    allows text), None for any other. torch.optim's constructors take ``optimizer.centered=no`` (a
+    allows text or a list), None for any other. torch.optim's constructors take ``optimizer.centered=no`` (a
     non-empty string) as on, and ``optimizer.momentum=true`` as 1.0."""
     annotation = param.annotation  # a bool default under a wider type (wandb's log_model: 'all' too) is no flag
     if annotation in (bool, "bool") or (annotation is inspect.Parameter.empty and isinstance(param.default, bool)):
         return BOOL
     if param.default is None and annotation in (Optional[bool], "bool | None", "Optional[bool]"):
         return optional(BOOL)
-    if isinstance(param.default, (int, float)) and not isinstance(param.default, bool) and "str" not in str(annotation):
+    wider = ("str", "list", "List", "Sequence", "tuple", "Tuple")  # OneCycleLR's momenta: a number or a list
+    if isinstance(param.default, (int, float)) and not isinstance(param.default, bool) and \
+            not any(word in str(annotation) for word in wider):
         return optional(NUMBER) if "None" in str(annotation) or "Optional" in str(annotation) else NUMBER
     return None
 

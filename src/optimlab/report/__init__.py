@@ -86,7 +86,8 @@ def write_report(rows: list[dict[str, Any]], sweep_dir: Path, out: Path) -> None
                           "of one model."]
     elif tracked:
         why = ("it needs runs at several lrs" if not several_lrs else
-               "no run was measured at step 0 (curvature.log_spaced_start=false)")
+               "no run has a finite measurement at step 0 (curvature.log_spaced_start=false, or an unusable "
+               "preconditioner)")
         lines += ["", f"No stability table (the largest stable lr the sharpness at the start predicts): {why}."]
     if several_lrs and len(models) > 1 and any(len({r.get("widths") for r in rows if r.get("model") == m}) > 1
                                                for m in models):
