@@ -310,6 +310,10 @@ def test_a_resume_refuses_overrides_it_would_ignore_and_a_diverged_run(finished_
     overrides = [f"resume={finished_run}", "lr=5", "model=cnn", "epochs=3"]
     with pytest.raises(ConfigError, match=r"lr=5, model=cnn would be ignored"):
         run(compose_config(*overrides), tmp_path / "cmd", overrides)
+    # A path that is no run is said first: the overrides were refused before it (a probe).
+    overrides = [f"resume={tmp_path / 'no_such_run'}", "lr=5"]
+    with pytest.raises(ConfigError, match="^resume: .*no_such_run"):
+        run(compose_config(*overrides), tmp_path / "cmd", overrides)
     diverged = copy_of(finished_run, tmp_path)
     summary = json.loads((diverged / "summary.json").read_text())
     summary.update(status="diverged", diverged=True, diverged_at_step=7)

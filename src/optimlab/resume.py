@@ -86,11 +86,11 @@ def plan_run(
             refuse_starting_over(run_dir, ckpt, saved)
         return cfg, run_dir, ckpt, saved
     if cfg.resume:
+        run_dir, ckpt = resolve_resume(resume_target(cfg.resume))  # a path that is no run: said first
         ignored = [o for o, key in zip(overrides, keys) if key not in RESUME_OVERRIDES]
         if ignored:
             raise ConfigError(f"resume: a resumed run keeps its own config, so {', '.join(ignored)} would be ignored; "
                               f"only {', '.join(RESUME_OVERRIDES[1:])} may be given with resume=")
-        run_dir, ckpt = resolve_resume(resume_target(cfg.resume))
         saved = read_summary(run_dir)
         if saved is None:
             raise ConfigError(f"resume: {cfg.resume!r} holds no readable {SUMMARY} with the run's config")
