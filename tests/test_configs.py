@@ -175,6 +175,7 @@ def test_unknown_keys_are_refused(override: str, key: str) -> None:
     ("optimizer=adagrad optimizer.initial_accumulator_value=true",
      "optimizer.initial_accumulator_value: True is not allowed; expected a number"),
     ("optimizer=adagrad optimizer.lr_decay=false", "optimizer.lr_decay: False is not allowed; expected a number"),
+    ("curvature.tol=1.5", "curvature.tol: 1.5 is not allowed; expected a number in (0, 1)"),  # 52% low (a probe)
     ("trainer.fast_dev_run=-1",
      "trainer.fast_dev_run: -1 is not allowed; expected true, false or a number of batches >= 0"),
     ("model.init_std=[1]", "model.init_std: [1] is not allowed; expected a number"),

@@ -445,6 +445,20 @@ def test_a_run_that_diverged_before_its_first_measurement_says_so() -> None:
     assert d.evidence[-1] == ("sharpness not measured: the first non-finite loss, gradient or weight came at step 3, "
                               "before the first measurement")
     assert len(diagnose(CURVES["healthy"], curvature=unmeasured).evidence) == 2  # nothing to say of a calm run
+    # A diverging label without a non-finite stop, and no measurement: said too (nothing was; a probe).
+    d = diagnose(CURVES["diverging"], curvature=unmeasured)
+    assert d.regime == "diverging" and d.evidence[-1] == "sharpness not measured: the run ended before its first " \
+                                                         "measurement"
+
+
+def test_a_run_whose_only_measurement_was_not_finite_says_so() -> None:
+    """lr 1e38, measured from step 1 (``log_spaced_start=false``): its one value was NaN, and the evidence had
+    said the sharpness "stayed below 2/lr = 2e-38 in all 1 measurements (largest nan)" (a probe)."""
+    nan_only = {**CROSSED, "measurements": 1, "initial_step": 1, "sharpness_max": None, "first_crossing_step": None,
+                "crossing_sharpness": None, "crossing_threshold": None, "series": [[1, None, 2e-38]]}
+    d = diagnose(CURVES["diverging"][:1], diverged=True, diverged_at_step=1, curvature=nan_only)
+    assert d.evidence[-1] == ("sharpness not measured: none of its 1 measurement(s) from step 1 was finite; first "
+                              "non-finite loss, gradient or weight at step 1")
 
 
 def test_a_step_loss_rise_short_of_a_blow_up_is_said_with_the_sharpness() -> None:

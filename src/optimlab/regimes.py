@@ -334,9 +334,9 @@ def edge_of_stability(
         return None
     what = "preconditioned sharpness" if curvature.get("preconditioned") else "sharpness"
     if not curvature.get("measurements"):  # tracked, but the run ended before its first measurement
-        return None if diverged_at_step is None else (
-            f"{what} not measured: the first non-finite loss, gradient or weight came at step {diverged_at_step}, "
-            f"before the first measurement")
+        return (f"{what} not measured: the run ended before its first measurement" if diverged_at_step is None else
+                f"{what} not measured: the first non-finite loss, gradient or weight came at step {diverged_at_step}, "
+                f"before the first measurement")
     threshold = curvature.get("threshold_formula") or "its stability threshold"
     step = curvature.get("first_crossing_step")
     m["sharpness_max"] = _float(curvature.get("sharpness_max"))
@@ -346,7 +346,10 @@ def edge_of_stability(
     # Where tracking began after step 0 (log_spaced_start off) a blow-up may predate every measurement.
     start = curvature.get("initial_step")
     since = f"from step {start}" if isinstance(start, (int, float)) and start > 0 else ""
-    if step is None:
+    if step is None and not math.isfinite(m["sharpness_max"]):  # e.g. the one measurement, of non-finite weights
+        text = (f"{what} not measured: none of its {curvature['measurements']} measurement(s)"
+                f"{' ' + since if since else ''} was finite")
+    elif step is None:
         levels = {row[2] for row in curvature.get("series") or []}
         level = f" = {_float(levels.pop()):.3g}" if len(levels) == 1 else ""  # one threshold throughout
         text = (f"{what} stayed below {threshold}{level} in all {curvature['measurements']} measurements"

@@ -77,7 +77,8 @@ RULES: dict[str, Rule] = {
     "trainer.limit_test_batches": optional(limit(1)),
     "trainer.overfit_batches": limit(0),  # Lightning would take null as 100%
     "trainer.fast_dev_run": (lambda v: isinstance(v, bool) or (is_integer(v) and v >= 0),
-                             "true, false or a number of batches >= 0"), "trainer.profiler": optional(one_of("simple", "advanced", "pytorch")),
+                             "true, false or a number of batches >= 0"),
+    "trainer.profiler": optional(one_of("simple", "advanced", "pytorch")),
     "trainer.detect_anomaly": BOOL,
     # optimlab's own trainer keys (OWN_TRAINER_KEYS)
     "trainer.check_finite_every_n_steps": optional(INT_POSITIVE), "trainer.progress_bar": BOOL,
@@ -98,7 +99,8 @@ RULES: dict[str, Rule] = {
     "scheduler.step_size": INT_POSITIVE, "scheduler.gamma": POSITIVE, "scheduler.T_max": INT_POSITIVE,
     "scheduler.eta_min": NON_NEGATIVE,
     "curvature.every_n_steps": optional(INT_POSITIVE), "curvature.probe_size": INT_POSITIVE,
-    "curvature.iters": (lambda v: is_integer(v) and v >= 2, "an integer >= 2"), "curvature.tol": POSITIVE,
+    "curvature.iters": (lambda v: is_integer(v) and v >= 2, "an integer >= 2"),
+    "curvature.tol": (lambda v: finite_number(v) and 0 < v < 1, "a number in (0, 1)"),  # a relative error bound
     "curvature.log_spaced_start": BOOL,
     # read by hydra/launcher=population (hydra.launcher.max_members / ...), which also checks them
     "population.max_members": INT_POSITIVE, "population.max_memory_gib": optional(POSITIVE), "population.dry_run": BOOL,
