@@ -634,6 +634,19 @@ def lr_axis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lrs: tuple[float, .
     return figure.axes[0]
 
 
+def test_the_maps_lr_ticks_keep_three_significant_digits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from matplotlib.figure import Figure
+
+    for lr in (3.16e-4, 1e-3, 3.16e-3, 0.0316, 3.16):
+        for width in (4, 8):
+            fake_run(tmp_path, f"{width}_{lr}", "SGD", lr, width, 0, 0.9)
+    drawn: dict[str, Figure] = {}
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kwargs: drawn.setdefault(Path(path).name, fig))
+    report(tmp_path)
+    labels = [label.get_text() for label in drawn["regime_map.png"].axes[0].get_xticklabels()]
+    assert labels == ["0.000316", "0.001", "0.00316", "0.0316", "3.16"]  # 0.00316 had read 0.0032 (a probe)
+
+
 def test_runs_without_a_test_accuracy_are_not_drawn_at_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A crashed job (a config error) has no accuracy: lr_sensitivity.png leaves it out, not at 0%."""
     from matplotlib.figure import Figure
