@@ -92,6 +92,11 @@ def nonzero(value: Coef) -> bool:
     return value != 0
 
 
+def l2_decay(group: dict[str, Any]) -> bool:
+    """Whether the group's ``weight_decay`` is added to the gradient (L2; not AdamW's decoupled decay)."""
+    return not group.get("decoupled_weight_decay", False) and nonzero(group["weight_decay"])
+
+
 def per_member(value: Any) -> bool:
     """Whether a coefficient holds one value per member (a 1-D tensor; see :class:`Optimizer`)."""
     return isinstance(value, Tensor) and value.dim() == 1
@@ -314,7 +319,7 @@ class Optimizer(torch.optim.Optimizer):
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients{self.sparse_advice}")
         if group.get("members") is not None:
             raise RuntimeError("sparse gradients are not supported in a member-wise group")
-        if not group.get("decoupled_weight_decay", False) and nonzero(group["weight_decay"]):
+        if l2_decay(group):
             raise RuntimeError("weight_decay option is not compatible with sparse gradients")
         if group["grad_noise_std"] > 0:
             raise RuntimeError("grad_noise_std is not supported with sparse gradients")
@@ -341,8 +346,7 @@ class Optimizer(torch.optim.Optimizer):
 
         ``p.grad`` itself is never modified; any change works on a copy, as torch.optim does.
         """
-        decay = group["weight_decay"]
-        l2 = not group.get("decoupled_weight_decay", False) and nonzero(decay)
+        l2 = l2_decay(group)
         noise = group["grad_noise_std"]
         if not (group["maximize"] or noise > 0 or l2):
             return grads
@@ -355,7 +359,7 @@ class Optimizer(torch.optim.Optimizer):
                            else torch.randn_like(g) for g in grads]
             grads = foreach_into(out, torch._foreach_add, torch.add, grads, noise_draws, alpha=noise)
         if l2:
-            grads = add_scaled(out, grads, params, decay)
+            grads = add_scaled(out, grads, params, group["weight_decay"])
         return grads
 
     def _addcdiv_scaled_(self, targets: list[Tensor], tensor1: list[Tensor], tensor2: list[Tensor],
