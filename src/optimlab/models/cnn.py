@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from optimlab.models.activations import activation as make_activation
 from optimlab.models.checks import check_common, check_positive_int, check_widths
 from optimlab.models.init import initialise
+from optimlab.models.mlp import dense_layers
 
 
 def feature_size(image_size: int, blocks: int, kernel_size: int, pool_stride: int) -> int:
@@ -60,15 +61,9 @@ class CNN(nn.Module):
             layers += [nn.Conv2d(chans, out, kernel_size), make_activation(activation), nn.MaxPool2d(2, pool_stride)]
             chans = out
         layers.append(nn.Flatten())
-        widths = [chans * size * size, *fc]
-        for fan_in, fan_out in zip(widths[:-1], widths[1:]):
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            layers += [nn.Linear(fan_in, fan_out), make_activation(activation)]
-        if dropout > 0:
+        if dropout > 0:  # also on the conv features, before the first fully connected layer
             layers.append(nn.Dropout(dropout))
-        layers.append(nn.Linear(widths[-1], num_classes))
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(*layers, *dense_layers([chans * size * size, *fc], num_classes, activation, dropout))
         initialise(self, init, init_std)
 
     def forward(self, x: Tensor) -> Tensor:

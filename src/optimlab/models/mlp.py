@@ -11,6 +11,18 @@ from optimlab.models.checks import check_common, check_widths
 from optimlab.models.init import initialise
 
 
+def dense_layers(widths: Sequence[int], num_classes: int, activation: str, dropout: float) -> list[nn.Module]:
+    """Fully connected layers from ``widths[0]`` inputs through the hidden ``widths[1:]`` to ``num_classes``
+    outputs: each hidden layer followed by its activation and, when ``dropout > 0``, dropout."""
+    layers: list[nn.Module] = []
+    for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(fan_in, fan_out), make_activation(activation)]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(widths[-1], num_classes))
+    return layers
+
+
 class MLP(nn.Module):
     """Multilayer perceptron on flattened images.
 
@@ -28,14 +40,7 @@ class MLP(nn.Module):
         check_widths("hidden", hidden, "[1024,128]")
         check_common(activation, init, init_std, dropout)
         super().__init__()
-        widths = [in_features, *hidden]
-        layers: list[nn.Module] = [nn.Flatten()]
-        for fan_in, fan_out in zip(widths[:-1], widths[1:]):
-            layers += [nn.Linear(fan_in, fan_out), make_activation(activation)]
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-        layers.append(nn.Linear(widths[-1], num_classes))
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(nn.Flatten(), *dense_layers([in_features, *hidden], num_classes, activation, dropout))
         initialise(self, init, init_std)
 
     def forward(self, x: Tensor) -> Tensor:
