@@ -366,6 +366,9 @@ def test_grad_noise_is_refused_with_torch_impl(tmp_path: Path) -> None:
     ("+trainer.default_root_dir=/tmp", "trainer.default_root_dir"), ("trainer.limit_val_batches=0", "trainer.limit_val_batches"),
     ("trainer.overfit_batches=-1", "trainer.overfit_batches"), ("trainer.profiler=fancy", "trainer.profiler"),
     ("trainer.max_epochs=0", "trainer.max_epochs"),
+    ("+trainer.val_check_interval=1", "trainer.val_check_interval"),  # an int: validation every batch
+    ("trainer.devices=true", "trainer.devices"),
+    ("+trainer.max_steps=-1.0", "trainer.max_steps"),  # one_of compares types too (a review)
     ("+trainer.foo=1", "trainer.foo"), ("callbacks.model_checkpoint.monitor=train/acc", "callbacks.model_checkpoint.monitor"),
     ("callbacks=early_stopping callbacks.early_stopping.patience=-1", "callbacks.early_stopping.patience"),
     ("+callbacks.model_checkpoint.every=2", "callbacks.model_checkpoint.every"), ("+callbacks.mine=3", "callbacks.mine"),

@@ -47,7 +47,8 @@ NUMBER: Rule = (finite_number, "a number")
 
 
 def one_of(*choices: Any) -> Rule:
-    return (lambda v: v in choices, "one of " + ", ".join(map(str, choices)))
+    # of the same type too: 1 == 1.0 == True, but Lightning reads an int val_check_interval as batches
+    return (lambda v: any(v == c and type(v) is type(c) for c in choices), "one of " + ", ".join(map(str, choices)))
 
 
 def optional(rule: Rule) -> Rule:
