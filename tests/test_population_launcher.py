@@ -478,7 +478,7 @@ def scheduler(target: str, *options: str) -> list[str]:
     (["logger=mlflow"], "a logger other than TensorBoard or CSV (mlflow)"),
     (["trainer.detect_anomaly=true"], "trainer.detect_anomaly=True"),
     (["test_ckpt=best", "callbacks.model_checkpoint.save_top_k=2"], "test_ckpt=best with callbacks.model_checkpoint"),
-    (["optimizer.impl=torch"], "optimizer.impl=torch"),
+    (["optimizer.impl=torch"], "optimizer.impl=torch (member-wise groups are optimlab.optim's)"),  # said once
     (["trainer.precision=bf16-mixed"], "precision"), (["trainer.limit_train_batches=0"], "limit_train_batches=0"),
 ])
 def test_what_a_population_cannot_reproduce_runs_alone(overrides: list[str], reason: str) -> None:
@@ -486,6 +486,8 @@ def test_what_a_population_cannot_reproduce_runs_alone(overrides: list[str], rea
     assert why_alone(compose_config("trainer.check_finite_every_n_steps=1")) is None  # null's cadence on the CPU
     assert why_alone(compose_config("model=cnn", "optimizer=adam")) is None
     assert reason in why_alone(compose_config(*overrides))
+    if overrides == ["optimizer.impl=torch"]:
+        assert why_alone(compose_config(*overrides)) == reason
 
 
 def test_groups_are_split_evenly_and_a_job_without_partner_runs_alone() -> None:
@@ -1245,6 +1247,12 @@ def test_dry_run_prints_the_plan_and_writes_nothing(mnist_root: Path, tmp_path: 
     lines = [line for line in twins.stdout.splitlines() if " members (jobs " in line]
     assert [line.split("seed 0; ")[1].split(";")[0] for line in lines] == ["curvature.probe_size=32",
                                                                           "curvature.probe_size=64"]
+    # A hydra override interpolating the job's Hydra config is planned as the basic launcher runs it (a probe:
+    # the plan had resolved it outside any job, a traceback).
+    numbered = train("lr=0.1,0.5", *SMALL, "hydra/launcher=population", f"{knobs}.dry_run=true",
+                     f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=job${hydra.job.num}")
+    assert numbered.returncode == 0, numbered.stderr[-3000:]
+    assert "2 jobs -> 2 in 1 population(s)" in numbered.stdout
     # A budget too small for two members: the plan says so and runs each job alone.
     small = train("lr=0.1,0.5", *SMALL, "hydra/launcher=population", f"{knobs}.dry_run=true",
                   f"{knobs}.max_memory_gib=0.01", f"hydra.sweep.dir={tmp_path}")

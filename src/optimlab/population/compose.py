@@ -184,7 +184,9 @@ class ShapeCachingLoader(ConfigLoader):
         plain = [self.is_plain(o) for o in overrides]
         # A plain value's kind belongs to the shape: a null or a list can stand where Hydra would refuse
         # another kind (curvature=null replaces the curvature node; a copy of it would then take [1]).
-        shape_key = (master_config.hydra.job.config_name, tuple(master_config.hydra.overrides.hydra),
+        # the hydra override lines as given: resolving them reads ${hydra.job.num}, not set yet
+        hydra_lines = tuple(OmegaConf.to_container(master_config.hydra.overrides.hydra, resolve=False))
+        shape_key = (master_config.hydra.job.config_name, hydra_lines,
                      tuple((o.key_or_group, value_kind(o.value())) if p else o.input_line
                            for o, p in zip(overrides, plain)))
         return overrides, plain, shape_key
