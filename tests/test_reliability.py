@@ -292,6 +292,10 @@ def test_a_run_recorded_before_the_trainer_came_from_config_still_resumes(finish
         del config["trainer"][key]
     config["early_stopping"] = {"enabled": False, "monitor": "val/acc", "mode": "max", "patience": 3, "min_delta": 0.0}
     (run_dir / "summary.json").write_text(json.dumps(saved))
+    ckpt = run_dir / "checkpoints" / "last.ckpt"  # and its checkpoint, which held no config then
+    state = torch.load(ckpt, weights_only=False)
+    del state["callbacks"]["RunRecord"]["config"]
+    torch.save(state, ckpt)
     result = train(f"resume={run_dir}", "epochs=2")  # the old record, one epoch longer
     assert result.returncode == 0, result.stderr[-2000:]
     log = (run_dir / "train.log").read_text()  # the session's lines, not only in its own Hydra folder
@@ -435,6 +439,42 @@ def test_resume_auto_refuses_a_run_of_another_config_or_without_its_checkpoint(f
     with pytest.raises(ConfigError, match=r"^resume: .* has 1 finished epoch\(s\) but no checkpoint"):
         run(compose_config(*TINY, "resume=auto"), run_dir)
     assert files_of(run_dir) == before
+
+
+def test_a_checkpoint_saved_by_another_run_is_refused(finished_run: Path, tmp_path: Path) -> None:
+    """Another run's checkpoint of the same network in a run's folder (a probe copied one in): resuming
+    from it would continue that run under this one's record. Refused in one line, every file kept: a
+    checkpoint of another config (resume=<dir>; resume=auto with no summary), and one with more finished
+    epochs than the run is to train (Lightning had stopped with a traceback after the summary was rewritten)."""
+    import shutil
+
+    from conftest import compose_config
+    from optimlab.train import run
+    from optimlab.validate import ConfigError
+
+    other = tmp_path / "other"
+    run(compose_config(*TINY, "epochs=2", "optimizer.lr=0.3"), other)
+    run_dir = copy_of(finished_run, tmp_path)
+    shutil.copy(other / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last.ckpt")
+    before = files_of(run_dir)
+    overrides = [f"resume={run_dir}", "epochs=3"]
+    with pytest.raises(ConfigError, match=r"^resume: .*last.ckpt' was saved by a run of another config \(optimizer.lr: "
+                                          r"0.3 there, 0.1 here\); continuing from it would mix the two; nothing was "
+                                          r"changed$"):
+        run(compose_config(*overrides), tmp_path / "cmd", overrides)
+    assert files_of(run_dir) == before
+    (run_dir / "summary.json").unlink()
+    before = files_of(run_dir)
+    with pytest.raises(ConfigError, match=r"saved by a run of another config \(optimizer.lr: 0.3 there, 0.1 here\)"):
+        run(compose_config(*TINY, "resume=auto"), run_dir)
+    assert files_of(run_dir) == before
+    with pytest.raises(ConfigError, match=r"^resume: .*last.ckpt' holds 2 finished epochs, more than epochs=1; give "
+                                          r"epochs=2 or more; nothing was changed$"):
+        run(compose_config(*TINY, "resume=auto", "optimizer.lr=0.3"), run_dir)
+    assert files_of(run_dir) == before
+    # its own run continues from it
+    resumed = run(compose_config(*TINY, "resume=auto", "optimizer.lr=0.3", "epochs=3"), run_dir)
+    assert resumed.status == "complete" and len(resumed.epochs) == 3
 
 
 def test_a_run_resumed_with_more_epochs_keeps_the_lrs_its_csv_logged(tmp_path: Path) -> None:

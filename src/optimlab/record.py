@@ -146,17 +146,23 @@ class RunRecord(Checkpoint):
     # ---- checkpoint state: the record so far and every RNG state ---------------------------------
     def state_dict(self) -> dict[str, Any]:
         # saved_at: what a resumed run's TensorBoard logged before this checkpoint (tensorboard_logger.Restart)
-        return {"history": self.history, "train_steps": self.train_steps, "epoch_lrs": self.epoch_lrs,
+        # config: which run's checkpoint this is (resume.refuse_foreign_checkpoint)
+        return {"config": self.config, "history": self.history, "train_steps": self.train_steps,
+                "epoch_lrs": self.epoch_lrs,
                 "first_step_s": self.first_step_s, "saved_at": time.time(),
                 "guard": self.guard.state_dict(), "rng_cpu": torch.get_rng_state(),
                 # Only where this process uses CUDA: asking would start CUDA in a CPU run on a GPU machine.
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
 
+    def saved_state(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        """What this record's :meth:`state_dict` put into ``checkpoint`` (empty where nothing)."""
+        return checkpoint.get("callbacks", {}).get(self.state_key, {})
+
     def restart_of(self, checkpoint: dict[str, Any], path: Path) -> Restart:
         """Where a run resumed from ``checkpoint`` (read from ``path``) takes its TensorBoard events over:
         at the checkpoint's step, keeping the earlier events logged before this record was saved into it
         (for a checkpoint of an earlier version, before the file's time)."""
-        saved = checkpoint.get("callbacks", {}).get(self.state_key, {}).get("saved_at")
+        saved = self.saved_state(checkpoint).get("saved_at")
         return Restart(int(checkpoint.get("global_step", 0)), path.stat().st_mtime if saved is None else saved)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

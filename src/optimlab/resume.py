@@ -165,18 +165,15 @@ def keep_derived_values(cfg: DictConfig, recorded: dict[str, Any]) -> None:
             OmegaConf.update(cfg, key, value, merge=False)
 
 
-def refuse_changed_config(run_dir: Path, saved: RunSummary, cfg: DictConfig, checkpointed: bool = False) -> None:
-    """Raise ConfigError where ``resume=auto`` would continue the run in ``run_dir`` (one with finished
-    epochs, or ``checkpointed``) with another config than it recorded: the run would mix two. Not
-    compared: :data:`MAY_DIFFER_ON_RESUME` and what derives from them (``cfg`` is resolved with their
-    recorded values), and a key only one of them has (one added since the run was recorded)."""
-    if not (saved.epochs or checkpointed):
-        return  # nothing to continue (e.g. a job refused before any work, its config since fixed)
-    recorded = OmegaConf.create(saved.config)
+def config_changes(recorded: dict[str, Any], cfg: DictConfig) -> str | None:
+    """What ``cfg`` changes of the ``recorded`` config (``key: old there, new here``, the first three), or
+    None. Not compared: :data:`MAY_DIFFER_ON_RESUME` and what derives from them (``cfg`` is resolved with
+    their recorded values), and a key only one of them has (one added since the run was recorded)."""
+    recorded_cfg = OmegaConf.create(recorded)
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
         for key in MAY_DIFFER_ON_RESUME:
-            value = OmegaConf.select(recorded, key, default=None)
+            value = OmegaConf.select(recorded_cfg, key, default=None)
             if value is not None and OmegaConf.select(cfg, key, default=None) is not None:
                 OmegaConf.update(cfg, key, value, merge=False)
 
@@ -184,9 +181,35 @@ def refuse_changed_config(run_dir: Path, saved: RunSummary, cfg: DictConfig, che
     # (keep_derived_values): T_max 2 recorded beside epochs 3, which ${epochs} would make 3.
     raw = OmegaConf.to_container(cfg, resolve=False)
     changed = sorted(f"{key}: {old!r} there, {new!r} here" for key, old, new in
-                     differences(comparable(saved.config), comparable(OmegaConf.to_container(cfg, resolve=True)))
+                     differences(comparable(recorded), comparable(OmegaConf.to_container(cfg, resolve=True)))
                      if not interpolates_resume_keys(raw, key))
+    return "; ".join(changed[:3]) + ("; ..." if len(changed) > 3 else "") if changed else None
+
+
+def refuse_changed_config(run_dir: Path, saved: RunSummary, cfg: DictConfig, checkpointed: bool = False) -> None:
+    """Raise ConfigError where ``resume=auto`` would continue the run in ``run_dir`` (one with finished
+    epochs, or ``checkpointed``) with another config than it recorded (:func:`config_changes`): the run
+    would mix two."""
+    if not (saved.epochs or checkpointed):
+        return  # nothing to continue (e.g. a job refused before any work, its config since fixed)
+    changed = config_changes(saved.config, cfg)
     if changed:
-        raise ConfigError(f"resume=auto: {run_dir} holds a run of another config ({'; '.join(changed[:3])}"
-                          f"{'; ...' if len(changed) > 3 else ''}); continuing it would mix the two: rerun with "
-                          f"its values, or into another folder")
+        raise ConfigError(f"resume=auto: {run_dir} holds a run of another config ({changed}); continuing it would "
+                          f"mix the two: rerun with its values, or into another folder")
+
+
+def refuse_foreign_checkpoint(path: Path, saved: dict[str, Any], cfg: DictConfig) -> None:
+    """Raise ConfigError where the checkpoint at ``path``, whose run record saved ``saved``
+    (:meth:`~optimlab.record.RunRecord.state_dict`), cannot continue the run of ``cfg``: it holds more
+    finished epochs than ``cfg.epochs`` (Lightning would stop with a traceback), or it was saved by a run
+    of another config (:func:`config_changes`; a checkpoint saved before 2026-12-07 holds none, and is
+    taken as the run's). Its weights' shapes are checked by
+    :func:`~optimlab.checkpointing.read_checkpoint`."""
+    changed = config_changes(saved["config"], cfg) if "config" in saved else None
+    if changed:
+        raise ConfigError(f"resume: {str(path)!r} was saved by a run of another config ({changed}); continuing "
+                          f"from it would mix the two; nothing was changed")
+    done = len(saved.get("history", []))
+    if done > cfg.epochs:
+        raise ConfigError(f"resume: {str(path)!r} holds {done} finished epochs, more than epochs={cfg.epochs}; give "
+                          f"epochs={done} or more; nothing was changed")

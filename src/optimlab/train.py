@@ -26,7 +26,7 @@ from optimlab.files import remove_stale_temporaries
 from optimlab.hydra_job import command_line_override, save_job_record
 from optimlab.mnist_files import check_batch_limits
 from optimlab.record import RunRecord, close_loggers, device_name, log_result, result_line
-from optimlab.resume import keep_derived_values, plan_run, refuse_changed_config
+from optimlab.resume import keep_derived_values, plan_run, refuse_changed_config, refuse_foreign_checkpoint
 from optimlab.signals import Interrupted, StopOnSignal
 from optimlab.summary import FINISHED, RunSummary, is_complete, write_summary
 from optimlab.tensorboard_logger import Restart, open_after
@@ -121,6 +121,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
                        steps_per_epoch=steps_per_epoch)
     # Where this session's events take over from earlier ones in the folder (none: it starts over).
     restart = record.restart_of(checkpoint, ckpt) if ckpt is not None and checkpoint is not None else Restart(0)
+    if ckpt is not None and checkpoint is not None:
+        refuse_foreign_checkpoint(ckpt, record.saved_state(checkpoint), cfg)
     trainer = build_trainer(cfg, run_dir, [stopper := StopOnSignal(), *filter(None, [sharpness]), record], restart)
     datamodule.to(trainer.strategy.root_device)
     record.extra = {"params": sum(p.numel() for p in module.model.parameters()), "train_size": len(datamodule.train_y),
