@@ -3,6 +3,7 @@ and grouped (fast, composed in-process), and end to end against the basic launch
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
@@ -1334,6 +1335,38 @@ def test_a_crashed_population_fails_each_member(mnist_root: Path, tmp_path: Path
     with hydra_config_of(jobs[0].sweep_config), pytest.raises(PopulationCrashed, match="population 1 crashed"):
         finish_member(jobs[0], results[0])(jobs[0].config)
     assert json.loads((tmp_path / "0" / "summary.json").read_text())["status"] == "crashed"
+
+
+def test_a_member_whose_files_cannot_be_written_fails_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a population's process, a member whose files cannot be written (its logs: a full disk) is recorded
+    crashed and its job fails; the members written before and after it keep their finished records, also
+    where the population's process then dies (a review: every member had been marked crashed)."""
+    from optimlab.population import records
+    from optimlab.summary import RunSummary
+
+    jobs = [SimpleNamespace(run_dir=tmp_path / str(m), config={}, sweep_config=None) for m in range(3)]
+    finished = [RunSummary(status="complete", config={}, epochs=[{"epoch": 1, "train_loss": 0.5}], test_acc=0.9)
+                for _ in jobs]
+    monkeypatch.setattr(launcher, "train_members", lambda members, name: list(finished))
+    monkeypatch.setattr(launcher, "save_member_job_record", lambda job: None)
+    monkeypatch.setattr(launcher, "hydra_config_of", lambda cfg: contextlib.nullcontext())
+
+    def write_logs(run_dir: Path, summary: RunSummary) -> None:
+        if run_dir == jobs[1].run_dir:
+            raise OSError("no space left")
+
+    monkeypatch.setattr(records, "write_logs", write_logs)
+    results, stop = launcher.train_and_record(jobs, "population 1")
+    assert [s.status for s in results] == ["complete", "crashed", "complete"] and stop is None
+    assert results[1].error == "OSError: no space left"
+    assert [json.loads((job.run_dir / "summary.json").read_text())["status"] for job in jobs] == \
+        ["complete", "crashed", "complete"]
+    # the population's job failed after all: what was recorded finished stays so
+    failed, _ = launcher.failed_and_recorded(jobs, "population 1", "processes job 1 failed: killed")
+    assert [s.status for s in failed] == ["complete", "crashed", "complete"]
+    assert failed[1].error == "OSError: no space left"  # its files again not written: said so, not raised
+    assert [json.loads((job.run_dir / "summary.json").read_text())["status"] for job in jobs] == \
+        ["complete", "crashed", "complete"]
 
 
 def test_a_population_stopped_before_its_records_return_keeps_its_members_epochs(mnist_root: Path,

@@ -30,6 +30,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +141,7 @@ def population_optimizer(model: StackedModel, optimizers: Sequence[Mapping[str, 
 
 def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
     """Train ``members`` as one population; each member's final summary (``complete`` or
-    ``diverged``, tested on the test set with its last weights), or, if the population stops with
+    ``diverged``, tested on the test set with its last weights, or its best epoch's under ``test_ckpt=best``), or, if the population stops with
     an error, each member's ``crashed`` summary with that error. After each epoch the population's
     checkpoint (:class:`~optimlab.population.checkpoint.PopulationCheckpoint`) is saved, then each
     member's ``running`` summary written; under ``resume=auto`` a population whose checkpoint exists
@@ -327,18 +328,27 @@ def train_and_record(members: Sequence[Job], name: str) -> tuple[list[RunSummary
     has finished them."""
     results = train_members(members, name)
     with signals_deferred() as received:
-        for job, summary in zip(members, results):
-            record_member(job, summary)
+        results = record_members(members, results)
     return results, (received[0] if received else None)
 
 
-def failed_and_recorded(members: Sequence[Job], name: str, error: str) -> tuple[list[RunSummary], None]:
-    """:func:`failed_members`, each member's files written (:func:`record_member`), as
-    :func:`train_and_record` would have."""
-    results = failed_members(members, name, error)
+def record_members(members: Sequence[Job], results: list[RunSummary]) -> list[RunSummary]:
+    """Each member's files written (:func:`record_member`); ``results``, with a crashed summary for a member
+    whose files could not be written (its summary says so): its job fails, the others are written."""
+    recorded = []
     for job, summary in zip(members, results):
-        record_member(job, summary)
-    return results, None
+        try:
+            record_member(job, summary)
+        except Exception as err:
+            summary = replace(summary, status="crashed", error=f"{type(err).__name__}: {err}")
+        recorded.append(summary)
+    return recorded
+
+
+def failed_and_recorded(members: Sequence[Job], name: str, error: str) -> tuple[list[RunSummary], None]:
+    """:func:`failed_members`, each member's files written (:func:`record_members`), as
+    :func:`train_and_record` would have."""
+    return record_members(members, failed_members(members, name, error)), None
 
 
 def finish_member(job: Job, summary: RunSummary, recorded: bool = False) -> TaskFunction:
@@ -363,9 +373,12 @@ def finish_member(job: Job, summary: RunSummary, recorded: bool = False) -> Task
 def crashed_record(job: Job, name: str, error: str, stopped: bool = False) -> RunSummary:
     """What ``job``'s folder holds (its epochs so far), ``crashed`` with ``error``, or ``interrupted``
     where it says so and ``stopped`` (a cancelled submitit job wrote it); or a bare crashed summary
-    where it holds nothing; as a member of ``name``."""
+    where it holds nothing; as a member of ``name``. A finished member's record (written before its
+    population's job failed) stays as it is."""
     with hydra_config_of(job.sweep_config):  # its values resolved as its run resolves them
         summary = read_summary(job.run_dir) or refused_summary(job.config, error)
+    if summary.status in FINISHED:
+        return summary
     if not (stopped and summary.status == "interrupted"):
         summary.status = "crashed"
     summary.error = error
