@@ -25,6 +25,7 @@ from optimlab.regimes import Diagnosis, Thresholds, diagnose
 SUMMARY = "summary.json"
 FINISHED = ("complete", "diverged")  # trained (all epochs, stopped early or diverged) and tested
 STATUSES = ("running", *FINISHED, "interrupted", "crashed")
+CONFIG_PARTS = ("model", "optimizer", "data", "trainer", "regimes", "curvature")  # mappings in a run's config
 # What a run returns to a sweeper (``optimized_metric``): validation only, never the test set,
 # and whether larger is better.
 OPTIMIZED_METRICS = {"val/acc_best": "maximize", "val/acc": "maximize", "val/loss_best": "minimize",
@@ -230,8 +231,8 @@ def read_summary(run_dir: Path) -> RunSummary | None:
 
 def well_formed(summary: RunSummary) -> bool:
     """Whether the fields a reader computes with have the schema's shapes: a known status, the config a
-    mapping, each epoch and logged step a row of numbers (or nulls), the label and error texts, the sharpness
-    record's series rows of three numbers (or nulls)."""
+    mapping (and its sections), each epoch and logged step a row of numbers (or nulls), each epoch numbered,
+    the label and error texts, the sharpness record's series rows of three numbers (or nulls)."""
     def number(value: Any) -> bool:
         return value is None or isinstance(value, (int, float))
 
@@ -241,7 +242,14 @@ def well_formed(summary: RunSummary) -> bool:
 
     curvature = {} if summary.curvature is None else summary.curvature
     series = curvature.get("series", []) if isinstance(curvature, dict) else None
-    return (summary.status in STATUSES and isinstance(summary.config, dict) and rows(summary.epochs)
+    def config_shaped(config: Any) -> bool:  # what describe_run and the report read from it
+        if not (isinstance(config, dict) and all(isinstance(config.get(part) or {}, dict) for part in CONFIG_PARTS)):
+            return False
+        model = config.get("model") or {}
+        return all(isinstance(model.get(widths) or [], list) for widths in ("hidden", "channels"))
+
+    return (summary.status in STATUSES and config_shaped(summary.config)
+            and rows(summary.epochs) and all(isinstance(row.get("epoch"), int) for row in summary.epochs)
             and rows(summary.train_steps) and all(isinstance(text, (str, type(None))) for text in
                                                  (summary.regime, summary.error, summary.divergence_reason))
             and isinstance(series, list)  # not a list where the record is not a mapping
