@@ -357,6 +357,7 @@ def test_grad_noise_is_refused_with_torch_impl(tmp_path: Path) -> None:
     ("batch_size=0", "batch_size"), ("epochs=-1", "epochs"), ("epochs=2.5", "epochs"),
     ("trainer.precision=8", "trainer.precision"), ("trainer.accelerator=tpu9", "trainer.accelerator"),
     ("+regimes.fit_accuracy=0.5", "regimes"), ("resume=/no/such/run", "resume"),
+    ("resume=", "resume: '' is not allowed"),  # not a fresh run (a probe: a 10-epoch baseline started)
     ("test_ckpt=first", "test_ckpt"), ("seed=-1", "seed"), ("seed=4294967296", "seed"), ("+foo=1", "foo"),
     ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val"), ("trainer.devices=2", "trainer.devices"),
     ("trainer.gradient_clip_algorithm=max", "trainer.gradient_clip_algorithm"),

@@ -59,7 +59,7 @@ ONE_DEVICE = "the in-memory batches are not sharded per rank; run jobs in parall
 RULES: dict[str, Rule] = {
     "name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
     "lr": POSITIVE, "epochs": INT_POSITIVE, "batch_size": INT_POSITIVE, "seed": SEED,
-    "resume": optional((lambda v: isinstance(v, str), "a run directory, a .ckpt file or 'auto'")),
+    "resume": optional((lambda v: isinstance(v, str) and v.strip() != "", "a run directory, a .ckpt file or 'auto'")),
     "test_ckpt": one_of("last", "best"), "optimized_metric": one_of(*OPTIMIZED_METRICS),
     # Lightning's Trainer checks most of its own arguments when it is built; these it checks late
     # (mid-run) or not at all, or optimlab cannot honour other values.
