@@ -48,7 +48,7 @@ from optimlab.files import written_file
 from optimlab.hydra_job import JobFailed, command_line_error, refuse, remove_if_new_and_empty
 from optimlab.mnist_files import DataError
 from optimlab.record import record_refusal
-from optimlab.search import is_search, search_error
+from optimlab.search import search_error, searching
 from optimlab.summary import optimized_value
 from optimlab.signals import Interrupted, exit_code
 from optimlab.train import run
@@ -62,10 +62,9 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(130)
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    # A search (Optuna, ...) ends at its first failed trial: there a failure scores the metric's worst value.
-    searching = multirun and is_search(hydra_cfg.sweeper)
-    if searching and (error := search_error(cfg, hydra_cfg.sweeper)):  # also a trial's own optimized_metric
-        raise ConfigError(error)  # the search's own settings: end it, every trial would be wrong
+    trial = searching()  # then a failure scores the metric's worst value
+    if trial and (error := search_error(cfg, hydra_cfg.sweeper)):  # also a trial's own optimized_metric
+        refuse(error)  # the search's own settings: end it in one line, every trial would be wrong
     summary = None
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
@@ -76,19 +75,19 @@ def main(cfg: DictConfig) -> float | None:
             sys.exit(2)
         with contextlib.suppress(OSError):  # e.g. the refusal was that its folder cannot be written
             record_refusal(run_dir, cfg, f"{type(err).__name__}: {err}")  # the job's failure, for the report
-        if not searching:  # one job's bad value fails that job; Hydra runs the others and reports it at the end
+        if not trial:  # one job's bad value fails that job; Hydra runs the others and reports it at the end
             raise JobFailed(str(err)) from err
     except OSError as err:  # a full disk or a folder that became unwritable mid-run: one line, not a traceback
         message = f"cannot write {written_file(err)}: {err.strerror or err}"
         print(f"error: {message}", file=sys.stderr)
         if not multirun:
             sys.exit(1)
-        if not searching:
+        if not trial:
             raise JobFailed(message) from err
     except (Interrupted, KeyboardInterrupt) as stop:  # a KeyboardInterrupt names its signal (signals.StopOnSignal)
         sys.exit(exit_code(stop))
     except Exception as err:
-        if not searching:
+        if not trial:
             raise
         print(f"error: the trial crashed ({type(err).__name__}: {err}); it scores the worst value", file=sys.stderr)
     finally:

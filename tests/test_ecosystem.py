@@ -135,17 +135,21 @@ def sweep(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_an_optuna_search_survives_diverged_and_invalid_trials(tmp_path: Path) -> None:
-    result = sweep("hparams_search=optuna", *TINY, "epochs=1", f"hydra.sweep.dir={tmp_path}",
+@pytest.mark.parametrize("launcher", ["basic", "population"])
+def test_an_optuna_search_survives_diverged_and_invalid_trials(tmp_path: Path, launcher: str) -> None:
+    """A diverged trial is a result, scored the worst value; so is a trial refused for a value no rule of the
+    search space's keys foresees (lr 1e39 is a positive number, beyond float32: the population launcher had
+    ended the study at it, a probe)."""
+    result = sweep("hparams_search=optuna", *TINY, "epochs=1", f"hydra.sweep.dir={tmp_path}", f"hydra/launcher={launcher}",
                    "hydra.sweeper.n_trials=4", "hydra.sweeper.sampler.n_startup_trials=4",
-                   "hydra.sweeper.params.lr='choice(0.1, 1e6, -1)'", "hydra.sweeper.params.optimizer='choice(sgd)'")
+                   "hydra.sweeper.params.lr='choice(0.1, 1e6, 1e39)'", "hydra.sweeper.params.optimizer='choice(sgd)'")
     assert result.returncode == 0, result.stderr[-3000:]
     runs = {float(s.config["lr"]): s for s in map(read_summary, tmp_path.glob("*/")) if s is not None}
     best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     assert best["best_params"]["lr"] == 0.1 and best["best_value"] == runs[0.1].best_val_acc
     assert 1e6 not in runs or optimized_value(runs[1e6], "val/acc_best") == 0.0  # diverged: a result, scored 0
-    if "lr=-1" in result.stdout + result.stderr:
-        assert "error: lr: -1 is not allowed" in result.stderr  # an invalid trial is one line, scored 0
+    assert (1e39 in runs) == ("error: lr: 1e+39 is not allowed" in result.stderr)  # an invalid trial: one line
+    assert 1e39 not in runs or runs[1e39].status == "crashed"
 
 
 @pytest.mark.slow
@@ -154,6 +158,15 @@ def test_an_optuna_search_survives_diverged_and_invalid_trials(tmp_path: Path) -
     ("hydra.sweeper.direction=sideways", "hydra.sweeper.direction: 'sideways' is not allowed"),  # Optuna's KeyError
     ("hydra.sweeper.n_trials=0", "hydra.sweeper.n_trials: 0 is not allowed"),  # Optuna's 'no trials' traceback
     ("hydra.sweeper.n_jobs=0", "hydra.sweeper.n_jobs: 0 is not allowed"),  # the sweeper looped for ever
+    # a search space whose draws every trial would refuse, or Optuna would: a probe's study "found" lr -0.9
+    ("hydra.sweeper.params.lr='interval(-1, -0.5)'", "hydra.sweeper.params.lr: 'interval(-1, -0.5)' can draw -1.0, "
+                                                     "and lr: -1.0 is not allowed; expected a positive number"),
+    ("hydra.sweeper.params.lr='tag(log, interval(-1, 0.1))'", "hydra.sweeper.params.lr: 'tag(log, interval(-1, 0.1))' "
+                                                              "is on a log scale, which needs a start above 0"),
+    ("hydra.sweeper.params.lr='interval(0.1, 0.01)'", "hydra.sweeper.params.lr: 'interval(0.1, 0.01)' is empty"),
+    ("hydra.sweeper.params.optimizer='choice(sgd, nope)'", "hydra.sweeper.params.optimizer: 'nope' is not an option; "
+                                                           "expected one of adagrad, adam, rmsprop, sgd (conf/optimizer/)"),
+    ("+hydra.sweeper.params.seed='range(-2, 3)'", "hydra.sweeper.params.seed: 'range(-2, 3)' can draw -2"),
 ])
 def test_a_search_that_cannot_work_is_refused_before_its_first_trial(tmp_path: Path, override: str, error: str) -> None:
     result = sweep("hparams_search=optuna", *TINY, override, f"hydra.sweep.dir={tmp_path / 'sweep'}")

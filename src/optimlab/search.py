@@ -4,17 +4,25 @@ traceback after its log lines, or loop for ever at ``n_jobs=0``)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from enum import Enum
 from typing import Any
 
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from optimlab.checks import is_integer, refusal
-from optimlab.hydra_job import refuse
+from optimlab.hydra_job import command_line_error, refuse
 from optimlab.summary import OPTIMIZED_METRICS
-from optimlab.validate import rule_error
+from optimlab.validate import RULES, rule_error
 
 DIRECTIONS = ("minimize", "maximize")
 
@@ -22,6 +30,13 @@ DIRECTIONS = ("minimize", "maximize")
 def is_search(sweeper: DictConfig) -> bool:
     """Whether ``hydra.sweeper`` searches (trials chosen from earlier results) rather than sweeps a grid."""
     return not str(sweeper.get("_target_", "")).endswith("BasicSweeper")
+
+
+def searching() -> bool:
+    """Whether the job Hydra runs now is a search's trial (a failed trial then scores the metric's worst value:
+    a search ends at its first failed trial)."""
+    hydra_cfg = HydraConfig.get()
+    return hydra_cfg.mode == RunMode.MULTIRUN and is_search(hydra_cfg.sweeper)
 
 
 def one_direction(direction: Any) -> Any:
@@ -52,10 +67,53 @@ def search_error(cfg: DictConfig, sweeper: DictConfig) -> str | None:
     return None
 
 
+def search_space_error(params: DictConfig | None, conf_dirs: Sequence[Path]) -> str | None:
+    """Why a search space (``hydra.sweeper.params``: ``key: choice(...) | interval(...) | range(...) | value``)
+    cannot work, or None: an expression Hydra cannot read; an interval whose start lies above its end, or
+    a log one that starts at 0 or below (Optuna's tracebacks); an option a config group of ``conf_dirs`` does
+    not have; a bound or choice a key's rule refuses (every trial that draws it would fail: an interval's
+    bounds, a range's first and last value, each choice). What the rules cannot see (a constructor's own
+    checks) fails its trial alone, which then scores the metric's worst value."""
+    parser = OverridesParser.create()
+    for key, expression in (params or {}).items():
+        where = f"hydra.sweeper.params.{key}"
+        try:
+            override = parser.parse_override(f"{key}={expression}")
+        except HydraException as err:
+            return f"{where}: {expression!r} cannot be read ({str(err).strip().splitlines()[0]})"
+        sweep = override.value()
+        if isinstance(sweep, IntervalSweep):
+            if sweep.start > sweep.end:
+                return f"{where}: {expression!r} is empty: its start lies above its end"
+            if "log" in sweep.tags and sweep.start <= 0:
+                return f"{where}: {expression!r} is on a log scale, which needs a start above 0"
+            values = [sweep.start, sweep.end]
+        elif isinstance(sweep, RangeSweep):
+            count = math.ceil((sweep.stop - sweep.start) / sweep.step)  # Hydra refuses a range of none
+            values = [sweep.start, sweep.start + sweep.step * (count - 1)] if count > 0 else []
+        else:
+            values = list(sweep.list) if isinstance(sweep, ChoiceSweep) else [sweep]
+        for conf_dir in conf_dirs:
+            if error := command_line_error([f"{key}={expression}"], conf_dir):
+                return f"hydra.sweeper.params.{error}"
+        for value in values if key in RULES else []:
+            if error := rule_error(key, value):
+                return f"{where}: {expression!r} can draw {value!r}, and {error}"
+    return None
+
+
+def main_config_dirs(config: DictConfig) -> list[Path]:
+    """The folders of the command's own configs (``hydra.runtime.config_sources``, the main one)."""
+    return [Path(str(source.path)) for source in config.hydra.runtime.config_sources
+            if source.provider == "main" and source.schema == "file"]
+
+
 class CheckSearch(Callback):
-    """A search whose settings cannot work (:func:`search_error`): refused before the sweeper starts.
-    Registered in ``conf/config.yaml``'s ``hydra.callbacks``."""
+    """A search whose settings (:func:`search_error`) or search space (:func:`search_space_error`) cannot
+    work: refused before the sweeper starts. Registered in ``conf/config.yaml``'s ``hydra.callbacks``."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if is_search(config.hydra.sweeper) and (error := search_error(config, config.hydra.sweeper)):
+        sweeper = config.hydra.sweeper
+        if is_search(sweeper) and (error := search_error(config, sweeper) or
+                                   search_space_error(sweeper.get("params"), main_config_dirs(config))):
             refuse(error)

@@ -136,6 +136,11 @@ class ShapeCachingLoader(ConfigLoader):
         self.kept[key] = self.compose(master_config, sweep_overrides)
         return self.kept[key]
 
+    def forget_kept(self) -> None:
+        """Drop the configs kept for a second ask that did not come (a launch composed them first): a
+        later batch with the same overrides (a search's repeated trial) gets its own, not one a job ran with."""
+        self.kept = {}
+
     def compose(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
         """The job's config: Hydra's composition, or a copy of its shape's first job."""
         overrides, plain, shape_key = self.shape_of(master_config, sweep_overrides)

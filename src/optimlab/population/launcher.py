@@ -61,6 +61,7 @@ from optimlab.population.stopping import MemberEarlyStopping
 from optimlab.record import device_name, log_epoch_lines, record_refusal, refused_summary, result_line, synchronize
 from optimlab.summary import FINISHED, RunSummary, config_key, optimized_value, read_summary, write_summary
 from optimlab.resume import override_keys, sync_epochs
+from optimlab.search import searching
 from optimlab.signals import EXIT_CODES, StopOnSignal, exit_code, signals_deferred
 from optimlab.validate import ConfigError, weight_dtype
 
@@ -362,9 +363,13 @@ def finish_member(job: Job, summary: RunSummary, recorded: bool = False) -> Task
         else:
             record_member(job, summary)
         log_epoch_lines(summary, int(cfg.epochs))  # the job's train.log holds what its run's would
-        if summary.status in ("crashed", "interrupted"):
-            raise PopulationCrashed(f"{summary.population['name']} {summary.status}: {summary.error}")
-        log.info(result_line(summary))
+        error = f"{summary.population['name']} {summary.status}: {summary.error}"
+        if summary.status == "interrupted" or (summary.status == "crashed" and not searching()):
+            raise PopulationCrashed(error)
+        if summary.status == "crashed":  # as train.py's task: a search goes on
+            say(f"error: the trial crashed ({error}); it scores the worst value", sys.stderr)
+        else:
+            log.info(result_line(summary))
         return optimized_value(summary, cfg.get("optimized_metric", "val/acc_best"))
 
     return task
@@ -395,12 +400,14 @@ def fail_job(job: Job) -> TaskFunction:
     """The task of an invalid job: a ``crashed`` summary with the one-line error (unless its folder
     holds a run already: that stays as it is), which it then prints and raises as train.py's task does
     (:class:`~optimlab.hydra_job.JobFailed`, so Hydra marks the job failed and ends the sweep with the line)."""
-    def task(cfg: DictConfig) -> None:
+    def task(cfg: DictConfig) -> float | None:
         assert job.error is not None
         say(f"error: {job.error}", sys.stderr)
         with contextlib.suppress(ConfigError):  # the config recorded as the run's would be: epochs given once
             sync_epochs(cfg, override_keys(job.overrides))
         record_refusal(job.run_dir, cfg, f"{type(job.error).__name__}: {job.error}")
+        if searching():  # as train.py's task: the trial scores the worst value, the search goes on
+            return optimized_value(None, cfg.get("optimized_metric", "val/acc_best"))
         raise JobFailed(str(job.error)) from job.error
 
     return task

@@ -7,6 +7,7 @@ the plan printed (:func:`plan_text`). :mod:`optimlab.population.launcher` runs i
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import math
@@ -119,9 +120,12 @@ def compose_jobs(hydra_context: HydraContext, config: DictConfig, job_overrides:
                  initial_job_idx: int) -> list[Job]:
     """Every job's config and output dir, as BasicLauncher and ``run_job`` make them."""
     loader = hydra_context.config_loader
-    jobs = []
+    jobs, handed_out = [], set()
     for idx, overrides in enumerate(job_overrides, initial_job_idx):
         sweep_config = loader.load_sweep_config(config, list(overrides))
+        if id(sweep_config) in handed_out:  # a job repeated in the batch: the loader kept one config for both
+            sweep_config = copy.deepcopy(sweep_config)
+        handed_out.add(id(sweep_config))
         # the task's config too, where the loader can make it faster than a copy out of sweep_config
         task = (loader.task_config(config, list(overrides), sweep_config)
                 if isinstance(loader, ShapeCachingLoader) else None)
@@ -134,6 +138,8 @@ def compose_jobs(hydra_context: HydraContext, config: DictConfig, job_overrides:
         # as run_job sets it when the job starts: ${hydra:runtime.output_dir} resolves
         set_output_dir(sweep_config, run_dir)
         jobs.append(Job(idx, list(overrides), sweep_config, run_dir, task_config=task))
+    if isinstance(loader, ShapeCachingLoader):
+        loader.forget_kept()
     return jobs
 
 
