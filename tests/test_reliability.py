@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -9,8 +10,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -587,6 +589,43 @@ def test_resume_auto_compares_configs_only_where_there_is_something_to_continue(
     with pytest.raises(ConfigError, match=r"optimizer.momentum: 0.5 there, 0.9 here"):
         refuse_changed_config(tmp_path, recorded("optimizer=sgd", "optimizer.momentum=0.5"),
                               compose_config(*TINY, "optimizer=sgd", "optimizer.momentum=0.9"), checkpointed=True)
+
+
+def test_a_refused_jobs_folder_records_its_latest_refusal_and_then_its_run(tmp_path: Path) -> None:
+    """A sweep job refused twice (its value fixed, another one wrong) lists the latest error; run at last with
+    resume=auto, its .hydra/ record is that run's config, not the refused one's (a review: both stayed stale).
+    A folder with trained epochs keeps its record."""
+    import yaml
+    from hydra import compose, initialize_config_dir
+    from omegaconf import DictConfig, open_dict
+
+    from conftest import CONF
+    from optimlab.hydra_job import hydra_config_of
+    from optimlab.record import record_refusal
+    from optimlab.train import run
+
+    def in_job(task: Callable[[DictConfig], Any], *overrides: str) -> Any:  # as Hydra runs a job: its record written
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose("config", overrides=[*TINY, *overrides], return_hydra_config=True)
+        with hydra_config_of(cfg):
+            task_cfg = copy.deepcopy(cfg)
+            with open_dict(task_cfg):
+                del task_cfg["hydra"]
+            return task(task_cfg)
+
+    def recorded_config() -> dict:
+        return yaml.safe_load((tmp_path / ".hydra" / "config.yaml").read_text())
+
+    in_job(lambda cfg: record_refusal(tmp_path, cfg, "ConfigError: lr: -1 is not allowed"), "lr=-1")
+    in_job(lambda cfg: record_refusal(tmp_path, cfg, "ConfigError: batch_size: 0 is not allowed"), "batch_size=0")
+    assert summary(tmp_path)["error"] == "ConfigError: batch_size: 0 is not allowed"
+    assert recorded_config()["batch_size"] == 0
+    after = in_job(lambda cfg: run(cfg, tmp_path), "resume=auto", "optimizer.lr=0.05")
+    assert after.status == "complete"
+    assert (recorded_config()["optimizer"]["lr"], recorded_config()["batch_size"]) == (0.05, 128)
+    before = files_of(tmp_path)
+    in_job(lambda cfg: record_refusal(tmp_path, cfg, "ConfigError: lr: -1 is not allowed"), "lr=-1")
+    assert files_of(tmp_path) == before
 
 
 def test_a_resume_with_a_bad_epochs_value_is_one_line(finished_run: Path, tmp_path: Path) -> None:

@@ -23,14 +23,14 @@ from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from optimlab.checkpointing import holds_a_run
+from optimlab.checkpointing import last_checkpoint
 from optimlab.curvature import SHARPNESS_TAG, THRESHOLD_TAG, SharpnessCallback, epoch_columns
 from optimlab.divergence import DivergenceGuard, total_norm
 from optimlab.hydra_job import save_job_record
 from optimlab.lr_schedule import epoch_start_lrs, lr_monitor_followed, lr_monitor_tag
 from optimlab.module import EVAL_STAGES
 from optimlab.regimes import Thresholds
-from optimlab.summary import RunSummary, describe_run, diagnose_run, write_summary
+from optimlab.summary import SUMMARY, RunSummary, describe_run, diagnose_run, read_summary, write_summary
 from optimlab.tensorboard_logger import Restart, TensorBoardRunLogger
 
 
@@ -55,10 +55,22 @@ def refused_summary(cfg: DictConfig, error: str) -> RunSummary:
                       error=error)
 
 
+def holds_nothing_trained(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a record of nothing trained: no summary, or a ``crashed`` one without
+    epochs (a refused job's), and no checkpoint."""
+    if last_checkpoint(run_dir) is not None:
+        return False
+    if not (run_dir / SUMMARY).exists():
+        return True
+    saved = read_summary(run_dir)  # an unreadable one may be a run's: kept
+    return saved is not None and saved.status == "crashed" and not saved.epochs
+
+
 def record_refusal(run_dir: Path, cfg: DictConfig, error: str) -> None:
     """A sweep job refused before any work: its folder gets Hydra's record of the job and a ``crashed``
-    summary with the one-line ``error`` (what the report lists), unless it holds a run already."""
-    if holds_a_run(run_dir):
+    summary with the one-line ``error`` (what the report lists), unless it holds a run already (an earlier
+    refusal's record is replaced: the report lists the latest error)."""
+    if not holds_nothing_trained(run_dir):
         return
     save_job_record(run_dir, cfg)
     write_summary(run_dir, refused_summary(cfg, error))

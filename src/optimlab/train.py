@@ -127,7 +127,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
     datamodule.to(trainer.strategy.root_device)
     record.extra = {"params": sum(p.numel() for p in module.model.parameters()), "train_size": len(datamodule.train_y),
                     "label_noise_images": datamodule.noisy_count, "device": device_name(trainer.strategy.root_device)}
-    _claim(run_dir, cfg, new=ckpt is None and previous is None)
+    # a new run writes Hydra's record of its job; so does resume=auto over a run that trained nothing (a refused job)
+    _claim(run_dir, cfg, new=ckpt is None and (previous is None or (cfg.resume == "auto" and not previous.epochs)))
     open_after(trainer.loggers, restart, run_dir)
     with logging_into(run_dir), stopper.handling():
         if ckpt is None:
