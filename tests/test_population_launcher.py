@@ -1827,10 +1827,21 @@ def test_a_member_whose_events_cannot_be_written_is_recorded_crashed(tmp_path: P
     ("population.dry_run=maybe", "population.dry_run (hydra.launcher.dry_run): 'maybe' is not allowed; "
                                  "expected true or false"),
     ("hydra.launcher.executor=nope", "hydra.launcher.executor: 'nope' is not allowed; expected one of auto, inline, "
-                                     "processes, submitit_local, submitit_slurm")])
+                                     "processes, submitit_local, submitit_slurm"),
+    # typed knobs had OmegaConf's multi-line error, an unknown one an instantiation TypeError (a probe)
+    ("hydra.launcher.executor=null", "hydra.launcher.executor: None is not allowed"),
+    ("hydra.launcher.max_parallel=1.5", "hydra.launcher.max_parallel: 1.5 is not allowed; expected null or an integer >= 1"),
+    ("+hydra.launcher.bogus=1", "hydra.launcher.bogus: not a knob of hydra/launcher=population; expected one of "
+                                "max_members, max_memory_gib, dry_run, executor, max_parallel, submitit_folder, submitit"),
+    ("hydra.launcher.executor=submitit_local hydra.launcher.submitit.timeout_min=-5",
+     "hydra.launcher.submitit.timeout_min: -5 is not allowed; expected an integer >= 1"),
+    # swept, it would be ignored: refused before Hydra lists the jobs or writes multirun.yaml (a probe)
+    ("population.max_members=8,16", "population.max_members=8,16: the population launcher's plan is one for the whole "
+                                    "sweep; give population.* a single value, not a sweep")])
 def test_a_bad_launcher_knob_on_the_command_line_is_one_line(tmp_path: Path, override: str, line: str) -> None:
-    result = train("hydra/launcher=population", "lr=0.01,0.1", override, f"hydra.sweep.dir={tmp_path / 'sweep'}")
-    assert result.returncode == 2 and result.stderr.strip() == f"error: {line}", result.stderr[-2000:]
+    result = train("hydra/launcher=population", "lr=0.01,0.1", *override.split(), f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert result.returncode == 2 and result.stderr.strip().startswith(f"error: {line}"), result.stderr[-2000:]
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "sweep").exists()
     assert not (tmp_path / "sweep").exists()
 
 

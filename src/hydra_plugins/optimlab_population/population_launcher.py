@@ -8,10 +8,11 @@ sweep is launched, as Hydra's joblib launcher keeps its work in ``_core``.
 # No `from __future__ import annotations`: Hydra's scanner runs this module before registering it in
 # sys.modules, where dataclasses would look string annotations up.
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from hydra.plugins.launcher import Launcher
@@ -43,9 +44,9 @@ class PopulationLauncherConf:
     # with trainer.num_threads > 1, here); auto: processes where this process may use several CPU cores,
     # can fork and two or more populations can, else inline; submitit_local / submitit_slurm: each
     # population is one submitit job (processes on this machine / SLURM jobs), see optimlab.population.cluster
-    executor: str = "auto"
+    executor: Any = "auto"
     # populations training at once (None: processes, one per usable CPU core; submitit, all: SLURM queues them)
-    max_parallel: Optional[int] = None
+    max_parallel: Any = None
     submitit_folder: str = "${hydra.sweep.dir}/.submitit/%j"  # submitit's logs and pickles (%j: job id)
     # submitit.AutoExecutor.update_parameters: timeout_min, cpus_per_task, gpus_per_node, mem_gb,
     # slurm_partition, ... (add one with +hydra.launcher.submitit.<name>=<value>)
@@ -132,6 +133,18 @@ class CheckPopulationOptions(Callback):
         if options.pop("_target_", None) != PopulationLauncherConf._target_:
             self._refuse_dry_run(config, "hydra/launcher=population")  # another launcher would train every job
             return
+        # a value swept per job would be ignored: the plan is one for the whole sweep (plan.check_plan_is_the_sweeps)
+        parser = OverridesParser.create()
+        for line in config.hydra.overrides.task:
+            override = parser.parse_override(line)
+            if override.key_or_group.startswith("population.") and override.is_sweep_override():
+                refuse(f"{line}: the population launcher's plan is one for the whole sweep; give population.* a "
+                       f"single value, not a sweep")
+        knobs = [knob.name for knob in fields(PopulationLauncherConf) if knob.name != "_target_"]
+        unknown = sorted(set(options) - set(knobs))
+        if unknown:
+            known = ", ".join(knobs)
+            refuse(f"hydra.launcher.{unknown[0]}: not a knob of hydra/launcher=population; expected one of {known}")
         try:
             PopulationLauncher(**options)
         except ValueError as err:

@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from optimlab.checks import INT_NON_NEGATIVE, INT_POSITIVE, POSITIVE, refusal
 from optimlab.console import say
 from optimlab.signals import EXIT_CODES, exit_code, interrupt, signal_of, stop_signals_handled_by
 
@@ -47,6 +48,9 @@ Results = TypeVar("Results")
 
 # hydra.launcher.executor -> where its jobs run: forked processes here, or submitit's cluster
 EXECUTORS = {"processes": "processes", "submitit_local": "local", "submitit_slurm": "slurm"}
+# submitit takes any value for these and its job then fails unclearly (a probe: timeout_min=-5)
+SUBMITIT_RULES = {"timeout_min": INT_POSITIVE, "cpus_per_task": INT_POSITIVE, "nodes": INT_POSITIVE,
+                  "tasks_per_node": INT_POSITIVE, "gpus_per_node": INT_NON_NEGATIVE, "mem_gb": POSITIVE}
 POLL_S = {"processes": 0.01, "local": 1.0, "slurm": 1.0}  # how often finished jobs are looked for
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -208,7 +212,7 @@ def make_executor(executor: str, folder: str, parameters: Mapping[str, Any]) -> 
     forked here. submitit's: writing its logs and pickles under ``folder`` (``%j``: the job id), with ``parameters``
     (:func:`executor_parameters`). A ValueError with one line naming the key, before anything is
     written, when the platform cannot fork, submitit is missing, the cluster is not there (no
-    ``srun`` for SLURM) or a parameter is unknown to submitit."""
+    ``srun`` for SLURM), a parameter is unknown to submitit or a count is not one (:data:`SUBMITIT_RULES`)."""
     if executor not in EXECUTORS:
         raise ValueError(f"hydra.launcher.executor: {executor!r} is not allowed; expected one of auto, inline, "
                          f"{', '.join(EXECUTORS)}")
@@ -217,6 +221,9 @@ def make_executor(executor: str, folder: str, parameters: Mapping[str, Any]) -> 
             raise ValueError("hydra.launcher.executor=processes needs fork (Linux, macOS); use inline")
         return Executor(ForkingSubmitter(), "", "processes")
     parameters = executor_parameters(executor, parameters, torch.cuda.device_count())
+    for key, value in parameters.items():
+        if key in SUBMITIT_RULES and not SUBMITIT_RULES[key][0](value):
+            raise ValueError(refusal(f"hydra.launcher.submitit.{key}", value, SUBMITIT_RULES[key][1]))
     try:
         import submitit
     except ImportError:
