@@ -908,6 +908,25 @@ def test_a_bad_target_or_name_is_one_line_and_leaves_no_folder(tmp_path: Path, o
     assert not (tmp_path / "run").exists() and not list(tmp_path.iterdir())
 
 
+def test_a_target_whose_module_fails_to_import_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module that is there but fails to import (its own missing dependency, an error) is named with its
+    error's first line; a module that is not there is just not importable (a review: both said only the latter)."""
+    from optimlab.validate import ConfigError, import_target
+
+    (tmp_path / "needs_more.py").write_text("import no_such_dependency_xyz\nclass Net: pass\n")
+    (tmp_path / "breaks.py").write_text("raise RuntimeError('bad config\\nsecond line')\nclass Net: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"^model._target_: cannot import 'needs_more.Net' \(expected a class or "
+                                          r"function\); importing needs_more failed: ModuleNotFoundError: No module "
+                                          r"named 'no_such_dependency_xyz'$"):
+        import_target("model", "needs_more.Net")
+    with pytest.raises(ConfigError, match=r"importing breaks failed: RuntimeError: bad config$"):
+        import_target("model", "breaks.Net")
+    with pytest.raises(ConfigError, match=r"^model._target_: cannot import 'no_such_pkg.sub.Net' \(expected a class "
+                                          r"or function\)$"):
+        import_target("model", "no_such_pkg.sub.Net")
+
+
 def test_resume_auto_in_a_folder_without_a_run_says_it_starts_a_new_one(tmp_path: Path,
                                                                          caplog: pytest.LogCaptureFixture) -> None:
     """A single run's default folder is new (timestamped): resume=auto has nothing there to continue."""

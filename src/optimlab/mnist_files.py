@@ -65,14 +65,15 @@ def ensure_files(root: Path, download: bool) -> None:
     well formed; raise :class:`DataError` naming the files and where they belong otherwise."""
     folder = raw_dir(root)
     missing = [name for name in MNIST_FILES if not (folder / name).is_file()]
+    failed = ""  # why the download failed, for the message below
     if missing and download:
         new = list(itertools.takewhile(lambda p: not p.exists(), [folder, *folder.parents]))  # deepest first
         try:
             from torchvision.datasets import MNIST
 
             MNIST(str(root), train=True, download=True)
-        except Exception:  # offline or blocked: fall through to the message below
-            pass
+        except Exception as err:  # offline, blocked, a full disk: said below
+            failed = f" (the download failed: {type(err).__name__}: {(str(err).strip() or '?').splitlines()[0]})"
         missing = [name for name in MNIST_FILES if not (folder / name).is_file()]
         for made in new if missing else []:  # a failed download leaves no empty folders behind
             try:
@@ -80,7 +81,7 @@ def ensure_files(root: Path, download: bool) -> None:
             except OSError:  # not empty: it and the folders above stay
                 break
     if missing:
-        raise DataError(f"data.root: MNIST files missing from {folder}: {', '.join(missing)}. Put the four "
+        raise DataError(f"data.root: MNIST files missing from {folder}: {', '.join(missing)}{failed}. Put the four "
                         f"uncompressed IDX files ({', '.join(MNIST_FILES)}) in that folder, or point data.root "
                         f"(or $MNIST_ROOT) at a folder whose MNIST/raw/ holds them")
     counts = {name: check_idx(folder / name, *spec) for name, spec in MNIST_FILES.items()}

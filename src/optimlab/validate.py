@@ -141,10 +141,15 @@ def import_target(section: str, target: str) -> Any:
     """The object ``target`` names (a module's attribute, ``package.module.Class``); a ConfigError where
     there is none. Hydra's ``get_class`` would log its own lines about the failure first."""
     parts = target.split(".")
+    failed = ""  # why a module that is there failed to import
     for split in range(len(parts) - 1, 0, -1):  # the longest module prefix, then attributes (Outer.Inner)
+        module = ".".join(parts[:split])
         try:
-            found = importlib.import_module(".".join(parts[:split]))
-        except Exception:  # not a module (or one that fails to import): a shorter prefix may be
+            found = importlib.import_module(module)
+        except Exception as err:  # not a module (a shorter prefix may be), or one that fails to import (said)
+            missing = isinstance(err, ModuleNotFoundError) and (err.name == module or module.startswith(f"{err.name}."))
+            if not (missing or failed):
+                failed = f"; importing {module} failed: {type(err).__name__}: {(str(err).strip() or '?').splitlines()[0]}"
             continue
         try:
             for name in parts[split:]:
@@ -154,7 +159,7 @@ def import_target(section: str, target: str) -> Any:
         if callable(found):
             return found
         break
-    raise ConfigError(f"{section}._target_: cannot import {target!r} (expected a class or function)")
+    raise ConfigError(f"{section}._target_: cannot import {target!r} (expected a class or function){failed}")
 
 
 def constructor_parameters(section: str, target: str) -> dict[str, inspect.Parameter]:

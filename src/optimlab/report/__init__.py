@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # a full disk, a folder it may not write: the earlier report stays
         print(f"error: cannot write the report in {args.sweep_dir}: {err.strerror or err}", file=sys.stderr)
         return 1
-    rows = list(csv.DictReader((args.sweep_dir / "report.csv").open()))
+    with (args.sweep_dir / "report.csv").open(newline="") as table:
+        rows = list(csv.DictReader(table))
     counts = Counter(r["regime"] for r in rows)
     print(f"{len(rows)} run{'s' * (len(rows) != 1)}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     for path in written:
