@@ -117,7 +117,7 @@ def build_parts(cfg: DictConfig) -> Parts:
     clipping = {key: cfg.trainer.get(key) for key in CLIPPING}
     module = ClassifierModule(model, optimizer, scheduler, guard,
                               check_weights_every_n_steps=cfg.trainer.log_every_n_steps, **clipping)
-    thresholds = Thresholds.from_overrides(OmegaConf.to_container(cfg.regimes) if cfg.get("regimes") else {})
+    thresholds = Thresholds.from_overrides(cfg.get("regimes"))
     return Parts(module, datamodule, thresholds)
 
 

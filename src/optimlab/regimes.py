@@ -91,6 +91,7 @@ the measures keep the numbers; the sharpness explains a label, it never decides 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -148,7 +149,8 @@ class Thresholds:
                              f"regimes.window + 1 ({self.window + 1!r})")
 
     @classmethod
-    def from_overrides(cls, overrides: dict[str, Any] | None) -> Thresholds:
+    def from_overrides(cls, overrides: Mapping[str, Any] | None) -> Thresholds:
+        """The defaults with ``overrides`` (a config's ``regimes`` node, or None); a ValueError names unknown keys."""
         known = {f.name for f in fields(cls)}
         unknown = set(overrides or {}) - known
         if unknown:

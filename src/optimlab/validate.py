@@ -294,7 +294,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("optimizer.grad_noise_std: gradient noise is an option of optimlab's optimizers "
                           "only; use optimizer.impl=custom")
     try:
-        Thresholds.from_overrides(OmegaConf.to_container(cfg.regimes) if cfg.get("regimes") else {})
+        Thresholds.from_overrides(cfg.get("regimes"))
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
     check_checkpoint_callbacks(cfg)

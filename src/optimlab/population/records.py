@@ -63,7 +63,7 @@ def member_summary(status: str, config: dict[str, Any], record: MemberRecord, po
     (``test_loss``, ``test_acc``, ``tested_checkpoint``, ``error``), as
     :meth:`~optimlab.record.RunRecord.summary` builds a single run's."""
     return diagnosed_summary(
-        status, config, record.history, record.train_steps, Thresholds.from_overrides(config.get("regimes") or {}),
+        status, config, record.history, record.train_steps, Thresholds.from_overrides(config.get("regimes")),
         diverged=record.diverged, diverged_at_step=record.diverged_at_step, divergence_reason=record.divergence_reason,
         curvature=record.curvature, steps=member_steps(record, population.steps_per_epoch),
         first_step_s=population.first_step_s, wall_time_s=population.wall_time_s, params=population.params,
