@@ -49,7 +49,7 @@ from optimlab.hydra_job import JobFailed, command_line_error, refuse, remove_if_
 from optimlab.mnist_files import DataError
 from optimlab.record import record_refusal
 from optimlab.search import search_error, searching
-from optimlab.summary import optimized_value
+from optimlab.summary import returned_value
 from optimlab.signals import Interrupted, exit_code
 from optimlab.train import run
 from optimlab.validate import ConfigError
@@ -93,7 +93,7 @@ def main(cfg: DictConfig) -> float | None:
     finally:
         if not multirun:  # the folder Hydra made for a refused run, or for one resumed in its own folder: empty
             remove_if_new_and_empty(run_dir)
-    return optimized_value(summary, cfg.get("optimized_metric", "val/acc_best"))
+    return returned_value(summary, cfg)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import REPO, compose_config, run_script
-from optimlab.summary import optimized_value, read_summary
+from optimlab.summary import optimized_value, read_summary, returned_value
 from optimlab.train import run
 
 TINY = ["data.subset=256", "data.val_size=256", "epochs=2", "trainer.progress_bar=false",
@@ -128,6 +128,9 @@ def test_optimized_metric_is_validation_only_and_a_failure_scores_the_worst_valu
     assert optimized_value(summary, "val/acc") == accs[-1] and optimized_value(summary, "val/loss") == losses[-1]
     assert optimized_value(summary, "val/loss_best") == min(losses)
     assert optimized_value(None, "val/acc_best") == 0.0 and optimized_value(None, "val/loss") == math.inf
+    # what a job returns: its config's metric, conf's default where it names none
+    assert returned_value(summary, {"optimized_metric": "val/loss"}) == losses[-1]
+    assert returned_value(summary, {}) == max(accs) and returned_value(None, {"optimized_metric": "val/loss"}) == math.inf
 
 
 def sweep(*args: str) -> subprocess.CompletedProcess:

@@ -200,6 +200,12 @@ def optimized_value(summary: RunSummary | None, metric: str) -> float:
     return values[-1]
 
 
+def returned_value(summary: RunSummary | None, config: Mapping[str, Any]) -> float:
+    """What a job returns to a sweeper: :func:`optimized_value` of its config's ``optimized_metric``
+    (``val/acc_best``, conf's default, where the config names none)."""
+    return optimized_value(summary, config.get("optimized_metric") or "val/acc_best")
+
+
 def _jsonable(value: Any) -> Any:
     """NaN and infinities become null: strict JSON readers (and jq) reject them."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -59,7 +59,7 @@ from optimlab.population.schedule import MemberSchedules
 from optimlab.population.stacked import STACKED, StackedModel
 from optimlab.population.stopping import MemberEarlyStopping
 from optimlab.record import device_name, log_epoch_lines, record_refusal, refused_summary, result_line, synchronize
-from optimlab.summary import FINISHED, RunSummary, config_key, optimized_value, read_summary, write_summary
+from optimlab.summary import FINISHED, RunSummary, config_key, read_summary, returned_value, write_summary
 from optimlab.resume import override_keys, sync_epochs
 from optimlab.search import searching
 from optimlab.signals import EXIT_CODES, StopOnSignal, exit_code, signals_deferred
@@ -370,7 +370,7 @@ def finish_member(job: Job, summary: RunSummary, recorded: bool = False) -> Task
             say(f"error: the trial crashed ({error}); it scores the worst value", sys.stderr)
         else:
             log.info(result_line(summary))
-        return optimized_value(summary, cfg.get("optimized_metric", "val/acc_best"))
+        return returned_value(summary, cfg)
 
     return task
 
@@ -407,7 +407,7 @@ def fail_job(job: Job) -> TaskFunction:
             sync_epochs(cfg, override_keys(job.overrides))
         record_refusal(job.run_dir, cfg, f"{type(job.error).__name__}: {job.error}")
         if searching():  # as train.py's task: the trial scores the worst value, the search goes on
-            return optimized_value(None, cfg.get("optimized_metric", "val/acc_best"))
+            return returned_value(None, cfg)
         raise JobFailed(str(job.error)) from job.error
 
     return task
