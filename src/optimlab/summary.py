@@ -26,6 +26,7 @@ SUMMARY = "summary.json"
 FINISHED = ("complete", "diverged")  # trained (all epochs, stopped early or diverged) and tested
 STATUSES = ("running", *FINISHED, "interrupted", "crashed")
 CONFIG_PARTS = ("model", "optimizer", "data", "trainer", "regimes", "curvature")  # mappings in a run's config
+COLLECTIONS = ("callbacks", "logger")  # a run's config sections of named entries (each one instantiated)
 # What a run returns to a sweeper (``optimized_metric``): validation only, never the test set,
 # and whether larger is better.
 OPTIMIZED_METRICS = {"val/acc_best": "maximize", "val/acc": "maximize", "val/loss_best": "minimize",

@@ -30,7 +30,7 @@ from optimlab.checks import (BOOL, INT_NON_NEGATIVE, INT_POSITIVE, NON_NEGATIVE,
                              Rule, finite_number, is_integer, one_of, optional, refusal)
 from optimlab.files import unwritable
 from optimlab.regimes import Thresholds
-from optimlab.summary import OPTIMIZED_METRICS
+from optimlab.summary import COLLECTIONS, OPTIMIZED_METRICS
 
 
 class ConfigError(Exception):
@@ -129,7 +129,6 @@ TRAINER_SET_BY_OPTIMLAB = {
 WEIGHT_DTYPES = {"64-true": torch.float64, "64": torch.float64}
 OWN_TRAINER_KEYS = ("check_finite_every_n_steps", "progress_bar", "num_threads", "flush_denormal", "compile")
 BUILT = ("model", "optimizer", "data", "scheduler")   # groups instantiated from their _target_
-COLLECTIONS = ("callbacks", "logger")                 # groups of named entries, each instantiated
 COLLECTION_CLASSES = {"callbacks": L.Callback, "logger": Logger}  # what each entry must build
 # Arguments a class takes without checking them (CSVLogger divides by its flush cadence mid-run).
 CLASS_RULES: dict[type, dict[str, Rule]] = {CSVLogger: {"flush_logs_every_n_steps": INT_POSITIVE}}

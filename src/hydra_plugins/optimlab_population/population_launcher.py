@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from optimlab.checks import BOOL, INT_POSITIVE, POSITIVE, optional, refusal
 from optimlab.hydra_job import refuse
 
+MAX_MEMBERS = 64  # where the run config has no population node (optimlab's conf/config.yaml says 64 too)
 SUBMITIT_PARAMETERS = {"timeout_min": 60}  # a submitit population job's limits unless hydra.launcher.submitit sets them
 
 
@@ -34,7 +35,7 @@ class PopulationLauncherConf:
     _target_: str = "hydra_plugins.optimlab_population.population_launcher.PopulationLauncher"
     # a larger group of compatible jobs is split into populations of at most this many
     # (Any, not int and bool: a wrong value then gets the launcher's one-line error, not OmegaConf's traceback)
-    max_members: Any = "${oc.select:population.max_members,64}"
+    max_members: Any = f"${{oc.select:population.max_members,{MAX_MEMBERS}}}"
     # the memory one population may use (GiB); null: a share of its device's memory
     max_memory_gib: Any = "${oc.select:population.max_memory_gib,null}"
     # print the plan (populations, members, estimated memory) and stop
@@ -64,7 +65,7 @@ class PopulationLauncher(Launcher):
     Its arguments are :class:`PopulationLauncherConf`'s knobs with its defaults, but for ``submitit_folder``,
     which the config puts in the sweep's folder and which, built here without Hydra, is relative to the working one."""
 
-    def __init__(self, max_members: int = 64, max_memory_gib: Optional[float] = None, dry_run: bool = False,
+    def __init__(self, max_members: int = MAX_MEMBERS, max_memory_gib: Optional[float] = None, dry_run: bool = False,
                  executor: str = "auto",
                  max_parallel: Optional[int] = None, submitit_folder: str = ".submitit/%j",
                  submitit: Optional[Dict[str, Any]] = None) -> None:

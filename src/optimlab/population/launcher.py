@@ -424,9 +424,9 @@ def dry_return(job: Job) -> JobReturn:
 
 
 def launch(hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig,
-           job_overrides: Sequence[Sequence[str]], initial_job_idx: int, *, max_members: int = 64,
-           max_memory_gib: float | None = None, dry_run: bool = False, executor: Executor | None = None,
-           max_parallel: int | None = None, auto: bool = False) -> list[JobReturn]:
+           job_overrides: Sequence[Sequence[str]], initial_job_idx: int, *, max_members: int,
+           max_memory_gib: float | None, dry_run: bool, executor: Executor | None, max_parallel: int | None,
+           auto: bool) -> list[JobReturn]:
     """Launch a batch of jobs (see the module docstring); one JobReturn per job, in job order.
     ``executor``: None trains the populations one by one in this process; a ``processes`` executor
     (:func:`~optimlab.population.cluster.make_executor`) trains the CPU ones in forked processes, at

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from optimlab.regimes import Thresholds
-from optimlab.summary import FINISHED, SUMMARY, config_key, diagnose_run, read_summary
+from optimlab.summary import COLLECTIONS, FINISHED, SUMMARY, config_key, diagnose_run, read_summary
 
 
 ERROR_CHARS = 160  # of a crashed run's error (its first line) in the tables; the whole one is in its summary.json
@@ -93,10 +93,6 @@ def same_but_seed(config: dict[str, Any]) -> str:
 # What a map's axes vary: the learning rate and the widths (the optimizer class is its panels); and the
 # run's name, a label (experiments differing in lr alone are one setting).
 MAP_AXES = ("name", "lr", "optimizer.lr", "optimizer._target_", "optimizer.impl", "model.hidden", "model.channels")
-
-
-# Groups of named entries (validate.COLLECTIONS; not imported here: that module loads Lightning).
-COLLECTIONS = ("callbacks", "logger")
 
 
 def flat_settings(config: dict[str, Any]) -> dict[str, str]:
