@@ -46,8 +46,12 @@ def evaluation(model: nn.Module) -> Iterator[None]:
 
 
 def trainable(model: nn.Module) -> list[Tensor]:
-    """The parameters the Hessian is taken over: those with ``requires_grad``, in module order."""
-    return [p for p in model.parameters() if p.requires_grad]
+    """The parameters the Hessian is taken over: those with ``requires_grad``, in module order; a
+    ValueError where there are none."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters")
+    return params
 
 
 def _flat(tensors: Sequence[Tensor]) -> Tensor:
@@ -160,8 +164,6 @@ def top_eigenpair(model: nn.Module, x: Tensor, y: Tensor, preconditioner: Sequen
         raise ValueError(f"Invalid model: must be a torch.nn.Module, got {type(model).__name__}")
     check_iteration(iters, tol)
     params = trainable(model)
-    if not params:
-        raise ValueError("model has no trainable parameters")
     if len({(p.dtype, p.device) for p in params}) > 1 or params[0].is_complex():
         raise ValueError("the trainable parameters must be real and share one dtype and device, got "
                          f"{sorted({f'{p.dtype} on {p.device}' for p in params})}")

@@ -231,8 +231,6 @@ def gradient_moments(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) ->
     to ``batch_size`` (so a probe smaller than a minibatch works too). In eval mode, as
     :func:`top_eigenpair` (no draw from torch's generators, ``p.grad`` untouched)."""
     params = trainable(model)
-    if not params:
-        raise ValueError("model has no trainable parameters")
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y must hold the same number of examples, got {x.shape[0]} and {y.shape[0]}")
     parts = probe_parts(x.shape[0], batch_size)

@@ -64,8 +64,6 @@ def member_eigenpairs(model: StackedModel, x: Tensor, y: Tensor, preconditioner:
             None: a standard normal draw from ``generator`` (None: seeded with 0).
     """
     params = trainable(model)
-    if not params:
-        raise ValueError("model has no trainable parameters")
     members = model.members
     if x.dim() != 5 or x.shape[0] != members or y.shape != x.shape[:2] or x.shape[1] == 0:
         raise ValueError(f"x must be [{members}, N, C, H, W] and y [{members}, N] with N > 0, got "
