@@ -205,16 +205,17 @@ class SharpnessLog:
             self._ended = True
         return record
 
-    def run_record(self) -> dict[str, Any]:
+    def run_record(self, **about: Any) -> dict[str, Any]:
         """``measurements``, ``sharpness_max``, ``first_crossing_step`` and the sharpness and
         threshold there (``crossing_sharpness``, ``crossing_threshold``) over the whole run, the
         first measurement (``initial_step``, ``initial_sharpness``, ``initial_threshold``) and
-        every measurement (``series``: ``[step, sharpness, threshold]`` rows)."""
+        every measurement (``series``: ``[step, sharpness, threshold]`` rows); then ``about`` (what the
+        tracker adds: ``threshold_formula``, ``preconditioned``, ``probe_images``)."""
         crossing, initial = self.first_crossing or (None, None), self.initial or (None, None, None)
         return {"measurements": self.measurements, "sharpness_max": self.sharpness_max,
                 "first_crossing_step": self.first_crossing_step, "crossing_sharpness": crossing[0],
                 "crossing_threshold": crossing[1], "initial_step": initial[0], "initial_sharpness": initial[1],
-                "initial_threshold": initial[2], "series": [list(row) for row in self.series]}
+                "initial_threshold": initial[2], "series": [list(row) for row in self.series], **about}
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": [dict(r) for r in self.history], "series": [list(r) for r in self.series],
@@ -315,9 +316,8 @@ class SharpnessCallback(L.Callback):
         """:meth:`SharpnessLog.run_record`, with ``threshold_formula`` (the threshold in words at
         the start of training, e.g. ``2/lr`` or ``38/lr``), ``preconditioned`` (adaptive optimizers) and
         ``probe_images`` (the probe's size: ``probe_size``, or the whole training set where smaller)."""
-        return {**self.sharpness_log.run_record(), "threshold_formula": self.threshold_formula,
-                "preconditioned": self.preconditioned,
-                "probe_images": None if self.probe is None else len(self.probe[1])}
+        return self.sharpness_log.run_record(threshold_formula=self.threshold_formula, preconditioned=self.preconditioned,
+                                             probe_images=None if self.probe is None else len(self.probe[1]))
 
     def draw_probe(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """``probe_size`` examples of ``(x, y)`` chosen by ``seed`` (all when there are fewer)."""

@@ -241,9 +241,8 @@ class MemberSharpness:
 
     def run_record(self, m: int) -> dict[str, Any]:
         """Member m's run record, as :meth:`SharpnessCallback.run_record` gives its run's."""
-        return {**self.logs[m].run_record(), "threshold_formula": self.threshold_formulas[m],
-                "preconditioned": self.preconditioned,
-                "probe_images": None if self.probe is None else self.probe[1].shape[1]}
+        return self.logs[m].run_record(threshold_formula=self.threshold_formulas[m], preconditioned=self.preconditioned,
+                                       probe_images=None if self.probe is None else self.probe[1].shape[1])
 
     def state_dict(self) -> dict[str, Any]:
         return {"logs": [log.state_dict() for log in self.logs], "vectors": self.vectors}
