@@ -25,9 +25,8 @@ def initialise(module: nn.Module, init: str, std: float) -> None:
     Conv layer drawn from N(0, std^2), as the JAX notebook's ``scale * randn`` does. ``glorot``:
     Glorot (Xavier) normal weights and zero biases. ``stax``: the defaults of the notebook's stax
     layers: Glorot-variance weights from a normal truncated at 2 std (``jax.nn.initializers.glorot_normal``),
-    biases N(0, 1e-2^2) for Dense and N(0, 1e-6^2) for Conv layers."""
-    if init not in INITS:
-        raise ValueError(f"model.init: {init!r} is not one of {INITS}")
+    biases N(0, 1e-2^2) for Dense and N(0, 1e-6^2) for Conv layers. (``init`` is one of :data:`INITS`: the
+    models check it first, ``check_common``.)"""
     if init == "default":
         return
     for layer in module.modules():
