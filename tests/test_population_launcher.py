@@ -1839,7 +1839,9 @@ def test_a_member_whose_events_cannot_be_written_is_recorded_crashed(tmp_path: P
     ("population.max_members=8,16", "population.max_members=8,16: the population launcher's plan is one for the whole "
                                     "sweep; give population.* a single value, not a sweep")])
 def test_a_bad_launcher_knob_on_the_command_line_is_one_line(tmp_path: Path, override: str, line: str) -> None:
-    result = train("hydra/launcher=population", "lr=0.01,0.1", *override.split(), f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    # an override interpolating the job's Hydra config (a review: the knobs' check had failed on it, unnoticed)
+    result = train("hydra/launcher=population", "lr=0.01,0.1", "seed=${hydra:job.num}", *override.split(),
+                   f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert result.returncode == 2 and result.stderr.strip().startswith(f"error: {line}"), result.stderr[-2000:]
     assert result.stderr.count("\n") == 1 and not (tmp_path / "sweep").exists()
     assert not (tmp_path / "sweep").exists()

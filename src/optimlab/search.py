@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
-from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -17,7 +17,7 @@ from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSw
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from optimlab.checks import is_integer, refusal
 from optimlab.hydra_job import command_line_error, refuse
@@ -67,45 +67,52 @@ def search_error(cfg: DictConfig, sweeper: DictConfig) -> str | None:
     return None
 
 
-def search_space_error(params: DictConfig | None, conf_dirs: Sequence[Path]) -> str | None:
-    """Why a search space (``hydra.sweeper.params``: ``key: choice(...) | interval(...) | range(...) | value``)
-    cannot work, or None: an expression Hydra cannot read; an interval whose start lies above its end, or
-    a log one that starts at 0 or below (Optuna's tracebacks); an option a config group of ``conf_dirs`` does
-    not have; a bound or choice a key's rule refuses (every trial that draws it would fail: an interval's
-    bounds, a range's first and last value, each choice). What the rules cannot see (a constructor's own
-    checks) fails its trial alone, which then scores the metric's worst value."""
+def search_space_error(sweeper: DictConfig, conf_dir: Path | None) -> str | None:
+    """Why ``sweeper``'s search space (``params``: ``key: choice(...) | interval(...) | range(...) | value``)
+    cannot work, or None: an expression Hydra cannot read; an interval or range Optuna refuses (empty, a log
+    interval from 0 or below, a range's step not positive); an option the config group in ``conf_dir`` does not
+    have (None: the command has other config folders, whose options Hydra's composition decides); a value a
+    key's rule refuses (every trial that draws it would fail: an interval's bounds, a range's lowest and highest
+    draw, each choice); an ``optimized_metric`` against the search's direction. What the rules cannot see (a
+    constructor's own checks) fails its trial alone, which then scores the metric's worst value."""
     parser = OverridesParser.create()
-    for key, expression in (params or {}).items():
+    for key, expression in (sweeper.get("params") or {}).items():
         where = f"hydra.sweeper.params.{key}"
         try:
             override = parser.parse_override(f"{key}={expression}")
         except HydraException as err:
             return f"{where}: {expression!r} cannot be read ({str(err).strip().splitlines()[0]})"
         sweep = override.value()
-        if isinstance(sweep, IntervalSweep):
-            if sweep.start > sweep.end:
+        if isinstance(sweep, (IntervalSweep, RangeSweep)):
+            low, high = (sweep.start, sweep.end) if isinstance(sweep, IntervalSweep) else (sweep.start, sweep.stop)
+            if isinstance(sweep, RangeSweep) and not sweep.step > 0:
+                return f"{where}: {expression!r} needs a step above 0"
+            if low > high:
                 return f"{where}: {expression!r} is empty: its start lies above its end"
-            if "log" in sweep.tags and sweep.start <= 0:
+            if "log" in sweep.tags and low <= 0:
                 return f"{where}: {expression!r} is on a log scale, which needs a start above 0"
-            values = [sweep.start, sweep.end]
-        elif isinstance(sweep, RangeSweep):
-            count = math.ceil((sweep.stop - sweep.start) / sweep.step)  # Hydra refuses a range of none
-            values = [sweep.start, sweep.start + sweep.step * (count - 1)] if count > 0 else []
+            if isinstance(sweep, RangeSweep):  # Optuna draws start, start + step, ... up to stop itself
+                high = low + sweep.step * math.floor((high - low) / sweep.step)
+            values = [low, high]
         else:
             values = list(sweep.list) if isinstance(sweep, ChoiceSweep) else [sweep]
-        for conf_dir in conf_dirs:
-            if error := command_line_error([f"{key}={expression}"], conf_dir):
-                return f"hydra.sweeper.params.{error}"
+        if conf_dir is not None and (error := command_line_error([f"{key}={expression}"], conf_dir)):
+            return f"hydra.sweeper.params.{error}"
         for value in values if key in RULES else []:
             if error := rule_error(key, value):
+                return f"{where}: {expression!r} can draw {value!r}, and {error}"
+            if key == "optimized_metric" and (error := search_error(OmegaConf.create({key: value}), sweeper)):
                 return f"{where}: {expression!r} can draw {value!r}, and {error}"
     return None
 
 
-def main_config_dirs(config: DictConfig) -> list[Path]:
-    """The folders of the command's own configs (``hydra.runtime.config_sources``, the main one)."""
-    return [Path(str(source.path)) for source in config.hydra.runtime.config_sources
-            if source.provider == "main" and source.schema == "file"]
+def own_config_dir(config: DictConfig) -> Path | None:
+    """The folder of the command's configs (``hydra.runtime.config_sources``' main one), or None where
+    the command adds other config folders (``hydra.searchpath``, ``--config-dir``)."""
+    sources = config.hydra.runtime.config_sources
+    if any(source.provider not in ("hydra", "main", "schema") for source in sources):
+        return None
+    return next((Path(str(s.path)) for s in sources if s.provider == "main" and s.schema == "file"), None)
 
 
 class CheckSearch(Callback):
@@ -115,5 +122,5 @@ class CheckSearch(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweeper = config.hydra.sweeper
         if is_search(sweeper) and (error := search_error(config, sweeper) or
-                                   search_space_error(sweeper.get("params"), main_config_dirs(config))):
+                                   search_space_error(sweeper, own_config_dir(config))):
             refuse(error)

@@ -136,7 +136,7 @@ class CheckPopulationOptions(Callback):
             return
         # a value swept per job would be ignored: the plan is one for the whole sweep (plan.check_plan_is_the_sweeps)
         parser = OverridesParser.create()
-        for line in config.hydra.overrides.task:
+        for line in OmegaConf.to_container(config.hydra.overrides.task, resolve=False):  # ${hydra:job.num}: unset
             override = parser.parse_override(line)
             if override.key_or_group.startswith("population.") and override.is_sweep_override():
                 refuse(f"{line}: the population launcher's plan is one for the whole sweep; give population.* a "
