@@ -1320,6 +1320,11 @@ def test_resume_auto_refuses_a_job_whose_folder_holds_a_run_of_another_config(mn
     plan.classify(job)
     assert job.key is None and "regimes.fit_acc: 0.9 there, 0.8 here" in str(job.error)
     assert (job.run_dir / "summary.json").read_text() == before
+    # a summary it cannot read (a member keeps no checkpoint): the single-run path's refusal, not a population
+    (job.run_dir / "summary.json").write_text("{ not json")
+    unreadable = Job(0, [], cfg, tmp_path / "0")
+    plan.classify(unreadable)
+    assert unreadable.key is None and unreadable.alone == "its summary.json cannot be read"
 
 
 def test_a_crashed_population_fails_each_member(mnist_root: Path, tmp_path: Path) -> None:
@@ -1367,6 +1372,11 @@ def test_a_member_whose_files_cannot_be_written_fails_alone(tmp_path: Path, monk
     assert failed[1].error == "OSError: no space left"  # its files again not written: said so, not raised
     assert [json.loads((job.run_dir / "summary.json").read_text())["status"] for job in jobs] == \
         ["complete", "crashed", "complete"]
+    # its .hydra/ record failing first (before its summary is written): the summary says crashed too
+    monkeypatch.setattr(launcher, "save_member_job_record", lambda job: (_ for _ in ()).throw(OSError("read-only")))
+    results, _ = launcher.train_and_record(jobs[:1], "population 1")
+    assert results[0].status == "crashed" and json.loads((jobs[0].run_dir / "summary.json").read_text())["error"] == \
+        "OSError: read-only"
 
 
 def test_a_population_stopped_before_its_records_return_keeps_its_members_epochs(mnist_root: Path,

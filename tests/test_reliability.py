@@ -592,9 +592,10 @@ def test_resume_auto_compares_configs_only_where_there_is_something_to_continue(
 
 
 def test_a_refused_jobs_folder_records_its_latest_refusal_and_then_its_run(tmp_path: Path) -> None:
-    """A sweep job refused twice (its value fixed, another one wrong) lists the latest error; run at last with
-    resume=auto, its .hydra/ record is that run's config, not the refused one's (a review: both stayed stale).
-    A folder with trained epochs keeps its record."""
+    """A sweep job refused, then rerun with resume=auto and refused again (its value fixed, another one wrong),
+    lists the latest error; run at last, its .hydra/ record is that run's config, not the refused one's (a
+    review: both stayed stale). Without resume=auto (a new sweep into the folder, refused for it) and over a
+    folder with trained epochs the record stays."""
     import yaml
     from hydra import compose, initialize_config_dir
     from omegaconf import DictConfig, open_dict
@@ -617,14 +618,18 @@ def test_a_refused_jobs_folder_records_its_latest_refusal_and_then_its_run(tmp_p
         return yaml.safe_load((tmp_path / ".hydra" / "config.yaml").read_text())
 
     in_job(lambda cfg: record_refusal(tmp_path, cfg, "ConfigError: lr: -1 is not allowed"), "lr=-1")
-    in_job(lambda cfg: record_refusal(tmp_path, cfg, "ConfigError: batch_size: 0 is not allowed"), "batch_size=0")
+    before = files_of(tmp_path)
+    in_job(lambda cfg: record_refusal(tmp_path, cfg, "ConfigError: .. already holds a run"), "lr=0.5")
+    assert files_of(tmp_path) == before
+    in_job(lambda cfg: record_refusal(tmp_path, cfg, "ConfigError: batch_size: 0 is not allowed"), "batch_size=0",
+           "resume=auto")
     assert summary(tmp_path)["error"] == "ConfigError: batch_size: 0 is not allowed"
     assert recorded_config()["batch_size"] == 0
     after = in_job(lambda cfg: run(cfg, tmp_path), "resume=auto", "optimizer.lr=0.05")
     assert after.status == "complete"
     assert (recorded_config()["optimizer"]["lr"], recorded_config()["batch_size"]) == (0.05, 128)
     before = files_of(tmp_path)
-    in_job(lambda cfg: record_refusal(tmp_path, cfg, "ConfigError: lr: -1 is not allowed"), "lr=-1")
+    in_job(lambda cfg: record_refusal(tmp_path, cfg, "ConfigError: lr: -1 is not allowed"), "lr=-1", "resume=auto")
     assert files_of(tmp_path) == before
 
 
@@ -683,6 +688,15 @@ def test_an_unreadable_summary_still_keeps_a_new_run_out(finished_run: Path, tmp
     before = files_of(run_dir)
     with pytest.raises(ConfigError, match="already holds a run"):
         run(compose_config(*TINY), run_dir)
+    assert files_of(run_dir) == before
+    # nor resume=auto where there is no checkpoint to continue from (a review: it trained anew over it)
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints")
+    before = files_of(run_dir)
+    with pytest.raises(ConfigError, match=r"^resume=auto: .*summary.json cannot be read as a run's summary, and there "
+                                          r"is no checkpoint to continue from; .*nothing was changed$"):
+        run(compose_config(*TINY, "resume=auto"), run_dir)
     assert files_of(run_dir) == before
 
 

@@ -23,7 +23,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from optimlab.checkpointing import last_checkpoint
+from optimlab.checkpointing import holds_a_run, last_checkpoint
 from optimlab.curvature import SHARPNESS_TAG, THRESHOLD_TAG, SharpnessCallback, epoch_columns
 from optimlab.divergence import DivergenceGuard, total_norm
 from optimlab.hydra_job import save_job_record
@@ -68,9 +68,10 @@ def holds_nothing_trained(run_dir: Path) -> bool:
 
 def record_refusal(run_dir: Path, cfg: DictConfig, error: str) -> None:
     """A sweep job refused before any work: its folder gets Hydra's record of the job and a ``crashed``
-    summary with the one-line ``error`` (what the report lists), unless it holds a run already (an earlier
-    refusal's record is replaced: the report lists the latest error)."""
-    if not holds_nothing_trained(run_dir):
+    summary with the one-line ``error`` (what the report lists), unless it holds a run already; under
+    ``resume=auto``, which may take a folder that holds nothing trained, that record is replaced (an earlier
+    refusal's: the report lists the latest error)."""
+    if holds_a_run(run_dir) and not (cfg.get("resume") == "auto" and holds_nothing_trained(run_dir)):
         return
     save_job_record(run_dir, cfg)
     write_summary(run_dir, refused_summary(cfg, error))

@@ -82,6 +82,10 @@ def plan_run(
         sync_epochs(cfg, keys)
     if cfg.resume == "auto":
         ckpt, saved = last_checkpoint(run_dir), read_summary(run_dir)
+        if saved is None and ckpt is None and (run_dir / SUMMARY).exists():  # a run's, maybe: not overwritten
+            raise ConfigError(f"resume=auto: {run_dir / SUMMARY} cannot be read as a run's summary, and there is no "
+                              f"checkpoint to continue from; move it away to train anew there, or choose another "
+                              f"folder; nothing was changed")
         if saved is not None and saved.status not in FINISHED:  # a finished run is skipped
             refuse_starting_over(run_dir, ckpt, saved)
         return cfg, run_dir, ckpt, saved

@@ -342,6 +342,8 @@ def record_members(members: Sequence[Job], results: list[RunSummary]) -> list[Ru
             record_member(job, summary)
         except Exception as err:
             summary = replace(summary, status="crashed", error=f"{type(err).__name__}: {err}")
+            with contextlib.suppress(OSError):  # also where its .hydra/ record failed, before its summary
+                write_summary(job.run_dir, summary)
         recorded.append(summary)
     return recorded
 

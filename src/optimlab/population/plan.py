@@ -41,7 +41,7 @@ from optimlab.population.schedule import why_not_followed
 from optimlab.population.stacked import STACKED, build_member
 from optimlab.population.stopping import unfollowed
 from optimlab.resume import override_keys, refuse_changed_config, sync_epochs
-from optimlab.summary import config_key, describe_run, dotted_value, is_complete, read_summary
+from optimlab.summary import SUMMARY, config_key, describe_run, dotted_value, is_complete, read_summary
 from optimlab.validate import RULES, ConfigError, check_range, rule_error, validate_config, weight_dtype
 
 # a population trains in its weights' dtype, without mixed precision
@@ -319,6 +319,8 @@ def classify(job: Job, passed: set[str] | None = None, elsewhere: bool = False) 
         job.alone = "complete (resume=auto skips it)"
     elif resume == "auto" and last_checkpoint(job.run_dir) is not None:
         job.alone = "resumes from its checkpoint"
+    elif resume == "auto" and (job.run_dir / SUMMARY).exists() and read_summary(job.run_dir) is None:
+        job.alone = f"its {SUMMARY} cannot be read"  # the single-run path refuses it
     if job.alone:
         return
     try:
