@@ -356,9 +356,16 @@ def test_stability_leaves_a_boundary_below_the_grid_open_and_reads_a_column_from
         (tmp_path / "report.md").read_text()
 
 
-def test_stability_counts_a_tie_of_two_seeds_as_diverging(tmp_path: Path) -> None:
+def test_stability_counts_a_tie_of_two_seeds_as_diverging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # lr 1: one seed diverging (listed first), one healthy: a tie, which the map shows as healthy*; half the
     # seeds diverged there, so the largest lr without divergence is 0.1 (it was 1, read off the map; a probe)
+    import matplotlib.axes
+
+    from optimlab.report.figures import REGIME_COLORS
+
+    colors = []  # of lr_sensitivity.png's points
+    scatter = matplotlib.axes.Axes.scatter
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter", lambda ax, *a, **k: colors.append(k["color"]) or scatter(ax, *a, **k))
     n = 0
     for lr in (0.1, 1.0):
         for seed, regime in ((0, "diverging" if lr == 1.0 else "healthy"), (1, "healthy")):
@@ -375,6 +382,8 @@ def test_stability_counts_a_tie_of_two_seeds_as_diverging(tmp_path: Path) -> Non
     assert [(t["width"], float(t["observed_max_lr_without_divergence"]), t["within_one_cell"]) for t in table] == \
         [("8", 0.1, "True")]  # predicted 2 / 20 = 0.1
     assert "| sgd | 8 | 1 | healthy | diverging 1, healthy 1 |" in (tmp_path / "report.md").read_text()
+    # the tie coloured as the map shows it, not by the first run's label (a probe: red beside a healthy cell)
+    assert REGIME_COLORS["healthy"] in colors and REGIME_COLORS["diverging"] not in colors
 
 
 def test_the_report_says_why_a_tracked_sweep_has_no_stability_table_or_boundary(tmp_path: Path) -> None:

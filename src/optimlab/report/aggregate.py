@@ -44,6 +44,16 @@ class MapCell:
     mean_test_acc: float | None
 
 
+def label_counts(runs: list[dict[str, Any]]) -> Counter[str]:
+    """How many of ``runs`` got each of :data:`PLOT_LABELS` (a run without a diagnosis counts as crashed)."""
+    return Counter(r["regime"] if r["regime"] in PLOT_LABELS else "crashed" for r in runs)
+
+
+def majority(counts: Counter[str]) -> str:
+    """The label most runs got (:func:`label_counts`); a tie goes to the label first in :data:`PLOT_LABELS`."""
+    return max(PLOT_LABELS, key=lambda label: (counts[label], -PLOT_LABELS.index(label)))
+
+
 def map_cells(rows: list[dict[str, Any]]) -> dict[tuple[str, str, float], MapCell]:
     """The regime map's cells, keyed ``(setting, widths, lr)`` (see
     :func:`~optimlab.report.rows.name_settings`), from the report's rows."""
@@ -53,8 +63,8 @@ def map_cells(rows: list[dict[str, Any]]) -> dict[tuple[str, str, float], MapCel
             groups[(r["setting"], r["widths"], r["lr"])].append(r)
     cells = {}
     for key, runs in groups.items():
-        counts = Counter(r["regime"] if r["regime"] in PLOT_LABELS else "crashed" for r in runs)
-        regime = max(PLOT_LABELS, key=lambda label: (counts[label], -PLOT_LABELS.index(label)))
+        counts = label_counts(runs)
+        regime = majority(counts)
         accs = [r["final_test_acc"] for r in runs if has_test_acc(r)]
         cells[key] = MapCell(regime, len(counts) == 1, dict(counts), statistics.fmean(accs) if accs else None)
     return cells

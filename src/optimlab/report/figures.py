@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from optimlab.report.aggregate import PLOT_LABELS, MapCell, grid_position
+from optimlab.report.aggregate import PLOT_LABELS, MapCell, grid_position, label_counts, majority
 from optimlab.report.rows import tested_at_lr, width_key
 from optimlab.report.tables import fmt
 
@@ -146,8 +146,8 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
             # lr 1e307 left it showing 1 to 10, every point off it).
             ax.plot([math.log10(lr) for lr in lrs], means, line, color="0.35", zorder=2)
             for lr, mean in zip(lrs, means):
-                regimes = Counter(m["regime"] for m in points[lr])
-                ax.scatter([math.log10(lr)], [mean], color=REGIME_COLORS.get(max(regimes, key=regimes.get), "black"),
+                regime = majority(label_counts(points[lr]))  # as the map's cell shows it
+                ax.scatter([math.log10(lr)], [mean], color=REGIME_COLORS[regime],
                            marker=marker, zorder=3, s=40, edgecolor="black", linewidth=0.5)
         # Whole decades in view, so that the ticks are powers of ten however narrow the panel's lrs.
         exponents = [math.log10(lr) for points in by_opt.values() for lr in points]

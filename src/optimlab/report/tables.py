@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from optimlab.regimes import LABELS
-from optimlab.report.aggregate import MapCell, seed_table
+from optimlab.report.aggregate import PLOT_LABELS, MapCell, seed_table
 from optimlab.report.rows import by_setting_and_width, measured_at_start
 
 
@@ -22,7 +22,8 @@ COLUMNS = ["run", "name", "model", "optimizer", "lr", "widths", "seed", "params"
 
 
 def fmt(value: Any) -> str:
-    """A table cell: empty for None, a float to four significant digits."""
+    """A table cell: empty for None; a float below 1e-3 or from 1e4 up to four significant digits, else to four
+    decimals (trailing zeros dropped); anything else as text."""
     if value is None:
         return ""
     if isinstance(value, float):
@@ -163,8 +164,9 @@ def crossing_lines(rows: list[dict[str, Any]]) -> list[str]:
              f"(false alarms, counting oscillating as none: {total['crossed'] - total['then diverging']}). "
              f"{total['misses']} diverging run(s) never crossed it."]
     if leads:
+        median = statistics.median(leads)
         lines.append(f"{len(leads)} crossing run(s) stopped on a non-finite value, the crossing "
-                     f"{statistics.median(leads):g} steps before it (median; {leads[0]} to {leads[-1]}).")
+                     f"{median:g} step{'' if median == 1 else 's'} before it (median; {leads[0]} to {leads[-1]}).")
     else:
         lines.append("No crossing run stopped on a non-finite value: no lead to measure.")
     by_setting: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -186,7 +188,8 @@ def disagreement_lines(cells: dict[tuple[str, str, float], MapCell]) -> list[str
         return []
     split = sorted((key, c) for key, c in several.items() if not c.agreed)
     lines = ["", "## Regime map", "", f"{len(several)} cells of several runs; in {len(split)} of them the runs "
-             "(seeds) disagree, marked * on the map, which shows the label most of them got:"]
+             "(seeds) disagree, marked * on the map, which shows the label most of them got (a tie: the label first "
+             f"in the order {', '.join(PLOT_LABELS)})" + (":" if split else ".")]
     if split:
         lines += ["", "| optimizer | widths | lr | shown | regimes |", "|---|---|---|---|---|"]
         lines += [f"| {opt} | {widths} | {fmt(lr)} | {c.regime} | "
