@@ -356,6 +356,20 @@ def test_stability_leaves_a_boundary_below_the_grid_open_and_reads_a_column_from
         (tmp_path / "report.md").read_text()
 
 
+def test_the_report_says_when_curves_png_draws_only_some_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from optimlab.report import figures
+
+    monkeypatch.setattr(figures, "MAX_CURVES", 2)
+    monkeypatch.setattr("optimlab.report.MAX_CURVES", 2)
+    for n, lr in enumerate((0.01, 0.1)):
+        fake_run(tmp_path, f"{n}_run", "SGD", lr, 8, 0, 0.9)
+    report(tmp_path)
+    assert "curves.png draws the first" not in (tmp_path / "report.md").read_text()
+    fake_run(tmp_path, "2_run", "SGD", 1.0, 8, 0, 0.9)
+    report(tmp_path)
+    assert "curves.png draws the first 2 of the 3 runs with curves" in (tmp_path / "report.md").read_text()
+
+
 def test_stability_counts_a_tie_of_two_seeds_as_diverging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # lr 1: one seed diverging (listed first), one healthy: a tie, which the map shows as healthy*; half the
     # seeds diverged there, so the largest lr without divergence is 0.1 (it was 1, read off the map; a probe)

@@ -23,7 +23,7 @@ from typing import Any
 
 from optimlab.files import remove_stale_temporaries
 from optimlab.report.aggregate import map_cells, stability_table
-from optimlab.report.figures import plot_curves, plot_lr_sensitivity, plot_regime_map, plot_sharpness
+from optimlab.report.figures import MAX_CURVES, plot_curves, plot_lr_sensitivity, plot_regime_map, plot_sharpness
 from optimlab.report.rows import UnreadableRecord, find_runs, name_settings, on_lr_axis, row_for, tested_at_lr
 from optimlab.report.tables import COLUMNS, crossing_lines, disagreement_lines, table_lines, write_csv, write_stability
 from optimlab.summary import SUMMARY
@@ -68,6 +68,9 @@ def write_report(rows: list[dict[str, Any]], sweep_dir: Path, out: Path) -> None
     several_lrs = len({r["lr"] for r in rows if on_lr_axis(r)}) > 1
     if any(r["history"] for r in rows):
         plot_curves(rows, out / "curves.png")
+        if (drawn := sum(1 for r in rows if r["history"])) > MAX_CURVES:
+            lines += ["", f"curves.png draws the first {MAX_CURVES} of the {drawn} runs with curves, in the tables' order "
+                          f"(sharpness.png at most {MAX_CURVES} too); the tables list them all."]
     if len({r["lr"] for r in tested_at_lr(rows)}) > 1:
         plot_lr_sensitivity(rows, out / "lr_sensitivity.png")
     if any(r.get("curvature") for r in rows):
