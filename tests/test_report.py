@@ -370,6 +370,20 @@ def test_the_report_says_when_curves_png_draws_only_some_runs(tmp_path: Path, mo
     assert "curves.png draws the first 2 of the 3 runs with curves" in (tmp_path / "report.md").read_text()
 
 
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path) -> None:
+    """``optimlab-report <dir> | head -1``: the pipe closed before its lines (a probe: BrokenPipeError)."""
+    import subprocess
+    import sys
+
+    for n, lr in enumerate((0.01, 0.1)):
+        fake_run(tmp_path, f"{n}_run", "SGD", lr, 8, 0, 0.9)
+    process = subprocess.Popen([sys.executable, "-m", "optimlab.report", str(tmp_path)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()  # type: ignore[union-attr]
+    stderr = process.stderr.read().decode()  # type: ignore[union-attr]
+    assert process.wait() == 0 and stderr == "" and (tmp_path / "report.md").is_file()
+
+
 def test_stability_counts_a_tie_of_two_seeds_as_diverging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # lr 1: one seed diverging (listed first), one healthy: a tie, which the map shows as healthy*; half the
     # seeds diverged there, so the largest lr without divergence is 0.1 (it was 1, read off the map; a probe)

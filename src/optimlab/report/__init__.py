@@ -124,9 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     with (args.sweep_dir / "report.csv").open(newline="") as table:
         rows = list(csv.DictReader(table))
     counts = Counter(r["regime"] for r in rows)
-    print(f"{len(rows)} run{'s' * (len(rows) != 1)}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    for path in written:
-        print(f"wrote {path}")
+    try:
+        print(f"{len(rows)} run{'s' * (len(rows) != 1)}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        for path in written:
+            print(f"wrote {path}")
+        sys.stdout.flush()
+    except BrokenPipeError:  # its reader left (| head -1): the report is written all the same
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
     return 0
 
 
