@@ -22,18 +22,23 @@ stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 # limit SECONDS: the smaller of SECONDS and what is left before the deadline (at least 1)
 limit() { local left=$(( DEADLINE - ($(date +%s) - T0) )); (( left < $1 )) && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
 seconds_since() { awk "BEGIN{printf \"%.1f\", $(date +%s.%N) - $1}"; }
+# Ctrl-C stops the stage (timeout --foreground keeps it in the terminal's process group) and then the script
+trap 'stamp "interrupted"; exit 130' INT TERM
 
 stamp "environment"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   $PY -c "import torch, lightning, hydra; print(torch.__version__, lightning.__version__, hydra.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$LOGS/env.log"
+if ! $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  stamp "no CUDA GPU visible to $PY: nothing to measure"; exit 1
+fi
 
 stamp "1. test suite"
-timeout "$(limit 200)" $PY -m pytest -q -p no:cacheprovider -n 12 tests > "$LOGS/pytest.log" 2>&1
+timeout --foreground "$(limit 200)" $PY -m pytest -q -p no:cacheprovider -n 12 tests > "$LOGS/pytest.log" 2>&1
 tail -15 "$LOGS/pytest.log"
 
 stamp "2. population step (30 members 784-32-10)"
-timeout "$(limit 60)" $PY benchmarks/population.py --device cuda --members 30 --hidden 32 --steps 50 --repeats 3 \
+timeout --foreground "$(limit 60)" $PY benchmarks/population.py --device cuda --members 30 --hidden 32 --steps 50 --repeats 3 \
     > "$LOGS/population_step.log" 2>&1
 tail -4 "$LOGS/population_step.log"
 
@@ -41,25 +46,25 @@ stamp "3. four populations: one after another, then as four submitit_local jobs 
 FOUR="sweep=regime_map_full optimizer=adam model.hidden=[8],[32],[128],[512] epochs=2 trainer.progress_bar=false"
 for executor in inline submitit_local; do
   start=$(date +%s.%N)
-  timeout "$(limit 90)" $PY train.py -m $FOUR hydra.launcher.executor=$executor hydra.launcher.max_parallel=4 \
+  timeout --foreground "$(limit 90)" $PY train.py -m $FOUR hydra.launcher.executor=$executor hydra.launcher.max_parallel=4 \
       hydra.sweep.dir="$LOGS/four_$executor" >> "$LOGS/concurrency.log" 2>&1
   echo "$executor: 120 runs, exit $?, $(seconds_since "$start") s" | tee -a "$LOGS/concurrency.log"
 done
 
 stamp "4. training loop and optimizer step"
-timeout "$(limit 90)" $PY benchmarks/train_loop.py --device cuda > "$LOGS/train_loop.log" 2>&1
+timeout --foreground "$(limit 90)" $PY benchmarks/train_loop.py --device cuda > "$LOGS/train_loop.log" 2>&1
 tail -5 "$LOGS/train_loop.log"
-timeout "$(limit 60)" $PY benchmarks/optimizer_step.py --device cuda > "$LOGS/optimizer_step.log" 2>&1
+timeout --foreground "$(limit 60)" $PY benchmarks/optimizer_step.py --device cuda > "$LOGS/optimizer_step.log" 2>&1
 tail -12 "$LOGS/optimizer_step.log"
 
 stamp "5. full-budget map, Adam at widths 8 and 2048: 60 runs as populations, 2 sequentially"
 SLICE="sweep=regime_map_full optimizer=adam trainer.progress_bar=false"
 start=$(date +%s.%N)
-timeout "$(limit 150)" $PY train.py -m $SLICE 'model.hidden=[8],[2048]' hydra.sweep.dir="$LOGS/map_slice_population" \
+timeout --foreground "$(limit 150)" $PY train.py -m $SLICE 'model.hidden=[8],[2048]' hydra.sweep.dir="$LOGS/map_slice_population" \
     > "$LOGS/map_slice.log" 2>&1
 echo "populations: 60 runs, exit $?, $(seconds_since "$start") s" | tee -a "$LOGS/map_slice.log"
 start=$(date +%s.%N)
-timeout "$(limit 100)" $PY train.py -m $SLICE hydra/launcher=basic 'model.hidden=[8],[2048]' lr=0.001 seed=0 \
+timeout --foreground "$(limit 100)" $PY train.py -m $SLICE hydra/launcher=basic 'model.hidden=[8],[2048]' lr=0.001 seed=0 \
     hydra.sweep.dir="$LOGS/map_slice_sequential" >> "$LOGS/map_slice.log" 2>&1
 echo "sequential: 2 runs, exit $?, $(seconds_since "$start") s" | tee -a "$LOGS/map_slice.log"
 stamp "done"
