@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -42,12 +43,22 @@ def run_suite(experiments: list[str], extra: list[str], out: Path, quiet: bool) 
     print(f"log:      {out / 'suite.log'}\n", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    # its own session: a Ctrl-C reaches it once, passed on below (the terminal's and ours would be two stops)
     with (out / "suite.log").open("w") as log, subprocess.Popen(
-            cmd, cwd=_timing.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
-        for line in proc.stdout:
-            log.write(line)
-            if not quiet:
-                print("  | " + line, end="", flush=True)
+            cmd, cwd=_timing.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            start_new_session=True) as proc:
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                if not quiet:
+                    print("  | " + line, end="", flush=True)
+        except KeyboardInterrupt:  # stop the sweep too
+            proc.send_signal(signal.SIGINT)
+            log.writelines(proc.stdout)  # its last lines: the job it marked interrupted
+            proc.wait()
+            print(f"\ninterrupted: the sweep stopped (exit {proc.returncode}); its runs so far are in {out}; "
+                  f"continue them with: cd {_timing.REPO} && {shlex.join([*cmd, 'resume=auto'])}", file=sys.stderr)
+            sys.exit(130)
     return proc.returncode, time.perf_counter() - start
 
 
