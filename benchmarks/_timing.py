@@ -6,6 +6,7 @@ Not a benchmark itself. The scripts import it as ``_timing`` (Python puts the sc
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -20,6 +21,38 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 NO_GPU = "not measured (no GPU)"
+
+
+def count(text: str) -> int:
+    """An argparse type: an integer >= 1 (a usage error, not a traceback mid-run, for 0 or -1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; expected an integer >= 1")
+    return value
+
+
+def count_or_zero(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    return 0 if text.strip() == "0" else count(text)
+
+
+def counts(text: str) -> list[int]:
+    """An argparse type: comma-separated integers >= 1 (``8,128,512``)."""
+    return [count(item) for item in text.split(",")]
+
+
+def positive(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; expected a number > 0")
+    return value
 
 
 def setup_env() -> None:

@@ -107,12 +107,15 @@ def least_measurement_s(model: nn.Module, probe: tuple[Tensor, Tensor], repeats:
 
 
 def parse_variants(text: str) -> list[tuple[int, int]]:
-    """``"64@10,1024@100"`` -> ``[(64, 10), (1024, 100)]`` (probe size, cadence)."""
+    """``"64@10,1024@100"`` -> ``[(64, 10), (1024, 100)]`` (probe size, cadence; an argparse type)."""
     out = []
     for item in text.split(","):
         size, _, every = item.partition("@")
-        out.append((int(size), int(every or 10)))
-    return out
+        try:
+            out.append((_timing.count(size), _timing.count(every or "10")))
+        except argparse.ArgumentTypeError as err:
+            raise argparse.ArgumentTypeError(f"{item!r} is not PROBE@EVERY of two integers >= 1 ({err})") from None
+    return list(dict.fromkeys(out))
 
 
 def tight(model: nn.Module, opt: torch.optim.Optimizer, probe: tuple[Tensor, Tensor]) -> float:
@@ -121,19 +124,22 @@ def tight(model: nn.Module, opt: torch.optim.Optimizer, probe: tuple[Tensor, Ten
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default=DEFAULT_VARIANTS,
+    parser.add_argument("--variants", type=parse_variants, default=DEFAULT_VARIANTS,
                         help="comma-separated PROBE@EVERY: probe images, measurement every EVERY steps")
-    parser.add_argument("--steps", type=int, default=100, help="training steps per timed block")
-    parser.add_argument("--repeats", type=int, default=9, help="round-robin blocks of each variant")
-    parser.add_argument("--iters", type=int, default=20, help="the tracker's most products per measurement")
-    parser.add_argument("--tol", type=float, default=DEFAULT_TRACKING_TOL,
+    parser.add_argument("--steps", type=_timing.count, default=100, help="training steps per timed block")
+    parser.add_argument("--repeats", type=_timing.count, default=9, help="round-robin blocks of each variant")
+    parser.add_argument("--iters", type=_timing.count, default=20, help="the tracker's most products per measurement")
+    parser.add_argument("--tol", type=_timing.positive, default=DEFAULT_TRACKING_TOL,
                         help="the tracker's tolerance (default: the callback's)")
-    parser.add_argument("--reference", type=int, default=4096, help="probe size of the bias table's reference")
+    parser.add_argument("--reference", type=_timing.count, default=4096, help="probe size of the bias table's reference")
     parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=_timing.count, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
-    specs = parse_variants(args.variants)
+    specs = args.variants
+    if too_rare := [f"{size}@{every}" for size, every in specs if every > args.steps * args.repeats]:
+        parser.error(f"--variants {','.join(too_rare)}: never measured in --repeats {args.repeats} blocks of --steps "
+                     f"{args.steps}; give more steps or repeats, or a shorter cadence")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(OmegaConf.load(_timing.CONF / "trainer" / "default.yaml").flush_denormal)

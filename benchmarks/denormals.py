@@ -33,15 +33,17 @@ def subnormal_fraction(tensors: list[torch.Tensor]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--warm-steps", type=int, default=300, help="steps at lr 2.0 before timing")
-    parser.add_argument("--steps", type=int, default=30, help="steps per timed block")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--lr", type=float, default=2.0)
+    parser.add_argument("--warm-steps", type=_timing.count_or_zero, default=300, help="steps at lr 2.0 before timing")
+    parser.add_argument("--steps", type=_timing.count, default=30, help="steps per timed block")
+    parser.add_argument("--repeats", type=_timing.count, default=5)
+    parser.add_argument("--lr", type=_timing.positive, default=2.0)
     args = parser.parse_args()
     _timing.print_header("denormals: saturated tanh MLP, flush-to-zero off vs on (CPU)")
 
     dm = MNISTDataModule(batch_size=128, download=False)
     dm.setup()
+    if 128 * args.steps > len(dm.train_y):  # later batches would be empty
+        parser.error(f"--steps {args.steps}: at most {len(dm.train_y) // 128} batches of 128 training images")
     torch.manual_seed(0)
     model = MLP()
     opt = SGD(model.parameters(), lr=args.lr)

@@ -131,17 +131,17 @@ def measure(name: str, model: str, device: torch.device, steps: int, repeats: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=7, help="timed blocks per implementation (median taken)")
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per timed block")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed steps per implementation first")
+    parser.add_argument("--repeats", type=_timing.count, default=7, help="timed blocks per implementation (median taken)")
+    parser.add_argument("--steps", type=_timing.count, default=200, help="optimizer steps per timed block")
+    parser.add_argument("--warmup", type=_timing.count_or_zero, default=20, help="untimed steps per implementation first")
     parser.add_argument("--optimizers", default=",".join(HYPERPARAMS), help="comma-separated subset of %(default)s")
     parser.add_argument("--models", default=",".join([*MODELS, MEMBERS]), help="comma-separated subset of %(default)s")
-    parser.add_argument("--members", type=int, default=64, help="population size of the members rows")
-    parser.add_argument("--member-hidden", type=int, default=32, help="hidden width of each member's MLP")
+    parser.add_argument("--members", type=_timing.count, default=64, help="population size of the members rows")
+    parser.add_argument("--member-hidden", type=_timing.count, default=32, help="hidden width of each member's MLP")
     parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all",
                         help="all: the CPU plus CUDA when available")
-    parser.add_argument("--target", type=float, default=1.10, help="target for ours / fastest torch path")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--target", type=_timing.positive, default=1.10, help="target for ours / fastest torch path")
+    parser.add_argument("--threads", type=_timing.count, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -347,15 +347,16 @@ def sweep_benchmark(grid: str, device_choice: str, threads: int, keep: Path | No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--members", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=20, help="steps per member per measurement")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--members", type=_timing.count, default=16)
+    parser.add_argument("--hidden", type=_timing.count, default=32)
+    parser.add_argument("--steps", type=_timing.count, default=20, help="steps per member per measurement")
+    parser.add_argument("--repeats", type=_timing.count, default=5)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "all"])
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; "
+    parser.add_argument("--threads", type=_timing.count, default=None, help="torch CPU threads (default: torch's; "
                         "--sweep: 1, given to both sweeps as trainer.num_threads)")
     parser.add_argument("--sweep", choices=sorted(GRIDS), help="measure this grid end to end instead")
-    parser.add_argument("--keep", type=Path, help="--sweep: write the sweeps here (default: a temporary folder)")
+    parser.add_argument("--keep", type=lambda text: Path(text).resolve(),  # the sweeps run from the repository
+                        help="--sweep: write the sweeps here (default: a temporary folder)")
     parser.add_argument("--executor", default="auto", choices=["auto", "inline", "processes"],
                         help="--sweep: where the population launcher trains (hydra.launcher.executor)")
     args = parser.parse_args()

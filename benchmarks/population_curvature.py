@@ -31,13 +31,13 @@ from optimlab.population.stacked import StackedMLP  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--widths", default="8,128,512", help="hidden widths, comma-separated")
-    parser.add_argument("--members", type=int, default=12)
-    parser.add_argument("--probe", type=int, default=256, help="probe images per member")
-    parser.add_argument("--iters", type=int, default=5, help="Hessian-vector products per measurement")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--widths", type=_timing.counts, default="8,128,512", help="hidden widths, comma-separated")
+    parser.add_argument("--members", type=_timing.count, default=12)
+    parser.add_argument("--probe", type=_timing.count, default=256, help="probe images per member")
+    parser.add_argument("--iters", type=_timing.count, default=5, help="Hessian-vector products per measurement")
+    parser.add_argument("--repeats", type=_timing.count, default=5)
     parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=_timing.count, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     for key in ("members", "probe", "iters", "repeats"):
         if getattr(args, key) < 1:
@@ -51,7 +51,7 @@ def main() -> None:
     y = data.train_y[:args.members * args.probe].view(args.members, args.probe)
     rows = []
     for device in _timing.devices_to_measure(args.device):
-        for width in (int(w) for w in args.widths.split(",")):
+        for width in args.widths:
             config = {"_target_": "optimlab.models.MLP", "hidden": [width], "activation": "tanh"}
             model = StackedMLP.from_configs([config] * args.members, list(range(args.members))).to(device)
             singles = [model.member_model(m) for m in range(args.members)]

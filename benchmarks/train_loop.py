@@ -156,23 +156,24 @@ def measure(model: str, device: torch.device, batches: int, repeats: int, warmup
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batches", type=int, default=EPOCH_BATCHES, help=f"timed batches per run (1..{EPOCH_BATCHES})")
-    parser.add_argument("--repeats", type=int, default=11, help="alternating runs of each (medians taken)")
-    parser.add_argument("--warmup", type=int, default=None,
+    parser.add_argument("--batches", type=_timing.count, default=EPOCH_BATCHES, help=f"timed batches per run (2..{EPOCH_BATCHES})")
+    parser.add_argument("--repeats", type=_timing.count, default=11, help="alternating runs of each (medians taken)")
+    parser.add_argument("--warmup", type=_timing.count, default=None,
                         help="batches of the untimed first run of each (default: --batches; a shorter first run "
                              "of ours leaves its first timed run about 15%% slow)")
     parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: CUDA when available, else the CPU")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=_timing.count, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--floor", action="store_true",
                         help="also time the plain loop's step inside a bare Lightning Trainer (no callbacks, logger "
                              "or checks): Lightning's own share of the overhead")
     args = parser.parse_args()
     if args.warmup is None:
         args.warmup = args.batches
-    if not 1 <= args.batches <= EPOCH_BATCHES or not 1 <= args.warmup <= EPOCH_BATCHES:
-        parser.error(f"--batches and --warmup must be in 1..{EPOCH_BATCHES} (one epoch)")
+    if not 2 <= args.batches <= EPOCH_BATCHES or not 2 <= args.warmup <= EPOCH_BATCHES:
+        parser.error(f"--batches and --warmup must be in 2..{EPOCH_BATCHES} (one epoch; a run's steps/s is timed "
+                     f"from its second step)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
