@@ -39,9 +39,18 @@ def test_train_loop_prints_the_overhead_and_the_epoch_time() -> None:
     assert float(floor[1]) > 0 and float(floor[3]) > 0  # bare Lightning's steps/s and plain / bare
 
 
-def test_train_loop_rejects_a_zero_warmup() -> None:
-    result = run_script(ROOT / "benchmarks" / "train_loop.py", "--warmup", "0")
-    assert result.returncode == 2 and "must be in 1..430" in result.stderr
+@pytest.mark.parametrize("script, args, line", [
+    ("train_loop.py", ["--warmup", "0"], "argument --warmup: 0 is not allowed; expected an integer >= 1"),
+    ("train_loop.py", ["--batches", "1"], "--batches and --warmup must be in 2..430"),  # no steps/s from one step
+    ("optimizer_step.py", ["--repeats", "0"], "argument --repeats: 0 is not allowed"),  # a median of nothing
+    ("curvature.py", ["--variants", "64@0"], "argument --variants: '64@0' is not PROBE@EVERY of two integers >= 1"),
+    ("curvature.py", ["--steps", "20", "--repeats", "1"], "--variants 1024@100,1024@200: never measured"),
+    ("population_curvature.py", ["--widths", "8,,16"], "argument --widths: '' is not an integer"),
+])
+def test_a_bad_benchmark_argument_is_a_usage_line(script: str, args: list[str], line: str) -> None:
+    """Before any work, in one line (a probe: tracebacks mid-run, or a run that never measured)."""
+    result = run_script(ROOT / "benchmarks" / script, *args)
+    assert result.returncode == 2 and line in result.stderr.strip().splitlines()[-1], result.stderr[-1000:]
 
 
 @pytest.mark.slow
