@@ -23,20 +23,25 @@ CONF = REPO / "conf"
 NO_GPU = "not measured (no GPU)"
 
 
-def count(text: str) -> int:
-    """An argparse type: an integer >= 1 (a usage error, not a traceback mid-run, for 0 or -1)."""
+def integer_from(text: str, least: int) -> int:
+    """An argparse type's value: an integer >= ``least`` (a usage error, not a traceback mid-run, for 0 or -1)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed; expected an integer >= 1")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; expected an integer >= {least}")
     return value
+
+
+def count(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    return integer_from(text, 1)
 
 
 def count_or_zero(text: str) -> int:
     """An argparse type: an integer >= 0."""
-    return 0 if text.strip() == "0" else count(text)
+    return integer_from(text, 0)
 
 
 def counts(text: str) -> list[int]:

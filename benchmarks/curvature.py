@@ -137,7 +137,9 @@ def main() -> None:
     parser.add_argument("--threads", type=_timing.count, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     specs = args.variants
-    if too_rare := [f"{size}@{every}" for size, every in specs if every > args.steps * args.repeats]:
+    # the step count goes on through the warm-up block, then the timed ones: steps+1 .. steps*(repeats+1)
+    if too_rare := [f"{size}@{every}" for size, every in specs
+                    if args.steps * (args.repeats + 1) // every == args.steps // every]:
         parser.error(f"--variants {','.join(too_rare)}: never measured in --repeats {args.repeats} blocks of --steps "
                      f"{args.steps}; give more steps or repeats, or a shorter cadence")
     if args.threads:

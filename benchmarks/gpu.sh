@@ -22,7 +22,8 @@ stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 # limit SECONDS: the smaller of SECONDS and what is left before the deadline (at least 1)
 limit() { local left=$(( DEADLINE - ($(date +%s) - T0) )); (( left < $1 )) && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
 seconds_since() { awk "BEGIN{printf \"%.1f\", $(date +%s.%N) - $1}"; }
-# Ctrl-C stops the stage (timeout --foreground keeps it in the terminal's process group) and then the script
+# Ctrl-C stops the stage (timeout --foreground keeps it in the terminal's process group) and then the script;
+# out of time, --foreground signals the stage's own process alone: SIGINT for pytest, which stops its workers
 trap 'stamp "interrupted"; exit 130' INT TERM
 
 stamp "environment"
@@ -34,7 +35,7 @@ if ! $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
 fi
 
 stamp "1. test suite"
-timeout --foreground "$(limit 200)" $PY -m pytest -q -p no:cacheprovider -n 12 tests > "$LOGS/pytest.log" 2>&1
+timeout --foreground -s INT -k 30 "$(limit 200)" $PY -m pytest -q -p no:cacheprovider -n 12 tests > "$LOGS/pytest.log" 2>&1
 tail -15 "$LOGS/pytest.log"
 
 stamp "2. population step (30 members 784-32-10)"

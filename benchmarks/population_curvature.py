@@ -39,9 +39,6 @@ def main() -> None:
     parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
     parser.add_argument("--threads", type=_timing.count, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
-    for key in ("members", "probe", "iters", "repeats"):
-        if getattr(args, key) < 1:
-            raise SystemExit(f"error: --{key} must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     _timing.print_header("Sharpness of a population: batched against one member at a time")

@@ -42,6 +42,8 @@ def run_suite(experiments: list[str], extra: list[str], out: Path, quiet: bool) 
     print("command:  " + shlex.join(cmd))
     print(f"log:      {out / 'suite.log'}\n", flush=True)
     out.mkdir(parents=True, exist_ok=True)
+    for stop in (signal.SIGTERM, signal.SIGHUP):  # as Ctrl-C (the sweep, in a session of its own, gets none)
+        signal.signal(stop, signal.default_int_handler)
     start = time.perf_counter()
     # its own session: a Ctrl-C reaches it once, passed on below (the terminal's and ours would be two stops)
     with (out / "suite.log").open("w") as log, subprocess.Popen(
@@ -52,7 +54,8 @@ def run_suite(experiments: list[str], extra: list[str], out: Path, quiet: bool) 
                 log.write(line)
                 if not quiet:
                     print("  | " + line, end="", flush=True)
-        except KeyboardInterrupt:  # stop the sweep too
+        except KeyboardInterrupt:  # stop the sweep too, once: a second Ctrl-C must not cut its records short
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             proc.send_signal(signal.SIGINT)
             log.writelines(proc.stdout)  # its last lines: the job it marked interrupted
             proc.wait()

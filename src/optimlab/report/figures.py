@@ -146,7 +146,7 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
             # lr 1e307 left it showing 1 to 10, every point off it).
             ax.plot([math.log10(lr) for lr in lrs], means, line, color="0.35", zorder=2)
             for lr, mean in zip(lrs, means):
-                regime = majority(label_counts(points[lr]))  # as the map's cell shows it
+                regime = majority(label_counts(points[lr]))  # the map's tie rule (over the runs tested here)
                 ax.scatter([math.log10(lr)], [mean], color=REGIME_COLORS[regime],
                            marker=marker, zorder=3, s=40, edgecolor="black", linewidth=0.5)
         # Whole decades in view, so that the ticks are powers of ten however narrow the panel's lrs.
