@@ -26,7 +26,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def read_error(err: BaseException) -> str:
-    """Why reading a file (a checkpoint) failed, in one line: the error's type and its message's first line."""
+    """Why something failed (reading a checkpoint, importing a module, a download), in one line: the error's
+    type and its message's first line."""
     message = str(err)
     return f"{type(err).__name__}: {message.splitlines()[0] if message else 'empty'}"
 

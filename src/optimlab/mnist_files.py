@@ -15,6 +15,7 @@ from typing import Any
 from hydra.utils import to_absolute_path
 
 from optimlab.checks import is_integer
+from optimlab.files import read_error
 
 # (file name, IDX magic number, number of dimensions after the count)
 MNIST_FILES = {
@@ -73,7 +74,7 @@ def ensure_files(root: Path, download: bool) -> None:
 
             MNIST(str(root), train=True, download=True)
         except Exception as err:  # offline, blocked, a full disk: said below
-            failed = f" (the download failed: {type(err).__name__}: {(str(err).strip() or '?').splitlines()[0]})"
+            failed = f" (the download failed: {read_error(err)})"
         missing = [name for name in MNIST_FILES if not (folder / name).is_file()]
         for made in new if missing else []:  # a failed download leaves no empty folders behind
             try:

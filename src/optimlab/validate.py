@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from optimlab.checks import (BOOL, INT_NON_NEGATIVE, INT_POSITIVE, NON_NEGATIVE, NUMBER, POSITIVE, SEED, UNIT_CLOSED,
                              Rule, finite_number, is_integer, one_of, optional, refusal)
-from optimlab.files import unwritable
+from optimlab.files import read_error, unwritable
 from optimlab.regimes import Thresholds
 from optimlab.summary import COLLECTIONS, OPTIMIZED_METRICS
 
@@ -148,7 +148,7 @@ def import_target(section: str, target: str) -> Any:
         except Exception as err:  # not a module (a shorter prefix may be), or one that fails to import (said)
             missing = isinstance(err, ModuleNotFoundError) and (err.name == module or module.startswith(f"{err.name}."))
             if not (missing or failed):
-                failed = f"; importing {module} failed: {type(err).__name__}: {(str(err).strip() or '?').splitlines()[0]}"
+                failed = f"; importing {module} failed: {read_error(err)}"
             continue
         try:
             for name in parts[split:]:
