@@ -316,7 +316,8 @@ class SharpnessCallback(L.Callback):
         """:meth:`SharpnessLog.run_record`, with ``threshold_formula`` (the threshold in words at
         the start of training, e.g. ``2/lr`` or ``38/lr``), ``preconditioned`` (adaptive optimizers) and
         ``probe_images`` (the probe's size: ``probe_size``, or the whole training set where smaller)."""
-        return self.sharpness_log.run_record(threshold_formula=self.threshold_formula, preconditioned=self.preconditioned,
+        return self.sharpness_log.run_record(threshold_formula=self.threshold_formula,
+                                             preconditioned=self.preconditioned,
                                              probe_images=None if self.probe is None else len(self.probe[1]))
 
     def draw_probe(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

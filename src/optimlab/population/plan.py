@@ -265,8 +265,8 @@ def why_alone(cfg: DictConfig, elsewhere: bool = False) -> str | None:
         "trainer.limit_train_batches=0": t.limit_train_batches == 0,
         "trainer.fast_dev_run": bool(t.fast_dev_run),
         "an MPS device": device is None,
-        f"{Optimizer.__module__}.Optimizer subclasses only": (optimizer.get("impl") != "torch"  # said above
-                                                               and not issubclass(optimizer_class(optimizer)[0], Optimizer)),
+        f"{Optimizer.__module__}.Optimizer subclasses only":  # optimizer.impl=torch is said above
+            optimizer.get("impl") != "torch" and not issubclass(optimizer_class(optimizer)[0], Optimizer),
     }
     found = [reason for reason, applies in reasons.items() if applies]
     return ", ".join(found) or None

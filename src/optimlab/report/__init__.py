@@ -69,8 +69,8 @@ def write_report(rows: list[dict[str, Any]], sweep_dir: Path, out: Path) -> None
     if any(r["history"] for r in rows):
         plot_curves(rows, out / "curves.png")
         if (drawn := sum(1 for r in rows if r["history"])) > MAX_CURVES:
-            lines += ["", f"curves.png draws the first {MAX_CURVES} of the {drawn} runs with curves, in the tables' order "
-                          f"(sharpness.png at most {MAX_CURVES} too); the tables list them all."]
+            lines += ["", f"curves.png draws the first {MAX_CURVES} of the {drawn} runs with curves, in the tables' "
+                          f"order (sharpness.png at most {MAX_CURVES} too); the tables list them all."]
     if len({r["lr"] for r in tested_at_lr(rows)}) > 1:
         plot_lr_sensitivity(rows, out / "lr_sensitivity.png")
     if any(r.get("curvature") for r in rows):
