@@ -144,9 +144,9 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
     """Train ``members`` as one population; each member's final summary (``complete`` or
     ``diverged``, tested on the test set with its last weights, or its best epoch's under ``test_ckpt=best``),
     or, if the population stops with an error, each member's ``crashed`` summary with that error. After each
-    epoch the population's checkpoint (:class:`~optimlab.population.checkpoint.PopulationCheckpoint`) is saved, then each
-    member's ``running`` summary written; under ``resume=auto`` a population whose checkpoint exists
-    continues from it. Interrupted (SIGINT, SIGTERM): the members' summaries say ``interrupted`` and
+    epoch the population's checkpoint (:class:`~optimlab.population.checkpoint.PopulationCheckpoint`) is saved,
+    then each member's ``running`` summary written; under ``resume=auto`` a population whose checkpoint
+    exists continues from it. Interrupted (SIGINT, SIGTERM): the members' summaries say ``interrupted`` and
     the process exits 130 or 143, as a single run does."""
     started = time.perf_counter()
     # Read from the members' resolved values: a ${hydra:...} interpolation resolves only in its job's context.
