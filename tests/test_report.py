@@ -478,7 +478,7 @@ def test_report_counts_crossings_false_alarms_and_leads(tmp_path: Path) -> None:
     path.write_text(json.dumps(summary))
     report(tmp_path)
     text = (tmp_path / "report.md").read_text()
-    assert "| sgd (optimizer.weight_decay=0.0) | 5 | 3 | 1 | 1 | 1 | 1 | 1 | 0 | 2 |" in text
+    assert "| sgd (optimizer.weight_decay=0) | 5 | 3 | 1 | 1 | 1 | 1 | 1 | 0 | 2 |" in text
     assert "| sgd (optimizer.weight_decay=0.01) | 1 | 0 | 0 | 0 | 0 | 0 | 0 | 0 | 0 |" in text
 
 
@@ -536,10 +536,10 @@ def test_runs_that_differ_in_more_than_lr_width_and_seed_are_not_one_cell(tmp_pa
     report(tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "cells of several runs" not in md  # every cell holds one run
-    assert ("**slow** in sgd (optimizer.weight_decay=0.0) 4 at lr 0.1 to 1; sgd (optimizer.weight_decay=0.0) 8 at "
-            "lr 0.1 to 1. **diverging** in sgd (optimizer.weight_decay=3.0) 4 at lr 0.1 to 1") in md
+    assert ("**slow** in sgd (optimizer.weight_decay=0) 4 at lr 0.1 to 1; sgd (optimizer.weight_decay=0) 8 at "
+            "lr 0.1 to 1. **diverging** in sgd (optimizer.weight_decay=3) 4 at lr 0.1 to 1") in md
     rows = list(csv.DictReader((tmp_path / "report.csv").open()))
-    assert {r["setting"] for r in rows} == {"sgd (optimizer.weight_decay=0.0)", "sgd (optimizer.weight_decay=3.0)"}
+    assert {r["setting"] for r in rows} == {"sgd (optimizer.weight_decay=0)", "sgd (optimizer.weight_decay=3)"}
     assert (tmp_path / "regime_map.png").is_file()
 
 
@@ -721,3 +721,32 @@ def test_the_lr_axis_is_labelled_in_powers_of_ten_however_narrow(tmp_path: Path,
     ax = lr_axis(tmp_path, monkeypatch, lrs)
     labels = [label.get_text() for label in ax.get_xticklabels()]
     assert labels and all(re.fullmatch(r"\$10\^\{-?\d+\}\$", label) for label in labels), labels
+
+
+def test_the_maps_width_axis_names_what_the_model_varies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CNN's map varies its conv channels, an MLP's its hidden widths: the y axis says which."""
+    from matplotlib.figure import Figure
+
+    for model in ("mlp", "cnn"):
+        for lr in (0.01, 0.1):
+            for width in (4, 8):
+                fake_run(tmp_path / model, f"{width}_{lr}", "SGD", lr, width, 0, 0.9)
+                if model == "cnn":
+                    path = tmp_path / model / f"{width}_{lr}" / "summary.json"
+                    summary = json.loads(path.read_text())
+                    summary["config"]["model"] = {"_target_": "optimlab.models.CNN", "channels": [width, 16]}
+                    path.write_text(json.dumps(summary))
+        drawn: dict[str, Figure] = {}
+        monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kwargs: drawn.setdefault(Path(path).name, fig))
+        report(tmp_path / model)
+        assert drawn["regime_map.png"].axes[0].get_ylabel() == {"mlp": "hidden widths", "cnn": "conv channels"}[model]
+
+
+def test_a_number_written_as_int_or_float_is_one_setting(tmp_path: Path) -> None:
+    """weight_decay 0 (from the command line) and 0.0 (from a yaml) are one setting and seeds of one experiment."""
+    for seed, decay in enumerate((0, 0.0)):
+        fake_run(tmp_path, f"{seed}", "SGD", 0.1, 8, seed, 0.9, decay=decay)
+    report(tmp_path)
+    with (tmp_path / "report.csv").open(newline="") as table:
+        assert {row["setting"] for row in csv.DictReader(table)} == {"sgd"}
+    assert "| map | mlp | sgd | 0.1 | 8 | 2 |" in (tmp_path / "report.md").read_text()

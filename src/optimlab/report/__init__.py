@@ -100,7 +100,7 @@ def write_report(rows: list[dict[str, Any]], sweep_dir: Path, out: Path) -> None
     lines += disagreement_lines(cells)
     (out / "report.md").write_text("\n".join(lines) + "\n")
     if regime_map:
-        plot_regime_map(cells, out / "regime_map.png", stability)
+        plot_regime_map(cells, out / "regime_map.png", stability, models[0])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -167,9 +167,9 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def plot_regime_map(cells: dict[tuple[str, str, float], MapCell], path: Path,
-                    stability: list[dict[str, Any]] | None = None) -> None:
+                    stability: list[dict[str, Any]] | None = None, model: str = "mlp") -> None:
     """One panel per optimizer (setting, :func:`~optimlab.report.rows.name_settings`): lr (x) by width
-    (y), each cell (:func:`~optimlab.report.aggregate.map_cells`) coloured by the regime most of its runs
+    (y: the ``model``'s hidden widths, or a CNN's channels), each cell (:func:`~optimlab.report.aggregate.map_cells`) coloured by the regime most of its runs
     got, marked * where they disagree, and annotated with their mean final test accuracy; with
     ``stability`` (:func:`~optimlab.report.aggregate.stability_table`), a black bar at each width's
     predicted largest stable lr."""
@@ -207,7 +207,7 @@ def plot_regime_map(cells: dict[tuple[str, str, float], MapCell], path: Path,
         ax.set_yticks(range(len(widths)), widths, fontsize=7)
         ax.set_xlabel("learning rate")
         ax.set_title(optimizer.replace(" (", "\n(", 1), fontsize=10)
-    axes.flat[0].set_ylabel("hidden width")
+    axes.flat[0].set_ylabel("conv channels" if model == "cnn" else "hidden widths")
     handles = [plt.Rectangle((0, 0), 1, 1, color=REGIME_COLORS[label]) for label in labels]
     if stability:
         handles.append(plt.Line2D([], [], color="black", lw=2.5))

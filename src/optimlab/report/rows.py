@@ -47,7 +47,7 @@ def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, An
         unwritten = f"no {SUMMARY} (the job ended before writing one)"
         why = f"{SUMMARY} unreadable" if (run_dir / SUMMARY).exists() else unwritten
         return {"run": rel, "status": "crashed", "regime": "crashed", "epochs": 0, "history": [], "error": why}
-    history, run = s.epochs, s.run
+    history, run, config = s.epochs, s.run, plain_numbers(s.config)
 
     def best(key: str) -> float | None:
         values = [r[key] for r in history if isinstance(r.get(key), (int, float))]
@@ -69,13 +69,23 @@ def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, An
         "final_test_acc": s.test_acc, "best_test_acc": best("test_acc"), "epochs": len(history),
         "regime": regime if s.status in FINISHED else s.status,
         "stopped_non_finite": s.diverged, "status": s.status, "wall_time_s": s.wall_time_s,
-        "steps_per_s": s.steps_per_s, "history": history, "same_but_seed": same_but_seed(s.config),
-        "settings": flat_settings(s.config),
+        "steps_per_s": s.steps_per_s, "history": history, "same_but_seed": same_but_seed(config),
+        "settings": flat_settings(config),
         "curvature": s.curvature, "diverged_at_step": s.diverged_at_step,
         "sharpness_max": (s.curvature or {}).get("sharpness_max"),
         "sharpness_crossed_at_step": (s.curvature or {}).get("first_crossing_step"),
         "error": s.error.strip().splitlines()[0][:ERROR_CHARS] if s.error and s.error.strip() else None,
     }
+
+
+def plain_numbers(node: Any) -> Any:
+    """``node`` with each whole float written as an int: ``weight_decay=0`` from a command line and ``0.0``
+    from a yaml are one setting (the map's cells and the seed table group by the settings' text)."""
+    if isinstance(node, dict):
+        return {key: plain_numbers(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [plain_numbers(value) for value in node]
+    return int(node) if isinstance(node, float) and node.is_integer() else node
 
 
 # Keys that may differ between runs that are otherwise the same experiment: the seed (and the data
