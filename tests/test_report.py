@@ -502,12 +502,14 @@ def test_a_map_cell_shows_the_label_most_runs_got_and_marks_disagreement(tmp_pat
             {**row, "lr": 1.0, "regime": "diverging", "final_test_acc": 0.3},
             {**row, "lr": 3.0, "regime": "slow", "final_test_acc": None},  # a tie: the first label in LABELS' order
             {**row, "lr": 3.0, "regime": "underfit", "final_test_acc": None},
-            {**row, "lr": 4.0, "regime": "crashed"}, {**row, "lr": 4.0, "regime": "interrupted"}]
+            {**row, "lr": 4.0, "regime": "crashed"}, {**row, "lr": 4.0, "regime": None},
+            {**row, "lr": 5.0, "regime": "interrupted"}, {**row, "lr": 5.0, "regime": "running"}]
     cells = map_cells(rows)
     assert cells[("sgd", "8", 0.1)] == MapCell("healthy", False, {"healthy": 2, "oscillating": 1}, 0.88)
     assert cells[("sgd", "8", 1.0)] == MapCell("diverging", True, {"diverging": 2}, 0.2)
     assert cells[("sgd", "8", 3.0)] == MapCell("slow", False, {"slow": 1, "underfit": 1}, None)
     assert cells[("sgd", "8", 4.0)] == MapCell("crashed", True, {"crashed": 2}, None)  # no label: crashed
+    assert cells[("sgd", "8", 5.0)] == MapCell("interrupted", True, {"interrupted": 2}, None)  # unfinished
 
 
 def test_report_md_lists_the_map_cells_whose_seeds_disagree(tmp_path: Path) -> None:
@@ -750,3 +752,28 @@ def test_a_number_written_as_int_or_float_is_one_setting(tmp_path: Path) -> None
     with (tmp_path / "report.csv").open(newline="") as table:
         assert {row["setting"] for row in csv.DictReader(table)} == {"sgd"}
     assert "| map | mlp | sgd | 0.1 | 8 | 2 |" in (tmp_path / "report.md").read_text()
+
+
+def test_an_interrupted_run_is_drawn_as_interrupted_not_crashed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep stopped with Ctrl-C (interrupted) or killed (its summary still says running) is unfinished:
+    its map cell says so, in its own colour (it had been drawn and counted as crashed)."""
+    from matplotlib.figure import Figure
+
+    for lr in (0.01, 0.1, 1.0):
+        for width in (4, 8):
+            fake_run(tmp_path, f"{width}_{lr}", "SGD", lr, width, 0, 0.9)
+    for name, status in (("8_0.1", "interrupted"), ("4_0.1", "running")):
+        path = tmp_path / name / "summary.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "status": status, "test_acc": None, "regime": None}))
+    drawn: dict[str, Figure] = {}
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kwargs: drawn.setdefault(Path(path).name, fig))
+    report(tmp_path)
+    from optimlab.report.rows import find_runs, name_settings, row_for
+    rows = [row_for(d, tmp_path) for d in find_runs(tmp_path)]
+    name_settings(rows)
+    assert {key[1:]: cell.regime for key, cell in map_cells(rows).items()} == {
+        ("4", 0.01): "healthy", ("8", 0.01): "healthy", ("4", 0.1): "interrupted", ("8", 0.1): "interrupted",
+        ("4", 1.0): "healthy", ("8", 1.0): "healthy"}
+    legend = [text.get_text() for text in drawn["regime_map.png"].legends[0].get_texts()]
+    assert "interrupted" in legend and "crashed" in legend
+    assert "interrupted" not in [text.get_text() for text in drawn["lr_sensitivity.png"].legends[0].get_texts()]

@@ -14,7 +14,9 @@ from optimlab.regimes import LABELS
 from optimlab.report.rows import by_setting_and_width, has_test_acc, measured_at_start, on_lr_axis
 
 
-PLOT_LABELS = (*LABELS, "crashed")  # what a figure colours a run by: its regime, or crashed (no diagnosis)
+# What a figure colours a run by: its regime, or crashed (no diagnosis), or interrupted (stopped before its end,
+# or still running; drawn only where there is one).
+PLOT_LABELS = (*LABELS, "crashed", "interrupted")
 
 
 UNSTABLE = ("oscillating", "diverging")
@@ -44,9 +46,16 @@ class MapCell:
     mean_test_acc: float | None
 
 
+def plot_label(r: dict[str, Any]) -> str:
+    """Run ``r``'s label among :data:`PLOT_LABELS` (a running one counts as interrupted, one without a
+    diagnosis as crashed)."""
+    regime = "interrupted" if r["regime"] == "running" else r["regime"]
+    return regime if regime in PLOT_LABELS else "crashed"
+
+
 def label_counts(runs: list[dict[str, Any]]) -> Counter[str]:
-    """How many of ``runs`` got each of :data:`PLOT_LABELS` (a run without a diagnosis counts as crashed)."""
-    return Counter(r["regime"] if r["regime"] in PLOT_LABELS else "crashed" for r in runs)
+    """How many of ``runs`` got each of :data:`PLOT_LABELS` (:func:`plot_label`)."""
+    return Counter(plot_label(r) for r in runs)
 
 
 def majority(counts: Counter[str]) -> str:

@@ -9,6 +9,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from optimlab.regimes import LABELS
 from optimlab.report.aggregate import PLOT_LABELS, MapCell, grid_position, label_counts, majority
 from optimlab.report.rows import tested_at_lr, width_key
 from optimlab.report.tables import fmt
@@ -131,7 +132,7 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
     styles = {o: (["-", "--", ":", "-."][i % 4], "osD^v<>"[i % 7]) for i, o in enumerate(optimizers)}
     cols = min(3, len(widths))  # rows of three: readable at README width
     # The legend below the panels (inside one it would hide points): up to two entries per panel's width in a row.
-    ncol, legend_inches = _legend_layout([*styles, *PLOT_LABELS], cols, 2 * cols)
+    ncol, legend_inches = _legend_layout([*styles, *LABELS], cols, 2 * cols)
     fig, axes = _panel_grid(plt, len(widths), cols, legend_inches=legend_inches)
     for ax, width in zip(axes.flat, widths):
         by_opt: dict[str, dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
@@ -160,8 +161,8 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel("final test accuracy")
     handles = [plt.Line2D([], [], color="0.35", ls=line, marker=marker, mfc="white", mec="black")
                for line, marker in styles.values()]
-    handles += [plt.Line2D([], [], ls="", marker="o", color=REGIME_COLORS[label], mec="black") for label in PLOT_LABELS]
-    fig.legend(handles, [*styles, *PLOT_LABELS], fontsize=9, loc="lower center", ncol=ncol, frameon=False)
+    handles += [plt.Line2D([], [], ls="", marker="o", color=REGIME_COLORS[label], mec="black") for label in LABELS]
+    fig.legend(handles, [*styles, *LABELS], fontsize=9, loc="lower center", ncol=ncol, frameon=False)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -176,7 +177,7 @@ def plot_regime_map(cells: dict[tuple[str, str, float], MapCell], path: Path,
     plt = _plt()
     from matplotlib.colors import ListedColormap
 
-    labels = list(PLOT_LABELS)
+    labels = [label for label in PLOT_LABELS if label != "interrupted" or any(c.counts.get(label) for c in cells.values())]
     optimizers = sorted({key[0] for key in cells})
     lrs = sorted({key[2] for key in cells})
     widths = sorted({key[1] for key in cells}, key=width_key)
