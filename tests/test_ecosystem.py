@@ -155,6 +155,17 @@ def test_an_optuna_search_survives_diverged_and_invalid_trials(tmp_path: Path, l
     assert "error: lr: 1e+39 is not allowed" in result.stderr
 
 
+def test_a_search_in_which_no_trial_finished_fails(tmp_path: Path) -> None:
+    """Every trial refused by a constructor's own check (no rule of the search space foresees it): the
+    sweeper still prints "best parameters" (a failure's), so the command ends with why, exit 1 (it had exited 0)."""
+    result = sweep("hparams_search=optuna", *TINY, "hydra.sweeper.n_trials=2", "optimizer=sgd", "optimizer.nesterov=true",
+                   "optimizer.momentum=0", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].startswith("error: none of the 2 trials finished, so the best parameters above "
+                                                     "are not a result (each was refused or crashed; the first: "
+                                                     "ConfigError: optimizer.nesterov: True: Nesterov momentum requires")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("override, error", [
     ("optimized_metric=val/loss", "hydra.sweeper.direction: 'maximize' contradicts optimized_metric=val/loss"),

@@ -5,6 +5,7 @@ traceback after its log lines, or loop for ever at ``n_jobs=0``)."""
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from optimlab.checks import is_integer, refusal
 from optimlab.hydra_job import command_line_error, refuse
-from optimlab.summary import OPTIMIZED_METRICS
+from optimlab.summary import FINISHED, OPTIMIZED_METRICS, read_summary
 from optimlab.validate import RULES, rule_error
 
 DIRECTIONS = ("minimize", "maximize")
@@ -115,12 +116,31 @@ def own_config_dir(config: DictConfig) -> Path | None:
     return next((Path(str(s.path)) for s in sources if s.provider == "main" and s.schema == "file"), None)
 
 
+def no_trial_finished(sweep_dir: Path) -> str | None:
+    """Why the search in ``sweep_dir`` found nothing, or None: its trials' folders hold summaries and none
+    finished (each refused or crashed; a failed trial scores the worst value and the search goes on, so the
+    sweeper's "best parameters" are then one of the failures)."""
+    summaries = [s for s in map(read_summary, sorted(p for p in sweep_dir.glob("*/") if p.is_dir())) if s]
+    if not summaries or any(s.status in FINISHED for s in summaries):
+        return None
+    why = next((s.error.strip().splitlines()[0] for s in summaries if s.error and s.error.strip()), "no error recorded")
+    return (f"none of the {len(summaries)} trials finished, so the best parameters above are not a result (each was "
+            f"refused or crashed; the first: {why})")
+
+
 class CheckSearch(Callback):
     """A search whose settings (:func:`search_error`) or search space (:func:`search_space_error`) cannot
-    work: refused before the sweeper starts. Registered in ``conf/config.yaml``'s ``hydra.callbacks``."""
+    work: refused before the sweeper starts; one in which no trial finished (:func:`no_trial_finished`) ends
+    with that line and exit status 1, as a sweep with a failed job does. Registered in ``conf/config.yaml``'s
+    ``hydra.callbacks``."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweeper = config.hydra.sweeper
         if is_search(sweeper) and (error := search_error(config, sweeper) or
                                    search_space_error(sweeper, own_config_dir(config))):
             refuse(error)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if is_search(config.hydra.sweeper) and (error := no_trial_finished(Path(str(config.hydra.sweep.dir)))):
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(1)
