@@ -565,3 +565,17 @@ def test_coming_down_from_a_high_first_loss_to_uniform_guessing_is_not_learning(
              "train_loss_initial": 3.12, "train_loss_max": 3.12}]
     d = diagnose(rows, val_size=1000)
     assert d.regime == "slow" and "barely started" in d.evidence[1], d.evidence
+
+
+def test_an_unrecovered_fall_says_which_instability_made_the_run_oscillating() -> None:
+    """Adam lr 0.01 on 8,000 images, seed 7 (a probe): one fall of 0.041 in the last epoch, not recovered, so
+    neither a converging oscillation nor a transient spike; the evidence had listed only the limits the run
+    did not meet (2 drops, 1 recovery) and never the one that fired."""
+    rows = [(0.6683, 0.8004, 0.4778, 0.846, 3.3858), (0.3256, 0.8998, 0.3015, 0.911, 0.5736),
+            (0.2587, 0.9229, 0.301, 0.9122, 0.4178), (0.2678, 0.9206, 0.4193, 0.8708, 0.5077)]
+    history = [{"epoch": e, "train_loss": tl, "train_acc": ta, "val_loss": vl, "val_acc": va, "train_loss_max": top}
+               for e, (tl, ta, vl, va, top) in enumerate(rows, 1)]
+    history[0]["train_loss_initial"] = 2.6291
+    d = diagnose(history, val_size=5000)
+    assert d.regime == "oscillating"
+    assert d.evidence[0] == "unstable, not converging: val_acc fell 0.041 in one epoch; it did not climb back"

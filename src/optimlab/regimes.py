@@ -526,8 +526,13 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
                        f"above its minimum{averaged} (limit {t.overfit_loss_rise:.0%} and "
                        f"{t.overfit_min_loss_rise} nats)",
                        f"train loss still falling: {m['train_loss_change_since_val_peak']:+.1%} since then")
-    if val_jumps or not train_smooth:
-        return verdict("oscillating", oscillation,
+    if val_jumps or not train_smooth:  # unstable, not converging: say first which instability fired
+        fired = [f"val_acc fell >= {_limit(m, t, 'osc_acc_drop')} {m['val_acc_drops']:.0f} times"
+                 if m["val_acc_drops"] >= t.osc_min_drops else
+                 f"val_acc fell {m['max_val_acc_drop']:.3f} in one epoch"] * val_jumps
+        fired += [f"the train loss rose {train_rise:+.1%} in one epoch"] * (not train_smooth)
+        back = "; it did not climb back" if val_jumps and not m["val_acc_recoveries"] else ""
+        return verdict("oscillating", f"unstable, not converging: {' and '.join(fired)}{back}", oscillation,
                        f"largest epoch-to-epoch train loss rise {train_rise:+.1%} "
                        f"(limit {t.osc_loss_rise:.0%}, rises under {t.osc_min_loss_rise} nats ignored)", together)
     if m["final_val_acc"] < t.fit_acc:
