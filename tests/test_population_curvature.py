@@ -95,6 +95,23 @@ def test_a_non_finite_member_gives_nan_and_changes_no_other() -> None:
     assert math.isnan(after[1]) and torch.equal(after[[0, 2]], before[[0, 2]])
 
 
+def test_a_member_whose_probe_loss_overflows_gives_nan_as_its_run_does() -> None:
+    """Finite weights whose loss overflows to inf (logits of +-1e308 after an lr of 1.7e308, a probe) have no
+    defined Hessian: the run's tracker records NaN; the member had got the saturated softmax's 0.0."""
+    model = stacked("mlp", [0, 1, 2])
+    x, y = probe(3)
+    before = member_eigenpairs(model, x, y, **TIGHT)
+    bias = list(model.parameters())[-1]  # the output layer's [P, 10]
+    with torch.no_grad():
+        bias[1] = -1e308
+        bias[1, 0] = 1e308  # every label but 0 costs 2e308: inf, its gradients finite
+    assert math.isnan(sharpness(model.member_model(1), x[1], y[1], **TIGHT))
+    after = member_eigenpairs(model, x, y, init=before.vectors, **TIGHT)
+    assert math.isnan(after.values[1]) and after.iterations[1] == 0
+    assert torch.equal(after.values[[0, 2]], member_eigenpairs(model, x, y, init=before.vectors, **TIGHT).values[[0, 2]])
+    assert all(torch.equal(new[1], old[1]) for new, old in zip(after.vectors, before.vectors))  # its start vector
+
+
 def test_batched_lanczos_equals_lanczos_on_each_matrix() -> None:
     g = torch.Generator().manual_seed(0)
     mats = torch.randn(3, 30, 30, generator=g, dtype=torch.float64)

@@ -62,6 +62,9 @@ def member_eigenpairs(model: StackedModel, x: Tensor, y: Tensor, preconditioner:
         iters, tol: per member, see :func:`optimlab.curvature.lanczos`; ``iters`` also one per member.
         init: start vectors stacked like the parameters (e.g. the previous call's, a warm start);
             None: a standard normal draw from ``generator`` (None: seeded with 0).
+
+    A member whose probe loss is not finite (finite weights can overflow it) gets NaN, its start vector
+    and 0 products, as its single model does.
     """
     params = trainable(model)
     members = model.members
@@ -114,6 +117,11 @@ def member_eigenpairs(model: StackedModel, x: Tensor, y: Tensor, preconditioner:
             return out if scale is None else out * scale
 
         values, vectors, iterations, _ = lanczos_members(hessian_products, v0, iters, tol)
+    defined = torch.isfinite(losses.detach())
+    if not bool(defined.all()):  # a loss that overflowed has no Hessian: NaN and its start vector, as top_eigenpair
+        values = values.masked_fill(~defined.to(values.device), math.nan)
+        vectors = torch.where(defined.view(-1, 1), vectors, v0)
+        iterations = iterations.masked_fill(~defined.to(iterations.device), 0)
     return MemberEigenpairs(values, [v.detach() for v in unflat(vectors)], iterations)
 
 
