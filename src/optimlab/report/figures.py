@@ -170,14 +170,16 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
 def plot_regime_map(cells: dict[tuple[str, str, float], MapCell], path: Path,
                     stability: list[dict[str, Any]] | None = None, model: str = "mlp") -> None:
     """One panel per optimizer (setting, :func:`~optimlab.report.rows.name_settings`): lr (x) by width
-    (y: the ``model``'s hidden widths, or a CNN's channels), each cell (:func:`~optimlab.report.aggregate.map_cells`) coloured by the regime most of its runs
-    got, marked * where they disagree, and annotated with their mean final test accuracy; with
+    (y: the ``model``'s hidden widths, or a CNN's channels), each cell (:func:`~optimlab.report.aggregate.map_cells`)
+    coloured by the regime most of its runs got, marked * where they disagree, and annotated with their mean final
+    test accuracy; with
     ``stability`` (:func:`~optimlab.report.aggregate.stability_table`), a black bar at each width's
     predicted largest stable lr."""
     plt = _plt()
     from matplotlib.colors import ListedColormap
 
-    labels = [label for label in PLOT_LABELS if label != "interrupted" or any(c.counts.get(label) for c in cells.values())]
+    unfinished = any(c.counts.get("interrupted") for c in cells.values())
+    labels = [label for label in PLOT_LABELS if label != "interrupted" or unfinished]
     optimizers = sorted({key[0] for key in cells})
     lrs = sorted({key[2] for key in cells})
     widths = sorted({key[1] for key in cells}, key=width_key)

@@ -79,13 +79,13 @@ def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, An
 
 
 def plain_numbers(node: Any) -> Any:
-    """``node`` with each whole float written as an int: ``weight_decay=0`` from a command line and ``0.0``
+    """``node`` with each whole float written as an int (up to 2**53: 1e300 stays 1e300): ``weight_decay=0`` from a command line and ``0.0``
     from a yaml are one setting (the map's cells and the seed table group by the settings' text)."""
     if isinstance(node, dict):
         return {key: plain_numbers(value) for key, value in node.items()}
     if isinstance(node, list):
         return [plain_numbers(value) for value in node]
-    return int(node) if isinstance(node, float) and node.is_integer() else node
+    return int(node) if isinstance(node, float) and node.is_integer() and abs(node) < 2 ** 53 else node
 
 
 # Keys that may differ between runs that are otherwise the same experiment: the seed (and the data
