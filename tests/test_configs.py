@@ -189,6 +189,39 @@ def test_values_no_constructor_checks_are_refused_in_one_line(override: str, lin
     assert str(refused.value) == line
 
 
+@pytest.mark.parametrize("override, line", [
+    # deleted (~key) or nulled, each had crashed (ConfigAttributeError), given a multi-line interpolation error,
+    # or trained on a default its record did not show (a probe)
+    ("~test_ckpt", "test_ckpt: missing; the run reads it, so it cannot be deleted: give it a value instead"),
+    ("~trainer.precision", "trainer.precision: missing; the run reads it, so it cannot be deleted: give it a value "
+                           "instead"),
+    ("~trainer.flush_denormal", "trainer.flush_denormal: missing; the run reads it, so it cannot be deleted: give it "
+                                "a value instead"),
+    ("~lr", "lr: missing; the run reads it, so it cannot be deleted: give it a value instead"),
+    ("~optimizer.lr", "optimizer.lr: missing; the run reads it, so it cannot be deleted: give it a value instead"),
+    ("~data.val_size", "data.val_size: missing; the run reads it, so it cannot be deleted: give it a value instead"),
+    ("~model.hidden", "model.hidden: missing; the run reads it, so it cannot be deleted: give it a value instead"),
+    ("model=cnn ~model.channels", "model.channels: missing; the run reads it, so it cannot be deleted: give it a value "
+                                  "instead"),
+    ("~trainer", "trainer: missing; expected its keys (trainer.<key>=...)"),
+    ("regimes=null", "regimes: None is not allowed; expected its keys (regimes.<key>=...)"),
+    ("~data", "data: missing; choose one of conf/data/"),
+    ("~callbacks.model_checkpoint.monitor", "callbacks.model_checkpoint.monitor: missing; best.ckpt keeps the best "
+                                            "epoch by it: expected one of val/loss, val/acc"),
+    # test_ckpt=best from a checkpoint saved mid-epoch (or never): it had tested the last weights, saying so nowhere
+    ("test_ckpt=best +callbacks.model_checkpoint.every_n_train_steps=1",
+     "callbacks.model_checkpoint.every_n_train_steps: 1 is not allowed with test_ckpt=best; expected null or 0 (the "
+     "best epoch is saved as each epoch's validation ends), or use test_ckpt=last"),
+    ("test_ckpt=best +callbacks.model_checkpoint.every_n_epochs=0",
+     "callbacks.model_checkpoint.every_n_epochs: 0 is not allowed with test_ckpt=best; expected null or an integer "
+     ">= 1 (the best epoch is saved as each epoch's validation ends), or use test_ckpt=last"),
+])
+def test_a_key_the_run_reads_cannot_be_deleted(override: str, line: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        validate_config(compose_config(*override.split()))
+    assert str(refused.value) == line
+
+
 def test_flags_accept_booleans_and_null_where_null_is_the_default() -> None:
     for override in ("optimizer.maximize=true", "optimizer=adam optimizer.amsgrad=false", "+optimizer.foreach=null",
                      "+optimizer.foreach=true", "trainer.limit_train_batches=0.5", "trainer.overfit_batches=0.0",

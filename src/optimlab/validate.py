@@ -105,6 +105,16 @@ RULES: dict[str, Rule] = {
     # read by hydra/launcher=population (hydra.launcher.max_members / ...), which also checks them
     "population.max_members": INT_POSITIVE, "population.max_memory_gib": optional(POSITIVE), "population.dry_run": BOOL,
 }
+# Keys optimlab reads itself, each set in conf/: deleted (~key), the run would stop on it mid-way or take a
+# default its record does not show. The sections must be mappings (regimes=null would record no thresholds).
+REQUIRED = ("name", "lr", "epochs", "batch_size", "seed", "test_ckpt", "optimized_metric", "optimizer.lr",
+            "trainer.accelerator", "trainer.precision", "trainer.max_epochs", "trainer.log_every_n_steps",
+            "trainer.progress_bar", "trainer.flush_denormal", "trainer.compile",
+            "data.val_size", "data.label_noise", "data.batch_size", "data.eval_batch_size", "data.seed", "data.download",
+            "data.test_every_epoch", "curvature.probe_size", "curvature.iters", "curvature.tol",
+            "curvature.log_spaced_start", "population.max_members", "population.dry_run")
+SECTIONS = ("trainer", "regimes", "curvature", "population")
+MODEL_WIDTHS = {"MLP": "hidden", "CNN": "channels"}  # what the run record names the net by (its widths)
 # Why a value is refused although the rule's type fits: the message's second half.
 WHY = {"trainer.devices": ONE_DEVICE, "trainer.num_nodes": ONE_DEVICE, "trainer.strategy": ONE_DEVICE,
        "trainer.accumulate_grad_batches": "optimlab steps once per batch, after its non-finite check; "
@@ -264,8 +274,27 @@ def _value(cfg: DictConfig, key: str) -> Any:
     try:
         value = OmegaConf.select(cfg, key, throw_on_missing=True, default=inspect.Parameter.empty)
     except Exception as err:  # an interpolation that cannot resolve
-        raise ConfigError(f"{key}: cannot be resolved ({err})") from None
+        raise ConfigError(f"{key}: cannot be resolved ({str(err).strip().splitlines()[0]})") from None
     return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+
+
+def check_required(cfg: DictConfig) -> None:
+    """The built groups chosen, every :data:`SECTIONS` a mapping, every :data:`REQUIRED` key present, our
+    models' widths given."""
+    for key in ("model", "optimizer", "data"):
+        if not isinstance(cfg.get(key), DictConfig):
+            raise ConfigError(f"{key}: missing; choose one of conf/{key}/")
+    for section in SECTIONS:
+        if not isinstance(cfg.get(section), DictConfig):
+            keys = f"its keys ({section}.<key>=...)"  # as unknown_keys refuses a plain value
+            raise ConfigError(refusal(section, None, keys) if section in cfg else f"{section}: missing; expected {keys}")
+    for key in REQUIRED:
+        if OmegaConf.select(cfg, key, default=inspect.Parameter.empty) is inspect.Parameter.empty:
+            raise ConfigError(f"{key}: missing; the run reads it, so it cannot be deleted: give it a value instead")
+    model = cfg.get("model")
+    widths = MODEL_WIDTHS.get(str(model.get("_target_")).rsplit(".", 1)[-1]) if isinstance(model, DictConfig) else None
+    if widths and widths not in model:
+        raise ConfigError(f"model.{widths}: missing; the run reads it, so it cannot be deleted: give it a value instead")
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -275,13 +304,11 @@ def validate_config(cfg: DictConfig) -> None:
     if unknown:
         raise ConfigError(f"{', '.join(unknown)}: unknown config key{'s' if len(unknown) > 1 else ''} "
                           f"(nothing reads {'them' if len(unknown) > 1 else 'it'}); check the spelling, or see conf/")
+    check_required(cfg)
     for key in RULES:
         value = _value(cfg, key)
         if value is not inspect.Parameter.empty and (error := rule_error(key, value)):
             raise ConfigError(error)
-    for key in ("model", "optimizer", "data"):
-        if not isinstance(cfg.get(key), DictConfig):
-            raise ConfigError(f"{key}: missing; choose one of conf/{key}/")
     check_range(cfg)
     built = [(section, cfg.get(section)) for section in (*BUILT, "trainer")]
     built += [(f"{section}.{name}", entry) for section in COLLECTIONS
@@ -312,6 +339,14 @@ def resume_target(resume: str) -> Path:
     return target
 
 
+# ModelCheckpoint's cadences that test_ckpt=best allows: saves mid-epoch would judge the last validation's metric
+# (and none came before the first epoch ended), none at all would leave no best epoch to test.
+BEST_CADENCE: dict[str, Rule] = {"every_n_train_steps": (lambda v: not v, "null or 0"),
+                                 "train_time_interval": (lambda v: v is None, "null"),
+                                 "every_n_epochs": (lambda v: v is None or (is_integer(v) and v >= 1),
+                                                    "null or an integer >= 1")}
+
+
 def check_checkpoint_callbacks(cfg: DictConfig) -> None:
     """The best epoch is chosen by a monitor in the direction it improves in, kept in a file of its own
     (``last.ckpt`` is the run's resume point), and, for ``test_ckpt=best``, once: one file to test."""
@@ -328,12 +363,20 @@ def check_checkpoint_callbacks(cfg: DictConfig) -> None:
                               f"(better when {'lower' if BETTER[monitor] == 'min' else 'higher'}); "
                               f"set callbacks.{name}.mode={BETTER[monitor]}")
     best = callbacks.get("model_checkpoint")
+    if best and best.get("monitor") is None:  # null is refused by its rule; deleted, Lightning's error names trainer
+        raise ConfigError("callbacks.model_checkpoint.monitor: missing; best.ckpt keeps the best epoch by it: expected "
+                          "one of val/loss, val/acc")
     if best and f"{best.get('filename')}.ckpt" == LAST:
         raise ConfigError(f"callbacks.model_checkpoint.filename: {best.get('filename')!r} is not allowed; expected "
                           f"another name than the run's own {LAST}, which resume continues from")
     if cfg.test_ckpt == "best" and not best:
         raise ConfigError("test_ckpt: 'best' needs callbacks.model_checkpoint, which chooses the best epoch; "
                           "use test_ckpt=last or callbacks=default")
+    for key, (saves_each_epoch, allowed) in BEST_CADENCE.items():
+        if cfg.test_ckpt == "best" and not saves_each_epoch(best.get(key)):
+            raise ConfigError(f"callbacks.model_checkpoint.{key}: {best.get(key)!r} is not allowed with test_ckpt=best; "
+                              f"expected {allowed} (the best epoch is saved as each epoch's validation ends), or use "
+                              "test_ckpt=last")
     if cfg.test_ckpt == "best" and best.get("save_top_k", 1) != 1:
         raise ConfigError(f"callbacks.model_checkpoint.save_top_k: {best.get('save_top_k')!r} is not allowed with "
                           f"test_ckpt=best; expected 1 (one best checkpoint to test), or use test_ckpt=last")
