@@ -222,6 +222,31 @@ def test_a_key_the_run_reads_cannot_be_deleted(override: str, line: str) -> None
     assert str(refused.value) == line
 
 
+def test_a_run_never_replaces_another_runs_files_in_a_folder_set_outside_its_own(tmp_path) -> None:
+    """A second run with the same CSV save_dir or checkpoint dirpath had replaced the first's metrics.csv and
+    best.ckpt (a probe); it is refused, and a resumed run continues its own files there."""
+    csv = ["logger=csv", f"+logger.csv.save_dir={tmp_path / 'logs'}"]
+    ckpt = [f"+callbacks.model_checkpoint.dirpath={tmp_path}"]
+    for overrides in (csv, ckpt, [*csv[:1], f"+logger.csv.save_dir={tmp_path}", "logger.csv.version=3"]):
+        validate_config(compose_config(*overrides))  # nothing there yet
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "metrics.csv").write_text("epoch\n")
+    (tmp_path / "best.ckpt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"^logger.csv.save_dir: '.*logs' holds another run's .*metrics.csv, which this "
+                                          r"run would replace; choose an empty folder or another logger.csv.version$"):
+        validate_config(compose_config(*csv))
+    with pytest.raises(ConfigError, match=r"^callbacks.model_checkpoint.dirpath: '.*' holds another run's .*best.ckpt, "
+                                          r"which this run would replace"):
+        validate_config(compose_config(*ckpt))
+    (tmp_path / "version_3").mkdir()
+    (tmp_path / "version_3" / "metrics.csv").write_text("epoch\n")
+    with pytest.raises(ConfigError, match="version_3/metrics.csv"):
+        validate_config(compose_config(*csv[:1], f"+logger.csv.save_dir={tmp_path}", "logger.csv.version=3"))
+    validate_config(compose_config(*csv, "logger.csv.version=null"))  # a new version_N of its own
+    validate_config(compose_config(*ckpt, "callbacks.model_checkpoint.enable_version_counter=true"))  # best-v1.ckpt
+    validate_config(compose_config(*csv, *ckpt, f"resume={tmp_path}"))  # continues its own
+
+
 def test_flags_accept_booleans_and_null_where_null_is_the_default() -> None:
     for override in ("optimizer.maximize=true", "optimizer=adam optimizer.amsgrad=false", "+optimizer.foreach=null",
                      "+optimizer.foreach=true", "trainer.limit_train_batches=0.5", "trainer.overfit_batches=0.0",

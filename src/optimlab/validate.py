@@ -24,6 +24,7 @@ import torch
 from hydra.utils import to_absolute_path
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, OmegaConf
 
 from optimlab.checks import (BOOL, INT_NON_NEGATIVE, INT_POSITIVE, NON_NEGATIVE, NUMBER, POSITIVE, SEED, UNIT_CLOSED,
@@ -110,8 +111,8 @@ RULES: dict[str, Rule] = {
 REQUIRED = ("name", "lr", "epochs", "batch_size", "seed", "test_ckpt", "optimized_metric", "optimizer.lr",
             "trainer.accelerator", "trainer.precision", "trainer.max_epochs", "trainer.log_every_n_steps",
             "trainer.progress_bar", "trainer.flush_denormal", "trainer.compile",
-            "data.val_size", "data.label_noise", "data.batch_size", "data.eval_batch_size", "data.seed", "data.download",
-            "data.test_every_epoch", "curvature.probe_size", "curvature.iters", "curvature.tol",
+            "data.val_size", "data.label_noise", "data.batch_size", "data.eval_batch_size", "data.seed",
+            "data.download", "data.test_every_epoch", "curvature.probe_size", "curvature.iters", "curvature.tol",
             "curvature.log_spaced_start", "population.max_members", "population.dry_run")
 SECTIONS = ("trainer", "regimes", "curvature", "population")
 MODEL_WIDTHS = {"MLP": "hidden", "CNN": "channels"}  # what the run record names the net by (its widths)
@@ -287,14 +288,16 @@ def check_required(cfg: DictConfig) -> None:
     for section in SECTIONS:
         if not isinstance(cfg.get(section), DictConfig):
             keys = f"its keys ({section}.<key>=...)"  # as unknown_keys refuses a plain value
-            raise ConfigError(refusal(section, None, keys) if section in cfg else f"{section}: missing; expected {keys}")
+            missing = f"{section}: missing; expected {keys}"
+            raise ConfigError(refusal(section, None, keys) if section in cfg else missing)
     for key in REQUIRED:
         if OmegaConf.select(cfg, key, default=inspect.Parameter.empty) is inspect.Parameter.empty:
             raise ConfigError(f"{key}: missing; the run reads it, so it cannot be deleted: give it a value instead")
     model = cfg.get("model")
     widths = MODEL_WIDTHS.get(str(model.get("_target_")).rsplit(".", 1)[-1]) if isinstance(model, DictConfig) else None
     if widths and widths not in model:
-        raise ConfigError(f"model.{widths}: missing; the run reads it, so it cannot be deleted: give it a value instead")
+        raise ConfigError(f"model.{widths}: missing; the run reads it, so it cannot be deleted: give it a value "
+                          "instead")
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -325,6 +328,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(str(err)) from None
     check_checkpoint_callbacks(cfg)
     check_loggers(cfg)
+    check_shared_folders(cfg)
     _check_hardware(cfg.trainer.accelerator, cfg.trainer.precision)
     if cfg.get("resume") not in (None, "auto"):
         resume_target(cfg.resume)
@@ -374,9 +378,9 @@ def check_checkpoint_callbacks(cfg: DictConfig) -> None:
                           "use test_ckpt=last or callbacks=default")
     for key, (saves_each_epoch, allowed) in BEST_CADENCE.items():
         if cfg.test_ckpt == "best" and not saves_each_epoch(best.get(key)):
-            raise ConfigError(f"callbacks.model_checkpoint.{key}: {best.get(key)!r} is not allowed with test_ckpt=best; "
-                              f"expected {allowed} (the best epoch is saved as each epoch's validation ends), or use "
-                              "test_ckpt=last")
+            raise ConfigError(f"callbacks.model_checkpoint.{key}: {best.get(key)!r} is not allowed with "
+                              f"test_ckpt=best; expected {allowed} (the best epoch is saved as each epoch's "
+                              "validation ends), or use test_ckpt=last")
     if cfg.test_ckpt == "best" and best.get("save_top_k", 1) != 1:
         raise ConfigError(f"callbacks.model_checkpoint.save_top_k: {best.get('save_top_k')!r} is not allowed with "
                           f"test_ckpt=best; expected 1 (one best checkpoint to test), or use test_ckpt=last")
@@ -406,6 +410,32 @@ def check_loggers(cfg: DictConfig) -> None:
         if save_dir and (reason := unwritable(Path(str(save_dir)).absolute())):
             raise ConfigError(f"logger.{name}.save_dir: {str(save_dir)!r} cannot be written ({reason}); "
                               f"choose another folder")
+
+
+def check_shared_folders(cfg: DictConfig) -> None:
+    """A new run does not replace another's files in a folder set outside its own: a CSV logger's
+    ``metrics.csv`` in a fixed ``save_dir/name/version``, a checkpoint ``dirpath``'s ``<filename>.ckpt``
+    (the configs' ``enable_version_counter: false``). A resumed run continues its own there."""
+    if cfg.get("resume") is not None:
+        return
+    for name, entry in (cfg.get("logger") or {}).items():
+        target = import_target(f"logger.{name}", str(entry._target_)) if entry else None
+        version = entry.get("version") if entry else None
+        fixed = isinstance(target, type) and issubclass(target, CSVLogger) and entry.get("save_dir")
+        if not fixed or version is None:  # (no version: CSVLogger numbers a new one)
+            continue
+        folder = Path(to_absolute_path(str(entry.save_dir)), str(entry.get("name") or ""),
+                      version if isinstance(version, str) else f"version_{version}")
+        if (metrics := folder / ExperimentWriter.NAME_METRICS_FILE).exists():
+            raise ConfigError(f"logger.{name}.save_dir: {str(entry.save_dir)!r} holds another run's {metrics}, which "
+                              f"this run would replace; choose an empty folder or another logger.{name}.version")
+    best = (cfg.get("callbacks") or {}).get("model_checkpoint")
+    if best and best.get("dirpath") and not best.get("enable_version_counter", True):
+        file = Path(to_absolute_path(str(best.dirpath)), f"{best.get('filename')}.ckpt")
+        if file.exists():
+            raise ConfigError(f"callbacks.model_checkpoint.dirpath: {str(best.dirpath)!r} holds another run's {file}, "
+                              "which this run would replace; choose an empty folder, or leave dirpath out (the run's "
+                              "own checkpoints/)")
 
 
 def weight_dtype(precision: str | int) -> torch.dtype:
