@@ -722,7 +722,7 @@ def test_temporaries_left_by_a_kill_mid_write_are_cleared_when_the_run_continues
     assert json.loads((run_dir / "summary.json").read_text())["epochs_completed"] == 2
 
 
-def test_a_checkpoint_never_holds_non_finite_weights(tmp_path: Path) -> None:
+def test_a_checkpoint_never_holds_non_finite_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from conftest import compose_config
     from optimlab.train import run
 
@@ -733,9 +733,14 @@ def test_a_checkpoint_never_holds_non_finite_weights(tmp_path: Path) -> None:
         state = torch.load(ckpt, weights_only=False)["state_dict"]
         assert all(torch.isfinite(w).all() for w in state.values() if w.is_floating_point())
     io = AtomicCheckpointIO()
+    nan = {"state_dict": {"w": torch.tensor([1.0, float("nan")])}}
+    io.save_checkpoint(nan, tmp_path / "first.ckpt")
+    assert not (tmp_path / "first.ckpt").exists()
+    assert capsys.readouterr().err.endswith("not written, the weights are not finite (there is no earlier one)\n")
     io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, tmp_path / "a.ckpt")
-    io.save_checkpoint({"state_dict": {"w": torch.tensor([1.0, float("nan")])}}, tmp_path / "a.ckpt")
+    io.save_checkpoint(nan, tmp_path / "a.ckpt")
     assert torch.equal(torch.load(tmp_path / "a.ckpt")["state_dict"]["w"], torch.ones(2))  # the previous one kept
+    assert capsys.readouterr().err.endswith("(the previous checkpoint is kept)\n")
 
 
 def importing_torch(pid: int) -> bool:

@@ -29,7 +29,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
         weights = [t for t in checkpoint.get("state_dict", {}).values() if torch.is_tensor(t) and t.is_floating_point()]
         if not all(bool(torch.isfinite(t).all()) for t in weights):
-            print(f"{path}: not written, the weights are not finite (the previous checkpoint is kept)", file=sys.stderr)
+            kept = "the previous checkpoint is kept" if Path(path).is_file() else "there is no earlier one"
+            print(f"{path}: not written, the weights are not finite ({kept})", file=sys.stderr)
             return
         save = super().save_checkpoint
         atomic_write(Path(path), lambda tmp: save(checkpoint, tmp, storage_options))
