@@ -7,6 +7,7 @@ import csv
 import io
 import logging
 import math
+import os
 import re
 import shlex
 import shutil
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from conftest import CONF, REPO, compose_config, run_script
-from optimlab.summary import optimized_value, read_summary, returned_value
+from optimlab.summary import RunSummary, optimized_value, read_summary, returned_value, write_summary
 from optimlab.train import run
 
 TINY = ["data.subset=256", "data.val_size=256", "epochs=2", "trainer.progress_bar=false",
@@ -157,7 +159,13 @@ def test_an_optuna_search_survives_diverged_and_invalid_trials(tmp_path: Path, l
 
 def test_a_search_in_which_no_trial_finished_fails(tmp_path: Path) -> None:
     """Every trial refused by a constructor's own check (no rule of the search space foresees it): the
-    sweeper still prints "best parameters" (a failure's), so the command ends with why, exit 1 (it had exited 0)."""
+    sweeper still prints "best parameters" (a failure's), so the command ends with why, exit 1 (it had exited 0).
+    A finished run an earlier command left in the folder is not one of its trials."""
+    old = tmp_path / "0_earlier"
+    old.mkdir()
+    write_summary(old, RunSummary("complete", OmegaConf.to_container(compose_config(*TINY), resolve=True)))
+    os.utime(old / "summary.json", (1e9, 1e9))
+    assert read_summary(old) is not None
     result = sweep("hparams_search=optuna", *TINY, "hydra.sweeper.n_trials=2", "optimizer=sgd", "optimizer.nesterov=true",
                    "optimizer.momentum=0", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 1

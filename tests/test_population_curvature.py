@@ -108,7 +108,7 @@ def test_a_member_whose_probe_loss_overflows_gives_nan_as_its_run_does() -> None
     assert math.isnan(sharpness(model.member_model(1), x[1], y[1], **TIGHT))
     after = member_eigenpairs(model, x, y, init=before.vectors, **TIGHT)
     assert math.isnan(after.values[1]) and after.iterations[1] == 0
-    assert torch.equal(after.values[[0, 2]], member_eigenpairs(model, x, y, init=before.vectors, **TIGHT).values[[0, 2]])
+    assert after.values[[0, 2]].tolist() == pytest.approx(before.values[[0, 2]].tolist(), rel=1e-9)  # unchanged
     assert all(torch.equal(new[1], old[1]) for new, old in zip(after.vectors, before.vectors))  # its start vector
 
 

@@ -1204,6 +1204,16 @@ def test_jobs_that_share_a_folder_do_not_share_a_record(mnist_root: Path, tmp_pa
     assert saved["status"] == "complete" and saved["config"]["lr"] == 0.1
 
 
+def test_jobs_that_would_write_one_file_outside_their_folders_are_planned_apart(tmp_path: Path) -> None:
+    """Members sharing a CSV save_dir had written one metrics.csv, the last member's (a review): the second
+    job is refused in the plan, before any member trains."""
+    result = train("lr=0.1,0.2", *SMALL, "hydra/launcher=population", "population.dry_run=true", "logger=csv",
+                   f"+logger.csv.save_dir={tmp_path / 'logs'}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert f"job #1 invalid: logger.csv.save_dir: job #0 writes {tmp_path / 'logs' / 'metrics.csv'} too, which one of " \
+        "them would replace; give each job its own folder or another logger.csv.version" in result.stdout
+    assert not (tmp_path / "logs").exists()
+
+
 @pytest.mark.slow
 def test_values_that_interpolate_the_jobs_hydra_config_are_each_jobs_own(mnist_root: Path, tmp_path: Path) -> None:
     """name and seed interpolating ${hydra:runtime.output_dir} and ${hydra:job.num} resolve in each job's

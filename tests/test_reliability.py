@@ -287,7 +287,7 @@ def test_a_run_recorded_before_the_trainer_came_from_config_still_resumes(finish
     run_dir = copy_of(finished_run, tmp_path)
     saved = summary(run_dir)
     config = saved["config"]
-    for key in ("callbacks", "logger", "optimized_metric"):
+    for key in ("callbacks", "logger", "optimized_metric", "curvature", "population"):  # (also keys added later)
         del config[key]
     for key in ("_target_", "max_epochs", "gradient_clip_val", "gradient_clip_algorithm", "limit_val_batches",
                 "limit_test_batches", "overfit_batches", "profiler", "detect_anomaly", "enable_model_summary"):
@@ -306,6 +306,21 @@ def test_a_run_recorded_before_the_trainer_came_from_config_still_resumes(finish
     assert resumed["status"] == "complete" and len(resumed["epochs"]) == 2
     assert resumed["config"]["trainer"]["max_epochs"] == 2
     assert resumed["config"]["callbacks"]["model_checkpoint"]["monitor"] == "val/acc"  # best.ckpt as it was chosen
+
+
+def test_a_new_run_under_resume_auto_never_replaces_another_runs_files_outside_its_folder(tmp_path: Path) -> None:
+    """resume=auto over a folder with no run is a new run: a CSV save_dir shared with a finished run is refused
+    before anything is written (a review: it had replaced the other run's metrics.csv)."""
+    from conftest import compose_config
+    from optimlab.train import run
+    from optimlab.validate import ConfigError
+
+    shared = ["logger=csv", f"+logger.csv.save_dir={tmp_path / 'logs'}"]
+    run(compose_config(*TINY, *shared), tmp_path / "first")
+    before = files_of(tmp_path / "logs")
+    with pytest.raises(ConfigError, match=r"^logger.csv.save_dir: '.*logs' holds another run's .*metrics.csv"):
+        run(compose_config(*TINY, *shared, "resume=auto"), tmp_path / "second")
+    assert files_of(tmp_path / "logs") == before and not (tmp_path / "second").exists()
 
 
 def test_a_resume_refuses_overrides_it_would_ignore_and_a_diverged_run(finished_run: Path, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from optimlab.checks import is_integer, refusal
 from optimlab.hydra_job import command_line_error, refuse
-from optimlab.summary import FINISHED, OPTIMIZED_METRICS, read_summary
+from optimlab.summary import FINISHED, OPTIMIZED_METRICS, SUMMARY, read_summary
 from optimlab.validate import RULES, rule_error
 
 DIRECTIONS = ("minimize", "maximize")
@@ -116,16 +117,18 @@ def own_config_dir(config: DictConfig) -> Path | None:
     return next((Path(str(s.path)) for s in sources if s.provider == "main" and s.schema == "file"), None)
 
 
-def no_trial_finished(sweep_dir: Path) -> str | None:
-    """Why the search in ``sweep_dir`` found nothing, or None: its trials' folders hold summaries and none
-    finished (each refused or crashed; a failed trial scores the worst value and the search goes on, so the
-    sweeper's "best parameters" are then one of the failures)."""
-    summaries = [s for s in map(read_summary, sorted(p for p in sweep_dir.glob("*/") if p.is_dir())) if s]
+def no_trial_finished(sweep_dir: Path, since: float, stored: bool = False) -> str | None:
+    """Why the trials this command ran in ``sweep_dir`` (summaries written since ``since``, a time.time(): a
+    reused folder holds earlier ones) found nothing, or None: none finished (each refused or crashed; a failed
+    trial scores the worst value and the search goes on, so the sweeper's "best parameters" are one of the
+    failures, unless the study is ``stored`` and holds earlier sessions' trials)."""
+    ran = sorted(p for p in sweep_dir.glob("*/") if (p / SUMMARY).is_file() and (p / SUMMARY).stat().st_mtime >= since)
+    summaries = [s for s in map(read_summary, ran) if s]
     if not summaries or any(s.status in FINISHED for s in summaries):
         return None
     why = next((s.error.strip().splitlines()[0] for s in summaries if s.error and s.error.strip()), "no error recorded")
-    return (f"none of the {len(summaries)} trials finished, so the best parameters above are not a result (each was "
-            f"refused or crashed; the first: {why})")
+    best = "" if stored else ", so the best parameters above are not a result"
+    return f"none of the {len(summaries)} trials finished{best} (each was refused or crashed; the first: {why})"
 
 
 class CheckSearch(Callback):
@@ -135,12 +138,15 @@ class CheckSearch(Callback):
     ``hydra.callbacks``."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time() - 2  # a file system may round a file's time down to whole seconds
         sweeper = config.hydra.sweeper
         if is_search(sweeper) and (error := search_error(config, sweeper) or
                                    search_space_error(sweeper, own_config_dir(config))):
             refuse(error)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if is_search(config.hydra.sweeper) and (error := no_trial_finished(Path(str(config.hydra.sweep.dir)))):
+        sweeper = config.hydra.sweeper
+        if is_search(sweeper) and (error := no_trial_finished(Path(str(config.hydra.sweep.dir)), self.started,
+                                                              stored=sweeper.get("storage") is not None)):
             print(f"error: {error}", file=sys.stderr)
             sys.exit(1)

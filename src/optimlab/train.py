@@ -30,7 +30,7 @@ from optimlab.resume import keep_derived_values, plan_run, refuse_changed_config
 from optimlab.signals import Interrupted, StopOnSignal
 from optimlab.summary import FINISHED, RunSummary, is_complete, write_summary
 from optimlab.tensorboard_logger import Restart, open_after
-from optimlab.validate import ConfigError, validate_config
+from optimlab.validate import ConfigError, check_shared_folders, validate_config
 
 # Lightning's start-up banners (GPU available, tips) drown the run's own lines.
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -90,8 +90,9 @@ def logging_into(run_dir: Path) -> Iterator[None]:
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> RunSummary:
     """Train one configuration into ``run_dir``; return its summary."""
+    recorded = cfg.get("resume") not in (None, "auto")  # then plan_run returns the run's recorded config
     cfg, run_dir, ckpt, previous = plan_run(cfg, run_dir, overrides or [])
-    validate_config(cfg)
+    validate_config(cfg, complete=not recorded)
     if cfg.resume == "auto" and previous is not None and previous.status not in FINISHED:
         refuse_changed_config(run_dir, previous, cfg, checkpointed=ckpt is not None)
         if ckpt is not None:
@@ -99,6 +100,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
     if cfg.resume == "auto" and is_complete(run_dir):
         log.info(f"{run_dir}: already complete, skipped (resume=auto)")
         return previous  # type: ignore[return-value]
+    if ckpt is None:  # a new run, resume=auto's too
+        check_shared_folders(cfg)
     if cfg.resume == "auto" and previous is None and ckpt is None:  # e.g. a single run's new, timestamped folder
         log.info(f"resume=auto: {run_dir} holds no run to continue; starting a new one (resume=<run dir> continues "
                  f"a given run)")

@@ -106,16 +106,19 @@ RULES: dict[str, Rule] = {
     # read by hydra/launcher=population (hydra.launcher.max_members / ...), which also checks them
     "population.max_members": INT_POSITIVE, "population.max_memory_gib": optional(POSITIVE), "population.dry_run": BOOL,
 }
-# Keys optimlab reads itself, each set in conf/: deleted (~key), the run would stop on it mid-way or take a
-# default its record does not show. The sections must be mappings (regimes=null would record no thresholds).
-REQUIRED = ("name", "lr", "epochs", "batch_size", "seed", "test_ckpt", "optimized_metric", "optimizer.lr",
+# Keys optimlab reads itself, each set in conf/ (null for some): deleted (~key) or left out of a config file of
+# one's own, the run would stop on it mid-way or take a default its record does not show. The sections must be
+# mappings (regimes=null would record no thresholds).
+REQUIRED = ("name", "lr", "epochs", "batch_size", "seed", "resume", "test_ckpt", "optimized_metric", "optimizer.lr",
             "trainer.accelerator", "trainer.precision", "trainer.max_epochs", "trainer.log_every_n_steps",
-            "trainer.progress_bar", "trainer.flush_denormal", "trainer.compile",
+            "trainer.progress_bar", "trainer.flush_denormal", "trainer.compile", "trainer.check_finite_every_n_steps",
+            "trainer.num_threads", "data.root", "data.subset", "curvature.every_n_steps", "population.max_memory_gib",
             "data.val_size", "data.label_noise", "data.batch_size", "data.eval_batch_size", "data.seed",
             "data.download", "data.test_every_epoch", "curvature.probe_size", "curvature.iters", "curvature.tol",
             "curvature.log_spaced_start", "population.max_members", "population.dry_run")
 SECTIONS = ("trainer", "regimes", "curvature", "population")
-MODEL_WIDTHS = {"MLP": "hidden", "CNN": "channels"}  # what the run record names the net by (its widths)
+# what the run record names our nets by (their widths)
+MODEL_WIDTHS = {"optimlab.models.MLP": "hidden", "optimlab.models.CNN": "channels"}
 # Why a value is refused although the rule's type fits: the message's second half.
 WHY = {"trainer.devices": ONE_DEVICE, "trainer.num_nodes": ONE_DEVICE, "trainer.strategy": ONE_DEVICE,
        "trainer.accumulate_grad_batches": "optimlab steps once per batch, after its non-finite check; "
@@ -280,34 +283,36 @@ def _value(cfg: DictConfig, key: str) -> Any:
 
 
 def check_required(cfg: DictConfig) -> None:
-    """The built groups chosen, every :data:`SECTIONS` a mapping, every :data:`REQUIRED` key present, our
-    models' widths given."""
-    for key in ("model", "optimizer", "data"):
-        if not isinstance(cfg.get(key), DictConfig):
-            raise ConfigError(f"{key}: missing; choose one of conf/{key}/")
+    """Every :data:`SECTIONS` a mapping, every :data:`REQUIRED` key present, our models' widths given: a
+    command's config holds today's keys."""
     for section in SECTIONS:
         if not isinstance(cfg.get(section), DictConfig):
             keys = f"its keys ({section}.<key>=...)"  # as unknown_keys refuses a plain value
             missing = f"{section}: missing; expected {keys}"
             raise ConfigError(refusal(section, None, keys) if section in cfg else missing)
     for key in REQUIRED:
-        if OmegaConf.select(cfg, key, default=inspect.Parameter.empty) is inspect.Parameter.empty:
-            raise ConfigError(f"{key}: missing; the run reads it, so it cannot be deleted: give it a value instead")
-    model = cfg.get("model")
-    widths = MODEL_WIDTHS.get(str(model.get("_target_")).rsplit(".", 1)[-1]) if isinstance(model, DictConfig) else None
-    if widths and widths not in model:
-        raise ConfigError(f"model.{widths}: missing; the run reads it, so it cannot be deleted: give it a value "
+        if _value(cfg, key) is inspect.Parameter.empty:
+            raise ConfigError(f"{key}: missing; optimlab reads it, so it cannot be deleted: give it a value instead")
+    widths = MODEL_WIDTHS.get(str(cfg.model.get("_target_")))
+    if widths and widths not in cfg.model:
+        raise ConfigError(f"model.{widths}: missing; optimlab reads it, so it cannot be deleted: give it a value "
                           "instead")
 
 
-def validate_config(cfg: DictConfig) -> None:
+def validate_config(cfg: DictConfig, complete: bool = True) -> None:
     """Raise :class:`ConfigError` for an unknown key, a value that breaks its rule in :data:`RULES`,
-    an option combination that cannot work, or hardware that is not there."""
+    an option combination that cannot work, or hardware that is not there; with ``complete`` (a command's
+    config, not a run's recorded one, which holds the keys of its day) also for a missing key
+    (:func:`check_required`)."""
     unknown = unknown_keys(cfg)
     if unknown:
         raise ConfigError(f"{', '.join(unknown)}: unknown config key{'s' if len(unknown) > 1 else ''} "
                           f"(nothing reads {'them' if len(unknown) > 1 else 'it'}); check the spelling, or see conf/")
-    check_required(cfg)
+    for key in ("model", "optimizer", "data"):
+        if not isinstance(cfg.get(key), DictConfig):
+            raise ConfigError(f"{key}: missing; choose one of conf/{key}/")
+    if complete:
+        check_required(cfg)
     for key in RULES:
         value = _value(cfg, key)
         if value is not inspect.Parameter.empty and (error := rule_error(key, value)):
@@ -328,7 +333,6 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(str(err)) from None
     check_checkpoint_callbacks(cfg)
     check_loggers(cfg)
-    check_shared_folders(cfg)
     _check_hardware(cfg.trainer.accelerator, cfg.trainer.precision)
     if cfg.get("resume") not in (None, "auto"):
         resume_target(cfg.resume)
@@ -343,12 +347,12 @@ def resume_target(resume: str) -> Path:
     return target
 
 
-# ModelCheckpoint's cadences that test_ckpt=best allows: saves mid-epoch would judge the last validation's metric
-# (and none came before the first epoch ended), none at all would leave no best epoch to test.
+# ModelCheckpoint's cadences that test_ckpt=best allows (as a population follows them, population/best.py): saves
+# mid-epoch would judge the last validation's metric (none came before the first epoch ended), saves every few
+# epochs would skip the others (and none before the first save: no best epoch to test).
 BEST_CADENCE: dict[str, Rule] = {"every_n_train_steps": (lambda v: not v, "null or 0"),
                                  "train_time_interval": (lambda v: v is None, "null"),
-                                 "every_n_epochs": (lambda v: v is None or (is_integer(v) and v >= 1),
-                                                    "null or an integer >= 1")}
+                                 "every_n_epochs": (lambda v: v is None or (is_integer(v) and v == 1), "null or 1")}
 
 
 def check_checkpoint_callbacks(cfg: DictConfig) -> None:
@@ -412,30 +416,34 @@ def check_loggers(cfg: DictConfig) -> None:
                               f"choose another folder")
 
 
-def check_shared_folders(cfg: DictConfig) -> None:
-    """A new run does not replace another's files in a folder set outside its own: a CSV logger's
-    ``metrics.csv`` in a fixed ``save_dir/name/version``, a checkpoint ``dirpath``'s ``<filename>.ckpt``
-    (the configs' ``enable_version_counter: false``). A resumed run continues its own there."""
-    if cfg.get("resume") is not None:
-        return
+def outside_files(cfg: DictConfig) -> list[tuple[str, Path, str]]:
+    """The files a run would write at a fixed path set outside its folder, each with the key that sets it and
+    what else to set: a CSV logger's ``metrics.csv`` in ``save_dir/name/version`` (not with ``version: null``:
+    CSVLogger numbers a new one), a checkpoint ``dirpath``'s ``<filename>.ckpt`` (with the configs'
+    ``enable_version_counter: false``)."""
+    files = []
     for name, entry in (cfg.get("logger") or {}).items():
         target = import_target(f"logger.{name}", str(entry._target_)) if entry else None
-        version = entry.get("version") if entry else None
-        fixed = isinstance(target, type) and issubclass(target, CSVLogger) and entry.get("save_dir")
-        if not fixed or version is None:  # (no version: CSVLogger numbers a new one)
-            continue
-        folder = Path(to_absolute_path(str(entry.save_dir)), str(entry.get("name") or ""),
-                      version if isinstance(version, str) else f"version_{version}")
-        if (metrics := folder / ExperimentWriter.NAME_METRICS_FILE).exists():
-            raise ConfigError(f"logger.{name}.save_dir: {str(entry.save_dir)!r} holds another run's {metrics}, which "
-                              f"this run would replace; choose an empty folder or another logger.{name}.version")
+        if isinstance(target, type) and issubclass(target, CSVLogger) and entry.get("save_dir") \
+                and entry.get("version") is not None:
+            version = entry.version if isinstance(entry.version, str) else f"version_{entry.version}"
+            folder = Path(to_absolute_path(str(entry.save_dir)), str(entry.get("name") or ""), version)
+            files.append((f"logger.{name}.save_dir", folder / ExperimentWriter.NAME_METRICS_FILE,
+                          f"another logger.{name}.version"))
     best = (cfg.get("callbacks") or {}).get("model_checkpoint")
     if best and best.get("dirpath") and not best.get("enable_version_counter", True):
-        file = Path(to_absolute_path(str(best.dirpath)), f"{best.get('filename')}.ckpt")
+        files.append(("callbacks.model_checkpoint.dirpath",
+                      Path(to_absolute_path(str(best.dirpath)), f"{best.get('filename')}.ckpt"),
+                      "no dirpath (the run's own checkpoints/)"))
+    return files
+
+
+def check_shared_folders(cfg: DictConfig) -> None:
+    """A new run (not one resuming its checkpoint) does not replace another run's :func:`outside_files`."""
+    for key, file, instead in outside_files(cfg):
         if file.exists():
-            raise ConfigError(f"callbacks.model_checkpoint.dirpath: {str(best.dirpath)!r} holds another run's {file}, "
-                              "which this run would replace; choose an empty folder, or leave dirpath out (the run's "
-                              "own checkpoints/)")
+            raise ConfigError(f"{key}: {str(OmegaConf.select(cfg, key))!r} holds another run's {file}, which this run "
+                              f"would replace; choose an empty folder or {instead}")
 
 
 def weight_dtype(precision: str | int) -> torch.dtype:

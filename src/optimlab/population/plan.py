@@ -42,7 +42,8 @@ from optimlab.population.stacked import STACKED, build_member
 from optimlab.population.stopping import unfollowed
 from optimlab.resume import override_keys, refuse_changed_config, sync_epochs
 from optimlab.summary import SUMMARY, config_key, describe_run, dotted_value, is_complete, read_summary
-from optimlab.validate import RULES, ConfigError, check_range, rule_error, validate_config, weight_dtype
+from optimlab.validate import (RULES, ConfigError, check_range, check_shared_folders, outside_files, rule_error,
+                               validate_config, weight_dtype)
 
 # a population trains in its weights' dtype, without mixed precision
 POPULATION_PRECISIONS = ("32-true", "32", "64-true", "64")
@@ -150,6 +151,8 @@ def check(cfg: DictConfig) -> None:
     the config's rules, the constructors' checks (the parts built as ``run`` builds them) and the
     data (the files, the split's sizes, the test split)."""
     validate_config(cfg)
+    if cfg.get("resume") is None:  # (under resume=auto a member may continue its own files there)
+        check_shared_folders(cfg)
     with torch.random.fork_rng(devices=[]):  # building draws init weights: leave the caller's generator alone
         datamodule = build_parts(cfg).datamodule
     n = training_images(Path(datamodule.root), datamodule.download)
@@ -377,8 +380,9 @@ def classify_all(jobs: Sequence[Job], processes: int = 1, elsewhere: bool = Fals
 
 def refuse_shared_folders(jobs: Sequence[Job]) -> None:
     """Fail each job whose folder an earlier job of the sweep has too (a ``hydra.sweep.subdir`` that
-    does not tell them apart): two members would write one record, the first's lost. The basic
-    launcher's second job finds the first's run there and is refused alike."""
+    does not tell them apart), or that would write a file an earlier job writes outside its folder
+    (:func:`~optimlab.validate.outside_files`): two members would write one record, the first's lost. The
+    basic launcher's second job finds the first's files there and is refused alike."""
     first: dict[Path, Job] = {}
     for job in jobs:
         earlier = first.setdefault(Path(os.path.abspath(job.run_dir)), job)
@@ -386,6 +390,18 @@ def refuse_shared_folders(jobs: Sequence[Job]) -> None:
             job.error = ConfigError(f"{job.run_dir} is also job #{earlier.num}'s folder; give each job its own "
                                     f"(hydra.sweep.subdir)")
             job.alone, job.key = None, None
+            continue
+        if job.error is not None:
+            continue
+        with hydra_config_of(job.sweep_config):  # a save_dir may interpolate the job's Hydra config
+            files = outside_files(job.config)
+        for key, file, instead in files:
+            earlier = first.setdefault(file, job)
+            if earlier is not job:
+                job.error = ConfigError(f"{key}: job #{earlier.num} writes {file} too, which one of them would "
+                                        f"replace; give each job its own folder or {instead}")
+                job.alone, job.key = None, None
+                break
 
 
 def check_groups(jobs: Sequence[Job]) -> list[list[Job]]:

@@ -78,14 +78,21 @@ def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, An
     }
 
 
-def plain_numbers(node: Any) -> Any:
-    """``node`` with each whole float written as an int (up to 2**53: 1e300 stays 1e300): ``weight_decay=0`` from a command line and ``0.0``
-    from a yaml are one setting (the map's cells and the seed table group by the settings' text)."""
+# Lightning reads these as a fraction when a float (1.0: all batches) and as a count when an int (1: one batch).
+COUNT_OR_FRACTION = ("trainer.limit_train_batches", "trainer.limit_val_batches", "trainer.limit_test_batches",
+                     "trainer.overfit_batches", "trainer.val_check_interval")
+
+
+def plain_numbers(node: Any, key: str = "") -> Any:
+    """``node`` with each whole float written as an int (up to 2**53: 1e300 stays 1e300; not under
+    :data:`COUNT_OR_FRACTION`): ``weight_decay=0`` from a command line and ``0.0`` from a yaml are one
+    setting (the map's cells and the seed table group by the settings' text)."""
     if isinstance(node, dict):
-        return {key: plain_numbers(value) for key, value in node.items()}
+        return {name: plain_numbers(value, f"{key}.{name}" if key else str(name)) for name, value in node.items()}
     if isinstance(node, list):
-        return [plain_numbers(value) for value in node]
-    return int(node) if isinstance(node, float) and node.is_integer() and abs(node) < 2 ** 53 else node
+        return [plain_numbers(value, key) for value in node]
+    whole = isinstance(node, float) and node.is_integer() and abs(node) < 2 ** 53
+    return int(node) if whole and key not in COUNT_OR_FRACTION else node
 
 
 # Keys that may differ between runs that are otherwise the same experiment: the seed (and the data
