@@ -313,9 +313,22 @@ def test_a_parameter_wider_than_a_bool_is_no_flag() -> None:
         "logger.tensorboard.log_graph: 'all' is not allowed; expected true or false"]
 
 
-def test_a_model_class_of_ones_own_needs_no_widths_and_a_recorded_config_no_later_keys() -> None:
-    """The widths check is for optimlab's MLP and CNN, not any class named so (a review: mymodels.CNN with
-    filters had been refused); a resumed run's recorded config is checked without today's keys (complete=False)."""
+def test_a_model_class_of_ones_own_needs_no_widths_and_a_recorded_config_no_later_keys(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The widths check is for optimlab's MLP and CNN, by whatever path (a review: mymodels.CNN with filters had
+    been refused, and optimlab.models.mlp.MLP let through); a resumed run's recorded config is checked without
+    today's keys (complete=False) nor the checkpoint cadence test_ckpt=best asks for since."""
+    (tmp_path / "mymodels.py").write_text("import torch\n\nclass CNN(torch.nn.Module):\n"
+                                          "    def __init__(self, filters=(8,)):\n        super().__init__()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    validate_config(compose_config("model._target_=mymodels.CNN", "~model.hidden", "+model.filters=[8]",
+                                   "~model.activation", "~model.init", "~model.init_std", "~model.dropout"))
+    with pytest.raises(ConfigError, match="^model.hidden: missing"):
+        validate_config(compose_config("model._target_=optimlab.models.mlp.MLP", "~model.hidden"))
+    recorded = compose_config("test_ckpt=best", "+callbacks.model_checkpoint.every_n_epochs=2")
+    with pytest.raises(ConfigError, match="^callbacks.model_checkpoint.every_n_epochs: 2 is not allowed"):
+        validate_config(recorded)
+    validate_config(recorded, complete=False)
     cfg = compose_config()
     validate_config(cfg)
     OmegaConf.set_struct(cfg, False)

@@ -1212,6 +1212,14 @@ def test_jobs_that_would_write_one_file_outside_their_folders_are_planned_apart(
     assert f"job #1 invalid: logger.csv.save_dir: job #0 writes {tmp_path / 'logs' / 'metrics.csv'} too, which one of " \
         "them would replace; give each job its own folder or another logger.csv.version" in result.stdout
     assert not (tmp_path / "logs").exists()
+    # under resume=auto too, a new member does not replace another run's file (a review: it had been unchecked)
+    (tmp_path / "logs" / "version_0").mkdir(parents=True)
+    (tmp_path / "logs" / "version_0" / "metrics.csv").write_text("step\n")
+    result = train("seed=0,1", *SMALL, "hydra/launcher=population", "population.dry_run=true", "logger=csv",
+                   f"+logger.csv.save_dir={tmp_path / 'logs'}", "logger.csv.version=${seed}", "resume=auto",
+                   f"hydra.sweep.dir={tmp_path / 'sweep2'}")
+    assert f"job #0 invalid: logger.csv.save_dir: '{tmp_path / 'logs'}' holds another run's " in result.stdout
+    assert "job #1 invalid" not in result.stdout
 
 
 @pytest.mark.slow

@@ -321,6 +321,15 @@ def test_a_new_run_under_resume_auto_never_replaces_another_runs_files_outside_i
     with pytest.raises(ConfigError, match=r"^logger.csv.save_dir: '.*logs' holds another run's .*metrics.csv"):
         run(compose_config(*TINY, *shared, "resume=auto"), tmp_path / "second")
     assert files_of(tmp_path / "logs") == before and not (tmp_path / "second").exists()
+    # its own run, stopped in its first epoch (no checkpoint; a review: it could no longer be continued)
+    from omegaconf import OmegaConf
+
+    from optimlab.summary import RunSummary, write_summary
+
+    cfg = compose_config(*TINY, *shared, "resume=auto")
+    write_summary(tmp_path / "first", RunSummary("interrupted", OmegaConf.to_container(cfg, resolve=True)))
+    (tmp_path / "first" / "checkpoints" / "last.ckpt").unlink()
+    assert run(cfg, tmp_path / "first").status == "complete"
 
 
 def test_a_resume_refuses_overrides_it_would_ignore_and_a_diverged_run(finished_run: Path, tmp_path: Path) -> None:

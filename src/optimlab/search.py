@@ -146,7 +146,9 @@ class CheckSearch(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweeper = config.hydra.sweeper
-        if is_search(sweeper) and (error := no_trial_finished(Path(str(config.hydra.sweep.dir)), self.started,
+        # under resume=auto a finished trial is skipped, its summary not written again: any finished one counts
+        since = -math.inf if config.get("resume") == "auto" else self.started
+        if is_search(sweeper) and (error := no_trial_finished(Path(str(config.hydra.sweep.dir)), since,
                                                               stored=sweeper.get("storage") is not None)):
             print(f"error: {error}", file=sys.stderr)
             sys.exit(1)

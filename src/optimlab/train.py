@@ -25,7 +25,7 @@ from optimlab.curvature import SharpnessCallback
 from optimlab.files import remove_stale_temporaries
 from optimlab.hydra_job import command_line_override, save_job_record
 from optimlab.mnist_files import check_batch_limits
-from optimlab.record import RunRecord, close_loggers, device_name, log_result, result_line
+from optimlab.record import RunRecord, close_loggers, device_name, holds_nothing_trained, log_result, result_line
 from optimlab.resume import keep_derived_values, plan_run, refuse_changed_config, refuse_foreign_checkpoint
 from optimlab.signals import Interrupted, StopOnSignal
 from optimlab.summary import FINISHED, RunSummary, is_complete, write_summary
@@ -100,7 +100,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
     if cfg.resume == "auto" and is_complete(run_dir):
         log.info(f"{run_dir}: already complete, skipped (resume=auto)")
         return previous  # type: ignore[return-value]
-    if ckpt is None:  # a new run, resume=auto's too
+    if holds_nothing_trained(run_dir):  # a new run, resume=auto's too (its own run continues its files there)
         check_shared_folders(cfg)
     if cfg.resume == "auto" and previous is None and ckpt is None:  # e.g. a single run's new, timestamped folder
         log.info(f"resume=auto: {run_dir} holds no run to continue; starting a new one (resume=<run dir> continues "

@@ -117,8 +117,6 @@ REQUIRED = ("name", "lr", "epochs", "batch_size", "seed", "resume", "test_ckpt",
             "data.download", "data.test_every_epoch", "curvature.probe_size", "curvature.iters", "curvature.tol",
             "curvature.log_spaced_start", "population.max_members", "population.dry_run")
 SECTIONS = ("trainer", "regimes", "curvature", "population")
-# what the run record names our nets by (their widths)
-MODEL_WIDTHS = {"optimlab.models.MLP": "hidden", "optimlab.models.CNN": "channels"}
 # Why a value is refused although the rule's type fits: the message's second half.
 WHY = {"trainer.devices": ONE_DEVICE, "trainer.num_nodes": ONE_DEVICE, "trainer.strategy": ONE_DEVICE,
        "trainer.accumulate_grad_batches": "optimlab steps once per batch, after its non-finite check; "
@@ -293,7 +291,11 @@ def check_required(cfg: DictConfig) -> None:
     for key in REQUIRED:
         if _value(cfg, key) is inspect.Parameter.empty:
             raise ConfigError(f"{key}: missing; optimlab reads it, so it cannot be deleted: give it a value instead")
-    widths = MODEL_WIDTHS.get(str(cfg.model.get("_target_")))
+    from optimlab.models import CNN, MLP  # (imported when first needed: the models import torch's layers)
+
+    target = import_target("model", str(cfg.model._target_)) if cfg.model.get("_target_") else None
+    # what the run record names our nets by (their widths); a class of one's own may have none
+    widths = "hidden" if target is MLP else "channels" if target is CNN else None
     if widths and widths not in cfg.model:
         raise ConfigError(f"model.{widths}: missing; optimlab reads it, so it cannot be deleted: give it a value "
                           "instead")
@@ -331,7 +333,7 @@ def validate_config(cfg: DictConfig, complete: bool = True) -> None:
         Thresholds.from_overrides(cfg.get("regimes"))
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
-    check_checkpoint_callbacks(cfg)
+    check_checkpoint_callbacks(cfg, new=complete)
     check_loggers(cfg)
     _check_hardware(cfg.trainer.accelerator, cfg.trainer.precision)
     if cfg.get("resume") not in (None, "auto"):
@@ -355,9 +357,10 @@ BEST_CADENCE: dict[str, Rule] = {"every_n_train_steps": (lambda v: not v, "null 
                                  "every_n_epochs": (lambda v: v is None or (is_integer(v) and v == 1), "null or 1")}
 
 
-def check_checkpoint_callbacks(cfg: DictConfig) -> None:
+def check_checkpoint_callbacks(cfg: DictConfig, new: bool = True) -> None:
     """The best epoch is chosen by a monitor in the direction it improves in, kept in a file of its own
-    (``last.ckpt`` is the run's resume point), and, for ``test_ckpt=best``, once: one file to test."""
+    (``last.ckpt`` is the run's resume point), and, for ``test_ckpt=best``, once: one file to test; for a
+    ``new`` run (not one recorded before the rule), after every epoch (:data:`BEST_CADENCE`)."""
     from optimlab.checkpointing import LAST  # which imports this module's ConfigError
 
     callbacks = cfg.get("callbacks") or {}
@@ -381,7 +384,7 @@ def check_checkpoint_callbacks(cfg: DictConfig) -> None:
         raise ConfigError("test_ckpt: 'best' needs callbacks.model_checkpoint, which chooses the best epoch; "
                           "use test_ckpt=last or callbacks=default")
     for key, (saves_each_epoch, allowed) in BEST_CADENCE.items():
-        if cfg.test_ckpt == "best" and not saves_each_epoch(best.get(key)):
+        if new and cfg.test_ckpt == "best" and not saves_each_epoch(best.get(key)):
             raise ConfigError(f"callbacks.model_checkpoint.{key}: {best.get(key)!r} is not allowed with "
                               f"test_ckpt=best; expected {allowed} (the best epoch is saved as each epoch's "
                               "validation ends), or use test_ckpt=last")

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from optimlab.build import build_parts, optimizer_class
 from optimlab.checkpointing import holds_a_run, last_checkpoint
+from optimlab.record import holds_nothing_trained
 from optimlab.curvature.tracking import measurement_iters
 from optimlab.data import load_split, split_indices
 from optimlab.hydra_job import hydra_config_of, set_output_dir
@@ -151,8 +152,6 @@ def check(cfg: DictConfig) -> None:
     the config's rules, the constructors' checks (the parts built as ``run`` builds them) and the
     data (the files, the split's sizes, the test split)."""
     validate_config(cfg)
-    if cfg.get("resume") is None:  # (under resume=auto a member may continue its own files there)
-        check_shared_folders(cfg)
     with torch.random.fork_rng(devices=[]):  # building draws init weights: leave the caller's generator alone
         datamodule = build_parts(cfg).datamodule
     n = training_images(Path(datamodule.root), datamodule.download)
@@ -340,6 +339,8 @@ def classify(job: Job, passed: set[str] | None = None, elsewhere: bool = False) 
                     passed.add(shared)
             if resume == "auto" and (saved := read_summary(job.run_dir)) is not None:
                 refuse_changed_config(job.run_dir, saved, cfg)
+            if holds_nothing_trained(job.run_dir):  # a new run (its own run continues its files there)
+                check_shared_folders(cfg)
             job.alone = why_alone(cfg, elsewhere)
             if job.alone is None:
                 job.key = population_key(values if values is not None else cfg)
@@ -391,7 +392,7 @@ def refuse_shared_folders(jobs: Sequence[Job]) -> None:
                                     f"(hydra.sweep.subdir)")
             job.alone, job.key = None, None
             continue
-        if job.error is not None:
+        if job.error is not None or not holds_nothing_trained(job.run_dir):  # (one skipped or resumed: its own)
             continue
         with hydra_config_of(job.sweep_config):  # a save_dir may interpolate the job's Hydra config
             files = outside_files(job.config)
