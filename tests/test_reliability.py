@@ -332,6 +332,28 @@ def test_a_new_run_under_resume_auto_never_replaces_another_runs_files_outside_i
     assert run(cfg, tmp_path / "first").status == "complete"
 
 
+def test_a_run_stopped_before_its_first_checkpoint_says_it_has_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Stopped inside its first epoch, the run's notice had said its folder held "the last checkpoint" (a probe)."""
+    from conftest import compose_config
+    from optimlab.module import ClassifierModule
+    from optimlab.signals import Interrupted
+    from optimlab.train import run
+
+    def stop(self, batch, batch_idx):  # a Ctrl-C at the second batch
+        if batch_idx == 1:
+            raise KeyboardInterrupt("SIGINT")
+        return step(self, batch, batch_idx)
+
+    step = ClassifierModule.training_step
+    monkeypatch.setattr(ClassifierModule, "training_step", stop)
+    with pytest.raises(Interrupted):
+        run(compose_config(*TINY), tmp_path)
+    assert f"interrupted after 0 finished epoch(s); {tmp_path} holds its summary (no checkpoint yet); continue with " \
+        in capsys.readouterr().err
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
 def test_a_resume_refuses_overrides_it_would_ignore_and_a_diverged_run(finished_run: Path, tmp_path: Path) -> None:
     from conftest import compose_config
     from optimlab.train import run

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from optimlab.build import build_parts, build_trainer, set_torch_options
-from optimlab.checkpointing import CHECKPOINT_DIR, read_checkpoint
+from optimlab.checkpointing import CHECKPOINT_DIR, last_checkpoint, read_checkpoint
 from optimlab.console import warn
 from optimlab.curvature import SharpnessCallback
 from optimlab.files import remove_stale_temporaries
@@ -161,8 +161,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
             close_loggers(trainer.loggers, "interrupted")
             if ckpt is None or record.history:  # a resumed run stopped before its record came back keeps the old one
                 record.write("interrupted", trainer)
-            warn(f"interrupted after {len(record.history)} finished epoch(s); {run_dir} holds the last "
-                 f"checkpoint and summary; continue with {command_line_override('resume', str(run_dir))}")
+            held = ("the last checkpoint and summary" if last_checkpoint(run_dir) is not None else
+                    "its summary (no checkpoint yet)")
+            warn(f"interrupted after {len(record.history)} finished epoch(s); {run_dir} holds {held}; continue with "
+                 f"{command_line_override('resume', str(run_dir))}")
             raise Interrupted(stopper.requested or "SIGINT") from None
         except Exception as err:  # a crash is recorded, then reported as usual ...
             with contextlib.suppress(Exception):  # the crash may be a logger's own: its error is the one reported
