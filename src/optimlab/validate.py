@@ -288,17 +288,14 @@ def check_required(cfg: DictConfig) -> None:
             keys = f"its keys ({section}.<key>=...)"  # as unknown_keys refuses a plain value
             missing = f"{section}: missing; expected {keys}"
             raise ConfigError(refusal(section, None, keys) if section in cfg else missing)
-    for key in REQUIRED:
-        if _value(cfg, key) is inspect.Parameter.empty:
-            raise ConfigError(f"{key}: missing; optimlab reads it, so it cannot be deleted: give it a value instead")
     from optimlab.models import CNN, MLP  # (imported when first needed: the models import torch's layers)
 
     target = import_target("model", str(cfg.model._target_)) if cfg.model.get("_target_") else None
     # what the run record names our nets by (their widths); a class of one's own may have none
-    widths = "hidden" if target is MLP else "channels" if target is CNN else None
-    if widths and widths not in cfg.model:
-        raise ConfigError(f"model.{widths}: missing; optimlab reads it, so it cannot be deleted: give it a value "
-                          "instead")
+    widths = ["model.hidden"] if target is MLP else ["model.channels"] if target is CNN else []
+    for key in (*REQUIRED, *widths):
+        if _value(cfg, key) is inspect.Parameter.empty:
+            raise ConfigError(f"{key}: missing; optimlab reads it, so it cannot be deleted: give it a value instead")
 
 
 def validate_config(cfg: DictConfig, complete: bool = True) -> None:
@@ -383,11 +380,12 @@ def check_checkpoint_callbacks(cfg: DictConfig, new: bool = True) -> None:
     if cfg.test_ckpt == "best" and not best:
         raise ConfigError("test_ckpt: 'best' needs callbacks.model_checkpoint, which chooses the best epoch; "
                           "use test_ckpt=last or callbacks=default")
-    for key, (saves_each_epoch, allowed) in BEST_CADENCE.items():
-        if new and cfg.test_ckpt == "best" and not saves_each_epoch(best.get(key)):
-            raise ConfigError(f"callbacks.model_checkpoint.{key}: {best.get(key)!r} is not allowed with "
-                              f"test_ckpt=best; expected {allowed} (the best epoch is saved as each epoch's "
-                              "validation ends), or use test_ckpt=last")
+    if new and cfg.test_ckpt == "best":
+        for key, (saves_each_epoch, allowed) in BEST_CADENCE.items():
+            if not saves_each_epoch(best.get(key)):
+                raise ConfigError(f"callbacks.model_checkpoint.{key}: {best.get(key)!r} is not allowed with "
+                                  f"test_ckpt=best; expected {allowed} (the best epoch is saved as each epoch's "
+                                  "validation ends), or use test_ckpt=last")
     if cfg.test_ckpt == "best" and best.get("save_top_k", 1) != 1:
         raise ConfigError(f"callbacks.model_checkpoint.save_top_k: {best.get('save_top_k')!r} is not allowed with "
                           f"test_ckpt=best; expected 1 (one best checkpoint to test), or use test_ckpt=last")

@@ -28,7 +28,6 @@ from torch import Tensor
 
 from optimlab.build import build_parts, optimizer_class
 from optimlab.checkpointing import holds_a_run, last_checkpoint
-from optimlab.record import holds_nothing_trained
 from optimlab.curvature.tracking import measurement_iters
 from optimlab.data import load_split, split_indices
 from optimlab.hydra_job import hydra_config_of, set_output_dir
@@ -41,6 +40,7 @@ from optimlab.population.compose import ShapeCachingLoader, task_part
 from optimlab.population.schedule import why_not_followed
 from optimlab.population.stacked import STACKED, build_member
 from optimlab.population.stopping import unfollowed
+from optimlab.record import holds_nothing_trained
 from optimlab.resume import override_keys, refuse_changed_config, sync_epochs
 from optimlab.summary import SUMMARY, config_key, describe_run, dotted_value, is_complete, read_summary
 from optimlab.validate import (RULES, ConfigError, check_range, check_shared_folders, outside_files, rule_error,
