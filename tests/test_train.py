@@ -344,6 +344,7 @@ def test_grad_noise_is_refused_with_torch_impl(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("override, key", [
     ("lr=-1", "lr"), ("lr=abc", "lr"), ("lr=0", "lr"), ("lr=nan", "lr"),
+    ("optimizer.lr=0", "optimizer.lr: 0 is not allowed; expected a positive number"),  # as lr=0 (a probe: it trained)
     ("optimizer=adam optimizer.betas=[0.9,1.0]", "optimizer.betas"),
     ("optimizer=adam optimizer.betas=[-0.1,0.9]", "optimizer.betas"),
     ("optimizer.momentum=-0.5", "optimizer.momentum"),

@@ -92,7 +92,7 @@ RULES: dict[str, Rule] = {
     "data.val_size": INT_POSITIVE, "data.subset": optional(INT_POSITIVE), "data.label_noise": UNIT_CLOSED,
     "data.batch_size": INT_POSITIVE, "data.eval_batch_size": INT_POSITIVE, "data.download": BOOL,
     "data.test_every_epoch": BOOL, "data.seed": SEED, "data.root": optional((lambda v: isinstance(v, str), "a folder")),
-    "optimizer.impl": one_of("custom", "torch"),
+    "optimizer.impl": one_of("custom", "torch"), "optimizer.lr": POSITIVE,
     # the constructors unpack it first: a number failed as "'float' object is not iterable"
     "optimizer.betas": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(map(finite_number, v)),
                         "a pair of numbers [beta1, beta2]"),
