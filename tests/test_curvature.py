@@ -10,6 +10,7 @@ actually made. The callback runs in tiny in-memory Lightning fits.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -189,7 +190,7 @@ def test_iteration_arguments_are_checked_before_the_forward_pass() -> None:
     model, x, y = mlp(nn.Tanh, 0)
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
-    for kwargs in ({"iters": 0}, {"tol": -1.0}, {"tol": math.nan}):
+    for kwargs in ({"iters": 0}, {"tol": -1.0}, {"tol": math.nan}, {"tol": 1.0}, {"tol": 1.5}):  # 1.5: 62% low
         for inputs in (x, x * math.nan):  # a NaN loss returned NaN before iters and tol were looked at
             with pytest.raises(ValueError, match="Invalid (iters|tol)"):
                 sharpness(model, inputs, y, **kwargs)
@@ -300,6 +301,10 @@ def test_argument_checks() -> None:
         sharpness(model, x, y, preconditioner=[t.T for t in shapes_p])
     with pytest.raises(ValueError, match="must be positive"):
         sharpness(model, x, y, preconditioner=[t * 0 for t in shapes_p])
+    negative = [t.clone() for t in shapes_p]
+    negative[2][1] = -0.5  # where and what (a probe: it named neither)
+    with pytest.raises(ValueError, match=re.escape(f"got -0.5 in its tensor 2 (shaped {tuple(shapes_p[2].shape)})")):
+        sharpness(model, x, y, preconditioner=negative)
     with pytest.raises(ValueError, match="init"):
         top_eigenpair(model, x, y, init=shapes_p[:2])
     with pytest.raises(ValueError, match="same nonzero number"):

@@ -177,7 +177,9 @@ def top_eigenpair(model: nn.Module, x: Tensor, y: Tensor, preconditioner: Sequen
     if preconditioner is not None:
         given = like_parameters("preconditioner", preconditioner, model)
         if not valid_preconditioner(given):
-            raise ValueError("Invalid preconditioner: every entry must be positive (NaN is not)")
+            index, bad = next((i, t[~(t > 0)]) for i, t in enumerate(given) if not bool((t > 0).all()))
+            raise ValueError(f"Invalid preconditioner: every entry must be positive (NaN is not), got "
+                             f"{bad[0].item():.6g} in its tensor {index} (shaped {tuple(given[index].shape)})")
         diagonal = _flat(given).to(device, dtype)
         smallest = torch.finfo(dtype).tiny  # below it P^-1/2 H P^-1/2 overflows where H does not
         if not bool((diagonal >= smallest).all()):
@@ -228,7 +230,8 @@ def sharpness(model: nn.Module, x: Tensor, y: Tensor, preconditioner: Sequence[T
     trainable parameters, :math:`P` the diagonal matrix of them) is given. A fixed start vector;
     see :func:`top_eigenpair` for the method and :class:`SharpnessTracker` for warm starts. A
     RuntimeWarning says when ``iters`` products ended the iteration before its error bound met
-    ``tol`` (the value may then be further below the top eigenvalue: raise ``iters``)."""
+    ``tol`` (the value may then be further below the top eigenvalue: raise ``iters``); ``tol=0`` asks
+    for exactly ``iters`` products, so it warns of nothing."""
     pair = top_eigenpair(model, x, y, preconditioner, iters, tol)
     if not pair.converged and tol > 0 and math.isfinite(pair.value):
         warnings.warn(f"sharpness: {iters} Hessian-vector products ended the iteration before its error bound met "

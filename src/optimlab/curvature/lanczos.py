@@ -18,12 +18,13 @@ BASIS_ROWS = 32
 
 
 def check_iteration(iters: object, tol: object) -> None:
-    """A ValueError naming ``iters`` or ``tol`` unless they are an integer >= 1 and a finite number >= 0
-    (NumPy's numbers too; not a bool)."""
+    """A ValueError naming ``iters`` or ``tol`` unless they are an integer >= 1 and a number in [0, 1)
+    (NumPy's numbers too; not a bool): a relative error bound of 1 or more holds for any value between
+    0 and twice the top eigenvalue, so it stopped at the second product far below it."""
     if not isinstance(iters, numbers.Integral) or isinstance(iters, bool) or iters < 1:
         raise ValueError(f"Invalid iters: {iters!r} (must be an integer >= 1)")
-    if not (isinstance(tol, numbers.Real) and not isinstance(tol, bool) and 0 <= tol < math.inf):
-        raise ValueError(f"Invalid tol: {tol!r} (must be a finite number >= 0)")
+    if not (isinstance(tol, numbers.Real) and not isinstance(tol, bool) and 0 <= tol < 1):
+        raise ValueError(f"Invalid tol: {tol!r} (must be a number in [0, 1))")
 
 
 def lanczos(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int = 20,
