@@ -379,6 +379,8 @@ def test_grad_noise_is_refused_with_torch_impl(tmp_path: Path) -> None:
     ("optimized_metric=test/acc", "optimized_metric"),
     ("callbacks=none test_ckpt=best", "test_ckpt"),
     ("model=cnn model.kernel_size=100", "model.kernel_size"), ("model=cnn model.pool_stride=30", "model.pool_stride"),
+    ("model=cnn model.kernel_size=[3,3]", "model.kernel_size: [3, 3] is not allowed; expected an integer"),  # not "a number"
+    ("scheduler=step +scheduler.last_epoch=5", "scheduler.last_epoch: 5 is not allowed"),  # torch's five-line message
     ("optimizer=adam optimizer.betas=0.9", "optimizer.betas: 0.9 is not allowed; expected a pair"),
     ("model.init_std=true", "model.init_std: True is not allowed"), ("model.dropout=false", "model.dropout"),  # bools
     ("model.hidden=[true]", "model.hidden"), ("model=cnn model.pool_stride=true", "model.pool_stride"),

@@ -27,8 +27,8 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, OmegaConf
 
-from optimlab.checks import (BOOL, INT_NON_NEGATIVE, INT_POSITIVE, NON_NEGATIVE, NUMBER, POSITIVE, SEED, UNIT_CLOSED,
-                             Rule, finite_number, is_integer, one_of, optional, refusal)
+from optimlab.checks import (BOOL, INTEGER, INT_NON_NEGATIVE, INT_POSITIVE, NON_NEGATIVE, NUMBER, POSITIVE, SEED,
+                             UNIT_CLOSED, Rule, finite_number, is_integer, one_of, optional, refusal)
 from optimlab.files import read_error, unwritable
 from optimlab.regimes import Thresholds
 from optimlab.summary import COLLECTIONS, OPTIMIZED_METRICS
@@ -98,6 +98,7 @@ RULES: dict[str, Rule] = {
                         "a pair of numbers [beta1, beta2]"),
     # torch's LR schedulers do not check their arguments (StepLR(step_size=0) fails mid-run).
     "scheduler.step_size": INT_POSITIVE, "scheduler.gamma": POSITIVE, "scheduler.T_max": INT_POSITIVE,
+    "scheduler.last_epoch": one_of(-1),
     "scheduler.eta_min": NON_NEGATIVE,
     "curvature.every_n_steps": optional(INT_POSITIVE), "curvature.probe_size": INT_POSITIVE,
     "curvature.iters": (lambda v: is_integer(v) and v >= 2, "an integer >= 2"),
@@ -124,6 +125,7 @@ WHY = {"trainer.devices": ONE_DEVICE, "trainer.num_nodes": ONE_DEVICE, "trainer.
        "trainer.check_val_every_n_epoch": "the run record and the diagnosis need a validation point per epoch",
        "trainer.val_check_interval": "the run record and the diagnosis need one validation point per epoch",
        "trainer.barebones": "the run record is a callback",
+       "scheduler.last_epoch": "a run's scheduler starts at its first epoch; resume=<run dir> continues one",
        "curvature.iters": "one product only measures the warm start vector, which then never improves",
        "trainer.max_steps": "a run stops after whole epochs, which the diagnosis judges; "
                             "use epochs or trainer.limit_train_batches",
@@ -231,10 +233,11 @@ def unknown_keys(cfg: DictConfig) -> list[str]:
 
 def parameter_rule(param: inspect.Parameter) -> Rule | None:
     """The type a constructor's parameter takes where the constructor does not check it: :data:`BOOL`
-    for a flag (a bool default or annotation; null allowed where null is its default), :data:`NUMBER`
-    for a parameter with a number as its default (null where its annotation allows it; none where it
-    allows text or a list), None for any other. torch.optim's constructors take ``optimizer.centered=no`` (a
-    non-empty string) as on, and ``optimizer.momentum=true`` as 1.0."""
+    for a flag (a bool default or annotation; null allowed where null is its default), :data:`INTEGER`
+    for one annotated ``int``, :data:`NUMBER` for another with a number as its default (null where its
+    annotation allows it; none where it allows text or a list), None for any other. torch.optim's
+    constructors take ``optimizer.centered=no`` (a non-empty string) as on, and ``optimizer.momentum=true``
+    as 1.0."""
     annotation = param.annotation  # a bool default under a wider type (wandb's log_model: 'all' too) is no flag
     if annotation in (bool, "bool") or (annotation is inspect.Parameter.empty and isinstance(param.default, bool)):
         return BOOL
@@ -243,6 +246,8 @@ def parameter_rule(param: inspect.Parameter) -> Rule | None:
     wider = ("str", "list", "List", "Sequence", "tuple", "Tuple")  # OneCycleLR's momenta: a number or a list
     if isinstance(param.default, (int, float)) and not isinstance(param.default, bool) and \
             not any(word in str(annotation) for word in wider):
+        if annotation in (int, "int"):  # a kernel size, a step count
+            return INTEGER
         return optional(NUMBER) if "None" in str(annotation) or "Optional" in str(annotation) else NUMBER
     return None
 
