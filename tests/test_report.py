@@ -494,6 +494,28 @@ def test_report_md_states_the_command_and_where_each_regime_appeared(tmp_path: P
     assert "| final_train_acc | best_train_acc | final_val_acc | best_val_acc | final_test_acc |" in text
 
 
+@pytest.mark.parametrize("sweeper, task, launched", [
+    ("hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "['lr=0.01,0.1,1.0', 'model.hidden=[8]']", 6),
+    ("hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "['lr=0.01,0.1,1.0', 'optimizer=sgd']", 3),
+    ("hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "['lr=range(1,4)', 'seed=choice(0,1)']", 12),
+    ("hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "['lr=interval(0,1)']", None),
+    ("hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper", "['lr=0.01,0.1,1.0']", None)])
+def test_report_md_counts_the_jobs_a_killed_sweep_never_started(tmp_path: Path, sweeper: str, task: str,
+                                                                 launched: int | None) -> None:
+    for lr in (0.01, 0.1, 1.0):
+        fake_run(tmp_path, f"lr{lr}", "SGD", lr, 8, 0, 0.9)
+    # the sweep config's params, replaced where the command gives the key again (Hydra's basic sweeper)
+    (tmp_path / "multirun.yaml").write_text(f"hydra:\n  sweeper:\n    _target_: {sweeper}\n    params:\n"
+                                            f"      optimizer: sgd,adam\n      lr: 0.5,0.6\n"
+                                            f"  overrides:\n    hydra: []\n    task: {task}\n")
+    report(tmp_path)
+    head = (tmp_path / "report.md").read_text().splitlines()[2]
+    if launched is None or launched == 3:
+        assert head.startswith("3 runs. Regimes: healthy 3")
+    else:
+        assert head.startswith(f"3 runs of the {launched} its command launched ({launched - 3} never started: no record).")
+
+
 def test_a_map_cell_shows_the_label_most_runs_got_and_marks_disagreement(tmp_path: Path) -> None:
     row = {"setting": "sgd", "widths": "8", "lr": 0.1}
     rows = [{**row, "regime": "healthy", "final_test_acc": 0.9}, {**row, "regime": "oscillating", "final_test_acc": 0.8},

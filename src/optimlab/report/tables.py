@@ -4,6 +4,7 @@ what the sweep shows, the seeds, the stability and the sharpness crossings)."""
 from __future__ import annotations
 
 import csv
+import math
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -45,17 +46,41 @@ def markdown_table(columns: list[str], rows: Iterable[Iterable[Any]]) -> list[st
             *("| " + " | ".join(fmt(cell).replace("|", "\\|") for cell in row) + " |" for row in rows)]
 
 
-def sweep_command(sweep_dir: Path) -> str | None:
-    """The command that ran the sweep, from Hydra's ``multirun.yaml`` (None when there is none)."""
+def multirun_record(sweep_dir: Path) -> Any:
+    """The ``hydra`` node of the sweep's ``multirun.yaml``, Hydra's record of the command (None where there is
+    none), unresolved: an override is text, and one like seed=${hydra:job.num} resolves only inside Hydra."""
     from omegaconf import OmegaConf
 
     try:
-        # Unresolved: an override is text, and one like seed=${hydra:job.num} resolves only inside Hydra.
-        overrides = OmegaConf.to_container(OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides, resolve=False)
-    except Exception:  # missing or not Hydra's file: the report goes on without the command
+        return OmegaConf.to_container(OmegaConf.load(sweep_dir / "multirun.yaml").hydra, resolve=False)
+    except Exception:  # missing or not Hydra's file: the report goes on without it
         return None
-    hydra = [o for o in overrides.get("hydra") or [] if not o.startswith("hydra.mode=")]
-    return " ".join(["python train.py -m", *hydra, *(overrides.get("task") or [])])
+
+
+def sweep_command(hydra: Any) -> str | None:
+    """The command that ran the sweep, from its :func:`multirun_record` (None when there is none)."""
+    overrides = (hydra or {}).get("overrides") or {}
+    if not overrides:
+        return None
+    given = [o for o in overrides.get("hydra") or [] if not o.startswith("hydra.mode=")]
+    return " ".join(["python train.py -m", *given, *(overrides.get("task") or [])])
+
+
+def launched_jobs(hydra: Any) -> int | None:
+    """How many jobs the command launched, from its :func:`multirun_record`, for Hydra's basic sweeper: the
+    product of each swept key's number of values (the sweep config's ``params``, then the command's
+    overrides, which replace them). None for another sweeper or a sweep it cannot count (``glob``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        if not str(hydra["sweeper"]["_target_"]).endswith(".BasicSweeper"):
+            return None
+        lines = [f"{key}={value}" for key, value in (hydra["sweeper"].get("params") or {}).items()]
+        counts = {o.key_or_group: len(list(o.sweep_string_iterator())) if o.is_sweep_override() else 1
+                  for o in OverridesParser.create().parse_overrides([*lines, *hydra["overrides"]["task"]])}
+        return math.prod(counts.values())
+    except Exception:  # no record, another layout, a sweep only Hydra's config loader expands
+        return None
 
 
 def lr_range(lrs: list[Any]) -> str:
@@ -85,9 +110,13 @@ def findings(rows: list[dict[str, Any]]) -> str:
 
 def table_lines(rows: list[dict[str, Any]], out: Path) -> list[str]:
     """report.md's head: counts, the command, the findings, the runs and the seed table."""
-    lines = ["# Sweep report", "", f"{len(rows)} runs. Regimes: " + ", ".join(
+    hydra = multirun_record(out)
+    launched = launched_jobs(hydra)
+    missing = f" of the {launched} its command launched ({launched - len(rows)} never started: no record)" \
+        if launched and launched > len(rows) else ""
+    lines = ["# Sweep report", "", f"{len(rows)} runs{missing}. Regimes: " + ", ".join(
         f"{label} {n}" for label, n in Counter(r["regime"] for r in rows).items()), ""]
-    command = sweep_command(out)
+    command = sweep_command(hydra)
     if command:
         lines += [f"Command: `{command}`", ""]
     lines += ["What this sweep shows: " + findings(rows), ""]
