@@ -513,7 +513,7 @@ def test_report_md_counts_the_jobs_a_killed_sweep_never_started(tmp_path: Path, 
     if launched is None or launched == 3:
         assert head.startswith("3 runs. Regimes: healthy 3")
     else:
-        assert head.startswith(f"3 runs of the {launched} its command launched ({launched - 3} never started: no record).")
+        assert head.startswith(f"3 runs of its command's {launched} jobs ({launched - 3} never started: no record).")
 
 
 def test_a_map_cell_shows_the_label_most_runs_got_and_marks_disagreement(tmp_path: Path) -> None:

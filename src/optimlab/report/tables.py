@@ -67,7 +67,7 @@ def sweep_command(hydra: Any) -> str | None:
 
 
 def launched_jobs(hydra: Any) -> int | None:
-    """How many jobs the command launched, from its :func:`multirun_record`, for Hydra's basic sweeper: the
+    """How many jobs the command makes, from its :func:`multirun_record`, for Hydra's basic sweeper: the
     product of each swept key's number of values (the sweep config's ``params``, then the command's
     overrides, which replace them). None for another sweeper or a sweep it cannot count (``glob``)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -112,7 +112,7 @@ def table_lines(rows: list[dict[str, Any]], out: Path) -> list[str]:
     """report.md's head: counts, the command, the findings, the runs and the seed table."""
     hydra = multirun_record(out)
     launched = launched_jobs(hydra)
-    missing = f" of the {launched} its command launched ({launched - len(rows)} never started: no record)" \
+    missing = f" of its command's {launched} jobs ({launched - len(rows)} never started: no record)" \
         if launched and launched > len(rows) else ""
     lines = ["# Sweep report", "", f"{len(rows)} runs{missing}. Regimes: " + ", ".join(
         f"{label} {n}" for label, n in Counter(r["regime"] for r in rows).items()), ""]
