@@ -1266,6 +1266,10 @@ def test_dry_run_prints_the_plan_and_writes_nothing(mnist_root: Path, tmp_path: 
     lines = [line for line in twins.stdout.splitlines() if " members (jobs " in line]
     assert [line.split("seed 0; ")[1].split(";")[0] for line in lines] == ["curvature.probe_size=32",
                                                                           "curvature.probe_size=64"]
+    # The member-wise values the members differ in, each named (a probe: only lr and seed were).
+    wise = train("lr=0.1", "optimizer.weight_decay=0,0.001", "data.seed=3,4", *SMALL, "hydra/launcher=population",
+                 f"{knobs}.dry_run=true", f"hydra.sweep.dir={tmp_path}")
+    assert "lr 0.1; seed 0; optimizer.weight_decay 0, 0.001; data.seed 3, 4; ~" in wise.stdout, wise.stdout[-2000:]
     # A hydra override interpolating the job's Hydra config is planned as the basic launcher runs it (a probe:
     # the plan had resolved it outside any job, a traceback).
     numbered = train("lr=0.1,0.5", *SMALL, "hydra/launcher=population", f"{knobs}.dry_run=true",

@@ -667,18 +667,30 @@ def memory_budget(max_memory_gib: float | None, executor: Executor | None, max_p
                                                       "(set hydra.launcher.max_parallel or population.max_memory_gib)")
 
 
+# Member-wise values a plan line names where its members differ in them (besides lr and seed)
+DESCRIBED = ("optimizer.weight_decay", "data.seed", "data.label_noise", "model.init", "model.init_std")
+
+
 def describe_population(members: Sequence[Job]) -> str:
-    """One line: the shared architecture and training, the members' learning rates and seeds (not the memory)."""
+    """One line: the shared architecture and training, the members' learning rates and seeds, and any other
+    of :data:`DESCRIBED` in which they differ (a data seed only where it is not the seed) (not the memory)."""
     cfg = members[0].plain
     run = describe_run(members[0].resolved())
     lrs = sorted({float(job.resolved()["optimizer"]["lr"]) for job in members})
     seeds = sorted({int(job.resolved()["seed"]) for job in members})
+    differ = ""
+    for key in DESCRIBED:
+        section, name = key.split(".")
+        values = [job.resolved()[section].get(name) for job in members]
+        follows_seed = key == "data.seed" and all(v == job.resolved()["seed"] for v, job in zip(values, members))
+        if len(set(map(str, values))) > 1 and not follows_seed:  # in the members' order (of their jobs)
+            differ += f"; {key} {', '.join(dict.fromkeys(map(str, values)))}"
     device = population_device(cfg.trainer.accelerator)
     schedule = f" ({str(cfg.scheduler._target_).rsplit('.', 1)[-1]})" if cfg.get("scheduler") else ""
     epochs = f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}"
     return (f"{run.model} {run.widths or '-'}, {run.optimizer}{schedule}, {epochs} of batch {cfg.data.batch_size}, "
             f"{str(weight_dtype(cfg.trainer.precision)).removeprefix('torch.')} on {device}; "
-            f"lr {', '.join(f'{lr:g}' for lr in lrs)}; seed {', '.join(map(str, seeds))}")
+            f"lr {', '.join(f'{lr:g}' for lr in lrs)}; seed {', '.join(map(str, seeds))}{differ}")
 
 
 def shared_overrides(members: Sequence[Job]) -> list[str]:
