@@ -79,7 +79,8 @@ def test_map_sweep_gets_every_table_and_figure(tmp_path: Path) -> None:
     assert f"| map | mlp | adam | 0.1 | 128 | 2 | {mean:.4f} +/- {std:.4f} | healthy 2 |" in md
 
 
-def test_cli_reports_counts_and_rejects_an_empty_folder(tmp_path: Path, capsys) -> None:
+def test_cli_reports_counts_and_rejects_an_empty_folder(tmp_path: Path, capsys,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     fake_run(tmp_path, "0_a", "SGD", 0.1, 128, 0, 0.97)
     fake_run(tmp_path, "1_b", "SGD", 2.0, 128, 0, 0.1, "diverging")
     assert main([str(tmp_path)]) == 0
@@ -94,6 +95,10 @@ def test_cli_reports_counts_and_rejects_an_empty_folder(tmp_path: Path, capsys) 
     (tmp_path / "file").write_text("")
     assert main([str(tmp_path / "file")]) == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'file'} is not a directory"
+    fake_run(tmp_path / "cwd", "0_a", "SGD", 0.1, 128, 0, 0.97)
+    monkeypatch.chdir(tmp_path / "cwd")  # an empty argument (an unset shell variable) had reported the working folder
+    assert main([""]) == 2 and not (tmp_path / "cwd" / "report.md").exists()
+    assert capsys.readouterr().err.strip() == "error: sweep_dir: '' is not allowed; expected a folder of runs"
     as_module = subprocess.run([sys.executable, "-m", "optimlab.report", str(tmp_path / "nope")], capture_output=True,
                                text=True)
     assert as_module.returncode == 2 and as_module.stderr.strip() == f"error: {tmp_path / 'nope'} does not exist"
@@ -525,13 +530,15 @@ def test_a_map_cell_shows_the_label_most_runs_got_and_marks_disagreement(tmp_pat
             {**row, "lr": 3.0, "regime": "slow", "final_test_acc": None},  # a tie: the first label in LABELS' order
             {**row, "lr": 3.0, "regime": "underfit", "final_test_acc": None},
             {**row, "lr": 4.0, "regime": "crashed"}, {**row, "lr": 4.0, "regime": None},
-            {**row, "lr": 5.0, "regime": "interrupted"}, {**row, "lr": 5.0, "regime": "running"}]
+            {**row, "lr": 5.0, "regime": "interrupted"}, {**row, "lr": 5.0, "regime": "interrupted"},
+            {**row, "lr": 6.0, "regime": "unfinished"}]
     cells = map_cells(rows)
     assert cells[("sgd", "8", 0.1)] == MapCell("healthy", False, {"healthy": 2, "oscillating": 1}, 0.88)
     assert cells[("sgd", "8", 1.0)] == MapCell("diverging", True, {"diverging": 2}, 0.2)
     assert cells[("sgd", "8", 3.0)] == MapCell("slow", False, {"slow": 1, "underfit": 1}, None)
     assert cells[("sgd", "8", 4.0)] == MapCell("crashed", True, {"crashed": 2}, None)  # no label: crashed
-    assert cells[("sgd", "8", 5.0)] == MapCell("interrupted", True, {"interrupted": 2}, None)  # unfinished
+    assert cells[("sgd", "8", 5.0)] == MapCell("interrupted", True, {"interrupted": 2}, None)
+    assert cells[("sgd", "8", 6.0)] == MapCell("unfinished", True, {"unfinished": 1}, None)
 
 
 def test_report_md_lists_the_map_cells_whose_seeds_disagree(tmp_path: Path) -> None:
@@ -780,8 +787,9 @@ def test_a_number_written_as_int_or_float_is_one_setting(tmp_path: Path) -> None
 
 
 def test_an_interrupted_run_is_drawn_as_interrupted_not_crashed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A sweep stopped with Ctrl-C (interrupted) or killed (its summary still says running) is unfinished:
-    its map cell says so, in its own colour (it had been drawn and counted as crashed)."""
+    """A run stopped with Ctrl-C is interrupted; one whose summary still says running (killed, or still running) is
+    unfinished: its map cell and its table rows say so alike, each in its own colour (it had been drawn as crashed,
+    then as interrupted while the tables said running: a probe)."""
     from matplotlib.figure import Figure
 
     for lr in (0.01, 0.1, 1.0):
@@ -797,9 +805,13 @@ def test_an_interrupted_run_is_drawn_as_interrupted_not_crashed(tmp_path: Path, 
     rows = [row_for(d, tmp_path) for d in find_runs(tmp_path)]
     name_settings(rows)
     assert {key[1:]: cell.regime for key, cell in map_cells(rows).items()} == {
-        ("4", 0.01): "healthy", ("8", 0.01): "healthy", ("4", 0.1): "interrupted", ("8", 0.1): "interrupted",
+        ("4", 0.01): "healthy", ("8", 0.01): "healthy", ("4", 0.1): "unfinished", ("8", 0.1): "interrupted",
         ("4", 1.0): "healthy", ("8", 1.0): "healthy"}
     legend = [text.get_text() for text in drawn["regime_map.png"].legends[0].get_texts()]
-    assert "interrupted" in legend and "crashed" in legend
+    assert {"interrupted", "unfinished", "crashed"} <= set(legend)
+    text = (tmp_path / "report.md").read_text()
+    assert "6 runs. Regimes: healthy 4, unfinished 1, interrupted 1" in text
+    assert "| unfinished | False | running |" in text  # the label, and the status its record holds
+    assert "**unfinished** in sgd 4 at lr 0.1" in text
     drawn_labels = [text.get_text() for text in drawn["lr_sensitivity.png"].legends[0].get_texts()]
     assert "healthy" in drawn_labels and not {"interrupted", "crashed"} & set(drawn_labels)  # what it cannot draw

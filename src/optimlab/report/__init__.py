@@ -105,10 +105,14 @@ def write_report(rows: list[dict[str, Any]], sweep_dir: Path, out: Path) -> None
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="optimlab-report", description=__doc__.splitlines()[0].replace("``", ""))
-    parser.add_argument("sweep_dir", type=Path, help="a multirun directory (or any folder of runs)")
+    parser.add_argument("sweep_dir", help="a multirun directory (or any folder of runs)")
     parser.add_argument("--rediagnose", action="store_true",
                         help="label every run with the current diagnosis rules instead of its recorded regime")
     args = parser.parse_args(argv)
+    if not args.sweep_dir.strip():  # Path("") is the working folder: an unset shell variable would report it
+        print(f"error: sweep_dir: {args.sweep_dir!r} is not allowed; expected a folder of runs", file=sys.stderr)
+        return 2
+    args.sweep_dir = Path(args.sweep_dir)
     if not args.sweep_dir.is_dir():
         what = "is not a directory" if args.sweep_dir.exists() else "does not exist"
         print(f"error: {args.sweep_dir} {what}", file=sys.stderr)

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from optimlab.regimes import LABELS
-from optimlab.report.rows import by_setting_and_width, has_test_acc, measured_at_start, on_lr_axis
+from optimlab.report.rows import UNFINISHED, by_setting_and_width, has_test_acc, measured_at_start, on_lr_axis
 
 
-# What a figure colours a run by: its regime, or crashed (no diagnosis), or interrupted (stopped before its end,
-# or still running; drawn only where there is one).
-PLOT_LABELS = (*LABELS, "crashed", "interrupted")
+# What a figure colours a run by: its regime, or crashed (no diagnosis), interrupted (stopped before its end) or
+# unfinished (its record stops mid-run: still running, or killed); the last two drawn only where there is one.
+PLOT_LABELS = (*LABELS, "crashed", "interrupted", UNFINISHED)
+STOPPED = ("interrupted", UNFINISHED)
 
 
 UNSTABLE = ("oscillating", "diverging")
@@ -47,10 +48,8 @@ class MapCell:
 
 
 def plot_label(r: dict[str, Any]) -> str:
-    """Run ``r``'s label among :data:`PLOT_LABELS` (a running one counts as interrupted, one without a
-    diagnosis as crashed)."""
-    regime = "interrupted" if r["regime"] == "running" else r["regime"]
-    return regime if regime in PLOT_LABELS else "crashed"
+    """Run ``r``'s label among :data:`PLOT_LABELS` (one without a diagnosis counts as crashed)."""
+    return r["regime"] if r["regime"] in PLOT_LABELS else "crashed"
 
 
 def label_counts(runs: list[dict[str, Any]]) -> Counter[str]:

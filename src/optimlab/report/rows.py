@@ -37,6 +37,11 @@ class UnreadableRecord(ValueError):
     """A run's record that the report cannot read as a run's (its one line names the file and why)."""
 
 
+# The label of a run whose record stops mid-run (its summary's status still ``running``): its job is still
+# running, or was killed (SIGKILL, a power cut); the report cannot tell which.
+UNFINISHED = "unfinished"
+
+
 def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, Any]:
     """One report row. ``rediagnose``: label the run with the current rules (and the thresholds in
     its config) instead of the label its summary recorded; a finished run whose summary has no label
@@ -67,7 +72,7 @@ def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, An
         "final_train_acc": history[-1].get("train_acc") if history else None, "best_train_acc": best("train_acc"),
         "final_val_acc": history[-1].get("val_acc") if history else None, "best_val_acc": best("val_acc"),
         "final_test_acc": s.test_acc, "best_test_acc": best("test_acc"), "epochs": len(history),
-        "regime": regime if s.status in FINISHED else s.status,
+        "regime": regime if s.status in FINISHED else UNFINISHED if s.status == "running" else s.status,
         "stopped_non_finite": s.diverged, "status": s.status, "wall_time_s": s.wall_time_s,
         "steps_per_s": s.steps_per_s, "history": history, "same_but_seed": same_but_seed(config),
         "settings": flat_settings(config),

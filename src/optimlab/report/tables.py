@@ -11,7 +11,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from optimlab.regimes import LABELS
 from optimlab.report.aggregate import PLOT_LABELS, MapCell, seed_table
 from optimlab.report.rows import by_setting_and_width, measured_at_start
 
@@ -96,7 +95,7 @@ def lr_range(lrs: list[Any]) -> str:
 def findings(rows: list[dict[str, Any]]) -> str:
     """Where each regime appeared, in words: per label, per optimizer and width, its lr range."""
     parts = []
-    for label in [*LABELS, "crashed", "interrupted", "running"]:
+    for label in PLOT_LABELS:
         where: dict[tuple[str, str], list[float]] = defaultdict(list)
         for r in rows:
             if r["regime"] == label and r.get("lr"):
