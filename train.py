@@ -45,7 +45,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from optimlab.files import written_file
-from optimlab.hydra_job import JobFailed, command_line_error, refuse, remove_if_new_and_empty
+from optimlab.hydra_job import JobFailed, command_line_error, composition_error, refuse, remove_if_new_and_empty
 from optimlab.mnist_files import DataError
 from optimlab.record import record_refusal
 from optimlab.search import search_error, searching
@@ -97,6 +97,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    if error := command_line_error(sys.argv[1:], Path(__file__).parent / "conf"):
+    conf = Path(__file__).parent / "conf"
+    if error := command_line_error(sys.argv[1:], conf) or composition_error(sys.argv[1:], conf):
         refuse(error)
     main()

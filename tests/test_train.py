@@ -231,6 +231,13 @@ def test_a_run_whose_best_checkpoint_was_never_written_tests_its_last_weights(tm
     # Hydra launched no job and exited 0, leaving the sweep folder's multirun.yaml (a probe)
     (["-m", "lr=range(0,0)"], "lr: range(0,0) sweeps no value; a sweep needs at least one"),
     (["-m", "seed=0,1", "+x=shuffle(range(3,1))", "--config-dir", "."], "x: shuffle(range(3,1)) sweeps no value"),
+    # what Hydra cannot compose: its error was several lines and the pointer (a key without +, in a sweep mid-way)
+    (["foo=1"], "foo: unknown config key (nothing reads it); check the spelling, or see conf/"),
+    (["-m", "model=mlp,cnn", "model.hidden=[8]"], "model.hidden: unknown config key"),  # the CNN's job
+    (["+lr=0.2"], "+lr: lr is already in the config; set it without the + (or with ++)"),
+    (["~nothere"], "~nothere: not in the config, so there is nothing to delete"),
+    (["hydra.job.chdir=abc"], "hydra.job.chdir: 'abc' cannot be merged (Value 'abc' is not a valid bool"),
+    (["lr=[1,2"], "lr=[1,2: cannot be read (no viable alternative at input '[1,2'); see Hydra's override grammar"),
 ])
 def test_an_option_a_config_group_lacks_or_an_empty_sweep_is_one_line(tmp_path: Path, args: list[str], error: str) -> None:
     """Hydra's error was several lines and a pointer to HYDRA_FULL_ERROR (``experiment=null``: a traceback)."""
@@ -241,7 +248,7 @@ def test_an_option_a_config_group_lacks_or_an_empty_sweep_is_one_line(tmp_path: 
 
 def test_options_of_groups_in_other_config_folders_are_left_to_hydra(tmp_path: Path) -> None:
     """A command that adds a config folder may choose options conf/ does not have; and Hydra's own groups."""
-    from optimlab.hydra_job import command_line_error
+    from optimlab.hydra_job import command_line_error, composition_error
 
     conf = REPO / "conf"
     assert command_line_error(["--config-dir", str(tmp_path), "model=resnet"], conf) is None
@@ -249,6 +256,14 @@ def test_options_of_groups_in_other_config_folders_are_left_to_hydra(tmp_path: P
     assert command_line_error(["hydra/launcher=nope", "model.hidden=[8]", "--cfg", "job", "lr=1"], conf) is None
     assert command_line_error(["model=cnn", "optimizer=glob(*)", "~debug", "model@foo=mlp", "seed=range(2)"],
                               conf) is None
+    # Composition: with another config folder, or a sweep only its sweeper can draw from, Hydra decides; a sweep's
+    # value that reads as several (a quoted comma) is composed quoted.
+    assert composition_error(["--config-dir", str(tmp_path), "foo=1"], conf) is None
+    assert composition_error(["-m", "optimizer=glob(*)", "foo=1"], conf) is None
+    assert composition_error(["hparams_search=optuna", "lr=tag(log, interval(0.001, 0.1))", "foo=1"], conf) is None
+    assert composition_error(["-m", "lr=0.1,0.2", "name='a,b','c'", "model=cnn,mlp", "--cfg", "job"], conf) is None
+    assert composition_error(["-m", "name='a,b','c'", "model=cnn,mlp", "model.hidden=[8]"], conf) == \
+        "model.hidden: unknown config key (nothing reads it); check the spelling, or see conf/"
 
 
 def test_a_loggers_name_may_hold_dots_that_stay_inside_its_folder(tmp_path: Path) -> None:

@@ -115,6 +115,82 @@ def command_line_error(args: list[str], conf_dir: Path) -> str | None:
     return None
 
 
+
+def composition_error(args: list[str], conf_dir: Path) -> str | None:
+    """The one-line refusal of a command line Hydra cannot compose from ``conf_dir``'s config (a key that
+    is not there given without ``+``, a ``+`` for one that is, a value of the wrong type for one of Hydra's
+    own settings, an override its grammar cannot read), or None. Hydra's own error is several lines
+    ending in a pointer to HYDRA_FULL_ERROR, in a sweep mid-way. A sweep is composed at its first values
+    and at each option of a swept config group (``model=mlp,cnn model.hidden=[8]``: the CNN has no
+    hidden widths), one composition each (~0.1 s). Commands that add config folders (:data:`OTHER_CONFIGS`)
+    and sweeps this cannot write one value of (a search's ``interval``, a ``glob``) are left to Hydra."""
+    from hydra import compose, initialize_config_dir
+
+    if any(arg.lstrip("+").startswith(OTHER_CONFIGS) for arg in args):
+        return None
+    parser = OverridesParser.create()
+    fixed: list[str] = []
+    swept: list[tuple[str, list[str]]] = []  # each sweep's override as each of its values, the first first
+    for arg in args:
+        try:
+            override = parser.parse_override(arg)
+        except HydraException as err:
+            if arg.startswith("-") or "=" not in arg:  # a flag, or a flag's value (--cfg job)
+                continue
+            return f"{arg}: cannot be read ({str(err).strip()}); see Hydra's override grammar, " \
+                   "https://hydra.cc/docs/advanced/override_grammar/basic/"
+        if not override.is_sweep_override():
+            fixed.append(arg)
+            continue
+        try:
+            values = [one_value(parser, arg.split("=", 1)[0], value) for value in override.sweep_string_iterator()]
+        except Exception:  # an interval, a glob: only the sweeper or Hydra's config loader has its values
+            return None
+        if not values or None in values:
+            return None
+        group = (conf_dir / override.key_or_group).is_dir() or override.key_or_group.startswith("hydra/")
+        swept.append((arg, values if group else values[:1]))
+    firsts = [values[0] for _, values in swept]
+    commands = [firsts] + [firsts[:i] + [value] + firsts[i + 1:] for i, (_, values) in enumerate(swept)
+                           for value in values[1:]]
+    with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base="1.3"):
+        for command in commands:
+            try:
+                compose("config", overrides=[*fixed, *command], return_hydra_config=True)
+            except HydraException as err:
+                return composition_message(err)
+    return None
+
+
+def one_value(parser: OverridesParser, head: str, value: str) -> str | None:
+    """The override ``head=value`` for one value of a sweep, quoted where it would read as a sweep again
+    (``'a,b'``); None where no quoting keeps it one value."""
+    for line in (f"{head}={value}", f"{head}='{value}'", f'{head}="{value}"'):
+        with contextlib.suppress(HydraException):
+            if not parser.parse_override(line).is_sweep_override():
+                return line
+    return None
+
+
+def composition_message(err: HydraException) -> str:
+    """Hydra's composition error as one line naming the key: a key that is not in the config as optimlab's
+    refusal of an unknown key says it; a value Hydra could not merge with what caused it; otherwise Hydra's
+    lines, joined."""
+    text = str(err).strip()
+    quoted = text.split("'")[1] if text.count("'") >= 2 else ""
+    cause = str(err.__cause__ or "").strip().splitlines()
+    if text.startswith("Could not override '") and "To append to your config use" in text:
+        return f"{quoted}: unknown config key (nothing reads it); check the spelling, or see conf/"
+    if text.startswith("Could not append to config. An item is already at '"):
+        return f"+{quoted}: {quoted} is already in the config; set it without the + (or with ++)"
+    if text.startswith("Could not delete from config. '"):
+        return f"~{quoted}: not in the config, so there is nothing to delete"
+    if text.startswith("Error merging override ") and cause:
+        override = text.removeprefix("Error merging override ")
+        return f"{override.split('=', 1)[0]}: {override.split('=', 1)[-1]!r} cannot be merged ({cause[0]})"
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 # A run (or sweep) folder that did not exist when Hydra started the run -> it and its parents that did not
 # either (Hydra makes them all before the run can refuse, or a dry run end).
 NEW_RUN_FOLDERS: dict[Path, list[Path]] = {}
