@@ -41,18 +41,18 @@ DIRNAME_BYTES = 200
 FOLDER_NAME_BYTES = 255
 
 
-def job_dirname(overrides: str, limit: int = DIRNAME_BYTES) -> str:
+def job_dirname(overrides: str) -> str:
     """``overrides`` (Hydra's ``hydra.job.override_dirname``) as one folder name: a ``/`` in them
     (``callbacks.model_checkpoint.monitor=val/acc``) written ``%2F`` (else the job's folder is two, one
-    inside the other); as it is when at most ``limit`` bytes in UTF-8, else cut to fit and ended by ``~``
-    and 8 hex digits of its SHA-1, so that jobs whose overrides differ only past the cut still get
+    inside the other); as it is when at most :data:`DIRNAME_BYTES` bytes in UTF-8, else cut to fit and ended
+    by ``~`` and 8 hex digits of its SHA-1, so that jobs whose overrides differ only past the cut still get
     different, and stable, names."""
     overrides = overrides.replace("/", "%2F")
     encoded = overrides.encode()
-    if len(encoded) <= limit:
+    if len(encoded) <= DIRNAME_BYTES:
         return overrides
     digest = hashlib.sha1(encoded).hexdigest()[:8]
-    head = encoded[:limit - len(digest) - 1].decode(errors="ignore")  # a cut inside a character drops it
+    head = encoded[:DIRNAME_BYTES - len(digest) - 1].decode(errors="ignore")  # a cut inside a character drops it
     return f"{head}~{digest}"
 
 

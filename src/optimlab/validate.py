@@ -146,7 +146,7 @@ BUILT = ("model", "optimizer", "data", "scheduler")   # groups instantiated from
 COLLECTION_CLASSES = {"callbacks": L.Callback, "logger": Logger}  # what each entry must build
 # Arguments a class takes without checking them (CSVLogger divides by its flush cadence mid-run).
 CLASS_RULES: dict[type, dict[str, Rule]] = {CSVLogger: {"flush_logs_every_n_steps": INT_POSITIVE}}
-GROUPS = ("trainer", "regimes", "curvature", "population", *BUILT, *COLLECTIONS)
+GROUPS = (*SECTIONS, *BUILT, *COLLECTIONS)
 EXTRA_KEYS = {"optimizer": {"impl"}, "trainer": set(OWN_TRAINER_KEYS)}  # ours, removed before the constructor
 
 

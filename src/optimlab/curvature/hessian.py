@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -131,6 +131,43 @@ def valid_preconditioner(tensors: Sequence[Tensor]) -> bool:
     return all(bool((t > 0).all()) for t in tensors)
 
 
+def inverse_sqrt(given: Sequence[Tensor], diagonal: Tensor) -> Tensor:
+    """:math:`P^{-1/2}`: ``diagonal`` (the entries of the preconditioner ``given``, flattened in the
+    parameters' dtype and device) to the power -1/2. A ValueError naming an entry that is not positive, or
+    one below the dtype's smallest normal number (there :math:`P^{-1/2} H P^{-1/2}` overflows where H does not)."""
+    if not valid_preconditioner(given):
+        index, bad = next((i, t[~(t > 0)]) for i, t in enumerate(given) if not bool((t > 0).all()))
+        raise ValueError(f"Invalid preconditioner: every entry must be positive (NaN is not), got "
+                         f"{bad[0].item():.6g} in its tensor {index} (shaped {tuple(given[index].shape)})")
+    smallest = torch.finfo(diagonal.dtype).tiny
+    if not bool((diagonal >= smallest).all()):
+        raise ValueError(f"Invalid preconditioner: entries as small as {min(float(t.min()) for t in given):.3g} lie "
+                         f"below the smallest normal {str(diagonal.dtype).removeprefix('torch.')} ({smallest:.3g})")
+    return diagonal.rsqrt()
+
+
+def hessian_vector_product(grads: Sequence[Tensor], params: Sequence[Tensor], split: Callable[[Tensor], list[Tensor]],
+                           join: Callable[[Sequence[Tensor]], Tensor],
+                           scale: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+    r""":math:`v \mapsto S H S v` (:math:`S` = ``scale``, :math:`P^{-1/2}`, or the identity) for flat vectors:
+    ``split`` cuts one into pieces shaped like ``params``, ``join`` flattens the product's pieces back. ``grads``:
+    the loss's gradient built with ``create_graph=True``; each product is one more backward pass through it. A
+    gradient that does not depend on the parameters contributes a zero row of H."""
+    live = [i for i, g in enumerate(grads) if g.requires_grad]
+
+    def product(v: Tensor) -> Tensor:
+        u = v if scale is None else v * scale
+        if not live:
+            return torch.zeros_like(v)
+        pieces = split(u)
+        hv = torch.autograd.grad([grads[i] for i in live], params, grad_outputs=[pieces[i] for i in live],
+                                 retain_graph=True, materialize_grads=True)
+        out = join(hv)
+        return out if scale is None else out * scale
+
+    return product
+
+
 def top_eigenpair(model: nn.Module, x: Tensor, y: Tensor, preconditioner: Sequence[Tensor] | None = None,
                   iters: int = 20, tol: float = 1e-3, init: Sequence[Tensor] | None = None,
                   generator: torch.Generator | None = None) -> Eigenpair:
@@ -176,16 +213,7 @@ def top_eigenpair(model: nn.Module, x: Tensor, y: Tensor, preconditioner: Sequen
     scale = None
     if preconditioner is not None:
         given = like_parameters("preconditioner", preconditioner, model)
-        if not valid_preconditioner(given):
-            index, bad = next((i, t[~(t > 0)]) for i, t in enumerate(given) if not bool((t > 0).all()))
-            raise ValueError(f"Invalid preconditioner: every entry must be positive (NaN is not), got "
-                             f"{bad[0].item():.6g} in its tensor {index} (shaped {tuple(given[index].shape)})")
-        diagonal = _flat(given).to(device, dtype)
-        smallest = torch.finfo(dtype).tiny  # below it P^-1/2 H P^-1/2 overflows where H does not
-        if not bool((diagonal >= smallest).all()):
-            raise ValueError(f"Invalid preconditioner: entries as small as {min(float(t.min()) for t in given):.3g} "
-                             f"lie below the smallest normal {str(dtype).removeprefix('torch.')} ({smallest:.3g})")
-        scale = diagonal.rsqrt_()
+        scale = inverse_sqrt(given, _flat(given).to(device, dtype))
     if init is not None:
         v0 = _flat(like_parameters("init", init, model)).to(device, dtype)
     else:
@@ -206,20 +234,8 @@ def top_eigenpair(model: nn.Module, x: Tensor, y: Tensor, preconditioner: Sequen
         if not loss.requires_grad:  # no trainable parameter reaches the loss: its Hessian is zero
             return Eigenpair(0.0, unflat(v0 / torch.linalg.vector_norm(v0)), 0, True)
         grads = torch.autograd.grad(loss, params, create_graph=True, materialize_grads=True)
-        # A gradient that does not depend on the parameters contributes a zero row of H.
-        live = [i for i, g in enumerate(grads) if g.requires_grad]
-
-        def hessian_product(v: Tensor) -> Tensor:
-            u = v if scale is None else v * scale
-            if not live:
-                return torch.zeros_like(v)
-            pieces = [piece.view(shape) for piece, shape in zip(u.split(sizes), shapes)]
-            hv = torch.autograd.grad([grads[i] for i in live], params, grad_outputs=[pieces[i] for i in live],
-                                     retain_graph=True, materialize_grads=True)
-            out = _flat(hv)
-            return out if scale is None else out * scale
-
-        value, vector, count, converged = lanczos(hessian_product, v0, iters, tol)
+        product = hessian_vector_product(grads, params, unflat, _flat, scale)
+        value, vector, count, converged = lanczos(product, v0, iters, tol)
     return Eigenpair(value, unflat(vector), count, converged)
 
 

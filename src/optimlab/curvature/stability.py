@@ -39,9 +39,9 @@ def uses_preconditioner(optimizer: torch.optim.Optimizer) -> bool:
     return _kind(optimizer) != "sgd"
 
 
-def _momentum(name: str, value: float) -> float:
+def _momentum(value: float) -> float:
     if not 0 <= value < 1:
-        raise ValueError(f"Invalid {name}: {value!r} (the stability threshold is derived for 0 <= {name} < 1)")
+        raise ValueError(f"Invalid momentum: {value!r} (the stability threshold is derived for 0 <= momentum < 1)")
     return value
 
 
@@ -80,7 +80,7 @@ def stability_threshold(optimizer: torch.optim.Optimizer, group: int = 0, lr: fl
     if not 0 <= lr < math.inf:
         raise ValueError(f"Invalid lr: {lr!r} (must be a finite number >= 0)")
     if kind == "sgd":
-        beta, damp = _momentum("momentum", g["momentum"]), g["dampening"]
+        beta, damp = _momentum(g["momentum"]), g["dampening"]
         if beta == 0:
             factor, step = 2.0, lr
         elif g["nesterov"]:
@@ -91,7 +91,7 @@ def stability_threshold(optimizer: torch.optim.Optimizer, group: int = 0, lr: fl
         beta1 = g["betas"][0]
         factor, step = 2 + 2 * beta1, lr * (1 - beta1)
     elif kind == "rmsprop":
-        factor, step = 2 + 2 * _momentum("momentum", g["momentum"]), lr
+        factor, step = 2 + 2 * _momentum(g["momentum"]), lr
     else:
         steps = [float(optimizer.state[p]["step"]) for p in g["params"] if "step" in optimizer.state.get(p, {})]
         factor, step = 2.0, lr / (1 + max(steps, default=0.0) * g["lr_decay"])

@@ -28,7 +28,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from optimlab.curvature.hessian import evaluation, like_parameters, probe_batch, trainable
+from optimlab.curvature.hessian import (evaluation, hessian_vector_product, inverse_sqrt, like_parameters, probe_batch,
+                                        trainable)
 from optimlab.curvature.lanczos import lanczos_members
 from optimlab.curvature.stability import (GradientMoments, initial_preconditioner, moments_from_parts, preconditioner,
                                           probe_parts, stability_threshold, threshold_formula,
@@ -74,17 +75,15 @@ def member_eigenpairs(model: StackedModel, x: Tensor, y: Tensor, preconditioner:
     dtype, device = params[0].dtype, params[0].device
     sizes, shapes = [p[0].numel() for p in params], [p.shape for p in params]
 
-    def stacked_flat(tensors: Sequence[Tensor], name: str) -> Tensor:
-        return torch.cat([t.reshape(members, -1) for t in like_parameters(name, tensors, model)], 1).to(device, dtype)
+    def stacked_flat(tensors: Sequence[Tensor]) -> Tensor:
+        return torch.cat([t.reshape(members, -1) for t in tensors], 1).to(device, dtype)
 
     scale = None
     if preconditioner is not None:
-        diagonal = stacked_flat(preconditioner, "preconditioner")
-        if not bool((diagonal > 0).all()):
-            raise ValueError("Invalid preconditioner: every entry must be positive (NaN is not)")
-        scale = diagonal.rsqrt_()
+        given = like_parameters("preconditioner", preconditioner, model)
+        scale = inverse_sqrt(given, stacked_flat(given))
     if init is not None:
-        v0 = stacked_flat(init, "init")
+        v0 = stacked_flat(like_parameters("init", init, model))
     else:
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
         v0 = torch.randn(members, sum(sizes), generator=generator, dtype=dtype).to(device)
@@ -104,19 +103,8 @@ def member_eigenpairs(model: StackedModel, x: Tensor, y: Tensor, preconditioner:
             raise ValueError(f"Invalid y: class indices in [0, {classes}) required, got {y[outside][0].item()}")
         losses = member_losses(logits, y)
         grads = torch.autograd.grad(losses.sum(), params, create_graph=True, materialize_grads=True)
-        live = [i for i, g in enumerate(grads) if g.requires_grad]
-
-        def hessian_products(v: Tensor) -> Tensor:
-            u = v if scale is None else v * scale
-            if not live:
-                return torch.zeros_like(v)
-            pieces = unflat(u)
-            hv = torch.autograd.grad([grads[i] for i in live], params, grad_outputs=[pieces[i] for i in live],
-                                     retain_graph=True, materialize_grads=True)
-            out = torch.cat([h.reshape(members, -1) for h in hv], 1)
-            return out if scale is None else out * scale
-
-        values, vectors, iterations, _ = lanczos_members(hessian_products, v0, iters, tol)
+        products = hessian_vector_product(grads, params, unflat, stacked_flat, scale)
+        values, vectors, iterations, _ = lanczos_members(products, v0, iters, tol)
     defined = torch.isfinite(losses.detach())
     if not bool(defined.all()):  # a loss that overflowed has no Hessian: NaN and its start vector, as top_eigenpair
         values = values.masked_fill(~defined.to(values.device), math.nan)

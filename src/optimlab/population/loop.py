@@ -556,7 +556,7 @@ def members(flags: Tensor) -> list[int]:
     return [m for m, flag in enumerate(flags.tolist()) if flag]
 
 
-def train_population(model: StackedModel, optimizer: Optimizer, data: PopulationData, epochs: int, *,
-                     test_every_epoch: bool = False) -> list[MemberRecord]:
+def train_population(model: StackedModel, optimizer: Optimizer, data: PopulationData,
+                     epochs: int) -> list[MemberRecord]:
     """Train the population ``epochs`` epochs; one :class:`MemberRecord` per member."""
-    return PopulationLoop(model, optimizer, data).fit(epochs, test_every_epoch)
+    return PopulationLoop(model, optimizer, data).fit(epochs)

@@ -3,11 +3,11 @@
 Writes next to the runs: ``report.md`` and ``report.csv`` (one row per run, crashed and
 interrupted ones included), ``curves.png`` (per-run epoch curves titled with the diagnosed regime),
 ``lr_sensitivity.png`` (for lr sweeps), ``regime_map.png`` (for lr x width sweeps) and
-``sharpness.png`` (for runs that tracked their sharpness, ``curvature.every_n_steps``). For a map
-whose runs tracked their sharpness, ``stability.csv`` compares, per (optimizer, width) column (an
+``sharpness.png`` (for runs that tracked their sharpness, ``curvature.every_n_steps``). For an lr
+sweep whose runs tracked their sharpness from step 0, ``stability.csv`` compares, per (optimizer, width) column (an
 optimizer's *setting*, :func:`~optimlab.report.rows.name_settings`, where the sweep varies more than
 lr, width and seed), the largest stable lr the sharpness at the start predicts with the largest lr
-below the first diverging one; the map draws the prediction.
+below the first diverging one; a regime map draws the prediction.
 """
 
 from __future__ import annotations
@@ -136,7 +136,3 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # its reader left (| head -1): the report is written all the same
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -37,7 +37,8 @@ def grid_position(lr: float, lrs: list[float]) -> float:
 
 @dataclass(frozen=True)
 class MapCell:
-    """The runs of one (optimizer, widths, lr) cell of a regime map: the label most of them got
+    """The runs of one (setting, widths, lr) cell of a regime map (a setting: an optimizer and what else sets its
+    runs apart, :func:`~optimlab.report.rows.name_settings`): the label most of them got
     (a tie goes to the label first in :data:`PLOT_LABELS`), whether all got it, and the mean final
     test accuracy of those that have one (None if none has)."""
 

@@ -107,9 +107,9 @@ def findings(rows: list[dict[str, Any]]) -> str:
     return ". ".join(parts) + "." if parts else "no finished runs."
 
 
-def table_lines(rows: list[dict[str, Any]], out: Path) -> list[str]:
+def table_lines(rows: list[dict[str, Any]], sweep_dir: Path) -> list[str]:
     """report.md's head: counts, the command, the findings, the runs and the seed table."""
-    hydra = multirun_record(out)
+    hydra = multirun_record(sweep_dir)
     launched = launched_jobs(hydra)
     missing = f" of its command's {launched} jobs ({launched - len(rows)} never started: no record)" \
         if launched and launched > len(rows) else ""
@@ -219,8 +219,8 @@ def disagreement_lines(cells: dict[tuple[str, str, float], MapCell]) -> list[str
              "(seeds) disagree, marked * on the map, which shows the label most of them got (a tie: the label first "
              f"in the order {', '.join(PLOT_LABELS)})" + (":" if split else ".")]
     if split:
-        lines += ["", "| optimizer | widths | lr | shown | regimes |", "|---|---|---|---|---|"]
-        lines += [f"| {opt} | {widths} | {fmt(lr)} | {c.regime} | "
-                  + ", ".join(f"{label} {n}" for label, n in sorted(c.counts.items())) + " |"
-                  for (opt, widths, lr), c in split]
+        lines += ["", *markdown_table(["optimizer", "widths", "lr", "shown", "regimes"],
+                                      ([opt, widths, lr, c.regime, ", ".join(f"{label} {n}" for label, n in
+                                                                            sorted(c.counts.items()))]
+                                       for (opt, widths, lr), c in split))]
     return lines
