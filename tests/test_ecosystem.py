@@ -73,6 +73,10 @@ def test_tensorboard_opens_on_the_curves_and_hparams_shows_the_run(tmp_path: Pat
     assert session.hparams["regime"].string_value == summary.regime
     assert session.hparams["model"].string_value == "mlp 1024x128"
     assert events.Scalars("val/acc_best")[-1].value == pytest.approx(summary.best_val_acc)
+    assert events.Scalars("test/acc")[-1].value == pytest.approx(summary.test_acc)
+    for tag in tags:  # one point a step: the metrics HPARAMS shows were logged a second time at the end (a probe)
+        steps = [event.step for event in events.Scalars(tag)]
+        assert len(steps) == len(set(steps)), (tag, steps)
 
 
 def test_callbacks_none_keeps_only_what_resume_needs(tmp_path: Path) -> None:

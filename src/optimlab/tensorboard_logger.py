@@ -20,6 +20,7 @@ each point shows once.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -39,19 +40,28 @@ PLAIN = (str, int, float, bool, type(None))  # hyperparameters values_yaml write
 class TensorBoardRunLogger(TensorBoardLogger):
     """:class:`lightning.pytorch.loggers.TensorBoardLogger` writing one event file per run."""
 
+    @functools.cached_property  # (not set in __init__: the config check reads Lightning's signature)
+    def last_logged(self) -> dict[str, tuple[int | None, float]]:
+        """Each tag's last logged step and value."""
+        return {}
+
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         metrics = {name: value for name, value in metrics.items() if name != "epoch"}
         if metrics:
             super().log_metrics(metrics, step)
+            self.last_logged.update((name, (step, float(value))) for name, value in metrics.items())
 
     def log_hyperparams(self, params: dict[str, Any], metrics: dict[str, float] | None = None,  # type: ignore[override]
                         step: int | None = None, shown: Iterable[str] = ()) -> None:
-        """``params`` against ``metrics`` (tags of the run's own scalars, logged again at ``step``) in
-        the HPARAMS tab, with the ``shown`` ones (at most five) displayed by default."""
+        """``params`` against ``metrics`` (tags of the run's own scalars, logged at ``step`` where that
+        tag's last point is not already this value at this step: a curve gets no second point) in the
+        HPARAMS tab, with the ``shown`` ones (at most five) displayed by default."""
         super().log_hyperparams(params)  # hparams.yaml; without metrics Lightning writes no summary
         if not metrics:
             return
-        self.log_metrics(metrics, step)
+        new = {tag: value for tag, value in metrics.items() if self.last_logged.get(tag) != (step, float(value))}
+        if new:
+            self.log_metrics(new, step)
         experiment, start, end = hparams({k: "None" if v is None else v for k, v in params.items()}, metrics)
         data = HParamsPluginData.FromString(experiment.value[0].metadata.plugin_data.content)
         for info in data.experiment.hparam_infos:
