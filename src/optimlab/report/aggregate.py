@@ -134,7 +134,7 @@ def stability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def seed_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Runs whose whole config differs only in the seed (see :func:`~optimlab.report.rows.same_but_seed`),
-    aggregated: mean and (population) std of test accuracy."""
+    aggregated: mean and sample standard deviation (n - 1: a few seeds are a sample) of test accuracy."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         if has_test_acc(r):
@@ -146,6 +146,6 @@ def seed_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         accs = [m["final_test_acc"] for m in members]
         first = members[0]
         table.append({**{k: first[k] for k in ("name", "model", "lr", "widths")}, "optimizer": first["setting"],
-                      "n": len(accs), "mean": statistics.fmean(accs), "std": statistics.pstdev(accs),
+                      "n": len(accs), "mean": statistics.fmean(accs), "std": statistics.stdev(accs),
                       "regimes": ", ".join(f"{k} {v}" for k, v in Counter(m["regime"] for m in members).items())})
     return table

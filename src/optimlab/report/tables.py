@@ -111,9 +111,12 @@ def table_lines(rows: list[dict[str, Any]], sweep_dir: Path) -> list[str]:
     """report.md's head: counts, the command, the findings, the runs and the seed table."""
     hydra = multirun_record(sweep_dir)
     launched = launched_jobs(hydra)
-    missing = f" of its command's {launched} jobs ({launched - len(rows)} never started: no record)" \
-        if launched and launched > len(rows) else ""
-    lines = ["# Sweep report", "", f"{len(rows)} runs{missing}. Regimes: " + ", ".join(
+    jobs = ""
+    if launched and launched > len(rows):
+        jobs = f" of its command's {launched} jobs ({launched - len(rows)} never started: no record)"
+    elif launched and launched < len(rows):  # Hydra's multirun.yaml holds the last command's
+        jobs = f" (its command, below, makes {launched}: the folder holds runs of other commands too)"
+    lines = ["# Sweep report", "", f"{len(rows)} runs{jobs}. Regimes: " + ", ".join(
         f"{label} {n}" for label, n in Counter(r["regime"] for r in rows).items()), ""]
     command = sweep_command(hydra)
     if command:
@@ -122,7 +125,7 @@ def table_lines(rows: list[dict[str, Any]], sweep_dir: Path) -> list[str]:
     lines += markdown_table(COLUMNS, ([r.get(c) for c in COLUMNS] for r in rows))
     seeds = seed_table(rows)
     if seeds:
-        lines += ["", "## Over seeds (mean +/- std)", ""]
+        lines += ["", "## Over seeds (mean +/- sample std)", ""]
         lines += markdown_table(["name", "model", "optimizer", "lr", "widths", "seeds", "final test acc", "regimes"],
                                 ([g["name"], g["model"], g["optimizer"], g["lr"], g["widths"], g["n"],
                                   f"{g['mean']:.4f} +/- {g['std']:.4f}", g["regimes"]] for g in seeds))
