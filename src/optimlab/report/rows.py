@@ -114,15 +114,17 @@ def same_but_seed(config: dict[str, Any]) -> str:
 
 # What a map's axes vary: the learning rate and the widths (the optimizer class is its panels); and the
 # run's name, a label (experiments differing in lr alone are one setting).
+# Config groups a run may choose to leave out (conf/<group>/none.yaml: no key): their absence is the choice none.
+OPTIONAL_GROUPS = ("scheduler",)
 MAP_AXES = ("name", "lr", "optimizer.lr", "optimizer._target_", "optimizer.impl", "model.hidden", "model.channels")
 
 
 def flat_settings(config: dict[str, Any]) -> dict[str, str]:
     """The run's config as dotted keys and their values (as text), without :data:`NOT_THE_EXPERIMENT`
     and :data:`MAP_AXES`. A node built from a ``_target_`` is also its class's name (``scheduler=CosineAnnealingLR``
-    against another run's ``scheduler=null``), and ``callbacks`` and ``logger`` are also the names of their
-    entries (``callbacks=early_stopping+model_checkpoint``): a group's choice is a setting even where the
-    keys under it are only some runs'."""
+    against another run's ``scheduler=none``, :data:`OPTIONAL_GROUPS`), and ``callbacks`` and ``logger`` are also
+    the names of their entries (``callbacks=early_stopping+model_checkpoint``): a group's choice is a setting even
+    where the keys under it are only some runs'."""
     skipped = (*NOT_THE_EXPERIMENT, *MAP_AXES)
     flat: dict[str, str] = {}
 
@@ -144,6 +146,9 @@ def flat_settings(config: dict[str, Any]) -> dict[str, str]:
                 flat[dotted] = value if isinstance(value, str) else json.dumps(value)
 
     walk(config, "")
+    for group in OPTIONAL_GROUPS:
+        if config.get(group) is None:
+            flat[group] = "none"
     return flat
 
 
