@@ -613,13 +613,39 @@ def test_a_group_chosen_by_some_runs_only_is_a_setting(tmp_path: Path) -> None:
                 logger={"csv": {"_target_": "CSVLogger"}} if lr == 0.1 else {"tensorboard": {"_target_": "TB"}})
             if lr == 0.1:
                 saved["config"]["callbacks"]["lr_monitor"] = {"_target_": "LearningRateMonitor"}
-            elif not chosen:  # as a run of scheduler=none records it: no key (a probe: named "scheduler=-")
-                del saved["config"]["scheduler"]
+            elif not chosen:  # as a run of scheduler=none records it (a probe: named "scheduler=-")
+                saved["config"]["scheduler"] = {}
             path.write_text(json.dumps(saved))
     report(tmp_path)
     assert {r["setting"] for r in csv.DictReader((tmp_path / "report.csv").open())} == {
         "sgd (batch_size=64, callbacks=model_checkpoint, scheduler=none)",
         "sgd (batch_size=32, callbacks=early_stopping+model_checkpoint, scheduler=CosineAnnealingLR)"}
+
+
+def test_a_job_without_a_readable_summary_is_placed_by_its_hydra_record(tmp_path: Path) -> None:
+    """A job killed before its first summary, or whose summary is unreadable, is still placed in its sweep by
+    Hydra's record of its job (a probe: its row had no lr, width or seed, so no map cell showed it)."""
+    for lr in (0.01, 0.1):
+        for seed in (0, 1):
+            fake_run(tmp_path, f"{lr}_{seed}", "SGD", lr, 8, seed, 0.9)
+    for name, summary in (("1.0_0", None), ("1.0_1", "{\"status\": \"comp")):
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / ".hydra" / "config.yaml").write_text(
+            f"name: map\nlr: 1.0\nseed: {name[-1]}\nmodel: {{_target_: optimlab.models.MLP, hidden: [8]}}\n"
+            "optimizer:\n  _target_: optimlab.optim.SGD\n  impl: custom\n  lr: ${lr}\n  weight_decay: 0.0\n")
+        if summary:
+            (tmp_path / name / "summary.json").write_text(summary)
+    (tmp_path / "lost" / ".hydra").mkdir(parents=True)  # no record at all: listed, not placed
+    report(tmp_path)
+    rows = {r["run"]: r for r in csv.DictReader((tmp_path / "report.csv").open())}
+    for name, error in (("1.0_0", "no summary.json (the job ended before writing one)"),
+                        ("1.0_1", "summary.json unreadable")):
+        assert {k: rows[name][k] for k in ("optimizer", "lr", "widths", "seed", "regime", "error", "setting")} == {
+            "optimizer": "sgd", "lr": "1", "widths": "8", "seed": name[-1], "regime": "crashed", "error": error,
+            "setting": "sgd"}
+    assert rows["lost"]["lr"] == "" and rows["lost"]["regime"] == "crashed"
+    text = (tmp_path / "report.md").read_text()
+    assert "**crashed** in sgd 8 at lr 1" in text
 
 
 def test_a_refused_job_with_a_negative_lr_is_listed_but_not_placed_on_the_lr_axis(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from optimlab.regimes import Thresholds
-from optimlab.summary import COLLECTIONS, FINISHED, SUMMARY, config_key, diagnose_run, read_summary
+from optimlab.summary import COLLECTIONS, FINISHED, SUMMARY, config_key, describe_run, diagnose_run, read_summary
 
 
 ERROR_CHARS = 160  # of a crashed run's error (its first line) in the tables; the whole one is in its summary.json
@@ -51,7 +51,8 @@ def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, An
     if s is None:
         unwritten = f"no {SUMMARY} (the job ended before writing one)"
         why = f"{SUMMARY} unreadable" if (run_dir / SUMMARY).exists() else unwritten
-        return {"run": rel, "status": "crashed", "regime": "crashed", "epochs": 0, "history": [], "error": why}
+        return {"run": rel, "status": "crashed", "regime": "crashed", "epochs": 0, "history": [], "error": why,
+                **job_coordinates(run_dir)}
     history, run, config = s.epochs, s.run, plain_numbers(s.config)
 
     def best(key: str) -> float | None:
@@ -81,6 +82,24 @@ def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, An
         "sharpness_crossed_at_step": (s.curvature or {}).get("first_crossing_step"),
         "error": s.error.strip().splitlines()[0][:ERROR_CHARS] if s.error and s.error.strip() else None,
     }
+
+
+def job_coordinates(run_dir: Path) -> dict[str, Any]:
+    """Where a run without a readable summary lies in its sweep (its name, model, optimizer, lr, widths and
+    seed, and its settings), from Hydra's record of its job (``.hydra/config.yaml``); nothing where that
+    cannot be read either. Its map cell and table rows then show it."""
+    from omegaconf import OmegaConf
+
+    try:
+        recorded = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+        config = plain_numbers(OmegaConf.to_container(recorded, resolve=True))
+    except Exception:  # no record, or one that resolves only inside Hydra
+        return {}
+    if not isinstance(config, dict):
+        return {}
+    run = describe_run(config)
+    return {"name": run.name, "model": run.model, "optimizer": run.optimizer, "lr": run.lr, "widths": run.widths,
+            "seed": run.seed, "same_but_seed": same_but_seed(config), "settings": flat_settings(config)}
 
 
 # Lightning reads these as a fraction when a float (1.0: all batches) and as a count when an int (1: one batch).
@@ -114,7 +133,7 @@ def same_but_seed(config: dict[str, Any]) -> str:
 
 # What a map's axes vary: the learning rate and the widths (the optimizer class is its panels); and the
 # run's name, a label (experiments differing in lr alone are one setting).
-# Config groups a run may choose to leave out (conf/<group>/none.yaml: no key): their absence is the choice none.
+# Config groups a run may choose to leave out (conf/<group>/none.yaml, empty: the key holds {}): the choice none.
 OPTIONAL_GROUPS = ("scheduler",)
 MAP_AXES = ("name", "lr", "optimizer.lr", "optimizer._target_", "optimizer.impl", "model.hidden", "model.channels")
 
@@ -147,7 +166,7 @@ def flat_settings(config: dict[str, Any]) -> dict[str, str]:
 
     walk(config, "")
     for group in OPTIONAL_GROUPS:
-        if config.get(group) is None:
+        if not config.get(group):  # null, or {} (a group option whose file is empty)
             flat[group] = "none"
     return flat
 
