@@ -352,6 +352,21 @@ def test_torch_impl_reproduces_our_run_exactly(tmp_path: Path) -> None:
     assert ours.test_acc == theirs.test_acc
 
 
+def test_a_model_too_large_for_memory_is_one_line_naming_its_size() -> None:
+    """torch's allocator's message named neither the key nor the size in words (a probe: model.hidden=[100000000]);
+    raised here, not allocated: where the system overcommits, a real 292 GiB model would be killed mid-init."""
+    from optimlab.build import config_errors
+
+    message = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+               "to allocate 313600000000 bytes. Error code 12 (Cannot allocate memory)")
+    with pytest.raises(ConfigError, match=r"^model: does not fit in this machine's memory: it asked for 292.1 GiB at once$"):
+        with config_errors("model", {"hidden": [100000000]}):
+            raise RuntimeError(message)
+    with pytest.raises(ConfigError, match=r"^model: does not fit in this machine's memory \(CUDA out of memory"):
+        with config_errors("model", {"hidden": [100000000]}):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 292.10 GiB")
+
+
 def test_grad_noise_is_refused_with_torch_impl(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="grad_noise_std"):
         run(compose_config("optimizer.impl=torch", "optimizer.grad_noise_std=1.0"), tmp_path)
