@@ -40,6 +40,12 @@ def fit(module: ClassifierModule, x: torch.Tensor, y: torch.Tensor, tmp_path: Pa
     return trainer, record
 
 
+def test_the_epoch_line_writes_a_blown_up_loss_in_three_digits() -> None:
+    """init_std=1e30's loss of 1.7e31 printed as 32 digits and four decimals (a probe)."""
+    row = {"epoch": 1, "train_loss": 1.71e31, "train_acc": 0.132, "val_loss": 0.5, "val_acc": 0.126, "train_time_s": 0.1}
+    assert RunRecord.epoch_line(row, 2) == "epoch   1/2 | train loss 1.71e+31 acc 0.1320 | val loss 0.5000 acc 0.1260 | 0.1s"
+
+
 def test_healthy_run_records_one_row_per_epoch(tmp_path: Path) -> None:
     module = small_module()
     trainer, record = fit(module, *data(), tmp_path)

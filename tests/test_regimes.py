@@ -105,6 +105,10 @@ def test_diverging_at_chance_evidence_says_in_words_what_fired() -> None:
     # Above its best epoch but flat since: the rises (none) are not quoted.
     flat = diagnose(history([2.3, 1.0, 3.0, 3.0, 3.0, 3.0], [0.1] * 6)).evidence[1]
     assert flat == "train loss 3 not above the blow-up level 4.61, but not falling: +200.0% vs its best epoch (limit 2%)"
+    # A huge loss in 3 significant digits (a probe, init_std=1e30: "blow-up level 37763750172514441196392039841792.00")
+    huge = history([1.71e31, 1.7100001e31], [0.13, 0.13])
+    huge[0]["train_loss_initial"] = 1.89e31
+    assert diagnose(huge).evidence[1].startswith("train loss 1.71e+31 not above the blow-up level 3.78e+31, but not")
 
 
 def test_a_zero_fall_bar_does_not_count_a_rising_accuracy_as_a_fall() -> None:

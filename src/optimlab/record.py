@@ -29,7 +29,7 @@ from optimlab.divergence import DivergenceGuard, total_norm
 from optimlab.hydra_job import save_job_record
 from optimlab.lr_schedule import epoch_start_lrs, lr_monitor_followed, lr_monitor_tag
 from optimlab.module import EVAL_STAGES
-from optimlab.regimes import Thresholds
+from optimlab.regimes import Thresholds, decimals
 from optimlab.summary import SUMMARY, RunSummary, describe_run, diagnose_run, read_summary, write_summary
 from optimlab.tensorboard_logger import Restart, TensorBoardRunLogger
 
@@ -318,9 +318,10 @@ class RunRecord(Checkpoint):
 
     @staticmethod
     def epoch_line(row: dict[str, float], epochs: int) -> str:
-        parts = [f"epoch {row['epoch']:>3}/{epochs}", f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"]
+        parts = [f"epoch {row['epoch']:>3}/{epochs}",
+                 f"train loss {decimals(row['train_loss'], 4)} acc {row['train_acc']:.4f}"]
         if "val_acc" in row:
-            parts.append(f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}")
+            parts.append(f"val loss {decimals(row['val_loss'], 4)} acc {row['val_acc']:.4f}")
         if "test_acc" in row:
             parts.append(f"test acc {row['test_acc']:.4f}")
         parts.append(f"{row['train_time_s']:.1f}s")

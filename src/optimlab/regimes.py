@@ -172,6 +172,12 @@ class Diagnosis:
     measures: dict[str, float]   # every quantity the rules look at
 
 
+def decimals(x: float, places: int) -> str:
+    """``x`` to ``places`` decimals, or to 3 significant digits from 1e6 up (a blown-up loss of 1.7e31 had
+    printed as 32 digits)."""
+    return f"{x:.{places}f}" if abs(x) < 1e6 else f"{x:.3g}"
+
+
 def _series(history: list[dict[str, float]], key: str) -> list[float]:
     return [float(row[key]) for row in history if key in row and row[key] is not None and math.isfinite(row[key])]
 
@@ -465,11 +471,11 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
     not_falling = above_best or rising
     spiked = m["max_step_loss"] > blowup_loss  # a training step's loss blew up at some point
     spike = (f"a training step's loss reached {m['max_step_loss']:.3g} (blow-up: > {t.loss_blowup:g} x "
-             f"max(ln(10), first step's loss) = {blowup_loss:.2f})")
+             f"max(ln(10), first step's loss) = {decimals(blowup_loss, 2)})")
     if at_chance and (blown_up or not_falling):
         # What fired: the loss above the blow-up level, a loss that is not falling, or both.
         loss = (f"train loss {m['final_train_loss']:.3g} {'above' if blown_up else 'not above'} the blow-up level "
-                f"{blowup_loss:.2f}")
+                f"{decimals(blowup_loss, 2)}")
         if not_falling:
             loss += f"{', and' if blown_up else ', but'} not falling: " + ", ".join(
                 [f"{m['train_loss_above_best']:+.1%} vs its best epoch (limit {t.diverge_loss_rise:.0%})"] * above_best
