@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ValueType
@@ -115,7 +116,6 @@ def command_line_error(args: list[str], conf_dir: Path) -> str | None:
     return None
 
 
-
 def composition_error(args: list[str], conf_dir: Path) -> str | None:
     """The one-line refusal of a command line Hydra cannot compose from ``conf_dir``'s config (a key that
     is not there given without ``+``, a ``+`` for one that is, a value of the wrong type for one of Hydra's
@@ -124,13 +124,11 @@ def composition_error(args: list[str], conf_dir: Path) -> str | None:
     and at each option of a swept config group (``model=mlp,cnn model.hidden=[8]``: the CNN has no
     hidden widths), one composition each (~0.1 s). Commands that add config folders (:data:`OTHER_CONFIGS`)
     and sweeps this cannot write one value of (a search's ``interval``, a ``glob``) are left to Hydra."""
-    from hydra import compose, initialize_config_dir
-
     if any(arg.lstrip("+").startswith(OTHER_CONFIGS) for arg in args):
         return None
     parser = OverridesParser.create()
     fixed: list[str] = []
-    swept: list[tuple[str, list[str]]] = []  # each sweep's override as each of its values, the first first
+    swept: list[list[str]] = []  # each sweep's override at each of its values composed, the first first
     for arg in args:
         try:
             override = parser.parse_override(arg)
@@ -149,9 +147,9 @@ def composition_error(args: list[str], conf_dir: Path) -> str | None:
         if not values or None in values:
             return None
         group = (conf_dir / override.key_or_group).is_dir() or override.key_or_group.startswith("hydra/")
-        swept.append((arg, values if group else values[:1]))
-    firsts = [values[0] for _, values in swept]
-    commands = [firsts] + [firsts[:i] + [value] + firsts[i + 1:] for i, (_, values) in enumerate(swept)
+        swept.append(values if group else values[:1])
+    firsts = [values[0] for values in swept]
+    commands = [firsts] + [firsts[:i] + [value] + firsts[i + 1:] for i, values in enumerate(swept)
                            for value in values[1:]]
     with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base="1.3"):
         for command in commands:
