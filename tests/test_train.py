@@ -238,11 +238,31 @@ def test_a_run_whose_best_checkpoint_was_never_written_tests_its_last_weights(tm
     (["~nothere"], "~nothere: not in the config, so there is nothing to delete"),
     (["hydra.job.chdir=abc"], "hydra.job.chdir: 'abc' cannot be merged (Value 'abc' is not a valid bool"),
     (["lr=[1,2"], "lr=[1,2: cannot be read (no viable alternative at input '[1,2'); see Hydra's override grammar"),
+    (["=0.1"], "=0.1: no key before the '='"),  # a traceback
+    (["lr=0.1,0.2"], "lr=0.1,0.2: a sweep of several values, which needs -m (--multirun)"),  # six lines
+    (["-m", "lr=interval(0.1,0.2)"], "lr=interval(0.1,0.2): a search range, which needs a search sweeper"),  # traceback
+    (["-m", "sweep=regimes", "--cfg", "job"], "--cfg and --multirun: Hydra takes one of"),  # a traceback
+    (["hydra/launcher=nope"], "hydra/launcher: 'nope' is not an option; expected one of basic, joblib, population"),
+    (["+experiment=baseline"], "+experiment: experiment is in the defaults list already"),
+    (["hydra.job.env_set.FOO=bar"], "hydra.job.env_set.FOO: not in Hydra's config; to append to your config use "
+                                    "+hydra.job.env_set.FOO=bar"),
+    (["-m", "hparams_search=optuna", "lr=interval(0.001,0.1)", "optimizr=adam"], "optimizr: unknown config key"),
+    (["-m", "optimizer=sgd,adam", "optimizer.momentum=0.9"],  # only Adam's jobs lack it: said so
+     "optimizer.momentum: unknown config key with optimizer=adam (nothing reads it there)"),
+    # the sweep config's own sweep of model.hidden, with model=cnn (Hydra's lines after writing multirun.yaml)
+    (["-m", "sweep=regime_map_reduced", "model=cnn"], "model.hidden: unknown config key here, swept by the sweep config's"),
 ])
 def test_an_option_a_config_group_lacks_or_an_empty_sweep_is_one_line(tmp_path: Path, args: list[str], error: str) -> None:
     """Hydra's error was several lines and a pointer to HYDRA_FULL_ERROR (``experiment=null``: a traceback)."""
     result = train(*args, f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert result.returncode == 2 and result.stderr.startswith(f"error: {error}") and result.stderr.count("\n") == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_empty_run_folder_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """``hydra.run.dir=`` (an unset shell variable) ran the run in the working folder (a probe)."""
+    result = train("hydra.run.dir=", "epochs=1", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr == "error: hydra.run.dir: '' is not allowed; expected a folder\n"
     assert not list(tmp_path.iterdir())
 
 
@@ -256,14 +276,21 @@ def test_options_of_groups_in_other_config_folders_are_left_to_hydra(tmp_path: P
     assert command_line_error(["hydra/launcher=nope", "model.hidden=[8]", "--cfg", "job", "lr=1"], conf) is None
     assert command_line_error(["model=cnn", "optimizer=glob(*)", "~debug", "model@foo=mlp", "seed=range(2)"],
                               conf) is None
-    # Composition: with another config folder, or a sweep only its sweeper can draw from, Hydra decides; a sweep's
-    # value that reads as several (a quoted comma) is composed quoted.
+    # Composition: with another config folder, or a glob of a group's options, Hydra decides; a search's range is
+    # left out (the rest is checked); a sweep's value that reads as several (a quoted comma) is composed quoted.
     assert composition_error(["--config-dir", str(tmp_path), "foo=1"], conf) is None
     assert composition_error(["-m", "optimizer=glob(*)", "foo=1"], conf) is None
-    assert composition_error(["hparams_search=optuna", "lr=tag(log, interval(0.001, 0.1))", "foo=1"], conf) is None
-    assert composition_error(["-m", "lr=0.1,0.2", "name='a,b','c'", "model=cnn,mlp", "--cfg", "job"], conf) is None
+    assert composition_error(["hparams_search=optuna", "lr=tag(log, interval(0.001, 0.1))", "lr=0.1"], conf) is None
+    assert composition_error(["hparams_search=optuna", "lr=tag(log, interval(0.001, 0.1))", "foo=1"], conf) == \
+        "foo: unknown config key (nothing reads it); check the spelling, or see conf/"
+    assert composition_error(["-m", "lr=0.1,0.2", "name='a,b','c'", "model=cnn,mlp", "-p", "model"], conf) is None
     assert composition_error(["-m", "name='a,b','c'", "model=cnn,mlp", "model.hidden=[8]"], conf) == \
         "model.hidden: unknown config key (nothing reads it); check the spelling, or see conf/"
+    # An integer range Optuna draws from is not listed (a probe: a billion values hung the check); shell completion's
+    # install=bash is no override.
+    assert composition_error(["-m", "hparams_search=optuna", "seed=range(0,1000000000)"], conf) is None
+    assert composition_error(["-m", "seed=range(0,1000000000)", "lr=0.1"], conf) is None
+    assert composition_error(["-sc", "install=bash"], conf) is None
 
 
 def test_a_loggers_name_may_hold_dots_that_stay_inside_its_folder(tmp_path: Path) -> None:

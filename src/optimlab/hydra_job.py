@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
+import re
 import shlex
 import sys
 from collections.abc import Iterator
@@ -24,7 +26,7 @@ from hydra.core.override_parser.types import ValueType
 from hydra.core.utils import JobReturn, JobStatus, configure_log, env_override
 from hydra.errors import CompactHydraException, HydraException
 from hydra.experimental.callback import Callback
-from hydra.types import HydraContext, TaskFunction
+from hydra.types import HydraContext, RunMode, TaskFunction
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
 from optimlab.files import unwritable
@@ -116,47 +118,112 @@ def command_line_error(args: list[str], conf_dir: Path) -> str | None:
     return None
 
 
+SWEEP_PARAMS = "the sweep config's hydra.sweeper.params"
+# Hydra's modes (its flags): it takes one at a time.
+MODE_FLAGS = {"-m": "--multirun", "--multirun": "--multirun", "-c": "--cfg", "--cfg": "--cfg", "-i": "--info",
+              "--info": "--info", "-sc": "--shell-completion", "--shell-completion": "--shell-completion"}
+
+
 def composition_error(args: list[str], conf_dir: Path) -> str | None:
     """The one-line refusal of a command line Hydra cannot compose from ``conf_dir``'s config (a key that
     is not there given without ``+``, a ``+`` for one that is, a value of the wrong type for one of Hydra's
-    own settings, an override its grammar cannot read), or None. Hydra's own error is several lines
-    ending in a pointer to HYDRA_FULL_ERROR, in a sweep mid-way. A sweep is composed at its first values
-    and at each option of a swept config group (``model=mlp,cnn model.hidden=[8]``: the CNN has no
-    hidden widths), one composition each (~0.1 s). Commands that add config folders (:data:`OTHER_CONFIGS`)
-    and sweeps this cannot write one value of (a search's ``interval``, a ``glob``) are left to Hydra."""
-    if any(arg.lstrip("+").startswith(OTHER_CONFIGS) for arg in args):
+    own settings, an override its grammar cannot read, a sweep without ``-m``, two of Hydra's modes), or
+    None. Hydra's own error is several lines ending in a pointer to HYDRA_FULL_ERROR (or a traceback), in
+    a sweep mid-way. A sweep is composed at its first values and at each option of a swept config group
+    (``model=mlp,cnn model.hidden=[8]``: the CNN has no hidden widths), also those its sweep config lists
+    (``hydra.sweeper.params``), one composition each (~0.1 s); a search's ``interval`` is left out. Shell
+    completion, commands that add config folders (:data:`OTHER_CONFIGS`) and a ``glob`` of options are
+    left to Hydra."""
+    modes = sorted({MODE_FLAGS[arg.split("=", 1)[0]] for arg in args if arg.split("=", 1)[0] in MODE_FLAGS})
+    if len(modes) > 1:
+        return f"{' and '.join(modes)}: Hydra takes one of --multirun, --cfg, --info and --shell-completion at a time"
+    if "--shell-completion" in modes or any(arg.lstrip("+").startswith(OTHER_CONFIGS) for arg in args):
         return None
     parser = OverridesParser.create()
-    fixed: list[str] = []
-    swept: list[list[str]] = []  # each sweep's override at each of its values composed, the first first
-    for arg in args:
+    # not a flag or a flag's value (--cfg job): a key=value, or a deletion (~key)
+    overrides = [arg for arg in args if not arg.startswith("-") and ("=" in arg or arg.startswith("~"))]
+    swept: dict[int, list[str]] = {}  # an override's place -> the values it is composed at, the first first
+    searched: list[int] = []  # the places of a search's ranges (interval), composed without them
+    for place, arg in enumerate(overrides):
         try:
             override = parser.parse_override(arg)
         except HydraException as err:
-            if arg.startswith("-") or "=" not in arg:  # a flag, or a flag's value (--cfg job)
-                continue
             return f"{arg}: cannot be read ({str(err).strip()}); see Hydra's override grammar, " \
                    "https://hydra.cc/docs/advanced/override_grammar/basic/"
+        key = override.key_or_group
+        if not key:
+            return f"{arg}: no key before the '='"
+        group = (conf_dir / key).is_dir() or key.startswith("hydra/")
+        if group and not override.is_sweep_override() and override.value() is None:
+            return f"{key}: null is not an option; to choose none, leave {key} out or delete it (~{key})"
         if not override.is_sweep_override():
-            fixed.append(arg)
+            continue
+        if key.startswith("hydra."):
+            return f"{arg}: a sweep of Hydra's own setting {key} is not supported; to give it as text, quote it " \
+                   f"({key}='...')"
+        if not override.is_discrete_sweep():
+            searched.append(place)
             continue
         try:
-            values = [one_value(parser, arg.split("=", 1)[0], value) for value in override.sweep_string_iterator()]
-        except Exception:  # an interval, a glob: only the sweeper or Hydra's config loader has its values
+            listed = override.sweep_string_iterator()
+            values = [one_value(parser, arg.split("=", 1)[0], v) for v in (listed if group else
+                                                                            itertools.islice(listed, 1))]
+        except Exception:  # a glob: only Hydra's config loader lists the options it matches
             return None
         if not values or None in values:
             return None
-        group = (conf_dir / override.key_or_group).is_dir() or override.key_or_group.startswith("hydra/")
-        swept.append(values if group else values[:1])
-    firsts = [values[0] for values in swept]
-    commands = [firsts] + [firsts[:i] + [value] + firsts[i + 1:] for i, values in enumerate(swept)
-                           for value in values[1:]]
+        swept[place] = values
     with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base="1.3"):
-        for command in commands:
-            try:
-                compose("config", overrides=[*fixed, *command], return_hydra_config=True)
-            except HydraException as err:
-                return composition_message(err)
+        return compose_each(parser, conf_dir, overrides, swept, searched, "--multirun" in modes)
+
+
+def compose_each(parser: OverridesParser, conf_dir: Path, overrides: list[str], swept: dict[int, list[str]],
+                 searched: list[int], multirun: bool) -> str | None:
+    """:func:`composition_error`'s compositions, inside Hydra's initialisation: the first values, then each
+    other value of a swept group, with its sweep config's sweeps of keys the command does not give."""
+    def command(choice: dict[int, str]) -> list[str]:
+        return [choice.get(place, arg) for place, arg in enumerate(overrides) if place not in searched]
+
+    def composed(choice: dict[int, str], label: str | None = None) -> tuple[DictConfig | None, str | None]:
+        try:
+            return compose("config", overrides=command(choice), return_hydra_config=True), None
+        except (HydraException, ValueError) as err:
+            changed = ", ".join(choice[p] for p in choice if choice[p] != firsts[p])
+            return None, composition_message(err, changed if label is None else label)
+
+    firsts = {place: values[0] for place, values in swept.items()}
+    cfg, error = composed(firsts)
+    if cfg is None:
+        return error
+    sweeper = str(cfg.hydra.sweeper._target_)
+    if (swept or searched) and not (multirun or cfg.hydra.mode == RunMode.MULTIRUN):
+        arg = overrides[min([*swept, *searched])]
+        return f"{arg}: a sweep of several values, which needs -m (--multirun); a list is written [a,b], a text " \
+               "with a comma quoted ('a,b')"
+    if searched and sweeper.endswith(".BasicSweeper"):
+        return f"{overrides[searched[0]]}: a search range, which needs a search sweeper (hparams_search=optuna); " \
+               "Hydra's basic sweeper takes a list of values (a,b,c)"
+    given = {parser.parse_override(arg).key_or_group for arg in overrides}
+    params = (cfg.hydra.sweeper.get("params") or {}) if sweeper.endswith(".BasicSweeper") else {}
+    added = False
+    for key, value in params.items():  # the sweep config's own sweeps, as Hydra's basic sweeper adds them
+        if key not in given and (override := parser.parse_override(f"{key}={value}")).is_sweep_override():
+            listed = override.sweep_string_iterator()
+            values = [one_value(parser, key, v) for v in (listed if (conf_dir / key).is_dir() else
+                                                          itertools.islice(listed, 1))]
+            if values and None not in values:
+                swept[len(overrides)], firsts[len(overrides)] = values, values[0]
+                overrides = [*overrides, f"{key}={value}"]
+                added = True
+    if added:  # the first values again, with the sweep config's
+        cfg, error = composed(firsts, SWEEP_PARAMS)
+        if cfg is None:
+            return error
+    for place, values in swept.items():
+        for value in values[1:]:
+            cfg, error = composed({**firsts, place: value})
+            if cfg is None:
+                return error
     return None
 
 
@@ -170,23 +237,42 @@ def one_value(parser: OverridesParser, head: str, value: str) -> str | None:
     return None
 
 
-def composition_message(err: HydraException) -> str:
-    """Hydra's composition error as one line naming the key: a key that is not in the config as optimlab's
-    refusal of an unknown key says it; a value Hydra could not merge with what caused it; otherwise Hydra's
-    lines, joined."""
+def composition_message(err: Exception, choice: str = "") -> str:
+    """Hydra's composition error (in the jobs of ``choice``, a swept group's option; "": any job) as one
+    line naming the key: a key that is not in the config as optimlab's refusal of an unknown key says it
+    (one of Hydra's, with its hint to add it); a value Hydra could not merge with what caused it; Hydra's
+    lines joined otherwise (a missing option's without the config search path)."""
     text = str(err).strip()
     quoted = text.split("'")[1] if text.count("'") >= 2 else ""
     cause = str(err.__cause__ or "").strip().splitlines()
+    jobs = f" with {choice}" if choice else ""
     if text.startswith("Could not override '") and "To append to your config use" in text:
+        if quoted.startswith("hydra."):  # Hydra's hint: "To append to your config use +<override>"
+            hint = text.splitlines()[-1].strip()
+            return f"{quoted}: not in Hydra's config{jobs}; {hint[:1].lower()}{hint[1:]}"
+        if choice == SWEEP_PARAMS:
+            return f"{quoted}: unknown config key here, swept by {SWEEP_PARAMS}; choose options that read it"
+        if choice:  # a group's other option: only some jobs lack it
+            return f"{quoted}: unknown config key{jobs} (nothing reads it there); sweep the options that read it " \
+                   f"apart, or give it as ++{quoted}=... so those jobs fail alone"
         return f"{quoted}: unknown config key (nothing reads it); check the spelling, or see conf/"
     if text.startswith("Could not append to config. An item is already at '"):
-        return f"+{quoted}: {quoted} is already in the config; set it without the + (or with ++)"
+        return f"+{quoted}: {quoted} is already in the config{jobs}; set it without the + (or with ++)"
     if text.startswith("Could not delete from config. '"):
-        return f"~{quoted}: not in the config, so there is nothing to delete"
+        return f"~{quoted}: not in the config{jobs}, so there is nothing to delete"
+    if text.startswith("Multiple values for "):
+        group = text.removeprefix("Multiple values for ").split(".")[0]
+        return f"+{group}: {group} is in the defaults list already; choose its option without the + ({group}=...)"
+    missing = re.search(r"Could not find '(.+)/([^/']+)'", text)
+    if missing and "Available options in" in text:
+        options = [line.strip() for line in text.split("Config search path:")[0].split("Available options in")[1]
+                   .splitlines()[1:] if line.strip()]
+        return f"{missing[1]}: {missing[2]!r} is not an option; expected one of {', '.join(options)}"
     if text.startswith("Error merging override ") and cause:
         override = text.removeprefix("Error merging override ")
-        return f"{override.split('=', 1)[0]}: {override.split('=', 1)[-1]!r} cannot be merged ({cause[0]})"
-    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+        return f"{override.split('=', 1)[0]}: {override.split('=', 1)[-1]!r} cannot be merged ({cause[0]}){jobs}"
+    lines = [line.strip() for line in text.split("Config search path:")[0].splitlines() if line.strip()]
+    return "; ".join(lines) + (f" ({jobs.strip()})" if jobs else "")
 
 
 # A run (or sweep) folder that did not exist when Hydra started the run -> it and its parents that did not
@@ -210,6 +296,8 @@ class CheckOutputFolder(Callback):
 
     @staticmethod
     def _check(key: str, folder: Any) -> None:
+        if not str(folder).strip():  # Path("") is the working folder: the run's files would land among others
+            refuse(f"{key}: {str(folder)!r} is not allowed; expected a folder")
         reason = unwritable(Path(str(folder)).absolute())
         if reason:
             refuse(f"{key}: {str(folder)!r} cannot be written ({reason}); choose another folder")
