@@ -304,6 +304,21 @@ def test_a_number_parameter_that_also_takes_a_list_or_text_is_left_to_its_class(
     assert parameter_rule(inspect.signature(OneCycleLR).parameters["div_factor"]) is not None
 
 
+def test_an_int_parameter_is_an_integer_only_for_optimlabs_own_classes() -> None:
+    """torch converts CyclicLR's ``step_size_up=2e3`` (a float as Hydra reads it) itself; the CNN's kernel size
+    is ours, where ``[3,3]`` was refused as "a number" (a review: the integer rule had covered torch's too)."""
+    from torch.optim.lr_scheduler import CyclicLR
+
+    from optimlab.models import CNN
+    from optimlab.validate import parameter_rule, validate_config
+
+    step = inspect.signature(CyclicLR).parameters["step_size_up"]
+    assert parameter_rule(step)[0](2000.0) and not parameter_rule(step, own=True)[0](2000.0)
+    validate_config(compose_config("+scheduler._target_=torch.optim.lr_scheduler.CyclicLR", "+scheduler.base_lr=0.01",
+                                   "+scheduler.max_lr=0.1", "+scheduler.step_size_up=2e3"))
+    assert parameter_rule(inspect.signature(CNN).parameters["kernel_size"], own=True)[1] == "an integer"
+
+
 def test_a_parameter_wider_than_a_bool_is_no_flag() -> None:
     """A bool default under a wider annotation (log_model: 'all' too) takes its other values; a bool parameter does not."""
     wandb = OmegaConf.create({"_target_": "lightning.pytorch.loggers.WandbLogger", "log_model": "all"})

@@ -53,6 +53,20 @@ def test_each_logger_writes_where_it_says(tmp_path: Path, logger: str, folders: 
         assert (hparams["optimizer"], hparams["regime"]) == ("sgd", read_summary(tmp_path).regime)
 
 
+def test_a_final_nan_is_not_logged_twice_for_hparams(tmp_path: Path) -> None:
+    """A diverged run's curve ending on NaN got a second NaN at its last step (a review: NaN != NaN)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from optimlab.tensorboard_logger import TensorBoardRunLogger
+
+    logger = TensorBoardRunLogger(str(tmp_path), name="", version="")
+    logger.log_metrics({"train/loss": math.nan, "val/acc": 0.1}, step=5)
+    logger.log_hyperparams({"lr": 0.1}, {"train/loss": math.nan, "val/acc": 0.1, "test/acc": 0.1}, step=5)
+    logger.close("success")
+    events = EventAccumulator(str(tmp_path)).Reload()
+    assert [len(events.Scalars(tag)) for tag in ("train/loss", "val/acc", "test/acc")] == [1, 1, 1]
+
+
 def test_tensorboard_opens_on_the_curves_and_hparams_shows_the_run(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import metadata

@@ -291,6 +291,14 @@ def test_options_of_groups_in_other_config_folders_are_left_to_hydra(tmp_path: P
     assert composition_error(["-m", "hparams_search=optuna", "seed=range(0,1000000000)"], conf) is None
     assert composition_error(["-m", "seed=range(0,1000000000)", "lr=0.1"], conf) is None
     assert composition_error(["-sc", "install=bash"], conf) is None
+    for group in ("scheduler", "logger", "callbacks", "debug"):  # a deletion of a group, no null (a review)
+        assert composition_error([f"~{group}", "epochs=1"], conf) is None, group
+    assert composition_error(["--help", "foo=1"], conf) is None  # Hydra's help, whatever follows
+    assert composition_error(["hydra/launcher=null"], conf) == "hydra/launcher: null is not an option; choose one of " \
+                                                                "its options"
+    assert composition_error(["-r", "-m", "lr=1,2"], conf).startswith("--multirun and --run: Hydra takes one of")
+    assert composition_error(["-m", "hydra/launcher=basic,joblib"], conf).startswith(
+        "hydra/launcher=basic,joblib: a sweep of Hydra's own config (hydra/launcher) is not supported")
 
 
 def test_a_loggers_name_may_hold_dots_that_stay_inside_its_folder(tmp_path: Path) -> None:
@@ -386,10 +394,10 @@ def test_a_model_too_large_for_memory_is_one_line_naming_its_size() -> None:
 
     message = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
                "to allocate 313600000000 bytes. Error code 12 (Cannot allocate memory)")
-    with pytest.raises(ConfigError, match=r"^model: does not fit in this machine's memory: it asked for 292.1 GiB at once$"):
+    with pytest.raises(ConfigError, match=r"^model: does not fit in memory: it asked for 292.1 GiB at once$"):
         with config_errors("model", {"hidden": [100000000]}):
             raise RuntimeError(message)
-    with pytest.raises(ConfigError, match=r"^model: does not fit in this machine's memory \(CUDA out of memory"):
+    with pytest.raises(ConfigError, match=r"^model: does not fit in memory \(CUDA out of memory"):
         with config_errors("model", {"hidden": [100000000]}):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 292.10 GiB")
 

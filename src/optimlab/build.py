@@ -60,7 +60,7 @@ def config_errors(section: str, node: Mapping[str, Any] | None = None) -> Iterat
         asked = re.search(r"allocate (\d+) bytes", message)  # torch's CPU allocator's words
         if asked or isinstance(err, (MemoryError, torch.OutOfMemoryError)):
             size = f": it asked for {int(asked[1]) / 2**30:,.1f} GiB at once" if asked else f" ({message})"
-            raise ConfigError(f"{section}: does not fit in this machine's memory{size}") from None
+            raise ConfigError(f"{section}: does not fit in memory{size}") from None
         if message.startswith(f"{section}."):
             raise ConfigError(message) from None
         # The message's subject comes first ("Nesterov momentum requires a momentum ..." is about nesterov).

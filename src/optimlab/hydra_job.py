@@ -120,8 +120,10 @@ def command_line_error(args: list[str], conf_dir: Path) -> str | None:
 
 SWEEP_PARAMS = "the sweep config's hydra.sweeper.params"
 # Hydra's modes (its flags): it takes one at a time.
-MODE_FLAGS = {"-m": "--multirun", "--multirun": "--multirun", "-c": "--cfg", "--cfg": "--cfg", "-i": "--info",
-              "--info": "--info", "-sc": "--shell-completion", "--shell-completion": "--shell-completion"}
+MODE_FLAGS = {"-r": "--run", "--run": "--run", "-m": "--multirun", "--multirun": "--multirun", "-c": "--cfg",
+              "--cfg": "--cfg", "-i": "--info", "--info": "--info", "-sc": "--shell-completion",
+              "--shell-completion": "--shell-completion"}
+HELP_FLAGS = ("-h", "--help", "-hh", "--hydra-help")  # Hydra shows its help whatever the overrides
 
 
 def composition_error(args: list[str], conf_dir: Path) -> str | None:
@@ -136,8 +138,10 @@ def composition_error(args: list[str], conf_dir: Path) -> str | None:
     left to Hydra."""
     modes = sorted({MODE_FLAGS[arg.split("=", 1)[0]] for arg in args if arg.split("=", 1)[0] in MODE_FLAGS})
     if len(modes) > 1:
-        return f"{' and '.join(modes)}: Hydra takes one of --multirun, --cfg, --info and --shell-completion at a time"
-    if "--shell-completion" in modes or any(arg.lstrip("+").startswith(OTHER_CONFIGS) for arg in args):
+        return f"{' and '.join(modes)}: Hydra takes one of --run, --multirun, --cfg, --info and --shell-completion " \
+               "at a time"
+    if "--shell-completion" in modes or any(arg.lstrip("+").startswith(OTHER_CONFIGS) or arg in HELP_FLAGS
+                                            for arg in args):
         return None
     parser = OverridesParser.create()
     # not a flag or a flag's value (--cfg job): a key=value, or a deletion (~key)
@@ -154,13 +158,13 @@ def composition_error(args: list[str], conf_dir: Path) -> str | None:
         if not key:
             return f"{arg}: no key before the '='"
         group = (conf_dir / key).is_dir() or key.startswith("hydra/")
-        if group and not override.is_sweep_override() and override.value() is None:
-            return f"{key}: null is not an option; to choose none, leave {key} out or delete it (~{key})"
         if not override.is_sweep_override():
+            if key.startswith("hydra/") and not override.is_delete() and override.value() is None:  # (conf/'s groups:
+                return f"{key}: null is not an option; choose one of its options"  # command_line_error)
             continue
-        if key.startswith("hydra."):
-            return f"{arg}: a sweep of Hydra's own setting {key} is not supported; to give it as text, quote it " \
-                   f"({key}='...')"
+        if key.startswith(("hydra.", "hydra/")):
+            return f"{arg}: a sweep of Hydra's own config ({key}) is not supported; to give a value as text, quote " \
+                   f"it ({key}='...')"
         if not override.is_discrete_sweep():
             searched.append(place)
             continue
@@ -296,7 +300,7 @@ class CheckOutputFolder(Callback):
 
     @staticmethod
     def _check(key: str, folder: Any) -> None:
-        if not str(folder).strip():  # Path("") is the working folder: the run's files would land among others
+        if str(folder) == "":  # Path("") is the working folder: the run's files would land among others
             refuse(f"{key}: {str(folder)!r} is not allowed; expected a folder")
         reason = unwritable(Path(str(folder)).absolute())
         if reason:

@@ -59,7 +59,13 @@ class TensorBoardRunLogger(TensorBoardLogger):
         super().log_hyperparams(params)  # hparams.yaml; without metrics Lightning writes no summary
         if not metrics:
             return
-        new = {tag: value for tag, value in metrics.items() if self.last_logged.get(tag) != (step, float(value))}
+        def logged(tag: str, value: float) -> bool:  # at this step already, a NaN as a NaN
+            if tag not in self.last_logged:
+                return False
+            last_step, last = self.last_logged[tag]
+            return last_step == step and (last == value or (math.isnan(last) and math.isnan(value)))
+
+        new = {tag: value for tag, value in metrics.items() if not logged(tag, float(value))}
         if new:
             self.log_metrics(new, step)
         experiment, start, end = hparams({k: "None" if v is None else v for k, v in params.items()}, metrics)

@@ -231,11 +231,12 @@ def unknown_keys(cfg: DictConfig) -> list[str]:
     return unknown
 
 
-def parameter_rule(param: inspect.Parameter) -> Rule | None:
+def parameter_rule(param: inspect.Parameter, own: bool = False) -> Rule | None:
     """The type a constructor's parameter takes where the constructor does not check it: :data:`BOOL`
     for a flag (a bool default or annotation; null allowed where null is its default), :data:`INTEGER`
-    for one annotated ``int``, :data:`NUMBER` for another with a number as its default (null where its
-    annotation allows it; none where it allows text or a list), None for any other. torch.optim's
+    for one annotated ``int`` of optimlab's ``own`` classes (torch and Lightning convert a float for some of
+    theirs: CyclicLR's ``step_size_up=2e3``), :data:`NUMBER` for another with a number as its default (null where
+    its annotation allows it; none where it allows text or a list), None for any other. torch.optim's
     constructors take ``optimizer.centered=no`` (a non-empty string) as on, and ``optimizer.momentum=true``
     as 1.0."""
     annotation = param.annotation  # a bool default under a wider type (wandb's log_model: 'all' too) is no flag
@@ -246,7 +247,7 @@ def parameter_rule(param: inspect.Parameter) -> Rule | None:
     wider = ("str", "list", "List", "Sequence", "tuple", "Tuple")  # OneCycleLR's momenta: a number or a list
     if isinstance(param.default, (int, float)) and not isinstance(param.default, bool) and \
             not any(word in str(annotation) for word in wider):
-        if annotation in (int, "int"):  # a kernel size, a step count
+        if own and annotation in (int, "int"):  # a kernel size, a stride
             return INTEGER
         return optional(NUMBER) if "None" in str(annotation) or "Optional" in str(annotation) else NUMBER
     return None
@@ -257,7 +258,8 @@ def parameter_errors(section: str, node: DictConfig) -> list[str]:
     that are of another type (:func:`parameter_rule`)."""
     params = constructor_parameters(section, str(node._target_))
     return [refusal(f"{section}.{key}", node[key], rule[1]) for key in node
-            if key in params and (rule := parameter_rule(params[key])) and not rule[0](node[key])]
+            if key in params and (rule := parameter_rule(params[key], str(node._target_).startswith("optimlab.")))
+            and not rule[0](node[key])]
 
 
 def unchecked_errors(section: str, node: DictConfig) -> list[str]:

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rediagnose", action="store_true",
                         help="label every run with the current diagnosis rules instead of its recorded regime")
     args = parser.parse_args(argv)
-    if not args.sweep_dir.strip():  # Path("") is the working folder: an unset shell variable would report it
+    if args.sweep_dir == "":  # Path("") is the working folder: an unset shell variable would report it
         print(f"error: sweep_dir: {args.sweep_dir!r} is not allowed; expected a folder of runs", file=sys.stderr)
         return 2
     args.sweep_dir = Path(args.sweep_dir)
