@@ -299,6 +299,17 @@ def test_options_of_groups_in_other_config_folders_are_left_to_hydra(tmp_path: P
     assert composition_error(["-r", "-m", "lr=1,2"], conf).startswith("--multirun and --run: Hydra takes one of")
     assert composition_error(["-m", "hydra/launcher=basic,joblib"], conf).startswith(
         "hydra/launcher=basic,joblib: a sweep of Hydra's own config (hydra/launcher) is not supported")
+    # Valid commands a probe found refused: lists and quoted options of a swept group, an option's file name,
+    # abbreviated long flags, a sweep config's sweeps without -m (Hydra applies them only in a multirun) or when
+    # the sweep config is itself swept (the sweep's own config has none), Hydra's own errors.
+    for args in (["-m", "callbacks=default,[default,lr_monitor]"], ["-m", "callbacks=choice([early_stopping],none)"],
+                 ["-m", "model='cnn','mlp'"], ["model=cnn.yaml"], ["--multi", "lr=0.1,0.2"], ["--shell", "install=bash"],
+                 ["--config-d", str(tmp_path), "model=tiny"], ["sweep=lr", "optimizer.momentum=0.9"],
+                 ["-m", "sweep=regime_map_reduced,seeds"], ["-m", "hydra.sweeper.params.lr='0.1,0.2'"]):
+        assert (command_line_error(args, conf) or composition_error(args, conf)) is None, args
+    assert composition_error(["-m", "seed=range(0,1,0)"], conf) == \
+        "seed=range(0,1,0): cannot be swept (range() arg 3 must not be zero)"
+    assert composition_error(["hparams_search=optuna", "model=range(0,1000000000)"], conf)  # refused, not listed
 
 
 def test_a_loggers_name_may_hold_dots_that_stay_inside_its_folder(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import ValueType
+from hydra.core.override_parser.types import Override, QuotedString, ValueType
 from hydra.core.utils import JobReturn, JobStatus, configure_log, env_override
 from hydra.errors import CompactHydraException, HydraException
 from hydra.experimental.callback import Callback
@@ -82,8 +82,28 @@ def refuse(error: str) -> NoReturn:
     sys.exit(2)
 
 
-# Command-line flags that point Hydra at other config folders or files, where conf/'s groups are not all there is.
-OTHER_CONFIGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "hydra.searchpath")
+# Hydra's command-line flags: long ones (argparse takes any unambiguous start of one: --multi) and short ones.
+HYDRA_FLAGS = ("--help", "--hydra-help", "--version", "--cfg", "--resolve", "--package", "--run", "--multirun",
+               "--shell-completion", "--config-path", "--config-name", "--config-dir", "--experimental-rerun", "--info")
+SHORT_FLAGS = {"-h": "--help", "-hh": "--hydra-help", "-c": "--cfg", "-p": "--package", "-r": "--run",
+               "-m": "--multirun", "-sc": "--shell-completion", "-cp": "--config-path", "-cn": "--config-name",
+               "-cd": "--config-dir", "-i": "--info"}
+# Flags that point Hydra at other config folders or files, where conf/'s groups are not all there is.
+CONFIG_FLAGS = ("--config-dir", "--config-path", "--config-name")
+
+
+def hydra_flag(arg: str) -> str | None:
+    """The long Hydra flag ``arg`` gives (``-m``, ``--multi`` and ``--multirun=...`` give ``--multirun``), or None."""
+    name = arg.split("=", 1)[0]
+    if name in SHORT_FLAGS:
+        return SHORT_FLAGS[name]
+    starting = [flag for flag in HYDRA_FLAGS if flag.startswith(name)] if name.startswith("--") else []
+    return name if name in HYDRA_FLAGS else starting[0] if len(starting) == 1 else None
+
+
+def adds_configs(args: list[str]) -> bool:
+    """Whether the command points Hydra at config folders or files besides conf/ (a flag, ``hydra.searchpath``)."""
+    return any(hydra_flag(arg) in CONFIG_FLAGS or arg.lstrip("+").startswith("hydra.searchpath") for arg in args)
 
 
 def command_line_error(args: list[str], conf_dir: Path) -> str | None:
@@ -92,8 +112,8 @@ def command_line_error(args: list[str], conf_dir: Path) -> str | None:
     (``model=resnet``, or one of a sweep's ``optimizer=sgd,nope``), or None. Hydra's own error for the
     latter is several lines ending in a pointer to HYDRA_FULL_ERROR, and in a sweep it comes before any
     job. Hydra's own groups (``hydra/...``), overrides it cannot read and the options of commands that add
-    config folders (:data:`OTHER_CONFIGS`) are left to Hydra."""
-    other_configs = any(arg.lstrip("+").startswith(OTHER_CONFIGS) for arg in args)
+    config folders (:func:`adds_configs`) are left to Hydra."""
+    other_configs = adds_configs(args)
     parser = OverridesParser.create()
     for arg in args:
         try:
@@ -102,28 +122,32 @@ def command_line_error(args: list[str], conf_dir: Path) -> str | None:
             continue
         group = override.key_or_group
         # (an empty choice() Hydra refuses itself; a range is not listed: range(0, 10**9) is a valid sweep)
-        if override.value_type == ValueType.RANGE_SWEEP and next(iter(override.sweep_iterator()), None) is None:
-            return (f"{group}: {override.input_line.split('=', 1)[1]} sweeps no value; a sweep needs at least one "
-                    "(range(start, stop[, step]) stops before stop)")
+        if override.value_type == ValueType.RANGE_SWEEP:
+            try:
+                empty = next(iter(override.sweep_iterator()), None) is None
+            except ValueError as err:  # range(0, 1, 0): a traceback
+                return f"{group}: {override.input_line.split('=', 1)[1]} cannot be swept ({err})"
+            if empty:
+                return (f"{group}: {override.input_line.split('=', 1)[1]} sweeps no value; a sweep needs at least one "
+                        "(range(start, stop[, step]) stops before stop)")
         folder = conf_dir / group
         if other_configs or override.is_delete() or group.startswith("hydra") or not folder.is_dir():
             continue
         sweep = override.value_type in (ValueType.CHOICE_SWEEP, ValueType.SIMPLE_CHOICE_SWEEP)
-        for value in override.sweep_string_iterator() if sweep else [override.value()]:
-            if value is None:  # Hydra: a ValueError traceback
-                return f"{group}: null is not an option; to choose none, leave {group} out or delete it (~{group})"
-            if isinstance(value, str) and not (folder / f"{value}.yaml").is_file():
-                options = ", ".join(sorted(path.stem for path in folder.glob("*.yaml")))
-                return f"{group}: {value!r} is not an option; expected one of {options} (conf/{group}/)"
+        for value in override.sweep_iterator() if sweep else [override.value()]:
+            for option in value if isinstance(value, list) else [value]:  # callbacks=[early_stopping,lr_monitor]
+                option = option.text if isinstance(option, QuotedString) else option  # model='cnn','mlp'
+                if option is None:  # Hydra: a ValueError traceback
+                    return f"{group}: null is not an option; to choose none, leave {group} out or delete it (~{group})"
+                files = (option, f"{option}.yaml") if isinstance(option, str) else ()  # model=cnn.yaml loads too
+                if files and not any((folder / name).is_file() for name in files):
+                    options = ", ".join(sorted(path.stem for path in folder.glob("*.yaml")))
+                    return f"{group}: {option!r} is not an option; expected one of {options} (conf/{group}/)"
     return None
 
 
 SWEEP_PARAMS = "the sweep config's hydra.sweeper.params"
-# Hydra's modes (its flags): it takes one at a time.
-MODE_FLAGS = {"-r": "--run", "--run": "--run", "-m": "--multirun", "--multirun": "--multirun", "-c": "--cfg",
-              "--cfg": "--cfg", "-i": "--info", "--info": "--info", "-sc": "--shell-completion",
-              "--shell-completion": "--shell-completion"}
-HELP_FLAGS = ("-h", "--help", "-hh", "--hydra-help")  # Hydra shows its help whatever the overrides
+MODES = ("--run", "--multirun", "--cfg", "--info", "--shell-completion")  # Hydra takes one at a time
 
 
 def composition_error(args: list[str], conf_dir: Path) -> str | None:
@@ -134,14 +158,13 @@ def composition_error(args: list[str], conf_dir: Path) -> str | None:
     a sweep mid-way. A sweep is composed at its first values and at each option of a swept config group
     (``model=mlp,cnn model.hidden=[8]``: the CNN has no hidden widths), also those its sweep config lists
     (``hydra.sweeper.params``), one composition each (~0.1 s); a search's ``interval`` is left out. Shell
-    completion, commands that add config folders (:data:`OTHER_CONFIGS`) and a ``glob`` of options are
+    completion, help, commands that add config folders (:func:`adds_configs`) and a ``glob`` of options are
     left to Hydra."""
-    modes = sorted({MODE_FLAGS[arg.split("=", 1)[0]] for arg in args if arg.split("=", 1)[0] in MODE_FLAGS})
+    flags = {hydra_flag(arg) for arg in args}
+    modes = sorted(flags & set(MODES))
     if len(modes) > 1:
-        return f"{' and '.join(modes)}: Hydra takes one of --run, --multirun, --cfg, --info and --shell-completion " \
-               "at a time"
-    if "--shell-completion" in modes or any(arg.lstrip("+").startswith(OTHER_CONFIGS) or arg in HELP_FLAGS
-                                            for arg in args):
+        return f"{' and '.join(modes)}: Hydra takes one of {', '.join(MODES)} at a time"
+    if flags & {"--shell-completion", "--help", "--hydra-help", "--version"} or adds_configs(args):
         return None
     parser = OverridesParser.create()
     # not a flag or a flag's value (--cfg job): a key=value, or a deletion (~key)
@@ -169,11 +192,11 @@ def composition_error(args: list[str], conf_dir: Path) -> str | None:
             searched.append(place)
             continue
         try:
-            listed = override.sweep_string_iterator()
-            values = [one_value(parser, arg.split("=", 1)[0], v) for v in (listed if group else
-                                                                            itertools.islice(listed, 1))]
-        except Exception:  # a glob: only Hydra's config loader lists the options it matches
+            values = sweep_values(parser, override, arg.split("=", 1)[0], conf_dir if group else None)
+        except HydraException:  # a glob: only Hydra's config loader lists the options it matches
             return None
+        except ValueError as err:  # range(0, 1, 0)
+            return f"{arg}: cannot be swept ({err})"
         if not values or None in values:
             return None
         swept[place] = values
@@ -183,43 +206,52 @@ def composition_error(args: list[str], conf_dir: Path) -> str | None:
 
 def compose_each(parser: OverridesParser, conf_dir: Path, overrides: list[str], swept: dict[int, list[str]],
                  searched: list[int], multirun: bool) -> str | None:
-    """:func:`composition_error`'s compositions, inside Hydra's initialisation: the first values, then each
-    other value of a swept group, with its sweep config's sweeps of keys the command does not give."""
-    def command(choice: dict[int, str]) -> list[str]:
-        return [choice.get(place, arg) for place, arg in enumerate(overrides) if place not in searched]
-
-    def composed(choice: dict[int, str], label: str | None = None) -> tuple[DictConfig | None, str | None]:
-        try:
-            return compose("config", overrides=command(choice), return_hydra_config=True), None
-        except (HydraException, ValueError) as err:
-            changed = ", ".join(choice[p] for p in choice if choice[p] != firsts[p])
-            return None, composition_message(err, changed if label is None else label)
-
+    """:func:`composition_error`'s compositions, inside Hydra's initialisation: the sweep's own config (its
+    overrides less the sweeps, as Hydra composes it: its mode and sweeper), the first values, then each other
+    value of a swept group, with the sweep config's own sweeps of keys the command does not give. An error
+    that is not Hydra's (or a ValueError) is left to Hydra, which meets it too."""
     firsts = {place: values[0] for place, values in swept.items()}
-    cfg, error = composed(firsts)
-    if cfg is None:
+
+    def composed(choice: dict[int, str] | None, label: str = "") -> tuple[DictConfig | None, str | None]:
+        """The config of the jobs of ``choice`` (a value for each sweep; None: the sweep's own config)."""
+        command = [arg if choice is None or place not in swept else choice[place]
+                   for place, arg in enumerate(overrides)
+                   if place not in searched and (choice is not None or place not in swept)]
+        try:
+            return compose("config", overrides=command, return_hydra_config=True), None
+        except (HydraException, ValueError) as err:
+            changed = ", ".join(choice[p] for p in choice if choice[p] != firsts[p]) if choice else ""
+            return None, composition_message(err, label or changed)
+        except Exception:  # e.g. hydra.sweeper.params.lr=... under the basic sweeper: Hydra's own traceback
+            return None, None
+
+    sweep, error = composed(None)
+    if sweep is None:
         return error
-    sweeper = str(cfg.hydra.sweeper._target_)
-    if (swept or searched) and not (multirun or cfg.hydra.mode == RunMode.MULTIRUN):
+    sweeper = str(sweep.hydra.sweeper._target_)
+    multirun = multirun or sweep.hydra.mode == RunMode.MULTIRUN
+    if (swept or searched) and not multirun:
         arg = overrides[min([*swept, *searched])]
         return f"{arg}: a sweep of several values, which needs -m (--multirun); a list is written [a,b], a text " \
                "with a comma quoted ('a,b')"
     if searched and sweeper.endswith(".BasicSweeper"):
         return f"{overrides[searched[0]]}: a search range, which needs a search sweeper (hparams_search=optuna); " \
                "Hydra's basic sweeper takes a list of values (a,b,c)"
+    if swept:  # the command's sweeps at their first values
+        cfg, error = composed(firsts)
+        if cfg is None:
+            return error
     given = {parser.parse_override(arg).key_or_group for arg in overrides}
-    params = (cfg.hydra.sweeper.get("params") or {}) if sweeper.endswith(".BasicSweeper") else {}
+    params = (sweep.hydra.sweeper.get("params") or {}) if sweeper.endswith(".BasicSweeper") and multirun else {}
     added = False
     for key, value in params.items():  # the sweep config's own sweeps, as Hydra's basic sweeper adds them
         if key not in given and (override := parser.parse_override(f"{key}={value}")).is_sweep_override():
-            listed = override.sweep_string_iterator()
-            values = [one_value(parser, key, v) for v in (listed if (conf_dir / key).is_dir() else
-                                                          itertools.islice(listed, 1))]
+            values = sweep_values(parser, override, key, conf_dir if (conf_dir / key).is_dir() else None)
             if values and None not in values:
                 swept[len(overrides)], firsts[len(overrides)] = values, values[0]
                 overrides = [*overrides, f"{key}={value}"]
                 added = True
-    if added:  # the first values again, with the sweep config's
+    if added:  # with the sweep config's, at their first values
         cfg, error = composed(firsts, SWEEP_PARAMS)
         if cfg is None:
             return error
@@ -229,6 +261,15 @@ def compose_each(parser: OverridesParser, conf_dir: Path, overrides: list[str], 
             if cfg is None:
                 return error
     return None
+
+
+def sweep_values(parser: OverridesParser, override: Override, head: str, conf_dir: Path | None) -> list[str | None]:
+    """The overrides a sweep is composed at (:func:`one_value` each): its first value, or each option where it
+    sweeps a config group of ``conf_dir``, at most one more than the group has (a range of them lists
+    itself forever; the extra one is refused as no option)."""
+    listed = override.sweep_string_iterator()
+    options = len(list((conf_dir / override.key_or_group).glob("*.yaml"))) + 1 if conf_dir else 1
+    return [one_value(parser, head, value) for value in itertools.islice(listed, options)]
 
 
 def one_value(parser: OverridesParser, head: str, value: str) -> str | None:
