@@ -305,7 +305,9 @@ def test_options_of_groups_in_other_config_folders_are_left_to_hydra(tmp_path: P
     for args in (["-m", "callbacks=default,[default,lr_monitor]"], ["-m", "callbacks=choice([early_stopping],none)"],
                  ["-m", "model='cnn','mlp'"], ["model=cnn.yaml"], ["--multi", "lr=0.1,0.2"], ["--shell", "install=bash"],
                  ["--config-d", str(tmp_path), "model=tiny"], ["sweep=lr", "optimizer.momentum=0.9"],
-                 ["-m", "sweep=regime_map_reduced,seeds"], ["-m", "hydra.sweeper.params.lr='0.1,0.2'"]):
+                 ["-m", "sweep=regime_map_reduced,seeds"], ["-m", "hydra.sweeper.params.lr='0.1,0.2'"],
+                 ["debug=${trainer}"], ["-m", "scheduler=${logger}", "logger=none", "lr=0.1,0.2"],  # interpolated
+                 ["--info", "plugins", "model=nope"], ["--experimental-rerun", "/tmp/0_lr=0.1/.hydra/config.pickle"]):
         assert (command_line_error(args, conf) or composition_error(args, conf)) is None, args
     assert composition_error(["-m", "seed=range(0,1,0)"], conf) == \
         "seed=range(0,1,0): cannot be swept (range() arg 3 must not be zero)"

@@ -101,9 +101,19 @@ def hydra_flag(arg: str) -> str | None:
     return name if name in HYDRA_FLAGS else starting[0] if len(starting) == 1 else None
 
 
+# Flags of commands that compose no run's config from the overrides: help, shell completion, --info plugins, a
+# rerun of a pickled config (which ignores the rest).
+NO_RUN_FLAGS = ("--help", "--hydra-help", "--version", "--shell-completion", "--info", "--experimental-rerun")
+
+
 def adds_configs(args: list[str]) -> bool:
     """Whether the command points Hydra at config folders or files besides conf/ (a flag, ``hydra.searchpath``)."""
     return any(hydra_flag(arg) in CONFIG_FLAGS or arg.lstrip("+").startswith("hydra.searchpath") for arg in args)
+
+
+def runs_nothing(args: list[str]) -> bool:
+    """Whether the command gives one of :data:`NO_RUN_FLAGS`."""
+    return any(hydra_flag(arg) in NO_RUN_FLAGS for arg in args)
 
 
 def command_line_error(args: list[str], conf_dir: Path) -> str | None:
@@ -112,7 +122,9 @@ def command_line_error(args: list[str], conf_dir: Path) -> str | None:
     (``model=resnet``, or one of a sweep's ``optimizer=sgd,nope``), or None. Hydra's own error for the
     latter is several lines ending in a pointer to HYDRA_FULL_ERROR, and in a sweep it comes before any
     job. Hydra's own groups (``hydra/...``), overrides it cannot read and the options of commands that add
-    config folders (:func:`adds_configs`) are left to Hydra."""
+    config folders (:func:`adds_configs`) are left to Hydra, and commands that run nothing (:func:`runs_nothing`)."""
+    if runs_nothing(args):
+        return None
     other_configs = adds_configs(args)
     parser = OverridesParser.create()
     for arg in args:
@@ -140,7 +152,7 @@ def command_line_error(args: list[str], conf_dir: Path) -> str | None:
                 if option is None:  # Hydra: a ValueError traceback
                     return f"{group}: null is not an option; to choose none, leave {group} out or delete it (~{group})"
                 files = (option, f"{option}.yaml") if isinstance(option, str) else ()  # model=cnn.yaml loads too
-                if files and not any((folder / name).is_file() for name in files):
+                if files and "${" not in option and not any((folder / name).is_file() for name in files):
                     options = ", ".join(sorted(path.stem for path in folder.glob("*.yaml")))
                     return f"{group}: {option!r} is not an option; expected one of {options} (conf/{group}/)"
     return None
@@ -157,14 +169,13 @@ def composition_error(args: list[str], conf_dir: Path) -> str | None:
     None. Hydra's own error is several lines ending in a pointer to HYDRA_FULL_ERROR (or a traceback), in
     a sweep mid-way. A sweep is composed at its first values and at each option of a swept config group
     (``model=mlp,cnn model.hidden=[8]``: the CNN has no hidden widths), also those its sweep config lists
-    (``hydra.sweeper.params``), one composition each (~0.1 s); a search's ``interval`` is left out. Shell
-    completion, help, commands that add config folders (:func:`adds_configs`) and a ``glob`` of options are
-    left to Hydra."""
+    (``hydra.sweeper.params``), one composition each (~0.1 s); a search's ``interval`` is left out. The
+    commands of :func:`runs_nothing` or :func:`adds_configs` and a ``glob`` of options are left to Hydra."""
     flags = {hydra_flag(arg) for arg in args}
     modes = sorted(flags & set(MODES))
     if len(modes) > 1:
         return f"{' and '.join(modes)}: Hydra takes one of {', '.join(MODES)} at a time"
-    if flags & {"--shell-completion", "--help", "--hydra-help", "--version"} or adds_configs(args):
+    if runs_nothing(args) or adds_configs(args):
         return None
     parser = OverridesParser.create()
     # not a flag or a flag's value (--cfg job): a key=value, or a deletion (~key)
