@@ -180,6 +180,7 @@ def composition_error(args: list[str], conf_dir: Path) -> str | None:
     parser = OverridesParser.create()
     # not a flag or a flag's value (--cfg job): a key=value, or a deletion (~key)
     overrides = [arg for arg in args if not arg.startswith("-") and ("=" in arg or arg.startswith("~"))]
+    keys: set[str] = set()  # the keys (or groups) the command gives
     swept: dict[int, list[str]] = {}  # an override's place -> the values it is composed at, the first first
     searched: list[int] = []  # the places of a search's ranges (interval), composed without them
     for place, arg in enumerate(overrides):
@@ -191,6 +192,7 @@ def composition_error(args: list[str], conf_dir: Path) -> str | None:
         key = override.key_or_group
         if not key:
             return f"{arg}: no key before the '='"
+        keys.add(key)
         group = (conf_dir / key).is_dir() or key.startswith("hydra/")
         if not override.is_sweep_override():
             if key.startswith("hydra/") and not override.is_delete() and override.value() is None:  # (conf/'s groups:
@@ -212,15 +214,15 @@ def composition_error(args: list[str], conf_dir: Path) -> str | None:
             return None
         swept[place] = values
     with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base="1.3"):
-        return compose_each(parser, conf_dir, overrides, swept, searched, "--multirun" in modes)
+        return compose_each(parser, conf_dir, overrides, keys, swept, searched, "--multirun" in modes)
 
 
-def compose_each(parser: OverridesParser, conf_dir: Path, overrides: list[str], swept: dict[int, list[str]],
-                 searched: list[int], multirun: bool) -> str | None:
+def compose_each(parser: OverridesParser, conf_dir: Path, overrides: list[str], given: set[str],
+                 swept: dict[int, list[str]], searched: list[int], multirun: bool) -> str | None:
     """:func:`composition_error`'s compositions, inside Hydra's initialisation: the sweep's own config (its
     overrides less the sweeps, as Hydra composes it: its mode and sweeper), the first values, then each other
-    value of a swept group, with the sweep config's own sweeps of keys the command does not give. An error
-    that is not Hydra's (or a ValueError) is left to Hydra, which meets it too."""
+    value of a swept group, with the sweep config's own sweeps of keys the command does not give (``given``). An
+    error that is not Hydra's (or a ValueError) is left to Hydra, which meets it too."""
     firsts = {place: values[0] for place, values in swept.items()}
 
     def composed(choice: dict[int, str] | None, label: str = "") -> tuple[DictConfig | None, str | None]:
@@ -252,7 +254,6 @@ def compose_each(parser: OverridesParser, conf_dir: Path, overrides: list[str], 
         cfg, error = composed(firsts)
         if cfg is None:
             return error
-    given = {parser.parse_override(arg).key_or_group for arg in overrides}
     params = (sweep.hydra.sweeper.get("params") or {}) if sweeper.endswith(".BasicSweeper") and multirun else {}
     added = False
     for key, value in params.items():  # the sweep config's own sweeps, as Hydra's basic sweeper adds them

@@ -59,6 +59,7 @@ class TensorBoardRunLogger(TensorBoardLogger):
         super().log_hyperparams(params)  # hparams.yaml; without metrics Lightning writes no summary
         if not metrics:
             return
+
         def logged(tag: str, value: float) -> bool:  # at this step already, a NaN as a NaN
             if tag not in self.last_logged:
                 return False

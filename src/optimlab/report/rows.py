@@ -131,10 +131,10 @@ def same_but_seed(config: dict[str, Any]) -> str:
     return config_key(config, NOT_THE_EXPERIMENT)
 
 
-# What a map's axes vary: the learning rate and the widths (the optimizer class is its panels); and the
-# run's name, a label (experiments differing in lr alone are one setting).
 # Config groups a run may choose to leave out (conf/<group>/none.yaml, empty: the key holds {}): the choice none.
 OPTIONAL_GROUPS = ("scheduler",)
+# What a map's axes vary: the learning rate and the widths (the optimizer class is its panels); and the
+# run's name, a label (experiments differing in lr alone are one setting).
 MAP_AXES = ("name", "lr", "optimizer.lr", "optimizer._target_", "optimizer.impl", "model.hidden", "model.channels")
 
 
