@@ -45,7 +45,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from optimlab.files import written_file
-from optimlab.hydra_job import JobFailed, command_line_error, composition_error, refuse, remove_if_new_and_empty
+from optimlab.command_line import command_line_error, composition_error, refuse
+from optimlab.hydra_job import JobFailed, remove_if_new_and_empty
 from optimlab.mnist_files import DataError
 from optimlab.record import record_refusal
 from optimlab.search import search_error, searching

@@ -15,7 +15,8 @@ import torch
 
 from conftest import REPO, compose_config, run_script
 from optimlab.mnist_files import DataError
-from optimlab.hydra_job import command_line_override, config_yaml, job_dirname, write_job_record
+from optimlab.command_line import command_line_override
+from optimlab.hydra_job import config_yaml, job_dirname, write_job_record
 from optimlab.record import STEP_SCALARS, result_line
 from optimlab.summary import RunSummary
 from optimlab.train import run
@@ -268,7 +269,7 @@ def test_an_empty_run_folder_is_refused_before_anything_is_written(tmp_path: Pat
 
 def test_options_of_groups_in_other_config_folders_are_left_to_hydra(tmp_path: Path) -> None:
     """A command that adds a config folder may choose options conf/ does not have; and Hydra's own groups."""
-    from optimlab.hydra_job import command_line_error, composition_error
+    from optimlab.command_line import command_line_error, composition_error
 
     conf = REPO / "conf"
     assert command_line_error(["--config-dir", str(tmp_path), "model=resnet"], conf) is None

@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from optimlab.checks import is_integer, refusal
-from optimlab.hydra_job import command_line_error, refuse
+from optimlab.command_line import command_line_error, refuse
 from optimlab.summary import FINISHED, OPTIMIZED_METRICS, SUMMARY, read_summary
 from optimlab.validate import RULES, rule_error
 

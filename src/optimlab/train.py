@@ -23,7 +23,8 @@ from optimlab.checkpointing import CHECKPOINT_DIR, last_checkpoint, read_checkpo
 from optimlab.console import warn
 from optimlab.curvature import SharpnessCallback
 from optimlab.files import remove_stale_temporaries
-from optimlab.hydra_job import command_line_override, save_job_record
+from optimlab.command_line import command_line_override
+from optimlab.hydra_job import save_job_record
 from optimlab.mnist_files import check_batch_limits
 from optimlab.record import RunRecord, close_loggers, device_name, holds_nothing_trained, log_result, result_line
 from optimlab.resume import keep_derived_values, plan_run, refuse_changed_config, refuse_foreign_checkpoint

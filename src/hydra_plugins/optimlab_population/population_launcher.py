@@ -20,7 +20,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 from optimlab.checks import BOOL, INT_POSITIVE, POSITIVE, optional, refusal
-from optimlab.hydra_job import refuse
+from optimlab.command_line import refuse
 
 MAX_MEMBERS = 64  # where the run config has no population node (optimlab's conf/config.yaml says 64 too)
 SUBMITIT_PARAMETERS = {"timeout_min": 60}  # a submitit population job's limits unless hydra.launcher.submitit sets them
