@@ -183,25 +183,146 @@ SWITCHES = {"SGD": ("foreach", "differentiable", "fused"), "Adagrad": ("foreach"
 
 
 @pytest.mark.parametrize("name", list(OURS))
-def test_implementation_switches_accepted_when_off(name: str) -> None:
-    """torch.optim's switches: stored as torch stores them; foreach may be True too (ours is always
-    multi-tensor); the others only off, else a clear error. None of them changes the numbers."""
+def test_implementation_switches_accepted(name: str) -> None:
+    """torch.optim's switches: stored as torch stores them; foreach and fused select nothing (ours is
+    one multi-tensor implementation, torch's for-loop numbers), nor does differentiable (on tensors that
+    need no grad); capturable only off, else a clear error."""
     grads, init = make_grads(10), make_params()
+    on = [{}, {flag: False for flag in SWITCHES[name]}, {"foreach": True}, {"differentiable": True}]
+    on += [{"fused": True}] if "fused" in SWITCHES[name] else []
     trajectories = []
-    for switches in ({}, {flag: False for flag in SWITCHES[name]}, {"foreach": True}):
-        ps = clone_params(init)
+    for switches in on:
+        ps = [p.detach() for p in clone_params(init)]  # differentiable=True steps leaf tensors needing no grad
         opt = OURS[name](ps, lr=LR[name], **switches)
         for flag in SWITCHES[name]:
             assert opt.param_groups[0][flag] == switches.get(flag, TORCH[name]([torch.zeros(1)]).defaults[flag])
         trajectories.append(run(opt, ps, grads))
-    assert_traj_close(trajectories[0], trajectories[1], EXACT)
-    assert_traj_close(trajectories[0], trajectories[2], EXACT)
-    for flag in SWITCHES[name]:
-        if flag != "foreach":
-            with pytest.raises(ValueError, match=f"^{flag}=True is not supported"):
-                OURS[name](make_params(), **{flag: True})
-            with pytest.raises(ValueError, match=f"^{flag}=True is not supported"):
-                OURS[name]([{"params": make_params(), flag: True}])
+    for other in trajectories[1:]:
+        assert_traj_close(trajectories[0], other, EXACT)
+    if "capturable" in SWITCHES[name]:
+        with pytest.raises(ValueError, match="^capturable=True is not supported"):
+            OURS[name](make_params(), capturable=True)
+        with pytest.raises(ValueError, match="^capturable=True is not supported"):
+            OURS[name]([{"params": make_params(), "capturable": True}])
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "Adam"])
+def test_fused_refuses_what_torch_refuses(name: str) -> None:
+    """fused=True: torch's errors, in its words, for what its fused kernels do not take (parameters on the
+    meta device: refused at the step; then moved to the CPU, the optimizer steps, as in torch's own test)."""
+    for cls in (OURS[name], TORCH[name]):
+        with pytest.raises(RuntimeError, match="^`fused` does not support `differentiable`$"):
+            cls(make_params(), fused=True, differentiable=True)
+        with pytest.raises(RuntimeError, match="^`fused` and `foreach` cannot be `True` together.$"):
+            cls(make_params(), fused=True, foreach=True)
+    messages = []
+    for cls in (OURS[name], TORCH[name]):
+        with torch.device("meta"):
+            model = torch.nn.Linear(3, 2)
+        opt = cls(model.parameters(), fused=True)
+        with torch.device("meta"):
+            for p in model.parameters():
+                p.grad = torch.rand_like(p)
+        with pytest.raises(RuntimeError) as refused:
+            opt.step()
+        messages.append(str(refused.value))
+        opt.zero_grad(set_to_none=True)
+        model.to_empty(device="cpu")
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert messages[0] == messages[1]
+    ints = [torch.zeros(3, dtype=torch.int64)]
+    ints[0].grad = torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="^`fused=True` requires all the params to be floating point Tensors"):
+        OURS[name](ints, fused=True).step()
+
+
+def adam_state() -> dict[str, torch.Tensor]:
+    return {"step": torch.tensor(10.0, dtype=torch.float64), "exp_avg": rand_grad(), "exp_avg_sq": rand_grad(),
+            "max_exp_avg_sq": rand_grad()}
+
+
+def rand_grad() -> torch.Tensor:
+    return torch.rand(6, dtype=torch.float64, requires_grad=True)
+
+
+# The state, then the options of TestDifferentiableOptimizer's cases (PyTorch's test/optim/test_optim.py),
+# and more of each optimizer's options.
+DIFFERENTIABLE_CASES = [
+    ("SGD", lambda: {"momentum_buffer": rand_grad()}, {"lr": 0.9}),
+    ("SGD", lambda: {"momentum_buffer": rand_grad()},
+     {"lr": 0.9, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1, "maximize": True}),
+    ("SGD", lambda: {"momentum_buffer": rand_grad()}, {"lr": 0.5, "momentum": 0.8, "dampening": 0.3}),
+    ("Adam", adam_state, {"lr": 0.9, "amsgrad": True}),
+    ("Adam", adam_state, {"lr": 0.9, "weight_decay": 0.1, "maximize": True}),
+    ("Adam", adam_state, {"lr": 0.9, "weight_decay": 0.1, "decoupled_weight_decay": True}),
+    ("RMSprop", lambda: {"step": torch.zeros((), dtype=torch.float64), "square_avg": rand_grad(),
+                         "momentum_buffer": rand_grad(), "grad_avg": (1e-2 * rand_grad()).detach().requires_grad_()},
+     {"lr": 0.9, "maximize": True, "momentum": 0.9, "centered": True, "weight_decay": 0.1}),
+    ("RMSprop", lambda: {"step": torch.zeros((), dtype=torch.float64), "square_avg": rand_grad()}, {"lr": 0.9}),
+    ("Adagrad", lambda: {"step": torch.tensor(10.0, dtype=torch.float64), "sum": rand_grad()},
+     {"lr": 0.9, "weight_decay": 0.1}),
+    ("Adagrad", lambda: {"step": torch.tensor(10.0, dtype=torch.float64), "sum": rand_grad()},
+     {"lr": 0.9, "lr_decay": 0.1, "maximize": True}),
+]
+
+
+def differentiable_step(cls: type, kwargs: dict[str, Any], p: torch.Tensor, grad: torch.Tensor,
+                        state: dict[str, torch.Tensor], *state_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One differentiable step of a copy of ``p`` from copies of ``state``: the new parameter and the
+    new state tensors that carry gradients (PyTorch's TestDifferentiableOptimizer function)."""
+    p = p.clone()
+    p.grad = grad
+    opt = cls([p], differentiable=True, **kwargs)
+    opt.state[p].update({k: v.clone() for k, v in state.items()})
+    opt.step()
+    return (p, *(v for v in opt.state[p].values() if v.requires_grad))
+
+
+@pytest.mark.parametrize("name,make_state,kwargs", DIFFERENTIABLE_CASES)
+def test_differentiable_step(name: str, make_state: Any, kwargs: dict[str, Any]) -> None:
+    """differentiable=True: autograd's gradients of the step (parameter, gradient and state in, parameter
+    and state out) pass gradcheck against finite differences, and equal torch.optim's to 1e-12."""
+    torch.manual_seed(0)
+    p, grad, state = rand_grad(), rand_grad(), make_state()
+    inputs = (p, grad, *state.values())
+    assert torch.autograd.gradcheck(lambda *args: differentiable_step(OURS[name], kwargs, args[0], args[1],
+                                                                      dict(zip(state, args[2:]))), inputs)
+    gradients = []
+    for cls in (OURS[name], TORCH[name]):
+        outputs = differentiable_step(cls, kwargs, p, grad, state)
+        weights = [torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).view_as(out) for out in outputs]
+        loss = sum((w * out).sum() for w, out in zip(weights, outputs))
+        gradients.append(torch.autograd.grad(loss, [x for x in inputs if x.requires_grad], allow_unused=True))
+    for ours, theirs in zip(*gradients):
+        if theirs is None:
+            assert ours is None or not bool(ours.any())
+        else:
+            torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(OURS))
+def test_differentiable_refuses_hyperparameters_that_require_grad(name: str) -> None:
+    """The update reads each hyperparameter as a number: one that requires grad would get no gradient,
+    so differentiable=True refuses it at the step, naming it (torch.optim records it; ours does not)."""
+    p = rand_grad().clone()
+    p.grad = torch.rand(6, dtype=torch.float64)
+    opt = OURS[name]([p], lr=torch.tensor(0.1, dtype=torch.float64, requires_grad=True), differentiable=True)
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match=r"^differentiable=True: .* not to lr \(a tensor that requires grad\)"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+def test_adam_refuses_tensor_lr_and_betas_with_foreach_like_torch() -> None:
+    tensor = torch.tensor(0.01)
+    for cls in (Adam, torch.optim.Adam):
+        with pytest.raises(ValueError, match="^lr as a Tensor is not supported for capturable=False and foreach=True$"):
+            cls(make_params(), lr=tensor, foreach=True)
+        with pytest.raises(ValueError, match=r"^betas\[0\] as a Tensor is not supported for capturable=False"):
+            cls(make_params(), betas=(torch.tensor(0.9), torch.tensor(0.99)), foreach=True)
+    Adam(make_params(), lr=tensor, foreach=False)  # without foreach=True, as torch
 
 
 @pytest.mark.parametrize("name", list(OURS))

@@ -47,19 +47,16 @@ def sets_a_switch(kwargs: dict[str, Any]) -> bool:
 CONFIG_CASES = [pytest.param(name, i, id=f"{name}-{c.desc}") for name in OURS
                 for i, c in enumerate(configs(name)) if not sets_a_switch(c.kwargs)]
 ERROR_CASES = [pytest.param(name, i, id=f"{name}-{e.optimizer_error_input.desc}") for name in OURS
-               for i, e in enumerate(error_inputs(name)) if not sets_a_switch(e.optimizer_error_input.kwargs)]
+               for i, e in enumerate(error_inputs(name))]
 
 
 def test_coverage_of_torchs_configs() -> None:
     """The counts docs/optimizers.md reports: every CPU configuration is covered (torch's db adds
-    its capturable ones only for GPUs); two of Adam's error inputs set foreach=True and are
-    skipped (torch refuses a tensor lr or betas with foreach=True; ours takes them)."""
+    its capturable ones only for GPUs), and every error input."""
     assert {name: sum(1 for p in CONFIG_CASES if p.values[0] == name) for name in OURS} == \
         {"SGD": 9, "Adagrad": 7, "Adam": 5, "RMSprop": 8}
     assert all(len(configs(name)) == len(configs(name, torch.float32)) for name in OURS)
-    skipped = [e.optimizer_error_input.desc for name in OURS for e in error_inputs(name)
-               if sets_a_switch(e.optimizer_error_input.kwargs)]
-    assert len(ERROR_CASES) == 31 and len(skipped) == 2
+    assert len(ERROR_CASES) == 33
 
 
 def with_scheduler(opt: torch.optim.Optimizer) -> Any:

@@ -83,8 +83,10 @@ class Adagrad(Optimizer):
             sparse_adagrad_(params, grads, sums, minus_clr, group["eps"])
             return
         torch._foreach_addcmul_(sums, grads, grads, value=1)
-        std = foreach_into(self._scratch(params, "denom"), torch._foreach_sqrt, torch.sqrt, sums)
-        torch._foreach_add_(std, group["eps"])
+        out = self._scratch(params, "denom")
+        std = foreach_into(out, torch._foreach_sqrt, torch.sqrt, sums)
+        # not in place: sqrt's output is what autograd's backward of it reads (differentiable=True)
+        std = foreach_into(out, torch._foreach_add, torch.add, std, group["eps"])
         self._addcdiv_scaled_(params, grads, std, minus_clr)
 
 

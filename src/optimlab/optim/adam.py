@@ -40,7 +40,7 @@ class Adam(Optimizer):
             [0, 1); both numbers or both 1-element tensors. eps: >= 0. weight_decay: >= 0 (a number
             or a 1-element tensor). amsgrad: use the running maximum of the second moment.
         foreach, capturable, differentiable, fused: torch.optim's implementation switches, accepted
-            for compatibility (see base); unlike torch.optim, a tensor ``lr`` also works with
+            for compatibility (see base); as torch.optim, a tensor ``lr`` or ``betas`` is refused with
             ``foreach=True``. maximize: ascend instead of descend. decoupled_weight_decay: AdamW.
         grad_noise_std: Gaussian gradient noise (see base).
     """
@@ -52,6 +52,8 @@ class Adam(Optimizer):
                  weight_decay: float | Tensor = 0.0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False, grad_noise_std: float = 0.0) -> None:
+        if isinstance(lr, Tensor) and foreach and not capturable:  # torch.optim's refusal (drop-in)
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
         check_lr(lr)
         check_hyperparameter("epsilon value", eps)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -63,6 +65,9 @@ class Adam(Optimizer):
         if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
             raise ValueError("betas must be either both floats or both Tensors (got "
                              f"{type(betas[0]).__name__} and {type(betas[1]).__name__})")
+        for i, beta in enumerate(betas):
+            if isinstance(beta, Tensor) and foreach and not capturable:
+                raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
         defaults = dict(lr=lr, betas=(as_hyperparameter(betas[0]), as_hyperparameter(betas[1])), eps=eps,
                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                         capturable=capturable, differentiable=differentiable, fused=fused,
@@ -97,7 +102,9 @@ class Adam(Optimizer):
             # A state_dict from a run without amsgrad has no max_exp_avg_sq yet: start it at zero.
             second = zeros_state(states, "max_exp_avg_sq", params)
             torch._foreach_maximum_(second, exp_avg_sqs)
-        denom = foreach_into(self._scratch(params, "denom"), torch._foreach_sqrt, torch.sqrt, second)
-        torch._foreach_div_(denom, bias_correction2_sqrt)
+        out = self._scratch(params, "denom")
+        denom = foreach_into(out, torch._foreach_sqrt, torch.sqrt, second)
+        # not in place: sqrt's output is what autograd's backward of it reads (differentiable=True)
+        denom = foreach_into(out, torch._foreach_div, torch.div, denom, bias_correction2_sqrt)
         torch._foreach_add_(denom, group["eps"])
         self._addcdiv_scaled_(params, exp_avgs, denom, minus_step_size)

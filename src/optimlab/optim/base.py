@@ -30,9 +30,14 @@ ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 # holding one value per member.
 Coef = float | Tensor
 
-# Implementation switches of torch.optim that we accept for drop-in compatibility. We have one
-# implementation (multi-tensor): foreach may be None, False or True; the others only off.
-UNSUPPORTED_WHEN_ON = ("fused", "capturable", "differentiable")
+# torch.optim's implementation switches. We have one implementation (multi-tensor), which computes
+# what torch's for-loop path computes: foreach and fused (None, False or True) select nothing;
+# differentiable=True records the update for autograd, as torch's does; capturable (CUDA graphs: every
+# hyperparameter read on the device) only off.
+UNSUPPORTED_WHEN_ON = ("capturable",)
+# The device types torch.optim's fused=True takes (it refuses other parameters, as ours does; the last is
+# torch's name for an out-of-tree backend).
+FUSED_DEVICE_TYPES = ("mps", "cuda", "xpu", "hpu", "cpu", "mtia", "privateuseone")
 
 
 def scalar_dtype() -> torch.dtype:
@@ -153,12 +158,13 @@ def foreach_into(out: list[Tensor] | None, foreach_op: Callable[..., list[Tensor
                  *args: Any, **kwargs: Any) -> list[Tensor]:
     """``foreach_op(*args, **kwargs)``, a fresh list from one multi-tensor call when ``out`` is None;
     else written into the ``out`` buffers by the per-tensor ``op(..., out=)`` (list arguments are
-    taken item by item; an argument may be ``out`` itself). Both give the same numbers."""
-    if out is None:
+    taken item by item; an argument may be ``out`` itself). Both give the same numbers. While autograd
+    records the update (``differentiable=True``), fresh tensors from the per-tensor ``op``: a multi-tensor
+    op saves every input for its backward, and the update then changes some of them in place."""
+    if out is None and not torch.is_grad_enabled():
         return foreach_op(*args, **kwargs)
-    for i, buf in enumerate(out):
-        op(*(a[i] if isinstance(a, list) else a for a in args), out=buf, **kwargs)
-    return out
+    outs = out or [None] * len(args[0])
+    return [op(*(a[i] if isinstance(a, list) else a for a in args), out=buf, **kwargs) for i, buf in enumerate(outs)]
 
 
 def zeros_state(states: list[dict[str, Any]], key: str, params: list[Tensor]) -> list[Tensor]:
@@ -179,9 +185,13 @@ class Optimizer(torch.optim.Optimizer):
     ``lr`` (and ``weight_decay``) may be a 1-element tensor, also set in a param group later (for
     example by an LR scheduler): it is used as torch.optim's for-loop path uses it (its arithmetic
     in the tensor's dtype, then its value), so trajectories match torch's. The implementation
-    switches ``foreach`` (None, False or True: ours is always multi-tensor), ``fused``,
-    ``capturable`` and ``differentiable`` (None or False only) are accepted and stored like torch's,
-    so state_dicts interchange with the same keys. Complex parameters are updated as pairs of reals
+    switches are accepted and stored like torch's, so state_dicts interchange with the same keys:
+    ``foreach`` and ``fused`` select nothing (ours is multi-tensor and computes what torch's for-loop
+    path computes; ``fused=True`` refuses what torch's refuses: both with ``foreach`` or
+    ``differentiable``, a parameter that is not floating point or on a device torch has fused kernels
+    for); ``differentiable=True`` lets autograd record the update (with respect to the parameters,
+    gradients and state; a hyperparameter tensor that requires grad is refused); ``capturable``
+    only off. Complex parameters are updated as pairs of reals
     with complex state; sparse gradients work where torch.optim takes them (SGD, Adagrad).
     ``load_state_dict`` fills keys an older state_dict lacks with the constructor's default (the
     option off) and turns a ``step`` saved as a number into a tensor, as torch.optim does.
@@ -229,6 +239,11 @@ class Optimizer(torch.optim.Optimizer):
             if group.get(flag):
                 raise ValueError(f"{flag}=True is not supported: optimlab's {type(self).__name__} has one "
                                  f"implementation (multi-tensor, not {flag}); leave {flag} unset or False")
+        if group.get("fused"):  # torch.optim's refusals, in its words
+            if group.get("differentiable"):
+                raise RuntimeError("`fused` does not support `differentiable`")
+            if group.get("foreach"):
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         members = group.get("members")
         if members is not None:
             if not is_count(members):
@@ -273,16 +288,25 @@ class Optimizer(torch.optim.Optimizer):
         return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
                 if p.default is not inspect.Parameter.empty}
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Autograd records the update only with differentiable=True (torch.optim's rule: the constructor's flag).
+        with torch.set_grad_enabled(bool(self.defaults.get("differentiable"))):
+            self._step_groups()
+        return loss
+
+    def _step_groups(self) -> None:
         for group in self.param_groups:
+            if torch.is_grad_enabled():
+                self._check_recordable(group)
             buckets: dict[tuple[torch.device, torch.dtype, bool], list[Tensor]] = defaultdict(list)
             for p in group["params"]:
                 if p.grad is not None:
+                    if group.get("fused"):
+                        check_fusable(p)
                     buckets[(p.device, p.dtype, p.grad.is_sparse)].append(p)
             hypers = {device: self._hyperparameters(group, device) for device, _, _ in buckets}
             for device, _, sparse in buckets:  # before any update, as torch.optim refuses: the group stays as it was
@@ -296,7 +320,6 @@ class Optimizer(torch.optim.Optimizer):
                     self._update_as_real(hyper, params, grads, states)
                 else:
                     self._update(hyper, params, self._prepared_grads(hyper, params, grads), states)
-        return loss
 
     def _hyperparameters(self, group: dict[str, Any], device: torch.device) -> dict[str, Any]:
         """The group as the update rule reads it: the group itself when ``lr`` and ``weight_decay``
@@ -312,6 +335,18 @@ class Optimizer(torch.optim.Optimizer):
                 value = member_tensor(key, value, members)
                 hyper[key] = value.to(device=device, dtype=torch.float64) if value.dim() else value
         return hyper
+
+    def _check_recordable(self, group: dict[str, Any]) -> None:
+        """Under ``differentiable=True``, a RuntimeError for a hyperparameter tensor that requires grad: the
+        update reads its value as a number, so no gradient would reach it (torch.optim's would); say so
+        rather than leave it without one."""
+        for key, value in group.items():
+            if key != "params" and any(isinstance(v, Tensor) and v.requires_grad
+                                       for v in (value if isinstance(value, (tuple, list)) else [value])):
+                raise RuntimeError(f"differentiable=True: optimlab's {type(self).__name__} records the update for "
+                                   f"autograd with respect to the parameters, gradients and state, not to {key} (a "
+                                   "tensor that requires grad); give its value as a number, or a tensor that does "
+                                   "not require grad")
 
     def _check_sparse(self, group: dict[str, Any]) -> None:
         """A RuntimeError where the group cannot take a sparse gradient (torch.optim's words where it has them)."""
@@ -384,7 +419,8 @@ class Optimizer(torch.optim.Optimizer):
     def _scratch(self, like: list[Tensor], slot: str) -> list[Tensor] | None:
         """Buffers for an update's temporaries shaped like ``like`` (one set per ``slot``), reused from
         step to step on the CPU; None on other devices, whose caching allocators make fresh
-        temporaries free, and for sparse tensors. On the CPU, fresh multi-megabyte temporaries
+        temporaries free, for sparse tensors, and while autograd records the update
+        (``differentiable=True``: it does not record writes into ``out=``). On the CPU, fresh multi-megabyte temporaries
         every step made steps up to 1.6x slower at random: glibc may hand large freed blocks back
         to the OS, and every new one then page-faults in again (measured: up to 140 faults a step).
         Not state: never saved. Keyed by the bucket's dtype and shapes, not by tensor (complex
@@ -392,7 +428,7 @@ class Optimizer(torch.optim.Optimizer):
         so they may share buffers. Made as normal tensors also in a step under ``torch.inference_mode``
         (an inference tensor could not be written by a later step outside it)."""
         first = like[0]
-        if first.device.type != "cpu" or first.is_sparse:
+        if first.device.type != "cpu" or first.is_sparse or torch.is_grad_enabled():
             return None
         key = (slot, first.dtype, tuple(t.shape for t in like))
         cache = self.__dict__.setdefault("_scratch_buffers", {})
@@ -424,6 +460,13 @@ class Optimizer(torch.optim.Optimizer):
                 states: list[dict[str, Any]]) -> None:
         """Apply one update to ``params`` (one device and dtype) given prepared ``grads``."""
         raise NotImplementedError
+
+
+def check_fusable(p: Tensor) -> None:
+    """torch.optim's refusal, before any update, of a parameter its fused kernels do not take."""
+    if not (p.device.type in FUSED_DEVICE_TYPES and torch.is_floating_point(p)):
+        raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices: "
+                           f"{list(FUSED_DEVICE_TYPES)} but {p.dtype} and {p.device.type}")
 
 
 def member_tensor(key: str, value: Tensor, members: int | None) -> Tensor:

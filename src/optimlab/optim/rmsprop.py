@@ -73,11 +73,13 @@ class RMSprop(Optimizer):
         if group["centered"]:
             grad_avgs = zeros_state(states, "grad_avg", params)
             torch._foreach_lerp_(grad_avgs, grads, 1 - alpha)
-            avg = foreach_into(out, torch._foreach_addcmul, torch.addcmul, square_avgs, grad_avgs, grad_avgs, value=-1)
-            torch._foreach_sqrt_(avg)
+            variance = foreach_into(out, torch._foreach_addcmul, torch.addcmul, square_avgs, grad_avgs, grad_avgs,
+                                    value=-1)
+            avg = foreach_into(out, torch._foreach_sqrt, torch.sqrt, variance)
         else:
             avg = foreach_into(out, torch._foreach_sqrt, torch.sqrt, square_avgs)
-        torch._foreach_add_(avg, group["eps"])
+        # not in place: sqrt's output is what autograd's backward of it reads (differentiable=True)
+        avg = foreach_into(out, torch._foreach_add, torch.add, avg, group["eps"])
         if group["momentum"] > 0:
             bufs = zeros_state(states, "momentum_buffer", params)
             torch._foreach_mul_(bufs, group["momentum"])
