@@ -228,7 +228,9 @@ def test_a_run_whose_best_checkpoint_was_never_written_tests_its_last_weights(tm
     (["model=resnet"], "model: 'resnet' is not an option; expected one of cnn, mlp (conf/model/)"),
     (["-m", "optimizer=sgd,nope"], "optimizer: 'nope' is not an option; expected one of adagrad, adam, rmsprop, sgd"),
     (["+experiment=nope"], "experiment: 'nope' is not an option"),
-    (["experiment=null"], "experiment: null is not an option; to choose none, leave experiment out or delete it"),
+    (["experiment=null"], "experiment: null is not an option; expected one of baseline, cnn, "),
+    (["model=null"], "model: null is not an option; expected one of cnn, mlp (conf/model/), or leave model out for its "
+                     "default"),
     # Hydra launched no job and exited 0, leaving the sweep folder's multirun.yaml (a probe)
     (["-m", "lr=range(0,0)"], "lr: range(0,0) sweeps no value; a sweep needs at least one"),
     (["-m", "seed=0,1", "+x=shuffle(range(3,1))", "--config-dir", "."], "x: shuffle(range(3,1)) sweeps no value"),

@@ -108,11 +108,12 @@ def command_line_error(args: list[str], conf_dir: Path) -> str | None:
         for value in override.sweep_iterator() if sweep else [override.value()]:
             for option in value if isinstance(value, list) else [value]:  # callbacks=[early_stopping,lr_monitor]
                 option = option.text if isinstance(option, QuotedString) else option  # model='cnn','mlp'
+                options = ", ".join(sorted(path.stem for path in folder.glob("*.yaml")))
                 if option is None:  # Hydra: a ValueError traceback
-                    return f"{group}: null is not an option; to choose none, leave {group} out or delete it (~{group})"
+                    return f"{group}: null is not an option; expected one of {options} (conf/{group}/), or leave " \
+                           f"{group} out for its default"
                 files = (option, f"{option}.yaml") if isinstance(option, str) else ()  # model=cnn.yaml loads too
                 if files and "${" not in option and not any((folder / name).is_file() for name in files):
-                    options = ", ".join(sorted(path.stem for path in folder.glob("*.yaml")))
                     return f"{group}: {option!r} is not an option; expected one of {options} (conf/{group}/)"
     return None
 
