@@ -1603,7 +1603,7 @@ def test_a_stop_while_members_are_finished_waits_for_the_last(mnist_root: Path, 
     for name in runs:
         assert list((tmp_path / name / "tensorboard").rglob("events.out.tfevents.*"))
         assert (tmp_path / name / ".hydra" / "config.yaml").is_file()
-    assert not list((tmp_path / ".populations").glob("*.ckpt"))
+    assert not (tmp_path / ".populations").exists()  # its checkpoint removed, and the folder (it was left, empty)
 
 
 @pytest.fixture(scope="module")
@@ -1681,6 +1681,53 @@ def test_a_killed_or_stopped_population_resumes_bitwise(mnist_root: Path, tmp_pa
         assert csv_rows(tmp_path / name / "csv" / "metrics.csv") == uninterrupted_population.csv[name]
     assert all(s["population"]["checkpoint"] is None for s in got.values()) and not checkpoint.exists()
     assert not checkpoint.parent.exists()  # the sweep's .populations/, empty, is removed too
+
+
+# Runs train.py and SIGKILLs it once the {count}-th member's files are written (its summary complete).
+SIGKILL_WHILE_FINISHING = """
+import os, runpy, signal, sys
+from optimlab.population import launcher
+write = launcher.write_member
+written = []
+def write_then_kill(run_dir, summary):
+    write(run_dir, summary)
+    written.append(run_dir)
+    if len(written) == {count}:
+        os.kill(os.getpid(), signal.SIGKILL)
+launcher.write_member = write_then_kill
+sys.argv = [sys.argv[1], "-m", *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("finished", [1, 3, 4])
+def test_a_population_killed_while_its_members_are_finished_resumes(mnist_root: Path, tmp_path: Path, finished: int,
+                                                                     uninterrupted_population: SimpleNamespace) -> None:
+    """SIGKILL once ``finished`` of the four trained members are written (complete), the checkpoint still there.
+    Rerun with resume=auto: the population is put together again, complete members too, resumes from its
+    checkpoint with nothing left to train and finishes the rest: every member equals the uninterrupted one and
+    the checkpoint is gone. Before, the rest formed a population of their own, which had no checkpoint and
+    trained again; one job left ran alone, where its record (epochs, no checkpoint of a run) was refused on
+    every rerun. With all four written, the rerun skips them and removes the checkpoint left behind."""
+    resumable = [*RESUMABLE, "hydra.launcher.executor=inline", f"hydra.sweep.dir={tmp_path}"]
+    killed = processes.run("-c", SIGKILL_WHILE_FINISHING.format(count=finished), str(REPO / "train.py"), *resumable,
+                           cwd=REPO, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    [checkpoint] = (tmp_path / ".populations").glob("*.ckpt")
+    assert sorted(s["status"] for s in summaries(tmp_path).values()) == \
+        ["complete"] * finished + ["running"] * (4 - finished)
+    resumed = train(*resumable, "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    if finished < 4:
+        assert "4 in 1 population(s), 0 alone" in resumed.stdout
+        assert f"population 1: resumed from {checkpoint} after epoch 3" in resumed.stdout
+    got = summaries(tmp_path)
+    assert {name: untimed(s) for name, s in got.items()} == uninterrupted_population.summaries
+    for name in got:
+        assert len(list((tmp_path / name / "tensorboard").glob("events.out.tfevents.*"))) == 1
+        assert scalar_events(tmp_path / name / "tensorboard") == uninterrupted_population.events[name]
+    assert not checkpoint.parent.exists()
 
 
 def test_a_members_logs_leave_a_shared_tensorboard_folders_other_files(uninterrupted_population: SimpleNamespace,

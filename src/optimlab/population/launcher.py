@@ -47,13 +47,14 @@ from optimlab.files import remove_stale_temporaries
 from optimlab.hydra_job import JobFailed, hydra_config_of, remove_dry_sweep_folder, run_composed_job, save_job_record
 from optimlab.optim import Optimizer
 from optimlab.population.best import MemberBest
-from optimlab.population.checkpoint import PopulationCheckpoint
+from optimlab.population.checkpoint import CHECKPOINTS, PopulationCheckpoint
 from optimlab.population.cluster import Executor, run_as_jobs, usable_cpus
 from optimlab.population.curvature import MemberSharpness
 from optimlab.population.data import PopulationData
 from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimizer
 from optimlab.population.plan import (Job, check_plan_is_the_sweeps, classify_all, compose_jobs, fits_beside,
-                                      group, machine_memory_share, memory_budget, plan_text, population_device)
+                                      group, machine_memory_share, memory_budget, plan_text, population_device,
+                                      rejoin_stopped_populations)
 from optimlab.population.records import PopulationRun, member_summary, write_logs, write_member
 from optimlab.population.schedule import MemberSchedules
 from optimlab.population.stacked import STACKED, StackedModel
@@ -449,6 +450,7 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
     if forked and max_parallel is None:
         max_parallel = usable_cpus()
     classify_all(jobs, max_parallel if forked else 1, elsewhere=executor is not None and executor.cluster == "slurm")
+    rejoin_stopped_populations(jobs)
     budget = memory_budget(max_memory_gib, executor, max_parallel)
     populations = group(jobs, max_members, budget)
     named = [(f"population {i}", members) for i, members in enumerate(populations, 1)]
@@ -519,6 +521,9 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
     trained = all_trained()
     recorded_elsewhere = {id(members) for _, members in elsewhere} if forked else set()
     names = {id(members): name for name, members in named}
+    # Removed at the end, also of a stopped sweep, where empty (a rerun's leftover one, emptied by rejoin_stopped_...)
+    checkpoint_folders = {sweep_dir / CHECKPOINTS} | {PopulationCheckpoint([job.run_dir for job in members], []).path
+                                                      .parent for members in populations}
     try:
         with contextlib.closing(trained):  # an error here stops the populations still training elsewhere
             for members, results in trained:
@@ -540,9 +545,10 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
                     sys.exit(EXIT_CODES[received[0]])
     except KeyboardInterrupt as stop:  # while populations trained elsewhere: they were stopped, and so is the sweep
         sys.exit(exit_code(stop))
-    for folder in {PopulationCheckpoint([job.run_dir for job in members], []).path.parent for members in populations}:
-        with contextlib.suppress(OSError):  # one that still holds an unfinished population's checkpoint stays
-            folder.rmdir()
+    finally:
+        for folder in checkpoint_folders:
+            with contextlib.suppress(OSError):  # one that still holds an unfinished population's checkpoint stays
+                folder.rmdir()
     for job in jobs:
         if job.num not in returns:
             returns[job.num] = run(job, fail_job(job) if job.error else task_function)

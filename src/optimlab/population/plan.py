@@ -35,6 +35,7 @@ from optimlab.lr_schedule import lr_monitor_unfollowed
 from optimlab.mnist_files import DataError, check_batch_limits, ensure_files, resolve_root
 from optimlab.optim import Optimizer
 from optimlab.population.best import followed as best_followed
+from optimlab.population.checkpoint import PopulationCheckpoint
 from optimlab.population.cluster import Executor, ForkedJob, can_fork
 from optimlab.population.compose import ShapeCachingLoader, task_part
 from optimlab.population.schedule import why_not_followed
@@ -377,6 +378,33 @@ def classify_all(jobs: Sequence[Job], processes: int = 1, elsewhere: bool = Fals
             else:
                 job.error, job.alone, job.key, job.values = verdict
     refuse_shared_folders(jobs)
+
+
+def rejoin_stopped_populations(jobs: Sequence[Job]) -> None:
+    """``resume=auto``: each population stopped after its training while its members were finished (a kill:
+    some members complete, its checkpoint still there) is put together again, its complete members too, under
+    a key of its own, so that it resumes from its checkpoint and finishes the rest. Without them the rest would
+    form another population, which has no checkpoint and trains from the start, or, one job left, run alone,
+    where a record of epochs without a checkpoint of its own cannot resume. A checkpoint left beside members
+    that are all complete (a kill before its removal) is removed."""
+    by_num = {job.num: job for job in jobs}
+    seen: set[tuple[int, ...]] = set()
+    for job in jobs:
+        summary = read_summary(job.run_dir) if job.config.get("resume") == "auto" else None
+        nums = tuple((summary.population or {}).get("jobs") or ()) if summary is not None else ()
+        if not nums or nums in seen or not all(num in by_num for num in nums):
+            continue
+        seen.add(nums)
+        members = [by_num[num] for num in nums]
+        checkpoint = PopulationCheckpoint([member.run_dir for member in members], [])
+        if not checkpoint.path.is_file():
+            continue
+        complete = [is_complete(member.run_dir) for member in members]
+        if all(complete):
+            checkpoint.remove()
+        elif any(complete) and all(done or member.key is not None for member, done in zip(members, complete)):
+            for member in members:
+                member.alone, member.key = None, f"stopped population {checkpoint.path.name}"
 
 
 def refuse_shared_folders(jobs: Sequence[Job]) -> None:
