@@ -377,7 +377,9 @@ def test_a_resume_refuses_overrides_it_would_ignore_and_a_diverged_run(finished_
 def test_a_run_stopped_after_its_last_epoch_resumes_to_its_test_with_its_record(finished_run: Path,
                                                                                  tmp_path: Path) -> None:
     """Killed during the test after its last epoch, a run resumed has no epoch left to train: Lightning
-    skips training, and the summary must still hold every epoch (it once came back empty)."""
+    skips training, and the summary must still hold every epoch (it once came back empty); TensorBoard shows
+    each point once (the last epoch's val/acc and train/loss, which HPARAMS reads, were logged a second time at
+    the last step: a kill probe)."""
     from conftest import compose_config
     from optimlab.train import run
 
@@ -388,6 +390,7 @@ def test_a_run_stopped_after_its_last_epoch_resumes_to_its_test_with_its_record(
     assert after.status == "complete" and after.epochs == before["epochs"] and after.regime == before["regime"]
     assert after.test_acc == pytest.approx(before["test_acc"], rel=1e-6)
     assert summary(run_dir)["epochs"] == before["epochs"]
+    assert tensorboard_scalars(run_dir) == tensorboard_scalars(finished_run)
 
 
 @pytest.mark.parametrize("epochs", [1])

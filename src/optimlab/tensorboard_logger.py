@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
@@ -60,10 +61,11 @@ class TensorBoardRunLogger(TensorBoardLogger):
         if not metrics:
             return
 
-        def logged(tag: str, value: float) -> bool:  # at this step already, a NaN as a NaN
+        def logged(tag: str, value: float) -> bool:  # at this step already (as TensorBoard keeps it, in float32)
             if tag not in self.last_logged:
                 return False
             last_step, last = self.last_logged[tag]
+            last, value = (torch.tensor(v, dtype=torch.float32).item() for v in (last, value))
             return last_step == step and (last == value or (math.isnan(last) and math.isnan(value)))
 
         new = {tag: value for tag, value in metrics.items() if not logged(tag, float(value))}
@@ -138,3 +140,7 @@ def open_after(loggers: Iterable[Logger], restart: Restart, run_dir: Path) -> No
             writer = logger.experiment.file_writer
             for event in kept:
                 writer.add_event(event, walltime=event.wall_time)
+            if isinstance(logger, TensorBoardRunLogger):  # a result logged at that step is then not logged twice
+                logger.last_logged.update((value.tag, (event.step, value.simple_value)) for event in kept
+                                          for value in event.summary.value
+                                          if value.WhichOneof("value") == "simple_value")
