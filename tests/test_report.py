@@ -170,6 +170,29 @@ def test_a_report_that_cannot_be_written_is_one_line_and_keeps_the_earlier_one(
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["0_run", "1_run", *earlier, "lr_sensitivity.png"])
 
 
+def test_a_report_stopped_while_its_files_are_moved_in_leaves_no_report_md(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill probe (a slow disk): killed between moving its files in, a report had left the new report.md beside
+    the earlier report.csv and figures. report.md now goes out first and comes in last."""
+    import optimlab.report
+
+    for n, lr in enumerate((0.1, 1.0)):
+        fake_run(tmp_path, f"{n}_run", "SGD", lr, 8, 0, 0.97)
+    report(tmp_path)
+    moved, real_replace = [], os.replace
+
+    def replace_then_stop(source: Path, target: Path) -> None:
+        if len(moved) == 1:
+            raise KeyboardInterrupt
+        moved.append(Path(target).name)
+        real_replace(source, target)
+
+    monkeypatch.setattr(optimlab.report.os, "replace", replace_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        report(tmp_path)
+    assert moved and "report.md" not in moved and not (tmp_path / "report.md").exists()
+
+
 def test_a_job_folder_linked_into_the_sweep_is_reported_once(tmp_path: Path) -> None:
     """A probe's sweep with one job's folder moved away and linked back: it was left out without a word."""
     sweep = tmp_path / "sweep"

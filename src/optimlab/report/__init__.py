@@ -40,7 +40,9 @@ OUTPUTS = ("report.md", "report.csv", "curves.png", "lr_sensitivity.png", "sharp
 def report(sweep_dir: Path, rediagnose: bool = False) -> list[Path]:
     """Write the tables and the figures that fit this sweep; return the files written. They are made in a
     folder of their own first and moved into ``sweep_dir`` together once all are written: a report that
-    fails (a full disk, a folder it may not write) leaves the earlier one as it was."""
+    fails (a full disk, a folder it may not write) leaves the earlier one as it was. ``report.md`` goes out
+    first and comes in last, so that one killed while its files are moved in leaves no ``report.md`` beside
+    a mix of the two reports' other files."""
     rows = [row_for(d, sweep_dir, rediagnose) for d in find_runs(sweep_dir)]
     if not rows:
         raise NoRuns(f"no runs (no {SUMMARY} or .hydra/ folders) under {sweep_dir}")
@@ -51,10 +53,11 @@ def report(sweep_dir: Path, rediagnose: bool = False) -> list[Path]:
     try:
         write_report(rows, sweep_dir, staging)
         made = [name for name in OUTPUTS if (staging / name).exists()]
+        (sweep_dir / "report.md").unlink(missing_ok=True)
         for name in OUTPUTS:  # what an earlier report wrote and this one does not would pass for this one's
             if name not in made:
                 (sweep_dir / name).unlink(missing_ok=True)
-        for name in made:
+        for name in sorted(made, key=lambda name: name == "report.md"):
             os.replace(staging / name, sweep_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
