@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import logging
 import os
 import signal
@@ -391,6 +392,27 @@ def test_a_run_stopped_after_its_last_epoch_resumes_to_its_test_with_its_record(
     assert after.test_acc == pytest.approx(before["test_acc"], rel=1e-6)
     assert summary(run_dir)["epochs"] == before["epochs"]
     assert tensorboard_scalars(run_dir) == tensorboard_scalars(finished_run)
+
+
+def test_a_run_held_by_another_process_is_refused_and_left_as_it_is(finished_run: Path, tmp_path: Path) -> None:
+    """A kill probe resumed one run twice at once: both trained into its folder, the last to write won. A run
+    holds its folder while it runs (a lock the system drops when it ends, also killed); another one is refused
+    in one line, nothing written; once the folder is free, the same resume runs."""
+    from conftest import compose_config
+    from optimlab.files import held
+    from optimlab.train import run
+    from optimlab.validate import ConfigError
+
+    run_dir = copy_of(finished_run, tmp_path)
+    before = summary(run_dir)
+    (run_dir / "summary.json").write_text(json.dumps({**before, "status": "interrupted", "test_acc": None}))
+    files = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    with held(run_dir) as ours:  # as the other process's run holds it (a lock of another open file)
+        assert ours
+        with pytest.raises(ConfigError, match=f"^{re.escape(str(run_dir))}: another process is running in this folder"):
+            run(compose_config(f"resume={run_dir}"), tmp_path / "cmd", [f"resume={run_dir}"])
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == files
+    assert run(compose_config(f"resume={run_dir}"), tmp_path / "cmd", [f"resume={run_dir}"]).status == "complete"
 
 
 @pytest.mark.parametrize("epochs", [1])

@@ -1,13 +1,19 @@
 """Files: writing one so that a kill at any moment leaves the old version or the new one, never half;
-whether a folder can be written; why one could not be read."""
+whether a folder can be written; a folder held by one process at a time; why one could not be read."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: folders are not locked
+    fcntl = None  # type: ignore[assignment]
 
 TEMPORARY = re.compile(r"\.(.+)\.tmp(\d+)")  # atomic_write's temporary file for <name>, by process <pid>
 
@@ -23,6 +29,29 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def held(folder: Path) -> Iterator[bool]:
+    """Hold ``folder`` for the block: yields True while this process alone holds it (an exclusive lock on the
+    folder, which the system drops when the process ends, also when it is killed), False where another process
+    holds it (the caller refuses; nothing is held then), True without locking where the system or the file
+    system has no locks."""
+    if fcntl is None:
+        yield True
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        except OSError:  # e.g. a network file system without locks
+            pass
+        yield True
+    finally:
+        os.close(descriptor)
 
 
 def read_error(err: BaseException) -> str:

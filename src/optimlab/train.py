@@ -22,7 +22,7 @@ from optimlab.build import build_parts, build_trainer, set_torch_options
 from optimlab.checkpointing import CHECKPOINT_DIR, last_checkpoint, read_checkpoint
 from optimlab.console import warn
 from optimlab.curvature import SharpnessCallback
-from optimlab.files import remove_stale_temporaries
+from optimlab.files import held, remove_stale_temporaries
 from optimlab.command_line import command_line_override
 from optimlab.hydra_job import save_job_record
 from optimlab.mnist_files import check_batch_limits
@@ -45,11 +45,13 @@ warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists 
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
-def _claim(run_dir: Path, cfg: DictConfig, new: bool) -> None:
-    """Make ``run_dir`` ours, before anything is trained: check that it can be written, clear what a
-    killed write left, and (for a new run) write Hydra's record of the job into ``.hydra/``. Hydra
-    itself writes nothing there (``hydra.output_subdir: null``), so a refused run cannot overwrite
-    another run's record."""
+@contextlib.contextmanager
+def _claim(run_dir: Path, cfg: DictConfig, new: bool) -> Iterator[None]:
+    """Make ``run_dir`` ours for the block, before anything is trained: check that it can be written, hold it
+    (:func:`~optimlab.files.held`: a second process resuming the same run is refused, else both would write
+    its files), clear what a killed write left, and (for a new run) write Hydra's record of the job into
+    ``.hydra/``. Hydra itself writes nothing there (``hydra.output_subdir: null``), so a refused run cannot
+    overwrite another run's record."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test{os.getpid()}"
@@ -57,10 +59,15 @@ def _claim(run_dir: Path, cfg: DictConfig, new: bool) -> None:
         probe.unlink()
     except OSError as err:
         raise ConfigError(f"hydra.run.dir: cannot write to {run_dir} ({err.strerror}); choose another folder") from None
-    for folder in (run_dir, run_dir / CHECKPOINT_DIR):
-        remove_stale_temporaries(folder)
-    if new:
-        save_job_record(run_dir, cfg)
+    with held(run_dir) as ours:
+        if not ours:
+            raise ConfigError(f"{run_dir}: another process is running in this folder now (a run holds its folder "
+                              "until it ends); wait for it to end, or stop it, then resume")
+        for folder in (run_dir, run_dir / CHECKPOINT_DIR):
+            remove_stale_temporaries(folder)
+        if new:
+            save_job_record(run_dir, cfg)
+        yield
 
 
 @contextlib.contextmanager
@@ -132,9 +139,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
     record.extra = {"params": sum(p.numel() for p in module.model.parameters()), "train_size": len(datamodule.train_y),
                     "label_noise_images": datamodule.noisy_count, "device": device_name(trainer.strategy.root_device)}
     # a new run writes Hydra's record of its job; so does resume=auto over a run that trained nothing (a refused job)
-    _claim(run_dir, cfg, new=ckpt is None and (previous is None or (cfg.resume == "auto" and not previous.epochs)))
-    open_after(trainer.loggers, restart, run_dir)
-    with logging_into(run_dir), stopper.handling():
+    new = ckpt is None and (previous is None or (cfg.resume == "auto" and not previous.epochs))
+    with _claim(run_dir, cfg, new), logging_into(run_dir), stopper.handling():
+        open_after(trainer.loggers, restart, run_dir)
         if ckpt is None:
             record.write("running")  # a resumed run keeps its summary until its next epoch ends
         else:
