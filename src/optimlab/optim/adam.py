@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimlab.optim.base import (Optimizer, ParamsT, as_hyperparameter, check_hyperparameter, check_lr, foreach_into,
-                                 mul_scaled_, nonzero, scalar, zeros_state, zeros_step)
+from optimlab.optim.base import (Optimizer, ParamsT, add_scaled_, as_hyperparameter, as_tensor, check_hyperparameter,
+                                 check_lr, coefficient, foreach_into, mul_scaled_, nonzero, recorded_copies, scalar,
+                                 zeros_state, zeros_step)
 
 
 class Adam(Optimizer):
@@ -92,16 +93,20 @@ class Adam(Optimizer):
             mul_scaled_(params, 1 - lr * group["weight_decay"])
         # torch.optim casts a tensor beta1 to the parameters' dtype before forming 1 - beta1.
         beta1_like_params = beta1.to(params[0].dtype) if isinstance(beta1, Tensor) else beta1
-        torch._foreach_lerp_(exp_avgs, grads, scalar(1 - beta1_like_params))
-        torch._foreach_mul_(exp_avg_sqs, scalar(beta2))
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, scalar(1 - beta2))
+        weight1 = coefficient(1 - beta1_like_params)
+        torch._foreach_lerp_(exp_avgs, grads, [weight1] * len(grads) if as_tensor(weight1) else weight1)
+        mul_scaled_(exp_avg_sqs, beta2)
+        if as_tensor(beta2):  # a betas tensor autograd records
+            add_scaled_(exp_avg_sqs, torch._foreach_mul(grads, grads), 1 - beta2)
+        else:
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, scalar(1 - beta2))
         minus_step_size = [-(lr / (1 - beta1**t)) for t in steps]
-        bias_correction2_sqrt = [scalar((1 - beta2**t) ** 0.5) for t in steps]
+        bias_correction2_sqrt = [coefficient((1 - beta2**t) ** 0.5) for t in steps]
         second = exp_avg_sqs
         if group["amsgrad"]:
             # A state_dict from a run without amsgrad has no max_exp_avg_sq yet: start it at zero.
             second = zeros_state(states, "max_exp_avg_sq", params)
-            torch._foreach_maximum_(second, exp_avg_sqs)
+            torch._foreach_maximum_(second, recorded_copies(exp_avg_sqs))
         out = self._scratch(params, "denom")
         denom = foreach_into(out, torch._foreach_sqrt, torch.sqrt, second)
         # not in place: sqrt's output is what autograd's backward of it reads (differentiable=True)

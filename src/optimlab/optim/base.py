@@ -107,27 +107,44 @@ def per_member(value: Any) -> bool:
     return isinstance(value, Tensor) and value.dim() == 1
 
 
+def as_tensor(value: Any) -> bool:
+    """Whether a coefficient is applied as a tensor, never read as a number: one value per member, or a
+    tensor autograd records (one that requires grad, in a step of ``differentiable=True``)."""
+    return per_member(value) or (isinstance(value, Tensor) and value.requires_grad and torch.is_grad_enabled())
+
+
+def coefficient(value: Coef) -> Coef:
+    """A coefficient as the update applies it: a tensor (:func:`as_tensor`) as it is, else a Python number."""
+    return value if as_tensor(value) else scalar(value)
+
+
 def member_views(value: Tensor, like: list[Tensor]) -> list[Tensor]:
     """One value per member, shaped ``[P, 1, ...]`` to broadcast over each tensor's dim 0, in the
     dtype the tensor's ops compute in (float32 for 16-bit floats), as a scalar would be used."""
     views = []
     for t in like:
         coef = value.to(dtype=torch.promote_types(t.dtype, torch.float32))
-        views.append(coef.view((-1,) + (1,) * (t.dim() - 1)))
+        views.append(coef.view((-1,) + (1,) * (t.dim() - 1)) if coef.dim() else coef)  # (a 0-d one broadcasts)
     return views
+
+
+def recorded_copies(tensors: list[Tensor]) -> list[Tensor]:
+    """``tensors``, or copies of them while autograd records the update (``differentiable=True``): a product
+    keeps its factors for the backward pass, and a parameter or a state tensor is changed in place later."""
+    return [t.clone() for t in tensors] if torch.is_grad_enabled() else tensors
 
 
 def add_scaled_(targets: list[Tensor], tensors: list[Tensor], scale: Coef) -> None:
     """``targets += scale * tensors``."""
-    if per_member(scale):
-        torch._foreach_addcmul_(targets, tensors, member_views(scale, targets))
+    if as_tensor(scale):
+        torch._foreach_addcmul_(targets, recorded_copies(tensors), member_views(scale, targets))
     else:
         torch._foreach_add_(targets, tensors, alpha=scalar(scale))
 
 
 def add_scaled(out: list[Tensor] | None, xs: list[Tensor], ys: list[Tensor], scale: Coef) -> list[Tensor]:
     """``xs + scale * ys``, into ``out`` when given (see :func:`foreach_into`)."""
-    if per_member(scale):
+    if as_tensor(scale):
         return foreach_into(out, torch._foreach_addcmul, torch.addcmul, xs, ys, member_views(scale, ys))
     return foreach_into(out, torch._foreach_add, torch.add, xs, ys, alpha=scalar(scale))
 
@@ -151,7 +168,7 @@ def mul_scaled_(targets: list[Tensor], scale: Coef) -> None:
         for t in targets:
             t.mul_(torch.tensor(scale, dtype=t.dtype, device=t.device))
         return
-    torch._foreach_mul_(targets, member_views(scale, targets) if per_member(scale) else scalar(scale))
+    torch._foreach_mul_(targets, member_views(scale, targets) if as_tensor(scale) else scalar(scale))
 
 
 def foreach_into(out: list[Tensor] | None, foreach_op: Callable[..., list[Tensor]], op: Callable[..., Tensor],
@@ -189,8 +206,9 @@ class Optimizer(torch.optim.Optimizer):
     ``foreach`` and ``fused`` select nothing (ours is multi-tensor and computes what torch's for-loop
     path computes; ``fused=True`` refuses what torch's refuses: both with ``foreach`` or
     ``differentiable``, a parameter that is not floating point or on a device torch has fused kernels
-    for); ``differentiable=True`` lets autograd record the update (with respect to the parameters,
-    gradients and state; a hyperparameter tensor that requires grad is refused); ``capturable``
+    for); ``differentiable=True`` lets autograd record the update, with respect to the parameters,
+    gradients and state and to a hyperparameter given as a tensor that requires grad (``lr``,
+    ``weight_decay``, Adam's ``betas``: applied as a tensor, never read as a number); ``capturable``
     only off. Complex parameters are updated as pairs of reals
     with complex state; sparse gradients work where torch.optim takes them (SGD, Adagrad).
     ``load_state_dict`` fills keys an older state_dict lacks with the constructor's default (the
@@ -300,8 +318,6 @@ class Optimizer(torch.optim.Optimizer):
 
     def _step_groups(self) -> None:
         for group in self.param_groups:
-            if torch.is_grad_enabled():
-                self._check_recordable(group)
             buckets: dict[tuple[torch.device, torch.dtype, bool], list[Tensor]] = defaultdict(list)
             for p in group["params"]:
                 if p.grad is not None:
@@ -335,18 +351,6 @@ class Optimizer(torch.optim.Optimizer):
                 value = member_tensor(key, value, members)
                 hyper[key] = value.to(device=device, dtype=torch.float64) if value.dim() else value
         return hyper
-
-    def _check_recordable(self, group: dict[str, Any]) -> None:
-        """Under ``differentiable=True``, a RuntimeError for a hyperparameter tensor that requires grad: the
-        update reads its value as a number, so no gradient would reach it (torch.optim's would); say so
-        rather than leave it without one."""
-        for key, value in group.items():
-            if key != "params" and any(isinstance(v, Tensor) and v.requires_grad
-                                       for v in (value if isinstance(value, (tuple, list)) else [value])):
-                raise RuntimeError(f"differentiable=True: optimlab's {type(self).__name__} records the update for "
-                                   f"autograd with respect to the parameters, gradients and state, not to {key} (a "
-                                   "tensor that requires grad); give its value as a number, or a tensor that does "
-                                   "not require grad")
 
     def _check_sparse(self, group: dict[str, Any]) -> None:
         """A RuntimeError where the group cannot take a sparse gradient (torch.optim's words where it has them)."""
@@ -394,7 +398,7 @@ class Optimizer(torch.optim.Optimizer):
                            else torch.randn_like(g) for g in grads]
             grads = foreach_into(out, torch._foreach_add, torch.add, grads, noise_draws, alpha=noise)
         if l2:
-            grads = add_scaled(out, grads, params, group["weight_decay"])
+            grads = add_scaled(out, grads, recorded_copies(params), group["weight_decay"])
         return grads
 
     def _addcdiv_scaled_(self, targets: list[Tensor], tensor1: list[Tensor], tensor2: list[Tensor],
@@ -402,10 +406,11 @@ class Optimizer(torch.optim.Optimizer):
         """``targets += scale * tensor1 / tensor2``; ``scale`` one coefficient or one per target."""
         first = scale[0] if isinstance(scale, list) else scale
         scales = scale if isinstance(scale, list) else [scale] * len(targets)
+        tensor1 = recorded_copies(tensor1)
         if beyond_dtype(scales, targets[0]):
             for t, a, b, s in zip(targets, tensor1, tensor2, scales):
                 t.addcdiv_(a * torch.tensor(scalar(s), dtype=t.dtype, device=t.device), b)
-        elif per_member(first):
+        elif as_tensor(first):
             views = [member_views(s, [t])[0] for s, t in zip(scales, targets)]
             # Scale first, then divide: the order of torch's addcdiv (value * tensor1 / tensor2).
             scaled = foreach_into(self._scratch(targets, "scaled"), torch._foreach_mul, torch.mul, tensor1, views)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from optimlab.optim.base import (Optimizer, ParamsT, add_scaled_, check_hyperparameter, check_lr, foreach_into,
-                                 zeros_state, zeros_step)
+                                 recorded_copies, zeros_state, zeros_step)
 
 
 class RMSprop(Optimizer):
@@ -73,8 +73,8 @@ class RMSprop(Optimizer):
         if group["centered"]:
             grad_avgs = zeros_state(states, "grad_avg", params)
             torch._foreach_lerp_(grad_avgs, grads, 1 - alpha)
-            variance = foreach_into(out, torch._foreach_addcmul, torch.addcmul, square_avgs, grad_avgs, grad_avgs,
-                                    value=-1)
+            means = recorded_copies(grad_avgs)
+            variance = foreach_into(out, torch._foreach_addcmul, torch.addcmul, square_avgs, means, means, value=-1)
             avg = foreach_into(out, torch._foreach_sqrt, torch.sqrt, variance)
         else:
             avg = foreach_into(out, torch._foreach_sqrt, torch.sqrt, square_avgs)

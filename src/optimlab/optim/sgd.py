@@ -76,8 +76,8 @@ class SGD(Optimizer):
                 torch._foreach_mul_(old_bufs, momentum)
                 torch._foreach_add_(old_bufs, old_grads, alpha=1 - group["dampening"])
             for s, g, f in zip(states, grads, fresh):
-                if f:  # the first buffer is the gradient itself (no dampening), as in torch.optim
-                    s["momentum_buffer"] = torch.clone(g).detach()
+                if f:  # the first buffer is the gradient itself (no dampening), as in torch.optim; a copy that
+                    s["momentum_buffer"] = torch.clone(g)  # autograd records under differentiable=True only
             bufs = [s["momentum_buffer"] for s in states]
             if group["nesterov"]:  # into the "grad" scratch, which the prepared gradients may be already
                 grads = foreach_into(self._scratch(grads, "grad"), torch._foreach_add, torch.add, grads, bufs,
