@@ -1730,6 +1730,19 @@ def test_a_population_killed_while_its_members_are_finished_resumes(mnist_root: 
     assert not checkpoint.parent.exists()
 
 
+def test_a_population_sweep_into_a_folder_another_one_runs_in_is_refused(mnist_root: Path, tmp_path: Path) -> None:
+    """Two population sweeps in one folder at once (a rerun while the first still runs) would train the same
+    populations into the same folders: the second is refused in one line and starts no job."""
+    from optimlab.files import held
+
+    with held(tmp_path) as ours:  # as the running sweep's launcher holds it
+        assert ours
+        refused = train("seed=0,1", *SMALL, "hydra/launcher=population", f"hydra.sweep.dir={tmp_path}")
+    assert refused.returncode == 1
+    assert f"{tmp_path}: another population sweep is running in this folder now" in refused.stderr
+    assert "Traceback" not in refused.stderr and not [p for p in tmp_path.iterdir() if p.is_dir()]
+
+
 def test_a_members_logs_leave_a_shared_tensorboard_folders_other_files(uninterrupted_population: SimpleNamespace,
                                                                         tmp_path: Path) -> None:
     """A member's write removes the event files an earlier write of its own left in its folder, never those

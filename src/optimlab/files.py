@@ -31,27 +31,47 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def held(folder: Path) -> Iterator[bool]:
-    """Hold ``folder`` for the block: yields True while this process alone holds it (an exclusive lock on the
-    folder, which the system drops when the process ends, also when it is killed), False where another process
-    holds it (the caller refuses; nothing is held then), True without locking where the system or the file
-    system has no locks."""
+def hold(folder: Path) -> int | None:
+    """Lock ``folder`` for this process alone (an exclusive lock, which closing the returned descriptor
+    releases, and the system when the process ends, also when it is killed): the descriptor; -1 where the
+    system or the file system has no locks; None where another process holds it (nothing is held then)."""
     if fcntl is None:
-        yield True
-        return
+        return -1
     descriptor = os.open(folder, os.O_RDONLY)
     try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        except OSError:  # e.g. a network file system without locks
-            pass
-        yield True
-    finally:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         os.close(descriptor)
+        return None
+    except OSError:  # e.g. a network file system without locks
+        pass
+    return descriptor
+
+
+@contextlib.contextmanager
+def held(folder: Path) -> Iterator[bool]:
+    """Hold ``folder`` for the block (:func:`hold`): yields whether this process holds it (False: another
+    process does, and the caller refuses)."""
+    descriptor = hold(folder)
+    try:
+        yield descriptor is not None
+    finally:
+        if descriptor is not None and descriptor >= 0:
+            os.close(descriptor)
+
+
+HELD_UNTIL_EXIT: dict[Path, int] = {}  # folder -> the descriptor that holds it
+
+
+def held_until_exit(folder: Path) -> bool:
+    """Whether this process holds ``folder`` for the rest of its life (:func:`hold`; once held, held)."""
+    folder = Path(os.path.abspath(folder))
+    if folder not in HELD_UNTIL_EXIT:
+        descriptor = hold(folder)
+        if descriptor is None:
+            return False
+        HELD_UNTIL_EXIT[folder] = descriptor
+    return True
 
 
 def read_error(err: BaseException) -> str:

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from optimlab.build import optimizer_class, set_torch_options
 from optimlab.console import say
-from optimlab.files import remove_stale_temporaries
+from optimlab.files import held_until_exit, remove_stale_temporaries
 from optimlab.hydra_job import JobFailed, hydra_config_of, remove_dry_sweep_folder, run_composed_job, save_job_record
 from optimlab.optim import Optimizer
 from optimlab.population.best import MemberBest
@@ -52,9 +52,9 @@ from optimlab.population.cluster import Executor, run_as_jobs, usable_cpus
 from optimlab.population.curvature import MemberSharpness
 from optimlab.population.data import PopulationData
 from optimlab.population.loop import MemberRecord, PopulationLoop, member_optimizer
-from optimlab.population.plan import (Job, check_plan_is_the_sweeps, classify_all, compose_jobs, fits_beside,
-                                      group, machine_memory_share, memory_budget, plan_text, population_device,
-                                      rejoin_stopped_populations)
+from optimlab.population.plan import (Job, PlanError, check_plan_is_the_sweeps, classify_all, compose_jobs,
+                                      fits_beside, group, machine_memory_share, memory_budget, plan_text,
+                                      population_device, rejoin_stopped_populations)
 from optimlab.population.records import PopulationRun, member_summary, write_logs, write_member
 from optimlab.population.schedule import MemberSchedules
 from optimlab.population.stacked import STACKED, StackedModel
@@ -446,6 +446,9 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
     jobs = compose_jobs(hydra_context, config, job_overrides, initial_job_idx)
     check_plan_is_the_sweeps(config, jobs)
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    if not held_until_exit(sweep_dir):  # two would train the same populations into the same folders
+        raise PlanError(f"{sweep_dir}: another population sweep is running in this folder now; wait for it to end, "
+                        "or stop it, then rerun with resume=auto")
     forked = executor is not None and executor.cluster == "processes"  # a forked child writes its members' files
     if forked and max_parallel is None:
         max_parallel = usable_cpus()
