@@ -42,7 +42,7 @@ from pathlib import Path  # noqa: E402 (after the handler: the imports below tak
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from optimlab.files import written_file
 from optimlab.command_line import command_line_error, composition_error, refuse
@@ -69,7 +69,8 @@ def main(cfg: DictConfig) -> float | None:
     summary = None
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        summary = run(cfg, run_dir, list(hydra_cfg.overrides.task))
+        # the override lines as typed: read through the config, lr=${nope} would be an interpolation resolved here
+        summary = run(cfg, run_dir, OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False))
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         if not multirun:

@@ -168,6 +168,10 @@ def test_unknown_keys_are_refused(override: str, key: str) -> None:
     # numbers given a bool, text or NaN: true trained with 1.0 (alpha: a blow-up), or crashed mid-run (a probe)
     ("optimizer.weight_decay=true", "optimizer.weight_decay: True is not allowed; expected a number"),
     ("optimizer.momentum=true", "optimizer.momentum: True is not allowed; expected a number"),
+    # torch.optim's switch, which our optimizers take: a run's leaf parameters failed at the first step (a review)
+    ("optimizer=adam +optimizer.differentiable=true", "optimizer.differentiable: True is not allowed; expected false "
+                                                      "(a run's parameters are leaf tensors, which a differentiable "
+                                                      "step cannot update)"),
     ("optimizer.dampening=abc", "optimizer.dampening: 'abc' is not allowed; expected a number"),
     ("optimizer.grad_noise_std=true", "optimizer.grad_noise_std: True is not allowed; expected a number"),
     ("optimizer=adam optimizer.eps=true", "optimizer.eps: True is not allowed; expected a number"),

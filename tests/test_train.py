@@ -239,6 +239,8 @@ def test_a_run_whose_best_checkpoint_was_never_written_tests_its_last_weights(tm
     (["-m", "model=mlp,cnn", "model.hidden=[8]"], "model.hidden: unknown config key"),  # the CNN's job
     (["+lr=0.2"], "+lr: lr is already in the config; set it without the + (or with ++)"),
     (["~nothere"], "~nothere: not in the config, so there is nothing to delete"),
+    # the override lines were read through the config, which resolved this one as an interpolation: a traceback
+    (["lr=${nope}"], "lr: cannot be resolved (Interpolation key 'nope' not found)"),
     (["hydra.job.chdir=abc"], "hydra.job.chdir: 'abc' cannot be merged (Value 'abc' is not a valid bool"),
     (["lr=[1,2"], "lr=[1,2: cannot be read (no viable alternative at input '[1,2'); see Hydra's override grammar"),
     (["=0.1"], "=0.1: no key before the '='"),  # a traceback

@@ -205,8 +205,8 @@ def run_composed_job(hydra_context: HydraContext, task_function: TaskFunction, s
     9 s of a 360-job population sweep."""
     hydra = sweep_config.hydra
     set_output_dir(sweep_config, output_dir)
-    ret = JobReturn(overrides=list(hydra.overrides.task), cfg=task_config, hydra_cfg=sweep_config,
-                    task_name=str(hydra.job.name))
+    ret = JobReturn(overrides=OmegaConf.to_container(hydra.overrides.task, resolve=False), cfg=task_config,
+                    hydra_cfg=sweep_config, task_name=str(hydra.job.name))
     previous_cwd = os.getcwd()
     with hydra_config_of(sweep_config):
         try:

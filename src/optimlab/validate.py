@@ -93,6 +93,9 @@ RULES: dict[str, Rule] = {
     "data.batch_size": INT_POSITIVE, "data.eval_batch_size": INT_POSITIVE, "data.download": BOOL,
     "data.test_every_epoch": BOOL, "data.seed": SEED, "data.root": optional((lambda v: isinstance(v, str), "a folder")),
     "optimizer.impl": one_of("custom", "torch"), "optimizer.lr": POSITIVE,
+    # A differentiable step updates tensors autograd tracks (meta-learning); a run's parameters are leaves it cannot.
+    "optimizer.differentiable": (lambda v: v is False, "false (a run's parameters are leaf tensors, which a "
+                                 "differentiable step cannot update)"),
     # the constructors unpack it first: a number failed as "'float' object is not iterable"
     "optimizer.betas": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(map(finite_number, v)),
                         "a pair of numbers [beta1, beta2]"),
