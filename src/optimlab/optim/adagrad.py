@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimlab.optim.base import Optimizer, ParamsT, check_hyperparameter, check_lr, foreach_into, scalar, zeros_step
+from optimlab.optim.base import (Optimizer, ParamsT, check_hyperparameter, check_lr, foreach_into, in_place, scalar,
+                                 zeros_step)
 
 
 class Adagrad(Optimizer):
@@ -85,8 +86,7 @@ class Adagrad(Optimizer):
         torch._foreach_addcmul_(sums, grads, grads, value=1)
         out = self._scratch(params, "denom")
         std = foreach_into(out, torch._foreach_sqrt, torch.sqrt, sums)
-        # not in place: sqrt's output is what autograd's backward of it reads (differentiable=True)
-        std = foreach_into(out, torch._foreach_add, torch.add, std, group["eps"])
+        std = in_place(torch._foreach_add_, torch._foreach_add, std, group["eps"])
         self._addcdiv_scaled_(params, grads, std, minus_clr)
 
 

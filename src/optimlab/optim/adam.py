@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from optimlab.optim.base import (Optimizer, ParamsT, add_scaled_, as_hyperparameter, as_tensor, check_hyperparameter,
-                                 check_lr, coefficient, foreach_into, mul_scaled_, nonzero, recorded_copies, scalar,
-                                 zeros_state, zeros_step)
+                                 check_lr, coefficient, foreach_into, in_place, mul_scaled_, nonzero, recorded_copies,
+                                 scalar, zeros_state, zeros_step)
 
 
 class Adam(Optimizer):
@@ -109,7 +109,6 @@ class Adam(Optimizer):
             torch._foreach_maximum_(second, recorded_copies(exp_avg_sqs))
         out = self._scratch(params, "denom")
         denom = foreach_into(out, torch._foreach_sqrt, torch.sqrt, second)
-        # not in place: sqrt's output is what autograd's backward of it reads (differentiable=True)
-        denom = foreach_into(out, torch._foreach_div, torch.div, denom, bias_correction2_sqrt)
+        denom = in_place(torch._foreach_div_, torch._foreach_div, denom, bias_correction2_sqrt)
         torch._foreach_add_(denom, group["eps"])
         self._addcdiv_scaled_(params, exp_avgs, denom, minus_step_size)

@@ -184,6 +184,17 @@ def foreach_into(out: list[Tensor] | None, foreach_op: Callable[..., list[Tensor
     return [op(*(a[i] if isinstance(a, list) else a for a in args), out=buf, **kwargs) for i, buf in enumerate(outs)]
 
 
+def in_place(op_: Callable[..., None], op: Callable[..., list[Tensor]], tensors: list[Tensor],
+             *args: Any) -> list[Tensor]:
+    """``op_(tensors, *args)``, a multi-tensor op in place, and ``tensors``; while autograd records the update
+    (``differentiable=True``), ``op(tensors, *args)``: fresh tensors, for the op that made ``tensors`` may read
+    them in its backward pass (a square root reads its output)."""
+    if torch.is_grad_enabled():
+        return op(tensors, *args)
+    op_(tensors, *args)
+    return tensors
+
+
 def zeros_state(states: list[dict[str, Any]], key: str, params: list[Tensor]) -> list[Tensor]:
     """Each state's ``key`` tensor, created as zeros like its parameter where missing (a state_dict
     saved with other options lacks it). Only then: ``setdefault(key, zeros_like(p))`` would

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from optimlab.optim.base import (Optimizer, ParamsT, add_scaled_, check_hyperparameter, check_lr, foreach_into,
-                                 recorded_copies, zeros_state, zeros_step)
+                                 in_place, recorded_copies, zeros_state, zeros_step)
 
 
 class RMSprop(Optimizer):
@@ -75,11 +75,10 @@ class RMSprop(Optimizer):
             torch._foreach_lerp_(grad_avgs, grads, 1 - alpha)
             means = recorded_copies(grad_avgs)
             variance = foreach_into(out, torch._foreach_addcmul, torch.addcmul, square_avgs, means, means, value=-1)
-            avg = foreach_into(out, torch._foreach_sqrt, torch.sqrt, variance)
+            avg = in_place(torch._foreach_sqrt_, torch._foreach_sqrt, variance)
         else:
             avg = foreach_into(out, torch._foreach_sqrt, torch.sqrt, square_avgs)
-        # not in place: sqrt's output is what autograd's backward of it reads (differentiable=True)
-        avg = foreach_into(out, torch._foreach_add, torch.add, avg, group["eps"])
+        avg = in_place(torch._foreach_add_, torch._foreach_add, avg, group["eps"])
         if group["momentum"] > 0:
             bufs = zeros_state(states, "momentum_buffer", params)
             torch._foreach_mul_(bufs, group["momentum"])
