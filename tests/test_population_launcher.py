@@ -1701,15 +1701,17 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("finished", [1, 3, 4])
+@pytest.mark.parametrize("finished,rerun", [(1, ()), (3, ()), (4, ()), (1, ("population.max_members=2",))])
 def test_a_population_killed_while_its_members_are_finished_resumes(mnist_root: Path, tmp_path: Path, finished: int,
+                                                                     rerun: tuple[str, ...],
                                                                      uninterrupted_population: SimpleNamespace) -> None:
     """SIGKILL once ``finished`` of the four trained members are written (complete), the checkpoint still there.
     Rerun with resume=auto: the population is put together again, complete members too, resumes from its
     checkpoint with nothing left to train and finishes the rest: every member equals the uninterrupted one and
     the checkpoint is gone. Before, the rest formed a population of their own, which had no checkpoint and
     trained again; one job left ran alone, where its record (epochs, no checkpoint of a run) was refused on
-    every rerun. With all four written, the rerun skips them and removes the checkpoint left behind."""
+    every rerun. It stays whole with a smaller max_members (it would have trained again, split in two). With all
+    four written, the rerun skips them and removes the checkpoint left behind (a dry run leaves it)."""
     resumable = [*RESUMABLE, "hydra.launcher.executor=inline", f"hydra.sweep.dir={tmp_path}"]
     killed = processes.run("-c", SIGKILL_WHILE_FINISHING.format(count=finished), str(REPO / "train.py"), *resumable,
                            cwd=REPO, timeout=300)
@@ -1717,7 +1719,9 @@ def test_a_population_killed_while_its_members_are_finished_resumes(mnist_root: 
     [checkpoint] = (tmp_path / ".populations").glob("*.ckpt")
     assert sorted(s["status"] for s in summaries(tmp_path).values()) == \
         ["complete"] * finished + ["running"] * (4 - finished)
-    resumed = train(*resumable, "resume=auto")
+    assert train(*resumable, "resume=auto", "population.dry_run=true").returncode == 0
+    assert checkpoint.is_file()
+    resumed = train(*resumable, "resume=auto", *rerun)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     if finished < 4:
         assert "4 in 1 population(s), 0 alone" in resumed.stdout

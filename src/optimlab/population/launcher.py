@@ -453,7 +453,7 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
     if forked and max_parallel is None:
         max_parallel = usable_cpus()
     classify_all(jobs, max_parallel if forked else 1, elsewhere=executor is not None and executor.cluster == "slurm")
-    rejoin_stopped_populations(jobs)
+    rejoin_stopped_populations(jobs, dry_run)
     budget = memory_budget(max_memory_gib, executor, max_parallel)
     populations = group(jobs, max_members, budget)
     named = [(f"population {i}", members) for i, members in enumerate(populations, 1)]

@@ -380,13 +380,18 @@ def classify_all(jobs: Sequence[Job], processes: int = 1, elsewhere: bool = Fals
     refuse_shared_folders(jobs)
 
 
-def rejoin_stopped_populations(jobs: Sequence[Job]) -> None:
+# The key of a population put together again (rejoin_stopped_populations): group() keeps it whole.
+REJOINED = "stopped population "
+
+
+def rejoin_stopped_populations(jobs: Sequence[Job], dry_run: bool = False) -> None:
     """``resume=auto``: each population stopped after its training while its members were finished (a kill:
     some members complete, its checkpoint still there) is put together again, its complete members too, under
-    a key of its own, so that it resumes from its checkpoint and finishes the rest. Without them the rest would
-    form another population, which has no checkpoint and trains from the start, or, one job left, run alone,
-    where a record of epochs without a checkpoint of its own cannot resume. A checkpoint left beside members
-    that are all complete (a kill before its removal) is removed."""
+    a key of its own that :func:`group` keeps whole, so that it resumes from its checkpoint and finishes the
+    rest. Without them the rest would form another population, which has no checkpoint and trains from the
+    start, or, one job left, run alone, where a record of epochs without a checkpoint of its own cannot resume.
+    A checkpoint left beside members that are all complete (a kill before its removal) is removed, but not by
+    a dry run."""
     by_num = {job.num: job for job in jobs}
     seen: set[tuple[int, ...]] = set()
     for job in jobs:
@@ -401,10 +406,11 @@ def rejoin_stopped_populations(jobs: Sequence[Job]) -> None:
             continue
         complete = [is_complete(member.run_dir) for member in members]
         if all(complete):
-            checkpoint.remove()
+            if not dry_run:
+                checkpoint.remove()
         elif any(complete) and all(done or member.key is not None for member, done in zip(members, complete)):
             for member in members:
-                member.alone, member.key = None, f"stopped population {checkpoint.path.name}"
+                member.alone, member.key = None, f"{REJOINED}{checkpoint.path.name}"
 
 
 def refuse_shared_folders(jobs: Sequence[Job]) -> None:
@@ -479,14 +485,18 @@ def group(jobs: Sequence[Job], max_members: int,
     order), so that members which share their batches sit side by side (PopulationData gathers one
     batch per run of them), split evenly into parts of at most ``max_members`` and of at most as
     many as fit in ``budget(config)`` bytes (None: no bound) by :func:`estimate_memory`; a job left
-    without a partner, or whose group cannot fit two members, runs alone."""
+    without a partner, or whose group cannot fit two members, runs alone. A population put together again
+    (:func:`rejoin_stopped_populations`) stays whole, as it trained."""
     groups: dict[str, list[Job]] = {}
     for job in jobs:
         if job.key is not None:
             groups.setdefault(job.key, []).append(job)
     populations = []
-    for members in groups.values():
+    for key, members in groups.items():
         members.sort(key=lambda job: data_order(job.resolved()))
+        if key.startswith(REJOINED):  # as it trained (its checkpoint holds all of them), whatever max_members now
+            populations.append(members)
+            continue
         limit, room = max_members, budget(members[0].plain)
         if room is not None:
             need = members[0].memory
