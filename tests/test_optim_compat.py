@@ -232,6 +232,16 @@ def test_fused_refuses_what_torch_refuses(name: str) -> None:
             p.grad = torch.ones_like(p)
         opt.step()
     assert messages[0] == messages[1]
+    if name in ("SGD", "Adagrad"):  # which take sparse gradients, but not fused (a review)
+        sparse = []
+        for cls in (OURS[name], TORCH[name]):
+            embedding = torch.nn.Embedding(5, 3, sparse=True)
+            opt = cls(embedding.parameters(), lr=0.1, fused=True)
+            embedding(torch.tensor([1, 2])).sum().backward()
+            with pytest.raises(RuntimeError) as refused:
+                opt.step()
+            sparse.append(str(refused.value))
+        assert sparse[0] == sparse[1]
     ints = [torch.zeros(3, dtype=torch.int64)]
     ints[0].grad = torch.zeros(3, dtype=torch.int64)
     with pytest.raises(RuntimeError, match="^`fused=True` requires all the params to be floating point Tensors"):

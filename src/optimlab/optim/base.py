@@ -253,6 +253,8 @@ class Optimizer(torch.optim.Optimizer):
     # torch.optim's refusal adds after "<name> does not support sparse gradients".
     supports_sparse_grads: ClassVar[bool] = False
     sparse_advice: ClassVar[str] = ""
+    # torch.optim's refusal of a sparse gradient under fused=True (where the class takes sparse ones).
+    fused_sparse_error: ClassVar[str] = ""
     # Whether complex parameters are updated as pairs of reals (torch.optim's rules with squares and
     # roots), or as complex tensors (its SGD: a complex product rounds otherwise than two real ones).
     complex_as_real: ClassVar[bool] = True
@@ -367,6 +369,8 @@ class Optimizer(torch.optim.Optimizer):
         """A RuntimeError where the group cannot take a sparse gradient (torch.optim's words where it has them)."""
         if not self.supports_sparse_grads:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients{self.sparse_advice}")
+        if group.get("fused"):
+            raise RuntimeError(self.fused_sparse_error)
         if group.get("members") is not None:
             raise RuntimeError("sparse gradients are not supported in a member-wise group")
         if l2_decay(group):

@@ -42,6 +42,7 @@ class SGD(Optimizer):
     """
 
     supports_sparse_grads = True
+    fused_sparse_error = "`_fused_sgd` does not support sparse gradients"
     complex_as_real = False
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
