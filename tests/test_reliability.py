@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import re
 import logging
 import os
@@ -413,6 +414,31 @@ def test_a_run_held_by_another_process_is_refused_and_left_as_it_is(finished_run
             run(compose_config(f"resume={run_dir}"), tmp_path / "cmd", [f"resume={run_dir}"])
     assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == files
     assert run(compose_config(f"resume={run_dir}"), tmp_path / "cmd", [f"resume={run_dir}"]).status == "complete"
+
+
+def test_a_run_whose_folder_gets_a_record_while_it_starts_leaves_it_alone(finished_run: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review's race: a run planned on an empty folder, then another process finished a run there before this
+    one held the folder; this one trained over it. Now the record it finds once it holds the folder must be the one
+    it planned from."""
+    from conftest import compose_config
+    import optimlab.train
+    from optimlab.validate import ConfigError
+
+    run_dir = tmp_path / "run"
+    build = optimlab.train.build_parts
+
+    def build_while_another_finishes(cfg):  # the other process's run ends while this one builds its parts
+        parts = build(cfg)
+        shutil.copy(finished_run / "summary.json", run_dir / "summary.json")
+        return parts
+
+    monkeypatch.setattr(optimlab.train, "build_parts", build_while_another_finishes)
+    run_dir.mkdir()
+    with pytest.raises(ConfigError, match="another process wrote this run's record while this run was starting"):
+        optimlab.train.run(compose_config(), run_dir)
+    assert (run_dir / "summary.json").read_bytes() == (finished_run / "summary.json").read_bytes()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["summary.json"]
 
 
 @pytest.mark.parametrize("epochs", [1])

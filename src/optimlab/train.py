@@ -29,7 +29,7 @@ from optimlab.mnist_files import check_batch_limits
 from optimlab.record import RunRecord, close_loggers, device_name, holds_nothing_trained, log_result, result_line
 from optimlab.resume import keep_derived_values, plan_run, refuse_changed_config, refuse_foreign_checkpoint
 from optimlab.signals import Interrupted, StopOnSignal
-from optimlab.summary import FINISHED, RunSummary, is_complete, write_summary
+from optimlab.summary import FINISHED, RunSummary, is_complete, read_summary, write_summary
 from optimlab.tensorboard_logger import Restart, open_after
 from optimlab.validate import ConfigError, check_shared_folders, validate_config
 
@@ -46,12 +46,13 @@ warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and i
 
 
 @contextlib.contextmanager
-def _claim(run_dir: Path, cfg: DictConfig, new: bool) -> Iterator[None]:
+def _claim(run_dir: Path, cfg: DictConfig, new: bool, planned: RunSummary | None) -> Iterator[None]:
     """Make ``run_dir`` ours for the block, before anything is trained: check that it can be written, hold it
     (:func:`~optimlab.files.held`: a second process resuming the same run is refused, else both would write
-    its files), clear what a killed write left, and (for a new run) write Hydra's record of the job into
-    ``.hydra/``. Hydra itself writes nothing there (``hydra.output_subdir: null``), so a refused run cannot
-    overwrite another run's record."""
+    its files), check that its record is still the one the run was planned from (``planned``: another process
+    may have written it meanwhile, then let it go), clear what a killed write left, and (for a new run) write
+    Hydra's record of the job into ``.hydra/``. Hydra itself writes nothing there (``hydra.output_subdir:
+    null``), so a refused run cannot overwrite another run's record."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test{os.getpid()}"
@@ -63,6 +64,9 @@ def _claim(run_dir: Path, cfg: DictConfig, new: bool) -> Iterator[None]:
         if not ours:
             raise ConfigError(f"{run_dir}: another process is running in this folder now (a run holds its folder "
                               "until it ends); wait for it to end, or stop it, then resume")
+        if read_summary(run_dir) != planned:
+            raise ConfigError(f"{run_dir}: another process wrote this run's record while this run was starting; run "
+                              "the command again")
         for folder in (run_dir, run_dir / CHECKPOINT_DIR):
             remove_stale_temporaries(folder)
         if new:
@@ -140,7 +144,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
                     "label_noise_images": datamodule.noisy_count, "device": device_name(trainer.strategy.root_device)}
     # a new run writes Hydra's record of its job; so does resume=auto over a run that trained nothing (a refused job)
     new = ckpt is None and (previous is None or (cfg.resume == "auto" and not previous.epochs))
-    with _claim(run_dir, cfg, new), logging_into(run_dir), stopper.handling():
+    with _claim(run_dir, cfg, new, previous), logging_into(run_dir), stopper.handling():
         open_after(trainer.loggers, restart, run_dir)
         if ckpt is None:
             record.write("running")  # a resumed run keeps its summary until its next epoch ends
