@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimlab.optim.base import (Optimizer, ParamsT, add_scaled_, as_hyperparameter, as_tensor, check_hyperparameter,
-                                 check_lr, coefficient, foreach_into, in_place, mul_scaled_, nonzero, recorded_copies,
-                                 scalar, zeros_state, zeros_step)
+from optimlab.optim.base import (Optimizer, ParamsT, add_scaled_, applied_as_tensor, as_hyperparameter,
+                                 check_hyperparameter, check_lr, coefficient, foreach_into, in_place, mul_scaled_,
+                                 nonzero, recorded_copies, scalar, zeros_state, zeros_step)
 
 
 class Adam(Optimizer):
@@ -94,9 +94,9 @@ class Adam(Optimizer):
         # torch.optim casts a tensor beta1 to the parameters' dtype before forming 1 - beta1.
         beta1_like_params = beta1.to(params[0].dtype) if isinstance(beta1, Tensor) else beta1
         weight1 = coefficient(1 - beta1_like_params)
-        torch._foreach_lerp_(exp_avgs, grads, [weight1] * len(grads) if as_tensor(weight1) else weight1)
+        torch._foreach_lerp_(exp_avgs, grads, [weight1] * len(grads) if applied_as_tensor(weight1) else weight1)
         mul_scaled_(exp_avg_sqs, beta2)
-        if as_tensor(beta2):  # a betas tensor autograd records
+        if applied_as_tensor(beta2):  # a betas tensor autograd records
             add_scaled_(exp_avg_sqs, torch._foreach_mul(grads, grads), 1 - beta2)
         else:
             torch._foreach_addcmul_(exp_avg_sqs, grads, grads, scalar(1 - beta2))

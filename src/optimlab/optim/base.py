@@ -107,15 +107,15 @@ def per_member(value: Any) -> bool:
     return isinstance(value, Tensor) and value.dim() == 1
 
 
-def as_tensor(value: Any) -> bool:
+def applied_as_tensor(value: Any) -> bool:
     """Whether a coefficient is applied as a tensor, never read as a number: one value per member, or a
     tensor autograd records (one that requires grad, in a step of ``differentiable=True``)."""
     return per_member(value) or (isinstance(value, Tensor) and value.requires_grad and torch.is_grad_enabled())
 
 
 def coefficient(value: Coef) -> Coef:
-    """A coefficient as the update applies it: a tensor (:func:`as_tensor`) as it is, else a Python number."""
-    return value if as_tensor(value) else scalar(value)
+    """A coefficient as the update applies it: a tensor (:func:`applied_as_tensor`) as it is, else a number."""
+    return value if applied_as_tensor(value) else scalar(value)
 
 
 def member_views(value: Tensor, like: list[Tensor]) -> list[Tensor]:
@@ -136,7 +136,7 @@ def recorded_copies(tensors: list[Tensor]) -> list[Tensor]:
 
 def add_scaled_(targets: list[Tensor], tensors: list[Tensor], scale: Coef) -> None:
     """``targets += scale * tensors``."""
-    if as_tensor(scale):
+    if applied_as_tensor(scale):
         torch._foreach_addcmul_(targets, recorded_copies(tensors), member_views(scale, targets))
     else:
         torch._foreach_add_(targets, tensors, alpha=scalar(scale))
@@ -144,7 +144,7 @@ def add_scaled_(targets: list[Tensor], tensors: list[Tensor], scale: Coef) -> No
 
 def add_scaled(out: list[Tensor] | None, xs: list[Tensor], ys: list[Tensor], scale: Coef) -> list[Tensor]:
     """``xs + scale * ys``, into ``out`` when given (see :func:`foreach_into`)."""
-    if as_tensor(scale):
+    if applied_as_tensor(scale):
         return foreach_into(out, torch._foreach_addcmul, torch.addcmul, xs, ys, member_views(scale, ys))
     return foreach_into(out, torch._foreach_add, torch.add, xs, ys, alpha=scalar(scale))
 
@@ -168,7 +168,7 @@ def mul_scaled_(targets: list[Tensor], scale: Coef) -> None:
         for t in targets:
             t.mul_(torch.tensor(scale, dtype=t.dtype, device=t.device))
         return
-    torch._foreach_mul_(targets, member_views(scale, targets) if as_tensor(scale) else scalar(scale))
+    torch._foreach_mul_(targets, member_views(scale, targets) if applied_as_tensor(scale) else scalar(scale))
 
 
 def foreach_into(out: list[Tensor] | None, foreach_op: Callable[..., list[Tensor]], op: Callable[..., Tensor],
@@ -425,7 +425,7 @@ class Optimizer(torch.optim.Optimizer):
         if beyond_dtype(scales, targets[0]):
             for t, a, b, s in zip(targets, tensor1, tensor2, scales):
                 t.addcdiv_(a * torch.tensor(scalar(s), dtype=t.dtype, device=t.device), b)
-        elif as_tensor(first):
+        elif applied_as_tensor(first):
             views = [member_views(s, [t])[0] for s, t in zip(scales, targets)]
             # Scale first, then divide: the order of torch's addcdiv (value * tensor1 / tensor2).
             scaled = foreach_into(self._scratch(targets, "scaled"), torch._foreach_mul, torch.mul, tensor1, views)
