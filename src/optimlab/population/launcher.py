@@ -524,7 +524,7 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
     trained = all_trained()
     recorded_elsewhere = {id(members) for _, members in elsewhere} if forked else set()
     names = {id(members): name for name, members in named}
-    # Removed at the end, also of a stopped sweep, where empty (a rerun's leftover one, emptied by rejoin_stopped_...)
+    # Removed at the end, also of a stopped sweep, where empty (one a rerun's rejoin_stopped_populations emptied too)
     checkpoint_folders = {sweep_dir / CHECKPOINTS} | {PopulationCheckpoint([job.run_dir for job in members], []).path
                                                       .parent for members in populations}
     try:
