@@ -37,7 +37,10 @@ def hold(folder: Path) -> int | None:
     system or the file system has no locks; None where another process holds it (nothing is held then)."""
     if fcntl is None:
         return -1
-    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # a folder this process may write but not read: not locked
+        return -1
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
