@@ -53,7 +53,7 @@ from optimlab.search import search_error, searching
 from optimlab.summary import returned_value
 from optimlab.signals import Interrupted, exit_code
 from optimlab.train import run
-from optimlab.validate import ConfigError
+from optimlab.validate import ConfigError, FolderInUse
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -75,8 +75,9 @@ def main(cfg: DictConfig) -> float | None:
         print(f"error: {err}", file=sys.stderr)
         if not multirun:
             sys.exit(2)
-        with contextlib.suppress(OSError):  # e.g. the refusal was that its folder cannot be written
-            record_refusal(run_dir, cfg, f"{type(err).__name__}: {err}")  # the job's failure, for the report
+        if not isinstance(err, FolderInUse):
+            with contextlib.suppress(OSError):  # e.g. the refusal was that its folder cannot be written
+                record_refusal(run_dir, cfg, f"{type(err).__name__}: {err}")  # the job's failure, for the report
         if not trial:  # one job's bad value fails that job; Hydra runs the others and reports it at the end
             raise JobFailed(str(err)) from err
     except OSError as err:  # a full disk or a folder that became unwritable mid-run: one line, not a traceback

@@ -1737,14 +1737,39 @@ def test_a_population_killed_while_its_members_are_finished_resumes(mnist_root: 
 def test_a_population_sweep_into_a_folder_another_one_runs_in_is_refused(mnist_root: Path, tmp_path: Path) -> None:
     """Two population sweeps in one folder at once (a rerun while the first still runs) would train the same
     populations into the same folders: the second is refused in one line and starts no job."""
-    from optimlab.files import held
+    from optimlab.files import hold
 
-    with held(tmp_path) as ours:  # as the running sweep's launcher holds it
-        assert ours
+    descriptor = hold(tmp_path)  # as the running sweep's launcher holds it (a lock of another open file)
+    try:
         refused = train("seed=0,1", *SMALL, "hydra/launcher=population", f"hydra.sweep.dir={tmp_path}")
+    finally:
+        os.close(descriptor)
     assert refused.returncode == 1
     assert f"{tmp_path}: another population sweep is running in this folder now" in refused.stderr
     assert "Traceback" not in refused.stderr and not [p for p in tmp_path.iterdir() if p.is_dir()]
+
+
+def test_a_job_whose_folder_another_process_runs_in_fails_alone_and_writes_nothing(mnist_root: Path,
+                                                                                   tmp_path: Path) -> None:
+    """A review: a run resumed in a member's folder and the sweep rerun at once both trained that member. The
+    sweep's job whose folder another process holds fails alone, writing nothing there; and a job that runs in
+    the sweep folder itself (hydra.sweep.subdir=.) is not refused by its own sweep's hold."""
+    from optimlab.files import hold
+
+    busy = tmp_path / "sweep" / "job0"
+    busy.mkdir(parents=True)
+    descriptor = hold(busy)  # as a run in another process holds it
+    try:
+        result = train("seed=0,1", *SMALL, "hydra/launcher=population", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                       "hydra.sweep.subdir=job${hydra.job.num}")
+    finally:
+        os.close(descriptor)
+    assert result.returncode == 1
+    assert f"error: {busy}: another process is running in this folder now" in result.stderr
+    assert not list(busy.iterdir()) and summaries(tmp_path / "sweep")["job1"]["status"] == "complete"
+    alone = train("seed=0", *SMALL, "hydra/launcher=population", f"hydra.sweep.dir={tmp_path / 'one'}",
+                  "hydra.sweep.subdir=.")
+    assert alone.returncode == 0, alone.stderr[-2000:]
 
 
 def test_a_members_logs_leave_a_shared_tensorboard_folders_other_files(uninterrupted_population: SimpleNamespace,

@@ -397,22 +397,26 @@ def test_a_run_stopped_after_its_last_epoch_resumes_to_its_test_with_its_record(
 
 def test_a_run_held_by_another_process_is_refused_and_left_as_it_is(finished_run: Path, tmp_path: Path) -> None:
     """A kill probe resumed one run twice at once: both trained into its folder, the last to write won. A run
-    holds its folder while it runs (a lock the system drops when it ends, also killed); another one is refused
-    in one line, nothing written; once the folder is free, the same resume runs."""
+    holds its folder while it runs (a lock the system drops when it ends, also killed), a population sweep its
+    sweep folder: another run there is refused in one line, nothing written; once free, the same resume runs."""
     from conftest import compose_config
-    from optimlab.files import held
+    from optimlab.files import hold
     from optimlab.train import run
-    from optimlab.validate import ConfigError
+    from optimlab.validate import FolderInUse
 
     run_dir = copy_of(finished_run, tmp_path)
     before = summary(run_dir)
     (run_dir / "summary.json").write_text(json.dumps({**before, "status": "interrupted", "test_acc": None}))
     files = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
-    with held(run_dir) as ours:  # as the other process's run holds it (a lock of another open file)
-        assert ours
-        with pytest.raises(ConfigError, match=f"^{re.escape(str(run_dir))}: another process is running in this folder"):
-            run(compose_config(f"resume={run_dir}"), tmp_path / "cmd", [f"resume={run_dir}"])
-    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == files
+    for folder, says in ((run_dir, "another process is running in this folder now"),
+                         (tmp_path, f"a population sweep is running in {tmp_path} now")):  # its sweep's folder
+        descriptor = hold(folder)  # as another process holds it (a lock of another open file)
+        try:
+            with pytest.raises(FolderInUse, match=f"^{re.escape(str(run_dir))}: {re.escape(says)}"):
+                run(compose_config(f"resume={run_dir}"), tmp_path / "cmd", [f"resume={run_dir}"])
+        finally:
+            os.close(descriptor)
+        assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == files
     assert run(compose_config(f"resume={run_dir}"), tmp_path / "cmd", [f"resume={run_dir}"]).status == "complete"
 
 

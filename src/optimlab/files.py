@@ -51,30 +51,38 @@ def hold(folder: Path) -> int | None:
     return descriptor
 
 
+HELD: set[Path] = set()  # the folders this process holds (two locks of one folder would conflict)
+
+
 @contextlib.contextmanager
 def held(folder: Path) -> Iterator[bool]:
     """Hold ``folder`` for the block (:func:`hold`): yields whether this process holds it (False: another
-    process does, and the caller refuses)."""
+    process does, and the caller refuses). A folder this process holds already stays held as it is (a
+    population sweep's job that runs in its sweep folder)."""
+    folder = Path(os.path.abspath(folder))
+    if folder in HELD:
+        yield True
+        return
     descriptor = hold(folder)
+    if descriptor is None:
+        yield False
+        return
+    HELD.add(folder)
     try:
-        yield descriptor is not None
+        yield True
     finally:
-        if descriptor is not None and descriptor >= 0:
+        HELD.discard(folder)
+        if descriptor >= 0:
             os.close(descriptor)
 
 
-HELD_UNTIL_EXIT: dict[Path, int] = {}  # folder -> the descriptor that holds it
-
-
-def held_until_exit(folder: Path) -> bool:
-    """Whether this process holds ``folder`` for the rest of its life (:func:`hold`; once held, held)."""
-    folder = Path(os.path.abspath(folder))
-    if folder not in HELD_UNTIL_EXIT:
-        descriptor = hold(folder)
-        if descriptor is None:
-            return False
-        HELD_UNTIL_EXIT[folder] = descriptor
-    return True
+def held_elsewhere(folder: Path) -> bool:
+    """Whether another process holds ``folder`` now (its lock taken and given back at once; a folder that does
+    not exist is held by none)."""
+    if not folder.is_dir():
+        return False
+    with held(folder) as ours:
+        return not ours
 
 
 def read_error(err: BaseException) -> str:

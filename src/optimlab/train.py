@@ -22,7 +22,7 @@ from optimlab.build import build_parts, build_trainer, set_torch_options
 from optimlab.checkpointing import CHECKPOINT_DIR, last_checkpoint, read_checkpoint
 from optimlab.console import warn
 from optimlab.curvature import SharpnessCallback
-from optimlab.files import held, remove_stale_temporaries
+from optimlab.files import held, held_elsewhere, remove_stale_temporaries
 from optimlab.command_line import command_line_override
 from optimlab.hydra_job import save_job_record
 from optimlab.mnist_files import check_batch_limits
@@ -31,7 +31,7 @@ from optimlab.resume import keep_derived_values, plan_run, refuse_changed_config
 from optimlab.signals import Interrupted, StopOnSignal
 from optimlab.summary import FINISHED, RunSummary, is_complete, read_summary, write_summary
 from optimlab.tensorboard_logger import Restart, open_after
-from optimlab.validate import ConfigError, check_shared_folders, validate_config
+from optimlab.validate import ConfigError, FolderInUse, check_shared_folders, validate_config
 
 # Lightning's start-up banners (GPU available, tips) drown the run's own lines.
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -62,8 +62,11 @@ def _claim(run_dir: Path, cfg: DictConfig, new: bool, planned: RunSummary | None
         raise ConfigError(f"hydra.run.dir: cannot write to {run_dir} ({err.strerror}); choose another folder") from None
     with held(run_dir) as ours:
         if not ours:
-            raise ConfigError(f"{run_dir}: another process is running in this folder now (a run holds its folder "
+            raise FolderInUse(f"{run_dir}: another process is running in this folder now (a run holds its folder "
                               "until it ends); wait for it to end, or stop it, then resume")
+        if held_elsewhere(run_dir.parent):
+            raise FolderInUse(f"{run_dir}: a population sweep is running in {run_dir.parent} now (it holds its "
+                              "folder); wait for it to end, or stop it, then resume")
         if read_summary(run_dir) != planned:
             raise ConfigError(f"{run_dir}: another process wrote this run's record while this run was starting; run "
                               "the command again")

@@ -38,6 +38,11 @@ class ConfigError(Exception):
     """A config value is not allowed; the message is one line for the user."""
 
 
+class FolderInUse(ConfigError):
+    """A run's folder is one another process runs in now: refused, and nothing written there (not even the
+    record of the refusal, which would be that run's)."""
+
+
 PRECISIONS = ("32-true", "64-true", "16-mixed", "bf16-mixed", "32", "64")  # trainer.precision's values
 
 

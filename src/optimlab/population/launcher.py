@@ -43,7 +43,7 @@ from torch import Tensor
 
 from optimlab.build import optimizer_class, set_torch_options
 from optimlab.console import say
-from optimlab.files import held_until_exit, remove_stale_temporaries
+from optimlab.files import held, remove_stale_temporaries
 from optimlab.hydra_job import JobFailed, hydra_config_of, remove_dry_sweep_folder, run_composed_job, save_job_record
 from optimlab.optim import Optimizer
 from optimlab.population.best import MemberBest
@@ -64,7 +64,7 @@ from optimlab.summary import FINISHED, RunSummary, config_key, read_summary, ret
 from optimlab.resume import override_keys, sync_epochs
 from optimlab.search import searching
 from optimlab.signals import EXIT_CODES, StopOnSignal, exit_code, signals_deferred
-from optimlab.validate import ConfigError, weight_dtype
+from optimlab.validate import ConfigError, FolderInUse, weight_dtype
 
 log = logging.getLogger(__name__)
 
@@ -408,7 +408,8 @@ def fail_job(job: Job) -> TaskFunction:
         say(f"error: {job.error}", sys.stderr)
         with contextlib.suppress(ConfigError):  # the config recorded as the run's would be: epochs given once
             sync_epochs(cfg, override_keys(job.overrides))
-        record_refusal(job.run_dir, cfg, f"{type(job.error).__name__}: {job.error}")
+        if not isinstance(job.error, FolderInUse):  # (its record would be the other process's run's)
+            record_refusal(job.run_dir, cfg, f"{type(job.error).__name__}: {job.error}")
         if searching():  # as train.py's task: the trial scores the worst value, the search goes on
             return returned_value(None, cfg)
         raise JobFailed(str(job.error)) from job.error
@@ -446,9 +447,20 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
     jobs = compose_jobs(hydra_context, config, job_overrides, initial_job_idx)
     check_plan_is_the_sweeps(config, jobs)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    if not held_until_exit(sweep_dir):  # two would train the same populations into the same folders
-        raise PlanError(f"{sweep_dir}: another population sweep is running in this folder now; wait for it to end, "
-                        "or stop it, then rerun with resume=auto")
+    with held(sweep_dir) as ours:  # two sweeps would train the same populations into the same folders
+        if not ours:
+            raise PlanError(f"{sweep_dir}: another population sweep is running in this folder now; wait for it to "
+                            "end, or stop it, then rerun with resume=auto (or choose another hydra.sweep.dir)")
+        return launch_held(hydra_context, task_function, config, jobs, sweep_dir, max_members=max_members,
+                           max_memory_gib=max_memory_gib, dry_run=dry_run, executor=executor,
+                           max_parallel=max_parallel, auto=auto)
+
+
+def launch_held(hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig, jobs: list[Job],
+                sweep_dir: Path, *, max_members: int, max_memory_gib: float | None, dry_run: bool,
+                executor: Executor | None, max_parallel: int | None, auto: bool) -> list[JobReturn]:
+    """:func:`launch`'s composed ``jobs`` planned and run while this process holds the sweep folder (a single run
+    started in one of its jobs' folders meanwhile is refused)."""
     forked = executor is not None and executor.cluster == "processes"  # a forked child writes its members' files
     if forked and max_parallel is None:
         max_parallel = usable_cpus()
@@ -509,17 +521,17 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
         room = machine_memory_share()
         children = run_as_jobs(executor, elsewhere, train_and_record, max_parallel, failed_and_recorded,
                                describe_members, admit=lambda running, members: fits_beside(running, members, room))
-        for members, (results, held) in children:
+        for members, (results, held_stop) in children:
             try:
                 yield members, results
             except BaseException as stop:  # thrown in (a stop while finishing) or closed: the children stop too
                 children.throw(stop)
                 raise
-            if held:  # a stop held while the child wrote the members' files: the sweep stops once they are finished
-                say(stopped_line(held, names[id(members)]), sys.stderr)
+            if held_stop:  # a stop held while the child wrote the members' files: the sweep stops once they are done
+                say(stopped_line(held_stop, names[id(members)]), sys.stderr)
                 with contextlib.suppress(SystemExit):  # the other populations are stopped
-                    children.throw(SystemExit(EXIT_CODES[held]))
-                sys.exit(EXIT_CODES[held])
+                    children.throw(SystemExit(EXIT_CODES[held_stop]))
+                sys.exit(EXIT_CODES[held_stop])
 
     trained = all_trained()
     recorded_elsewhere = {id(members) for _, members in elsewhere} if forked else set()

@@ -30,6 +30,7 @@ from optimlab.build import build_parts, optimizer_class
 from optimlab.checkpointing import holds_a_run, last_checkpoint
 from optimlab.curvature.tracking import measurement_iters
 from optimlab.data import load_split, split_indices
+from optimlab.files import held_elsewhere
 from optimlab.hydra_job import hydra_config_of, set_output_dir
 from optimlab.lr_schedule import lr_monitor_unfollowed
 from optimlab.mnist_files import DataError, check_batch_limits, ensure_files, resolve_root
@@ -44,8 +45,8 @@ from optimlab.population.stopping import unfollowed
 from optimlab.record import holds_nothing_trained
 from optimlab.resume import override_keys, refuse_changed_config, sync_epochs
 from optimlab.summary import SUMMARY, config_key, describe_run, dotted_value, is_complete, read_summary
-from optimlab.validate import (RULES, ConfigError, check_range, check_shared_folders, outside_files, rule_error,
-                               validate_config, weight_dtype)
+from optimlab.validate import (RULES, ConfigError, FolderInUse, check_range, check_shared_folders, outside_files,
+                               rule_error, validate_config, weight_dtype)
 
 # a population trains in its weights' dtype, without mixed precision
 POPULATION_PRECISIONS = ("32-true", "32", "64-true", "64")
@@ -313,6 +314,10 @@ def classify(job: Job, passed: set[str] | None = None, elsewhere: bool = False) 
     (:func:`shared_keys_pass`) passes without its own check. ``elsewhere``: as for :func:`why_alone`."""
     cfg = job.config
     resume = cfg.get("resume")
+    if held_elsewhere(job.run_dir):  # a run another process started there, e.g. resume=<its folder>
+        job.error = FolderInUse(f"{job.run_dir}: another process is running in this folder now; wait for it to "
+                                "end, or stop it, then rerun with resume=auto")
+        return
     # What the single-run path already decides (skip, resume, refuse to overwrite) stays its decision.
     if resume not in (None, "auto"):
         job.alone = f"resume={resume}"
