@@ -409,7 +409,7 @@ def test_a_run_held_by_another_process_is_refused_and_left_as_it_is(finished_run
     (run_dir / "summary.json").write_text(json.dumps({**before, "status": "interrupted", "test_acc": None}))
     files = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
     for folder, says in ((run_dir, "another process is running in this folder now"),
-                         (tmp_path, f"a population sweep is running in {tmp_path} now")):  # its sweep's folder
+                         (tmp_path, f"a population sweep (or another run) is running in {tmp_path} now")):
         descriptor = hold(folder)  # as another process holds it (a lock of another open file)
         try:
             with pytest.raises(FolderInUse, match=f"^{re.escape(str(run_dir))}: {re.escape(says)}"):
@@ -418,6 +418,28 @@ def test_a_run_held_by_another_process_is_refused_and_left_as_it_is(finished_run
             os.close(descriptor)
         assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == files
     assert run(compose_config(f"resume={run_dir}"), tmp_path / "cmd", [f"resume={run_dir}"]).status == "complete"
+
+
+def test_probing_a_folder_does_not_take_it_from_another_probe(tmp_path: Path) -> None:
+    """A review: the probe whether another process holds a folder took an exclusive lock for a moment, so two runs
+    starting at once under one parent folder could each see the other's probe as a population sweep there. A probe
+    (a shared lock) sees a holder, not another probe."""
+    import fcntl
+
+    from optimlab.files import hold, held_elsewhere
+
+    probe = os.open(tmp_path, os.O_RDONLY)
+    try:
+        fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)  # another process's probe, at this moment
+        assert not held_elsewhere(tmp_path)
+    finally:
+        os.close(probe)
+    holder = hold(tmp_path)
+    try:
+        assert held_elsewhere(tmp_path)
+    finally:
+        os.close(holder)
+    assert not held_elsewhere(tmp_path) and not held_elsewhere(tmp_path / "missing")
 
 
 def test_a_run_whose_folder_gets_a_record_while_it_starts_leaves_it_alone(finished_run: Path, tmp_path: Path,

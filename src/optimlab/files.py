@@ -77,12 +77,25 @@ def held(folder: Path) -> Iterator[bool]:
 
 
 def held_elsewhere(folder: Path) -> bool:
-    """Whether another process holds ``folder`` now (its lock taken and given back at once; a folder that does
-    not exist is held by none)."""
-    if not folder.is_dir():
+    """Whether another process holds ``folder`` now (:func:`hold`; a folder that does not exist is held by none).
+    The probe is a shared lock, taken and given back at once: two processes probing one folder at the same
+    moment do not see each other as its holder."""
+    folder = Path(os.path.abspath(folder))
+    if fcntl is None or folder in HELD or not folder.is_dir():
         return False
-    with held(folder) as ours:
-        return not ours
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no locks on this file system
+        return False
+    finally:
+        os.close(descriptor)
+    return False
 
 
 def read_error(err: BaseException) -> str:

@@ -65,8 +65,8 @@ def _claim(run_dir: Path, cfg: DictConfig, new: bool, planned: RunSummary | None
             raise FolderInUse(f"{run_dir}: another process is running in this folder now (a run holds its folder "
                               "until it ends); wait for it to end, or stop it, then resume")
         if held_elsewhere(run_dir.parent):
-            raise FolderInUse(f"{run_dir}: a population sweep is running in {run_dir.parent} now (it holds its "
-                              "folder); wait for it to end, or stop it, then resume")
+            raise FolderInUse(f"{run_dir}: a population sweep (or another run) is running in {run_dir.parent} now, "
+                              "which it holds; wait for it to end, or stop it, then resume")
         if read_summary(run_dir) != planned:
             raise ConfigError(f"{run_dir}: another process wrote this run's record while this run was starting; run "
                               "the command again")
