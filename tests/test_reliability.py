@@ -442,6 +442,36 @@ def test_probing_a_folder_does_not_take_it_from_another_probe(tmp_path: Path) ->
     assert not held_elsewhere(tmp_path) and not held_elsewhere(tmp_path / "missing")
 
 
+def test_a_hold_waits_out_a_probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A probe's shared lock goes at once: a run or a sweep taking its folder at that moment tries again, a
+    few times 10 ms apart, before it counts the folder as another process's."""
+    import fcntl
+
+    import optimlab.files
+    from optimlab.files import PROBE_WAITS, hold
+
+    flock, tries = fcntl.flock, []
+
+    def busy_twice(descriptor: int, operation: int) -> None:
+        tries.append(operation)
+        if len(tries) <= 2:
+            raise BlockingIOError
+        flock(descriptor, operation)
+
+    monkeypatch.setattr(optimlab.files.fcntl, "flock", busy_twice)
+    descriptor = hold(tmp_path)
+    assert descriptor is not None and len(tries) == 3
+    os.close(descriptor)
+    tries.clear()
+
+    def always_busy(descriptor: int, operation: int) -> None:
+        tries.append(operation)
+        raise BlockingIOError
+
+    monkeypatch.setattr(optimlab.files.fcntl, "flock", always_busy)
+    assert hold(tmp_path) is None and len(tries) == PROBE_WAITS + 1
+
+
 def test_a_run_whose_folder_gets_a_record_while_it_starts_leaves_it_alone(finished_run: Path, tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A review's race: a run planned on an empty folder, then another process finished a run there before this

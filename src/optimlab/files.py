@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,6 +32,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+PROBE_WAITS = 5  # tries 10 ms apart before a folder counts as held by another process
+
+
 def hold(folder: Path) -> int | None:
     """Lock ``folder`` for this process alone (an exclusive lock, which closing the returned descriptor
     releases, and the system when the process ends, also when it is killed): the descriptor; -1 where the
@@ -41,14 +45,16 @@ def hold(folder: Path) -> int | None:
         descriptor = os.open(folder, os.O_RDONLY)
     except OSError:  # a folder this process may write but not read: not locked
         return -1
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(descriptor)
-        return None
-    except OSError:  # e.g. a network file system without locks
-        pass
-    return descriptor
+    for _ in range(PROBE_WAITS + 1):
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return descriptor
+        except BlockingIOError:
+            time.sleep(0.01)  # a probe's lock (held_elsewhere) goes at once; a holder's stays
+        except OSError:  # e.g. a network file system without locks
+            return descriptor
+    os.close(descriptor)
+    return None
 
 
 HELD: set[Path] = set()  # the folders this process holds (two locks of one folder would conflict)
