@@ -35,26 +35,33 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 PROBE_WAITS = 5  # tries 10 ms apart before a folder counts as held by another process
 
 
-def hold(folder: Path) -> int | None:
-    """Lock ``folder`` for this process alone (an exclusive lock, which closing the returned descriptor
-    releases, and the system when the process ends, also when it is killed): the descriptor; -1 where the
-    system or the file system has no locks; None where another process holds it (nothing is held then)."""
+def lock(folder: Path, shared: bool = False, tries: int = 1) -> int | None:
+    """A lock on ``folder`` (exclusive, or ``shared``), which closing the returned descriptor releases, and the
+    system when the process ends, also when it is killed: the descriptor; -1 where the system or the file system
+    has no locks (or the folder may not be read); None where another process's lock stands in the way after
+    ``tries`` tries 10 ms apart (nothing is held then)."""
     if fcntl is None:
         return -1
     try:
         descriptor = os.open(folder, os.O_RDONLY)
     except OSError:  # a folder this process may write but not read: not locked
         return -1
-    for _ in range(PROBE_WAITS + 1):
+    for attempt in range(tries):
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(descriptor, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             return descriptor
         except BlockingIOError:
-            time.sleep(0.01)  # a probe's lock (held_elsewhere) goes at once; a holder's stays
+            if attempt + 1 < tries:
+                time.sleep(0.01)  # a probe's lock (held_elsewhere) goes at once; a holder's stays
         except OSError:  # e.g. a network file system without locks
             return descriptor
     os.close(descriptor)
     return None
+
+
+def hold(folder: Path) -> int | None:
+    """Lock ``folder`` for this process alone (:func:`lock`, exclusive, waiting out a probe's lock)."""
+    return lock(folder, tries=PROBE_WAITS + 1)
 
 
 HELD: set[Path] = set()  # the folders this process holds (two locks of one folder would conflict)
@@ -83,25 +90,16 @@ def held(folder: Path) -> Iterator[bool]:
 
 
 def held_elsewhere(folder: Path) -> bool:
-    """Whether another process holds ``folder`` now (:func:`hold`; a folder that does not exist is held by none).
-    The probe is a shared lock, taken and given back at once: two processes probing one folder at the same
-    moment do not see each other as its holder."""
+    """Whether another process holds ``folder`` now (a folder that does not exist is held by none). The probe is
+    a shared lock, taken and given back at once: two processes probing one folder at the same moment do not
+    see each other as its holder."""
     folder = Path(os.path.abspath(folder))
-    if fcntl is None or folder in HELD or not folder.is_dir():
+    if folder in HELD or not folder.is_dir():
         return False
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:  # no locks on this file system
-        return False
-    finally:
+    descriptor = lock(folder, shared=True)
+    if descriptor is not None and descriptor >= 0:
         os.close(descriptor)
-    return False
+    return descriptor is None
 
 
 def read_error(err: BaseException) -> str:
