@@ -44,7 +44,7 @@ from optimlab.population.stacked import STACKED, build_member
 from optimlab.population.stopping import unfollowed
 from optimlab.record import holds_nothing_trained
 from optimlab.resume import override_keys, refuse_changed_config, sync_epochs
-from optimlab.summary import SUMMARY, config_key, describe_run, dotted_value, is_complete, read_summary
+from optimlab.summary import FINISHED, SUMMARY, config_key, describe_run, dotted_value, is_complete, read_summary
 from optimlab.validate import (RULES, ConfigError, FolderInUse, check_range, check_shared_folders, outside_files,
                                rule_error, validate_config, weight_dtype)
 
@@ -398,9 +398,10 @@ def rejoin_stopped_populations(jobs: Sequence[Job], dry_run: bool = False) -> No
     A checkpoint left beside members that are all complete (a kill before its removal) is removed, but not by
     a dry run."""
     by_num = {job.num: job for job in jobs}
+    summary_of = functools.cache(lambda num: read_summary(by_num[num].run_dir))  # each read once
     seen: set[tuple[int, ...]] = set()
     for job in jobs:
-        summary = read_summary(job.run_dir) if job.config.get("resume") == "auto" else None
+        summary = summary_of(job.num) if job.config.get("resume") == "auto" else None
         nums = tuple((summary.population or {}).get("jobs") or ()) if summary is not None else ()
         if not nums or nums in seen or not all(num in by_num for num in nums):
             continue
@@ -409,7 +410,7 @@ def rejoin_stopped_populations(jobs: Sequence[Job], dry_run: bool = False) -> No
         checkpoint = PopulationCheckpoint([member.run_dir for member in members], [])
         if not checkpoint.path.is_file():
             continue
-        complete = [is_complete(member.run_dir) for member in members]
+        complete = [(saved := summary_of(num)) is not None and saved.status in FINISHED for num in nums]
         if all(complete):
             if not dry_run:
                 checkpoint.remove()
