@@ -242,6 +242,7 @@ def test_a_run_whose_best_checkpoint_was_never_written_tests_its_last_weights(tm
     # the override lines were read through the config, which resolved this one as an interpolation: a traceback
     (["lr=${nope}"], "lr: cannot be resolved (Interpolation key 'nope' not found)"),
     (["hydra.job.chdir=abc"], "hydra.job.chdir: 'abc' cannot be merged (Value 'abc' is not a valid bool"),
+    (["hydra.verbose=3"], "hydra.verbose: 3 is not allowed; expected true, false, a logger's name"),  # traceback
     (["lr=[1,2"], "lr=[1,2: cannot be read (no viable alternative at input '[1,2'); see Hydra's override grammar"),
     (["=0.1"], "=0.1: no key before the '='"),  # a traceback
     (["lr=0.1,0.2"], "lr=0.1,0.2: a sweep of several values, which needs -m (--multirun)"),  # six lines

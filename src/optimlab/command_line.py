@@ -19,7 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, QuotedString, ValueType
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 def command_line_override(key: str, value: str) -> str:
@@ -201,6 +201,9 @@ def compose_each(parser: OverridesParser, conf_dir: Path, overrides: list[str], 
     sweep, error = composed(None)
     if sweep is None:
         return error
+    verbose = sweep.hydra.verbose  # Hydra asserts this as it sets up its logging: a bare AssertionError traceback
+    if not (isinstance(verbose, (bool, str)) or OmegaConf.is_list(verbose)):
+        return f"hydra.verbose: {verbose!r} is not allowed; expected true, false, a logger's name or a list of names"
     sweeper = str(sweep.hydra.sweeper._target_)
     multirun = multirun or sweep.hydra.mode == RunMode.MULTIRUN
     if (swept or searched) and not multirun:
