@@ -166,23 +166,37 @@ def test_unknown_keys_are_refused(override: str, key: str) -> None:
     ("+trainer.max_steps=null", "trainer.max_steps: None is not allowed; expected one of -1 (a run stops after whole "
                                 "epochs, which the diagnosis judges; use epochs or trainer.limit_train_batches)"),
     # numbers given a bool, text or NaN: true trained with 1.0 (alpha: a blow-up), or crashed mid-run (a probe)
-    ("optimizer.weight_decay=true", "optimizer.weight_decay: True is not allowed; expected a number"),
-    ("optimizer.momentum=true", "optimizer.momentum: True is not allowed; expected a number"),
+    ("optimizer.weight_decay=true", "optimizer.weight_decay: True is not allowed; expected a finite number"),
+    ("optimizer.momentum=true", "optimizer.momentum: True is not allowed; expected a number in [0, 1) (from 1 up "
+                                "the momentum buffer never decays)"),
+    # torch.optim takes these; in a run they are no optimizer (a probe: each trained, and was diagnosed by its lr)
+    ("optimizer=rmsprop optimizer.momentum=1.5", "optimizer.momentum: 1.5 is not allowed; expected a number in [0, 1) "
+                                                 "(from 1 up the momentum buffer never decays)"),
+    ("optimizer.momentum=0.9 optimizer.dampening=2", "optimizer.dampening: 2 is not allowed; expected a number in "
+                                                     "[0, 1] (above 1 each gradient enters the momentum buffer with "
+                                                     "its sign flipped: the steps climb the loss)"),
+    ("optimizer=adam optimizer.eps=0", "optimizer.eps: 0 is not allowed; expected a number > 0 (with 0, a weight whose "
+                                       "gradients have all been 0, e.g. of a pixel that is 0 in every image, is "
+                                       "updated by 0 / 0 = NaN)"),
+    ("optimizer=rmsprop optimizer.eps=0.0", "optimizer.eps: 0.0 is not allowed; expected a number > 0 (with 0, a weight "
+                                            "whose gradients have all been 0, e.g. of a pixel that is 0 in every "
+                                            "image, is updated by 0 / 0 = NaN)"),
     # torch.optim's switch, which our optimizers take: a run's leaf parameters failed at the first step (a review)
     ("optimizer=adam +optimizer.differentiable=true", "optimizer.differentiable: True is not allowed; expected false "
                                                       "(a run's parameters are leaf tensors, which a differentiable "
                                                       "step cannot update)"),
-    ("optimizer.dampening=abc", "optimizer.dampening: 'abc' is not allowed; expected a number"),
-    ("optimizer.grad_noise_std=true", "optimizer.grad_noise_std: True is not allowed; expected a number"),
-    ("optimizer=adam optimizer.eps=true", "optimizer.eps: True is not allowed; expected a number"),
-    ("optimizer=rmsprop optimizer.alpha=nan", "optimizer.alpha: nan is not allowed; expected a number"),
+    ("optimizer.dampening=abc", "optimizer.dampening: 'abc' is not allowed; expected a number in [0, 1] (above 1 each "
+                                "gradient enters the momentum buffer with its sign flipped: the steps climb the loss)"),
+    ("optimizer.grad_noise_std=true", "optimizer.grad_noise_std: True is not allowed; expected a finite number"),
+    ("optimizer=adam optimizer.eps=true", "optimizer.eps: True is not allowed; expected a finite number"),
+    ("optimizer=rmsprop optimizer.alpha=nan", "optimizer.alpha: nan is not allowed; expected a finite number"),
     ("optimizer=adagrad optimizer.initial_accumulator_value=true",
-     "optimizer.initial_accumulator_value: True is not allowed; expected a number"),
-    ("optimizer=adagrad optimizer.lr_decay=false", "optimizer.lr_decay: False is not allowed; expected a number"),
+     "optimizer.initial_accumulator_value: True is not allowed; expected a finite number"),
+    ("optimizer=adagrad optimizer.lr_decay=false", "optimizer.lr_decay: False is not allowed; expected a finite number"),
     ("curvature.tol=1.5", "curvature.tol: 1.5 is not allowed; expected a number in (0, 1)"),  # 52% low (a probe)
     ("trainer.fast_dev_run=-1",
      "trainer.fast_dev_run: -1 is not allowed; expected true, false or a number of batches >= 0"),
-    ("model.init_std=[1]", "model.init_std: [1] is not allowed; expected a number"),
+    ("model.init_std=[1]", "model.init_std: [1] is not allowed; expected a finite number"),
 ])
 def test_values_no_constructor_checks_are_refused_in_one_line(override: str, line: str) -> None:
     """Flags (torch.optim's constructors take any truthy value: 'no' switched centering on), numbers (a
@@ -191,6 +205,15 @@ def test_values_no_constructor_checks_are_refused_in_one_line(override: str, lin
     with pytest.raises(ConfigError) as refused:
         validate_config(compose_config(*override.split()))
     assert str(refused.value) == line
+
+
+def test_eps_zero_is_allowed_where_nothing_divides_by_zero() -> None:
+    """Adagrad's positive initial accumulator keeps its denominator above 0; SGD's dampening 1 is a momentum
+    buffer that keeps its first gradient only (torch's meaning)."""
+    validate_config(compose_config("optimizer=adagrad", "optimizer.eps=0", "optimizer.initial_accumulator_value=0.1"))
+    validate_config(compose_config("optimizer.momentum=0.99", "optimizer.dampening=1"))
+    with pytest.raises(ConfigError, match="^optimizer.eps: 0 is not allowed"):
+        validate_config(compose_config("optimizer=adagrad", "optimizer.eps=0"))
 
 
 @pytest.mark.parametrize("override, line", [
@@ -258,7 +281,7 @@ def test_a_run_never_replaces_another_runs_files_in_a_folder_set_outside_its_own
 def test_flags_accept_booleans_and_null_where_null_is_the_default() -> None:
     for override in ("optimizer.maximize=true", "optimizer=adam optimizer.amsgrad=false", "+optimizer.foreach=null",
                      "+optimizer.foreach=true", "trainer.limit_train_batches=0.5", "trainer.overfit_batches=0.0",
-                     "optimizer.momentum=1", "optimizer=adam optimizer.eps=0", "trainer.overfit_batches=2",
+                     "optimizer.momentum=0", "optimizer=adam optimizer.eps=1", "trainer.overfit_batches=2",
                      "trainer.fast_dev_run=2"):  # Lightning's n batches (it had been refused as not a bool; a probe)
         validate_config(compose_config(*override.split()))
 

@@ -43,7 +43,7 @@ INT_POSITIVE: Rule = (is_count, "an integer >= 1")
 INT_NON_NEGATIVE: Rule = (lambda v: is_integer(v) and v >= 0, "an integer >= 0")
 SEED: Rule = (lambda v: is_integer(v) and 0 <= v < 2**32, "an integer in [0, 2**32)")
 BOOL: Rule = (lambda v: isinstance(v, bool), "true or false")
-NUMBER: Rule = (finite_number, "a number")
+NUMBER: Rule = (finite_number, "a finite number")
 INTEGER: Rule = (is_integer, "an integer")
 
 

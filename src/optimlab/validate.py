@@ -101,6 +101,11 @@ RULES: dict[str, Rule] = {
     # A differentiable step updates tensors autograd tracks (meta-learning); a run's parameters are leaves it cannot.
     "optimizer.differentiable": (lambda v: v is False, "false (a run's parameters are leaf tensors, which a "
                                  "differentiable step cannot update)"),
+    # torch.optim takes any momentum and dampening >= 0
+    "optimizer.momentum": (lambda v: finite_number(v) and 0 <= v < 1,
+                           "a number in [0, 1) (from 1 up the momentum buffer never decays)"),
+    "optimizer.dampening": (UNIT_CLOSED[0], "a number in [0, 1] (above 1 each gradient enters the momentum buffer "
+                                            "with its sign flipped: the steps climb the loss)"),
     # the constructors unpack it first: a number failed as "'float' object is not iterable"
     "optimizer.betas": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(map(finite_number, v)),
                         "a pair of numbers [beta1, beta2]"),
@@ -338,6 +343,7 @@ def validate_config(cfg: DictConfig, complete: bool = True) -> None:
     for section, node in built:
         if node and (errors := parameter_errors(section, node) + unchecked_errors(section, node)):
             raise ConfigError(errors[0])
+    check_epsilon(cfg.optimizer)
     if cfg.optimizer.get("impl") == "torch" and cfg.optimizer.get("grad_noise_std", 0) != 0:
         raise ConfigError("optimizer.grad_noise_std: gradient noise is an option of optimlab's optimizers "
                           "only; use optimizer.impl=custom")
@@ -350,6 +356,17 @@ def validate_config(cfg: DictConfig, complete: bool = True) -> None:
     _check_hardware(cfg.trainer.accelerator, cfg.trainer.precision)
     if cfg.get("resume") not in (None, "auto"):
         resume_target(cfg.resume)
+
+
+def check_epsilon(optimizer: DictConfig) -> None:
+    """Refuse ``eps`` 0 (torch.optim takes it) where it divides by 0: the first update of a weight whose
+    gradients have all been 0 (an MNIST pixel that is 0 in every image) is 0 / 0 = NaN, and the run would read
+    as diverged by its lr. Adagrad's positive ``initial_accumulator_value`` keeps its denominator above 0."""
+    eps = optimizer.get("eps")
+    accumulated = optimizer.get("initial_accumulator_value")
+    if finite_number(eps) and eps == 0 and not (finite_number(accumulated) and accumulated > 0):
+        raise ConfigError(refusal("optimizer.eps", eps, "a number > 0 (with 0, a weight whose gradients have all been "
+                                  "0, e.g. of a pixel that is 0 in every image, is updated by 0 / 0 = NaN)"))
 
 
 def resume_target(resume: str) -> Path:

@@ -70,8 +70,8 @@ def check_hyperparameter(label: str, value: Any, low: float = 0.0, high: float =
         raise TypeError(f"Invalid {label}: {value!r} (must be a real number)")
     ok = math.isfinite(number)  # NumPy's scalars and bools too, as torch.optim takes them
     if not (ok and low <= number and (number < high if high_open else number <= high)):
-        bound = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
-        raise ValueError(f"Invalid {label}: {value} (must be a finite number in {bound})")
+        bound = f">= {low}" if high == math.inf else f"in [{low}, {high})" if high_open else f"in [{low}, {high}]"
+        raise ValueError(f"Invalid {label}: {value} (must be a finite number {bound})")
 
 
 def check_lr(lr: Any) -> None:
