@@ -40,7 +40,7 @@ def load_split(root: Path, train: bool) -> tuple[Tensor, Tensor]:
     images = read_idx(folder / f"{prefix}-images-idx3-ubyte", 2).unsqueeze(1).float().div_(255.0)
     labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte", 0).long()
     if labels.numel() and labels.max() > 9:
-        raise DataError(f"{folder}: labels outside 0..9 in the {'train' if train else 'test'} split")
+        raise DataError(f"data.root: {folder}: labels outside 0..9 in the {'train' if train else 'test'} split")
     return images, labels
 
 

@@ -48,15 +48,15 @@ def check_idx(path: Path, magic: int, item_dims: int) -> int:
     with path.open("rb") as f:
         head = f.read(header)
     if len(head) < header:
-        raise DataError(f"{path}: truncated IDX file ({size} bytes, shorter than its {header}-byte header)")
+        raise DataError(f"data.root: {path}: truncated IDX file ({size} bytes, shorter than its {header}-byte header)")
     found_magic, count, *dims = struct.unpack(f">{2 + item_dims}I", head)
     if found_magic != magic:
-        raise DataError(f"{path}: not an MNIST IDX file (magic number {found_magic}, expected {magic})")
+        raise DataError(f"data.root: {path}: not an MNIST IDX file (magic number {found_magic}, expected {magic})")
     if item_dims and dims != [28, 28]:
-        raise DataError(f"{path}: images are {dims[0]}x{dims[1]}, expected 28x28")
+        raise DataError(f"data.root: {path}: images are {dims[0]}x{dims[1]}, expected 28x28")
     expected = header + count * (28 * 28 if item_dims else 1)
     if size != expected:
-        raise DataError(f"{path}: corrupted or truncated IDX file ({size} bytes; its header promises "
+        raise DataError(f"data.root: {path}: corrupted or truncated IDX file ({size} bytes; its header promises "
                         f"{count} items, {expected} bytes)")
     return count
 
@@ -89,7 +89,7 @@ def ensure_files(root: Path, download: bool) -> None:
     for split in ("train", "t10k"):
         n_img, n_lab = counts[f"{split}-images-idx3-ubyte"], counts[f"{split}-labels-idx1-ubyte"]
         if n_img != n_lab:
-            raise DataError(f"{folder}: {split} has {n_img} images but {n_lab} labels")
+            raise DataError(f"data.root: {folder}: {split} has {n_img} images but {n_lab} labels")
 
 
 def epoch_batches(items: int, batch_size: int, limit: int | float | None,
