@@ -235,6 +235,7 @@ def test_a_summary_of_another_shape_is_unreadable_not_a_traceback(tmp_path: Path
     assert main([str(tmp_path)]) == 0
     rows = {r["run"]: r for r in csv.DictReader((tmp_path / "report.csv").open())}
     assert rows["1_run"]["error"] == "summary.json unreadable" and rows["0_run"]["regime"] == "healthy"
+    assert rows["1_run"]["regime"] == "unreadable"
 
 
 def test_a_finished_run_recorded_without_its_label_is_diagnosed_from_its_history(
@@ -661,14 +662,16 @@ def test_a_job_without_a_readable_summary_is_placed_by_its_hydra_record(tmp_path
     (tmp_path / "lost" / ".hydra").mkdir(parents=True)  # no record at all: listed, not placed
     report(tmp_path)
     rows = {r["run"]: r for r in csv.DictReader((tmp_path / "report.csv").open())}
-    for name, error in (("1.0_0", "no summary.json (the job ended before writing one)"),
-                        ("1.0_1", "summary.json unreadable")):
+    # an unreadable summary is not counted as a crash: how that run ended is unknown (a probe)
+    for name, label, error in (("1.0_0", "crashed", "no summary.json (the job ended before writing one)"),
+                               ("1.0_1", "unreadable", "summary.json unreadable")):
         assert {k: rows[name][k] for k in ("optimizer", "lr", "widths", "seed", "regime", "error", "setting")} == {
-            "optimizer": "sgd", "lr": "1", "widths": "8", "seed": name[-1], "regime": "crashed", "error": error,
+            "optimizer": "sgd", "lr": "1", "widths": "8", "seed": name[-1], "regime": label, "error": error,
             "setting": "sgd"}
     assert rows["lost"]["lr"] == "" and rows["lost"]["regime"] == "crashed"
     text = (tmp_path / "report.md").read_text()
-    assert "**crashed** in sgd 8 at lr 1" in text
+    assert "**crashed** in sgd 8 at lr 1. **unreadable** in sgd 8 at lr 1." in text
+    assert "7 runs. Regimes: healthy 4, crashed 2, unreadable 1" in text
 
 
 def test_a_refused_job_with_a_negative_lr_is_listed_but_not_placed_on_the_lr_axis(tmp_path: Path) -> None:

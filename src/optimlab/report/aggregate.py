@@ -11,13 +11,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from optimlab.regimes import LABELS
-from optimlab.report.rows import UNFINISHED, by_setting_and_width, has_test_acc, measured_at_start, on_lr_axis
+from optimlab.report.rows import (UNFINISHED, UNREADABLE, by_setting_and_width, has_test_acc, measured_at_start,
+                                  on_lr_axis)
 
 
-# What a figure colours a run by: its regime, or crashed (no diagnosis), interrupted (stopped before its end) or
-# unfinished (its record stops mid-run: still running, or killed); the last two drawn only where there is one.
-PLOT_LABELS = (*LABELS, "crashed", "interrupted", UNFINISHED)
-STOPPED = ("interrupted", UNFINISHED)
+# What a figure colours a run by: its regime, or crashed (no diagnosis), interrupted (stopped before its end),
+# unfinished (its record stops mid-run: still running, or killed) or unreadable (its summary); the last three
+# drawn only where there is one.
+PLOT_LABELS = (*LABELS, "crashed", "interrupted", UNFINISHED, UNREADABLE)
+ONLY_WHERE_DRAWN = ("interrupted", UNFINISHED, UNREADABLE)
 
 
 UNSTABLE = ("oscillating", "diverging")

@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from optimlab.regimes import LABELS
-from optimlab.report.aggregate import PLOT_LABELS, STOPPED, MapCell, grid_position, label_counts, majority
+from optimlab.report.aggregate import ONLY_WHERE_DRAWN, PLOT_LABELS, MapCell, grid_position, label_counts, majority
 from optimlab.report.rows import tested_at_lr, width_key
 from optimlab.report.tables import fmt
 
 
 REGIME_COLORS = {"healthy": "#2ca02c", "slow": "#1f77b4", "oscillating": "#ff7f0e", "diverging": "#d62728",
                  "underfit": "#9467bd", "overfit": "#8c564b", "crashed": "#7f7f7f", "interrupted": "#bbbbbb",
-                 "unfinished": "#e4e4e4"}
+                 "unfinished": "#e4e4e4", "unreadable": "#000000"}
 
 
 MAX_CURVES = 48  # beyond this curves.png would be unreadable; the tables still list every run
@@ -179,7 +179,7 @@ def plot_regime_map(cells: dict[tuple[str, str, float], MapCell], path: Path,
     from matplotlib.colors import ListedColormap
 
     drawn = {label for cell in cells.values() for label in cell.counts}
-    labels = [label for label in PLOT_LABELS if label not in STOPPED or label in drawn]
+    labels = [label for label in PLOT_LABELS if label not in ONLY_WHERE_DRAWN or label in drawn]
     optimizers = sorted({key[0] for key in cells})
     lrs = sorted({key[2] for key in cells})
     widths = sorted({key[1] for key in cells}, key=width_key)

@@ -40,6 +40,9 @@ class UnreadableRecord(ValueError):
 # The label of a run whose record stops mid-run (its summary's status still ``running``): its job is still
 # running, or was killed (SIGKILL, a power cut); the report cannot tell which.
 UNFINISHED = "unfinished"
+# The label of a run whose summary is there but cannot be read as one (cut short, edited, of another program):
+# the report cannot tell how it ended, so it is not counted as crashed.
+UNREADABLE = "unreadable"
 
 
 def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, Any]:
@@ -49,9 +52,10 @@ def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, An
     s = read_summary(run_dir)
     rel = str(run_dir.relative_to(root)) if run_dir != root else "."
     if s is None:
-        unwritten = f"no {SUMMARY} (the job ended before writing one)"
-        why = f"{SUMMARY} unreadable" if (run_dir / SUMMARY).exists() else unwritten
-        return {"run": rel, "status": "crashed", "regime": "crashed", "epochs": 0, "history": [], "error": why,
+        there = (run_dir / SUMMARY).exists()
+        label, why = (UNREADABLE, f"{SUMMARY} unreadable") if there else \
+            ("crashed", f"no {SUMMARY} (the job ended before writing one)")
+        return {"run": rel, "status": label, "regime": label, "epochs": 0, "history": [], "error": why,
                 **job_coordinates(run_dir)}
     history, run, config = s.epochs, s.run, plain_numbers(s.config)
 
