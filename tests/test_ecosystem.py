@@ -210,6 +210,22 @@ def test_a_search_in_which_no_trial_finished_fails(tmp_path: Path) -> None:
     ("+hydra.sweeper.params.seed='range(1, 5, 0)'", "hydra.sweeper.params.seed: 'range(1, 5, 0)' needs a step above 0"),
     ("+hydra.sweeper.params.optimized_metric='choice(val/acc, val/loss)'",  # a trial would minimise in a maximising study
      "hydra.sweeper.params.optimized_metric: 'choice(val/acc, val/loss)' can draw 'val/loss', and hydra.sweeper.direction"),
+    # a trial Hydra cannot compose: the study had begun, its first trial ended it in Hydra's lines (a probe)
+    ("+hydra.sweeper.params.foo='choice(1,2)'", "foo: unknown config key here, swept by hydra.sweeper.params"),
+    ("+hydra.sweeper.params.optimizer.momentum='interval(0,0.9)'",  # Hydra: "Cannot convert 'dict' to string"
+     "+hydra.sweeper.params.optimizer.momentum: on the command line Hydra reads the dots of optimizer.momentum as "
+     "nesting"),
+    # a sampler or storage Optuna cannot make or open: a traceback, or Hydra's three lines (a probe)
+    ("hydra.sweeper.storage=bogus://x", "hydra.sweeper.storage: 'bogus://x' cannot be opened (NoSuchModuleError: "
+                                        "Can't load plugin: sqlalchemy.dialects:bogus)"),
+    ("hydra.sweeper.storage=sqlite:////nonexistent/x.db", "hydra.sweeper.storage: 'sqlite:////nonexistent/x.db' cannot "
+                                                          "be opened (OperationalError: (sqlite3.OperationalError) "
+                                                          "unable to open database file)"),
+    ("hydra.sweeper.sampler._target_=nope.Nope", "hydra.sweeper.sampler: cannot be made (Error locating target "
+                                                 "'nope.Nope')"),
+    ("+hydra.sweeper.sampler.bogus=1", "hydra.sweeper.sampler: cannot be made (Error in call to target "),
+    ("hydra.sweeper.sampler._target_=collections.OrderedDict", "hydra.sweeper.sampler._target_: 'collections.OrderedDict'"
+                                                               " is not allowed; expected an Optuna sampler"),
 ])
 def test_a_search_that_cannot_work_is_refused_before_its_first_trial(tmp_path: Path, override: str, error: str) -> None:
     result = sweep("hparams_search=optuna", *TINY, override, f"hydra.sweep.dir={tmp_path / 'sweep'}")

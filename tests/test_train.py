@@ -256,7 +256,7 @@ def test_a_run_whose_best_checkpoint_was_never_written_tests_its_last_weights(tm
     (["-m", "optimizer=sgd,adam", "optimizer.momentum=0.9"],  # only Adam's jobs lack it: said so
      "optimizer.momentum: unknown config key with optimizer=adam (nothing reads it there)"),
     # the sweep config's own sweep of model.hidden, with model=cnn (Hydra's lines after writing multirun.yaml)
-    (["-m", "sweep=regime_map_reduced", "model=cnn"], "model.hidden: unknown config key here, swept by the sweep config's"),
+    (["-m", "sweep=regime_map_reduced", "model=cnn"], "model.hidden: unknown config key here, swept by hydra.sweeper.params"),
 ])
 def test_an_option_a_config_group_lacks_or_an_empty_sweep_is_one_line(tmp_path: Path, args: list[str], error: str) -> None:
     """Hydra's error was several lines and a pointer to HYDRA_FULL_ERROR (``experiment=null``: a traceback)."""

@@ -118,7 +118,7 @@ def command_line_error(args: list[str], conf_dir: Path) -> str | None:
     return None
 
 
-SWEEP_PARAMS = "the sweep config's hydra.sweeper.params"
+SWEEP_PARAMS = "hydra.sweeper.params"
 MODES = ("--run", "--multirun", "--cfg", "--info", "--shell-completion")  # Hydra takes one at a time
 
 
@@ -128,8 +128,9 @@ def composition_error(args: list[str], conf_dir: Path) -> str | None:
     own settings, an override its grammar cannot read, a sweep without ``-m``, two of Hydra's modes), or
     None. Hydra's own error is several lines ending in a pointer to HYDRA_FULL_ERROR (or a traceback), in
     a sweep mid-way. A sweep is composed at its first values and at each option of a swept config group
-    (``model=mlp,cnn model.hidden=[8]``: the CNN has no hidden widths), also those its sweep config lists
-    (``hydra.sweeper.params``), one composition each (~0.1 s); a search's ``interval`` is left out. The
+    (``model=mlp,cnn model.hidden=[8]``: the CNN has no hidden widths), also those its sweeper's parameters
+    list (``hydra.sweeper.params``; a search's ranges at their starts: a trial Hydra cannot compose ends the
+    search in its error), one composition each (~0.1 s); a command line's search ranges are left out. The
     commands of :func:`runs_nothing` or :func:`adds_configs` and a ``glob`` of options are left to Hydra."""
     flags = {hydra_flag(arg) for arg in args}
     modes = sorted(flags & set(MODES))
@@ -152,6 +153,10 @@ def composition_error(args: list[str], conf_dir: Path) -> str | None:
         key = override.key_or_group
         if not key:
             return f"{arg}: no key before the '='"
+        if "." in (name := key.removeprefix("hydra.sweeper.params.")) and name != key:  # Hydra: "Cannot convert 'dict'"
+            return f"{arg.split('=', 1)[0]}: on the command line Hydra reads the dots of {name} as nesting, which a " \
+                   f"sweeper's parameters cannot hold; list {name} under hydra.sweeper.params in a config file " \
+                   "(as conf/hparams_search/optuna.yaml lists lr)"
         keys.add(key)
         group = (conf_dir / key).is_dir() or key.startswith("hydra/")
         if not override.is_sweep_override():
@@ -181,7 +186,7 @@ def compose_each(parser: OverridesParser, conf_dir: Path, overrides: list[str], 
                  swept: dict[int, list[str]], searched: list[int], multirun: bool) -> str | None:
     """:func:`composition_error`'s compositions, inside Hydra's initialisation: the sweep's own config (its
     overrides less the sweeps, as Hydra composes it: its mode and sweeper), the first values, then each other
-    value of a swept group, with the sweep config's own sweeps of keys the command does not give (``given``). An
+    value of a swept group, with the sweeper's own parameters of keys the command does not give (``given``). An
     error that is not Hydra's (or a ValueError) is left to Hydra, which meets it too."""
     firsts = {place: values[0] for place, values in swept.items()}
 
@@ -217,16 +222,31 @@ def compose_each(parser: OverridesParser, conf_dir: Path, overrides: list[str], 
         cfg, error = composed(firsts)
         if cfg is None:
             return error
-    params = (sweep.hydra.sweeper.get("params") or {}) if sweeper.endswith(".BasicSweeper") and multirun else {}
+    search = not sweeper.endswith(".BasicSweeper")  # whose trials each draw one value of every parameter
+    if search and multirun:
+        from optimlab.search import search_space_error  # (which imports this module)
+
+        if error := search_space_error(sweep.hydra.sweeper, conf_dir):  # its words first: which draw, and why
+            return error
     added = False
-    for key, value in params.items():  # the sweep config's own sweeps, as Hydra's basic sweeper adds them
-        if key not in given and (override := parser.parse_override(f"{key}={value}")).is_sweep_override():
+    for key, value in (sweep.hydra.sweeper.get("params") or {}).items() if multirun else ():
+        # the sweep's or search's own parameters, as its sweeper adds them to a job's overrides
+        try:
+            override = parser.parse_override(f"{key}={value}")
+        except HydraException:  # (the search's check refuses it, naming it)
+            continue
+        if key in given or not (search or override.is_sweep_override()):
+            continue
+        if override.is_discrete_sweep():
             values = sweep_values(parser, override, key, conf_dir if (conf_dir / key).is_dir() else None)
             if values and None not in values:
                 swept[len(overrides)], firsts[len(overrides)] = values, values[0]
                 overrides = [*overrides, f"{key}={value}"]
                 added = True
-    if added:  # with the sweep config's, at their first values
+        else:  # a search's range (interval) at its start, or its fixed value
+            overrides = [*overrides, f"{key}={override.value().start if override.is_sweep_override() else value}"]
+            added = True
+    if added:  # with the sweep's parameters, at their first values
         cfg, error = composed(firsts, SWEEP_PARAMS)
         if cfg is None:
             return error

@@ -74,7 +74,8 @@ def search_space_error(sweeper: DictConfig, conf_dir: Path | None) -> str | None
     interval from 0 or below, a range's step not positive); an option the config group in ``conf_dir`` does not
     have (None: the command has other config folders, whose options Hydra's composition decides); a value a
     key's rule refuses (every trial that draws it would fail: an interval's bounds, a range's lowest and highest
-    draw, each choice); an ``optimized_metric`` against the search's direction. What the rules cannot see (a
+    draw, each choice); an ``optimized_metric`` against the search's direction. (A trial whose config cannot be
+    composed, command_line.composition_error refuses before Hydra starts.) What the rules cannot see (a
     constructor's own checks) fails its trial alone, which then scores the metric's worst value."""
     parser = OverridesParser.create()
     for key, expression in (sweeper.get("params") or {}).items():
@@ -104,6 +105,36 @@ def search_space_error(sweeper: DictConfig, conf_dir: Path | None) -> str | None
                 return f"{where}: {expression!r} can draw {value!r}, and {error}"
             if key == "optimized_metric" and (error := search_error(OmegaConf.create({key: value}), sweeper)):
                 return f"{where}: {expression!r} can draw {value!r}, and {error}"
+    return None
+
+
+def one_line(err: Exception) -> str:
+    """``err``'s message as one line (Hydra's instantiation error is two, and points at HYDRA_FULL_ERROR)."""
+    lines = [line.strip().rstrip(":") for line in str(err).split(", set env var HYDRA_FULL_ERROR")[0].splitlines()]
+    return ": ".join(line for line in lines if line and not line.startswith(("(Background on this error", "full_key:")))
+
+
+def backend_error(sweeper: DictConfig) -> str | None:
+    """Why the search's ``sampler`` cannot be made or its ``storage`` opened, or None: Optuna's sweeper
+    ends there in Hydra's three lines (a class it cannot import) or a traceback (a database it cannot
+    open: an unknown dialect, a folder that does not exist). Opening a storage creates it, as the sweeper
+    would next."""
+    import optuna  # (the sweeper's own dependency: imported only for a search)
+    from hydra.utils import instantiate
+
+    if (sampler := sweeper.get("sampler")) is not None:
+        try:
+            made = instantiate(sampler)
+        except Exception as err:
+            return f"hydra.sweeper.sampler: cannot be made ({one_line(err)})"
+        if not isinstance(made, optuna.samplers.BaseSampler):
+            return refusal("hydra.sweeper.sampler._target_", sampler.get("_target_"),
+                           "an Optuna sampler, e.g. optuna.samplers.TPESampler")
+    if (storage := sweeper.get("storage")) is not None:
+        try:
+            optuna.storages.get_storage(storage)
+        except Exception as err:
+            return f"hydra.sweeper.storage: {storage!r} cannot be opened ({type(err).__name__}: {one_line(err)})"
     return None
 
 
@@ -140,7 +171,8 @@ class CheckSearch(Callback):
         self.started = time.time() - 2  # a file system may round a file's time down to whole seconds
         sweeper = config.hydra.sweeper
         if is_search(sweeper) and (error := search_error(config, sweeper) or
-                                   search_space_error(sweeper, own_config_dir(config))):
+                                   search_space_error(sweeper, own_config_dir(config)) or
+                                   backend_error(sweeper)):
             refuse(error)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
