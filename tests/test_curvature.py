@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import run_script
@@ -258,6 +259,48 @@ def test_sharpness_leaves_modes_grads_and_the_global_generator_alone() -> None:
     assert torch.equal(model[4].running_mean, torch.zeros(3, dtype=F64))  # no batch-norm update
     model.eval()
     assert value == pytest.approx(float(torch.linalg.eigvalsh(full_hessian(model, x, y))[-1]), rel=1e-6)
+
+
+def test_a_module_that_overrides_train_has_its_train_mode_restored_by_train() -> None:
+    """A module whose own train() does more than set the flag (freezes a part in eval mode, say): setting
+    ``training`` back left what its eval() did in place (a probe)."""
+    class Switches(nn.Sequential):
+        switched: list[bool] = []
+
+        def train(self, mode: bool = True) -> Switches:
+            self.switched.append(mode)
+            return super().train(mode)
+
+    model, x, y = mlp(nn.Tanh, 0)
+    model = Switches(*model).train()
+    model[2].eval()  # and a child in its own mode
+    sharpness(model, x, y)
+    assert model.switched == [True, False, True]  # train() above, eval() and the restoring train(True)
+    assert [m.training for m in model.modules()] == [True, True, True, False]
+
+
+def test_attention_is_measured_on_its_math_kernel() -> None:
+    """The CPU's flash attention kernel has no double backward: a raw RuntimeError (a probe)."""
+    g = torch.Generator().manual_seed(0)
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.attend = nn.Linear(2, 4, dtype=F64), nn.MultiheadAttention(4, 1, batch_first=True,
+                                                                                        dtype=F64)
+            self.out = nn.Linear(4, 3, dtype=F64)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.embed(x)
+            return self.out(self.attend(h, h, h, need_weights=False)[0].mean(1))
+
+    model = Attention()
+    fill(model, g, 1.0)
+    x, y = torch.randn(5, 3, 2, generator=g, dtype=F64), torch.randint(0, 3, (5,), generator=g)
+    value = sharpness(model, x, y, iters=200, tol=1e-12)
+    with sdpa_kernel(SDPBackend.MATH):  # (the explicit Hessian too)
+        expected = float(torch.linalg.eigvalsh(full_hessian(model, x, y))[-1])
+    assert value == pytest.approx(expected, rel=1e-6)
 
 
 def test_a_compiled_model_is_measured_eagerly() -> None:

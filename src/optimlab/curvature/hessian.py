@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from optimlab.curvature.lanczos import check_iteration, lanczos
 
@@ -32,17 +33,21 @@ class Eigenpair(NamedTuple):
 def evaluation(model: nn.Module) -> Iterator[None]:
     """Eval mode (no dropout, batch norm on its running statistics) and grad mode for the block (also
     under ``torch.no_grad`` or ``torch.inference_mode``), each module's own mode restored after.
-    Compiled modules run eagerly inside, since ``torch.compile`` does not support double backward."""
+    Compiled modules run eagerly inside, since ``torch.compile`` does not support double backward, and
+    attention (``scaled_dot_product_attention``) on its math kernel: the CPU's flash kernel has none either."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
     try:
-        with torch.inference_mode(False), torch.enable_grad(), \
+        with torch.inference_mode(False), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), \
                 (set_stance("force_eager") if set_stance else contextlib.nullcontext()):
             yield
     finally:
+        # by train(), which a module may override (to freeze a part in eval mode, say): its effects are undone
+        # too; in module order, parents first, as train() sets a module's children with it
         for m, training in modes:
-            m.training = training
+            if m.training != training:
+                m.train(training)
 
 
 def trainable(model: nn.Module) -> list[Tensor]:
