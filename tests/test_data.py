@@ -85,6 +85,15 @@ def test_corrupted_idx_files_give_a_clear_error(tiny_mnist: Path, damage: str) -
         module(tiny_mnist)
 
 
+def test_a_label_outside_the_ten_classes_is_refused_naming_data_root(tiny_mnist: Path) -> None:
+    path = tiny_mnist / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    data = bytearray(path.read_bytes())
+    data[8] = 12  # the first label (after the 8-byte header)
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"^data\.root: .*: labels outside 0\.\.9 in the train split$"):
+        module(tiny_mnist)
+
+
 def test_subset_larger_than_the_data_is_refused(tiny_mnist: Path) -> None:
     with pytest.raises(DataError, match="data.subset"):
         module(tiny_mnist, val_size=16, subset=49)

@@ -224,8 +224,8 @@ def test_a_search_in_which_no_trial_finished_fails(tmp_path: Path) -> None:
     ("hydra.sweeper.sampler._target_=nope.Nope", "hydra.sweeper.sampler: cannot be made (Error locating target "
                                                  "'nope.Nope')"),
     ("+hydra.sweeper.sampler.bogus=1", "hydra.sweeper.sampler: cannot be made (Error in call to target "),
-    ("hydra.sweeper.sampler._target_=collections.OrderedDict", "hydra.sweeper.sampler._target_: 'collections.OrderedDict'"
-                                                               " is not allowed; expected an Optuna sampler"),
+    ("hydra.sweeper.sampler._target_=collections.OrderedDict",
+     "hydra.sweeper.sampler._target_: 'collections.OrderedDict' is not allowed; expected an Optuna sampler"),
 ])
 def test_a_search_that_cannot_work_is_refused_before_its_first_trial(tmp_path: Path, override: str, error: str) -> None:
     result = sweep("hparams_search=optuna", *TINY, override, f"hydra.sweep.dir={tmp_path / 'sweep'}")
@@ -250,6 +250,32 @@ def test_a_search_spaces_options_are_checked_only_where_the_commands_configs_are
     mine = OmegaConf.create({"params": {"optimizer": "choice(sgd, mysgd)"}})
     assert search_space_error(mine, None) is None
     assert "'mysgd' is not an option" in search_space_error(mine, CONF)
+
+
+def test_a_float_intervals_end_is_no_draw_and_a_partial_sampler_or_a_sqlite_storage_is_taken(tmp_path: Path) -> None:
+    """Optuna (2.x) draws a float interval's end excluded; the grid sampler is a partial (the sweeper adds the
+    search space); a sqlite storage is opened twice, a study continued (a review: the momentum rule refused
+    interval(0.0, 1.0), the sampler check the grid sampler, and with SQLAlchemy 2 no storage opened)."""
+    from omegaconf import OmegaConf
+
+    from optimlab.search import backend_error, search_space_error
+
+    def space(expression: str) -> str | None:
+        return search_space_error(OmegaConf.create({"params": {"optimizer.momentum": expression}}), CONF)
+
+    assert space("interval(0, 1)") is None  # (Hydra reads its bounds as floats)
+    assert space("int(interval(0, 1))") == "hydra.sweeper.params.optimizer.momentum: 'int(interval(0, 1))' can draw " \
+        "1, and optimizer.momentum: 1 is not allowed; expected a number below 1 (from 1 up the momentum buffer never " \
+        "decays)"
+    grid = {"_target_": "optuna.samplers.GridSampler", "_partial_": True}
+    database = tmp_path / "study.db"
+    for _ in range(2):
+        assert backend_error(OmegaConf.create({"sampler": grid, "storage": f"sqlite:///{database}"})) is None
+    assert database.is_file()
+    missing = tmp_path / "nowhere" / "study.db"
+    assert backend_error(OmegaConf.create({"storage": f"sqlite:///{missing}"})).startswith(
+        f"hydra.sweeper.storage: 'sqlite:///{missing}' cannot be opened (OperationalError: ")
+    assert not missing.parent.exists()
 
 
 def test_a_search_direction_is_read_as_optunas_sweeper_reads_it() -> None:

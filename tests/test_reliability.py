@@ -792,8 +792,30 @@ def test_a_resume_with_a_bad_epochs_value_is_one_line(finished_run: Path, tmp_pa
     from optimlab.validate import ConfigError
 
     overrides = [f"resume={finished_run}", "epochs=ten"]
-    with pytest.raises(ConfigError, match=r"epochs: 'ten' is not allowed"):
+    with pytest.raises(ConfigError, match=r"epochs: 'ten' is not allowed") as refused:
         run(compose_config(*overrides), tmp_path / "cmd", overrides)
+    assert "recorded config" not in str(refused.value)  # the command's value, not the run's
+
+
+def test_a_resume_refused_for_a_recorded_value_says_the_run_holds_it(finished_run: Path, tmp_path: Path) -> None:
+    """A run recorded with a value refused since (momentum 1: a probe had trained one before the rule): the
+    refusal named a key the command did not give."""
+    from conftest import compose_config
+    from optimlab.train import run
+    from optimlab.validate import ConfigError
+
+    run_dir = copy_of(finished_run, tmp_path)
+    saved = summary(run_dir)
+    saved["config"]["optimizer"]["momentum"] = 1.0
+    (run_dir / "summary.json").write_text(json.dumps(saved))
+    before = files_of(run_dir)
+    overrides = [f"resume={run_dir}", "epochs=2"]
+    with pytest.raises(ConfigError) as refused:
+        run(compose_config(*overrides), tmp_path / "cmd", overrides)
+    assert str(refused.value) == (f"optimizer.momentum: 1.0 is not allowed; expected a number below 1 (from 1 up the "
+                                  f"momentum buffer never decays); the run's recorded config ({run_dir}/summary.json) "
+                                  "holds it, so this version cannot continue the run")
+    assert files_of(run_dir) == before
 
 
 def test_a_run_stopped_early_is_not_trained_on_by_a_bare_resume(finished_run: Path, tmp_path: Path) -> None:

@@ -844,6 +844,17 @@ def test_a_number_written_as_int_or_float_is_one_setting(tmp_path: Path) -> None
         "trainer": {"limit_train_batches": 1.0, "max_epochs": 2}}
 
 
+def test_every_label_has_a_colour_of_its_own_apart_from_the_stability_bar() -> None:
+    """The map draws the predicted largest stable lr as a black bar (unreadable was black too: a review)."""
+    from matplotlib.colors import to_hex
+
+    from optimlab.report.aggregate import PLOT_LABELS
+    from optimlab.report.figures import REGIME_COLORS
+
+    colours = [to_hex(REGIME_COLORS[label]) for label in PLOT_LABELS]
+    assert len(set(colours)) == len(colours) and to_hex("black") not in colours
+
+
 def test_an_interrupted_run_is_drawn_as_interrupted_not_crashed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A run stopped with Ctrl-C is interrupted; one whose summary still says running (killed, or still running) is
     unfinished: its map cell and its table rows say so alike, each in its own colour (it had been drawn as crashed,

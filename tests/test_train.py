@@ -256,7 +256,8 @@ def test_a_run_whose_best_checkpoint_was_never_written_tests_its_last_weights(tm
     (["-m", "optimizer=sgd,adam", "optimizer.momentum=0.9"],  # only Adam's jobs lack it: said so
      "optimizer.momentum: unknown config key with optimizer=adam (nothing reads it there)"),
     # the sweep config's own sweep of model.hidden, with model=cnn (Hydra's lines after writing multirun.yaml)
-    (["-m", "sweep=regime_map_reduced", "model=cnn"], "model.hidden: unknown config key here, swept by hydra.sweeper.params"),
+    (["-m", "sweep=regime_map_reduced", "model=cnn"],
+     "model.hidden: unknown config key here, swept by hydra.sweeper.params"),
 ])
 def test_an_option_a_config_group_lacks_or_an_empty_sweep_is_one_line(tmp_path: Path, args: list[str], error: str) -> None:
     """Hydra's error was several lines and a pointer to HYDRA_FULL_ERROR (``experiment=null``: a traceback)."""
@@ -289,6 +290,12 @@ def test_options_of_groups_in_other_config_folders_are_left_to_hydra(tmp_path: P
     assert composition_error(["hparams_search=optuna", "lr=tag(log, interval(0.001, 0.1))", "lr=0.1"], conf) is None
     assert composition_error(["hparams_search=optuna", "lr=tag(log, interval(0.001, 0.1))", "foo=1"], conf) == \
         "foo: unknown config key (nothing reads it); check the spelling, or see conf/"
+    # a search range is composed at its start: the study began, and its first Adam trial ended it (a review)
+    assert composition_error(["hparams_search=optuna", "optimizer.momentum=interval(0, 0.9)"], conf) == \
+        "optimizer.momentum: unknown config key with optimizer=adam (nothing reads it there); sweep the options " \
+        "that read it apart, or give it as ++optimizer.momentum=... so those jobs fail alone"
+    assert composition_error(["hparams_search=optuna", "optimizer=sgd", "optimizer.momentum=interval(0, 0.9)"],
+                             conf) is None
     assert composition_error(["-m", "lr=0.1,0.2", "name='a,b','c'", "model=cnn,mlp", "-p", "model"], conf) is None
     assert composition_error(["-m", "name='a,b','c'", "model=cnn,mlp", "model.hidden=[8]"], conf) == \
         "model.hidden: unknown config key (nothing reads it); check the spelling, or see conf/"

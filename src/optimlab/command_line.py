@@ -129,8 +129,8 @@ def composition_error(args: list[str], conf_dir: Path) -> str | None:
     None. Hydra's own error is several lines ending in a pointer to HYDRA_FULL_ERROR (or a traceback), in
     a sweep mid-way. A sweep is composed at its first values and at each option of a swept config group
     (``model=mlp,cnn model.hidden=[8]``: the CNN has no hidden widths), also those its sweeper's parameters
-    list (``hydra.sweeper.params``; a search's ranges at their starts: a trial Hydra cannot compose ends the
-    search in its error), one composition each (~0.1 s); a command line's search ranges are left out. The
+    list (``hydra.sweeper.params``), a search's ranges at their starts (a trial Hydra cannot compose ends the
+    search in its error), one composition each (~0.1 s). The
     commands of :func:`runs_nothing` or :func:`adds_configs` and a ``glob`` of options are left to Hydra."""
     flags = {hydra_flag(arg) for arg in args}
     modes = sorted(flags & set(MODES))
@@ -143,7 +143,7 @@ def composition_error(args: list[str], conf_dir: Path) -> str | None:
     overrides = [arg for arg in args if not arg.startswith("-") and ("=" in arg or arg.startswith("~"))]
     keys: set[str] = set()  # the keys (or groups) the command gives
     swept: dict[int, list[str]] = {}  # an override's place -> the values it is composed at, the first first
-    searched: list[int] = []  # the places of a search's ranges (interval), composed without them
+    searched: dict[int, str] = {}  # a search range's place (interval) -> the override at its start
     for place, arg in enumerate(overrides):
         try:
             override = parser.parse_override(arg)
@@ -153,10 +153,11 @@ def composition_error(args: list[str], conf_dir: Path) -> str | None:
         key = override.key_or_group
         if not key:
             return f"{arg}: no key before the '='"
-        if "." in (name := key.removeprefix("hydra.sweeper.params.")) and name != key:  # Hydra: "Cannot convert 'dict'"
+        name = key.removeprefix("hydra.sweeper.params.")
+        if "." in name and name != key and not override.is_delete():  # Hydra: "Cannot convert 'dict' to string"
             return f"{arg.split('=', 1)[0]}: on the command line Hydra reads the dots of {name} as nesting, which a " \
-                   f"sweeper's parameters cannot hold; list {name} under hydra.sweeper.params in a config file " \
-                   "(as conf/hparams_search/optuna.yaml lists lr)"
+                   f"sweeper's parameters cannot hold; give it as an override of its own ({name}=...: a search " \
+                   "takes a range there too) or under hydra.sweeper.params in a config file"
         keys.add(key)
         group = (conf_dir / key).is_dir() or key.startswith("hydra/")
         if not override.is_sweep_override():
@@ -167,7 +168,7 @@ def composition_error(args: list[str], conf_dir: Path) -> str | None:
             return f"{arg}: a sweep of Hydra's own config ({key}) is not supported; to give a value as text, quote " \
                    f"it ({key}='...')"
         if not override.is_discrete_sweep():
-            searched.append(place)
+            searched[place] = f"{arg.split('=', 1)[0]}={override.value().start}"
             continue
         try:
             values = sweep_values(parser, override, arg.split("=", 1)[0], conf_dir if group else None)
@@ -183,18 +184,22 @@ def composition_error(args: list[str], conf_dir: Path) -> str | None:
 
 
 def compose_each(parser: OverridesParser, conf_dir: Path, overrides: list[str], given: set[str],
-                 swept: dict[int, list[str]], searched: list[int], multirun: bool) -> str | None:
+                 swept: dict[int, list[str]], searched: dict[int, str], multirun: bool) -> str | None:
     """:func:`composition_error`'s compositions, inside Hydra's initialisation: the sweep's own config (its
-    overrides less the sweeps, as Hydra composes it: its mode and sweeper), the first values, then each other
-    value of a swept group, with the sweeper's own parameters of keys the command does not give (``given``). An
-    error that is not Hydra's (or a ValueError) is left to Hydra, which meets it too."""
+    overrides less the sweeps, as Hydra composes it: its mode and sweeper), the first values (a search range at
+    its start), then each other value of a swept group, with the sweeper's own parameters of keys the command
+    does not give (``given``). An error that is not Hydra's (or a ValueError) is left to Hydra, which meets it
+    too."""
+    from optimlab.search import is_search, search_space_error  # (which imports this module)
+
     firsts = {place: values[0] for place, values in swept.items()}
 
     def composed(choice: dict[int, str] | None, label: str = "") -> tuple[DictConfig | None, str | None]:
         """The config of the jobs of ``choice`` (a value for each sweep; None: the sweep's own config)."""
-        command = [arg if choice is None or place not in swept else choice[place]
-                   for place, arg in enumerate(overrides)
-                   if place not in searched and (choice is not None or place not in swept)]
+        if choice is None:
+            command = [arg for place, arg in enumerate(overrides) if place not in swept and place not in searched]
+        else:
+            command = [searched.get(place, choice.get(place, arg)) for place, arg in enumerate(overrides)]
         try:
             return compose("config", overrides=command, return_hydra_config=True), None
         except (HydraException, ValueError) as err:
@@ -209,23 +214,20 @@ def compose_each(parser: OverridesParser, conf_dir: Path, overrides: list[str], 
     verbose = sweep.hydra.verbose  # Hydra asserts this as it sets up its logging: a bare AssertionError traceback
     if not (isinstance(verbose, (bool, str)) or OmegaConf.is_list(verbose)):
         return f"hydra.verbose: {verbose!r} is not allowed; expected true, false, a logger's name or a list of names"
-    sweeper = str(sweep.hydra.sweeper._target_)
+    search = is_search(sweep.hydra.sweeper)  # whose trials each draw one value of every parameter
     multirun = multirun or sweep.hydra.mode == RunMode.MULTIRUN
     if (swept or searched) and not multirun:
         arg = overrides[min([*swept, *searched])]
         return f"{arg}: a sweep of several values, which needs -m (--multirun); a list is written [a,b], a text " \
                "with a comma quoted ('a,b')"
-    if searched and sweeper.endswith(".BasicSweeper"):
-        return f"{overrides[searched[0]]}: a search range, which needs a search sweeper (hparams_search=optuna); " \
+    if searched and not search:
+        return f"{overrides[min(searched)]}: a search range, which needs a search sweeper (hparams_search=optuna); " \
                "Hydra's basic sweeper takes a list of values (a,b,c)"
-    if swept:  # the command's sweeps at their first values
+    if swept or searched:  # the command's sweeps at their first values
         cfg, error = composed(firsts)
         if cfg is None:
             return error
-    search = not sweeper.endswith(".BasicSweeper")  # whose trials each draw one value of every parameter
     if search and multirun:
-        from optimlab.search import search_space_error  # (which imports this module)
-
         if error := search_space_error(sweep.hydra.sweeper, conf_dir):  # its words first: which draw, and why
             return error
     added = False

@@ -4,9 +4,11 @@ traceback after its log lines, or loop for ever at ``n_jobs=0``)."""
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
-from hydra.errors import HydraException
+from hydra.errors import HydraException, InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -95,6 +97,8 @@ def search_space_error(sweeper: DictConfig, conf_dir: Path | None) -> str | None
                 return f"{where}: {expression!r} is on a log scale, which needs a start above 0"
             if isinstance(sweep, RangeSweep):  # Optuna draws start, start + step, ... up to stop itself
                 high = low + sweep.step * math.floor((high - low) / sweep.step)
+            elif not (isinstance(low, int) and isinstance(high, int)) and high > low:
+                high = math.nextafter(high, low)  # Optuna (2.x) draws a float interval's end excluded: [0.0, 1.0)
             values = [low, high]
         else:
             values = list(sweep.list) if isinstance(sweep, ChoiceSweep) else [sweep]
@@ -109,32 +113,52 @@ def search_space_error(sweeper: DictConfig, conf_dir: Path | None) -> str | None
 
 
 def one_line(err: Exception) -> str:
-    """``err``'s message as one line (Hydra's instantiation error is two, and points at HYDRA_FULL_ERROR)."""
+    """``err``'s type and message as one line (Hydra's instantiation error, whose message says what failed,
+    without its type: it is two lines, and points at HYDRA_FULL_ERROR)."""
     lines = [line.strip().rstrip(":") for line in str(err).split(", set env var HYDRA_FULL_ERROR")[0].splitlines()]
-    return ": ".join(line for line in lines if line and not line.startswith(("(Background on this error", "full_key:")))
+    message = ": ".join(line for line in lines if line and not line.startswith(("(Background on this error",
+                                                                                "full_key:")))
+    if isinstance(err, InstantiationException) and message:
+        return message
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
+
+
+def sqlite_file(storage: str) -> Path | None:
+    """The file a ``sqlite:///<path>`` storage names (relative to the working folder), or None."""
+    name = storage.removeprefix("sqlite:///").split("?")[0] if storage.startswith("sqlite:///") else ""
+    return Path(name) if name and name != ":memory:" else None
 
 
 def backend_error(sweeper: DictConfig) -> str | None:
     """Why the search's ``sampler`` cannot be made or its ``storage`` opened, or None: Optuna's sweeper
     ends there in Hydra's three lines (a class it cannot import) or a traceback (a database it cannot
     open: an unknown dialect, a folder that does not exist). Opening a storage creates it, as the sweeper
-    would next."""
+    would next; a sqlite file this check created for a storage it then could not open is removed. A sampler
+    given as a partial (``_partial_: true``, the grid sampler's: the sweeper adds its search space) is
+    checked for its class alone."""
     import optuna  # (the sweeper's own dependency: imported only for a search)
     from hydra.utils import instantiate
 
     if (sampler := sweeper.get("sampler")) is not None:
         try:
-            made = instantiate(sampler)
+            with warnings.catch_warnings():  # e.g. a deprecated sampler's: the sweeper makes it again, and warns
+                warnings.simplefilter("ignore")
+                made = instantiate(sampler)
         except Exception as err:
             return f"hydra.sweeper.sampler: cannot be made ({one_line(err)})"
-        if not isinstance(made, optuna.samplers.BaseSampler):
+        cls = made.func if isinstance(made, functools.partial) else type(made)
+        if not (isinstance(cls, type) and issubclass(cls, optuna.samplers.BaseSampler)):
             return refusal("hydra.sweeper.sampler._target_", sampler.get("_target_"),
                            "an Optuna sampler, e.g. optuna.samplers.TPESampler")
     if (storage := sweeper.get("storage")) is not None:
+        file = sqlite_file(str(storage))
+        new = file is not None and not file.exists()
         try:
             optuna.storages.get_storage(storage)
         except Exception as err:
-            return f"hydra.sweeper.storage: {storage!r} cannot be opened ({type(err).__name__}: {one_line(err)})"
+            if new:
+                file.unlink(missing_ok=True)
+            return f"hydra.sweeper.storage: {storage!r} cannot be opened ({one_line(err)})"
     return None
 
 

@@ -27,9 +27,10 @@ from optimlab.command_line import command_line_override
 from optimlab.hydra_job import save_job_record
 from optimlab.mnist_files import check_batch_limits
 from optimlab.record import RunRecord, close_loggers, device_name, holds_nothing_trained, log_result, result_line
-from optimlab.resume import keep_derived_values, plan_run, refuse_changed_config, refuse_foreign_checkpoint
+from optimlab.resume import (keep_derived_values, override_keys, plan_run, refuse_changed_config,
+                             refuse_foreign_checkpoint)
 from optimlab.signals import Interrupted, StopOnSignal
-from optimlab.summary import FINISHED, RunSummary, is_complete, read_summary, write_summary
+from optimlab.summary import FINISHED, SUMMARY, RunSummary, is_complete, read_summary, write_summary
 from optimlab.tensorboard_logger import Restart, open_after
 from optimlab.validate import ConfigError, FolderInUse, check_shared_folders, validate_config
 
@@ -107,7 +108,13 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
     """Train one configuration into ``run_dir``; return its summary."""
     recorded = cfg.get("resume") not in (None, "auto")  # then plan_run returns the run's recorded config
     cfg, run_dir, ckpt, previous = plan_run(cfg, run_dir, overrides or [])
-    validate_config(cfg, complete=not recorded)
+    try:
+        validate_config(cfg, complete=not recorded)
+    except ConfigError as err:  # a value the command did not give: the run's own, refused since it was recorded
+        if not recorded or str(err).split(":", 1)[0] in override_keys(overrides or []):
+            raise
+        raise ConfigError(f"{err}; the run's recorded config ({run_dir / SUMMARY}) holds it, so this version cannot "
+                          "continue the run") from None
     if cfg.resume == "auto" and previous is not None and previous.status not in FINISHED:
         refuse_changed_config(run_dir, previous, cfg, checkpointed=ckpt is not None)
         if ckpt is not None:

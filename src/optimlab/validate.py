@@ -101,11 +101,12 @@ RULES: dict[str, Rule] = {
     # A differentiable step updates tensors autograd tracks (meta-learning); a run's parameters are leaves it cannot.
     "optimizer.differentiable": (lambda v: v is False, "false (a run's parameters are leaf tensors, which a "
                                  "differentiable step cannot update)"),
-    # torch.optim takes any momentum and dampening >= 0
-    "optimizer.momentum": (lambda v: finite_number(v) and 0 <= v < 1,
-                           "a number in [0, 1) (from 1 up the momentum buffer never decays)"),
-    "optimizer.dampening": (UNIT_CLOSED[0], "a number in [0, 1] (above 1 each gradient enters the momentum buffer "
-                                            "with its sign flipped: the steps climb the loss)"),
+    # torch.optim takes any momentum and dampening >= 0 (what is below 0, or no number, its constructors refuse)
+    "optimizer.momentum": (lambda v: not (finite_number(v) and v >= 1),
+                           "a number below 1 (from 1 up the momentum buffer never decays)"),
+    "optimizer.dampening": (lambda v: not (finite_number(v) and v > 1),
+                            "a number up to 1 (above 1 each gradient enters the momentum buffer with its sign flipped: "
+                            "the steps climb the loss)"),
     # the constructors unpack it first: a number failed as "'float' object is not iterable"
     "optimizer.betas": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(map(finite_number, v)),
                         "a pair of numbers [beta1, beta2]"),

@@ -17,7 +17,7 @@ from optimlab.report.tables import fmt
 
 REGIME_COLORS = {"healthy": "#2ca02c", "slow": "#1f77b4", "oscillating": "#ff7f0e", "diverging": "#d62728",
                  "underfit": "#9467bd", "overfit": "#8c564b", "crashed": "#7f7f7f", "interrupted": "#bbbbbb",
-                 "unfinished": "#e4e4e4", "unreadable": "#000000"}
+                 "unfinished": "#e4e4e4", "unreadable": "#e377c2"}
 
 
 MAX_CURVES = 48  # beyond this curves.png would be unreadable; the tables still list every run
