@@ -46,8 +46,8 @@ class Adagrad(Optimizer):
     supports_sparse_grads = True
     fused_sparse_error = "`fused` does not support sparse grad or complex param"
 
-    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-2, lr_decay: float = 0.0,
-                 weight_decay: float | Tensor = 0.0, initial_accumulator_value: float = 0.0, eps: float = 1e-10,
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-2, lr_decay: float = 0,
+                 weight_decay: float | Tensor = 0, initial_accumulator_value: float = 0, eps: float = 1e-10,
                  foreach: bool | None = None, *, maximize: bool = False, differentiable: bool = False,
                  fused: bool | None = None, grad_noise_std: float = 0.0) -> None:
         check_lr(lr)

@@ -50,7 +50,7 @@ class Adam(Optimizer):
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3,
                  betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float | Tensor = 0.0, amsgrad: bool = False, *, foreach: bool | None = None,
+                 weight_decay: float | Tensor = 0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False, grad_noise_std: float = 0.0) -> None:
         if isinstance(lr, Tensor) and foreach and not capturable:  # torch.optim's refusal (drop-in)

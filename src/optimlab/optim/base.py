@@ -163,12 +163,19 @@ def beyond_dtype(scale: Coef | list[Coef], like: Tensor) -> bool:
 
 
 def mul_scaled_(targets: list[Tensor], scale: Coef) -> None:
-    """``targets *= scale``."""
+    """``targets *= scale`` (tensors of one dtype: a bucket's)."""
     if beyond_dtype(scale, targets[0]):
         for t in targets:
             t.mul_(torch.tensor(scale, dtype=t.dtype, device=t.device))
-        return
-    torch._foreach_mul_(targets, member_views(scale, targets) if applied_as_tensor(scale) else scalar(scale))
+    elif applied_as_tensor(scale):
+        torch._foreach_mul_(targets, member_views(scale, targets))
+    elif targets[0].dtype in (torch.float16, torch.bfloat16):
+        # the multi-tensor op in place rounds a number to a 16-bit dtype first, where torch.optim's per-tensor
+        # mul_ multiplies by it in float32 (CPU, torch 2.14: its momentum buffers 1-2 ulp apart a step)
+        for t in targets:
+            t.mul_(scalar(scale))
+    else:
+        torch._foreach_mul_(targets, scalar(scale))
 
 
 def foreach_into(out: list[Tensor] | None, foreach_op: Callable[..., list[Tensor]], op: Callable[..., Tensor],

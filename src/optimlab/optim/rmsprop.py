@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from optimlab.optim.base import (Optimizer, ParamsT, add_scaled_, check_hyperparameter, check_lr, foreach_into,
-                                 in_place, recorded_copies, zeros_state, zeros_step)
+                                 in_place, mul_scaled_, recorded_copies, zeros_state, zeros_step)
 
 
 class RMSprop(Optimizer):
@@ -41,7 +41,7 @@ class RMSprop(Optimizer):
     """
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
-                 weight_decay: float | Tensor = 0.0, momentum: float = 0.0, centered: bool = False,
+                 weight_decay: float | Tensor = 0, momentum: float = 0, centered: bool = False,
                  capturable: bool = False, foreach: bool | None = None, maximize: bool = False,
                  differentiable: bool = False, *, grad_noise_std: float = 0.0) -> None:
         check_lr(lr)
@@ -67,7 +67,7 @@ class RMSprop(Optimizer):
         alpha, lr = group["alpha"], group["lr"]
         self._advance_steps(states)
         square_avgs = [s["square_avg"] for s in states]
-        torch._foreach_mul_(square_avgs, alpha)
+        mul_scaled_(square_avgs, alpha)
         torch._foreach_addcmul_(square_avgs, grads, grads, value=1 - alpha)
         out = self._scratch(params, "denom")
         if group["centered"]:
@@ -81,7 +81,7 @@ class RMSprop(Optimizer):
         avg = in_place(torch._foreach_add_, torch._foreach_add, avg, group["eps"])
         if group["momentum"] > 0:
             bufs = zeros_state(states, "momentum_buffer", params)
-            torch._foreach_mul_(bufs, group["momentum"])
+            mul_scaled_(bufs, group["momentum"])
             torch._foreach_addcdiv_(bufs, grads, avg)
             add_scaled_(params, bufs, -lr)
         else:

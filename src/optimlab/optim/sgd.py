@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimlab.optim.base import Optimizer, ParamsT, add_scaled_, check_hyperparameter, check_lr, foreach_into
+from optimlab.optim.base import (Optimizer, ParamsT, add_scaled_, check_hyperparameter, check_lr, foreach_into,
+                                 mul_scaled_)
 
 
 class SGD(Optimizer):
@@ -45,8 +46,8 @@ class SGD(Optimizer):
     fused_sparse_error = "`_fused_sgd` does not support sparse gradients"
     complex_as_real = False
 
-    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float | Tensor = 0.0, nesterov: bool = False, *, maximize: bool = False,
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
                  grad_noise_std: float = 0.0) -> None:
         check_lr(lr)
@@ -74,7 +75,7 @@ class SGD(Optimizer):
             old = [(s["momentum_buffer"], g) for s, g, f in zip(states, grads, fresh) if not f]
             if old:
                 old_bufs, old_grads = (list(t) for t in zip(*old))
-                torch._foreach_mul_(old_bufs, momentum)
+                mul_scaled_(old_bufs, momentum)
                 torch._foreach_add_(old_bufs, old_grads, alpha=1 - group["dampening"])
             for s, g, f in zip(states, grads, fresh):
                 if f:  # the first buffer is the gradient itself (no dampening), as in torch.optim; a copy that
