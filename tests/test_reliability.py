@@ -126,6 +126,10 @@ def test_killed_run_resumed_equals_uninterrupted_run(tmp_path: Path) -> None:
     assert metrics.count("\n") == 1 + 2 + 4 + 4 + 1 + len(sa["curvature"]["series"]), metrics  # header, steps,
     # epochs, lrs, result, sharpness
     assert tensorboard_scalars(killed) == tensorboard_scalars(whole)  # no point twice, none stale
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    layouts = EventAccumulator(str(killed / "tensorboard")).Reload().Tensors("custom_scalars__config__")
+    assert [e.step for e in layouts] == [0]  # the sharpness chart's layout, once (the resume wrote it again)
 
 
 @pytest.mark.slow

@@ -343,7 +343,8 @@ class SharpnessCallback(L.Callback):
         self.probe = (x.to(pl_module.device), y.to(pl_module.device))
         if self.batch_size is None:
             self.batch_size = getattr(trainer.datamodule, "batch_size", None) or len(y)
-        show_sharpness_chart(trainer.loggers)
+        if trainer.ckpt_path is None:  # a resumed run's first session wrote it (a second copy is a point twice)
+            show_sharpness_chart(trainer.loggers)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.restore()  # a resumed run with no epoch left to train never starts training
