@@ -53,6 +53,17 @@ def test_each_logger_writes_where_it_says(tmp_path: Path, logger: str, folders: 
         assert (hparams["optimizer"], hparams["regime"]) == ("sgd", read_summary(tmp_path).regime)
 
 
+def test_a_final_test_that_was_the_last_epochs_is_one_csv_row(tmp_path: Path) -> None:
+    """Tested every epoch, the last epoch's test is the final one (test_ckpt=last): its values were logged again
+    at the same step (a probe)."""
+    run(compose_config(*TINY, "logger=csv", "data.test_every_epoch=true"), tmp_path)
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    final = read_summary(tmp_path)
+    tested = [(float(r["test/acc"]), int(r["step"])) for r in rows if r.get("test/acc")]
+    assert len(tested) == len(final.epochs) and tested[-1] == (pytest.approx(final.test_acc), final.steps)
+    assert [float(r["val/acc_best"]) for r in rows if r.get("val/acc_best")] == [pytest.approx(final.best_val_acc)]
+
+
 def test_a_final_nan_is_not_logged_twice_for_hparams(tmp_path: Path) -> None:
     """A diverged run's curve ending on NaN got a second NaN at its last step (a review: NaN != NaN)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
