@@ -108,8 +108,29 @@ def test_rediagnose_relabels_with_the_current_rules(tmp_path: Path) -> None:
     fake_run(tmp_path, "0_a", "SGD", 0.1, 128, 0, 0.97, regime="slow")  # a stale label
     assert main([str(tmp_path)]) == 0
     assert list(csv.DictReader((tmp_path / "report.csv").open()))[0]["regime"] == "slow"
+    assert "--rediagnose" not in (tmp_path / "report.md").read_text()
     assert main([str(tmp_path), "--rediagnose"]) == 0
     assert list(csv.DictReader((tmp_path / "report.csv").open()))[0]["regime"] == "healthy"
+    lines = (tmp_path / "report.md").read_text().splitlines()  # it says so (a probe: it looked like the other)
+    assert lines[2:5] == ["1 run. Regimes: healthy 1", "", "Labels: diagnosed again with the current rules "
+                          "(--rediagnose), not those the runs' summaries recorded."]
+
+
+def test_the_findings_name_each_labels_lrs_and_the_seed_table_counts_seeds(tmp_path: Path) -> None:
+    """A label at lrs 0.3 and 3 with another at 1 between them read "0.3 to 3"; a refused job at lr 0 was left
+    out; a seed listed twice counted as two seeds (a probe)."""
+    for lr, regime in ((0.3, "slow"), (1.0, "healthy"), (3.0, "slow"), (10.0, "slow")):
+        fake_run(tmp_path, f"{lr}", "SGD", lr, 8, 0, 0.9, regime=regime)
+    fake_run(tmp_path, "zero", "SGD", 0.0, 8, 0, 0.9)
+    path = tmp_path / "zero" / "summary.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "status": "crashed", "epochs": [], "test_acc": None,
+                                "regime": None, "error": "ConfigError: lr: 0 is not allowed"}))
+    for name, seed, acc in (("a", 0, 0.90), ("b", 0, 0.90), ("c", 1, 0.80)):  # seed 0 twice
+        fake_run(tmp_path, name, "Adam", 0.01, 8, seed, acc)
+    report(tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "**slow** in sgd 8 at lr 0.3, 3 to 10." in text and "**crashed** in sgd 8 at lr 0." in text
+    assert "| map | mlp | adam | 0.01 | 8 | 2 | 0.8500 +/- 0.0707 | healthy 3 |" in text
 
 
 def test_rediagnosing_a_run_whose_recorded_thresholds_are_not_allowed_is_one_line(
@@ -319,7 +340,7 @@ def test_stability_compares_the_predicted_and_observed_largest_stable_lr(tmp_pat
     text = (tmp_path / "report.md").read_text()
     assert ("within one grid cell of the largest lr below the first diverging one in 1 of 2 columns, and of the largest lr "
             "below the first oscillating or diverging one in 1 of 2 columns.") in text
-    assert "0 of 16 tracked runs crossed it" in text and "4 diverging run(s) never crossed it" in text
+    assert "0 of 16 tracked runs crossed it" in text and "Diverging runs that never crossed it: 4." in text
     for run in tmp_path.glob("w*"):  # one lr left: no stability table, no map; the old ones go
         if "_lr0.001_" not in run.name:
             shutil.rmtree(run)
@@ -347,8 +368,8 @@ def test_stability_judges_each_column_on_its_own_lrs_and_leaves_open_ones_out(tm
     assert [(t["width"], t["within_one_cell"], t["instability_within_one_cell"]) for t in before] == [
         ("8", "True", "True"), ("16", "", "")]
     text = (tmp_path / "report.md").read_text()
-    assert "below the first diverging one in 1 of 1 columns (and 1 whose boundary lies outside its lrs: none " \
-           "crossed it, or the smallest did)" in text
+    assert "below the first diverging one in 1 of 1 columns (and 1 whose boundary lies outside its lrs: no lr " \
+           "diverged, or the smallest did)" in text
     for lr in (1.2, 1.5, 2.0, 2.5):  # another optimizer, untracked, at lrs of its own
         fake_run(tmp_path, f"adam_lr{lr}", "Adam", lr, 8, 0, 0.9)
     report(tmp_path)
@@ -461,7 +482,8 @@ def test_the_report_says_why_a_tracked_sweep_has_no_stability_table_or_boundary(
     tracked_column(tmp_path / "one_width", 8, {0.1: "healthy", 1.0: "diverging"})
     written = report(tmp_path / "one_width")
     assert tmp_path / "one_width" / "stability.csv" in written and tmp_path / "one_width" / "regime_map.png" not in written
-    assert "The predicted boundary is drawn on the regime map, which needs runs of several widths of one model." in \
+    assert "No regime map, so the predicted boundary is drawn nowhere: the map needs runs of several widths of one " \
+           "model." in \
         (tmp_path / "one_width" / "report.md").read_text()
 
 
@@ -492,8 +514,8 @@ def test_report_counts_crossings_false_alarms_and_leads(tmp_path: Path) -> None:
     path.write_text(json.dumps(summary))
     report(tmp_path)
     text = (tmp_path / "report.md").read_text()
-    assert ("4 of 7 tracked runs crossed it: 2 were then labelled diverging, 1 oscillating and 1 something else "
-            "(false alarms, counting oscillating as none: 2). 2 diverging run(s) never crossed it.") in text
+    assert ("4 of 7 tracked runs crossed it, then labelled: diverging 2, oscillating 1, something else 1 (false "
+            "alarms, counting oscillating as none: 2). Diverging runs that never crossed it: 2.") in text
     assert "1 crossing run(s) stopped on a non-finite value, the crossing 5 steps before it (median; 5 to 5)." in text
     # SGD: c started above (a false alarm); d diverged from below. Adam: f started above and diverged.
     assert "| adam | 2 | 1 | 1 | 0 | 0 | 1 | 1 | 1 | 0 |" in text

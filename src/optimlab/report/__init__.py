@@ -51,7 +51,7 @@ def report(sweep_dir: Path, rediagnose: bool = False) -> list[Path]:
     staging = sweep_dir / f".report.tmp{os.getpid()}"  # files.TEMPORARY's name for it
     staging.mkdir()
     try:
-        write_report(rows, sweep_dir, staging)
+        write_report(rows, sweep_dir, staging, rediagnose)
         made = [name for name in OUTPUTS if (staging / name).exists()]
         (sweep_dir / "report.md").unlink(missing_ok=True)
         for name in OUTPUTS:  # what an earlier report wrote and this one does not would pass for this one's
@@ -64,10 +64,14 @@ def report(sweep_dir: Path, rediagnose: bool = False) -> list[Path]:
     return [sweep_dir / name for name in made]
 
 
-def write_report(rows: list[dict[str, Any]], sweep_dir: Path, out: Path) -> None:
-    """The report of ``rows`` (the runs of ``sweep_dir``) as files in ``out``."""
+def write_report(rows: list[dict[str, Any]], sweep_dir: Path, out: Path, rediagnosed: bool = False) -> None:
+    """The report of ``rows`` (the runs of ``sweep_dir``; ``rediagnosed``: labelled by the current rules) as files
+    in ``out``."""
     write_csv(out / "report.csv", COLUMNS, rows)
     lines = table_lines(rows, sweep_dir)
+    if rediagnosed:  # the labels can contradict the runs' own summaries
+        lines[4:4] = ["Labels: diagnosed again with the current rules (--rediagnose), not those the runs' summaries "
+                      "recorded.", ""]
     several_lrs = len({r["lr"] for r in rows if on_lr_axis(r)}) > 1
     if any(r["history"] for r in rows):
         plot_curves(rows, out / "curves.png")
@@ -88,8 +92,8 @@ def write_report(rows: list[dict[str, Any]], sweep_dir: Path, out: Path) -> None
     if stability:
         lines += write_stability(stability, out)
         if not regime_map:
-            lines += ["", "The predicted boundary is drawn on the regime map, which needs runs of several widths "
-                          "of one model."]
+            lines += ["", "No regime map, so the predicted boundary is drawn nowhere: the map needs runs of several "
+                          "widths of one model."]
     elif tracked:
         why = ("it needs runs at several lrs" if not several_lrs else
                "no run has a finite measurement at step 0 (curvature.log_spaced_start=false, or an unusable "

@@ -136,16 +136,20 @@ def stability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def seed_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Runs whose whole config differs only in the seed (see :func:`~optimlab.report.rows.same_but_seed`),
-    aggregated: mean and sample standard deviation (n - 1: a few seeds are a sample) of test accuracy."""
+    aggregated: mean and sample standard deviation (n - 1: a few seeds are a sample) of test accuracy over the
+    seeds (``n``: how many; runs of one seed, a sweep that lists a value twice, are that seed's mean)."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         if has_test_acc(r):
             groups[r["same_but_seed"]].append(r)
     table = []
     for members in groups.values():
-        if len({m["seed"] for m in members}) < 2:
+        per_seed: dict[Any, list[float]] = defaultdict(list)
+        for m in members:
+            per_seed[m["seed"]].append(m["final_test_acc"])
+        if len(per_seed) < 2:
             continue
-        accs = [m["final_test_acc"] for m in members]
+        accs = [statistics.fmean(values) for values in per_seed.values()]
         first = members[0]
         table.append({**{k: first[k] for k in ("name", "model", "lr", "widths")}, "optimizer": first["setting"],
                       "n": len(accs), "mean": statistics.fmean(accs), "std": statistics.stdev(accs),

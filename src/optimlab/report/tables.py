@@ -82,26 +82,45 @@ def launched_jobs(hydra: Any) -> int | None:
         return None
 
 
-def lr_range(lrs: list[Any]) -> str:
-    """``lo to hi`` of the numbers, then any other values as given (a refused job's ``lr=abc``)."""
-    def is_number(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
+def is_number(value: Any) -> bool:
+    """Whether a value is a number (a bool is none)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-    numbers = [v for v in lrs if is_number(v)]
-    spans = [fmt(min(numbers)) + (f" to {fmt(max(numbers))}" if max(numbers) > min(numbers) else "")] if numbers else []
-    return ", ".join(spans + sorted({str(v) for v in lrs if not is_number(v)}))
+
+def lr_range(lrs: list[Any], grid: list[float] | None = None) -> str:
+    """The numbers as spans of neighbours on ``grid`` (the sorted lrs of their column; None: one span),
+    ``lo to hi`` each (``0.3, 3`` where 1 between them got another label), then any other values as given (a
+    refused job's ``lr=abc``)."""
+    numbers = sorted({v for v in lrs if is_number(v)})
+    place = {lr: i for i, lr in enumerate(grid or numbers)}
+    spans: list[list[float]] = []
+    for lr in numbers:
+        if spans and (grid is None or place[lr] == place[spans[-1][-1]] + 1):
+            spans[-1].append(lr)
+        else:
+            spans.append([lr])
+    words = [fmt(span[0]) + (f" to {fmt(span[-1])}" if len(span) > 1 else "") for span in spans]
+    return ", ".join(words + sorted({str(v) for v in lrs if not is_number(v)}))
 
 
 def findings(rows: list[dict[str, Any]]) -> str:
-    """Where each regime appeared, in words: per label, per optimizer and width, its lr range."""
+    """Where each regime appeared, in words: per label, per optimizer and width, its lrs (spans of neighbouring
+    lrs of that column)."""
+    def column(r: dict[str, Any]) -> tuple[str, str]:
+        return r["setting"], r["widths"]
+
+    grids: dict[tuple[str, str], set[float]] = defaultdict(set)
+    for r in rows:
+        if is_number(r.get("lr")):
+            grids[column(r)].add(r["lr"])
     parts = []
     for label in PLOT_LABELS:
-        where: dict[tuple[str, str], list[float]] = defaultdict(list)
+        where: dict[tuple[str, str], list[Any]] = defaultdict(list)
         for r in rows:
-            if r["regime"] == label and r.get("lr"):
-                where[(r["setting"], r["widths"])].append(r["lr"])
+            if r["regime"] == label and r.get("lr") not in (None, ""):  # lr 0 too (a refused job's)
+                where[column(r)].append(r["lr"])
         if where:
-            cells = [f"{o} {w or '-'} at lr {lr_range(lrs)}"
+            cells = [f"{o} {w or '-'} at lr {lr_range(lrs, sorted(grids[(o, w)]))}"
                      for (o, w), lrs in sorted(where.items(), key=by_setting_and_width)]
             parts.append(f"**{label}** in {'; '.join(cells)}")
     return ". ".join(parts) + "." if parts else "no finished runs."
@@ -116,7 +135,7 @@ def table_lines(rows: list[dict[str, Any]], sweep_dir: Path) -> list[str]:
         jobs = f" of its command's {launched} jobs ({launched - len(rows)} never started: no record)"
     elif launched and launched < len(rows):  # Hydra's multirun.yaml holds the last command's
         jobs = f" (its command, below, makes {launched}: the folder holds runs of other commands too)"
-    lines = ["# Sweep report", "", f"{len(rows)} runs{jobs}. Regimes: " + ", ".join(
+    lines = ["# Sweep report", "", f"{len(rows)} run{'s' * (len(rows) != 1)}{jobs}. Regimes: " + ", ".join(
         f"{label} {n}" for label, n in Counter(r["regime"] for r in rows).items()), ""]
     command = sweep_command(hydra)
     if command:
@@ -144,7 +163,7 @@ def write_stability(table: list[dict[str, Any]], out: Path) -> list[str]:
         judged = [t[key] for t in table if t[key] is not None]
         open_ended = len(table) - len(judged)
         return f"{sum(judged)} of {len(judged)} columns" + (
-            f" (and {open_ended} whose boundary lies outside its lrs: none crossed it, or the smallest did)"
+            f" (and {open_ended} whose boundary lies outside its lrs: no lr diverged, or the smallest did)"
             if open_ended else "")
 
     lines = ["", "## Stability: predicted vs observed largest lr", "",
@@ -190,10 +209,10 @@ def crossing_lines(rows: list[dict[str, Any]]) -> list[str]:
     leads = sorted(r["diverged_at_step"] - r["curvature"]["first_crossing_step"] for r in crossed
                    if r.get("diverged_at_step") is not None)
     lines = ["", "## Crossings of the stability threshold", "",
-             f"{total['crossed']} of {total['tracked']} tracked runs crossed it: {total['then diverging']} were then "
-             f"labelled diverging, {total['then oscillating']} oscillating and {total['false alarms']} something else "
-             f"(false alarms, counting oscillating as none: {total['crossed'] - total['then diverging']}). "
-             f"{total['misses']} diverging run(s) never crossed it."]
+             f"{total['crossed']} of {total['tracked']} tracked runs crossed it, then labelled: diverging "
+             f"{total['then diverging']}, oscillating {total['then oscillating']}, something else "
+             f"{total['false alarms']} (false alarms, counting oscillating as none: "
+             f"{total['crossed'] - total['then diverging']}). Diverging runs that never crossed it: {total['misses']}."]
     if leads:
         median = statistics.median(leads)
         lines.append(f"{len(leads)} crossing run(s) stopped on a non-finite value, the crossing "
@@ -218,12 +237,13 @@ def disagreement_lines(cells: dict[tuple[str, str, float], MapCell]) -> list[str
     if not several:
         return []
     split = sorted((key, c) for key, c in several.items() if not c.agreed)
+    if not split:
+        return ["", "## Regime map", "", f"{len(several)} cells of several runs; in each the runs (seeds) agree."]
     lines = ["", "## Regime map", "", f"{len(several)} cells of several runs; in {len(split)} of them the runs "
              "(seeds) disagree, marked * on the map, which shows the label most of them got (a tie: the label first "
-             f"in the order {', '.join(PLOT_LABELS)})" + (":" if split else ".")]
-    if split:
-        lines += ["", *markdown_table(["optimizer", "widths", "lr", "shown", "regimes"],
-                                      ([opt, widths, lr, c.regime, ", ".join(f"{label} {n}" for label, n in
-                                                                            sorted(c.counts.items()))]
-                                       for (opt, widths, lr), c in split))]
+             f"in the order {', '.join(PLOT_LABELS)}):"]
+    lines += ["", *markdown_table(["optimizer", "widths", "lr", "shown", "regimes"],
+                                  ([opt, widths, lr, c.regime, ", ".join(f"{label} {n}" for label, n in
+                                                                        sorted(c.counts.items()))]
+                                   for (opt, widths, lr), c in split))]
     return lines
