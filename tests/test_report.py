@@ -116,6 +116,17 @@ def test_rediagnose_relabels_with_the_current_rules(tmp_path: Path) -> None:
                           "(--rediagnose), not those the runs' summaries recorded."]
 
 
+def test_settings_are_ordered_by_their_numbers() -> None:
+    """batch_size=128 came before batch_size=32, as text (a probe)."""
+    from optimlab.report.rows import setting_key
+
+    names = ["sgd (batch_size=128)", "adam", "sgd (batch_size=32)", "sgd (optimizer.weight_decay=0.01)",
+             "sgd (optimizer.weight_decay=1e-05)", "sgd (batch_size=32, seed=10)", "sgd (batch_size=32, seed=9)"]
+    assert sorted(names, key=setting_key) == [
+        "adam", "sgd (batch_size=32)", "sgd (batch_size=32, seed=9)", "sgd (batch_size=32, seed=10)",
+        "sgd (batch_size=128)", "sgd (optimizer.weight_decay=1e-05)", "sgd (optimizer.weight_decay=0.01)"]
+
+
 def test_the_findings_name_each_labels_lrs_and_the_seed_table_counts_seeds(tmp_path: Path) -> None:
     """A label at lrs 0.3 and 3 with another at 1 between them read "0.3 to 3"; a refused job at lr 0 was left
     out; a seed listed twice counted as two seeds (a probe)."""

@@ -11,7 +11,7 @@ from typing import Any
 
 from optimlab.regimes import LABELS
 from optimlab.report.aggregate import ONLY_WHERE_DRAWN, PLOT_LABELS, MapCell, grid_position, label_counts, majority
-from optimlab.report.rows import tested_at_lr, width_key
+from optimlab.report.rows import setting_key, tested_at_lr, width_key
 from optimlab.report.tables import fmt
 
 
@@ -127,7 +127,7 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
 
     rows = tested_at_lr(rows)
     widths = sorted({r["widths"] for r in rows}, key=width_key)
-    optimizers = sorted({r["setting"] for r in rows})
+    optimizers = sorted({r["setting"] for r in rows}, key=setting_key)
     # optimizers by line style and marker, never by colour: colour means the regime
     styles = {o: (["-", "--", ":", "-."][i % 4], "osD^v<>"[i % 7]) for i, o in enumerate(optimizers)}
     cols = min(3, len(widths))  # rows of three: readable at README width
@@ -139,7 +139,7 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
         for r in rows:
             if r["widths"] == width:
                 by_opt[r["setting"]][r["lr"]].append(r)
-        for optimizer, points in sorted(by_opt.items()):
+        for optimizer, points in sorted(by_opt.items(), key=lambda item: setting_key(item[0])):
             lrs = sorted(points)
             means = [statistics.fmean([m["final_test_acc"] for m in points[lr]]) for lr in lrs]
             line, marker = styles[optimizer]
@@ -180,7 +180,7 @@ def plot_regime_map(cells: dict[tuple[str, str, float], MapCell], path: Path,
 
     drawn = {label for cell in cells.values() for label in cell.counts}
     labels = [label for label in PLOT_LABELS if label not in ONLY_WHERE_DRAWN or label in drawn]
-    optimizers = sorted({key[0] for key in cells})
+    optimizers = sorted({key[0] for key in cells}, key=setting_key)
     lrs = sorted({key[2] for key in cells})
     widths = sorted({key[1] for key in cells}, key=width_key)
     size = (3.2 + 0.45 * len(lrs) * len(optimizers), 0.5 * len(widths) + 2)

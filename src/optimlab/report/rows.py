@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -227,7 +228,16 @@ def width_key(widths: str) -> tuple:
     return tuple(int(w) for w in widths.split("x") if w.isdigit())
 
 
+NUMBER = re.compile(r"(-?\d+(?:\.\d+)?(?:e[-+]?\d+)?)")
+
+
+def setting_key(setting: str) -> tuple:
+    """Sort key of a setting's name, its numbers as numbers (``batch_size=32`` before ``batch_size=128``)."""
+    return tuple((1, float(part), "") if i % 2 else (0, 0.0, part) for i, part in enumerate(NUMBER.split(setting)))
+
+
 def by_setting_and_width(item: tuple[tuple[str, str], Any]) -> tuple:
-    """Sort key of ``((setting, widths), ...)`` items: by setting, then by width (numerically)."""
+    """Sort key of ``((setting, widths), ...)`` items: by setting (:func:`setting_key`), then by width
+    (numerically)."""
     (setting, widths), _ = item
-    return setting, width_key(widths)
+    return setting_key(setting), width_key(widths)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from optimlab.report.aggregate import PLOT_LABELS, MapCell, seed_table
-from optimlab.report.rows import by_setting_and_width, measured_at_start
+from optimlab.report.rows import by_setting_and_width, measured_at_start, setting_key
 
 
 COLUMNS = ["run", "name", "model", "optimizer", "lr", "widths", "seed", "params", "final_train_acc",
@@ -225,7 +225,7 @@ def crossing_lines(rows: list[dict[str, Any]]) -> list[str]:
     lines += ["", "Per optimizer setting (started above / below: the first measurement, at step 0, above or below the "
               "threshold):", ""]
     table = []
-    for setting, runs in sorted(by_setting.items()):
+    for setting, runs in sorted(by_setting.items(), key=lambda item: setting_key(item[0])):
         counts = _crossing_counts(runs)
         table.append([setting, *(counts[c] for c in CROSSING_COLUMNS[1:])])
     return lines + markdown_table(CROSSING_COLUMNS, table)
