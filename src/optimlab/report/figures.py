@@ -85,7 +85,7 @@ def _line_label(key: str) -> str:
 
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
     plt = _plt()
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import LogFormatter, MaxNLocator
 
     runs = [r for r in rows if r["history"]][:MAX_CURVES]
     cols = min(4, len(runs))
@@ -106,6 +106,9 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
                          label=_line_label(key))
         loss_ax.set_ylabel("loss", color="tab:red")
         loss_ax.set_yscale("log")
+        # plain numbers: over a narrow range the minor ticks' "2.305 x 10^0" pushed the label off the figure
+        loss_ax.yaxis.set_major_formatter(LogFormatter())
+        loss_ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
         color = REGIME_COLORS.get(r["regime"], "black")
         ax.set_title(title, color=color, fontsize=10, fontweight="bold")
         for spine in ax.spines.values():
