@@ -212,7 +212,10 @@ def plot_regime_map(cells: dict[tuple[str, str, float], MapCell], path: Path,
         ax.set_xticks(range(len(lrs)), [f"{lr:.3g}" for lr in lrs], rotation=60, fontsize=7)
         ax.set_yticks(range(len(widths)), widths, fontsize=7)
         ax.set_xlabel("learning rate")
-        ax.set_title(optimizer.replace(" (", "\n(", 1), fontsize=10)
+        title = optimizer.replace(" (", "\n(", 1)
+        # at most the panel's width (a character ~0.6 of the font size): a long setting ran into the next panel
+        fits = 0.9 * size[0] / len(optimizers) * 72 / (0.6 * max(len(line) for line in title.splitlines()))
+        ax.set_title(title, fontsize=min(10.0, max(6.0, fits)))
     axes.flat[0].set_ylabel("conv channels" if model == "cnn" else "hidden widths")
     handles = [plt.Rectangle((0, 0), 1, 1, color=REGIME_COLORS[label]) for label in labels]
     if stability:
