@@ -733,6 +733,8 @@ def test_a_refused_job_with_a_negative_lr_is_listed_but_not_placed_on_the_lr_axi
     assert {tmp_path / "stability.csv", tmp_path / "regime_map.png", tmp_path / "report.md"} <= set(written)
     assert "6 runs" in (tmp_path / "report.md").read_text()
     assert "**crashed** in sgd 8 at lr -1, abc." in (tmp_path / "report.md").read_text()
+    assert "Not on the figures' lr axis (an lr that is not a positive number), only in the tables: 2 runs (refused, " \
+           "refused_text)." in (tmp_path / "report.md").read_text()  # not left out of the map without a word
     why = {r["run"]: r["error"] for r in csv.DictReader((tmp_path / "report.csv").open())}
     assert why["refused"] == "ConfigError: lr: -1.0 is not allowed; expected a positive number"
     path.write_text(json.dumps({**json.loads(path.read_text()), "error": "ValueError: a | b"}))

@@ -105,6 +105,11 @@ def write_report(rows: list[dict[str, Any]], sweep_dir: Path, out: Path, rediagn
                       "no axis; report each model's runs from a folder of their own for its map."]
     cells = map_cells(rows) if regime_map else {}
     lines += disagreement_lines(cells)
+    off_axis = [r["run"] for r in rows if r.get("lr") not in (None, "") and not on_lr_axis(r)]
+    if several_lrs and off_axis:  # a refused job's lr=-1 or lr=abc: the figures' log lr axis has no place for it
+        lines += ["", f"Not on the figures' lr axis (an lr that is not a positive number), only in the tables: "
+                      f"{len(off_axis)} run{'s' * (len(off_axis) != 1)} ({', '.join(off_axis[:5])}"
+                      f"{', ...' if len(off_axis) > 5 else ''})."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     if regime_map:
         plot_regime_map(cells, out / "regime_map.png", stability, models[0])
