@@ -64,6 +64,29 @@ def test_a_final_test_that_was_the_last_epochs_is_one_csv_row(tmp_path: Path) ->
     assert [float(r["val/acc_best"]) for r in rows if r.get("val/acc_best")] == [pytest.approx(final.best_val_acc)]
 
 
+def test_final_test_values_are_logged_apart_only_where_another_checkpoint_was_tested(tmp_path: Path) -> None:
+    """The final test's values are left out where the last epoch's row holds them, by which weights were tested,
+    not by equal values: a NaN loss (a diverged run) is never equal to itself, and test_ckpt=best's accuracy can
+    equal the last epoch's while its loss differs (a review)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from optimlab.record import log_result
+
+    class Kept(CSVLogger):
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            self.kept = dict(metrics)
+
+    summary = run(compose_config(*TINY, "logger=none", "data.test_every_epoch=true"), tmp_path / "run")
+    last = summary.epochs[-1]
+    for tested, acc, loss, expected in (("last", last["test_acc"], math.nan, set()),
+                                        ("best", last["test_acc"], last["test_loss"] / 2, {"test/acc", "test/loss"})):
+        summary.tested_checkpoint, summary.test_acc, summary.test_loss = tested, acc, loss
+        last["test_loss"] = loss if tested == "last" else last["test_loss"]
+        logger = Kept(str(tmp_path / tested))
+        log_result([logger], summary)
+        assert set(logger.kept) - {"val/acc_best"} == expected, tested
+
+
 def test_a_final_nan_is_not_logged_twice_for_hparams(tmp_path: Path) -> None:
     """A diverged run's curve ending on NaN got a second NaN at its last step (a review: NaN != NaN)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -241,7 +241,7 @@ def test_complex_parameters_match_torch(name: str, kw: dict[str, Any], dtype: to
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-@pytest.mark.parametrize("name,kw", RICH_CASES)
+@pytest.mark.parametrize("name,kw", ALL_CASES)
 def test_matches_torch_half_precision(name: str, kw: dict[str, Any], dtype: torch.dtype) -> None:
     """In 16-bit floats torch.optim's own for-loop and multi-tensor paths round differently (up to
     ~2% apart after 30 steps in bfloat16); ours follows the for-loop path, torch's default on the CPU,

@@ -439,12 +439,13 @@ def log_result(loggers: list[Logger], summary: RunSummary) -> None:
             logger.experiment.add_text("regime", f"**{summary.regime}**\n\n" + "\n\n".join(summary.regime_evidence),
                                        global_step=summary.steps)
         else:  # the epochs' metrics are among its curves (log_epoch); the final test and the best epoch not yet,
-            # unless the last epoch's test was the final one (test_ckpt=last): its row holds them (no value twice)
+            # unless the last epoch was tested with the weights the final test tested (not test_ckpt=best): its row
+            # holds the final test's values (no value twice)
             logger.log_hyperparams(params)
-            logged = epoch_scalars(last)
-            final = {k: v for k, v in {"test/acc": summary.test_acc, "test/loss": summary.test_loss,
-                                       "val/acc_best": summary.best_val_acc}.items()
-                     if v is not None and logged.get(k) != v}
+            tested = summary.tested_checkpoint != "best" and "test_acc" in last
+            final = {k: v for k, v in {"test/acc": None if tested else summary.test_acc,
+                                       "test/loss": None if tested else summary.test_loss,
+                                       "val/acc_best": summary.best_val_acc}.items() if v is not None}
             if final:
                 logger.log_metrics(final, step=summary.steps)
 

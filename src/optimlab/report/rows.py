@@ -228,12 +228,14 @@ def width_key(widths: str) -> tuple:
     return tuple(int(w) for w in widths.split("x") if w.isdigit())
 
 
-NUMBER = re.compile(r"(-?\d+(?:\.\d+)?(?:e[-+]?\d+)?)")
+NUMBER = re.compile(r"((?<![\w.])-?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)")  # a sign only where no name goes on
 
 
 def setting_key(setting: str) -> tuple:
-    """Sort key of a setting's name, its numbers as numbers (``batch_size=32`` before ``batch_size=128``)."""
-    return tuple((1, float(part), "") if i % 2 else (0, 0.0, part) for i, part in enumerate(NUMBER.split(setting)))
+    """Sort key of a setting's name, its numbers as numbers (``batch_size=32`` before ``batch_size=128``), then
+    the name itself (``1e-05`` and ``0.00001`` are one number, two names: an order that does not vary)."""
+    parts = NUMBER.split(setting)
+    return tuple((1, float(part), "") if i % 2 else (0, 0.0, part) for i, part in enumerate(parts)), setting
 
 
 def by_setting_and_width(item: tuple[tuple[str, str], Any]) -> tuple:

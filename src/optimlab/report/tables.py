@@ -163,7 +163,7 @@ def write_stability(table: list[dict[str, Any]], out: Path) -> list[str]:
         judged = [t[key] for t in table if t[key] is not None]
         open_ended = len(table) - len(judged)
         return f"{sum(judged)} of {len(judged)} columns" + (
-            f" (and {open_ended} whose boundary lies outside its lrs: no lr diverged, or the smallest did)"
+            f" (and {open_ended} whose boundary lies outside its lrs: at the smallest already, or at none)"
             if open_ended else "")
 
     lines = ["", "## Stability: predicted vs observed largest lr", "",
@@ -236,9 +236,11 @@ def disagreement_lines(cells: dict[tuple[str, str, float], MapCell]) -> list[str
     several = {key: c for key, c in cells.items() if sum(c.counts.values()) > 1}
     if not several:
         return []
-    split = sorted((key, c) for key, c in several.items() if not c.agreed)
+    split = sorted(((key, c) for key, c in several.items() if not c.agreed),
+                   key=lambda item: (*by_setting_and_width(((item[0][0], item[0][1]), None)), item[0][2]))
     if not split:
-        return ["", "## Regime map", "", f"{len(several)} cells of several runs; in each the runs (seeds) agree."]
+        cells = f"{len(several)} cell{'s' * (len(several) != 1)}"
+        return ["", "## Regime map", "", f"{cells} of several runs; in each the runs (seeds) agree."]
     lines = ["", "## Regime map", "", f"{len(several)} cells of several runs; in {len(split)} of them the runs "
              "(seeds) disagree, marked * on the map, which shows the label most of them got (a tie: the label first "
              f"in the order {', '.join(PLOT_LABELS)}):"]
