@@ -116,6 +116,24 @@ def test_rediagnose_relabels_with_the_current_rules(tmp_path: Path) -> None:
                           "(--rediagnose), not those the runs' summaries recorded."]
 
 
+def test_lr_sensitivity_shows_the_seeds_spread_and_where_their_labels_disagree(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seed means alone hid a 2 slow / 2 oscillating point (a probe): a bar over the runs, * where labels differ."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.figure import Figure
+
+    for lr, regimes in ((0.1, ("healthy", "healthy")), (1.0, ("slow", "oscillating"))):
+        for seed, (regime, acc) in enumerate(zip(regimes, (0.90, 0.70))):
+            fake_run(tmp_path, f"{lr}_{seed}", "SGD", lr, 8, seed, acc, regime=regime)
+    drawn: dict[str, Figure] = {}
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kwargs: drawn.setdefault(Path(path).name, fig))
+    report(tmp_path)
+    ax = drawn["lr_sensitivity.png"].axes[0]
+    bars = [segment for c in ax.collections if isinstance(c, LineCollection) for segment in c.get_segments()]
+    assert sorted((x, lo, hi) for (x, lo), (_, hi) in bars) == [(-1.0, 0.7, 0.9), (0.0, 0.7, 0.9)]
+    assert [(t.get_text(), t.xy) for t in ax.texts] == [("*", (0.0, pytest.approx(0.8)))]
+
+
 def test_settings_are_ordered_by_their_numbers() -> None:
     """batch_size=128 came before batch_size=32, as text (a probe)."""
     from optimlab.report.rows import setting_key

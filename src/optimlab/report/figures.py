@@ -123,8 +123,9 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
 
 def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
     """Final test accuracy against lr, one line per optimizer, points coloured by regime (majority
-    over seeds, of the runs with a test accuracy: :func:`~optimlab.report.rows.tested_at_lr`); one panel
-    per model width when the sweep varies it."""
+    over seeds, of the runs with a test accuracy: :func:`~optimlab.report.rows.tested_at_lr`), a bar from
+    the lowest to the highest run where there are several and ``*`` where their labels disagree (as on the
+    map); one panel per model width when the sweep varies it."""
     plt = _plt()
     from matplotlib.ticker import FuncFormatter, MaxNLocator
 
@@ -150,9 +151,15 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
             # lr 1e307 left it showing 1 to 10, every point off it).
             ax.plot([math.log10(lr) for lr in lrs], means, line, color="0.35", zorder=2)
             for lr, mean in zip(lrs, means):
-                regime = majority(label_counts(points[lr]))  # the map's tie rule (over the runs tested here)
+                counts = label_counts(points[lr])
+                regime = majority(counts)  # the map's tie rule (over the runs tested here)
+                accs = [m["final_test_acc"] for m in points[lr]]
+                if len(accs) > 1:  # the seeds' spread, which a mean alone hides
+                    ax.vlines(math.log10(lr), min(accs), max(accs), color="0.35", lw=1, zorder=1)
                 ax.scatter([math.log10(lr)], [mean], color=REGIME_COLORS[regime],
                            marker=marker, zorder=3, s=40, edgecolor="black", linewidth=0.5)
+                if len(counts) > 1:
+                    ax.annotate("*", (math.log10(lr), mean), xytext=(4, 2), textcoords="offset points", fontsize=9)
         # Whole decades in view, so that the ticks are powers of ten however narrow the panel's lrs.
         exponents = [math.log10(lr) for points in by_opt.values() for lr in points]
         ax.set_xlim(math.floor(min(exponents)) - 0.1, math.ceil(max(exponents)) + 0.1)
