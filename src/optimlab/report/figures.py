@@ -145,7 +145,8 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
                 by_opt[r["setting"]][r["lr"]].append(r)
         for optimizer, points in sorted(by_opt.items(), key=lambda item: setting_key(item[0])):
             lrs = sorted(points)
-            means = [statistics.fmean([m["final_test_acc"] for m in points[lr]]) for lr in lrs]
+            accs_at = {lr: [m["final_test_acc"] for m in points[lr]] for lr in lrs}
+            means = [statistics.fmean(accs_at[lr]) for lr in lrs]
             line, marker = styles[optimizer]
             # Drawn at log10(lr) on a linear axis: matplotlib's log axis overflows past ~1e290 (a sweep's
             # lr 1e307 left it showing 1 to 10, every point off it).
@@ -153,7 +154,7 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], path: Path) -> None:
             for lr, mean in zip(lrs, means):
                 counts = label_counts(points[lr])
                 regime = majority(counts)  # the map's tie rule (over the runs tested here)
-                accs = [m["final_test_acc"] for m in points[lr]]
+                accs = accs_at[lr]
                 if len(accs) > 1:  # the seeds' spread, which a mean alone hides
                     ax.vlines(math.log10(lr), min(accs), max(accs), color="0.35", lw=1, zorder=1)
                 ax.scatter([math.log10(lr)], [mean], color=REGIME_COLORS[regime],

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from optimlab.report.aggregate import PLOT_LABELS, MapCell, seed_table
-from optimlab.report.rows import by_setting_and_width, measured_at_start, setting_key
+from optimlab.report.rows import by_setting_and_width, measured_at_start, setting_key, width_key
 
 
 COLUMNS = ["run", "name", "model", "optimizer", "lr", "widths", "seed", "params", "final_train_acc",
@@ -87,15 +87,15 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def lr_range(lrs: list[Any], grid: list[float] | None = None) -> str:
-    """The numbers as spans of neighbours on ``grid`` (the sorted lrs of their column; None: one span),
-    ``lo to hi`` each (``0.3, 3`` where 1 between them got another label), then any other values as given (a
-    refused job's ``lr=abc``)."""
+def lr_range(lrs: list[Any], grid: list[float]) -> str:
+    """The numbers as spans of neighbours on ``grid`` (the sorted lrs of their column), ``lo to hi`` each
+    (``0.3, 3`` where 1 between them got another label), then any other values as given (a refused job's
+    ``lr=abc``)."""
     numbers = sorted({v for v in lrs if is_number(v)})
-    place = {lr: i for i, lr in enumerate(grid or numbers)}
+    place = {lr: i for i, lr in enumerate(grid)}
     spans: list[list[float]] = []
     for lr in numbers:
-        if spans and (grid is None or place[lr] == place[spans[-1][-1]] + 1):
+        if spans and place[lr] == place[spans[-1][-1]] + 1:
             spans[-1].append(lr)
         else:
             spans.append([lr])
@@ -237,7 +237,7 @@ def disagreement_lines(cells: dict[tuple[str, str, float], MapCell]) -> list[str
     if not several:
         return []
     split = sorted(((key, c) for key, c in several.items() if not c.agreed),
-                   key=lambda item: (*by_setting_and_width(((item[0][0], item[0][1]), None)), item[0][2]))
+                   key=lambda item: (setting_key(item[0][0]), width_key(item[0][1]), item[0][2]))
     if not split:
         cells = f"{len(several)} cell{'s' * (len(several) != 1)}"
         return ["", "## Regime map", "", f"{cells} of several runs; in each the runs (seeds) agree."]
