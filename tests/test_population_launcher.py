@@ -1311,6 +1311,24 @@ def test_resume_auto_skips_finished_jobs(mnist_root: Path, tmp_path: Path) -> No
 
 
 @pytest.mark.slow
+def test_resume_auto_refuses_a_finished_job_of_another_config(mnist_root: Path, tmp_path: Path) -> None:
+    """An edited sweep rerun into its folder with resume=auto, its jobs' folders named by number (a probe:
+    job 0's finished lr 0.01 run was skipped as the lr 0.5 job's): that job is planned as invalid and fails in
+    its one line, its folder untouched; the job of the same config is skipped, as in a sequential sweep."""
+    numbered = [*SMALL, "hydra/launcher=population", f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=j${hydra.job.num}"]
+    assert train("lr=0.01,0.1", *numbered).returncode == 0
+    before = {p.parent.name: p.read_text() for p in tmp_path.glob("*/summary.json")}
+    again = train("lr=0.5,0.1", "resume=auto", *numbered)
+    assert again.returncode == 1, again.stderr[-3000:]
+    line = ("holds a finished run of another config (lr: 0.01 there, 0.5 here; optimizer.lr: 0.01 there, 0.5 here); "
+            "skipping it would report that run as this job's")
+    assert "job #0 invalid: resume=auto: " in again.stdout and line in again.stdout
+    assert line in again.stderr and "Traceback" not in again.stderr
+    assert "already complete, skipped (resume=auto)" in again.stdout
+    assert {p.parent.name: p.read_text() for p in tmp_path.glob("*/summary.json")} == before
+
+
+@pytest.mark.slow
 def test_a_members_half_written_summary_is_removed_when_it_trains_again(mnist_root: Path, tmp_path: Path) -> None:
     """A kill mid-write leaves .summary.json.tmp<pid> in a member's folder; the resumed population removes it,
     as a single run does (a probe: it stayed after the sweep finished)."""

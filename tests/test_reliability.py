@@ -600,6 +600,25 @@ def test_resume_auto_refuses_a_run_of_another_config_or_without_its_checkpoint(f
     assert files_of(run_dir) == before
 
 
+def test_resume_auto_skips_a_finished_run_only_of_its_own_config(finished_run: Path, tmp_path: Path) -> None:
+    """A sweep edited and rerun into its folder with resume=auto numbers its jobs anew: a finished run of
+    another config in a job's folder is refused in one line, every file kept (skipping it, the sweep would
+    report that run as the job's); of its own config (a key a resume may change aside) it is skipped."""
+    from conftest import compose_config
+    from optimlab.train import run
+    from optimlab.validate import ConfigError
+
+    run_dir = copy_of(finished_run, tmp_path)
+    before = files_of(run_dir)
+    lr = summary(run_dir)["config"]["optimizer"]["lr"]
+    with pytest.raises(ConfigError, match=rf"^resume=auto: .* holds a finished run of another config \(optimizer.lr: "
+                                          rf"{lr} there, 0.5 here\); skipping it would report that run as this job's"):
+        run(compose_config(*TINY, "resume=auto", "optimizer.lr=0.5"), run_dir)
+    assert files_of(run_dir) == before
+    skipped = run(compose_config(*TINY, "resume=auto", "trainer.num_threads=1"), run_dir)
+    assert skipped.status == "complete" and files_of(run_dir) == before
+
+
 def test_a_checkpoint_saved_by_another_run_is_refused(finished_run: Path, tmp_path: Path) -> None:
     """Another run's checkpoint of the same network in a run's folder (a probe copied one in): resuming
     from it would continue that run under this one's record. Refused in one line, every file kept: a

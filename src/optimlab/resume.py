@@ -193,13 +193,16 @@ def config_changes(recorded: dict[str, Any], cfg: DictConfig) -> str | None:
 def refuse_changed_config(run_dir: Path, saved: RunSummary, cfg: DictConfig, checkpointed: bool = False) -> None:
     """Raise ConfigError where ``resume=auto`` would continue the run in ``run_dir`` (one with finished
     epochs, or ``checkpointed``) with another config than it recorded (:func:`config_changes`): the run
-    would mix two."""
-    if not (saved.epochs or checkpointed):
+    would mix two; or would skip a finished run of another config (an edited sweep rerun into its folder,
+    whose jobs are numbered anew): the sweep would report that run as this job's."""
+    finished = saved.status in FINISHED
+    if not (saved.epochs or checkpointed or finished):
         return  # nothing to continue (e.g. a job refused before any work, its config since fixed)
     changed = config_changes(saved.config, cfg)
     if changed:
-        raise ConfigError(f"resume=auto: {run_dir} holds a run of another config ({changed}); continuing it would "
-                          f"mix the two: rerun with its values, or into another folder")
+        what = "skipping it would report that run as this job's" if finished else "continuing it would mix the two"
+        raise ConfigError(f"resume=auto: {run_dir} holds a {'finished ' if finished else ''}run of another config "
+                          f"({changed}); {what}: rerun with its values, or into another folder")
 
 
 def refuse_foreign_checkpoint(path: Path, saved: dict[str, Any], cfg: DictConfig) -> None:

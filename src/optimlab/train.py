@@ -30,7 +30,7 @@ from optimlab.record import RunRecord, close_loggers, device_name, holds_nothing
 from optimlab.resume import (keep_derived_values, override_keys, plan_run, refuse_changed_config,
                              refuse_foreign_checkpoint)
 from optimlab.signals import Interrupted, StopOnSignal
-from optimlab.summary import FINISHED, SUMMARY, RunSummary, is_complete, read_summary, write_summary
+from optimlab.summary import SUMMARY, RunSummary, is_complete, read_summary, write_summary
 from optimlab.tensorboard_logger import Restart, open_after
 from optimlab.validate import ConfigError, FolderInUse, check_shared_folders, validate_config
 
@@ -115,7 +115,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
             raise
         raise ConfigError(f"{err}; the run's recorded config ({run_dir / SUMMARY}) holds it, so this version cannot "
                           "continue the run") from None
-    if cfg.resume == "auto" and previous is not None and previous.status not in FINISHED:
+    if cfg.resume == "auto" and previous is not None:
         refuse_changed_config(run_dir, previous, cfg, checkpointed=ckpt is not None)
         if ckpt is not None:
             keep_derived_values(cfg, previous.config)

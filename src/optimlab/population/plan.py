@@ -44,7 +44,7 @@ from optimlab.population.stacked import STACKED, build_member
 from optimlab.population.stopping import unfollowed
 from optimlab.record import holds_nothing_trained
 from optimlab.resume import override_keys, refuse_changed_config, sync_epochs
-from optimlab.summary import FINISHED, SUMMARY, config_key, describe_run, dotted_value, is_complete, read_summary
+from optimlab.summary import FINISHED, SUMMARY, config_key, describe_run, dotted_value, read_summary
 from optimlab.validate import (RULES, ConfigError, FolderInUse, check_range, check_shared_folders, outside_files,
                                rule_error, validate_config, weight_dtype)
 
@@ -323,8 +323,13 @@ def classify(job: Job, passed: set[str] | None = None, elsewhere: bool = False) 
         job.alone = f"resume={resume}"
     elif resume is None and holds_a_run(job.run_dir):
         job.alone = "its folder already holds a run"
-    elif resume == "auto" and is_complete(job.run_dir):
-        job.alone = "complete (resume=auto skips it)"
+    elif resume == "auto" and (saved := read_summary(job.run_dir)) is not None and saved.status in FINISHED:
+        try:  # a finished run of another config is refused, as its single run refuses it
+            with hydra_config_of(job.sweep_config):
+                refuse_changed_config(job.run_dir, saved, cfg)
+            job.alone = "complete (resume=auto skips it)"
+        except ConfigError as err:
+            job.error = err
     elif resume == "auto" and last_checkpoint(job.run_dir) is not None:
         job.alone = "resumes from its checkpoint"
     elif resume == "auto" and (job.run_dir / SUMMARY).exists() and read_summary(job.run_dir) is None:
