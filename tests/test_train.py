@@ -318,10 +318,20 @@ def test_options_of_groups_in_other_config_folders_are_left_to_hydra(tmp_path: P
     for args in (["-m", "callbacks=default,[default,lr_monitor]"], ["-m", "callbacks=choice([early_stopping],none)"],
                  ["-m", "model='cnn','mlp'"], ["model=cnn.yaml"], ["--multi", "lr=0.1,0.2"], ["--shell", "install=bash"],
                  ["--config-d", str(tmp_path), "model=tiny"], ["sweep=lr", "optimizer.momentum=0.9"],
-                 ["-m", "sweep=regime_map_reduced,seeds"], ["-m", "hydra.sweeper.params.lr='0.1,0.2'"],
+                 ["-m", "sweep=regime_map_reduced,seeds"], ["-m", "sweep=lr", "hydra.sweeper.params.lr='0.1,0.2'"],
                  ["debug=${trainer}"], ["-m", "scheduler=${logger}", "logger=none", "lr=0.1,0.2"],  # interpolated
                  ["--info", "plugins", "model=nope"], ["--experimental-rerun", "/tmp/0_lr=0.1/.hydra/config.pickle"]):
         assert (command_line_error(args, conf) or composition_error(args, conf)) is None, args
+    # A sweeper's parameter where no config sets hydra.sweeper.params (Hydra: an AssertionError traceback), or as a
+    # sweep (a probe: the advice to quote it led to that traceback): the sweep of the key itself, the same jobs.
+    for given in ("hydra.sweeper.params.lr='0.1,0.2'", "+hydra.sweeper.params.lr='0.1,0.2'"):
+        assert composition_error(["-m", given], conf) == "hydra.sweeper.params.lr: no config here sets hydra.sweeper." \
+            "params (a sweep= or hparams_search= config does), and Hydra cannot add one from the command line; give " \
+            "each parameter as a sweep of its own (lr=0.1,0.2: the same jobs)"
+    assert composition_error(["-m", "hydra.sweeper.params={lr:'0.1,0.2'}"], conf).startswith(
+        "hydra.sweeper.params: no config here sets hydra.sweeper.params")
+    assert composition_error(["-m", "hydra.sweeper.params.lr=0.1,0.2"], conf) == "hydra.sweeper.params.lr=0.1,0.2: " \
+        "Hydra reads this as a sweep of its own config, which it cannot run; sweep lr itself (lr=0.1,0.2: the same jobs)"
     assert composition_error(["-m", "seed=range(0,1,0)"], conf) == \
         "seed=range(0,1,0): cannot be swept (range() arg 3 must not be zero)"
     assert composition_error(["hparams_search=optuna", "model=range(0,1000000000)"], conf)  # refused, not listed

@@ -164,6 +164,9 @@ def composition_error(args: list[str], conf_dir: Path) -> str | None:
             if key.startswith("hydra/") and not override.is_delete() and override.value() is None:  # (conf/'s groups:
                 return f"{key}: null is not an option; choose one of its options"  # command_line_error)
             continue
+        if name != key:  # a sweeper's parameter given as a sweep: Hydra reads it as a sweep of its own config
+            return f"{arg}: Hydra reads this as a sweep of its own config, which it cannot run; sweep {name} itself " \
+                   f"({name}={arg.split('=', 1)[1]}: the same jobs)"
         if key.startswith(("hydra.", "hydra/")):
             return f"{arg}: a sweep of Hydra's own config ({key}) is not supported; to give a value as text, quote " \
                    f"it ({key}='...')"
@@ -205,12 +208,12 @@ def compose_each(parser: OverridesParser, conf_dir: Path, overrides: list[str], 
         except (HydraException, ValueError) as err:
             changed = ", ".join(choice[p] for p in choice if choice[p] != firsts[p]) if choice else ""
             return None, composition_message(err, label or changed)
-        except Exception:  # e.g. hydra.sweeper.params.lr=... under the basic sweeper: Hydra's own traceback
+        except Exception:  # not Hydra's error: Hydra's own traceback (see sweeper_params_error)
             return None, None
 
     sweep, error = composed(None)
     if sweep is None:
-        return error
+        return error or sweeper_params_error(parser, overrides)
     verbose = sweep.hydra.verbose  # Hydra asserts this as it sets up its logging: a bare AssertionError traceback
     if not (isinstance(verbose, (bool, str)) or OmegaConf.is_list(verbose)):
         return f"hydra.verbose: {verbose!r} is not allowed; expected true, false, a logger's name or a list of names"
@@ -258,6 +261,27 @@ def compose_each(parser: OverridesParser, conf_dir: Path, overrides: list[str], 
             if cfg is None:
                 return error
     return None
+
+
+def sweeper_params_error(parser: OverridesParser, overrides: list[str]) -> str | None:
+    """Why an override of ``hydra.sweeper.params`` (or of one of its keys) cannot be composed: the sweeper has
+    no parameters (Hydra's basic sweeper's are null unless a sweep config sets them) and OmegaConf cannot add a
+    key to a null (Hydra's traceback); or None where that is not why composing failed."""
+    given = {arg: parser.parse_override(arg).key_or_group for arg in overrides}
+    params = [arg for arg, key in given.items() if key == SWEEP_PARAMS or key.startswith(f"{SWEEP_PARAMS}.")]
+    if not params:
+        return None
+    try:
+        sweep = compose("config", overrides=[arg for arg in overrides if arg not in params], return_hydra_config=True)
+    except Exception:  # another reason, which Hydra meets too
+        return None
+    if sweep.hydra.sweeper.get("params") is not None:
+        return None
+    key = given[params[0]]
+    name = key.removeprefix(f"{SWEEP_PARAMS}.")
+    example = f"{name}={parser.parse_override(params[0]).value()}" if name != key else "lr=0.01,0.1"
+    return f"{key}: no config here sets {SWEEP_PARAMS} (a sweep= or hparams_search= config does), and Hydra cannot " \
+           f"add one from the command line; give each parameter as a sweep of its own ({example}: the same jobs)"
 
 
 def sweep_values(parser: OverridesParser, override: Override, head: str, conf_dir: Path | None) -> list[str | None]:
