@@ -1259,11 +1259,19 @@ def test_dry_run_prints_the_plan_and_writes_nothing(mnist_root: Path, tmp_path: 
     assert "population 1: 2 members" in out and "MiB" in out and "alone: trainer.detect_anomaly=True" in out
     assert "memory per population on cpu: at most ~" in out
     assert not list(tmp_path.rglob("summary.json")) and not list(tmp_path.rglob(".hydra"))
+    # A folder that was there stays, with an earlier sweep's multirun.yaml as it was (a probe: Hydra's sweeper had
+    # replaced it, and the report named the dry run's command), or none where it had none.
+    earlier = "an earlier sweep's record\n"
+    (tmp_path / "multirun.yaml").write_text(earlier)
+    (tmp_path / "other").mkdir()
+    again = train("lr=0.1", *SMALL, "hydra/launcher=population", f"{knobs}.dry_run=true",
+                  f"hydra.sweep.dir={tmp_path / 'other'}")
+    assert again.returncode == 0 and not list((tmp_path / "other").iterdir())
     # Populations alike but for a setting: each line names its own.
     twins = train("lr=0.1,0.5", "curvature.every_n_steps=5", "curvature.probe_size=32,64", *SMALL,
                   "hydra/launcher=population", f"{knobs}.dry_run=true", f"hydra.sweep.dir={tmp_path}")
     assert twins.returncode == 0, twins.stderr[-3000:]
-    assert (tmp_path / "multirun.yaml").is_file()  # a folder that was there: only a new one is removed again
+    assert (tmp_path / "multirun.yaml").read_text() == earlier
     lines = [line for line in twins.stdout.splitlines() if " members (jobs " in line]
     assert [line.split("seed 0; ")[1].split(";")[0] for line in lines] == ["curvature.probe_size=32",
                                                                           "curvature.probe_size=64"]
@@ -1289,6 +1297,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(mnist_root: Path, tmp_path: 
     assert invalid.returncode == 1 and "job #0 invalid: lr: -1 is not allowed" in invalid.stdout
     assert "lr: -1 is not allowed; expected a positive number" in invalid.stderr
     assert not list(tmp_path.rglob("summary.json")) and not list(tmp_path.rglob(".hydra"))
+    assert (tmp_path / "multirun.yaml").read_text() == earlier
 
 
 @pytest.mark.slow

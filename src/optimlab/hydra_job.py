@@ -23,7 +23,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
 from optimlab.command_line import refuse
-from optimlab.files import unwritable
+from optimlab.files import atomic_write, unwritable
 
 
 class JobFailed(CompactHydraException):
@@ -60,6 +60,9 @@ OmegaConf.register_new_resolver("optimlab.dirname", job_dirname, replace=True)
 # A run (or sweep) folder that did not exist when Hydra started the run -> it and its parents that did not
 # either (Hydra makes them all before the run can refuse, or a dry run end).
 NEW_RUN_FOLDERS: dict[Path, list[Path]] = {}
+# A sweep folder -> its multirun.yaml when Hydra started the sweep (None: it had none). Hydra's sweeper writes
+# its own before the launcher runs, and a dry run, which writes nothing, puts the earlier one back.
+EARLIER_SWEEP_RECORDS: dict[Path, bytes | None] = {}
 
 
 def remove_if_new_and_empty(folder: Path) -> None:
@@ -96,7 +99,11 @@ class CheckOutputFolder(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check("hydra.sweep.dir", config.hydra.sweep.dir)
-        note_new_folder(Path(str(config.hydra.sweep.dir)))
+        folder = Path(str(config.hydra.sweep.dir))
+        note_new_folder(folder)
+        record = Path(os.path.abspath(folder)) / "multirun.yaml"
+        with contextlib.suppress(OSError):  # one that cannot be read is not put back
+            EARLIER_SWEEP_RECORDS[record.parent] = record.read_bytes() if record.is_file() else None
 
 
 def note_new_folder(folder: Path) -> None:
@@ -108,12 +115,18 @@ def note_new_folder(folder: Path) -> None:
 
 
 def remove_dry_sweep_folder(sweep_dir: Path) -> None:
-    """A dry run writes nothing: the sweep folder this command made, holding only Hydra's ``multirun.yaml``,
-    is removed with the parents made with it."""
+    """A dry run writes nothing: Hydra's ``multirun.yaml`` is put back as the sweep folder held it
+    (:data:`EARLIER_SWEEP_RECORDS`: a sweep there before keeps its record), or removed where it held none,
+    and a sweep folder this command made, then empty, is removed with the parents made with it."""
     folder = Path(os.path.abspath(sweep_dir))
-    if folder in NEW_RUN_FOLDERS and {p.name for p in folder.iterdir()} <= {"multirun.yaml"}:
-        (folder / "multirun.yaml").unlink(missing_ok=True)
-        remove_if_new_and_empty(folder)
+    if folder not in EARLIER_SWEEP_RECORDS:
+        return
+    earlier, record = EARLIER_SWEEP_RECORDS[folder], folder / "multirun.yaml"
+    if earlier is None:
+        record.unlink(missing_ok=True)
+    else:
+        atomic_write(record, lambda tmp: tmp.write_bytes(earlier))
+    remove_if_new_and_empty(folder)
 
 
 def save_job_record(run_dir: Path, cfg: DictConfig) -> None:
