@@ -456,6 +456,13 @@ def test_inputs_as_users_hand_them_over() -> None:
     moments = gradient_moments(model, x, y, 4)  # the adaptive optimizers' step-0 preconditioner reads these
     for got in (gradient_moments(model, x, y.int(), 4), made_here):
         assert all(torch.equal(a, b) for a, b in zip(got.square + got.variance, moments.square + moments.variance))
+    # Targets and batches as sharpness checks them (a probe: torch's IndexError or RuntimeError from inside the loss).
+    for bad_y, words in ((y + 10, "Invalid y: class indices must lie in [0, "), (y.double(), "Invalid y: floating-point"),
+                         (y[:, None], "Invalid y: class indices for logits")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            gradient_moments(model, x, bad_y, 4)
+    with pytest.raises(ValueError, match="x and y must be tensors, got list and Tensor"):
+        gradient_moments(model, x.tolist(), y, 4)
     # A preconditioner that requires grad (computed from the parameters) is used as numbers.
     p = [q.detach().abs() + 0.5 for q in model.parameters()]
     with_grad = [q.abs() + 0.5 for q in model.parameters()]

@@ -987,6 +987,29 @@ def test_the_loop_refuses_what_it_cannot_reproduce(tiny_mnist: Path) -> None:
         PopulationLoop(loop.model, SGD(loop.model.parameters(), lr=0.1), loop.data)
     with pytest.raises(ValueError, match="grad_noise_std must be 0 in a population"):
         PopulationLoop(loop.model, member_optimizer(SGD, loop.model, [0.1, 0.1], grad_noise_std=0.1), loop.data)
+    # Arguments a library caller can get wrong, each one line naming it (a probe: a list of one lr was given to every
+    # member, clip=(-1, 'norm') ascended, a NaN noise or clip recorded every member as diverged, epochs=1.5 ended
+    # in Lightning's bare AssertionError, limit_train_batches=-1 in Lightning's frames).
+    with pytest.raises(ValueError, match=r"^lr: 1 value\(s\) for 2 members; expected one per member"):
+        member_optimizer(SGD, loop.model, [0.1])
+    with pytest.raises(ValueError, match=r"^weight_decay: 3 value\(s\) for 2 members"):
+        member_optimizer(SGD, loop.model, [0.1, 0.1], [0.1, 0.1, 0.1])
+    opt = member_optimizer(SGD, loop.model, [0.1, 0.1])
+    for clip in ((-1.0, "norm"), (math.nan, "value"), (1.0, "bogus"), (0.0, "norm")):
+        with pytest.raises(ValueError, match=r"^clip: .* is not allowed; expected \(a finite number > 0"):
+            PopulationLoop(loop.model, opt, loop.data, clip=clip)
+    for std in (math.nan, -1.0, math.inf):
+        with pytest.raises(ValueError, match=r"^grad_noise_std: .* is not allowed; expected a finite number >= 0"):
+            PopulationLoop(loop.model, opt, loop.data, grad_noise_std=std)
+    for epochs in (1.5, 0, -1, "1", True):
+        with pytest.raises(ValueError, match=r"^epochs: .* is not allowed; expected an integer >= 1"):
+            loop.fit(epochs)  # type: ignore[arg-type]
+    dms = [datamodule(tiny_mnist, val_size=16, batch_size=8, seed=s) for s in (0, 1)]
+    for limit in (-1, 0, 0.0, 1.5, math.nan):
+        with pytest.raises(ValueError, match=r"^limit_train_batches: .* is not allowed; expected an integer >= 1"):
+            PopulationData(dms, limit_train_batches=limit)
+    with pytest.raises(ValueError, match=r"^limit_val_batches: nan is not allowed"):
+        PopulationData(dms, limit_val_batches=math.nan)
 
 
 # --------------------------------------------------------------------------- against train.run

@@ -514,6 +514,25 @@ def test_bad_diagnosis_arguments_are_refused(kwargs: dict, words: str) -> None:
         diagnose(history([1.0, 0.5], [0.9, 0.95]), **kwargs)
 
 
+def test_a_history_the_rules_cannot_read_is_refused() -> None:
+    """Rows without train_loss or val_acc (Lightning's ``val/acc`` keys, say) were a good run labelled diverging
+    with "no finished epoch to judge"; a string or None where a list belongs, a text among the numbers, Python's
+    errors (a probe). None and NaN stay allowed: not measured."""
+    good = history([1.0, 0.5, 0.3], [0.9, 0.95, 0.96])
+    lightning_style = [{"train/loss": r["train_loss"], "val/acc": r["val_acc"]} for r in good]
+    with pytest.raises(ValueError, match=r"^history\[0\]: no train_loss or val_acc; every epoch row holds"):
+        diagnose(lightning_style)
+    with pytest.raises(ValueError, match=r"^history\[2\]: no val_acc"):
+        diagnose([*good[:2], {k: v for k, v in good[2].items() if k != "val_acc"}])
+    for bad, words in ((None, "history: NoneType is not allowed"), ("abc", "history: str is not allowed"),
+                       ({"train_loss": 1.0}, "history: dict is not allowed"), ([1.0], "history[0]: float"),
+                       ([{**good[0], "val_acc": "0.9"}], "history[0]['val_acc']: '0.9' is not allowed"),
+                       ([{**good[0], "train_loss": True}], "history[0]['train_loss']: True is not allowed")):
+        with pytest.raises(TypeError, match=re.escape(words)):
+            diagnose(bad)  # type: ignore[arg-type]
+    assert diagnose([*good, {**good[-1], "val_loss": None, "train_loss": math.nan}]).regime is not None
+
+
 # Measured: one hidden layer, 5,000 training images, 10 epochs at batch 32, 1,000 validation images.
 WIDTH_2_SGD = history([2.041, 1.611, 1.449, 1.383, 1.344, 1.318, 1.302, 1.29, 1.279, 1.278],  # lr 0.1
                       [0.386, 0.419, 0.453, 0.431, 0.461, 0.446, 0.487, 0.469, 0.407, 0.455],

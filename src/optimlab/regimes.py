@@ -417,6 +417,29 @@ def _limit(m: dict[str, float], t: Thresholds, name: str) -> str:
     return f"{m[name]:.3g}"
 
 
+# What the rules read of an epoch's row; the first two every row holds (a summary's epochs always do).
+ROW_KEYS = ("train_loss", "val_acc", "val_loss", "train_acc", "train_loss_max", "train_loss_initial")
+
+
+def check_history(history: Any) -> None:
+    """A TypeError or ValueError unless ``history`` is a list of per-epoch rows (mappings) each holding
+    ``train_loss`` and ``val_acc``, whose values for :data:`ROW_KEYS` are numbers or None (not measured;
+    NaN alike): a row without them would be judged as a run that learned nothing."""
+    if isinstance(history, (str, bytes, Mapping)) or not isinstance(history, (list, tuple)):
+        raise TypeError(f"history: {type(history).__name__} is not allowed; expected a list of per-epoch rows (dicts)")
+    for i, row in enumerate(history):
+        if not isinstance(row, Mapping):
+            raise TypeError(f"history[{i}]: {type(row).__name__} is not allowed; expected a dict of the epoch's values")
+        missing = [key for key in ROW_KEYS[:2] if key not in row]
+        if missing:
+            raise ValueError(f"history[{i}]: no {' or '.join(missing)}; every epoch row holds train_loss and val_acc "
+                             "(None where not measured), as a run's summary.json epochs do")
+        for key in ROW_KEYS:
+            value = row.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise TypeError(f"history[{i}][{key!r}]: {value!r} is not allowed; expected a number or None")
+
+
 def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds: Thresholds | None = None,
              diverged_at_step: int | None = None, curvature: dict[str, Any] | None = None,
              val_size: int | None = None, passes: float | None = None) -> Diagnosis:
@@ -432,6 +455,7 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
     its training images on average (see :func:`optimlab.summary.data_passes`); at most
     ``overfit_min_passes`` there is nothing to memorise and no overfit rule applies (None: unknown,
     no limit)."""
+    check_history(history)
     if val_size is not None and not is_count(val_size):
         raise ValueError(f"Invalid val_size: {val_size!r} (must be an integer >= 1, or None: unknown)")
     if passes is not None and not (finite_number(passes) and passes >= 0):

@@ -106,6 +106,15 @@ def probe_batch(x: Tensor, y: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tenso
     return x.clone() if x.is_inference() else x, y.clone() if y.is_inference() else y
 
 
+def check_batch(x: Tensor, y: Tensor) -> None:
+    """A ValueError unless ``x`` and ``y`` are tensors holding the same nonzero number of examples."""
+    if not (isinstance(x, Tensor) and isinstance(y, Tensor)):
+        raise ValueError(f"x and y must be tensors, got {type(x).__name__} and {type(y).__name__}")
+    if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(f"x and y must hold the same nonzero number of examples, got shapes {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
+
+
 def check_targets(logits: Tensor, y: Tensor) -> None:
     """A ValueError unless ``y`` is what the mean cross-entropy of ``logits`` (``[N, C, ...]``) takes, on
     their device: class indices shaped ``[N, ...]`` in ``[0, C)`` (or cross-entropy's ignored index -100),
@@ -209,11 +218,7 @@ def top_eigenpair(model: nn.Module, x: Tensor, y: Tensor, preconditioner: Sequen
     if len({(p.dtype, p.device) for p in params}) > 1 or params[0].is_complex():
         raise ValueError("the trainable parameters must be real and share one dtype and device, got "
                          f"{sorted({f'{p.dtype} on {p.device}' for p in params})}")
-    if not (isinstance(x, Tensor) and isinstance(y, Tensor)):
-        raise ValueError(f"x and y must be tensors, got {type(x).__name__} and {type(y).__name__}")
-    if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
-        raise ValueError(f"x and y must hold the same nonzero number of examples, got shapes {tuple(x.shape)} and "
-                         f"{tuple(y.shape)}")
+    check_batch(x, y)
     dtype, device = params[0].dtype, params[0].device
     scale = None
     if preconditioner is not None:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from optimlab import optim
 from optimlab.checks import is_count
-from optimlab.curvature.hessian import evaluation, probe_batch, trainable
+from optimlab.curvature.hessian import check_batch, check_targets, evaluation, probe_batch, trainable
 
 
 _KINDS: tuple[tuple[tuple[type, ...], str], ...] = (
@@ -231,13 +231,17 @@ def gradient_moments(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) ->
     to ``batch_size`` (so a probe smaller than a minibatch works too). In eval mode, as
     :func:`top_eigenpair` (no draw from torch's generators, ``p.grad`` untouched)."""
     params = trainable(model)
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x and y must hold the same number of examples, got {x.shape[0]} and {y.shape[0]}")
+    check_batch(x, y)
     parts = probe_parts(x.shape[0], batch_size)
+
+    def gradient(xb: Tensor, yb: Tensor) -> tuple[Tensor, ...]:
+        logits = model(xb)
+        check_targets(logits, yb)
+        return torch.autograd.grad(F.cross_entropy(logits, yb), params, materialize_grads=True)
+
     with evaluation(model):
         x, y = probe_batch(x, y, params[0].dtype)
-        grads = (torch.autograd.grad(F.cross_entropy(model(xb), yb), params, materialize_grads=True)
-                 for xb, yb in zip(x.tensor_split(parts), y.tensor_split(parts)))
+        grads = (gradient(xb, yb) for xb, yb in zip(x.tensor_split(parts), y.tensor_split(parts)))
         return moments_from_parts(grads, x.shape[0], batch_size)
 
 

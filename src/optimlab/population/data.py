@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from optimlab.checks import is_integer
 from optimlab.data import EpochShuffle, MNISTDataModule, load_split, split_indices
 from optimlab.mnist_files import ensure_files, epoch_batches
 
@@ -45,6 +46,13 @@ class PopulationData:
                  limit_test_batches: int | float | None = None) -> None:
         if not datamodules:
             raise ValueError("a population needs at least one member")
+        limits = {"limit_train_batches": limit_train_batches, "limit_val_batches": limit_val_batches,
+                  "limit_test_batches": limit_test_batches}
+        for name, limit in limits.items():  # (Lightning's 0, no batches, leaves a population nothing to do)
+            if limit is not None and not ((is_integer(limit) and limit >= 1) or
+                                          (isinstance(limit, float) and 0 < limit <= 1)):
+                raise ValueError(f"{name}: {limit!r} is not allowed; expected an integer >= 1, a fraction in (0, 1] "
+                                 "or None")
         first = datamodules[0]
         for key in ("root", "val_size", "batch_size", "eval_batch_size"):
             values = {getattr(dm, key) for dm in datamodules}

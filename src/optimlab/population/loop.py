@@ -33,7 +33,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from optimlab.checks import is_count
+from optimlab.checks import finite_number, is_count
 from optimlab.curvature import epoch_columns
 from optimlab.divergence import LOSS_OR_GRADIENT, WEIGHTS, finite_rows, norm_rows, sum_rows
 from optimlab.optim import Optimizer
@@ -77,15 +77,18 @@ def member_optimizer(cls: type[Optimizer], model: StackedModel, lr: Tensor | Seq
     parameter each step (4 ms of a 12.5 ms SGD step at width 2048 with 6 members, measured)."""
     device = next(model.parameters()).device
 
-    def per_member(value: Tensor | Sequence[float] | float) -> Tensor:
+    def per_member(name: str, value: Tensor | Sequence[float] | float) -> Tensor:
         if not isinstance(value, (Tensor, Sequence)):
             value = [value] * model.members
+        if len(value) != model.members:  # a tensor of one would broadcast to every member
+            raise ValueError(f"{name}: {len(value)} value(s) for {model.members} members; expected one per member, "
+                             "or one number for all")
         return torch.as_tensor(value, dtype=torch.float64).to(device)
 
     no_decay = not isinstance(weight_decay, Tensor) and all(
         w == 0 for w in (weight_decay if isinstance(weight_decay, Sequence) else [weight_decay]))
-    group = {"params": list(model.parameters()), "members": model.members, "lr": per_member(lr),
-             "weight_decay": 0.0 if no_decay else per_member(weight_decay)}
+    group = {"params": list(model.parameters()), "members": model.members, "lr": per_member("lr", lr),
+             "weight_decay": 0.0 if no_decay else per_member("weight_decay", weight_decay)}
     return cls([group], **options)
 
 
@@ -129,6 +132,11 @@ class PopulationLoop:
                              "member); pass it to the loop as grad_noise_std")
         if data.members != model.members:
             raise ValueError(f"{data.members} members' data for {model.members} model members")
+        if not (finite_number(grad_noise_std) and grad_noise_std >= 0):
+            raise ValueError(f"grad_noise_std: {grad_noise_std!r} is not allowed; expected a finite number >= 0")
+        if clip is not None and not (len(clip) == 2 and finite_number(clip[0]) and clip[0] > 0
+                                     and clip[1] in ("value", "norm")):
+            raise ValueError(f"clip: {clip!r} is not allowed; expected (a finite number > 0, 'value' or 'norm')")
         self.model, self.optimizer, self.data, self.params = model, optimizer, data, params
         self.dtype, device = params[0].dtype, params[0].device
         self.grad_noise_std = grad_noise_std
@@ -442,6 +450,8 @@ class PopulationLoop:
         with ``callbacks``); after each, evaluate every member still running at its start on its
         validation set (and on the test set when asked) and add its row to its record. A loop
         restored by :meth:`load_state_dict` continues with epoch ``epochs_done``."""
+        if not is_count(epochs):
+            raise ValueError(f"epochs: {epochs!r} is not allowed; expected an integer >= 1")
         fit(self, epochs, test_every_epoch, callbacks)
         return self.records
 

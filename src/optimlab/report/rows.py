@@ -66,12 +66,12 @@ def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, An
 
     regime = s.regime
     if rediagnose or (regime is None and s.status in FINISHED):
-        try:
+        try:  # (a summary edited by hand, or of another version: thresholds or rows the rules cannot read)
             thresholds = Thresholds.from_overrides(s.config.get("regimes"))
-        except (TypeError, ValueError) as err:  # a summary edited by hand, or of another version
+            regime = diagnose_run(s.config, history, s.diverged, s.diverged_at_step, s.curvature, s.train_size,
+                                  thresholds).regime
+        except (TypeError, ValueError) as err:
             raise UnreadableRecord(f"{run_dir / SUMMARY}: {err}") from None
-        regime = diagnose_run(s.config, history, s.diverged, s.diverged_at_step, s.curvature, s.train_size,
-                              thresholds).regime
     return {
         "run": rel, "name": run.name, "model": run.model, "optimizer": run.optimizer, "lr": run.lr,
         "widths": run.widths, "seed": run.seed, "params": s.params,
