@@ -571,6 +571,24 @@ def test_threshold_argument_checks() -> None:
         stability_threshold(optim.SGD([one_param()], lr=0.1), group=1)
     with pytest.raises(ValueError, match="momentum"):
         stability_threshold(optim.SGD([one_param()], lr=0.1, momentum=1.0))
+    # A group or lr of another type (a probe: Python's TypeError, and lr '0.1' or True taken as numbers).
+    sgd = optim.SGD([one_param()], lr=0.1)
+    for group in (0.5, "0", True):
+        with pytest.raises(ValueError, match=r"^Invalid group: "):
+            stability_threshold(sgd, group=group)  # type: ignore[arg-type]
+    for lr in ("0.1", True):
+        with pytest.raises(ValueError, match=r"^Invalid lr: .* \(must be a number, or None"):
+            stability_threshold(sgd, lr=lr)  # type: ignore[arg-type]
+    assert stability_threshold(sgd, lr=torch.tensor(0.5)) == stability_threshold(sgd, lr=0.5) == 4.0
+    # A model where its parameters belong (a probe: an AttributeError from inside).
+    model = nn.Linear(3, 2)
+    adam = optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    adam.step()
+    for params, words in ((model, "Invalid params: a Linear; expected an iterable of parameters"),
+                          ([model], "Invalid params: item 0 is a Linear, not a tensor")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            preconditioner(adam, params)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- preconditioners

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from optimlab import optim
-from optimlab.checks import is_count
+from optimlab.checks import is_count, is_integer
 from optimlab.curvature.hessian import check_batch, check_targets, evaluation, probe_batch, trainable
 
 
@@ -73,8 +73,10 @@ def stability_threshold(optimizer: torch.optim.Optimizer, group: int = 0, lr: fl
     ``inf``. Momentum must be in [0, 1).
     """
     kind = _kind(optimizer)
-    if not 0 <= group < len(optimizer.param_groups):
-        raise ValueError(f"Invalid group: {group} (the optimizer has {len(optimizer.param_groups)} param groups)")
+    if not (is_integer(group) and 0 <= group < len(optimizer.param_groups)):
+        raise ValueError(f"Invalid group: {group!r} (the optimizer has {len(optimizer.param_groups)} param groups)")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float, Tensor))):
+        raise ValueError(f"Invalid lr: {lr!r} (must be a number, or None: the group's)")
     g = optimizer.param_groups[group]
     lr = float(g["lr"] if lr is None else lr)
     if not 0 <= lr < math.inf:
@@ -110,9 +112,14 @@ def _with_groups(optimizer: torch.optim.Optimizer,
     """``(index, parameter, its param group)`` for ``params`` (None: every parameter, in group
     order); a ValueError for a parameter the optimizer does not hold or a complex one."""
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    if isinstance(params, (Tensor, nn.Module)):  # (a module is iterable only by accident: never its parameters)
+        raise ValueError(f"Invalid params: a {type(params).__name__}; expected an iterable of parameters, e.g. "
+                         "list(model.parameters())")
     params = [p for g in optimizer.param_groups for p in g["params"]] if params is None else list(params)
     out = []
     for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise ValueError(f"Invalid params: item {i} is a {type(p).__name__}, not a tensor")
         group = group_of.get(id(p))
         if group is None:
             raise ValueError(f"parameter {i} (shape {tuple(p.shape)}) is not optimized by {type(optimizer).__name__}")
