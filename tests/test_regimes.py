@@ -531,6 +531,10 @@ def test_a_history_the_rules_cannot_read_is_refused() -> None:
         with pytest.raises(TypeError, match=re.escape(words)):
             diagnose(bad)  # type: ignore[arg-type]
     assert diagnose([*good, {**good[-1], "val_loss": None, "train_loss": math.nan}]).regime is not None
+    with pytest.raises(TypeError, match=re.escape("thresholds: a dict is not allowed; expected Thresholds")):
+        diagnose(good, thresholds={"fit_acc": 0.5})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=re.escape("regimes: 'fit_acc' is not allowed; expected a mapping")):
+        Thresholds.from_overrides("fit_acc")  # type: ignore[arg-type]
 
 
 # Measured: one hidden layer, 5,000 training images, 10 epochs at batch 32, 1,000 validation images.

@@ -153,6 +153,8 @@ class Thresholds:
     @classmethod
     def from_overrides(cls, overrides: Mapping[str, Any] | None) -> Thresholds:
         """The defaults with ``overrides`` (a config's ``regimes`` node, or None); a ValueError names unknown keys."""
+        if overrides is not None and not isinstance(overrides, Mapping):
+            raise TypeError(f"regimes: {overrides!r} is not allowed; expected a mapping of threshold names to values")
         known = {f.name for f in fields(cls)}
         unknown = set(overrides or {}) - known
         if unknown:
@@ -456,6 +458,9 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
     ``overfit_min_passes`` there is nothing to memorise and no overfit rule applies (None: unknown,
     no limit)."""
     check_history(history)
+    if thresholds is not None and not isinstance(thresholds, Thresholds):
+        raise TypeError(f"thresholds: a {type(thresholds).__name__} is not allowed; expected Thresholds (from a mapping: "
+                        "Thresholds.from_overrides)")
     if val_size is not None and not is_count(val_size):
         raise ValueError(f"Invalid val_size: {val_size!r} (must be an integer >= 1, or None: unknown)")
     if passes is not None and not (finite_number(passes) and passes >= 0):
