@@ -419,27 +419,27 @@ def _limit(m: dict[str, float], t: Thresholds, name: str) -> str:
     return f"{m[name]:.3g}"
 
 
-# What the rules read of an epoch's row; the first two every row holds (a summary's epochs always do).
+# What the rules read of an epoch's row; a run's summary.json epochs hold the first two.
 ROW_KEYS = ("train_loss", "val_acc", "val_loss", "train_acc", "train_loss_max", "train_loss_initial")
 
 
 def check_history(history: Any) -> None:
-    """A TypeError or ValueError unless ``history`` is a list of per-epoch rows (mappings) each holding
-    ``train_loss`` and ``val_acc``, whose values for :data:`ROW_KEYS` are numbers or None (not measured;
-    NaN alike): a row without them would be judged as a run that learned nothing."""
+    """A TypeError or ValueError unless ``history`` is a list of per-epoch rows (mappings) whose values for
+    :data:`ROW_KEYS` are numbers or None (not measured, as a key a row lacks, or NaN), some row holding
+    ``train_loss`` and some ``val_acc``: without any, a run would be judged as one that learned nothing."""
     if isinstance(history, (str, bytes, Mapping)) or not isinstance(history, (list, tuple)):
         raise TypeError(f"history: {type(history).__name__} is not allowed; expected a list of per-epoch rows (dicts)")
     for i, row in enumerate(history):
         if not isinstance(row, Mapping):
             raise TypeError(f"history[{i}]: {type(row).__name__} is not allowed; expected a dict of the epoch's values")
-        missing = [key for key in ROW_KEYS[:2] if key not in row]
-        if missing:
-            raise ValueError(f"history[{i}]: no {' or '.join(missing)}; every epoch row holds train_loss and val_acc "
-                             "(None where not measured), as a run's summary.json epochs do")
         for key in ROW_KEYS:
             value = row.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise TypeError(f"history[{i}][{key!r}]: {value!r} is not allowed; expected a number or None")
+    missing = [key for key in ROW_KEYS[:2] if history and not any(key in row for row in history)]
+    if missing:
+        raise ValueError(f"history: no epoch row holds {' or '.join(missing)} (its keys: {sorted(history[0])}); a "
+                         "run's summary.json epochs hold train_loss and val_acc")
 
 
 def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds: Thresholds | None = None,
