@@ -12,20 +12,21 @@ import os
 import signal
 import sys
 
-# Ctrl-C before training starts (imports, composing the config) ends with one line and exit 130, no
-# traceback; the run installs its own handlers while it trains. The request is also remembered: an import that
-# catches every exception would swallow the exit, and main() then exits before any work.
+# Ctrl-C (or SIGTERM) before training starts (imports, composing the config) ends with one line and exit 130
+# (143), no traceback; the run installs its own handlers while it trains. The request is also remembered: an import
+# that catches every exception would swallow the exit, and main() then exits before any work.
 interrupted_at_start_up: list[int] = []
 
 
 def _stop_at_start_up(signum: int, frame: object) -> None:
     if not interrupted_at_start_up:  # os.write: print() inside a write to stderr would raise a reentrant call
-        os.write(2, b"interrupted (SIGINT) while no run was training\n")
+        os.write(2, f"interrupted ({signal.Signals(signum).name}) while no run was training\n".encode())
     interrupted_at_start_up.append(signum)
-    sys.exit(130)
+    sys.exit(128 + interrupted_at_start_up[0])
 
 
-signal.signal(signal.SIGINT, _stop_at_start_up)
+for _stop in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(_stop, _stop_at_start_up)
 # The interpreter's last garbage collection, over torch's and Lightning's objects, took 0.9 s of every
 # command (2026-12-05, AMD EPYC); objects frozen after the other exit handlers (files, loggers,
 # writers: closed) skip it.
@@ -60,7 +61,7 @@ from optimlab.validate import ConfigError, FolderInUse
 def main(cfg: DictConfig) -> float | None:
     """One run; returns its ``optimized_metric`` (a validation metric, never the test set) to a sweeper."""
     if interrupted_at_start_up:
-        sys.exit(130)
+        sys.exit(128 + interrupted_at_start_up[0])
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     trial = searching()  # then a failure scores the metric's worst value

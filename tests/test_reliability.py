@@ -962,18 +962,20 @@ def test_signals_deferred_notes_a_signal_and_restores_the_handlers() -> None:
     assert {s: signal.getsignal(s) for s in before} == before
 
 
-def test_sigint_during_start_up_exits_130_with_one_line(tmp_path: Path) -> None:
-    # A new interpreter: its start-up (the imports) is what is interrupted.
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_during_start_up_exits_with_one_line(tmp_path: Path, sig: signal.Signals) -> None:
+    # A new interpreter: its start-up (the imports) is what is interrupted. (A probe: SIGTERM then killed the
+    # process without its line.)
     proc = start(*TINY, f"hydra.run.dir={tmp_path / 'run'}", new_interpreter=True)
     # Not a fixed sleep: on a loaded machine Python may not yet have reached the handler, and its own
     # KeyboardInterrupt would answer. Loading torch's libraries comes after it and seconds before training.
     deadline = time.monotonic() + 60
     while not importing_torch(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err
-    assert err.strip() == "interrupted (SIGINT) while no run was training"
+    assert proc.returncode == 128 + sig and "Traceback" not in err
+    assert err.strip() == f"interrupted ({sig.name}) while no run was training"
     assert not (tmp_path / "run").exists()
 
 
