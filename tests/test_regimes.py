@@ -8,6 +8,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from optimlab.regimes import LABELS, Thresholds, diagnose
@@ -534,6 +535,8 @@ def test_a_history_the_rules_cannot_read_is_refused() -> None:
         with pytest.raises(TypeError, match=re.escape(words)):
             diagnose(bad)  # type: ignore[arg-type]
     assert diagnose([*good, {**good[-1], "val_loss": None, "train_loss": math.nan}]).regime is not None
+    as_numpy = [{k: np.float32(v) if isinstance(v, float) else v for k, v in row.items()} for row in good]
+    assert diagnose(as_numpy).regime == diagnose(good).regime  # NumPy's numbers are numbers
     with pytest.raises(TypeError, match=re.escape("thresholds: a dict is not allowed; expected Thresholds")):
         diagnose(good, thresholds={"fit_acc": 0.5})  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=re.escape("regimes: 'fit_acc' is not allowed; expected a mapping")):

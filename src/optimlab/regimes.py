@@ -93,6 +93,7 @@ the measures keep the numbers; the sharpness explains a label, it never decides 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -434,7 +435,7 @@ def check_history(history: Any) -> None:
             raise TypeError(f"history[{i}]: {type(row).__name__} is not allowed; expected a dict of the epoch's values")
         for key in ROW_KEYS:
             value = row.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
                 raise TypeError(f"history[{i}][{key!r}]: {value!r} is not allowed; expected a number or None")
     missing = [key for key in ROW_KEYS[:2] if history and not any(key in row for row in history)]
     if missing:
