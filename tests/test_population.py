@@ -994,6 +994,9 @@ def test_the_loop_refuses_what_it_cannot_reproduce(tiny_mnist: Path) -> None:
         member_optimizer(SGD, loop.model, [0.1])
     with pytest.raises(ValueError, match=r"^weight_decay: 3 value\(s\) for 2 members"):
         member_optimizer(SGD, loop.model, [0.1, 0.1], [0.1, 0.1, 0.1])
+    one_for_all = member_optimizer(SGD, loop.model, torch.tensor(0.1, dtype=torch.float64),
+                                   torch.tensor(0.01, dtype=torch.float64)).param_groups[0]
+    assert one_for_all["lr"].tolist() == [0.1, 0.1] and one_for_all["weight_decay"].tolist() == [0.01, 0.01]
     opt = member_optimizer(SGD, loop.model, [0.1, 0.1])
     for clip in ((-1.0, "norm"), (math.nan, "value"), (1.0, "bogus"), (0.0, "norm")):
         with pytest.raises(ValueError, match=r"^clip: .* is not allowed; expected \(a finite number > 0"):

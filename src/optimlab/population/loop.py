@@ -78,8 +78,8 @@ def member_optimizer(cls: type[Optimizer], model: StackedModel, lr: Tensor | Seq
     device = next(model.parameters()).device
 
     def per_member(name: str, value: Tensor | Sequence[float] | float) -> Tensor:
-        if not isinstance(value, (Tensor, Sequence)):
-            value = [value] * model.members
+        if not isinstance(value, (Tensor, Sequence)) or (isinstance(value, Tensor) and value.dim() == 0):
+            value = [float(value)] * model.members
         if len(value) != model.members:  # a tensor of one would broadcast to every member
             raise ValueError(f"{name}: {len(value)} value(s) for {model.members} members; expected one per member, "
                              "or one number for all")
