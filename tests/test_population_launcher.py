@@ -1707,6 +1707,10 @@ def test_a_killed_or_stopped_population_resumes_bitwise(mnist_root: Path, tmp_pa
         assert len(list((tmp_path / name / "tensorboard").glob("events.out.tfevents.*"))) == 1
         assert scalar_events(tmp_path / name / "tensorboard") == straight_events[name]
         assert csv_rows(tmp_path / name / "csv" / "metrics.csv") == uninterrupted_population.csv[name]
+        if status != "running":  # its job record, written when it stopped, is kept, as a continued run's (a probe)
+            for record in ("config.yaml", "overrides.yaml"):
+                assert (tmp_path / name / ".hydra" / record).read_text() == \
+                    (uninterrupted_population.folder / name / ".hydra" / record).read_text()
     assert all(s["population"]["checkpoint"] is None for s in got.values()) and not checkpoint.exists()
     assert not checkpoint.parent.exists()  # the sweep's .populations/, empty, is removed too
 

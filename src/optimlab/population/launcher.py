@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
@@ -61,7 +62,7 @@ from optimlab.population.stacked import STACKED, StackedModel
 from optimlab.population.stopping import MemberEarlyStopping
 from optimlab.record import device_name, log_epoch_lines, record_refusal, refused_summary, result_line, synchronize
 from optimlab.summary import FINISHED, RunSummary, config_key, read_summary, returned_value, write_summary
-from optimlab.resume import override_keys, sync_epochs
+from optimlab.resume import MAY_DIFFER_ON_RESUME, override_keys, sync_epochs
 from optimlab.search import searching
 from optimlab.signals import EXIT_CODES, StopOnSignal, exit_code, signals_deferred
 from optimlab.validate import ConfigError, FolderInUse, weight_dtype
@@ -309,10 +310,28 @@ def describe_members(members: Sequence[Job]) -> str:
 
 
 def save_member_job_record(job: Job) -> None:
-    """A member's ``.hydra/`` record, as its single run writes it (with its run's epochs)."""
+    """A member's ``.hydra/`` record, as its single run writes it (with its run's epochs): not where its folder
+    holds the record of the command that started its run (a stopped member's), which a continued run keeps."""
+    if recorded_by_its_start(job):
+        return
     with hydra_config_of(job.sweep_config):  # its hydra.runtime.output_dir set when it was composed
         sync_epochs(job.config, override_keys(job.overrides))  # as its run records them
         save_job_record(job.run_dir, job.config)
+
+
+def recorded_by_its_start(job: Job) -> bool:
+    """Whether ``job``'s folder holds Hydra's record of a job with its overrides but for the keys a resume may
+    change (``resume=auto`` among them): the command that started the run it continues."""
+    def kept(overrides: list[str]) -> list[str]:
+        return [o for o, key in zip(overrides, override_keys(overrides))
+                if not any(key == k or key.startswith(f"{k}.") for k in MAY_DIFFER_ON_RESUME)]
+
+    try:
+        recorded = yaml.safe_load((job.run_dir / ".hydra" / "overrides.yaml").read_text())
+    except (OSError, yaml.YAMLError):  # none (a new run, or one killed before its record), or not Hydra's
+        return False
+    return isinstance(recorded, list) and all(isinstance(o, str) for o in recorded) and \
+        kept(recorded) == kept(list(job.overrides))
 
 
 def record_member(job: Job, summary: RunSummary) -> None:
