@@ -25,8 +25,8 @@ def _stop_at_start_up(signum: int, frame: object) -> None:
     sys.exit(128 + interrupted_at_start_up[0])
 
 
-for _stop in (signal.SIGINT, signal.SIGTERM):
-    signal.signal(_stop, _stop_at_start_up)
+signal.signal(signal.SIGINT, _stop_at_start_up)
+signal.signal(signal.SIGTERM, _stop_at_start_up)
 # The interpreter's last garbage collection, over torch's and Lightning's objects, took 0.9 s of every
 # command (2026-12-05, AMD EPYC); objects frozen after the other exit handlers (files, loggers,
 # writers: closed) skip it.

@@ -580,6 +580,7 @@ def test_threshold_argument_checks() -> None:
         with pytest.raises(ValueError, match=r"^Invalid lr: .* \(must be a number, or None"):
             stability_threshold(sgd, lr=lr)  # type: ignore[arg-type]
     assert stability_threshold(sgd, lr=torch.tensor(0.5)) == stability_threshold(sgd, lr=0.5) == 4.0
+    assert stability_threshold(sgd, group=np.int64(0), lr=np.float32(0.5)) == 4.0  # NumPy's numbers are numbers
     # A model where its parameters belong (a probe: an AttributeError from inside).
     model = nn.Linear(3, 2)
     adam = optim.Adam(model.parameters(), lr=0.1)
@@ -589,6 +590,8 @@ def test_threshold_argument_checks() -> None:
                           ([model], "Invalid params: item 0 is a Linear, not a tensor")):
         with pytest.raises(ValueError, match=re.escape(words)):
             preconditioner(adam, params)  # type: ignore[arg-type]
+    held = nn.ParameterList(model.parameters())  # a module whose items are its parameters
+    assert all(torch.equal(a, b) for a, b in zip(preconditioner(adam, held), preconditioner(adam)))
 
 
 # --------------------------------------------------------------------------- preconditioners

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -997,8 +998,12 @@ def test_the_loop_refuses_what_it_cannot_reproduce(tiny_mnist: Path) -> None:
     one_for_all = member_optimizer(SGD, loop.model, torch.tensor(0.1, dtype=torch.float64),
                                    torch.tensor(0.01, dtype=torch.float64)).param_groups[0]
     assert one_for_all["lr"].tolist() == [0.1, 0.1] and one_for_all["weight_decay"].tolist() == [0.01, 0.01]
+    assert member_optimizer(SGD, loop.model, np.array([0.1, 0.2])).param_groups[0]["lr"].tolist() == [0.1, 0.2]
+    for lr in (True, "0.1"):
+        with pytest.raises(ValueError, match=r"^lr: .* is not allowed; expected a number, or one per member"):
+            member_optimizer(SGD, loop.model, lr)  # type: ignore[arg-type]
     opt = member_optimizer(SGD, loop.model, [0.1, 0.1])
-    for clip in ((-1.0, "norm"), (math.nan, "value"), (1.0, "bogus"), (0.0, "norm")):
+    for clip in ((-1.0, "norm"), (math.nan, "value"), (1.0, "bogus"), (0.0, "norm"), 1.0, "norm"):
         with pytest.raises(ValueError, match=r"^clip: .* is not allowed; expected \(a finite number > 0"):
             PopulationLoop(loop.model, opt, loop.data, clip=clip)
     for std in (math.nan, -1.0, math.inf):

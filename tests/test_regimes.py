@@ -527,14 +527,15 @@ def test_a_history_the_rules_cannot_read_is_refused() -> None:
     with pytest.raises(ValueError, match=r"^history: no epoch row holds val_acc \(its keys"):
         diagnose([{k: v for k, v in row.items() if k != "val_acc"} for row in good])
     # One row without it is an epoch not measured, as None is.
-    assert diagnose([*good[:2], {k: v for k, v in good[2].items() if k != "val_acc"}]).regime is not None
+    assert diagnose([*good[:2], {k: v for k, v in good[2].items() if k != "val_acc"}]).regime == "healthy"
     for bad, words in ((None, "history: NoneType is not allowed"), ("abc", "history: str is not allowed"),
                        ({"train_loss": 1.0}, "history: dict is not allowed"), ([1.0], "history[0]: float"),
                        ([{**good[0], "val_acc": "0.9"}], "history[0]['val_acc']: '0.9' is not allowed"),
                        ([{**good[0], "train_loss": True}], "history[0]['train_loss']: True is not allowed")):
         with pytest.raises(TypeError, match=re.escape(words)):
             diagnose(bad)  # type: ignore[arg-type]
-    assert diagnose([*good, {**good[-1], "val_loss": None, "train_loss": math.nan}]).regime is not None
+    assert diagnose([*good, {**good[-1], "val_loss": None, "train_loss": math.nan}]).regime == "healthy"
+    assert diagnose(tuple(good)).regime == "healthy"  # any sequence of rows
     as_numpy = [{k: np.float32(v) if isinstance(v, float) else v for k, v in row.items()} for row in good]
     assert diagnose(as_numpy).regime == diagnose(good).regime  # NumPy's numbers are numbers
     with pytest.raises(TypeError, match=re.escape("thresholds: a dict is not allowed; expected Thresholds")):

@@ -617,6 +617,9 @@ def test_resume_auto_skips_a_finished_run_only_of_its_own_config(finished_run: P
     assert files_of(run_dir) == before
     skipped = run(compose_config(*TINY, "resume=auto", "trainer.num_threads=1"), run_dir)
     assert skipped.status == "complete" and files_of(run_dir) == before
+    # Other diagnosis thresholds change its label only (optimlab-report --rediagnose), not its record: skipped.
+    assert run(compose_config(*TINY, "resume=auto", "regimes.fit_acc=0.5"), run_dir).status == "complete"
+    assert files_of(run_dir) == before
 
 
 def test_a_checkpoint_saved_by_another_run_is_refused(finished_run: Path, tmp_path: Path) -> None:

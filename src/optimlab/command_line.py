@@ -166,7 +166,7 @@ def composition_error(args: list[str], conf_dir: Path) -> str | None:
             continue
         if name != key:  # a sweeper's parameter given as a sweep: Hydra reads it as a sweep of its own config
             return f"{arg}: Hydra reads this as a sweep of its own config, which it cannot run; sweep {name} itself " \
-                   f"({name}={arg.split('=', 1)[1]}: the same jobs)"
+                   f"({name}={arg.split('=', 1)[1]})"
         if key.startswith(("hydra.", "hydra/")):
             return f"{arg}: a sweep of Hydra's own config ({key}) is not supported; to give a value as text, quote " \
                    f"it ({key}='...')"

@@ -94,7 +94,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -428,7 +428,7 @@ def check_history(history: Any) -> None:
     """A TypeError or ValueError unless ``history`` is a list of per-epoch rows (mappings) whose values for
     :data:`ROW_KEYS` are numbers or None (not measured, as a key a row lacks, or NaN), some row holding
     ``train_loss`` and some ``val_acc``: without any, a run would be judged as one that learned nothing."""
-    if isinstance(history, (str, bytes, Mapping)) or not isinstance(history, (list, tuple)):
+    if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
         raise TypeError(f"history: {type(history).__name__} is not allowed; expected a list of per-epoch rows (dicts)")
     for i, row in enumerate(history):
         if not isinstance(row, Mapping):
@@ -460,8 +460,8 @@ def diagnose(history: list[dict[str, float]], diverged: bool = False, thresholds
     no limit)."""
     check_history(history)
     if thresholds is not None and not isinstance(thresholds, Thresholds):
-        raise TypeError(f"thresholds: a {type(thresholds).__name__} is not allowed; expected Thresholds (from a mapping: "
-                        "Thresholds.from_overrides)")
+        raise TypeError(f"thresholds: a {type(thresholds).__name__} is not allowed; expected Thresholds (from a "
+                        "mapping: Thresholds.from_overrides)")
     if val_size is not None and not is_count(val_size):
         raise ValueError(f"Invalid val_size: {val_size!r} (must be an integer >= 1, or None: unknown)")
     if passes is not None and not (finite_number(passes) and passes >= 0):

@@ -24,10 +24,10 @@ RESUME_OVERRIDES = ("resume", "epochs", "trainer.max_epochs", "trainer.progress_
 MAY_DIFFER_ON_RESUME = (*RESUME_OVERRIDES, "population")
 
 
-def comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` (resolved, as a plain dict) without the :data:`MAY_DIFFER_ON_RESUME` keys."""
+def comparable(config: dict[str, Any], also: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``config`` (resolved, as a plain dict) without the :data:`MAY_DIFFER_ON_RESUME` keys and ``also``."""
     config = copy.deepcopy(config)
-    drop_keys(config, MAY_DIFFER_ON_RESUME)
+    drop_keys(config, (*MAY_DIFFER_ON_RESUME, *also))
     return config
 
 
@@ -169,10 +169,12 @@ def keep_derived_values(cfg: DictConfig, recorded: dict[str, Any]) -> None:
             OmegaConf.update(cfg, key, value, merge=False)
 
 
-def config_changes(recorded: dict[str, Any], cfg: DictConfig) -> str | None:
+def config_changes(recorded: dict[str, Any], cfg: DictConfig, finished: bool = False) -> str | None:
     """What ``cfg`` changes of the ``recorded`` config (``key: old there, new here``, the first three), or
     None. Not compared: :data:`MAY_DIFFER_ON_RESUME` and what derives from them (``cfg`` is resolved with
-    their recorded values), and a key only one of them has (one added since the run was recorded)."""
+    their recorded values), a key only one of them has (one added since the run was recorded), and, of a
+    ``finished`` run, the diagnosis thresholds (``regimes``: its record is the same under others, only its
+    label differs, which ``optimlab-report --rediagnose`` gives)."""
     recorded_cfg = OmegaConf.create(recorded)
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
@@ -184,9 +186,10 @@ def config_changes(recorded: dict[str, Any], cfg: DictConfig) -> str | None:
     # A value that interpolates a key a resume may change is the recorded one where a run was continued
     # (keep_derived_values): T_max 2 recorded beside epochs 3, which ${epochs} would make 3.
     raw = OmegaConf.to_container(cfg, resolve=False)
+    also = ("regimes",) if finished else ()
+    given = comparable(OmegaConf.to_container(cfg, resolve=True), also)
     changed = sorted(f"{key}: {old!r} there, {new!r} here" for key, old, new in
-                     differences(comparable(recorded), comparable(OmegaConf.to_container(cfg, resolve=True)))
-                     if not interpolates_resume_keys(raw, key))
+                     differences(comparable(recorded, also), given) if not interpolates_resume_keys(raw, key))
     return "; ".join(changed[:3]) + ("; ..." if len(changed) > 3 else "") if changed else None
 
 
@@ -198,7 +201,7 @@ def refuse_changed_config(run_dir: Path, saved: RunSummary, cfg: DictConfig, che
     finished = saved.status in FINISHED
     if not (saved.epochs or checkpointed or finished):
         return  # nothing to continue (e.g. a job refused before any work, its config since fixed)
-    changed = config_changes(saved.config, cfg)
+    changed = config_changes(saved.config, cfg, finished)
     if changed:
         what = "skipping it would report that run as this job's" if finished else "continuing it would mix the two"
         raise ConfigError(f"resume=auto: {run_dir} holds a {'finished ' if finished else ''}run of another config "

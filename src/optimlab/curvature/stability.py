@@ -6,6 +6,7 @@ gradients keep their distribution (:func:`initial_preconditioner` from :func:`gr
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from optimlab import optim
-from optimlab.checks import is_count, is_integer
+from optimlab.checks import is_count
 from optimlab.curvature.hessian import check_batch, check_targets, evaluation, probe_batch, trainable
 
 
@@ -73,9 +74,10 @@ def stability_threshold(optimizer: torch.optim.Optimizer, group: int = 0, lr: fl
     ``inf``. Momentum must be in [0, 1).
     """
     kind = _kind(optimizer)
-    if not (is_integer(group) and 0 <= group < len(optimizer.param_groups)):
-        raise ValueError(f"Invalid group: {group!r} (the optimizer has {len(optimizer.param_groups)} param groups)")
-    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float, Tensor))):
+    groups = len(optimizer.param_groups)
+    if isinstance(group, bool) or not isinstance(group, numbers.Integral) or not 0 <= group < groups:
+        raise ValueError(f"Invalid group: {group!r} (the optimizer has {groups} param groups)")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (numbers.Real, Tensor))):
         raise ValueError(f"Invalid lr: {lr!r} (must be a number, or None: the group's)")
     g = optimizer.param_groups[group]
     lr = float(g["lr"] if lr is None else lr)
@@ -112,7 +114,7 @@ def _with_groups(optimizer: torch.optim.Optimizer,
     """``(index, parameter, its param group)`` for ``params`` (None: every parameter, in group
     order); a ValueError for a parameter the optimizer does not hold or a complex one."""
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    if isinstance(params, (Tensor, nn.Module)):  # (a module is iterable only by accident: never its parameters)
+    if isinstance(params, Tensor) or (isinstance(params, nn.Module) and not isinstance(params, nn.ParameterList)):
         raise ValueError(f"Invalid params: a {type(params).__name__}; expected an iterable of parameters, e.g. "
                          "list(model.parameters())")
     params = [p for g in optimizer.param_groups for p in g["params"]] if params is None else list(params)

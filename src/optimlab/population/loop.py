@@ -67,7 +67,7 @@ class MemberRecord:
         return self.diverged_at_step is not None
 
 
-def member_optimizer(cls: type[Optimizer], model: StackedModel, lr: Tensor | Sequence[float],
+def member_optimizer(cls: type[Optimizer], model: StackedModel, lr: Tensor | Sequence[float] | float,
                      weight_decay: Tensor | Sequence[float] | float = 0.0, **options: Any) -> Optimizer:
     """``cls`` (one of optimlab.optim's) over ``model``'s parameters as one member-wise group:
     member m with ``lr[m]`` and ``weight_decay[m]`` (float64 tensors on the model's device, where
@@ -78,17 +78,20 @@ def member_optimizer(cls: type[Optimizer], model: StackedModel, lr: Tensor | Seq
     device = next(model.parameters()).device
 
     def per_member(name: str, value: Tensor | Sequence[float] | float) -> Tensor:
-        if not isinstance(value, (Tensor, Sequence)) or (isinstance(value, Tensor) and value.dim() == 0):
-            value = [float(value)] * model.members
-        if len(value) != model.members:  # a tensor of one would broadcast to every member
-            raise ValueError(f"{name}: {len(value)} value(s) for {model.members} members; expected one per member, "
+        if isinstance(value, (bool, str)):
+            raise ValueError(f"{name}: {value!r} is not allowed; expected a number, or one per member")
+        values = torch.as_tensor(value, dtype=torch.float64)
+        if values.dim() == 0:
+            values = torch.full((model.members,), float(values), dtype=torch.float64)
+        if values.shape != (model.members,):  # a tensor of one would broadcast to every member
+            raise ValueError(f"{name}: {len(values)} value(s) for {model.members} members; expected one per member, "
                              "or one number for all")
-        return torch.as_tensor(value, dtype=torch.float64).to(device)
+        return values.to(device)
 
-    no_decay = not isinstance(weight_decay, Tensor) and all(
-        w == 0 for w in (weight_decay if isinstance(weight_decay, Sequence) else [weight_decay]))
+    decay = per_member("weight_decay", weight_decay)
+    no_decay = not isinstance(weight_decay, Tensor) and not bool(decay.any())
     group = {"params": list(model.parameters()), "members": model.members, "lr": per_member("lr", lr),
-             "weight_decay": 0.0 if no_decay else per_member("weight_decay", weight_decay)}
+             "weight_decay": 0.0 if no_decay else decay}
     return cls([group], **options)
 
 
@@ -134,8 +137,8 @@ class PopulationLoop:
             raise ValueError(f"{data.members} members' data for {model.members} model members")
         if not (finite_number(grad_noise_std) and grad_noise_std >= 0):
             raise ValueError(f"grad_noise_std: {grad_noise_std!r} is not allowed; expected a finite number >= 0")
-        if clip is not None and not (len(clip) == 2 and finite_number(clip[0]) and clip[0] > 0
-                                     and clip[1] in ("value", "norm")):
+        if clip is not None and not (isinstance(clip, Sequence) and not isinstance(clip, str) and len(clip) == 2
+                                     and finite_number(clip[0]) and clip[0] > 0 and clip[1] in ("value", "norm")):
             raise ValueError(f"clip: {clip!r} is not allowed; expected (a finite number > 0, 'value' or 'norm')")
         self.model, self.optimizer, self.data, self.params = model, optimizer, data, params
         self.dtype, device = params[0].dtype, params[0].device

@@ -43,8 +43,8 @@ from optimlab.population.schedule import why_not_followed
 from optimlab.population.stacked import STACKED, build_member
 from optimlab.population.stopping import unfollowed
 from optimlab.record import holds_nothing_trained
-from optimlab.resume import override_keys, refuse_changed_config, sync_epochs
-from optimlab.summary import FINISHED, SUMMARY, config_key, describe_run, dotted_value, read_summary
+from optimlab.resume import config_changes, override_keys, refuse_changed_config, sync_epochs
+from optimlab.summary import FINISHED, SUMMARY, RunSummary, config_key, describe_run, dotted_value, read_summary
 from optimlab.validate import (RULES, ConfigError, FolderInUse, check_range, check_shared_folders, outside_files,
                                rule_error, validate_config, weight_dtype)
 
@@ -307,6 +307,16 @@ def shared_keys_pass(values: dict[str, Any], cfg: DictConfig) -> bool:
     return True
 
 
+def finished_run_of(job: Job, saved: RunSummary) -> bool:
+    """Whether ``saved``, a finished run's summary in ``job``'s folder, is of ``job``'s config (apart from what a
+    resume may change); False where the config cannot be resolved to tell (its check names why)."""
+    try:
+        with hydra_config_of(job.sweep_config):
+            return config_changes(saved.config, job.config, finished=True) is None
+    except Exception:
+        return False
+
+
 def classify(job: Job, passed: set[str] | None = None, elsewhere: bool = False) -> None:
     """Decide how ``job`` runs: fails (``error``), alone (``alone``) or in a population (``key``).
     ``passed``: the keys (the config without :data:`SHARED_CHECK_KEYS`) of the jobs that passed their
@@ -324,12 +334,9 @@ def classify(job: Job, passed: set[str] | None = None, elsewhere: bool = False) 
     elif resume is None and holds_a_run(job.run_dir):
         job.alone = "its folder already holds a run"
     elif resume == "auto" and (saved := read_summary(job.run_dir)) is not None and saved.status in FINISHED:
-        try:  # a finished run of another config is refused, as its single run refuses it
-            with hydra_config_of(job.sweep_config):
-                refuse_changed_config(job.run_dir, saved, cfg)
+        if finished_run_of(job, saved):
             job.alone = "complete (resume=auto skips it)"
-        except ConfigError as err:
-            job.error = err
+        # else checked below, then refused as a finished run of another config, as its single run refuses it
     elif resume == "auto" and last_checkpoint(job.run_dir) is not None:
         job.alone = "resumes from its checkpoint"
     elif resume == "auto" and (job.run_dir / SUMMARY).exists() and read_summary(job.run_dir) is None:

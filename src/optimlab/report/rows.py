@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from optimlab.regimes import Thresholds
+from optimlab.regimes import Thresholds, check_history
 from optimlab.summary import COLLECTIONS, FINISHED, SUMMARY, config_key, describe_run, diagnose_run, read_summary
 
 
@@ -68,10 +68,11 @@ def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, An
     if rediagnose or (regime is None and s.status in FINISHED):
         try:  # (a summary edited by hand, or of another version: thresholds or rows the rules cannot read)
             thresholds = Thresholds.from_overrides(s.config.get("regimes"))
-            regime = diagnose_run(s.config, history, s.diverged, s.diverged_at_step, s.curvature, s.train_size,
-                                  thresholds).regime
+            check_history(history)
         except (TypeError, ValueError) as err:
             raise UnreadableRecord(f"{run_dir / SUMMARY}: {err}") from None
+        regime = diagnose_run(s.config, history, s.diverged, s.diverged_at_step, s.curvature, s.train_size,
+                              thresholds).regime
     return {
         "run": rel, "name": run.name, "model": run.model, "optimizer": run.optimizer, "lr": run.lr,
         "widths": run.widths, "seed": run.seed, "params": s.params,
