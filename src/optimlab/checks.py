@@ -52,6 +52,16 @@ def one_of(*choices: Any) -> Rule:
     return (lambda v: any(v == c and type(v) is type(c) for c in choices), "one of " + ", ".join(map(str, choices)))
 
 
+def limit(low: int) -> Rule:
+    """Lightning's batch limits: an integer count, or a fraction of the split (above 0 where a count
+    must be at least 1: 0.0 is no batch too)."""
+    def allowed(v: Any) -> bool:
+        fraction = isinstance(v, float) and (0 < v <= 1 if low else 0 <= v <= 1)
+        return (is_integer(v) and v >= low) or fraction
+
+    return allowed, f"an integer >= {low} or a fraction in {'(0, 1]' if low else '[0, 1]'}"
+
+
 def optional(rule: Rule) -> Rule:
     return (lambda v: v is None or rule[0](v), f"null or {rule[1]}")
 

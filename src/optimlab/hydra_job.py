@@ -139,6 +139,16 @@ def save_job_record(run_dir: Path, cfg: DictConfig) -> None:
     write_job_record(run_dir / ".hydra", cfg, HydraConfig.get())
 
 
+def recorded_overrides(run_dir: Path) -> list[str] | None:
+    """The job's overrides in Hydra's record of it in ``run_dir`` (:func:`save_job_record`), or None where the
+    folder holds no such record that can be read."""
+    try:
+        recorded = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return recorded if isinstance(recorded, list) and all(isinstance(o, str) for o in recorded) else None
+
+
 def write_job_record(folder: Path, cfg: DictConfig, hydra_cfg: DictConfig) -> None:
     """The three files of Hydra's record of a job in ``folder``: the task's config, the ``hydra``
     node and the job's overrides, as ``OmegaConf.save`` writes them (see :func:`config_yaml`)."""

@@ -28,7 +28,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, OmegaConf
 
 from optimlab.checks import (BOOL, INTEGER, INT_NON_NEGATIVE, INT_POSITIVE, NON_NEGATIVE, NUMBER, POSITIVE, SEED,
-                             UNIT_CLOSED, Rule, finite_number, is_integer, one_of, optional, refusal)
+                             UNIT_CLOSED, Rule, finite_number, is_integer, limit, one_of, optional, refusal)
 from optimlab.files import read_error, unwritable
 from optimlab.regimes import Thresholds
 from optimlab.summary import COLLECTIONS, OPTIMIZED_METRICS
@@ -44,16 +44,6 @@ class FolderInUse(ConfigError):
 
 
 PRECISIONS = ("32-true", "64-true", "16-mixed", "bf16-mixed", "32", "64")  # trainer.precision's values
-
-
-def limit(low: int) -> Rule:
-    """Lightning's batch limits: an integer count, or a fraction of the split (above 0 where a count
-    must be at least 1: 0.0 is no batch too)."""
-    def allowed(v: Any) -> bool:
-        fraction = isinstance(v, float) and (0 < v <= 1 if low else 0 <= v <= 1)
-        return (is_integer(v) and v >= low) or fraction
-
-    return allowed, f"an integer >= {low} or a fraction in {'(0, 1]' if low else '[0, 1]'}"
 
 
 MONITORED = one_of("val/loss", "val/acc")

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from optimlab.checks import is_integer
+from optimlab.checks import limit, refusal
 from optimlab.data import EpochShuffle, MNISTDataModule, load_split, split_indices
 from optimlab.mnist_files import ensure_files, epoch_batches
 
@@ -48,11 +48,10 @@ class PopulationData:
             raise ValueError("a population needs at least one member")
         limits = {"limit_train_batches": limit_train_batches, "limit_val_batches": limit_val_batches,
                   "limit_test_batches": limit_test_batches}
-        for name, limit in limits.items():  # (Lightning's 0, no batches, leaves a population nothing to do)
-            if limit is not None and not ((is_integer(limit) and limit >= 1) or
-                                          (isinstance(limit, float) and 0 < limit <= 1)):
-                raise ValueError(f"{name}: {limit!r} is not allowed; expected an integer >= 1, a fraction in (0, 1] "
-                                 "or None")
+        allowed, words = limit(1)  # the trainer's rule (Lightning's 0, no batches, leaves a population nothing to do)
+        for name, value in limits.items():
+            if value is not None and not allowed(value):
+                raise ValueError(refusal(name, value, f"{words}, or None"))
         first = datamodules[0]
         for key in ("root", "val_size", "batch_size", "eval_batch_size"):
             values = {getattr(dm, key) for dm in datamodules}

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
@@ -45,7 +44,8 @@ from torch import Tensor
 from optimlab.build import optimizer_class, set_torch_options
 from optimlab.console import say
 from optimlab.files import held, remove_stale_temporaries
-from optimlab.hydra_job import JobFailed, hydra_config_of, remove_dry_sweep_folder, run_composed_job, save_job_record
+from optimlab.hydra_job import (JobFailed, hydra_config_of, recorded_overrides, remove_dry_sweep_folder,
+                                run_composed_job, save_job_record)
 from optimlab.optim import Optimizer
 from optimlab.population.best import MemberBest
 from optimlab.population.checkpoint import CHECKPOINTS, PopulationCheckpoint
@@ -326,12 +326,8 @@ def recorded_by_its_start(job: Job) -> bool:
         return [o for o, key in zip(overrides, override_keys(overrides))
                 if not any(key == k or key.startswith(f"{k}.") for k in MAY_DIFFER_ON_RESUME)]
 
-    try:
-        recorded = yaml.safe_load((job.run_dir / ".hydra" / "overrides.yaml").read_text())
-    except (OSError, yaml.YAMLError):  # none (a new run, or one killed before its record), or not Hydra's
-        return False
-    return isinstance(recorded, list) and all(isinstance(o, str) for o in recorded) and \
-        kept(recorded) == kept(list(job.overrides))
+    recorded = recorded_overrides(job.run_dir)  # None: a new run, or one killed before its record
+    return recorded is not None and kept(recorded) == kept(list(job.overrides))
 
 
 def record_member(job: Job, summary: RunSummary) -> None:
