@@ -30,6 +30,7 @@ from optimlab.data import split_indices
 from optimlab.population.data import PopulationData
 from optimlab.population.loop import (MemberRecord, PopulationLoop, add_member_noise, clip_member_gradients,
                                       member_optimizer, train_population)
+from optimlab.population import module as population_module
 from optimlab.population.module import PopulationModule
 from optimlab.population.schedule import MemberSchedules
 from optimlab.population.stopping import MemberEarlyStopping, StopRule
@@ -484,9 +485,10 @@ def test_freezing_by_copies_equals_freezing_by_where(tiny_mnist: Path) -> None:
         assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
 
 
-def test_a_population_trains_as_one_lightning_fit(tiny_mnist: Path) -> None:
-    """Lightning's loop runs the epochs and steps (callbacks see every batch of the PopulationModule),
-    and the weights end where the loop's own steps take them."""
+def test_a_population_trains_as_one_lightning_fit(tiny_mnist: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning's loop runs the epochs and batches (callbacks see every batch of the PopulationModule),
+    each batch the loop's next STEPS_PER_BATCH steps (here 4: an epoch's 6 steps as 4 and 2, the
+    epoch's last step flagged as such), and the weights end where the loop's own steps take them."""
     class Seen(L.Callback):
         def __init__(self) -> None:
             self.batches: list[tuple[int, int]] = []
@@ -495,17 +497,23 @@ def test_a_population_trains_as_one_lightning_fit(tiny_mnist: Path) -> None:
                                  batch_idx: int) -> None:
             assert isinstance(pl_module, PopulationModule) and not pl_module.automatic_optimization
             self.batches.append((trainer.current_epoch, batch_idx))
+            steps.append([])
 
+    monkeypatch.setattr(population_module, "STEPS_PER_BATCH", 4)
     fitted, _ = population(tiny_mnist, [0.1, 0.3], [0, 1])
     stepped, _ = population(tiny_mnist, [0.1, 0.3], [0, 1])
+    steps: list[list[bool]] = []  # each Lightning batch's steps: whether the loop was told it was the epoch's last
+    train_step = fitted.train_step
+    monkeypatch.setattr(fitted, "train_step", lambda x, y, last: (steps[-1].append(last), train_step(x, y, last)))
     seen = Seen()
     records = fitted.fit(2, callbacks=[seen])
-    steps = fitted.data.steps_per_epoch
-    assert seen.batches == [(epoch, i) for epoch in range(2) for i in range(steps)]
+    assert fitted.data.steps_per_epoch == 6
+    assert seen.batches == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert steps == [[False] * 4, [False, True]] * 2
     assert [[row["epoch"] for row in r.history] for r in records] == [[1, 2], [1, 2]] and fitted.epochs_done == 2
     trajectory(stepped, 2)
     assert all(torch.equal(p, q) for p, q in zip(fitted.params, stepped.params, strict=True))
-    assert fitted.fit(2, callbacks=[seen]) is records and len(seen.batches) == 2 * steps  # nothing left to train
+    assert fitted.fit(2, callbacks=[seen]) is records and len(seen.batches) == 4  # nothing left to train
     assert [len(r.history) for r in records] == [2, 2]
     # Lightning holds none of the loop's tensors: at a fit's end it moves a module's parameters and its
     # optimizers' state to the CPU, and the loop's must stay on their device.
