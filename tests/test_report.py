@@ -182,6 +182,18 @@ def test_rediagnosing_a_run_whose_recorded_thresholds_are_not_allowed_is_one_lin
     assert (tmp_path / "report.csv").read_text() == before  # nothing written or removed
 
 
+def test_rediagnosing_leaves_a_run_that_never_trained_as_it_ended(tmp_path: Path) -> None:
+    """A job refused for its thresholds (its row: crashed) does not stop the rediagnosis of the others (a probe)."""
+    fake_run(tmp_path, "0_a", "SGD", 0.1, 128, 0, 0.97)
+    (tmp_path / "1_b").mkdir()
+    (tmp_path / "1_b" / "summary.json").write_text(json.dumps({
+        "status": "crashed", "config": {"lr": 0.1, "regimes": {"fit_acc": -1}}, "epochs": [], "regime": None,
+        "error": "ConfigError: regimes.fit_acc: -1 is not allowed; expected a number in [0, 1]"}))
+    assert main([str(tmp_path), "--rediagnose"]) == 0
+    regimes = {r["run"]: r["regime"] for r in csv.DictReader((tmp_path / "report.csv").open())}
+    assert regimes == {"0_a": "healthy", "1_b": "crashed"}
+
+
 def test_seeds_are_aggregated_only_over_otherwise_equal_configs(tmp_path: Path) -> None:
     # Same optimizer, lr and width; two weight decays, two seeds each: two groups, never one of four.
     for i, (decay, seed, acc) in enumerate([(0.0, 0, 0.90), (0.0, 1, 0.92), (1e-4, 0, 0.80), (1e-4, 1, 0.84)]):
@@ -598,10 +610,34 @@ def test_report_md_counts_the_jobs_a_stopped_or_shared_sweep_folder_misses(tmp_p
     if launched is None or launched == 3:
         assert head.startswith("3 runs. Regimes: healthy 3")
     elif launched < 3:
-        assert head.startswith(f"3 runs (its command, below, makes {launched}: the folder holds runs of other commands "
-                               "too). Regimes: healthy 3")
+        assert head.startswith(f"3 runs (its command, below, makes {launched}; {3 - launched} of the folder's runs are "
+                               "of other commands). Regimes: healthy 3")
     else:
         assert head.startswith(f"3 runs of its command's {launched} jobs ({launched - 3} never started: no record).")
+
+
+@pytest.mark.parametrize("command, head", [
+    ("['lr=0.3,0.5,0.7', 'epochs=4', 'trainer.progress_bar=false']",
+     "3 runs (its command, below, makes 3, 2 never started: no record; 2 of the folder's runs are of other commands)."),
+    ("['lr=0.3,0.5', 'epochs=4', 'trainer.progress_bar=false', 'resume=auto']",
+     "3 runs (its command, below, makes 2, 1 never started: no record; 2 of the folder's runs are of other commands)."),
+    ("['lr=-1,0.1,0.3', 'epochs=2,4', 'trainer.progress_bar=False']", "3 runs of its command's 6 jobs (3 never "
+     "started: no record)."),
+    ("['lr=-1,0.1,0.3', 'epochs=2,4']", "3 runs (its command, below, makes 6, 6 never started: no record; 3 of the "
+     "folder's runs are of other commands)."),
+])
+def test_report_md_tells_the_runs_of_its_command_from_other_commands_runs(tmp_path: Path, command: str,
+                                                                           head: str) -> None:
+    """A run is its command's when Hydra's record of its job holds one of the command's jobs (a probe: an
+    earlier command's two runs in the folder hid two jobs of the last one that never started)."""
+    for name, lr, epochs in (("0_a", -1, 2), ("1_b", 0.1, 2), ("0_c", 0.3, 4)):
+        fake_run(tmp_path, name, "SGD", lr, 8, 0, 0.9)
+        (tmp_path / name / ".hydra" / "overrides.yaml").write_text(
+            f"- lr={lr}\n- epochs={epochs}\n- trainer.progress_bar=False\n")
+    (tmp_path / "multirun.yaml").write_text("hydra:\n  sweeper:\n    _target_: hydra._internal.core_plugins.basic_sweeper."
+                                            f"BasicSweeper\n    params: null\n  overrides:\n    hydra: []\n    task: {command}\n")
+    report(tmp_path)
+    assert (tmp_path / "report.md").read_text().splitlines()[2].startswith(head)
 
 
 def test_a_map_cell_shows_the_label_most_runs_got_and_marks_disagreement(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ UNREADABLE = "unreadable"
 
 
 def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, Any]:
-    """One report row. ``rediagnose``: label the run with the current rules (and the thresholds in
+    """One report row. ``rediagnose``: label a finished run with the current rules (and the thresholds in
     its config) instead of the label its summary recorded; a finished run whose summary has no label
     gets one so too."""
     s = read_summary(run_dir)
@@ -65,7 +65,7 @@ def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, An
         return max(values) if values else None
 
     regime = s.regime
-    if rediagnose or (regime is None and s.status in FINISHED):
+    if s.status in FINISHED and (rediagnose or regime is None):  # (an unfinished run's row shows its status)
         try:  # (a summary edited by hand, or of another version: thresholds or rows the rules cannot read)
             thresholds = Thresholds.from_overrides(s.config.get("regimes"))
             check_history(history)

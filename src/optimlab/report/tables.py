@@ -4,7 +4,7 @@ what the sweep shows, the seeds, the stability and the sharpness crossings)."""
 from __future__ import annotations
 
 import csv
-import math
+import itertools
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -22,12 +22,12 @@ COLUMNS = ["run", "name", "model", "optimizer", "lr", "widths", "seed", "params"
 
 
 def fmt(value: Any) -> str:
-    """A table cell: empty for None; a float below 1e-3 or from 1e4 up to four significant digits, else to four
-    decimals (trailing zeros dropped); anything else as text."""
+    """A table cell: empty for None; a float below 0.1 or from 1e4 up to four significant digits (lr 0.00316 and
+    0.0032 apart), else to four decimals (trailing zeros dropped); anything else as text."""
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e-3 or abs(value) >= 1e4 else f"{value:.4f}".rstrip("0").rstrip(".")
+        return f"{value:.4g}" if abs(value) < 0.1 or abs(value) >= 1e4 else f"{value:.4f}".rstrip("0").rstrip(".")
     return str(value)
 
 
@@ -65,21 +65,55 @@ def sweep_command(hydra: Any) -> str | None:
     return " ".join(["python train.py -m", *given, *(overrides.get("task") or [])])
 
 
-def launched_jobs(hydra: Any) -> int | None:
-    """How many jobs the command makes, from its :func:`multirun_record`, for Hydra's basic sweeper: the
-    product of each swept key's number of values (the sweep config's ``params``, then the command's
-    overrides, which replace them). None for another sweeper or a sweep it cannot count (``glob``)."""
+def command_jobs(hydra: Any) -> set[frozenset[tuple[str, str]]] | None:
+    """The jobs the command makes, each as :func:`job_key` of its overrides, from its :func:`multirun_record`,
+    for Hydra's basic sweeper: every combination of each swept key's values (the sweep config's ``params``,
+    then the command's overrides, which replace them), as that sweeper writes them. None for another sweeper
+    or a sweep it cannot expand (``glob``)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
         if not str(hydra["sweeper"]["_target_"]).endswith(".BasicSweeper"):
             return None
         lines = [f"{key}={value}" for key, value in (hydra["sweeper"].get("params") or {}).items()]
-        counts = {o.key_or_group: len(list(o.sweep_string_iterator())) if o.is_sweep_override() else 1
-                  for o in OverridesParser.create().parse_overrides([*lines, *hydra["overrides"]["task"]])}
-        return math.prod(counts.values())
+        axes = {}
+        for o in OverridesParser.create().parse_overrides([*lines, *hydra["overrides"]["task"]]):
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+            axes[o.key_or_group] = [f"{o.get_key_element()}={value}" for value in values]
+        return {job_key(job) for job in itertools.product(*axes.values())}
     except Exception:  # no record, another layout, a sweep only Hydra's config loader expands
         return None
+
+
+def job_key(overrides: Iterable[str]) -> frozenset[tuple[str, str]]:
+    """A job's overrides as Hydra parses them (``false`` and ``False`` alike), without ``resume``: a resumed
+    sweep's command names it, the record of each job it continued does not."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return frozenset((o.get_key_element(), o.get_value_element_as_str())
+                     for o in OverridesParser.create().parse_overrides(list(overrides)) if o.key_or_group != "resume")
+
+
+def jobs_line(rows: list[dict[str, Any]], sweep_dir: Path, hydra: Any) -> str:
+    """What follows the run count under report.md's title: how many of the command's jobs have no record,
+    and how many runs of the folder are of other commands (a run is its command's when Hydra's record of
+    its job holds one of the command's jobs; where a run has no such record, counted from the numbers)."""
+    from optimlab.hydra_job import recorded_overrides  # (Hydra imported only where a report reads its records)
+
+    jobs = command_jobs(hydra)
+    if not jobs:
+        return ""
+    recorded = [recorded_overrides(sweep_dir / row["run"]) for row in rows]
+    if None in recorded:
+        ours = min(len(rows), len(jobs))
+    else:
+        ours = len(jobs & {job_key(overrides) for overrides in recorded})
+    missing, others = len(jobs) - ours, len(rows) - ours
+    never = f"{missing} never started: no record" if missing else ""
+    if not others:
+        return f" of its command's {len(jobs)} jobs ({never})" if missing else ""
+    return (f" (its command, below, makes {len(jobs)}{', ' + never if missing else ''}; {others} of the folder's "
+            "runs are of other commands)")
 
 
 def is_number(value: Any) -> bool:
@@ -129,12 +163,7 @@ def findings(rows: list[dict[str, Any]]) -> str:
 def table_lines(rows: list[dict[str, Any]], sweep_dir: Path) -> list[str]:
     """report.md's head: counts, the command, the findings, the runs and the seed table."""
     hydra = multirun_record(sweep_dir)
-    launched = launched_jobs(hydra)
-    jobs = ""
-    if launched and launched > len(rows):
-        jobs = f" of its command's {launched} jobs ({launched - len(rows)} never started: no record)"
-    elif launched and launched < len(rows):  # Hydra's multirun.yaml holds the last command's
-        jobs = f" (its command, below, makes {launched}: the folder holds runs of other commands too)"
+    jobs = jobs_line(rows, sweep_dir, hydra)
     lines = ["# Sweep report", "", f"{len(rows)} run{'s' * (len(rows) != 1)}{jobs}. Regimes: " + ", ".join(
         f"{label} {n}" for label, n in Counter(r["regime"] for r in rows).items()), ""]
     command = sweep_command(hydra)
