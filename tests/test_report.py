@@ -977,3 +977,11 @@ def test_an_interrupted_run_is_drawn_as_interrupted_not_crashed(tmp_path: Path, 
     assert "**unfinished** in sgd 4 at lr 0.1" in text
     drawn_labels = [text.get_text() for text in drawn["lr_sensitivity.png"].legends[0].get_texts()]
     assert "healthy" in drawn_labels and not {"interrupted", "crashed"} & set(drawn_labels)  # what it cannot draw
+
+
+def test_table_cells_keep_lrs_apart() -> None:
+    """Four significant digits below 0.1 (a probe: lr 0.00316 was printed 0.0032, as 0.0032 is)."""
+    from optimlab.report.tables import fmt
+
+    assert [fmt(v) for v in (0.00316, 0.0032, 0.0026994, 0.0005835, 0.0316228, 0.973, 1.0, 12345.6, None, "sgd")] == \
+        ["0.00316", "0.0032", "0.002699", "0.0005835", "0.03162", "0.973", "1", "1.235e+04", "", "sgd"]
