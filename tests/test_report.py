@@ -291,7 +291,11 @@ def test_what_a_killed_report_left_is_removed_by_the_next(tmp_path: Path) -> Non
                                   {"epochs": [{"epoch": 1, "val_acc": "high"}]}, {"status": "crashed", "error": 5},
                                   {"regime": ["x"]}, {"curvature": {"measurements": 1, "series": [[0, "a", 2]]}},
                                   {"status": "done"}, {"status": 3}, {"epochs": [{"val_acc": 0.5}]},
-                                  {"config": {"optimizer": 3}}, {"config": {"model": {"hidden": 3}}}])
+                                  {"config": {"optimizer": 3}}, {"config": {"model": {"hidden": 3}}},
+                                  {"curvature": {"measurements": 1, "series": [], "initial_threshold": "x"}},
+                                  {"curvature": {"measurements": 1, "series": [], "threshold_formula": 2}},
+                                  {"diverged_at_step": "3"}, {"test_acc": "0.5"}, {"diverged": "no"},
+                                  {"config": {"seed": [1]}}])
 def test_a_summary_of_another_shape_is_unreadable_not_a_traceback(tmp_path: Path, edit: dict) -> None:
     """Valid JSON whose fields are not the schema's (a probe: AttributeError, TypeError from the figures)."""
     for n, lr in enumerate((0.1, 1.0)):

@@ -239,7 +239,8 @@ def read_summary(run_dir: Path) -> RunSummary | None:
 def well_formed(summary: RunSummary) -> bool:
     """Whether the fields a reader computes with have the schema's shapes: a known status, the config a
     mapping (and its sections), each epoch and logged step a row of numbers (or nulls), each epoch numbered,
-    the label and error texts, the sharpness record's series rows of three numbers (or nulls)."""
+    the label and error texts, the sharpness record's series rows of three numbers (or nulls) and its other
+    values numbers, the run's own numbers (accuracies, steps, times, its seed) numbers (or nulls)."""
     def number(value: Any) -> bool:
         return value is None or isinstance(value, (int, float))
 
@@ -261,7 +262,13 @@ def well_formed(summary: RunSummary) -> bool:
                                                  (summary.regime, summary.error, summary.divergence_reason))
             and isinstance(series, list)  # not a list where the record is not a mapping
             and all(isinstance(row, list) and len(row) == 3 and all(map(number, row)) for row in series)
-            and isinstance(curvature.get("measurements", 0), int))
+            and isinstance(curvature.get("measurements", 0), int)
+            and all(number(value) for key, value in curvature.items() if key not in ("series", "threshold_formula"))
+            and isinstance(curvature.get("threshold_formula", ""), str)
+            and all(map(number, (summary.params, summary.test_loss, summary.test_acc, summary.best_val_acc,
+                                 summary.diverged_at_step, summary.steps_per_s, summary.wall_time_s,
+                                 summary.train_size)))
+            and isinstance(summary.diverged, bool) and number((summary.config or {}).get("seed")))
 
 
 def is_complete(run_dir: Path) -> bool:
