@@ -236,6 +236,24 @@ def test_a_report_that_cannot_be_written_is_one_line_and_keeps_the_earlier_one(
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["0_run", "1_run", *earlier, "lr_sensitivity.png"])
 
 
+def test_a_folder_where_a_report_file_goes_keeps_the_earlier_report(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A probe: a folder named curves.png stopped the move in mid-way, report.md gone and the csv replaced."""
+    for n, lr in enumerate((0.1, 1.0)):
+        fake_run(tmp_path, f"{n}_run", "SGD", lr, 8, 0, 0.97)
+    assert main([str(tmp_path)]) == 0
+    earlier = {name: (tmp_path / name).read_bytes() for name in ("report.md", "report.csv")}
+    (tmp_path / "curves.png").unlink()
+    (tmp_path / "curves.png").mkdir()
+    (tmp_path / "1_run" / "summary.json").write_text("{}")  # this report would differ
+    capsys.readouterr()
+    assert main([str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (f"error: cannot write the report in {tmp_path}: a folder where the report's "
+                                       f"file goes ({tmp_path / 'curves.png'})\n")
+    assert {name: (tmp_path / name).read_bytes() for name in earlier} == earlier
+    assert not list(tmp_path.glob(".report.tmp*"))
+
+
 def test_a_report_stopped_while_its_files_are_moved_in_leaves_no_report_md(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A kill probe (a slow disk): killed between moving its files in, a report had left the new report.md beside

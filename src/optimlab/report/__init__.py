@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import os
 import shutil
 import sys
@@ -47,6 +48,9 @@ def report(sweep_dir: Path, rediagnose: bool = False) -> list[Path]:
     if not rows:
         raise NoRuns(f"no runs (no {SUMMARY} or .hydra/ folders) under {sweep_dir}")
     name_settings(rows)
+    for name in OUTPUTS:  # a folder where a file goes would stop the move in mid-way, the earlier report half replaced
+        if (sweep_dir / name).is_dir():
+            raise IsADirectoryError(errno.EISDIR, "a folder where the report's file goes", str(sweep_dir / name))
     remove_stale_temporaries(sweep_dir, "report")  # what a report killed mid-way left
     staging = sweep_dir / f".report.tmp{os.getpid()}"  # files.TEMPORARY's name for it
     staging.mkdir()
@@ -135,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk, a folder it may not write: the earlier report stays
-        print(f"error: cannot write the report in {args.sweep_dir}: {err.strerror or err}", file=sys.stderr)
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"error: cannot write the report in {args.sweep_dir}: {err.strerror or err}{where}", file=sys.stderr)
         return 1
     with (args.sweep_dir / "report.csv").open(newline="") as table:
         rows = list(csv.DictReader(table))
