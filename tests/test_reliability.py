@@ -360,6 +360,20 @@ def test_a_run_stopped_before_its_first_checkpoint_says_it_has_none(tmp_path: Pa
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
+def test_a_resume_given_a_key_only_its_runs_model_has_is_refused_as_ignored(finished_run: Path) -> None:
+    """The command line is checked against the default config (an MLP) before the run's own is read: a CNN
+    run's model.channels was called an unknown key (a probe); the resume's refusal says what happens to it."""
+    from optimlab.command_line import composition_error
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    assert composition_error([f"resume={finished_run}", "model.channels=[4,8]", "epochs=3"], conf) == (
+        "resume: a resumed run keeps its own config, so model.channels=[4,8] would be ignored; only epochs, "
+        "trainer.max_epochs, trainer.progress_bar, trainer.num_threads, data.root may be given with resume=")
+    assert composition_error(["resume=auto", "model.channels=[4,8]"], conf) == \
+        "model.channels: unknown config key (nothing reads it); check the spelling, or see conf/"
+    assert composition_error([f"resume={finished_run}", "epochs=3"], conf) is None
+
+
 def test_a_resume_refuses_overrides_it_would_ignore_and_a_diverged_run(finished_run: Path, tmp_path: Path) -> None:
     from conftest import compose_config
     from optimlab.train import run

@@ -183,7 +183,18 @@ def composition_error(args: list[str], conf_dir: Path) -> str | None:
             return None
         swept[place] = values
     with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base="1.3"):
-        return compose_each(parser, conf_dir, overrides, keys, swept, searched, "--multirun" in modes)
+        error = compose_each(parser, conf_dir, overrides, keys, swept, searched, "--multirun" in modes)
+    if error and resumes_a_run(parser, overrides) and not modes:
+        from optimlab.resume import resume_ignores  # (the run's own config is not the default one composed here)
+
+        return resume_ignores(overrides) or error  # a key of the run's model (model.channels of a CNN run)
+    return error
+
+
+def resumes_a_run(parser: OverridesParser, overrides: list[str]) -> bool:
+    """Whether ``overrides`` resume a run from its folder or checkpoint (``resume=<path>``; not ``auto``)."""
+    values = [parser.parse_override(o).value() for o in overrides if o.split("=", 1)[0] == "resume"]
+    return bool(values) and isinstance(values[-1], str) and values[-1] not in ("", "auto")
 
 
 def compose_each(parser: OverridesParser, conf_dir: Path, overrides: list[str], given: set[str],

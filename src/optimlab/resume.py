@@ -36,6 +36,14 @@ def override_keys(overrides: list[str]) -> list[str]:
     return [o.lstrip("+~").split("=", 1)[0] for o in overrides]
 
 
+def resume_ignores(overrides: list[str]) -> str | None:
+    """The refusal of the command-line ``overrides`` that a run resumed from its folder or checkpoint would
+    ignore (all but :data:`RESUME_OVERRIDES`), or None."""
+    ignored = [o for o, key in zip(overrides, override_keys(overrides)) if key not in RESUME_OVERRIDES]
+    return (f"resume: a resumed run keeps its own config, so {', '.join(ignored)} would be ignored; only "
+            f"{', '.join(RESUME_OVERRIDES[1:])} may be given with resume=") if ignored else None
+
+
 def sync_epochs(cfg: DictConfig, keys: list[str]) -> None:
     """``epochs`` and ``trainer.max_epochs`` are one setting: the one given on the command line sets
     both (a config composed without overrides has them equal through the interpolation)."""
@@ -91,10 +99,8 @@ def plan_run(
         return cfg, run_dir, ckpt, saved
     if cfg.resume:
         run_dir, ckpt = resolve_resume(resume_target(cfg.resume))  # a path that is no run: said first
-        ignored = [o for o, key in zip(overrides, keys) if key not in RESUME_OVERRIDES]
-        if ignored:
-            raise ConfigError(f"resume: a resumed run keeps its own config, so {', '.join(ignored)} would be ignored; "
-                              f"only {', '.join(RESUME_OVERRIDES[1:])} may be given with resume=")
+        if error := resume_ignores(overrides):
+            raise ConfigError(error)
         saved = read_summary(run_dir)
         if saved is None:
             raise ConfigError(f"resume: {cfg.resume!r} holds no readable {SUMMARY} with the run's config")
