@@ -312,6 +312,30 @@ def test_a_float_intervals_end_is_no_draw_and_a_partial_sampler_or_a_sqlite_stor
     assert not missing.parent.exists()
 
 
+def test_a_search_range_given_on_the_command_line_is_checked_as_one_in_the_sweepers_params() -> None:
+    """``lr=interval(-1, 0.5)`` is a parameter of the search as ``hydra.sweeper.params.lr`` is; it replaces that
+    one (a probe: every trial failed, and a log interval from 0 ended in Optuna's traceback)."""
+    from omegaconf import OmegaConf
+
+    from optimlab.search import search_space, search_space_error
+
+    sweeper = OmegaConf.create({"params": {"lr": "tag(log, interval(0.001, 0.1))", "optimizer": "choice(sgd, adam)"},
+                                "direction": "maximize"})
+    assert search_space_error(sweeper, CONF) is None
+    assert search_space_error(sweeper, CONF, ["lr=interval(-1, 0.5)"]) == \
+        "lr: 'interval(-1, 0.5)' can draw -1.0, and lr: -1.0 is not allowed; expected a positive number"
+    assert search_space_error(sweeper, CONF, ["lr=tag(log, interval(0, 1))"]) == \
+        "lr: 'tag(log, interval(0, 1))' is on a log scale, which needs a start above 0"
+    assert search_space_error(sweeper, CONF, ["test_ckpt=choice(last,worst)"]).startswith(
+        "test_ckpt: 'choice(last,worst)' can draw 'worst', and test_ckpt: 'worst' is not allowed")
+    assert search_space_error(sweeper, CONF, ["optimizer=choice(sgd,nope)"]).startswith(
+        "optimizer: 'nope' is not an option")
+    assert search_space_error(sweeper, CONF, ["optimizer=sgd", "epochs=2", "hydra.sweeper.n_trials=3"]) is None
+    assert search_space(sweeper, ["optimizer=sgd", "epochs=2", "seed=range(0, 3)"]) == {
+        "lr": ("tag(log, interval(0.001, 0.1))", "hydra.sweeper.params.lr"), "optimizer": ("sgd", "optimizer"),
+        "seed": ("range(0, 3)", "seed")}
+
+
 def test_a_search_direction_is_read_as_optunas_sweeper_reads_it() -> None:
     """Its own enum (the sweeper's default, minimize) and a one-item list are one direction (a review: both
     were refused, and before that the enum escaped the check, so val/acc_best was minimised)."""

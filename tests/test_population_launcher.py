@@ -1267,6 +1267,10 @@ def test_dry_run_prints_the_plan_and_writes_nothing(mnist_root: Path, tmp_path: 
     again = train("lr=0.1", *SMALL, "hydra/launcher=population", f"{knobs}.dry_run=true",
                   f"hydra.sweep.dir={tmp_path / 'other'}")
     assert again.returncode == 0 and not list((tmp_path / "other").iterdir())
+    # Under submitit too (a probe: its executor, made before the plan, had left .submitit/ in the sweep's folder).
+    submitted = train("lr=0.1", *SMALL, "hydra/launcher=population", f"{knobs}.dry_run=true",
+                      "hydra.launcher.executor=submitit_local", f"hydra.sweep.dir={tmp_path / 'new' / 'sweep'}")
+    assert submitted.returncode == 0 and not (tmp_path / "new").exists(), submitted.stderr[-3000:]
     # Populations alike but for a setting: each line names its own.
     twins = train("lr=0.1,0.5", "curvature.every_n_steps=5", "curvature.probe_size=32,64", *SMALL,
                   "hydra/launcher=population", f"{knobs}.dry_run=true", f"hydra.sweep.dir={tmp_path}")
@@ -2011,6 +2015,16 @@ def test_a_dry_run_with_another_launcher_or_in_a_single_run_is_refused(tmp_path:
     assert not (tmp_path / "out").exists()
 
 
+def test_a_dry_run_of_a_search_is_refused(tmp_path: Path) -> None:
+    """A search has no plan before it runs (a probe: each batch was planned, then Optuna's traceback)."""
+    result = run_script(REPO / "train.py", "hparams_search=optuna", "hydra/launcher=population", "population.dry_run=true",
+                        "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", f"hydra.sweep.dir={tmp_path / 'out'}")
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: population.dry_run: a search draws each batch of trials from the earlier ones' results, so there is no "
+        "plan of it to print before it runs; leave dry_run out"), result.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("stop", [KeyboardInterrupt("SIGINT"), SystemExit(143)])
 def test_a_stop_while_submitit_jobs_run_cancels_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       stop: BaseException) -> None:
@@ -2039,7 +2053,7 @@ def test_a_stop_while_submitit_jobs_run_cancels_them(tmp_path: Path, monkeypatch
         raise stop
 
     monkeypatch.setattr(cluster.time, "sleep", stop_now)
-    jobs = cluster.run_as_jobs(Executor(FakeAuto(), str(tmp_path / "%j"), "local"), [("population 1", [])],
+    jobs = cluster.run_as_jobs(Executor(FakeAuto, str(tmp_path / "%j"), "local"), [("population 1", [])],
                                lambda members, name: [], None, lambda members, name, error: [], str)
     with pytest.raises(type(stop)):
         next(jobs)

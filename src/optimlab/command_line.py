@@ -242,7 +242,7 @@ def compose_each(parser: OverridesParser, conf_dir: Path, overrides: list[str], 
         if cfg is None:
             return error
     if search and multirun:
-        if error := search_space_error(sweep.hydra.sweeper, conf_dir):  # its words first: which draw, and why
+        if error := search_space_error(sweep.hydra.sweeper, conf_dir, overrides):  # its words first: which draw, why
             return error
     added = False
     for key, value in (sweep.hydra.sweeper.get("params") or {}).items() if multirun else ():

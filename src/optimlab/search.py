@@ -70,9 +70,27 @@ def search_error(cfg: DictConfig, sweeper: DictConfig) -> str | None:
     return None
 
 
-def search_space_error(sweeper: DictConfig, conf_dir: Path | None) -> str | None:
-    """Why ``sweeper``'s search space (``params``: ``key: choice(...) | interval(...) | range(...) | value``)
-    cannot work, or None: an expression Hydra cannot read; an interval or range Optuna refuses (empty, a log
+def search_space(sweeper: DictConfig, overrides: Sequence[str] = ()) -> dict[str, tuple[str, str]]:
+    """The search's parameters, ``key -> (expression, where it was given)``: ``sweeper``'s ``params``, then the
+    command line's ``overrides`` that sweep a key or give one of theirs, which replace them (as Optuna's sweeper
+    takes them: ``lr=interval(0.01, 0.1)`` is a parameter as ``hydra.sweeper.params.lr`` is)."""
+    space = {key: (str(expression), f"hydra.sweeper.params.{key}")
+             for key, expression in (sweeper.get("params") or {}).items()}
+    parser = OverridesParser.create()
+    for line in overrides:
+        try:
+            override = parser.parse_override(line)
+        except HydraException:  # (the command line's own check names it)
+            continue
+        key = override.key_or_group
+        if not key.startswith(("hydra.", "hydra/")) and (override.is_sweep_override() or key in space):
+            space[key] = (line.split("=", 1)[1], key)
+    return space
+
+
+def search_space_error(sweeper: DictConfig, conf_dir: Path | None, overrides: Sequence[str] = ()) -> str | None:
+    """Why the search space (:func:`search_space` of ``sweeper`` and the command line's ``overrides``:
+    ``key: choice(...) | interval(...) | range(...) | value``) cannot work, or None: an expression Hydra cannot read; an interval or range Optuna refuses (empty, a log
     interval from 0 or below, a range's step not positive); an option the config group in ``conf_dir`` does not
     have (None: the command has other config folders, whose options Hydra's composition decides); a value a
     key's rule refuses (every trial that draws it would fail: an interval's bounds, a range's lowest and highest
@@ -80,8 +98,7 @@ def search_space_error(sweeper: DictConfig, conf_dir: Path | None) -> str | None
     composed, command_line.composition_error refuses before Hydra starts.) What the rules cannot see (a
     constructor's own checks) fails its trial alone, which then scores the metric's worst value."""
     parser = OverridesParser.create()
-    for key, expression in (sweeper.get("params") or {}).items():
-        where = f"hydra.sweeper.params.{key}"
+    for key, (expression, where) in search_space(sweeper, overrides).items():
         try:
             override = parser.parse_override(f"{key}={expression}")
         except HydraException as err:
@@ -103,7 +120,7 @@ def search_space_error(sweeper: DictConfig, conf_dir: Path | None) -> str | None
         else:
             values = list(sweep.list) if isinstance(sweep, ChoiceSweep) else [sweep]
         if conf_dir is not None and (error := command_line_error([f"{key}={expression}"], conf_dir)):
-            return f"hydra.sweeper.params.{error}"
+            return where.removesuffix(key) + error
         for value in values if key in RULES else []:
             if error := rule_error(key, value):
                 return f"{where}: {expression!r} can draw {value!r}, and {error}"
@@ -195,7 +212,7 @@ class CheckSearch(Callback):
         self.started = time.time() - 2  # a file system may round a file's time down to whole seconds
         sweeper = config.hydra.sweeper
         if is_search(sweeper) and (error := search_error(config, sweeper) or
-                                   search_space_error(sweeper, own_config_dir(config)) or
+                                   search_space_error(sweeper, own_config_dir(config), config.hydra.overrides.task) or
                                    backend_error(sweeper)):
             refuse(error)
 

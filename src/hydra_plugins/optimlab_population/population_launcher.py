@@ -150,3 +150,8 @@ class CheckPopulationOptions(Callback):
             PopulationLauncher(**options)
         except ValueError as err:
             refuse(str(err))
+        from optimlab.search import is_search
+
+        if options.get("dry_run") is True and is_search(config.hydra.sweeper):  # (else Optuna's traceback)
+            refuse("population.dry_run: a search draws each batch of trials from the earlier ones' results, so "
+                   "there is no plan of it to print before it runs; leave dry_run out")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import gc
 import multiprocessing
 import os
@@ -169,14 +170,20 @@ class ForkingSubmitter:
 
 @dataclass
 class Executor:
-    """Where populations train outside the launcher's process: ``submitter`` (a configured
-    ``submitit.AutoExecutor``, or a :class:`ForkingSubmitter`), the folder submitit's jobs write to
+    """Where populations train outside the launcher's process: ``make_submitter`` (a configured
+    ``submitit.AutoExecutor``'s, or :class:`ForkingSubmitter`), the folder submitit's jobs write to
     (``%j``: the job id; empty for processes) and the cluster (``processes``: forked processes here;
     submitit's ``local``: new processes on this machine; ``slurm``)."""
 
-    submitter: Any
+    make_submitter: Callable[[], Any]
     folder: str
     cluster: str
+
+    @functools.cached_property
+    def submitter(self) -> Any:
+        """Made for the first job: submitit's creates its folder, which a dry run or a sweep without a
+        population to train would leave empty in the sweep's."""
+        return self.make_submitter()
 
     @property
     def kind(self) -> str:
@@ -219,7 +226,7 @@ def make_executor(executor: str, folder: str, parameters: Mapping[str, Any]) -> 
     if executor == "processes":
         if not can_fork():
             raise ValueError("hydra.launcher.executor=processes needs fork (Linux, macOS); use inline")
-        return Executor(ForkingSubmitter(), "", "processes")
+        return Executor(ForkingSubmitter, "", "processes")
     parameters = executor_parameters(executor, parameters, torch.cuda.device_count())
     for key, value in parameters.items():
         if key in SUBMITIT_RULES and not SUBMITIT_RULES[key][0](value):
@@ -242,7 +249,7 @@ def make_executor(executor: str, folder: str, parameters: Mapping[str, Any]) -> 
 
     with tempfile.TemporaryDirectory() as scratch:  # submitit creates its folder: check in a scratch one first
         configured(scratch)
-    return Executor(configured(folder), folder, EXECUTORS[executor])
+    return Executor(functools.partial(configured, folder), folder, EXECUTORS[executor])
 
 
 def run_as_jobs(executor: Executor, populations: Sequence[tuple[str, Members]],
