@@ -93,10 +93,11 @@ def search_space_error(sweeper: DictConfig, conf_dir: Path | None, overrides: Se
     ``key: choice(...) | interval(...) | range(...) | value``) cannot work, or None: an expression Hydra
     cannot read; an interval or range Optuna refuses (empty, a log interval from 0 or below, a range's step
     not positive); an option the config group in ``conf_dir`` does not have (None: the command has other
-    config folders, whose options Hydra's composition decides); a value a key's rule refuses (every trial that draws it would fail: an interval's bounds, a range's lowest and highest
-    draw, each choice); an ``optimized_metric`` against the search's direction. (A trial whose config cannot be
-    composed, command_line.composition_error refuses before Hydra starts.) What the rules cannot see (a
-    constructor's own checks) fails its trial alone, which then scores the metric's worst value."""
+    config folders, whose options Hydra's composition decides); a value a key's rule refuses (every trial
+    that draws it would fail: an interval's bounds, a range's lowest and highest draw, each choice); an
+    ``optimized_metric`` against the search's direction. (A trial whose config cannot be composed,
+    command_line.composition_error refuses before Hydra starts.) What the rules cannot see (a constructor's
+    own checks, a model's widths) fails its trial alone, which then scores the metric's worst value."""
     parser = OverridesParser.create()
     for key, (expression, where) in search_space(sweeper, overrides).items():
         try:
