@@ -11,7 +11,9 @@ import math
 import os
 import pickle
 import platform
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -2030,11 +2032,15 @@ def test_a_stop_while_submitit_jobs_run_cancels_them(tmp_path: Path, monkeypatch
                                                       stop: BaseException) -> None:
     """Ctrl-C, or train.py's handler of a signal (SystemExit) while the launcher polls its jobs: each
     running job is cancelled and waited for, then the stop goes on (before, SystemExit left the jobs
-    training on their own)."""
+    training on their own). A SLURM job by its cancel (scancel); a local one by SIGTERM to its controller,
+    whose pid is its id (a probe: the cancel's SIGINT had the controller print a traceback and kill a large
+    population a second later, before its members' records were written)."""
     from optimlab.population import cluster
 
+    controller = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
     class FakeJob:
-        job_id, calls, paths = "1", [], type("Paths", (), {"stdout": "1_0_log.out"})
+        job_id, calls, paths = str(controller.pid), [], type("Paths", (), {"stdout": "1_0_log.out"})
 
         def done(self) -> bool:
             return False
@@ -2053,8 +2059,11 @@ def test_a_stop_while_submitit_jobs_run_cancels_them(tmp_path: Path, monkeypatch
         raise stop
 
     monkeypatch.setattr(cluster.time, "sleep", stop_now)
-    jobs = cluster.run_as_jobs(Executor(FakeAuto, str(tmp_path / "%j"), "local"), [("population 1", [])],
-                               lambda members, name: [], None, lambda members, name, error: [], str)
-    with pytest.raises(type(stop)):
-        next(jobs)
-    assert FakeJob.calls == ["cancel", "wait"]
+    for where in ("slurm", "local"):
+        jobs = cluster.run_as_jobs(Executor(FakeAuto, str(tmp_path / "%j"), where), [("population 1", [])],
+                                   lambda members, name: [], None, lambda members, name, error: [], str)
+        with pytest.raises(type(stop)):
+            next(jobs)
+    monkeypatch.undo()  # (time.sleep is the time module's own: Popen.wait's timeout sleeps)
+    assert FakeJob.calls == ["cancel", "wait", "wait"]
+    assert controller.wait(timeout=30) == -signal.SIGTERM

@@ -312,6 +312,12 @@ def run_as_jobs(executor: Executor, populations: Sequence[tuple[str, Members]],
         for job, _, _ in running:
             if executor.cluster == "processes":
                 job.cancel(signum=signal_of(stop))
+            elif executor.cluster == "local":
+                # A local job's id is its controller's pid, which passes SIGTERM on to the job. Its cancel sends
+                # SIGINT, on which the controller prints a traceback and kills the job a second later, before
+                # a large population has written its members' records.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(job.job_id), signal.SIGTERM)
             else:
                 job.cancel(check=False)
         for job, _, _ in running:
