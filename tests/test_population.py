@@ -28,8 +28,8 @@ from optimlab.population.best import MODEL_CHECKPOINT, MemberBest
 from optimlab.population.best import followed as best_followed
 from optimlab.data import split_indices
 from optimlab.population.data import PopulationData
-from optimlab.population.loop import (MemberRecord, PopulationLoop, add_member_noise, clip_member_gradients,
-                                      member_optimizer, train_population)
+from optimlab.population.loop import (MemberRecord, PopulationLoop, StepMetrics, add_member_noise,
+                                      clip_member_gradients, member_optimizer, train_population)
 from optimlab.population import module as population_module
 from optimlab.population.module import PopulationModule
 from optimlab.population.schedule import MemberSchedules
@@ -1087,3 +1087,20 @@ def test_benchmark_sweep_mode_runs_both_sweeps(tmp_path: Path) -> None:
         max(ratios), rel=0.005, abs=0.006)  # the summary line's 2 decimals against the table's 3 digits
     for sweep in ("cpu_sequential", "cpu_population"):
         assert len(list((tmp_path / sweep).glob("*/summary.json"))) == 8, sweep
+
+
+def test_step_metrics_sum_the_applied_steps_as_a_run_records_them() -> None:
+    """Two members, three steps (more than the room made for two): member 1's second step refused (its NaN
+    loss not counted), the last batch shorter; an epoch without steps has none."""
+    metrics = StepMetrics(2, 2, torch.device("cpu"))
+    for losses, correct, applied, size in (([0.5, 1.0], [3, 1], [True, True], 4),
+                                           ([0.25, math.nan], [4, 0], [True, False], 4),
+                                           ([2.0, 3.0], [1, 2], [True, True], 2)):
+        metrics.add(torch.tensor(losses, dtype=torch.float32), torch.tensor(correct), torch.tensor(applied), size)
+    totals = {key: value.tolist() for key, value in metrics.totals().items()}
+    assert totals == {"loss_sum": [0.5 * 4 + 0.25 * 4 + 2.0 * 2, 1.0 * 4 + 3.0 * 2], "correct": [8.0, 3.0],
+                      "count": [10.0, 6.0], "loss_max": [2.0, 3.0], "steps": [3.0, 2.0]}
+    metrics.clear()
+    assert {key: value.tolist() for key, value in metrics.totals().items()} == {
+        "loss_sum": [0.0, 0.0], "correct": [0.0, 0.0], "count": [0.0, 0.0], "loss_max": [-math.inf, -math.inf],
+        "steps": [0.0, 0.0]}

@@ -67,6 +67,42 @@ class MemberRecord:
         return self.diverged_at_step is not None
 
 
+class StepMetrics:
+    """Each member's training metrics over an epoch's steps, as :class:`~optimlab.record.RunRecord` sums a
+    run's: every step's losses, correct predictions, batch size and whether each member's update was applied,
+    kept as they come (three copies a step, on the device) and summed at the epoch's end."""
+
+    def __init__(self, members: int, steps: int, device: torch.device) -> None:
+        self.losses = torch.empty(steps, members, dtype=torch.float64, device=device)
+        self.correct = torch.empty(steps, members, dtype=torch.long, device=device)
+        self.applied = torch.empty(steps, members, dtype=torch.bool, device=device)
+        self.sizes: list[int] = []
+
+    def clear(self) -> None:
+        self.sizes = []
+
+    def add(self, losses: Tensor, correct: Tensor, applied: Tensor, size: int) -> None:
+        """One step's ``[P]`` losses, correct predictions and applied flags, of batches of ``size``."""
+        step = len(self.sizes)
+        if step == len(self.losses):  # stepped on past an epoch's steps without closing it: room for as many again
+            self.losses, self.correct, self.applied = (torch.cat([t, torch.empty_like(t)])
+                                                       for t in (self.losses, self.correct, self.applied))
+        self.losses[step], self.correct[step], self.applied[step] = losses, correct, applied
+        self.sizes.append(size)
+
+    def totals(self) -> dict[str, Tensor]:
+        """``[P]`` float64 each, over the steps whose update was applied: ``loss_sum`` (of loss x batch size),
+        ``correct``, ``count`` (images), ``loss_max`` (-inf without a step) and ``steps``."""
+        steps = len(self.sizes)
+        applied, losses = self.applied[:steps], self.losses[:steps]
+        sizes = torch.tensor(self.sizes, dtype=torch.float64, device=losses.device).unsqueeze(1)
+        loss_max = torch.where(applied, losses, -math.inf).amax(0) if steps else \
+            torch.full(applied.shape[1:], -math.inf, dtype=torch.float64, device=losses.device)
+        return {"loss_sum": torch.where(applied, losses * sizes, 0.0).sum(0),
+                "correct": torch.where(applied, self.correct[:steps], 0).sum(0).double(),
+                "count": (applied * sizes).sum(0), "loss_max": loss_max, "steps": applied.sum(0).double()}
+
+
 def member_optimizer(cls: type[Optimizer], model: StackedModel, lr: Tensor | Sequence[float] | float,
                      weight_decay: Tensor | Sequence[float] | float = 0.0, **options: Any) -> Optimizer:
     """``cls`` (one of optimlab.optim's) over ``model``'s parameters as one member-wise group:
@@ -167,7 +203,8 @@ class PopulationLoop:
         self.sharpness = sharpness
         if sharpness is not None:
             sharpness.setup(model, optimizer, data)
-        self._overflowed = torch.zeros(members, dtype=torch.bool, device=device)
+        self._nobody = torch.zeros(members, dtype=torch.bool, device=device)
+        self._overflowed = self._nobody
         # Members an update took to non-finite weights: those weights, which their runs keep and
         # evaluate (NaN logits); the member itself stays frozen at its last finite ones. On the CPU
         # copied when it happens; on a GPU (no host read per step) a torch.where into a copy of the
@@ -178,7 +215,7 @@ class PopulationLoop:
         self.global_step = 0
         self.epochs_done = 0
         self.records = [MemberRecord() for _ in range(members)]
-        self._metrics = torch.zeros(5, members, dtype=torch.float64, device=device)
+        self._step_metrics = StepMetrics(members, data.steps_per_epoch, device)
         self._initial_loss: Tensor | None = None
         self._epoch_started = 0.0  # the open epoch's clock and who was training at its start (start_epoch)
         self._started_alive = self.alive.clone()
@@ -269,7 +306,6 @@ class PopulationLoop:
         """One training step on every member's batch (``x [P, B, ...]``, or one per run of members that
         share their data as the data gathers them; ``y [P, B]``; ``last``: the epoch's last); returns
         the members' losses ``[P]``. Members frozen before or in this step keep their last finite weights."""
-        batch = y.shape[1]
         logits = self.model(x.to(self.dtype), self.input_groups(x))
         losses = member_losses(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
@@ -286,11 +322,28 @@ class PopulationLoop:
             add_member_noise(grads, self.model.generators, self.grad_noise_std,
                              self.optimizer.param_groups[0].get("maximize", False), self._noise)
         self.optimizer.step()
-        weights_ok = self.finite_weights()
-        grads_ok = torch.isfinite(check)
-        alive = self.alive & grads_ok & weights_ok
+        grads_ok, weights_ok = torch.isfinite(check), self.finite_weights()
+        applied = self.alive & grads_ok  # the members whose update was applied, as their runs apply it
         if grad_norms is not None:
-            self.log_step(losses, grad_norms, self.alive & grads_ok)
+            self.log_step(losses, grad_norms, applied)
+        alive = applied & weights_ok
+        # On the CPU the flags are read for free, and a step in which no member stops skips recording a stop.
+        if not self.flags_on_host or bool((alive != self.alive).any()):
+            self.record_stops(alive, grads_ok, weights_ok, last)
+        else:
+            self._overflowed = self._nobody
+        self.keep_finite(alive)
+        # The epoch's training metrics count the steps whose update was applied, as RunRecord does.
+        self._step_metrics.add(losses, (logits.detach().argmax(2) == y).sum(1), applied, y.shape[1])
+        if self.global_step == 0:  # a refused first step has no initial loss, as in RunRecord
+            self._initial_loss = torch.where(applied, losses.double(), math.nan)
+        self.alive = alive
+        self.global_step += 1
+        return losses
+
+    def record_stops(self, alive: Tensor, grads_ok: Tensor, weights_ok: Tensor, last: bool) -> None:
+        """Record the members this step stops (alive before, not ``alive`` now): where and why, and the
+        non-finite weights an update took a member to (its run keeps them; the member keeps its last finite ones)."""
         overflowed = self.alive & grads_ok & ~weights_ok  # updated into non-finite weights: its run keeps them
         if not self.flags_on_host:
             for p, kept, flag in zip(self.params, self.overflow_copy(), self.member_views(overflowed)):
@@ -299,7 +352,6 @@ class PopulationLoop:
         elif bool(overflowed.any()):
             for m in members(overflowed):
                 self.keep_run_weights(m, [p.detach()[m] for p in self.params])
-        self.keep_finite(alive)
         newly = self.alive & ~alive
         # A refused step (loss or gradient) is recorded at its own step; non-finite weights after
         # the update at the next one, as the single run's guard records them, and as weights only
@@ -309,20 +361,6 @@ class PopulationLoop:
         weights_seen = (self.global_step % self.weights_every == 0) | last
         self.reason = torch.where(newly, torch.where(grads_ok & weights_seen, 2, 1), self.reason)
         self._overflowed = overflowed  # its run still measures them
-        # The epoch's training metrics count the steps whose update was applied, as RunRecord does.
-        applied = (self.alive & grads_ok).double()
-        correct = (logits.detach().argmax(2) == y).sum(1).double()
-        self._metrics[0] += torch.where(applied.bool(), losses.double() * batch, 0.0)
-        self._metrics[1] += applied * correct
-        self._metrics[2] += applied * batch
-        self._metrics[3] = torch.where(applied.bool(), torch.maximum(self._metrics[3], losses.double()),
-                                       self._metrics[3])
-        self._metrics[4] += applied
-        if self.global_step == 0:  # a refused first step has no initial loss, as in RunRecord
-            self._initial_loss = torch.where(applied.bool(), losses.double(), math.nan)
-        self.alive = alive
-        self.global_step += 1
-        return losses
 
     def finite_weights(self) -> Tensor:
         """``[P]`` bools: whether every weight of each member is finite. On a GPU the element-wise
@@ -368,8 +406,7 @@ class PopulationLoop:
             if self.global_step == 0 and self.sharpness.measures_at_start():
                 self.sharpness.measure(0, self.model, self.optimizer, members(self.alive))
         self._started_alive = self.alive.clone()
-        self._metrics.zero_()
-        self._metrics[3] = -math.inf
+        self._step_metrics.clear()
 
     def train_step(self, x: Tensor, y: Tensor, last: bool = False) -> None:
         """:meth:`step`, then the members' sharpness when a measurement is due."""
@@ -464,12 +501,11 @@ class PopulationLoop:
         left training (all diverged or stopped early): the fit stops."""
         epoch, started_alive = self.epochs_done, self._started_alive
         self.record_logged_steps()
+        trained = self._step_metrics.totals()
         synchronize(started_alive.device)
         train_time = time.perf_counter() - self._epoch_started
-        loss_sum, correct, count, loss_max, steps = self._metrics
         val_loss, val_acc, val_loss_run = self.evaluate(self.data.val_batches())
-        columns = {"loss_sum": loss_sum, "correct": correct, "count": count, "loss_max": loss_max, "steps": steps,
-                   "val_loss": val_loss, "val_acc": val_acc, "val_loss_run": val_loss_run,
+        columns = {**trained, "val_loss": val_loss, "val_acc": val_acc, "val_loss_run": val_loss_run,
                    "started_alive": started_alive.double(),
                    "diverged_at": self.diverged_at.double(), "reason": self.reason.double()}
         if test_every_epoch:
