@@ -2067,3 +2067,18 @@ def test_a_stop_while_submitit_jobs_run_cancels_them(tmp_path: Path, monkeypatch
     monkeypatch.undo()  # (time.sleep is the time module's own: Popen.wait's timeout sleeps)
     assert FakeJob.calls == ["cancel", "wait", "wait"]
     assert controller.wait(timeout=30) == -signal.SIGTERM
+
+
+def test_a_failed_jobs_line_keeps_what_failed_and_why() -> None:
+    """submitit's error holds the job's whole error stream after a line saying which job failed: the line keeps
+    that and the stream's end (a probe: the first 600 characters were Lightning's greeting)."""
+    from optimlab.population.cluster import failure_line
+
+    err = RuntimeError("Job 7 (task: 0) with path /x/7_0_result.pkl\nhas not produced any output (state: FAILED)\n"
+                       "Error stream produced:\n" + "-" * 40 + "\nGPU available: False, used: False\n" + "tip " * 300 +
+                       "\nTraceback (most recent call last):\nMemoryError: out of memory\n")
+    line = failure_line(err)
+    assert len(line) == 600 and "\n" not in line
+    assert line.startswith("Job 7 (task: 0) with path /x/7_0_result.pkl has not produced any output (state: FAILED) ...")
+    assert line.endswith("tip Traceback (most recent call last): MemoryError: out of memory")
+    assert failure_line(RuntimeError("killed")) == "killed" and failure_line(RuntimeError()) == "RuntimeError"

@@ -252,6 +252,18 @@ def make_executor(executor: str, folder: str, parameters: Mapping[str, Any]) -> 
     return Executor(functools.partial(configured, folder), folder, EXECUTORS[executor])
 
 
+def failure_line(err: Exception, limit: int = 600) -> str:
+    """A failed job's error as one line of at most ``limit`` characters: its first two lines (submitit's say which
+    job, in what state) and the end of the rest (submitit's is the job's whole error stream, whose start is
+    Lightning's greeting and whose end says why)."""
+    lines = [" ".join(line.split()) for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    head, tail = " ".join(lines[:2]), " ".join(lines[2:])
+    room = limit - len(head) - 1
+    if len(tail) > room:
+        tail = "..." + tail[len(tail) - room + 3:] if room > 3 else ""
+    return f"{head} {tail}".strip()[:limit]
+
+
 def run_as_jobs(executor: Executor, populations: Sequence[tuple[str, Members]],
                 train: Callable[[Members, str], Results], max_parallel: int | None,
                 on_failure: Callable[[Members, str, str], Results], describe: Callable[[Members], str],
@@ -298,7 +310,7 @@ def run_as_jobs(executor: Executor, populations: Sequence[tuple[str, Members]],
                     if executor.cluster == "processes" and (stop := job.stopped_by()):
                         # Stopped by a signal sent to it: its members' folders say interrupted; the sweep stops too.
                         raise SystemExit(EXIT_CODES[stop]) from None
-                    error = " ".join(str(err).split())[:600]  # its start says why; a submitit log's tail follows
+                    error = failure_line(err)
                     say(f"{name}: {executor.kind} {job.job_id} failed: {error}")
                     results = on_failure(members, name, f"{executor.kind} {job.job_id} failed: {error}")
                 start_pending()  # the next population trains while the caller finishes this one's members
