@@ -530,6 +530,26 @@ def test_a_finished_run_resumed_without_more_epochs_is_refused(finished_run: Pat
     assert files_of(run_dir) == before
 
 
+def test_an_interrupted_run_resumed_with_epochs_at_those_it_finished_ends_there(finished_run: Path,
+                                                                                 tmp_path: Path) -> None:
+    """epochs=N down to the epochs an interrupted run finished ends it there: tested, recorded complete at N
+    (the guide says so; a probe found it undocumented)."""
+    from conftest import compose_config
+    from optimlab.train import run
+
+    run_dir = copy_of(finished_run, tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert len(summary["epochs"]) == 1
+    summary["config"]["epochs"] = summary["config"]["trainer"]["max_epochs"] = 3
+    summary.update(status="interrupted", test_acc=None, test_loss=None)
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    overrides = [f"resume={run_dir}", "epochs=1"]
+    run(compose_config(*overrides), tmp_path / "cmd", overrides)
+    ended = json.loads((run_dir / "summary.json").read_text())
+    assert (ended["status"], len(ended["epochs"]), ended["config"]["epochs"]) == ("complete", 1, 1)
+    assert ended["epochs"] == summary["epochs"] and ended["test_acc"] == json.loads((finished_run / "summary.json").read_text())["test_acc"]
+
+
 @pytest.mark.parametrize("member", [False, True])
 def test_a_run_without_its_checkpoint_is_not_resumed_from_scratch_over_its_record(finished_run: Path, tmp_path: Path,
                                                                                     member: bool) -> None:
