@@ -331,6 +331,7 @@ def test_a_search_range_given_on_the_command_line_is_checked_as_one_in_the_sweep
     assert search_space_error(sweeper, CONF, ["optimizer=choice(sgd,nope)"]).startswith(
         "optimizer: 'nope' is not an option")
     assert search_space_error(sweeper, CONF, ["optimizer=sgd", "epochs=2", "hydra.sweeper.n_trials=3"]) is None
+    assert search_space(sweeper, ["~optimizer", "~lr=0.1"]) == {}  # (a review: a deletion was an IndexError)
     assert search_space(sweeper, ["optimizer=sgd", "epochs=2", "seed=range(0, 3)"]) == {
         "lr": ("tag(log, interval(0.001, 0.1))", "hydra.sweeper.params.lr"), "optimizer": ("sgd", "optimizer"),
         "seed": ("range(0, 3)", "seed")}

@@ -1090,9 +1090,9 @@ def test_benchmark_sweep_mode_runs_both_sweeps(tmp_path: Path) -> None:
 
 
 def test_step_metrics_sum_the_applied_steps_as_a_run_records_them() -> None:
-    """Two members, three steps (more than the room made for two): member 1's second step refused (its NaN
+    """Two members, three steps (more than the room made for none): member 1's second step refused (its NaN
     loss not counted), the last batch shorter; an epoch without steps has none."""
-    metrics = StepMetrics(2, 2, torch.device("cpu"))
+    metrics = StepMetrics(2, 0, torch.device("cpu"))  # no room at first (a review: it could not grow from none)
     for losses, correct, applied, size in (([0.5, 1.0], [3, 1], [True, True], 4),
                                            ([0.25, math.nan], [4, 0], [True, False], 4),
                                            ([2.0, 3.0], [1, 2], [True, True], 2)):

@@ -2053,20 +2053,29 @@ def test_a_stop_while_submitit_jobs_run_cancels_them(tmp_path: Path, monkeypatch
 
     class FakeAuto:
         def submit(self, *args: object) -> FakeJob:
+            FakeJob.calls.append(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)  # what a process started inherits
             return FakeJob()
 
     def stop_now(seconds: float) -> None:
         raise stop
 
+    handler = signal.getsignal(signal.SIGINT)
+
     monkeypatch.setattr(cluster.time, "sleep", stop_now)
-    for where in ("slurm", "local"):
-        jobs = cluster.run_as_jobs(Executor(FakeAuto, str(tmp_path / "%j"), where), [("population 1", [])],
-                                   lambda members, name: [], None, lambda members, name, error: [], str)
-        with pytest.raises(type(stop)):
-            next(jobs)
-    monkeypatch.undo()  # (time.sleep is the time module's own: Popen.wait's timeout sleeps)
-    assert FakeJob.calls == ["cancel", "wait", "wait"]
-    assert controller.wait(timeout=30) == -signal.SIGTERM
+    try:
+        for where in ("slurm", "local"):
+            jobs = cluster.run_as_jobs(Executor(FakeAuto, str(tmp_path / "%j"), where), [("population 1", [])],
+                                       lambda members, name: [], None, lambda members, name, error: [], str)
+            with pytest.raises(type(stop)):
+                next(jobs)
+        monkeypatch.undo()  # (time.sleep is the time module's own: Popen.wait's timeout sleeps)
+        # A local job's controller starts with SIGINT ignored: a Ctrl-C in the terminal reaches it too, and it would
+        # kill the job a second later (a review).
+        assert FakeJob.calls == [False, "cancel", "wait", True, "wait"]
+        assert signal.getsignal(signal.SIGINT) == handler
+        assert controller.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        controller.kill()
 
 
 def test_a_failed_jobs_line_keeps_what_failed_and_why() -> None:

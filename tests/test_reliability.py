@@ -372,6 +372,10 @@ def test_a_resume_given_a_key_only_its_runs_model_has_is_refused_as_ignored(fini
     assert composition_error(["resume=auto", "model.channels=[4,8]"], conf) == \
         "model.channels: unknown config key (nothing reads it); check the spelling, or see conf/"
     assert composition_error([f"resume={finished_run}", "epochs=3"], conf) is None
+    # Hydra's own settings are not the run's config (a review: they were listed as ignored); ++resume= resumes too
+    assert composition_error([f"++resume={finished_run}", "model.channels=[4,8]", "hydra.job.chdir=false"], conf) == (
+        "resume: a resumed run keeps its own config, so model.channels=[4,8] would be ignored; only epochs, "
+        "trainer.max_epochs, trainer.progress_bar, trainer.num_threads, data.root may be given with resume=")
 
 
 def test_a_resume_refuses_overrides_it_would_ignore_and_a_diverged_run(finished_run: Path, tmp_path: Path) -> None:

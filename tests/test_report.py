@@ -304,6 +304,17 @@ def test_what_a_killed_report_left_is_removed_by_the_next(tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.glob(".report.tmp*")) == [alive.name]
 
 
+def test_a_sharpness_record_without_a_threshold_formula_is_read(tmp_path: Path) -> None:
+    """SGD with dampening 1 has no finite threshold: its formula is null (a review: such a summary was unreadable)."""
+    fake_run(tmp_path, "0_run", "SGD", 0.1, 8, 0, 0.97)
+    path = tmp_path / "0_run" / "summary.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "curvature": {
+        "measurements": 1, "series": [[0, 1.0, None]], "threshold_formula": None, "initial_threshold": None}}))
+    from optimlab.summary import read_summary
+
+    assert read_summary(path.parent) is not None
+
+
 @pytest.mark.parametrize("edit", [{"epochs": "oops"}, {"epochs": [1, 2]}, {"config": []}, {"train_steps": [{"a": "b"}]},
                                   {"curvature": {"measurements": "x", "series": 5}}, {"curvature": [1]},
                                   {"epochs": [{"epoch": 1, "val_acc": "high"}]}, {"status": "crashed", "error": 5},
@@ -647,6 +658,9 @@ def test_report_md_counts_the_jobs_a_stopped_or_shared_sweep_folder_misses(tmp_p
      "started: no record)."),
     ("['lr=-1,0.1,0.3', 'epochs=2,4']", "3 runs (its command, below, makes 6, 6 never started: no record; 3 of the "
      "folder's runs are of other commands)."),
+    # a resumed sweep may change what a resume may (a review: its own runs were counted as another command's)
+    ("['lr=-1,0.1,0.3', 'epochs=8', 'trainer.progress_bar=true', 'resume=auto']", "3 runs. Regimes"),
+    ("['lr=-1,0.1,0.3,0.3', 'epochs=8', 'resume=auto']", "3 runs of its command's 4 jobs (1 never started: no record)."),
 ])
 def test_report_md_tells_the_runs_of_its_command_from_other_commands_runs(tmp_path: Path, command: str,
                                                                            head: str) -> None:

@@ -184,16 +184,34 @@ def composition_error(args: list[str], conf_dir: Path) -> str | None:
         swept[place] = values
     with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base="1.3"):
         error = compose_each(parser, conf_dir, overrides, keys, swept, searched, "--multirun" in modes)
-    if error and resumes_a_run(parser, overrides) and not modes:
-        from optimlab.resume import resume_ignores  # (the run's own config is not the default one composed here)
-
-        return resume_ignores(overrides) or error  # a key of the run's model (model.channels of a CNN run)
+    if error and resumes_a_run(parser, overrides) and not modes:  # composed here: the default config, not the run's
+        task = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+        return resume_ignores(task) or error  # a key of the run's model (model.channels of a CNN run)
     return error
+
+
+# What a resumed run takes from the command line; everything else comes from its own saved config.
+RESUME_OVERRIDES = ("resume", "epochs", "trainer.max_epochs", "trainer.progress_bar", "trainer.num_threads",
+                    "data.root")
+
+
+def override_keys(overrides: list[str]) -> list[str]:
+    """The keys command-line ``overrides`` set (``+a.b=1`` and ``~a.b`` too)."""
+    return [o.lstrip("+~").split("=", 1)[0] for o in overrides]
+
+
+def resume_ignores(overrides: list[str]) -> str | None:
+    """The refusal of the command-line ``overrides`` that a run resumed from its folder or checkpoint would
+    ignore (all but :data:`RESUME_OVERRIDES`), or None."""
+    ignored = [o for o, key in zip(overrides, override_keys(overrides)) if key not in RESUME_OVERRIDES]
+    return (f"resume: a resumed run keeps its own config, so {', '.join(ignored)} would be ignored; only "
+            f"{', '.join(RESUME_OVERRIDES[1:])} may be given with resume=") if ignored else None
 
 
 def resumes_a_run(parser: OverridesParser, overrides: list[str]) -> bool:
     """Whether ``overrides`` resume a run from its folder or checkpoint (``resume=<path>``; not ``auto``)."""
-    values = [parser.parse_override(o).value() for o in overrides if o.split("=", 1)[0] == "resume"]
+    parsed = (parser.parse_override(o) for o in overrides)
+    values = [o.value() for o in parsed if o.key_or_group == "resume" and not o.is_delete()]
     return bool(values) and isinstance(values[-1], str) and values[-1] not in ("", "auto")
 
 

@@ -13,12 +13,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from optimlab.checkpointing import CHECKPOINT_DIR, LAST, holds_a_run, last_checkpoint, resolve_resume
+from optimlab.command_line import RESUME_OVERRIDES, override_keys, resume_ignores
 from optimlab.summary import FINISHED, SUMMARY, RunSummary, dotted_value, drop_keys, read_summary
 from optimlab.validate import ConfigError, resume_target, rule_error
 
-# What a resumed run takes from the command line; everything else comes from its own saved config.
-RESUME_OVERRIDES = ("resume", "epochs", "trainer.max_epochs", "trainer.progress_bar", "trainer.num_threads",
-                    "data.root")
 # What a continued run's config may differ in from the one it recorded: those, and the population
 # launcher's plan (which jobs train together).
 MAY_DIFFER_ON_RESUME = (*RESUME_OVERRIDES, "population")
@@ -29,19 +27,6 @@ def comparable(config: dict[str, Any], also: tuple[str, ...] = ()) -> dict[str, 
     config = copy.deepcopy(config)
     drop_keys(config, (*MAY_DIFFER_ON_RESUME, *also))
     return config
-
-
-def override_keys(overrides: list[str]) -> list[str]:
-    """The keys command-line ``overrides`` set (``+a.b=1`` and ``~a.b`` too)."""
-    return [o.lstrip("+~").split("=", 1)[0] for o in overrides]
-
-
-def resume_ignores(overrides: list[str]) -> str | None:
-    """The refusal of the command-line ``overrides`` that a run resumed from its folder or checkpoint would
-    ignore (all but :data:`RESUME_OVERRIDES`), or None."""
-    ignored = [o for o, key in zip(overrides, override_keys(overrides)) if key not in RESUME_OVERRIDES]
-    return (f"resume: a resumed run keeps its own config, so {', '.join(ignored)} would be ignored; only "
-            f"{', '.join(RESUME_OVERRIDES[1:])} may be given with resume=") if ignored else None
 
 
 def sync_epochs(cfg: DictConfig, keys: list[str]) -> None:

@@ -83,7 +83,9 @@ def search_space(sweeper: DictConfig, overrides: Sequence[str] = ()) -> dict[str
         except HydraException:  # (the command line's own check names it)
             continue
         key = override.key_or_group
-        if not key.startswith(("hydra.", "hydra/")) and (override.is_sweep_override() or key in space):
+        if override.is_delete():  # ~key: none of the search's parameters (Optuna's sweeper drops it too)
+            space.pop(key, None)
+        elif not key.startswith(("hydra.", "hydra/")) and (override.is_sweep_override() or key in space):
             space[key] = (line.split("=", 1)[1], key)
     return space
 

@@ -240,7 +240,8 @@ def well_formed(summary: RunSummary) -> bool:
     """Whether the fields a reader computes with have the schema's shapes: a known status, the config a
     mapping (and its sections), each epoch and logged step a row of numbers (or nulls), each epoch numbered,
     the label and error texts, the sharpness record's series rows of three numbers (or nulls) and its other
-    values numbers, the run's own numbers (accuracies, steps, times, its seed) numbers (or nulls)."""
+    values numbers (its formula a text), and the numbers the report reads (the test accuracy and loss, the
+    divergence step, the parameter count, throughput, wall time, training images and seed) numbers or nulls."""
     def number(value: Any) -> bool:
         return value is None or isinstance(value, (int, float))
 
@@ -264,7 +265,7 @@ def well_formed(summary: RunSummary) -> bool:
             and all(isinstance(row, list) and len(row) == 3 and all(map(number, row)) for row in series)
             and isinstance(curvature.get("measurements", 0), int)
             and all(number(value) for key, value in curvature.items() if key not in ("series", "threshold_formula"))
-            and isinstance(curvature.get("threshold_formula", ""), str)
+            and isinstance(curvature.get("threshold_formula") or "", str)  # null where the threshold is not finite
             and all(map(number, (summary.params, summary.test_loss, summary.test_acc, summary.best_val_acc,
                                  summary.diverged_at_step, summary.steps_per_s, summary.wall_time_s,
                                  summary.train_size)))

@@ -33,7 +33,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -252,10 +252,20 @@ def make_executor(executor: str, folder: str, parameters: Mapping[str, Any]) -> 
     return Executor(functools.partial(configured, folder), folder, EXECUTORS[executor])
 
 
+@contextlib.contextmanager
+def ignoring_sigint() -> Iterator[None]:
+    """SIGINT ignored inside the block (a process started there inherits that); the previous handler after it."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def failure_line(err: Exception, limit: int = 600) -> str:
-    """A failed job's error as one line of at most ``limit`` characters: its first two lines (submitit's say which
-    job, in what state) and the end of the rest (submitit's is the job's whole error stream, whose start is
-    Lightning's greeting and whose end says why)."""
+    """A failed job's error as one line of at most ``limit`` characters: its first two lines (where submitit says
+    which job ended in what state, or that it failed) and the end of the rest (submitit's holds the job's whole
+    error stream or traceback, whose start is Lightning's greeting and whose end says why)."""
     lines = [" ".join(line.split()) for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
     head, tail = " ".join(lines[:2]), " ".join(lines[2:])
     room = limit - len(head) - 1
@@ -286,7 +296,10 @@ def run_as_jobs(executor: Executor, populations: Sequence[tuple[str, Members]],
         while pending and (max_parallel is None or len(running) < max_parallel) and \
                 (not running or admit([entry[2] for entry in running], pending[0][1])):
             name, members = pending.pop(0)
-            job = executor.submitter.submit(train, members, name)
+            # A local job's controller shares this terminal: it inherits SIGINT ignored, so that a Ctrl-C stops the
+            # job through the launcher (below), not by the controller's kill a second later (the job sets its own).
+            with ignoring_sigint() if executor.cluster == "local" else contextlib.nullcontext():
+                job = executor.submitter.submit(train, members, name)
             say(f"{name}: training {describe(members)} {executor.where(job)}")
             running.append((job, name, members))
 
@@ -328,8 +341,9 @@ def run_as_jobs(executor: Executor, populations: Sequence[tuple[str, Members]],
                 # A local job's id is its controller's pid, which passes SIGTERM on to the job. Its cancel sends
                 # SIGINT, on which the controller prints a traceback and kills the job a second later, before
                 # a large population has written its members' records.
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(job.job_id), signal.SIGTERM)
+                if not job.done():
+                    with contextlib.suppress(ProcessLookupError, ValueError):
+                        os.kill(int(job.job_id), signal.SIGTERM)
             else:
                 job.cancel(check=False)
         for job, _, _ in running:

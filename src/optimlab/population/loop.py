@@ -85,7 +85,7 @@ class StepMetrics:
         """One step's ``[P]`` losses, correct predictions and applied flags, of batches of ``size``."""
         step = len(self.sizes)
         if step == len(self.losses):  # stepped on past an epoch's steps without closing it: room for as many again
-            self.losses, self.correct, self.applied = (torch.cat([t, torch.empty_like(t)])
+            self.losses, self.correct, self.applied = (torch.cat([t, t.new_empty(max(1, len(t)), t.shape[1])])
                                                        for t in (self.losses, self.correct, self.applied))
         self.losses[step], self.correct[step], self.applied[step] = losses, correct, applied
         self.sizes.append(size)

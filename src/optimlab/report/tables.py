@@ -65,11 +65,11 @@ def sweep_command(hydra: Any) -> str | None:
     return " ".join(["python train.py -m", *given, *(overrides.get("task") or [])])
 
 
-def command_jobs(hydra: Any) -> set[frozenset[tuple[str, str]]] | None:
-    """The jobs the command makes, each as :func:`job_key` of its overrides, from its :func:`multirun_record`,
-    for Hydra's basic sweeper: every combination of each swept key's values (the sweep config's ``params``,
-    then the command's overrides, which replace them), as that sweeper writes them. None for another sweeper
-    or a sweep it cannot expand (``glob``)."""
+def command_jobs(hydra: Any) -> list[list[str]] | None:
+    """The overrides of each job the command makes, from its :func:`multirun_record`, for Hydra's basic
+    sweeper: every combination of each swept key's values (the sweep config's ``params``, then the command's
+    overrides, which replace them; a value given twice is two jobs), as that sweeper writes them. None for
+    another sweeper or a sweep it cannot expand (``glob``)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
@@ -80,18 +80,19 @@ def command_jobs(hydra: Any) -> set[frozenset[tuple[str, str]]] | None:
         for o in OverridesParser.create().parse_overrides([*lines, *hydra["overrides"]["task"]]):
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
             axes[o.key_or_group] = [f"{o.get_key_element()}={value}" for value in values]
-        return {job_key(job) for job in itertools.product(*axes.values())}
+        return [list(job) for job in itertools.product(*axes.values())]
     except Exception:  # no record, another layout, a sweep only Hydra's config loader expands
         return None
 
 
-def job_key(overrides: Iterable[str]) -> frozenset[tuple[str, str]]:
-    """A job's overrides as Hydra parses them (``false`` and ``False`` alike), without ``resume``: a resumed
-    sweep's command names it, the record of each job it continued does not."""
+def job_key(overrides: Iterable[str], ignored: Iterable[str]) -> frozenset[tuple[str, str]]:
+    """A job's overrides as Hydra parses them (``false`` and ``False`` alike), without the ``ignored`` keys."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    ignored = set(ignored)
     return frozenset((o.get_key_element(), o.get_value_element_as_str())
-                     for o in OverridesParser.create().parse_overrides(list(overrides)) if o.key_or_group != "resume")
+                     for o in OverridesParser.create().parse_overrides(list(overrides))
+                     if o.key_or_group not in ignored)
 
 
 def jobs_line(rows: list[dict[str, Any]], sweep_dir: Path, hydra: Any) -> str:
@@ -99,15 +100,22 @@ def jobs_line(rows: list[dict[str, Any]], sweep_dir: Path, hydra: Any) -> str:
     and how many runs of the folder are of other commands (a run is its command's when Hydra's record of
     its job holds one of the command's jobs; where a run has no such record, counted from the numbers)."""
     from optimlab.hydra_job import recorded_overrides  # (Hydra imported only where a report reads its records)
+    from optimlab.command_line import RESUME_OVERRIDES
 
     jobs = command_jobs(hydra)
     if not jobs:
         return ""
+    # A resumed sweep's command names resume, and may change what a resume may (epochs=8), which the record
+    # of each job it continued does not hold.
+    resumed = any(o.split("=", 1)[0].lstrip("+") == "resume" and o.split("=", 1)[1] not in ("null", "")
+                  for o in jobs[0])
+    ignored = RESUME_OVERRIDES if resumed else ("resume",)
     recorded = [recorded_overrides(sweep_dir / row["run"]) for row in rows]
     if None in recorded:
         ours = min(len(rows), len(jobs))
     else:
-        ours = len(jobs & {job_key(overrides) for overrides in recorded})
+        made = Counter(job_key(job, ignored) for job in jobs)
+        ours = sum((made & Counter(job_key(overrides, ignored) for overrides in recorded)).values())
     missing, others = len(jobs) - ours, len(rows) - ours
     never = f"{missing} never started: no record" if missing else ""
     if not others:
