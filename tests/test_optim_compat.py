@@ -469,3 +469,29 @@ def test_numpy_scalars_are_taken_as_torch_takes_them(name: str) -> None:
     for bad in ("0.1", None):
         with pytest.raises(TypeError, match="^Invalid learning rate"):
             OURS[name](make_params(), lr=bad)
+
+
+@pytest.mark.parametrize("name, arg, value", [
+    ("Adam", "eps", 1e-3), ("RMSprop", "eps", 1e-3), ("Adagrad", "eps", 1e-3), ("RMSprop", "alpha", 0.9),
+    ("RMSprop", "momentum", 0.5), ("Adagrad", "lr_decay", 0.01), ("Adagrad", "initial_accumulator_value", 0.1),
+    ("SGD", "dampening", 0.3)])
+@pytest.mark.parametrize("foreach", [False, True])
+def test_a_one_element_tensor_hyperparameter_is_taken_as_torch_takes_it(name: str, arg: str, value: float,
+                                                                        foreach: bool) -> None:
+    """torch.optim takes a 1-element tensor wherever it compares a number; ours had refused one at construction (a
+    probe), though it stepped with one set in a group afterwards. Three steps, bitwise."""
+    import optimlab.optim
+
+    trajectories = []
+    for cls in (getattr(optimlab.optim, name), getattr(torch.optim, name)):
+        torch.manual_seed(0)
+        p = torch.randn(5, requires_grad=True)
+        extra = {"momentum": 0.9} if arg == "dampening" else {}
+        opt = cls([p], lr=0.1, foreach=foreach, **{arg: torch.tensor(value, dtype=torch.float64)}, **extra)
+        for i in range(3):
+            p.grad = torch.sin(p.detach() * (i + 1))
+            opt.step()
+        trajectories.append(p.detach())
+    assert torch.equal(*trajectories)
+    with pytest.raises(ValueError, match=f"^Tensor {arg} must be 1-element"):
+        getattr(optimlab.optim, name)([torch.zeros(1, requires_grad=True)], **{arg: torch.tensor([value, value])})

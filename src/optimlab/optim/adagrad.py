@@ -51,10 +51,11 @@ class Adagrad(Optimizer):
                  foreach: bool | None = None, *, maximize: bool = False, differentiable: bool = False,
                  fused: bool | None = None, grad_noise_std: float = 0.0) -> None:
         check_lr(lr)
-        check_hyperparameter("lr_decay value", lr_decay)
+        check_hyperparameter("lr_decay value", lr_decay, tensor_name="lr_decay")
         check_hyperparameter("weight_decay value", weight_decay, tensor_name="weight_decay")
-        check_hyperparameter("initial_accumulator_value value", initial_accumulator_value)
-        check_hyperparameter("epsilon value", eps)
+        check_hyperparameter("initial_accumulator_value value", initial_accumulator_value,
+                             tensor_name="initial_accumulator_value")
+        check_hyperparameter("epsilon value", eps, tensor_name="eps")
         defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, foreach=foreach, maximize=maximize,
                         differentiable=differentiable, fused=fused, grad_noise_std=grad_noise_std)

@@ -56,7 +56,7 @@ class Adam(Optimizer):
         if isinstance(lr, Tensor) and foreach and not capturable:  # torch.optim's refusal (drop-in)
             raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
         check_lr(lr)
-        check_hyperparameter("epsilon value", eps)
+        check_hyperparameter("epsilon value", eps, tensor_name="eps")
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
         for i, beta in enumerate(betas):

@@ -56,13 +56,15 @@ def check_hyperparameter(label: str, value: Any, low: float = 0.0, high: float =
     when ``high_open``); NaN and infinities fail. The message starts with torch.optim's words, so code
     matching torch's errors matches ours; the parenthesis gives our rule.
 
-    With ``tensor_name`` the value may also be a 1-element tensor (torch.optim's tensor ``lr``, ``betas``,
-    ``weight_decay``); other tensors fail with torch's ``"Tensor <name> must be 1-element"``.
+    With ``tensor_name`` the value may also be a 1-element tensor, as torch.optim takes one wherever it compares
+    a number (its tensor ``lr``, ``betas``, ``eps``, ...); other tensors fail with torch's
+    ``"Tensor <name> must be 1-element"``.
     """
     if isinstance(value, Tensor) and tensor_name is not None:
         if value.numel() != 1:
-            raise ValueError(f"Tensor {tensor_name} must be 1-element (got shape {list(value.shape)}; one value per "
-                             "member needs a member-wise group, see optimlab.optim.Optimizer)")
+            hint = "; one value per member needs a member-wise group, see optimlab.optim.Optimizer" \
+                if tensor_name in ("lr", "weight_decay") else ""
+            raise ValueError(f"Tensor {tensor_name} must be 1-element (got shape {list(value.shape)}{hint})")
         number: Any = value.item()
     else:
         number = value

@@ -45,10 +45,10 @@ class RMSprop(Optimizer):
                  capturable: bool = False, foreach: bool | None = None, maximize: bool = False,
                  differentiable: bool = False, *, grad_noise_std: float = 0.0) -> None:
         check_lr(lr)
-        check_hyperparameter("epsilon value", eps)
-        check_hyperparameter("momentum value", momentum)
+        check_hyperparameter("epsilon value", eps, tensor_name="eps")
+        check_hyperparameter("momentum value", momentum, tensor_name="momentum")
         check_hyperparameter("weight_decay value", weight_decay, tensor_name="weight_decay")
-        check_hyperparameter("alpha value", alpha, 0.0, 1.0)
+        check_hyperparameter("alpha value", alpha, 0.0, 1.0, tensor_name="alpha")
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered, weight_decay=weight_decay,
                         capturable=capturable, foreach=foreach, maximize=maximize, differentiable=differentiable,
                         grad_noise_std=grad_noise_std)

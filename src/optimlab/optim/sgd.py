@@ -52,7 +52,7 @@ class SGD(Optimizer):
                  grad_noise_std: float = 0.0) -> None:
         check_lr(lr)
         check_hyperparameter("momentum value", momentum)
-        check_hyperparameter("dampening value", dampening)
+        check_hyperparameter("dampening value", dampening, tensor_name="dampening")
         check_hyperparameter("weight_decay value", weight_decay, tensor_name="weight_decay")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening "
