@@ -57,9 +57,11 @@ class StopOnSignal(L.Callback):
 
 
 @contextlib.contextmanager
-def stop_signals_handled_by(handler: Any) -> Iterator[None]:
-    """``handler`` installed for SIGINT and SIGTERM inside the block; the previous handlers after it."""
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+def stop_signals_handled_by(handler: Any,
+                            signums: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """``handler`` installed for ``signums`` (SIGINT and SIGTERM) inside the block; the previous handlers after it.
+    ``signal.SIG_IGN`` ignores them there, and a process started there inherits that."""
+    old = {s: signal.signal(s, handler) for s in signums}
     try:
         yield
     finally:

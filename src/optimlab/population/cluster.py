@@ -33,7 +33,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -252,16 +252,6 @@ def make_executor(executor: str, folder: str, parameters: Mapping[str, Any]) -> 
     return Executor(functools.partial(configured, folder), folder, EXECUTORS[executor])
 
 
-@contextlib.contextmanager
-def ignoring_sigint() -> Iterator[None]:
-    """SIGINT ignored inside the block (a process started there inherits that); the previous handler after it."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def failure_line(err: Exception, limit: int = 600) -> str:
     """A failed job's error as one line of at most ``limit`` characters: its first two lines (where submitit says
     which job ended in what state, or that it failed) and the end of the rest (submitit's holds the job's whole
@@ -298,7 +288,8 @@ def run_as_jobs(executor: Executor, populations: Sequence[tuple[str, Members]],
             name, members = pending.pop(0)
             # A local job's controller shares this terminal: it inherits SIGINT ignored, so that a Ctrl-C stops the
             # job through the launcher (below), not by the controller's kill a second later (the job sets its own).
-            with ignoring_sigint() if executor.cluster == "local" else contextlib.nullcontext():
+            with stop_signals_handled_by(signal.SIG_IGN, (signal.SIGINT,)) if executor.cluster == "local" else \
+                    contextlib.nullcontext():
                 job = executor.submitter.submit(train, members, name)
             say(f"{name}: training {describe(members)} {executor.where(job)}")
             running.append((job, name, members))
