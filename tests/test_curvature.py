@@ -485,6 +485,15 @@ def test_lanczos_reserves_only_the_basis_it_uses() -> None:
     assert value == pytest.approx(4.0, rel=1e-4) and count <= 6 and vector.shape == (n,)
 
 
+def test_lanczos_grows_its_basis_past_the_rows_it_starts_with() -> None:
+    # 2^21 float64 entries a row: the basis starts with 2 rows and doubles to hold the iteration's vectors
+    n = 2**21
+    diagonal = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=F64)
+    diagonal[7] = 1.5
+    value, vector, count, converged = lanczos(lambda v: diagonal * v, torch.ones(n, dtype=F64), iters=40, tol=1e-7)
+    assert converged and count > 4
+    assert value == pytest.approx(1.5, rel=1e-6) and abs(float(vector[7])) == pytest.approx(1.0, abs=1e-5)
+
 # --------------------------------------------------------------------------- thresholds
 
 
