@@ -427,6 +427,41 @@ def test_stability_compares_the_predicted_and_observed_largest_stable_lr(tmp_pat
     assert all(path.exists() for path in written) and tmp_path / "report.md" in written
 
 
+def test_the_map_marks_a_predicted_boundary_beyond_its_lrs_at_that_edge(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A width whose predicted largest stable lr lies below or above the grid's lrs gets an arrow at that edge
+    (it had been left out of the figure), one within them a bar at its place."""
+    from matplotlib.figure import Figure
+
+    lrs = (0.01, 0.1, 1.0)
+    for width, sharpness0 in ((2, 1e-3), (8, 20.0), (32, 1e6), (64, 0.0)):  # 2/lr = sharpness0 at 2e3, 0.1, 2e-6, inf
+        for lr in lrs:
+            fake_run(tmp_path, f"w{width}_lr{lr}", "SGD", lr, width, 0, 0.9, "diverging" if lr == 1.0 else "healthy")
+            path = tmp_path / f"w{width}_lr{lr}" / "summary.json"
+            summary = json.loads(path.read_text())
+            summary["curvature"] = {"measurements": 3, "initial_step": 0, "initial_sharpness": sharpness0,
+                                    "initial_threshold": 2 / lr, "first_crossing_step": None}
+            path.write_text(json.dumps(summary))
+    drawn: dict[str, Figure] = {}
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kwargs: drawn.setdefault(Path(path).name, fig))
+    report(tmp_path)
+    marks = {(line.get_marker(), tuple(line.get_xdata()), tuple(line.get_ydata()))
+             for line in drawn["regime_map.png"].axes[0].lines}
+    assert marks == {(">", (2.5,), (0,)), ("None", (1.0, 1.0), (0.55, 1.45)), ("<", (-0.5,), (2,)), (">", (2.5,), (3,))}
+    legend = [text.get_text() for text in drawn["regime_map.png"].legends[0].get_texts()]
+    assert legend[-1] == "predicted largest stable lr (an arrow: beyond the grid)"
+    for width in (2, 32, 64):  # every prediction within the lrs: bars only, and the legend says no more
+        for lr in lrs:
+            path = tmp_path / f"w{width}_lr{lr}" / "summary.json"
+            summary = json.loads(path.read_text())
+            summary["curvature"]["initial_sharpness"] = 2.0
+            path.write_text(json.dumps(summary))
+    drawn.clear()
+    report(tmp_path)
+    assert {line.get_marker() for line in drawn["regime_map.png"].axes[0].lines} == {"None"}
+    assert drawn["regime_map.png"].legends[0].get_texts()[-1].get_text() == "predicted largest stable lr"
+
+
 def test_stability_judges_each_column_on_its_own_lrs_and_leaves_open_ones_out(tmp_path: Path) -> None:
     """A reviewer's cases: untracked runs of another optimizer at other lrs changed a column's verdict (the
     cells were every lr in the folder), and a column in which nothing diverged counted its top lr as the

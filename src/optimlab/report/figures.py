@@ -185,7 +185,7 @@ def plot_regime_map(cells: dict[tuple[str, str, float], MapCell], path: Path,
     coloured by the regime most of its runs got, marked * where they disagree, and annotated with their mean final
     test accuracy; with
     ``stability`` (:func:`~optimlab.report.aggregate.stability_table`), a black bar at each width's
-    predicted largest stable lr."""
+    predicted largest stable lr, or an arrow at the edge of the lrs it lies beyond."""
     plt = _plt()
     from matplotlib.colors import ListedColormap
 
@@ -197,6 +197,7 @@ def plot_regime_map(cells: dict[tuple[str, str, float], MapCell], path: Path,
     size = (3.2 + 0.45 * len(lrs) * len(optimizers), 0.5 * len(widths) + 2)
     fig, axes = plt.subplots(1, len(optimizers), figsize=size, squeeze=False)
     cmap = ListedColormap([REGIME_COLORS[label] for label in labels])
+    beyond = False  # a predicted boundary drawn as an arrow
     for ax, optimizer in zip(axes.flat, optimizers):
         grid = [[math.nan] * len(lrs) for _ in widths]
         for i, w in enumerate(widths):
@@ -212,10 +213,14 @@ def plot_regime_map(cells: dict[tuple[str, str, float], MapCell], path: Path,
                     ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white")
         ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=len(labels) - 0.5, aspect="auto", origin="lower")
         for t in stability or []:
-            if t["optimizer"] == optimizer and t["width"] in widths and math.isfinite(t["predicted_max_lr"]):
+            if t["optimizer"] == optimizer and t["width"] in widths and not math.isnan(t["predicted_max_lr"]):
                 x, i = grid_position(t["predicted_max_lr"], lrs), widths.index(t["width"])
                 if -0.5 <= x <= len(lrs) - 0.5:
                     ax.plot([x, x], [i - 0.45, i + 0.45], color="black", lw=2.5)
+                else:  # beyond the grid's lrs (an infinite one: no positive sharpness): an arrow at that edge
+                    edge, marker = (-0.5, "<") if x < 0 else (len(lrs) - 0.5, ">")
+                    ax.plot([edge], [i], marker=marker, color="black", ms=7, clip_on=False)
+                    beyond = True
         # three significant digits: a half-decade grid's 0.00316 read 0.0032 beside 0.000316 and 0.0316
         ax.set_xticks(range(len(lrs)), [f"{lr:.3g}" for lr in lrs], rotation=60, fontsize=7)
         ax.set_yticks(range(len(widths)), widths, fontsize=7)
@@ -228,7 +233,7 @@ def plot_regime_map(cells: dict[tuple[str, str, float], MapCell], path: Path,
     handles = [plt.Rectangle((0, 0), 1, 1, color=REGIME_COLORS[label]) for label in labels]
     if stability:
         handles.append(plt.Line2D([], [], color="black", lw=2.5))
-        labels = [*labels, "predicted largest stable lr"]
+        labels = [*labels, "predicted largest stable lr" + (" (an arrow: beyond the grid)" if beyond else "")]
     # three entries a row: a row of eight is wider than a narrow map and would be cut at both edges
     fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), frameon=False, fontsize=8)
     fig.suptitle("Diagnosed regime: the label most runs got\n"
