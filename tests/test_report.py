@@ -211,6 +211,19 @@ def test_seeds_are_aggregated_only_over_otherwise_equal_configs(tmp_path: Path) 
     assert same_but_seed(base) != same_but_seed({**base, "lr": 0.2})
 
 
+def test_a_sweep_of_data_seeds_alone_is_aggregated_over_them(tmp_path: Path) -> None:
+    """``data.seed=0,1,2`` at one ``seed``: three seeds of one experiment in the seed table (it had shown none)."""
+    accs = (0.90, 0.92, 0.97)
+    for data_seed, acc in enumerate(accs):
+        fake_run(tmp_path, f"{data_seed}_job", "SGD", 0.1, 128, 0, acc)
+        path = tmp_path / f"{data_seed}_job" / "summary.json"
+        summary = json.loads(path.read_text())
+        summary["config"]["data"] = {"seed": data_seed, "val_size": 5000}
+        path.write_text(json.dumps(summary))
+    report(tmp_path)
+    assert f"| 3 | {statistics.fmean(accs):.4f} +/- {statistics.stdev(accs):.4f} |" in (tmp_path / "report.md").read_text()
+
+
 def test_a_report_that_cannot_be_written_is_one_line_and_keeps_the_earlier_one(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """A probe's full disk: the figure's write failed with a traceback after the earlier report.md had been

@@ -137,7 +137,8 @@ def stability_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def seed_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Runs whose whole config differs only in the seed (see :func:`~optimlab.report.rows.same_but_seed`),
     aggregated: mean and sample standard deviation (n - 1: a few seeds are a sample) of test accuracy over the
-    seeds (``n``: how many; runs of one seed, a sweep that lists a value twice, are that seed's mean)."""
+    seeds (``n``: how many; a seed is the pair of ``seed`` and ``data.seed``, so that a sweep of data seeds
+    alone counts too; runs of one seed, a sweep that lists a value twice, are that seed's mean)."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         if has_test_acc(r):
@@ -146,7 +147,7 @@ def seed_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for members in groups.values():
         per_seed: dict[Any, list[float]] = defaultdict(list)
         for m in members:
-            per_seed[m["seed"]].append(m["final_test_acc"])
+            per_seed[(m["seed"], m.get("data_seed"))].append(m["final_test_acc"])
         if len(per_seed) < 2:
             continue
         accs = [statistics.fmean(values) for values in per_seed.values()]
