@@ -33,6 +33,7 @@ from optimlab.curvature import (
     GradientMoments, SharpnessCallback, SharpnessLog, SharpnessTracker, gradient_moments, initial_preconditioner, lanczos,
     moments_from_parts, preconditioner, probe_parts, sharpness, stability_threshold, top_eigenpair,
 )
+from optimlab.curvature.stability import threshold_formula
 
 F64 = torch.float64
 REPO = Path(__file__).resolve().parents[1]
@@ -568,6 +569,10 @@ def test_threshold_follows_the_current_learning_rate() -> None:
         theta.grad = torch.ones_like(theta)
         opt.step()
     assert stability_threshold(opt) == pytest.approx(2 / (0.1 / (1 + 2 * 0.5)))
+    # its formula names the decayed lr, which the group's lr (0.1 throughout) is not (a probe: "2/lr = 800" at lr 0.005)
+    assert threshold_formula(opt, 0.1) == "2/lr_t (lr_t = lr/(1+t*lr_decay))"
+    assert threshold_formula(optim.Adagrad([theta], lr=0.1), 0.1) == threshold_formula(optim.SGD([theta], lr=0.1), 0.1) == "2/lr"
+    assert threshold_formula(torch.optim.Adagrad([theta], lr=0.1, lr_decay=0.5), 0.1) == threshold_formula(opt, 0.1)
     # Per param group.
     opt = optim.SGD([{"params": [one_param()]}, {"params": [one_param()], "lr": 0.5}], lr=0.1)
     assert (stability_threshold(opt), stability_threshold(opt, group=1)) == pytest.approx((20.0, 4.0))

@@ -104,9 +104,14 @@ def stability_threshold(optimizer: torch.optim.Optimizer, group: int = 0, lr: fl
 
 def threshold_formula(optimizer: torch.optim.Optimizer, lr: float) -> str | None:
     """The stability threshold in words at learning rate ``lr`` (e.g. ``2/lr``, ``38/lr``), or None
-    where it is zero or infinite."""
+    where it is zero or infinite. Adagrad with ``lr_decay`` steps by a decayed lr, which its group's ``lr``
+    does not hold: ``2/lr_t (lr_t = lr/(1+t*lr_decay))``."""
     scaled = stability_threshold(optimizer, lr=lr) * lr
-    return f"{scaled:.3g}/lr" if 0 < scaled < math.inf else None
+    if not 0 < scaled < math.inf:
+        return None
+    if _kind(optimizer) == "adagrad" and float(optimizer.param_groups[0]["lr_decay"]) != 0:
+        return "2/lr_t (lr_t = lr/(1+t*lr_decay))"  # whatever t its state is at (a resumed run)
+    return f"{scaled:.3g}/lr"
 
 
 def _with_groups(optimizer: torch.optim.Optimizer,
