@@ -12,6 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from conftest import CONF, compose_config
@@ -34,6 +35,7 @@ def sweep_axes(name: str) -> list[list[str]]:
         cfg = compose("config", overrides=[f"sweep={name}"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
     assert params, f"sweep {name} sets no hydra.sweeper.params"
+    assert cfg.hydra.mode == RunMode.MULTIRUN, f"sweep {name} without -m would run one default job"
     parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
     return [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in parsed]
 

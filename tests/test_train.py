@@ -255,6 +255,8 @@ def test_a_run_whose_best_checkpoint_was_never_written_tests_its_last_weights(tm
     (["-m", "hparams_search=optuna", "lr=interval(0.001,0.1)", "optimizr=adam"], "optimizr: unknown config key"),
     (["-m", "optimizer=sgd,adam", "optimizer.momentum=0.9"],  # only Adam's jobs lack it: said so
      "optimizer.momentum: unknown config key with optimizer=adam (nothing reads it there)"),
+    # a sweep config is a sweep without -m too (it had run one default job): its Adagrad jobs lack momentum
+    (["sweep=lr", "optimizer.momentum=0.9"], "optimizer.momentum: unknown config key with optimizer=adagrad"),
     # the sweep config's own sweep of model.hidden, with model=cnn (Hydra's lines after writing multirun.yaml)
     (["-m", "sweep=regime_map_reduced", "model=cnn"],
      "model.hidden: unknown config key here, swept by hydra.sweeper.params"),
@@ -313,11 +315,11 @@ def test_options_of_groups_in_other_config_folders_are_left_to_hydra(tmp_path: P
     assert composition_error(["-m", "hydra/launcher=basic,joblib"], conf).startswith(
         "hydra/launcher=basic,joblib: a sweep of Hydra's own config (hydra/launcher) is not supported")
     # Valid commands a probe found refused: lists and quoted options of a swept group, an option's file name,
-    # abbreviated long flags, a sweep config's sweeps without -m (Hydra applies them only in a multirun) or when
-    # the sweep config is itself swept (the sweep's own config has none), Hydra's own errors.
+    # abbreviated long flags, a sweep config's sweeps when the sweep config is itself swept (the sweep's own config
+    # has none), Hydra's own errors.
     for args in (["-m", "callbacks=default,[default,lr_monitor]"], ["-m", "callbacks=choice([early_stopping],none)"],
                  ["-m", "model='cnn','mlp'"], ["model=cnn.yaml"], ["--multi", "lr=0.1,0.2"], ["--shell", "install=bash"],
-                 ["--config-d", str(tmp_path), "model=tiny"], ["sweep=lr", "optimizer.momentum=0.9"],
+                 ["--config-d", str(tmp_path), "model=tiny"], ["sweep=lr", "lr=0.1,0.2"],
                  ["-m", "sweep=regime_map_reduced,seeds"], ["-m", "sweep=lr", "hydra.sweeper.params.lr='0.1,0.2'"],
                  ["debug=${trainer}"], ["-m", "scheduler=${logger}", "logger=none", "lr=0.1,0.2"],  # interpolated
                  ["--info", "plugins", "model=nope"], ["--experimental-rerun", "/tmp/0_lr=0.1/.hydra/config.pickle"]):
