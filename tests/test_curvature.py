@@ -585,6 +585,9 @@ def test_threshold_argument_checks() -> None:
         stability_threshold(optim.SGD([one_param()], lr=0.1), group=1)
     with pytest.raises(ValueError, match="momentum"):
         stability_threshold(optim.SGD([one_param()], lr=0.1, momentum=1.0))
+    for ascent in (optim.SGD([one_param()], lr=0.1, maximize=True), torch.optim.Adam([one_param()], maximize=True)):
+        with pytest.raises(ValueError, match=r"^no stability threshold for maximize=True"):  # a descent's, not ascent's
+            stability_threshold(ascent)
     # A group or lr of another type (a probe: Python's TypeError, and lr '0.1' or True taken as numbers).
     sgd = optim.SGD([one_param()], lr=0.1)
     for group in (0.5, "0", True):

@@ -445,6 +445,15 @@ def test_grad_noise_is_refused_with_torch_impl(tmp_path: Path) -> None:
         run(compose_config("optimizer.impl=torch", "optimizer.grad_noise_std=1.0"), tmp_path)
 
 
+
+def test_sharpness_tracking_is_refused_for_gradient_ascent(tmp_path: Path) -> None:
+    """``optimizer.maximize=true`` climbs the loss: a descent's threshold (2/lr) does not apply (a probe: it was
+    recorded, with crossings); refused before any work."""
+    with pytest.raises(ConfigError, match=r"^curvature.every_n_steps: the sharpness is tracked against a descent's"):
+        run(compose_config("curvature.every_n_steps=5", "optimizer.maximize=true"), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("override, key", [
     ("lr=-1", "lr"), ("lr=abc", "lr"), ("lr=0", "lr"), ("lr=nan", "lr"),
     ("optimizer.lr=0", "optimizer.lr: 0 is not allowed; expected a positive number"),  # as lr=0 (a probe: it trained)

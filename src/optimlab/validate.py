@@ -338,6 +338,9 @@ def validate_config(cfg: DictConfig, complete: bool = True) -> None:
     if cfg.optimizer.get("impl") == "torch" and cfg.optimizer.get("grad_noise_std", 0) != 0:
         raise ConfigError("optimizer.grad_noise_std: gradient noise is an option of optimlab's optimizers "
                           "only; use optimizer.impl=custom")
+    if (cfg.get("curvature") or {}).get("every_n_steps") and cfg.optimizer.get("maximize"):
+        raise ConfigError("curvature.every_n_steps: the sharpness is tracked against a descent's stability threshold, "
+                          "and optimizer.maximize=true climbs the loss (its stability rests on H's lowest eigenvalue)")
     try:
         Thresholds.from_overrides(cfg.get("regimes"))
     except (TypeError, ValueError) as err:

@@ -71,7 +71,7 @@ def stability_threshold(optimizer: torch.optim.Optimizer, group: int = 0, lr: fl
 
     Weight decay is not included (L2 decay adds ``weight_decay`` to the curvature the update sees;
     :func:`sharpness` measures the cross-entropy alone). ``lr`` may be a tensor; ``lr == 0`` gives
-    ``inf``. Momentum must be in [0, 1).
+    ``inf``. Momentum must be in [0, 1); ``maximize`` (gradient ascent) is refused.
     """
     kind = _kind(optimizer)
     groups = len(optimizer.param_groups)
@@ -80,6 +80,9 @@ def stability_threshold(optimizer: torch.optim.Optimizer, group: int = 0, lr: fl
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (numbers.Real, Tensor))):
         raise ValueError(f"Invalid lr: {lr!r} (must be a number, or None: the group's)")
     g = optimizer.param_groups[group]
+    if g.get("maximize"):  # ascent on L is descent on -L, whose top curvature is -(H's lowest eigenvalue)
+        raise ValueError(f"no stability threshold for maximize=True (param group {group}): the threshold is a "
+                         "descent's, against the Hessian's top eigenvalue")
     lr = float(g["lr"] if lr is None else lr)
     if not 0 <= lr < math.inf:
         raise ValueError(f"Invalid lr: {lr!r} (must be a finite number >= 0)")
