@@ -257,6 +257,8 @@ def test_a_run_whose_best_checkpoint_was_never_written_tests_its_last_weights(tm
      "optimizer.momentum: unknown config key with optimizer=adam (nothing reads it there)"),
     # a sweep config is a sweep without -m too (it had run one default job): its Adagrad jobs lack momentum
     (["sweep=lr", "optimizer.momentum=0.9"], "optimizer.momentum: unknown config key with optimizer=adagrad"),
+    # --cfg shows one run's config whatever the config's mode (a review: Hydra's six lines)
+    (["--cfg", "job", "sweep=lr", "lr=0.1,0.2"], "lr=0.1,0.2: a sweep of several values, which needs -m"),
     # the sweep config's own sweep of model.hidden, with model=cnn (Hydra's lines after writing multirun.yaml)
     (["-m", "sweep=regime_map_reduced", "model=cnn"],
      "model.hidden: unknown config key here, swept by hydra.sweeper.params"),
@@ -320,6 +322,7 @@ def test_options_of_groups_in_other_config_folders_are_left_to_hydra(tmp_path: P
     for args in (["-m", "callbacks=default,[default,lr_monitor]"], ["-m", "callbacks=choice([early_stopping],none)"],
                  ["-m", "model='cnn','mlp'"], ["model=cnn.yaml"], ["--multi", "lr=0.1,0.2"], ["--shell", "install=bash"],
                  ["--config-d", str(tmp_path), "model=tiny"], ["sweep=lr", "lr=0.1,0.2"],
+                 ["--cfg", "job", "sweep=lr", "optimizer.momentum=0.9"], ["--info", "sweep=lr", "lr=0.1"],
                  ["-m", "sweep=regime_map_reduced,seeds"], ["-m", "sweep=lr", "hydra.sweeper.params.lr='0.1,0.2'"],
                  ["debug=${trainer}"], ["-m", "scheduler=${logger}", "logger=none", "lr=0.1,0.2"],  # interpolated
                  ["--info", "plugins", "model=nope"], ["--experimental-rerun", "/tmp/0_lr=0.1/.hydra/config.pickle"]):
@@ -443,7 +446,6 @@ def test_a_model_too_large_for_memory_is_one_line_naming_its_size() -> None:
 def test_grad_noise_is_refused_with_torch_impl(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="grad_noise_std"):
         run(compose_config("optimizer.impl=torch", "optimizer.grad_noise_std=1.0"), tmp_path)
-
 
 
 def test_sharpness_tracking_is_refused_for_gradient_ascent(tmp_path: Path) -> None:

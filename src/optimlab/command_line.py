@@ -183,7 +183,7 @@ def composition_error(args: list[str], conf_dir: Path) -> str | None:
             return None
         swept[place] = values
     with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base="1.3"):
-        error = compose_each(parser, conf_dir, overrides, keys, swept, searched, "--multirun" in modes)
+        error = compose_each(parser, conf_dir, overrides, keys, swept, searched, modes[0] if modes else None)
     if error and resumes_a_run(parser, overrides) and not modes:  # composed here: the default config, not the run's
         task = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
         return resume_ignores(task) or error  # a key of the run's model (model.channels of a CNN run)
@@ -216,12 +216,12 @@ def resumes_a_run(parser: OverridesParser, overrides: list[str]) -> bool:
 
 
 def compose_each(parser: OverridesParser, conf_dir: Path, overrides: list[str], given: set[str],
-                 swept: dict[int, list[str]], searched: dict[int, str], multirun: bool) -> str | None:
+                 swept: dict[int, list[str]], searched: dict[int, str], mode: str | None) -> str | None:
     """:func:`composition_error`'s compositions, inside Hydra's initialisation: the sweep's own config (its
     overrides less the sweeps, as Hydra composes it: its mode and sweeper), the first values (a search range at
     its start), then each other value of a swept group, with the sweeper's own parameters of keys the command
-    does not give (``given``). An error that is not Hydra's (or a ValueError) is left to Hydra, which meets it
-    too."""
+    does not give (``given``); ``mode``: the one flag of :data:`MODES` the command gives, or None. An error that is
+    not Hydra's (or a ValueError) is left to Hydra, which meets it too."""
     from optimlab.search import is_search, search_space_error  # (which imports this module)
 
     firsts = {place: values[0] for place, values in swept.items()}
@@ -247,7 +247,8 @@ def compose_each(parser: OverridesParser, conf_dir: Path, overrides: list[str], 
     if not (isinstance(verbose, (bool, str)) or OmegaConf.is_list(verbose)):
         return f"hydra.verbose: {verbose!r} is not allowed; expected true, false, a logger's name or a list of names"
     search = is_search(sweep.hydra.sweeper)  # whose trials each draw one value of every parameter
-    multirun = multirun or sweep.hydra.mode == RunMode.MULTIRUN
+    # a config's mode (a sweep= or search config's MULTIRUN) where no flag chose one: --cfg and --info show a run's
+    multirun = mode == "--multirun" or (mode is None and sweep.hydra.mode == RunMode.MULTIRUN)
     if (swept or searched) and not multirun:
         arg = overrides[min([*swept, *searched])]
         return f"{arg}: a sweep of several values, which needs -m (--multirun); a list is written [a,b], a text " \
