@@ -9,6 +9,7 @@ actually made. The callback runs in tiny in-memory Lightning fits.
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 import warnings
@@ -486,14 +487,19 @@ def test_lanczos_reserves_only_the_basis_it_uses() -> None:
     assert value == pytest.approx(4.0, rel=1e-4) and count <= 6 and vector.shape == (n,)
 
 
-def test_lanczos_grows_its_basis_past_the_rows_it_starts_with() -> None:
-    # 2^21 float64 entries a row: the basis starts with 2 rows and doubles to hold the iteration's vectors
+def test_lanczos_grows_its_basis_past_the_rows_it_starts_with(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 2^21 float64 entries a row: on the CPU the basis starts with 2 rows (16 MiB) and doubles to hold the vectors
+    lanczos_module = importlib.import_module("optimlab.curvature.lanczos")
+    sizes: list[int] = []
+    grow = lanczos_module.grown
+    monkeypatch.setattr(lanczos_module, "grown", lambda basis, limit: sizes.append(basis.shape[1]) or grow(basis, limit))
     n = 2**21
     diagonal = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=F64)
     diagonal[7] = 1.5
     value, vector, count, converged = lanczos(lambda v: diagonal * v, torch.ones(n, dtype=F64), iters=40, tol=1e-7)
-    assert converged and count > 4
+    assert converged and count > 4 and sizes[:2] == [2, 4]
     assert value == pytest.approx(1.5, rel=1e-6) and abs(float(vector[7])) == pytest.approx(1.0, abs=1e-5)
+
 
 # --------------------------------------------------------------------------- thresholds
 

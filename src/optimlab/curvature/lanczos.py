@@ -12,11 +12,14 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-# Lanczos vectors are stored in a basis that starts with as many rows as fit in this many bytes (at least
-# 2) and doubles as needed. Not more: glibc maps a block over 32 MiB afresh at every call, and the kernel's
-# faulting and zeroing of its pages cost 15% of a warm 4-product measurement of the default MLP (936k
-# parameters, 64 probe images) when 20 rows were reserved; and a large ``iters`` reserves nothing it does not use.
-BASIS_BYTES = 16 * 2**20
+# Lanczos vectors are stored in a basis that starts with this many rows and doubles as needed: a
+# large ``iters`` reserves nothing it does not use (most calls stop within 20 products).
+BASIS_ROWS = 32
+# A single operator's basis on the CPU starts with at most the rows that fit in this many bytes (at least 2):
+# glibc maps a block over 32 MiB afresh at every call, and the kernel's faulting and zeroing of its pages
+# cost 15% of a warm 4-product measurement of the default MLP (936k parameters, 64 probe images) when 20
+# rows were reserved. (A population's keeps its rows: its memory plan counts them, not a doubling's peak.)
+CPU_BASIS_BYTES = 16 * 2**20
 
 
 def check_iteration(iters: object, tol: object) -> None:
@@ -106,7 +109,10 @@ def lanczos_members(matvec: Callable[[Tensor], Tensor], v0: Tensor, iters: int |
     iters = max(caps)
     # Member m's basis vectors are the rows of basis[m]: the products with them are batched matrix
     # products, one matrix-vector product each for a single operator.
-    basis = v0.new_empty((members, min(iters, max(2, BASIS_BYTES // (v0.numel() * v0.element_size()))), n))
+    rows = min(iters, BASIS_ROWS)
+    if members == 1 and v0.device.type == "cpu":
+        rows = min(rows, max(2, CPU_BASIS_BYTES // (n * v0.element_size())))
+    basis = v0.new_empty((members, rows, n))
     torch.div(v0, norms[:, None], out=basis[:, 0])
     alphas: list[list[float]] = [[] for _ in range(members)]
     betas: list[list[float]] = [[] for _ in range(members)]
