@@ -220,6 +220,10 @@ def test_a_sweep_of_data_seeds_alone_is_aggregated_over_them(tmp_path: Path) -> 
         summary = json.loads(path.read_text())
         summary["config"]["data"] = {"seed": data_seed, "val_size": 5000}
         path.write_text(json.dumps(summary))
+    fake_run(tmp_path, "older", "SGD", 0.1, 128, 0, accs[0])  # a record without data.seed: its data seed is its seed
+    path = tmp_path / "older" / "summary.json"
+    path.write_text(json.dumps({**(summary := json.loads(path.read_text())),
+                                "config": {**summary["config"], "data": {"val_size": 5000}}}))
     report(tmp_path)
     assert f"| 3 | {statistics.fmean(accs):.4f} +/- {statistics.stdev(accs):.4f} |" in (tmp_path / "report.md").read_text()
 

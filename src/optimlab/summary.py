@@ -43,6 +43,7 @@ class RunDescription:
     lr: float | None    # the optimizer's own learning rate (optimizer.lr), not the top-level default
     widths: str         # hidden widths (MLP) or conv channels (CNN), "x"-joined: 1024x128
     seed: int | None
+    data_seed: int | None = None  # data.seed (the split and order): the seed where the config holds no integer one
 
     def __str__(self) -> str:
         return f"{self.optimizer} lr {self.lr:g} {self.model} {self.widths or '-'} seed {self.seed}" \
@@ -54,11 +55,13 @@ def describe_run(config: Mapping[str, Any]) -> RunDescription:
     model, optimizer = config.get("model") or {}, config.get("optimizer") or {}
     widths = model.get("hidden") if "hidden" in model else model.get("channels")
     impl = " (torch)" if optimizer.get("impl") == "torch" else ""
+    data_seed = (config.get("data") or {}).get("seed")  # an unresolved record's ${seed}: the seed itself
     return RunDescription(
         name=str(config.get("name", "")),
         model=str(model.get("_target_", "?")).rsplit(".", 1)[-1].lower(),
         optimizer=str(optimizer.get("_target_", "?")).rsplit(".", 1)[-1].lower() + impl,
-        lr=optimizer.get("lr"), widths="x".join(str(w) for w in widths or []), seed=config.get("seed"))
+        lr=optimizer.get("lr"), widths="x".join(str(w) for w in widths or []), seed=config.get("seed"),
+        data_seed=data_seed if isinstance(data_seed, int) and not isinstance(data_seed, bool) else config.get("seed"))
 
 
 def validation_size(config: Mapping[str, Any]) -> int | None:

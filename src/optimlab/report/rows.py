@@ -75,7 +75,7 @@ def row_for(run_dir: Path, root: Path, rediagnose: bool = False) -> dict[str, An
                               thresholds).regime
     return {
         "run": rel, "name": run.name, "model": run.model, "optimizer": run.optimizer, "lr": run.lr,
-        "widths": run.widths, "seed": run.seed, "data_seed": data_seed(config), "params": s.params,
+        "widths": run.widths, "seed": run.seed, "data_seed": run.data_seed, "params": s.params,
         "final_train_acc": history[-1].get("train_acc") if history else None, "best_train_acc": best("train_acc"),
         "final_val_acc": history[-1].get("val_acc") if history else None, "best_val_acc": best("val_acc"),
         "final_test_acc": s.test_acc, "best_test_acc": best("test_acc"), "epochs": len(history),
@@ -105,15 +105,7 @@ def job_coordinates(run_dir: Path) -> dict[str, Any]:
         return {}
     run = describe_run(config)
     return {"name": run.name, "model": run.model, "optimizer": run.optimizer, "lr": run.lr, "widths": run.widths,
-            "seed": run.seed, "data_seed": data_seed(config), "same_but_seed": same_but_seed(config),
-            "settings": flat_settings(config)}
-
-
-def data_seed(config: dict[str, Any]) -> Any:
-    """The seed of the run's data split and order (``data.seed``; the run's seed unless set apart), None where
-    the config has none."""
-    data = config.get("data")
-    return data.get("seed") if isinstance(data, dict) else None
+            "seed": run.seed, "same_but_seed": same_but_seed(config), "settings": flat_settings(config)}
 
 
 # Lightning reads these as a fraction when a float (1.0: all batches) and as a count when an int (1: one batch).
