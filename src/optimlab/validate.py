@@ -340,7 +340,8 @@ def validate_config(cfg: DictConfig, complete: bool = True) -> None:
                           "only; use optimizer.impl=custom")
     if (cfg.get("curvature") or {}).get("every_n_steps") and cfg.optimizer.get("maximize"):
         raise ConfigError("curvature.every_n_steps: the sharpness is tracked against a descent's stability threshold, "
-                          "and optimizer.maximize=true climbs the loss (its stability rests on H's lowest eigenvalue)")
+                          "and optimizer.maximize=true climbs the loss (its stability rests on H's lowest eigenvalue); "
+                          "set curvature.every_n_steps=null or optimizer.maximize=false")
     try:
         Thresholds.from_overrides(cfg.get("regimes"))
     except (TypeError, ValueError) as err:

@@ -232,7 +232,7 @@ def plot_regime_map(cells: dict[tuple[str, str, float], MapCell], path: Path,
     axes.flat[0].set_ylabel("conv channels" if model == "cnn" else "hidden widths")
     handles = [plt.Rectangle((0, 0), 1, 1, color=REGIME_COLORS[label]) for label in labels]
     if stability:
-        handles.append(plt.Line2D([], [], color="black", lw=2.5))
+        handles.append(plt.Line2D([], [], color="black", lw=2.5, marker=">" if beyond else None))
         labels = [*labels, "predicted largest stable lr" + (" (an arrow: beyond the grid)" if beyond else "")]
     # three entries a row: a row of eight is wider than a narrow map and would be cut at both edges
     fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), frameon=False, fontsize=8)
