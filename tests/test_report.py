@@ -923,6 +923,8 @@ def test_panel_titles_tell_runs_apart_only_where_they_would_look_alike() -> None
     runs = [{**base, "widths": "8", "seed": 0}, {**base, "widths": "8x8", "seed": 1}, {**base, "lr": 1.0, "widths": "8", "seed": 0}]
     assert _run_titles(runs) == ["default: sgd lr 0.1\n8, seed 0: slow", "default: sgd lr 0.1\n8x8, seed 1: slow",
                                  "default: sgd lr 1\nslow"]
+    runs = [{**base, "widths": "8", "seed": 0, "data_seed": k} for k in (0, 1)]  # a sweep of data.seed alone
+    assert _run_titles(runs) == ["default: sgd lr 0.1\n8, seed 0: slow", "default: sgd lr 0.1\n8, seed 0, data seed 1: slow"]
 
 
 def lr_axis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lrs: tuple[float, ...]):

@@ -67,11 +67,17 @@ def _legend_layout(labels: list[str], cols: int, most: int) -> tuple[int, float]
 
 def _run_titles(runs: list[dict[str, Any]]) -> list[str]:
     """Each panel's title: name, optimizer and lr, and below it the label; where two runs would share
-    a title, also their setting, widths and seed (a sweep over seeds or widths drew identical ones)."""
+    a title, also their setting, widths and seed, and their data seed where it is not the seed (a sweep over
+    seeds, data seeds or widths drew identical ones)."""
     heads = [f"{r.get('name') or r['run']}: {r.get('optimizer')} lr {fmt(r.get('lr'))}" for r in runs]
     shared = {head for head, n in Counter(heads).items() if n > 1}
+
+    def seeds(r: dict[str, Any]) -> str:
+        apart = r.get("data_seed") not in (None, r.get("seed"))
+        return f"seed {fmt(r.get('seed'))}" + (f", data seed {fmt(r['data_seed'])}" if apart else "")
+
     return [(f"{r.get('name') or r['run']}: {r.get('setting') or r.get('optimizer')} lr {fmt(r.get('lr'))}\n"
-             f"{r.get('widths') or '-'}, seed {fmt(r.get('seed'))}: {r['regime']}") if head in shared
+             f"{r.get('widths') or '-'}, {seeds(r)}: {r['regime']}") if head in shared
             else f"{head}\n{r['regime']}" for head, r in zip(heads, runs)]
 
 
