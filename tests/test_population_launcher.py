@@ -1297,11 +1297,16 @@ def test_dry_run_prints_the_plan_and_writes_nothing(mnist_root: Path, tmp_path: 
     assert small.returncode == 0, small.stderr[-3000:]
     assert "2 jobs -> 0 in 0 population(s), 2 alone" in small.stdout
     assert "memory per population on cpu: at most ~10 MiB (population.max_memory_gib)" in small.stdout
-    assert "job #0 alone: two members would need ~" in small.stdout
+    assert "jobs #0, #1 alone: two members would need ~" in small.stdout  # one line for the jobs of one reason
     # An invalid job: planned as invalid, and the dry run exits as the sweep would (1), naming it.
     invalid = train("lr=-1,0.1", *SMALL, "hydra/launcher=population", f"{knobs}.dry_run=true", f"hydra.sweep.dir={tmp_path}")
     assert invalid.returncode == 1 and "job #0 invalid: lr: -1 is not allowed" in invalid.stdout
     assert "lr: -1 is not allowed; expected a positive number" in invalid.stderr
+    # Jobs invalid for one reason (a sweep without its MNIST files: one line per job of 144): one plan line.
+    same = train("lr=0.1,0.5,1", *SMALL, "hydra/launcher=population", f"{knobs}.dry_run=true", "optimizer.eps=0",
+                 "optimizer=adam", f"hydra.sweep.dir={tmp_path}")
+    assert same.returncode == 1 and same.stdout.count(" invalid: optimizer.eps: 0 is not allowed") == 1
+    assert "jobs #0, #1, #2 invalid: optimizer.eps: 0 is not allowed" in same.stdout
     assert not list(tmp_path.rglob("summary.json")) and not list(tmp_path.rglob(".hydra"))
     assert (tmp_path / "multirun.yaml").read_text() == earlier
 

@@ -771,9 +771,19 @@ def plan_text(jobs: Sequence[Job], populations: Sequence[Sequence[Job]], budget:
             text += "".join(f"; {o}" for o in own[twins.index(members)] if not all(o in other for other in own))
         lines.append(f"  population {i}: {len(members)} members (jobs {nums}): {text}; "
                      f"~{population_memory(members) / 2**20:,.0f} MiB")
-    lines += [f"  job #{job.num} alone: {job.alone}" for job in alone]
-    lines += [f"  job #{job.num} invalid: {job.error}" for job in failed]
+    lines += grouped_lines(alone, "alone", lambda job: job.alone)
+    lines += grouped_lines(failed, "invalid", lambda job: job.error)
     return "\n".join(lines)
+
+
+def grouped_lines(jobs: Sequence[Job], what: str, reason: Callable[[Job], object]) -> list[str]:
+    """A plan line per distinct ``reason`` of ``jobs`` (in words), naming its jobs: a sweep whose every job failed
+    for one reason (its MNIST files missing) had said it once per job."""
+    by_reason: dict[str, list[Job]] = {}
+    for job in jobs:
+        by_reason.setdefault(str(reason(job)), []).append(job)
+    return [f"  job{'s' if len(same) > 1 else ''} {', '.join(f'#{job.num}' for job in same)} {what}: {text}"
+            for text, same in by_reason.items()]
 
 
 def check_plan_is_the_sweeps(config: DictConfig, jobs: Sequence[Job]) -> None:
