@@ -32,7 +32,7 @@ from optimlab.resume import (keep_derived_values, override_keys, plan_run, refus
 from optimlab.signals import Interrupted, StopOnSignal
 from optimlab.summary import SUMMARY, RunSummary, is_complete, read_summary, write_summary
 from optimlab.tensorboard_logger import Restart, open_after
-from optimlab.validate import ConfigError, FolderInUse, check_shared_folders, validate_config
+from optimlab.validate import ConfigError, FolderInUse, check_shared_folders, tracks_sharpness, validate_config
 
 # Lightning's start-up banners (GPU available, tips) drown the run's own lines.
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -137,10 +137,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> R
                                                        len(datamodule.test_y)), datamodule.batch_size,
                                          datamodule.eval_batch_size)
     config = OmegaConf.to_container(cfg, resolve=True)
-    curvature = cfg.get("curvature")  # absent from the configs of runs recorded before it existed
+    curvature = cfg.get("curvature")
     sharpness = (SharpnessCallback(curvature.every_n_steps, curvature.probe_size, cfg.seed, iters=curvature.iters,
                                    tol=curvature.tol, log_spaced_start=curvature.log_spaced_start)
-                 if curvature and curvature.every_n_steps else None)
+                 if tracks_sharpness(cfg) else None)
     record = RunRecord(run_dir, config, module.guard, parts.thresholds, cfg.trainer.log_every_n_steps,
                        wall_time_before=previous.wall_time_s if previous and ckpt else 0.0, sharpness=sharpness,
                        steps_per_epoch=steps_per_epoch)

@@ -309,6 +309,12 @@ def check_required(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}: missing; optimlab reads it, so it cannot be deleted: give it a value instead")
 
 
+def tracks_sharpness(cfg: DictConfig) -> bool:
+    """Whether the run tracks its sharpness: ``curvature.every_n_steps`` set (a run recorded before the
+    ``curvature`` section existed has none)."""
+    return bool((cfg.get("curvature") or {}).get("every_n_steps"))
+
+
 def validate_config(cfg: DictConfig, complete: bool = True) -> None:
     """Raise :class:`ConfigError` for an unknown key, a value that breaks its rule in :data:`RULES`,
     an option combination that cannot work, or hardware that is not there; with ``complete`` (a command's
@@ -338,7 +344,7 @@ def validate_config(cfg: DictConfig, complete: bool = True) -> None:
     if cfg.optimizer.get("impl") == "torch" and cfg.optimizer.get("grad_noise_std", 0) != 0:
         raise ConfigError("optimizer.grad_noise_std: gradient noise is an option of optimlab's optimizers "
                           "only; use optimizer.impl=custom")
-    if (cfg.get("curvature") or {}).get("every_n_steps") and cfg.optimizer.get("maximize"):
+    if tracks_sharpness(cfg) and cfg.optimizer.get("maximize"):
         raise ConfigError("curvature.every_n_steps: the sharpness is tracked against a descent's stability threshold, "
                           "and optimizer.maximize=true climbs the loss (its stability rests on H's lowest eigenvalue); "
                           "set curvature.every_n_steps=null or optimizer.maximize=false")

@@ -65,7 +65,7 @@ from optimlab.summary import FINISHED, RunSummary, config_key, read_summary, ret
 from optimlab.resume import MAY_DIFFER_ON_RESUME, override_keys, sync_epochs
 from optimlab.search import searching
 from optimlab.signals import EXIT_CODES, StopOnSignal, exit_code, signals_deferred
-from optimlab.validate import ConfigError, FolderInUse, weight_dtype
+from optimlab.validate import ConfigError, FolderInUse, tracks_sharpness, weight_dtype
 
 log = logging.getLogger(__name__)
 
@@ -232,10 +232,10 @@ def train_members(members: Sequence[Job], name: str) -> list[RunSummary]:
             population.steps_per_epoch, population.train_size = data.steps_per_epoch, data.train_size
             population.params = sum(p[0].numel() for p in model.parameters())
             noisy[:] = data.noisy_counts
-            tracking = first.get("curvature") or {}
+            tracking = first.get("curvature")
             sharpness = MemberSharpness(tracking.every_n_steps, seeds, tracking.probe_size,
                                         tracking.iters, tracking.tol, tracking.log_spaced_start) \
-                if tracking.get("every_n_steps") else None
+                if tracks_sharpness(first) else None
             schedules = MemberSchedules([job.plain for job in members]) if first.get("scheduler") else None
             clip = first.trainer.gradient_clip_val
             stopping = MemberEarlyStopping.from_entries(

@@ -46,7 +46,7 @@ from optimlab.record import holds_nothing_trained
 from optimlab.resume import config_changes, override_keys, refuse_changed_config, sync_epochs
 from optimlab.summary import FINISHED, SUMMARY, RunSummary, config_key, describe_run, dotted_value, read_summary
 from optimlab.validate import (RULES, ConfigError, FolderInUse, check_range, check_shared_folders, outside_files,
-                               rule_error, validate_config, weight_dtype)
+                               rule_error, tracks_sharpness, validate_config, weight_dtype)
 
 # a population trains in its weights' dtype, without mixed precision
 POPULATION_PRECISIONS = ("32-true", "32", "64-true", "64")
@@ -615,7 +615,7 @@ def estimate_memory(cfg: DictConfig) -> MemoryEstimate:
     n = training_images(Path(resolve_root(cfg.data.root)), bool(cfg.data.download))
     indices = 3 * n * 8  # a member's index tensors are at most this long
     tracking = 0
-    if (cfg.get("curvature") or {}).get("every_n_steps"):  # its Lanczos basis, and its probe with a double backward
+    if tracks_sharpness(cfg):  # its Lanczos basis, and its probe with a double backward
         curvature = cfg.curvature
         # 16 parameter-sized vectors more than the basis: the gradient with its graph, the product and the
         # reorthogonalisation's temporaries (measured against peak resident memory, docs/population.md).

@@ -100,15 +100,15 @@ def jobs_line(rows: list[dict[str, Any]], sweep_dir: Path, hydra: Any) -> str:
     and how many runs of the folder are of other commands (a run is its command's when Hydra's record of
     its job holds one of the command's jobs; where a run has no such record, counted from the numbers)."""
     from optimlab.hydra_job import recorded_overrides  # (Hydra imported only where a report reads its records)
-    from optimlab.command_line import RESUME_OVERRIDES
+    from optimlab.command_line import RESUME_OVERRIDES, override_keys
 
     jobs = command_jobs(hydra)
     if not jobs:
         return ""
     # A resumed sweep's command names resume, and may change what a resume may (epochs=8), which the record
     # of each job it continued does not hold.
-    resumed = any(o.split("=", 1)[0].lstrip("+") == "resume" and o.split("=", 1)[1] not in ("null", "")
-                  for o in jobs[0])
+    resumed = any(key == "resume" and o.partition("=")[2] not in ("null", "")
+                  for o, key in zip(jobs[0], override_keys(jobs[0])))
     ignored = RESUME_OVERRIDES if resumed else ("resume",)
     recorded = [recorded_overrides(sweep_dir / row["run"]) for row in rows]
     if None in recorded:
